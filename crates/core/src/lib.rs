@@ -1,0 +1,39 @@
+//! Core data model of blockrep: disk geometry, chunk ids, blake3 scanning over
+//! memory-mapped disks, index pages, roots (the Merkle root of a disk) and diffs.
+//!
+//! Nothing here does network I/O or knows about tokio or TLS; the agent, the server
+//! and the store all build on these types.
+//!
+//! ```
+//! use blockrep_core::{Geometry, scan_buffer, Root};
+//!
+//! let geometry = Geometry::new(200_000, 65_536).unwrap();
+//! let mut disk = vec![0u8; 200_000];
+//! disk[70_000] = 1; // only chunk 1 is non-zero
+//! let ids = scan_buffer(&disk, geometry);
+//! assert!(ids[0].is_zero() && !ids[1].is_zero() && ids[2].is_zero());
+//! let root = Root::from_chunk_ids(geometry, &ids);
+//! assert_eq!(root.geometry(), geometry);
+//! ```
+#![deny(unsafe_code)]
+
+mod diff;
+mod disk;
+mod error;
+mod geometry;
+mod id;
+mod index;
+mod scan;
+mod source;
+
+pub use diff::{changed_chunks, changed_pages};
+pub use disk::DiskImage;
+pub use error::{Error, ErrorKind};
+pub use geometry::{
+    CHUNK_SIZE_DEFAULT_BYTES, CHUNK_SIZE_MAX_BYTES, CHUNK_SIZE_MIN_BYTES, DISK_SIZE_MAX_BYTES,
+    Geometry,
+};
+pub use id::ChunkId;
+pub use index::{CHUNKS_PER_PAGE, PAGE_COUNT_MAX, Page, Root, RootId};
+pub use scan::{hash_chunk, scan_buffer, scan_buffer_with_threads};
+pub use source::{SOURCE_ID_MAX_LEN, SourceId};

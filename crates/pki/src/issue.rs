@@ -1,0 +1,158 @@
+//! Making the CA and certificates.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use blockrep_core::SourceId;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::files::write_file;
+use crate::identity::{ADMIN_URI, SOURCE_URI_PREFIX};
+use crate::Error;
+
+const CERT_MODE: u32 = 0o644;
+const KEY_MODE: u32 = 0o600;
+/// Certificates are valid this long; rotate by issuing again.
+const VALIDITY_DAYS: i64 = 825;
+
+fn validity(params: &mut CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    // A day of slack for clocks that disagree a little.
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        what: format!("cannot create {}", dir.display()),
+        source,
+    })
+}
+
+/// Creates a private CA (`ca.crt`, `ca.key`) and a server certificate
+/// (`server.crt`, `server.key`) valid for `server_names` (DNS names or IP
+/// addresses) in `dir`. Refuses to replace an existing CA unless `force`.
+pub fn init_ca(dir: &Path, server_names: &[String], force: bool) -> Result<(), Error> {
+    ensure_dir(dir)?;
+    if dir.join("ca.key").exists() && !force {
+        return Err(Error::Invalid(format!(
+            "{} already holds a CA; certificates issued by it would stop working \
+             (pass --force to replace it)",
+            dir.display()
+        )));
+    }
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "blockrep private CA");
+    ca_params.distinguished_name = name;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut ca_params);
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    write_file(&dir.join("ca.crt"), &ca_cert.pem(), CERT_MODE)?;
+    write_file(&dir.join("ca.key"), &ca_key.serialize_pem(), KEY_MODE)?;
+
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "blockrep server");
+    params.distinguished_name = name;
+    for server_name in server_names {
+        let san = match server_name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(server_name.as_str().try_into()?),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    validity(&mut params);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    write_file(&dir.join("server.crt"), &cert.pem(), CERT_MODE)?;
+    write_file(&dir.join("server.key"), &key.serialize_pem(), KEY_MODE)?;
+    Ok(())
+}
+
+fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            what: format!("cannot read {} (run `blockrep cert init` first)", path.display()),
+            source,
+        })
+    };
+    let key = KeyPair::from_pem(&read("ca.key")?)?;
+    Ok(Issuer::from_ca_cert_pem(&read("ca.crt")?, key)?)
+}
+
+fn issue_client(dir: &Path, file_stem: &str, common_name: &str, uri: String) -> Result<(PathBuf, PathBuf), Error> {
+    let issuer = load_issuer(dir)?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, common_name);
+    params.distinguished_name = name;
+    params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    validity(&mut params);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let cert_path = dir.join(format!("{file_stem}.crt"));
+    let key_path = dir.join(format!("{file_stem}.key"));
+    write_file(&cert_path, &cert.pem(), CERT_MODE)?;
+    write_file(&key_path, &key.serialize_pem(), KEY_MODE)?;
+    Ok((cert_path, key_path))
+}
+
+/// Issues `ID.crt`/`ID.key` in `dir` for source `source`, signed by the CA there.
+pub fn issue_source(dir: &Path, source: &SourceId) -> Result<(PathBuf, PathBuf), Error> {
+    if source.as_str() == "ca" || source.as_str() == "server" || source.as_str() == "admin" {
+        return Err(Error::Invalid(format!(
+            "source id {source:?} would overwrite the {source} certificate; choose another id"
+        )));
+    }
+    issue_client(
+        dir,
+        source.as_str(),
+        source.as_str(),
+        format!("{SOURCE_URI_PREFIX}{source}"),
+    )
+}
+
+/// Issues `admin.crt`/`admin.key` in `dir`, signed by the CA there.
+pub fn issue_admin(dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
+    issue_client(dir, "admin", "blockrep admin", ADMIN_URI.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::read_certs;
+    use crate::identity::{Identity, identity_from_cert};
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn issued_certificates_carry_their_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), &["localhost".into(), "127.0.0.1".into()], false).unwrap();
+        let source = SourceId::new("web-1").unwrap();
+        let (cert, key) = issue_source(dir.path(), &source).unwrap();
+        let der = &read_certs(&cert).unwrap()[0];
+        assert_eq!(identity_from_cert(der).unwrap(), Identity::Source(source));
+        assert_eq!(std::fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600);
+        let (admin, _) = issue_admin(dir.path()).unwrap();
+        assert_eq!(identity_from_cert(&read_certs(&admin).unwrap()[0]).unwrap(), Identity::Admin);
+        let server = &read_certs(&dir.path().join("server.crt")).unwrap()[0];
+        assert!(identity_from_cert(server).is_err());
+        assert!(init_ca(dir.path(), &[], false).is_err(), "refuses to replace a CA");
+    }
+}

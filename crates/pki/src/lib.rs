@@ -1,0 +1,41 @@
+//! blockrep's private PKI: making the CA and certificates (rcgen), reading them
+//! back, building rustls configurations for mutual TLS, and taking a peer's
+//! identity from its certificate.
+//!
+//! Identities are bound into the certificate's subject alternative names as URIs:
+//! `urn:blockrep:source:ID` for a source's agent and `urn:blockrep:admin` for the
+//! operator. The server takes the identity from the verified certificate, never
+//! from anything the peer says on the wire.
+#![forbid(unsafe_code)]
+
+mod files;
+mod identity;
+mod issue;
+mod tls;
+
+pub use files::{read_certs, read_key};
+pub use identity::{ADMIN_URI, Identity, SOURCE_URI_PREFIX, identity_from_cert};
+pub use issue::{init_ca, issue_admin, issue_source};
+pub use tls::{client_config, server_config};
+
+/// Errors of this crate: a message naming the file or step that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate or key is invalid or unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls rejected the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}

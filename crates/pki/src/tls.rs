@@ -1,0 +1,47 @@
+//! rustls configurations: TLS 1.3 only, aws-lc-rs, client certificates required.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::files::{read_certs, read_key};
+use crate::Error;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn roots(ca: &Path) -> Result<Arc<RootCertStore>, Error> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| Error::Invalid(format!("{}: unusable CA certificate: {e}", ca.display())))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Server configuration: presents `cert`/`key`, requires a client certificate
+/// signed by the CA in `ca`.
+pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<ServerConfig, Error> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, Arc::clone(&provider))
+        .build()
+        .map_err(|e| Error::Invalid(format!("client verifier: {e}")))?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(cert)?, read_key(key)?)?;
+    Ok(config)
+}
+
+/// Client configuration: trusts only the CA in `ca`, presents `cert`/`key`.
+pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<ClientConfig, Error> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(read_certs(cert)?, read_key(key)?)?;
+    Ok(config)
+}

@@ -1,0 +1,499 @@
+use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId, SourceId};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::message::{Codec, ErrorCode, Message, ProtoError, ProtoErrorKind};
+use crate::{ERROR_MESSAGE_MAX_LEN, FRAME_LEN_MAX, GET_PAGES_MAX};
+
+/// Bytes before a frame's body: the length field and the type byte.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// Appends the frame for `message` to `out`.
+pub fn encode(message: &Message, out: &mut BytesMut) {
+    let start = out.len();
+    out.put_u32_le(0); // patched below
+    out.put_u8(message.type_byte());
+    match message {
+        Message::Hello {
+            version_min,
+            version_max,
+            source,
+            disk_size_bytes,
+            chunk_size_bytes,
+        } => {
+            out.put_u16_le(*version_min);
+            out.put_u16_le(*version_max);
+            put_short_string(out, source.as_str());
+            out.put_u64_le(*disk_size_bytes);
+            out.put_u32_le(*chunk_size_bytes);
+        }
+        Message::Welcome {
+            version,
+            head_epoch,
+            head_root,
+        } => {
+            out.put_u16_le(*version);
+            out.put_u64_le(*head_epoch);
+            out.put_u32_le(head_root.len() as u32);
+            out.put_slice(head_root);
+        }
+        Message::GetPages { indices } => {
+            out.put_u32_le(indices.len() as u32);
+            for index in indices {
+                out.put_u32_le(*index);
+            }
+        }
+        Message::Page { index, ids } => {
+            out.put_u32_le(*index);
+            out.put_u32_le(ids.len() as u32);
+            out.put_slice(ids);
+        }
+        Message::Chunk {
+            index,
+            id,
+            codec,
+            raw_len,
+            data,
+        } => {
+            put_chunk_fields(out, *index, id, *codec, *raw_len, data.len());
+            out.put_slice(data);
+        }
+        Message::Commit {
+            epoch,
+            root,
+            scan_started_unix_ms,
+            last,
+        } => {
+            out.put_u64_le(*epoch);
+            out.put_slice(root.as_bytes());
+            out.put_u64_le(*scan_started_unix_ms);
+            out.put_u8(u8::from(*last));
+        }
+        Message::Committed {
+            epoch,
+            root,
+            chunks_received,
+            bytes_received,
+            chunks_stored,
+        } => {
+            out.put_u64_le(*epoch);
+            out.put_slice(root.as_bytes());
+            out.put_u64_le(*chunks_received);
+            out.put_u64_le(*bytes_received);
+            out.put_u64_le(*chunks_stored);
+        }
+        Message::Error { code, message } => {
+            out.put_u16_le(code.to_u16());
+            let text = truncate_utf8(message, ERROR_MESSAGE_MAX_LEN);
+            out.put_u16_le(text.len() as u16);
+            out.put_slice(text.as_bytes());
+        }
+    }
+    let body_len = (out.len() - start - 4) as u32;
+    debug_assert!(body_len <= FRAME_LEN_MAX, "encoded frame exceeds the limit");
+    out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+}
+
+/// Writes only the header of a `Chunk` frame whose `data_len` data bytes the caller
+/// writes next, so that chunk data can go to the socket without another copy.
+pub fn encode_chunk_header(
+    out: &mut BytesMut,
+    index: u64,
+    id: &ChunkId,
+    codec: Codec,
+    raw_len: u32,
+    data_len: usize,
+) {
+    let body_len = 1 + 8 + 32 + 1 + 4 + 4 + data_len;
+    out.put_u32_le(body_len as u32);
+    out.put_u8(5);
+    put_chunk_fields(out, index, id, codec, raw_len, data_len);
+}
+
+fn put_chunk_fields(
+    out: &mut BytesMut,
+    index: u64,
+    id: &ChunkId,
+    codec: Codec,
+    raw_len: u32,
+    data_len: usize,
+) {
+    out.put_u64_le(index);
+    out.put_slice(id.as_bytes());
+    out.put_u8(codec as u8);
+    out.put_u32_le(raw_len);
+    out.put_u32_le(data_len as u32);
+}
+
+fn put_short_string(out: &mut BytesMut, text: &str) {
+    let text = truncate_utf8(text, u8::MAX as usize);
+    out.put_u8(text.len() as u8);
+    out.put_slice(text.as_bytes());
+}
+
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Decodes one frame from the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more and call
+/// again). The frame length is checked before waiting for or reserving its body, so a
+/// peer cannot make us buffer more than [`FRAME_LEN_MAX`] bytes.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let body_len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if body_len == 0 || body_len > FRAME_LEN_MAX {
+        return Err(ProtoError::new(
+            ProtoErrorKind::FrameTooLarge,
+            format!("frame length {body_len} outside 1..={FRAME_LEN_MAX}"),
+        ));
+    }
+    let frame_len = 4 + body_len as usize;
+    if buf.len() < frame_len {
+        buf.reserve(frame_len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let mut body = buf.split_to(body_len as usize).freeze();
+    let message_type = body.get_u8();
+    let message = decode_body(message_type, &mut body)?;
+    if body.has_remaining() {
+        return Err(malformed(format!(
+            "{} bytes trailing a {} frame",
+            body.remaining(),
+            message.name()
+        )));
+    }
+    Ok(Some(message))
+}
+
+fn malformed(message: impl Into<String>) -> ProtoError {
+    ProtoError::new(ProtoErrorKind::Malformed, message)
+}
+
+/// Bounded reader over a frame body: every read checks the remaining length.
+struct Reader<'a>(&'a mut Bytes);
+
+impl Reader<'_> {
+    fn need(&self, n: usize, what: &str) -> Result<(), ProtoError> {
+        if self.0.remaining() < n {
+            Err(malformed(format!("frame truncated in {what}")))
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, ProtoError> {
+        self.need(1, what)?;
+        Ok(self.0.get_u8())
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, ProtoError> {
+        self.need(2, what)?;
+        Ok(self.0.get_u16_le())
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, ProtoError> {
+        self.need(4, what)?;
+        Ok(self.0.get_u32_le())
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, ProtoError> {
+        self.need(8, what)?;
+        Ok(self.0.get_u64_le())
+    }
+    fn id(&mut self, what: &str) -> Result<ChunkId, ProtoError> {
+        self.need(32, what)?;
+        let mut id = [0u8; 32];
+        self.0.copy_to_slice(&mut id);
+        Ok(ChunkId(id))
+    }
+    fn bytes(&mut self, len: usize, limit: usize, what: &str) -> Result<Bytes, ProtoError> {
+        if len > limit {
+            return Err(ProtoError::new(
+                ProtoErrorKind::LimitExceeded,
+                format!("{what} of {len} bytes exceeds the limit of {limit}"),
+            ));
+        }
+        self.need(len, what)?;
+        Ok(self.0.split_to(len))
+    }
+}
+
+fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError> {
+    let mut r = Reader(body);
+    let message = match message_type {
+        1 => {
+            let version_min = r.u16("version")?;
+            let version_max = r.u16("version")?;
+            let len = r.u8("source id")? as usize;
+            let raw = r.bytes(len, u8::MAX as usize, "source id")?;
+            let text = std::str::from_utf8(&raw).map_err(|_| malformed("source id not UTF-8"))?;
+            let source = SourceId::new(text).map_err(|e| malformed(e.to_string()))?;
+            Message::Hello {
+                version_min,
+                version_max,
+                source,
+                disk_size_bytes: r.u64("disk size")?,
+                chunk_size_bytes: r.u32("chunk size")?,
+            }
+        }
+        2 => {
+            let version = r.u16("version")?;
+            let head_epoch = r.u64("epoch")?;
+            let len = r.u32("root length")? as usize;
+            let head_root = r.bytes(len, FRAME_LEN_MAX as usize, "head root")?;
+            Message::Welcome {
+                version,
+                head_epoch,
+                head_root,
+            }
+        }
+        3 => {
+            let count = r.u32("page count")? as usize;
+            if count > GET_PAGES_MAX {
+                return Err(ProtoError::new(
+                    ProtoErrorKind::LimitExceeded,
+                    format!("GetPages of {count} pages exceeds the limit of {GET_PAGES_MAX}"),
+                ));
+            }
+            r.need(count * 4, "page indices")?;
+            let indices = (0..count).map(|_| r.0.get_u32_le()).collect();
+            Message::GetPages { indices }
+        }
+        4 => {
+            let index = r.u32("page index")?;
+            let len = r.u32("page length")? as usize;
+            let ids = r.bytes(len, blockrep_core::CHUNKS_PER_PAGE * 32, "page")?;
+            if len % 32 != 0 {
+                return Err(malformed("page length is not a multiple of 32"));
+            }
+            Message::Page { index, ids }
+        }
+        5 => {
+            let index = r.u64("chunk index")?;
+            let id = r.id("chunk id")?;
+            let codec_byte = r.u8("codec")?;
+            let codec = Codec::from_u8(codec_byte)
+                .ok_or_else(|| malformed(format!("unknown chunk codec {codec_byte}")))?;
+            let raw_len = r.u32("chunk length")?;
+            if raw_len > CHUNK_SIZE_MAX_BYTES {
+                return Err(ProtoError::new(
+                    ProtoErrorKind::LimitExceeded,
+                    format!("chunk length {raw_len} exceeds {CHUNK_SIZE_MAX_BYTES}"),
+                ));
+            }
+            let data_len = r.u32("data length")? as usize;
+            let data = r.bytes(data_len, CHUNK_SIZE_MAX_BYTES as usize, "chunk data")?;
+            let data_allowed = matches!(codec, Codec::Raw | Codec::Zstd);
+            if data_allowed == data.is_empty() && raw_len > 0 {
+                return Err(malformed(format!(
+                    "{codec:?} chunk {index} with {data_len} data bytes"
+                )));
+            }
+            Message::Chunk {
+                index,
+                id,
+                codec,
+                raw_len,
+                data,
+            }
+        }
+        6 => Message::Commit {
+            epoch: r.u64("epoch")?,
+            root: r.id("root")?,
+            scan_started_unix_ms: r.u64("scan start")?,
+            last: match r.u8("last flag")? {
+                0 => false,
+                1 => true,
+                other => return Err(malformed(format!("last flag {other}"))),
+            },
+        },
+        7 => Message::Committed {
+            epoch: r.u64("epoch")?,
+            root: r.id("root")?,
+            chunks_received: r.u64("chunk count")?,
+            bytes_received: r.u64("byte count")?,
+            chunks_stored: r.u64("chunk count")?,
+        },
+        8 => {
+            let code = ErrorCode::from_u16(r.u16("error code")?);
+            let len = r.u16("message length")? as usize;
+            let raw = r.bytes(len, ERROR_MESSAGE_MAX_LEN, "error message")?;
+            Message::Error {
+                code,
+                message: String::from_utf8_lossy(&raw).into_owned(),
+            }
+        }
+        other => {
+            return Err(ProtoError::new(
+                ProtoErrorKind::UnknownType,
+                format!("unknown message type {other}"),
+            ));
+        }
+    };
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id_strategy() -> impl Strategy<Value = ChunkId> {
+        any::<[u8; 32]>().prop_map(ChunkId)
+    }
+
+    fn message_strategy() -> impl Strategy<Value = Message> {
+        let bytes = |max| proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from);
+        prop_oneof![
+            (any::<u16>(), any::<u16>(), "[a-z0-9][a-z0-9._-]{0,20}", any::<u64>(), any::<u32>())
+                .prop_filter_map("valid id", |(a, b, s, d, c)| {
+                    Some(Message::Hello {
+                        version_min: a,
+                        version_max: b,
+                        source: SourceId::new(&s).ok()?,
+                        disk_size_bytes: d,
+                        chunk_size_bytes: c,
+                    })
+                }),
+            (any::<u16>(), any::<u64>(), bytes(300)).prop_map(|(v, e, r)| Message::Welcome {
+                version: v,
+                head_epoch: e,
+                head_root: r
+            }),
+            proptest::collection::vec(any::<u32>(), 0..50)
+                .prop_map(|indices| Message::GetPages { indices }),
+            (any::<u32>(), proptest::collection::vec(any::<[u8; 32]>(), 0..5)).prop_map(
+                |(index, ids)| Message::Page {
+                    index,
+                    ids: Bytes::from(ids.concat())
+                }
+            ),
+            (any::<u64>(), id_strategy(), 1usize..1000, any::<bool>()).prop_map(
+                |(index, id, len, zstd)| Message::Chunk {
+                    index,
+                    id,
+                    codec: if zstd { Codec::Zstd } else { Codec::Raw },
+                    raw_len: len as u32,
+                    data: Bytes::from(vec![0xA5; len]),
+                }
+            ),
+            (any::<u64>(), id_strategy()).prop_map(|(index, id)| Message::Chunk {
+                index,
+                id,
+                codec: Codec::Zero,
+                raw_len: 4096,
+                data: Bytes::new(),
+            }),
+            (any::<u64>(), id_strategy(), any::<u64>(), any::<bool>()).prop_map(
+                |(epoch, root, t, last)| Message::Commit {
+                    epoch,
+                    root,
+                    scan_started_unix_ms: t,
+                    last
+                }
+            ),
+            (any::<u64>(), id_strategy(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(epoch, root, a, b, c)| Message::Committed {
+                    epoch,
+                    root,
+                    chunks_received: a,
+                    bytes_received: b,
+                    chunks_stored: c
+                }
+            ),
+            (1u16..20, "[ -~]{0,100}").prop_map(|(code, message)| Message::Error {
+                code: ErrorCode::from_u16(code),
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn decode_inverts_encode(messages in proptest::collection::vec(message_strategy(), 1..8)) {
+            let mut buf = BytesMut::new();
+            for message in &messages {
+                encode(message, &mut buf);
+            }
+            // Feed the stream back one byte at a time: incomplete frames wait.
+            let wire = buf.split().freeze();
+            let mut input = BytesMut::new();
+            let mut decoded = Vec::new();
+            for byte in wire.iter() {
+                input.put_u8(*byte);
+                while let Some(message) = decode(&mut input).unwrap() {
+                    decoded.push(message);
+                }
+            }
+            prop_assert!(input.is_empty());
+            prop_assert_eq!(decoded, messages);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let mut buf = BytesMut::from(&raw[..]);
+            while let Ok(Some(_)) = decode(&mut buf) {}
+        }
+
+        #[test]
+        fn random_bodies_never_panic(kind in 0u8..12, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut buf = BytesMut::new();
+            buf.put_u32_le(body.len() as u32 + 1);
+            buf.put_u8(kind);
+            buf.put_slice(&body);
+            let _ = decode(&mut buf);
+        }
+    }
+
+    #[test]
+    fn oversized_frame_is_rejected_before_buffering() {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(FRAME_LEN_MAX + 1);
+        buf.put_u8(5);
+        let err = decode(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), ProtoErrorKind::FrameTooLarge);
+        assert!(buf.capacity() < 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_type_and_trailing_bytes_are_rejected() {
+        let mut buf = BytesMut::from(&[1u8, 0, 0, 0, 99][..]);
+        assert_eq!(decode(&mut buf).unwrap_err().kind(), ProtoErrorKind::UnknownType);
+        let mut buf = BytesMut::new();
+        encode(&Message::GetPages { indices: vec![1] }, &mut buf);
+        buf[0] += 1;
+        buf.put_u8(0);
+        assert_eq!(decode(&mut buf).unwrap_err().kind(), ProtoErrorKind::Malformed);
+    }
+
+    #[test]
+    fn oversized_counts_are_rejected() {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(5);
+        buf.put_u8(3);
+        buf.put_u32_le(u32::MAX);
+        assert_eq!(decode(&mut buf).unwrap_err().kind(), ProtoErrorKind::LimitExceeded);
+    }
+
+    #[test]
+    fn chunk_header_matches_full_encoding() {
+        let data = Bytes::from_static(b"hello world");
+        let id = ChunkId([3; 32]);
+        let mut full = BytesMut::new();
+        encode(
+            &Message::Chunk { index: 9, id, codec: Codec::Raw, raw_len: 11, data: data.clone() },
+            &mut full,
+        );
+        let mut split = BytesMut::new();
+        encode_chunk_header(&mut split, 9, &id, Codec::Raw, 11, data.len());
+        split.put_slice(&data);
+        assert_eq!(full, split);
+    }
+}

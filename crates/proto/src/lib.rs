@@ -1,0 +1,41 @@
+//! The blockrep wire protocol: frames, messages, limits and version negotiation.
+//!
+//! No I/O happens here: [`decode`] takes bytes already read into a buffer and
+//! returns `Ok(None)` while a frame is incomplete; [`encode`] appends a frame to a
+//! buffer. Every length a peer controls is checked against a limit before any
+//! memory is reserved for it, unknown message types are errors, and trailing bytes
+//! inside a frame are errors.
+//!
+//! # Frame layout (all integers little-endian)
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | frame length `n`: bytes after this field, 1 ..= [`FRAME_LEN_MAX`] |
+//! | 4 | 1 | message type |
+//! | 5 | n - 1 | message body |
+//!
+//! ```
+//! use blockrep_proto::{decode, encode, Message};
+//! use bytes::BytesMut;
+//!
+//! let mut buf = BytesMut::new();
+//! encode(&Message::GetPages { indices: vec![0, 7] }, &mut buf);
+//! assert_eq!(decode(&mut buf).unwrap(), Some(Message::GetPages { indices: vec![0, 7] }));
+//! assert!(buf.is_empty());
+//! ```
+#![forbid(unsafe_code)]
+
+mod codec;
+mod message;
+
+pub use codec::{FRAME_HEADER_LEN, decode, encode, encode_chunk_header};
+pub use message::{
+    Codec, ErrorCode, Message, PROTOCOL_VERSION, ProtoError, ProtoErrorKind, negotiate_version,
+};
+
+/// Largest frame body accepted: a root of [`blockrep_core::PAGE_COUNT_MAX`] pages plus headroom.
+pub const FRAME_LEN_MAX: u32 = 8 * 1024 * 1024 + 64 * 1024;
+/// Most page indices in one `GetPages`.
+pub const GET_PAGES_MAX: usize = 8192;
+/// Longest error message carried in an `Error` frame.
+pub const ERROR_MESSAGE_MAX_LEN: usize = 1024;

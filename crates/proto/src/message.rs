@@ -1,0 +1,254 @@
+use std::fmt;
+
+use blockrep_core::{ChunkId, SourceId};
+use bytes::Bytes;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Picks the version both sides speak: the highest of `[min, max]` this build knows.
+pub fn negotiate_version(min: u16, max: u16) -> Option<u16> {
+    (min..=max).contains(&PROTOCOL_VERSION).then_some(PROTOCOL_VERSION)
+}
+
+/// How a chunk's bytes travel in a [`Message::Chunk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    /// The chunk is all zero; no data follows.
+    Zero = 0,
+    /// The bytes as they are on disk.
+    Raw = 1,
+    /// zstd-compressed bytes.
+    Zstd = 2,
+    /// The receiver already holds a chunk with this id; no data follows.
+    Ref = 3,
+}
+
+impl Codec {
+    pub(crate) fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            0 => Codec::Zero,
+            1 => Codec::Raw,
+            2 => Codec::Zstd,
+            3 => Codec::Ref,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a peer ended a session, as sent in [`Message::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// No protocol version in common.
+    UnsupportedVersion,
+    /// The source id claimed does not match the certificate.
+    SourceMismatch,
+    /// Another session for this source is active.
+    Busy,
+    /// A frame could not be decoded or violated a limit.
+    BadFrame,
+    /// A chunk failed verification (size, decompression, or hash).
+    BadChunk,
+    /// The disk's geometry differs from the replica's.
+    GeometryMismatch,
+    /// The commit's epoch does not follow the replica's head.
+    EpochMismatch,
+    /// The root computed by the server differs from the agent's.
+    RootMismatch,
+    /// A message arrived that the session's state does not allow.
+    UnexpectedMessage,
+    /// The certificate does not authorize this.
+    Unauthorized,
+    /// The server failed (e.g. a disk error); nothing was committed.
+    Internal,
+    /// A code this build does not know.
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    /// Wire value.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::UnsupportedVersion => 1,
+            ErrorCode::SourceMismatch => 2,
+            ErrorCode::Busy => 3,
+            ErrorCode::BadFrame => 4,
+            ErrorCode::BadChunk => 5,
+            ErrorCode::GeometryMismatch => 6,
+            ErrorCode::EpochMismatch => 7,
+            ErrorCode::RootMismatch => 8,
+            ErrorCode::UnexpectedMessage => 9,
+            ErrorCode::Unauthorized => 10,
+            ErrorCode::Internal => 11,
+            ErrorCode::Unknown(code) => code,
+        }
+    }
+
+    /// From the wire value; unknown values are kept, not rejected, so that a newer
+    /// peer's reason is still reported.
+    pub fn from_u16(value: u16) -> Self {
+        match value {
+            1 => ErrorCode::UnsupportedVersion,
+            2 => ErrorCode::SourceMismatch,
+            3 => ErrorCode::Busy,
+            4 => ErrorCode::BadFrame,
+            5 => ErrorCode::BadChunk,
+            6 => ErrorCode::GeometryMismatch,
+            7 => ErrorCode::EpochMismatch,
+            8 => ErrorCode::RootMismatch,
+            9 => ErrorCode::UnexpectedMessage,
+            10 => ErrorCode::Unauthorized,
+            11 => ErrorCode::Internal,
+            other => ErrorCode::Unknown(other),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            ErrorCode::UnsupportedVersion => "unsupported protocol version",
+            ErrorCode::SourceMismatch => "source id does not match certificate",
+            ErrorCode::Busy => "source busy",
+            ErrorCode::BadFrame => "bad frame",
+            ErrorCode::BadChunk => "bad chunk",
+            ErrorCode::GeometryMismatch => "geometry mismatch",
+            ErrorCode::EpochMismatch => "epoch mismatch",
+            ErrorCode::RootMismatch => "root mismatch",
+            ErrorCode::UnexpectedMessage => "unexpected message",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Internal => "internal server error",
+            ErrorCode::Unknown(code) => return write!(f, "error code {code}"),
+        };
+        f.write_str(text)
+    }
+}
+
+/// Every message of the protocol.
+///
+/// Session order: agent `Hello` -> server `Welcome` (or `Error`) -> agent `GetPages`*
+/// -> server `Page`* -> agent `Chunk`* `Commit` -> server `Committed` -> next epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Agent -> server: versions spoken, the source id the agent was configured with
+    /// (checked against the certificate, never trusted), and the disk's geometry.
+    Hello {
+        version_min: u16,
+        version_max: u16,
+        source: SourceId,
+        disk_size_bytes: u64,
+        chunk_size_bytes: u32,
+    },
+    /// Server -> agent: chosen version and the replica's committed head, if any.
+    Welcome {
+        version: u16,
+        head_epoch: u64,
+        /// Encoded [`blockrep_core::Root`] of the head; empty when there is none.
+        head_root: Bytes,
+    },
+    /// Agent -> server: send these index pages of the head.
+    GetPages { indices: Vec<u32> },
+    /// Server -> agent: one index page of the head (encoded ids).
+    Page { index: u32, ids: Bytes },
+    /// Agent -> server: the new content of chunk `index`.
+    Chunk {
+        index: u64,
+        id: ChunkId,
+        codec: Codec,
+        /// Length of the chunk's bytes once decoded.
+        raw_len: u32,
+        data: Bytes,
+    },
+    /// Agent -> server: commit the epoch; `root` is the root the agent expects.
+    Commit {
+        epoch: u64,
+        root: ChunkId,
+        scan_started_unix_ms: u64,
+        last: bool,
+    },
+    /// Server -> agent: the epoch is durable.
+    Committed {
+        epoch: u64,
+        root: ChunkId,
+        chunks_received: u64,
+        bytes_received: u64,
+        chunks_stored: u64,
+    },
+    /// Either way: the session ends for this reason.
+    Error { code: ErrorCode, message: String },
+}
+
+impl Message {
+    /// Wire type of the message.
+    pub fn type_byte(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => 1,
+            Message::Welcome { .. } => 2,
+            Message::GetPages { .. } => 3,
+            Message::Page { .. } => 4,
+            Message::Chunk { .. } => 5,
+            Message::Commit { .. } => 6,
+            Message::Committed { .. } => 7,
+            Message::Error { .. } => 8,
+        }
+    }
+
+    /// Short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::GetPages { .. } => "GetPages",
+            Message::Page { .. } => "Page",
+            Message::Chunk { .. } => "Chunk",
+            Message::Commit { .. } => "Commit",
+            Message::Committed { .. } => "Committed",
+            Message::Error { .. } => "Error",
+        }
+    }
+}
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtoErrorKind {
+    /// The frame length exceeds [`crate::FRAME_LEN_MAX`] or is zero.
+    FrameTooLarge,
+    /// Unknown message type.
+    UnknownType,
+    /// The body is shorter or longer than its fields, or a field is invalid.
+    Malformed,
+    /// A count or length inside the body exceeds its limit.
+    LimitExceeded,
+}
+
+/// A decoding error: the peer sent something invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoError {
+    kind: ProtoErrorKind,
+    message: String,
+}
+
+impl ProtoError {
+    pub(crate) fn new(kind: ProtoErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The cause.
+    pub fn kind(&self) -> ProtoErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ProtoError {}

@@ -1,0 +1,65 @@
+use std::fmt;
+
+/// What went wrong in the store, by cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An I/O error (disk full, permission, ...). Nothing was committed.
+    Io,
+    /// Stored bytes fail their checksum or hash.
+    Corrupt,
+    /// A blob that should exist does not.
+    Missing,
+    /// A commit does not follow the current head (another writer moved it).
+    EpochMismatch,
+    /// Invalid input from the caller (bad geometry, bad id, ...).
+    Invalid,
+}
+
+/// Error type of `blockrep-store`.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<std::io::Error>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn io(message: impl Into<String>, source: std::io::Error) -> Self {
+        Self {
+            kind: ErrorKind::Io,
+            message: message.into(),
+            source: Some(source),
+        }
+    }
+
+    /// The cause of this error.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {}", self.message, source),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}

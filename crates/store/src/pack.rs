@@ -1,0 +1,192 @@
+//! Pack files: append-only sequences of checksummed blob records.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId};
+
+use crate::error::Error;
+
+/// A pack is sealed (no more appends) once it reaches this size.
+pub const PACK_SIZE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+pub(crate) const RECORD_MAGIC: [u8; 4] = *b"BRB1";
+pub(crate) const RECORD_HEADER_LEN: usize = 52;
+/// Largest stored length of any record: a root of the largest size, or a chunk.
+pub(crate) const RECORD_STORED_MAX: u32 = 9 * 1024 * 1024;
+
+/// What a blob is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum BlobKind {
+    /// A chunk of disk data.
+    Chunk = 1,
+    /// An index page.
+    Page = 2,
+    /// A root.
+    Root = 3,
+}
+
+impl BlobKind {
+    fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => BlobKind::Chunk,
+            2 => BlobKind::Page,
+            3 => BlobKind::Root,
+            _ => return None,
+        })
+    }
+}
+
+/// How a blob's bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum StoredCodec {
+    /// As they are.
+    Raw = 1,
+    /// zstd-compressed.
+    Zstd = 2,
+}
+
+impl StoredCodec {
+    fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => StoredCodec::Raw,
+            2 => StoredCodec::Zstd,
+            _ => return None,
+        })
+    }
+}
+
+/// Parsed header of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordHeader {
+    pub kind: BlobKind,
+    pub codec: StoredCodec,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub id: ChunkId,
+    pub crc: u32,
+}
+
+impl RecordHeader {
+    pub(crate) fn encode_with_crc(&self, data: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+        let mut out = [0u8; RECORD_HEADER_LEN];
+        out[0..4].copy_from_slice(&RECORD_MAGIC);
+        out[4] = self.kind as u8;
+        out[5] = self.codec as u8;
+        out[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
+        out[16..48].copy_from_slice(self.id.as_bytes());
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&out[..48]);
+        hasher.update(data);
+        out[48..52].copy_from_slice(&hasher.finalize().to_le_bytes());
+        out
+    }
+
+    /// Parses a header; `None` when it cannot be a valid record header.
+    pub(crate) fn decode(bytes: &[u8; RECORD_HEADER_LEN]) -> Option<Self> {
+        if bytes[0..4] != RECORD_MAGIC || bytes[6..8] != [0, 0] {
+            return None;
+        }
+        let stored_len = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
+        let raw_len = u32::from_le_bytes(bytes[12..16].try_into().ok()?);
+        if stored_len > RECORD_STORED_MAX || raw_len > RECORD_STORED_MAX.max(CHUNK_SIZE_MAX_BYTES)
+        {
+            return None;
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&bytes[16..48]);
+        Some(Self {
+            kind: BlobKind::from_u8(bytes[4])?,
+            codec: StoredCodec::from_u8(bytes[5])?,
+            stored_len,
+            raw_len,
+            id: ChunkId(id),
+            crc: u32::from_le_bytes(bytes[48..52].try_into().ok()?),
+        })
+    }
+
+    pub(crate) fn crc_matches(&self, header_bytes: &[u8; RECORD_HEADER_LEN], data: &[u8]) -> bool {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header_bytes[..48]);
+        hasher.update(data);
+        hasher.finalize() == self.crc
+    }
+}
+
+/// One valid record found by [`scan_pack`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScannedRecord {
+    pub offset: u64,
+    pub header: RecordHeader,
+}
+
+/// Result of scanning a pack: its valid records and where validity ends.
+#[derive(Debug)]
+pub(crate) struct PackScan {
+    pub records: Vec<ScannedRecord>,
+    /// Offset just past the last valid record.
+    pub valid_len: u64,
+    /// Length of the file.
+    pub file_len: u64,
+}
+
+/// Reads every record of a pack, checking each checksum, and stops at the first
+/// record that is incomplete or invalid (a torn tail, or damage).
+pub(crate) fn scan_pack(path: &Path) -> Result<PackScan, Error> {
+    let file =
+        File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
+        .len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut records = Vec::new();
+    let mut offset = 0u64;
+    let mut data = Vec::new();
+    loop {
+        let mut header_bytes = [0u8; RECORD_HEADER_LEN];
+        if offset + RECORD_HEADER_LEN as u64 > file_len
+            || reader.read_exact(&mut header_bytes).is_err()
+        {
+            break;
+        }
+        let Some(header) = RecordHeader::decode(&header_bytes) else {
+            break;
+        };
+        let end = offset + RECORD_HEADER_LEN as u64 + u64::from(header.stored_len);
+        if end > file_len {
+            break;
+        }
+        data.resize(header.stored_len as usize, 0);
+        if reader.read_exact(&mut data).is_err() || !header.crc_matches(&header_bytes, &data) {
+            break;
+        }
+        records.push(ScannedRecord { offset, header });
+        offset = end;
+    }
+    // Leave the reader positioned sensibly for nobody: scanning is read-only.
+    let _ = reader.seek(SeekFrom::Start(offset));
+    Ok(PackScan {
+        records,
+        valid_len: offset,
+        file_len,
+    })
+}
+
+/// Name of pack number `number`.
+pub(crate) fn pack_file_name(number: u32) -> String {
+    format!("{number:08}.pack")
+}
+
+/// Parses a pack file name back to its number.
+pub(crate) fn parse_pack_file_name(name: &str) -> Option<u32> {
+    let digits = name.strip_suffix(".pack")?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
