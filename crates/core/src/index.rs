@@ -121,6 +121,22 @@ impl Root {
         Self::build(geometry, chunk_ids).0
     }
 
+    /// Builds a root from page ids already computed (e.g. only the changed pages
+    /// rehashed). Fails when the count does not match the geometry.
+    pub fn from_page_ids(geometry: Geometry, page_ids: Vec<ChunkId>) -> Result<Root, Error> {
+        if page_ids.len() as u64 != geometry.page_count() {
+            return Err(Error::new(
+                ErrorKind::InvalidEncoding,
+                format!(
+                    "{} page ids for a geometry of {} pages",
+                    page_ids.len(),
+                    geometry.page_count()
+                ),
+            ));
+        }
+        Ok(Root { geometry, page_ids })
+    }
+
     /// The disk's geometry.
     pub fn geometry(&self) -> Geometry {
         self.geometry

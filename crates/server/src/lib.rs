@@ -1,1 +1,82 @@
-//! placeholder
+//! The replication server: accepts agents over mutual TLS, verifies every chunk
+//! they send, and commits each epoch durably to the store before acknowledging it.
+//!
+//! Layers, each with one job:
+//! - [`Server`] binds the listener, caps connections and handshakes, and spawns one
+//!   task per connection (`listener` module);
+//! - `connection` owns the TLS stream and its read buffer and speaks only in frames;
+//! - `session` is the per-source state machine (`Hello` -> `Welcome` -> epochs);
+//! - `verify` checks chunks (size, decompression cap, blake3 == id) off the
+//!   network task and appends them to the store.
+//!
+//! The source's identity comes from its verified client certificate; the id an
+//! agent names in `Hello` is only compared with it.
+#![forbid(unsafe_code)]
+
+mod connection;
+mod listener;
+mod session;
+mod verify;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use listener::{Server, ServerStats};
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address of the replication listener.
+    pub listen: SocketAddr,
+    /// Data directory of the store.
+    pub data_dir: PathBuf,
+    /// CA certificate that client certificates must chain to.
+    pub ca_path: PathBuf,
+    /// The server's certificate chain.
+    pub cert_path: PathBuf,
+    /// The server's private key.
+    pub key_path: PathBuf,
+    /// Most connections open at once (handshaking or in session).
+    pub connections_max: usize,
+    /// Time allowed for TCP accept to finished TLS handshake and `Hello`.
+    pub handshake_timeout: Duration,
+    /// A session with no frame from the agent for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with default limits, taking the TLS files from `tls_dir`
+    /// (`ca.crt`, `server.crt`, `server.key`).
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, tls_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            ca_path: tls_dir.join("ca.crt"),
+            cert_path: tls_dir.join("server.crt"),
+            key_path: tls_dir.join("server.key"),
+            connections_max: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] blockrep_store::Error),
+    /// The TLS files are missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] blockrep_pki::Error),
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}

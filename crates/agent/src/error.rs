@@ -1,0 +1,58 @@
+use blockrep_proto::ErrorCode;
+
+/// Why the agent stopped or an epoch failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The disk could not be opened, mapped or sized.
+    #[error("disk: {0}")]
+    Disk(#[from] blockrep_core::Error),
+    /// The certificate files are missing or unusable.
+    #[error("TLS setup: {0}")]
+    Pki(#[from] blockrep_pki::Error),
+    /// The `--to` address is not `host:port`.
+    #[error("invalid server address {0:?}: expected host:port")]
+    Address(String),
+    /// TCP connect failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (wrong CA, rejected certificate, ...).
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server ended the session with a reason.
+    #[error("server refused: {code}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The connection broke.
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// The server sent something this agent does not accept.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The disk changed size since the replica was made, or while scanning.
+    #[error("{0}")]
+    DiskChanged(String),
+}
+
+impl Error {
+    /// Whether trying again later may succeed (network trouble, a busy or
+    /// restarting server), as opposed to a configuration error that retrying
+    /// cannot fix.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Lost(_) => true,
+            Error::Refused { code, .. } => matches!(
+                code,
+                ErrorCode::Busy | ErrorCode::Internal | ErrorCode::EpochMismatch | ErrorCode::RootMismatch
+            ),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! A framed connection: owns the stream and its read buffer, speaks in messages.
+
+use blockrep_proto::{FRAME_HEADER_LEN, Message, ProtoError, decode, encode};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+}
+
+#[derive(Debug)]
+pub(crate) struct Connection<S> {
+    stream: S,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    /// Frame bytes read so far (headers included).
+    pub bytes_read: u64,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub(crate) fn new(stream: S) -> Self {
+        Self {
+            stream,
+            read_buf: BytesMut::with_capacity(256 * 1024),
+            write_buf: BytesMut::with_capacity(64 * 1024),
+            bytes_read: 0,
+        }
+    }
+
+    /// Reads the next message; `ReadError::Closed` on a clean end of stream
+    /// between frames.
+    pub(crate) async fn read_message(&mut self) -> Result<Message, ReadError> {
+        loop {
+            let before = self.read_buf.len();
+            if let Some(message) = decode(&mut self.read_buf)? {
+                self.bytes_read += (before - self.read_buf.len()) as u64;
+                return Ok(message);
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < FRAME_HEADER_LEN {
+                self.read_buf.reserve(64 * 1024);
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return if self.read_buf.is_empty() {
+                    Err(ReadError::Closed)
+                } else {
+                    Err(ReadError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed in the middle of a frame",
+                    )))
+                };
+            }
+        }
+    }
+
+    /// Queues a message; [`Connection::flush`] sends what is queued.
+    pub(crate) fn queue(&mut self, message: &Message) {
+        encode(message, &mut self.write_buf);
+    }
+
+    /// Writes every queued message and flushes the stream.
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.write_all(&self.write_buf).await?;
+        self.write_buf.clear();
+        self.stream.flush().await
+    }
+
+    /// Sends one message now.
+    pub(crate) async fn send(&mut self, message: &Message) -> std::io::Result<()> {
+        self.queue(message);
+        self.flush().await
+    }
+
+    /// Sends a closing error and shuts the stream down, ignoring failures: the peer
+    /// may already be gone.
+    pub(crate) async fn close_with_error(&mut self, message: Message) {
+        let _ = self.send(&message).await;
+        let _ = self.stream.shutdown().await;
+    }
+}

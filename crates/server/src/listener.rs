@@ -1,0 +1,216 @@
+//! Accepting connections: limits, TLS handshake, identity, then a session.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use blockrep_core::SourceId;
+use blockrep_pki::{Identity, identity_from_cert};
+use blockrep_proto::{ErrorCode, Message};
+use blockrep_store::Store;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::connection::Connection;
+use crate::session::Session;
+use crate::{Error, ServerConfig};
+
+/// Server-wide counters.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections_total: AtomicU64,
+    /// Connections refused because the connection limit was reached.
+    pub connections_refused_total: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub handshake_failures_total: AtomicU64,
+    /// Sessions ended with an error sent to the agent.
+    pub sessions_rejected_total: AtomicU64,
+    /// Epochs committed.
+    pub epochs_committed_total: AtomicU64,
+    /// Data chunks received and verified.
+    pub chunks_received_total: AtomicU64,
+}
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub store: Arc<Store>,
+    pub config: ServerConfig,
+    pub stats: ServerStats,
+    /// Sources with a session in progress: one session per source at a time.
+    active_sources: Mutex<HashSet<SourceId>>,
+}
+
+/// Proof that a source's session slot is held; frees it when dropped.
+#[derive(Debug)]
+pub(crate) struct SourceSlot {
+    shared: Arc<Shared>,
+    source: SourceId,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        self.shared
+            .active_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.source);
+    }
+}
+
+impl Shared {
+    /// Takes the source's session slot, or `None` if another session holds it.
+    pub(crate) fn claim_source(self: &Arc<Self>, source: &SourceId) -> Option<SourceSlot> {
+        let mut active = self.active_sources.lock().unwrap_or_else(|p| p.into_inner());
+        active.insert(source.clone()).then(|| SourceSlot {
+            shared: Arc::clone(self),
+            source: source.clone(),
+        })
+    }
+}
+
+/// A bound replication server.
+pub struct Server {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("listener", &self.listener).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the store, loads the TLS files and binds the listener.
+    pub async fn bind(config: ServerConfig) -> Result<Server, Error> {
+        let data_dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+            .await
+            .expect("store open task does not panic")?;
+        let tls = blockrep_pki::server_config(&config.ca_path, &config.cert_path, &config.key_path)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Server {
+            listener,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            shared: Arc::new(Shared {
+                store: Arc::new(store),
+                config,
+                stats: ServerStats::default(),
+                active_sources: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The store this server writes.
+    pub fn store(&self) -> Arc<Store> {
+        Arc::clone(&self.shared.store)
+    }
+
+    /// Accepts connections until `shutdown` completes. Sessions in progress are
+    /// abandoned at shutdown; an abandoned epoch was never acknowledged, so
+    /// nothing acknowledged is lost.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let permits = Arc::new(Semaphore::new(self.shared.config.connections_max));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Typically EMFILE: back off briefly rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                self.shared
+                    .stats
+                    .connections_refused_total
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(%peer, limit = self.shared.config.connections_max, "connection refused: limit reached");
+                continue;
+            };
+            self.shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+            let shared = Arc::clone(&self.shared);
+            let acceptor = self.acceptor.clone();
+            tokio::spawn(async move {
+                handle_connection(shared, acceptor, tcp, peer).await;
+                drop(permit);
+            });
+        }
+        info!("replication listener stopped");
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await;
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.stats.handshake_failures_total.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, reason = %e, "TLS handshake rejected");
+            return;
+        }
+        Err(_) => {
+            shared.stats.handshake_failures_total.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, reason = "timeout", "TLS handshake rejected");
+            return;
+        }
+    };
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .ok_or_else(|| "no client certificate".to_owned())
+        .and_then(|cert| identity_from_cert(cert).map_err(|e| e.to_string()));
+    let mut connection = Connection::new(tls);
+    let source = match identity {
+        Ok(Identity::Source(source)) => source,
+        Ok(Identity::Admin) => {
+            reject(&shared, &mut connection, peer, ErrorCode::Unauthorized, "the admin certificate cannot replicate a source".into()).await;
+            return;
+        }
+        Err(reason) => {
+            reject(&shared, &mut connection, peer, ErrorCode::Unauthorized, reason).await;
+            return;
+        }
+    };
+    Session::new(shared, connection, source, peer).run().await;
+}
+
+pub(crate) async fn reject<S>(
+    shared: &Shared,
+    connection: &mut Connection<S>,
+    peer: SocketAddr,
+    code: ErrorCode,
+    message: String,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    shared.stats.sessions_rejected_total.fetch_add(1, Ordering::Relaxed);
+    warn!(%peer, %code, reason = %message, "session rejected");
+    connection.close_with_error(Message::Error { code, message }).await;
+}
