@@ -182,7 +182,10 @@ impl Sync {
 async fn timed_sync(config: &AgentConfig) -> Result<Sync> {
     let started = Instant::now();
     let reports = blockrep_agent::run_once(config, |_| {}).await?;
-    Ok(Sync { wall: started.elapsed(), reports })
+    Ok(Sync {
+        wall: started.elapsed(),
+        reports,
+    })
 }
 
 fn mib_per_s(bytes: u64, duration: Duration) -> f64 {
@@ -194,7 +197,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let chunk_size = u32::try_from(args.chunk_size).context("chunk size too large")?;
     Geometry::new(args.size, chunk_size)?;
     ensure!(args.size > 0, "--size must be positive");
-    ensure!((0.0..=100.0).contains(&args.change_percent), "--change-percent must be within 0..=100");
+    ensure!(
+        (0.0..=100.0).contains(&args.change_percent),
+        "--change-percent must be within 0..=100"
+    );
     let temp;
     let workdir = match &args.workdir {
         Some(dir) => {
@@ -212,13 +218,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if data.exists() {
         fs::remove_dir_all(&data)?;
     }
-    eprintln!("making a {} MiB synthetic disk (seed {})...", args.size >> 20, args.seed);
+    eprintln!(
+        "making a {} MiB synthetic disk (seed {})...",
+        args.size >> 20,
+        args.seed
+    );
     make_synthetic_disk(&disk, args.size, args.seed)?;
     let source = SourceId::new("bench")?;
     blockrep_pki::init_ca(&tls, &["localhost".into(), "127.0.0.1".into()], true)?;
     blockrep_pki::issue_source(&tls, &source)?;
 
-    let config = blockrep_server::ServerConfig::new("127.0.0.1:0".parse()?, data.clone(), tls.clone());
+    let config =
+        blockrep_server::ServerConfig::new("127.0.0.1:0".parse()?, data.clone(), tls.clone());
     let server = blockrep_server::Server::bind(config).await?;
     let addr = server.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -262,30 +273,77 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     let rows = [
         ("disk size (MiB)", format!("{}", args.size >> 20)),
-        ("non-zero data (MiB)", format!("{:.1}", nonzero_bytes as f64 / (1 << 20) as f64)),
-        ("blake3 scan of the disk, all cores (s)", format!("{:.3}", scan_floor.as_secs_f64())),
-        ("initial sync (s)", format!("{:.3}", initial.wall.as_secs_f64())),
-        ("initial sync, disk MiB/s", format!("{:.0}", mib_per_s(args.size, initial.wall))),
-        ("initial sync, non-zero MiB/s", format!("{:.0}", mib_per_s(nonzero_bytes, initial.wall))),
-        ("initial sync, bytes on the wire (MiB)", format!("{:.1}", initial.bytes_sent() as f64 / (1 << 20) as f64)),
+        (
+            "non-zero data (MiB)",
+            format!("{:.1}", nonzero_bytes as f64 / (1 << 20) as f64),
+        ),
+        (
+            "blake3 scan of the disk, all cores (s)",
+            format!("{:.3}", scan_floor.as_secs_f64()),
+        ),
+        (
+            "initial sync (s)",
+            format!("{:.3}", initial.wall.as_secs_f64()),
+        ),
+        (
+            "initial sync, disk MiB/s",
+            format!("{:.0}", mib_per_s(args.size, initial.wall)),
+        ),
+        (
+            "initial sync, non-zero MiB/s",
+            format!("{:.0}", mib_per_s(nonzero_bytes, initial.wall)),
+        ),
+        (
+            "initial sync, bytes on the wire (MiB)",
+            format!("{:.1}", initial.bytes_sent() as f64 / (1 << 20) as f64),
+        ),
         ("delta: 4 KiB blocks changed", format!("{blocks_changed}")),
         ("delta sync (s)", format!("{:.3}", delta.wall.as_secs_f64())),
-        ("delta sync / blake3 scan", format!("{:.2}x", delta.wall.as_secs_f64() / scan_floor.as_secs_f64().max(1e-9))),
+        (
+            "delta sync / blake3 scan",
+            format!(
+                "{:.2}x",
+                delta.wall.as_secs_f64() / scan_floor.as_secs_f64().max(1e-9)
+            ),
+        ),
         ("delta chunks sent", format!("{}", delta.chunks_sent())),
-        ("delta bytes on the wire (MiB)", format!("{:.2}", delta.bytes_sent() as f64 / (1 << 20) as f64)),
+        (
+            "delta bytes on the wire (MiB)",
+            format!("{:.2}", delta.bytes_sent() as f64 / (1 << 20) as f64),
+        ),
         ("replica verified equal", format!("{verified}")),
     ];
-    println!("blockrep bench: {} cores, seed {}", std::thread::available_parallelism().map_or(1, |n| n.get()), args.seed);
+    println!(
+        "blockrep bench: {} cores, seed {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        args.seed
+    );
     for (name, value) in &rows {
         println!("  {name:<44} {value:>12}");
     }
     if let Some(path) = &args.json {
         let mut out = String::from("{\n");
-        out.push_str(&format!("  \"version\": \"{}\",\n", env!("CARGO_PKG_VERSION")));
-        out.push_str(&format!("  \"cores\": {},\n", std::thread::available_parallelism().map_or(1, |n| n.get())));
-        out.push_str(&format!("  \"seed\": {},\n  \"disk_size_bytes\": {},\n  \"nonzero_bytes\": {},\n", args.seed, args.size, nonzero_bytes));
-        out.push_str(&format!("  \"scan_floor_seconds\": {:.6},\n", scan_floor.as_secs_f64()));
-        out.push_str(&format!("  \"initial_sync_seconds\": {:.6},\n  \"initial_sync_bytes_sent\": {},\n", initial.wall.as_secs_f64(), initial.bytes_sent()));
+        out.push_str(&format!(
+            "  \"version\": \"{}\",\n",
+            env!("CARGO_PKG_VERSION")
+        ));
+        out.push_str(&format!(
+            "  \"cores\": {},\n",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ));
+        out.push_str(&format!(
+            "  \"seed\": {},\n  \"disk_size_bytes\": {},\n  \"nonzero_bytes\": {},\n",
+            args.seed, args.size, nonzero_bytes
+        ));
+        out.push_str(&format!(
+            "  \"scan_floor_seconds\": {:.6},\n",
+            scan_floor.as_secs_f64()
+        ));
+        out.push_str(&format!(
+            "  \"initial_sync_seconds\": {:.6},\n  \"initial_sync_bytes_sent\": {},\n",
+            initial.wall.as_secs_f64(),
+            initial.bytes_sent()
+        ));
         out.push_str(&format!("  \"delta_blocks_changed\": {},\n  \"delta_sync_seconds\": {:.6},\n  \"delta_chunks_sent\": {},\n  \"delta_bytes_sent\": {},\n", blocks_changed, delta.wall.as_secs_f64(), delta.chunks_sent(), delta.bytes_sent()));
         out.push_str(&format!("  \"verified_equal\": {verified}\n}}\n"));
         fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
@@ -312,8 +370,13 @@ fn files_equal(a: &Path, b: &Path) -> Result<bool> {
 fn tempfile_dir() -> Result<tempfile::TempDir> {
     let mut builder = tempfile::Builder::new();
     builder.prefix("blockrep-bench-");
-    let dir = builder.tempdir().context("cannot make a temporary directory")?;
+    let dir = builder
+        .tempdir()
+        .context("cannot make a temporary directory")?;
     let mut marker = File::create(dir.path().join("README"))?;
-    writeln!(marker, "blockrep bench working directory; removed when the bench ends")?;
+    writeln!(
+        marker,
+        "blockrep bench working directory; removed when the bench ends"
+    )?;
     Ok(dir)
 }

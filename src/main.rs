@@ -192,10 +192,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("blockrep: error: {error:#}");
+            eprintln!("blockrep: error: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the message
+/// before it already carries (library errors name their cause in their message).
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn init_logging(format: LogFormat) {
@@ -214,7 +228,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn source_id(text: &str) -> Result<SourceId> {
@@ -223,9 +240,17 @@ fn source_id(text: &str) -> Result<SourceId> {
 
 fn cert(command: CertCommand) -> Result<()> {
     match command {
-        CertCommand::Init { dir, server_names, force } => {
+        CertCommand::Init {
+            dir,
+            server_names,
+            force,
+        } => {
             blockrep_pki::init_ca(&dir, &server_names, force)?;
-            println!("wrote {0}/ca.crt, {0}/ca.key, {0}/server.crt, {0}/server.key (server names: {1})", dir.display(), server_names.join(", "));
+            println!(
+                "wrote {0}/ca.crt, {0}/ca.key, {0}/server.crt, {0}/server.key (server names: {1})",
+                dir.display(),
+                server_names.join(", ")
+            );
         }
         CertCommand::Issue { dir, source, admin } => {
             let (cert, key) = if admin {
@@ -306,7 +331,10 @@ async fn agent(args: AgentArgs) -> Result<()> {
     if args.once {
         let reports = blockrep_agent::run_once(&config, print_epoch).await?;
         match reports.last() {
-            Some(last) => println!("replica equals disk: epoch {} root={}", last.epoch, last.root),
+            Some(last) => println!(
+                "replica equals disk: epoch {} root={}",
+                last.epoch, last.root
+            ),
             None => println!("replica already equals disk"),
         }
         return Ok(());

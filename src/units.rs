@@ -6,32 +6,50 @@ use std::time::Duration;
 /// `G`/`GiB`, `T`/`TiB` suffix (binary multiples).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: u64 = digits.parse().map_err(|_| format!("invalid size {text:?}: expected e.g. 64KiB, 1GiB or 4096"))?;
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected e.g. 64KiB, 1GiB or 4096"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" | "kb" => 10,
         "m" | "mib" | "mb" => 20,
         "g" | "gib" | "gb" => 30,
         "t" | "tib" | "tb" => 40,
-        other => return Err(format!("invalid size unit {other:?} in {text:?}: use B, KiB, MiB, GiB or TiB")),
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {text:?}: use B, KiB, MiB, GiB or TiB"
+            ));
+        }
     };
-    number.checked_mul(1u64 << shift).ok_or_else(|| format!("size {text:?} is too large"))
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 /// Parses a duration: a number with `ms`, `s`, `m` or `h` (default seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: f64 = digits.parse().map_err(|_| format!("invalid duration {text:?}: expected e.g. 1s, 500ms, 5m"))?;
+    let number: f64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 1s, 500ms, 5m"))?;
     let seconds = match unit.trim() {
         "ms" => number / 1000.0,
         "" | "s" => number,
         "m" | "min" => number * 60.0,
         "h" => number * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {text:?}: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("invalid duration {text:?}"))
 }

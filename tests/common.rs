@@ -11,7 +11,13 @@ pub fn bin() -> PathBuf {
 }
 
 /// Runs `blockrep agent --once` for `source` with the certificates in `tls`.
-pub fn agent_once(disk: &Path, addr: std::net::SocketAddr, source: &str, tls: &Path, extra: &[&str]) -> Output {
+pub fn agent_once(
+    disk: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    tls: &Path,
+    extra: &[&str],
+) -> Output {
     Command::new(BIN)
         .args(["agent", "--once", "--disk"])
         .arg(disk)
@@ -64,7 +70,10 @@ pub fn export(data: &Path, source: &str, out: &Path) -> Output {
 
 /// Whether `qemu-img` is installed (scripts/test.sh installs it).
 pub fn have_qemu_img() -> bool {
-    Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// `qemu-img compare` of two raw images: true when it says identical.
@@ -75,7 +84,8 @@ pub fn qemu_img_identical(a: &Path, b: &Path) -> bool {
         .arg(b)
         .output()
         .unwrap();
-    output.status.success() && String::from_utf8_lossy(&output.stdout).contains("Images are identical")
+    output.status.success()
+        && String::from_utf8_lossy(&output.stdout).contains("Images are identical")
 }
 
 /// Whether `qemu-img` must be present: CI and the test script require it.

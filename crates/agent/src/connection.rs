@@ -31,19 +31,24 @@ impl Drop for Connection {
 }
 
 fn server_name(addr: &str) -> Result<ServerName<'static>, Error> {
-    let (host, _port) = addr.rsplit_once(':').ok_or_else(|| Error::Address(addr.to_owned()))?;
+    let (host, _port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| Error::Address(addr.to_owned()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_owned()).map_err(|_| Error::Address(addr.to_owned()))
 }
 
 impl Connection {
     pub(crate) async fn connect(config: &AgentConfig) -> Result<Self, Error> {
-        let tls = blockrep_pki::client_config(&config.ca_path, &config.cert_path, &config.key_path)?;
+        let tls =
+            blockrep_pki::client_config(&config.ca_path, &config.cert_path, &config.key_path)?;
         let name = server_name(&config.server)?;
-        let tcp = TcpStream::connect(&config.server).await.map_err(|source| Error::Connect {
-            addr: config.server.clone(),
-            source,
-        })?;
+        let tcp = TcpStream::connect(&config.server)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: config.server.clone(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let stream = TlsConnector::from(Arc::new(tls))
             .connect(name, tcp)
@@ -72,7 +77,9 @@ impl Connection {
                 }
                 match read_half.read_buf(&mut buf).await {
                     Ok(0) => {
-                        let _ = tx.send(Err(Error::Lost("server closed the connection".into()))).await;
+                        let _ = tx
+                            .send(Err(Error::Lost("server closed the connection".into())))
+                            .await;
                         return;
                     }
                     Ok(_) => {}

@@ -24,7 +24,9 @@ pub(crate) struct Scan {
 }
 
 fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Opens the disk afresh (a replaced file or a resized disk is seen) and scans it.
@@ -37,9 +39,18 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
         let geometry = Geometry::new(disk.size_bytes(), chunk_size_bytes)?;
         let ids = scan_buffer(disk.bytes(), geometry);
         if disk.current_size_bytes()? != disk.size_bytes() {
-            return Err(Error::DiskChanged(format!("{} changed size while it was scanned", path.display())));
+            return Err(Error::DiskChanged(format!(
+                "{} changed size while it was scanned",
+                path.display()
+            )));
         }
-        Ok(Scan { disk: Arc::new(disk), geometry, ids, started_unix_ms, duration: started.elapsed() })
+        Ok(Scan {
+            disk: Arc::new(disk),
+            geometry,
+            ids,
+            started_unix_ms,
+            duration: started.elapsed(),
+        })
     })
     .await
     .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))?
@@ -70,8 +81,17 @@ impl Session {
             .await?;
         connection.flush().await?;
         let (head_epoch, head_root) = match connection.recv().await {
-            Ok(Message::Welcome { head_epoch, head_root, .. }) => (head_epoch, head_root),
-            Ok(other) => return Err(Error::Protocol(format!("expected Welcome, got {}", other.name()))),
+            Ok(Message::Welcome {
+                head_epoch,
+                head_root,
+                ..
+            }) => (head_epoch, head_root),
+            Ok(other) => {
+                return Err(Error::Protocol(format!(
+                    "expected Welcome, got {}",
+                    other.name()
+                )));
+            }
             Err(Error::Lost(reason)) => {
                 return Err(Error::Lost(format!(
                     "server closed the session before Welcome ({reason}); a certificate the server \
@@ -83,14 +103,25 @@ impl Session {
         let head_root = if head_epoch == 0 {
             None
         } else {
-            let root = Root::decode(&head_root).map_err(|e| Error::Protocol(format!("head root: {e}")))?;
+            let root =
+                Root::decode(&head_root).map_err(|e| Error::Protocol(format!("head root: {e}")))?;
             if root.geometry() != geometry {
-                return Err(Error::Protocol("server sent a head of another geometry".into()));
+                return Err(Error::Protocol(
+                    "server sent a head of another geometry".into(),
+                ));
             }
             Some(root)
         };
-        let head_ids = head_root.is_none().then(|| vec![ChunkId::ZERO; geometry.chunk_count() as usize]);
-        Ok(Self { connection, geometry, head_epoch, head_ids, head_root })
+        let head_ids = head_root
+            .is_none()
+            .then(|| vec![ChunkId::ZERO; geometry.chunk_count() as usize]);
+        Ok(Self {
+            connection,
+            geometry,
+            head_epoch,
+            head_ids,
+            head_root,
+        })
     }
 
     /// Ends the session cleanly.
@@ -113,7 +144,10 @@ impl Session {
         if let Some(head_ids) = &self.head_ids {
             return Ok(changed_chunks(head_ids, &scan.ids, 0));
         }
-        let head_root = self.head_root.as_ref().expect("head root known when ids are not");
+        let head_root = self
+            .head_root
+            .as_ref()
+            .expect("head root known when ids are not");
         let mine = Root::from_chunk_ids(self.geometry, &scan.ids);
         let pages = changed_pages(head_root, &mine);
         let mut head_ids = scan.ids.clone();
@@ -126,12 +160,16 @@ impl Session {
                     return Err(Error::Protocol("expected Page".into()));
                 };
                 if index as usize != page_index {
-                    return Err(Error::Protocol(format!("asked for page {page_index}, got {index}")));
+                    return Err(Error::Protocol(format!(
+                        "asked for page {page_index}, got {index}"
+                    )));
                 }
                 let page = Page::decode(&ids, head_root.page_len(page_index))
                     .map_err(|e| Error::Protocol(format!("page {index}: {e}")))?;
                 if page.id() != head_root.page_ids()[page_index] {
-                    return Err(Error::Protocol(format!("page {index} does not match the head root")));
+                    return Err(Error::Protocol(format!(
+                        "page {index} does not match the head root"
+                    )));
                 }
                 let start = page_index * CHUNKS_PER_PAGE;
                 head_ids[start..start + page.ids().len()].copy_from_slice(page.ids());
@@ -144,7 +182,12 @@ impl Session {
 
     /// Sends what differs between `scan` and the head, and commits it. Returns
     /// `None` when the replica already equals the scan and `commit_unchanged` is false.
-    pub(crate) async fn epoch(&mut self, config: &AgentConfig, scan: Scan, commit_unchanged: bool) -> Result<Option<EpochReport>, Error> {
+    pub(crate) async fn epoch(
+        &mut self,
+        config: &AgentConfig,
+        scan: Scan,
+        commit_unchanged: bool,
+    ) -> Result<Option<EpochReport>, Error> {
         if scan.geometry != self.geometry {
             return Err(Error::DiskChanged(format!(
                 "{} is now {} bytes, the replica has {}: a resized disk needs a new source id",
@@ -172,7 +215,12 @@ impl Session {
             transfer_duration: Duration::ZERO,
         };
         debug!(epoch = report.epoch, changed = changed.len(), "sending");
-        let mut frames = spawn_encoders(Arc::clone(&scan.disk), self.geometry, Arc::new(changed), config.compression);
+        let mut frames = spawn_encoders(
+            Arc::clone(&scan.disk),
+            self.geometry,
+            Arc::new(changed),
+            config.compression,
+        );
         while let Some(encoded) = frames.recv().await {
             ids[encoded.index as usize] = encoded.id;
             if encoded.id.is_zero() {
@@ -188,14 +236,29 @@ impl Session {
         let root_id = root.id();
         report.bytes_sent += self
             .connection
-            .send(&Message::Commit { epoch: report.epoch, root: root_id, scan_started_unix_ms: scan.started_unix_ms, last: false })
+            .send(&Message::Commit {
+                epoch: report.epoch,
+                root: root_id,
+                scan_started_unix_ms: scan.started_unix_ms,
+                last: false,
+            })
             .await?;
         self.connection.flush().await?;
-        let Message::Committed { epoch, root: committed, chunks_received, chunks_stored, .. } = self.connection.recv().await? else {
+        let Message::Committed {
+            epoch,
+            root: committed,
+            chunks_received,
+            chunks_stored,
+            ..
+        } = self.connection.recv().await?
+        else {
             return Err(Error::Protocol("expected Committed".into()));
         };
         if epoch != report.epoch || committed != root_id {
-            return Err(Error::Protocol(format!("server committed epoch {epoch} root {committed}, expected epoch {} root {root_id}", report.epoch)));
+            return Err(Error::Protocol(format!(
+                "server committed epoch {epoch} root {committed}, expected epoch {} root {root_id}",
+                report.epoch
+            )));
         }
         self.head_epoch = epoch;
         self.head_ids = Some(ids);

@@ -50,7 +50,10 @@ impl Error {
             Error::Connect { .. } | Error::Lost(_) => true,
             Error::Refused { code, .. } => matches!(
                 code,
-                ErrorCode::Busy | ErrorCode::Internal | ErrorCode::EpochMismatch | ErrorCode::RootMismatch
+                ErrorCode::Busy
+                    | ErrorCode::Internal
+                    | ErrorCode::EpochMismatch
+                    | ErrorCode::RootMismatch
             ),
             _ => false,
         }

@@ -13,7 +13,10 @@ const ONCE_EPOCHS_MAX: usize = 20;
 
 /// Replicates until the server's head equals a fresh scan of the disk, then
 /// returns the reports of the epochs committed (empty when nothing differed).
-pub async fn run_once(config: &AgentConfig, mut on_epoch: impl FnMut(&EpochReport)) -> Result<Vec<EpochReport>, Error> {
+pub async fn run_once(
+    config: &AgentConfig,
+    mut on_epoch: impl FnMut(&EpochReport),
+) -> Result<Vec<EpochReport>, Error> {
     let mut reports = Vec::new();
     let first = scan(config, config.chunk_size_bytes).await?;
     let mut session = Session::open(config, first.geometry).await?;
@@ -49,7 +52,11 @@ pub async fn run_once(config: &AgentConfig, mut on_epoch: impl FnMut(&EpochRepor
 /// to the start of the next), reconnecting with capped exponential back-off after
 /// any retryable failure, until `shutdown` turns true. An epoch in flight at
 /// shutdown is abandoned: it was never acknowledged, so nothing is lost.
-pub async fn run(config: &AgentConfig, mut shutdown: watch::Receiver<bool>, mut on_epoch: impl FnMut(&EpochReport)) -> Result<(), Error> {
+pub async fn run(
+    config: &AgentConfig,
+    mut shutdown: watch::Receiver<bool>,
+    mut on_epoch: impl FnMut(&EpochReport),
+) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(250);
     let mut chunk_size = config.chunk_size_bytes;
     loop {

@@ -42,7 +42,12 @@ pub(crate) fn spawn_encoders(
     let next = Arc::new(AtomicUsize::new(0));
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     for _ in 0..workers {
-        let (disk, changed, next, tx) = (Arc::clone(&disk), Arc::clone(&changed), Arc::clone(&next), tx.clone());
+        let (disk, changed, next, tx) = (
+            Arc::clone(&disk),
+            Arc::clone(&changed),
+            Arc::clone(&next),
+            tx.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             let mut encoder = ChunkEncoder::new(compression);
             loop {
@@ -74,11 +79,16 @@ impl ChunkEncoder {
             Compression::Auto => zstd::bulk::Compressor::new(1).ok(),
             Compression::None => None,
         };
-        Self { compressor, skip: 0 }
+        Self {
+            compressor,
+            skip: 0,
+        }
     }
 
     fn encode(&mut self, disk: &[u8], geometry: Geometry, index: u64) -> Encoded {
-        let range = geometry.chunk_range(index).expect("changed chunks lie on the disk");
+        let range = geometry
+            .chunk_range(index)
+            .expect("changed chunks lie on the disk");
         let raw_len = range.len();
         // Copy once, out of the mapping, straight into the frame; then hash the copy,
         // so the id always matches the bytes that travel.
@@ -89,22 +99,50 @@ impl ChunkEncoder {
         if id.is_zero() {
             let mut zero = BytesMut::with_capacity(CHUNK_HEADER_LEN);
             encode(
-                &Message::Chunk { index, id, codec: Codec::Zero, raw_len: raw_len as u32, data: Bytes::new() },
+                &Message::Chunk {
+                    index,
+                    id,
+                    codec: Codec::Zero,
+                    raw_len: raw_len as u32,
+                    data: Bytes::new(),
+                },
                 &mut zero,
             );
-            return Encoded { index, id, frame: zero.freeze(), raw_len: 0 };
+            return Encoded {
+                index,
+                id,
+                frame: zero.freeze(),
+                raw_len: 0,
+            };
         }
         if let Some(compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
             let mut out = BytesMut::with_capacity(CHUNK_HEADER_LEN + compressed.len());
-            encode_chunk_header(&mut out, index, &id, Codec::Zstd, raw_len as u32, compressed.len());
+            encode_chunk_header(
+                &mut out,
+                index,
+                &id,
+                Codec::Zstd,
+                raw_len as u32,
+                compressed.len(),
+            );
             out.extend_from_slice(&compressed);
-            return Encoded { index, id, frame: out.freeze(), raw_len: raw_len as u64 };
+            return Encoded {
+                index,
+                id,
+                frame: out.freeze(),
+                raw_len: raw_len as u64,
+            };
         }
         let mut header = BytesMut::with_capacity(CHUNK_HEADER_LEN);
         encode_chunk_header(&mut header, index, &id, Codec::Raw, raw_len as u32, raw_len);
         debug_assert_eq!(header.len(), CHUNK_HEADER_LEN);
         frame[..CHUNK_HEADER_LEN].copy_from_slice(&header);
-        Encoded { index, id, frame: frame.freeze(), raw_len: raw_len as u64 }
+        Encoded {
+            index,
+            id,
+            frame: frame.freeze(),
+            raw_len: raw_len as u64,
+        }
     }
 
     fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {

@@ -7,7 +7,11 @@ use crate::index::Root;
 ///
 /// Panics if the geometries differ: callers decide what a resize means first.
 pub fn changed_pages(old: &Root, new: &Root) -> Vec<usize> {
-    assert_eq!(old.geometry(), new.geometry(), "diff needs equal geometries");
+    assert_eq!(
+        old.geometry(),
+        new.geometry(),
+        "diff needs equal geometries"
+    );
     old.page_ids()
         .iter()
         .zip(new.page_ids())

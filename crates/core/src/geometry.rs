@@ -72,7 +72,8 @@ impl Geometry {
 
     /// Number of chunks, counting a short last chunk.
     pub fn chunk_count(self) -> u64 {
-        self.disk_size_bytes.div_ceil(u64::from(self.chunk_size_bytes))
+        self.disk_size_bytes
+            .div_ceil(u64::from(self.chunk_size_bytes))
     }
 
     /// Number of index pages.

@@ -41,7 +41,10 @@ pub struct Page {
 impl Page {
     /// Builds a page from at most [`CHUNKS_PER_PAGE`] ids.
     pub fn new(ids: Vec<ChunkId>) -> Self {
-        assert!(ids.len() <= CHUNKS_PER_PAGE, "page holds at most {CHUNKS_PER_PAGE} ids");
+        assert!(
+            ids.len() <= CHUNKS_PER_PAGE,
+            "page holds at most {CHUNKS_PER_PAGE} ids"
+        );
         Self { ids }
     }
 
@@ -184,8 +187,8 @@ impl Root {
         let disk_size = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
         let chunk_size = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
         let page_count = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
-        let geometry = Geometry::new(disk_size, chunk_size)
-            .map_err(|e| invalid(&format!("geometry: {e}")))?;
+        let geometry =
+            Geometry::new(disk_size, chunk_size).map_err(|e| invalid(&format!("geometry: {e}")))?;
         if u64::from(page_count) != geometry.page_count() {
             return Err(invalid("page count does not match the geometry"));
         }

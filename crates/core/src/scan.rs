@@ -66,7 +66,9 @@ pub fn scan_buffer_with_threads(disk: &[u8], geometry: Geometry, threads: usize)
             }
         }
     };
-    let threads = threads.max(1).min(chunk_count.div_ceil(CHUNKS_PER_BATCH).max(1));
+    let threads = threads
+        .max(1)
+        .min(chunk_count.div_ceil(CHUNKS_PER_BATCH).max(1));
     std::thread::scope(|scope| {
         for _ in 1..threads {
             scope.spawn(worker);

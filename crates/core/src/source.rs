@@ -69,7 +69,17 @@ mod tests {
     #[test]
     fn rejects_path_tricks() {
         for bad in [
-            "", "a/b", "..", "a..b", ".hidden", "a\0b", "A", "-a", "a b", "é", &"a".repeat(65),
+            "",
+            "a/b",
+            "..",
+            "a..b",
+            ".hidden",
+            "a\0b",
+            "A",
+            "-a",
+            "a b",
+            "é",
+            &"a".repeat(65),
         ] {
             assert_eq!(
                 SourceId::new(bad).unwrap_err().kind(),

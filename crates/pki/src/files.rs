@@ -22,7 +22,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Invalid(format!("{}: bad PEM: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(Error::Invalid(format!("{}: no certificate found", path.display())));
+        return Err(Error::Invalid(format!(
+            "{}: no certificate found",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -48,7 +51,8 @@ pub(crate) fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), E
         .open(path)
         .map_err(io)?;
     // The mode given to open only applies to new files; enforce it on old ones too.
-    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io)?;
     file.write_all(contents.as_bytes()).map_err(io)?;
     file.sync_all().map_err(io)
 }

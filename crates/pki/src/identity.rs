@@ -42,8 +42,12 @@ pub fn identity_from_cert(cert: &CertificateDer<'_>) -> Result<Identity, Error> 
         }
     }
     match found.len() {
-        0 => Err(Error::Invalid("client certificate has no blockrep identity".into())),
+        0 => Err(Error::Invalid(
+            "client certificate has no blockrep identity".into(),
+        )),
         1 => found.pop().expect("one element"),
-        _ => Err(Error::Invalid("client certificate names more than one identity".into())),
+        _ => Err(Error::Invalid(
+            "client certificate names more than one identity".into(),
+        )),
     }
 }

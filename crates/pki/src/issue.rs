@@ -9,9 +9,9 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
+use crate::Error;
 use crate::files::write_file;
 use crate::identity::{ADMIN_URI, SOURCE_URI_PREFIX};
-use crate::Error;
 
 const CERT_MODE: u32 = 0o644;
 const KEY_MODE: u32 = 0o600;
@@ -86,7 +86,10 @@ fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path).map_err(|source| Error::Io {
-            what: format!("cannot read {} (run `blockrep cert init` first)", path.display()),
+            what: format!(
+                "cannot read {} (run `blockrep cert init` first)",
+                path.display()
+            ),
             source,
         })
     };
@@ -94,7 +97,12 @@ fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
     Ok(Issuer::from_ca_cert_pem(&read("ca.crt")?, key)?)
 }
 
-fn issue_client(dir: &Path, file_stem: &str, common_name: &str, uri: String) -> Result<(PathBuf, PathBuf), Error> {
+fn issue_client(
+    dir: &Path,
+    file_stem: &str,
+    common_name: &str,
+    uri: String,
+) -> Result<(PathBuf, PathBuf), Error> {
     let issuer = load_issuer(dir)?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
@@ -148,11 +156,20 @@ mod tests {
         let (cert, key) = issue_source(dir.path(), &source).unwrap();
         let der = &read_certs(&cert).unwrap()[0];
         assert_eq!(identity_from_cert(der).unwrap(), Identity::Source(source));
-        assert_eq!(std::fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let (admin, _) = issue_admin(dir.path()).unwrap();
-        assert_eq!(identity_from_cert(&read_certs(&admin).unwrap()[0]).unwrap(), Identity::Admin);
+        assert_eq!(
+            identity_from_cert(&read_certs(&admin).unwrap()[0]).unwrap(),
+            Identity::Admin
+        );
         let server = &read_certs(&dir.path().join("server.crt")).unwrap()[0];
         assert!(identity_from_cert(server).is_err());
-        assert!(init_ca(dir.path(), &[], false).is_err(), "refuses to replace a CA");
+        assert!(
+            init_ca(dir.path(), &[], false).is_err(),
+            "refuses to replace a CA"
+        );
     }
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::files::{read_certs, read_key};
 use crate::Error;
+use crate::files::{read_certs, read_key};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -16,9 +16,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn roots(ca: &Path) -> Result<Arc<RootCertStore>, Error> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca)? {
-        roots
-            .add(cert)
-            .map_err(|e| Error::Invalid(format!("{}: unusable CA certificate: {e}", ca.display())))?;
+        roots.add(cert).map_err(|e| {
+            Error::Invalid(format!("{}: unusable CA certificate: {e}", ca.display()))
+        })?;
     }
     Ok(Arc::new(roots))
 }

@@ -270,7 +270,7 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
             let index = r.u32("page index")?;
             let len = r.u32("page length")? as usize;
             let ids = r.bytes(len, blockrep_core::CHUNKS_PER_PAGE * 32, "page")?;
-            if len % 32 != 0 {
+            if !len.is_multiple_of(32) {
                 return Err(malformed("page length is not a multiple of 32"));
             }
             Message::Page { index, ids }
@@ -352,7 +352,13 @@ mod tests {
     fn message_strategy() -> impl Strategy<Value = Message> {
         let bytes = |max| proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u16>(), any::<u16>(), "[a-z0-9][a-z0-9._-]{0,20}", any::<u64>(), any::<u32>())
+            (
+                any::<u16>(),
+                any::<u16>(),
+                "[a-z0-9][a-z0-9._-]{0,20}",
+                any::<u64>(),
+                any::<u32>()
+            )
                 .prop_filter_map("valid id", |(a, b, s, d, c)| {
                     Some(Message::Hello {
                         version_min: a,
@@ -369,12 +375,14 @@ mod tests {
             }),
             proptest::collection::vec(any::<u32>(), 0..50)
                 .prop_map(|indices| Message::GetPages { indices }),
-            (any::<u32>(), proptest::collection::vec(any::<[u8; 32]>(), 0..5)).prop_map(
-                |(index, ids)| Message::Page {
+            (
+                any::<u32>(),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..5)
+            )
+                .prop_map(|(index, ids)| Message::Page {
                     index,
                     ids: Bytes::from(ids.concat())
-                }
-            ),
+                }),
             (any::<u64>(), id_strategy(), 1usize..1000, any::<bool>()).prop_map(
                 |(index, id, len, zstd)| Message::Chunk {
                     index,
@@ -399,15 +407,20 @@ mod tests {
                     last
                 }
             ),
-            (any::<u64>(), id_strategy(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-                |(epoch, root, a, b, c)| Message::Committed {
+            (
+                any::<u64>(),
+                id_strategy(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(epoch, root, a, b, c)| Message::Committed {
                     epoch,
                     root,
                     chunks_received: a,
                     bytes_received: b,
                     chunks_stored: c
-                }
-            ),
+                }),
             (1u16..20, "[ -~]{0,100}").prop_map(|(code, message)| Message::Error {
                 code: ErrorCode::from_u16(code),
                 message
@@ -465,12 +478,18 @@ mod tests {
     #[test]
     fn unknown_type_and_trailing_bytes_are_rejected() {
         let mut buf = BytesMut::from(&[1u8, 0, 0, 0, 99][..]);
-        assert_eq!(decode(&mut buf).unwrap_err().kind(), ProtoErrorKind::UnknownType);
+        assert_eq!(
+            decode(&mut buf).unwrap_err().kind(),
+            ProtoErrorKind::UnknownType
+        );
         let mut buf = BytesMut::new();
         encode(&Message::GetPages { indices: vec![1] }, &mut buf);
         buf[0] += 1;
         buf.put_u8(0);
-        assert_eq!(decode(&mut buf).unwrap_err().kind(), ProtoErrorKind::Malformed);
+        assert_eq!(
+            decode(&mut buf).unwrap_err().kind(),
+            ProtoErrorKind::Malformed
+        );
     }
 
     #[test]
@@ -479,7 +498,10 @@ mod tests {
         buf.put_u32_le(5);
         buf.put_u8(3);
         buf.put_u32_le(u32::MAX);
-        assert_eq!(decode(&mut buf).unwrap_err().kind(), ProtoErrorKind::LimitExceeded);
+        assert_eq!(
+            decode(&mut buf).unwrap_err().kind(),
+            ProtoErrorKind::LimitExceeded
+        );
     }
 
     #[test]
@@ -488,7 +510,13 @@ mod tests {
         let id = ChunkId([3; 32]);
         let mut full = BytesMut::new();
         encode(
-            &Message::Chunk { index: 9, id, codec: Codec::Raw, raw_len: 11, data: data.clone() },
+            &Message::Chunk {
+                index: 9,
+                id,
+                codec: Codec::Raw,
+                raw_len: 11,
+                data: data.clone(),
+            },
             &mut full,
         );
         let mut split = BytesMut::new();

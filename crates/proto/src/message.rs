@@ -8,7 +8,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 
 /// Picks the version both sides speak: the highest of `[min, max]` this build knows.
 pub fn negotiate_version(min: u16, max: u16) -> Option<u16> {
-    (min..=max).contains(&PROTOCOL_VERSION).then_some(PROTOCOL_VERSION)
+    (min..=max)
+        .contains(&PROTOCOL_VERSION)
+        .then_some(PROTOCOL_VERSION)
 }
 
 /// How a chunk's bytes travel in a [`Message::Chunk`].

@@ -66,7 +66,10 @@ impl Drop for SourceSlot {
 impl Shared {
     /// Takes the source's session slot, or `None` if another session holds it.
     pub(crate) fn claim_source(self: &Arc<Self>, source: &SourceId) -> Option<SourceSlot> {
-        let mut active = self.active_sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut active = self
+            .active_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         active.insert(source.clone()).then(|| SourceSlot {
             shared: Arc::clone(self),
             source: source.clone(),
@@ -83,7 +86,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("listener", &self.listener).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
     }
 }
 
@@ -94,7 +99,8 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
             .await
             .expect("store open task does not panic")?;
-        let tls = blockrep_pki::server_config(&config.ca_path, &config.cert_path, &config.key_path)?;
+        let tls =
+            blockrep_pki::server_config(&config.ca_path, &config.cert_path, &config.key_path)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -151,7 +157,10 @@ impl Server {
                 warn!(%peer, limit = self.shared.config.connections_max, "connection refused: limit reached");
                 continue;
             };
-            self.shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .connections_total
+                .fetch_add(1, Ordering::Relaxed);
             let shared = Arc::clone(&self.shared);
             let acceptor = self.acceptor.clone();
             tokio::spawn(async move {
@@ -163,18 +172,30 @@ impl Server {
     }
 }
 
-async fn handle_connection(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
+async fn handle_connection(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
     let _ = tcp.set_nodelay(true);
-    let handshake = tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await;
+    let handshake =
+        tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await;
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            shared.stats.handshake_failures_total.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .handshake_failures_total
+                .fetch_add(1, Ordering::Relaxed);
             warn!(%peer, reason = %e, "TLS handshake rejected");
             return;
         }
         Err(_) => {
-            shared.stats.handshake_failures_total.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .handshake_failures_total
+                .fetch_add(1, Ordering::Relaxed);
             warn!(%peer, reason = "timeout", "TLS handshake rejected");
             return;
         }
@@ -190,11 +211,25 @@ async fn handle_connection(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpS
     let source = match identity {
         Ok(Identity::Source(source)) => source,
         Ok(Identity::Admin) => {
-            reject(&shared, &mut connection, peer, ErrorCode::Unauthorized, "the admin certificate cannot replicate a source".into()).await;
+            reject(
+                &shared,
+                &mut connection,
+                peer,
+                ErrorCode::Unauthorized,
+                "the admin certificate cannot replicate a source".into(),
+            )
+            .await;
             return;
         }
         Err(reason) => {
-            reject(&shared, &mut connection, peer, ErrorCode::Unauthorized, reason).await;
+            reject(
+                &shared,
+                &mut connection,
+                peer,
+                ErrorCode::Unauthorized,
+                reason,
+            )
+            .await;
             return;
         }
     };
@@ -210,7 +245,12 @@ pub(crate) async fn reject<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    shared.stats.sessions_rejected_total.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .sessions_rejected_total
+        .fetch_add(1, Ordering::Relaxed);
     warn!(%peer, %code, reason = %message, "session rejected");
-    connection.close_with_error(Message::Error { code, message }).await;
+    connection
+        .close_with_error(Message::Error { code, message })
+        .await;
 }

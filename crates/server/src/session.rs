@@ -93,7 +93,8 @@ impl Replica {
             page_ids[page_index] = page.id();
             pages.push(page);
         }
-        let root = Root::from_page_ids(self.geometry, page_ids).expect("page count follows geometry");
+        let root =
+            Root::from_page_ids(self.geometry, page_ids).expect("page count follows geometry");
         (root, pages)
     }
 }
@@ -115,7 +116,12 @@ pub(crate) struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub(crate) fn new(shared: Arc<Shared>, connection: Connection<S>, source: SourceId, peer: SocketAddr) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        connection: Connection<S>,
+        source: SourceId,
+        peer: SocketAddr,
+    ) -> Self {
         Self {
             shared,
             connection,
@@ -134,7 +140,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Outcome::Reject(r) => {
                 let message = format!("source {}: {}", self.source, r.message);
-                reject(&self.shared, &mut self.connection, self.peer, r.code, message).await;
+                reject(
+                    &self.shared,
+                    &mut self.connection,
+                    self.peer,
+                    r.code,
+                    message,
+                )
+                .await;
             }
         }
     }
@@ -163,7 +176,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             chunk_size_bytes,
         } = hello
         else {
-            return Err(Reject::new(ErrorCode::UnexpectedMessage, format!("expected Hello, got {}", hello.name())).into());
+            return Err(Reject::new(
+                ErrorCode::UnexpectedMessage,
+                format!("expected Hello, got {}", hello.name()),
+            )
+            .into());
         };
         let version = negotiate_version(version_min, version_max).ok_or_else(|| {
             Reject::new(
@@ -174,14 +191,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if source != self.source {
             return Err(Reject::new(
                 ErrorCode::SourceMismatch,
-                format!("agent claims source {source:?} but its certificate is for {:?}", self.source.as_str()),
+                format!(
+                    "agent claims source {source:?} but its certificate is for {:?}",
+                    self.source.as_str()
+                ),
             )
             .into());
         }
         let geometry = Geometry::new(disk_size_bytes, chunk_size_bytes)
             .map_err(|e| Reject::new(ErrorCode::BadFrame, format!("invalid geometry: {e}")))?;
         let Some(_slot) = self.shared.claim_source(&self.source) else {
-            return Err(Reject::new(ErrorCode::Busy, "another session for this source is active; one at a time").into());
+            return Err(Reject::new(
+                ErrorCode::Busy,
+                "another session for this source is active; one at a time",
+            )
+            .into());
         };
         let mut replica = self.load_replica(geometry).await?;
         let head_root = if replica.head_epoch == 0 {
@@ -212,7 +236,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(None);
             };
             let root = store.read_root(&head.root)?;
-            let ids = if root.geometry() == geometry { store.chunk_ids(&root)? } else { Vec::new() };
+            let ids = if root.geometry() == geometry {
+                store.chunk_ids(&root)?
+            } else {
+                Vec::new()
+            };
             Ok(Some((head, root, ids)))
         })
         .await
@@ -257,19 +285,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let idle = self.shared.config.idle_timeout;
         loop {
-            match self.read(idle).await? {
+            let message = match verifier.as_mut() {
+                // A verifier only finishes early on failure: report that at once.
+                Some(running) => tokio::select! {
+                    message = self.read(idle) => message?,
+                    reject = running.failed() => return Err(reject.into()),
+                },
+                None => self.read(idle).await?,
+            };
+            match message {
                 Message::GetPages { indices } => {
                     if !replica.dirty_pages.is_empty() {
-                        return Err(Reject::new(ErrorCode::UnexpectedMessage, "GetPages after chunks in the same epoch").into());
+                        return Err(Reject::new(
+                            ErrorCode::UnexpectedMessage,
+                            "GetPages after chunks in the same epoch",
+                        )
+                        .into());
                     }
                     self.send_pages(replica, &indices).await?;
                 }
-                Message::Chunk { index, id, codec, raw_len, data } => {
+                Message::Chunk {
+                    index,
+                    id,
+                    codec,
+                    raw_len,
+                    data,
+                } => {
                     let expected_len = replica.geometry.chunk_len(index).ok_or_else(|| {
-                        Reject::new(ErrorCode::BadChunk, format!("chunk {index} is beyond the end of the disk"))
+                        Reject::new(
+                            ErrorCode::BadChunk,
+                            format!("chunk {index} is beyond the end of the disk"),
+                        )
                     })?;
                     if raw_len != expected_len {
-                        return Err(Reject::new(ErrorCode::BadChunk, format!("chunk {index} has length {raw_len}, expected {expected_len}")).into());
+                        return Err(Reject::new(
+                            ErrorCode::BadChunk,
+                            format!("chunk {index} has length {raw_len}, expected {expected_len}"),
+                        )
+                        .into());
                     }
                     let id = match codec {
                         Codec::Zero => {
@@ -284,8 +337,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             id
                         }
                         Codec::Raw | Codec::Zstd => {
-                            let verifier = verifier.get_or_insert_with(|| Verifier::spawn(Arc::clone(&self.shared.store)));
-                            verifier.submit(Job { index, id, codec, raw_len, data }).await?;
+                            let verifier = verifier.get_or_insert_with(|| {
+                                Verifier::spawn(Arc::clone(&self.shared.store))
+                            });
+                            verifier
+                                .submit(Job {
+                                    index,
+                                    id,
+                                    codec,
+                                    raw_len,
+                                    data,
+                                })
+                                .await?;
                             counters.chunks_received += 1;
                             id
                         }
@@ -293,11 +356,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     replica.ids[index as usize] = id;
                     replica.dirty_pages.insert(index as usize / CHUNKS_PER_PAGE);
                 }
-                Message::Commit { epoch, root, scan_started_unix_ms, last: _ } => {
-                    return self.commit(replica, verifier, counters, epoch, root, scan_started_unix_ms).await;
+                Message::Commit {
+                    epoch,
+                    root,
+                    scan_started_unix_ms,
+                    last: _,
+                } => {
+                    return self
+                        .commit(
+                            replica,
+                            verifier,
+                            counters,
+                            epoch,
+                            root,
+                            scan_started_unix_ms,
+                        )
+                        .await;
                 }
                 other => {
-                    return Err(Reject::new(ErrorCode::UnexpectedMessage, format!("unexpected {} during an epoch", other.name())).into());
+                    return Err(Reject::new(
+                        ErrorCode::UnexpectedMessage,
+                        format!("unexpected {} during an epoch", other.name()),
+                    )
+                    .into());
                 }
             }
         }
@@ -307,14 +388,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for &index in indices {
             let page_index = index as usize;
             if page_index >= replica.page_ids.len() {
-                return Err(Reject::new(ErrorCode::BadFrame, format!("page {index} does not exist")).into());
+                return Err(Reject::new(
+                    ErrorCode::BadFrame,
+                    format!("page {index} does not exist"),
+                )
+                .into());
             }
             let start = page_index * CHUNKS_PER_PAGE;
             let end = (start + CHUNKS_PER_PAGE).min(replica.ids.len());
             let ids = Page::new(replica.ids[start..end].to_vec()).encode();
-            self.connection.queue(&Message::Page { index, ids: Bytes::from(ids) });
+            self.connection.queue(&Message::Page {
+                index,
+                ids: Bytes::from(ids),
+            });
         }
-        self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))
+        self.connection
+            .flush()
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))
     }
 
     async fn commit(
@@ -334,7 +425,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if epoch != replica.head_epoch + 1 {
             return Err(Reject::new(
                 ErrorCode::EpochMismatch,
-                format!("commit of epoch {epoch}, but the replica's head is epoch {}", replica.head_epoch),
+                format!(
+                    "commit of epoch {epoch}, but the replica's head is epoch {}",
+                    replica.head_epoch
+                ),
             )
             .into());
         }
@@ -349,13 +443,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let store = Arc::clone(&self.shared.store);
         let source = self.source.clone();
-        let stats = tokio::task::spawn_blocking(move || store.commit(&source, epoch, &root, &pages, scan_started_unix_ms))
-            .await
-            .map_err(internal)?
-            .map_err(|e| match e.kind() {
-                blockrep_store::ErrorKind::EpochMismatch => Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string())),
-                _ => internal(format!("commit failed, nothing committed: {e}")),
-            })?;
+        let stats = tokio::task::spawn_blocking(move || {
+            store.commit(&source, epoch, &root, &pages, scan_started_unix_ms)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| match e.kind() {
+            blockrep_store::ErrorKind::EpochMismatch => {
+                Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
+            }
+            _ => internal(format!("commit failed, nothing committed: {e}")),
+        })?;
         replica.head_epoch = epoch;
         replica.page_ids = {
             let (root, _) = replica.build_root();
@@ -364,8 +462,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         replica.dirty_pages.clear();
         let bytes_received = self.connection.bytes_read - counters.bytes_at_start;
         let server_stats = &self.shared.stats;
-        server_stats.epochs_committed_total.fetch_add(1, Ordering::Relaxed);
-        server_stats.chunks_received_total.fetch_add(counters.chunks_received, Ordering::Relaxed);
+        server_stats
+            .epochs_committed_total
+            .fetch_add(1, Ordering::Relaxed);
+        server_stats
+            .chunks_received_total
+            .fetch_add(counters.chunks_received, Ordering::Relaxed);
         info!(
             source = %self.source, epoch, root = %root_id,
             chunks_received = counters.chunks_received, zero_chunks = counters.zero_chunks,

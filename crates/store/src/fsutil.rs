@@ -25,7 +25,8 @@ pub(crate) fn publish_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         file.sync_all()
     };
     write().map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))?;
+    fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))?;
     sync_dir(dir)
 }
 

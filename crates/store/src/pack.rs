@@ -93,8 +93,7 @@ impl RecordHeader {
         }
         let stored_len = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
         let raw_len = u32::from_le_bytes(bytes[12..16].try_into().ok()?);
-        if stored_len > RECORD_STORED_MAX || raw_len > RECORD_STORED_MAX.max(CHUNK_SIZE_MAX_BYTES)
-        {
+        if stored_len > RECORD_STORED_MAX || raw_len > RECORD_STORED_MAX.max(CHUNK_SIZE_MAX_BYTES) {
             return None;
         }
         let mut id = [0u8; 32];

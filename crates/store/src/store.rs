@@ -37,6 +37,19 @@ struct Inner {
     index: HashMap<ChunkId, Location>,
     active: Option<ActivePack>,
     last_pack: u32,
+    /// Bytes appended since the last background flush was started.
+    unflushed_bytes: u64,
+    /// fsyncs running in the background (sealed packs, early flushes of the
+    /// active pack). `sync` waits for all of them.
+    background_syncs: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Appended bytes after which a background fdatasync of the active pack starts,
+/// so the fsync at commit finds little left to write.
+const FLUSH_EVERY_BYTES: u64 = 64 * 1024 * 1024;
+
+fn spawn_sync(file: Arc<File>) -> std::thread::JoinHandle<std::io::Result<()>> {
+    std::thread::spawn(move || file.sync_data())
 }
 
 /// What a commit wrote.
@@ -67,6 +80,10 @@ pub struct Store {
     read_only: bool,
     inner: Mutex<Inner>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// Set once an fsync has failed. Linux may forget a write-back error after
+    /// reporting it once, so a later fsync "succeeding" proves nothing: refuse to
+    /// commit until the store is reopened (which rescans what is really on disk).
+    sync_failed: std::sync::atomic::AtomicBool,
     /// Serializes commits per source (head read-check-write).
     commit_locks: Mutex<HashMap<SourceId, Arc<Mutex<()>>>>,
 }
@@ -74,7 +91,9 @@ pub struct Store {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a store lock is a bug in this crate; the data it guards
     // (an index of durable records) stays consistent, so carry on.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Milliseconds since the Unix epoch.
@@ -88,6 +107,8 @@ impl Store {
     /// Opens (creating if needed) the store in `dir` for writing. A torn tail of the
     /// last pack, left by a crash, is cut off.
     pub fn open(dir: &Path) -> Result<Self, Error> {
+        let dir = &std::path::absolute(dir)
+            .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
         create_dir_durable(&dir.join("packs"))?;
         create_dir_durable(&dir.join("sources"))?;
         Self::open_inner(dir, false)
@@ -111,6 +132,7 @@ impl Store {
             read_only,
             inner: Mutex::new(Inner::default()),
             readers: Mutex::new(HashMap::new()),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             commit_locks: Mutex::new(HashMap::new()),
         };
         store.load_index()?;
@@ -123,11 +145,12 @@ impl Store {
 
     fn pack_numbers(&self) -> Result<Vec<u32>, Error> {
         let dir = self.packs_dir();
-        let entries =
-            fs::read_dir(&dir).map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+        let entries = fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
         let mut numbers = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+            let entry =
+                entry.map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
             if let Some(number) = entry.file_name().to_str().and_then(parse_pack_file_name) {
                 numbers.push(number);
             }
@@ -218,9 +241,20 @@ impl Store {
                     .file
                     .write_all_at(stored, offset + RECORD_HEADER_LEN as u64)
             })
-            .map_err(|e| Error::io(format!("cannot append to {}", path_for_error().display()), e))?;
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot append to {}", path_for_error().display()),
+                    e,
+                )
+            })?;
         active.len_bytes = offset + RECORD_HEADER_LEN as u64 + stored.len() as u64;
         let pack = active.number;
+        let file = Arc::clone(&active.file);
+        inner.unflushed_bytes += (RECORD_HEADER_LEN + stored.len()) as u64;
+        if inner.unflushed_bytes >= FLUSH_EVERY_BYTES {
+            inner.unflushed_bytes = 0;
+            inner.background_syncs.push(spawn_sync(file));
+        }
         inner.index.insert(
             id,
             Location {
@@ -240,12 +274,9 @@ impl Store {
             .is_some_and(|a| a.len_bytes >= PACK_SIZE_MAX_BYTES);
         if full {
             let sealed = inner.active.take().expect("checked above");
-            // A sealed pack is never written again; make it durable now so that
-            // `sync` only ever needs to flush the active pack.
-            sealed
-                .file
-                .sync_data()
-                .map_err(|e| Error::io("cannot fsync sealed pack", e))?;
+            // A sealed pack is never written again; its fsync runs in the
+            // background, and `sync` waits for it before any commit.
+            inner.background_syncs.push(spawn_sync(sealed.file));
         }
         if inner.active.is_none() {
             inner.active = Some(self.open_active(inner.last_pack)?);
@@ -292,12 +323,37 @@ impl Store {
 
     /// Makes every blob inserted so far durable.
     pub fn sync(&self) -> Result<(), Error> {
-        let file = lock(&self.inner).active.as_ref().map(|a| Arc::clone(&a.file));
+        use std::sync::atomic::Ordering;
+        let (file, pending) = {
+            let mut inner = lock(&self.inner);
+            let file = inner.active.as_ref().map(|a| Arc::clone(&a.file));
+            (file, std::mem::take(&mut inner.background_syncs))
+        };
+        // fsyncs run outside the lock: other sessions keep appending meanwhile,
+        // and everything appended before this call is covered.
+        let mut result = Ok(());
+        for handle in pending {
+            let outcome = handle
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
+            if let Err(e) = outcome {
+                result = Err(e);
+            }
+        }
         if let Some(file) = file {
-            // fsync outside the lock: other sessions keep appending meanwhile, and
-            // everything appended before this call is covered.
-            file.sync_data()
-                .map_err(|e| Error::io("cannot fsync the active pack", e))?;
+            if let Err(e) = file.sync_data() {
+                result = Err(e);
+            }
+        }
+        if let Err(e) = result {
+            self.sync_failed.store(true, Ordering::SeqCst);
+            return Err(Error::io("cannot fsync pack data", e));
+        }
+        if self.sync_failed.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an earlier fsync failed; reopen the store (restart the server) to recover",
+            ));
         }
         Ok(())
     }
@@ -317,7 +373,8 @@ impl Store {
         }
         let path = self.packs_dir().join(pack_file_name(pack));
         let file = Arc::new(
-            File::open(&path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?,
+            File::open(&path)
+                .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?,
         );
         readers.insert(pack, Arc::clone(&file));
         Ok(file)
@@ -334,7 +391,10 @@ impl Store {
                 return Ok(location);
             }
         }
-        Err(Error::new(ErrorKind::Missing, format!("blob {id} is not in the store")))
+        Err(Error::new(
+            ErrorKind::Missing,
+            format!("blob {id} is not in the store"),
+        ))
     }
 
     /// Reads a blob, decodes it and checks that its blake3 equals `id`.
@@ -377,14 +437,17 @@ impl Store {
     /// Sources that have a committed head.
     pub fn sources(&self) -> Result<Vec<SourceId>, Error> {
         let dir = self.dir.join("sources");
-        let entries =
-            fs::read_dir(&dir).map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+        let entries = fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
         let mut out = Vec::new();
         for entry in entries.flatten() {
-            if let Some(source) = entry.file_name().to_str().and_then(|n| SourceId::new(n).ok()) {
-                if self.head(&source)?.is_some() {
-                    out.push(source);
-                }
+            if let Some(source) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| SourceId::new(n).ok())
+                && self.head(&source)?.is_some()
+            {
+                out.push(source);
             }
         }
         out.sort();
@@ -405,7 +468,8 @@ impl Store {
             return Ok(Page::new(vec![ChunkId::ZERO; len]));
         }
         let bytes = self.read_blob(&id)?;
-        Page::decode(&bytes, len).map_err(|e| Error::new(ErrorKind::Corrupt, format!("page {id}: {e}")))
+        Page::decode(&bytes, len)
+            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("page {id}: {e}")))
     }
 
     /// All chunk ids of `root`, in disk order.
@@ -436,7 +500,9 @@ impl Store {
         if epoch != previous + 1 {
             return Err(Error::new(
                 ErrorKind::EpochMismatch,
-                format!("source {source}: commit of epoch {epoch} does not follow head epoch {previous}"),
+                format!(
+                    "source {source}: commit of epoch {epoch} does not follow head epoch {previous}"
+                ),
             ));
         }
         let mut pages_stored = 0;
@@ -446,7 +512,13 @@ impl Store {
             }
             let bytes = page.encode();
             let id = page.id();
-            if self.insert(BlobKind::Page, id, StoredCodec::Raw, bytes.len() as u32, &bytes)? {
+            if self.insert(
+                BlobKind::Page,
+                id,
+                StoredCodec::Raw,
+                bytes.len() as u32,
+                &bytes,
+            )? {
                 pages_stored += 1;
             }
         }
@@ -460,7 +532,13 @@ impl Store {
         }
         let root_bytes = root.encode();
         let root_id = root.id();
-        self.insert(BlobKind::Root, root_id, StoredCodec::Raw, root_bytes.len() as u32, &root_bytes)?;
+        self.insert(
+            BlobKind::Root,
+            root_id,
+            StoredCodec::Raw,
+            root_bytes.len() as u32,
+            &root_bytes,
+        )?;
         // Blobs first, durably; only then the head that names them.
         self.sync()?;
         let head = Head {
@@ -479,7 +557,10 @@ impl Store {
     /// zero chunks are left as holes. The image is fsynced before returning.
     pub fn export(&self, source: &SourceId, out: &Path) -> Result<ExportStats, Error> {
         let head = self.head(source)?.ok_or_else(|| {
-            Error::new(ErrorKind::Missing, format!("source {source} has no committed replica"))
+            Error::new(
+                ErrorKind::Missing,
+                format!("source {source} has no committed replica"),
+            )
         })?;
         let root = self.read_root(&head.root)?;
         let geometry = root.geometry();
@@ -550,17 +631,32 @@ mod tests {
             if !id.is_zero() {
                 let range = geometry.chunk_range(index as u64).unwrap();
                 store
-                    .insert(BlobKind::Chunk, *id, StoredCodec::Raw, range.len() as u32, &disk[range])
+                    .insert(
+                        BlobKind::Chunk,
+                        *id,
+                        StoredCodec::Raw,
+                        range.len() as u32,
+                        &disk[range],
+                    )
                     .unwrap();
             }
         }
         let (root, pages) = Root::build(geometry, &ids);
-        store.commit(&source(), epoch, &root, &pages, 1).unwrap().head
+        store
+            .commit(&source(), epoch, &root, &pages, 1)
+            .unwrap()
+            .head
     }
 
     fn sample_disk(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
-            .map(|i| if (i / 4096) % 3 == 0 { 0 } else { (i as u8).wrapping_mul(seed) ^ (i >> 12) as u8 })
+            .map(|i| {
+                if (i / 4096) % 3 == 0 {
+                    0
+                } else {
+                    (i as u8).wrapping_mul(seed) ^ (i >> 12) as u8
+                }
+            })
             .collect()
     }
 
@@ -591,7 +687,9 @@ mod tests {
         commit_disk(&store, &disk, geometry, 1);
         let (root, pages) = Root::build(geometry, &scan_buffer(&disk, geometry));
         for wrong in [1, 3] {
-            let err = store.commit(&source(), wrong, &root, &pages, 0).unwrap_err();
+            let err = store
+                .commit(&source(), wrong, &root, &pages, 0)
+                .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::EpochMismatch);
         }
         assert_eq!(store.head(&source()).unwrap().unwrap().epoch, 1);
@@ -603,8 +701,16 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let data = b"chunk bytes";
         let id = ChunkId::from(blake3::hash(data));
-        assert!(store.insert(BlobKind::Chunk, id, StoredCodec::Raw, 11, data).unwrap());
-        assert!(!store.insert(BlobKind::Chunk, id, StoredCodec::Raw, 11, data).unwrap());
+        assert!(
+            store
+                .insert(BlobKind::Chunk, id, StoredCodec::Raw, 11, data)
+                .unwrap()
+        );
+        assert!(
+            !store
+                .insert(BlobKind::Chunk, id, StoredCodec::Raw, 11, data)
+                .unwrap()
+        );
         assert_eq!(store.read_blob(&id).unwrap(), data);
     }
 
@@ -619,7 +725,9 @@ mod tests {
             // An uncommitted blob, then a torn half-record, as a crash would leave.
             let extra = vec![0x5a; 4096];
             let id = ChunkId::from(blake3::hash(&extra));
-            store.insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, &extra).unwrap();
+            store
+                .insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, &extra)
+                .unwrap();
             head
         };
         let pack = dir.path().join("packs").join(pack_file_name(1));
@@ -650,7 +758,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let data = vec![0x42u8; 4096];
         let id = ChunkId::from(blake3::hash(&data));
-        store.insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, &data).unwrap();
+        store
+            .insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, &data)
+            .unwrap();
         store.sync().unwrap();
         let pack = dir.path().join("packs").join(pack_file_name(1));
         let file = OpenOptions::new().write(true).open(&pack).unwrap();
@@ -669,6 +779,10 @@ mod tests {
         let out = dir.path().join("out.raw");
         reader.export(&source(), &out).unwrap();
         assert_eq!(fs::read(&out).unwrap(), disk);
-        assert!(reader.insert(BlobKind::Chunk, ChunkId([1; 32]), StoredCodec::Raw, 1, b"x").is_err());
+        assert!(
+            reader
+                .insert(BlobKind::Chunk, ChunkId([1; 32]), StoredCodec::Raw, 1, b"x")
+                .is_err()
+        );
     }
 }

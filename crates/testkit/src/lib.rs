@@ -32,7 +32,8 @@ impl Pki {
     /// for each source in `sources`.
     pub fn new(sources: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        blockrep_pki::init_ca(dir.path(), &["localhost".into(), "127.0.0.1".into()], false).unwrap();
+        blockrep_pki::init_ca(dir.path(), &["localhost".into(), "127.0.0.1".into()], false)
+            .unwrap();
         for source in sources {
             blockrep_pki::issue_source(dir.path(), &SourceId::new(source).unwrap()).unwrap();
         }
@@ -56,7 +57,9 @@ impl Pki {
     /// Writes `stem.crt`/`stem.key`.
     pub fn issue_raw_uri(&self, stem: &str, uri: &str) {
         let ca_key = KeyPair::from_pem(&std::fs::read_to_string(self.key("ca")).unwrap()).unwrap();
-        let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(self.cert("ca")).unwrap(), ca_key).unwrap();
+        let issuer =
+            Issuer::from_ca_cert_pem(&std::fs::read_to_string(self.cert("ca")).unwrap(), ca_key)
+                .unwrap();
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -109,7 +112,12 @@ impl ServerProcess {
         let addr = line
             .trim()
             .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected server output {line:?}; log: {}", log.lock().unwrap()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected server output {line:?}; log: {}",
+                    log.lock().unwrap()
+                )
+            })
             .parse()
             .unwrap();
         std::thread::spawn(move || {
@@ -196,7 +204,11 @@ pub struct RawClient {
 
 impl RawClient {
     /// Connects with the given client certificate, or none.
-    pub async fn connect(addr: SocketAddr, ca: &Path, client: Option<(&Path, &Path)>) -> std::io::Result<Self> {
+    pub async fn connect(
+        addr: SocketAddr,
+        ca: &Path,
+        client: Option<(&Path, &Path)>,
+    ) -> std::io::Result<Self> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for cert in blockrep_pki::read_certs(ca).unwrap() {
@@ -208,7 +220,10 @@ impl RawClient {
             .with_root_certificates(roots);
         let config = match client {
             Some((cert, key)) => builder
-                .with_client_auth_cert(blockrep_pki::read_certs(cert).unwrap(), blockrep_pki::read_key(key).unwrap())
+                .with_client_auth_cert(
+                    blockrep_pki::read_certs(cert).unwrap(),
+                    blockrep_pki::read_key(key).unwrap(),
+                )
                 .unwrap(),
             None => builder.with_no_client_auth(),
         };
@@ -216,7 +231,10 @@ impl RawClient {
         let stream = TlsConnector::from(Arc::new(config))
             .connect("localhost".try_into().unwrap(), tcp)
             .await?;
-        Ok(Self { stream, buf: BytesMut::new() })
+        Ok(Self {
+            stream,
+            buf: BytesMut::new(),
+        })
     }
 
     pub async fn send(&mut self, message: &Message) -> std::io::Result<()> {
@@ -236,9 +254,10 @@ impl RawClient {
             if let Some(message) = decode(&mut self.buf).map_err(std::io::Error::other)? {
                 return Ok(Some(message));
             }
-            let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
-                .await
-                .map_err(|_| std::io::Error::other("timed out waiting for the server"))??;
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
+                    .await
+                    .map_err(|_| std::io::Error::other("timed out waiting for the server"))??;
             if read == 0 {
                 return Ok(None);
             }

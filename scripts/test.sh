@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what blockrep's tests need, then runs every check CI runs:
+# formatting, clippy with warnings denied, and the whole test suite (unit,
+# property and end-to-end tests against the real binary and real clients).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages of the external clients the tests drive.
+declare -A wanted=([qemu-img]=qemu-utils)
+missing=()
+for tool in "${!wanted[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")
+done
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# With this set, a test that needs an external client fails instead of skipping.
+export BLOCKREP_REQUIRE_TOOLS=1
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
