@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use blockrep_agent::{AgentConfig, Compression, EpochReport};
+use blockrep_agent::{AgentConfig, EpochReport};
 use blockrep_core::{DiskImage, Geometry, SourceId, scan_buffer};
 use clap::Args;
 
@@ -237,18 +237,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         let _ = stop_rx.await;
     }));
 
-    let agent = AgentConfig {
-        disk: disk.clone(),
-        server: addr.to_string(),
-        ca_path: tls.join("ca.crt"),
-        cert_path: tls.join("bench.crt"),
-        key_path: tls.join("bench.key"),
-        source: source.clone(),
-        chunk_size_bytes: chunk_size,
-        compression: Compression::Auto,
-        interval: Duration::from_secs(1),
-        backoff_max: Duration::from_secs(5),
-    };
+    let mut agent = AgentConfig::new(
+        disk.clone(),
+        addr.to_string(),
+        source.clone(),
+        tls.join("ca.crt"),
+        tls.join("bench.crt"),
+        tls.join("bench.key"),
+    );
+    agent.chunk_size_bytes = chunk_size;
 
     let image = DiskImage::open(&disk)?;
     let geometry = Geometry::new(image.size_bytes(), chunk_size)?;

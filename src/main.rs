@@ -4,6 +4,7 @@
 //! the exit code: 0 on success, 1 on failure, 2 on a usage error.
 #![forbid(unsafe_code)]
 
+mod admin_client;
 mod bench;
 mod units;
 
@@ -49,6 +50,8 @@ enum Command {
     Agent(AgentArgs),
     /// Write a source's committed replica to a sparse raw image.
     Export(ExportArgs),
+    /// Show every source's replication state, lag and backlog (admin API).
+    Status(StatusArgs),
     /// Measure replication end to end on a synthetic disk (real TLS on loopback).
     Bench(bench::BenchArgs),
 }
@@ -129,6 +132,26 @@ struct ServerArgs {
     /// Most connections open at once.
     #[arg(long, default_value_t = 1024)]
     connections_max: usize,
+    /// Address of the admin HTTP API (JSON under /v1/, /health). Keep it on
+    /// loopback unless it is otherwise protected.
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    admin_listen: SocketAddr,
+    /// A source whose replication lag exceeds this is `lagging`.
+    #[arg(long, default_value = "15m", value_parser = units::parse_duration)]
+    rpo_target: Duration,
+    /// A source with no agent contact for this long is `stalled`.
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
+    stall_after: Duration,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Address of the server's admin API.
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    admin: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +179,20 @@ struct AgentArgs {
     /// Compression of changed chunks.
     #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
     compress: CompressArg,
+    /// Cap on the sending rate, e.g. 100MiB/s, 800Mbit/s, unlimited.
+    #[arg(long, default_value = "unlimited", value_parser = blockrep_agent::parse_rate)]
+    max_rate: u64,
+    /// Settings file re-read on SIGHUP, so the rate changes without restarting
+    /// replication. Lines of `key = value`; known key: `max-rate`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A large epoch (e.g. the initial sync) commits an intermediate step after
+    /// this much data, so a crash loses at most one step.
+    #[arg(long, default_value = "1GiB", value_parser = units::parse_size)]
+    commit_every: u64,
+    /// ...or after this long, whichever comes first.
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+    commit_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -187,6 +224,7 @@ fn main() -> ExitCode {
         Command::Server(args) => runtime().and_then(|rt| rt.block_on(server(args))),
         Command::Agent(args) => runtime().and_then(|rt| rt.block_on(agent(args))),
         Command::Export(args) => export(args),
+        Command::Status(args) => runtime().and_then(|rt| rt.block_on(status(args))),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
     };
     match result {
@@ -268,9 +306,15 @@ fn cert(command: CertCommand) -> Result<()> {
 async fn server(args: ServerArgs) -> Result<()> {
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
     config.connections_max = args.connections_max;
+    config.admin_listen = Some(args.admin_listen);
+    config.rpo_target = args.rpo_target;
+    config.stall_after = args.stall_after;
     let server = blockrep_server::Server::bind(config).await?;
-    // Tests and scripts read this line to find an ephemeral port.
-    println!("listening on {}", server.local_addr()?);
+    // Tests and scripts read this line to find ephemeral ports.
+    let admin = server.admin_addr().map_or_else(|| "off".to_owned(), |a| a.to_string());
+    println!("listening on {} admin {admin}", server.local_addr()?);
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
     server.run(shutdown_signal()).await;
     Ok(())
 }
@@ -288,13 +332,25 @@ async fn shutdown_signal() {
 }
 
 pub(crate) fn print_epoch(report: &EpochReport) {
+    let idle = report.chunks_sent + report.zero_chunks_sent + report.ref_chunks_sent == 0;
+    if idle {
+        tracing::debug!(epoch = report.epoch, scan_ms = report.scan_duration.as_millis() as u64, "idle epoch: disk unchanged");
+        return;
+    }
+    tracing::info!(
+        epoch = report.epoch, root = %report.root, chunks_sent = report.chunks_sent,
+        zero_chunks_sent = report.zero_chunks_sent, ref_chunks_sent = report.ref_chunks_sent,
+        bytes_sent = report.bytes_sent, scan_ms = report.scan_duration.as_millis() as u64,
+        transfer_ms = report.transfer_duration.as_millis() as u64, "epoch committed"
+    );
     println!(
-        "epoch {} committed root={} chunks_sent={} zero_chunks_sent={} bytes_sent={} raw_bytes_sent={} \
-         server_chunks_received={} server_chunks_stored={} scan_ms={} transfer_ms={}",
+        "epoch {} committed root={} chunks_sent={} zero_chunks_sent={} ref_chunks_sent={} bytes_sent={} \
+         raw_bytes_sent={} server_chunks_received={} server_chunks_stored={} scan_ms={} transfer_ms={}",
         report.epoch,
         report.root,
         report.chunks_sent,
         report.zero_chunks_sent,
+        report.ref_chunks_sent,
         report.bytes_sent,
         report.raw_bytes_sent,
         report.server_chunks_received,
@@ -309,32 +365,65 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     let (ca_path, cert_path, key_path) = args.tls.resolve(&source)?;
     let chunk_size_bytes = u32::try_from(args.chunk_size).context("chunk size too large")?;
     blockrep_core::Geometry::new(0, chunk_size_bytes)?;
-    Ok(AgentConfig {
-        disk: args.disk.clone(),
-        server: args.to.clone(),
-        source,
-        ca_path,
-        cert_path,
-        key_path,
-        chunk_size_bytes,
-        compression: match args.compress {
-            CompressArg::Auto => Compression::Auto,
-            CompressArg::None => Compression::None,
-        },
-        interval: args.interval,
-        backoff_max: Duration::from_secs(30),
-    })
+    let mut config = AgentConfig::new(args.disk.clone(), args.to.clone(), source, ca_path, cert_path, key_path);
+    config.chunk_size_bytes = chunk_size_bytes;
+    config.compression = match args.compress {
+        CompressArg::Auto => Compression::Auto,
+        CompressArg::None => Compression::None,
+    };
+    config.interval = args.interval;
+    config.rate_limiter.set_rate(args.max_rate);
+    config.step_bytes = args.commit_every.max(1);
+    config.step_interval = args.commit_interval;
+    config.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if let Some(path) = &args.config {
+        apply_agent_settings(path, &config)?;
+    }
+    Ok(config)
+}
+
+/// Reads `key = value` settings (`#` comments) and applies those that may change
+/// while replication runs.
+fn apply_agent_settings(path: &Path, config: &AgentConfig) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .with_context(|| format!("{}:{}: expected key = value", path.display(), number + 1))?;
+        match key.trim() {
+            "max-rate" | "max_rate" => {
+                let rate = blockrep_agent::parse_rate(value.trim()).map_err(anyhow::Error::msg)?;
+                config.rate_limiter.set_rate(rate);
+                tracing::info!(bytes_per_second = rate, "max rate set");
+            }
+            other => bail!("{}:{}: unknown setting {other:?} (known: max-rate)", path.display(), number + 1),
+        }
+    }
+    Ok(())
 }
 
 async fn agent(args: AgentArgs) -> Result<()> {
     let config = agent_config(&args)?;
+    if let Some(path) = args.config.clone() {
+        let rate_config = config.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+            while hangups.recv().await.is_some() {
+                if let Err(error) = apply_agent_settings(&path, &rate_config) {
+                    tracing::warn!(error = %describe(&error), "settings not reloaded");
+                }
+            }
+        });
+    }
     if args.once {
         let reports = blockrep_agent::run_once(&config, print_epoch).await?;
         match reports.last() {
-            Some(last) => println!(
-                "replica equals disk: epoch {} root={}",
-                last.epoch, last.root
-            ),
+            Some(last) => println!("replica equals disk: epoch {} root={}", last.epoch, last.root),
             None => println!("replica already equals disk"),
         }
         return Ok(());
@@ -346,6 +435,51 @@ async fn agent(args: AgentArgs) -> Result<()> {
     });
     blockrep_agent::run(&config, stop_rx, print_epoch).await?;
     Ok(())
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let (code, body) = admin_client::request(&args.admin, "GET", "/v1/sources", None).await?;
+    if code != 200 {
+        bail!("admin API answered {code}: {body}");
+    }
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let sources: Vec<blockrep_server::SourceView> =
+        serde_json::from_str(&body).context("unexpected JSON from the admin API")?;
+    println!(
+        "{:<20} {:<13} {:>6} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "SOURCE", "STATE", "EPOCH", "LAG", "RPO", "PENDING", "RATE", "AGENT"
+    );
+    for s in &sources {
+        println!(
+            "{:<20} {:<13} {:>6} {:>10} {:>10} {:>12} {:>12} {:>9}",
+            s.source,
+            s.state.as_str(),
+            s.epoch,
+            s.lag_seconds.map_or_else(|| "-".to_owned(), |l| format!("{l:.1}s")),
+            format!("{:.0}s", s.rpo_target_seconds),
+            human_bytes(s.bytes_pending),
+            format!("{}/s", human_bytes(s.throughput_bytes_per_second as u64)),
+            if s.connected { "connected" } else { "away" },
+        );
+    }
+    if sources.is_empty() {
+        println!("(no sources yet)");
+    }
+    Ok(())
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes}B") } else { format!("{value:.1}{}", UNITS[unit]) }
 }
 
 fn export(args: ExportArgs) -> Result<()> {

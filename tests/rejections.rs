@@ -317,6 +317,7 @@ async fn chunk_that_does_not_hash_to_its_id_is_rejected() {
             epoch: 1,
             root: ChunkId([1; 32]),
             scan_started_unix_ms: 0,
+            complete: true,
             last: false,
         })
         .await

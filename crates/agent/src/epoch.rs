@@ -7,8 +7,14 @@ use blockrep_core::{
     CHUNKS_PER_PAGE, ChunkId, DiskImage, Geometry, Page, Root, changed_chunks, changed_pages,
     scan_buffer,
 };
-use blockrep_proto::{GET_PAGES_MAX, Message, PROTOCOL_VERSION};
+use std::collections::HashSet;
+
+use blockrep_proto::{Codec, GET_PAGES_MAX, Message, OFFER_IDS_MAX, PROTOCOL_VERSION, encode};
+use bytes::{Bytes, BytesMut};
 use tracing::debug;
+
+/// Epochs with less than this to send show no progress bar.
+const PROGRESS_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
 use crate::connection::Connection;
 use crate::send::spawn_encoders;
@@ -70,32 +76,28 @@ impl Session {
     /// Connects and says `Hello` for a disk of this geometry.
     pub(crate) async fn open(config: &AgentConfig, geometry: Geometry) -> Result<Self, Error> {
         let mut connection = Connection::connect(config).await?;
-        connection
-            .send(&Message::Hello {
-                version_min: PROTOCOL_VERSION,
-                version_max: PROTOCOL_VERSION,
-                source: config.source.clone(),
-                disk_size_bytes: geometry.disk_size_bytes(),
-                chunk_size_bytes: geometry.chunk_size_bytes(),
-            })
-            .await?;
-        connection.flush().await?;
-        let (head_epoch, head_root) = match connection.recv().await {
-            Ok(Message::Welcome {
-                head_epoch,
-                head_root,
-                ..
-            }) => (head_epoch, head_root),
-            Ok(other) => {
-                return Err(Error::Protocol(format!(
-                    "expected Welcome, got {}",
-                    other.name()
-                )));
-            }
-            Err(Error::Lost(reason)) => {
-                return Err(Error::Lost(format!(
-                    "server closed the session before Welcome ({reason}); a certificate the server \
-                     does not accept is reported this way"
+        let hello = Message::Hello {
+            version_min: PROTOCOL_VERSION,
+            version_max: PROTOCOL_VERSION,
+            source: config.source.clone(),
+            disk_size_bytes: geometry.disk_size_bytes(),
+            chunk_size_bytes: geometry.chunk_size_bytes(),
+        };
+        let welcome = async {
+            connection.send(&hello).await?;
+            connection.flush().await?;
+            connection.recv().await
+        };
+        let (head_epoch, head_root) = match welcome.await {
+            Ok(Message::Welcome { head_epoch, head_root, .. }) => (head_epoch, head_root),
+            Ok(other) => return Err(Error::Protocol(format!("expected Welcome, got {}", other.name()))),
+            // In TLS 1.3 the server checks the client certificate after the
+            // client's side of the handshake is done, so a rejection arrives here.
+            Err(Error::Lost(reason)) if reason.contains("alert") => {
+                return Err(Error::CertificateRejected(format!(
+                    "server closed the session before Welcome ({reason}); this is how a client \
+                     certificate the server does not accept is reported: check that it was \
+                     issued by the server's CA for this source and has not expired"
                 )));
             }
             Err(e) => return Err(e),
@@ -180,14 +182,61 @@ impl Session {
         Ok(changed)
     }
 
-    /// Sends what differs between `scan` and the head, and commits it. Returns
-    /// `None` when the replica already equals the scan and `commit_unchanged` is false.
-    pub(crate) async fn epoch(
-        &mut self,
-        config: &AgentConfig,
-        scan: Scan,
-        commit_unchanged: bool,
-    ) -> Result<Option<EpochReport>, Error> {
+    /// Asks which of `ids` the server already holds (pipelined `Offer`s, then
+    /// their `Have`s in order).
+    async fn offer(&mut self, ids: &[ChunkId]) -> Result<HashSet<ChunkId>, Error> {
+        let batches: Vec<&[ChunkId]> = ids.chunks(OFFER_IDS_MAX).collect();
+        for batch in &batches {
+            self.connection.send(&Message::Offer { ids: batch.to_vec() }).await?;
+        }
+        self.connection.flush().await?;
+        let mut held = HashSet::new();
+        for batch in &batches {
+            let Message::Have { bits } = self.connection.recv().await? else {
+                return Err(Error::Protocol("expected Have".into()));
+            };
+            if bits.len() != batch.len().div_ceil(8) {
+                return Err(Error::Protocol("Have does not match its Offer".into()));
+            }
+            for (i, id) in batch.iter().enumerate() {
+                if bits[i / 8] & (1 << (i % 8)) != 0 {
+                    held.insert(*id);
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Commits `view` (the head plus what was sent so far) and waits for the
+    /// server to make it durable.
+    async fn commit(&mut self, epoch: u64, view: &[ChunkId], scan_started_unix_ms: u64, complete: bool) -> Result<(ChunkId, u64, u64, u64), Error> {
+        let (root, _) = Root::build(self.geometry, view);
+        let root_id = root.id();
+        let bytes = self
+            .connection
+            .send(&Message::Commit { epoch, root: root_id, scan_started_unix_ms, complete, last: false })
+            .await?;
+        self.connection.flush().await?;
+        let Message::Committed { epoch: committed_epoch, root: committed, chunks_received, chunks_stored, .. } =
+            self.connection.recv().await?
+        else {
+            return Err(Error::Protocol("expected Committed".into()));
+        };
+        if committed_epoch != epoch || committed != root_id {
+            return Err(Error::Protocol(format!(
+                "server committed epoch {committed_epoch} root {committed}, expected epoch {epoch} root {root_id}"
+            )));
+        }
+        self.head_epoch = epoch;
+        self.head_ids = Some(view.to_vec());
+        self.head_root = Some(root);
+        Ok((committed, chunks_received, chunks_stored, bytes))
+    }
+
+    /// Sends what differs between `scan` and the head, and commits it (in steps
+    /// when there is much to send). Returns `None` when the replica already equals
+    /// the scan and `commit_unchanged` is false.
+    pub(crate) async fn epoch(&mut self, config: &AgentConfig, scan: Scan, commit_unchanged: bool) -> Result<Option<EpochReport>, Error> {
         if scan.geometry != self.geometry {
             return Err(Error::DiskChanged(format!(
                 "{} is now {} bytes, the replica has {}: a resized disk needs a new source id",
@@ -201,12 +250,16 @@ impl Session {
         if changed.is_empty() && !commit_unchanged && self.head_root.is_some() {
             return Ok(None);
         }
-        let mut ids = scan.ids;
+        let bytes_pending: u64 = changed.iter().filter_map(|&i| self.geometry.chunk_len(i)).map(u64::from).sum();
+        self.connection
+            .send(&Message::Backlog { scan_started_unix_ms: scan.started_unix_ms, chunks_pending: changed.len() as u64, bytes_pending })
+            .await?;
         let mut report = EpochReport {
-            epoch: self.head_epoch + 1,
+            epoch: self.head_epoch,
             root: ChunkId::ZERO,
             chunks_sent: 0,
             zero_chunks_sent: 0,
+            ref_chunks_sent: 0,
             bytes_sent: 0,
             raw_bytes_sent: 0,
             server_chunks_received: 0,
@@ -214,59 +267,105 @@ impl Session {
             scan_duration: scan.duration,
             transfer_duration: Duration::ZERO,
         };
-        debug!(epoch = report.epoch, changed = changed.len(), "sending");
-        let mut frames = spawn_encoders(
-            Arc::clone(&scan.disk),
-            self.geometry,
-            Arc::new(changed),
-            config.compression,
-        );
+        if changed.is_empty() && self.head_root.is_some() {
+            // Idle: the server acknowledges without writing; the epoch stays.
+            let view = self.head_ids.clone().unwrap_or_default();
+            let (root, ..) = self.commit(self.head_epoch, &view, scan.started_unix_ms, true).await?;
+            report.root = root;
+            report.transfer_duration = transfer_started.elapsed();
+            return Ok(Some(report));
+        }
+
+        // Chunks the server already holds travel as references, without being read.
+        let offered: Vec<ChunkId> = {
+            let mut seen = HashSet::new();
+            changed.iter().map(|&i| scan.ids[i as usize]).filter(|id| !id.is_zero() && seen.insert(*id)).collect()
+        };
+        let held = if offered.is_empty() { HashSet::new() } else { self.offer(&offered).await? };
+        let mut view = self.head_ids.clone().expect("head ids are known after the diff");
+        let mut to_encode = Vec::with_capacity(changed.len());
+        let mut scratch = BytesMut::new();
+        for &index in &changed {
+            let id = scan.ids[index as usize];
+            if !id.is_zero() && held.contains(&id) {
+                let raw_len = self.geometry.chunk_len(index).expect("changed chunks lie on the disk");
+                scratch.clear();
+                encode(&Message::Chunk { index, id, codec: Codec::Ref, raw_len, data: Bytes::new() }, &mut scratch);
+                self.connection.write_raw(&scratch).await?;
+                report.bytes_sent += scratch.len() as u64;
+                report.ref_chunks_sent += 1;
+                view[index as usize] = id;
+            } else {
+                to_encode.push(index);
+            }
+        }
+        debug!(changed = changed.len(), references = report.ref_chunks_sent, "sending");
+        let progress = progress_bar(config, bytes_pending);
+        let mut frames = spawn_encoders(Arc::clone(&scan.disk), self.geometry, Arc::new(to_encode), config.compression);
+        let mut sent_ids: HashSet<ChunkId> = HashSet::new();
+        let mut step_bytes = 0u64;
+        let mut step_started = Instant::now();
+        let mut stored = (0u64, 0u64);
         while let Some(encoded) = frames.recv().await {
-            ids[encoded.index as usize] = encoded.id;
-            if encoded.id.is_zero() {
+            view[encoded.index as usize] = encoded.id;
+            let frame = if encoded.id.is_zero() {
                 report.zero_chunks_sent += 1;
+                encoded.frame
+            } else if !sent_ids.insert(encoded.id) {
+                // A duplicate of a chunk sent earlier in this epoch: a reference does.
+                report.ref_chunks_sent += 1;
+                scratch.clear();
+                let raw_len = self.geometry.chunk_len(encoded.index).expect("on the disk");
+                encode(&Message::Chunk { index: encoded.index, id: encoded.id, codec: Codec::Ref, raw_len, data: Bytes::new() }, &mut scratch);
+                scratch.split().freeze()
             } else {
                 report.chunks_sent += 1;
                 report.raw_bytes_sent += encoded.raw_len;
+                encoded.frame
+            };
+            config.rate_limiter.acquire(frame.len() as u64).await;
+            report.bytes_sent += frame.len() as u64;
+            step_bytes += frame.len() as u64;
+            self.connection.write_raw(&frame).await?;
+            if let Some(bar) = &progress {
+                bar.inc(u64::from(self.geometry.chunk_len(encoded.index).unwrap_or(0)));
             }
-            report.bytes_sent += encoded.frame.len() as u64;
-            self.connection.write_raw(&encoded.frame).await?;
+            if step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval {
+                // An intermediate commit of a large epoch: a crash loses one step.
+                let (_, received, new, bytes) = self.commit(self.head_epoch + 1, &view, scan.started_unix_ms, false).await?;
+                report.bytes_sent += bytes;
+                stored.0 += received;
+                stored.1 += new;
+                step_bytes = 0;
+                step_started = Instant::now();
+            }
         }
-        let (root, _) = Root::build(self.geometry, &ids);
-        let root_id = root.id();
-        report.bytes_sent += self
-            .connection
-            .send(&Message::Commit {
-                epoch: report.epoch,
-                root: root_id,
-                scan_started_unix_ms: scan.started_unix_ms,
-                last: false,
-            })
-            .await?;
-        self.connection.flush().await?;
-        let Message::Committed {
-            epoch,
-            root: committed,
-            chunks_received,
-            chunks_stored,
-            ..
-        } = self.connection.recv().await?
-        else {
-            return Err(Error::Protocol("expected Committed".into()));
-        };
-        if epoch != report.epoch || committed != root_id {
-            return Err(Error::Protocol(format!(
-                "server committed epoch {epoch} root {committed}, expected epoch {} root {root_id}",
-                report.epoch
-            )));
+        if let Some(bar) = progress {
+            bar.finish_and_clear();
         }
-        self.head_epoch = epoch;
-        self.head_ids = Some(ids);
-        self.head_root = Some(root);
-        report.root = committed;
-        report.server_chunks_received = chunks_received;
-        report.server_chunks_stored = chunks_stored;
+        let (root, received, new, bytes) = self.commit(self.head_epoch + 1, &view, scan.started_unix_ms, true).await?;
+        report.bytes_sent += bytes;
+        report.epoch = self.head_epoch;
+        report.root = root;
+        report.server_chunks_received = stored.0 + received;
+        report.server_chunks_stored = stored.1 + new;
         report.transfer_duration = transfer_started.elapsed();
         Ok(Some(report))
     }
+}
+
+fn progress_bar(config: &AgentConfig, bytes: u64) -> Option<indicatif::ProgressBar> {
+    if !config.progress || bytes < PROGRESS_MIN_BYTES {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(bytes);
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    )
+    .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("replicating {}", config.source));
+    Some(bar)
 }

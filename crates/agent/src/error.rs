@@ -27,6 +27,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The server refused the TLS session (e.g. the client certificate).
+    #[error("{0}")]
+    CertificateRejected(String),
     /// The server ended the session with a reason.
     #[error("server refused: {code}: {message}")]
     Refused { code: ErrorCode, message: String },

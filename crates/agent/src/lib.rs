@@ -11,15 +11,18 @@
 mod connection;
 mod epoch;
 mod error;
+mod rate;
 mod run;
 mod send;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use blockrep_core::{ChunkId, SourceId};
 
 pub use error::Error;
+pub use rate::{RateLimiter, parse_rate};
 pub use run::{run, run_once};
 
 /// When chunks are compressed before sending.
@@ -57,6 +60,36 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// Longest wait between reconnection attempts.
     pub backoff_max: Duration,
+    /// Caps the sending rate; shared so it can be changed while replicating.
+    pub rate_limiter: Arc<RateLimiter>,
+    /// A large epoch commits an intermediate step after this many bytes sent...
+    pub step_bytes: u64,
+    /// ...or after this long, whichever comes first.
+    pub step_interval: Duration,
+    /// Show a progress bar for large epochs (when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl AgentConfig {
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(disk: PathBuf, server: String, source: SourceId, ca_path: PathBuf, cert_path: PathBuf, key_path: PathBuf) -> Self {
+        Self {
+            disk,
+            server,
+            source,
+            ca_path,
+            cert_path,
+            key_path,
+            chunk_size_bytes: blockrep_core::CHUNK_SIZE_DEFAULT_BYTES,
+            compression: Compression::Auto,
+            interval: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            rate_limiter: Arc::new(RateLimiter::unlimited()),
+            step_bytes: 1 << 30,
+            step_interval: Duration::from_secs(30),
+            progress: false,
+        }
+    }
 }
 
 /// What one committed epoch did.
@@ -70,6 +103,8 @@ pub struct EpochReport {
     pub chunks_sent: u64,
     /// Chunks sent as "now zero" (no data).
     pub zero_chunks_sent: u64,
+    /// Chunks sent as references to data the server already held (deduplicated).
+    pub ref_chunks_sent: u64,
     /// Frame bytes written for this epoch (headers and data, before TLS).
     pub bytes_sent: u64,
     /// Bytes of chunk data before compression, for the chunks sent.

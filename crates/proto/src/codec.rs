@@ -2,7 +2,7 @@ use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId, SourceId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::message::{Codec, ErrorCode, Message, ProtoError, ProtoErrorKind};
-use crate::{ERROR_MESSAGE_MAX_LEN, FRAME_LEN_MAX, GET_PAGES_MAX};
+use crate::{ERROR_MESSAGE_MAX_LEN, FRAME_LEN_MAX, GET_PAGES_MAX, OFFER_IDS_MAX};
 
 /// Bytes before a frame's body: the length field and the type byte.
 pub const FRAME_HEADER_LEN: usize = 5;
@@ -61,12 +61,32 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             epoch,
             root,
             scan_started_unix_ms,
+            complete,
             last,
         } => {
             out.put_u64_le(*epoch);
             out.put_slice(root.as_bytes());
             out.put_u64_le(*scan_started_unix_ms);
-            out.put_u8(u8::from(*last));
+            out.put_u8(u8::from(*last) | (u8::from(*complete) << 1));
+        }
+        Message::Backlog {
+            scan_started_unix_ms,
+            chunks_pending,
+            bytes_pending,
+        } => {
+            out.put_u64_le(*scan_started_unix_ms);
+            out.put_u64_le(*chunks_pending);
+            out.put_u64_le(*bytes_pending);
+        }
+        Message::Offer { ids } => {
+            out.put_u32_le(ids.len() as u32);
+            for id in ids {
+                out.put_slice(id.as_bytes());
+            }
+        }
+        Message::Have { bits } => {
+            out.put_u32_le(bits.len() as u32);
+            out.put_slice(bits);
         }
         Message::Committed {
             epoch,
@@ -304,16 +324,47 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
                 data,
             }
         }
-        6 => Message::Commit {
-            epoch: r.u64("epoch")?,
-            root: r.id("root")?,
+        6 => {
+            let epoch = r.u64("epoch")?;
+            let root = r.id("root")?;
+            let scan_started_unix_ms = r.u64("scan start")?;
+            let flags = r.u8("commit flags")?;
+            if flags & !0b11 != 0 {
+                return Err(malformed(format!("unknown commit flags {flags:#04x}")));
+            }
+            Message::Commit {
+                epoch,
+                root,
+                scan_started_unix_ms,
+                complete: flags & 0b10 != 0,
+                last: flags & 0b01 != 0,
+            }
+        }
+        9 => Message::Backlog {
             scan_started_unix_ms: r.u64("scan start")?,
-            last: match r.u8("last flag")? {
-                0 => false,
-                1 => true,
-                other => return Err(malformed(format!("last flag {other}"))),
-            },
+            chunks_pending: r.u64("chunk count")?,
+            bytes_pending: r.u64("byte count")?,
         },
+        10 => {
+            let count = r.u32("offer count")? as usize;
+            if count > OFFER_IDS_MAX {
+                return Err(ProtoError::new(
+                    ProtoErrorKind::LimitExceeded,
+                    format!("Offer of {count} ids exceeds the limit of {OFFER_IDS_MAX}"),
+                ));
+            }
+            r.need(count * 32, "offered ids")?;
+            let mut ids = Vec::with_capacity(count);
+            for _ in 0..count {
+                ids.push(r.id("offered id")?);
+            }
+            Message::Offer { ids }
+        }
+        11 => {
+            let len = r.u32("bitmap length")? as usize;
+            let bits = r.bytes(len, OFFER_IDS_MAX.div_ceil(8), "bitmap")?;
+            Message::Have { bits }
+        }
         7 => Message::Committed {
             epoch: r.u64("epoch")?,
             root: r.id("root")?,
@@ -399,14 +450,22 @@ mod tests {
                 raw_len: 4096,
                 data: Bytes::new(),
             }),
-            (any::<u64>(), id_strategy(), any::<u64>(), any::<bool>()).prop_map(
-                |(epoch, root, t, last)| Message::Commit {
+            (any::<u64>(), id_strategy(), any::<u64>(), any::<bool>(), any::<bool>()).prop_map(
+                |(epoch, root, t, complete, last)| Message::Commit {
                     epoch,
                     root,
                     scan_started_unix_ms: t,
+                    complete,
                     last
                 }
             ),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Backlog {
+                scan_started_unix_ms: a,
+                chunks_pending: b,
+                bytes_pending: c
+            }),
+            proptest::collection::vec(id_strategy(), 0..20).prop_map(|ids| Message::Offer { ids }),
+            bytes(40).prop_map(|bits| Message::Have { bits }),
             (
                 any::<u64>(),
                 id_strategy(),

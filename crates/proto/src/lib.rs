@@ -37,5 +37,7 @@ pub use message::{
 pub const FRAME_LEN_MAX: u32 = 8 * 1024 * 1024 + 64 * 1024;
 /// Most page indices in one `GetPages`.
 pub const GET_PAGES_MAX: usize = 8192;
+/// Most chunk ids in one `Offer` (and bits in its `Have`).
+pub const OFFER_IDS_MAX: usize = 8192;
 /// Longest error message carried in an `Error` frame.
 pub const ERROR_MESSAGE_MAX_LEN: usize = 1024;

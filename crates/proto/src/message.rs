@@ -163,11 +163,27 @@ pub enum Message {
         raw_len: u32,
         data: Bytes,
     },
+    /// Agent -> server: how much the scan found to send, before the chunks.
+    Backlog {
+        scan_started_unix_ms: u64,
+        chunks_pending: u64,
+        bytes_pending: u64,
+    },
+    /// Agent -> server: ids of chunks about to be sent; the server answers with
+    /// [`Message::Have`] so that chunks it already holds travel as references.
+    Offer { ids: Vec<ChunkId> },
+    /// Server -> agent: bit `i` (LSB first) set when the server holds `ids[i]`
+    /// of the matching `Offer`.
+    Have { bits: Bytes },
     /// Agent -> server: commit the epoch; `root` is the root the agent expects.
     Commit {
         epoch: u64,
         root: ChunkId,
         scan_started_unix_ms: u64,
+        /// The epoch holds every change of its scan (not an intermediate step of
+        /// a large sync): the replica then equals the disk as scanned.
+        complete: bool,
+        /// The final epoch before cutover.
         last: bool,
     },
     /// Server -> agent: the epoch is durable.
@@ -194,6 +210,9 @@ impl Message {
             Message::Commit { .. } => 6,
             Message::Committed { .. } => 7,
             Message::Error { .. } => 8,
+            Message::Backlog { .. } => 9,
+            Message::Offer { .. } => 10,
+            Message::Have { .. } => 11,
         }
     }
 
@@ -208,6 +227,9 @@ impl Message {
             Message::Commit { .. } => "Commit",
             Message::Committed { .. } => "Committed",
             Message::Error { .. } => "Error",
+            Message::Backlog { .. } => "Backlog",
+            Message::Offer { .. } => "Offer",
+            Message::Have { .. } => "Have",
         }
     }
 }

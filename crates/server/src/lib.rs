@@ -13,9 +13,11 @@
 //! agent names in `Hello` is only compared with it.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod connection;
 mod listener;
 mod session;
+mod status;
 mod verify;
 
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use listener::{Server, ServerStats};
+pub use status::{SourceState, SourceView, StateThresholds};
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
@@ -43,6 +46,12 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A session with no frame from the agent for this long is closed.
     pub idle_timeout: Duration,
+    /// Address of the admin HTTP API; `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Lag above this makes a source `lagging`.
+    pub rpo_target: Duration,
+    /// No agent contact for this long makes a source `stalled`.
+    pub stall_after: Duration,
 }
 
 impl ServerConfig {
@@ -58,6 +67,9 @@ impl ServerConfig {
             connections_max: 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7444))),
+            rpo_target: Duration::from_secs(15 * 60),
+            stall_after: Duration::from_secs(60),
         }
     }
 }

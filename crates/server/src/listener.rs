@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::connection::Connection;
 use crate::session::Session;
+use crate::status::{SourceRecord, SourceTable, StateThresholds, now_unix_ms};
 use crate::{Error, ServerConfig};
 
 /// Server-wide counters.
@@ -42,6 +43,8 @@ pub(crate) struct Shared {
     pub store: Arc<Store>,
     pub config: ServerConfig,
     pub stats: ServerStats,
+    /// Per-source lag, backlog and counters.
+    pub sources: SourceTable,
     /// Sources with a session in progress: one session per source at a time.
     active_sources: Mutex<HashSet<SourceId>>,
 }
@@ -55,6 +58,11 @@ pub(crate) struct SourceSlot {
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
+        let now = now_unix_ms();
+        self.shared.sources.update(&self.source, |record| {
+            record.connected = false;
+            record.last_contact_unix_ms = now;
+        });
         self.shared
             .active_sources
             .lock()
@@ -64,6 +72,13 @@ impl Drop for SourceSlot {
 }
 
 impl Shared {
+    pub(crate) fn thresholds(&self) -> StateThresholds {
+        StateThresholds {
+            rpo_target: self.config.rpo_target,
+            stall_after: self.config.stall_after,
+        }
+    }
+
     /// Takes the source's session slot, or `None` if another session holds it.
     pub(crate) fn claim_source(self: &Arc<Self>, source: &SourceId) -> Option<SourceSlot> {
         let mut active = self
@@ -80,6 +95,7 @@ impl Shared {
 /// A bound replication server.
 pub struct Server {
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 }
@@ -96,9 +112,23 @@ impl Server {
     /// Opens the store, loads the TLS files and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Server, Error> {
         let data_dir = config.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-            .await
-            .expect("store open task does not panic")?;
+        let (store, known) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&data_dir)?;
+            let mut known = Vec::new();
+            for source in store.sources()? {
+                if let Some(head) = store.head(&source)? {
+                    known.push((source, head));
+                }
+            }
+            Ok::<_, blockrep_store::Error>((store, known))
+        })
+        .await
+        .expect("store open task does not panic")?;
+        let sources = SourceTable::default();
+        let now = now_unix_ms();
+        for (source, head) in known {
+            sources.insert(source, SourceRecord::from_head(&head, now));
+        }
         let tls =
             blockrep_pki::server_config(&config.ca_path, &config.cert_path, &config.key_path)?;
         let listener = TcpListener::bind(config.listen)
@@ -107,13 +137,19 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?),
+            None => None,
+        };
         Ok(Server {
             listener,
+            admin_listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             shared: Arc::new(Shared {
                 store: Arc::new(store),
                 config,
                 stats: ServerStats::default(),
+                sources,
                 active_sources: Mutex::new(HashSet::new()),
             }),
         })
@@ -122,6 +158,11 @@ impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address of the admin API, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The store this server writes.
@@ -133,6 +174,19 @@ impl Server {
     /// abandoned at shutdown; an abandoned epoch was never acknowledged, so
     /// nothing acknowledged is lost.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        if let Some(admin_listener) = self.admin_listener {
+            let router = crate::admin::router(Arc::clone(&self.shared));
+            tokio::spawn(async move {
+                let serve = axum::serve(admin_listener, router).with_graceful_shutdown(async {
+                    let _ = admin_stopped.await;
+                });
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "admin API stopped");
+                }
+            });
+        }
+        let _stop_admin = stop_admin; // dropped when `run` returns: stops the admin API
         let permits = Arc::new(Semaphore::new(self.shared.config.connections_max));
         tokio::pin!(shutdown);
         loop {

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::connection::{Connection, ReadError};
 use crate::listener::{Shared, reject};
+use crate::status::now_unix_ms;
 use crate::verify::{Job, Verifier};
 
 /// A reason to end a session, sent to the agent as an `Error` frame.
@@ -105,7 +106,12 @@ struct EpochCounters {
     chunks_received: u64,
     zero_chunks: u64,
     ref_chunks: u64,
+    ref_bytes: u64,
     bytes_at_start: u64,
+    started: Option<Instant>,
+    /// Ids received with data in this epoch (not yet in the store's index until
+    /// the verifier has stored them): later references to them are valid.
+    received_ids: std::collections::HashSet<ChunkId>,
 }
 
 pub(crate) struct Session<S> {
@@ -221,6 +227,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+        let now = now_unix_ms();
+        self.shared.sources.update(&self.source, |record| {
+            record.connected = true;
+            record.last_contact_unix_ms = now;
+            record.disk_size_bytes = disk_size_bytes;
+            record.chunk_size_bytes = chunk_size_bytes;
+        });
         info!(source = %self.source, peer = %self.peer, head_epoch = replica.head_epoch,
               disk_size_bytes, chunk_size_bytes, "session started");
         loop {
@@ -294,92 +307,97 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None => self.read(idle).await?,
             };
             match message {
+                Message::Chunk { index, id, codec, raw_len, data } => {
+                    let id = self.chunk(replica, &mut counters, &mut verifier, index, id, codec, raw_len, data).await?;
+                    replica.ids[index as usize] = id;
+                    replica.dirty_pages.insert(index as usize / CHUNKS_PER_PAGE);
+                    continue; // the hot path: no status update per chunk
+                }
                 Message::GetPages { indices } => {
                     if !replica.dirty_pages.is_empty() {
-                        return Err(Reject::new(
-                            ErrorCode::UnexpectedMessage,
-                            "GetPages after chunks in the same epoch",
-                        )
-                        .into());
+                        return Err(Reject::new(ErrorCode::UnexpectedMessage, "GetPages after chunks in the same epoch").into());
                     }
                     self.send_pages(replica, &indices).await?;
                 }
-                Message::Chunk {
-                    index,
-                    id,
-                    codec,
-                    raw_len,
-                    data,
-                } => {
-                    let expected_len = replica.geometry.chunk_len(index).ok_or_else(|| {
-                        Reject::new(
-                            ErrorCode::BadChunk,
-                            format!("chunk {index} is beyond the end of the disk"),
-                        )
-                    })?;
-                    if raw_len != expected_len {
-                        return Err(Reject::new(
-                            ErrorCode::BadChunk,
-                            format!("chunk {index} has length {raw_len}, expected {expected_len}"),
-                        )
-                        .into());
-                    }
-                    let id = match codec {
-                        Codec::Zero => {
-                            counters.zero_chunks += 1;
-                            ChunkId::ZERO
-                        }
-                        Codec::Ref => {
-                            if id.is_zero() || !self.shared.store.contains(&id) {
-                                return Err(Reject::new(ErrorCode::BadChunk, format!("chunk {index} refers to {id}, which the server does not hold")).into());
-                            }
-                            counters.ref_chunks += 1;
-                            id
-                        }
-                        Codec::Raw | Codec::Zstd => {
-                            let verifier = verifier.get_or_insert_with(|| {
-                                Verifier::spawn(Arc::clone(&self.shared.store))
-                            });
-                            verifier
-                                .submit(Job {
-                                    index,
-                                    id,
-                                    codec,
-                                    raw_len,
-                                    data,
-                                })
-                                .await?;
-                            counters.chunks_received += 1;
-                            id
-                        }
-                    };
-                    replica.ids[index as usize] = id;
-                    replica.dirty_pages.insert(index as usize / CHUNKS_PER_PAGE);
+                Message::Backlog { chunks_pending, bytes_pending, .. } => {
+                    counters.started.get_or_insert_with(Instant::now);
+                    self.shared.sources.update(&self.source, |record| {
+                        record.chunks_pending = chunks_pending;
+                        record.bytes_pending = bytes_pending;
+                    });
                 }
-                Message::Commit {
-                    epoch,
-                    root,
-                    scan_started_unix_ms,
-                    last: _,
-                } => {
-                    return self
-                        .commit(
-                            replica,
-                            verifier,
-                            counters,
-                            epoch,
-                            root,
-                            scan_started_unix_ms,
-                        )
+                Message::Offer { ids } => {
+                    let mut bits = vec![0u8; ids.len().div_ceil(8)];
+                    for (i, id) in ids.iter().enumerate() {
+                        if self.shared.store.contains(id) || counters.received_ids.contains(id) {
+                            bits[i / 8] |= 1 << (i % 8);
+                        }
+                    }
+                    self.connection
+                        .send(&Message::Have { bits: Bytes::from(bits) })
+                        .await
+                        .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+                }
+                Message::Commit { epoch, root, scan_started_unix_ms, complete, last: _ } => {
+                    let result = self
+                        .commit(replica, verifier, counters, epoch, root, scan_started_unix_ms, complete)
                         .await;
+                    self.touch();
+                    return result;
                 }
                 other => {
-                    return Err(Reject::new(
-                        ErrorCode::UnexpectedMessage,
-                        format!("unexpected {} during an epoch", other.name()),
-                    )
-                    .into());
+                    return Err(Reject::new(ErrorCode::UnexpectedMessage, format!("unexpected {} during an epoch", other.name())).into());
                 }
+            }
+            self.touch();
+        }
+    }
+
+    /// Records agent contact (for the `stalled` state).
+    fn touch(&self) {
+        let now = now_unix_ms();
+        self.shared.sources.update(&self.source, |record| record.last_contact_unix_ms = now);
+    }
+
+    /// Checks one `Chunk` frame and queues its data for verification; returns the
+    /// id the replica now has at `index`.
+    #[allow(clippy::too_many_arguments)]
+    async fn chunk(
+        &mut self,
+        replica: &Replica,
+        counters: &mut EpochCounters,
+        verifier: &mut Option<Verifier>,
+        index: u64,
+        id: ChunkId,
+        codec: Codec,
+        raw_len: u32,
+        data: Bytes,
+    ) -> Result<ChunkId, Outcome> {
+        let expected_len = replica.geometry.chunk_len(index).ok_or_else(|| {
+            Reject::new(ErrorCode::BadChunk, format!("chunk {index} is beyond the end of the disk"))
+        })?;
+        if raw_len != expected_len {
+            return Err(Reject::new(ErrorCode::BadChunk, format!("chunk {index} has length {raw_len}, expected {expected_len}")).into());
+        }
+        match codec {
+            Codec::Zero => {
+                counters.zero_chunks += 1;
+                Ok(ChunkId::ZERO)
+            }
+            Codec::Ref => {
+                if id.is_zero() || !(counters.received_ids.contains(&id) || self.shared.store.contains(&id)) {
+                    return Err(Reject::new(ErrorCode::BadChunk, format!("chunk {index} refers to {id}, which the server does not hold")).into());
+                }
+                counters.ref_chunks += 1;
+                counters.ref_bytes += u64::from(raw_len);
+                Ok(id)
+            }
+            Codec::Raw | Codec::Zstd => {
+                let verifier = verifier.get_or_insert_with(|| Verifier::spawn(Arc::clone(&self.shared.store)));
+                verifier.submit(Job { index, id, codec, raw_len, data }).await?;
+                counters.chunks_received += 1;
+                counters.received_ids.insert(id);
+                Ok(id)
             }
         }
     }
@@ -388,26 +406,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for &index in indices {
             let page_index = index as usize;
             if page_index >= replica.page_ids.len() {
-                return Err(Reject::new(
-                    ErrorCode::BadFrame,
-                    format!("page {index} does not exist"),
-                )
-                .into());
+                return Err(Reject::new(ErrorCode::BadFrame, format!("page {index} does not exist")).into());
             }
             let start = page_index * CHUNKS_PER_PAGE;
             let end = (start + CHUNKS_PER_PAGE).min(replica.ids.len());
             let ids = Page::new(replica.ids[start..end].to_vec()).encode();
-            self.connection.queue(&Message::Page {
-                index,
-                ids: Bytes::from(ids),
-            });
+            self.connection.queue(&Message::Page { index, ids: Bytes::from(ids) });
         }
-        self.connection
-            .flush()
-            .await
-            .map_err(|e| Outcome::End(End::Lost(e.to_string())))
+        self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn commit(
         &mut self,
         replica: &mut Replica,
@@ -416,24 +425,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         epoch: u64,
         agent_root: ChunkId,
         scan_started_unix_ms: u64,
+        complete: bool,
     ) -> Result<(), Outcome> {
         let started = Instant::now();
         let verified = match verifier {
             Some(verifier) => verifier.finish().await?,
             None => Default::default(),
         };
-        if epoch != replica.head_epoch + 1 {
+        let (root, pages) = replica.build_root();
+        let root_id = root.id();
+        // An epoch that changed nothing (an idle disk) is acknowledged without
+        // touching the disk: the replica is unchanged and the agent's scan only
+        // tells us it is still current.
+        let unchanged = replica.dirty_pages.is_empty() && replica.head_epoch > 0 && epoch == replica.head_epoch;
+        if !unchanged && epoch != replica.head_epoch + 1 {
             return Err(Reject::new(
                 ErrorCode::EpochMismatch,
-                format!(
-                    "commit of epoch {epoch}, but the replica's head is epoch {}",
-                    replica.head_epoch
-                ),
+                format!("commit of epoch {epoch}, but the replica's head is epoch {}", replica.head_epoch),
             )
             .into());
         }
-        let (root, pages) = replica.build_root();
-        let root_id = root.id();
         if root_id != agent_root {
             return Err(Reject::new(
                 ErrorCode::RootMismatch,
@@ -441,44 +452,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )
             .into());
         }
-        let store = Arc::clone(&self.shared.store);
-        let source = self.source.clone();
-        let stats = tokio::task::spawn_blocking(move || {
-            store.commit(&source, epoch, &root, &pages, scan_started_unix_ms)
-        })
-        .await
-        .map_err(internal)?
-        .map_err(|e| match e.kind() {
-            blockrep_store::ErrorKind::EpochMismatch => {
-                Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
-            }
-            _ => internal(format!("commit failed, nothing committed: {e}")),
-        })?;
-        replica.head_epoch = epoch;
-        replica.page_ids = {
-            let (root, _) = replica.build_root();
-            root.page_ids().to_vec()
-        };
-        replica.dirty_pages.clear();
+        let mut pages_stored = 0;
+        if !unchanged {
+            let store = Arc::clone(&self.shared.store);
+            let source = self.source.clone();
+            let stats = tokio::task::spawn_blocking(move || {
+                store.commit_with(&source, epoch, &root, &pages, scan_started_unix_ms, complete)
+            })
+            .await
+            .map_err(internal)?
+            .map_err(|e| match e.kind() {
+                blockrep_store::ErrorKind::EpochMismatch => Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string())),
+                _ => internal(format!("commit failed, nothing committed: {e}")),
+            })?;
+            pages_stored = stats.pages_stored;
+            replica.head_epoch = epoch;
+            replica.page_ids = replica.build_root().0.page_ids().to_vec();
+            replica.dirty_pages.clear();
+        }
         let bytes_received = self.connection.bytes_read - counters.bytes_at_start;
+        let now = now_unix_ms();
+        let elapsed = counters.started.map_or(started.elapsed(), |t| t.elapsed());
+        self.shared.sources.update(&self.source, |record| {
+            record.epoch = replica.head_epoch;
+            record.root = Some(root_id.to_hex());
+            if complete {
+                record.synced_scan_started_unix_ms = scan_started_unix_ms.max(1);
+                record.max_replication_time_ms =
+                    record.max_replication_time_ms.max(now.saturating_sub(scan_started_unix_ms));
+                record.bytes_pending = 0;
+                record.chunks_pending = 0;
+            } else {
+                record.bytes_pending = record.bytes_pending.saturating_sub(bytes_received);
+                record.chunks_pending = record
+                    .chunks_pending
+                    .saturating_sub(counters.chunks_received + counters.ref_chunks + counters.zero_chunks);
+            }
+            if !unchanged {
+                record.last_commit_unix_ms = now;
+                record.epochs_committed_total += 1;
+                record.throughput_bytes_per_second = bytes_received as f64 / elapsed.as_secs_f64().max(1e-3);
+            }
+            record.bytes_received_total += bytes_received;
+            record.chunks_received_total += counters.chunks_received;
+            record.chunks_deduplicated_total += counters.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
+            record.bytes_deduplicated_total += counters.ref_bytes;
+        });
         let server_stats = &self.shared.stats;
-        server_stats
-            .epochs_committed_total
-            .fetch_add(1, Ordering::Relaxed);
-        server_stats
-            .chunks_received_total
-            .fetch_add(counters.chunks_received, Ordering::Relaxed);
-        info!(
-            source = %self.source, epoch, root = %root_id,
-            chunks_received = counters.chunks_received, zero_chunks = counters.zero_chunks,
-            ref_chunks = counters.ref_chunks, chunks_stored = verified.chunks_stored,
-            bytes_received, pages_stored = stats.pages_stored,
-            commit_ms = started.elapsed().as_millis() as u64,
-            "epoch committed"
-        );
+        if !unchanged {
+            server_stats.epochs_committed_total.fetch_add(1, Ordering::Relaxed);
+            info!(
+                source = %self.source, epoch, root = %root_id, complete,
+                chunks_received = counters.chunks_received, zero_chunks = counters.zero_chunks,
+                ref_chunks = counters.ref_chunks, chunks_stored = verified.chunks_stored,
+                bytes_received, pages_stored,
+                commit_ms = started.elapsed().as_millis() as u64,
+                "epoch committed"
+            );
+        }
+        server_stats.chunks_received_total.fetch_add(counters.chunks_received, Ordering::Relaxed);
         self.connection
             .send(&Message::Committed {
-                epoch,
+                epoch: replica.head_epoch,
                 root: root_id,
                 chunks_received: counters.chunks_received,
                 bytes_received,

@@ -1,6 +1,6 @@
 //! The head of a source: its last committed epoch.
 //!
-//! Encoding (little-endian, 68 bytes):
+//! Encoding (little-endian, 76 bytes):
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -9,14 +9,15 @@
 //! | 16 | 32 | root id |
 //! | 48 | 8 | scan start of the committed epoch, Unix ms |
 //! | 56 | 8 | commit time, Unix ms |
-//! | 64 | 4 | crc32 of bytes 0..64 |
+//! | 64 | 8 | scan start of the last complete epoch, Unix ms; 0 = none yet |
+//! | 72 | 4 | crc32 of bytes 0..72 |
 
 use blockrep_core::ChunkId;
 
 use crate::error::{Error, ErrorKind};
 
 const HEAD_MAGIC: [u8; 8] = *b"BRHEAD\x00\x01";
-const HEAD_LEN: usize = 68;
+const HEAD_LEN: usize = 76;
 
 /// A source's last committed epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,17 @@ pub struct Head {
     pub scan_started_unix_ms: u64,
     /// When the epoch was committed.
     pub committed_unix_ms: u64,
+    /// Scan start of the last epoch that held every change of its scan: the
+    /// replica equals the disk as it was then. 0 while the initial sync is still
+    /// committing intermediate steps.
+    pub synced_scan_started_unix_ms: u64,
+}
+
+impl Head {
+    /// Whether a complete pass over the disk has been committed.
+    pub fn initial_sync_done(&self) -> bool {
+        self.synced_scan_started_unix_ms != 0
+    }
 }
 
 impl Head {
@@ -39,6 +51,7 @@ impl Head {
         out.extend_from_slice(self.root.as_bytes());
         out.extend_from_slice(&self.scan_started_unix_ms.to_le_bytes());
         out.extend_from_slice(&self.committed_unix_ms.to_le_bytes());
+        out.extend_from_slice(&self.synced_scan_started_unix_ms.to_le_bytes());
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -52,8 +65,8 @@ impl Head {
         if bytes[..8] != HEAD_MAGIC {
             return Err(corrupt("bad magic or unsupported version"));
         }
-        let crc = u32::from_le_bytes(bytes[64..68].try_into().expect("4 bytes"));
-        if crc != crc32fast::hash(&bytes[..64]) {
+        let crc = u32::from_le_bytes(bytes[72..76].try_into().expect("4 bytes"));
+        if crc != crc32fast::hash(&bytes[..72]) {
             return Err(corrupt("checksum mismatch"));
         }
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
@@ -64,6 +77,7 @@ impl Head {
             root: ChunkId(root),
             scan_started_unix_ms: u64_at(48),
             committed_unix_ms: u64_at(56),
+            synced_scan_started_unix_ms: u64_at(64),
         })
     }
 }
@@ -79,6 +93,7 @@ mod tests {
             root: ChunkId([4; 32]),
             scan_started_unix_ms: 1,
             committed_unix_ms: 2,
+            synced_scan_started_unix_ms: 3,
         };
         let bytes = head.encode();
         assert_eq!(Head::decode(&bytes).unwrap(), head);

@@ -493,10 +493,25 @@ impl Store {
         pages: &[Page],
         scan_started_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
+        self.commit_with(source, epoch, root, pages, scan_started_unix_ms, true)
+    }
+
+    /// [`Store::commit`] of an epoch that may be an intermediate step of a large
+    /// sync (`complete` false): the head moves, but its synced scan time does not.
+    pub fn commit_with(
+        &self,
+        source: &SourceId,
+        epoch: u64,
+        root: &Root,
+        pages: &[Page],
+        scan_started_unix_ms: u64,
+        complete: bool,
+    ) -> Result<CommitStats, Error> {
         self.check_writable()?;
         let source_lock = Arc::clone(lock(&self.commit_locks).entry(source.clone()).or_default());
         let _guard = lock(&source_lock);
-        let previous = self.head(source)?.map_or(0, |h| h.epoch);
+        let previous_head = self.head(source)?;
+        let previous = previous_head.map_or(0, |h| h.epoch);
         if epoch != previous + 1 {
             return Err(Error::new(
                 ErrorKind::EpochMismatch,
@@ -546,6 +561,11 @@ impl Store {
             root: root_id,
             scan_started_unix_ms,
             committed_unix_ms: now_unix_ms(),
+            synced_scan_started_unix_ms: if complete {
+                scan_started_unix_ms
+            } else {
+                previous_head.map_or(0, |h| h.synced_scan_started_unix_ms)
+            },
         };
         let dir = self.source_dir(source);
         create_dir_durable(&dir)?;

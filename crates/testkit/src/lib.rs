@@ -75,6 +75,8 @@ impl Pki {
 pub struct ServerProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin API's address (servers here listen on 127.0.0.1:0 for it too).
+    pub admin_addr: Option<SocketAddr>,
     /// Everything the server logged on stderr so far.
     pub log: Arc<Mutex<String>>,
 }
@@ -86,7 +88,7 @@ impl ServerProcess {
 
     pub fn start_with(bin: &Path, data: &Path, tls: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(bin)
-            .args(["server", "--listen", "127.0.0.1:0", "--data"])
+            .args(["server", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .arg("--tls-dir")
             .arg(tls)
@@ -109,22 +111,16 @@ impl ServerProcess {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "unexpected server output {line:?}; log: {}",
-                    log.lock().unwrap()
-                )
-            })
-            .parse()
-            .unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (addr, admin_addr) = match fields.as_slice() {
+            ["listening", "on", addr, "admin", admin] => (addr.parse().unwrap(), admin.parse().ok()),
+            _ => panic!("unexpected server output {line:?}; log: {}", log.lock().unwrap()),
+        };
         std::thread::spawn(move || {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
         });
-        Self { child, addr, log }
+        Self { child, addr, admin_addr, log }
     }
 
     pub fn log(&self) -> String {

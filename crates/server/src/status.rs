@@ -1,0 +1,223 @@
+//! What the server knows about each source: lag, backlog, counters and state, as
+//! MGN and S3 Replication Time Control name them.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use blockrep_core::SourceId;
+use blockrep_store::Head;
+use serde::{Deserialize, Serialize};
+
+/// Replication state of a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    /// No complete pass over the disk has been committed yet.
+    InitialSync,
+    /// Lag within the RPO target.
+    Healthy,
+    /// Lag over the RPO target.
+    Lagging,
+    /// No agent contact for longer than the stall threshold.
+    Stalled,
+}
+
+impl SourceState {
+    /// Every state, in a fixed order (for metrics with one series per state).
+    pub const ALL: [SourceState; 4] = [
+        SourceState::InitialSync,
+        SourceState::Healthy,
+        SourceState::Lagging,
+        SourceState::Stalled,
+    ];
+
+    /// The state's name as shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceState::InitialSync => "initial_sync",
+            SourceState::Healthy => "healthy",
+            SourceState::Lagging => "lagging",
+            SourceState::Stalled => "stalled",
+        }
+    }
+}
+
+/// A source as the admin API reports it (`GET /v1/sources`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceView {
+    pub source: String,
+    pub state: SourceState,
+    pub connected: bool,
+    pub epoch: u64,
+    pub root: Option<String>,
+    pub disk_size_bytes: u64,
+    pub chunk_size_bytes: u32,
+    /// Now minus the scan start of the last complete commit (the RPO now);
+    /// `None` during the initial sync.
+    pub lag_seconds: Option<f64>,
+    pub rpo_target_seconds: f64,
+    pub max_replication_time_seconds: f64,
+    pub bytes_pending: u64,
+    pub chunks_pending: u64,
+    pub throughput_bytes_per_second: f64,
+    pub bytes_received_total: u64,
+    pub chunks_received_total: u64,
+    pub chunks_deduplicated_total: u64,
+    pub bytes_deduplicated_total: u64,
+    pub epochs_committed_total: u64,
+    pub seconds_since_contact: Option<f64>,
+    pub last_commit_unix_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Mutable per-source record.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SourceRecord {
+    pub connected: bool,
+    pub last_contact_unix_ms: u64,
+    pub epoch: u64,
+    pub root: Option<String>,
+    pub disk_size_bytes: u64,
+    pub chunk_size_bytes: u32,
+    pub synced_scan_started_unix_ms: u64,
+    pub last_commit_unix_ms: u64,
+    pub max_replication_time_ms: u64,
+    pub bytes_pending: u64,
+    pub chunks_pending: u64,
+    pub throughput_bytes_per_second: f64,
+    pub bytes_received_total: u64,
+    pub chunks_received_total: u64,
+    pub chunks_deduplicated_total: u64,
+    pub bytes_deduplicated_total: u64,
+    pub epochs_committed_total: u64,
+}
+
+/// Thresholds that decide a source's state.
+#[derive(Debug, Clone, Copy)]
+pub struct StateThresholds {
+    /// Lag above this makes a source `lagging`.
+    pub rpo_target: Duration,
+    /// No contact for this long makes a source `stalled`.
+    pub stall_after: Duration,
+}
+
+impl SourceRecord {
+    pub(crate) fn from_head(head: &Head, now_unix_ms: u64) -> Self {
+        Self {
+            epoch: head.epoch,
+            root: Some(head.root.to_hex()),
+            synced_scan_started_unix_ms: head.synced_scan_started_unix_ms,
+            last_commit_unix_ms: head.committed_unix_ms,
+            // A source found in the store has not been heard from since start.
+            last_contact_unix_ms: now_unix_ms,
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn lag_ms(&self, now_unix_ms: u64) -> Option<u64> {
+        (self.synced_scan_started_unix_ms != 0)
+            .then(|| now_unix_ms.saturating_sub(self.synced_scan_started_unix_ms))
+    }
+
+    pub(crate) fn state(&self, thresholds: StateThresholds, now_unix_ms: u64) -> SourceState {
+        let silent_ms = now_unix_ms.saturating_sub(self.last_contact_unix_ms);
+        if silent_ms > thresholds.stall_after.as_millis() as u64 {
+            return SourceState::Stalled;
+        }
+        match self.lag_ms(now_unix_ms) {
+            None => SourceState::InitialSync,
+            Some(lag) if lag > thresholds.rpo_target.as_millis() as u64 => SourceState::Lagging,
+            Some(_) => SourceState::Healthy,
+        }
+    }
+
+    pub(crate) fn view(&self, source: &SourceId, thresholds: StateThresholds, now: u64) -> SourceView {
+        SourceView {
+            source: source.to_string(),
+            state: self.state(thresholds, now),
+            connected: self.connected,
+            epoch: self.epoch,
+            root: self.root.clone(),
+            disk_size_bytes: self.disk_size_bytes,
+            chunk_size_bytes: self.chunk_size_bytes,
+            lag_seconds: self.lag_ms(now).map(|ms| ms as f64 / 1000.0),
+            rpo_target_seconds: thresholds.rpo_target.as_secs_f64(),
+            max_replication_time_seconds: self.max_replication_time_ms as f64 / 1000.0,
+            bytes_pending: self.bytes_pending,
+            chunks_pending: self.chunks_pending,
+            throughput_bytes_per_second: self.throughput_bytes_per_second,
+            bytes_received_total: self.bytes_received_total,
+            chunks_received_total: self.chunks_received_total,
+            chunks_deduplicated_total: self.chunks_deduplicated_total,
+            bytes_deduplicated_total: self.bytes_deduplicated_total,
+            epochs_committed_total: self.epochs_committed_total,
+            seconds_since_contact: (self.last_contact_unix_ms != 0)
+                .then(|| now.saturating_sub(self.last_contact_unix_ms) as f64 / 1000.0),
+            last_commit_unix_ms: self.last_commit_unix_ms,
+        }
+    }
+}
+
+/// Every source's record, behind one lock (held only to copy or update fields).
+#[derive(Debug, Default)]
+pub(crate) struct SourceTable {
+    records: Mutex<BTreeMap<SourceId, SourceRecord>>,
+}
+
+impl SourceTable {
+    pub(crate) fn update<T>(&self, source: &SourceId, f: impl FnOnce(&mut SourceRecord) -> T) -> T {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        f(records.entry(source.clone()).or_default())
+    }
+
+    pub(crate) fn insert(&self, source: SourceId, record: SourceRecord) {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source, record);
+    }
+
+    pub(crate) fn views(&self, thresholds: StateThresholds) -> Vec<SourceView> {
+        let now = now_unix_ms();
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records
+            .iter()
+            .map(|(source, record)| record.view(source, thresholds, now))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thresholds() -> StateThresholds {
+        StateThresholds {
+            rpo_target: Duration::from_secs(10),
+            stall_after: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn states_follow_lag_and_contact() {
+        let now = 1_000_000;
+        let mut record = SourceRecord {
+            last_contact_unix_ms: now,
+            ..SourceRecord::default()
+        };
+        assert_eq!(record.state(thresholds(), now), SourceState::InitialSync);
+        record.synced_scan_started_unix_ms = now - 5_000;
+        assert_eq!(record.state(thresholds(), now), SourceState::Healthy);
+        record.synced_scan_started_unix_ms = now - 11_000;
+        assert_eq!(record.state(thresholds(), now), SourceState::Lagging);
+        record.last_contact_unix_ms = now - 61_000;
+        assert_eq!(record.state(thresholds(), now), SourceState::Stalled);
+    }
+}

@@ -1,0 +1,85 @@
+//! A minimal HTTP/1.1 client for the server's admin API (JSON over a short-lived
+//! connection). The admin API is ours and answers with `Connection: close`, so a
+//! full HTTP client library would add nothing but weight.
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Most bytes of a response we accept.
+const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Sends a request and returns the status code and body.
+pub async fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach the admin API at {addr} (is the server running with --admin-listen {addr}?)"))?;
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    (&mut stream).take(RESPONSE_BYTES_MAX as u64 + 1).read_to_end(&mut response).await?;
+    if response.len() > RESPONSE_BYTES_MAX {
+        bail!("admin API response larger than {RESPONSE_BYTES_MAX} bytes");
+    }
+    parse_response(&response)
+}
+
+fn parse_response(response: &[u8]) -> Result<(u16, String)> {
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("malformed HTTP response from the admin API")?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .context("malformed HTTP status line from the admin API")?;
+    let chunked = lines.any(|line| {
+        let line = line.to_ascii_lowercase();
+        line.starts_with("transfer-encoding:") && line.contains("chunked")
+    });
+    let raw = &response[split + 4..];
+    let body = if chunked { dechunk(raw)? } else { raw.to_vec() };
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n").context("malformed chunked body")?;
+        let size_text = String::from_utf8_lossy(&raw[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .context("malformed chunk size")?;
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if raw.len() < size + 2 {
+            bail!("truncated chunked body");
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let (status, body) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]").unwrap();
+        assert_eq!((status, body.as_str()), (200, "[]"));
+        let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let (status, body) = parse_response(chunked).unwrap();
+        assert_eq!((status, body.as_str()), (404, "abcde"));
+        assert!(parse_response(b"garbage").is_err());
+    }
+}
