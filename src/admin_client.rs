@@ -10,7 +10,12 @@ use tokio::net::TcpStream;
 const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Sends a request and returns the status code and body.
-pub async fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+pub async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot reach the admin API at {addr} (is the server running with --admin-listen {addr}?)"))?;
@@ -22,7 +27,10 @@ pub async fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -
     );
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
-    (&mut stream).take(RESPONSE_BYTES_MAX as u64 + 1).read_to_end(&mut response).await?;
+    (&mut stream)
+        .take(RESPONSE_BYTES_MAX as u64 + 1)
+        .read_to_end(&mut response)
+        .await?;
     if response.len() > RESPONSE_BYTES_MAX {
         bail!("admin API response larger than {RESPONSE_BYTES_MAX} bytes");
     }
@@ -53,7 +61,10 @@ fn parse_response(response: &[u8]) -> Result<(u16, String)> {
 fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let line_end = raw.windows(2).position(|w| w == b"\r\n").context("malformed chunked body")?;
+        let line_end = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("malformed chunked body")?;
         let size_text = String::from_utf8_lossy(&raw[..line_end]);
         let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
             .context("malformed chunk size")?;
@@ -75,7 +86,8 @@ mod tests {
 
     #[test]
     fn parses_plain_and_chunked_responses() {
-        let (status, body) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]").unwrap();
+        let (status, body) =
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]").unwrap();
         assert_eq!((status, body.as_str()), (200, "[]"));
         let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         let (status, body) = parse_response(chunked).unwrap();

@@ -311,7 +311,9 @@ async fn server(args: ServerArgs) -> Result<()> {
     config.stall_after = args.stall_after;
     let server = blockrep_server::Server::bind(config).await?;
     // Tests and scripts read this line to find ephemeral ports.
-    let admin = server.admin_addr().map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let admin = server
+        .admin_addr()
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
     println!("listening on {} admin {admin}", server.local_addr()?);
     use std::io::Write as _;
     std::io::stdout().flush()?;
@@ -334,7 +336,11 @@ async fn shutdown_signal() {
 pub(crate) fn print_epoch(report: &EpochReport) {
     let idle = report.chunks_sent + report.zero_chunks_sent + report.ref_chunks_sent == 0;
     if idle {
-        tracing::debug!(epoch = report.epoch, scan_ms = report.scan_duration.as_millis() as u64, "idle epoch: disk unchanged");
+        tracing::debug!(
+            epoch = report.epoch,
+            scan_ms = report.scan_duration.as_millis() as u64,
+            "idle epoch: disk unchanged"
+        );
         return;
     }
     tracing::info!(
@@ -365,7 +371,14 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     let (ca_path, cert_path, key_path) = args.tls.resolve(&source)?;
     let chunk_size_bytes = u32::try_from(args.chunk_size).context("chunk size too large")?;
     blockrep_core::Geometry::new(0, chunk_size_bytes)?;
-    let mut config = AgentConfig::new(args.disk.clone(), args.to.clone(), source, ca_path, cert_path, key_path);
+    let mut config = AgentConfig::new(
+        args.disk.clone(),
+        args.to.clone(),
+        source,
+        ca_path,
+        cert_path,
+        key_path,
+    );
     config.chunk_size_bytes = chunk_size_bytes;
     config.compression = match args.compress {
         CompressArg::Auto => Compression::Auto,
@@ -385,7 +398,8 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
 /// Reads `key = value` settings (`#` comments) and applies those that may change
 /// while replication runs.
 fn apply_agent_settings(path: &Path, config: &AgentConfig) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     for (number, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
@@ -400,7 +414,11 @@ fn apply_agent_settings(path: &Path, config: &AgentConfig) -> Result<()> {
                 config.rate_limiter.set_rate(rate);
                 tracing::info!(bytes_per_second = rate, "max rate set");
             }
-            other => bail!("{}:{}: unknown setting {other:?} (known: max-rate)", path.display(), number + 1),
+            other => bail!(
+                "{}:{}: unknown setting {other:?} (known: max-rate)",
+                path.display(),
+                number + 1
+            ),
         }
     }
     Ok(())
@@ -412,7 +430,9 @@ async fn agent(args: AgentArgs) -> Result<()> {
         let rate_config = config.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+            let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+                return;
+            };
             while hangups.recv().await.is_some() {
                 if let Err(error) = apply_agent_settings(&path, &rate_config) {
                     tracing::warn!(error = %describe(&error), "settings not reloaded");
@@ -423,7 +443,10 @@ async fn agent(args: AgentArgs) -> Result<()> {
     if args.once {
         let reports = blockrep_agent::run_once(&config, print_epoch).await?;
         match reports.last() {
-            Some(last) => println!("replica equals disk: epoch {} root={}", last.epoch, last.root),
+            Some(last) => println!(
+                "replica equals disk: epoch {} root={}",
+                last.epoch, last.root
+            ),
             None => println!("replica already equals disk"),
         }
         return Ok(());
@@ -458,7 +481,8 @@ async fn status(args: StatusArgs) -> Result<()> {
             s.source,
             s.state.as_str(),
             s.epoch,
-            s.lag_seconds.map_or_else(|| "-".to_owned(), |l| format!("{l:.1}s")),
+            s.lag_seconds
+                .map_or_else(|| "-".to_owned(), |l| format!("{l:.1}s")),
             format!("{:.0}s", s.rpo_target_seconds),
             human_bytes(s.bytes_pending),
             format!("{}/s", human_bytes(s.throughput_bytes_per_second as u64)),
@@ -479,7 +503,11 @@ fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes}B") } else { format!("{value:.1}{}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
 }
 
 fn export(args: ExportArgs) -> Result<()> {

@@ -89,8 +89,17 @@ impl Session {
             connection.recv().await
         };
         let (head_epoch, head_root) = match welcome.await {
-            Ok(Message::Welcome { head_epoch, head_root, .. }) => (head_epoch, head_root),
-            Ok(other) => return Err(Error::Protocol(format!("expected Welcome, got {}", other.name()))),
+            Ok(Message::Welcome {
+                head_epoch,
+                head_root,
+                ..
+            }) => (head_epoch, head_root),
+            Ok(other) => {
+                return Err(Error::Protocol(format!(
+                    "expected Welcome, got {}",
+                    other.name()
+                )));
+            }
             // In TLS 1.3 the server checks the client certificate after the
             // client's side of the handshake is done, so a rejection arrives here.
             Err(Error::Lost(reason)) if reason.contains("alert") => {
@@ -187,7 +196,11 @@ impl Session {
     async fn offer(&mut self, ids: &[ChunkId]) -> Result<HashSet<ChunkId>, Error> {
         let batches: Vec<&[ChunkId]> = ids.chunks(OFFER_IDS_MAX).collect();
         for batch in &batches {
-            self.connection.send(&Message::Offer { ids: batch.to_vec() }).await?;
+            self.connection
+                .send(&Message::Offer {
+                    ids: batch.to_vec(),
+                })
+                .await?;
         }
         self.connection.flush().await?;
         let mut held = HashSet::new();
@@ -209,16 +222,33 @@ impl Session {
 
     /// Commits `view` (the head plus what was sent so far) and waits for the
     /// server to make it durable.
-    async fn commit(&mut self, epoch: u64, view: &[ChunkId], scan_started_unix_ms: u64, complete: bool) -> Result<(ChunkId, u64, u64, u64), Error> {
+    async fn commit(
+        &mut self,
+        epoch: u64,
+        view: &[ChunkId],
+        scan_started_unix_ms: u64,
+        complete: bool,
+    ) -> Result<(ChunkId, u64, u64, u64), Error> {
         let (root, _) = Root::build(self.geometry, view);
         let root_id = root.id();
         let bytes = self
             .connection
-            .send(&Message::Commit { epoch, root: root_id, scan_started_unix_ms, complete, last: false })
+            .send(&Message::Commit {
+                epoch,
+                root: root_id,
+                scan_started_unix_ms,
+                complete,
+                last: false,
+            })
             .await?;
         self.connection.flush().await?;
-        let Message::Committed { epoch: committed_epoch, root: committed, chunks_received, chunks_stored, .. } =
-            self.connection.recv().await?
+        let Message::Committed {
+            epoch: committed_epoch,
+            root: committed,
+            chunks_received,
+            chunks_stored,
+            ..
+        } = self.connection.recv().await?
         else {
             return Err(Error::Protocol("expected Committed".into()));
         };
@@ -236,7 +266,12 @@ impl Session {
     /// Sends what differs between `scan` and the head, and commits it (in steps
     /// when there is much to send). Returns `None` when the replica already equals
     /// the scan and `commit_unchanged` is false.
-    pub(crate) async fn epoch(&mut self, config: &AgentConfig, scan: Scan, commit_unchanged: bool) -> Result<Option<EpochReport>, Error> {
+    pub(crate) async fn epoch(
+        &mut self,
+        config: &AgentConfig,
+        scan: Scan,
+        commit_unchanged: bool,
+    ) -> Result<Option<EpochReport>, Error> {
         if scan.geometry != self.geometry {
             return Err(Error::DiskChanged(format!(
                 "{} is now {} bytes, the replica has {}: a resized disk needs a new source id",
@@ -250,9 +285,17 @@ impl Session {
         if changed.is_empty() && !commit_unchanged && self.head_root.is_some() {
             return Ok(None);
         }
-        let bytes_pending: u64 = changed.iter().filter_map(|&i| self.geometry.chunk_len(i)).map(u64::from).sum();
+        let bytes_pending: u64 = changed
+            .iter()
+            .filter_map(|&i| self.geometry.chunk_len(i))
+            .map(u64::from)
+            .sum();
         self.connection
-            .send(&Message::Backlog { scan_started_unix_ms: scan.started_unix_ms, chunks_pending: changed.len() as u64, bytes_pending })
+            .send(&Message::Backlog {
+                scan_started_unix_ms: scan.started_unix_ms,
+                chunks_pending: changed.len() as u64,
+                bytes_pending,
+            })
             .await?;
         let mut report = EpochReport {
             epoch: self.head_epoch,
@@ -270,7 +313,9 @@ impl Session {
         if changed.is_empty() && self.head_root.is_some() {
             // Idle: the server acknowledges without writing; the epoch stays.
             let view = self.head_ids.clone().unwrap_or_default();
-            let (root, ..) = self.commit(self.head_epoch, &view, scan.started_unix_ms, true).await?;
+            let (root, ..) = self
+                .commit(self.head_epoch, &view, scan.started_unix_ms, true)
+                .await?;
             report.root = root;
             report.transfer_duration = transfer_started.elapsed();
             return Ok(Some(report));
@@ -279,18 +324,41 @@ impl Session {
         // Chunks the server already holds travel as references, without being read.
         let offered: Vec<ChunkId> = {
             let mut seen = HashSet::new();
-            changed.iter().map(|&i| scan.ids[i as usize]).filter(|id| !id.is_zero() && seen.insert(*id)).collect()
+            changed
+                .iter()
+                .map(|&i| scan.ids[i as usize])
+                .filter(|id| !id.is_zero() && seen.insert(*id))
+                .collect()
         };
-        let held = if offered.is_empty() { HashSet::new() } else { self.offer(&offered).await? };
-        let mut view = self.head_ids.clone().expect("head ids are known after the diff");
+        let held = if offered.is_empty() {
+            HashSet::new()
+        } else {
+            self.offer(&offered).await?
+        };
+        let mut view = self
+            .head_ids
+            .clone()
+            .expect("head ids are known after the diff");
         let mut to_encode = Vec::with_capacity(changed.len());
         let mut scratch = BytesMut::new();
         for &index in &changed {
             let id = scan.ids[index as usize];
             if !id.is_zero() && held.contains(&id) {
-                let raw_len = self.geometry.chunk_len(index).expect("changed chunks lie on the disk");
+                let raw_len = self
+                    .geometry
+                    .chunk_len(index)
+                    .expect("changed chunks lie on the disk");
                 scratch.clear();
-                encode(&Message::Chunk { index, id, codec: Codec::Ref, raw_len, data: Bytes::new() }, &mut scratch);
+                encode(
+                    &Message::Chunk {
+                        index,
+                        id,
+                        codec: Codec::Ref,
+                        raw_len,
+                        data: Bytes::new(),
+                    },
+                    &mut scratch,
+                );
                 self.connection.write_raw(&scratch).await?;
                 report.bytes_sent += scratch.len() as u64;
                 report.ref_chunks_sent += 1;
@@ -299,9 +367,18 @@ impl Session {
                 to_encode.push(index);
             }
         }
-        debug!(changed = changed.len(), references = report.ref_chunks_sent, "sending");
+        debug!(
+            changed = changed.len(),
+            references = report.ref_chunks_sent,
+            "sending"
+        );
         let progress = progress_bar(config, bytes_pending);
-        let mut frames = spawn_encoders(Arc::clone(&scan.disk), self.geometry, Arc::new(to_encode), config.compression);
+        let mut frames = spawn_encoders(
+            Arc::clone(&scan.disk),
+            self.geometry,
+            Arc::new(to_encode),
+            config.compression,
+        );
         let mut sent_ids: HashSet<ChunkId> = HashSet::new();
         let mut step_bytes = 0u64;
         let mut step_started = Instant::now();
@@ -316,7 +393,16 @@ impl Session {
                 report.ref_chunks_sent += 1;
                 scratch.clear();
                 let raw_len = self.geometry.chunk_len(encoded.index).expect("on the disk");
-                encode(&Message::Chunk { index: encoded.index, id: encoded.id, codec: Codec::Ref, raw_len, data: Bytes::new() }, &mut scratch);
+                encode(
+                    &Message::Chunk {
+                        index: encoded.index,
+                        id: encoded.id,
+                        codec: Codec::Ref,
+                        raw_len,
+                        data: Bytes::new(),
+                    },
+                    &mut scratch,
+                );
                 scratch.split().freeze()
             } else {
                 report.chunks_sent += 1;
@@ -328,11 +414,15 @@ impl Session {
             step_bytes += frame.len() as u64;
             self.connection.write_raw(&frame).await?;
             if let Some(bar) = &progress {
-                bar.inc(u64::from(self.geometry.chunk_len(encoded.index).unwrap_or(0)));
+                bar.inc(u64::from(
+                    self.geometry.chunk_len(encoded.index).unwrap_or(0),
+                ));
             }
             if step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval {
                 // An intermediate commit of a large epoch: a crash loses one step.
-                let (_, received, new, bytes) = self.commit(self.head_epoch + 1, &view, scan.started_unix_ms, false).await?;
+                let (_, received, new, bytes) = self
+                    .commit(self.head_epoch + 1, &view, scan.started_unix_ms, false)
+                    .await?;
                 report.bytes_sent += bytes;
                 stored.0 += received;
                 stored.1 += new;
@@ -343,7 +433,9 @@ impl Session {
         if let Some(bar) = progress {
             bar.finish_and_clear();
         }
-        let (root, received, new, bytes) = self.commit(self.head_epoch + 1, &view, scan.started_unix_ms, true).await?;
+        let (root, received, new, bytes) = self
+            .commit(self.head_epoch + 1, &view, scan.started_unix_ms, true)
+            .await?;
         report.bytes_sent += bytes;
         report.epoch = self.head_epoch;
         report.root = root;

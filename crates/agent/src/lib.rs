@@ -72,7 +72,14 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// A configuration with defaults for everything but the essentials.
-    pub fn new(disk: PathBuf, server: String, source: SourceId, ca_path: PathBuf, cert_path: PathBuf, key_path: PathBuf) -> Self {
+    pub fn new(
+        disk: PathBuf,
+        server: String,
+        source: SourceId,
+        ca_path: PathBuf,
+        cert_path: PathBuf,
+        key_path: PathBuf,
+    ) -> Self {
         Self {
             disk,
             server,

@@ -40,7 +40,8 @@ impl RateLimiter {
 
     /// Changes the rate; takes effect at the next send.
     pub fn set_rate(&self, bytes_per_second: u64) {
-        self.bytes_per_second.store(bytes_per_second, Ordering::Relaxed);
+        self.bytes_per_second
+            .store(bytes_per_second, Ordering::Relaxed);
     }
 
     /// Waits until `bytes` may be sent.
@@ -72,7 +73,9 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         return Ok(0);
     }
     let body = text.strip_suffix("/s").unwrap_or(text);
-    let split = body.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(body.len());
+    let split = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
     let (number, unit) = body.split_at(split);
     let number: f64 = number
         .parse()
@@ -88,11 +91,17 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         "Kbit" | "kbit" => 1e3 / 8.0,
         "Mbit" => 1e6 / 8.0,
         "Gbit" => 1e9 / 8.0,
-        other => return Err(format!("invalid rate unit {other:?} in {text:?}: use B, KiB, MiB, GiB, KB, MB, GB, kbit, Mbit or Gbit, per second")),
+        other => {
+            return Err(format!(
+                "invalid rate unit {other:?} in {text:?}: use B, KiB, MiB, GiB, KB, MB, GB, kbit, Mbit or Gbit, per second"
+            ));
+        }
     };
     let bytes = number * multiplier;
     if !bytes.is_finite() || bytes < 1.0 {
-        return Err(format!("invalid rate {text:?}: must be at least 1 byte per second"));
+        return Err(format!(
+            "invalid rate {text:?}: must be at least 1 byte per second"
+        ));
     }
     Ok(bytes as u64)
 }

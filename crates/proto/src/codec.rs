@@ -450,15 +450,20 @@ mod tests {
                 raw_len: 4096,
                 data: Bytes::new(),
             }),
-            (any::<u64>(), id_strategy(), any::<u64>(), any::<bool>(), any::<bool>()).prop_map(
-                |(epoch, root, t, complete, last)| Message::Commit {
+            (
+                any::<u64>(),
+                id_strategy(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(epoch, root, t, complete, last)| Message::Commit {
                     epoch,
                     root,
                     scan_started_unix_ms: t,
                     complete,
                     last
-                }
-            ),
+                }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Backlog {
                 scan_started_unix_ms: a,
                 chunks_pending: b,

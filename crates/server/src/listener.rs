@@ -138,7 +138,11 @@ impl Server {
                 source,
             })?;
         let admin_listener = match config.admin_listen {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?),
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
             None => None,
         };
         Ok(Server {
@@ -162,7 +166,9 @@ impl Server {
 
     /// The address of the admin API, if enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_listener.as_ref().and_then(|l| l.local_addr().ok())
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The store this server writes.

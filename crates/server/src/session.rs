@@ -307,19 +307,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None => self.read(idle).await?,
             };
             match message {
-                Message::Chunk { index, id, codec, raw_len, data } => {
-                    let id = self.chunk(replica, &mut counters, &mut verifier, index, id, codec, raw_len, data).await?;
+                Message::Chunk {
+                    index,
+                    id,
+                    codec,
+                    raw_len,
+                    data,
+                } => {
+                    let id = self
+                        .chunk(
+                            replica,
+                            &mut counters,
+                            &mut verifier,
+                            index,
+                            id,
+                            codec,
+                            raw_len,
+                            data,
+                        )
+                        .await?;
                     replica.ids[index as usize] = id;
                     replica.dirty_pages.insert(index as usize / CHUNKS_PER_PAGE);
                     continue; // the hot path: no status update per chunk
                 }
                 Message::GetPages { indices } => {
                     if !replica.dirty_pages.is_empty() {
-                        return Err(Reject::new(ErrorCode::UnexpectedMessage, "GetPages after chunks in the same epoch").into());
+                        return Err(Reject::new(
+                            ErrorCode::UnexpectedMessage,
+                            "GetPages after chunks in the same epoch",
+                        )
+                        .into());
                     }
                     self.send_pages(replica, &indices).await?;
                 }
-                Message::Backlog { chunks_pending, bytes_pending, .. } => {
+                Message::Backlog {
+                    chunks_pending,
+                    bytes_pending,
+                    ..
+                } => {
                     counters.started.get_or_insert_with(Instant::now);
                     self.shared.sources.update(&self.source, |record| {
                         record.chunks_pending = chunks_pending;
@@ -334,19 +359,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                     }
                     self.connection
-                        .send(&Message::Have { bits: Bytes::from(bits) })
+                        .send(&Message::Have {
+                            bits: Bytes::from(bits),
+                        })
                         .await
                         .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
                 }
-                Message::Commit { epoch, root, scan_started_unix_ms, complete, last: _ } => {
+                Message::Commit {
+                    epoch,
+                    root,
+                    scan_started_unix_ms,
+                    complete,
+                    last: _,
+                } => {
                     let result = self
-                        .commit(replica, verifier, counters, epoch, root, scan_started_unix_ms, complete)
+                        .commit(
+                            replica,
+                            verifier,
+                            counters,
+                            epoch,
+                            root,
+                            scan_started_unix_ms,
+                            complete,
+                        )
                         .await;
                     self.touch();
                     return result;
                 }
                 other => {
-                    return Err(Reject::new(ErrorCode::UnexpectedMessage, format!("unexpected {} during an epoch", other.name())).into());
+                    return Err(Reject::new(
+                        ErrorCode::UnexpectedMessage,
+                        format!("unexpected {} during an epoch", other.name()),
+                    )
+                    .into());
                 }
             }
             self.touch();
@@ -356,7 +401,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Records agent contact (for the `stalled` state).
     fn touch(&self) {
         let now = now_unix_ms();
-        self.shared.sources.update(&self.source, |record| record.last_contact_unix_ms = now);
+        self.shared
+            .sources
+            .update(&self.source, |record| record.last_contact_unix_ms = now);
     }
 
     /// Checks one `Chunk` frame and queues its data for verification; returns the
@@ -374,10 +421,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         data: Bytes,
     ) -> Result<ChunkId, Outcome> {
         let expected_len = replica.geometry.chunk_len(index).ok_or_else(|| {
-            Reject::new(ErrorCode::BadChunk, format!("chunk {index} is beyond the end of the disk"))
+            Reject::new(
+                ErrorCode::BadChunk,
+                format!("chunk {index} is beyond the end of the disk"),
+            )
         })?;
         if raw_len != expected_len {
-            return Err(Reject::new(ErrorCode::BadChunk, format!("chunk {index} has length {raw_len}, expected {expected_len}")).into());
+            return Err(Reject::new(
+                ErrorCode::BadChunk,
+                format!("chunk {index} has length {raw_len}, expected {expected_len}"),
+            )
+            .into());
         }
         match codec {
             Codec::Zero => {
@@ -385,16 +439,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(ChunkId::ZERO)
             }
             Codec::Ref => {
-                if id.is_zero() || !(counters.received_ids.contains(&id) || self.shared.store.contains(&id)) {
-                    return Err(Reject::new(ErrorCode::BadChunk, format!("chunk {index} refers to {id}, which the server does not hold")).into());
+                if id.is_zero()
+                    || !(counters.received_ids.contains(&id) || self.shared.store.contains(&id))
+                {
+                    return Err(Reject::new(
+                        ErrorCode::BadChunk,
+                        format!("chunk {index} refers to {id}, which the server does not hold"),
+                    )
+                    .into());
                 }
                 counters.ref_chunks += 1;
                 counters.ref_bytes += u64::from(raw_len);
                 Ok(id)
             }
             Codec::Raw | Codec::Zstd => {
-                let verifier = verifier.get_or_insert_with(|| Verifier::spawn(Arc::clone(&self.shared.store)));
-                verifier.submit(Job { index, id, codec, raw_len, data }).await?;
+                let verifier =
+                    verifier.get_or_insert_with(|| Verifier::spawn(Arc::clone(&self.shared.store)));
+                verifier
+                    .submit(Job {
+                        index,
+                        id,
+                        codec,
+                        raw_len,
+                        data,
+                    })
+                    .await?;
                 counters.chunks_received += 1;
                 counters.received_ids.insert(id);
                 Ok(id)
@@ -406,14 +475,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for &index in indices {
             let page_index = index as usize;
             if page_index >= replica.page_ids.len() {
-                return Err(Reject::new(ErrorCode::BadFrame, format!("page {index} does not exist")).into());
+                return Err(Reject::new(
+                    ErrorCode::BadFrame,
+                    format!("page {index} does not exist"),
+                )
+                .into());
             }
             let start = page_index * CHUNKS_PER_PAGE;
             let end = (start + CHUNKS_PER_PAGE).min(replica.ids.len());
             let ids = Page::new(replica.ids[start..end].to_vec()).encode();
-            self.connection.queue(&Message::Page { index, ids: Bytes::from(ids) });
+            self.connection.queue(&Message::Page {
+                index,
+                ids: Bytes::from(ids),
+            });
         }
-        self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))
+        self.connection
+            .flush()
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -437,11 +516,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // An epoch that changed nothing (an idle disk) is acknowledged without
         // touching the disk: the replica is unchanged and the agent's scan only
         // tells us it is still current.
-        let unchanged = replica.dirty_pages.is_empty() && replica.head_epoch > 0 && epoch == replica.head_epoch;
+        let unchanged =
+            replica.dirty_pages.is_empty() && replica.head_epoch > 0 && epoch == replica.head_epoch;
         if !unchanged && epoch != replica.head_epoch + 1 {
             return Err(Reject::new(
                 ErrorCode::EpochMismatch,
-                format!("commit of epoch {epoch}, but the replica's head is epoch {}", replica.head_epoch),
+                format!(
+                    "commit of epoch {epoch}, but the replica's head is epoch {}",
+                    replica.head_epoch
+                ),
             )
             .into());
         }
@@ -457,12 +540,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let store = Arc::clone(&self.shared.store);
             let source = self.source.clone();
             let stats = tokio::task::spawn_blocking(move || {
-                store.commit_with(&source, epoch, &root, &pages, scan_started_unix_ms, complete)
+                store.commit_with(
+                    &source,
+                    epoch,
+                    &root,
+                    &pages,
+                    scan_started_unix_ms,
+                    complete,
+                )
             })
             .await
             .map_err(internal)?
             .map_err(|e| match e.kind() {
-                blockrep_store::ErrorKind::EpochMismatch => Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string())),
+                blockrep_store::ErrorKind::EpochMismatch => {
+                    Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
+                }
                 _ => internal(format!("commit failed, nothing committed: {e}")),
             })?;
             pages_stored = stats.pages_stored;
@@ -478,29 +570,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             record.root = Some(root_id.to_hex());
             if complete {
                 record.synced_scan_started_unix_ms = scan_started_unix_ms.max(1);
-                record.max_replication_time_ms =
-                    record.max_replication_time_ms.max(now.saturating_sub(scan_started_unix_ms));
+                record.max_replication_time_ms = record
+                    .max_replication_time_ms
+                    .max(now.saturating_sub(scan_started_unix_ms));
                 record.bytes_pending = 0;
                 record.chunks_pending = 0;
             } else {
                 record.bytes_pending = record.bytes_pending.saturating_sub(bytes_received);
-                record.chunks_pending = record
-                    .chunks_pending
-                    .saturating_sub(counters.chunks_received + counters.ref_chunks + counters.zero_chunks);
+                record.chunks_pending = record.chunks_pending.saturating_sub(
+                    counters.chunks_received + counters.ref_chunks + counters.zero_chunks,
+                );
             }
             if !unchanged {
                 record.last_commit_unix_ms = now;
                 record.epochs_committed_total += 1;
-                record.throughput_bytes_per_second = bytes_received as f64 / elapsed.as_secs_f64().max(1e-3);
+                record.throughput_bytes_per_second =
+                    bytes_received as f64 / elapsed.as_secs_f64().max(1e-3);
             }
             record.bytes_received_total += bytes_received;
             record.chunks_received_total += counters.chunks_received;
-            record.chunks_deduplicated_total += counters.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
+            record.chunks_deduplicated_total +=
+                counters.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
             record.bytes_deduplicated_total += counters.ref_bytes;
         });
         let server_stats = &self.shared.stats;
         if !unchanged {
-            server_stats.epochs_committed_total.fetch_add(1, Ordering::Relaxed);
+            server_stats
+                .epochs_committed_total
+                .fetch_add(1, Ordering::Relaxed);
             info!(
                 source = %self.source, epoch, root = %root_id, complete,
                 chunks_received = counters.chunks_received, zero_chunks = counters.zero_chunks,
@@ -510,7 +607,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "epoch committed"
             );
         }
-        server_stats.chunks_received_total.fetch_add(counters.chunks_received, Ordering::Relaxed);
+        server_stats
+            .chunks_received_total
+            .fetch_add(counters.chunks_received, Ordering::Relaxed);
         self.connection
             .send(&Message::Committed {
                 epoch: replica.head_epoch,

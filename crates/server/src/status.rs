@@ -138,7 +138,12 @@ impl SourceRecord {
         }
     }
 
-    pub(crate) fn view(&self, source: &SourceId, thresholds: StateThresholds, now: u64) -> SourceView {
+    pub(crate) fn view(
+        &self,
+        source: &SourceId,
+        thresholds: StateThresholds,
+        now: u64,
+    ) -> SourceView {
         SourceView {
             source: source.to_string(),
             state: self.state(thresholds, now),

@@ -87,8 +87,21 @@ impl ServerProcess {
     }
 
     pub fn start_with(bin: &Path, data: &Path, tls: &Path, extra: &[&str]) -> Self {
+        Self::start_on(bin, "127.0.0.1:0", data, tls, extra)
+    }
+
+    /// Starts a server on a given replication address (e.g. to restart one where
+    /// its agents expect it).
+    pub fn start_on(bin: &Path, listen: &str, data: &Path, tls: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(bin)
-            .args(["server", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data"])
+            .args([
+                "server",
+                "--listen",
+                listen,
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
             .arg(data)
             .arg("--tls-dir")
             .arg(tls)
@@ -113,14 +126,24 @@ impl ServerProcess {
         stdout.read_line(&mut line).unwrap();
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (addr, admin_addr) = match fields.as_slice() {
-            ["listening", "on", addr, "admin", admin] => (addr.parse().unwrap(), admin.parse().ok()),
-            _ => panic!("unexpected server output {line:?}; log: {}", log.lock().unwrap()),
+            ["listening", "on", addr, "admin", admin] => {
+                (addr.parse().unwrap(), admin.parse().ok())
+            }
+            _ => panic!(
+                "unexpected server output {line:?}; log: {}",
+                log.lock().unwrap()
+            ),
         };
         std::thread::spawn(move || {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
         });
-        Self { child, addr, admin_addr, log }
+        Self {
+            child,
+            addr,
+            admin_addr,
+            log,
+        }
     }
 
     pub fn log(&self) -> String {

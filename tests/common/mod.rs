@@ -1,0 +1,233 @@
+//! Helpers shared by the end-to-end tests (included with `mod common;`).
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_blockrep");
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(BIN)
+}
+
+/// Runs `blockrep agent --once` for `source` with the certificates in `tls`.
+pub fn agent_once(
+    disk: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    tls: &Path,
+    extra: &[&str],
+) -> Output {
+    Command::new(BIN)
+        .args(["agent", "--once", "--disk"])
+        .arg(disk)
+        .args(["--to", &addr.to_string(), "--source", source, "--tls-dir"])
+        .arg(tls)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "command failed: {}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Sum of `key=N` over the agent's epoch lines.
+pub fn sum_field(output: &Output, key: &str) -> u64 {
+    stdout(output)
+        .lines()
+        .filter(|l| l.starts_with("epoch "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|field| field.strip_prefix(&format!("{key}=")))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum()
+}
+
+/// `blockrep export` of `source` to `out`.
+pub fn export(data: &Path, source: &str, out: &Path) -> Output {
+    Command::new(BIN)
+        .args(["export", "--data"])
+        .arg(data)
+        .args(["--source", source, "--out"])
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+/// Whether `qemu-img` is installed (scripts/test.sh installs it).
+pub fn have_qemu_img() -> bool {
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `qemu-img compare` of two raw images: true when it says identical.
+pub fn qemu_img_identical(a: &Path, b: &Path) -> bool {
+    let output = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    output.status.success()
+        && String::from_utf8_lossy(&output.stdout).contains("Images are identical")
+}
+
+/// Whether `qemu-img` must be present: CI and the test script require it.
+pub fn require_external_tools() -> bool {
+    std::env::var_os("BLOCKREP_REQUIRE_TOOLS").is_some()
+}
+
+/// `GET /v1/sources` from the admin API, parsed.
+pub fn admin_sources(admin: std::net::SocketAddr) -> Vec<blockrep_server::SourceView> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    write!(
+        stream,
+        "GET /v1/sources HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("bad JSON {body:?}: {e}"))
+}
+
+/// The admin API's view of one source, if it knows it.
+pub fn admin_source(
+    admin: std::net::SocketAddr,
+    source: &str,
+) -> Option<blockrep_server::SourceView> {
+    admin_sources(admin)
+        .into_iter()
+        .find(|s| s.source == source)
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    condition()
+}
+
+/// Root id (hex) of a disk image file at the given chunk size, as the agent computes it.
+pub fn disk_root(path: &Path, chunk_size: u32) -> String {
+    let disk = blockrep_core::DiskImage::open(path).unwrap();
+    let geometry = blockrep_core::Geometry::new(disk.size_bytes(), chunk_size).unwrap();
+    let ids = blockrep_core::scan_buffer(disk.bytes(), geometry);
+    blockrep_core::Root::from_chunk_ids(geometry, &ids)
+        .id()
+        .to_hex()
+}
+
+/// A running agent process whose stdout lines are collected.
+#[derive(Debug)]
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl AgentProcess {
+    pub fn spawn(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(BIN)
+            .arg("agent")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let lines = std::sync::Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let text = std::sync::Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// `(epoch, root)` of every epoch line printed so far.
+    pub fn epochs(&self) -> Vec<(u64, String)> {
+        self.lines()
+            .iter()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("epoch ")?;
+                let epoch = rest.split_whitespace().next()?.parse().ok()?;
+                let root = rest
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("root="))?;
+                Some((epoch, root.to_owned()))
+            })
+            .collect()
+    }
+
+    /// Sum of `key=N` over the epoch lines printed so far.
+    pub fn sum(&self, key: &str) -> u64 {
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with("epoch "))
+            .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .filter_map(|field| {
+                field
+                    .strip_prefix(&format!("{key}="))
+                    .map(|n| n.parse::<u64>().unwrap())
+            })
+            .sum()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
