@@ -5,7 +5,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockrep_core::{
     CHUNKS_PER_PAGE, ChunkId, DiskImage, Geometry, Page, Root, changed_chunks, changed_pages,
-    scan_buffer,
 };
 use std::collections::HashSet;
 
@@ -43,7 +42,7 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
         let started_unix_ms = now_unix_ms();
         let disk = DiskImage::open(&path)?;
         let geometry = Geometry::new(disk.size_bytes(), chunk_size_bytes)?;
-        let ids = scan_buffer(disk.bytes(), geometry);
+        let ids = disk.scan(geometry);
         if disk.current_size_bytes()? != disk.size_bytes() {
             return Err(Error::DiskChanged(format!(
                 "{} changed size while it was scanned",

@@ -58,6 +58,9 @@ pub(crate) fn spawn_encoders(
                 let end = (start + CHUNKS_PER_CLAIM).min(changed.len());
                 for &index in &changed[start..end] {
                     let encoded = encoder.encode(disk.bytes(), geometry, index);
+                    if let Some(range) = geometry.chunk_range(index) {
+                        disk.release(range); // copied into the frame: unmap it
+                    }
                     if tx.blocking_send(encoded).is_err() {
                         return; // the session ended; stop quietly
                     }

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use memmap2::{Mmap, MmapOptions};
+use memmap2::{Advice, Mmap, MmapOptions, UncheckedAdvice};
 
 use crate::error::Error;
 
@@ -46,6 +46,8 @@ impl DiskImage {
             #[allow(unsafe_code)]
             let map = unsafe { MmapOptions::new().len(len).map(&file) }
                 .map_err(|e| Error::io(format!("cannot map disk {}", path.display()), e))?;
+            // Scans read front to back: ask for aggressive read-ahead. Only a hint.
+            let _ = map.advise(Advice::Sequential);
             Some(map)
         };
         Ok(Self {
@@ -69,6 +71,37 @@ impl DiskImage {
     /// The mapped bytes.
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
+    }
+
+    /// Drops this process's mapping of `range` (the file and the page cache are
+    /// untouched), so that resident memory stays bounded by what is in use rather
+    /// than growing to the size of the disk. Touching the range again simply
+    /// reads it back from the file. Out-of-range or failed requests are ignored:
+    /// this is an optimization only.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        let Some(map) = &self.map else { return };
+        // Page-align inwards: never release a page that is partly outside `range`.
+        const PAGE: usize = 4096;
+        let start = range.start.div_ceil(PAGE) * PAGE;
+        let end = (range.end.min(map.len()) / PAGE) * PAGE;
+        if start >= end {
+            return;
+        }
+        // SAFETY: the mapping is private and read-only, so MADV_DONTNEED discards
+        // no data: later reads of the range fault the file's current contents
+        // back in. Callers release a range only when they hold no slice into it
+        // that they will read again (scan batches after hashing, chunks after
+        // copying them into a frame), and those bytes are untrusted data anyway
+        // (see the type's docs).
+        #[allow(unsafe_code)]
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+    }
+
+    /// Scans the whole disk on every core (see [`crate::scan_buffer`]), releasing
+    /// each batch's pages once hashed.
+    pub fn scan(&self, geometry: crate::Geometry) -> Vec<crate::ChunkId> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        crate::scan::scan_with(self.bytes(), geometry, threads, |range| self.release(range))
     }
 
     /// Current size of the underlying file or device, to detect a resize since open.

@@ -42,6 +42,17 @@ pub fn scan_buffer(disk: &[u8], geometry: Geometry) -> Vec<ChunkId> {
 
 /// [`scan_buffer`] with an explicit thread count (at least one is used).
 pub fn scan_buffer_with_threads(disk: &[u8], geometry: Geometry, threads: usize) -> Vec<ChunkId> {
+    scan_with(disk, geometry, threads, |_| {})
+}
+
+/// The scan, calling `after_batch` with the byte range of each batch once it is
+/// hashed (to release its pages).
+pub(crate) fn scan_with(
+    disk: &[u8],
+    geometry: Geometry,
+    threads: usize,
+    after_batch: impl Fn(std::ops::Range<usize>) + Sync,
+) -> Vec<ChunkId> {
     assert_eq!(
         disk.len() as u64,
         geometry.disk_size_bytes(),
@@ -58,12 +69,14 @@ pub fn scan_buffer_with_threads(disk: &[u8], geometry: Geometry, threads: usize)
             let Some((batch_index, out)) = next else {
                 return;
             };
-            let first_chunk = batch_index * CHUNKS_PER_BATCH;
+            let first_byte = batch_index * CHUNKS_PER_BATCH * chunk_size;
+            let mut end = first_byte;
             for (offset, slot) in out.iter_mut().enumerate() {
-                let start = (first_chunk + offset) * chunk_size;
-                let end = (start + chunk_size).min(disk.len());
+                let start = first_byte + offset * chunk_size;
+                end = (start + chunk_size).min(disk.len());
                 *slot = hash_chunk(&disk[start..end]);
             }
+            after_batch(first_byte..end);
         }
     };
     let threads = threads
