@@ -38,7 +38,9 @@ fn scan(c: &mut Criterion) {
     }
     let zeros = vec![0u8; BUFFER_BYTES];
     let geometry = Geometry::new(BUFFER_BYTES as u64, 64 << 10).unwrap();
-    group.bench_function("zero_disk_64KiB", |b| b.iter(|| scan_buffer(&zeros, geometry)));
+    group.bench_function("zero_disk_64KiB", |b| {
+        b.iter(|| scan_buffer(&zeros, geometry))
+    });
     group.finish();
 }
 

@@ -340,10 +340,10 @@ impl Store {
                 result = Err(e);
             }
         }
-        if let Some(file) = file {
-            if let Err(e) = file.sync_data() {
-                result = Err(e);
-            }
+        if let Some(file) = file
+            && let Err(e) = file.sync_data()
+        {
+            result = Err(e);
         }
         if let Err(e) = result {
             self.sync_failed.store(true, Ordering::SeqCst);
