@@ -36,9 +36,11 @@ mod error;
 mod fsutil;
 mod head;
 mod pack;
+mod retention;
 mod store;
 
 pub use error::{Error, ErrorKind};
 pub use head::Head;
 pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
+pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
 pub use store::{CommitStats, ExportStats, Store};
