@@ -6,7 +6,11 @@
 //! ```text
 //! DATA/packs/00000001.pack   append-only blob files, sealed at PACK_SIZE_MAX_BYTES
 //! DATA/sources/ID/head       the source's last committed epoch (fixed-size, checksummed)
+//! DATA/sources/ID/snapshots/NAME   a snapshot: a named reference to a committed root
 //! ```
+//!
+//! Snapshots ([`Snapshot`], format in `snapshot.rs`) copy nothing; automatic ones
+//! are taken and expired by a [`RetentionPolicy`].
 //!
 //! # Pack record (little-endian)
 //!
@@ -32,15 +36,20 @@
 //! - `insert` is idempotent and reports whether the blob was new.
 #![deny(unsafe_code)]
 
+mod catalog;
 mod error;
 mod fsutil;
 mod head;
 mod pack;
 mod retention;
+mod snapshot;
 mod store;
+#[cfg(test)]
+mod testutil;
 
 pub use error::{Error, ErrorKind};
 pub use head::Head;
 pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
+pub use snapshot::{Snapshot, SnapshotKind};
 pub use store::{CommitStats, ExportStats, Store};
