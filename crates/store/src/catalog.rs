@@ -1,15 +1,17 @@
 //! Bookkeeping shared by snapshots and launches: name validation, the small
-//! fixed-size record files they are stored in, and the lock that serializes their
-//! creation and deletion.
+//! fixed-size record files they are stored in, the lock that serializes their
+//! creation and deletion, and the roots they keep alive.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, Weak};
 
 use blockrep_core::{ChunkId, SourceId};
 
 use crate::error::{Error, ErrorKind};
+use crate::launch::LaunchVolume;
 use crate::retention::RetentionPolicy;
 use crate::store::{Store, lock};
 
@@ -24,6 +26,9 @@ pub(crate) struct Catalog {
     pub(crate) lock: Mutex<()>,
     /// The policy for automatic snapshots.
     pub(crate) retention: Mutex<RetentionPolicy>,
+    /// Launch volumes open in this process, so that one launch is never written
+    /// through two volumes (their flushes would overwrite each other's head).
+    pub(crate) open_launches: Mutex<HashMap<String, Weak<LaunchVolume>>>,
 }
 
 /// Validates a snapshot or launch name: the same rule as source ids,
@@ -149,6 +154,29 @@ pub(crate) fn list_names(dir: &Path) -> Result<Vec<String>, Error> {
 }
 
 impl Store {
+    /// Every root that something durable refers to: each source's head, each
+    /// snapshot, and each launch's base and its own flushed root. Sorted, without
+    /// duplicates. A record that cannot be read is an error, never skipped, so a
+    /// garbage collector marking from this list cannot miss a root.
+    pub fn referenced_roots(&self) -> Result<Vec<ChunkId>, Error> {
+        let mut roots = BTreeSet::new();
+        for name in list_names(&self.data_dir().join("sources"))? {
+            let source = SourceId::new(&name)
+                .map_err(|e| Error::new(ErrorKind::Invalid, format!("source {name}: {e}")))?;
+            if let Some(head) = self.head(&source)? {
+                roots.insert(head.root);
+            }
+        }
+        for snapshot in self.list_snapshots(None)? {
+            roots.insert(snapshot.root);
+        }
+        for launch in self.list_launches(None)? {
+            roots.insert(launch.base_root);
+            roots.insert(launch.root);
+        }
+        Ok(roots.into_iter().collect())
+    }
+
     /// Sets the policy used by [`Store::expire_snapshots`] and
     /// [`Store::create_auto_snapshot_if_due`]. The default is
     /// [`RetentionPolicy::default`]. Not persisted: set it after each open.
