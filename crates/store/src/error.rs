@@ -14,6 +14,12 @@ pub enum ErrorKind {
     EpochMismatch,
     /// Invalid input from the caller (bad geometry, bad id, ...).
     Invalid,
+    /// A snapshot or launch of that name already exists.
+    AlreadyExists,
+    /// The named source head, snapshot or launch does not exist.
+    NotFound,
+    /// The launch is open and cannot be deleted now.
+    Busy,
 }
 
 /// Error type of `blockrep-store`.
@@ -53,6 +59,28 @@ impl fmt::Display for Error {
             Some(source) => write!(f, "{}: {}", self.message, source),
             None => f.write_str(&self.message),
         }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    /// For callers that speak `std::io` (block-device style I/O on launch volumes):
+    /// the kind maps to the nearest `io::ErrorKind`, the error itself is kept as
+    /// the source.
+    fn from(error: Error) -> Self {
+        use std::io::ErrorKind as Io;
+        let kind = match error.kind {
+            ErrorKind::Io => error
+                .source
+                .as_ref()
+                .map_or(Io::Other, std::io::Error::kind),
+            ErrorKind::Corrupt | ErrorKind::Missing => Io::InvalidData,
+            ErrorKind::Invalid => Io::InvalidInput,
+            ErrorKind::AlreadyExists => Io::AlreadyExists,
+            ErrorKind::NotFound => Io::NotFound,
+            ErrorKind::Busy => Io::ResourceBusy,
+            ErrorKind::EpochMismatch => Io::Other,
+        };
+        std::io::Error::new(kind, error)
     }
 }
 

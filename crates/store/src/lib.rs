@@ -1,11 +1,50 @@
 //! The replica store: content-addressed chunks, index pages and roots in
-//! append-only packs, plus one head per source.
+//! append-only packs, plus one head per source, its snapshots, and launch volumes.
 //!
 //! # Layout of a data directory
 //!
 //! ```text
 //! DATA/packs/00000001.pack   append-only blob files, sealed at PACK_SIZE_MAX_BYTES
 //! DATA/sources/ID/head       the source's last committed epoch (fixed-size, checksummed)
+//! DATA/sources/ID/snapshots/NAME   a snapshot: a named reference to a committed root
+//! DATA/launches/NAME/meta    a launch volume's origin (its base snapshot and root)
+//! DATA/launches/NAME/head    a launch volume's last flushed root and write generation
+//! ```
+//!
+//! Snapshots ([`Snapshot`], formats in `snapshot.rs`) copy nothing; automatic ones
+//! are taken and expired by a [`RetentionPolicy`]. Launch volumes ([`LaunchVolume`],
+//! formats in `launch.rs`) are copy-on-write views of a snapshot's root that never
+//! change that root or the source's head.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use blockrep_core::{Geometry, Root, SourceId, scan_buffer};
+//! use blockrep_store::{BlobKind, LaunchKind, Store, StoredCodec};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = Arc::new(Store::open(dir.path()).unwrap());
+//! let source = SourceId::new("web-1").unwrap();
+//! // Commit a one-chunk disk (a server does this as chunks arrive from the agent).
+//! let geometry = Geometry::new(4096, 4096).unwrap();
+//! let disk = vec![7u8; 4096];
+//! let ids = scan_buffer(&disk, geometry);
+//! store.insert(BlobKind::Chunk, ids[0], StoredCodec::Raw, 4096, &disk).unwrap();
+//! let (root, pages) = Root::build(geometry, &ids);
+//! store.commit(&source, 1, &root, &pages, 0).unwrap();
+//!
+//! // Snapshot it, launch a test volume from the snapshot, write and flush.
+//! let now_unix_ms = 1_700_000_000_000;
+//! store.create_snapshot(&source, Some("before"), None, now_unix_ms).unwrap();
+//! store.create_launch(&source, "before", "drill", LaunchKind::Test).unwrap();
+//! let volume = store.open_launch("drill").unwrap();
+//! volume.write(10, b"hello").unwrap();
+//! volume.flush().unwrap();
+//! let mut buf = [0u8; 7];
+//! volume.read(9, &mut buf).unwrap();
+//! assert_eq!(&buf, b"\x07hello\x07");
+//! // The snapshot and the source's head still name the original disk.
+//! assert_eq!(store.snapshot(&source, "before").unwrap().unwrap().root, root.id());
+//! assert_eq!(store.head(&source).unwrap().unwrap().root, root.id());
 //! ```
 //!
 //! # Pack record (little-endian)
@@ -30,15 +69,30 @@
 //!   the pack is fsynced, then the head is written to a temporary file, fsynced,
 //!   renamed over the old head, and the directory fsynced.
 //! - `insert` is idempotent and reports whether the blob was new.
+//! - Snapshot and launch names are validated like source ids before any path is
+//!   built from them.
+//! - A snapshot or launch record is published atomically; a launch directory is
+//!   built under a temporary name and renamed into place.
+//! - Launch writes never change a snapshot, a source's head or any existing blob;
+//!   a launch's head moves only after the pages and root it names are durable.
 #![deny(unsafe_code)]
 
+mod catalog;
 mod error;
 mod fsutil;
 mod head;
+mod launch;
 mod pack;
+mod retention;
+mod snapshot;
 mod store;
+#[cfg(test)]
+mod testutil;
 
 pub use error::{Error, ErrorKind};
 pub use head::Head;
+pub use launch::{LaunchInfo, LaunchKind, LaunchVolume};
 pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
+pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
+pub use snapshot::{Snapshot, SnapshotKind};
 pub use store::{CommitStats, ExportStats, Store};

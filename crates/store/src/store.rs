@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
 
+use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, sync_dir};
 use crate::head::Head;
@@ -86,9 +87,11 @@ pub struct Store {
     sync_failed: std::sync::atomic::AtomicBool,
     /// Serializes commits per source (head read-check-write).
     commit_locks: Mutex<HashMap<SourceId, Arc<Mutex<()>>>>,
+    /// Snapshot and launch bookkeeping (see `catalog.rs`).
+    pub(crate) catalog: Catalog,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a store lock is a bug in this crate; the data it guards
     // (an index of durable records) stays consistent, so carry on.
     mutex
@@ -134,9 +137,15 @@ impl Store {
             readers: Mutex::new(HashMap::new()),
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             commit_locks: Mutex::new(HashMap::new()),
+            catalog: Catalog::default(),
         };
         store.load_index()?;
         Ok(store)
+    }
+
+    /// The data directory (absolute for a writable store).
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.dir
     }
 
     fn packs_dir(&self) -> PathBuf {
@@ -358,7 +367,7 @@ impl Store {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<(), Error> {
+    pub(crate) fn check_writable(&self) -> Result<(), Error> {
         if self.read_only {
             Err(Error::new(ErrorKind::Invalid, "store opened read-only"))
         } else {
@@ -419,7 +428,7 @@ impl Store {
         Ok(raw)
     }
 
-    fn source_dir(&self, source: &SourceId) -> PathBuf {
+    pub(crate) fn source_dir(&self, source: &SourceId) -> PathBuf {
         // Safe to join: SourceId admits no '/', no '..' and no NUL.
         self.dir.join("sources").join(source.as_str())
     }
