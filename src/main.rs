@@ -52,6 +52,12 @@ enum Command {
     Export(ExportArgs),
     /// Show every source's replication state, lag and backlog (admin API).
     Status(StatusArgs),
+    /// Point-in-time snapshots of replicas (admin API).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Writable copy-on-write launch volumes made from snapshots, served over NBD (admin API).
+    #[command(subcommand)]
+    Launch(LaunchCommand),
     /// Measure replication end to end on a synthetic disk (real TLS on loopback).
     Bench(bench::BenchArgs),
 }
@@ -144,6 +150,94 @@ struct ServerArgs {
     stall_after: Duration,
 }
 
+/// Where the admin API is, and how to print its answers.
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// Address of the server's admin API (its --admin-listen).
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    admin: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a source's current committed replica (O(1): no data is copied).
+    Create {
+        /// Source to snapshot.
+        #[arg(long)]
+        source: String,
+        /// Name (default: generated from the epoch and time).
+        #[arg(long)]
+        name: Option<String>,
+        /// Expire the snapshot after this long, e.g. 7d, 12h (default: never).
+        #[arg(long, value_parser = units::parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List snapshots.
+    List {
+        /// Only this source's snapshots.
+        #[arg(long)]
+        source: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a snapshot (launches made from it keep working).
+    Delete {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LaunchCommand {
+    /// Make a writable launch volume from a snapshot; it is served over NBD under its name.
+    Create {
+        #[arg(long)]
+        source: String,
+        /// Snapshot to launch from.
+        #[arg(long)]
+        snapshot: String,
+        /// Name of the launch (and of its NBD export).
+        #[arg(long)]
+        name: String,
+        /// What the launch is for.
+        #[arg(long, value_enum, default_value_t = LaunchKindArg::Test)]
+        kind: LaunchKindArg,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List launch volumes.
+    List {
+        #[arg(long)]
+        source: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a launch volume and its writes.
+    Delete {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LaunchKindArg {
+    /// A test launch (a drill).
+    Test,
+    /// The cutover launch.
+    Cutover,
+}
+
 #[derive(Debug, Args)]
 struct StatusArgs {
     /// Address of the server's admin API.
@@ -225,6 +319,8 @@ fn main() -> ExitCode {
         Command::Agent(args) => runtime().and_then(|rt| rt.block_on(agent(args))),
         Command::Export(args) => export(args),
         Command::Status(args) => runtime().and_then(|rt| rt.block_on(status(args))),
+        Command::Snapshot(command) => runtime().and_then(|rt| rt.block_on(snapshot(command))),
+        Command::Launch(command) => runtime().and_then(|rt| rt.block_on(launch(command))),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
     };
     match result {
@@ -491,6 +587,204 @@ async fn status(args: StatusArgs) -> Result<()> {
     }
     if sources.is_empty() {
         println!("(no sources yet)");
+    }
+    Ok(())
+}
+
+/// Calls the admin API; a non-2xx answer becomes an error carrying its message.
+async fn admin_call(
+    admin: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<String> {
+    let body = body.map(|b| b.to_string());
+    let (code, text) = admin_client::request(admin, method, path, body.as_deref()).await?;
+    if !(200..300).contains(&code) {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or(text);
+        bail!("{message} (HTTP {code})");
+    }
+    Ok(text)
+}
+
+fn unix_ms_text(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "never".to_owned();
+    }
+    let seconds = unix_ms / 1000;
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+fn print_snapshots(snapshots: &[blockrep_server::SnapshotView]) {
+    println!(
+        "{:<16} {:<28} {:<8} {:>6} {:<21} {:<21}",
+        "SOURCE", "NAME", "KIND", "EPOCH", "CREATED", "EXPIRES"
+    );
+    for s in snapshots {
+        println!(
+            "{:<16} {:<28} {:<8} {:>6} {:<21} {:<21}",
+            s.source,
+            s.name,
+            s.kind,
+            s.epoch,
+            unix_ms_text(s.created_unix_ms),
+            unix_ms_text(s.expires_unix_ms)
+        );
+    }
+}
+
+fn print_launches(launches: &[blockrep_server::LaunchView]) {
+    println!(
+        "{:<20} {:<16} {:<24} {:<8} {:>4} {}",
+        "NAME", "SOURCE", "SNAPSHOT", "KIND", "GEN", "NBD"
+    );
+    for l in launches {
+        println!(
+            "{:<20} {:<16} {:<24} {:<8} {:>4} {}",
+            l.name,
+            l.source,
+            l.snapshot,
+            l.kind,
+            l.generation,
+            l.nbd_uri.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+async fn snapshot(command: SnapshotCommand) -> Result<()> {
+    match command {
+        SnapshotCommand::Create {
+            source,
+            name,
+            ttl,
+            admin,
+        } => {
+            let body = serde_json::json!({ "source": source, "name": name, "ttl_seconds": ttl.map(|t| t.as_secs_f64()) });
+            let text = admin_call(&admin.admin, "POST", "/v1/snapshots", Some(body)).await?;
+            if admin.json {
+                println!("{text}");
+            } else {
+                let view: blockrep_server::SnapshotView = serde_json::from_str(&text)?;
+                println!(
+                    "snapshot {} of {} at epoch {} (root {})",
+                    view.name, view.source, view.epoch, view.root
+                );
+            }
+        }
+        SnapshotCommand::List { source, admin } => {
+            let path = source.map_or_else(
+                || "/v1/snapshots".to_owned(),
+                |s| format!("/v1/snapshots?source={s}"),
+            );
+            let text = admin_call(&admin.admin, "GET", &path, None).await?;
+            if admin.json {
+                println!("{text}");
+            } else {
+                print_snapshots(&serde_json::from_str::<Vec<blockrep_server::SnapshotView>>(
+                    &text,
+                )?);
+            }
+        }
+        SnapshotCommand::Delete {
+            source,
+            name,
+            admin,
+        } => {
+            let text = admin_call(
+                &admin.admin,
+                "DELETE",
+                &format!("/v1/snapshots/{source}/{name}"),
+                None,
+            )
+            .await?;
+            if admin.json {
+                println!("{text}")
+            } else {
+                println!("deleted snapshot {name} of {source}")
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn launch(command: LaunchCommand) -> Result<()> {
+    match command {
+        LaunchCommand::Create {
+            source,
+            snapshot,
+            name,
+            kind,
+            admin,
+        } => {
+            let kind = match kind {
+                LaunchKindArg::Test => "test",
+                LaunchKindArg::Cutover => "cutover",
+            };
+            let body = serde_json::json!({ "source": source, "snapshot": snapshot, "name": name, "kind": kind });
+            let text = admin_call(&admin.admin, "POST", "/v1/launches", Some(body)).await?;
+            if admin.json {
+                println!("{text}");
+            } else {
+                let view: blockrep_server::LaunchView = serde_json::from_str(&text)?;
+                match &view.nbd_uri {
+                    Some(uri) => println!(
+                        "launch {} of {} from snapshot {}: {uri}",
+                        view.name, view.source, view.snapshot
+                    ),
+                    None => println!(
+                        "launch {} of {} from snapshot {} (the server has no NBD listener)",
+                        view.name, view.source, view.snapshot
+                    ),
+                }
+            }
+        }
+        LaunchCommand::List { source, admin } => {
+            let path = source.map_or_else(
+                || "/v1/launches".to_owned(),
+                |s| format!("/v1/launches?source={s}"),
+            );
+            let text = admin_call(&admin.admin, "GET", &path, None).await?;
+            if admin.json {
+                println!("{text}");
+            } else {
+                print_launches(&serde_json::from_str::<Vec<blockrep_server::LaunchView>>(
+                    &text,
+                )?);
+            }
+        }
+        LaunchCommand::Delete { name, admin } => {
+            let text = admin_call(
+                &admin.admin,
+                "DELETE",
+                &format!("/v1/launches/{name}"),
+                None,
+            )
+            .await?;
+            if admin.json {
+                println!("{text}")
+            } else {
+                println!("deleted launch {name}")
+            }
+        }
     }
     Ok(())
 }

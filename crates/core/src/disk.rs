@@ -94,7 +94,8 @@ impl DiskImage {
         // copying them into a frame), and those bytes are untrusted data anyway
         // (see the type's docs).
         #[allow(unsafe_code)]
-        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+        let _ =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
     }
 
     /// Scans the whole disk on every core (see [`crate::scan_buffer`]), releasing

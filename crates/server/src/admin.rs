@@ -2,21 +2,32 @@
 //! by default 127.0.0.1 only.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
+use blockrep_core::SourceId;
+use blockrep_store::{ErrorKind, LaunchKind, Store};
+use serde::Deserialize;
 use serde_json::json;
+use tracing::info;
 
 use crate::listener::Shared;
+use crate::status::now_unix_ms;
+use crate::views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/sources", get(list_sources))
         .route("/v1/sources/{source}", get(get_source))
+        .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/v1/snapshots/{source}/{name}", delete(delete_snapshot))
+        .route("/v1/launches", get(list_launches).post(create_launch))
+        .route("/v1/launches/{name}", delete(delete_launch))
         .fallback(not_found)
         .with_state(shared)
 }
@@ -24,6 +35,33 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// A JSON error body with a status code.
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn store_error(e: &blockrep_store::Error) -> Response {
+    let status = match e.kind() {
+        ErrorKind::NotFound | ErrorKind::Missing => StatusCode::NOT_FOUND,
+        ErrorKind::AlreadyExists | ErrorKind::Busy => StatusCode::CONFLICT,
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+fn parse_source(text: &str) -> Result<SourceId, Response> {
+    SourceId::new(text).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    work: impl FnOnce(&Arc<Store>) -> Result<T, blockrep_store::Error> + Send + 'static,
+) -> Result<T, Response> {
+    let store = Arc::clone(&shared.store);
+    match tokio::task::spawn_blocking(move || work(&store)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(store_error(&e)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
 }
 
 async fn not_found() -> Response {
@@ -48,4 +86,138 @@ async fn get_source(State(shared): State<Arc<Shared>>, Path(source): Path<String
             || error(StatusCode::NOT_FOUND, format!("no source {source:?}")),
             |view| Json(view).into_response(),
         )
+}
+
+#[derive(Debug, Deserialize)]
+struct SourceFilter {
+    source: Option<String>,
+}
+
+async fn list_snapshots(
+    State(shared): State<Arc<Shared>>,
+    Query(filter): Query<SourceFilter>,
+) -> Response {
+    let source = match filter.source.as_deref().map(parse_source).transpose() {
+        Ok(source) => source,
+        Err(response) => return response,
+    };
+    match blocking(&shared, move |store| store.list_snapshots(source.as_ref())).await {
+        Ok(list) => Json(list.iter().map(SnapshotView::from).collect::<Vec<_>>()).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn create_snapshot(
+    State(shared): State<Arc<Shared>>,
+    Json(body): Json<CreateSnapshot>,
+) -> Response {
+    let source = match parse_source(&body.source) {
+        Ok(source) => source,
+        Err(response) => return response,
+    };
+    let ttl = match body.ttl_seconds {
+        None => None,
+        Some(seconds) => match Duration::try_from_secs_f64(seconds) {
+            Ok(ttl) => Some(ttl),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid ttl_seconds {seconds}"),
+                );
+            }
+        },
+    };
+    let name = body.name.clone();
+    match blocking(&shared, move |store| {
+        store.create_snapshot(&source, name.as_deref(), ttl, now_unix_ms())
+    })
+    .await
+    {
+        Ok(snapshot) => {
+            info!(source = %snapshot.source, snapshot = %snapshot.name, epoch = snapshot.epoch, root = %snapshot.root, "snapshot created");
+            (StatusCode::CREATED, Json(SnapshotView::from(&snapshot))).into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+async fn delete_snapshot(
+    State(shared): State<Arc<Shared>>,
+    Path((source, name)): Path<(String, String)>,
+) -> Response {
+    let source = match parse_source(&source) {
+        Ok(source) => source,
+        Err(response) => return response,
+    };
+    match blocking(&shared, move |store| store.delete_snapshot(&source, &name)).await {
+        Ok(snapshot) => {
+            info!(source = %snapshot.source, snapshot = %snapshot.name, "snapshot deleted");
+            Json(SnapshotView::from(&snapshot)).into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+async fn list_launches(
+    State(shared): State<Arc<Shared>>,
+    Query(filter): Query<SourceFilter>,
+) -> Response {
+    let source = match filter.source.as_deref().map(parse_source).transpose() {
+        Ok(source) => source,
+        Err(response) => return response,
+    };
+    let nbd = shared.nbd_addr();
+    match blocking(&shared, move |store| store.list_launches(source.as_ref())).await {
+        Ok(list) => Json(
+            list.iter()
+                .map(|l| LaunchView::new(l, nbd))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn create_launch(
+    State(shared): State<Arc<Shared>>,
+    Json(body): Json<CreateLaunch>,
+) -> Response {
+    let source = match parse_source(&body.source) {
+        Ok(source) => source,
+        Err(response) => return response,
+    };
+    let kind = match body.kind.as_deref() {
+        None | Some("test") => LaunchKind::Test,
+        Some("cutover") => LaunchKind::Cutover,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown launch kind {other:?}: use test or cutover"),
+            );
+        }
+    };
+    let nbd = shared.nbd_addr();
+    let (snapshot, name) = (body.snapshot.clone(), body.name.clone());
+    match blocking(&shared, move |store| {
+        store.create_launch(&source, &snapshot, &name, kind)
+    })
+    .await
+    {
+        Ok(launch) => {
+            info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot, "launch created");
+            (StatusCode::CREATED, Json(LaunchView::new(&launch, nbd))).into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+async fn delete_launch(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    let target = name.clone();
+    match blocking(&shared, move |store| store.delete_launch(&target)).await {
+        Ok(()) => {
+            info!(launch = %name, "launch deleted");
+            Json(json!({ "deleted": name })).into_response()
+        }
+        Err(response) => response,
+    }
 }

@@ -16,9 +16,11 @@
 mod admin;
 mod connection;
 mod listener;
+mod retention;
 mod session;
 mod status;
 mod verify;
+mod views;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +28,7 @@ use std::time::Duration;
 
 pub use listener::{Server, ServerStats};
 pub use status::{SourceState, SourceView, StateThresholds};
+pub use views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
@@ -52,6 +55,11 @@ pub struct ServerConfig {
     pub rpo_target: Duration,
     /// No agent contact for this long makes a source `stalled`.
     pub stall_after: Duration,
+    /// Automatic snapshots and their retention; `None` takes none (snapshots with
+    /// an explicit TTL still expire).
+    pub retention: Option<blockrep_store::RetentionPolicy>,
+    /// How often automatic snapshots and expiry are considered.
+    pub retention_tick: Duration,
 }
 
 impl ServerConfig {
@@ -70,6 +78,8 @@ impl ServerConfig {
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7444))),
             rpo_target: Duration::from_secs(15 * 60),
             stall_after: Duration::from_secs(60),
+            retention: Some(blockrep_store::RetentionPolicy::default()),
+            retention_tick: Duration::from_secs(30),
         }
     }
 }

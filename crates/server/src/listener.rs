@@ -72,6 +72,11 @@ impl Drop for SourceSlot {
 }
 
 impl Shared {
+    /// Address of the NBD listener serving launch volumes, if enabled.
+    pub(crate) fn nbd_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
     pub(crate) fn thresholds(&self) -> StateThresholds {
         StateThresholds {
             rpo_target: self.config.rpo_target,
@@ -89,6 +94,15 @@ impl Shared {
             shared: Arc::clone(self),
             source: source.clone(),
         })
+    }
+}
+
+/// Aborts a background task when dropped (when `run` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -112,8 +126,12 @@ impl Server {
     /// Opens the store, loads the TLS files and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Server, Error> {
         let data_dir = config.data_dir.clone();
+        let policy = config.retention.clone();
         let (store, known) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&data_dir)?;
+            if let Some(policy) = policy {
+                store.set_retention_policy(policy);
+            }
             let mut known = Vec::new();
             for source in store.sources()? {
                 if let Some(head) = store.head(&source)? {
@@ -193,6 +211,8 @@ impl Server {
             });
         }
         let _stop_admin = stop_admin; // dropped when `run` returns: stops the admin API
+        let retention = tokio::spawn(crate::retention::run(Arc::clone(&self.shared)));
+        let _stop_retention = AbortOnDrop(retention);
         let permits = Arc::new(Semaphore::new(self.shared.config.connections_max));
         tokio::pin!(shutdown);
         loop {

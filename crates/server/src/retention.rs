@@ -1,0 +1,54 @@
+//! The snapshot schedule: automatic snapshots when the retention policy says one
+//! is due, and expiry of snapshots past their time, for every source.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::listener::Shared;
+use crate::status::now_unix_ms;
+
+/// Ticks forever (the task is aborted when the server stops).
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(shared.config.retention_tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let shared = Arc::clone(&shared);
+        let outcome = tokio::task::spawn_blocking(move || tick(&shared)).await;
+        if let Err(e) = outcome {
+            warn!(error = %e, "snapshot schedule task failed");
+        }
+    }
+}
+
+fn tick(shared: &Shared) {
+    let store = &shared.store;
+    let now = now_unix_ms();
+    if shared.config.retention.is_some() {
+        let sources = match store.sources() {
+            Ok(sources) => sources,
+            Err(e) => {
+                warn!(error = %e, "cannot list sources for automatic snapshots");
+                return;
+            }
+        };
+        for source in sources {
+            match store.create_auto_snapshot_if_due(&source, now) {
+                Ok(Some(snapshot)) => {
+                    info!(source = %source, snapshot = %snapshot.name, epoch = snapshot.epoch, "automatic snapshot taken");
+                }
+                Ok(None) => {}
+                Err(e) => warn!(source = %source, error = %e, "automatic snapshot failed"),
+            }
+        }
+    }
+    match store.expire_snapshots(now) {
+        Ok(expired) => {
+            for snapshot in expired {
+                info!(source = %snapshot.source, snapshot = %snapshot.name, "snapshot expired");
+            }
+        }
+        Err(e) => warn!(error = %e, "snapshot expiry failed"),
+    }
+}

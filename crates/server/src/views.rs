@@ -1,0 +1,96 @@
+//! JSON shapes of the admin API's snapshots and launches.
+
+use blockrep_store::{LaunchInfo, LaunchKind, Snapshot, SnapshotKind};
+use serde::{Deserialize, Serialize};
+
+/// A snapshot as the admin API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotView {
+    pub source: String,
+    pub name: String,
+    /// `manual`, `auto` or `cutover`.
+    pub kind: String,
+    pub epoch: u64,
+    pub root: String,
+    pub created_unix_ms: u64,
+    /// 0 when it never expires.
+    pub expires_unix_ms: u64,
+}
+
+impl From<&Snapshot> for SnapshotView {
+    fn from(s: &Snapshot) -> Self {
+        Self {
+            source: s.source.to_string(),
+            name: s.name.clone(),
+            kind: match s.kind {
+                SnapshotKind::Manual => "manual",
+                SnapshotKind::Auto => "auto",
+                SnapshotKind::Cutover => "cutover",
+            }
+            .to_owned(),
+            epoch: s.epoch,
+            root: s.root.to_hex(),
+            created_unix_ms: s.created_unix_ms,
+            expires_unix_ms: s.expires_unix_ms,
+        }
+    }
+}
+
+/// A launch volume as the admin API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchView {
+    pub name: String,
+    pub source: String,
+    pub snapshot: String,
+    /// `test` or `cutover`.
+    pub kind: String,
+    pub base_root: String,
+    pub base_epoch: u64,
+    /// Root of the last flushed state.
+    pub root: String,
+    pub generation: u64,
+    pub created_unix_ms: u64,
+    pub flushed_unix_ms: u64,
+    /// NBD URI of the export, when the NBD listener is enabled.
+    pub nbd_uri: Option<String>,
+}
+
+impl LaunchView {
+    pub(crate) fn new(info: &LaunchInfo, nbd_addr: Option<std::net::SocketAddr>) -> Self {
+        Self {
+            name: info.name.clone(),
+            source: info.source.to_string(),
+            snapshot: info.snapshot.clone(),
+            kind: match info.kind {
+                LaunchKind::Test => "test",
+                LaunchKind::Cutover => "cutover",
+            }
+            .to_owned(),
+            base_root: info.base_root.to_hex(),
+            base_epoch: info.base_epoch,
+            root: info.root.to_hex(),
+            generation: info.generation,
+            created_unix_ms: info.created_unix_ms,
+            flushed_unix_ms: info.flushed_unix_ms,
+            nbd_uri: nbd_addr.map(|addr| format!("nbd://{addr}/{}", info.name)),
+        }
+    }
+}
+
+/// Body of `POST /v1/snapshots`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    pub source: String,
+    pub name: Option<String>,
+    pub ttl_seconds: Option<f64>,
+}
+
+/// Body of `POST /v1/launches`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateLaunch {
+    pub source: String,
+    pub snapshot: String,
+    pub name: String,
+    /// `test` (default) or `cutover`.
+    pub kind: Option<String>,
+}
