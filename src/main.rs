@@ -148,6 +148,23 @@ struct ServerArgs {
     /// A source with no agent contact for this long is `stalled`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     stall_after: Duration,
+    /// Serve launch volumes over NBD on this address (e.g. 127.0.0.1:10809).
+    #[arg(long)]
+    nbd_listen: Option<SocketAddr>,
+    /// Require TLS on the NBD listener (STARTTLS, client certificates from the same CA).
+    #[arg(long)]
+    nbd_tls: bool,
+    /// Automatic snapshots: EVERY:KEEP tiers, or `off`. The default follows AWS
+    /// DRS: every 10 minutes kept 1 hour, hourly kept 24 hours, daily kept 7 days.
+    #[arg(long)]
+    retention: Option<String>,
+    /// How often automatic snapshots and expiry are considered.
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+    retention_tick: Duration,
+    /// Settings file (`key = value` lines); known key: `retention`. Command-line
+    /// flags win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 /// Where the admin API is, and how to print its answers.
@@ -405,16 +422,61 @@ async fn server(args: ServerArgs) -> Result<()> {
     config.admin_listen = Some(args.admin_listen);
     config.rpo_target = args.rpo_target;
     config.stall_after = args.stall_after;
+    config.nbd_listen = args.nbd_listen;
+    config.nbd_tls = args.nbd_tls;
+    config.retention_tick = args.retention_tick;
+    let mut retention = None;
+    if let Some(path) = &args.config {
+        retention = server_settings(path)?;
+    }
+    if let Some(spec) = &args.retention {
+        retention = Some(spec.clone());
+    }
+    if let Some(spec) = retention {
+        config.retention = units::parse_retention(&spec).map_err(anyhow::Error::msg)?;
+    }
     let server = blockrep_server::Server::bind(config).await?;
     // Tests and scripts read this line to find ephemeral ports.
-    let admin = server
-        .admin_addr()
-        .map_or_else(|| "off".to_owned(), |a| a.to_string());
-    println!("listening on {} admin {admin}", server.local_addr()?);
+    let off = || "off".to_owned();
+    let admin = server.admin_addr().map_or_else(off, |a| a.to_string());
+    let nbd = server.nbd_addr().map_or_else(off, |a| a.to_string());
+    println!(
+        "listening on {} admin {admin} nbd {nbd}",
+        server.local_addr()?
+    );
     use std::io::Write as _;
     std::io::stdout().flush()?;
     server.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// Reads the server's settings file; returns the retention spec if set.
+fn server_settings(path: &Path) -> Result<Option<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut retention = None;
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .with_context(|| format!("{}:{}: expected key = value", path.display(), number + 1))?;
+        match key.trim() {
+            "retention" => {
+                units::parse_retention(value.trim())
+                    .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), number + 1))?;
+                retention = Some(value.trim().to_owned());
+            }
+            other => bail!(
+                "{}:{}: unknown setting {other:?} (known: retention)",
+                path.display(),
+                number + 1
+            ),
+        }
+    }
+    Ok(retention)
 }
 
 async fn shutdown_signal() {

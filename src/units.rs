@@ -30,7 +30,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
-/// Parses a duration: a number with `ms`, `s`, `m` or `h` (default seconds).
+/// Parses a duration: a number with `ms`, `s`, `m`, `h` or `d` (default seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -54,6 +54,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("invalid duration {text:?}"))
 }
 
+/// Parses a retention policy: `EVERY:KEEP` tiers separated by commas, e.g.
+/// `10m:1h,1h:24h,1d:7d`; `off` for no automatic snapshots.
+pub fn parse_retention(text: &str) -> Result<Option<blockrep_store::RetentionPolicy>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let mut tiers = Vec::new();
+    for tier in text.split(',') {
+        let (every, keep) = tier.split_once(':').ok_or_else(|| {
+            format!("invalid retention tier {tier:?}: expected EVERY:KEEP, e.g. 1h:24h")
+        })?;
+        tiers.push(blockrep_store::RetentionTier {
+            every: parse_duration(every)?,
+            keep_for: parse_duration(keep)?,
+        });
+    }
+    blockrep_store::RetentionPolicy::new(&tiers)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +96,19 @@ mod tests {
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn retention_policies() {
+        let policy = parse_retention("10m:1h,1h:24h,1d:7d").unwrap().unwrap();
+        assert_eq!(policy.tiers().len(), 3);
+        assert!(parse_retention("off").unwrap().is_none());
+        assert!(parse_retention("10m").is_err());
+        assert!(parse_retention("x:1h").is_err());
     }
 }

@@ -16,6 +16,7 @@
 mod admin;
 mod connection;
 mod listener;
+mod nbd_export;
 mod retention;
 mod session;
 mod status;
@@ -60,6 +61,11 @@ pub struct ServerConfig {
     pub retention: Option<blockrep_store::RetentionPolicy>,
     /// How often automatic snapshots and expiry are considered.
     pub retention_tick: Duration,
+    /// Address of the NBD listener serving launch volumes; `None` disables it.
+    pub nbd_listen: Option<SocketAddr>,
+    /// Require TLS (NBD STARTTLS, client certificates from the same CA) on the
+    /// NBD listener.
+    pub nbd_tls: bool,
 }
 
 impl ServerConfig {
@@ -80,6 +86,8 @@ impl ServerConfig {
             stall_after: Duration::from_secs(60),
             retention: Some(blockrep_store::RetentionPolicy::default()),
             retention_tick: Duration::from_secs(30),
+            nbd_listen: None,
+            nbd_tls: false,
         }
     }
 }

@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub stats: ServerStats,
     /// Per-source lag, backlog and counters.
     pub sources: SourceTable,
+    /// Bound address of the NBD listener.
+    nbd_addr: Option<SocketAddr>,
     /// Sources with a session in progress: one session per source at a time.
     active_sources: Mutex<HashSet<SourceId>>,
 }
@@ -74,7 +76,7 @@ impl Drop for SourceSlot {
 impl Shared {
     /// Address of the NBD listener serving launch volumes, if enabled.
     pub(crate) fn nbd_addr(&self) -> Option<SocketAddr> {
-        None
+        self.nbd_addr
     }
 
     pub(crate) fn thresholds(&self) -> StateThresholds {
@@ -110,6 +112,8 @@ impl Drop for AbortOnDrop {
 pub struct Server {
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
+    nbd_listener: Option<TcpListener>,
+    tls: Arc<rustls::ServerConfig>,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 }
@@ -149,6 +153,7 @@ impl Server {
         }
         let tls =
             blockrep_pki::server_config(&config.ca_path, &config.cert_path, &config.key_path)?;
+        let tls = Arc::new(tls);
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -163,15 +168,27 @@ impl Server {
             ),
             None => None,
         };
+        let nbd_listener = match config.nbd_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let nbd_addr = nbd_listener.as_ref().and_then(|l| l.local_addr().ok());
         Ok(Server {
             listener,
             admin_listener,
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            nbd_listener,
+            tls: Arc::clone(&tls),
+            acceptor: TlsAcceptor::from(tls),
             shared: Arc::new(Shared {
                 store: Arc::new(store),
                 config,
                 stats: ServerStats::default(),
                 sources,
+                nbd_addr,
                 active_sources: Mutex::new(HashSet::new()),
             }),
         })
@@ -180,6 +197,11 @@ impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address of the NBD listener, if enabled.
+    pub fn nbd_addr(&self) -> Option<SocketAddr> {
+        self.shared.nbd_addr
     }
 
     /// The address of the admin API, if enabled.
@@ -211,6 +233,25 @@ impl Server {
             });
         }
         let _stop_admin = stop_admin; // dropped when `run` returns: stops the admin API
+        let (stop_nbd, nbd_stopped) = tokio::sync::oneshot::channel::<()>();
+        if let Some(nbd_listener) = self.nbd_listener {
+            let registry = Arc::new(crate::nbd_export::LaunchRegistry {
+                store: Arc::clone(&self.shared.store),
+            });
+            let limits = blockrep_nbd::Limits {
+                // A VM's disk may be quiet for a long time; do not drop it.
+                idle_timeout: std::time::Duration::from_secs(7 * 24 * 3600),
+                ..blockrep_nbd::Limits::default()
+            };
+            let mut nbd = blockrep_nbd::NbdServer::new(registry, limits);
+            if self.shared.config.nbd_tls {
+                nbd = nbd.with_tls(Arc::clone(&self.tls), true);
+            }
+            tokio::spawn(Arc::new(nbd).run(nbd_listener, async {
+                let _ = nbd_stopped.await;
+            }));
+        }
+        let _stop_nbd = stop_nbd;
         let retention = tokio::spawn(crate::retention::run(Arc::clone(&self.shared)));
         let _stop_retention = AbortOnDrop(retention);
         let permits = Arc::new(Semaphore::new(self.shared.config.connections_max));

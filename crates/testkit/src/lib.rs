@@ -77,6 +77,8 @@ pub struct ServerProcess {
     pub addr: SocketAddr,
     /// The admin API's address (servers here listen on 127.0.0.1:0 for it too).
     pub admin_addr: Option<SocketAddr>,
+    /// The NBD listener's address, when started with `--nbd-listen`.
+    pub nbd_addr: Option<SocketAddr>,
     /// Everything the server logged on stderr so far.
     pub log: Arc<Mutex<String>>,
 }
