@@ -716,8 +716,8 @@ fn print_snapshots(snapshots: &[blockrep_server::SnapshotView]) {
 
 fn print_launches(launches: &[blockrep_server::LaunchView]) {
     println!(
-        "{:<20} {:<16} {:<24} {:<8} {:>4} {}",
-        "NAME", "SOURCE", "SNAPSHOT", "KIND", "GEN", "NBD"
+        "{:<20} {:<16} {:<24} {:<8} {:>4} NBD",
+        "NAME", "SOURCE", "SNAPSHOT", "KIND", "GEN"
     );
     for l in launches {
         println!(

@@ -93,6 +93,58 @@ pub fn require_external_tools() -> bool {
     std::env::var_os("BLOCKREP_REQUIRE_TOOLS").is_some()
 }
 
+/// An admin API request; returns the status code and the body.
+pub fn admin_request(
+    admin: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_owned())
+}
+
+/// Runs an external tool; panics with its output if it fails.
+pub fn run_tool(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(&output),
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Whether `program` can be run (scripts/test.sh installs the clients).
+pub fn have_tool(program: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found || !require_external_tools(),
+        "{program} is required (BLOCKREP_REQUIRE_TOOLS is set)"
+    );
+    found
+}
+
 /// `GET /v1/sources` from the admin API, parsed.
 pub fn admin_sources(admin: std::net::SocketAddr) -> Vec<blockrep_server::SourceView> {
     use std::io::{Read, Write};

@@ -37,6 +37,21 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// An error answer: kept small (a boxed response) so `Result`s stay cheap.
+struct ApiError(Box<Response>);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+impl From<Response> for ApiError {
+    fn from(response: Response) -> Self {
+        ApiError(Box::new(response))
+    }
+}
+
 fn store_error(e: &blockrep_store::Error) -> Response {
     let status = match e.kind() {
         ErrorKind::NotFound | ErrorKind::Missing => StatusCode::NOT_FOUND,
@@ -47,20 +62,20 @@ fn store_error(e: &blockrep_store::Error) -> Response {
     error(status, e.to_string())
 }
 
-fn parse_source(text: &str) -> Result<SourceId, Response> {
-    SourceId::new(text).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+fn parse_source(text: &str) -> Result<SourceId, ApiError> {
+    SourceId::new(text).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()).into())
 }
 
 /// Runs blocking store work off the async workers.
 async fn blocking<T: Send + 'static>(
     shared: &Arc<Shared>,
     work: impl FnOnce(&Arc<Store>) -> Result<T, blockrep_store::Error> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, ApiError> {
     let store = Arc::clone(&shared.store);
     match tokio::task::spawn_blocking(move || work(&store)).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(store_error(&e)),
-        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Ok(Err(e)) => Err(store_error(&e).into()),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into()),
     }
 }
 
@@ -96,128 +111,92 @@ struct SourceFilter {
 async fn list_snapshots(
     State(shared): State<Arc<Shared>>,
     Query(filter): Query<SourceFilter>,
-) -> Response {
-    let source = match filter.source.as_deref().map(parse_source).transpose() {
-        Ok(source) => source,
-        Err(response) => return response,
-    };
-    match blocking(&shared, move |store| store.list_snapshots(source.as_ref())).await {
-        Ok(list) => Json(list.iter().map(SnapshotView::from).collect::<Vec<_>>()).into_response(),
-        Err(response) => response,
-    }
+) -> Result<Response, ApiError> {
+    let source = filter.source.as_deref().map(parse_source).transpose()?;
+    let list = blocking(&shared, move |store| store.list_snapshots(source.as_ref())).await?;
+    Ok(Json(list.iter().map(SnapshotView::from).collect::<Vec<_>>()).into_response())
 }
 
 async fn create_snapshot(
     State(shared): State<Arc<Shared>>,
     Json(body): Json<CreateSnapshot>,
-) -> Response {
-    let source = match parse_source(&body.source) {
-        Ok(source) => source,
-        Err(response) => return response,
-    };
+) -> Result<Response, ApiError> {
+    let source = parse_source(&body.source)?;
     let ttl = match body.ttl_seconds {
         None => None,
-        Some(seconds) => match Duration::try_from_secs_f64(seconds) {
-            Ok(ttl) => Some(ttl),
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("invalid ttl_seconds {seconds}"),
-                );
-            }
-        },
+        Some(seconds) => Some(Duration::try_from_secs_f64(seconds).map_err(|_| {
+            ApiError::from(error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid ttl_seconds {seconds}"),
+            ))
+        })?),
     };
     let name = body.name.clone();
-    match blocking(&shared, move |store| {
+    let snapshot = blocking(&shared, move |store| {
         store.create_snapshot(&source, name.as_deref(), ttl, now_unix_ms())
     })
-    .await
-    {
-        Ok(snapshot) => {
-            info!(source = %snapshot.source, snapshot = %snapshot.name, epoch = snapshot.epoch, root = %snapshot.root, "snapshot created");
-            (StatusCode::CREATED, Json(SnapshotView::from(&snapshot))).into_response()
-        }
-        Err(response) => response,
-    }
+    .await?;
+    info!(source = %snapshot.source, snapshot = %snapshot.name, epoch = snapshot.epoch, root = %snapshot.root, "snapshot created");
+    Ok((StatusCode::CREATED, Json(SnapshotView::from(&snapshot))).into_response())
 }
 
 async fn delete_snapshot(
     State(shared): State<Arc<Shared>>,
     Path((source, name)): Path<(String, String)>,
-) -> Response {
-    let source = match parse_source(&source) {
-        Ok(source) => source,
-        Err(response) => return response,
-    };
-    match blocking(&shared, move |store| store.delete_snapshot(&source, &name)).await {
-        Ok(snapshot) => {
-            info!(source = %snapshot.source, snapshot = %snapshot.name, "snapshot deleted");
-            Json(SnapshotView::from(&snapshot)).into_response()
-        }
-        Err(response) => response,
-    }
+) -> Result<Response, ApiError> {
+    let source = parse_source(&source)?;
+    let snapshot = blocking(&shared, move |store| store.delete_snapshot(&source, &name)).await?;
+    info!(source = %snapshot.source, snapshot = %snapshot.name, "snapshot deleted");
+    Ok(Json(SnapshotView::from(&snapshot)).into_response())
 }
 
 async fn list_launches(
     State(shared): State<Arc<Shared>>,
     Query(filter): Query<SourceFilter>,
-) -> Response {
-    let source = match filter.source.as_deref().map(parse_source).transpose() {
-        Ok(source) => source,
-        Err(response) => return response,
-    };
+) -> Result<Response, ApiError> {
+    let source = filter.source.as_deref().map(parse_source).transpose()?;
     let nbd = shared.nbd_addr();
-    match blocking(&shared, move |store| store.list_launches(source.as_ref())).await {
-        Ok(list) => Json(
-            list.iter()
-                .map(|l| LaunchView::new(l, nbd))
-                .collect::<Vec<_>>(),
-        )
-        .into_response(),
-        Err(response) => response,
-    }
+    let list = blocking(&shared, move |store| store.list_launches(source.as_ref())).await?;
+    Ok(Json(
+        list.iter()
+            .map(|l| LaunchView::new(l, nbd))
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
 }
 
 async fn create_launch(
     State(shared): State<Arc<Shared>>,
     Json(body): Json<CreateLaunch>,
-) -> Response {
-    let source = match parse_source(&body.source) {
-        Ok(source) => source,
-        Err(response) => return response,
-    };
+) -> Result<Response, ApiError> {
+    let source = parse_source(&body.source)?;
     let kind = match body.kind.as_deref() {
         None | Some("test") => LaunchKind::Test,
         Some("cutover") => LaunchKind::Cutover,
         Some(other) => {
-            return error(
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 format!("unknown launch kind {other:?}: use test or cutover"),
-            );
+            )
+            .into());
         }
     };
     let nbd = shared.nbd_addr();
     let (snapshot, name) = (body.snapshot.clone(), body.name.clone());
-    match blocking(&shared, move |store| {
+    let launch = blocking(&shared, move |store| {
         store.create_launch(&source, &snapshot, &name, kind)
     })
-    .await
-    {
-        Ok(launch) => {
-            info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot, "launch created");
-            (StatusCode::CREATED, Json(LaunchView::new(&launch, nbd))).into_response()
-        }
-        Err(response) => response,
-    }
+    .await?;
+    info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot, "launch created");
+    Ok((StatusCode::CREATED, Json(LaunchView::new(&launch, nbd))).into_response())
 }
 
-async fn delete_launch(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+async fn delete_launch(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let target = name.clone();
-    match blocking(&shared, move |store| store.delete_launch(&target)).await {
-        Ok(()) => {
-            info!(launch = %name, "launch deleted");
-            Json(json!({ "deleted": name })).into_response()
-        }
-        Err(response) => response,
-    }
+    blocking(&shared, move |store| store.delete_launch(&target)).await?;
+    info!(launch = %name, "launch deleted");
+    Ok(Json(json!({ "deleted": name })).into_response())
 }

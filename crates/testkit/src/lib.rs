@@ -127,9 +127,9 @@ impl ServerProcess {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let (addr, admin_addr) = match fields.as_slice() {
-            ["listening", "on", addr, "admin", admin] => {
-                (addr.parse().unwrap(), admin.parse().ok())
+        let (addr, admin_addr, nbd_addr) = match fields.as_slice() {
+            ["listening", "on", addr, "admin", admin, "nbd", nbd] => {
+                (addr.parse().unwrap(), admin.parse().ok(), nbd.parse().ok())
             }
             _ => panic!(
                 "unexpected server output {line:?}; log: {}",
@@ -144,6 +144,7 @@ impl ServerProcess {
             child,
             addr,
             admin_addr,
+            nbd_addr,
             log,
         }
     }
