@@ -94,12 +94,72 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             chunks_received,
             bytes_received,
             chunks_stored,
+            cutover_requested,
         } => {
             out.put_u64_le(*epoch);
             out.put_slice(root.as_bytes());
             out.put_u64_le(*chunks_received);
             out.put_u64_le(*bytes_received);
             out.put_u64_le(*chunks_stored);
+            out.put_u8(u8::from(*cutover_requested));
+        }
+        Message::CutoverReady {
+            epoch,
+            root,
+            snapshot,
+            launch,
+            commit_ms,
+            launch_ms,
+        } => {
+            out.put_u64_le(*epoch);
+            out.put_slice(root.as_bytes());
+            put_short_string(out, snapshot);
+            put_short_string(out, launch);
+            out.put_u64_le(*commit_ms);
+            out.put_u64_le(*launch_ms);
+        }
+        Message::FailbackStart { launch } => put_short_string(out, launch),
+        Message::CutoverReport {
+            hook_ms,
+            scan_ms,
+            transfer_ms,
+            total_ms,
+        } => {
+            for value in [hook_ms, scan_ms, transfer_ms, total_ms] {
+                out.put_u64_le(*value);
+            }
+        }
+        Message::FailbackPlan {
+            target_root,
+            base_root,
+        } => {
+            out.put_u32_le(target_root.len() as u32);
+            out.put_slice(target_root);
+            out.put_u32_le(base_root.len() as u32);
+            out.put_slice(base_root);
+        }
+        Message::GetBasePages { indices } => {
+            out.put_u32_le(indices.len() as u32);
+            for index in indices {
+                out.put_u32_le(*index);
+            }
+        }
+        Message::Want { indices } => {
+            out.put_u32_le(indices.len() as u32);
+            for index in indices {
+                out.put_u64_le(*index);
+            }
+        }
+        Message::FailbackDone { root, finalize } => {
+            out.put_slice(root.as_bytes());
+            out.put_u8(u8::from(*finalize));
+        }
+        Message::FailbackAck {
+            matches,
+            finalize_requested,
+        } => {
+            out.put_u8(u8::from(*matches));
+            out.put_u8(u8::from(*finalize_requested));
         }
         Message::Error { code, message } => {
             out.put_u16_le(code.to_u16());
@@ -232,6 +292,18 @@ impl Reader<'_> {
         let mut id = [0u8; 32];
         self.0.copy_to_slice(&mut id);
         Ok(ChunkId(id))
+    }
+    fn flag(&mut self, what: &str) -> Result<bool, ProtoError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(malformed(format!("{what} {other} is not 0 or 1"))),
+        }
+    }
+    fn short_string(&mut self, what: &str) -> Result<String, ProtoError> {
+        let len = self.u8(what)? as usize;
+        let raw = self.bytes(len, u8::MAX as usize, what)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| malformed(format!("{what} is not UTF-8")))
     }
     fn bytes(&mut self, len: usize, limit: usize, what: &str) -> Result<Bytes, ProtoError> {
         if len > limit {
@@ -371,7 +443,67 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
             chunks_received: r.u64("chunk count")?,
             bytes_received: r.u64("byte count")?,
             chunks_stored: r.u64("chunk count")?,
+            cutover_requested: r.flag("cutover flag")?,
         },
+        12 => Message::CutoverReady {
+            epoch: r.u64("epoch")?,
+            root: r.id("root")?,
+            snapshot: r.short_string("snapshot name")?,
+            launch: r.short_string("launch name")?,
+            commit_ms: r.u64("commit time")?,
+            launch_ms: r.u64("launch time")?,
+        },
+        19 => Message::CutoverReport {
+            hook_ms: r.u64("hook time")?,
+            scan_ms: r.u64("scan time")?,
+            transfer_ms: r.u64("transfer time")?,
+            total_ms: r.u64("total time")?,
+        },
+        13 => Message::FailbackStart {
+            launch: r.short_string("launch name")?,
+        },
+        14 => {
+            let len = r.u32("root length")? as usize;
+            let target_root = r.bytes(len, FRAME_LEN_MAX as usize, "target root")?;
+            let len = r.u32("root length")? as usize;
+            let base_root = r.bytes(len, FRAME_LEN_MAX as usize, "base root")?;
+            Message::FailbackPlan {
+                target_root,
+                base_root,
+            }
+        }
+        15 => {
+            let count = r.u32("chunk count")? as usize;
+            if count > OFFER_IDS_MAX {
+                return Err(ProtoError::new(
+                    ProtoErrorKind::LimitExceeded,
+                    format!("Want of {count} chunks exceeds the limit of {OFFER_IDS_MAX}"),
+                ));
+            }
+            r.need(count * 8, "chunk indices")?;
+            let indices = (0..count).map(|_| r.0.get_u64_le()).collect();
+            Message::Want { indices }
+        }
+        16 => Message::FailbackDone {
+            root: r.id("root")?,
+            finalize: r.flag("finalize flag")?,
+        },
+        17 => Message::FailbackAck {
+            matches: r.flag("match flag")?,
+            finalize_requested: r.flag("finalize flag")?,
+        },
+        18 => {
+            let count = r.u32("page count")? as usize;
+            if count > GET_PAGES_MAX {
+                return Err(ProtoError::new(
+                    ProtoErrorKind::LimitExceeded,
+                    format!("GetBasePages of {count} pages exceeds the limit of {GET_PAGES_MAX}"),
+                ));
+            }
+            r.need(count * 4, "page indices")?;
+            let indices = (0..count).map(|_| r.0.get_u32_le()).collect();
+            Message::GetBasePages { indices }
+        }
         8 => {
             let code = ErrorCode::from_u16(r.u16("error code")?);
             let len = r.u16("message length")? as usize;
@@ -476,19 +608,43 @@ mod tests {
                 id_strategy(),
                 any::<u64>(),
                 any::<u64>(),
-                any::<u64>()
+                any::<u64>(),
+                any::<bool>()
             )
-                .prop_map(|(epoch, root, a, b, c)| Message::Committed {
+                .prop_map(|(epoch, root, a, b, c, cutover)| Message::Committed {
                     epoch,
                     root,
                     chunks_received: a,
                     bytes_received: b,
-                    chunks_stored: c
+                    chunks_stored: c,
+                    cutover_requested: cutover,
                 }),
             (1u16..20, "[ -~]{0,100}").prop_map(|(code, message)| Message::Error {
                 code: ErrorCode::from_u16(code),
                 message
             }),
+            lifecycle_strategy(),
+        ]
+    }
+
+    fn lifecycle_strategy() -> impl Strategy<Value = Message> {
+        let bytes = |max| proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from);
+        prop_oneof![
+            (any::<u64>(), id_strategy(), "[a-z0-9-]{0,30}", "[a-z0-9-]{0,30}", any::<u64>(), any::<u64>())
+                .prop_map(|(epoch, root, snapshot, launch, commit_ms, launch_ms)| {
+                    Message::CutoverReady { epoch, root, snapshot, launch, commit_ms, launch_ms }
+                }),
+            "[a-z0-9-]{0,40}".prop_map(|launch| Message::FailbackStart { launch }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c, d)| {
+                Message::CutoverReport { hook_ms: a, scan_ms: b, transfer_ms: c, total_ms: d }
+            }),
+            (bytes(100), bytes(100))
+                .prop_map(|(target_root, base_root)| Message::FailbackPlan { target_root, base_root }),
+            proptest::collection::vec(any::<u32>(), 0..20).prop_map(|indices| Message::GetBasePages { indices }),
+            proptest::collection::vec(any::<u64>(), 0..20).prop_map(|indices| Message::Want { indices }),
+            (id_strategy(), any::<bool>()).prop_map(|(root, finalize)| Message::FailbackDone { root, finalize }),
+            (any::<bool>(), any::<bool>())
+                .prop_map(|(matches, finalize_requested)| Message::FailbackAck { matches, finalize_requested }),
         ]
     }
 

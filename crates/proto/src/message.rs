@@ -65,6 +65,10 @@ pub enum ErrorCode {
     Unauthorized,
     /// The server failed (e.g. a disk error); nothing was committed.
     Internal,
+    /// The source has been cut over: replication is fenced until reset.
+    Fenced,
+    /// The request names something that does not exist (e.g. a launch).
+    NotFound,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -84,6 +88,8 @@ impl ErrorCode {
             ErrorCode::UnexpectedMessage => 9,
             ErrorCode::Unauthorized => 10,
             ErrorCode::Internal => 11,
+            ErrorCode::Fenced => 12,
+            ErrorCode::NotFound => 13,
             ErrorCode::Unknown(code) => code,
         }
     }
@@ -103,6 +109,8 @@ impl ErrorCode {
             9 => ErrorCode::UnexpectedMessage,
             10 => ErrorCode::Unauthorized,
             11 => ErrorCode::Internal,
+            12 => ErrorCode::Fenced,
+            13 => ErrorCode::NotFound,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -122,6 +130,8 @@ impl fmt::Display for ErrorCode {
             ErrorCode::UnexpectedMessage => "unexpected message",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Internal => "internal server error",
+            ErrorCode::Fenced => "source fenced after cutover",
+            ErrorCode::NotFound => "not found",
             ErrorCode::Unknown(code) => return write!(f, "error code {code}"),
         };
         f.write_str(text)
@@ -193,7 +203,44 @@ pub enum Message {
         chunks_received: u64,
         bytes_received: u64,
         chunks_stored: u64,
+        /// The operator asked for a cutover: the agent should run its final epoch.
+        cutover_requested: bool,
     },
+    /// Server -> agent, after a `Commit` with `last`: the cutover snapshot and
+    /// launch volume are ready.
+    CutoverReady {
+        epoch: u64,
+        root: ChunkId,
+        snapshot: String,
+        launch: String,
+        commit_ms: u64,
+        launch_ms: u64,
+    },
+    /// Agent -> server, after `CutoverReady`: the agent's side of the downtime,
+    /// kept with the source's cutover record.
+    CutoverReport {
+        hook_ms: u64,
+        scan_ms: u64,
+        transfer_ms: u64,
+        total_ms: u64,
+    },
+    /// Agent -> server, first message after `Welcome` of a failback session:
+    /// bring the disk back to this launch volume's content.
+    FailbackStart { launch: String },
+    /// Server -> agent: the launch's current root (the target) and the root the
+    /// disk had at cutover (the base, to detect changes made to the disk since).
+    FailbackPlan { target_root: Bytes, base_root: Bytes },
+    /// Agent -> server (failback): send these index pages of the base root
+    /// (`GetPages` asks for pages of the target).
+    GetBasePages { indices: Vec<u32> },
+    /// Agent -> server (failback): send the target's data for these chunks.
+    Want { indices: Vec<u64> },
+    /// Agent -> server (failback): the disk now has `root`; `finalize` ends the
+    /// failback (the source becomes `failed_back`).
+    FailbackDone { root: ChunkId, finalize: bool },
+    /// Server -> agent: whether `root` equals the target, and whether the
+    /// operator asked to finalize.
+    FailbackAck { matches: bool, finalize_requested: bool },
     /// Either way: the session ends for this reason.
     Error { code: ErrorCode, message: String },
 }
@@ -213,6 +260,14 @@ impl Message {
             Message::Backlog { .. } => 9,
             Message::Offer { .. } => 10,
             Message::Have { .. } => 11,
+            Message::CutoverReady { .. } => 12,
+            Message::FailbackStart { .. } => 13,
+            Message::FailbackPlan { .. } => 14,
+            Message::Want { .. } => 15,
+            Message::FailbackDone { .. } => 16,
+            Message::FailbackAck { .. } => 17,
+            Message::GetBasePages { .. } => 18,
+            Message::CutoverReport { .. } => 19,
         }
     }
 
@@ -230,6 +285,14 @@ impl Message {
             Message::Backlog { .. } => "Backlog",
             Message::Offer { .. } => "Offer",
             Message::Have { .. } => "Have",
+            Message::CutoverReady { .. } => "CutoverReady",
+            Message::FailbackStart { .. } => "FailbackStart",
+            Message::FailbackPlan { .. } => "FailbackPlan",
+            Message::Want { .. } => "Want",
+            Message::FailbackDone { .. } => "FailbackDone",
+            Message::FailbackAck { .. } => "FailbackAck",
+            Message::GetBasePages { .. } => "GetBasePages",
+            Message::CutoverReport { .. } => "CutoverReport",
         }
     }
 }

@@ -22,6 +22,8 @@ pub(crate) struct Connection<S> {
     write_buf: BytesMut,
     /// Frame bytes read so far (headers included).
     pub bytes_read: u64,
+    /// Frame bytes written so far.
+    pub bytes_written: u64,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -31,6 +33,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             read_buf: BytesMut::with_capacity(256 * 1024),
             write_buf: BytesMut::with_capacity(64 * 1024),
             bytes_read: 0,
+            bytes_written: 0,
         }
     }
 
@@ -67,6 +70,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Writes every queued message and flushes the stream.
     pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
         self.stream.write_all(&self.write_buf).await?;
+        self.bytes_written += self.write_buf.len() as u64;
         self.write_buf.clear();
         self.stream.flush().await
     }

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use listener::{Server, ServerStats};
-pub use status::{SourceState, SourceView, StateThresholds};
+pub use status::{CutoverView, SourceState, SourceView, StateThresholds};
 pub use views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
 /// Everything the server needs to run.

@@ -139,7 +139,8 @@ impl Server {
             let mut known = Vec::new();
             for source in store.sources()? {
                 if let Some(head) = store.head(&source)? {
-                    known.push((source, head));
+                    let lifecycle = store.lifecycle(&source)?;
+                    known.push((source, head, lifecycle));
                 }
             }
             Ok::<_, blockrep_store::Error>((store, known))
@@ -148,8 +149,10 @@ impl Server {
         .expect("store open task does not panic")?;
         let sources = SourceTable::default();
         let now = now_unix_ms();
-        for (source, head) in known {
-            sources.insert(source, SourceRecord::from_head(&head, now));
+        for (source, head, lifecycle) in known {
+            let mut record = SourceRecord::from_head(&head, now);
+            record.lifecycle = lifecycle;
+            sources.insert(source, record);
         }
         let tls =
             blockrep_pki::server_config(&config.ca_path, &config.cert_path, &config.key_path)?;

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
 use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION, negotiate_version};
+use blockrep_store::{Downtime, LaunchKind, Lifecycle, LifecycleStage, SnapshotKind};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
@@ -81,6 +82,11 @@ struct Replica {
     ids: Vec<ChunkId>,
     page_ids: Vec<ChunkId>,
     dirty_pages: BTreeSet<usize>,
+    /// Timings of a final (cutover) epoch, for its downtime breakdown.
+    cutover_backlog_unix_ms: u64,
+    cutover_scan_started_unix_ms: u64,
+    cutover_transfer_ms: u64,
+    cutover_commit_ms: u64,
 }
 
 impl Replica {
@@ -266,6 +272,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ids: vec![ChunkId::ZERO; geometry.chunk_count() as usize],
                 page_ids: vec![ChunkId::ZERO; geometry.page_count() as usize],
                 dirty_pages: BTreeSet::new(),
+                cutover_backlog_unix_ms: 0,
+                cutover_scan_started_unix_ms: 0,
+                cutover_transfer_ms: 0,
+                cutover_commit_ms: 0,
             }),
             Some((_, root, _)) if root.geometry() != geometry => Err(Reject::new(
                 ErrorCode::GeometryMismatch,
@@ -285,6 +295,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ids,
                 page_ids: root.page_ids().to_vec(),
                 dirty_pages: BTreeSet::new(),
+                cutover_backlog_unix_ms: 0,
+                cutover_scan_started_unix_ms: 0,
+                cutover_transfer_ms: 0,
+                cutover_commit_ms: 0,
             }),
         }
     }
@@ -306,6 +320,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 },
                 None => self.read(idle).await?,
             };
+            if let Message::FailbackStart { launch } = message {
+                if !replica.dirty_pages.is_empty() {
+                    return Err(Reject::new(ErrorCode::UnexpectedMessage, "FailbackStart in the middle of an epoch").into());
+                }
+                return self.failback(replica, launch).await;
+            }
+            self.check_fence()?;
             match message {
                 Message::Chunk {
                     index,
@@ -346,6 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     ..
                 } => {
                     counters.started.get_or_insert_with(Instant::now);
+                    replica.cutover_backlog_unix_ms = now_unix_ms();
                     self.shared.sources.update(&self.source, |record| {
                         record.chunks_pending = chunks_pending;
                         record.bytes_pending = bytes_pending;
@@ -370,8 +392,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     root,
                     scan_started_unix_ms,
                     complete,
-                    last: _,
+                    last,
                 } => {
+                    if last {
+                        self.shared.sources.update(&self.source, |r| r.cutting_over = true);
+                    }
                     let result = self
                         .commit(
                             replica,
@@ -381,10 +406,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             root,
                             scan_started_unix_ms,
                             complete,
+                            last,
                         )
                         .await;
+                    self.shared.sources.update(&self.source, |r| r.cutting_over = false);
                     self.touch();
-                    return result;
+                    result?;
+                    if last {
+                        return self.finish_cutover(replica).await;
+                    }
+                    return Ok(());
                 }
                 other => {
                     return Err(Reject::new(
@@ -505,6 +536,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         agent_root: ChunkId,
         scan_started_unix_ms: u64,
         complete: bool,
+        last: bool,
     ) -> Result<(), Outcome> {
         let started = Instant::now();
         let verified = match verifier {
@@ -610,6 +642,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         server_stats
             .chunks_received_total
             .fetch_add(counters.chunks_received, Ordering::Relaxed);
+        if last {
+            // The cutover snapshot and launch follow; `finish_cutover` answers.
+            replica.cutover_commit_ms = started.elapsed().as_millis() as u64;
+            replica.cutover_transfer_ms = counters.started.map_or(0, |t| t.elapsed().as_millis() as u64);
+            replica.cutover_scan_started_unix_ms = scan_started_unix_ms;
+            return Ok(());
+        }
+        let cutover_requested = self.shared.sources.update(&self.source, |r| r.cutover_requested);
         self.connection
             .send(&Message::Committed {
                 epoch: replica.head_epoch,
@@ -617,8 +657,281 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 chunks_received: counters.chunks_received,
                 bytes_received,
                 chunks_stored: verified.chunks_stored,
+                cutover_requested,
             })
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))
+    }
+
+    /// Failback: brings the agent's disk to a launch volume's content, one pass per
+    /// `FailbackStart`, until the agent leaves.
+    async fn failback(&mut self, replica: &Replica, launch: String) -> Result<(), Outcome> {
+        let mut next = Some(launch);
+        while let Some(launch) = next.take() {
+            next = self.failback_pass(replica, launch).await?;
+        }
+        Err(Outcome::End(End::Closed))
+    }
+
+    /// One failback pass; returns the launch of the next pass, if the agent asks.
+    async fn failback_pass(&mut self, replica: &Replica, launch: String) -> Result<Option<String>, Outcome> {
+        let store = Arc::clone(&self.shared.store);
+        let source = self.source.clone();
+        let lifecycle = self.shared.sources.update(&self.source, |r| r.lifecycle.clone());
+        let name = launch.clone();
+        let cutover_root = lifecycle.as_ref().map(|l| l.root);
+        let plan = tokio::task::spawn_blocking(move || -> Result<_, Reject> {
+            let store_err = |e: blockrep_store::Error| Reject::new(ErrorCode::Internal, e.to_string());
+            let info = store
+                .launch(&name)
+                .map_err(store_err)?
+                .ok_or_else(|| Reject::new(ErrorCode::NotFound, format!("no launch named {name:?}")))?;
+            if info.source != source {
+                return Err(Reject::new(
+                    ErrorCode::Unauthorized,
+                    format!("launch {name} belongs to source {}", info.source),
+                ));
+            }
+            // The target is the launch's durable content: flush writes made over NBD.
+            let volume = store.open_launch(&name).map_err(store_err)?;
+            volume.flush().map_err(|e| Reject::new(ErrorCode::Internal, format!("flushing launch {name}: {e}")))?;
+            let info = volume.info();
+            let target = store.read_root(&info.root).map_err(store_err)?;
+            let target_ids = store.chunk_ids(&target).map_err(store_err)?;
+            // Changes to the disk are judged against what it held at cutover.
+            let base_root = cutover_root.unwrap_or(info.base_root);
+            let base = store.read_root(&base_root).map_err(store_err)?;
+            Ok((info, target, target_ids, base))
+        })
+        .await
+        .map_err(internal)??;
+        let (info, target, target_ids, base) = plan;
+        if target.geometry() != replica.geometry || base.geometry() != replica.geometry {
+            return Err(Reject::new(
+                ErrorCode::GeometryMismatch,
+                format!("launch {launch} has {} bytes, the disk has {}", target.geometry().disk_size_bytes(), replica.geometry.disk_size_bytes()),
+            )
+            .into());
+        }
+        let mut record = lifecycle.unwrap_or(Lifecycle {
+            stage: LifecycleStage::FailingBack,
+            epoch: info.base_epoch,
+            root: info.base_root,
+            snapshot: info.snapshot.clone(),
+            launch: info.name.clone(),
+            cutover_unix_ms: 0,
+            downtime: Downtime::default(),
+        });
+        if record.stage != LifecycleStage::FailingBack {
+            record.stage = LifecycleStage::FailingBack;
+            self.persist_lifecycle(&record).await?;
+            info!(source = %self.source, launch = %launch, "failback started");
+        }
+        let target_id = target.id();
+        self.connection
+            .send(&Message::FailbackPlan { target_root: Bytes::from(target.encode()), base_root: Bytes::from(base.encode()) })
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+        let (mut chunks_sent, mut bytes_sent) = (0u64, 0u64);
+        loop {
+            match self.read(self.shared.config.idle_timeout).await? {
+                Message::GetPages { indices } => self.send_root_pages(&target, &indices).await?,
+                Message::GetBasePages { indices } => self.send_root_pages(&base, &indices).await?,
+                Message::Want { indices } => {
+                    for batch in indices.chunks(64) {
+                        let (sent, bytes) = self.send_chunks(replica.geometry, &target_ids, batch).await?;
+                        chunks_sent += sent;
+                        bytes_sent += bytes;
+                    }
+                    self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+                }
+                Message::FailbackDone { root, finalize } => {
+                    let matches = root == target_id;
+                    let finalize_requested = self.shared.sources.update(&self.source, |r| r.failback_finalize_requested);
+                    if matches && (finalize || finalize_requested) {
+                        record.stage = LifecycleStage::FailedBack;
+                        self.persist_lifecycle(&record).await?;
+                        self.shared.sources.update(&self.source, |r| r.failback_finalize_requested = false);
+                        info!(source = %self.source, launch = %launch, root = %root, chunks_sent, bytes_sent, "failback complete");
+                    } else {
+                        info!(source = %self.source, launch = %launch, matches, chunks_sent, bytes_sent, "failback pass done");
+                    }
+                    self.connection
+                        .send(&Message::FailbackAck { matches, finalize_requested })
+                        .await
+                        .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+                }
+                Message::FailbackStart { launch } => return Ok(Some(launch)),
+                other => {
+                    return Err(Reject::new(ErrorCode::UnexpectedMessage, format!("unexpected {} during failback", other.name())).into());
+                }
+            }
+            self.touch();
+        }
+    }
+
+    async fn send_root_pages(&mut self, root: &Root, indices: &[u32]) -> Result<(), Outcome> {
+        let store = Arc::clone(&self.shared.store);
+        let (root_copy, wanted) = (root.clone(), indices.to_vec());
+        let pages = tokio::task::spawn_blocking(move || -> Result<Vec<(u32, Vec<u8>)>, Reject> {
+            let mut out = Vec::with_capacity(wanted.len());
+            for index in wanted {
+                if index as usize >= root_copy.page_ids().len() {
+                    return Err(Reject::new(ErrorCode::BadFrame, format!("page {index} does not exist")));
+                }
+                let page = store
+                    .read_page(&root_copy, index as usize)
+                    .map_err(|e| Reject::new(ErrorCode::Internal, e.to_string()))?;
+                out.push((index, page.encode()));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(internal)??;
+        for (index, ids) in pages {
+            self.connection.queue(&Message::Page { index, ids: Bytes::from(ids) });
+        }
+        self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))
+    }
+
+    /// Sends the target's data for `indices`; returns chunks and bytes sent.
+    async fn send_chunks(&mut self, geometry: Geometry, target_ids: &[ChunkId], indices: &[u64]) -> Result<(u64, u64), Outcome> {
+        let mut wanted = Vec::with_capacity(indices.len());
+        for &index in indices {
+            let id = *target_ids.get(index as usize).ok_or_else(|| {
+                Reject::new(ErrorCode::BadFrame, format!("chunk {index} is beyond the end of the disk"))
+            })?;
+            let raw_len = geometry.chunk_len(index).expect("index checked against the ids");
+            wanted.push((index, id, raw_len));
+        }
+        let store = Arc::clone(&self.shared.store);
+        let chunks = tokio::task::spawn_blocking(move || -> Result<Vec<Message>, Reject> {
+            wanted
+                .into_iter()
+                .map(|(index, id, raw_len)| {
+                    if id.is_zero() {
+                        return Ok(Message::Chunk { index, id, codec: Codec::Zero, raw_len, data: Bytes::new() });
+                    }
+                    let data = store
+                        .read_blob(&id)
+                        .map_err(|e| Reject::new(ErrorCode::Internal, format!("chunk {index}: {e}")))?;
+                    Ok(Message::Chunk { index, id, codec: Codec::Raw, raw_len, data: Bytes::from(data) })
+                })
+                .collect()
+        })
+        .await
+        .map_err(internal)??;
+        let before = self.connection.bytes_written;
+        let count = chunks.len() as u64;
+        for chunk in &chunks {
+            self.connection.queue(chunk);
+        }
+        self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+        Ok((count, self.connection.bytes_written - before))
+    }
+
+    /// Refuses replication of a source that has been cut over.
+    fn check_fence(&self) -> Result<(), Outcome> {
+        let fenced = self.shared.sources.update(&self.source, |r| r.lifecycle.clone());
+        match fenced {
+            None => Ok(()),
+            Some(lifecycle) => Err(Reject::new(
+                ErrorCode::Fenced,
+                format!(
+                    "cut over at epoch {} (launch {}); replication is fenced until the operator \
+                     resets it with `blockrep cutover --reset --source {}`",
+                    lifecycle.epoch, lifecycle.launch, self.source
+                ),
+            )
+            .into()),
+        }
+    }
+
+    /// After the final commit: cutover snapshot, cutover launch, fence, answer.
+    async fn finish_cutover(&mut self, replica: &mut Replica) -> Result<(), Outcome> {
+        let started = Instant::now();
+        let store = Arc::clone(&self.shared.store);
+        let source = self.source.clone();
+        let epoch = replica.head_epoch;
+        let (root, _) = replica.build_root();
+        let root_id = root.id();
+        let now = now_unix_ms();
+        let (snapshot, launch) = tokio::task::spawn_blocking(move || -> Result<_, blockrep_store::Error> {
+            let snapshot = store.create_snapshot_of_kind(&source, SnapshotKind::Cutover, None, None, now)?;
+            let base = format!("{}-cutover", &source.as_str()[..source.as_str().len().min(48)]);
+            let mut name = base.clone();
+            let mut n = 2;
+            while store.launch(&name)?.is_some() {
+                name = format!("{base}-{n}");
+                n += 1;
+            }
+            let launch = store.create_launch(&source, &snapshot.name, &name, LaunchKind::Cutover)?;
+            Ok((snapshot, launch))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| internal(format!("cutover snapshot or launch failed (the final epoch is committed): {e}")))?;
+        let launch_ms = started.elapsed().as_millis() as u64;
+        let scan_ms = replica
+            .cutover_backlog_unix_ms
+            .saturating_sub(replica.cutover_scan_started_unix_ms);
+        let mut lifecycle = Lifecycle {
+            stage: LifecycleStage::CutOver,
+            epoch,
+            root: root_id,
+            snapshot: snapshot.name.clone(),
+            launch: launch.name.clone(),
+            cutover_unix_ms: now,
+            downtime: Downtime {
+                scan_ms,
+                transfer_ms: replica.cutover_transfer_ms,
+                commit_ms: replica.cutover_commit_ms,
+                launch_ms,
+                ..Downtime::default()
+            },
+        };
+        self.persist_lifecycle(&lifecycle).await?;
+        info!(source = %self.source, epoch, root = %root_id, snapshot = %snapshot.name, launch = %launch.name,
+              commit_ms = replica.cutover_commit_ms, launch_ms, "cutover ready; source fenced");
+        self.connection
+            .send(&Message::CutoverReady {
+                epoch,
+                root: root_id,
+                snapshot: snapshot.name,
+                launch: launch.name,
+                commit_ms: replica.cutover_commit_ms,
+                launch_ms,
+            })
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+        // The agent reports its side of the downtime, then leaves.
+        if let Ok(Message::CutoverReport { hook_ms, scan_ms, transfer_ms, total_ms }) =
+            self.read(self.shared.config.handshake_timeout).await
+        {
+            lifecycle.downtime.hook_ms = hook_ms;
+            lifecycle.downtime.scan_ms = scan_ms;
+            lifecycle.downtime.transfer_ms = transfer_ms;
+            lifecycle.downtime.total_ms = total_ms;
+            self.persist_lifecycle(&lifecycle).await?;
+            info!(source = %self.source, hook_ms, scan_ms, transfer_ms, commit_ms = lifecycle.downtime.commit_ms,
+                  launch_ms, downtime_ms = total_ms, "cutover downtime");
+        }
+        Err(Outcome::End(End::Closed))
+    }
+
+    /// Writes the lifecycle record durably and mirrors it in the status table.
+    async fn persist_lifecycle(&self, lifecycle: &Lifecycle) -> Result<(), Outcome> {
+        let store = Arc::clone(&self.shared.store);
+        let (source, record) = (self.source.clone(), lifecycle.clone());
+        tokio::task::spawn_blocking(move || store.set_lifecycle(&source, &record))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        let record = lifecycle.clone();
+        self.shared.sources.update(&self.source, |r| {
+            r.lifecycle = Some(record);
+            r.cutover_requested = false;
+        });
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockrep_core::SourceId;
-use blockrep_store::Head;
+use blockrep_store::{Head, Lifecycle, LifecycleStage};
 use serde::{Deserialize, Serialize};
 
 /// Replication state of a source.
@@ -21,15 +21,27 @@ pub enum SourceState {
     Lagging,
     /// No agent contact for longer than the stall threshold.
     Stalled,
+    /// The final epoch of a cutover is in progress.
+    CuttingOver,
+    /// Cut over: replication is fenced, the cutover launch is ready.
+    CutOver,
+    /// The original disk is being brought back to a launch volume.
+    FailingBack,
+    /// The original disk equals the launch volume.
+    FailedBack,
 }
 
 impl SourceState {
     /// Every state, in a fixed order (for metrics with one series per state).
-    pub const ALL: [SourceState; 4] = [
+    pub const ALL: [SourceState; 8] = [
         SourceState::InitialSync,
         SourceState::Healthy,
         SourceState::Lagging,
         SourceState::Stalled,
+        SourceState::CuttingOver,
+        SourceState::CutOver,
+        SourceState::FailingBack,
+        SourceState::FailedBack,
     ];
 
     /// The state's name as shown to operators.
@@ -39,6 +51,10 @@ impl SourceState {
             SourceState::Healthy => "healthy",
             SourceState::Lagging => "lagging",
             SourceState::Stalled => "stalled",
+            SourceState::CuttingOver => "cutting_over",
+            SourceState::CutOver => "cut_over",
+            SourceState::FailingBack => "failing_back",
+            SourceState::FailedBack => "failed_back",
         }
     }
 }
@@ -68,6 +84,45 @@ pub struct SourceView {
     pub epochs_committed_total: u64,
     pub seconds_since_contact: Option<f64>,
     pub last_commit_unix_ms: u64,
+    /// Whether the operator asked for a cutover that the agent has not run yet.
+    pub cutover_requested: bool,
+    /// The cutover, once done (kept through failback).
+    pub cutover: Option<CutoverView>,
+}
+
+/// A finished cutover: what was launched and how long the downtime was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CutoverView {
+    pub epoch: u64,
+    pub root: String,
+    pub snapshot: String,
+    pub launch: String,
+    pub cutover_unix_ms: u64,
+    pub hook_ms: u64,
+    pub scan_ms: u64,
+    pub transfer_ms: u64,
+    pub commit_ms: u64,
+    pub launch_ms: u64,
+    /// Downtime: from the end of the pre-cutover hook (or the request) to ready.
+    pub downtime_ms: u64,
+}
+
+impl From<&Lifecycle> for CutoverView {
+    fn from(l: &Lifecycle) -> Self {
+        Self {
+            epoch: l.epoch,
+            root: l.root.to_hex(),
+            snapshot: l.snapshot.clone(),
+            launch: l.launch.clone(),
+            cutover_unix_ms: l.cutover_unix_ms,
+            hook_ms: l.downtime.hook_ms,
+            scan_ms: l.downtime.scan_ms,
+            transfer_ms: l.downtime.transfer_ms,
+            commit_ms: l.downtime.commit_ms,
+            launch_ms: l.downtime.launch_ms,
+            downtime_ms: l.downtime.total_ms,
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -97,6 +152,14 @@ pub(crate) struct SourceRecord {
     pub chunks_deduplicated_total: u64,
     pub bytes_deduplicated_total: u64,
     pub epochs_committed_total: u64,
+    /// Cutover, failback: the persisted record (fences replication).
+    pub lifecycle: Option<Lifecycle>,
+    /// The operator asked for a cutover; told to the agent at its next commit.
+    pub cutover_requested: bool,
+    /// The final epoch of a cutover is running.
+    pub cutting_over: bool,
+    /// The operator asked to finish a running failback.
+    pub failback_finalize_requested: bool,
 }
 
 /// Thresholds that decide a source's state.
@@ -127,6 +190,16 @@ impl SourceRecord {
     }
 
     pub(crate) fn state(&self, thresholds: StateThresholds, now_unix_ms: u64) -> SourceState {
+        if self.cutting_over {
+            return SourceState::CuttingOver;
+        }
+        if let Some(lifecycle) = &self.lifecycle {
+            return match lifecycle.stage {
+                LifecycleStage::CutOver => SourceState::CutOver,
+                LifecycleStage::FailingBack => SourceState::FailingBack,
+                LifecycleStage::FailedBack => SourceState::FailedBack,
+            };
+        }
         let silent_ms = now_unix_ms.saturating_sub(self.last_contact_unix_ms);
         if silent_ms > thresholds.stall_after.as_millis() as u64 {
             return SourceState::Stalled;
@@ -166,6 +239,8 @@ impl SourceRecord {
             seconds_since_contact: (self.last_contact_unix_ms != 0)
                 .then(|| now.saturating_sub(self.last_contact_unix_ms) as f64 / 1000.0),
             last_commit_unix_ms: self.last_commit_unix_ms,
+            cutover_requested: self.cutover_requested,
+            cutover: self.lifecycle.as_ref().map(CutoverView::from),
         }
     }
 }

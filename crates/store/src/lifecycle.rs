@@ -1,0 +1,210 @@
+//! A source's place in the migration lifecycle after replication: cut over,
+//! failing back, failed back. While a record exists the source is *fenced*: the
+//! server refuses further replication of it until the operator resets it.
+//!
+//! File `DATA/sources/ID/lifecycle` (little-endian, 243 bytes):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `BRLIFE` + version `0x00 0x01` |
+//! | 8 | 1 | stage: 1 cut over, 2 failing back, 3 failed back |
+//! | 9 | 8 | epoch of the cutover commit |
+//! | 17 | 32 | root of the cutover commit |
+//! | 49 | 1 + 64 | cutover snapshot name (length, bytes, zero padding) |
+//! | 114 | 1 + 64 | cutover launch name |
+//! | 179 | 8 | cutover time, Unix ms |
+//! | 187 | 6 × 8 | downtime: hook, final scan, transfer, commit, launch ready, total (ms) |
+//! | 235 | 4 | crc32 of bytes 0..235 |
+//! | 239 | 4 | reserved, zero |
+
+use std::fs;
+
+use blockrep_core::{ChunkId, SourceId};
+
+use crate::error::{Error, ErrorKind};
+use crate::fsutil::{create_dir_durable, publish_atomic, sync_dir};
+use crate::store::Store;
+
+const MAGIC: [u8; 8] = *b"BRLIFE\x00\x01";
+const LEN: usize = 243;
+const NAME_MAX: usize = 64;
+
+/// Where a source stands after replication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleStage {
+    /// The final epoch is committed and the cutover launch exists.
+    CutOver,
+    /// The original disk is being brought back to a launch volume's content.
+    FailingBack,
+    /// The original disk equals the launch volume; failback is finished.
+    FailedBack,
+}
+
+/// How long the application was down at cutover, and where the time went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Downtime {
+    /// The pre-cutover command (before the downtime clock starts).
+    pub hook_ms: u64,
+    /// The final scan.
+    pub scan_ms: u64,
+    /// Diff and transfer of the final changes.
+    pub transfer_ms: u64,
+    /// The final commit, durable on the server.
+    pub commit_ms: u64,
+    /// Snapshot and launch volume creation.
+    pub launch_ms: u64,
+    /// From the end of the hook (or the request) to ready.
+    pub total_ms: u64,
+}
+
+/// A source's lifecycle record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifecycle {
+    pub stage: LifecycleStage,
+    pub epoch: u64,
+    pub root: ChunkId,
+    pub snapshot: String,
+    pub launch: String,
+    pub cutover_unix_ms: u64,
+    pub downtime: Downtime,
+}
+
+fn put_name(out: &mut Vec<u8>, name: &str) {
+    let bytes = name.as_bytes();
+    let len = bytes.len().min(NAME_MAX);
+    out.push(len as u8);
+    out.extend_from_slice(&bytes[..len]);
+    out.resize(out.len() + NAME_MAX - len, 0);
+}
+
+fn get_name(bytes: &[u8]) -> Option<String> {
+    let len = bytes[0] as usize;
+    if len > NAME_MAX {
+        return None;
+    }
+    String::from_utf8(bytes[1..1 + len].to_vec()).ok()
+}
+
+impl Lifecycle {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(LEN);
+        out.extend_from_slice(&MAGIC);
+        out.push(match self.stage {
+            LifecycleStage::CutOver => 1,
+            LifecycleStage::FailingBack => 2,
+            LifecycleStage::FailedBack => 3,
+        });
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(self.root.as_bytes());
+        put_name(&mut out, &self.snapshot);
+        put_name(&mut out, &self.launch);
+        out.extend_from_slice(&self.cutover_unix_ms.to_le_bytes());
+        let d = self.downtime;
+        for value in [d.hook_ms, d.scan_ms, d.transfer_ms, d.commit_ms, d.launch_ms, d.total_ms] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        let corrupt = |what: &str| Error::new(ErrorKind::Corrupt, format!("lifecycle record: {what}"));
+        if bytes.len() != LEN || bytes[..8] != MAGIC {
+            return Err(corrupt("bad length or magic"));
+        }
+        let crc = u32::from_le_bytes(bytes[235..239].try_into().expect("4 bytes"));
+        if crc != crc32fast::hash(&bytes[..235]) {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let stage = match bytes[8] {
+            1 => LifecycleStage::CutOver,
+            2 => LifecycleStage::FailingBack,
+            3 => LifecycleStage::FailedBack,
+            _ => return Err(corrupt("unknown stage")),
+        };
+        let mut root = [0u8; 32];
+        root.copy_from_slice(&bytes[17..49]);
+        Ok(Lifecycle {
+            stage,
+            epoch: u64_at(9),
+            root: ChunkId(root),
+            snapshot: get_name(&bytes[49..114]).ok_or_else(|| corrupt("snapshot name"))?,
+            launch: get_name(&bytes[114..179]).ok_or_else(|| corrupt("launch name"))?,
+            cutover_unix_ms: u64_at(179),
+            downtime: Downtime {
+                hook_ms: u64_at(187),
+                scan_ms: u64_at(195),
+                transfer_ms: u64_at(203),
+                commit_ms: u64_at(211),
+                launch_ms: u64_at(219),
+                total_ms: u64_at(227),
+            },
+        })
+    }
+}
+
+impl Store {
+    /// The source's lifecycle record; `None` while it simply replicates.
+    pub fn lifecycle(&self, source: &SourceId) -> Result<Option<Lifecycle>, Error> {
+        let path = self.source_dir(source).join("lifecycle");
+        match fs::read(&path) {
+            Ok(bytes) => Lifecycle::decode(&bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+        }
+    }
+
+    /// Durably replaces the source's lifecycle record.
+    pub fn set_lifecycle(&self, source: &SourceId, record: &Lifecycle) -> Result<(), Error> {
+        let dir = self.source_dir(source);
+        create_dir_durable(&dir)?;
+        publish_atomic(&dir.join("lifecycle"), &record.encode())
+    }
+
+    /// Removes the record (the operator's reset): replication is allowed again.
+    pub fn clear_lifecycle(&self, source: &SourceId) -> Result<(), Error> {
+        let dir = self.source_dir(source);
+        match fs::remove_file(dir.join("lifecycle")) {
+            Ok(()) => sync_dir(&dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("cannot remove the lifecycle record of {source}"), e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_and_detects_damage() {
+        let record = Lifecycle {
+            stage: LifecycleStage::FailingBack,
+            epoch: 9,
+            root: ChunkId([5; 32]),
+            snapshot: "cutover-9-1".into(),
+            launch: "web-cutover".into(),
+            cutover_unix_ms: 1234,
+            downtime: Downtime { hook_ms: 1, scan_ms: 2, transfer_ms: 3, commit_ms: 4, launch_ms: 5, total_ms: 15 },
+        };
+        let bytes = record.encode();
+        assert_eq!(bytes.len(), LEN);
+        assert_eq!(Lifecycle::decode(&bytes).unwrap(), record);
+        for i in 0..235 {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x01;
+            assert!(Lifecycle::decode(&damaged).is_err(), "flip at {i}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let source = SourceId::new("web").unwrap();
+        assert_eq!(store.lifecycle(&source).unwrap(), None);
+        store.set_lifecycle(&source, &record).unwrap();
+        assert_eq!(store.lifecycle(&source).unwrap(), Some(record));
+        store.clear_lifecycle(&source).unwrap();
+        assert_eq!(store.lifecycle(&source).unwrap(), None);
+    }
+}
