@@ -181,7 +181,7 @@ impl Sync {
 
 async fn timed_sync(config: &AgentConfig) -> Result<Sync> {
     let started = Instant::now();
-    let reports = blockrep_agent::run_once(config, |_| {}).await?;
+    let reports = blockrep_agent::run_once(config, |_| {}).await?.epochs;
     Ok(Sync {
         wall: started.elapsed(),
         reports,

@@ -58,6 +58,11 @@ enum Command {
     /// Writable copy-on-write launch volumes made from snapshots, served over NBD (admin API).
     #[command(subcommand)]
     Launch(LaunchCommand),
+    /// Ask a source's running agent to cut over (admin API), or reset a cut-over source.
+    Cutover(CutoverArgs),
+    /// Bring the original disk back to a launch volume's content (run beside the disk),
+    /// or complete a running failback (`failback complete`).
+    Failback(FailbackArgs),
     /// Measure replication end to end on a synthetic disk (real TLS on loopback).
     Bench(bench::BenchArgs),
 }
@@ -256,6 +261,72 @@ enum LaunchKindArg {
 }
 
 #[derive(Debug, Args)]
+struct CutoverArgs {
+    /// Source to cut over.
+    #[arg(long)]
+    source: String,
+    /// Lift the fence of a cut-over source so that it may replicate again.
+    #[arg(long)]
+    reset: bool,
+    /// Return once the request is accepted instead of waiting for the cutover.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the agent to finish the cutover.
+    #[arg(long, default_value = "10m", value_parser = units::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct FailbackArgs {
+    #[command(subcommand)]
+    command: Option<FailbackCommand>,
+    /// The original disk to bring back (raw image file or block device).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Replication server, host:port.
+    #[arg(long)]
+    from: Option<String>,
+    /// The source id (its certificate is used, as for the agent).
+    #[arg(long)]
+    source: Option<String>,
+    /// Launch volume whose content the disk takes (e.g. the cutover launch).
+    #[arg(long)]
+    launch: Option<String>,
+    #[command(flatten)]
+    tls: ClientTls,
+    /// One pass, then finish (the source becomes failed_back).
+    #[arg(long)]
+    once: bool,
+    /// Same as --once: a final pass that finishes the failback.
+    #[arg(long)]
+    finalize: bool,
+    /// Replace chunks changed on the disk since cutover (otherwise failback stops
+    /// and reports them before writing anything).
+    #[arg(long)]
+    overwrite_source_changes: bool,
+    /// Time between passes of reverse replication (without --once).
+    #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
+    interval: Duration,
+    /// Chunk size of the replica.
+    #[arg(long, default_value = "64KiB", value_parser = units::parse_size)]
+    chunk_size: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum FailbackCommand {
+    /// Ask a running failback to make its final pass and finish (admin API).
+    Complete {
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Args)]
 struct StatusArgs {
     /// Address of the server's admin API.
     #[arg(long, default_value = "127.0.0.1:7444")]
@@ -304,6 +375,14 @@ struct AgentArgs {
     /// ...or after this long, whichever comes first.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
     commit_interval: Duration,
+    /// Cut over once caught up: run --pre-cutover-cmd, a final sync, and exit
+    /// with the cutover launch ready.
+    #[arg(long)]
+    cutover: bool,
+    /// Command that stops the workload before the final sync of a cutover (run
+    /// with `sh -c`); its end starts the downtime clock.
+    #[arg(long)]
+    pre_cutover_cmd: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -338,6 +417,8 @@ fn main() -> ExitCode {
         Command::Status(args) => runtime().and_then(|rt| rt.block_on(status(args))),
         Command::Snapshot(command) => runtime().and_then(|rt| rt.block_on(snapshot(command))),
         Command::Launch(command) => runtime().and_then(|rt| rt.block_on(launch(command))),
+        Command::Cutover(args) => runtime().and_then(|rt| rt.block_on(cutover(args))),
+        Command::Failback(args) => runtime().and_then(|rt| rt.block_on(failback(args))),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
     };
     match result {
@@ -547,6 +628,8 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     config.step_bytes = args.commit_every.max(1);
     config.step_interval = args.commit_interval;
     config.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    config.cutover = args.cutover;
+    config.pre_cutover_cmd = args.pre_cutover_cmd.clone();
     if let Some(path) = &args.config {
         apply_agent_settings(path, &config)?;
     }
@@ -599,13 +682,11 @@ async fn agent(args: AgentArgs) -> Result<()> {
         });
     }
     if args.once {
-        let reports = blockrep_agent::run_once(&config, print_epoch).await?;
-        match reports.last() {
-            Some(last) => println!(
-                "replica equals disk: epoch {} root={}",
-                last.epoch, last.root
-            ),
-            None => println!("replica already equals disk"),
+        let outcome = blockrep_agent::run_once(&config, print_epoch).await?;
+        match (&outcome.cutover, outcome.epochs.last()) {
+            (Some(cutover), _) => print_cutover(cutover),
+            (None, Some(last)) => println!("replica equals disk: epoch {} root={}", last.epoch, last.root),
+            (None, None) => println!("replica already equals disk"),
         }
         return Ok(());
     }
@@ -614,7 +695,105 @@ async fn agent(args: AgentArgs) -> Result<()> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    blockrep_agent::run(&config, stop_rx, print_epoch).await?;
+    if let Some(cutover) = blockrep_agent::run(&config, stop_rx, print_epoch).await? {
+        print_cutover(&cutover);
+    }
+    Ok(())
+}
+
+fn print_cutover(report: &blockrep_agent::CutoverReport) {
+    let ms = |d: Duration| d.as_millis();
+    println!(
+        "cutover complete: epoch {} root={} launch={} snapshot={}",
+        report.epoch, report.root, report.launch, report.snapshot
+    );
+    println!(
+        "downtime_ms={} final_scan_ms={} transfer_ms={} commit_ms={} launch_ready_ms={} pre_cutover_cmd_ms={} \
+         chunks_sent={} bytes_sent={}",
+        ms(report.downtime),
+        ms(report.scan),
+        ms(report.transfer),
+        ms(report.commit),
+        ms(report.launch_ready),
+        ms(report.hook),
+        report.chunks_sent,
+        report.bytes_sent
+    );
+}
+
+async fn cutover(args: CutoverArgs) -> Result<()> {
+    let admin = &args.admin.admin;
+    if args.reset {
+        let text = admin_call(admin, "POST", &format!("/v1/sources/{}/reset", args.source), None).await?;
+        if args.admin.json { println!("{text}") } else { println!("source {} reset: replication allowed again", args.source) }
+        return Ok(());
+    }
+    admin_call(admin, "POST", &format!("/v1/sources/{}/cutover", args.source), None).await?;
+    if args.no_wait {
+        println!("cutover of {} requested; the agent runs it at its next commit", args.source);
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + args.timeout;
+    loop {
+        let text = admin_call(admin, "GET", &format!("/v1/sources/{}", args.source), None).await?;
+        let view: blockrep_server::SourceView = serde_json::from_str(&text)?;
+        if let Some(cutover) = &view.cutover
+            && !view.cutover_requested
+            && view.state != blockrep_server::SourceState::CuttingOver
+        {
+            if args.admin.json {
+                println!("{text}");
+            } else {
+                println!("cutover complete: epoch {} root={} launch={} snapshot={}", cutover.epoch, cutover.root, cutover.launch, cutover.snapshot);
+                println!(
+                    "downtime_ms={} final_scan_ms={} transfer_ms={} commit_ms={} launch_ready_ms={}",
+                    cutover.downtime_ms, cutover.scan_ms, cutover.transfer_ms, cutover.commit_ms, cutover.launch_ms
+                );
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("the agent of {} has not cut over within {:?} (is it connected?)", args.source, args.timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn failback(args: FailbackArgs) -> Result<()> {
+    if let Some(FailbackCommand::Complete { source, admin }) = &args.command {
+        let text = admin_call(&admin.admin, "POST", &format!("/v1/sources/{source}/failback/complete"), None).await?;
+        if admin.json { println!("{text}") } else { println!("failback of {source}: final pass requested") }
+        return Ok(());
+    }
+    let need = |value: &Option<String>, flag: &str| value.clone().with_context(|| format!("failback needs {flag}"));
+    let disk = args.disk.clone().context("failback needs --disk")?;
+    let server = need(&args.from, "--from HOST:PORT")?;
+    let source = source_id(&need(&args.source, "--source")?)?;
+    let launch = need(&args.launch, "--launch")?;
+    let (ca_path, cert_path, key_path) = args.tls.resolve(&source)?;
+    let mut config = AgentConfig::new(disk, server, source, ca_path, cert_path, key_path);
+    config.chunk_size_bytes = u32::try_from(args.chunk_size).context("chunk size too large")?;
+    config.interval = args.interval;
+    let options = blockrep_agent::FailbackOptions {
+        launch,
+        once: args.once || args.finalize,
+        overwrite_source_changes: args.overwrite_source_changes,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let passes = blockrep_agent::failback(&config, &options, stop_rx, |pass| {
+        println!(
+            "failback pass: target root={} chunks_written={} bytes_received={} source_changes_overwritten={} finalized={}",
+            pass.target_root, pass.chunks_written, pass.bytes_received, pass.source_changes_overwritten, pass.finalized
+        );
+    })
+    .await?;
+    if passes.last().is_some_and(|p| p.finalized) {
+        println!("failback complete: {} equals launch {}", config.disk.display(), options.launch);
+    }
     Ok(())
 }
 

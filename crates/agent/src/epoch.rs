@@ -62,7 +62,22 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
 }
 
 /// A connected session that knows the server's committed head.
+/// The server's answer to a final (cutover) commit.
+#[derive(Debug, Clone)]
+pub(crate) struct CutoverReady {
+    pub snapshot: String,
+    pub launch: String,
+    pub commit_ms: u64,
+    pub launch_ms: u64,
+}
+
 pub(crate) struct Session {
+    /// The next complete commit is the cutover's final one.
+    pub final_epoch: bool,
+    /// The server asked (in a `Committed`) for a cutover.
+    pub cutover_requested: bool,
+    /// Set by the final commit.
+    pub cutover_ready: Option<CutoverReady>,
     connection: Connection,
     geometry: Geometry,
     head_epoch: u64,
@@ -126,12 +141,34 @@ impl Session {
             .is_none()
             .then(|| vec![ChunkId::ZERO; geometry.chunk_count() as usize]);
         Ok(Self {
+            final_epoch: false,
+            cutover_requested: false,
+            cutover_ready: None,
             connection,
             geometry,
             head_epoch,
             head_ids,
             head_root,
         })
+    }
+
+    /// Sends the agent's side of the cutover downtime.
+    pub(crate) async fn report_cutover(&mut self, report: &crate::CutoverReport) -> Result<(), Error> {
+        self.connection
+            .send(&Message::CutoverReport {
+                hook_ms: report.hook.as_millis() as u64,
+                scan_ms: report.scan.as_millis() as u64,
+                transfer_ms: report.transfer.as_millis() as u64,
+                total_ms: report.downtime.as_millis() as u64,
+            })
+            .await?;
+        self.connection.flush().await
+    }
+
+    /// The connection, for a session that leaves the replication protocol
+    /// (failback) after `Welcome`.
+    pub(crate) fn into_connection(self) -> Connection {
+        self.connection
     }
 
     /// Ends the session cleanly.
@@ -230,6 +267,7 @@ impl Session {
     ) -> Result<(ChunkId, u64, u64, u64), Error> {
         let (root, _) = Root::build(self.geometry, view);
         let root_id = root.id();
+        let last = complete && self.final_epoch;
         let bytes = self
             .connection
             .send(&Message::Commit {
@@ -237,19 +275,36 @@ impl Session {
                 root: root_id,
                 scan_started_unix_ms,
                 complete,
-                last: false,
+                last,
             })
             .await?;
         self.connection.flush().await?;
-        let Message::Committed {
-            epoch: committed_epoch,
-            root: committed,
-            chunks_received,
-            chunks_stored,
-            ..
-        } = self.connection.recv().await?
-        else {
-            return Err(Error::Protocol("expected Committed".into()));
+        let (committed_epoch, committed, chunks_received, chunks_stored) = match self.connection.recv().await? {
+            Message::Committed {
+                epoch,
+                root,
+                chunks_received,
+                chunks_stored,
+                cutover_requested,
+                ..
+            } if !last => {
+                self.cutover_requested |= cutover_requested;
+                (epoch, root, chunks_received, chunks_stored)
+            }
+            Message::CutoverReady {
+                epoch,
+                root,
+                snapshot,
+                launch,
+                commit_ms,
+                launch_ms,
+            } if last => {
+                self.cutover_ready = Some(CutoverReady { snapshot, launch, commit_ms, launch_ms });
+                (epoch, root, 0, 0)
+            }
+            other => {
+                return Err(Error::Protocol(format!("unexpected {} in answer to Commit", other.name())));
+            }
         };
         if committed_epoch != epoch || committed != root_id {
             return Err(Error::Protocol(format!(
@@ -417,7 +472,9 @@ impl Session {
                     self.geometry.chunk_len(encoded.index).unwrap_or(0),
                 ));
             }
-            if step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval {
+            // The final epoch of a cutover commits once: the application is down.
+            let step_due = step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval;
+            if step_due && !self.final_epoch {
                 // An intermediate commit of a large epoch: a crash loses one step.
                 let (_, received, new, bytes) = self
                     .commit(self.head_epoch + 1, &view, scan.started_unix_ms, false)

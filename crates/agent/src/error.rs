@@ -39,6 +39,12 @@ pub enum Error {
     /// The server sent something this agent does not accept.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The cutover could not run (e.g. the pre-cutover command failed).
+    #[error("cutover: {0}")]
+    Cutover(String),
+    /// Failback would overwrite changes made to the disk since cutover.
+    #[error("{0}")]
+    Conflict(String),
     /// The disk changed size since the replica was made, or while scanning.
     #[error("{0}")]
     DiskChanged(String),

@@ -11,6 +11,7 @@
 mod connection;
 mod epoch;
 mod error;
+mod failback;
 mod rate;
 mod run;
 mod send;
@@ -22,8 +23,9 @@ use std::time::Duration;
 use blockrep_core::{ChunkId, SourceId};
 
 pub use error::Error;
+pub use failback::{FailbackOptions, FailbackPass, failback};
 pub use rate::{RateLimiter, parse_rate};
-pub use run::{run, run_once};
+pub use run::{RunOutcome, run, run_once};
 
 /// When chunks are compressed before sending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,6 +70,10 @@ pub struct AgentConfig {
     pub step_interval: Duration,
     /// Show a progress bar for large epochs (when stderr is a terminal).
     pub progress: bool,
+    /// Cut over once caught up, then exit.
+    pub cutover: bool,
+    /// Command that stops the workload before the final epoch (run with `sh -c`).
+    pub pre_cutover_cmd: Option<String>,
 }
 
 impl AgentConfig {
@@ -95,8 +101,39 @@ impl AgentConfig {
             step_bytes: 1 << 30,
             step_interval: Duration::from_secs(30),
             progress: false,
+            cutover: false,
+            pre_cutover_cmd: None,
         }
     }
+}
+
+/// A completed cutover and its downtime breakdown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutoverReport {
+    /// The final epoch.
+    pub epoch: u64,
+    /// Its root: the cutover launch starts from exactly this.
+    pub root: ChunkId,
+    /// The cutover snapshot.
+    pub snapshot: String,
+    /// The cutover launch volume (served over NBD under this name).
+    pub launch: String,
+    /// The pre-cutover command (before the downtime clock starts).
+    pub hook: Duration,
+    /// The final scan.
+    pub scan: Duration,
+    /// Diff and transfer of the final changes.
+    pub transfer: Duration,
+    /// The final commit on the server.
+    pub commit: Duration,
+    /// Snapshot and launch creation on the server.
+    pub launch_ready: Duration,
+    /// From the end of the command (or the request) to ready.
+    pub downtime: Duration,
+    /// Chunks the final epoch sent (data, zero and references).
+    pub chunks_sent: u64,
+    /// Bytes the final epoch sent.
+    pub bytes_sent: u64,
 }
 
 /// What one committed epoch did.

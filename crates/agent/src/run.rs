@@ -1,4 +1,5 @@
-//! The agent's loops: `--once` (until the replica equals the disk) and continuous.
+//! The agent's loops: `--once` (until the replica equals the disk), continuous,
+//! and the cutover that ends either.
 
 use std::time::{Duration, Instant};
 
@@ -6,18 +7,24 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::epoch::{Session, scan};
-use crate::{AgentConfig, EpochReport, Error};
+use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
 /// Epochs `--once` runs before giving up on a disk that keeps changing.
 const ONCE_EPOCHS_MAX: usize = 20;
 
-/// Replicates until the server's head equals a fresh scan of the disk, then
-/// returns the reports of the epochs committed (empty when nothing differed).
-pub async fn run_once(
-    config: &AgentConfig,
-    mut on_epoch: impl FnMut(&EpochReport),
-) -> Result<Vec<EpochReport>, Error> {
-    let mut reports = Vec::new();
+/// What a run ended with.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunOutcome {
+    /// Epochs committed (`--once` only; continuous runs report through the callback).
+    pub epochs: Vec<EpochReport>,
+    /// The cutover, when the run ended with one.
+    pub cutover: Option<CutoverReport>,
+}
+
+/// Replicates until the server's head equals a fresh scan of the disk; then, with
+/// `config.cutover`, runs the cutover.
+pub async fn run_once(config: &AgentConfig, mut on_epoch: impl FnMut(&EpochReport)) -> Result<RunOutcome, Error> {
+    let mut outcome = RunOutcome::default();
     let first = scan(config, config.chunk_size_bytes).await?;
     let mut session = Session::open(config, first.geometry).await?;
     let mut next = Some(first);
@@ -27,20 +34,19 @@ pub async fn run_once(
             None => scan(config, session.geometry().chunk_size_bytes()).await?,
         };
         let root = blockrep_core::Root::from_chunk_ids(current.geometry, &current.ids).id();
-        if session.head_root_id() == Some(root) {
-            session.close().await;
-            return Ok(reports);
-        }
-        match session.epoch(config, current, false).await? {
-            Some(report) => {
+        let caught_up = session.head_root_id() == Some(root);
+        if !caught_up {
+            if let Some(report) = session.epoch(config, current, false).await? {
                 on_epoch(&report);
-                reports.push(report);
-            }
-            None => {
-                session.close().await;
-                return Ok(reports);
+                outcome.epochs.push(report);
+                continue;
             }
         }
+        if config.cutover || session.cutover_requested {
+            outcome.cutover = Some(cutover(config, &mut session, Instant::now()).await?);
+        }
+        session.close().await;
+        return Ok(outcome);
     }
     Err(Error::DiskChanged(format!(
         "{} kept changing: {ONCE_EPOCHS_MAX} epochs committed without catching up",
@@ -48,20 +54,78 @@ pub async fn run_once(
     )))
 }
 
+/// The cutover: run the pre-cutover command (it stops the workload), then a final
+/// scan, diff and send, committed as the last epoch; the server answers with the
+/// cutover launch. Downtime runs from the end of the command (or from
+/// `requested_at` without one) to the server's answer.
+async fn cutover(config: &AgentConfig, session: &mut Session, requested_at: Instant) -> Result<CutoverReport, Error> {
+    info!(source = %config.source, "cutover: stopping the workload");
+    let hook_started = Instant::now();
+    let downtime_started = match &config.pre_cutover_cmd {
+        Some(command) => {
+            let status = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .status()
+                .await
+                .map_err(|e| Error::Cutover(format!("cannot run the pre-cutover command: {e}")))?;
+            if !status.success() {
+                return Err(Error::Cutover(format!(
+                    "the pre-cutover command failed ({status}); nothing was cut over and replication is unchanged"
+                )));
+            }
+            Instant::now()
+        }
+        None => requested_at,
+    };
+    let hook = downtime_started.saturating_duration_since(hook_started);
+    let final_scan = scan(config, session.geometry().chunk_size_bytes()).await?;
+    let scan_duration = final_scan.duration;
+    let transfer_started = Instant::now();
+    session.final_epoch = true;
+    let report = session.epoch(config, final_scan, true).await?.ok_or_else(|| {
+        Error::Protocol("the final epoch was not committed".into())
+    })?;
+    let downtime = downtime_started.elapsed();
+    let ready = session
+        .cutover_ready
+        .clone()
+        .ok_or_else(|| Error::Protocol("no CutoverReady after the final commit".into()))?;
+    let server_ms = Duration::from_millis(ready.commit_ms + ready.launch_ms);
+    let cutover = CutoverReport {
+        epoch: report.epoch,
+        root: report.root,
+        snapshot: ready.snapshot,
+        launch: ready.launch,
+        hook,
+        scan: scan_duration,
+        transfer: transfer_started.elapsed().saturating_sub(server_ms),
+        commit: Duration::from_millis(ready.commit_ms),
+        launch_ready: Duration::from_millis(ready.launch_ms),
+        downtime,
+        chunks_sent: report.chunks_sent + report.zero_chunks_sent + report.ref_chunks_sent,
+        bytes_sent: report.bytes_sent,
+    };
+    session.report_cutover(&cutover).await?;
+    info!(source = %config.source, launch = %cutover.launch, downtime_ms = downtime.as_millis() as u64, "cutover complete");
+    Ok(cutover)
+}
+
 /// Replicates continuously: an epoch every `interval` (from the start of one scan
 /// to the start of the next), reconnecting with capped exponential back-off after
-/// any retryable failure, until `shutdown` turns true. An epoch in flight at
-/// shutdown is abandoned: it was never acknowledged, so nothing is lost.
+/// any retryable failure, until `shutdown` turns true or a cutover (asked for by
+/// the operator, or by `config.cutover` once caught up) completes. An epoch in
+/// flight at shutdown is abandoned: it was never acknowledged, so nothing is lost.
 pub async fn run(
     config: &AgentConfig,
     mut shutdown: watch::Receiver<bool>,
     mut on_epoch: impl FnMut(&EpochReport),
-) -> Result<(), Error> {
+) -> Result<Option<CutoverReport>, Error> {
     let mut backoff = Duration::from_millis(250);
     let mut chunk_size = config.chunk_size_bytes;
     loop {
         if *shutdown.borrow() {
-            return Ok(());
+            return Ok(None);
         }
         let attempt = async {
             let first = scan(config, chunk_size).await?;
@@ -78,22 +142,30 @@ pub async fn run(
                     on_epoch(&report);
                 }
                 backoff = Duration::from_millis(250);
+                if session.cutover_requested || config.cutover {
+                    let report = cutover(config, &mut session, Instant::now()).await?;
+                    session.close().await;
+                    return Ok::<_, Error>(report);
+                }
                 let next_scan = scan_start + config.interval;
                 tokio::time::sleep_until(next_scan.into()).await;
             }
         };
-        let result: Result<(), Error> = tokio::select! {
+        let result = tokio::select! {
             result = attempt => result,
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         };
-        let Err(error) = result else { continue };
+        let error = match result {
+            Ok(report) => return Ok(Some(report)),
+            Err(error) => error,
+        };
         if !error.is_retryable() {
             return Err(error);
         }
         warn!(%error, retry_in_ms = backoff.as_millis() as u64, "replication interrupted; reconnecting");
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         }
         backoff = (backoff * 2).min(config.backoff_max);
         info!("reconnecting");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use blockrep_core::SourceId;
 use blockrep_store::{ErrorKind, LaunchKind, Store};
@@ -24,6 +24,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/v1/sources", get(list_sources))
         .route("/v1/sources/{source}", get(get_source))
+        .route("/v1/sources/{source}/cutover", post(request_cutover))
+        .route("/v1/sources/{source}/reset", post(reset_source))
+        .route("/v1/sources/{source}/failback/complete", post(complete_failback))
         .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/snapshots/{source}/{name}", delete(delete_snapshot))
         .route("/v1/launches", get(list_launches).post(create_launch))
@@ -101,6 +104,74 @@ async fn get_source(State(shared): State<Arc<Shared>>, Path(source): Path<String
             || error(StatusCode::NOT_FOUND, format!("no source {source:?}")),
             |view| Json(view).into_response(),
         )
+}
+
+/// Asks the source's agent to cut over at its next commit.
+async fn request_cutover(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+) -> Result<Response, ApiError> {
+    let source = parse_source(&source)?;
+    let known = blocking(&shared, {
+        let source = source.clone();
+        move |store| store.head(&source)
+    })
+    .await?
+    .is_some();
+    if !known {
+        return Err(error(StatusCode::NOT_FOUND, format!("source {source} has no replica to cut over")).into());
+    }
+    let fenced = shared.sources.update(&source, |r| {
+        if r.lifecycle.is_none() {
+            r.cutover_requested = true;
+        }
+        r.lifecycle.is_some()
+    });
+    if fenced {
+        return Err(error(StatusCode::CONFLICT, format!("source {source} is already cut over")).into());
+    }
+    info!(source = %source, "cutover requested; the agent runs it at its next commit");
+    Ok((StatusCode::ACCEPTED, Json(json!({ "source": source.as_str(), "cutover_requested": true }))).into_response())
+}
+
+/// Lifts the fence of a cut-over source: replication may start again.
+async fn reset_source(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+) -> Result<Response, ApiError> {
+    let source = parse_source(&source)?;
+    blocking(&shared, {
+        let source = source.clone();
+        move |store| store.clear_lifecycle(&source)
+    })
+    .await?;
+    shared.sources.update(&source, |r| {
+        r.lifecycle = None;
+        r.cutover_requested = false;
+        r.failback_finalize_requested = false;
+    });
+    info!(source = %source, "source reset: replication allowed again");
+    Ok(Json(json!({ "source": source.as_str(), "reset": true })).into_response())
+}
+
+/// Asks a running failback to finish: its agent makes a final pass.
+async fn complete_failback(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+) -> Result<Response, ApiError> {
+    let source = parse_source(&source)?;
+    let failing_back = shared.sources.update(&source, |r| {
+        let active = r.lifecycle.as_ref().is_some_and(|l| l.stage == blockrep_store::LifecycleStage::FailingBack);
+        if active {
+            r.failback_finalize_requested = true;
+        }
+        active
+    });
+    if !failing_back {
+        return Err(error(StatusCode::CONFLICT, format!("source {source} is not failing back")).into());
+    }
+    info!(source = %source, "failback completion requested");
+    Ok((StatusCode::ACCEPTED, Json(json!({ "source": source.as_str(), "finalize_requested": true }))).into_response())
 }
 
 #[derive(Debug, Deserialize)]

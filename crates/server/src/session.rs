@@ -742,6 +742,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         let (sent, bytes) = self.send_chunks(replica.geometry, &target_ids, batch).await?;
                         chunks_sent += sent;
                         bytes_sent += bytes;
+                        self.shared.sources.update(&self.source, |r| {
+                            r.failback_chunks_sent_total += sent;
+                            r.failback_bytes_sent_total += bytes;
+                        });
                     }
                     self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
                 }

@@ -88,6 +88,9 @@ pub struct SourceView {
     pub cutover_requested: bool,
     /// The cutover, once done (kept through failback).
     pub cutover: Option<CutoverView>,
+    /// Chunks and bytes sent to failback agents (frames, since the server started).
+    pub failback_chunks_sent_total: u64,
+    pub failback_bytes_sent_total: u64,
 }
 
 /// A finished cutover: what was launched and how long the downtime was.
@@ -160,6 +163,8 @@ pub(crate) struct SourceRecord {
     pub cutting_over: bool,
     /// The operator asked to finish a running failback.
     pub failback_finalize_requested: bool,
+    pub failback_chunks_sent_total: u64,
+    pub failback_bytes_sent_total: u64,
 }
 
 /// Thresholds that decide a source's state.
@@ -241,6 +246,8 @@ impl SourceRecord {
             last_commit_unix_ms: self.last_commit_unix_ms,
             cutover_requested: self.cutover_requested,
             cutover: self.lifecycle.as_ref().map(CutoverView::from),
+            failback_chunks_sent_total: self.failback_chunks_sent_total,
+            failback_bytes_sent_total: self.failback_bytes_sent_total,
         }
     }
 }

@@ -1,0 +1,317 @@
+//! Failback: bring the original disk back to a launch volume's content, sending
+//! only the chunks that differ, and (without `once`) keep doing so as the launch
+//! changes, until finalized.
+//!
+//! Before anything is written, chunks that changed on the disk since cutover (they
+//! differ from the cutover root *and* from the target) are reported; failback
+//! refuses to overwrite them unless told to. A chunk that already equals the
+//! target needs no write and is no conflict, which is also what makes an
+//! interrupted failback resume with only what still differs.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+
+use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, changed_pages, hash_chunk};
+use blockrep_proto::{Codec, GET_PAGES_MAX, Message};
+use bytes::Bytes;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::connection::Connection;
+use crate::epoch::{Scan, Session, scan};
+use crate::{AgentConfig, Error};
+
+/// Chunks asked for per `Want`; two requests are kept outstanding.
+const WANT_BATCH: usize = 256;
+/// Passes that may end with the disk still differing before giving up.
+const MISMATCHED_PASSES_MAX: u32 = 3;
+
+/// How to fail back.
+#[derive(Debug, Clone)]
+pub struct FailbackOptions {
+    /// The launch volume whose content the disk must take.
+    pub launch: String,
+    /// One pass, then finalize (the source becomes `failed_back`).
+    pub once: bool,
+    /// Overwrite chunks changed on the disk since cutover instead of stopping.
+    pub overwrite_source_changes: bool,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailbackPass {
+    /// The launch's root the disk now equals.
+    pub target_root: ChunkId,
+    /// Chunks written to the disk.
+    pub chunks_written: u64,
+    /// Bytes of chunk data received.
+    pub bytes_received: u64,
+    /// Chunks changed on the disk since cutover that were overwritten.
+    pub source_changes_overwritten: u64,
+    /// Whether this pass finalized the failback.
+    pub finalized: bool,
+}
+
+/// Merges chunk indices into byte ranges, for the conflict report.
+fn ranges(geometry: Geometry, indices: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &index in indices {
+        let start = geometry.chunk_offset(index);
+        let end = start + u64::from(geometry.chunk_len(index).unwrap_or(0));
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// Fails the disk back. Returns the passes made.
+pub async fn failback(
+    config: &AgentConfig,
+    options: &FailbackOptions,
+    shutdown: watch::Receiver<bool>,
+    mut on_pass: impl FnMut(&FailbackPass),
+) -> Result<Vec<FailbackPass>, Error> {
+    let first = scan(config, config.chunk_size_bytes).await?;
+    let geometry = first.geometry;
+    let session = Session::open(config, geometry).await?;
+    let mut connection = session.into_connection();
+    let mut passes = Vec::new();
+    let mut base_override: Option<Vec<ChunkId>> = None;
+    let mut next_scan = Some(first);
+    let mut finalize = options.once;
+    let mut mismatches = 0;
+    loop {
+        let disk = match next_scan.take() {
+            Some(scan) => scan,
+            None => scan(config, geometry.chunk_size_bytes()).await?,
+        };
+        let (pass, target_ids, matches, finalize_requested) =
+            pass(config, options, &mut connection, disk, base_override.as_deref(), finalize).await?;
+        if !matches {
+            mismatches += 1;
+            if mismatches >= MISMATCHED_PASSES_MAX {
+                return Err(Error::Protocol(
+                    "the disk still differs from the launch after failback; is something else writing to it?".into(),
+                ));
+            }
+            warn!("disk differs from the target after the pass; another pass");
+            continue;
+        }
+        on_pass(&pass);
+        let finalized = pass.finalized;
+        passes.push(pass);
+        if finalized {
+            connection.close().await;
+            return Ok(passes);
+        }
+        // Later passes judge disk changes against what failback itself wrote.
+        base_override = Some(target_ids);
+        if finalize_requested || *shutdown.borrow() {
+            finalize = true;
+            continue;
+        }
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            () = tokio::time::sleep(config.interval) => {}
+            _ = stop.wait_for(|s| *s) => finalize = true,
+        }
+    }
+}
+
+/// One failback pass: plan, conflict check, transfer, fsync, verify.
+async fn pass(
+    config: &AgentConfig,
+    options: &FailbackOptions,
+    connection: &mut Connection,
+    disk: Scan,
+    base_override: Option<&[ChunkId]>,
+    finalize: bool,
+) -> Result<(FailbackPass, Vec<ChunkId>, bool, bool), Error> {
+    let geometry = disk.geometry;
+    connection.send(&Message::FailbackStart { launch: options.launch.clone() }).await?;
+    connection.flush().await?;
+    let Message::FailbackPlan { target_root, base_root } = connection.recv().await? else {
+        return Err(Error::Protocol("expected FailbackPlan".into()));
+    };
+    let decode = |bytes: &Bytes| Root::decode(bytes).map_err(|e| Error::Protocol(format!("failback root: {e}")));
+    let (target, base) = (decode(&target_root)?, decode(&base_root)?);
+    if target.geometry() != geometry {
+        return Err(Error::DiskChanged(format!(
+            "{} has {} bytes, launch {} has {}",
+            config.disk.display(),
+            geometry.disk_size_bytes(),
+            options.launch,
+            target.geometry().disk_size_bytes()
+        )));
+    }
+    let own = Root::from_chunk_ids(geometry, &disk.ids);
+    let target_ids = fetch_ids(connection, &target, &own, &disk.ids, false).await?;
+    let base_ids = match base_override {
+        Some(ids) => ids.to_vec(),
+        None => fetch_ids(connection, &base, &own, &disk.ids, true).await?,
+    };
+    let mut needed = Vec::new();
+    let mut conflicts = Vec::new();
+    for (index, own_id) in disk.ids.iter().enumerate() {
+        if *own_id != target_ids[index] {
+            needed.push(index as u64);
+            if *own_id != base_ids[index] {
+                conflicts.push(index as u64);
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        let spans = ranges(geometry, &conflicts);
+        let listed: Vec<String> = spans.iter().take(20).map(|(a, b)| format!("{a}..{b}")).collect();
+        let more = if spans.len() > 20 { format!(" and {} more ranges", spans.len() - 20) } else { String::new() };
+        let report = format!(
+            "{} chunks of {} changed since cutover (bytes {}{more})",
+            conflicts.len(),
+            config.disk.display(),
+            listed.join(", ")
+        );
+        if !options.overwrite_source_changes {
+            return Err(Error::Conflict(format!(
+                "failback stopped before writing anything: {report}; pass --overwrite-source-changes to replace them with the launch's content"
+            )));
+        }
+        warn!(%report, "overwriting changes made to the disk since cutover");
+    }
+    let (chunks_written, bytes_received) = transfer(config, connection, geometry, &target_ids, &needed).await?;
+    drop(disk);
+    let after = scan(config, geometry.chunk_size_bytes()).await?;
+    let root = Root::from_chunk_ids(geometry, &after.ids).id();
+    connection.send(&Message::FailbackDone { root, finalize }).await?;
+    connection.flush().await?;
+    let Message::FailbackAck { matches, finalize_requested } = connection.recv().await? else {
+        return Err(Error::Protocol("expected FailbackAck".into()));
+    };
+    let matches = matches && root == target.id();
+    if matches {
+        info!(launch = %options.launch, chunks_written, bytes_received, finalized = finalize, "failback pass verified");
+    }
+    let pass = FailbackPass {
+        target_root: target.id(),
+        chunks_written,
+        bytes_received,
+        source_changes_overwritten: conflicts.len() as u64,
+        finalized: finalize && matches,
+    };
+    Ok((pass, target_ids, matches, finalize_requested))
+}
+
+/// The chunk ids of `root`: the disk's own where the page ids agree, the server's
+/// pages where they differ.
+async fn fetch_ids(
+    connection: &mut Connection,
+    root: &Root,
+    own: &Root,
+    own_ids: &[ChunkId],
+    base: bool,
+) -> Result<Vec<ChunkId>, Error> {
+    let mut ids = own_ids.to_vec();
+    let pages = changed_pages(root, own);
+    for batch in pages.chunks(GET_PAGES_MAX) {
+        let indices: Vec<u32> = batch.iter().map(|&p| p as u32).collect();
+        let request = if base { Message::GetBasePages { indices } } else { Message::GetPages { indices } };
+        connection.send(&request).await?;
+        connection.flush().await?;
+        for &page_index in batch {
+            let Message::Page { index, ids: bytes } = connection.recv().await? else {
+                return Err(Error::Protocol("expected Page".into()));
+            };
+            if index as usize != page_index {
+                return Err(Error::Protocol(format!("asked for page {page_index}, got {index}")));
+            }
+            let page = Page::decode(&bytes, root.page_len(page_index))
+                .map_err(|e| Error::Protocol(format!("page {index}: {e}")))?;
+            if page.id() != root.page_ids()[page_index] {
+                return Err(Error::Protocol(format!("page {index} does not match its root")));
+            }
+            let start = page_index * CHUNKS_PER_PAGE;
+            ids[start..start + page.ids().len()].copy_from_slice(page.ids());
+        }
+    }
+    Ok(ids)
+}
+
+/// Receives the `needed` chunks, verifies each against the target's id, and
+/// writes it in place; fsyncs the disk at the end.
+async fn transfer(
+    config: &AgentConfig,
+    connection: &mut Connection,
+    geometry: Geometry,
+    target_ids: &[ChunkId],
+    needed: &[u64],
+) -> Result<(u64, u64), Error> {
+    let path = config.disk.clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(64);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let file = OpenOptions::new().write(true).open(&path)?;
+        for (offset, data) in rx {
+            file.write_all_at(&data, offset)?;
+        }
+        file.sync_all()
+    });
+    let batches: Vec<&[u64]> = needed.chunks(WANT_BATCH).collect();
+    let mut bytes_received = 0u64;
+    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Protocol(format!("zstd: {e}")))?;
+    // Keep one request ahead, so the server always has work while we write.
+    if let Some(first) = batches.first() {
+        connection.send(&Message::Want { indices: first.to_vec() }).await?;
+    }
+    for (position, batch) in batches.iter().enumerate() {
+        if let Some(next) = batches.get(position + 1) {
+            connection.send(&Message::Want { indices: next.to_vec() }).await?;
+        }
+        connection.flush().await?;
+        for &expected in *batch {
+            let Message::Chunk { index, id, codec, raw_len, data } = connection.recv().await? else {
+                return Err(Error::Protocol("expected Chunk".into()));
+            };
+            let want = target_ids[expected as usize];
+            if index != expected || id != want || Some(raw_len) != geometry.chunk_len(index) {
+                return Err(Error::Protocol(format!("chunk {index} is not the chunk {expected} asked for")));
+            }
+            bytes_received += data.len() as u64;
+            let raw = match codec {
+                Codec::Zero => Bytes::from(vec![0u8; raw_len as usize]),
+                Codec::Raw => data,
+                Codec::Zstd => Bytes::from(
+                    decompressor
+                        .decompress(&data, raw_len as usize)
+                        .map_err(|e| Error::Protocol(format!("chunk {index} does not decompress: {e}")))?,
+                ),
+                Codec::Ref => return Err(Error::Protocol(format!("chunk {index} sent as a reference"))),
+            };
+            if raw.len() != raw_len as usize || hash_chunk(&raw) != id {
+                return Err(Error::Protocol(format!("chunk {index} does not hash to its id")));
+            }
+            if tx.send((geometry.chunk_offset(index), raw)).is_err() {
+                break; // the writer failed; its error is reported below
+            }
+        }
+    }
+    drop(tx);
+    writer
+        .await
+        .map_err(|e| Error::Protocol(format!("writer failed: {e}")))?
+        .map_err(|e| Error::DiskChanged(format!("cannot write {}: {e}", config.disk.display())))?;
+    Ok((needed.len() as u64, bytes_received))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_ranges_merge_adjacent_chunks() {
+        let geometry = Geometry::new(10 * 4096 + 10, 4096).unwrap();
+        assert_eq!(
+            ranges(geometry, &[0, 1, 3, 10]),
+            vec![(0, 8192), (12_288, 16_384), (40_960, 40_970)]
+        );
+    }
+}
