@@ -685,7 +685,10 @@ async fn agent(args: AgentArgs) -> Result<()> {
         let outcome = blockrep_agent::run_once(&config, print_epoch).await?;
         match (&outcome.cutover, outcome.epochs.last()) {
             (Some(cutover), _) => print_cutover(cutover),
-            (None, Some(last)) => println!("replica equals disk: epoch {} root={}", last.epoch, last.root),
+            (None, Some(last)) => println!(
+                "replica equals disk: epoch {} root={}",
+                last.epoch, last.root
+            ),
             (None, None) => println!("replica already equals disk"),
         }
         return Ok(());
@@ -724,13 +727,32 @@ fn print_cutover(report: &blockrep_agent::CutoverReport) {
 async fn cutover(args: CutoverArgs) -> Result<()> {
     let admin = &args.admin.admin;
     if args.reset {
-        let text = admin_call(admin, "POST", &format!("/v1/sources/{}/reset", args.source), None).await?;
-        if args.admin.json { println!("{text}") } else { println!("source {} reset: replication allowed again", args.source) }
+        let text = admin_call(
+            admin,
+            "POST",
+            &format!("/v1/sources/{}/reset", args.source),
+            None,
+        )
+        .await?;
+        if args.admin.json {
+            println!("{text}")
+        } else {
+            println!("source {} reset: replication allowed again", args.source)
+        }
         return Ok(());
     }
-    admin_call(admin, "POST", &format!("/v1/sources/{}/cutover", args.source), None).await?;
+    admin_call(
+        admin,
+        "POST",
+        &format!("/v1/sources/{}/cutover", args.source),
+        None,
+    )
+    .await?;
     if args.no_wait {
-        println!("cutover of {} requested; the agent runs it at its next commit", args.source);
+        println!(
+            "cutover of {} requested; the agent runs it at its next commit",
+            args.source
+        );
         return Ok(());
     }
     let deadline = std::time::Instant::now() + args.timeout;
@@ -744,16 +766,27 @@ async fn cutover(args: CutoverArgs) -> Result<()> {
             if args.admin.json {
                 println!("{text}");
             } else {
-                println!("cutover complete: epoch {} root={} launch={} snapshot={}", cutover.epoch, cutover.root, cutover.launch, cutover.snapshot);
+                println!(
+                    "cutover complete: epoch {} root={} launch={} snapshot={}",
+                    cutover.epoch, cutover.root, cutover.launch, cutover.snapshot
+                );
                 println!(
                     "downtime_ms={} final_scan_ms={} transfer_ms={} commit_ms={} launch_ready_ms={}",
-                    cutover.downtime_ms, cutover.scan_ms, cutover.transfer_ms, cutover.commit_ms, cutover.launch_ms
+                    cutover.downtime_ms,
+                    cutover.scan_ms,
+                    cutover.transfer_ms,
+                    cutover.commit_ms,
+                    cutover.launch_ms
                 );
             }
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {
-            bail!("the agent of {} has not cut over within {:?} (is it connected?)", args.source, args.timeout);
+            bail!(
+                "the agent of {} has not cut over within {:?} (is it connected?)",
+                args.source,
+                args.timeout
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -761,11 +794,25 @@ async fn cutover(args: CutoverArgs) -> Result<()> {
 
 async fn failback(args: FailbackArgs) -> Result<()> {
     if let Some(FailbackCommand::Complete { source, admin }) = &args.command {
-        let text = admin_call(&admin.admin, "POST", &format!("/v1/sources/{source}/failback/complete"), None).await?;
-        if admin.json { println!("{text}") } else { println!("failback of {source}: final pass requested") }
+        let text = admin_call(
+            &admin.admin,
+            "POST",
+            &format!("/v1/sources/{source}/failback/complete"),
+            None,
+        )
+        .await?;
+        if admin.json {
+            println!("{text}")
+        } else {
+            println!("failback of {source}: final pass requested")
+        }
         return Ok(());
     }
-    let need = |value: &Option<String>, flag: &str| value.clone().with_context(|| format!("failback needs {flag}"));
+    let need = |value: &Option<String>, flag: &str| {
+        value
+            .clone()
+            .with_context(|| format!("failback needs {flag}"))
+    };
     let disk = args.disk.clone().context("failback needs --disk")?;
     let server = need(&args.from, "--from HOST:PORT")?;
     let source = source_id(&need(&args.source, "--source")?)?;
@@ -792,7 +839,11 @@ async fn failback(args: FailbackArgs) -> Result<()> {
     })
     .await?;
     if passes.last().is_some_and(|p| p.finalized) {
-        println!("failback complete: {} equals launch {}", config.disk.display(), options.launch);
+        println!(
+            "failback complete: {} equals launch {}",
+            config.disk.display(),
+            options.launch
+        );
     }
     Ok(())
 }

@@ -153,7 +153,10 @@ impl Session {
     }
 
     /// Sends the agent's side of the cutover downtime.
-    pub(crate) async fn report_cutover(&mut self, report: &crate::CutoverReport) -> Result<(), Error> {
+    pub(crate) async fn report_cutover(
+        &mut self,
+        report: &crate::CutoverReport,
+    ) -> Result<(), Error> {
         self.connection
             .send(&Message::CutoverReport {
                 hook_ms: report.hook.as_millis() as u64,
@@ -279,33 +282,42 @@ impl Session {
             })
             .await?;
         self.connection.flush().await?;
-        let (committed_epoch, committed, chunks_received, chunks_stored) = match self.connection.recv().await? {
-            Message::Committed {
-                epoch,
-                root,
-                chunks_received,
-                chunks_stored,
-                cutover_requested,
-                ..
-            } if !last => {
-                self.cutover_requested |= cutover_requested;
-                (epoch, root, chunks_received, chunks_stored)
-            }
-            Message::CutoverReady {
-                epoch,
-                root,
-                snapshot,
-                launch,
-                commit_ms,
-                launch_ms,
-            } if last => {
-                self.cutover_ready = Some(CutoverReady { snapshot, launch, commit_ms, launch_ms });
-                (epoch, root, 0, 0)
-            }
-            other => {
-                return Err(Error::Protocol(format!("unexpected {} in answer to Commit", other.name())));
-            }
-        };
+        let (committed_epoch, committed, chunks_received, chunks_stored) =
+            match self.connection.recv().await? {
+                Message::Committed {
+                    epoch,
+                    root,
+                    chunks_received,
+                    chunks_stored,
+                    cutover_requested,
+                    ..
+                } if !last => {
+                    self.cutover_requested |= cutover_requested;
+                    (epoch, root, chunks_received, chunks_stored)
+                }
+                Message::CutoverReady {
+                    epoch,
+                    root,
+                    snapshot,
+                    launch,
+                    commit_ms,
+                    launch_ms,
+                } if last => {
+                    self.cutover_ready = Some(CutoverReady {
+                        snapshot,
+                        launch,
+                        commit_ms,
+                        launch_ms,
+                    });
+                    (epoch, root, 0, 0)
+                }
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected {} in answer to Commit",
+                        other.name()
+                    )));
+                }
+            };
         if committed_epoch != epoch || committed != root_id {
             return Err(Error::Protocol(format!(
                 "server committed epoch {committed_epoch} root {committed}, expected epoch {epoch} root {root_id}"
@@ -473,7 +485,8 @@ impl Session {
                 ));
             }
             // The final epoch of a cutover commits once: the application is down.
-            let step_due = step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval;
+            let step_due =
+                step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval;
             if step_due && !self.final_epoch {
                 // An intermediate commit of a large epoch: a crash loses one step.
                 let (_, received, new, bytes) = self

@@ -87,8 +87,15 @@ pub async fn failback(
             Some(scan) => scan,
             None => scan(config, geometry.chunk_size_bytes()).await?,
         };
-        let (pass, target_ids, matches, finalize_requested) =
-            pass(config, options, &mut connection, disk, base_override.as_deref(), finalize).await?;
+        let (pass, target_ids, matches, finalize_requested) = pass(
+            config,
+            options,
+            &mut connection,
+            disk,
+            base_override.as_deref(),
+            finalize,
+        )
+        .await?;
         if !matches {
             mismatches += 1;
             if mismatches >= MISMATCHED_PASSES_MAX {
@@ -130,12 +137,22 @@ async fn pass(
     finalize: bool,
 ) -> Result<(FailbackPass, Vec<ChunkId>, bool, bool), Error> {
     let geometry = disk.geometry;
-    connection.send(&Message::FailbackStart { launch: options.launch.clone() }).await?;
+    connection
+        .send(&Message::FailbackStart {
+            launch: options.launch.clone(),
+        })
+        .await?;
     connection.flush().await?;
-    let Message::FailbackPlan { target_root, base_root } = connection.recv().await? else {
+    let Message::FailbackPlan {
+        target_root,
+        base_root,
+    } = connection.recv().await?
+    else {
         return Err(Error::Protocol("expected FailbackPlan".into()));
     };
-    let decode = |bytes: &Bytes| Root::decode(bytes).map_err(|e| Error::Protocol(format!("failback root: {e}")));
+    let decode = |bytes: &Bytes| {
+        Root::decode(bytes).map_err(|e| Error::Protocol(format!("failback root: {e}")))
+    };
     let (target, base) = (decode(&target_root)?, decode(&base_root)?);
     if target.geometry() != geometry {
         return Err(Error::DiskChanged(format!(
@@ -164,8 +181,16 @@ async fn pass(
     }
     if !conflicts.is_empty() {
         let spans = ranges(geometry, &conflicts);
-        let listed: Vec<String> = spans.iter().take(20).map(|(a, b)| format!("{a}..{b}")).collect();
-        let more = if spans.len() > 20 { format!(" and {} more ranges", spans.len() - 20) } else { String::new() };
+        let listed: Vec<String> = spans
+            .iter()
+            .take(20)
+            .map(|(a, b)| format!("{a}..{b}"))
+            .collect();
+        let more = if spans.len() > 20 {
+            format!(" and {} more ranges", spans.len() - 20)
+        } else {
+            String::new()
+        };
         let report = format!(
             "{} chunks of {} changed since cutover (bytes {}{more})",
             conflicts.len(),
@@ -179,13 +204,20 @@ async fn pass(
         }
         warn!(%report, "overwriting changes made to the disk since cutover");
     }
-    let (chunks_written, bytes_received) = transfer(config, connection, geometry, &target_ids, &needed).await?;
+    let (chunks_written, bytes_received) =
+        transfer(config, connection, geometry, &target_ids, &needed).await?;
     drop(disk);
     let after = scan(config, geometry.chunk_size_bytes()).await?;
     let root = Root::from_chunk_ids(geometry, &after.ids).id();
-    connection.send(&Message::FailbackDone { root, finalize }).await?;
+    connection
+        .send(&Message::FailbackDone { root, finalize })
+        .await?;
     connection.flush().await?;
-    let Message::FailbackAck { matches, finalize_requested } = connection.recv().await? else {
+    let Message::FailbackAck {
+        matches,
+        finalize_requested,
+    } = connection.recv().await?
+    else {
         return Err(Error::Protocol("expected FailbackAck".into()));
     };
     let matches = matches && root == target.id();
@@ -215,7 +247,11 @@ async fn fetch_ids(
     let pages = changed_pages(root, own);
     for batch in pages.chunks(GET_PAGES_MAX) {
         let indices: Vec<u32> = batch.iter().map(|&p| p as u32).collect();
-        let request = if base { Message::GetBasePages { indices } } else { Message::GetPages { indices } };
+        let request = if base {
+            Message::GetBasePages { indices }
+        } else {
+            Message::GetPages { indices }
+        };
         connection.send(&request).await?;
         connection.flush().await?;
         for &page_index in batch {
@@ -223,12 +259,16 @@ async fn fetch_ids(
                 return Err(Error::Protocol("expected Page".into()));
             };
             if index as usize != page_index {
-                return Err(Error::Protocol(format!("asked for page {page_index}, got {index}")));
+                return Err(Error::Protocol(format!(
+                    "asked for page {page_index}, got {index}"
+                )));
             }
             let page = Page::decode(&bytes, root.page_len(page_index))
                 .map_err(|e| Error::Protocol(format!("page {index}: {e}")))?;
             if page.id() != root.page_ids()[page_index] {
-                return Err(Error::Protocol(format!("page {index} does not match its root")));
+                return Err(Error::Protocol(format!(
+                    "page {index} does not match its root"
+                )));
             }
             let start = page_index * CHUNKS_PER_PAGE;
             ids[start..start + page.ids().len()].copy_from_slice(page.ids());
@@ -257,37 +297,62 @@ async fn transfer(
     });
     let batches: Vec<&[u64]> = needed.chunks(WANT_BATCH).collect();
     let mut bytes_received = 0u64;
-    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| Error::Protocol(format!("zstd: {e}")))?;
+    let mut decompressor =
+        zstd::bulk::Decompressor::new().map_err(|e| Error::Protocol(format!("zstd: {e}")))?;
     // Keep one request ahead, so the server always has work while we write.
     if let Some(first) = batches.first() {
-        connection.send(&Message::Want { indices: first.to_vec() }).await?;
+        connection
+            .send(&Message::Want {
+                indices: first.to_vec(),
+            })
+            .await?;
     }
     for (position, batch) in batches.iter().enumerate() {
         if let Some(next) = batches.get(position + 1) {
-            connection.send(&Message::Want { indices: next.to_vec() }).await?;
+            connection
+                .send(&Message::Want {
+                    indices: next.to_vec(),
+                })
+                .await?;
         }
         connection.flush().await?;
         for &expected in *batch {
-            let Message::Chunk { index, id, codec, raw_len, data } = connection.recv().await? else {
+            let Message::Chunk {
+                index,
+                id,
+                codec,
+                raw_len,
+                data,
+            } = connection.recv().await?
+            else {
                 return Err(Error::Protocol("expected Chunk".into()));
             };
             let want = target_ids[expected as usize];
             if index != expected || id != want || Some(raw_len) != geometry.chunk_len(index) {
-                return Err(Error::Protocol(format!("chunk {index} is not the chunk {expected} asked for")));
+                return Err(Error::Protocol(format!(
+                    "chunk {index} is not the chunk {expected} asked for"
+                )));
             }
             bytes_received += data.len() as u64;
-            let raw = match codec {
-                Codec::Zero => Bytes::from(vec![0u8; raw_len as usize]),
-                Codec::Raw => data,
-                Codec::Zstd => Bytes::from(
-                    decompressor
-                        .decompress(&data, raw_len as usize)
-                        .map_err(|e| Error::Protocol(format!("chunk {index} does not decompress: {e}")))?,
-                ),
-                Codec::Ref => return Err(Error::Protocol(format!("chunk {index} sent as a reference"))),
-            };
+            let raw =
+                match codec {
+                    Codec::Zero => Bytes::from(vec![0u8; raw_len as usize]),
+                    Codec::Raw => data,
+                    Codec::Zstd => {
+                        Bytes::from(decompressor.decompress(&data, raw_len as usize).map_err(
+                            |e| Error::Protocol(format!("chunk {index} does not decompress: {e}")),
+                        )?)
+                    }
+                    Codec::Ref => {
+                        return Err(Error::Protocol(format!(
+                            "chunk {index} sent as a reference"
+                        )));
+                    }
+                };
             if raw.len() != raw_len as usize || hash_chunk(&raw) != id {
-                return Err(Error::Protocol(format!("chunk {index} does not hash to its id")));
+                return Err(Error::Protocol(format!(
+                    "chunk {index} does not hash to its id"
+                )));
             }
             if tx.send((geometry.chunk_offset(index), raw)).is_err() {
                 break; // the writer failed; its error is reported below

@@ -23,7 +23,10 @@ pub struct RunOutcome {
 
 /// Replicates until the server's head equals a fresh scan of the disk; then, with
 /// `config.cutover`, runs the cutover.
-pub async fn run_once(config: &AgentConfig, mut on_epoch: impl FnMut(&EpochReport)) -> Result<RunOutcome, Error> {
+pub async fn run_once(
+    config: &AgentConfig,
+    mut on_epoch: impl FnMut(&EpochReport),
+) -> Result<RunOutcome, Error> {
     let mut outcome = RunOutcome::default();
     let first = scan(config, config.chunk_size_bytes).await?;
     let mut session = Session::open(config, first.geometry).await?;
@@ -35,12 +38,10 @@ pub async fn run_once(config: &AgentConfig, mut on_epoch: impl FnMut(&EpochRepor
         };
         let root = blockrep_core::Root::from_chunk_ids(current.geometry, &current.ids).id();
         let caught_up = session.head_root_id() == Some(root);
-        if !caught_up {
-            if let Some(report) = session.epoch(config, current, false).await? {
-                on_epoch(&report);
-                outcome.epochs.push(report);
-                continue;
-            }
+        if !caught_up && let Some(report) = session.epoch(config, current, false).await? {
+            on_epoch(&report);
+            outcome.epochs.push(report);
+            continue;
         }
         if config.cutover || session.cutover_requested {
             outcome.cutover = Some(cutover(config, &mut session, Instant::now()).await?);
@@ -58,7 +59,11 @@ pub async fn run_once(config: &AgentConfig, mut on_epoch: impl FnMut(&EpochRepor
 /// scan, diff and send, committed as the last epoch; the server answers with the
 /// cutover launch. Downtime runs from the end of the command (or from
 /// `requested_at` without one) to the server's answer.
-async fn cutover(config: &AgentConfig, session: &mut Session, requested_at: Instant) -> Result<CutoverReport, Error> {
+async fn cutover(
+    config: &AgentConfig,
+    session: &mut Session,
+    requested_at: Instant,
+) -> Result<CutoverReport, Error> {
     info!(source = %config.source, "cutover: stopping the workload");
     let hook_started = Instant::now();
     let downtime_started = match &config.pre_cutover_cmd {
@@ -83,9 +88,10 @@ async fn cutover(config: &AgentConfig, session: &mut Session, requested_at: Inst
     let scan_duration = final_scan.duration;
     let transfer_started = Instant::now();
     session.final_epoch = true;
-    let report = session.epoch(config, final_scan, true).await?.ok_or_else(|| {
-        Error::Protocol("the final epoch was not committed".into())
-    })?;
+    let report = session
+        .epoch(config, final_scan, true)
+        .await?
+        .ok_or_else(|| Error::Protocol("the final epoch was not committed".into()))?;
     let downtime = downtime_started.elapsed();
     let ready = session
         .cutover_ready

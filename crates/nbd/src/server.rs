@@ -43,6 +43,22 @@ enum Negotiated<S> {
     Closed,
 }
 
+/// When a connection ends, however it ends, its completed writes are flushed:
+/// clients such as `nbdcopy` disconnect without `NBD_CMD_FLUSH` and expect what
+/// they wrote to stay, as it would on a file-backed server.
+async fn flush_on_close(export: Arc<dyn Export>) {
+    if export.read_only() {
+        return;
+    }
+    match tokio::task::spawn_blocking(move || export.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "flushing an export after its connection closed failed")
+        }
+        Err(e) => tracing::warn!(error = %e, "flush task failed"),
+    }
+}
+
 impl fmt::Debug for NbdServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NbdServer")
@@ -106,15 +122,21 @@ impl NbdServer {
                 ))??
             }
         };
-        match negotiated {
+        let (result, export) = match negotiated {
             Negotiated::Plain(stream, export) => {
-                transmission::transmit(stream, export, &self.limits, stop).await
+                let result =
+                    transmission::transmit(stream, Arc::clone(&export), &self.limits, stop).await;
+                (result, export)
             }
             Negotiated::Tls(stream, export) => {
-                transmission::transmit(stream, export, &self.limits, stop).await
+                let result =
+                    transmission::transmit(stream, Arc::clone(&export), &self.limits, stop).await;
+                (result, export)
             }
-            Negotiated::Closed => Ok(()),
-        }
+            Negotiated::Closed => return Ok(()),
+        };
+        flush_on_close(export).await;
+        result
     }
 
     /// Accepts connections on `listener` and serves each on its own task, at

@@ -630,21 +630,49 @@ mod tests {
     fn lifecycle_strategy() -> impl Strategy<Value = Message> {
         let bytes = |max| proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u64>(), id_strategy(), "[a-z0-9-]{0,30}", "[a-z0-9-]{0,30}", any::<u64>(), any::<u64>())
+            (
+                any::<u64>(),
+                id_strategy(),
+                "[a-z0-9-]{0,30}",
+                "[a-z0-9-]{0,30}",
+                any::<u64>(),
+                any::<u64>()
+            )
                 .prop_map(|(epoch, root, snapshot, launch, commit_ms, launch_ms)| {
-                    Message::CutoverReady { epoch, root, snapshot, launch, commit_ms, launch_ms }
+                    Message::CutoverReady {
+                        epoch,
+                        root,
+                        snapshot,
+                        launch,
+                        commit_ms,
+                        launch_ms,
+                    }
                 }),
             "[a-z0-9-]{0,40}".prop_map(|launch| Message::FailbackStart { launch }),
             (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c, d)| {
-                Message::CutoverReport { hook_ms: a, scan_ms: b, transfer_ms: c, total_ms: d }
+                Message::CutoverReport {
+                    hook_ms: a,
+                    scan_ms: b,
+                    transfer_ms: c,
+                    total_ms: d,
+                }
             }),
-            (bytes(100), bytes(100))
-                .prop_map(|(target_root, base_root)| Message::FailbackPlan { target_root, base_root }),
-            proptest::collection::vec(any::<u32>(), 0..20).prop_map(|indices| Message::GetBasePages { indices }),
-            proptest::collection::vec(any::<u64>(), 0..20).prop_map(|indices| Message::Want { indices }),
-            (id_strategy(), any::<bool>()).prop_map(|(root, finalize)| Message::FailbackDone { root, finalize }),
-            (any::<bool>(), any::<bool>())
-                .prop_map(|(matches, finalize_requested)| Message::FailbackAck { matches, finalize_requested }),
+            (bytes(100), bytes(100)).prop_map(|(target_root, base_root)| Message::FailbackPlan {
+                target_root,
+                base_root
+            }),
+            proptest::collection::vec(any::<u32>(), 0..20)
+                .prop_map(|indices| Message::GetBasePages { indices }),
+            proptest::collection::vec(any::<u64>(), 0..20)
+                .prop_map(|indices| Message::Want { indices }),
+            (id_strategy(), any::<bool>())
+                .prop_map(|(root, finalize)| Message::FailbackDone { root, finalize }),
+            (any::<bool>(), any::<bool>()).prop_map(|(matches, finalize_requested)| {
+                Message::FailbackAck {
+                    matches,
+                    finalize_requested,
+                }
+            }),
         ]
     }
 

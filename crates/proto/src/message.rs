@@ -229,7 +229,10 @@ pub enum Message {
     FailbackStart { launch: String },
     /// Server -> agent: the launch's current root (the target) and the root the
     /// disk had at cutover (the base, to detect changes made to the disk since).
-    FailbackPlan { target_root: Bytes, base_root: Bytes },
+    FailbackPlan {
+        target_root: Bytes,
+        base_root: Bytes,
+    },
     /// Agent -> server (failback): send these index pages of the base root
     /// (`GetPages` asks for pages of the target).
     GetBasePages { indices: Vec<u32> },
@@ -240,7 +243,10 @@ pub enum Message {
     FailbackDone { root: ChunkId, finalize: bool },
     /// Server -> agent: whether `root` equals the target, and whether the
     /// operator asked to finalize.
-    FailbackAck { matches: bool, finalize_requested: bool },
+    FailbackAck {
+        matches: bool,
+        finalize_requested: bool,
+    },
     /// Either way: the session ends for this reason.
     Error { code: ErrorCode, message: String },
 }

@@ -26,7 +26,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/sources/{source}", get(get_source))
         .route("/v1/sources/{source}/cutover", post(request_cutover))
         .route("/v1/sources/{source}/reset", post(reset_source))
-        .route("/v1/sources/{source}/failback/complete", post(complete_failback))
+        .route(
+            "/v1/sources/{source}/failback/complete",
+            post(complete_failback),
+        )
         .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/snapshots/{source}/{name}", delete(delete_snapshot))
         .route("/v1/launches", get(list_launches).post(create_launch))
@@ -119,7 +122,11 @@ async fn request_cutover(
     .await?
     .is_some();
     if !known {
-        return Err(error(StatusCode::NOT_FOUND, format!("source {source} has no replica to cut over")).into());
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("source {source} has no replica to cut over"),
+        )
+        .into());
     }
     let fenced = shared.sources.update(&source, |r| {
         if r.lifecycle.is_none() {
@@ -128,10 +135,18 @@ async fn request_cutover(
         r.lifecycle.is_some()
     });
     if fenced {
-        return Err(error(StatusCode::CONFLICT, format!("source {source} is already cut over")).into());
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!("source {source} is already cut over"),
+        )
+        .into());
     }
     info!(source = %source, "cutover requested; the agent runs it at its next commit");
-    Ok((StatusCode::ACCEPTED, Json(json!({ "source": source.as_str(), "cutover_requested": true }))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "source": source.as_str(), "cutover_requested": true })),
+    )
+        .into_response())
 }
 
 /// Lifts the fence of a cut-over source: replication may start again.
@@ -161,17 +176,28 @@ async fn complete_failback(
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
     let failing_back = shared.sources.update(&source, |r| {
-        let active = r.lifecycle.as_ref().is_some_and(|l| l.stage == blockrep_store::LifecycleStage::FailingBack);
+        let active = r
+            .lifecycle
+            .as_ref()
+            .is_some_and(|l| l.stage == blockrep_store::LifecycleStage::FailingBack);
         if active {
             r.failback_finalize_requested = true;
         }
         active
     });
     if !failing_back {
-        return Err(error(StatusCode::CONFLICT, format!("source {source} is not failing back")).into());
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!("source {source} is not failing back"),
+        )
+        .into());
     }
     info!(source = %source, "failback completion requested");
-    Ok((StatusCode::ACCEPTED, Json(json!({ "source": source.as_str(), "finalize_requested": true }))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "source": source.as_str(), "finalize_requested": true })),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -322,7 +322,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             if let Message::FailbackStart { launch } = message {
                 if !replica.dirty_pages.is_empty() {
-                    return Err(Reject::new(ErrorCode::UnexpectedMessage, "FailbackStart in the middle of an epoch").into());
+                    return Err(Reject::new(
+                        ErrorCode::UnexpectedMessage,
+                        "FailbackStart in the middle of an epoch",
+                    )
+                    .into());
                 }
                 return self.failback(replica, launch).await;
             }
@@ -395,7 +399,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     last,
                 } => {
                     if last {
-                        self.shared.sources.update(&self.source, |r| r.cutting_over = true);
+                        self.shared
+                            .sources
+                            .update(&self.source, |r| r.cutting_over = true);
                     }
                     let result = self
                         .commit(
@@ -409,7 +415,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             last,
                         )
                         .await;
-                    self.shared.sources.update(&self.source, |r| r.cutting_over = false);
+                    self.shared
+                        .sources
+                        .update(&self.source, |r| r.cutting_over = false);
                     self.touch();
                     result?;
                     if last {
@@ -645,11 +653,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if last {
             // The cutover snapshot and launch follow; `finish_cutover` answers.
             replica.cutover_commit_ms = started.elapsed().as_millis() as u64;
-            replica.cutover_transfer_ms = counters.started.map_or(0, |t| t.elapsed().as_millis() as u64);
+            replica.cutover_transfer_ms = counters
+                .started
+                .map_or(0, |t| t.elapsed().as_millis() as u64);
             replica.cutover_scan_started_unix_ms = scan_started_unix_ms;
             return Ok(());
         }
-        let cutover_requested = self.shared.sources.update(&self.source, |r| r.cutover_requested);
+        let cutover_requested = self
+            .shared
+            .sources
+            .update(&self.source, |r| r.cutover_requested);
         self.connection
             .send(&Message::Committed {
                 epoch: replica.head_epoch,
@@ -674,18 +687,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// One failback pass; returns the launch of the next pass, if the agent asks.
-    async fn failback_pass(&mut self, replica: &Replica, launch: String) -> Result<Option<String>, Outcome> {
+    async fn failback_pass(
+        &mut self,
+        replica: &Replica,
+        launch: String,
+    ) -> Result<Option<String>, Outcome> {
         let store = Arc::clone(&self.shared.store);
         let source = self.source.clone();
-        let lifecycle = self.shared.sources.update(&self.source, |r| r.lifecycle.clone());
+        let lifecycle = self
+            .shared
+            .sources
+            .update(&self.source, |r| r.lifecycle.clone());
         let name = launch.clone();
         let cutover_root = lifecycle.as_ref().map(|l| l.root);
         let plan = tokio::task::spawn_blocking(move || -> Result<_, Reject> {
-            let store_err = |e: blockrep_store::Error| Reject::new(ErrorCode::Internal, e.to_string());
-            let info = store
-                .launch(&name)
-                .map_err(store_err)?
-                .ok_or_else(|| Reject::new(ErrorCode::NotFound, format!("no launch named {name:?}")))?;
+            let store_err =
+                |e: blockrep_store::Error| Reject::new(ErrorCode::Internal, e.to_string());
+            let info = store.launch(&name).map_err(store_err)?.ok_or_else(|| {
+                Reject::new(ErrorCode::NotFound, format!("no launch named {name:?}"))
+            })?;
             if info.source != source {
                 return Err(Reject::new(
                     ErrorCode::Unauthorized,
@@ -694,7 +714,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             // The target is the launch's durable content: flush writes made over NBD.
             let volume = store.open_launch(&name).map_err(store_err)?;
-            volume.flush().map_err(|e| Reject::new(ErrorCode::Internal, format!("flushing launch {name}: {e}")))?;
+            volume.flush().map_err(|e| {
+                Reject::new(ErrorCode::Internal, format!("flushing launch {name}: {e}"))
+            })?;
             let info = volume.info();
             let target = store.read_root(&info.root).map_err(store_err)?;
             let target_ids = store.chunk_ids(&target).map_err(store_err)?;
@@ -709,7 +731,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if target.geometry() != replica.geometry || base.geometry() != replica.geometry {
             return Err(Reject::new(
                 ErrorCode::GeometryMismatch,
-                format!("launch {launch} has {} bytes, the disk has {}", target.geometry().disk_size_bytes(), replica.geometry.disk_size_bytes()),
+                format!(
+                    "launch {launch} has {} bytes, the disk has {}",
+                    target.geometry().disk_size_bytes(),
+                    replica.geometry.disk_size_bytes()
+                ),
             )
             .into());
         }
@@ -729,7 +755,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let target_id = target.id();
         self.connection
-            .send(&Message::FailbackPlan { target_root: Bytes::from(target.encode()), base_root: Bytes::from(base.encode()) })
+            .send(&Message::FailbackPlan {
+                target_root: Bytes::from(target.encode()),
+                base_root: Bytes::from(base.encode()),
+            })
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
         let (mut chunks_sent, mut bytes_sent) = (0u64, 0u64);
@@ -739,7 +768,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Message::GetBasePages { indices } => self.send_root_pages(&base, &indices).await?,
                 Message::Want { indices } => {
                     for batch in indices.chunks(64) {
-                        let (sent, bytes) = self.send_chunks(replica.geometry, &target_ids, batch).await?;
+                        let (sent, bytes) = self
+                            .send_chunks(replica.geometry, &target_ids, batch)
+                            .await?;
                         chunks_sent += sent;
                         bytes_sent += bytes;
                         self.shared.sources.update(&self.source, |r| {
@@ -747,27 +778,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             r.failback_bytes_sent_total += bytes;
                         });
                     }
-                    self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+                    self.connection
+                        .flush()
+                        .await
+                        .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
                 }
                 Message::FailbackDone { root, finalize } => {
                     let matches = root == target_id;
-                    let finalize_requested = self.shared.sources.update(&self.source, |r| r.failback_finalize_requested);
+                    let finalize_requested = self
+                        .shared
+                        .sources
+                        .update(&self.source, |r| r.failback_finalize_requested);
                     if matches && (finalize || finalize_requested) {
                         record.stage = LifecycleStage::FailedBack;
                         self.persist_lifecycle(&record).await?;
-                        self.shared.sources.update(&self.source, |r| r.failback_finalize_requested = false);
+                        self.shared
+                            .sources
+                            .update(&self.source, |r| r.failback_finalize_requested = false);
                         info!(source = %self.source, launch = %launch, root = %root, chunks_sent, bytes_sent, "failback complete");
                     } else {
                         info!(source = %self.source, launch = %launch, matches, chunks_sent, bytes_sent, "failback pass done");
                     }
                     self.connection
-                        .send(&Message::FailbackAck { matches, finalize_requested })
+                        .send(&Message::FailbackAck {
+                            matches,
+                            finalize_requested,
+                        })
                         .await
                         .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
                 }
                 Message::FailbackStart { launch } => return Ok(Some(launch)),
                 other => {
-                    return Err(Reject::new(ErrorCode::UnexpectedMessage, format!("unexpected {} during failback", other.name())).into());
+                    return Err(Reject::new(
+                        ErrorCode::UnexpectedMessage,
+                        format!("unexpected {} during failback", other.name()),
+                    )
+                    .into());
                 }
             }
             self.touch();
@@ -781,7 +827,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let mut out = Vec::with_capacity(wanted.len());
             for index in wanted {
                 if index as usize >= root_copy.page_ids().len() {
-                    return Err(Reject::new(ErrorCode::BadFrame, format!("page {index} does not exist")));
+                    return Err(Reject::new(
+                        ErrorCode::BadFrame,
+                        format!("page {index} does not exist"),
+                    ));
                 }
                 let page = store
                     .read_page(&root_copy, index as usize)
@@ -793,19 +842,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         .await
         .map_err(internal)??;
         for (index, ids) in pages {
-            self.connection.queue(&Message::Page { index, ids: Bytes::from(ids) });
+            self.connection.queue(&Message::Page {
+                index,
+                ids: Bytes::from(ids),
+            });
         }
-        self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))
+        self.connection
+            .flush()
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))
     }
 
     /// Sends the target's data for `indices`; returns chunks and bytes sent.
-    async fn send_chunks(&mut self, geometry: Geometry, target_ids: &[ChunkId], indices: &[u64]) -> Result<(u64, u64), Outcome> {
+    async fn send_chunks(
+        &mut self,
+        geometry: Geometry,
+        target_ids: &[ChunkId],
+        indices: &[u64],
+    ) -> Result<(u64, u64), Outcome> {
         let mut wanted = Vec::with_capacity(indices.len());
         for &index in indices {
             let id = *target_ids.get(index as usize).ok_or_else(|| {
-                Reject::new(ErrorCode::BadFrame, format!("chunk {index} is beyond the end of the disk"))
+                Reject::new(
+                    ErrorCode::BadFrame,
+                    format!("chunk {index} is beyond the end of the disk"),
+                )
             })?;
-            let raw_len = geometry.chunk_len(index).expect("index checked against the ids");
+            let raw_len = geometry
+                .chunk_len(index)
+                .expect("index checked against the ids");
             wanted.push((index, id, raw_len));
         }
         let store = Arc::clone(&self.shared.store);
@@ -814,12 +879,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .into_iter()
                 .map(|(index, id, raw_len)| {
                     if id.is_zero() {
-                        return Ok(Message::Chunk { index, id, codec: Codec::Zero, raw_len, data: Bytes::new() });
+                        return Ok(Message::Chunk {
+                            index,
+                            id,
+                            codec: Codec::Zero,
+                            raw_len,
+                            data: Bytes::new(),
+                        });
                     }
-                    let data = store
-                        .read_blob(&id)
-                        .map_err(|e| Reject::new(ErrorCode::Internal, format!("chunk {index}: {e}")))?;
-                    Ok(Message::Chunk { index, id, codec: Codec::Raw, raw_len, data: Bytes::from(data) })
+                    let data = store.read_blob(&id).map_err(|e| {
+                        Reject::new(ErrorCode::Internal, format!("chunk {index}: {e}"))
+                    })?;
+                    Ok(Message::Chunk {
+                        index,
+                        id,
+                        codec: Codec::Raw,
+                        raw_len,
+                        data: Bytes::from(data),
+                    })
                 })
                 .collect()
         })
@@ -830,13 +907,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for chunk in &chunks {
             self.connection.queue(chunk);
         }
-        self.connection.flush().await.map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+        self.connection
+            .flush()
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
         Ok((count, self.connection.bytes_written - before))
     }
 
     /// Refuses replication of a source that has been cut over.
     fn check_fence(&self) -> Result<(), Outcome> {
-        let fenced = self.shared.sources.update(&self.source, |r| r.lifecycle.clone());
+        let fenced = self
+            .shared
+            .sources
+            .update(&self.source, |r| r.lifecycle.clone());
         match fenced {
             None => Ok(()),
             Some(lifecycle) => Err(Reject::new(
@@ -860,21 +943,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let (root, _) = replica.build_root();
         let root_id = root.id();
         let now = now_unix_ms();
-        let (snapshot, launch) = tokio::task::spawn_blocking(move || -> Result<_, blockrep_store::Error> {
-            let snapshot = store.create_snapshot_of_kind(&source, SnapshotKind::Cutover, None, None, now)?;
-            let base = format!("{}-cutover", &source.as_str()[..source.as_str().len().min(48)]);
-            let mut name = base.clone();
-            let mut n = 2;
-            while store.launch(&name)?.is_some() {
-                name = format!("{base}-{n}");
-                n += 1;
-            }
-            let launch = store.create_launch(&source, &snapshot.name, &name, LaunchKind::Cutover)?;
-            Ok((snapshot, launch))
-        })
-        .await
-        .map_err(internal)?
-        .map_err(|e| internal(format!("cutover snapshot or launch failed (the final epoch is committed): {e}")))?;
+        let (snapshot, launch) =
+            tokio::task::spawn_blocking(move || -> Result<_, blockrep_store::Error> {
+                let snapshot = store.create_snapshot_of_kind(
+                    &source,
+                    SnapshotKind::Cutover,
+                    None,
+                    None,
+                    now,
+                )?;
+                let base = format!(
+                    "{}-cutover",
+                    &source.as_str()[..source.as_str().len().min(48)]
+                );
+                let mut name = base.clone();
+                let mut n = 2;
+                while store.launch(&name)?.is_some() {
+                    name = format!("{base}-{n}");
+                    n += 1;
+                }
+                let launch =
+                    store.create_launch(&source, &snapshot.name, &name, LaunchKind::Cutover)?;
+                Ok((snapshot, launch))
+            })
+            .await
+            .map_err(internal)?
+            .map_err(|e| {
+                internal(format!(
+                    "cutover snapshot or launch failed (the final epoch is committed): {e}"
+                ))
+            })?;
         let launch_ms = started.elapsed().as_millis() as u64;
         let scan_ms = replica
             .cutover_backlog_unix_ms
@@ -909,8 +1007,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
         // The agent reports its side of the downtime, then leaves.
-        if let Ok(Message::CutoverReport { hook_ms, scan_ms, transfer_ms, total_ms }) =
-            self.read(self.shared.config.handshake_timeout).await
+        if let Ok(Message::CutoverReport {
+            hook_ms,
+            scan_ms,
+            transfer_ms,
+            total_ms,
+        }) = self.read(self.shared.config.handshake_timeout).await
         {
             lifecycle.downtime.hook_ms = hook_ms;
             lifecycle.downtime.scan_ms = scan_ms;

@@ -100,7 +100,14 @@ impl Lifecycle {
         put_name(&mut out, &self.launch);
         out.extend_from_slice(&self.cutover_unix_ms.to_le_bytes());
         let d = self.downtime;
-        for value in [d.hook_ms, d.scan_ms, d.transfer_ms, d.commit_ms, d.launch_ms, d.total_ms] {
+        for value in [
+            d.hook_ms,
+            d.scan_ms,
+            d.transfer_ms,
+            d.commit_ms,
+            d.launch_ms,
+            d.total_ms,
+        ] {
             out.extend_from_slice(&value.to_le_bytes());
         }
         let crc = crc32fast::hash(&out);
@@ -110,7 +117,8 @@ impl Lifecycle {
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        let corrupt = |what: &str| Error::new(ErrorKind::Corrupt, format!("lifecycle record: {what}"));
+        let corrupt =
+            |what: &str| Error::new(ErrorKind::Corrupt, format!("lifecycle record: {what}"));
         if bytes.len() != LEN || bytes[..8] != MAGIC {
             return Err(corrupt("bad length or magic"));
         }
@@ -170,7 +178,10 @@ impl Store {
         match fs::remove_file(dir.join("lifecycle")) {
             Ok(()) => sync_dir(&dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("cannot remove the lifecycle record of {source}"), e)),
+            Err(e) => Err(Error::io(
+                format!("cannot remove the lifecycle record of {source}"),
+                e,
+            )),
         }
     }
 }
@@ -188,7 +199,14 @@ mod tests {
             snapshot: "cutover-9-1".into(),
             launch: "web-cutover".into(),
             cutover_unix_ms: 1234,
-            downtime: Downtime { hook_ms: 1, scan_ms: 2, transfer_ms: 3, commit_ms: 4, launch_ms: 5, total_ms: 15 },
+            downtime: Downtime {
+                hook_ms: 1,
+                scan_ms: 2,
+                transfer_ms: 3,
+                commit_ms: 4,
+                launch_ms: 5,
+                total_ms: 15,
+            },
         };
         let bytes = record.encode();
         assert_eq!(bytes.len(), LEN);
