@@ -89,6 +89,10 @@ pub struct Store {
     commit_locks: Mutex<HashMap<SourceId, Arc<Mutex<()>>>>,
     /// Snapshot and launch bookkeeping (see `catalog.rs`).
     pub(crate) catalog: Catalog,
+    /// Serializes the joining of background fsyncs: a `sync` that finds the list
+    /// empty because a concurrent `sync` took it must still wait until those
+    /// fsyncs are done before it may report the data durable.
+    sync_join: Mutex<()>,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,6 +142,7 @@ impl Store {
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             commit_locks: Mutex::new(HashMap::new()),
             catalog: Catalog::default(),
+            sync_join: Mutex::new(()),
         };
         store.load_index()?;
         Ok(store)
@@ -333,20 +338,25 @@ impl Store {
     /// Makes every blob inserted so far durable.
     pub fn sync(&self) -> Result<(), Error> {
         use std::sync::atomic::Ordering;
-        let (file, pending) = {
-            let mut inner = lock(&self.inner);
-            let file = inner.active.as_ref().map(|a| Arc::clone(&a.file));
-            (file, std::mem::take(&mut inner.background_syncs))
-        };
-        // fsyncs run outside the lock: other sessions keep appending meanwhile,
-        // and everything appended before this call is covered.
+        let file = lock(&self.inner)
+            .active
+            .as_ref()
+            .map(|a| Arc::clone(&a.file));
+        // fsyncs run outside the index lock: other sessions keep appending
+        // meanwhile, and everything appended before this call is covered. The
+        // join lock makes a concurrent `sync` that took the pending fsyncs first
+        // finish joining them before this one goes on.
         let mut result = Ok(());
-        for handle in pending {
-            let outcome = handle
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
-            if let Err(e) = outcome {
-                result = Err(e);
+        {
+            let _join = lock(&self.sync_join);
+            let pending = std::mem::take(&mut lock(&self.inner).background_syncs);
+            for handle in pending {
+                let outcome = handle
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
+                if let Err(e) = outcome {
+                    result = Err(e);
+                }
             }
         }
         if let Some(file) = file
