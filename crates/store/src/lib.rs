@@ -14,7 +14,8 @@
 //! Snapshots ([`Snapshot`], formats in `snapshot.rs`) copy nothing; automatic ones
 //! are taken and expired by a [`RetentionPolicy`]. Launch volumes ([`LaunchVolume`],
 //! formats in `launch.rs`) are copy-on-write views of a snapshot's root that never
-//! change that root or the source's head.
+//! change that root or the source's head. [`Store::verify`] re-reads everything
+//! referenced and reports damage with what it affects.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -45,6 +46,9 @@
 //! // The snapshot and the source's head still name the original disk.
 //! assert_eq!(store.snapshot(&source, "before").unwrap().unwrap().root, root.id());
 //! assert_eq!(store.head(&source).unwrap().unwrap().root, root.id());
+//!
+//! // Everything referenced reads back intact.
+//! assert!(store.verify(None, None).unwrap().is_clean());
 //! ```
 //!
 //! # Pack record (little-endian)
@@ -88,6 +92,7 @@ mod snapshot;
 mod store;
 #[cfg(test)]
 mod testutil;
+mod verify;
 
 pub use error::{Error, ErrorKind};
 pub use head::Head;
@@ -96,3 +101,7 @@ pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
 pub use snapshot::{Snapshot, SnapshotKind};
 pub use store::{CommitStats, ExportStats, Store};
+pub use verify::{
+    AFFECTED_CHUNKS_LISTED_MAX, Affected, BlobPlace, ChunkPlace, Damage, DamagedBlob, Referrer,
+    VerifyReport,
+};

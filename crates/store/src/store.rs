@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,11 +20,22 @@ use crate::pack::{
 };
 
 /// Where a blob lives.
-#[derive(Debug, Clone, Copy)]
-struct Location {
-    pack: u32,
-    offset: u64,
-    header: RecordHeader,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Location {
+    pub(crate) pack: u32,
+    pub(crate) offset: u64,
+    pub(crate) header: RecordHeader,
+}
+
+impl Location {
+    /// Bytes the record takes in its pack: header and stored bytes.
+    pub(crate) fn record_len_bytes(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + u64::from(self.header.stored_len)
+    }
+
+    fn is_at(&self, other: &Location) -> bool {
+        self.pack == other.pack && self.offset == other.offset
+    }
 }
 
 #[derive(Debug)]
@@ -89,6 +101,9 @@ pub struct Store {
     commit_locks: Mutex<HashMap<SourceId, Arc<Mutex<()>>>>,
     /// Snapshot and launch bookkeeping (see `catalog.rs`).
     pub(crate) catalog: Catalog,
+    /// Size at which the active pack is sealed; [`PACK_SIZE_MAX_BYTES`] unless a
+    /// test makes packs small.
+    pack_size_max_bytes: AtomicU64,
     /// Serializes the joining of background fsyncs: a `sync` that finds the list
     /// empty because a concurrent `sync` took it must still wait until those
     /// fsyncs are done before it may report the data durable.
@@ -142,6 +157,7 @@ impl Store {
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             commit_locks: Mutex::new(HashMap::new()),
             catalog: Catalog::default(),
+            pack_size_max_bytes: AtomicU64::new(PACK_SIZE_MAX_BYTES),
             sync_join: Mutex::new(()),
         };
         store.load_index()?;
@@ -155,6 +171,24 @@ impl Store {
 
     fn packs_dir(&self) -> PathBuf {
         self.dir.join("packs")
+    }
+
+    /// Whether the store was opened read-only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Makes packs seal at `bytes` instead of [`PACK_SIZE_MAX_BYTES`], so that
+    /// tests of compaction get many packs from little data. Takes effect at the
+    /// next append.
+    #[doc(hidden)]
+    pub fn set_pack_size_max_bytes(&self, bytes: u64) {
+        self.pack_size_max_bytes
+            .store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    fn pack_size_max_bytes(&self) -> u64 {
+        self.pack_size_max_bytes.load(Ordering::Relaxed)
     }
 
     fn pack_numbers(&self) -> Result<Vec<u32>, Error> {
@@ -174,13 +208,19 @@ impl Store {
     }
 
     /// Builds the blob index from the packs, cutting torn tails when writable.
-    fn load_index(&self) -> Result<(), Error> {
+    pub(crate) fn load_index(&self) -> Result<(), Error> {
         let numbers = self.pack_numbers()?;
         let mut inner = lock(&self.inner);
         inner.index.clear();
         for (position, &number) in numbers.iter().enumerate() {
             let path = self.packs_dir().join(pack_file_name(number));
-            let scan = scan_pack(&path)?;
+            let scan = match scan_pack(&path) {
+                Ok(scan) => scan,
+                // Deleted since the listing (a read-only store looking at a
+                // running server): its blobs are elsewhere now.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
             for record in &scan.records {
                 inner.index.entry(record.header.id).or_insert(Location {
                     pack: number,
@@ -244,12 +284,26 @@ impl Store {
         let header_bytes = header.encode_with_crc(stored);
         let header = RecordHeader::decode(&header_bytes)
             .ok_or_else(|| Error::new(ErrorKind::Invalid, "blob exceeds the record limits"))?;
-        let active = self.active_pack(&mut inner)?;
+        let location = self.append_locked(&mut inner, &header_bytes, header, stored)?;
+        inner.index.insert(id, location);
+        Ok(true)
+    }
+
+    /// Appends one record to the active pack. The caller holds the index lock
+    /// and updates the index.
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        header_bytes: &[u8; RECORD_HEADER_LEN],
+        header: RecordHeader,
+        stored: &[u8],
+    ) -> Result<Location, Error> {
+        let active = self.active_pack(inner)?;
         let offset = active.len_bytes;
         let path_for_error = || self.packs_dir().join(pack_file_name(active.number));
         active
             .file
-            .write_all_at(&header_bytes, offset)
+            .write_all_at(header_bytes, offset)
             .and_then(|()| {
                 active
                     .file
@@ -269,23 +323,20 @@ impl Store {
             inner.unflushed_bytes = 0;
             inner.background_syncs.push(spawn_sync(file));
         }
-        inner.index.insert(
-            id,
-            Location {
-                pack,
-                offset,
-                header,
-            },
-        );
-        Ok(true)
+        Ok(Location {
+            pack,
+            offset,
+            header,
+        })
     }
 
     /// The pack to append to, sealing the current one when full.
     fn active_pack<'a>(&self, inner: &'a mut Inner) -> Result<&'a mut ActivePack, Error> {
+        let pack_size_max_bytes = self.pack_size_max_bytes();
         let full = inner
             .active
             .as_ref()
-            .is_some_and(|a| a.len_bytes >= PACK_SIZE_MAX_BYTES);
+            .is_some_and(|a| a.len_bytes >= pack_size_max_bytes);
         if full {
             let sealed = inner.active.take().expect("checked above");
             // A sealed pack is never written again; its fsync runs in the
@@ -311,7 +362,7 @@ impl Store {
                 .metadata()
                 .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
                 .len();
-            if len_bytes < PACK_SIZE_MAX_BYTES {
+            if len_bytes < self.pack_size_max_bytes() {
                 return Ok(ActivePack {
                     number: last_pack,
                     file: Arc::new(file),
@@ -337,7 +388,6 @@ impl Store {
 
     /// Makes every blob inserted so far durable.
     pub fn sync(&self) -> Result<(), Error> {
-        use std::sync::atomic::Ordering;
         let file = lock(&self.inner)
             .active
             .as_ref()
@@ -399,7 +449,7 @@ impl Store {
         Ok(file)
     }
 
-    fn location(&self, id: &ChunkId) -> Result<Location, Error> {
+    pub(crate) fn location(&self, id: &ChunkId) -> Result<Location, Error> {
         if let Some(location) = lock(&self.inner).index.get(id).copied() {
             return Ok(location);
         }
@@ -416,26 +466,95 @@ impl Store {
         ))
     }
 
-    /// Reads a blob, decodes it and checks that its blake3 equals `id`.
-    pub fn read_blob(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
-        let location = self.location(id)?;
+    /// Where the index says blob `id` is, without reloading a read-only index.
+    pub(crate) fn indexed_location(&self, id: &ChunkId) -> Option<Location> {
+        lock(&self.inner).index.get(id).copied()
+    }
+
+    /// After a read at `failed` went wrong: where blob `id` is now, if a
+    /// collection moved it (in this process, or in the server a read-only store
+    /// looks at, whose index is reloaded for that). `None` when it has not moved.
+    pub(crate) fn moved_since(
+        &self,
+        id: &ChunkId,
+        failed: &Location,
+    ) -> Result<Option<Location>, Error> {
+        let mut now = self.location(id)?;
+        if now.is_at(failed) && self.read_only {
+            self.load_index()?;
+            now = self.location(id)?;
+        }
+        Ok((!now.is_at(failed)).then_some(now))
+    }
+
+    /// Reads the header and stored bytes of the record at `location`, checking
+    /// that the header is the one indexed and that the crc32 matches.
+    pub(crate) fn read_record(
+        &self,
+        location: Location,
+    ) -> Result<([u8; RECORD_HEADER_LEN], Vec<u8>), Error> {
         let file = self.reader(location.pack)?;
+        let mut record = vec![0u8; location.record_len_bytes() as usize];
+        file.read_exact_at(&mut record, location.offset)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot read the record at offset {} of pack {}",
+                        location.offset,
+                        pack_file_name(location.pack)
+                    ),
+                    e,
+                )
+            })?;
+        let stored = record.split_off(RECORD_HEADER_LEN);
+        let mut header_bytes = [0u8; RECORD_HEADER_LEN];
+        header_bytes.copy_from_slice(&record);
         let header = location.header;
-        let mut stored = vec![0u8; header.stored_len as usize];
-        file.read_exact_at(&mut stored, location.offset + RECORD_HEADER_LEN as u64)
-            .map_err(|e| Error::io(format!("cannot read blob {id}"), e))?;
-        let raw = match header.codec {
-            StoredCodec::Raw => stored,
-            StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
-                .map_err(|e| Error::new(ErrorKind::Corrupt, format!("blob {id}: {e}")))?,
-        };
-        if raw.len() != header.raw_len as usize || ChunkId::from(blake3::hash(&raw)) != *id {
+        if RecordHeader::decode(&header_bytes) != Some(header)
+            || !header.crc_matches(&header_bytes, &stored)
+        {
             return Err(Error::new(
                 ErrorKind::Corrupt,
-                format!("blob {id} does not hash to its id"),
+                format!(
+                    "blob {} at offset {} of pack {} fails its checksum",
+                    header.id,
+                    location.offset,
+                    pack_file_name(location.pack)
+                ),
             ));
         }
-        Ok(raw)
+        Ok((header_bytes, stored))
+    }
+
+    /// The stored bytes of blob `id` and where they were read. A collection may
+    /// move the blob and delete its old pack between the index lookup and the
+    /// read; then the read is retried at the new place.
+    fn read_stored(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
+        let mut location = self.location(id)?;
+        for _ in 0..3 {
+            let mut stored = vec![0u8; location.header.stored_len as usize];
+            let read = self.reader(location.pack).and_then(|file| {
+                file.read_exact_at(&mut stored, location.offset + RECORD_HEADER_LEN as u64)
+                    .map_err(|e| Error::io(format!("cannot read blob {id}"), e))
+            });
+            match read {
+                Ok(()) => return Ok((location, stored)),
+                Err(e) => match self.moved_since(id, &location)? {
+                    Some(now) => location = now,
+                    None => return Err(e),
+                },
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Io,
+            format!("blob {id} kept moving while being read"),
+        ))
+    }
+
+    /// Reads a blob, decodes it and checks that its blake3 equals `id`.
+    pub fn read_blob(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
+        let (location, stored) = self.read_stored(id)?;
+        decode_stored(id, location.header, stored)
     }
 
     pub(crate) fn source_dir(&self, source: &SourceId) -> PathBuf {
@@ -630,6 +749,33 @@ impl Store {
             chunks_written,
         })
     }
+}
+
+/// Decodes a blob's stored bytes (at most its raw length).
+pub(crate) fn decode_raw(header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, String> {
+    match header.codec {
+        StoredCodec::Raw => Ok(stored),
+        StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
+            .map_err(|e| format!("zstd: {e}")),
+    }
+}
+
+/// Whether `raw` are the bytes of blob `id`.
+pub(crate) fn hashes_to(raw: &[u8], id: &ChunkId) -> bool {
+    ChunkId::from(blake3::hash(raw)) == *id
+}
+
+/// Decodes a blob's stored bytes and checks that they hash to `id`.
+fn decode_stored(id: &ChunkId, header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, Error> {
+    let raw = decode_raw(header, stored)
+        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("blob {id}: {e}")))?;
+    if raw.len() != header.raw_len as usize || !hashes_to(&raw, id) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("blob {id} does not hash to its id"),
+        ));
+    }
+    Ok(raw)
 }
 
 fn check_chunk_len(geometry: Geometry, index: u64, len: usize) -> Result<(), Error> {

@@ -59,3 +59,47 @@ pub(crate) fn pack_bytes(data_dir: &Path) -> u64 {
         .map(|entry| entry.unwrap().metadata().unwrap().len())
         .sum()
 }
+
+/// A small deterministic generator (xorshift64*), so tests need no dependency.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..bound`.
+    pub(crate) fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+
+    pub(crate) fn fill(&mut self, out: &mut [u8]) {
+        for piece in out.chunks_mut(8) {
+            let bytes = self.next_u64().to_le_bytes();
+            piece.copy_from_slice(&bytes[..piece.len()]);
+        }
+    }
+}
+
+/// Rewrites about `share_percent` of the chunks of `disk` with fresh random
+/// bytes (and some with zeroes).
+pub(crate) fn churn(rng: &mut Rng, disk: &mut [u8], geometry: Geometry, share_percent: u64) {
+    for index in 0..geometry.chunk_count() {
+        if rng.below(100) >= share_percent {
+            continue;
+        }
+        let range = geometry.chunk_range(index).unwrap();
+        if rng.below(8) == 0 {
+            disk[range].fill(0);
+        } else {
+            rng.fill(&mut disk[range]);
+        }
+    }
+}
