@@ -1,6 +1,6 @@
 //! The store proper: the blob index, the active pack, heads and export.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, sync_dir};
+use crate::gc::GcState;
 use crate::head::Head;
 use crate::pack::{
     BlobKind, PACK_SIZE_MAX_BYTES, RECORD_HEADER_LEN, RecordHeader, StoredCodec, pack_file_name,
@@ -36,6 +37,26 @@ impl Location {
     fn is_at(&self, other: &Location) -> bool {
         self.pack == other.pack && self.offset == other.offset
     }
+}
+
+/// What [`Store::sweep_entries`] found.
+#[derive(Debug)]
+pub(crate) enum Sweep {
+    /// Entries still in place that are to be kept: nothing was removed.
+    Keep(Vec<(ChunkId, Location)>),
+    /// Nothing to keep; this many entries were removed from the index.
+    Removed(u64),
+}
+
+/// What [`Store::relocate`] did.
+#[derive(Debug)]
+pub(crate) enum Relocation {
+    /// The record was copied to the active pack and the index points at the copy.
+    Moved,
+    /// The index no longer points at the old record: nothing to do.
+    Gone,
+    /// The old record cannot be read or fails its checksum; it stays where it is.
+    Unreadable(Error),
 }
 
 #[derive(Debug)]
@@ -101,6 +122,8 @@ pub struct Store {
     commit_locks: Mutex<HashMap<SourceId, Arc<Mutex<()>>>>,
     /// Snapshot and launch bookkeeping (see `catalog.rs`).
     pub(crate) catalog: Catalog,
+    /// The garbage collector's fence and "touched during GC" set (see `gc.rs`).
+    pub(crate) gc: GcState,
     /// Size at which the active pack is sealed; [`PACK_SIZE_MAX_BYTES`] unless a
     /// test makes packs small.
     pack_size_max_bytes: AtomicU64,
@@ -157,6 +180,7 @@ impl Store {
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             commit_locks: Mutex::new(HashMap::new()),
             catalog: Catalog::default(),
+            gc: GcState::default(),
             pack_size_max_bytes: AtomicU64::new(PACK_SIZE_MAX_BYTES),
             sync_join: Mutex::new(()),
         };
@@ -169,7 +193,7 @@ impl Store {
         &self.dir
     }
 
-    fn packs_dir(&self) -> PathBuf {
+    pub(crate) fn packs_dir(&self) -> PathBuf {
         self.dir.join("packs")
     }
 
@@ -191,7 +215,7 @@ impl Store {
         self.pack_size_max_bytes.load(Ordering::Relaxed)
     }
 
-    fn pack_numbers(&self) -> Result<Vec<u32>, Error> {
+    pub(crate) fn pack_numbers(&self) -> Result<Vec<u32>, Error> {
         let dir = self.packs_dir();
         let entries = fs::read_dir(&dir)
             .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
@@ -216,17 +240,24 @@ impl Store {
             let path = self.packs_dir().join(pack_file_name(number));
             let scan = match scan_pack(&path) {
                 Ok(scan) => scan,
-                // Deleted since the listing (a read-only store looking at a
-                // running server): its blobs are elsewhere now.
+                // Deleted by a collection since the listing (a read-only store
+                // looking at a running server): its blobs are elsewhere now.
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e),
             };
             for record in &scan.records {
-                inner.index.entry(record.header.id).or_insert(Location {
-                    pack: number,
-                    offset: record.offset,
-                    header: record.header,
-                });
+                // The same id in two packs means a compaction copied it and
+                // stopped before deleting the old pack: both copies passed their
+                // crc, and the newer one is kept so that the next collection finds
+                // the old pack dead and deletes it without copying again.
+                inner.index.insert(
+                    record.header.id,
+                    Location {
+                        pack: number,
+                        offset: record.offset,
+                        header: record.header,
+                    },
+                );
             }
             let is_last = position + 1 == numbers.len();
             if scan.valid_len < scan.file_len && is_last && !self.read_only {
@@ -246,9 +277,36 @@ impl Store {
         Ok(())
     }
 
-    /// Whether the store holds a blob with this id.
+    /// Whether the store holds a blob with this id. While a garbage collection
+    /// runs, a hit keeps the blob alive through it (the caller may go on to
+    /// reference it).
     pub fn contains(&self, id: &ChunkId) -> bool {
-        lock(&self.inner).index.contains_key(id)
+        let inner = lock(&self.inner);
+        let found = inner.index.contains_key(id);
+        if found {
+            // Under the index lock, so a collector deciding to drop `id` (also
+            // under it) sees the hit.
+            self.gc.note(id);
+        }
+        found
+    }
+
+    /// Fails with `Missing` unless every non-zero id is stored.
+    pub(crate) fn require_present<'a>(
+        &self,
+        what: &str,
+        ids: impl IntoIterator<Item = &'a ChunkId>,
+    ) -> Result<(), Error> {
+        let inner = lock(&self.inner);
+        for id in ids {
+            if !id.is_zero() && !inner.index.contains_key(id) {
+                return Err(Error::new(
+                    ErrorKind::Missing,
+                    format!("{what} names {id}, which is not stored"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Number of blobs in the index.
@@ -269,6 +327,9 @@ impl Store {
     ) -> Result<bool, Error> {
         self.check_writable()?;
         let mut inner = lock(&self.inner);
+        // Found or stored, the caller is about to reference it: a running
+        // collection must keep it.
+        self.gc.note(&id);
         if inner.index.contains_key(&id) {
             return Ok(false);
         }
@@ -328,6 +389,71 @@ impl Store {
             offset,
             header,
         })
+    }
+
+    /// Copies the record of `id` that is at `from` to the active pack, as it is
+    /// (same header, same crc), then points the index at the copy. The copy is
+    /// durable after the next [`Store::sync`]; until the old pack is deleted,
+    /// both copies are valid.
+    pub(crate) fn relocate(&self, id: &ChunkId, from: Location) -> Result<Relocation, Error> {
+        let (header_bytes, stored) = match self.read_record(from) {
+            Ok(record) => record,
+            Err(e) => return Ok(Relocation::Unreadable(e)),
+        };
+        let mut inner = lock(&self.inner);
+        if !inner.index.get(id).is_some_and(|at| at.is_at(&from)) {
+            return Ok(Relocation::Gone);
+        }
+        let location = self.append_locked(&mut inner, &header_bytes, from.header, &stored)?;
+        inner.index.insert(*id, location);
+        Ok(Relocation::Moved)
+    }
+
+    /// Every index entry, for the collector's accounting.
+    pub(crate) fn index_entries(&self) -> Vec<(ChunkId, Location)> {
+        lock(&self.inner)
+            .index
+            .iter()
+            .map(|(id, location)| (*id, *location))
+            .collect()
+    }
+
+    /// Number of the newest pack: the active one, or the one that will be reused
+    /// as active. Packs below it are sealed and never appended to again.
+    pub(crate) fn newest_pack_number(&self) -> u32 {
+        let inner = lock(&self.inner);
+        inner.active.as_ref().map_or(inner.last_pack, |a| a.number)
+    }
+
+    /// Under the index lock: the entries of `candidates` that still point where
+    /// they did, split by `keep`. When none is to be kept, the others are removed
+    /// from the index in the same step, and their count returned.
+    pub(crate) fn sweep_entries(
+        &self,
+        candidates: &[(ChunkId, Location)],
+        keep: impl Fn(&ChunkId) -> bool,
+    ) -> Sweep {
+        let mut inner = lock(&self.inner);
+        let present: Vec<(ChunkId, Location)> = candidates
+            .iter()
+            .filter(|(id, at)| inner.index.get(id).is_some_and(|now| now.is_at(at)))
+            .copied()
+            .collect();
+        let kept: Vec<(ChunkId, Location)> =
+            present.iter().filter(|(id, _)| keep(id)).copied().collect();
+        if !kept.is_empty() {
+            return Sweep::Keep(kept);
+        }
+        for (id, _) in &present {
+            inner.index.remove(id);
+        }
+        Sweep::Removed(present.len() as u64)
+    }
+
+    /// Drops cached file handles of deleted packs (readers that hold one keep
+    /// reading the unlinked file).
+    pub(crate) fn forget_readers(&self, packs: &HashSet<u32>) {
+        lock(&self.readers).retain(|pack, _| !packs.contains(pack));
     }
 
     /// The pack to append to, sealing the current one when full.
@@ -658,6 +784,16 @@ impl Store {
                 ),
             ));
         }
+        let root_id = root.id();
+        // The GC fence, held until the head is published: a collection can
+        // neither list references nor drop blobs between the check below and
+        // the publication (see `gc.rs`).
+        let _fence = self.gc.read_fence();
+        self.gc.note(&root_id);
+        self.gc.note_all(root.page_ids());
+        for page in pages {
+            self.gc.note_all(page.ids());
+        }
         let mut pages_stored = 0;
         for page in pages {
             if page.is_zero() {
@@ -675,16 +811,12 @@ impl Store {
                 pages_stored += 1;
             }
         }
-        for page_id in root.page_ids() {
-            if !page_id.is_zero() && !self.contains(page_id) {
-                return Err(Error::new(
-                    ErrorKind::Missing,
-                    format!("commit names page {page_id}, which is not stored"),
-                ));
-            }
+        self.require_present("commit", root.page_ids())?;
+        for page in pages {
+            self.require_present("commit", page.ids())?;
         }
+        self.check_pages_not_given(root, pages, previous_head.as_ref())?;
         let root_bytes = root.encode();
-        let root_id = root.id();
         self.insert(
             BlobKind::Root,
             root_id,
@@ -709,6 +841,41 @@ impl Store {
         create_dir_durable(&dir)?;
         publish_atomic(&dir.join("head"), &head.encode())?;
         Ok(CommitStats { head, pages_stored })
+    }
+
+    /// Pages the new root names that were neither given nor are pages of the
+    /// previous head were taken from some older root, whose chunks a collection
+    /// may have dropped: read them, keep their chunks alive and check that
+    /// every one is stored. (A server gives every page that differs from the
+    /// head, so this finds nothing to do.)
+    fn check_pages_not_given(
+        &self,
+        root: &Root,
+        pages: &[Page],
+        previous_head: Option<&Head>,
+    ) -> Result<(), Error> {
+        let given: HashSet<ChunkId> = pages.iter().map(Page::id).collect();
+        let unknown = |id: &ChunkId| !id.is_zero() && !given.contains(id);
+        if !root.page_ids().iter().any(unknown) {
+            return Ok(());
+        }
+        let previous: HashSet<ChunkId> = match previous_head {
+            Some(head) => self
+                .read_root(&head.root)?
+                .page_ids()
+                .iter()
+                .copied()
+                .collect(),
+            None => HashSet::new(),
+        };
+        for (page_index, id) in root.page_ids().iter().enumerate() {
+            if unknown(id) && !previous.contains(id) {
+                let page = self.read_page(root, page_index)?;
+                self.gc.note_all(page.ids());
+                self.require_present("commit", page.ids())?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the committed replica of `source` to `out` as a sparse raw image:

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use blockrep_core::{Geometry, Root, SourceId, scan_buffer};
+use blockrep_core::{ChunkId, Geometry, Root, SourceId, scan_buffer};
 
 use crate::{BlobKind, Head, Store, StoredCodec};
 
@@ -102,4 +102,32 @@ pub(crate) fn churn(rng: &mut Rng, disk: &mut [u8], geometry: Geometry, share_pe
             rng.fill(&mut disk[range]);
         }
     }
+}
+
+/// The disk a root describes, rebuilt from the store.
+pub(crate) fn root_disk(store: &Store, root_id: &ChunkId) -> Vec<u8> {
+    let root = store.read_root(root_id).unwrap();
+    let geometry = root.geometry();
+    let mut disk = vec![0u8; geometry.disk_size_bytes() as usize];
+    for (index, id) in store.chunk_ids(&root).unwrap().iter().enumerate() {
+        if !id.is_zero() {
+            let range = geometry.chunk_range(index as u64).unwrap();
+            disk[range].copy_from_slice(&store.read_blob(id).unwrap());
+        }
+    }
+    disk
+}
+
+/// The pack files by name, with their bytes.
+pub(crate) fn pack_files(data_dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fs::read_dir(data_dir.join("packs"))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                fs::read(entry.path()).unwrap(),
+            )
+        })
+        .collect()
 }
