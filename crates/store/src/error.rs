@@ -47,6 +47,13 @@ impl Error {
         }
     }
 
+    /// Whether this is an I/O error for a file that does not exist.
+    pub(crate) fn is_not_found(&self) -> bool {
+        self.source
+            .as_ref()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    }
+
     /// The cause of this error.
     pub fn kind(&self) -> ErrorKind {
         self.kind

@@ -438,6 +438,15 @@ impl LaunchVolume {
         self.lock_state().info.clone()
     }
 
+    /// What the volume holds in memory, for the garbage collector: the root of
+    /// its last flush (where pages not loaded are read from) and the current
+    /// chunk ids of every loaded page, unflushed writes included.
+    pub(crate) fn ids_in_memory(&self) -> (ChunkId, Vec<ChunkId>) {
+        let state = self.lock_state();
+        let ids = state.pages.values().flatten().copied().collect();
+        (state.root.id(), ids)
+    }
+
     /// Size of the volume in bytes (that of the source disk).
     pub fn size_bytes(&self) -> u64 {
         self.geometry.disk_size_bytes()
@@ -685,11 +694,28 @@ impl VolumeState {
             return Ok(());
         }
         let mut page_ids = self.root.page_ids().to_vec();
+        let mut dirty = Vec::with_capacity(self.dirty_pages.len());
         for &page_index in &self.dirty_pages {
             let ids = self.pages.get(&page_index).ok_or_else(|| {
                 Error::new(ErrorKind::Invalid, "a dirty index page is not loaded")
             })?;
             let page = Page::new(ids.clone());
+            page_ids[page_index] = page.id();
+            dirty.push(page);
+        }
+        let root = Root::from_page_ids(geometry, page_ids)
+            .map_err(|e| Error::new(ErrorKind::Invalid, format!("launch root: {e}")))?;
+        let root_id = root.id();
+        // The GC fence, held until the head is published; the ids the new root
+        // adds are recorded for a running collection and checked to be stored
+        // (see `gc.rs`). Pages not dirty are those of the flushed root.
+        let _fence = store.gc.read_fence();
+        store.gc.note(&root_id);
+        for page in &dirty {
+            store.gc.note(&page.id());
+            store.gc.note_all(page.ids());
+        }
+        for page in &dirty {
             let id = page.id();
             if !id.is_zero() && !store.contains(&id) {
                 let bytes = page.encode();
@@ -701,11 +727,8 @@ impl VolumeState {
                     &bytes,
                 )?;
             }
-            page_ids[page_index] = id;
+            store.require_present("launch flush", page.ids())?;
         }
-        let root = Root::from_page_ids(geometry, page_ids)
-            .map_err(|e| Error::new(ErrorKind::Invalid, format!("launch root: {e}")))?;
-        let root_id = root.id();
         if root_id != self.info.root {
             let bytes = root.encode();
             store.insert(

@@ -1,9 +1,10 @@
 //! The store proper: the blob index, the active pack, heads and export.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,6 +13,7 @@ use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, sync_dir};
+use crate::gc::GcState;
 use crate::head::Head;
 use crate::pack::{
     BlobKind, PACK_SIZE_MAX_BYTES, RECORD_HEADER_LEN, RecordHeader, StoredCodec, pack_file_name,
@@ -19,11 +21,42 @@ use crate::pack::{
 };
 
 /// Where a blob lives.
-#[derive(Debug, Clone, Copy)]
-struct Location {
-    pack: u32,
-    offset: u64,
-    header: RecordHeader,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Location {
+    pub(crate) pack: u32,
+    pub(crate) offset: u64,
+    pub(crate) header: RecordHeader,
+}
+
+impl Location {
+    /// Bytes the record takes in its pack: header and stored bytes.
+    pub(crate) fn record_len_bytes(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + u64::from(self.header.stored_len)
+    }
+
+    fn is_at(&self, other: &Location) -> bool {
+        self.pack == other.pack && self.offset == other.offset
+    }
+}
+
+/// What [`Store::sweep_entries`] found.
+#[derive(Debug)]
+pub(crate) enum Sweep {
+    /// Entries still in place that are to be kept: nothing was removed.
+    Keep(Vec<(ChunkId, Location)>),
+    /// Nothing to keep; this many entries were removed from the index.
+    Removed(u64),
+}
+
+/// What [`Store::relocate`] did.
+#[derive(Debug)]
+pub(crate) enum Relocation {
+    /// The record was copied to the active pack and the index points at the copy.
+    Moved,
+    /// The index no longer points at the old record: nothing to do.
+    Gone,
+    /// The old record cannot be read or fails its checksum; it stays where it is.
+    Unreadable(Error),
 }
 
 #[derive(Debug)]
@@ -89,6 +122,15 @@ pub struct Store {
     commit_locks: Mutex<HashMap<SourceId, Arc<Mutex<()>>>>,
     /// Snapshot and launch bookkeeping (see `catalog.rs`).
     pub(crate) catalog: Catalog,
+    /// The garbage collector's fence and "touched during GC" set (see `gc.rs`).
+    pub(crate) gc: GcState,
+    /// Size at which the active pack is sealed; [`PACK_SIZE_MAX_BYTES`] unless a
+    /// test makes packs small.
+    pack_size_max_bytes: AtomicU64,
+    /// Serializes the joining of background fsyncs: a `sync` that finds the list
+    /// empty because a concurrent `sync` took it must still wait until those
+    /// fsyncs are done before it may report the data durable.
+    sync_join: Mutex<()>,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,6 +180,9 @@ impl Store {
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             commit_locks: Mutex::new(HashMap::new()),
             catalog: Catalog::default(),
+            gc: GcState::default(),
+            pack_size_max_bytes: AtomicU64::new(PACK_SIZE_MAX_BYTES),
+            sync_join: Mutex::new(()),
         };
         store.load_index()?;
         Ok(store)
@@ -148,11 +193,29 @@ impl Store {
         &self.dir
     }
 
-    fn packs_dir(&self) -> PathBuf {
+    pub(crate) fn packs_dir(&self) -> PathBuf {
         self.dir.join("packs")
     }
 
-    fn pack_numbers(&self) -> Result<Vec<u32>, Error> {
+    /// Whether the store was opened read-only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Makes packs seal at `bytes` instead of [`PACK_SIZE_MAX_BYTES`], so that
+    /// tests of compaction get many packs from little data. Takes effect at the
+    /// next append.
+    #[doc(hidden)]
+    pub fn set_pack_size_max_bytes(&self, bytes: u64) {
+        self.pack_size_max_bytes
+            .store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    fn pack_size_max_bytes(&self) -> u64 {
+        self.pack_size_max_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn pack_numbers(&self) -> Result<Vec<u32>, Error> {
         let dir = self.packs_dir();
         let entries = fs::read_dir(&dir)
             .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
@@ -169,19 +232,32 @@ impl Store {
     }
 
     /// Builds the blob index from the packs, cutting torn tails when writable.
-    fn load_index(&self) -> Result<(), Error> {
+    pub(crate) fn load_index(&self) -> Result<(), Error> {
         let numbers = self.pack_numbers()?;
         let mut inner = lock(&self.inner);
         inner.index.clear();
         for (position, &number) in numbers.iter().enumerate() {
             let path = self.packs_dir().join(pack_file_name(number));
-            let scan = scan_pack(&path)?;
+            let scan = match scan_pack(&path) {
+                Ok(scan) => scan,
+                // Deleted by a collection since the listing (a read-only store
+                // looking at a running server): its blobs are elsewhere now.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
             for record in &scan.records {
-                inner.index.entry(record.header.id).or_insert(Location {
-                    pack: number,
-                    offset: record.offset,
-                    header: record.header,
-                });
+                // The same id in two packs means a compaction copied it and
+                // stopped before deleting the old pack: both copies passed their
+                // crc, and the newer one is kept so that the next collection finds
+                // the old pack dead and deletes it without copying again.
+                inner.index.insert(
+                    record.header.id,
+                    Location {
+                        pack: number,
+                        offset: record.offset,
+                        header: record.header,
+                    },
+                );
             }
             let is_last = position + 1 == numbers.len();
             if scan.valid_len < scan.file_len && is_last && !self.read_only {
@@ -201,9 +277,36 @@ impl Store {
         Ok(())
     }
 
-    /// Whether the store holds a blob with this id.
+    /// Whether the store holds a blob with this id. While a garbage collection
+    /// runs, a hit keeps the blob alive through it (the caller may go on to
+    /// reference it).
     pub fn contains(&self, id: &ChunkId) -> bool {
-        lock(&self.inner).index.contains_key(id)
+        let inner = lock(&self.inner);
+        let found = inner.index.contains_key(id);
+        if found {
+            // Under the index lock, so a collector deciding to drop `id` (also
+            // under it) sees the hit.
+            self.gc.note(id);
+        }
+        found
+    }
+
+    /// Fails with `Missing` unless every non-zero id is stored.
+    pub(crate) fn require_present<'a>(
+        &self,
+        what: &str,
+        ids: impl IntoIterator<Item = &'a ChunkId>,
+    ) -> Result<(), Error> {
+        let inner = lock(&self.inner);
+        for id in ids {
+            if !id.is_zero() && !inner.index.contains_key(id) {
+                return Err(Error::new(
+                    ErrorKind::Missing,
+                    format!("{what} names {id}, which is not stored"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Number of blobs in the index.
@@ -224,6 +327,9 @@ impl Store {
     ) -> Result<bool, Error> {
         self.check_writable()?;
         let mut inner = lock(&self.inner);
+        // Found or stored, the caller is about to reference it: a running
+        // collection must keep it.
+        self.gc.note(&id);
         if inner.index.contains_key(&id) {
             return Ok(false);
         }
@@ -239,12 +345,26 @@ impl Store {
         let header_bytes = header.encode_with_crc(stored);
         let header = RecordHeader::decode(&header_bytes)
             .ok_or_else(|| Error::new(ErrorKind::Invalid, "blob exceeds the record limits"))?;
-        let active = self.active_pack(&mut inner)?;
+        let location = self.append_locked(&mut inner, &header_bytes, header, stored)?;
+        inner.index.insert(id, location);
+        Ok(true)
+    }
+
+    /// Appends one record to the active pack. The caller holds the index lock
+    /// and updates the index.
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        header_bytes: &[u8; RECORD_HEADER_LEN],
+        header: RecordHeader,
+        stored: &[u8],
+    ) -> Result<Location, Error> {
+        let active = self.active_pack(inner)?;
         let offset = active.len_bytes;
         let path_for_error = || self.packs_dir().join(pack_file_name(active.number));
         active
             .file
-            .write_all_at(&header_bytes, offset)
+            .write_all_at(header_bytes, offset)
             .and_then(|()| {
                 active
                     .file
@@ -264,23 +384,85 @@ impl Store {
             inner.unflushed_bytes = 0;
             inner.background_syncs.push(spawn_sync(file));
         }
-        inner.index.insert(
-            id,
-            Location {
-                pack,
-                offset,
-                header,
-            },
-        );
-        Ok(true)
+        Ok(Location {
+            pack,
+            offset,
+            header,
+        })
+    }
+
+    /// Copies the record of `id` that is at `from` to the active pack, as it is
+    /// (same header, same crc), then points the index at the copy. The copy is
+    /// durable after the next [`Store::sync`]; until the old pack is deleted,
+    /// both copies are valid.
+    pub(crate) fn relocate(&self, id: &ChunkId, from: Location) -> Result<Relocation, Error> {
+        let (header_bytes, stored) = match self.read_record(from) {
+            Ok(record) => record,
+            Err(e) => return Ok(Relocation::Unreadable(e)),
+        };
+        let mut inner = lock(&self.inner);
+        if !inner.index.get(id).is_some_and(|at| at.is_at(&from)) {
+            return Ok(Relocation::Gone);
+        }
+        let location = self.append_locked(&mut inner, &header_bytes, from.header, &stored)?;
+        inner.index.insert(*id, location);
+        Ok(Relocation::Moved)
+    }
+
+    /// Every index entry, for the collector's accounting.
+    pub(crate) fn index_entries(&self) -> Vec<(ChunkId, Location)> {
+        lock(&self.inner)
+            .index
+            .iter()
+            .map(|(id, location)| (*id, *location))
+            .collect()
+    }
+
+    /// Number of the newest pack: the active one, or the one that will be reused
+    /// as active. Packs below it are sealed and never appended to again.
+    pub(crate) fn newest_pack_number(&self) -> u32 {
+        let inner = lock(&self.inner);
+        inner.active.as_ref().map_or(inner.last_pack, |a| a.number)
+    }
+
+    /// Under the index lock: the entries of `candidates` that still point where
+    /// they did, split by `keep`. When none is to be kept, the others are removed
+    /// from the index in the same step, and their count returned.
+    pub(crate) fn sweep_entries(
+        &self,
+        candidates: &[(ChunkId, Location)],
+        keep: impl Fn(&ChunkId) -> bool,
+    ) -> Sweep {
+        let mut inner = lock(&self.inner);
+        let present: Vec<(ChunkId, Location)> = candidates
+            .iter()
+            .filter(|(id, at)| inner.index.get(id).is_some_and(|now| now.is_at(at)))
+            .copied()
+            .collect();
+        let kept: Vec<(ChunkId, Location)> =
+            present.iter().filter(|(id, _)| keep(id)).copied().collect();
+        if !kept.is_empty() {
+            return Sweep::Keep(kept);
+        }
+        for (id, _) in &present {
+            inner.index.remove(id);
+        }
+        Sweep::Removed(present.len() as u64)
+    }
+
+    /// Drops cached file handles of deleted packs (readers that hold one keep
+    /// reading the unlinked file).
+    pub(crate) fn forget_readers(&self, packs: &HashSet<u32>) {
+        lock(&self.readers).retain(|pack, _| !packs.contains(pack));
     }
 
     /// The pack to append to, sealing the current one when full.
     fn active_pack<'a>(&self, inner: &'a mut Inner) -> Result<&'a mut ActivePack, Error> {
+        let pack_size_max_bytes = self.pack_size_max_bytes();
         let full = inner
             .active
             .as_ref()
-            .is_some_and(|a| a.len_bytes >= PACK_SIZE_MAX_BYTES);
+            .is_some_and(|a| a.len_bytes >= pack_size_max_bytes);
         if full {
             let sealed = inner.active.take().expect("checked above");
             // A sealed pack is never written again; its fsync runs in the
@@ -306,7 +488,7 @@ impl Store {
                 .metadata()
                 .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
                 .len();
-            if len_bytes < PACK_SIZE_MAX_BYTES {
+            if len_bytes < self.pack_size_max_bytes() {
                 return Ok(ActivePack {
                     number: last_pack,
                     file: Arc::new(file),
@@ -332,21 +514,25 @@ impl Store {
 
     /// Makes every blob inserted so far durable.
     pub fn sync(&self) -> Result<(), Error> {
-        use std::sync::atomic::Ordering;
-        let (file, pending) = {
-            let mut inner = lock(&self.inner);
-            let file = inner.active.as_ref().map(|a| Arc::clone(&a.file));
-            (file, std::mem::take(&mut inner.background_syncs))
-        };
-        // fsyncs run outside the lock: other sessions keep appending meanwhile,
-        // and everything appended before this call is covered.
+        let file = lock(&self.inner)
+            .active
+            .as_ref()
+            .map(|a| Arc::clone(&a.file));
+        // fsyncs run outside the index lock: other sessions keep appending
+        // meanwhile, and everything appended before this call is covered. The
+        // join lock makes a concurrent `sync` that took the pending fsyncs first
+        // finish joining them before this one goes on.
         let mut result = Ok(());
-        for handle in pending {
-            let outcome = handle
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
-            if let Err(e) = outcome {
-                result = Err(e);
+        {
+            let _join = lock(&self.sync_join);
+            let pending = std::mem::take(&mut lock(&self.inner).background_syncs);
+            for handle in pending {
+                let outcome = handle
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
+                if let Err(e) = outcome {
+                    result = Err(e);
+                }
             }
         }
         if let Some(file) = file
@@ -389,7 +575,7 @@ impl Store {
         Ok(file)
     }
 
-    fn location(&self, id: &ChunkId) -> Result<Location, Error> {
+    pub(crate) fn location(&self, id: &ChunkId) -> Result<Location, Error> {
         if let Some(location) = lock(&self.inner).index.get(id).copied() {
             return Ok(location);
         }
@@ -406,26 +592,95 @@ impl Store {
         ))
     }
 
-    /// Reads a blob, decodes it and checks that its blake3 equals `id`.
-    pub fn read_blob(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
-        let location = self.location(id)?;
+    /// Where the index says blob `id` is, without reloading a read-only index.
+    pub(crate) fn indexed_location(&self, id: &ChunkId) -> Option<Location> {
+        lock(&self.inner).index.get(id).copied()
+    }
+
+    /// After a read at `failed` went wrong: where blob `id` is now, if a
+    /// collection moved it (in this process, or in the server a read-only store
+    /// looks at, whose index is reloaded for that). `None` when it has not moved.
+    pub(crate) fn moved_since(
+        &self,
+        id: &ChunkId,
+        failed: &Location,
+    ) -> Result<Option<Location>, Error> {
+        let mut now = self.location(id)?;
+        if now.is_at(failed) && self.read_only {
+            self.load_index()?;
+            now = self.location(id)?;
+        }
+        Ok((!now.is_at(failed)).then_some(now))
+    }
+
+    /// Reads the header and stored bytes of the record at `location`, checking
+    /// that the header is the one indexed and that the crc32 matches.
+    pub(crate) fn read_record(
+        &self,
+        location: Location,
+    ) -> Result<([u8; RECORD_HEADER_LEN], Vec<u8>), Error> {
         let file = self.reader(location.pack)?;
+        let mut record = vec![0u8; location.record_len_bytes() as usize];
+        file.read_exact_at(&mut record, location.offset)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot read the record at offset {} of pack {}",
+                        location.offset,
+                        pack_file_name(location.pack)
+                    ),
+                    e,
+                )
+            })?;
+        let stored = record.split_off(RECORD_HEADER_LEN);
+        let mut header_bytes = [0u8; RECORD_HEADER_LEN];
+        header_bytes.copy_from_slice(&record);
         let header = location.header;
-        let mut stored = vec![0u8; header.stored_len as usize];
-        file.read_exact_at(&mut stored, location.offset + RECORD_HEADER_LEN as u64)
-            .map_err(|e| Error::io(format!("cannot read blob {id}"), e))?;
-        let raw = match header.codec {
-            StoredCodec::Raw => stored,
-            StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
-                .map_err(|e| Error::new(ErrorKind::Corrupt, format!("blob {id}: {e}")))?,
-        };
-        if raw.len() != header.raw_len as usize || ChunkId::from(blake3::hash(&raw)) != *id {
+        if RecordHeader::decode(&header_bytes) != Some(header)
+            || !header.crc_matches(&header_bytes, &stored)
+        {
             return Err(Error::new(
                 ErrorKind::Corrupt,
-                format!("blob {id} does not hash to its id"),
+                format!(
+                    "blob {} at offset {} of pack {} fails its checksum",
+                    header.id,
+                    location.offset,
+                    pack_file_name(location.pack)
+                ),
             ));
         }
-        Ok(raw)
+        Ok((header_bytes, stored))
+    }
+
+    /// The stored bytes of blob `id` and where they were read. A collection may
+    /// move the blob and delete its old pack between the index lookup and the
+    /// read; then the read is retried at the new place.
+    fn read_stored(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
+        let mut location = self.location(id)?;
+        for _ in 0..3 {
+            let mut stored = vec![0u8; location.header.stored_len as usize];
+            let read = self.reader(location.pack).and_then(|file| {
+                file.read_exact_at(&mut stored, location.offset + RECORD_HEADER_LEN as u64)
+                    .map_err(|e| Error::io(format!("cannot read blob {id}"), e))
+            });
+            match read {
+                Ok(()) => return Ok((location, stored)),
+                Err(e) => match self.moved_since(id, &location)? {
+                    Some(now) => location = now,
+                    None => return Err(e),
+                },
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Io,
+            format!("blob {id} kept moving while being read"),
+        ))
+    }
+
+    /// Reads a blob, decodes it and checks that its blake3 equals `id`.
+    pub fn read_blob(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
+        let (location, stored) = self.read_stored(id)?;
+        decode_stored(id, location.header, stored)
     }
 
     pub(crate) fn source_dir(&self, source: &SourceId) -> PathBuf {
@@ -529,6 +784,16 @@ impl Store {
                 ),
             ));
         }
+        let root_id = root.id();
+        // The GC fence, held until the head is published: a collection can
+        // neither list references nor drop blobs between the check below and
+        // the publication (see `gc.rs`).
+        let _fence = self.gc.read_fence();
+        self.gc.note(&root_id);
+        self.gc.note_all(root.page_ids());
+        for page in pages {
+            self.gc.note_all(page.ids());
+        }
         let mut pages_stored = 0;
         for page in pages {
             if page.is_zero() {
@@ -546,16 +811,12 @@ impl Store {
                 pages_stored += 1;
             }
         }
-        for page_id in root.page_ids() {
-            if !page_id.is_zero() && !self.contains(page_id) {
-                return Err(Error::new(
-                    ErrorKind::Missing,
-                    format!("commit names page {page_id}, which is not stored"),
-                ));
-            }
+        self.require_present("commit", root.page_ids())?;
+        for page in pages {
+            self.require_present("commit", page.ids())?;
         }
+        self.check_pages_not_given(root, pages, previous_head.as_ref())?;
         let root_bytes = root.encode();
-        let root_id = root.id();
         self.insert(
             BlobKind::Root,
             root_id,
@@ -580,6 +841,41 @@ impl Store {
         create_dir_durable(&dir)?;
         publish_atomic(&dir.join("head"), &head.encode())?;
         Ok(CommitStats { head, pages_stored })
+    }
+
+    /// Pages the new root names that were neither given nor are pages of the
+    /// previous head were taken from some older root, whose chunks a collection
+    /// may have dropped: read them, keep their chunks alive and check that
+    /// every one is stored. (A server gives every page that differs from the
+    /// head, so this finds nothing to do.)
+    fn check_pages_not_given(
+        &self,
+        root: &Root,
+        pages: &[Page],
+        previous_head: Option<&Head>,
+    ) -> Result<(), Error> {
+        let given: HashSet<ChunkId> = pages.iter().map(Page::id).collect();
+        let unknown = |id: &ChunkId| !id.is_zero() && !given.contains(id);
+        if !root.page_ids().iter().any(unknown) {
+            return Ok(());
+        }
+        let previous: HashSet<ChunkId> = match previous_head {
+            Some(head) => self
+                .read_root(&head.root)?
+                .page_ids()
+                .iter()
+                .copied()
+                .collect(),
+            None => HashSet::new(),
+        };
+        for (page_index, id) in root.page_ids().iter().enumerate() {
+            if unknown(id) && !previous.contains(id) {
+                let page = self.read_page(root, page_index)?;
+                self.gc.note_all(page.ids());
+                self.require_present("commit", page.ids())?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the committed replica of `source` to `out` as a sparse raw image:
@@ -620,6 +916,33 @@ impl Store {
             chunks_written,
         })
     }
+}
+
+/// Decodes a blob's stored bytes (at most its raw length).
+pub(crate) fn decode_raw(header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, String> {
+    match header.codec {
+        StoredCodec::Raw => Ok(stored),
+        StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
+            .map_err(|e| format!("zstd: {e}")),
+    }
+}
+
+/// Whether `raw` are the bytes of blob `id`.
+pub(crate) fn hashes_to(raw: &[u8], id: &ChunkId) -> bool {
+    ChunkId::from(blake3::hash(raw)) == *id
+}
+
+/// Decodes a blob's stored bytes and checks that they hash to `id`.
+fn decode_stored(id: &ChunkId, header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, Error> {
+    let raw = decode_raw(header, stored)
+        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("blob {id}: {e}")))?;
+    if raw.len() != header.raw_len as usize || !hashes_to(&raw, id) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("blob {id} does not hash to its id"),
+        ));
+    }
+    Ok(raw)
 }
 
 fn check_chunk_len(geometry: Geometry, index: u64, len: usize) -> Result<(), Error> {

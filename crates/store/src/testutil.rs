@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use blockrep_core::{Geometry, Root, SourceId, scan_buffer};
+use blockrep_core::{ChunkId, Geometry, Root, SourceId, scan_buffer};
 
 use crate::{BlobKind, Head, Store, StoredCodec};
 
@@ -58,4 +58,76 @@ pub(crate) fn pack_bytes(data_dir: &Path) -> u64 {
         .unwrap()
         .map(|entry| entry.unwrap().metadata().unwrap().len())
         .sum()
+}
+
+/// A small deterministic generator (xorshift64*), so tests need no dependency.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..bound`.
+    pub(crate) fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+
+    pub(crate) fn fill(&mut self, out: &mut [u8]) {
+        for piece in out.chunks_mut(8) {
+            let bytes = self.next_u64().to_le_bytes();
+            piece.copy_from_slice(&bytes[..piece.len()]);
+        }
+    }
+}
+
+/// Rewrites about `share_percent` of the chunks of `disk` with fresh random
+/// bytes (and some with zeroes).
+pub(crate) fn churn(rng: &mut Rng, disk: &mut [u8], geometry: Geometry, share_percent: u64) {
+    for index in 0..geometry.chunk_count() {
+        if rng.below(100) >= share_percent {
+            continue;
+        }
+        let range = geometry.chunk_range(index).unwrap();
+        if rng.below(8) == 0 {
+            disk[range].fill(0);
+        } else {
+            rng.fill(&mut disk[range]);
+        }
+    }
+}
+
+/// The disk a root describes, rebuilt from the store.
+pub(crate) fn root_disk(store: &Store, root_id: &ChunkId) -> Vec<u8> {
+    let root = store.read_root(root_id).unwrap();
+    let geometry = root.geometry();
+    let mut disk = vec![0u8; geometry.disk_size_bytes() as usize];
+    for (index, id) in store.chunk_ids(&root).unwrap().iter().enumerate() {
+        if !id.is_zero() {
+            let range = geometry.chunk_range(index as u64).unwrap();
+            disk[range].copy_from_slice(&store.read_blob(id).unwrap());
+        }
+    }
+    disk
+}
+
+/// The pack files by name, with their bytes.
+pub(crate) fn pack_files(data_dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fs::read_dir(data_dir.join("packs"))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                fs::read(entry.path()).unwrap(),
+            )
+        })
+        .collect()
 }

@@ -1,0 +1,1230 @@
+//! Garbage collection: chunks, index pages and roots that nothing references are
+//! reclaimed, and sealed packs whose live share has fallen low are compacted.
+//!
+//! A collection runs while the server keeps replicating: sessions insert chunks,
+//! answer `Offer`s with [`Store::contains`] and commit; launch volumes write and
+//! flush. It never stops them for longer than a few short critical sections.
+//!
+//! # What is live
+//!
+//! Every root named by a source's head, a snapshot or a launch (its base and its
+//! own flushed root: [`Store::referenced_roots`]), with every index page and chunk
+//! reachable from them; plus what open launch volumes hold in memory (their
+//! current chunk ids, unflushed writes included); plus every id *touched* while
+//! the collection runs (below). Dead blobs in packs that are not compacted simply
+//! stay: harmless, and they may be referenced again later.
+//!
+//! # The hazard, and the protocol against it
+//!
+//! A session may store chunks before a collection starts and commit a root
+//! naming them after it marked; or learn through `contains` (the protocol's
+//! `Offer`/`Have`) that the store holds a blob the collection considers dead, and
+//! reference it. Three mechanisms close these windows:
+//!
+//! 1. **The GC fence**, a store-wide `RwLock<()>`. [`Store::commit_with`] and
+//!    [`LaunchVolume::flush`](crate::LaunchVolume::flush) hold it for reading
+//!    from "record the ids the new root names and check that every one is
+//!    stored" to "the head is published". The collector holds it for writing
+//!    only while it lists the referenced roots, and while it relocates the
+//!    records touched since its copy and drops the dead index entries.
+//! 2. **The touched set**, which exists only while a collection runs (an atomic
+//!    flag makes it free otherwise). `insert` records the id it stores or finds
+//!    present, a `contains` hit records its id, and a commit or flush records,
+//!    under the fence, the root id, every page id of the root and every chunk id
+//!    of the pages it was given. Hits and inserts are recorded under the index
+//!    lock, the same lock under which the collector decides to drop an entry.
+//! 3. **Commits check existence**: every page the root names and every chunk of
+//!    every page given is checked to be in the index, under the fence. Pages
+//!    neither given nor in the previous head are read and their chunks checked
+//!    too, so a commit can never name something a finished collection removed.
+//!
+//! # Steps
+//!
+//! 1. *Mark.* Start the touched set; under the write fence, list the referenced
+//!    roots; release. Add the chunk ids held by open launch volumes (each under
+//!    its own lock, never while holding the fence, since a flush takes the fence
+//!    while holding its volume's lock). Walk the roots, reading each page once.
+//! 2. *Plan.* From the index: live and dead bytes per pack. Candidates are the
+//!    sealed packs (below the newest pack number, so never the active pack)
+//!    whose live share is below [`GcOptions::live_share_min`], or that hold
+//!    nothing live.
+//! 3. *Copy.* Without the fence, every live (marked or touched) record of a
+//!    candidate is copied, header and crc unchanged, into the active pack, and
+//!    the index entry repointed ("relocate"); then `sync`.
+//! 4. *Fenced sweep.* Under the write fence, under the index lock: records of the
+//!    candidates that became touched meanwhile are relocated too (repeat until
+//!    none is left); then, in the same index-lock step that found nothing more to
+//!    keep, the remaining (dead) entries of the candidates are removed. Release.
+//! 5. *Delete.* `sync` (the relocated copies are durable), delete the old pack
+//!    files, fsync the packs directory, drop their cached file handles.
+//!
+//! # Invariants
+//!
+//! - A blob is removed from the index only under the write fence and the index
+//!   lock, after a check that it is neither marked nor touched. So a commit
+//!   either published before the roots were listed (its root was marked), or
+//!   recorded its ids while the touched set existed (they are kept), or runs its
+//!   existence check after the removal (and fails with `Missing`: nothing
+//!   dangling is ever published, the agent resends on its next epoch).
+//!   The last case needs a session that learned of a dead blob before the
+//!   collection started and commits after it swept: the server reports the
+//!   failed commit, and the agent's next session offers the id again, is told
+//!   the store lacks it, and sends the data.
+//! - A `contains` hit or an `insert` during the collection keeps its blob, so
+//!   the dedup answers given while it runs stay true.
+//! - A chunk that an open launch volume holds unflushed is either in the
+//!   volume's state when the collector reads it, or was written after the
+//!   touched set started (and `insert` or `contains` recorded it); its flush
+//!   records and checks what it names like a commit.
+//! - An old pack is deleted only after every entry pointing into it has been
+//!   repointed to a copy that `sync` made durable, or removed as dead.
+//! - A crash at any step loses nothing referenced: before the deletion both
+//!   copies exist and both pass their crc; on open the newer copy wins (see
+//!   `Store::load_index`) and the next collection deletes the old pack. A
+//!   torn copy at the tail of the active pack is cut off on open like any torn
+//!   tail, and the old record is still there.
+//! - Readers that looked a blob up just before it moved keep working: an
+//!   already-open pack stays readable after unlinking, and a read that finds its
+//!   pack gone looks the blob up again.
+//! - A record of a candidate that cannot be read or fails its crc is never
+//!   dropped: its pack is kept whole (and counted in the report).
+//! - A referenced root or page that cannot be read stops the collection before
+//!   anything is removed: what is live is then unknown.
+//!
+//! # Costs
+//!
+//! The live set holds every distinct live id (about 32 bytes each plus hash
+//! table overhead), the touched set every id touched during the run; the mark
+//! reads every root and index page once, but no chunk. Copying is not rate
+//! limited: it competes with replication for disk bandwidth.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use blockrep_core::ChunkId;
+
+use crate::error::{Error, ErrorKind};
+use crate::fsutil::sync_dir;
+use crate::pack::pack_file_name;
+use crate::store::{Location, Relocation, Store, Sweep, lock};
+
+/// Default for [`GcOptions::live_share_min`].
+pub const GC_LIVE_SHARE_MIN_DEFAULT: f64 = 0.5;
+
+/// How a collection runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GcOptions {
+    /// A sealed pack whose live bytes are less than this share of its size
+    /// (0.0..=1.0) is compacted. Packs with nothing live are always removed.
+    pub live_share_min: f64,
+    /// Compute the report (what would be freed) and change nothing. Works on a
+    /// store opened read-only. Chunks stored by sessions that have not
+    /// committed yet count as dead here, so with replication running the
+    /// figures are an estimate.
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        Self {
+            live_share_min: GC_LIVE_SHARE_MIN_DEFAULT,
+            dry_run: false,
+        }
+    }
+}
+
+/// What a collection found and did (or, for a dry run, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+    /// Distinct roots walked by the mark.
+    pub roots_marked: u64,
+    /// Pack files when the collection started.
+    pub packs_total: u64,
+    /// Blobs in the index that are live.
+    pub blobs_live: u64,
+    /// Blobs in the index that are dead.
+    pub blobs_dead: u64,
+    /// Bytes of the live blobs' records.
+    pub bytes_live: u64,
+    /// Every other byte of the pack files: dead records, duplicates, torn tails.
+    pub bytes_dead: u64,
+    /// Packs deleted (would be deleted) after their live records were copied.
+    pub packs_compacted: u64,
+    /// Live records copied (to be copied) out of compacted packs.
+    pub blobs_copied: u64,
+    /// Bytes of those records.
+    pub bytes_copied: u64,
+    /// Dead blobs dropped from the index with their packs.
+    pub blobs_removed: u64,
+    /// Net bytes freed: sizes of the deleted packs minus the bytes copied.
+    pub bytes_freed: u64,
+    /// Candidate packs kept whole because a live record in them could not be
+    /// read or failed its checksum (run [`Store::verify`]).
+    pub packs_kept_damaged: u64,
+}
+
+/// Points in a collection, for tests that stop it there as a crash would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GcStage {
+    /// Mark done; nothing copied yet.
+    Marked,
+    /// Live records copied and synced; nothing removed yet.
+    Copied,
+    /// Dead entries removed from the index; no pack deleted yet.
+    Swept,
+    /// One more old pack file deleted.
+    PackDeleted,
+}
+
+/// The collector's shared state inside a [`Store`].
+#[derive(Debug, Default)]
+pub(crate) struct GcState {
+    /// The GC fence (see the module docs).
+    fence: RwLock<()>,
+    /// Whether the touched set exists; checked before taking its lock, so that
+    /// recording costs one atomic load when no collection runs.
+    tracking: AtomicBool,
+    /// Ids touched since the running collection started.
+    touched: Mutex<Option<HashSet<ChunkId>>>,
+    /// One collection (or dry run) at a time.
+    run: Mutex<()>,
+    /// The last report, for metrics.
+    last_report: Mutex<Option<GcReport>>,
+}
+
+impl GcState {
+    /// Holds off the collector's listing and sweeping; see the module docs.
+    pub(crate) fn read_fence(&self) -> RwLockReadGuard<'_, ()> {
+        // The fence guards no data; a panic elsewhere leaves nothing to repair.
+        self.fence
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_fence(&self) -> RwLockWriteGuard<'_, ()> {
+        self.fence
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records `id` as touched if a collection runs.
+    pub(crate) fn note(&self, id: &ChunkId) {
+        self.note_all(std::slice::from_ref(id));
+    }
+
+    /// Records every non-zero id as touched if a collection runs.
+    pub(crate) fn note_all<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) {
+        if !self.tracking.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(touched) = lock(&self.touched).as_mut() {
+            touched.extend(ids.into_iter().filter(|id| !id.is_zero()));
+        }
+    }
+
+    fn is_touched(&self, id: &ChunkId) -> bool {
+        lock(&self.touched)
+            .as_ref()
+            .is_some_and(|touched| touched.contains(id))
+    }
+
+    fn touched_snapshot(&self) -> HashSet<ChunkId> {
+        lock(&self.touched).clone().unwrap_or_default()
+    }
+
+    fn start_tracking(&self) -> Tracking<'_> {
+        *lock(&self.touched) = Some(HashSet::new());
+        self.tracking.store(true, Ordering::SeqCst);
+        Tracking(self)
+    }
+}
+
+/// Ends the touched set when the collection ends, however it ends.
+struct Tracking<'a>(&'a GcState);
+
+impl Drop for Tracking<'_> {
+    fn drop(&mut self) {
+        self.0.tracking.store(false, Ordering::SeqCst);
+        *lock(&self.0.touched) = None;
+    }
+}
+
+/// A pack as the plan sees it; the chosen ones are compacted.
+#[derive(Debug)]
+struct Candidate {
+    number: u32,
+    file_bytes: u64,
+    live_bytes: u64,
+    live_blobs: u64,
+    /// Every index entry in the pack when the plan was made.
+    entries: Vec<(ChunkId, Location)>,
+    /// A live record could not be copied: the pack stays.
+    damaged: bool,
+}
+
+impl Store {
+    /// Collects garbage: marks every blob reachable from a head, snapshot or
+    /// launch (and what open launch volumes and running sessions hold), then
+    /// compacts the sealed packs whose live share is below
+    /// `options.live_share_min`. Safe to run while sessions commit and launch
+    /// volumes write; see the module docs of `gc.rs` for the protocol. With
+    /// `options.dry_run` nothing changes and the report says what would be freed.
+    ///
+    /// Fails with `Invalid` for a live share outside 0..=1 or a real run on a
+    /// read-only store, and with the read error when a referenced root or page
+    /// cannot be read (nothing is removed then: what is live is unknown).
+    pub fn gc(&self, options: &GcOptions) -> Result<GcReport, Error> {
+        self.gc_with_hook(options, &mut |_| true)
+    }
+
+    /// The report of the last collection or dry run in this process, if any:
+    /// cheap, for metrics (live and garbage bytes).
+    pub fn last_gc_report(&self) -> Option<GcReport> {
+        lock(&self.gc.last_report).clone()
+    }
+
+    /// [`Store::gc`] that calls `hook` at each [`GcStage`] and stops there, as a
+    /// crash would, when it returns false.
+    pub(crate) fn gc_with_hook(
+        &self,
+        options: &GcOptions,
+        hook: &mut dyn FnMut(GcStage) -> bool,
+    ) -> Result<GcReport, Error> {
+        if !(0.0..=1.0).contains(&options.live_share_min) {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "live share minimum {} is not between 0 and 1",
+                    options.live_share_min
+                ),
+            ));
+        }
+        if !options.dry_run {
+            self.check_writable()?;
+        }
+        let _run = lock(&self.gc.run);
+        if self.is_read_only() {
+            // Pick up what a running server committed since the open.
+            self.load_index()?;
+        }
+        let tracking = (!options.dry_run).then(|| self.gc.start_tracking());
+        let (marked, roots_marked) = self.mark()?;
+        let (mut report, mut candidates) = self.plan(&marked, options)?;
+        report.roots_marked = roots_marked;
+        if options.dry_run {
+            *lock(&self.gc.last_report) = Some(report.clone());
+            return Ok(report);
+        }
+        if !hook(GcStage::Marked) {
+            return Ok(report);
+        }
+        report.blobs_copied = 0;
+        report.bytes_copied = 0;
+        for candidate in &mut candidates {
+            let live: Vec<(ChunkId, Location)> = candidate
+                .entries
+                .iter()
+                .filter(|(id, _)| marked.contains(id) || self.gc.is_touched(id))
+                .copied()
+                .collect();
+            self.relocate_all(candidate, &live, &mut report)?;
+        }
+        self.sync()?;
+        if !hook(GcStage::Copied) {
+            return Ok(report);
+        }
+        report.blobs_removed = self.sweep(&mut candidates, &marked, &mut report)?;
+        drop(tracking);
+        if !hook(GcStage::Swept) {
+            return Ok(report);
+        }
+        // The copies made under the fence must be durable before their old
+        // records go.
+        self.sync()?;
+        self.delete_packs(&candidates, &mut report, hook)?;
+        *lock(&self.gc.last_report) = Some(report.clone());
+        Ok(report)
+    }
+
+    /// The live set: ids reachable from the referenced roots and the open launch
+    /// volumes. Returns it with the number of roots walked.
+    fn mark(&self) -> Result<(HashSet<ChunkId>, u64), Error> {
+        let mut roots = {
+            let _fence = self.gc.write_fence();
+            self.referenced_roots()?
+        };
+        let mut live = HashSet::new();
+        // Not under the fence: a flush holds its volume's lock while it waits
+        // for the fence. Whatever a volume writes after this read was inserted
+        // or found while the touched set existed.
+        for volume in self.open_volumes() {
+            let (root, ids) = volume.ids_in_memory();
+            roots.push(root);
+            live.extend(ids.into_iter().filter(|id| !id.is_zero()));
+        }
+        roots.sort_unstable();
+        roots.dedup();
+        let mut roots_marked = 0;
+        for root_id in &roots {
+            live.insert(*root_id);
+            let root = self.read_root(root_id).map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!("gc: referenced root {root_id} cannot be read, nothing collected (run verify): {e}"),
+                )
+            })?;
+            roots_marked += 1;
+            for (page_index, page_id) in root.page_ids().iter().enumerate() {
+                if page_id.is_zero() || !live.insert(*page_id) {
+                    continue;
+                }
+                let page = self.read_page(&root, page_index).map_err(|e| {
+                    Error::new(
+                        e.kind(),
+                        format!("gc: page {page_id} of root {root_id} cannot be read, nothing collected (run verify): {e}"),
+                    )
+                })?;
+                live.extend(page.ids().iter().filter(|id| !id.is_zero()));
+            }
+        }
+        Ok((live, roots_marked))
+    }
+
+    /// Live and dead bytes per pack, and the packs to compact.
+    fn plan(
+        &self,
+        marked: &HashSet<ChunkId>,
+        options: &GcOptions,
+    ) -> Result<(GcReport, Vec<Candidate>), Error> {
+        let newest = self.newest_pack_number();
+        let touched = self.gc.touched_snapshot();
+        let mut report = GcReport {
+            dry_run: options.dry_run,
+            ..GcReport::default()
+        };
+        let mut packs: HashMap<u32, Candidate> = HashMap::new();
+        for number in self.pack_numbers()? {
+            let path = self.packs_dir().join(pack_file_name(number));
+            let file_bytes = fs::metadata(&path)
+                .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
+                .len();
+            let pack = Candidate {
+                number,
+                file_bytes,
+                live_bytes: 0,
+                live_blobs: 0,
+                entries: Vec::new(),
+                damaged: false,
+            };
+            packs.insert(number, pack);
+        }
+        let bytes_total: u64 = packs.values().map(|pack| pack.file_bytes).sum();
+        for (id, location) in self.index_entries() {
+            let live = marked.contains(&id) || touched.contains(&id);
+            if live {
+                report.blobs_live += 1;
+                report.bytes_live += location.record_len_bytes();
+            } else {
+                report.blobs_dead += 1;
+            }
+            // A pack created after the listing (the active one sealed) is not
+            // listed and never a candidate.
+            if let Some(pack) = packs.get_mut(&location.pack) {
+                if live {
+                    pack.live_bytes += location.record_len_bytes();
+                    pack.live_blobs += 1;
+                }
+                pack.entries.push((id, location));
+            }
+        }
+        report.packs_total = packs.len() as u64;
+        report.bytes_dead = bytes_total.saturating_sub(report.bytes_live);
+        let mut candidates = Vec::new();
+        for pack in packs.into_values() {
+            if pack.number >= newest {
+                continue;
+            }
+            let share = if pack.file_bytes == 0 {
+                0.0
+            } else {
+                pack.live_bytes as f64 / pack.file_bytes as f64
+            };
+            if pack.live_bytes > 0 && share >= options.live_share_min {
+                continue;
+            }
+            report.packs_compacted += 1;
+            report.blobs_copied += pack.live_blobs;
+            report.bytes_copied += pack.live_bytes;
+            report.blobs_removed += pack.entries.len() as u64 - pack.live_blobs;
+            report.bytes_freed += pack.file_bytes.saturating_sub(pack.live_bytes);
+            candidates.push(pack);
+        }
+        candidates.sort_by_key(|c| c.number);
+        Ok((report, candidates))
+    }
+
+    /// Relocates `records` of `candidate`, marking it damaged if one cannot be
+    /// read (the pack then stays whole).
+    fn relocate_all(
+        &self,
+        candidate: &mut Candidate,
+        records: &[(ChunkId, Location)],
+        report: &mut GcReport,
+    ) -> Result<(), Error> {
+        for (id, location) in records {
+            match self.relocate(id, *location)? {
+                Relocation::Moved => {
+                    report.blobs_copied += 1;
+                    report.bytes_copied += location.record_len_bytes();
+                }
+                Relocation::Gone => {}
+                Relocation::Unreadable(e) => {
+                    eprintln!(
+                        "blockrep-store: gc keeps pack {} whole: {e}",
+                        pack_file_name(candidate.number)
+                    );
+                    candidate.damaged = true;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fenced sweep: relocates records that became touched since the copy,
+    /// then drops the dead entries of the candidates. Returns how many entries
+    /// were dropped.
+    fn sweep(
+        &self,
+        candidates: &mut [Candidate],
+        marked: &HashSet<ChunkId>,
+        report: &mut GcReport,
+    ) -> Result<u64, Error> {
+        let _fence = self.gc.write_fence();
+        let mut removed = 0;
+        for candidate in candidates.iter_mut() {
+            loop {
+                if candidate.damaged {
+                    break;
+                }
+                // `contains` and `insert` record touches under the index lock,
+                // which `sweep_entries` holds while it checks and removes.
+                let keep = |id: &ChunkId| marked.contains(id) || self.gc.is_touched(id);
+                match self.sweep_entries(&candidate.entries, keep) {
+                    Sweep::Removed(count) => {
+                        removed += count;
+                        break;
+                    }
+                    Sweep::Keep(records) => self.relocate_all(candidate, &records, report)?,
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes the evacuated candidate packs and fsyncs the packs directory.
+    fn delete_packs(
+        &self,
+        candidates: &[Candidate],
+        report: &mut GcReport,
+        hook: &mut dyn FnMut(GcStage) -> bool,
+    ) -> Result<(), Error> {
+        report.packs_compacted = 0;
+        report.bytes_freed = 0;
+        report.packs_kept_damaged = 0;
+        report.packs_kept_damaged = candidates.iter().filter(|c| c.damaged).count() as u64;
+        let mut deleted_bytes = 0u64;
+        let mut deleted = HashSet::new();
+        for candidate in candidates.iter().filter(|c| !c.damaged) {
+            let path = self.packs_dir().join(pack_file_name(candidate.number));
+            let outcome = fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("cannot delete {}", path.display()), e));
+            if outcome.is_ok() {
+                deleted.insert(candidate.number);
+                deleted_bytes += candidate.file_bytes;
+                report.packs_compacted += 1;
+            }
+            if outcome.is_err() || !hook(GcStage::PackDeleted) {
+                self.forget_readers(&deleted);
+                return outcome;
+            }
+        }
+        self.forget_readers(&deleted);
+        if !deleted.is_empty() {
+            sync_dir(&self.packs_dir())?;
+        }
+        report.bytes_freed = deleted_bytes.saturating_sub(report.bytes_copied);
+        Ok(())
+    }
+
+    /// Launch volumes open in this process.
+    fn open_volumes(&self) -> Vec<Arc<crate::LaunchVolume>> {
+        lock(&self.catalog.open_launches)
+            .values()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{Rng, churn, pack_bytes, pack_files, root_disk};
+    use crate::{LaunchKind, LaunchVolume};
+    use blockrep_core::{Geometry, Root, SourceId, scan_buffer};
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+
+    const CHUNK: u32 = 4096;
+
+    fn web() -> SourceId {
+        SourceId::new("web-1").unwrap()
+    }
+
+    fn db() -> SourceId {
+        SourceId::new("db-1").unwrap()
+    }
+
+    /// Stores every non-zero chunk of `disk` (idempotent) and returns the ids.
+    fn insert_chunks(store: &Store, disk: &[u8], geometry: Geometry) -> Vec<ChunkId> {
+        let ids = scan_buffer(disk, geometry);
+        for (index, id) in ids.iter().enumerate() {
+            if !id.is_zero() {
+                let range = geometry.chunk_range(index as u64).unwrap();
+                store
+                    .insert(
+                        crate::BlobKind::Chunk,
+                        *id,
+                        crate::StoredCodec::Raw,
+                        range.len() as u32,
+                        &disk[range],
+                    )
+                    .unwrap();
+            }
+        }
+        ids
+    }
+
+    /// Commits `ids` as `epoch` without inserting any chunk: what a session
+    /// does for chunks it stored earlier or that the agent sent as `Ref`.
+    fn commit_ids(
+        store: &Store,
+        source: &SourceId,
+        geometry: Geometry,
+        ids: &[ChunkId],
+        epoch: u64,
+    ) -> Result<crate::CommitStats, Error> {
+        let (root, pages) = Root::build(geometry, ids);
+        store.commit(source, epoch, &root, &pages, 0)
+    }
+
+    fn commit(store: &Store, source: &SourceId, disk: &[u8], geometry: Geometry, epoch: u64) {
+        let ids = insert_chunks(store, disk, geometry);
+        commit_ids(store, source, geometry, &ids, epoch).unwrap();
+    }
+
+    fn read_all(volume: &LaunchVolume) -> Vec<u8> {
+        let mut out = vec![0xaa; volume.size_bytes() as usize];
+        volume.read(0, &mut out).unwrap();
+        out
+    }
+
+    /// A store with history: two sources, snapshots (one deleted), a launch with
+    /// flushed and unflushed writes held open, an unopened launch, and small
+    /// packs, so that collection has dead data spread over many sealed packs.
+    struct Scenario {
+        dir: tempfile::TempDir,
+        store: Arc<Store>,
+        heads: Vec<(SourceId, Vec<u8>)>,
+        snapshots: Vec<(SourceId, String, Vec<u8>)>,
+        /// Launches and their flushed disks.
+        launches: Vec<(String, Vec<u8>)>,
+        /// The open volume of launch "drill" and its current disk.
+        volume: Option<(Arc<LaunchVolume>, Vec<u8>)>,
+        /// Chunks that were committed once and that nothing references now.
+        dead: Vec<ChunkId>,
+    }
+
+    const PACK_BYTES: u64 = 48 * 1024;
+
+    fn scenario(seed: u64) -> Scenario {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        store.set_pack_size_max_bytes(PACK_BYTES);
+        let geometry = Geometry::new(40 * u64::from(CHUNK) + 1000, CHUNK).unwrap();
+        let mut rng = Rng::new(seed);
+        let mut disk = vec![0u8; geometry.disk_size_bytes() as usize];
+        churn(&mut rng, &mut disk, geometry, 90);
+        let mut committed = HashSet::new();
+        let mut snapshots = Vec::new();
+        let mut db_disk = Vec::new();
+        for epoch in 1..=10 {
+            if epoch > 1 {
+                churn(&mut rng, &mut disk, geometry, 50);
+            }
+            commit(&store, &web(), &disk, geometry, epoch);
+            committed.extend(scan_buffer(&disk, geometry));
+            if [1, 2, 4].contains(&epoch) {
+                let name = format!("e{epoch}");
+                store
+                    .create_snapshot(&web(), Some(&name), None, 1000 + epoch)
+                    .unwrap();
+                snapshots.push((web(), name, disk.clone()));
+            }
+            if epoch == 3 {
+                // A second source sharing half its chunks with this epoch.
+                db_disk = disk.clone();
+                churn(&mut rng, &mut db_disk, geometry, 50);
+                commit(&store, &db(), &db_disk, geometry, 1);
+            }
+        }
+        store.delete_snapshot(&web(), "e1").unwrap();
+        snapshots.remove(0);
+        store
+            .create_launch(&web(), "e2", "drill", LaunchKind::Test)
+            .unwrap();
+        store
+            .create_launch(&web(), "e4", "idle", LaunchKind::Test)
+            .unwrap();
+        let volume = store.open_launch("drill").unwrap();
+        let mut model = snapshots[0].2.clone();
+        let write = |rng: &mut Rng, model: &mut Vec<u8>| {
+            let len = 1 + rng.below(3 * u64::from(CHUNK)) as usize;
+            let offset = rng.below(model.len() as u64 - len as u64) as usize;
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data);
+            volume.write(offset as u64, &data).unwrap();
+            model[offset..offset + len].copy_from_slice(&data);
+        };
+        for _ in 0..4 {
+            write(&mut rng, &mut model);
+        }
+        volume.flush().unwrap();
+        let flushed = model.clone();
+        for _ in 0..3 {
+            write(&mut rng, &mut model);
+        }
+        let heads = vec![(web(), disk.clone()), (db(), db_disk)];
+        let launches = vec![
+            ("drill".to_owned(), flushed),
+            ("idle".to_owned(), snapshots[1].2.clone()),
+        ];
+        let mut live = HashSet::new();
+        for disk in heads
+            .iter()
+            .map(|h| &h.1)
+            .chain(snapshots.iter().map(|s| &s.2))
+            .chain(launches.iter().map(|l| &l.1))
+            .chain([&model])
+        {
+            live.extend(scan_buffer(disk, geometry));
+        }
+        let dead = committed.difference(&live).copied().collect();
+        Scenario {
+            dir,
+            store,
+            heads,
+            snapshots,
+            launches,
+            volume: Some((volume, model)),
+            dead,
+        }
+    }
+
+    impl Scenario {
+        /// Checks every head, snapshot and launch (and the open volume, if any)
+        /// against the expected disks, and that verification finds nothing.
+        fn check(&self, store: &Arc<Store>) {
+            let out = self.dir.path().join("export.raw");
+            for (source, disk) in &self.heads {
+                store.export(source, &out).unwrap();
+                assert_eq!(&fs::read(&out).unwrap(), disk, "head of {source}");
+            }
+            let names: Vec<String> = store
+                .list_snapshots(None)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            assert_eq!(names.len(), self.snapshots.len());
+            for (source, name, disk) in &self.snapshots {
+                let snapshot = store.snapshot(source, name).unwrap().unwrap();
+                assert_eq!(&root_disk(store, &snapshot.root), disk, "snapshot {name}");
+            }
+            for (name, disk) in &self.launches {
+                let launch = store.launch(name).unwrap().unwrap();
+                assert_eq!(&root_disk(store, &launch.root), disk, "launch {name}");
+            }
+            if let Some((volume, disk)) = &self.volume {
+                assert_eq!(&read_all(volume), disk, "open volume");
+            }
+            let report = store.verify(None, None).unwrap();
+            assert!(report.is_clean(), "{:#?}", report.damaged);
+        }
+
+        fn reopen(&mut self) -> Arc<Store> {
+            self.volume = None;
+            let store = Arc::new(Store::open(self.dir.path()).unwrap());
+            store.set_pack_size_max_bytes(PACK_BYTES);
+            self.store = Arc::clone(&store);
+            store
+        }
+    }
+
+    fn pack_count(dir: &Path) -> usize {
+        pack_files(dir).len()
+    }
+
+    #[test]
+    fn gc_frees_only_unreferenced_data() {
+        let mut s = scenario(1);
+        let store = Arc::clone(&s.store);
+        let blobs_before = store.blob_count();
+        let bytes_before = pack_bytes(s.dir.path());
+        let files_before = pack_files(s.dir.path());
+        let report = store.gc(&GcOptions::default()).unwrap();
+        assert!(report.packs_compacted >= 2, "{report:?}");
+        assert!(
+            report.bytes_freed > 0 && report.blobs_removed > 0,
+            "{report:?}"
+        );
+        assert_eq!(report.packs_total as usize, files_before.len());
+        assert_eq!(report.packs_kept_damaged, 0);
+        assert_eq!(
+            report.bytes_live + report.bytes_dead,
+            bytes_before,
+            "every byte of every pack is live or dead"
+        );
+        assert_eq!(pack_bytes(s.dir.path()), bytes_before - report.bytes_freed);
+        assert_eq!(
+            store.blob_count(),
+            blobs_before - report.blobs_removed as usize
+        );
+        let files_after = pack_files(s.dir.path());
+        let removed = files_before
+            .keys()
+            .filter(|name| !files_after.contains_key(*name))
+            .count();
+        assert_eq!(removed as u64, report.packs_compacted);
+        assert!(
+            s.dead.iter().any(|id| !store.contains(id)),
+            "some dead chunk is gone"
+        );
+        assert_eq!(store.last_gc_report(), Some(report));
+        s.check(&store);
+
+        // Everything at once: every sealed pack with a dead byte is compacted.
+        let all = store
+            .gc(&GcOptions {
+                live_share_min: 1.0,
+                dry_run: false,
+            })
+            .unwrap();
+        s.check(&store);
+        let newest = store.newest_pack_number();
+        for id in &s.dead {
+            if let Ok(location) = store.location(id) {
+                assert!(location.pack >= newest - 1, "{all:?}");
+            }
+        }
+        let store = s.reopen();
+        s.check(&store);
+    }
+
+    #[test]
+    fn a_read_only_reader_keeps_reading_across_a_collection() {
+        let s = scenario(3);
+        let reader = Arc::new(Store::open_read_only(s.dir.path()).unwrap());
+        // One snapshot read before (its packs' handles are cached), the rest
+        // after the collection moved blobs and deleted packs.
+        let (source, name, disk) = &s.snapshots[0];
+        let snapshot = reader.snapshot(source, name).unwrap().unwrap();
+        assert_eq!(&root_disk(&reader, &snapshot.root), disk);
+        let report = s.store.gc(&GcOptions::default()).unwrap();
+        assert!(report.packs_compacted > 0 && report.blobs_copied > 0);
+        let unchanged = Scenario {
+            dir: tempfile::tempdir().unwrap(),
+            store: Arc::clone(&reader),
+            heads: s.heads.clone(),
+            snapshots: s.snapshots.clone(),
+            launches: s.launches.clone(),
+            volume: None,
+            dead: Vec::new(),
+        };
+        unchanged.check(&reader);
+    }
+
+    #[test]
+    fn a_dry_run_changes_nothing_and_predicts_the_real_run() {
+        let mut s = scenario(2);
+        // Unflushed launch writes are live only to the process that holds them;
+        // close the volume so the read-only store sees the same store.
+        s.volume = None;
+        let store = Arc::clone(&s.store);
+        let files = pack_files(s.dir.path());
+        let blobs = store.blob_count();
+        let dry_run = GcOptions {
+            dry_run: true,
+            ..GcOptions::default()
+        };
+        let predicted = store.gc(&dry_run).unwrap();
+        assert!(predicted.dry_run && predicted.packs_compacted > 0 && predicted.bytes_freed > 0);
+        assert_eq!(pack_files(s.dir.path()), files, "pack files byte-identical");
+        assert_eq!(store.blob_count(), blobs);
+
+        let reader = Store::open_read_only(s.dir.path()).unwrap();
+        assert_eq!(reader.gc(&dry_run).unwrap(), predicted);
+        assert_eq!(
+            reader.gc(&GcOptions::default()).unwrap_err().kind(),
+            ErrorKind::Invalid
+        );
+        assert_eq!(pack_files(s.dir.path()), files);
+
+        let done = store.gc(&GcOptions::default()).unwrap();
+        assert_eq!(
+            done,
+            GcReport {
+                dry_run: false,
+                ..predicted
+            }
+        );
+        s.check(&store);
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let options = GcOptions {
+                live_share_min: bad,
+                dry_run: true,
+            };
+            assert_eq!(store.gc(&options).unwrap_err().kind(), ErrorKind::Invalid);
+        }
+    }
+
+    /// A store with small packs, one source committed at epoch 1.
+    fn small_store() -> (tempfile::TempDir, Arc<Store>, Geometry, Rng, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        store.set_pack_size_max_bytes(4 * (u64::from(CHUNK) + 52));
+        let geometry = Geometry::new(16 * u64::from(CHUNK), CHUNK).unwrap();
+        let mut rng = Rng::new(99);
+        let mut disk = vec![0u8; geometry.disk_size_bytes() as usize];
+        rng.fill(&mut disk);
+        commit(&store, &web(), &disk, geometry, 1);
+        (dir, store, geometry, rng, disk)
+    }
+
+    fn export(store: &Store, dir: &Path) -> Vec<u8> {
+        let out = dir.join("export.raw");
+        store.export(&web(), &out).unwrap();
+        fs::read(out).unwrap()
+    }
+
+    #[test]
+    fn chunks_inserted_before_gc_and_committed_after_its_mark_are_kept() {
+        let (dir, store, geometry, mut rng, disk1) = small_store();
+        let mut disk2 = disk1.clone();
+        churn(&mut rng, &mut disk2, geometry, 60);
+        let ids2 = insert_chunks(&store, &disk2, geometry);
+        let mut disk3 = disk2.clone();
+        churn(&mut rng, &mut disk3, geometry, 60);
+        let ids3 = insert_chunks(&store, &disk3, geometry);
+        // Dead filler seals the packs that hold the uncommitted chunks.
+        let mut filler = vec![0u8; 8 * CHUNK as usize];
+        rng.fill(&mut filler);
+        insert_chunks(
+            &store,
+            &filler,
+            Geometry::new(filler.len() as u64, CHUNK).unwrap(),
+        );
+        let newest = store.newest_pack_number();
+        let uncommitted_in_sealed_packs = ids2
+            .iter()
+            .chain(&ids3)
+            .filter(|id| store.location(id).is_ok_and(|l| l.pack < newest))
+            .count();
+        assert!(uncommitted_in_sealed_packs > 4);
+
+        // The commits come from the GC thread's own hook, at the exact points
+        // between steps: epoch 2 after the mark, epoch 3 after the copy (so its
+        // chunks must be caught by the fenced sweep).
+        let report = store
+            .gc_with_hook(&GcOptions::default(), &mut |stage| {
+                match stage {
+                    GcStage::Marked => {
+                        commit_ids(&store, &web(), geometry, &ids2, 2).unwrap();
+                        store.create_snapshot(&web(), Some("two"), None, 1).unwrap();
+                    }
+                    GcStage::Copied => {
+                        commit_ids(&store, &web(), geometry, &ids3, 3).unwrap();
+                    }
+                    _ => {}
+                }
+                true
+            })
+            .unwrap();
+        assert!(report.packs_compacted > 0, "{report:?}");
+        assert!(report.blobs_removed > 0, "the filler is gone: {report:?}");
+        for store in [
+            Arc::clone(&store),
+            Arc::new(Store::open(dir.path()).unwrap()),
+        ] {
+            assert_eq!(export(&store, dir.path()), disk3);
+            let two = store.snapshot(&web(), "two").unwrap().unwrap();
+            assert_eq!(root_disk(&store, &two.root), disk2);
+            assert!(store.verify(None, None).unwrap().is_clean());
+        }
+    }
+
+    /// Epoch 2 replaces every chunk of epoch 1; returns a chunk of epoch 1 (now
+    /// dead) that sits in a sealed pack, with its bytes.
+    fn dead_chunk(
+        store: &Store,
+        geometry: Geometry,
+        rng: &mut Rng,
+        disk1: &[u8],
+    ) -> (Vec<u8>, ChunkId, Vec<u8>) {
+        let mut disk2 = vec![0u8; disk1.len()];
+        rng.fill(&mut disk2);
+        commit(store, &web(), &disk2, geometry, 2);
+        let newest = store.newest_pack_number();
+        let ids1 = scan_buffer(disk1, geometry);
+        let index = ids1
+            .iter()
+            .position(|id| store.location(id).unwrap().pack < newest)
+            .unwrap();
+        let range = geometry.chunk_range(index as u64).unwrap();
+        (disk2, ids1[index], disk1[range].to_vec())
+    }
+
+    #[test]
+    fn a_ref_to_a_chunk_gc_dropped_is_refused_not_committed_dangling() {
+        let (dir, store, geometry, mut rng, disk1) = small_store();
+        let (disk2, dead, dead_bytes) = dead_chunk(&store, geometry, &mut rng, &disk1);
+        // The session learns through Offer/Have that the store holds it...
+        assert!(store.contains(&dead));
+        let all = GcOptions {
+            live_share_min: 1.0,
+            dry_run: false,
+        };
+        // ...then a collection drops it before the commit.
+        store.gc(&all).unwrap();
+        assert!(!store.contains(&dead));
+        let mut ids = scan_buffer(&disk2, geometry);
+        ids[0] = dead;
+        let err = commit_ids(&store, &web(), geometry, &ids, 3).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Missing);
+        assert_eq!(store.head(&web()).unwrap().unwrap().epoch, 2);
+        assert_eq!(export(&store, dir.path()), disk2);
+        // The agent sends the data on its next try.
+        store
+            .insert(
+                crate::BlobKind::Chunk,
+                dead,
+                crate::StoredCodec::Raw,
+                CHUNK,
+                &dead_bytes,
+            )
+            .unwrap();
+        commit_ids(&store, &web(), geometry, &ids, 3).unwrap();
+        let mut disk3 = disk2.clone();
+        disk3[..CHUNK as usize].copy_from_slice(&dead_bytes);
+        assert_eq!(export(&store, dir.path()), disk3);
+    }
+
+    #[test]
+    fn a_contains_hit_during_gc_keeps_the_chunk() {
+        for stage_of_hit in [GcStage::Marked, GcStage::Copied] {
+            let (dir, store, geometry, mut rng, disk1) = small_store();
+            let (disk2, dead, dead_bytes) = dead_chunk(&store, geometry, &mut rng, &disk1);
+            let all = GcOptions {
+                live_share_min: 1.0,
+                dry_run: false,
+            };
+            let report = store
+                .gc_with_hook(&all, &mut |stage| {
+                    if stage == stage_of_hit {
+                        assert!(store.contains(&dead));
+                    }
+                    true
+                })
+                .unwrap();
+            assert!(report.blobs_removed > 0, "{report:?}");
+            assert!(store.contains(&dead), "hit at {stage_of_hit:?}");
+            let mut ids = scan_buffer(&disk2, geometry);
+            ids[3] = dead;
+            commit_ids(&store, &web(), geometry, &ids, 3).unwrap();
+            let mut disk3 = disk2.clone();
+            disk3[3 * CHUNK as usize..4 * CHUNK as usize].copy_from_slice(&dead_bytes);
+            let reopened = Store::open(dir.path()).unwrap();
+            assert_eq!(export(&reopened, dir.path()), disk3);
+            assert!(reopened.verify(None, None).unwrap().is_clean());
+        }
+    }
+
+    #[test]
+    fn replication_and_launch_writes_continue_while_gc_runs() {
+        let (dir, store, geometry, _, disk1) = small_store();
+        store
+            .create_snapshot(&web(), Some("base"), None, 1)
+            .unwrap();
+        store
+            .create_launch(&web(), "base", "drill", LaunchKind::Test)
+            .unwrap();
+        let writing = AtomicBool::new(true);
+        let all = GcOptions {
+            live_share_min: 0.9,
+            dry_run: false,
+        };
+        let (last_disk, snapshots, volume_model, runs) = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                let mut rng = Rng::new(5);
+                let mut disk = disk1.clone();
+                let mut history = vec![disk1.clone()];
+                let mut snapshots: Vec<(String, Vec<u8>)> = Vec::new();
+                for epoch in 2..=60u64 {
+                    churn(&mut rng, &mut disk, geometry, 30);
+                    // Reuse a chunk of an older epoch, most likely dead by now.
+                    let old = &history[rng.below(history.len() as u64) as usize];
+                    let (from, to) = (rng.below(16), rng.below(16));
+                    let chunk = CHUNK as usize;
+                    let piece = old[from as usize * chunk..(from as usize + 1) * chunk].to_vec();
+                    disk[to as usize * chunk..(to as usize + 1) * chunk].copy_from_slice(&piece);
+                    history.push(disk.clone());
+                    // Ref-style: send only what the store says it lacks.
+                    let ids = scan_buffer(&disk, geometry);
+                    for (index, id) in ids.iter().enumerate() {
+                        if !id.is_zero() && !store.contains(id) {
+                            let range = geometry.chunk_range(index as u64).unwrap();
+                            store
+                                .insert(
+                                    crate::BlobKind::Chunk,
+                                    *id,
+                                    crate::StoredCodec::Raw,
+                                    CHUNK,
+                                    &disk[range],
+                                )
+                                .unwrap();
+                        }
+                    }
+                    let mut attempts = 0;
+                    while let Err(e) = commit_ids(&store, &web(), geometry, &ids, epoch) {
+                        // A chunk found before a collection dropped it: resend.
+                        assert_eq!(e.kind(), ErrorKind::Missing, "{e}");
+                        attempts += 1;
+                        assert!(attempts < 20);
+                        insert_chunks(&store, &disk, geometry);
+                    }
+                    if epoch % 7 == 0 {
+                        let name = format!("s{epoch}");
+                        store
+                            .create_snapshot(&web(), Some(&name), None, epoch)
+                            .unwrap();
+                        snapshots.push((name, disk.clone()));
+                        if snapshots.len() > 2 {
+                            let (gone, _) = snapshots.remove(0);
+                            store.delete_snapshot(&web(), &gone).unwrap();
+                        }
+                    }
+                }
+                writing.store(false, Ordering::SeqCst);
+                (disk, snapshots)
+            });
+            let launcher = scope.spawn(|| {
+                let volume = store.open_launch("drill").unwrap();
+                let mut model = disk1.clone();
+                let mut rng = Rng::new(6);
+                let mut round = 0;
+                while writing.load(Ordering::SeqCst) || round < 20 {
+                    round += 1;
+                    let len = 1 + rng.below(2 * u64::from(CHUNK)) as usize;
+                    let offset = rng.below((model.len() - len) as u64) as usize;
+                    let mut data = vec![0u8; len];
+                    rng.fill(&mut data);
+                    volume.write(offset as u64, &data).unwrap();
+                    model[offset..offset + len].copy_from_slice(&data);
+                    let mut back = vec![0u8; len];
+                    volume.read(offset as u64, &mut back).unwrap();
+                    assert_eq!(back, data);
+                    if round % 5 == 0 {
+                        volume.flush().unwrap();
+                    }
+                    assert_eq!(read_all(&volume), model);
+                }
+                (volume, model)
+            });
+            let mut runs = 0;
+            while writing.load(Ordering::SeqCst) || runs < 3 {
+                store.gc(&all).unwrap();
+                runs += 1;
+            }
+            let (disk, snapshots) = writer.join().unwrap();
+            let (volume, model) = launcher.join().unwrap();
+            store.gc(&all).unwrap();
+            assert_eq!(read_all(&volume), model, "unflushed writes survive gc");
+            volume.flush().unwrap();
+            (disk, snapshots, model, runs)
+        });
+        assert!(runs >= 3);
+        for store in [
+            Arc::clone(&store),
+            Arc::new(Store::open(dir.path()).unwrap()),
+        ] {
+            assert_eq!(export(&store, dir.path()), last_disk);
+            for (name, disk) in &snapshots {
+                let snapshot = store.snapshot(&web(), name).unwrap().unwrap();
+                assert_eq!(&root_disk(&store, &snapshot.root), disk);
+            }
+            let drill = store.launch("drill").unwrap().unwrap();
+            assert_eq!(root_disk(&store, &drill.root), volume_model);
+            assert!(store.verify(None, None).unwrap().is_clean());
+        }
+    }
+
+    #[test]
+    fn a_crash_at_any_step_of_compaction_loses_nothing() {
+        let cases = [
+            (GcStage::Marked, false),
+            (GcStage::Copied, false),
+            (GcStage::Copied, true),
+            (GcStage::Swept, false),
+            (GcStage::PackDeleted, false),
+        ];
+        for (stop_at, torn_copy) in cases {
+            let mut s = scenario(7);
+            let options = GcOptions {
+                live_share_min: 0.9,
+                dry_run: false,
+            };
+            let report = s
+                .store
+                .gc_with_hook(&options, &mut |stage| stage != stop_at)
+                .unwrap();
+            if stop_at == GcStage::PackDeleted {
+                assert_eq!(report.packs_compacted, 1, "stopped after one deletion");
+            }
+            // The crash: the process is gone, and with it the volume's
+            // unflushed writes.
+            let store_dir = s.dir.path().to_owned();
+            drop(s.volume.take());
+            let packs_at_crash = pack_count(&store_dir);
+            if torn_copy {
+                assert!(report.blobs_copied > 0);
+                let newest = pack_files(&store_dir).into_keys().next_back().unwrap();
+                let path = store_dir.join("packs").join(newest);
+                let len = fs::metadata(&path).unwrap().len();
+                let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+                file.set_len(len - 30).unwrap();
+            }
+            let store = s.reopen();
+            s.check(&store);
+            assert_eq!(pack_count(&store_dir), packs_at_crash);
+            // The next collection finishes the job.
+            store.gc(&options).unwrap();
+            s.check(&store);
+            let store = s.reopen();
+            s.check(&store);
+        }
+    }
+}
