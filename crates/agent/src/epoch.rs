@@ -450,6 +450,7 @@ impl Session {
         let mut step_started = Instant::now();
         let mut stored = (0u64, 0u64);
         while let Some(encoded) = frames.recv().await {
+            let encoded = encoded?;
             view[encoded.index as usize] = encoded.id;
             let frame = if encoded.id.is_zero() {
                 report.zero_chunks_sent += 1;

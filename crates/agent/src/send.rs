@@ -9,7 +9,7 @@ use blockrep_proto::{Codec, Message, encode, encode_chunk_header};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use crate::Compression;
+use crate::{Compression, Error};
 
 /// Bytes of a `Chunk` frame before its data.
 const CHUNK_HEADER_LEN: usize = 4 + 1 + 8 + 32 + 1 + 4 + 4;
@@ -36,9 +36,9 @@ pub(crate) fn spawn_encoders(
     geometry: Geometry,
     changed: Arc<Vec<u64>>,
     compression: Compression,
-) -> mpsc::Receiver<Encoded> {
+) -> mpsc::Receiver<Result<Encoded, Error>> {
     let window = (WINDOW_BYTES / geometry.chunk_size_bytes() as usize).max(4);
-    let (tx, rx) = mpsc::channel(window);
+    let (tx, rx) = mpsc::channel::<Result<Encoded, Error>>(window);
     let next = Arc::new(AtomicUsize::new(0));
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     for _ in 0..workers {
@@ -57,11 +57,9 @@ pub(crate) fn spawn_encoders(
                 }
                 let end = (start + CHUNKS_PER_CLAIM).min(changed.len());
                 for &index in &changed[start..end] {
-                    let encoded = encoder.encode(disk.bytes(), geometry, index);
-                    if let Some(range) = geometry.chunk_range(index) {
-                        disk.release(range); // copied into the frame: unmap it
-                    }
-                    if tx.blocking_send(encoded).is_err() {
+                    let encoded = encoder.encode(&disk, geometry, index);
+                    let failed = encoded.is_err();
+                    if tx.blocking_send(encoded).is_err() || failed {
                         return; // the session ended; stop quietly
                     }
                 }
@@ -88,7 +86,7 @@ impl ChunkEncoder {
         }
     }
 
-    fn encode(&mut self, disk: &[u8], geometry: Geometry, index: u64) -> Encoded {
+    fn encode(&mut self, disk: &DiskImage, geometry: Geometry, index: u64) -> Result<Encoded, Error> {
         let range = geometry
             .chunk_range(index)
             .expect("changed chunks lie on the disk");
@@ -97,7 +95,12 @@ impl ChunkEncoder {
         // so the id always matches the bytes that travel.
         let mut frame = BytesMut::with_capacity(CHUNK_HEADER_LEN + raw_len);
         frame.resize(CHUNK_HEADER_LEN, 0);
-        frame.extend_from_slice(&disk[range]);
+        frame.resize(CHUNK_HEADER_LEN + raw_len, 0);
+        // Read with pread rather than through the scan's mapping: scattered reads
+        // through a mapping leave whole page-cache folios mapped, so resident
+        // memory would grow with the disk instead of with the window.
+        disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..])
+            .map_err(|e| Error::DiskChanged(format!("cannot read chunk {index} of the disk: {e}")))?;
         let id = hash_chunk(&frame[CHUNK_HEADER_LEN..]);
         if id.is_zero() {
             let mut zero = BytesMut::with_capacity(CHUNK_HEADER_LEN);
@@ -111,12 +114,12 @@ impl ChunkEncoder {
                 },
                 &mut zero,
             );
-            return Encoded {
+            return Ok(Encoded {
                 index,
                 id,
                 frame: zero.freeze(),
                 raw_len: 0,
-            };
+            });
         }
         if let Some(compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
             let mut out = BytesMut::with_capacity(CHUNK_HEADER_LEN + compressed.len());
@@ -129,23 +132,23 @@ impl ChunkEncoder {
                 compressed.len(),
             );
             out.extend_from_slice(&compressed);
-            return Encoded {
+            return Ok(Encoded {
                 index,
                 id,
                 frame: out.freeze(),
                 raw_len: raw_len as u64,
-            };
+            });
         }
         let mut header = BytesMut::with_capacity(CHUNK_HEADER_LEN);
         encode_chunk_header(&mut header, index, &id, Codec::Raw, raw_len as u32, raw_len);
         debug_assert_eq!(header.len(), CHUNK_HEADER_LEN);
         frame[..CHUNK_HEADER_LEN].copy_from_slice(&header);
-        Encoded {
+        Ok(Encoded {
             index,
             id,
             frame: frame.freeze(),
             raw_len: raw_len as u64,
-        }
+        })
     }
 
     fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {

@@ -105,6 +105,11 @@ impl DiskImage {
         crate::scan::scan_with(self.bytes(), geometry, threads, |range| self.release(range))
     }
 
+    /// Reads `buf.len()` bytes at `offset` with pread (not through the mapping).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
     /// Current size of the underlying file or device, to detect a resize since open.
     pub fn current_size_bytes(&self) -> Result<u64, Error> {
         let mut file = &self.file;
