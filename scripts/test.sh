@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages of the external clients the tests drive (a package may be
-# listed twice; apt-get installs it once).
-declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin)
+# listed twice; apt-get installs it once). promtool comes only with the
+# prometheus package, which on a host running systemd also enables a local
+# Prometheus service; the tests use promtool alone.
+declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
+    [promtool]=prometheus [systemd-analyze]=systemd)
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")

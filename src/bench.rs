@@ -103,7 +103,11 @@ const WORDS: [&str; 16] = [
 /// Writes a seeded, filesystem-like disk image of 1 MiB extents, each zero,
 /// text-like, structured records, random, or a copy of an earlier extent.
 /// Returns the bytes of each kind written.
-pub(crate) fn make_synthetic_disk(path: &Path, size: u64, seed: u64) -> Result<Vec<(&'static str, u64)>> {
+pub(crate) fn make_synthetic_disk(
+    path: &Path,
+    size: u64,
+    seed: u64,
+) -> Result<Vec<(&'static str, u64)>> {
     const EXTENT: usize = 1 << 20;
     let mut rng = Rng(seed);
     let file = OpenOptions::new()
@@ -202,8 +206,15 @@ fn cpu_seconds(pid: &str) -> f64 {
         return 0.0;
     };
     // Fields after the command name (which may hold spaces) start after ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks: f64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
     // SAFETY-free constant: Linux reports these in USER_HZ, 100 on every platform we run.
     ticks / 100.0
 }
@@ -231,7 +242,16 @@ impl ServerChild {
     fn start(data: &Path, tls: &Path) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let mut child = Command::new(exe)
-            .args(["server", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--retention", "off", "--data"])
+            .args([
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--retention",
+                "off",
+                "--data",
+            ])
             .arg(data)
             .arg("--tls-dir")
             .arg(tls)
@@ -368,7 +388,10 @@ fn corrupt_replica_for_test(data: &Path) -> Result<()> {
     let mut byte = [0u8; 1];
     file.read_exact_at(&mut byte, offset)?;
     file.write_all_at(&[byte[0] ^ 0xff], offset)?;
-    eprintln!("test hook: flipped the byte at {offset} of {}", path.display());
+    eprintln!(
+        "test hook: flipped the byte at {offset} of {}",
+        path.display()
+    );
     Ok(())
 }
 
@@ -381,7 +404,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let chunk_size = u32::try_from(args.chunk_size).context("chunk size too large")?;
     Geometry::new(args.size, chunk_size)?;
     ensure!(args.size >= 1 << 20, "--size must be at least 1MiB");
-    ensure!((0.0..=100.0).contains(&args.change_percent), "--change-percent must be within 0..=100");
+    ensure!(
+        (0.0..=100.0).contains(&args.change_percent),
+        "--change-percent must be within 0..=100"
+    );
     let temp;
     let workdir = match &args.workdir {
         Some(dir) => {
@@ -389,7 +415,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             dir.clone()
         }
         None => {
-            temp = tempfile::Builder::new().prefix("blockrep-bench-").tempdir()?;
+            temp = tempfile::Builder::new()
+                .prefix("blockrep-bench-")
+                .tempdir()?;
             temp.path().to_owned()
         }
     };
@@ -402,7 +430,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    eprintln!("blockrep bench: {} MiB synthetic disk, seed {}, {cores} cores", args.size >> 20, args.seed);
+    eprintln!(
+        "blockrep bench: {} MiB synthetic disk, seed {}, {cores} cores",
+        args.size >> 20,
+        args.seed
+    );
     let layout = make_synthetic_disk(&disk, args.size, args.seed)?;
     let layout_text: Vec<String> = layout
         .iter()
@@ -442,7 +474,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     // Memory of agent (this process) and server, sampled through the run.
     let sampling = Arc::new(AtomicBool::new(true));
     let memory_sampler = {
-        let (sampling, self_pid, server_pid) = (Arc::clone(&sampling), self_pid.clone(), server_pid.clone());
+        let (sampling, self_pid, server_pid) =
+            (Arc::clone(&sampling), self_pid.clone(), server_pid.clone());
         std::thread::spawn(move || {
             let (mut agent_peak, mut server_peak) = (0u64, 0u64);
             while sampling.load(Ordering::Relaxed) {
@@ -459,7 +492,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let initial = blockrep_agent::run_once(&agent, |_| {}).await?.epochs;
     let initial_wall = started.elapsed();
-    let (cpu_agent, cpu_server) = (cpu_seconds(&self_pid) - cpu_agent_0, cpu_seconds(&server_pid) - cpu_server_0);
+    let (cpu_agent, cpu_server) = (
+        cpu_seconds(&self_pid) - cpu_agent_0,
+        cpu_seconds(&server_pid) - cpu_server_0,
+    );
     let initial_bytes: u64 = initial.iter().map(|r| r.bytes_sent).sum();
 
     let blocks_changed = churn_blocks(&disk, args.change_percent / 100.0, args.seed)?;
@@ -471,23 +507,40 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let delta_chunks: u64 = delta.iter().map(|r| r.chunks_sent).sum();
     let delta_scan: Duration = delta.iter().map(|r| r.scan_duration).sum();
 
-    eprintln!("continuous replication under churn at {:.1} MiB/s for {:?}...", mib(args.churn_rate), args.duration);
+    eprintln!(
+        "continuous replication under churn at {:.1} MiB/s for {:?}...",
+        mib(args.churn_rate),
+        args.duration
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let epochs: Arc<std::sync::Mutex<Vec<EpochReport>>> = Arc::default();
     let agent_task = {
         let (agent, epochs) = (agent.clone(), Arc::clone(&epochs));
         tokio::spawn(async move {
-            blockrep_agent::run(&agent, stop_rx, move |r| epochs.lock().unwrap_or_else(|p| p.into_inner()).push(r.clone())).await
+            blockrep_agent::run(&agent, stop_rx, move |r| {
+                epochs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(r.clone())
+            })
+            .await
         })
     };
-    let writer = spawn_churn(disk.clone(), args.churn_rate, args.seed, stop_file.clone(), stopped_file.clone());
+    let writer = spawn_churn(
+        disk.clone(),
+        args.churn_rate,
+        args.seed,
+        stop_file.clone(),
+        stopped_file.clone(),
+    );
     let phase_start = Instant::now();
     let mut samples = Vec::new();
     let mut cutover_window = None;
     let cutover_requested_at;
     loop {
         let elapsed = phase_start.elapsed();
-        if let Ok((200, body)) = admin_client::request(&server.admin, "GET", "/v1/sources/bench", None).await
+        if let Ok((200, body)) =
+            admin_client::request(&server.admin, "GET", "/v1/sources/bench", None).await
             && let Some(view) = source_view(&body)
         {
             samples.push(Sample {
@@ -505,13 +558,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     let churn_samples = samples.len();
     eprintln!("cutover...");
-    let (code, body) = admin_client::request(&server.admin, "POST", "/v1/sources/bench/cutover", None).await?;
+    let (code, body) =
+        admin_client::request(&server.admin, "POST", "/v1/sources/bench/cutover", None).await?;
     ensure!(code == 202, "cutover request refused: {code} {body}");
     let cutover = loop {
         if agent_task.is_finished() {
             break agent_task.await.context("agent task")??;
         }
-        if let Ok((200, body)) = admin_client::request(&server.admin, "GET", "/v1/sources/bench", None).await
+        if let Ok((200, body)) =
+            admin_client::request(&server.admin, "GET", "/v1/sources/bench", None).await
             && let Some(view) = source_view(&body)
         {
             samples.push(Sample {
@@ -524,7 +579,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let _ = stop_tx.send(true);
-    let churn_bytes = writer.join().map_err(|_| anyhow::anyhow!("churn writer panicked"))??;
+    let churn_bytes = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("churn writer panicked"))??;
     let cutover = cutover.context("the agent ended without a cutover")?;
     cutover_window = cutover_window.or(Some((
         cutover_requested_at.as_secs_f64(),
@@ -565,8 +622,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut lags: Vec<f64> = churn.iter().map(|s| s.lag_seconds).collect();
     lags.sort_by(f64::total_cmp);
     let epochs = epochs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let scans: Vec<f64> = epochs.iter().map(|e| e.scan_duration.as_secs_f64()).collect();
-    let scan_mean = if scans.is_empty() { 0.0 } else { scans.iter().sum::<f64>() / scans.len() as f64 };
+    let scans: Vec<f64> = epochs
+        .iter()
+        .map(|e| e.scan_duration.as_secs_f64())
+        .collect();
+    let scan_mean = if scans.is_empty() {
+        0.0
+    } else {
+        scans.iter().sum::<f64>() / scans.len() as f64
+    };
     let loopback_rate = initial_bytes as f64 / initial_wall.as_secs_f64().max(1e-9);
     let last_epoch_bytes = cutover.bytes_sent as f64;
     let cutover_floor = floor.as_secs_f64() + last_epoch_bytes / loopback_rate;
@@ -634,13 +698,17 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     });
     print_table(&figures);
     if let Some(path) = &args.json {
-        fs::write(path, serde_json::to_string_pretty(&figures)? + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        fs::write(path, serde_json::to_string_pretty(&figures)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        plot(path, &samples, cutover_window).with_context(|| format!("cannot draw {}", path.display()))?;
+        plot(path, &samples, cutover_window)
+            .with_context(|| format!("cannot draw {}", path.display()))?;
     }
     if !verified {
-        bail!("the cutover volume differs from the disk (roots equal: {roots_equal}, bytes equal: {bytes_equal})");
+        bail!(
+            "the cutover volume differs from the disk (roots equal: {roots_equal}, bytes equal: {bytes_equal})"
+        );
     }
     Ok(())
 }
@@ -648,7 +716,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 /// The churn writer: random 4 KiB writes at `rate` bytes per second, one in eight
 /// of them appending sequentially to the last tenth of the disk, until the stop
 /// file appears (the pre-cutover command); then it fsyncs and says so.
-fn spawn_churn(disk: PathBuf, rate: u64, seed: u64, stop: PathBuf, stopped: PathBuf) -> std::thread::JoinHandle<Result<u64>> {
+fn spawn_churn(
+    disk: PathBuf,
+    rate: u64,
+    seed: u64,
+    stop: PathBuf,
+    stopped: PathBuf,
+) -> std::thread::JoinHandle<Result<u64>> {
     std::thread::spawn(move || {
         let file = OpenOptions::new().write(true).open(&disk)?;
         let blocks = file.metadata()?.len() / 4096;
@@ -667,7 +741,11 @@ fn spawn_churn(disk: PathBuf, rate: u64, seed: u64, stop: PathBuf, stopped: Path
             rng.fill(&mut block);
             let index = if rng.below(8) == 0 {
                 let index = append_next;
-                append_next = if append_next + 1 >= blocks { append_start } else { append_next + 1 };
+                append_next = if append_next + 1 >= blocks {
+                    append_start
+                } else {
+                    append_next + 1
+                };
                 index
             } else {
                 rng.below(blocks)
@@ -683,25 +761,111 @@ fn spawn_churn(disk: PathBuf, rate: u64, seed: u64, stop: PathBuf, stopped: Path
 
 fn print_table(f: &serde_json::Value) {
     let num = |path: &[&str]| -> f64 {
-        path.iter().fold(f, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN)
+        path.iter()
+            .fold(f, |v, k| &v[*k])
+            .as_f64()
+            .unwrap_or(f64::NAN)
     };
     let rows: Vec<(&str, String)> = vec![
-        ("disk size (MiB) / non-zero (MiB)", format!("{:.0} / {:.0}", num(&["disk_size_bytes"]) / 1048576.0, num(&["nonzero_bytes"]) / 1048576.0)),
-        ("blake3 of the disk, all cores (s)", format!("{:.3}", num(&["blake3_all_cores_seconds"]))),
-        ("initial sync (s)", format!("{:.2}", num(&["initial_sync", "seconds"]))),
-        ("  disk MiB/s / non-zero MiB/s", format!("{:.0} / {:.0}", num(&["initial_sync", "disk_mib_per_second"]), num(&["initial_sync", "nonzero_mib_per_second"]))),
-        ("  bytes on the wire (MiB)", format!("{:.1}", num(&["initial_sync", "bytes_on_wire"]) / 1048576.0)),
-        ("  CPU agent / server (s)", format!("{:.2} / {:.2}", num(&["initial_sync", "agent_cpu_seconds"]), num(&["initial_sync", "server_cpu_seconds"]))),
-        ("delta sync (s), 4 KiB blocks changed", format!("{:.3}, {}", num(&["delta_sync", "seconds"]), num(&["delta_sync", "blocks_changed"]))),
-        ("  vs floor (blake3 + bytes / loopback rate)", format!("{:.2}x", num(&["delta_sync", "ratio_to_floor"]))),
-        ("continuous: epochs, mean scan (s)", format!("{}, {:.3}", num(&["continuous", "epochs"]), num(&["continuous", "scan_seconds_mean"]))),
-        ("  lag p50 / p99 / max (s)", format!("{:.2} / {:.2} / {:.2}", num(&["continuous", "lag_seconds_p50"]), num(&["continuous", "lag_seconds_p99"]), num(&["continuous", "lag_seconds_max"]))),
-        ("  lag target: interval + 2 scans (s)", format!("{:.2}", num(&["continuous", "lag_target_seconds"]))),
-        ("cutover downtime (s)", format!("{:.3}", num(&["cutover", "downtime_seconds"]))),
-        ("  final scan / transfer / commit / launch (s)", format!("{:.3} / {:.3} / {:.3} / {:.3}", num(&["cutover", "final_scan_seconds"]), num(&["cutover", "transfer_seconds"]), num(&["cutover", "commit_seconds"]), num(&["cutover", "launch_ready_seconds"]))),
-        ("  vs floor (blake3 + last epoch / rate)", format!("{:.2}x", num(&["cutover", "ratio_to_floor"]))),
-        ("peak memory agent / server (MiB)", format!("{:.0} / {:.0}", num(&["memory", "agent_peak_rss_bytes"]) / 1048576.0, num(&["memory", "server_peak_rss_bytes"]) / 1048576.0)),
-        ("cutover volume verified equal", format!("{}", f["verified_equal"])),
+        (
+            "disk size (MiB) / non-zero (MiB)",
+            format!(
+                "{:.0} / {:.0}",
+                num(&["disk_size_bytes"]) / 1048576.0,
+                num(&["nonzero_bytes"]) / 1048576.0
+            ),
+        ),
+        (
+            "blake3 of the disk, all cores (s)",
+            format!("{:.3}", num(&["blake3_all_cores_seconds"])),
+        ),
+        (
+            "initial sync (s)",
+            format!("{:.2}", num(&["initial_sync", "seconds"])),
+        ),
+        (
+            "  disk MiB/s / non-zero MiB/s",
+            format!(
+                "{:.0} / {:.0}",
+                num(&["initial_sync", "disk_mib_per_second"]),
+                num(&["initial_sync", "nonzero_mib_per_second"])
+            ),
+        ),
+        (
+            "  bytes on the wire (MiB)",
+            format!("{:.1}", num(&["initial_sync", "bytes_on_wire"]) / 1048576.0),
+        ),
+        (
+            "  CPU agent / server (s)",
+            format!(
+                "{:.2} / {:.2}",
+                num(&["initial_sync", "agent_cpu_seconds"]),
+                num(&["initial_sync", "server_cpu_seconds"])
+            ),
+        ),
+        (
+            "delta sync (s), 4 KiB blocks changed",
+            format!(
+                "{:.3}, {}",
+                num(&["delta_sync", "seconds"]),
+                num(&["delta_sync", "blocks_changed"])
+            ),
+        ),
+        (
+            "  vs floor (blake3 + bytes / loopback rate)",
+            format!("{:.2}x", num(&["delta_sync", "ratio_to_floor"])),
+        ),
+        (
+            "continuous: epochs, mean scan (s)",
+            format!(
+                "{}, {:.3}",
+                num(&["continuous", "epochs"]),
+                num(&["continuous", "scan_seconds_mean"])
+            ),
+        ),
+        (
+            "  lag p50 / p99 / max (s)",
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                num(&["continuous", "lag_seconds_p50"]),
+                num(&["continuous", "lag_seconds_p99"]),
+                num(&["continuous", "lag_seconds_max"])
+            ),
+        ),
+        (
+            "  lag target: interval + 2 scans (s)",
+            format!("{:.2}", num(&["continuous", "lag_target_seconds"])),
+        ),
+        (
+            "cutover downtime (s)",
+            format!("{:.3}", num(&["cutover", "downtime_seconds"])),
+        ),
+        (
+            "  final scan / transfer / commit / launch (s)",
+            format!(
+                "{:.3} / {:.3} / {:.3} / {:.3}",
+                num(&["cutover", "final_scan_seconds"]),
+                num(&["cutover", "transfer_seconds"]),
+                num(&["cutover", "commit_seconds"]),
+                num(&["cutover", "launch_ready_seconds"])
+            ),
+        ),
+        (
+            "  vs floor (blake3 + last epoch / rate)",
+            format!("{:.2}x", num(&["cutover", "ratio_to_floor"])),
+        ),
+        (
+            "peak memory agent / server (MiB)",
+            format!(
+                "{:.0} / {:.0}",
+                num(&["memory", "agent_peak_rss_bytes"]) / 1048576.0,
+                num(&["memory", "server_peak_rss_bytes"]) / 1048576.0
+            ),
+        ),
+        (
+            "cutover volume verified equal",
+            format!("{}", f["verified_equal"]),
+        ),
     ];
     println!("blockrep bench: {} cores, seed {}", f["cores"], f["seed"]);
     for (name, value) in rows {
@@ -715,7 +879,11 @@ fn plot(path: &Path, samples: &[Sample], cutover: Option<(f64, f64)>) -> Result<
     let mut points = Vec::new();
     for pair in samples.windows(2) {
         let dt = (pair[1].seconds - pair[0].seconds).max(1e-3);
-        let rate = pair[1].bytes_received_total.saturating_sub(pair[0].bytes_received_total) as f64 / dt / 1048576.0;
+        let rate = pair[1]
+            .bytes_received_total
+            .saturating_sub(pair[0].bytes_received_total) as f64
+            / dt
+            / 1048576.0;
         points.push((pair[1].seconds, rate, pair[1].lag_seconds));
     }
     let t_max = samples.last().map_or(1.0, |s| s.seconds).max(1.0);
@@ -735,15 +903,26 @@ fn plot(path: &Path, samples: &[Sample], cutover: Option<(f64, f64)>) -> Result<
             .y_label_area_size(50)
             .build_cartesian_2d(0.0..t_max, 0.0..max)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart.configure_mesh().x_desc("seconds").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some((start, end)) = cutover {
             chart
-                .draw_series(std::iter::once(Rectangle::new([(start, 0.0), (end, max)], RED.mix(0.2).filled())))
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(start, 0.0), (end, max)],
+                    RED.mix(0.2).filled(),
+                )))
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .label("cutover");
         }
-        let series = points.iter().map(|p| (p.0, if pick == 1 { p.1 } else { p.2 }));
-        chart.draw_series(LineSeries::new(series, &BLUE)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let series = points
+            .iter()
+            .map(|p| (p.0, if pick == 1 { p.1 } else { p.2 }));
+        chart
+            .draw_series(LineSeries::new(series, &BLUE))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())

@@ -143,13 +143,23 @@ struct ServerArgs {
     /// Most connections open at once.
     #[arg(long, default_value_t = 1024)]
     connections_max: usize,
-    /// Address of the admin HTTP API (JSON under /v1/, /health). Keep it on
-    /// loopback unless it is otherwise protected.
+    /// Address of the admin HTTP API (JSON under /v1/, /health, /metrics). Keep
+    /// it on loopback unless it is otherwise protected.
     #[arg(long, default_value = "127.0.0.1:7444")]
     admin_listen: SocketAddr,
-    /// A source whose replication lag exceeds this is `lagging`.
+    /// A source whose replication lag exceeds this is `lagging`, and breaches
+    /// its RPO. Per source: PUT /v1/sources/ID/rpo-target (kept in memory).
     #[arg(long, default_value = "15m", value_parser = units::parse_duration)]
     rpo_target: Duration,
+    /// Command run with `sh -c` once when a source's lag crosses above its RPO
+    /// target and once when it is back under it. Environment: BLOCKREP_EVENT
+    /// (breach or recovered), BLOCKREP_SOURCE, BLOCKREP_LAG_SECONDS,
+    /// BLOCKREP_RPO_TARGET_SECONDS.
+    #[arg(long, value_name = "CMD")]
+    on_rpo_breach: Option<String>,
+    /// How often every source's lag is compared with its RPO target.
+    #[arg(long, default_value = "500ms", value_parser = units::parse_duration)]
+    alert_interval: Duration,
     /// A source with no agent contact for this long is `stalled`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     stall_after: Duration,
@@ -503,6 +513,8 @@ async fn server(args: ServerArgs) -> Result<()> {
     config.admin_listen = Some(args.admin_listen);
     config.rpo_target = args.rpo_target;
     config.stall_after = args.stall_after;
+    config.on_rpo_breach = args.on_rpo_breach;
+    config.alert_interval = args.alert_interval;
     config.nbd_listen = args.nbd_listen;
     config.nbd_tls = args.nbd_tls;
     config.retention_tick = args.retention_tick;

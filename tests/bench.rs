@@ -13,7 +13,16 @@ fn bench(work: &std::path::Path, corrupt: bool) -> (std::process::Output, std::p
     let plot = work.join("out.svg");
     let mut command = Command::new(BIN);
     command
-        .args(["bench", "--size", "32MiB", "--duration", "3s", "--interval", "300ms", "--json"])
+        .args([
+            "bench",
+            "--size",
+            "32MiB",
+            "--duration",
+            "3s",
+            "--interval",
+            "300ms",
+            "--json",
+        ])
         .arg(&json)
         .arg("--plot")
         .arg(&plot)
@@ -30,9 +39,13 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
     let work = tempfile::tempdir().unwrap();
     let (output, json) = bench(work.path(), false);
     assert_success(&output);
-    let figures: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let number = |path: &[&str]| -> f64 {
-        path.iter().fold(&figures, |v, k| &v[*k]).as_f64().unwrap_or_else(|| panic!("missing {path:?} in {figures:#}"))
+        path.iter()
+            .fold(&figures, |v, k| &v[*k])
+            .as_f64()
+            .unwrap_or_else(|| panic!("missing {path:?} in {figures:#}"))
     };
     for path in [
         &["initial_sync", "seconds"][..],
@@ -55,22 +68,38 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
         assert!(number(path) > 0.0, "{path:?} is not positive: {figures:#}");
     }
     let lag_max = number(&["continuous", "lag_seconds_max"]);
-    assert!(number(&["continuous", "lag_seconds_p50"]) <= number(&["continuous", "lag_seconds_p99"]));
-    assert!(lag_max < 3.0, "lag {lag_max} s is not below the 3 s duration");
+    assert!(
+        number(&["continuous", "lag_seconds_p50"]) <= number(&["continuous", "lag_seconds_p99"])
+    );
+    assert!(
+        lag_max < 3.0,
+        "lag {lag_max} s is not below the 3 s duration"
+    );
     assert!(number(&["continuous", "epochs"]) >= 2.0, "{figures:#}");
     assert!(number(&["continuous", "churn_bytes_written"]) > 0.0);
     assert!(number(&["initial_sync", "bytes_on_wire"]) <= 32.0 * 1048576.0 * 1.05);
     assert_eq!(figures["verified_equal"], serde_json::Value::Bool(true));
     assert_eq!(figures["seed"], 1);
-    assert!(stdout(&output).contains("cutover downtime"), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("cutover downtime"),
+        "{}",
+        stdout(&output)
+    );
     let svg = std::fs::read_to_string(work.path().join("out.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("replication lag"), "bad plot");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("replication lag"),
+        "bad plot"
+    );
 }
 
 #[test]
 fn bench_fails_when_the_replica_is_damaged() {
     let work = tempfile::tempdir().unwrap();
     let (output, _) = bench(work.path(), true);
-    assert!(!output.status.success(), "bench passed on a damaged replica: {}", stdout(&output));
+    assert!(
+        !output.status.success(),
+        "bench passed on a damaged replica: {}",
+        stdout(&output)
+    );
     assert!(stderr(&output).contains("differs"), "{}", stderr(&output));
 }

@@ -78,6 +78,12 @@ fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
         "replica did not converge: {:?}",
         admin_source(admin, "web")
     );
+    // The server shows the root before the agent has printed the epoch that
+    // sent it: wait for that line before counting bytes.
+    assert!(wait_until(Duration::from_secs(10), || agent
+        .epochs()
+        .iter()
+        .any(|(_, root)| *root == expected)));
     let delta_bytes = agent.sum("bytes_sent") - initial_bytes;
     let chunk_frames = chunks.len() as u64 * (u64::from(CHUNK) + 64 + 32);
     assert!(

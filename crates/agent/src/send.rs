@@ -86,7 +86,12 @@ impl ChunkEncoder {
         }
     }
 
-    fn encode(&mut self, disk: &DiskImage, geometry: Geometry, index: u64) -> Result<Encoded, Error> {
+    fn encode(
+        &mut self,
+        disk: &DiskImage,
+        geometry: Geometry,
+        index: u64,
+    ) -> Result<Encoded, Error> {
         let range = geometry
             .chunk_range(index)
             .expect("changed chunks lie on the disk");
@@ -100,7 +105,9 @@ impl ChunkEncoder {
         // through a mapping leave whole page-cache folios mapped, so resident
         // memory would grow with the disk instead of with the window.
         disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..])
-            .map_err(|e| Error::DiskChanged(format!("cannot read chunk {index} of the disk: {e}")))?;
+            .map_err(|e| {
+                Error::DiskChanged(format!("cannot read chunk {index} of the disk: {e}"))
+            })?;
         let id = hash_chunk(&frame[CHUNK_HEADER_LEN..]);
         if id.is_zero() {
             let mut zero = BytesMut::with_capacity(CHUNK_HEADER_LEN);

@@ -1,5 +1,5 @@
-//! The admin HTTP API: JSON under `/v1/`, `/health`. Listens on its own address,
-//! by default 127.0.0.1 only.
+//! The admin HTTP API: JSON under `/v1/`, `/health`, `/metrics`. Listens on its
+//! own address, by default 127.0.0.1 only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use blockrep_core::SourceId;
 use blockrep_store::{ErrorKind, LaunchKind, Store};
@@ -21,7 +21,8 @@ use crate::views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/health", get(health))
+        .route("/health", get(crate::health::handler))
+        .route("/metrics", get(crate::metrics::handler))
         .route("/v1/sources", get(list_sources))
         .route("/v1/sources/{source}", get(get_source))
         .route("/v1/sources/{source}/cutover", post(request_cutover))
@@ -29,6 +30,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/v1/sources/{source}/failback/complete",
             post(complete_failback),
+        )
+        .route(
+            "/v1/sources/{source}/rpo-target",
+            put(crate::alerts::set_rpo_target).delete(crate::alerts::clear_rpo_target),
         )
         .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/snapshots/{source}/{name}", delete(delete_snapshot))
@@ -87,10 +92,6 @@ async fn blocking<T: Send + 'static>(
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such endpoint")
-}
-
-async fn health() -> Response {
-    Json(json!({ "status": "ok", "availability": 1 })).into_response()
 }
 
 async fn list_sources(State(shared): State<Arc<Shared>>) -> Response {

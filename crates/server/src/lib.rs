@@ -11,11 +11,18 @@
 //!
 //! The source's identity comes from its verified client certificate; the id an
 //! agent names in `Hello` is only compared with it.
+//!
+//! Observability lives beside the admin API: `metrics` (Prometheus text on
+//! `/metrics`), `health` (`/health`: store writable, listener accepting) and
+//! `alerts` (RPO breach detection and the `--on-rpo-breach` hook).
 #![forbid(unsafe_code)]
 
 mod admin;
+mod alerts;
 mod connection;
+mod health;
 mod listener;
+mod metrics;
 mod nbd_export;
 mod retention;
 mod session;
@@ -66,6 +73,12 @@ pub struct ServerConfig {
     /// Require TLS (NBD STARTTLS, client certificates from the same CA) on the
     /// NBD listener.
     pub nbd_tls: bool,
+    /// How often every source's lag is compared with its RPO target.
+    pub alert_interval: Duration,
+    /// Shell command run (`sh -c`) once when a source breaches its RPO target and
+    /// once when it recovers, with `BLOCKREP_EVENT`, `BLOCKREP_SOURCE`,
+    /// `BLOCKREP_LAG_SECONDS` and `BLOCKREP_RPO_TARGET_SECONDS` set.
+    pub on_rpo_breach: Option<String>,
 }
 
 impl ServerConfig {
@@ -88,6 +101,8 @@ impl ServerConfig {
             retention_tick: Duration::from_secs(30),
             nbd_listen: None,
             nbd_tls: false,
+            alert_interval: Duration::from_millis(500),
+            on_rpo_breach: None,
         }
     }
 }

@@ -13,9 +13,12 @@ use blockrep_store::Store;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
+use crate::alerts::Alerts;
 use crate::connection::Connection;
+use crate::health::Health;
+use crate::metrics::{HandshakeFailure, Metrics};
 use crate::session::Session;
 use crate::status::{SourceRecord, SourceTable, StateThresholds, now_unix_ms};
 use crate::{Error, ServerConfig};
@@ -45,6 +48,12 @@ pub(crate) struct Shared {
     pub stats: ServerStats,
     /// Per-source lag, backlog and counters.
     pub sources: SourceTable,
+    /// Labelled counters and histograms for `/metrics`.
+    pub metrics: Metrics,
+    /// Store probe and listener state for `/health`.
+    pub health: Health,
+    /// RPO breach state per source.
+    pub alerts: Alerts,
     /// Bound address of the NBD listener.
     nbd_addr: Option<SocketAddr>,
     /// Sources with a session in progress: one session per source at a time.
@@ -191,6 +200,9 @@ impl Server {
                 config,
                 stats: ServerStats::default(),
                 sources,
+                metrics: Metrics::default(),
+                health: Health::default(),
+                alerts: Alerts::default(),
                 nbd_addr,
                 active_sources: Mutex::new(HashSet::new()),
             }),
@@ -223,6 +235,8 @@ impl Server {
     /// abandoned at shutdown; an abandoned epoch was never acknowledged, so
     /// nothing acknowledged is lost.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        // The listener is bound: connections queue from here on.
+        self.shared.health.set_accepting(true);
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         if let Some(admin_listener) = self.admin_listener {
             let router = crate::admin::router(Arc::clone(&self.shared));
@@ -257,6 +271,8 @@ impl Server {
         let _stop_nbd = stop_nbd;
         let retention = tokio::spawn(crate::retention::run(Arc::clone(&self.shared)));
         let _stop_retention = AbortOnDrop(retention);
+        let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
+        let _stop_alerts = AbortOnDrop(alerts);
         let permits = Arc::new(Semaphore::new(self.shared.config.connections_max));
         tokio::pin!(shutdown);
         loop {
@@ -269,6 +285,7 @@ impl Server {
                 Err(e) => {
                     // Typically EMFILE: back off briefly rather than spin.
                     warn!(error = %e, "accept failed");
+                    self.shared.health.accept_failed(&e);
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
@@ -285,13 +302,16 @@ impl Server {
                 .stats
                 .connections_total
                 .fetch_add(1, Ordering::Relaxed);
+            let open = self.shared.metrics.connection_opened();
             let shared = Arc::clone(&self.shared);
             let acceptor = self.acceptor.clone();
             tokio::spawn(async move {
                 handle_connection(shared, acceptor, tcp, peer).await;
                 drop(permit);
+                drop(open);
             });
         }
+        self.shared.health.set_accepting(false);
         info!("replication listener stopped");
     }
 }
@@ -312,7 +332,9 @@ async fn handle_connection(
                 .stats
                 .handshake_failures_total
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(%peer, reason = %e, "TLS handshake rejected");
+            let class = HandshakeFailure::classify(&e.to_string());
+            shared.metrics.handshake_failed(class);
+            warn!(%peer, reason = %e, class = class.as_str(), "TLS handshake rejected");
             return;
         }
         Err(_) => {
@@ -320,6 +342,7 @@ async fn handle_connection(
                 .stats
                 .handshake_failures_total
                 .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.handshake_failed(HandshakeFailure::Timeout);
             warn!(%peer, reason = "timeout", "TLS handshake rejected");
             return;
         }
@@ -357,7 +380,13 @@ async fn handle_connection(
             return;
         }
     };
-    Session::new(shared, connection, source, peer).run().await;
+    // Every line the session logs carries its source, including lines that do
+    // not name it themselves (such as `reject`'s).
+    let span = info_span!("session", source = %source);
+    Session::new(shared, connection, source, peer)
+        .run()
+        .instrument(span)
+        .await;
 }
 
 pub(crate) async fn reject<S>(
@@ -373,6 +402,7 @@ pub(crate) async fn reject<S>(
         .stats
         .sessions_rejected_total
         .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.session_rejected(code);
     warn!(%peer, %code, reason = %message, "session rejected");
     connection
         .close_with_error(Message::Error { code, message })

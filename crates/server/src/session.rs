@@ -646,6 +646,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 commit_ms = started.elapsed().as_millis() as u64,
                 "epoch committed"
             );
+            self.shared
+                .metrics
+                .epoch_committed(started.elapsed(), bytes_received);
         }
         server_stats
             .chunks_received_total

@@ -165,6 +165,9 @@ pub(crate) struct SourceRecord {
     pub failback_finalize_requested: bool,
     pub failback_chunks_sent_total: u64,
     pub failback_bytes_sent_total: u64,
+    /// RPO target set for this source through the admin API; kept in memory
+    /// only, so a restarted server is back at the server-wide target.
+    pub rpo_target_override: Option<Duration>,
 }
 
 /// Thresholds that decide a source's state.
@@ -189,6 +192,11 @@ impl SourceRecord {
         }
     }
 
+    /// The RPO target that applies to this source: its override, or the server's.
+    pub(crate) fn rpo_target(&self, thresholds: StateThresholds) -> Duration {
+        self.rpo_target_override.unwrap_or(thresholds.rpo_target)
+    }
+
     pub(crate) fn lag_ms(&self, now_unix_ms: u64) -> Option<u64> {
         (self.synced_scan_started_unix_ms != 0)
             .then(|| now_unix_ms.saturating_sub(self.synced_scan_started_unix_ms))
@@ -211,7 +219,9 @@ impl SourceRecord {
         }
         match self.lag_ms(now_unix_ms) {
             None => SourceState::InitialSync,
-            Some(lag) if lag > thresholds.rpo_target.as_millis() as u64 => SourceState::Lagging,
+            Some(lag) if lag > self.rpo_target(thresholds).as_millis() as u64 => {
+                SourceState::Lagging
+            }
             Some(_) => SourceState::Healthy,
         }
     }
@@ -231,7 +241,7 @@ impl SourceRecord {
             disk_size_bytes: self.disk_size_bytes,
             chunk_size_bytes: self.chunk_size_bytes,
             lag_seconds: self.lag_ms(now).map(|ms| ms as f64 / 1000.0),
-            rpo_target_seconds: thresholds.rpo_target.as_secs_f64(),
+            rpo_target_seconds: self.rpo_target(thresholds).as_secs_f64(),
             max_replication_time_seconds: self.max_replication_time_ms as f64 / 1000.0,
             bytes_pending: self.bytes_pending,
             chunks_pending: self.chunks_pending,
@@ -271,6 +281,26 @@ impl SourceTable {
             .insert(source, record);
     }
 
+    /// Updates a source only if it is known; `None` otherwise.
+    pub(crate) fn update_known<T>(
+        &self,
+        source: &SourceId,
+        f: impl FnOnce(&mut SourceRecord) -> T,
+    ) -> Option<T> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records.get_mut(source).map(f)
+    }
+
+    /// A copy of every record (for metrics and alerts, which must not hold the
+    /// lock while they format or run hooks).
+    pub(crate) fn records(&self) -> Vec<(SourceId, SourceRecord)> {
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records
+            .iter()
+            .map(|(source, record)| (source.clone(), record.clone()))
+            .collect()
+    }
+
     pub(crate) fn views(&self, thresholds: StateThresholds) -> Vec<SourceView> {
         let now = now_unix_ms();
         let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
@@ -306,5 +336,20 @@ mod tests {
         assert_eq!(record.state(thresholds(), now), SourceState::Lagging);
         record.last_contact_unix_ms = now - 61_000;
         assert_eq!(record.state(thresholds(), now), SourceState::Stalled);
+    }
+
+    #[test]
+    fn a_source_override_of_the_rpo_target_decides_lagging() {
+        let now = 1_000_000;
+        let mut record = SourceRecord {
+            last_contact_unix_ms: now,
+            synced_scan_started_unix_ms: now - 11_000,
+            ..SourceRecord::default()
+        };
+        assert_eq!(record.state(thresholds(), now), SourceState::Lagging);
+        record.rpo_target_override = Some(Duration::from_secs(60));
+        assert_eq!(record.state(thresholds(), now), SourceState::Healthy);
+        let view = record.view(&SourceId::new("web").unwrap(), thresholds(), now);
+        assert_eq!(view.rpo_target_seconds, 60.0);
     }
 }

@@ -1,0 +1,391 @@
+//! RPO breach alerts: a background task compares every source's replication lag
+//! with its RPO target, on a tick, whether or not an agent is connected (a silent
+//! agent's lag keeps growing from the scan start of its last complete commit).
+//!
+//! On each crossing, exactly once: a breach logs a warning, counts in
+//! `blockrep_rpo_breaches_total` and runs the `--on-rpo-breach` hook with
+//! `BLOCKREP_EVENT=breach`; the recovery logs at info and runs the hook with
+//! `BLOCKREP_EVENT=recovered`. A source in its initial sync has no lag yet and
+//! never breaches. Breach state is kept in memory: after a restart a source that
+//! is still past its target breaches again.
+//!
+//! Per-source targets are set with `PUT /v1/sources/{id}/rpo-target` and
+//! cleared with `DELETE`; they are kept in memory only.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use blockrep_core::SourceId;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::admin::error;
+use crate::listener::Shared;
+use crate::status::{SourceRecord, StateThresholds, now_unix_ms};
+
+/// Hook runs queued at most; further events are logged and dropped rather than
+/// piling up behind a hook that hangs.
+const HOOK_QUEUE_LEN: usize = 256;
+/// A hook still running after this long is killed.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest per-source RPO target accepted (ten years): keeps `Duration`
+/// arithmetic far from overflow.
+const RPO_TARGET_MAX_SECONDS: f64 = 10.0 * 365.0 * 86_400.0;
+
+/// What happened to a source's lag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AlertEvent {
+    /// The lag crossed above the RPO target.
+    Breach,
+    /// The lag is back at or below the target.
+    Recovered,
+}
+
+impl AlertEvent {
+    fn as_str(self) -> &'static str {
+        match self {
+            AlertEvent::Breach => "breach",
+            AlertEvent::Recovered => "recovered",
+        }
+    }
+}
+
+/// One crossing, as logged and passed to the hook.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Transition {
+    pub source: SourceId,
+    pub event: AlertEvent,
+    pub lag_seconds: f64,
+    pub rpo_target_seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct AlertState {
+    in_breach: bool,
+    breaches_total: u64,
+}
+
+/// Breach state of every source.
+#[derive(Debug, Default)]
+pub(crate) struct Alerts {
+    states: Mutex<BTreeMap<SourceId, AlertState>>,
+}
+
+impl Alerts {
+    /// Breaches counted per source since the server started.
+    pub(crate) fn breaches_total(&self) -> BTreeMap<SourceId, u64> {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states
+            .iter()
+            .map(|(source, state)| (source.clone(), state.breaches_total))
+            .collect()
+    }
+
+    /// Compares every source's lag with its target and returns the crossings
+    /// since the last evaluation.
+    pub(crate) fn evaluate(
+        &self,
+        records: &[(SourceId, SourceRecord)],
+        thresholds: StateThresholds,
+        now_unix_ms: u64,
+    ) -> Vec<Transition> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut transitions = Vec::new();
+        for (source, record) in records {
+            let target = record.rpo_target(thresholds);
+            // `None` during the initial sync: no consistent replica, no breach.
+            let Some(lag_ms) = record.lag_ms(now_unix_ms) else {
+                continue;
+            };
+            // A cut-over source no longer replicates by design: its lag is not a
+            // breach (a breach still open at cutover is closed as recovered).
+            let breached = record.lifecycle.is_none() && lag_ms > target.as_millis() as u64;
+            let state = states.entry(source.clone()).or_default();
+            if breached == state.in_breach {
+                continue;
+            }
+            state.in_breach = breached;
+            let event = if breached {
+                state.breaches_total += 1;
+                AlertEvent::Breach
+            } else {
+                AlertEvent::Recovered
+            };
+            transitions.push(Transition {
+                source: source.clone(),
+                event,
+                lag_seconds: lag_ms as f64 / 1000.0,
+                rpo_target_seconds: target.as_secs_f64(),
+            });
+        }
+        transitions
+    }
+}
+
+/// Ticks forever (the task is aborted when the server stops).
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let hook = shared
+        .config
+        .on_rpo_breach
+        .clone()
+        .and_then(HookRunner::spawn);
+    // A zero period would make `interval` panic; 10 ms is already far finer
+    // than lag is worth watching.
+    let period = shared.config.alert_interval.max(Duration::from_millis(10));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let records = shared.sources.records();
+        let transitions = shared
+            .alerts
+            .evaluate(&records, shared.thresholds(), now_unix_ms());
+        for transition in transitions {
+            let Transition {
+                source,
+                lag_seconds,
+                rpo_target_seconds,
+                ..
+            } = &transition;
+            match transition.event {
+                AlertEvent::Breach => {
+                    warn!(source = %source, lag_seconds, rpo_target_seconds, "RPO target breached");
+                }
+                AlertEvent::Recovered => {
+                    info!(source = %source, lag_seconds, rpo_target_seconds, "RPO target met again");
+                }
+            }
+            if let Some(hook) = &hook {
+                hook.submit(transition);
+            }
+        }
+    }
+}
+
+/// Runs the hook command on a thread of its own, one event at a time and in
+/// order, so a slow hook never holds up the async runtime or the evaluation.
+#[derive(Debug)]
+struct HookRunner {
+    queue: SyncSender<Transition>,
+}
+
+impl HookRunner {
+    /// Starts the hook thread; it ends when the runner is dropped.
+    fn spawn(command: String) -> Option<Self> {
+        let (queue, events) = std::sync::mpsc::sync_channel(HOOK_QUEUE_LEN);
+        let started = std::thread::Builder::new()
+            .name("rpo-breach-hook".into())
+            .spawn(move || run_hooks(&command, &events));
+        match started {
+            Ok(_) => Some(Self { queue }),
+            Err(e) => {
+                warn!(error = %e, "cannot start the RPO breach hook thread; hooks disabled");
+                None
+            }
+        }
+    }
+
+    fn submit(&self, transition: Transition) {
+        match self.queue.try_send(transition) {
+            Ok(()) => {}
+            Err(TrySendError::Full(t)) => {
+                warn!(source = %t.source, event = t.event.as_str(), "RPO breach hook queue full; hook not run");
+            }
+            Err(TrySendError::Disconnected(t)) => {
+                warn!(source = %t.source, event = t.event.as_str(), "RPO breach hook thread gone; hook not run");
+            }
+        }
+    }
+}
+
+fn run_hooks(command: &str, events: &Receiver<Transition>) {
+    while let Ok(transition) = events.recv() {
+        run_hook(command, &transition);
+    }
+}
+
+/// Runs `sh -c COMMAND` with the event in its environment. Its stdout is
+/// discarded and its stderr goes to the server's stderr.
+fn run_hook(command: &str, transition: &Transition) {
+    let source = transition.source.as_str();
+    let event = transition.event.as_str();
+    let spawned = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("BLOCKREP_SOURCE", source)
+        .env("BLOCKREP_EVENT", event)
+        .env(
+            "BLOCKREP_LAG_SECONDS",
+            format!("{:.3}", transition.lag_seconds),
+        )
+        .env(
+            "BLOCKREP_RPO_TARGET_SECONDS",
+            format!("{:.3}", transition.rpo_target_seconds),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            warn!(source, event, error = %e, "cannot run the RPO breach hook");
+            return;
+        }
+    };
+    let deadline = Instant::now() + HOOK_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!("killed after {HOOK_TIMEOUT:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    match status {
+        Ok(status) if status.success() => {
+            info!(source, event, "RPO breach hook ran");
+        }
+        Ok(status) => warn!(source, event, %status, "RPO breach hook failed"),
+        Err(e) => warn!(source, event, error = %e, "RPO breach hook failed"),
+    }
+}
+
+/// Body of `PUT /v1/sources/{source}/rpo-target`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct RpoTarget {
+    seconds: f64,
+}
+
+/// `PUT /v1/sources/{source}/rpo-target`: sets the source's RPO target (in
+/// memory). Answers with the source's view.
+pub(crate) async fn set_rpo_target(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+    Json(body): Json<RpoTarget>,
+) -> Response {
+    if !(body.seconds > 0.0 && body.seconds <= RPO_TARGET_MAX_SECONDS) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "seconds must be above 0 and at most {RPO_TARGET_MAX_SECONDS}, got {}",
+                body.seconds
+            ),
+        );
+    }
+    change_rpo_target(
+        &shared,
+        &source,
+        Some(Duration::from_secs_f64(body.seconds)),
+    )
+}
+
+/// `DELETE /v1/sources/{source}/rpo-target`: back to the server-wide target.
+pub(crate) async fn clear_rpo_target(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+) -> Response {
+    change_rpo_target(&shared, &source, None)
+}
+
+fn change_rpo_target(shared: &Shared, source: &str, target: Option<Duration>) -> Response {
+    let id = match SourceId::new(source) {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let thresholds = shared.thresholds();
+    let now = now_unix_ms();
+    let view = shared.sources.update_known(&id, |record| {
+        record.rpo_target_override = target;
+        record.view(&id, thresholds, now)
+    });
+    match view {
+        Some(view) => {
+            info!(source = %id, rpo_target_seconds = view.rpo_target_seconds,
+                  overridden = target.is_some(), "RPO target set");
+            Json(view).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, format!("no source {source:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thresholds() -> StateThresholds {
+        StateThresholds {
+            rpo_target: Duration::from_secs(10),
+            stall_after: Duration::from_secs(60),
+        }
+    }
+
+    fn record(synced_scan_started_unix_ms: u64) -> SourceRecord {
+        SourceRecord {
+            synced_scan_started_unix_ms,
+            ..SourceRecord::default()
+        }
+    }
+
+    #[test]
+    fn each_crossing_is_reported_once() {
+        let alerts = Alerts::default();
+        let source = SourceId::new("web").unwrap();
+        let now = 1_000_000;
+        let records = vec![(source.clone(), record(now - 5_000))];
+        assert!(alerts.evaluate(&records, thresholds(), now).is_empty());
+        // Lag grows past the target with no commit: one breach, then quiet.
+        let later = now + 6_000;
+        let transitions = alerts.evaluate(&records, thresholds(), later);
+        assert_eq!(transitions.len(), 1);
+        assert_eq!(transitions[0].event, AlertEvent::Breach);
+        assert_eq!(transitions[0].lag_seconds, 11.0);
+        assert_eq!(transitions[0].rpo_target_seconds, 10.0);
+        assert!(
+            alerts
+                .evaluate(&records, thresholds(), later + 500)
+                .is_empty()
+        );
+        assert!(
+            alerts
+                .evaluate(&records, thresholds(), later + 60_000)
+                .is_empty()
+        );
+        // A fresh commit: one recovery.
+        let records = vec![(source.clone(), record(later + 60_000))];
+        let transitions = alerts.evaluate(&records, thresholds(), later + 61_000);
+        assert_eq!(transitions.len(), 1);
+        assert_eq!(transitions[0].event, AlertEvent::Recovered);
+        assert!(
+            alerts
+                .evaluate(&records, thresholds(), later + 61_500)
+                .is_empty()
+        );
+        assert_eq!(alerts.breaches_total()[&source], 1);
+    }
+
+    #[test]
+    fn initial_sync_never_breaches_and_overrides_apply() {
+        let alerts = Alerts::default();
+        let now = 10_000_000;
+        let syncing = (SourceId::new("new").unwrap(), record(0));
+        let mut relaxed = record(now - 20_000);
+        relaxed.rpo_target_override = Some(Duration::from_secs(3600));
+        let relaxed = (SourceId::new("relaxed").unwrap(), relaxed);
+        assert!(
+            alerts
+                .evaluate(&[syncing, relaxed], thresholds(), now)
+                .is_empty()
+        );
+    }
+}

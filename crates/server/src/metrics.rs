@@ -1,0 +1,844 @@
+//! Prometheus metrics on the admin listener (`GET /metrics`), in the text
+//! exposition format 0.0.4, written by hand: the format is a few lines of text
+//! and the server already keeps every figure it reports.
+//!
+//! Per source (label `source`), after S3 Replication Time Control and MGN:
+//! pending bytes and chunks, lag, max replication time, RPO target and
+//! breaches, bytes received and deduplicated, epochs, state, snapshots,
+//! launches, whether an agent is connected. Server-wide: store bytes,
+//! connections, handshake failures by reason, sessions rejected by code,
+//! collector runs, availability, and histograms of epoch commit time and size.
+//!
+//! Counters only ever grow within a process: they live in records that are never
+//! removed and are only ever added to.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use blockrep_core::SourceId;
+use blockrep_proto::ErrorCode;
+use tracing::warn;
+
+use crate::listener::Shared;
+use crate::status::{SourceRecord, SourceState, StateThresholds, now_unix_ms};
+
+/// Content type of the text exposition format.
+pub(crate) const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Why a TLS handshake failed, as counted in `blockrep_handshake_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandshakeFailure {
+    /// No finished handshake within the handshake time-out.
+    Timeout,
+    /// A certificate was missing, unknown, expired or refused by either side.
+    Certificate,
+    /// Not TLS, or TLS the server does not speak (e.g. only TLS 1.2 offered).
+    Protocol,
+    /// Anything else, typically the peer closing or resetting the connection.
+    Other,
+}
+
+impl HandshakeFailure {
+    const ALL: [HandshakeFailure; 4] = [
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Certificate,
+        HandshakeFailure::Protocol,
+        HandshakeFailure::Other,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Certificate => "certificate",
+            HandshakeFailure::Protocol => "protocol",
+            HandshakeFailure::Other => "other",
+        }
+    }
+
+    /// Classifies a failed handshake by the error's text. The text, not the
+    /// variant, because the error reaches us as an `io::Error` that may wrap a
+    /// rustls error, an alert from the peer, or a plain socket error; the unit
+    /// tests pin the texts of the rustls version in use.
+    pub(crate) fn classify(error_text: &str) -> Self {
+        let text = error_text.to_ascii_lowercase();
+        let any = |needles: &[&str]| needles.iter().any(|needle| text.contains(needle));
+        if any(&["certificate", "unknownca", "unknown ca", "badcert"]) {
+            HandshakeFailure::Certificate
+        } else if any(&["timed out", "timeout"]) {
+            HandshakeFailure::Timeout
+        } else if any(&[
+            "corrupt message",
+            "unexpected message",
+            "peer is incompatible",
+            "peer misbehaved",
+            "protocolversion",
+            "handshakefailure",
+        ]) {
+            HandshakeFailure::Protocol
+        } else {
+            HandshakeFailure::Other
+        }
+    }
+}
+
+/// Bucket upper bounds of `blockrep_epoch_commit_duration_seconds`: from a
+/// cached fsync to a slow disk under load.
+const COMMIT_DURATION_BUCKETS_SECONDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Bucket upper bounds of `blockrep_epoch_size_bytes`: powers of four from one
+/// default chunk (64 KiB) to 64 GiB (an initial sync step).
+const EPOCH_SIZE_BUCKETS_BYTES: [f64; 11] = [
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+    1_073_741_824.0,
+    4_294_967_296.0,
+    17_179_869_184.0,
+    68_719_476_736.0,
+];
+
+/// A histogram with fixed buckets. Observed once per epoch commit, so a lock is
+/// cheap enough and keeps sum and counts consistent with each other.
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    inner: Mutex<HistogramCounts>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct HistogramCounts {
+    /// Observations per bucket (not cumulative); one more than `bounds` for +Inf.
+    buckets: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            inner: Mutex::new(HistogramCounts {
+                buckets: vec![0; bounds.len() + 1],
+                ..HistogramCounts::default()
+            }),
+        }
+    }
+
+    fn observe(&self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|&bound| value <= bound)
+            .unwrap_or(self.bounds.len());
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.buckets[bucket] += 1;
+        inner.sum += value;
+        inner.count += 1;
+    }
+
+    fn counts(&self) -> HistogramCounts {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Metrics the rest of the server records into, beyond the per-source records
+/// and [`crate::ServerStats`].
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    connections_open: Arc<AtomicU64>,
+    handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
+    /// Rejected sessions by error code label (codes appear as they happen, so a
+    /// code added to the protocol is counted without a change here).
+    sessions_rejected: Mutex<BTreeMap<String, u64>>,
+    /// Garbage collector runs; the collector increments it when it runs.
+    pub gc_runs_total: AtomicU64,
+    epoch_commit_duration: Histogram,
+    epoch_size: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connections_open: Arc::new(AtomicU64::new(0)),
+            handshake_failures: Default::default(),
+            sessions_rejected: Mutex::new(known_codes_at_zero()),
+            gc_runs_total: AtomicU64::new(0),
+            epoch_commit_duration: Histogram::new(&COMMIT_DURATION_BUCKETS_SECONDS),
+            epoch_size: Histogram::new(&EPOCH_SIZE_BUCKETS_BYTES),
+        }
+    }
+}
+
+/// Counts an open connection until dropped.
+#[derive(Debug)]
+pub(crate) struct OpenConnection(Arc<AtomicU64>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// Counts a connection as open for as long as the guard lives.
+    pub(crate) fn connection_opened(&self) -> OpenConnection {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(&self.connections_open))
+    }
+
+    pub(crate) fn handshake_failed(&self, reason: HandshakeFailure) {
+        let index = HandshakeFailure::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .unwrap_or(HandshakeFailure::ALL.len() - 1);
+        self.handshake_failures[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn session_rejected(&self, code: ErrorCode) {
+        let mut rejected = self
+            .sessions_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *rejected.entry(code_label(code)).or_default() += 1;
+    }
+
+    /// Records a committed epoch: time from `Commit` to durable, and bytes
+    /// received for it.
+    pub(crate) fn epoch_committed(&self, commit_duration: Duration, bytes_received: u64) {
+        self.epoch_commit_duration
+            .observe(commit_duration.as_secs_f64());
+        self.epoch_size.observe(bytes_received as f64);
+    }
+}
+
+/// Every error code the protocol knows, counted at 0: a series that exists
+/// before its first increment lets `increase()` see that increment. Codes are
+/// numbered from 1 without gaps, so this needs no list of its own.
+fn known_codes_at_zero() -> BTreeMap<String, u64> {
+    (1..=u16::MAX)
+        .map(ErrorCode::from_u16)
+        .take_while(|code| !matches!(code, ErrorCode::Unknown(_)))
+        .map(|code| (code_label(code), 0))
+        .collect()
+}
+
+/// `SourceMismatch` -> `source_mismatch`; `Unknown(12)` -> `unknown`.
+fn code_label(code: ErrorCode) -> String {
+    let debug = format!("{code:?}");
+    let name = debug.split('(').next().unwrap_or_default();
+    let mut label = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            label.push('_');
+        }
+        label.push(c.to_ascii_lowercase());
+    }
+    label
+}
+
+/// How much the store holds on disk. `live_bytes` and `garbage_bytes` are filled
+/// in when a space report that knows them is available (the garbage collector's
+/// mark phase); until then only the total of the pack files is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StoreSpace {
+    pub packs_bytes: u64,
+    pub live_bytes: Option<u64>,
+    pub garbage_bytes: Option<u64>,
+}
+
+impl StoreSpace {
+    /// Sums the sizes of the pack files in `DATA/packs`. Read from the directory
+    /// rather than asked of the store so that this needs nothing of the store's
+    /// interface; a pack is one file, so this is one `stat` per 256 MiB.
+    pub(crate) fn measure(data_dir: &Path) -> std::io::Result<Self> {
+        let mut packs_bytes = 0;
+        for entry in std::fs::read_dir(data_dir.join("packs"))? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().ends_with(".pack") {
+                packs_bytes += entry.metadata()?.len();
+            }
+        }
+        Ok(Self {
+            packs_bytes,
+            ..Self::default()
+        })
+    }
+}
+
+/// Everything one scrape reports, gathered first so that formatting holds no lock.
+#[derive(Debug, Default)]
+pub(crate) struct Scrape {
+    pub now_unix_ms: u64,
+    pub thresholds: Option<StateThresholds>,
+    pub sources: Vec<(SourceId, SourceRecord)>,
+    pub rpo_breaches_total: BTreeMap<SourceId, u64>,
+    /// Snapshots and launches per source; `None` when the store could not list them.
+    pub snapshots: Option<BTreeMap<SourceId, u64>>,
+    pub launches: Option<BTreeMap<SourceId, u64>>,
+    pub store_space: Option<StoreSpace>,
+    pub availability: bool,
+    pub connections_open: u64,
+    pub connections_total: u64,
+    pub connections_refused_total: u64,
+    pub handshake_failures_total: Vec<(&'static str, u64)>,
+    pub sessions_rejected_total: BTreeMap<String, u64>,
+    pub chunks_received_total: u64,
+    pub gc_runs_total: u64,
+    epoch_commit_duration: Option<(&'static [f64], HistogramCounts)>,
+    epoch_size: Option<(&'static [f64], HistogramCounts)>,
+}
+
+/// `GET /metrics`.
+pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
+    let availability = shared.health.check(&shared).await.available();
+    let store = Arc::clone(&shared.store);
+    let data_dir = shared.config.data_dir.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let per_source = |sources: Vec<SourceId>| {
+            let mut counts = BTreeMap::new();
+            for source in sources {
+                *counts.entry(source).or_insert(0u64) += 1;
+            }
+            counts
+        };
+        let snapshots = store
+            .list_snapshots(None)
+            .map(|list| per_source(list.into_iter().map(|s| s.source).collect()))
+            .inspect_err(|e| warn!(error = %e, "metrics: cannot list snapshots"))
+            .ok();
+        let launches = store
+            .list_launches(None)
+            .map(|list| per_source(list.into_iter().map(|l| l.source).collect()))
+            .inspect_err(|e| warn!(error = %e, "metrics: cannot list launches"))
+            .ok();
+        let space = StoreSpace::measure(&data_dir)
+            .inspect_err(|e| warn!(error = %e, "metrics: cannot measure the store"))
+            .ok();
+        (snapshots, launches, space)
+    })
+    .await;
+    let (snapshots, launches, store_space) = listed.unwrap_or_else(|e| {
+        warn!(error = %e, "metrics: store listing task failed");
+        (None, None, None)
+    });
+    let stats = &shared.stats;
+    let metrics = &shared.metrics;
+    let scrape = Scrape {
+        now_unix_ms: now_unix_ms(),
+        thresholds: Some(shared.thresholds()),
+        sources: shared.sources.records(),
+        rpo_breaches_total: shared.alerts.breaches_total(),
+        snapshots,
+        launches,
+        store_space,
+        availability,
+        connections_open: metrics.connections_open.load(Ordering::Relaxed),
+        connections_total: stats.connections_total.load(Ordering::Relaxed),
+        connections_refused_total: stats.connections_refused_total.load(Ordering::Relaxed),
+        handshake_failures_total: HandshakeFailure::ALL
+            .iter()
+            .zip(&metrics.handshake_failures)
+            .map(|(reason, count)| (reason.as_str(), count.load(Ordering::Relaxed)))
+            .collect(),
+        sessions_rejected_total: metrics
+            .sessions_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+        chunks_received_total: stats.chunks_received_total.load(Ordering::Relaxed),
+        gc_runs_total: metrics.gc_runs_total.load(Ordering::Relaxed),
+        epoch_commit_duration: Some((
+            metrics.epoch_commit_duration.bounds,
+            metrics.epoch_commit_duration.counts(),
+        )),
+        epoch_size: Some((metrics.epoch_size.bounds, metrics.epoch_size.counts())),
+    };
+    ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], render(&scrape)).into_response()
+}
+
+/// Writes the exposition text: every family's `# HELP` and `# TYPE` once, then
+/// all its samples together, as the format requires.
+#[derive(Debug, Default)]
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: Value) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (key, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{key}=\"{}\"", escape_label(value));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    /// One family with one sample per source.
+    fn per_source(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (String, Value)>,
+    ) {
+        self.family(name, kind, help);
+        for (source, value) in samples {
+            self.sample(name, &[("source", &source)], value);
+        }
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, bounds: &[f64], counts: &HistogramCounts) {
+        self.family(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0;
+        for (i, &bound) in bounds.iter().enumerate() {
+            cumulative += counts.buckets.get(i).copied().unwrap_or(0);
+            let le = Value::Float(bound).to_string();
+            self.sample(&bucket, &[("le", &le)], Value::Int(cumulative));
+        }
+        self.sample(&bucket, &[("le", "+Inf")], Value::Int(counts.count));
+        self.sample(&format!("{name}_sum"), &[], Value::Float(counts.sum));
+        self.sample(&format!("{name}_count"), &[], Value::Int(counts.count));
+    }
+}
+
+/// A sample value: integers stay exact (an `f64` loses counts past 2^53).
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    Int(u64),
+    Float(f64),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Value::Int(n) => write!(f, "{n}"),
+            Value::Float(x) if x.is_nan() => f.write_str("NaN"),
+            Value::Float(x) if x == f64::INFINITY => f.write_str("+Inf"),
+            Value::Float(x) if x == f64::NEG_INFINITY => f.write_str("-Inf"),
+            Value::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+fn escape_help(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+fn escape_label(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn seconds(ms: u64) -> Value {
+    Value::Float(ms as f64 / 1000.0)
+}
+
+/// Formats a scrape. Pure, so the format is tested without a server.
+pub(crate) fn render(scrape: &Scrape) -> String {
+    let mut x = Exposition::default();
+    let now = scrape.now_unix_ms;
+    let thresholds = scrape.thresholds.unwrap_or(StateThresholds {
+        rpo_target: Duration::ZERO,
+        stall_after: Duration::ZERO,
+    });
+    let sources = &scrape.sources;
+    let each = |f: &dyn Fn(&SourceRecord) -> Value| -> Vec<(String, Value)> {
+        sources
+            .iter()
+            .map(|(source, record)| (source.to_string(), f(record)))
+            .collect()
+    };
+
+    x.per_source(
+        "blockrep_bytes_pending_replication",
+        "gauge",
+        "Bytes of changed chunks the agent reported for the epoch in progress and not yet committed.",
+        each(&|r| Value::Int(r.bytes_pending)),
+    );
+    x.per_source(
+        "blockrep_operations_pending_replication",
+        "gauge",
+        "Changed chunks the agent reported for the epoch in progress and not yet committed.",
+        each(&|r| Value::Int(r.chunks_pending)),
+    );
+    // Omitted during the initial sync: there is no consistent replica yet, so
+    // there is no lag to report (blockrep_source_state says initial_sync).
+    x.family(
+        "blockrep_replication_lag_seconds",
+        "gauge",
+        "Seconds since the scan start of the last complete commit: the recovery point now. Absent during the initial sync.",
+    );
+    for (source, record) in sources {
+        if let Some(lag) = record.lag_ms(now) {
+            x.sample(
+                "blockrep_replication_lag_seconds",
+                &[("source", source.as_str())],
+                seconds(lag),
+            );
+        }
+    }
+    x.per_source(
+        "blockrep_max_replication_time_seconds",
+        "gauge",
+        "Longest time from a scan start to the commit that completed it, since the server started.",
+        each(&|r| seconds(r.max_replication_time_ms)),
+    );
+    x.per_source(
+        "blockrep_rpo_target_seconds",
+        "gauge",
+        "Recovery point objective of the source: replication lag above it is a breach.",
+        each(&|r| Value::Float(r.rpo_target(thresholds).as_secs_f64())),
+    );
+    x.per_source(
+        "blockrep_rpo_breaches_total",
+        "counter",
+        "Times the replication lag crossed above the RPO target.",
+        sources.iter().map(|(source, _)| {
+            let count = scrape.rpo_breaches_total.get(source).copied().unwrap_or(0);
+            (source.to_string(), Value::Int(count))
+        }),
+    );
+    x.per_source(
+        "blockrep_bytes_received_total",
+        "counter",
+        "Frame bytes received from the source's agents.",
+        each(&|r| Value::Int(r.bytes_received_total)),
+    );
+    x.per_source(
+        "blockrep_bytes_deduplicated_total",
+        "counter",
+        "Chunk bytes the agent did not send because the server already held them.",
+        each(&|r| Value::Int(r.bytes_deduplicated_total)),
+    );
+    x.per_source(
+        "blockrep_epochs_committed_total",
+        "counter",
+        "Epochs committed for the source.",
+        each(&|r| Value::Int(r.epochs_committed_total)),
+    );
+    x.family(
+        "blockrep_source_state",
+        "gauge",
+        "Replication state of the source: 1 for the current state, 0 for the others.",
+    );
+    for (source, record) in sources {
+        let current = record.state(thresholds, now);
+        for state in SourceState::ALL {
+            x.sample(
+                "blockrep_source_state",
+                &[("source", source.as_str()), ("state", state.as_str())],
+                Value::Int(u64::from(state == current)),
+            );
+        }
+    }
+    for (name, help, counts) in [
+        (
+            "blockrep_snapshots",
+            "Snapshots of the source (manual, automatic and cutover).",
+            &scrape.snapshots,
+        ),
+        (
+            "blockrep_launches",
+            "Launch volumes made from the source's snapshots.",
+            &scrape.launches,
+        ),
+    ] {
+        if let Some(counts) = counts {
+            x.per_source(
+                name,
+                "gauge",
+                help,
+                sources.iter().map(|(source, _)| {
+                    let count = counts.get(source).copied().unwrap_or(0);
+                    (source.to_string(), Value::Int(count))
+                }),
+            );
+        }
+    }
+    x.per_source(
+        "blockrep_source_connected",
+        "gauge",
+        "1 while an agent of the source has a session, else 0.",
+        each(&|r| Value::Int(u64::from(r.connected))),
+    );
+
+    if let Some(space) = scrape.store_space {
+        x.family(
+            "blockrep_store_bytes",
+            "gauge",
+            "Bytes in the store: kind=packs is all pack files; live and garbage appear when known.",
+        );
+        let kinds = [
+            ("packs", Some(space.packs_bytes)),
+            ("live", space.live_bytes),
+            ("garbage", space.garbage_bytes),
+        ];
+        for (kind, bytes) in kinds {
+            if let Some(bytes) = bytes {
+                x.sample("blockrep_store_bytes", &[("kind", kind)], Value::Int(bytes));
+            }
+        }
+    }
+    x.family(
+        "blockrep_availability",
+        "gauge",
+        "1 when the store is writable and the replication listener accepts (as GET /health), else 0.",
+    );
+    x.sample(
+        "blockrep_availability",
+        &[],
+        Value::Int(u64::from(scrape.availability)),
+    );
+    x.family(
+        "blockrep_connections",
+        "gauge",
+        "Replication connections open (handshaking or in session).",
+    );
+    x.sample(
+        "blockrep_connections",
+        &[],
+        Value::Int(scrape.connections_open),
+    );
+    x.family(
+        "blockrep_connections_total",
+        "counter",
+        "Replication connections accepted.",
+    );
+    x.sample(
+        "blockrep_connections_total",
+        &[],
+        Value::Int(scrape.connections_total),
+    );
+    x.family(
+        "blockrep_connections_refused_total",
+        "counter",
+        "Replication connections closed at once because the connection limit was reached.",
+    );
+    x.sample(
+        "blockrep_connections_refused_total",
+        &[],
+        Value::Int(scrape.connections_refused_total),
+    );
+    x.family(
+        "blockrep_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed, by reason (timeout, certificate, protocol, other).",
+    );
+    for (reason, count) in &scrape.handshake_failures_total {
+        x.sample(
+            "blockrep_handshake_failures_total",
+            &[("reason", reason)],
+            Value::Int(*count),
+        );
+    }
+    x.family(
+        "blockrep_sessions_rejected_total",
+        "counter",
+        "Sessions ended with an error sent to the agent, by error code.",
+    );
+    for (code, count) in &scrape.sessions_rejected_total {
+        x.sample(
+            "blockrep_sessions_rejected_total",
+            &[("code", code)],
+            Value::Int(*count),
+        );
+    }
+    x.family(
+        "blockrep_chunks_received_total",
+        "counter",
+        "Data chunks received and verified, all sources.",
+    );
+    x.sample(
+        "blockrep_chunks_received_total",
+        &[],
+        Value::Int(scrape.chunks_received_total),
+    );
+    x.family(
+        "blockrep_gc_runs_total",
+        "counter",
+        "Garbage collector runs.",
+    );
+    x.sample(
+        "blockrep_gc_runs_total",
+        &[],
+        Value::Int(scrape.gc_runs_total),
+    );
+    if let Some((bounds, counts)) = &scrape.epoch_commit_duration {
+        x.histogram(
+            "blockrep_epoch_commit_duration_seconds",
+            "Time from an epoch's Commit to its durable head (verification, pages, root, fsyncs).",
+            bounds,
+            counts,
+        );
+    }
+    if let Some((bounds, counts)) = &scrape.epoch_size {
+        x.histogram(
+            "blockrep_epoch_size_bytes",
+            "Frame bytes received per committed epoch.",
+            bounds,
+            counts,
+        );
+    }
+    x.family(
+        "blockrep_build_info",
+        "gauge",
+        "Always 1; the label carries the server's version.",
+    );
+    x.sample(
+        "blockrep_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        Value::Int(1),
+    );
+    x.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_error_texts_are_classified() {
+        use rustls::{AlertDescription, CertificateError, Error, PeerIncompatible};
+        let cases = [
+            (
+                Error::InvalidCertificate(CertificateError::UnknownIssuer).to_string(),
+                HandshakeFailure::Certificate,
+            ),
+            (
+                Error::InvalidCertificate(CertificateError::Expired).to_string(),
+                HandshakeFailure::Certificate,
+            ),
+            (
+                Error::NoCertificatesPresented.to_string(),
+                HandshakeFailure::Certificate,
+            ),
+            (
+                Error::AlertReceived(AlertDescription::UnknownCA).to_string(),
+                HandshakeFailure::Certificate,
+            ),
+            (
+                Error::AlertReceived(AlertDescription::BadCertificate).to_string(),
+                HandshakeFailure::Certificate,
+            ),
+            (
+                Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType).to_string(),
+                HandshakeFailure::Protocol,
+            ),
+            (
+                Error::PeerIncompatible(PeerIncompatible::Tls13RequiredForQuic).to_string(),
+                HandshakeFailure::Protocol,
+            ),
+            (
+                std::io::Error::from(std::io::ErrorKind::TimedOut).to_string(),
+                HandshakeFailure::Timeout,
+            ),
+            ("tls handshake eof".to_owned(), HandshakeFailure::Other),
+            (
+                std::io::Error::from(std::io::ErrorKind::ConnectionReset).to_string(),
+                HandshakeFailure::Other,
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(HandshakeFailure::classify(&text), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn error_codes_become_snake_case_labels() {
+        assert_eq!(code_label(ErrorCode::SourceMismatch), "source_mismatch");
+        assert_eq!(code_label(ErrorCode::Busy), "busy");
+        assert_eq!(code_label(ErrorCode::Unknown(99)), "unknown");
+        let known = known_codes_at_zero();
+        assert!(known.contains_key("busy") && known.contains_key("internal"));
+        assert!(!known.contains_key("unknown"));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_at_inf() {
+        let histogram = Histogram::new(&[1.0, 10.0]);
+        for value in [0.5, 1.0, 5.0, 50.0] {
+            histogram.observe(value);
+        }
+        let mut x = Exposition::default();
+        histogram_render(&mut x, &histogram);
+        assert_eq!(
+            x.out,
+            "# HELP h_seconds help\n# TYPE h_seconds histogram\n\
+             h_seconds_bucket{le=\"1\"} 2\nh_seconds_bucket{le=\"10\"} 3\n\
+             h_seconds_bucket{le=\"+Inf\"} 4\nh_seconds_sum 56.5\nh_seconds_count 4\n"
+        );
+    }
+
+    fn histogram_render(x: &mut Exposition, histogram: &Histogram) {
+        x.histogram("h_seconds", "help", histogram.bounds, &histogram.counts());
+    }
+
+    #[test]
+    fn lag_is_omitted_during_the_initial_sync() {
+        let now = 10_000_000;
+        let syncing = SourceRecord {
+            last_contact_unix_ms: now,
+            ..SourceRecord::default()
+        };
+        let synced = SourceRecord {
+            last_contact_unix_ms: now,
+            synced_scan_started_unix_ms: now - 2_500,
+            ..SourceRecord::default()
+        };
+        let scrape = Scrape {
+            now_unix_ms: now,
+            thresholds: Some(StateThresholds {
+                rpo_target: Duration::from_secs(1),
+                stall_after: Duration::from_secs(60),
+            }),
+            sources: vec![
+                (
+                    SourceId::new("new").unwrap_or_else(|e| panic!("{e}")),
+                    syncing,
+                ),
+                (
+                    SourceId::new("old").unwrap_or_else(|e| panic!("{e}")),
+                    synced,
+                ),
+            ],
+            ..Scrape::default()
+        };
+        let text = render(&scrape);
+        assert!(text.contains("blockrep_replication_lag_seconds{source=\"old\"} 2.5\n"));
+        assert!(!text.contains("blockrep_replication_lag_seconds{source=\"new\"}"));
+        assert!(text.contains("blockrep_source_state{source=\"new\",state=\"initial_sync\"} 1\n"));
+        assert!(text.contains("blockrep_source_state{source=\"old\",state=\"lagging\"} 1\n"));
+        assert!(text.contains("blockrep_source_state{source=\"old\",state=\"healthy\"} 0\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
