@@ -374,25 +374,42 @@ fn files_equal(a: &Path, b: &Path) -> Result<bool> {
     }
 }
 
-/// A test hook (`BLOCKREP_BENCH_CORRUPT=1`): damage a byte of the replica's
-/// largest pack before verification, which must then fail.
-fn corrupt_replica_for_test(data: &Path) -> Result<()> {
-    let mut packs: Vec<(u64, PathBuf)> = fs::read_dir(data.join("packs"))?
+/// A test hook (`BLOCKREP_BENCH_CORRUPT=1`): damage one byte of a chunk the
+/// cutover replica uses (found by searching the packs for bytes of the disk that
+/// are stored uncompressed), so that verification must fail.
+fn corrupt_replica_for_test(data: &Path, disk: &Path, chunk_size: usize) -> Result<()> {
+    let disk = fs::read(disk)?;
+    let packs: Vec<Vec<u8>> = fs::read_dir(data.join("packs"))?
         .filter_map(|e| e.ok())
-        .filter_map(|e| Some((e.metadata().ok()?.len(), e.path())))
+        .map(|e| fs::read(e.path()))
+        .collect::<std::io::Result<_>>()?;
+    let paths: Vec<PathBuf> = fs::read_dir(data.join("packs"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
         .collect();
-    packs.sort();
-    let (len, path) = packs.pop().context("no pack to corrupt")?;
-    let file = OpenOptions::new().read(true).write(true).open(&path)?;
-    let offset = len / 2;
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, offset)?;
-    file.write_all_at(&[byte[0] ^ 0xff], offset)?;
-    eprintln!(
-        "test hook: flipped the byte at {offset} of {}",
-        path.display()
-    );
-    Ok(())
+    // A whole chunk of the final disk stored raw is, by its id, the live copy.
+    for chunk in disk.chunks_exact(chunk_size) {
+        if chunk.iter().all(|&b| b == chunk[0]) {
+            continue;
+        }
+        for (bytes, path) in packs.iter().zip(&paths) {
+            let mut from = 0;
+            while let Some(found) = bytes[from..].windows(32).position(|w| w == &chunk[..32]) {
+                let at = from + found;
+                if bytes.len() >= at + chunk.len() && &bytes[at..at + chunk.len()] == chunk {
+                    let file = OpenOptions::new().write(true).open(path)?;
+                    file.write_all_at(&[bytes[at + 10] ^ 0xff], (at + 10) as u64)?;
+                    eprintln!(
+                        "test hook: damaged a chunk of the replica in {}",
+                        path.display()
+                    );
+                    return Ok(());
+                }
+                from = at + 1;
+            }
+        }
+    }
+    bail!("test hook: no stored chunk of the disk found to damage")
 }
 
 fn source_view(body: &str) -> Option<blockrep_server::SourceView> {
@@ -593,7 +610,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     eprintln!("verifying the cutover volume against the disk...");
     if std::env::var_os("BLOCKREP_BENCH_CORRUPT").is_some() {
-        corrupt_replica_for_test(&data)?;
+        corrupt_replica_for_test(&data, &disk, chunk_size as usize)?;
     }
     let disk_root = {
         let image = DiskImage::open(&disk)?;

@@ -52,6 +52,10 @@ enum Command {
     Export(ExportArgs),
     /// Show every source's replication state, lag and backlog (admin API).
     Status(StatusArgs),
+    /// Reclaim space no head, snapshot or launch references; compact packs.
+    Gc(GcArgs),
+    /// Re-read every referenced chunk and check its hash; name what damage affects.
+    Verify(VerifyArgs),
     /// Point-in-time snapshots of replicas (admin API).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -160,6 +164,13 @@ struct ServerArgs {
     /// How often every source's lag is compared with its RPO target.
     #[arg(long, default_value = "500ms", value_parser = units::parse_duration)]
     alert_interval: Duration,
+    /// How often garbage collection runs in the background (`off` for never;
+    /// `blockrep gc` runs it on demand).
+    #[arg(long, default_value = "10m")]
+    gc_interval: String,
+    /// Pack size limit in bytes (for tests of compaction; default 256 MiB).
+    #[arg(long, hide = true, value_parser = units::parse_size)]
+    pack_size_max: Option<u64>,
     /// A source with no agent contact for this long is `stalled`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     stall_after: Duration,
@@ -411,9 +422,42 @@ struct ExportArgs {
     /// Source to export.
     #[arg(long)]
     source: String,
+    /// Export this snapshot of the source instead of its committed head.
+    #[arg(long)]
+    snapshot: Option<String>,
     /// Output image (replaced if it exists).
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct GcArgs {
+    /// Data directory: collect offline (the server must not be running unless
+    /// --dry-run, which only reads).
+    #[arg(long, conflicts_with = "admin")]
+    data: Option<PathBuf>,
+    /// A running server's admin API: collect there, while it replicates.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Report what would be freed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// Data directory (read only; works while the server runs).
+    #[arg(long)]
+    data: PathBuf,
+    /// Only this source's head, snapshots and launches.
+    #[arg(long)]
+    source: Option<String>,
+    /// Only this snapshot (needs --source).
+    #[arg(long, requires = "source")]
+    snapshot: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -424,6 +468,8 @@ fn main() -> ExitCode {
         Command::Server(args) => runtime().and_then(|rt| rt.block_on(server(args))),
         Command::Agent(args) => runtime().and_then(|rt| rt.block_on(agent(args))),
         Command::Export(args) => export(args),
+        Command::Gc(args) => runtime().and_then(|rt| rt.block_on(gc(args))),
+        Command::Verify(args) => verify(args),
         Command::Status(args) => runtime().and_then(|rt| rt.block_on(status(args))),
         Command::Snapshot(command) => runtime().and_then(|rt| rt.block_on(snapshot(command))),
         Command::Launch(command) => runtime().and_then(|rt| rt.block_on(launch(command))),
@@ -515,6 +561,11 @@ async fn server(args: ServerArgs) -> Result<()> {
     config.stall_after = args.stall_after;
     config.on_rpo_breach = args.on_rpo_breach;
     config.alert_interval = args.alert_interval;
+    config.gc_interval = match args.gc_interval.as_str() {
+        "off" => None,
+        text => Some(units::parse_duration(text).map_err(anyhow::Error::msg)?),
+    };
+    config.pack_size_max_bytes = args.pack_size_max;
     config.nbd_listen = args.nbd_listen;
     config.nbd_tls = args.nbd_tls;
     config.retention_tick = args.retention_tick;
@@ -1111,6 +1162,18 @@ fn human_bytes(bytes: u64) -> String {
 fn export(args: ExportArgs) -> Result<()> {
     let source = source_id(&args.source)?;
     let store = blockrep_store::Store::open_read_only(&args.data)?;
+    if let Some(name) = &args.snapshot {
+        let snapshot = store
+            .snapshot(&source, name)?
+            .with_context(|| format!("source {source} has no snapshot {name:?}"))?;
+        let (size, chunks) = store.export_root(&snapshot.root, &args.out)?;
+        println!(
+            "exported snapshot {name} of {source} (epoch {}, {size} bytes, {chunks} non-zero chunks) to {}",
+            snapshot.epoch,
+            display(&args.out)
+        );
+        return Ok(());
+    }
     let stats = store.export(&source, &args.out)?;
     println!(
         "exported source {source} epoch {} ({} bytes, {} non-zero chunks) to {}",
@@ -1120,6 +1183,95 @@ fn export(args: ExportArgs) -> Result<()> {
         display(&args.out)
     );
     Ok(())
+}
+
+async fn gc(args: GcArgs) -> Result<()> {
+    let report = match (&args.data, &args.admin) {
+        (Some(data), _) => {
+            let options = blockrep_store::GcOptions {
+                dry_run: args.dry_run,
+                ..Default::default()
+            };
+            let store = if args.dry_run {
+                blockrep_store::Store::open_read_only(data)?
+            } else {
+                blockrep_store::Store::open_exclusive(data)?
+            };
+            blockrep_server::gc_report_json(&store.gc(&options)?)
+        }
+        (None, admin) => {
+            let admin = admin.as_deref().unwrap_or("127.0.0.1:7444");
+            let path = if args.dry_run {
+                "/v1/gc?dry_run=true"
+            } else {
+                "/v1/gc"
+            };
+            serde_json::from_str(&admin_call(admin, "POST", path, None).await?)?
+        }
+    };
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    let n = |k: &str| report[k].as_u64().unwrap_or(0);
+    let verb = if args.dry_run { "would free" } else { "freed" };
+    println!(
+        "gc {verb} {} in {} packs ({} live, {} dead before; {} live blobs copied)",
+        human_bytes(n("bytes_freed")),
+        n("packs_compacted"),
+        human_bytes(n("bytes_live")),
+        human_bytes(n("bytes_dead")),
+        n("blobs_copied")
+    );
+    if n("packs_kept_damaged") > 0 {
+        println!(
+            "{} packs kept because of damage: run blockrep verify",
+            n("packs_kept_damaged")
+        );
+    }
+    Ok(())
+}
+
+fn verify(args: VerifyArgs) -> Result<()> {
+    let store = blockrep_store::Store::open_read_only(&args.data)?;
+    let source = args.source.as_deref().map(source_id).transpose()?;
+    let report = store.verify(source.as_ref(), args.snapshot.as_deref())?;
+    println!(
+        "checked {} roots, {} pages, {} chunks ({} read)",
+        report.roots_checked,
+        report.pages_checked,
+        report.chunks_checked,
+        human_bytes(report.bytes_read)
+    );
+    for blob in &report.damaged {
+        let place = blob
+            .place
+            .as_ref()
+            .map_or_else(|| "missing".to_owned(), ToString::to_string);
+        println!(
+            "DAMAGED {:?} {} at {place}: {}",
+            blob.kind, blob.id, blob.damage
+        );
+        for affected in &blob.affected {
+            let offsets: Vec<String> = affected
+                .chunks
+                .iter()
+                .map(|c| format!("chunk {} (byte {})", c.index, c.offset_bytes))
+                .collect();
+            println!(
+                "  affects {} (root {}): {}",
+                affected.referrer,
+                affected.root,
+                offsets.join(", ")
+            );
+        }
+    }
+    if report.is_clean() {
+        println!("no damage found");
+        Ok(())
+    } else {
+        bail!("{} damaged blobs", report.damaged.len())
+    }
 }
 
 fn display(path: &Path) -> String {

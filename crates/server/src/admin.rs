@@ -35,6 +35,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v1/sources/{source}/rpo-target",
             put(crate::alerts::set_rpo_target).delete(crate::alerts::clear_rpo_target),
         )
+        .route("/v1/gc", post(crate::maintenance::handler))
         .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/snapshots/{source}/{name}", delete(delete_snapshot))
         .route("/v1/launches", get(list_launches).post(create_launch))

@@ -22,6 +22,7 @@ mod alerts;
 mod connection;
 mod health;
 mod listener;
+mod maintenance;
 mod metrics;
 mod nbd_export;
 mod retention;
@@ -35,6 +36,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use listener::{Server, ServerStats};
+pub use maintenance::report_json as gc_report_json;
 pub use status::{CutoverView, SourceState, SourceView, StateThresholds};
 pub use views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
@@ -73,6 +75,10 @@ pub struct ServerConfig {
     /// Require TLS (NBD STARTTLS, client certificates from the same CA) on the
     /// NBD listener.
     pub nbd_tls: bool,
+    /// How often garbage collection runs in the background; `None` never.
+    pub gc_interval: Option<Duration>,
+    /// Pack size limit (tests use small packs so that compaction happens).
+    pub pack_size_max_bytes: Option<u64>,
     /// How often every source's lag is compared with its RPO target.
     pub alert_interval: Duration,
     /// Shell command run (`sh -c`) once when a source breaches its RPO target and
@@ -101,6 +107,8 @@ impl ServerConfig {
             retention_tick: Duration::from_secs(30),
             nbd_listen: None,
             nbd_tls: false,
+            gc_interval: Some(Duration::from_secs(600)),
+            pack_size_max_bytes: None,
             alert_interval: Duration::from_millis(500),
             on_rpo_breach: None,
         }

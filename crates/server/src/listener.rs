@@ -140,10 +140,14 @@ impl Server {
     pub async fn bind(config: ServerConfig) -> Result<Server, Error> {
         let data_dir = config.data_dir.clone();
         let policy = config.retention.clone();
+        let pack_size_max = config.pack_size_max_bytes;
         let (store, known) = tokio::task::spawn_blocking(move || {
-            let store = Store::open(&data_dir)?;
+            let store = Store::open_exclusive(&data_dir)?;
             if let Some(policy) = policy {
                 store.set_retention_policy(policy);
+            }
+            if let Some(bytes) = pack_size_max {
+                store.set_pack_size_max_bytes(bytes);
             }
             let mut known = Vec::new();
             for source in store.sources()? {
@@ -270,6 +274,9 @@ impl Server {
         }
         let _stop_nbd = stop_nbd;
         let retention = tokio::spawn(crate::retention::run(Arc::clone(&self.shared)));
+        let _stop_gc = AbortOnDrop(tokio::spawn(crate::maintenance::run_gc(Arc::clone(
+            &self.shared,
+        ))));
         let _stop_retention = AbortOnDrop(retention);
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);

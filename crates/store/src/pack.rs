@@ -1,7 +1,7 @@
 //! Pack files: append-only sequences of checksummed blob records.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId};
@@ -133,8 +133,18 @@ pub(crate) struct PackScan {
     pub file_len: u64,
 }
 
-/// Reads every record of a pack, checking each checksum, and stops at the first
-/// record that is incomplete or invalid (a torn tail, or damage).
+/// Reads every record of a pack and finds where its valid content ends.
+///
+/// A crash can leave a torn tail: a partial record, or records whose header was
+/// written but whose data was not (a checksum mismatch). Damage can also sit in
+/// the middle of a pack (bit rot). The two must not be confused, or a damaged
+/// byte would make recovery cut off every committed record after it. So:
+/// - a record with a sound header but a bad checksum is kept in the scan (reads
+///   of it fail their hash check, and `verify` reports it) and scanning goes on;
+/// - at an unreadable header, scanning resynchronizes on the next record that
+///   is whole and whose checksum holds, if there is one;
+/// - `valid_len` is the end of the last record whose checksum holds; records
+///   after it are the torn tail and are left out.
 pub(crate) fn scan_pack(path: &Path) -> Result<PackScan, Error> {
     let file =
         File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
@@ -142,38 +152,86 @@ pub(crate) fn scan_pack(path: &Path) -> Result<PackScan, Error> {
         .metadata()
         .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
         .len();
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let io = |e| Error::io(format!("cannot read {}", path.display()), e);
     let mut records = Vec::new();
     let mut offset = 0u64;
+    let mut valid_len = 0u64;
     let mut data = Vec::new();
-    loop {
-        let mut header_bytes = [0u8; RECORD_HEADER_LEN];
-        if offset + RECORD_HEADER_LEN as u64 > file_len
-            || reader.read_exact(&mut header_bytes).is_err()
-        {
-            break;
+    while offset + RECORD_HEADER_LEN as u64 <= file_len {
+        match read_record(&file, offset, file_len, &mut data).map_err(io)? {
+            Some((header, crc_ok)) => {
+                let end = offset + RECORD_HEADER_LEN as u64 + u64::from(header.stored_len);
+                records.push((ScannedRecord { offset, header }, crc_ok));
+                if crc_ok {
+                    valid_len = end;
+                }
+                offset = end;
+            }
+            None => match next_valid_record(&file, offset + 1, file_len, &mut data).map_err(io)? {
+                Some(next) => offset = next,
+                None => break,
+            },
         }
-        let Some(header) = RecordHeader::decode(&header_bytes) else {
-            break;
-        };
-        let end = offset + RECORD_HEADER_LEN as u64 + u64::from(header.stored_len);
-        if end > file_len {
-            break;
-        }
-        data.resize(header.stored_len as usize, 0);
-        if reader.read_exact(&mut data).is_err() || !header.crc_matches(&header_bytes, &data) {
-            break;
-        }
-        records.push(ScannedRecord { offset, header });
-        offset = end;
     }
-    // Leave the reader positioned sensibly for nobody: scanning is read-only.
-    let _ = reader.seek(SeekFrom::Start(offset));
+    let records = records
+        .into_iter()
+        .filter(|(record, _)| record.offset < valid_len)
+        .map(|(record, _)| record)
+        .collect();
     Ok(PackScan {
         records,
-        valid_len: offset,
+        valid_len,
         file_len,
     })
+}
+
+/// The record at `offset`: `None` if its header is unsound or it does not fit
+/// in the file; otherwise the header and whether its checksum holds.
+fn read_record(
+    file: &File,
+    offset: u64,
+    file_len: u64,
+    data: &mut Vec<u8>,
+) -> std::io::Result<Option<(RecordHeader, bool)>> {
+    let mut header_bytes = [0u8; RECORD_HEADER_LEN];
+    file.read_exact_at(&mut header_bytes, offset)?;
+    let Some(header) = RecordHeader::decode(&header_bytes) else {
+        return Ok(None);
+    };
+    let end = offset + RECORD_HEADER_LEN as u64 + u64::from(header.stored_len);
+    if end > file_len {
+        return Ok(None);
+    }
+    data.resize(header.stored_len as usize, 0);
+    file.read_exact_at(data, offset + RECORD_HEADER_LEN as u64)?;
+    let crc_ok = header.crc_matches(&header_bytes, data);
+    Ok(Some((header, crc_ok)))
+}
+
+/// The offset of the next whole record with a good checksum at or after `from`.
+fn next_valid_record(
+    file: &File,
+    mut from: u64,
+    file_len: u64,
+    data: &mut Vec<u8>,
+) -> std::io::Result<Option<u64>> {
+    const WINDOW: usize = 4 << 20;
+    let mut window = vec![0u8; WINDOW];
+    while from + RECORD_HEADER_LEN as u64 <= file_len {
+        let len = ((file_len - from) as usize).min(WINDOW);
+        file.read_exact_at(&mut window[..len], from)?;
+        let mut at = 0;
+        while let Some(found) = window[at..len].windows(4).position(|w| w == RECORD_MAGIC) {
+            let candidate = from + (at + found) as u64;
+            if let Some((_, true)) = read_record(file, candidate, file_len, data)? {
+                return Ok(Some(candidate));
+            }
+            at += found + 1;
+        }
+        // Overlap by 3 bytes so a magic split across windows is still seen.
+        from += (len.saturating_sub(3)).max(1) as u64;
+    }
+    Ok(None)
 }
 
 /// Name of pack number `number`.

@@ -112,6 +112,8 @@ pub struct ExportStats {
 pub struct Store {
     dir: PathBuf,
     read_only: bool,
+    /// Holds the data directory's exclusive lock while a writable store is open.
+    lock_file: Option<File>,
     inner: Mutex<Inner>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
     /// Set once an fsync has failed. Linux may forget a write-back error after
@@ -159,6 +161,43 @@ impl Store {
         Self::open_inner(dir, false)
     }
 
+    /// [`Store::open`], holding an exclusive lock on the data directory for as
+    /// long as the store is open: the server and offline commands that write
+    /// use this, so that two processes never append to the same packs.
+    pub fn open_exclusive(dir: &Path) -> Result<Self, Error> {
+        let dir = &std::path::absolute(dir)
+            .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
+        create_dir_durable(dir)?;
+        // One writer per data directory: a second server (or a GC run from the
+        // command line) appending to the same packs would corrupt them.
+        let lock_path = dir.join("lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} is in use by another blockrep process (a running server?); \
+                         read-only commands (export, verify, gc --dry-run) still work",
+                        dir.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("cannot lock {}", lock_path.display()), e));
+            }
+        }
+        let mut store = Self::open(dir)?;
+        store.lock_file = Some(lock_file);
+        Ok(store)
+    }
+
     /// Opens an existing store without changing anything, e.g. to export while the
     /// server runs. Only committed state is read.
     pub fn open_read_only(dir: &Path) -> Result<Self, Error> {
@@ -183,6 +222,7 @@ impl Store {
             gc: GcState::default(),
             pack_size_max_bytes: AtomicU64::new(PACK_SIZE_MAX_BYTES),
             sync_join: Mutex::new(()),
+            lock_file: None,
         };
         store.load_index()?;
         Ok(store)
@@ -887,7 +927,19 @@ impl Store {
                 format!("source {source} has no committed replica"),
             )
         })?;
-        let root = self.read_root(&head.root)?;
+        let (disk_size_bytes, chunks_written) = self.export_root(&head.root, out)?;
+        Ok(ExportStats {
+            head,
+            disk_size_bytes,
+            chunks_written,
+        })
+    }
+
+    /// Writes the disk that `root_id` describes (a head, a snapshot, a launch) to
+    /// `out` as a sparse raw image, fsynced. Returns its size and the non-zero
+    /// chunks written.
+    pub fn export_root(&self, root_id: &ChunkId, out: &Path) -> Result<(u64, u64), Error> {
+        let root = self.read_root(root_id)?;
         let geometry = root.geometry();
         let file = File::create(out)
             .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
@@ -910,11 +962,7 @@ impl Store {
         }
         file.sync_all()
             .map_err(|e| Error::io(format!("cannot fsync {}", out.display()), e))?;
-        Ok(ExportStats {
-            head,
-            disk_size_bytes: geometry.disk_size_bytes(),
-            chunks_written,
-        })
+        Ok((geometry.disk_size_bytes(), chunks_written))
     }
 }
 
@@ -1102,6 +1150,54 @@ mod tests {
         assert_eq!(store.head(&source()).unwrap(), Some(head2));
         store.export(&source(), &out).unwrap();
         assert_eq!(fs::read(&out).unwrap(), disk2);
+    }
+
+    #[test]
+    fn damage_in_the_middle_of_the_last_pack_is_not_mistaken_for_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 4096]).collect();
+        let ids: Vec<ChunkId> = blobs
+            .iter()
+            .map(|b| ChunkId::from(blake3::hash(b)))
+            .collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for (id, blob) in ids.iter().zip(&blobs) {
+                store
+                    .insert(BlobKind::Chunk, *id, StoredCodec::Raw, 4096, blob)
+                    .unwrap();
+            }
+            store.sync().unwrap();
+        }
+        let pack = dir.path().join("packs").join(pack_file_name(1));
+        let len_before = fs::metadata(&pack).unwrap().len();
+        // Damage the second record's data, then its neighbour's header magic.
+        let record = (RECORD_HEADER_LEN + 4096) as u64;
+        let file = OpenOptions::new().write(true).open(&pack).unwrap();
+        file.write_all_at(&[0xff], record + RECORD_HEADER_LEN as u64 + 7)
+            .unwrap();
+        file.write_all_at(b"XXXX", 2 * record).unwrap();
+        drop(file);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            fs::metadata(&pack).unwrap().len(),
+            len_before,
+            "committed data was cut off"
+        );
+        assert_eq!(store.read_blob(&ids[0]).unwrap(), blobs[0]);
+        assert_eq!(
+            store.read_blob(&ids[1]).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        assert!(
+            store.read_blob(&ids[2]).is_err(),
+            "a record with a broken header is not readable"
+        );
+        assert_eq!(
+            store.read_blob(&ids[3]).unwrap(),
+            blobs[3],
+            "records after the damage were lost"
+        );
     }
 
     #[test]
