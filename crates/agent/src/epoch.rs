@@ -439,11 +439,13 @@ impl Session {
             "sending"
         );
         let progress = progress_bar(config, bytes_pending);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut frames = spawn_encoders(
             Arc::clone(&scan.disk),
             self.geometry,
             Arc::new(to_encode),
             config.compression,
+            Arc::clone(&config.adaptive),
         );
         let mut sent_ids: HashSet<ChunkId> = HashSet::new();
         let mut step_bytes = 0u64;
@@ -476,10 +478,19 @@ impl Session {
                 report.raw_bytes_sent += encoded.raw_len;
                 encoded.frame
             };
+            // The link's speed as the sender sees it: throttling included, time
+            // spent waiting for the workers excluded.
+            let write_started = Instant::now();
             config.rate_limiter.acquire(frame.len() as u64).await;
             report.bytes_sent += frame.len() as u64;
             step_bytes += frame.len() as u64;
             self.connection.write_raw(&frame).await?;
+            config.adaptive.record_write(
+                frame.len(),
+                encoded.raw_len,
+                write_started.elapsed(),
+                workers,
+            );
             if let Some(bar) = &progress {
                 bar.inc(u64::from(
                     self.geometry.chunk_len(encoded.index).unwrap_or(0),

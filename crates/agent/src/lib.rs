@@ -8,6 +8,7 @@
 //! agent expects -> `Committed` once the server has made it durable.
 #![forbid(unsafe_code)]
 
+mod adaptive;
 mod connection;
 mod epoch;
 mod error;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use blockrep_core::{ChunkId, SourceId};
 
+pub use adaptive::AdaptiveCompression;
 pub use error::Error;
 pub use failback::{FailbackOptions, FailbackPass, failback};
 pub use rate::{RateLimiter, parse_rate};
@@ -30,11 +32,13 @@ pub use run::{RunOutcome, run, run_once};
 /// When chunks are compressed before sending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
-    /// zstd where it pays: chunks that do not shrink by an eighth go raw, and after
-    /// such a chunk a worker skips compression for a while (incompressible data
-    /// comes in runs).
+    /// Compress when it makes replication faster: measured compression speed
+    /// against measured link speed (see [`AdaptiveCompression`]), and per chunk
+    /// only when it shrinks by an eighth.
     #[default]
     Auto,
+    /// Always zstd (level 1) where a chunk shrinks by an eighth.
+    Zstd,
     /// Never compress.
     None,
 }
@@ -64,6 +68,8 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Caps the sending rate; shared so it can be changed while replicating.
     pub rate_limiter: Arc<RateLimiter>,
+    /// Measurements behind `Compression::Auto`, kept across epochs.
+    pub adaptive: Arc<AdaptiveCompression>,
     /// A large epoch commits an intermediate step after this many bytes sent...
     pub step_bytes: u64,
     /// ...or after this long, whichever comes first.
@@ -98,6 +104,7 @@ impl AgentConfig {
             interval: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             rate_limiter: Arc::new(RateLimiter::unlimited()),
+            adaptive: Arc::new(AdaptiveCompression::default()),
             step_bytes: 1 << 30,
             step_interval: Duration::from_secs(30),
             progress: false,

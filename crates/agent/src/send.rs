@@ -9,7 +9,7 @@ use blockrep_proto::{Codec, Message, encode, encode_chunk_header};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use crate::{Compression, Error};
+use crate::{AdaptiveCompression, Compression, Error};
 
 /// Bytes of a `Chunk` frame before its data.
 const CHUNK_HEADER_LEN: usize = 4 + 1 + 8 + 32 + 1 + 4 + 4;
@@ -36,12 +36,14 @@ pub(crate) fn spawn_encoders(
     geometry: Geometry,
     changed: Arc<Vec<u64>>,
     compression: Compression,
+    adaptive: Arc<AdaptiveCompression>,
 ) -> mpsc::Receiver<Result<Encoded, Error>> {
     let window = (WINDOW_BYTES / geometry.chunk_size_bytes() as usize).max(4);
     let (tx, rx) = mpsc::channel::<Result<Encoded, Error>>(window);
     let next = Arc::new(AtomicUsize::new(0));
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     for _ in 0..workers {
+        let adaptive = Arc::clone(&adaptive);
         let (disk, changed, next, tx) = (
             Arc::clone(&disk),
             Arc::clone(&changed),
@@ -49,7 +51,7 @@ pub(crate) fn spawn_encoders(
             tx.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let mut encoder = ChunkEncoder::new(compression);
+            let mut encoder = ChunkEncoder::new(compression, adaptive);
             loop {
                 let start = next.fetch_add(CHUNKS_PER_CLAIM, Ordering::Relaxed);
                 if start >= changed.len() {
@@ -72,17 +74,20 @@ pub(crate) fn spawn_encoders(
 struct ChunkEncoder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     skip: u32,
+    /// Set for `Compression::Auto`.
+    adaptive: Option<Arc<AdaptiveCompression>>,
 }
 
 impl ChunkEncoder {
-    fn new(compression: Compression) -> Self {
+    fn new(compression: Compression, adaptive: Arc<AdaptiveCompression>) -> Self {
         let compressor = match compression {
-            Compression::Auto => zstd::bulk::Compressor::new(1).ok(),
+            Compression::Auto | Compression::Zstd => zstd::bulk::Compressor::new(1).ok(),
             Compression::None => None,
         };
         Self {
             compressor,
             skip: 0,
+            adaptive: (compression == Compression::Auto).then_some(adaptive),
         }
     }
 
@@ -164,7 +169,20 @@ impl ChunkEncoder {
             self.skip -= 1;
             return None;
         }
-        match compressor.compress(data) {
+        if let Some(adaptive) = &self.adaptive
+            && !adaptive.should_try()
+        {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let result = compressor.compress(data);
+        if let (Some(adaptive), Ok(compressed)) = (&self.adaptive, &result) {
+            adaptive.record_compression(data.len(), compressed.len(), started.elapsed());
+            if !adaptive.enabled() {
+                return None; // a sample, taken only to measure
+            }
+        }
+        match result {
             Ok(compressed) if compressed.len() < data.len() - data.len() / 8 => Some(compressed),
             _ => {
                 self.skip = INCOMPRESSIBLE_SKIP;
