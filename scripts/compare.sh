@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# blockrep next to rsync on the same synthetic disk and the same seeded change,
+# in one run, with one pass of b3sum over the disk as the floor of a rescan.
+#
+# Usage: scripts/compare.sh [SIZE]    SIZE like 1GiB (default), 256MiB, 2GiB
+# Environment: SEED (default 1) picks the disk and the change; CHANGE_PERCENT
+# (default 1) is the share of 4 KiB blocks rewritten; TMPDIR is where the work
+# directory goes (default /var/tmp: it needs about 5x SIZE of disk, not RAM).
+#
+# Everything runs on 127.0.0.1 with ephemeral ports. blockrep goes through mutual
+# TLS, verifies every chunk and fsyncs before acknowledging; rsync talks to its
+# own daemon without encryption and does not fsync. Installs rsync (apt-get) and
+# b3sum (cargo install) when missing, and builds blockrep in release.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size_arg=${1:-1GiB}
+seed=${SEED:-1}
+change_percent=${CHANGE_PERCENT:-1}
+
+size_bytes=$(python3 - "$size_arg" <<'EOF'
+import re, sys
+m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", sys.argv[1], re.IGNORECASE)
+if not m:
+    sys.exit(f"cannot parse size {sys.argv[1]!r}: use e.g. 1GiB or 256MiB")
+shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+print(int(m.group(1)) << shift)
+EOF
+)
+(( size_bytes >= 1048576 )) || { echo "SIZE must be at least 1MiB" >&2; exit 2; }
+
+# Tools. Both are installed only when absent, from the distribution and from
+# crates.io respectively.
+if ! command -v rsync >/dev/null; then
+    echo "installing rsync..." >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null
+fi
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! command -v b3sum >/dev/null; then
+    echo "installing b3sum..." >&2
+    cargo install --locked --quiet b3sum
+fi
+echo "building blockrep (release)..." >&2
+cargo build --release --quiet
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
+
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/blockrep-compare.XXXXXX")
+server_pid=
+rsyncd_pid=
+cleanup() {
+    [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null || true
+    [[ -n $rsyncd_pid ]] && kill "$rsyncd_pid" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+disk=$work/disk.raw
+
+now() { date +%s.%N; }
+seconds_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
+mib() { awk -v a="$1" 'BEGIN { printf "%.1f", a / 1048576 }'; }
+
+# The disk: 1 MiB extents, each a hole, text-like, structured records, random,
+# or a copy of an earlier extent, in the shares `blockrep bench` uses (its
+# generator is internal to the binary, so this is a seeded equivalent).
+echo "making a $size_arg synthetic disk (seed $seed)..." >&2
+python3 - "$disk" "$size_bytes" "$seed" <<'EOF'
+import os, random, struct, sys
+
+path, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+EXTENT = 1 << 20
+LAYOUT = [("zero", 30), ("text", 25), ("structured", 15), ("random", 20), ("duplicate", 10)]
+WORDS = [w.encode() for w in "block replica epoch kernel inode journal the of disk write "
+         "sector commit server agent root page".split()]
+RECORD_TAIL = bytes((i ^ 0x5A) for i in range(8, 64))
+rng = random.Random(seed)
+
+def kind_of(roll):
+    acc = 0
+    for kind, share in LAYOUT:
+        acc += share
+        if roll < acc:
+            return kind
+    return "random"
+
+with open(path, "w+b") as f:
+    f.truncate(size)
+    fd = f.fileno()
+    written = []
+    offset = 0
+    while offset < size:
+        n = min(EXTENT, size - offset)
+        kind = kind_of(rng.randrange(100))
+        if kind == "zero":
+            offset += n  # a hole
+            continue
+        if kind == "text":
+            data = b""
+            while len(data) < n:
+                data += b" ".join(rng.choices(WORDS, k=n // 4)) + b" "
+            data = data[:n]
+        elif kind == "structured":
+            first = offset // 64
+            records = []
+            for r in range(n // 64):
+                record = struct.pack("<Q", first + r) + RECORD_TAIL
+                if rng.randrange(4) == 0:
+                    record = record[:8] + bytes([rng.randrange(256)]) + record[9:]
+                records.append(record)
+            data = b"".join(records).ljust(n, b"\x5a")
+        elif kind == "duplicate" and written:
+            data = os.pread(fd, n, rng.choice(written))
+        else:
+            data = rng.randbytes(n)
+        os.pwrite(fd, data, offset)
+        if n == EXTENT:
+            written.append(offset)
+        offset += n
+    os.fsync(fd)
+EOF
+
+# The change: CHANGE_PERCENT of the 4 KiB blocks rewritten with random bytes at
+# random positions (seeded, so every tool sees the same change).
+change_disk() {
+    python3 - "$disk" "$change_percent" "$seed" <<'EOF'
+import os, random, sys
+path, percent, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+blocks = os.path.getsize(path) // 4096
+count = round(blocks * percent / 100)
+rng = random.Random(seed ^ 0xC0FFEE00)
+fd = os.open(path, os.O_WRONLY)
+for _ in range(count):
+    data = rng.randbytes(4096)
+    os.pwrite(fd, data, rng.randrange(blocks) * 4096)
+os.fsync(fd)
+os.close(fd)
+print(count)
+EOF
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Writes from one phase must not be flushed on the next phase's clock.
+settle() { sync; }
+
+# blockrep: certificates, a server on ephemeral ports, one agent run per sync.
+"$bin" cert init --dir "$work/tls" >/dev/null
+"$bin" cert issue --dir "$work/tls" --source cmp >/dev/null
+"$bin" server --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --retention off \
+    --data "$work/data" --tls-dir "$work/tls" >"$work/server.out" 2>"$work/server.err" &
+server_pid=$!
+for _ in $(seq 100); do grep -q '^listening on' "$work/server.out" && break; sleep 0.1; done
+addr=$(awk '/^listening on/ { print $3 }' "$work/server.out")
+[[ -n $addr ]] || { echo "blockrep server did not start:" >&2; cat "$work/server.err" >&2; exit 1; }
+
+agent_sync() {
+    "$bin" agent --once --disk "$disk" --to "$addr" --source cmp --tls-dir "$work/tls" \
+        >"$work/agent-$1.out" 2>"$work/agent-$1.err"
+}
+agent_bytes() { grep -o ' bytes_sent=[0-9]*' "$work/agent-$1.out" | awk -F= '{ s += $2 } END { print s + 0 }'; }
+
+# rsync: its daemon on 127.0.0.1, a module over a directory of the work dir.
+mkdir -p "$work/rsync"
+rsync_port=$(free_port)
+cat >"$work/rsyncd.conf" <<EOF
+pid file = $work/rsyncd.pid
+use chroot = no
+[cmp]
+    path = $work/rsync
+    read only = no
+    uid = 0
+    gid = 0
+EOF
+rsync --daemon --no-detach --address 127.0.0.1 --port "$rsync_port" --config "$work/rsyncd.conf" \
+    2>"$work/rsyncd.err" &
+rsyncd_pid=$!
+for _ in $(seq 100); do rsync "rsync://127.0.0.1:$rsync_port/" >/dev/null 2>&1 && break; sleep 0.1; done
+module=rsync://127.0.0.1:$rsync_port/cmp
+# --ignore-times: the change lands within a second of the full copy, and rsync's
+# quick check (size and whole-second mtime) would then skip the file unread.
+rsync_to() {
+    local name=$1
+    shift
+    rsync --inplace --ignore-times --stats "$@" "$disk" "$module/$name" >"$work/rsync-$name.out"
+}
+rsync_bytes() { awk -F': ' '/^Total bytes sent/ { gsub(/,/, "", $2); print $2 + 0 }' "$work/rsync-$1.out"; }
+
+settle
+echo "full sync: blockrep..." >&2
+t=$(now); agent_sync full; blockrep_full=$(seconds_since "$t")
+blockrep_full_bytes=$(agent_bytes full)
+settle
+echo "full copy: rsync..." >&2
+t=$(now); rsync_to a.raw; rsync_full=$(seconds_since "$t")
+rsync_full_bytes=$(rsync_bytes a.raw)
+# A second basis in the same pre-change state, for the run with 4 KiB blocks.
+cp "$work/rsync/a.raw" "$work/rsync/b.raw"
+settle
+
+blocks_changed=$(change_disk)
+settle
+echo "delta after $blocks_changed changed blocks: blockrep..." >&2
+t=$(now); agent_sync delta; blockrep_delta=$(seconds_since "$t")
+blockrep_delta_bytes=$(agent_bytes delta)
+settle
+echo "delta: rsync (default block size)..." >&2
+t=$(now); rsync_to a.raw --no-whole-file; rsync_delta=$(seconds_since "$t")
+rsync_delta_bytes=$(rsync_bytes a.raw)
+settle
+echo "delta: rsync -B 4096..." >&2
+t=$(now); rsync_to b.raw --no-whole-file -B 4096; rsync_delta_4k=$(seconds_since "$t")
+rsync_delta_4k_bytes=$(rsync_bytes b.raw)
+settle
+
+# The floor of a rescan: one blake3 pass over the (cached) disk. Best of three,
+# since it is short enough for process start-up to show.
+b3sum --num-threads 2 "$disk" >/dev/null
+b3sum_best=
+for _ in 1 2 3; do
+    t=$(now); b3sum --num-threads 2 "$disk" >/dev/null; s=$(seconds_since "$t")
+    b3sum_best=$(awk -v a="$s" -v b="${b3sum_best:-$s}" 'BEGIN { print (a < b) ? a : b }')
+done
+
+"$bin" export --data "$work/data" --source cmp --out "$work/export.raw" >/dev/null
+verified=ok
+cmp "$disk" "$work/export.raw" || verified=FAILED
+cmp "$disk" "$work/rsync/a.raw" || verified=FAILED
+cmp "$disk" "$work/rsync/b.raw" || verified=FAILED
+
+row() { printf '  %-46s %9s %12s\n' "$@"; }
+echo "compare: $size_arg disk ($(mib "$size_bytes") MiB), seed $seed, $blocks_changed of $((size_bytes / 4096)) 4 KiB blocks changed, $(nproc) cores"
+row "" "seconds" "wire MiB"
+row "blockrep full (mTLS, verified, fsync)" "$blockrep_full" "$(mib "$blockrep_full_bytes")"
+row "rsync full (--inplace, daemon, no fsync)" "$rsync_full" "$(mib "$rsync_full_bytes")"
+row "  blockrep / rsync" "$(ratio "$blockrep_full" "$rsync_full")" ""
+row "blockrep delta" "$blockrep_delta" "$(mib "$blockrep_delta_bytes")"
+row "rsync delta (--no-whole-file, default -B)" "$rsync_delta" "$(mib "$rsync_delta_bytes")"
+row "rsync delta (--no-whole-file -B 4096)" "$rsync_delta_4k" "$(mib "$rsync_delta_4k_bytes")"
+row "  blockrep / rsync default" "$(ratio "$blockrep_delta" "$rsync_delta")" ""
+row "  blockrep / rsync -B 4096" "$(ratio "$blockrep_delta" "$rsync_delta_4k")" ""
+row "b3sum --num-threads 2 (rescan floor, best of 3)" "$b3sum_best" ""
+row "  blockrep delta / b3sum" "$(ratio "$blockrep_delta" "$b3sum_best")" ""
+echo "  replicas equal to the disk (blockrep export, both rsync copies): $verified"
+[[ $verified == ok ]]
