@@ -57,7 +57,11 @@ impl AdaptiveCompression {
     /// Whether a worker should compress this chunk: always while enabled, one in
     /// [`SAMPLE_EVERY`] while not (to measure).
     pub(crate) fn should_try(&self) -> bool {
-        self.enabled() || self.chunks_seen.fetch_add(1, Ordering::Relaxed) % SAMPLE_EVERY == 0
+        self.enabled()
+            || self
+                .chunks_seen
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(SAMPLE_EVERY)
     }
 
     /// A worker compressed `input` bytes into `output` in `took`.
