@@ -36,12 +36,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             out.put_u32_le(head_root.len() as u32);
             out.put_slice(head_root);
         }
-        Message::GetPages { indices } => {
-            out.put_u32_le(indices.len() as u32);
-            for index in indices {
-                out.put_u32_le(*index);
-            }
-        }
+        Message::GetPages { indices } => put_page_indices(out, indices),
         Message::Page { index, ids } => {
             out.put_u32_le(*index);
             out.put_u32_le(ids.len() as u32);
@@ -138,12 +133,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             out.put_u32_le(base_root.len() as u32);
             out.put_slice(base_root);
         }
-        Message::GetBasePages { indices } => {
-            out.put_u32_le(indices.len() as u32);
-            for index in indices {
-                out.put_u32_le(*index);
-            }
-        }
+        Message::GetBasePages { indices } => put_page_indices(out, indices),
         Message::Want { indices } => {
             out.put_u32_le(indices.len() as u32);
             for index in indices {
@@ -202,6 +192,13 @@ fn put_chunk_fields(
     out.put_u8(codec as u8);
     out.put_u32_le(raw_len);
     out.put_u32_le(data_len as u32);
+}
+
+fn put_page_indices(out: &mut BytesMut, indices: &[u32]) {
+    out.put_u32_le(indices.len() as u32);
+    for index in indices {
+        out.put_u32_le(*index);
+    }
 }
 
 fn put_short_string(out: &mut BytesMut, text: &str) {
@@ -293,6 +290,18 @@ impl Reader<'_> {
         self.0.copy_to_slice(&mut id);
         Ok(ChunkId(id))
     }
+    /// A counted list of page indices, at most [`GET_PAGES_MAX`].
+    fn page_indices(&mut self, what: &str) -> Result<Vec<u32>, ProtoError> {
+        let count = self.u32("page count")? as usize;
+        if count > GET_PAGES_MAX {
+            return Err(ProtoError::new(
+                ProtoErrorKind::LimitExceeded,
+                format!("{what} of {count} pages exceeds the limit of {GET_PAGES_MAX}"),
+            ));
+        }
+        self.need(count * 4, "page indices")?;
+        Ok((0..count).map(|_| self.0.get_u32_le()).collect())
+    }
     fn flag(&mut self, what: &str) -> Result<bool, ProtoError> {
         match self.u8(what)? {
             0 => Ok(false),
@@ -346,18 +355,9 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
                 head_root,
             }
         }
-        3 => {
-            let count = r.u32("page count")? as usize;
-            if count > GET_PAGES_MAX {
-                return Err(ProtoError::new(
-                    ProtoErrorKind::LimitExceeded,
-                    format!("GetPages of {count} pages exceeds the limit of {GET_PAGES_MAX}"),
-                ));
-            }
-            r.need(count * 4, "page indices")?;
-            let indices = (0..count).map(|_| r.0.get_u32_le()).collect();
-            Message::GetPages { indices }
-        }
+        3 => Message::GetPages {
+            indices: r.page_indices("GetPages")?,
+        },
         4 => {
             let index = r.u32("page index")?;
             let len = r.u32("page length")? as usize;
@@ -492,18 +492,9 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
             matches: r.flag("match flag")?,
             finalize_requested: r.flag("finalize flag")?,
         },
-        18 => {
-            let count = r.u32("page count")? as usize;
-            if count > GET_PAGES_MAX {
-                return Err(ProtoError::new(
-                    ProtoErrorKind::LimitExceeded,
-                    format!("GetBasePages of {count} pages exceeds the limit of {GET_PAGES_MAX}"),
-                ));
-            }
-            r.need(count * 4, "page indices")?;
-            let indices = (0..count).map(|_| r.0.get_u32_le()).collect();
-            Message::GetBasePages { indices }
-        }
+        18 => Message::GetBasePages {
+            indices: r.page_indices("GetBasePages")?,
+        },
         8 => {
             let code = ErrorCode::from_u16(r.u16("error code")?);
             let len = r.u16("message length")? as usize;
