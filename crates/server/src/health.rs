@@ -186,6 +186,16 @@ impl Health {
                 )),
             }
         };
+        // A failed fsync poisons the store until it is reopened: commits would be
+        // refused, so the service is not available whatever the probe says.
+        let result = if shared.store.sync_failed() {
+            Err(
+                "an fsync of pack data failed; commits are refused until the server restarts"
+                    .to_owned(),
+            )
+        } else {
+            result
+        };
         StoreProbe {
             at: Instant::now(),
             checked_unix_ms,

@@ -552,6 +552,12 @@ impl Store {
         })
     }
 
+    /// Whether an fsync has failed since the store was opened: commits are then
+    /// refused until it is reopened (see [`Store::sync`]).
+    pub fn sync_failed(&self) -> bool {
+        self.sync_failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Makes every blob inserted so far durable.
     pub fn sync(&self) -> Result<(), Error> {
         let file = lock(&self.inner)
