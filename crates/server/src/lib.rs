@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_tls;
 mod alerts;
 mod connection;
 mod health;
@@ -79,6 +80,12 @@ pub struct ServerConfig {
     /// once when it recovers, with `BLOCKREP_EVENT`, `BLOCKREP_SOURCE`,
     /// `BLOCKREP_LAG_SECONDS` and `BLOCKREP_RPO_TARGET_SECONDS` set.
     pub on_rpo_breach: Option<String>,
+    /// Certificate revocation lists (PEM) checked against every client
+    /// certificate, on every listener; `None` checks none.
+    pub crl_path: Option<PathBuf>,
+    /// Serve the admin API over mutual TLS, to the admin certificate only
+    /// (sources get 403), instead of plain HTTP.
+    pub admin_tls: bool,
 }
 
 impl ServerConfig {
@@ -103,6 +110,8 @@ impl ServerConfig {
             nbd_tls: false,
             alert_interval: Duration::from_millis(500),
             on_rpo_breach: None,
+            crl_path: None,
+            admin_tls: false,
         }
     }
 }
