@@ -21,6 +21,8 @@ mod admin;
 mod admin_tls;
 mod alerts;
 mod connection;
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod listener;
 mod metrics;
