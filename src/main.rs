@@ -163,6 +163,11 @@ struct ServerArgs {
     /// Most connections open at once.
     #[arg(long, default_value_t = 1024)]
     connections_max: usize,
+    /// Most memory all sessions together hold for their disks' chunk ids (32
+    /// bytes per chunk: 512 MiB for a 1 TiB disk at 64 KiB chunks); a session whose
+    /// disk does not fit is refused (busy if it would fit later).
+    #[arg(long, default_value = "9GiB", value_parser = units::parse_size)]
+    session_memory_max: u64,
     /// Time a connection has to finish its TLS handshake and say Hello.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     handshake_timeout: Duration,
@@ -572,6 +577,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
     config.connections_max = args.connections_max;
     config.handshake_timeout = args.handshake_timeout;
+    config.session_memory_max_bytes = args.session_memory_max;
     config.crl_path = args.crl;
     config.admin_tls = args.admin_tls;
     config.admin_listen = Some(args.admin_listen);

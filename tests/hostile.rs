@@ -396,3 +396,60 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
     drop(idle);
     drop(stalled);
 }
+
+/// Regression (found by the session fuzz target): a `Hello` claiming a huge
+/// disk made the server allocate 32 bytes per chunk of it, 2 GiB for 260 GiB
+/// at 4 KiB chunks, before any data. Sessions now reserve that memory from
+/// `--session-memory-max` first.
+#[tokio::test(flavor = "multi_thread")]
+async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
+    let pki = Pki::new(&["huge", "a", "b"]);
+    let work = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with(
+        &bin(),
+        &work.path().join("data"),
+        pki.path(),
+        &["--session-memory-max", "2MiB"],
+    );
+    let claim = |source: &str, disk_size_bytes: u64| Message::Hello {
+        version_min: PROTOCOL_VERSION,
+        version_max: PROTOCOL_VERSION,
+        source: SourceId::new(source).unwrap(),
+        disk_size_bytes,
+        chunk_size_bytes: 4096,
+    };
+    // 1 TiB at 4 KiB chunks: 8 GiB of ids could never fit.
+    let mut huge = client(&server, &pki, "huge").await;
+    huge.send(&claim("huge", 1 << 40)).await.unwrap();
+    let message = expect_error(&mut huge, ErrorCode::GeometryMismatch).await;
+    assert!(message.contains("--session-memory-max"), "{message}");
+    // 160 MiB at 4 KiB chunks (1.25 MiB of ids) fits once, not twice.
+    let mut first = client(&server, &pki, "a").await;
+    first.send(&claim("a", 160 << 20)).await.unwrap();
+    assert!(matches!(
+        first.recv().await.unwrap(),
+        Some(Message::Welcome { .. })
+    ));
+    let mut second = client(&server, &pki, "b").await;
+    second.send(&claim("b", 160 << 20)).await.unwrap();
+    let message = expect_error(&mut second, ErrorCode::Busy).await;
+    assert!(message.contains("retry later"), "{message}");
+    // When the first session ends, its share is free again.
+    drop(first);
+    let disk = work.path().join("b.raw");
+    std::fs::write(&disk, random_bytes(160 << 20, 1)).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        agent_once(
+            &disk,
+            server.addr,
+            "b",
+            pki.path(),
+            &["--chunk-size", "4KiB"],
+        )
+        .status
+        .success()
+    }));
+    let peak = peak_rss_bytes(server.pid());
+    assert!(peak < 200 << 20, "server peak RSS {} MiB", peak >> 20);
+    assert!(head(&work, "huge").is_none() && head(&work, "a").is_none());
+}

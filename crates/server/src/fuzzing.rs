@@ -54,6 +54,8 @@ pub fn drive_session(data_dir: &Path, agent_bytes: &[u8]) -> Vec<Message> {
     config.idle_timeout = Duration::from_secs(2);
     config.handshake_timeout = Duration::from_secs(2);
     config.retention = None;
+    // Claims of huge disks are refused rather than allocated: 2^20 chunks.
+    config.session_memory_max_bytes = 33 << 20;
     let shared = Arc::new(Shared::new(
         Arc::clone(&store),
         config,

@@ -20,6 +20,7 @@
 mod admin;
 mod admin_tls;
 mod alerts;
+mod budget;
 mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -88,6 +89,9 @@ pub struct ServerConfig {
     /// Serve the admin API over mutual TLS, to the admin certificate only
     /// (sources get 403), instead of plain HTTP.
     pub admin_tls: bool,
+    /// Most memory all sessions together may hold for their disks' chunk ids
+    /// (32 bytes per chunk); a session whose disk does not fit is refused.
+    pub session_memory_max_bytes: u64,
 }
 
 impl ServerConfig {
@@ -114,6 +118,8 @@ impl ServerConfig {
             on_rpo_breach: None,
             crl_path: None,
             admin_tls: false,
+            // Enough for the largest valid geometry (2^28 chunks) and a little.
+            session_memory_max_bytes: 9 << 30,
         }
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     nbd_addr: Option<SocketAddr>,
     /// Sources with a session in progress: one session per source at a time.
     active_sources: Mutex<HashSet<SourceId>>,
+    /// Memory sessions have reserved for chunk ids.
+    pub ids_budget: crate::budget::IdsBudget,
 }
 
 /// Proof that a source's session slot is held; frees it when dropped.
@@ -99,6 +101,7 @@ impl Shared {
             alerts: Alerts::default(),
             nbd_addr,
             active_sources: Mutex::new(HashSet::new()),
+            ids_budget: crate::budget::IdsBudget::default(),
         }
     }
 
