@@ -1,10 +1,25 @@
 //! A minimal HTTP/1.1 client for the server's admin API (JSON over a short-lived
 //! connection). The admin API is ours and answers with `Connection: close`, so a
 //! full HTTP client library would add nothing but weight.
+//!
+//! With `--admin-tls-dir DIR` (a server run with `--admin-tls`), requests go over
+//! mutual TLS with DIR/ca.crt, DIR/admin.crt and DIR/admin.key; the server's
+//! certificate must name the host of the admin address.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The certificate directory for admin TLS, set once from the command line.
+static TLS_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Makes every later request use mutual TLS with the admin certificate in `dir`.
+pub fn set_tls_dir(dir: Option<PathBuf>) {
+    let _ = TLS_DIR.set(dir);
+}
 
 /// Most bytes of a response we accept.
 const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -16,9 +31,45 @@ pub async fn request(
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr)
+    let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot reach the admin API at {addr} (is the server running with --admin-listen {addr}?)"))?;
+    match TLS_DIR.get().cloned().flatten() {
+        Some(dir) => {
+            let config = blockrep_pki::client_config(
+                &dir.join("ca.crt"),
+                &dir.join("admin.crt"),
+                &dir.join("admin.key"),
+            )?;
+            let name = server_name(addr)?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS handshake with the admin API at {addr} failed"))?;
+            exchange(stream, addr, method, path, body).await
+        }
+        None => exchange(tcp, addr, method, path, body).await,
+    }
+}
+
+/// The host part of `host:port`, as the name the server's certificate must carry.
+fn server_name(addr: &str) -> Result<rustls::pki_types::ServerName<'static>> {
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_owned())
+        .with_context(|| format!("{host:?} is not a valid server name"))
+}
+
+async fn exchange(
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
     let body = body.unwrap_or("");
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\
@@ -26,6 +77,7 @@ pub async fn request(
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
     let mut response = Vec::new();
     (&mut stream)
         .take(RESPONSE_BYTES_MAX as u64 + 1)

@@ -29,6 +29,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Reach the admin API over mutual TLS (a server run with --admin-tls),
+    /// with ca.crt, admin.crt and admin.key from this directory.
+    #[arg(long, global = true, env = "BLOCKREP_ADMIN_TLS_DIR")]
+    admin_tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,6 +101,22 @@ enum CertCommand {
         #[arg(long)]
         admin: bool,
     },
+    /// Revoke a client certificate: add it to the CA's revocation list
+    /// (DIR/crl.pem), which servers load with --crl (restart them to apply).
+    Revoke {
+        /// Directory holding ca.crt and ca.key (and the certificate).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Revoke DIR/ID.crt, the certificate of this source.
+        #[arg(long, required_unless_present_any = ["admin", "cert"], conflicts_with_all = ["admin", "cert"])]
+        source: Option<String>,
+        /// Revoke DIR/admin.crt.
+        #[arg(long, conflicts_with = "cert")]
+        admin: bool,
+        /// Revoke this certificate file.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
 }
 
 /// TLS files of a client: `--tls-dir` with per-file overrides.
@@ -147,6 +167,23 @@ struct ServerArgs {
     /// Most connections open at once.
     #[arg(long, default_value_t = 1024)]
     connections_max: usize,
+    /// Most memory all sessions together hold for their disks' chunk ids (32
+    /// bytes per chunk: 512 MiB for a 1 TiB disk at 64 KiB chunks); a session whose
+    /// disk does not fit is refused (busy if it would fit later).
+    #[arg(long, default_value = "9GiB", value_parser = units::parse_size)]
+    session_memory_max: u64,
+    /// Time a connection has to finish its TLS handshake and say Hello.
+    #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
+    handshake_timeout: Duration,
+    /// Refuse client certificates revoked by this list (PEM, e.g. the crl.pem
+    /// that `blockrep cert revoke` writes), on every listener.
+    #[arg(long)]
+    crl: Option<PathBuf>,
+    /// Serve the admin API over mutual TLS instead of plain HTTP: only the admin
+    /// certificate (`blockrep cert issue --admin`) is let in; source
+    /// certificates get 403. Clients: `blockrep --admin-tls-dir DIR status ...`.
+    #[arg(long)]
+    admin_tls: bool,
     /// Address of the admin HTTP API (JSON under /v1/, /health, /metrics). Keep
     /// it on loopback unless it is otherwise protected.
     #[arg(long, default_value = "127.0.0.1:7444")]
@@ -466,6 +503,7 @@ struct VerifyArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    admin_client::set_tls_dir(cli.admin_tls_dir.clone());
     let result = match cli.command {
         Command::Cert(command) => cert(command),
         Command::Server(args) => runtime().and_then(|rt| rt.block_on(server(args))),
@@ -552,6 +590,34 @@ fn cert(command: CertCommand) -> Result<()> {
             };
             println!("wrote {} and {}", cert.display(), key.display());
         }
+        CertCommand::Revoke {
+            dir,
+            source,
+            admin,
+            cert,
+        } => {
+            let cert = match (cert, admin, source) {
+                (Some(path), ..) => path,
+                (None, true, _) => dir.join("admin.crt"),
+                (None, false, source) => {
+                    let source = source_id(source.as_deref().unwrap_or_default())?;
+                    dir.join(format!("{source}.crt"))
+                }
+            };
+            let revocation = blockrep_pki::revoke_cert(&dir, &cert)?;
+            println!(
+                "{} {} (serial {}); {} lists {} revoked certificate(s)",
+                if revocation.already_revoked {
+                    "already revoked"
+                } else {
+                    "revoked"
+                },
+                cert.display(),
+                revocation.serial_hex,
+                revocation.crl_path.display(),
+                revocation.revoked_count
+            );
+        }
     }
     Ok(())
 }
@@ -559,6 +625,10 @@ fn cert(command: CertCommand) -> Result<()> {
 async fn server(args: ServerArgs) -> Result<()> {
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
     config.connections_max = args.connections_max;
+    config.handshake_timeout = args.handshake_timeout;
+    config.session_memory_max_bytes = args.session_memory_max;
+    config.crl_path = args.crl;
+    config.admin_tls = args.admin_tls;
     config.admin_listen = Some(args.admin_listen);
     config.rpo_target = args.rpo_target;
     config.stall_after = args.stall_after;

@@ -88,11 +88,12 @@ impl Geometry {
 
     /// Length of chunk `index` in bytes, or `None` past the end of the disk.
     pub fn chunk_len(self, index: u64) -> Option<u32> {
-        let offset = self.chunk_offset(index);
+        // Bounds first: the index may come from a peer, and the offset of an
+        // index far past the end overflows.
         if index >= self.chunk_count() {
             return None;
         }
-        let remaining = self.disk_size_bytes - offset;
+        let remaining = self.disk_size_bytes - self.chunk_offset(index);
         // Fits: remaining is capped by the chunk size, which is a u32.
         Some(remaining.min(u64::from(self.chunk_size_bytes)) as u32)
     }
@@ -115,6 +116,9 @@ mod tests {
         assert_eq!(g.chunk_count(), 3);
         assert_eq!(g.chunk_len(2), Some(1));
         assert_eq!(g.chunk_len(3), None);
+        // Indices whose offset would overflow are simply past the end.
+        assert_eq!(g.chunk_len(u64::MAX), None);
+        assert_eq!(g.chunk_range(u64::MAX / 2), None);
         assert_eq!(g.chunk_range(1), Some(65_536..131_072));
         assert_eq!(g.page_count(), 1);
     }

@@ -20,6 +20,8 @@
 mod diff;
 mod disk;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod geometry;
 mod id;
 mod index;

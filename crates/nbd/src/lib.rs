@@ -131,6 +131,8 @@
 #![warn(missing_docs)]
 
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod server;
 mod transmission;

@@ -82,7 +82,7 @@ pub fn init_ca(dir: &Path, server_names: &[String], force: bool) -> Result<(), E
     Ok(())
 }
 
-fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
+pub(crate) fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path).map_err(|source| Error::Io {

@@ -11,12 +11,14 @@
 mod files;
 mod identity;
 mod issue;
+mod revoke;
 mod tls;
 
 pub use files::{read_certs, read_key};
 pub use identity::{ADMIN_URI, Identity, SOURCE_URI_PREFIX, identity_from_cert};
 pub use issue::{init_ca, issue_admin, issue_source};
-pub use tls::{client_config, server_config};
+pub use revoke::{CRL_FILE_NAME, Revocation, read_crls, revoke_cert};
+pub use tls::{client_config, server_config, server_config_with_crls};
 
 /// Errors of this crate: a message naming the file or step that failed.
 #[derive(Debug, thiserror::Error)]

@@ -498,11 +498,12 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
         8 => {
             let code = ErrorCode::from_u16(r.u16("error code")?);
             let len = r.u16("message length")? as usize;
+            // Strict UTF-8, like every other string: a lossy decode would log
+            // and act on text other than the bytes received.
             let raw = r.bytes(len, ERROR_MESSAGE_MAX_LEN, "error message")?;
-            Message::Error {
-                code,
-                message: String::from_utf8_lossy(&raw).into_owned(),
-            }
+            let message = String::from_utf8(raw.to_vec())
+                .map_err(|_| malformed("error message is not UTF-8"))?;
+            Message::Error { code, message }
         }
         other => {
             return Err(ProtoError::new(

@@ -26,6 +26,8 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 mod message;
 
 pub use codec::{FRAME_HEADER_LEN, decode, encode, encode_chunk_header};

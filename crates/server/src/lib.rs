@@ -18,8 +18,12 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_tls;
 mod alerts;
+mod budget;
 mod connection;
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod listener;
 mod maintenance;
@@ -85,6 +89,15 @@ pub struct ServerConfig {
     /// once when it recovers, with `BLOCKREP_EVENT`, `BLOCKREP_SOURCE`,
     /// `BLOCKREP_LAG_SECONDS` and `BLOCKREP_RPO_TARGET_SECONDS` set.
     pub on_rpo_breach: Option<String>,
+    /// Certificate revocation lists (PEM) checked against every client
+    /// certificate, on every listener; `None` checks none.
+    pub crl_path: Option<PathBuf>,
+    /// Serve the admin API over mutual TLS, to the admin certificate only
+    /// (sources get 403), instead of plain HTTP.
+    pub admin_tls: bool,
+    /// Most memory all sessions together may hold for their disks' chunk ids
+    /// (32 bytes per chunk); a session whose disk does not fit is refused.
+    pub session_memory_max_bytes: u64,
 }
 
 impl ServerConfig {
@@ -111,6 +124,10 @@ impl ServerConfig {
             pack_size_max_bytes: None,
             alert_interval: Duration::from_millis(500),
             on_rpo_breach: None,
+            crl_path: None,
+            admin_tls: false,
+            // Enough for the largest valid geometry (2^28 chunks) and a little.
+            session_memory_max_bytes: 9 << 30,
         }
     }
 }

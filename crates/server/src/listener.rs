@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     nbd_addr: Option<SocketAddr>,
     /// Sources with a session in progress: one session per source at a time.
     active_sources: Mutex<HashSet<SourceId>>,
+    /// Memory sessions have reserved for chunk ids.
+    pub ids_budget: crate::budget::IdsBudget,
 }
 
 /// Proof that a source's session slot is held; frees it when dropped.
@@ -83,6 +85,26 @@ impl Drop for SourceSlot {
 }
 
 impl Shared {
+    pub(crate) fn new(
+        store: Arc<Store>,
+        config: ServerConfig,
+        sources: SourceTable,
+        nbd_addr: Option<SocketAddr>,
+    ) -> Self {
+        Self {
+            store,
+            config,
+            stats: ServerStats::default(),
+            sources,
+            metrics: Metrics::default(),
+            health: Health::default(),
+            alerts: Alerts::default(),
+            nbd_addr,
+            active_sources: Mutex::new(HashSet::new()),
+            ids_budget: crate::budget::IdsBudget::default(),
+        }
+    }
+
     /// Address of the NBD listener serving launch volumes, if enabled.
     pub(crate) fn nbd_addr(&self) -> Option<SocketAddr> {
         self.nbd_addr
@@ -167,8 +189,16 @@ impl Server {
             record.lifecycle = lifecycle;
             sources.insert(source, record);
         }
-        let tls =
-            blockrep_pki::server_config(&config.ca_path, &config.cert_path, &config.key_path)?;
+        let crls = match &config.crl_path {
+            Some(path) => blockrep_pki::read_crls(path)?,
+            None => Vec::new(),
+        };
+        let tls = blockrep_pki::server_config_with_crls(
+            &config.ca_path,
+            &config.cert_path,
+            &config.key_path,
+            crls,
+        )?;
         let tls = Arc::new(tls);
         let listener = TcpListener::bind(config.listen)
             .await
@@ -199,17 +229,7 @@ impl Server {
             nbd_listener,
             tls: Arc::clone(&tls),
             acceptor: TlsAcceptor::from(tls),
-            shared: Arc::new(Shared {
-                store: Arc::new(store),
-                config,
-                stats: ServerStats::default(),
-                sources,
-                metrics: Metrics::default(),
-                health: Health::default(),
-                alerts: Alerts::default(),
-                nbd_addr,
-                active_sources: Mutex::new(HashSet::new()),
-            }),
+            shared: Arc::new(Shared::new(Arc::new(store), config, sources, nbd_addr)),
         })
     }
 
@@ -244,14 +264,25 @@ impl Server {
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         if let Some(admin_listener) = self.admin_listener {
             let router = crate::admin::router(Arc::clone(&self.shared));
-            tokio::spawn(async move {
-                let serve = axum::serve(admin_listener, router).with_graceful_shutdown(async {
-                    let _ = admin_stopped.await;
+            let stopped = async {
+                let _ = admin_stopped.await;
+            };
+            if self.shared.config.admin_tls {
+                serve_admin_tls(
+                    admin_listener,
+                    self.acceptor.clone(),
+                    &self.shared,
+                    router,
+                    stopped,
+                );
+            } else {
+                tokio::spawn(async move {
+                    let serve = axum::serve(admin_listener, router).with_graceful_shutdown(stopped);
+                    if let Err(e) = serve.await {
+                        warn!(error = %e, "admin API stopped");
+                    }
                 });
-                if let Err(e) = serve.await {
-                    warn!(error = %e, "admin API stopped");
-                }
-            });
+            }
         }
         let _stop_admin = stop_admin; // dropped when `run` returns: stops the admin API
         let (stop_nbd, nbd_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -321,6 +352,35 @@ impl Server {
         self.shared.health.set_accepting(false);
         info!("replication listener stopped");
     }
+}
+
+/// Serves the admin API over mutual TLS, to the admin identity only.
+fn serve_admin_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: &Arc<Shared>,
+    router: axum::Router,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) {
+    use crate::admin_tls::{AdminPeer, AdminTlsListener, require_admin};
+    let listener = match AdminTlsListener::spawn(listener, acceptor, Arc::clone(shared)) {
+        Ok(listener) => listener,
+        Err(e) => {
+            warn!(error = %e, "admin API over TLS not started");
+            return;
+        }
+    };
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        Arc::clone(shared),
+        require_admin,
+    ));
+    tokio::spawn(async move {
+        let service = router.into_make_service_with_connect_info::<AdminPeer>();
+        let serve = axum::serve(listener, service).with_graceful_shutdown(stopped);
+        if let Err(e) = serve.await {
+            warn!(error = %e, "admin API stopped");
+        }
+    });
 }
 
 async fn handle_connection(

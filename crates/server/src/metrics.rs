@@ -88,6 +88,28 @@ impl HandshakeFailure {
     }
 }
 
+/// Why a request to the admin API over TLS was refused, as counted in
+/// `blockrep_admin_requests_refused_total`. (Handshake failures on the admin
+/// listener count in `blockrep_handshake_failures_total` like any other.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AdminRefusal {
+    /// A valid certificate of a source: agents may not operate the server.
+    SourceCertificate,
+    /// A certificate from the CA that carries no valid blockrep identity.
+    NoIdentity,
+}
+
+impl AdminRefusal {
+    const ALL: [AdminRefusal; 2] = [AdminRefusal::SourceCertificate, AdminRefusal::NoIdentity];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AdminRefusal::SourceCertificate => "source_certificate",
+            AdminRefusal::NoIdentity => "no_identity",
+        }
+    }
+}
+
 /// Bucket upper bounds of `blockrep_epoch_commit_duration_seconds`: from a
 /// cached fsync to a slow disk under load.
 const COMMIT_DURATION_BUCKETS_SECONDS: [f64; 12] = [
@@ -165,6 +187,8 @@ pub(crate) struct Metrics {
     sessions_rejected: Mutex<BTreeMap<String, u64>>,
     /// Garbage collector runs; the collector increments it when it runs.
     pub gc_runs_total: AtomicU64,
+    /// Admin API requests refused over `--admin-tls`, by [`AdminRefusal`].
+    admin_refused: [AtomicU64; AdminRefusal::ALL.len()],
     epoch_commit_duration: Histogram,
     epoch_size: Histogram,
 }
@@ -176,6 +200,7 @@ impl Default for Metrics {
             handshake_failures: Default::default(),
             sessions_rejected: Mutex::new(known_codes_at_zero()),
             gc_runs_total: AtomicU64::new(0),
+            admin_refused: Default::default(),
             epoch_commit_duration: Histogram::new(&COMMIT_DURATION_BUCKETS_SECONDS),
             epoch_size: Histogram::new(&EPOCH_SIZE_BUCKETS_BYTES),
         }
@@ -205,6 +230,14 @@ impl Metrics {
             .position(|&r| r == reason)
             .unwrap_or(HandshakeFailure::ALL.len() - 1);
         self.handshake_failures[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn admin_refused(&self, reason: AdminRefusal) {
+        let index = AdminRefusal::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .unwrap_or(AdminRefusal::ALL.len() - 1);
+        self.admin_refused[index].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn session_rejected(&self, code: ErrorCode) {
@@ -295,6 +328,7 @@ pub(crate) struct Scrape {
     pub connections_refused_total: u64,
     pub handshake_failures_total: Vec<(&'static str, u64)>,
     pub sessions_rejected_total: BTreeMap<String, u64>,
+    pub admin_requests_refused_total: Vec<(&'static str, u64)>,
     pub chunks_received_total: u64,
     pub gc_runs_total: u64,
     epoch_commit_duration: Option<(&'static [f64], HistogramCounts)>,
@@ -358,6 +392,11 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
+        admin_requests_refused_total: AdminRefusal::ALL
+            .iter()
+            .zip(&metrics.admin_refused)
+            .map(|(reason, count)| (reason.as_str(), count.load(Ordering::Relaxed)))
+            .collect(),
         chunks_received_total: stats.chunks_received_total.load(Ordering::Relaxed),
         gc_runs_total: metrics.gc_runs_total.load(Ordering::Relaxed),
         epoch_commit_duration: Some((
@@ -666,6 +705,18 @@ pub(crate) fn render(scrape: &Scrape) -> String {
         x.sample(
             "blockrep_sessions_rejected_total",
             &[("code", code)],
+            Value::Int(*count),
+        );
+    }
+    x.family(
+        "blockrep_admin_requests_refused_total",
+        "counter",
+        "Admin API requests refused over --admin-tls, by reason (source_certificate, no_identity).",
+    );
+    for (reason, count) in &scrape.admin_requests_refused_total {
+        x.sample(
+            "blockrep_admin_requests_refused_total",
+            &[("reason", reason)],
             Value::Int(*count),
         );
     }

@@ -212,6 +212,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let geometry = Geometry::new(disk_size_bytes, chunk_size_bytes)
             .map_err(|e| Reject::new(ErrorCode::BadFrame, format!("invalid geometry: {e}")))?;
+        let _ids = self.shared.reserve_ids(geometry)?;
         let Some(_slot) = self.shared.claim_source(&self.source) else {
             return Err(Reject::new(
                 ErrorCode::Busy,

@@ -56,13 +56,24 @@ impl Pki {
     /// validation of `blockrep cert issue` (to test the server's own checks).
     /// Writes `stem.crt`/`stem.key`.
     pub fn issue_raw_uri(&self, stem: &str, uri: &str) {
+        self.issue_with(stem, &[uri], |_| {});
+    }
+
+    /// Signs a client certificate with the real CA whose SAN holds every URI of
+    /// `uris`, after `edit` has changed its parameters (validity, key usage...).
+    /// Writes `stem.crt`/`stem.key`.
+    pub fn issue_with(&self, stem: &str, uris: &[&str], edit: impl FnOnce(&mut CertificateParams)) {
         let ca_key = KeyPair::from_pem(&std::fs::read_to_string(self.key("ca")).unwrap()).unwrap();
         let issuer =
             Issuer::from_ca_cert_pem(&std::fs::read_to_string(self.cert("ca")).unwrap(), ca_key)
                 .unwrap();
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        params.subject_alt_names = uris
+            .iter()
+            .map(|uri| SanType::URI((*uri).try_into().unwrap()))
+            .collect();
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        edit(&mut params);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
         std::fs::write(self.cert(stem), cert.pem()).unwrap();
@@ -151,6 +162,11 @@ impl ServerProcess {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits until the log contains `needle`, up to `timeout`.
