@@ -8,8 +8,10 @@ use blockrep_core::{
 };
 use std::collections::HashSet;
 
-use blockrep_proto::{Codec, GET_PAGES_MAX, Message, OFFER_IDS_MAX, PROTOCOL_VERSION, encode};
-use bytes::{Bytes, BytesMut};
+use blockrep_proto::{
+    CHUNK_HEADER_LEN, Codec, GET_PAGES_MAX, Message, OFFER_IDS_MAX, PROTOCOL_VERSION, chunk_header,
+};
+use bytes::Bytes;
 use tracing::debug;
 
 /// Epochs with less than this to send show no progress bar.
@@ -150,6 +152,15 @@ impl Session {
             head_ids,
             head_root,
         })
+    }
+
+    /// A `Chunk` frame that refers to data the server holds (no data follows).
+    fn reference(&self, index: u64, id: &ChunkId) -> [u8; CHUNK_HEADER_LEN] {
+        let raw_len = self
+            .geometry
+            .chunk_len(index)
+            .expect("changed chunks lie on the disk");
+        chunk_header(index, id, Codec::Ref, raw_len, 0)
     }
 
     /// Sends the agent's side of the cutover downtime.
@@ -406,27 +417,12 @@ impl Session {
             .clone()
             .expect("head ids are known after the diff");
         let mut to_encode = Vec::with_capacity(changed.len());
-        let mut scratch = BytesMut::new();
         for &index in &changed {
             let id = scan.ids[index as usize];
             if !id.is_zero() && held.contains(&id) {
-                let raw_len = self
-                    .geometry
-                    .chunk_len(index)
-                    .expect("changed chunks lie on the disk");
-                scratch.clear();
-                encode(
-                    &Message::Chunk {
-                        index,
-                        id,
-                        codec: Codec::Ref,
-                        raw_len,
-                        data: Bytes::new(),
-                    },
-                    &mut scratch,
-                );
-                self.connection.write_raw(&scratch).await?;
-                report.bytes_sent += scratch.len() as u64;
+                let frame = self.reference(index, &id);
+                self.connection.write_raw(&frame).await?;
+                report.bytes_sent += frame.len() as u64;
                 report.ref_chunks_sent += 1;
                 view[index as usize] = id;
             } else {
@@ -460,19 +456,7 @@ impl Session {
             } else if !sent_ids.insert(encoded.id) {
                 // A duplicate of a chunk sent earlier in this epoch: a reference does.
                 report.ref_chunks_sent += 1;
-                scratch.clear();
-                let raw_len = self.geometry.chunk_len(encoded.index).expect("on the disk");
-                encode(
-                    &Message::Chunk {
-                        index: encoded.index,
-                        id: encoded.id,
-                        codec: Codec::Ref,
-                        raw_len,
-                        data: Bytes::new(),
-                    },
-                    &mut scratch,
-                );
-                scratch.split().freeze()
+                Bytes::copy_from_slice(&self.reference(encoded.index, &encoded.id))
             } else {
                 report.chunks_sent += 1;
                 report.raw_bytes_sent += encoded.raw_len;

@@ -5,14 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk};
-use blockrep_proto::{Codec, Message, encode, encode_chunk_header};
+use blockrep_proto::{CHUNK_HEADER_LEN, Codec, chunk_header};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::{AdaptiveCompression, Compression, Error};
 
-/// Bytes of a `Chunk` frame before its data.
-const CHUNK_HEADER_LEN: usize = 4 + 1 + 8 + 32 + 1 + 4 + 4;
 /// Bytes of frames in flight between the workers and the socket: bounds memory.
 const WINDOW_BYTES: usize = 16 * 1024 * 1024;
 /// Chunks a worker takes at a time.
@@ -101,69 +99,41 @@ impl ChunkEncoder {
             .chunk_range(index)
             .expect("changed chunks lie on the disk");
         let raw_len = range.len();
-        // Copy once, out of the mapping, straight into the frame; then hash the copy,
-        // so the id always matches the bytes that travel.
-        let mut frame = BytesMut::with_capacity(CHUNK_HEADER_LEN + raw_len);
-        frame.resize(CHUNK_HEADER_LEN, 0);
-        frame.resize(CHUNK_HEADER_LEN + raw_len, 0);
-        // Read with pread rather than through the scan's mapping: scattered reads
-        // through a mapping leave whole page-cache folios mapped, so resident
-        // memory would grow with the disk instead of with the window.
+        // Read once, straight into the frame behind room for its header; then hash
+        // that copy, so the id always matches the bytes that travel. pread rather
+        // than the scan's mapping: scattered reads through a mapping leave whole
+        // page-cache folios mapped, so resident memory would grow with the disk.
+        let mut frame = BytesMut::zeroed(CHUNK_HEADER_LEN + raw_len);
         disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..])
             .map_err(|e| {
                 Error::DiskChanged(format!("cannot read chunk {index} of the disk: {e}"))
             })?;
         let id = hash_chunk(&frame[CHUNK_HEADER_LEN..]);
-        if id.is_zero() {
-            let mut zero = BytesMut::with_capacity(CHUNK_HEADER_LEN);
-            encode(
-                &Message::Chunk {
-                    index,
-                    id,
-                    codec: Codec::Zero,
-                    raw_len: raw_len as u32,
-                    data: Bytes::new(),
-                },
-                &mut zero,
-            );
-            return Ok(Encoded {
-                index,
-                id,
-                frame: zero.freeze(),
-                raw_len: 0,
-            });
-        }
-        if let Some(compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
-            let mut out = BytesMut::with_capacity(CHUNK_HEADER_LEN + compressed.len());
-            encode_chunk_header(
-                &mut out,
-                index,
-                &id,
-                Codec::Zstd,
-                raw_len as u32,
-                compressed.len(),
-            );
-            out.extend_from_slice(&compressed);
-            return Ok(Encoded {
-                index,
-                id,
-                frame: out.freeze(),
-                raw_len: raw_len as u64,
-            });
-        }
-        let mut header = BytesMut::with_capacity(CHUNK_HEADER_LEN);
-        encode_chunk_header(&mut header, index, &id, Codec::Raw, raw_len as u32, raw_len);
-        debug_assert_eq!(header.len(), CHUNK_HEADER_LEN);
-        frame[..CHUNK_HEADER_LEN].copy_from_slice(&header);
+        let (frame, raw_sent) = if id.is_zero() {
+            let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, 0);
+            (BytesMut::from(&header[..]), 0)
+        } else if let Some(mut compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
+            let data_len = compressed.len() - CHUNK_HEADER_LEN;
+            let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data_len);
+            compressed[..CHUNK_HEADER_LEN].copy_from_slice(&header);
+            (compressed, raw_len as u64)
+        } else {
+            let header = chunk_header(index, &id, Codec::Raw, raw_len as u32, raw_len);
+            frame[..CHUNK_HEADER_LEN].copy_from_slice(&header);
+            (frame, raw_len as u64)
+        };
         Ok(Encoded {
             index,
             id,
             frame: frame.freeze(),
-            raw_len: raw_len as u64,
+            raw_len: raw_sent,
         })
     }
 
-    fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+    /// Compresses `data` into a new frame buffer (header room first) when it
+    /// shrinks by at least an eighth: the output buffer is only that large, so
+    /// zstd stops as soon as it cannot pay, and nothing is copied afterwards.
+    fn try_compress(&mut self, data: &[u8]) -> Option<BytesMut> {
         let compressor = self.compressor.as_mut()?;
         if self.skip > 0 {
             self.skip -= 1;
@@ -174,17 +144,24 @@ impl ChunkEncoder {
         {
             return None;
         }
+        let limit = data.len() - data.len() / 8 - 1;
+        let mut out = BytesMut::zeroed(CHUNK_HEADER_LEN + limit);
         let started = std::time::Instant::now();
-        let result = compressor.compress(data);
-        if let (Some(adaptive), Ok(compressed)) = (&self.adaptive, &result) {
-            adaptive.record_compression(data.len(), compressed.len(), started.elapsed());
+        let result = compressor.compress_to_buffer(data, &mut out[CHUNK_HEADER_LEN..]);
+        if let Some(adaptive) = &self.adaptive {
+            // A chunk that does not fit counts as not compressing at all.
+            let output = *result.as_ref().unwrap_or(&data.len());
+            adaptive.record_compression(data.len(), output, started.elapsed());
             if !adaptive.enabled() {
                 return None; // a sample, taken only to measure
             }
         }
         match result {
-            Ok(compressed) if compressed.len() < data.len() - data.len() / 8 => Some(compressed),
-            _ => {
+            Ok(written) => {
+                out.truncate(CHUNK_HEADER_LEN + written);
+                Some(out)
+            }
+            Err(_) => {
                 self.skip = INCOMPRESSIBLE_SKIP;
                 None
             }

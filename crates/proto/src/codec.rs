@@ -163,8 +163,32 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
     out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
 }
 
-/// Writes only the header of a `Chunk` frame whose `data_len` data bytes the caller
-/// writes next, so that chunk data can go to the socket without another copy.
+/// Bytes of a `Chunk` frame before its data.
+pub const CHUNK_HEADER_LEN: usize = 4 + 1 + 8 + 32 + 1 + 4 + 4;
+
+/// The header of a `Chunk` frame whose `data_len` data bytes follow it, as an
+/// array: a sender can write it in front of data already in its buffer, so that
+/// chunk data is copied once (into the frame) and never again.
+pub fn chunk_header(
+    index: u64,
+    id: &ChunkId,
+    codec: Codec,
+    raw_len: u32,
+    data_len: usize,
+) -> [u8; CHUNK_HEADER_LEN] {
+    let mut out = [0u8; CHUNK_HEADER_LEN];
+    let body_len = (CHUNK_HEADER_LEN - 4 + data_len) as u32;
+    out[0..4].copy_from_slice(&body_len.to_le_bytes());
+    out[4] = 5;
+    out[5..13].copy_from_slice(&index.to_le_bytes());
+    out[13..45].copy_from_slice(id.as_bytes());
+    out[45] = codec as u8;
+    out[46..50].copy_from_slice(&raw_len.to_le_bytes());
+    out[50..54].copy_from_slice(&(data_len as u32).to_le_bytes());
+    out
+}
+
+/// Appends the header of a `Chunk` frame (see [`chunk_header`]).
 pub fn encode_chunk_header(
     out: &mut BytesMut,
     index: u64,
@@ -173,10 +197,7 @@ pub fn encode_chunk_header(
     raw_len: u32,
     data_len: usize,
 ) {
-    let body_len = 1 + 8 + 32 + 1 + 4 + 4 + data_len;
-    out.put_u32_le(body_len as u32);
-    out.put_u8(5);
-    put_chunk_fields(out, index, id, codec, raw_len, data_len);
+    out.put_slice(&chunk_header(index, id, codec, raw_len, data_len));
 }
 
 fn put_chunk_fields(

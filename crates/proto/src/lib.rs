@@ -30,7 +30,9 @@ mod codec;
 pub mod fuzzing;
 mod message;
 
-pub use codec::{FRAME_HEADER_LEN, decode, encode, encode_chunk_header};
+pub use codec::{
+    CHUNK_HEADER_LEN, FRAME_HEADER_LEN, chunk_header, decode, encode, encode_chunk_header,
+};
 pub use message::{
     Codec, ErrorCode, Message, PROTOCOL_VERSION, ProtoError, ProtoErrorKind, negotiate_version,
 };

@@ -554,6 +554,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let (root, pages) = replica.build_root();
         let root_id = root.id();
+        let committed_page_ids = root.page_ids().to_vec();
         // An epoch that changed nothing (an idle disk) is acknowledged without
         // touching the disk: the replica is unchanged and the agent's scan only
         // tells us it is still current.
@@ -600,7 +601,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })?;
             pages_stored = stats.pages_stored;
             replica.head_epoch = epoch;
-            replica.page_ids = replica.build_root().0.page_ids().to_vec();
+            replica.page_ids = committed_page_ids;
             replica.dirty_pages.clear();
         }
         let bytes_received = self.connection.bytes_read - counters.bytes_at_start;
