@@ -864,19 +864,13 @@ fn print_cutover(report: &blockrep_agent::CutoverReport) {
 async fn cutover(args: CutoverArgs) -> Result<()> {
     let admin = &args.admin.admin;
     if args.reset {
-        let text = admin_call(
-            admin,
-            "POST",
-            &format!("/v1/sources/{}/reset", args.source),
-            None,
-        )
-        .await?;
-        if args.admin.json {
-            println!("{text}")
-        } else {
-            println!("source {} reset: replication allowed again", args.source)
-        }
-        return Ok(());
+        let path = format!("/v1/sources/{}/reset", args.source);
+        return args
+            .admin
+            .show("POST", &path, None, |_: serde_json::Value| {
+                println!("source {} reset: replication allowed again", args.source);
+            })
+            .await;
     }
     admin_call(
         admin,
@@ -931,19 +925,12 @@ async fn cutover(args: CutoverArgs) -> Result<()> {
 
 async fn failback(args: FailbackArgs) -> Result<()> {
     if let Some(FailbackCommand::Complete { source, admin }) = &args.command {
-        let text = admin_call(
-            &admin.admin,
-            "POST",
-            &format!("/v1/sources/{source}/failback/complete"),
-            None,
-        )
-        .await?;
-        if admin.json {
-            println!("{text}")
-        } else {
-            println!("failback of {source}: final pass requested")
-        }
-        return Ok(());
+        let path = format!("/v1/sources/{source}/failback/complete");
+        return admin
+            .show("POST", &path, None, |_: serde_json::Value| {
+                println!("failback of {source}: final pass requested");
+            })
+            .await;
     }
     let need = |value: &Option<String>, flag: &str| {
         value
@@ -1099,7 +1086,33 @@ fn print_launches(launches: &[blockrep_server::LaunchView]) {
     }
 }
 
+impl AdminArgs {
+    /// Calls the admin API and prints the answer: its JSON with `--json`,
+    /// otherwise what `human` makes of it.
+    async fn show<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        human: impl FnOnce(T),
+    ) -> Result<()> {
+        let text = admin_call(&self.admin, method, path, body).await?;
+        if self.json {
+            println!("{text}");
+        } else {
+            human(serde_json::from_str(&text).context("unexpected JSON from the admin API")?);
+        }
+        Ok(())
+    }
+}
+
+/// The admin path of a list, filtered by source when one is given.
+fn list_path(base: &str, source: Option<String>) -> String {
+    source.map_or_else(|| base.to_owned(), |s| format!("{base}?source={s}"))
+}
+
 async fn snapshot(command: SnapshotCommand) -> Result<()> {
+    use blockrep_server::SnapshotView;
     match command {
         SnapshotCommand::Create {
             source,
@@ -1108,54 +1121,40 @@ async fn snapshot(command: SnapshotCommand) -> Result<()> {
             admin,
         } => {
             let body = serde_json::json!({ "source": source, "name": name, "ttl_seconds": ttl.map(|t| t.as_secs_f64()) });
-            let text = admin_call(&admin.admin, "POST", "/v1/snapshots", Some(body)).await?;
-            if admin.json {
-                println!("{text}");
-            } else {
-                let view: blockrep_server::SnapshotView = serde_json::from_str(&text)?;
-                println!(
-                    "snapshot {} of {} at epoch {} (root {})",
-                    view.name, view.source, view.epoch, view.root
-                );
-            }
+            admin
+                .show("POST", "/v1/snapshots", Some(body), |v: SnapshotView| {
+                    println!(
+                        "snapshot {} of {} at epoch {} (root {})",
+                        v.name, v.source, v.epoch, v.root
+                    );
+                })
+                .await
         }
         SnapshotCommand::List { source, admin } => {
-            let path = source.map_or_else(
-                || "/v1/snapshots".to_owned(),
-                |s| format!("/v1/snapshots?source={s}"),
-            );
-            let text = admin_call(&admin.admin, "GET", &path, None).await?;
-            if admin.json {
-                println!("{text}");
-            } else {
-                print_snapshots(&serde_json::from_str::<Vec<blockrep_server::SnapshotView>>(
-                    &text,
-                )?);
-            }
+            let path = list_path("/v1/snapshots", source);
+            admin
+                .show("GET", &path, None, |list: Vec<SnapshotView>| {
+                    print_snapshots(&list)
+                })
+                .await
         }
         SnapshotCommand::Delete {
             source,
             name,
             admin,
         } => {
-            let text = admin_call(
-                &admin.admin,
-                "DELETE",
-                &format!("/v1/snapshots/{source}/{name}"),
-                None,
-            )
-            .await?;
-            if admin.json {
-                println!("{text}")
-            } else {
-                println!("deleted snapshot {name} of {source}")
-            }
+            let path = format!("/v1/snapshots/{source}/{name}");
+            admin
+                .show("DELETE", &path, None, |_: serde_json::Value| {
+                    println!("deleted snapshot {name} of {source}");
+                })
+                .await
         }
     }
-    Ok(())
 }
 
 async fn launch(command: LaunchCommand) -> Result<()> {
+    use blockrep_server::LaunchView;
     match command {
         LaunchCommand::Create {
             source,
@@ -1169,53 +1168,35 @@ async fn launch(command: LaunchCommand) -> Result<()> {
                 LaunchKindArg::Cutover => "cutover",
             };
             let body = serde_json::json!({ "source": source, "snapshot": snapshot, "name": name, "kind": kind });
-            let text = admin_call(&admin.admin, "POST", "/v1/launches", Some(body)).await?;
-            if admin.json {
-                println!("{text}");
-            } else {
-                let view: blockrep_server::LaunchView = serde_json::from_str(&text)?;
-                match &view.nbd_uri {
-                    Some(uri) => println!(
-                        "launch {} of {} from snapshot {}: {uri}",
-                        view.name, view.source, view.snapshot
-                    ),
-                    None => println!(
-                        "launch {} of {} from snapshot {} (the server has no NBD listener)",
-                        view.name, view.source, view.snapshot
-                    ),
-                }
-            }
+            admin
+                .show("POST", "/v1/launches", Some(body), |v: LaunchView| {
+                    let served = v
+                        .nbd_uri
+                        .unwrap_or_else(|| "(the server has no NBD listener)".to_owned());
+                    println!(
+                        "launch {} of {} from snapshot {}: {served}",
+                        v.name, v.source, v.snapshot
+                    );
+                })
+                .await
         }
         LaunchCommand::List { source, admin } => {
-            let path = source.map_or_else(
-                || "/v1/launches".to_owned(),
-                |s| format!("/v1/launches?source={s}"),
-            );
-            let text = admin_call(&admin.admin, "GET", &path, None).await?;
-            if admin.json {
-                println!("{text}");
-            } else {
-                print_launches(&serde_json::from_str::<Vec<blockrep_server::LaunchView>>(
-                    &text,
-                )?);
-            }
+            let path = list_path("/v1/launches", source);
+            admin
+                .show("GET", &path, None, |list: Vec<LaunchView>| {
+                    print_launches(&list)
+                })
+                .await
         }
         LaunchCommand::Delete { name, admin } => {
-            let text = admin_call(
-                &admin.admin,
-                "DELETE",
-                &format!("/v1/launches/{name}"),
-                None,
-            )
-            .await?;
-            if admin.json {
-                println!("{text}")
-            } else {
-                println!("deleted launch {name}")
-            }
+            let path = format!("/v1/launches/{name}");
+            admin
+                .show("DELETE", &path, None, |_: serde_json::Value| {
+                    println!("deleted launch {name}")
+                })
+                .await
         }
     }
-    Ok(())
 }
 
 fn human_bytes(bytes: u64) -> String {
