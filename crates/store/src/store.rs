@@ -1026,44 +1026,12 @@ mod tests {
     use blockrep_core::scan_buffer;
     use std::io::Write;
 
-    fn source() -> SourceId {
-        SourceId::new("src-1").unwrap()
-    }
+    use crate::testutil::{sample_disk, source};
 
-    /// Stores every non-zero chunk of `disk` and commits it as `epoch`.
+    /// Stores every non-zero chunk of `disk` and commits it as `epoch` of the
+    /// test source.
     fn commit_disk(store: &Store, disk: &[u8], geometry: Geometry, epoch: u64) -> Head {
-        let ids = scan_buffer(disk, geometry);
-        for (index, id) in ids.iter().enumerate() {
-            if !id.is_zero() {
-                let range = geometry.chunk_range(index as u64).unwrap();
-                store
-                    .insert(
-                        BlobKind::Chunk,
-                        *id,
-                        StoredCodec::Raw,
-                        range.len() as u32,
-                        &disk[range],
-                    )
-                    .unwrap();
-            }
-        }
-        let (root, pages) = Root::build(geometry, &ids);
-        store
-            .commit(&source(), epoch, &root, &pages, 1)
-            .unwrap()
-            .head
-    }
-
-    fn sample_disk(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| {
-                if (i / 4096) % 3 == 0 {
-                    0
-                } else {
-                    (i as u8).wrapping_mul(seed) ^ (i >> 12) as u8
-                }
-            })
-            .collect()
+        crate::testutil::commit_disk(store, &source(), disk, geometry, epoch)
     }
 
     #[test]
