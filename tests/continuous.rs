@@ -14,19 +14,6 @@ use common::*;
 const MIB: usize = 1 << 20;
 const CHUNK: u32 = 65_536;
 
-fn agent_args<'a>(disk: &'a str, server: &'a str, source: &'a str, tls: &'a str) -> Vec<&'a str> {
-    vec![
-        "--disk",
-        disk,
-        "--to",
-        server,
-        "--source",
-        source,
-        "--tls-dir",
-        tls,
-    ]
-}
-
 #[test]
 fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
     let pki = Pki::new(&["web"]);

@@ -208,19 +208,10 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
 
     // The cutover volume equals the disk as it was when the writer stopped.
     let uri = format!("nbd://{}/{}", server.nbd_addr.unwrap(), record.launch);
-    let compare = run_tool(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &uri,
-            disk.to_str().unwrap(),
-        ],
+    assert!(
+        qemu_img_identical(&uri, &disk),
+        "cutover volume differs from the disk at stop time"
     );
-    assert!(compare.contains("Images are identical"), "{compare}");
 
     // The workload runs on the cutover volume now: writes over NBD.
     run_tool(

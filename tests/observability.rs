@@ -85,19 +85,6 @@ fn assert_monotonic(before: &Samples, after: &Samples) {
     }
 }
 
-fn agent_args<'a>(disk: &'a str, server: &'a str, source: &'a str, tls: &'a str) -> Vec<&'a str> {
-    vec![
-        "--disk",
-        disk,
-        "--to",
-        server,
-        "--source",
-        source,
-        "--tls-dir",
-        tls,
-    ]
-}
-
 #[test]
 fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
     if !have_tool("promtool") {

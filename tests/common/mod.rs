@@ -76,8 +76,9 @@ pub fn have_qemu_img() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// `qemu-img compare` of two raw images: true when it says identical.
-pub fn qemu_img_identical(a: &Path, b: &Path) -> bool {
+/// `qemu-img compare` of two raw images (files or NBD URIs): true when it says
+/// identical.
+pub fn qemu_img_identical(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi::OsStr>) -> bool {
     let output = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(a)
@@ -114,6 +115,25 @@ pub fn admin_request(
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (code, body.to_owned())
+}
+
+/// The agent's arguments naming its disk, server, source and certificates.
+pub fn agent_args<'a>(
+    disk: &'a str,
+    server: &'a str,
+    source: &'a str,
+    tls: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--disk",
+        disk,
+        "--to",
+        server,
+        "--source",
+        source,
+        "--tls-dir",
+        tls,
+    ]
 }
 
 /// Runs an external tool; panics with its output if it fails.
