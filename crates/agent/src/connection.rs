@@ -85,8 +85,16 @@ impl Connection {
                     Ok(_) => {}
                     Err(e) => {
                         // In TLS 1.3 a rejected client certificate shows up here, as an
-                        // alert after the handshake seemed to succeed.
-                        let _ = tx.send(Err(Error::Lost(e.to_string()))).await;
+                        // alert after the handshake seemed to succeed; tokio-rustls
+                        // carries the rustls error inside the io::Error.
+                        let error = match e
+                            .get_ref()
+                            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                        {
+                            Some(rustls::Error::AlertReceived(alert)) => Error::Alert(*alert),
+                            _ => Error::Lost(e.to_string()),
+                        };
+                        let _ = tx.send(Err(error)).await;
                         return;
                     }
                 }

@@ -117,13 +117,10 @@ impl Session {
                 )));
             }
             // In TLS 1.3 the server checks the client certificate after the
-            // client's side of the handshake is done, so a rejection arrives here.
-            Err(Error::Lost(reason)) if reason.contains("alert") => {
-                return Err(Error::CertificateRejected(format!(
-                    "server closed the session before Welcome ({reason}); this is how a client \
-                     certificate the server does not accept is reported: check that it was \
-                     issued by the server's CA for this source and has not expired"
-                )));
+            // client's side of the handshake is done, so a rejection arrives here
+            // as the alert the server's verifier chose.
+            Err(Error::Alert(alert)) => {
+                return Err(Error::CertificateRejected(certificate_rejected(alert)));
             }
             Err(e) => return Err(e),
         };
@@ -509,6 +506,28 @@ impl Session {
         report.transfer_duration = transfer_started.elapsed();
         Ok(Some(report))
     }
+}
+
+/// Explains a TLS alert received before `Welcome`: the server's verdict on
+/// this agent's certificate, in words an operator can act on.
+fn certificate_rejected(alert: rustls::AlertDescription) -> String {
+    use rustls::AlertDescription as A;
+    let why = match alert {
+        A::CertificateExpired => "the certificate has expired (or is not valid yet)",
+        A::CertificateRevoked => "the certificate has been revoked",
+        A::UnknownCA | A::DecryptError => {
+            "the certificate was not issued by the server's CA (check --ca and --cert)"
+        }
+        A::CertificateRequired => "no client certificate was presented",
+        A::UnsupportedCertificate => {
+            "the certificate is not a client certificate (a server certificate used as a client?)"
+        }
+        _ => "the certificate was not accepted",
+    };
+    format!(
+        "the server refused this agent's certificate: {why} (TLS alert {alert:?}); \
+         issue a new one with `blockrep cert issue --source <id>` if needed"
+    )
 }
 
 fn progress_bar(config: &AgentConfig, bytes: u64) -> Option<indicatif::ProgressBar> {

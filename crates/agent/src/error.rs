@@ -36,6 +36,9 @@ pub enum Error {
     /// The connection broke.
     #[error("connection lost: {0}")]
     Lost(String),
+    /// The server ended the TLS session with an alert.
+    #[error("connection lost: the server sent TLS alert {0:?}")]
+    Alert(rustls::AlertDescription),
     /// The server sent something this agent does not accept.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -56,7 +59,7 @@ impl Error {
     /// cannot fix.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Lost(_) => true,
+            Error::Connect { .. } | Error::Lost(_) | Error::Alert(_) => true,
             Error::Refused { code, .. } => matches!(
                 code,
                 ErrorCode::Busy
