@@ -175,6 +175,12 @@ struct ServerArgs {
     /// Time a connection has to finish its TLS handshake and say Hello.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     handshake_timeout: Duration,
+    /// A session that receives no frame from its agent for this long is
+    /// closed, freeing the source for the agent's next connection. Continuous
+    /// agents send at least one frame per --interval, but nothing while they
+    /// scan: keep it above the longest scan of the largest disk.
+    #[arg(long, default_value = "5m", value_parser = units::parse_duration)]
+    idle_timeout: Duration,
     /// Refuse client certificates revoked by this list (PEM, e.g. the crl.pem
     /// that `blockrep cert revoke` writes), on every listener.
     #[arg(long)]
@@ -626,6 +632,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
     config.connections_max = args.connections_max;
     config.handshake_timeout = args.handshake_timeout;
+    config.idle_timeout = args.idle_timeout;
     config.session_memory_max_bytes = args.session_memory_max;
     config.crl_path = args.crl;
     config.admin_tls = args.admin_tls;

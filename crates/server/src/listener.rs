@@ -38,6 +38,9 @@ pub struct ServerStats {
     pub epochs_committed_total: AtomicU64,
     /// Data chunks received and verified.
     pub chunks_received_total: AtomicU64,
+    /// Bytes of chunk data (as sent: compressed or raw) in `Chunk` frames,
+    /// counted on arrival, whether or not their epoch ever commits.
+    pub chunk_bytes_arrived_total: AtomicU64,
 }
 
 /// State shared by every connection.

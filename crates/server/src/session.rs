@@ -493,6 +493,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(id)
             }
             Codec::Raw | Codec::Zstd => {
+                let data_len = data.len() as u64;
                 let verifier =
                     verifier.get_or_insert_with(|| Verifier::spawn(Arc::clone(&self.shared.store)));
                 verifier
@@ -504,6 +505,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         data,
                     })
                     .await?;
+                // Counted on arrival rather than at the commit, so that data a
+                // broken connection makes the agent send again shows up.
+                self.shared
+                    .stats
+                    .chunk_bytes_arrived_total
+                    .fetch_add(data_len, Ordering::Relaxed);
                 counters.chunks_received += 1;
                 counters.received_ids.insert(id);
                 Ok(id)
