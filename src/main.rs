@@ -439,6 +439,12 @@ struct AgentArgs {
     /// ...or after this long, whichever comes first.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
     commit_interval: Duration,
+    /// A connect, a write that makes no progress, or an answer from the server
+    /// that does not come within this long drops the connection, and the agent
+    /// reconnects: a silently dead path (no reset, no data) is noticed.
+    /// Raise it on links so slow that the socket buffers take longer to drain.
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
+    io_timeout: Duration,
     /// Cut over once caught up: run --pre-cutover-cmd, a final sync, and exit
     /// with the cutover launch ready.
     #[arg(long)]
@@ -771,6 +777,7 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     config.rate_limiter.set_rate(args.max_rate);
     config.step_bytes = args.commit_every.max(1);
     config.step_interval = args.commit_interval;
+    config.io_timeout = args.io_timeout;
     config.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     config.cutover = args.cutover;
     config.pre_cutover_cmd = args.pre_cutover_cmd.clone();
