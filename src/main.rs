@@ -181,6 +181,12 @@ struct ServerArgs {
     /// scan: keep it above the longest scan of the largest disk.
     #[arg(long, default_value = "5m", value_parser = units::parse_duration)]
     idle_timeout: Duration,
+    /// A new connection of a source whose session in progress has received
+    /// nothing for this long replaces that session (its agent has most likely
+    /// given up on a dead path and is the one reconnecting); a session still
+    /// talking keeps the source, and the newcomer is refused as busy.
+    #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
+    supersede_after: Duration,
     /// Refuse client certificates revoked by this list (PEM, e.g. the crl.pem
     /// that `blockrep cert revoke` writes), on every listener.
     #[arg(long)]
@@ -639,6 +645,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     config.connections_max = args.connections_max;
     config.handshake_timeout = args.handshake_timeout;
     config.idle_timeout = args.idle_timeout;
+    config.supersede_after = args.supersede_after;
     config.session_memory_max_bytes = args.session_memory_max;
     config.crl_path = args.crl;
     config.admin_tls = args.admin_tls;
