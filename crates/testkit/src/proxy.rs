@@ -50,7 +50,7 @@ impl Which {
     fn applies(self, number: u64) -> bool {
         match self {
             Which::First => number == 1,
-            Which::EveryNth(n) => n > 0 && number % n == 0,
+            Which::EveryNth(n) => number.is_multiple_of(n), // false for n = 0: numbers start at 1
             Which::All => true,
         }
     }
@@ -259,10 +259,12 @@ async fn serve(
             trip: Trip::Reset,
         });
     let black_hole = config.black_hole.filter(|b| b.which.applies(number));
-    let hole_bytes = black_hole.and_then(|b| b.after_bytes).map(|at_bytes| Threshold {
-        at_bytes,
-        trip: Trip::BlackHole,
-    });
+    let hole_bytes = black_hole
+        .and_then(|b| b.after_bytes)
+        .map(|at_bytes| Threshold {
+            at_bytes,
+            trip: Trip::BlackHole,
+        });
     // The earlier of the two byte thresholds trips first.
     let threshold = match (reset, hole_bytes) {
         (Some(a), Some(b)) => Some(if a.at_bytes <= b.at_bytes { a } else { b }),
@@ -471,7 +473,10 @@ mod tests {
         let sent = data(100_000);
         let (back, elapsed) = round_trip(&proxy, &sent).await;
         assert!(back == sent, "bytes changed on the way");
-        assert!(elapsed >= Duration::from_millis(40), "no latency: {elapsed:?}");
+        assert!(
+            elapsed >= Duration::from_millis(40),
+            "no latency: {elapsed:?}"
+        );
         assert_eq!(proxy.stats().bytes_upstream(), sent.len() as u64);
         assert_eq!(proxy.stats().bytes_downstream(), sent.len() as u64);
         assert_eq!(proxy.stats().connections(), 1);
@@ -558,7 +563,8 @@ mod tests {
         let mut back = vec![0u8; 5000];
         let mut got = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        while let Ok(read) = tokio::time::timeout_at(deadline, stream.read(&mut back[got..])).await {
+        while let Ok(read) = tokio::time::timeout_at(deadline, stream.read(&mut back[got..])).await
+        {
             let n = read.unwrap();
             assert!(n > 0, "closed instead of going silent");
             got += n;
