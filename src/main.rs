@@ -445,8 +445,8 @@ struct AgentArgs {
     /// ...or after this long, whichever comes first.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
     commit_interval: Duration,
-    /// A connect, a write that makes no progress, or an answer from the server
-    /// that does not come within this long drops the connection, and the agent
+    /// A connect, a write of one frame, or an answer from the server that does
+    /// not finish or come within this long drops the connection, and the agent
     /// reconnects: a silently dead path (no reset, no data) is noticed.
     /// Raise it on links so slow that the socket buffers take longer to drain.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]

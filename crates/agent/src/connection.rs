@@ -144,7 +144,7 @@ impl Connection {
 
     fn stalled(&self) -> Error {
         Error::Lost(format!(
-            "the server accepted no data for {:?} (--io-timeout)",
+            "a write to the server did not finish within {:?} (--io-timeout)",
             self.io_timeout
         ))
     }

@@ -66,7 +66,7 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// Longest wait between reconnection attempts.
     pub backoff_max: Duration,
-    /// A connect, a write that makes no progress, or a reply that does not
+    /// A connect, a write of one frame, or a reply that does not finish or
     /// come within this long ends the connection as lost (and a continuous
     /// run reconnects). Without it a silently dead path (a black hole: no
     /// reset, no data) would hold the agent forever.
