@@ -175,6 +175,18 @@ struct ServerArgs {
     /// Time a connection has to finish its TLS handshake and say Hello.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     handshake_timeout: Duration,
+    /// A session that receives no frame from its agent for this long is
+    /// closed, freeing the source for the agent's next connection. Continuous
+    /// agents send at least one frame per --interval, but nothing while they
+    /// scan: keep it above the longest scan of the largest disk.
+    #[arg(long, default_value = "5m", value_parser = units::parse_duration)]
+    idle_timeout: Duration,
+    /// A new connection of a source whose session in progress has received
+    /// nothing for this long replaces that session (its agent has most likely
+    /// given up on a dead path and is the one reconnecting); a session still
+    /// talking keeps the source, and the newcomer is refused as busy.
+    #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
+    supersede_after: Duration,
     /// Refuse client certificates revoked by this list (PEM, e.g. the crl.pem
     /// that `blockrep cert revoke` writes), on every listener.
     #[arg(long)]
@@ -433,6 +445,12 @@ struct AgentArgs {
     /// ...or after this long, whichever comes first.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
     commit_interval: Duration,
+    /// A connect, a write of one frame, or an answer from the server that does
+    /// not finish or come within this long drops the connection, and the agent
+    /// reconnects: a silently dead path (no reset, no data) is noticed.
+    /// Raise it on links so slow that the socket buffers take longer to drain.
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
+    io_timeout: Duration,
     /// Cut over once caught up: run --pre-cutover-cmd, a final sync, and exit
     /// with the cutover launch ready.
     #[arg(long)]
@@ -626,6 +644,8 @@ async fn server(args: ServerArgs) -> Result<()> {
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
     config.connections_max = args.connections_max;
     config.handshake_timeout = args.handshake_timeout;
+    config.idle_timeout = args.idle_timeout;
+    config.supersede_after = args.supersede_after;
     config.session_memory_max_bytes = args.session_memory_max;
     config.crl_path = args.crl;
     config.admin_tls = args.admin_tls;
@@ -764,6 +784,7 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     config.rate_limiter.set_rate(args.max_rate);
     config.step_bytes = args.commit_every.max(1);
     config.step_interval = args.commit_interval;
+    config.io_timeout = args.io_timeout;
     config.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     config.cutover = args.cutover;
     config.pre_cutover_cmd = args.pre_cutover_cmd.clone();

@@ -2,6 +2,7 @@
 //! on its own task so that a server's `Error` is seen even while we are sending.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use blockrep_proto::{Message, decode, encode};
 use bytes::BytesMut;
@@ -22,6 +23,8 @@ pub(crate) struct Connection {
     incoming: mpsc::Receiver<Result<Message, Error>>,
     scratch: BytesMut,
     reader_task: tokio::task::JoinHandle<()>,
+    /// See [`AgentConfig::io_timeout`].
+    io_timeout: Duration,
 }
 
 impl Drop for Connection {
@@ -43,16 +46,25 @@ impl Connection {
         let tls =
             blockrep_pki::client_config(&config.ca_path, &config.cert_path, &config.key_path)?;
         let name = server_name(&config.server)?;
-        let tcp = TcpStream::connect(&config.server)
+        let io_timeout = config.io_timeout;
+        let timed_out = |what: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{what} did not finish within {io_timeout:?}"),
+            )
+        };
+        let tcp = tokio::time::timeout(io_timeout, TcpStream::connect(&config.server))
             .await
+            .unwrap_or_else(|_| Err(timed_out("connect")))
             .map_err(|source| Error::Connect {
                 addr: config.server.clone(),
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let stream = TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
+        let handshake = TlsConnector::from(Arc::new(tls)).connect(name, tcp);
+        let stream = tokio::time::timeout(io_timeout, handshake)
             .await
+            .unwrap_or_else(|_| Err(timed_out("the TLS handshake")))
             .map_err(|source| Error::Handshake {
                 addr: config.server.clone(),
                 source,
@@ -105,6 +117,7 @@ impl Connection {
             incoming,
             scratch: BytesMut::new(),
             reader_task,
+            io_timeout,
         })
     }
 
@@ -120,17 +133,28 @@ impl Connection {
 
     /// Queues already-encoded frame bytes.
     pub(crate) async fn write_raw(&mut self, frame: &[u8]) -> Result<(), Error> {
-        if let Err(e) = self.writer.write_all(frame).await {
-            return Err(self.explain(e).await);
+        // A frame is at most one chunk plus the write buffer's worth: taking
+        // longer than the time-out means the path is dead, not slow.
+        match tokio::time::timeout(self.io_timeout, self.writer.write_all(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.explain(e).await),
+            Err(_) => Err(self.stalled()),
         }
-        Ok(())
     }
 
     pub(crate) async fn flush(&mut self) -> Result<(), Error> {
-        if let Err(e) = self.writer.flush().await {
-            return Err(self.explain(e).await);
+        match tokio::time::timeout(self.io_timeout, self.writer.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.explain(e).await),
+            Err(_) => Err(self.stalled()),
         }
-        Ok(())
+    }
+
+    fn stalled(&self) -> Error {
+        Error::Lost(format!(
+            "a write to the server did not finish within {:?} (--io-timeout)",
+            self.io_timeout
+        ))
     }
 
     /// Flushes and closes the TLS stream cleanly (close_notify), so the server sees
@@ -154,8 +178,16 @@ impl Connection {
     }
 
     /// The next message from the server; an `Error` frame becomes `Error::Refused`.
+    /// Every call waits for an answer to something just sent, so a silence
+    /// longer than the I/O time-out means the path is dead.
     pub(crate) async fn recv(&mut self) -> Result<Message, Error> {
-        match self.incoming.recv().await {
+        let Ok(next) = tokio::time::timeout(self.io_timeout, self.incoming.recv()).await else {
+            return Err(Error::Lost(format!(
+                "no answer from the server within {:?} (--io-timeout)",
+                self.io_timeout
+            )));
+        };
+        match next {
             Some(Ok(Message::Error { code, message })) => Err(Error::Refused { code, message }),
             Some(Ok(message)) => Ok(message),
             Some(Err(e)) => Err(e),

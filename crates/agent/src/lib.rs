@@ -66,6 +66,11 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// Longest wait between reconnection attempts.
     pub backoff_max: Duration,
+    /// A connect, a write of one frame, or a reply that does not finish or
+    /// come within this long ends the connection as lost (and a continuous
+    /// run reconnects). Without it a silently dead path (a black hole: no
+    /// reset, no data) would hold the agent forever.
+    pub io_timeout: Duration,
     /// Caps the sending rate; shared so it can be changed while replicating.
     pub rate_limiter: Arc<RateLimiter>,
     /// Measurements behind `Compression::Auto`, kept across epochs.
@@ -103,6 +108,7 @@ impl AgentConfig {
             compression: Compression::Auto,
             interval: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(60),
             rate_limiter: Arc::new(RateLimiter::unlimited()),
             adaptive: Arc::new(AdaptiveCompression::default()),
             step_bytes: 1 << 30,

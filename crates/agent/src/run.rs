@@ -11,6 +11,8 @@ use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
 /// Epochs `--once` runs before giving up on a disk that keeps changing.
 const ONCE_EPOCHS_MAX: usize = 20;
+/// Longest wait between attempts while the server answers `Busy`.
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// What a run ended with.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -173,7 +175,23 @@ pub async fn run(
             () = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         }
-        backoff = (backoff * 2).min(config.backoff_max);
+        // Busy is most often this agent's own previous session, still taking in
+        // what the old connection had buffered after the agent gave up on it: it
+        // ends within seconds, so retries stay frequent instead of backing off
+        // towards --backoff-max as for a server that is down.
+        let busy = matches!(
+            &error,
+            Error::Refused {
+                code: blockrep_proto::ErrorCode::Busy,
+                ..
+            }
+        );
+        let ceiling = if busy {
+            BUSY_RETRY_MAX.min(config.backoff_max)
+        } else {
+            config.backoff_max
+        };
+        backoff = (backoff * 2).min(ceiling);
         info!("reconnecting");
     }
 }

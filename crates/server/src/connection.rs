@@ -2,6 +2,7 @@
 
 use blockrep_proto::{FRAME_HEADER_LEN, Message, ProtoError, decode, encode};
 use bytes::BytesMut;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Why reading a frame failed.
@@ -24,6 +25,8 @@ pub(crate) struct Connection<S> {
     pub bytes_read: u64,
     /// Frame bytes written so far.
     pub bytes_written: u64,
+    /// A flush that cannot finish within this long fails (`TimedOut`).
+    pub write_timeout: Option<Duration>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -34,6 +37,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             write_buf: BytesMut::with_capacity(64 * 1024),
             bytes_read: 0,
             bytes_written: 0,
+            write_timeout: None,
         }
     }
 
@@ -69,6 +73,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Writes every queued message and flushes the stream.
     pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+        let Some(limit) = self.write_timeout else {
+            return self.flush_now().await;
+        };
+        tokio::time::timeout(limit, self.flush_now())
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer accepted no data for {limit:?}"),
+                ))
+            })
+    }
+
+    async fn flush_now(&mut self) -> std::io::Result<()> {
         self.stream.write_all(&self.write_buf).await?;
         self.bytes_written += self.write_buf.len() as u64;
         self.write_buf.clear();

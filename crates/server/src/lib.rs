@@ -63,6 +63,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A session with no frame from the agent for this long is closed.
     pub idle_timeout: Duration,
+    /// A new session of a source supersedes the source's session in progress
+    /// if that one has received no frame for this long (else it is `Busy`).
+    pub supersede_after: Duration,
     /// Address of the admin HTTP API; `None` disables it.
     pub admin_listen: Option<SocketAddr>,
     /// Lag above this makes a source `lagging`.
@@ -113,6 +116,7 @@ impl ServerConfig {
             connections_max: 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            supersede_after: Duration::from_secs(10),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7444))),
             rpo_target: Duration::from_secs(15 * 60),
             stall_after: Duration::from_secs(60),

@@ -1,6 +1,7 @@
 //! Accepting connections: limits, TLS handshake, identity, then a session.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,9 @@ pub struct ServerStats {
     pub epochs_committed_total: AtomicU64,
     /// Data chunks received and verified.
     pub chunks_received_total: AtomicU64,
+    /// Bytes of chunk data (as sent: compressed or raw) in `Chunk` frames,
+    /// counted on arrival, whether or not their epoch ever commits.
+    pub chunk_bytes_arrived_total: AtomicU64,
 }
 
 /// State shared by every connection.
@@ -57,9 +61,19 @@ pub(crate) struct Shared {
     /// Bound address of the NBD listener.
     nbd_addr: Option<SocketAddr>,
     /// Sources with a session in progress: one session per source at a time.
-    active_sources: Mutex<HashSet<SourceId>>,
+    active_sources: Mutex<HashMap<SourceId, Arc<ActiveSession>>>,
     /// Memory sessions have reserved for chunk ids.
     pub ids_budget: crate::budget::IdsBudget,
+}
+
+/// A session in progress, as a new connection of the same source sees it.
+#[derive(Debug)]
+pub(crate) struct ActiveSession {
+    /// When the session last received a frame (its `Hello` at first), Unix ms.
+    pub last_frame_unix_ms: AtomicU64,
+    /// Asks the session to end at its next wait for a frame: a new session of
+    /// the same source supersedes it.
+    pub superseded: tokio::sync::Notify,
 }
 
 /// Proof that a source's session slot is held; frees it when dropped.
@@ -67,6 +81,7 @@ pub(crate) struct Shared {
 pub(crate) struct SourceSlot {
     shared: Arc<Shared>,
     source: SourceId,
+    pub session: Arc<ActiveSession>,
 }
 
 impl Drop for SourceSlot {
@@ -100,7 +115,7 @@ impl Shared {
             health: Health::default(),
             alerts: Alerts::default(),
             nbd_addr,
-            active_sources: Mutex::new(HashSet::new()),
+            active_sources: Mutex::new(HashMap::new()),
             ids_budget: crate::budget::IdsBudget::default(),
         }
     }
@@ -117,16 +132,30 @@ impl Shared {
         }
     }
 
-    /// Takes the source's session slot, or `None` if another session holds it.
-    pub(crate) fn claim_source(self: &Arc<Self>, source: &SourceId) -> Option<SourceSlot> {
+    /// Takes the source's session slot, or returns the session that holds it.
+    pub(crate) fn claim_source(
+        self: &Arc<Self>,
+        source: &SourceId,
+    ) -> Result<SourceSlot, Arc<ActiveSession>> {
         let mut active = self
             .active_sources
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        active.insert(source.clone()).then(|| SourceSlot {
-            shared: Arc::clone(self),
-            source: source.clone(),
-        })
+        match active.entry(source.clone()) {
+            Entry::Occupied(held) => Err(Arc::clone(held.get())),
+            Entry::Vacant(free) => {
+                let session = Arc::new(ActiveSession {
+                    last_frame_unix_ms: AtomicU64::new(now_unix_ms()),
+                    superseded: tokio::sync::Notify::new(),
+                });
+                free.insert(Arc::clone(&session));
+                Ok(SourceSlot {
+                    shared: Arc::clone(self),
+                    source: source.clone(),
+                    session,
+                })
+            }
+        }
     }
 }
 
@@ -422,6 +451,9 @@ async fn handle_connection(
         .ok_or_else(|| "no client certificate".to_owned())
         .and_then(|cert| identity_from_cert(cert).map_err(|e| e.to_string()));
     let mut connection = Connection::new(tls);
+    // A peer that stops reading (a dead path) must not hold a session, and
+    // with it the source's slot, forever.
+    connection.write_timeout = Some(shared.config.idle_timeout);
     let source = match identity {
         Ok(Identity::Source(source)) => source,
         Ok(Identity::Admin) => {

@@ -330,6 +330,7 @@ pub(crate) struct Scrape {
     pub sessions_rejected_total: BTreeMap<String, u64>,
     pub admin_requests_refused_total: Vec<(&'static str, u64)>,
     pub chunks_received_total: u64,
+    pub chunk_bytes_arrived_total: u64,
     pub gc_runs_total: u64,
     epoch_commit_duration: Option<(&'static [f64], HistogramCounts)>,
     epoch_size: Option<(&'static [f64], HistogramCounts)>,
@@ -398,6 +399,7 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
             .map(|(reason, count)| (reason.as_str(), count.load(Ordering::Relaxed)))
             .collect(),
         chunks_received_total: stats.chunks_received_total.load(Ordering::Relaxed),
+        chunk_bytes_arrived_total: stats.chunk_bytes_arrived_total.load(Ordering::Relaxed),
         gc_runs_total: metrics.gc_runs_total.load(Ordering::Relaxed),
         epoch_commit_duration: Some((
             metrics.epoch_commit_duration.bounds,
@@ -729,6 +731,16 @@ pub(crate) fn render(scrape: &Scrape) -> String {
         "blockrep_chunks_received_total",
         &[],
         Value::Int(scrape.chunks_received_total),
+    );
+    x.family(
+        "blockrep_chunk_bytes_arrived_total",
+        "counter",
+        "Chunk data bytes (as sent) received in Chunk frames, all sources, counted on arrival, including epochs that never commit.",
+    );
+    x.sample(
+        "blockrep_chunk_bytes_arrived_total",
+        &[],
+        Value::Int(scrape.chunk_bytes_arrived_total),
     );
     x.family(
         "blockrep_gc_runs_total",

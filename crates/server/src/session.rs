@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use crate::connection::{Connection, ReadError};
-use crate::listener::{Shared, reject};
+use crate::listener::{ActiveSession, Shared, SourceSlot, reject};
 use crate::status::now_unix_ms;
 use crate::verify::{Job, Verifier};
 
@@ -120,11 +120,16 @@ struct EpochCounters {
     received_ids: std::collections::HashSet<ChunkId>,
 }
 
+/// How long a new session waits for the silent session it supersedes to end.
+const SUPERSEDE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) struct Session<S> {
     shared: Arc<Shared>,
     connection: Connection<S>,
     source: SourceId,
     peer: SocketAddr,
+    /// This session's entry in the table of active sources, once claimed.
+    active: Option<Arc<ActiveSession>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -139,6 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             connection,
             source,
             peer,
+            active: None,
         }
     }
 
@@ -165,9 +171,70 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn read(&mut self, timeout: std::time::Duration) -> Result<Message, Outcome> {
-        match tokio::time::timeout(timeout, self.connection.read_message()).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(Outcome::End(End::Lost(format!("no frame for {timeout:?}")))),
+        let active = self.active.clone();
+        let superseded = async {
+            match &active {
+                Some(active) => active.superseded.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        let message = tokio::select! {
+            read = tokio::time::timeout(timeout, self.connection.read_message()) => match read {
+                Ok(result) => result?,
+                Err(_) => return Err(Outcome::End(End::Lost(format!("no frame for {timeout:?}")))),
+            },
+            () = superseded => {
+                return Err(Outcome::End(End::Lost(
+                    "superseded by a new session of the same source".into(),
+                )));
+            }
+        };
+        if let Some(active) = &active {
+            active
+                .last_frame_unix_ms
+                .store(now_unix_ms(), Ordering::Relaxed);
+        }
+        Ok(message)
+    }
+
+    /// Takes the source's slot. A session that holds it but has received
+    /// nothing for `--supersede-after` is most likely on a dead path (its agent
+    /// has given up on it and is the one reconnecting now): it is asked to end,
+    /// rather than refusing the agent as `Busy` until the old session's idle
+    /// time-out. A session that is still talking keeps its slot.
+    async fn claim_slot(&self) -> Result<SourceSlot, Outcome> {
+        let deadline = Instant::now() + SUPERSEDE_WAIT;
+        let mut asked = false;
+        loop {
+            let held = match self.shared.claim_source(&self.source) {
+                Ok(slot) => return Ok(slot),
+                Err(held) => held,
+            };
+            if !asked {
+                let silent_ms =
+                    now_unix_ms().saturating_sub(held.last_frame_unix_ms.load(Ordering::Relaxed));
+                if u128::from(silent_ms) < self.shared.config.supersede_after.as_millis() {
+                    return Err(Reject::new(
+                        ErrorCode::Busy,
+                        "another session for this source is active; one at a time",
+                    )
+                    .into());
+                }
+                info!(source = %self.source, peer = %self.peer, silent_ms,
+                      "superseding the session of this source that has gone silent");
+                held.superseded.notify_one();
+                asked = true;
+            }
+            if Instant::now() >= deadline {
+                return Err(Reject::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "the silent session of this source did not end within {SUPERSEDE_WAIT:?}"
+                    ),
+                )
+                .into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
@@ -213,13 +280,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let geometry = Geometry::new(disk_size_bytes, chunk_size_bytes)
             .map_err(|e| Reject::new(ErrorCode::BadFrame, format!("invalid geometry: {e}")))?;
         let _ids = self.shared.reserve_ids(geometry)?;
-        let Some(_slot) = self.shared.claim_source(&self.source) else {
-            return Err(Reject::new(
-                ErrorCode::Busy,
-                "another session for this source is active; one at a time",
-            )
-            .into());
-        };
+        let slot = self.claim_slot().await?;
+        self.active = Some(Arc::clone(&slot.session));
+        let _slot = slot;
         let mut replica = self.load_replica(geometry).await?;
         let head_root = if replica.head_epoch == 0 {
             Bytes::new()
@@ -493,6 +556,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(id)
             }
             Codec::Raw | Codec::Zstd => {
+                let data_len = data.len() as u64;
                 let verifier =
                     verifier.get_or_insert_with(|| Verifier::spawn(Arc::clone(&self.shared.store)));
                 verifier
@@ -504,6 +568,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         data,
                     })
                     .await?;
+                // Counted on arrival rather than at the commit, so that data a
+                // broken connection makes the agent send again shows up.
+                self.shared
+                    .stats
+                    .chunk_bytes_arrived_total
+                    .fetch_add(data_len, Ordering::Relaxed);
                 counters.chunks_received += 1;
                 counters.received_ids.insert(id);
                 Ok(id)

@@ -1,8 +1,13 @@
 //! Shared helpers for blockrep's tests: certificates made at run time, the real
 //! server binary on 127.0.0.1:0, disk images with known content, and a raw TLS
-//! client for speaking (and mis-speaking) the protocol directly.
+//! client for speaking (and mis-speaking) the protocol directly, and a TCP
+//! proxy that injects network faults ([`proxy`]).
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, missing_docs)]
+
+pub mod proxy;
+
+pub use proxy::{BlackHoleFault, DirectionFaults, FaultConfig, FaultProxy, ResetFault, Which};
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
