@@ -104,6 +104,7 @@ mod store;
 #[cfg(test)]
 mod testutil;
 mod verify;
+pub mod vfs;
 
 pub use error::{Error, ErrorKind};
 pub use gc::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};
