@@ -99,6 +99,8 @@ mod launch;
 mod lifecycle;
 mod pack;
 mod retention;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 mod snapshot;
 mod store;
 #[cfg(test)]
