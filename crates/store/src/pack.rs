@@ -193,6 +193,11 @@ fn read_record(
     file_len: u64,
     data: &mut Vec<u8>,
 ) -> std::io::Result<Option<(RecordHeader, bool)>> {
+    // A resynchronizing scan may find a magic in the last bytes of a torn
+    // tail, with no room for a whole header after it.
+    if offset + RECORD_HEADER_LEN as u64 > file_len {
+        return Ok(None);
+    }
     let mut header_bytes = [0u8; RECORD_HEADER_LEN];
     file.read_exact_at(&mut header_bytes, offset)?;
     let Some(header) = RecordHeader::decode(&header_bytes) else {
