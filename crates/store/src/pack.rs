@@ -120,6 +120,9 @@ impl RecordHeader {
 pub(crate) struct ScannedRecord {
     pub offset: u64,
     pub header: RecordHeader,
+    /// Whether the record's crc32 holds (a sound header over damaged or
+    /// unwritten data fails it).
+    pub crc_ok: bool,
 }
 
 /// Result of scanning a pack: its valid records and where validity ends.
@@ -161,7 +164,11 @@ pub(crate) fn scan_pack(vfs: &dyn Vfs, path: &Path) -> Result<PackScan, Error> {
         match read_record(file, offset, file_len, &mut data).map_err(io)? {
             Some((header, crc_ok)) => {
                 let end = offset + RECORD_HEADER_LEN as u64 + u64::from(header.stored_len);
-                records.push((ScannedRecord { offset, header }, crc_ok));
+                records.push(ScannedRecord {
+                    offset,
+                    header,
+                    crc_ok,
+                });
                 if crc_ok {
                     valid_len = end;
                 }
@@ -175,8 +182,7 @@ pub(crate) fn scan_pack(vfs: &dyn Vfs, path: &Path) -> Result<PackScan, Error> {
     }
     let records = records
         .into_iter()
-        .filter(|(record, _)| record.offset < valid_len)
-        .map(|(record, _)| record)
+        .filter(|record| record.offset < valid_len)
         .collect();
     Ok(PackScan {
         records,

@@ -1,5 +1,6 @@
 //! The store proper: the blob index, the active pack, heads and export.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ pub(crate) struct Location {
     pub(crate) pack: u32,
     pub(crate) offset: u64,
     pub(crate) header: RecordHeader,
+    /// Whether the record's crc32 held when it was scanned or written.
+    pub(crate) crc_ok: bool,
 }
 
 impl Location {
@@ -296,18 +299,28 @@ impl Store {
                 Err(e) => return Err(e),
             };
             for record in &scan.records {
-                // The same id in two packs means a compaction copied it and
-                // stopped before deleting the old pack: both copies passed their
-                // crc, and the newer one is kept so that the next collection finds
-                // the old pack dead and deletes it without copying again.
-                inner.index.insert(
-                    record.header.id,
-                    Location {
-                        pack: number,
-                        offset: record.offset,
-                        header: record.header,
-                    },
-                );
+                let location = Location {
+                    pack: number,
+                    offset: record.offset,
+                    header: record.header,
+                    crc_ok: record.crc_ok,
+                };
+                // The same id twice means a compaction copied it and stopped
+                // before deleting the old pack. The newer copy is kept, so that
+                // the next collection finds the old pack dead and deletes it
+                // without copying again; but never a damaged copy over a sound
+                // one: a copy not yet fsynced when the power went may be torn
+                // while the old record still holds.
+                match inner.index.entry(record.header.id) {
+                    Entry::Occupied(mut known) => {
+                        if location.crc_ok || !known.get().crc_ok {
+                            known.insert(location);
+                        }
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(location);
+                    }
+                }
             }
             let is_last = position + 1 == numbers.len();
             if scan.valid_len < scan.file_len && is_last && !self.read_only {
@@ -438,6 +451,7 @@ impl Store {
             pack,
             offset,
             header,
+            crc_ok: true,
         })
     }
 
