@@ -444,7 +444,11 @@ impl Store {
         report.packs_total = packs.len() as u64;
         report.bytes_dead = bytes_total.saturating_sub(report.bytes_live);
         let mut candidates = Vec::new();
-        for pack in packs.into_values() {
+        for mut pack in packs.into_values() {
+            // In pack order: the copy reads each pack front to back, and a
+            // collection does the same writes whatever the index's hash order.
+            pack.entries
+                .sort_unstable_by_key(|(_, location)| location.offset);
             if pack.number >= newest {
                 continue;
             }
