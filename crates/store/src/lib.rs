@@ -91,6 +91,8 @@
 #![deny(unsafe_code)]
 
 mod catalog;
+#[cfg(test)]
+mod crash;
 mod error;
 mod fsutil;
 mod gc;

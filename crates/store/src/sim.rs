@@ -93,6 +93,8 @@ struct State {
     operations: u64,
     power_off_after: Option<u64>,
     fail_operation: Option<u64>,
+    /// What the failed operation was, once it failed.
+    failed: Option<String>,
 }
 
 /// Counts of what a crash did to pending state (for test diagnostics).
@@ -178,16 +180,18 @@ impl State {
 
     /// Numbers a mutating operation; fails it if the power is off or it is
     /// the one chosen to fail.
-    fn begin_mutation(&mut self) -> io::Result<()> {
+    fn begin_mutation(&mut self, what: &str) -> io::Result<()> {
         if self.powered_off() {
             return Err(power_lost());
         }
         self.operations += 1;
         if self.fail_operation == Some(self.operations) {
-            return Err(io::Error::other(format!(
-                "simulated I/O error at operation {}",
+            let message = format!(
+                "simulated I/O error at operation {}: {what}",
                 self.operations
-            )));
+            );
+            self.failed = Some(message.clone());
+            return Err(io::Error::other(message));
         }
         Ok(())
     }
@@ -312,6 +316,7 @@ impl SimFs {
                 operations: 0,
                 power_off_after: None,
                 fail_operation: None,
+                failed: None,
             })),
         }
     }
@@ -343,6 +348,11 @@ impl SimFs {
     /// nothing; the disk keeps working.
     pub fn fail_operation(&self, operation: u64) {
         self.state().fail_operation = Some(operation);
+    }
+
+    /// The operation made to fail by [`SimFs::fail_operation`], once it has.
+    pub fn injected_failure(&self) -> Option<String> {
+        self.state().failed.clone()
     }
 
     /// The disk as it is found after power is lost now: pending writes and
@@ -435,6 +445,7 @@ impl SimFs {
             operations: 0,
             power_off_after: None,
             fail_operation: None,
+            failed: None,
         };
         let mut stack = vec![(ROOT, ROOT)];
         while let Some((old, new)) = stack.pop() {
@@ -498,6 +509,7 @@ impl SimFs {
 struct SimFile {
     fs: SimFs,
     ino: Ino,
+    path: PathBuf,
     writable: bool,
 }
 
@@ -527,7 +539,7 @@ impl VfsFile for SimFile {
             ));
         }
         let mut state = self.fs.state();
-        state.begin_mutation()?;
+        state.begin_mutation(&format!("write {}", self.path.display()))?;
         let file = state.file_mut(self.ino)?;
         write_into(&mut file.current, offset, buf);
         file.pending.push(FileOp::Write {
@@ -551,7 +563,7 @@ impl VfsFile for SimFile {
             ));
         }
         let mut state = self.fs.state();
-        state.begin_mutation()?;
+        state.begin_mutation(&format!("truncate {}", self.path.display()))?;
         let file = state.file_mut(self.ino)?;
         file.current.resize(len_bytes as usize, 0);
         file.pending.push(FileOp::SetLen(len_bytes));
@@ -560,7 +572,7 @@ impl VfsFile for SimFile {
 
     fn sync_all(&self) -> io::Result<()> {
         let mut state = self.fs.state();
-        state.begin_mutation()?;
+        state.begin_mutation(&format!("fsync {}", self.path.display()))?;
         let file = state.file_mut(self.ino)?;
         file.durable = file.current.clone();
         file.pending.clear();
@@ -581,7 +593,7 @@ impl Vfs for SimFs {
                 state.lookup(path)?
             }
             OpenMode::CreateNew | OpenMode::CreateTruncate => {
-                state.begin_mutation()?;
+                state.begin_mutation(&format!("create {}", path.display()))?;
                 state.lookup(path)?
             }
         };
@@ -613,6 +625,7 @@ impl Vfs for SimFs {
         Ok(Arc::new(SimFile {
             fs: self.clone(),
             ino,
+            path: path.to_owned(),
             writable: mode != OpenMode::Read,
         }))
     }
@@ -646,7 +659,7 @@ impl Vfs for SimFs {
 
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
-        state.begin_mutation()?;
+        state.begin_mutation(&format!("mkdir {}", path.display()))?;
         if state.lookup(path)?.is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -661,7 +674,7 @@ impl Vfs for SimFs {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.state();
-        state.begin_mutation()?;
+        state.begin_mutation(&format!("rename {} to {}", from.display(), to.display()))?;
         let ino = state.lookup(from)?.ok_or_else(|| not_found(from))?;
         let (from_parent, from_name) = state.parent_of(from)?;
         let (to_parent, to_name) = state.parent_of(to)?;
@@ -682,7 +695,7 @@ impl Vfs for SimFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
-        state.begin_mutation()?;
+        state.begin_mutation(&format!("remove {}", path.display()))?;
         let ino = state.lookup(path)?.ok_or_else(|| not_found(path))?;
         state.file(ino)?;
         let (parent, name) = state.parent_of(path)?;
@@ -692,7 +705,7 @@ impl Vfs for SimFs {
 
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
-        state.begin_mutation()?;
+        state.begin_mutation(&format!("remove tree {}", path.display()))?;
         let ino = state.lookup(path)?.ok_or_else(|| not_found(path))?;
         if state.dir(ino).is_none() {
             return Err(io::Error::other(format!(
@@ -708,7 +721,7 @@ impl Vfs for SimFs {
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
-        state.begin_mutation()?;
+        state.begin_mutation(&format!("fsync directory {}", path.display()))?;
         let ino = state.lookup(path)?.ok_or_else(|| not_found(path))?;
         let Node::Dir(dir) = &mut state.nodes[ino] else {
             return Err(io::Error::other(format!(
