@@ -340,12 +340,14 @@ impl Store {
         Ok(())
     }
 
-    /// Whether the store holds a blob with this id. While a garbage collection
-    /// runs, a hit keeps the blob alive through it (the caller may go on to
-    /// reference it).
+    /// Whether the store holds a sound blob with this id. While a garbage
+    /// collection runs, a hit keeps the blob alive through it (the caller may
+    /// go on to reference it). A record found damaged when the store opened
+    /// (a torn write, or rot) is not a hit: the caller sends the bytes again
+    /// and [`Store::insert`] stores a sound copy.
     pub fn contains(&self, id: &ChunkId) -> bool {
         let inner = lock(&self.inner);
-        let found = inner.index.contains_key(id);
+        let found = inner.index.get(id).is_some_and(|at| at.crc_ok);
         if found {
             // Under the index lock, so a collector deciding to drop `id` (also
             // under it) sees the hit.
@@ -379,7 +381,8 @@ impl Store {
 
     /// Appends a blob unless one with the same id is already stored. Returns whether
     /// it was new. The caller has verified that `id` is the blake3 of the decoded
-    /// bytes. Not durable until [`Store::sync`].
+    /// bytes. Not durable until [`Store::sync`]. A record of that id found
+    /// damaged on open does not count: a sound copy is appended and replaces it.
     pub fn insert(
         &self,
         kind: BlobKind,
@@ -393,7 +396,7 @@ impl Store {
         // Found or stored, the caller is about to reference it: a running
         // collection must keep it.
         self.gc.note(&id);
-        if inner.index.contains_key(&id) {
+        if inner.index.get(&id).is_some_and(|at| at.crc_ok) {
             return Ok(false);
         }
         let header = RecordHeader {
@@ -1223,6 +1226,48 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&pack).unwrap();
         FileExt::write_all_at(&file, &[0x43], 100).unwrap();
         assert_eq!(store.read_blob(&id).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn a_record_damaged_before_a_crash_is_stored_again_not_deduplicated() {
+        // A chunk appended but not fsynced when the power went may come back
+        // with a sound header and torn data, followed by later records (so it
+        // is not cut as a torn tail). The agent resends it after the crash; the
+        // store must not answer "already stored" with the damaged record.
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![0x42u8; 4096];
+        let id = ChunkId::from(blake3::hash(&data));
+        let later = vec![0x17u8; 4096];
+        let later_id = ChunkId::from(blake3::hash(&later));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for (id, bytes) in [(id, &data), (later_id, &later)] {
+                store
+                    .insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, bytes)
+                    .unwrap();
+            }
+            store.sync().unwrap();
+        }
+        let pack = dir.path().join("packs").join(pack_file_name(1));
+        let file = OpenOptions::new().write(true).open(&pack).unwrap();
+        FileExt::write_all_at(&file, &[0u8; 100], RECORD_HEADER_LEN as u64 + 1000).unwrap();
+        drop(file);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.contains(&id), "a damaged record answered an offer");
+        assert!(store.contains(&later_id));
+        assert!(
+            store
+                .insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, &data)
+                .unwrap(),
+            "the resent chunk was taken as already stored"
+        );
+        assert_eq!(store.read_blob(&id).unwrap(), data);
+        store.sync().unwrap();
+        drop(store);
+        // After another open the sound copy still wins over the damaged one.
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.contains(&id));
+        assert_eq!(store.read_blob(&id).unwrap(), data);
     }
 
     #[test]
