@@ -578,6 +578,25 @@ fn check_rebooted(
     check_heads(&store, model, in_flight)?;
     check_snapshots(&store, model, in_flight)?;
     check_launches(&store, model, in_flight)?;
+    // An agent whose commit was cut short resends it after reconnecting: the
+    // chunks the store says it lacks, then the commit.
+    if let Some(Step::Commit { source, disk, .. }) = in_flight {
+        let head = store
+            .head(source)
+            .map_err(|e| format!("head of {source}: {e}"))?;
+        let root = root_of(disk).0.id();
+        if head.is_none_or(|head| head.root != root) {
+            let epoch = head.map_or(1, |head| head.epoch + 1);
+            let root = commit_as_agent(&store, source, epoch, disk)
+                .map_err(|e| format!("resending the interrupted commit of {source} fails: {e}"))?;
+            let read = read_disk(&store, &root).map_err(|e| format!("{source}: {e}"))?;
+            if read != *disk {
+                return Err(format!(
+                    "{source}: the resent commit reads back other bytes"
+                ));
+            }
+        }
+    }
     // Usable, not just readable: the next epoch of every source commits as an
     // agent would send it, and a collection runs.
     let mut rng = Rng::new(seed ^ 0x00ad_d1ce);
