@@ -457,10 +457,14 @@ impl fmt::Display for CrashState {
     }
 }
 
+/// A script, the operation count after opening and after each step, and
+/// whether each step compacted packs.
+type DryRun = (Vec<Step>, Vec<u64>, Vec<bool>);
+
 /// Dry runs, cached per script seed.
 #[derive(Default)]
 struct Planner {
-    dry_runs: HashMap<u64, (Vec<Step>, Vec<u64>, Vec<bool>)>,
+    dry_runs: HashMap<u64, DryRun>,
 }
 
 impl Planner {
@@ -573,7 +577,7 @@ fn check_rebooted(
         .verify(None, None)
         .map_err(|e| format!("verify fails: {e}"))?;
     if !report.is_clean() {
-        return Err(format!("verify finds damage: {:?}", report.damaged));
+        return Err(format!("verify finds damage: {}", damage_summary(&report)));
     }
     check_heads(&store, model, in_flight)?;
     check_snapshots(&store, model, in_flight)?;
@@ -624,11 +628,31 @@ fn check_rebooted(
         .map_err(|e| format!("verify after the next commit fails: {e}"))?;
     if !report.is_clean() {
         return Err(format!(
-            "verify after the next commit and a gc finds damage: {:?}",
-            report.damaged
+            "verify after the next commit and a gc finds damage: {}",
+            damage_summary(&report)
         ));
     }
     Ok(())
+}
+
+/// The first damaged blobs of a report, briefly.
+fn damage_summary(report: &crate::VerifyReport) -> String {
+    let first: Vec<String> = report
+        .damaged
+        .iter()
+        .take(3)
+        .map(|blob| {
+            format!(
+                "{:?} {} {:?} at {:?}",
+                blob.kind, blob.id, blob.damage, blob.place
+            )
+        })
+        .collect();
+    format!(
+        "{} damaged blobs, first: {}",
+        report.damaged.len(),
+        first.join("; ")
+    )
 }
 
 fn check_heads(store: &Store, model: &Model, in_flight: Option<&Step>) -> Result<(), String> {

@@ -988,7 +988,7 @@ impl Store {
     pub(crate) fn export_chunks(
         &self,
         root: &Root,
-        write: &mut dyn FnMut(u64, &[u8]) -> Result<(), Error>,
+        write: &mut ChunkSink<'_>,
     ) -> Result<u64, Error> {
         let geometry = root.geometry();
         let mut chunks_written = 0;
@@ -1008,6 +1008,9 @@ impl Store {
         Ok(chunks_written)
     }
 }
+
+/// Where [`Store::export_chunks`] puts each chunk: byte offset on the disk, bytes.
+pub(crate) type ChunkSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Error> + 'a;
 
 /// Decodes a blob's stored bytes (at most its raw length).
 pub(crate) fn decode_raw(header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, String> {

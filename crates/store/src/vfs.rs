@@ -47,6 +47,10 @@ pub trait VfsFile: fmt::Debug + Send + Sync {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// The file's current length.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Truncates or extends the file to `len_bytes`.
     fn set_len(&self, len_bytes: u64) -> io::Result<()>;
     /// Makes the file's data and metadata durable (`fsync`). Does not make a
