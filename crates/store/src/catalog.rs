@@ -3,8 +3,6 @@
 //! creation and deletion, and the roots they keep alive.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File};
-use std::io::Read;
 use std::path::Path;
 use std::sync::{Mutex, Weak};
 
@@ -14,6 +12,7 @@ use crate::error::{Error, ErrorKind};
 use crate::launch::LaunchVolume;
 use crate::retention::RetentionPolicy;
 use crate::store::{Store, lock};
+use crate::vfs::Vfs;
 
 /// Bytes reserved for a name in a record: names are at most 64 bytes.
 pub(crate) const NAME_FIELD_LEN: usize = 64;
@@ -110,40 +109,18 @@ pub(crate) fn check_record(
     Ok(())
 }
 
-/// Reads a small file whole; `None` when it does not exist. Files longer than
-/// `len_max_bytes` are reported as corrupt without being read.
-pub(crate) fn read_small_file(path: &Path, len_max_bytes: usize) -> Result<Option<Vec<u8>>, Error> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("cannot open {}", path.display()), e)),
-    };
-    let mut bytes = Vec::with_capacity(len_max_bytes);
-    file.take(len_max_bytes as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
-    if bytes.len() > len_max_bytes {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("{} is longer than any valid record", path.display()),
-        ));
-    }
-    Ok(Some(bytes))
-}
-
 /// Valid names of the entries of `dir`, sorted; empty when `dir` does not exist.
 /// Temporary files and directories (leading `.`) are not valid names, so they are
 /// skipped.
-pub(crate) fn list_names(dir: &Path) -> Result<Vec<String>, Error> {
-    let entries = match fs::read_dir(dir) {
+pub(crate) fn list_names(vfs: &dyn Vfs, dir: &Path) -> Result<Vec<String>, Error> {
+    let entries = match vfs.list_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
     };
     let mut names = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
-        if let Some(name) = entry.file_name().to_str()
+        if let Some(name) = entry.to_str()
             && validate_name("entry", name).is_ok()
         {
             names.push(name.to_owned());
@@ -160,7 +137,7 @@ impl Store {
     /// garbage collector marking from this list cannot miss a root.
     pub fn referenced_roots(&self) -> Result<Vec<ChunkId>, Error> {
         let mut roots = BTreeSet::new();
-        for name in list_names(&self.data_dir().join("sources"))? {
+        for name in list_names(self.vfs(), &self.data_dir().join("sources"))? {
             let source = SourceId::new(&name)
                 .map_err(|e| Error::new(ErrorKind::Invalid, format!("source {name}: {e}")))?;
             if let Some(head) = self.head(&source)? {

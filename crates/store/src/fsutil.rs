@@ -1,50 +1,85 @@
-//! Durable file operations.
+//! Durable file operations, over the store's [`Vfs`].
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::Path;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
+use crate::vfs::{OpenMode, Vfs};
 
 /// fsyncs a directory, making creates and renames inside it durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+pub(crate) fn sync_dir(vfs: &dyn Vfs, dir: &Path) -> Result<(), Error> {
+    vfs.sync_dir(dir)
         .map_err(|e| Error::io(format!("cannot fsync directory {}", dir.display()), e))
 }
 
 /// Replaces `path` with `bytes` atomically and durably: write a temporary file in
 /// the same directory, fsync it, rename it over `path`, fsync the directory.
-pub(crate) fn publish_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().expect("published files live in a directory");
-    let name = path.file_name().expect("published files have a name");
+pub(crate) fn publish_atomic(vfs: &dyn Vfs, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "cannot publish {}: not a file in a directory",
+                path.display()
+            ),
+        ));
+    };
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
+        let file = vfs.open(&tmp, OpenMode::CreateTruncate)?;
+        file.write_all_at(bytes, 0)?;
         file.sync_all()
     };
     write().map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
-    fs::rename(&tmp, path)
+    vfs.rename(&tmp, path)
         .map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))?;
-    sync_dir(dir)
+    sync_dir(vfs, dir)
 }
 
 /// Creates `dir` and its parents, fsyncing each parent that gained an entry.
-pub(crate) fn create_dir_durable(dir: &Path) -> Result<(), Error> {
-    if dir.is_dir() {
+pub(crate) fn create_dir_durable(vfs: &dyn Vfs, dir: &Path) -> Result<(), Error> {
+    if vfs.is_dir(dir) {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
-        create_dir_durable(parent)?;
+        create_dir_durable(vfs, parent)?;
     }
-    match fs::create_dir(dir) {
+    match vfs.create_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(format!("cannot create {}", dir.display()), e)),
     }
     if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
+        sync_dir(vfs, parent)?;
     }
     Ok(())
+}
+
+/// Reads a small file whole; `None` when it does not exist. Files longer than
+/// `len_max_bytes` are reported as corrupt without being read.
+pub(crate) fn read_small_file(
+    vfs: &dyn Vfs,
+    path: &Path,
+    len_max_bytes: usize,
+) -> Result<Option<Vec<u8>>, Error> {
+    let file = match vfs.open(path, OpenMode::Read) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("cannot open {}", path.display()), e)),
+    };
+    let read = || -> std::io::Result<Option<Vec<u8>>> {
+        let len = file.len()?;
+        if len > len_max_bytes as u64 {
+            return Ok(None);
+        }
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact_at(&mut bytes, 0)?;
+        Ok(Some(bytes))
+    };
+    match read().map_err(|e| Error::io(format!("cannot read {}", path.display()), e))? {
+        Some(bytes) => Ok(Some(bytes)),
+        None => Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{} is longer than any valid record", path.display()),
+        )),
+    }
 }

@@ -99,7 +99,6 @@
 //! limited: it competes with replication for disk bandwidth.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -409,9 +408,10 @@ impl Store {
         let mut packs: HashMap<u32, Candidate> = HashMap::new();
         for number in self.pack_numbers()? {
             let path = self.packs_dir().join(pack_file_name(number));
-            let file_bytes = fs::metadata(&path)
-                .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
-                .len();
+            let file_bytes = self
+                .vfs()
+                .file_len(&path)
+                .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
             let pack = Candidate {
                 number,
                 file_bytes,
@@ -444,7 +444,11 @@ impl Store {
         report.packs_total = packs.len() as u64;
         report.bytes_dead = bytes_total.saturating_sub(report.bytes_live);
         let mut candidates = Vec::new();
-        for pack in packs.into_values() {
+        for mut pack in packs.into_values() {
+            // In pack order: the copy reads each pack front to back, and a
+            // collection does the same writes whatever the index's hash order.
+            pack.entries
+                .sort_unstable_by_key(|(_, location)| location.offset);
             if pack.number >= newest {
                 continue;
             }
@@ -541,7 +545,9 @@ impl Store {
         let mut deleted = HashSet::new();
         for candidate in candidates.iter().filter(|c| !c.damaged) {
             let path = self.packs_dir().join(pack_file_name(candidate.number));
-            let outcome = fs::remove_file(&path)
+            let outcome = self
+                .vfs()
+                .remove_file(&path)
                 .map_err(|e| Error::io(format!("cannot delete {}", path.display()), e));
             if outcome.is_ok() {
                 deleted.insert(candidate.number);
@@ -555,7 +561,7 @@ impl Store {
         }
         self.forget_readers(&deleted);
         if !deleted.is_empty() {
-            sync_dir(&self.packs_dir())?;
+            sync_dir(self.vfs(), &self.packs_dir())?;
         }
         report.bytes_freed = deleted_bytes.saturating_sub(report.bytes_copied);
         Ok(())
@@ -576,6 +582,7 @@ mod tests {
     use crate::testutil::{Rng, churn, pack_bytes, pack_files, root_disk};
     use crate::{LaunchKind, LaunchVolume};
     use blockrep_core::{Geometry, Root, SourceId, scan_buffer};
+    use std::fs;
     use std::path::Path;
     use std::sync::atomic::AtomicBool;
 

@@ -17,7 +17,7 @@ use blockrep_core::ChunkId;
 use crate::error::{Error, ErrorKind};
 
 const HEAD_MAGIC: [u8; 8] = *b"BRHEAD\x00\x01";
-const HEAD_LEN: usize = 76;
+pub(crate) const HEAD_LEN: usize = 76;
 
 /// A source's last committed epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

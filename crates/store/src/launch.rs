@@ -45,7 +45,6 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,13 +52,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId, hash_chunk};
 
 use crate::catalog::{
-    NAME_FIELD_LEN, check_record, get_name, id_at, list_names, put_name, read_small_file,
-    seal_with_crc, u64_at, validate_name,
+    NAME_FIELD_LEN, check_record, get_name, id_at, list_names, put_name, seal_with_crc, u64_at,
+    validate_name,
 };
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::{create_dir_durable, publish_atomic, sync_dir};
+use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::pack::{BlobKind, StoredCodec};
 use crate::store::{Store, lock, now_unix_ms};
+use crate::vfs::Vfs;
 
 const META_MAGIC: [u8; 8] = *b"BRLNCH\x00\x01";
 const META_LEN: usize = 260;
@@ -222,16 +222,17 @@ impl Store {
             flushed_unix_ms: created_unix_ms,
         };
         let launches = self.launches_dir();
-        create_dir_durable(&launches)?;
+        let vfs = self.vfs();
+        create_dir_durable(vfs, &launches)?;
         let building = launches.join(format!(".{launch_name}.tmp"));
-        remove_leftover(&building)?;
-        create_dir_durable(&building)?;
-        publish_atomic(&building.join("meta"), &info.encode_meta())?;
-        publish_atomic(&building.join("head"), &info.encode_head())?;
+        remove_leftover(vfs, &building)?;
+        create_dir_durable(vfs, &building)?;
+        publish_atomic(vfs, &building.join("meta"), &info.encode_meta())?;
+        publish_atomic(vfs, &building.join("head"), &info.encode_head())?;
         let path = launches.join(launch_name);
-        fs::rename(&building, &path)
+        vfs.rename(&building, &path)
             .map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))?;
-        sync_dir(&launches)?;
+        sync_dir(vfs, &launches)?;
         Ok(info)
     }
 
@@ -239,10 +240,10 @@ impl Store {
     pub fn launch(&self, name: &str) -> Result<Option<LaunchInfo>, Error> {
         validate_name("launch", name)?;
         let dir = self.launches_dir().join(name);
-        let Some(meta) = read_small_file(&dir.join("meta"), META_LEN)? else {
+        let Some(meta) = read_small_file(self.vfs(), &dir.join("meta"), META_LEN)? else {
             return Ok(None);
         };
-        let head = read_small_file(&dir.join("head"), HEAD_LEN)?.ok_or_else(|| {
+        let head = read_small_file(self.vfs(), &dir.join("head"), HEAD_LEN)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::Corrupt,
                 format!("launch {name} has a meta file but no head"),
@@ -262,7 +263,7 @@ impl Store {
     /// Launches of one source, or all of them, ordered by name.
     pub fn list_launches(&self, source: Option<&SourceId>) -> Result<Vec<LaunchInfo>, Error> {
         let mut out = Vec::new();
-        for name in list_names(&self.launches_dir())? {
+        for name in list_names(self.vfs(), &self.launches_dir())? {
             // Deleted between listing and reading: not an error.
             if let Some(info) = self.launch(&name)?
                 && source.is_none_or(|s| *s == info.source)
@@ -297,11 +298,12 @@ impl Store {
         let launches = self.launches_dir();
         let path = launches.join(name);
         let doomed = launches.join(format!(".{name}.deleting"));
-        remove_leftover(&doomed)?;
-        fs::rename(&path, &doomed)
+        let vfs = self.vfs();
+        remove_leftover(vfs, &doomed)?;
+        vfs.rename(&path, &doomed)
             .map_err(|e| Error::io(format!("cannot rename {}", path.display()), e))?;
-        sync_dir(&launches)?;
-        remove_leftover(&doomed)
+        sync_dir(vfs, &launches)?;
+        remove_leftover(vfs, &doomed)
     }
 
     /// Opens a launch for reading and writing (reading only, on a store opened
@@ -338,8 +340,8 @@ impl Store {
 }
 
 /// Removes a directory left by an interrupted create or delete, if any.
-fn remove_leftover(dir: &std::path::Path) -> Result<(), Error> {
-    match fs::remove_dir_all(dir) {
+fn remove_leftover(vfs: &dyn Vfs, dir: &std::path::Path) -> Result<(), Error> {
+    match vfs.remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("cannot remove {}", dir.display()), e)),
@@ -745,7 +747,7 @@ impl VolumeState {
             info.generation += 1;
             info.flushed_unix_ms = now_unix_ms();
             let path = store.launches_dir().join(&info.name).join("head");
-            publish_atomic(&path, &info.encode_head())?;
+            publish_atomic(store.vfs(), &path, &info.encode_head())?;
             self.info = info;
         }
         self.root = root;
@@ -766,6 +768,7 @@ mod tests {
     use super::*;
     use crate::testutil::{commit_disk, pack_bytes, sample_disk, source};
     use proptest::prelude::*;
+    use std::fs;
     use std::path::Path;
 
     const CHUNK: u64 = 4096;

@@ -19,6 +19,11 @@
 //! `gc.rs`); [`Store::verify`] re-reads everything referenced and reports damage
 //! with what it affects.
 //!
+//! Every file of the data directory is reached through the [`vfs::Vfs`] trait
+//! ([`vfs::RealFs`] by default, [`Store::open_with_vfs`] for another), so that
+//! crash tests can run the store on a simulated disk that loses power
+//! (`sim`, with the `sim` feature).
+//!
 //! ```
 //! use std::sync::Arc;
 //! use blockrep_core::{Geometry, Root, SourceId, scan_buffer};
@@ -73,6 +78,8 @@
 //!
 //! - Nothing torn is ever read as valid: every record carries a crc32, and on open a
 //!   torn tail of the active (last) pack is cut off. Sealed packs are never truncated.
+//!   A record whose crc fails never counts as the blob being stored: a sound copy
+//!   wins on open, and [`Store::contains`] and [`Store::insert`] ignore it.
 //! - A head moves only after every blob it names is durable: blobs are appended,
 //!   the pack is fsynced, then the head is written to a temporary file, fsynced,
 //!   renamed over the old head, and the directory fsynced.
@@ -91,6 +98,8 @@
 #![deny(unsafe_code)]
 
 mod catalog;
+#[cfg(test)]
+mod crash;
 mod error;
 mod fsutil;
 mod gc;
@@ -99,11 +108,14 @@ mod launch;
 mod lifecycle;
 mod pack;
 mod retention;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 mod snapshot;
 mod store;
 #[cfg(test)]
 mod testutil;
 mod verify;
+pub mod vfs;
 
 pub use error::{Error, ErrorKind};
 pub use gc::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};

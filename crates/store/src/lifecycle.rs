@@ -17,12 +17,10 @@
 //! | 235 | 4 | crc32 of bytes 0..235 |
 //! | 239 | 4 | reserved, zero |
 
-use std::fs;
-
 use blockrep_core::{ChunkId, SourceId};
 
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::{create_dir_durable, publish_atomic, sync_dir};
+use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::store::Store;
 
 const MAGIC: [u8; 8] = *b"BRLIFE\x00\x01";
@@ -158,25 +156,24 @@ impl Store {
     /// The source's lifecycle record; `None` while it simply replicates.
     pub fn lifecycle(&self, source: &SourceId) -> Result<Option<Lifecycle>, Error> {
         let path = self.source_dir(source).join("lifecycle");
-        match fs::read(&path) {
-            Ok(bytes) => Lifecycle::decode(&bytes).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+        match read_small_file(self.vfs(), &path, LEN)? {
+            Some(bytes) => Lifecycle::decode(&bytes).map(Some),
+            None => Ok(None),
         }
     }
 
     /// Durably replaces the source's lifecycle record.
     pub fn set_lifecycle(&self, source: &SourceId, record: &Lifecycle) -> Result<(), Error> {
         let dir = self.source_dir(source);
-        create_dir_durable(&dir)?;
-        publish_atomic(&dir.join("lifecycle"), &record.encode())
+        create_dir_durable(self.vfs(), &dir)?;
+        publish_atomic(self.vfs(), &dir.join("lifecycle"), &record.encode())
     }
 
     /// Removes the record (the operator's reset): replication is allowed again.
     pub fn clear_lifecycle(&self, source: &SourceId) -> Result<(), Error> {
         let dir = self.source_dir(source);
-        match fs::remove_file(dir.join("lifecycle")) {
-            Ok(()) => sync_dir(&dir),
+        match self.vfs().remove_file(&dir.join("lifecycle")) {
+            Ok(()) => sync_dir(self.vfs(), &dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(
                 format!("cannot remove the lifecycle record of {source}"),

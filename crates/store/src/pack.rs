@@ -1,12 +1,11 @@
 //! Pack files: append-only sequences of checksummed blob records.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId};
 
 use crate::error::Error;
+use crate::vfs::{OpenMode, Vfs, VfsFile};
 
 /// A pack is sealed (no more appends) once it reaches this size.
 pub const PACK_SIZE_MAX_BYTES: u64 = 256 * 1024 * 1024;
@@ -121,6 +120,9 @@ impl RecordHeader {
 pub(crate) struct ScannedRecord {
     pub offset: u64,
     pub header: RecordHeader,
+    /// Whether the record's crc32 holds (a sound header over damaged or
+    /// unwritten data fails it).
+    pub crc_ok: bool,
 }
 
 /// Result of scanning a pack: its valid records and where validity ends.
@@ -145,29 +147,34 @@ pub(crate) struct PackScan {
 ///   is whole and whose checksum holds, if there is one;
 /// - `valid_len` is the end of the last record whose checksum holds; records
 ///   after it are the torn tail and are left out.
-pub(crate) fn scan_pack(path: &Path) -> Result<PackScan, Error> {
-    let file =
-        File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+pub(crate) fn scan_pack(vfs: &dyn Vfs, path: &Path) -> Result<PackScan, Error> {
+    let file = vfs
+        .open(path, OpenMode::Read)
+        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    let file = file.as_ref();
     let file_len = file
-        .metadata()
-        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
-        .len();
+        .len()
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
     let io = |e| Error::io(format!("cannot read {}", path.display()), e);
     let mut records = Vec::new();
     let mut offset = 0u64;
     let mut valid_len = 0u64;
     let mut data = Vec::new();
     while offset + RECORD_HEADER_LEN as u64 <= file_len {
-        match read_record(&file, offset, file_len, &mut data).map_err(io)? {
+        match read_record(file, offset, file_len, &mut data).map_err(io)? {
             Some((header, crc_ok)) => {
                 let end = offset + RECORD_HEADER_LEN as u64 + u64::from(header.stored_len);
-                records.push((ScannedRecord { offset, header }, crc_ok));
+                records.push(ScannedRecord {
+                    offset,
+                    header,
+                    crc_ok,
+                });
                 if crc_ok {
                     valid_len = end;
                 }
                 offset = end;
             }
-            None => match next_valid_record(&file, offset + 1, file_len, &mut data).map_err(io)? {
+            None => match next_valid_record(file, offset + 1, file_len, &mut data).map_err(io)? {
                 Some(next) => offset = next,
                 None => break,
             },
@@ -175,8 +182,7 @@ pub(crate) fn scan_pack(path: &Path) -> Result<PackScan, Error> {
     }
     let records = records
         .into_iter()
-        .filter(|(record, _)| record.offset < valid_len)
-        .map(|(record, _)| record)
+        .filter(|record| record.offset < valid_len)
         .collect();
     Ok(PackScan {
         records,
@@ -188,11 +194,16 @@ pub(crate) fn scan_pack(path: &Path) -> Result<PackScan, Error> {
 /// The record at `offset`: `None` if its header is unsound or it does not fit
 /// in the file; otherwise the header and whether its checksum holds.
 fn read_record(
-    file: &File,
+    file: &dyn VfsFile,
     offset: u64,
     file_len: u64,
     data: &mut Vec<u8>,
 ) -> std::io::Result<Option<(RecordHeader, bool)>> {
+    // A resynchronizing scan may find a magic in the last bytes of a torn
+    // tail, with no room for a whole header after it.
+    if offset + RECORD_HEADER_LEN as u64 > file_len {
+        return Ok(None);
+    }
     let mut header_bytes = [0u8; RECORD_HEADER_LEN];
     file.read_exact_at(&mut header_bytes, offset)?;
     let Some(header) = RecordHeader::decode(&header_bytes) else {
@@ -210,7 +221,7 @@ fn read_record(
 
 /// The offset of the next whole record with a good checksum at or after `from`.
 fn next_valid_record(
-    file: &File,
+    file: &dyn VfsFile,
     mut from: u64,
     file_len: u64,
     data: &mut Vec<u8>,

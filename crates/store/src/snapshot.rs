@@ -33,18 +33,17 @@
 //! cutover snapshots only ever expire by their own TTL.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use blockrep_core::{ChunkId, SourceId};
 
 use crate::catalog::{
-    NAME_FIELD_LEN, check_record, get_name, id_at, list_names, put_name, read_small_file,
-    seal_with_crc, u64_at, validate_name,
+    NAME_FIELD_LEN, check_record, get_name, id_at, list_names, put_name, seal_with_crc, u64_at,
+    validate_name,
 };
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::{create_dir_durable, publish_atomic, sync_dir};
+use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::retention::duration_ms;
 use crate::store::{Store, lock};
 
@@ -272,8 +271,8 @@ impl Store {
             created_unix_ms: now_unix_ms,
             expires_unix_ms,
         };
-        create_dir_durable(&dir)?;
-        publish_atomic(&dir.join(&snapshot.name), &snapshot.encode())?;
+        create_dir_durable(self.vfs(), &dir)?;
+        publish_atomic(self.vfs(), &dir.join(&snapshot.name), &snapshot.encode())?;
         Ok(snapshot)
     }
 
@@ -298,7 +297,7 @@ impl Store {
     pub fn snapshot(&self, source: &SourceId, name: &str) -> Result<Option<Snapshot>, Error> {
         validate_name("snapshot", name)?;
         let path = self.snapshots_dir(source).join(name);
-        let Some(bytes) = read_small_file(&path, SNAPSHOT_LEN)? else {
+        let Some(bytes) = read_small_file(self.vfs(), &path, SNAPSHOT_LEN)? else {
             return Ok(None);
         };
         let snapshot = Snapshot::decode(&bytes)
@@ -317,14 +316,14 @@ impl Store {
     pub fn list_snapshots(&self, source: Option<&SourceId>) -> Result<Vec<Snapshot>, Error> {
         let sources = match source {
             Some(source) => vec![source.clone()],
-            None => list_names(&self.data_dir().join("sources"))?
+            None => list_names(self.vfs(), &self.data_dir().join("sources"))?
                 .iter()
                 .filter_map(|name| SourceId::new(name).ok())
                 .collect(),
         };
         let mut out = Vec::new();
         for source in &sources {
-            for name in list_names(&self.snapshots_dir(source))? {
+            for name in list_names(self.vfs(), &self.snapshots_dir(source))? {
                 // Deleted between listing and reading: not an error.
                 if let Some(snapshot) = self.snapshot(source, &name)? {
                     out.push(snapshot);
@@ -354,9 +353,10 @@ impl Store {
         })?;
         let dir = self.snapshots_dir(source);
         let path = dir.join(name);
-        fs::remove_file(&path)
+        self.vfs()
+            .remove_file(&path)
             .map_err(|e| Error::io(format!("cannot delete {}", path.display()), e))?;
-        sync_dir(&dir)?;
+        sync_dir(self.vfs(), &dir)?;
         Ok(snapshot)
     }
 
@@ -403,6 +403,7 @@ mod tests {
     use crate::RetentionPolicy;
     use crate::testutil::{commit_disk, pack_bytes, sample_disk, source};
     use blockrep_core::Geometry;
+    use std::fs;
 
     const MINUTE_MS: u64 = 60_000;
     const HOUR_MS: u64 = 60 * MINUTE_MS;

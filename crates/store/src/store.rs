@@ -1,8 +1,8 @@
 //! The store proper: the blob index, the active pack, heads and export.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,13 +12,14 @@ use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::{create_dir_durable, publish_atomic, sync_dir};
+use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::gc::GcState;
-use crate::head::Head;
+use crate::head::{HEAD_LEN, Head};
 use crate::pack::{
     BlobKind, PACK_SIZE_MAX_BYTES, RECORD_HEADER_LEN, RecordHeader, StoredCodec, pack_file_name,
     parse_pack_file_name, scan_pack,
 };
+use crate::vfs::{OpenMode, PendingSync, RealFs, Vfs, VfsFile};
 
 /// Where a blob lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,8 @@ pub(crate) struct Location {
     pub(crate) pack: u32,
     pub(crate) offset: u64,
     pub(crate) header: RecordHeader,
+    /// Whether the record's crc32 held when it was scanned or written.
+    pub(crate) crc_ok: bool,
 }
 
 impl Location {
@@ -62,7 +65,7 @@ pub(crate) enum Relocation {
 #[derive(Debug)]
 struct ActivePack {
     number: u32,
-    file: Arc<File>,
+    file: Arc<dyn VfsFile>,
     len_bytes: u64,
 }
 
@@ -75,16 +78,12 @@ struct Inner {
     unflushed_bytes: u64,
     /// fsyncs running in the background (sealed packs, early flushes of the
     /// active pack). `sync` waits for all of them.
-    background_syncs: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+    background_syncs: Vec<PendingSync>,
 }
 
 /// Appended bytes after which a background fdatasync of the active pack starts,
 /// so the fsync at commit finds little left to write.
 const FLUSH_EVERY_BYTES: u64 = 64 * 1024 * 1024;
-
-fn spawn_sync(file: Arc<File>) -> std::thread::JoinHandle<std::io::Result<()>> {
-    std::thread::spawn(move || file.sync_data())
-}
 
 /// What a commit wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,11 +110,13 @@ pub struct ExportStats {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    /// Every file of the data directory is reached through this (see `vfs.rs`).
+    vfs: Arc<dyn Vfs>,
     read_only: bool,
     /// Holds the data directory's exclusive lock while a writable store is open.
     lock_file: Option<File>,
     inner: Mutex<Inner>,
-    readers: Mutex<HashMap<u32, Arc<File>>>,
+    readers: Mutex<HashMap<u32, Arc<dyn VfsFile>>>,
     /// Set once an fsync has failed. Linux may forget a write-back error after
     /// reporting it once, so a later fsync "succeeding" proves nothing: refuse to
     /// commit until the store is reopened (which rescans what is really on disk).
@@ -156,9 +157,15 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let dir = &std::path::absolute(dir)
             .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
-        create_dir_durable(&dir.join("packs"))?;
-        create_dir_durable(&dir.join("sources"))?;
-        Self::open_inner(dir, false)
+        Self::open_with_vfs(dir, Arc::new(RealFs))
+    }
+
+    /// [`Store::open`] on another file system: `dir` is an absolute path in
+    /// `vfs`. The crash tests open stores on a simulated disk this way.
+    pub fn open_with_vfs(dir: &Path, vfs: Arc<dyn Vfs>) -> Result<Self, Error> {
+        create_dir_durable(vfs.as_ref(), &dir.join("packs"))?;
+        create_dir_durable(vfs.as_ref(), &dir.join("sources"))?;
+        Self::open_inner(dir, vfs, false)
     }
 
     /// [`Store::open`], holding an exclusive lock on the data directory for as
@@ -167,7 +174,7 @@ impl Store {
     pub fn open_exclusive(dir: &Path) -> Result<Self, Error> {
         let dir = &std::path::absolute(dir)
             .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
-        create_dir_durable(dir)?;
+        create_dir_durable(&RealFs, dir)?;
         // One writer per data directory: a second server (or a GC run from the
         // command line) appending to the same packs would corrupt them.
         let lock_path = dir.join("lock");
@@ -207,12 +214,13 @@ impl Store {
                 format!("{} is not a blockrep data directory", dir.display()),
             ));
         }
-        Self::open_inner(dir, true)
+        Self::open_inner(dir, Arc::new(RealFs), true)
     }
 
-    fn open_inner(dir: &Path, read_only: bool) -> Result<Self, Error> {
+    fn open_inner(dir: &Path, vfs: Arc<dyn Vfs>, read_only: bool) -> Result<Self, Error> {
         let store = Self {
             dir: dir.to_owned(),
+            vfs,
             read_only,
             inner: Mutex::new(Inner::default()),
             readers: Mutex::new(HashMap::new()),
@@ -231,6 +239,11 @@ impl Store {
     /// The data directory (absolute for a writable store).
     pub(crate) fn data_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The file system the data directory lives on.
+    pub(crate) fn vfs(&self) -> &dyn Vfs {
+        self.vfs.as_ref()
     }
 
     pub(crate) fn packs_dir(&self) -> PathBuf {
@@ -257,13 +270,13 @@ impl Store {
 
     pub(crate) fn pack_numbers(&self) -> Result<Vec<u32>, Error> {
         let dir = self.packs_dir();
-        let entries = fs::read_dir(&dir)
+        let names = self
+            .vfs
+            .list_dir(&dir)
             .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
         let mut numbers = Vec::new();
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
-            if let Some(number) = entry.file_name().to_str().and_then(parse_pack_file_name) {
+        for name in names {
+            if let Some(number) = name.to_str().and_then(parse_pack_file_name) {
                 numbers.push(number);
             }
         }
@@ -278,7 +291,7 @@ impl Store {
         inner.index.clear();
         for (position, &number) in numbers.iter().enumerate() {
             let path = self.packs_dir().join(pack_file_name(number));
-            let scan = match scan_pack(&path) {
+            let scan = match scan_pack(self.vfs(), &path) {
                 Ok(scan) => scan,
                 // Deleted by a collection since the listing (a read-only store
                 // looking at a running server): its blobs are elsewhere now.
@@ -286,27 +299,37 @@ impl Store {
                 Err(e) => return Err(e),
             };
             for record in &scan.records {
-                // The same id in two packs means a compaction copied it and
-                // stopped before deleting the old pack: both copies passed their
-                // crc, and the newer one is kept so that the next collection finds
-                // the old pack dead and deletes it without copying again.
-                inner.index.insert(
-                    record.header.id,
-                    Location {
-                        pack: number,
-                        offset: record.offset,
-                        header: record.header,
-                    },
-                );
+                let location = Location {
+                    pack: number,
+                    offset: record.offset,
+                    header: record.header,
+                    crc_ok: record.crc_ok,
+                };
+                // The same id twice means a compaction copied it and stopped
+                // before deleting the old pack. The newer copy is kept, so that
+                // the next collection finds the old pack dead and deletes it
+                // without copying again; but never a damaged copy over a sound
+                // one: a copy not yet fsynced when the power went may be torn
+                // while the old record still holds.
+                match inner.index.entry(record.header.id) {
+                    Entry::Occupied(mut known) => {
+                        if location.crc_ok || !known.get().crc_ok {
+                            known.insert(location);
+                        }
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(location);
+                    }
+                }
             }
             let is_last = position + 1 == numbers.len();
             if scan.valid_len < scan.file_len && is_last && !self.read_only {
                 // Only the last pack is ever appended to, so only it can have a torn
                 // tail; nothing past `valid_len` was ever part of a commit.
                 tracing_cut(&path, scan.valid_len, scan.file_len);
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
+                let file = self
+                    .vfs
+                    .open(&path, OpenMode::ReadWrite)
                     .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
                 file.set_len(scan.valid_len)
                     .and_then(|()| file.sync_all())
@@ -317,12 +340,14 @@ impl Store {
         Ok(())
     }
 
-    /// Whether the store holds a blob with this id. While a garbage collection
-    /// runs, a hit keeps the blob alive through it (the caller may go on to
-    /// reference it).
+    /// Whether the store holds a sound blob with this id. While a garbage
+    /// collection runs, a hit keeps the blob alive through it (the caller may
+    /// go on to reference it). A record found damaged when the store opened
+    /// (a torn write, or rot) is not a hit: the caller sends the bytes again
+    /// and [`Store::insert`] stores a sound copy.
     pub fn contains(&self, id: &ChunkId) -> bool {
         let inner = lock(&self.inner);
-        let found = inner.index.contains_key(id);
+        let found = inner.index.get(id).is_some_and(|at| at.crc_ok);
         if found {
             // Under the index lock, so a collector deciding to drop `id` (also
             // under it) sees the hit.
@@ -356,7 +381,8 @@ impl Store {
 
     /// Appends a blob unless one with the same id is already stored. Returns whether
     /// it was new. The caller has verified that `id` is the blake3 of the decoded
-    /// bytes. Not durable until [`Store::sync`].
+    /// bytes. Not durable until [`Store::sync`]. A record of that id found
+    /// damaged on open does not count: a sound copy is appended and replaces it.
     pub fn insert(
         &self,
         kind: BlobKind,
@@ -370,7 +396,7 @@ impl Store {
         // Found or stored, the caller is about to reference it: a running
         // collection must keep it.
         self.gc.note(&id);
-        if inner.index.contains_key(&id) {
+        if inner.index.get(&id).is_some_and(|at| at.crc_ok) {
             return Ok(false);
         }
         let header = RecordHeader {
@@ -422,12 +448,13 @@ impl Store {
         inner.unflushed_bytes += (RECORD_HEADER_LEN + stored.len()) as u64;
         if inner.unflushed_bytes >= FLUSH_EVERY_BYTES {
             inner.unflushed_bytes = 0;
-            inner.background_syncs.push(spawn_sync(file));
+            inner.background_syncs.push(self.vfs.start_sync_data(file));
         }
         Ok(Location {
             pack,
             offset,
             header,
+            crc_ok: true,
         })
     }
 
@@ -507,7 +534,9 @@ impl Store {
             let sealed = inner.active.take().expect("checked above");
             // A sealed pack is never written again; its fsync runs in the
             // background, and `sync` waits for it before any commit.
-            inner.background_syncs.push(spawn_sync(sealed.file));
+            inner
+                .background_syncs
+                .push(self.vfs.start_sync_data(sealed.file));
         }
         if inner.active.is_none() {
             inner.active = Some(self.open_active(inner.last_pack)?);
@@ -519,35 +548,31 @@ impl Store {
     fn open_active(&self, last_pack: u32) -> Result<ActivePack, Error> {
         if last_pack > 0 {
             let path = self.packs_dir().join(pack_file_name(last_pack));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
+            let file = self
+                .vfs
+                .open(&path, OpenMode::ReadWrite)
                 .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
             let len_bytes = file
-                .metadata()
-                .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
-                .len();
+                .len()
+                .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
             if len_bytes < self.pack_size_max_bytes() {
                 return Ok(ActivePack {
                     number: last_pack,
-                    file: Arc::new(file),
+                    file,
                     len_bytes,
                 });
             }
         }
         let number = last_pack + 1;
         let path = self.packs_dir().join(pack_file_name(number));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        let file = self
+            .vfs
+            .open(&path, OpenMode::CreateNew)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        sync_dir(&self.packs_dir())?;
+        sync_dir(self.vfs(), &self.packs_dir())?;
         Ok(ActivePack {
             number,
-            file: Arc::new(file),
+            file,
             len_bytes: 0,
         })
     }
@@ -572,11 +597,8 @@ impl Store {
         {
             let _join = lock(&self.sync_join);
             let pending = std::mem::take(&mut lock(&self.inner).background_syncs);
-            for handle in pending {
-                let outcome = handle
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
-                if let Err(e) = outcome {
+            for pending_sync in pending {
+                if let Err(e) = pending_sync.wait() {
                     result = Err(e);
                 }
             }
@@ -607,16 +629,16 @@ impl Store {
         }
     }
 
-    fn reader(&self, pack: u32) -> Result<Arc<File>, Error> {
+    fn reader(&self, pack: u32) -> Result<Arc<dyn VfsFile>, Error> {
         let mut readers = lock(&self.readers);
         if let Some(file) = readers.get(&pack) {
             return Ok(Arc::clone(file));
         }
         let path = self.packs_dir().join(pack_file_name(pack));
-        let file = Arc::new(
-            File::open(&path)
-                .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?,
-        );
+        let file = self
+            .vfs
+            .open(&path, OpenMode::Read)
+            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
         readers.insert(pack, Arc::clone(&file));
         Ok(file)
     }
@@ -737,24 +759,22 @@ impl Store {
     /// The source's committed head, if it has one.
     pub fn head(&self, source: &SourceId) -> Result<Option<Head>, Error> {
         let path = self.source_dir(source).join("head");
-        match fs::read(&path) {
-            Ok(bytes) => Head::decode(&bytes).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+        match read_small_file(self.vfs(), &path, HEAD_LEN)? {
+            Some(bytes) => Head::decode(&bytes).map(Some),
+            None => Ok(None),
         }
     }
 
     /// Sources that have a committed head.
     pub fn sources(&self) -> Result<Vec<SourceId>, Error> {
         let dir = self.dir.join("sources");
-        let entries = fs::read_dir(&dir)
+        let names = self
+            .vfs
+            .list_dir(&dir)
             .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
         let mut out = Vec::new();
-        for entry in entries.flatten() {
-            if let Some(source) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| SourceId::new(n).ok())
+        for name in names {
+            if let Some(source) = name.to_str().and_then(|n| SourceId::new(n).ok())
                 && self.head(&source)?.is_some()
             {
                 out.push(source);
@@ -884,8 +904,8 @@ impl Store {
             },
         };
         let dir = self.source_dir(source);
-        create_dir_durable(&dir)?;
-        publish_atomic(&dir.join("head"), &head.encode())?;
+        create_dir_durable(self.vfs(), &dir)?;
+        publish_atomic(self.vfs(), &dir.join("head"), &head.encode())?;
         Ok(CommitStats { head, pages_stored })
     }
 
@@ -945,15 +965,35 @@ impl Store {
     /// `out` as a sparse raw image, fsynced. Returns its size and the non-zero
     /// chunks written.
     pub fn export_root(&self, root_id: &ChunkId, out: &Path) -> Result<(u64, u64), Error> {
+        // The image is the caller's file, outside the data directory: it is
+        // written with std::fs, not through the store's Vfs.
+        use std::os::unix::fs::FileExt;
         let root = self.read_root(root_id)?;
-        let geometry = root.geometry();
         let file = File::create(out)
             .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
-        file.set_len(geometry.disk_size_bytes())
+        file.set_len(root.geometry().disk_size_bytes())
             .map_err(|e| Error::io(format!("cannot size {}", out.display()), e))?;
+        let chunks_written = self.export_chunks(&root, &mut |offset, data| {
+            FileExt::write_all_at(&file, data, offset)
+                .map_err(|e| Error::io(format!("cannot write {}", out.display()), e))
+        })?;
+        file.sync_all()
+            .map_err(|e| Error::io(format!("cannot fsync {}", out.display()), e))?;
+        Ok((root.geometry().disk_size_bytes(), chunks_written))
+    }
+
+    /// Reads every non-zero chunk of `root` (checked against its id and the
+    /// geometry) and hands it to `write` with its byte offset on the disk.
+    /// Returns how many chunks were written.
+    pub(crate) fn export_chunks(
+        &self,
+        root: &Root,
+        write: &mut ChunkSink<'_>,
+    ) -> Result<u64, Error> {
+        let geometry = root.geometry();
         let mut chunks_written = 0;
         for page_index in 0..root.page_ids().len() {
-            let page = self.read_page(&root, page_index)?;
+            let page = self.read_page(root, page_index)?;
             for (offset_in_page, id) in page.ids().iter().enumerate() {
                 if id.is_zero() {
                     continue;
@@ -961,16 +1001,16 @@ impl Store {
                 let chunk_index = (page_index * CHUNKS_PER_PAGE + offset_in_page) as u64;
                 let data = self.read_blob(id)?;
                 check_chunk_len(geometry, chunk_index, data.len())?;
-                file.write_all_at(&data, geometry.chunk_offset(chunk_index))
-                    .map_err(|e| Error::io(format!("cannot write {}", out.display()), e))?;
+                write(geometry.chunk_offset(chunk_index), &data)?;
                 chunks_written += 1;
             }
         }
-        file.sync_all()
-            .map_err(|e| Error::io(format!("cannot fsync {}", out.display()), e))?;
-        Ok((geometry.disk_size_bytes(), chunks_written))
+        Ok(chunks_written)
     }
 }
+
+/// Where [`Store::export_chunks`] puts each chunk: byte offset on the disk, bytes.
+pub(crate) type ChunkSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Error> + 'a;
 
 /// Decodes a blob's stored bytes (at most its raw length).
 pub(crate) fn decode_raw(header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, String> {
@@ -1024,7 +1064,9 @@ fn tracing_cut(path: &Path, valid_len: u64, file_len: u64) {
 mod tests {
     use super::*;
     use blockrep_core::scan_buffer;
+    use std::fs;
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
     use crate::testutil::{sample_disk, source};
 
@@ -1148,9 +1190,8 @@ mod tests {
         // Damage the second record's data, then its neighbour's header magic.
         let record = (RECORD_HEADER_LEN + 4096) as u64;
         let file = OpenOptions::new().write(true).open(&pack).unwrap();
-        file.write_all_at(&[0xff], record + RECORD_HEADER_LEN as u64 + 7)
-            .unwrap();
-        file.write_all_at(b"XXXX", 2 * record).unwrap();
+        FileExt::write_all_at(&file, &[0xff], record + RECORD_HEADER_LEN as u64 + 7).unwrap();
+        FileExt::write_all_at(&file, b"XXXX", 2 * record).unwrap();
         drop(file);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(
@@ -1186,8 +1227,50 @@ mod tests {
         store.sync().unwrap();
         let pack = dir.path().join("packs").join(pack_file_name(1));
         let file = OpenOptions::new().write(true).open(&pack).unwrap();
-        file.write_all_at(&[0x43], 100).unwrap();
+        FileExt::write_all_at(&file, &[0x43], 100).unwrap();
         assert_eq!(store.read_blob(&id).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn a_record_damaged_before_a_crash_is_stored_again_not_deduplicated() {
+        // A chunk appended but not fsynced when the power went may come back
+        // with a sound header and torn data, followed by later records (so it
+        // is not cut as a torn tail). The agent resends it after the crash; the
+        // store must not answer "already stored" with the damaged record.
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![0x42u8; 4096];
+        let id = ChunkId::from(blake3::hash(&data));
+        let later = vec![0x17u8; 4096];
+        let later_id = ChunkId::from(blake3::hash(&later));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for (id, bytes) in [(id, &data), (later_id, &later)] {
+                store
+                    .insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, bytes)
+                    .unwrap();
+            }
+            store.sync().unwrap();
+        }
+        let pack = dir.path().join("packs").join(pack_file_name(1));
+        let file = OpenOptions::new().write(true).open(&pack).unwrap();
+        FileExt::write_all_at(&file, &[0u8; 100], RECORD_HEADER_LEN as u64 + 1000).unwrap();
+        drop(file);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.contains(&id), "a damaged record answered an offer");
+        assert!(store.contains(&later_id));
+        assert!(
+            store
+                .insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, &data)
+                .unwrap(),
+            "the resent chunk was taken as already stored"
+        );
+        assert_eq!(store.read_blob(&id).unwrap(), data);
+        store.sync().unwrap();
+        drop(store);
+        // After another open the sound copy still wins over the damaged one.
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.contains(&id));
+        assert_eq!(store.read_blob(&id).unwrap(), data);
     }
 
     #[test]

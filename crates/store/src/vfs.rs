@@ -1,0 +1,198 @@
+//! The narrow file-system interface every file of a data directory is reached
+//! through.
+//!
+//! The store needs few operations: open a file (to read, to append to, to
+//! create), read and write at an offset, its length, truncate, fsync a file,
+//! fsync a directory, list a directory, create and remove directories, rename
+//! and remove. Keeping them behind [`Vfs`] and [`VfsFile`] lets a test put the
+//! store on a simulated disk that loses power ([`crate::sim`]), and leaves room
+//! for other backends. [`RealFs`] is the production implementation: a thin
+//! wrapper over `std::fs` that changes nothing in behaviour. File handles are
+//! kept open by the store as before (the active pack, cached readers), so the
+//! insert path costs one dynamic call per write, not an open.
+//!
+//! Not behind it: the data directory's exclusive lock (`DATA/lock`, an advisory
+//! lock of the real file system that no simulation needs) and the image files
+//! that `export` writes outside the data directory.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// How [`Vfs::open`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// An existing file, for reading.
+    Read,
+    /// An existing file, for reading and writing.
+    ReadWrite,
+    /// A new file for reading and writing; fails with `AlreadyExists` if the
+    /// name is taken.
+    CreateNew,
+    /// A file for writing, created if missing and truncated otherwise.
+    CreateTruncate,
+}
+
+/// An open file. Reads and writes are positioned, so one handle serves
+/// concurrent readers.
+pub trait VfsFile: fmt::Debug + Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the file if needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// The file's current length.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends the file to `len_bytes`.
+    fn set_len(&self, len_bytes: u64) -> io::Result<()>;
+    /// Makes the file's data and metadata durable (`fsync`). Does not make a
+    /// new name of the file durable: that takes [`Vfs::sync_dir`].
+    fn sync_all(&self) -> io::Result<()>;
+    /// Makes the file's data (and its length) durable (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// A durable file system as the store uses it. Paths are absolute paths of the
+/// data directory and below.
+pub trait Vfs: fmt::Debug + Send + Sync {
+    /// Opens `path` as `mode` says.
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn VfsFile>>;
+    /// The length of the file at `path`.
+    fn file_len(&self, path: &Path) -> io::Result<u64>;
+    /// Whether `path` is a directory (false when it does not exist).
+    fn is_dir(&self, path: &Path) -> bool;
+    /// The names of the entries of directory `path`, in no particular order.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<OsString>>;
+    /// Creates directory `path` (its parent must exist); `AlreadyExists` if it does.
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+    /// Renames `from` to `to` in the same directory, replacing `to` if it is a file.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes the file `path`.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Removes directory `path` and everything in it.
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Makes the entries of directory `path` durable: creates, renames and
+    /// removals inside it survive a crash only after this.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// Starts `file.sync_data()` without waiting for it; the store joins it
+    /// before it reports anything durable. The real file system runs it on a
+    /// thread; a simulation may run it later, at the join, to stay
+    /// deterministic (the latest a real background fsync may finish).
+    fn start_sync_data(&self, file: Arc<dyn VfsFile>) -> PendingSync {
+        PendingSync::Thread(std::thread::spawn(move || file.sync_data()))
+    }
+}
+
+/// An fsync started by [`Vfs::start_sync_data`].
+pub enum PendingSync {
+    /// Running on its own thread.
+    Thread(JoinHandle<io::Result<()>>),
+    /// To be run when joined.
+    Deferred(Box<dyn FnOnce() -> io::Result<()> + Send>),
+}
+
+impl PendingSync {
+    /// Waits for the fsync and returns its outcome.
+    pub fn wait(self) -> io::Result<()> {
+        match self {
+            PendingSync::Thread(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked"))),
+            PendingSync::Deferred(sync) => sync(),
+        }
+    }
+}
+
+impl fmt::Debug for PendingSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PendingSync::Thread(_) => "PendingSync::Thread",
+            PendingSync::Deferred(_) => "PendingSync::Deferred",
+        })
+    }
+}
+
+/// The operating system's file system, through `std::fs`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+impl VfsFile for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+        File::set_len(self, len_bytes)
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
+impl Vfs for RealFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn VfsFile>> {
+        let mut options = OpenOptions::new();
+        match mode {
+            OpenMode::Read => options.read(true),
+            OpenMode::ReadWrite => options.read(true).write(true),
+            OpenMode::CreateNew => options.read(true).write(true).create_new(true),
+            OpenMode::CreateTruncate => options.write(true).create(true).truncate(true),
+        };
+        Ok(Arc::new(options.open(path)?))
+    }
+
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        Ok(fs::metadata(path)?.len())
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
+    }
+
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<OsString>> {
+        fs::read_dir(path)?
+            .map(|entry| entry.map(|e| e.file_name()))
+            .collect()
+    }
+
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir_all(path)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+}
