@@ -74,14 +74,7 @@ fn chunk_frames(c: &mut Criterion) {
     group.bench_function("encode_chunk_header", |b| {
         b.iter(|| {
             out.clear();
-            encode_chunk_header(
-                &mut out,
-                *index,
-                id,
-                Codec::Raw,
-                CHUNK_BYTES as u32,
-                data.len(),
-            );
+            encode_chunk_header(&mut out, *index, id, Codec::Raw, CHUNK_BYTES as u32, data);
         })
     });
     // The receive buffer is rebuilt outside the timing; the decoded message is
