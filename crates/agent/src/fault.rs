@@ -81,6 +81,8 @@ pub enum Injection {
     /// frame (from 0, any type) of `len` bytes, then close the connection: 0
     /// ends the stream cleanly between two frames.
     Truncate { frame_number: u32, position: u64 },
+    /// Change nothing; only record the frames (see [`StreamCorrupter::frames`]).
+    Nothing,
 }
 
 /// Where an injection landed.
