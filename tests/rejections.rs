@@ -344,6 +344,47 @@ async fn chunk_that_does_not_hash_to_its_id_is_rejected() {
     f.assert_unharmed("a");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_frames_and_zero_chunks_with_an_id_are_rejected() {
+    let f = Fixture::new();
+    // A Commit whose scan start was damaged before it was sealed into TLS:
+    // well-formed, and once accepted as is; now its checksum refuses it.
+    let mut client = f.client("a").await;
+    client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    let mut frame = bytes::BytesMut::new();
+    blockrep_proto::encode(
+        &Message::Commit {
+            epoch: 1,
+            root: ChunkId([1; 32]),
+            scan_started_unix_ms: 1_795_000_000_000,
+            complete: true,
+            last: false,
+        },
+        &mut frame,
+    );
+    let scan_start_byte = frame.len() - 4;
+    frame[scan_start_byte] ^= 0x20;
+    client.send_raw(&frame).await.unwrap();
+    let message = expect_error(&mut client, ErrorCode::BadFrame).await;
+    assert!(message.contains("checksum"), "{message}");
+    // A zero chunk carries the zero id; any other id is refused.
+    let mut client = f.client("a").await;
+    client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    client
+        .send(&Message::Chunk {
+            index: 0,
+            id: ChunkId([9; 32]),
+            codec: Codec::Zero,
+            raw_len: 65_536,
+            data: Bytes::new(),
+        })
+        .await
+        .unwrap();
+    let message = expect_error(&mut client, ErrorCode::BadChunk).await;
+    assert!(message.contains("zero id"), "{message}");
+    f.assert_unharmed("a");
+}
+
 /// A few KiB that claim to be a chunk but decompress to 64 MiB.
 fn zstd_bomb() -> Vec<u8> {
     zstd::bulk::compress(&vec![7u8; 64 << 20], 3).unwrap()

@@ -18,8 +18,16 @@ use crate::{AgentConfig, Error};
 /// Bytes buffered before a write reaches TLS: several frames per TLS record batch.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 
+/// Where frames go: TLS, behind a write buffer.
+#[cfg(not(feature = "fault-injection"))]
+type FrameWriter = BufWriter<WriteHalf<TlsStream<TcpStream>>>;
+/// Where frames go in test builds: through the fault-injection tap (which sees
+/// each frame whole, before the write buffer splits it), then as above.
+#[cfg(feature = "fault-injection")]
+type FrameWriter = crate::fault::Tapped<BufWriter<WriteHalf<TlsStream<TcpStream>>>>;
+
 pub(crate) struct Connection {
-    writer: BufWriter<WriteHalf<TlsStream<TcpStream>>>,
+    writer: FrameWriter,
     incoming: mpsc::Receiver<Result<Message, Error>>,
     scratch: BytesMut,
     reader_task: tokio::task::JoinHandle<()>,
@@ -112,8 +120,11 @@ impl Connection {
                 }
             }
         });
+        let writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write_half);
+        #[cfg(feature = "fault-injection")]
+        let writer = crate::fault::Tapped::new(writer, config.plaintext_tap.clone());
         Ok(Self {
-            writer: BufWriter::with_capacity(WRITE_BUFFER_BYTES, write_half),
+            writer,
             incoming,
             scratch: BytesMut::new(),
             reader_task,

@@ -157,7 +157,7 @@ impl Session {
             .geometry
             .chunk_len(index)
             .expect("changed chunks lie on the disk");
-        chunk_header(index, id, Codec::Ref, raw_len, 0)
+        chunk_header(index, id, Codec::Ref, raw_len, &[])
     }
 
     /// Sends the agent's side of the cutover downtime.

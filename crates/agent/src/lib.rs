@@ -13,6 +13,8 @@ mod connection;
 mod epoch;
 mod error;
 mod failback;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod rate;
 mod run;
 mod send;
@@ -85,6 +87,10 @@ pub struct AgentConfig {
     pub cutover: bool,
     /// Command that stops the workload before the final epoch (run with `sh -c`).
     pub pre_cutover_cmd: Option<String>,
+    /// Test builds only: sees, and may corrupt or cut, every plaintext frame
+    /// the agent writes into TLS (see [`fault`]).
+    #[cfg(feature = "fault-injection")]
+    pub plaintext_tap: Option<fault::SharedTap>,
 }
 
 impl AgentConfig {
@@ -116,6 +122,8 @@ impl AgentConfig {
             progress: false,
             cutover: false,
             pre_cutover_cmd: None,
+            #[cfg(feature = "fault-injection")]
+            plaintext_tap: None,
         }
     }
 }

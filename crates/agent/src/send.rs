@@ -110,15 +110,16 @@ impl ChunkEncoder {
             })?;
         let id = hash_chunk(&frame[CHUNK_HEADER_LEN..]);
         let (frame, raw_sent) = if id.is_zero() {
-            let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, 0);
+            let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, &[]);
             (BytesMut::from(&header[..]), 0)
         } else if let Some(mut compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
-            let data_len = compressed.len() - CHUNK_HEADER_LEN;
-            let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data_len);
+            let data = &compressed[CHUNK_HEADER_LEN..];
+            let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data);
             compressed[..CHUNK_HEADER_LEN].copy_from_slice(&header);
             (compressed, raw_len as u64)
         } else {
-            let header = chunk_header(index, &id, Codec::Raw, raw_len as u32, raw_len);
+            let data = &frame[CHUNK_HEADER_LEN..];
+            let header = chunk_header(index, &id, Codec::Raw, raw_len as u32, data);
             frame[..CHUNK_HEADER_LEN].copy_from_slice(&header);
             (frame, raw_len as u64)
         };

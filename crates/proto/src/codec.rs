@@ -4,13 +4,41 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::message::{Codec, ErrorCode, Message, ProtoError, ProtoErrorKind};
 use crate::{ERROR_MESSAGE_MAX_LEN, FRAME_LEN_MAX, GET_PAGES_MAX, OFFER_IDS_MAX};
 
-/// Bytes before a frame's body: the length field and the type byte.
-pub const FRAME_HEADER_LEN: usize = 5;
+/// Bytes before a frame's body: the length field, the checksum and the type byte.
+pub const FRAME_HEADER_LEN: usize = 9;
+
+/// Offset of the checksum in a frame.
+const CHECKSUM_OFFSET: usize = 4;
+/// The shortest frame length field: a checksum and a type byte, no body.
+const FRAME_LEN_MIN: u32 = 5;
+
+/// The checksum of a frame: crc32 (IEEE) of every byte of `frame` but the
+/// checksum field itself. `frame` is one whole frame.
+fn frame_checksum(frame: &[u8]) -> u32 {
+    frame_checksum_parts(frame, &[])
+}
+
+/// [`frame_checksum`] of a frame whose bytes are `head` then `tail`, with the
+/// checksum field inside `head`.
+fn frame_checksum_parts(head: &[u8], tail: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&head[..CHECKSUM_OFFSET]);
+    hasher.update(&head[CHECKSUM_OFFSET + 4..]);
+    hasher.update(tail);
+    hasher.finalize()
+}
+
+/// Writes the checksum of a whole frame whose length field is set.
+pub(crate) fn seal(frame: &mut [u8]) {
+    let checksum = frame_checksum(frame);
+    frame[CHECKSUM_OFFSET..CHECKSUM_OFFSET + 4].copy_from_slice(&checksum.to_le_bytes());
+}
 
 /// Appends the frame for `message` to `out`.
 pub fn encode(message: &Message, out: &mut BytesMut) {
     let start = out.len();
     out.put_u32_le(0); // patched below
+    out.put_u32_le(0); // the checksum, once the frame is complete
     out.put_u8(message.type_byte());
     match message {
         Message::Hello {
@@ -161,43 +189,48 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
     let body_len = (out.len() - start - 4) as u32;
     debug_assert!(body_len <= FRAME_LEN_MAX, "encoded frame exceeds the limit");
     out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+    seal(&mut out[start..]);
 }
 
 /// Bytes of a `Chunk` frame before its data.
-pub const CHUNK_HEADER_LEN: usize = 4 + 1 + 8 + 32 + 1 + 4 + 4;
+pub const CHUNK_HEADER_LEN: usize = FRAME_HEADER_LEN + 8 + 32 + 1 + 4 + 4;
 
-/// The header of a `Chunk` frame whose `data_len` data bytes follow it, as an
-/// array: a sender can write it in front of data already in its buffer, so that
-/// chunk data is copied once (into the frame) and never again.
+/// The header of a `Chunk` frame carrying `data`, as an array: a sender can
+/// write it in front of data already in its buffer, so that chunk data is
+/// copied once (into the frame) and never again. The header's checksum covers
+/// `data`, which must be exactly the bytes that follow it.
 pub fn chunk_header(
     index: u64,
     id: &ChunkId,
     codec: Codec,
     raw_len: u32,
-    data_len: usize,
+    data: &[u8],
 ) -> [u8; CHUNK_HEADER_LEN] {
     let mut out = [0u8; CHUNK_HEADER_LEN];
-    let body_len = (CHUNK_HEADER_LEN - 4 + data_len) as u32;
+    let body_len = (CHUNK_HEADER_LEN - 4 + data.len()) as u32;
     out[0..4].copy_from_slice(&body_len.to_le_bytes());
-    out[4] = 5;
-    out[5..13].copy_from_slice(&index.to_le_bytes());
-    out[13..45].copy_from_slice(id.as_bytes());
-    out[45] = codec as u8;
-    out[46..50].copy_from_slice(&raw_len.to_le_bytes());
-    out[50..54].copy_from_slice(&(data_len as u32).to_le_bytes());
+    out[8] = 5;
+    out[9..17].copy_from_slice(&index.to_le_bytes());
+    out[17..49].copy_from_slice(id.as_bytes());
+    out[49] = codec as u8;
+    out[50..54].copy_from_slice(&raw_len.to_le_bytes());
+    out[54..58].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    let checksum = frame_checksum_parts(&out, data);
+    out[CHECKSUM_OFFSET..CHECKSUM_OFFSET + 4].copy_from_slice(&checksum.to_le_bytes());
     out
 }
 
-/// Appends the header of a `Chunk` frame (see [`chunk_header`]).
+/// Appends the header of a `Chunk` frame carrying `data` (see
+/// [`chunk_header`]); the caller appends `data` after it.
 pub fn encode_chunk_header(
     out: &mut BytesMut,
     index: u64,
     id: &ChunkId,
     codec: Codec,
     raw_len: u32,
-    data_len: usize,
+    data: &[u8],
 ) {
-    out.put_slice(&chunk_header(index, id, codec, raw_len, data_len));
+    out.put_slice(&chunk_header(index, id, codec, raw_len, data));
 }
 
 fn put_chunk_fields(
@@ -243,16 +276,18 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more and call
 /// again). The frame length is checked before waiting for or reserving its body, so a
-/// peer cannot make us buffer more than [`FRAME_LEN_MAX`] bytes.
+/// peer cannot make us buffer more than [`FRAME_LEN_MAX`] bytes; the checksum is
+/// checked before any field is read, so a frame damaged before it was sealed into
+/// TLS is refused whole, whatever field the damage hit.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let body_len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-    if body_len == 0 || body_len > FRAME_LEN_MAX {
+    if !(FRAME_LEN_MIN..=FRAME_LEN_MAX).contains(&body_len) {
         return Err(ProtoError::new(
             ProtoErrorKind::FrameTooLarge,
-            format!("frame length {body_len} outside 1..={FRAME_LEN_MAX}"),
+            format!("frame length {body_len} outside {FRAME_LEN_MIN}..={FRAME_LEN_MAX}"),
         ));
     }
     let frame_len = 4 + body_len as usize;
@@ -260,8 +295,19 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
         buf.reserve(frame_len - buf.len());
         return Ok(None);
     }
-    buf.advance(4);
-    let mut body = buf.split_to(body_len as usize).freeze();
+    let sent = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let computed = frame_checksum(&buf[..frame_len]);
+    if sent != computed {
+        return Err(ProtoError::new(
+            ProtoErrorKind::Checksum,
+            format!(
+                "frame checksum {sent:#010x} does not match its bytes ({computed:#010x}): \
+                 the frame was damaged before it was sent"
+            ),
+        ));
+    }
+    buf.advance(FRAME_HEADER_LEN - 1);
+    let mut body = buf.split_to(body_len as usize - 4).freeze();
     let message_type = body.get_u8();
     let message = decode_body(message_type, &mut body)?;
     if body.has_remaining() {
@@ -717,13 +763,41 @@ mod tests {
         }
 
         #[test]
-        fn random_bodies_never_panic(kind in 0u8..12, body in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut buf = BytesMut::new();
-            buf.put_u32_le(body.len() as u32 + 1);
-            buf.put_u8(kind);
-            buf.put_slice(&body);
+        fn random_bodies_never_panic(kind in 0u8..20, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            // Sealed, so that the body parsers run rather than the checksum refusing.
+            let mut buf = sealed_frame(kind, &body);
             let _ = decode(&mut buf);
         }
+
+        #[test]
+        fn any_damage_to_a_frame_is_refused(
+            message in message_strategy(),
+            position in any::<usize>(),
+            masks in proptest::collection::vec(1u8..=255, 1..5),
+        ) {
+            let mut frame = BytesMut::new();
+            encode(&message, &mut frame);
+            let start = position % frame.len();
+            for (byte, mask) in frame[start..].iter_mut().zip(&masks) {
+                *byte ^= mask;
+            }
+            // A length made larger waits for more bytes; whatever comes, the
+            // checksum of the frame it completes does not match.
+            frame.put_slice(&[0u8; 64]);
+            let decoded = decode(&mut frame);
+            prop_assert!(!matches!(decoded, Ok(Some(_))), "damaged frame decoded: {decoded:?}");
+        }
+    }
+
+    /// A frame of type `kind` with `body`, sealed with its checksum.
+    fn sealed_frame(kind: u8, body: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(body.len() as u32 + FRAME_LEN_MIN);
+        buf.put_u32_le(0);
+        buf.put_u8(kind);
+        buf.put_slice(body);
+        seal(&mut buf);
+        buf
     }
 
     #[test]
@@ -738,7 +812,7 @@ mod tests {
 
     #[test]
     fn unknown_type_and_trailing_bytes_are_rejected() {
-        let mut buf = BytesMut::from(&[1u8, 0, 0, 0, 99][..]);
+        let mut buf = sealed_frame(99, &[]);
         assert_eq!(
             decode(&mut buf).unwrap_err().kind(),
             ProtoErrorKind::UnknownType
@@ -747,6 +821,7 @@ mod tests {
         encode(&Message::GetPages { indices: vec![1] }, &mut buf);
         buf[0] += 1;
         buf.put_u8(0);
+        seal(&mut buf);
         assert_eq!(
             decode(&mut buf).unwrap_err().kind(),
             ProtoErrorKind::Malformed
@@ -755,10 +830,7 @@ mod tests {
 
     #[test]
     fn oversized_counts_are_rejected() {
-        let mut buf = BytesMut::new();
-        buf.put_u32_le(5);
-        buf.put_u8(3);
-        buf.put_u32_le(u32::MAX);
+        let mut buf = sealed_frame(3, &u32::MAX.to_le_bytes());
         assert_eq!(
             decode(&mut buf).unwrap_err().kind(),
             ProtoErrorKind::LimitExceeded
@@ -781,8 +853,64 @@ mod tests {
             &mut full,
         );
         let mut split = BytesMut::new();
-        encode_chunk_header(&mut split, 9, &id, Codec::Raw, 11, data.len());
+        encode_chunk_header(&mut split, 9, &id, Codec::Raw, 11, &data);
         split.put_slice(&data);
         assert_eq!(full, split);
+    }
+
+    /// Every single-bit error in a frame is caught (crc32 detects all of
+    /// them), including in the fields that nothing else checks: a Commit's
+    /// flags and scan time, a Backlog's counters.
+    #[test]
+    fn every_single_bit_flip_is_refused() {
+        let messages = [
+            Message::Commit {
+                epoch: 3,
+                root: ChunkId([7; 32]),
+                scan_started_unix_ms: 1_795_000_000_000,
+                complete: true,
+                last: false,
+            },
+            Message::Backlog {
+                scan_started_unix_ms: 1_795_000_000_000,
+                chunks_pending: 12,
+                bytes_pending: 12 << 16,
+            },
+            Message::Chunk {
+                index: 4,
+                id: ChunkId([1; 32]),
+                codec: Codec::Raw,
+                raw_len: 300,
+                data: Bytes::from(vec![0x5A; 300]),
+            },
+        ];
+        for message in &messages {
+            let mut frame = BytesMut::new();
+            encode(message, &mut frame);
+            assert_eq!(decode(&mut frame.clone()).unwrap().as_ref(), Some(message));
+            for bit in 0..frame.len() * 8 {
+                let mut damaged = frame.clone();
+                damaged[bit / 8] ^= 1 << (bit % 8);
+                damaged.put_slice(&[0u8; 64]);
+                let decoded = decode(&mut damaged);
+                assert!(
+                    !matches!(decoded, Ok(Some(_))),
+                    "{} with bit {bit} flipped decoded: {decoded:?}",
+                    message.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn checksum_mismatch_has_its_own_kind() {
+        let mut buf = BytesMut::new();
+        encode(&Message::GetPages { indices: vec![1] }, &mut buf);
+        let last = buf.len() - 1;
+        buf[last] ^= 0x10;
+        assert_eq!(
+            decode(&mut buf).unwrap_err().kind(),
+            ProtoErrorKind::Checksum
+        );
     }
 }

@@ -10,9 +10,15 @@
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 4 | frame length `n`: bytes after this field, 1 ..= [`FRAME_LEN_MAX`] |
-//! | 4 | 1 | message type |
-//! | 5 | n - 1 | message body |
+//! | 0 | 4 | frame length `n`: bytes after this field, 5 ..= [`FRAME_LEN_MAX`] |
+//! | 4 | 4 | checksum: crc32 (IEEE) of every byte of the frame but these four |
+//! | 8 | 1 | message type |
+//! | 9 | n - 5 | message body |
+//!
+//! The checksum is verified before any field is read. TLS protects a frame only
+//! once it is sealed into a record; the checksum catches a frame damaged before
+//! that (a bug or bad memory on the sender), in the fields that nothing else
+//! covers too: flags, epochs, times, counters, offered ids, page lists.
 //!
 //! ```
 //! use blockrep_proto::{decode, encode, Message};

@@ -3,8 +3,10 @@ use std::fmt;
 use blockrep_core::{ChunkId, SourceId};
 use bytes::Bytes;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2 added the checksum to
+/// every frame header; the frame layout changed with it, so version 1 peers
+/// fail at their first frame rather than in the negotiation.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Picks the version both sides speak: the highest of `[min, max]` this build knows.
 pub fn negotiate_version(min: u16, max: u16) -> Option<u16> {
@@ -307,7 +309,8 @@ impl Message {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProtoErrorKind {
-    /// The frame length exceeds [`crate::FRAME_LEN_MAX`] or is zero.
+    /// The frame length exceeds [`crate::FRAME_LEN_MAX`] or is too short for a
+    /// checksum and a type.
     FrameTooLarge,
     /// Unknown message type.
     UnknownType,
@@ -315,6 +318,9 @@ pub enum ProtoErrorKind {
     Malformed,
     /// A count or length inside the body exceeds its limit.
     LimitExceeded,
+    /// The frame's checksum does not match its bytes: it was damaged before it
+    /// was sent (TLS protects it only from there on).
+    Checksum,
 }
 
 /// A decoding error: the peer sent something invalid.

@@ -12,6 +12,12 @@
 //!   committed and nothing acknowledged is missing;
 //! - every blob reachable from the head verifies (crc, decoding, blake3);
 //! - every reply is a well-formed frame, and the session ends by itself.
+//!
+//! The frame checksums of the input are recomputed first
+//! ([`blockrep_proto::fuzzing::reseal`]): a mutated input would otherwise stop
+//! at its first damaged frame, and the session behind the codec would go
+//! unexplored. The codec's tests and `tests/stream_corruption.rs` cover the
+//! checksum itself.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -63,6 +69,7 @@ pub fn drive_session(data_dir: &Path, agent_bytes: &[u8]) -> Vec<Message> {
         None,
     ));
     let source = SourceId::new(FUZZ_SOURCE).expect("valid id");
+    let agent_bytes = blockrep_proto::fuzzing::reseal(agent_bytes);
     let replies = runtime.block_on(async {
         let (mut agent, server) = tokio::io::duplex(1 << 20);
         let session = Session::new(
@@ -75,7 +82,7 @@ pub fn drive_session(data_dir: &Path, agent_bytes: &[u8]) -> Vec<Message> {
         let (mut reader, mut writer) = tokio::io::split(&mut agent);
         let feed = async {
             // The session may stop reading early (after an error); that is fine.
-            let _ = writer.write_all(agent_bytes).await;
+            let _ = writer.write_all(&agent_bytes).await;
             let _ = writer.shutdown().await;
         };
         let mut received = Vec::new();

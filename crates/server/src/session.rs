@@ -537,6 +537,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .into());
         }
         match codec {
+            // A zero chunk carries the reserved zero id and nothing else: any
+            // other id would be bytes that nothing checks.
+            Codec::Zero if !id.is_zero() => Err(Reject::new(
+                ErrorCode::BadChunk,
+                format!("zero chunk {index} carries the id {id}, not the zero id"),
+            )
+            .into()),
             Codec::Zero => {
                 counters.zero_chunks += 1;
                 Ok(ChunkId::ZERO)
