@@ -441,6 +441,15 @@ struct AgentArgs {
     /// with `sh -c`); its end starts the downtime clock.
     #[arg(long)]
     pre_cutover_cmd: Option<String>,
+    /// Append one line per commit the server acknowledged to FILE:
+    /// `epoch=N root=HEX complete=true|false unix_ms=N` (complete=false for an
+    /// intermediate step of a large epoch; an idle epoch repeats the head's
+    /// epoch and root). Each line is written after the server made the commit
+    /// durable, so every root listed stays exportable with `blockrep export
+    /// --root` until GC collects it. Written and flushed, not fsynced; kept
+    /// across runs.
+    #[arg(long, value_name = "FILE")]
+    ack_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -767,6 +776,11 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     config.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     config.cutover = args.cutover;
     config.pre_cutover_cmd = args.pre_cutover_cmd.clone();
+    if let Some(path) = &args.ack_log {
+        let log = blockrep_agent::AckLog::open(path)
+            .with_context(|| format!("cannot open the acknowledgement log {}", path.display()))?;
+        config.ack_log = Some(std::sync::Arc::new(log));
+    }
     if let Some(path) = &args.config {
         apply_agent_settings(path, &config)?;
     }

@@ -8,6 +8,7 @@
 //! agent expects -> `Committed` once the server has made it durable.
 #![forbid(unsafe_code)]
 
+mod ack_log;
 mod adaptive;
 mod connection;
 mod epoch;
@@ -23,6 +24,7 @@ use std::time::Duration;
 
 use blockrep_core::{ChunkId, SourceId};
 
+pub use ack_log::AckLog;
 pub use adaptive::AdaptiveCompression;
 pub use error::Error;
 pub use failback::{FailbackOptions, FailbackPass, failback};
@@ -80,6 +82,8 @@ pub struct AgentConfig {
     pub cutover: bool,
     /// Command that stops the workload before the final epoch (run with `sh -c`).
     pub pre_cutover_cmd: Option<String>,
+    /// Where every acknowledged commit is recorded, if anywhere.
+    pub ack_log: Option<Arc<AckLog>>,
 }
 
 impl AgentConfig {
@@ -110,6 +114,7 @@ impl AgentConfig {
             progress: false,
             cutover: false,
             pre_cutover_cmd: None,
+            ack_log: None,
         }
     }
 }
