@@ -52,7 +52,7 @@ enum Command {
     Server(ServerArgs),
     /// Replicate a disk to a server.
     Agent(AgentArgs),
-    /// Write a source's committed replica to a sparse raw image.
+    /// Write a source's committed replica, a snapshot or any stored root to a sparse raw image.
     Export(ExportArgs),
     /// Show every source's replication state, lag and backlog (admin API).
     Status(StatusArgs),
