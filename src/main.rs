@@ -52,7 +52,7 @@ enum Command {
     Server(ServerArgs),
     /// Replicate a disk to a server.
     Agent(AgentArgs),
-    /// Write a source's committed replica to a sparse raw image.
+    /// Write a source's committed replica, a snapshot or any stored root to a sparse raw image.
     Export(ExportArgs),
     /// Show every source's replication state, lag and backlog (admin API).
     Status(StatusArgs),
@@ -459,6 +459,15 @@ struct AgentArgs {
     /// with `sh -c`); its end starts the downtime clock.
     #[arg(long)]
     pre_cutover_cmd: Option<String>,
+    /// Append one line per commit the server acknowledged to FILE:
+    /// `epoch=N root=HEX complete=true|false unix_ms=N` (complete=false for an
+    /// intermediate step of a large epoch; an idle epoch repeats the head's
+    /// epoch and root). Each line is written after the server made the commit
+    /// durable, so every root listed stays exportable with `blockrep export
+    /// --root` until GC collects it. Written and flushed, not fsynced; kept
+    /// across runs.
+    #[arg(long, value_name = "FILE")]
+    ack_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -478,11 +487,17 @@ struct ExportArgs {
     #[arg(long)]
     data: PathBuf,
     /// Source to export.
-    #[arg(long)]
-    source: String,
+    #[arg(long, required_unless_present = "root", conflicts_with = "root")]
+    source: Option<String>,
     /// Export this snapshot of the source instead of its committed head.
-    #[arg(long)]
+    #[arg(long, requires = "source")]
     snapshot: Option<String>,
+    /// Export the disk of this root (64 hex digits) instead: any root the store
+    /// holds, e.g. one an agent's --ack-log names, not only heads and snapshots.
+    /// Roots that are no head's, snapshot's or launch's are kept until GC
+    /// collects them (servers run with `--gc-interval off` keep them all).
+    #[arg(long, value_name = "HEX")]
+    root: Option<String>,
     /// Output image (replaced if it exists).
     #[arg(long)]
     out: PathBuf,
@@ -788,6 +803,11 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     config.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     config.cutover = args.cutover;
     config.pre_cutover_cmd = args.pre_cutover_cmd.clone();
+    if let Some(path) = &args.ack_log {
+        let log = blockrep_agent::AckLog::open(path)
+            .with_context(|| format!("cannot open the acknowledgement log {}", path.display()))?;
+        config.ack_log = Some(std::sync::Arc::new(log));
+    }
     if let Some(path) = &args.config {
         apply_agent_settings(path, &config)?;
     }
@@ -1236,8 +1256,11 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 fn export(args: ExportArgs) -> Result<()> {
-    let source = source_id(&args.source)?;
     let store = blockrep_store::Store::open_read_only(&args.data)?;
+    if let Some(hex) = &args.root {
+        return export_root(&store, hex, &args.out);
+    }
+    let source = source_id(args.source.as_deref().unwrap_or_default())?;
     if let Some(name) = &args.snapshot {
         let snapshot = store
             .snapshot(&source, name)?
@@ -1259,6 +1282,41 @@ fn export(args: ExportArgs) -> Result<()> {
         display(&args.out)
     );
     Ok(())
+}
+
+/// `export --root`: the disk a root describes, whatever refers to it. Every blob
+/// read is checked against its blake3 id, so a successful export is exactly the
+/// disk the root names.
+fn export_root(store: &blockrep_store::Store, hex: &str, out: &Path) -> Result<()> {
+    let root_id =
+        blockrep_core::ChunkId::from(blake3::Hash::from_hex(hex).map_err(|e| {
+            anyhow::anyhow!("--root {hex:?} is not a root id (64 hex digits): {e}")
+        })?);
+    // Read before the output is created, so that an unknown root leaves no file.
+    let root = store.read_root(&root_id).map_err(|e| match e.kind() {
+        blockrep_store::ErrorKind::Missing => anyhow::anyhow!(
+            "root {root_id} is not in the store (never committed here, or collected by GC)"
+        ),
+        _ => anyhow::Error::new(e).context(format!("cannot read root {root_id}")),
+    })?;
+    match store.export_root(&root_id, out) {
+        Ok((size, chunks)) => {
+            println!(
+                "exported root {root_id} ({size} bytes, {} chunks of {} bytes, {chunks} non-zero) to {}",
+                root.geometry().chunk_count(),
+                root.geometry().chunk_size_bytes(),
+                display(out)
+            );
+            Ok(())
+        }
+        Err(error) => {
+            // A partial image must not pass for the disk.
+            let _ = std::fs::remove_file(out);
+            Err(anyhow::Error::new(error).context(format!(
+                "root {root_id} is in the store but cannot be exported whole"
+            )))
+        }
+    }
 }
 
 async fn gc(args: GcArgs) -> Result<()> {

@@ -86,6 +86,8 @@ pub(crate) struct Session {
     /// The server's committed chunk ids, where known; `None` until learned.
     head_ids: Option<Vec<ChunkId>>,
     head_root: Option<Root>,
+    /// Where acknowledged commits are recorded (`AgentConfig::ack_log`).
+    ack_log: Option<Arc<crate::AckLog>>,
 }
 
 impl Session {
@@ -148,6 +150,7 @@ impl Session {
             head_epoch,
             head_ids,
             head_root,
+            ack_log: config.ack_log.clone(),
         })
     }
 
@@ -330,6 +333,9 @@ impl Session {
             return Err(Error::Protocol(format!(
                 "server committed epoch {committed_epoch} root {committed}, expected epoch {epoch} root {root_id}"
             )));
+        }
+        if let Some(log) = &self.ack_log {
+            log.record(epoch, &root_id, complete);
         }
         self.head_epoch = epoch;
         self.head_ids = Some(view.to_vec());

@@ -60,6 +60,18 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connect { .. } | Error::Lost(_) | Error::Alert(_) => true,
+            // The connection broke during the handshake (a server that crashed
+            // or restarted, or one at its connection limit): the network's
+            // fault, not the configuration's. A certificate the server or the
+            // agent refuses fails as invalid data instead, and is not retried.
+            Error::Handshake { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::TimedOut
+            ),
             Error::Refused { code, .. } => matches!(
                 code,
                 ErrorCode::Busy
@@ -69,5 +81,26 @@ impl Error {
             ),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake(kind: std::io::ErrorKind) -> Error {
+        Error::Handshake {
+            addr: "127.0.0.1:7443".into(),
+            source: std::io::Error::new(kind, "test"),
+        }
+    }
+
+    #[test]
+    fn handshake_cut_by_the_network_is_retried_but_a_refused_certificate_is_not() {
+        // What tokio-rustls reports when the server dies mid-handshake.
+        assert!(handshake(std::io::ErrorKind::UnexpectedEof).is_retryable());
+        assert!(handshake(std::io::ErrorKind::ConnectionReset).is_retryable());
+        // What it reports for a certificate that does not verify.
+        assert!(!handshake(std::io::ErrorKind::InvalidData).is_retryable());
     }
 }

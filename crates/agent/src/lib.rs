@@ -8,6 +8,7 @@
 //! agent expects -> `Committed` once the server has made it durable.
 #![forbid(unsafe_code)]
 
+mod ack_log;
 mod adaptive;
 mod connection;
 mod epoch;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use blockrep_core::{ChunkId, SourceId};
 
+pub use ack_log::AckLog;
 pub use adaptive::AdaptiveCompression;
 pub use error::Error;
 pub use failback::{FailbackOptions, FailbackPass, failback};
@@ -91,6 +93,8 @@ pub struct AgentConfig {
     /// the agent writes into TLS (see [`fault`]).
     #[cfg(feature = "fault-injection")]
     pub plaintext_tap: Option<fault::SharedTap>,
+    /// Where every acknowledged commit is recorded, if anywhere.
+    pub ack_log: Option<Arc<AckLog>>,
 }
 
 impl AgentConfig {
@@ -124,6 +128,7 @@ impl AgentConfig {
             pre_cutover_cmd: None,
             #[cfg(feature = "fault-injection")]
             plaintext_tap: None,
+            ack_log: None,
         }
     }
 }
