@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockrep_core::ChunkId;
-use blockrep_testkit::{Pki, ServerProcess};
+use blockrep_testkit::{Pki, ServerProcess, SplitMix64};
 use common::*;
 
 const SOURCE: &str = "kl";
@@ -40,23 +40,6 @@ const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Server flags: no GC, so that every acknowledged root (not only the head)
 /// stays in the store; no automatic snapshots.
 const SERVER_FLAGS: [&str; 4] = ["--gc-interval", "off", "--retention", "off"];
-
-/// splitmix64: a small seeded generator, so that a seed repeats a run's choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// One line of the agent's `--ack-log`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,7 +108,7 @@ fn stamped_block(index: u64, seq: u64) -> Vec<u8> {
 /// first MiB) until `stop`; returns the number of writes.
 fn spawn_writer(disk: PathBuf, seed: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix64::new(seed);
         let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
         let mut seq = 1u64;
         while !stop.load(Ordering::Relaxed) {
@@ -352,7 +335,7 @@ impl Checks {
         &mut self,
         rig: &Rig,
         store: &blockrep_store::Store,
-        rng: &mut Rng,
+        rng: &mut SplitMix64,
         kill: u64,
         newest: &Ack,
     ) {
@@ -383,7 +366,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         nanos.as_nanos() as u64 ^ u64::from(std::process::id())
     });
     eprintln!("kill loop: {kills} kills, seed {seed:#x} (BLOCKREP_KILL_SEED={seed:#x} repeats it)");
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
 
     let mut rig = Rig {
         pki: Pki::new(&[SOURCE]),
@@ -407,7 +390,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(rig.disk(), rng.next(), Arc::clone(&stop));
+    let writer = spawn_writer(rig.disk(), rng.next_u64(), Arc::clone(&stop));
 
     let store = blockrep_store::Store::open_read_only(&rig.data()).unwrap();
     let mut checks = Checks::default();

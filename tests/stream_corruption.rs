@@ -21,7 +21,7 @@ use blockrep_core::{ChunkId, Geometry, Root, SourceId, scan_buffer};
 use blockrep_proto::ErrorCode;
 use blockrep_server::{Server, ServerConfig};
 use blockrep_store::Store;
-use blockrep_testkit::{Pki, random_bytes};
+use blockrep_testkit::{Pki, SplitMix64, random_bytes};
 
 const SOURCE: &str = "corrupt";
 const CHUNK_BYTES: usize = 64 << 10;
@@ -44,25 +44,9 @@ const SESSION_TIME_MAX: Duration = Duration::from_secs(30);
 /// this long for bytes that never come.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// splitmix64: a seeded sequence, reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn nonzero_byte(&mut self) -> u8 {
-        (self.below(255) + 1) as u8
-    }
+/// A byte other than zero, to flip at least one bit.
+fn nonzero_byte(rng: &mut SplitMix64) -> u8 {
+    (rng.index(255) + 1) as u8
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -85,11 +69,11 @@ fn expected_frames() -> Vec<u8> {
 /// Picks the next injection: flips alternate between header and payload
 /// bytes, over every frame type the session sends that has such bytes; one in
 /// four injections is a truncation inside a frame (or just before it).
-fn pick_injection(rng: &mut Rng, number: u64) -> Injection {
+fn pick_injection(rng: &mut SplitMix64, number: u64) -> Injection {
     if number % 4 == 3 {
         return Injection::Truncate {
-            frame_number: rng.below(expected_frames().len()) as u32,
-            position: rng.next(),
+            frame_number: rng.index(expected_frames().len()) as u32,
+            position: rng.next_u64(),
         };
     }
     let region = if (number - number / 4) % 2 == 0 {
@@ -101,23 +85,23 @@ fn pick_injection(rng: &mut Rng, number: u64) -> Injection {
         Region::Header => &[HELLO, GET_PAGES, BACKLOG, OFFER, CHUNK, COMMIT],
         Region::Payload => &[HELLO, GET_PAGES, OFFER, CHUNK, COMMIT],
     };
-    let frame_type = types[rng.below(types.len())];
+    let frame_type = types[rng.index(types.len())];
     let occurrence = if frame_type == CHUNK {
-        rng.below(CHANGED_PER_ITERATION) as u32
+        rng.index(CHANGED_PER_ITERATION) as u32
     } else {
         0
     };
     // One bit, one byte, or a burst of up to four bytes.
-    let masks = match rng.below(3) {
-        0 => vec![1u8 << rng.below(8)],
-        1 => vec![rng.nonzero_byte()],
-        _ => (0..2 + rng.below(3)).map(|_| rng.nonzero_byte()).collect(),
+    let masks = match rng.index(3) {
+        0 => vec![1u8 << rng.index(8)],
+        1 => vec![nonzero_byte(rng)],
+        _ => (0..2 + rng.index(3)).map(|_| nonzero_byte(rng)).collect(),
     };
     Injection::Flip {
         frame_type,
         occurrence,
         region,
-        position: rng.next(),
+        position: rng.next_u64(),
         masks,
     }
 }
@@ -175,15 +159,15 @@ impl Harness {
 
     /// Changes `CHANGED_PER_ITERATION` distinct chunks; returns the ids of the
     /// chunks the agent will have to send with data.
-    fn mutate(&mut self, rng: &mut Rng, iteration: u64) -> Vec<ChunkId> {
+    fn mutate(&mut self, rng: &mut SplitMix64, iteration: u64) -> Vec<ChunkId> {
         let mut indices: Vec<usize> = Vec::new();
         // The zeroed chunk must hold data now, the copied one too (and stay).
         let nonzero: Vec<usize> = (0..DISK_CHUNKS)
             .filter(|&i| self.chunk(i).iter().any(|&b| b != 0))
             .collect();
-        let zeroed = nonzero[rng.below(nonzero.len())];
+        let zeroed = nonzero[rng.index(nonzero.len())];
         let copied = loop {
-            let candidate = nonzero[rng.below(nonzero.len())];
+            let candidate = nonzero[rng.index(nonzero.len())];
             if candidate != zeroed {
                 break candidate;
             }
@@ -192,14 +176,14 @@ impl Harness {
         indices.push(zeroed);
         // The copy must change the chunk it lands on.
         loop {
-            let index = rng.below(DISK_CHUNKS);
+            let index = rng.index(DISK_CHUNKS);
             if index != copied && index != zeroed && self.chunk(index) != held {
                 indices.push(index);
                 break;
             }
         }
         while indices.len() < CHANGED_PER_ITERATION {
-            let index = rng.below(DISK_CHUNKS);
+            let index = rng.index(DISK_CHUNKS);
             if index != copied && !indices.contains(&index) {
                 indices.push(index);
             }
@@ -318,7 +302,7 @@ async fn start_server(pki: &Pki, data: &Path) -> (SocketAddr, Arc<Store>) {
 async fn corrupted_or_truncated_plaintext_is_always_detected_before_commit() {
     let injections = env_u64("BLOCKREP_CORRUPT_INJECTIONS", 400);
     let seed = env_u64("BLOCKREP_CORRUPT_SEED", 0x5EED_C0AA);
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let pki = Pki::new(&[SOURCE]);
     let work = tempfile::tempdir().unwrap();
     let (addr, store) = start_server(&pki, &work.path().join("data")).await;

@@ -513,6 +513,19 @@ struct SimFile {
     writable: bool,
 }
 
+impl SimFile {
+    fn check_writable(&self) -> io::Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "file not open for writing",
+            ))
+        }
+    }
+}
+
 impl VfsFile for SimFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let state = self.fs.state();
@@ -532,12 +545,7 @@ impl VfsFile for SimFile {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if !self.writable {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "file not open for writing",
-            ));
-        }
+        self.check_writable()?;
         let mut state = self.fs.state();
         state.begin_mutation(&format!("write {}", self.path.display()))?;
         let file = state.file_mut(self.ino)?;
@@ -556,12 +564,7 @@ impl VfsFile for SimFile {
     }
 
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
-        if !self.writable {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "file not open for writing",
-            ));
-        }
+        self.check_writable()?;
         let mut state = self.fs.state();
         state.begin_mutation(&format!("truncate {}", self.path.display()))?;
         let file = state.file_mut(self.ino)?;

@@ -6,8 +6,10 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 pub mod proxy;
+pub mod rng;
 
 pub use proxy::{BlackHoleFault, DirectionFaults, FaultConfig, FaultProxy, ResetFault, Which};
+pub use rng::SplitMix64;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

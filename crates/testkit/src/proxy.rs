@@ -27,6 +27,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::rng::SplitMix64;
+
 /// Bytes read from a socket at a time.
 const READ_BYTES: usize = 16 * 1024;
 /// Reads queued between a direction's reader and writer: bounds what the proxy
@@ -196,34 +198,6 @@ impl Drop for FaultProxy {
     }
 }
 
-/// splitmix64: small, seedable, and good enough for fault timing.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64, stream: u64) -> Self {
-        let mut rng = Rng(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F));
-        rng.next();
-        rng
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `low..=high` (slightly biased; irrelevant here).
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        if high <= low {
-            return low;
-        }
-        low + self.next() % (high - low + 1)
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trip {
     None,
@@ -250,7 +224,7 @@ async fn serve(
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let mut rng = Rng::new(config.seed, number);
+    let mut rng = SplitMix64::stream(config.seed, number);
     let reset = config
         .reset
         .filter(|r| r.which.applies(number))
@@ -279,7 +253,7 @@ async fn serve(
             &mut client_read,
             &mut server_write,
             config.upstream,
-            Rng::new(config.seed, number << 1),
+            SplitMix64::stream(config.seed, number << 1),
             &stats.bytes_upstream,
             threshold,
             &trip_tx,
@@ -288,7 +262,7 @@ async fn serve(
             &mut server_read,
             &mut client_write,
             config.downstream,
-            Rng::new(config.seed, (number << 1) | 1),
+            SplitMix64::stream(config.seed, (number << 1) | 1),
             &stats.bytes_downstream,
             None,
             &trip_tx,
@@ -332,7 +306,7 @@ async fn pump<R, W>(
     from: &mut R,
     to: &mut W,
     faults: DirectionFaults,
-    mut rng: Rng,
+    mut rng: SplitMix64,
     delivered_total: &AtomicU64,
     threshold: Option<Threshold>,
     trip: &watch::Sender<Trip>,
@@ -446,8 +420,8 @@ mod tests {
     }
 
     fn data(len: usize) -> Vec<u8> {
-        let mut rng = Rng::new(7, 0);
-        (0..len).map(|_| rng.next() as u8).collect()
+        let mut rng = SplitMix64::stream(7, 0);
+        (0..len).map(|_| rng.next_u64() as u8).collect()
     }
 
     #[tokio::test]
@@ -518,7 +492,7 @@ mod tests {
             }),
             ..FaultConfig::default()
         };
-        let expected_cut = Rng::new(42, 1).between(10_000, 50_000);
+        let expected_cut = SplitMix64::stream(42, 1).between(10_000, 50_000);
         let proxy = FaultProxy::start(upstream, config).await.unwrap();
         let sent = data(200_000);
         let stream = TcpStream::connect(proxy.addr()).await.unwrap();
