@@ -170,16 +170,26 @@ impl Store {
     }
 
     /// Removes the record (the operator's reset): replication is allowed again.
+    /// Returns only once the removal is durable, also when the record is
+    /// already gone: an earlier attempt may have removed it and then failed to
+    /// fsync the directory, and the record would come back at a power loss.
     pub fn clear_lifecycle(&self, source: &SourceId) -> Result<(), Error> {
         let dir = self.source_dir(source);
         match self.vfs().remove_file(&dir.join("lifecycle")) {
-            Ok(()) => sync_dir(self.vfs(), &dir),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(
-                format!("cannot remove the lifecycle record of {source}"),
-                e,
-            )),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !self.vfs().is_dir(&dir) {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot remove the lifecycle record of {source}"),
+                    e,
+                ));
+            }
         }
+        sync_dir(self.vfs(), &dir)
     }
 }
 
@@ -221,5 +231,42 @@ mod tests {
         assert_eq!(store.lifecycle(&source).unwrap(), Some(record));
         store.clear_lifecycle(&source).unwrap();
         assert_eq!(store.lifecycle(&source).unwrap(), None);
+    }
+
+    /// A reset whose directory fsync failed, retried: the retry finds the
+    /// record gone, and must still make the removal durable before it
+    /// acknowledges.
+    #[test]
+    fn retried_reset_is_durable() {
+        use std::sync::Arc;
+
+        use crate::sim::SimFs;
+
+        let sim = SimFs::new();
+        let dir = std::path::Path::new("/data");
+        let store = Store::open_with_vfs(dir, Arc::new(sim.clone())).unwrap();
+        let source = SourceId::new("web").unwrap();
+        let record = Lifecycle {
+            stage: LifecycleStage::CutOver,
+            epoch: 3,
+            root: ChunkId([7; 32]),
+            snapshot: "cutover-3-1".into(),
+            launch: "web-cutover".into(),
+            cutover_unix_ms: 1234,
+            downtime: Downtime::default(),
+        };
+        store.set_lifecycle(&source, &record).unwrap();
+        // The reset removes the file, then fsyncs the directory: fail that.
+        sim.fail_operation(sim.operations() + 2);
+        assert!(store.clear_lifecycle(&source).is_err());
+        store.clear_lifecycle(&source).unwrap();
+        for seed in 0..64 {
+            let (image, _) = sim.crash_image(seed);
+            let store = Store::open_with_vfs(dir, Arc::new(image)).unwrap();
+            assert_eq!(store.lifecycle(&source).unwrap(), None, "crash seed {seed}");
+        }
+        // A source that never had a record resets without error.
+        let other = SourceId::new("db").unwrap();
+        store.clear_lifecycle(&other).unwrap();
     }
 }
