@@ -1,8 +1,10 @@
 //! Power-loss crash tests: the store on a simulated disk ([`crate::sim`]) loses
 //! power at seeded crash points across commits, snapshots, expiry, launches,
-//! garbage collection and compaction; after each crash the disk is rebooted
-//! and the store must open, verify clean, hold each head at the old or the new
-//! commit, keep every acknowledged effect, and accept the next commit.
+//! garbage collection, compaction and lifecycle records (cutover, failback,
+//! reset); after each crash the disk is rebooted and the store must open,
+//! verify clean, hold each head at the old or the new commit and each
+//! lifecycle record at the old or the new state, keep every acknowledged
+//! effect, and accept the next commit and the next record.
 //!
 //! `cargo test -p blockrep-store crash -- --nocapture` prints the summary;
 //! `BLOCKREP_CRASH_STATES=N` explores N crash states (default 2,000),
@@ -20,7 +22,10 @@ use blockrep_core::{ChunkId, Geometry, Root, SourceId, scan_buffer};
 
 use crate::sim::SimFs;
 use crate::testutil::{Rng, churn};
-use crate::{BlobKind, Error, GcOptions, LaunchKind, Store, StoredCodec};
+use crate::{
+    BlobKind, Downtime, Error, ErrorKind, GcOptions, LaunchKind, Lifecycle, LifecycleStage, Store,
+    StoredCodec,
+};
 
 const CHUNK_BYTES: u32 = 4096;
 /// 28 whole chunks and a short last one.
@@ -77,6 +82,16 @@ enum Step {
     Gc {
         live_share_min: f64,
     },
+    /// Writes a source's lifecycle record: a cutover (the fence), its downtime
+    /// report, a failback starting or finishing.
+    SetLifecycle {
+        source: SourceId,
+        record: Lifecycle,
+    },
+    /// Removes the record (`cutover --reset`).
+    ClearLifecycle {
+        source: SourceId,
+    },
 }
 
 /// Which path a crash point falls in, for the summary.
@@ -86,6 +101,7 @@ enum Area {
     Commit,
     Snapshot,
     Launch,
+    Lifecycle,
     Gc,
     Compaction,
 }
@@ -97,6 +113,7 @@ impl fmt::Display for Area {
             Area::Commit => "commit",
             Area::Snapshot => "snapshot",
             Area::Launch => "launch",
+            Area::Lifecycle => "lifecycle",
             Area::Gc => "gc",
             Area::Compaction => "compaction",
         })
@@ -117,6 +134,10 @@ impl Step {
             Step::Expire { now_ms } => format!("expire at +{} ms", now_ms - T0_MS),
             Step::Launch { snapshot, name, .. } => format!("launch {name} from {snapshot}"),
             Step::Gc { live_share_min } => format!("gc live share min {live_share_min}"),
+            Step::SetLifecycle { source, record } => {
+                format!("lifecycle {source} {:?}", record.stage)
+            }
+            Step::ClearLifecycle { source } => format!("reset {source}"),
         }
     }
 }
@@ -144,6 +165,8 @@ struct Model {
     launches: BTreeMap<String, (ChunkId, Vec<u8>)>,
     /// Disk bytes of every root ever committed or flushed.
     disks: HashMap<ChunkId, Vec<u8>>,
+    /// Lifecycle records by source; a source not listed has none.
+    lifecycles: BTreeMap<SourceId, Lifecycle>,
 }
 
 fn root_of(disk: &[u8]) -> (Root, Vec<blockrep_core::Page>) {
@@ -153,6 +176,58 @@ fn root_of(disk: &[u8]) -> (Root, Vec<blockrep_core::Page>) {
 
 fn geometry() -> Geometry {
     Geometry::new(DISK_BYTES, CHUNK_BYTES).expect("valid geometry")
+}
+
+/// The next lifecycle step of `source`, whose head is `epoch` with `disk`, as
+/// the server and the operator take them: a cutover fences it, the agent's
+/// downtime report rewrites the record, a failback starts and finishes, and a
+/// reset removes the record at any stage.
+fn lifecycle_step(
+    rng: &mut Rng,
+    source: &SourceId,
+    current: Option<&Lifecycle>,
+    (epoch, disk): (u64, &[u8]),
+    now_ms: u64,
+) -> Step {
+    let Some(current) = current else {
+        return Step::SetLifecycle {
+            source: source.clone(),
+            record: Lifecycle {
+                stage: LifecycleStage::CutOver,
+                epoch,
+                root: root_of(disk).0.id(),
+                snapshot: format!("cutover-{epoch}-{}", rng.below(1000)),
+                launch: format!("{source}-cutover"),
+                cutover_unix_ms: now_ms,
+                downtime: Downtime {
+                    scan_ms: rng.below(5_000),
+                    commit_ms: rng.below(2_000),
+                    launch_ms: rng.below(500),
+                    ..Downtime::default()
+                },
+            },
+        };
+    };
+    let mut record = current.clone();
+    match (current.stage, rng.below(4)) {
+        (_, 0) | (LifecycleStage::FailedBack, _) => {
+            return Step::ClearLifecycle {
+                source: source.clone(),
+            };
+        }
+        (LifecycleStage::CutOver, 1) if current.downtime.total_ms == 0 => {
+            let d = &mut record.downtime;
+            d.hook_ms = 1 + rng.below(3_000);
+            d.transfer_ms = rng.below(10_000);
+            d.total_ms = d.scan_ms + d.transfer_ms + d.commit_ms + d.launch_ms + 1;
+        }
+        (LifecycleStage::CutOver, _) => record.stage = LifecycleStage::FailingBack,
+        (LifecycleStage::FailingBack, _) => record.stage = LifecycleStage::FailedBack,
+    }
+    Step::SetLifecycle {
+        source: source.clone(),
+        record,
+    }
 }
 
 /// A script: the steps after the first commit, chosen by `seed` so that every
@@ -174,11 +249,20 @@ fn script(seed: u64) -> Vec<Step> {
     let mut now_ms = T0_MS;
     let count = 3 + rng.below(5);
     let mut launched = false;
+    // The script's view of each source's lifecycle record: a source with one
+    // is fenced, and the operator resets it before it replicates again.
+    let mut lifecycles: BTreeMap<SourceId, Lifecycle> = BTreeMap::new();
     for _ in 0..count {
         now_ms += 60_000;
-        let step = match rng.below(10) {
+        let step = match rng.below(12) {
             0..=2 => {
                 let source = if rng.below(3) == 0 { db() } else { web() };
+                if lifecycles.contains_key(&source) {
+                    steps.push(Step::ClearLifecycle {
+                        source: source.clone(),
+                    });
+                    lifecycles.remove(&source);
+                }
                 let (epoch, disk) = disks.entry(source.clone()).or_insert_with(|| {
                     // A second source starts from web-1's disk: shared chunks.
                     (0, vec![0u8; DISK_BYTES as usize])
@@ -237,11 +321,39 @@ fn script(seed: u64) -> Vec<Step> {
                     writes,
                 }
             }
+            10 | 11 => {
+                // A source with a committed head: web-1, or db-1 once it has one.
+                let source = if rng.below(3) == 0 && disks.get(&db()).is_some_and(|(e, _)| *e > 0) {
+                    db()
+                } else {
+                    web()
+                };
+                let (epoch, disk) = &disks[&source];
+                let step = lifecycle_step(
+                    &mut rng,
+                    &source,
+                    lifecycles.get(&source),
+                    (*epoch, disk),
+                    now_ms,
+                );
+                match &step {
+                    Step::SetLifecycle { record, .. } => {
+                        lifecycles.insert(source, record.clone());
+                    }
+                    _ => {
+                        lifecycles.remove(&source);
+                    }
+                }
+                step
+            }
             _ => Step::Gc {
                 live_share_min: [0.0, 0.5, 0.9, 1.0][rng.below(4) as usize],
             },
         };
         steps.push(step);
+    }
+    if lifecycles.contains_key(&web()) {
+        steps.push(Step::ClearLifecycle { source: web() });
     }
     // End with a collection that has dead data in sealed packs to compact:
     // a commit that replaces much of the disk, then a demanding live share.
@@ -387,6 +499,14 @@ fn run_step(store: &Arc<Store>, step: &Step, model: &mut Model) -> Result<bool, 
             })?;
             return Ok(report.packs_compacted > 0);
         }
+        Step::SetLifecycle { source, record } => {
+            store.set_lifecycle(source, record)?;
+            model.lifecycles.insert(source.clone(), record.clone());
+        }
+        Step::ClearLifecycle { source } => {
+            store.clear_lifecycle(source)?;
+            model.lifecycles.remove(source);
+        }
     }
     Ok(false)
 }
@@ -416,8 +536,20 @@ fn run(sim: &SimFs, steps: &[Step]) -> Run {
                 run.ops_after.push(sim.operations());
             }
             Err(e) => {
-                run.interrupted = Some(index);
                 run.error = Some(e);
+                // The server and the operator retry a lifecycle write that
+                // failed while the machine stayed up; an acknowledged retry
+                // must be as durable as a first attempt. The run ends there.
+                let lifecycle = matches!(
+                    step,
+                    Step::SetLifecycle { .. } | Step::ClearLifecycle { .. }
+                );
+                if !(lifecycle
+                    && !sim.is_powered_off()
+                    && run_step(&store, step, &mut run.model).is_ok())
+                {
+                    run.interrupted = Some(index);
+                }
                 return run;
             }
         }
@@ -510,6 +642,7 @@ impl Planner {
                     | Step::DeleteSnapshot { .. }
                     | Step::Expire { .. } => Area::Snapshot,
                     Step::Launch { .. } => Area::Launch,
+                    Step::SetLifecycle { .. } | Step::ClearLifecycle { .. } => Area::Lifecycle,
                     Step::Gc { .. } if compacted[index] => Area::Compaction,
                     Step::Gc { .. } => Area::Gc,
                 };
@@ -549,7 +682,12 @@ fn explore(state: &CrashState) -> Result<(), String> {
     }
     let (image, _) = sim.crash_image(state.seed);
     let in_flight = run.interrupted.map(|index| &state.steps[index]);
-    check_rebooted(image, &run.model, in_flight, state.seed)
+    check_rebooted(image, &run.model, in_flight, state.seed).map_err(|problem| {
+        match sim.injected_failure().filter(|_| state.io_error) {
+            Some(failed) => format!("{problem} (the failed operation: {failed})"),
+            None => problem,
+        }
+    })
 }
 
 /// The disk `root` describes, read back through the store.
@@ -582,6 +720,7 @@ fn check_rebooted(
     check_heads(&store, model, in_flight)?;
     check_snapshots(&store, model, in_flight)?;
     check_launches(&store, model, in_flight)?;
+    check_lifecycles(&store, model, in_flight)?;
     // An agent whose commit was cut short resends it after reconnecting: the
     // chunks the store says it lacks, then the commit.
     if let Some(Step::Commit { source, disk, .. }) = in_flight {
@@ -618,6 +757,31 @@ fn check_rebooted(
             return Err(format!(
                 "{source}: the commit after the crash reads back other bytes"
             ));
+        }
+        // And its lifecycle records still write and reset: a cutover of the
+        // new commit, then the operator's reset.
+        let record = Lifecycle {
+            stage: LifecycleStage::CutOver,
+            epoch: head.epoch + 1,
+            root,
+            snapshot: "after-crash".to_owned(),
+            launch: format!("{source}-cutover"),
+            cutover_unix_ms: T0_MS,
+            downtime: Downtime::default(),
+        };
+        store
+            .set_lifecycle(&source, &record)
+            .map_err(|e| format!("recording a cutover of {source} after the crash fails: {e}"))?;
+        if store.lifecycle(&source).ok().flatten().as_ref() != Some(&record) {
+            return Err(format!(
+                "{source}: the cutover recorded after the crash reads back otherwise"
+            ));
+        }
+        store
+            .clear_lifecycle(&source)
+            .map_err(|e| format!("resetting {source} after the crash fails: {e}"))?;
+        if !matches!(store.lifecycle(&source), Ok(None)) {
+            return Err(format!("{source}: still fenced after a reset"));
         }
     }
     store
@@ -813,6 +977,48 @@ fn check_launches(store: &Store, model: &Model, in_flight: Option<&Step>) -> Res
     Ok(())
 }
 
+/// Each source's lifecycle record is the acknowledged one, or what the
+/// interrupted step was writing: never torn, never a third state.
+fn check_lifecycles(store: &Store, model: &Model, in_flight: Option<&Step>) -> Result<(), String> {
+    let new = match in_flight {
+        Some(Step::SetLifecycle { source, record }) => Some((source, Some(record))),
+        Some(Step::ClearLifecycle { source }) => Some((source, None)),
+        _ => None,
+    };
+    let mut sources: BTreeSet<SourceId> = model.lifecycles.keys().cloned().collect();
+    sources.extend([web(), db()]);
+    sources.extend(new.map(|(source, _)| source.clone()));
+    for source in &sources {
+        let found = match store.lifecycle(source) {
+            Ok(found) => found,
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
+                return Err(format!("the lifecycle record of {source} is torn: {e}"));
+            }
+            Err(e) => return Err(format!("lifecycle of {source}: {e}")),
+        };
+        let old = model.lifecycles.get(source);
+        if found.as_ref() == old {
+            continue;
+        }
+        if new.is_some_and(|(s, record)| s == source && found.as_ref() == record) {
+            continue;
+        }
+        let stage = |record: Option<&Lifecycle>| record.map(|r| r.stage);
+        return Err(match (old, &found) {
+            (Some(_), None) => format!(
+                "the acknowledged lifecycle record of {source} ({:?}) is gone",
+                stage(old)
+            ),
+            _ => format!(
+                "the lifecycle record of {source} is {:?} ({found:?}), neither the acknowledged {:?} nor the one being written",
+                stage(found.as_ref()),
+                stage(old)
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
     Some(
@@ -882,7 +1088,13 @@ fn crash_states_keep_the_store_consistent() {
         failures[0].0.seed
     );
     // Every area must have been reached, or the test explores less than it says.
-    for area in [Area::Commit, Area::Snapshot, Area::Gc, Area::Compaction] {
+    for area in [
+        Area::Commit,
+        Area::Snapshot,
+        Area::Lifecycle,
+        Area::Gc,
+        Area::Compaction,
+    ] {
         assert!(
             count < 500 || by_area.get(&area).is_some_and(|&n| n > 0),
             "no crash state in {area}"
