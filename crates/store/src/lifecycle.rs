@@ -164,6 +164,7 @@ impl Store {
 
     /// Durably replaces the source's lifecycle record.
     pub fn set_lifecycle(&self, source: &SourceId, record: &Lifecycle) -> Result<(), Error> {
+        self.check_writable()?;
         let dir = self.source_dir(source);
         create_dir_durable(self.vfs(), &dir)?;
         publish_atomic(self.vfs(), &dir.join("lifecycle"), &record.encode())
@@ -174,6 +175,7 @@ impl Store {
     /// already gone: an earlier attempt may have removed it and then failed to
     /// fsync the directory, and the record would come back at a power loss.
     pub fn clear_lifecycle(&self, source: &SourceId) -> Result<(), Error> {
+        self.check_writable()?;
         let dir = self.source_dir(source);
         match self.vfs().remove_file(&dir.join("lifecycle")) {
             Ok(()) => {}
@@ -228,9 +230,17 @@ mod tests {
         let source = SourceId::new("web").unwrap();
         assert_eq!(store.lifecycle(&source).unwrap(), None);
         store.set_lifecycle(&source, &record).unwrap();
-        assert_eq!(store.lifecycle(&source).unwrap(), Some(record));
+        assert_eq!(store.lifecycle(&source).unwrap(), Some(record.clone()));
         store.clear_lifecycle(&source).unwrap();
         assert_eq!(store.lifecycle(&source).unwrap(), None);
+
+        // A read-only store (export, verify beside a running server) must not
+        // fence or unfence a source.
+        store.set_lifecycle(&source, &record).unwrap();
+        let reader = Store::open_read_only(dir.path()).unwrap();
+        assert!(reader.clear_lifecycle(&source).is_err());
+        assert!(reader.set_lifecycle(&source, &record).is_err());
+        assert_eq!(store.lifecycle(&source).unwrap(), Some(record));
     }
 
     /// A reset whose directory fsync failed, retried: the retry finds the
