@@ -2,7 +2,9 @@
 //! moments while a writer changes the disk. Every commit the agent was told is
 //! durable (its `--ack-log`) must stay exportable, the server's head must never
 //! fall behind an acknowledged epoch, and once the writer stops the replica must
-//! equal the disk.
+//! equal the disk. Some server kills are followed by start-up kills: a server
+//! spawned on the data directory and killed while it opens the store or around
+//! the moment it listens, once or twice, before it is started for good.
 //!
 //! `BLOCKREP_KILL_LOOP=N` sets the number of kills (default 30), and
 //! `BLOCKREP_KILL_SEED=N` (decimal or 0x hex) repeats a run's choices of what to
