@@ -2,7 +2,8 @@
 # Process kill loop: N SIGKILLs (default 500) of the server or the agent at
 # random moments while a writer changes the disk, in a release build. Fails if
 # any acknowledged commit is lost or the replica does not converge; prints the
-# report line (kills, acknowledged and lost commits, recovery p50/p99, seed).
+# report line (kills, start-up kills of the server, acknowledged and lost
+# commits, recovery p50/p99, seed).
 # Usage: scripts/kill-loop.sh [N]   (BLOCKREP_KILL_SEED=0x... repeats a run)
 set -euo pipefail
 cd "$(dirname "$0")/.."

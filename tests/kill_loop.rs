@@ -2,7 +2,9 @@
 //! moments while a writer changes the disk. Every commit the agent was told is
 //! durable (its `--ack-log`) must stay exportable, the server's head must never
 //! fall behind an acknowledged epoch, and once the writer stops the replica must
-//! equal the disk.
+//! equal the disk. Some server kills are followed by start-up kills: a server
+//! spawned on the data directory and killed while it opens the store or around
+//! the moment it listens, once or twice, before it is started for good.
 //!
 //! `BLOCKREP_KILL_LOOP=N` sets the number of kills (default 30), and
 //! `BLOCKREP_KILL_SEED=N` (decimal or 0x hex) repeats a run's choices of what to
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockrep_core::ChunkId;
-use blockrep_testkit::{Pki, ServerProcess, SplitMix64};
+use blockrep_testkit::{Pki, ServerProcess, SplitMix64, StartupKill};
 use common::*;
 
 const SOURCE: &str = "kl";
@@ -36,6 +38,9 @@ const INTERVAL: &str = "200ms";
 const KILL_DELAY_MAX_MS: u64 = 1000;
 /// Longest wait between a restart and a kill that does not wait for recovery.
 const EARLY_KILL_DELAY_MAX_MS: u64 = 400;
+/// One server kill in this many also kills the restarted server during its
+/// start-up, once or (half of those) twice, before starting it for good.
+const STARTUP_KILL_ONE_IN: u64 = 2;
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Server flags: no GC, so that every acknowledged root (not only the head)
 /// stays in the store; no automatic snapshots.
@@ -159,6 +164,18 @@ impl Rig {
             &self.data(),
             self.pki.path(),
             &SERVER_FLAGS,
+        )
+    }
+
+    /// A server spawned on the data directory and SIGKILLed `after` the spawn.
+    fn kill_server_during_startup(&self, after: Duration) -> StartupKill {
+        ServerProcess::kill_during_startup(
+            &bin(),
+            &self.listen,
+            &self.data(),
+            self.pki.path(),
+            &SERVER_FLAGS,
+            after,
         )
     }
 
@@ -299,6 +316,8 @@ struct Pending {
     killed_unix_ms: u64,
     ready_unix_ms: u64,
     acknowledged_epoch: u64,
+    /// Servers killed during their start-up between the kill and the restart.
+    startup_kills: u64,
 }
 
 /// What the loop has checked and measured so far.
@@ -313,6 +332,16 @@ struct Checks {
     /// Kills followed by another before they recovered.
     interrupted: u64,
     server_kills: u64,
+    /// Servers killed during their start-up, and how many of them had
+    /// printed their listening line by then.
+    startup_kills: u64,
+    startup_kills_listened: u64,
+    /// Server kills followed by two start-up kills.
+    startup_kills_twice: u64,
+    /// Torn pack tails the killed start-ups logged cutting.
+    startup_torn_tails: u64,
+    /// Recovery of server kills followed by start-up kills.
+    startup_recovery_ms: Vec<u64>,
 }
 
 impl Checks {
@@ -322,15 +351,44 @@ impl Checks {
             Victim::Server => self.server_recovery_ms.push(recovery_ms),
             Victim::Agent => self.agent_recovery_ms.push(recovery_ms),
         }
+        if kill.startup_kills > 0 {
+            self.startup_recovery_ms.push(recovery_ms);
+        }
         eprintln!(
-            "kill {}: {:?}; recovered in {recovery_ms} ms at epoch {} (acknowledged before: {})",
-            kill.kill, kill.victim, ack.epoch, kill.acknowledged_epoch
+            "kill {}: {:?} (+{} start-up kills); recovered in {recovery_ms} ms at epoch {} (acknowledged before: {})",
+            kill.kill, kill.victim, kill.startup_kills, ack.epoch, kill.acknowledged_epoch
         );
     }
 
     /// Every root acknowledged since the last check, exported with the store
     /// library and re-hashed; then through the CLI, `newest` and one older root
     /// at random.
+    /// Kills a server during its start-up `after` the spawn; a start that
+    /// failed by itself is a failure.
+    fn startup_kill(&mut self, rig: &Rig, kill: u64, after: Duration) {
+        let outcome = rig.kill_server_during_startup(after);
+        self.startup_kills += 1;
+        self.startup_kills_listened += u64::from(outcome.listened);
+        let torn = outcome.log.matches("dropping torn tail").count() as u64;
+        self.startup_torn_tails += torn;
+        eprintln!(
+            "kill {kill}: start-up killed after {:.1} ms ({}{})",
+            after.as_secs_f64() * 1000.0,
+            if outcome.listened {
+                "listening"
+            } else {
+                "before listening"
+            },
+            if torn > 0 { ", cut a torn tail" } else { "" }
+        );
+        if let Some(status) = outcome.exited {
+            self.failures.push(format!(
+                "kill {kill}: a server starting after a kill exited by itself ({status}): {}",
+                outcome.log
+            ));
+        }
+    }
+
     fn exports(
         &mut self,
         rig: &Rig,
@@ -379,6 +437,10 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         .collect();
     std::fs::write(rig.disk(), image).unwrap();
     let mut server = rig.start_server();
+    eprintln!(
+        "server started in {:.1} ms",
+        server.started_in.as_secs_f64() * 1000.0
+    );
     // Restarted servers listen where the agent expects its server.
     rig.listen = server.addr.to_string();
     let mut agent = rig.start_agent();
@@ -446,11 +508,30 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         // below: the old agent is dead, or the old server is and the agent's
         // acks are answers of the new one.
         let ready_unix_ms;
+        let mut startup_kills = 0;
         match victim {
             Victim::Server => {
+                // Start-up kills land at a random moment up to half as long
+                // again as the last start took: opening the store, or around
+                // the moment the server listens.
+                let span_us = server.started_in.as_micros() as u64 * 3 / 2;
                 server.kill();
+                if rng.below(STARTUP_KILL_ONE_IN) == 0 {
+                    startup_kills = 1 + rng.below(2);
+                }
+                for _ in 0..startup_kills {
+                    let after = Duration::from_micros(rng.below(span_us + 1));
+                    checks.startup_kill(&rig, kill, after);
+                }
+                if startup_kills == 2 {
+                    checks.startup_kills_twice += 1;
+                }
                 server = rig.start_server();
                 ready_unix_ms = now_unix_ms();
+                eprintln!(
+                    "kill {kill}: server started in {:.1} ms",
+                    server.started_in.as_secs_f64() * 1000.0
+                );
                 // The restarted server's head is at least every epoch it acknowledged.
                 let view = admin_source(server.admin_addr.unwrap(), SOURCE)
                     .expect("the restarted server knows the source");
@@ -485,6 +566,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
             killed_unix_ms,
             ready_unix_ms,
             acknowledged_epoch,
+            startup_kills,
         });
     }
     if let Some(previous) = pending.take() {
@@ -536,6 +618,11 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         cli_exports,
         interrupted,
         server_kills,
+        startup_kills,
+        startup_kills_listened,
+        startup_kills_twice,
+        startup_torn_tails,
+        startup_recovery_ms,
         ..
     } = checks;
     let all_recovery: Vec<u64> = server_recovery_ms
@@ -545,10 +632,15 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         .collect();
     println!(
         "kill loop: {kills} kills ({server_kills} server, {} agent; {interrupted} before the previous kill recovered), \
+         startup kills {startup_kills} ({} before listening, {startup_kills_listened} listening; {startup_kills_twice} twice in a row; \
+         {startup_torn_tails} torn tails cut; recovery p50 {:.2} s p99 {:.2} s), \
          acknowledged commits {} ({} distinct roots, all exported; {cli_exports} exports through the CLI), lost {}; \
          recovery p50 {:.2} s p99 {:.2} s (server kills p50 {:.2} s p99 {:.2} s, agent kills p50 {:.2} s p99 {:.2} s); \
          {writes} writes; converged: {}; seed {seed:#x}",
         kills - server_kills,
+        startup_kills - startup_kills_listened,
+        percentile(&startup_recovery_ms, 50.0),
+        percentile(&startup_recovery_ms, 99.0),
         acks.len(),
         all.len(),
         lost.len(),

@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,42 @@ pub struct ServerProcess {
     pub nbd_addr: Option<SocketAddr>,
     /// Everything the server logged on stderr so far.
     pub log: Arc<Mutex<String>>,
+    /// From the spawn to the listening line: the time to open the store.
+    pub started_in: Duration,
+}
+
+/// What a server killed by [`ServerProcess::kill_during_startup`] had done.
+#[derive(Debug)]
+pub struct StartupKill {
+    /// Whether it had printed its listening line (store open, sockets bound).
+    pub listened: bool,
+    /// Its exit status if it stopped before the kill: a start that failed.
+    pub exited: Option<ExitStatus>,
+    /// Everything it logged on stderr.
+    pub log: String,
+}
+
+/// `blockrep server` on `listen` (the admin API on 127.0.0.1:0), with stdout
+/// and stderr piped.
+fn server_command(bin: &Path, listen: &str, data: &Path, tls: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .args([
+            "server",
+            "--listen",
+            listen,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(data)
+        .arg("--tls-dir")
+        .arg(tls)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
 }
 
 impl ServerProcess {
@@ -113,22 +149,8 @@ impl ServerProcess {
     /// Starts a server on a given replication address (e.g. to restart one where
     /// its agents expect it).
     pub fn start_on(bin: &Path, listen: &str, data: &Path, tls: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(bin)
-            .args([
-                "server",
-                "--listen",
-                listen,
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--data",
-            ])
-            .arg(data)
-            .arg("--tls-dir")
-            .arg(tls)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        let spawned = Instant::now();
+        let mut child = server_command(bin, listen, data, tls, extra)
             .spawn()
             .expect("start blockrep server");
         let log = Arc::new(Mutex::new(String::new()));
@@ -154,6 +176,7 @@ impl ServerProcess {
                 log.lock().unwrap()
             ),
         };
+        let started_in = spawned.elapsed();
         std::thread::spawn(move || {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
@@ -163,6 +186,38 @@ impl ServerProcess {
             addr,
             admin_addr,
             nbd_addr,
+            log,
+            started_in,
+        }
+    }
+
+    /// Spawns a server as [`ServerProcess::start_on`] does, but SIGKILLs it
+    /// `after` the spawn, whether it is still opening its store (scanning
+    /// packs, cutting a torn tail, loading heads) or already listening.
+    pub fn kill_during_startup(
+        bin: &Path,
+        listen: &str,
+        data: &Path,
+        tls: &Path,
+        extra: &[&str],
+        after: Duration,
+    ) -> StartupKill {
+        let mut child = server_command(bin, listen, data, tls, extra)
+            .spawn()
+            .expect("start blockrep server");
+        std::thread::sleep(after);
+        // A server that stopped by itself before the kill is a failed start.
+        let exited = child.try_wait().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        // The process is gone, so both pipes end.
+        let mut stdout = String::new();
+        let _ = child.stdout.take().unwrap().read_to_string(&mut stdout);
+        let mut log = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut log);
+        StartupKill {
+            listened: stdout.starts_with("listening on "),
+            exited,
             log,
         }
     }
