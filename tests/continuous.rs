@@ -160,21 +160,6 @@ fn killed_agent_resumes_the_initial_sync_without_starting_over() {
     );
 }
 
-/// Block `index` stamped with sequence number `seq`: index, seq, then a pattern
-/// derived from both, so a torn or misplaced block is detectable.
-fn stamped_block(index: u64, seq: u64) -> Vec<u8> {
-    let mut block = Vec::with_capacity(4096);
-    block.extend_from_slice(&index.to_le_bytes());
-    block.extend_from_slice(&seq.to_le_bytes());
-    while block.len() < 4096 {
-        block.extend_from_slice(
-            blake3::hash(&[index.to_le_bytes(), seq.to_le_bytes()].concat()).as_bytes(),
-        );
-    }
-    block.truncate(4096);
-    block
-}
-
 /// Every block of `image` is zero or a whole, well-placed stamp; returns the
 /// highest sequence number found.
 fn check_stamps(image: &[u8]) -> u64 {

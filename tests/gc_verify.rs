@@ -6,17 +6,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use blockrep_server::SnapshotView;
 use blockrep_testkit::{Pki, ServerProcess, random_bytes};
 use common::*;
 
 const MIB: usize = 1 << 20;
-
-fn snapshots(server: &ServerProcess) -> Vec<SnapshotView> {
-    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/v1/snapshots", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
 
 fn export_snapshot(data: &Path, source: &str, snapshot: &str, out: &Path) {
     let output = std::process::Command::new(BIN)

@@ -94,21 +94,6 @@ fn env_u64(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|e| panic!("{name}={text:?}: {e}")))
 }
 
-/// Block `index` stamped with sequence number `seq`: index, seq, then a
-/// repeated hash of both. Unique per write, yet it compresses well, so the
-/// store grows slowly however long the loop runs.
-fn stamped_block(index: u64, seq: u64) -> Vec<u8> {
-    let mut block = Vec::with_capacity(BLOCK_BYTES as usize);
-    block.extend_from_slice(&index.to_le_bytes());
-    block.extend_from_slice(&seq.to_le_bytes());
-    let hash = blake3::hash(&[index.to_le_bytes(), seq.to_le_bytes()].concat());
-    while block.len() < BLOCK_BYTES as usize {
-        block.extend_from_slice(hash.as_bytes());
-    }
-    block.truncate(BLOCK_BYTES as usize);
-    block
-}
-
 /// Writes a stamped 4 KiB block every `WRITE_PERIOD` (three in four in the hot
 /// first MiB) until `stop`; returns the number of writes.
 fn spawn_writer(disk: PathBuf, seed: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {

@@ -12,15 +12,6 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
-fn nbd_server(pki: &Pki, data: &std::path::Path) -> ServerProcess {
-    ServerProcess::start_with(
-        &bin(),
-        data,
-        pki.path(),
-        &["--nbd-listen", "127.0.0.1:0", "--retention", "off"],
-    )
-}
-
 fn create_snapshot(server: &ServerProcess, source: &str, name: &str) -> SnapshotView {
     let (code, body) = admin_request(
         server.admin_addr.unwrap(),
@@ -42,12 +33,6 @@ fn create_launch(server: &ServerProcess, source: &str, snapshot: &str, name: &st
         )),
     );
     assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn snapshots(server: &ServerProcess) -> Vec<SnapshotView> {
-    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/v1/snapshots", None);
-    assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
 

@@ -15,15 +15,6 @@ use common::*;
 const MIB: usize = 1 << 20;
 const CHUNK: u64 = 65_536;
 
-fn nbd_server(pki: &Pki, data: &Path) -> ServerProcess {
-    ServerProcess::start_with(
-        &bin(),
-        data,
-        pki.path(),
-        &["--nbd-listen", "127.0.0.1:0", "--retention", "off"],
-    )
-}
-
 fn post(server: &ServerProcess, path: &str, body: &str) -> String {
     let (code, text) = admin_request(server.admin_addr.unwrap(), "POST", path, Some(body));
     assert!((200..300).contains(&code), "{path}: {code} {text}");

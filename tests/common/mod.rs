@@ -303,3 +303,37 @@ impl Drop for AgentProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A server that also serves launch volumes over NBD, without automatic
+/// snapshots (so the tests' own snapshots are the only ones).
+pub fn nbd_server(pki: &blockrep_testkit::Pki, data: &Path) -> blockrep_testkit::ServerProcess {
+    blockrep_testkit::ServerProcess::start_with(
+        &bin(),
+        data,
+        pki.path(),
+        &["--nbd-listen", "127.0.0.1:0", "--retention", "off"],
+    )
+}
+
+/// The snapshots the server's admin API lists.
+pub fn snapshots(server: &blockrep_testkit::ServerProcess) -> Vec<blockrep_server::SnapshotView> {
+    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/v1/snapshots", None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// A 4 KiB block `index` stamped with sequence number `seq`: index, seq, then
+/// a repeated hash of both. Unique per write, so a torn or misplaced block is
+/// detectable, yet it compresses well.
+pub fn stamped_block(index: u64, seq: u64) -> Vec<u8> {
+    const BLOCK_BYTES: usize = 4096;
+    let mut block = Vec::with_capacity(BLOCK_BYTES);
+    block.extend_from_slice(&index.to_le_bytes());
+    block.extend_from_slice(&seq.to_le_bytes());
+    let hash = blake3::hash(&[index.to_le_bytes(), seq.to_le_bytes()].concat());
+    while block.len() < BLOCK_BYTES {
+        block.extend_from_slice(hash.as_bytes());
+    }
+    block.truncate(BLOCK_BYTES);
+    block
+}
