@@ -134,12 +134,15 @@ impl Connection {
 
     /// Queues a message (buffered; see [`Connection::flush`]). Returns its frame size.
     pub(crate) async fn send(&mut self, message: &Message) -> Result<u64, Error> {
-        self.scratch.clear();
-        encode(message, &mut self.scratch);
-        let len = self.scratch.len() as u64;
-        let frame = self.scratch.split().freeze();
-        self.write_raw(&frame).await?;
-        Ok(len)
+        // Taken out for the write and put back, so its capacity is reused
+        // message after message.
+        let mut frame = std::mem::take(&mut self.scratch);
+        frame.clear();
+        encode(message, &mut frame);
+        let len = frame.len() as u64;
+        let written = self.write_raw(&frame).await;
+        self.scratch = frame;
+        written.map(|()| len)
     }
 
     /// Queues already-encoded frame bytes.
