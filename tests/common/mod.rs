@@ -28,6 +28,30 @@ pub fn agent_once(
         .unwrap()
 }
 
+/// [`agent_once`] claiming source `claimed` while presenting the certificate
+/// of source `cert_of` from the same directory: a session the server must refuse.
+pub fn agent_once_claiming(
+    disk: &Path,
+    addr: std::net::SocketAddr,
+    claimed: &str,
+    pki: &blockrep_testkit::Pki,
+    cert_of: &str,
+) -> Output {
+    let (cert, key) = (pki.cert(cert_of), pki.key(cert_of));
+    agent_once(
+        disk,
+        addr,
+        claimed,
+        pki.path(),
+        &[
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    )
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
