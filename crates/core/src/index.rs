@@ -76,6 +76,17 @@ impl Page {
         }
     }
 
+    /// The encoding and the id of a page that is not all zero (`None` for one
+    /// that is: it is never stored), encoding it once for both.
+    pub fn encode_with_id(&self) -> Option<(Vec<u8>, ChunkId)> {
+        if self.is_zero() {
+            return None;
+        }
+        let bytes = self.encode();
+        let id = ChunkId::from(blake3::hash(&bytes));
+        Some((bytes, id))
+    }
+
     /// Parses a page encoding holding exactly `expected_len` ids.
     pub fn decode(bytes: &[u8], expected_len: usize) -> Result<Self, Error> {
         if expected_len > CHUNKS_PER_PAGE || bytes.len() != expected_len * 32 {
@@ -242,6 +253,13 @@ mod tests {
         let root = Root::from_chunk_ids(geometry, &chunk_ids);
         assert!(root.page_ids()[0].is_zero());
         assert!(!root.page_ids()[1].is_zero());
+        // Encoding with the id gives what `encode` and `id` give, and nothing
+        // for a zero page (which is never stored).
+        let zero = Page::new(vec![ChunkId::ZERO; 1024]);
+        assert_eq!(zero.encode_with_id(), None);
+        let page = Page::new(chunk_ids[1024..].to_vec());
+        assert_eq!(page.encode_with_id(), Some((page.encode(), page.id())));
+        assert_eq!(page.id(), root.page_ids()[1]);
     }
 
     #[test]

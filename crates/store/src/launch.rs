@@ -702,8 +702,11 @@ impl VolumeState {
                 Error::new(ErrorKind::Invalid, "a dirty index page is not loaded")
             })?;
             let page = Page::new(ids.clone());
-            page_ids[page_index] = page.id();
-            dirty.push(page);
+            // Encoded and hashed once: the id goes into the root, the bytes
+            // into the store.
+            let encoded = page.encode_with_id();
+            page_ids[page_index] = encoded.as_ref().map_or(ChunkId::ZERO, |(_, id)| *id);
+            dirty.push((page, encoded));
         }
         let root = Root::from_page_ids(geometry, page_ids)
             .map_err(|e| Error::new(ErrorKind::Invalid, format!("launch root: {e}")))?;
@@ -713,33 +716,20 @@ impl VolumeState {
         // (see `gc.rs`). Pages not dirty are those of the flushed root.
         let _fence = store.gc.read_fence();
         store.gc.note(&root_id);
-        for page in &dirty {
-            store.gc.note(&page.id());
+        for (page, encoded) in &dirty {
+            if let Some((_, id)) = encoded {
+                store.gc.note(id);
+            }
             store.gc.note_all(page.ids());
         }
-        for page in &dirty {
-            let id = page.id();
-            if !id.is_zero() && !store.contains(&id) {
-                let bytes = page.encode();
-                store.insert(
-                    BlobKind::Page,
-                    id,
-                    StoredCodec::Raw,
-                    bytes.len() as u32,
-                    &bytes,
-                )?;
+        for (page, encoded) in &dirty {
+            if let Some((bytes, id)) = encoded {
+                store.insert_index_blob(BlobKind::Page, *id, bytes)?;
             }
             store.require_present("launch flush", page.ids())?;
         }
         if root_id != self.info.root {
-            let bytes = root.encode();
-            store.insert(
-                BlobKind::Root,
-                root_id,
-                StoredCodec::Raw,
-                bytes.len() as u32,
-                &bytes,
-            )?;
+            store.insert_index_blob(BlobKind::Root, root_id, &root.encode())?;
             // Blobs first, durably; only then the head that names them.
             store.sync()?;
             let mut info = self.info.clone();

@@ -379,6 +379,19 @@ impl Store {
         lock(&self.inner).index.len()
     }
 
+    /// [`Store::insert`] of a page or root: stored as encoded, its id the blake3
+    /// of `bytes`.
+    pub(crate) fn insert_index_blob(
+        &self,
+        kind: BlobKind,
+        id: ChunkId,
+        bytes: &[u8],
+    ) -> Result<bool, Error> {
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| Error::new(ErrorKind::Invalid, "index blob too large"))?;
+        self.insert(kind, id, StoredCodec::Raw, len, bytes)
+    }
+
     /// Appends a blob unless one with the same id is already stored. Returns whether
     /// it was new. The caller has verified that `id` is the blake3 of the decoded
     /// bytes. Not durable until [`Store::sync`]. A record of that id found
@@ -862,18 +875,9 @@ impl Store {
         }
         let mut pages_stored = 0;
         for page in pages {
-            if page.is_zero() {
-                continue;
-            }
-            let bytes = page.encode();
-            let id = page.id();
-            if self.insert(
-                BlobKind::Page,
-                id,
-                StoredCodec::Raw,
-                bytes.len() as u32,
-                &bytes,
-            )? {
+            if let Some((bytes, id)) = page.encode_with_id()
+                && self.insert_index_blob(BlobKind::Page, id, &bytes)?
+            {
                 pages_stored += 1;
             }
         }
@@ -882,14 +886,7 @@ impl Store {
             self.require_present("commit", page.ids())?;
         }
         self.check_pages_not_given(root, pages, previous_head.as_ref())?;
-        let root_bytes = root.encode();
-        self.insert(
-            BlobKind::Root,
-            root_id,
-            StoredCodec::Raw,
-            root_bytes.len() as u32,
-            &root_bytes,
-        )?;
+        self.insert_index_blob(BlobKind::Root, root_id, &root.encode())?;
         // Blobs first, durably; only then the head that names them.
         self.sync()?;
         let head = Head {
