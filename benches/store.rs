@@ -94,6 +94,20 @@ impl Drop for Written {
     }
 }
 
+/// A new, empty store in its own directory.
+fn new_store() -> (TempDir, Store) {
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
+    (dir, store)
+}
+
+/// A new, empty plain file in its own directory (the floors).
+fn new_file() -> (TempDir, File) {
+    let dir = temp_dir();
+    let file = File::create(dir.path().join("floor")).unwrap();
+    (dir, file)
+}
+
 fn insert_all(store: &Store, chunks: &[Vec<u8>], ids: &[ChunkId]) {
     for (chunk, id) in chunks.iter().zip(ids) {
         let new = store
@@ -129,11 +143,7 @@ fn store(c: &mut Criterion) {
     // write-back would otherwise land in the fsync of the next measurement.
     group.bench_function("insert_commit", |b| {
         b.iter_batched(
-            || {
-                let dir = temp_dir();
-                let store = Store::open(dir.path()).unwrap();
-                (dir, store)
-            },
+            new_store,
             |(dir, store)| {
                 insert_all(&store, &chunks, &ids);
                 store.commit(&source, 1, &root, &pages, 0).unwrap();
@@ -161,11 +171,7 @@ fn store(c: &mut Criterion) {
     });
     group.bench_function("write_all_sync_data", |b| {
         b.iter_batched(
-            || {
-                let dir = temp_dir();
-                let file = File::create(dir.path().join("floor")).unwrap();
-                (dir, file)
-            },
+            new_file,
             |(dir, mut file)| {
                 for chunk in &chunks {
                     file.write_all(chunk).unwrap();
@@ -178,11 +184,7 @@ fn store(c: &mut Criterion) {
     });
     group.bench_function("insert_no_sync", |b| {
         b.iter_batched(
-            || {
-                let dir = temp_dir();
-                let store = Store::open(dir.path()).unwrap();
-                (dir, store)
-            },
+            new_store,
             |(dir, store)| {
                 insert_all(&store, &chunks, &ids);
                 (dir, store)
@@ -195,11 +197,7 @@ fn store(c: &mut Criterion) {
     // boundary. Separates the cost of the layout from the store's own work.
     group.bench_function("pwrite_header_then_data_no_sync", |b| {
         b.iter_batched(
-            || {
-                let dir = temp_dir();
-                let file = File::create(dir.path().join("floor")).unwrap();
-                (dir, file)
-            },
+            new_file,
             |(dir, file)| {
                 let header = [0x42u8; PACK_RECORD_HEADER_BYTES];
                 let mut offset = 0u64;
@@ -224,11 +222,7 @@ fn store(c: &mut Criterion) {
     });
     group.bench_function("write_all_no_sync", |b| {
         b.iter_batched(
-            || {
-                let dir = temp_dir();
-                let file = File::create(dir.path().join("floor")).unwrap();
-                (dir, file)
-            },
+            new_file,
             |(dir, mut file)| {
                 for chunk in &chunks {
                     file.write_all(chunk).unwrap();
