@@ -445,11 +445,12 @@ struct AgentArgs {
     /// ...or after this long, whichever comes first.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
     commit_interval: Duration,
-    /// A connect, a write of one frame, or an answer from the server that does
-    /// not finish or come within this long drops the connection, and the agent
-    /// reconnects: a silently dead path (no reset, no data) is noticed.
-    /// Raise it on links so slow that the socket buffers take longer to drain.
-    #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
+    /// A connect or TLS handshake that takes longer, or a session on which no
+    /// byte moves either way for this long, drops the connection, and the
+    /// agent reconnects: a silently dead path (no reset, no data) is noticed.
+    /// A slow path that still moves is not dropped: the server reports its
+    /// progress every second while frames arrive. At least 2s.
+    #[arg(long, default_value = "60s", value_parser = parse_io_timeout)]
     io_timeout: Duration,
     /// Cut over once caught up: run --pre-cutover-cmd, a final sync, and exit
     /// with the cutover launch ready.
@@ -531,6 +532,19 @@ struct VerifyArgs {
     /// Only this snapshot (needs --source).
     #[arg(long, requires = "source")]
     snapshot: Option<String>,
+}
+
+/// `--io-timeout`: a duration no shorter than two of the server's progress
+/// intervals, so that one late `Progress` does not end a live session.
+fn parse_io_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = units::parse_duration(text)?;
+    if timeout < blockrep_proto::IO_TIMEOUT_MIN {
+        return Err(format!(
+            "{timeout:?} is shorter than {:?}, twice the interval at which the server reports progress",
+            blockrep_proto::IO_TIMEOUT_MIN
+        ));
+    }
+    Ok(timeout)
 }
 
 fn main() -> ExitCode {
@@ -1410,4 +1424,18 @@ fn verify(args: VerifyArgs) -> Result<()> {
 
 fn display(path: &Path) -> String {
     path.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_timeout_shorter_than_two_progress_intervals_is_refused() {
+        assert_eq!(parse_io_timeout("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_io_timeout("60s"), Ok(Duration::from_secs(60)));
+        let refused = parse_io_timeout("1500ms").unwrap_err();
+        assert!(refused.contains("shorter than 2s"), "{refused}");
+        assert!(parse_io_timeout("soon").is_err());
+    }
 }

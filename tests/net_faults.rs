@@ -22,7 +22,8 @@ const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 * 1024;
 /// Each fault's disk: 384 chunks of random (incompressible) data.
 const DISK_BYTES: u64 = 24 * MIB;
-/// Chunks rewritten after the initial sync: every third one, 8 MiB in all.
+/// Chunks rewritten after the initial sync: every third one, 8 MiB in all
+/// (fewer on the slowest link, to keep the test short).
 const DIRTY_CHUNKS: u64 = 128;
 /// The agent's `--commit-every`: an intermediate commit after this many bytes
 /// of frames. The agent then waits for `Committed` before sending more, so it
@@ -32,11 +33,17 @@ const DIRTY_CHUNKS: u64 = 128;
 /// acknowledged too, but all of it lies within the step being sent.
 const COMMIT_EVERY: u64 = 2 * MIB;
 /// The agent's `--io-timeout`: short, so that it notices the black hole within
-/// seconds and reconnects, but longer than the slowest live path here takes to
-/// drain one commit step from the socket buffers (2 MiB through tiny segments,
-/// about 1.2 MiB/s on CI's machine): a wait for `Committed` starts when the
-/// step's last byte is written, not when it is delivered.
+/// seconds and reconnects. A wait for `Committed` starts when the step's last
+/// byte enters the socket, not when it is delivered, and on the slowest links
+/// here draining a step from the buffers on the way (the proxy alone queues
+/// 4 MiB) takes longer than this: only the server's `Progress` frames, sent
+/// while the step arrives, keep the agent from taking a live path for dead.
 const AGENT_IO_TIMEOUT: &str = "3s";
+/// The slow link: a commit step waits in the buffers for twice the agent's
+/// I/O time-out before the last of it arrives.
+const SLOW_LINK_BYTES_PER_SECOND: u64 = 256 * 1024;
+/// Chunks rewritten for the slow link: 1.5 MiB, six seconds through it.
+const SLOW_LINK_DIRTY_CHUNKS: u64 = 24;
 /// The server's `--idle-timeout` stays much longer than the agent's, as in the
 /// defaults (5 min against 60 s): the reconnecting agent meets its old session
 /// still holding the source, and must not have to wait for this to run out...
@@ -53,6 +60,8 @@ struct Fault {
     /// The server's session must have been superseded (it never learns that a
     /// black-holed connection is dead before its idle time-out).
     supersedes: bool,
+    /// Chunks rewritten after the initial sync.
+    dirty_chunks: u64,
 }
 
 struct Figures {
@@ -88,6 +97,7 @@ fn faults() -> Vec<Fault> {
             },
             breaks_connection: false,
             supersedes: false,
+            dirty_chunks: DIRTY_CHUNKS,
         },
         Fault {
             name: "bandwidth 8MiB/s",
@@ -101,6 +111,7 @@ fn faults() -> Vec<Fault> {
             },
             breaks_connection: false,
             supersedes: false,
+            dirty_chunks: DIRTY_CHUNKS,
         },
         Fault {
             name: "reset@random",
@@ -115,6 +126,7 @@ fn faults() -> Vec<Fault> {
             },
             breaks_connection: true,
             supersedes: false,
+            dirty_chunks: DIRTY_CHUNKS,
         },
         Fault {
             name: "black-hole@3MiB",
@@ -129,6 +141,21 @@ fn faults() -> Vec<Fault> {
             },
             breaks_connection: true,
             supersedes: true,
+            dirty_chunks: DIRTY_CHUNKS,
+        },
+        Fault {
+            name: "slow link 256KiB/s",
+            config: FaultConfig {
+                seed: 6,
+                upstream: DirectionFaults {
+                    bytes_per_second: Some(SLOW_LINK_BYTES_PER_SECOND),
+                    ..none
+                },
+                ..FaultConfig::default()
+            },
+            breaks_connection: false,
+            supersedes: false,
+            dirty_chunks: SLOW_LINK_DIRTY_CHUNKS,
         },
         Fault {
             name: "tiny segments 1-7B",
@@ -140,6 +167,7 @@ fn faults() -> Vec<Fault> {
             },
             breaks_connection: false,
             supersedes: false,
+            dirty_chunks: DIRTY_CHUNKS,
         },
     ]
 }
@@ -203,11 +231,11 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
             pki.path(),
             &["--compress", "none"],
         ));
-        for k in 0..DIRTY_CHUNKS {
+        for k in 0..fault.dirty_chunks {
             let data = random_bytes(CHUNK as usize, 10_000 * (i as u64 + 1) + k);
             write_at(&disk, k * 3 * CHUNK, &data);
         }
-        let dirty_bytes = DIRTY_CHUNKS * CHUNK;
+        let dirty_bytes = fault.dirty_chunks * CHUNK;
         let expected = disk_root(&disk, CHUNK as u32);
         let arrived_before = chunk_bytes_arrived(admin);
 

@@ -1,13 +1,24 @@
 //! The agent's side of a session: TLS connect, then frames in and out. Reading runs
 //! on its own task so that a server's `Error` is seen even while we are sending.
+//!
+//! The I/O time-out is about progress, not about how long one call takes: a
+//! write or a wait for an answer fails only when no byte has moved either way
+//! for `--io-timeout`. Bytes our socket accepts count, and so do bytes from the
+//! server, which sends `Progress` while our frames keep arriving. A slow link
+//! that drains megabytes of socket buffers before the server can answer is
+//! then not taken for a dead one, and a dead one still goes silent.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use blockrep_proto::{Message, decode, encode};
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -18,13 +29,75 @@ use crate::{AgentConfig, Error};
 /// Bytes buffered before a write reaches TLS: several frames per TLS record batch.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 
+/// The TLS stream's write side, noting each byte it accepts as progress.
+type TlsWriter = Progressing<WriteHalf<TlsStream<TcpStream>>>;
 /// Where frames go: TLS, behind a write buffer.
 #[cfg(not(feature = "fault-injection"))]
-type FrameWriter = BufWriter<WriteHalf<TlsStream<TcpStream>>>;
+type FrameWriter = BufWriter<TlsWriter>;
 /// Where frames go in test builds: through the fault-injection tap (which sees
 /// each frame whole, before the write buffer splits it), then as above.
 #[cfg(feature = "fault-injection")]
-type FrameWriter = crate::fault::Tapped<BufWriter<WriteHalf<TlsStream<TcpStream>>>>;
+type FrameWriter = crate::fault::Tapped<BufWriter<TlsWriter>>;
+
+/// When a byte last moved on the connection, either way.
+#[derive(Clone)]
+struct Liveness {
+    since: Instant,
+    /// Milliseconds after `since`.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A writer that notes progress whenever its inner writer accepts bytes.
+struct Progressing<W> {
+    inner: W,
+    liveness: Liveness,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Progressing<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.liveness.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            self.liveness.touch();
+        }
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 pub(crate) struct Connection {
     writer: FrameWriter,
@@ -33,6 +106,7 @@ pub(crate) struct Connection {
     reader_task: tokio::task::JoinHandle<()>,
     /// See [`AgentConfig::io_timeout`].
     io_timeout: Duration,
+    liveness: Liveness,
 }
 
 impl Drop for Connection {
@@ -79,10 +153,14 @@ impl Connection {
             })?;
         let (mut read_half, write_half) = tokio::io::split(stream);
         let (tx, incoming) = mpsc::channel(64);
+        let liveness = Liveness::new();
+        let read_liveness = liveness.clone();
         let reader_task = tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             loop {
                 match decode(&mut buf) {
+                    // Its bytes have counted as progress; nothing waits for it.
+                    Ok(Some(Message::Progress { .. })) => continue,
                     Ok(Some(message)) => {
                         if tx.send(Ok(message)).await.is_err() {
                             return;
@@ -102,7 +180,7 @@ impl Connection {
                             .await;
                         return;
                     }
-                    Ok(_) => {}
+                    Ok(_) => read_liveness.touch(),
                     Err(e) => {
                         // In TLS 1.3 a rejected client certificate shows up here, as an
                         // alert after the handshake seemed to succeed; tokio-rustls
@@ -120,6 +198,10 @@ impl Connection {
                 }
             }
         });
+        let write_half = Progressing {
+            inner: write_half,
+            liveness: liveness.clone(),
+        };
         let writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write_half);
         #[cfg(feature = "fault-injection")]
         let writer = crate::fault::Tapped::new(writer, config.plaintext_tap.clone());
@@ -129,7 +211,32 @@ impl Connection {
             scratch: BytesMut::new(),
             reader_task,
             io_timeout,
+            liveness,
         })
+    }
+
+    /// Runs `work` until it finishes or no byte has moved either way for the
+    /// I/O time-out (`None`). Time before the call does not count: the
+    /// connection may have rested between epochs.
+    async fn until_stalled<F: Future>(
+        io_timeout: Duration,
+        liveness: &Liveness,
+        work: F,
+    ) -> Option<F::Output> {
+        let started = Instant::now();
+        let mut work = std::pin::pin!(work);
+        loop {
+            let deadline = liveness.last().max(started) + io_timeout;
+            tokio::select! {
+                biased;
+                out = &mut work => return Some(out),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if liveness.last().max(started) + io_timeout <= Instant::now() {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Queues a message (buffered; see [`Connection::flush`]). Returns its frame size.
@@ -147,26 +254,30 @@ impl Connection {
 
     /// Queues already-encoded frame bytes.
     pub(crate) async fn write_raw(&mut self, frame: &[u8]) -> Result<(), Error> {
-        // A frame is at most one chunk plus the write buffer's worth: taking
-        // longer than the time-out means the path is dead, not slow.
-        match tokio::time::timeout(self.io_timeout, self.writer.write_all(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.explain(e).await),
-            Err(_) => Err(self.stalled()),
+        let written = Self::until_stalled(
+            self.io_timeout,
+            &self.liveness,
+            self.writer.write_all(frame),
+        )
+        .await;
+        match written {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(self.explain(e).await),
+            None => Err(self.stalled()),
         }
     }
 
     pub(crate) async fn flush(&mut self) -> Result<(), Error> {
-        match tokio::time::timeout(self.io_timeout, self.writer.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.explain(e).await),
-            Err(_) => Err(self.stalled()),
+        match Self::until_stalled(self.io_timeout, &self.liveness, self.writer.flush()).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(self.explain(e).await),
+            None => Err(self.stalled()),
         }
     }
 
     fn stalled(&self) -> Error {
         Error::Lost(format!(
-            "a write to the server did not finish within {:?} (--io-timeout)",
+            "the path to the server moved no byte for {:?} (--io-timeout)",
             self.io_timeout
         ))
     }
@@ -195,9 +306,11 @@ impl Connection {
     /// Every call waits for an answer to something just sent, so a silence
     /// longer than the I/O time-out means the path is dead.
     pub(crate) async fn recv(&mut self) -> Result<Message, Error> {
-        let Ok(next) = tokio::time::timeout(self.io_timeout, self.incoming.recv()).await else {
+        let Some(next) =
+            Self::until_stalled(self.io_timeout, &self.liveness, self.incoming.recv()).await
+        else {
             return Err(Error::Lost(format!(
-                "no answer from the server within {:?} (--io-timeout)",
+                "no answer from the server, and no sign of progress, within {:?} (--io-timeout)",
                 self.io_timeout
             )));
         };

@@ -70,10 +70,13 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// Longest wait between reconnection attempts.
     pub backoff_max: Duration,
-    /// A connect, a write of one frame, or a reply that does not finish or
-    /// come within this long ends the connection as lost (and a continuous
-    /// run reconnects). Without it a silently dead path (a black hole: no
-    /// reset, no data) would hold the agent forever.
+    /// A connect or handshake that takes longer, or a session on which no
+    /// byte moves either way for this long while the agent writes or waits
+    /// for a reply, ends the connection as lost (and a continuous run
+    /// reconnects). Without it a silently dead path (a black hole: no reset,
+    /// no data) would hold the agent forever. The server's `Progress` frames
+    /// keep a slow but live path from being taken for dead, provided this is
+    /// at least [`blockrep_proto::IO_TIMEOUT_MIN`].
     pub io_timeout: Duration,
     /// Caps the sending rate; shared so it can be changed while replicating.
     pub rate_limiter: Arc<RateLimiter>,

@@ -179,6 +179,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             out.put_u8(u8::from(*matches));
             out.put_u8(u8::from(*finalize_requested));
         }
+        Message::Progress { bytes_received } => out.put_u64_le(*bytes_received),
         Message::Error { code, message } => {
             out.put_u16_le(code.to_u16());
             let text = truncate_utf8(message, ERROR_MESSAGE_MAX_LEN);
@@ -562,6 +563,9 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
         18 => Message::GetBasePages {
             indices: r.page_indices("GetBasePages")?,
         },
+        20 => Message::Progress {
+            bytes_received: r.u64("byte count")?,
+        },
         8 => {
             let code = ErrorCode::from_u16(r.u16("error code")?);
             let len = r.u16("message length")? as usize;
@@ -678,6 +682,7 @@ mod tests {
                     chunks_stored: c,
                     cutover_requested: cutover,
                 }),
+            any::<u64>().prop_map(|bytes_received| Message::Progress { bytes_received }),
             (1u16..20, "[ -~]{0,100}").prop_map(|(code, message)| Message::Error {
                 code: ErrorCode::from_u16(code),
                 message
@@ -763,7 +768,7 @@ mod tests {
         }
 
         #[test]
-        fn random_bodies_never_panic(kind in 0u8..20, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn random_bodies_never_panic(kind in 0u8..22, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             // Sealed, so that the body parsers run rather than the checksum refusing.
             let mut buf = sealed_frame(kind, &body);
             let _ = decode(&mut buf);

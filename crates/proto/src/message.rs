@@ -249,9 +249,28 @@ pub enum Message {
         matches: bool,
         finalize_requested: bool,
     },
+    /// Server -> agent, unprompted, at most once per [`PROGRESS_INTERVAL`]
+    /// while frames keep arriving: the agent's wait for an answer (which
+    /// starts when its last byte enters the socket, not when it is delivered)
+    /// then fails only on a path that stopped, not on one that is slow to
+    /// drain. Never sent while nothing arrives, so a dead path still goes
+    /// silent. An agent ignores it wherever it comes.
+    Progress {
+        /// Bytes of frames the server has read on this connection so far.
+        bytes_received: u64,
+    },
     /// Either way: the session ends for this reason.
     Error { code: ErrorCode, message: String },
 }
+
+/// How often, at most, a server sends [`Message::Progress`]. An agent's I/O
+/// time-out must be longer, with a margin for scheduling: agents refuse one
+/// shorter than [`IO_TIMEOUT_MIN`].
+pub const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The shortest I/O time-out an agent accepts: two progress intervals, so one
+/// late `Progress` does not end a live session.
+pub const IO_TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Message {
     /// Wire type of the message.
@@ -276,6 +295,7 @@ impl Message {
             Message::FailbackAck { .. } => 17,
             Message::GetBasePages { .. } => 18,
             Message::CutoverReport { .. } => 19,
+            Message::Progress { .. } => 20,
         }
     }
 
@@ -301,6 +321,7 @@ impl Message {
             Message::FailbackAck { .. } => "FailbackAck",
             Message::GetBasePages { .. } => "GetBasePages",
             Message::CutoverReport { .. } => "CutoverReport",
+            Message::Progress { .. } => "Progress",
         }
     }
 }

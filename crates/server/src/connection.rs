@@ -2,7 +2,7 @@
 
 use blockrep_proto::{FRAME_HEADER_LEN, Message, ProtoError, decode, encode};
 use bytes::BytesMut;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Why reading a frame failed.
@@ -27,6 +27,13 @@ pub(crate) struct Connection<S> {
     pub bytes_written: u64,
     /// A flush that cannot finish within this long fails (`TimedOut`).
     pub write_timeout: Option<Duration>,
+    /// When set, reading sends [`Message::Progress`] at most this often while
+    /// bytes keep arriving (see there for why).
+    pub progress_every: Option<Duration>,
+    /// Bytes read from the stream so far, partial frames included.
+    bytes_arrived: u64,
+    /// When the last flush finished: any frame tells the peer we are alive.
+    last_flush: Instant,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -38,6 +45,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             bytes_read: 0,
             bytes_written: 0,
             write_timeout: None,
+            progress_every: None,
+            bytes_arrived: 0,
+            last_flush: Instant::now(),
         }
     }
 
@@ -53,7 +63,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if self.read_buf.capacity() - self.read_buf.len() < FRAME_HEADER_LEN {
                 self.read_buf.reserve(64 * 1024);
             }
-            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+            let n = self.stream.read_buf(&mut self.read_buf).await?;
+            if n == 0 {
                 return if self.read_buf.is_empty() {
                     Err(ReadError::Closed)
                 } else {
@@ -62,6 +73,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         "connection closed in the middle of a frame",
                     )))
                 };
+            }
+            self.bytes_arrived += n as u64;
+            if let Some(every) = self.progress_every
+                && self.last_flush.elapsed() >= every
+            {
+                self.send(&Message::Progress {
+                    bytes_received: self.bytes_arrived,
+                })
+                .await?;
             }
         }
     }
@@ -90,7 +110,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.stream.write_all(&self.write_buf).await?;
         self.bytes_written += self.write_buf.len() as u64;
         self.write_buf.clear();
-        self.stream.flush().await
+        self.stream.flush().await?;
+        self.last_flush = Instant::now();
+        Ok(())
     }
 
     /// Sends one message now.

@@ -9,7 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
-use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION, negotiate_version};
+use blockrep_proto::{
+    Codec, ErrorCode, Message, PROGRESS_INTERVAL, PROTOCOL_VERSION, negotiate_version,
+};
 use blockrep_store::{Downtime, LaunchKind, Lifecycle, LifecycleStage, SnapshotKind};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -297,6 +299,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+        // From here the agent waits for answers while its frames drain.
+        self.connection.progress_every = Some(PROGRESS_INTERVAL);
         let now = now_unix_ms();
         self.shared.sources.update(&self.source, |record| {
             record.connected = true;
