@@ -11,15 +11,23 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
-fn export_snapshot(data: &Path, source: &str, snapshot: &str, out: &Path) {
-    let output = std::process::Command::new(BIN)
+fn export_snapshot_command(
+    data: &Path,
+    source: &str,
+    snapshot: &str,
+    out: &Path,
+) -> std::process::Output {
+    std::process::Command::new(BIN)
         .args(["export", "--data"])
         .arg(data)
         .args(["--source", source, "--snapshot", snapshot, "--out"])
         .arg(out)
         .output()
-        .unwrap();
-    assert_success(&output);
+        .unwrap()
+}
+
+fn export_snapshot(data: &Path, source: &str, snapshot: &str, out: &Path) {
+    assert_success(&export_snapshot_command(data, source, snapshot, out));
 }
 
 #[test]
@@ -120,7 +128,23 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
         "snapshot keep damaged by GC"
     );
     for snapshot in snapshots(&server) {
-        export_snapshot(&data, "web", &snapshot.name, &out);
+        let output = export_snapshot_command(&data, "web", &snapshot.name, &out);
+        // Retention keeps running (a snapshot a second, each kept 2 s): an
+        // automatic one listed a moment ago may have expired since. It must
+        // then be gone, not half there.
+        if !output.status.success()
+            && snapshot.kind == "auto"
+            && stderr(&output).contains("has no snapshot")
+        {
+            assert!(
+                !snapshots(&server).iter().any(|s| s.name == snapshot.name),
+                "export of {} failed while it is listed: {}",
+                snapshot.name,
+                stderr(&output)
+            );
+            continue;
+        }
+        assert_success(&output);
         let expected = &images[snapshot.epoch as usize - 1];
         assert!(
             std::fs::read(&out).unwrap() == *expected,
