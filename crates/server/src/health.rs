@@ -190,7 +190,7 @@ impl Health {
         // refused, so the service is not available whatever the probe says.
         let result = if shared.store.sync_failed() {
             Err(
-                "an fsync of pack data failed; commits are refused until the server restarts"
+                "an fsync in the data directory failed; commits are refused until the server restarts"
                     .to_owned(),
             )
         } else {

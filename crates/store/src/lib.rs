@@ -103,6 +103,7 @@ mod crash;
 mod error;
 mod fsutil;
 mod gc;
+mod guard;
 mod head;
 mod launch;
 mod lifecycle;

@@ -243,9 +243,10 @@ mod tests {
         assert_eq!(store.lifecycle(&source).unwrap(), Some(record));
     }
 
-    /// A reset whose directory fsync failed, retried: the retry finds the
-    /// record gone, and must still make the removal durable before it
-    /// acknowledges.
+    /// A reset whose directory fsync failed, retried: on the same store the
+    /// retry is refused (no fsync is trusted after one failed); after a
+    /// reopen it finds the record gone, and the removal is durable before it
+    /// is acknowledged.
     #[test]
     fn retried_reset_is_durable() {
         use std::sync::Arc;
@@ -269,6 +270,12 @@ mod tests {
         // The reset removes the file, then fsyncs the directory: fail that.
         sim.fail_operation(sim.operations() + 2);
         assert!(store.clear_lifecycle(&source).is_err());
+        // Retried on the same store: refused, as every fsync is after one failed.
+        assert!(store.clear_lifecycle(&source).is_err());
+        // Retried after a reopen (a server restart): the record is already
+        // gone, and the removal is made durable before it is acknowledged.
+        drop(store);
+        let store = Store::open_with_vfs(dir, Arc::new(sim.clone())).unwrap();
         store.clear_lifecycle(&source).unwrap();
         for seed in 0..64 {
             let (image, _) = sim.crash_image(seed);

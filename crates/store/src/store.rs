@@ -14,6 +14,7 @@ use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::gc::GcState;
+use crate::guard::{FsyncGuard, sync_tree};
 use crate::head::{HEAD_LEN, Head};
 use crate::pack::{
     BlobKind, PACK_SIZE_MAX_BYTES, RECORD_HEADER_LEN, RecordHeader, StoredCodec, pack_file_name,
@@ -118,9 +119,10 @@ pub struct Store {
     inner: Mutex<Inner>,
     readers: Mutex<HashMap<u32, Arc<dyn VfsFile>>>,
     /// Set once an fsync has failed. Linux may forget a write-back error after
-    /// reporting it once, so a later fsync "succeeding" proves nothing: refuse to
-    /// commit until the store is reopened (which rescans what is really on disk).
-    sync_failed: std::sync::atomic::AtomicBool,
+    /// reporting it once, so a later fsync "succeeding" proves nothing: every
+    /// later fsync fails (see `guard.rs`), so nothing is acknowledged until the
+    /// store is reopened, which makes everything it finds durable first.
+    sync_failed: Arc<std::sync::atomic::AtomicBool>,
     /// Serializes commits per source (head read-check-write).
     commit_locks: Mutex<HashMap<SourceId, Arc<Mutex<()>>>>,
     /// Snapshot and launch bookkeeping (see `catalog.rs`).
@@ -163,9 +165,21 @@ impl Store {
     /// [`Store::open`] on another file system: `dir` is an absolute path in
     /// `vfs`. The crash tests open stores on a simulated disk this way.
     pub fn open_with_vfs(dir: &Path, vfs: Arc<dyn Vfs>) -> Result<Self, Error> {
+        let guard = FsyncGuard::new(vfs);
+        let sync_failed = guard.flag();
+        let vfs: Arc<dyn Vfs> = Arc::new(guard);
         create_dir_durable(vfs.as_ref(), &dir.join("packs"))?;
         create_dir_durable(vfs.as_ref(), &dir.join("sources"))?;
-        Self::open_inner(dir, vfs, false)
+        // What this open is about to trust (pack records it indexes, heads,
+        // names) may be in the page cache only, if the last process saw an
+        // fsync fail: make it durable before anything new builds on it.
+        sync_tree(vfs.as_ref(), dir).map_err(|e| {
+            Error::io(
+                format!("cannot make the contents of {} durable", dir.display()),
+                e,
+            )
+        })?;
+        Self::open_inner(dir, vfs, false, sync_failed)
     }
 
     /// [`Store::open`], holding an exclusive lock on the data directory for as
@@ -214,17 +228,22 @@ impl Store {
                 format!("{} is not a blockrep data directory", dir.display()),
             ));
         }
-        Self::open_inner(dir, Arc::new(RealFs), true)
+        Self::open_inner(dir, Arc::new(RealFs), true, Arc::default())
     }
 
-    fn open_inner(dir: &Path, vfs: Arc<dyn Vfs>, read_only: bool) -> Result<Self, Error> {
+    fn open_inner(
+        dir: &Path,
+        vfs: Arc<dyn Vfs>,
+        read_only: bool,
+        sync_failed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self, Error> {
         let store = Self {
             dir: dir.to_owned(),
             vfs,
             read_only,
             inner: Mutex::new(Inner::default()),
             readers: Mutex::new(HashMap::new()),
-            sync_failed: std::sync::atomic::AtomicBool::new(false),
+            sync_failed,
             commit_locks: Mutex::new(HashMap::new()),
             catalog: Catalog::default(),
             gc: GcState::default(),
