@@ -235,5 +235,90 @@ fn store(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, store);
+/// Packs of the opening bench: small, so that 256 MiB makes 16 of them.
+const OPEN_PACK_BYTES: u64 = 16 << 20;
+/// Copies of the 64 MiB of chunks the opening bench stores.
+const OPEN_COPIES: usize = 4;
+
+/// Opening a store of 256 MiB in 16 packs (15 sealed): from the packs' saved
+/// scans, against scanning every record (what each open did before the scans
+/// were saved, and what the first open after a pack seals still does), next
+/// to the floor of a scan, reading the pack files. Read-only opens, so that
+/// the scanning variant does not save the scans it makes.
+fn open(c: &mut Criterion) {
+    let dir = temp_dir();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.set_pack_size_max_bytes(OPEN_PACK_BYTES);
+        for copy in 0..OPEN_COPIES {
+            for chunk in chunks() {
+                let mut chunk = chunk;
+                chunk[..8].copy_from_slice(&(copy as u64).to_le_bytes());
+                let id = ChunkId::from(blake3::hash(&chunk));
+                store
+                    .insert(
+                        BlobKind::Chunk,
+                        id,
+                        StoredCodec::Raw,
+                        CHUNK_BYTES as u32,
+                        &chunk,
+                    )
+                    .unwrap();
+            }
+        }
+        store.sync().unwrap();
+    }
+    // A writable open saves the sealed packs' scans.
+    drop(Store::open(dir.path()).unwrap());
+    let packs = dir.path().join("packs");
+    let files = |suffix: &str| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&packs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(suffix))
+            .collect()
+    };
+    assert_eq!(files(".idx").len(), files(".pack").len() - 1);
+    let saved: Vec<(std::path::PathBuf, Vec<u8>)> = files(".idx")
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+
+    let mut group = c.benchmark_group("store_open_256MiB");
+    group.throughput(Throughput::Bytes((OPEN_COPIES * EPOCH_BYTES) as u64));
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.bench_function("saved_scans", |b| {
+        b.iter(|| Store::open_read_only(dir.path()).unwrap().blob_count())
+    });
+    group.bench_function("scanning", |b| {
+        b.iter_batched(
+            || {
+                // Gone after the first iteration: a read-only open saves nothing.
+                for (path, _) in &saved {
+                    let _ = std::fs::remove_file(path);
+                }
+            },
+            |()| Store::open_read_only(dir.path()).unwrap().blob_count(),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("read_pack_files", |b| {
+        b.iter(|| {
+            files(".pack")
+                .iter()
+                .map(|p| std::hint::black_box(std::fs::read(p).unwrap()).len())
+                .sum::<usize>()
+        })
+    });
+    group.finish();
+    for (path, bytes) in &saved {
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+criterion_group!(benches, store, open);
 criterion_main!(benches);

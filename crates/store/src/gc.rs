@@ -107,6 +107,7 @@ use blockrep_core::ChunkId;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::sync_dir;
 use crate::pack::pack_file_name;
+use crate::pack_index;
 use crate::store::{Location, Relocation, Store, Sweep, lock};
 
 /// Default for [`GcOptions::live_share_min`].
@@ -545,9 +546,10 @@ impl Store {
         let mut deleted = HashSet::new();
         for candidate in candidates.iter().filter(|c| !c.damaged) {
             let path = self.packs_dir().join(pack_file_name(candidate.number));
-            let outcome = self
-                .vfs()
-                .remove_file(&path)
+            // The pack's saved index goes first: an index is never left
+            // behind by its pack (it would not be believed anyway).
+            let outcome = pack_index::remove(self.vfs(), &self.packs_dir(), candidate.number)
+                .and_then(|()| self.vfs().remove_file(&path))
                 .map_err(|e| Error::io(format!("cannot delete {}", path.display()), e));
             if outcome.is_ok() {
                 deleted.insert(candidate.number);

@@ -108,6 +108,7 @@ mod head;
 mod launch;
 mod lifecycle;
 mod pack;
+mod pack_index;
 mod retention;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

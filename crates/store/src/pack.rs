@@ -71,6 +71,16 @@ pub(crate) struct RecordHeader {
 
 impl RecordHeader {
     pub(crate) fn encode_with_crc(&self, data: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+        let mut out = self.to_bytes();
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&out[..48]);
+        hasher.update(data);
+        out[48..52].copy_from_slice(&hasher.finalize().to_le_bytes());
+        out
+    }
+
+    /// The header's bytes as they are in the pack (with the crc it carries).
+    pub(crate) fn to_bytes(self) -> [u8; RECORD_HEADER_LEN] {
         let mut out = [0u8; RECORD_HEADER_LEN];
         out[0..4].copy_from_slice(&RECORD_MAGIC);
         out[4] = self.kind as u8;
@@ -78,10 +88,7 @@ impl RecordHeader {
         out[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
         out[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
         out[16..48].copy_from_slice(self.id.as_bytes());
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&out[..48]);
-        hasher.update(data);
-        out[48..52].copy_from_slice(&hasher.finalize().to_le_bytes());
+        out[48..52].copy_from_slice(&self.crc.to_le_bytes());
         out
     }
 

@@ -17,9 +17,10 @@ use crate::gc::GcState;
 use crate::guard::{FsyncGuard, sync_tree};
 use crate::head::{HEAD_LEN, Head};
 use crate::pack::{
-    BlobKind, PACK_SIZE_MAX_BYTES, RECORD_HEADER_LEN, RecordHeader, StoredCodec, pack_file_name,
-    parse_pack_file_name, scan_pack,
+    BlobKind, PACK_SIZE_MAX_BYTES, PackScan, RECORD_HEADER_LEN, RecordHeader, StoredCodec,
+    pack_file_name, parse_pack_file_name, scan_pack,
 };
+use crate::pack_index;
 use crate::vfs::{OpenMode, PendingSync, RealFs, Vfs, VfsFile};
 
 /// Where a blob lives.
@@ -308,14 +309,31 @@ impl Store {
         let numbers = self.pack_numbers()?;
         let mut inner = lock(&self.inner);
         inner.index.clear();
+        let packs_dir = self.packs_dir();
         for (position, &number) in numbers.iter().enumerate() {
-            let path = self.packs_dir().join(pack_file_name(number));
-            let scan = match scan_pack(self.vfs(), &path) {
-                Ok(scan) => scan,
-                // Deleted by a collection since the listing (a read-only store
-                // looking at a running server): its blobs are elsewhere now.
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e),
+            let path = packs_dir.join(pack_file_name(number));
+            let is_last = position + 1 == numbers.len();
+            // A sealed pack's saved scan, when there is a sound one (see
+            // `pack_index.rs`); the newest pack is always scanned.
+            let saved = if is_last {
+                None
+            } else {
+                pack_index::load(self.vfs(), &packs_dir, number, &path)
+            };
+            let scan = match saved {
+                Some(scan) => scan,
+                None => match scan_pack(self.vfs(), &path) {
+                    Ok(scan) => {
+                        if !is_last && !self.read_only {
+                            self.save_pack_index(number, &scan)?;
+                        }
+                        scan
+                    }
+                    // Deleted by a collection since the listing (a read-only store
+                    // looking at a running server): its blobs are elsewhere now.
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => return Err(e),
+                },
             };
             for record in &scan.records {
                 let location = Location {
@@ -341,7 +359,6 @@ impl Store {
                     }
                 }
             }
-            let is_last = position + 1 == numbers.len();
             if scan.valid_len < scan.file_len && is_last && !self.read_only {
                 // Only the last pack is ever appended to, so only it can have a torn
                 // tail; nothing past `valid_len` was ever part of a commit.
@@ -356,7 +373,55 @@ impl Store {
             }
             inner.last_pack = number;
         }
+        drop(inner);
+        if !self.read_only {
+            self.remove_orphan_pack_indexes(&numbers)?;
+        }
         Ok(())
+    }
+
+    /// Removes saved pack indexes whose pack is gone (a collection deletes the
+    /// index first, but a crash may land the two removals in either order).
+    fn remove_orphan_pack_indexes(&self, numbers: &[u32]) -> Result<(), Error> {
+        let packs_dir = self.packs_dir();
+        let names = self
+            .vfs
+            .list_dir(&packs_dir)
+            .map_err(|e| Error::io(format!("cannot list {}", packs_dir.display()), e))?;
+        let mut removed = false;
+        for name in names {
+            let Some(number) = name.to_str().and_then(pack_index::parse_index_file_name) else {
+                continue;
+            };
+            if numbers.binary_search(&number).is_err() {
+                pack_index::remove(self.vfs(), &packs_dir, number).map_err(|e| {
+                    Error::io(format!("cannot remove the index of pack {number}"), e)
+                })?;
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(self.vfs(), &packs_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Saves the scan of sealed pack `number`. Failing to write it (a full
+    /// disk) costs only a scan at the next open; a failed fsync is another
+    /// matter, and the guard keeps it (see `guard.rs`).
+    fn save_pack_index(&self, number: u32, scan: &PackScan) -> Result<(), Error> {
+        match pack_index::save(self.vfs(), &self.packs_dir(), number, scan) {
+            Ok(()) => Ok(()),
+            Err(e) if self.sync_failed() => Err(e),
+            Err(e) => {
+                // Rare, and worth a line (see `tracing_cut`).
+                eprintln!(
+                    "blockrep-store: cannot save the index of pack {number} ({e}); \
+                     it will be scanned again at the next open"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Whether the store holds a sound blob with this id. While a garbage
@@ -739,6 +804,7 @@ impl Store {
         if RecordHeader::decode(&header_bytes) != Some(header)
             || !header.crc_matches(&header_bytes, &stored)
         {
+            self.note_damaged(location);
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
@@ -780,7 +846,33 @@ impl Store {
     /// Reads a blob, decodes it and checks that its blake3 equals `id`.
     pub fn read_blob(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
         let (location, stored) = self.read_stored(id)?;
-        decode_stored(id, location.header, stored)
+        let decoded = decode_stored(id, location.header, stored);
+        if decoded
+            .as_ref()
+            .is_err_and(|e| e.kind() == ErrorKind::Corrupt)
+        {
+            self.note_damaged(location);
+        }
+        decoded
+    }
+
+    /// A record found damaged since the open (rot, found by a read or by
+    /// `verify`) stops counting as stored, so the next agent that has the
+    /// chunk sends it again and a sound copy is stored; and its pack's saved
+    /// index is dropped, so the next open scans the pack and sees the damage
+    /// too. Best effort: the record is damaged whatever happens here.
+    pub(crate) fn note_damaged(&self, location: Location) {
+        if let Some(at) = lock(&self.inner).index.get_mut(&location.header.id)
+            && at.is_at(&location)
+        {
+            at.crc_ok = false;
+        }
+        if !self.read_only {
+            let packs_dir = self.packs_dir();
+            if pack_index::remove(self.vfs(), &packs_dir, location.pack).is_ok() {
+                let _ = sync_dir(self.vfs(), &packs_dir);
+            }
+        }
     }
 
     pub(crate) fn source_dir(&self, source: &SourceId) -> PathBuf {
@@ -1144,6 +1236,133 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(store.read_blob(&id).unwrap(), data);
+    }
+
+    /// 4 KiB blobs of distinct bytes in packs sealed at 16 KiB, then closed.
+    fn store_with_sealed_packs(dir: &Path) -> Vec<ChunkId> {
+        let store = Store::open(dir).unwrap();
+        store.set_pack_size_max_bytes(16 * 1024);
+        let ids: Vec<ChunkId> = (0..24u32)
+            .map(|i| {
+                let data: Vec<u8> = (0..4096u32).map(|j| (i * 31 + j * 7) as u8).collect();
+                let id = ChunkId::from(blake3::hash(&data));
+                store
+                    .insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, &data)
+                    .unwrap();
+                id
+            })
+            .collect();
+        store.sync().unwrap();
+        ids
+    }
+
+    fn index_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join("packs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".idx"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The saved scan of a sealed pack is what a reopen uses: damage to a
+    /// record's data (not its header) made after the scan was saved is not
+    /// seen at the open, only at a read, which then drops the saved scan so
+    /// that the next open scans the pack and sees it too.
+    #[test]
+    fn sealed_packs_open_from_their_saved_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = store_with_sealed_packs(dir.path());
+        let (packs, victim) = {
+            let store = Store::open(dir.path()).unwrap();
+            let packs = store.pack_numbers().unwrap();
+            (packs, store.location(&ids[0]).unwrap())
+        };
+        assert!(packs.len() >= 4, "{packs:?}");
+        assert_eq!(victim.pack, packs[0]);
+        let sealed: Vec<String> = packs[..packs.len() - 1]
+            .iter()
+            .map(|n| format!("{n:08}.idx"))
+            .collect();
+        assert_eq!(
+            index_files(dir.path()),
+            sealed,
+            "one saved scan per sealed pack"
+        );
+
+        let pack = dir.path().join("packs").join(pack_file_name(victim.pack));
+        let file = fs::OpenOptions::new().write(true).open(&pack).unwrap();
+        FileExt::write_all_at(&file, b"X", victim.offset + RECORD_HEADER_LEN as u64 + 100).unwrap();
+        drop(file);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert!(
+            store.contains(&ids[0]),
+            "the damage was seen at the open: the pack was scanned, not loaded"
+        );
+        assert_eq!(store.blob_count(), ids.len());
+        for id in &ids[1..] {
+            assert!(store.read_blob(id).is_ok());
+        }
+        assert_eq!(
+            store.read_blob(&ids[0]).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        assert!(
+            !store.contains(&ids[0]),
+            "a damaged record still counts as stored"
+        );
+        assert!(!index_files(dir.path()).contains(&sealed[0]));
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.contains(&ids[0]), "the rescan missed the damage");
+        assert_eq!(index_files(dir.path()), sealed);
+        // A sound copy is stored again when the agent resends it.
+        let data: Vec<u8> = (0..4096u32).map(|j| (j * 7) as u8).collect();
+        assert!(
+            store
+                .insert(BlobKind::Chunk, ids[0], StoredCodec::Raw, 4096, &data)
+                .unwrap()
+        );
+        assert_eq!(store.read_blob(&ids[0]).unwrap(), data);
+    }
+
+    /// A saved scan that does not describe its pack (another pack's, a damaged
+    /// one) is not believed, and one left by a deleted pack is removed.
+    #[test]
+    fn saved_scans_that_do_not_match_their_pack_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = store_with_sealed_packs(dir.path());
+        drop(Store::open(dir.path()).unwrap());
+        let packs = dir.path().join("packs");
+        let saved = index_files(dir.path());
+        let second = fs::read(packs.join(&saved[1])).unwrap();
+        // Pack 1 gets pack 2's saved scan; pack 2's is damaged; pack 99 has none.
+        fs::write(packs.join(&saved[0]), &second).unwrap();
+        let mut damaged = second.clone();
+        damaged[40] ^= 1;
+        fs::write(packs.join(&saved[1]), &damaged).unwrap();
+        fs::write(packs.join("00000099.idx"), &second).unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.blob_count(), ids.len());
+        for id in &ids {
+            assert!(store.contains(id));
+            assert!(store.read_blob(id).is_ok());
+        }
+        assert_eq!(index_files(dir.path()), saved, "the orphan is removed");
+        assert_eq!(
+            fs::read(packs.join(&saved[1])).unwrap(),
+            second,
+            "rewritten"
+        );
+        assert_ne!(
+            fs::read(packs.join(&saved[0])).unwrap(),
+            second,
+            "rewritten"
+        );
     }
 
     #[test]

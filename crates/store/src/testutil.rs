@@ -56,7 +56,9 @@ pub(crate) fn sample_disk(len: usize, seed: u8) -> Vec<u8> {
 pub(crate) fn pack_bytes(data_dir: &Path) -> u64 {
     fs::read_dir(data_dir.join("packs"))
         .unwrap()
-        .map(|entry| entry.unwrap().metadata().unwrap().len())
+        .map(|entry| entry.unwrap())
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".pack"))
+        .map(|entry| entry.metadata().unwrap().len())
         .sum()
 }
 
@@ -122,8 +124,9 @@ pub(crate) fn root_disk(store: &Store, root_id: &ChunkId) -> Vec<u8> {
 pub(crate) fn pack_files(data_dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     fs::read_dir(data_dir.join("packs"))
         .unwrap()
+        .map(|entry| entry.unwrap())
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".pack"))
         .map(|entry| {
-            let entry = entry.unwrap();
             (
                 entry.file_name().to_string_lossy().into_owned(),
                 fs::read(entry.path()).unwrap(),
