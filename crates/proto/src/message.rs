@@ -250,11 +250,13 @@ pub enum Message {
         finalize_requested: bool,
     },
     /// Server -> agent, unprompted, at most once per [`PROGRESS_INTERVAL`]
-    /// while frames keep arriving: the agent's wait for an answer (which
-    /// starts when its last byte enters the socket, not when it is delivered)
-    /// then fails only on a path that stopped, not on one that is slow to
-    /// drain. Never sent while nothing arrives, so a dead path still goes
-    /// silent. An agent ignores it wherever it comes.
+    /// while frames keep arriving, and once per interval while the server
+    /// works on a commit (verifying, fsyncing, preparing a cutover launch):
+    /// the agent's wait for an answer (which starts when its last byte enters
+    /// the socket, not when it is delivered) then fails only on a path that
+    /// stopped, not on one that is slow to drain or a server that is busy.
+    /// Never sent while nothing arrives and nothing is being committed, so a
+    /// dead path still goes silent. An agent ignores it wherever it comes.
     Progress {
         /// Bytes of frames the server has read on this connection so far.
         bytes_received: u64,

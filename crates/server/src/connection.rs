@@ -2,8 +2,10 @@
 
 use blockrep_proto::{FRAME_HEADER_LEN, Message, ProtoError, decode, encode};
 use bytes::BytesMut;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock, so that the beats follow paused time in tests.
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,9 @@ pub(crate) struct Connection<S> {
     bytes_arrived: u64,
     /// When the last flush finished: any frame tells the peer we are alive.
     last_flush: Instant,
+    /// Set when a write failed or timed out: part of a frame may have gone
+    /// out, so nothing more may follow it.
+    write_failed: Option<std::io::ErrorKind>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -48,6 +53,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             progress_every: None,
             bytes_arrived: 0,
             last_flush: Instant::now(),
+            write_failed: None,
         }
     }
 
@@ -93,17 +99,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Writes every queued message and flushes the stream.
     pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
-        let Some(limit) = self.write_timeout else {
-            return self.flush_now().await;
+        if let Some(kind) = self.write_failed {
+            return Err(std::io::Error::new(
+                kind,
+                "an earlier write to the peer failed",
+            ));
+        }
+        let result = match self.write_timeout {
+            None => self.flush_now().await,
+            Some(limit) => tokio::time::timeout(limit, self.flush_now())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the peer accepted no data for {limit:?}"),
+                    ))
+                }),
         };
-        tokio::time::timeout(limit, self.flush_now())
-            .await
-            .unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the peer accepted no data for {limit:?}"),
-                ))
-            })
+        if let Err(e) = &result {
+            self.write_failed = Some(e.kind());
+        }
+        result
     }
 
     async fn flush_now(&mut self) -> std::io::Result<()> {
@@ -113,6 +129,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.stream.flush().await?;
         self.last_flush = Instant::now();
         Ok(())
+    }
+
+    /// Runs `work` (the server's side of a commit: verifying, fsyncing,
+    /// building a cutover launch) while sending [`Message::Progress`] every
+    /// `progress_every`, so that an agent waiting for the answer knows the
+    /// server is busy on its behalf, not gone. The work always runs to its
+    /// end: an agent that cannot be written to stops the beats, and the
+    /// session learns of it at its next send, as it would without them.
+    pub(crate) async fn working<F: Future>(&mut self, work: F) -> F::Output {
+        let Some(every) = self.progress_every else {
+            return work.await;
+        };
+        let mut work = std::pin::pin!(work);
+        loop {
+            let beat = tokio::time::sleep_until(self.last_flush + every);
+            let beating = self.write_failed.is_none();
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = beat, if beating => {
+                    let progress = Message::Progress {
+                        bytes_received: self.bytes_arrived,
+                    };
+                    // A failure is kept in `write_failed` for the next send.
+                    let _ = self.send(&progress).await;
+                }
+            }
+        }
     }
 
     /// Sends one message now.
@@ -126,5 +170,109 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub(crate) async fn close_with_error(&mut self, message: Message) {
         let _ = self.send(&message).await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockrep_core::ChunkId;
+    use blockrep_proto::decode;
+    use tokio::io::DuplexStream;
+
+    /// Counts the `Progress` frames among everything the peer received.
+    async fn progress_frames(mut peer: DuplexStream) -> usize {
+        let mut bytes = Vec::new();
+        peer.read_to_end(&mut bytes).await.unwrap();
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut count = 0;
+        while let Some(message) = decode(&mut buf).unwrap() {
+            count += usize::from(matches!(message, Message::Progress { .. }));
+        }
+        assert!(buf.is_empty(), "a partial frame");
+        count
+    }
+
+    fn beating(stream: DuplexStream) -> Connection<DuplexStream> {
+        let mut connection = Connection::new(stream);
+        connection.progress_every = Some(Duration::from_secs(1));
+        connection
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn working_beats_every_interval_until_the_work_ends() {
+        let (ours, peer) = tokio::io::duplex(64 * 1024);
+        let mut connection = beating(ours);
+        let work = async {
+            tokio::time::sleep(Duration::from_millis(3500)).await;
+            7
+        };
+        assert_eq!(connection.working(work).await, 7);
+        drop(connection);
+        assert_eq!(progress_frames(peer).await, 3);
+
+        // Without `progress_every` (before `Welcome`), no beats.
+        let (ours, peer) = tokio::io::duplex(64 * 1024);
+        let mut connection = Connection::new(ours);
+        connection
+            .working(tokio::time::sleep(Duration::from_secs(5)))
+            .await;
+        drop(connection);
+        assert_eq!(progress_frames(peer).await, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn working_runs_to_its_end_when_the_peer_is_gone() {
+        let (ours, peer) = tokio::io::duplex(64 * 1024);
+        drop(peer);
+        let mut connection = beating(ours);
+        let work = async {
+            tokio::time::sleep(Duration::from_millis(3500)).await;
+            "done"
+        };
+        assert_eq!(connection.working(work).await, "done");
+        // The failed beat is remembered: nothing more is written.
+        let later = connection.send(&Message::Progress { bytes_received: 0 });
+        assert!(later.await.is_err());
+    }
+
+    /// A frame arriving slowly gets beats while it arrives; silence gets none.
+    #[tokio::test(start_paused = true)]
+    async fn reading_beats_while_bytes_arrive_and_not_while_silent() {
+        let (ours, mut peer) = tokio::io::duplex(64 * 1024);
+        let mut connection = beating(ours);
+        let mut frame = BytesMut::new();
+        encode(
+            &Message::Commit {
+                epoch: 1,
+                root: ChunkId([3; 32]),
+                scan_started_unix_ms: 1,
+                complete: true,
+                last: false,
+            },
+            &mut frame,
+        );
+        let arriving = Duration::from_millis(100) * frame.len() as u32;
+        let writer = tokio::spawn(async move {
+            // One byte every 100 ms: the frame takes several seconds.
+            for byte in frame.iter() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                peer.write_all(&[*byte]).await.unwrap();
+            }
+            // Then silence, well past several intervals.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            peer
+        });
+        let message = connection.read_message().await.unwrap();
+        assert!(matches!(message, Message::Commit { epoch: 1, .. }));
+        let silent = tokio::time::timeout(Duration::from_secs(5), connection.read_message());
+        assert!(silent.await.is_err(), "nothing was sent");
+        drop(connection);
+        let peer = writer.await.unwrap();
+        let beats = progress_frames(peer).await;
+        assert!(
+            beats >= 3 && beats as u64 <= arriving.as_secs(),
+            "{beats} beats for a frame that took {arriving:?} to arrive, then silence"
+        );
     }
 }

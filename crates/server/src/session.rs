@@ -630,7 +630,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<(), Outcome> {
         let started = Instant::now();
         let verified = match verifier {
-            Some(verifier) => verifier.finish().await?,
+            Some(verifier) => self.connection.working(verifier.finish()).await?,
             None => Default::default(),
         };
         let (root, pages) = replica.build_root();
@@ -662,7 +662,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !unchanged {
             let store = Arc::clone(&self.shared.store);
             let source = self.source.clone();
-            let stats = tokio::task::spawn_blocking(move || {
+            let committing = tokio::task::spawn_blocking(move || {
                 store.commit_with(
                     &source,
                     epoch,
@@ -671,15 +671,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     scan_started_unix_ms,
                     complete,
                 )
-            })
-            .await
-            .map_err(internal)?
-            .map_err(|e| match e.kind() {
-                blockrep_store::ErrorKind::EpochMismatch => {
-                    Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
-                }
-                _ => internal(format!("commit failed, nothing committed: {e}")),
-            })?;
+            });
+            let stats = self
+                .connection
+                .working(committing)
+                .await
+                .map_err(internal)?
+                .map_err(|e| match e.kind() {
+                    blockrep_store::ErrorKind::EpochMismatch => {
+                        Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
+                    }
+                    _ => internal(format!("commit failed, nothing committed: {e}")),
+                })?;
             pages_stored = stats.pages_stored;
             replica.head_epoch = epoch;
             replica.page_ids = committed_page_ids;
@@ -1029,29 +1032,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let (root, _) = replica.build_root();
         let root_id = root.id();
         let now = now_unix_ms();
-        let (snapshot, launch) =
-            tokio::task::spawn_blocking(move || -> Result<_, blockrep_store::Error> {
-                let snapshot = store.create_snapshot_of_kind(
-                    &source,
-                    SnapshotKind::Cutover,
-                    None,
-                    None,
-                    now,
-                )?;
-                let base = format!(
-                    "{}-cutover",
-                    &source.as_str()[..source.as_str().len().min(48)]
-                );
-                let mut name = base.clone();
-                let mut n = 2;
-                while store.launch(&name)?.is_some() {
-                    name = format!("{base}-{n}");
-                    n += 1;
-                }
-                let launch =
-                    store.create_launch(&source, &snapshot.name, &name, LaunchKind::Cutover)?;
-                Ok((snapshot, launch))
-            })
+        let preparing = tokio::task::spawn_blocking(move || -> Result<_, blockrep_store::Error> {
+            let snapshot =
+                store.create_snapshot_of_kind(&source, SnapshotKind::Cutover, None, None, now)?;
+            let base = format!(
+                "{}-cutover",
+                &source.as_str()[..source.as_str().len().min(48)]
+            );
+            let mut name = base.clone();
+            let mut n = 2;
+            while store.launch(&name)?.is_some() {
+                name = format!("{base}-{n}");
+                n += 1;
+            }
+            let launch =
+                store.create_launch(&source, &snapshot.name, &name, LaunchKind::Cutover)?;
+            Ok((snapshot, launch))
+        });
+        let (snapshot, launch) = self
+            .connection
+            .working(preparing)
             .await
             .map_err(internal)?
             .map_err(|e| {
