@@ -31,9 +31,12 @@ use crate::vfs::{OpenMode, Vfs};
 const MAGIC: [u8; 8] = *b"BRPIDX01";
 const PREFIX_LEN: usize = 8 + 8 + 8 + 4;
 const ENTRY_LEN: usize = 8 + 1 + RECORD_HEADER_LEN;
-/// A pack of at most 256 MiB holds at most this many 52-byte headers; the
-/// limit only bounds what a damaged index could make us read.
-const RECORDS_MAX: usize = (256 * 1024 * 1024) / RECORD_HEADER_LEN + 1;
+
+/// The most records a pack of `pack_len` bytes can hold (each has a header):
+/// bounds what a damaged index could make us read.
+fn records_max(pack_len: u64) -> usize {
+    usize::try_from(pack_len / RECORD_HEADER_LEN as u64).unwrap_or(usize::MAX)
+}
 
 /// The index file of pack `number`.
 pub(crate) fn index_path(packs_dir: &Path, number: u32) -> PathBuf {
@@ -70,7 +73,7 @@ fn decode(bytes: &[u8], pack_len: u64) -> Option<PackScan> {
         return None;
     }
     let count = u32::from_le_bytes(bytes[24..28].try_into().ok()?) as usize;
-    if count > RECORDS_MAX {
+    if count > records_max(pack_len) {
         return None;
     }
     check_record(
@@ -118,7 +121,9 @@ fn decode(bytes: &[u8], pack_len: u64) -> Option<PackScan> {
 /// pack. Any doubt gives `None`, and the caller scans the pack.
 pub(crate) fn load(vfs: &dyn Vfs, packs_dir: &Path, number: u32, pack: &Path) -> Option<PackScan> {
     let pack_len = vfs.file_len(pack).ok()?;
-    let limit = PREFIX_LEN + RECORDS_MAX * ENTRY_LEN + 4;
+    let limit = records_max(pack_len)
+        .saturating_mul(ENTRY_LEN)
+        .saturating_add(PREFIX_LEN + 4);
     let bytes = read_small_file(vfs, &index_path(packs_dir, number), limit).ok()??;
     let scan = decode(&bytes, pack_len)?;
     if let Some(last) = scan.records.last() {
