@@ -247,6 +247,23 @@ impl State {
         Ok(names)
     }
 
+    /// The inode at `path`, which must exist.
+    fn existing(&self, path: &Path) -> io::Result<Ino> {
+        self.lookup(path)?.ok_or_else(|| not_found(path))
+    }
+
+    /// The directory at `path`, which must exist and be a directory.
+    fn existing_dir(&mut self, path: &Path) -> io::Result<(Ino, &mut DirNode)> {
+        let ino = self.existing(path)?;
+        match &mut self.nodes[ino] {
+            Node::Dir(dir) => Ok((ino, dir)),
+            Node::File(_) => Err(io::Error::other(format!(
+                "{} is not a directory",
+                path.display()
+            ))),
+        }
+    }
+
     fn lookup(&self, path: &Path) -> io::Result<Option<Ino>> {
         let mut ino = ROOT;
         for name in Self::components(path)? {
@@ -636,7 +653,7 @@ impl Vfs for SimFs {
     fn file_len(&self, path: &Path) -> io::Result<u64> {
         let state = self.state();
         state.check_power()?;
-        let ino = state.lookup(path)?.ok_or_else(|| not_found(path))?;
+        let ino = state.existing(path)?;
         Ok(state.file(ino)?.current.len() as u64)
     }
 
@@ -651,12 +668,9 @@ impl Vfs for SimFs {
     }
 
     fn list_dir(&self, path: &Path) -> io::Result<Vec<OsString>> {
-        let state = self.state();
+        let mut state = self.state();
         state.check_power()?;
-        let ino = state.lookup(path)?.ok_or_else(|| not_found(path))?;
-        let dir = state
-            .dir(ino)
-            .ok_or_else(|| io::Error::other(format!("{} is not a directory", path.display())))?;
+        let (_, dir) = state.existing_dir(path)?;
         Ok(dir.current.keys().map(OsString::from).collect())
     }
 
@@ -699,7 +713,7 @@ impl Vfs for SimFs {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
         state.begin_mutation(&format!("remove {}", path.display()))?;
-        let ino = state.lookup(path)?.ok_or_else(|| not_found(path))?;
+        let ino = state.existing(path)?;
         state.file(ino)?;
         let (parent, name) = state.parent_of(path)?;
         state.change_dir(parent, vec![(name, None)]);
@@ -709,13 +723,7 @@ impl Vfs for SimFs {
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
         state.begin_mutation(&format!("remove tree {}", path.display()))?;
-        let ino = state.lookup(path)?.ok_or_else(|| not_found(path))?;
-        if state.dir(ino).is_none() {
-            return Err(io::Error::other(format!(
-                "{} is not a directory",
-                path.display()
-            )));
-        }
+        let (ino, _) = state.existing_dir(path)?;
         state.remove_tree(ino);
         let (parent, name) = state.parent_of(path)?;
         state.change_dir(parent, vec![(name, None)]);
@@ -725,13 +733,7 @@ impl Vfs for SimFs {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
         state.begin_mutation(&format!("fsync directory {}", path.display()))?;
-        let ino = state.lookup(path)?.ok_or_else(|| not_found(path))?;
-        let Node::Dir(dir) = &mut state.nodes[ino] else {
-            return Err(io::Error::other(format!(
-                "{} is not a directory",
-                path.display()
-            )));
-        };
+        let (ino, dir) = state.existing_dir(path)?;
         dir.durable = dir.current.clone();
         state.dir_log.retain(|op| op.dir != ino);
         Ok(())
