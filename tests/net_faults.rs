@@ -75,6 +75,27 @@ struct Figures {
     references: u64,
 }
 
+impl Figures {
+    /// One row of the summary table (also printed as each fault finishes).
+    fn row(&self) -> String {
+        let mib = |bytes: u64| bytes as f64 / MIB as f64;
+        format!(
+            "| {} | {:.1} MiB | {:.2} s | {:.1} MiB | {:.3} | {:.2} | {} | {} |",
+            self.name,
+            mib(self.dirty_bytes),
+            self.catch_up.as_secs_f64(),
+            mib(self.received_bytes),
+            self.ratio,
+            self.bound,
+            self.connections,
+            self.references
+        )
+    }
+}
+
+/// The summary table's header: what [`Figures::row`] prints under.
+const TABLE_HEADER: &str = "| fault | dirty | catch-up | received | resend ratio | bound | connections | references |\n|---|---|---|---|---|---|---|---|";
+
 fn faults() -> Vec<Fault> {
     let none = DirectionFaults::default();
     let latency = DirectionFaults {
@@ -330,17 +351,7 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
             connections,
             references,
         };
-        println!(
-            "net fault {}: dirty {:.1} MiB, catch-up {:.2} s, received {:.1} MiB, resend ratio {:.3} (bound {:.2}), connections {}, sent again as references {}",
-            figures.name,
-            figures.dirty_bytes as f64 / MIB as f64,
-            figures.catch_up.as_secs_f64(),
-            figures.received_bytes as f64 / MIB as f64,
-            figures.ratio,
-            figures.bound,
-            figures.connections,
-            figures.references
-        );
+        println!("net fault {}", figures.row());
         assert!(
             received_bytes >= dirty_bytes,
             "{}: the server received {received_bytes} bytes of chunk data for {dirty_bytes} changed",
@@ -355,21 +366,8 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
     }
 
     println!();
-    println!(
-        "| fault | dirty | catch-up | received | resend ratio | bound | connections | references |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    for f in &table {
-        println!(
-            "| {} | {:.1} MiB | {:.2} s | {:.1} MiB | {:.3} | {:.2} | {} | {} |",
-            f.name,
-            f.dirty_bytes as f64 / MIB as f64,
-            f.catch_up.as_secs_f64(),
-            f.received_bytes as f64 / MIB as f64,
-            f.ratio,
-            f.bound,
-            f.connections,
-            f.references
-        );
+    println!("{TABLE_HEADER}");
+    for figures in &table {
+        println!("{}", figures.row());
     }
 }
