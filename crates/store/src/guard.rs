@@ -55,7 +55,7 @@ impl FsyncGuard {
     }
 
     /// Whether an fsync has failed since the guard was made.
-    #[cfg(all(test, feature = "sim"))]
+    #[cfg(test)]
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
     }
@@ -168,7 +168,7 @@ pub(crate) fn sync_tree(vfs: &dyn Vfs, dir: &Path) -> io::Result<()> {
     vfs.sync_dir(dir)
 }
 
-#[cfg(all(test, feature = "sim"))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::sim::SimFs;
