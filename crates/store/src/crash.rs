@@ -703,12 +703,11 @@ fn explore(state: &CrashState) -> Result<(), String> {
     }
     let run = run(&sim, &state.steps);
     // Power lost after the last operation of the script interrupts nothing.
-    // A pack's saved index is a cache: failing to create, write or rename one
-    // is only reported (the pack is scanned at the next open). Its fsync
-    // failing is not absorbed: that fails every later fsync.
+    // A pack's saved scan is a cache: failing to save one is only reported
+    // (the pack is scanned at the next open).
     let absorbed = sim
         .injected_failure()
-        .is_some_and(|failed| failed.contains(".idx") && !failed.contains(": fsync "));
+        .is_some_and(|failed| failed.contains(".idx"));
     if state.io_error && run.error.is_none() && !absorbed {
         return Err(format!(
             "every step succeeded although operation {} failed ({})",

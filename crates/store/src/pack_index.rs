@@ -4,9 +4,9 @@
 //! Without it a server's start-up time grows with everything it stores: the
 //! blob index is rebuilt by reading and checksumming every record. A pack below
 //! the newest is sealed: nothing ever appends to it again. So the first
-//! writable open that scans a sealed pack saves the scan's result, after the
-//! open has fsynced the data directory (what it saves describes durable bytes),
-//! and later opens load that instead. The newest pack is always scanned: it is
+//! writable open that scans a sealed pack saves the scan's result, after it
+//! has fsynced the pack (what it saves describes durable bytes), and later
+//! opens load that instead. The newest pack is always scanned: it is
 //! the one that may have a torn tail to cut.
 //!
 //! An index is a cache, never the truth: it is used only if its checksum holds,
@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::catalog::{check_record, seal_with_crc, u64_at};
 use crate::error::Error;
-use crate::fsutil::{publish_atomic, read_small_file};
+use crate::fsutil::read_small_file;
 use crate::pack::{PackScan, RECORD_HEADER_LEN, RecordHeader, ScannedRecord};
 use crate::vfs::{OpenMode, Vfs};
 
@@ -137,15 +137,22 @@ pub(crate) fn load(vfs: &dyn Vfs, packs_dir: &Path, number: u32, pack: &Path) ->
     Some(scan)
 }
 
-/// Saves the scan of sealed pack `number`, durably (temporary file, fsync,
-/// rename, directory fsync).
+/// Saves the scan of sealed pack `number`: a temporary file renamed into
+/// place, with no fsync. It is a cache checked on every load, so a copy torn
+/// or lost by a crash costs a scan, never a wrong index; and the pack it
+/// describes was fsynced before it was scanned.
 pub(crate) fn save(
     vfs: &dyn Vfs,
     packs_dir: &Path,
     number: u32,
     scan: &PackScan,
 ) -> Result<(), Error> {
-    publish_atomic(vfs, &index_path(packs_dir, number), &encode(scan))
+    let path = index_path(packs_dir, number);
+    let tmp = packs_dir.join(format!(".{number:08}.idx.tmp"));
+    vfs.open(&tmp, OpenMode::CreateTruncate)
+        .and_then(|file| file.write_all_at(&encode(scan), 0))
+        .and_then(|()| vfs.rename(&tmp, &path))
+        .map_err(|e| Error::io(format!("cannot save {}", path.display()), e))
 }
 
 /// Removes the index of pack `number`, if any (the caller fsyncs the directory).

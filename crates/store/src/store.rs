@@ -324,8 +324,19 @@ impl Store {
                 Some(scan) => scan,
                 None => match scan_pack(self.vfs(), &path) {
                     Ok(scan) => {
-                        if !is_last && !self.read_only {
-                            self.save_pack_index(number, &scan)?;
+                        if !self.read_only {
+                            // What this open indexes must be durable: an fsync
+                            // that failed before it may have left writes to the
+                            // pack pending. Only then is its scan saved.
+                            self.vfs
+                                .open(&path, OpenMode::Read)
+                                .and_then(|file| file.sync_all())
+                                .map_err(|e| {
+                                    Error::io(format!("cannot fsync {}", path.display()), e)
+                                })?;
+                            if !is_last {
+                                self.save_pack_index(number, &scan);
+                            }
                         }
                         scan
                     }
@@ -406,21 +417,15 @@ impl Store {
         Ok(())
     }
 
-    /// Saves the scan of sealed pack `number`. Failing to write it (a full
-    /// disk) costs only a scan at the next open; a failed fsync is another
-    /// matter, and the guard keeps it (see `guard.rs`).
-    fn save_pack_index(&self, number: u32, scan: &PackScan) -> Result<(), Error> {
-        match pack_index::save(self.vfs(), &self.packs_dir(), number, scan) {
-            Ok(()) => Ok(()),
-            Err(e) if self.sync_failed() => Err(e),
-            Err(e) => {
-                // Rare, and worth a line (see `tracing_cut`).
-                eprintln!(
-                    "blockrep-store: cannot save the index of pack {number} ({e}); \
-                     it will be scanned again at the next open"
-                );
-                Ok(())
-            }
+    /// Saves the scan of sealed pack `number`. Failing to (a full disk) costs
+    /// only a scan at the next open.
+    fn save_pack_index(&self, number: u32, scan: &PackScan) {
+        if let Err(e) = pack_index::save(self.vfs(), &self.packs_dir(), number, scan) {
+            // Rare, and worth a line (see `tracing_cut`).
+            eprintln!(
+                "blockrep-store: cannot save the index of pack {number} ({e}); \
+                 it will be scanned again at the next open"
+            );
         }
     }
 
