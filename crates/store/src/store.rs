@@ -710,10 +710,11 @@ impl Store {
         {
             result = Err(e);
         }
+        // The guard has recorded a failure already (see `guard.rs`).
         if let Err(e) = result {
-            self.sync_failed.store(true, Ordering::SeqCst);
             return Err(Error::io("cannot fsync pack data", e));
         }
+        // With nothing to fsync, an earlier failure must still refuse.
         if self.sync_failed.load(Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Io,
@@ -864,19 +865,20 @@ impl Store {
     /// A record found damaged since the open (rot, found by a read or by
     /// `verify`) stops counting as stored, so the next agent that has the
     /// chunk sends it again and a sound copy is stored; and its pack's saved
-    /// index is dropped, so the next open scans the pack and sees the damage
-    /// too. Best effort: the record is damaged whatever happens here.
+    /// scan is dropped, so the next open scans the pack and sees the damage
+    /// too. Best effort and without an fsync (a saved scan that comes back
+    /// after a crash only delays that): the record is damaged whatever
+    /// happens here, and a read must not fail the store's fsyncs.
     pub(crate) fn note_damaged(&self, location: Location) {
-        if let Some(at) = lock(&self.inner).index.get_mut(&location.header.id)
-            && at.is_at(&location)
-        {
-            at.crc_ok = false;
-        }
-        if !self.read_only {
-            let packs_dir = self.packs_dir();
-            if pack_index::remove(self.vfs(), &packs_dir, location.pack).is_ok() {
-                let _ = sync_dir(self.vfs(), &packs_dir);
+        let newly = match lock(&self.inner).index.get_mut(&location.header.id) {
+            Some(at) if at.is_at(&location) && at.crc_ok => {
+                at.crc_ok = false;
+                true
             }
+            _ => false,
+        };
+        if newly && !self.read_only {
+            let _ = pack_index::remove(self.vfs(), &self.packs_dir(), location.pack);
         }
     }
 
