@@ -12,7 +12,6 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use blockrep_core::ChunkId;
 use tracing::warn;
@@ -35,18 +34,11 @@ impl AckLog {
         })
     }
 
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Appends the line of one acknowledged commit. A failed write is logged, not
     /// returned: replication matters more than its record, and a missing line
     /// only weakens what a reader can check, it never claims too much.
     pub(crate) fn record(&self, epoch: u64, root: &ChunkId, complete: bool) {
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        let unix_ms = crate::epoch::now_unix_ms();
         // One `write` of the whole line: with O_APPEND, readers never see half a
         // line followed by another writer's bytes.
         let line = format!(

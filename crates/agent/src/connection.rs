@@ -285,8 +285,14 @@ impl Connection {
     /// Flushes and closes the TLS stream cleanly (close_notify), so the server sees
     /// an orderly end of session rather than a lost connection.
     pub(crate) async fn close(mut self) {
-        let _ = self.writer.flush().await;
-        let _ = self.writer.shutdown().await;
+        let (io_timeout, liveness) = (self.io_timeout, self.liveness.clone());
+        let closing = async {
+            let _ = self.writer.flush().await;
+            let _ = self.writer.shutdown().await;
+        };
+        // Bounded like every other write: a path that dies now must not hang
+        // the agent at the end of `--once` or a cutover.
+        let _ = Self::until_stalled(io_timeout, &liveness, closing).await;
     }
 
     /// A write failed: the server probably said why before closing.

@@ -32,8 +32,6 @@ pub(crate) struct Connection<S> {
     /// When set, reading sends [`Message::Progress`] at most this often while
     /// bytes keep arriving (see there for why).
     pub progress_every: Option<Duration>,
-    /// Bytes read from the stream so far, partial frames included.
-    bytes_arrived: u64,
     /// When the last flush finished: any frame tells the peer we are alive.
     last_flush: Instant,
     /// Set when a write failed or timed out: part of a frame may have gone
@@ -51,7 +49,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             bytes_written: 0,
             write_timeout: None,
             progress_every: None,
-            bytes_arrived: 0,
             last_flush: Instant::now(),
             write_failed: None,
         }
@@ -80,12 +77,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     )))
                 };
             }
-            self.bytes_arrived += n as u64;
             if let Some(every) = self.progress_every
                 && self.last_flush.elapsed() >= every
             {
                 self.send(&Message::Progress {
-                    bytes_received: self.bytes_arrived,
+                    bytes_received: self.bytes_arrived(),
                 })
                 .await?;
             }
@@ -105,6 +101,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 "an earlier write to the peer failed",
             ));
         }
+        // Set until the write completes: a write cancelled part-way (a read
+        // time-out or a supersession ends the future holding it) may have sent
+        // part of a frame, and nothing may follow that.
+        self.write_failed = Some(std::io::ErrorKind::Interrupted);
         let result = match self.write_timeout {
             None => self.flush_now().await,
             Some(limit) => tokio::time::timeout(limit, self.flush_now())
@@ -116,9 +116,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     ))
                 }),
         };
-        if let Err(e) = &result {
-            self.write_failed = Some(e.kind());
-        }
+        self.write_failed = result.as_ref().err().map(std::io::Error::kind);
         result
     }
 
@@ -129,6 +127,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.stream.flush().await?;
         self.last_flush = Instant::now();
         Ok(())
+    }
+
+    /// Bytes read from the stream so far, partial frames included.
+    fn bytes_arrived(&self) -> u64 {
+        self.bytes_read + self.read_buf.len() as u64
     }
 
     /// Runs `work` (the server's side of a commit: verifying, fsyncing,
@@ -150,7 +153,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 out = &mut work => return out,
                 () = beat, if beating => {
                     let progress = Message::Progress {
-                        bytes_received: self.bytes_arrived,
+                        bytes_received: self.bytes_arrived(),
                     };
                     // A failure is kept in `write_failed` for the next send.
                     let _ = self.send(&progress).await;
@@ -234,6 +237,36 @@ mod tests {
         // The failed beat is remembered: nothing more is written.
         let later = connection.send(&Message::Progress { bytes_received: 0 });
         assert!(later.await.is_err());
+    }
+
+    /// A write cancelled part-way (as a read time-out or a supersession
+    /// cancels one) leaves part of a frame on the wire: nothing may follow.
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_written_after_a_write_cancelled_part_way() {
+        let (ours, mut peer) = tokio::io::duplex(16);
+        let mut connection = Connection::new(ours);
+        let message = Message::Progress { bytes_received: 7 };
+        let cancelled =
+            tokio::time::timeout(Duration::from_secs(1), connection.send(&message)).await;
+        assert!(
+            cancelled.is_err(),
+            "the peer reads nothing: the write must block"
+        );
+        let mut part = [0u8; 16];
+        peer.read_exact(&mut part).await.unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(1), connection.send(&message)).await;
+        assert!(
+            matches!(again, Ok(Err(_))),
+            "a send after a partial frame must fail at once, not write"
+        );
+        drop(connection);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert!(
+            rest.is_empty(),
+            "{} bytes followed a partial frame",
+            rest.len()
+        );
     }
 
     /// A frame arriving slowly gets beats while it arrives; silence gets none.
