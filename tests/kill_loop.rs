@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockrep_core::ChunkId;
-use blockrep_testkit::{Pki, ServerProcess, SplitMix64, StartupKill};
+use blockrep_testkit::{Pki, ServerProcess, SplitMix64, StartupKill, write_at};
 use common::*;
 
 const SOURCE: &str = "kl";
@@ -82,16 +82,6 @@ fn now_unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let text = std::env::var(name).ok()?;
-    let text = text.trim();
-    let parsed = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{name}={text:?}: {e}")))
 }
 
 /// Writes a stamped 4 KiB block every `WRITE_PERIOD` (three in four in the hot
@@ -345,9 +335,6 @@ impl Checks {
         );
     }
 
-    /// Every root acknowledged since the last check, exported with the store
-    /// library and re-hashed; then through the CLI, `newest` and one older root
-    /// at random.
     /// Kills a server during its start-up `after` the spawn; a start that
     /// failed by itself is a failure.
     fn startup_kill(&mut self, rig: &Rig, kill: u64, after: Duration) {
@@ -374,6 +361,9 @@ impl Checks {
         }
     }
 
+    /// Every root acknowledged since the last check, exported with the store
+    /// library and re-hashed; then through the CLI, `newest` and one older root
+    /// at random.
     fn exports(
         &mut self,
         rig: &Rig,
@@ -657,12 +647,7 @@ fn export_root_refuses_unknown_and_malformed_roots() {
     );
     assert_success(&first);
     // A second epoch moves the head on; the first root stays exportable.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .write_all_at(&stamped_block(0, 2), 0)
-        .unwrap();
+    write_at(&disk, 0, &stamped_block(0, 2));
     assert_success(&agent_once(
         &disk,
         server.addr,

@@ -219,7 +219,7 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
         pki.path(),
         &[
             "--idle-timeout",
-            "30s",
+            &format!("{}s", SERVER_IDLE_TIMEOUT.as_secs()),
             "--supersede-after",
             SERVER_SUPERSEDE_AFTER,
             "--retention",
@@ -235,6 +235,7 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
         .build()
         .unwrap();
     let tls = pki.path().to_str().unwrap().to_owned();
+    let commit_every = COMMIT_EVERY.to_string();
     let window = COMMIT_EVERY + CHUNK + blockrep_proto::CHUNK_HEADER_LEN as u64;
     let mut table = Vec::new();
 
@@ -271,7 +272,7 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
             "--interval",
             "200ms",
             "--commit-every",
-            "2MiB",
+            &commit_every,
             "--io-timeout",
             AGENT_IO_TIMEOUT,
         ]);
@@ -290,6 +291,13 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
         );
         let received_bytes = chunk_bytes_arrived(admin) - arrived_before;
         let connections = proxy.stats().connections();
+        // The fault fired, once: a reconnect for any other reason would not do.
+        if fault.config.reset.is_some() {
+            assert_eq!(proxy.stats().resets(), 1, "{}", fault.name);
+        }
+        if fault.config.black_hole.is_some() {
+            assert_eq!(proxy.stats().black_holes(), 1, "{}", fault.name);
+        }
         assert!(
             agent.child.try_wait().unwrap().is_none(),
             "{}: the agent exited: {}",

@@ -9,6 +9,8 @@
 //! `BLOCKREP_CORRUPT_SEED` picks another sequence of injections.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,7 @@ use blockrep_proto::ErrorCode;
 use blockrep_server::{Server, ServerConfig};
 use blockrep_store::Store;
 use blockrep_testkit::{Pki, SplitMix64, random_bytes};
+use common::env_u64;
 
 const SOURCE: &str = "corrupt";
 const CHUNK_BYTES: usize = 64 << 10;
@@ -47,16 +50,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A byte other than zero, to flip at least one bit.
 fn nonzero_byte(rng: &mut SplitMix64) -> u8 {
     (rng.index(255) + 1) as u8
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
-        })
-        .unwrap_or(default)
 }
 
 fn expected_frames() -> Vec<u8> {
@@ -300,8 +293,8 @@ async fn start_server(pki: &Pki, data: &Path) -> (SocketAddr, Arc<Store>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_or_truncated_plaintext_is_always_detected_before_commit() {
-    let injections = env_u64("BLOCKREP_CORRUPT_INJECTIONS", 400);
-    let seed = env_u64("BLOCKREP_CORRUPT_SEED", 0x5EED_C0AA);
+    let injections = env_u64("BLOCKREP_CORRUPT_INJECTIONS").unwrap_or(400);
+    let seed = env_u64("BLOCKREP_CORRUPT_SEED").unwrap_or(0x5EED_C0AA);
     let mut rng = SplitMix64::new(seed);
     let pki = Pki::new(&[SOURCE]);
     let work = tempfile::tempdir().unwrap();

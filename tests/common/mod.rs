@@ -361,3 +361,15 @@ pub fn stamped_block(index: u64, seq: u64) -> Vec<u8> {
     block.truncate(BLOCK_BYTES);
     block
 }
+
+/// A number from the environment, decimal or `0x` hex (seeds are printed in
+/// hex); `None` when unset. A value that does not parse is a mistake: panic.
+pub fn env_u64(name: &str) -> Option<u64> {
+    let text = std::env::var(name).ok()?;
+    let text = text.trim();
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={text:?}: {e}")))
+}
