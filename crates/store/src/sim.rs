@@ -3,9 +3,13 @@
 //! # The model
 //!
 //! The model is that of a Linux file system such as ext4 in its default
-//! `data=ordered` mode *without* the ordering promises that mode happens to
-//! give, i.e. only what POSIX and the fsync contract guarantee (the same
-//! stance as SQLite's crash tests):
+//! `data=ordered` mode. For file data it keeps none of the ordering promises
+//! that mode happens to give, only what POSIX and the fsync contract
+//! guarantee (the same stance as SQLite's crash tests). For directory entries
+//! it does assume one: unsynced metadata operations survive as an in-order
+//! prefix, as a journaling file system keeps them. A store bug that needs an
+//! earlier unsynced rename in one directory to be lost while a later one in
+//! another survives would go unseen here:
 //!
 //! - **File data.** Every write and truncation is visible at once to reads (the
 //!   page cache) and is *pending* until `fsync`/`fdatasync` of that file makes
