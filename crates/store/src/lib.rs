@@ -127,7 +127,7 @@ pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
 pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
 pub use snapshot::{Snapshot, SnapshotKind};
-pub use store::{CommitStats, ExportStats, Store};
+pub use store::{BlobInfo, CommitStats, ExportStats, Store};
 pub use verify::{
     AFFECTED_CHUNKS_LISTED_MAX, Affected, BlobPlace, ChunkPlace, Damage, DamagedBlob, Referrer,
     VerifyReport,

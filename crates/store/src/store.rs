@@ -23,6 +23,15 @@ use crate::pack::{
 use crate::pack_index;
 use crate::vfs::{OpenMode, PendingSync, RealFs, Vfs, VfsFile};
 
+/// What the index knows of one stored blob without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Chunk, page or root.
+    pub kind: BlobKind,
+    /// Length of the blob's decoded bytes.
+    pub raw_len: u32,
+}
+
 /// Where a blob lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Location {
@@ -443,6 +452,22 @@ impl Store {
             self.gc.note(id);
         }
         found
+    }
+
+    /// The kind and decoded length of a sound stored blob, or `None` when the
+    /// store holds no sound blob with this id. Read from the index alone (no
+    /// I/O), so a caller can check that an id a peer names is a chunk of the
+    /// length its position needs before it trusts or serves it. Like
+    /// [`Store::contains`], a hit keeps the blob alive through a running GC.
+    pub fn blob_info(&self, id: &ChunkId) -> Option<BlobInfo> {
+        let inner = lock(&self.inner);
+        let at = inner.index.get(id).filter(|at| at.crc_ok)?;
+        let info = BlobInfo {
+            kind: at.header.kind,
+            raw_len: at.header.raw_len,
+        };
+        self.gc.note(id);
+        Some(info)
     }
 
     /// Fails with `Missing` unless every non-zero id is stored.
@@ -1243,6 +1268,9 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(store.read_blob(&id).unwrap(), data);
+        let info = store.blob_info(&id).unwrap();
+        assert_eq!((info.kind, info.raw_len), (BlobKind::Chunk, 11));
+        assert_eq!(store.blob_info(&ChunkId::from(blake3::hash(b"other"))), None);
     }
 
     /// 4 KiB blobs of distinct bytes in packs sealed at 16 KiB, then closed.
