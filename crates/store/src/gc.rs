@@ -226,6 +226,18 @@ impl GcState {
         }
     }
 
+    /// Whether a collection is running (and [`GcState::note`] records).
+    pub(crate) fn is_tracking(&self) -> bool {
+        self.tracking.load(Ordering::SeqCst)
+    }
+
+    /// Whether someone holds the fence, so that a collection could not list
+    /// the referenced roots now: for tests that stage an interleaving.
+    #[cfg(test)]
+    pub(crate) fn fence_is_held(&self) -> bool {
+        self.fence.try_write().is_err()
+    }
+
     fn is_touched(&self, id: &ChunkId) -> bool {
         lock(&self.touched)
             .as_ref()

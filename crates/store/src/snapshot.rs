@@ -233,12 +233,23 @@ impl Store {
             }
             Some(ttl_ms) => now_unix_ms.saturating_add(ttl_ms),
         };
+        // The GC fence, held from reading the head until the snapshot is
+        // published, as a commit holds it: a collection lists the referenced
+        // roots either before the head is read (and then the root is that
+        // listed head's, or a later commit's, which recorded what it names
+        // while the collection ran) or after the snapshot is published. Without
+        // it, a commit moving the head and a collection in between would sweep
+        // the blobs of the root this snapshot is about to name.
+        let _fence = self.gc.read_fence();
         let head = self.head(source)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
                 format!("source {source} has no committed head to snapshot"),
             )
         })?;
+        self.note_snapshot_root(&head.root);
+        #[cfg(test)]
+        tests::pause_point();
         let dir = self.snapshots_dir(source);
         let name = match name {
             Some(name) => {
@@ -274,6 +285,22 @@ impl Store {
         create_dir_durable(self.vfs(), &dir)?;
         publish_atomic(self.vfs(), &dir.join(&snapshot.name), &snapshot.encode())?;
         Ok(snapshot)
+    }
+
+    /// Records the root a snapshot is about to name, and its pages, for a
+    /// collection that may be running, as a commit does: belt and braces to the
+    /// fence, so that nothing the snapshot names can be judged dead by a
+    /// collection that started marking before the snapshot was published. A
+    /// root that cannot be read is left to `verify` to report: the snapshot
+    /// still records what the head names.
+    fn note_snapshot_root(&self, root_id: &ChunkId) {
+        self.gc.note(root_id);
+        if !self.gc.is_tracking() {
+            return;
+        }
+        if let Ok(root) = self.read_root(root_id) {
+            self.gc.note_all(root.page_ids());
+        }
     }
 
     fn free_generated_name(&self, source: &SourceId, base: &str) -> Result<String, Error> {
@@ -404,6 +431,22 @@ mod tests {
     use crate::testutil::{commit_disk, pack_bytes, sample_disk, source};
     use blockrep_core::Geometry;
     use std::fs;
+
+    type PauseHook = Box<dyn FnOnce()>;
+
+    thread_local! {
+        /// Run once by the next snapshot taken on this thread, between reading
+        /// the head and publishing the snapshot.
+        static PAUSE: std::cell::RefCell<Option<PauseHook>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// The point between reading the head and publishing the snapshot, where a
+    /// test stages what other threads do meanwhile.
+    pub(super) fn pause_point() {
+        if let Some(hook) = PAUSE.with(|pause| pause.borrow_mut().take()) {
+            hook();
+        }
+    }
 
     const MINUTE_MS: u64 = 60_000;
     const HOUR_MS: u64 = 60 * MINUTE_MS;
@@ -661,5 +704,97 @@ mod tests {
             .map(|s| s.created_unix_ms)
             .collect();
         assert_eq!(kept, vec![T0_MS + 8 * MINUTE_MS, T0_MS + 9 * MINUTE_MS]);
+    }
+
+    /// The race of a snapshot with a commit and a collection: the snapshot
+    /// reads head 1; meanwhile head 2 is committed (head 1's chunks are now
+    /// named by nothing durable) and a collection starts; then the snapshot is
+    /// published naming root 1. The snapshot's blobs must survive, and later
+    /// collections must keep working.
+    #[test]
+    fn a_collection_racing_a_snapshot_keeps_what_it_names() {
+        use crate::GcOptions;
+        use crate::testutil::root_disk;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex, mpsc};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        // One record per pack: every blob of epoch 1 alone in a sealed pack
+        // that a collection deletes once nothing names it.
+        store.set_pack_size_max_bytes(1);
+        let geometry = Geometry::new(20 * 4096 + 300, 4096).unwrap();
+        let disk1 = sample_disk(geometry.disk_size_bytes() as usize, 3);
+        let disk2 = sample_disk(geometry.disk_size_bytes() as usize, 5);
+        let head1 = commit_disk(&store, &source(), &disk1, geometry, 1);
+
+        let paused_ran = Arc::new(Mutex::new(None));
+        let gc_thread = Arc::new(Mutex::new(None));
+        {
+            let (store, paused_ran, gc_thread) = (
+                Arc::clone(&store),
+                Arc::clone(&paused_ran),
+                Arc::clone(&gc_thread),
+            );
+            PAUSE.with(|pause| {
+                *pause.borrow_mut() = Some(Box::new(move || {
+                    // The head moves on (on another thread: this one may hold
+                    // the fence, which the commit takes too).
+                    let committer = Arc::clone(&store);
+                    std::thread::spawn(move || {
+                        commit_disk(&committer, &source(), &disk2, geometry, 2);
+                    })
+                    .join()
+                    .unwrap();
+                    let started = Arc::new(AtomicBool::new(false));
+                    let (done_tx, done_rx) = mpsc::channel();
+                    let collector = Arc::clone(&store);
+                    let collector_started = Arc::clone(&started);
+                    *gc_thread.lock().unwrap() = Some(std::thread::spawn(move || {
+                        collector_started.store(true, Ordering::SeqCst);
+                        let result = collector.gc(&GcOptions::default());
+                        let _ = done_tx.send(());
+                        result
+                    }));
+                    // Until the collection has finished, or it cannot list the
+                    // roots because this snapshot holds the fence: it then
+                    // lists them after the publish.
+                    loop {
+                        if done_rx.try_recv().is_ok()
+                            || (started.load(Ordering::SeqCst) && store.gc.fence_is_held())
+                        {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    *paused_ran.lock().unwrap() = Some(());
+                }));
+            });
+        }
+        let snapshot = store
+            .create_snapshot(&source(), Some("raced"), None, T0_MS)
+            .unwrap();
+        assert!(paused_ran.lock().unwrap().is_some(), "the pause point ran");
+        assert_eq!(snapshot.root, head1.root);
+        assert_eq!(snapshot.epoch, 1);
+        let report = gc_thread
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap()
+            .join()
+            .unwrap()
+            .expect("the racing collection succeeds");
+        assert!(report.roots_marked >= 1);
+
+        // The snapshot is whole: it verifies, reads back as disk 1, and later
+        // collections (which mark from it) work and keep it whole.
+        let verified = store.verify(Some(&source()), Some("raced")).unwrap();
+        assert!(verified.is_clean(), "{:#?}", verified.damaged);
+        assert_eq!(root_disk(&store, &snapshot.root), disk1);
+        let again = store.gc(&GcOptions::default()).unwrap();
+        assert_eq!(again.roots_marked, 2);
+        assert_eq!(root_disk(&store, &snapshot.root), disk1);
+        assert!(store.verify(None, None).unwrap().is_clean());
     }
 }
