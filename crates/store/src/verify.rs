@@ -1,6 +1,11 @@
 //! Verification: every blob that a head, a snapshot or a launch references is
 //! read back from its pack and checked (record header, crc32, decoding, blake3
-//! against its id). Damage is reported, with the heads, snapshots and launches
+//! against its id), and checked to be what it is referenced as: a root named by
+//! a head, snapshot or launch must be stored as a root, a page id as a page, and
+//! a chunk id as a chunk whose length is the one the root's geometry gives its
+//! position (the last chunk of a disk may be short). An id that names a blob of
+//! another kind or length would make `export` and launches fail although every
+//! blob is intact by itself. Damage is reported, with the heads, snapshots and launches
 //! it affects and where on their disks it sits, never returned as an error.
 //!
 //! Each distinct blob is read once however many roots share it: roots first,
@@ -11,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Page, Root, SourceId};
+use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
 
 use crate::error::{Error, ErrorKind};
 use crate::pack::{BlobKind, pack_file_name};
@@ -74,6 +79,20 @@ pub enum Damage {
     Undecodable(String),
     /// The decoded bytes do not hash to the blob's id.
     HashMismatch,
+    /// The blob is intact but stored as another kind than it is referenced as
+    /// (e.g. a page id naming a chunk or a root).
+    WrongKind {
+        /// The kind its record has.
+        stored: BlobKind,
+    },
+    /// A chunk is intact but its length is not the one the referring roots'
+    /// geometry gives its position (or they disagree).
+    WrongLength {
+        /// Lengths the referring positions need, ascending.
+        expected: Vec<u32>,
+        /// Its decoded length.
+        stored: u32,
+    },
 }
 
 impl fmt::Display for Damage {
@@ -84,6 +103,17 @@ impl fmt::Display for Damage {
             Damage::ChecksumMismatch => f.write_str("checksum mismatch"),
             Damage::Undecodable(why) => write!(f, "undecodable: {why}"),
             Damage::HashMismatch => f.write_str("does not hash to its id"),
+            Damage::WrongKind { stored } => {
+                write!(f, "stored as a {}, referenced as another kind", kind_name(*stored))
+            }
+            Damage::WrongLength { expected, stored } => {
+                let expected: Vec<String> = expected.iter().map(u32::to_string).collect();
+                write!(
+                    f,
+                    "chunk of {stored} bytes where the geometry needs {}",
+                    expected.join(" and ")
+                )
+            }
         }
     }
 }
@@ -171,6 +201,18 @@ impl VerifyReport {
     }
 }
 
+fn kind_name(kind: BlobKind) -> &'static str {
+    match kind {
+        BlobKind::Chunk => "chunk",
+        BlobKind::Page => "index page",
+        BlobKind::Root => "root",
+    }
+}
+
+/// Damaged blobs before attribution, by id and the kind they are referenced
+/// as (one id may be referenced as two kinds, and be damaged as one only).
+type FoundMap = HashMap<(ChunkId, BlobKind), Found>;
+
 /// A damaged blob before attribution.
 struct Found {
     kind: BlobKind,
@@ -195,11 +237,14 @@ impl Store {
             self.load_index()?;
         }
         let mut report = VerifyReport::default();
-        let mut damaged: HashMap<ChunkId, Found> = HashMap::new();
-        let mut seen: HashSet<ChunkId> = HashSet::new();
-        let mut chunks: HashSet<ChunkId> = HashSet::new();
+        let mut damaged: FoundMap = HashMap::new();
+        let mut seen_roots: HashSet<ChunkId> = HashSet::new();
+        let mut seen_pages: HashSet<ChunkId> = HashSet::new();
+        let mut lengths_seen: HashSet<(ChunkId, u32, Option<u32>)> = HashSet::new();
+        // Every chunk with the lengths its positions need: usually one.
+        let mut chunks: HashMap<ChunkId, Vec<u32>> = HashMap::new();
         for (_, root_id) in &referrers {
-            if !seen.insert(*root_id) {
+            if !seen_roots.insert(*root_id) {
                 continue;
             }
             report.roots_checked += 1;
@@ -208,17 +253,39 @@ impl Store {
                     Ok(root) => root,
                     Err(e) => {
                         let place = self.place_of(root_id);
-                        damaged.insert(*root_id, found(BlobKind::Root, place, undecodable(e)));
+                        damaged.insert(
+                            (*root_id, BlobKind::Root),
+                            found(BlobKind::Root, place, undecodable(e)),
+                        );
                         continue;
                     }
                 },
                 Err(found) => {
-                    damaged.insert(*root_id, found);
+                    damaged.insert((*root_id, BlobKind::Root), found);
                     continue;
                 }
             };
+            let geometry = root.geometry();
             for (page_index, page_id) in root.page_ids().iter().enumerate() {
-                if page_id.is_zero() || !seen.insert(*page_id) {
+                if page_id.is_zero() {
+                    continue;
+                }
+                // The lengths a page's positions need depend only on the
+                // chunk size and, for the last page, the last chunk's length.
+                let last_chunk_len = (page_index + 1 == root.page_ids().len())
+                    .then(|| geometry.chunk_len(geometry.chunk_count().saturating_sub(1)))
+                    .flatten();
+                let lengths_new = lengths_seen.insert((
+                    *page_id,
+                    geometry.chunk_size_bytes(),
+                    last_chunk_len,
+                ));
+                if !seen_pages.insert(*page_id) {
+                    // Checked already, but under another geometry or place:
+                    // what its chunks must measure there is still to record.
+                    if lengths_new && let Ok(page) = self.read_page(&root, page_index) {
+                        note_chunk_lengths(&mut chunks, geometry, page_index, &page);
+                    }
                     continue;
                 }
                 report.pages_checked += 1;
@@ -230,23 +297,36 @@ impl Store {
                         })
                     });
                 match decoded {
-                    Ok(page) => chunks.extend(page.ids().iter().filter(|id| !id.is_zero())),
+                    Ok(page) => note_chunk_lengths(&mut chunks, geometry, page_index, &page),
                     Err(found) => {
-                        damaged.insert(*page_id, found);
+                        damaged.insert((*page_id, BlobKind::Page), found);
                     }
                 }
             }
         }
         // Chunks in pack order, so the packs are read front to back.
-        let mut chunks: Vec<(Option<Location>, ChunkId)> = chunks
+        let mut chunks: Vec<(Option<Location>, ChunkId, Vec<u32>)> = chunks
             .into_iter()
-            .map(|id| (self.indexed_location(&id), id))
+            .map(|(id, lengths)| (self.indexed_location(&id), id, lengths))
             .collect();
-        chunks.sort_unstable_by_key(|(at, id)| (at.map(|l| (l.pack, l.offset)), *id));
-        for (_, id) in &chunks {
+        chunks.sort_unstable_by_key(|(at, id, _)| (at.map(|l| (l.pack, l.offset)), *id));
+        for (_, id, mut expected) in chunks {
             report.chunks_checked += 1;
-            if let Err(found) = self.check_blob(id, BlobKind::Chunk, &mut report) {
-                damaged.insert(*id, found);
+            match self.check_blob(&id, BlobKind::Chunk, &mut report) {
+                Ok(raw) => {
+                    // An id is the hash of its bytes, so it has one length:
+                    // every position must need exactly that one.
+                    let stored = raw.len() as u32;
+                    if expected.len() != 1 || expected[0] != stored {
+                        expected.sort_unstable();
+                        let place = self.place_of(&id);
+                        let damage = Damage::WrongLength { expected, stored };
+                        damaged.insert((id, BlobKind::Chunk), found(BlobKind::Chunk, place, damage));
+                    }
+                }
+                Err(found) => {
+                    damaged.insert((id, BlobKind::Chunk), found);
+                }
             }
         }
         if !damaged.is_empty() {
@@ -336,6 +416,14 @@ impl Store {
         let Some(mut location) = self.indexed_location(id) else {
             return Err(found(kind, None, Damage::Missing));
         };
+        if location.header.kind != kind {
+            let place = Some(BlobPlace {
+                pack: location.pack,
+                offset_bytes: location.offset,
+            });
+            let stored = location.header.kind;
+            return Err(found(kind, place, Damage::WrongKind { stored }));
+        }
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -372,12 +460,13 @@ impl Store {
     fn attribute(
         &self,
         referrers: &[(Referrer, ChunkId)],
-        damaged: HashMap<ChunkId, Found>,
+        damaged: FoundMap,
     ) -> Vec<DamagedBlob> {
-        let mut affected: HashMap<ChunkId, Vec<Affected>> = HashMap::new();
+        let mut affected: HashMap<(ChunkId, BlobKind), Vec<Affected>> = HashMap::new();
         for (referrer, root_id) in referrers {
-            if damaged.contains_key(root_id) {
-                entry_for(&mut affected, root_id, referrer, root_id);
+            let key = (*root_id, BlobKind::Root);
+            if damaged.contains_key(&key) {
+                entry_for(&mut affected, key, referrer, root_id);
                 continue;
             }
             // Checked intact a moment ago; if it cannot be read now, there is
@@ -390,8 +479,9 @@ impl Store {
                 if page_id.is_zero() {
                     continue;
                 }
-                if damaged.contains_key(page_id) {
-                    entry_for(&mut affected, page_id, referrer, root_id)
+                let key = (*page_id, BlobKind::Page);
+                if damaged.contains_key(&key) {
+                    entry_for(&mut affected, key, referrer, root_id)
                         .pages
                         .push(page_index as u64);
                     continue;
@@ -400,10 +490,11 @@ impl Store {
                     continue;
                 };
                 for (position, chunk_id) in page.ids().iter().enumerate() {
-                    if chunk_id.is_zero() || !damaged.contains_key(chunk_id) {
+                    let key = (*chunk_id, BlobKind::Chunk);
+                    if chunk_id.is_zero() || !damaged.contains_key(&key) {
                         continue;
                     }
-                    let entry = entry_for(&mut affected, chunk_id, referrer, root_id);
+                    let entry = entry_for(&mut affected, key, referrer, root_id);
                     entry.chunks_total += 1;
                     if entry.chunks.len() < AFFECTED_CHUNKS_LISTED_MAX {
                         let index = (page_index * CHUNKS_PER_PAGE + position) as u64;
@@ -417,12 +508,12 @@ impl Store {
         }
         let mut out: Vec<DamagedBlob> = damaged
             .into_iter()
-            .map(|(id, found)| DamagedBlob {
-                id,
+            .map(|(key, found)| DamagedBlob {
+                id: key.0,
                 kind: found.kind,
                 place: found.place,
                 damage: found.damage,
-                affected: affected.remove(&id).unwrap_or_default(),
+                affected: affected.remove(&key).unwrap_or_default(),
             })
             .collect();
         out.sort_by_key(|blob| {
@@ -440,12 +531,12 @@ impl Store {
 /// The entry of `referrer` in the list of roots that blob `id` affects, added
 /// if needed. Roots are walked one referrer at a time, so its entry is the last.
 fn entry_for<'a>(
-    affected: &'a mut HashMap<ChunkId, Vec<Affected>>,
-    id: &ChunkId,
+    affected: &'a mut HashMap<(ChunkId, BlobKind), Vec<Affected>>,
+    key: (ChunkId, BlobKind),
     referrer: &Referrer,
     root: &ChunkId,
 ) -> &'a mut Affected {
-    let list = affected.entry(*id).or_default();
+    let list = affected.entry(key).or_default();
     if list.last().is_none_or(|last| last.referrer != *referrer) {
         list.push(Affected {
             referrer: referrer.clone(),
@@ -456,6 +547,30 @@ fn entry_for<'a>(
         });
     }
     list.last_mut().expect("pushed above if empty")
+}
+
+/// Records, for every non-zero chunk of page `page_index`, the length its
+/// position needs under `geometry`.
+fn note_chunk_lengths(
+    chunks: &mut HashMap<ChunkId, Vec<u32>>,
+    geometry: Geometry,
+    page_index: usize,
+    page: &Page,
+) {
+    for (position, id) in page.ids().iter().enumerate() {
+        if id.is_zero() {
+            continue;
+        }
+        let index = (page_index * CHUNKS_PER_PAGE + position) as u64;
+        // A decoded page has as many ids as the geometry has chunks there.
+        let Some(len) = geometry.chunk_len(index) else {
+            continue;
+        };
+        let lengths = chunks.entry(*id).or_default();
+        if !lengths.contains(&len) {
+            lengths.push(len);
+        }
+    }
 }
 
 fn found(kind: BlobKind, place: Option<BlobPlace>, damage: Damage) -> Found {
@@ -693,5 +808,124 @@ mod tests {
         let missing = report.damaged.iter().find(|d| d.id == ids[2]).unwrap();
         assert_eq!(missing.place, None);
         assert_eq!(missing.affected[0].chunks[0].index, 2);
+    }
+
+    /// Publishes `root` as the head of `source` without the checks a commit
+    /// makes, as a store written before those checks (or by a hostile
+    /// reference) may hold it.
+    fn publish_unchecked_head(store: &Store, source: &SourceId, root: &Root, pages: &[Page]) {
+        for page in pages {
+            if let Some((bytes, id)) = page.encode_with_id() {
+                store.insert_index_blob(BlobKind::Page, id, &bytes).unwrap();
+            }
+        }
+        store
+            .insert_index_blob(BlobKind::Root, root.id(), &root.encode())
+            .unwrap();
+        publish_unchecked_head_id(store, source, root.id());
+    }
+
+    fn publish_unchecked_head_id(store: &Store, source: &SourceId, root: ChunkId) {
+        store.sync().unwrap();
+        let head = crate::Head {
+            epoch: 1,
+            root,
+            scan_started_unix_ms: 1,
+            committed_unix_ms: 1,
+            synced_scan_started_unix_ms: 1,
+        };
+        let dir = store.source_dir(source);
+        crate::fsutil::create_dir_durable(store.vfs(), &dir).unwrap();
+        crate::fsutil::publish_atomic(store.vfs(), &dir.join("head"), &head.encode()).unwrap();
+    }
+
+    /// Ids that name intact blobs of the wrong kind or length: a page whose
+    /// chunk ids are another root's page id, that root's id and a chunk of the
+    /// wrong length; a head whose root id is a chunk. Each blob is intact by
+    /// itself, so only the kind and length checks can see it; `export` fails.
+    #[test]
+    fn ids_naming_blobs_of_the_wrong_kind_or_length_are_reported() {
+        let f = fixture();
+        let head = f.store.head(&web()).unwrap().unwrap();
+        let web_root = f.store.read_root(&head.root).unwrap();
+        let web_page = web_root.page_ids()[0];
+        let web_chunk = *scan_buffer(&f.disk2, f.geometry)
+            .iter()
+            .find(|id| !id.is_zero())
+            .unwrap();
+        let short = vec![0x42u8; 100];
+        let short_id = ChunkId::from(blake3::hash(&short));
+        f.store
+            .insert(BlobKind::Chunk, short_id, StoredCodec::Raw, 100, &short)
+            .unwrap();
+
+        let evil = SourceId::new("evil").unwrap();
+        let geometry = Geometry::new(8 * u64::from(CHUNK), CHUNK).unwrap();
+        let mut ids = vec![ChunkId::ZERO; 8];
+        ids[0] = web_page;
+        ids[1] = head.root;
+        ids[2] = short_id;
+        ids[3] = web_chunk;
+        let (root, pages) = Root::build(geometry, &ids);
+        publish_unchecked_head(&f.store, &evil, &root, &pages);
+        let rogue = SourceId::new("rogue").unwrap();
+        publish_unchecked_head_id(&f.store, &rogue, web_chunk);
+
+        let report = f.store.verify(None, None).unwrap();
+        let found: Vec<(ChunkId, BlobKind, Damage, Vec<String>)> = report
+            .damaged
+            .iter()
+            .map(|d| (d.id, d.kind, d.damage.clone(), referrers(d)))
+            .collect();
+        let mut chunks_expected = vec![
+            (
+                web_page,
+                BlobKind::Chunk,
+                Damage::WrongKind {
+                    stored: BlobKind::Page,
+                },
+                vec!["source evil head".to_owned()],
+            ),
+            (
+                head.root,
+                BlobKind::Chunk,
+                Damage::WrongKind {
+                    stored: BlobKind::Root,
+                },
+                vec!["source evil head".to_owned()],
+            ),
+            (
+                short_id,
+                BlobKind::Chunk,
+                Damage::WrongLength {
+                    expected: vec![CHUNK],
+                    stored: 100,
+                },
+                vec!["source evil head".to_owned()],
+            ),
+        ];
+        chunks_expected.sort_by_key(|d| d.0);
+        let mut expected = vec![(
+            web_chunk,
+            BlobKind::Root,
+            Damage::WrongKind {
+                stored: BlobKind::Chunk,
+            },
+            vec!["source rogue head".to_owned()],
+        )];
+        expected.extend(chunks_expected);
+        assert_eq!(found, expected);
+        let wrong_length = report.damaged.iter().find(|d| d.id == short_id).unwrap();
+        assert_eq!(wrong_length.affected[0].chunks[0].index, 2);
+        assert_eq!(
+            wrong_length.damage.to_string(),
+            "chunk of 100 bytes where the geometry needs 4096"
+        );
+        // The same ids, referenced as what they are, are intact.
+        let web_only = f.store.verify(Some(&web()), None).unwrap();
+        assert!(web_only.is_clean(), "{:#?}", web_only.damaged);
+        // What the damage breaks: the export of the disk that names them.
+        let out = f.dir.path().join("evil.img");
+        assert!(f.store.export(&evil, &out).is_err());
     }
 }
