@@ -499,7 +499,10 @@ struct ExportArgs {
     /// collects them (servers run with `--gc-interval off` keep them all).
     #[arg(long, value_name = "HEX")]
     root: Option<String>,
-    /// Output image (replaced if it exists).
+    /// Output image, written mode 0600 under a temporary name beside it and
+    /// renamed into place: a failed export leaves no file, and an existing
+    /// file is replaced only by a complete image (a symbolic link or device
+    /// there is refused).
     #[arg(long)]
     out: PathBuf,
 }
@@ -1323,13 +1326,11 @@ fn export_root(store: &blockrep_store::Store, hex: &str, out: &Path) -> Result<(
             );
             Ok(())
         }
-        Err(error) => {
-            // A partial image must not pass for the disk.
-            let _ = std::fs::remove_file(out);
-            Err(anyhow::Error::new(error).context(format!(
-                "root {root_id} is in the store but cannot be exported whole"
-            )))
-        }
+        // The store removes a partial image itself (and never touches an
+        // existing file at `out` unless the export succeeds).
+        Err(error) => Err(anyhow::Error::new(error).context(format!(
+            "root {root_id} is in the store but cannot be exported whole"
+        ))),
     }
 }
 

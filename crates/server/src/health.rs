@@ -212,7 +212,15 @@ fn probe_data_dir(dir: &std::path::Path) -> Result<(), String> {
     let fail =
         |what: &str, e: std::io::Error| format!("data directory {}: {what}: {e}", dir.display());
     let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&path)?;
+        // Owner-only like every file of the data directory, whatever the umask.
+        let mut file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            0o600,
+        )
+        .open(&path)?;
         file.write_all(&[0x5a; 4096])?;
         file.sync_all()
     };

@@ -101,6 +101,7 @@ mod catalog;
 #[cfg(test)]
 mod crash;
 mod error;
+mod export;
 mod fsutil;
 mod gc;
 mod guard;

@@ -3,6 +3,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -169,6 +170,13 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let dir = &std::path::absolute(dir)
             .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
+        create_dir_durable(&RealFs, dir)?;
+        crate::vfs::restrict_data_dir(dir).map_err(|e| {
+            Error::io(
+                format!("cannot restrict {} to its owner (mode 0700)", dir.display()),
+                e,
+            )
+        })?;
         Self::open_with_vfs(dir, Arc::new(RealFs))
     }
 
@@ -206,6 +214,7 @@ impl Store {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::vfs::FILE_MODE)
             .open(&lock_path)
             .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
         match lock_file.try_lock() {
@@ -1085,7 +1094,8 @@ impl Store {
     }
 
     /// Writes the committed replica of `source` to `out` as a sparse raw image:
-    /// zero chunks are left as holes. The image is fsynced before returning.
+    /// zero chunks are left as holes. The image is fsynced before returning;
+    /// it is all or nothing and mode 0600, as [`Store::export_root`] says.
     pub fn export(&self, source: &SourceId, out: &Path) -> Result<ExportStats, Error> {
         let head = self.head(source)?.ok_or_else(|| {
             Error::new(
@@ -1102,24 +1112,24 @@ impl Store {
     }
 
     /// Writes the disk that `root_id` describes (a head, a snapshot, a launch) to
-    /// `out` as a sparse raw image, fsynced. Returns its size and the non-zero
-    /// chunks written.
+    /// `out` as a sparse raw image, fsynced, mode 0600. All or nothing: it is
+    /// written beside `out` under a temporary name and renamed into place, so a
+    /// failed export leaves no file (an existing `out` is left as it was); an
+    /// existing `out` that is not a regular file is refused (see `export.rs`).
+    /// Returns its size and the non-zero chunks written.
     pub fn export_root(&self, root_id: &ChunkId, out: &Path) -> Result<(u64, u64), Error> {
         // The image is the caller's file, outside the data directory: it is
         // written with std::fs, not through the store's Vfs.
         use std::os::unix::fs::FileExt;
         let root = self.read_root(root_id)?;
-        let file = File::create(out)
-            .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
-        file.set_len(root.geometry().disk_size_bytes())
-            .map_err(|e| Error::io(format!("cannot size {}", out.display()), e))?;
-        let chunks_written = self.export_chunks(&root, &mut |offset, data| {
-            FileExt::write_all_at(&file, data, offset)
-                .map_err(|e| Error::io(format!("cannot write {}", out.display()), e))
+        let size_bytes = root.geometry().disk_size_bytes();
+        let chunks_written = crate::export::write_image(out, size_bytes, |file| {
+            self.export_chunks(&root, &mut |offset, data| {
+                FileExt::write_all_at(file, data, offset)
+                    .map_err(|e| Error::io(format!("cannot write {}", out.display()), e))
+            })
         })?;
-        file.sync_all()
-            .map_err(|e| Error::io(format!("cannot fsync {}", out.display()), e))?;
-        Ok((root.geometry().disk_size_bytes(), chunks_written))
+        Ok((size_bytes, chunks_written))
     }
 
     /// Reads every non-zero chunk of `root` (checked against its id and the
@@ -1270,7 +1280,10 @@ mod tests {
         assert_eq!(store.read_blob(&id).unwrap(), data);
         let info = store.blob_info(&id).unwrap();
         assert_eq!((info.kind, info.raw_len), (BlobKind::Chunk, 11));
-        assert_eq!(store.blob_info(&ChunkId::from(blake3::hash(b"other"))), None);
+        assert_eq!(
+            store.blob_info(&ChunkId::from(blake3::hash(b"other"))),
+            None
+        );
     }
 
     /// 4 KiB blobs of distinct bytes in packs sealed at 16 KiB, then closed.

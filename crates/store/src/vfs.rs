@@ -11,6 +11,15 @@
 //! kept open by the store as before (the active pack, cached readers), so the
 //! insert path costs one dynamic call per write, not an open.
 //!
+//! # Permissions
+//!
+//! A data directory holds every replicated disk, so [`RealFs`] creates its
+//! directories [`DIR_MODE`] (0700) and its files [`FILE_MODE`] (0600), whatever
+//! the process umask (a umask only ever removes bits), and a file it truncates
+//! to rewrite is set to 0600 too, so a leftover from an older version cannot
+//! pass its looser mode on through a rename. [`restrict_data_dir`] tightens the
+//! data directory itself when a writable store opens it.
+//!
 //! Not behind it: the data directory's exclusive lock (`DATA/lock`, an advisory
 //! lock of the real file system that no simulation needs) and the image files
 //! that `export` writes outside the data directory.
@@ -19,10 +28,27 @@ use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+/// Mode of every file the store creates: the owner only.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory the store creates: the owner only.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Sets the data directory `dir` to [`DIR_MODE`] if any group or other bit is
+/// set, so that a directory made by an older version (or by hand) with the
+/// usual 0755 stops exposing the packs of every replicated disk. Files inside
+/// keep their modes: once the directory is 0700 no other user can reach them.
+pub fn restrict_data_dir(dir: &Path) -> io::Result<()> {
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    Ok(())
+}
 
 /// How [`Vfs::open`] opens a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,10 +182,23 @@ impl Vfs for RealFs {
         match mode {
             OpenMode::Read => options.read(true),
             OpenMode::ReadWrite => options.read(true).write(true),
-            OpenMode::CreateNew => options.read(true).write(true).create_new(true),
-            OpenMode::CreateTruncate => options.write(true).create(true).truncate(true),
+            OpenMode::CreateNew => options
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE),
+            OpenMode::CreateTruncate => options
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(FILE_MODE),
         };
-        Ok(Arc::new(options.open(path)?))
+        let file = options.open(path)?;
+        if mode == OpenMode::CreateTruncate {
+            // The mode above applies only when the file is new.
+            file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+        }
+        Ok(Arc::new(file))
     }
 
     fn file_len(&self, path: &Path) -> io::Result<u64> {
@@ -177,7 +216,7 @@ impl Vfs for RealFs {
     }
 
     fn create_dir(&self, path: &Path) -> io::Result<()> {
-        fs::create_dir(path)
+        fs::DirBuilder::new().mode(DIR_MODE).create(path)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
