@@ -43,7 +43,6 @@
 //! | 48 | 8 | time of that flush (of creation for generation 0), Unix ms |
 //! | 56 | 4 | crc32 of bytes 0..56 |
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
@@ -68,6 +67,15 @@ const HEAD_LEN: usize = 60;
 /// Decoded chunks a volume keeps, so reading a chunk in small pieces decodes it
 /// once, and a partial write that follows a read needs no second decode.
 const CACHE_CHUNKS: usize = 4;
+/// Index pages without unflushed changes that an open launch volume keeps in
+/// memory (least recently used beyond that are dropped and read again from the
+/// flushed root when needed). A page holds 1024 chunk ids, 32 KiB, so this is
+/// 8 MiB per open volume and covers 16 GiB of disk at 64 KiB chunks: a client
+/// that reads a whole volume cannot make the server hold its whole index.
+/// Pages with unflushed writes are kept until the flush, since they exist
+/// nowhere else; they grow with what a client writes between flushes (32 bytes
+/// per written chunk, a 32 KiB page at most per 1024 chunks).
+pub const LAUNCH_PAGES_CACHED_MAX: usize = 256;
 
 /// What a launch is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -328,6 +336,9 @@ impl Store {
                 info,
                 root,
                 pages: HashMap::new(),
+                page_used: HashMap::new(),
+                use_clock: 0,
+                clean_pages_max: LAUNCH_PAGES_CACHED_MAX,
                 dirty_pages: BTreeSet::new(),
                 cache: VecDeque::with_capacity(CACHE_CHUNKS),
                 compressor: zstd::bulk::Compressor::new(1).ok(),
@@ -365,8 +376,16 @@ struct VolumeState {
     info: LaunchInfo,
     /// The root of the last flush: where unloaded pages are read from.
     root: Root,
-    /// Index pages loaded so far (by page index), with any unflushed changes.
+    /// Index pages in memory (by page index), with any unflushed changes: the
+    /// dirty ones, and at most `clean_pages_max` clean ones.
     pages: HashMap<usize, Vec<ChunkId>>,
+    /// When each page in `pages` was last used (a tick of `use_clock`), to
+    /// drop the least recently used clean page first.
+    page_used: HashMap<usize, u64>,
+    /// Counts page uses.
+    use_clock: u64,
+    /// Clean pages kept; [`LAUNCH_PAGES_CACHED_MAX`] unless a test lowers it.
+    clean_pages_max: usize,
     /// Pages whose ids changed since the last flush.
     dirty_pages: BTreeSet<usize>,
     /// The last decoded chunks, most recent first; keyed by id, so never stale.
@@ -447,6 +466,22 @@ impl LaunchVolume {
         let state = self.lock_state();
         let ids = state.pages.values().flatten().copied().collect();
         (state.root.id(), ids)
+    }
+
+    /// Index pages held in memory now: those with unflushed writes, and at
+    /// most [`LAUNCH_PAGES_CACHED_MAX`] others.
+    pub fn pages_in_memory(&self) -> usize {
+        self.lock_state().pages.len()
+    }
+
+    /// Lowers (or raises) the number of clean index pages kept, so that tests
+    /// of the bound need no gigabyte disk. At least one.
+    #[doc(hidden)]
+    pub fn set_clean_pages_max(&self, pages: usize) {
+        let mut state = self.lock_state();
+        state.clean_pages_max = pages.max(1);
+        let limit = state.clean_pages_max;
+        state.drop_clean_pages_over(limit);
     }
 
     /// Size of the volume in bytes (that of the source disk).
@@ -560,14 +595,40 @@ impl Drop for LaunchVolume {
 }
 
 impl VolumeState {
-    /// The current ids of page `page_index`, loading them on first use.
+    /// The current ids of page `page_index`, loading them when they are not in
+    /// memory (first use, or dropped since as a clean page).
     fn page_mut(&mut self, store: &Store, page_index: usize) -> Result<&mut Vec<ChunkId>, Error> {
-        Ok(match self.pages.entry(page_index) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                entry.insert(store.read_page(&self.root, page_index)?.ids().to_vec())
-            }
-        })
+        if !self.pages.contains_key(&page_index) {
+            let ids = store.read_page(&self.root, page_index)?.ids().to_vec();
+            // Room for the page about to come in, which is clean.
+            self.drop_clean_pages_over(self.clean_pages_max.saturating_sub(1));
+            self.pages.insert(page_index, ids);
+        }
+        self.use_clock += 1;
+        self.page_used.insert(page_index, self.use_clock);
+        Ok(self
+            .pages
+            .get_mut(&page_index)
+            .expect("the page was loaded above"))
+    }
+
+    /// Drops least recently used clean pages until at most `limit` are left.
+    /// A clean page equals the flushed root's, which is durable and which the
+    /// garbage collector marks from, so dropping one loses nothing.
+    fn drop_clean_pages_over(&mut self, limit: usize) {
+        while self.pages.len().saturating_sub(self.dirty_pages.len()) > limit {
+            let oldest = self
+                .page_used
+                .iter()
+                .filter(|(page_index, _)| !self.dirty_pages.contains(page_index))
+                .min_by_key(|(_, used)| **used)
+                .map(|(page_index, _)| *page_index);
+            let Some(page_index) = oldest else {
+                return;
+            };
+            self.pages.remove(&page_index);
+            self.page_used.remove(&page_index);
+        }
     }
 
     fn chunk_id(&mut self, store: &Store, chunk_index: u64) -> Result<ChunkId, Error> {
@@ -742,6 +803,8 @@ impl VolumeState {
         }
         self.root = root;
         self.dirty_pages.clear();
+        // The pages just flushed are clean now, and count against the bound.
+        self.drop_clean_pages_over(self.clean_pages_max);
         Ok(())
     }
 }

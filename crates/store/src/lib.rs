@@ -123,7 +123,7 @@ pub mod vfs;
 pub use error::{Error, ErrorKind};
 pub use gc::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};
 pub use head::Head;
-pub use launch::{LaunchInfo, LaunchKind, LaunchVolume};
+pub use launch::{LAUNCH_PAGES_CACHED_MAX, LaunchInfo, LaunchKind, LaunchVolume};
 pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
 pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
