@@ -104,7 +104,11 @@ impl fmt::Display for Damage {
             Damage::Undecodable(why) => write!(f, "undecodable: {why}"),
             Damage::HashMismatch => f.write_str("does not hash to its id"),
             Damage::WrongKind { stored } => {
-                write!(f, "stored as a {}, referenced as another kind", kind_name(*stored))
+                write!(
+                    f,
+                    "stored as a {}, referenced as another kind",
+                    kind_name(*stored)
+                )
             }
             Damage::WrongLength { expected, stored } => {
                 let expected: Vec<String> = expected.iter().map(u32::to_string).collect();
@@ -275,11 +279,8 @@ impl Store {
                 let last_chunk_len = (page_index + 1 == root.page_ids().len())
                     .then(|| geometry.chunk_len(geometry.chunk_count().saturating_sub(1)))
                     .flatten();
-                let lengths_new = lengths_seen.insert((
-                    *page_id,
-                    geometry.chunk_size_bytes(),
-                    last_chunk_len,
-                ));
+                let lengths_new =
+                    lengths_seen.insert((*page_id, geometry.chunk_size_bytes(), last_chunk_len));
                 if !seen_pages.insert(*page_id) {
                     // Checked already, but under another geometry or place:
                     // what its chunks must measure there is still to record.
@@ -321,7 +322,8 @@ impl Store {
                         expected.sort_unstable();
                         let place = self.place_of(&id);
                         let damage = Damage::WrongLength { expected, stored };
-                        damaged.insert((id, BlobKind::Chunk), found(BlobKind::Chunk, place, damage));
+                        damaged
+                            .insert((id, BlobKind::Chunk), found(BlobKind::Chunk, place, damage));
                     }
                 }
                 Err(found) => {
@@ -457,11 +459,7 @@ impl Store {
     }
 
     /// Finds, for each damaged blob, the selected roots it breaks and where.
-    fn attribute(
-        &self,
-        referrers: &[(Referrer, ChunkId)],
-        damaged: FoundMap,
-    ) -> Vec<DamagedBlob> {
+    fn attribute(&self, referrers: &[(Referrer, ChunkId)], damaged: FoundMap) -> Vec<DamagedBlob> {
         let mut affected: HashMap<(ChunkId, BlobKind), Vec<Affected>> = HashMap::new();
         for (referrer, root_id) in referrers {
             let key = (*root_id, BlobKind::Root);
