@@ -24,7 +24,8 @@
 //! 1. **The GC fence**, a store-wide `RwLock<()>`. [`Store::commit_with`] and
 //!    [`LaunchVolume::flush`](crate::LaunchVolume::flush) hold it for reading
 //!    from "record the ids the new root names and check that every one is
-//!    stored" to "the head is published". The collector holds it for writing
+//!    stored" to "the head is published"; snapshot creation holds it from
+//!    reading the source's head to publishing the snapshot that names its root. The collector holds it for writing
 //!    only while it lists the referenced roots, and while it relocates the
 //!    records touched since its copy and drops the dead index entries.
 //! 2. **The touched set**, which exists only while a collection runs (an atomic

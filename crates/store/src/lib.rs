@@ -86,6 +86,11 @@
 //! - `insert` is idempotent and reports whether the blob was new.
 //! - Snapshot and launch names are validated like source ids before any path is
 //!   built from them.
+//! - The data directory is 0700 and every file the store creates 0600, whatever
+//!   the umask; `export` writes its image 0600, all or nothing (see `vfs.rs`
+//!   and `export.rs`).
+//! - A snapshot is published under the GC fence, so a collection never sweeps
+//!   what it names.
 //! - A snapshot or launch record is published atomically; a launch directory is
 //!   built under a temporary name and renamed into place.
 //! - Launch writes never change a snapshot, a source's head or any existing blob;

@@ -7,7 +7,7 @@
 //! and remove. Keeping them behind [`Vfs`] and [`VfsFile`] lets a test put the
 //! store on a simulated disk that loses power ([`crate::sim`]), and leaves room
 //! for other backends. [`RealFs`] is the production implementation: a thin
-//! wrapper over `std::fs` that changes nothing in behaviour. File handles are
+//! wrapper over `std::fs` (plus the modes below). File handles are
 //! kept open by the store as before (the active pack, cached readers), so the
 //! insert path costs one dynamic call per write, not an open.
 //!
