@@ -7,6 +7,7 @@
 //!   (a damaged pack) leaves no file and never touches an existing one;
 //! - an open launch volume keeps a bounded number of index pages in memory
 //!   while a client reads all of it.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
