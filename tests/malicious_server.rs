@@ -47,12 +47,9 @@ struct FakeServer {
 
 impl FakeServer {
     fn start(pki: &Pki, steps: Vec<Step>) -> Self {
-        let config = blockrep_pki::server_config(
-            &pki.cert("ca"),
-            &pki.cert("server"),
-            &pki.key("server"),
-        )
-        .unwrap();
+        let config =
+            blockrep_pki::server_config(&pki.cert("ca"), &pki.cert("server"), &pki.key("server"))
+                .unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -367,8 +364,10 @@ fn agent_and_failback_refuse_a_welcome_that_does_not_fit() {
             let work = tempfile::tempdir().unwrap();
             let disk = work.path().join("a.raw");
             std::fs::write(&disk, vec![0u8; DISK as usize]).unwrap();
-            let server =
-                FakeServer::start(&pki, vec![Step::Expect("Hello"), Step::Send(message.clone())]);
+            let server = FakeServer::start(
+                &pki,
+                vec![Step::Expect("Hello"), Step::Send(message.clone())],
+            );
             let command = if failback {
                 failback_command(&disk, server.addr, &pki)
             } else {

@@ -200,10 +200,8 @@ pub async fn run(
                     ..
                 }
         );
-        let was_unsteady = std::mem::replace(
-            &mut disk_unsteady,
-            matches!(error, Error::DiskUnsteady(_)),
-        );
+        let was_unsteady =
+            std::mem::replace(&mut disk_unsteady, matches!(error, Error::DiskUnsteady(_)));
         let retry_resize = resized && was_unsteady;
         if !error.is_retryable() && !retry_resize {
             return Err(error);

@@ -49,11 +49,7 @@ pub fn changed_chunks(
     if old.len() != new.len() {
         return Err(Error::new(
             ErrorKind::GeometryMismatch,
-            format!(
-                "cannot diff {} chunk ids against {}",
-                old.len(),
-                new.len()
-            ),
+            format!("cannot diff {} chunk ids against {}", old.len(), new.len()),
         ));
     }
     Ok(old
