@@ -231,7 +231,7 @@ pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> b
 pub fn disk_root(path: &Path, chunk_size: u32) -> String {
     let disk = blockrep_core::DiskImage::open(path).unwrap();
     let geometry = blockrep_core::Geometry::new(disk.size_bytes(), chunk_size).unwrap();
-    let ids = blockrep_core::scan_buffer(disk.bytes(), geometry);
+    let ids = disk.scan(geometry).unwrap();
     blockrep_core::Root::from_chunk_ids(geometry, &ids)
         .id()
         .to_hex()

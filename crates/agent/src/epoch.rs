@@ -44,11 +44,16 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
         let started_unix_ms = now_unix_ms();
         let disk = DiskImage::open(&path)?;
         let geometry = Geometry::new(disk.size_bytes(), chunk_size_bytes)?;
-        let ids = disk.scan(geometry);
-        if disk.current_size_bytes()? != disk.size_bytes() {
-            return Err(Error::DiskChanged(format!(
-                "{} changed size while it was scanned",
-                path.display()
+        let ids = disk.scan(geometry).map_err(|e| match e.kind() {
+            blockrep_core::ErrorKind::DiskShrank => Error::DiskUnsteady(e.to_string()),
+            _ => Error::Disk(e),
+        })?;
+        let size_after = disk.current_size_bytes()?;
+        if size_after != disk.size_bytes() {
+            return Err(Error::DiskUnsteady(format!(
+                "{} changed size from {} to {size_after} bytes during the scan",
+                path.display(),
+                disk.size_bytes()
             )));
         }
         Ok(Scan {
@@ -108,10 +113,17 @@ impl Session {
         };
         let (head_epoch, head_root) = match welcome.await {
             Ok(Message::Welcome {
+                version,
                 head_epoch,
                 head_root,
-                ..
-            }) => (head_epoch, head_root),
+            }) => {
+                if version != PROTOCOL_VERSION {
+                    return Err(Error::Protocol(format!(
+                        "server chose protocol version {version}, this agent speaks only {PROTOCOL_VERSION}"
+                    )));
+                }
+                (head_epoch, head_root)
+            }
             Ok(other) => {
                 return Err(Error::Protocol(format!(
                     "expected Welcome, got {}",
@@ -132,9 +144,13 @@ impl Session {
             let root =
                 Root::decode(&head_root).map_err(|e| Error::Protocol(format!("head root: {e}")))?;
             if root.geometry() != geometry {
-                return Err(Error::Protocol(
-                    "server sent a head of another geometry".into(),
-                ));
+                return Err(Error::Protocol(format!(
+                    "server sent a head of {} bytes in {}-byte chunks for a disk of {} bytes in {}-byte chunks",
+                    root.geometry().disk_size_bytes(),
+                    root.geometry().chunk_size_bytes(),
+                    geometry.disk_size_bytes(),
+                    geometry.chunk_size_bytes()
+                )));
             }
             Some(root)
         };
@@ -203,14 +219,14 @@ impl Session {
     /// the index pages whose ids differ are fetched from the server.
     async fn changed(&mut self, scan: &Scan) -> Result<Vec<u64>, Error> {
         if let Some(head_ids) = &self.head_ids {
-            return Ok(changed_chunks(head_ids, &scan.ids, 0));
+            return changed_chunks(head_ids, &scan.ids, 0).map_err(diff_error);
         }
         let head_root = self
             .head_root
             .as_ref()
             .expect("head root known when ids are not");
         let mine = Root::from_chunk_ids(self.geometry, &scan.ids);
-        let pages = changed_pages(head_root, &mine);
+        let pages = changed_pages(head_root, &mine).map_err(diff_error)?;
         let mut head_ids = scan.ids.clone();
         for batch in pages.chunks(GET_PAGES_MAX) {
             let indices = batch.iter().map(|&p| p as u32).collect();
@@ -236,7 +252,7 @@ impl Session {
                 head_ids[start..start + page.ids().len()].copy_from_slice(page.ids());
             }
         }
-        let changed = changed_chunks(&head_ids, &scan.ids, 0);
+        let changed = changed_chunks(&head_ids, &scan.ids, 0).map_err(diff_error)?;
         self.head_ids = Some(head_ids);
         Ok(changed)
     }
@@ -512,6 +528,12 @@ impl Session {
         report.transfer_duration = transfer_started.elapsed();
         Ok(Some(report))
     }
+}
+
+/// A diff between the server's head and the scan that cannot be made: the
+/// head's geometry is the server's word, so a mismatch is its protocol error.
+fn diff_error(error: blockrep_core::Error) -> Error {
+    Error::Protocol(format!("the server's head does not fit the disk: {error}"))
 }
 
 /// Explains a TLS alert received before `Welcome`: the server's verdict on

@@ -48,9 +48,15 @@ pub enum Error {
     /// Failback would overwrite changes made to the disk since cutover.
     #[error("{0}")]
     Conflict(String),
-    /// The disk changed size since the replica was made, or while scanning.
+    /// The disk changed size since the replica was made.
     #[error("{0}")]
     DiskChanged(String),
+    /// The disk could not be read whole because it changed size while it was
+    /// read (a truncated image file, during a scan or while its chunks were
+    /// read for sending). Retried: the next scan sees the disk as it is then,
+    /// and a disk that stays at another size is then refused as a resize.
+    #[error("{0}")]
+    DiskUnsteady(String),
 }
 
 impl Error {
@@ -60,6 +66,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connect { .. } | Error::Lost(_) | Error::Alert(_) => true,
+            Error::DiskUnsteady(_) => true,
             // The connection broke during the handshake (a server that crashed
             // or restarted, or one at its connection limit): the network's
             // fault, not the configuration's. A certificate the server or the
@@ -102,5 +109,11 @@ mod tests {
         assert!(handshake(std::io::ErrorKind::ConnectionReset).is_retryable());
         // What it reports for a certificate that does not verify.
         assert!(!handshake(std::io::ErrorKind::InvalidData).is_retryable());
+    }
+
+    #[test]
+    fn a_disk_that_changed_size_during_a_read_is_retried_but_a_resize_is_not() {
+        assert!(Error::DiskUnsteady("shrank".into()).is_retryable());
+        assert!(!Error::DiskChanged("resized".into()).is_retryable());
     }
 }

@@ -163,6 +163,18 @@ async fn pass(
             target.geometry().disk_size_bytes()
         )));
     }
+    // The base judges which chunks changed on the disk since cutover, chunk by
+    // chunk: one of another geometry cannot, and only a faulty or malicious
+    // server sends it.
+    if base.geometry() != geometry {
+        return Err(Error::Protocol(format!(
+            "the server's failback base root is of {} bytes in {}-byte chunks, the disk and the launch of {} bytes in {}-byte chunks",
+            base.geometry().disk_size_bytes(),
+            base.geometry().chunk_size_bytes(),
+            geometry.disk_size_bytes(),
+            geometry.chunk_size_bytes()
+        )));
+    }
     let own = Root::from_chunk_ids(geometry, &disk.ids);
     let target_ids = fetch_ids(connection, &target, &own, &disk.ids, false).await?;
     let base_ids = match base_override {
@@ -244,7 +256,8 @@ async fn fetch_ids(
     base: bool,
 ) -> Result<Vec<ChunkId>, Error> {
     let mut ids = own_ids.to_vec();
-    let pages = changed_pages(root, own);
+    let pages = changed_pages(root, own)
+        .map_err(|e| Error::Protocol(format!("failback root does not fit the disk: {e}")))?;
     for batch in pages.chunks(GET_PAGES_MAX) {
         let indices: Vec<u32> = batch.iter().map(|&p| p as u32).collect();
         let request = if base {

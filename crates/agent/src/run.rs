@@ -13,6 +13,13 @@ use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 const ONCE_EPOCHS_MAX: usize = 20;
 /// Longest wait between attempts while the server answers `Busy`.
 const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Longest wait between attempts while the disk changes size under the scan:
+/// the server is not at fault, so there is nothing to back off from.
+const UNSTEADY_RETRY_MAX: Duration = Duration::from_secs(1);
+/// A disk found at another size than the replica's is scanned again after
+/// this long before the agent stops on it as a resize: an image file being
+/// truncated and rewritten, or re-extended, passes through other sizes.
+const RESIZE_CONFIRM: Duration = Duration::from_secs(1);
 
 /// What a run ended with.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -131,6 +138,8 @@ pub async fn run(
 ) -> Result<Option<CutoverReport>, Error> {
     let mut backoff = Duration::from_millis(250);
     let mut chunk_size = config.chunk_size_bytes;
+    // The last attempt ended because the disk changed size under it.
+    let mut disk_unsteady = false;
     loop {
         if *shutdown.borrow() {
             return Ok(None);
@@ -140,15 +149,28 @@ pub async fn run(
             let mut session = Session::open(config, first.geometry).await?;
             chunk_size = session.geometry().chunk_size_bytes();
             let mut current = Some(first);
+            let mut resize_seen = false;
             loop {
                 let scan_start = Instant::now();
                 let this = match current.take() {
                     Some(scan) => scan,
                     None => scan(config, chunk_size).await?,
                 };
+                if this.geometry != session.geometry() && !resize_seen {
+                    resize_seen = true;
+                    warn!(
+                        disk = %config.disk.display(),
+                        size_bytes = this.geometry.disk_size_bytes(),
+                        replica_size_bytes = session.geometry().disk_size_bytes(),
+                        "the disk is not of the replica's size; scanning again in {RESIZE_CONFIRM:?} before stopping on a resize"
+                    );
+                    tokio::time::sleep(RESIZE_CONFIRM).await;
+                    continue;
+                }
                 if let Some(report) = session.epoch(config, this, true).await? {
                     on_epoch(&report);
                 }
+                resize_seen = false;
                 backoff = Duration::from_millis(250);
                 if session.cutover_requested || config.cutover {
                     let report = cutover(config, &mut session, Instant::now()).await?;
@@ -167,7 +189,21 @@ pub async fn run(
             Ok(report) => return Ok(Some(report)),
             Err(error) => error,
         };
-        if !error.is_retryable() {
+        // A disk that just changed size under a scan may be met at another
+        // size by the next one (a file truncated and re-extended): not yet a
+        // resize. A second such attempt in a row is believed.
+        let resized = matches!(
+            &error,
+            Error::DiskChanged(_)
+                | Error::Refused {
+                    code: blockrep_proto::ErrorCode::GeometryMismatch,
+                    ..
+                }
+        );
+        let was_unsteady =
+            std::mem::replace(&mut disk_unsteady, matches!(error, Error::DiskUnsteady(_)));
+        let retry_resize = resized && was_unsteady;
+        if !error.is_retryable() && !retry_resize {
             return Err(error);
         }
         warn!(%error, retry_in_ms = backoff.as_millis() as u64, "replication interrupted; reconnecting");
@@ -188,6 +224,8 @@ pub async fn run(
         );
         let ceiling = if busy {
             BUSY_RETRY_MAX.min(config.backoff_max)
+        } else if disk_unsteady || retry_resize {
+            UNSTEADY_RETRY_MAX.min(config.backoff_max)
         } else {
             config.backoff_max
         };

@@ -106,7 +106,18 @@ impl ChunkEncoder {
         let mut frame = BytesMut::zeroed(CHUNK_HEADER_LEN + raw_len);
         disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..])
             .map_err(|e| {
-                Error::DiskChanged(format!("cannot read chunk {index} of the disk: {e}"))
+                let message = format!(
+                    "cannot read chunk {index} (bytes {}..{}) of {}: {e}",
+                    range.start,
+                    range.end,
+                    disk.path().display()
+                );
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    // The disk shrank since the scan: scan again, later.
+                    Error::DiskUnsteady(format!("{message}: the disk shrank since the scan"))
+                } else {
+                    Error::DiskChanged(message)
+                }
             })?;
         let id = hash_chunk(&frame[CHUNK_HEADER_LEN..]);
         let (frame, raw_sent) = if id.is_zero() {

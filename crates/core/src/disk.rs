@@ -1,59 +1,54 @@
-//! Read-only memory mapping of a source disk (regular file or block device).
+//! A source disk (regular file or block device) opened for scanning.
+//!
+//! The disk is read with `pread` into a small buffer per scan thread, never
+//! through a memory mapping. A mapping of a file that someone truncates while it
+//! is mapped turns every access past the new end into SIGBUS, which kills the
+//! process; checking the size first does not help, since the file can shrink
+//! between the check and the access. With `pread` a shrink is a short read: the
+//! scan ends with an error that names both sizes ([`ErrorKind::DiskShrank`])
+//! and the caller scans again later. Each read lands in a buffer of a few
+//! hundred KiB that is hashed at once, while it is still in the CPU's cache, so
+//! the extra copy costs little (`cargo bench -p blockrep-core --bench
+//! scan_file` compares a file scan with hashing the same bytes in memory).
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use memmap2::{Advice, Mmap, MmapOptions, UncheckedAdvice};
+use crate::error::{Error, ErrorKind};
+use crate::geometry::Geometry;
+use crate::id::ChunkId;
+use crate::scan::{for_each_batch, hash_chunk};
 
-use crate::error::Error;
+/// Bytes a scan thread reads at a time (whole chunks, at least one): large
+/// enough that the system call costs nothing, small enough that the buffer
+/// stays in the CPU's cache between the copy and the hash.
+const SCAN_READ_BYTES: usize = 256 * 1024;
 
-/// A disk opened read-only and mapped into memory for scanning.
+/// A disk opened read-only for scanning and for reading chunks to send.
 ///
-/// The mapping is of a file that other processes may write while we read it (that is
-/// the point of continuous replication). Such bytes are only ever hashed or copied,
-/// never trusted: whatever is sent is hashed again from the copy that is sent.
+/// Other processes may write the disk while we read it (that is the point of
+/// continuous replication). Its bytes are only ever hashed or copied, never
+/// trusted: whatever is sent is hashed again from the copy that is sent.
 #[derive(Debug)]
 pub struct DiskImage {
     path: PathBuf,
     file: File,
-    map: Option<Mmap>,
     size_bytes: u64,
 }
 
 impl DiskImage {
-    /// Opens and maps `path`. The size of a block device is found by seeking to its end.
+    /// Opens `path`. The size of a block device is found by seeking to its end.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let mut file = File::open(path)
             .map_err(|e| Error::io(format!("cannot open disk {}", path.display()), e))?;
         let size_bytes = file
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(format!("cannot size disk {}", path.display()), e))?;
-        let map = if size_bytes == 0 {
-            None // mmap of length 0 is an error; an empty disk has nothing to map.
-        } else {
-            let len = usize::try_from(size_bytes).map_err(|_| {
-                Error::io(
-                    format!("disk {} is larger than the address space", path.display()),
-                    std::io::Error::other("too large"),
-                )
-            })?;
-            // SAFETY: the map is read-only and private to this process. Another process
-            // may change the file's bytes while mapped; we treat those bytes as
-            // untrusted data (only hashed or copied, never used to uphold a Rust
-            // invariant), and the file is never truncated by us. A truncation by
-            // someone else is detected by `check_size` before each scan.
-            #[allow(unsafe_code)]
-            let map = unsafe { MmapOptions::new().len(len).map(&file) }
-                .map_err(|e| Error::io(format!("cannot map disk {}", path.display()), e))?;
-            // Scans read front to back: ask for aggressive read-ahead. Only a hint.
-            let _ = map.advise(Advice::Sequential);
-            Some(map)
-        };
         Ok(Self {
             path: path.to_owned(),
             file,
-            map,
             size_bytes,
         })
     }
@@ -68,46 +63,98 @@ impl DiskImage {
         &self.path
     }
 
-    /// The mapped bytes.
-    pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
-    }
-
-    /// Drops this process's mapping of `range` (the file and the page cache are
-    /// untouched), so that resident memory stays bounded by what is in use rather
-    /// than growing to the size of the disk. Touching the range again simply
-    /// reads it back from the file. Out-of-range or failed requests are ignored:
-    /// this is an optimization only.
-    pub fn release(&self, range: std::ops::Range<usize>) {
-        let Some(map) = &self.map else { return };
-        // Page-align inwards: never release a page that is partly outside `range`.
-        const PAGE: usize = 4096;
-        let start = range.start.div_ceil(PAGE) * PAGE;
-        let end = (range.end.min(map.len()) / PAGE) * PAGE;
-        if start >= end {
-            return;
-        }
-        // SAFETY: the mapping is private and read-only, so MADV_DONTNEED discards
-        // no data: later reads of the range fault the file's current contents
-        // back in. Callers release a range only when they hold no slice into it
-        // that they will read again (scan batches after hashing, chunks after
-        // copying them into a frame), and those bytes are untrusted data anyway
-        // (see the type's docs).
-        #[allow(unsafe_code)]
-        let _ =
-            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
-    }
-
-    /// Scans the whole disk on every core (see [`crate::scan_buffer`]), releasing
-    /// each batch's pages once hashed.
-    pub fn scan(&self, geometry: crate::Geometry) -> Vec<crate::ChunkId> {
+    /// Scans the whole disk on every core into one id per chunk (see
+    /// [`crate::scan_buffer`] for what an id is).
+    ///
+    /// Fails with [`ErrorKind::DiskShrank`] when the disk turns out shorter than
+    /// at open time, with [`ErrorKind::Io`] when a read fails, and with
+    /// [`ErrorKind::InvalidGeometry`] when `geometry` is not of this disk's size.
+    pub fn scan(&self, geometry: Geometry) -> Result<Vec<ChunkId>, Error> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        crate::scan::scan_with(self.bytes(), geometry, threads, |range| self.release(range))
+        self.scan_with_threads(geometry, threads)
     }
 
-    /// Reads `buf.len()` bytes at `offset` with pread (not through the mapping).
+    /// [`DiskImage::scan`] with an explicit thread count (at least one is used).
+    pub fn scan_with_threads(
+        &self,
+        geometry: Geometry,
+        threads: usize,
+    ) -> Result<Vec<ChunkId>, Error> {
+        if geometry.disk_size_bytes() != self.size_bytes {
+            return Err(Error::new(
+                ErrorKind::InvalidGeometry,
+                format!(
+                    "cannot scan {} ({} bytes) with a geometry of {} bytes",
+                    self.path.display(),
+                    self.size_bytes,
+                    geometry.disk_size_bytes()
+                ),
+            ));
+        }
+        let chunk_size = geometry.chunk_size_bytes() as usize;
+        let read_len = SCAN_READ_BYTES.max(chunk_size) / chunk_size * chunk_size;
+        for_each_batch(
+            geometry,
+            threads,
+            || vec![0u8; read_len],
+            |buffer, first_chunk, out| {
+                // Read the batch a buffer at a time, and hash each buffer at once.
+                for (step, ids) in out.chunks_mut(read_len / chunk_size).enumerate() {
+                    let first = first_chunk + step * (read_len / chunk_size);
+                    let start = geometry.chunk_offset(first as u64);
+                    let end = (start + (ids.len() * chunk_size) as u64).min(self.size_bytes);
+                    let bytes = &mut buffer[..(end - start) as usize];
+                    self.read_scan(start, bytes)?;
+                    for (slot, data) in ids.iter_mut().zip(bytes.chunks(chunk_size)) {
+                        *slot = hash_chunk(data);
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+
+    /// Fills `buf` from `offset` for the scan; a read that ends early means the
+    /// disk shrank since it was opened.
+    fn read_scan(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let at = offset + filled as u64;
+            match self.file.read_at(&mut buf[filled..], at) {
+                Ok(0) => return Err(self.shrank()),
+                Ok(read) => filled += read,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("cannot read disk {} at byte {at}", self.path.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The error for a disk found shorter than at open time.
+    fn shrank(&self) -> Error {
+        let now = match self.current_size_bytes() {
+            Ok(size) => format!("{size} bytes"),
+            Err(e) => format!("an unknown size ({e})"),
+        };
+        Error::new(
+            ErrorKind::DiskShrank,
+            format!(
+                "disk {} shrank from {} bytes to {now} during the scan",
+                self.path.display(),
+                self.size_bytes
+            ),
+        )
+    }
+
+    /// Reads `buf.len()` bytes at `offset` with pread. A disk that shrank below
+    /// `offset + buf.len()` fails with [`std::io::ErrorKind::UnexpectedEof`].
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+        self.file.read_exact_at(buf, offset)
     }
 
     /// Current size of the underlying file or device, to detect a resize since open.
@@ -115,5 +162,76 @@ impl DiskImage {
         let mut file = &self.file;
         file.seek(SeekFrom::End(0))
             .map_err(|e| Error::io(format!("cannot size disk {}", self.path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::scan_buffer_with_threads;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn file_scan_equals_memory_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        // Chunk sizes below, at and above the read size, and a short last chunk.
+        for (chunk_size, len) in [
+            (4096u32, 300 * 4096 + 5),
+            (64 * 1024, 5 * 1024 * 1024 + 17),
+            (1024 * 1024, 3 * 1024 * 1024 + 1),
+        ] {
+            let data = pattern(len);
+            let path = dir.path().join(format!("{chunk_size}.raw"));
+            std::fs::write(&path, &data).unwrap();
+            let geometry = Geometry::new(len as u64, chunk_size).unwrap();
+            let disk = DiskImage::open(&path).unwrap();
+            for threads in [1, 3] {
+                assert_eq!(
+                    disk.scan_with_threads(geometry, threads).unwrap(),
+                    scan_buffer_with_threads(&data, geometry, threads)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_disk_truncated_after_open_fails_the_scan_with_both_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let len = 4 * 1024 * 1024;
+        std::fs::write(&path, pattern(len)).unwrap();
+        let disk = DiskImage::open(&path).unwrap();
+        let geometry = Geometry::new(len as u64, 64 * 1024).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1024 * 1024)
+            .unwrap();
+        let error = disk.scan_with_threads(geometry, 2).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::DiskShrank);
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!("shrank from {len} bytes to 1048576 bytes")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_geometry_of_another_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, pattern(8192)).unwrap();
+        let disk = DiskImage::open(&path).unwrap();
+        let geometry = Geometry::new(4096, 4096).unwrap();
+        assert_eq!(
+            disk.scan(geometry).unwrap_err().kind(),
+            ErrorKind::InvalidGeometry
+        );
     }
 }

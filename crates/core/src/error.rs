@@ -10,8 +10,15 @@ pub enum ErrorKind {
     InvalidEncoding,
     /// A source id that does not match `[a-z0-9][a-z0-9._-]{0,63}`.
     InvalidSourceId,
-    /// An I/O error opening or mapping a disk.
+    /// An I/O error opening or reading a disk.
     Io,
+    /// Two roots or id lists that cannot be compared: their geometries (disk
+    /// size, chunk size) or lengths differ. From a peer, a protocol error.
+    GeometryMismatch,
+    /// The disk became shorter than it was when opened while it was being read
+    /// (a truncated image file). Transient from the reader's point of view: a
+    /// later scan sees the disk as it is then.
+    DiskShrank,
 }
 
 /// Error type of `blockrep-core`: a kind and a human-readable message.

@@ -1,5 +1,5 @@
-//! Core data model of blockrep: disk geometry, chunk ids, blake3 scanning over
-//! memory-mapped disks, index pages, roots (the Merkle root of a disk) and diffs.
+//! Core data model of blockrep: disk geometry, chunk ids, blake3 scanning of
+//! disks on every core, index pages, roots (the Merkle root of a disk) and diffs.
 //!
 //! Nothing here does network I/O or knows about tokio or TLS; the agent, the server
 //! and the store all build on these types.
@@ -15,7 +15,7 @@
 //! let root = Root::from_chunk_ids(geometry, &ids);
 //! assert_eq!(root.geometry(), geometry);
 //! ```
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod diff;
 mod disk;

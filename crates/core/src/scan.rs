@@ -1,6 +1,8 @@
-//! Chunk hashing over a whole (mapped) disk, on every core.
+//! Chunk hashing over a whole disk (a buffer in memory, or a file read by
+//! [`crate::DiskImage`]), on every core.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::geometry::Geometry;
 use crate::id::ChunkId;
@@ -42,41 +44,69 @@ pub fn scan_buffer(disk: &[u8], geometry: Geometry) -> Vec<ChunkId> {
 
 /// [`scan_buffer`] with an explicit thread count (at least one is used).
 pub fn scan_buffer_with_threads(disk: &[u8], geometry: Geometry, threads: usize) -> Vec<ChunkId> {
-    scan_with(disk, geometry, threads, |_| {})
+    scan_with(disk, geometry, threads)
 }
 
-/// The scan, calling `after_batch` with the byte range of each batch once it is
-/// hashed (to release its pages).
-pub(crate) fn scan_with(
-    disk: &[u8],
-    geometry: Geometry,
-    threads: usize,
-    after_batch: impl Fn(std::ops::Range<usize>) + Sync,
-) -> Vec<ChunkId> {
+/// The scan of a buffer in memory.
+pub(crate) fn scan_with(disk: &[u8], geometry: Geometry, threads: usize) -> Vec<ChunkId> {
     assert_eq!(
         disk.len() as u64,
         geometry.disk_size_bytes(),
         "scan buffer length must equal the geometry's disk size"
     );
-    let chunk_count = usize::try_from(geometry.chunk_count()).expect("chunk count fits usize");
     let chunk_size = geometry.chunk_size_bytes() as usize;
+    let scanned = for_each_batch(
+        geometry,
+        threads,
+        || (),
+        |(), first_chunk, out| {
+            for (offset, slot) in out.iter_mut().enumerate() {
+                let start = (first_chunk + offset) * chunk_size;
+                let end = (start + chunk_size).min(disk.len());
+                *slot = hash_chunk(&disk[start..end]);
+            }
+            Ok::<(), std::convert::Infallible>(())
+        },
+    );
+    match scanned {
+        Ok(ids) => ids,
+        Err(never) => match never {},
+    }
+}
+
+/// Hashes every chunk of `geometry` on `threads` threads (at least one), in
+/// batches of [`CHUNKS_PER_BATCH`]: `hash_batch(worker, first_chunk, ids)`
+/// fills the ids of the batch that starts at chunk `first_chunk`, with a
+/// per-thread `worker` state made by `new_worker` (e.g. a read buffer, so that
+/// nothing is allocated per batch). The first error stops every thread and is
+/// returned.
+pub(crate) fn for_each_batch<W, E: Send>(
+    geometry: Geometry,
+    threads: usize,
+    new_worker: impl Fn() -> W + Sync,
+    hash_batch: impl Fn(&mut W, usize, &mut [ChunkId]) -> Result<(), E> + Sync,
+) -> Result<Vec<ChunkId>, E> {
+    let chunk_count = usize::try_from(geometry.chunk_count()).expect("chunk count fits usize");
     let mut ids = vec![ChunkId::ZERO; chunk_count];
     let batches = Mutex::new(ids.chunks_mut(CHUNKS_PER_BATCH).enumerate());
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<E>> = Mutex::new(None);
     let worker = || {
-        loop {
+        let mut state = new_worker();
+        while !failed.load(Ordering::Relaxed) {
             // The lock is held only to take the next batch, never while hashing.
             let next = batches.lock().expect("scan queue lock").next();
             let Some((batch_index, out)) = next else {
                 return;
             };
-            let first_byte = batch_index * CHUNKS_PER_BATCH * chunk_size;
-            let mut end = first_byte;
-            for (offset, slot) in out.iter_mut().enumerate() {
-                let start = first_byte + offset * chunk_size;
-                end = (start + chunk_size).min(disk.len());
-                *slot = hash_chunk(&disk[start..end]);
+            if let Err(error) = hash_batch(&mut state, batch_index * CHUNKS_PER_BATCH, out) {
+                failed.store(true, Ordering::Relaxed);
+                first_error
+                    .lock()
+                    .expect("scan error lock")
+                    .get_or_insert(error);
+                return;
             }
-            after_batch(first_byte..end);
         }
     };
     let threads = threads
@@ -88,7 +118,10 @@ pub(crate) fn scan_with(
         }
         worker();
     });
-    ids
+    match first_error.into_inner().expect("scan error lock") {
+        Some(error) => Err(error),
+        None => Ok(ids),
+    }
 }
 
 #[cfg(test)]
