@@ -573,8 +573,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let cutover_requested_at;
     loop {
         let elapsed = phase_start.elapsed();
-        if let Ok((200, body)) =
-            server.admin_request("GET", "/v1/sources/bench").await
+        if let Ok((200, body)) = server.admin_request("GET", "/v1/sources/bench").await
             && let Some(view) = source_view(&body)
         {
             samples.push(Sample {
@@ -592,15 +591,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     let churn_samples = samples.len();
     eprintln!("cutover...");
-    let (code, body) =
-        server.admin_request("POST", "/v1/sources/bench/cutover").await?;
+    let (code, body) = server
+        .admin_request("POST", "/v1/sources/bench/cutover")
+        .await?;
     ensure!(code == 202, "cutover request refused: {code} {body}");
     let cutover = loop {
         if agent_task.is_finished() {
             break agent_task.await.context("agent task")??;
         }
-        if let Ok((200, body)) =
-            server.admin_request("GET", "/v1/sources/bench").await
+        if let Ok((200, body)) = server.admin_request("GET", "/v1/sources/bench").await
             && let Some(view) = source_view(&body)
         {
             samples.push(Sample {

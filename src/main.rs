@@ -36,7 +36,12 @@ struct Cli {
     /// The admin API's bearer token file. `server` reads it (default
     /// TLS_DIR/admin.token, written 0600 if missing); admin commands send it
     /// (default: tls/admin.token, else /etc/blockrep/tls/admin.token).
-    #[arg(long, global = true, env = "BLOCKREP_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKREP_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
     admin_token: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,

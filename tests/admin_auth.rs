@@ -138,7 +138,10 @@ fn a_foreign_origin_cannot_start_a_cutover() {
         &url,
     ]);
     assert_eq!(code, 403, "{body}");
-    assert!(!f.cutover_requested(), "a refused request started a cutover");
+    assert!(
+        !f.cutover_requested(),
+        "a refused request started a cutover"
+    );
     let (_, metrics) = curl(&[&f.url("/metrics")]);
     assert!(
         metrics.contains(r#"blockrep_admin_requests_refused_total{reason="foreign_origin"} 5"#),
@@ -185,13 +188,22 @@ fn a_rebinding_host_is_refused_before_anything_runs() {
         &f.url("/v1/sources/b/cutover"),
     ]);
     assert_eq!(code, 421, "{body}");
-    assert!(!f.cutover_requested(), "a rebinding request started a cutover");
+    assert!(
+        !f.cutover_requested(),
+        "a rebinding request started a cutover"
+    );
     // The open endpoints are not open to a rebinding page either.
     let (code, _) = curl(&["-H", &evil, &f.url("/metrics")]);
     assert_eq!(code, 421);
     // The names the API answers to: its address, localhost, --admin-host.
     for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
-        let (code, body) = curl(&["-H", &format!("Host: {host}"), "-H", &auth, &f.url("/v1/sources")]);
+        let (code, body) = curl(&[
+            "-H",
+            &format!("Host: {host}"),
+            "-H",
+            &auth,
+            &f.url("/v1/sources"),
+        ]);
         assert_eq!(code, 200, "{host}: {body}");
     }
     let named = ServerProcess::start_with(
@@ -221,11 +233,27 @@ fn state_changes_and_lists_need_the_admin_token() {
     let wrong = bearer(&"0".repeat(64));
     let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &wrong, &url]);
     assert_eq!(code, 401, "{body}");
-    let (code, _) = curl(&["-X", "POST", "-H", json, "-H", "Authorization: Basic Yjpi", &url]);
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        json,
+        "-H",
+        "Authorization: Basic Yjpi",
+        &url,
+    ]);
     assert_eq!(code, 401);
-    assert!(!f.cutover_requested(), "a request without the token started a cutover");
+    assert!(
+        !f.cutover_requested(),
+        "a request without the token started a cutover"
+    );
     // Lists show root ids: they need the token too.
-    for path in ["/v1/sources", "/v1/sources/b", "/v1/snapshots", "/v1/launches"] {
+    for path in [
+        "/v1/sources",
+        "/v1/sources/b",
+        "/v1/snapshots",
+        "/v1/launches",
+    ] {
         let (code, body) = curl(&[&f.url(path)]);
         assert_eq!(code, 401, "{path}: {body}");
         assert!(!body.contains("root"), "{path}: {body}");
@@ -277,7 +305,12 @@ fn a_form_encoded_state_change_is_refused() {
         &f.url("/v1/snapshots"),
     ]);
     assert_eq!(code, 415, "{body}");
-    assert!(!f.work.path().join("data/sources/b/snapshots/plain").exists());
+    assert!(
+        !f.work
+            .path()
+            .join("data/sources/b/snapshots/plain")
+            .exists()
+    );
     let (code, body) = curl(&["-X", "POST", "-H", &auth, &f.url("/v1/gc")]);
     assert_eq!(code, 415, "{body}");
     let (code, body) = curl(&[
@@ -318,7 +351,15 @@ fn unknown_sources_are_404_and_never_created() {
         .collect();
     assert_eq!(on_disk, ["b"]);
     // A known source's reset still works.
-    let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth, &f.url("/v1/sources/b/reset")]);
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        json,
+        "-H",
+        &auth,
+        &f.url("/v1/sources/b/reset"),
+    ]);
     assert_eq!(code, 200, "{body}");
 }
 
@@ -334,7 +375,13 @@ fn metrics_and_health_are_open_read_only() {
     let (code, body) = curl(&[&f.url("/health")]);
     assert_eq!(code, 200, "{body}");
     // Open for reading only: anything else there needs the token.
-    let (code, _) = curl(&["-X", "POST", "-H", "Content-Type: application/json", &f.url("/metrics")]);
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        &f.url("/metrics"),
+    ]);
     assert_eq!(code, 401);
 }
 
@@ -352,7 +399,8 @@ fn the_cli_finds_the_token_by_itself() {
     // The README's setup: `cert init --dir tls` writes tls/admin.token, 0600.
     assert_success(&run(&["cert", "init", "--dir", "tls"], work.path()));
     let token = work.path().join("tls/admin.token");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     let tls = work.path().join("tls");
     let server = ServerProcess::start_with(
@@ -364,16 +412,30 @@ fn the_cli_finds_the_token_by_itself() {
     let admin = server.admin_addr.unwrap().to_string();
     let status = run(&["status", "--admin", &admin], work.path());
     assert_success(&status);
-    assert!(stdout(&status).contains("no sources yet"), "{}", stdout(&status));
+    assert!(
+        stdout(&status).contains("no sources yet"),
+        "{}",
+        stdout(&status)
+    );
     let snapshot = run(&["snapshot", "list", "--admin", &admin], work.path());
     assert_success(&snapshot);
     // Elsewhere, without the file, the CLI says what it needs.
     let elsewhere = tempfile::tempdir().unwrap();
     let refused = run(&["status", "--admin", &admin], elsewhere.path());
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("--admin-token"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("--admin-token"),
+        "{}",
+        stderr(&refused)
+    );
     let named = run(
-        &["status", "--admin", &admin, "--admin-token", token.to_str().unwrap()],
+        &[
+            "status",
+            "--admin",
+            &admin,
+            "--admin-token",
+            token.to_str().unwrap(),
+        ],
         elsewhere.path(),
     );
     assert_success(&named);
@@ -398,14 +460,22 @@ fn the_server_makes_a_missing_token_and_refuses_one_others_can_read() {
         pki.path(),
         &["--retention", "off"],
     );
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the token others could read");
     let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/v1/sources", None);
     assert_eq!(code, 200, "{body}");
     drop(server);
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let refused = Command::new(BIN)
-        .args(["server", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data"])
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(work.path().join("data"))
         .arg("--tls-dir")
         .arg(pki.path())
@@ -413,5 +483,9 @@ fn the_server_makes_a_missing_token_and_refuses_one_others_can_read() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("chmod 600"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("chmod 600"),
+        "{}",
+        stderr(&refused)
+    );
 }

@@ -257,7 +257,13 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
     let token = token.to_str().unwrap();
     let table = run_tool(
         BIN,
-        &["status", "--admin", &admin.to_string(), "--admin-token", token],
+        &[
+            "status",
+            "--admin",
+            &admin.to_string(),
+            "--admin-token",
+            token,
+        ],
     );
     assert!(table.contains("failed_back"), "{table}");
 }

@@ -121,10 +121,9 @@ pub fn require_external_tools() -> bool {
 /// The `Authorization` header line (with its CRLF) carrying the admin token of
 /// the server whose admin API is at `admin`, as the blockrep CLI sends it.
 pub fn admin_authorization(admin: std::net::SocketAddr) -> String {
-    blockrep_testkit::admin_token_for(admin)
-        .map_or_else(String::new, |token| {
-            format!("Authorization: Bearer {token}\r\n")
-        })
+    blockrep_testkit::admin_token_for(admin).map_or_else(String::new, |token| {
+        format!("Authorization: Bearer {token}\r\n")
+    })
 }
 
 /// An admin API request with the server's admin token; returns the status code

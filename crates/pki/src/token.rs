@@ -82,9 +82,7 @@ impl AdminToken {
     pub fn read_or_create(path: &Path) -> Result<(Self, bool), Error> {
         match Self::create_new(path) {
             Ok(token) => Ok((token, true)),
-            Err(Error::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::AlreadyExists =>
-            {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
                 Self::read(path).map(|token| (token, false))
             }
             Err(e) => Err(e),

@@ -61,10 +61,7 @@ pub(crate) async fn write(
 /// The operator's reset: removes the lifecycle record, so replication may
 /// start again. A source the store has no replica of is left alone (no
 /// directory, no status entry is made for it).
-pub(crate) async fn reset(
-    shared: &Arc<Shared>,
-    source: &SourceId,
-) -> Result<Reset, ResetFailed> {
+pub(crate) async fn reset(shared: &Arc<Shared>, source: &SourceId) -> Result<Reset, ResetFailed> {
     let _serial = shared.lifecycle_lock.lock().await;
     let store = Arc::clone(&shared.store);
     let id = source.clone();
@@ -210,7 +207,10 @@ pub(crate) mod tests {
         );
         let (stored, mirrored) = both(&shared, &source);
         assert_eq!(stored, None);
-        assert_eq!(mirrored, None, "the table still shows a fence the store lost");
+        assert_eq!(
+            mirrored, None,
+            "the table still shows a fence the store lost"
+        );
     }
 
     /// Many concurrent writes and resets: afterwards the store and the table
@@ -223,7 +223,8 @@ pub(crate) mod tests {
         for round in 0..100 {
             let record = failed_back(&format!("l{round}"));
             let writer = tokio::spawn({
-                let (shared, source, record) = (Arc::clone(&shared), source.clone(), record.clone());
+                let (shared, source, record) =
+                    (Arc::clone(&shared), source.clone(), record.clone());
                 async move { write(&shared, &source, &record).await }
             });
             let resetter = tokio::spawn({

@@ -209,10 +209,7 @@ impl ServerProcess {
             .ok()
             .map(|text| text.trim().to_owned());
         if let (Some(admin), Some(token)) = (admin_addr, &admin_token) {
-            ADMIN_TOKENS
-                .lock()
-                .unwrap()
-                .insert(admin, token.clone());
+            ADMIN_TOKENS.lock().unwrap().insert(admin, token.clone());
         }
         Self {
             child,
