@@ -18,6 +18,8 @@ now() { date +%s.%N; }
 elapsed() { echo "$(now) - $1" | bc -l; }
 
 $bin cert init --dir "$work/tls" >/dev/null
+# Admin commands below send this server's token.
+export BLOCKREP_ADMIN_TOKEN_FILE="$work/tls/admin.token"
 for s in speed small large; do $bin cert issue --dir "$work/tls" --source $s >/dev/null; done
 $bin server --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --nbd-listen 127.0.0.1:0 --retention off \
     --data "$work/data" --tls-dir "$work/tls" >"$work/server.out" 2>"$work/server.err" &

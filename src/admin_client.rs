@@ -5,31 +5,92 @@
 //! With `--admin-tls-dir DIR` (a server run with `--admin-tls`), requests go over
 //! mutual TLS with DIR/ca.crt, DIR/admin.crt and DIR/admin.key; the server's
 //! certificate must name the host of the admin address.
+//!
+//! Over plain HTTP every request carries the admin token (`Authorization:
+//! Bearer`), read from `--admin-token FILE` (or `BLOCKREP_ADMIN_TOKEN_FILE`),
+//! else from the first of [`DEFAULT_TOKEN_FILES`] that exists: the layouts
+//! the README and the systemd units use, so `blockrep status` works as is.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, bail};
+use blockrep_pki::AdminToken;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The certificate directory for admin TLS, set once from the command line.
 static TLS_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 
+/// The admin token file named on the command line, set once.
+static TOKEN_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Where the admin token is looked for when no file is named: `cert init --dir
+/// tls` run here, and the directory of the packaged systemd units.
+pub const DEFAULT_TOKEN_FILES: [&str; 2] = ["tls/admin.token", "/etc/blockrep/tls/admin.token"];
+
 /// Makes every later request use mutual TLS with the admin certificate in `dir`.
 pub fn set_tls_dir(dir: Option<PathBuf>) {
     let _ = TLS_DIR.set(dir);
 }
 
-/// Most bytes of a response we accept.
-const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Makes every later plain-HTTP request carry the token in `path`.
+pub fn set_token_file(path: Option<PathBuf>) {
+    let _ = TOKEN_FILE.set(path);
+}
 
-/// Sends a request and returns the status code and body.
+/// The token to send: the named file's (which must be readable), else the
+/// first default file that exists, else none.
+fn configured_token() -> Result<Option<AdminToken>> {
+    if let Some(path) = TOKEN_FILE.get().cloned().flatten() {
+        return read_token(&path).map(Some);
+    }
+    for path in DEFAULT_TOKEN_FILES.map(Path::new) {
+        if path.exists() {
+            return read_token(path).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Reads an admin token file (0600, as `cert init` and the server write it).
+pub fn read_token(path: &Path) -> Result<AdminToken> {
+    AdminToken::read(path).context("cannot use the admin token (--admin-token)")
+}
+
+/// Sends a request with the admin identity configured on the command line
+/// (the certificate of `--admin-tls-dir`, else the admin token) and returns
+/// the status code and body.
 pub async fn request(
     addr: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
+) -> Result<(u16, String)> {
+    let tls = TLS_DIR.get().cloned().flatten().is_some();
+    // Over TLS the certificate is the identity: the token stays home.
+    let token = if tls { None } else { configured_token()? };
+    let (code, text) = request_with_token(addr, method, path, body, token.as_ref()).await?;
+    if code == 401 && token.is_none() && !tls {
+        bail!(
+            "the admin API at {addr} needs the admin token: pass --admin-token FILE or set \
+             BLOCKREP_ADMIN_TOKEN_FILE (the server's TLS_DIR/admin.token; looked for {})",
+            DEFAULT_TOKEN_FILES.join(" and ")
+        );
+    }
+    Ok((code, text))
+}
+
+/// Most bytes of a response we accept.
+const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Sends a request carrying `token` (if any) and returns the status code and body.
+pub async fn request_with_token(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&AdminToken>,
 ) -> Result<(u16, String)> {
     let tcp = TcpStream::connect(addr)
         .await
@@ -46,9 +107,9 @@ pub async fn request(
                 .connect(name, tcp)
                 .await
                 .with_context(|| format!("TLS handshake with the admin API at {addr} failed"))?;
-            exchange(stream, addr, method, path, body).await
+            exchange(stream, addr, method, path, body, token).await
         }
-        None => exchange(tcp, addr, method, path, body).await,
+        None => exchange(tcp, addr, method, path, body, token).await,
     }
 }
 
@@ -69,11 +130,15 @@ async fn exchange(
     method: &str,
     path: &str,
     body: Option<&str>,
+    token: Option<&AdminToken>,
 ) -> Result<(u16, String)> {
     let body = body.unwrap_or("");
+    let authorization = token.map_or_else(String::new, |t| {
+        format!("Authorization: Bearer {}\r\n", t.as_str())
+    });
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+         {authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;

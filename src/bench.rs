@@ -236,11 +236,15 @@ struct ServerChild {
     child: Child,
     addr: String,
     admin: String,
+    /// The admin token of this server (its TLS directory's).
+    token: blockrep_pki::AdminToken,
 }
 
 impl ServerChild {
     fn start(data: &Path, tls: &Path) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
+        let token_path = tls.join(blockrep_pki::ADMIN_TOKEN_FILE_NAME);
+        let token = admin_client::read_token(&token_path)?;
         let mut child = Command::new(exe)
             .args([
                 "server",
@@ -255,6 +259,9 @@ impl ServerChild {
             .arg(data)
             .arg("--tls-dir")
             .arg(tls)
+            // This server's own token, whatever the caller's environment names.
+            .arg("--admin-token")
+            .arg(&token_path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -273,7 +280,17 @@ impl ServerChild {
             let mut sink = Vec::new();
             let _ = reader.read_to_end(&mut sink);
         });
-        Ok(Self { child, addr, admin })
+        Ok(Self {
+            child,
+            addr,
+            admin,
+            token,
+        })
+    }
+
+    /// An admin API request with this server's token.
+    async fn admin_request(&self, method: &str, path: &str) -> Result<(u16, String)> {
+        admin_client::request_with_token(&self.admin, method, path, None, Some(&self.token)).await
     }
 
     fn pid(&self) -> String {
@@ -555,8 +572,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let cutover_requested_at;
     loop {
         let elapsed = phase_start.elapsed();
-        if let Ok((200, body)) =
-            admin_client::request(&server.admin, "GET", "/v1/sources/bench", None).await
+        if let Ok((200, body)) = server.admin_request("GET", "/v1/sources/bench").await
             && let Some(view) = source_view(&body)
         {
             samples.push(Sample {
@@ -574,15 +590,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     let churn_samples = samples.len();
     eprintln!("cutover...");
-    let (code, body) =
-        admin_client::request(&server.admin, "POST", "/v1/sources/bench/cutover", None).await?;
+    let (code, body) = server
+        .admin_request("POST", "/v1/sources/bench/cutover")
+        .await?;
     ensure!(code == 202, "cutover request refused: {code} {body}");
     let cutover = loop {
         if agent_task.is_finished() {
             break agent_task.await.context("agent task")??;
         }
-        if let Ok((200, body)) =
-            admin_client::request(&server.admin, "GET", "/v1/sources/bench", None).await
+        if let Ok((200, body)) = server.admin_request("GET", "/v1/sources/bench").await
             && let Some(view) = source_view(&body)
         {
             samples.push(Sample {

@@ -33,6 +33,16 @@ struct Cli {
     /// with ca.crt, admin.crt and admin.key from this directory.
     #[arg(long, global = true, env = "BLOCKREP_ADMIN_TLS_DIR")]
     admin_tls_dir: Option<PathBuf>,
+    /// The admin API's bearer token file. `server` reads it (default
+    /// TLS_DIR/admin.token, written 0600 if missing); admin commands send it
+    /// (default: tls/admin.token, else /etc/blockrep/tls/admin.token).
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKREP_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    admin_token: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -197,9 +207,16 @@ struct ServerArgs {
     #[arg(long)]
     admin_tls: bool,
     /// Address of the admin HTTP API (JSON under /v1/, /health, /metrics). Keep
-    /// it on loopback unless it is otherwise protected.
+    /// it on loopback unless it is otherwise protected. Everything but reading
+    /// /health and /metrics needs the admin token (--admin-token) or, with
+    /// --admin-tls, the admin certificate.
     #[arg(long, default_value = "127.0.0.1:7444")]
     admin_listen: SocketAddr,
+    /// A name (or address) the admin API may be reached by, besides localhost,
+    /// loopback addresses and the --admin-listen address (repeatable). Requests
+    /// naming any other Host are refused (DNS rebinding).
+    #[arg(long = "admin-host", value_name = "NAME")]
+    admin_hosts: Vec<String>,
     /// A source whose replication lag exceeds this is `lagging`, and breaches
     /// its RPO. Per source: PUT /v1/sources/ID/rpo-target (kept in memory).
     #[arg(long, default_value = "15m", value_parser = units::parse_duration)]
@@ -554,9 +571,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     admin_client::set_tls_dir(cli.admin_tls_dir.clone());
+    admin_client::set_token_file(cli.admin_token.clone());
     let result = match cli.command {
         Command::Cert(command) => cert(command),
-        Command::Server(args) => runtime().and_then(|rt| rt.block_on(server(args))),
+        Command::Server(args) => {
+            runtime().and_then(|rt| rt.block_on(server(args, cli.admin_token)))
+        }
         Command::Agent(args) => runtime().and_then(|rt| rt.block_on(agent(args))),
         Command::Export(args) => export(args),
         Command::Gc(args) => runtime().and_then(|rt| rt.block_on(gc(args))),
@@ -672,8 +692,12 @@ fn cert(command: CertCommand) -> Result<()> {
     Ok(())
 }
 
-async fn server(args: ServerArgs) -> Result<()> {
+async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Result<()> {
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
+    if let Some(path) = admin_token {
+        config.admin_token_path = path;
+    }
+    config.admin_hosts = args.admin_hosts;
     config.connections_max = args.connections_max;
     config.handshake_timeout = args.handshake_timeout;
     config.idle_timeout = args.idle_timeout;

@@ -411,7 +411,8 @@ fn sources_turn_stalled_without_an_agent_and_lagging_behind_the_rpo() {
         "{view:?}"
     );
     let table = std::process::Command::new(BIN)
-        .args(["status", "--admin", &admin.to_string()])
+        .args(["status", "--admin", &admin.to_string(), "--admin-token"])
+        .arg(pki.path().join("admin.token"))
         .output()
         .unwrap();
     assert_success(&table);

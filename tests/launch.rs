@@ -85,6 +85,8 @@ fn launch_volume_is_served_to_real_nbd_clients() {
             "list",
             "--admin",
             &server.admin_addr.unwrap().to_string(),
+            "--admin-token",
+            pki.path().join("admin.token").to_str().unwrap(),
         ],
     );
     assert!(table.contains("test-1") && table.contains(&uri), "{table}");
@@ -97,6 +99,8 @@ fn launch_volume_is_served_to_real_nbd_clients() {
             "web",
             "--admin",
             &server.admin_addr.unwrap().to_string(),
+            "--admin-token",
+            pki.path().join("admin.token").to_str().unwrap(),
         ],
     );
     assert!(table.contains("before-change"), "{table}");

@@ -164,6 +164,8 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
             "app",
             "--admin",
             &admin.to_string(),
+            "--admin-token",
+            pki.path().join("admin.token").to_str().unwrap(),
             "--timeout",
             "60s",
         ])
@@ -251,7 +253,18 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
         admin_source(admin, "app").unwrap().state,
         SourceState::FailedBack
     );
-    let table = run_tool(BIN, &["status", "--admin", &admin.to_string()]);
+    let token = pki.path().join("admin.token");
+    let token = token.to_str().unwrap();
+    let table = run_tool(
+        BIN,
+        &[
+            "status",
+            "--admin",
+            &admin.to_string(),
+            "--admin-token",
+            token,
+        ],
+    );
     assert!(table.contains("failed_back"), "{table}");
 }
 
@@ -290,6 +303,8 @@ fn after_cutover_the_old_agent_is_fenced_until_reset() {
             "web",
             "--admin",
             &admin.to_string(),
+            "--admin-token",
+            pki.path().join("admin.token").to_str().unwrap(),
         ])
         .output()
         .unwrap();

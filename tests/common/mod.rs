@@ -118,7 +118,16 @@ pub fn require_external_tools() -> bool {
     std::env::var_os("BLOCKREP_REQUIRE_TOOLS").is_some()
 }
 
-/// An admin API request; returns the status code and the body.
+/// The `Authorization` header line (with its CRLF) carrying the admin token of
+/// the server whose admin API is at `admin`, as the blockrep CLI sends it.
+pub fn admin_authorization(admin: std::net::SocketAddr) -> String {
+    blockrep_testkit::admin_token_for(admin).map_or_else(String::new, |token| {
+        format!("Authorization: Bearer {token}\r\n")
+    })
+}
+
+/// An admin API request with the server's admin token; returns the status code
+/// and the body.
 pub fn admin_request(
     admin: std::net::SocketAddr,
     method: &str,
@@ -128,9 +137,10 @@ pub fn admin_request(
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(admin).unwrap();
     let body = body.unwrap_or("");
+    let authorization = admin_authorization(admin);
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -193,9 +203,10 @@ pub fn have_tool(program: &str) -> bool {
 pub fn admin_sources(admin: std::net::SocketAddr) -> Vec<blockrep_server::SourceView> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    let authorization = admin_authorization(admin);
     write!(
         stream,
-        "GET /v1/sources HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET /v1/sources HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{authorization}\r\n"
     )
     .unwrap();
     let mut response = String::new();

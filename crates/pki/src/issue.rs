@@ -32,9 +32,10 @@ fn ensure_dir(dir: &Path) -> Result<(), Error> {
     })
 }
 
-/// Creates a private CA (`ca.crt`, `ca.key`) and a server certificate
+/// Creates a private CA (`ca.crt`, `ca.key`), a server certificate
 /// (`server.crt`, `server.key`) valid for `server_names` (DNS names or IP
-/// addresses) in `dir`. Refuses to replace an existing CA unless `force`.
+/// addresses) and the admin token (`admin.token`, 0600) in `dir`. Refuses to
+/// replace an existing CA unless `force` (which also replaces the token).
 pub fn init_ca(dir: &Path, server_names: &[String], force: bool) -> Result<(), Error> {
     ensure_dir(dir)?;
     if dir.join("ca.key").exists() && !force {
@@ -79,6 +80,13 @@ pub fn init_ca(dir: &Path, server_names: &[String], force: bool) -> Result<(), E
     let cert = params.signed_by(&key, &issuer)?;
     write_file(&dir.join("server.crt"), &cert.pem(), CERT_MODE)?;
     write_file(&dir.join("server.key"), &key.serialize_pem(), KEY_MODE)?;
+    // The admin API's bearer token goes with the CA: a new CA gets a new token.
+    let token_path = dir.join(crate::ADMIN_TOKEN_FILE_NAME);
+    if force {
+        crate::AdminToken::replace(&token_path)?;
+    } else {
+        crate::AdminToken::read_or_create(&token_path)?;
+    }
     Ok(())
 }
 

@@ -6,6 +6,10 @@
 //! `urn:blockrep:source:ID` for a source's agent and `urn:blockrep:admin` for the
 //! operator. The server takes the identity from the verified certificate, never
 //! from anything the peer says on the wire.
+//!
+//! Files of a TLS directory: `ca.crt`/`ca.key` (the CA), `server.crt`/`server.key`,
+//! `ID.crt`/`ID.key` per source, `admin.crt`/`admin.key`, `crl.pem`, and
+//! `admin.token` (0600), the admin API's bearer token (see [`AdminToken`]).
 #![forbid(unsafe_code)]
 
 mod files;
@@ -13,12 +17,14 @@ mod identity;
 mod issue;
 mod revoke;
 mod tls;
+mod token;
 
 pub use files::{read_certs, read_key};
 pub use identity::{ADMIN_URI, Identity, SOURCE_URI_PREFIX, identity_from_cert};
 pub use issue::{init_ca, issue_admin, issue_source};
 pub use revoke::{CRL_FILE_NAME, Revocation, read_crls, revoke_cert};
 pub use tls::{client_config, server_config, server_config_with_crls};
+pub use token::{ADMIN_TOKEN_FILE_NAME, AdminToken};
 
 /// Errors of this crate: a message naming the file or step that failed.
 #[derive(Debug, thiserror::Error)]

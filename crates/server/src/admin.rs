@@ -19,7 +19,8 @@ use crate::listener::Shared;
 use crate::status::now_unix_ms;
 use crate::views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+/// The admin routes behind the admin guard (Host, Origin, identity, JSON).
+pub(crate) fn router(shared: Arc<Shared>, guard: Arc<crate::admin_guard::AdminGuard>) -> Router {
     Router::new()
         .route("/health", get(crate::health::handler))
         .route("/metrics", get(crate::metrics::handler))
@@ -41,6 +42,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/launches", get(list_launches).post(create_launch))
         .route("/v1/launches/{name}", delete(delete_launch))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            (Arc::clone(&shared), guard),
+            crate::admin_guard::guard,
+        ))
         .with_state(shared)
 }
 
@@ -130,12 +135,15 @@ async fn request_cutover(
         )
         .into());
     }
-    let fenced = shared.sources.update(&source, |r| {
+    let fenced = shared.sources.update_known(&source, |r| {
         if r.lifecycle.is_none() {
             r.cutover_requested = true;
         }
         r.lifecycle.is_some()
     });
+    let Some(fenced) = fenced else {
+        return Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into());
+    };
     if fenced {
         return Err(error(
             StatusCode::CONFLICT,
@@ -157,16 +165,17 @@ async fn reset_source(
     Path(source): Path<String>,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
-    blocking(&shared, {
-        let source = source.clone();
-        move |store| store.clear_lifecycle(&source)
-    })
-    .await?;
-    shared.sources.update(&source, |r| {
-        r.lifecycle = None;
-        r.cutover_requested = false;
-        r.failback_finalize_requested = false;
-    });
+    // Serialized with the lifecycle writes of sessions (cutover, failback).
+    match crate::lifecycle::reset(&shared, &source).await {
+        Ok(crate::lifecycle::Reset::Done) => {}
+        Ok(crate::lifecycle::Reset::UnknownSource) => {
+            return Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into());
+        }
+        Err(crate::lifecycle::ResetFailed::Store(e)) => return Err(store_error(&e).into()),
+        Err(crate::lifecycle::ResetFailed::Task(e)) => {
+            return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e).into());
+        }
+    }
     info!(source = %source, "source reset: replication allowed again");
     Ok(Json(json!({ "source": source.as_str(), "reset": true })).into_response())
 }
@@ -177,7 +186,8 @@ async fn complete_failback(
     Path(source): Path<String>,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
-    let failing_back = shared.sources.update(&source, |r| {
+    // `update_known`: asking about a source never seen must not create it.
+    let failing_back = shared.sources.update_known(&source, |r| {
         let active = r
             .lifecycle
             .as_ref()
@@ -187,6 +197,9 @@ async fn complete_failback(
         }
         active
     });
+    let Some(failing_back) = failing_back else {
+        return Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into());
+    };
     if !failing_back {
         return Err(error(
             StatusCode::CONFLICT,

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_guard;
 mod admin_tls;
 mod alerts;
 mod budget;
@@ -25,6 +26,7 @@ mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
+mod lifecycle;
 mod listener;
 mod maintenance;
 mod metrics;
@@ -98,6 +100,14 @@ pub struct ServerConfig {
     /// Serve the admin API over mutual TLS, to the admin certificate only
     /// (sources get 403), instead of plain HTTP.
     pub admin_tls: bool,
+    /// The admin token file of the plain-HTTP admin API (written, 0600, when
+    /// missing); requests other than reading `/health` and `/metrics` must
+    /// carry the token. Unused with `admin_tls`.
+    pub admin_token_path: PathBuf,
+    /// Names (or addresses) the admin API may be reached by besides
+    /// `localhost`, loopback addresses and its listen address: any other
+    /// `Host` is refused (DNS rebinding).
+    pub admin_hosts: Vec<String>,
     /// Most memory all sessions together may hold for their disks' chunk ids
     /// (32 bytes per chunk); a session whose disk does not fit is refused.
     pub session_memory_max_bytes: u64,
@@ -105,7 +115,7 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// A configuration with default limits, taking the TLS files from `tls_dir`
-    /// (`ca.crt`, `server.crt`, `server.key`).
+    /// (`ca.crt`, `server.crt`, `server.key`, `admin.token`).
     pub fn new(listen: SocketAddr, data_dir: PathBuf, tls_dir: PathBuf) -> Self {
         Self {
             listen,
@@ -130,6 +140,8 @@ impl ServerConfig {
             on_rpo_breach: None,
             crl_path: None,
             admin_tls: false,
+            admin_token_path: tls_dir.join(blockrep_pki::ADMIN_TOKEN_FILE_NAME),
+            admin_hosts: Vec::new(),
             // Enough for the largest valid geometry (2^28 chunks) and a little.
             session_memory_max_bytes: 9 << 30,
         }

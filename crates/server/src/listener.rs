@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     active_sources: Mutex<HashMap<SourceId, Arc<ActiveSession>>>,
     /// Memory sessions have reserved for chunk ids.
     pub ids_budget: crate::budget::IdsBudget,
+    /// Held around every lifecycle change (see the `lifecycle` module).
+    pub lifecycle_lock: tokio::sync::Mutex<()>,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -117,6 +119,7 @@ impl Shared {
             nbd_addr,
             active_sources: Mutex::new(HashMap::new()),
             ids_budget: crate::budget::IdsBudget::default(),
+            lifecycle_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -172,6 +175,8 @@ impl Drop for AbortOnDrop {
 pub struct Server {
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
+    /// Who the admin listener lets in; present with `admin_listener`.
+    admin_guard: Option<Arc<crate::admin_guard::AdminGuard>>,
     nbd_listener: Option<TcpListener>,
     tls: Arc<rustls::ServerConfig>,
     acceptor: TlsAcceptor,
@@ -252,9 +257,22 @@ impl Server {
             None => None,
         };
         let nbd_addr = nbd_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let admin_guard = match &admin_listener {
+            Some(admin) => {
+                let bound = admin.local_addr().map_err(|source| Error::Bind {
+                    addr: config.admin_listen.unwrap_or(config.listen),
+                    source,
+                })?;
+                Some(Arc::new(crate::admin_guard::AdminGuard::new(
+                    &config, bound,
+                )?))
+            }
+            None => None,
+        };
         Ok(Server {
             listener,
             admin_listener,
+            admin_guard,
             nbd_listener,
             tls: Arc::clone(&tls),
             acceptor: TlsAcceptor::from(tls),
@@ -291,8 +309,8 @@ impl Server {
         // The listener is bound: connections queue from here on.
         self.shared.health.set_accepting(true);
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        if let Some(admin_listener) = self.admin_listener {
-            let router = crate::admin::router(Arc::clone(&self.shared));
+        if let (Some(admin_listener), Some(guard)) = (self.admin_listener, self.admin_guard) {
+            let router = crate::admin::router(Arc::clone(&self.shared), guard);
             let stopped = async {
                 let _ = admin_stopped.await;
             };

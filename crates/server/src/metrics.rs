@@ -88,7 +88,7 @@ impl HandshakeFailure {
     }
 }
 
-/// Why a request to the admin API over TLS was refused, as counted in
+/// Why a request to the admin API was refused, as counted in
 /// `blockrep_admin_requests_refused_total`. (Handshake failures on the admin
 /// listener count in `blockrep_handshake_failures_total` like any other.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,15 +97,38 @@ pub(crate) enum AdminRefusal {
     SourceCertificate,
     /// A certificate from the CA that carries no valid blockrep identity.
     NoIdentity,
+    /// A `Host` that does not name this listener (DNS rebinding).
+    ForeignHost,
+    /// A foreign `Origin` or a cross-site browser request (CSRF).
+    ForeignOrigin,
+    /// No admin token where one is needed.
+    NoToken,
+    /// A token that is not the admin token.
+    WrongToken,
+    /// A state change without `Content-Type: application/json`.
+    NotJson,
 }
 
 impl AdminRefusal {
-    const ALL: [AdminRefusal; 2] = [AdminRefusal::SourceCertificate, AdminRefusal::NoIdentity];
+    const ALL: [AdminRefusal; 7] = [
+        AdminRefusal::SourceCertificate,
+        AdminRefusal::NoIdentity,
+        AdminRefusal::ForeignHost,
+        AdminRefusal::ForeignOrigin,
+        AdminRefusal::NoToken,
+        AdminRefusal::WrongToken,
+        AdminRefusal::NotJson,
+    ];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             AdminRefusal::SourceCertificate => "source_certificate",
             AdminRefusal::NoIdentity => "no_identity",
+            AdminRefusal::ForeignHost => "foreign_host",
+            AdminRefusal::ForeignOrigin => "foreign_origin",
+            AdminRefusal::NoToken => "no_token",
+            AdminRefusal::WrongToken => "wrong_token",
+            AdminRefusal::NotJson => "not_json",
         }
     }
 }
@@ -187,7 +210,7 @@ pub(crate) struct Metrics {
     sessions_rejected: Mutex<BTreeMap<String, u64>>,
     /// Garbage collector runs; the collector increments it when it runs.
     pub gc_runs_total: AtomicU64,
-    /// Admin API requests refused over `--admin-tls`, by [`AdminRefusal`].
+    /// Admin API requests refused, by [`AdminRefusal`].
     admin_refused: [AtomicU64; AdminRefusal::ALL.len()],
     epoch_commit_duration: Histogram,
     epoch_size: Histogram,
@@ -713,7 +736,8 @@ pub(crate) fn render(scrape: &Scrape) -> String {
     x.family(
         "blockrep_admin_requests_refused_total",
         "counter",
-        "Admin API requests refused over --admin-tls, by reason (source_certificate, no_identity).",
+        "Admin API requests refused, by reason (source_certificate, no_identity, foreign_host, \
+         foreign_origin, no_token, wrong_token, not_json).",
     );
     for (reason, count) in &scrape.admin_requests_refused_total {
         x.sample(

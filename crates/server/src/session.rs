@@ -1111,19 +1111,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Err(Outcome::End(End::Closed))
     }
 
-    /// Writes the lifecycle record durably and mirrors it in the status table.
+    /// Writes the lifecycle record durably and mirrors it in the status table,
+    /// serialized with the operator's reset.
     async fn persist_lifecycle(&self, lifecycle: &Lifecycle) -> Result<(), Outcome> {
-        let store = Arc::clone(&self.shared.store);
-        let (source, record) = (self.source.clone(), lifecycle.clone());
-        tokio::task::spawn_blocking(move || store.set_lifecycle(&source, &record))
+        crate::lifecycle::write(&self.shared, &self.source, lifecycle)
             .await
-            .map_err(internal)?
-            .map_err(internal)?;
-        let record = lifecycle.clone();
-        self.shared.sources.update(&self.source, |r| {
-            r.lifecycle = Some(record);
-            r.cutover_requested = false;
-        });
-        Ok(())
+            .map_err(internal)
     }
 }

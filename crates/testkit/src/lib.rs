@@ -11,6 +11,7 @@ pub mod rng;
 pub use proxy::{BlackHoleFault, DirectionFaults, FaultConfig, FaultProxy, ResetFault, Which};
 pub use rng::SplitMix64;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -88,6 +89,15 @@ impl Pki {
     }
 }
 
+/// The admin token of every server this process started, by admin address.
+static ADMIN_TOKENS: Mutex<BTreeMap<SocketAddr, String>> = Mutex::new(BTreeMap::new());
+
+/// The admin token of the server this process started with its admin API at
+/// `admin` (helpers that only know the address use it).
+pub fn admin_token_for(admin: SocketAddr) -> Option<String> {
+    ADMIN_TOKENS.lock().unwrap().get(&admin).cloned()
+}
+
 /// The real `blockrep server` binary, listening on an ephemeral port.
 #[derive(Debug)]
 pub struct ServerProcess {
@@ -95,6 +105,10 @@ pub struct ServerProcess {
     pub addr: SocketAddr,
     /// The admin API's address (servers here listen on 127.0.0.1:0 for it too).
     pub admin_addr: Option<SocketAddr>,
+    /// The admin token the server reads (its TLS directory's `admin.token`, or
+    /// the file given with `--admin-token`); `None` once it has none there
+    /// (`--admin-tls`).
+    pub admin_token: Option<String>,
     /// The NBD listener's address, when started with `--nbd-listen`.
     pub nbd_addr: Option<SocketAddr>,
     /// Everything the server logged on stderr so far.
@@ -132,6 +146,8 @@ fn server_command(bin: &Path, listen: &str, data: &Path, tls: &Path, extra: &[&s
         .arg(tls)
         .args(extra)
         .env("RUST_LOG", "info")
+        // The token file is the one in `tls` (or in `extra`), whatever the environment says.
+        .env_remove("BLOCKREP_ADMIN_TOKEN_FILE")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     command
@@ -181,10 +197,25 @@ impl ServerProcess {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
         });
+        let token_path = extra
+            .iter()
+            .position(|arg| *arg == "--admin-token")
+            .and_then(|i| extra.get(i + 1))
+            .map_or_else(
+                || tls.join(blockrep_pki::ADMIN_TOKEN_FILE_NAME),
+                PathBuf::from,
+            );
+        let admin_token = std::fs::read_to_string(token_path)
+            .ok()
+            .map(|text| text.trim().to_owned());
+        if let (Some(admin), Some(token)) = (admin_addr, &admin_token) {
+            ADMIN_TOKENS.lock().unwrap().insert(admin, token.clone());
+        }
         Self {
             child,
             addr,
             admin_addr,
+            admin_token,
             nbd_addr,
             log,
             started_in,
