@@ -8,12 +8,17 @@
 //! from anything the peer says on the wire.
 #![forbid(unsafe_code)]
 
+mod crl;
 mod files;
 mod identity;
 mod issue;
 mod revoke;
 mod tls;
 
+pub use crl::{
+    CRL_FILE_MAX_BYTES, ReloadableClientVerifier, RevocationLists, cert_serial, read_list_file,
+    server_config_reloadable,
+};
 pub use files::{read_certs, read_key};
 pub use identity::{ADMIN_URI, Identity, SOURCE_URI_PREFIX, identity_from_cert};
 pub use issue::{init_ca, issue_admin, issue_source};
