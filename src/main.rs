@@ -112,7 +112,9 @@ enum CertCommand {
         admin: bool,
     },
     /// Revoke a client certificate: add it to the CA's revocation list
-    /// (DIR/crl.pem), which servers load with --crl (restart them to apply).
+    /// (DIR/crl.pem), which servers load with --crl. A running server reloads
+    /// it within --crl-poll-interval (or at once on SIGHUP) and ends the open
+    /// sessions of the certificate.
     Revoke {
         /// Directory holding ca.crt and ca.key (and the certificate).
         #[arg(long)]
@@ -177,6 +179,11 @@ struct ServerArgs {
     /// Most connections open at once.
     #[arg(long, default_value_t = 1024)]
     connections_max: usize,
+    /// Most of those one peer address (IPv6: one /64) may hold; a connection
+    /// over it is closed at once, before any TLS work. Raise it when many
+    /// sources reach the server through one NAT address.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    connections_per_address: u32,
     /// Most memory all sessions together hold for their disks' chunk ids (32
     /// bytes per chunk: 512 MiB for a 1 TiB disk at 64 KiB chunks); a session whose
     /// disk does not fit is refused (busy if it would fit later).
@@ -198,9 +205,16 @@ struct ServerArgs {
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     supersede_after: Duration,
     /// Refuse client certificates revoked by this list (PEM, e.g. the crl.pem
-    /// that `blockrep cert revoke` writes), on every listener.
+    /// that `blockrep cert revoke` writes), on every listener. The file is
+    /// reloaded when it changes and on SIGHUP: new handshakes use the new list
+    /// at once, and open sessions of certificates it revokes end. A list that
+    /// does not load (torn, garbage, another CA's) is logged and the list in
+    /// force stays in force.
     #[arg(long)]
     crl: Option<PathBuf>,
+    /// How often the --crl file is checked for a change.
+    #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+    crl_poll_interval: Duration,
     /// Serve the admin API over mutual TLS instead of plain HTTP: only the admin
     /// certificate (`blockrep cert issue --admin`) is let in; source
     /// certificates get 403. Clients: `blockrep --admin-tls-dir DIR status ...`.
@@ -699,11 +713,13 @@ async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Result<()> {
     }
     config.admin_hosts = args.admin_hosts;
     config.connections_max = args.connections_max;
+    config.connections_per_address_max = args.connections_per_address as usize;
     config.handshake_timeout = args.handshake_timeout;
     config.idle_timeout = args.idle_timeout;
     config.supersede_after = args.supersede_after;
     config.session_memory_max_bytes = args.session_memory_max;
     config.crl_path = args.crl;
+    config.crl_poll_interval = args.crl_poll_interval;
     config.admin_tls = args.admin_tls;
     config.admin_listen = Some(args.admin_listen);
     config.rpo_target = args.rpo_target;

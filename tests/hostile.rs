@@ -241,6 +241,9 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
         &[
             "--connections-max",
             &CONNECTIONS_MAX.to_string(),
+            // This test is of the listener's own limit: one address may hold all.
+            "--connections-per-address",
+            &CONNECTIONS_MAX.to_string(),
             "--handshake-timeout",
             "3s",
         ],

@@ -12,6 +12,7 @@
 //! `admin.token` (0600), the admin API's bearer token (see [`AdminToken`]).
 #![forbid(unsafe_code)]
 
+mod crl;
 mod files;
 mod identity;
 mod issue;
@@ -19,6 +20,10 @@ mod revoke;
 mod tls;
 mod token;
 
+pub use crl::{
+    CRL_FILE_MAX_BYTES, ReloadableClientVerifier, RevocationLists, cert_serial, read_list_file,
+    server_config_reloadable,
+};
 pub use files::{read_certs, read_key};
 pub use identity::{ADMIN_URI, Identity, SOURCE_URI_PREFIX, identity_from_cert};
 pub use issue::{init_ca, issue_admin, issue_source};

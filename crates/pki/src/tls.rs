@@ -10,11 +10,11 @@ use rustls_pki_types::CertificateRevocationListDer;
 use crate::Error;
 use crate::files::{read_certs, read_key};
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn roots(ca: &Path) -> Result<Arc<RootCertStore>, Error> {
+pub(crate) fn roots(ca: &Path) -> Result<Arc<RootCertStore>, Error> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca)? {
         roots.add(cert).map_err(|e| {

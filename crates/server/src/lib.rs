@@ -17,6 +17,7 @@
 //! `alerts` (RPO breach detection and the `--on-rpo-breach` hook).
 #![forbid(unsafe_code)]
 
+mod address_slots;
 mod admin;
 mod admin_guard;
 mod admin_tls;
@@ -32,6 +33,7 @@ mod maintenance;
 mod metrics;
 mod nbd_export;
 mod retention;
+mod revocation;
 mod session;
 mod status;
 mod verify;
@@ -61,6 +63,9 @@ pub struct ServerConfig {
     pub key_path: PathBuf,
     /// Most connections open at once (handshaking or in session).
     pub connections_max: usize,
+    /// Most of those one peer address may hold (IPv6: one /64); a connection
+    /// over it is closed at once, before any TLS work.
+    pub connections_per_address_max: usize,
     /// Time allowed for TCP accept to finished TLS handshake and `Hello`.
     pub handshake_timeout: Duration,
     /// A session with no frame from the agent for this long is closed.
@@ -97,6 +102,10 @@ pub struct ServerConfig {
     /// Certificate revocation lists (PEM) checked against every client
     /// certificate, on every listener; `None` checks none.
     pub crl_path: Option<PathBuf>,
+    /// How often the `crl_path` file is checked for a change (it is also
+    /// reloaded on SIGHUP); a changed list applies to new handshakes at once
+    /// and ends the open sessions of the certificates it revokes.
+    pub crl_poll_interval: Duration,
     /// Serve the admin API over mutual TLS, to the admin certificate only
     /// (sources get 403), instead of plain HTTP.
     pub admin_tls: bool,
@@ -124,6 +133,7 @@ impl ServerConfig {
             cert_path: tls_dir.join("server.crt"),
             key_path: tls_dir.join("server.key"),
             connections_max: 1024,
+            connections_per_address_max: 64,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             supersede_after: Duration::from_secs(10),
@@ -139,6 +149,7 @@ impl ServerConfig {
             alert_interval: Duration::from_millis(500),
             on_rpo_breach: None,
             crl_path: None,
+            crl_poll_interval: Duration::from_secs(2),
             admin_tls: false,
             admin_token_path: tls_dir.join(blockrep_pki::ADMIN_TOKEN_FILE_NAME),
             admin_hosts: Vec::new(),

@@ -29,8 +29,11 @@ use crate::{Error, ServerConfig};
 pub struct ServerStats {
     /// Connections accepted.
     pub connections_total: AtomicU64,
-    /// Connections refused because the connection limit was reached.
+    /// Connections refused because the connection limit was reached (the
+    /// listener's or their address's).
     pub connections_refused_total: AtomicU64,
+    /// Connections refused because their address held its share of the slots.
+    pub connections_refused_per_address_total: AtomicU64,
     /// TLS handshakes that failed or timed out.
     pub handshake_failures_total: AtomicU64,
     /// Sessions ended with an error sent to the agent.
@@ -66,6 +69,9 @@ pub(crate) struct Shared {
     pub ids_budget: crate::budget::IdsBudget,
     /// Held around every lifecycle change (see the `lifecycle` module).
     pub lifecycle_lock: tokio::sync::Mutex<()>,
+    /// The revocation lists in force and the sessions they may end; `None`
+    /// where no TLS is set up (the fuzz harness).
+    pub revocation: Option<Arc<crate::revocation::Revocation>>,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -120,6 +126,7 @@ impl Shared {
             active_sources: Mutex::new(HashMap::new()),
             ids_budget: crate::budget::IdsBudget::default(),
             lifecycle_lock: tokio::sync::Mutex::new(()),
+            revocation: None,
         }
     }
 
@@ -181,6 +188,8 @@ pub struct Server {
     tls: Arc<rustls::ServerConfig>,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
+    /// SIGHUP, subscribed at bind: it reloads the revocation list.
+    hangups: Option<tokio::signal::unix::Signal>,
 }
 
 impl std::fmt::Debug for Server {
@@ -223,17 +232,25 @@ impl Server {
             record.lifecycle = lifecycle;
             sources.insert(source, record);
         }
-        let crls = match &config.crl_path {
-            Some(path) => blockrep_pki::read_crls(path)?,
-            None => Vec::new(),
+        let lists = match &config.crl_path {
+            Some(path) => blockrep_pki::RevocationLists::load(path, &config.ca_path)?,
+            None => blockrep_pki::RevocationLists::default(),
         };
-        let tls = blockrep_pki::server_config_with_crls(
+        // One verifier for every listener: a reloaded list applies to all.
+        let (tls, verifier) = blockrep_pki::server_config_reloadable(
             &config.ca_path,
             &config.cert_path,
             &config.key_path,
-            crls,
+            &lists,
         )?;
         let tls = Arc::new(tls);
+        let revocation = Arc::new(crate::revocation::Revocation::new(
+            config.crl_path.clone(),
+            config.ca_path.clone(),
+            lists,
+            verifier,
+        ));
+        let hangups = crate::revocation::hangups();
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -269,6 +286,8 @@ impl Server {
             }
             None => None,
         };
+        let mut shared = Shared::new(Arc::new(store), config, sources, nbd_addr);
+        shared.revocation = Some(revocation);
         Ok(Server {
             listener,
             admin_listener,
@@ -276,7 +295,8 @@ impl Server {
             nbd_listener,
             tls: Arc::clone(&tls),
             acceptor: TlsAcceptor::from(tls),
-            shared: Arc::new(Shared::new(Arc::new(store), config, sources, nbd_addr)),
+            shared: Arc::new(shared),
+            hangups,
         })
     }
 
@@ -358,6 +378,15 @@ impl Server {
         let _stop_retention = AbortOnDrop(retention);
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);
+        let _stop_revocation = self.shared.revocation.as_ref().map(|revocation| {
+            AbortOnDrop(tokio::spawn(crate::revocation::run(
+                Arc::clone(revocation),
+                self.hangups,
+                self.shared.config.crl_poll_interval,
+            )))
+        });
+        let address_slots =
+            crate::address_slots::AddressSlots::new(self.shared.config.connections_per_address_max);
         let permits = Arc::new(Semaphore::new(self.shared.config.connections_max));
         tokio::pin!(shutdown);
         loop {
@@ -383,6 +412,19 @@ impl Server {
                 warn!(%peer, limit = self.shared.config.connections_max, "connection refused: limit reached");
                 continue;
             };
+            // Before any TLS work: one address may not hold every slot.
+            let Some(address_slot) = address_slots.try_take(peer.ip()) else {
+                let stats = &self.shared.stats;
+                stats
+                    .connections_refused_total
+                    .fetch_add(1, Ordering::Relaxed);
+                stats
+                    .connections_refused_per_address_total
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(%peer, limit = self.shared.config.connections_per_address_max,
+                      "connection refused: this address holds its share of the connections");
+                continue;
+            };
             self.shared
                 .stats
                 .connections_total
@@ -392,6 +434,7 @@ impl Server {
             let acceptor = self.acceptor.clone();
             tokio::spawn(async move {
                 handle_connection(shared, acceptor, tcp, peer).await;
+                drop(address_slot);
                 drop(permit);
                 drop(open);
             });
@@ -461,13 +504,17 @@ async fn handle_connection(
             return;
         }
     };
-    let identity = tls
+    let certificate = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .ok_or_else(|| "no client certificate".to_owned())
+        .ok_or_else(|| "no client certificate".to_owned());
+    let identity = certificate
+        .clone()
         .and_then(|cert| identity_from_cert(cert).map_err(|e| e.to_string()));
+    let serial =
+        certificate.and_then(|cert| blockrep_pki::cert_serial(cert).map_err(|e| e.to_string()));
     let mut connection = Connection::new(tls);
     // A peer that stops reading (a dead path) must not hold a session, and
     // with it the source's slot, forever.
@@ -497,10 +544,28 @@ async fn handle_connection(
             return;
         }
     };
+    // Watched from here on: a reloaded revocation list that names this
+    // certificate ends the session.
+    let registration = match (&shared.revocation, serial) {
+        (Some(revocation), Ok(serial)) => Some(revocation.register(serial)),
+        (None, _) => None,
+        (Some(_), Err(reason)) => {
+            reject(
+                &shared,
+                &mut connection,
+                peer,
+                ErrorCode::Unauthorized,
+                reason,
+            )
+            .await;
+            return;
+        }
+    };
     // Every line the session logs carries its source, including lines that do
     // not name it themselves (such as `reject`'s).
     let span = info_span!("session", source = %source);
     Session::new(shared, connection, source, peer)
+        .watch_revocation(registration)
         .run()
         .instrument(span)
         .await;

@@ -430,7 +430,9 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
         )),
         epoch_size: Some((metrics.epoch_size.bounds, metrics.epoch_size.counts())),
     };
-    ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], render(&scrape)).into_response()
+    let mut text = render(&scrape);
+    text.push_str(&crate::revocation::metrics_text(&shared));
+    ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], text).into_response()
 }
 
 /// Writes the exposition text: every family's `# HELP` and `# TYPE` once, then

@@ -132,6 +132,8 @@ pub(crate) struct Session<S> {
     peer: SocketAddr,
     /// This session's entry in the table of active sources, once claimed.
     active: Option<Arc<ActiveSession>>,
+    /// Ends the session when its certificate is revoked while it runs.
+    revocation: Option<crate::revocation::Registration>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -147,7 +149,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             source,
             peer,
             active: None,
+            revocation: None,
         }
+    }
+
+    /// Ends the session, with `Unauthorized`, at its next wait for a frame
+    /// after `registration` reports its certificate revoked.
+    pub(crate) fn watch_revocation(
+        mut self,
+        registration: Option<crate::revocation::Registration>,
+    ) -> Self {
+        self.revocation = registration;
+        self
     }
 
     pub(crate) async fn run(mut self) {
@@ -180,7 +193,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None => std::future::pending().await,
             }
         };
+        let revoked = self.revocation.as_ref().map(|r| r.revoked());
+        let revoked = async {
+            match revoked {
+                Some(revoked) => revoked.await,
+                None => std::future::pending().await,
+            }
+        };
         let message = tokio::select! {
+            () = revoked => {
+                return Err(Reject::new(
+                    ErrorCode::Unauthorized,
+                    "the client certificate of this session has been revoked",
+                )
+                .into());
+            }
             read = tokio::time::timeout(timeout, self.connection.read_message()) => match read {
                 Ok(result) => result?,
                 Err(_) => return Err(Outcome::End(End::Lost(format!("no frame for {timeout:?}")))),

@@ -1,0 +1,315 @@
+//! Revocation while the server runs.
+//!
+//! The `--crl` file is read again when it changes (polled every
+//! `--crl-poll-interval`: its length, modification time and inode) and on
+//! SIGHUP. A list that reads and verifies (PEM, DER, signed by the CA) replaces
+//! the one in force:
+//! - every later TLS handshake, on every listener, is checked against it (the
+//!   listeners' rustls configurations share one [`ReloadableClientVerifier`]);
+//! - every open replication session whose client certificate it revokes is
+//!   told to end, and ends with `Unauthorized` at its next wait for a frame
+//!   (within a poll interval of the change, since agents send frames steadily).
+//!
+//! A list that does not load (missing, torn, garbage, another CA's) is logged
+//! as an error and changes nothing: the list in force stays in force. Nothing
+//! here fails open, and nothing stops the server.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockrep_pki::{ReloadableClientVerifier, RevocationLists};
+use tokio::signal::unix::Signal;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+/// What the file looked like when last read; a change of any field is a
+/// change of the file (`cert revoke` replaces it by rename: a new inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified_ns: i128,
+    inode: u64,
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Fingerprint {
+        len: meta.len(),
+        modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        inode: meta.ino(),
+    })
+}
+
+/// A session's certificate serial and the flag that tells it to end.
+#[derive(Debug)]
+struct Watched {
+    serial: Vec<u8>,
+    revoked: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct State {
+    lists: RevocationLists,
+    /// The file as last read (whether or not it loaded): a broken file is
+    /// reported once per change, not once per poll.
+    seen: Option<Fingerprint>,
+    sessions: HashMap<u64, Watched>,
+}
+
+/// The revocation lists in force, and the open sessions they may end.
+#[derive(Debug)]
+pub(crate) struct Revocation {
+    /// The `--crl` file; `None`: nothing is revoked and nothing reloads.
+    path: Option<PathBuf>,
+    ca_path: PathBuf,
+    verifier: Arc<ReloadableClientVerifier>,
+    state: Mutex<State>,
+    next_session: AtomicU64,
+    /// Lists loaded after start.
+    pub reloads_total: AtomicU64,
+    /// Reloads that failed (the previous list stayed in force).
+    pub reload_failures_total: AtomicU64,
+    /// Open sessions told to end because their certificate was revoked.
+    pub sessions_revoked_total: AtomicU64,
+}
+
+impl Revocation {
+    /// The lists loaded at start (`lists`, read from `path`) and the verifier
+    /// the server's TLS configuration holds.
+    pub(crate) fn new(
+        path: Option<PathBuf>,
+        ca_path: PathBuf,
+        lists: RevocationLists,
+        verifier: Arc<ReloadableClientVerifier>,
+    ) -> Self {
+        let seen = path.as_deref().and_then(fingerprint);
+        Self {
+            path,
+            ca_path,
+            verifier,
+            state: Mutex::new(State {
+                lists,
+                seen,
+                sessions: HashMap::new(),
+            }),
+            next_session: AtomicU64::new(0),
+            reloads_total: AtomicU64::new(0),
+            reload_failures_total: AtomicU64::new(0),
+            sessions_revoked_total: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many certificates the lists in force revoke.
+    pub(crate) fn revoked_count(&self) -> usize {
+        self.state().lists.revoked_count()
+    }
+
+    /// Watches a session of the certificate with `serial`. Its receiver turns
+    /// true when a reload revokes the certificate, or at once if the lists in
+    /// force already do (a reload between the handshake and this call).
+    pub(crate) fn register(self: &Arc<Self>, serial: Vec<u8>) -> Registration {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state();
+        let (revoked, receiver) = watch::channel(state.lists.revokes(&serial));
+        state.sessions.insert(id, Watched { serial, revoked });
+        Registration {
+            owner: Arc::clone(self),
+            id,
+            receiver,
+        }
+    }
+
+    /// Whether the file differs from when it was last read.
+    fn changed(&self) -> bool {
+        let Some(path) = &self.path else {
+            return false;
+        };
+        fingerprint(path) != self.state().seen
+    }
+
+    /// Reads the file again; on success the new lists are in force and the
+    /// sessions they revoke are told to end. `why` is logged.
+    pub(crate) fn reload(&self, why: &str) {
+        let Some(path) = &self.path else {
+            info!(why, "no --crl list to reload");
+            return;
+        };
+        let seen = fingerprint(path);
+        let loaded = RevocationLists::load(path, &self.ca_path)
+            .and_then(|lists| self.verifier.replace(&lists).map(|()| lists));
+        let mut state = self.state();
+        state.seen = seen;
+        let lists = match loaded {
+            Ok(lists) => lists,
+            Err(e) => {
+                self.reload_failures_total.fetch_add(1, Ordering::Relaxed);
+                error!(crl = %path.display(), why, error = %e,
+                       "revocation list not reloaded; the list in force stays in force");
+                return;
+            }
+        };
+        let mut ended = 0u64;
+        for watched in state.sessions.values() {
+            if lists.revokes(&watched.serial) && !*watched.revoked.borrow() {
+                watched.revoked.send_replace(true);
+                ended += 1;
+            }
+        }
+        self.reloads_total.fetch_add(1, Ordering::Relaxed);
+        self.sessions_revoked_total
+            .fetch_add(ended, Ordering::Relaxed);
+        info!(crl = %path.display(), why, revoked = lists.revoked_count(),
+              sessions_ended = ended, "revocation list reloaded");
+        state.lists = lists;
+    }
+}
+
+/// A session's watch on its certificate; unregisters when dropped.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    owner: Arc<Revocation>,
+    id: u64,
+    receiver: watch::Receiver<bool>,
+}
+
+impl Registration {
+    /// Completes when the session's certificate is revoked; never otherwise.
+    pub(crate) fn revoked(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let mut receiver = self.receiver.clone();
+        async move {
+            if receiver.wait_for(|revoked| *revoked).await.is_err() {
+                // The sender lives as long as this registration does.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.owner.state().sessions.remove(&self.id);
+    }
+}
+
+/// Subscribes to SIGHUP, before the server says it is listening: from then on
+/// a SIGHUP reloads the list rather than ending the process.
+pub(crate) fn hangups() -> Option<Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            error!(error = %e, "cannot handle SIGHUP; the revocation list reloads on change only");
+            None
+        }
+    }
+}
+
+/// The shortest poll of the list file.
+const POLL_INTERVAL_MIN: Duration = Duration::from_millis(100);
+
+/// Reloads the list when its file changes (checked every `poll_interval`) and
+/// on SIGHUP, until aborted.
+pub(crate) async fn run(
+    revocation: Arc<Revocation>,
+    mut hangups: Option<Signal>,
+    poll_interval: Duration,
+) {
+    // `interval` panics on zero; a poll more often than this buys nothing.
+    let mut tick = tokio::time::interval(poll_interval.max(POLL_INTERVAL_MIN));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            _ = tick.tick() => {
+                if !revocation.changed() {
+                    continue;
+                }
+                "file changed"
+            }
+            () = hangup(&mut hangups) => "SIGHUP",
+        };
+        let worker = Arc::clone(&revocation);
+        if let Err(e) = tokio::task::spawn_blocking(move || worker.reload(why)).await {
+            error!(error = %e, "revocation list reload task failed");
+        }
+    }
+}
+
+async fn hangup(hangups: &mut Option<Signal>) {
+    match hangups {
+        Some(signal) => {
+            if signal.recv().await.is_none() {
+                // The signal driver is gone; changes of the file still reload.
+                *hangups = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// The revocation and per-address families of `/metrics`, appended to the rest.
+pub(crate) fn metrics_text(shared: &crate::listener::Shared) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut counter = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    counter(
+        "blockrep_connections_refused_per_address_total",
+        "counter",
+        "Replication connections closed at once because their address held --connections-per-address (also counted in blockrep_connections_refused_total).",
+        &[(
+            "",
+            shared
+                .stats
+                .connections_refused_per_address_total
+                .load(Ordering::Relaxed),
+        )],
+    );
+    let Some(revocation) = &shared.revocation else {
+        return out;
+    };
+    counter(
+        "blockrep_crl_reloads_total",
+        "counter",
+        "Reloads of the --crl revocation list after start, by result (a failed one leaves the list in force).",
+        &[
+            (
+                "{result=\"ok\"}",
+                revocation.reloads_total.load(Ordering::Relaxed),
+            ),
+            (
+                "{result=\"failed\"}",
+                revocation.reload_failures_total.load(Ordering::Relaxed),
+            ),
+        ],
+    );
+    counter(
+        "blockrep_crl_revoked_certificates",
+        "gauge",
+        "Certificates the revocation list in force revokes.",
+        &[("", revocation.revoked_count() as u64)],
+    );
+    counter(
+        "blockrep_sessions_revoked_total",
+        "counter",
+        "Open sessions ended because a reloaded revocation list revoked their certificate.",
+        &[(
+            "",
+            revocation.sessions_revoked_total.load(Ordering::Relaxed),
+        )],
+    );
+    out
+}
