@@ -85,7 +85,9 @@ impl NbdServer {
     /// Offers TLS through `NBD_OPT_STARTTLS` with this configuration. With
     /// `require`, every option but `STARTTLS` and `ABORT` is refused with
     /// `NBD_REP_ERR_TLS_REQD` until TLS is up, and `NBD_OPT_EXPORT_NAME` before
-    /// then ends the connection.
+    /// then ends the connection. The registry sees the client certificates
+    /// that `config`'s verifier accepted; with a configuration that does not
+    /// require them, TLS clients may have none.
     pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>, require: bool) -> Self {
         self.tls = Some(Tls {
             acceptor: TlsAcceptor::from(config),
@@ -195,6 +197,8 @@ impl NbdServer {
             }
             let server = Arc::clone(&self);
             tasks.spawn(async move {
+                // Dropped in reverse: the address slot is free before the
+                // server-wide slot lets the next connection be accepted.
                 let _permit = permit;
                 let _address_slot = address_slot;
                 match server
