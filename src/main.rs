@@ -255,11 +255,27 @@ struct ServerArgs {
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     stall_after: Duration,
     /// Serve launch volumes over NBD on this address (e.g. 127.0.0.1:10809).
+    /// Without --nbd-tls only a loopback address is accepted, and every local
+    /// user can open every launch.
     #[arg(long)]
     nbd_listen: Option<SocketAddr>,
-    /// Require TLS on the NBD listener (STARTTLS, client certificates from the same CA).
+    /// Require TLS on the NBD listener (STARTTLS, a client certificate of the
+    /// same CA): a launch opens only for its own source's certificate and the
+    /// admin certificate, and a client sees only those launches.
     #[arg(long)]
     nbd_tls: bool,
+    /// An NBD connection with no request for this long is closed. Raise it for
+    /// a VM whose disk may stay quiet longer (or let its client reconnect).
+    #[arg(long, default_value = "10m", value_parser = units::parse_duration)]
+    nbd_idle_timeout: Duration,
+    /// Most NBD connections open at once; further clients wait.
+    #[arg(long, default_value_t = blockrep_server::NBD_CONNECTIONS_MAX_DEFAULT)]
+    nbd_connections_max: usize,
+    /// Most NBD connections open at once from one address (IPv6: one /64);
+    /// further ones are closed at once. Keep it below --nbd-connections-max so
+    /// that one address cannot hold every slot.
+    #[arg(long, default_value_t = blockrep_server::NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT)]
+    nbd_connections_per_address: usize,
     /// Automatic snapshots: EVERY:KEEP tiers, or `off`. The default follows AWS
     /// DRS: every 10 minutes kept 1 hour, hourly kept 24 hours, daily kept 7 days.
     #[arg(long)]
@@ -733,6 +749,9 @@ async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Result<()> {
     config.pack_size_max_bytes = args.pack_size_max;
     config.nbd_listen = args.nbd_listen;
     config.nbd_tls = args.nbd_tls;
+    config.nbd_idle_timeout = args.nbd_idle_timeout;
+    config.nbd_connections_max = args.nbd_connections_max;
+    config.nbd_connections_per_address_max = args.nbd_connections_per_address;
     config.retention_tick = args.retention_tick;
     let mut retention = None;
     if let Some(path) = &args.config {

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{Error, ErrorKind};
 use crate::wire::{self, ClientFlags, OptionType};
-use crate::{Export, Limits, Registry};
+use crate::{Client, Export, Limits, Registry};
 
 /// How option haggling ended.
 pub(crate) enum Outcome {
@@ -30,6 +30,9 @@ pub(crate) struct Handshake<'a> {
     tls_required: bool,
     pub(crate) tls_active: bool,
     client: ClientFlags,
+    /// Who the registry is asked on behalf of; gains its certificates when
+    /// TLS comes up.
+    pub(crate) peer: Client,
     options_seen: u32,
 }
 
@@ -61,6 +64,7 @@ impl<'a> Handshake<'a> {
         tls_offered: bool,
         tls_required: bool,
         client: ClientFlags,
+        peer: Client,
     ) -> Self {
         Self {
             registry,
@@ -69,6 +73,7 @@ impl<'a> Handshake<'a> {
             tls_required,
             tls_active: false,
             client,
+            peer,
             options_seen: 0,
         }
     }
@@ -174,7 +179,7 @@ impl<'a> Handshake<'a> {
         let export = self
             .lookup(&name)
             .await?
-            .ok_or_else(|| Error::new(ErrorKind::Refused, format!("no export named {name:?}")))?;
+            .ok_or_else(|| Error::new(ErrorKind::Refused, unknown_export(&name)))?;
         let reply = wire::encode_export_name_reply(
             export.size_bytes(),
             transmission_flags(export.as_ref()),
@@ -203,7 +208,7 @@ impl<'a> Handshake<'a> {
             }
         };
         let Some(export) = self.lookup(&request.name).await? else {
-            let message = format!("no export named {:?}", request.name);
+            let message = unknown_export(&request.name);
             send_reply(stream, code, wire::REPLY_ERR_UNKNOWN, message.as_bytes()).await?;
             return Ok(None);
         };
@@ -234,7 +239,8 @@ impl<'a> Handshake<'a> {
             return send_reply(stream, code, wire::REPLY_ERR_INVALID, b"LIST takes no data").await;
         }
         let registry = Arc::clone(self.registry);
-        let exports = tokio::task::spawn_blocking(move || registry.list())
+        let peer = self.peer.clone();
+        let exports = tokio::task::spawn_blocking(move || registry.list(&peer))
             .await
             .map_err(|e| Error::new(ErrorKind::Io, format!("listing exports: {e}")))?;
         let mut out = Vec::new();
@@ -273,10 +279,17 @@ impl<'a> Handshake<'a> {
     async fn lookup(&self, name: &str) -> Result<Option<Arc<dyn Export>>, Error> {
         let registry = Arc::clone(self.registry);
         let name = name.to_owned();
-        tokio::task::spawn_blocking(move || registry.lookup(&name))
+        let peer = self.peer.clone();
+        tokio::task::spawn_blocking(move || registry.lookup(&peer, &name))
             .await
             .map_err(|e| Error::new(ErrorKind::Io, format!("looking up export: {e}")))
     }
+}
+
+/// The refusal of a name, the same whether it exists nowhere or the registry
+/// will not show it to this client, so that refusals reveal nothing.
+fn unknown_export(name: &str) -> String {
+    format!("no export named {name:?} that this client may open")
 }
 
 /// Preferred block size advertised to clients: the page size, which every

@@ -11,6 +11,17 @@
 //! the handshake turns options into a chosen export; transmission reads
 //! requests, runs them on tokio's blocking pool, and writes replies.
 //!
+//! # Who may open what
+//!
+//! The crate knows nothing of what an export belongs to. Every lookup and
+//! listing carries a [`Client`] (its address, whether TLS is up, and the
+//! certificate chain rustls verified), and the [`Registry`] decides. An export
+//! the registry will not show a client is, to that client, an export that does
+//! not exist: `NBD_OPT_GO`/`INFO` get `NBD_REP_ERR_UNKNOWN` with the same text
+//! as for a name that exists nowhere, `NBD_OPT_LIST` leaves it out, and
+//! `NBD_OPT_EXPORT_NAME` ends the connection. A client therefore cannot learn
+//! which names exist beyond those it may open.
+//!
 //! # What is spoken
 //!
 //! Fixed newstyle negotiation only (oldstyle and non-fixed newstyle clients are
@@ -69,7 +80,8 @@
 //! # Limits and failure
 //!
 //! Every length a peer sends is checked before memory is reserved for it (see
-//! [`Limits`]). A request the server can answer (past the end, too long, read
+//! [`Limits`]). Connections are capped server-wide and per client address
+//! (an IPv6 client by its /64), so one address cannot hold every slot. A request the server can answer (past the end, too long, read
 //! only, unknown command or flag) gets an error reply and the connection goes
 //! on; a broken stream (bad magic, unknown client flags, a write larger than
 //! [`Limits::request_bytes_max`], oversized option data) ends the connection.
@@ -81,7 +93,7 @@
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
-//! use blockrep_nbd::{Export, Limits, NbdServer, Registry};
+//! use blockrep_nbd::{Client, Export, Limits, NbdServer, Registry};
 //!
 //! struct Memory(Mutex<Vec<u8>>);
 //!
@@ -110,10 +122,11 @@
 //! struct One(Arc<Memory>);
 //!
 //! impl Registry for One {
-//!     fn lookup(&self, name: &str) -> Option<Arc<dyn Export>> {
+//!     // One disk, open to every client: only for a listener no one else reaches.
+//!     fn lookup(&self, _client: &Client, name: &str) -> Option<Arc<dyn Export>> {
 //!         (name == "disk").then(|| Arc::clone(&self.0) as Arc<dyn Export>)
 //!     }
-//!     fn list(&self) -> Vec<(String, String)> {
+//!     fn list(&self, _client: &Client) -> Vec<(String, String)> {
 //!         vec![("disk".into(), "1 MiB in memory".into())]
 //!     }
 //! }
@@ -130,17 +143,20 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod client;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handshake;
 mod server;
+mod slots;
 mod transmission;
 pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use client::Client;
 pub use error::{Error, ErrorKind};
 pub use server::NbdServer;
 
@@ -179,15 +195,19 @@ pub trait Export: Send + Sync + 'static {
     }
 }
 
-/// Looks exports up by name (the replication server's launch volumes).
+/// Looks exports up by name (the replication server's launch volumes), and
+/// decides which of them each client may see.
 ///
 /// Both methods run on tokio's blocking pool, so they may touch the disk.
 pub trait Registry: Send + Sync + 'static {
-    /// The export called `name`, if any. An empty name is the client asking
-    /// for a default export; returning `None` refuses it.
-    fn lookup(&self, name: &str) -> Option<Arc<dyn Export>>;
-    /// (name, description) of every export, for `NBD_OPT_LIST`.
-    fn list(&self) -> Vec<(String, String)>;
+    /// The export called `name`, if it exists and `client` may open it. An
+    /// empty name is the client asking for a default export; returning `None`
+    /// refuses it. A client refused an export it may not open is told exactly
+    /// what it is told for a name that does not exist.
+    fn lookup(&self, client: &Client, name: &str) -> Option<Arc<dyn Export>>;
+    /// (name, description) of every export `client` may open, for
+    /// `NBD_OPT_LIST`.
+    fn list(&self, client: &Client) -> Vec<(String, String)>;
 }
 
 /// Caps on what one server and one client may cost.
@@ -204,12 +224,18 @@ pub struct Limits {
     /// Connections served at once by [`NbdServer::run`]; further clients wait
     /// in the listen backlog.
     pub connections_max: usize,
+    /// Connections served at once from one client address (an IPv6 client
+    /// counts by its /64); a further connection from that address is closed
+    /// at once, before the greeting. Brought down to `connections_max`: keep
+    /// it below, so that one address cannot hold every slot.
+    pub connections_per_address_max: usize,
     /// Time allowed from accepting a connection to entering transmission,
     /// TLS included.
     pub handshake_timeout: Duration,
     /// Time a connection may spend waiting for the next request, or stuck
-    /// sending a reply, before it is closed. Long, because a VM's disk can be
-    /// quiet for a long time.
+    /// sending a reply, before it is closed, freeing its slot. A VM whose disk
+    /// may stay quiet for longer needs a longer limit, or a client that
+    /// reconnects (qemu's `reconnect-delay`).
     pub idle_timeout: Duration,
     /// Options accepted in one handshake before the client is dropped.
     pub options_max: u32,
@@ -221,8 +247,9 @@ impl Default for Limits {
             request_bytes_max: 32 * 1024 * 1024,
             in_flight_bytes_max: 64 * 1024 * 1024,
             connections_max: 64,
+            connections_per_address_max: 16,
             handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(10 * 60),
             options_max: 1024,
         }
     }
@@ -247,6 +274,9 @@ impl Limits {
             .in_flight_bytes_max
             .max(self.request_bytes_max + REQUEST_OVERHEAD_BYTES);
         self.connections_max = self.connections_max.max(1);
+        self.connections_per_address_max = self
+            .connections_per_address_max
+            .clamp(1, self.connections_max);
         self.options_max = self.options_max.max(1);
         self
     }

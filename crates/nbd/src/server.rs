@@ -14,8 +14,9 @@ use tokio_rustls::server::TlsStream;
 
 use crate::error::{Error, ErrorKind};
 use crate::handshake::{self, Handshake, Outcome};
+use crate::slots::AddressSlots;
 use crate::transmission;
-use crate::{Export, Limits, Registry};
+use crate::{Client, Export, Limits, Registry};
 
 /// Pause after a failed `accept` (usually out of file descriptors) so that the
 /// loop does not spin while the condition lasts.
@@ -84,7 +85,9 @@ impl NbdServer {
     /// Offers TLS through `NBD_OPT_STARTTLS` with this configuration. With
     /// `require`, every option but `STARTTLS` and `ABORT` is refused with
     /// `NBD_REP_ERR_TLS_REQD` until TLS is up, and `NBD_OPT_EXPORT_NAME` before
-    /// then ends the connection.
+    /// then ends the connection. The registry sees the client certificates
+    /// that `config`'s verifier accepted; with a configuration that does not
+    /// require them, TLS clients may have none.
     pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>, require: bool) -> Self {
         self.tls = Some(Tls {
             acceptor: TlsAcceptor::from(config),
@@ -101,9 +104,11 @@ impl NbdServer {
     /// Serves one already-accepted connection to completion: handshake (within
     /// [`Limits::handshake_timeout`]), then transmission until the client
     /// disconnects. A client leaving with `NBD_OPT_ABORT` or `NBD_CMD_DISC` is
-    /// `Ok`. [`Limits::connections_max`] is enforced by [`NbdServer::run`],
-    /// not here.
-    pub async fn serve_connection<S>(&self, stream: S) -> Result<(), Error>
+    /// `Ok`. `client` is what the registry is told of the peer (its address;
+    /// certificates are added if TLS comes up). [`Limits::connections_max`]
+    /// and [`Limits::connections_per_address_max`] are enforced by
+    /// [`NbdServer::run`], not here.
+    pub async fn serve_connection<S>(&self, stream: S, client: Client) -> Result<(), Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -115,7 +120,7 @@ impl NbdServer {
             () = stopped(&mut stop) => {
                 return Err(Error::new(ErrorKind::Shutdown, "server stopped during handshake"));
             }
-            negotiated = tokio::time::timeout(self.limits.handshake_timeout, self.negotiate(stream)) => {
+            negotiated = tokio::time::timeout(self.limits.handshake_timeout, self.negotiate(stream, client)) => {
                 negotiated.map_err(|_| Error::new(
                     ErrorKind::Timeout,
                     format!("handshake took longer than {:?}", self.limits.handshake_timeout),
@@ -140,13 +145,17 @@ impl NbdServer {
     }
 
     /// Accepts connections on `listener` and serves each on its own task, at
-    /// most [`Limits::connections_max`] at a time, until `shutdown` completes.
+    /// most [`Limits::connections_max`] at a time and at most
+    /// [`Limits::connections_per_address_max`] from one address (a connection
+    /// over that share is closed as soon as it is accepted), until `shutdown`
+    /// completes.
     /// Then handshakes in progress are dropped, connections in transmission
     /// stop reading, send the replies of requests already running and close,
     /// and `run` returns once all have. The server refuses new connections
     /// afterwards.
     pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let connections = Arc::new(Semaphore::new(self.limits.connections_max));
+        let per_address = AddressSlots::new(self.limits.connections_per_address_max);
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -171,14 +180,31 @@ impl NbdServer {
                     }
                 }
             };
+            let Some(address_slot) = per_address.try_acquire(peer.ip()) else {
+                // Closed before the greeting, so it costs no handshake; the
+                // global slot goes back at once for other addresses.
+                tracing::warn!(
+                    %peer,
+                    limit = self.limits.connections_per_address_max,
+                    "NBD connection refused: its address holds every slot it may"
+                );
+                drop(stream);
+                continue;
+            };
             // Replies are written whole; Nagle would only delay the last segment.
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(%peer, error = %e, "could not disable Nagle");
             }
             let server = Arc::clone(&self);
             tasks.spawn(async move {
+                // Dropped in reverse: the address slot is free before the
+                // server-wide slot lets the next connection be accepted.
                 let _permit = permit;
-                match server.serve_connection(stream).await {
+                let _address_slot = address_slot;
+                match server
+                    .serve_connection(stream, Client::new(Some(peer)))
+                    .await
+                {
                     Ok(()) => tracing::debug!(%peer, "NBD connection closed"),
                     Err(e) => {
                         tracing::info!(%peer, kind = ?e.kind(), error = %e, "NBD connection ended")
@@ -192,7 +218,7 @@ impl NbdServer {
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn negotiate<S>(&self, mut stream: S) -> Result<Negotiated<S>, Error>
+    async fn negotiate<S>(&self, mut stream: S, peer: Client) -> Result<Negotiated<S>, Error>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -211,6 +237,7 @@ impl NbdServer {
             self.tls.is_some(),
             tls_required,
             client,
+            peer,
         );
         match handshake.haggle(&mut stream).await? {
             Outcome::Transmit(export) => Ok(Negotiated::Plain(stream, export)),
@@ -225,6 +252,9 @@ impl NbdServer {
                 };
                 let mut stream = tls.acceptor.accept(stream).await.map_err(Error::tls)?;
                 handshake.tls_active = true;
+                // Verified by rustls against the configuration's client verifier.
+                let certificates = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+                handshake.peer = handshake.peer.clone().with_tls(certificates);
                 match handshake.haggle(&mut stream).await? {
                     Outcome::Transmit(export) => Ok(Negotiated::Tls(Box::new(stream), export)),
                     Outcome::Abort => {

@@ -291,3 +291,100 @@ fn nbdinfo_over_required_tls_with_certificates() {
     let plain = run(&nbdinfo, &[&server.uri("disk")]);
     assert!(!plain.status.success(), "plain connection was served");
 }
+
+/// Shows `disk` only to a TLS client whose verified certificate is `owner`,
+/// and remembers every client it was asked about.
+struct OwnerRegistry {
+    owner: rustls::pki_types::CertificateDer<'static>,
+    export: Arc<dyn blockrep_nbd::Export>,
+    seen: std::sync::Mutex<Vec<blockrep_nbd::Client>>,
+}
+
+impl OwnerRegistry {
+    fn allowed(&self, client: &blockrep_nbd::Client) -> bool {
+        self.seen.lock().unwrap().push(client.clone());
+        client.tls() && client.certificates().and_then(|c| c.first()) == Some(&self.owner)
+    }
+}
+
+impl blockrep_nbd::Registry for OwnerRegistry {
+    fn lookup(
+        &self,
+        client: &blockrep_nbd::Client,
+        name: &str,
+    ) -> Option<Arc<dyn blockrep_nbd::Export>> {
+        (name == "disk" && self.allowed(client)).then(|| Arc::clone(&self.export))
+    }
+    fn list(&self, client: &blockrep_nbd::Client) -> Vec<(String, String)> {
+        if self.allowed(client) {
+            vec![("disk".into(), String::new())]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[test]
+fn the_registry_decides_with_the_certificate_each_client_verified() {
+    let Some(nbdinfo) = tool("nbdinfo") else {
+        return;
+    };
+    let pki = tempfile::tempdir().unwrap();
+    blockrep_pki::init_ca(pki.path(), &["localhost".into(), "127.0.0.1".into()], false).unwrap();
+    let (client_cert, client_key) = blockrep_pki::issue_admin(pki.path()).unwrap();
+    let config = blockrep_pki::server_config(
+        &pki.path().join("ca.crt"),
+        &pki.path().join("server.crt"),
+        &pki.path().join("server.key"),
+    )
+    .unwrap();
+    let (_dir, path) = image(&pattern(DISK_BYTES, 13));
+    let registry = Arc::new(OwnerRegistry {
+        owner: blockrep_pki::read_certs(&client_cert).unwrap().remove(0),
+        export: FileExport::open(&path, true),
+        seen: std::sync::Mutex::new(Vec::new()),
+    });
+    // Offered, not required: a plain client reaches the registry too, without certificates.
+    let server = NbdServer::new(Arc::clone(&registry) as _, Limits::default())
+        .with_tls(Arc::new(config), false);
+    let server = TestServer::start(server);
+
+    let plain = run(&nbdinfo, &["--list", &format!("nbd://{}", server.addr)]);
+    assert!(
+        !String::from_utf8_lossy(&plain.stdout).contains("export=\"disk\""),
+        "a plain client saw the export"
+    );
+    let refused = run(&nbdinfo, &[&server.uri("disk")]);
+    assert!(
+        !refused.status.success(),
+        "a plain client opened the export"
+    );
+
+    let libnbd_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        pki.path().join("ca.crt"),
+        libnbd_dir.path().join("ca-cert.pem"),
+    )
+    .unwrap();
+    std::fs::copy(&client_cert, libnbd_dir.path().join("client-cert.pem")).unwrap();
+    std::fs::copy(&client_key, libnbd_dir.path().join("client-key.pem")).unwrap();
+    let uri = format!(
+        "nbds://{}/disk?tls-certificates={}",
+        server.addr,
+        libnbd_dir.path().display()
+    );
+    let details = run_ok(&nbdinfo, &[&uri]);
+    assert!(
+        details.contains(&format!("export-size: {DISK_BYTES}")),
+        "{details}"
+    );
+
+    let seen = registry.seen.lock().unwrap();
+    assert!(seen.iter().any(|c| !c.tls() && c.certificates().is_none()));
+    let verified = seen
+        .iter()
+        .find(|c| c.tls())
+        .expect("a TLS client was seen");
+    assert_eq!(verified.certificates().unwrap()[0], registry.owner);
+    assert!(verified.addr().unwrap().ip().is_loopback());
+}

@@ -118,7 +118,13 @@ fn issue_client(
     params.distinguished_name = name;
     params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // keyEncipherment means nothing to an ECDSA key, but qemu (the NBD client
+    // of a launched VM) refuses a client certificate whose critical key usage
+    // lacks it; rustls ignores it.
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     validity(&mut params);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;

@@ -45,6 +45,9 @@ use std::time::Duration;
 
 pub use listener::{Server, ServerStats};
 pub use maintenance::report_json as gc_report_json;
+pub use nbd_export::{
+    NBD_CONNECTIONS_MAX_DEFAULT, NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT, NBD_IDLE_TIMEOUT_DEFAULT,
+};
 pub use status::{CutoverView, SourceState, SourceView, StateThresholds};
 pub use views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
@@ -85,10 +88,21 @@ pub struct ServerConfig {
     /// How often automatic snapshots and expiry are considered.
     pub retention_tick: Duration,
     /// Address of the NBD listener serving launch volumes; `None` disables it.
+    /// Without `nbd_tls` it must be a loopback address: [`Server::bind`]
+    /// refuses any other, since every launch would be open to the network.
     pub nbd_listen: Option<SocketAddr>,
     /// Require TLS (NBD STARTTLS, client certificates from the same CA) on the
-    /// NBD listener.
+    /// NBD listener. A launch then opens only for its own source's
+    /// certificate and the admin certificate.
     pub nbd_tls: bool,
+    /// An NBD connection that sends no request (or takes no reply) for this
+    /// long is closed.
+    pub nbd_idle_timeout: Duration,
+    /// Most NBD connections open at once; further clients wait in the backlog.
+    pub nbd_connections_max: usize,
+    /// Most NBD connections open at once from one address (an IPv6 client by
+    /// its /64); further ones are closed at once. At most `nbd_connections_max`.
+    pub nbd_connections_per_address_max: usize,
     /// How often garbage collection runs in the background; `None` never.
     pub gc_interval: Option<Duration>,
     /// Pack size limit (tests use small packs so that compaction happens).
@@ -144,6 +158,9 @@ impl ServerConfig {
             retention_tick: Duration::from_secs(30),
             nbd_listen: None,
             nbd_tls: false,
+            nbd_idle_timeout: NBD_IDLE_TIMEOUT_DEFAULT,
+            nbd_connections_max: NBD_CONNECTIONS_MAX_DEFAULT,
+            nbd_connections_per_address_max: NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT,
             gc_interval: Some(Duration::from_secs(600)),
             pack_size_max_bytes: None,
             alert_interval: Duration::from_millis(500),
@@ -169,6 +186,9 @@ pub enum Error {
     /// The TLS files are missing or unusable.
     #[error("TLS: {0}")]
     Tls(#[from] blockrep_pki::Error),
+    /// The configuration would be unsafe to run; the message says why.
+    #[error("{0}")]
+    Config(String),
     /// Binding the listener failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {

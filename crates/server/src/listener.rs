@@ -130,9 +130,13 @@ impl Shared {
         }
     }
 
-    /// Address of the NBD listener serving launch volumes, if enabled.
-    pub(crate) fn nbd_addr(&self) -> Option<SocketAddr> {
-        self.nbd_addr
+    /// Where the NBD listener serving launch volumes is, and whether it
+    /// speaks TLS, if enabled.
+    pub(crate) fn nbd_addr(&self) -> Option<crate::nbd_export::NbdEndpoint> {
+        self.nbd_addr.map(|addr| crate::nbd_export::NbdEndpoint {
+            addr,
+            tls: self.config.nbd_tls,
+        })
     }
 
     pub(crate) fn thresholds(&self) -> StateThresholds {
@@ -203,6 +207,7 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Opens the store, loads the TLS files and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Server, Error> {
+        crate::nbd_export::check_listen(&config)?;
         let data_dir = config.data_dir.clone();
         let policy = config.retention.clone();
         let pack_size_max = config.pack_size_max_bytes;
@@ -354,21 +359,15 @@ impl Server {
         let _stop_admin = stop_admin; // dropped when `run` returns: stops the admin API
         let (stop_nbd, nbd_stopped) = tokio::sync::oneshot::channel::<()>();
         if let Some(nbd_listener) = self.nbd_listener {
-            let registry = Arc::new(crate::nbd_export::LaunchRegistry {
-                store: Arc::clone(&self.shared.store),
-            });
-            let limits = blockrep_nbd::Limits {
-                // A VM's disk may be quiet for a long time; do not drop it.
-                idle_timeout: std::time::Duration::from_secs(7 * 24 * 3600),
-                ..blockrep_nbd::Limits::default()
-            };
-            let mut nbd = blockrep_nbd::NbdServer::new(registry, limits);
-            if self.shared.config.nbd_tls {
-                nbd = nbd.with_tls(Arc::clone(&self.tls), true);
-            }
-            tokio::spawn(Arc::new(nbd).run(nbd_listener, async {
-                let _ = nbd_stopped.await;
-            }));
+            crate::nbd_export::spawn(
+                nbd_listener,
+                Arc::clone(&self.shared.store),
+                &self.shared.config,
+                &self.tls,
+                async {
+                    let _ = nbd_stopped.await;
+                },
+            );
         }
         let _stop_nbd = stop_nbd;
         let retention = tokio::spawn(crate::retention::run(Arc::clone(&self.shared)));

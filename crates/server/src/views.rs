@@ -51,12 +51,14 @@ pub struct LaunchView {
     pub generation: u64,
     pub created_unix_ms: u64,
     pub flushed_unix_ms: u64,
-    /// NBD URI of the export, when the NBD listener is enabled.
+    /// NBD URI of the export, when the NBD listener is enabled: `nbds://`
+    /// when it requires TLS (the client then presents the launch's source
+    /// certificate or the admin certificate).
     pub nbd_uri: Option<String>,
 }
 
 impl LaunchView {
-    pub(crate) fn new(info: &LaunchInfo, nbd_addr: Option<std::net::SocketAddr>) -> Self {
+    pub(crate) fn new(info: &LaunchInfo, nbd: Option<crate::nbd_export::NbdEndpoint>) -> Self {
         Self {
             name: info.name.clone(),
             source: info.source.to_string(),
@@ -72,7 +74,7 @@ impl LaunchView {
             generation: info.generation,
             created_unix_ms: info.created_unix_ms,
             flushed_unix_ms: info.flushed_unix_ms,
-            nbd_uri: nbd_addr.map(|addr| format!("nbd://{addr}/{}", info.name)),
+            nbd_uri: nbd.map(|endpoint| endpoint.uri(&info.name)),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockrep_nbd::wire::{self, ClientFlags, InfoRequest, OptionHeader, OptionType, Request};
-use blockrep_nbd::{Export, Limits, NbdServer, Registry};
+use blockrep_nbd::{Client, Export, Limits, NbdServer, Registry};
 
 /// An export over a file, with positioned reads and writes (no shared cursor,
 /// so concurrent requests need no lock).
@@ -91,10 +91,10 @@ impl MapRegistry {
 }
 
 impl Registry for MapRegistry {
-    fn lookup(&self, name: &str) -> Option<Arc<dyn Export>> {
+    fn lookup(&self, _client: &Client, name: &str) -> Option<Arc<dyn Export>> {
         self.exports.get(name).map(|(export, _)| Arc::clone(export))
     }
-    fn list(&self) -> Vec<(String, String)> {
+    fn list(&self, _client: &Client) -> Vec<(String, String)> {
         let mut list: Vec<_> = self
             .exports
             .iter()
