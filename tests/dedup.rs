@@ -215,7 +215,11 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
         &commit_one(0, root.id()),
     )
     .await;
-    expect_bad_chunk(answer, "b's own root as a chunk", "which this source does not hold");
+    expect_bad_chunk(
+        answer,
+        "b's own root as a chunk",
+        "which this source does not hold",
+    );
     // The victim's replica is intact.
     let out = work.path().join("b.export");
     assert_success(&export(&work.path().join("data"), "b", &out));
@@ -248,7 +252,12 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
         sum_field(&second, "bytes_sent"),
     );
     assert!(sent_first >= DISK, "t1 sent {sent_first} bytes");
-    assert_eq!(sum_field(&second, "ref_chunks_sent"), 17, "{}", stdout(&second));
+    assert_eq!(
+        sum_field(&second, "ref_chunks_sent"),
+        17,
+        "{}",
+        stdout(&second)
+    );
     assert_eq!(sum_field(&second, "chunks_sent"), 0, "{}", stdout(&second));
     // 17 references of 90 bytes, a commit and the backlog: a few KiB.
     assert!(
@@ -263,7 +272,10 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
     // Another tenant learns nothing of acme's chunks.
     let ids = ids_of(&disk);
     let (mut client, _) = session(&server, &pki, "other").await;
-    client.send(&Message::Offer { ids: ids.clone() }).await.unwrap();
+    client
+        .send(&Message::Offer { ids: ids.clone() })
+        .await
+        .unwrap();
     let Message::Have { bits } = client.recv().await.unwrap().unwrap() else {
         panic!("expected Have");
     };
@@ -273,7 +285,10 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
     // t3 of acme: Have admits the tenant's chunks...
     let chunks = chunks_of(&disk);
     let (mut client, nonce) = session(&server, &pki, "t3").await;
-    client.send(&Message::Offer { ids: ids.clone() }).await.unwrap();
+    client
+        .send(&Message::Offer { ids: ids.clone() })
+        .await
+        .unwrap();
     let Message::Have { bits } = client.recv().await.unwrap().unwrap() else {
         panic!("expected Have");
     };
@@ -296,7 +311,11 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
         &commit_one(0, ids[0]),
     )
     .await;
-    expect_bad_chunk(answer, "replayed proof", "proof of possession does not match");
+    expect_bad_chunk(
+        answer,
+        "replayed proof",
+        "proof of possession does not match",
+    );
     assert!(head(&work, "t3").is_none());
     // ...and the right one commits.
     let (mut client, nonce) = session(&server, &pki, "t3").await;
@@ -306,7 +325,10 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
         &commit_one(0, ids[0]),
     )
     .await;
-    assert!(matches!(answer, Message::Committed { epoch: 1, .. }), "{answer:?}");
+    assert!(
+        matches!(answer, Message::Committed { epoch: 1, .. }),
+        "{answer:?}"
+    );
 }
 
 /// A certificate naming another tenant than the one the source was first
@@ -569,7 +591,10 @@ async fn failback_sends_only_chunks_of_the_expected_kind_and_length() {
         client.recv().await.unwrap(),
         Some(Message::FailbackPlan { .. })
     ));
-    client.send(&Message::Want { indices: vec![0] }).await.unwrap();
+    client
+        .send(&Message::Want { indices: vec![0] })
+        .await
+        .unwrap();
     match client.recv().await.unwrap() {
         Some(Message::Error { code, message }) => {
             assert_eq!(code, ErrorCode::Internal, "{message}");

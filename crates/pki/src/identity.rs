@@ -78,8 +78,8 @@ pub fn tenant_from_cert(cert: &CertificateDer<'_>) -> Result<Option<SourceId>, E
         let Some(name) = uri.strip_prefix(TENANT_URI_PREFIX) else {
             continue;
         };
-        let tenant = SourceId::new(name)
-            .map_err(|e| Error::Invalid(format!("certificate tenant: {e}")))?;
+        let tenant =
+            SourceId::new(name).map_err(|e| Error::Invalid(format!("certificate tenant: {e}")))?;
         if found.replace(tenant).is_some() {
             return Err(Error::Invalid(
                 "client certificate names more than one tenant".into(),

@@ -623,11 +623,13 @@ mod tests {
                         chunk_size_bytes: c,
                     })
                 }),
-            (any::<u16>(), any::<[u8; 32]>(), any::<u64>(), bytes(300)).prop_map(|(v, n, e, r)| Message::Welcome {
-                version: v,
-                nonce: n,
-                head_epoch: e,
-                head_root: r
+            (any::<u16>(), any::<[u8; 32]>(), any::<u64>(), bytes(300)).prop_map(|(v, n, e, r)| {
+                Message::Welcome {
+                    version: v,
+                    nonce: n,
+                    head_epoch: e,
+                    head_root: r,
+                }
             }),
             proptest::collection::vec(any::<u32>(), 0..50)
                 .prop_map(|indices| Message::GetPages { indices }),

@@ -1045,7 +1045,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if data.len() != raw_len as usize {
                         return Err(Reject::new(
                             ErrorCode::Internal,
-                            format!("chunk {index} ({id}) decodes to {} bytes, not {raw_len}", data.len()),
+                            format!(
+                                "chunk {index} ({id}) decodes to {} bytes, not {raw_len}",
+                                data.len()
+                            ),
                         ));
                     }
                     Ok(Message::Chunk {

@@ -1270,7 +1270,10 @@ mod tests {
         assert_eq!(store.read_blob(&id).unwrap(), data);
         let info = store.blob_info(&id).unwrap();
         assert_eq!((info.kind, info.raw_len), (BlobKind::Chunk, 11));
-        assert_eq!(store.blob_info(&ChunkId::from(blake3::hash(b"other"))), None);
+        assert_eq!(
+            store.blob_info(&ChunkId::from(blake3::hash(b"other"))),
+            None
+        );
     }
 
     /// 4 KiB blobs of distinct bytes in packs sealed at 16 KiB, then closed.

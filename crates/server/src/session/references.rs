@@ -158,7 +158,11 @@ impl References {
 }
 
 fn own_ids(head_ids: &[ChunkId]) -> HashSet<ChunkId> {
-    head_ids.iter().filter(|id| !id.is_zero()).copied().collect()
+    head_ids
+        .iter()
+        .filter(|id| !id.is_zero())
+        .copied()
+        .collect()
 }
 
 /// What loading the tenant's ids found.
