@@ -110,6 +110,11 @@ enum CertCommand {
         /// Issue the admin certificate (admin.crt, admin.key) instead.
         #[arg(long)]
         admin: bool,
+        /// Tenant of the source, bound into the certificate beside its id (same
+        /// rule as a source id). Sources of one tenant share deduplicated data;
+        /// without it a source is its own tenant and shares nothing.
+        #[arg(long, conflicts_with = "admin")]
+        tenant: Option<String>,
     },
     /// Revoke a client certificate: add it to the CA's revocation list
     /// (DIR/crl.pem), which servers load with --crl. A running server reloads
@@ -184,11 +189,20 @@ struct ServerArgs {
     /// sources reach the server through one NAT address.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     connections_per_address: u32,
-    /// Most memory all sessions together hold for their disks' chunk ids (32
-    /// bytes per chunk: 512 MiB for a 1 TiB disk at 64 KiB chunks); a session whose
-    /// disk does not fit is refused (busy if it would fit later).
+    /// Most memory all sessions together hold for their disks' chunk ids (about
+    /// 160 bytes per chunk: 2.5 GiB for a 1 TiB disk at 64 KiB chunks); a session
+    /// whose disk does not fit is refused (busy if it would fit later).
     #[arg(long, default_value = "9GiB", value_parser = units::parse_size)]
     session_memory_max: u64,
+    /// Most of --session-memory-max one session may reserve, so that one
+    /// source cannot take the memory the others need. A disk that needs more
+    /// is refused: raise this, or replicate it in larger chunks.
+    #[arg(long, default_value = "3GiB", value_parser = units::parse_size)]
+    session_memory_per_source_max: u64,
+    /// Most bytes of pages or chunks a session reads from the store before it
+    /// writes them to the agent (page fetches and failback).
+    #[arg(long, default_value = "4MiB", value_parser = units::parse_size)]
+    session_send_buffer_max: u64,
     /// Time a connection has to finish its TLS handshake and say Hello.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     handshake_timeout: Duration,
@@ -681,12 +695,18 @@ fn cert(command: CertCommand) -> Result<()> {
                 server_names.join(", ")
             );
         }
-        CertCommand::Issue { dir, source, admin } => {
+        CertCommand::Issue {
+            dir,
+            source,
+            admin,
+            tenant,
+        } => {
             let (cert, key) = if admin {
                 blockrep_pki::issue_admin(&dir)?
             } else {
                 let source = source_id(source.as_deref().unwrap_or_default())?;
-                blockrep_pki::issue_source(&dir, &source)?
+                let tenant = tenant.as_deref().map(source_id).transpose()?;
+                blockrep_pki::issue_source_in_tenant(&dir, &source, tenant.as_ref())?
             };
             println!("wrote {} and {}", cert.display(), key.display());
         }
@@ -734,6 +754,8 @@ async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Result<()> {
     config.idle_timeout = args.idle_timeout;
     config.supersede_after = args.supersede_after;
     config.session_memory_max_bytes = args.session_memory_max;
+    config.session_memory_per_source_max_bytes = args.session_memory_per_source_max;
+    config.send_buffer_max_bytes = args.session_send_buffer_max.max(1);
     config.crl_path = args.crl;
     config.crl_poll_interval = args.crl_poll_interval;
     config.admin_tls = args.admin_tls;

@@ -198,12 +198,14 @@ fn three_epochs() -> Vec<u8> {
     };
     let c = chunk_data(2, 3);
     let id_c = ChunkId::from(blake3::hash(&c));
+    // The source's own chunk: its proof is not checked (and the nonce is
+    // random per session), so any 32 bytes do.
     let reference = Message::Chunk {
         index: 1,
         id: id_a,
         codec: Codec::Ref,
         raw_len: CHUNK,
-        data: Bytes::new(),
+        data: Bytes::from_static(&[0; 32]),
     };
     frames(&[
         hello(),
@@ -280,6 +282,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "welcome",
             Message::Welcome {
                 version: 1,
+                nonce: [5; 32],
                 head_epoch: 3,
                 head_root: Bytes::from_static(b"root"),
             },

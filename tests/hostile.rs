@@ -102,7 +102,7 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
         ),
         (
             "reference past the end",
-            chunk(18, Codec::Ref, CHUNK, &[], id),
+            chunk(18, Codec::Ref, CHUNK, &[0; 32], id),
             ErrorCode::BadChunk,
             "beyond the end of the disk",
         ),
@@ -402,7 +402,8 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
 
 /// Regression (found by the session fuzz target): a `Hello` claiming a huge
 /// disk made the server allocate 32 bytes per chunk of it, 2 GiB for 260 GiB
-/// at 4 KiB chunks, before any data. Sessions now reserve that memory from
+/// at 4 KiB chunks, before any data. Sessions now reserve that memory (160
+/// bytes per chunk, with the sets of ids a session may reference) from
 /// `--session-memory-max` first.
 #[tokio::test(flavor = "multi_thread")]
 async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
@@ -412,7 +413,7 @@ async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
         &bin(),
         &work.path().join("data"),
         pki.path(),
-        &["--session-memory-max", "2MiB"],
+        &["--session-memory-max", "8MiB"],
     );
     let claim = |source: &str, disk_size_bytes: u64| Message::Hello {
         version_min: PROTOCOL_VERSION,
@@ -421,12 +422,12 @@ async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
         disk_size_bytes,
         chunk_size_bytes: 4096,
     };
-    // 1 TiB at 4 KiB chunks: 8 GiB of ids could never fit.
+    // 1 TiB at 4 KiB chunks: 40 GiB of ids could never fit.
     let mut huge = client(&server, &pki, "huge").await;
     huge.send(&claim("huge", 1 << 40)).await.unwrap();
     let message = expect_error(&mut huge, ErrorCode::GeometryMismatch).await;
     assert!(message.contains("--session-memory-max"), "{message}");
-    // 160 MiB at 4 KiB chunks (1.25 MiB of ids) fits once, not twice.
+    // 160 MiB at 4 KiB chunks (6.25 MiB of ids) fits once, not twice.
     let mut first = client(&server, &pki, "a").await;
     first.send(&claim("a", 160 << 20)).await.unwrap();
     assert!(matches!(

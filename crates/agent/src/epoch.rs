@@ -9,7 +9,8 @@ use blockrep_core::{
 use std::collections::HashSet;
 
 use blockrep_proto::{
-    CHUNK_HEADER_LEN, Codec, GET_PAGES_MAX, Message, OFFER_IDS_MAX, PROTOCOL_VERSION, chunk_header,
+    CHUNK_HEADER_LEN, Codec, GET_PAGES_MAX, Message, OFFER_IDS_MAX, PROTOCOL_VERSION,
+    REF_PROOF_LEN, chunk_header,
 };
 use bytes::Bytes;
 use tracing::debug;
@@ -18,7 +19,7 @@ use tracing::debug;
 const PROGRESS_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
 use crate::connection::Connection;
-use crate::send::spawn_encoders;
+use crate::send::{References, spawn_encoders};
 use crate::{AgentConfig, EpochReport, Error};
 
 /// A scan of the disk.
@@ -91,6 +92,8 @@ pub(crate) struct Session {
     /// The server's committed chunk ids, where known; `None` until learned.
     head_ids: Option<Vec<ChunkId>>,
     head_root: Option<Root>,
+    /// The session's nonce from `Welcome`: the key of reference proofs.
+    nonce: [u8; blockrep_proto::NONCE_LEN],
     /// Where acknowledged commits are recorded (`AgentConfig::ack_log`).
     ack_log: Option<Arc<crate::AckLog>>,
 }
@@ -111,18 +114,19 @@ impl Session {
             connection.flush().await?;
             connection.recv().await
         };
-        let (head_epoch, head_root) = match welcome.await {
+        let (head_epoch, head_root, nonce) = match welcome.await {
             Ok(Message::Welcome {
                 version,
                 head_epoch,
                 head_root,
+                nonce,
             }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(Error::Protocol(format!(
                         "server chose protocol version {version}, this agent speaks only {PROTOCOL_VERSION}"
                     )));
                 }
-                (head_epoch, head_root)
+                (head_epoch, head_root, nonce)
             }
             Ok(other) => {
                 return Err(Error::Protocol(format!(
@@ -166,17 +170,24 @@ impl Session {
             head_epoch,
             head_ids,
             head_root,
+            nonce,
             ack_log: config.ack_log.clone(),
         })
     }
 
-    /// A `Chunk` frame that refers to data the server holds (no data follows).
-    fn reference(&self, index: u64, id: &ChunkId) -> [u8; CHUNK_HEADER_LEN] {
+    /// A `Chunk` frame that refers to a chunk sent with its data earlier in
+    /// this session: the server checks no proof for those (it received the
+    /// bytes from this agent), so the proof field is left zero.
+    fn reference(&self, index: u64, id: &ChunkId) -> Bytes {
         let raw_len = self
             .geometry
             .chunk_len(index)
             .expect("changed chunks lie on the disk");
-        chunk_header(index, id, Codec::Ref, raw_len, &[])
+        let proof = [0u8; REF_PROOF_LEN];
+        let mut frame = Vec::with_capacity(CHUNK_HEADER_LEN + REF_PROOF_LEN);
+        frame.extend_from_slice(&chunk_header(index, id, Codec::Ref, raw_len, &proof));
+        frame.extend_from_slice(&proof);
+        Bytes::from(frame)
     }
 
     /// Sends the agent's side of the cutover downtime.
@@ -417,7 +428,8 @@ impl Session {
             return Ok(Some(report));
         }
 
-        // Chunks the server already holds travel as references, without being read.
+        // Chunks the server admits to holding for this source (or its tenant)
+        // travel as references.
         let offered: Vec<ChunkId> = {
             let mut seen = HashSet::new();
             changed
@@ -435,22 +447,16 @@ impl Session {
             .head_ids
             .clone()
             .expect("head ids are known after the diff");
-        let mut to_encode = Vec::with_capacity(changed.len());
-        for &index in &changed {
-            let id = scan.ids[index as usize];
-            if !id.is_zero() && held.contains(&id) {
-                let frame = self.reference(index, &id);
-                self.connection.write_raw(&frame).await?;
-                report.bytes_sent += frame.len() as u64;
-                report.ref_chunks_sent += 1;
-                view[index as usize] = id;
-            } else {
-                to_encode.push(index);
-            }
-        }
+        // Held chunks are read too: a reference carries the proof that this
+        // agent holds the bytes, and a chunk that changed since the scan is
+        // sent as data instead.
+        let references = References {
+            held: Arc::new(held),
+            nonce: self.nonce,
+        };
         debug!(
             changed = changed.len(),
-            references = report.ref_chunks_sent,
+            held = references.held.len(),
             "sending"
         );
         let progress = progress_bar(config, bytes_pending);
@@ -458,9 +464,10 @@ impl Session {
         let mut frames = spawn_encoders(
             Arc::clone(&scan.disk),
             self.geometry,
-            Arc::new(to_encode),
+            Arc::new(changed),
             config.compression,
             Arc::clone(&config.adaptive),
+            references,
         );
         let mut sent_ids: HashSet<ChunkId> = HashSet::new();
         let mut step_bytes = 0u64;
@@ -472,10 +479,13 @@ impl Session {
             let frame = if encoded.id.is_zero() {
                 report.zero_chunks_sent += 1;
                 encoded.frame
+            } else if encoded.reference {
+                report.ref_chunks_sent += 1;
+                encoded.frame
             } else if !sent_ids.insert(encoded.id) {
                 // A duplicate of a chunk sent earlier in this epoch: a reference does.
                 report.ref_chunks_sent += 1;
-                Bytes::copy_from_slice(&self.reference(encoded.index, &encoded.id))
+                self.reference(encoded.index, &encoded.id)
             } else {
                 report.chunks_sent += 1;
                 report.raw_bytes_sent += encoded.raw_len;

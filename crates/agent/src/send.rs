@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::collections::HashSet;
+
 use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk};
-use blockrep_proto::{CHUNK_HEADER_LEN, Codec, chunk_header};
+use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, ref_proof};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
@@ -25,6 +27,16 @@ pub(crate) struct Encoded {
     pub id: ChunkId,
     pub frame: Bytes,
     pub raw_len: u64,
+    /// The frame is a reference (with its proof of possession), not data.
+    pub reference: bool,
+}
+
+/// Chunks the server admitted to holding (its `Have`), and the session's
+/// nonce that proves this agent holds them too.
+#[derive(Clone)]
+pub(crate) struct References {
+    pub held: Arc<HashSet<ChunkId>>,
+    pub nonce: [u8; NONCE_LEN],
 }
 
 /// Starts the workers for `changed` chunks; frames arrive on the returned channel,
@@ -35,6 +47,7 @@ pub(crate) fn spawn_encoders(
     changed: Arc<Vec<u64>>,
     compression: Compression,
     adaptive: Arc<AdaptiveCompression>,
+    references: References,
 ) -> mpsc::Receiver<Result<Encoded, Error>> {
     let window = (WINDOW_BYTES / geometry.chunk_size_bytes() as usize).max(4);
     let (tx, rx) = mpsc::channel::<Result<Encoded, Error>>(window);
@@ -42,6 +55,7 @@ pub(crate) fn spawn_encoders(
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     for _ in 0..workers {
         let adaptive = Arc::clone(&adaptive);
+        let references = references.clone();
         let (disk, changed, next, tx) = (
             Arc::clone(&disk),
             Arc::clone(&changed),
@@ -49,7 +63,7 @@ pub(crate) fn spawn_encoders(
             tx.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let mut encoder = ChunkEncoder::new(compression, adaptive);
+            let mut encoder = ChunkEncoder::new(compression, adaptive, references);
             loop {
                 let start = next.fetch_add(CHUNKS_PER_CLAIM, Ordering::Relaxed);
                 if start >= changed.len() {
@@ -74,10 +88,15 @@ struct ChunkEncoder {
     skip: u32,
     /// Set for `Compression::Auto`.
     adaptive: Option<Arc<AdaptiveCompression>>,
+    references: References,
 }
 
 impl ChunkEncoder {
-    fn new(compression: Compression, adaptive: Arc<AdaptiveCompression>) -> Self {
+    fn new(
+        compression: Compression,
+        adaptive: Arc<AdaptiveCompression>,
+        references: References,
+    ) -> Self {
         let compressor = match compression {
             Compression::Auto | Compression::Zstd => zstd::bulk::Compressor::new(1).ok(),
             Compression::None => None,
@@ -86,6 +105,7 @@ impl ChunkEncoder {
             compressor,
             skip: 0,
             adaptive: (compression == Compression::Auto).then_some(adaptive),
+            references,
         }
     }
 
@@ -120,9 +140,20 @@ impl ChunkEncoder {
                 }
             })?;
         let id = hash_chunk(&frame[CHUNK_HEADER_LEN..]);
+        let mut reference = false;
         let (frame, raw_sent) = if id.is_zero() {
             let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, &[]);
             (BytesMut::from(&header[..]), 0)
+        } else if self.references.held.contains(&id) {
+            // The server holds these bytes: a reference, with the proof that
+            // this agent holds them too (the id alone proves nothing).
+            let proof = ref_proof(&self.references.nonce, &frame[CHUNK_HEADER_LEN..]);
+            let header = chunk_header(index, &id, Codec::Ref, raw_len as u32, &proof);
+            let mut out = BytesMut::with_capacity(CHUNK_HEADER_LEN + proof.len());
+            out.extend_from_slice(&header);
+            out.extend_from_slice(&proof);
+            reference = true;
+            (out, 0)
         } else if let Some(mut compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
             let data = &compressed[CHUNK_HEADER_LEN..];
             let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data);
@@ -139,6 +170,7 @@ impl ChunkEncoder {
             id,
             frame: frame.freeze(),
             raw_len: raw_sent,
+            reference,
         })
     }
 

@@ -11,7 +11,7 @@ use rcgen::{
 
 use crate::Error;
 use crate::files::write_file;
-use crate::identity::{ADMIN_URI, SOURCE_URI_PREFIX};
+use crate::identity::{ADMIN_URI, SOURCE_URI_PREFIX, TENANT_URI_PREFIX};
 
 const CERT_MODE: u32 = 0o644;
 const KEY_MODE: u32 = 0o600;
@@ -109,14 +109,17 @@ fn issue_client(
     dir: &Path,
     file_stem: &str,
     common_name: &str,
-    uri: String,
+    uris: &[String],
 ) -> Result<(PathBuf, PathBuf), Error> {
     let issuer = load_issuer(dir)?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
-    params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
+    params.subject_alt_names = uris
+        .iter()
+        .map(|uri| Ok(SanType::URI(uri.as_str().try_into()?)))
+        .collect::<Result<_, Error>>()?;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     // keyEncipherment means nothing to an ECDSA key, but qemu (the NBD client
     // of a launched VM) refuses a client certificate whose critical key usage
@@ -137,22 +140,32 @@ fn issue_client(
 
 /// Issues `ID.crt`/`ID.key` in `dir` for source `source`, signed by the CA there.
 pub fn issue_source(dir: &Path, source: &SourceId) -> Result<(PathBuf, PathBuf), Error> {
+    issue_source_in_tenant(dir, source, None)
+}
+
+/// [`issue_source`] with the source's tenant bound into the certificate as a
+/// second SAN URI (`urn:blockrep:tenant:T`). Sources of one tenant share
+/// deduplicated data; without a tenant a source is its own.
+pub fn issue_source_in_tenant(
+    dir: &Path,
+    source: &SourceId,
+    tenant: Option<&SourceId>,
+) -> Result<(PathBuf, PathBuf), Error> {
+    let mut uris = vec![format!("{SOURCE_URI_PREFIX}{source}")];
+    if let Some(tenant) = tenant {
+        uris.push(format!("{TENANT_URI_PREFIX}{tenant}"));
+    }
     if source.as_str() == "ca" || source.as_str() == "server" || source.as_str() == "admin" {
         return Err(Error::Invalid(format!(
             "source id {source:?} would overwrite the {source} certificate; choose another id"
         )));
     }
-    issue_client(
-        dir,
-        source.as_str(),
-        source.as_str(),
-        format!("{SOURCE_URI_PREFIX}{source}"),
-    )
+    issue_client(dir, source.as_str(), source.as_str(), &uris)
 }
 
 /// Issues `admin.crt`/`admin.key` in `dir`, signed by the CA there.
 pub fn issue_admin(dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
-    issue_client(dir, "admin", "blockrep admin", ADMIN_URI.to_owned())
+    issue_client(dir, "admin", "blockrep admin", &[ADMIN_URI.to_owned()])
 }
 
 #[cfg(test)]
@@ -161,6 +174,18 @@ mod tests {
     use crate::files::read_certs;
     use crate::identity::{Identity, identity_from_cert};
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_tenant_stands_beside_the_source_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), &["localhost".into()], false).unwrap();
+        let source = SourceId::new("db-1").unwrap();
+        let tenant = SourceId::new("acme").unwrap();
+        let (cert, _) = issue_source_in_tenant(dir.path(), &source, Some(&tenant)).unwrap();
+        let der = &read_certs(&cert).unwrap()[0];
+        assert_eq!(identity_from_cert(der).unwrap(), Identity::Source(source));
+        assert_eq!(crate::tenant_from_cert(der).unwrap(), Some(tenant));
+    }
 
     #[test]
     fn issued_certificates_carry_their_identity() {
@@ -181,6 +206,7 @@ mod tests {
         );
         let server = &read_certs(&dir.path().join("server.crt")).unwrap()[0];
         assert!(identity_from_cert(server).is_err());
+        assert_eq!(crate::tenant_from_cert(der).unwrap(), None);
         assert!(
             init_ca(dir.path(), &[], false).is_err(),
             "refuses to replace a CA"

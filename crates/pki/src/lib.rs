@@ -4,7 +4,9 @@
 //!
 //! Identities are bound into the certificate's subject alternative names as URIs:
 //! `urn:blockrep:source:ID` for a source's agent and `urn:blockrep:admin` for the
-//! operator. The server takes the identity from the verified certificate, never
+//! operator. A source certificate may also carry `urn:blockrep:tenant:T`: the
+//! sources of one tenant deduplicate against each other's data (a source without
+//! one is its own tenant). The server takes the identity from the verified certificate, never
 //! from anything the peer says on the wire.
 //!
 //! Files of a TLS directory: `ca.crt`/`ca.key` (the CA), `server.crt`/`server.key`,
@@ -25,8 +27,10 @@ pub use crl::{
     server_config_reloadable,
 };
 pub use files::{read_certs, read_key};
-pub use identity::{ADMIN_URI, Identity, SOURCE_URI_PREFIX, identity_from_cert};
-pub use issue::{init_ca, issue_admin, issue_source};
+pub use identity::{
+    ADMIN_URI, Identity, SOURCE_URI_PREFIX, TENANT_URI_PREFIX, identity_from_cert, tenant_from_cert,
+};
+pub use issue::{init_ca, issue_admin, issue_source, issue_source_in_tenant};
 pub use revoke::{CRL_FILE_NAME, Revocation, read_crls, revoke_cert};
 pub use tls::{client_config, server_config, server_config_with_crls};
 pub use token::{ADMIN_TOKEN_FILE_NAME, AdminToken};

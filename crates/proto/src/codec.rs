@@ -1,7 +1,7 @@
 use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId, SourceId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::message::{Codec, ErrorCode, Message, ProtoError, ProtoErrorKind};
+use crate::message::{Codec, ErrorCode, Message, ProtoError, ProtoErrorKind, REF_PROOF_LEN};
 use crate::{ERROR_MESSAGE_MAX_LEN, FRAME_LEN_MAX, GET_PAGES_MAX, OFFER_IDS_MAX};
 
 /// Bytes before a frame's body: the length field, the checksum and the type byte.
@@ -56,10 +56,12 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
         }
         Message::Welcome {
             version,
+            nonce,
             head_epoch,
             head_root,
         } => {
             out.put_u16_le(*version);
+            out.put_slice(nonce);
             out.put_u64_le(*head_epoch);
             out.put_u32_le(head_root.len() as u32);
             out.put_slice(head_root);
@@ -414,11 +416,13 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
         }
         2 => {
             let version = r.u16("version")?;
+            let nonce = r.id("nonce")?.0;
             let head_epoch = r.u64("epoch")?;
             let len = r.u32("root length")? as usize;
             let head_root = r.bytes(len, FRAME_LEN_MAX as usize, "head root")?;
             Message::Welcome {
                 version,
+                nonce,
                 head_epoch,
                 head_root,
             }
@@ -450,8 +454,13 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
             }
             let data_len = r.u32("data length")? as usize;
             let data = r.bytes(data_len, CHUNK_SIZE_MAX_BYTES as usize, "chunk data")?;
-            let data_allowed = matches!(codec, Codec::Raw | Codec::Zstd);
-            if data_allowed == data.is_empty() && raw_len > 0 {
+            let data_ok = match codec {
+                Codec::Raw | Codec::Zstd => !data.is_empty() || raw_len == 0,
+                Codec::Zero => data.is_empty(),
+                // A reference carries exactly its proof of possession.
+                Codec::Ref => data.len() == REF_PROOF_LEN,
+            };
+            if !data_ok {
                 return Err(malformed(format!(
                     "{codec:?} chunk {index} with {data_len} data bytes"
                 )));
@@ -614,10 +623,13 @@ mod tests {
                         chunk_size_bytes: c,
                     })
                 }),
-            (any::<u16>(), any::<u64>(), bytes(300)).prop_map(|(v, e, r)| Message::Welcome {
-                version: v,
-                head_epoch: e,
-                head_root: r
+            (any::<u16>(), any::<[u8; 32]>(), any::<u64>(), bytes(300)).prop_map(|(v, n, e, r)| {
+                Message::Welcome {
+                    version: v,
+                    nonce: n,
+                    head_epoch: e,
+                    head_root: r,
+                }
             }),
             proptest::collection::vec(any::<u32>(), 0..50)
                 .prop_map(|indices| Message::GetPages { indices }),
@@ -644,6 +656,15 @@ mod tests {
                 codec: Codec::Zero,
                 raw_len: 4096,
                 data: Bytes::new(),
+            }),
+            (any::<u64>(), id_strategy(), any::<[u8; 32]>()).prop_map(|(index, id, proof)| {
+                Message::Chunk {
+                    index,
+                    id,
+                    codec: Codec::Ref,
+                    raw_len: 4096,
+                    data: Bytes::copy_from_slice(&proof),
+                }
             }),
             (
                 any::<u64>(),
@@ -904,6 +925,30 @@ mod tests {
                     message.name()
                 );
             }
+        }
+    }
+
+    /// A reference carries its proof and nothing else: none, or more, is
+    /// malformed (a version 2 reference, with no data, is refused).
+    #[test]
+    fn a_reference_carries_exactly_its_proof() {
+        for len in [0usize, 31, 33, 64] {
+            let mut buf = BytesMut::new();
+            encode(
+                &Message::Chunk {
+                    index: 1,
+                    id: ChunkId([9; 32]),
+                    codec: Codec::Ref,
+                    raw_len: 4096,
+                    data: Bytes::from(vec![7; len]),
+                },
+                &mut buf,
+            );
+            assert_eq!(
+                decode(&mut buf).unwrap_err().kind(),
+                ProtoErrorKind::Malformed,
+                "a reference with {len} data bytes"
+            );
         }
     }
 

@@ -40,8 +40,8 @@ pub use codec::{
     CHUNK_HEADER_LEN, FRAME_HEADER_LEN, chunk_header, decode, encode, encode_chunk_header,
 };
 pub use message::{
-    Codec, ErrorCode, IO_TIMEOUT_MIN, Message, PROGRESS_INTERVAL, PROTOCOL_VERSION, ProtoError,
-    ProtoErrorKind, negotiate_version,
+    Codec, ErrorCode, IO_TIMEOUT_MIN, Message, NONCE_LEN, PROGRESS_INTERVAL, PROTOCOL_VERSION,
+    ProtoError, ProtoErrorKind, REF_PROOF_LEN, negotiate_version, ref_proof,
 };
 
 /// Largest frame body accepted: a root of [`blockrep_core::PAGE_COUNT_MAX`] pages plus headroom.

@@ -5,8 +5,22 @@ use bytes::Bytes;
 
 /// The protocol version this build speaks. Version 2 added the checksum to
 /// every frame header; the frame layout changed with it, so version 1 peers
-/// fail at their first frame rather than in the negotiation.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// fail at their first frame rather than in the negotiation. Version 3 added
+/// the session nonce to `Welcome` and the proof of possession to `Ref` chunks.
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// Bytes of the per-session nonce in [`Message::Welcome`].
+pub const NONCE_LEN: usize = 32;
+/// Bytes of the proof of possession a [`Codec::Ref`] chunk carries as its data.
+pub const REF_PROOF_LEN: usize = 32;
+
+/// The proof that a sender holds a chunk's bytes, carried by a [`Codec::Ref`]
+/// chunk: blake3 keyed with the session's nonce over the chunk's bytes. The
+/// nonce is fresh per session, so a proof can neither be computed from the
+/// chunk id alone nor replayed from another session.
+pub fn ref_proof(nonce: &[u8; NONCE_LEN], chunk: &[u8]) -> [u8; REF_PROOF_LEN] {
+    *blake3::keyed_hash(nonce, chunk).as_bytes()
+}
 
 /// Picks the version both sides speak: the highest of `[min, max]` this build knows.
 pub fn negotiate_version(min: u16, max: u16) -> Option<u16> {
@@ -25,7 +39,9 @@ pub enum Codec {
     Raw = 1,
     /// zstd-compressed bytes.
     Zstd = 2,
-    /// The receiver already holds a chunk with this id; no data follows.
+    /// The receiver already holds a chunk with this id. The data is the
+    /// sender's proof that it holds the bytes too: [`ref_proof`] under the
+    /// session's nonce, exactly [`REF_PROOF_LEN`] bytes.
     Ref = 3,
 }
 
@@ -155,9 +171,12 @@ pub enum Message {
         disk_size_bytes: u64,
         chunk_size_bytes: u32,
     },
-    /// Server -> agent: chosen version and the replica's committed head, if any.
+    /// Server -> agent: chosen version, the session's nonce (for the proofs of
+    /// `Ref` chunks) and the replica's committed head, if any.
     Welcome {
         version: u16,
+        /// Fresh random bytes per session: the key of [`ref_proof`].
+        nonce: [u8; NONCE_LEN],
         head_epoch: u64,
         /// Encoded [`blockrep_core::Root`] of the head; empty when there is none.
         head_root: Bytes,
@@ -184,8 +203,10 @@ pub enum Message {
     /// Agent -> server: ids of chunks about to be sent; the server answers with
     /// [`Message::Have`] so that chunks it already holds travel as references.
     Offer { ids: Vec<ChunkId> },
-    /// Server -> agent: bit `i` (LSB first) set when the server holds `ids[i]`
-    /// of the matching `Offer`.
+    /// Server -> agent: bit `i` (LSB first) set when the agent may send
+    /// `ids[i]` of the matching `Offer` as a reference: the source's own data,
+    /// or data of another source of its tenant. A chunk stored for another
+    /// tenant is never admitted to.
     Have { bits: Bytes },
     /// Agent -> server: commit the epoch; `root` is the root the agent expects.
     Commit {
@@ -204,6 +225,8 @@ pub enum Message {
         root: ChunkId,
         chunks_received: u64,
         bytes_received: u64,
+        /// Chunks received that were new to the source (whether another
+        /// source's data held them is not said).
         chunks_stored: u64,
         /// The operator asked for a cutover: the agent should run its final epoch.
         cutover_requested: bool,

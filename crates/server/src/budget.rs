@@ -1,11 +1,21 @@
 //! The memory budget for sessions' chunk ids.
 //!
-//! A session holds the 32-byte id of every chunk of its disk (the replica as
-//! it knows it), so a `Hello` that claims a large disk commits the server to
-//! memory before a single chunk arrives: up to 8 GiB for the largest valid
-//! geometry. Every session reserves its share of one server-wide budget
-//! (`--session-memory-max`) before it allocates; a claim that does not fit is
-//! refused instead of growing the server until the kernel kills it.
+//! A session holds, per chunk of its disk: the 32-byte id (the replica as it
+//! knows it), the set of ids the source may reference as its own (the head's,
+//! up to 1.25 times the chunk count before it is rebuilt), the ids received in
+//! the uncommitted epoch (at most one per chunk), and a bit for "sent in this
+//! epoch" ([`IDS_BYTES_PER_CHUNK`] in all, hash-set overhead included). So a
+//! `Hello` that claims a large disk commits the server to memory before a
+//! single chunk arrives. Every session reserves its share of one server-wide
+//! budget (`--session-memory-max`) before it allocates, and no more than
+//! `--session-memory-per-source-max` of it, so that one source cannot take the
+//! memory every other source needs; a claim that does not fit is refused
+//! instead of growing the server until the kernel kills it.
+//!
+//! The ids of the other sources of a tenant, loaded when a session first needs
+//! them for deduplication, take a second reservation ([`Shared::reserve_bytes`]);
+//! when that does not fit, the session goes on without cross-source
+//! deduplication rather than failing.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +24,13 @@ use blockrep_proto::ErrorCode;
 
 use crate::listener::Shared;
 use crate::session::Reject;
+
+/// Bytes a session reserves per chunk of its disk: the replica's id (32), the
+/// set of the source's own ids (up to 1.25 ids per chunk) and the ids received
+/// in the uncommitted epoch (up to one per chunk), each hashed entry costing
+/// about 56 bytes (a 32-byte key, its control byte, and the table's spare
+/// room), and one bit for the chunks sent in the epoch.
+pub(crate) const IDS_BYTES_PER_CHUNK: u64 = 32 + 128;
 
 /// Bytes of chunk ids reserved by sessions in progress.
 #[derive(Debug, Default)]
@@ -42,18 +59,20 @@ impl Drop for IdsReservation {
 
 impl Shared {
     /// Reserves memory for the chunk ids of a disk of `geometry`. A disk that
-    /// could never fit is refused for good (`GeometryMismatch`, not retried);
-    /// one that does not fit beside the sessions in progress is `Busy`.
+    /// could never fit, or that needs more than one source may hold, is refused
+    /// for good (`GeometryMismatch`, not retried); one that does not fit beside
+    /// the sessions in progress is `Busy`.
     pub(crate) fn reserve_ids(
         self: &Arc<Self>,
         geometry: Geometry,
     ) -> Result<IdsReservation, Reject> {
-        // Ids plus the page ids, which are 1/1024 of them.
+        // Per chunk, plus the page ids, which are 1/1024 of the ids.
         let bytes = geometry
             .chunk_count()
-            .saturating_add(geometry.page_count())
-            .saturating_mul(32);
+            .saturating_mul(IDS_BYTES_PER_CHUNK)
+            .saturating_add(geometry.page_count().saturating_mul(32));
         let max = self.config.session_memory_max_bytes;
+        let per_source_max = self.config.session_memory_per_source_max_bytes;
         let mib = |b: u64| b.div_ceil(1 << 20);
         if bytes > max {
             return Err(Reject::new(
@@ -67,22 +86,44 @@ impl Shared {
                 ),
             ));
         }
-        let mut reserved = self
-            .ids_budget
-            .reserved_bytes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if reserved.saturating_add(bytes) > max {
+        if bytes > per_source_max {
             return Err(Reject::new(
+                ErrorCode::GeometryMismatch,
+                format!(
+                    "a disk of {} chunks needs {} MiB of chunk ids, more than one source may \
+                     hold (the server's --session-memory-per-source-max of {} MiB); replicate \
+                     it in larger chunks or raise that limit",
+                    geometry.chunk_count(),
+                    mib(bytes),
+                    mib(per_source_max)
+                ),
+            ));
+        }
+        self.reserve_bytes(bytes).map_err(|free| {
+            Reject::new(
                 ErrorCode::Busy,
                 format!(
                     "a disk of {} chunks needs {} MiB of chunk ids and only {} MiB of the \
                      server's --session-memory-max are free; retry later",
                     geometry.chunk_count(),
                     mib(bytes),
-                    mib(max - *reserved)
+                    mib(free)
                 ),
-            ));
+            )
+        })
+    }
+
+    /// Reserves `bytes` of the budget if they fit beside the reservations in
+    /// progress; else returns how many bytes are free.
+    pub(crate) fn reserve_bytes(self: &Arc<Self>, bytes: u64) -> Result<IdsReservation, u64> {
+        let max = self.config.session_memory_max_bytes;
+        let mut reserved = self
+            .ids_budget
+            .reserved_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if reserved.saturating_add(bytes) > max {
+            return Err(max.saturating_sub(*reserved));
         }
         *reserved += bytes;
         Ok(IdsReservation {

@@ -132,8 +132,16 @@ pub struct ServerConfig {
     /// `Host` is refused (DNS rebinding).
     pub admin_hosts: Vec<String>,
     /// Most memory all sessions together may hold for their disks' chunk ids
-    /// (32 bytes per chunk); a session whose disk does not fit is refused.
+    /// (about 160 bytes per chunk, see `budget`); a session whose disk does not
+    /// fit is refused.
     pub session_memory_max_bytes: u64,
+    /// Most of that budget one session may reserve, so that one source's
+    /// `Hello` cannot take the memory every other source needs.
+    pub session_memory_per_source_max_bytes: u64,
+    /// Most bytes of pages or chunks a session reads from the store and queues
+    /// for the agent before it writes them out (answers to `GetPages`,
+    /// `GetBasePages` and failback's `Want`).
+    pub send_buffer_max_bytes: u64,
 }
 
 impl ServerConfig {
@@ -172,6 +180,9 @@ impl ServerConfig {
             admin_hosts: Vec::new(),
             // Enough for the largest valid geometry (2^28 chunks) and a little.
             session_memory_max_bytes: 9 << 30,
+            // A third of the total: a 1.2 TiB disk at 64 KiB chunks, 80 TiB at 4 MiB.
+            session_memory_per_source_max_bytes: 3 << 30,
+            send_buffer_max_bytes: 4 << 20,
         }
     }
 }

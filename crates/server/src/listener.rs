@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blockrep_core::SourceId;
-use blockrep_pki::{Identity, identity_from_cert};
+use blockrep_pki::{Identity, identity_from_cert, tenant_from_cert};
 use blockrep_proto::{ErrorCode, Message};
 use blockrep_store::Store;
 use tokio::net::{TcpListener, TcpStream};
@@ -514,13 +514,14 @@ async fn handle_connection(
         .and_then(|cert| identity_from_cert(cert).map_err(|e| e.to_string()));
     let serial =
         certificate.and_then(|cert| blockrep_pki::cert_serial(cert).map_err(|e| e.to_string()));
+    let tenant = certificate.and_then(|cert| tenant_from_cert(cert).map_err(|e| e.to_string()));
     let mut connection = Connection::new(tls);
     // A peer that stops reading (a dead path) must not hold a session, and
     // with it the source's slot, forever.
     connection.write_timeout = Some(shared.config.idle_timeout);
-    let source = match identity {
-        Ok(Identity::Source(source)) => source,
-        Ok(Identity::Admin) => {
+    let (source, tenant) = match (identity, tenant) {
+        (Ok(Identity::Source(source)), Ok(tenant)) => (source, tenant),
+        (Ok(Identity::Admin), _) => {
             reject(
                 &shared,
                 &mut connection,
@@ -531,7 +532,7 @@ async fn handle_connection(
             .await;
             return;
         }
-        Err(reason) => {
+        (Err(reason), _) | (_, Err(reason)) => {
             reject(
                 &shared,
                 &mut connection,
@@ -565,6 +566,7 @@ async fn handle_connection(
     let span = info_span!("session", source = %source);
     Session::new(shared, connection, source, peer)
         .watch_revocation(registration)
+        .with_tenant(tenant)
         .run()
         .instrument(span)
         .await;

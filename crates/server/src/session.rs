@@ -12,10 +12,14 @@ use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
 use blockrep_proto::{
     Codec, ErrorCode, Message, PROGRESS_INTERVAL, PROTOCOL_VERSION, negotiate_version,
 };
-use blockrep_store::{Downtime, LaunchKind, Lifecycle, LifecycleStage, SnapshotKind};
+use blockrep_store::{BlobKind, Downtime, LaunchKind, Lifecycle, LifecycleStage, SnapshotKind};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
+
+mod references;
+
+use references::{References, new_nonce};
 
 use crate::connection::{Connection, ReadError};
 use crate::listener::{ActiveSession, Shared, SourceSlot, reject};
@@ -84,6 +88,8 @@ struct Replica {
     ids: Vec<ChunkId>,
     page_ids: Vec<ChunkId>,
     dirty_pages: BTreeSet<usize>,
+    /// What the agent may send as references; the chunks sent this epoch.
+    references: References,
     /// Timings of a final (cutover) epoch, for its downtime breakdown.
     cutover_backlog_unix_ms: u64,
     cutover_scan_started_unix_ms: u64,
@@ -117,9 +123,10 @@ struct EpochCounters {
     ref_bytes: u64,
     bytes_at_start: u64,
     started: Option<Instant>,
-    /// Ids received with data in this epoch (not yet in the store's index until
-    /// the verifier has stored them): later references to them are valid.
-    received_ids: std::collections::HashSet<ChunkId>,
+    /// Chunks received with data that were not the source's own: what the
+    /// agent is told was stored. Whether the store already held one for
+    /// another source is never told (that would say the data exists).
+    chunks_new: u64,
 }
 
 /// How long a new session waits for the silent session it supersedes to end.
@@ -129,6 +136,9 @@ pub(crate) struct Session<S> {
     shared: Arc<Shared>,
     connection: Connection<S>,
     source: SourceId,
+    /// The source's tenant, from its certificate: the sources it may share
+    /// deduplicated data with (itself alone by default).
+    tenant: SourceId,
     peer: SocketAddr,
     /// This session's entry in the table of active sources, once claimed.
     active: Option<Arc<ActiveSession>>,
@@ -146,6 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Self {
             shared,
             connection,
+            tenant: source.clone(),
             source,
             peer,
             active: None,
@@ -160,6 +171,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         registration: Option<crate::revocation::Registration>,
     ) -> Self {
         self.revocation = registration;
+        self
+    }
+
+    /// Sets the tenant the source's certificate names (`None`: its own).
+    pub(crate) fn with_tenant(mut self, tenant: Option<SourceId>) -> Self {
+        if let Some(tenant) = tenant {
+            self.tenant = tenant;
+        }
         self
     }
 
@@ -312,6 +331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let slot = self.claim_slot().await?;
         self.active = Some(Arc::clone(&slot.session));
         let _slot = slot;
+        self.check_tenant().await?;
         let mut replica = self.load_replica(geometry).await?;
         let head_root = if replica.head_epoch == 0 {
             Bytes::new()
@@ -321,6 +341,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.connection
             .send(&Message::Welcome {
                 version,
+                nonce: replica.references.nonce(),
                 head_epoch: replica.head_epoch,
                 head_root,
             })
@@ -360,6 +381,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         .await
         .map_err(internal)?
         .map_err(internal)?;
+        let nonce = new_nonce()?;
         match loaded {
             None => Ok(Replica {
                 geometry,
@@ -367,6 +389,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ids: vec![ChunkId::ZERO; geometry.chunk_count() as usize],
                 page_ids: vec![ChunkId::ZERO; geometry.page_count() as usize],
                 dirty_pages: BTreeSet::new(),
+                references: References::new(nonce, geometry, &[]),
                 cutover_backlog_unix_ms: 0,
                 cutover_scan_started_unix_ms: 0,
                 cutover_transfer_ms: 0,
@@ -387,6 +410,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some((head, root, ids)) => Ok(Replica {
                 geometry,
                 head_epoch: head.epoch,
+                references: References::new(nonce, geometry, &ids),
                 ids,
                 page_ids: root.page_ids().to_vec(),
                 dirty_pages: BTreeSet::new(),
@@ -473,12 +497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     });
                 }
                 Message::Offer { ids } => {
-                    let mut bits = vec![0u8; ids.len().div_ceil(8)];
-                    for (i, id) in ids.iter().enumerate() {
-                        if self.shared.store.contains(id) || counters.received_ids.contains(id) {
-                            bits[i / 8] |= 1 << (i % 8);
-                        }
-                    }
+                    let bits = self.have_bits(&mut replica.references, &ids).await?;
                     self.connection
                         .send(&Message::Have {
                             bits: Bytes::from(bits),
@@ -545,7 +564,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     #[allow(clippy::too_many_arguments)]
     async fn chunk(
         &mut self,
-        replica: &Replica,
+        replica: &mut Replica,
         counters: &mut EpochCounters,
         verifier: &mut Option<Verifier>,
         index: u64,
@@ -567,6 +586,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )
             .into());
         }
+        replica.references.mark_sent(index)?;
         match codec {
             // A zero chunk carries the reserved zero id and nothing else: any
             // other id would be bytes that nothing checks.
@@ -580,15 +600,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(ChunkId::ZERO)
             }
             Codec::Ref => {
-                if id.is_zero()
-                    || !(counters.received_ids.contains(&id) || self.shared.store.contains(&id))
-                {
-                    return Err(Reject::new(
-                        ErrorCode::BadChunk,
-                        format!("chunk {index} refers to {id}, which the server does not hold"),
-                    )
-                    .into());
-                }
+                self.admit_reference(&mut replica.references, index, id, raw_len, &data)
+                    .await?;
                 counters.ref_chunks += 1;
                 counters.ref_bytes += u64::from(raw_len);
                 Ok(id)
@@ -613,14 +626,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .chunk_bytes_arrived_total
                     .fetch_add(data_len, Ordering::Relaxed);
                 counters.chunks_received += 1;
-                counters.received_ids.insert(id);
+                if !replica.references.is_own(&id) {
+                    counters.chunks_new += 1;
+                }
+                replica.references.received(id);
                 Ok(id)
             }
         }
     }
 
     async fn send_pages(&mut self, replica: &Replica, indices: &[u32]) -> Result<(), Outcome> {
-        for &index in indices {
+        let per_batch = self.pages_per_batch();
+        for (n, &index) in indices.iter().enumerate() {
+            if n > 0 && n % per_batch == 0 {
+                self.connection
+                    .flush()
+                    .await
+                    .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+            }
             let page_index = index as usize;
             if page_index >= replica.page_ids.len() {
                 return Err(Reject::new(
@@ -660,6 +683,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(verifier) => self.connection.working(verifier.finish()).await?,
             None => Default::default(),
         };
+        self.check_epoch_chunks(&replica.references, &replica.ids)
+            .await?;
         let (root, pages) = replica.build_root();
         let root_id = root.id();
         let committed_page_ids = root.page_ids().to_vec();
@@ -715,6 +740,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             replica.page_ids = committed_page_ids;
             replica.dirty_pages.clear();
         }
+        replica.references.committed(&replica.ids);
         let bytes_received = self.connection.bytes_read - counters.bytes_at_start;
         let now = now_unix_ms();
         let elapsed = counters.started.map_or(started.elapsed(), |t| t.elapsed());
@@ -785,7 +811,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 root: root_id,
                 chunks_received: counters.chunks_received,
                 bytes_received,
-                chunks_stored: verified.chunks_stored,
+                chunks_stored: counters.chunks_new,
                 cutover_requested,
             })
             .await
@@ -883,7 +909,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Message::GetPages { indices } => self.send_root_pages(&target, &indices).await?,
                 Message::GetBasePages { indices } => self.send_root_pages(&base, &indices).await?,
                 Message::Want { indices } => {
-                    for batch in indices.chunks(64) {
+                    // Read, written out and flushed a few MiB at a time, so a
+                    // Want of the most chunks of the largest size does not
+                    // gather them all in memory first.
+                    let per_batch = (self.shared.config.send_buffer_max_bytes
+                        / u64::from(replica.geometry.chunk_size_bytes()))
+                    .max(1) as usize;
+                    for batch in indices.chunks(per_batch) {
                         let (sent, bytes) = self
                             .send_chunks(replica.geometry, &target_ids, batch)
                             .await?;
@@ -937,6 +969,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn send_root_pages(&mut self, root: &Root, indices: &[u32]) -> Result<(), Outcome> {
+        for batch in indices.chunks(self.pages_per_batch()) {
+            self.send_root_page_batch(root, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Pages sent between flushes: `--session-send-buffer-max` of them.
+    fn pages_per_batch(&self) -> usize {
+        let page_bytes = (CHUNKS_PER_PAGE * 32) as u64;
+        (self.shared.config.send_buffer_max_bytes / page_bytes).max(1) as usize
+    }
+
+    async fn send_root_page_batch(&mut self, root: &Root, indices: &[u32]) -> Result<(), Outcome> {
         let store = Arc::clone(&self.shared.store);
         let (root_copy, wanted) = (root.clone(), indices.to_vec());
         let pages = tokio::task::spawn_blocking(move || -> Result<Vec<(u32, Vec<u8>)>, Reject> {
@@ -1003,9 +1048,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             data: Bytes::new(),
                         });
                     }
+                    // Only a chunk of the length its position needs is ever
+                    // sent: never a page, a root, or another length.
+                    match store.blob_info(&id) {
+                        Some(info) if info.kind == BlobKind::Chunk && info.raw_len == raw_len => {}
+                        other => {
+                            return Err(Reject::new(
+                                ErrorCode::Internal,
+                                format!(
+                                    "chunk {index} of the target names {id}, which is {}, not a \
+                                     chunk of {raw_len} bytes; not sent (run `blockrep verify`)",
+                                    other.map_or("not stored".to_owned(), |info| format!(
+                                        "a {:?} blob of {} bytes",
+                                        info.kind, info.raw_len
+                                    ))
+                                ),
+                            ));
+                        }
+                    }
                     let data = store.read_blob(&id).map_err(|e| {
                         Reject::new(ErrorCode::Internal, format!("chunk {index}: {e}"))
                     })?;
+                    if data.len() != raw_len as usize {
+                        return Err(Reject::new(
+                            ErrorCode::Internal,
+                            format!(
+                                "chunk {index} ({id}) decodes to {} bytes, not {raw_len}",
+                                data.len()
+                            ),
+                        ));
+                    }
                     Ok(Message::Chunk {
                         index,
                         id,

@@ -120,6 +120,7 @@ mod retention;
 pub mod sim;
 mod snapshot;
 mod store;
+mod tenant;
 #[cfg(test)]
 mod testutil;
 mod verify;

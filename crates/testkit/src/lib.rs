@@ -48,6 +48,17 @@ impl Pki {
         Self { dir }
     }
 
+    /// Issues a certificate for `source` in `tenant` (`blockrep cert issue
+    /// --source S --tenant T`), replacing any it had.
+    pub fn issue_in_tenant(&self, source: &str, tenant: &str) {
+        blockrep_pki::issue_source_in_tenant(
+            self.dir.path(),
+            &SourceId::new(source).unwrap(),
+            Some(&SourceId::new(tenant).unwrap()),
+        )
+        .unwrap();
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

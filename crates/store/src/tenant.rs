@@ -1,0 +1,120 @@
+//! Which tenant a source belongs to. Sources of one tenant may deduplicate
+//! against each other's data; a source of no recorded tenant is its own.
+//!
+//! The tenant is named by the source's certificate; the server records it at
+//! the source's first session so that it knows which sources share a tenant
+//! while they are not connected, and so that a later certificate naming
+//! another tenant for the same source is noticed (and refused by the server).
+//!
+//! File `DATA/sources/ID/tenant` (little-endian, 77 bytes):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `BRTENA` + version `0x00 0x01` (do not change) |
+//! | 8 | 1 + 64 | tenant name (length, bytes, zero padding) |
+//! | 73 | 4 | crc32 of bytes 0..73 |
+
+use blockrep_core::SourceId;
+
+use crate::error::{Error, ErrorKind};
+use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file};
+use crate::store::Store;
+
+const MAGIC: [u8; 8] = *b"BRTENA\x00\x01";
+const NAME_MAX: usize = 64;
+const LEN: usize = 8 + 1 + NAME_MAX + 4;
+
+fn encode(tenant: &SourceId) -> Vec<u8> {
+    let name = tenant.as_str().as_bytes();
+    let mut out = Vec::with_capacity(LEN);
+    out.extend_from_slice(&MAGIC);
+    // A valid id is at most 64 bytes, so it always fits.
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.resize(8 + 1 + NAME_MAX, 0);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Result<SourceId, Error> {
+    let corrupt = |why: &str| Error::new(ErrorKind::Corrupt, format!("tenant record: {why}"));
+    if bytes.len() != LEN || bytes[..8] != MAGIC {
+        return Err(corrupt("wrong length or magic"));
+    }
+    let crc = u32::from_le_bytes(bytes[LEN - 4..].try_into().expect("4 bytes"));
+    if crc != crc32fast::hash(&bytes[..LEN - 4]) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let len = bytes[8] as usize;
+    if len > NAME_MAX {
+        return Err(corrupt("name too long"));
+    }
+    let name = std::str::from_utf8(&bytes[9..9 + len]).map_err(|_| corrupt("name not UTF-8"))?;
+    SourceId::new(name).map_err(|e| corrupt(&e.to_string()))
+}
+
+impl Store {
+    /// The tenant recorded for `source`, if any.
+    pub fn source_tenant(&self, source: &SourceId) -> Result<Option<SourceId>, Error> {
+        let path = self.source_dir(source).join("tenant");
+        match read_small_file(self.vfs(), &path, LEN)? {
+            Some(bytes) => decode(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Durably records `tenant` as the tenant of `source`.
+    pub fn set_source_tenant(&self, source: &SourceId, tenant: &SourceId) -> Result<(), Error> {
+        self.check_writable()?;
+        let dir = self.source_dir(source);
+        create_dir_durable(self.vfs(), &dir)?;
+        publish_atomic(self.vfs(), &dir.join("tenant"), &encode(tenant))
+    }
+
+    /// The sources other than `source` that have a committed head and whose
+    /// recorded tenant is `tenant`. A source with no record is its own tenant,
+    /// so it is listed only when `tenant` is its own id.
+    pub fn tenant_peers(
+        &self,
+        source: &SourceId,
+        tenant: &SourceId,
+    ) -> Result<Vec<SourceId>, Error> {
+        let mut peers = Vec::new();
+        for other in self.sources()? {
+            if &other == source {
+                continue;
+            }
+            let recorded = self.source_tenant(&other)?;
+            if recorded.as_ref().unwrap_or(&other) == tenant {
+                peers.push(other);
+            }
+        }
+        Ok(peers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_records_round_trip_and_name_the_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let [a, b, c] = ["a", "b", "c"].map(|s| SourceId::new(s).unwrap());
+        let tenant = SourceId::new("acme").unwrap();
+        assert_eq!(store.source_tenant(&a).unwrap(), None);
+        store.set_source_tenant(&a, &tenant).unwrap();
+        store.set_source_tenant(&b, &tenant).unwrap();
+        assert_eq!(store.source_tenant(&a).unwrap(), Some(tenant.clone()));
+        let decoded = decode(&encode(&tenant)).unwrap();
+        assert_eq!(decoded, tenant);
+        let mut damaged = encode(&tenant);
+        damaged[10] ^= 1;
+        assert!(decode(&damaged).is_err());
+        // Only sources with a head count as peers.
+        assert!(store.tenant_peers(&a, &tenant).unwrap().is_empty());
+        let _ = c;
+    }
+}
