@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blockrep_core::{ChunkId, Geometry, Page, Root};
 use blockrep_proto::{Codec, Message, PROTOCOL_VERSION, decode, encode};
