@@ -447,8 +447,18 @@ fn closed(stream: &mut TcpStream) -> bool {
     let mut byte = [0; 1];
     match stream.read(&mut byte) {
         Ok(0) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
-        _ => false,
+        Ok(_) => false,
+        // The read time-out ran out: still open.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        // Reset or aborted by the server: closed all the same.
+        Err(_) => true,
     }
 }
 
