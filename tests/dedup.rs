@@ -41,7 +41,7 @@ fn hello(source: &str) -> Message {
 /// The next message, skipping the server's unprompted `Progress` beats.
 async fn next(client: &mut RawClient) -> Option<Message> {
     loop {
-        match next(&mut client).await {
+        match client.recv().await.unwrap() {
             Some(Message::Progress { .. }) => continue,
             other => return other,
         }
