@@ -38,6 +38,16 @@ fn hello(source: &str) -> Message {
     }
 }
 
+/// The next message, skipping the server's unprompted `Progress` beats.
+async fn next(client: &mut RawClient) -> Option<Message> {
+    loop {
+        match client.recv().await.unwrap() {
+            Some(Message::Progress { .. }) => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Connects as `name` and says `Hello`; returns the client and the nonce.
 async fn session(server: &ServerProcess, pki: &Pki, name: &str) -> (RawClient, [u8; 32]) {
     let mut client = RawClient::connect(
@@ -48,7 +58,7 @@ async fn session(server: &ServerProcess, pki: &Pki, name: &str) -> (RawClient, [
     .await
     .unwrap();
     client.send(&hello(name)).await.unwrap();
-    match client.recv().await.unwrap() {
+    match next(&mut client).await {
         Some(Message::Welcome { nonce, .. }) => (client, nonce),
         other => panic!("expected Welcome, got {other:?}; log: {}", server.log()),
     }
@@ -96,11 +106,11 @@ fn commit_one(index: usize, id: ChunkId) -> Message {
 /// where the frame is refused, `Committed` where it was taken.
 async fn send_then_commit(client: &mut RawClient, frame: &Message, commit: &Message) -> Message {
     client.send(frame).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(2), client.recv()).await {
-        Ok(answer) => answer.unwrap().unwrap(),
+    match tokio::time::timeout(Duration::from_secs(2), next(client)).await {
+        Ok(answer) => answer.unwrap(),
         Err(_) => {
             client.send(commit).await.unwrap();
-            client.recv().await.unwrap().unwrap()
+            next(client).await.unwrap()
         }
     }
 }
@@ -187,7 +197,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
         })
         .await
         .unwrap();
-    match client.recv().await.unwrap().unwrap() {
+    match next(&mut client).await.unwrap() {
         Message::Have { bits } => assert!(
             bits.iter().all(|b| *b == 0),
             "Have reveals b's ids to a: {bits:?}"
@@ -200,7 +210,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
     // and its Have admits them, but never its page or root as a chunk.
     let (mut client, _) = session(&server, &pki, "b").await;
     client.send(&Message::Offer { ids: offered }).await.unwrap();
-    let Message::Have { bits } = client.recv().await.unwrap().unwrap() else {
+    let Message::Have { bits } = next(&mut client).await.unwrap() else {
         panic!("expected Have");
     };
     for i in 0..ids.len() {
@@ -276,7 +286,7 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
         .send(&Message::Offer { ids: ids.clone() })
         .await
         .unwrap();
-    let Message::Have { bits } = client.recv().await.unwrap().unwrap() else {
+    let Message::Have { bits } = next(&mut client).await.unwrap() else {
         panic!("expected Have");
     };
     assert!(bits.iter().all(|b| *b == 0), "{bits:?}");
@@ -289,7 +299,7 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
         .send(&Message::Offer { ids: ids.clone() })
         .await
         .unwrap();
-    let Message::Have { bits } = client.recv().await.unwrap().unwrap() else {
+    let Message::Have { bits } = next(&mut client).await.unwrap() else {
         panic!("expected Have");
     };
     assert_eq!(bits[0] & 1, 1, "{bits:?}");
@@ -384,10 +394,10 @@ async fn resending_a_chunk_within_one_epoch_is_cut_off() {
             break; // refused and closed
         }
         if round == 1 {
-            answer = tokio::time::timeout(Duration::from_secs(5), client.recv())
+            answer = tokio::time::timeout(Duration::from_secs(5), next(&mut client))
                 .await
                 .ok()
-                .and_then(|r| r.ok().flatten());
+                .flatten();
             if answer.is_some() {
                 break;
             }
@@ -432,7 +442,7 @@ async fn one_hello_cannot_reserve_most_of_the_session_memory() {
         })
         .await
         .unwrap();
-    match client.recv().await.unwrap() {
+    match next(&mut client).await {
         Some(Message::Error {
             code: ErrorCode::GeometryMismatch,
             message,
@@ -507,7 +517,7 @@ async fn failback_streams_what_a_want_asks_for() {
         .await
         .unwrap();
     assert!(matches!(
-        client.recv().await.unwrap(),
+        next(&mut client).await,
         Some(Message::FailbackPlan { .. })
     ));
     let before = peak_rss_bytes(server.pid());
@@ -519,7 +529,7 @@ async fn failback_streams_what_a_want_asks_for() {
         .unwrap();
     let id = ChunkId::from(blake3::hash(&block));
     for index in 0..CHUNKS {
-        match client.recv().await.unwrap() {
+        match next(&mut client).await {
             Some(Message::Chunk {
                 index: got,
                 id: got_id,
@@ -588,14 +598,14 @@ async fn failback_sends_only_chunks_of_the_expected_kind_and_length() {
         .await
         .unwrap();
     assert!(matches!(
-        client.recv().await.unwrap(),
+        next(&mut client).await,
         Some(Message::FailbackPlan { .. })
     ));
     client
         .send(&Message::Want { indices: vec![0] })
         .await
         .unwrap();
-    match client.recv().await.unwrap() {
+    match next(&mut client).await {
         Some(Message::Error { code, message }) => {
             assert_eq!(code, ErrorCode::Internal, "{message}");
             assert!(message.contains("not a chunk of 65536 bytes"), "{message}");
