@@ -131,6 +131,7 @@ fn welcome(head_epoch: u64, head_root: Vec<u8>) -> Message {
         version: PROTOCOL_VERSION,
         head_epoch,
         head_root: Bytes::from(head_root),
+        nonce: [7; blockrep_proto::NONCE_LEN],
     }
 }
 
@@ -355,6 +356,7 @@ fn agent_and_failback_refuse_a_welcome_that_does_not_fit() {
                 version: PROTOCOL_VERSION + 7,
                 head_epoch: 0,
                 head_root: Bytes::new(),
+                nonce: [7; blockrep_proto::NONCE_LEN],
             },
             "protocol version",
         ),

@@ -512,8 +512,9 @@ async fn handle_connection(
     let identity = certificate
         .clone()
         .and_then(|cert| identity_from_cert(cert).map_err(|e| e.to_string()));
-    let serial =
-        certificate.and_then(|cert| blockrep_pki::cert_serial(cert).map_err(|e| e.to_string()));
+    let serial = certificate
+        .clone()
+        .and_then(|cert| blockrep_pki::cert_serial(cert).map_err(|e| e.to_string()));
     let tenant = certificate.and_then(|cert| tenant_from_cert(cert).map_err(|e| e.to_string()));
     let mut connection = Connection::new(tls);
     // A peer that stops reading (a dead path) must not hold a session, and
