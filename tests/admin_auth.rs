@@ -489,3 +489,68 @@ fn the_server_makes_a_missing_token_and_refuses_one_others_can_read() {
         stderr(&refused)
     );
 }
+
+/// A plain-HTTP admin API off loopback would send its token across the
+/// network in clear: the server refuses to start and says why; over
+/// `--admin-tls` the same address is fine.
+#[test]
+fn a_plain_admin_api_off_loopback_refuses_to_start() {
+    let pki = Pki::new(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let refused = Command::new(BIN)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--data",
+        ])
+        .arg(work.path().join("data"))
+        .arg("--tls-dir")
+        .arg(pki.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let text = stderr(&refused);
+    assert!(
+        text.contains("over plain HTTP") && text.contains("--admin-tls"),
+        "{text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    blockrep_pki::issue_admin(pki.path()).unwrap();
+    let mut over_tls = Command::new(BIN)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--admin-tls",
+            "--data",
+        ])
+        .arg(work.path().join("data"))
+        .arg("--tls-dir")
+        .arg(pki.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // It gets as far as listening (the refusal above comes before any bind).
+    let mut log = std::io::BufReader::new(over_tls.stdout.take().unwrap());
+    let mut listening = false;
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut log, &mut line).unwrap_or(0) > 0 {
+        if line.contains("listening") {
+            listening = true;
+            break;
+        }
+        line.clear();
+    }
+    over_tls.kill().unwrap();
+    over_tls.wait().unwrap();
+    assert!(
+        listening,
+        "the server over --admin-tls did not start: {line}"
+    );
+}

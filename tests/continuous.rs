@@ -267,7 +267,10 @@ fn killed_server_is_rejoined_and_no_acknowledged_epoch_is_lost_or_torn() {
 
 #[test]
 fn chunks_shared_with_another_source_do_not_travel_again() {
-    let pki = Pki::new(&["first", "second"]);
+    // Data is shared only between the sources of one tenant.
+    let pki = Pki::new(&[]);
+    pki.issue_in_tenant("first", "shared");
+    pki.issue_in_tenant("second", "shared");
     let work = tempfile::tempdir().unwrap();
     let first = work.path().join("first.raw");
     let second = work.path().join("second.raw");

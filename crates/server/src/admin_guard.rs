@@ -272,6 +272,23 @@ pub(crate) async fn guard(
     response
 }
 
+/// Refuses a plain-HTTP admin listener off loopback: the admin token would
+/// cross the network in clear, and with it every admin action. Over
+/// `--admin-tls` any address is fine.
+pub(crate) fn check_listen(config: &ServerConfig) -> Result<(), Error> {
+    match config.admin_listen {
+        Some(addr) if !config.admin_tls && !addr.ip().to_canonical().is_loopback() => {
+            Err(Error::Config(format!(
+                "refusing to serve the admin API on {addr} over plain HTTP: its token (and \
+                 every cutover, launch and reset) would cross the network in clear; add \
+                 --admin-tls (clients then need the admin certificate), or listen on a \
+                 loopback address"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

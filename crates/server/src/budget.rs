@@ -32,6 +32,15 @@ use crate::session::Reject;
 /// room), and one bit for the chunks sent in the epoch.
 pub(crate) const IDS_BYTES_PER_CHUNK: u64 = 32 + 128;
 
+/// Bytes a session of a disk of `geometry` reserves: per chunk, plus the page
+/// ids, which are 1/1024 of the ids.
+pub(crate) fn ids_bytes(geometry: Geometry) -> u64 {
+    geometry
+        .chunk_count()
+        .saturating_mul(IDS_BYTES_PER_CHUNK)
+        .saturating_add(geometry.page_count().saturating_mul(32))
+}
+
 /// Bytes of chunk ids reserved by sessions in progress.
 #[derive(Debug, Default)]
 pub(crate) struct IdsBudget {
@@ -66,11 +75,7 @@ impl Shared {
         self: &Arc<Self>,
         geometry: Geometry,
     ) -> Result<IdsReservation, Reject> {
-        // Per chunk, plus the page ids, which are 1/1024 of the ids.
-        let bytes = geometry
-            .chunk_count()
-            .saturating_mul(IDS_BYTES_PER_CHUNK)
-            .saturating_add(geometry.page_count().saturating_mul(32));
+        let bytes = ids_bytes(geometry);
         let max = self.config.session_memory_max_bytes;
         let per_source_max = self.config.session_memory_per_source_max_bytes;
         let mib = |b: u64| b.div_ceil(1 << 20);

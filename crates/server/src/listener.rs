@@ -208,6 +208,7 @@ impl Server {
     /// Opens the store, loads the TLS files and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Server, Error> {
         crate::nbd_export::check_listen(&config)?;
+        crate::admin_guard::check_listen(&config)?;
         let data_dir = config.data_dir.clone();
         let policy = config.retention.clone();
         let pack_size_max = config.pack_size_max_bytes;

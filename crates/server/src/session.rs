@@ -138,7 +138,7 @@ pub(crate) struct Session<S> {
     source: SourceId,
     /// The source's tenant, from its certificate: the sources it may share
     /// deduplicated data with (itself alone by default).
-    tenant: SourceId,
+    tenant: Option<SourceId>,
     peer: SocketAddr,
     /// This session's entry in the table of active sources, once claimed.
     active: Option<Arc<ActiveSession>>,
@@ -156,7 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Self {
             shared,
             connection,
-            tenant: source.clone(),
+            tenant: None,
             source,
             peer,
             active: None,
@@ -176,9 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Sets the tenant the source's certificate names (`None`: its own).
     pub(crate) fn with_tenant(mut self, tenant: Option<SourceId>) -> Self {
-        if let Some(tenant) = tenant {
-            self.tenant = tenant;
-        }
+        self.tenant = tenant;
         self
     }
 

@@ -1,5 +1,7 @@
 //! Which tenant a source belongs to. Sources of one tenant may deduplicate
-//! against each other's data; a source of no recorded tenant is its own.
+//! against each other's data. A source whose certificate names no tenant is
+//! recorded as its own (an empty name): it is nobody's peer, so a tenant that
+//! happens to share its name with a source id never reaches that source's data.
 //!
 //! The tenant is named by the source's certificate; the server records it at
 //! the source's first session so that it knows which sources share a tenant
@@ -11,7 +13,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `BRTENA` + version `0x00 0x01` (do not change) |
-//! | 8 | 1 + 64 | tenant name (length, bytes, zero padding) |
+//! | 8 | 1 + 64 | tenant name (length, bytes, zero padding); length 0: its own |
 //! | 73 | 4 | crc32 of bytes 0..73 |
 
 use blockrep_core::SourceId;
@@ -24,8 +26,8 @@ const MAGIC: [u8; 8] = *b"BRTENA\x00\x01";
 const NAME_MAX: usize = 64;
 const LEN: usize = 8 + 1 + NAME_MAX + 4;
 
-fn encode(tenant: &SourceId) -> Vec<u8> {
-    let name = tenant.as_str().as_bytes();
+fn encode(tenant: Option<&SourceId>) -> Vec<u8> {
+    let name = tenant.map_or(&[][..], |t| t.as_str().as_bytes());
     let mut out = Vec::with_capacity(LEN);
     out.extend_from_slice(&MAGIC);
     // A valid id is at most 64 bytes, so it always fits.
@@ -37,7 +39,7 @@ fn encode(tenant: &SourceId) -> Vec<u8> {
     out
 }
 
-fn decode(bytes: &[u8]) -> Result<SourceId, Error> {
+fn decode(bytes: &[u8]) -> Result<Option<SourceId>, Error> {
     let corrupt = |why: &str| Error::new(ErrorKind::Corrupt, format!("tenant record: {why}"));
     if bytes.len() != LEN || bytes[..8] != MAGIC {
         return Err(corrupt("wrong length or magic"));
@@ -47,16 +49,22 @@ fn decode(bytes: &[u8]) -> Result<SourceId, Error> {
         return Err(corrupt("checksum mismatch"));
     }
     let len = bytes[8] as usize;
+    if len == 0 {
+        return Ok(None);
+    }
     if len > NAME_MAX {
         return Err(corrupt("name too long"));
     }
     let name = std::str::from_utf8(&bytes[9..9 + len]).map_err(|_| corrupt("name not UTF-8"))?;
-    SourceId::new(name).map_err(|e| corrupt(&e.to_string()))
+    SourceId::new(name)
+        .map(Some)
+        .map_err(|e| corrupt(&e.to_string()))
 }
 
 impl Store {
-    /// The tenant recorded for `source`, if any.
-    pub fn source_tenant(&self, source: &SourceId) -> Result<Option<SourceId>, Error> {
+    /// The tenant recorded for `source`: `None` when nothing is recorded yet,
+    /// `Some(None)` when the source is its own tenant.
+    pub fn source_tenant(&self, source: &SourceId) -> Result<Option<Option<SourceId>>, Error> {
         let path = self.source_dir(source).join("tenant");
         match read_small_file(self.vfs(), &path, LEN)? {
             Some(bytes) => decode(&bytes).map(Some),
@@ -64,17 +72,20 @@ impl Store {
         }
     }
 
-    /// Durably records `tenant` as the tenant of `source`.
-    pub fn set_source_tenant(&self, source: &SourceId, tenant: &SourceId) -> Result<(), Error> {
+    /// Durably records `tenant` as the tenant of `source` (`None`: its own).
+    pub fn set_source_tenant(
+        &self,
+        source: &SourceId,
+        tenant: Option<&SourceId>,
+    ) -> Result<(), Error> {
         self.check_writable()?;
         let dir = self.source_dir(source);
         create_dir_durable(self.vfs(), &dir)?;
         publish_atomic(self.vfs(), &dir.join("tenant"), &encode(tenant))
     }
 
-    /// The sources other than `source` that have a committed head and whose
-    /// recorded tenant is `tenant`. A source with no record is its own tenant,
-    /// so it is listed only when `tenant` is its own id.
+    /// The sources other than `source` whose recorded tenant is `tenant`. A
+    /// source that is its own tenant, or has no record, is nobody's peer.
     pub fn tenant_peers(
         &self,
         source: &SourceId,
@@ -86,7 +97,7 @@ impl Store {
                 continue;
             }
             let recorded = self.source_tenant(&other)?;
-            if recorded.as_ref().unwrap_or(&other) == tenant {
+            if recorded.flatten().as_ref() == Some(tenant) {
                 peers.push(other);
             }
         }
@@ -105,16 +116,31 @@ mod tests {
         let [a, b, c] = ["a", "b", "c"].map(|s| SourceId::new(s).unwrap());
         let tenant = SourceId::new("acme").unwrap();
         assert_eq!(store.source_tenant(&a).unwrap(), None);
-        store.set_source_tenant(&a, &tenant).unwrap();
-        store.set_source_tenant(&b, &tenant).unwrap();
-        assert_eq!(store.source_tenant(&a).unwrap(), Some(tenant.clone()));
-        let decoded = decode(&encode(&tenant)).unwrap();
-        assert_eq!(decoded, tenant);
-        let mut damaged = encode(&tenant);
+        store.set_source_tenant(&a, Some(&tenant)).unwrap();
+        store.set_source_tenant(&b, Some(&tenant)).unwrap();
+        assert_eq!(store.source_tenant(&a).unwrap(), Some(Some(tenant.clone())));
+        let decoded = decode(&encode(Some(&tenant))).unwrap();
+        assert_eq!(decoded, Some(tenant.clone()));
+        assert_eq!(decode(&encode(None)).unwrap(), None);
+        let mut damaged = encode(Some(&tenant));
         damaged[10] ^= 1;
         assert!(decode(&damaged).is_err());
         // Only sources with a head count as peers.
         assert!(store.tenant_peers(&a, &tenant).unwrap().is_empty());
-        let _ = c;
+        let geometry = blockrep_core::Geometry::new(8192, 4096).unwrap();
+        let disk = crate::testutil::sample_disk(8192, 1);
+        let acme = SourceId::new("acme").unwrap();
+        for source in [&a, &b, &c, &acme] {
+            crate::testutil::commit_disk(&store, source, &disk, geometry, 1);
+        }
+        assert_eq!(store.tenant_peers(&a, &tenant).unwrap(), vec![b.clone()]);
+        // A source that is its own tenant is nobody's peer, even for a
+        // tenant that happens to carry its name.
+        store.set_source_tenant(&acme, None).unwrap();
+        store.set_source_tenant(&c, Some(&acme)).unwrap();
+        assert_eq!(store.source_tenant(&acme).unwrap(), Some(None));
+        let mut peers = store.tenant_peers(&c, &acme).unwrap();
+        peers.sort_unstable_by(|x, y| x.as_str().cmp(y.as_str()));
+        assert_eq!(peers, vec![a.clone(), b.clone()]);
     }
 }

@@ -189,27 +189,34 @@ fn load_tenant_ids(
 ) -> Result<TenantLoad, blockrep_store::Error> {
     let mut roots = Vec::new();
     for peer in store.tenant_peers(source, tenant)? {
-        if let Some(head) = store.head(&peer)? {
-            roots.push(store.read_root(&head.root)?);
+        // One peer whose head cannot be read (damaged, or collected since it
+        // was listed) costs its deduplication, not every peer's session.
+        match store.head(&peer).and_then(|head| match head {
+            Some(head) => store.read_root(&head.root).map(Some),
+            None => Ok(None),
+        }) {
+            Ok(Some(root)) => roots.push((peer, root)),
+            Ok(None) => {}
+            Err(e) => warn!(source = %source, peer = %peer, error = %e,
+                            "skipping a tenant peer whose head cannot be read"),
         }
     }
     if roots.is_empty() {
         return Ok(TenantLoad::Alone);
     }
     let peers = roots.len();
-    let chunks: u64 = roots.iter().map(|r| r.geometry().chunk_count()).sum();
+    let chunks: u64 = roots.iter().map(|(_, r)| r.geometry().chunk_count()).sum();
     let bytes = chunks.saturating_mul(32);
     let Some(reservation) = reserve(bytes) else {
         return Ok(TenantLoad::NoRoom { peers, bytes });
     };
     let mut ids = Vec::with_capacity(chunks as usize);
-    for root in &roots {
-        ids.extend(
-            store
-                .chunk_ids(root)?
-                .into_iter()
-                .filter(|id| !id.is_zero()),
-        );
+    for (peer, root) in &roots {
+        match store.chunk_ids(root) {
+            Ok(peer_ids) => ids.extend(peer_ids.into_iter().filter(|id| !id.is_zero())),
+            Err(e) => warn!(source = %source, peer = %peer, error = %e,
+                            "skipping a tenant peer whose pages cannot be read"),
+        }
     }
     ids.sort_unstable();
     ids.dedup();
@@ -253,31 +260,30 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
         let recorded = tokio::task::spawn_blocking(move || {
             let recorded = store.source_tenant(&source)?;
             if recorded.is_none() {
-                store.set_source_tenant(&source, &tenant)?;
+                store.set_source_tenant(&source, tenant.as_ref())?;
             }
             Ok::<_, blockrep_store::Error>(recorded)
         })
         .await
         .map_err(internal)?
         .map_err(internal)?;
+        let describe = |tenant: &Option<SourceId>| match tenant {
+            Some(tenant) => format!("tenant {tenant}"),
+            None => "no tenant (the source is its own)".to_owned(),
+        };
         match recorded {
-            Some(recorded) if recorded != self.tenant => {
-                let named = if self.tenant == self.source {
-                    "names no tenant (the source is then its own)".to_owned()
-                } else {
-                    format!("names tenant {}", self.tenant)
-                };
-                Err(Reject::new(
-                    ErrorCode::Unauthorized,
-                    format!(
-                        "source {} belongs to tenant {recorded}, but its certificate {named}; \
-                         a source cannot change tenants (issue its certificate with \
-                         `--tenant {recorded}`, or replicate under a new source id)",
-                        self.source
-                    ),
-                )
-                .into())
-            }
+            Some(recorded) if recorded != self.tenant => Err(Reject::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "source {} belongs to {}, but its certificate names {}; a source cannot \
+                     change tenants (issue its certificate as it was, or replicate under a \
+                     new source id)",
+                    self.source,
+                    describe(&recorded),
+                    describe(&self.tenant)
+                ),
+            )
+            .into()),
             _ => Ok(()),
         }
     }
@@ -287,11 +293,27 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
         if !matches!(references.tenant, TenantIds::NotLoaded) {
             return Ok(());
         }
+        let Some(tenant) = self.tenant.clone() else {
+            // Its own tenant: no other source's data is in reach.
+            references.tenant = TenantIds::Loaded {
+                ids: Vec::new(),
+                _reservation: None,
+            };
+            return Ok(());
+        };
         let store = Arc::clone(&self.shared.store);
         let shared = Arc::clone(&self.shared);
-        let (source, tenant) = (self.source.clone(), self.tenant.clone());
+        let source = self.source.clone();
+        // The peers' ids count against this source's share as well as the
+        // server's budget: one source must not take, through its tenant, the
+        // memory its `Hello` could not.
+        let own_bytes = crate::budget::ids_bytes(references.geometry);
         let loading = tokio::task::spawn_blocking(move || {
             load_tenant_ids(&store, &source, &tenant, |bytes| {
+                let per_source_max = shared.config.session_memory_per_source_max_bytes;
+                if own_bytes.saturating_add(bytes) > per_source_max {
+                    return None;
+                }
                 shared.reserve_bytes(bytes).ok()
             })
         });
@@ -307,9 +329,10 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
                 _reservation: None,
             },
             TenantLoad::NoRoom { peers, bytes } => {
-                warn!(source = %self.source, tenant = %self.tenant, peers, bytes,
+                warn!(source = %self.source, tenant = ?self.tenant, peers, bytes,
                       "the chunk ids of the tenant's other sources do not fit in \
-                       --session-memory-max; this session does not deduplicate against them");
+                       --session-memory-max or --session-memory-per-source-max; this session \
+                       does not deduplicate against them");
                 TenantIds::Loaded {
                     ids: Vec::new(),
                     _reservation: None,
@@ -320,7 +343,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
                 ids,
                 reservation,
             } => {
-                info!(source = %self.source, tenant = %self.tenant, peers, ids = ids.len(),
+                info!(source = %self.source, tenant = ?self.tenant, peers, ids = ids.len(),
                       "loaded the chunk ids of the tenant's other sources");
                 TenantIds::Loaded {
                     ids,
