@@ -41,7 +41,17 @@ pub(crate) async fn write(
     source: &SourceId,
     record: &Lifecycle,
 ) -> Result<(), String> {
-    let _serial = shared.lifecycle_lock.lock().await;
+    let serial = shared.lifecycle_lock.lock().await;
+    write_locked(shared, source, record, serial).await
+}
+
+/// Both halves of a lifecycle write, under the lock the caller holds.
+async fn write_locked(
+    shared: &Arc<Shared>,
+    source: &SourceId,
+    record: &Lifecycle,
+    _serial: tokio::sync::MutexGuard<'_, ()>,
+) -> Result<(), String> {
     let store = Arc::clone(&shared.store);
     let (id, stored) = (source.clone(), record.clone());
     tokio::task::spawn_blocking(move || store.set_lifecycle(&id, &stored))
@@ -56,6 +66,28 @@ pub(crate) async fn write(
         r.cutover_requested = false;
     });
     Ok(())
+}
+
+/// Like [`write`], but only if the source's lifecycle is still `expected` (as
+/// the status table mirrors it): a change that was decided from a record read
+/// earlier (a failback's next stage) must not undo an operator's reset, or
+/// any other change, made in between. Returns `false`, writing nothing, when
+/// the record has moved.
+pub(crate) async fn write_if(
+    shared: &Arc<Shared>,
+    source: &SourceId,
+    expected: Option<&Lifecycle>,
+    record: &Lifecycle,
+) -> Result<bool, String> {
+    let serial = shared.lifecycle_lock.lock().await;
+    let current = shared.sources.update(source, |r| r.lifecycle.clone());
+    if current.as_ref() != expected {
+        return Ok(false);
+    }
+    // `write` takes the lock itself; holding it across the check and the
+    // write is what makes this a compare-and-set, so the write is inlined.
+    write_locked(shared, source, record, serial).await?;
+    Ok(true)
 }
 
 /// The operator's reset: removes the lifecycle record, so replication may
@@ -210,6 +242,41 @@ pub(crate) mod tests {
         assert_eq!(
             mirrored, None,
             "the table still shows a fence the store lost"
+        );
+    }
+
+    /// A failback decides its next stage from the record it read when it
+    /// started; a reset made since must win, not be undone by that write.
+    #[tokio::test]
+    async fn a_write_decided_before_a_reset_does_not_undo_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SourceId::new("cas").unwrap();
+        let shared = shared_with_source(dir.path(), &source);
+        let failing_back = Lifecycle {
+            stage: LifecycleStage::FailingBack,
+            ..failed_back("l")
+        };
+        assert!(
+            write_if(&shared, &source, None, &failing_back)
+                .await
+                .unwrap()
+        );
+        assert_eq!(reset(&shared, &source).await.unwrap(), Reset::Done);
+        // The failback, unaware of the reset, moves on from what it wrote.
+        let wrote = write_if(&shared, &source, Some(&failing_back), &failed_back("l"))
+            .await
+            .unwrap();
+        assert!(!wrote, "a stale failback write undid the reset");
+        assert_eq!(both(&shared, &source), (None, None));
+        // With the record it expects, it goes through.
+        assert!(
+            write_if(&shared, &source, None, &failing_back)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            both(&shared, &source),
+            (Some(failing_back.clone()), Some(failing_back))
         );
     }
 

@@ -879,6 +879,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )
             .into());
         }
+        // The record this failback last saw (or wrote): its own writes go
+        // through only while the record is still that, so an operator's
+        // reset in the middle is not undone.
+        let mut seen = lifecycle.clone();
         let mut record = lifecycle.unwrap_or(Lifecycle {
             stage: LifecycleStage::FailingBack,
             epoch: info.base_epoch,
@@ -890,7 +894,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         if record.stage != LifecycleStage::FailingBack {
             record.stage = LifecycleStage::FailingBack;
-            self.persist_lifecycle(&record).await?;
+            self.persist_lifecycle_if(seen.as_ref(), &record).await?;
+            seen = Some(record.clone());
             info!(source = %self.source, launch = %launch, "failback started");
         }
         let target_id = target.id();
@@ -937,7 +942,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         .update(&self.source, |r| r.failback_finalize_requested);
                     if matches && (finalize || finalize_requested) {
                         record.stage = LifecycleStage::FailedBack;
-                        self.persist_lifecycle(&record).await?;
+                        self.persist_lifecycle_if(seen.as_ref(), &record).await?;
+                        seen = Some(record.clone());
                         self.shared
                             .sources
                             .update(&self.source, |r| r.failback_finalize_requested = false);
@@ -1206,6 +1212,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                   launch_ms, downtime_ms = total_ms, "cutover downtime");
         }
         Err(Outcome::End(End::Closed))
+    }
+
+    /// Writes `lifecycle` only if the source's record is still `expected`;
+    /// ends the session when it has moved (an operator's reset meanwhile).
+    async fn persist_lifecycle_if(
+        &self,
+        expected: Option<&Lifecycle>,
+        lifecycle: &Lifecycle,
+    ) -> Result<(), Outcome> {
+        let wrote = crate::lifecycle::write_if(&self.shared, &self.source, expected, lifecycle)
+            .await
+            .map_err(internal)?;
+        if wrote {
+            return Ok(());
+        }
+        Err(Reject::new(
+            ErrorCode::Fenced,
+            "the source's lifecycle changed during this failback (an operator's reset?); \
+             nothing was recorded: start the failback again if it is still wanted",
+        )
+        .into())
     }
 
     /// Writes the lifecycle record durably and mirrors it in the status table,
