@@ -23,6 +23,27 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
+/// `blockrep server` on 127.0.0.1:0 with the admin API on `admin_listen`,
+/// the token taken from `tls` whatever the environment says.
+fn server_command(admin_listen: &str, data: &Path, tls: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            admin_listen,
+        ])
+        .args(extra)
+        .arg("--data")
+        .arg(data)
+        .arg("--tls-dir")
+        .arg(tls)
+        .env_remove("BLOCKREP_ADMIN_TOKEN_FILE");
+    command
+}
+
 /// A server whose source `b` has one committed epoch.
 struct Fixture {
     pki: Pki,
@@ -467,19 +488,7 @@ fn the_server_makes_a_missing_token_and_refuses_one_others_can_read() {
     assert_eq!(code, 200, "{body}");
     drop(server);
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let refused = Command::new(BIN)
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(work.path().join("data"))
-        .arg("--tls-dir")
-        .arg(pki.path())
-        .env_remove("BLOCKREP_ADMIN_TOKEN_FILE")
+    let refused = server_command("127.0.0.1:0", &work.path().join("data"), pki.path(), &[])
         .output()
         .unwrap();
     assert!(!refused.status.success());
@@ -497,18 +506,7 @@ fn the_server_makes_a_missing_token_and_refuses_one_others_can_read() {
 fn a_plain_admin_api_off_loopback_refuses_to_start() {
     let pki = Pki::new(&[]);
     let work = tempfile::tempdir().unwrap();
-    let refused = Command::new(BIN)
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "0.0.0.0:0",
-            "--data",
-        ])
-        .arg(work.path().join("data"))
-        .arg("--tls-dir")
-        .arg(pki.path())
+    let refused = server_command("0.0.0.0:0", &work.path().join("data"), pki.path(), &[])
         .output()
         .unwrap();
     assert!(!refused.status.success());
@@ -519,23 +517,16 @@ fn a_plain_admin_api_off_loopback_refuses_to_start() {
     );
     assert!(!text.contains("panicked"), "{text}");
     blockrep_pki::issue_admin(pki.path()).unwrap();
-    let mut over_tls = Command::new(BIN)
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "0.0.0.0:0",
-            "--admin-tls",
-            "--data",
-        ])
-        .arg(work.path().join("data"))
-        .arg("--tls-dir")
-        .arg(pki.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut over_tls = server_command(
+        "0.0.0.0:0",
+        &work.path().join("data"),
+        pki.path(),
+        &["--admin-tls"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     // It gets as far as listening (the refusal above comes before any bind).
     let mut log = std::io::BufReader::new(over_tls.stdout.take().unwrap());
     let mut listening = false;

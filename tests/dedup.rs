@@ -491,27 +491,35 @@ async fn failback_streams_what_a_want_asks_for() {
         .find_map(|f| f.strip_prefix("launch="))
         .unwrap()
         .to_owned();
-    let mut client = RawClient::connect(
-        server.addr,
-        &pki.cert("ca"),
-        Some((&pki.cert("fb"), &pki.key("fb"))),
-    )
-    .await
-    .unwrap();
-    client
-        .send(&Message::Hello {
-            version_min: PROTOCOL_VERSION,
-            version_max: PROTOCOL_VERSION,
-            source: SourceId::new("fb").unwrap(),
-            disk_size_bytes: u64::from(BIG_CHUNK) * CHUNKS,
-            chunk_size_bytes: BIG_CHUNK,
-        })
+    // The agent's session may still be ending on the server (Busy): retry.
+    let mut answers = Vec::new();
+    let mut client = loop {
+        let mut client = RawClient::connect(
+            server.addr,
+            &pki.cert("ca"),
+            Some((&pki.cert("fb"), &pki.key("fb"))),
+        )
         .await
         .unwrap();
-    assert!(matches!(
-        client.recv().await.unwrap(),
-        Some(Message::Welcome { .. })
-    ));
+        client
+            .send(&Message::Hello {
+                version_min: PROTOCOL_VERSION,
+                version_max: PROTOCOL_VERSION,
+                source: SourceId::new("fb").unwrap(),
+                disk_size_bytes: u64::from(BIG_CHUNK) * CHUNKS,
+                chunk_size_bytes: BIG_CHUNK,
+            })
+            .await
+            .unwrap();
+        match client.recv().await.unwrap() {
+            Some(Message::Welcome { .. }) => break client,
+            other => {
+                answers.push(format!("{other:?}"));
+                assert!(answers.len() < 50, "no Welcome: {answers:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
     client
         .send(&Message::FailbackStart { launch })
         .await
