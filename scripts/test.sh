@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # prometheus package, which on a host running systemd also enables a local
 # Prometheus service; the tests use promtool alone.
 declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
-    [promtool]=prometheus [systemd-analyze]=systemd)
+    [promtool]=prometheus [systemd-analyze]=systemd [curl]=curl)
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")
