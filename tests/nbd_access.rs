@@ -539,3 +539,84 @@ fn an_idle_nbd_connection_is_closed() {
         server.log.lock().unwrap()
     );
 }
+
+/// A connection opened before its certificate was revoked loses its export
+/// when the server reloads the list: qemu-io's next read fails, with no
+/// restart and without waiting for the connection to close.
+#[test]
+fn a_revoked_certificate_loses_its_open_nbd_connection() {
+    if !(have_nbd_clients() && have_tool("qemu-io")) {
+        return;
+    }
+    let pki = Pki::new(&["a", "spare"]);
+    // A list in force from the start (it revokes a certificate nobody uses).
+    blockrep_pki::revoke_cert(pki.path(), &pki.cert("spare")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let crl = pki.path().join("crl.pem");
+    let server = ServerProcess::start_with(
+        &bin(),
+        &work.path().join("data"),
+        pki.path(),
+        &[
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--nbd-tls",
+            "--crl",
+            crl.to_str().unwrap(),
+            "--crl-poll-interval",
+            "1h",
+            "--retention",
+            "off",
+        ],
+    );
+    let disk = work.path().join("a.raw");
+    std::fs::write(&disk, mixed_image(DISK_BYTES, 31)).unwrap();
+    launch_of(&server, &pki, &disk, "a", "alpha");
+    let certs_a = client_dir(&pki, work.path(), Some("a"));
+    let nbd = server.nbd_addr.unwrap();
+    let mut qemu = Command::new("qemu-io")
+        .args([
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                certs_a.display()
+            ),
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=inet,server.host={},server.port={},export=alpha,tls-creds=tls0",
+                nbd.ip(),
+                nbd.port()
+            ),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = qemu.stdin.take().unwrap();
+    input.write_all(b"read 0 4096\n").unwrap();
+    input.flush().unwrap();
+    // Give the first read time to complete on the open connection.
+    std::thread::sleep(Duration::from_millis(1500));
+    blockrep_pki::revoke_cert(pki.path(), &pki.cert("a")).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    assert!(
+        server.wait_for_log("revocation list reloaded", Duration::from_secs(10)),
+        "the server did not reload the list: {}",
+        server.log()
+    );
+    input.write_all(b"read 0 4096\nquit\n").unwrap();
+    drop(input);
+    let output = qemu.wait_with_output().unwrap();
+    let text = all_output(&output);
+    assert_eq!(
+        text.matches("read 4096/4096 bytes").count(),
+        1,
+        "the read before the revocation must succeed and the one after it fail: {text}"
+    );
+    assert!(text.contains("failed"), "{text}");
+}

@@ -365,6 +365,7 @@ impl Server {
                 Arc::clone(&self.shared.store),
                 &self.shared.config,
                 &self.tls,
+                self.shared.revocation.clone(),
                 async {
                     let _ = nbd_stopped.await;
                 },

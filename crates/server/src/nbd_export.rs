@@ -28,6 +28,7 @@ use blockrep_pki::{Identity, identity_from_cert};
 use blockrep_store::{LaunchInfo, LaunchKind, LaunchVolume, Store};
 use tracing::{debug, warn};
 
+use crate::revocation::{Registration, Revocation};
 use crate::{Error, ServerConfig};
 
 /// Default of [`ServerConfig::nbd_idle_timeout`]: long enough for a client
@@ -63,11 +64,13 @@ pub(crate) fn spawn(
     store: Arc<Store>,
     config: &ServerConfig,
     tls: &Arc<rustls::ServerConfig>,
+    revocation: Option<Arc<Revocation>>,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) {
     let registry = Arc::new(LaunchRegistry {
         store,
         require_identity: config.nbd_tls,
+        revocation,
     });
     let limits = blockrep_nbd::Limits {
         idle_timeout: config.nbd_idle_timeout,
@@ -91,6 +94,10 @@ pub(crate) struct LaunchRegistry {
     /// Whether clients are told apart by certificate (`nbd_tls`); without
     /// TLS the listener is on loopback and every launch is open to it.
     pub require_identity: bool,
+    /// Watches the certificate of every export opened over TLS: an open
+    /// connection of a certificate revoked later loses its export (every
+    /// request fails) at once, not when it closes.
+    pub revocation: Option<Arc<Revocation>>,
 }
 
 /// Who a client is, as far as launches are concerned.
@@ -135,6 +142,21 @@ impl LaunchRegistry {
     }
 }
 
+impl LaunchRegistry {
+    /// A watch on the client's certificate, when it has one and lists are kept.
+    fn watch(&self, client: &Client) -> Option<Registration> {
+        let revocation = self.revocation.as_ref()?;
+        let cert = client.certificates().and_then(<[_]>::first)?;
+        match blockrep_pki::cert_serial(cert) {
+            Ok(serial) => Some(revocation.register(serial)),
+            Err(e) => {
+                warn!(peer = ?client.addr(), error = %e, "NBD client certificate has no serial");
+                None
+            }
+        }
+    }
+}
+
 impl Registry for LaunchRegistry {
     fn lookup(&self, client: &Client, name: &str) -> Option<Arc<dyn Export>> {
         let viewer = self.viewer(client);
@@ -160,7 +182,10 @@ impl Registry for LaunchRegistry {
             return None;
         }
         match self.store.open_launch(name) {
-            Ok(volume) if viewer.may_open(&volume.info()) => Some(Arc::new(LaunchExport(volume))),
+            Ok(volume) if viewer.may_open(&volume.info()) => {
+                let watch = self.watch(client);
+                Some(Arc::new(LaunchExport { volume, watch }))
+            }
             Ok(_) => None,
             Err(e) => {
                 warn!(launch = name, error = %e, "NBD export not available");
@@ -217,12 +242,29 @@ impl NbdEndpoint {
     }
 }
 
-/// A launch volume behind the NBD `Export` interface.
-struct LaunchExport(Arc<LaunchVolume>);
+/// A launch volume behind the NBD `Export` interface, for one connection.
+struct LaunchExport {
+    volume: Arc<LaunchVolume>,
+    /// The connection's certificate, watched for revocation (TLS only).
+    watch: Option<Registration>,
+}
+
+impl LaunchExport {
+    /// Fails every request once the client's certificate is revoked.
+    fn check(&self) -> io::Result<()> {
+        match &self.watch {
+            Some(watch) if watch.is_revoked() => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the client certificate of this connection has been revoked",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 impl Export for LaunchExport {
     fn size_bytes(&self) -> u64 {
-        self.0.size_bytes()
+        self.volume.size_bytes()
     }
 
     fn read_only(&self) -> bool {
@@ -230,23 +272,28 @@ impl Export for LaunchExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read(offset, buf)
+        self.check()?;
+        self.volume.read(offset, buf)
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write(offset, data)
+        self.check()?;
+        self.volume.write(offset, data)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.write_zeroes(offset, len)
+        self.check()?;
+        self.volume.write_zeroes(offset, len)
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.trim(offset, len)
+        self.check()?;
+        self.volume.trim(offset, len)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.0.flush()
+        self.check()?;
+        self.volume.flush()
     }
 
     /// One volume object serves every connection to the same launch, behind one

@@ -181,6 +181,11 @@ pub(crate) struct Registration {
 }
 
 impl Registration {
+    /// Whether the certificate has been revoked since it was registered.
+    pub(crate) fn is_revoked(&self) -> bool {
+        *self.receiver.borrow()
+    }
+
     /// Completes when the session's certificate is revoked; never otherwise.
     pub(crate) fn revoked(&self) -> impl std::future::Future<Output = ()> + use<> {
         let mut receiver = self.receiver.clone();
