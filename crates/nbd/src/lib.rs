@@ -159,6 +159,7 @@ use std::time::Duration;
 pub use client::Client;
 pub use error::{Error, ErrorKind};
 pub use server::NbdServer;
+pub use slots::{AddressSlot, AddressSlots};
 
 /// A block device served over NBD.
 ///

@@ -1,7 +1,8 @@
 //! Connection slots per client address, on top of the server-wide count.
 //!
-//! Without them one address could open [`crate::Limits::connections_max`]
-//! connections and leave every other client waiting in the listen backlog. An
+//! Without them one address could open every connection a listener allows
+//! ([`crate::Limits::connections_max`] here; the replication listener uses the
+//! same table) and leave every other client waiting in the listen backlog. An
 //! IPv6 client is counted by its /64, the block one host or one customer
 //! usually gets, since a single machine can pick any address inside it.
 //! The table holds one entry per address with a connection open, so it is
@@ -13,20 +14,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Connections held per address key.
 #[derive(Debug)]
-pub(crate) struct AddressSlots {
+pub struct AddressSlots {
     per_address_max: usize,
     held: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// One connection's slot for its address; freed when dropped.
 #[derive(Debug)]
-pub(crate) struct AddressSlot {
+pub struct AddressSlot {
     slots: Arc<AddressSlots>,
     key: IpAddr,
 }
 
 impl AddressSlots {
-    pub(crate) fn new(per_address_max: usize) -> Arc<Self> {
+    /// A table that lets each address key hold `per_address_max` slots.
+    pub fn new(per_address_max: usize) -> Arc<Self> {
         Arc::new(Self {
             per_address_max,
             held: Mutex::new(HashMap::new()),
@@ -35,7 +37,7 @@ impl AddressSlots {
 
     /// A slot for a connection from `ip`, or `None` when its address already
     /// holds every slot it may.
-    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
         let key = address_key(ip);
         let mut held = self.lock();
         let count = held.entry(key).or_insert(0);

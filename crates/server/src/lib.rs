@@ -17,7 +17,6 @@
 //! `alerts` (RPO breach detection and the `--on-rpo-breach` hook).
 #![forbid(unsafe_code)]
 
-mod address_slots;
 mod admin;
 mod admin_guard;
 mod admin_tls;

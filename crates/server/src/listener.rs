@@ -387,7 +387,7 @@ impl Server {
             )))
         });
         let address_slots =
-            crate::address_slots::AddressSlots::new(self.shared.config.connections_per_address_max);
+            blockrep_nbd::AddressSlots::new(self.shared.config.connections_per_address_max);
         let permits = Arc::new(Semaphore::new(self.shared.config.connections_max));
         tokio::pin!(shutdown);
         loop {
@@ -414,7 +414,7 @@ impl Server {
                 continue;
             };
             // Before any TLS work: one address may not hold every slot.
-            let Some(address_slot) = address_slots.try_take(peer.ip()) else {
+            let Some(address_slot) = address_slots.try_acquire(peer.ip()) else {
                 let stats = &self.shared.stats;
                 stats
                     .connections_refused_total
