@@ -175,9 +175,10 @@ impl Session {
         })
     }
 
-    /// A `Chunk` frame that refers to a chunk sent with its data earlier in
-    /// this session: the server checks no proof for those (it received the
-    /// bytes from this agent), so the proof field is left zero.
+    /// A `Chunk` frame that refers to a chunk of this source's own: one its
+    /// replica names, or one sent with its data earlier in this session. The
+    /// server checks no proof for those (it has the bytes from this agent), so
+    /// the proof field is left zero.
     fn reference(&self, index: u64, id: &ChunkId) -> Bytes {
         let raw_len = self
             .geometry
@@ -447,9 +448,31 @@ impl Session {
             .head_ids
             .clone()
             .expect("head ids are known after the diff");
-        // Held chunks are read too: a reference carries the proof that this
-        // agent holds the bytes, and a chunk that changed since the scan is
-        // sent as data instead.
+        // A held chunk the replica already names is the source's own: the
+        // server asks no proof for it, so it travels as a reference without
+        // being read. The others (the tenant's) are read too: their reference
+        // carries the proof that this agent holds the bytes, and a chunk that
+        // changed since the scan is sent as data instead.
+        let own: HashSet<ChunkId> = view
+            .iter()
+            .filter(|id| held.contains(id))
+            .copied()
+            .collect();
+        let mut to_encode = Vec::with_capacity(changed.len());
+        for &index in &changed {
+            let id = scan.ids[index as usize];
+            if id.is_zero() || !own.contains(&id) {
+                to_encode.push(index);
+                continue;
+            }
+            let frame = self.reference(index, &id);
+            config.rate_limiter.acquire(frame.len() as u64).await;
+            self.connection.write_raw(&frame).await?;
+            report.bytes_sent += frame.len() as u64;
+            report.ref_chunks_sent += 1;
+            view[index as usize] = id;
+        }
+        let changed = to_encode;
         let references = References {
             held: Arc::new(held),
             nonce: self.nonce,
