@@ -1,10 +1,9 @@
 //! The send pipeline: worker threads copy, re-hash and compress changed chunks into
 //! ready-to-write frames; the network task writes them in whatever order they come.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-use std::collections::HashSet;
 
 use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk};
 use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, ref_proof};
