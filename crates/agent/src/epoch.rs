@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockrep_core::{
-    CHUNKS_PER_PAGE, ChunkId, DiskImage, Geometry, Page, Root, changed_chunks, changed_pages,
+    CHUNKS_PER_PAGE, ChunkId, Consistency, DiskImage, Geometry, Page, Root, changed_chunks,
+    changed_pages,
 };
 use std::collections::HashSet;
 
@@ -29,6 +30,8 @@ pub(crate) struct Scan {
     pub ids: Vec<ChunkId>,
     pub started_unix_ms: u64,
     pub duration: Duration,
+    /// How the scanned view was taken: what the committed root may claim.
+    pub consistency: Consistency,
 }
 
 pub(crate) fn now_unix_ms() -> u64 {
@@ -63,6 +66,7 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
             ids,
             started_unix_ms,
             duration: started.elapsed(),
+            consistency: Consistency::Live,
         })
     })
     .await

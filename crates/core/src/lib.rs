@@ -17,6 +17,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod consistency;
 mod diff;
 mod disk;
 mod error;
@@ -28,6 +29,7 @@ mod index;
 mod scan;
 mod source;
 
+pub use consistency::Consistency;
 pub use diff::{changed_chunks, changed_pages};
 pub use disk::DiskImage;
 pub use error::{Error, ErrorKind};
