@@ -522,9 +522,10 @@ struct AgentArgs {
     #[arg(long)]
     pre_cutover_cmd: Option<String>,
     /// Append one line per commit the server acknowledged to FILE:
-    /// `epoch=N root=HEX complete=true|false unix_ms=N` (complete=false for an
-    /// intermediate step of a large epoch; an idle epoch repeats the head's
-    /// epoch and root). Each line is written after the server made the commit
+    /// `epoch=N root=HEX complete=true|false unix_ms=N scan_started_unix_ms=N`
+    /// (complete=false for an intermediate step of a large epoch; an idle epoch
+    /// repeats the head's epoch and root; scan_started_unix_ms is the point in
+    /// time the root holds: when the disk's view was taken). Each line is written after the server made the commit
     /// durable, so every root listed stays exportable with `blockrep export
     /// --root` until GC collects it. Written and flushed, not fsynced; kept
     /// across runs.

@@ -1,6 +1,9 @@
 //! The acknowledgement log: one line per commit the server acknowledged.
 //!
-//! A line is `epoch=N root=HEX complete=true|false unix_ms=N`, appended with one
+//! A line is `epoch=N root=HEX complete=true|false unix_ms=N scan_started_unix_ms=N`
+//! (`unix_ms` when the acknowledgement arrived; `scan_started_unix_ms` the moment
+//! the disk was read from, before its frozen view was taken when there is one:
+//! the point in time the root holds), appended with one
 //! `write` after the server's `Committed` (or `CutoverReady`) arrived, so every
 //! line names a root the server had already made durable. Whoever reads the log
 //! (an operator, a test killing processes) can hold the server to each of them.
@@ -37,12 +40,19 @@ impl AckLog {
     /// Appends the line of one acknowledged commit. A failed write is logged, not
     /// returned: replication matters more than its record, and a missing line
     /// only weakens what a reader can check, it never claims too much.
-    pub(crate) fn record(&self, epoch: u64, root: &ChunkId, complete: bool) {
+    pub(crate) fn record(
+        &self,
+        epoch: u64,
+        root: &ChunkId,
+        complete: bool,
+        scan_started_unix_ms: u64,
+    ) {
         let unix_ms = crate::epoch::now_unix_ms();
         // One `write` of the whole line: with O_APPEND, readers never see half a
         // line followed by another writer's bytes.
         let line = format!(
-            "epoch={epoch} root={} complete={complete} unix_ms={unix_ms}\n",
+            "epoch={epoch} root={} complete={complete} unix_ms={unix_ms} \
+             scan_started_unix_ms={scan_started_unix_ms}\n",
             root.to_hex()
         );
         // A panic elsewhere while holding this lock cannot leave the file in a

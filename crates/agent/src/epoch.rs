@@ -367,7 +367,7 @@ impl Session {
             )));
         }
         if let Some(log) = &self.ack_log {
-            log.record(epoch, &root_id, complete);
+            log.record(epoch, &root_id, complete, scan_started_unix_ms);
         }
         self.head_epoch = epoch;
         self.head_ids = Some(view.to_vec());
