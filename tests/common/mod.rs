@@ -1,6 +1,9 @@
 //! Helpers shared by the end-to-end tests (included with `mod common;`).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod fs_writer;
+pub mod loopfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
