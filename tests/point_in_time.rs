@@ -108,7 +108,10 @@ impl Run {
 fn replicate_under_writer(kind: FsKind, image_bytes: u64, mode: &str, wanted: usize) -> Run {
     let pki = Pki::new(&[SOURCE]);
     let work = tempfile::tempdir().unwrap();
-    let fs = NestedFs::new(work.path(), image_bytes + 128 * MIB, image_bytes, kind);
+    // The outer XFS: at least mkfs.xfs's minimum, with room for the image and
+    // what its clones stop sharing while the writer runs.
+    let outer_bytes = (image_bytes + 128 * MIB).max(400 * MIB);
+    let fs = NestedFs::new(work.path(), outer_bytes, image_bytes, kind);
     let server = ServerProcess::start_with(
         &bin(),
         &work.path().join("data"),

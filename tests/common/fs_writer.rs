@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use blockrep_testkit::SplitMix64;
 
@@ -32,12 +32,12 @@ pub const DB_FILE: &str = "db";
 pub const DB_PAGES: u64 = 16;
 const PAGE_BYTES: usize = 4096;
 /// Long names make the directory span many blocks (and an indexed directory on
-/// ext4), so that a scan may catch it in the middle of a split.
+/// ext4), so that a scan may catch it in the middle of a split. The writer
+/// runs flat out: the more operations fall inside a scan, the likelier a
+/// point read live is caught mixing moments.
 const NAME_PADDING: usize = 120;
 /// Files the writer keeps at least before it starts deleting.
 const LIVE_FILES_MIN: usize = 24;
-/// Pause between rounds: enough operations per epoch without filling the disk.
-const ROUND_PAUSE: Duration = Duration::from_millis(2);
 
 pub fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -115,9 +115,11 @@ fn stamped(tag: u64, version: u64, len: usize) -> Vec<u8> {
     bytes
 }
 
-/// Content of file `seq`: 512 B to 12 KiB, so files span one to four blocks.
+/// Content of file `seq`: 512 B to 64 KiB, so files span one to sixteen blocks
+/// (and blocks freed by deletes are soon reused: a scan that mixes moments
+/// shows as a file holding another's bytes).
 pub fn file_content(seq: u64) -> Vec<u8> {
-    let len = 512 + (seq.wrapping_mul(2_654_435_761) % (12 * 1024 - 512));
+    let len = 512 + (seq.wrapping_mul(2_654_435_761) % (64 * 1024 - 512));
     stamped(seq, u64::MAX, len as usize)
 }
 
@@ -269,7 +271,6 @@ fn write_loop(
             started_unix_ms: started,
             durable_unix_ms: now_unix_ms(),
         });
-        std::thread::sleep(ROUND_PAUSE);
     }
     Ok(())
 }
