@@ -531,6 +531,81 @@ struct AgentArgs {
     /// across runs.
     #[arg(long, value_name = "FILE")]
     ack_log: Option<PathBuf>,
+    #[command(flatten)]
+    view: ViewArgs,
+}
+
+/// How the agent freezes the disk for each epoch (see docs/architecture.md,
+/// "Frozen views").
+#[derive(Debug, Args)]
+struct ViewArgs {
+    /// What each epoch scans and sends. auto: a reflink clone of the image
+    /// (XFS, btrfs) where its file system can make one, else the live disk
+    /// (warned once at start); reflink: a clone or an error; none: the live
+    /// disk, whose recovery points are labelled live (they may be torn).
+    #[arg(long, value_enum, default_value_t = SnapshotArg::Auto)]
+    snapshot: SnapshotArg,
+    /// Command (run with `sh -c`) that makes a frozen view of the disk, e.g. an
+    /// LVM snapshot, and prints its path (a file or block device of the disk's
+    /// size) as its last line of output. Gets BLOCKREP_DISK and BLOCKREP_SOURCE
+    /// in its environment. Replaces --snapshot.
+    #[arg(long, value_name = "CMD", conflicts_with = "snapshot")]
+    snapshot_cmd: Option<String>,
+    /// Command (run with `sh -c`) that removes a view once its epoch is done
+    /// with it: after success, failure, or shutdown. Gets BLOCKREP_VIEW (the
+    /// path the snapshot command printed) besides BLOCKREP_DISK and
+    /// BLOCKREP_SOURCE.
+    #[arg(long, value_name = "CMD", requires = "snapshot_cmd")]
+    release_cmd: Option<String>,
+    /// Command (run with `sh -c`) run just before each view is made, e.g.
+    /// `fsfreeze -f /mnt`: points made while it held are labelled quiesced.
+    /// Not run for live reads.
+    #[arg(long, value_name = "CMD")]
+    quiesce_cmd: Option<String>,
+    /// Command (run with `sh -c`) run just after each view is made, also when
+    /// making it failed, e.g. `fsfreeze -u /mnt`.
+    #[arg(long, value_name = "CMD")]
+    thaw_cmd: Option<String>,
+    /// Longest run of each of the view commands above; one still running then
+    /// is killed (with everything it started) and the epoch fails.
+    #[arg(long, default_value = "5min", value_parser = units::parse_duration)]
+    snapshot_cmd_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SnapshotArg {
+    /// A reflink clone where the file system supports it, else a live read.
+    Auto,
+    /// A reflink clone of the image, or an error.
+    Reflink,
+    /// Read the live disk (recovery points labelled live).
+    None,
+}
+
+impl ViewArgs {
+    fn options(&self) -> Result<blockrep_agent::ViewOptions> {
+        use blockrep_agent::SnapshotMode;
+        let mode = match (&self.snapshot_cmd, self.snapshot) {
+            (Some(command), _) => SnapshotMode::Command {
+                snapshot_cmd: command.clone(),
+                release_cmd: self.release_cmd.clone(),
+            },
+            (None, SnapshotArg::Auto) => SnapshotMode::Auto,
+            (None, SnapshotArg::Reflink) => SnapshotMode::Reflink,
+            (None, SnapshotArg::None) => SnapshotMode::None,
+        };
+        if mode == SnapshotMode::None && (self.quiesce_cmd.is_some() || self.thaw_cmd.is_some()) {
+            bail!(
+                "--quiesce-cmd and --thaw-cmd run around a view's creation: --snapshot none makes none"
+            );
+        }
+        let mut options = blockrep_agent::ViewOptions::default();
+        options.mode = mode;
+        options.quiesce_cmd = self.quiesce_cmd.clone();
+        options.thaw_cmd = self.thaw_cmd.clone();
+        options.command_timeout = Some(self.snapshot_cmd_timeout);
+        Ok(options)
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -856,11 +931,13 @@ pub(crate) fn print_epoch(report: &EpochReport) {
         epoch = report.epoch, root = %report.root, chunks_sent = report.chunks_sent,
         zero_chunks_sent = report.zero_chunks_sent, ref_chunks_sent = report.ref_chunks_sent,
         bytes_sent = report.bytes_sent, scan_ms = report.scan_duration.as_millis() as u64,
-        transfer_ms = report.transfer_duration.as_millis() as u64, "epoch committed"
+        transfer_ms = report.transfer_duration.as_millis() as u64,
+        consistency = report.consistency.as_str(), "epoch committed"
     );
     println!(
         "epoch {} committed root={} chunks_sent={} zero_chunks_sent={} ref_chunks_sent={} bytes_sent={} \
-         raw_bytes_sent={} server_chunks_received={} server_chunks_stored={} scan_ms={} transfer_ms={}",
+         raw_bytes_sent={} server_chunks_received={} server_chunks_stored={} scan_ms={} transfer_ms={} \
+         consistency={}",
         report.epoch,
         report.root,
         report.chunks_sent,
@@ -872,6 +949,7 @@ pub(crate) fn print_epoch(report: &EpochReport) {
         report.server_chunks_stored,
         report.scan_duration.as_millis(),
         report.transfer_duration.as_millis(),
+        report.consistency.as_str(),
     );
 }
 
@@ -902,6 +980,7 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     config.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     config.cutover = args.cutover;
     config.pre_cutover_cmd = args.pre_cutover_cmd.clone();
+    config.view = args.view.options()?;
     if let Some(path) = &args.ack_log {
         let log = blockrep_agent::AckLog::open(path)
             .with_context(|| format!("cannot open the acknowledgement log {}", path.display()))?;

@@ -57,6 +57,11 @@ pub enum Error {
     /// and a disk that stays at another size is then refused as a resize.
     #[error("{0}")]
     DiskUnsteady(String),
+    /// A frozen view of the disk could not be made (a failing or timed-out
+    /// snapshot command, a view of the wrong size, a file system that cannot
+    /// clone in `--snapshot reflink` mode).
+    #[error("frozen view: {0}")]
+    View(String),
 }
 
 impl Error {

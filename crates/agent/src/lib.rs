@@ -19,6 +19,7 @@ pub mod fault;
 mod rate;
 mod run;
 mod send;
+mod view;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub use error::Error;
 pub use failback::{FailbackOptions, FailbackPass, failback};
 pub use rate::{RateLimiter, parse_rate};
 pub use run::{RunOutcome, run, run_once};
+pub use view::{SnapshotMode, VIEW_COMMAND_TIMEOUT_DEFAULT, ViewOptions};
 
 /// When chunks are compressed before sending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -98,6 +100,8 @@ pub struct AgentConfig {
     pub plaintext_tap: Option<fault::SharedTap>,
     /// Where every acknowledged commit is recorded, if anywhere.
     pub ack_log: Option<Arc<AckLog>>,
+    /// How each epoch's frozen view of the disk is taken (see the `view` module).
+    pub view: ViewOptions,
 }
 
 impl AgentConfig {
@@ -132,6 +136,7 @@ impl AgentConfig {
             #[cfg(feature = "fault-injection")]
             plaintext_tap: None,
             ack_log: None,
+            view: ViewOptions::default(),
         }
     }
 }
@@ -190,4 +195,6 @@ pub struct EpochReport {
     pub scan_duration: Duration,
     /// Time from the end of the scan to `Committed`.
     pub transfer_duration: Duration,
+    /// How the scanned view was taken: what the committed root holds.
+    pub consistency: blockrep_core::Consistency,
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::epoch::{Session, scan};
+use crate::epoch::Session;
+use crate::view::scan;
 use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
 /// Epochs `--once` runs before giving up on a disk that keeps changing.
@@ -93,7 +94,13 @@ async fn cutover(
         None => requested_at,
     };
     let hook = downtime_started.saturating_duration_since(hook_started);
-    let final_scan = scan(config, session.geometry().chunk_size_bytes()).await?;
+    let mut final_scan = scan(config, session.geometry().chunk_size_bytes()).await?;
+    // The workload was stopped by the pre-cutover command: even a live read of
+    // the disk then holds one quiesced state. Without the command the final
+    // epoch claims only what its view gives (crash-consistent, or live).
+    if config.pre_cutover_cmd.is_some() {
+        final_scan.consistency = blockrep_core::Consistency::Quiesced;
+    }
     let scan_duration = final_scan.duration;
     let transfer_started = Instant::now();
     session.final_epoch = true;

@@ -41,7 +41,7 @@ pub(crate) struct References {
 /// Starts the workers for `changed` chunks; frames arrive on the returned channel,
 /// which closes when every chunk has been encoded.
 pub(crate) fn spawn_encoders(
-    disk: Arc<DiskImage>,
+    disk: Arc<crate::view::View>,
     geometry: Geometry,
     changed: Arc<Vec<u64>>,
     compression: Compression,

@@ -1,0 +1,624 @@
+//! Frozen views: the agent scans and sends a disk frozen at one instant, not the
+//! live disk read over a span of time.
+//!
+//! A scan of a live disk takes hundreds of milliseconds or more, and the encoders
+//! read each changed chunk again when they send it, so one root would mix moments
+//! (a directory block from before a split, its sibling from after). A view is
+//! taken once per epoch, just before the scan, and every read of that epoch (the
+//! scan, the encoders, the intermediate commits) goes to it:
+//!
+//! - reflink: `FICLONE` of the image into a sibling temporary file
+//!   (`.<image>.blockrep-view-<pid>-<n>`, mode 0600), removed when the epoch ends
+//!   (success, error, or a dropped epoch); clones a killed agent left behind are
+//!   removed at its next start.
+//! - command: the operator's `--snapshot-cmd` makes the view (an LVM snapshot, a
+//!   ZFS clone, ...) and prints its path; `--release-cmd` runs once the epoch is
+//!   done with it, whatever the outcome.
+//! - live: the disk itself (`--snapshot none`, or `auto` where the file system
+//!   cannot clone, or a block device without a command).
+//!
+//! The view is released when the last reference to it is dropped: the scan and
+//! the send workers each hold one, so nothing is released while it is read.
+
+use std::fs::OpenOptions;
+use std::ops::Deref;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use blockrep_core::{Consistency, DiskImage};
+use tracing::{info, warn};
+
+use crate::epoch::{Scan, now_unix_ms, scan_view};
+use crate::{AgentConfig, Error};
+
+/// Default longest run of each view command (snapshot, release, quiesce, thaw).
+pub const VIEW_COMMAND_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5 * 60);
+/// Marks the agent's temporary clones, after `.<image>`.
+const CLONE_MARK: &str = ".blockrep-view-";
+
+/// How the agent takes the view it scans each epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SnapshotMode {
+    /// A reflink clone where the image's file system supports it, else the live
+    /// disk (with a warning at start saying why).
+    #[default]
+    Auto,
+    /// A reflink clone, or an error: for an operator who wants no live reads.
+    Reflink,
+    /// The live disk (recovery points may be torn; labelled `live`).
+    None,
+    /// An operator's command makes the view and prints its path.
+    Command {
+        /// Run with `sh -c`; its last non-empty line of output is the view's path.
+        snapshot_cmd: String,
+        /// Run with `sh -c` once the epoch is done with the view.
+        release_cmd: Option<String>,
+    },
+}
+
+/// The frozen-view settings, and what the agent learned about the disk.
+#[derive(Debug, Clone, Default)]
+pub struct ViewOptions {
+    /// How the view is taken.
+    pub mode: SnapshotMode,
+    /// Run (with `sh -c`) before a view is made, e.g. `fsfreeze -f /mnt`.
+    pub quiesce_cmd: Option<String>,
+    /// Run after the view is made, or failed to be, e.g. `fsfreeze -u /mnt`.
+    pub thaw_cmd: Option<String>,
+    /// Longest run of each command; a command still running then is killed.
+    /// `None` means [`VIEW_COMMAND_TIMEOUT_DEFAULT`].
+    pub command_timeout: Option<Duration>,
+    learned: Arc<Learned>,
+}
+
+/// Facts about the disk learned once per agent process.
+#[derive(Debug, Default)]
+struct Learned {
+    /// `auto` found that this disk can only be read live (warned once).
+    live_only: AtomicBool,
+    /// Clones left by an earlier, killed agent were looked for.
+    swept: AtomicBool,
+    /// Numbers this process's clones.
+    clones: AtomicU64,
+}
+
+impl ViewOptions {
+    fn timeout(&self) -> Duration {
+        self.command_timeout.unwrap_or(VIEW_COMMAND_TIMEOUT_DEFAULT)
+    }
+}
+
+/// The disk an epoch reads: a frozen view, or the live disk. Released on drop.
+pub(crate) struct View {
+    disk: DiskImage,
+    release: Release,
+}
+
+/// What ends a view.
+enum Release {
+    Nothing,
+    /// Remove the temporary reflink clone.
+    RemoveClone(PathBuf),
+    /// Run the operator's release command.
+    Command {
+        command: String,
+        env: Vec<(&'static str, String)>,
+        timeout: Duration,
+    },
+}
+
+impl View {
+    /// The live disk: nothing to release.
+    pub(crate) fn live(disk: DiskImage) -> Self {
+        Self {
+            disk,
+            release: Release::Nothing,
+        }
+    }
+}
+
+impl Deref for View {
+    type Target = DiskImage;
+    fn deref(&self) -> &DiskImage {
+        &self.disk
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        release(std::mem::replace(&mut self.release, Release::Nothing));
+    }
+}
+
+/// Ends a view. Synchronous on purpose: the release has run before the process
+/// exits (a shutdown drops the epoch, then the runtime waits for the blocking
+/// threads that may hold the last reference to the view).
+fn release(release: Release) {
+    match release {
+        Release::Nothing => {}
+        Release::RemoveClone(path) => {
+            if let Err(error) = std::fs::remove_file(&path)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(path = %path.display(), %error, "cannot remove the view's clone");
+            }
+        }
+        Release::Command {
+            command,
+            env,
+            timeout,
+        } => match run_blocking(&command, &env, timeout) {
+            Ok(()) => info!("view released"),
+            Err(error) => {
+                warn!(%error, "the release command failed; the view may be left behind")
+            }
+        },
+    }
+}
+
+/// Takes this epoch's view of the disk as `config.view` says and scans it.
+pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
+    let options = &config.view;
+    let started = Instant::now();
+    let taken = match &options.mode {
+        SnapshotMode::None => None,
+        SnapshotMode::Auto if options.learned.live_only.load(Ordering::Relaxed) => None,
+        SnapshotMode::Auto | SnapshotMode::Reflink => reflink_view(config).await?,
+        SnapshotMode::Command {
+            snapshot_cmd,
+            release_cmd,
+        } => Some(command_view(config, snapshot_cmd, release_cmd.as_deref()).await?),
+    };
+    let Some((view, started_unix_ms, consistency)) = taken else {
+        return crate::epoch::scan(config, chunk_size_bytes).await;
+    };
+    tokio::task::spawn_blocking(move || {
+        scan_view(
+            view,
+            chunk_size_bytes,
+            started,
+            started_unix_ms,
+            consistency,
+        )
+    })
+    .await
+    .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))?
+}
+
+/// A reflink view, or `None` where `auto` has to read live.
+async fn reflink_view(config: &AgentConfig) -> Result<Option<(View, u64, Consistency)>, Error> {
+    let options = &config.view;
+    let auto = options.mode == SnapshotMode::Auto;
+    let image = config.disk.clone();
+    let is_block_device = std::fs::metadata(&image)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    if is_block_device {
+        let why = format!(
+            "{} is a block device, which cannot be reflinked: give --snapshot-cmd to make a \
+             frozen view (an LVM snapshot or a ZFS clone, see the recipes in docs/recovery-points.md)",
+            image.display()
+        );
+        if !auto {
+            return Err(Error::View(why));
+        }
+        return Ok(live_from_now_on(options, &image, &why));
+    }
+    if !options.learned.swept.swap(true, Ordering::Relaxed) {
+        sweep_stale_clones(&image);
+    }
+    let number = options.learned.clones.fetch_add(1, Ordering::Relaxed);
+    let made = with_quiesce(options, move || {
+        tokio::task::spawn_blocking(move || make_clone(&image, number))
+    })
+    .await;
+    let (result, quiesced) = made;
+    let result = result.map_err(|e| Error::View(format!("the clone task failed: {e}")))?;
+    match result {
+        Ok((view, started_unix_ms)) => {
+            if auto && number == 0 {
+                info!(disk = %config.disk.display(), "scanning reflink clones of the disk: every recovery point is crash-consistent");
+            }
+            Ok(Some((view, started_unix_ms, label(quiesced))))
+        }
+        Err(CloneError::Unsupported(why)) if auto => {
+            Ok(live_from_now_on(options, &config.disk, &why))
+        }
+        Err(CloneError::Unsupported(why)) => Err(Error::View(format!(
+            "{why}; use --snapshot auto or none to read the disk live, or --snapshot-cmd to make views another way"
+        ))),
+        Err(CloneError::Failed(why)) => Err(Error::View(why)),
+    }
+}
+
+/// `auto` on a disk that cannot be cloned: warn once, read live from now on.
+fn live_from_now_on(
+    options: &ViewOptions,
+    image: &Path,
+    why: &str,
+) -> Option<(View, u64, Consistency)> {
+    if !options.learned.live_only.swap(true, Ordering::Relaxed) {
+        warn!(
+            disk = %image.display(),
+            "this disk can only be read live, so its recovery points are labelled live and may be torn: {why}"
+        );
+    }
+    None
+}
+
+fn label(quiesced: bool) -> Consistency {
+    if quiesced {
+        Consistency::Quiesced
+    } else {
+        Consistency::CrashConsistent
+    }
+}
+
+enum CloneError {
+    /// The file system cannot clone this file (`auto` reads live instead).
+    Unsupported(String),
+    /// Anything else: the epoch fails.
+    Failed(String),
+}
+
+/// Clones `image` into its sibling temporary file and opens the clone.
+/// Returns the view and the wall-clock instant just before the clone was made.
+fn make_clone(image: &Path, number: u64) -> Result<(View, u64), CloneError> {
+    let path = clone_path(image, std::process::id(), number)
+        .ok_or_else(|| CloneError::Failed(format!("{} has no file name", image.display())))?;
+    let failed = |what: &str, error: std::io::Error| {
+        CloneError::Failed(format!("cannot {what} {}: {error}", path.display()))
+    };
+    let source = std::fs::File::open(image)
+        .map_err(|e| CloneError::Failed(format!("cannot open disk {}: {e}", image.display())))?;
+    let clone = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| failed("create the clone", e))?;
+    // From here on the clone file exists: this release removes it, on failure
+    // here or, once handed to the view, when the epoch is done with it.
+    let pending = PendingRelease(Some(Release::RemoveClone(path.clone())));
+    let started_unix_ms = now_unix_ms();
+    if let Err(error) = rustix::fs::ioctl_ficlone(&clone, &source) {
+        let error = std::io::Error::from(error);
+        let unsupported = matches!(
+            error.raw_os_error(),
+            Some(errno::EOPNOTSUPP | errno::EXDEV | errno::EINVAL | errno::ENOTTY)
+        );
+        let why = format!(
+            "the {} file system holding {} cannot make a reflink clone of it ({error})",
+            file_system_name(image),
+            image.display()
+        );
+        return Err(if unsupported {
+            CloneError::Unsupported(why)
+        } else {
+            CloneError::Failed(why)
+        });
+    }
+    drop(clone);
+    let disk = DiskImage::open(&path).map_err(|e| CloneError::Failed(e.to_string()))?;
+    let view = View {
+        disk,
+        release: pending.take(),
+    };
+    Ok((view, started_unix_ms))
+}
+
+/// Errno values `FICLONE` returns where the file system cannot clone.
+mod errno {
+    pub const EXDEV: i32 = 18;
+    pub const EINVAL: i32 = 22;
+    pub const ENOTTY: i32 = 25;
+    pub const EOPNOTSUPP: i32 = 95;
+}
+
+/// `.<image>.blockrep-view-<pid>-<n>` beside the image.
+fn clone_path(image: &Path, pid: u32, number: u64) -> Option<PathBuf> {
+    let name = image.file_name()?.to_str()?;
+    Some(image.with_file_name(format!(".{name}{CLONE_MARK}{pid}-{number}")))
+}
+
+/// Removes clones of `image` whose agent is gone (killed before it could).
+fn sweep_stale_clones(image: &Path) {
+    let (Some(directory), Some(name)) =
+        (image.parent(), image.file_name().and_then(|n| n.to_str()))
+    else {
+        return;
+    };
+    let directory = if directory.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        directory
+    };
+    let prefix = format!(".{name}{CLONE_MARK}");
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        // The pid in the name: a clone of a running agent (another agent on the
+        // same image) is left alone.
+        let alive = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if alive {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                info!(path = %path.display(), "removed a view clone left by an earlier agent")
+            }
+            Err(error) => warn!(path = %path.display(), %error, "cannot remove a stale view clone"),
+        }
+    }
+}
+
+/// A name for the file system holding `path`, for error messages.
+fn file_system_name(path: &Path) -> String {
+    let Ok(stat) = rustix::fs::statfs(path) else {
+        return "unknown".into();
+    };
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between targets
+    let magic = stat.f_type as u64 & 0xffff_ffff;
+    match magic {
+        0xef53 => "ext4".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683e => "btrfs".into(),
+        0x794c_7630 => "overlay".into(),
+        0x6969 => "nfs".into(),
+        0x2fc1_2fc1 => "zfs".into(),
+        0xf2f5_2010 => "f2fs".into(),
+        other => format!("type {other:#x}"),
+    }
+}
+
+/// Runs the quiesce command, `make`, then the thaw command (also when `make`
+/// or the quiesce command failed). Returns `make`'s result and whether the
+/// quiesce command succeeded.
+async fn with_quiesce<F, T>(options: &ViewOptions, make: impl FnOnce() -> F) -> (T, bool)
+where
+    F: std::future::Future<Output = T>,
+{
+    let env: Vec<(&'static str, String)> = Vec::new();
+    let quiesced = match &options.quiesce_cmd {
+        Some(command) => match run(command, &env, options.timeout(), false).await {
+            Ok(_) => true,
+            Err(error) => {
+                warn!(%error, "the quiesce command failed; the view is crash-consistent only");
+                false
+            }
+        },
+        None => false,
+    };
+    let result = make().await;
+    if let Some(command) = &options.thaw_cmd
+        && let Err(error) = run(command, &env, options.timeout(), false).await
+    {
+        warn!(%error, "the thaw command failed: the workload may still be frozen");
+    }
+    (result, quiesced)
+}
+
+/// Runs the operator's snapshot command and opens the view it printed.
+async fn command_view(
+    config: &AgentConfig,
+    snapshot_cmd: &str,
+    release_cmd: Option<&str>,
+) -> Result<(View, u64, Consistency), Error> {
+    let options = &config.view;
+    let live = DiskImage::open(&config.disk)?;
+    let env = vec![
+        ("BLOCKREP_DISK", config.disk.display().to_string()),
+        ("BLOCKREP_SOURCE", config.source.to_string()),
+    ];
+    let timeout = options.timeout();
+    let ((output, started_unix_ms), quiesced) = with_quiesce(options, || async {
+        let started_unix_ms = now_unix_ms();
+        (
+            run(snapshot_cmd, &env, timeout, true).await,
+            started_unix_ms,
+        )
+    })
+    .await;
+    let output = output.map_err(|e| Error::View(format!("the snapshot command {e}")))?;
+    let Some(line) = output.lines().map(str::trim).rfind(|l| !l.is_empty()) else {
+        return Err(Error::View(
+            "the snapshot command printed no path: its last non-empty line of output must be the view's path".into(),
+        ));
+    };
+    let path = PathBuf::from(line);
+    // From here on a view exists: whatever happens, it is released.
+    let release = match release_cmd {
+        Some(command) => {
+            let mut env = env.clone();
+            env.push(("BLOCKREP_VIEW", path.display().to_string()));
+            Release::Command {
+                command: command.to_owned(),
+                env,
+                timeout,
+            }
+        }
+        None => Release::Nothing,
+    };
+    let pending = PendingRelease(Some(release));
+    let disk = DiskImage::open(&path).map_err(|e| {
+        Error::View(format!(
+            "the snapshot command printed {:?}, which cannot be opened: {e}",
+            path.display().to_string()
+        ))
+    })?;
+    if disk.size_bytes() != live.size_bytes() {
+        return Err(Error::View(format!(
+            "the view {} the snapshot command made is {} bytes, the disk {} is {} bytes",
+            path.display(),
+            disk.size_bytes(),
+            config.disk.display(),
+            live.size_bytes()
+        )));
+    }
+    let view = View {
+        disk,
+        release: pending.take(),
+    };
+    Ok((view, started_unix_ms, label(quiesced)))
+}
+
+/// A release that runs on drop unless handed to the view.
+struct PendingRelease(Option<Release>);
+
+impl PendingRelease {
+    fn take(mut self) -> Release {
+        self.0.take().unwrap_or(Release::Nothing)
+    }
+}
+
+impl Drop for PendingRelease {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            release(pending);
+        }
+    }
+}
+
+/// Where a command's output goes when the agent does not read it: the agent's
+/// stderr, so that stdout stays the agent's own report.
+fn to_stderr() -> Stdio {
+    use std::os::fd::AsFd;
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_or_else(|_| Stdio::null(), Stdio::from)
+}
+
+/// Runs `command` with `sh -c` in its own process group; kills the group after
+/// `timeout`. With `capture`, returns its standard output.
+async fn run(
+    command: &str,
+    env: &[(&'static str, String)],
+    timeout: Duration,
+    capture: bool,
+) -> Result<String, String> {
+    let mut child = tokio::process::Command::new("sh");
+    child
+        .arg("-c")
+        .arg(command)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(if capture { Stdio::piped() } else { to_stderr() })
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = child
+        .spawn()
+        .map_err(|e| format!("{command:?} cannot be started: {e}"))?;
+    let pid = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(output)) if output.status.success() => {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        }
+        Ok(Ok(output)) => Err(format!("{command:?} failed ({})", output.status)),
+        Ok(Err(e)) => Err(format!("{command:?} could not be waited for: {e}")),
+        Err(_) => {
+            kill_group(pid);
+            Err(format!(
+                "{command:?} did not finish within {timeout:?} and was killed (--snapshot-cmd-timeout)"
+            ))
+        }
+    }
+}
+
+/// [`run`] without a runtime, for releases run on drop.
+fn run_blocking(
+    command: &str,
+    env: &[(&'static str, String)],
+    timeout: Duration,
+) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(to_stderr())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{command:?} cannot be started: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("{command:?} failed ({status})")),
+            Ok(None) if Instant::now() >= deadline => {
+                kill_group(Some(child.id()));
+                let _ = child.wait();
+                return Err(format!(
+                    "{command:?} did not finish within {timeout:?} and was killed (--snapshot-cmd-timeout)"
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("{command:?} could not be waited for: {e}")),
+        }
+    }
+}
+
+/// Kills a command's whole process group (`sh` and what it started).
+fn kill_group(pid: Option<u32>) {
+    let pid = pid
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|&p| p > 1)
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_names_sit_beside_the_image_and_are_hidden() {
+        let path = clone_path(Path::new("/srv/disks/vm.img"), 42, 7).expect("a file name");
+        assert_eq!(path, Path::new("/srv/disks/.vm.img.blockrep-view-42-7"));
+    }
+
+    #[test]
+    fn a_stale_clone_of_a_dead_agent_is_swept_but_a_live_one_is_kept() {
+        let directory = tempfile_dir();
+        let image = directory.join("disk.img");
+        std::fs::write(&image, b"x").expect("image");
+        // No process has pid 4194304 + 1 (above the kernel's pid_max limit).
+        let dead = clone_path(&image, 4_194_305, 0).expect("name");
+        let alive = clone_path(&image, std::process::id(), 0).expect("name");
+        std::fs::write(&dead, b"x").expect("dead clone");
+        std::fs::write(&alive, b"x").expect("live clone");
+        sweep_stale_clones(&image);
+        assert!(!dead.exists());
+        assert!(alive.exists());
+        assert!(image.exists());
+        std::fs::remove_dir_all(&directory).expect("cleanup");
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let directory = std::env::temp_dir().join(format!(
+            "blockrep-view-test-{}-{}",
+            std::process::id(),
+            now_unix_ms()
+        ));
+        std::fs::create_dir_all(&directory).expect("temp dir");
+        directory
+    }
+}
