@@ -8,9 +8,13 @@ cd "$(dirname "$0")/.."
 # Debian packages of the external clients the tests drive (a package may be
 # listed twice; apt-get installs it once). promtool comes only with the
 # prometheus package, which on a host running systemd also enables a local
-# Prometheus service; the tests use promtool alone.
+# Prometheus service; the tests use promtool alone. The file-system tools make
+# and check the ext4 and XFS file systems that tests/point_in_time.rs runs on
+# loop devices (those tests need root, as CI has).
 declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
-    [promtool]=prometheus [systemd-analyze]=systemd [curl]=curl)
+    [promtool]=prometheus [systemd-analyze]=systemd [curl]=curl
+    [mkfs.xfs]=xfsprogs [xfs_repair]=xfsprogs [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs
+    [losetup]=mount [mount]=mount [umount]=mount)
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")

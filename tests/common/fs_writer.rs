@@ -150,7 +150,8 @@ impl Writer {
         File::open(root).unwrap().sync_all().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(DurableLog::default()));
-        let (root, thread_stop, thread_log) = (root.to_owned(), Arc::clone(&stop), Arc::clone(&log));
+        let (root, thread_stop, thread_log) =
+            (root.to_owned(), Arc::clone(&stop), Arc::clone(&log));
         let handle = std::thread::spawn(move || write_loop(&root, seed, &thread_stop, &thread_log));
         Self {
             stop,
@@ -264,7 +265,8 @@ fn write_loop(
         let started = now_unix_ms();
         db.write_all_at(&page_content(page, version), page * PAGE_BYTES as u64)
             .map_err(|e| io("pwrite the database", e))?;
-        db.sync_data().map_err(|e| io("fdatasync the database", e))?;
+        db.sync_data()
+            .map_err(|e| io("fdatasync the database", e))?;
         log.lock().unwrap().pages.push(PageEvent {
             page,
             version,
@@ -403,7 +405,8 @@ pub fn verify(
     match std::fs::read(root.join(DB_FILE)) {
         Ok(db) if db.len() == DB_PAGES as usize * PAGE_BYTES => {
             for page in 0..DB_PAGES {
-                let history: Vec<&PageEvent> = log.pages.iter().filter(|e| e.page == page).collect();
+                let history: Vec<&PageEvent> =
+                    log.pages.iter().filter(|e| e.page == page).collect();
                 let durable = history
                     .iter()
                     .filter(|e| e.durable_unix_ms < view_unix_ms)
@@ -419,7 +422,8 @@ pub fn verify(
                 );
                 let bytes = &db[page as usize * PAGE_BYTES..][..PAGE_BYTES];
                 if !allowed.iter().any(|v| bytes == page_content(page, *v)) {
-                    let header = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+                    let header =
+                        |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
                     problems.push(format!(
                         "database page {page}: holds page {} version {} (or torn), expected a version in {allowed:?}",
                         header(0),
