@@ -173,7 +173,7 @@ fn replicate_under_writer(kind: FsKind, image_bytes: u64, mode: &str, wanted: us
     });
     assert!(
         enough && roots.len() >= wanted,
-        "{} points after {POINTS_TIMEOUT:?} (wanted {wanted}); agent stdout: {:#?}\nstderr: {}",
+        "{} points (wanted {wanted}) when the agent ended or {POINTS_TIMEOUT:?} passed; agent stdout: {:#?}\nstderr: {}",
         roots.len(),
         agent.lines(),
         agent.stderr.lock().unwrap()
