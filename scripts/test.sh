@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 # Prometheus service; the tests use promtool alone.
 declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
     [promtool]=prometheus [systemd-analyze]=systemd [curl]=curl)
+# The frozen-view tests clone disks on an XFS file system on a loop device.
+wanted[mkfs.xfs]=xfsprogs
+wanted[losetup]=mount
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")
