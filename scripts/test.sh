@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # prometheus package, which on a host running systemd also enables a local
 # Prometheus service; the tests use promtool alone. The file-system tools make
 # and check the ext4 and XFS file systems that tests/point_in_time.rs runs on
-# loop devices (those tests need root, as CI has).
+# loop devices, and the XFS on which tests/frozen_view.rs clones disks (those
+# tests need root, as CI has).
 declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
     [promtool]=prometheus [systemd-analyze]=systemd [curl]=curl
     [mkfs.xfs]=xfsprogs [xfs_repair]=xfsprogs [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs

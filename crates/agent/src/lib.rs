@@ -6,6 +6,10 @@
 //! changed chunks through a pipeline (copy + hash + compress on worker threads, TLS
 //! on the network task, no per-chunk round trip) -> `Commit` with the root the
 //! agent expects -> `Committed` once the server has made it durable.
+//!
+//! Each epoch reads one view of the disk, taken before its scan (a reflink
+//! clone, an operator's snapshot, or the live disk; see the `view` module), and
+//! labels its root by it: the send workers read the same view as the scan.
 #![forbid(unsafe_code)]
 
 mod ack_log;

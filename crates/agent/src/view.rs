@@ -200,7 +200,7 @@ async fn reflink_view(config: &AgentConfig) -> Result<Option<(View, u64, Consist
     if is_block_device {
         let why = format!(
             "{} is a block device, which cannot be reflinked: give --snapshot-cmd to make a \
-             frozen view (an LVM snapshot or a ZFS clone, see the recipes in docs/recovery-points.md)",
+             frozen view (an LVM snapshot or a ZFS clone, see \"Frozen views\" in docs/architecture.md)",
             image.display()
         );
         if !auto {
@@ -280,7 +280,16 @@ fn make_clone(image: &Path, number: u64) -> Result<(View, u64), CloneError> {
         .create_new(true)
         .mode(0o600)
         .open(&path)
-        .map_err(|e| failed("create the clone", e))?;
+        .map_err(|e| match e.kind() {
+            // No room for a clone beside the image: `auto` reads live.
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                CloneError::Unsupported(format!(
+                    "no clone can be made beside the image: cannot create {}: {e}",
+                    path.display()
+                ))
+            }
+            _ => failed("create the clone", e),
+        })?;
     // From here on the clone file exists: this release removes it, on failure
     // here or, once handed to the view, when the epoch is done with it.
     let pending = PendingRelease(Some(Release::RemoveClone(path.clone())));
@@ -524,15 +533,21 @@ async fn run(
     let child = child
         .spawn()
         .map_err(|e| format!("{command:?} cannot be started: {e}"))?;
-    let pid = child.id();
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    // Kills the command's group if this future is dropped (the agent shutting
+    // down) or times out; `kill_on_drop` alone would reach only `sh`.
+    let mut group = GroupGuard(child.id());
+    let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
+    if result.is_ok() {
+        group.0 = None;
+    }
+    match result {
         Ok(Ok(output)) if output.status.success() => {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         }
         Ok(Ok(output)) => Err(format!("{command:?} failed ({})", output.status)),
         Ok(Err(e)) => Err(format!("{command:?} could not be waited for: {e}")),
         Err(_) => {
-            kill_group(pid);
+            drop(group);
             Err(format!(
                 "{command:?} did not finish within {timeout:?} and was killed (--snapshot-cmd-timeout)"
             ))
@@ -571,6 +586,15 @@ fn run_blocking(
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(format!("{command:?} could not be waited for: {e}")),
         }
+    }
+}
+
+/// Kills the process group of a command still running when dropped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0.take());
     }
 }
 
