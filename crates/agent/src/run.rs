@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use blockrep_core::Consistency;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -93,7 +94,12 @@ async fn cutover(
         None => requested_at,
     };
     let hook = downtime_started.saturating_duration_since(hook_started);
-    let final_scan = scan(config, session.geometry().chunk_size_bytes()).await?;
+    let mut final_scan = scan(config, session.geometry().chunk_size_bytes()).await?;
+    if config.pre_cutover_cmd.is_some() {
+        // The pre-cutover command stopped the workload and it succeeded: the
+        // disk is still, so the final scan is of a quiesced disk.
+        final_scan.consistency = Consistency::Quiesced;
+    }
     let scan_duration = final_scan.duration;
     let transfer_started = Instant::now();
     session.final_epoch = true;
