@@ -80,7 +80,9 @@ impl Store {
         self.check_writable()?;
         let source_lock = self.commit_lock(source);
         let _guard = lock(&source_lock);
-        let head = self.head(source)?.filter(|h| h.epoch == epoch && h.root == *root);
+        let head = self
+            .head(source)?
+            .filter(|h| h.epoch == epoch && h.root == *root);
         let Some(mut head) = head else {
             return Err(Error::new(
                 ErrorKind::EpochMismatch,
@@ -112,7 +114,13 @@ mod tests {
         let disk = vec![byte; 8192];
         let ids = scan_buffer(&disk, geometry);
         store
-            .insert(BlobKind::Chunk, ids[0], StoredCodec::Raw, 4096, &disk[..4096])
+            .insert(
+                BlobKind::Chunk,
+                ids[0],
+                StoredCodec::Raw,
+                4096,
+                &disk[..4096],
+            )
             .unwrap();
         let (root, pages) = Root::build(geometry, &ids);
         let source = SourceId::new("web-1").unwrap();

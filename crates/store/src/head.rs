@@ -149,11 +149,18 @@ mod tests {
         assert_eq!(head.synced_scan_started_unix_ms, 12);
         assert_eq!(head.consistency, Consistency::Live);
 
-        let mut unknown = Head { consistency: Consistency::Quiesced, ..head }.encode();
+        let mut unknown = Head {
+            consistency: Consistency::Quiesced,
+            ..head
+        }
+        .encode();
         unknown[72] = 7;
         let crc = crc32fast::hash(&unknown[..76]);
         unknown[76..].copy_from_slice(&crc.to_le_bytes());
         let error = Head::decode(&unknown).unwrap_err();
-        assert!(error.to_string().contains("unknown consistency label"), "{error}");
+        assert!(
+            error.to_string().contains("unknown consistency label"),
+            "{error}"
+        );
     }
 }
