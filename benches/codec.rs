@@ -102,6 +102,7 @@ fn small_frames(c: &mut Criterion) {
         scan_started_unix_ms: 1_795_000_000_000,
         complete: true,
         last: true,
+        consistency: blockrep_core::Consistency::Live,
     };
     let offer = Message::Offer {
         ids: (0..OFFER_IDS_MAX)

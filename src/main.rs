@@ -364,6 +364,10 @@ enum LaunchCommand {
         /// What the launch is for.
         #[arg(long, value_enum, default_value_t = LaunchKindArg::Test)]
         kind: LaunchKindArg,
+        /// Launch a `live` snapshot anyway (read from the live disk while it
+        /// changed: its file system may be torn). Refused without it.
+        #[arg(long)]
+        allow_live: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -1203,15 +1207,16 @@ async fn status(args: StatusArgs) -> Result<()> {
     let sources: Vec<blockrep_server::SourceView> =
         serde_json::from_str(&body).context("unexpected JSON from the admin API")?;
     println!(
-        "{:<20} {:<13} {:>6} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "SOURCE", "STATE", "EPOCH", "LAG", "RPO", "PENDING", "RATE", "AGENT"
+        "{:<20} {:<13} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "SOURCE", "STATE", "EPOCH", "CONSISTENCY", "LAG", "RPO", "PENDING", "RATE", "AGENT"
     );
     for s in &sources {
         println!(
-            "{:<20} {:<13} {:>6} {:>10} {:>10} {:>12} {:>12} {:>9}",
+            "{:<20} {:<13} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
             s.source,
             s.state.as_str(),
             s.epoch,
+            s.consistency.as_deref().unwrap_or("-"),
             s.lag_seconds
                 .map_or_else(|| "-".to_owned(), |l| format!("{l:.1}s")),
             format!("{:.0}s", s.rpo_target_seconds),
@@ -1271,16 +1276,17 @@ fn unix_ms_text(unix_ms: u64) -> String {
 
 fn print_snapshots(snapshots: &[blockrep_server::SnapshotView]) {
     println!(
-        "{:<16} {:<28} {:<8} {:>6} {:<21} {:<21}",
-        "SOURCE", "NAME", "KIND", "EPOCH", "CREATED", "EXPIRES"
+        "{:<16} {:<28} {:<8} {:>6} {:<16} {:<21} {:<21}",
+        "SOURCE", "NAME", "KIND", "EPOCH", "CONSISTENCY", "CREATED", "EXPIRES"
     );
     for s in snapshots {
         println!(
-            "{:<16} {:<28} {:<8} {:>6} {:<21} {:<21}",
+            "{:<16} {:<28} {:<8} {:>6} {:<16} {:<21} {:<21}",
             s.source,
             s.name,
             s.kind,
             s.epoch,
+            s.consistency,
             unix_ms_text(s.created_unix_ms),
             unix_ms_text(s.expires_unix_ms)
         );
@@ -1289,16 +1295,17 @@ fn print_snapshots(snapshots: &[blockrep_server::SnapshotView]) {
 
 fn print_launches(launches: &[blockrep_server::LaunchView]) {
     println!(
-        "{:<20} {:<16} {:<24} {:<8} {:>4} NBD",
-        "NAME", "SOURCE", "SNAPSHOT", "KIND", "GEN"
+        "{:<20} {:<16} {:<24} {:<8} {:<16} {:>4} NBD",
+        "NAME", "SOURCE", "SNAPSHOT", "KIND", "CONSISTENCY", "GEN"
     );
     for l in launches {
         println!(
-            "{:<20} {:<16} {:<24} {:<8} {:>4} {}",
+            "{:<20} {:<16} {:<24} {:<8} {:<16} {:>4} {}",
             l.name,
             l.source,
             l.snapshot,
             l.kind,
+            l.consistency,
             l.generation,
             l.nbd_uri.as_deref().unwrap_or("-")
         );
@@ -1343,8 +1350,8 @@ async fn snapshot(command: SnapshotCommand) -> Result<()> {
             admin
                 .show("POST", "/v1/snapshots", Some(body), |v: SnapshotView| {
                     println!(
-                        "snapshot {} of {} at epoch {} (root {})",
-                        v.name, v.source, v.epoch, v.root
+                        "snapshot {} of {} at epoch {} (root {}, {})",
+                        v.name, v.source, v.epoch, v.root, v.consistency
                     );
                 })
                 .await
@@ -1380,24 +1387,38 @@ async fn launch(command: LaunchCommand) -> Result<()> {
             snapshot,
             name,
             kind,
+            allow_live,
             admin,
         } => {
             let kind = match kind {
                 LaunchKindArg::Test => "test",
                 LaunchKindArg::Cutover => "cutover",
             };
-            let body = serde_json::json!({ "source": source, "snapshot": snapshot, "name": name, "kind": kind });
-            admin
-                .show("POST", "/v1/launches", Some(body), |v: LaunchView| {
-                    let served = v
-                        .nbd_uri
-                        .unwrap_or_else(|| "(the server has no NBD listener)".to_owned());
-                    println!(
-                        "launch {} of {} from snapshot {}: {served}",
-                        v.name, v.source, v.snapshot
-                    );
-                })
-                .await
+            let body = serde_json::json!({ "source": source, "snapshot": snapshot, "name": name, "kind": kind, "allow_live": allow_live });
+            let text = admin_call(&admin.admin, "POST", "/v1/launches", Some(body)).await?;
+            let v: LaunchView =
+                serde_json::from_str(&text).context("unexpected JSON from the admin API")?;
+            if admin.json {
+                println!("{text}");
+            } else {
+                let served = v
+                    .nbd_uri
+                    .as_deref()
+                    .unwrap_or("(the server has no NBD listener)");
+                println!(
+                    "launch {} of {} from snapshot {} ({}): {served}",
+                    v.name, v.source, v.snapshot, v.consistency
+                );
+            }
+            if v.consistency == "live" {
+                // On stderr, so that --json output stays one JSON document.
+                eprintln!(
+                    "warning: launch {} is from the live snapshot {}: it holds a disk read \
+                     while it changed, and its file system may be torn",
+                    v.name, v.snapshot
+                );
+            }
+            Ok(())
         }
         LaunchCommand::List { source, admin } => {
             let path = list_path("/v1/launches", source);

@@ -98,6 +98,7 @@ fn commit_one(index: usize, id: ChunkId) -> Message {
         scan_started_unix_ms: 1,
         complete: true,
         last: false,
+        consistency: blockrep_core::Consistency::Live,
     }
 }
 

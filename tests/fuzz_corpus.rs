@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blockrep_core::{ChunkId, Geometry, Root, SourceId};
+use blockrep_core::{ChunkId, Consistency, Geometry, Root, SourceId};
 use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION, encode};
 use bytes::{Bytes, BytesMut};
 
@@ -163,6 +163,7 @@ fn commit(epoch: u64, root: ChunkId, last: bool) -> Message {
         scan_started_unix_ms: 1,
         complete: true,
         last,
+        consistency: Consistency::CrashConsistent,
     }
 }
 
@@ -222,6 +223,7 @@ fn three_epochs() -> Vec<u8> {
             scan_started_unix_ms: 2,
             complete: true,
             last: false,
+            consistency: Consistency::Live,
         },
     ])
     .into_iter()

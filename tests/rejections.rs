@@ -319,6 +319,7 @@ async fn chunk_that_does_not_hash_to_its_id_is_rejected() {
             scan_started_unix_ms: 0,
             complete: true,
             last: false,
+            consistency: blockrep_core::Consistency::Live,
         })
         .await
         .unwrap();
@@ -359,6 +360,7 @@ async fn damaged_frames_and_zero_chunks_with_an_id_are_rejected() {
             scan_started_unix_ms: 1_795_000_000_000,
             complete: true,
             last: false,
+            consistency: blockrep_core::Consistency::Live,
         },
         &mut frame,
     );

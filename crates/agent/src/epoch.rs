@@ -325,14 +325,15 @@ impl Session {
         Ok(held)
     }
 
-    /// Commits `view` (the head plus what was sent so far) and waits for the
-    /// server to make it durable.
+    /// Commits `view` (the head plus what was sent so far) labelled
+    /// `consistency`, and waits for the server to make it durable.
     async fn commit(
         &mut self,
         epoch: u64,
         view: &[ChunkId],
         scan_started_unix_ms: u64,
         complete: bool,
+        consistency: Consistency,
     ) -> Result<(ChunkId, u64, u64, u64), Error> {
         let (root, _) = Root::build(self.geometry, view);
         let root_id = root.id();
@@ -345,6 +346,7 @@ impl Session {
                 scan_started_unix_ms,
                 complete,
                 last,
+                consistency,
             })
             .await?;
         self.connection.flush().await?;
@@ -450,7 +452,13 @@ impl Session {
             // Idle: the server acknowledges without writing; the epoch stays.
             let view = self.head_ids.clone().unwrap_or_default();
             let (root, ..) = self
-                .commit(self.head_epoch, &view, scan.started_unix_ms, true)
+                .commit(
+                    self.head_epoch,
+                    &view,
+                    scan.started_unix_ms,
+                    true,
+                    scan.consistency,
+                )
                 .await?;
             report.root = root;
             report.transfer_duration = transfer_started.elapsed();
@@ -565,8 +573,16 @@ impl Session {
                 step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval;
             if step_due && !self.final_epoch {
                 // An intermediate commit of a large epoch: a crash loses one step.
+                // It mixes the head with part of the scan, so it is never more
+                // than live, whatever view the scan read.
                 let (_, received, new, bytes) = self
-                    .commit(self.head_epoch + 1, &view, scan.started_unix_ms, false)
+                    .commit(
+                        self.head_epoch + 1,
+                        &view,
+                        scan.started_unix_ms,
+                        false,
+                        Consistency::Live,
+                    )
                     .await?;
                 report.bytes_sent += bytes;
                 stored.0 += received;
@@ -579,7 +595,13 @@ impl Session {
             bar.finish_and_clear();
         }
         let (root, received, new, bytes) = self
-            .commit(self.head_epoch + 1, &view, scan.started_unix_ms, true)
+            .commit(
+                self.head_epoch + 1,
+                &view,
+                scan.started_unix_ms,
+                true,
+                scan.consistency,
+            )
             .await?;
         report.bytes_sent += bytes;
         report.epoch = self.head_epoch;

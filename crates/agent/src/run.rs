@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use blockrep_core::Consistency;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -99,7 +100,7 @@ async fn cutover(
     // the disk then holds one quiesced state. Without the command the final
     // epoch claims only what its view gives (crash-consistent, or live).
     if config.pre_cutover_cmd.is_some() {
-        final_scan.consistency = blockrep_core::Consistency::Quiesced;
+        final_scan.consistency = Consistency::Quiesced;
     }
     let scan_duration = final_scan.duration;
     let transfer_started = Instant::now();

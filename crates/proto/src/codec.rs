@@ -1,4 +1,4 @@
-use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId, SourceId};
+use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId, Consistency, SourceId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::message::{Codec, ErrorCode, Message, ProtoError, ProtoErrorKind, REF_PROOF_LEN};
@@ -88,11 +88,13 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             scan_started_unix_ms,
             complete,
             last,
+            consistency,
         } => {
             out.put_u64_le(*epoch);
             out.put_slice(root.as_bytes());
             out.put_u64_le(*scan_started_unix_ms);
             out.put_u8(u8::from(*last) | (u8::from(*complete) << 1));
+            out.put_u8(consistency.to_byte());
         }
         Message::Backlog {
             scan_started_unix_ms,
@@ -481,12 +483,20 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
             if flags & !0b11 != 0 {
                 return Err(malformed(format!("unknown commit flags {flags:#04x}")));
             }
+            let label = r.u8("consistency label")?;
+            let consistency = Consistency::from_byte(label).ok_or_else(|| {
+                malformed(format!(
+                    "unknown consistency label {label:#04x} in Commit \
+                     (0 live, 1 crash-consistent, 2 quiesced)"
+                ))
+            })?;
             Message::Commit {
                 epoch,
                 root,
                 scan_started_unix_ms,
                 complete: flags & 0b10 != 0,
                 last: flags & 0b01 != 0,
+                consistency,
             }
         }
         9 => Message::Backlog {
@@ -671,14 +681,16 @@ mod tests {
                 id_strategy(),
                 any::<u64>(),
                 any::<bool>(),
-                any::<bool>()
+                any::<bool>(),
+                0u8..3
             )
-                .prop_map(|(epoch, root, t, complete, last)| Message::Commit {
+                .prop_map(|(epoch, root, t, complete, last, label)| Message::Commit {
                     epoch,
                     root,
                     scan_started_unix_ms: t,
                     complete,
-                    last
+                    last,
+                    consistency: Consistency::from_byte(label).expect("a known label"),
                 }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Backlog {
                 scan_started_unix_ms: a,
@@ -896,6 +908,7 @@ mod tests {
                 scan_started_unix_ms: 1_795_000_000_000,
                 complete: true,
                 last: false,
+                consistency: Consistency::CrashConsistent,
             },
             Message::Backlog {
                 scan_started_unix_ms: 1_795_000_000_000,
@@ -948,6 +961,36 @@ mod tests {
                 decode(&mut buf).unwrap_err().kind(),
                 ProtoErrorKind::Malformed,
                 "a reference with {len} data bytes"
+            );
+        }
+    }
+
+    /// A Commit's consistency label is one of the known bytes: any other,
+    /// even in an intact frame, is refused and named in the error.
+    #[test]
+    fn an_unknown_consistency_label_is_malformed() {
+        let mut frame = BytesMut::new();
+        encode(
+            &Message::Commit {
+                epoch: 1,
+                root: ChunkId([3; 32]),
+                scan_started_unix_ms: 5,
+                complete: true,
+                last: false,
+                consistency: Consistency::Live,
+            },
+            &mut frame,
+        );
+        let label_at = frame.len() - 1;
+        for label in [3u8, 0x80, 0xFF] {
+            let mut damaged = frame.clone();
+            damaged[label_at] = label;
+            seal(&mut damaged);
+            let error = decode(&mut damaged).unwrap_err();
+            assert_eq!(error.kind(), ProtoErrorKind::Malformed);
+            assert!(
+                error.to_string().contains("unknown consistency label"),
+                "{error}"
             );
         }
     }

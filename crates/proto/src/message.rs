@@ -1,13 +1,14 @@
 use std::fmt;
 
-use blockrep_core::{ChunkId, SourceId};
+use blockrep_core::{ChunkId, Consistency, SourceId};
 use bytes::Bytes;
 
 /// The protocol version this build speaks. Version 2 added the checksum to
 /// every frame header; the frame layout changed with it, so version 1 peers
 /// fail at their first frame rather than in the negotiation. Version 3 added
 /// the session nonce to `Welcome` and the proof of possession to `Ref` chunks.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4 added the consistency label to `Commit`.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Bytes of the per-session nonce in [`Message::Welcome`].
 pub const NONCE_LEN: usize = 32;
@@ -218,6 +219,10 @@ pub enum Message {
         complete: bool,
         /// The final epoch before cutover.
         last: bool,
+        /// How the scanned view was taken: what the committed root may claim.
+        /// One byte on the wire ([`Consistency::to_byte`]); an unknown byte is
+        /// a malformed frame.
+        consistency: Consistency,
     },
     /// Server -> agent: the epoch is durable.
     Committed {

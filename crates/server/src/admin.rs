@@ -9,11 +9,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use blockrep_core::SourceId;
+use blockrep_core::{Consistency, SourceId};
 use blockrep_store::{ErrorKind, LaunchKind, Store};
 use serde::Deserialize;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::listener::Shared;
 use crate::status::now_unix_ms;
@@ -295,11 +295,22 @@ async fn create_launch(
     };
     let nbd = shared.nbd_addr();
     let (snapshot, name) = (body.snapshot.clone(), body.name.clone());
+    let allow_live = body.allow_live;
     let launch = blocking(&shared, move |store| {
-        store.create_launch(&source, &snapshot, &name, kind)
+        if let Some(why) = crate::launch_gate::refusal(store, &source, &snapshot, allow_live)? {
+            return Ok(Err(why));
+        }
+        store.create_launch(&source, &snapshot, &name, kind).map(Ok)
     })
-    .await?;
-    info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot, "launch created");
+    .await?
+    .map_err(|why| ApiError::from(error(StatusCode::CONFLICT, why)))?;
+    if launch.consistency == Consistency::Live {
+        warn!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot,
+            "launch created from a live snapshot (allow_live): its file system may be torn");
+    } else {
+        info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot,
+            consistency = %launch.consistency, "launch created");
+    }
     Ok((StatusCode::CREATED, Json(LaunchView::new(&launch, nbd))).into_response())
 }
 

@@ -282,6 +282,7 @@ mod tests {
                 scan_started_unix_ms: 1,
                 complete: true,
                 last: false,
+                consistency: blockrep_core::Consistency::Live,
             },
             &mut frame,
         );

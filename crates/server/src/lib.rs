@@ -26,6 +26,7 @@ mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
+mod launch_gate;
 mod lifecycle;
 mod listener;
 mod maintenance;

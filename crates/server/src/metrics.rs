@@ -623,6 +623,20 @@ pub(crate) fn render(scrape: &Scrape) -> String {
             );
         }
     }
+    // One series per source with a head, carrying its current label: a query
+    // such as `blockrep_head_consistency{consistency="live"} == 1` finds the
+    // sources whose latest recovery point may be torn.
+    x.family(
+        "blockrep_head_consistency",
+        "gauge",
+        "Consistency of the source's latest recovery point (crash-consistent, quiesced or live); always 1.",
+    );
+    for (source, record) in sources {
+        if let Some(label) = record.consistency {
+            let labels = [("source", source.as_str()), ("consistency", label.as_str())];
+            x.sample("blockrep_head_consistency", &labels, Value::Int(1));
+        }
+    }
     for (name, help, counts) in [
         (
             "blockrep_snapshots",
@@ -898,6 +912,7 @@ mod tests {
         let synced = SourceRecord {
             last_contact_unix_ms: now,
             synced_scan_started_unix_ms: now - 2_500,
+            consistency: Some(blockrep_core::Consistency::CrashConsistent),
             ..SourceRecord::default()
         };
         let scrape = Scrape {
@@ -924,6 +939,10 @@ mod tests {
         assert!(text.contains("blockrep_source_state{source=\"new\",state=\"initial_sync\"} 1\n"));
         assert!(text.contains("blockrep_source_state{source=\"old\",state=\"lagging\"} 1\n"));
         assert!(text.contains("blockrep_source_state{source=\"old\",state=\"healthy\"} 0\n"));
+        assert!(text.contains(
+            "blockrep_head_consistency{source=\"old\",consistency=\"crash-consistent\"} 1\n"
+        ));
+        assert!(!text.contains("blockrep_head_consistency{source=\"new\""));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
+use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Consistency, Geometry, Page, Root, SourceId};
 use blockrep_proto::{
     Codec, ErrorCode, Message, PROGRESS_INTERVAL, PROTOCOL_VERSION, negotiate_version,
 };
@@ -17,8 +17,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
+mod labels;
 mod references;
 
+use labels::commit_label;
 use references::{References, new_nonce};
 
 use crate::connection::{Connection, ReadError};
@@ -509,6 +511,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     scan_started_unix_ms,
                     complete,
                     last,
+                    consistency,
                 } => {
                     if last {
                         self.shared
@@ -525,6 +528,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             scan_started_unix_ms,
                             complete,
                             last,
+                            consistency,
                         )
                         .await;
                     self.shared
@@ -675,6 +679,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         scan_started_unix_ms: u64,
         complete: bool,
         last: bool,
+        consistency: Consistency,
     ) -> Result<(), Outcome> {
         let started = Instant::now();
         let verified = match verifier {
@@ -709,17 +714,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .into());
         }
         let mut pages_stored = 0;
+        let label = if unchanged {
+            self.confirm_head(epoch, root_id, complete, consistency)
+                .await?
+        } else {
+            Some(commit_label(complete, consistency))
+        };
         if !unchanged {
             let store = Arc::clone(&self.shared.store);
             let source = self.source.clone();
             let committing = tokio::task::spawn_blocking(move || {
-                store.commit_with(
+                store.commit_labelled(
                     &source,
                     epoch,
                     &root,
                     &pages,
                     scan_started_unix_ms,
                     complete,
+                    consistency,
                 )
             });
             let stats = self
@@ -745,6 +757,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.shared.sources.update(&self.source, |record| {
             record.epoch = replica.head_epoch;
             record.root = Some(root_id.to_hex());
+            if label.is_some() {
+                record.consistency = label;
+            }
             if complete {
                 record.synced_scan_started_unix_ms = scan_started_unix_ms.max(1);
                 record.max_replication_time_ms = record

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use blockrep_core::SourceId;
+use blockrep_core::{Consistency, SourceId};
 use blockrep_store::{Head, Lifecycle, LifecycleStage};
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +67,10 @@ pub struct SourceView {
     pub connected: bool,
     pub epoch: u64,
     pub root: Option<String>,
+    /// How the head's root was taken: `crash-consistent`, `quiesced` or
+    /// `live`; `None` before the first commit.
+    #[serde(default)]
+    pub consistency: Option<String>,
     pub disk_size_bytes: u64,
     pub chunk_size_bytes: u32,
     /// Now minus the scan start of the last complete commit (the RPO now);
@@ -142,6 +146,8 @@ pub(crate) struct SourceRecord {
     pub last_contact_unix_ms: u64,
     pub epoch: u64,
     pub root: Option<String>,
+    /// The label of the head's root; `None` before the first commit.
+    pub consistency: Option<Consistency>,
     pub disk_size_bytes: u64,
     pub chunk_size_bytes: u32,
     pub synced_scan_started_unix_ms: u64,
@@ -184,6 +190,7 @@ impl SourceRecord {
         Self {
             epoch: head.epoch,
             root: Some(head.root.to_hex()),
+            consistency: Some(head.consistency),
             synced_scan_started_unix_ms: head.synced_scan_started_unix_ms,
             last_commit_unix_ms: head.committed_unix_ms,
             // A source found in the store has not been heard from since start.
@@ -238,6 +245,7 @@ impl SourceRecord {
             connected: self.connected,
             epoch: self.epoch,
             root: self.root.clone(),
+            consistency: self.consistency.map(|c| c.as_str().to_owned()),
             disk_size_bytes: self.disk_size_bytes,
             chunk_size_bytes: self.chunk_size_bytes,
             lag_seconds: self.lag_ms(now).map(|ms| ms as f64 / 1000.0),

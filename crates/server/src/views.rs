@@ -15,6 +15,8 @@ pub struct SnapshotView {
     pub created_unix_ms: u64,
     /// 0 when it never expires.
     pub expires_unix_ms: u64,
+    /// `crash-consistent`, `quiesced` or `live`: how its root was taken.
+    pub consistency: String,
 }
 
 impl From<&Snapshot> for SnapshotView {
@@ -32,6 +34,7 @@ impl From<&Snapshot> for SnapshotView {
             root: s.root.to_hex(),
             created_unix_ms: s.created_unix_ms,
             expires_unix_ms: s.expires_unix_ms,
+            consistency: s.consistency.as_str().to_owned(),
         }
     }
 }
@@ -51,6 +54,9 @@ pub struct LaunchView {
     pub generation: u64,
     pub created_unix_ms: u64,
     pub flushed_unix_ms: u64,
+    /// `crash-consistent`, `quiesced` or `live`: how the root it started
+    /// from was taken (its base snapshot's label).
+    pub consistency: String,
     /// NBD URI of the export, when the NBD listener is enabled: `nbds://`
     /// when it requires TLS (the client then presents the launch's source
     /// certificate or the admin certificate).
@@ -74,6 +80,7 @@ impl LaunchView {
             generation: info.generation,
             created_unix_ms: info.created_unix_ms,
             flushed_unix_ms: info.flushed_unix_ms,
+            consistency: info.consistency.as_str().to_owned(),
             nbd_uri: nbd.map(|endpoint| endpoint.uri(&info.name)),
         }
     }
@@ -95,4 +102,8 @@ pub struct CreateLaunch {
     pub name: String,
     /// `test` (default) or `cutover`.
     pub kind: Option<String>,
+    /// Launch from a `live` snapshot (which may hold a torn file system);
+    /// without it such a launch is refused.
+    #[serde(default)]
+    pub allow_live: bool,
 }

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockrep_core::{ChunkId, Geometry, Root, SourceId, scan_buffer};
+use blockrep_core::{ChunkId, Consistency, Geometry, Root, SourceId, scan_buffer};
 
 use crate::sim::SimFs;
 use crate::testutil::{Rng, churn};
@@ -422,8 +422,15 @@ fn commit_as_agent(
         )?;
     }
     let (root, pages) = Root::build(geometry, &ids);
-    store.commit(source, epoch, &root, &pages, 1)?;
+    store.commit_labelled(source, epoch, &root, &pages, 1, true, label_of(epoch))?;
     Ok(root.id())
+}
+
+/// The consistency label the harness commits epoch `epoch` with: every label
+/// in turn, so that each is seen to survive a power loss with its head and
+/// its snapshots.
+fn label_of(epoch: u64) -> Consistency {
+    Consistency::from_byte((epoch % 3) as u8).expect("0, 1 and 2 are labels")
 }
 
 fn run_step(store: &Arc<Store>, step: &Step, model: &mut Model) -> Result<bool, Error> {
@@ -905,6 +912,14 @@ fn check_heads(store: &Store, model: &Model, in_flight: Option<&Step>) -> Result
             .head(source)
             .map_err(|e| format!("head of {source}: {e}"))?
             .ok_or_else(|| format!("{source}: head vanished"))?;
+        if head.consistency != label_of(head.epoch) {
+            return Err(format!(
+                "{source} head epoch {} is labelled {}, committed as {}",
+                head.epoch,
+                head.consistency,
+                label_of(head.epoch)
+            ));
+        }
         let exported =
             read_disk(store, &head.root).map_err(|e| format!("export of {source} fails: {e}"))?;
         if exported != *disk {
@@ -917,9 +932,16 @@ fn check_heads(store: &Store, model: &Model, in_flight: Option<&Step>) -> Result
 }
 
 fn check_snapshots(store: &Store, model: &Model, in_flight: Option<&Step>) -> Result<(), String> {
-    let found: BTreeMap<(SourceId, String), ChunkId> = store
+    let listed = store
         .list_snapshots(None)
-        .map_err(|e| format!("list snapshots: {e}"))?
+        .map_err(|e| format!("list snapshots: {e}"))?;
+    if let Some(s) = listed.iter().find(|s| s.consistency != label_of(s.epoch)) {
+        return Err(format!(
+            "snapshot {} of {} (epoch {}) is labelled {}",
+            s.name, s.source, s.epoch, s.consistency
+        ));
+    }
+    let found: BTreeMap<(SourceId, String), ChunkId> = listed
         .into_iter()
         .map(|s| ((s.source, s.name), s.root))
         .collect();

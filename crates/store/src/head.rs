@@ -1,23 +1,32 @@
 //! The head of a source: its last committed epoch.
 //!
-//! Encoding (little-endian, 76 bytes):
+//! Encoding (little-endian, 80 bytes; version 1, 76 bytes, had no label and
+//! its crc32 at 72, and still reads, as `live`):
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 8 | magic `BRHEAD` + version `0x00 0x01` |
+//! | 0 | 8 | magic `BRHEAD` + version `0x00 0x02` |
 //! | 8 | 8 | epoch |
 //! | 16 | 32 | root id |
 //! | 48 | 8 | scan start of the committed epoch, Unix ms |
 //! | 56 | 8 | commit time, Unix ms |
 //! | 64 | 8 | scan start of the last complete epoch, Unix ms; 0 = none yet |
-//! | 72 | 4 | crc32 of bytes 0..72 |
+//! | 72 | 1 | consistency of the root: 0 live, 1 crash-consistent, 2 quiesced |
+//! | 73 | 3 | reserved, zero |
+//! | 76 | 4 | crc32 of bytes 0..76 |
 
-use blockrep_core::ChunkId;
+use blockrep_core::{ChunkId, Consistency};
 
+use crate::consistency::label_from_byte;
 use crate::error::{Error, ErrorKind};
 
-const HEAD_MAGIC: [u8; 8] = *b"BRHEAD\x00\x01";
-pub(crate) const HEAD_LEN: usize = 76;
+/// Magic and version of heads written before consistency labels; do not change.
+const HEAD_MAGIC_V1: [u8; 8] = *b"BRHEAD\x00\x01";
+const HEAD_LEN_V1: usize = 76;
+/// Magic and version of heads with a consistency label; do not change.
+const HEAD_MAGIC: [u8; 8] = *b"BRHEAD\x00\x02";
+/// The longest head record of any version (what a read admits).
+pub(crate) const HEAD_LEN: usize = 80;
 
 /// A source's last committed epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +43,8 @@ pub struct Head {
     /// replica equals the disk as it was then. 0 while the initial sync is still
     /// committing intermediate steps.
     pub synced_scan_started_unix_ms: u64,
+    /// How the root was taken: what it may be trusted to be.
+    pub consistency: Consistency,
 }
 
 impl Head {
@@ -52,23 +63,36 @@ impl Head {
         out.extend_from_slice(&self.scan_started_unix_ms.to_le_bytes());
         out.extend_from_slice(&self.committed_unix_ms.to_le_bytes());
         out.extend_from_slice(&self.synced_scan_started_unix_ms.to_le_bytes());
+        out.push(self.consistency.to_byte());
+        out.extend_from_slice(&[0; 3]);
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
+        debug_assert_eq!(out.len(), HEAD_LEN);
         out
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, Error> {
         let corrupt = |what: &str| Error::new(ErrorKind::Corrupt, format!("head file: {what}"));
-        if bytes.len() != HEAD_LEN {
+        let len = match bytes.get(..8) {
+            Some(magic) if magic == HEAD_MAGIC => HEAD_LEN,
+            Some(magic) if magic == HEAD_MAGIC_V1 => HEAD_LEN_V1,
+            _ => return Err(corrupt("bad magic or unsupported version")),
+        };
+        if bytes.len() != len {
             return Err(corrupt("wrong length"));
         }
-        if bytes[..8] != HEAD_MAGIC {
-            return Err(corrupt("bad magic or unsupported version"));
-        }
-        let crc = u32::from_le_bytes(bytes[72..76].try_into().expect("4 bytes"));
-        if crc != crc32fast::hash(&bytes[..72]) {
+        let crc = u32::from_le_bytes(bytes[len - 4..].try_into().expect("4 bytes"));
+        if crc != crc32fast::hash(&bytes[..len - 4]) {
             return Err(corrupt("checksum mismatch"));
         }
+        let consistency = if len == HEAD_LEN_V1 {
+            Consistency::Live
+        } else {
+            if bytes[73..76].iter().any(|&b| b != 0) {
+                return Err(corrupt("reserved bytes are not zero"));
+            }
+            label_from_byte("head file", bytes[72])?
+        };
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
         let mut root = [0u8; 32];
         root.copy_from_slice(&bytes[16..48]);
@@ -78,6 +102,7 @@ impl Head {
             scan_started_unix_ms: u64_at(48),
             committed_unix_ms: u64_at(56),
             synced_scan_started_unix_ms: u64_at(64),
+            consistency,
         })
     }
 }
@@ -94,6 +119,7 @@ mod tests {
             scan_started_unix_ms: 1,
             committed_unix_ms: 2,
             synced_scan_started_unix_ms: 3,
+            consistency: Consistency::CrashConsistent,
         };
         let bytes = head.encode();
         assert_eq!(Head::decode(&bytes).unwrap(), head);
@@ -103,5 +129,38 @@ mod tests {
             assert!(Head::decode(&damaged).is_err(), "flip at {i}");
         }
         assert!(Head::decode(&bytes[..60]).is_err());
+    }
+
+    /// A head written before labels existed (version 1) reads as `live`; an
+    /// unknown label byte is corruption, not a guess.
+    #[test]
+    fn a_version_1_head_reads_as_live_and_an_unknown_label_is_refused() {
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&HEAD_MAGIC_V1);
+        v1.extend_from_slice(&9u64.to_le_bytes());
+        v1.extend_from_slice(&[5; 32]);
+        for time in [10u64, 11, 12] {
+            v1.extend_from_slice(&time.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let head = Head::decode(&v1).unwrap();
+        assert_eq!((head.epoch, head.root), (9, ChunkId([5; 32])));
+        assert_eq!(head.synced_scan_started_unix_ms, 12);
+        assert_eq!(head.consistency, Consistency::Live);
+
+        let mut unknown = Head {
+            consistency: Consistency::Quiesced,
+            ..head
+        }
+        .encode();
+        unknown[72] = 7;
+        let crc = crc32fast::hash(&unknown[..76]);
+        unknown[76..].copy_from_slice(&crc.to_le_bytes());
+        let error = Head::decode(&unknown).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown consistency label"),
+            "{error}"
+        );
     }
 }

@@ -23,7 +23,8 @@
 //! | 9 | 1 | launch name length |
 //! | 10 | 1 | source id length |
 //! | 11 | 1 | snapshot name length |
-//! | 12 | 4 | reserved, zero |
+//! | 12 | 1 | consistency of the base root (0 live; zero before labels existed) |
+//! | 13 | 3 | reserved, zero |
 //! | 16 | 64 | launch name, zero-padded (must equal the directory) |
 //! | 80 | 64 | source id, zero-padded |
 //! | 144 | 64 | base snapshot name, zero-padded |
@@ -48,12 +49,15 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId, hash_chunk};
+use blockrep_core::{
+    CHUNKS_PER_PAGE, ChunkId, Consistency, Geometry, Page, Root, SourceId, hash_chunk,
+};
 
 use crate::catalog::{
     NAME_FIELD_LEN, check_record, get_name, id_at, list_names, put_name, seal_with_crc, u64_at,
     validate_name,
 };
+use crate::consistency::label_from_byte;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::pack::{BlobKind, StoredCodec};
@@ -120,6 +124,9 @@ pub struct LaunchInfo {
     pub generation: u64,
     /// When `root` was flushed (the creation time for generation 0), Unix ms.
     pub flushed_unix_ms: u64,
+    /// The consistency of the base root, inherited from the snapshot: what
+    /// the launch started as (its own writes are the user's).
+    pub consistency: Consistency,
 }
 
 impl LaunchInfo {
@@ -130,7 +137,8 @@ impl LaunchInfo {
         out.push(self.name.len() as u8);
         out.push(self.source.as_str().len() as u8);
         out.push(self.snapshot.len() as u8);
-        out.extend_from_slice(&[0; 4]);
+        out.push(self.consistency.to_byte());
+        out.extend_from_slice(&[0; 3]);
         put_name(&mut out, &self.name);
         put_name(&mut out, self.source.as_str());
         put_name(&mut out, &self.snapshot);
@@ -158,7 +166,7 @@ impl LaunchInfo {
         check_record("launch head file", head, &HEAD_MAGIC, HEAD_LEN)?;
         let corrupt =
             |what: &str| Error::new(ErrorKind::Corrupt, format!("launch meta file: {what}"));
-        if meta[12..16].iter().any(|&b| b != 0) {
+        if meta[13..16].iter().any(|&b| b != 0) {
             return Err(corrupt("reserved bytes are not zero"));
         }
         let kind = LaunchKind::from_u8(meta[8]).ok_or_else(|| corrupt("unknown kind"))?;
@@ -179,6 +187,7 @@ impl LaunchInfo {
             generation: u64_at(head, 8),
             root: id_at(head, 16),
             flushed_unix_ms: u64_at(head, 48),
+            consistency: label_from_byte("launch meta file", meta[12])?,
         })
     }
 }
@@ -228,6 +237,7 @@ impl Store {
             root: snapshot.root,
             generation: 0,
             flushed_unix_ms: created_unix_ms,
+            consistency: snapshot.consistency,
         };
         let launches = self.launches_dir();
         let vfs = self.vfs();
@@ -874,6 +884,7 @@ mod tests {
             root: ChunkId([2; 32]),
             generation: 5,
             flushed_unix_ms: 100,
+            consistency: Consistency::CrashConsistent,
         };
         let (meta, head) = (info.encode_meta(), info.encode_head());
         assert_eq!((meta.len(), head.len()), (META_LEN, HEAD_LEN));

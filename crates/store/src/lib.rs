@@ -103,6 +103,7 @@
 #![deny(unsafe_code)]
 
 mod catalog;
+mod consistency;
 #[cfg(test)]
 mod crash;
 mod error;

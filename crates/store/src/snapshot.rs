@@ -16,7 +16,8 @@
 //! | 8 | 1 | kind: 1 manual, 2 auto, 3 cutover |
 //! | 9 | 1 | name length |
 //! | 10 | 1 | source id length |
-//! | 11 | 5 | reserved, zero |
+//! | 11 | 1 | consistency of the root (0 live; zero before labels existed) |
+//! | 12 | 4 | reserved, zero |
 //! | 16 | 64 | name, zero-padded (must equal the file name) |
 //! | 80 | 64 | source id, zero-padded (must equal the directory) |
 //! | 144 | 8 | epoch of the head the snapshot was taken from |
@@ -36,12 +37,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use blockrep_core::{ChunkId, SourceId};
+use blockrep_core::{ChunkId, Consistency, SourceId};
 
 use crate::catalog::{
     NAME_FIELD_LEN, check_record, get_name, id_at, list_names, put_name, seal_with_crc, u64_at,
     validate_name,
 };
+use crate::consistency::label_from_byte;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::retention::duration_ms;
@@ -102,6 +104,8 @@ pub struct Snapshot {
     pub created_unix_ms: u64,
     /// When it expires, Unix ms; 0 = never.
     pub expires_unix_ms: u64,
+    /// The consistency of the root, as the head had it when taken.
+    pub consistency: Consistency,
 }
 
 impl Snapshot {
@@ -116,7 +120,8 @@ impl Snapshot {
         out.push(self.kind as u8);
         out.push(self.name.len() as u8);
         out.push(self.source.as_str().len() as u8);
-        out.extend_from_slice(&[0; 5]);
+        out.push(self.consistency.to_byte());
+        out.extend_from_slice(&[0; 4]);
         put_name(&mut out, &self.name);
         put_name(&mut out, self.source.as_str());
         out.extend_from_slice(&self.epoch.to_le_bytes());
@@ -131,7 +136,7 @@ impl Snapshot {
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, Error> {
         check_record("snapshot file", bytes, &SNAPSHOT_MAGIC, SNAPSHOT_LEN)?;
         let corrupt = |what: &str| Error::new(ErrorKind::Corrupt, format!("snapshot file: {what}"));
-        if bytes[11..16].iter().any(|&b| b != 0) {
+        if bytes[12..16].iter().any(|&b| b != 0) {
             return Err(corrupt("reserved bytes are not zero"));
         }
         let kind = SnapshotKind::from_u8(bytes[8]).ok_or_else(|| corrupt("unknown kind"))?;
@@ -148,6 +153,7 @@ impl Snapshot {
             root: id_at(bytes, 152),
             created_unix_ms: u64_at(bytes, 184),
             expires_unix_ms: u64_at(bytes, 192),
+            consistency: label_from_byte("snapshot file", bytes[11])?,
         })
     }
 }
@@ -281,6 +287,7 @@ impl Store {
             root: head.root,
             created_unix_ms: now_unix_ms,
             expires_unix_ms,
+            consistency: head.consistency,
         };
         create_dir_durable(self.vfs(), &dir)?;
         publish_atomic(self.vfs(), &dir.join(&snapshot.name), &snapshot.encode())?;
@@ -472,6 +479,7 @@ mod tests {
             root: ChunkId([7; 32]),
             created_unix_ms: 123,
             expires_unix_ms: 456,
+            consistency: Consistency::Quiesced,
         };
         let bytes = snapshot.encode();
         assert_eq!(bytes.len(), SNAPSHOT_LEN);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
+use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Consistency, Geometry, Page, Root, SourceId};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
@@ -993,6 +993,7 @@ impl Store {
 
     /// [`Store::commit`] of an epoch that may be an intermediate step of a large
     /// sync (`complete` false): the head moves, but its synced scan time does not.
+    /// The root is labelled `live`; [`Store::commit_labelled`] says more.
     pub fn commit_with(
         &self,
         source: &SourceId,
@@ -1002,8 +1003,35 @@ impl Store {
         scan_started_unix_ms: u64,
         complete: bool,
     ) -> Result<CommitStats, Error> {
+        self.commit_labelled(
+            source,
+            epoch,
+            root,
+            pages,
+            scan_started_unix_ms,
+            complete,
+            Consistency::Live,
+        )
+    }
+
+    /// The lock that orders the head writes of one source.
+    pub(crate) fn commit_lock(&self, source: &SourceId) -> Arc<Mutex<()>> {
+        Arc::clone(lock(&self.commit_locks).entry(source.clone()).or_default())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn commit_inner(
+        &self,
+        source: &SourceId,
+        epoch: u64,
+        root: &Root,
+        pages: &[Page],
+        scan_started_unix_ms: u64,
+        complete: bool,
+        consistency: Consistency,
+    ) -> Result<CommitStats, Error> {
         self.check_writable()?;
-        let source_lock = Arc::clone(lock(&self.commit_locks).entry(source.clone()).or_default());
+        let source_lock = self.commit_lock(source);
         let _guard = lock(&source_lock);
         let previous_head = self.head(source)?;
         let previous = previous_head.map_or(0, |h| h.epoch);
@@ -1051,6 +1079,7 @@ impl Store {
             } else {
                 previous_head.map_or(0, |h| h.synced_scan_started_unix_ms)
             },
+            consistency,
         };
         let dir = self.source_dir(source);
         create_dir_durable(self.vfs(), &dir)?;

@@ -831,6 +831,7 @@ mod tests {
             scan_started_unix_ms: 1,
             committed_unix_ms: 1,
             synced_scan_started_unix_ms: 1,
+            consistency: blockrep_core::Consistency::Live,
         };
         let dir = store.source_dir(source);
         crate::fsutil::create_dir_durable(store.vfs(), &dir).unwrap();
