@@ -139,7 +139,7 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
     let test_launch: LaunchView = serde_json::from_str(&post(
         &server,
         "/v1/launches",
-        r#"{"source":"app","snapshot":"drill","name":"drill-1"}"#,
+        r#"{"source":"app","snapshot":"drill","name":"drill-1","allow_live":true}"#,
     ))
     .unwrap();
     let drill_copy = work.path().join("drill.raw");

@@ -39,7 +39,7 @@ fn create_launch(server: &ServerProcess, source: &str, snapshot: &str, name: &st
         "POST",
         "/v1/launches",
         Some(&format!(
-            r#"{{"source":"{source}","snapshot":"{snapshot}","name":"{name}"}}"#
+            r#"{{"source":"{source}","snapshot":"{snapshot}","name":"{name}","allow_live":true}}"#
         )),
     );
     assert_eq!(code, 201, "{body}");

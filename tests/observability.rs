@@ -593,7 +593,7 @@ fn json_logs_parse_line_by_line_and_session_lines_name_their_source() {
         (
             "POST",
             "/v1/launches",
-            Some(r#"{"source":"web","snapshot":"s1","name":"l1"}"#),
+            Some(r#"{"source":"web","snapshot":"s1","name":"l1","allow_live":true}"#),
         ),
         ("DELETE", "/v1/launches/l1", None),
         ("DELETE", "/v1/snapshots/web/s1", None),

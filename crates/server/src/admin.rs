@@ -304,12 +304,10 @@ async fn create_launch(
     })
     .await?
     .map_err(|why| ApiError::from(error(StatusCode::CONFLICT, why)))?;
+    info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot,
+        consistency = %launch.consistency, "launch created");
     if launch.consistency == Consistency::Live {
-        warn!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot,
-            "launch created from a live snapshot (allow_live): its file system may be torn");
-    } else {
-        info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot,
-            consistency = %launch.consistency, "launch created");
+        warn!(launch = %launch.name, "launch made from a live snapshot (allow_live): its file system may be torn");
     }
     Ok((StatusCode::CREATED, Json(LaunchView::new(&launch, nbd))).into_response())
 }

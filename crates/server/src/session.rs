@@ -792,6 +792,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .fetch_add(1, Ordering::Relaxed);
             info!(
                 source = %self.source, epoch, root = %root_id, complete,
+                consistency = %commit_label(complete, consistency),
                 chunks_received = counters.chunks_received, zero_chunks = counters.zero_chunks,
                 ref_chunks = counters.ref_chunks, chunks_stored = verified.chunks_stored,
                 bytes_received, pages_stored,
