@@ -1067,8 +1067,12 @@ async fn agent(args: AgentArgs) -> Result<()> {
 fn print_cutover(report: &blockrep_agent::CutoverReport) {
     let ms = |d: Duration| d.as_millis();
     println!(
-        "cutover complete: epoch {} root={} launch={} snapshot={}",
-        report.epoch, report.root, report.launch, report.snapshot
+        "cutover complete: epoch {} root={} launch={} snapshot={} consistency={}",
+        report.epoch,
+        report.root,
+        report.launch,
+        report.snapshot,
+        report.consistency.as_str()
     );
     println!(
         "downtime_ms={} final_scan_ms={} transfer_ms={} commit_ms={} launch_ready_ms={} pre_cutover_cmd_ms={} \

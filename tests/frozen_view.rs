@@ -696,3 +696,52 @@ fn reflink_mode_without_reflink_fails_clearly_and_auto_warns_once_and_reads_live
         clones_beside(&disk)
     );
 }
+
+#[test]
+fn the_cutover_point_is_quiesced_only_after_the_pre_cutover_command() {
+    let pki = Pki::new(&["stopped", "running", "viewed"]);
+    let work = tempfile::tempdir().unwrap();
+    let server = nbd_server(&pki, &work.path().join("data"));
+    let s = scripts(work.path());
+    let cut_over = |source: &str, extra: &[&str]| {
+        let disk = work.path().join(format!("{source}.raw"));
+        std::fs::write(&disk, random_bytes(MIB, 8)).unwrap();
+        let mut args = vec!["--cutover"];
+        args.extend(extra);
+        let output = agent_once(&disk, server.addr, source, pki.path(), &args);
+        assert_success(&output);
+        let text = stdout(&output);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cutover complete"))
+            .unwrap_or_else(|| panic!("no cutover: {text}"))
+            .to_owned();
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix("consistency="))
+            .unwrap()
+            .to_owned()
+    };
+    // The workload was stopped: even a live read is one quiesced state.
+    assert_eq!(
+        cut_over(
+            "stopped",
+            &["--snapshot", "none", "--pre-cutover-cmd", "true"]
+        ),
+        "quiesced"
+    );
+    // Nothing stopped it and nothing froze the disk: live.
+    assert_eq!(cut_over("running", &["--snapshot", "none"]), "live");
+    // A view without a stopped workload: crash-consistent, not quiesced.
+    assert_eq!(
+        cut_over(
+            "viewed",
+            &[
+                "--snapshot-cmd",
+                s.snapshot.to_str().unwrap(),
+                "--release-cmd",
+                s.release.to_str().unwrap()
+            ]
+        ),
+        "crash-consistent"
+    );
+}

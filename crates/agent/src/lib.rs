@@ -172,6 +172,9 @@ pub struct CutoverReport {
     pub chunks_sent: u64,
     /// Bytes the final epoch sent.
     pub bytes_sent: u64,
+    /// How the final epoch's disk was read: `Quiesced` after a pre-cutover
+    /// command, else its view's label.
+    pub consistency: blockrep_core::Consistency,
 }
 
 /// What one committed epoch did.

@@ -103,6 +103,7 @@ async fn cutover(
         final_scan.consistency = Consistency::Quiesced;
     }
     let scan_duration = final_scan.duration;
+    let consistency = final_scan.consistency;
     let transfer_started = Instant::now();
     session.final_epoch = true;
     let report = session
@@ -128,6 +129,7 @@ async fn cutover(
         downtime,
         chunks_sent: report.chunks_sent + report.zero_chunks_sent + report.ref_chunks_sent,
         bytes_sent: report.bytes_sent,
+        consistency,
     };
     session.report_cutover(&cutover).await?;
     info!(source = %config.source, launch = %cutover.launch, downtime_ms = downtime.as_millis() as u64, "cutover complete");

@@ -151,12 +151,25 @@ fn release(release: Release) {
             command,
             env,
             timeout,
-        } => match run_blocking(&command, &env, timeout) {
+        } => match without_stalling_the_runtime(|| run_blocking(&command, &env, timeout)) {
             Ok(()) => info!("view released"),
             Err(error) => {
                 warn!(%error, "the release command failed; the view may be left behind")
             }
         },
+    }
+}
+
+/// Runs `work`, which blocks, where it may be called from an async task: on a
+/// multi-threaded runtime the worker hands its other tasks (the network, the
+/// shutdown signal) to another thread first.
+fn without_stalling_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    let multi_threaded = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_threaded {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
     }
 }
 
