@@ -293,6 +293,7 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
             scan_started_unix_ms: 1,
             complete: true,
             last: false,
+            consistency: blockrep_core::Consistency::Live,
         })
         .await
         .unwrap();
