@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 # Prometheus service; the tests use promtool alone.
 declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
     [promtool]=prometheus [systemd-analyze]=systemd [curl]=curl)
+# rsync: the reference of `blockrep bench`'s delta rows.
+wanted[rsync]=rsync
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")

@@ -14,8 +14,10 @@ mod connection;
 mod epoch;
 mod error;
 mod failback;
+mod failback_patch;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod patch;
 mod rate;
 mod run;
 mod send;
@@ -98,6 +100,10 @@ pub struct AgentConfig {
     pub plaintext_tap: Option<fault::SharedTap>,
     /// Where every acknowledged commit is recorded, if anywhere.
     pub ack_log: Option<Arc<AckLog>>,
+    /// Send a changed chunk as the 4 KiB blocks that differ from the chunk the
+    /// replica holds at its index (a patch) where that saves bytes; `false`
+    /// sends whole changed chunks.
+    pub patches: bool,
 }
 
 impl AgentConfig {
@@ -132,6 +138,7 @@ impl AgentConfig {
             #[cfg(feature = "fault-injection")]
             plaintext_tap: None,
             ack_log: None,
+            patches: true,
         }
     }
 }
@@ -180,8 +187,16 @@ pub struct EpochReport {
     pub ref_chunks_sent: u64,
     /// Frame bytes written for this epoch (headers and data, before TLS).
     pub bytes_sent: u64,
-    /// Bytes of chunk data before compression, for the chunks sent.
+    /// Bytes of chunk data before compression, for the chunks sent (for a
+    /// patch, the bytes of its ranges).
     pub raw_bytes_sent: u64,
+    /// Changed chunks sent as patches (counted here, not in `chunks_sent`).
+    pub patches_sent: u64,
+    /// Frame bytes of those patches (part of `bytes_sent`).
+    pub patch_bytes_sent: u64,
+    /// Bytes of the bases' block values the server sent for the patches (the
+    /// downstream cost of patching; requests count in `bytes_sent`).
+    pub block_values_bytes_received: u64,
     /// Data chunks the server reports receiving in this epoch.
     pub server_chunks_received: u64,
     /// Chunks the server stored as new (the rest it already held).

@@ -5,11 +5,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk};
-use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, ref_proof};
+use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk, hash_with_block_values};
+use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, patch_frame, ref_proof};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use crate::patch::{self, Bases};
 use crate::{AdaptiveCompression, Compression, Error};
 
 /// Bytes of frames in flight between the workers and the socket: bounds memory.
@@ -28,6 +29,8 @@ pub(crate) struct Encoded {
     pub raw_len: u64,
     /// The frame is a reference (with its proof of possession), not data.
     pub reference: bool,
+    /// The frame is a patch against the chunk the replica holds at `index`.
+    pub patch: bool,
 }
 
 /// Chunks the server admitted to holding (its `Have`), and the session's
@@ -47,6 +50,7 @@ pub(crate) fn spawn_encoders(
     compression: Compression,
     adaptive: Arc<AdaptiveCompression>,
     references: References,
+    bases: Arc<Bases>,
 ) -> mpsc::Receiver<Result<Encoded, Error>> {
     let window = (WINDOW_BYTES / geometry.chunk_size_bytes() as usize).max(4);
     let (tx, rx) = mpsc::channel::<Result<Encoded, Error>>(window);
@@ -55,6 +59,7 @@ pub(crate) fn spawn_encoders(
     for _ in 0..workers {
         let adaptive = Arc::clone(&adaptive);
         let references = references.clone();
+        let bases = Arc::clone(&bases);
         let (disk, changed, next, tx) = (
             Arc::clone(&disk),
             Arc::clone(&changed),
@@ -70,7 +75,7 @@ pub(crate) fn spawn_encoders(
                 }
                 let end = (start + CHUNKS_PER_CLAIM).min(changed.len());
                 for &index in &changed[start..end] {
-                    let encoded = encoder.encode(&disk, geometry, index);
+                    let encoded = encoder.encode(&disk, geometry, index, &bases);
                     let failed = encoded.is_err();
                     if tx.blocking_send(encoded).is_err() || failed {
                         return; // the session ended; stop quietly
@@ -113,6 +118,7 @@ impl ChunkEncoder {
         disk: &DiskImage,
         geometry: Geometry,
         index: u64,
+        bases: &Bases,
     ) -> Result<Encoded, Error> {
         let range = geometry
             .chunk_range(index)
@@ -138,8 +144,18 @@ impl ChunkEncoder {
                     Error::DiskChanged(message)
                 }
             })?;
-        let id = hash_chunk(&frame[CHUNK_HEADER_LEN..]);
+        // A chunk with a base is hashed with its block values: the same single
+        // pass gives the id and what a patch needs.
+        let base = bases.get(index);
+        let (id, values) = match base {
+            Some(_) => {
+                let (id, values) = hash_with_block_values(&frame[CHUNK_HEADER_LEN..]);
+                (id, Some(values))
+            }
+            None => (hash_chunk(&frame[CHUNK_HEADER_LEN..]), None),
+        };
         let mut reference = false;
+        let mut patched = false;
         let (frame, raw_sent) = if id.is_zero() {
             let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, &[]);
             (BytesMut::from(&header[..]), 0)
@@ -153,6 +169,18 @@ impl ChunkEncoder {
             out.extend_from_slice(&proof);
             reference = true;
             (out, 0)
+        } else if let (Some(base), Some(values)) = (base, &values)
+            && let Some((ranges, payload)) =
+                patch::plan(base, values, &frame[CHUNK_HEADER_LEN..])
+        {
+            patched = true;
+            let sent = payload.len() as u64;
+            let (codec, data) = match self.try_compress(&payload) {
+                Some(compressed) => (Codec::Zstd, compressed.freeze().slice(CHUNK_HEADER_LEN..)),
+                None => (Codec::Raw, Bytes::from(payload)),
+            };
+            let out = patch_frame(index, &base.id, &id, codec, raw_len as u32, &ranges, &data);
+            (BytesMut::from(&out[..]), sent)
         } else if let Some(mut compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
             let data = &compressed[CHUNK_HEADER_LEN..];
             let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data);
@@ -170,6 +198,7 @@ impl ChunkEncoder {
             frame: frame.freeze(),
             raw_len: raw_sent,
             reference,
+            patch: patched,
         })
     }
 
