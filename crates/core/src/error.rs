@@ -19,6 +19,10 @@ pub enum ErrorKind {
     /// (a truncated image file). Transient from the reader's point of view: a
     /// later scan sees the disk as it is then.
     DiskShrank,
+    /// A sub-chunk patch that cannot apply to its base: ranges empty, out of
+    /// order, overlapping or beyond the chunk, or data of another length than
+    /// its ranges. From a peer, a protocol error.
+    InvalidPatch,
 }
 
 /// Error type of `blockrep-core`: a kind and a human-readable message.

@@ -26,6 +26,7 @@ pub mod fuzzing;
 mod geometry;
 mod id;
 mod index;
+mod patch;
 mod scan;
 mod source;
 
@@ -39,5 +40,9 @@ pub use geometry::{
 };
 pub use id::ChunkId;
 pub use index::{CHUNKS_PER_PAGE, PAGE_COUNT_MAX, Page, Root, RootId};
+pub use patch::{
+    BLOCK_VALUE_LEN, BlockValue, PATCH_BLOCK_BYTES, apply_patch, changed_blocks,
+    hash_with_block_values, patch_block_count,
+};
 pub use scan::{hash_chunk, scan_buffer, scan_buffer_with_threads};
 pub use source::{SOURCE_ID_MAX_LEN, SourceId};

@@ -8,7 +8,7 @@ use crate::{ERROR_MESSAGE_MAX_LEN, FRAME_LEN_MAX, GET_PAGES_MAX, OFFER_IDS_MAX};
 pub const FRAME_HEADER_LEN: usize = 9;
 
 /// Offset of the checksum in a frame.
-const CHECKSUM_OFFSET: usize = 4;
+pub(crate) const CHECKSUM_OFFSET: usize = 4;
 /// The shortest frame length field: a checksum and a type byte, no body.
 const FRAME_LEN_MIN: u32 = 5;
 
@@ -20,7 +20,7 @@ fn frame_checksum(frame: &[u8]) -> u32 {
 
 /// [`frame_checksum`] of a frame whose bytes are `head` then `tail`, with the
 /// checksum field inside `head`.
-fn frame_checksum_parts(head: &[u8], tail: &[u8]) -> u32 {
+pub(crate) fn frame_checksum_parts(head: &[u8], tail: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&head[..CHECKSUM_OFFSET]);
     hasher.update(&head[CHECKSUM_OFFSET + 4..]);
@@ -182,6 +182,9 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             out.put_u8(u8::from(*finalize_requested));
         }
         Message::Progress { bytes_received } => out.put_u64_le(*bytes_received),
+        Message::GetBlockValues { .. } | Message::BlockValues { .. } | Message::Patch { .. } => {
+            crate::patch::encode_body(message, out)
+        }
         Message::Error { code, message } => {
             out.put_u16_le(code.to_u16());
             let text = truncate_utf8(message, ERROR_MESSAGE_MAX_LEN);
@@ -323,38 +326,38 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
     Ok(Some(message))
 }
 
-fn malformed(message: impl Into<String>) -> ProtoError {
+pub(crate) fn malformed(message: impl Into<String>) -> ProtoError {
     ProtoError::new(ProtoErrorKind::Malformed, message)
 }
 
 /// Bounded reader over a frame body: every read checks the remaining length.
-struct Reader<'a>(&'a mut Bytes);
+pub(crate) struct Reader<'a>(pub(crate) &'a mut Bytes);
 
 impl Reader<'_> {
-    fn need(&self, n: usize, what: &str) -> Result<(), ProtoError> {
+    pub(crate) fn need(&self, n: usize, what: &str) -> Result<(), ProtoError> {
         if self.0.remaining() < n {
             Err(malformed(format!("frame truncated in {what}")))
         } else {
             Ok(())
         }
     }
-    fn u8(&mut self, what: &str) -> Result<u8, ProtoError> {
+    pub(crate) fn u8(&mut self, what: &str) -> Result<u8, ProtoError> {
         self.need(1, what)?;
         Ok(self.0.get_u8())
     }
-    fn u16(&mut self, what: &str) -> Result<u16, ProtoError> {
+    pub(crate) fn u16(&mut self, what: &str) -> Result<u16, ProtoError> {
         self.need(2, what)?;
         Ok(self.0.get_u16_le())
     }
-    fn u32(&mut self, what: &str) -> Result<u32, ProtoError> {
+    pub(crate) fn u32(&mut self, what: &str) -> Result<u32, ProtoError> {
         self.need(4, what)?;
         Ok(self.0.get_u32_le())
     }
-    fn u64(&mut self, what: &str) -> Result<u64, ProtoError> {
+    pub(crate) fn u64(&mut self, what: &str) -> Result<u64, ProtoError> {
         self.need(8, what)?;
         Ok(self.0.get_u64_le())
     }
-    fn id(&mut self, what: &str) -> Result<ChunkId, ProtoError> {
+    pub(crate) fn id(&mut self, what: &str) -> Result<ChunkId, ProtoError> {
         self.need(32, what)?;
         let mut id = [0u8; 32];
         self.0.copy_to_slice(&mut id);
@@ -384,7 +387,12 @@ impl Reader<'_> {
         let raw = self.bytes(len, u8::MAX as usize, what)?;
         String::from_utf8(raw.to_vec()).map_err(|_| malformed(format!("{what} is not UTF-8")))
     }
-    fn bytes(&mut self, len: usize, limit: usize, what: &str) -> Result<Bytes, ProtoError> {
+    pub(crate) fn bytes(
+        &mut self,
+        len: usize,
+        limit: usize,
+        what: &str,
+    ) -> Result<Bytes, ProtoError> {
         if len > limit {
             return Err(ProtoError::new(
                 ProtoErrorKind::LimitExceeded,
@@ -575,6 +583,7 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
         20 => Message::Progress {
             bytes_received: r.u64("byte count")?,
         },
+        21..=23 => crate::patch::decode_body(message_type, &mut r)?,
         8 => {
             let code = ErrorCode::from_u16(r.u16("error code")?);
             let len = r.u16("message length")? as usize;
@@ -758,6 +767,35 @@ mod tests {
                     finalize_requested,
                 }
             }),
+            proptest::collection::vec(id_strategy(), 0..20)
+                .prop_map(|ids| Message::GetBlockValues { ids }),
+            proptest::collection::vec(proptest::collection::vec(any::<[u8; 16]>(), 0..5), 0..5)
+                .prop_map(|values| Message::BlockValues {
+                    values: values
+                        .into_iter()
+                        .map(|v| Bytes::from(v.concat()))
+                        .collect()
+                }),
+            (
+                any::<u64>(),
+                id_strategy(),
+                id_strategy(),
+                any::<bool>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<(u32, u32)>(), 0..10),
+                bytes(300)
+            )
+                .prop_map(|(index, base, id, zstd, raw_len, ranges, data)| {
+                    Message::Patch {
+                        index,
+                        base,
+                        id,
+                        codec: if zstd { Codec::Zstd } else { Codec::Raw },
+                        raw_len: raw_len % (CHUNK_SIZE_MAX_BYTES + 1),
+                        ranges,
+                        data,
+                    }
+                }),
         ]
     }
 
@@ -789,7 +827,7 @@ mod tests {
         }
 
         #[test]
-        fn random_bodies_never_panic(kind in 0u8..22, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn random_bodies_never_panic(kind in 0u8..25, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             // Sealed, so that the body parsers run rather than the checksum refusing.
             let mut buf = sealed_frame(kind, &body);
             let _ = decode(&mut buf);

@@ -35,6 +35,7 @@ mod codec;
 #[doc(hidden)]
 pub mod fuzzing;
 mod message;
+mod patch;
 
 pub use codec::{
     CHUNK_HEADER_LEN, FRAME_HEADER_LEN, chunk_header, decode, encode, encode_chunk_header,
@@ -43,6 +44,7 @@ pub use message::{
     Codec, ErrorCode, IO_TIMEOUT_MIN, Message, NONCE_LEN, PROGRESS_INTERVAL, PROTOCOL_VERSION,
     ProtoError, ProtoErrorKind, REF_PROOF_LEN, negotiate_version, ref_proof,
 };
+pub use patch::{BLOCK_VALUES_IDS_MAX, BLOCK_VALUES_LEN_MAX, PATCH_RANGES_MAX, patch_frame};
 
 /// Largest frame body accepted: a root of [`blockrep_core::PAGE_COUNT_MAX`] pages plus headroom.
 pub const FRAME_LEN_MAX: u32 = 8 * 1024 * 1024 + 64 * 1024;

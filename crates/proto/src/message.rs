@@ -7,7 +7,8 @@ use bytes::Bytes;
 /// every frame header; the frame layout changed with it, so version 1 peers
 /// fail at their first frame rather than in the negotiation. Version 3 added
 /// the session nonce to `Welcome` and the proof of possession to `Ref` chunks.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4 added sub-chunk patches (`GetBlockValues`, `BlockValues`, `Patch`).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Bytes of the per-session nonce in [`Message::Welcome`].
 pub const NONCE_LEN: usize = 32;
@@ -284,6 +285,31 @@ pub enum Message {
         /// Bytes of frames the server has read on this connection so far.
         bytes_received: u64,
     },
+    /// Agent -> server: the block values ([`blockrep_core::hash_with_block_values`])
+    /// of these chunks, to find which blocks of a changed chunk differ from
+    /// them. At most [`crate::BLOCK_VALUES_IDS_MAX`] ids.
+    GetBlockValues { ids: Vec<ChunkId> },
+    /// Server -> agent: one entry per id of the matching `GetBlockValues`, in
+    /// order: the chunk's block values concatenated ([`blockrep_core::BLOCK_VALUE_LEN`]
+    /// bytes each, one per block), or empty when the server does not hold the
+    /// chunk for this source (the agent then sends the whole chunk).
+    BlockValues { values: Vec<Bytes> },
+    /// Agent -> server: the new content of chunk `index`, as the byte ranges
+    /// that differ from chunk `base` (a chunk of this source the server
+    /// holds). `data`, decoded with `codec` (raw or zstd), is the concatenation
+    /// of the ranges' new bytes; the server applies them to `base` and keeps
+    /// the result only if it hashes to `id`.
+    Patch {
+        index: u64,
+        base: ChunkId,
+        id: ChunkId,
+        codec: Codec,
+        /// Length of the chunk (and of its base): a patch never resizes a chunk.
+        raw_len: u32,
+        /// `(offset, len)` in the chunk, sorted, not overlapping, none empty.
+        ranges: Vec<(u32, u32)>,
+        data: Bytes,
+    },
     /// Either way: the session ends for this reason.
     Error { code: ErrorCode, message: String },
 }
@@ -321,6 +347,9 @@ impl Message {
             Message::GetBasePages { .. } => 18,
             Message::CutoverReport { .. } => 19,
             Message::Progress { .. } => 20,
+            Message::GetBlockValues { .. } => 21,
+            Message::BlockValues { .. } => 22,
+            Message::Patch { .. } => 23,
         }
     }
 
@@ -347,6 +376,9 @@ impl Message {
             Message::GetBasePages { .. } => "GetBasePages",
             Message::CutoverReport { .. } => "CutoverReport",
             Message::Progress { .. } => "Progress",
+            Message::GetBlockValues { .. } => "GetBlockValues",
+            Message::BlockValues { .. } => "BlockValues",
+            Message::Patch { .. } => "Patch",
         }
     }
 }
