@@ -80,6 +80,7 @@ fn seed_inputs_are_current_and_reach_their_states() {
     };
     assert_eq!(committed(&three_epochs()), 3);
     assert_eq!(committed(&page_fetch_session()), 2);
+    assert_eq!(committed(&patch_session()), 2);
     let dir = tempfile::tempdir().unwrap();
     let replies = blockrep_server::fuzzing::drive_session(&dir.path().join("data"), &cutover());
     assert!(
@@ -249,6 +250,31 @@ fn page_fetch_session() -> Vec<u8> {
     ])
 }
 
+/// An epoch, then the block values of its chunk and a patch of that chunk.
+fn patch_session() -> Vec<u8> {
+    let a = chunk_data(0, 6);
+    let id_a = ChunkId::from(blake3::hash(&a));
+    let mut b = a.clone();
+    b[1000..1010].copy_from_slice(b"0123456789");
+    let id_b = ChunkId::from(blake3::hash(&b));
+    frames(&[
+        hello(),
+        raw(0, &a),
+        commit(1, root(&[id_a, ChunkId::ZERO, ChunkId::ZERO]), false),
+        Message::GetBlockValues { ids: vec![id_a] },
+        Message::Patch {
+            index: 0,
+            base: id_a,
+            id: id_b,
+            codec: Codec::Raw,
+            raw_len: CHUNK,
+            ranges: vec![(1000, 10)],
+            data: Bytes::from_static(b"0123456789"),
+        },
+        commit(2, root(&[id_b, ChunkId::ZERO, ChunkId::ZERO]), false),
+    ])
+}
+
 /// A final (cutover) commit, then the agent's downtime report.
 fn cutover() -> Vec<u8> {
     let a = chunk_data(0, 5);
@@ -273,10 +299,11 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("session", "page-fetch", page_fetch_session()),
         ("session", "cutover", cutover()),
         ("session", "hello-only", frames(&[hello()])),
+        ("session", "patch", patch_session()),
         ("frame_decode", "session-stream", three_epochs()),
     ];
     let id = ChunkId::from(blake3::hash(b"x"));
-    let one_of_each: [(&str, Message); 12] = [
+    let one_of_each: [(&str, Message); 15] = [
         ("hello", hello()),
         (
             "welcome",
@@ -333,6 +360,28 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             Message::FailbackPlan {
                 target_root: Bytes::from_static(b"target"),
                 base_root: Bytes::from_static(b"base"),
+            },
+        ),
+        (
+            "get-block-values",
+            Message::GetBlockValues { ids: vec![id] },
+        ),
+        (
+            "block-values",
+            Message::BlockValues {
+                values: vec![Bytes::from_static(&[7; 32]), Bytes::new()],
+            },
+        ),
+        (
+            "patch",
+            Message::Patch {
+                index: 1,
+                base: id,
+                id,
+                codec: Codec::Raw,
+                raw_len: CHUNK,
+                ranges: vec![(0, 4), (100, 2)],
+                data: Bytes::from_static(b"abcdef"),
             },
         ),
     ];

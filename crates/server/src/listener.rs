@@ -72,6 +72,8 @@ pub(crate) struct Shared {
     /// The revocation lists in force and the sessions they may end; `None`
     /// where no TLS is set up (the fuzz harness).
     pub revocation: Option<Arc<crate::revocation::Revocation>>,
+    /// Block values cache and patch counters.
+    pub patches: crate::session::patches::PatchShared,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -127,6 +129,7 @@ impl Shared {
             ids_budget: crate::budget::IdsBudget::default(),
             lifecycle_lock: tokio::sync::Mutex::new(()),
             revocation: None,
+            patches: Default::default(),
         }
     }
 

@@ -432,6 +432,7 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
     };
     let mut text = render(&scrape);
     text.push_str(&crate::revocation::metrics_text(&shared));
+    text.push_str(&crate::session::patches::metrics_text(&shared));
     ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], text).into_response()
 }
 

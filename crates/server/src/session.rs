@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 mod failback_patches;
+pub(crate) mod patches;
 mod references;
 
 use references::{References, new_nonce};
@@ -473,6 +474,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     replica.dirty_pages.insert(index as usize / CHUNKS_PER_PAGE);
                     continue; // the hot path: no status update per chunk
                 }
+                Message::Patch {
+                    index,
+                    base,
+                    id,
+                    codec,
+                    raw_len,
+                    ranges,
+                    data,
+                } => {
+                    let frame = patches::PatchFrame {
+                        index,
+                        base,
+                        id,
+                        codec,
+                        raw_len,
+                        ranges,
+                        data,
+                    };
+                    let id = self
+                        .patch(replica, &mut counters, &mut verifier, frame)
+                        .await?;
+                    replica.ids[index as usize] = id;
+                    replica.dirty_pages.insert(index as usize / CHUNKS_PER_PAGE);
+                    continue;
+                }
+                Message::GetBlockValues { ids } => self.send_block_values(replica, ids).await?,
                 Message::GetPages { indices } => {
                     if !replica.dirty_pages.is_empty() {
                         return Err(Reject::new(

@@ -124,6 +124,13 @@ impl References {
         self.epoch.contains(id) || self.own.contains(id)
     }
 
+    /// Whether `id` is one of the source's own committed chunks: in the store
+    /// for certain (unlike an id received in this epoch, which may still wait
+    /// for the verifier), and readable by this source without a proof.
+    pub(super) fn is_committed_own(&self, id: &ChunkId) -> bool {
+        self.own.contains(id)
+    }
+
     fn tenant_contains(&self, id: &ChunkId) -> bool {
         match &self.tenant {
             TenantIds::Loaded { ids, .. } => ids.binary_search(id).is_ok(),
