@@ -46,7 +46,8 @@ pub(crate) async fn prepare(
         .await
         .context("initial sync of the whole-chunk source")?;
     let basis = workdir.join("rsync-basis.raw");
-    fs::copy(disk, &basis).with_context(|| format!("cannot copy the disk to {}", basis.display()))?;
+    fs::copy(disk, &basis)
+        .with_context(|| format!("cannot copy the disk to {}", basis.display()))?;
     Ok(Reference { whole, basis })
 }
 

@@ -853,11 +853,9 @@ async fn shutdown_signal() {
 }
 
 pub(crate) fn print_epoch(report: &EpochReport) {
-    let idle = report.chunks_sent
-        + report.zero_chunks_sent
-        + report.ref_chunks_sent
-        + report.patches_sent
-        == 0;
+    let idle =
+        report.chunks_sent + report.zero_chunks_sent + report.ref_chunks_sent + report.patches_sent
+            == 0;
     if idle {
         tracing::debug!(
             epoch = report.epoch,

@@ -501,7 +501,11 @@ fn failback_refuses_patches_it_cannot_apply_or_verify() {
     let cases = [
         (
             "patch against a chunk the disk does not hold",
-            patch(ChunkId::from(blake3::hash(b"other")), vec![(4096, 4096)], right.clone()),
+            patch(
+                ChunkId::from(blake3::hash(b"other")),
+                vec![(4096, 4096)],
+                right.clone(),
+            ),
             "but the disk holds",
         ),
         (

@@ -81,13 +81,7 @@ fn a_scattered_delta_travels_as_patches_close_to_the_bytes_changed() {
         stdout(&patched)
     );
 
-    let whole = agent_once(
-        &disk,
-        server.addr,
-        "whole",
-        pki.path(),
-        &["--no-patches"],
-    );
+    let whole = agent_once(&disk, server.addr, "whole", pki.path(), &["--no-patches"]);
     assert_success(&whole);
     let whole_wire = sum_field(&whole, "bytes_sent");
     assert_eq!(sum_field(&whole, "patches_sent"), 0, "{}", stdout(&whole));
@@ -159,7 +153,12 @@ fn failback_receives_the_blocks_that_differ_as_patches() {
         args.extend_from_slice(extra);
         let output = failback_once(&disk, server.addr, source, &launch, pki.path(), &args);
         assert_success(&output);
-        assert_eq!(pass_field(&output, "chunks_written"), 3, "{}", stdout(&output));
+        assert_eq!(
+            pass_field(&output, "chunks_written"),
+            3,
+            "{}",
+            stdout(&output)
+        );
         received.push(pass_field(&output, "bytes_received"));
         assert!(
             std::fs::read(&disk).unwrap() == image,

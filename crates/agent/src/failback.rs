@@ -217,8 +217,15 @@ async fn pass(
         }
         warn!(%report, "overwriting changes made to the disk since cutover");
     }
-    let (chunks_written, bytes_received) =
-        transfer(config, connection, geometry, &target_ids, &disk.ids, &needed).await?;
+    let (chunks_written, bytes_received) = transfer(
+        config,
+        connection,
+        geometry,
+        &target_ids,
+        &disk.ids,
+        &needed,
+    )
+    .await?;
     drop(disk);
     let after = scan(config, geometry.chunk_size_bytes()).await?;
     let root = Root::from_chunk_ids(geometry, &after.ids).id();

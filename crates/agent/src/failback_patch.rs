@@ -52,7 +52,10 @@ pub(crate) async fn want(
     }
     let mut entries = Vec::with_capacity(batch.len());
     for &index in batch {
-        let own = own_ids.get(index as usize).copied().unwrap_or(ChunkId::ZERO);
+        let own = own_ids
+            .get(index as usize)
+            .copied()
+            .unwrap_or(ChunkId::ZERO);
         if own.is_zero() {
             entries.push((index, own, Bytes::new()));
             continue;
@@ -135,9 +138,8 @@ pub(crate) fn apply(
         }
     };
     let base_bytes = read_chunk(disk, geometry, index)?;
-    let patched = apply_patch(&base_bytes, raw_len, &ranges, &payload).map_err(|e| {
-        Error::Protocol(format!("patch for chunk {index} cannot be applied: {e}"))
-    })?;
+    let patched = apply_patch(&base_bytes, raw_len, &ranges, &payload)
+        .map_err(|e| Error::Protocol(format!("patch for chunk {index} cannot be applied: {e}")))?;
     let result = hash_chunk(&patched);
     if result != want {
         return Err(Error::Protocol(format!(

@@ -87,6 +87,40 @@ pub(crate) fn spawn_encoders(
     rx
 }
 
+/// Why a compression is tried.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// A whole chunk: subject to the adaptive decision and the skip after an
+    /// incompressible chunk, which a failure here starts.
+    Chunk,
+    /// A chunk at least [`SPARSE_ZERO_BLOCKS_PERCENT`] of whose 4 KiB blocks
+    /// are zero: always tried (unless compression is off), since zstd
+    /// shrinks it to little more than its data at almost no cost. This is the
+    /// delta of a chunk that had no data before (no base to patch against).
+    Sparse,
+    /// A patch's bytes: subject to the adaptive decision, but a failure does
+    /// not start the skip.
+    Patch,
+}
+
+/// A chunk with at least this share of zero 4 KiB blocks is always compressed.
+const SPARSE_ZERO_BLOCKS_PERCENT: usize = 25;
+
+impl Attempt {
+    fn for_chunk(data: &[u8]) -> Self {
+        let blocks = data.len().div_ceil(4096);
+        let zero = data
+            .chunks(4096)
+            .filter(|block| block.iter().all(|&b| b == 0))
+            .count();
+        if blocks > 1 && zero * 100 >= blocks * SPARSE_ZERO_BLOCKS_PERCENT {
+            Attempt::Sparse
+        } else {
+            Attempt::Chunk
+        }
+    }
+}
+
 struct ChunkEncoder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     skip: u32,
@@ -170,18 +204,22 @@ impl ChunkEncoder {
             reference = true;
             (out, 0)
         } else if let (Some(base), Some(values)) = (base, &values)
-            && let Some((ranges, payload)) =
-                patch::plan(base, values, &frame[CHUNK_HEADER_LEN..])
+            && let Some((ranges, payload)) = patch::plan(base, values, &frame[CHUNK_HEADER_LEN..])
         {
             patched = true;
             let sent = payload.len() as u64;
-            let (codec, data) = match self.try_compress(&payload) {
+            // A patch's bytes are few: whether they compress says little about
+            // the chunks that follow, so a failure does not pause compression.
+            let (codec, data) = match self.try_compress(&payload, Attempt::Patch) {
                 Some(compressed) => (Codec::Zstd, compressed.freeze().slice(CHUNK_HEADER_LEN..)),
                 None => (Codec::Raw, Bytes::from(payload)),
             };
             let out = patch_frame(index, &base.id, &id, codec, raw_len as u32, &ranges, &data);
             (BytesMut::from(&out[..]), sent)
-        } else if let Some(mut compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
+        } else if let Some(mut compressed) = self.try_compress(
+            &frame[CHUNK_HEADER_LEN..],
+            Attempt::for_chunk(&frame[CHUNK_HEADER_LEN..]),
+        ) {
             let data = &compressed[CHUNK_HEADER_LEN..];
             let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data);
             compressed[..CHUNK_HEADER_LEN].copy_from_slice(&header);
@@ -205,22 +243,28 @@ impl ChunkEncoder {
     /// Compresses `data` into a new frame buffer (header room first) when it
     /// shrinks by at least an eighth: the output buffer is only that large, so
     /// zstd stops as soon as it cannot pay, and nothing is copied afterwards.
-    fn try_compress(&mut self, data: &[u8]) -> Option<BytesMut> {
+    fn try_compress(&mut self, data: &[u8], attempt: Attempt) -> Option<BytesMut> {
         let compressor = self.compressor.as_mut()?;
-        if self.skip > 0 {
-            self.skip -= 1;
-            return None;
-        }
-        if let Some(adaptive) = &self.adaptive
-            && !adaptive.should_try()
-        {
-            return None;
+        if attempt != Attempt::Sparse {
+            if self.skip > 0 {
+                self.skip -= 1;
+                return None;
+            }
+            if let Some(adaptive) = &self.adaptive
+                && !adaptive.should_try()
+            {
+                return None;
+            }
         }
         let limit = data.len() - data.len() / 8 - 1;
         let mut out = BytesMut::zeroed(CHUNK_HEADER_LEN + limit);
         let started = std::time::Instant::now();
         let result = compressor.compress_to_buffer(data, &mut out[CHUNK_HEADER_LEN..]);
-        if let Some(adaptive) = &self.adaptive {
+        // A sparse chunk's extreme ratio says nothing about the data's; it is
+        // kept out of the measurements.
+        if attempt != Attempt::Sparse
+            && let Some(adaptive) = &self.adaptive
+        {
             // A chunk that does not fit counts as not compressing at all.
             let output = *result.as_ref().unwrap_or(&data.len());
             adaptive.record_compression(data.len(), output, started.elapsed());
@@ -234,7 +278,9 @@ impl ChunkEncoder {
                 Some(out)
             }
             Err(_) => {
-                self.skip = INCOMPRESSIBLE_SKIP;
+                if attempt == Attempt::Chunk {
+                    self.skip = INCOMPRESSIBLE_SKIP;
+                }
                 None
             }
         }

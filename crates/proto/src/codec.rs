@@ -601,7 +601,9 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
             if count > WANT_PATCHED_MAX {
                 return Err(ProtoError::new(
                     ProtoErrorKind::LimitExceeded,
-                    format!("WantPatched of {count} chunks exceeds the limit of {WANT_PATCHED_MAX}"),
+                    format!(
+                        "WantPatched of {count} chunks exceeds the limit of {WANT_PATCHED_MAX}"
+                    ),
                 ));
             }
             r.need(count * (8 + 32 + 4), "entries")?;
