@@ -134,13 +134,15 @@ fn parse_values(entry: &Bytes) -> Option<Vec<BlockValue>> {
         .collect()
 }
 
+/// What a patch carries: the ranges that differ and their new bytes.
+pub(crate) struct Plan {
+    pub ranges: Vec<(u32, u32)>,
+    pub payload: Vec<u8>,
+}
+
 /// The ranges of `data` that differ from `base`, and their bytes, when they
 /// are small enough to be worth a patch.
-pub(crate) fn plan(
-    base: &Base,
-    values: &[BlockValue],
-    data: &[u8],
-) -> Option<(Vec<(u32, u32)>, Vec<u8>)> {
+pub(crate) fn plan(base: &Base, values: &[BlockValue], data: &[u8]) -> Option<Plan> {
     let raw_len = u32::try_from(data.len()).ok()?;
     let ranges = changed_blocks(&base.values, values, raw_len)?;
     let changed: u64 = ranges.iter().map(|&(_, len)| u64::from(len)).sum();
@@ -154,7 +156,7 @@ pub(crate) fn plan(
     for &(offset, len) in &ranges {
         payload.extend_from_slice(&data[offset as usize..(offset + len) as usize]);
     }
-    Some((ranges, payload))
+    Some(Plan { ranges, payload })
 }
 
 /// Whether a session error was the server refusing a patch (or the block
@@ -180,7 +182,7 @@ mod tests {
     #[test]
     fn a_refusal_that_names_a_patch_turns_patches_off() {
         let refused = Error::Refused {
-            code: blockrep_proto::ErrorCode::Protocol,
+            code: blockrep_proto::ErrorCode::BadChunk,
             message: "patch for chunk 3 produced 00, expected 11".into(),
         };
         assert!(refused_patch(&refused));

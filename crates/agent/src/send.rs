@@ -204,7 +204,8 @@ impl ChunkEncoder {
             reference = true;
             (out, 0)
         } else if let (Some(base), Some(values)) = (base, &values)
-            && let Some((ranges, payload)) = patch::plan(base, values, &frame[CHUNK_HEADER_LEN..])
+            && let Some(patch::Plan { ranges, payload }) =
+                patch::plan(base, values, &frame[CHUNK_HEADER_LEN..])
         {
             patched = true;
             let sent = payload.len() as u64;
