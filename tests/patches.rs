@@ -1,9 +1,9 @@
 //! Sub-chunk patches against a real server over real TLS, sent the way an
 //! agent (or a hostile peer) would: block values only for the source's own
 //! chunks, a valid patch rebuilt and stored, and every bad patch (a base the
-//! server does not hold, another tenant's chunk, a wrong id, overlapping or
-//! out-of-chunk ranges, data of the wrong length) refused with its reason,
-//! with nothing stored and the replica unchanged.
+//! server does not hold, another tenant's or a tenant peer's chunk, a wrong
+//! id, overlapping or out-of-chunk ranges, data of the wrong length) refused
+//! with its reason, with nothing stored and the replicas unchanged.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -88,7 +88,11 @@ fn assert_export_equals(data: &Path, source: &str, expected: &[u8], work: &Path)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
-    let pki = Pki::new(&["a", "b"]);
+    // `a` and `c` share a tenant (they may reference each other's chunks
+    // with a proof of possession); `b` is a tenant of its own.
+    let pki = Pki::new(&["a", "b", "c"]);
+    pki.issue_in_tenant("a", "t");
+    pki.issue_in_tenant("c", "t");
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     let server = ServerProcess::start(&bin(), &data, pki.path());
@@ -96,7 +100,8 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
         random_bytes(DISK as usize, 1),
         random_bytes(DISK as usize, 2),
     );
-    for (source, disk) in [("a", &disk_a), ("b", &disk_b)] {
+    let disk_c = random_bytes(DISK as usize, 3);
+    for (source, disk) in [("a", &disk_a), ("b", &disk_b), ("c", &disk_c)] {
         let path = work.path().join(format!("{source}.raw"));
         std::fs::write(&path, disk).unwrap();
         assert_success(&agent_once(&path, server.addr, source, pki.path(), &[]));
@@ -157,6 +162,17 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
     };
     assert_eq!(values, vec![Bytes::new()], "b got the values of a's chunk");
     drop(client);
+    // A patch reads its base without a proof: not even a tenant peer's.
+    let (mut client, _) = session(&server, &pki, "c").await;
+    client
+        .send(&Message::GetBlockValues { ids: vec![base_id] })
+        .await
+        .unwrap();
+    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
+        panic!("no BlockValues; log: {}", server.log());
+    };
+    assert_eq!(values, vec![Bytes::new()], "c got the values of a's chunk");
+    drop(client);
 
     let blobs_before = blob_count(&data);
     let wrong_id = ChunkId::from(blake3::hash(b"some other chunk"));
@@ -170,6 +186,12 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
         (
             "another tenant's chunk as the base",
             "b",
+            patch(base_id, new_id, ranges.clone(), patch_data.clone()),
+            format!("patch base {base_id} is not a chunk of this source"),
+        ),
+        (
+            "a tenant peer's chunk as the base",
+            "c",
             patch(base_id, new_id, ranges.clone(), patch_data.clone()),
             format!("patch base {base_id} is not a chunk of this source"),
         ),
@@ -230,6 +252,7 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
     assert!(!stored(&data, &new_id));
     assert_export_equals(&data, "a", &disk_a, work.path());
     assert_export_equals(&data, "b", &disk_b, work.path());
+    assert_export_equals(&data, "c", &disk_c, work.path());
 
     // A valid epoch of two patches, the second zstd-compressed and built with
     // the agent's frame builder: committed, and the replica is the new disk.
