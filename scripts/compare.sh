@@ -150,6 +150,7 @@ settle() { sync; }
 # blockrep: certificates, a server on ephemeral ports, one agent run per sync.
 "$bin" cert init --dir "$work/tls" >/dev/null
 "$bin" cert issue --dir "$work/tls" --source cmp >/dev/null
+"$bin" cert issue --dir "$work/tls" --source cmp-whole >/dev/null
 "$bin" server --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --retention off \
     --data "$work/data" --tls-dir "$work/tls" >"$work/server.out" 2>"$work/server.err" &
 server_pid=$!
@@ -157,9 +158,12 @@ for _ in $(seq 100); do grep -q '^listening on' "$work/server.out" && break; sle
 addr=$(awk '/^listening on/ { print $3 }' "$work/server.out")
 [[ -n $addr ]] || { echo "blockrep server did not start:" >&2; cat "$work/server.err" >&2; exit 1; }
 
+# agent_sync NAME [SOURCE [ARGS...]]: one `agent --once` run, output kept as NAME.
 agent_sync() {
-    "$bin" agent --once --disk "$disk" --to "$addr" --source cmp --tls-dir "$work/tls" \
-        >"$work/agent-$1.out" 2>"$work/agent-$1.err"
+    local name=$1 source=${2:-cmp}
+    shift $(( $# < 2 ? $# : 2 ))
+    "$bin" agent --once --disk "$disk" --to "$addr" --source "$source" --tls-dir "$work/tls" "$@" \
+        >"$work/agent-$name.out" 2>"$work/agent-$name.err"
 }
 agent_bytes() { grep -o ' bytes_sent=[0-9]*' "$work/agent-$1.out" | awk -F= '{ s += $2 } END { print s + 0 }'; }
 
@@ -193,6 +197,9 @@ settle
 echo "full sync: blockrep..." >&2
 t=$(now); agent_sync full; blockrep_full=$(seconds_since "$t")
 blockrep_full_bytes=$(agent_bytes full)
+# A second replica of the same disk that takes every delta as whole changed
+# chunks (--no-patches), to compare with patches over the same change.
+agent_sync full-whole cmp-whole --no-patches
 settle
 echo "full copy: rsync..." >&2
 t=$(now); rsync_to a.raw; rsync_full=$(seconds_since "$t")
@@ -206,6 +213,10 @@ settle
 echo "delta after $blocks_changed changed blocks: blockrep..." >&2
 t=$(now); agent_sync delta; blockrep_delta=$(seconds_since "$t")
 blockrep_delta_bytes=$(agent_bytes delta)
+settle
+echo "delta: blockrep --no-patches..." >&2
+t=$(now); agent_sync delta-whole cmp-whole --no-patches; blockrep_delta_whole=$(seconds_since "$t")
+blockrep_delta_whole_bytes=$(agent_bytes delta-whole)
 settle
 echo "delta: rsync (default block size)..." >&2
 t=$(now); rsync_to a.raw --no-whole-file; rsync_delta=$(seconds_since "$t")
@@ -228,6 +239,8 @@ done
 "$bin" export --data "$work/data" --source cmp --out "$work/export.raw" >/dev/null
 verified=ok
 cmp "$disk" "$work/export.raw" || verified=FAILED
+"$bin" export --data "$work/data" --source cmp-whole --out "$work/export.raw" >/dev/null
+cmp "$disk" "$work/export.raw" || verified=FAILED
 cmp "$disk" "$work/rsync/a.raw" || verified=FAILED
 cmp "$disk" "$work/rsync/b.raw" || verified=FAILED
 
@@ -237,12 +250,18 @@ row "" "seconds" "wire MiB"
 row "blockrep full (mTLS, verified, fsync)" "$blockrep_full" "$(mib "$blockrep_full_bytes")"
 row "rsync full (--inplace, daemon, no fsync)" "$rsync_full" "$(mib "$rsync_full_bytes")"
 row "  blockrep / rsync" "$(ratio "$blockrep_full" "$rsync_full")" ""
-row "blockrep delta" "$blockrep_delta" "$(mib "$blockrep_delta_bytes")"
+changed_bytes=$((blocks_changed * 4096))
+row "changed by the delta (4 KiB blocks)" "" "$(mib "$changed_bytes")"
+row "blockrep delta (patches)" "$blockrep_delta" "$(mib "$blockrep_delta_bytes")"
+row "  wire / changed" "" "$(ratio "$blockrep_delta_bytes" "$changed_bytes")"
+row "blockrep delta --no-patches (whole chunks)" "$blockrep_delta_whole" "$(mib "$blockrep_delta_whole_bytes")"
+row "  wire / changed" "" "$(ratio "$blockrep_delta_whole_bytes" "$changed_bytes")"
 row "rsync delta (--no-whole-file, default -B)" "$rsync_delta" "$(mib "$rsync_delta_bytes")"
 row "rsync delta (--no-whole-file -B 4096)" "$rsync_delta_4k" "$(mib "$rsync_delta_4k_bytes")"
 row "  blockrep / rsync default" "$(ratio "$blockrep_delta" "$rsync_delta")" ""
 row "  blockrep / rsync -B 4096" "$(ratio "$blockrep_delta" "$rsync_delta_4k")" ""
+row "  rsync -B 4096 wire / changed" "" "$(ratio "$rsync_delta_4k_bytes" "$changed_bytes")"
 row "b3sum --num-threads 2 (rescan floor, best of 3)" "$b3sum_best" ""
 row "  blockrep delta / b3sum" "$(ratio "$blockrep_delta" "$b3sum_best")" ""
-echo "  replicas equal to the disk (blockrep export, both rsync copies): $verified"
+echo "  replicas equal to the disk (both blockrep exports, both rsync copies): $verified"
 [[ $verified == ok ]]

@@ -16,6 +16,8 @@ declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-b
     [promtool]=prometheus [systemd-analyze]=systemd [curl]=curl
     [mkfs.xfs]=xfsprogs [xfs_repair]=xfsprogs [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs
     [losetup]=mount [mount]=mount [umount]=mount)
+# rsync: the reference of `blockrep bench`'s delta rows.
+wanted[rsync]=rsync
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")

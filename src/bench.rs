@@ -530,6 +530,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         cpu_seconds(&server_pid) - cpu_server_0,
     );
     let initial_bytes: u64 = initial.iter().map(|r| r.bytes_sent).sum();
+    let reference = crate::bench_delta::prepare(&agent, &tls, &disk, &workdir).await?;
 
     let blocks_changed = churn_blocks(&disk, args.change_percent / 100.0, args.seed)?;
     eprintln!("delta sync after {blocks_changed} random 4 KiB writes...");
@@ -539,6 +540,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let delta_bytes: u64 = delta.iter().map(|r| r.bytes_sent).sum();
     let delta_chunks: u64 = delta.iter().map(|r| r.chunks_sent).sum();
     let delta_scan: Duration = delta.iter().map(|r| r.scan_duration).sum();
+    let delta_compare =
+        crate::bench_delta::measure(reference, &disk, blocks_changed, &delta, delta_wall).await?;
 
     eprintln!(
         "continuous replication under churn at {:.1} MiB/s for {:?}...",
@@ -693,6 +696,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             "floor_seconds": delta_floor,
             "ratio_to_floor": delta_wall.as_secs_f64() / delta_floor.max(1e-9),
         },
+        "delta_compare": delta_compare,
         "continuous": {
             "seconds": args.duration.as_secs_f64(),
             "interval_seconds": args.interval.as_secs_f64(),
@@ -798,7 +802,7 @@ fn print_table(f: &serde_json::Value) {
             .as_f64()
             .unwrap_or(f64::NAN)
     };
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         (
             "disk size (MiB) / non-zero (MiB)",
             format!(
@@ -847,6 +851,7 @@ fn print_table(f: &serde_json::Value) {
             "  vs floor (blake3 + bytes / loopback rate)",
             format!("{:.2}x", num(&["delta_sync", "ratio_to_floor"])),
         ),
+        ("", String::new()), // the delta comparison goes here
         (
             "continuous: epochs, mean scan (s)",
             format!(
@@ -899,6 +904,9 @@ fn print_table(f: &serde_json::Value) {
             format!("{}", f["verified_equal"]),
         ),
     ];
+    if let Some(at) = rows.iter().position(|(name, _)| name.is_empty()) {
+        rows.splice(at..=at, crate::bench_delta::table_rows(f));
+    }
     println!("blockrep bench: {} cores, seed {}", f["cores"], f["seed"]);
     for (name, value) in rows {
         println!("  {name:<46} {value:>22}");

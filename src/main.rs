@@ -6,6 +6,7 @@
 
 mod admin_client;
 mod bench;
+mod bench_delta;
 mod units;
 
 use std::net::SocketAddr;
@@ -448,6 +449,11 @@ struct FailbackArgs {
     /// Chunk size of the replica.
     #[arg(long, default_value = "64KiB", value_parser = units::parse_size)]
     chunk_size: u64,
+    /// Receive whole chunks. By default the server may send a chunk as the
+    /// 4 KiB blocks that differ from what the disk holds (a patch), checked
+    /// against the target's id before it is written.
+    #[arg(long)]
+    no_patches: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -535,6 +541,11 @@ struct AgentArgs {
     /// across runs.
     #[arg(long, value_name = "FILE")]
     ack_log: Option<PathBuf>,
+    /// Send whole changed chunks. By default a changed chunk travels as the
+    /// 4 KiB blocks that differ from the replica's chunk at its index (a
+    /// patch) where that is smaller.
+    #[arg(long)]
+    no_patches: bool,
     #[command(flatten)]
     view: ViewArgs,
 }
@@ -922,7 +933,9 @@ async fn shutdown_signal() {
 }
 
 pub(crate) fn print_epoch(report: &EpochReport) {
-    let idle = report.chunks_sent + report.zero_chunks_sent + report.ref_chunks_sent == 0;
+    let idle =
+        report.chunks_sent + report.zero_chunks_sent + report.ref_chunks_sent + report.patches_sent
+            == 0;
     if idle {
         tracing::debug!(
             epoch = report.epoch,
@@ -934,14 +947,15 @@ pub(crate) fn print_epoch(report: &EpochReport) {
     tracing::info!(
         epoch = report.epoch, root = %report.root, chunks_sent = report.chunks_sent,
         zero_chunks_sent = report.zero_chunks_sent, ref_chunks_sent = report.ref_chunks_sent,
-        bytes_sent = report.bytes_sent, scan_ms = report.scan_duration.as_millis() as u64,
+        patches_sent = report.patches_sent, bytes_sent = report.bytes_sent,
+        scan_ms = report.scan_duration.as_millis() as u64,
         transfer_ms = report.transfer_duration.as_millis() as u64,
         consistency = report.consistency.as_str(), "epoch committed"
     );
     println!(
         "epoch {} committed root={} chunks_sent={} zero_chunks_sent={} ref_chunks_sent={} bytes_sent={} \
-         raw_bytes_sent={} server_chunks_received={} server_chunks_stored={} scan_ms={} transfer_ms={} \
-         consistency={}",
+         raw_bytes_sent={} patches_sent={} patch_bytes_sent={} block_values_bytes_received={} \
+         server_chunks_received={} server_chunks_stored={} scan_ms={} transfer_ms={} consistency={}",
         report.epoch,
         report.root,
         report.chunks_sent,
@@ -949,6 +963,9 @@ pub(crate) fn print_epoch(report: &EpochReport) {
         report.ref_chunks_sent,
         report.bytes_sent,
         report.raw_bytes_sent,
+        report.patches_sent,
+        report.patch_bytes_sent,
+        report.block_values_bytes_received,
         report.server_chunks_received,
         report.server_chunks_stored,
         report.scan_duration.as_millis(),
@@ -985,6 +1002,7 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     config.cutover = args.cutover;
     config.pre_cutover_cmd = args.pre_cutover_cmd.clone();
     config.view = args.view.options()?;
+    config.patches = !args.no_patches;
     if let Some(path) = &args.ack_log {
         let log = blockrep_agent::AckLog::open(path)
             .with_context(|| format!("cannot open the acknowledgement log {}", path.display()))?;
@@ -1172,6 +1190,7 @@ async fn failback(args: FailbackArgs) -> Result<()> {
     let mut config = AgentConfig::new(disk, server, source, ca_path, cert_path, key_path);
     config.chunk_size_bytes = u32::try_from(args.chunk_size).context("chunk size too large")?;
     config.interval = args.interval;
+    config.patches = !args.no_patches;
     let options = blockrep_agent::FailbackOptions {
         launch,
         once: args.once || args.finalize,

@@ -56,6 +56,10 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
         &["initial_sync", "server_cpu_seconds"],
         &["delta_sync", "seconds"],
         &["delta_sync", "bytes_on_wire"],
+        &["delta_compare", "changed_bytes"],
+        &["delta_compare", "patches", "bytes_on_wire"],
+        &["delta_compare", "patches", "patches_sent"],
+        &["delta_compare", "whole_chunks", "bytes_on_wire"],
         &["cutover", "downtime_seconds"],
         &["cutover", "final_scan_seconds"],
         &["cutover", "launch_ready_seconds"],
@@ -78,6 +82,15 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
     assert!(number(&["continuous", "epochs"]) >= 2.0, "{figures:#}");
     assert!(number(&["continuous", "churn_bytes_written"]) > 0.0);
     assert!(number(&["initial_sync", "bytes_on_wire"]) <= 32.0 * 1048576.0 * 1.05);
+    // The same change as patches and as whole chunks: patches put less on the wire.
+    assert!(
+        number(&["delta_compare", "patches", "bytes_on_wire"])
+            < number(&["delta_compare", "whole_chunks", "bytes_on_wire"]),
+        "{figures:#}"
+    );
+    if have_tool("rsync") {
+        assert!(number(&["delta_compare", "rsync_4k", "bytes_on_wire"]) > 0.0);
+    }
     assert_eq!(figures["verified_equal"], serde_json::Value::Bool(true));
     assert_eq!(figures["seed"], 1);
     assert!(

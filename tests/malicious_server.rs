@@ -464,3 +464,84 @@ fn agent_refuses_answers_that_do_not_fit_its_requests() {
         server.finish().unwrap_or_else(|e| panic!("{case}: {e}"));
     }
 }
+
+#[test]
+fn failback_refuses_patches_it_cannot_apply_or_verify() {
+    // The disk holds `own` in chunk 0 (as it did at cutover: the base), the
+    // launch holds `target`, which differs in its second 4 KiB block. The
+    // agent asks with its block values; the server answers with patches that
+    // are against another chunk, overlap, or build the wrong bytes.
+    let own = random_bytes(CHUNK as usize, 11);
+    let mut target = own.clone();
+    target[4096..8192].copy_from_slice(&random_bytes(4096, 12));
+    let (target_root, target_page) = one_chunk_root(&target);
+    let (base_root, _) = one_chunk_root(&own);
+    let own_id = ChunkId::from(blake3::hash(&own));
+    let target_id = ChunkId::from(blake3::hash(&target));
+    let patch = |base: ChunkId, ranges: Vec<(u32, u32)>, data: Vec<u8>| {
+        let mut steps = plan(&target_root, &base_root.encode());
+        steps.push(Step::Expect("GetPages"));
+        steps.push(Step::Send(Message::Page {
+            index: 0,
+            ids: Bytes::from(target_page.encode()),
+        }));
+        steps.push(Step::Expect("WantPatched"));
+        steps.push(Step::Send(Message::Patch {
+            index: 0,
+            base,
+            id: target_id,
+            codec: Codec::Raw,
+            raw_len: CHUNK,
+            ranges,
+            data: Bytes::from(data),
+        }));
+        steps
+    };
+    let right = target[4096..8192].to_vec();
+    let cases = [
+        (
+            "patch against a chunk the disk does not hold",
+            patch(
+                ChunkId::from(blake3::hash(b"other")),
+                vec![(4096, 4096)],
+                right.clone(),
+            ),
+            "but the disk holds",
+        ),
+        (
+            "patch with overlapping ranges",
+            patch(
+                own_id,
+                vec![(4096, 4096), (6144, 2048)],
+                [right.clone(), vec![0; 2048]].concat(),
+            ),
+            "cannot be applied",
+        ),
+        (
+            "patch with a range beyond the chunk",
+            patch(own_id, vec![(CHUNK - 2048, 4096)], right.clone()),
+            "cannot be applied",
+        ),
+        (
+            "patch that builds other bytes than the target's",
+            patch(own_id, vec![(4096, 4096)], random_bytes(4096, 13)),
+            "expected",
+        ),
+    ];
+    for (case, steps, expected) in cases {
+        let pki = Pki::new(&["a"]);
+        let work = tempfile::tempdir().unwrap();
+        let disk = work.path().join("a.raw");
+        let mut image = vec![0u8; DISK as usize];
+        image[..CHUNK as usize].copy_from_slice(&own);
+        std::fs::write(&disk, &image).unwrap();
+        let server = FakeServer::start(&pki, steps);
+        let output = run_with_deadline(failback_command(&disk, server.addr, &pki));
+        assert_refused(&output, expected, case);
+        assert!(
+            std::fs::read(&disk).unwrap() == image,
+            "{case}: failback wrote to the disk"
+        );
+        server.finish().unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
+}

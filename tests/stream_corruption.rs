@@ -131,6 +131,9 @@ impl Harness {
         // Always zstd where it pays, so that every iteration sends the same
         // frames (the adaptive policy could turn compression off).
         config.compression = Compression::Zstd;
+        // Whole chunks, the frames this test's model injects into (patch
+        // frames are refused by their own checks: tests/patches.rs).
+        config.patches = false;
         config.plaintext_tap = tap;
         config
     }

@@ -387,3 +387,35 @@ pub fn env_u64(name: &str) -> Option<u64> {
     };
     Some(parsed.unwrap_or_else(|e| panic!("{name}={text:?}: {e}")))
 }
+
+/// Cuts `source` over with its agent run as `--once --cutover`; returns the
+/// cutover launch's name.
+pub fn cut_over_once(disk: &Path, addr: std::net::SocketAddr, source: &str, tls: &Path) -> String {
+    let output = agent_once(disk, addr, source, tls, &["--cutover"]);
+    assert_success(&output);
+    stdout(&output)
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("launch="))
+        .unwrap_or_else(|| panic!("no launch in {}", stdout(&output)))
+        .to_owned()
+}
+
+/// `blockrep failback --once` of `source`'s disk to `launch`.
+pub fn failback_once(
+    disk: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    launch: &str,
+    tls: &Path,
+    extra: &[&str],
+) -> Output {
+    Command::new(BIN)
+        .args(["failback", "--once", "--disk"])
+        .arg(disk)
+        .args(["--from", &addr.to_string(), "--source", source])
+        .args(["--launch", launch, "--tls-dir"])
+        .arg(tls)
+        .args(extra)
+        .output()
+        .unwrap()
+}

@@ -123,6 +123,9 @@ pub(crate) struct Session {
     nonce: [u8; blockrep_proto::NONCE_LEN],
     /// Where acknowledged commits are recorded (`AgentConfig::ack_log`).
     ack_log: Option<Arc<crate::AckLog>>,
+    /// Changed chunks may travel as patches (`AgentConfig::patches`, turned
+    /// off for a session after the server refused a patch).
+    pub patches: bool,
 }
 
 impl Session {
@@ -199,6 +202,7 @@ impl Session {
             head_root,
             nonce,
             ack_log: config.ack_log.clone(),
+            patches: config.patches,
         })
     }
 
@@ -442,6 +446,9 @@ impl Session {
             ref_chunks_sent: 0,
             bytes_sent: 0,
             raw_bytes_sent: 0,
+            patches_sent: 0,
+            patch_bytes_sent: 0,
+            block_values_bytes_received: 0,
             server_chunks_received: 0,
             server_chunks_stored: 0,
             scan_duration: scan.duration,
@@ -509,6 +516,13 @@ impl Session {
             view[index as usize] = id;
         }
         let changed = to_encode;
+        let bases = if self.patches {
+            crate::patch::fetch_bases(&mut self.connection, &view, &changed).await?
+        } else {
+            crate::patch::Bases::default()
+        };
+        report.bytes_sent += bases.bytes_sent;
+        report.block_values_bytes_received = bases.values_bytes_received;
         let references = References {
             held: Arc::new(held),
             nonce: self.nonce,
@@ -516,6 +530,7 @@ impl Session {
         debug!(
             changed = changed.len(),
             held = references.held.len(),
+            bases = bases.len(),
             "sending"
         );
         let progress = progress_bar(config, bytes_pending);
@@ -527,6 +542,7 @@ impl Session {
             config.compression,
             Arc::clone(&config.adaptive),
             references,
+            Arc::new(bases),
         );
         let mut sent_ids: HashSet<ChunkId> = HashSet::new();
         let mut step_bytes = 0u64;
@@ -545,6 +561,11 @@ impl Session {
                 // A duplicate of a chunk sent earlier in this epoch: a reference does.
                 report.ref_chunks_sent += 1;
                 self.reference(encoded.index, &encoded.id)
+            } else if encoded.patch {
+                report.patches_sent += 1;
+                report.patch_bytes_sent += encoded.frame.len() as u64;
+                report.raw_bytes_sent += encoded.raw_len;
+                encoded.frame
             } else {
                 report.chunks_sent += 1;
                 report.raw_bytes_sent += encoded.raw_len;

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::connection::Connection;
 use crate::epoch::{Scan, Session, scan};
+use crate::failback_patch;
 use crate::{AgentConfig, Error};
 
 /// Chunks asked for per `Want`; two requests are kept outstanding.
@@ -216,8 +217,15 @@ async fn pass(
         }
         warn!(%report, "overwriting changes made to the disk since cutover");
     }
-    let (chunks_written, bytes_received) =
-        transfer(config, connection, geometry, &target_ids, &needed).await?;
+    let (chunks_written, bytes_received) = transfer(
+        config,
+        connection,
+        geometry,
+        &target_ids,
+        &disk.ids,
+        &needed,
+    )
+    .await?;
     drop(disk);
     let after = scan(config, geometry.chunk_size_bytes()).await?;
     let root = Root::from_chunk_ids(geometry, &after.ids).id();
@@ -290,16 +298,20 @@ async fn fetch_ids(
     Ok(ids)
 }
 
-/// Receives the `needed` chunks, verifies each against the target's id, and
-/// writes it in place; fsyncs the disk at the end.
+/// Receives the `needed` chunks (whole, or as patches against the disk's
+/// chunks `own_ids`), verifies each against the target's id, and writes it in
+/// place; fsyncs the disk at the end.
 async fn transfer(
     config: &AgentConfig,
     connection: &mut Connection,
     geometry: Geometry,
     target_ids: &[ChunkId],
+    own_ids: &[ChunkId],
     needed: &[u64],
 ) -> Result<(u64, u64), Error> {
     let path = config.disk.clone();
+    let reader = std::fs::File::open(&path)
+        .map_err(|e| Error::DiskChanged(format!("cannot open {}: {e}", path.display())))?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(64);
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let file = OpenOptions::new().write(true).open(&path)?;
@@ -313,34 +325,64 @@ async fn transfer(
     let mut decompressor =
         zstd::bulk::Decompressor::new().map_err(|e| Error::Protocol(format!("zstd: {e}")))?;
     // Keep one request ahead, so the server always has work while we write.
+    let patches = config.patches;
     if let Some(first) = batches.first() {
-        connection
-            .send(&Message::Want {
-                indices: first.to_vec(),
-            })
-            .await?;
+        failback_patch::want(connection, &reader, geometry, own_ids, first, patches).await?;
     }
     for (position, batch) in batches.iter().enumerate() {
         if let Some(next) = batches.get(position + 1) {
-            connection
-                .send(&Message::Want {
-                    indices: next.to_vec(),
-                })
-                .await?;
+            failback_patch::want(connection, &reader, geometry, own_ids, next, patches).await?;
         }
         connection.flush().await?;
         for &expected in *batch {
-            let Message::Chunk {
-                index,
-                id,
-                codec,
-                raw_len,
-                data,
-            } = connection.recv().await?
-            else {
-                return Err(Error::Protocol("expected Chunk".into()));
-            };
             let want = target_ids[expected as usize];
+            let (index, id, codec, raw_len, data) = match connection.recv().await? {
+                Message::Chunk {
+                    index,
+                    id,
+                    codec,
+                    raw_len,
+                    data,
+                } => (index, id, codec, raw_len, data),
+                Message::Patch {
+                    index,
+                    base,
+                    id,
+                    codec,
+                    raw_len,
+                    ranges,
+                    data,
+                } => {
+                    let patch = failback_patch::ReceivedPatch {
+                        index,
+                        base,
+                        id,
+                        codec,
+                        raw_len,
+                        ranges,
+                        data,
+                    };
+                    let own = own_ids
+                        .get(expected as usize)
+                        .copied()
+                        .unwrap_or(ChunkId::ZERO);
+                    let (raw, received) = failback_patch::apply(
+                        &reader,
+                        geometry,
+                        expected,
+                        want,
+                        own,
+                        patch,
+                        &mut decompressor,
+                    )?;
+                    bytes_received += received;
+                    if tx.send((geometry.chunk_offset(expected), raw)).is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                    continue;
+                }
+                _ => return Err(Error::Protocol("expected Chunk".into())),
+            };
             if index != expected || id != want || Some(raw_len) != geometry.chunk_len(index) {
                 return Err(Error::Protocol(format!(
                     "chunk {index} is not the chunk {expected} asked for"

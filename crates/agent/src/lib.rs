@@ -18,8 +18,10 @@ mod connection;
 mod epoch;
 mod error;
 mod failback;
+mod failback_patch;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod patch;
 mod rate;
 mod run;
 mod send;
@@ -106,6 +108,10 @@ pub struct AgentConfig {
     pub ack_log: Option<Arc<AckLog>>,
     /// How each epoch's frozen view of the disk is taken (see the `view` module).
     pub view: ViewOptions,
+    /// Send a changed chunk as the 4 KiB blocks that differ from the chunk the
+    /// replica holds at its index (a patch) where that saves bytes; `false`
+    /// sends whole changed chunks.
+    pub patches: bool,
 }
 
 impl AgentConfig {
@@ -141,6 +147,7 @@ impl AgentConfig {
             plaintext_tap: None,
             ack_log: None,
             view: ViewOptions::default(),
+            patches: true,
         }
     }
 }
@@ -192,8 +199,16 @@ pub struct EpochReport {
     pub ref_chunks_sent: u64,
     /// Frame bytes written for this epoch (headers and data, before TLS).
     pub bytes_sent: u64,
-    /// Bytes of chunk data before compression, for the chunks sent.
+    /// Bytes of chunk data before compression, for the chunks sent (for a
+    /// patch, the bytes of its ranges).
     pub raw_bytes_sent: u64,
+    /// Changed chunks sent as patches (counted here, not in `chunks_sent`).
+    pub patches_sent: u64,
+    /// Frame bytes of those patches (part of `bytes_sent`).
+    pub patch_bytes_sent: u64,
+    /// Bytes of the bases' block values the server sent for the patches (the
+    /// downstream cost of patching; requests count in `bytes_sent`).
+    pub block_values_bytes_received: u64,
     /// Data chunks the server reports receiving in this epoch.
     pub server_chunks_received: u64,
     /// Chunks the server stored as new (the rest it already held).

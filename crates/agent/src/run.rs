@@ -150,6 +150,9 @@ pub async fn run(
     let mut chunk_size = config.chunk_size_bytes;
     // The last attempt ended because the disk changed size under it.
     let mut disk_unsteady = false;
+    // The last attempt ended with the server refusing a patch: the next
+    // session sends whole chunks until it has committed an epoch.
+    let mut patch_refused = false;
     loop {
         if *shutdown.borrow() {
             return Ok(None);
@@ -157,6 +160,7 @@ pub async fn run(
         let attempt = async {
             let first = scan(config, chunk_size).await?;
             let mut session = Session::open(config, first.geometry).await?;
+            session.patches &= !patch_refused;
             chunk_size = session.geometry().chunk_size_bytes();
             let mut current = Some(first);
             let mut resize_seen = false;
@@ -180,6 +184,7 @@ pub async fn run(
                 if let Some(report) = session.epoch(config, this, true).await? {
                     on_epoch(&report);
                 }
+                session.patches = config.patches;
                 resize_seen = false;
                 backoff = Duration::from_millis(250);
                 if session.cutover_requested || config.cutover {
@@ -213,7 +218,11 @@ pub async fn run(
         let was_unsteady =
             std::mem::replace(&mut disk_unsteady, matches!(error, Error::DiskUnsteady(_)));
         let retry_resize = resized && was_unsteady;
-        if !error.is_retryable() && !retry_resize {
+        // A refused patch is retried once, with whole chunks: a server that
+        // then refuses those too has a reason that retrying cannot fix.
+        let retry_whole = !patch_refused && crate::patch::refused_patch(&error);
+        patch_refused = retry_whole;
+        if !error.is_retryable() && !retry_resize && !retry_whole {
             return Err(error);
         }
         warn!(%error, retry_in_ms = backoff.as_millis() as u64, "replication interrupted; reconnecting");

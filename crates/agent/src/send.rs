@@ -5,11 +5,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk};
-use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, ref_proof};
+use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk, hash_with_block_values};
+use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, patch_frame, ref_proof};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use crate::patch::{self, Bases};
 use crate::{AdaptiveCompression, Compression, Error};
 
 /// Bytes of frames in flight between the workers and the socket: bounds memory.
@@ -28,6 +29,8 @@ pub(crate) struct Encoded {
     pub raw_len: u64,
     /// The frame is a reference (with its proof of possession), not data.
     pub reference: bool,
+    /// The frame is a patch against the chunk the replica holds at `index`.
+    pub patch: bool,
 }
 
 /// Chunks the server admitted to holding (its `Have`), and the session's
@@ -47,6 +50,7 @@ pub(crate) fn spawn_encoders(
     compression: Compression,
     adaptive: Arc<AdaptiveCompression>,
     references: References,
+    bases: Arc<Bases>,
 ) -> mpsc::Receiver<Result<Encoded, Error>> {
     let window = (WINDOW_BYTES / geometry.chunk_size_bytes() as usize).max(4);
     let (tx, rx) = mpsc::channel::<Result<Encoded, Error>>(window);
@@ -55,6 +59,7 @@ pub(crate) fn spawn_encoders(
     for _ in 0..workers {
         let adaptive = Arc::clone(&adaptive);
         let references = references.clone();
+        let bases = Arc::clone(&bases);
         let (disk, changed, next, tx) = (
             Arc::clone(&disk),
             Arc::clone(&changed),
@@ -70,7 +75,7 @@ pub(crate) fn spawn_encoders(
                 }
                 let end = (start + CHUNKS_PER_CLAIM).min(changed.len());
                 for &index in &changed[start..end] {
-                    let encoded = encoder.encode(&disk, geometry, index);
+                    let encoded = encoder.encode(&disk, geometry, index, &bases);
                     let failed = encoded.is_err();
                     if tx.blocking_send(encoded).is_err() || failed {
                         return; // the session ended; stop quietly
@@ -80,6 +85,40 @@ pub(crate) fn spawn_encoders(
         });
     }
     rx
+}
+
+/// Why a compression is tried.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// A whole chunk: subject to the adaptive decision and the skip after an
+    /// incompressible chunk, which a failure here starts.
+    Chunk,
+    /// A chunk at least [`SPARSE_ZERO_BLOCKS_PERCENT`] of whose 4 KiB blocks
+    /// are zero: always tried (unless compression is off), since zstd
+    /// shrinks it to little more than its data at almost no cost. This is the
+    /// delta of a chunk that had no data before (no base to patch against).
+    Sparse,
+    /// A patch's bytes: subject to the adaptive decision, but a failure does
+    /// not start the skip.
+    Patch,
+}
+
+/// A chunk with at least this share of zero 4 KiB blocks is always compressed.
+const SPARSE_ZERO_BLOCKS_PERCENT: usize = 25;
+
+impl Attempt {
+    fn for_chunk(data: &[u8]) -> Self {
+        let blocks = data.len().div_ceil(4096);
+        let zero = data
+            .chunks(4096)
+            .filter(|block| block.iter().all(|&b| b == 0))
+            .count();
+        if blocks > 1 && zero * 100 >= blocks * SPARSE_ZERO_BLOCKS_PERCENT {
+            Attempt::Sparse
+        } else {
+            Attempt::Chunk
+        }
+    }
 }
 
 struct ChunkEncoder {
@@ -113,6 +152,7 @@ impl ChunkEncoder {
         disk: &DiskImage,
         geometry: Geometry,
         index: u64,
+        bases: &Bases,
     ) -> Result<Encoded, Error> {
         let range = geometry
             .chunk_range(index)
@@ -138,8 +178,18 @@ impl ChunkEncoder {
                     Error::DiskChanged(message)
                 }
             })?;
-        let id = hash_chunk(&frame[CHUNK_HEADER_LEN..]);
+        // A chunk with a base is hashed with its block values: the same single
+        // pass gives the id and what a patch needs.
+        let base = bases.get(index);
+        let (id, values) = match base {
+            Some(_) => {
+                let (id, values) = hash_with_block_values(&frame[CHUNK_HEADER_LEN..]);
+                (id, Some(values))
+            }
+            None => (hash_chunk(&frame[CHUNK_HEADER_LEN..]), None),
+        };
         let mut reference = false;
+        let mut patched = false;
         let (frame, raw_sent) = if id.is_zero() {
             let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, &[]);
             (BytesMut::from(&header[..]), 0)
@@ -153,7 +203,24 @@ impl ChunkEncoder {
             out.extend_from_slice(&proof);
             reference = true;
             (out, 0)
-        } else if let Some(mut compressed) = self.try_compress(&frame[CHUNK_HEADER_LEN..]) {
+        } else if let (Some(base), Some(values)) = (base, &values)
+            && let Some(patch::Plan { ranges, payload }) =
+                patch::plan(base, values, &frame[CHUNK_HEADER_LEN..])
+        {
+            patched = true;
+            let sent = payload.len() as u64;
+            // A patch's bytes are few: whether they compress says little about
+            // the chunks that follow, so a failure does not pause compression.
+            let (codec, data) = match self.try_compress(&payload, Attempt::Patch) {
+                Some(compressed) => (Codec::Zstd, compressed.freeze().slice(CHUNK_HEADER_LEN..)),
+                None => (Codec::Raw, Bytes::from(payload)),
+            };
+            let out = patch_frame(index, &base.id, &id, codec, raw_len as u32, &ranges, &data);
+            (BytesMut::from(&out[..]), sent)
+        } else if let Some(mut compressed) = self.try_compress(
+            &frame[CHUNK_HEADER_LEN..],
+            Attempt::for_chunk(&frame[CHUNK_HEADER_LEN..]),
+        ) {
             let data = &compressed[CHUNK_HEADER_LEN..];
             let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data);
             compressed[..CHUNK_HEADER_LEN].copy_from_slice(&header);
@@ -170,28 +237,35 @@ impl ChunkEncoder {
             frame: frame.freeze(),
             raw_len: raw_sent,
             reference,
+            patch: patched,
         })
     }
 
     /// Compresses `data` into a new frame buffer (header room first) when it
     /// shrinks by at least an eighth: the output buffer is only that large, so
     /// zstd stops as soon as it cannot pay, and nothing is copied afterwards.
-    fn try_compress(&mut self, data: &[u8]) -> Option<BytesMut> {
+    fn try_compress(&mut self, data: &[u8], attempt: Attempt) -> Option<BytesMut> {
         let compressor = self.compressor.as_mut()?;
-        if self.skip > 0 {
-            self.skip -= 1;
-            return None;
-        }
-        if let Some(adaptive) = &self.adaptive
-            && !adaptive.should_try()
-        {
-            return None;
+        if attempt != Attempt::Sparse {
+            if self.skip > 0 {
+                self.skip -= 1;
+                return None;
+            }
+            if let Some(adaptive) = &self.adaptive
+                && !adaptive.should_try()
+            {
+                return None;
+            }
         }
         let limit = data.len() - data.len() / 8 - 1;
         let mut out = BytesMut::zeroed(CHUNK_HEADER_LEN + limit);
         let started = std::time::Instant::now();
         let result = compressor.compress_to_buffer(data, &mut out[CHUNK_HEADER_LEN..]);
-        if let Some(adaptive) = &self.adaptive {
+        // A sparse chunk's extreme ratio says nothing about the data's; it is
+        // kept out of the measurements.
+        if attempt != Attempt::Sparse
+            && let Some(adaptive) = &self.adaptive
+        {
             // A chunk that does not fit counts as not compressing at all.
             let output = *result.as_ref().unwrap_or(&data.len());
             adaptive.record_compression(data.len(), output, started.elapsed());
@@ -205,7 +279,9 @@ impl ChunkEncoder {
                 Some(out)
             }
             Err(_) => {
-                self.skip = INCOMPRESSIBLE_SKIP;
+                if attempt == Attempt::Chunk {
+                    self.skip = INCOMPRESSIBLE_SKIP;
+                }
                 None
             }
         }

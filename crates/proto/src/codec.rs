@@ -2,7 +2,10 @@ use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId, Consistency, SourceId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::message::{Codec, ErrorCode, Message, ProtoError, ProtoErrorKind, REF_PROOF_LEN};
-use crate::{ERROR_MESSAGE_MAX_LEN, FRAME_LEN_MAX, GET_PAGES_MAX, OFFER_IDS_MAX};
+use crate::{
+    BLOCK_VALUES_LEN_MAX, ERROR_MESSAGE_MAX_LEN, FRAME_LEN_MAX, GET_PAGES_MAX, OFFER_IDS_MAX,
+    WANT_PATCHED_MAX,
+};
 
 /// Bytes before a frame's body: the length field, the checksum and the type byte.
 pub const FRAME_HEADER_LEN: usize = 9;
@@ -186,6 +189,15 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
         Message::Progress { bytes_received } => out.put_u64_le(*bytes_received),
         Message::GetBlockValues { .. } | Message::BlockValues { .. } | Message::Patch { .. } => {
             crate::patch::encode_body(message, out)
+        }
+        Message::WantPatched { entries } => {
+            out.put_u32_le(entries.len() as u32);
+            for (index, id, values) in entries {
+                out.put_u64_le(*index);
+                out.put_slice(id.as_bytes());
+                out.put_u32_le(values.len() as u32);
+                out.put_slice(values);
+            }
         }
         Message::Error { code, message } => {
             out.put_u16_le(code.to_u16());
@@ -594,6 +606,32 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
             bytes_received: r.u64("byte count")?,
         },
         21..=23 => crate::patch::decode_body(message_type, &mut r)?,
+        24 => {
+            let count = r.u32("entry count")? as usize;
+            if count > WANT_PATCHED_MAX {
+                return Err(ProtoError::new(
+                    ProtoErrorKind::LimitExceeded,
+                    format!(
+                        "WantPatched of {count} chunks exceeds the limit of {WANT_PATCHED_MAX}"
+                    ),
+                ));
+            }
+            r.need(count * (8 + 32 + 4), "entries")?;
+            let mut entries = Vec::with_capacity(count);
+            for _ in 0..count {
+                let index = r.u64("chunk index")?;
+                let id = r.id("disk chunk id")?;
+                let len = r.u32("block values length")? as usize;
+                let values = r.bytes(len, BLOCK_VALUES_LEN_MAX, "block values")?;
+                if !len.is_multiple_of(blockrep_core::BLOCK_VALUE_LEN) {
+                    return Err(malformed(format!(
+                        "block values of chunk {index} are {len} bytes, not whole 16-byte values"
+                    )));
+                }
+                entries.push((index, id, values));
+            }
+            Message::WantPatched { entries }
+        }
         8 => {
             let code = ErrorCode::from_u16(r.u16("error code")?);
             let len = r.u16("message length")? as usize;
@@ -781,6 +819,20 @@ mod tests {
             }),
             proptest::collection::vec(id_strategy(), 0..20)
                 .prop_map(|ids| Message::GetBlockValues { ids }),
+            proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    id_strategy(),
+                    proptest::collection::vec(any::<[u8; 16]>(), 0..5)
+                ),
+                0..5
+            )
+            .prop_map(|entries| Message::WantPatched {
+                entries: entries
+                    .into_iter()
+                    .map(|(index, id, values)| (index, id, Bytes::from(values.concat())))
+                    .collect()
+            }),
             proptest::collection::vec(proptest::collection::vec(any::<[u8; 16]>(), 0..5), 0..5)
                 .prop_map(|values| Message::BlockValues {
                     values: values

@@ -52,5 +52,8 @@ pub const FRAME_LEN_MAX: u32 = 8 * 1024 * 1024 + 64 * 1024;
 pub const GET_PAGES_MAX: usize = 8192;
 /// Most chunk ids in one `Offer` (and bits in its `Have`).
 pub const OFFER_IDS_MAX: usize = 8192;
+/// Most chunks in one `WantPatched` (a failback agent's batch): with the
+/// block values of the largest chunks, well within a frame.
+pub const WANT_PATCHED_MAX: usize = 256;
 /// Longest error message carried in an `Error` frame.
 pub const ERROR_MESSAGE_MAX_LEN: usize = 1024;

@@ -315,6 +315,12 @@ pub enum Message {
         ranges: Vec<(u32, u32)>,
         data: Bytes,
     },
+    /// Agent -> server (failback): send the target's data for these chunks,
+    /// each as a `Patch` against the disk's chunk where that is smaller, else
+    /// as a `Chunk`. An entry is a chunk index, the id of the chunk the disk
+    /// holds there, and that chunk's block values (empty when the disk holds
+    /// no data there). At most [`crate::WANT_PATCHED_MAX`] entries.
+    WantPatched { entries: Vec<(u64, ChunkId, Bytes)> },
     /// Either way: the session ends for this reason.
     Error { code: ErrorCode, message: String },
 }
@@ -355,6 +361,7 @@ impl Message {
             Message::GetBlockValues { .. } => 21,
             Message::BlockValues { .. } => 22,
             Message::Patch { .. } => 23,
+            Message::WantPatched { .. } => 24,
         }
     }
 
@@ -384,6 +391,7 @@ impl Message {
             Message::GetBlockValues { .. } => "GetBlockValues",
             Message::BlockValues { .. } => "BlockValues",
             Message::Patch { .. } => "Patch",
+            Message::WantPatched { .. } => "WantPatched",
         }
     }
 }

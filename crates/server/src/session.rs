@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
+mod failback_patches;
 mod labels;
 pub(crate) mod patches;
 mod references;
@@ -976,6 +977,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         .flush()
                         .await
                         .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+                }
+                Message::WantPatched { entries } => {
+                    let (sent, bytes) = self
+                        .send_patched(replica.geometry, &target_ids, entries)
+                        .await?;
+                    chunks_sent += sent;
+                    bytes_sent += bytes;
                 }
                 Message::FailbackDone { root, finalize } => {
                     let matches = root == target_id;

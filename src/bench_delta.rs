@@ -1,0 +1,161 @@
+//! The delta rows of `blockrep bench`: the same random 4 KiB change sent as
+//! patches (the agent's default), as whole changed chunks (`--no-patches`),
+//! and by `rsync -B 4096 --no-whole-file` as the reference, in one run.
+//!
+//! Whole chunks go to a second source synced from the same disk before the
+//! change, so both blockrep rows (and rsync's basis, a copy of that disk) see
+//! exactly the same change.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use blockrep_agent::{AgentConfig, EpochReport};
+use blockrep_core::SourceId;
+use serde_json::{Value, json};
+
+/// The second source, replicated with whole chunks.
+const WHOLE_SOURCE: &str = "bench-whole";
+
+/// What the reference rows need from before the change.
+pub(crate) struct Reference {
+    whole: AgentConfig,
+    /// A copy of the disk before the change, for rsync to update.
+    basis: PathBuf,
+}
+
+/// Syncs the disk to a second source that sends whole chunks, and keeps a copy
+/// of it for rsync; call after the initial sync, before the change.
+pub(crate) async fn prepare(
+    agent: &AgentConfig,
+    tls: &Path,
+    disk: &Path,
+    workdir: &Path,
+) -> Result<Reference> {
+    let source = SourceId::new(WHOLE_SOURCE)?;
+    let (cert, key) = blockrep_pki::issue_source(tls, &source)?;
+    let mut whole = agent.clone();
+    whole.source = source;
+    whole.cert_path = cert;
+    whole.key_path = key;
+    whole.patches = false;
+    whole.ack_log = None;
+    blockrep_agent::run_once(&whole, |_| {})
+        .await
+        .context("initial sync of the whole-chunk source")?;
+    let basis = workdir.join("rsync-basis.raw");
+    fs::copy(disk, &basis)
+        .with_context(|| format!("cannot copy the disk to {}", basis.display()))?;
+    Ok(Reference { whole, basis })
+}
+
+/// One delta sync, measured.
+fn row(epochs: &[EpochReport], wall: Duration, changed_bytes: u64) -> Value {
+    let wire: u64 = epochs.iter().map(|r| r.bytes_sent).sum();
+    json!({
+        "seconds": wall.as_secs_f64(),
+        "bytes_on_wire": wire,
+        "wire_to_changed": wire as f64 / changed_bytes.max(1) as f64,
+        "chunks_sent": epochs.iter().map(|r| r.chunks_sent).sum::<u64>(),
+        "patches_sent": epochs.iter().map(|r| r.patches_sent).sum::<u64>(),
+    })
+}
+
+/// After the patched delta (`patched`, taking `patched_wall`) of a change of
+/// `blocks_changed` 4 KiB blocks: the same change as whole chunks and through
+/// rsync. Returns the `delta_compare` figures.
+pub(crate) async fn measure(
+    reference: Reference,
+    disk: &Path,
+    blocks_changed: u64,
+    patched: &[EpochReport],
+    patched_wall: Duration,
+) -> Result<Value> {
+    let changed_bytes = blocks_changed * 4096;
+    let started = Instant::now();
+    let whole = blockrep_agent::run_once(&reference.whole, |_| {})
+        .await
+        .context("whole-chunk delta")?
+        .epochs;
+    let whole_wall = started.elapsed();
+    let rsync = rsync_4k(disk, &reference.basis, changed_bytes);
+    let _ = fs::remove_file(&reference.basis);
+    Ok(json!({
+        "changed_bytes": changed_bytes,
+        "patches": row(patched, patched_wall, changed_bytes),
+        "whole_chunks": row(&whole, whole_wall, changed_bytes),
+        "rsync_4k": rsync.unwrap_or_else(|e| {
+            eprintln!("rsync reference skipped: {e:#}");
+            Value::Null
+        }),
+    }))
+}
+
+/// `rsync --inplace --no-whole-file -B 4096` from the disk onto its old copy
+/// (local: rsync's sender and receiver over a pipe, its delta algorithm
+/// forced). `--ignore-times`: the copy may have the same size and second.
+fn rsync_4k(disk: &Path, basis: &Path, changed_bytes: u64) -> Result<Value> {
+    let started = Instant::now();
+    let output = Command::new("rsync")
+        .args([
+            "--inplace",
+            "--ignore-times",
+            "--no-whole-file",
+            "-B",
+            "4096",
+            "--stats",
+        ])
+        .arg(disk)
+        .arg(basis)
+        .output()
+        .context("cannot run rsync (is it installed?)")?;
+    let wall = started.elapsed();
+    ensure!(
+        output.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let sent = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("Total bytes sent: "))
+        .map(|n| n.replace(',', ""))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .context("rsync --stats printed no 'Total bytes sent'")?;
+    Ok(json!({
+        "seconds": wall.as_secs_f64(),
+        "bytes_on_wire": sent,
+        "wire_to_changed": sent as f64 / changed_bytes.max(1) as f64,
+    }))
+}
+
+/// Lines of the bench's table for the `delta_compare` figures.
+pub(crate) fn table_rows(f: &Value) -> Vec<(&'static str, String)> {
+    let d = &f["delta_compare"];
+    let cell = |key: &str| -> String {
+        let r = &d[key];
+        if r.is_null() {
+            return "n/a".into();
+        }
+        format!(
+            "{:.3} s, {:.1} MiB, {:.2}x",
+            r["seconds"].as_f64().unwrap_or(f64::NAN),
+            r["bytes_on_wire"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
+            r["wire_to_changed"].as_f64().unwrap_or(f64::NAN)
+        )
+    };
+    vec![
+        (
+            "random 4 KiB writes: changed (MiB)",
+            format!(
+                "{:.1}",
+                d["changed_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+            ),
+        ),
+        ("  patches: time, wire, wire/changed", cell("patches")),
+        ("  whole chunks (--no-patches)", cell("whole_chunks")),
+        ("  rsync -B 4096 --no-whole-file", cell("rsync_4k")),
+    ]
+}
