@@ -1059,8 +1059,13 @@ async fn agent(args: AgentArgs) -> Result<()> {
             }
         });
     }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
     if args.once {
-        let outcome = blockrep_agent::run_once(&config, print_epoch).await?;
+        let outcome = blockrep_agent::run_once_until(&config, stop_rx, print_epoch).await?;
         match (&outcome.cutover, outcome.epochs.last()) {
             (Some(cutover), _) => print_cutover(cutover),
             (None, Some(last)) => println!(
@@ -1071,11 +1076,6 @@ async fn agent(args: AgentArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
     if let Some(cutover) = blockrep_agent::run(&config, stop_rx, print_epoch).await? {
         print_cutover(&cutover);
     }

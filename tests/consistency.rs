@@ -79,7 +79,23 @@ fn a_live_read_is_labelled_live_everywhere_and_launches_only_when_allowed() {
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(DISK as usize, 1)).unwrap();
     // The agent reads the live disk (no frozen view): its points are live.
-    assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
+    // Said explicitly: the default, auto, would clone where the temporary
+    // directory's file system can. It says so once, at start.
+    let output = agent_once(
+        &disk,
+        server.addr,
+        "web",
+        pki.path(),
+        &["--snapshot", "none"],
+    );
+    assert_success(&output);
+    let log = stderr(&output);
+    assert_eq!(
+        log.matches("reading the disk live (--snapshot none)")
+            .count(),
+        1,
+        "{log}"
+    );
 
     let sources = cli_json(&server, &pki, &["status"]);
     assert_eq!(label_in(&sources, "source", "web"), "live");

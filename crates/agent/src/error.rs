@@ -57,11 +57,20 @@ pub enum Error {
     /// and a disk that stays at another size is then refused as a resize.
     #[error("{0}")]
     DiskUnsteady(String),
-    /// A frozen view of the disk could not be made (a failing or timed-out
-    /// snapshot command, a view of the wrong size, a file system that cannot
-    /// clone in `--snapshot reflink` mode).
+    /// A frozen view of the disk could not be made this time (a failing or
+    /// timed-out snapshot command, a clone that failed, e.g. for lack of
+    /// space). Retried: the next epoch tries again.
     #[error("frozen view: {0}")]
     View(String),
+    /// Frozen views cannot be made as configured (a file system that cannot
+    /// clone in `--snapshot reflink` mode, a block device without
+    /// `--snapshot-cmd`, a view of the wrong size or no path printed).
+    /// Retrying cannot fix it.
+    #[error("frozen view: {0}")]
+    ViewConfig(String),
+    /// A signal stopped `--once` before the replica caught up.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl Error {
@@ -72,6 +81,7 @@ impl Error {
         match self {
             Error::Connect { .. } | Error::Lost(_) | Error::Alert(_) => true,
             Error::DiskUnsteady(_) => true,
+            Error::View(_) => true,
             // The connection broke during the handshake (a server that crashed
             // or restarted, or one at its connection limit): the network's
             // fault, not the configuration's. A certificate the server or the
@@ -120,5 +130,11 @@ mod tests {
     fn a_disk_that_changed_size_during_a_read_is_retried_but_a_resize_is_not() {
         assert!(Error::DiskUnsteady("shrank".into()).is_retryable());
         assert!(!Error::DiskChanged("resized".into()).is_retryable());
+    }
+
+    #[test]
+    fn a_view_that_failed_once_is_retried_but_a_misconfigured_one_is_not() {
+        assert!(Error::View("lvcreate failed".into()).is_retryable());
+        assert!(!Error::ViewConfig("cannot reflink".into()).is_retryable());
     }
 }

@@ -38,7 +38,7 @@ pub use adaptive::AdaptiveCompression;
 pub use error::Error;
 pub use failback::{FailbackOptions, FailbackPass, failback};
 pub use rate::{RateLimiter, parse_rate};
-pub use run::{RunOutcome, run, run_once};
+pub use run::{RunOutcome, run, run_once, run_once_until};
 pub use view::{SnapshotMode, VIEW_COMMAND_TIMEOUT_DEFAULT, ViewOptions};
 
 /// When chunks are compressed before sending.

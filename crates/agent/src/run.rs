@@ -36,6 +36,31 @@ pub struct RunOutcome {
 /// `config.cutover`, runs the cutover.
 pub async fn run_once(
     config: &AgentConfig,
+    on_epoch: impl FnMut(&EpochReport),
+) -> Result<RunOutcome, Error> {
+    // Never sent: nothing stops this run but its end.
+    let (_never, shutdown) = watch::channel(false);
+    run_once_until(config, shutdown, on_epoch).await
+}
+
+/// [`run_once`] that `shutdown` turning true stops, as [`run`]: the epoch in
+/// flight is dropped, which releases its view, thaws and removes its clone
+/// before this returns [`Error::Stopped`].
+pub async fn run_once_until(
+    config: &AgentConfig,
+    mut shutdown: watch::Receiver<bool>,
+    on_epoch: impl FnMut(&EpochReport),
+) -> Result<RunOutcome, Error> {
+    tokio::select! {
+        result = once(config, on_epoch) => result,
+        _ = shutdown.wait_for(|stop| *stop) => Err(Error::Stopped(
+            "stopped by a signal before the replica caught up".into(),
+        )),
+    }
+}
+
+async fn once(
+    config: &AgentConfig,
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<RunOutcome, Error> {
     let mut outcome = RunOutcome::default();
@@ -49,7 +74,11 @@ pub async fn run_once(
         };
         let root = blockrep_core::Root::from_chunk_ids(current.geometry, &current.ids).id();
         let caught_up = session.head_root_id() == Some(root);
-        if !caught_up && let Some(report) = session.epoch(config, current, false).await? {
+        if caught_up {
+            // This scan's view is done with: released before the cutover makes
+            // its own, as a fixed-name snapshot (one LVM or ZFS name) needs.
+            drop(current);
+        } else if let Some(report) = session.epoch(config, current, false).await? {
             on_epoch(&report);
             outcome.epochs.push(report);
             continue;

@@ -178,7 +178,15 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
     let options = &config.view;
     let started = Instant::now();
     let taken = match &options.mode {
-        SnapshotMode::None => None,
+        SnapshotMode::None => {
+            if !options.learned.live_only.swap(true, Ordering::Relaxed) {
+                info!(
+                    disk = %config.disk.display(),
+                    "reading the disk live (--snapshot none): recovery points are labelled live and may be torn"
+                );
+            }
+            None
+        }
         SnapshotMode::Auto if options.learned.live_only.load(Ordering::Relaxed) => None,
         SnapshotMode::Auto | SnapshotMode::Reflink => reflink_view(config).await?,
         SnapshotMode::Command {
@@ -217,7 +225,7 @@ async fn reflink_view(config: &AgentConfig) -> Result<Option<(View, u64, Consist
             image.display()
         );
         if !auto {
-            return Err(Error::View(why));
+            return Err(Error::ViewConfig(why));
         }
         return Ok(live_from_now_on(options, &image, &why));
     }
@@ -225,12 +233,27 @@ async fn reflink_view(config: &AgentConfig) -> Result<Option<(View, u64, Consist
         sweep_stale_clones(&image);
     }
     let number = options.learned.clones.fetch_add(1, Ordering::Relaxed);
-    let made = with_quiesce(options, move || {
-        tokio::task::spawn_blocking(move || make_clone(&image, number))
+    let timeout = options.timeout();
+    // Bounded like a snapshot command: a clone that hangs (a file system frozen
+    // by the quiesce command) must not keep the workload frozen. A clone that
+    // finishes after the timeout is dropped, which removes it.
+    let made = with_quiesce(options, move || async move {
+        tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || make_clone(&image, number)),
+        )
+        .await
     })
     .await;
     let (result, quiesced) = made;
-    let result = result.map_err(|e| Error::View(format!("the clone task failed: {e}")))?;
+    let result = result
+        .map_err(|_| {
+            Error::View(format!(
+                "the reflink clone was not made within {timeout:?} (--snapshot-cmd-timeout); \
+                 a --quiesce-cmd must not freeze the file system that holds the image"
+            ))
+        })?
+        .map_err(|e| Error::View(format!("the clone task failed: {e}")))?;
     match result {
         Ok((view, started_unix_ms)) => {
             if auto && number == 0 {
@@ -241,7 +264,7 @@ async fn reflink_view(config: &AgentConfig) -> Result<Option<(View, u64, Consist
         Err(CloneError::Unsupported(why)) if auto => {
             Ok(live_from_now_on(options, &config.disk, &why))
         }
-        Err(CloneError::Unsupported(why)) => Err(Error::View(format!(
+        Err(CloneError::Unsupported(why)) => Err(Error::ViewConfig(format!(
             "{why}; use --snapshot auto or none to read the disk live, or --snapshot-cmd to make views another way"
         ))),
         Err(CloneError::Failed(why)) => Err(Error::View(why)),
@@ -281,28 +304,9 @@ enum CloneError {
 /// Clones `image` into its sibling temporary file and opens the clone.
 /// Returns the view and the wall-clock instant just before the clone was made.
 fn make_clone(image: &Path, number: u64) -> Result<(View, u64), CloneError> {
-    let path = clone_path(image, std::process::id(), number)
-        .ok_or_else(|| CloneError::Failed(format!("{} has no file name", image.display())))?;
-    let failed = |what: &str, error: std::io::Error| {
-        CloneError::Failed(format!("cannot {what} {}: {error}", path.display()))
-    };
     let source = std::fs::File::open(image)
         .map_err(|e| CloneError::Failed(format!("cannot open disk {}: {e}", image.display())))?;
-    let clone = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| match e.kind() {
-            // No room for a clone beside the image: `auto` reads live.
-            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
-                CloneError::Unsupported(format!(
-                    "no clone can be made beside the image: cannot create {}: {e}",
-                    path.display()
-                ))
-            }
-            _ => failed("create the clone", e),
-        })?;
+    let (clone, path) = create_clone_file(image, number)?;
     // From here on the clone file exists: this release removes it, on failure
     // here or, once handed to the view, when the epoch is done with it.
     let pending = PendingRelease(Some(Release::RemoveClone(path.clone())));
@@ -333,6 +337,59 @@ fn make_clone(image: &Path, number: u64) -> Result<(View, u64), CloneError> {
     Ok((view, started_unix_ms))
 }
 
+/// Names of clones tried before giving up on names already taken.
+const CLONE_NAME_TRIES: u64 = 64;
+
+/// Creates the empty clone file: `.<image>.blockrep-view-<pid>-<n>`, or the next
+/// free `<n>` where that name is taken (a file of another process that had this
+/// pid, e.g. an agent restarted as pid 1 in a container, that no sweep may
+/// remove while it could be in use).
+fn create_clone_file(image: &Path, number: u64) -> Result<(std::fs::File, PathBuf), CloneError> {
+    let pid = std::process::id();
+    let mut last = None;
+    for attempt in 0..CLONE_NAME_TRIES {
+        let n = number
+            .saturating_mul(CLONE_NAME_TRIES)
+            .saturating_add(attempt);
+        let path = clone_path(image, pid, n)
+            .ok_or_else(|| CloneError::Failed(format!("{} has no file name", image.display())))?;
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(file) => return Ok((file, path)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((path, e)),
+            // No room for a clone beside the image: `auto` reads live.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                return Err(CloneError::Unsupported(format!(
+                    "no clone can be made beside the image: cannot create {}: {e}",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(CloneError::Failed(format!(
+                    "cannot create the clone {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let (path, e) = last.unzip();
+    Err(CloneError::Failed(format!(
+        "cannot create a clone beside {}: {CLONE_NAME_TRIES} names up to {} are taken ({})",
+        image.display(),
+        path.map_or_else(String::new, |p| p.display().to_string()),
+        e.map_or_else(String::new, |e| e.to_string())
+    )))
+}
+
 /// Errno values `FICLONE` returns where the file system cannot clone.
 mod errno {
     pub const EXDEV: i32 = 18;
@@ -343,15 +400,24 @@ mod errno {
 
 /// `.<image>.blockrep-view-<pid>-<n>` beside the image.
 fn clone_path(image: &Path, pid: u32, number: u64) -> Option<PathBuf> {
-    let name = image.file_name()?.to_str()?;
-    Some(image.with_file_name(format!(".{name}{CLONE_MARK}{pid}-{number}")))
+    // Built from the OS string: an image name that is not UTF-8 still gets one.
+    let mut name = clone_prefix(image)?;
+    name.push(format!("{pid}-{number}"));
+    Some(image.with_file_name(name))
+}
+
+/// `.<image>.blockrep-view-`, the start of every clone name of `image`.
+fn clone_prefix(image: &Path) -> Option<std::ffi::OsString> {
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(image.file_name()?);
+    prefix.push(CLONE_MARK);
+    Some(prefix)
 }
 
 /// Removes clones of `image` whose agent is gone (killed before it could).
 fn sweep_stale_clones(image: &Path) {
-    let (Some(directory), Some(name)) =
-        (image.parent(), image.file_name().and_then(|n| n.to_str()))
-    else {
+    use std::os::unix::ffi::OsStrExt;
+    let (Some(directory), Some(prefix)) = (image.parent(), clone_prefix(image)) else {
         return;
     };
     let directory = if directory.as_os_str().is_empty() {
@@ -359,22 +425,28 @@ fn sweep_stale_clones(image: &Path) {
     } else {
         directory
     };
-    let prefix = format!(".{name}{CLONE_MARK}");
+    let own_pid = std::process::id();
     let Ok(entries) = std::fs::read_dir(directory) else {
         return;
     };
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+        let Some(rest) = file_name
+            .as_bytes()
+            .strip_prefix(prefix.as_bytes())
+            .and_then(|rest| std::str::from_utf8(rest).ok())
+        else {
             continue;
         };
         // The pid in the name: a clone of a running agent (another agent on the
-        // same image) is left alone.
+        // same image) is left alone. This process has made no clone yet when it
+        // sweeps, so one with its own pid is from an earlier process that had
+        // the same pid (pid 1 in a container, restarted).
         let alive = rest
             .split('-')
             .next()
             .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            .is_some_and(|pid| pid != own_pid && Path::new(&format!("/proc/{pid}")).exists());
         if alive {
             continue;
         }
@@ -416,6 +488,13 @@ where
     F: std::future::Future<Output = T>,
 {
     let env: Vec<(&'static str, String)> = Vec::new();
+    // From before the quiesce command starts until the thaw has run: should
+    // this future be dropped (a shutdown mid-epoch), the guard thaws.
+    let mut thaw_guard = ThawGuard(options.thaw_cmd.clone().map(|command| Release::Command {
+        command,
+        env: env.clone(),
+        timeout: options.timeout(),
+    }));
     let quiesced = match &options.quiesce_cmd {
         Some(command) => match run(command, &env, options.timeout(), false).await {
             Ok(_) => true,
@@ -427,12 +506,38 @@ where
         None => false,
     };
     let result = make().await;
-    if let Some(command) = &options.thaw_cmd
-        && let Err(error) = run(command, &env, options.timeout(), false).await
-    {
-        warn!(%error, "the thaw command failed: the workload may still be frozen");
+    if let Some(command) = &options.thaw_cmd {
+        let thawed = run(command, &env, options.timeout(), false).await;
+        // The thaw finished (had this future been dropped while it ran, the
+        // guard would have run it again to completion).
+        thaw_guard.0 = None;
+        if let Err(error) = thawed {
+            warn!(%error, "the thaw command failed: the workload may still be frozen");
+        }
     }
     (result, quiesced)
+}
+
+/// Runs the thaw command, synchronously, when dropped armed: the epoch was
+/// dropped between the quiesce command and the thaw.
+struct ThawGuard(Option<Release>);
+
+impl Drop for ThawGuard {
+    fn drop(&mut self) {
+        if let Some(Release::Command {
+            command,
+            env,
+            timeout,
+        }) = self.0.take()
+        {
+            match without_stalling_the_runtime(|| run_blocking(&command, &env, timeout)) {
+                Ok(()) => info!("thawed after the epoch was stopped"),
+                Err(error) => {
+                    warn!(%error, "the thaw command failed: the workload may still be frozen")
+                }
+            }
+        }
+    }
 }
 
 /// Runs the operator's snapshot command and opens the view it printed.
@@ -458,7 +563,7 @@ async fn command_view(
     .await;
     let output = output.map_err(|e| Error::View(format!("the snapshot command {e}")))?;
     let Some(line) = output.lines().map(str::trim).rfind(|l| !l.is_empty()) else {
-        return Err(Error::View(
+        return Err(Error::ViewConfig(
             "the snapshot command printed no path: its last non-empty line of output must be the view's path".into(),
         ));
     };
@@ -484,7 +589,7 @@ async fn command_view(
         ))
     })?;
     if disk.size_bytes() != live.size_bytes() {
-        return Err(Error::View(format!(
+        return Err(Error::ViewConfig(format!(
             "the view {} the snapshot command made is {} bytes, the disk {} is {} bytes",
             path.display(),
             disk.size_bytes(),
@@ -639,14 +744,47 @@ mod tests {
         std::fs::write(&image, b"x").expect("image");
         // No process has pid 4194304 + 1 (above the kernel's pid_max limit).
         let dead = clone_path(&image, 4_194_305, 0).expect("name");
-        let alive = clone_path(&image, std::process::id(), 0).expect("name");
+        // pid 1 runs (unless this is it, in a container).
+        let alive = clone_path(&image, 1, 0).expect("name");
+        // This process has made no clone before it sweeps: one with its pid
+        // is from an earlier process that had the same pid.
+        let own = clone_path(&image, std::process::id(), 0).expect("name");
         std::fs::write(&dead, b"x").expect("dead clone");
         std::fs::write(&alive, b"x").expect("live clone");
+        std::fs::write(&own, b"x").expect("earlier clone with this pid");
         sweep_stale_clones(&image);
         assert!(!dead.exists());
-        assert!(alive.exists());
+        assert_eq!(alive.exists(), std::process::id() != 1);
+        assert!(!own.exists());
         assert!(image.exists());
         std::fs::remove_dir_all(&directory).expect("cleanup");
+    }
+
+    #[test]
+    fn a_taken_clone_name_is_skipped_not_fatal() {
+        let directory = tempfile_dir();
+        let image = directory.join("disk.img");
+        std::fs::write(&image, vec![7u8; 8192]).expect("image");
+        let taken = clone_path(&image, std::process::id(), 0).expect("name");
+        std::fs::write(&taken, b"not ours").expect("taken name");
+        let (_file, path) = match create_clone_file(&image, 0) {
+            Ok(made) => made,
+            Err(CloneError::Failed(why) | CloneError::Unsupported(why)) => panic!("{why}"),
+        };
+        assert_ne!(path, taken);
+        assert_eq!(std::fs::read(&taken).expect("kept"), b"not ours");
+        std::fs::remove_dir_all(&directory).expect("cleanup");
+    }
+
+    #[test]
+    fn an_image_name_that_is_not_utf8_still_gets_a_clone_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let image = Path::new("/srv").join(std::ffi::OsStr::from_bytes(b"vm\xff.img"));
+        let path = clone_path(&image, 42, 0).expect("a clone name");
+        assert_eq!(
+            path.file_name().expect("name").as_bytes(),
+            b".vm\xff.img.blockrep-view-42-0"
+        );
     }
 
     fn tempfile_dir() -> PathBuf {

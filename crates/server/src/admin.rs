@@ -297,10 +297,7 @@ async fn create_launch(
     let (snapshot, name) = (body.snapshot.clone(), body.name.clone());
     let allow_live = body.allow_live;
     let launch = blocking(&shared, move |store| {
-        if let Some(why) = crate::launch_gate::refusal(store, &source, &snapshot, allow_live)? {
-            return Ok(Err(why));
-        }
-        store.create_launch(&source, &snapshot, &name, kind).map(Ok)
+        crate::launch_gate::create(store, &source, &snapshot, &name, kind, allow_live)
     })
     .await?
     .map_err(|why| ApiError::from(error(StatusCode::CONFLICT, why)))?;

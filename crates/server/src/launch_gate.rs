@@ -8,7 +8,7 @@
 //! final commit, not through this gate: it is labelled, never refused.
 
 use blockrep_core::{Consistency, SourceId};
-use blockrep_store::{Error, Store};
+use blockrep_store::{Error, LaunchInfo, LaunchKind, Store};
 
 /// Whether snapshot `snapshot` of `source` may be launched: `Some(why)` when
 /// it is `live` and `allow_live` is not set (a missing snapshot is left to
@@ -31,4 +31,30 @@ pub(crate) fn refusal(
         )));
     }
     Ok(None)
+}
+
+/// Creates the launch if the gate lets it: checked before, and again on the
+/// launch made, whose label is the one its snapshot had when it was read (a
+/// snapshot deleted and re-made `live` under the same name in between is
+/// caught then; the launch is deleted again). `Ok(Err(why))` is a refusal.
+pub(crate) fn create(
+    store: &Store,
+    source: &SourceId,
+    snapshot: &str,
+    name: &str,
+    kind: LaunchKind,
+    allow_live: bool,
+) -> Result<Result<LaunchInfo, String>, Error> {
+    if let Some(why) = refusal(store, source, snapshot, allow_live)? {
+        return Ok(Err(why));
+    }
+    let launch = store.create_launch(source, snapshot, name, kind)?;
+    if launch.consistency == Consistency::Live && !allow_live {
+        store.delete_launch(&launch.name)?;
+        return Ok(Err(format!(
+            "snapshot {snapshot} of {source} became live while the launch was made: \
+             pass --allow-live (\"allow_live\": true in the API) to launch it anyway"
+        )));
+    }
+    Ok(Ok(launch))
 }
