@@ -788,11 +788,11 @@ mod tests {
     }
 
     fn tempfile_dir() -> PathBuf {
-        let directory = std::env::temp_dir().join(format!(
-            "blockrep-view-test-{}-{}",
-            std::process::id(),
-            now_unix_ms()
-        ));
+        // Tests run in parallel: a counter keeps their directories apart.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let directory =
+            std::env::temp_dir().join(format!("blockrep-view-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&directory).expect("temp dir");
         directory
     }
