@@ -54,8 +54,14 @@ pub(crate) async fn prepare(
 /// One delta sync, measured.
 fn row(epochs: &[EpochReport], wall: Duration, changed_bytes: u64) -> Value {
     let wire: u64 = epochs.iter().map(|r| r.bytes_sent).sum();
+    // The scan reads the whole disk either way; the transfer is where the
+    // two ways of sending differ.
+    let transfer: Duration = epochs.iter().map(|r| r.transfer_duration).sum();
+    let scan: Duration = epochs.iter().map(|r| r.scan_duration).sum();
     json!({
         "seconds": wall.as_secs_f64(),
+        "scan_seconds": scan.as_secs_f64(),
+        "transfer_seconds": transfer.as_secs_f64(),
         "bytes_on_wire": wire,
         "wire_to_changed": wire as f64 / changed_bytes.max(1) as f64,
         "chunks_sent": epochs.iter().map(|r| r.chunks_sent).sum::<u64>(),
@@ -139,8 +145,11 @@ pub(crate) fn table_rows(f: &Value) -> Vec<(&'static str, String)> {
         if r.is_null() {
             return "n/a".into();
         }
+        let transfer = r["transfer_seconds"]
+            .as_f64()
+            .map_or(String::new(), |t| format!(" (transfer {t:.3} s)"));
         format!(
-            "{:.3} s, {:.1} MiB, {:.2}x",
+            "{:.3} s{transfer}, {:.1} MiB, {:.2}x",
             r["seconds"].as_f64().unwrap_or(f64::NAN),
             r["bytes_on_wire"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
             r["wire_to_changed"].as_f64().unwrap_or(f64::NAN)
