@@ -638,8 +638,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Codec::Raw | Codec::Zstd => {
                 let data_len = data.len() as u64;
-                let verifier =
-                    verifier.get_or_insert_with(|| Verifier::spawn(Arc::clone(&self.shared.store)));
+                let verifier = verifier.get_or_insert_with(|| {
+                    Verifier::spawn(
+                        Arc::clone(&self.shared.store),
+                        patches::values_sink(&self.shared),
+                    )
+                });
                 verifier
                     .submit(Job {
                         index,
@@ -647,6 +651,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         codec,
                         raw_len,
                         data,
+                        patch: None,
                     })
                     .await?;
                 // Counted on arrival rather than at the commit, so that data a

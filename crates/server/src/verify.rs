@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use blockrep_core::{ChunkId, hash_chunk};
+use blockrep_core::{BlockValue, ChunkId, apply_patch, hash_with_block_values};
 use blockrep_proto::{Codec, ErrorCode};
 use blockrep_store::{BlobKind, Store, StoredCodec};
 use bytes::Bytes;
@@ -24,6 +24,17 @@ pub(crate) struct Job {
     pub codec: Codec,
     pub raw_len: u32,
     pub data: Bytes,
+    /// For a patch: the chunk it applies to and the byte ranges `data` (once
+    /// decoded) replaces. The verifier rebuilds the chunk, so patches flow
+    /// through the same queue as chunks instead of one blocking task each.
+    pub patch: Option<PatchOf>,
+}
+
+/// What makes a [`Job`] a patch.
+#[derive(Debug)]
+pub(crate) struct PatchOf {
+    pub base: ChunkId,
+    pub ranges: Vec<(u32, u32)>,
 }
 
 /// What the verifier did over one epoch.
@@ -34,6 +45,10 @@ pub(crate) struct VerifyStats {
     pub bytes_stored: u64,
 }
 
+/// Told the block values of every chunk the verifier checks: they fall out of
+/// its hash, and they are what the next epoch's patches are planned against.
+pub(crate) type OnValues = Arc<dyn Fn(ChunkId, Bytes) + Send + Sync>;
+
 #[derive(Debug)]
 pub(crate) struct Verifier {
     tx: mpsc::Sender<Job>,
@@ -41,7 +56,7 @@ pub(crate) struct Verifier {
 }
 
 impl Verifier {
-    pub(crate) fn spawn(store: Arc<Store>) -> Self {
+    pub(crate) fn spawn(store: Arc<Store>, on_values: OnValues) -> Self {
         let (tx, mut rx) = mpsc::channel::<Job>(VERIFY_QUEUE_LEN);
         let handle = tokio::task::spawn_blocking(move || {
             let mut stats = VerifyStats::default();
@@ -49,18 +64,28 @@ impl Verifier {
                 .map_err(|e| Reject::new(ErrorCode::Internal, format!("zstd: {e}")))?;
             let mut scratch = Vec::new();
             while let Some(job) = rx.blocking_recv() {
-                verify(&job, &mut decompressor, &mut scratch)?;
-                let codec = match job.codec {
-                    Codec::Zstd => StoredCodec::Zstd,
-                    _ => StoredCodec::Raw,
+                let (codec, data, values) = match &job.patch {
+                    Some(patch) => {
+                        let (rebuilt, values) = rebuild(&store, &job, patch, &mut decompressor)?;
+                        (StoredCodec::Raw, Bytes::from(rebuilt), values)
+                    }
+                    None => {
+                        let values = verify(&job, &mut decompressor, &mut scratch)?;
+                        let codec = match job.codec {
+                            Codec::Zstd => StoredCodec::Zstd,
+                            _ => StoredCodec::Raw,
+                        };
+                        (codec, job.data.clone(), values)
+                    }
                 };
+                on_values(job.id, Bytes::from(values.concat()));
                 let stored = store
-                    .insert(BlobKind::Chunk, job.id, codec, job.raw_len, &job.data)
+                    .insert(BlobKind::Chunk, job.id, codec, job.raw_len, &data)
                     .map_err(|e| Reject::new(ErrorCode::Internal, format!("store: {e}")))?;
                 stats.chunks_verified += 1;
                 if stored {
                     stats.chunks_stored += 1;
-                    stats.bytes_stored += job.data.len() as u64;
+                    stats.bytes_stored += data.len() as u64;
                 }
             }
             Ok(stats)
@@ -114,7 +139,7 @@ fn verify(
     job: &Job,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     scratch: &mut Vec<u8>,
-) -> Result<(), Reject> {
+) -> Result<Vec<BlockValue>, Reject> {
     let bad =
         |what: String| Reject::new(ErrorCode::BadChunk, format!("chunk {}: {what}", job.index));
     let raw: &[u8] = match job.codec {
@@ -143,7 +168,7 @@ fn verify(
             job.raw_len
         )));
     }
-    let actual = hash_chunk(raw);
+    let (actual, values) = hash_with_block_values(raw);
     if actual.is_zero() {
         return Err(bad("is all zero but was not sent as a zero chunk".into()));
     }
@@ -153,5 +178,55 @@ fn verify(
             job.id
         )));
     }
-    Ok(())
+    Ok(values)
+}
+
+/// The chunk a patch makes, once its id is checked: its data decoded (capped at
+/// the ranges' length, so a zstd bomb fails), applied to its base, hashed.
+fn rebuild(
+    store: &Store,
+    job: &Job,
+    patch: &PatchOf,
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+) -> Result<(Vec<u8>, Vec<BlockValue>), Reject> {
+    let index = job.index;
+    let bad = |what: String| {
+        Reject::new(
+            ErrorCode::BadChunk,
+            format!("patch for chunk {index}: {what}; nothing of this epoch is committed"),
+        )
+    };
+    let covered: u64 = patch.ranges.iter().map(|&(_, len)| u64::from(len)).sum();
+    let decoded;
+    let data: &[u8] = match job.codec {
+        Codec::Raw => &job.data,
+        Codec::Zstd => {
+            let cap = covered.min(u64::from(job.raw_len)) as usize;
+            decoded = decompressor
+                .decompress(&job.data, cap)
+                .map_err(|e| bad(format!("data does not decompress within {cap} bytes: {e}")))?;
+            &decoded
+        }
+        Codec::Zero | Codec::Ref => return Err(bad("a patch carries raw or zstd data".into())),
+    };
+    let base = store.read_blob(&patch.base).map_err(|e| {
+        Reject::new(
+            ErrorCode::Internal,
+            format!("reading patch base {}: {e}", patch.base),
+        )
+    })?;
+    let rebuilt =
+        apply_patch(&base, job.raw_len, &patch.ranges, data).map_err(|e| bad(e.to_string()))?;
+    let (computed, values) = hash_with_block_values(&rebuilt);
+    if computed != job.id {
+        return Err(Reject::new(
+            ErrorCode::BadChunk,
+            format!(
+                "patch for chunk {index} produced {computed}, expected {}; nothing of this \
+                 epoch is committed",
+                job.id
+            ),
+        ));
+    }
+    Ok((rebuilt, values))
 }

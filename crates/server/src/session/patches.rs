@@ -9,8 +9,9 @@
 //!   whether another source's data exists. Values are computed from the stored
 //!   chunk, whose id is checked on the way (a mismatch is store damage: logged,
 //!   answered empty), and kept in a cache bounded by
-//!   [`BLOCK_VALUES_CACHE_BYTES_MAX`]. Patched chunks enter the cache as they
-//!   are rebuilt: they are the bases of the next epoch's patches.
+//!   [`BLOCK_VALUES_CACHE_BYTES_MAX`]. Every chunk the verifier checks, patched or
+//!   whole, enters the cache with the values its hash gave: they are the bases
+//!   of the next epoch's patches.
 //! - `Patch`: the base must be one of the source's own committed chunks
 //!   (else: "patch base <id> is not a chunk of this source"). The server reads
 //!   it, applies the ranges ([`apply_patch`], which checks them), hashes the
@@ -24,14 +25,14 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use blockrep_core::{ChunkId, apply_patch, hash_with_block_values};
+use blockrep_core::{ChunkId, hash_with_block_values};
 use blockrep_proto::{Codec, ErrorCode, Message};
 use blockrep_store::{BlobKind, Store};
 use bytes::Bytes;
 use tracing::warn;
 
 use super::{End, EpochCounters, Outcome, Reject, Replica, Session, internal};
-use crate::verify::{Job, Verifier};
+use crate::verify::{Job, OnValues, PatchOf, Verifier};
 
 /// Bytes of block values the server keeps cached, all sources together: the
 /// values of 65,536 chunks of 64 KiB (256 bytes each), or of 256 chunks of
@@ -97,6 +98,13 @@ impl ValuesCache {
     }
 }
 
+/// Where a session's verifier puts the block values of the chunks it checks:
+/// the cache, so the next epoch's `GetBlockValues` need not read and hash them.
+pub(crate) fn values_sink(shared: &Arc<crate::listener::Shared>) -> OnValues {
+    let shared = Arc::clone(shared);
+    Arc::new(move |id, values| shared.patches.remember(id, values))
+}
+
 impl PatchShared {
     fn cached(&self, id: &ChunkId) -> Option<Bytes> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(id)
@@ -144,52 +152,6 @@ pub(super) struct PatchFrame {
     pub raw_len: u32,
     pub ranges: Vec<(u32, u32)>,
     pub data: Bytes,
-}
-
-/// The chunk a patch makes and its block values, once its id is checked.
-/// Blocking: reads the base, decodes the data, hashes the result.
-fn rebuild(store: &Store, patch: &PatchFrame) -> Result<(Vec<u8>, Bytes), Reject> {
-    let index = patch.index;
-    let bad = |what: String| {
-        Reject::new(
-            ErrorCode::BadChunk,
-            format!("patch for chunk {index}: {what}; nothing of this epoch is committed"),
-        )
-    };
-    let covered: u64 = patch.ranges.iter().map(|&(_, len)| u64::from(len)).sum();
-    let decoded;
-    let data: &[u8] = match patch.codec {
-        Codec::Raw => &patch.data,
-        Codec::Zstd => {
-            // The ranges' length caps the output, so a zstd bomb fails here;
-            // a chunk's length caps the ranges' length.
-            let cap = covered.min(u64::from(patch.raw_len)) as usize;
-            decoded = zstd::bulk::decompress(&patch.data, cap)
-                .map_err(|e| bad(format!("data does not decompress within {cap} bytes: {e}")))?;
-            &decoded
-        }
-        Codec::Zero | Codec::Ref => return Err(bad("a patch carries raw or zstd data".into())),
-    };
-    let base = store.read_blob(&patch.base).map_err(|e| {
-        Reject::new(
-            ErrorCode::Internal,
-            format!("reading patch base {}: {e}", patch.base),
-        )
-    })?;
-    let rebuilt =
-        apply_patch(&base, patch.raw_len, &patch.ranges, data).map_err(|e| bad(e.to_string()))?;
-    let (computed, values) = hash_with_block_values(&rebuilt);
-    if computed != patch.id {
-        return Err(Reject::new(
-            ErrorCode::BadChunk,
-            format!(
-                "patch for chunk {index} produced {computed}, expected {}; nothing of this \
-                 epoch is committed",
-                patch.id
-            ),
-        ));
-    }
-    Ok((rebuilt, Bytes::from(values.concat())))
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
@@ -291,26 +253,25 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
                 patch.base
             )));
         }
-        let shared = Arc::clone(&self.shared);
         let data_len = patch.data.len() as u64;
         let raw_len = patch.raw_len;
         let id = patch.id;
-        let rebuilding = tokio::task::spawn_blocking(move || rebuild(&shared.store, &patch));
-        let (rebuilt, values) = self
-            .connection
-            .working(rebuilding)
-            .await
-            .map_err(internal)??;
-        self.shared.patches.remember(id, values);
-        let verifier =
-            verifier.get_or_insert_with(|| Verifier::spawn(Arc::clone(&self.shared.store)));
+        // The verifier rebuilds and checks the chunk, queued behind the chunks
+        // before it: a refused patch ends the session as a bad chunk does.
+        let verifier = verifier.get_or_insert_with(|| {
+            Verifier::spawn(Arc::clone(&self.shared.store), values_sink(&self.shared))
+        });
         verifier
             .submit(Job {
                 index,
                 id,
-                codec: Codec::Raw,
+                codec: patch.codec,
                 raw_len,
-                data: Bytes::from(rebuilt),
+                data: patch.data,
+                patch: Some(PatchOf {
+                    base: patch.base,
+                    ranges: patch.ranges,
+                }),
             })
             .await?;
         let stats = &self.shared.patches;
