@@ -12,9 +12,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use blockrep_core::{BLOCK_VALUE_LEN, BlockValue, ChunkId, changed_blocks};
+use blockrep_core::{BlockValue, ChunkId, changed_blocks, parse_block_values};
 use blockrep_proto::{BLOCK_VALUES_IDS_MAX, Message};
-use bytes::Bytes;
 
 use crate::Error;
 use crate::connection::Connection;
@@ -101,7 +100,7 @@ pub(crate) async fn fetch_bases(
         }
         values_bytes_received += answer.iter().map(|e| e.len() as u64).sum::<u64>();
         for (id, entry) in batch.iter().zip(answer) {
-            if let Some(parsed) = parse_values(&entry) {
+            if let Some(parsed) = parse_block_values(&entry) {
                 values.insert(*id, Arc::new(parsed));
             }
         }
@@ -119,19 +118,6 @@ pub(crate) async fn fetch_bases(
         bytes_sent,
         values_bytes_received,
     })
-}
-
-/// Splits an entry of `BlockValues` into values; `None` for an empty entry
-/// (no base) or one that is not whole values (then the chunk travels whole,
-/// which is always correct).
-fn parse_values(entry: &Bytes) -> Option<Vec<BlockValue>> {
-    if entry.is_empty() || !entry.len().is_multiple_of(BLOCK_VALUE_LEN) {
-        return None;
-    }
-    entry
-        .chunks_exact(BLOCK_VALUE_LEN)
-        .map(|value| value.try_into().ok())
-        .collect()
 }
 
 /// What a patch carries: the ranges that differ and their new bytes.
@@ -170,12 +156,14 @@ pub(crate) fn refused_patch(error: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blockrep_core::BLOCK_VALUE_LEN;
+    use bytes::Bytes;
 
     #[test]
     fn values_that_are_not_whole_are_no_base() {
-        assert!(parse_values(&Bytes::new()).is_none());
-        assert!(parse_values(&Bytes::from(vec![0u8; BLOCK_VALUE_LEN + 1])).is_none());
-        let two = parse_values(&Bytes::from(vec![7u8; 2 * BLOCK_VALUE_LEN])).unwrap();
+        assert!(parse_block_values(&Bytes::new()).is_none());
+        assert!(parse_block_values(&Bytes::from(vec![0u8; BLOCK_VALUE_LEN + 1])).is_none());
+        let two = parse_block_values(&Bytes::from(vec![7u8; 2 * BLOCK_VALUE_LEN])).unwrap();
         assert_eq!(two, vec![[7u8; BLOCK_VALUE_LEN]; 2]);
     }
 

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk, hash_with_block_values};
+use blockrep_core::{
+    ChunkId, DiskImage, Geometry, hash_chunk, hash_with_block_values, is_all_zero,
+};
 use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, patch_frame, ref_proof};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
@@ -181,7 +183,9 @@ impl ChunkEncoder {
         // A chunk with a base is hashed with its block values: the same single
         // pass gives the id and what a patch needs.
         let base = bases.get(index);
+        // A zero chunk travels as such: neither hashed nor planned.
         let (id, values) = match base {
+            _ if is_all_zero(&frame[CHUNK_HEADER_LEN..]) => (ChunkId::ZERO, None),
             Some(_) => {
                 let (id, values) = hash_with_block_values(&frame[CHUNK_HEADER_LEN..]);
                 (id, Some(values))
@@ -216,7 +220,7 @@ impl ChunkEncoder {
                 None => (Codec::Raw, Bytes::from(payload)),
             };
             let out = patch_frame(index, &base.id, &id, codec, raw_len as u32, &ranges, &data);
-            (BytesMut::from(&out[..]), sent)
+            (BytesMut::from(out), sent)
         } else if let Some(mut compressed) = self.try_compress(
             &frame[CHUNK_HEADER_LEN..],
             Attempt::for_chunk(&frame[CHUNK_HEADER_LEN..]),

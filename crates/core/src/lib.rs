@@ -42,7 +42,7 @@ pub use id::ChunkId;
 pub use index::{CHUNKS_PER_PAGE, PAGE_COUNT_MAX, Page, Root, RootId};
 pub use patch::{
     BLOCK_VALUE_LEN, BlockValue, PATCH_BLOCK_BYTES, apply_patch, changed_blocks,
-    hash_with_block_values, patch_block_count,
+    hash_with_block_values, parse_block_values, patch_block_count,
 };
-pub use scan::{hash_chunk, scan_buffer, scan_buffer_with_threads};
+pub use scan::{hash_chunk, is_all_zero, scan_buffer, scan_buffer_with_threads};
 pub use source::{SOURCE_ID_MAX_LEN, SourceId};

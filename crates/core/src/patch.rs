@@ -79,7 +79,7 @@ pub fn hash_with_block_values(data: &[u8]) -> (ChunkId, Vec<BlockValue>) {
         let mut hasher = Hasher::new();
         hasher.update(data);
         values.push(truncate(&hasher.finalize_non_root()));
-        let id = if data.iter().all(|&b| b == 0) {
+        let id = if crate::scan::is_all_zero(data) {
             ChunkId::ZERO
         } else {
             ChunkId::from(hasher.finalize())
@@ -92,7 +92,7 @@ pub fn hash_with_block_values(data: &[u8]) -> (ChunkId, Vec<BlockValue>) {
     let root = merge_subtrees_root(&left, &right, Mode::Hash);
     // The zero rule of `hash_chunk`; checked after hashing, because the block
     // values of a zero chunk are needed too (a chunk zeroed by a patch).
-    let id = if data.iter().all(|&b| b == 0) {
+    let id = if crate::scan::is_all_zero(data) {
         ChunkId::ZERO
     } else {
         ChunkId::from(root)
@@ -152,6 +152,19 @@ pub fn changed_blocks(
         }
     }
     Some(ranges)
+}
+
+/// Splits concatenated block values (as `BlockValues` and `WantPatched` carry
+/// them); `None` for an empty entry (no base) or one that is not whole values,
+/// where the chunk then travels whole, which is always correct.
+pub fn parse_block_values(values: &[u8]) -> Option<Vec<BlockValue>> {
+    if values.is_empty() || !values.len().is_multiple_of(BLOCK_VALUE_LEN) {
+        return None;
+    }
+    values
+        .chunks_exact(BLOCK_VALUE_LEN)
+        .map(|value| value.try_into().ok())
+        .collect()
 }
 
 fn invalid(message: String) -> Error {

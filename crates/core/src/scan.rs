@@ -13,7 +13,9 @@ const CHUNKS_PER_BATCH: usize = 64;
 
 /// Whether `data` is all zero. Checks 256-byte blocks so the inner loop vectorizes,
 /// and leaves at the first non-zero block, which for real data is the first one.
-fn is_all_zero(data: &[u8]) -> bool {
+/// Whether every byte is zero; checked in 256-byte blocks so the loop
+/// vectorizes.
+pub fn is_all_zero(data: &[u8]) -> bool {
     let mut blocks = data.chunks_exact(256);
     for block in &mut blocks {
         if block.iter().fold(0u8, |acc, &b| acc | b) != 0 {

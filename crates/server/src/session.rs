@@ -12,7 +12,7 @@ use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Consistency, Geometry, Page, Root,
 use blockrep_proto::{
     Codec, ErrorCode, Message, PROGRESS_INTERVAL, PROTOCOL_VERSION, negotiate_version,
 };
-use blockrep_store::{BlobKind, Downtime, LaunchKind, Lifecycle, LifecycleStage, SnapshotKind};
+use blockrep_store::{Downtime, LaunchKind, Lifecycle, LifecycleStage, SnapshotKind};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
@@ -1108,36 +1108,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             data: Bytes::new(),
                         });
                     }
-                    // Only a chunk of the length its position needs is ever
-                    // sent: never a page, a root, or another length.
-                    match store.blob_info(&id) {
-                        Some(info) if info.kind == BlobKind::Chunk && info.raw_len == raw_len => {}
-                        other => {
-                            return Err(Reject::new(
-                                ErrorCode::Internal,
-                                format!(
-                                    "chunk {index} of the target names {id}, which is {}, not a \
-                                     chunk of {raw_len} bytes; not sent (run `blockrep verify`)",
-                                    other.map_or("not stored".to_owned(), |info| format!(
-                                        "a {:?} blob of {} bytes",
-                                        info.kind, info.raw_len
-                                    ))
-                                ),
-                            ));
-                        }
-                    }
-                    let data = store.read_blob(&id).map_err(|e| {
-                        Reject::new(ErrorCode::Internal, format!("chunk {index}: {e}"))
-                    })?;
-                    if data.len() != raw_len as usize {
-                        return Err(Reject::new(
-                            ErrorCode::Internal,
-                            format!(
-                                "chunk {index} ({id}) decodes to {} bytes, not {raw_len}",
-                                data.len()
-                            ),
-                        ));
-                    }
+                    let data = failback_patches::read_target_chunk(&store, index, id, raw_len)?;
                     Ok(Message::Chunk {
                         index,
                         id,

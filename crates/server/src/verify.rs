@@ -66,7 +66,8 @@ impl Verifier {
             while let Some(job) = rx.blocking_recv() {
                 let (codec, data, values) = match &job.patch {
                     Some(patch) => {
-                        let (rebuilt, values) = rebuild(&store, &job, patch, &mut decompressor)?;
+                        let (rebuilt, values) =
+                            rebuild(&store, &job, patch, &mut decompressor, &mut scratch)?;
                         (StoredCodec::Raw, Bytes::from(rebuilt), values)
                     }
                     None => {
@@ -188,6 +189,7 @@ fn rebuild(
     job: &Job,
     patch: &PatchOf,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
+    scratch: &mut Vec<u8>,
 ) -> Result<(Vec<u8>, Vec<BlockValue>), Reject> {
     let index = job.index;
     let bad = |what: String| {
@@ -197,15 +199,17 @@ fn rebuild(
         )
     };
     let covered: u64 = patch.ranges.iter().map(|&(_, len)| u64::from(len)).sum();
-    let decoded;
     let data: &[u8] = match job.codec {
         Codec::Raw => &job.data,
         Codec::Zstd => {
+            // The capacity caps the output, as for a chunk.
             let cap = covered.min(u64::from(job.raw_len)) as usize;
-            decoded = decompressor
-                .decompress(&job.data, cap)
+            scratch.clear();
+            scratch.reserve(cap);
+            decompressor
+                .decompress_to_buffer(&job.data[..], scratch)
                 .map_err(|e| bad(format!("data does not decompress within {cap} bytes: {e}")))?;
-            &decoded
+            scratch
         }
         Codec::Zero | Codec::Ref => return Err(bad("a patch carries raw or zstd data".into())),
     };

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use blockrep_core::{
-    BLOCK_VALUE_LEN, BlockValue, ChunkId, Geometry, changed_blocks, hash_with_block_values,
+    ChunkId, Geometry, changed_blocks, hash_with_block_values, parse_block_values,
 };
 use blockrep_proto::{Codec, ErrorCode, Message};
 use blockrep_store::{BlobKind, Store};
@@ -109,7 +109,7 @@ fn answer(
         });
     }
     let data = read_target_chunk(store, index, id, raw_len)?;
-    let base_values = parse_values(values);
+    let base_values = parse_block_values(values);
     if !base.is_zero()
         && let Some(base_values) = base_values
     {
@@ -151,21 +151,9 @@ fn answer(
     })
 }
 
-/// The agent's block values; `None` when there are none or they are not whole
-/// (then the chunk goes whole, which is always correct).
-fn parse_values(values: &[u8]) -> Option<Vec<BlockValue>> {
-    if values.is_empty() || !values.len().is_multiple_of(BLOCK_VALUE_LEN) {
-        return None;
-    }
-    values
-        .chunks_exact(BLOCK_VALUE_LEN)
-        .map(|value| value.try_into().ok())
-        .collect()
-}
-
 /// Reads the target's chunk `index`: only a chunk of the length its position
 /// needs is ever sent, never a page, a root or another length.
-fn read_target_chunk(
+pub(super) fn read_target_chunk(
     store: &Store,
     index: u64,
     id: ChunkId,

@@ -13,12 +13,12 @@
 //!   whole, enters the cache with the values its hash gave: they are the bases
 //!   of the next epoch's patches.
 //! - `Patch`: the base must be one of the source's own committed chunks
-//!   (else: "patch base <id> is not a chunk of this source"). The server reads
-//!   it, applies the ranges ([`apply_patch`], which checks them), hashes the
-//!   result and keeps it only if it hashes to the patch's id; it is then
-//!   queued for the verifier and stored exactly as a `Chunk` with that data
-//!   would be, and counted the same way. Every refusal ends the session with
-//!   `BadChunk` and nothing of the epoch is committed.
+//!   (else: "patch base <id> is not a chunk of this source"). The patch is then
+//!   queued for the verifier like a `Chunk`: it reads the base, applies the
+//!   ranges (`blockrep_core::apply_patch`, which checks them), and stores the
+//!   result only if it hashes to the patch's id; it is counted as a chunk.
+//!   Every refusal ends the session with `BadChunk` and nothing of the epoch
+//!   is committed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
