@@ -13,7 +13,7 @@
 //!   whole, enters the cache with the values its hash gave: they are the bases
 //!   of the next epoch's patches.
 //! - `Patch`: the base must be one of the source's own committed chunks
-//!   (else: "patch base <id> is not a chunk of this source"). The patch is then
+//!   (else: `patch base <id> is not a chunk of this source`). The patch is then
 //!   queued for the verifier like a `Chunk`: it reads the base, applies the
 //!   ranges (`blockrep_core::apply_patch`, which checks them), and stores the
 //!   result only if it hashes to the patch's id; it is counted as a chunk.
