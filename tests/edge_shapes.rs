@@ -10,9 +10,10 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blockrep_testkit::{Pki, ServerProcess, random_bytes, write_at};
+use common::scripts::wait_exit;
 use common::*;
 
 const KIB: u64 = 1024;
@@ -115,21 +116,6 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> usize {
         }
     }
     filled
-}
-
-fn wait_exit(agent: &mut AgentProcess, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = agent.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent still running after {timeout:?}; stderr: {}",
-            agent.stderr.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

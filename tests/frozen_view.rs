@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use blockrep_testkit::{Pki, ServerProcess, random_bytes};
+use common::loopfs::{FsKind, LoopMount, loop_fs_ready};
+use common::scripts::{read_lines, wait_exit, write_script};
 use common::*;
 
 const MIB: usize = 1 << 20;
@@ -32,18 +34,6 @@ fn labels(lines: &[String]) -> Vec<String> {
 
 fn lines_of(text: &str) -> Vec<String> {
     text.lines().map(str::to_owned).collect()
-}
-
-fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .map(|t| lines_of(&t))
-        .unwrap_or_default()
-}
-
-fn write_script(path: &Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, format!("#!/bin/sh\nset -e\n{body}")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// A snapshot script that pauses the test's writer (the `pause`/`paused`
@@ -149,16 +139,6 @@ impl Drop for Writer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-/// Waits for the agent to exit (after a signal); its exit status.
-fn wait_exit(agent: &mut AgentProcess, timeout: Duration) -> std::process::ExitStatus {
-    let mut status = None;
-    wait_until(timeout, || {
-        status = agent.child.try_wait().unwrap();
-        status.is_some()
-    });
-    status.unwrap_or_else(|| panic!("the agent did not exit within {timeout:?}"))
 }
 
 #[test]
@@ -485,66 +465,6 @@ fn sigterm_mid_epoch_releases_the_view_before_the_agent_exits() {
     assert!(!work.path().join("view-0.raw").exists());
 }
 
-/// An XFS file system (which clones files) on a loop device, under a temp dir;
-/// unmounted and detached on drop, also when the test panics.
-struct XfsMount {
-    dir: tempfile::TempDir,
-    device: String,
-    mounted: bool,
-}
-
-impl XfsMount {
-    /// `None` (the test skips) without root or the tools, unless
-    /// BLOCKREP_REQUIRE_TOOLS is set, when it fails instead.
-    fn new() -> Option<Self> {
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| stdout(&o).trim() == "0");
-        assert!(
-            root || !require_external_tools(),
-            "the reflink tests need root (BLOCKREP_REQUIRE_TOOLS is set)"
-        );
-        if !root || !have_tool("mkfs.xfs") || !have_tool("losetup") {
-            eprintln!("skipping: needs root, mkfs.xfs and losetup");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let backing = dir.path().join("xfs.img");
-        let mountpoint = dir.path().join("mnt");
-        std::fs::create_dir(&mountpoint).unwrap();
-        run_tool("truncate", &["-s", "300M", backing.to_str().unwrap()]);
-        run_tool(
-            "mkfs.xfs",
-            &["-q", "-m", "reflink=1", backing.to_str().unwrap()],
-        );
-        let device = run_tool("losetup", &["-f", "--show", backing.to_str().unwrap()])
-            .trim()
-            .to_owned();
-        let mut mount = Self {
-            dir,
-            device,
-            mounted: false,
-        };
-        run_tool("mount", &[&mount.device, mountpoint.to_str().unwrap()]);
-        mount.mounted = true;
-        Some(mount)
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("mnt")
-    }
-}
-
-impl Drop for XfsMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(self.path()).status();
-        }
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
-    }
-}
-
 /// Temporary clones (`.<image>.blockrep-view-*`) beside `image`.
 fn clones_beside(image: &Path) -> Vec<String> {
     let prefix = format!(
@@ -560,9 +480,19 @@ fn clones_beside(image: &Path) -> Vec<String> {
 
 #[test]
 fn reflink_views_on_xfs_are_crash_consistent_and_leave_no_clone_behind() {
-    let Some(xfs) = XfsMount::new() else {
+    if !loop_fs_ready("reflink views on XFS", &["mkfs.xfs", "losetup", "mount"]) {
         return;
-    };
+    }
+    // An XFS (which clones files) on a loop device; declared after its
+    // directory, so it is unmounted and detached first, also on a panic.
+    let xfs_dir = tempfile::tempdir().unwrap();
+    let xfs_image = xfs_dir.path().join("xfs.img");
+    std::fs::File::create(&xfs_image)
+        .unwrap()
+        .set_len(FsKind::Xfs.min_image_bytes())
+        .unwrap();
+    FsKind::Xfs.mkfs(&xfs_image);
+    let xfs = LoopMount::mount(&xfs_image, &xfs_dir.path().join("mnt"), false, "");
     let pki = Pki::new(&["xfs", "blk"]);
     let work = tempfile::tempdir().unwrap();
     let disk = xfs.path().join("disk.raw");
@@ -610,7 +540,7 @@ fn reflink_views_on_xfs_are_crash_consistent_and_leave_no_clone_behind() {
 
     // A block device cannot be cloned: reflink mode says what to use instead.
     let output = agent_once(
-        Path::new(&xfs.device),
+        Path::new(xfs.device()),
         server.addr,
         "blk",
         pki.path(),

@@ -9,31 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use blockrep_testkit::{Pki, ServerProcess, random_bytes};
+use common::scripts::{read_lines, wait_exit, write_script};
 use common::*;
 
 const MIB: usize = 1 << 20;
-
-fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .map(|t| t.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
-fn write_script(path: &Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, format!("#!/bin/sh\nset -e\n{body}")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// Waits for the agent to exit (after a signal); its exit status.
-fn wait_exit(agent: &mut AgentProcess, timeout: Duration) -> std::process::ExitStatus {
-    let mut status = None;
-    wait_until(timeout, || {
-        status = agent.child.try_wait().unwrap();
-        status.is_some()
-    });
-    status.unwrap_or_else(|| panic!("the agent did not exit within {timeout:?}"))
-}
 
 /// A snapshot script that copies the disk to `fixed.raw` (the one name it
 /// has, like an LVM snapshot's) and refuses while that view still exists; a

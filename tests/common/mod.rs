@@ -3,6 +3,7 @@
 
 pub mod fs_writer;
 pub mod loopfs;
+pub mod scripts;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
