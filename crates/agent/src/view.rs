@@ -80,9 +80,8 @@ pub struct ViewOptions {
 struct Learned {
     /// `auto` found that this disk can only be read live (warned once).
     live_only: AtomicBool,
-    /// Clones left by an earlier, killed agent were looked for.
-    swept: AtomicBool,
-    /// Numbers this process's clones.
+    /// Numbers this process's clones; before the first (number 0), clones an
+    /// earlier, killed agent left are swept.
     clones: AtomicU64,
 }
 
@@ -229,10 +228,10 @@ async fn reflink_view(config: &AgentConfig) -> Result<Option<(View, u64, Consist
         }
         return Ok(live_from_now_on(options, &image, &why));
     }
-    if !options.learned.swept.swap(true, Ordering::Relaxed) {
+    let number = options.learned.clones.fetch_add(1, Ordering::Relaxed);
+    if number == 0 {
         sweep_stale_clones(&image);
     }
-    let number = options.learned.clones.fetch_add(1, Ordering::Relaxed);
     let timeout = options.timeout();
     // Bounded like a snapshot command: a clone that hangs (a file system frozen
     // by the quiesce command) must not keep the workload frozen. A clone that
