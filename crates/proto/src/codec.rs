@@ -108,6 +108,25 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             out.put_u64_le(*chunks_pending);
             out.put_u64_le(*bytes_pending);
         }
+        Message::Capture {
+            dirty_bytes,
+            preserved_bytes,
+            cuts,
+            writes,
+            write_p50_us,
+            write_p99_us,
+        } => {
+            for value in [
+                dirty_bytes,
+                preserved_bytes,
+                cuts,
+                writes,
+                write_p50_us,
+                write_p99_us,
+            ] {
+                out.put_u64_le(*value);
+            }
+        }
         Message::Offer { ids } => {
             out.put_u32_le(ids.len() as u32);
             for id in ids {
@@ -524,6 +543,14 @@ fn decode_body(message_type: u8, body: &mut Bytes) -> Result<Message, ProtoError
             chunks_pending: r.u64("chunk count")?,
             bytes_pending: r.u64("byte count")?,
         },
+        25 => Message::Capture {
+            dirty_bytes: r.u64("dirty bytes")?,
+            preserved_bytes: r.u64("preserved bytes")?,
+            cuts: r.u64("cut count")?,
+            writes: r.u64("write count")?,
+            write_p50_us: r.u64("write p50")?,
+            write_p99_us: r.u64("write p99")?,
+        },
         10 => {
             let count = r.u32("offer count")? as usize;
             if count > OFFER_IDS_MAX {
@@ -744,6 +771,18 @@ mod tests {
                 chunks_pending: b,
                 bytes_pending: c
             }),
+            (
+                (any::<u64>(), any::<u64>(), any::<u64>()),
+                (any::<u64>(), any::<u64>(), any::<u64>())
+            )
+                .prop_map(|((a, b, c), (d, e, f))| Message::Capture {
+                    dirty_bytes: a,
+                    preserved_bytes: b,
+                    cuts: c,
+                    writes: d,
+                    write_p50_us: e,
+                    write_p99_us: f,
+                }),
             proptest::collection::vec(id_strategy(), 0..20).prop_map(|ids| Message::Offer { ids }),
             bytes(40).prop_map(|bits| Message::Have { bits }),
             (

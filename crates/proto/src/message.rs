@@ -9,7 +9,7 @@ use bytes::Bytes;
 /// the session nonce to `Welcome` and the proof of possession to `Ref` chunks.
 /// Version 4 added the consistency label to `Commit` and sub-chunk patches
 /// (`GetBlockValues`, `BlockValues`, `Patch`).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Bytes of the per-session nonce in [`Message::Welcome`].
 pub const NONCE_LEN: usize = 32;
@@ -321,6 +321,25 @@ pub enum Message {
     /// holds there, and that chunk's block values (empty when the disk holds
     /// no data there). At most [`crate::WANT_PATCHED_MAX`] entries.
     WantPatched { entries: Vec<(u64, ChunkId, Bytes)> },
+    /// Agent -> server, before a `Commit` in write-capture mode (`agent
+    /// --serve`): the state of the capture, for status and metrics. Counters
+    /// are since the agent started; latencies are of the workload's writes
+    /// since the previous report.
+    Capture {
+        /// Bytes written by the workload and not yet in a committed epoch.
+        dirty_bytes: u64,
+        /// Bytes of old content held so that the cut in flight reads as of
+        /// its instant.
+        preserved_bytes: u64,
+        /// Epochs cut since the agent started.
+        cuts: u64,
+        /// Writes the workload made through the agent's export.
+        writes: u64,
+        /// Median write latency the workload saw, in microseconds.
+        write_p50_us: u64,
+        /// 99th percentile write latency the workload saw, in microseconds.
+        write_p99_us: u64,
+    },
     /// Either way: the session ends for this reason.
     Error { code: ErrorCode, message: String },
 }
@@ -362,6 +381,7 @@ impl Message {
             Message::BlockValues { .. } => 22,
             Message::Patch { .. } => 23,
             Message::WantPatched { .. } => 24,
+            Message::Capture { .. } => 25,
         }
     }
 
@@ -392,6 +412,7 @@ impl Message {
             Message::BlockValues { .. } => "BlockValues",
             Message::Patch { .. } => "Patch",
             Message::WantPatched { .. } => "WantPatched",
+            Message::Capture { .. } => "Capture",
         }
     }
 }
