@@ -102,6 +102,7 @@
 //!   only after its live records were copied and made durable elsewhere.
 #![deny(unsafe_code)]
 
+mod blob_read;
 mod catalog;
 mod consistency;
 #[cfg(test)]

@@ -861,7 +861,7 @@ impl Store {
     /// The stored bytes of blob `id` and where they were read. A collection may
     /// move the blob and delete its old pack between the index lookup and the
     /// read; then the read is retried at the new place.
-    fn read_stored(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
+    pub(crate) fn read_stored(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
         let mut location = self.location(id)?;
         for _ in 0..3 {
             let mut stored = vec![0u8; location.header.stored_len as usize];

@@ -12,9 +12,7 @@
 
 use std::sync::Arc;
 
-use blockrep_core::{
-    ChunkId, Geometry, changed_blocks, hash_with_block_values, parse_block_values,
-};
+use blockrep_core::{BlockValue, ChunkId, Geometry, changed_blocks, parse_block_values};
 use blockrep_proto::{Codec, ErrorCode, Message};
 use blockrep_store::{BlobKind, Store};
 use bytes::Bytes;
@@ -108,38 +106,28 @@ fn answer(
             data: Bytes::new(),
         });
     }
-    let data = read_target_chunk(store, index, id, raw_len)?;
-    let base_values = parse_block_values(values);
-    if !base.is_zero()
-        && let Some(base_values) = base_values
+    let base_values = parse_block_values(values).filter(|_| !base.is_zero());
+    // A chunk that may go as a patch is read with its block values: one pass
+    // of blake3 checks it and gives them.
+    let (data, target_values) = read_target(store, index, id, raw_len, base_values.is_some())?;
+    if let (Some(base_values), Some(target_values)) = (base_values, target_values)
+        && let Some(ranges) = changed_blocks(&base_values, &target_values, raw_len)
     {
-        let (stored_id, target_values) = hash_with_block_values(&data);
-        if stored_id != id {
-            return Err(Reject::new(
-                ErrorCode::Internal,
-                format!(
-                    "chunk {index} of the target is stored as {id} but hashes to {stored_id}; \
-                     not sent (run `blockrep verify`)"
-                ),
-            ));
-        }
-        if let Some(ranges) = changed_blocks(&base_values, &target_values, raw_len) {
-            let changed: u64 = ranges.iter().map(|&(_, len)| u64::from(len)).sum();
-            if changed > 0 && changed * 100 < u64::from(raw_len) * PATCH_SHARE_MAX_PERCENT {
-                let mut payload = Vec::with_capacity(changed as usize);
-                for &(offset, len) in &ranges {
-                    payload.extend_from_slice(&data[offset as usize..(offset + len) as usize]);
-                }
-                return Ok(Message::Patch {
-                    index,
-                    base,
-                    id,
-                    codec: Codec::Raw,
-                    raw_len,
-                    ranges,
-                    data: Bytes::from(payload),
-                });
+        let changed: u64 = ranges.iter().map(|&(_, len)| u64::from(len)).sum();
+        if changed > 0 && changed * 100 < u64::from(raw_len) * PATCH_SHARE_MAX_PERCENT {
+            let mut payload = Vec::with_capacity(changed as usize);
+            for &(offset, len) in &ranges {
+                payload.extend_from_slice(&data[offset as usize..(offset + len) as usize]);
             }
+            return Ok(Message::Patch {
+                index,
+                base,
+                id,
+                codec: Codec::Raw,
+                raw_len,
+                ranges,
+                data: Bytes::from(payload),
+            });
         }
     }
     Ok(Message::Chunk {
@@ -159,6 +147,18 @@ pub(super) fn read_target_chunk(
     id: ChunkId,
     raw_len: u32,
 ) -> Result<Vec<u8>, Reject> {
+    read_target(store, index, id, raw_len, false).map(|(data, _)| data)
+}
+
+/// [`read_target_chunk`], and with `with_values` the chunk's block values,
+/// computed by the hash that checks it.
+fn read_target(
+    store: &Store,
+    index: u64,
+    id: ChunkId,
+    raw_len: u32,
+    with_values: bool,
+) -> Result<(Vec<u8>, Option<Vec<BlockValue>>), Reject> {
     match store.blob_info(&id) {
         Some(info) if info.kind == BlobKind::Chunk && info.raw_len == raw_len => {}
         other => {
@@ -175,9 +175,18 @@ pub(super) fn read_target_chunk(
             ));
         }
     }
-    let data = store
-        .read_blob(&id)
-        .map_err(|e| Reject::new(ErrorCode::Internal, format!("chunk {index}: {e}")))?;
+    let damaged = |e: blockrep_store::Error| {
+        Reject::new(
+            ErrorCode::Internal,
+            format!("chunk {index} of the target ({id}): {e}; not sent (run `blockrep verify`)"),
+        )
+    };
+    let (data, values) = if with_values {
+        let (data, values) = store.read_blob_with_values(&id).map_err(damaged)?;
+        (data, Some(values))
+    } else {
+        (store.read_blob(&id).map_err(damaged)?, None)
+    };
     if data.len() != raw_len as usize {
         return Err(Reject::new(
             ErrorCode::Internal,
@@ -187,5 +196,5 @@ pub(super) fn read_target_chunk(
             ),
         ));
     }
-    Ok(data)
+    Ok((data, values))
 }

@@ -1,7 +1,7 @@
 //! Sub-chunk patches (protocol 4): the server's side.
 //!
 //! - `GetBlockValues`: the agent asks for the block values
-//!   ([`hash_with_block_values`]) of the chunks its changed chunks replace.
+//!   ([`blockrep_core::hash_with_block_values`]) of the chunks its changed chunks replace.
 //!   Answered only for the source's own committed chunks, the chunks it may
 //!   reference without a proof (see `references`): anything else (another
 //!   source's chunk, a page, an unknown id) gets an empty entry, the same
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use blockrep_core::{ChunkId, hash_with_block_values};
+use blockrep_core::ChunkId;
 use blockrep_proto::{Codec, ErrorCode, Message};
 use blockrep_store::{BlobKind, Store};
 use bytes::Bytes;
@@ -127,20 +127,15 @@ fn stored_values(store: &Store, id: &ChunkId) -> Bytes {
     {
         return Bytes::new();
     }
-    let bytes = match store.read_blob(id) {
-        Ok(bytes) => bytes,
+    // One pass of blake3 checks the chunk and gives its values.
+    match store.read_blob_with_values(id) {
+        Ok((_, values)) => Bytes::from(values.concat()),
         Err(e) => {
-            warn!(chunk = %id, error = %e, "cannot read a chunk for its block values");
-            return Bytes::new();
+            warn!(chunk = %id, error = %e,
+                  "cannot read a chunk for its block values (store damage?): none served");
+            Bytes::new()
         }
-    };
-    let (computed, values) = hash_with_block_values(&bytes);
-    if computed != *id {
-        warn!(chunk = %id, computed = %computed,
-              "stored chunk does not hash to its id (store damage): no block values served");
-        return Bytes::new();
     }
-    Bytes::from(values.concat())
 }
 
 /// A patch as received.
