@@ -12,9 +12,15 @@ use tokio::task::JoinHandle;
 
 use crate::session::Reject;
 
-/// Chunks queued between the network task and the verifier. Bounds the memory a
-/// session holds to this many chunks (at most 4 MiB each).
+/// Chunks queued between the network task and the verifier threads, all
+/// together. Bounds the memory a session holds to this many chunks (at most 4
+/// MiB each).
 const VERIFY_QUEUE_LEN: usize = 32;
+/// Verifier threads of one session at most (fewer on a machine with fewer
+/// cores). A patch costs its thread a read of the base, an apply and a hash,
+/// several times a whole chunk's work; one thread alone made the server the
+/// slow end of a delta sent as patches.
+const VERIFY_THREADS_MAX: usize = 4;
 
 /// A chunk with data, as received.
 #[derive(Debug)]
@@ -49,91 +55,170 @@ pub(crate) struct VerifyStats {
 /// its hash, and they are what the next epoch's patches are planned against.
 pub(crate) type OnValues = Arc<dyn Fn(ChunkId, Bytes) + Send + Sync>;
 
+/// A session's verifier: jobs are spread over a few blocking threads, each
+/// with its own queue. The order in which chunks are stored does not matter:
+/// nothing is committed before [`Verifier::finish`] has seen every one.
 #[derive(Debug)]
 pub(crate) struct Verifier {
-    tx: mpsc::Sender<Job>,
-    handle: JoinHandle<Result<VerifyStats, Reject>>,
+    queues: Vec<mpsc::Sender<Job>>,
+    handles: Vec<JoinHandle<Result<VerifyStats, Reject>>>,
+    /// Where a thread that stops on an error says why, before it returns.
+    errors: mpsc::Receiver<Reject>,
+    /// The queue tried first for the next job.
+    next: usize,
 }
 
 impl Verifier {
     pub(crate) fn spawn(store: Arc<Store>, on_values: OnValues) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Job>(VERIFY_QUEUE_LEN);
-        let handle = tokio::task::spawn_blocking(move || {
-            let mut stats = VerifyStats::default();
-            let mut decompressor = zstd::bulk::Decompressor::new()
-                .map_err(|e| Reject::new(ErrorCode::Internal, format!("zstd: {e}")))?;
-            let mut scratch = Vec::new();
-            while let Some(job) = rx.blocking_recv() {
-                let (codec, data, values) = match &job.patch {
-                    Some(patch) => {
-                        let (rebuilt, values) =
-                            rebuild(&store, &job, patch, &mut decompressor, &mut scratch)?;
-                        (StoredCodec::Raw, Bytes::from(rebuilt), values)
-                    }
-                    None => {
-                        let values = verify(&job, &mut decompressor, &mut scratch)?;
-                        let codec = match job.codec {
-                            Codec::Zstd => StoredCodec::Zstd,
-                            _ => StoredCodec::Raw,
-                        };
-                        (codec, job.data.clone(), values)
-                    }
-                };
-                on_values(job.id, Bytes::from(values.concat()));
-                let stored = store
-                    .insert(BlobKind::Chunk, job.id, codec, job.raw_len, &data)
-                    .map_err(|e| Reject::new(ErrorCode::Internal, format!("store: {e}")))?;
-                stats.chunks_verified += 1;
-                if stored {
-                    stats.chunks_stored += 1;
-                    stats.bytes_stored += data.len() as u64;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, VERIFY_THREADS_MAX);
+        let (error_tx, errors) = mpsc::channel(threads);
+        let mut queues = Vec::with_capacity(threads);
+        let mut handles = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let (tx, rx) = mpsc::channel::<Job>((VERIFY_QUEUE_LEN / threads).max(1));
+            let (store, on_values, error_tx) =
+                (Arc::clone(&store), Arc::clone(&on_values), error_tx.clone());
+            queues.push(tx);
+            handles.push(tokio::task::spawn_blocking(move || {
+                let result = run(&store, &on_values, rx);
+                if let Err(reject) = &result {
+                    let told = Reject::new(reject.code, reject.message.clone());
+                    let _ = error_tx.blocking_send(told);
                 }
-            }
-            Ok(stats)
-        });
-        Self { tx, handle }
+                result
+            }));
+        }
+        Self {
+            queues,
+            handles,
+            errors,
+            next: 0,
+        }
     }
 
-    /// Queues a chunk. If the verifier has stopped on an error, that error.
+    /// Queues a chunk: on the first thread with room, else on the next in
+    /// turn, waiting. If the verifier has stopped on an error, that error.
     pub(crate) async fn submit(&mut self, job: Job) -> Result<(), Reject> {
-        if self.tx.send(job).await.is_ok() {
+        let threads = self.queues.len();
+        let mut job = job;
+        for step in 0..threads {
+            let at = (self.next + step) % threads;
+            match self.queues[at].try_send(job) {
+                Ok(()) => {
+                    self.next = (at + 1) % threads;
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Full(back)) => job = back,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.stopped().await),
+            }
+        }
+        let at = self.next;
+        self.next = (at + 1) % threads;
+        if self.queues[at].send(job).await.is_ok() {
             return Ok(());
         }
-        // The receiver is gone only when the verifier returned early, with an error.
-        let (tx, _) = mpsc::channel(1);
-        let failed = std::mem::replace(&mut self.tx, tx);
-        drop(failed);
-        match (&mut self.handle).await {
-            Ok(Err(reject)) => Err(reject),
-            Ok(Ok(_)) => Err(Reject::new(ErrorCode::Internal, "verifier stopped")),
-            Err(e) => Err(Reject::new(
-                ErrorCode::Internal,
-                format!("verifier failed: {e}"),
-            )),
-        }
+        Err(self.stopped().await)
     }
 
-    /// Completes only if the verifier stops early, i.e. on a bad chunk or a store
-    /// error, so the session can end at once instead of at the next frame.
+    /// Why a thread's queue closed: it only returns early, with an error.
+    async fn stopped(&mut self) -> Reject {
+        if let Ok(reject) = self.errors.try_recv() {
+            return reject;
+        }
+        // Its error is on the way, or it panicked: its handle says which.
+        for handle in &mut self.handles {
+            if handle.is_finished() {
+                return match handle.await {
+                    Ok(Err(reject)) => reject,
+                    Ok(Ok(_)) => Reject::new(ErrorCode::Internal, "verifier stopped"),
+                    Err(e) => Reject::new(ErrorCode::Internal, format!("verifier failed: {e}")),
+                };
+            }
+        }
+        self.failed().await
+    }
+
+    /// Completes only if a verifier thread stops early, i.e. on a bad chunk or
+    /// a store error, so the session can end at once instead of at the next
+    /// frame. Cancel-safe: the session waits on it next to each read.
     pub(crate) async fn failed(&mut self) -> Reject {
-        match (&mut self.handle).await {
-            Ok(Err(reject)) => reject,
-            Ok(Ok(_)) => Reject::new(ErrorCode::Internal, "verifier stopped"),
-            Err(e) => Reject::new(ErrorCode::Internal, format!("verifier failed: {e}")),
+        match self.errors.recv().await {
+            Some(reject) => reject,
+            // Every thread ended without an error to tell: they panicked.
+            None => Reject::new(ErrorCode::Internal, "verifier stopped"),
         }
     }
 
     /// Waits for every queued chunk to be verified and stored (not yet durable).
     pub(crate) async fn finish(self) -> Result<VerifyStats, Reject> {
-        drop(self.tx);
-        match self.handle.await {
-            Ok(result) => result,
-            Err(e) => Err(Reject::new(
-                ErrorCode::Internal,
-                format!("verifier failed: {e}"),
-            )),
+        drop(self.queues);
+        let mut total = VerifyStats::default();
+        let mut first_error = None;
+        for handle in self.handles {
+            match handle.await {
+                Ok(Ok(stats)) => {
+                    total.chunks_verified += stats.chunks_verified;
+                    total.chunks_stored += stats.chunks_stored;
+                    total.bytes_stored += stats.bytes_stored;
+                }
+                Ok(Err(reject)) => {
+                    first_error.get_or_insert(reject);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(Reject::new(
+                        ErrorCode::Internal,
+                        format!("verifier failed: {e}"),
+                    ));
+                }
+            }
+        }
+        match first_error {
+            Some(reject) => Err(reject),
+            None => Ok(total),
         }
     }
+}
+
+/// One verifier thread: checks (or rebuilds) and stores each job of its queue
+/// until the queue closes, or the first refusal.
+fn run(
+    store: &Store,
+    on_values: &OnValues,
+    mut rx: mpsc::Receiver<Job>,
+) -> Result<VerifyStats, Reject> {
+    let mut stats = VerifyStats::default();
+    let mut decompressor = zstd::bulk::Decompressor::new()
+        .map_err(|e| Reject::new(ErrorCode::Internal, format!("zstd: {e}")))?;
+    let mut scratch = Vec::new();
+    while let Some(job) = rx.blocking_recv() {
+        let (codec, data, values) = match &job.patch {
+            Some(patch) => {
+                let (rebuilt, values) =
+                    rebuild(store, &job, patch, &mut decompressor, &mut scratch)?;
+                (StoredCodec::Raw, Bytes::from(rebuilt), values)
+            }
+            None => {
+                let values = verify(&job, &mut decompressor, &mut scratch)?;
+                let codec = match job.codec {
+                    Codec::Zstd => StoredCodec::Zstd,
+                    _ => StoredCodec::Raw,
+                };
+                (codec, job.data.clone(), values)
+            }
+        };
+        on_values(job.id, Bytes::from(values.concat()));
+        let stored = store
+            .insert(BlobKind::Chunk, job.id, codec, job.raw_len, &data)
+            .map_err(|e| Reject::new(ErrorCode::Internal, format!("store: {e}")))?;
+        stats.chunks_verified += 1;
+        if stored {
+            stats.chunks_stored += 1;
+            stats.bytes_stored += data.len() as u64;
+        }
+    }
+    Ok(stats)
 }
 
 fn verify(
@@ -213,7 +298,10 @@ fn rebuild(
         }
         Codec::Zero | Codec::Ref => return Err(bad("a patch carries raw or zstd data".into())),
     };
-    let base = store.read_blob(&patch.base).map_err(|e| {
+    // The base is read without hashing it: the rebuilt chunk is hashed whole
+    // below, so a damaged base cannot pass; only when that check fails is the
+    // base hashed, to tell store damage from a bad patch.
+    let base = store.read_blob_unverified(&patch.base).map_err(|e| {
         Reject::new(
             ErrorCode::Internal,
             format!("reading patch base {}: {e}", patch.base),
@@ -223,6 +311,12 @@ fn rebuild(
         apply_patch(&base, job.raw_len, &patch.ranges, data).map_err(|e| bad(e.to_string()))?;
     let (computed, values) = hash_with_block_values(&rebuilt);
     if computed != job.id {
+        if let Err(e) = store.read_blob(&patch.base) {
+            return Err(Reject::new(
+                ErrorCode::Internal,
+                format!("patch base {} of chunk {index}: {e}", patch.base),
+            ));
+        }
         return Err(Reject::new(
             ErrorCode::BadChunk,
             format!(
@@ -233,4 +327,100 @@ fn rebuild(
         ));
     }
     Ok((rebuilt, values))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use blockrep_core::hash_chunk;
+
+    fn chunk(index: u64, data: Vec<u8>) -> Job {
+        Job {
+            index,
+            id: hash_chunk(&data),
+            codec: Codec::Raw,
+            raw_len: data.len() as u32,
+            data: Bytes::from(data),
+            patch: None,
+        }
+    }
+
+    fn counting() -> (OnValues, Arc<AtomicU64>) {
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&seen);
+        let on_values: OnValues = Arc::new(move |_, _| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        (on_values, seen)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_thread_stores_what_it_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (on_values, seen) = counting();
+        let mut verifier = Verifier::spawn(Arc::clone(&store), on_values);
+        let jobs: Vec<Job> = (0..200u64)
+            .map(|n| chunk(n, vec![(n % 250) as u8 + 1; 8192 + n as usize]))
+            .collect();
+        let ids: Vec<ChunkId> = jobs.iter().map(|job| job.id).collect();
+        for job in jobs {
+            verifier.submit(job).await.unwrap();
+        }
+        let stats = verifier.finish().await.unwrap();
+        assert_eq!((stats.chunks_verified, stats.chunks_stored), (200, 200));
+        assert_eq!(seen.load(Ordering::Relaxed), 200);
+        for id in &ids {
+            assert_eq!(hash_chunk(&store.read_blob(id).unwrap()), *id);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_on_any_thread_is_told_at_once_and_nothing_wrong_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let base = vec![3u8; 16_384];
+        let base_id = hash_chunk(&base);
+        store
+            .insert(BlobKind::Chunk, base_id, StoredCodec::Raw, 16_384, &base)
+            .unwrap();
+        let (on_values, _) = counting();
+        let mut verifier = Verifier::spawn(Arc::clone(&store), on_values);
+        for n in 0..3u64 {
+            verifier
+                .submit(chunk(n, vec![n as u8 + 1; 4096]))
+                .await
+                .unwrap();
+        }
+        // A patch that claims an id its bytes do not make.
+        let claimed = hash_chunk(&[4u8; 16_384]);
+        let patch = Job {
+            index: 9,
+            id: claimed,
+            codec: Codec::Raw,
+            raw_len: 16_384,
+            data: Bytes::from(vec![5u8; 4096]),
+            patch: Some(PatchOf {
+                base: base_id,
+                ranges: vec![(4096, 4096)],
+            }),
+        };
+        verifier.submit(patch).await.unwrap();
+        // No more jobs come: the other threads sit idle, and the refusal must
+        // still reach the session without waiting for the next frame.
+        let reject = tokio::time::timeout(Duration::from_secs(30), verifier.failed())
+            .await
+            .expect("the refusal is told while the other threads wait");
+        assert_eq!(reject.code, ErrorCode::BadChunk);
+        assert!(
+            reject.message.contains("patch for chunk 9 produced"),
+            "{}",
+            reject.message
+        );
+        assert!(!store.contains(&claimed));
+        assert!(verifier.finish().await.is_err());
+    }
 }
