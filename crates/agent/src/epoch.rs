@@ -516,13 +516,9 @@ impl Session {
             view[index as usize] = id;
         }
         let changed = to_encode;
-        let bases = if self.patches {
-            crate::patch::fetch_bases(&mut self.connection, &view, &changed).await?
-        } else {
-            crate::patch::Bases::default()
-        };
-        report.bytes_sent += bases.bytes_sent;
-        report.block_values_bytes_received = bases.values_bytes_received;
+        // The bases' values are asked for now and read while frames go out.
+        let mut fetch = crate::patch::BaseFetch::new(&view, &changed, self.patches);
+        fetch.ask(&mut self.connection).await?;
         let references = References {
             held: Arc::new(held),
             nonce: self.nonce,
@@ -530,7 +526,6 @@ impl Session {
         debug!(
             changed = changed.len(),
             held = references.held.len(),
-            bases = bases.len(),
             "sending"
         );
         let progress = progress_bar(config, bytes_pending);
@@ -542,13 +537,13 @@ impl Session {
             config.compression,
             Arc::clone(&config.adaptive),
             references,
-            Arc::new(bases),
+            fetch.bases(),
         );
         let mut sent_ids: HashSet<ChunkId> = HashSet::new();
         let mut step_bytes = 0u64;
         let mut step_started = Instant::now();
         let mut stored = (0u64, 0u64);
-        while let Some(encoded) = frames.recv().await {
+        while let Some(encoded) = fetch.next_frame(&mut self.connection, &mut frames).await? {
             let encoded = encoded?;
             view[encoded.index as usize] = encoded.id;
             let frame = if encoded.id.is_zero() {
@@ -596,6 +591,7 @@ impl Session {
                 // An intermediate commit of a large epoch: a crash loses one step.
                 // It mixes the head with part of the scan, so it is never more
                 // than live, whatever view the scan read.
+                fetch.finish(&mut self.connection).await?;
                 let (_, received, new, bytes) = self
                     .commit(
                         self.head_epoch + 1,
@@ -615,6 +611,9 @@ impl Session {
         if let Some(bar) = progress {
             bar.finish_and_clear();
         }
+        fetch.finish(&mut self.connection).await?;
+        report.bytes_sent += fetch.bytes_sent;
+        report.block_values_bytes_received = fetch.values_bytes_received;
         let (root, received, new, bytes) = self
             .commit(
                 self.head_epoch + 1,

@@ -181,7 +181,8 @@ impl ChunkEncoder {
                 }
             })?;
         // A chunk with a base is hashed with its block values: the same single
-        // pass gives the id and what a patch needs.
+        // pass gives the id and what a patch needs. Waits for the base's values
+        // if they have not arrived yet.
         let base = bases.get(index);
         // A zero chunk travels as such: neither hashed nor planned.
         let (id, values) = match base {
@@ -207,7 +208,7 @@ impl ChunkEncoder {
             out.extend_from_slice(&proof);
             reference = true;
             (out, 0)
-        } else if let (Some(base), Some(values)) = (base, &values)
+        } else if let (Some(base), Some(values)) = (&base, &values)
             && let Some(patch::Plan { ranges, payload }) =
                 patch::plan(base, values, &frame[CHUNK_HEADER_LEN..])
         {
