@@ -11,7 +11,9 @@
 //! cache, `fdatasync` for a flush, zeroes written as zeroes. Anything it costs
 //! beyond that file I/O is the server's. The socket is created mode 0600 and
 //! removed on SIGINT/SIGTERM; every connection gets the export (the default,
-//! empty name too). Not part of the shipped binary.
+//! empty name too). `INLINE_BYTES=N` in the environment sets
+//! [`Limits::inline_request_bytes_max`] (0: every request on a thread), to
+//! compare the two ways of running requests. Not part of the shipped binary.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -116,7 +118,16 @@ async fn serve(image: PathBuf, socket: PathBuf, name: String) -> std::io::Result
         name,
         export: Arc::new(FileExport { file, size_bytes }),
     });
-    let server = Arc::new(NbdServer::new(registry, Limits::default()));
+    let mut limits = Limits::default();
+    if let Ok(bytes) = std::env::var("INLINE_BYTES") {
+        limits.inline_request_bytes_max = bytes.parse().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("INLINE_BYTES: {e}"),
+            )
+        })?;
+    }
+    let server = Arc::new(NbdServer::new(registry, limits));
     let listener = UnixListener::bind(&socket)?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     println!("listening on {}", socket.display());
