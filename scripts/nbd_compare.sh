@@ -88,13 +88,20 @@ declare -A bytes=([randwrite-4k]=4096 [randread-4k]=4096 [seqwrite-1m]=1048576)
 declare -A counts=([randwrite-4k]=$count_4k [randread-4k]=$count_4k [seqwrite-1m]=$count_1m)
 workloads=(randwrite-4k randread-4k seqwrite-1m)
 
-# Seconds qemu-img bench reports for one run (its own clock, client start-up excluded).
+declare -A pid_of=([ours]=${pids[0]} [qemu]=${pids[1]})
+# CPU ticks (user + system, every thread) a server process has used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/${pid_of[$1]}/stat"; }
+ticks_per_second=$(getconf CLK_TCK)
+# One run: the seconds qemu-img bench reports (its own clock, client start-up
+# excluded) into $side.$workload.seconds, the server's CPU seconds into .cpu.
 bench() { # side workload
-    local out
+    local out before
+    before=$(cpu_ticks "$1")
     # shellcheck disable=SC2086
     out=$(qemu-img bench -f raw -t none -d "$depth" ${opts[$2]} \
         "nbd+unix:///$name?socket=$work/$1.sock" 2>&1) || { echo "$out" >&2; return 1; }
-    sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out"
+    echo "($(cpu_ticks "$1") - $before) / $ticks_per_second" | bc -l >>"$work/$1.$2.cpu"
+    sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out" >>"$work/$1.$2.seconds"
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
@@ -104,13 +111,13 @@ for round in $(seq "$rounds"); do
     if ((round % 2)); then order=(ours qemu); else order=(qemu ours); fi
     for w in "${workloads[@]}"; do
         for side in "${order[@]}"; do
-            bench "$side" "$w" >>"$work/$side.$w.seconds"
+            bench "$side" "$w"
         done
     done
 done
 
 status=0
-printf '%-13s %14s %14s %8s\n' workload "under test" qemu-nbd ratio
+printf '%-13s %14s %14s %8s %22s\n' workload "under test" qemu-nbd ratio "server CPU us/request"
 for w in "${workloads[@]}"; do
     ours=$(median <"$work/ours.$w.seconds")
     qemu=$(median <"$work/qemu.$w.seconds")
@@ -122,8 +129,12 @@ for w in "${workloads[@]}"; do
         rate() { echo "${counts[$w]} / $1" | bc -l; }
     fi
     ratio=$(echo "$qemu / $ours" | bc -l)
-    printf '%-13s %9.0f %-5s%9.0f %-5s%7.2fx\n' "$w" "$(rate "$ours")" $unit "$(rate "$qemu")" $unit "$ratio"
+    cpu_ours=$(echo "$(median <"$work/ours.$w.cpu") * 1000000 / ${counts[$w]}" | bc -l)
+    cpu_qemu=$(echo "$(median <"$work/qemu.$w.cpu") * 1000000 / ${counts[$w]}" | bc -l)
+    printf '%-13s %9.0f %-5s%9.0f %-5s%7.2fx %10.1f vs %6.1f\n' "$w" "$(rate "$ours")" $unit \
+        "$(rate "$qemu")" $unit "$ratio" "$cpu_ours" "$cpu_qemu"
     if [[ -n ${MIN_RATIO:-} ]] && (($(echo "$ratio < $MIN_RATIO" | bc -l))); then status=1; fi
 done
-echo "(medians of $rounds runs; ratio = under test / qemu-nbd in the workload's unit)"
+echo "(medians of $rounds runs; ratio = under test / qemu-nbd in the workload's unit;"
+echo " server CPU = user + system time of the server process per request, under test vs qemu-nbd)"
 exit "$status"
