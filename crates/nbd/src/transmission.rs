@@ -164,6 +164,12 @@ impl<S: AsyncRead + Unpin> Reader<S> {
             let now = Instant::now();
             self.pace.ran_inline(now - started, now);
             self.send(bytes, permit);
+            if self.stream.buffer().len() >= wire::REQUEST_LEN {
+                // More requests are already here: let the writer send this
+                // reply first, so that the client can go on while we work
+                // through them, rather than getting every reply at the end.
+                tokio::task::yield_now().await;
+            }
             return Ok(());
         }
         let export = Arc::clone(&self.export);
