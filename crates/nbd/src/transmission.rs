@@ -1,8 +1,9 @@
 //! The transmission phase: requests in, simple replies out.
 //!
 //! One reader (this task) parses requests and reads write payloads; each
-//! accepted request runs on the blocking pool and hands its finished reply to a
-//! writer task through a channel, so replies leave in completion order. A
+//! accepted request runs either inline, on this task, or on the blocking pool
+//! (see [`crate::pace`]), and hands its finished reply to a writer task through
+//! a channel, so replies leave in completion order. A
 //! semaphore of in-flight bytes, taken before any buffer is allocated and
 //! released once the reply is on the wire, bounds memory per connection.
 //!
@@ -12,7 +13,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf,
@@ -20,6 +21,7 @@ use tokio::io::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::error::{Error, ErrorKind};
+use crate::pace::Pace;
 use crate::wire::{self, Command, ErrorCode, ExportLimits, Refusal, Request, SimpleReply};
 use crate::{Export, Limits, REQUEST_OVERHEAD_BYTES};
 
@@ -58,6 +60,7 @@ where
         export,
         in_flight: Arc::new(Semaphore::new(limits.in_flight_bytes_max as usize)),
         idle_timeout: limits.idle_timeout,
+        pace: Pace::new(limits.inline_request_bytes_max),
         replies,
         stop,
     };
@@ -78,6 +81,7 @@ struct Reader<S> {
     export_limits: ExportLimits,
     in_flight: Arc<Semaphore>,
     idle_timeout: Duration,
+    pace: Pace,
     replies: mpsc::UnboundedSender<Reply>,
     stop: watch::Receiver<bool>,
 }
@@ -139,7 +143,7 @@ impl<S: AsyncRead + Unpin> Reader<S> {
         }
     }
 
-    /// Runs an accepted request on the blocking pool.
+    /// Runs an accepted request inline or on the blocking pool.
     async fn dispatch(&mut self, request: Request) -> Result<(), Error> {
         let buffer_bytes = match request.command {
             Command::Read | Command::Write => request.length,
@@ -154,15 +158,24 @@ impl<S: AsyncRead + Unpin> Reader<S> {
         } else {
             Vec::new()
         };
+        if self.pace.inline(&request, Instant::now()) {
+            let started = Instant::now();
+            let bytes = execute_guarded(self.export.as_ref(), &request, &payload);
+            let now = Instant::now();
+            self.pace.ran_inline(now - started, now);
+            self.send(bytes, permit);
+            if self.stream.buffer().len() >= wire::REQUEST_LEN {
+                // More requests are already here: let the writer send this
+                // reply first, so that the client can go on while we work
+                // through them, rather than getting every reply at the end.
+                tokio::task::yield_now().await;
+            }
+            return Ok(());
+        }
         let export = Arc::clone(&self.export);
         let replies = self.replies.clone();
         tokio::task::spawn_blocking(move || {
-            let bytes = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                execute(export.as_ref(), &request, &payload)
-            }))
-            // A panicking export is a bug on our side of the wire; the client
-            // still gets an answer rather than a hang.
-            .unwrap_or_else(|_| error_reply(request.handle, ErrorCode::Io));
+            let bytes = execute_guarded(export.as_ref(), &request, &payload);
             // A closed channel means the connection is going away.
             let _ = replies.send(Reply {
                 bytes,
@@ -236,6 +249,13 @@ async fn read_header<R: AsyncRead + Unpin>(
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     // An error means the server itself is gone: stop as well.
     let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// [`execute`], answering `EIO` if the export panics: that is a bug on our
+/// side of the wire, and the client still gets an answer rather than a hang.
+fn execute_guarded(export: &dyn Export, request: &Request, payload: &[u8]) -> Vec<u8> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| execute(export, request, payload)))
+        .unwrap_or_else(|_| error_reply(request.handle, ErrorCode::Io))
 }
 
 /// Runs one checked request against the export and builds its reply.
