@@ -488,6 +488,11 @@ fn ext4_over_nbdfuse_survives_an_agent_sigkill() {
     let restarted_unix_ms = now_unix_ms();
     let mut agent = rig.start_agent();
     let first = collect_points(&rig, &mut agent, "restart", restarted_unix_ms, 1);
+    let said = agent.stderr.lock().unwrap().clone();
+    assert!(
+        said.contains("did not stop cleanly"),
+        "the restarted agent does not say it found its state in use: {said}"
+    );
     assert_eq!(
         first[0].consistency.as_deref(),
         Some("crash-consistent"),
