@@ -304,8 +304,6 @@ fn a_clean_restart_sends_only_what_was_written_and_a_killed_agent_rescans_once_a
     wait_converged(admin, "app", &f.disk, &agent);
     // Written after the last cut and not yet sent when the agent stops: the
     // saved dirty set must carry it over.
-    agent.agent.signal("STOP");
-    agent.agent.signal("CONT");
     write_pattern(&uri, 9 * MIB as u64, 4096, 0x12);
     agent.agent.signal("TERM");
     assert!(
