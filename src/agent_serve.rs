@@ -94,6 +94,10 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
     } else {
         None
     };
+    // Refused before the capture marks its state in use.
+    addr.check(tls.is_some())
+        .await
+        .context("cannot serve the disk")?;
     let disk = config.disk.clone();
     let capture = tokio::task::spawn_blocking(move || Capture::open(&disk, options))
         .await

@@ -58,6 +58,17 @@ impl ServeAddr {
     }
 }
 
+impl ServeAddr {
+    /// Checks, before anything is opened, that the address may be served:
+    /// a TCP address must resolve, and to loopback only unless `tls`.
+    pub async fn check(&self, tls: bool) -> Result<(), ServeError> {
+        match self {
+            Self::Unix(_) => Ok(()),
+            Self::Tcp(address) => resolve_tcp(address, tls).await.map(drop),
+        }
+    }
+}
+
 /// How the export is served.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -225,8 +236,8 @@ impl Drop for Serving {
     }
 }
 
-/// Binds a TCP listener; a non-loopback address without TLS is refused.
-async fn bind_tcp(address: &str, tls: bool) -> Result<tokio::net::TcpListener, ServeError> {
+/// Resolves a TCP address; a non-loopback one without TLS is refused.
+async fn resolve_tcp(address: &str, tls: bool) -> Result<SocketAddr, ServeError> {
     let resolved: Vec<SocketAddr> = tokio::net::lookup_host(address)
         .await
         .map_err(io(format!("cannot resolve --serve {address}")))?
@@ -243,6 +254,12 @@ async fn bind_tcp(address: &str, tls: bool) -> Result<tokio::net::TcpListener, S
              loopback address, unix:PATH, or --serve-tls (clients then need a certificate from --ca)"
         )));
     }
+    Ok(first)
+}
+
+/// Binds a TCP listener; a non-loopback address without TLS is refused.
+async fn bind_tcp(address: &str, tls: bool) -> Result<tokio::net::TcpListener, ServeError> {
+    let first = resolve_tcp(address, tls).await?;
     tokio::net::TcpListener::bind(first)
         .await
         .map_err(io(format!("cannot listen on {first}")))
