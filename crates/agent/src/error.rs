@@ -71,6 +71,9 @@ pub enum Error {
     /// A signal stopped `--once` before the replica caught up.
     #[error("{0}")]
     Stopped(String),
+    /// Write capture could not open or save its disk or state file.
+    #[error("write capture: {0}")]
+    Capture(String),
 }
 
 impl Error {

@@ -14,6 +14,7 @@
 
 mod ack_log;
 mod adaptive;
+pub mod capture;
 mod connection;
 mod epoch;
 mod error;
