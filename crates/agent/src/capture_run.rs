@@ -128,12 +128,12 @@ fn hash_cut(cut: &Cut, geometry: Geometry, indices: &[u64]) -> Result<Vec<ChunkI
                             return Ok(out);
                         };
                         let len = geometry.chunk_len(index).ok_or_else(|| {
-                            Error::Capture(format!("chunk {index} is not on the disk"))
+                            Error::CutRead(format!("chunk {index} is not on the disk"))
                         })? as usize;
                         let data = &mut buffer[..len];
                         cut.read_at(geometry.chunk_offset(index), data)
                             .map_err(|e| {
-                                Error::Capture(format!("cannot read chunk {index} of the cut: {e}"))
+                                Error::CutRead(format!("cannot read chunk {index} of the cut: {e}"))
                             })?;
                         out.push((at, hash_chunk(data)));
                     }
@@ -145,7 +145,7 @@ fn hash_cut(cut: &Cut, geometry: Geometry, indices: &[u64]) -> Result<Vec<ChunkI
             .map(|handle| {
                 handle
                     .join()
-                    .unwrap_or_else(|_| Err(Error::Capture("a hashing thread panicked".into())))
+                    .unwrap_or_else(|_| Err(Error::CutRead("a hashing thread panicked".into())))
             })
             .collect()
     });
