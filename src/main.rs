@@ -7,6 +7,7 @@
 mod admin_client;
 mod agent_serve;
 mod bench;
+mod bench_capture;
 mod bench_delta;
 mod units;
 
