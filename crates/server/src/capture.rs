@@ -132,6 +132,14 @@ pub(crate) fn mode(record: &SourceRecord) -> SourceMode {
     }
 }
 
+/// A metric family of a capture figure: name, type, help, value.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&CaptureRecord) -> u64,
+);
+
 /// The `blockrep_capture_*` families, one sample per source in capture mode,
 /// with `# HELP` and `# TYPE` even when no source is (as the other families).
 pub(crate) fn metrics_text(sources: &[(SourceId, SourceRecord)]) -> String {
@@ -140,7 +148,7 @@ pub(crate) fn metrics_text(sources: &[(SourceId, SourceRecord)]) -> String {
         .filter_map(|(source, record)| record.capture.as_ref().map(|c| (source, c)))
         .collect();
     let mut out = String::new();
-    let families: [(&str, &str, &str, fn(&CaptureRecord) -> u64); 4] = [
+    let families: [Family; 4] = [
         (
             "blockrep_capture_dirty_bytes",
             "gauge",
