@@ -7,6 +7,7 @@
 mod admin_client;
 mod agent_serve;
 mod bench;
+mod bench_capture;
 mod bench_delta;
 mod units;
 
@@ -1248,14 +1249,15 @@ async fn status(args: StatusArgs) -> Result<()> {
     let sources: Vec<blockrep_server::SourceView> =
         serde_json::from_str(&body).context("unexpected JSON from the admin API")?;
     println!(
-        "{:<20} {:<13} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "SOURCE", "STATE", "EPOCH", "CONSISTENCY", "LAG", "RPO", "PENDING", "RATE", "AGENT"
+        "{:<20} {:<13} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "SOURCE", "STATE", "MODE", "EPOCH", "CONSISTENCY", "LAG", "RPO", "PENDING", "RATE", "AGENT"
     );
     for s in &sources {
         println!(
-            "{:<20} {:<13} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+            "{:<20} {:<13} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
             s.source,
             s.state.as_str(),
+            s.mode.as_str(),
             s.epoch,
             s.consistency.as_deref().unwrap_or("-"),
             s.lag_seconds
@@ -1268,6 +1270,20 @@ async fn status(args: StatusArgs) -> Result<()> {
     }
     if sources.is_empty() {
         println!("(no sources yet)");
+    }
+    for s in &sources {
+        if let Some(c) = &s.capture {
+            println!(
+                "{}: capture {} dirty, {} preserved, {} cuts, {} writes, write latency p50 {}us p99 {}us",
+                s.source,
+                human_bytes(c.dirty_bytes),
+                human_bytes(c.preserved_bytes),
+                c.cuts,
+                c.writes,
+                c.write_p50_us,
+                c.write_p99_us
+            );
+        }
     }
     Ok(())
 }
