@@ -18,6 +18,10 @@ declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-b
     [losetup]=mount [mount]=mount [umount]=mount)
 # rsync: the reference of `blockrep bench`'s delta rows.
 wanted[rsync]=rsync
+# nbdfuse (with fuse3's fusermount3) turns the agent's capture export into a
+# file that a loop device attaches: tests/capture_fs.rs runs ext4 over it.
+wanted[nbdfuse]=libnbd-bin
+wanted[fusermount3]=fuse3
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")

@@ -60,10 +60,21 @@ pub struct BenchArgs {
     /// Also draw throughput and lag over time, with the cutover marked, as SVG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Instead: the lag of write capture (`agent --serve`) against a rescan
+    /// of the disk every epoch, on sparse disks of --capture-sizes under
+    /// random 4 KiB writes at --churn-rate, --capture-duration per run.
+    #[arg(long)]
+    capture: bool,
+    /// Sizes of the sparse disks of `--capture` (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1GiB,64GiB", value_parser = parse_size)]
+    capture_sizes: Vec<u64>,
+    /// Measured time of each `--capture` run, after its initial sync.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    capture_duration: Duration,
 }
 
 /// splitmix64: a small, seedable generator, good enough for synthetic data.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
@@ -74,14 +85,14 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn fill(&mut self, out: &mut [u8]) {
+    pub(crate) fn fill(&mut self, out: &mut [u8]) {
         for chunk in out.chunks_mut(8) {
             let bytes = self.next_u64().to_le_bytes();
             chunk.copy_from_slice(&bytes[..chunk.len()]);
         }
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
     }
 }
@@ -232,16 +243,16 @@ fn rss_bytes(pid: &str) -> u64 {
 }
 
 /// The server under test: this binary's `server` subcommand.
-struct ServerChild {
+pub(crate) struct ServerChild {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     admin: String,
     /// The admin token of this server (its TLS directory's).
     token: blockrep_pki::AdminToken,
 }
 
 impl ServerChild {
-    fn start(data: &Path, tls: &Path) -> Result<Self> {
+    pub(crate) fn start(data: &Path, tls: &Path) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let token_path = tls.join(blockrep_pki::ADMIN_TOKEN_FILE_NAME);
         let token = admin_client::read_token(&token_path)?;
@@ -289,7 +300,7 @@ impl ServerChild {
     }
 
     /// An admin API request with this server's token.
-    async fn admin_request(&self, method: &str, path: &str) -> Result<(u16, String)> {
+    pub(crate) async fn admin_request(&self, method: &str, path: &str) -> Result<(u16, String)> {
         admin_client::request_with_token(&self.admin, method, path, None, Some(&self.token)).await
     }
 
@@ -297,7 +308,7 @@ impl ServerChild {
         self.child.id().to_string()
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.pid()]).status();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -335,7 +346,7 @@ fn mib_per_s(bytes: u64, duration: Duration) -> f64 {
     mib(bytes) / duration.as_secs_f64().max(1e-9)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -434,6 +445,19 @@ fn source_view(body: &str) -> Option<blockrep_server::SourceView> {
 
 /// Runs the bench.
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.capture {
+        return crate::bench_capture::run(crate::bench_capture::CaptureBench {
+            sizes: args.capture_sizes,
+            duration: args.capture_duration,
+            rate: args.churn_rate,
+            interval: args.interval,
+            chunk_size_bytes: u32::try_from(args.chunk_size).context("chunk size too large")?,
+            seed: args.seed,
+            workdir: args.workdir,
+            json: args.json,
+        })
+        .await;
+    }
     let chunk_size = u32::try_from(args.chunk_size).context("chunk size too large")?;
     Geometry::new(args.size, chunk_size)?;
     ensure!(args.size >= 1 << 20, "--size must be at least 1MiB");

@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 mod admin_client;
+mod agent_serve;
 mod bench;
+mod bench_capture;
 mod bench_delta;
 mod units;
 
@@ -61,7 +63,8 @@ enum Command {
     Cert(CertCommand),
     /// Run the replication server.
     Server(ServerArgs),
-    /// Replicate a disk to a server.
+    /// Replicate a disk to a server: by scanning it each epoch, or (with
+    /// --serve) by serving it to its workload and capturing every write.
     Agent(AgentArgs),
     /// Write a source's committed replica, a snapshot or any stored root to a sparse raw image.
     Export(ExportArgs),
@@ -548,6 +551,8 @@ struct AgentArgs {
     no_patches: bool,
     #[command(flatten)]
     view: ViewArgs,
+    #[command(flatten)]
+    capture: agent_serve::CaptureArgs,
 }
 
 /// How the agent freezes the disk for each epoch (see docs/architecture.md,
@@ -1044,7 +1049,9 @@ fn apply_agent_settings(path: &Path, config: &AgentConfig) -> Result<()> {
 }
 
 async fn agent(args: AgentArgs) -> Result<()> {
-    let config = agent_config(&args)?;
+    let mut config = agent_config(&args)?;
+    // Capture mode serves the disk before anything else, whatever the link does.
+    let served = agent_serve::start(&args.capture, &mut config).await?;
     if let Some(path) = args.config.clone() {
         let rate_config = config.clone();
         tokio::spawn(async move {
@@ -1064,8 +1071,20 @@ async fn agent(args: AgentArgs) -> Result<()> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    let result = replicate(&args, &config, stop_rx).await;
+    if let Some(served) = served {
+        served.finish().await?;
+    }
+    result
+}
+
+async fn replicate(
+    args: &AgentArgs,
+    config: &AgentConfig,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
     if args.once {
-        let outcome = blockrep_agent::run_once_until(&config, stop_rx, print_epoch).await?;
+        let outcome = blockrep_agent::run_once_until(config, stop_rx, print_epoch).await?;
         match (&outcome.cutover, outcome.epochs.last()) {
             (Some(cutover), _) => print_cutover(cutover),
             (None, Some(last)) => println!(
@@ -1076,7 +1095,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
         }
         return Ok(());
     }
-    if let Some(cutover) = blockrep_agent::run(&config, stop_rx, print_epoch).await? {
+    if let Some(cutover) = blockrep_agent::run(config, stop_rx, print_epoch).await? {
         print_cutover(&cutover);
     }
     Ok(())
@@ -1230,14 +1249,15 @@ async fn status(args: StatusArgs) -> Result<()> {
     let sources: Vec<blockrep_server::SourceView> =
         serde_json::from_str(&body).context("unexpected JSON from the admin API")?;
     println!(
-        "{:<20} {:<13} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "SOURCE", "STATE", "EPOCH", "CONSISTENCY", "LAG", "RPO", "PENDING", "RATE", "AGENT"
+        "{:<20} {:<13} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "SOURCE", "STATE", "MODE", "EPOCH", "CONSISTENCY", "LAG", "RPO", "PENDING", "RATE", "AGENT"
     );
     for s in &sources {
         println!(
-            "{:<20} {:<13} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+            "{:<20} {:<13} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
             s.source,
             s.state.as_str(),
+            s.mode.as_str(),
             s.epoch,
             s.consistency.as_deref().unwrap_or("-"),
             s.lag_seconds
@@ -1250,6 +1270,20 @@ async fn status(args: StatusArgs) -> Result<()> {
     }
     if sources.is_empty() {
         println!("(no sources yet)");
+    }
+    for s in &sources {
+        if let Some(c) = &s.capture {
+            println!(
+                "{}: capture {} dirty, {} preserved, {} cuts, {} writes, write latency p50 {}us p99 {}us",
+                s.source,
+                human_bytes(c.dirty_bytes),
+                human_bytes(c.preserved_bytes),
+                c.cuts,
+                c.writes,
+                c.write_p50_us,
+                c.write_p99_us
+            );
+        }
     }
     Ok(())
 }

@@ -116,3 +116,95 @@ fn bench_fails_when_the_replica_is_damaged() {
     );
     assert!(stderr(&output).contains("differs"), "{}", stderr(&output));
 }
+
+/// `bench --capture` on two small sparse disks: a capture and a rescan run
+/// each, lag percentiles from samples, and the server saw the capture runs
+/// in capture mode (their `Capture` reports) and the rescan runs in scan mode.
+#[test]
+fn bench_capture_reports_the_lag_of_capture_and_rescan_on_each_disk() {
+    let work = tempfile::tempdir().unwrap();
+    let json = work.path().join("capture.json");
+    let output = Command::new(BIN)
+        .args([
+            "bench",
+            "--capture",
+            "--capture-sizes",
+            "16MiB,64MiB",
+            "--capture-duration",
+            "3s",
+            "--interval",
+            "300ms",
+            "--churn-rate",
+            "1MiB/s",
+            "--json",
+        ])
+        .arg(&json)
+        .arg("--workdir")
+        .arg(work.path().join("run"))
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = figures["runs"].as_array().unwrap();
+    let shapes: Vec<(u64, &str)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["disk_size_bytes"].as_u64().unwrap(),
+                r["mode"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            (16 << 20, "capture"),
+            (16 << 20, "rescan"),
+            (64 << 20, "capture"),
+            (64 << 20, "rescan")
+        ],
+        "{figures:#}"
+    );
+    for run in runs {
+        let number = |key: &str| {
+            run[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {key} in {run:#}"))
+        };
+        assert!(number("samples") >= 10.0, "{run:#}");
+        assert!(number("epochs") >= 2.0, "{run:#}");
+        assert!(number("writes") > 100.0, "{run:#}");
+        assert!(number("lag_seconds_p50") > 0.0, "{run:#}");
+        assert!(
+            number("lag_seconds_p50") <= number("lag_seconds_p99"),
+            "{run:#}"
+        );
+        assert!(
+            number("lag_seconds_p99") <= number("lag_seconds_max"),
+            "{run:#}"
+        );
+        assert!(number("lag_seconds_max") < 3.0, "{run:#}");
+        if run["mode"] == "capture" {
+            assert_eq!(run["server_mode"], "capture", "{run:#}");
+            assert!(
+                run["server_capture"]["cuts"].as_u64().unwrap() >= 2,
+                "{run:#}"
+            );
+            assert!(
+                run["server_capture"]["writes"].as_u64().unwrap() > 0,
+                "{run:#}"
+            );
+        } else {
+            assert_eq!(run["server_mode"], "scan", "{run:#}");
+            assert!(run["server_capture"].is_null(), "{run:#}");
+        }
+    }
+    assert!(
+        figures["capture_lag_p99_bar_met"].is_boolean(),
+        "{figures:#}"
+    );
+    let table = stdout(&output);
+    assert!(table.contains("64 MiB   rescan"), "{table}");
+    assert!(table.contains("capture lag p99 under 1.5s"), "{table}");
+}

@@ -14,7 +14,13 @@ use blockrep_core::{ChunkId, Consistency, Geometry, Root, SourceId};
 use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION, encode};
 use bytes::{Bytes, BytesMut};
 
-const TARGETS: [&str; 4] = ["frame_decode", "session", "nbd_wire", "index"];
+const TARGETS: [&str; 5] = [
+    "frame_decode",
+    "session",
+    "nbd_wire",
+    "index",
+    "capture_export",
+];
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,6 +38,10 @@ fn run_check(target: &str, data: &[u8]) {
         "session" => {
             let dir = tempfile::tempdir().unwrap();
             blockrep_server::fuzzing::drive_session(&dir.path().join("data"), data);
+        }
+        "capture_export" => {
+            let dir = tempfile::tempdir().unwrap();
+            blockrep_agent::capture::fuzzing::drive_capture_export(dir.path(), data);
         }
         other => panic!("unknown fuzz target {other}"),
     }
@@ -91,6 +101,15 @@ fn seed_inputs_are_current_and_reach_their_states() {
     );
     let frames = blockrep_proto::fuzzing::check_decode_round_trip(&three_epochs());
     assert_eq!(frames, 11);
+    // The capture seeds write through the export and check cuts after them.
+    for (name, data) in blockrep_agent::capture::fuzzing::seeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let outcome = blockrep_agent::capture::fuzzing::drive_capture_export(dir.path(), &data);
+        assert!(
+            outcome.writes > 0 && outcome.cuts_checked > 1,
+            "{name}: {outcome:?}"
+        );
+    }
 }
 
 /// Regression: an `Error` frame whose message was not UTF-8 was decoded with
@@ -419,6 +438,9 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     go.extend_from_slice(&7u32.to_be_bytes());
     go.extend_from_slice(&12u32.to_be_bytes());
     out.push(("nbd_wire", "option-go", go));
+    for (name, data) in blockrep_agent::capture::fuzzing::seeds() {
+        out.push(("capture_export", name, data));
+    }
     out.push((
         "nbd_wire",
         "info-request",

@@ -17,11 +17,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use blockrep_testkit::{Pki, ServerProcess};
+use common::ack_log::read_acks;
 use common::fs_writer::{DurableLog, Verified, Writer, verify};
 use common::loopfs::{FsKind, NestedFs, check_and_mount, loop_fs_ready};
 use common::*;
@@ -40,37 +41,6 @@ const TOOLS: [&str; 7] = [
 ];
 /// How long the points may take to appear (debug builds on a busy machine).
 const POINTS_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// One line of the agent's `--ack-log`.
-#[derive(Debug, Clone)]
-struct Ack {
-    root: String,
-    complete: bool,
-    unix_ms: u64,
-    scan_started_unix_ms: u64,
-}
-
-fn read_acks(path: &Path) -> Vec<Ack> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    // Lines are written whole; a line without its newline is not finished yet.
-    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
-    whole
-        .lines()
-        .map(|line| {
-            let field = |key: &str| {
-                line.split_whitespace()
-                    .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
-                    .unwrap_or_else(|| panic!("ack log line {line:?} has no {key}"))
-            };
-            Ack {
-                root: field("root").to_owned(),
-                complete: field("complete").parse().unwrap(),
-                unix_ms: field("unix_ms").parse().unwrap(),
-                scan_started_unix_ms: field("scan_started_unix_ms").parse().unwrap(),
-            }
-        })
-        .collect()
-}
 
 /// A recovery point: a snapshot of an acknowledged root.
 #[derive(Debug, Clone)]

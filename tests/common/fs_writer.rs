@@ -168,13 +168,26 @@ impl Writer {
 
     /// Stops the writer and returns its record; panics with the writer's error
     /// if it failed.
-    pub fn stop(mut self) -> DurableLog {
-        self.stop.store(true, Ordering::Relaxed);
-        let result = self.handle.take().unwrap().join().unwrap();
+    pub fn stop(self) -> DurableLog {
+        let (log, result) = self.stop_either_way();
         if let Err(error) = result {
             panic!("the writer failed: {error}");
         }
-        self.log.lock().unwrap().clone()
+        log
+    }
+
+    /// Whether the writer has ended by itself (an operation failed).
+    pub fn finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Stops the writer; its record, and how it ended: the error of the
+    /// operation that failed, if one did (the disk went away under it). The
+    /// record holds only operations whose fsync succeeded.
+    pub fn stop_either_way(mut self) -> (DurableLog, Result<(), String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let result = self.handle.take().unwrap().join().unwrap();
+        (self.log.lock().unwrap().clone(), result)
     }
 }
 

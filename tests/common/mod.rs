@@ -1,8 +1,10 @@
 //! Helpers shared by the end-to-end tests (included with `mod common;`).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod ack_log;
 pub mod fs_writer;
 pub mod loopfs;
+pub mod nbdfuse;
 pub mod scripts;
 
 use std::path::{Path, PathBuf};

@@ -126,6 +126,11 @@ pub(crate) struct Session {
     /// Changed chunks may travel as patches (`AgentConfig::patches`, turned
     /// off for a session after the server refused a patch).
     pub patches: bool,
+    /// Capture mode: its state goes to the server before every complete commit.
+    capture: Option<Arc<crate::capture::Capture>>,
+    /// Roots of the intermediate commits this session made: a head the
+    /// capture can still continue from incrementally.
+    pub(crate) step_roots: Vec<ChunkId>,
 }
 
 impl Session {
@@ -203,6 +208,8 @@ impl Session {
             nonce,
             ack_log: config.ack_log.clone(),
             patches: config.patches,
+            capture: config.capture.clone(),
+            step_roots: Vec::new(),
         })
     }
 
@@ -271,6 +278,22 @@ impl Session {
         let mine = Root::from_chunk_ids(self.geometry, &scan.ids);
         let pages = changed_pages(head_root, &mine).map_err(diff_error)?;
         let mut head_ids = scan.ids.clone();
+        self.fetch_pages(&pages, &mut head_ids).await?;
+        let changed = changed_chunks(&head_ids, &scan.ids, 0).map_err(diff_error)?;
+        self.head_ids = Some(head_ids);
+        Ok(changed)
+    }
+
+    /// Fills `head_ids` from the head's index pages `pages`, checked against
+    /// the head root.
+    async fn fetch_pages(
+        &mut self,
+        pages: &[usize],
+        head_ids: &mut [ChunkId],
+    ) -> Result<(), Error> {
+        let Some(head_root) = self.head_root.as_ref() else {
+            return Ok(()); // no head: no pages
+        };
         for batch in pages.chunks(GET_PAGES_MAX) {
             let indices = batch.iter().map(|&p| p as u32).collect();
             self.connection.send(&Message::GetPages { indices }).await?;
@@ -295,9 +318,25 @@ impl Session {
                 head_ids[start..start + page.ids().len()].copy_from_slice(page.ids());
             }
         }
-        let changed = changed_chunks(&head_ids, &scan.ids, 0).map_err(diff_error)?;
-        self.head_ids = Some(head_ids);
-        Ok(changed)
+        Ok(())
+    }
+
+    /// The head's every chunk id (zeros without a head), fetched page by page
+    /// the first time: capture mode knows what changed without scanning, so
+    /// it needs the ids of the rest from the server.
+    pub(crate) async fn head_ids(&mut self) -> Result<Vec<ChunkId>, Error> {
+        if let Some(ids) = &self.head_ids {
+            return Ok(ids.clone());
+        }
+        let pages = self
+            .head_root
+            .as_ref()
+            .map_or(0, |root| root.page_ids().len());
+        let all: Vec<usize> = (0..pages).collect();
+        let mut ids = vec![ChunkId::ZERO; self.geometry.chunk_count() as usize];
+        self.fetch_pages(&all, &mut ids).await?;
+        self.head_ids = Some(ids.clone());
+        Ok(ids)
     }
 
     /// Asks which of `ids` the server already holds (pipelined `Offer`s, then
@@ -342,7 +381,22 @@ impl Session {
         let (root, _) = Root::build(self.geometry, view);
         let root_id = root.id();
         let last = complete && self.final_epoch;
-        let bytes = self
+        let mut bytes = 0;
+        if let Some(capture) = self.capture.as_ref().filter(|_| complete) {
+            let stats = capture.stats();
+            bytes += self
+                .connection
+                .send(&Message::Capture {
+                    dirty_bytes: stats.dirty_bytes,
+                    preserved_bytes: stats.preserved_bytes,
+                    cuts: stats.cuts,
+                    writes: stats.writes,
+                    write_p50_us: stats.write_p50_us,
+                    write_p99_us: stats.write_p99_us,
+                })
+                .await?;
+        }
+        bytes += self
             .connection
             .send(&Message::Commit {
                 epoch,
@@ -397,6 +451,9 @@ impl Session {
         }
         if let Some(log) = &self.ack_log {
             log.record(epoch, &root_id, complete, scan_started_unix_ms);
+        }
+        if !complete {
+            self.step_roots.push(root_id);
         }
         self.head_epoch = epoch;
         self.head_ids = Some(view.to_vec());
@@ -614,13 +671,17 @@ impl Session {
         fetch.finish(&mut self.connection).await?;
         report.bytes_sent += fetch.bytes_sent;
         report.block_values_bytes_received = fetch.values_bytes_received;
+        // A cut's label is read only now: it falls to live if a write could
+        // not be preserved while the epoch was sent.
+        let consistency = scan.disk.consistency_now(scan.consistency);
+        report.consistency = consistency;
         let (root, received, new, bytes) = self
             .commit(
                 self.head_epoch + 1,
                 &view,
                 scan.started_unix_ms,
                 true,
-                scan.consistency,
+                consistency,
             )
             .await?;
         report.bytes_sent += bytes;

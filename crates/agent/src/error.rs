@@ -68,9 +68,16 @@ pub enum Error {
     /// Retrying cannot fix it.
     #[error("frozen view: {0}")]
     ViewConfig(String),
+    /// Write capture could not read its cut (an I/O error on the disk or
+    /// on the preserve spill file). Retried: the next cut reads again.
+    #[error("write capture: {0}")]
+    CutRead(String),
     /// A signal stopped `--once` before the replica caught up.
     #[error("{0}")]
     Stopped(String),
+    /// Write capture could not open or save its disk or state file.
+    #[error("write capture: {0}")]
+    Capture(String),
 }
 
 impl Error {
@@ -81,7 +88,7 @@ impl Error {
         match self {
             Error::Connect { .. } | Error::Lost(_) | Error::Alert(_) => true,
             Error::DiskUnsteady(_) => true,
-            Error::View(_) => true,
+            Error::View(_) | Error::CutRead(_) => true,
             // The connection broke during the handshake (a server that crashed
             // or restarted, or one at its connection limit): the network's
             // fault, not the configuration's. A certificate the server or the

@@ -14,6 +14,8 @@
 
 mod ack_log;
 mod adaptive;
+pub mod capture;
+mod capture_run;
 mod connection;
 mod epoch;
 mod error;
@@ -25,7 +27,9 @@ mod patch;
 mod rate;
 mod run;
 mod send;
+pub mod serve;
 mod view;
+mod view_command;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -112,6 +116,10 @@ pub struct AgentConfig {
     /// replica holds at its index (a patch) where that saves bytes; `false`
     /// sends whole changed chunks.
     pub patches: bool,
+    /// Capture mode (`agent --serve`): the workload writes through this
+    /// capture's export, and each epoch sends a cut of what it wrote instead
+    /// of scanning the disk.
+    pub capture: Option<Arc<capture::Capture>>,
 }
 
 impl AgentConfig {
@@ -148,6 +156,7 @@ impl AgentConfig {
             ack_log: None,
             view: ViewOptions::default(),
             patches: true,
+            capture: None,
         }
     }
 }

@@ -12,9 +12,9 @@ use crate::view::scan;
 use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
 /// Epochs `--once` runs before giving up on a disk that keeps changing.
-const ONCE_EPOCHS_MAX: usize = 20;
+pub(crate) const ONCE_EPOCHS_MAX: usize = 20;
 /// Longest wait between attempts while the server answers `Busy`.
-const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
+pub(crate) const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Longest wait between attempts while the disk changes size under the scan:
 /// the server is not at fault, so there is nothing to back off from.
 const UNSTEADY_RETRY_MAX: Duration = Duration::from_secs(1);
@@ -63,6 +63,9 @@ async fn once(
     config: &AgentConfig,
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<RunOutcome, Error> {
+    if let Some(capture) = &config.capture {
+        return crate::capture_run::once(config, capture, on_epoch).await;
+    }
     let mut outcome = RunOutcome::default();
     let first = scan(config, config.chunk_size_bytes).await?;
     let mut session = Session::open(config, first.geometry).await?;
@@ -98,8 +101,9 @@ async fn once(
 /// The cutover: run the pre-cutover command (it stops the workload), then a final
 /// scan, diff and send, committed as the last epoch; the server answers with the
 /// cutover launch. Downtime runs from the end of the command (or from
-/// `requested_at` without one) to the server's answer.
-async fn cutover(
+/// `requested_at` without one) to the server's answer. In capture mode the
+/// final scan is a cut taken after the export stopped accepting writes.
+pub(crate) async fn cutover(
     config: &AgentConfig,
     session: &mut Session,
     requested_at: Instant,
@@ -124,7 +128,11 @@ async fn cutover(
         None => requested_at,
     };
     let hook = downtime_started.saturating_duration_since(hook_started);
-    let mut final_scan = scan(config, session.geometry().chunk_size_bytes()).await?;
+    let mut final_scan = match &config.capture {
+        Some(capture) => crate::capture_run::final_cut(config, capture, session).await?,
+        None => scan(config, session.geometry().chunk_size_bytes()).await?,
+    };
+    let cut = final_scan.disk.capture_cut().cloned();
     // The workload was stopped by the pre-cutover command: even a live read of
     // the disk then holds one quiesced state. Without the command the final
     // epoch claims only what its view gives (crash-consistent, or live).
@@ -139,6 +147,9 @@ async fn cutover(
         .epoch(config, final_scan, true)
         .await?
         .ok_or_else(|| Error::Protocol("the final epoch was not committed".into()))?;
+    if let Some(cut) = cut {
+        cut.committed(report.root);
+    }
     let downtime = downtime_started.elapsed();
     let ready = session
         .cutover_ready
@@ -175,6 +186,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<Option<CutoverReport>, Error> {
+    if let Some(capture) = &config.capture {
+        return crate::capture_run::run(config, capture, shutdown, on_epoch).await;
+    }
     let mut backoff = Duration::from_millis(250);
     let mut chunk_size = config.chunk_size_bytes;
     // The last attempt ended because the disk changed size under it.

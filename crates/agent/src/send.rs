@@ -5,9 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use blockrep_core::{
-    ChunkId, DiskImage, Geometry, hash_chunk, hash_with_block_values, is_all_zero,
-};
+use blockrep_core::{ChunkId, Geometry, hash_chunk, hash_with_block_values, is_all_zero};
 use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, patch_frame, ref_proof};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
@@ -151,7 +149,7 @@ impl ChunkEncoder {
 
     fn encode(
         &mut self,
-        disk: &DiskImage,
+        disk: &crate::view::View,
         geometry: Geometry,
         index: u64,
         bases: &Bases,
@@ -180,6 +178,8 @@ impl ChunkEncoder {
                     Error::DiskChanged(message)
                 }
             })?;
+        // Read once: a cut need not preserve this chunk's old content any more.
+        disk.done_with(geometry, index);
         // A chunk with a base is hashed with its block values: the same single
         // pass gives the id and what a patch needs. Waits for the base's values
         // if they have not arrived yet.

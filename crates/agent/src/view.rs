@@ -24,7 +24,6 @@ use std::fs::OpenOptions;
 use std::ops::Deref;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,7 +31,9 @@ use std::time::{Duration, Instant};
 use blockrep_core::{Consistency, DiskImage};
 use tracing::{info, warn};
 
+use crate::capture::Cut;
 use crate::epoch::{Scan, now_unix_ms, scan_view};
+use crate::view_command::{run, run_blocking};
 use crate::{AgentConfig, Error};
 
 /// Default longest run of each view command (snapshot, release, quiesce, thaw).
@@ -95,6 +96,9 @@ impl ViewOptions {
 pub(crate) struct View {
     disk: DiskImage,
     release: Release,
+    /// In capture mode: the epoch's cut, through which every read goes (the
+    /// disk as of the cut's instant, not as it is now).
+    cut: Option<Arc<Cut>>,
 }
 
 /// What ends a view.
@@ -116,6 +120,47 @@ impl View {
         Self {
             disk,
             release: Release::Nothing,
+            cut: None,
+        }
+    }
+
+    /// The disk as of `cut` (capture mode): reads go through the cut.
+    pub(crate) fn cut(disk: DiskImage, cut: Arc<Cut>) -> Self {
+        Self {
+            disk,
+            release: Release::Nothing,
+            cut: Some(cut),
+        }
+    }
+
+    /// The cut this view reads through, in capture mode.
+    pub(crate) fn capture_cut(&self) -> Option<&Arc<Cut>> {
+        self.cut.as_ref()
+    }
+
+    /// Reads `buf.len()` bytes at `offset`: through the cut in capture mode,
+    /// else from the view's disk.
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        match &self.cut {
+            Some(cut) => cut.read_at(offset, buf),
+            None => self.disk.read_at(offset, buf),
+        }
+    }
+
+    /// The epoch has read chunk `index` for the last time: a cut stops
+    /// preserving it (nothing to do for other views).
+    pub(crate) fn done_with(&self, geometry: blockrep_core::Geometry, index: u64) {
+        if let Some(cut) = &self.cut {
+            cut.release(geometry, index);
+        }
+    }
+
+    /// What a commit of this view may claim now: a cut's label can fall to
+    /// `live` while the epoch runs (its preserve budget ran out).
+    pub(crate) fn consistency_now(&self, scanned: Consistency) -> Consistency {
+        match &self.cut {
+            Some(cut) if cut.consistency() == Consistency::Live => Consistency::Live,
+            _ => scanned,
         }
     }
 }
@@ -332,6 +377,7 @@ fn make_clone(image: &Path, number: u64) -> Result<(View, u64), CloneError> {
     let view = View {
         disk,
         release: pending.take(),
+        cut: None,
     };
     Ok((view, started_unix_ms))
 }
@@ -599,6 +645,7 @@ async fn command_view(
     let view = View {
         disk,
         release: pending.take(),
+        cut: None,
     };
     Ok((view, started_unix_ms, label(quiesced)))
 }
@@ -617,112 +664,6 @@ impl Drop for PendingRelease {
         if let Some(pending) = self.0.take() {
             release(pending);
         }
-    }
-}
-
-/// Where a command's output goes when the agent does not read it: the agent's
-/// stderr, so that stdout stays the agent's own report.
-fn to_stderr() -> Stdio {
-    use std::os::fd::AsFd;
-    std::io::stderr()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_or_else(|_| Stdio::null(), Stdio::from)
-}
-
-/// Runs `command` with `sh -c` in its own process group; kills the group after
-/// `timeout`. With `capture`, returns its standard output.
-async fn run(
-    command: &str,
-    env: &[(&'static str, String)],
-    timeout: Duration,
-    capture: bool,
-) -> Result<String, String> {
-    let mut child = tokio::process::Command::new("sh");
-    child
-        .arg("-c")
-        .arg(command)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(if capture { Stdio::piped() } else { to_stderr() })
-        .process_group(0)
-        .kill_on_drop(true);
-    let child = child
-        .spawn()
-        .map_err(|e| format!("{command:?} cannot be started: {e}"))?;
-    // Kills the command's group if this future is dropped (the agent shutting
-    // down) or times out; `kill_on_drop` alone would reach only `sh`.
-    let mut group = GroupGuard(child.id());
-    let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
-    if result.is_ok() {
-        group.0 = None;
-    }
-    match result {
-        Ok(Ok(output)) if output.status.success() => {
-            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-        }
-        Ok(Ok(output)) => Err(format!("{command:?} failed ({})", output.status)),
-        Ok(Err(e)) => Err(format!("{command:?} could not be waited for: {e}")),
-        Err(_) => {
-            drop(group);
-            Err(format!(
-                "{command:?} did not finish within {timeout:?} and was killed (--snapshot-cmd-timeout)"
-            ))
-        }
-    }
-}
-
-/// [`run`] without a runtime, for releases run on drop.
-fn run_blocking(
-    command: &str,
-    env: &[(&'static str, String)],
-    timeout: Duration,
-) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(to_stderr())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("{command:?} cannot be started: {e}"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => return Err(format!("{command:?} failed ({status})")),
-            Ok(None) if Instant::now() >= deadline => {
-                kill_group(Some(child.id()));
-                let _ = child.wait();
-                return Err(format!(
-                    "{command:?} did not finish within {timeout:?} and was killed (--snapshot-cmd-timeout)"
-                ));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("{command:?} could not be waited for: {e}")),
-        }
-    }
-}
-
-/// Kills the process group of a command still running when dropped.
-struct GroupGuard(Option<u32>);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        kill_group(self.0.take());
-    }
-}
-
-/// Kills a command's whole process group (`sh` and what it started).
-fn kill_group(pid: Option<u32>) {
-    let pid = pid
-        .and_then(|p| i32::try_from(p).ok())
-        .filter(|&p| p > 1)
-        .and_then(rustix::process::Pid::from_raw);
-    if let Some(pid) = pid {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
 

@@ -22,6 +22,7 @@ mod admin_guard;
 mod admin_tls;
 mod alerts;
 mod budget;
+mod capture;
 mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -43,6 +44,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use capture::{CaptureView, SourceMode};
 pub use listener::{Server, ServerStats};
 pub use maintenance::report_json as gc_report_json;
 pub use nbd_export::{

@@ -431,6 +431,7 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
         epoch_size: Some((metrics.epoch_size.bounds, metrics.epoch_size.counts())),
     };
     let mut text = render(&scrape);
+    text.push_str(&crate::capture::metrics_text(&scrape.sources));
     text.push_str(&crate::revocation::metrics_text(&shared));
     text.push_str(&crate::session::patches::metrics_text(&shared));
     ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], text).into_response()

@@ -148,6 +148,8 @@ pub(crate) struct Session<S> {
     active: Option<Arc<ActiveSession>>,
     /// Ends the session when its certificate is revoked while it runs.
     revocation: Option<crate::revocation::Registration>,
+    /// The agent has sent a `Capture` report in this session (capture mode).
+    capture_reported: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -165,6 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             peer,
             active: None,
             revocation: None,
+            capture_reported: false,
         }
     }
 
@@ -524,6 +527,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         record.bytes_pending = bytes_pending;
                     });
                 }
+                report @ Message::Capture { .. } => {
+                    self.capture_reported = true;
+                    crate::capture::received(&self.shared.sources, &self.source, &report);
+                }
                 Message::Offer { ids } => {
                     let bits = self.have_bits(&mut replica.references, &ids).await?;
                     self.connection
@@ -792,6 +799,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             record.root = Some(root_id.to_hex());
             if label.is_some() {
                 record.consistency = label;
+            }
+            if complete && !self.capture_reported {
+                crate::capture::scanned(record);
             }
             if complete {
                 record.synced_scan_started_unix_ms = scan_started_unix_ms.max(1);

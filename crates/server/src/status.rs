@@ -9,6 +9,8 @@ use blockrep_core::{Consistency, SourceId};
 use blockrep_store::{Head, Lifecycle, LifecycleStage};
 use serde::{Deserialize, Serialize};
 
+use crate::capture::{CaptureRecord, CaptureView, SourceMode};
+
 /// Replication state of a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -95,6 +97,12 @@ pub struct SourceView {
     /// Chunks and bytes sent to failback agents (frames, since the server started).
     pub failback_chunks_sent_total: u64,
     pub failback_bytes_sent_total: u64,
+    /// `capture` while the source's agent reports write capture, else `scan`.
+    #[serde(default)]
+    pub mode: SourceMode,
+    /// The agent's last write-capture report; `None` in scan mode.
+    #[serde(default)]
+    pub capture: Option<CaptureView>,
 }
 
 /// A finished cutover: what was launched and how long the downtime was.
@@ -174,6 +182,8 @@ pub(crate) struct SourceRecord {
     /// RPO target set for this source through the admin API; kept in memory
     /// only, so a restarted server is back at the server-wide target.
     pub rpo_target_override: Option<Duration>,
+    /// Write capture's reports (`None`: the source is scanned).
+    pub capture: Option<CaptureRecord>,
 }
 
 /// Thresholds that decide a source's state.
@@ -266,6 +276,8 @@ impl SourceRecord {
             cutover: self.lifecycle.as_ref().map(CutoverView::from),
             failback_chunks_sent_total: self.failback_chunks_sent_total,
             failback_bytes_sent_total: self.failback_bytes_sent_total,
+            mode: crate::capture::mode(self),
+            capture: self.capture.map(|c| c.last),
         }
     }
 }

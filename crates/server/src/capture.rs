@@ -1,0 +1,283 @@
+//! Write capture as the server sees it: the figures an agent in capture mode
+//! (`agent --serve`) reports in a `Capture` frame before each complete
+//! `Commit`, kept per source for `status`, the JSON API and `/metrics`.
+//!
+//! The server answers nothing to a `Capture` frame and checks nothing in it
+//! beyond its encoding: the figures only describe the agent's own source, so
+//! a lying agent can only mislead about itself. A source is in mode
+//! `capture` from the first report of a session on, and goes back to `scan`
+//! when a session commits a complete epoch without having reported; the last
+//! report is kept after the agent disconnects (the source's
+//! `seconds_since_contact` says how old it is).
+//!
+//! The agent's counters start from 0 when it restarts. `/metrics` exports
+//! counters that never go backwards within a server process, so the server
+//! adds up the increases between reports, counting a report whose counter is
+//! below the previous one as a restart (its whole value is new).
+
+use std::fmt::Write as _;
+
+use blockrep_core::SourceId;
+use blockrep_proto::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::status::{SourceRecord, SourceTable};
+
+/// A source's write-capture figures, as its agent last reported them (the
+/// `capture` object of the JSON API).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureView {
+    /// Bytes written by the workload and not yet in a committed epoch.
+    pub dirty_bytes: u64,
+    /// Bytes of old content held for the cut in flight.
+    pub preserved_bytes: u64,
+    /// Epochs cut since the agent started.
+    pub cuts: u64,
+    /// Writes the workload made through the agent's export since it started.
+    pub writes: u64,
+    /// Median write latency the workload saw since the previous report, µs.
+    pub write_p50_us: u64,
+    /// 99th percentile write latency since the previous report, µs.
+    pub write_p99_us: u64,
+}
+
+/// Replication mode of a source: how its agent finds what changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceMode {
+    /// The agent scans the disk every epoch (the default).
+    #[default]
+    Scan,
+    /// The agent sits in the disk's write path and sends what was written.
+    Capture,
+}
+
+impl SourceMode {
+    /// The mode's name as shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceMode::Scan => "scan",
+            SourceMode::Capture => "capture",
+        }
+    }
+}
+
+/// What the server keeps of a source's capture reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CaptureRecord {
+    /// The last report.
+    pub last: CaptureView,
+    /// Cuts reported since the server started, across agent restarts.
+    pub cuts_total: u64,
+    /// Writes reported since the server started, across agent restarts.
+    pub writes_total: u64,
+}
+
+/// The increase of an agent counter from `previous` to `now`: all of `now`
+/// when it went down (the agent restarted and counts from 0 again).
+fn increase(previous: u64, now: u64) -> u64 {
+    if now >= previous { now - previous } else { now }
+}
+
+/// Records a `Capture` report: the source is in capture mode from now on.
+pub(crate) fn report(record: &mut SourceRecord, view: CaptureView) {
+    let mut kept = record.capture.unwrap_or_default();
+    let previous = record.capture.map(|c| c.last).unwrap_or_default();
+    kept.cuts_total = kept
+        .cuts_total
+        .saturating_add(increase(previous.cuts, view.cuts));
+    kept.writes_total = kept
+        .writes_total
+        .saturating_add(increase(previous.writes, view.writes));
+    kept.last = view;
+    record.capture = Some(kept);
+}
+
+/// Records a `Capture` frame of `source`'s session (any other message is
+/// ignored: the session matched it already).
+pub(crate) fn received(sources: &SourceTable, source: &SourceId, message: &Message) {
+    if let Message::Capture {
+        dirty_bytes,
+        preserved_bytes,
+        cuts,
+        writes,
+        write_p50_us,
+        write_p99_us,
+    } = *message
+    {
+        let view = CaptureView {
+            dirty_bytes,
+            preserved_bytes,
+            cuts,
+            writes,
+            write_p50_us,
+            write_p99_us,
+        };
+        sources.update(source, |record| report(record, view));
+    }
+}
+
+/// A complete epoch was committed by a session that sent no `Capture`: the
+/// source is scanned now, and capture figures would be stale.
+pub(crate) fn scanned(record: &mut SourceRecord) {
+    record.capture = None;
+}
+
+/// The source's mode.
+pub(crate) fn mode(record: &SourceRecord) -> SourceMode {
+    if record.capture.is_some() {
+        SourceMode::Capture
+    } else {
+        SourceMode::Scan
+    }
+}
+
+/// A metric family of a capture figure: name, type, help, value.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&CaptureRecord) -> u64,
+);
+
+/// The `blockrep_capture_*` families, one sample per source in capture mode,
+/// with `# HELP` and `# TYPE` even when no source is (as the other families).
+pub(crate) fn metrics_text(sources: &[(SourceId, SourceRecord)]) -> String {
+    let captured: Vec<(&SourceId, &CaptureRecord)> = sources
+        .iter()
+        .filter_map(|(source, record)| record.capture.as_ref().map(|c| (source, c)))
+        .collect();
+    let mut out = String::new();
+    let families: [Family; 4] = [
+        (
+            "blockrep_capture_dirty_bytes",
+            "gauge",
+            "Bytes the workload wrote through the agent's export that are not yet in a committed epoch, as last reported.",
+            |c| c.last.dirty_bytes,
+        ),
+        (
+            "blockrep_capture_preserved_bytes",
+            "gauge",
+            "Bytes of old content the agent held so that the epoch in flight reads as of its cut, as last reported.",
+            |c| c.last.preserved_bytes,
+        ),
+        (
+            "blockrep_capture_cuts_total",
+            "counter",
+            "Epochs cut by the source's capture agents, added up across agent restarts since the server started.",
+            |c| c.cuts_total,
+        ),
+        (
+            "blockrep_capture_writes_total",
+            "counter",
+            "Writes the workload made through the agent's export, added up across agent restarts since the server started.",
+            |c| c.writes_total,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (source, capture) in &captured {
+            let _ = writeln!(
+                out,
+                "{name}{{source=\"{}\"}} {}",
+                escape_label(source.as_str()),
+                value(capture)
+            );
+        }
+    }
+    // A summary with quantiles only: the agent reports the quantiles of the
+    // writes since its previous report, not a sum or a count to rate().
+    let name = "blockrep_capture_write_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Latency of the workload's writes through the agent's export, over the interval before the last report."
+    );
+    let _ = writeln!(out, "# TYPE {name} summary");
+    for (source, capture) in &captured {
+        for (quantile, us) in [
+            ("0.5", capture.last.write_p50_us),
+            ("0.99", capture.last.write_p99_us),
+        ] {
+            let _ = writeln!(
+                out,
+                "{name}{{source=\"{}\",quantile=\"{quantile}\"}} {}",
+                escape_label(source.as_str()),
+                us as f64 / 1e6
+            );
+        }
+    }
+    out
+}
+
+/// Source ids are restricted to safe characters, but the format's escaping
+/// costs nothing and keeps this correct if that ever changes.
+fn escape_label(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(cuts: u64, writes: u64) -> CaptureView {
+        CaptureView {
+            cuts,
+            writes,
+            ..CaptureView::default()
+        }
+    }
+
+    #[test]
+    fn counters_add_up_across_agent_restarts() {
+        let mut record = SourceRecord::default();
+        assert_eq!(mode(&record), SourceMode::Scan);
+        report(&mut record, view(3, 100));
+        report(&mut record, view(5, 150));
+        // The agent restarted: its counters begin again.
+        report(&mut record, view(1, 20));
+        let capture = record.capture.unwrap();
+        assert_eq!(capture.cuts_total, 6);
+        assert_eq!(capture.writes_total, 170);
+        assert_eq!(capture.last, view(1, 20));
+        assert_eq!(mode(&record), SourceMode::Capture);
+        scanned(&mut record);
+        assert_eq!(mode(&record), SourceMode::Scan);
+        assert!(record.capture.is_none());
+    }
+
+    #[test]
+    fn metrics_have_one_sample_per_capture_source() {
+        let mut captured = SourceRecord::default();
+        report(
+            &mut captured,
+            CaptureView {
+                dirty_bytes: 8192,
+                preserved_bytes: 4096,
+                cuts: 2,
+                writes: 9,
+                write_p50_us: 250,
+                write_p99_us: 1500,
+            },
+        );
+        let sources = vec![
+            (SourceId::new("cap").unwrap(), captured),
+            (SourceId::new("scan").unwrap(), SourceRecord::default()),
+        ];
+        let text = metrics_text(&sources);
+        for line in [
+            "blockrep_capture_dirty_bytes{source=\"cap\"} 8192\n",
+            "blockrep_capture_preserved_bytes{source=\"cap\"} 4096\n",
+            "blockrep_capture_cuts_total{source=\"cap\"} 2\n",
+            "blockrep_capture_writes_total{source=\"cap\"} 9\n",
+            "blockrep_capture_write_latency_seconds{source=\"cap\",quantile=\"0.5\"} 0.00025\n",
+            "blockrep_capture_write_latency_seconds{source=\"cap\",quantile=\"0.99\"} 0.0015\n",
+            "# TYPE blockrep_capture_write_latency_seconds summary\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("source=\"scan\""), "{text}");
+    }
+}
