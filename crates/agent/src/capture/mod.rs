@@ -192,6 +192,16 @@ impl Capture {
             .write(true)
             .open(disk)
             .map_err(|e| capture_error("cannot open the disk", disk, e))?;
+        // One capture per disk: a second agent serving it would write behind
+        // this one's back, and its cuts would miss those writes.
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |e| {
+                Error::Capture(format!(
+                    "{} is already served by another write capture (lock: {e})",
+                    disk.display()
+                ))
+            },
+        )?;
         // Seeking to the end sizes a block device as well as a file.
         let size_bytes = (&file)
             .seek(SeekFrom::End(0))
@@ -199,6 +209,13 @@ impl Capture {
         let block_count = size_bytes.div_ceil(CAPTURE_BLOCK_BYTES);
         preserve::remove_stale_spills(disk);
         let (bits, saved_root) = match state_file::load(&options.state_path, size_bytes) {
+            Ok(saved) if saved.disk_modified_ns != state_file::modified_ns(&file) => {
+                tracing::warn!(
+                    state = %options.state_path.display(),
+                    "the disk was modified since the dirty set was saved: it must be read whole once"
+                );
+                (vec![0; bitmap::words_for(block_count)], None)
+            }
             Ok(saved) => (saved.bits, saved.root),
             Err(reason) => {
                 tracing::warn!(
@@ -212,7 +229,7 @@ impl Capture {
         // bitmap, which an in-use file never needs) before serving.
         state_file::write_durably(
             &options.state_path,
-            &state_file::encode(true, size_bytes, None, &[]),
+            &state_file::encode(true, size_bytes, None, 0, &[]),
         )
         .map_err(|e| capture_error("cannot write the capture state", &options.state_path, e))?;
         Ok(Arc::new(Self {
@@ -362,7 +379,8 @@ impl Capture {
             self.saved_root
         };
         drop(pending);
-        let bytes = state_file::encode(false, self.size_bytes, root, &bits);
+        let modified_ns = state_file::modified_ns(&self.file);
+        let bytes = state_file::encode(false, self.size_bytes, root, modified_ns, &bits);
         state_file::write_durably(&self.options.state_path, &bytes).map_err(|e| {
             capture_error("cannot save the capture state", &self.options.state_path, e)
         })?;

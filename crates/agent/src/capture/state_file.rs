@@ -8,13 +8,16 @@
 //! | 12 | 4 | block size in bytes (4096) |
 //! | 16 | 8 | disk size in bytes |
 //! | 24 | 32 | the last committed root (zeros without `HAS_ROOT`) |
-//! | 56 | 8 | n: bitmap words (0 with `IN_USE`, else one bit per block, rounded up to 64) |
-//! | 64 | 8n | the dirty bitmap (bit `b % 64` of word `b / 64` is block `b`) |
-//! | 64+8n | 4 | crc32 of every byte before it |
+//! | 56 | 8 | the disk's modification time at the save, ns since the epoch |
+//! | 64 | 8 | n: bitmap words (0 with `IN_USE`, else one bit per block, rounded up to 64) |
+//! | 72 | 8n | the dirty bitmap (bit `b % 64` of word `b / 64` is block `b`) |
+//! | 72+8n | 4 | crc32 of every byte before it |
 //!
 //! Like QEMU's persistent dirty bitmaps (`in-use` flag), the file is marked
 //! in use, durably, before the first write is accepted, and cleared only by a
-//! clean save: a file found in use means writes may be missing from it.
+//! clean save: a file found in use means writes may be missing from it. The
+//! disk's modification time is kept too: an image file written by something
+//! else while the capture was stopped no longer matches, and is rescanned.
 //! Every write is a new file renamed over the old one, with the file and its
 //! directory fsynced.
 
@@ -31,7 +34,7 @@ use super::bitmap;
 const MAGIC: &[u8; 8] = b"BRCAPST1";
 const FLAG_IN_USE: u32 = 1;
 const FLAG_HAS_ROOT: u32 = 2;
-const HEADER_BYTES: usize = 64;
+const HEADER_BYTES: usize = 72;
 const CRC_BYTES: usize = 4;
 
 /// A dirty set saved by a clean stop.
@@ -39,6 +42,7 @@ const CRC_BYTES: usize = 4;
 pub(super) struct Saved {
     pub(super) bits: Vec<u64>,
     pub(super) root: Option<ChunkId>,
+    pub(super) disk_modified_ns: u64,
 }
 
 /// Encodes a state file.
@@ -46,6 +50,7 @@ pub(super) fn encode(
     in_use: bool,
     disk_size_bytes: u64,
     root: Option<ChunkId>,
+    disk_modified_ns: u64,
     bits: &[u64],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + bits.len() * 8 + CRC_BYTES);
@@ -56,6 +61,7 @@ pub(super) fn encode(
     out.extend_from_slice(&(CAPTURE_BLOCK_BYTES as u32).to_le_bytes());
     out.extend_from_slice(&disk_size_bytes.to_le_bytes());
     out.extend_from_slice(&root.unwrap_or(ChunkId::ZERO).0);
+    out.extend_from_slice(&disk_modified_ns.to_le_bytes());
     out.extend_from_slice(&(bits.len() as u64).to_le_bytes());
     for word in bits {
         out.extend_from_slice(&word.to_le_bytes());
@@ -114,7 +120,7 @@ pub(super) fn load(path: &Path, disk_size_bytes: u64) -> Result<Saved, String> {
             "saved for a disk of {saved_size} bytes, the disk has {disk_size_bytes}"
         ));
     }
-    if u64_at(&bytes, 56) != words as u64 || bytes.len() != expected {
+    if u64_at(&bytes, 64) != words as u64 || bytes.len() != expected {
         return Err("bitmap length does not match the disk (corrupt)".into());
     }
     let bits: Vec<u64> = (0..words)
@@ -129,7 +135,23 @@ pub(super) fn load(path: &Path, disk_size_bytes: u64) -> Result<Saved, String> {
         id.copy_from_slice(&bytes[24..56]);
         ChunkId(id)
     });
-    Ok(Saved { bits, root })
+    Ok(Saved {
+        bits,
+        root,
+        disk_modified_ns: u64_at(&bytes, 56),
+    })
+}
+
+/// The modification time of `file` in ns since the Unix epoch (0 when the
+/// file system does not say).
+pub(super) fn modified_ns(file: &File) -> u64 {
+    file.metadata()
+        .and_then(|metadata| metadata.modified())
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
 }
 
 /// Replaces the file at `path` with `bytes` durably: a temporary file beside
@@ -168,34 +190,33 @@ mod tests {
         bitmap::set(&mut bits, 0);
         bitmap::set(&mut bits, 130);
         let root = Some(ChunkId([7; 32]));
-        write_durably(&path, &encode(false, size, root, &bits)).unwrap();
-        assert_eq!(
-            load(&path, size),
-            Ok(Saved {
-                bits: bits.clone(),
-                root
-            })
-        );
+        write_durably(&path, &encode(false, size, root, 5, &bits)).unwrap();
+        let saved = Saved {
+            bits: bits.clone(),
+            root,
+            disk_modified_ns: 5,
+        };
+        assert_eq!(load(&path, size), Ok(saved));
         assert!(
             load(&path, size + 4096)
                 .unwrap_err()
                 .contains("saved for a disk")
         );
 
-        write_durably(&path, &encode(true, size, root, &[])).unwrap();
+        write_durably(&path, &encode(true, size, root, 5, &[])).unwrap();
         assert!(load(&path, size).unwrap_err().contains("in use"));
 
-        let mut corrupt = encode(false, size, None, &bits);
+        let mut corrupt = encode(false, size, None, 5, &bits);
         corrupt[HEADER_BYTES] ^= 1;
         write_durably(&path, &corrupt).unwrap();
         assert!(load(&path, size).unwrap_err().contains("checksum"));
 
         let mut past_end = bits.clone();
         bitmap::set(&mut past_end, 140);
-        write_durably(&path, &encode(false, size, None, &past_end)).unwrap();
+        write_durably(&path, &encode(false, size, None, 5, &past_end)).unwrap();
         assert!(load(&path, size).unwrap_err().contains("past the end"));
 
-        write_durably(&path, &encode(false, size, None, &bits[..2])).unwrap();
+        write_durably(&path, &encode(false, size, None, 5, &bits[..2])).unwrap();
         assert!(load(&path, size).unwrap_err().contains("length"));
         write_durably(&path, b"short").unwrap();
         assert!(load(&path, size).is_err());

@@ -425,3 +425,31 @@ fn the_fuzz_seeds_write_and_check_cuts() {
         );
     }
 }
+
+#[test]
+fn a_disk_is_captured_by_one_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk(dir.path(), 8);
+    let capture = open(&path);
+    let refused = Capture::open(&path, CaptureOptions::beside(&path)).unwrap_err();
+    assert!(refused.to_string().contains("already served"), "{refused}");
+    drop(capture);
+    open(&path);
+}
+
+#[test]
+fn a_disk_written_while_the_capture_was_stopped_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk(dir.path(), 8);
+    let capture = open(&path);
+    capture.cut(true).committed(ChunkId([1; 32]));
+    capture.save().unwrap();
+    drop(capture);
+    // Something else writes the image (a VM booted from it directly).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(b"behind our back", 0).unwrap();
+    drop(file);
+    assert_eq!(open(&path).saved_root(), None);
+}
