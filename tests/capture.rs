@@ -95,10 +95,14 @@ impl Capturing {
     }
 }
 
-/// Waits for the socket to appear (the agent serves before it connects).
+/// Waits until the socket accepts connections (the agent serves before it
+/// connects to the server). A socket file left by a killed agent exists but
+/// refuses, so existing is not enough.
 fn wait_for_socket(socket: &Path, agent: &Capturing) {
     assert!(
-        wait_until(Duration::from_secs(30), || socket.exists()),
+        wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        }),
         "no socket at {}: {}",
         socket.display(),
         agent.stderr()
