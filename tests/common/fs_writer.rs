@@ -63,9 +63,14 @@ pub struct FileEvent {
     pub seq: u64,
     pub op: FileOp,
     pub started_unix_ms: u64,
-    /// When the last fsync of the operation returned.
+    /// When the last fsync of the operation returned; [`NEVER`] for the
+    /// operation that failed half way.
     pub durable_unix_ms: u64,
 }
+
+/// `durable_unix_ms` of an operation that failed and may or may not have
+/// reached the disk.
+pub const NEVER: u64 = u64::MAX;
 
 /// One in-place rewrite of a database page.
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +78,7 @@ pub struct PageEvent {
     pub page: u64,
     pub version: u64,
     pub started_unix_ms: u64,
-    /// When `fdatasync` returned.
+    /// When `fdatasync` returned ([`NEVER`] if it failed).
     pub durable_unix_ms: u64,
 }
 
@@ -224,18 +229,34 @@ fn write_loop(
             durable_unix_ms: now_unix_ms(),
         });
     };
+    // An operation that failed half way (the disk went away under it) may
+    // have reached the disk all the same: it is recorded as started and
+    // never durable, so a check allows either outcome.
+    let attempted = |seq, op, started_unix_ms, result: Result<(), String>| {
+        result.inspect_err(|_| {
+            log.lock().unwrap().files.push(FileEvent {
+                seq,
+                op,
+                started_unix_ms,
+                durable_unix_ms: NEVER,
+            });
+        })
+    };
     let mut seq = 0;
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
         let started = now_unix_ms();
         let path = files.join(file_name(seq, false));
-        let mut file = File::create_new(&path).map_err(|e| io("create", e))?;
-        file.write_all(&file_content(seq))
-            .map_err(|e| io("write", e))?;
-        file.sync_all().map_err(|e| io("fsync a file", e))?;
-        directory
-            .sync_all()
-            .map_err(|e| io("fsync the directory", e))?;
+        let created_file = (|| {
+            let mut file = File::create_new(&path).map_err(|e| io("create", e))?;
+            file.write_all(&file_content(seq))
+                .map_err(|e| io("write", e))?;
+            file.sync_all().map_err(|e| io("fsync a file", e))?;
+            directory
+                .sync_all()
+                .map_err(|e| io("fsync the directory", e))
+        })();
+        attempted(seq, FileOp::Create, started, created_file)?;
         file_event(seq, FileOp::Create, started);
         created.push(seq);
 
@@ -243,14 +264,17 @@ fn write_loop(
             // Any file but the newest.
             let victim = created.swap_remove(rng.index(created.len() - 1));
             let started = now_unix_ms();
-            std::fs::rename(
+            let moved = std::fs::rename(
                 files.join(file_name(victim, false)),
                 files.join(file_name(victim, true)),
             )
-            .map_err(|e| io("rename", e))?;
-            directory
-                .sync_all()
-                .map_err(|e| io("fsync the directory", e))?;
+            .map_err(|e| io("rename", e))
+            .and_then(|()| {
+                directory
+                    .sync_all()
+                    .map_err(|e| io("fsync the directory", e))
+            });
+            attempted(victim, FileOp::Rename, started, moved)?;
             file_event(victim, FileOp::Rename, started);
             renamed.push(victim);
         }
@@ -264,11 +288,14 @@ fn write_loop(
             };
             let victim = list.swap_remove(rng.index(list.len()));
             let started = now_unix_ms();
-            std::fs::remove_file(files.join(file_name(victim, was_renamed)))
-                .map_err(|e| io("unlink", e))?;
-            directory
-                .sync_all()
-                .map_err(|e| io("fsync the directory", e))?;
+            let removed = std::fs::remove_file(files.join(file_name(victim, was_renamed)))
+                .map_err(|e| io("unlink", e))
+                .and_then(|()| {
+                    directory
+                        .sync_all()
+                        .map_err(|e| io("fsync the directory", e))
+                });
+            attempted(victim, FileOp::Delete, started, removed)?;
             file_event(victim, FileOp::Delete, started);
         }
 
@@ -276,10 +303,20 @@ fn write_loop(
         versions[page as usize] += 1;
         let version = versions[page as usize];
         let started = now_unix_ms();
-        db.write_all_at(&page_content(page, version), page * PAGE_BYTES as u64)
-            .map_err(|e| io("pwrite the database", e))?;
-        db.sync_data()
-            .map_err(|e| io("fdatasync the database", e))?;
+        let rewritten = db
+            .write_all_at(&page_content(page, version), page * PAGE_BYTES as u64)
+            .map_err(|e| io("pwrite the database", e))
+            .and_then(|()| db.sync_data().map_err(|e| io("fdatasync the database", e)));
+        if let Err(error) = rewritten {
+            // Its bytes may have reached the disk all the same.
+            log.lock().unwrap().pages.push(PageEvent {
+                page,
+                version,
+                started_unix_ms: started,
+                durable_unix_ms: NEVER,
+            });
+            return Err(error);
+        }
         log.lock().unwrap().pages.push(PageEvent {
             page,
             version,
