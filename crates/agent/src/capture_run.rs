@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::capture::{Capture, Cut};
 use crate::epoch::{Scan, Session, now_unix_ms};
-use crate::run::{BUSY_RETRY_MAX, ONCE_EPOCHS_MAX, cutover};
+use crate::run::{ONCE_EPOCHS_MAX, backoff_ceiling, cutover, finish_caught_up, kept_changing};
 use crate::view::View;
 use crate::{AgentConfig, CutoverReport, EpochReport, Error, RunOutcome};
 
@@ -218,16 +218,9 @@ pub(crate) async fn once(
             outcome.epochs.push(report);
             continue;
         }
-        if config.cutover || session.cutover_requested {
-            outcome.cutover = Some(cutover(config, &mut session, Instant::now()).await?);
-        }
-        session.close().await;
-        return Ok(outcome);
+        return finish_caught_up(config, session, outcome).await;
     }
-    Err(Error::DiskChanged(format!(
-        "{} kept changing: {ONCE_EPOCHS_MAX} epochs committed without catching up",
-        config.disk.display()
-    )))
+    Err(kept_changing(config))
 }
 
 /// Continuous capture mode: a cut every `interval` (from one cut to the
@@ -291,19 +284,7 @@ pub(crate) async fn run(
             () = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         }
-        let busy = matches!(
-            &error,
-            Error::Refused {
-                code: blockrep_proto::ErrorCode::Busy,
-                ..
-            }
-        );
-        let ceiling = if busy {
-            BUSY_RETRY_MAX.min(config.backoff_max)
-        } else {
-            config.backoff_max
-        };
-        backoff = (backoff * 2).min(ceiling);
+        backoff = (backoff * 2).min(backoff_ceiling(config, &error, false));
     }
 }
 

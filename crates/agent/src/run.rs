@@ -14,7 +14,7 @@ use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 /// Epochs `--once` runs before giving up on a disk that keeps changing.
 pub(crate) const ONCE_EPOCHS_MAX: usize = 20;
 /// Longest wait between attempts while the server answers `Busy`.
-pub(crate) const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Longest wait between attempts while the disk changes size under the scan:
 /// the server is not at fault, so there is nothing to back off from.
 const UNSTEADY_RETRY_MAX: Duration = Duration::from_secs(1);
@@ -86,16 +86,51 @@ async fn once(
             outcome.epochs.push(report);
             continue;
         }
-        if config.cutover || session.cutover_requested {
-            outcome.cutover = Some(cutover(config, &mut session, Instant::now()).await?);
-        }
-        session.close().await;
-        return Ok(outcome);
+        return finish_caught_up(config, session, outcome).await;
     }
-    Err(Error::DiskChanged(format!(
+    Err(kept_changing(config))
+}
+
+/// The end of a `--once` run whose replica caught up with the disk: the
+/// cutover when asked for (by the flag or the server), then a clean close.
+pub(crate) async fn finish_caught_up(
+    config: &AgentConfig,
+    mut session: Session,
+    mut outcome: RunOutcome,
+) -> Result<RunOutcome, Error> {
+    if config.cutover || session.cutover_requested {
+        outcome.cutover = Some(cutover(config, &mut session, Instant::now()).await?);
+    }
+    session.close().await;
+    Ok(outcome)
+}
+
+/// A `--once` run that never caught up within [`ONCE_EPOCHS_MAX`] epochs.
+pub(crate) fn kept_changing(config: &AgentConfig) -> Error {
+    Error::DiskChanged(format!(
         "{} kept changing: {ONCE_EPOCHS_MAX} epochs committed without catching up",
         config.disk.display()
-    )))
+    ))
+}
+
+/// Longest back-off before the next attempt after `error`: short while the
+/// server answers `Busy` (most often this agent's own previous session
+/// draining) or while the disk is unsteady, else `--backoff-max`.
+pub(crate) fn backoff_ceiling(config: &AgentConfig, error: &Error, unsteady: bool) -> Duration {
+    let busy = matches!(
+        error,
+        Error::Refused {
+            code: blockrep_proto::ErrorCode::Busy,
+            ..
+        }
+    );
+    if busy {
+        BUSY_RETRY_MAX.min(config.backoff_max)
+    } else if unsteady {
+        UNSTEADY_RETRY_MAX.min(config.backoff_max)
+    } else {
+        config.backoff_max
+    }
 }
 
 /// The cutover: run the pre-cutover command (it stops the workload), then a final
@@ -277,20 +312,7 @@ pub async fn run(
         // what the old connection had buffered after the agent gave up on it: it
         // ends within seconds, so retries stay frequent instead of backing off
         // towards --backoff-max as for a server that is down.
-        let busy = matches!(
-            &error,
-            Error::Refused {
-                code: blockrep_proto::ErrorCode::Busy,
-                ..
-            }
-        );
-        let ceiling = if busy {
-            BUSY_RETRY_MAX.min(config.backoff_max)
-        } else if disk_unsteady || retry_resize {
-            UNSTEADY_RETRY_MAX.min(config.backoff_max)
-        } else {
-            config.backoff_max
-        };
+        let ceiling = backoff_ceiling(config, &error, disk_unsteady || retry_resize);
         backoff = (backoff * 2).min(ceiling);
         info!("reconnecting");
     }
