@@ -17,6 +17,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod clock;
 mod consistency;
 mod diff;
 mod disk;
@@ -27,6 +28,7 @@ mod geometry;
 mod id;
 mod index;
 mod patch;
+pub mod rng;
 mod scan;
 mod source;
 

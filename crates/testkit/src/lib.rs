@@ -6,7 +6,8 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 pub mod proxy;
-pub mod rng;
+/// The seeded generator lives in `blockrep_core::rng`; re-exported for tests.
+pub use blockrep_core::rng;
 
 pub use proxy::{BlackHoleFault, DirectionFaults, FaultConfig, FaultProxy, ResetFault, Which};
 pub use rng::SplitMix64;

@@ -1,4 +1,4 @@
-//! A small seeded generator for tests and fault injection, so that a printed
+//! A small seeded generator for benches, simulations, tests and fault injection, so that a printed
 //! seed repeats a run's choices exactly.
 
 /// splitmix64 (Steele, Lea and Flood): tiny, fast, and good enough for choosing
