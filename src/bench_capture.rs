@@ -17,8 +17,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -181,12 +181,19 @@ async fn run_one(
     };
     eprintln!("{label} {}: initial sync...", mode.as_str());
     let epochs = Arc::new(AtomicU64::new(0));
+    // Each epoch's time from cut (or scan start) to commit: the part of the
+    // lag that is not the interval.
+    let epoch_seconds = Arc::new(Mutex::new(Vec::new()));
     let (stop_agent, stop_rx) = tokio::sync::watch::channel(false);
     let agent_task = {
         let (agent, epochs) = (agent.clone(), Arc::clone(&epochs));
+        let epoch_seconds = Arc::clone(&epoch_seconds);
         tokio::spawn(async move {
-            blockrep_agent::run(&agent, stop_rx, move |_| {
+            blockrep_agent::run(&agent, stop_rx, move |report| {
                 epochs.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut seconds) = epoch_seconds.lock() {
+                    seconds.push((report.scan_duration + report.transfer_duration).as_secs_f64());
+                }
             })
             .await
         })
@@ -210,6 +217,9 @@ async fn run_one(
     }
     let initial_sync = started.elapsed();
     let epochs_before = epochs.load(Ordering::Relaxed);
+    if let Ok(mut seconds) = epoch_seconds.lock() {
+        seconds.clear();
+    }
 
     eprintln!(
         "{label} {}: {:.1} MiB/s of random 4 KiB writes for {:?}...",
@@ -235,6 +245,15 @@ async fn run_one(
         bench.seed,
         Arc::clone(&stop_writer),
     );
+    // The window opens at the first commit after the initial sync, so that
+    // the sync's own age (a full pass over the disk) is not sampled as lag.
+    let first = Instant::now();
+    while epochs.load(Ordering::Relaxed) == epochs_before {
+        if agent_task.is_finished() || first.elapsed() > INITIAL_SYNC_TIMEOUT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let phase = Instant::now();
     let mut lags = Vec::new();
     while phase.elapsed() < bench.duration {
@@ -264,6 +283,8 @@ async fn run_one(
     drop(capture);
     let _ = fs::remove_file(&disk);
     lags.sort_by(f64::total_cmp);
+    let mut epoch_seconds = epoch_seconds.lock().map(|s| s.clone()).unwrap_or_default();
+    epoch_seconds.sort_by(f64::total_cmp);
     let server_capture = view.as_ref().and_then(|v| v.capture);
     Ok(json!({
         "mode": mode.as_str(),
@@ -274,6 +295,8 @@ async fn run_one(
         "lag_seconds_p50": percentile(&lags, 0.5),
         "lag_seconds_p99": percentile(&lags, 0.99),
         "lag_seconds_max": lags.last().copied().unwrap_or(f64::NAN),
+        "epoch_seconds_p50": percentile(&epoch_seconds, 0.5),
+        "epoch_seconds_max": epoch_seconds.last().copied().unwrap_or(f64::NAN),
         "epochs": epochs,
         "writes": written.writes,
         "bytes_written": written.writes * WRITE_BYTES,
@@ -349,7 +372,7 @@ fn print_table(figures: &serde_json::Value) {
         number(figures, "seconds_per_run"),
     );
     println!(
-        "{:<8} {:<8} {:>12} {:>9} {:>9} {:>9} {:>7} {:>11} {:>11}",
+        "{:<8} {:<8} {:>12} {:>9} {:>9} {:>9} {:>7} {:>10} {:>11} {:>11}",
         "disk",
         "mode",
         "initial sync",
@@ -357,12 +380,13 @@ fn print_table(figures: &serde_json::Value) {
         "lag p99",
         "lag max",
         "epochs",
+        "epoch p50",
         "write p50",
         "write p99"
     );
     for run in figures["runs"].as_array().into_iter().flatten() {
         println!(
-            "{:<8} {:<8} {:>11.1}s {:>8.2}s {:>8.2}s {:>8.2}s {:>7} {:>9.0}us {:>9.0}us",
+            "{:<8} {:<8} {:>11.1}s {:>8.2}s {:>8.2}s {:>8.2}s {:>7} {:>9.2}s {:>9.0}us {:>9.0}us",
             size_label(run["disk_size_bytes"].as_u64().unwrap_or(0)),
             run["mode"].as_str().unwrap_or("?"),
             number(run, "initial_sync_seconds"),
@@ -370,6 +394,7 @@ fn print_table(figures: &serde_json::Value) {
             number(run, "lag_seconds_p99"),
             number(run, "lag_seconds_max"),
             run["epochs"].as_u64().unwrap_or(0),
+            number(run, "epoch_seconds_p50"),
             number(run, "write_latency_us_p50"),
             number(run, "write_latency_us_p99"),
         );
