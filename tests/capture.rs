@@ -218,6 +218,18 @@ fn qemu_writes_through_the_export_reach_the_replica_byte_for_byte_at_every_flush
         lines.iter().any(|l| l.starts_with("epoch ")),
         "no epoch printed: {lines:?}"
     );
+    // The small writes (rounds 0 and 1's tail) went as patches of the
+    // written blocks, planned from the cut alone: no block values were asked
+    // of the server for them.
+    assert!(
+        agent.agent.sum("patches_sent") >= 2,
+        "too few patches: {lines:?}"
+    );
+    assert_eq!(
+        agent.agent.sum("block_values_bytes_received"),
+        0,
+        "capture asked for block values: {lines:?}"
+    );
 }
 
 #[test]

@@ -574,7 +574,14 @@ impl Session {
         }
         let changed = to_encode;
         // The bases' values are asked for now and read while frames go out.
-        let mut fetch = crate::patch::BaseFetch::new(&view, &changed, self.patches);
+        // A capture cut knows what was written since the head: its patches
+        // need no block values.
+        let written_known = scan.disk.capture_cut().is_some_and(|cut| !cut.full());
+        let mut fetch = if self.patches && written_known {
+            crate::patch::BaseFetch::known(&view, &changed)
+        } else {
+            crate::patch::BaseFetch::new(&view, &changed, self.patches)
+        };
         fetch.ask(&mut self.connection).await?;
         let references = References {
             held: Arc::new(held),

@@ -14,6 +14,13 @@
 //! answer that holds its own chunk's base (answers come in the order asked,
 //! which is the order the encoders take chunks in), while the task that
 //! writes frames also reads the answers and asks for more.
+//!
+//! In capture mode the agent knows which blocks were written since the head
+//! (the cut's sealed blocks), so it asks for nothing: [`BaseFetch::known`]
+//! names each chunk's base at once, and the patch carries exactly the written
+//! blocks ([`plan_written`]). The server still rebuilds the chunk and checks
+//! it against its id, so a dirty set that missed a write cannot store a wrong
+//! chunk: the patch is refused and the next session sends whole chunks.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
@@ -39,6 +46,9 @@ const REQUESTS_IN_FLIGHT: usize = 4;
 pub(crate) struct Bases {
     /// Chunk index -> the request batch that asks for its base.
     batch_of: HashMap<u64, usize>,
+    /// Capture mode: the bases are named up front (in `state`), without
+    /// values, and patches carry the written blocks.
+    known: bool,
     state: Mutex<Arrived>,
     arrived: Condvar,
 }
@@ -64,12 +74,22 @@ impl Bases {
     /// The base of chunk `index`, if a patch against it is possible; waits
     /// (blocking) until the answer that tells has arrived.
     pub(crate) fn get(&self, index: u64) -> Option<Base> {
+        if self.known {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            return state.by_index.get(&index).cloned();
+        }
         let batch = *self.batch_of.get(&index)?;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while state.batches <= batch && !state.closed {
             state = self.arrived.wait(state).unwrap_or_else(|p| p.into_inner());
         }
         state.by_index.get(&index).cloned()
+    }
+
+    /// Whether the bases are known without values (capture mode): a patch
+    /// then carries the blocks written since the head.
+    pub(crate) fn known(&self) -> bool {
+        self.known
     }
 
     fn close(&self) {
@@ -133,6 +153,38 @@ impl BaseFetch {
             }),
             batches,
             indices_of,
+            sent: 0,
+            received: 0,
+            bytes_sent: 0,
+            values_bytes_received: 0,
+        }
+    }
+
+    /// Capture mode: the base of each of `changed` is the chunk `head` names
+    /// at its index (none for a zero chunk), known at once; nothing is asked.
+    pub(crate) fn known(head: &[ChunkId], changed: &[u64]) -> Self {
+        let by_index = changed
+            .iter()
+            .filter_map(|&index| {
+                let id = *head.get(index as usize)?;
+                let base = Base {
+                    id,
+                    values: Arc::default(),
+                };
+                (!id.is_zero()).then_some((index, base))
+            })
+            .collect();
+        Self {
+            bases: Arc::new(Bases {
+                known: true,
+                state: Mutex::new(Arrived {
+                    by_index,
+                    ..Arrived::default()
+                }),
+                ..Bases::default()
+            }),
+            batches: Vec::new(),
+            indices_of: HashMap::new(),
             sent: 0,
             received: 0,
             bytes_sent: 0,
@@ -263,6 +315,25 @@ pub(crate) fn plan(base: &Base, values: &[BlockValue], data: &[u8]) -> Option<Pl
         payload.extend_from_slice(&data[offset as usize..(offset + len) as usize]);
     }
     Some(Plan { ranges, payload })
+}
+
+/// Capture mode: a patch of the blocks written since the head, `written`
+/// (byte ranges of the chunk, as the cut names them), when they are small
+/// enough to be worth one.
+pub(crate) fn plan_written(written: Vec<(u32, u32)>, data: &[u8]) -> Option<Plan> {
+    let changed: u64 = written.iter().map(|&(_, len)| u64::from(len)).sum();
+    if changed == 0 || changed * 100 >= data.len() as u64 * PATCH_SHARE_MAX_PERCENT {
+        return None;
+    }
+    let mut payload = Vec::with_capacity(changed as usize);
+    for &(offset, len) in &written {
+        let range = data.get(offset as usize..offset as usize + len as usize)?;
+        payload.extend_from_slice(range);
+    }
+    Some(Plan {
+        ranges: written,
+        payload,
+    })
 }
 
 /// Whether a session error was the server refusing a patch (or the block

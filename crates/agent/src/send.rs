@@ -178,6 +178,13 @@ impl ChunkEncoder {
                     Error::DiskChanged(message)
                 }
             })?;
+        // Capture mode: the blocks written since the head, asked before the
+        // cut lets the chunk go.
+        let written = if bases.known() {
+            disk.written_ranges(geometry, index)
+        } else {
+            None
+        };
         // Read once: a cut need not preserve this chunk's old content any more.
         disk.done_with(geometry, index);
         // A chunk with a base is hashed with its block values: the same single
@@ -187,6 +194,8 @@ impl ChunkEncoder {
         // A zero chunk travels as such: neither hashed nor planned.
         let (id, values) = match base {
             _ if is_all_zero(&frame[CHUNK_HEADER_LEN..]) => (ChunkId::ZERO, None),
+            // Known bases need no values: the written blocks are the patch.
+            Some(_) if bases.known() => (hash_chunk(&frame[CHUNK_HEADER_LEN..]), None),
             Some(_) => {
                 let (id, values) = hash_with_block_values(&frame[CHUNK_HEADER_LEN..]);
                 (id, Some(values))
@@ -208,9 +217,12 @@ impl ChunkEncoder {
             out.extend_from_slice(&proof);
             reference = true;
             (out, 0)
-        } else if let (Some(base), Some(values)) = (&base, &values)
-            && let Some(patch::Plan { ranges, payload }) =
-                patch::plan(base, values, &frame[CHUNK_HEADER_LEN..])
+        } else if let Some(base) = &base
+            && let Some(patch::Plan { ranges, payload }) = match (written, &values) {
+                (Some(written), _) => patch::plan_written(written, &frame[CHUNK_HEADER_LEN..]),
+                (None, Some(values)) => patch::plan(base, values, &frame[CHUNK_HEADER_LEN..]),
+                (None, None) => None,
+            }
         {
             patched = true;
             let sent = payload.len() as u64;

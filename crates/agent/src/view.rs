@@ -147,6 +147,18 @@ impl View {
         }
     }
 
+    /// In capture mode with a cut that is not full: the blocks of chunk
+    /// `index` written since the head, as byte ranges of the chunk. `None`
+    /// when they are not known (a scan, or a full cut).
+    pub(crate) fn written_ranges(
+        &self,
+        geometry: blockrep_core::Geometry,
+        index: u64,
+    ) -> Option<Vec<(u32, u32)>> {
+        let cut = self.cut.as_ref().filter(|cut| !cut.full())?;
+        Some(cut.written_ranges(geometry, index))
+    }
+
     /// The epoch has read chunk `index` for the last time: a cut stops
     /// preserving it (nothing to do for other views).
     pub(crate) fn done_with(&self, geometry: blockrep_core::Geometry, index: u64) {
