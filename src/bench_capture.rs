@@ -192,7 +192,10 @@ async fn run_one(
             blockrep_agent::run(&agent, stop_rx, move |report| {
                 epochs.fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut seconds) = epoch_seconds.lock() {
-                    seconds.push((report.scan_duration + report.transfer_duration).as_secs_f64());
+                    seconds.push((
+                        report.scan_duration.as_secs_f64(),
+                        report.transfer_duration.as_secs_f64(),
+                    ));
                 }
             })
             .await
@@ -283,8 +286,17 @@ async fn run_one(
     drop(capture);
     let _ = fs::remove_file(&disk);
     lags.sort_by(f64::total_cmp);
-    let mut epoch_seconds = epoch_seconds.lock().map(|s| s.clone()).unwrap_or_default();
-    epoch_seconds.sort_by(f64::total_cmp);
+    let recorded = epoch_seconds.lock().map(|s| s.clone()).unwrap_or_default();
+    let (mut cut_seconds, mut transfer_seconds, mut epoch_seconds) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for &(cut, transfer) in &recorded {
+        cut_seconds.push(cut);
+        transfer_seconds.push(transfer);
+        epoch_seconds.push(cut + transfer);
+    }
+    for seconds in [&mut cut_seconds, &mut transfer_seconds, &mut epoch_seconds] {
+        seconds.sort_by(f64::total_cmp);
+    }
     let server_capture = view.as_ref().and_then(|v| v.capture);
     Ok(json!({
         "mode": mode.as_str(),
@@ -296,6 +308,10 @@ async fn run_one(
         "lag_seconds_p99": percentile(&lags, 0.99),
         "lag_seconds_max": lags.last().copied().unwrap_or(f64::NAN),
         "epoch_seconds_p50": percentile(&epoch_seconds, 0.5),
+        // The epoch's two parts: the cut (or scan) with the hashing of what
+        // it covers, then sending and committing.
+        "cut_seconds_p50": percentile(&cut_seconds, 0.5),
+        "transfer_seconds_p50": percentile(&transfer_seconds, 0.5),
         "epoch_seconds_max": epoch_seconds.last().copied().unwrap_or(f64::NAN),
         "epochs": epochs,
         "writes": written.writes,
