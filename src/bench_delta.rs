@@ -5,23 +5,38 @@
 //! Whole chunks go to a second source synced from the same disk before the
 //! change, so both blockrep rows (and rsync's basis, a copy of that disk) see
 //! exactly the same change.
+//!
+//! Loopback on the bench's machine is not a link: agent and server share its
+//! cores, and bytes cost only the CPU that moves them. So the same change is
+//! also sent, both ways, by two more sources whose agents are capped at
+//! [`LINK_BYTES_PER_SECOND`] (`--max-rate 1Gbit/s`): a LAN between the source
+//! machine and the replication server, the fastest link such a pair commonly
+//! has.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use blockrep_agent::{AgentConfig, EpochReport};
+use blockrep_agent::{AdaptiveCompression, AgentConfig, EpochReport, RateLimiter};
 use blockrep_core::SourceId;
 use serde_json::{Value, json};
 
 /// The second source, replicated with whole chunks.
 const WHOLE_SOURCE: &str = "bench-whole";
+/// The sources of the link rows: patches and whole chunks at the link's rate.
+const LINK_PATCH_SOURCE: &str = "bench-link-patches";
+const LINK_WHOLE_SOURCE: &str = "bench-link-whole";
+/// The link rows' rate: 1 Gbit/s.
+pub(crate) const LINK_BYTES_PER_SECOND: u64 = 125_000_000;
 
 /// What the reference rows need from before the change.
 pub(crate) struct Reference {
     whole: AgentConfig,
+    link_patches: AgentConfig,
+    link_whole: AgentConfig,
     /// A copy of the disk before the change, for rsync to update.
     basis: PathBuf,
 }
@@ -34,21 +49,58 @@ pub(crate) async fn prepare(
     disk: &Path,
     workdir: &Path,
 ) -> Result<Reference> {
-    let source = SourceId::new(WHOLE_SOURCE)?;
-    let (cert, key) = blockrep_pki::issue_source(tls, &source)?;
-    let mut whole = agent.clone();
-    whole.source = source;
-    whole.cert_path = cert;
-    whole.key_path = key;
-    whole.patches = false;
-    whole.ack_log = None;
-    blockrep_agent::run_once(&whole, |_| {})
-        .await
-        .context("initial sync of the whole-chunk source")?;
+    let whole = synced_source(agent, tls, WHOLE_SOURCE, false).await?;
+    let link_patches = synced_source(agent, tls, LINK_PATCH_SOURCE, true).await?;
+    let link_whole = synced_source(agent, tls, LINK_WHOLE_SOURCE, false).await?;
+    // The cap applies from the delta on: the initial syncs above ran at full
+    // speed, and only the deltas are compared.
+    for config in [&link_patches, &link_whole] {
+        config.rate_limiter.set_rate(LINK_BYTES_PER_SECOND);
+    }
     let basis = workdir.join("rsync-basis.raw");
     fs::copy(disk, &basis)
         .with_context(|| format!("cannot copy the disk to {}", basis.display()))?;
-    Ok(Reference { whole, basis })
+    Ok(Reference {
+        whole,
+        link_patches,
+        link_whole,
+        basis,
+    })
+}
+
+/// A source `name` replicating the bench's disk (as `agent` does, sending
+/// patches or not), with its own rate limiter and compression measurements,
+/// after its initial sync.
+async fn synced_source(
+    agent: &AgentConfig,
+    tls: &Path,
+    name: &str,
+    patches: bool,
+) -> Result<AgentConfig> {
+    let source = SourceId::new(name)?;
+    let (cert, key) = blockrep_pki::issue_source(tls, &source)?;
+    let mut config = agent.clone();
+    config.source = source;
+    config.cert_path = cert;
+    config.key_path = key;
+    config.patches = patches;
+    config.ack_log = None;
+    config.rate_limiter = Arc::new(RateLimiter::unlimited());
+    config.adaptive = Arc::new(AdaptiveCompression::default());
+    blockrep_agent::run_once(&config, |_| {})
+        .await
+        .with_context(|| format!("initial sync of the bench's source {name}"))?;
+    Ok(config)
+}
+
+/// One delta of `config`'s source, with its wall time.
+async fn delta(config: &AgentConfig, what: &str) -> Result<(Vec<EpochReport>, Duration)> {
+    let started = Instant::now();
+    let epochs = blockrep_agent::run_once(config, |_| {})
+        .await
+        .with_context(|| format!("{what} delta"))?
+        .epochs;
+    Ok((epochs, started.elapsed()))
 }
 
 /// One delta sync, measured.
@@ -80,18 +132,20 @@ pub(crate) async fn measure(
     patched_wall: Duration,
 ) -> Result<Value> {
     let changed_bytes = blocks_changed * 4096;
-    let started = Instant::now();
-    let whole = blockrep_agent::run_once(&reference.whole, |_| {})
-        .await
-        .context("whole-chunk delta")?
-        .epochs;
-    let whole_wall = started.elapsed();
+    let (whole, whole_wall) = delta(&reference.whole, "whole-chunk").await?;
+    let (link_patches, link_patches_wall) =
+        delta(&reference.link_patches, "patched (1 Gbit/s)").await?;
+    let (link_whole, link_whole_wall) =
+        delta(&reference.link_whole, "whole-chunk (1 Gbit/s)").await?;
     let rsync = rsync_4k(disk, &reference.basis, changed_bytes);
     let _ = fs::remove_file(&reference.basis);
     Ok(json!({
         "changed_bytes": changed_bytes,
         "patches": row(patched, patched_wall, changed_bytes),
         "whole_chunks": row(&whole, whole_wall, changed_bytes),
+        "link_bytes_per_second": LINK_BYTES_PER_SECOND,
+        "link_patches": row(&link_patches, link_patches_wall, changed_bytes),
+        "link_whole_chunks": row(&link_whole, link_whole_wall, changed_bytes),
         "rsync_4k": rsync.unwrap_or_else(|e| {
             eprintln!("rsync reference skipped: {e:#}");
             Value::Null
@@ -165,6 +219,11 @@ pub(crate) fn table_rows(f: &Value) -> Vec<(&'static str, String)> {
         ),
         ("  patches: time, wire, wire/changed", cell("patches")),
         ("  whole chunks (--no-patches)", cell("whole_chunks")),
+        (
+            "  patches, 1 Gbit/s link (--max-rate)",
+            cell("link_patches"),
+        ),
+        ("  whole chunks, 1 Gbit/s link", cell("link_whole_chunks")),
         ("  rsync -B 4096 --no-whole-file", cell("rsync_4k")),
     ]
 }
