@@ -19,7 +19,7 @@ use tracing::debug;
 /// Epochs with less than this to send show no progress bar.
 const PROGRESS_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, TlsTransport, Transport};
 use crate::send::{References, spawn_encoders};
 use crate::view::View;
 use crate::{AgentConfig, EpochReport, Error};
@@ -96,7 +96,6 @@ pub(crate) fn scan_view(
     })
 }
 
-/// A connected session that knows the server's committed head.
 /// The server's answer to a final (cutover) commit.
 #[derive(Debug, Clone)]
 pub(crate) struct CutoverReady {
@@ -106,14 +105,16 @@ pub(crate) struct CutoverReady {
     pub launch_ms: u64,
 }
 
-pub(crate) struct Session {
+/// A connected session over a transport `S` (TLS in production) that knows
+/// the server's committed head.
+pub(crate) struct Session<S = TlsTransport> {
     /// The next complete commit is the cutover's final one.
     pub final_epoch: bool,
     /// The server asked (in a `Committed`) for a cutover.
     pub cutover_requested: bool,
     /// Set by the final commit.
     pub cutover_ready: Option<CutoverReady>,
-    connection: Connection,
+    connection: Connection<S>,
     geometry: Geometry,
     head_epoch: u64,
     /// The server's committed chunk ids, where known; `None` until learned.
@@ -133,10 +134,21 @@ pub(crate) struct Session {
     pub(crate) step_roots: Vec<ChunkId>,
 }
 
-impl Session {
-    /// Connects and says `Hello` for a disk of this geometry.
+impl Session<TlsTransport> {
+    /// Connects over TLS and says `Hello` for a disk of this geometry.
     pub(crate) async fn open(config: &AgentConfig, geometry: Geometry) -> Result<Self, Error> {
-        let mut connection = Connection::connect(config).await?;
+        Self::start(Connection::connect(config).await?, config, geometry).await
+    }
+}
+
+impl<S: Transport> Session<S> {
+    /// Says `Hello` for a disk of this geometry on an established
+    /// connection and learns the server's head from its `Welcome`.
+    pub(crate) async fn start(
+        mut connection: Connection<S>,
+        config: &AgentConfig,
+        geometry: Geometry,
+    ) -> Result<Self, Error> {
         let hello = Message::Hello {
             version_min: PROTOCOL_VERSION,
             version_max: PROTOCOL_VERSION,
@@ -247,7 +259,7 @@ impl Session {
 
     /// The connection, for a session that leaves the replication protocol
     /// (failback) after `Welcome`.
-    pub(crate) fn into_connection(self) -> Connection {
+    pub(crate) fn into_connection(self) -> Connection<S> {
         self.connection
     }
 

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, Transport};
 use crate::epoch::{Scan, Session, scan};
 use crate::failback_patch;
 use crate::{AgentConfig, Error};
@@ -72,11 +72,24 @@ pub async fn failback(
     config: &AgentConfig,
     options: &FailbackOptions,
     shutdown: watch::Receiver<bool>,
-    mut on_pass: impl FnMut(&FailbackPass),
+    on_pass: impl FnMut(&FailbackPass),
 ) -> Result<Vec<FailbackPass>, Error> {
     let first = scan(config, config.chunk_size_bytes).await?;
+    let session = Session::open(config, first.geometry).await?;
+    failback_session(config, options, shutdown, on_pass, session, first).await
+}
+
+/// [`failback`] on an open session (of any transport), starting from `first`,
+/// a scan of the disk taken before the session was opened.
+pub(crate) async fn failback_session(
+    config: &AgentConfig,
+    options: &FailbackOptions,
+    shutdown: watch::Receiver<bool>,
+    mut on_pass: impl FnMut(&FailbackPass),
+    session: Session<impl Transport>,
+    first: Scan,
+) -> Result<Vec<FailbackPass>, Error> {
     let geometry = first.geometry;
-    let session = Session::open(config, geometry).await?;
     let mut connection = session.into_connection();
     let mut passes = Vec::new();
     let mut base_override: Option<Vec<ChunkId>> = None;
@@ -132,7 +145,7 @@ pub async fn failback(
 async fn pass(
     config: &AgentConfig,
     options: &FailbackOptions,
-    connection: &mut Connection,
+    connection: &mut Connection<impl Transport>,
     disk: Scan,
     base_override: Option<&[ChunkId]>,
     finalize: bool,
@@ -257,7 +270,7 @@ async fn pass(
 /// The chunk ids of `root`: the disk's own where the page ids agree, the server's
 /// pages where they differ.
 async fn fetch_ids(
-    connection: &mut Connection,
+    connection: &mut Connection<impl Transport>,
     root: &Root,
     own: &Root,
     own_ids: &[ChunkId],
@@ -303,7 +316,7 @@ async fn fetch_ids(
 /// place; fsyncs the disk at the end.
 async fn transfer(
     config: &AgentConfig,
-    connection: &mut Connection,
+    connection: &mut Connection<impl Transport>,
     geometry: Geometry,
     target_ids: &[ChunkId],
     own_ids: &[ChunkId],
