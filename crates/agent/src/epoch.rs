@@ -4,14 +4,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockrep_core::{
-    CHUNKS_PER_PAGE, ChunkId, Consistency, DiskImage, Geometry, Page, Root, changed_chunks,
-    changed_pages,
+    ChunkId, Consistency, DiskImage, Geometry, Root, changed_chunks, changed_pages,
 };
 use std::collections::HashSet;
 
 use blockrep_proto::{
-    CHUNK_HEADER_LEN, Codec, GET_PAGES_MAX, Message, OFFER_IDS_MAX, PROTOCOL_VERSION,
-    REF_PROOF_LEN, chunk_header,
+    CHUNK_HEADER_LEN, Codec, Message, OFFER_IDS_MAX, PROTOCOL_VERSION, REF_PROOF_LEN, chunk_header,
 };
 use bytes::Bytes;
 use tracing::debug;
@@ -20,6 +18,7 @@ use tracing::debug;
 const PROGRESS_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
 use crate::connection::{Connection, TlsTransport, Transport};
+use crate::pages::{PagesOf, fetch_pages};
 use crate::send::{References, spawn_encoders};
 use crate::view::View;
 use crate::{AgentConfig, EpochReport, Error};
@@ -306,31 +305,14 @@ impl<S: Transport> Session<S> {
         let Some(head_root) = self.head_root.as_ref() else {
             return Ok(()); // no head: no pages
         };
-        for batch in pages.chunks(GET_PAGES_MAX) {
-            let indices = batch.iter().map(|&p| p as u32).collect();
-            self.connection.send(&Message::GetPages { indices }).await?;
-            self.connection.flush().await?;
-            for &page_index in batch {
-                let Message::Page { index, ids } = self.connection.recv().await? else {
-                    return Err(Error::Protocol("expected Page".into()));
-                };
-                if index as usize != page_index {
-                    return Err(Error::Protocol(format!(
-                        "asked for page {page_index}, got {index}"
-                    )));
-                }
-                let page = Page::decode(&ids, head_root.page_len(page_index))
-                    .map_err(|e| Error::Protocol(format!("page {index}: {e}")))?;
-                if page.id() != head_root.page_ids()[page_index] {
-                    return Err(Error::Protocol(format!(
-                        "page {index} does not match the head root"
-                    )));
-                }
-                let start = page_index * CHUNKS_PER_PAGE;
-                head_ids[start..start + page.ids().len()].copy_from_slice(page.ids());
-            }
-        }
-        Ok(())
+        fetch_pages(
+            &mut self.connection,
+            head_root,
+            PagesOf::Head,
+            pages,
+            head_ids,
+        )
+        .await
     }
 
     /// The head's every chunk id (zeros without a head), fetched page by page

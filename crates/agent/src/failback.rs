@@ -11,8 +11,8 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, changed_pages, hash_chunk};
-use blockrep_proto::{Codec, GET_PAGES_MAX, Message};
+use blockrep_core::{ChunkId, Geometry, Root, changed_pages, hash_chunk};
+use blockrep_proto::{Codec, Message};
 use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::connection::{Connection, Transport};
 use crate::epoch::{Scan, Session, scan};
 use crate::failback_patch;
+use crate::pages::{PagesOf, fetch_pages};
 use crate::{AgentConfig, Error};
 
 /// Chunks asked for per `Want`; two requests are kept outstanding.
@@ -190,10 +191,17 @@ async fn pass(
         )));
     }
     let own = Root::from_chunk_ids(geometry, &disk.ids);
-    let target_ids = fetch_ids(connection, &target, &own, &disk.ids, false).await?;
+    let target_ids = fetch_ids(
+        connection,
+        &target,
+        &own,
+        &disk.ids,
+        PagesOf::FailbackTarget,
+    )
+    .await?;
     let base_ids = match base_override {
         Some(ids) => ids.to_vec(),
-        None => fetch_ids(connection, &base, &own, &disk.ids, true).await?,
+        None => fetch_ids(connection, &base, &own, &disk.ids, PagesOf::FailbackBase).await?,
     };
     let mut needed = Vec::new();
     let mut conflicts = Vec::new();
@@ -274,40 +282,12 @@ async fn fetch_ids(
     root: &Root,
     own: &Root,
     own_ids: &[ChunkId],
-    base: bool,
+    of: PagesOf,
 ) -> Result<Vec<ChunkId>, Error> {
     let mut ids = own_ids.to_vec();
     let pages = changed_pages(root, own)
         .map_err(|e| Error::Protocol(format!("failback root does not fit the disk: {e}")))?;
-    for batch in pages.chunks(GET_PAGES_MAX) {
-        let indices: Vec<u32> = batch.iter().map(|&p| p as u32).collect();
-        let request = if base {
-            Message::GetBasePages { indices }
-        } else {
-            Message::GetPages { indices }
-        };
-        connection.send(&request).await?;
-        connection.flush().await?;
-        for &page_index in batch {
-            let Message::Page { index, ids: bytes } = connection.recv().await? else {
-                return Err(Error::Protocol("expected Page".into()));
-            };
-            if index as usize != page_index {
-                return Err(Error::Protocol(format!(
-                    "asked for page {page_index}, got {index}"
-                )));
-            }
-            let page = Page::decode(&bytes, root.page_len(page_index))
-                .map_err(|e| Error::Protocol(format!("page {index}: {e}")))?;
-            if page.id() != root.page_ids()[page_index] {
-                return Err(Error::Protocol(format!(
-                    "page {index} does not match its root"
-                )));
-            }
-            let start = page_index * CHUNKS_PER_PAGE;
-            ids[start..start + page.ids().len()].copy_from_slice(page.ids());
-        }
-    }
+    fetch_pages(connection, root, of, &pages, &mut ids).await?;
     Ok(ids)
 }
 

@@ -23,6 +23,7 @@ mod failback;
 mod failback_patch;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod pages;
 mod patch;
 mod rate;
 mod run;
