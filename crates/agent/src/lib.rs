@@ -29,6 +29,8 @@ mod rate;
 mod run;
 mod send;
 pub mod serve;
+#[cfg(test)]
+mod tests;
 mod view;
 mod view_command;
 
