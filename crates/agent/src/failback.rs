@@ -18,9 +18,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::connection::{Connection, Transport};
-use crate::epoch::{Scan, Session, scan};
+use crate::epoch::Session;
 use crate::failback_patch;
 use crate::pages::{PagesOf, fetch_pages};
+use crate::view::{Scan, scan_live};
 use crate::{AgentConfig, Error};
 
 /// Chunks asked for per `Want`; two requests are kept outstanding.
@@ -75,7 +76,7 @@ pub async fn failback(
     shutdown: watch::Receiver<bool>,
     on_pass: impl FnMut(&FailbackPass),
 ) -> Result<Vec<FailbackPass>, Error> {
-    let first = scan(config, config.chunk_size_bytes).await?;
+    let first = scan_live(config, config.chunk_size_bytes).await?;
     let session = Session::open(config, first.geometry).await?;
     failback_session(config, options, shutdown, on_pass, session, first).await
 }
@@ -100,7 +101,7 @@ pub(crate) async fn failback_session(
     loop {
         let disk = match next_scan.take() {
             Some(scan) => scan,
-            None => scan(config, geometry.chunk_size_bytes()).await?,
+            None => scan_live(config, geometry.chunk_size_bytes()).await?,
         };
         let (pass, target_ids, matches, finalize_requested) = pass(
             config,
@@ -248,7 +249,7 @@ async fn pass(
     )
     .await?;
     drop(disk);
-    let after = scan(config, geometry.chunk_size_bytes()).await?;
+    let after = scan_live(config, geometry.chunk_size_bytes()).await?;
     let root = Root::from_chunk_ids(geometry, &after.ids).id();
     connection
         .send(&Message::FailbackDone { root, finalize })

@@ -15,7 +15,6 @@
 mod ack_log;
 mod adaptive;
 pub mod capture;
-mod capture_run;
 mod connection;
 mod epoch;
 mod error;
@@ -32,7 +31,6 @@ pub mod serve;
 #[cfg(test)]
 mod tests;
 mod view;
-mod view_command;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -24,7 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::task::JoinHandle;
 
 use crate::connection::{Connection, Transport};
-use crate::epoch::{Scan, Session, scan};
+use crate::epoch::Session;
+use crate::view::{Scan, scan_live};
 use crate::{AgentConfig, Compression};
 
 /// Chunk size of the test disks: small, so that a disk of many chunks is small.
@@ -113,7 +114,7 @@ impl Rig {
 
     /// A live scan of the disk, as an epoch or a failback starts with.
     async fn scan(&self) -> Scan {
-        scan(&self.config, CHUNK).await.expect("scan the disk")
+        scan_live(&self.config, CHUNK).await.expect("scan the disk")
     }
 
     /// The root of a scan: what the server's head must be once it committed.
