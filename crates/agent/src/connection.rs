@@ -28,7 +28,8 @@ use tokio_rustls::client::TlsStream;
 
 use crate::{AgentConfig, Error};
 
-/// Bytes buffered before a write reaches TLS: several frames per TLS record batch.
+/// Bytes buffered before a write reaches the stream: several frames per TLS
+/// record batch.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 
 /// The production transport: mutual TLS over TCP.
