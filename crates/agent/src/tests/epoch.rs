@@ -80,6 +80,11 @@ async fn later_epochs_send_only_the_changed_chunks() {
     ended(served).await;
     assert_eq!((report.epoch, report.root), (3, root));
     assert_eq!(report.chunks_sent, 1, "only the changed chunk: {report:?}");
+    assert_eq!(
+        report.zero_chunks_sent + report.ref_chunks_sent,
+        0,
+        "not even a reference to an unchanged chunk: {report:?}"
+    );
     assert_eq!(report.server_chunks_received, 1);
     assert_eq!(rig.head(), Some((3, root)));
 }

@@ -62,6 +62,11 @@ async fn an_epoch_cut_mid_transfer_resumes_without_resending_what_was_acknowledg
         "the acknowledged chunks are not sent again: {report:?}"
     );
     assert_eq!(report.server_chunks_received, CHUNKS - acknowledged);
+    assert_eq!(
+        report.zero_chunks_sent + report.ref_chunks_sent,
+        0,
+        "not even a reference to an acknowledged chunk: {report:?}"
+    );
     assert_eq!(report.root, root);
     assert_eq!(rig.head(), Some((report.epoch, root)));
     assert!(report.epoch > step_epoch);
