@@ -47,7 +47,7 @@ impl AckLog {
         complete: bool,
         scan_started_unix_ms: u64,
     ) {
-        let unix_ms = crate::epoch::now_unix_ms();
+        let unix_ms = blockrep_core::clock::now_unix_ms();
         // One `write` of the whole line: with O_APPEND, readers never see half a
         // line followed by another writer's bytes.
         let line = format!(

@@ -1,5 +1,7 @@
-//! The agent's side of a session: TLS connect, then frames in and out. Reading runs
-//! on its own task so that a server's `Error` is seen even while we are sending.
+//! The agent's side of a session: frames in and out over any byte stream
+//! (mutual TLS over TCP in production, an in-memory pipe in tests). Reading
+//! runs on its own task so that a server's `Error` is seen even while we are
+//! sending.
 //!
 //! The I/O time-out is about progress, not about how long one call takes: a
 //! write or a wait for an answer fails only when no byte has moved either way
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use blockrep_proto::{Message, decode, encode};
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -26,18 +28,28 @@ use tokio_rustls::client::TlsStream;
 
 use crate::{AgentConfig, Error};
 
-/// Bytes buffered before a write reaches TLS: several frames per TLS record batch.
+/// Bytes buffered before a write reaches the stream: several frames per TLS
+/// record batch.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 
-/// The TLS stream's write side, noting each byte it accepts as progress.
-type TlsWriter = Progressing<WriteHalf<TlsStream<TcpStream>>>;
-/// Where frames go: TLS, behind a write buffer.
+/// The production transport: mutual TLS over TCP.
+pub(crate) type TlsTransport = TlsStream<TcpStream>;
+
+/// A byte stream a session can run over: TLS in production, one end of
+/// `tokio::io::duplex` in unit tests.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Transport for S {}
+
+/// The stream's write side, noting each byte it accepts as progress.
+type StreamWriter<S> = Progressing<WriteHalf<S>>;
+/// Where frames go: the stream, behind a write buffer.
 #[cfg(not(feature = "fault-injection"))]
-type FrameWriter = BufWriter<TlsWriter>;
+type FrameWriter<S> = BufWriter<StreamWriter<S>>;
 /// Where frames go in test builds: through the fault-injection tap (which sees
 /// each frame whole, before the write buffer splits it), then as above.
 #[cfg(feature = "fault-injection")]
-type FrameWriter = crate::fault::Tapped<BufWriter<TlsWriter>>;
+type FrameWriter<S> = crate::fault::Tapped<BufWriter<StreamWriter<S>>>;
 
 /// When a byte last moved on the connection, either way.
 #[derive(Clone)]
@@ -99,8 +111,10 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Progressing<W> {
     }
 }
 
-pub(crate) struct Connection {
-    writer: FrameWriter,
+/// One session's frames over a stream `S`; the server's `Session<S>` is the
+/// other end.
+pub(crate) struct Connection<S = TlsTransport> {
+    writer: FrameWriter<S>,
     incoming: mpsc::Receiver<Result<Message, Error>>,
     scratch: BytesMut,
     reader_task: tokio::task::JoinHandle<()>,
@@ -109,7 +123,7 @@ pub(crate) struct Connection {
     liveness: Liveness,
 }
 
-impl Drop for Connection {
+impl<S> Drop for Connection<S> {
     fn drop(&mut self) {
         self.reader_task.abort();
     }
@@ -123,7 +137,9 @@ fn server_name(addr: &str) -> Result<ServerName<'static>, Error> {
     ServerName::try_from(host.to_owned()).map_err(|_| Error::Address(addr.to_owned()))
 }
 
-impl Connection {
+impl Connection<TlsTransport> {
+    /// Connects to `config.server` and completes the TLS handshake, each
+    /// bounded by the I/O time-out.
     pub(crate) async fn connect(config: &AgentConfig) -> Result<Self, Error> {
         let tls =
             blockrep_pki::client_config(&config.ca_path, &config.cert_path, &config.key_path)?;
@@ -151,6 +167,15 @@ impl Connection {
                 addr: config.server.clone(),
                 source,
             })?;
+        Ok(Connection::new(stream, config))
+    }
+}
+
+impl<S: Transport> Connection<S> {
+    /// Speaks frames over `stream`, an established session's transport (the
+    /// I/O time-out and, in test builds, the plaintext tap from `config`).
+    pub(crate) fn new(stream: S, config: &AgentConfig) -> Self {
+        let io_timeout = config.io_timeout;
         let (mut read_half, write_half) = tokio::io::split(stream);
         let (tx, incoming) = mpsc::channel(64);
         let liveness = Liveness::new();
@@ -205,14 +230,14 @@ impl Connection {
         let writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write_half);
         #[cfg(feature = "fault-injection")]
         let writer = crate::fault::Tapped::new(writer, config.plaintext_tap.clone());
-        Ok(Self {
+        Self {
             writer,
             incoming,
             scratch: BytesMut::new(),
             reader_task,
             io_timeout,
             liveness,
-        })
+        }
     }
 
     /// Runs `work` until it finishes or no byte has moved either way for the

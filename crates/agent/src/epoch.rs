@@ -1,17 +1,13 @@
 //! One session with the server: connect, learn the head, then run epochs.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use blockrep_core::{
-    CHUNKS_PER_PAGE, ChunkId, Consistency, DiskImage, Geometry, Page, Root, changed_chunks,
-    changed_pages,
-};
+use blockrep_core::{ChunkId, Consistency, Geometry, Root, changed_chunks, changed_pages};
 use std::collections::HashSet;
 
 use blockrep_proto::{
-    CHUNK_HEADER_LEN, Codec, GET_PAGES_MAX, Message, OFFER_IDS_MAX, PROTOCOL_VERSION,
-    REF_PROOF_LEN, chunk_header,
+    CHUNK_HEADER_LEN, Codec, Message, OFFER_IDS_MAX, PROTOCOL_VERSION, REF_PROOF_LEN, chunk_header,
 };
 use bytes::Bytes;
 use tracing::debug;
@@ -19,84 +15,12 @@ use tracing::debug;
 /// Epochs with less than this to send show no progress bar.
 const PROGRESS_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, TlsTransport, Transport};
+use crate::pages::{PagesOf, fetch_pages};
 use crate::send::{References, spawn_encoders};
-use crate::view::View;
+use crate::view::Scan;
 use crate::{AgentConfig, EpochReport, Error};
 
-/// A scan of the disk.
-pub(crate) struct Scan {
-    /// What the epoch reads, the scan and the send alike: a frozen view where
-    /// there is one, released once the last reader lets go of it.
-    pub disk: Arc<View>,
-    pub geometry: Geometry,
-    pub ids: Vec<ChunkId>,
-    pub started_unix_ms: u64,
-    pub duration: Duration,
-    /// How the scanned view was taken: what the committed root may claim.
-    pub consistency: Consistency,
-}
-
-pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Opens the disk afresh (a replaced file or a resized disk is seen) and scans it
-/// live: no frozen view (failback, `--snapshot none`, or a disk that cannot
-/// give one).
-pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
-    let path = config.disk.clone();
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let started_unix_ms = now_unix_ms();
-        let disk = View::live(DiskImage::open(&path)?);
-        scan_view(
-            disk,
-            chunk_size_bytes,
-            started,
-            started_unix_ms,
-            Consistency::Live,
-        )
-    })
-    .await
-    .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))?
-}
-
-/// Scans `disk`, a view taken at `started_unix_ms` (blocking).
-pub(crate) fn scan_view(
-    disk: View,
-    chunk_size_bytes: u32,
-    started: Instant,
-    started_unix_ms: u64,
-    consistency: Consistency,
-) -> Result<Scan, Error> {
-    let path = disk.path().to_owned();
-    let geometry = Geometry::new(disk.size_bytes(), chunk_size_bytes)?;
-    let ids = disk.scan(geometry).map_err(|e| match e.kind() {
-        blockrep_core::ErrorKind::DiskShrank => Error::DiskUnsteady(e.to_string()),
-        _ => Error::Disk(e),
-    })?;
-    let size_after = disk.current_size_bytes()?;
-    if size_after != disk.size_bytes() {
-        return Err(Error::DiskUnsteady(format!(
-            "{} changed size from {} to {size_after} bytes during the scan",
-            path.display(),
-            disk.size_bytes()
-        )));
-    }
-    Ok(Scan {
-        disk: Arc::new(disk),
-        geometry,
-        ids,
-        started_unix_ms,
-        duration: started.elapsed(),
-        consistency,
-    })
-}
-
-/// A connected session that knows the server's committed head.
 /// The server's answer to a final (cutover) commit.
 #[derive(Debug, Clone)]
 pub(crate) struct CutoverReady {
@@ -106,14 +30,16 @@ pub(crate) struct CutoverReady {
     pub launch_ms: u64,
 }
 
-pub(crate) struct Session {
+/// A connected session over a transport `S` (TLS in production) that knows
+/// the server's committed head.
+pub(crate) struct Session<S = TlsTransport> {
     /// The next complete commit is the cutover's final one.
     pub final_epoch: bool,
     /// The server asked (in a `Committed`) for a cutover.
     pub cutover_requested: bool,
     /// Set by the final commit.
     pub cutover_ready: Option<CutoverReady>,
-    connection: Connection,
+    connection: Connection<S>,
     geometry: Geometry,
     head_epoch: u64,
     /// The server's committed chunk ids, where known; `None` until learned.
@@ -133,10 +59,21 @@ pub(crate) struct Session {
     pub(crate) step_roots: Vec<ChunkId>,
 }
 
-impl Session {
-    /// Connects and says `Hello` for a disk of this geometry.
+impl Session<TlsTransport> {
+    /// Connects over TLS and says `Hello` for a disk of this geometry.
     pub(crate) async fn open(config: &AgentConfig, geometry: Geometry) -> Result<Self, Error> {
-        let mut connection = Connection::connect(config).await?;
+        Self::start(Connection::connect(config).await?, config, geometry).await
+    }
+}
+
+impl<S: Transport> Session<S> {
+    /// Says `Hello` for a disk of this geometry on an established
+    /// connection and learns the server's head from its `Welcome`.
+    pub(crate) async fn start(
+        mut connection: Connection<S>,
+        config: &AgentConfig,
+        geometry: Geometry,
+    ) -> Result<Self, Error> {
         let hello = Message::Hello {
             version_min: PROTOCOL_VERSION,
             version_max: PROTOCOL_VERSION,
@@ -247,7 +184,7 @@ impl Session {
 
     /// The connection, for a session that leaves the replication protocol
     /// (failback) after `Welcome`.
-    pub(crate) fn into_connection(self) -> Connection {
+    pub(crate) fn into_connection(self) -> Connection<S> {
         self.connection
     }
 
@@ -294,31 +231,14 @@ impl Session {
         let Some(head_root) = self.head_root.as_ref() else {
             return Ok(()); // no head: no pages
         };
-        for batch in pages.chunks(GET_PAGES_MAX) {
-            let indices = batch.iter().map(|&p| p as u32).collect();
-            self.connection.send(&Message::GetPages { indices }).await?;
-            self.connection.flush().await?;
-            for &page_index in batch {
-                let Message::Page { index, ids } = self.connection.recv().await? else {
-                    return Err(Error::Protocol("expected Page".into()));
-                };
-                if index as usize != page_index {
-                    return Err(Error::Protocol(format!(
-                        "asked for page {page_index}, got {index}"
-                    )));
-                }
-                let page = Page::decode(&ids, head_root.page_len(page_index))
-                    .map_err(|e| Error::Protocol(format!("page {index}: {e}")))?;
-                if page.id() != head_root.page_ids()[page_index] {
-                    return Err(Error::Protocol(format!(
-                        "page {index} does not match the head root"
-                    )));
-                }
-                let start = page_index * CHUNKS_PER_PAGE;
-                head_ids[start..start + page.ids().len()].copy_from_slice(page.ids());
-            }
-        }
-        Ok(())
+        fetch_pages(
+            &mut self.connection,
+            head_root,
+            PagesOf::Head,
+            pages,
+            head_ids,
+        )
+        .await
     }
 
     /// The head's every chunk id (zeros without a head), fetched page by page

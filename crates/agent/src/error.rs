@@ -1,3 +1,6 @@
+//! The agent's errors, and which of them a continuous run retries
+//! (`Error::is_retryable`) rather than stopping on.
+
 use blockrep_proto::ErrorCode;
 
 /// Why the agent stopped or an epoch failed.

@@ -11,15 +11,17 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, changed_pages, hash_chunk};
-use blockrep_proto::{Codec, GET_PAGES_MAX, Message};
+use blockrep_core::{ChunkId, Geometry, Root, changed_pages, hash_chunk};
+use blockrep_proto::{Codec, Message};
 use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::connection::Connection;
-use crate::epoch::{Scan, Session, scan};
+use crate::connection::{Connection, Transport};
+use crate::epoch::Session;
 use crate::failback_patch;
+use crate::pages::{PagesOf, fetch_pages};
+use crate::view::{Scan, scan_live};
 use crate::{AgentConfig, Error};
 
 /// Chunks asked for per `Want`; two requests are kept outstanding.
@@ -72,11 +74,24 @@ pub async fn failback(
     config: &AgentConfig,
     options: &FailbackOptions,
     shutdown: watch::Receiver<bool>,
-    mut on_pass: impl FnMut(&FailbackPass),
+    on_pass: impl FnMut(&FailbackPass),
 ) -> Result<Vec<FailbackPass>, Error> {
-    let first = scan(config, config.chunk_size_bytes).await?;
+    let first = scan_live(config, config.chunk_size_bytes).await?;
+    let session = Session::open(config, first.geometry).await?;
+    failback_session(config, options, shutdown, on_pass, session, first).await
+}
+
+/// [`failback`] on an open session (of any transport), starting from `first`,
+/// a scan of the disk taken before the session was opened.
+pub(crate) async fn failback_session(
+    config: &AgentConfig,
+    options: &FailbackOptions,
+    shutdown: watch::Receiver<bool>,
+    mut on_pass: impl FnMut(&FailbackPass),
+    session: Session<impl Transport>,
+    first: Scan,
+) -> Result<Vec<FailbackPass>, Error> {
     let geometry = first.geometry;
-    let session = Session::open(config, geometry).await?;
     let mut connection = session.into_connection();
     let mut passes = Vec::new();
     let mut base_override: Option<Vec<ChunkId>> = None;
@@ -86,7 +101,7 @@ pub async fn failback(
     loop {
         let disk = match next_scan.take() {
             Some(scan) => scan,
-            None => scan(config, geometry.chunk_size_bytes()).await?,
+            None => scan_live(config, geometry.chunk_size_bytes()).await?,
         };
         let (pass, target_ids, matches, finalize_requested) = pass(
             config,
@@ -132,7 +147,7 @@ pub async fn failback(
 async fn pass(
     config: &AgentConfig,
     options: &FailbackOptions,
-    connection: &mut Connection,
+    connection: &mut Connection<impl Transport>,
     disk: Scan,
     base_override: Option<&[ChunkId]>,
     finalize: bool,
@@ -177,10 +192,17 @@ async fn pass(
         )));
     }
     let own = Root::from_chunk_ids(geometry, &disk.ids);
-    let target_ids = fetch_ids(connection, &target, &own, &disk.ids, false).await?;
+    let target_ids = fetch_ids(
+        connection,
+        &target,
+        &own,
+        &disk.ids,
+        PagesOf::FailbackTarget,
+    )
+    .await?;
     let base_ids = match base_override {
         Some(ids) => ids.to_vec(),
-        None => fetch_ids(connection, &base, &own, &disk.ids, true).await?,
+        None => fetch_ids(connection, &base, &own, &disk.ids, PagesOf::FailbackBase).await?,
     };
     let mut needed = Vec::new();
     let mut conflicts = Vec::new();
@@ -227,7 +249,7 @@ async fn pass(
     )
     .await?;
     drop(disk);
-    let after = scan(config, geometry.chunk_size_bytes()).await?;
+    let after = scan_live(config, geometry.chunk_size_bytes()).await?;
     let root = Root::from_chunk_ids(geometry, &after.ids).id();
     connection
         .send(&Message::FailbackDone { root, finalize })
@@ -257,44 +279,16 @@ async fn pass(
 /// The chunk ids of `root`: the disk's own where the page ids agree, the server's
 /// pages where they differ.
 async fn fetch_ids(
-    connection: &mut Connection,
+    connection: &mut Connection<impl Transport>,
     root: &Root,
     own: &Root,
     own_ids: &[ChunkId],
-    base: bool,
+    of: PagesOf,
 ) -> Result<Vec<ChunkId>, Error> {
     let mut ids = own_ids.to_vec();
     let pages = changed_pages(root, own)
         .map_err(|e| Error::Protocol(format!("failback root does not fit the disk: {e}")))?;
-    for batch in pages.chunks(GET_PAGES_MAX) {
-        let indices: Vec<u32> = batch.iter().map(|&p| p as u32).collect();
-        let request = if base {
-            Message::GetBasePages { indices }
-        } else {
-            Message::GetPages { indices }
-        };
-        connection.send(&request).await?;
-        connection.flush().await?;
-        for &page_index in batch {
-            let Message::Page { index, ids: bytes } = connection.recv().await? else {
-                return Err(Error::Protocol("expected Page".into()));
-            };
-            if index as usize != page_index {
-                return Err(Error::Protocol(format!(
-                    "asked for page {page_index}, got {index}"
-                )));
-            }
-            let page = Page::decode(&bytes, root.page_len(page_index))
-                .map_err(|e| Error::Protocol(format!("page {index}: {e}")))?;
-            if page.id() != root.page_ids()[page_index] {
-                return Err(Error::Protocol(format!(
-                    "page {index} does not match its root"
-                )));
-            }
-            let start = page_index * CHUNKS_PER_PAGE;
-            ids[start..start + page.ids().len()].copy_from_slice(page.ids());
-        }
-    }
+    fetch_pages(connection, root, of, &pages, &mut ids).await?;
     Ok(ids)
 }
 
@@ -303,7 +297,7 @@ async fn fetch_ids(
 /// place; fsyncs the disk at the end.
 async fn transfer(
     config: &AgentConfig,
-    connection: &mut Connection,
+    connection: &mut Connection<impl Transport>,
     geometry: Geometry,
     target_ids: &[ChunkId],
     own_ids: &[ChunkId],

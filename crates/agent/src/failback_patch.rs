@@ -17,7 +17,7 @@ use blockrep_proto::{Codec, Message};
 use bytes::Bytes;
 
 use crate::Error;
-use crate::connection::Connection;
+use crate::connection::{Connection, Transport};
 
 /// A `Patch` frame as received.
 pub(crate) struct ReceivedPatch {
@@ -34,7 +34,7 @@ pub(crate) struct ReceivedPatch {
 /// the disk holds data there (so the server may answer with patches), as a
 /// plain `Want` when it holds none (all zero).
 pub(crate) async fn want(
-    connection: &mut Connection,
+    connection: &mut Connection<impl Transport>,
     disk: &File,
     geometry: Geometry,
     own_ids: &[ChunkId],

@@ -10,12 +10,16 @@
 //! Each epoch reads one view of the disk, taken before its scan (a reflink
 //! clone, an operator's snapshot, or the live disk; see the `view` module), and
 //! labels its root by it: the send workers read the same view as the scan.
+//!
+//! A session runs over any byte stream (the `connection` module): mutual TLS
+//! over TCP in production, one end of `tokio::io::duplex` in the unit tests,
+//! which drive epochs, resumes and failback against the server's real session
+//! in process. docs/architecture.md ("The agent's rooms") maps the modules.
 #![forbid(unsafe_code)]
 
 mod ack_log;
 mod adaptive;
 pub mod capture;
-mod capture_run;
 mod connection;
 mod epoch;
 mod error;
@@ -23,13 +27,15 @@ mod failback;
 mod failback_patch;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod pages;
 mod patch;
 mod rate;
 mod run;
 mod send;
 pub mod serve;
+#[cfg(test)]
+mod tests;
 mod view;
-mod view_command;
 
 use std::path::PathBuf;
 use std::sync::Arc;

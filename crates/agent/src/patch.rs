@@ -30,7 +30,7 @@ use blockrep_proto::{BLOCK_VALUES_IDS_MAX, Message};
 use tokio::sync::mpsc;
 
 use crate::Error;
-use crate::connection::Connection;
+use crate::connection::{Connection, Transport};
 
 /// A patch is sent only when the bytes of its ranges are below this share of
 /// the chunk: a patch nearly as large as its chunk saves little and costs the
@@ -198,7 +198,10 @@ impl BaseFetch {
     }
 
     /// Sends requests up to the in-flight limit, and flushes them.
-    pub(crate) async fn ask(&mut self, connection: &mut Connection) -> Result<(), Error> {
+    pub(crate) async fn ask(
+        &mut self,
+        connection: &mut Connection<impl Transport>,
+    ) -> Result<(), Error> {
         let before = self.sent;
         while self.sent < self.batches.len() && self.sent < self.received + REQUESTS_IN_FLIGHT {
             self.bytes_sent += connection
@@ -219,7 +222,11 @@ impl BaseFetch {
     }
 
     /// Takes one answer (the oldest request's), publishes it, asks for more.
-    async fn accept(&mut self, answer: Message, connection: &mut Connection) -> Result<(), Error> {
+    async fn accept(
+        &mut self,
+        answer: Message,
+        connection: &mut Connection<impl Transport>,
+    ) -> Result<(), Error> {
         let Message::BlockValues { values: answer } = answer else {
             return Err(Error::Protocol("expected BlockValues".into()));
         };
@@ -257,7 +264,7 @@ impl BaseFetch {
     /// (and asking for more) while it waits.
     pub(crate) async fn next_frame<T>(
         &mut self,
-        connection: &mut Connection,
+        connection: &mut Connection<impl Transport>,
         frames: &mut mpsc::Receiver<T>,
     ) -> Result<Option<T>, Error> {
         loop {
@@ -276,7 +283,10 @@ impl BaseFetch {
 
     /// Takes every answer still to come (before a commit, whose answer must
     /// be the next message).
-    pub(crate) async fn finish(&mut self, connection: &mut Connection) -> Result<(), Error> {
+    pub(crate) async fn finish(
+        &mut self,
+        connection: &mut Connection<impl Transport>,
+    ) -> Result<(), Error> {
         while self.pending() {
             let answer = connection.recv().await?;
             self.accept(answer, connection).await?;

@@ -12,7 +12,7 @@ const BURST: Duration = Duration::from_millis(100);
 
 /// A token bucket kept as "the time at which the bucket is empty": each send
 /// pushes that time forward by `bytes / rate`, and a send that would push it
-/// more than [`BURST`] past now waits.
+/// more than `BURST` past now waits.
 #[derive(Debug)]
 pub struct RateLimiter {
     bytes_per_second: AtomicU64,

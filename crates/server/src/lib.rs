@@ -27,6 +27,8 @@ mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
+#[doc(hidden)]
+pub mod in_memory;
 mod launch_gate;
 mod lifecycle;
 mod listener;

@@ -17,14 +17,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::cutover::cutover;
+use super::{ONCE_EPOCHS_MAX, backoff_ceiling, finish_caught_up, kept_changing};
 use crate::capture::{Capture, Cut};
-use crate::epoch::{Scan, Session, now_unix_ms};
-use crate::run::{ONCE_EPOCHS_MAX, backoff_ceiling, cutover, finish_caught_up, kept_changing};
-use crate::view::View;
+use crate::epoch::Session;
+use crate::view::{Scan, View};
 use crate::{AgentConfig, CutoverReport, EpochReport, Error, RunOutcome};
 
 /// First wait before reconnecting; doubles up to `--backoff-max`.

@@ -1,0 +1,78 @@
+//! A scan of one view of the disk: every chunk's id, hashed on every core,
+//! and what the view's root may claim. What an epoch sends and a failback
+//! compares starts from one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockrep_core::clock::now_unix_ms;
+use blockrep_core::{ChunkId, Consistency, DiskImage, Geometry};
+
+use super::View;
+use crate::{AgentConfig, Error};
+
+/// A scan of the disk.
+pub(crate) struct Scan {
+    /// What the epoch reads, the scan and the send alike: a frozen view where
+    /// there is one, released once the last reader lets go of it.
+    pub disk: Arc<View>,
+    pub geometry: Geometry,
+    pub ids: Vec<ChunkId>,
+    pub started_unix_ms: u64,
+    pub duration: Duration,
+    /// How the scanned view was taken: what the committed root may claim.
+    pub consistency: Consistency,
+}
+
+/// Opens the disk afresh (a replaced file or a resized disk is seen) and scans it
+/// live: no frozen view (failback, `--snapshot none`, or a disk that cannot
+/// give one).
+pub(crate) async fn scan_live(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
+    let path = config.disk.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let started_unix_ms = now_unix_ms();
+        let disk = View::live(DiskImage::open(&path)?);
+        scan_view(
+            disk,
+            chunk_size_bytes,
+            started,
+            started_unix_ms,
+            Consistency::Live,
+        )
+    })
+    .await
+    .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))?
+}
+
+/// Scans `disk`, a view taken at `started_unix_ms` (blocking).
+pub(crate) fn scan_view(
+    disk: View,
+    chunk_size_bytes: u32,
+    started: Instant,
+    started_unix_ms: u64,
+    consistency: Consistency,
+) -> Result<Scan, Error> {
+    let path = disk.path().to_owned();
+    let geometry = Geometry::new(disk.size_bytes(), chunk_size_bytes)?;
+    let ids = disk.scan(geometry).map_err(|e| match e.kind() {
+        blockrep_core::ErrorKind::DiskShrank => Error::DiskUnsteady(e.to_string()),
+        _ => Error::Disk(e),
+    })?;
+    let size_after = disk.current_size_bytes()?;
+    if size_after != disk.size_bytes() {
+        return Err(Error::DiskUnsteady(format!(
+            "{} changed size from {} to {size_after} bytes during the scan",
+            path.display(),
+            disk.size_bytes()
+        )));
+    }
+    Ok(Scan {
+        disk: Arc::new(disk),
+        geometry,
+        ids,
+        started_unix_ms,
+        duration: started.elapsed(),
+        consistency,
+    })
+}
