@@ -2,6 +2,7 @@
 //! definitions only; what each command does is in `cmd`).
 
 mod agent;
+mod bench;
 mod server;
 
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use blockrep_core::SourceId;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub(crate) use agent::{AgentArgs, CaptureArgs, CompressArg, SnapshotArg, ViewArgs};
+pub(crate) use bench::BenchArgs;
 pub(crate) use server::ServerArgs;
 
 use crate::units;
@@ -81,7 +83,7 @@ pub(crate) enum Command {
     /// or complete a running failback (`failback complete`).
     Failback(FailbackArgs),
     /// Measure replication end to end on a synthetic disk (real TLS on loopback).
-    Bench(crate::bench::BenchArgs),
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,9 +5,6 @@
 #![forbid(unsafe_code)]
 
 mod admin_client;
-mod bench;
-mod bench_capture;
-mod bench_delta;
 mod cli;
 mod cmd;
 mod print;
