@@ -14,6 +14,7 @@ use crate::cli::{AgentArgs, CompressArg, SnapshotArg, ViewArgs};
 use crate::print::{self, describe};
 use crate::settings;
 
+/// Replicates the disk until it equals the replica (`--once`), a cutover, or a signal.
 pub(crate) async fn agent(args: AgentArgs) -> Result<()> {
     let mut config = agent_config(&args)?;
     // Capture mode serves the disk before anything else, whatever the link does.

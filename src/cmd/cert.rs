@@ -5,6 +5,7 @@ use anyhow::Result;
 use super::source_id;
 use crate::cli::CertCommand;
 
+/// Makes the CA, issues a certificate, or revokes one.
 pub(crate) fn cert(command: CertCommand) -> Result<()> {
     match command {
         CertCommand::Init {

@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use super::admin_call;
 use crate::cli::CutoverArgs;
 
+/// Requests the cutover (and waits for it unless `--no-wait`), or resets the source.
 pub(crate) async fn cutover(args: CutoverArgs) -> Result<()> {
     let admin = &args.admin.admin;
     if args.reset {

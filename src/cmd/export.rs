@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use super::source_id;
 use crate::cli::ExportArgs;
 
+/// Writes the head, the snapshot or the root asked for to `--out`.
 pub(crate) fn export(args: ExportArgs) -> Result<()> {
     let store = blockrep_store::Store::open_read_only(&args.data)?;
     if let Some(hex) = &args.root {

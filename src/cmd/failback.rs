@@ -7,6 +7,7 @@ use blockrep_agent::AgentConfig;
 use super::{source_id, stop_on_signal};
 use crate::cli::{FailbackArgs, FailbackCommand};
 
+/// Runs failback passes until the disk equals the launch, or asks a running failback to finish.
 pub(crate) async fn failback(args: FailbackArgs) -> Result<()> {
     if let Some(FailbackCommand::Complete { source, admin }) = &args.command {
         let path = format!("/v1/sources/{source}/failback/complete");

@@ -6,6 +6,7 @@ use super::admin_call;
 use crate::cli::GcArgs;
 use crate::print::human_bytes;
 
+/// Collects (or reports, with `--dry-run`) offline or through the admin API.
 pub(crate) async fn gc(args: GcArgs) -> Result<()> {
     let report = match (&args.data, &args.admin) {
         (Some(data), _) => {

@@ -7,6 +7,7 @@ use super::{admin_call, list_path, parse_answer};
 use crate::cli::{LaunchCommand, LaunchKindArg};
 use crate::print;
 
+/// Creates, lists or deletes launch volumes.
 pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
     match command {
         LaunchCommand::Create {

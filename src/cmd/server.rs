@@ -9,6 +9,7 @@ use super::shutdown_signal;
 use crate::cli::ServerArgs;
 use crate::{settings, units};
 
+/// Runs the server until SIGINT or SIGTERM; `admin_token` is the global `--admin-token`.
 pub(crate) async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Result<()> {
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
     if let Some(path) = admin_token {

@@ -7,6 +7,7 @@ use super::list_path;
 use crate::cli::SnapshotCommand;
 use crate::print;
 
+/// Creates, lists or deletes snapshots.
 pub(crate) async fn snapshot(command: SnapshotCommand) -> Result<()> {
     match command {
         SnapshotCommand::Create {

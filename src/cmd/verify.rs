@@ -6,6 +6,7 @@ use super::source_id;
 use crate::cli::VerifyArgs;
 use crate::print::human_bytes;
 
+/// Verifies the store (or one source or snapshot); fails when anything is damaged.
 pub(crate) fn verify(args: VerifyArgs) -> Result<()> {
     let store = blockrep_store::Store::open_read_only(&args.data)?;
     let source = args.source.as_deref().map(source_id).transpose()?;
