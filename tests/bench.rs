@@ -4,11 +4,14 @@
 
 mod common;
 
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
 
-fn bench(work: &std::path::Path, corrupt: bool) -> (std::process::Output, std::path::PathBuf) {
+fn bench(work: &std::path::Path) -> (std::process::Output, std::path::PathBuf) {
     let json = work.join("out.json");
     let plot = work.join("out.svg");
     let mut command = Command::new(BIN);
@@ -28,16 +31,13 @@ fn bench(work: &std::path::Path, corrupt: bool) -> (std::process::Output, std::p
         .arg(&plot)
         .arg("--workdir")
         .arg(work.join("run"));
-    if corrupt {
-        command.env("BLOCKREP_BENCH_CORRUPT", "1");
-    }
     (command.output().unwrap(), json)
 }
 
 #[test]
 fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
     let work = tempfile::tempdir().unwrap();
-    let (output, json) = bench(work.path(), false);
+    let (output, json) = bench(work.path());
     assert_success(&output);
     let figures: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -105,16 +105,73 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
     );
 }
 
+/// After a bench run, one byte of a chunk the cutover volume uses is damaged
+/// in the store: the bench's verification of the cutover volume must fail.
 #[test]
 fn bench_fails_when_the_replica_is_damaged() {
     let work = tempfile::tempdir().unwrap();
-    let (output, _) = bench(work.path(), true);
-    assert!(
-        !output.status.success(),
-        "bench passed on a damaged replica: {}",
-        stdout(&output)
-    );
-    assert!(stderr(&output).contains("differs"), "{}", stderr(&output));
+    let (output, json) = bench(work.path());
+    assert_success(&output);
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let run = work.path().join("run");
+    let (data, disk) = (run.join("data"), run.join("disk.raw"));
+    let chunk_size = figures["chunk_size_bytes"].as_u64().unwrap() as u32;
+    damage_a_stored_chunk(&data, &disk, chunk_size as usize);
+    let launch = figures["cutover"]["launch"].as_str().unwrap().to_owned();
+    let root = blockrep_store::Store::open_read_only(&data)
+        .unwrap()
+        .launch(&launch)
+        .unwrap()
+        .unwrap()
+        .root;
+    let verification = blockrep_bench::verify_cutover(&blockrep_bench::CutoverVolume {
+        data,
+        disk,
+        source: blockrep_core::SourceId::new("bench").unwrap(),
+        chunk_size_bytes: chunk_size,
+        root,
+        launch,
+        scratch: run.join("cutover-volume.raw"),
+    })
+    .unwrap();
+    assert!(!verification.equal(), "a damaged replica verified equal");
+    let error = verification.ensure_equal().unwrap_err().to_string();
+    assert!(error.contains("differs"), "{error}");
+}
+
+/// Flips one byte of a chunk of the disk stored in the packs (found by
+/// searching them for a whole chunk of the disk stored uncompressed: by its
+/// id, the live copy).
+fn damage_a_stored_chunk(data: &Path, disk: &Path, chunk_size: usize) {
+    let disk = std::fs::read(disk).unwrap();
+    let packs: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(data.join("packs"))
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+    for chunk in disk.chunks_exact(chunk_size) {
+        if chunk.iter().all(|&b| b == chunk[0]) {
+            continue;
+        }
+        for (path, bytes) in &packs {
+            let mut from = 0;
+            while let Some(found) = bytes[from..].windows(32).position(|w| w == &chunk[..32]) {
+                let at = from + found;
+                if bytes.len() >= at + chunk.len() && &bytes[at..at + chunk.len()] == chunk {
+                    let file = OpenOptions::new().write(true).open(path).unwrap();
+                    file.write_all_at(&[bytes[at + 10] ^ 0xff], (at + 10) as u64)
+                        .unwrap();
+                    return;
+                }
+                from = at + 1;
+            }
+        }
+    }
+    panic!("no stored chunk of the disk found to damage");
 }
 
 /// `bench --capture` on two small sparse disks: a capture and a rescan run

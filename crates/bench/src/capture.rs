@@ -3,7 +3,7 @@
 //! the disk every epoch, on sparse disks of growing size.
 //!
 //! Each run replicates one sparse disk (a temporary file: a 64 GiB disk costs
-//! only what is written) to a replication server (this binary's `server`, a
+//! only what is written) to a replication server (`blockrep server`, a
 //! child process) from an agent in this process, over real TLS on loopback.
 //! After the initial sync a writer makes random 4 KiB writes at a fixed rate:
 //! through the capture's NBD export (the `Export` methods called in process)
@@ -27,7 +27,11 @@ use blockrep_agent::{AgentConfig, SnapshotMode};
 use blockrep_core::SourceId;
 use serde_json::json;
 
-use crate::bench::{Rng, ServerChild, percentile};
+use blockrep_core::rng::SplitMix64;
+
+use crate::measure::percentile;
+use crate::server::ServerChild;
+use crate::synthetic::fill;
 
 /// The bar: capture mode's lag p99 stays under this on every disk.
 const CAPTURE_LAG_P99_BAR_SECONDS: f64 = 1.5;
@@ -42,6 +46,8 @@ const WRITE_BYTES: u64 = 4096;
 #[derive(Debug, Clone)]
 pub(crate) struct CaptureBench {
     /// Sizes of the sparse disks, one capture and one rescan run each.
+    /// The `blockrep` executable run as the server.
+    pub server_exe: PathBuf,
     pub sizes: Vec<u64>,
     /// Measured time of each run, after its initial sync.
     pub duration: Duration,
@@ -93,7 +99,7 @@ fn spawn_writer(
 ) -> std::thread::JoinHandle<Result<Written>> {
     std::thread::spawn(move || {
         let blocks = (size / WRITE_BYTES).max(1);
-        let mut rng = Rng(seed ^ 0xCA97_0BE5);
+        let mut rng = SplitMix64::new(seed ^ 0xCA97_0BE5);
         let mut block = [0u8; WRITE_BYTES as usize];
         let mut written = Written::default();
         let started = Instant::now();
@@ -103,7 +109,7 @@ fn spawn_writer(
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
-            rng.fill(&mut block);
+            fill(&mut rng, &mut block);
             let offset = rng.below(blocks) * WRITE_BYTES;
             let write_started = Instant::now();
             target(offset, &block).with_context(|| format!("write of 4 KiB at {offset}"))?;
@@ -346,7 +352,7 @@ pub(crate) async fn run(bench: CaptureBench) -> Result<()> {
         }
     }
     blockrep_pki::init_ca(&tls, &["localhost".into(), "127.0.0.1".into()], true)?;
-    let mut server = ServerChild::start(&data, &tls)?;
+    let mut server = ServerChild::start(&bench.server_exe, &data, &tls)?;
     let mut runs = Vec::new();
     for &size in &bench.sizes {
         for mode in [Mode::Capture, Mode::Rescan] {

@@ -1,0 +1,122 @@
+//! The table `blockrep bench` prints from its figures.
+
+use crate::delta;
+
+/// Prints the figures as a two-column table.
+pub(crate) fn print_table(f: &serde_json::Value) {
+    let num = |path: &[&str]| -> f64 {
+        path.iter()
+            .fold(f, |v, k| &v[*k])
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
+    let mut rows: Vec<(&str, String)> = vec![
+        (
+            "disk size (MiB) / non-zero (MiB)",
+            format!(
+                "{:.0} / {:.0}",
+                num(&["disk_size_bytes"]) / 1048576.0,
+                num(&["nonzero_bytes"]) / 1048576.0
+            ),
+        ),
+        (
+            "blake3 of the disk, all cores (s)",
+            format!("{:.3}", num(&["blake3_all_cores_seconds"])),
+        ),
+        (
+            "initial sync (s)",
+            format!("{:.2}", num(&["initial_sync", "seconds"])),
+        ),
+        (
+            "  disk MiB/s / non-zero MiB/s",
+            format!(
+                "{:.0} / {:.0}",
+                num(&["initial_sync", "disk_mib_per_second"]),
+                num(&["initial_sync", "nonzero_mib_per_second"])
+            ),
+        ),
+        (
+            "  bytes on the wire (MiB)",
+            format!("{:.1}", num(&["initial_sync", "bytes_on_wire"]) / 1048576.0),
+        ),
+        (
+            "  CPU agent / server (s)",
+            format!(
+                "{:.2} / {:.2}",
+                num(&["initial_sync", "agent_cpu_seconds"]),
+                num(&["initial_sync", "server_cpu_seconds"])
+            ),
+        ),
+        (
+            "delta sync (s), 4 KiB blocks changed",
+            format!(
+                "{:.3}, {}",
+                num(&["delta_sync", "seconds"]),
+                num(&["delta_sync", "blocks_changed"])
+            ),
+        ),
+        (
+            "  vs floor (blake3 + bytes / loopback rate)",
+            format!("{:.2}x", num(&["delta_sync", "ratio_to_floor"])),
+        ),
+        ("", String::new()), // the delta comparison goes here
+        (
+            "continuous: epochs, mean scan (s)",
+            format!(
+                "{}, {:.3}",
+                num(&["continuous", "epochs"]),
+                num(&["continuous", "scan_seconds_mean"])
+            ),
+        ),
+        (
+            "  lag p50 / p99 / max (s)",
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                num(&["continuous", "lag_seconds_p50"]),
+                num(&["continuous", "lag_seconds_p99"]),
+                num(&["continuous", "lag_seconds_max"])
+            ),
+        ),
+        (
+            "  lag target: interval + 2 scans (s)",
+            format!("{:.2}", num(&["continuous", "lag_target_seconds"])),
+        ),
+        (
+            "cutover downtime (s)",
+            format!("{:.3}", num(&["cutover", "downtime_seconds"])),
+        ),
+        (
+            "  final scan / transfer / commit / launch (s)",
+            format!(
+                "{:.3} / {:.3} / {:.3} / {:.3}",
+                num(&["cutover", "final_scan_seconds"]),
+                num(&["cutover", "transfer_seconds"]),
+                num(&["cutover", "commit_seconds"]),
+                num(&["cutover", "launch_ready_seconds"])
+            ),
+        ),
+        (
+            "  vs floor (blake3 + last epoch / rate)",
+            format!("{:.2}x", num(&["cutover", "ratio_to_floor"])),
+        ),
+        (
+            "peak memory agent / server (MiB)",
+            format!(
+                "{:.0} / {:.0}",
+                num(&["memory", "agent_peak_rss_bytes"]) / 1048576.0,
+                num(&["memory", "server_peak_rss_bytes"]) / 1048576.0
+            ),
+        ),
+        (
+            "cutover volume verified equal",
+            format!("{}", f["verified_equal"]),
+        ),
+    ];
+    if let Some(at) = rows.iter().position(|(name, _)| name.is_empty()) {
+        rows.splice(at..=at, delta::table_rows(f));
+    }
+    println!("blockrep bench: {} cores, seed {}", f["cores"], f["seed"]);
+    for (name, value) in rows {
+        println!("  {name:<46} {value:>22}");
+    }
+}

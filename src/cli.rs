@@ -1,0 +1,400 @@
+//! The command line: every command, flag and help text of `blockrep` (clap
+//! definitions only; what each command does is in `cmd`).
+
+mod agent;
+mod bench;
+mod server;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use blockrep_core::SourceId;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub(crate) use agent::{AgentArgs, CaptureArgs, CompressArg, SnapshotArg, ViewArgs};
+pub(crate) use bench::BenchArgs;
+pub(crate) use server::ServerArgs;
+
+use crate::units;
+
+/// Continuous block-level replication of whole disks over mutual TLS.
+///
+/// An agent beside a source disk finds changed chunks by blake3 hashing and
+/// streams them to a replication server, which keeps a verified, durable replica
+/// of every source.
+#[derive(Debug, Parser)]
+#[command(name = "blockrep", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+    /// Reach the admin API over mutual TLS (a server run with --admin-tls),
+    /// with ca.crt, admin.crt and admin.key from this directory.
+    #[arg(long, global = true, env = "BLOCKREP_ADMIN_TLS_DIR")]
+    pub(crate) admin_tls_dir: Option<PathBuf>,
+    /// The admin API's bearer token file. `server` reads it (default
+    /// TLS_DIR/admin.token, written 0600 if missing); admin commands send it
+    /// (default: tls/admin.token, else /etc/blockrep/tls/admin.token).
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKREP_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub(crate) admin_token: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Make the private CA and certificates for servers, sources and the admin.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Run the replication server.
+    Server(ServerArgs),
+    /// Replicate a disk to a server: by scanning it each epoch, or (with
+    /// --serve) by serving it to its workload and capturing every write.
+    Agent(AgentArgs),
+    /// Write a source's committed replica, a snapshot or any stored root to a sparse raw image.
+    Export(ExportArgs),
+    /// Show every source's replication state, lag and backlog (admin API).
+    Status(StatusArgs),
+    /// Reclaim space no head, snapshot or launch references; compact packs.
+    Gc(GcArgs),
+    /// Re-read every referenced chunk and check its hash; name what damage affects.
+    Verify(VerifyArgs),
+    /// Point-in-time snapshots of replicas (admin API).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Writable copy-on-write launch volumes made from snapshots, served over NBD (admin API).
+    #[command(subcommand)]
+    Launch(LaunchCommand),
+    /// Ask a source's running agent to cut over (admin API), or reset a cut-over source.
+    Cutover(CutoverArgs),
+    /// Bring the original disk back to a launch volume's content (run beside the disk),
+    /// or complete a running failback (`failback complete`).
+    Failback(FailbackArgs),
+    /// Measure replication end to end on a synthetic disk (real TLS on loopback).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CertCommand {
+    /// Create a private CA (ca.crt, ca.key) and a server certificate (server.crt, server.key).
+    Init {
+        /// Directory for the files (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name or IP address the server is reached at (repeatable).
+        #[arg(long = "server-name", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+        server_names: Vec<String>,
+        /// Replace an existing CA (certificates it issued stop working).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a client certificate for a source (ID.crt, ID.key) or the admin.
+    Issue {
+        /// Directory holding ca.crt and ca.key; the new files go there too.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Source id to bind into the certificate: [a-z0-9][a-z0-9._-]{0,63}.
+        #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+        source: Option<String>,
+        /// Issue the admin certificate (admin.crt, admin.key) instead.
+        #[arg(long)]
+        admin: bool,
+        /// Tenant of the source, bound into the certificate beside its id (same
+        /// rule as a source id). Sources of one tenant share deduplicated data;
+        /// without it a source is its own tenant and shares nothing.
+        #[arg(long, conflicts_with = "admin")]
+        tenant: Option<String>,
+    },
+    /// Revoke a client certificate: add it to the CA's revocation list
+    /// (DIR/crl.pem), which servers load with --crl. A running server reloads
+    /// it within --crl-poll-interval (or at once on SIGHUP) and ends the open
+    /// sessions of the certificate.
+    Revoke {
+        /// Directory holding ca.crt and ca.key (and the certificate).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Revoke DIR/ID.crt, the certificate of this source.
+        #[arg(long, required_unless_present_any = ["admin", "cert"], conflicts_with_all = ["admin", "cert"])]
+        source: Option<String>,
+        /// Revoke DIR/admin.crt.
+        #[arg(long, conflicts_with = "cert")]
+        admin: bool,
+        /// Revoke this certificate file.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
+}
+
+/// TLS files of a client: `--tls-dir` with per-file overrides.
+#[derive(Debug, Args)]
+pub(crate) struct ClientTls {
+    /// Directory with ca.crt, ID.crt and ID.key.
+    #[arg(long)]
+    pub(crate) tls_dir: Option<PathBuf>,
+    /// CA certificate (default: TLS_DIR/ca.crt).
+    #[arg(long)]
+    pub(crate) ca: Option<PathBuf>,
+    /// Client certificate (default: TLS_DIR/ID.crt).
+    #[arg(long)]
+    pub(crate) cert: Option<PathBuf>,
+    /// Client private key (default: TLS_DIR/ID.key).
+    #[arg(long)]
+    pub(crate) key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    pub(crate) fn resolve(&self, source: &SourceId) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        let pick = |explicit: &Option<PathBuf>, name: String| -> Result<PathBuf> {
+            match (explicit, &self.tls_dir) {
+                (Some(path), _) => Ok(path.clone()),
+                (None, Some(dir)) => Ok(dir.join(name)),
+                (None, None) => bail!("give --tls-dir, or --ca, --cert and --key"),
+            }
+        };
+        Ok((
+            pick(&self.ca, "ca.crt".into())?,
+            pick(&self.cert, format!("{source}.crt"))?,
+            pick(&self.key, format!("{source}.key"))?,
+        ))
+    }
+}
+
+/// Where the admin API is, and how to print its answers.
+#[derive(Debug, Args)]
+pub(crate) struct AdminArgs {
+    /// Address of the server's admin API (its --admin-listen).
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    pub(crate) admin: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SnapshotCommand {
+    /// Snapshot a source's current committed replica (O(1): no data is copied).
+    Create {
+        /// Source to snapshot.
+        #[arg(long)]
+        source: String,
+        /// Name (default: generated from the epoch and time).
+        #[arg(long)]
+        name: Option<String>,
+        /// Expire the snapshot after this long, e.g. 7d, 12h (default: never).
+        #[arg(long, value_parser = units::parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List snapshots.
+    List {
+        /// Only this source's snapshots.
+        #[arg(long)]
+        source: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a snapshot (launches made from it keep working).
+    Delete {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LaunchCommand {
+    /// Make a writable launch volume from a snapshot; it is served over NBD under its name.
+    Create {
+        #[arg(long)]
+        source: String,
+        /// Snapshot to launch from.
+        #[arg(long)]
+        snapshot: String,
+        /// Name of the launch (and of its NBD export).
+        #[arg(long)]
+        name: String,
+        /// What the launch is for.
+        #[arg(long, value_enum, default_value_t = LaunchKindArg::Test)]
+        kind: LaunchKindArg,
+        /// Launch a `live` snapshot anyway (read from the live disk while it
+        /// changed: its file system may be torn). Refused without it.
+        #[arg(long)]
+        allow_live: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List launch volumes.
+    List {
+        #[arg(long)]
+        source: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a launch volume and its writes.
+    Delete {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LaunchKindArg {
+    /// A test launch (a drill).
+    Test,
+    /// The cutover launch.
+    Cutover,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CutoverArgs {
+    /// Source to cut over.
+    #[arg(long)]
+    pub(crate) source: String,
+    /// Lift the fence of a cut-over source so that it may replicate again.
+    #[arg(long)]
+    pub(crate) reset: bool,
+    /// Return once the request is accepted instead of waiting for the cutover.
+    #[arg(long)]
+    pub(crate) no_wait: bool,
+    /// How long to wait for the agent to finish the cutover.
+    #[arg(long, default_value = "10m", value_parser = units::parse_duration)]
+    pub(crate) timeout: Duration,
+    #[command(flatten)]
+    pub(crate) admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct FailbackArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<FailbackCommand>,
+    /// The original disk to bring back (raw image file or block device).
+    #[arg(long)]
+    pub(crate) disk: Option<PathBuf>,
+    /// Replication server, host:port.
+    #[arg(long)]
+    pub(crate) from: Option<String>,
+    /// The source id (its certificate is used, as for the agent).
+    #[arg(long)]
+    pub(crate) source: Option<String>,
+    /// Launch volume whose content the disk takes (e.g. the cutover launch).
+    #[arg(long)]
+    pub(crate) launch: Option<String>,
+    #[command(flatten)]
+    pub(crate) tls: ClientTls,
+    /// One pass, then finish (the source becomes failed_back).
+    #[arg(long)]
+    pub(crate) once: bool,
+    /// Same as --once: a final pass that finishes the failback.
+    #[arg(long)]
+    pub(crate) finalize: bool,
+    /// Replace chunks changed on the disk since cutover (otherwise failback stops
+    /// and reports them before writing anything).
+    #[arg(long)]
+    pub(crate) overwrite_source_changes: bool,
+    /// Time between passes of reverse replication (without --once).
+    #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
+    pub(crate) interval: Duration,
+    /// Chunk size of the replica.
+    #[arg(long, default_value = "64KiB", value_parser = units::parse_size)]
+    pub(crate) chunk_size: u64,
+    /// Receive whole chunks. By default the server may send a chunk as the
+    /// 4 KiB blocks that differ from what the disk holds (a patch), checked
+    /// against the target's id before it is written.
+    #[arg(long)]
+    pub(crate) no_patches: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FailbackCommand {
+    /// Ask a running failback to make its final pass and finish (admin API).
+    Complete {
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Address of the server's admin API.
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    pub(crate) admin: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExportArgs {
+    /// Data directory of the server's store.
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    /// Source to export.
+    #[arg(long, required_unless_present = "root", conflicts_with = "root")]
+    pub(crate) source: Option<String>,
+    /// Export this snapshot of the source instead of its committed head.
+    #[arg(long, requires = "source")]
+    pub(crate) snapshot: Option<String>,
+    /// Export the disk of this root (64 hex digits) instead: any root the store
+    /// holds, e.g. one an agent's --ack-log names, not only heads and snapshots.
+    /// Roots that are no head's, snapshot's or launch's are kept until GC
+    /// collects them (servers run with `--gc-interval off` keep them all).
+    #[arg(long, value_name = "HEX")]
+    pub(crate) root: Option<String>,
+    /// Output image, written mode 0600 under a temporary name beside it and
+    /// renamed into place: a failed export leaves no file, and an existing
+    /// file is replaced only by a complete image (a symbolic link or device
+    /// there is refused).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GcArgs {
+    /// Data directory: collect offline (the server must not be running unless
+    /// --dry-run, which only reads).
+    #[arg(long, conflicts_with = "admin")]
+    pub(crate) data: Option<PathBuf>,
+    /// A running server's admin API: collect there, while it replicates.
+    #[arg(long)]
+    pub(crate) admin: Option<String>,
+    /// Report what would be freed; change nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    /// Data directory (read only; works while the server runs).
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    /// Only this source's head, snapshots and launches.
+    #[arg(long)]
+    pub(crate) source: Option<String>,
+    /// Only this snapshot (needs --source).
+    #[arg(long, requires = "source")]
+    pub(crate) snapshot: Option<String>,
+}

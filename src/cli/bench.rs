@@ -1,0 +1,56 @@
+//! `blockrep bench`'s flags (the bench itself is the `blockrep-bench` crate).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use blockrep_agent::parse_rate;
+use clap::Args;
+
+use crate::units::{parse_duration, parse_size};
+
+/// Options of `blockrep bench`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Size of the synthetic disk.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub(crate) size: u64,
+    /// Chunk size.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub(crate) chunk_size: u64,
+    /// Rate of the churn writer during continuous replication (random 4 KiB
+    /// writes, plus a sequential append region), e.g. 4MiB/s.
+    #[arg(long, default_value = "4MiB/s", value_parser = parse_rate)]
+    pub(crate) churn_rate: u64,
+    /// How long continuous replication runs under churn before the cutover.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub(crate) duration: Duration,
+    /// Share of the disk's 4 KiB blocks rewritten before the delta sync, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) change_percent: f64,
+    /// Seed of the synthetic disk, the changes and the churn.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// Agent interval during continuous replication.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub(crate) interval: Duration,
+    /// Working directory (default: a temporary directory, removed afterwards).
+    #[arg(long)]
+    pub(crate) workdir: Option<PathBuf>,
+    /// Also write every figure as JSON to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Also draw throughput and lag over time, with the cutover marked, as SVG.
+    #[arg(long)]
+    pub(crate) plot: Option<PathBuf>,
+    /// Instead: the lag of write capture (`agent --serve`) against a rescan
+    /// of the disk every epoch, on sparse disks of --capture-sizes under
+    /// random 4 KiB writes at --churn-rate, --capture-duration per run.
+    #[arg(long)]
+    pub(crate) capture: bool,
+    /// Sizes of the sparse disks of `--capture` (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1GiB,64GiB", value_parser = parse_size)]
+    pub(crate) capture_sizes: Vec<u64>,
+    /// Measured time of each `--capture` run, after its initial sync.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub(crate) capture_duration: Duration,
+}

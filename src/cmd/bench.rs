@@ -1,0 +1,28 @@
+//! `blockrep bench`: the flags become `blockrep_bench::Options`, with this
+//! executable as the server under test.
+
+use anyhow::{Context, Result};
+
+use crate::cli::BenchArgs;
+
+/// Runs the bench.
+pub(crate) async fn bench(args: BenchArgs) -> Result<()> {
+    let server_exe = std::env::current_exe().context("cannot find this executable")?;
+    blockrep_bench::run(blockrep_bench::Options {
+        server_exe,
+        size: args.size,
+        chunk_size: args.chunk_size,
+        churn_rate: args.churn_rate,
+        duration: args.duration,
+        change_percent: args.change_percent,
+        seed: args.seed,
+        interval: args.interval,
+        workdir: args.workdir,
+        json: args.json,
+        plot: args.plot,
+        capture: args.capture,
+        capture_sizes: args.capture_sizes,
+        capture_duration: args.capture_duration,
+    })
+    .await
+}

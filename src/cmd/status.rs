@@ -1,0 +1,23 @@
+//! `blockrep status`: every source's state, lag and backlog from the admin API.
+
+use anyhow::{Result, bail};
+
+use super::parse_answer;
+use crate::admin_client;
+use crate::cli::StatusArgs;
+use crate::print;
+
+/// Prints the sources table (or the API's JSON with `--json`).
+pub(crate) async fn status(args: StatusArgs) -> Result<()> {
+    let (code, body) = admin_client::request(&args.admin, "GET", "/v1/sources", None).await?;
+    if code != 200 {
+        bail!("admin API answered {code}: {body}");
+    }
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let sources: Vec<blockrep_server::SourceView> = parse_answer(&body)?;
+    print::sources(&sources);
+    Ok(())
+}
