@@ -11,18 +11,8 @@ use blockrep_core::{ChunkId, Consistency, Page, Root, SourceId};
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::publish_atomic;
 use crate::head::Head;
-use crate::store::{CommitStats, Store, lock};
-
-/// Decodes the label byte of a `what` record; an unknown byte is corruption
-/// (or a record written by a later version), never guessed at.
-pub(crate) fn label_from_byte(what: &str, byte: u8) -> Result<Consistency, Error> {
-    Consistency::from_byte(byte).ok_or_else(|| {
-        Error::new(
-            ErrorKind::Corrupt,
-            format!("{what}: unknown consistency label {byte:#04x}"),
-        )
-    })
-}
+use crate::mutex::lock;
+use crate::store::{CommitStats, Store};
 
 /// How much a label claims: `live` < `crash-consistent` < `quiesced`.
 fn strength(consistency: Consistency) -> u8 {

@@ -99,185 +99,15 @@
 //! reads every root and index page once, but no chunk. Copying is not rate
 //! limited: it competes with replication for disk bandwidth.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::{BTreeSet, HashSet};
 
-use blockrep_core::ChunkId;
+use blockrep_core::{ChunkId, SourceId};
 
+use crate::blobs::{GcOptions, GcReport, GcStage};
+use crate::catalog::list_names;
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::sync_dir;
-use crate::pack::pack_file_name;
-use crate::pack_index;
-use crate::store::{Location, Relocation, Store, Sweep, lock};
-
-/// Default for [`GcOptions::live_share_min`].
-pub const GC_LIVE_SHARE_MIN_DEFAULT: f64 = 0.5;
-
-/// How a collection runs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GcOptions {
-    /// A sealed pack whose live bytes are less than this share of its size
-    /// (0.0..=1.0) is compacted. Packs with nothing live are always removed.
-    pub live_share_min: f64,
-    /// Compute the report (what would be freed) and change nothing. Works on a
-    /// store opened read-only. Chunks stored by sessions that have not
-    /// committed yet count as dead here, so with replication running the
-    /// figures are an estimate.
-    pub dry_run: bool,
-}
-
-impl Default for GcOptions {
-    fn default() -> Self {
-        Self {
-            live_share_min: GC_LIVE_SHARE_MIN_DEFAULT,
-            dry_run: false,
-        }
-    }
-}
-
-/// What a collection found and did (or, for a dry run, would do).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GcReport {
-    /// Whether this was a dry run.
-    pub dry_run: bool,
-    /// Distinct roots walked by the mark.
-    pub roots_marked: u64,
-    /// Pack files when the collection started.
-    pub packs_total: u64,
-    /// Blobs in the index that are live.
-    pub blobs_live: u64,
-    /// Blobs in the index that are dead.
-    pub blobs_dead: u64,
-    /// Bytes of the live blobs' records.
-    pub bytes_live: u64,
-    /// Every other byte of the pack files: dead records, duplicates, torn tails.
-    pub bytes_dead: u64,
-    /// Packs deleted (would be deleted) after their live records were copied.
-    pub packs_compacted: u64,
-    /// Live records copied (to be copied) out of compacted packs.
-    pub blobs_copied: u64,
-    /// Bytes of those records.
-    pub bytes_copied: u64,
-    /// Dead blobs dropped from the index with their packs.
-    pub blobs_removed: u64,
-    /// Net bytes freed: sizes of the deleted packs minus the bytes copied.
-    pub bytes_freed: u64,
-    /// Candidate packs kept whole because a live record in them could not be
-    /// read or failed its checksum (run [`Store::verify`]).
-    pub packs_kept_damaged: u64,
-}
-
-/// Points in a collection, for tests that stop it there as a crash would.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GcStage {
-    /// Mark done; nothing copied yet.
-    Marked,
-    /// Live records copied and synced; nothing removed yet.
-    Copied,
-    /// Dead entries removed from the index; no pack deleted yet.
-    Swept,
-    /// One more old pack file deleted.
-    PackDeleted,
-}
-
-/// The collector's shared state inside a [`Store`].
-#[derive(Debug, Default)]
-pub(crate) struct GcState {
-    /// The GC fence (see the module docs).
-    fence: RwLock<()>,
-    /// Whether the touched set exists; checked before taking its lock, so that
-    /// recording costs one atomic load when no collection runs.
-    tracking: AtomicBool,
-    /// Ids touched since the running collection started.
-    touched: Mutex<Option<HashSet<ChunkId>>>,
-    /// One collection (or dry run) at a time.
-    run: Mutex<()>,
-    /// The last report, for metrics.
-    last_report: Mutex<Option<GcReport>>,
-}
-
-impl GcState {
-    /// Holds off the collector's listing and sweeping; see the module docs.
-    pub(crate) fn read_fence(&self) -> RwLockReadGuard<'_, ()> {
-        // The fence guards no data; a panic elsewhere leaves nothing to repair.
-        self.fence
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn write_fence(&self) -> RwLockWriteGuard<'_, ()> {
-        self.fence
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Records `id` as touched if a collection runs.
-    pub(crate) fn note(&self, id: &ChunkId) {
-        self.note_all(std::slice::from_ref(id));
-    }
-
-    /// Records every non-zero id as touched if a collection runs.
-    pub(crate) fn note_all<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) {
-        if !self.tracking.load(Ordering::SeqCst) {
-            return;
-        }
-        if let Some(touched) = lock(&self.touched).as_mut() {
-            touched.extend(ids.into_iter().filter(|id| !id.is_zero()));
-        }
-    }
-
-    /// Whether a collection is running (and [`GcState::note`] records).
-    pub(crate) fn is_tracking(&self) -> bool {
-        self.tracking.load(Ordering::SeqCst)
-    }
-
-    /// Whether someone holds the fence, so that a collection could not list
-    /// the referenced roots now: for tests that stage an interleaving.
-    #[cfg(test)]
-    pub(crate) fn fence_is_held(&self) -> bool {
-        self.fence.try_write().is_err()
-    }
-
-    fn is_touched(&self, id: &ChunkId) -> bool {
-        lock(&self.touched)
-            .as_ref()
-            .is_some_and(|touched| touched.contains(id))
-    }
-
-    fn touched_snapshot(&self) -> HashSet<ChunkId> {
-        lock(&self.touched).clone().unwrap_or_default()
-    }
-
-    fn start_tracking(&self) -> Tracking<'_> {
-        *lock(&self.touched) = Some(HashSet::new());
-        self.tracking.store(true, Ordering::SeqCst);
-        Tracking(self)
-    }
-}
-
-/// Ends the touched set when the collection ends, however it ends.
-struct Tracking<'a>(&'a GcState);
-
-impl Drop for Tracking<'_> {
-    fn drop(&mut self) {
-        self.0.tracking.store(false, Ordering::SeqCst);
-        *lock(&self.0.touched) = None;
-    }
-}
-
-/// A pack as the plan sees it; the chosen ones are compacted.
-#[derive(Debug)]
-struct Candidate {
-    number: u32,
-    file_bytes: u64,
-    live_bytes: u64,
-    live_blobs: u64,
-    /// Every index entry in the pack when the plan was made.
-    entries: Vec<(ChunkId, Location)>,
-    /// A live record could not be copied: the pack stays.
-    damaged: bool,
-}
+use crate::mutex::lock;
+use crate::store::Store;
 
 impl Store {
     /// Collects garbage: marks every blob reachable from a head, snapshot or
@@ -297,7 +127,7 @@ impl Store {
     /// The report of the last collection or dry run in this process, if any:
     /// cheap, for metrics (live and garbage bytes).
     pub fn last_gc_report(&self) -> Option<GcReport> {
-        lock(&self.gc.last_report).clone()
+        lock(&self.blobs.fence().last_report).clone()
     }
 
     /// [`Store::gc`] that calls `hook` at each [`GcStage`] and stops there, as a
@@ -319,62 +149,21 @@ impl Store {
         if !options.dry_run {
             self.check_writable()?;
         }
-        let _run = lock(&self.gc.run);
-        if self.is_read_only() {
-            // Pick up what a running server committed since the open.
-            self.load_index()?;
-        }
-        let tracking = (!options.dry_run).then(|| self.gc.start_tracking());
-        let (marked, roots_marked) = self.mark()?;
-        let (mut report, mut candidates) = self.plan(&marked, options)?;
-        report.roots_marked = roots_marked;
-        if options.dry_run {
-            *lock(&self.gc.last_report) = Some(report.clone());
-            return Ok(report);
-        }
-        if !hook(GcStage::Marked) {
-            return Ok(report);
-        }
-        report.blobs_copied = 0;
-        report.bytes_copied = 0;
-        for candidate in &mut candidates {
-            let live: Vec<(ChunkId, Location)> = candidate
-                .entries
-                .iter()
-                .filter(|(id, _)| marked.contains(id) || self.gc.is_touched(id))
-                .copied()
-                .collect();
-            self.relocate_all(candidate, &live, &mut report)?;
-        }
-        self.sync()?;
-        if !hook(GcStage::Copied) {
-            return Ok(report);
-        }
-        report.blobs_removed = self.sweep(&mut candidates, &marked, &mut report)?;
-        drop(tracking);
-        if !hook(GcStage::Swept) {
-            return Ok(report);
-        }
-        // The copies made under the fence must be durable before their old
-        // records go.
-        self.sync()?;
-        self.delete_packs(&candidates, &mut report, hook)?;
-        *lock(&self.gc.last_report) = Some(report.clone());
-        Ok(report)
+        self.blobs.collect(options, || self.mark(), hook)
     }
 
     /// The live set: ids reachable from the referenced roots and the open launch
     /// volumes. Returns it with the number of roots walked.
     fn mark(&self) -> Result<(HashSet<ChunkId>, u64), Error> {
         let mut roots = {
-            let _fence = self.gc.write_fence();
+            let _fence = self.blobs.fence().write_fence();
             self.referenced_roots()?
         };
         let mut live = HashSet::new();
         // Not under the fence: a flush holds its volume's lock while it waits
         // for the fence. Whatever a volume writes after this read was inserted
         // or found while the touched set existed.
-        for volume in self.open_volumes() {
+        for volume in self.open_launch_volumes() {
             let (root, ids) = volume.ids_in_memory();
             roots.push(root);
             live.extend(ids.into_iter().filter(|id| !id.is_zero()));
@@ -407,187 +196,27 @@ impl Store {
         Ok((live, roots_marked))
     }
 
-    /// Live and dead bytes per pack, and the packs to compact.
-    fn plan(
-        &self,
-        marked: &HashSet<ChunkId>,
-        options: &GcOptions,
-    ) -> Result<(GcReport, Vec<Candidate>), Error> {
-        let newest = self.newest_pack_number();
-        let touched = self.gc.touched_snapshot();
-        let mut report = GcReport {
-            dry_run: options.dry_run,
-            ..GcReport::default()
-        };
-        let mut packs: HashMap<u32, Candidate> = HashMap::new();
-        for number in self.pack_numbers()? {
-            let path = self.packs_dir().join(pack_file_name(number));
-            let file_bytes = self
-                .vfs()
-                .file_len(&path)
-                .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
-            let pack = Candidate {
-                number,
-                file_bytes,
-                live_bytes: 0,
-                live_blobs: 0,
-                entries: Vec::new(),
-                damaged: false,
-            };
-            packs.insert(number, pack);
-        }
-        let bytes_total: u64 = packs.values().map(|pack| pack.file_bytes).sum();
-        for (id, location) in self.index_entries() {
-            let live = marked.contains(&id) || touched.contains(&id);
-            if live {
-                report.blobs_live += 1;
-                report.bytes_live += location.record_len_bytes();
-            } else {
-                report.blobs_dead += 1;
-            }
-            // A pack created after the listing (the active one sealed) is not
-            // listed and never a candidate.
-            if let Some(pack) = packs.get_mut(&location.pack) {
-                if live {
-                    pack.live_bytes += location.record_len_bytes();
-                    pack.live_blobs += 1;
-                }
-                pack.entries.push((id, location));
+    /// Every root that something durable refers to: each source's head, each
+    /// snapshot, and each launch's base and its own flushed root. Sorted, without
+    /// duplicates. A record that cannot be read is an error, never skipped, so a
+    /// garbage collector marking from this list cannot miss a root.
+    pub fn referenced_roots(&self) -> Result<Vec<ChunkId>, Error> {
+        let mut roots = BTreeSet::new();
+        for name in list_names(self.vfs(), &self.data_dir().join("sources"))? {
+            let source = SourceId::new(&name)
+                .map_err(|e| Error::new(ErrorKind::Invalid, format!("source {name}: {e}")))?;
+            if let Some(head) = self.head(&source)? {
+                roots.insert(head.root);
             }
         }
-        report.packs_total = packs.len() as u64;
-        report.bytes_dead = bytes_total.saturating_sub(report.bytes_live);
-        let mut candidates = Vec::new();
-        for mut pack in packs.into_values() {
-            // In pack order: the copy reads each pack front to back, and a
-            // collection does the same writes whatever the index's hash order.
-            pack.entries
-                .sort_unstable_by_key(|(_, location)| location.offset);
-            if pack.number >= newest {
-                continue;
-            }
-            let share = if pack.file_bytes == 0 {
-                0.0
-            } else {
-                pack.live_bytes as f64 / pack.file_bytes as f64
-            };
-            if pack.live_bytes > 0 && share >= options.live_share_min {
-                continue;
-            }
-            report.packs_compacted += 1;
-            report.blobs_copied += pack.live_blobs;
-            report.bytes_copied += pack.live_bytes;
-            report.blobs_removed += pack.entries.len() as u64 - pack.live_blobs;
-            report.bytes_freed += pack.file_bytes.saturating_sub(pack.live_bytes);
-            candidates.push(pack);
+        for snapshot in self.list_snapshots(None)? {
+            roots.insert(snapshot.root);
         }
-        candidates.sort_by_key(|c| c.number);
-        Ok((report, candidates))
-    }
-
-    /// Relocates `records` of `candidate`, marking it damaged if one cannot be
-    /// read (the pack then stays whole).
-    fn relocate_all(
-        &self,
-        candidate: &mut Candidate,
-        records: &[(ChunkId, Location)],
-        report: &mut GcReport,
-    ) -> Result<(), Error> {
-        for (id, location) in records {
-            match self.relocate(id, *location)? {
-                Relocation::Moved => {
-                    report.blobs_copied += 1;
-                    report.bytes_copied += location.record_len_bytes();
-                }
-                Relocation::Gone => {}
-                Relocation::Unreadable(e) => {
-                    eprintln!(
-                        "blockrep-store: gc keeps pack {} whole: {e}",
-                        pack_file_name(candidate.number)
-                    );
-                    candidate.damaged = true;
-                    return Ok(());
-                }
-            }
+        for launch in self.list_launches(None)? {
+            roots.insert(launch.base_root);
+            roots.insert(launch.root);
         }
-        Ok(())
-    }
-
-    /// The fenced sweep: relocates records that became touched since the copy,
-    /// then drops the dead entries of the candidates. Returns how many entries
-    /// were dropped.
-    fn sweep(
-        &self,
-        candidates: &mut [Candidate],
-        marked: &HashSet<ChunkId>,
-        report: &mut GcReport,
-    ) -> Result<u64, Error> {
-        let _fence = self.gc.write_fence();
-        let mut removed = 0;
-        for candidate in candidates.iter_mut() {
-            loop {
-                if candidate.damaged {
-                    break;
-                }
-                // `contains` and `insert` record touches under the index lock,
-                // which `sweep_entries` holds while it checks and removes.
-                let keep = |id: &ChunkId| marked.contains(id) || self.gc.is_touched(id);
-                match self.sweep_entries(&candidate.entries, keep) {
-                    Sweep::Removed(count) => {
-                        removed += count;
-                        break;
-                    }
-                    Sweep::Keep(records) => self.relocate_all(candidate, &records, report)?,
-                }
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Deletes the evacuated candidate packs and fsyncs the packs directory.
-    fn delete_packs(
-        &self,
-        candidates: &[Candidate],
-        report: &mut GcReport,
-        hook: &mut dyn FnMut(GcStage) -> bool,
-    ) -> Result<(), Error> {
-        report.packs_compacted = 0;
-        report.bytes_freed = 0;
-        report.packs_kept_damaged = 0;
-        report.packs_kept_damaged = candidates.iter().filter(|c| c.damaged).count() as u64;
-        let mut deleted_bytes = 0u64;
-        let mut deleted = HashSet::new();
-        for candidate in candidates.iter().filter(|c| !c.damaged) {
-            let path = self.packs_dir().join(pack_file_name(candidate.number));
-            // The pack's saved index goes first: an index is never left
-            // behind by its pack (it would not be believed anyway).
-            let outcome = pack_index::remove(self.vfs(), &self.packs_dir(), candidate.number)
-                .and_then(|()| self.vfs().remove_file(&path))
-                .map_err(|e| Error::io(format!("cannot delete {}", path.display()), e));
-            if outcome.is_ok() {
-                deleted.insert(candidate.number);
-                deleted_bytes += candidate.file_bytes;
-                report.packs_compacted += 1;
-            }
-            if outcome.is_err() || !hook(GcStage::PackDeleted) {
-                self.forget_readers(&deleted);
-                return outcome;
-            }
-        }
-        self.forget_readers(&deleted);
-        if !deleted.is_empty() {
-            sync_dir(self.vfs(), &self.packs_dir())?;
-        }
-        report.bytes_freed = deleted_bytes.saturating_sub(report.bytes_copied);
-        Ok(())
-    }
-
-    /// Launch volumes open in this process.
-    fn open_volumes(&self) -> Vec<Arc<crate::LaunchVolume>> {
-        lock(&self.catalog.open_launches)
-            .values()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect()
+        Ok(roots.into_iter().collect())
     }
 }
 
@@ -599,7 +228,9 @@ mod tests {
     use blockrep_core::{Geometry, Root, SourceId, scan_buffer};
     use std::fs;
     use std::path::Path;
+    use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::Ordering;
 
     const CHUNK: u32 = 4096;
 
@@ -847,9 +478,9 @@ mod tests {
             })
             .unwrap();
         s.check(&store);
-        let newest = store.newest_pack_number();
+        let newest = store.blobs.newest_pack_number();
         for id in &s.dead {
-            if let Ok(location) = store.location(id) {
+            if let Ok(location) = store.blobs.location(id) {
                 assert!(location.pack >= newest - 1, "{all:?}");
             }
         }
@@ -960,11 +591,11 @@ mod tests {
             &filler,
             Geometry::new(filler.len() as u64, CHUNK).unwrap(),
         );
-        let newest = store.newest_pack_number();
+        let newest = store.blobs.newest_pack_number();
         let uncommitted_in_sealed_packs = ids2
             .iter()
             .chain(&ids3)
-            .filter(|id| store.location(id).is_ok_and(|l| l.pack < newest))
+            .filter(|id| store.blobs.location(id).is_ok_and(|l| l.pack < newest))
             .count();
         assert!(uncommitted_in_sealed_packs > 4);
 
@@ -1010,11 +641,11 @@ mod tests {
         let mut disk2 = vec![0u8; disk1.len()];
         rng.fill(&mut disk2);
         commit(store, &web(), &disk2, geometry, 2);
-        let newest = store.newest_pack_number();
+        let newest = store.blobs.newest_pack_number();
         let ids1 = scan_buffer(disk1, geometry);
         let index = ids1
             .iter()
-            .position(|id| store.location(id).unwrap().pack < newest)
+            .position(|id| store.blobs.location(id).unwrap().pack < newest)
             .unwrap();
         let range = geometry.chunk_range(index as u64).unwrap();
         (disk2, ids1[index], disk1[range].to_vec())

@@ -163,8 +163,8 @@ fn is_pack_data(path: &Path) -> bool {
         .is_some_and(|dir| dir == "packs");
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     in_packs
-        && (crate::pack::parse_pack_file_name(name).is_some()
-            || crate::pack_index::parse_index_file_name(name).is_some())
+        && (crate::blobs::parse_pack_file_name(name).is_some()
+            || crate::blobs::parse_index_file_name(name).is_some())
 }
 
 pub(crate) fn sync_tree(vfs: &dyn Vfs, dir: &Path) -> io::Result<()> {

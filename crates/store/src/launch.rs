@@ -14,60 +14,33 @@
 //! `DATA/launches/.NAME.tmp/` and renamed into place, so a launch exists whole or
 //! not at all; deletion renames it to `.NAME.deleting` before removing it.
 //!
-//! `meta`: written once at creation. Little-endian, 260 bytes:
-//!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 8 | magic `BRLNCH` + version `0x00 0x01` |
-//! | 8 | 1 | kind: 1 test, 2 cutover |
-//! | 9 | 1 | launch name length |
-//! | 10 | 1 | source id length |
-//! | 11 | 1 | snapshot name length |
-//! | 12 | 1 | consistency of the base root (0 live; zero before labels existed) |
-//! | 13 | 3 | reserved, zero |
-//! | 16 | 64 | launch name, zero-padded (must equal the directory) |
-//! | 80 | 64 | source id, zero-padded |
-//! | 144 | 64 | base snapshot name, zero-padded |
-//! | 208 | 32 | base root id (the snapshot's root) |
-//! | 240 | 8 | base epoch (the snapshot's epoch) |
-//! | 248 | 8 | creation time, Unix ms |
-//! | 256 | 4 | crc32 of bytes 0..256 |
-//!
-//! `head`: published atomically at creation and by every flush that changed
-//! something. Little-endian, 60 bytes:
-//!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 8 | magic `BRLHED` + version `0x00 0x01` |
-//! | 8 | 8 | write generation: 0 at creation, +1 per flush that moved the root |
-//! | 16 | 32 | root id of the launch's flushed state |
-//! | 48 | 8 | time of that flush (of creation for generation 0), Unix ms |
-//! | 56 | 4 | crc32 of bytes 0..56 |
+//! `meta` is written once at creation; `head` is published atomically at
+//! creation and by every flush that changed something. Their layouts are in
+//! `format.rs` (`LAUNCH_META_MAGIC`, `LAUNCH_HEAD_MAGIC`).
 
+use std::any::Any;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use blockrep_core::{
     CHUNKS_PER_PAGE, ChunkId, Consistency, Geometry, Page, Root, SourceId, hash_chunk,
 };
 
-use crate::catalog::{
-    NAME_FIELD_LEN, check_record, get_name, id_at, list_names, put_name, seal_with_crc, u64_at,
-    validate_name,
-};
-use crate::consistency::label_from_byte;
+use crate::blobs::{BlobKind, StoredCodec};
+use crate::catalog::{list_names, validate_name};
 use crate::error::{Error, ErrorKind};
+use crate::format::{
+    LAUNCH_HEAD_LEN as HEAD_LEN, LAUNCH_HEAD_MAGIC as HEAD_MAGIC, LAUNCH_META_LEN as META_LEN,
+    LAUNCH_META_MAGIC as META_MAGIC, NAME_FIELD_LEN, check_record, get_name, id_at,
+    label_from_byte, put_name, seal_with_crc, u64_at,
+};
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
-use crate::pack::{BlobKind, StoredCodec};
-use crate::store::{Store, lock, now_unix_ms};
+use crate::mutex::lock;
+use crate::store::{Store, now_unix_ms};
 use crate::vfs::Vfs;
 
-const META_MAGIC: [u8; 8] = *b"BRLNCH\x00\x01";
-const META_LEN: usize = 260;
-const HEAD_MAGIC: [u8; 8] = *b"BRLHED\x00\x01";
-const HEAD_LEN: usize = 60;
 /// Decoded chunks a volume keeps, so reading a chunk in small pieces decodes it
 /// once, and a partial write that follows a read needs no second decode.
 const CACHE_CHUNKS: usize = 4;
@@ -332,7 +305,7 @@ impl Store {
         validate_name("launch", name)?;
         let _guard = lock(&self.catalog.lock);
         let mut open = lock(&self.catalog.open_launches);
-        if let Some(volume) = open.get(name).and_then(std::sync::Weak::upgrade) {
+        if let Some(volume) = open.get(name).and_then(upgrade) {
             return Ok(volume);
         }
         let info = self
@@ -355,7 +328,8 @@ impl Store {
                 chunk_reads: 0,
             }),
         });
-        open.insert(name.to_owned(), Arc::downgrade(&volume));
+        let erased: Arc<dyn Any + Send + Sync> = volume.clone();
+        open.insert(name.to_owned(), Arc::downgrade(&erased));
         Ok(volume)
     }
 }
@@ -585,6 +559,22 @@ impl LaunchVolume {
     }
 }
 
+/// The volume behind an entry of the catalog's open launches, if it is
+/// still open (the catalog holds volumes without their type).
+fn upgrade(entry: &Weak<dyn Any + Send + Sync>) -> Option<Arc<LaunchVolume>> {
+    entry.upgrade()?.downcast::<LaunchVolume>().ok()
+}
+
+impl Store {
+    /// Launch volumes open in this process.
+    pub(crate) fn open_launch_volumes(&self) -> Vec<Arc<LaunchVolume>> {
+        lock(&self.catalog.open_launches)
+            .values()
+            .filter_map(upgrade)
+            .collect()
+    }
+}
+
 impl Drop for LaunchVolume {
     fn drop(&mut self) {
         let state = self
@@ -785,22 +775,24 @@ impl VolumeState {
         // The GC fence, held until the head is published; the ids the new root
         // adds are recorded for a running collection and checked to be stored
         // (see `gc.rs`). Pages not dirty are those of the flushed root.
-        let _fence = store.gc.read_fence();
-        store.gc.note(&root_id);
+        let _fence = store.blobs.fence().read_fence();
+        store.blobs.fence().note(&root_id);
         for (page, encoded) in &dirty {
             if let Some((_, id)) = encoded {
-                store.gc.note(id);
+                store.blobs.fence().note(id);
             }
-            store.gc.note_all(page.ids());
+            store.blobs.fence().note_all(page.ids());
         }
         for (page, encoded) in &dirty {
             if let Some((bytes, id)) = encoded {
-                store.insert_index_blob(BlobKind::Page, *id, bytes)?;
+                store.blobs.put_index_blob(BlobKind::Page, *id, bytes)?;
             }
-            store.require_present("launch flush", page.ids())?;
+            store.blobs.require_present("launch flush", page.ids())?;
         }
         if root_id != self.info.root {
-            store.insert_index_blob(BlobKind::Root, root_id, &root.encode())?;
+            store
+                .blobs
+                .put_index_blob(BlobKind::Root, root_id, &root.encode())?;
             // Blobs first, durably; only then the head that names them.
             store.sync()?;
             let mut info = self.info.clone();

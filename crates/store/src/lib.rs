@@ -60,19 +60,12 @@
 //! assert_eq!((report.blobs_dead, report.packs_compacted), (0, 0));
 //! ```
 //!
-//! # Pack record (little-endian)
+//! # Formats
 //!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 4 | magic `BRB1` |
-//! | 4 | 1 | kind: 1 chunk, 2 index page, 3 root |
-//! | 5 | 1 | codec: 1 raw, 2 zstd |
-//! | 6 | 2 | reserved, zero |
-//! | 8 | 4 | stored length |
-//! | 12 | 4 | raw (decoded) length |
-//! | 16 | 32 | id: blake3 of the decoded bytes |
-//! | 48 | 4 | crc32 of bytes 0..48 and the stored bytes |
-//! | 52 | stored length | stored bytes |
+//! Every file of the data directory is a fixed-size or length-prefixed record
+//! with a magic that carries its version and a crc32; their byte layouts are
+//! all in `format.rs` (pack records: magic `BRB1`, a 52-byte header, then the
+//! stored bytes).
 //!
 //! # Invariants
 //!
@@ -103,20 +96,21 @@
 #![deny(unsafe_code)]
 
 mod blob_read;
+mod blobs;
 mod catalog;
 mod consistency;
 #[cfg(test)]
 mod crash;
 mod error;
 mod export;
+mod format;
 mod fsutil;
 mod gc;
 mod guard;
 mod head;
 mod launch;
 mod lifecycle;
-mod pack;
-mod pack_index;
+mod mutex;
 mod retention;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -128,15 +122,17 @@ mod testutil;
 mod verify;
 pub mod vfs;
 
+pub use blobs::{
+    BlobInfo, BlobKind, GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport, PACK_SIZE_MAX_BYTES,
+    StoredCodec,
+};
 pub use error::{Error, ErrorKind};
-pub use gc::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};
 pub use head::Head;
 pub use launch::{LAUNCH_PAGES_CACHED_MAX, LaunchInfo, LaunchKind, LaunchVolume};
 pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
-pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
 pub use snapshot::{Snapshot, SnapshotKind};
-pub use store::{BlobInfo, CommitStats, ExportStats, Store};
+pub use store::{CommitStats, ExportStats, Store};
 pub use verify::{
     AFFECTED_CHUNKS_LISTED_MAX, Affected, BlobPlace, ChunkPlace, Damage, DamagedBlob, Referrer,
     VerifyReport,

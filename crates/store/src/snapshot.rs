@@ -8,23 +8,8 @@
 //! # File
 //!
 //! `DATA/sources/SOURCE/snapshots/NAME`, published atomically (temporary file,
-//! fsync, rename, fsync of the directory). Little-endian, 204 bytes:
-//!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 8 | magic `BRSNAP` + version `0x00 0x01` |
-//! | 8 | 1 | kind: 1 manual, 2 auto, 3 cutover |
-//! | 9 | 1 | name length |
-//! | 10 | 1 | source id length |
-//! | 11 | 1 | consistency of the root (0 live; zero before labels existed) |
-//! | 12 | 4 | reserved, zero |
-//! | 16 | 64 | name, zero-padded (must equal the file name) |
-//! | 80 | 64 | source id, zero-padded (must equal the directory) |
-//! | 144 | 8 | epoch of the head the snapshot was taken from |
-//! | 152 | 32 | root id |
-//! | 184 | 8 | creation time, Unix ms |
-//! | 192 | 8 | expiry time, Unix ms; 0 = never |
-//! | 200 | 4 | crc32 of bytes 0..200 |
+//! fsync, rename, fsync of the directory); its layout is in `format.rs`
+//! (`SNAPSHOT_MAGIC`).
 //!
 //! # Expiry
 //!
@@ -39,18 +24,17 @@ use std::time::Duration;
 
 use blockrep_core::{ChunkId, Consistency, SourceId};
 
-use crate::catalog::{
-    NAME_FIELD_LEN, check_record, get_name, id_at, list_names, put_name, seal_with_crc, u64_at,
-    validate_name,
-};
-use crate::consistency::label_from_byte;
+use crate::catalog::{list_names, validate_name};
 use crate::error::{Error, ErrorKind};
+use crate::format::{
+    NAME_FIELD_LEN, SNAPSHOT_LEN, SNAPSHOT_MAGIC, check_record, get_name, id_at, label_from_byte,
+    put_name, seal_with_crc, u64_at,
+};
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
-use crate::retention::duration_ms;
-use crate::store::{Store, lock};
+use crate::mutex::lock;
+use crate::retention::{RetentionPolicy, duration_ms};
+use crate::store::Store;
 
-const SNAPSHOT_MAGIC: [u8; 8] = *b"BRSNAP\x00\x01";
-const SNAPSHOT_LEN: usize = 204;
 /// Attempts at a free generated name before giving up (names carry the time in
 /// ms, so a clash needs several snapshots of one source in the same millisecond).
 const GENERATED_NAME_ATTEMPTS: u32 = 100;
@@ -246,7 +230,7 @@ impl Store {
         // while the collection ran) or after the snapshot is published. Without
         // it, a commit moving the head and a collection in between would sweep
         // the blobs of the root this snapshot is about to name.
-        let _fence = self.gc.read_fence();
+        let _fence = self.blobs.fence().read_fence();
         let head = self.head(source)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
@@ -301,12 +285,12 @@ impl Store {
     /// root that cannot be read is left to `verify` to report: the snapshot
     /// still records what the head names.
     fn note_snapshot_root(&self, root_id: &ChunkId) {
-        self.gc.note(root_id);
-        if !self.gc.is_tracking() {
+        self.blobs.fence().note(root_id);
+        if !self.blobs.fence().is_tracking() {
             return;
         }
         if let Ok(root) = self.read_root(root_id) {
-            self.gc.note_all(root.page_ids());
+            self.blobs.fence().note_all(root.page_ids());
         }
     }
 
@@ -428,6 +412,20 @@ impl Store {
             removed.push(self.delete_snapshot_locked(&snapshot.source, &snapshot.name)?);
         }
         Ok(removed)
+    }
+}
+
+impl Store {
+    /// Sets the policy used by [`Store::expire_snapshots`] and
+    /// [`Store::create_auto_snapshot_if_due`]. The default is
+    /// [`RetentionPolicy::default`]. Not persisted: set it after each open.
+    pub fn set_retention_policy(&self, policy: RetentionPolicy) {
+        *lock(&self.catalog.retention) = policy;
+    }
+
+    /// The policy for automatic snapshots.
+    pub fn retention_policy(&self) -> RetentionPolicy {
+        lock(&self.catalog.retention).clone()
     }
 }
 
@@ -769,7 +767,8 @@ mod tests {
                     // lists them after the publish.
                     loop {
                         if done_rx.try_recv().is_ok()
-                            || (started.load(Ordering::SeqCst) && store.gc.fence_is_held())
+                            || (started.load(Ordering::SeqCst)
+                                && store.blobs.fence().fence_is_held())
                         {
                             break;
                         }

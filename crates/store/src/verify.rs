@@ -18,9 +18,9 @@ use std::fmt;
 
 use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
 
+use crate::blobs::{BlobKind, Fault, pack_file_name};
 use crate::error::{Error, ErrorKind};
-use crate::pack::{BlobKind, pack_file_name};
-use crate::store::{Location, Store, decode_raw, hashes_to};
+use crate::store::Store;
 
 /// Most chunk positions listed per affected root for one damaged chunk (a
 /// chunk may repeat all over a disk); [`Affected::chunks_total`] has the count.
@@ -238,7 +238,7 @@ impl Store {
         let referrers = self.verify_selection(source, snapshot)?;
         if self.is_read_only() {
             // Once, rather than at every blob found missing.
-            self.load_index()?;
+            self.blobs.load_index()?;
         }
         let mut report = VerifyReport::default();
         let mut damaged: FoundMap = HashMap::new();
@@ -306,11 +306,11 @@ impl Store {
             }
         }
         // Chunks in pack order, so the packs are read front to back.
-        let mut chunks: Vec<(Option<Location>, ChunkId, Vec<u32>)> = chunks
+        let mut chunks: Vec<(Option<BlobPlace>, ChunkId, Vec<u32>)> = chunks
             .into_iter()
-            .map(|(id, lengths)| (self.indexed_location(&id), id, lengths))
+            .map(|(id, lengths)| (self.place_of(&id), id, lengths))
             .collect();
-        chunks.sort_unstable_by_key(|(at, id, _)| (at.map(|l| (l.pack, l.offset)), *id));
+        chunks.sort_unstable_by_key(|(at, id, _)| (at.map(|p| (p.pack, p.offset_bytes)), *id));
         for (_, id, mut expected) in chunks {
             report.chunks_checked += 1;
             match self.check_blob(&id, BlobKind::Chunk, &mut report) {
@@ -402,10 +402,9 @@ impl Store {
     }
 
     fn place_of(&self, id: &ChunkId) -> Option<BlobPlace> {
-        self.indexed_location(id).map(|l| BlobPlace {
-            pack: l.pack,
-            offset_bytes: l.offset,
-        })
+        self.blobs
+            .place(id)
+            .map(|(pack, offset_bytes)| BlobPlace { pack, offset_bytes })
     }
 
     /// Reads one blob's whole record and checks it; returns the decoded bytes.
@@ -415,46 +414,30 @@ impl Store {
         kind: BlobKind,
         report: &mut VerifyReport,
     ) -> Result<Vec<u8>, Found> {
-        let Some(mut location) = self.indexed_location(id) else {
-            return Err(found(kind, None, Damage::Missing));
-        };
-        if location.header.kind != kind {
-            let place = Some(BlobPlace {
-                pack: location.pack,
-                offset_bytes: location.offset,
-            });
-            let stored = location.header.kind;
-            return Err(found(kind, place, Damage::WrongKind { stored }));
-        }
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let place = Some(BlobPlace {
-                pack: location.pack,
-                offset_bytes: location.offset,
-            });
-            match self.read_record(location) {
-                Ok((_, stored)) => {
-                    report.bytes_read += stored.len() as u64;
-                    let raw = decode_raw(location.header, stored)
-                        .map_err(|e| found(kind, place, Damage::Undecodable(e)))?;
-                    if raw.len() != location.header.raw_len as usize || !hashes_to(&raw, id) {
-                        return Err(found(kind, place, Damage::HashMismatch));
-                    }
-                    return Ok(raw);
-                }
-                Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    return Err(found(kind, place, Damage::ChecksumMismatch));
-                }
-                Err(e) => {
-                    // A collection may have moved the blob and deleted its pack
-                    // since the lookup: look again before calling it unreadable.
-                    match self.moved_since(id, &location) {
-                        Ok(Some(now)) if attempts < 3 => location = now,
-                        _ => return Err(found(kind, place, Damage::Unreadable(e.to_string()))),
-                    }
-                }
+        let place = |pack, offset_bytes| Some(BlobPlace { pack, offset_bytes });
+        match self.blobs.check(id, kind) {
+            Ok((raw, bytes_read)) => {
+                report.bytes_read += bytes_read;
+                Ok(raw)
             }
+            Err(fault) => Err(match fault {
+                Fault::Missing => found(kind, None, Damage::Missing),
+                Fault::WrongKind(pack, offset, stored) => {
+                    found(kind, place(pack, offset), Damage::WrongKind { stored })
+                }
+                Fault::ChecksumMismatch(pack, offset) => {
+                    found(kind, place(pack, offset), Damage::ChecksumMismatch)
+                }
+                Fault::Undecodable(pack, offset, e) => {
+                    found(kind, place(pack, offset), Damage::Undecodable(e))
+                }
+                Fault::HashMismatch(pack, offset) => {
+                    found(kind, place(pack, offset), Damage::HashMismatch)
+                }
+                Fault::Unreadable(pack, offset, e) => {
+                    found(kind, place(pack, offset), Damage::Unreadable(e))
+                }
+            }),
         }
     }
 
@@ -634,7 +617,7 @@ mod tests {
     }
 
     fn flip_byte(store: &Store, dir: &std::path::Path, id: &ChunkId, at_in_stored: u64) {
-        let location = store.location(id).unwrap();
+        let location = store.blobs.location(id).unwrap();
         let path = dir.join("packs").join(pack_file_name(location.pack));
         let file = OpenOptions::new()
             .read(true)
@@ -709,7 +692,7 @@ mod tests {
             .find(|&i| !ids1[i].is_zero() && !ids2.contains(&ids1[i]))
             .unwrap();
         let only_s1 = ids1[only_s1_index];
-        let shared_location = f.store.location(&shared).unwrap();
+        let shared_location = f.store.blobs.location(&shared).unwrap();
         flip_byte(&f.store, f.dir.path(), &shared, 100);
         flip_byte(&f.store, f.dir.path(), &only_s1, 7);
 
@@ -790,7 +773,7 @@ mod tests {
             .unwrap();
         commit_disk(&store, &web(), &disk, geometry, 1);
         // One record per pack: losing a pack file loses exactly one blob.
-        let lost = store.location(&ids[2]).unwrap();
+        let lost = store.blobs.location(&ids[2]).unwrap();
         drop(store);
         fs::remove_file(dir.path().join("packs").join(pack_file_name(lost.pack))).unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -814,11 +797,15 @@ mod tests {
     fn publish_unchecked_head(store: &Store, source: &SourceId, root: &Root, pages: &[Page]) {
         for page in pages {
             if let Some((bytes, id)) = page.encode_with_id() {
-                store.insert_index_blob(BlobKind::Page, id, &bytes).unwrap();
+                store
+                    .blobs
+                    .put_index_blob(BlobKind::Page, id, &bytes)
+                    .unwrap();
             }
         }
         store
-            .insert_index_blob(BlobKind::Root, root.id(), &root.encode())
+            .blobs
+            .put_index_blob(BlobKind::Root, root.id(), &root.encode())
             .unwrap();
         publish_unchecked_head_id(store, source, root.id());
     }
