@@ -99,8 +99,6 @@ mod blob_read;
 mod blobs;
 mod catalog;
 mod consistency;
-#[cfg(test)]
-mod crash;
 mod error;
 mod export;
 mod format;

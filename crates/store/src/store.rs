@@ -499,11 +499,7 @@ impl Store {
     /// Reads every non-zero chunk of `root` (checked against its id and the
     /// geometry) and hands it to `write` with its byte offset on the disk.
     /// Returns how many chunks were written.
-    pub(crate) fn export_chunks(
-        &self,
-        root: &Root,
-        write: &mut ChunkSink<'_>,
-    ) -> Result<u64, Error> {
+    fn export_chunks(&self, root: &Root, write: &mut ChunkSink<'_>) -> Result<u64, Error> {
         let geometry = root.geometry();
         let mut chunks_written = 0;
         for page_index in 0..root.page_ids().len() {
@@ -524,7 +520,7 @@ impl Store {
 }
 
 /// Where [`Store::export_chunks`] puts each chunk: byte offset on the disk, bytes.
-pub(crate) type ChunkSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Error> + 'a;
+type ChunkSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Error> + 'a;
 
 fn check_chunk_len(geometry: Geometry, index: u64, len: usize) -> Result<(), Error> {
     if geometry.chunk_len(index) == Some(len as u32) {
