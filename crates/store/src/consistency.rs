@@ -38,6 +38,7 @@ impl Store {
         scan_started_unix_ms: u64,
         complete: bool,
         consistency: Consistency,
+        now_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
         let consistency = if complete {
             consistency
@@ -52,6 +53,7 @@ impl Store {
             scan_started_unix_ms,
             complete,
             consistency,
+            now_unix_ms,
         )
     }
 
@@ -115,7 +117,16 @@ mod tests {
         let (root, pages) = Root::build(geometry, &ids);
         let source = SourceId::new("web-1").unwrap();
         store
-            .commit_labelled(&source, epoch, &root, &pages, 1, complete, label)
+            .commit_labelled(
+                &source,
+                epoch,
+                &root,
+                &pages,
+                1,
+                complete,
+                label,
+                blockrep_core::clock::now_unix_ms(),
+            )
             .unwrap();
         root
     }
@@ -140,10 +151,22 @@ mod tests {
                 .create_snapshot_of_kind(&source, SnapshotKind::Cutover, Some("cut"), None, 1_000)
                 .unwrap();
             store
-                .create_launch(&source, "cut", "cutover-1", LaunchKind::Cutover)
+                .create_launch(
+                    &source,
+                    "cut",
+                    "cutover-1",
+                    LaunchKind::Cutover,
+                    blockrep_core::clock::now_unix_ms(),
+                )
                 .unwrap();
             store
-                .create_launch(&source, "manual", "drill", LaunchKind::Test)
+                .create_launch(
+                    &source,
+                    "manual",
+                    "drill",
+                    LaunchKind::Test,
+                    blockrep_core::clock::now_unix_ms(),
+                )
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -174,7 +197,16 @@ mod tests {
         );
         let geometry = Geometry::new(8192, 4096).unwrap();
         let (root, pages) = Root::build(geometry, &[ChunkId::ZERO, ChunkId::ZERO]);
-        store.commit(&source, 2, &root, &pages, 5).unwrap();
+        store
+            .commit(
+                &source,
+                2,
+                &root,
+                &pages,
+                5,
+                blockrep_core::clock::now_unix_ms(),
+            )
+            .unwrap();
         assert_eq!(
             store.head(&source).unwrap().unwrap().consistency,
             Consistency::Live

@@ -36,7 +36,7 @@ use crate::format::{
 };
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::mutex::lock;
-use crate::store::{Store, now_unix_ms};
+use crate::store::Store;
 use crate::vfs::Vfs;
 
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
@@ -160,13 +160,15 @@ impl Store {
     /// Creates a launch named `launch_name` from snapshot `snapshot_name` of
     /// `source`. O(1) in the disk size: the launch starts as the snapshot's root.
     /// Fails with `NotFound` when the snapshot does not exist, `AlreadyExists` when
-    /// the launch name is taken, `Invalid` for a bad name.
+    /// the launch name is taken, `Invalid` for a bad name. `now_unix_ms` is
+    /// recorded as its creation time.
     pub fn create_launch(
         &self,
         source: &SourceId,
         snapshot_name: &str,
         launch_name: &str,
         kind: LaunchKind,
+        now_unix_ms: u64,
     ) -> Result<LaunchInfo, Error> {
         self.check_writable()?;
         validate_name("launch", launch_name)?;
@@ -185,7 +187,7 @@ impl Store {
         }
         // The base must be readable now, not at the first read of the volume.
         self.read_root(&snapshot.root)?;
-        let created_unix_ms = now_unix_ms();
+        let created_unix_ms = now_unix_ms;
         let info = LaunchInfo {
             name: launch_name.to_owned(),
             source: source.clone(),

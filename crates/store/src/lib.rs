@@ -37,16 +37,20 @@
 //! let disk = vec![7u8; 4096];
 //! let ids = scan_buffer(&disk, geometry);
 //! store.insert(BlobKind::Chunk, ids[0], StoredCodec::Raw, 4096, &disk).unwrap();
+//! // The store never reads the clock: callers pass the time in
+//! // (blockrep_core::clock::now_unix_ms() in the server).
+//! let now_unix_ms = 1_700_000_000_000;
 //! let (root, pages) = Root::build(geometry, &ids);
-//! store.commit(&source, 1, &root, &pages, 0).unwrap();
+//! store.commit(&source, 1, &root, &pages, 0, now_unix_ms).unwrap();
 //!
 //! // Snapshot it, launch a test volume from the snapshot, write and flush.
-//! let now_unix_ms = 1_700_000_000_000;
 //! store.create_snapshot(&source, Some("before"), None, now_unix_ms).unwrap();
-//! store.create_launch(&source, "before", "drill", LaunchKind::Test).unwrap();
+//! store
+//!     .create_launch(&source, "before", "drill", LaunchKind::Test, now_unix_ms)
+//!     .unwrap();
 //! let volume = store.open_launch("drill").unwrap();
 //! volume.write(10, b"hello").unwrap();
-//! volume.flush().unwrap();
+//! volume.flush(now_unix_ms).unwrap();
 //! let mut buf = [0u8; 7];
 //! volume.read(9, &mut buf).unwrap();
 //! assert_eq!(&buf, b"\x07hello\x07");
@@ -77,6 +81,8 @@
 //!   the pack is fsynced, then the head is written to a temporary file, fsynced,
 //!   renamed over the old head, and the directory fsynced.
 //! - `insert` is idempotent and reports whether the blob was new.
+//! - The store never reads the clock: every time it records (commit, snapshot,
+//!   launch creation and flush, expiry) is passed in by the caller.
 //! - Snapshot and launch names are validated like source ids before any path is
 //!   built from them.
 //! - The data directory is 0700 and every file the store creates 0600, whatever

@@ -20,13 +20,6 @@ use crate::head::{HEAD_LEN, Head};
 use crate::mutex::lock;
 use crate::vfs::{RealFs, Vfs};
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// What a commit wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommitStats {
@@ -313,7 +306,8 @@ impl Store {
     /// Commits a new epoch of `source`: stores the given pages (every non-zero page
     /// the root names that the store may lack) and the root, makes everything
     /// durable, then moves the head. Fails with `EpochMismatch` unless `epoch`
-    /// follows the current head.
+    /// follows the current head. `now_unix_ms` is recorded as the commit
+    /// time: the store never reads the clock (a simulation drives it).
     pub fn commit(
         &self,
         source: &SourceId,
@@ -321,13 +315,23 @@ impl Store {
         root: &Root,
         pages: &[Page],
         scan_started_unix_ms: u64,
+        now_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
-        self.commit_with(source, epoch, root, pages, scan_started_unix_ms, true)
+        self.commit_with(
+            source,
+            epoch,
+            root,
+            pages,
+            scan_started_unix_ms,
+            true,
+            now_unix_ms,
+        )
     }
 
     /// [`Store::commit`] of an epoch that may be an intermediate step of a large
     /// sync (`complete` false): the head moves, but its synced scan time does not.
     /// The root is labelled `live`; [`Store::commit_labelled`] says more.
+    #[allow(clippy::too_many_arguments)]
     pub fn commit_with(
         &self,
         source: &SourceId,
@@ -336,6 +340,7 @@ impl Store {
         pages: &[Page],
         scan_started_unix_ms: u64,
         complete: bool,
+        now_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
         self.commit_labelled(
             source,
@@ -345,6 +350,7 @@ impl Store {
             scan_started_unix_ms,
             complete,
             Consistency::Live,
+            now_unix_ms,
         )
     }
 
@@ -363,6 +369,7 @@ impl Store {
         scan_started_unix_ms: u64,
         complete: bool,
         consistency: Consistency,
+        now_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
         self.check_writable()?;
         let source_lock = self.commit_lock(source);
@@ -408,7 +415,7 @@ impl Store {
             epoch,
             root: root_id,
             scan_started_unix_ms,
-            committed_unix_ms: now_unix_ms(),
+            committed_unix_ms: now_unix_ms,
             synced_scan_started_unix_ms: if complete {
                 scan_started_unix_ms
             } else {

@@ -36,7 +36,17 @@ pub(crate) fn commit_disk(
         }
     }
     let (root, pages) = Root::build(geometry, &ids);
-    store.commit(source, epoch, &root, &pages, 1).unwrap().head
+    store
+        .commit(
+            source,
+            epoch,
+            &root,
+            &pages,
+            1,
+            blockrep_core::clock::now_unix_ms(),
+        )
+        .unwrap()
+        .head
 }
 
 /// A disk with a zero chunk in every three 4 KiB blocks and patterned bytes elsewhere.

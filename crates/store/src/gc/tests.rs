@@ -50,7 +50,14 @@ fn commit_ids(
     epoch: u64,
 ) -> Result<crate::CommitStats, Error> {
     let (root, pages) = Root::build(geometry, ids);
-    store.commit(source, epoch, &root, &pages, 0)
+    store.commit(
+        source,
+        epoch,
+        &root,
+        &pages,
+        0,
+        blockrep_core::clock::now_unix_ms(),
+    )
 }
 
 fn commit(store: &Store, source: &SourceId, disk: &[u8], geometry: Geometry, epoch: u64) {
@@ -116,10 +123,22 @@ fn scenario(seed: u64) -> Scenario {
     store.delete_snapshot(&web(), "e1").unwrap();
     snapshots.remove(0);
     store
-        .create_launch(&web(), "e2", "drill", LaunchKind::Test)
+        .create_launch(
+            &web(),
+            "e2",
+            "drill",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     store
-        .create_launch(&web(), "e4", "idle", LaunchKind::Test)
+        .create_launch(
+            &web(),
+            "e4",
+            "idle",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     let volume = store.open_launch("drill").unwrap();
     let mut model = snapshots[0].2.clone();
@@ -134,7 +153,7 @@ fn scenario(seed: u64) -> Scenario {
     for _ in 0..4 {
         write(&mut rng, &mut model);
     }
-    volume.flush().unwrap();
+    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
     let flushed = model.clone();
     for _ in 0..3 {
         write(&mut rng, &mut model);
@@ -501,7 +520,13 @@ fn replication_and_launch_writes_continue_while_gc_runs() {
         .create_snapshot(&web(), Some("base"), None, 1)
         .unwrap();
     store
-        .create_launch(&web(), "base", "drill", LaunchKind::Test)
+        .create_launch(
+            &web(),
+            "base",
+            "drill",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     let writing = AtomicBool::new(true);
     let all = GcOptions {
@@ -579,7 +604,7 @@ fn replication_and_launch_writes_continue_while_gc_runs() {
                 volume.read(offset as u64, &mut back).unwrap();
                 assert_eq!(back, data);
                 if round % 5 == 0 {
-                    volume.flush().unwrap();
+                    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
                 }
                 assert_eq!(read_all(&volume), model);
             }
@@ -594,7 +619,7 @@ fn replication_and_launch_writes_continue_while_gc_runs() {
         let (volume, model) = launcher.join().unwrap();
         store.gc(&all).unwrap();
         assert_eq!(read_all(&volume), model, "unflushed writes survive gc");
-        volume.flush().unwrap();
+        volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
         (disk, snapshots, model, runs)
     });
     assert!(runs >= 3);

@@ -29,7 +29,13 @@ fn fixture() -> Fixture {
         .create_snapshot(&source(), Some("base"), None, 1)
         .unwrap();
     store
-        .create_launch(&source(), "base", "drill", LaunchKind::Test)
+        .create_launch(
+            &source(),
+            "base",
+            "drill",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     Fixture { dir, store, disk }
 }
@@ -91,7 +97,13 @@ fn create_list_delete() {
     assert_eq!(drill.snapshot, "base");
     let cut = f
         .store
-        .create_launch(&source(), "base", "cut", LaunchKind::Cutover)
+        .create_launch(
+            &source(),
+            "base",
+            "cut",
+            LaunchKind::Cutover,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     assert_eq!(cut.kind, LaunchKind::Cutover);
     assert_eq!(
@@ -104,25 +116,34 @@ fn create_list_delete() {
 
     let kind_of = |r: Result<LaunchInfo, Error>| r.unwrap_err().kind();
     assert_eq!(
-        kind_of(
-            f.store
-                .create_launch(&source(), "base", "drill", LaunchKind::Test)
-        ),
+        kind_of(f.store.create_launch(
+            &source(),
+            "base",
+            "drill",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms()
+        )),
         ErrorKind::AlreadyExists
     );
     assert_eq!(
-        kind_of(
-            f.store
-                .create_launch(&source(), "gone", "x", LaunchKind::Test)
-        ),
+        kind_of(f.store.create_launch(
+            &source(),
+            "gone",
+            "x",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms()
+        )),
         ErrorKind::NotFound
     );
     for bad in ["", "../x", ".x", "A", "a/b"] {
         assert_eq!(
-            kind_of(
-                f.store
-                    .create_launch(&source(), "base", bad, LaunchKind::Test)
-            ),
+            kind_of(f.store.create_launch(
+                &source(),
+                "base",
+                bad,
+                LaunchKind::Test,
+                blockrep_core::clock::now_unix_ms()
+            )),
             ErrorKind::Invalid,
             "{bad:?}"
         );
@@ -200,7 +221,7 @@ fn unaligned_writes_match_a_model() {
         volume.read(offset, &mut buf).unwrap();
         assert_eq!(buf, &model[offset as usize..offset as usize + len]);
     }
-    volume.flush().unwrap();
+    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
     assert_eq!(read_all(&volume), model);
     drop(volume);
     let store = reopen(f.dir.path());
@@ -236,7 +257,7 @@ fn flushed_writes_survive_a_restart_and_unflushed_ones_do_not() {
         let volume = f.store.open_launch("drill").unwrap();
         volume.write(100, b"flushed").unwrap();
         model[100..107].copy_from_slice(b"flushed");
-        volume.flush().unwrap();
+        volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
         assert_eq!(volume.info().generation, 1);
         volume.write(5000, b"lost").unwrap();
         volume.write_zeroes(0, CHUNK).unwrap();
@@ -249,11 +270,11 @@ fn flushed_writes_survive_a_restart_and_unflushed_ones_do_not() {
     assert_eq!(info.generation, 1);
     assert_eq!(store.launch("drill").unwrap().unwrap(), info);
     // A flush with nothing written moves nothing.
-    volume.flush().unwrap();
+    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
     assert_eq!(volume.info(), info);
     // Writing back what is there changes no root either.
     volume.write(100, b"flushed").unwrap();
-    volume.flush().unwrap();
+    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
     assert_eq!(volume.info(), info);
 }
 
@@ -283,7 +304,7 @@ fn launch_writes_never_change_the_base() {
     let volume = f.store.open_launch("drill").unwrap();
     volume.write(0, &vec![0x5a; DISK_LEN as usize]).unwrap();
     volume.write_zeroes(CHUNK, 3 * CHUNK).unwrap();
-    volume.flush().unwrap();
+    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
     let own_root = volume.info().root;
     assert_ne!(own_root, snapshot_before.root);
 
@@ -304,7 +325,13 @@ fn launch_writes_never_change_the_base() {
     assert_eq!(fs::read(&out).unwrap(), f.disk);
     // A second launch of the same snapshot still starts from the base.
     f.store
-        .create_launch(&source(), "base", "second", LaunchKind::Test)
+        .create_launch(
+            &source(),
+            "base",
+            "second",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     assert_eq!(read_all(&f.store.open_launch("second").unwrap()), f.disk);
 
@@ -328,7 +355,13 @@ fn sequential_small_reads_decode_a_chunk_once() {
         .create_snapshot(&source(), Some("s"), None, 1)
         .unwrap();
     store
-        .create_launch(&source(), "s", "l", LaunchKind::Test)
+        .create_launch(
+            &source(),
+            "s",
+            "l",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     let volume = store.open_launch("l").unwrap();
     let mut piece = [0u8; 4096];
@@ -436,7 +469,7 @@ proptest! {
                     prop_assert_eq!(&buf[..], &model[*offset as usize..(*offset + *len) as usize]);
                 }
                 Op::Flush => {
-                    volume.flush().unwrap();
+                    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
                     flushed.clone_from(&model);
                 }
             }

@@ -13,7 +13,7 @@ use crate::blobs::{BlobKind, StoredCodec};
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::publish_atomic;
 use crate::mutex::lock;
-use crate::store::{Store, now_unix_ms};
+use crate::store::Store;
 
 use super::LaunchInfo;
 
@@ -237,11 +237,12 @@ impl LaunchVolume {
     }
 
     /// Makes every write so far durable: stores the changed index pages and the new
-    /// root, syncs the store, then publishes the launch's head. Nothing to do when
-    /// nothing changed.
-    pub fn flush(&self) -> io::Result<()> {
+    /// root, syncs the store, then publishes the launch's head, with
+    /// `now_unix_ms` as its flush time (the store never reads the clock).
+    /// Nothing to do when nothing changed.
+    pub fn flush(&self, now_unix_ms: u64) -> io::Result<()> {
         let mut state = self.lock_state();
-        state.flush(&self.store, self.geometry)?;
+        state.flush(&self.store, self.geometry, now_unix_ms)?;
         Ok(())
     }
 }
@@ -445,7 +446,7 @@ impl VolumeState {
         Ok(())
     }
 
-    fn flush(&mut self, store: &Store, geometry: Geometry) -> Result<(), Error> {
+    fn flush(&mut self, store: &Store, geometry: Geometry, now_unix_ms: u64) -> Result<(), Error> {
         if self.dirty_pages.is_empty() {
             return Ok(());
         }
@@ -491,7 +492,7 @@ impl VolumeState {
             let mut info = self.info.clone();
             info.root = root_id;
             info.generation += 1;
-            info.flushed_unix_ms = now_unix_ms();
+            info.flushed_unix_ms = now_unix_ms;
             let path = store.launches_dir().join(&info.name).join("head");
             publish_atomic(store.vfs(), &path, &info.encode_head())?;
             self.info = info;

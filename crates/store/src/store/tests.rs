@@ -44,7 +44,14 @@ fn commit_requires_the_next_epoch() {
     let (root, pages) = Root::build(geometry, &scan_buffer(&disk, geometry));
     for wrong in [1, 3] {
         let err = store
-            .commit(&source(), wrong, &root, &pages, 0)
+            .commit(
+                &source(),
+                wrong,
+                &root,
+                &pages,
+                0,
+                blockrep_core::clock::now_unix_ms(),
+            )
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::EpochMismatch);
     }

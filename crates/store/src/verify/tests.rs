@@ -33,7 +33,13 @@ fn fixture() -> Fixture {
     commit_disk(&store, &web(), &disk1, geometry, 1);
     store.create_snapshot(&web(), Some("s1"), None, 1).unwrap();
     store
-        .create_launch(&web(), "s1", "t", LaunchKind::Test)
+        .create_launch(
+            &web(),
+            "s1",
+            "t",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     let mut disk2 = disk1.clone();
     churn(&mut rng, &mut disk2, geometry, 35);

@@ -67,7 +67,16 @@ pub(crate) fn commit_as_agent(
         )?;
     }
     let (root, pages) = Root::build(geometry, &ids);
-    store.commit_labelled(source, epoch, &root, &pages, 1, true, label_of(epoch))?;
+    store.commit_labelled(
+        source,
+        epoch,
+        &root,
+        &pages,
+        1,
+        true,
+        label_of(epoch),
+        blockrep_core::clock::now_unix_ms(),
+    )?;
     Ok(root.id())
 }
 
@@ -135,7 +144,13 @@ pub(crate) fn run_step(
             name,
             writes,
         } => {
-            let info = store.create_launch(source, snapshot, name, LaunchKind::Test)?;
+            let info = store.create_launch(
+                source,
+                snapshot,
+                name,
+                LaunchKind::Test,
+                blockrep_core::clock::now_unix_ms(),
+            )?;
             let mut disk = model
                 .disks
                 .get(&info.base_root)
@@ -152,7 +167,7 @@ pub(crate) fn run_step(
                 disk[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
             }
             volume
-                .flush()
+                .flush(blockrep_core::clock::now_unix_ms())
                 .map_err(|e| Failure::Volume(format!("launch {name}: flush"), e))?;
             let root = root_of(&disk).0.id();
             model.disks.insert(root, disk.clone());
