@@ -11,13 +11,18 @@
 //! DATA/launches/NAME/head    a launch volume's last flushed root and write generation
 //! ```
 //!
-//! Snapshots ([`Snapshot`], formats in `snapshot.rs`) copy nothing; automatic ones
-//! are taken and expired by a [`RetentionPolicy`]. Launch volumes ([`LaunchVolume`],
-//! formats in `launch.rs`) are copy-on-write views of a snapshot's root that never
+//! Snapshots ([`Snapshot`]) copy nothing; automatic ones are taken and
+//! expired by a [`RetentionPolicy`]. Launch volumes ([`LaunchVolume`]) are
+//! copy-on-write views of a snapshot's root that never
 //! change that root or the source's head. [`Store::gc`] reclaims what nothing
 //! references and compacts packs while replication goes on (protocol in
 //! `gc.rs`); [`Store::verify`] re-reads everything referenced and reports damage
 //! with what it affects.
+//!
+//! Below [`Store`] (heads, commit, export, in `store.rs`) sits the blob layer
+//! (`blobs/`: the blob index, the active pack, fsyncs, the GC fence, pack
+//! compaction), which reaches packs through a `PackBackend` (the local
+//! `packs/` directory today). Every byte layout is in `format.rs`.
 //!
 //! Every file of the data directory is reached through the [`vfs::Vfs`] trait
 //! ([`vfs::RealFs`] by default, [`Store::open_with_vfs`] for another), so that

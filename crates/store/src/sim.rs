@@ -49,6 +49,8 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use blockrep_core::rng::SplitMix64;
+
 use crate::vfs::{OpenMode, PendingSync, Vfs, VfsFile};
 
 type Ino = usize;
@@ -141,29 +143,9 @@ fn not_found(path: &Path) -> io::Error {
     )
 }
 
-/// A small deterministic generator (xorshift64*).
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        if bound == 0 {
-            0
-        } else {
-            self.next_u64() % bound
-        }
-    }
+/// `rng.below(bound)`, or 0 for an empty range.
+fn below(rng: &mut SplitMix64, bound: u64) -> u64 {
+    if bound == 0 { 0 } else { rng.below(bound) }
 }
 
 /// Writes `data` at `offset` of `bytes`, extending it with zeros if needed.
@@ -381,7 +363,7 @@ impl SimFs {
     /// The image is a fresh disk with everything durable and the power on.
     pub fn crash_image(&self, seed: u64) -> (SimFs, CrashStats) {
         let state = self.state();
-        let mut rng = Rng::new(seed ^ 0x5eed_c0de);
+        let mut rng = SplitMix64::new(seed ^ 0x5eed_c0de);
         let mut stats = CrashStats::default();
         // Directory entries: what is durable, plus a prefix of the pending log.
         let mut entries: Vec<Option<BTreeMap<String, Ino>>> = state
@@ -393,10 +375,10 @@ impl SimFs {
             })
             .collect();
         let pending = state.dir_log.len() as u64;
-        let applied = match rng.below(4) {
+        let applied = match below(&mut rng, 4) {
             0 => 0,
             1 => pending,
-            _ => rng.below(pending + 1),
+            _ => below(&mut rng, pending + 1),
         };
         stats.dir_ops_applied = applied;
         stats.dir_ops_dropped = pending - applied;
@@ -413,7 +395,7 @@ impl SimFs {
         // File contents: durable bytes, plus each pending change as chosen.
         // One mode for the whole crash half of the time, so that "everything
         // landed" and "nothing landed" are explored as often as mixtures.
-        let file_mode = match rng.below(6) {
+        let file_mode = match below(&mut rng, 6) {
             0 => Some(0),
             1 => Some(1),
             2 => Some(2),
@@ -427,7 +409,7 @@ impl SimFs {
             };
             let mut bytes = file.durable.clone();
             for op in &file.pending {
-                let choice = file_mode.unwrap_or_else(|| rng.below(5));
+                let choice = file_mode.unwrap_or_else(|| below(&mut rng, 5));
                 match op {
                     FileOp::SetLen(len) => {
                         if choice != 1 {
@@ -441,7 +423,7 @@ impl SimFs {
                         }
                         1 => stats.writes_dropped += 1,
                         2 => {
-                            let zeros = rng.below(2) == 0;
+                            let zeros = below(&mut rng, 2) == 0;
                             let garbage: Vec<u8> = (0..data.len())
                                 .map(|_| if zeros { 0 } else { rng.next_u64() as u8 })
                                 .collect();
@@ -449,7 +431,7 @@ impl SimFs {
                             stats.writes_garbled += 1;
                         }
                         _ => {
-                            let len = rng.below(data.len() as u64) as usize;
+                            let len = below(&mut rng, data.len() as u64) as usize;
                             write_into(&mut bytes, *offset, &data[..len]);
                             stats.writes_torn += 1;
                         }

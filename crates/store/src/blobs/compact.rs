@@ -376,11 +376,9 @@ impl Blobs {
         report.packs_kept_damaged = 0;
         report.packs_kept_damaged = candidates.iter().filter(|c| c.damaged).count() as u64;
         let mut deleted_bytes = 0u64;
-        let mut deleted = HashSet::new();
         for candidate in candidates.iter().filter(|c| !c.damaged) {
             let outcome = self.packs.remove(candidate.number);
             if outcome.is_ok() {
-                deleted.insert(candidate.number);
                 deleted_bytes += candidate.file_bytes;
                 report.packs_compacted += 1;
             }
@@ -388,7 +386,7 @@ impl Blobs {
                 return outcome;
             }
         }
-        if !deleted.is_empty() {
+        if report.packs_compacted > 0 {
             self.packs.sync_listing()?;
         }
         report.bytes_freed = deleted_bytes.saturating_sub(report.bytes_copied);
