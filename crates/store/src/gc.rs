@@ -98,6 +98,13 @@
 //! table overhead), the touched set every id touched during the run; the mark
 //! reads every root and index page once, but no chunk. Copying is not rate
 //! limited: it competes with replication for disk bandwidth.
+//!
+//! # Where the code is
+//!
+//! This module marks: it lists the referenced roots under the fence and walks
+//! them. The rest is the blob layer's: the fence and the touched set
+//! (`blobs/fence.rs`), and the plan, copy, fenced sweep and delete
+//! (`Blobs::collect`, `blobs/compact.rs`).
 
 use std::collections::{BTreeSet, HashSet};
 

@@ -1,7 +1,7 @@
 //! The store proper: opening and locking a data directory, heads and commit,
 //! and export. Blobs (chunks, pages, roots in packs) are the blob layer's
 //! (`blobs/`); snapshots, launches, GC and verify are `impl Store` blocks of
-//! their own rooms.
+//! their own modules.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
