@@ -65,7 +65,7 @@ pub struct GcReport {
     /// Net bytes freed: sizes of the deleted packs minus the bytes copied.
     pub bytes_freed: u64,
     /// Candidate packs kept whole because a live record in them could not be
-    /// read or failed its checksum (run [`Store::verify`]).
+    /// read or failed its checksum (run [`Store::verify`](crate::Store::verify)).
     pub packs_kept_damaged: u64,
 }
 
