@@ -146,7 +146,16 @@ fn store(c: &mut Criterion) {
             new_store,
             |(dir, store)| {
                 insert_all(&store, &chunks, &ids);
-                store.commit(&source, 1, &root, &pages, 0).unwrap();
+                store
+                    .commit(
+                        &source,
+                        1,
+                        &root,
+                        &pages,
+                        0,
+                        blockrep_core::clock::now_unix_ms(),
+                    )
+                    .unwrap();
                 Written::store(dir, store)
             },
             BatchSize::PerIteration,
@@ -163,7 +172,16 @@ fn store(c: &mut Criterion) {
                 (dir, store)
             },
             |(dir, store)| {
-                store.commit(&source, 1, &root, &pages, 0).unwrap();
+                store
+                    .commit(
+                        &source,
+                        1,
+                        &root,
+                        &pages,
+                        0,
+                        blockrep_core::clock::now_unix_ms(),
+                    )
+                    .unwrap();
                 Written::store(dir, store)
             },
             BatchSize::PerIteration,

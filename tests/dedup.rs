@@ -592,10 +592,18 @@ async fn failback_sends_only_chunks_of_the_expected_kind_and_length() {
         let mut ids = vec![ChunkId::ZERO; geometry().chunk_count() as usize];
         ids[0] = b_root.id();
         let (root, pages) = Root::build(geometry(), &ids);
-        store.commit(&a, 1, &root, &pages, 1).unwrap();
+        store
+            .commit(&a, 1, &root, &pages, 1, blockrep_core::clock::now_unix_ms())
+            .unwrap();
         store.create_snapshot(&a, Some("old"), None, 1).unwrap();
         store
-            .create_launch(&a, "old", "a-old", blockrep_store::LaunchKind::Test)
+            .create_launch(
+                &a,
+                "old",
+                "a-old",
+                blockrep_store::LaunchKind::Test,
+                blockrep_core::clock::now_unix_ms(),
+            )
             .unwrap();
     }
     let server = ServerProcess::start(&bin(), &data, pki.path());

@@ -193,7 +193,16 @@ fn commit(store: &Store, disk: &[u8], geometry: Geometry, epoch: u64) -> ChunkId
         }
     }
     let (root, pages) = Root::build(geometry, &ids);
-    store.commit(&web(), epoch, &root, &pages, 1).unwrap();
+    store
+        .commit(
+            &web(),
+            epoch,
+            &root,
+            &pages,
+            1,
+            blockrep_core::clock::now_unix_ms(),
+        )
+        .unwrap();
     root.id()
 }
 
@@ -212,11 +221,17 @@ fn every_file_the_store_creates_is_owner_only() {
     commit(&store, &disk, geometry, 1);
     store.create_snapshot(&web(), Some("one"), None, 1).unwrap();
     store
-        .create_launch(&web(), "one", "drill", LaunchKind::Test)
+        .create_launch(
+            &web(),
+            "one",
+            "drill",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     let volume = store.open_launch("drill").unwrap();
     volume.write(4096, &[9; 10_000]).unwrap();
-    volume.flush().unwrap();
+    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
     drop(volume);
     disk[..200_000].fill(1);
     let root = commit(&store, &disk, geometry, 2);
@@ -293,7 +308,13 @@ fn a_launch_volume_keeps_a_bounded_number_of_index_pages() {
         .create_snapshot(&web(), Some("base"), None, 1)
         .unwrap();
     store
-        .create_launch(&web(), "base", "reader", LaunchKind::Test)
+        .create_launch(
+            &web(),
+            "base",
+            "reader",
+            LaunchKind::Test,
+            blockrep_core::clock::now_unix_ms(),
+        )
         .unwrap();
     let volume = store.open_launch("reader").unwrap();
     volume.set_clean_pages_max(CLEAN_PAGES_MAX);
@@ -312,7 +333,7 @@ fn a_launch_volume_keeps_a_bounded_number_of_index_pages() {
     // A collection while the pages are dirty keeps what they name.
     store.gc(&GcOptions::default()).unwrap();
     assert!(read_whole(&volume, disk.len(), CLEAN_PAGES_MAX + dirty) == disk);
-    volume.flush().unwrap();
+    volume.flush(blockrep_core::clock::now_unix_ms()).unwrap();
     assert!(volume.pages_in_memory() <= CLEAN_PAGES_MAX);
     assert!(read_whole(&volume, disk.len(), CLEAN_PAGES_MAX) == disk);
     drop(volume);

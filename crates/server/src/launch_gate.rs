@@ -48,7 +48,13 @@ pub(crate) fn create(
     if let Some(why) = refusal(store, source, snapshot, allow_live)? {
         return Ok(Err(why));
     }
-    let launch = store.create_launch(source, snapshot, name, kind)?;
+    let launch = store.create_launch(
+        source,
+        snapshot,
+        name,
+        kind,
+        blockrep_core::clock::now_unix_ms(),
+    )?;
     if launch.consistency == Consistency::Live && !allow_live {
         store.delete_launch(&launch.name)?;
         return Ok(Err(format!(

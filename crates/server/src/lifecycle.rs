@@ -177,7 +177,16 @@ pub(crate) mod tests {
         let geometry = Geometry::new(1 << 20, 64 * 1024).unwrap();
         let ids = vec![ChunkId::ZERO; geometry.chunk_count() as usize];
         let (root, pages) = Root::build(geometry, &ids);
-        store.commit(source, 1, &root, &pages, 0).unwrap();
+        store
+            .commit(
+                source,
+                1,
+                &root,
+                &pages,
+                0,
+                blockrep_core::clock::now_unix_ms(),
+            )
+            .unwrap();
         let config = crate::ServerConfig::new(
             "127.0.0.1:0".parse().unwrap(),
             dir.join("data"),

@@ -772,6 +772,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     scan_started_unix_ms,
                     complete,
                     consistency,
+                    blockrep_core::clock::now_unix_ms(),
                 )
             });
             let stats = self
@@ -913,9 +914,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             // The target is the launch's durable content: flush writes made over NBD.
             let volume = store.open_launch(&name).map_err(store_err)?;
-            volume.flush().map_err(|e| {
-                Reject::new(ErrorCode::Internal, format!("flushing launch {name}: {e}"))
-            })?;
+            volume
+                .flush(blockrep_core::clock::now_unix_ms())
+                .map_err(|e| {
+                    Reject::new(ErrorCode::Internal, format!("flushing launch {name}: {e}"))
+                })?;
             let info = volume.info();
             let target = store.read_root(&info.root).map_err(store_err)?;
             let target_ids = store.chunk_ids(&target).map_err(store_err)?;
@@ -1185,8 +1188,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 name = format!("{base}-{n}");
                 n += 1;
             }
-            let launch =
-                store.create_launch(&source, &snapshot.name, &name, LaunchKind::Cutover)?;
+            let launch = store.create_launch(
+                &source,
+                &snapshot.name,
+                &name,
+                LaunchKind::Cutover,
+                blockrep_core::clock::now_unix_ms(),
+            )?;
             Ok((snapshot, launch))
         });
         let (snapshot, launch) = self

@@ -4,8 +4,9 @@
 
 use blockrep_core::{BlockValue, ChunkId, hash_with_block_values};
 
+use crate::blobs::decode_raw;
 use crate::error::{Error, ErrorKind};
-use crate::store::{Store, decode_raw};
+use crate::store::Store;
 
 impl Store {
     /// Reads and decodes a blob without checking its hash: for a caller that
@@ -15,7 +16,7 @@ impl Store {
     /// a bad patch. A blob that does not decode, or decodes to another length
     /// than its record says, is still refused as corrupt.
     pub fn read_blob_unverified(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
-        let (location, stored) = self.read_stored(id)?;
+        let (location, stored) = self.blobs.get_stored(id)?;
         let header = location.header;
         let raw = decode_raw(header, stored)
             .map_err(|e| Error::new(ErrorKind::Corrupt, format!("blob {id}: {e}")))
@@ -34,7 +35,7 @@ impl Store {
                 }
             });
         if raw.is_err() {
-            self.note_damaged(location);
+            self.blobs.note_damaged(location);
         }
         raw
     }
@@ -49,8 +50,8 @@ impl Store {
         // An all-zero chunk hashes to the zero id here, and a zero chunk is
         // never stored: it does not match either.
         if computed != *id {
-            if let Ok(location) = self.location(id) {
-                self.note_damaged(location);
+            if let Ok(location) = self.blobs.location(id) {
+                self.blobs.note_damaged(location);
             }
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -66,7 +67,8 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
-    use crate::pack::{RECORD_HEADER_LEN, pack_file_name};
+    use crate::blobs::pack_file_name;
+    use crate::format::RECORD_HEADER_LEN;
     use crate::{BlobKind, StoredCodec};
 
     #[test]
@@ -90,7 +92,7 @@ mod tests {
         store
             .insert(BlobKind::Chunk, other_id, StoredCodec::Raw, 65_536, &other)
             .unwrap();
-        let at = store.location(&other_id).unwrap();
+        let at = store.blobs.location(&other_id).unwrap();
         let pack = dir.path().join("packs").join(pack_file_name(at.pack));
         let file = std::fs::OpenOptions::new().write(true).open(pack).unwrap();
         file.write_all_at(

@@ -11,18 +11,8 @@ use blockrep_core::{ChunkId, Consistency, Page, Root, SourceId};
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::publish_atomic;
 use crate::head::Head;
-use crate::store::{CommitStats, Store, lock};
-
-/// Decodes the label byte of a `what` record; an unknown byte is corruption
-/// (or a record written by a later version), never guessed at.
-pub(crate) fn label_from_byte(what: &str, byte: u8) -> Result<Consistency, Error> {
-    Consistency::from_byte(byte).ok_or_else(|| {
-        Error::new(
-            ErrorKind::Corrupt,
-            format!("{what}: unknown consistency label {byte:#04x}"),
-        )
-    })
-}
+use crate::mutex::lock;
+use crate::store::{CommitStats, Store};
 
 /// How much a label claims: `live` < `crash-consistent` < `quiesced`.
 fn strength(consistency: Consistency) -> u8 {
@@ -48,6 +38,7 @@ impl Store {
         scan_started_unix_ms: u64,
         complete: bool,
         consistency: Consistency,
+        now_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
         let consistency = if complete {
             consistency
@@ -62,6 +53,7 @@ impl Store {
             scan_started_unix_ms,
             complete,
             consistency,
+            now_unix_ms,
         )
     }
 
@@ -125,7 +117,16 @@ mod tests {
         let (root, pages) = Root::build(geometry, &ids);
         let source = SourceId::new("web-1").unwrap();
         store
-            .commit_labelled(&source, epoch, &root, &pages, 1, complete, label)
+            .commit_labelled(
+                &source,
+                epoch,
+                &root,
+                &pages,
+                1,
+                complete,
+                label,
+                blockrep_core::clock::now_unix_ms(),
+            )
             .unwrap();
         root
     }
@@ -150,10 +151,22 @@ mod tests {
                 .create_snapshot_of_kind(&source, SnapshotKind::Cutover, Some("cut"), None, 1_000)
                 .unwrap();
             store
-                .create_launch(&source, "cut", "cutover-1", LaunchKind::Cutover)
+                .create_launch(
+                    &source,
+                    "cut",
+                    "cutover-1",
+                    LaunchKind::Cutover,
+                    blockrep_core::clock::now_unix_ms(),
+                )
                 .unwrap();
             store
-                .create_launch(&source, "manual", "drill", LaunchKind::Test)
+                .create_launch(
+                    &source,
+                    "manual",
+                    "drill",
+                    LaunchKind::Test,
+                    blockrep_core::clock::now_unix_ms(),
+                )
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -184,7 +197,16 @@ mod tests {
         );
         let geometry = Geometry::new(8192, 4096).unwrap();
         let (root, pages) = Root::build(geometry, &[ChunkId::ZERO, ChunkId::ZERO]);
-        store.commit(&source, 2, &root, &pages, 5).unwrap();
+        store
+            .commit(
+                &source,
+                2,
+                &root,
+                &pages,
+                5,
+                blockrep_core::clock::now_unix_ms(),
+            )
+            .unwrap();
         assert_eq!(
             store.head(&source).unwrap().unwrap().consistency,
             Consistency::Live

@@ -163,8 +163,8 @@ fn is_pack_data(path: &Path) -> bool {
         .is_some_and(|dir| dir == "packs");
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     in_packs
-        && (crate::pack::parse_pack_file_name(name).is_some()
-            || crate::pack_index::parse_index_file_name(name).is_some())
+        && (crate::blobs::parse_pack_file_name(name).is_some()
+            || crate::blobs::parse_index_file_name(name).is_some())
 }
 
 pub(crate) fn sync_tree(vfs: &dyn Vfs, dir: &Path) -> io::Result<()> {
@@ -256,7 +256,17 @@ mod tests {
             store.set_pack_size_max_bytes(PACK_BYTES);
             insert(&store);
             sim.fail_operation(sim.operations() + failing);
-            if store.commit(&source(), 1, &root, &pages, 1).is_ok() {
+            if store
+                .commit(
+                    &source(),
+                    1,
+                    &root,
+                    &pages,
+                    1,
+                    blockrep_core::clock::now_unix_ms(),
+                )
+                .is_ok()
+            {
                 // The failure point lies past the commit: every point is done.
                 assert!(sim.injected_failure().is_none());
                 break;
@@ -265,12 +275,29 @@ mod tests {
             if failed.contains(": fsync ") {
                 fsync_failures += 1;
                 // Retried as a server would, on the same store: refused.
-                let retry = store.commit(&source(), 1, &root, &pages, 1);
+                let retry = store.commit(
+                    &source(),
+                    1,
+                    &root,
+                    &pages,
+                    1,
+                    blockrep_core::clock::now_unix_ms(),
+                );
                 assert!(
                     retry.is_err(),
                     "commit acknowledged after `{failed}` failed on the same store"
                 );
-            } else if store.commit(&source(), 1, &root, &pages, 1).is_ok() {
+            } else if store
+                .commit(
+                    &source(),
+                    1,
+                    &root,
+                    &pages,
+                    1,
+                    blockrep_core::clock::now_unix_ms(),
+                )
+                .is_ok()
+            {
                 // An operation that fails without effect (a create, a
                 // rename) and is retried successfully proves durability
                 // the normal way.
@@ -286,7 +313,16 @@ mod tests {
             let published = store.head(&source()).unwrap();
             if published.map(|h| (h.epoch, h.root)) != Some((1, root.id())) {
                 insert(&store);
-                store.commit(&source(), 1, &root, &pages, 1).unwrap();
+                store
+                    .commit(
+                        &source(),
+                        1,
+                        &root,
+                        &pages,
+                        1,
+                        blockrep_core::clock::now_unix_ms(),
+                    )
+                    .unwrap();
             }
             head_survives_every_crash(&sim, data, 1)
                 .unwrap_or_else(|e| panic!("after `{failed}` and a reopen: {e}"));

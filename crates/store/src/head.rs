@@ -1,32 +1,13 @@
 //! The head of a source: its last committed epoch.
 //!
-//! Encoding (little-endian, 80 bytes; version 1, 76 bytes, had no label and
-//! its crc32 at 72, and still reads, as `live`):
-//!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 8 | magic `BRHEAD` + version `0x00 0x02` |
-//! | 8 | 8 | epoch |
-//! | 16 | 32 | root id |
-//! | 48 | 8 | scan start of the committed epoch, Unix ms |
-//! | 56 | 8 | commit time, Unix ms |
-//! | 64 | 8 | scan start of the last complete epoch, Unix ms; 0 = none yet |
-//! | 72 | 1 | consistency of the root: 0 live, 1 crash-consistent, 2 quiesced |
-//! | 73 | 3 | reserved, zero |
-//! | 76 | 4 | crc32 of bytes 0..76 |
+//! A fixed-size, checksummed record (80 bytes; version 1, 76 bytes, still
+//! reads, as `live`); its layout is in `format.rs` (`HEAD_MAGIC`).
 
 use blockrep_core::{ChunkId, Consistency};
 
-use crate::consistency::label_from_byte;
 use crate::error::{Error, ErrorKind};
-
-/// Magic and version of heads written before consistency labels; do not change.
-const HEAD_MAGIC_V1: [u8; 8] = *b"BRHEAD\x00\x01";
-const HEAD_LEN_V1: usize = 76;
-/// Magic and version of heads with a consistency label; do not change.
-const HEAD_MAGIC: [u8; 8] = *b"BRHEAD\x00\x02";
-/// The longest head record of any version (what a read admits).
-pub(crate) const HEAD_LEN: usize = 80;
+pub(crate) use crate::format::HEAD_LEN;
+use crate::format::{HEAD_LEN_V1, HEAD_MAGIC, HEAD_MAGIC_V1, label_from_byte};
 
 /// A source's last committed epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,13 +11,18 @@
 //! DATA/launches/NAME/head    a launch volume's last flushed root and write generation
 //! ```
 //!
-//! Snapshots ([`Snapshot`], formats in `snapshot.rs`) copy nothing; automatic ones
-//! are taken and expired by a [`RetentionPolicy`]. Launch volumes ([`LaunchVolume`],
-//! formats in `launch.rs`) are copy-on-write views of a snapshot's root that never
+//! Snapshots ([`Snapshot`]) copy nothing; automatic ones are taken and
+//! expired by a [`RetentionPolicy`]. Launch volumes ([`LaunchVolume`]) are
+//! copy-on-write views of a snapshot's root that never
 //! change that root or the source's head. [`Store::gc`] reclaims what nothing
 //! references and compacts packs while replication goes on (protocol in
 //! `gc.rs`); [`Store::verify`] re-reads everything referenced and reports damage
 //! with what it affects.
+//!
+//! Below [`Store`] (heads, commit, export, in `store.rs`) sits the blob layer
+//! (`blobs/`: the blob index, the active pack, fsyncs, the GC fence, pack
+//! compaction), which reaches packs through a `PackBackend` (the local
+//! `packs/` directory today). Every byte layout is in `format.rs`.
 //!
 //! Every file of the data directory is reached through the [`vfs::Vfs`] trait
 //! ([`vfs::RealFs`] by default, [`Store::open_with_vfs`] for another), so that
@@ -37,16 +42,20 @@
 //! let disk = vec![7u8; 4096];
 //! let ids = scan_buffer(&disk, geometry);
 //! store.insert(BlobKind::Chunk, ids[0], StoredCodec::Raw, 4096, &disk).unwrap();
+//! // The store never reads the clock: callers pass the time in
+//! // (blockrep_core::clock::now_unix_ms() in the server).
+//! let now_unix_ms = 1_700_000_000_000;
 //! let (root, pages) = Root::build(geometry, &ids);
-//! store.commit(&source, 1, &root, &pages, 0).unwrap();
+//! store.commit(&source, 1, &root, &pages, 0, now_unix_ms).unwrap();
 //!
 //! // Snapshot it, launch a test volume from the snapshot, write and flush.
-//! let now_unix_ms = 1_700_000_000_000;
 //! store.create_snapshot(&source, Some("before"), None, now_unix_ms).unwrap();
-//! store.create_launch(&source, "before", "drill", LaunchKind::Test).unwrap();
+//! store
+//!     .create_launch(&source, "before", "drill", LaunchKind::Test, now_unix_ms)
+//!     .unwrap();
 //! let volume = store.open_launch("drill").unwrap();
 //! volume.write(10, b"hello").unwrap();
-//! volume.flush().unwrap();
+//! volume.flush(now_unix_ms).unwrap();
 //! let mut buf = [0u8; 7];
 //! volume.read(9, &mut buf).unwrap();
 //! assert_eq!(&buf, b"\x07hello\x07");
@@ -60,19 +69,12 @@
 //! assert_eq!((report.blobs_dead, report.packs_compacted), (0, 0));
 //! ```
 //!
-//! # Pack record (little-endian)
+//! # Formats
 //!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 4 | magic `BRB1` |
-//! | 4 | 1 | kind: 1 chunk, 2 index page, 3 root |
-//! | 5 | 1 | codec: 1 raw, 2 zstd |
-//! | 6 | 2 | reserved, zero |
-//! | 8 | 4 | stored length |
-//! | 12 | 4 | raw (decoded) length |
-//! | 16 | 32 | id: blake3 of the decoded bytes |
-//! | 48 | 4 | crc32 of bytes 0..48 and the stored bytes |
-//! | 52 | stored length | stored bytes |
+//! Every file of the data directory is a fixed-size or length-prefixed record
+//! with a magic that carries its version and a crc32; their byte layouts are
+//! all in `format.rs` (pack records: magic `BRB1`, a 52-byte header, then the
+//! stored bytes).
 //!
 //! # Invariants
 //!
@@ -84,6 +86,8 @@
 //!   the pack is fsynced, then the head is written to a temporary file, fsynced,
 //!   renamed over the old head, and the directory fsynced.
 //! - `insert` is idempotent and reports whether the blob was new.
+//! - The store never reads the clock: every time it records (commit, snapshot,
+//!   launch creation and flush, expiry) is passed in by the caller.
 //! - Snapshot and launch names are validated like source ids before any path is
 //!   built from them.
 //! - The data directory is 0700 and every file the store creates 0600, whatever
@@ -103,20 +107,19 @@
 #![deny(unsafe_code)]
 
 mod blob_read;
+mod blobs;
 mod catalog;
 mod consistency;
-#[cfg(test)]
-mod crash;
 mod error;
 mod export;
+mod format;
 mod fsutil;
 mod gc;
 mod guard;
 mod head;
 mod launch;
 mod lifecycle;
-mod pack;
-mod pack_index;
+mod mutex;
 mod retention;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -128,15 +131,17 @@ mod testutil;
 mod verify;
 pub mod vfs;
 
+pub use blobs::{
+    BlobInfo, BlobKind, GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport, PACK_SIZE_MAX_BYTES,
+    StoredCodec,
+};
 pub use error::{Error, ErrorKind};
-pub use gc::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};
 pub use head::Head;
 pub use launch::{LAUNCH_PAGES_CACHED_MAX, LaunchInfo, LaunchKind, LaunchVolume};
 pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
-pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
 pub use snapshot::{Snapshot, SnapshotKind};
-pub use store::{BlobInfo, CommitStats, ExportStats, Store};
+pub use store::{CommitStats, ExportStats, Store};
 pub use verify::{
     AFFECTED_CHUNKS_LISTED_MAX, Affected, BlobPlace, ChunkPlace, Damage, DamagedBlob, Referrer,
     VerifyReport,

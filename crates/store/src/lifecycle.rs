@@ -2,20 +2,8 @@
 //! failing back, failed back. While a record exists the source is *fenced*: the
 //! server refuses further replication of it until the operator resets it.
 //!
-//! File `DATA/sources/ID/lifecycle` (little-endian, 243 bytes):
-//!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 8 | magic `BRLIFE` + version `0x00 0x01` |
-//! | 8 | 1 | stage: 1 cut over, 2 failing back, 3 failed back |
-//! | 9 | 8 | epoch of the cutover commit |
-//! | 17 | 32 | root of the cutover commit |
-//! | 49 | 1 + 64 | cutover snapshot name (length, bytes, zero padding) |
-//! | 114 | 1 + 64 | cutover launch name |
-//! | 179 | 8 | cutover time, Unix ms |
-//! | 187 | 6 × 8 | downtime: hook, final scan, transfer, commit, launch ready, total (ms) |
-//! | 235 | 4 | crc32 of bytes 0..235 |
-//! | 239 | 4 | reserved, zero |
+//! File `DATA/sources/ID/lifecycle`, 243 bytes; its layout is in `format.rs`
+//! (`LIFECYCLE_MAGIC`).
 
 use blockrep_core::{ChunkId, SourceId};
 
@@ -23,9 +11,10 @@ use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::store::Store;
 
-const MAGIC: [u8; 8] = *b"BRLIFE\x00\x01";
-const LEN: usize = 243;
-const NAME_MAX: usize = 64;
+use crate::format::{
+    LIFECYCLE_CRC_AT as CRC_AT, LIFECYCLE_LEN as LEN, LIFECYCLE_MAGIC as MAGIC,
+    NAME_FIELD_LEN as NAME_MAX,
+};
 
 /// Where a source stands after replication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,8 +109,8 @@ impl Lifecycle {
         if bytes.len() != LEN || bytes[..8] != MAGIC {
             return Err(corrupt("bad length or magic"));
         }
-        let crc = u32::from_le_bytes(bytes[235..239].try_into().expect("4 bytes"));
-        if crc != crc32fast::hash(&bytes[..235]) {
+        let crc = u32::from_le_bytes(bytes[CRC_AT..CRC_AT + 4].try_into().expect("4 bytes"));
+        if crc != crc32fast::hash(&bytes[..CRC_AT]) {
             return Err(corrupt("checksum mismatch"));
         }
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));

@@ -49,6 +49,8 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use blockrep_core::rng::SplitMix64;
+
 use crate::vfs::{OpenMode, PendingSync, Vfs, VfsFile};
 
 type Ino = usize;
@@ -141,29 +143,9 @@ fn not_found(path: &Path) -> io::Error {
     )
 }
 
-/// A small deterministic generator (xorshift64*).
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        if bound == 0 {
-            0
-        } else {
-            self.next_u64() % bound
-        }
-    }
+/// `rng.below(bound)`, or 0 for an empty range.
+fn below(rng: &mut SplitMix64, bound: u64) -> u64 {
+    if bound == 0 { 0 } else { rng.below(bound) }
 }
 
 /// Writes `data` at `offset` of `bytes`, extending it with zeros if needed.
@@ -381,7 +363,7 @@ impl SimFs {
     /// The image is a fresh disk with everything durable and the power on.
     pub fn crash_image(&self, seed: u64) -> (SimFs, CrashStats) {
         let state = self.state();
-        let mut rng = Rng::new(seed ^ 0x5eed_c0de);
+        let mut rng = SplitMix64::new(seed ^ 0x5eed_c0de);
         let mut stats = CrashStats::default();
         // Directory entries: what is durable, plus a prefix of the pending log.
         let mut entries: Vec<Option<BTreeMap<String, Ino>>> = state
@@ -393,10 +375,10 @@ impl SimFs {
             })
             .collect();
         let pending = state.dir_log.len() as u64;
-        let applied = match rng.below(4) {
+        let applied = match below(&mut rng, 4) {
             0 => 0,
             1 => pending,
-            _ => rng.below(pending + 1),
+            _ => below(&mut rng, pending + 1),
         };
         stats.dir_ops_applied = applied;
         stats.dir_ops_dropped = pending - applied;
@@ -413,7 +395,7 @@ impl SimFs {
         // File contents: durable bytes, plus each pending change as chosen.
         // One mode for the whole crash half of the time, so that "everything
         // landed" and "nothing landed" are explored as often as mixtures.
-        let file_mode = match rng.below(6) {
+        let file_mode = match below(&mut rng, 6) {
             0 => Some(0),
             1 => Some(1),
             2 => Some(2),
@@ -427,7 +409,7 @@ impl SimFs {
             };
             let mut bytes = file.durable.clone();
             for op in &file.pending {
-                let choice = file_mode.unwrap_or_else(|| rng.below(5));
+                let choice = file_mode.unwrap_or_else(|| below(&mut rng, 5));
                 match op {
                     FileOp::SetLen(len) => {
                         if choice != 1 {
@@ -441,7 +423,7 @@ impl SimFs {
                         }
                         1 => stats.writes_dropped += 1,
                         2 => {
-                            let zeros = rng.below(2) == 0;
+                            let zeros = below(&mut rng, 2) == 0;
                             let garbage: Vec<u8> = (0..data.len())
                                 .map(|_| if zeros { 0 } else { rng.next_u64() as u8 })
                                 .collect();
@@ -449,7 +431,7 @@ impl SimFs {
                             stats.writes_garbled += 1;
                         }
                         _ => {
-                            let len = rng.below(data.len() as u64) as usize;
+                            let len = below(&mut rng, data.len() as u64) as usize;
                             write_into(&mut bytes, *offset, &data[..len]);
                             stats.writes_torn += 1;
                         }
@@ -749,96 +731,4 @@ impl Vfs for SimFs {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn path(p: &str) -> PathBuf {
-        PathBuf::from(p)
-    }
-
-    fn read_all(fs: &SimFs, p: &str) -> Option<Vec<u8>> {
-        let file = fs.open(&path(p), OpenMode::Read).ok()?;
-        let mut out = vec![0u8; file.len().unwrap() as usize];
-        file.read_exact_at(&mut out, 0).unwrap();
-        Some(out)
-    }
-
-    #[test]
-    fn synced_data_and_entries_survive_every_crash() {
-        let fs = SimFs::new();
-        fs.create_dir(&path("/d")).unwrap();
-        fs.sync_dir(&path("/")).unwrap();
-        let file = fs.open(&path("/d/f"), OpenMode::CreateNew).unwrap();
-        file.write_all_at(b"durable", 0).unwrap();
-        file.sync_all().unwrap();
-        fs.sync_dir(&path("/d")).unwrap();
-        file.write_all_at(b" and pending", 7).unwrap();
-        for seed in 0..200 {
-            let (image, _) = fs.crash_image(seed);
-            let bytes = read_all(&image, "/d/f").expect("a synced name survives");
-            assert_eq!(&bytes[..7], b"durable", "seed {seed}");
-        }
-    }
-
-    #[test]
-    fn unsynced_state_is_sometimes_lost_and_sometimes_garbled() {
-        let fs = SimFs::new();
-        let file = fs.open(&path("/f"), OpenMode::CreateNew).unwrap();
-        fs.sync_dir(&path("/")).unwrap();
-        file.write_all_at(&[7u8; 64], 0).unwrap();
-        let other = fs.open(&path("/g"), OpenMode::CreateNew).unwrap();
-        other.sync_all().unwrap();
-        let (mut intact, mut lost, mut damaged, mut name_lost) = (0, 0, 0, 0);
-        for seed in 0..400 {
-            let (image, _) = fs.crash_image(seed);
-            match read_all(&image, "/f").unwrap() {
-                bytes if bytes == [7u8; 64] => intact += 1,
-                bytes if bytes.is_empty() => lost += 1,
-                _ => damaged += 1,
-            }
-            if read_all(&image, "/g").is_none() {
-                name_lost += 1;
-            }
-        }
-        assert!(
-            intact > 0 && lost > 0 && damaged > 0,
-            "{intact} {lost} {damaged}"
-        );
-        assert!(
-            name_lost > 0 && name_lost < 400,
-            "fsync of a file kept its name"
-        );
-    }
-
-    #[test]
-    fn a_rename_lands_whole_or_not_at_all() {
-        let fs = SimFs::new();
-        let old = fs.open(&path("/head"), OpenMode::CreateNew).unwrap();
-        old.write_all_at(b"old", 0).unwrap();
-        old.sync_all().unwrap();
-        fs.sync_dir(&path("/")).unwrap();
-        let new = fs.open(&path("/.head.tmp"), OpenMode::CreateNew).unwrap();
-        new.write_all_at(b"new", 0).unwrap();
-        new.sync_all().unwrap();
-        fs.rename(&path("/.head.tmp"), &path("/head")).unwrap();
-        let mut seen = std::collections::BTreeSet::new();
-        for seed in 0..200 {
-            let (image, _) = fs.crash_image(seed);
-            seen.insert(read_all(&image, "/head").expect("head never vanishes"));
-        }
-        assert_eq!(seen.len(), 2, "{seen:?}");
-    }
-
-    #[test]
-    fn power_off_stops_every_later_operation() {
-        let fs = SimFs::new();
-        fs.power_off_after(1);
-        let file = fs.open(&path("/f"), OpenMode::CreateNew).unwrap();
-        assert!(file.write_all_at(b"x", 0).is_err());
-        assert!(file.len().is_err());
-        assert!(fs.is_powered_off());
-        assert_eq!(fs.operations(), 1);
-        let (image, _) = fs.crash_image(1);
-        assert!(!image.is_powered_off());
-    }
-}
+mod tests;

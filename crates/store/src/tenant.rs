@@ -8,13 +8,8 @@
 //! while they are not connected, and so that a later certificate naming
 //! another tenant for the same source is noticed (and refused by the server).
 //!
-//! File `DATA/sources/ID/tenant` (little-endian, 77 bytes):
-//!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 8 | magic `BRTENA` + version `0x00 0x01` (do not change) |
-//! | 8 | 1 + 64 | tenant name (length, bytes, zero padding); length 0: its own |
-//! | 73 | 4 | crc32 of bytes 0..73 |
+//! File `DATA/sources/ID/tenant`, 77 bytes; its layout is in `format.rs`
+//! (`TENANT_MAGIC`).
 
 use blockrep_core::SourceId;
 
@@ -22,9 +17,7 @@ use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file};
 use crate::store::Store;
 
-const MAGIC: [u8; 8] = *b"BRTENA\x00\x01";
-const NAME_MAX: usize = 64;
-const LEN: usize = 8 + 1 + NAME_MAX + 4;
+use crate::format::{NAME_FIELD_LEN as NAME_MAX, TENANT_LEN as LEN, TENANT_MAGIC as MAGIC};
 
 fn encode(tenant: Option<&SourceId>) -> Vec<u8> {
     let name = tenant.map_or(&[][..], |t| t.as_str().as_bytes());

@@ -1,5 +1,5 @@
 //! Helpers for the tests of snapshots and launches (the same pattern as the tests
-//! in `store.rs`: store every non-zero chunk, then commit).
+//! in `store/tests.rs`: store every non-zero chunk, then commit).
 
 use std::fs;
 use std::path::Path;
@@ -36,7 +36,17 @@ pub(crate) fn commit_disk(
         }
     }
     let (root, pages) = Root::build(geometry, &ids);
-    store.commit(source, epoch, &root, &pages, 1).unwrap().head
+    store
+        .commit(
+            source,
+            epoch,
+            &root,
+            &pages,
+            1,
+            blockrep_core::clock::now_unix_ms(),
+        )
+        .unwrap()
+        .head
 }
 
 /// A disk with a zero chunk in every three 4 KiB blocks and patterned bytes elsewhere.
@@ -62,24 +72,22 @@ pub(crate) fn pack_bytes(data_dir: &Path) -> u64 {
         .sum()
 }
 
-/// A small deterministic generator (xorshift64*), so tests need no dependency.
-pub(crate) struct Rng(u64);
+/// The seeded generator of the tests: blockrep_core's splitmix64, with the
+/// byte fill the tests need.
+pub(crate) struct Rng(blockrep_core::rng::SplitMix64);
 
 impl Rng {
     pub(crate) fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+        Self(blockrep_core::rng::SplitMix64::new(seed))
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next_u64()
     }
 
     /// A number in `0..bound`.
     pub(crate) fn below(&mut self, bound: u64) -> u64 {
-        self.next_u64() % bound
+        self.0.below(bound)
     }
 
     pub(crate) fn fill(&mut self, out: &mut [u8]) {

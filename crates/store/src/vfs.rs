@@ -5,8 +5,8 @@
 //! create), read and write at an offset, its length, truncate, fsync a file,
 //! fsync a directory, list a directory, create and remove directories, rename
 //! and remove. Keeping them behind [`Vfs`] and [`VfsFile`] lets a test put the
-//! store on a simulated disk that loses power ([`crate::sim`]), and leaves room
-//! for other backends. [`RealFs`] is the production implementation: a thin
+//! store on a simulated disk that loses power (`sim.rs`, with the `sim`
+//! feature), and leaves room for other backends. [`RealFs`] is the production implementation: a thin
 //! wrapper over `std::fs` (plus the modes below). File handles are
 //! kept open by the store as before (the active pack, cached readers), so the
 //! insert path costs one dynamic call per write, not an open.

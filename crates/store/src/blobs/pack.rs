@@ -1,4 +1,5 @@
-//! Pack files: append-only sequences of checksummed blob records.
+//! Pack files: append-only sequences of checksummed blob records (their
+//! layout is in `format.rs`, `RECORD_MAGIC`).
 
 use std::path::Path;
 
@@ -10,10 +11,8 @@ use crate::vfs::{OpenMode, Vfs, VfsFile};
 /// A pack is sealed (no more appends) once it reaches this size.
 pub const PACK_SIZE_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
-pub(crate) const RECORD_MAGIC: [u8; 4] = *b"BRB1";
-pub(crate) const RECORD_HEADER_LEN: usize = 52;
-/// Largest stored length of any record: a root of the largest size, or a chunk.
-pub(crate) const RECORD_STORED_MAX: u32 = 9 * 1024 * 1024;
+pub(crate) use crate::format::RECORD_HEADER_LEN;
+use crate::format::{RECORD_CRC_AT, RECORD_MAGIC, RECORD_STORED_MAX};
 
 /// What a blob is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,9 +72,9 @@ impl RecordHeader {
     pub(crate) fn encode_with_crc(&self, data: &[u8]) -> [u8; RECORD_HEADER_LEN] {
         let mut out = self.to_bytes();
         let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&out[..48]);
+        hasher.update(&out[..RECORD_CRC_AT]);
         hasher.update(data);
-        out[48..52].copy_from_slice(&hasher.finalize().to_le_bytes());
+        out[RECORD_CRC_AT..].copy_from_slice(&hasher.finalize().to_le_bytes());
         out
     }
 
@@ -116,7 +115,7 @@ impl RecordHeader {
 
     pub(crate) fn crc_matches(&self, header_bytes: &[u8; RECORD_HEADER_LEN], data: &[u8]) -> bool {
         let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&header_bytes[..48]);
+        hasher.update(&header_bytes[..RECORD_CRC_AT]);
         hasher.update(data);
         hasher.finalize() == self.crc
     }

@@ -16,21 +16,18 @@
 //! Otherwise the pack is scanned as before. A collection deletes a pack's index
 //! before the pack.
 //!
-//! Layout: magic `BRPIDX01` | pack length u64 | valid length u64 | record count
-//! u32 | per record: offset u64, crc-ok u8, the 52 header bytes | crc32 of all
-//! that precedes.
+//! Its layout is in `format.rs` (`PACK_INDEX_MAGIC`).
 
 use std::path::{Path, PathBuf};
 
-use crate::catalog::{check_record, seal_with_crc, u64_at};
+use super::pack::{PackScan, RecordHeader, ScannedRecord};
 use crate::error::Error;
+use crate::format::{
+    PACK_INDEX_ENTRY_LEN as ENTRY_LEN, PACK_INDEX_MAGIC as MAGIC,
+    PACK_INDEX_PREFIX_LEN as PREFIX_LEN, RECORD_HEADER_LEN, check_record, seal_with_crc, u64_at,
+};
 use crate::fsutil::read_small_file;
-use crate::pack::{PackScan, RECORD_HEADER_LEN, RecordHeader, ScannedRecord};
 use crate::vfs::{OpenMode, Vfs};
-
-const MAGIC: [u8; 8] = *b"BRPIDX01";
-const PREFIX_LEN: usize = 8 + 8 + 8 + 4;
-const ENTRY_LEN: usize = 8 + 1 + RECORD_HEADER_LEN;
 
 /// The most records a pack of `pack_len` bytes can hold (each has a header):
 /// bounds what a damaged index could make us read.
@@ -168,7 +165,7 @@ mod tests {
     use super::*;
     use blockrep_core::ChunkId;
 
-    use crate::pack::{BlobKind, StoredCodec};
+    use super::super::{BlobKind, StoredCodec};
 
     fn sample() -> PackScan {
         let records = (0..5u8)

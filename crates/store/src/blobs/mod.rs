@@ -1,0 +1,703 @@
+//! The blob layer: content-addressed chunks, index pages and roots in
+//! append-only packs, below [`Store`](crate::Store). [`Blobs`] owns the blob
+//! index (id -> pack, offset), the active pack, background fsyncs, the GC
+//! fence and the touched set, and reaches packs only through a
+//! [`PackBackend`] (the local packs directory today).
+//!
+//! Its API is narrow: [`Blobs::put`], [`Blobs::get`], [`Blobs::contains`],
+//! [`Blobs::sync`], the fence ([`Blobs::fence`]), a checked read for
+//! `verify` ([`Blobs::check`]) and the compaction a collection drives
+//! ([`Blobs::collect`], in `compact.rs`). Records found damaged stop counting
+//! as stored ([`Blobs::note_damaged`]).
+
+mod backend;
+mod compact;
+mod fence;
+mod pack;
+mod pack_index;
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use blockrep_core::ChunkId;
+
+use crate::error::{Error, ErrorKind};
+use crate::format::RECORD_HEADER_LEN;
+use crate::mutex::lock;
+use crate::vfs::{PendingSync, VfsFile};
+
+pub(crate) use backend::{LocalPacks, PackBackend};
+pub(crate) use compact::GcStage;
+pub use compact::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};
+pub(crate) use fence::GcState;
+pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
+pub(crate) use pack::{RecordHeader, pack_file_name, parse_pack_file_name};
+pub(crate) use pack_index::parse_index_file_name;
+
+/// What the index knows of one stored blob without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Chunk, page or root.
+    pub kind: BlobKind,
+    /// Length of the blob's decoded bytes.
+    pub raw_len: u32,
+}
+
+/// Where a blob lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Location {
+    pub(crate) pack: u32,
+    pub(crate) offset: u64,
+    pub(crate) header: RecordHeader,
+    /// Whether the record's crc32 held when it was scanned or written.
+    pub(crate) crc_ok: bool,
+}
+
+impl Location {
+    /// Bytes the record takes in its pack: header and stored bytes.
+    pub(crate) fn record_len_bytes(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + u64::from(self.header.stored_len)
+    }
+
+    fn is_at(&self, other: &Location) -> bool {
+        self.pack == other.pack && self.offset == other.offset
+    }
+}
+
+/// What [`Blobs::check`] found wrong with a blob, and where (pack, offset)
+/// when the index has a place for it.
+#[derive(Debug)]
+pub(crate) enum Fault {
+    /// The index has no record of it.
+    Missing,
+    /// The record is of another kind.
+    WrongKind(u32, u64, BlobKind),
+    /// The record's crc32 fails.
+    ChecksumMismatch(u32, u64),
+    /// The stored bytes do not decode.
+    Undecodable(u32, u64, String),
+    /// The decoded bytes do not hash to the id (or have another length).
+    HashMismatch(u32, u64),
+    /// The record cannot be read.
+    Unreadable(u32, u64, String),
+}
+
+#[derive(Debug)]
+struct ActivePack {
+    number: u32,
+    file: Arc<dyn VfsFile>,
+    len_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    index: HashMap<ChunkId, Location>,
+    active: Option<ActivePack>,
+    last_pack: u32,
+    /// Bytes appended since the last background flush was started.
+    unflushed_bytes: u64,
+    /// fsyncs running in the background (sealed packs, early flushes of the
+    /// active pack). `sync` waits for all of them.
+    background_syncs: Vec<PendingSync>,
+}
+
+/// Appended bytes after which a background fdatasync of the active pack starts,
+/// so the fsync at commit finds little left to write.
+const FLUSH_EVERY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The blobs of one store.
+#[derive(Debug)]
+pub(crate) struct Blobs {
+    packs: Box<dyn PackBackend>,
+    read_only: bool,
+    inner: Mutex<Inner>,
+    /// Set once an fsync has failed. Linux may forget a write-back error after
+    /// reporting it once, so a later fsync "succeeding" proves nothing: every
+    /// later fsync fails (see `guard.rs`), so nothing is acknowledged until the
+    /// store is reopened, which makes everything it finds durable first.
+    sync_failed: Arc<AtomicBool>,
+    /// The garbage collector's fence and "touched during GC" set (see `gc.rs`).
+    fence: GcState,
+    /// Size at which the active pack is sealed; [`PACK_SIZE_MAX_BYTES`] unless a
+    /// test makes packs small.
+    pack_size_max_bytes: AtomicU64,
+    /// Serializes the joining of background fsyncs: a `sync` that finds the list
+    /// empty because a concurrent `sync` took it must still wait until those
+    /// fsyncs are done before it may report the data durable.
+    sync_join: Mutex<()>,
+}
+
+impl Blobs {
+    /// Opens the blobs in `packs` and builds their index, cutting a torn tail
+    /// of the newest pack unless `read_only`. `sync_failed` is the flag of the
+    /// store's fsync guard.
+    pub(crate) fn open(
+        packs: Box<dyn PackBackend>,
+        read_only: bool,
+        sync_failed: Arc<AtomicBool>,
+    ) -> Result<Self, Error> {
+        let blobs = Self {
+            packs,
+            read_only,
+            inner: Mutex::new(Inner::default()),
+            sync_failed,
+            fence: GcState::default(),
+            pack_size_max_bytes: AtomicU64::new(PACK_SIZE_MAX_BYTES),
+            sync_join: Mutex::new(()),
+        };
+        blobs.load_index()?;
+        Ok(blobs)
+    }
+
+    /// The GC fence and touched set.
+    pub(crate) fn fence(&self) -> &GcState {
+        &self.fence
+    }
+
+    /// Whether the blobs were opened read-only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Makes packs seal at `bytes` (see [`crate::Store::set_pack_size_max_bytes`]).
+    pub(crate) fn set_pack_size_max_bytes(&self, bytes: u64) {
+        self.pack_size_max_bytes
+            .store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    fn pack_size_max_bytes(&self) -> u64 {
+        self.pack_size_max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The numbers of the packs present, ascending.
+    pub(crate) fn pack_numbers(&self) -> Result<Vec<u32>, Error> {
+        self.packs.list()
+    }
+
+    /// Builds the blob index from the packs, cutting torn tails when writable.
+    /// A read-only store calls it again to see what a running server added.
+    pub(crate) fn load_index(&self) -> Result<(), Error> {
+        let numbers = self.packs.list()?;
+        let mut inner = lock(&self.inner);
+        inner.index.clear();
+        for (position, &number) in numbers.iter().enumerate() {
+            let is_last = position + 1 == numbers.len();
+            // A sealed pack's saved scan, when there is a sound one (see
+            // `pack_index.rs`); the newest pack is always scanned.
+            let saved = if is_last {
+                None
+            } else {
+                self.packs.load_scan(number)
+            };
+            let scan = match saved {
+                Some(scan) => scan,
+                None => match self.packs.scan(number) {
+                    Ok(scan) => {
+                        if !self.read_only {
+                            // What this open indexes must be durable: an fsync
+                            // that failed before it may have left writes to the
+                            // pack pending. Only then is its scan saved.
+                            self.packs.make_durable(number)?;
+                            if !is_last {
+                                self.save_scan(number, &scan);
+                            }
+                        }
+                        scan
+                    }
+                    // Deleted by a collection since the listing (a read-only store
+                    // looking at a running server): its blobs are elsewhere now.
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => return Err(e),
+                },
+            };
+            for record in &scan.records {
+                let location = Location {
+                    pack: number,
+                    offset: record.offset,
+                    header: record.header,
+                    crc_ok: record.crc_ok,
+                };
+                // The same id twice means a compaction copied it and stopped
+                // before deleting the old pack. The newer copy is kept, so that
+                // the next collection finds the old pack dead and deletes it
+                // without copying again; but never a damaged copy over a sound
+                // one: a copy not yet fsynced when the power went may be torn
+                // while the old record still holds.
+                match inner.index.entry(record.header.id) {
+                    Entry::Occupied(mut known) => {
+                        if location.crc_ok || !known.get().crc_ok {
+                            known.insert(location);
+                        }
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(location);
+                    }
+                }
+            }
+            if scan.valid_len < scan.file_len && is_last && !self.read_only {
+                // Only the last pack is ever appended to, so only it can have a torn
+                // tail; nothing past `valid_len` was ever part of a commit.
+                tracing_cut(&self.packs.describe(number), scan.valid_len, scan.file_len);
+                self.packs.truncate(number, scan.valid_len)?;
+            }
+            inner.last_pack = number;
+        }
+        drop(inner);
+        // Saved pack indexes whose pack is gone (a collection deletes the
+        // index first, but a crash may land the two removals in either order).
+        if !self.read_only && self.packs.remove_orphan_scans(&numbers)? {
+            self.packs.sync_listing()?;
+        }
+        Ok(())
+    }
+
+    /// Saves the scan of sealed pack `number`. Failing to (a full disk) costs
+    /// only a scan at the next open.
+    fn save_scan(&self, number: u32, scan: &pack::PackScan) {
+        if let Err(e) = self.packs.save_scan(number, scan) {
+            // Rare, and worth a line (see `tracing_cut`).
+            eprintln!(
+                "blockrep-store: cannot save the index of pack {number} ({e}); \
+                 it will be scanned again at the next open"
+            );
+        }
+    }
+
+    /// Whether a sound blob with this id is stored (see
+    /// [`crate::Store::contains`]); a hit is recorded as touched.
+    pub(crate) fn contains(&self, id: &ChunkId) -> bool {
+        let inner = lock(&self.inner);
+        let found = inner.index.get(id).is_some_and(|at| at.crc_ok);
+        if found {
+            // Under the index lock, so a collector deciding to drop `id` (also
+            // under it) sees the hit.
+            self.fence.note(id);
+        }
+        found
+    }
+
+    /// Kind and decoded length of a sound stored blob (see
+    /// [`crate::Store::blob_info`]); a hit is recorded as touched.
+    pub(crate) fn info(&self, id: &ChunkId) -> Option<BlobInfo> {
+        let inner = lock(&self.inner);
+        let at = inner.index.get(id).filter(|at| at.crc_ok)?;
+        let info = BlobInfo {
+            kind: at.header.kind,
+            raw_len: at.header.raw_len,
+        };
+        self.fence.note(id);
+        Some(info)
+    }
+
+    /// Fails with `Missing` unless every non-zero id is stored.
+    pub(crate) fn require_present<'a>(
+        &self,
+        what: &str,
+        ids: impl IntoIterator<Item = &'a ChunkId>,
+    ) -> Result<(), Error> {
+        let inner = lock(&self.inner);
+        for id in ids {
+            if !id.is_zero() && !inner.index.contains_key(id) {
+                return Err(Error::new(
+                    ErrorKind::Missing,
+                    format!("{what} names {id}, which is not stored"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of blobs in the index.
+    pub(crate) fn count(&self) -> usize {
+        lock(&self.inner).index.len()
+    }
+
+    /// [`Blobs::put`] of a page or root: stored as encoded, its id the blake3
+    /// of `bytes`.
+    pub(crate) fn put_index_blob(
+        &self,
+        kind: BlobKind,
+        id: ChunkId,
+        bytes: &[u8],
+    ) -> Result<bool, Error> {
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| Error::new(ErrorKind::Invalid, "index blob too large"))?;
+        self.put(kind, id, StoredCodec::Raw, len, bytes)
+    }
+
+    /// Appends a blob unless a sound one with the same id is stored; whether
+    /// it was new (see [`crate::Store::insert`]).
+    pub(crate) fn put(
+        &self,
+        kind: BlobKind,
+        id: ChunkId,
+        codec: StoredCodec,
+        raw_len: u32,
+        stored: &[u8],
+    ) -> Result<bool, Error> {
+        self.check_writable()?;
+        let mut inner = lock(&self.inner);
+        // Found or stored, the caller is about to reference it: a running
+        // collection must keep it.
+        self.fence.note(&id);
+        if inner.index.get(&id).is_some_and(|at| at.crc_ok) {
+            return Ok(false);
+        }
+        let header = RecordHeader {
+            kind,
+            codec,
+            stored_len: u32::try_from(stored.len())
+                .map_err(|_| Error::new(ErrorKind::Invalid, "blob too large"))?,
+            raw_len,
+            id,
+            crc: 0,
+        };
+        let header_bytes = header.encode_with_crc(stored);
+        let header = RecordHeader::decode(&header_bytes)
+            .ok_or_else(|| Error::new(ErrorKind::Invalid, "blob exceeds the record limits"))?;
+        let location = self.append_locked(&mut inner, &header_bytes, header, stored)?;
+        inner.index.insert(id, location);
+        Ok(true)
+    }
+
+    /// Appends one record to the active pack. The caller holds the index lock
+    /// and updates the index.
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        header_bytes: &[u8; RECORD_HEADER_LEN],
+        header: RecordHeader,
+        stored: &[u8],
+    ) -> Result<Location, Error> {
+        let active = self.active_pack(inner)?;
+        let offset = active.len_bytes;
+        let number = active.number;
+        active
+            .file
+            .write_all_at(header_bytes, offset)
+            .and_then(|()| {
+                active
+                    .file
+                    .write_all_at(stored, offset + RECORD_HEADER_LEN as u64)
+            })
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot append to {}", self.packs.describe(number)),
+                    e,
+                )
+            })?;
+        active.len_bytes = offset + RECORD_HEADER_LEN as u64 + stored.len() as u64;
+        let file = Arc::clone(&active.file);
+        inner.unflushed_bytes += (RECORD_HEADER_LEN + stored.len()) as u64;
+        if inner.unflushed_bytes >= FLUSH_EVERY_BYTES {
+            inner.unflushed_bytes = 0;
+            inner.background_syncs.push(self.packs.start_flush(file));
+        }
+        Ok(Location {
+            pack: number,
+            offset,
+            header,
+            crc_ok: true,
+        })
+    }
+
+    /// The pack to append to, sealing the current one when full.
+    fn active_pack<'a>(&self, inner: &'a mut Inner) -> Result<&'a mut ActivePack, Error> {
+        let pack_size_max_bytes = self.pack_size_max_bytes();
+        let full = inner
+            .active
+            .as_ref()
+            .is_some_and(|a| a.len_bytes >= pack_size_max_bytes);
+        if full {
+            let sealed = inner.active.take().expect("checked above");
+            // A sealed pack is never written again; its fsync runs in the
+            // background, and `sync` waits for it before any commit.
+            inner.background_syncs.push(self.packs.seal(sealed.file));
+        }
+        if inner.active.is_none() {
+            inner.active = Some(self.open_active(inner.last_pack)?);
+            inner.last_pack = inner.active.as_ref().expect("just set").number;
+        }
+        Ok(inner.active.as_mut().expect("just set"))
+    }
+
+    fn open_active(&self, last_pack: u32) -> Result<ActivePack, Error> {
+        if last_pack > 0 {
+            let (file, len_bytes) = self.packs.open_active(last_pack)?;
+            if len_bytes < self.pack_size_max_bytes() {
+                return Ok(ActivePack {
+                    number: last_pack,
+                    file,
+                    len_bytes,
+                });
+            }
+        }
+        let number = last_pack + 1;
+        let file = self.packs.create_active(number)?;
+        Ok(ActivePack {
+            number,
+            file,
+            len_bytes: 0,
+        })
+    }
+
+    /// Whether an fsync has failed since the store was opened.
+    pub(crate) fn sync_failed(&self) -> bool {
+        self.sync_failed.load(Ordering::SeqCst)
+    }
+
+    /// Makes every blob put so far durable.
+    pub(crate) fn sync(&self) -> Result<(), Error> {
+        let file = lock(&self.inner)
+            .active
+            .as_ref()
+            .map(|a| Arc::clone(&a.file));
+        // fsyncs run outside the index lock: other sessions keep appending
+        // meanwhile, and everything appended before this call is covered. The
+        // join lock makes a concurrent `sync` that took the pending fsyncs first
+        // finish joining them before this one goes on.
+        let mut result = Ok(());
+        {
+            let _join = lock(&self.sync_join);
+            let pending = std::mem::take(&mut lock(&self.inner).background_syncs);
+            for pending_sync in pending {
+                if let Err(e) = pending_sync.wait() {
+                    result = Err(e);
+                }
+            }
+        }
+        if let Some(file) = file
+            && let Err(e) = file.sync_data()
+        {
+            result = Err(e);
+        }
+        // The guard has recorded a failure already (see `guard.rs`).
+        if let Err(e) = result {
+            return Err(Error::io("cannot fsync pack data", e));
+        }
+        // With nothing to fsync, an earlier failure must still refuse.
+        if self.sync_failed.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an earlier fsync failed; reopen the store (restart the server) to recover",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fails with `Invalid` on a read-only store.
+    pub(crate) fn check_writable(&self) -> Result<(), Error> {
+        if self.read_only {
+            Err(Error::new(ErrorKind::Invalid, "store opened read-only"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Where the index says blob `id` is; a read-only store reloads its index
+    /// once when it does not know the id.
+    pub(crate) fn location(&self, id: &ChunkId) -> Result<Location, Error> {
+        if let Some(location) = lock(&self.inner).index.get(id).copied() {
+            return Ok(location);
+        }
+        if self.read_only {
+            // A read-only store may lag behind a running server: look again.
+            self.load_index()?;
+            if let Some(location) = lock(&self.inner).index.get(id).copied() {
+                return Ok(location);
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Missing,
+            format!("blob {id} is not in the store"),
+        ))
+    }
+
+    /// Pack and offset of blob `id`'s record, without reloading a read-only
+    /// index.
+    pub(crate) fn place(&self, id: &ChunkId) -> Option<(u32, u64)> {
+        lock(&self.inner)
+            .index
+            .get(id)
+            .map(|at| (at.pack, at.offset))
+    }
+
+    /// After a read at `failed` went wrong: where blob `id` is now, if a
+    /// collection moved it (in this process, or in the server a read-only store
+    /// looks at, whose index is reloaded for that). `None` when it has not moved.
+    fn moved_since(&self, id: &ChunkId, failed: &Location) -> Result<Option<Location>, Error> {
+        let mut now = self.location(id)?;
+        if now.is_at(failed) && self.read_only {
+            self.load_index()?;
+            now = self.location(id)?;
+        }
+        Ok((!now.is_at(failed)).then_some(now))
+    }
+
+    /// Reads the header and stored bytes of the record at `location`, checking
+    /// that the header is the one indexed and that the crc32 matches.
+    fn read_record(&self, location: Location) -> Result<([u8; RECORD_HEADER_LEN], Vec<u8>), Error> {
+        let mut record = vec![0u8; location.record_len_bytes() as usize];
+        self.packs
+            .read_at(location.pack, location.offset, &mut record)?;
+        let stored = record.split_off(RECORD_HEADER_LEN);
+        let mut header_bytes = [0u8; RECORD_HEADER_LEN];
+        header_bytes.copy_from_slice(&record);
+        let header = location.header;
+        if RecordHeader::decode(&header_bytes) != Some(header)
+            || !header.crc_matches(&header_bytes, &stored)
+        {
+            self.note_damaged(location);
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "blob {} at offset {} of pack {} fails its checksum",
+                    header.id,
+                    location.offset,
+                    pack_file_name(location.pack)
+                ),
+            ));
+        }
+        Ok((header_bytes, stored))
+    }
+
+    /// The stored bytes of blob `id` and where they were read. A collection may
+    /// move the blob and delete its old pack between the index lookup and the
+    /// read; then the read is retried at the new place.
+    pub(crate) fn get_stored(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
+        let mut location = self.location(id)?;
+        for _ in 0..3 {
+            let mut stored = vec![0u8; location.header.stored_len as usize];
+            let read = self.packs.read_at(
+                location.pack,
+                location.offset + RECORD_HEADER_LEN as u64,
+                &mut stored,
+            );
+            match read {
+                Ok(()) => return Ok((location, stored)),
+                Err(e) => match self.moved_since(id, &location)? {
+                    Some(now) => location = now,
+                    None => return Err(e),
+                },
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Io,
+            format!("blob {id} kept moving while being read"),
+        ))
+    }
+
+    /// Reads a blob, decodes it and checks that its blake3 equals `id`.
+    pub(crate) fn get(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
+        let (location, stored) = self.get_stored(id)?;
+        let decoded = decode_stored(id, location.header, stored);
+        if decoded
+            .as_ref()
+            .is_err_and(|e| e.kind() == ErrorKind::Corrupt)
+        {
+            self.note_damaged(location);
+        }
+        decoded
+    }
+
+    /// Reads blob `id`'s whole record as `verify` does, checking its kind,
+    /// crc32, decoding and hash; returns the decoded bytes and the stored
+    /// bytes read.
+    pub(crate) fn check(&self, id: &ChunkId, kind: BlobKind) -> Result<(Vec<u8>, u64), Fault> {
+        let Some(mut location) = lock(&self.inner).index.get(id).copied() else {
+            return Err(Fault::Missing);
+        };
+        if location.header.kind != kind {
+            return Err(Fault::WrongKind(
+                location.pack,
+                location.offset,
+                location.header.kind,
+            ));
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (pack, offset) = (location.pack, location.offset);
+            match self.read_record(location) {
+                Ok((_, stored)) => {
+                    let read = stored.len() as u64;
+                    let raw = decode_raw(location.header, stored)
+                        .map_err(|e| Fault::Undecodable(pack, offset, e))?;
+                    if raw.len() != location.header.raw_len as usize || !hashes_to(&raw, id) {
+                        return Err(Fault::HashMismatch(pack, offset));
+                    }
+                    return Ok((raw, read));
+                }
+                Err(e) if e.kind() == ErrorKind::Corrupt => {
+                    return Err(Fault::ChecksumMismatch(pack, offset));
+                }
+                Err(e) => {
+                    // A collection may have moved the blob and deleted its pack
+                    // since the lookup: look again before calling it unreadable.
+                    match self.moved_since(id, &location) {
+                        Ok(Some(now)) if attempts < 3 => location = now,
+                        _ => return Err(Fault::Unreadable(pack, offset, e.to_string())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A record found damaged since the open (rot, found by a read or by
+    /// `verify`) stops counting as stored, so the next agent that has the
+    /// chunk sends it again and a sound copy is stored; and its pack's saved
+    /// scan is dropped, so the next open scans the pack and sees the damage
+    /// too. Best effort and without an fsync (a saved scan that comes back
+    /// after a crash only delays that): the record is damaged whatever
+    /// happens here, and a read must not fail the store's fsyncs.
+    pub(crate) fn note_damaged(&self, location: Location) {
+        let newly = match lock(&self.inner).index.get_mut(&location.header.id) {
+            Some(at) if at.is_at(&location) && at.crc_ok => {
+                at.crc_ok = false;
+                true
+            }
+            _ => false,
+        };
+        if newly && !self.read_only {
+            let _ = self.packs.forget_scan(location.pack);
+        }
+    }
+}
+
+/// Decodes a blob's stored bytes (at most its raw length).
+pub(crate) fn decode_raw(header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, String> {
+    match header.codec {
+        StoredCodec::Raw => Ok(stored),
+        StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
+            .map_err(|e| format!("zstd: {e}")),
+    }
+}
+
+/// Whether `raw` are the bytes of blob `id`.
+fn hashes_to(raw: &[u8], id: &ChunkId) -> bool {
+    ChunkId::from(blake3::hash(raw)) == *id
+}
+
+/// Decodes a blob's stored bytes and checks that they hash to `id`.
+fn decode_stored(id: &ChunkId, header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, Error> {
+    let raw = decode_raw(header, stored)
+        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("blob {id}: {e}")))?;
+    if raw.len() != header.raw_len as usize || !hashes_to(&raw, id) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("blob {id} does not hash to its id"),
+        ));
+    }
+    Ok(raw)
+}
+
+fn tracing_cut(pack: &str, valid_len: u64, file_len: u64) {
+    // The store has no logging dependency; recovery is rare and worth one line.
+    eprintln!(
+        "blockrep-store: dropping torn tail of {pack}: {} bytes after offset {}",
+        file_len - valid_len,
+        valid_len
+    );
+}
