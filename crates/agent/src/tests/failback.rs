@@ -36,6 +36,7 @@ async fn failback_from_the_head_rewrites_a_changed_disk_back_to_the_replica() {
             "before",
             "restore",
             blockrep_store::LaunchKind::Test,
+            now,
         )
         .expect("launch the snapshot");
     rig.rewrite_chunk(2);
