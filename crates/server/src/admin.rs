@@ -9,14 +9,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
+use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{Consistency, SourceId};
 use blockrep_store::{ErrorKind, LaunchKind, Store};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::listener::Shared;
-use crate::status::now_unix_ms;
+use crate::shared::Shared;
 use crate::views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
 /// The admin routes behind the admin guard (Host, Origin, identity, JSON).

@@ -29,8 +29,8 @@ use axum::response::Response;
 use blockrep_pki::AdminToken;
 use tracing::{info, warn};
 
-use crate::listener::Shared;
 use crate::metrics::AdminRefusal;
+use crate::shared::Shared;
 use crate::{Error, ServerConfig};
 
 /// What the admin listener lets in, fixed at start.

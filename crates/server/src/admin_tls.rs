@@ -28,8 +28,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
-use crate::listener::Shared;
 use crate::metrics::{AdminRefusal, HandshakeFailure};
+use crate::shared::Shared;
 
 /// Most admin connections open at once, handshaking or not: operators and a
 /// scraper need a handful; the cap keeps a flood from taking the server's memory.

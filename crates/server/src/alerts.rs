@@ -23,12 +23,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use blockrep_core::SourceId;
+use blockrep_core::clock::now_unix_ms;
 use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::admin::error;
-use crate::listener::Shared;
-use crate::status::{SourceRecord, StateThresholds, now_unix_ms};
+use crate::shared::Shared;
+use crate::status::{SourceRecord, StateThresholds};
 
 /// Hook runs queued at most; further events are logged and dropped rather than
 /// piling up behind a hook that hangs.

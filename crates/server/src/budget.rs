@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use blockrep_core::Geometry;
 use blockrep_proto::ErrorCode;
 
-use crate::listener::Shared;
-use crate::session::Reject;
+use crate::reject::Reject;
+use crate::shared::Shared;
 
 /// Bytes a session reserves per chunk of its disk: the replica's id (32), the
 /// set of the source's own ids (up to 1.25 ids per chunk) and the ids received

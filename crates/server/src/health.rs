@@ -20,11 +20,11 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use blockrep_core::clock::now_unix_ms;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::listener::Shared;
-use crate::status::now_unix_ms;
+use crate::shared::Shared;
 
 /// The store probe runs at most this often.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(2);

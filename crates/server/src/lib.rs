@@ -33,9 +33,11 @@ mod listener;
 mod maintenance;
 mod metrics;
 mod nbd_export;
+mod reject;
 mod retention;
 mod revocation;
 mod session;
+mod shared;
 mod status;
 mod verify;
 mod views;
@@ -45,11 +47,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use capture::{CaptureView, SourceMode};
-pub use listener::{Server, ServerStats};
+pub use listener::Server;
 pub use maintenance::report_json as gc_report_json;
 pub use nbd_export::{
     NBD_CONNECTIONS_MAX_DEFAULT, NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT, NBD_IDLE_TIMEOUT_DEFAULT,
 };
+pub use shared::ServerStats;
 pub use status::{CutoverView, SourceState, SourceView, StateThresholds};
 pub use views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 

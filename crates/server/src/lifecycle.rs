@@ -14,7 +14,7 @@ use std::sync::Arc;
 use blockrep_core::SourceId;
 use blockrep_store::Lifecycle;
 
-use crate::listener::Shared;
+use crate::shared::Shared;
 
 /// What a reset found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::listener::Shared;
+use crate::shared::Shared;
 
 /// Runs GC every `gc_interval` (the task is aborted when the server stops).
 pub(crate) async fn run_gc(shared: Arc<Shared>) {

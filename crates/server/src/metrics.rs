@@ -23,11 +23,12 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use blockrep_core::SourceId;
+use blockrep_core::clock::now_unix_ms;
 use blockrep_proto::ErrorCode;
 use tracing::warn;
 
-use crate::listener::Shared;
-use crate::status::{SourceRecord, SourceState, StateThresholds, now_unix_ms};
+use crate::shared::Shared;
+use crate::status::{SourceRecord, SourceState, StateThresholds};
 
 /// Content type of the text exposition format.
 pub(crate) const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -261,7 +261,7 @@ async fn hangup(hangups: &mut Option<Signal>) {
 }
 
 /// The revocation and per-address families of `/metrics`, appended to the rest.
-pub(crate) fn metrics_text(shared: &crate::listener::Shared) -> String {
+pub(crate) fn metrics_text(shared: &crate::shared::Shared) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let mut counter = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {

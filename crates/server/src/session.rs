@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Consistency, Geometry, Page, Root, SourceId};
 use blockrep_proto::{
     Codec, ErrorCode, Message, PROGRESS_INTERVAL, PROTOCOL_VERSION, negotiate_version,
@@ -26,31 +27,9 @@ use labels::commit_label;
 use references::{References, new_nonce};
 
 use crate::connection::{Connection, ReadError};
-use crate::listener::{ActiveSession, Shared, SourceSlot, reject};
-use crate::status::now_unix_ms;
+use crate::reject::Reject;
+use crate::shared::{ActiveSession, Shared, SourceSlot};
 use crate::verify::{Job, Verifier};
-
-/// A reason to end a session, sent to the agent as an `Error` frame.
-#[derive(Debug)]
-pub(crate) struct Reject {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl Reject {
-    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for Reject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
 
 /// How a session ended without a protocol error.
 enum End {
@@ -1279,4 +1258,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .await
             .map_err(internal)
     }
+}
+
+/// Ends a session (or a connection before one) with `code`: counts it, logs
+/// it, and sends the agent an `Error` frame.
+pub(crate) async fn reject<S>(
+    shared: &Shared,
+    connection: &mut Connection<S>,
+    peer: SocketAddr,
+    code: ErrorCode,
+    message: String,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    shared
+        .stats
+        .sessions_rejected_total
+        .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.session_rejected(code);
+    warn!(%peer, %code, reason = %message, "session rejected");
+    connection
+        .close_with_error(Message::Error { code, message })
+        .await;
 }

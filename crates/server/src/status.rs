@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{Consistency, SourceId};
 use blockrep_store::{Head, Lifecycle, LifecycleStage};
 use serde::{Deserialize, Serialize};
@@ -138,13 +139,6 @@ impl From<&Lifecycle> for CutoverView {
             downtime_ms: l.downtime.total_ms,
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Mutable per-source record.

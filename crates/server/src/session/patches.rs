@@ -100,7 +100,7 @@ impl ValuesCache {
 
 /// Where a session's verifier puts the block values of the chunks it checks:
 /// the cache, so the next epoch's `GetBlockValues` need not read and hash them.
-pub(crate) fn values_sink(shared: &Arc<crate::listener::Shared>) -> OnValues {
+pub(crate) fn values_sink(shared: &Arc<crate::shared::Shared>) -> OnValues {
     let shared = Arc::clone(shared);
     Arc::new(move |id, values| shared.patches.remember(id, values))
 }
@@ -288,7 +288,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
 }
 
 /// The patch counters in the Prometheus text format.
-pub(crate) fn metrics_text(shared: &crate::listener::Shared) -> String {
+pub(crate) fn metrics_text(shared: &crate::shared::Shared) -> String {
     use std::fmt::Write as _;
     let patches = &shared.patches;
     let mut out = String::new();
