@@ -37,11 +37,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         target_ids: &[ChunkId],
         entries: Vec<Entry>,
     ) -> Result<(u64, u64), Outcome> {
-        let per_batch = (self.shared.config.send_buffer_max_bytes
-            / u64::from(geometry.chunk_size_bytes()))
-        .max(1) as usize;
         let (mut count, mut bytes) = (0, 0);
-        for batch in entries.chunks(per_batch) {
+        for batch in entries.chunks(self.chunks_per_batch(geometry)) {
             let mut wanted = Vec::with_capacity(batch.len());
             for (index, base, values) in batch {
                 let id = *target_ids.get(*index as usize).ok_or_else(|| {
