@@ -15,8 +15,6 @@
 //! adds up the increases between reports, counting a report whose counter is
 //! below the previous one as a restart (its whole value is new).
 
-use std::fmt::Write as _;
-
 use blockrep_core::SourceId;
 use blockrep_proto::Message;
 use serde::{Deserialize, Serialize};
@@ -132,92 +130,6 @@ pub(crate) fn mode(record: &SourceRecord) -> SourceMode {
     }
 }
 
-/// A metric family of a capture figure: name, type, help, value.
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&CaptureRecord) -> u64,
-);
-
-/// The `blockrep_capture_*` families, one sample per source in capture mode,
-/// with `# HELP` and `# TYPE` even when no source is (as the other families).
-pub(crate) fn metrics_text(sources: &[(SourceId, SourceRecord)]) -> String {
-    let captured: Vec<(&SourceId, &CaptureRecord)> = sources
-        .iter()
-        .filter_map(|(source, record)| record.capture.as_ref().map(|c| (source, c)))
-        .collect();
-    let mut out = String::new();
-    let families: [Family; 4] = [
-        (
-            "blockrep_capture_dirty_bytes",
-            "gauge",
-            "Bytes the workload wrote through the agent's export that are not yet in a committed epoch, as last reported.",
-            |c| c.last.dirty_bytes,
-        ),
-        (
-            "blockrep_capture_preserved_bytes",
-            "gauge",
-            "Bytes of old content the agent held so that the epoch in flight reads as of its cut, as last reported.",
-            |c| c.last.preserved_bytes,
-        ),
-        (
-            "blockrep_capture_cuts_total",
-            "counter",
-            "Epochs cut by the source's capture agents, added up across agent restarts since the server started.",
-            |c| c.cuts_total,
-        ),
-        (
-            "blockrep_capture_writes_total",
-            "counter",
-            "Writes the workload made through the agent's export, added up across agent restarts since the server started.",
-            |c| c.writes_total,
-        ),
-    ];
-    for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (source, capture) in &captured {
-            let _ = writeln!(
-                out,
-                "{name}{{source=\"{}\"}} {}",
-                escape_label(source.as_str()),
-                value(capture)
-            );
-        }
-    }
-    // A summary with quantiles only: the agent reports the quantiles of the
-    // writes since its previous report, not a sum or a count to rate().
-    let name = "blockrep_capture_write_latency_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Latency of the workload's writes through the agent's export, over the interval before the last report."
-    );
-    let _ = writeln!(out, "# TYPE {name} summary");
-    for (source, capture) in &captured {
-        for (quantile, us) in [
-            ("0.5", capture.last.write_p50_us),
-            ("0.99", capture.last.write_p99_us),
-        ] {
-            let _ = writeln!(
-                out,
-                "{name}{{source=\"{}\",quantile=\"{quantile}\"}} {}",
-                escape_label(source.as_str()),
-                us as f64 / 1e6
-            );
-        }
-    }
-    out
-}
-
-/// Source ids are restricted to safe characters, but the format's escaping
-/// costs nothing and keeps this correct if that ever changes.
-fn escape_label(text: &str) -> String {
-    text.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,38 +158,5 @@ mod tests {
         scanned(&mut record);
         assert_eq!(mode(&record), SourceMode::Scan);
         assert!(record.capture.is_none());
-    }
-
-    #[test]
-    fn metrics_have_one_sample_per_capture_source() {
-        let mut captured = SourceRecord::default();
-        report(
-            &mut captured,
-            CaptureView {
-                dirty_bytes: 8192,
-                preserved_bytes: 4096,
-                cuts: 2,
-                writes: 9,
-                write_p50_us: 250,
-                write_p99_us: 1500,
-            },
-        );
-        let sources = vec![
-            (SourceId::new("cap").unwrap(), captured),
-            (SourceId::new("scan").unwrap(), SourceRecord::default()),
-        ];
-        let text = metrics_text(&sources);
-        for line in [
-            "blockrep_capture_dirty_bytes{source=\"cap\"} 8192\n",
-            "blockrep_capture_preserved_bytes{source=\"cap\"} 4096\n",
-            "blockrep_capture_cuts_total{source=\"cap\"} 2\n",
-            "blockrep_capture_writes_total{source=\"cap\"} 9\n",
-            "blockrep_capture_write_latency_seconds{source=\"cap\",quantile=\"0.5\"} 0.00025\n",
-            "blockrep_capture_write_latency_seconds{source=\"cap\",quantile=\"0.99\"} 0.0015\n",
-            "# TYPE blockrep_capture_write_latency_seconds summary\n",
-        ] {
-            assert!(text.contains(line), "{line} missing from\n{text}");
-        }
-        assert!(!text.contains("source=\"scan\""), "{text}");
     }
 }

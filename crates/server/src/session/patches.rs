@@ -287,41 +287,6 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
     }
 }
 
-/// The patch counters in the Prometheus text format.
-pub(crate) fn metrics_text(shared: &crate::shared::Shared) -> String {
-    use std::fmt::Write as _;
-    let patches = &shared.patches;
-    let mut out = String::new();
-    let families = [
-        (
-            "blockrep_patches_received_total",
-            "Sub-chunk patches applied (changed chunks sent as the blocks that differ from their base), all sources.",
-            &patches.patches_received_total,
-        ),
-        (
-            "blockrep_patch_bytes_received_total",
-            "Bytes of patch data (as sent: raw or compressed), all sources, counted as patches are applied.",
-            &patches.patch_bytes_received_total,
-        ),
-        (
-            "blockrep_patch_bytes_saved_total",
-            "Chunk bytes patches did not carry: the patched chunks' lengths less their patch data.",
-            &patches.patch_bytes_saved_total,
-        ),
-        (
-            "blockrep_block_values_served_total",
-            "Chunks whose block values were sent to an agent (GetBlockValues entries not empty).",
-            &patches.block_values_served_total,
-        ),
-    ];
-    for (name, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
