@@ -101,11 +101,12 @@ async fn not_found() -> Response {
 }
 
 async fn list_sources(State(shared): State<Arc<Shared>>) -> Response {
-    Json(shared.sources.views(shared.thresholds())).into_response()
+    Json(shared.ledger.sources.views(shared.thresholds())).into_response()
 }
 
 async fn get_source(State(shared): State<Arc<Shared>>, Path(source): Path<String>) -> Response {
     shared
+        .ledger
         .sources
         .views(shared.thresholds())
         .into_iter()
@@ -135,7 +136,7 @@ async fn request_cutover(
         )
         .into());
     }
-    let fenced = shared.sources.update_known(&source, |r| {
+    let fenced = shared.ledger.sources.update_known(&source, |r| {
         if r.lifecycle.is_none() {
             r.cutover_requested = true;
         }
@@ -187,7 +188,7 @@ async fn complete_failback(
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
     // `update_known`: asking about a source never seen must not create it.
-    let failing_back = shared.sources.update_known(&source, |r| {
+    let failing_back = shared.ledger.sources.update_known(&source, |r| {
         let active = r
             .lifecycle
             .as_ref()

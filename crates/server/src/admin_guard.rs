@@ -29,7 +29,7 @@ use axum::response::Response;
 use blockrep_pki::AdminToken;
 use tracing::{info, warn};
 
-use crate::metrics::AdminRefusal;
+use crate::ledger::AdminRefusal;
 use crate::shared::Shared;
 use crate::{Error, ServerConfig};
 
@@ -259,7 +259,7 @@ pub(crate) async fn guard(
     let Some((refusal, status, message)) = check(&guard, &request) else {
         return next.run(request).await;
     };
-    shared.metrics.admin_refused(refusal);
+    shared.ledger.admin_refused(refusal);
     warn!(method = %request.method(), path = %request.uri().path(),
           reason = refusal.as_str(), message = %message, "admin request refused");
     let mut response = crate::admin::error(status, message);

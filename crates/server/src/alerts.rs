@@ -144,7 +144,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let records = shared.sources.records();
+        let records = shared.ledger.sources.records();
         let transitions = shared
             .alerts
             .evaluate(&records, shared.thresholds(), now_unix_ms());
@@ -306,7 +306,7 @@ fn change_rpo_target(shared: &Shared, source: &str, target: Option<Duration>) ->
     };
     let thresholds = shared.thresholds();
     let now = now_unix_ms();
-    let view = shared.sources.update_known(&id, |record| {
+    let view = shared.ledger.sources.update_known(&id, |record| {
         record.rpo_target_override = target;
         record.view(&id, thresholds, now)
     });

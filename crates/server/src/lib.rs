@@ -21,6 +21,7 @@ mod admin;
 mod admin_guard;
 mod admin_tls;
 mod alerts;
+mod block_values;
 mod budget;
 mod capture;
 mod connection;
@@ -28,6 +29,7 @@ mod connection;
 pub mod fuzzing;
 mod health;
 mod launch_gate;
+mod ledger;
 mod lifecycle;
 mod listener;
 mod maintenance;
@@ -47,12 +49,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use capture::{CaptureView, SourceMode};
+pub use ledger::ServerStats;
 pub use listener::Server;
 pub use maintenance::report_json as gc_report_json;
 pub use nbd_export::{
     NBD_CONNECTIONS_MAX_DEFAULT, NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT, NBD_IDLE_TIMEOUT_DEFAULT,
 };
-pub use shared::ServerStats;
 pub use status::{CutoverView, SourceState, SourceView, StateThresholds};
 pub use views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 

@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use blockrep_core::clock::now_unix_ms;
 use blockrep_pki::{Identity, identity_from_cert, tenant_from_cert};
@@ -15,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::connection::Connection;
-use crate::metrics::HandshakeFailure;
+use crate::ledger::HandshakeFailure;
 use crate::session::{Session, reject};
 use crate::shared::Shared;
 use crate::status::{SourceRecord, SourceTable};
@@ -254,31 +253,18 @@ impl Server {
                 }
             };
             let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                self.shared
-                    .stats
-                    .connections_refused_total
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.ledger.connection_refused(false);
                 warn!(%peer, limit = self.shared.config.connections_max, "connection refused: limit reached");
                 continue;
             };
             // Before any TLS work: one address may not hold every slot.
             let Some(address_slot) = address_slots.try_acquire(peer.ip()) else {
-                let stats = &self.shared.stats;
-                stats
-                    .connections_refused_total
-                    .fetch_add(1, Ordering::Relaxed);
-                stats
-                    .connections_refused_per_address_total
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.ledger.connection_refused(true);
                 warn!(%peer, limit = self.shared.config.connections_per_address_max,
                       "connection refused: this address holds its share of the connections");
                 continue;
             };
-            self.shared
-                .stats
-                .connections_total
-                .fetch_add(1, Ordering::Relaxed);
-            let open = self.shared.metrics.connection_opened();
+            let open = self.shared.ledger.connection_accepted();
             let shared = Arc::clone(&self.shared);
             let acceptor = self.acceptor.clone();
             tokio::spawn(async move {
@@ -334,21 +320,13 @@ async fn handle_connection(
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            shared
-                .stats
-                .handshake_failures_total
-                .fetch_add(1, Ordering::Relaxed);
             let class = HandshakeFailure::classify(&e.to_string());
-            shared.metrics.handshake_failed(class);
+            shared.ledger.handshake_failed(class);
             warn!(%peer, reason = %e, class = class.as_str(), "TLS handshake rejected");
             return;
         }
         Err(_) => {
-            shared
-                .stats
-                .handshake_failures_total
-                .fetch_add(1, Ordering::Relaxed);
-            shared.metrics.handshake_failed(HandshakeFailure::Timeout);
+            shared.ledger.handshake_failed(HandshakeFailure::Timeout);
             warn!(%peer, reason = "timeout", "TLS handshake rejected");
             return;
         }

@@ -1,7 +1,6 @@
 //! Background garbage collection, and the admin endpoint that runs it on demand.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -38,7 +37,7 @@ async fn collect(shared: &Arc<Shared>, options: GcOptions) -> Result<GcReport, S
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     if !options.dry_run {
-        shared.metrics.gc_runs_total.fetch_add(1, Ordering::Relaxed);
+        shared.ledger.gc_ran();
     }
     info!(
         dry_run = report.dry_run,

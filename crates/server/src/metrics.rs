@@ -5,4 +5,4 @@
 mod catalog;
 mod exposition;
 
-pub(crate) use catalog::{AdminRefusal, HandshakeFailure, Metrics, handler};
+pub(crate) use catalog::handler;

@@ -291,7 +291,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // From here the agent waits for answers while its frames drain.
         self.connection.progress_every = Some(PROGRESS_INTERVAL);
         let now = now_unix_ms();
-        self.shared.sources.update(&self.source, |record| {
+        self.shared.ledger.sources.update(&self.source, |record| {
             record.connected = true;
             record.last_contact_unix_ms = now;
             record.disk_size_bytes = disk_size_bytes;
@@ -354,6 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn touch(&self) {
         let now = now_unix_ms();
         self.shared
+            .ledger
             .sources
             .update(&self.source, |record| record.last_contact_unix_ms = now);
     }
@@ -394,11 +395,7 @@ pub(crate) async fn reject<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    shared
-        .stats
-        .sessions_rejected_total
-        .fetch_add(1, Ordering::Relaxed);
-    shared.metrics.session_rejected(code);
+    shared.ledger.session_rejected(code);
     warn!(%peer, %code, reason = %message, "session rejected");
     connection
         .close_with_error(Message::Error { code, message })

@@ -14,43 +14,18 @@ use blockrep_store::Store;
 
 use crate::ServerConfig;
 use crate::alerts::Alerts;
+use crate::block_values::BlockValues;
 use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::ledger::Ledger;
 use crate::status::{SourceTable, StateThresholds};
-
-/// Server-wide counters.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    /// Connections accepted.
-    pub connections_total: AtomicU64,
-    /// Connections refused because the connection limit was reached (the
-    /// listener's or their address's).
-    pub connections_refused_total: AtomicU64,
-    /// Connections refused because their address held its share of the slots.
-    pub connections_refused_per_address_total: AtomicU64,
-    /// TLS handshakes that failed or timed out.
-    pub handshake_failures_total: AtomicU64,
-    /// Sessions ended with an error sent to the agent.
-    pub sessions_rejected_total: AtomicU64,
-    /// Epochs committed.
-    pub epochs_committed_total: AtomicU64,
-    /// Data chunks received and verified.
-    pub chunks_received_total: AtomicU64,
-    /// Bytes of chunk data (as sent: compressed or raw) in `Chunk` frames,
-    /// counted on arrival, whether or not their epoch ever commits.
-    pub chunk_bytes_arrived_total: AtomicU64,
-}
 
 /// State shared by every connection.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub store: Arc<Store>,
     pub config: ServerConfig,
-    pub stats: ServerStats,
-    /// Per-source lag, backlog and counters.
-    pub sources: SourceTable,
-    /// Labelled counters and histograms for `/metrics`.
-    pub metrics: Metrics,
+    /// Every counted event, and the per-source records (lag, backlog, state).
+    pub ledger: Ledger,
     /// Store probe and listener state for `/health`.
     pub health: Health,
     /// RPO breach state per source.
@@ -66,8 +41,8 @@ pub(crate) struct Shared {
     /// The revocation lists in force and the sessions they may end; `None`
     /// where no TLS is set up (the fuzz harness).
     pub revocation: Option<Arc<crate::revocation::Revocation>>,
-    /// Block values cache and patch counters.
-    pub patches: crate::session::patches::PatchShared,
+    /// Block values of recently checked chunks, the bases of patches.
+    pub block_values: BlockValues,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -91,7 +66,7 @@ pub(crate) struct SourceSlot {
 impl Drop for SourceSlot {
     fn drop(&mut self) {
         let now = now_unix_ms();
-        self.shared.sources.update(&self.source, |record| {
+        self.shared.ledger.sources.update(&self.source, |record| {
             record.connected = false;
             record.last_contact_unix_ms = now;
         });
@@ -113,9 +88,7 @@ impl Shared {
         Self {
             store,
             config,
-            stats: ServerStats::default(),
-            sources,
-            metrics: Metrics::default(),
+            ledger: Ledger::new(sources),
             health: Health::default(),
             alerts: Alerts::default(),
             nbd_addr,
@@ -123,7 +96,7 @@ impl Shared {
             ids_budget: crate::budget::IdsBudget::default(),
             lifecycle_lock: tokio::sync::Mutex::new(()),
             revocation: None,
-            patches: Default::default(),
+            block_values: BlockValues::default(),
         }
     }
 

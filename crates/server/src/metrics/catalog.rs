@@ -8,13 +8,13 @@
 //! connections, handshake failures by reason, sessions rejected by code,
 //! collector runs, availability, and histograms of epoch commit time and size.
 //!
-//! Counters only ever grow within a process: they live in records that are never
-//! removed and are only ever added to.
+//! Every figure comes from the ledger (`crate::ledger`), the per-source records
+//! included, copied under its locks and formatted without them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -22,300 +22,13 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use blockrep_core::SourceId;
 use blockrep_core::clock::now_unix_ms;
-use blockrep_proto::ErrorCode;
 use tracing::warn;
 
 use super::exposition::{CONTENT_TYPE_TEXT, Exposition, HistogramCounts, Value};
 use crate::capture::CaptureRecord;
+use crate::ledger::HistogramState;
 use crate::shared::Shared;
 use crate::status::{SourceRecord, SourceState, StateThresholds};
-
-/// Why a TLS handshake failed, as counted in `blockrep_handshake_failures_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum HandshakeFailure {
-    /// No finished handshake within the handshake time-out.
-    Timeout,
-    /// A certificate was missing, unknown, expired or refused by either side.
-    Certificate,
-    /// Not TLS, or TLS the server does not speak (e.g. only TLS 1.2 offered).
-    Protocol,
-    /// Anything else, typically the peer closing or resetting the connection.
-    Other,
-}
-
-impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 4] = [
-        HandshakeFailure::Timeout,
-        HandshakeFailure::Certificate,
-        HandshakeFailure::Protocol,
-        HandshakeFailure::Other,
-    ];
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            HandshakeFailure::Timeout => "timeout",
-            HandshakeFailure::Certificate => "certificate",
-            HandshakeFailure::Protocol => "protocol",
-            HandshakeFailure::Other => "other",
-        }
-    }
-
-    /// Classifies a failed handshake by the error's text. The text, not the
-    /// variant, because the error reaches us as an `io::Error` that may wrap a
-    /// rustls error, an alert from the peer, or a plain socket error; the unit
-    /// tests pin the texts of the rustls version in use.
-    pub(crate) fn classify(error_text: &str) -> Self {
-        let text = error_text.to_ascii_lowercase();
-        let any = |needles: &[&str]| needles.iter().any(|needle| text.contains(needle));
-        if any(&["certificate", "unknownca", "unknown ca", "badcert"]) {
-            HandshakeFailure::Certificate
-        } else if any(&["timed out", "timeout"]) {
-            HandshakeFailure::Timeout
-        } else if any(&[
-            "corrupt message",
-            "unexpected message",
-            "peer is incompatible",
-            "peer misbehaved",
-            "protocolversion",
-            "handshakefailure",
-        ]) {
-            HandshakeFailure::Protocol
-        } else {
-            HandshakeFailure::Other
-        }
-    }
-}
-
-/// Why a request to the admin API was refused, as counted in
-/// `blockrep_admin_requests_refused_total`. (Handshake failures on the admin
-/// listener count in `blockrep_handshake_failures_total` like any other.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AdminRefusal {
-    /// A valid certificate of a source: agents may not operate the server.
-    SourceCertificate,
-    /// A certificate from the CA that carries no valid blockrep identity.
-    NoIdentity,
-    /// A `Host` that does not name this listener (DNS rebinding).
-    ForeignHost,
-    /// A foreign `Origin` or a cross-site browser request (CSRF).
-    ForeignOrigin,
-    /// No admin token where one is needed.
-    NoToken,
-    /// A token that is not the admin token.
-    WrongToken,
-    /// A state change without `Content-Type: application/json`.
-    NotJson,
-}
-
-impl AdminRefusal {
-    const ALL: [AdminRefusal; 7] = [
-        AdminRefusal::SourceCertificate,
-        AdminRefusal::NoIdentity,
-        AdminRefusal::ForeignHost,
-        AdminRefusal::ForeignOrigin,
-        AdminRefusal::NoToken,
-        AdminRefusal::WrongToken,
-        AdminRefusal::NotJson,
-    ];
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            AdminRefusal::SourceCertificate => "source_certificate",
-            AdminRefusal::NoIdentity => "no_identity",
-            AdminRefusal::ForeignHost => "foreign_host",
-            AdminRefusal::ForeignOrigin => "foreign_origin",
-            AdminRefusal::NoToken => "no_token",
-            AdminRefusal::WrongToken => "wrong_token",
-            AdminRefusal::NotJson => "not_json",
-        }
-    }
-}
-
-/// Bucket upper bounds of `blockrep_epoch_commit_duration_seconds`: from a
-/// cached fsync to a slow disk under load.
-const COMMIT_DURATION_BUCKETS_SECONDS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-];
-
-/// Bucket upper bounds of `blockrep_epoch_size_bytes`: powers of four from one
-/// default chunk (64 KiB) to 64 GiB (an initial sync step).
-const EPOCH_SIZE_BUCKETS_BYTES: [f64; 11] = [
-    65_536.0,
-    262_144.0,
-    1_048_576.0,
-    4_194_304.0,
-    16_777_216.0,
-    67_108_864.0,
-    268_435_456.0,
-    1_073_741_824.0,
-    4_294_967_296.0,
-    17_179_869_184.0,
-    68_719_476_736.0,
-];
-
-/// A histogram with fixed buckets. Observed once per epoch commit, so a lock is
-/// cheap enough and keeps sum and counts consistent with each other.
-#[derive(Debug)]
-struct Histogram {
-    bounds: &'static [f64],
-    inner: Mutex<HistogramState>,
-}
-
-/// A histogram's figures at one moment.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct HistogramState {
-    bounds: &'static [f64],
-    /// Observations per bucket (not cumulative); one more than `bounds` for +Inf.
-    buckets: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            inner: Mutex::new(HistogramState {
-                bounds,
-                buckets: vec![0; bounds.len() + 1],
-                ..HistogramState::default()
-            }),
-        }
-    }
-
-    fn observe(&self, value: f64) {
-        let bucket = self
-            .bounds
-            .iter()
-            .position(|&bound| value <= bound)
-            .unwrap_or(self.bounds.len());
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.buckets[bucket] += 1;
-        inner.sum += value;
-        inner.count += 1;
-    }
-
-    fn counts(&self) -> HistogramState {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl HistogramState {
-    fn as_counts(&self) -> HistogramCounts<'_> {
-        HistogramCounts {
-            bounds: self.bounds,
-            buckets: &self.buckets,
-            sum: self.sum,
-            count: self.count,
-        }
-    }
-}
-
-/// Metrics the rest of the server records into, beyond the per-source records
-/// and [`crate::ServerStats`].
-#[derive(Debug)]
-pub(crate) struct Metrics {
-    connections_open: Arc<AtomicU64>,
-    handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
-    /// Rejected sessions by error code label (codes appear as they happen, so a
-    /// code added to the protocol is counted without a change here).
-    sessions_rejected: Mutex<BTreeMap<String, u64>>,
-    /// Garbage collector runs; the collector increments it when it runs.
-    pub gc_runs_total: AtomicU64,
-    /// Admin API requests refused, by [`AdminRefusal`].
-    admin_refused: [AtomicU64; AdminRefusal::ALL.len()],
-    epoch_commit_duration: Histogram,
-    epoch_size: Histogram,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self {
-            connections_open: Arc::new(AtomicU64::new(0)),
-            handshake_failures: Default::default(),
-            sessions_rejected: Mutex::new(known_codes_at_zero()),
-            gc_runs_total: AtomicU64::new(0),
-            admin_refused: Default::default(),
-            epoch_commit_duration: Histogram::new(&COMMIT_DURATION_BUCKETS_SECONDS),
-            epoch_size: Histogram::new(&EPOCH_SIZE_BUCKETS_BYTES),
-        }
-    }
-}
-
-/// Counts an open connection until dropped.
-#[derive(Debug)]
-pub(crate) struct OpenConnection(Arc<AtomicU64>);
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Metrics {
-    /// Counts a connection as open for as long as the guard lives.
-    pub(crate) fn connection_opened(&self) -> OpenConnection {
-        self.connections_open.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(Arc::clone(&self.connections_open))
-    }
-
-    pub(crate) fn handshake_failed(&self, reason: HandshakeFailure) {
-        let index = HandshakeFailure::ALL
-            .iter()
-            .position(|&r| r == reason)
-            .unwrap_or(HandshakeFailure::ALL.len() - 1);
-        self.handshake_failures[index].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn admin_refused(&self, reason: AdminRefusal) {
-        let index = AdminRefusal::ALL
-            .iter()
-            .position(|&r| r == reason)
-            .unwrap_or(AdminRefusal::ALL.len() - 1);
-        self.admin_refused[index].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn session_rejected(&self, code: ErrorCode) {
-        let mut rejected = self
-            .sessions_rejected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *rejected.entry(code_label(code)).or_default() += 1;
-    }
-
-    /// Records a committed epoch: time from `Commit` to durable, and bytes
-    /// received for it.
-    pub(crate) fn epoch_committed(&self, commit_duration: Duration, bytes_received: u64) {
-        self.epoch_commit_duration
-            .observe(commit_duration.as_secs_f64());
-        self.epoch_size.observe(bytes_received as f64);
-    }
-}
-
-/// Every error code the protocol knows, counted at 0: a series that exists
-/// before its first increment lets `increase()` see that increment. Codes are
-/// numbered from 1 without gaps, so this needs no list of its own.
-fn known_codes_at_zero() -> BTreeMap<String, u64> {
-    (1..=u16::MAX)
-        .map(ErrorCode::from_u16)
-        .take_while(|code| !matches!(code, ErrorCode::Unknown(_)))
-        .map(|code| (code_label(code), 0))
-        .collect()
-}
-
-/// `SourceMismatch` -> `source_mismatch`; `Unknown(12)` -> `unknown`.
-fn code_label(code: ErrorCode) -> String {
-    let debug = format!("{code:?}");
-    let name = debug.split('(').next().unwrap_or_default();
-    let mut label = String::with_capacity(name.len() + 4);
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            label.push('_');
-        }
-        label.push(c.to_ascii_lowercase());
-    }
-    label
-}
 
 /// How much the store holds on disk. `live_bytes` and `garbage_bytes` are filled
 /// in when a space report that knows them is available (the garbage collector's
@@ -404,40 +117,29 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
         warn!(error = %e, "metrics: store listing task failed");
         (None, None, None)
     });
-    let stats = &shared.stats;
-    let metrics = &shared.metrics;
+    let ledger = &shared.ledger;
+    let stats = ledger.stats();
+    let (epoch_commit_duration, epoch_size) = ledger.epoch_histograms();
     let scrape = Scrape {
         now_unix_ms: now_unix_ms(),
         thresholds: Some(shared.thresholds()),
-        sources: shared.sources.records(),
+        sources: ledger.sources.records(),
         rpo_breaches_total: shared.alerts.breaches_total(),
         snapshots,
         launches,
         store_space,
         availability,
-        connections_open: metrics.connections_open.load(Ordering::Relaxed),
-        connections_total: stats.connections_total.load(Ordering::Relaxed),
-        connections_refused_total: stats.connections_refused_total.load(Ordering::Relaxed),
-        handshake_failures_total: HandshakeFailure::ALL
-            .iter()
-            .zip(&metrics.handshake_failures)
-            .map(|(reason, count)| (reason.as_str(), count.load(Ordering::Relaxed)))
-            .collect(),
-        sessions_rejected_total: metrics
-            .sessions_rejected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone(),
-        admin_requests_refused_total: AdminRefusal::ALL
-            .iter()
-            .zip(&metrics.admin_refused)
-            .map(|(reason, count)| (reason.as_str(), count.load(Ordering::Relaxed)))
-            .collect(),
-        chunks_received_total: stats.chunks_received_total.load(Ordering::Relaxed),
-        chunk_bytes_arrived_total: stats.chunk_bytes_arrived_total.load(Ordering::Relaxed),
-        gc_runs_total: metrics.gc_runs_total.load(Ordering::Relaxed),
-        epoch_commit_duration: Some(metrics.epoch_commit_duration.counts()),
-        epoch_size: Some(metrics.epoch_size.counts()),
+        connections_open: ledger.connections_open(),
+        connections_total: stats.connections_total,
+        connections_refused_total: stats.connections_refused_total,
+        handshake_failures_total: ledger.handshake_failures(),
+        sessions_rejected_total: ledger.sessions_rejected(),
+        admin_requests_refused_total: ledger.admin_refusals(),
+        chunks_received_total: stats.chunks_received_total,
+        chunk_bytes_arrived_total: stats.chunk_bytes_arrived_total,
+        gc_runs_total: ledger.gc_runs_total(),
+        epoch_commit_duration: Some(epoch_commit_duration),
+        epoch_size: Some(epoch_size),
     };
     let mut text = render(&scrape);
     text.push_str(&capture_text(&scrape.sources));
@@ -534,10 +236,7 @@ fn revocation_text(shared: &Shared) -> String {
         "Replication connections closed at once because their address held --connections-per-address (also counted in blockrep_connections_refused_total).",
         &[(
             &[],
-            shared
-                .stats
-                .connections_refused_per_address_total
-                .load(Ordering::Relaxed),
+            shared.ledger.stats().connections_refused_per_address_total,
         )],
     );
     let Some(revocation) = &shared.revocation else {
@@ -578,33 +277,33 @@ fn revocation_text(shared: &Shared) -> String {
 
 /// The patch counters in the Prometheus text format.
 fn patches_text(shared: &Shared) -> String {
-    let patches = &shared.patches;
+    let patches = shared.ledger.patch_stats();
     let mut x = Exposition::default();
     let families = [
         (
             "blockrep_patches_received_total",
             "Sub-chunk patches applied (changed chunks sent as the blocks that differ from their base), all sources.",
-            &patches.patches_received_total,
+            patches.patches_received_total,
         ),
         (
             "blockrep_patch_bytes_received_total",
             "Bytes of patch data (as sent: raw or compressed), all sources, counted as patches are applied.",
-            &patches.patch_bytes_received_total,
+            patches.patch_bytes_received_total,
         ),
         (
             "blockrep_patch_bytes_saved_total",
             "Chunk bytes patches did not carry: the patched chunks' lengths less their patch data.",
-            &patches.patch_bytes_saved_total,
+            patches.patch_bytes_saved_total,
         ),
         (
             "blockrep_block_values_served_total",
             "Chunks whose block values were sent to an agent (GetBlockValues entries not empty).",
-            &patches.block_values_served_total,
+            patches.block_values_served_total,
         ),
     ];
     for (name, help, value) in families {
         x.family(name, "counter", help);
-        x.sample(name, &[], Value::Int(value.load(Ordering::Relaxed)));
+        x.sample(name, &[], Value::Int(value));
     }
     x.finish()
 }
@@ -622,6 +321,16 @@ fn per_source(
     samples: impl IntoIterator<Item = (String, Value)>,
 ) {
     x.labelled(name, kind, help, "source", samples);
+}
+
+/// A histogram's figures as the exposition writes them.
+fn histogram_counts(state: &HistogramState) -> HistogramCounts<'_> {
+    HistogramCounts {
+        bounds: state.bounds,
+        buckets: &state.buckets,
+        sum: state.sum,
+        count: state.count,
+    }
 }
 
 /// Formats a scrape. Pure, so the format is tested without a server.
@@ -905,14 +614,14 @@ pub(crate) fn render(scrape: &Scrape) -> String {
         x.histogram(
             "blockrep_epoch_commit_duration_seconds",
             "Time from an epoch's Commit to its durable head (verification, pages, root, fsyncs).",
-            &state.as_counts(),
+            &histogram_counts(state),
         );
     }
     if let Some(state) = &scrape.epoch_size {
         x.histogram(
             "blockrep_epoch_size_bytes",
             "Frame bytes received per committed epoch.",
-            &state.as_counts(),
+            &histogram_counts(state),
         );
     }
     x.family(
@@ -932,63 +641,7 @@ pub(crate) fn render(scrape: &Scrape) -> String {
 mod tests {
     use super::*;
     use crate::capture::CaptureView;
-
-    #[test]
-    fn rustls_error_texts_are_classified() {
-        use rustls::{AlertDescription, CertificateError, Error, PeerIncompatible};
-        let cases = [
-            (
-                Error::InvalidCertificate(CertificateError::UnknownIssuer).to_string(),
-                HandshakeFailure::Certificate,
-            ),
-            (
-                Error::InvalidCertificate(CertificateError::Expired).to_string(),
-                HandshakeFailure::Certificate,
-            ),
-            (
-                Error::NoCertificatesPresented.to_string(),
-                HandshakeFailure::Certificate,
-            ),
-            (
-                Error::AlertReceived(AlertDescription::UnknownCA).to_string(),
-                HandshakeFailure::Certificate,
-            ),
-            (
-                Error::AlertReceived(AlertDescription::BadCertificate).to_string(),
-                HandshakeFailure::Certificate,
-            ),
-            (
-                Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType).to_string(),
-                HandshakeFailure::Protocol,
-            ),
-            (
-                Error::PeerIncompatible(PeerIncompatible::Tls13RequiredForQuic).to_string(),
-                HandshakeFailure::Protocol,
-            ),
-            (
-                std::io::Error::from(std::io::ErrorKind::TimedOut).to_string(),
-                HandshakeFailure::Timeout,
-            ),
-            ("tls handshake eof".to_owned(), HandshakeFailure::Other),
-            (
-                std::io::Error::from(std::io::ErrorKind::ConnectionReset).to_string(),
-                HandshakeFailure::Other,
-            ),
-        ];
-        for (text, expected) in cases {
-            assert_eq!(HandshakeFailure::classify(&text), expected, "{text}");
-        }
-    }
-
-    #[test]
-    fn error_codes_become_snake_case_labels() {
-        assert_eq!(code_label(ErrorCode::SourceMismatch), "source_mismatch");
-        assert_eq!(code_label(ErrorCode::Busy), "busy");
-        assert_eq!(code_label(ErrorCode::Unknown(99)), "unknown");
-        let known = known_codes_at_zero();
-        assert!(known.contains_key("busy") && known.contains_key("internal"));
-        assert!(!known.contains_key("unknown"));
-    }
+    use crate::ledger::Histogram;
 
     #[test]
     fn histogram_buckets_are_cumulative_and_end_at_inf() {
@@ -1007,7 +660,7 @@ mod tests {
     }
 
     fn histogram_render(x: &mut Exposition, histogram: &Histogram) {
-        x.histogram("h_seconds", "help", &histogram.counts().as_counts());
+        x.histogram("h_seconds", "help", &histogram_counts(&histogram.counts()));
     }
 
     #[test]

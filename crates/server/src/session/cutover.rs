@@ -46,6 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) fn check_fence(&self) -> Result<(), Outcome> {
         let fenced = self
             .shared
+            .ledger
             .sources
             .update(&self.source, |r| r.lifecycle.clone());
         match fenced {

@@ -8,7 +8,6 @@
 //! nothing is acknowledged without a write.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use blockrep_core::clock::now_unix_ms;
@@ -132,14 +131,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 } => {
                     counters.started.get_or_insert_with(Instant::now);
                     replica.cutover_backlog_unix_ms = now_unix_ms();
-                    self.shared.sources.update(&self.source, |record| {
+                    self.shared.ledger.sources.update(&self.source, |record| {
                         record.chunks_pending = chunks_pending;
                         record.bytes_pending = bytes_pending;
                     });
                 }
                 report @ Message::Capture { .. } => {
                     self.capture_reported = true;
-                    crate::capture::received(&self.shared.sources, &self.source, &report);
+                    crate::capture::received(&self.shared.ledger.sources, &self.source, &report);
                 }
                 Message::Offer { ids } => {
                     let bits = self.have_bits(&mut replica.references, &ids).await?;
@@ -160,6 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 } => {
                     if last {
                         self.shared
+                            .ledger
                             .sources
                             .update(&self.source, |r| r.cutting_over = true);
                     }
@@ -177,6 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         )
                         .await;
                     self.shared
+                        .ledger
                         .sources
                         .update(&self.source, |r| r.cutting_over = false);
                     self.touch();
@@ -265,10 +266,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .await?;
                 // Counted on arrival rather than at the commit, so that data a
                 // broken connection makes the agent send again shows up.
-                self.shared
-                    .stats
-                    .chunk_bytes_arrived_total
-                    .fetch_add(data_len, Ordering::Relaxed);
+                self.shared.ledger.chunk_arrived(data_len);
                 counters.chunks_received += 1;
                 if !replica.references.is_own(&id) {
                     counters.chunks_new += 1;
@@ -380,7 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let bytes_received = self.connection.bytes_read - counters.bytes_at_start;
         let now = now_unix_ms();
         let elapsed = counters.started.map_or(started.elapsed(), |t| t.elapsed());
-        self.shared.sources.update(&self.source, |record| {
+        self.shared.ledger.sources.update(&self.source, |record| {
             record.epoch = replica.head_epoch;
             record.root = Some(root_id.to_hex());
             if label.is_some() {
@@ -414,11 +412,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 counters.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
             record.bytes_deduplicated_total += counters.ref_bytes;
         });
-        let server_stats = &self.shared.stats;
+        // The source's record above counts the epoch and its chunks; the
+        // ledger adds the server-wide histograms.
         if !unchanged {
-            server_stats
-                .epochs_committed_total
-                .fetch_add(1, Ordering::Relaxed);
             info!(
                 source = %self.source, epoch, root = %root_id, complete,
                 consistency = %commit_label(complete, consistency),
@@ -429,12 +425,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "epoch committed"
             );
             self.shared
-                .metrics
+                .ledger
                 .epoch_committed(started.elapsed(), bytes_received);
         }
-        server_stats
-            .chunks_received_total
-            .fetch_add(counters.chunks_received, Ordering::Relaxed);
         if last {
             // The cutover snapshot and launch follow; `finish_cutover` answers.
             replica.cutover_commit_ms = started.elapsed().as_millis() as u64;
@@ -446,6 +439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let cutover_requested = self
             .shared
+            .ledger
             .sources
             .update(&self.source, |r| r.cutover_requested);
         self.connection

@@ -46,6 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let source = self.source.clone();
         let lifecycle = self
             .shared
+            .ledger
             .sources
             .update(&self.source, |r| r.lifecycle.clone());
         let name = launch.clone();
@@ -131,7 +132,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             .await?;
                         chunks_sent += sent;
                         bytes_sent += bytes;
-                        self.shared.sources.update(&self.source, |r| {
+                        self.shared.ledger.sources.update(&self.source, |r| {
                             r.failback_chunks_sent_total += sent;
                             r.failback_bytes_sent_total += bytes;
                         });
@@ -152,6 +153,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let matches = root == target_id;
                     let finalize_requested = self
                         .shared
+                        .ledger
                         .sources
                         .update(&self.source, |r| r.failback_finalize_requested);
                     if matches && (finalize || finalize_requested) {
@@ -159,6 +161,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.persist_lifecycle_if(seen.as_ref(), &record).await?;
                         seen = Some(record.clone());
                         self.shared
+                            .ledger
                             .sources
                             .update(&self.source, |r| r.failback_finalize_requested = false);
                         info!(source = %self.source, launch = %launch, root = %root, chunks_sent, bytes_sent, "failback complete");

@@ -73,7 +73,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
             let sent = self.connection.bytes_written - before;
             let chunks = answers.len() as u64;
-            self.shared.sources.update(&self.source, |r| {
+            self.shared.ledger.sources.update(&self.source, |r| {
                 r.failback_chunks_sent_total += chunks;
                 r.failback_bytes_sent_total += sent;
             });
