@@ -16,13 +16,14 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::api_error::error;
 use crate::shared::Shared;
 use crate::views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
 /// The admin routes behind the admin guard (Host, Origin, identity, JSON).
 pub(crate) fn router(shared: Arc<Shared>, guard: Arc<crate::admin_guard::AdminGuard>) -> Router {
     Router::new()
-        .route("/health", get(crate::health::handler))
+        .route("/health", get(health))
         .route("/metrics", get(crate::metrics::handler))
         .route("/v1/sources", get(list_sources))
         .route("/v1/sources/{source}", get(get_source))
@@ -49,9 +50,18 @@ pub(crate) fn router(shared: Arc<Shared>, guard: Arc<crate::admin_guard::AdminGu
         .with_state(shared)
 }
 
-/// A JSON error body with a status code.
-pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+/// `GET /health`.
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let report = shared
+        .health
+        .check(&shared.config.data_dir, &shared.store)
+        .await;
+    let status = if report.available() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report.to_json())).into_response()
 }
 
 /// An error answer: kept small (a boxed response) so `Result`s stay cheap.

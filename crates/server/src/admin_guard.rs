@@ -262,7 +262,7 @@ pub(crate) async fn guard(
     shared.ledger.admin_refused(refusal);
     warn!(method = %request.method(), path = %request.uri().path(),
           reason = refusal.as_str(), message = %message, "admin request refused");
-    let mut response = crate::admin::error(status, message);
+    let mut response = crate::api_error::error(status, message);
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,

@@ -209,5 +209,5 @@ pub(crate) async fn require_admin(
     shared.ledger.admin_refused(refusal);
     warn!(peer = %peer.addr, method = %request.method(), path = %request.uri().path(),
           reason = %reason, "admin request refused");
-    crate::admin::error(StatusCode::FORBIDDEN, reason)
+    crate::api_error::error(StatusCode::FORBIDDEN, reason)
 }

@@ -15,11 +15,8 @@
 //! adds up the increases between reports, counting a report whose counter is
 //! below the previous one as a restart (its whole value is new).
 
-use blockrep_core::SourceId;
 use blockrep_proto::Message;
 use serde::{Deserialize, Serialize};
-
-use crate::status::{SourceRecord, SourceTable};
 
 /// A source's write-capture figures, as its agent last reported them (the
 /// `capture` object of the JSON API).
@@ -77,56 +74,56 @@ fn increase(previous: u64, now: u64) -> u64 {
     if now >= previous { now - previous } else { now }
 }
 
-/// Records a `Capture` report: the source is in capture mode from now on.
-pub(crate) fn report(record: &mut SourceRecord, view: CaptureView) {
-    let mut kept = record.capture.unwrap_or_default();
-    let previous = record.capture.map(|c| c.last).unwrap_or_default();
-    kept.cuts_total = kept
-        .cuts_total
-        .saturating_add(increase(previous.cuts, view.cuts));
-    kept.writes_total = kept
-        .writes_total
-        .saturating_add(increase(previous.writes, view.writes));
-    kept.last = view;
-    record.capture = Some(kept);
-}
-
-/// Records a `Capture` frame of `source`'s session (any other message is
-/// ignored: the session matched it already).
-pub(crate) fn received(sources: &SourceTable, source: &SourceId, message: &Message) {
-    if let Message::Capture {
-        dirty_bytes,
-        preserved_bytes,
-        cuts,
-        writes,
-        write_p50_us,
-        write_p99_us,
-    } = *message
-    {
-        let view = CaptureView {
-            dirty_bytes,
-            preserved_bytes,
-            cuts,
-            writes,
-            write_p50_us,
-            write_p99_us,
-        };
-        sources.update(source, |record| report(record, view));
+impl CaptureRecord {
+    /// What is kept after a report of `view`, given what was kept before
+    /// (`None`: the first report since the server started, or since the
+    /// source was last scanned).
+    pub(crate) fn reported(previous: Option<CaptureRecord>, view: CaptureView) -> Self {
+        let mut kept = previous.unwrap_or_default();
+        let last = previous.map(|c| c.last).unwrap_or_default();
+        kept.cuts_total = kept
+            .cuts_total
+            .saturating_add(increase(last.cuts, view.cuts));
+        kept.writes_total = kept
+            .writes_total
+            .saturating_add(increase(last.writes, view.writes));
+        kept.last = view;
+        kept
     }
 }
 
-/// A complete epoch was committed by a session that sent no `Capture`: the
-/// source is scanned now, and capture figures would be stale.
-pub(crate) fn scanned(record: &mut SourceRecord) {
-    record.capture = None;
+impl CaptureView {
+    /// The figures of a `Capture` frame; `None` for any other message.
+    pub(crate) fn from_message(message: &Message) -> Option<Self> {
+        match *message {
+            Message::Capture {
+                dirty_bytes,
+                preserved_bytes,
+                cuts,
+                writes,
+                write_p50_us,
+                write_p99_us,
+            } => Some(Self {
+                dirty_bytes,
+                preserved_bytes,
+                cuts,
+                writes,
+                write_p50_us,
+                write_p99_us,
+            }),
+            _ => None,
+        }
+    }
 }
 
-/// The source's mode.
-pub(crate) fn mode(record: &SourceRecord) -> SourceMode {
-    if record.capture.is_some() {
-        SourceMode::Capture
-    } else {
-        SourceMode::Scan
+impl SourceMode {
+    /// The mode of a source with these capture figures (`None`: scanned).
+    pub(crate) fn of(capture: Option<&CaptureRecord>) -> Self {
+        if capture.is_some() {
+            SourceMode::Capture
+        } else {
+            SourceMode::Scan
+        }
     }
 }
 
@@ -144,19 +141,34 @@ mod tests {
 
     #[test]
     fn counters_add_up_across_agent_restarts() {
-        let mut record = SourceRecord::default();
-        assert_eq!(mode(&record), SourceMode::Scan);
-        report(&mut record, view(3, 100));
-        report(&mut record, view(5, 150));
-        // The agent restarted: its counters begin again.
-        report(&mut record, view(1, 20));
-        let capture = record.capture.unwrap();
+        let mut record: Option<CaptureRecord> = None;
+        assert_eq!(SourceMode::of(record.as_ref()), SourceMode::Scan);
+        for reported in [view(3, 100), view(5, 150), view(1, 20)] {
+            // The third report: the agent restarted, its counters begin again.
+            record = Some(CaptureRecord::reported(record, reported));
+        }
+        let capture = record.unwrap();
         assert_eq!(capture.cuts_total, 6);
         assert_eq!(capture.writes_total, 170);
         assert_eq!(capture.last, view(1, 20));
-        assert_eq!(mode(&record), SourceMode::Capture);
-        scanned(&mut record);
-        assert_eq!(mode(&record), SourceMode::Scan);
-        assert!(record.capture.is_none());
+        assert_eq!(SourceMode::of(record.as_ref()), SourceMode::Capture);
+        // A complete scanned epoch drops the figures (see the session's commit).
+        record = None;
+        assert_eq!(SourceMode::of(record.as_ref()), SourceMode::Scan);
+        assert!(record.is_none());
+    }
+
+    #[test]
+    fn only_capture_frames_carry_capture_figures() {
+        let frame = Message::Capture {
+            dirty_bytes: 1,
+            preserved_bytes: 2,
+            cuts: 3,
+            writes: 4,
+            write_p50_us: 5,
+            write_p99_us: 6,
+        };
+        assert_eq!(CaptureView::from_message(&frame).unwrap().write_p99_us, 6);
+        assert!(CaptureView::from_message(&Message::GetPages { indices: vec![] }).is_none());
     }
 }

@@ -85,6 +85,6 @@ pub(crate) async fn handler(
     };
     match collect(&shared, options).await {
         Ok(report) => Json(report_json(&report)).into_response(),
-        Err(e) => crate::admin::error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => crate::api_error::error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

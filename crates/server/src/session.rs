@@ -268,7 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let geometry = Geometry::new(disk_size_bytes, chunk_size_bytes)
             .map_err(|e| Reject::new(ErrorCode::BadFrame, format!("invalid geometry: {e}")))?;
-        let _ids = self.shared.reserve_ids(geometry)?;
+        let _ids = self.shared.ids_budget.reserve_ids(geometry)?;
         let slot = self.claim_slot().await?;
         self.active = Some(Arc::clone(&slot.session));
         let _slot = slot;

@@ -13,8 +13,9 @@ use blockrep_core::clock::now_unix_ms;
 use blockrep_store::Store;
 
 use crate::ServerConfig;
-use crate::alerts::Alerts;
 use crate::block_values::BlockValues;
+use crate::breaches::Alerts;
+use crate::budget::IdsBudget;
 use crate::health::Health;
 use crate::ledger::Ledger;
 use crate::status::{SourceTable, StateThresholds};
@@ -35,7 +36,7 @@ pub(crate) struct Shared {
     /// Sources with a session in progress: one session per source at a time.
     active_sources: Mutex<HashMap<SourceId, Arc<ActiveSession>>>,
     /// Memory sessions have reserved for chunk ids.
-    pub ids_budget: crate::budget::IdsBudget,
+    pub ids_budget: IdsBudget,
     /// Held around every lifecycle change (see the `lifecycle` module).
     pub lifecycle_lock: tokio::sync::Mutex<()>,
     /// The revocation lists in force and the sessions they may end; `None`
@@ -85,6 +86,10 @@ impl Shared {
         sources: SourceTable,
         nbd_addr: Option<SocketAddr>,
     ) -> Self {
+        let ids_budget = IdsBudget::new(
+            config.session_memory_max_bytes,
+            config.session_memory_per_source_max_bytes,
+        );
         Self {
             store,
             config,
@@ -93,7 +98,7 @@ impl Shared {
             alerts: Alerts::default(),
             nbd_addr,
             active_sources: Mutex::new(HashMap::new()),
-            ids_budget: crate::budget::IdsBudget::default(),
+            ids_budget,
             lifecycle_lock: tokio::sync::Mutex::new(()),
             revocation: None,
             block_values: BlockValues::default(),

@@ -270,7 +270,7 @@ impl SourceRecord {
             cutover: self.lifecycle.as_ref().map(CutoverView::from),
             failback_chunks_sent_total: self.failback_chunks_sent_total,
             failback_bytes_sent_total: self.failback_bytes_sent_total,
-            mode: crate::capture::mode(self),
+            mode: SourceMode::of(self.capture.as_ref()),
             capture: self.capture.map(|c| c.last),
         }
     }

@@ -86,7 +86,11 @@ pub(crate) struct Scrape {
 
 /// `GET /metrics`.
 pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
-    let availability = shared.health.check(&shared).await.available();
+    let availability = shared
+        .health
+        .check(&shared.config.data_dir, &shared.store)
+        .await
+        .available();
     let store = Arc::clone(&shared.store);
     let data_dir = shared.config.data_dir.clone();
     let listed = tokio::task::spawn_blocking(move || {
@@ -709,8 +713,8 @@ mod tests {
     #[test]
     fn metrics_have_one_sample_per_capture_source() {
         let mut captured = SourceRecord::default();
-        crate::capture::report(
-            &mut captured,
+        captured.capture = Some(CaptureRecord::reported(
+            None,
             CaptureView {
                 dirty_bytes: 8192,
                 preserved_bytes: 4096,
@@ -719,7 +723,7 @@ mod tests {
                 write_p50_us: 250,
                 write_p99_us: 1500,
             },
-        );
+        ));
         let sources = vec![
             (SourceId::new("cap").unwrap(), captured),
             (SourceId::new("scan").unwrap(), SourceRecord::default()),

@@ -20,6 +20,7 @@ use tracing::info;
 use super::labels::commit_label;
 use super::patches;
 use super::{End, Outcome, Reject, Replica, Session, internal};
+use crate::capture::{CaptureRecord, CaptureView};
 use crate::verify::{Job, Verifier};
 
 /// Counters of the epoch in progress.
@@ -138,7 +139,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 report @ Message::Capture { .. } => {
                     self.capture_reported = true;
-                    crate::capture::received(&self.shared.ledger.sources, &self.source, &report);
+                    if let Some(view) = CaptureView::from_message(&report) {
+                        self.shared.ledger.sources.update(&self.source, |record| {
+                            record.capture = Some(CaptureRecord::reported(record.capture, view));
+                        });
+                    }
                 }
                 Message::Offer { ids } => {
                     let bits = self.have_bits(&mut replica.references, &ids).await?;
@@ -385,7 +390,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 record.consistency = label;
             }
             if complete && !self.capture_reported {
-                crate::capture::scanned(record);
+                // Scanned now: capture figures would be stale.
+                record.capture = None;
             }
             if complete {
                 record.synced_scan_started_unix_ms = scan_started_unix_ms.max(1);
