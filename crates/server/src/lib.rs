@@ -5,16 +5,19 @@
 //! - [`Server`] binds the listener, caps connections and handshakes, and spawns one
 //!   task per connection (`listener` module);
 //! - `connection` owns the TLS stream and its read buffer and speaks only in frames;
-//! - `session` is the per-source state machine (`Hello` -> `Welcome` -> epochs);
+//! - `session` is the per-source state machine (`Hello` -> `Welcome` -> epochs),
+//!   with its epochs, cutover and failback in rooms of their own;
 //! - `verify` checks chunks (size, decompression cap, blake3 == id) off the
-//!   network task and appends them to the store.
+//!   network task and appends them to the store;
+//! - `shared` is the state they all share, built once by the listener.
 //!
 //! The source's identity comes from its verified client certificate; the id an
 //! agent names in `Hello` is only compared with it.
 //!
 //! Observability lives beside the admin API: `metrics` (Prometheus text on
 //! `/metrics`), `health` (`/health`: store writable, listener accepting) and
-//! `alerts` (RPO breach detection and the `--on-rpo-breach` hook).
+//! `alerts` (RPO breach detection and the `--on-rpo-breach` hook). They read
+//! one ledger of events (`ledger`), which [`ServerStats`] also reads.
 #![forbid(unsafe_code)]
 
 mod admin;

@@ -712,18 +712,20 @@ mod tests {
 
     #[test]
     fn metrics_have_one_sample_per_capture_source() {
-        let mut captured = SourceRecord::default();
-        captured.capture = Some(CaptureRecord::reported(
-            None,
-            CaptureView {
-                dirty_bytes: 8192,
-                preserved_bytes: 4096,
-                cuts: 2,
-                writes: 9,
-                write_p50_us: 250,
-                write_p99_us: 1500,
-            },
-        ));
+        let captured = SourceRecord {
+            capture: Some(CaptureRecord::reported(
+                None,
+                CaptureView {
+                    dirty_bytes: 8192,
+                    preserved_bytes: 4096,
+                    cuts: 2,
+                    writes: 9,
+                    write_p50_us: 250,
+                    write_p99_us: 1500,
+                },
+            )),
+            ..SourceRecord::default()
+        };
         let sources = vec![
             (SourceId::new("cap").unwrap(), captured),
             (SourceId::new("scan").unwrap(), SourceRecord::default()),
