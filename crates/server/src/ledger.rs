@@ -380,7 +380,7 @@ impl Ledger {
     /// The server-wide counters now.
     pub(crate) fn stats(&self) -> ServerStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let per_address = load(&self.connections_refused_per_address);
+        let per_address = self.connections_refused_per_address();
         let (mut epochs, mut chunks) = (0, 0);
         for (_, record) in self.sources.records() {
             epochs += record.epochs_committed_total;
@@ -396,6 +396,12 @@ impl Ledger {
             chunks_received_total: chunks,
             chunk_bytes_arrived_total: load(&self.chunk_bytes_arrived),
         }
+    }
+
+    /// Connections refused for their address's share (without copying the
+    /// per-source records, as [`Ledger::stats`] does).
+    pub(crate) fn connections_refused_per_address(&self) -> u64 {
+        self.connections_refused_per_address.load(Ordering::Relaxed)
     }
 
     /// Replication connections open now.

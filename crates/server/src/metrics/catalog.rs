@@ -238,10 +238,7 @@ fn revocation_text(shared: &Shared) -> String {
         "blockrep_connections_refused_per_address_total",
         "counter",
         "Replication connections closed at once because their address held --connections-per-address (also counted in blockrep_connections_refused_total).",
-        &[(
-            &[],
-            shared.ledger.stats().connections_refused_per_address_total,
-        )],
+        &[(&[], shared.ledger.connections_refused_per_address())],
     );
     let Some(revocation) = &shared.revocation else {
         return x.finish();
