@@ -9,20 +9,21 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
+use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{Consistency, SourceId};
 use blockrep_store::{ErrorKind, LaunchKind, Store};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::listener::Shared;
-use crate::status::now_unix_ms;
+use crate::api_error::error;
+use crate::shared::Shared;
 use crate::views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
 /// The admin routes behind the admin guard (Host, Origin, identity, JSON).
 pub(crate) fn router(shared: Arc<Shared>, guard: Arc<crate::admin_guard::AdminGuard>) -> Router {
     Router::new()
-        .route("/health", get(crate::health::handler))
+        .route("/health", get(health))
         .route("/metrics", get(crate::metrics::handler))
         .route("/v1/sources", get(list_sources))
         .route("/v1/sources/{source}", get(get_source))
@@ -49,9 +50,18 @@ pub(crate) fn router(shared: Arc<Shared>, guard: Arc<crate::admin_guard::AdminGu
         .with_state(shared)
 }
 
-/// A JSON error body with a status code.
-pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+/// `GET /health`.
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let report = shared
+        .health
+        .check(&shared.config.data_dir, &shared.store)
+        .await;
+    let status = if report.available() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report.to_json())).into_response()
 }
 
 /// An error answer: kept small (a boxed response) so `Result`s stay cheap.
@@ -101,11 +111,12 @@ async fn not_found() -> Response {
 }
 
 async fn list_sources(State(shared): State<Arc<Shared>>) -> Response {
-    Json(shared.sources.views(shared.thresholds())).into_response()
+    Json(shared.ledger.sources.views(shared.thresholds())).into_response()
 }
 
 async fn get_source(State(shared): State<Arc<Shared>>, Path(source): Path<String>) -> Response {
     shared
+        .ledger
         .sources
         .views(shared.thresholds())
         .into_iter()
@@ -135,7 +146,7 @@ async fn request_cutover(
         )
         .into());
     }
-    let fenced = shared.sources.update_known(&source, |r| {
+    let fenced = shared.ledger.sources.update_known(&source, |r| {
         if r.lifecycle.is_none() {
             r.cutover_requested = true;
         }
@@ -187,7 +198,7 @@ async fn complete_failback(
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
     // `update_known`: asking about a source never seen must not create it.
-    let failing_back = shared.sources.update_known(&source, |r| {
+    let failing_back = shared.ledger.sources.update_known(&source, |r| {
         let active = r
             .lifecycle
             .as_ref()

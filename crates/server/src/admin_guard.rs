@@ -29,8 +29,8 @@ use axum::response::Response;
 use blockrep_pki::AdminToken;
 use tracing::{info, warn};
 
-use crate::listener::Shared;
-use crate::metrics::AdminRefusal;
+use crate::ledger::AdminRefusal;
+use crate::shared::Shared;
 use crate::{Error, ServerConfig};
 
 /// What the admin listener lets in, fixed at start.
@@ -259,10 +259,10 @@ pub(crate) async fn guard(
     let Some((refusal, status, message)) = check(&guard, &request) else {
         return next.run(request).await;
     };
-    shared.metrics.admin_refused(refusal);
+    shared.ledger.admin_refused(refusal);
     warn!(method = %request.method(), path = %request.uri().path(),
           reason = refusal.as_str(), message = %message, "admin request refused");
-    let mut response = crate::admin::error(status, message);
+    let mut response = crate::api_error::error(status, message);
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,

@@ -11,7 +11,6 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use axum::extract::connect_info::Connected;
@@ -28,8 +27,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
-use crate::listener::Shared;
-use crate::metrics::{AdminRefusal, HandshakeFailure};
+use crate::ledger::{AdminRefusal, HandshakeFailure};
+use crate::shared::Shared;
 
 /// Most admin connections open at once, handshaking or not: operators and a
 /// scraper need a handful; the cap keeps a flood from taking the server's memory.
@@ -184,11 +183,7 @@ async fn accept_loop(
                     HandshakeFailure::Timeout
                 }
             };
-            shared
-                .stats
-                .handshake_failures_total
-                .fetch_add(1, Ordering::Relaxed);
-            shared.metrics.handshake_failed(reason);
+            shared.ledger.handshake_failed(reason);
         });
     }
 }
@@ -211,8 +206,8 @@ pub(crate) async fn require_admin(
             format!("the client certificate carries no admin identity: {why}"),
         ),
     };
-    shared.metrics.admin_refused(refusal);
+    shared.ledger.admin_refused(refusal);
     warn!(peer = %peer.addr, method = %request.method(), path = %request.uri().path(),
           reason = %reason, "admin request refused");
-    crate::admin::error(StatusCode::FORBIDDEN, reason)
+    crate::api_error::error(StatusCode::FORBIDDEN, reason)
 }

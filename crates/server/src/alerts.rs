@@ -12,10 +12,9 @@
 //! Per-source targets are set with `PUT /v1/sources/{id}/rpo-target` and
 //! cleared with `DELETE`; they are kept in memory only.
 
-use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -23,12 +22,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use blockrep_core::SourceId;
+use blockrep_core::clock::now_unix_ms;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::admin::error;
-use crate::listener::Shared;
-use crate::status::{SourceRecord, StateThresholds, now_unix_ms};
+use crate::api_error::error;
+use crate::breaches::{AlertEvent, Transition};
+use crate::shared::Shared;
 
 /// Hook runs queued at most; further events are logged and dropped rather than
 /// piling up behind a hook that hangs.
@@ -38,96 +38,6 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest per-source RPO target accepted (ten years): keeps `Duration`
 /// arithmetic far from overflow.
 const RPO_TARGET_MAX_SECONDS: f64 = 10.0 * 365.0 * 86_400.0;
-
-/// What happened to a source's lag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AlertEvent {
-    /// The lag crossed above the RPO target.
-    Breach,
-    /// The lag is back at or below the target.
-    Recovered,
-}
-
-impl AlertEvent {
-    fn as_str(self) -> &'static str {
-        match self {
-            AlertEvent::Breach => "breach",
-            AlertEvent::Recovered => "recovered",
-        }
-    }
-}
-
-/// One crossing, as logged and passed to the hook.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Transition {
-    pub source: SourceId,
-    pub event: AlertEvent,
-    pub lag_seconds: f64,
-    pub rpo_target_seconds: f64,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct AlertState {
-    in_breach: bool,
-    breaches_total: u64,
-}
-
-/// Breach state of every source.
-#[derive(Debug, Default)]
-pub(crate) struct Alerts {
-    states: Mutex<BTreeMap<SourceId, AlertState>>,
-}
-
-impl Alerts {
-    /// Breaches counted per source since the server started.
-    pub(crate) fn breaches_total(&self) -> BTreeMap<SourceId, u64> {
-        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states
-            .iter()
-            .map(|(source, state)| (source.clone(), state.breaches_total))
-            .collect()
-    }
-
-    /// Compares every source's lag with its target and returns the crossings
-    /// since the last evaluation.
-    pub(crate) fn evaluate(
-        &self,
-        records: &[(SourceId, SourceRecord)],
-        thresholds: StateThresholds,
-        now_unix_ms: u64,
-    ) -> Vec<Transition> {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        let mut transitions = Vec::new();
-        for (source, record) in records {
-            let target = record.rpo_target(thresholds);
-            // `None` during the initial sync: no consistent replica, no breach.
-            let Some(lag_ms) = record.lag_ms(now_unix_ms) else {
-                continue;
-            };
-            // A cut-over source no longer replicates by design: its lag is not a
-            // breach (a breach still open at cutover is closed as recovered).
-            let breached = record.lifecycle.is_none() && lag_ms > target.as_millis() as u64;
-            let state = states.entry(source.clone()).or_default();
-            if breached == state.in_breach {
-                continue;
-            }
-            state.in_breach = breached;
-            let event = if breached {
-                state.breaches_total += 1;
-                AlertEvent::Breach
-            } else {
-                AlertEvent::Recovered
-            };
-            transitions.push(Transition {
-                source: source.clone(),
-                event,
-                lag_seconds: lag_ms as f64 / 1000.0,
-                rpo_target_seconds: target.as_secs_f64(),
-            });
-        }
-        transitions
-    }
-}
 
 /// Ticks forever (the task is aborted when the server stops).
 pub(crate) async fn run(shared: Arc<Shared>) {
@@ -143,7 +53,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let records = shared.sources.records();
+        let records = shared.ledger.sources.records();
         let transitions = shared
             .alerts
             .evaluate(&records, shared.thresholds(), now_unix_ms());
@@ -305,7 +215,7 @@ fn change_rpo_target(shared: &Shared, source: &str, target: Option<Duration>) ->
     };
     let thresholds = shared.thresholds();
     let now = now_unix_ms();
-    let view = shared.sources.update_known(&id, |record| {
+    let view = shared.ledger.sources.update_known(&id, |record| {
         record.rpo_target_override = target;
         record.view(&id, thresholds, now)
     });
@@ -316,76 +226,5 @@ fn change_rpo_target(shared: &Shared, source: &str, target: Option<Duration>) ->
             Json(view).into_response()
         }
         None => error(StatusCode::NOT_FOUND, format!("no source {source:?}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn thresholds() -> StateThresholds {
-        StateThresholds {
-            rpo_target: Duration::from_secs(10),
-            stall_after: Duration::from_secs(60),
-        }
-    }
-
-    fn record(synced_scan_started_unix_ms: u64) -> SourceRecord {
-        SourceRecord {
-            synced_scan_started_unix_ms,
-            ..SourceRecord::default()
-        }
-    }
-
-    #[test]
-    fn each_crossing_is_reported_once() {
-        let alerts = Alerts::default();
-        let source = SourceId::new("web").unwrap();
-        let now = 1_000_000;
-        let records = vec![(source.clone(), record(now - 5_000))];
-        assert!(alerts.evaluate(&records, thresholds(), now).is_empty());
-        // Lag grows past the target with no commit: one breach, then quiet.
-        let later = now + 6_000;
-        let transitions = alerts.evaluate(&records, thresholds(), later);
-        assert_eq!(transitions.len(), 1);
-        assert_eq!(transitions[0].event, AlertEvent::Breach);
-        assert_eq!(transitions[0].lag_seconds, 11.0);
-        assert_eq!(transitions[0].rpo_target_seconds, 10.0);
-        assert!(
-            alerts
-                .evaluate(&records, thresholds(), later + 500)
-                .is_empty()
-        );
-        assert!(
-            alerts
-                .evaluate(&records, thresholds(), later + 60_000)
-                .is_empty()
-        );
-        // A fresh commit: one recovery.
-        let records = vec![(source.clone(), record(later + 60_000))];
-        let transitions = alerts.evaluate(&records, thresholds(), later + 61_000);
-        assert_eq!(transitions.len(), 1);
-        assert_eq!(transitions[0].event, AlertEvent::Recovered);
-        assert!(
-            alerts
-                .evaluate(&records, thresholds(), later + 61_500)
-                .is_empty()
-        );
-        assert_eq!(alerts.breaches_total()[&source], 1);
-    }
-
-    #[test]
-    fn initial_sync_never_breaches_and_overrides_apply() {
-        let alerts = Alerts::default();
-        let now = 10_000_000;
-        let syncing = (SourceId::new("new").unwrap(), record(0));
-        let mut relaxed = record(now - 20_000);
-        relaxed.rpo_target_override = Some(Duration::from_secs(3600));
-        let relaxed = (SourceId::new("relaxed").unwrap(), relaxed);
-        assert!(
-            alerts
-                .evaluate(&[syncing, relaxed], thresholds(), now)
-                .is_empty()
-        );
     }
 }

@@ -15,13 +15,8 @@
 //! adds up the increases between reports, counting a report whose counter is
 //! below the previous one as a restart (its whole value is new).
 
-use std::fmt::Write as _;
-
-use blockrep_core::SourceId;
 use blockrep_proto::Message;
 use serde::{Deserialize, Serialize};
-
-use crate::status::{SourceRecord, SourceTable};
 
 /// A source's write-capture figures, as its agent last reported them (the
 /// `capture` object of the JSON API).
@@ -79,143 +74,57 @@ fn increase(previous: u64, now: u64) -> u64 {
     if now >= previous { now - previous } else { now }
 }
 
-/// Records a `Capture` report: the source is in capture mode from now on.
-pub(crate) fn report(record: &mut SourceRecord, view: CaptureView) {
-    let mut kept = record.capture.unwrap_or_default();
-    let previous = record.capture.map(|c| c.last).unwrap_or_default();
-    kept.cuts_total = kept
-        .cuts_total
-        .saturating_add(increase(previous.cuts, view.cuts));
-    kept.writes_total = kept
-        .writes_total
-        .saturating_add(increase(previous.writes, view.writes));
-    kept.last = view;
-    record.capture = Some(kept);
-}
-
-/// Records a `Capture` frame of `source`'s session (any other message is
-/// ignored: the session matched it already).
-pub(crate) fn received(sources: &SourceTable, source: &SourceId, message: &Message) {
-    if let Message::Capture {
-        dirty_bytes,
-        preserved_bytes,
-        cuts,
-        writes,
-        write_p50_us,
-        write_p99_us,
-    } = *message
-    {
-        let view = CaptureView {
-            dirty_bytes,
-            preserved_bytes,
-            cuts,
-            writes,
-            write_p50_us,
-            write_p99_us,
-        };
-        sources.update(source, |record| report(record, view));
+impl CaptureRecord {
+    /// What is kept after a report of `view`, given what was kept before
+    /// (`None`: the first report since the server started, or since the
+    /// source was last scanned).
+    pub(crate) fn reported(previous: Option<CaptureRecord>, view: CaptureView) -> Self {
+        let mut kept = previous.unwrap_or_default();
+        let last = previous.map(|c| c.last).unwrap_or_default();
+        kept.cuts_total = kept
+            .cuts_total
+            .saturating_add(increase(last.cuts, view.cuts));
+        kept.writes_total = kept
+            .writes_total
+            .saturating_add(increase(last.writes, view.writes));
+        kept.last = view;
+        kept
     }
 }
 
-/// A complete epoch was committed by a session that sent no `Capture`: the
-/// source is scanned now, and capture figures would be stale.
-pub(crate) fn scanned(record: &mut SourceRecord) {
-    record.capture = None;
-}
-
-/// The source's mode.
-pub(crate) fn mode(record: &SourceRecord) -> SourceMode {
-    if record.capture.is_some() {
-        SourceMode::Capture
-    } else {
-        SourceMode::Scan
-    }
-}
-
-/// A metric family of a capture figure: name, type, help, value.
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&CaptureRecord) -> u64,
-);
-
-/// The `blockrep_capture_*` families, one sample per source in capture mode,
-/// with `# HELP` and `# TYPE` even when no source is (as the other families).
-pub(crate) fn metrics_text(sources: &[(SourceId, SourceRecord)]) -> String {
-    let captured: Vec<(&SourceId, &CaptureRecord)> = sources
-        .iter()
-        .filter_map(|(source, record)| record.capture.as_ref().map(|c| (source, c)))
-        .collect();
-    let mut out = String::new();
-    let families: [Family; 4] = [
-        (
-            "blockrep_capture_dirty_bytes",
-            "gauge",
-            "Bytes the workload wrote through the agent's export that are not yet in a committed epoch, as last reported.",
-            |c| c.last.dirty_bytes,
-        ),
-        (
-            "blockrep_capture_preserved_bytes",
-            "gauge",
-            "Bytes of old content the agent held so that the epoch in flight reads as of its cut, as last reported.",
-            |c| c.last.preserved_bytes,
-        ),
-        (
-            "blockrep_capture_cuts_total",
-            "counter",
-            "Epochs cut by the source's capture agents, added up across agent restarts since the server started.",
-            |c| c.cuts_total,
-        ),
-        (
-            "blockrep_capture_writes_total",
-            "counter",
-            "Writes the workload made through the agent's export, added up across agent restarts since the server started.",
-            |c| c.writes_total,
-        ),
-    ];
-    for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (source, capture) in &captured {
-            let _ = writeln!(
-                out,
-                "{name}{{source=\"{}\"}} {}",
-                escape_label(source.as_str()),
-                value(capture)
-            );
+impl CaptureView {
+    /// The figures of a `Capture` frame; `None` for any other message.
+    pub(crate) fn from_message(message: &Message) -> Option<Self> {
+        match *message {
+            Message::Capture {
+                dirty_bytes,
+                preserved_bytes,
+                cuts,
+                writes,
+                write_p50_us,
+                write_p99_us,
+            } => Some(Self {
+                dirty_bytes,
+                preserved_bytes,
+                cuts,
+                writes,
+                write_p50_us,
+                write_p99_us,
+            }),
+            _ => None,
         }
     }
-    // A summary with quantiles only: the agent reports the quantiles of the
-    // writes since its previous report, not a sum or a count to rate().
-    let name = "blockrep_capture_write_latency_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Latency of the workload's writes through the agent's export, over the interval before the last report."
-    );
-    let _ = writeln!(out, "# TYPE {name} summary");
-    for (source, capture) in &captured {
-        for (quantile, us) in [
-            ("0.5", capture.last.write_p50_us),
-            ("0.99", capture.last.write_p99_us),
-        ] {
-            let _ = writeln!(
-                out,
-                "{name}{{source=\"{}\",quantile=\"{quantile}\"}} {}",
-                escape_label(source.as_str()),
-                us as f64 / 1e6
-            );
-        }
-    }
-    out
 }
 
-/// Source ids are restricted to safe characters, but the format's escaping
-/// costs nothing and keeps this correct if that ever changes.
-fn escape_label(text: &str) -> String {
-    text.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl SourceMode {
+    /// The mode of a source with these capture figures (`None`: scanned).
+    pub(crate) fn of(capture: Option<&CaptureRecord>) -> Self {
+        if capture.is_some() {
+            SourceMode::Capture
+        } else {
+            SourceMode::Scan
+        }
+    }
 }
 
 #[cfg(test)]
@@ -232,52 +141,34 @@ mod tests {
 
     #[test]
     fn counters_add_up_across_agent_restarts() {
-        let mut record = SourceRecord::default();
-        assert_eq!(mode(&record), SourceMode::Scan);
-        report(&mut record, view(3, 100));
-        report(&mut record, view(5, 150));
-        // The agent restarted: its counters begin again.
-        report(&mut record, view(1, 20));
-        let capture = record.capture.unwrap();
+        let mut record: Option<CaptureRecord> = None;
+        assert_eq!(SourceMode::of(record.as_ref()), SourceMode::Scan);
+        for reported in [view(3, 100), view(5, 150), view(1, 20)] {
+            // The third report: the agent restarted, its counters begin again.
+            record = Some(CaptureRecord::reported(record, reported));
+        }
+        let capture = record.unwrap();
         assert_eq!(capture.cuts_total, 6);
         assert_eq!(capture.writes_total, 170);
         assert_eq!(capture.last, view(1, 20));
-        assert_eq!(mode(&record), SourceMode::Capture);
-        scanned(&mut record);
-        assert_eq!(mode(&record), SourceMode::Scan);
-        assert!(record.capture.is_none());
+        assert_eq!(SourceMode::of(record.as_ref()), SourceMode::Capture);
+        // A complete scanned epoch drops the figures (see the session's commit).
+        record = None;
+        assert_eq!(SourceMode::of(record.as_ref()), SourceMode::Scan);
+        assert!(record.is_none());
     }
 
     #[test]
-    fn metrics_have_one_sample_per_capture_source() {
-        let mut captured = SourceRecord::default();
-        report(
-            &mut captured,
-            CaptureView {
-                dirty_bytes: 8192,
-                preserved_bytes: 4096,
-                cuts: 2,
-                writes: 9,
-                write_p50_us: 250,
-                write_p99_us: 1500,
-            },
-        );
-        let sources = vec![
-            (SourceId::new("cap").unwrap(), captured),
-            (SourceId::new("scan").unwrap(), SourceRecord::default()),
-        ];
-        let text = metrics_text(&sources);
-        for line in [
-            "blockrep_capture_dirty_bytes{source=\"cap\"} 8192\n",
-            "blockrep_capture_preserved_bytes{source=\"cap\"} 4096\n",
-            "blockrep_capture_cuts_total{source=\"cap\"} 2\n",
-            "blockrep_capture_writes_total{source=\"cap\"} 9\n",
-            "blockrep_capture_write_latency_seconds{source=\"cap\",quantile=\"0.5\"} 0.00025\n",
-            "blockrep_capture_write_latency_seconds{source=\"cap\",quantile=\"0.99\"} 0.0015\n",
-            "# TYPE blockrep_capture_write_latency_seconds summary\n",
-        ] {
-            assert!(text.contains(line), "{line} missing from\n{text}");
-        }
-        assert!(!text.contains("source=\"scan\""), "{text}");
+    fn only_capture_frames_carry_capture_figures() {
+        let frame = Message::Capture {
+            dirty_bytes: 1,
+            preserved_bytes: 2,
+            cuts: 3,
+            writes: 4,
+            write_p50_us: 5,
+            write_p99_us: 6,
+        };
+        assert_eq!(CaptureView::from_message(&frame).unwrap().write_p99_us, 6);
+        assert!(CaptureView::from_message(&Message::GetPages { indices: vec![] }).is_none());
     }
 }

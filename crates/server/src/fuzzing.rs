@@ -32,8 +32,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::ServerConfig;
 use crate::connection::Connection;
-use crate::listener::Shared;
 use crate::session::Session;
+use crate::shared::Shared;
 use crate::status::SourceTable;
 
 /// The source the driven session's (imaginary) certificate names.

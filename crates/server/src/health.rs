@@ -1,4 +1,5 @@
-//! `GET /health`: whether this server can take replication now.
+//! Health: whether this server can take replication now (`GET /health`, and
+//! `blockrep_availability` in `/metrics`).
 //!
 //! Available means both:
 //! - the store is writable: a small probe file in the data directory is
@@ -11,20 +12,16 @@
 //! The answer is 200 with `"availability": 1`, or 503 with `"availability": 0`
 //! and the reason. `blockrep_availability` in `/metrics` is the same figure.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use blockrep_core::clock::now_unix_ms;
+use blockrep_store::Store;
 use serde_json::json;
 use tracing::{info, warn};
-
-use crate::listener::Shared;
-use crate::status::now_unix_ms;
 
 /// The store probe runs at most this often.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -83,7 +80,8 @@ impl HealthReport {
         (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
-    fn to_json(&self) -> serde_json::Value {
+    /// The body of `GET /health`.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let check = |result: &Result<(), String>| match result {
             Ok(()) => json!({ "ok": true }),
             Err(e) => json!({ "ok": false, "error": e }),
@@ -135,13 +133,15 @@ impl Health {
 
     /// Checks health, probing the store if the last probe is older than
     /// [`PROBE_INTERVAL`].
-    pub(crate) async fn check(&self, shared: &Shared) -> HealthReport {
+    /// The store's data directory is `data_dir`; `store` says whether an
+    /// fsync has failed.
+    pub(crate) async fn check(&self, data_dir: &Path, store: &Store) -> HealthReport {
         let probe = {
             let mut last = self.last_probe.lock().await;
             match last.as_ref() {
                 Some(probe) if probe.at.elapsed() < PROBE_INTERVAL => probe.clone(),
                 _ => {
-                    let probe = self.probe(shared).await;
+                    let probe = self.probe(data_dir, store).await;
                     *last = Some(probe.clone());
                     probe
                 }
@@ -162,16 +162,16 @@ impl Health {
         report
     }
 
-    async fn probe(&self, shared: &Shared) -> StoreProbe {
+    async fn probe(&self, data_dir: &Path, store: &Store) -> StoreProbe {
         let checked_unix_ms = now_unix_ms();
         let result = if self.probe_running.swap(true, Ordering::SeqCst) {
             Err(format!(
                 "data directory {}: the previous write probe has not finished",
-                shared.config.data_dir.display()
+                data_dir.display()
             ))
         } else {
             let running = Arc::clone(&self.probe_running);
-            let dir = shared.config.data_dir.clone();
+            let dir = data_dir.to_owned();
             let task = tokio::task::spawn_blocking(move || {
                 let result = probe_data_dir(&dir);
                 running.store(false, Ordering::SeqCst);
@@ -182,13 +182,13 @@ impl Health {
                 Ok(Err(e)) => Err(format!("store probe failed: {e}")),
                 Err(_) => Err(format!(
                     "data directory {}: write probe still running after {PROBE_TIMEOUT:?}",
-                    shared.config.data_dir.display()
+                    data_dir.display()
                 )),
             }
         };
         // A failed fsync poisons the store until it is reopened: commits would be
         // refused, so the service is not available whatever the probe says.
-        let result = if shared.store.sync_failed() {
+        let result = if store.sync_failed() {
             Err(
                 "an fsync in the data directory failed; commits are refused until the server restarts"
                     .to_owned(),
@@ -233,17 +233,6 @@ fn probe_data_dir(dir: &std::path::Path) -> Result<(), String> {
         _ => Ok(()),
     };
     written.and(removed)
-}
-
-/// `GET /health`.
-pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
-    let report = shared.health.check(&shared).await;
-    let status = if report.available() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(report.to_json())).into_response()
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::ServerConfig;
 use crate::connection::Connection;
-use crate::listener::Shared;
 use crate::session::Session;
+use crate::shared::Shared;
 use crate::status::SourceTable;
 
 /// The address sessions served here report as their peer's.

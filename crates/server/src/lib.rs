@@ -5,22 +5,28 @@
 //! - [`Server`] binds the listener, caps connections and handshakes, and spawns one
 //!   task per connection (`listener` module);
 //! - `connection` owns the TLS stream and its read buffer and speaks only in frames;
-//! - `session` is the per-source state machine (`Hello` -> `Welcome` -> epochs);
+//! - `session` is the per-source state machine (`Hello` -> `Welcome` -> epochs),
+//!   with its epochs, cutover and failback in rooms of their own;
 //! - `verify` checks chunks (size, decompression cap, blake3 == id) off the
-//!   network task and appends them to the store.
+//!   network task and appends them to the store;
+//! - `shared` is the state they all share, built once by the listener.
 //!
 //! The source's identity comes from its verified client certificate; the id an
 //! agent names in `Hello` is only compared with it.
 //!
 //! Observability lives beside the admin API: `metrics` (Prometheus text on
 //! `/metrics`), `health` (`/health`: store writable, listener accepting) and
-//! `alerts` (RPO breach detection and the `--on-rpo-breach` hook).
+//! `alerts` (RPO breach detection and the `--on-rpo-breach` hook). They read
+//! one ledger of events (`ledger`), which [`ServerStats`] also reads.
 #![forbid(unsafe_code)]
 
 mod admin;
 mod admin_guard;
 mod admin_tls;
 mod alerts;
+mod api_error;
+mod block_values;
+mod breaches;
 mod budget;
 mod capture;
 mod connection;
@@ -30,14 +36,17 @@ mod health;
 #[doc(hidden)]
 pub mod in_memory;
 mod launch_gate;
+mod ledger;
 mod lifecycle;
 mod listener;
 mod maintenance;
 mod metrics;
 mod nbd_export;
+mod reject;
 mod retention;
 mod revocation;
 mod session;
+mod shared;
 mod status;
 mod verify;
 mod views;
@@ -47,7 +56,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use capture::{CaptureView, SourceMode};
-pub use listener::{Server, ServerStats};
+pub use ledger::ServerStats;
+pub use listener::Server;
 pub use maintenance::report_json as gc_report_json;
 pub use nbd_export::{
     NBD_CONNECTIONS_MAX_DEFAULT, NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT, NBD_IDLE_TIMEOUT_DEFAULT,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use blockrep_core::SourceId;
 use blockrep_store::Lifecycle;
 
-use crate::listener::Shared;
+use crate::shared::Shared;
 
 /// What a reset found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ async fn write_locked(
     #[cfg(test)]
     tests::between_writes(source).await;
     let record = record.clone();
-    shared.sources.update(source, |r| {
+    shared.ledger.sources.update(source, |r| {
         r.lifecycle = Some(record);
         r.cutover_requested = false;
     });
@@ -80,7 +80,10 @@ pub(crate) async fn write_if(
     record: &Lifecycle,
 ) -> Result<bool, String> {
     let serial = shared.lifecycle_lock.lock().await;
-    let current = shared.sources.update(source, |r| r.lifecycle.clone());
+    let current = shared
+        .ledger
+        .sources
+        .update(source, |r| r.lifecycle.clone());
     if current.as_ref() != expected {
         return Ok(false);
     }
@@ -107,7 +110,7 @@ pub(crate) async fn reset(shared: &Arc<Shared>, source: &SourceId) -> Result<Res
     .map_err(|e| ResetFailed::Task(e.to_string()))?
     .map_err(ResetFailed::Store)?;
     if found == Reset::Done {
-        shared.sources.update_known(source, |r| {
+        shared.ledger.sources.update_known(source, |r| {
             r.lifecycle = None;
             r.cutover_requested = false;
             r.failback_finalize_requested = false;
@@ -212,7 +215,10 @@ pub(crate) mod tests {
     /// The stored record and the table's mirror; they must agree.
     fn both(shared: &Shared, source: &SourceId) -> (Option<Lifecycle>, Option<Lifecycle>) {
         let stored = shared.store.lifecycle(source).unwrap();
-        let mirrored = shared.sources.update(source, |r| r.lifecycle.clone());
+        let mirrored = shared
+            .ledger
+            .sources
+            .update(source, |r| r.lifecycle.clone());
         (stored, mirrored)
     }
 
@@ -326,6 +332,6 @@ pub(crate) mod tests {
         let ghost = SourceId::new("ghost-1").unwrap();
         assert_eq!(reset(&shared, &ghost).await.unwrap(), Reset::UnknownSource);
         assert!(!dir.path().join("data/sources/ghost-1").exists());
-        assert!(shared.sources.update_known(&ghost, |_| ()).is_none());
+        assert!(shared.ledger.sources.update_known(&ghost, |_| ()).is_none());
     }
 }

@@ -1,7 +1,6 @@
 //! Background garbage collection, and the admin endpoint that runs it on demand.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -12,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::listener::Shared;
+use crate::shared::Shared;
 
 /// Runs GC every `gc_interval` (the task is aborted when the server stops).
 pub(crate) async fn run_gc(shared: Arc<Shared>) {
@@ -38,7 +37,7 @@ async fn collect(shared: &Arc<Shared>, options: GcOptions) -> Result<GcReport, S
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     if !options.dry_run {
-        shared.metrics.gc_runs_total.fetch_add(1, Ordering::Relaxed);
+        shared.ledger.gc_ran();
     }
     info!(
         dry_run = report.dry_run,
@@ -86,6 +85,6 @@ pub(crate) async fn handler(
     };
     match collect(&shared, options).await {
         Ok(report) => Json(report_json(&report)).into_response(),
-        Err(e) => crate::admin::error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => crate::api_error::error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

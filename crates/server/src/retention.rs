@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use blockrep_core::clock::now_unix_ms;
 use tracing::{info, warn};
 
-use crate::listener::Shared;
-use crate::status::now_unix_ms;
+use crate::shared::Shared;
 
 /// Ticks forever (the task is aborted when the server stops).
 pub(crate) async fn run(shared: Arc<Shared>) {

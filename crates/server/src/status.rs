@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{Consistency, SourceId};
 use blockrep_store::{Head, Lifecycle, LifecycleStage};
 use serde::{Deserialize, Serialize};
@@ -140,13 +141,6 @@ impl From<&Lifecycle> for CutoverView {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Mutable per-source record.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SourceRecord {
@@ -276,7 +270,7 @@ impl SourceRecord {
             cutover: self.lifecycle.as_ref().map(CutoverView::from),
             failback_chunks_sent_total: self.failback_chunks_sent_total,
             failback_bytes_sent_total: self.failback_bytes_sent_total,
-            mode: crate::capture::mode(self),
+            mode: SourceMode::of(self.capture.as_ref()),
             capture: self.capture.map(|c| c.last),
         }
     }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::session::Reject;
+use crate::reject::Reject;
 
 /// Chunks queued between the network task and the verifier threads, all
 /// together. Bounds the memory a session holds to this many chunks (at most 4

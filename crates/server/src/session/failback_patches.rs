@@ -37,11 +37,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         target_ids: &[ChunkId],
         entries: Vec<Entry>,
     ) -> Result<(u64, u64), Outcome> {
-        let per_batch = (self.shared.config.send_buffer_max_bytes
-            / u64::from(geometry.chunk_size_bytes()))
-        .max(1) as usize;
         let (mut count, mut bytes) = (0, 0);
-        for batch in entries.chunks(per_batch) {
+        for batch in entries.chunks(self.chunks_per_batch(geometry)) {
             let mut wanted = Vec::with_capacity(batch.len());
             for (index, base, values) in batch {
                 let id = *target_ids.get(*index as usize).ok_or_else(|| {
@@ -76,7 +73,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
             let sent = self.connection.bytes_written - before;
             let chunks = answers.len() as u64;
-            self.shared.sources.update(&self.source, |r| {
+            self.shared.ledger.sources.update(&self.source, |r| {
                 r.failback_chunks_sent_total += chunks;
                 r.failback_bytes_sent_total += sent;
             });

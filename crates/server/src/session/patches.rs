@@ -9,7 +9,7 @@
 //!   whether another source's data exists. Values are computed from the stored
 //!   chunk, whose id is checked on the way (a mismatch is store damage: logged,
 //!   answered empty), and kept in a cache bounded by
-//!   [`BLOCK_VALUES_CACHE_BYTES_MAX`]. Every chunk the verifier checks, patched or
+//!   [`crate::block_values::BLOCK_VALUES_CACHE_BYTES_MAX`]. Every chunk the verifier checks, patched or
 //!   whole, enters the cache with the values its hash gave: they are the bases
 //!   of the next epoch's patches.
 //! - `Patch`: the base must be one of the source's own committed chunks
@@ -20,10 +20,7 @@
 //!   Every refusal ends the session with `BadChunk` and nothing of the epoch
 //!   is committed.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use blockrep_core::ChunkId;
 use blockrep_proto::{Codec, ErrorCode, Message};
@@ -34,88 +31,11 @@ use tracing::warn;
 use super::{End, EpochCounters, Outcome, Reject, Replica, Session, internal};
 use crate::verify::{Job, OnValues, PatchOf, Verifier};
 
-/// Bytes of block values the server keeps cached, all sources together: the
-/// values of 65,536 chunks of 64 KiB (256 bytes each), or of 256 chunks of
-/// 4 MiB. Entries are evicted least recently used first.
-pub(crate) const BLOCK_VALUES_CACHE_BYTES_MAX: usize = 16 << 20;
-
-/// Server-wide state of patches: the block values cache and the counters
-/// `/metrics` shows.
-#[derive(Debug, Default)]
-pub(crate) struct PatchShared {
-    cache: Mutex<ValuesCache>,
-    /// Patches applied and queued for storage.
-    pub patches_received_total: AtomicU64,
-    /// Bytes of patch data, as sent (raw or compressed).
-    pub patch_bytes_received_total: AtomicU64,
-    /// Chunk bytes that patches did not have to carry: each patched chunk's
-    /// length less the patch data sent for it.
-    pub patch_bytes_saved_total: AtomicU64,
-    /// `GetBlockValues` entries answered with values (not empty).
-    pub block_values_served_total: AtomicU64,
-}
-
-/// A least-recently-used map of chunk id -> block values, bounded in bytes.
-#[derive(Debug, Default)]
-struct ValuesCache {
-    entries: HashMap<ChunkId, (Bytes, u64)>,
-    /// Last use -> id: the first entry is the next to evict.
-    by_use: BTreeMap<u64, ChunkId>,
-    clock: u64,
-    bytes: usize,
-}
-
-impl ValuesCache {
-    fn get(&mut self, id: &ChunkId) -> Option<Bytes> {
-        self.clock += 1;
-        let (values, used) = self.entries.get_mut(id)?;
-        self.by_use.remove(used);
-        *used = self.clock;
-        self.by_use.insert(self.clock, *id);
-        Some(values.clone())
-    }
-
-    fn insert(&mut self, id: ChunkId, values: Bytes) {
-        if values.len() > BLOCK_VALUES_CACHE_BYTES_MAX {
-            return;
-        }
-        self.clock += 1;
-        if let Some((old, used)) = self.entries.remove(&id) {
-            self.by_use.remove(&used);
-            self.bytes -= old.len();
-        }
-        self.bytes += values.len();
-        self.entries.insert(id, (values, self.clock));
-        self.by_use.insert(self.clock, id);
-        while self.bytes > BLOCK_VALUES_CACHE_BYTES_MAX {
-            let Some((_, oldest)) = self.by_use.pop_first() else {
-                break;
-            };
-            if let Some((evicted, _)) = self.entries.remove(&oldest) {
-                self.bytes -= evicted.len();
-            }
-        }
-    }
-}
-
 /// Where a session's verifier puts the block values of the chunks it checks:
 /// the cache, so the next epoch's `GetBlockValues` need not read and hash them.
-pub(crate) fn values_sink(shared: &Arc<crate::listener::Shared>) -> OnValues {
+pub(crate) fn values_sink(shared: &Arc<crate::shared::Shared>) -> OnValues {
     let shared = Arc::clone(shared);
-    Arc::new(move |id, values| shared.patches.remember(id, values))
-}
-
-impl PatchShared {
-    fn cached(&self, id: &ChunkId) -> Option<Bytes> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(id)
-    }
-
-    fn remember(&self, id: ChunkId, values: Bytes) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, values);
-    }
+    Arc::new(move |id, values| shared.block_values.remember(id, values))
 }
 
 /// The block values of one stored chunk, concatenated; empty when the store
@@ -157,14 +77,14 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
         replica: &Replica,
         ids: Vec<ChunkId>,
     ) -> Result<(), Outcome> {
-        let patches = &self.shared.patches;
+        let cache = &self.shared.block_values;
         let mut values: Vec<Option<Bytes>> = ids
             .iter()
             .map(|id| {
                 if id.is_zero() || !replica.references.is_committed_own(id) {
                     Some(Bytes::new())
                 } else {
-                    patches.cached(id)
+                    cache.cached(id)
                 }
             })
             .collect();
@@ -183,7 +103,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
                     .map(|(i, id)| {
                         let found = stored_values(&shared.store, &id);
                         if !found.is_empty() {
-                            shared.patches.remember(id, found.clone());
+                            shared.block_values.remember(id, found.clone());
                         }
                         (i, found)
                     })
@@ -196,10 +116,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
         }
         let values: Vec<Bytes> = values.into_iter().map(Option::unwrap_or_default).collect();
         let served = values.iter().filter(|v| !v.is_empty()).count() as u64;
-        self.shared
-            .patches
-            .block_values_served_total
-            .fetch_add(served, Ordering::Relaxed);
+        self.shared.ledger.block_values_served(served);
         self.connection
             .send(&Message::BlockValues { values })
             .await
@@ -269,81 +186,14 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
                 }),
             })
             .await?;
-        let stats = &self.shared.patches;
-        stats.patches_received_total.fetch_add(1, Ordering::Relaxed);
-        stats
-            .patch_bytes_received_total
-            .fetch_add(data_len, Ordering::Relaxed);
-        stats.patch_bytes_saved_total.fetch_add(
-            u64::from(raw_len).saturating_sub(data_len),
-            Ordering::Relaxed,
-        );
+        self.shared
+            .ledger
+            .patch_received(data_len, u64::from(raw_len));
         counters.chunks_received += 1;
         if !replica.references.is_own(&id) {
             counters.chunks_new += 1;
         }
         replica.references.received(id);
         Ok(id)
-    }
-}
-
-/// The patch counters in the Prometheus text format.
-pub(crate) fn metrics_text(shared: &crate::listener::Shared) -> String {
-    use std::fmt::Write as _;
-    let patches = &shared.patches;
-    let mut out = String::new();
-    let families = [
-        (
-            "blockrep_patches_received_total",
-            "Sub-chunk patches applied (changed chunks sent as the blocks that differ from their base), all sources.",
-            &patches.patches_received_total,
-        ),
-        (
-            "blockrep_patch_bytes_received_total",
-            "Bytes of patch data (as sent: raw or compressed), all sources, counted as patches are applied.",
-            &patches.patch_bytes_received_total,
-        ),
-        (
-            "blockrep_patch_bytes_saved_total",
-            "Chunk bytes patches did not carry: the patched chunks' lengths less their patch data.",
-            &patches.patch_bytes_saved_total,
-        ),
-        (
-            "blockrep_block_values_served_total",
-            "Chunks whose block values were sent to an agent (GetBlockValues entries not empty).",
-            &patches.block_values_served_total,
-        ),
-    ];
-    for (name, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cache_evicts_the_least_recently_used_within_its_bytes() {
-        let mut cache = ValuesCache::default();
-        let entry = Bytes::from(vec![0u8; BLOCK_VALUES_CACHE_BYTES_MAX / 4]);
-        let id = |n: u8| ChunkId([n; 32]);
-        for n in 0..4 {
-            cache.insert(id(n), entry.clone());
-        }
-        assert!(cache.get(&id(0)).is_some()); // 1 is now the oldest
-        cache.insert(id(4), entry.clone());
-        assert!(cache.get(&id(1)).is_none());
-        for n in [0, 2, 3, 4] {
-            assert!(cache.get(&id(n)).is_some(), "entry {n}");
-        }
-        assert_eq!(cache.bytes, BLOCK_VALUES_CACHE_BYTES_MAX);
-        cache.insert(id(2), Bytes::from_static(&[1; 16]));
-        assert_eq!(cache.entries.len(), 4);
-        assert_eq!(cache.bytes, 3 * entry.len() + 16);
-        assert_eq!(cache.by_use.len(), cache.entries.len());
     }
 }

@@ -317,11 +317,11 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
         let own_bytes = crate::budget::ids_bytes(references.geometry);
         let loading = tokio::task::spawn_blocking(move || {
             load_tenant_ids(&store, &source, &tenant, |bytes| {
-                let per_source_max = shared.config.session_memory_per_source_max_bytes;
+                let per_source_max = shared.ids_budget.per_source_max_bytes();
                 if own_bytes.saturating_add(bytes) > per_source_max {
                     return None;
                 }
-                shared.reserve_bytes(bytes).ok()
+                shared.ids_budget.reserve_bytes(bytes).ok()
             })
         });
         let loaded = self

@@ -1,0 +1,180 @@
+//! Cutover: the final epoch (`Commit` with `last`) is committed, then the
+//! server takes a `cutover` snapshot and makes the cutover launch from it,
+//! records the lifecycle (which fences the source) and answers
+//! `CutoverReady`; the agent reports its side of the downtime and leaves.
+//! From then on every epoch of the source is refused with `Fenced` until an
+//! operator resets it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use blockrep_core::SourceId;
+use blockrep_core::clock::now_unix_ms;
+use blockrep_proto::{ErrorCode, Message};
+use blockrep_store::{Downtime, LaunchKind, Lifecycle, LifecycleStage, SnapshotKind};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::info;
+
+use super::{End, Outcome, Reject, Replica, Session, internal};
+
+/// Longest part of a source id a cutover launch's name keeps, so that the
+/// name with its suffix stays a valid launch name.
+const LAUNCH_NAME_SOURCE_CHARS_MAX: usize = 48;
+
+/// The name of a source's cutover launch: `SOURCE-cutover`, or the first of
+/// `SOURCE-cutover-2`, `-3`, ... that `taken` says is free.
+fn cutover_launch_name<E>(
+    source: &SourceId,
+    mut taken: impl FnMut(&str) -> Result<bool, E>,
+) -> Result<String, E> {
+    let id = source.as_str();
+    let base = format!(
+        "{}-cutover",
+        &id[..id.len().min(LAUNCH_NAME_SOURCE_CHARS_MAX)]
+    );
+    let mut name = base.clone();
+    let mut n = 2;
+    while taken(&name)? {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    Ok(name)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Refuses replication of a source that has been cut over.
+    pub(super) fn check_fence(&self) -> Result<(), Outcome> {
+        let fenced = self
+            .shared
+            .ledger
+            .sources
+            .update(&self.source, |r| r.lifecycle.clone());
+        match fenced {
+            None => Ok(()),
+            Some(lifecycle) => Err(Reject::new(
+                ErrorCode::Fenced,
+                format!(
+                    "cut over at epoch {} (launch {}); replication is fenced until the operator \
+                     resets it with `blockrep cutover --reset --source {}`",
+                    lifecycle.epoch, lifecycle.launch, self.source
+                ),
+            )
+            .into()),
+        }
+    }
+
+    /// After the final commit: cutover snapshot, cutover launch, fence, answer.
+    pub(super) async fn finish_cutover(&mut self, replica: &mut Replica) -> Result<(), Outcome> {
+        let started = Instant::now();
+        let store = Arc::clone(&self.shared.store);
+        let source = self.source.clone();
+        let epoch = replica.head_epoch;
+        let (root, _) = replica.build_root();
+        let root_id = root.id();
+        let now = now_unix_ms();
+        let preparing = tokio::task::spawn_blocking(move || -> Result<_, blockrep_store::Error> {
+            let snapshot =
+                store.create_snapshot_of_kind(&source, SnapshotKind::Cutover, None, None, now)?;
+            let name = cutover_launch_name(&source, |name| Ok(store.launch(name)?.is_some()))?;
+            let launch =
+                store.create_launch(&source, &snapshot.name, &name, LaunchKind::Cutover, now)?;
+            Ok((snapshot, launch))
+        });
+        let (snapshot, launch) = self
+            .connection
+            .working(preparing)
+            .await
+            .map_err(internal)?
+            .map_err(|e| {
+                internal(format!(
+                    "cutover snapshot or launch failed (the final epoch is committed): {e}"
+                ))
+            })?;
+        let launch_ms = started.elapsed().as_millis() as u64;
+        let scan_ms = replica
+            .cutover_backlog_unix_ms
+            .saturating_sub(replica.cutover_scan_started_unix_ms);
+        let mut lifecycle = Lifecycle {
+            stage: LifecycleStage::CutOver,
+            epoch,
+            root: root_id,
+            snapshot: snapshot.name.clone(),
+            launch: launch.name.clone(),
+            cutover_unix_ms: now,
+            downtime: Downtime {
+                scan_ms,
+                transfer_ms: replica.cutover_transfer_ms,
+                commit_ms: replica.cutover_commit_ms,
+                launch_ms,
+                ..Downtime::default()
+            },
+        };
+        self.persist_lifecycle(&lifecycle).await?;
+        info!(source = %self.source, epoch, root = %root_id, snapshot = %snapshot.name, launch = %launch.name,
+              commit_ms = replica.cutover_commit_ms, launch_ms, "cutover ready; source fenced");
+        self.connection
+            .send(&Message::CutoverReady {
+                epoch,
+                root: root_id,
+                snapshot: snapshot.name,
+                launch: launch.name,
+                commit_ms: replica.cutover_commit_ms,
+                launch_ms,
+            })
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+        // The agent reports its side of the downtime, then leaves.
+        if let Ok(Message::CutoverReport {
+            hook_ms,
+            scan_ms,
+            transfer_ms,
+            total_ms,
+        }) = self.read(self.shared.config.handshake_timeout).await
+        {
+            lifecycle.downtime.hook_ms = hook_ms;
+            lifecycle.downtime.scan_ms = scan_ms;
+            lifecycle.downtime.transfer_ms = transfer_ms;
+            lifecycle.downtime.total_ms = total_ms;
+            self.persist_lifecycle(&lifecycle).await?;
+            info!(source = %self.source, hook_ms, scan_ms, transfer_ms, commit_ms = lifecycle.downtime.commit_ms,
+                  launch_ms, downtime_ms = total_ms, "cutover downtime");
+        }
+        Err(Outcome::End(End::Closed))
+    }
+
+    /// Writes the lifecycle record durably and mirrors it in the status table,
+    /// serialized with the operator's reset.
+    pub(super) async fn persist_lifecycle(&self, lifecycle: &Lifecycle) -> Result<(), Outcome> {
+        crate::lifecycle::write(&self.shared, &self.source, lifecycle)
+            .await
+            .map_err(internal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cutover_launch_takes_the_first_free_name() {
+        let source = SourceId::new("web").unwrap();
+        let free = cutover_launch_name::<()>(&source, |_| Ok(false));
+        assert_eq!(free.unwrap(), "web-cutover");
+        let taken = ["web-cutover", "web-cutover-2"];
+        let next = cutover_launch_name::<()>(&source, |name| Ok(taken.contains(&name)));
+        assert_eq!(next.unwrap(), "web-cutover-3");
+        let failed = cutover_launch_name(&source, |_| Err("store"));
+        assert_eq!(failed.unwrap_err(), "store");
+    }
+
+    #[test]
+    fn a_long_source_id_is_shortened_in_the_launch_name() {
+        let long = "s".repeat(60);
+        let source = SourceId::new(&long).unwrap();
+        let name = cutover_launch_name::<()>(&source, |_| Ok(false)).unwrap();
+        assert_eq!(
+            name,
+            format!("{}-cutover", &long[..LAUNCH_NAME_SOURCE_CHARS_MAX])
+        );
+    }
+}
