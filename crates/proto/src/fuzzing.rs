@@ -1,10 +1,10 @@
 //! Checks shared by the cargo-fuzz targets (`fuzz/`) and the corpus replay
-//! test (`tests/it/fuzz_corpus.rs`), so that a crasher found by the fuzzer fails
+//! test (`tests/fuzz_corpus.rs`), so that a crasher found by the fuzzer fails
 //! `cargo test` on stable too. Not part of the API: panics are the point.
 
 use bytes::BytesMut;
 
-use crate::codec::seal;
+use crate::frame::seal;
 use crate::{FRAME_LEN_MAX, decode, encode};
 
 /// `data` with the checksum of every whole frame in it recomputed, walking the
