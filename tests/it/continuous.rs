@@ -14,11 +14,10 @@ const CHUNK: u32 = 65_536;
 
 #[test]
 fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
-    let pki = Pki::new(&["web"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["web"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(64 * MIB, 1)).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let admin = server.admin_addr.unwrap();
     let (d, s, t) = (
         disk.to_str().unwrap(),
@@ -307,11 +306,10 @@ fn chunks_shared_with_another_source_do_not_travel_again() {
 
 #[test]
 fn max_rate_throttles_the_transfer() {
-    let pki = Pki::new(&["slow"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["slow"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(64 * MIB, 4)).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let started = Instant::now();
     let output = agent_once(
         &disk,

@@ -142,11 +142,10 @@ impl Drop for Writer {
 
 #[test]
 fn a_snapshot_command_view_is_what_is_replicated_and_every_view_is_released() {
-    let pki = Pki::new(&["vm"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["vm"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(8 * MIB, 1)).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let s = scripts(work.path());
     let writer = Writer::start(work.path(), &disk);
     let ack_log = work.path().join("acks.log");
@@ -237,11 +236,10 @@ fn a_snapshot_command_view_is_what_is_replicated_and_every_view_is_released() {
 
 #[test]
 fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
-    let pki = Pki::new(&["db"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["db"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(2 * MIB, 2)).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let s = scripts(work.path());
     let release = s.release.to_str().unwrap();
     let addr = server.addr;
@@ -413,11 +411,10 @@ fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
 
 #[test]
 fn sigterm_mid_epoch_releases_the_view_before_the_agent_exits() {
-    let pki = Pki::new(&["slow"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["slow"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(32 * MIB, 3)).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let s = scripts(work.path());
     let (d, addr, tls) = (
         disk.to_str().unwrap(),
@@ -562,12 +559,11 @@ fn reflink_mode_without_reflink_fails_clearly_and_auto_warns_once_and_reads_live
         eprintln!("skipping: no /dev/shm");
         return;
     }
-    let pki = Pki::new(&["plain"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["plain"], &[]);
+    let (pki, server) = (&rig.pki, &rig.server);
     let shm_dir = tempfile::tempdir_in(shm).unwrap();
     let disk = shm_dir.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(4 * MIB, 6)).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
 
     let output = agent_once(
         &disk,

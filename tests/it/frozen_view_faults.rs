@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::common::*;
 use blockrep_testkit::scripts::{read_lines, write_script};
 use blockrep_testkit::wait_exit;
-use blockrep_testkit::{Pki, ServerProcess, random_bytes};
+use blockrep_testkit::{Pki, random_bytes};
 
 const MIB: usize = 1 << 20;
 
@@ -88,11 +88,10 @@ fn sigterm_while_the_snapshot_command_runs_still_thaws_before_the_agent_exits() 
 
 #[test]
 fn sigterm_of_a_once_agent_mid_epoch_releases_its_view() {
-    let pki = Pki::new(&["once"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["once"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(32 * MIB, 3)).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let (snapshot, release) = fixed_name_scripts(work.path());
     let (d, addr, tls) = (
         disk.to_str().unwrap(),
@@ -165,11 +164,10 @@ fn a_fixed_name_snapshot_is_released_before_the_cutover_takes_it_again() {
 
 #[test]
 fn a_view_that_fails_once_is_retried_and_replication_goes_on() {
-    let pki = Pki::new(&["flaky"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["flaky"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(MIB, 5)).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let (snapshot, release) = fixed_name_scripts(work.path());
     // Fails the first time (as lvcreate may, out of extents for a moment).
     let flaky = work.path().join("flaky.sh");

@@ -58,9 +58,8 @@ fn head(work: &tempfile::TempDir, source: &str) -> Option<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
-    let pki = Pki::new(&["a", "victim"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
+    let rig = rig(&["a", "victim"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     // A committed replica of `a`'s geometry, so that refusals are tested on a
     // source with a head as well as on one without.
     let victim = work.path().join("victim.raw");
@@ -163,9 +162,8 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn certificate_naming_two_identities_is_refused() {
-    let pki = Pki::new(&["a", "b"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
+    let rig = rig(&["a", "b"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let pairs: [(&str, &[&str]); 2] = [
         (
             "two-sources",

@@ -238,3 +238,9 @@ pub fn failback_once(
         .output()
         .unwrap()
 }
+
+/// An [`blockrep_testkit::AgentRig`] of the binary under test: certificates
+/// for `sources`, a work directory and a server started with `server_args`.
+pub fn rig(sources: &[&str], server_args: &[&str]) -> blockrep_testkit::AgentRig {
+    blockrep_testkit::AgentRig::start(&bin(), sources, server_args)
+}
