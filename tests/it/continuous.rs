@@ -14,8 +14,9 @@ const CHUNK: u32 = 65_536;
 
 #[test]
 fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
-    let rig = rig(&["web"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["web"], &[]);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(64 * MIB, 1)).unwrap();
     let admin = server.admin_addr.unwrap();
@@ -306,8 +307,9 @@ fn chunks_shared_with_another_source_do_not_travel_again() {
 
 #[test]
 fn max_rate_throttles_the_transfer() {
-    let rig = rig(&["slow"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["slow"], &[]);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(64 * MIB, 4)).unwrap();
     let started = Instant::now();

@@ -136,8 +136,9 @@ fn expect_bad_chunk(answer: Message, what: &str, text: &str) {
 /// answered with no bit set: `a` does not learn that they exist.
 #[tokio::test(flavor = "multi_thread")]
 async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
-    let rig = rig(&["a", "b"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["a", "b"], &[]);
     let victim = random_bytes(DISK as usize, 7);
     let victim_path = work.path().join("b.raw");
     std::fs::write(&victim_path, &victim).unwrap();
@@ -366,8 +367,9 @@ async fn a_source_cannot_change_tenants() {
 /// another source replicates.
 #[tokio::test(flavor = "multi_thread")]
 async fn resending_a_chunk_within_one_epoch_is_cut_off() {
-    let rig = rig(&["attacker", "honest"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["attacker", "honest"], &[]);
     let honest = work.path().join("honest.raw");
     std::fs::write(&honest, random_bytes(DISK as usize, 21)).unwrap();
     let honest_agent = {
@@ -418,8 +420,9 @@ async fn resending_a_chunk_within_one_epoch_is_cut_off() {
 /// and other sources go on replicating.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_hello_cannot_reserve_most_of_the_session_memory() {
-    let rig = rig(&["greedy", "honest"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["greedy", "honest"], &[]);
     // 2^25 chunks of 4 KiB (128 GiB): 5 GiB of ids, under the total of 9 GiB.
     let mut client = RawClient::connect(
         server.addr,
@@ -461,8 +464,9 @@ async fn one_hello_cannot_reserve_most_of_the_session_memory() {
 async fn failback_streams_what_a_want_asks_for() {
     const BIG_CHUNK: u32 = 4 << 20;
     const CHUNKS: u64 = 64;
-    let rig = rig(&["fb"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["fb"], &[]);
     // One 4 MiB block repeated: stored once, cheap to sync, 256 MiB to send.
     let block = random_bytes(BIG_CHUNK as usize, 9);
     let disk_path = work.path().join("fb.raw");

@@ -142,8 +142,9 @@ impl Drop for Writer {
 
 #[test]
 fn a_snapshot_command_view_is_what_is_replicated_and_every_view_is_released() {
-    let rig = rig(&["vm"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["vm"], &[]);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(8 * MIB, 1)).unwrap();
     let s = scripts(work.path());
@@ -236,8 +237,9 @@ fn a_snapshot_command_view_is_what_is_replicated_and_every_view_is_released() {
 
 #[test]
 fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
-    let rig = rig(&["db"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["db"], &[]);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(2 * MIB, 2)).unwrap();
     let s = scripts(work.path());
@@ -411,8 +413,9 @@ fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
 
 #[test]
 fn sigterm_mid_epoch_releases_the_view_before_the_agent_exits() {
-    let rig = rig(&["slow"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["slow"], &[]);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(32 * MIB, 3)).unwrap();
     let s = scripts(work.path());
@@ -559,8 +562,13 @@ fn reflink_mode_without_reflink_fails_clearly_and_auto_warns_once_and_reads_live
         eprintln!("skipping: no /dev/shm");
         return;
     }
-    let rig = rig(&["plain"], &[]);
-    let (pki, server) = (&rig.pki, &rig.server);
+    // The work directory holds the server\'s data: it lives as long as the server.
+    let AgentRig {
+        pki,
+        work: _work,
+        server,
+        ..
+    } = rig(&["plain"], &[]);
     let shm_dir = tempfile::tempdir_in(shm).unwrap();
     let disk = shm_dir.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(4 * MIB, 6)).unwrap();

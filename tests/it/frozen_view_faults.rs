@@ -88,8 +88,9 @@ fn sigterm_while_the_snapshot_command_runs_still_thaws_before_the_agent_exits() 
 
 #[test]
 fn sigterm_of_a_once_agent_mid_epoch_releases_its_view() {
-    let rig = rig(&["once"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["once"], &[]);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(32 * MIB, 3)).unwrap();
     let (snapshot, release) = fixed_name_scripts(work.path());
@@ -164,8 +165,9 @@ fn a_fixed_name_snapshot_is_released_before_the_cutover_takes_it_again() {
 
 #[test]
 fn a_view_that_fails_once_is_retried_and_replication_goes_on() {
-    let rig = rig(&["flaky"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["flaky"], &[]);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(MIB, 5)).unwrap();
     let (snapshot, release) = fixed_name_scripts(work.path());

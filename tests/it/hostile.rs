@@ -58,8 +58,9 @@ fn head(work: &tempfile::TempDir, source: &str) -> Option<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
-    let rig = rig(&["a", "victim"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["a", "victim"], &[]);
     // A committed replica of `a`'s geometry, so that refusals are tested on a
     // source with a head as well as on one without.
     let victim = work.path().join("victim.raw");
@@ -162,8 +163,9 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn certificate_naming_two_identities_is_refused() {
-    let rig = rig(&["a", "b"], &[]);
-    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["a", "b"], &[]);
     let pairs: [(&str, &[&str]); 2] = [
         (
             "two-sources",

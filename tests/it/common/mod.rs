@@ -4,8 +4,8 @@
 //! does not need the binary lives in `blockrep_testkit`.
 #![allow(dead_code)]
 
-pub use blockrep_testkit::AgentProcess;
 pub use blockrep_testkit::tools::*;
+pub use blockrep_testkit::{AgentProcess, AgentRig};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
