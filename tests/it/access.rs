@@ -326,13 +326,7 @@ async fn a_source_certificate_cannot_write_another_source() {
     let f = Fixture::new();
     let series = r#"blockrep_sessions_rejected_total{code="source_mismatch"}"#;
     let before = metric(&f.metrics().await, series);
-    let mut client = RawClient::connect(
-        f.server.addr,
-        &f.pki.cert("ca"),
-        Some((&f.pki.cert("a"), &f.pki.key("a"))),
-    )
-    .await
-    .unwrap();
+    let mut client = RawClient::connect_as(f.server.addr, &f.pki, "a").await;
     client.send(&hello("b")).await.unwrap();
     match client.recv().await {
         Ok(Some(Message::Error { code, message })) => {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::common::*;
 use blockrep_core::clock::now_unix_ms;
-use blockrep_core::{ChunkId, Consistency, Geometry, Root, SourceId};
-use blockrep_proto::{Codec, Message, PROTOCOL_VERSION};
+use blockrep_core::{ChunkId, Consistency, Geometry, Root};
+use blockrep_proto::{Codec, Message};
 use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes};
 use bytes::Bytes;
 
@@ -54,23 +54,8 @@ fn geometry() -> Geometry {
 
 /// A session of source `db` speaking raw frames with its real certificate.
 async fn connect(server: &ServerProcess, pki: &Pki) -> RawClient {
-    let mut client = RawClient::connect(
-        server.addr,
-        &pki.cert("ca"),
-        Some((&pki.cert("db"), &pki.key("db"))),
-    )
-    .await
-    .unwrap();
-    client
-        .send(&Message::Hello {
-            version_min: PROTOCOL_VERSION,
-            version_max: PROTOCOL_VERSION,
-            source: SourceId::new("db").unwrap(),
-            disk_size_bytes: DISK,
-            chunk_size_bytes: CHUNK,
-        })
-        .await
-        .unwrap();
+    let mut client = RawClient::connect_as(server.addr, pki, "db").await;
+    client.hello("db", DISK, CHUNK).await;
     match client.recv().await.unwrap() {
         Some(Message::Welcome { .. }) => client,
         other => panic!("expected Welcome, got {other:?}"),

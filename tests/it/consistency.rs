@@ -223,13 +223,7 @@ async fn expect_committed(client: &mut RawClient, epoch: u64) {
 }
 
 async fn connect(server: &ServerProcess, pki: &Pki) -> RawClient {
-    let mut client = RawClient::connect(
-        server.addr,
-        &pki.cert("ca"),
-        Some((&pki.cert("db"), &pki.key("db"))),
-    )
-    .await
-    .unwrap();
+    let mut client = RawClient::connect_as(server.addr, pki, "db").await;
     client.send(&hello()).await.unwrap();
     match client.recv().await.unwrap() {
         Some(Message::Welcome { .. }) => client,

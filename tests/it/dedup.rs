@@ -48,13 +48,7 @@ async fn next(client: &mut RawClient) -> Option<Message> {
 
 /// Connects as `name` and says `Hello`; returns the client and the nonce.
 async fn session(server: &ServerProcess, pki: &Pki, name: &str) -> (RawClient, [u8; 32]) {
-    let mut client = RawClient::connect(
-        server.addr,
-        &pki.cert("ca"),
-        Some((&pki.cert(name), &pki.key(name))),
-    )
-    .await
-    .unwrap();
+    let mut client = RawClient::connect_as(server.addr, pki, name).await;
     client.send(&hello(name)).await.unwrap();
     match next(&mut client).await {
         Some(Message::Welcome { nonce, .. }) => (client, nonce),
@@ -424,23 +418,8 @@ async fn one_hello_cannot_reserve_most_of_the_session_memory() {
         pki, work, server, ..
     } = rig(&["greedy", "honest"], &[]);
     // 2^25 chunks of 4 KiB (128 GiB): 5 GiB of ids, under the total of 9 GiB.
-    let mut client = RawClient::connect(
-        server.addr,
-        &pki.cert("ca"),
-        Some((&pki.cert("greedy"), &pki.key("greedy"))),
-    )
-    .await
-    .unwrap();
-    client
-        .send(&Message::Hello {
-            version_min: PROTOCOL_VERSION,
-            version_max: PROTOCOL_VERSION,
-            source: SourceId::new("greedy").unwrap(),
-            disk_size_bytes: 4096 << 25,
-            chunk_size_bytes: 4096,
-        })
-        .await
-        .unwrap();
+    let mut client = RawClient::connect_as(server.addr, &pki, "greedy").await;
+    client.hello("greedy", 4096 << 25, 4096).await;
     match next(&mut client).await {
         Some(Message::Error {
             code: ErrorCode::GeometryMismatch,
@@ -493,23 +472,10 @@ async fn failback_streams_what_a_want_asks_for() {
     // The agent's session may still be ending on the server (Busy): retry.
     let mut answers = Vec::new();
     let mut client = loop {
-        let mut client = RawClient::connect(
-            server.addr,
-            &pki.cert("ca"),
-            Some((&pki.cert("fb"), &pki.key("fb"))),
-        )
-        .await
-        .unwrap();
+        let mut client = RawClient::connect_as(server.addr, &pki, "fb").await;
         client
-            .send(&Message::Hello {
-                version_min: PROTOCOL_VERSION,
-                version_max: PROTOCOL_VERSION,
-                source: SourceId::new("fb").unwrap(),
-                disk_size_bytes: u64::from(BIG_CHUNK) * CHUNKS,
-                chunk_size_bytes: BIG_CHUNK,
-            })
-            .await
-            .unwrap();
+            .hello("fb", u64::from(BIG_CHUNK) * CHUNKS, BIG_CHUNK)
+            .await;
         match client.recv().await.unwrap() {
             Some(Message::Welcome { .. }) => break client,
             other => {

@@ -29,13 +29,7 @@ fn hello(source: &str) -> Message {
 }
 
 async fn client(server: &ServerProcess, pki: &Pki, name: &str) -> RawClient {
-    RawClient::connect(
-        server.addr,
-        &pki.cert("ca"),
-        Some((&pki.cert(name), &pki.key(name))),
-    )
-    .await
-    .unwrap()
+    RawClient::connect_as(server.addr, pki, name).await
 }
 
 /// The session must end with an `Error` of `code`; returns its message.

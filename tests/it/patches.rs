@@ -36,13 +36,7 @@ fn hello(source: &str) -> Message {
 
 /// A session of `source` past its `Welcome`; returns the head epoch.
 async fn session(server: &ServerProcess, pki: &Pki, source: &str) -> (RawClient, u64) {
-    let mut client = RawClient::connect(
-        server.addr,
-        &pki.cert("ca"),
-        Some((&pki.cert(source), &pki.key(source))),
-    )
-    .await
-    .unwrap();
+    let mut client = RawClient::connect_as(server.addr, pki, source).await;
     client.send(&hello(source)).await.unwrap();
     match client.recv().await {
         Ok(Some(Message::Welcome { head_epoch, .. })) => (client, head_epoch),

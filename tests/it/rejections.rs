@@ -80,13 +80,7 @@ impl Fixture {
     }
 
     async fn client(&self, name: &str) -> RawClient {
-        RawClient::connect(
-            self.server.addr,
-            &self.pki.cert("ca"),
-            Some((&self.pki.cert(name), &self.pki.key(name))),
-        )
-        .await
-        .unwrap()
+        RawClient::connect_as(self.server.addr, &self.pki, name).await
     }
 }
 

@@ -398,6 +398,31 @@ impl RawClient {
         })
     }
 
+    /// Connects as `source`, with its certificate from `pki`.
+    pub async fn connect_as(addr: SocketAddr, pki: &Pki, source: &str) -> Self {
+        Self::connect(
+            addr,
+            &pki.cert("ca"),
+            Some((&pki.cert(source), &pki.key(source))),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Sends the `Hello` of this protocol version for `source` and a disk of
+    /// that geometry.
+    pub async fn hello(&mut self, source: &str, disk_size_bytes: u64, chunk_size_bytes: u32) {
+        self.send(&Message::Hello {
+            version_min: blockrep_proto::PROTOCOL_VERSION,
+            version_max: blockrep_proto::PROTOCOL_VERSION,
+            source: SourceId::new(source).unwrap(),
+            disk_size_bytes,
+            chunk_size_bytes,
+        })
+        .await
+        .unwrap();
+    }
+
     pub async fn send(&mut self, message: &Message) -> std::io::Result<()> {
         let mut out = BytesMut::new();
         encode(message, &mut out);
