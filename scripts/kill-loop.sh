@@ -11,8 +11,8 @@ kills=${1:-500}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # The per-kill lines go to the log; on failure it is printed whole.
-if ! BLOCKREP_KILL_LOOP=$kills cargo test --release --test kill_loop \
-    acknowledged_commits_survive_sigkill_of_server_and_agent -- --nocapture >"$log" 2>&1; then
+if ! BLOCKREP_KILL_LOOP=$kills cargo test --release --test it \
+    kill_loop::acknowledged_commits_survive_sigkill_of_server_and_agent -- --nocapture >"$log" 2>&1; then
     cat "$log"
     exit 1
 fi

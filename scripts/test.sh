@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 # listed twice; apt-get installs it once). promtool comes only with the
 # prometheus package, which on a host running systemd also enables a local
 # Prometheus service; the tests use promtool alone. The file-system tools make
-# and check the ext4 and XFS file systems that tests/point_in_time.rs runs on
-# loop devices, and the XFS on which tests/frozen_view.rs clones disks (those
+# and check the ext4 and XFS file systems that tests/it/point_in_time.rs runs on
+# loop devices, and the XFS on which tests/it/frozen_view.rs clones disks (those
 # tests need root, as CI has).
 declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
     [promtool]=prometheus [systemd-analyze]=systemd [curl]=curl
@@ -19,7 +19,7 @@ declare -A wanted=([qemu-img]=qemu-utils [qemu-io]=qemu-utils [nbdinfo]=libnbd-b
 # rsync: the reference of `blockrep bench`'s delta rows.
 wanted[rsync]=rsync
 # nbdfuse (with fuse3's fusermount3) turns the agent's capture export into a
-# file that a loop device attaches: tests/capture_fs.rs runs ext4 over it.
+# file that a loop device attaches: tests/it/capture_fs.rs runs ext4 over it.
 wanted[nbdfuse]=libnbd-bin
 wanted[fusermount3]=fuse3
 missing=()

@@ -1,3 +1,5 @@
+//! Errors of the core data model: a kind to match on and a message to show.
+
 use std::fmt;
 
 /// What went wrong, by cause.

@@ -1,5 +1,7 @@
+//! The shape of a disk: its size, the chunk size it is split into, and how
+//! its chunk ids group into index pages, with the limits of each.
+
 use crate::error::{Error, ErrorKind};
-use crate::index::{CHUNKS_PER_PAGE, PAGE_COUNT_MAX};
 
 /// Smallest supported chunk size.
 pub const CHUNK_SIZE_MIN_BYTES: u32 = 4 * 1024;
@@ -7,6 +9,10 @@ pub const CHUNK_SIZE_MIN_BYTES: u32 = 4 * 1024;
 pub const CHUNK_SIZE_MAX_BYTES: u32 = 4 * 1024 * 1024;
 /// Default chunk size: 64 KiB.
 pub const CHUNK_SIZE_DEFAULT_BYTES: u32 = 64 * 1024;
+/// Chunk ids per index page.
+pub const CHUNKS_PER_PAGE: usize = 1024;
+/// Most index pages a root may name: bounds a root's encoding to 8 MiB + 24 bytes.
+pub const PAGE_COUNT_MAX: usize = 256 * 1024;
 /// Largest supported disk, 64 TiB. Independently, the number of index pages of a
 /// root is capped by [`PAGE_COUNT_MAX`], which bounds disks of small chunk sizes.
 pub const DISK_SIZE_MAX_BYTES: u64 = 64 << 40;

@@ -1,3 +1,5 @@
+//! Chunk ids: the blake3 hash that names a chunk, a page or a root.
+
 use std::fmt;
 
 /// Identity of a chunk: the blake3 hash of its bytes.

@@ -18,13 +18,8 @@
 //! mean equal disks.
 
 use crate::error::{Error, ErrorKind};
-use crate::geometry::Geometry;
+use crate::geometry::{CHUNKS_PER_PAGE, Geometry};
 use crate::id::ChunkId;
-
-/// Chunk ids per index page.
-pub const CHUNKS_PER_PAGE: usize = 1024;
-/// Most index pages a root may name: bounds a root's encoding to 8 MiB + 24 bytes.
-pub const PAGE_COUNT_MAX: usize = 256 * 1024;
 
 const ROOT_MAGIC: [u8; 8] = *b"BRROOT\x00\x01";
 const ROOT_HEADER_LEN: usize = 24;

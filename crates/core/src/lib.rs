@@ -37,11 +37,11 @@ pub use diff::{changed_chunks, changed_pages};
 pub use disk::DiskImage;
 pub use error::{Error, ErrorKind};
 pub use geometry::{
-    CHUNK_SIZE_DEFAULT_BYTES, CHUNK_SIZE_MAX_BYTES, CHUNK_SIZE_MIN_BYTES, DISK_SIZE_MAX_BYTES,
-    Geometry,
+    CHUNK_SIZE_DEFAULT_BYTES, CHUNK_SIZE_MAX_BYTES, CHUNK_SIZE_MIN_BYTES, CHUNKS_PER_PAGE,
+    DISK_SIZE_MAX_BYTES, Geometry, PAGE_COUNT_MAX,
 };
 pub use id::ChunkId;
-pub use index::{CHUNKS_PER_PAGE, PAGE_COUNT_MAX, Page, Root, RootId};
+pub use index::{Page, Root, RootId};
 pub use patch::{
     BLOCK_VALUE_LEN, BlockValue, PATCH_BLOCK_BYTES, apply_patch, changed_blocks,
     hash_with_block_values, parse_block_values, patch_block_count,

@@ -1,3 +1,5 @@
+//! Source ids: the validated name of a replicated disk, safe as a path component.
+
 use std::fmt;
 
 use crate::error::{Error, ErrorKind};

@@ -147,6 +147,7 @@
 
 mod client;
 mod error;
+mod file;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handshake;
@@ -161,6 +162,7 @@ use std::time::Duration;
 
 pub use client::Client;
 pub use error::{Error, ErrorKind};
+pub use file::FileExport;
 pub use pace::{INLINE_SLOW, INLINE_WINDOW, OFFLOAD_PERIOD, OFFLOAD_PERIOD_MAX, SLOW_IN_WINDOW};
 pub use server::NbdServer;
 pub use slots::{AddressSlot, AddressSlots};

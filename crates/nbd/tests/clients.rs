@@ -7,15 +7,14 @@ mod common;
 use std::sync::Arc;
 
 use blockrep_nbd::{Limits, NbdServer};
-use common::{FileExport, MapRegistry, TestServer, image, pattern, run, run_ok, tool};
+use common::{MapRegistry, TestServer, file_export, image, pattern, run, run_ok, tool};
 
 /// An odd size (not a power of two, not a multiple of 64 KiB) so that the
 /// clients' tail handling is exercised.
 const DISK_BYTES: usize = 3 * 1024 * 1024 + 4096 + 512;
 
 fn serve_one(path: &std::path::Path, read_only: bool) -> TestServer {
-    let registry =
-        MapRegistry::default().with("disk", "test disk", FileExport::open(path, read_only));
+    let registry = MapRegistry::default().with("disk", "test disk", file_export(path, read_only));
     TestServer::with_registry(registry, Limits::default())
 }
 
@@ -65,8 +64,8 @@ fn nbdinfo_list_names_every_export() {
     let (_dir_a, path_a) = image(&pattern(64 * 1024, 3));
     let (_dir_b, path_b) = image(&pattern(128 * 1024, 4));
     let registry = MapRegistry::default()
-        .with("alpha", "first launch", FileExport::open(&path_a, true))
-        .with("beta", "second launch", FileExport::open(&path_b, false));
+        .with("alpha", "first launch", file_export(&path_a, true))
+        .with("beta", "second launch", file_export(&path_b, false));
     let server = TestServer::with_registry(registry, Limits::default());
     let list = run_ok(&nbdinfo, &["--list", &format!("nbd://{}", server.addr)]);
     assert!(list.contains("export=\"alpha\""), "{list}");
@@ -270,7 +269,7 @@ fn nbdinfo_over_required_tls_with_certificates() {
     std::fs::copy(&client_key, libnbd_dir.path().join("client-key.pem")).unwrap();
 
     let (_dir, path) = image(&pattern(DISK_BYTES, 12));
-    let registry = MapRegistry::default().with("disk", "", FileExport::open(&path, true));
+    let registry = MapRegistry::default().with("disk", "", file_export(&path, true));
     let server =
         NbdServer::new(Arc::new(registry), Limits::default()).with_tls(Arc::new(config), true);
     let server = TestServer::start(server);
@@ -341,7 +340,7 @@ fn the_registry_decides_with_the_certificate_each_client_verified() {
     let (_dir, path) = image(&pattern(DISK_BYTES, 13));
     let registry = Arc::new(OwnerRegistry {
         owner: blockrep_pki::read_certs(&client_cert).unwrap().remove(0),
-        export: FileExport::open(&path, true),
+        export: file_export(&path, true),
         seen: std::sync::Mutex::new(Vec::new()),
     });
     // Offered, not required: a plain client reaches the registry too, without certificates.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use blockrep_nbd::wire::{self, ClientFlags, Command, InfoRequest, OptionType, Request};
 use blockrep_nbd::{Limits, NbdServer};
-use common::{FileExport, MapRegistry, RawClient, TestServer, image, pattern, request};
+use common::{MapRegistry, RawClient, TestServer, file_export, image, pattern, request};
 
 const DISK_BYTES: usize = 1024 * 1024;
 const REQUEST_BYTES_MAX: u32 = 64 * 1024;
@@ -30,8 +30,8 @@ fn fixture(limits: Limits) -> Fixture {
     let ro_path = dir.path().join("ro.raw");
     std::fs::write(&ro_path, &bytes).unwrap();
     let registry = MapRegistry::default()
-        .with("disk", "writable", FileExport::open(&path, false))
-        .with("ro", "read-only", FileExport::open(&ro_path, true));
+        .with("disk", "writable", file_export(&path, false))
+        .with("ro", "read-only", file_export(&ro_path, true));
     Fixture {
         server: TestServer::with_registry(registry, limits),
         bytes,
@@ -515,7 +515,7 @@ fn stopping_the_server_closes_idle_connections() {
 fn required_tls_refuses_options_before_starttls() {
     let bytes = pattern(DISK_BYTES, 5);
     let (_dir, path) = image(&bytes);
-    let registry = MapRegistry::default().with("disk", "", FileExport::open(&path, true));
+    let registry = MapRegistry::default().with("disk", "", file_export(&path, true));
     // Any valid rustls config will do: these tests never finish a TLS handshake.
     let pki = tempfile::tempdir().unwrap();
     blockrep_pki::init_ca(pki.path(), &["localhost".into()], false).unwrap();

@@ -4,7 +4,7 @@
 
 use bytes::BytesMut;
 
-use crate::codec::seal;
+use crate::frame::seal;
 use crate::{FRAME_LEN_MAX, decode, encode};
 
 /// `data` with the checksum of every whole frame in it recomputed, walking the

@@ -32,17 +32,18 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 mod message;
 mod patch;
+mod wire_enum;
 
-pub use codec::{
-    CHUNK_HEADER_LEN, FRAME_HEADER_LEN, chunk_header, decode, encode, encode_chunk_header,
-};
+pub use codec::{CHUNK_HEADER_LEN, chunk_header, decode, encode, encode_chunk_header};
+pub use frame::FRAME_HEADER_LEN;
 pub use message::{
-    Codec, ErrorCode, IO_TIMEOUT_MIN, Message, NONCE_LEN, PROGRESS_INTERVAL, PROTOCOL_VERSION,
-    ProtoError, ProtoErrorKind, REF_PROOF_LEN, negotiate_version, ref_proof,
+    Codec, ErrorCode, IO_TIMEOUT_MIN, Message, MessageType, NONCE_LEN, PROGRESS_INTERVAL,
+    PROTOCOL_VERSION, ProtoError, ProtoErrorKind, REF_PROOF_LEN, negotiate_version, ref_proof,
 };
 pub use patch::{BLOCK_VALUES_IDS_MAX, BLOCK_VALUES_LEN_MAX, PATCH_RANGES_MAX, patch_frame};
 

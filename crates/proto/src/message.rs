@@ -1,7 +1,12 @@
+//! The messages of the protocol, their wire enums (message type, chunk
+//! codec, error code), version negotiation and the decoding error.
+
 use std::fmt;
 
 use blockrep_core::{ChunkId, Consistency, SourceId};
 use bytes::Bytes;
+
+use crate::wire_enum::wire_enum;
 
 /// The protocol version this build speaks. Version 2 added the checksum to
 /// every frame header; the frame layout changed with it, so version 1 peers
@@ -31,130 +36,122 @@ pub fn negotiate_version(min: u16, max: u16) -> Option<u16> {
         .then_some(PROTOCOL_VERSION)
 }
 
-/// How a chunk's bytes travel in a [`Message::Chunk`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Codec {
-    /// The chunk is all zero; no data follows.
-    Zero = 0,
-    /// The bytes as they are on disk.
-    Raw = 1,
-    /// zstd-compressed bytes.
-    Zstd = 2,
-    /// The receiver already holds a chunk with this id. The data is the
-    /// sender's proof that it holds the bytes too: [`ref_proof`] under the
-    /// session's nonce, exactly [`REF_PROOF_LEN`] bytes.
-    Ref = 3,
-}
-
-impl Codec {
-    pub(crate) fn from_u8(value: u8) -> Option<Self> {
-        Some(match value {
-            0 => Codec::Zero,
-            1 => Codec::Raw,
-            2 => Codec::Zstd,
-            3 => Codec::Ref,
-            _ => return None,
-        })
+wire_enum! {
+    /// How a chunk's bytes travel in a [`Message::Chunk`] (one byte on the wire).
+    pub enum Codec: u8 {
+        /// The chunk is all zero; no data follows.
+        Zero = 0 => "zero",
+        /// The bytes as they are on disk.
+        Raw = 1 => "raw",
+        /// zstd-compressed bytes.
+        Zstd = 2 => "zstd",
+        /// The receiver already holds a chunk with this id. The data is the
+        /// sender's proof that it holds the bytes too: [`ref_proof`] under the
+        /// session's nonce, exactly [`REF_PROOF_LEN`] bytes.
+        Ref = 3 => "ref",
     }
 }
 
-/// Why a peer ended a session, as sent in [`Message::Error`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ErrorCode {
-    /// No protocol version in common.
-    UnsupportedVersion,
-    /// The source id claimed does not match the certificate.
-    SourceMismatch,
-    /// Another session for this source is active.
-    Busy,
-    /// A frame could not be decoded or violated a limit.
-    BadFrame,
-    /// A chunk failed verification (size, decompression, or hash).
-    BadChunk,
-    /// The disk's geometry differs from the replica's.
-    GeometryMismatch,
-    /// The commit's epoch does not follow the replica's head.
-    EpochMismatch,
-    /// The root computed by the server differs from the agent's.
-    RootMismatch,
-    /// A message arrived that the session's state does not allow.
-    UnexpectedMessage,
-    /// The certificate does not authorize this.
-    Unauthorized,
-    /// The server failed (e.g. a disk error); nothing was committed.
-    Internal,
-    /// The source has been cut over: replication is fenced until reset.
-    Fenced,
-    /// The request names something that does not exist (e.g. a launch).
-    NotFound,
-    /// A code this build does not know.
-    Unknown(u16),
+wire_enum! {
+    /// Why a peer ended a session, as sent in [`Message::Error`] (a u16 on the wire).
+    #[non_exhaustive]
+    pub enum ErrorCode: u16, unknown Unknown => "error code {}" {
+        /// No protocol version in common.
+        UnsupportedVersion = 1 => "unsupported protocol version",
+        /// The source id claimed does not match the certificate.
+        SourceMismatch = 2 => "source id does not match certificate",
+        /// Another session for this source is active.
+        Busy = 3 => "source busy",
+        /// A frame could not be decoded or violated a limit.
+        BadFrame = 4 => "bad frame",
+        /// A chunk failed verification (size, decompression, or hash).
+        BadChunk = 5 => "bad chunk",
+        /// The disk's geometry differs from the replica's.
+        GeometryMismatch = 6 => "geometry mismatch",
+        /// The commit's epoch does not follow the replica's head.
+        EpochMismatch = 7 => "epoch mismatch",
+        /// The root computed by the server differs from the agent's.
+        RootMismatch = 8 => "root mismatch",
+        /// A message arrived that the session's state does not allow.
+        UnexpectedMessage = 9 => "unexpected message",
+        /// The certificate does not authorize this.
+        Unauthorized = 10 => "unauthorized",
+        /// The server failed (e.g. a disk error); nothing was committed.
+        Internal = 11 => "internal server error",
+        /// The source has been cut over: replication is fenced until reset.
+        Fenced = 12 => "source fenced after cutover",
+        /// The request names something that does not exist (e.g. a launch).
+        NotFound = 13 => "not found",
+    }
 }
 
 impl ErrorCode {
-    /// Wire value.
+    /// Wire value (the same as [`ErrorCode::to_wire`]).
     pub fn to_u16(self) -> u16 {
-        match self {
-            ErrorCode::UnsupportedVersion => 1,
-            ErrorCode::SourceMismatch => 2,
-            ErrorCode::Busy => 3,
-            ErrorCode::BadFrame => 4,
-            ErrorCode::BadChunk => 5,
-            ErrorCode::GeometryMismatch => 6,
-            ErrorCode::EpochMismatch => 7,
-            ErrorCode::RootMismatch => 8,
-            ErrorCode::UnexpectedMessage => 9,
-            ErrorCode::Unauthorized => 10,
-            ErrorCode::Internal => 11,
-            ErrorCode::Fenced => 12,
-            ErrorCode::NotFound => 13,
-            ErrorCode::Unknown(code) => code,
-        }
+        self.to_wire()
     }
 
     /// From the wire value; unknown values are kept, not rejected, so that a newer
-    /// peer's reason is still reported.
+    /// peer's reason is still reported (the same as [`ErrorCode::from_wire`]).
     pub fn from_u16(value: u16) -> Self {
-        match value {
-            1 => ErrorCode::UnsupportedVersion,
-            2 => ErrorCode::SourceMismatch,
-            3 => ErrorCode::Busy,
-            4 => ErrorCode::BadFrame,
-            5 => ErrorCode::BadChunk,
-            6 => ErrorCode::GeometryMismatch,
-            7 => ErrorCode::EpochMismatch,
-            8 => ErrorCode::RootMismatch,
-            9 => ErrorCode::UnexpectedMessage,
-            10 => ErrorCode::Unauthorized,
-            11 => ErrorCode::Internal,
-            12 => ErrorCode::Fenced,
-            13 => ErrorCode::NotFound,
-            other => ErrorCode::Unknown(other),
-        }
+        Self::from_wire(value)
     }
 }
 
-impl fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = match self {
-            ErrorCode::UnsupportedVersion => "unsupported protocol version",
-            ErrorCode::SourceMismatch => "source id does not match certificate",
-            ErrorCode::Busy => "source busy",
-            ErrorCode::BadFrame => "bad frame",
-            ErrorCode::BadChunk => "bad chunk",
-            ErrorCode::GeometryMismatch => "geometry mismatch",
-            ErrorCode::EpochMismatch => "epoch mismatch",
-            ErrorCode::RootMismatch => "root mismatch",
-            ErrorCode::UnexpectedMessage => "unexpected message",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Internal => "internal server error",
-            ErrorCode::Fenced => "source fenced after cutover",
-            ErrorCode::NotFound => "not found",
-            ErrorCode::Unknown(code) => return write!(f, "error code {code}"),
-        };
-        f.write_str(text)
+wire_enum! {
+    /// The type byte of a frame: which [`Message`] its body holds. An unknown
+    /// type is an error ([`ProtoErrorKind::UnknownType`]).
+    pub enum MessageType: u8 {
+        /// [`Message::Hello`].
+        Hello = 1 => "Hello",
+        /// [`Message::Welcome`].
+        Welcome = 2 => "Welcome",
+        /// [`Message::GetPages`].
+        GetPages = 3 => "GetPages",
+        /// [`Message::Page`].
+        Page = 4 => "Page",
+        /// [`Message::Chunk`].
+        Chunk = 5 => "Chunk",
+        /// [`Message::Commit`].
+        Commit = 6 => "Commit",
+        /// [`Message::Committed`].
+        Committed = 7 => "Committed",
+        /// [`Message::Error`].
+        Error = 8 => "Error",
+        /// [`Message::Backlog`].
+        Backlog = 9 => "Backlog",
+        /// [`Message::Offer`].
+        Offer = 10 => "Offer",
+        /// [`Message::Have`].
+        Have = 11 => "Have",
+        /// [`Message::CutoverReady`].
+        CutoverReady = 12 => "CutoverReady",
+        /// [`Message::FailbackStart`].
+        FailbackStart = 13 => "FailbackStart",
+        /// [`Message::FailbackPlan`].
+        FailbackPlan = 14 => "FailbackPlan",
+        /// [`Message::Want`].
+        Want = 15 => "Want",
+        /// [`Message::FailbackDone`].
+        FailbackDone = 16 => "FailbackDone",
+        /// [`Message::FailbackAck`].
+        FailbackAck = 17 => "FailbackAck",
+        /// [`Message::GetBasePages`].
+        GetBasePages = 18 => "GetBasePages",
+        /// [`Message::CutoverReport`].
+        CutoverReport = 19 => "CutoverReport",
+        /// [`Message::Progress`].
+        Progress = 20 => "Progress",
+        /// [`Message::GetBlockValues`].
+        GetBlockValues = 21 => "GetBlockValues",
+        /// [`Message::BlockValues`].
+        BlockValues = 22 => "BlockValues",
+        /// [`Message::Patch`].
+        Patch = 23 => "Patch",
+        /// [`Message::WantPatched`].
+        WantPatched = 24 => "WantPatched",
+        /// [`Message::Capture`].
+        Capture = 25 => "Capture",
     }
 }
 
@@ -354,66 +351,45 @@ pub const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 pub const IO_TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Message {
-    /// Wire type of the message.
-    pub fn type_byte(&self) -> u8 {
+    /// Which message this is: its frame's type byte.
+    pub fn message_type(&self) -> MessageType {
         match self {
-            Message::Hello { .. } => 1,
-            Message::Welcome { .. } => 2,
-            Message::GetPages { .. } => 3,
-            Message::Page { .. } => 4,
-            Message::Chunk { .. } => 5,
-            Message::Commit { .. } => 6,
-            Message::Committed { .. } => 7,
-            Message::Error { .. } => 8,
-            Message::Backlog { .. } => 9,
-            Message::Offer { .. } => 10,
-            Message::Have { .. } => 11,
-            Message::CutoverReady { .. } => 12,
-            Message::FailbackStart { .. } => 13,
-            Message::FailbackPlan { .. } => 14,
-            Message::Want { .. } => 15,
-            Message::FailbackDone { .. } => 16,
-            Message::FailbackAck { .. } => 17,
-            Message::GetBasePages { .. } => 18,
-            Message::CutoverReport { .. } => 19,
-            Message::Progress { .. } => 20,
-            Message::GetBlockValues { .. } => 21,
-            Message::BlockValues { .. } => 22,
-            Message::Patch { .. } => 23,
-            Message::WantPatched { .. } => 24,
-            Message::Capture { .. } => 25,
+            Message::Hello { .. } => MessageType::Hello,
+            Message::Welcome { .. } => MessageType::Welcome,
+            Message::GetPages { .. } => MessageType::GetPages,
+            Message::Page { .. } => MessageType::Page,
+            Message::Chunk { .. } => MessageType::Chunk,
+            Message::Commit { .. } => MessageType::Commit,
+            Message::Committed { .. } => MessageType::Committed,
+            Message::Error { .. } => MessageType::Error,
+            Message::Backlog { .. } => MessageType::Backlog,
+            Message::Offer { .. } => MessageType::Offer,
+            Message::Have { .. } => MessageType::Have,
+            Message::CutoverReady { .. } => MessageType::CutoverReady,
+            Message::FailbackStart { .. } => MessageType::FailbackStart,
+            Message::FailbackPlan { .. } => MessageType::FailbackPlan,
+            Message::Want { .. } => MessageType::Want,
+            Message::FailbackDone { .. } => MessageType::FailbackDone,
+            Message::FailbackAck { .. } => MessageType::FailbackAck,
+            Message::GetBasePages { .. } => MessageType::GetBasePages,
+            Message::CutoverReport { .. } => MessageType::CutoverReport,
+            Message::Progress { .. } => MessageType::Progress,
+            Message::GetBlockValues { .. } => MessageType::GetBlockValues,
+            Message::BlockValues { .. } => MessageType::BlockValues,
+            Message::Patch { .. } => MessageType::Patch,
+            Message::WantPatched { .. } => MessageType::WantPatched,
+            Message::Capture { .. } => MessageType::Capture,
         }
+    }
+
+    /// The message type's byte on the wire.
+    pub fn type_byte(&self) -> u8 {
+        self.message_type().to_wire()
     }
 
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
-        match self {
-            Message::Hello { .. } => "Hello",
-            Message::Welcome { .. } => "Welcome",
-            Message::GetPages { .. } => "GetPages",
-            Message::Page { .. } => "Page",
-            Message::Chunk { .. } => "Chunk",
-            Message::Commit { .. } => "Commit",
-            Message::Committed { .. } => "Committed",
-            Message::Error { .. } => "Error",
-            Message::Backlog { .. } => "Backlog",
-            Message::Offer { .. } => "Offer",
-            Message::Have { .. } => "Have",
-            Message::CutoverReady { .. } => "CutoverReady",
-            Message::FailbackStart { .. } => "FailbackStart",
-            Message::FailbackPlan { .. } => "FailbackPlan",
-            Message::Want { .. } => "Want",
-            Message::FailbackDone { .. } => "FailbackDone",
-            Message::FailbackAck { .. } => "FailbackAck",
-            Message::GetBasePages { .. } => "GetBasePages",
-            Message::CutoverReport { .. } => "CutoverReport",
-            Message::Progress { .. } => "Progress",
-            Message::GetBlockValues { .. } => "GetBlockValues",
-            Message::BlockValues { .. } => "BlockValues",
-            Message::Patch { .. } => "Patch",
-            Message::WantPatched { .. } => "WantPatched",
-            Message::Capture { .. } => "Capture",
-        }
+        self.message_type().as_str()
     }
 }
 

@@ -13,8 +13,8 @@
 use blockrep_core::{BLOCK_VALUE_LEN, CHUNK_SIZE_MAX_BYTES, ChunkId, PATCH_BLOCK_BYTES};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::codec::{CHECKSUM_OFFSET, FRAME_HEADER_LEN, Reader, frame_checksum_parts, malformed};
-use crate::message::{Codec, Message, ProtoError, ProtoErrorKind};
+use crate::frame::{CHECKSUM_OFFSET, FRAME_HEADER_LEN, Reader, frame_checksum_parts, malformed};
+use crate::message::{Codec, Message, MessageType, ProtoError, ProtoErrorKind};
 
 /// Most chunk ids in one `GetBlockValues` (and entries in its `BlockValues`).
 /// 256 values of a 4 MiB chunk fill 4 MiB, well inside a frame.
@@ -25,9 +25,6 @@ pub const PATCH_RANGES_MAX: usize = (CHUNK_SIZE_MAX_BYTES / PATCH_BLOCK_BYTES) a
 
 /// Longest entry of a `BlockValues`: the values of the largest chunk.
 pub const BLOCK_VALUES_LEN_MAX: usize = PATCH_RANGES_MAX * BLOCK_VALUE_LEN;
-
-/// Wire type of `Patch`.
-const PATCH_TYPE: u8 = 23;
 
 fn limit(message: String) -> ProtoError {
     ProtoError::new(ProtoErrorKind::LimitExceeded, message)
@@ -79,7 +76,7 @@ fn put_patch_fields(
     out.put_u64_le(index);
     out.put_slice(base.as_bytes());
     out.put_slice(id.as_bytes());
-    out.put_u8(codec as u8);
+    out.put_u8(codec.to_wire());
     out.put_u32_le(raw_len);
     out.put_u32_le(ranges.len() as u32);
     for &(offset, len) in ranges {
@@ -107,7 +104,7 @@ pub fn patch_frame(
     let body_len = (FRAME_HEADER_LEN - 4 + fields_len + payload.len()) as u32;
     out.put_u32_le(body_len);
     out.put_u32_le(0); // the checksum, once the frame is complete
-    out.put_u8(PATCH_TYPE);
+    out.put_u8(MessageType::Patch.to_wire());
     put_patch_fields(
         &mut out,
         index,
@@ -124,10 +121,13 @@ pub fn patch_frame(
     out.freeze()
 }
 
-/// Decodes the body of a patch message of type `message_type` (21 ..= 23).
-pub(crate) fn decode_body(message_type: u8, r: &mut Reader<'_>) -> Result<Message, ProtoError> {
+/// Decodes the body of a patch message of type `message_type`.
+pub(crate) fn decode_body(
+    message_type: MessageType,
+    r: &mut Reader<'_>,
+) -> Result<Message, ProtoError> {
     Ok(match message_type {
-        21 => {
+        MessageType::GetBlockValues => {
             let count = r.u32("id count")? as usize;
             if count > BLOCK_VALUES_IDS_MAX {
                 return Err(limit(format!(
@@ -141,7 +141,7 @@ pub(crate) fn decode_body(message_type: u8, r: &mut Reader<'_>) -> Result<Messag
             }
             Message::GetBlockValues { ids }
         }
-        22 => {
+        MessageType::BlockValues => {
             let count = r.u32("entry count")? as usize;
             if count > BLOCK_VALUES_IDS_MAX {
                 return Err(limit(format!(
@@ -162,12 +162,12 @@ pub(crate) fn decode_body(message_type: u8, r: &mut Reader<'_>) -> Result<Messag
             }
             Message::BlockValues { values }
         }
-        PATCH_TYPE => {
+        MessageType::Patch => {
             let index = r.u64("chunk index")?;
             let base = r.id("base id")?;
             let id = r.id("chunk id")?;
             let codec_byte = r.u8("codec")?;
-            let codec = match Codec::from_u8(codec_byte) {
+            let codec = match Codec::from_wire(codec_byte) {
                 Some(codec @ (Codec::Raw | Codec::Zstd)) => codec,
                 _ => {
                     return Err(malformed(format!(

@@ -2,14 +2,32 @@
 //! server binary on 127.0.0.1:0, disk images with known content, and a raw TLS
 //! client for speaking (and mis-speaking) the protocol directly, and a TCP
 //! proxy that injects network faults ([`proxy`]).
+//!
+//! The rooms beside it: [`rig`] (a server with its certificates and work
+//! directory, the start of most end-to-end tests), [`agent`] (a running agent process), [`tools`]
+//! (external programs and waiting), [`scripts`] (operator hooks and their
+//! logs), [`ack_log`] (the agent's acknowledgement log read back),
+//! [`fs_writer`] (a file-system workload that records what it made durable),
+//! [`loopfs`] (kernel file systems on loop devices) and [`nbdfuse`] (an NBD
+//! export as a file).
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, missing_docs)]
 
+pub mod ack_log;
+pub mod agent;
+pub mod fs_writer;
+pub mod loopfs;
+pub mod nbdfuse;
 pub mod proxy;
+pub mod rig;
+pub mod scripts;
+pub mod tools;
 /// The seeded generator lives in `blockrep_core::rng`; re-exported for tests.
 pub use blockrep_core::rng;
 
+pub use agent::{AgentProcess, wait_exit};
 pub use proxy::{BlackHoleFault, DirectionFaults, FaultConfig, FaultProxy, ResetFault, Which};
+pub use rig::AgentRig;
 pub use rng::SplitMix64;
 
 use std::collections::BTreeMap;
@@ -378,6 +396,31 @@ impl RawClient {
             stream,
             buf: BytesMut::new(),
         })
+    }
+
+    /// Connects as `source`, with its certificate from `pki`.
+    pub async fn connect_as(addr: SocketAddr, pki: &Pki, source: &str) -> Self {
+        Self::connect(
+            addr,
+            &pki.cert("ca"),
+            Some((&pki.cert(source), &pki.key(source))),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Sends the `Hello` of this protocol version for `source` and a disk of
+    /// that geometry.
+    pub async fn hello(&mut self, source: &str, disk_size_bytes: u64, chunk_size_bytes: u32) {
+        self.send(&Message::Hello {
+            version_min: blockrep_proto::PROTOCOL_VERSION,
+            version_max: blockrep_proto::PROTOCOL_VERSION,
+            source: SourceId::new(source).unwrap(),
+            disk_size_bytes,
+            chunk_size_bytes,
+        })
+        .await
+        .unwrap();
     }
 
     pub async fn send(&mut self, message: &Message) -> std::io::Result<()> {

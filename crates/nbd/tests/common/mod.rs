@@ -4,76 +4,19 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockrep_nbd::wire::{self, ClientFlags, InfoRequest, OptionHeader, OptionType, Request};
-use blockrep_nbd::{Client, Export, Limits, NbdServer, Registry};
+use blockrep_nbd::{Client, Export, FileExport, Limits, NbdServer, Registry};
 
-/// An export over a file, with positioned reads and writes (no shared cursor,
-/// so concurrent requests need no lock).
-#[derive(Debug)]
-pub struct FileExport {
-    file: File,
-    size_bytes: u64,
-    read_only: bool,
-}
-
-impl FileExport {
-    pub fn open(path: &Path, read_only: bool) -> Arc<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .unwrap();
-        let size_bytes = file.metadata().unwrap().len();
-        Arc::new(Self {
-            file,
-            size_bytes,
-            read_only,
-        })
-    }
-}
-
-impl Export for FileExport {
-    fn size_bytes(&self) -> u64 {
-        self.size_bytes
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.file.write_all_at(data, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        let zeroes = vec![0; 64 * 1024];
-        let mut done = 0;
-        while done < len {
-            let step = (len - done).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..step], offset + done)?;
-            done += step as u64;
-        }
-        Ok(())
-    }
-    fn trim(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-    fn multi_conn_safe(&self) -> bool {
-        // One File shared by every connection, no cache of our own.
-        true
-    }
+/// The crate's [`FileExport`] of the file at `path`, shared.
+pub fn file_export(path: &Path, read_only: bool) -> Arc<FileExport> {
+    Arc::new(FileExport::open(path, read_only).unwrap())
 }
 
 /// Exports by name.

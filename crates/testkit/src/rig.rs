@@ -1,0 +1,85 @@
+//! The rig most end-to-end tests start from: certificates for the sources,
+//! a work directory, and a real server keeping its data in it, with the
+//! agent's arguments for a disk of one of those sources. Dropped together, so
+//! a failed test leaves no server and no files behind.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::{AgentProcess, Pki, ServerProcess};
+
+/// A server with certificates for its sources and a work directory.
+#[derive(Debug)]
+pub struct AgentRig {
+    /// The blockrep binary under test.
+    pub bin: PathBuf,
+    /// The CA, the server's and every source's certificate.
+    pub pki: Pki,
+    /// The running server, its data in `data` under the work directory.
+    pub server: ServerProcess,
+    /// Where disks, exports and the server's data live.
+    pub work: tempfile::TempDir,
+}
+
+impl AgentRig {
+    /// Certificates for `sources` and `bin server` on 127.0.0.1:0 with
+    /// `server_args` beyond the listen addresses, data and certificates.
+    pub fn start(bin: &Path, sources: &[&str], server_args: &[&str]) -> Self {
+        let pki = Pki::new(sources);
+        let work = tempfile::tempdir().unwrap();
+        let server =
+            ServerProcess::start_with(bin, &work.path().join("data"), pki.path(), server_args);
+        Self {
+            bin: bin.to_owned(),
+            pki,
+            server,
+            work,
+        }
+    }
+
+    /// `name` in the work directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    /// The server's data directory.
+    pub fn data(&self) -> PathBuf {
+        self.path("data")
+    }
+
+    /// Writes `bytes` to the file `name` in the work directory: a source disk.
+    pub fn disk(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// The admin API's address.
+    pub fn admin(&self) -> SocketAddr {
+        self.server.admin_addr.unwrap()
+    }
+
+    /// The agent's arguments naming `disk`, this server, `source` and the
+    /// certificates, then `extra`.
+    pub fn agent_args(&self, disk: &Path, source: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--disk".into(),
+            disk.to_str().unwrap().into(),
+            "--to".into(),
+            self.server.addr.to_string(),
+            "--source".into(),
+            source.into(),
+            "--tls-dir".into(),
+            self.pki.path().to_str().unwrap().into(),
+        ];
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        args
+    }
+
+    /// Starts `blockrep agent` for `source` on `disk` with `extra` arguments.
+    pub fn spawn_agent(&self, disk: &Path, source: &str, extra: &[&str]) -> AgentProcess {
+        let args = self.agent_args(disk, source, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        AgentProcess::spawn(&self.bin, &args)
+    }
+}

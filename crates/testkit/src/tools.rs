@@ -1,0 +1,135 @@
+//! Running external programs from tests: their output as text, success
+//! checks, whether a client is installed (and whether it must be), and
+//! waiting for a condition.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// A command's stdout, as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A command's stderr, as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Fails the test with the command's status and output unless it succeeded.
+pub fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "command failed: {}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Whether external clients must be present: CI and the test script set
+/// `BLOCKREP_REQUIRE_TOOLS`, so that a test that needs one fails instead of
+/// skipping.
+pub fn require_external_tools() -> bool {
+    std::env::var_os("BLOCKREP_REQUIRE_TOOLS").is_some()
+}
+
+/// Runs an external tool; panics with its output if it fails.
+pub fn run_tool(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(&output),
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Whether `program` can be run (scripts/test.sh installs the clients).
+pub fn have_tool(program: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found || !require_external_tools(),
+        "{program} is required (BLOCKREP_REQUIRE_TOOLS is set)"
+    );
+    found
+}
+
+/// Whether `qemu-img` is installed (scripts/test.sh installs it).
+pub fn have_qemu_img() -> bool {
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `qemu-img compare` of two raw images (files or NBD URIs): true when it says
+/// identical.
+pub fn qemu_img_identical(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi::OsStr>) -> bool {
+    let output = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    output.status.success()
+        && String::from_utf8_lossy(&output.stdout).contains("Images are identical")
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
+/// Root id (hex) of a disk image file at the given chunk size, as the agent computes it.
+pub fn disk_root(path: &Path, chunk_size: u32) -> String {
+    let disk = blockrep_core::DiskImage::open(path).unwrap();
+    let geometry = blockrep_core::Geometry::new(disk.size_bytes(), chunk_size).unwrap();
+    let ids = disk.scan(geometry).unwrap();
+    blockrep_core::Root::from_chunk_ids(geometry, &ids)
+        .id()
+        .to_hex()
+}
+
+/// `promtool check metrics` on an exposition: fails the test on format
+/// errors and on lint problems (counters without `_total`, non-base units,
+/// missing help, a `quantile` label outside a summary).
+pub fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed ({}): {}{}\n{text}",
+        output.status,
+        stdout(&output),
+        stderr(&output)
+    );
+}

@@ -1,0 +1,265 @@
+//! `blockrep bench` runs end to end on a small disk, reports every figure, and
+//! fails when the replica it verifies is damaged.
+#![allow(clippy::unwrap_used)]
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::*;
+
+fn bench(work: &std::path::Path) -> (std::process::Output, std::path::PathBuf) {
+    let json = work.join("out.json");
+    let plot = work.join("out.svg");
+    let mut command = Command::new(BIN);
+    command
+        .args([
+            "bench",
+            "--size",
+            "32MiB",
+            "--duration",
+            "3s",
+            "--interval",
+            "300ms",
+            "--json",
+        ])
+        .arg(&json)
+        .arg("--plot")
+        .arg(&plot)
+        .arg("--workdir")
+        .arg(work.join("run"));
+    (command.output().unwrap(), json)
+}
+
+#[test]
+fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
+    let work = tempfile::tempdir().unwrap();
+    let (output, json) = bench(work.path());
+    assert_success(&output);
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let number = |path: &[&str]| -> f64 {
+        path.iter()
+            .fold(&figures, |v, k| &v[*k])
+            .as_f64()
+            .unwrap_or_else(|| panic!("missing {path:?} in {figures:#}"))
+    };
+    for path in [
+        &["initial_sync", "seconds"][..],
+        &["initial_sync", "disk_mib_per_second"],
+        &["initial_sync", "nonzero_mib_per_second"],
+        &["initial_sync", "bytes_on_wire"],
+        &["initial_sync", "agent_cpu_seconds"],
+        &["initial_sync", "server_cpu_seconds"],
+        &["delta_sync", "seconds"],
+        &["delta_sync", "bytes_on_wire"],
+        &["delta_compare", "changed_bytes"],
+        &["delta_compare", "patches", "bytes_on_wire"],
+        &["delta_compare", "patches", "patches_sent"],
+        &["delta_compare", "whole_chunks", "bytes_on_wire"],
+        &["cutover", "downtime_seconds"],
+        &["cutover", "final_scan_seconds"],
+        &["cutover", "launch_ready_seconds"],
+        &["memory", "agent_peak_rss_bytes"],
+        &["memory", "server_peak_rss_bytes"],
+        &["blake3_all_cores_seconds"],
+        &["nonzero_bytes"],
+        &["cores"],
+    ] {
+        assert!(number(path) > 0.0, "{path:?} is not positive: {figures:#}");
+    }
+    let lag_max = number(&["continuous", "lag_seconds_max"]);
+    assert!(
+        number(&["continuous", "lag_seconds_p50"]) <= number(&["continuous", "lag_seconds_p99"])
+    );
+    assert!(
+        lag_max < 3.0,
+        "lag {lag_max} s is not below the 3 s duration"
+    );
+    assert!(number(&["continuous", "epochs"]) >= 2.0, "{figures:#}");
+    assert!(number(&["continuous", "churn_bytes_written"]) > 0.0);
+    assert!(number(&["initial_sync", "bytes_on_wire"]) <= 32.0 * 1048576.0 * 1.05);
+    // The same change as patches and as whole chunks: patches put less on the wire.
+    assert!(
+        number(&["delta_compare", "patches", "bytes_on_wire"])
+            < number(&["delta_compare", "whole_chunks", "bytes_on_wire"]),
+        "{figures:#}"
+    );
+    if have_tool("rsync") {
+        assert!(number(&["delta_compare", "rsync_4k", "bytes_on_wire"]) > 0.0);
+    }
+    assert_eq!(figures["verified_equal"], serde_json::Value::Bool(true));
+    assert_eq!(figures["seed"], 1);
+    assert!(
+        stdout(&output).contains("cutover downtime"),
+        "{}",
+        stdout(&output)
+    );
+    let svg = std::fs::read_to_string(work.path().join("out.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("replication lag"),
+        "bad plot"
+    );
+}
+
+/// After a bench run, one byte of a chunk the cutover volume uses is damaged
+/// in the store: the bench's verification of the cutover volume must fail.
+#[test]
+fn bench_fails_when_the_replica_is_damaged() {
+    let work = tempfile::tempdir().unwrap();
+    let (output, json) = bench(work.path());
+    assert_success(&output);
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let run = work.path().join("run");
+    let (data, disk) = (run.join("data"), run.join("disk.raw"));
+    let chunk_size = figures["chunk_size_bytes"].as_u64().unwrap() as u32;
+    damage_a_stored_chunk(&data, &disk, chunk_size as usize);
+    let launch = figures["cutover"]["launch"].as_str().unwrap().to_owned();
+    let root = blockrep_store::Store::open_read_only(&data)
+        .unwrap()
+        .launch(&launch)
+        .unwrap()
+        .unwrap()
+        .root;
+    let verification = blockrep_bench::verify_cutover(&blockrep_bench::CutoverVolume {
+        data,
+        disk,
+        source: blockrep_core::SourceId::new("bench").unwrap(),
+        chunk_size_bytes: chunk_size,
+        root,
+        launch,
+        scratch: run.join("cutover-volume.raw"),
+    })
+    .unwrap();
+    assert!(!verification.equal(), "a damaged replica verified equal");
+    let error = verification.ensure_equal().unwrap_err().to_string();
+    assert!(error.contains("differs"), "{error}");
+}
+
+/// Flips one byte of a chunk of the disk stored in the packs (found by
+/// searching them for a whole chunk of the disk stored uncompressed: by its
+/// id, the live copy).
+fn damage_a_stored_chunk(data: &Path, disk: &Path, chunk_size: usize) {
+    let disk = std::fs::read(disk).unwrap();
+    let packs: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(data.join("packs"))
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+    for chunk in disk.chunks_exact(chunk_size) {
+        if chunk.iter().all(|&b| b == chunk[0]) {
+            continue;
+        }
+        for (path, bytes) in &packs {
+            let mut from = 0;
+            while let Some(found) = bytes[from..].windows(32).position(|w| w == &chunk[..32]) {
+                let at = from + found;
+                if bytes.len() >= at + chunk.len() && &bytes[at..at + chunk.len()] == chunk {
+                    let file = OpenOptions::new().write(true).open(path).unwrap();
+                    file.write_all_at(&[bytes[at + 10] ^ 0xff], (at + 10) as u64)
+                        .unwrap();
+                    return;
+                }
+                from = at + 1;
+            }
+        }
+    }
+    panic!("no stored chunk of the disk found to damage");
+}
+
+/// `bench --capture` on two small sparse disks: a capture and a rescan run
+/// each, lag percentiles from samples, and the server saw the capture runs
+/// in capture mode (their `Capture` reports) and the rescan runs in scan mode.
+#[test]
+fn bench_capture_reports_the_lag_of_capture_and_rescan_on_each_disk() {
+    let work = tempfile::tempdir().unwrap();
+    let json = work.path().join("capture.json");
+    let output = Command::new(BIN)
+        .args([
+            "bench",
+            "--capture",
+            "--capture-sizes",
+            "16MiB,64MiB",
+            "--capture-duration",
+            "3s",
+            "--interval",
+            "300ms",
+            "--churn-rate",
+            "1MiB/s",
+            "--json",
+        ])
+        .arg(&json)
+        .arg("--workdir")
+        .arg(work.path().join("run"))
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = figures["runs"].as_array().unwrap();
+    let shapes: Vec<(u64, &str)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["disk_size_bytes"].as_u64().unwrap(),
+                r["mode"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            (16 << 20, "capture"),
+            (16 << 20, "rescan"),
+            (64 << 20, "capture"),
+            (64 << 20, "rescan")
+        ],
+        "{figures:#}"
+    );
+    for run in runs {
+        let number = |key: &str| {
+            run[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {key} in {run:#}"))
+        };
+        assert!(number("samples") >= 10.0, "{run:#}");
+        assert!(number("epochs") >= 2.0, "{run:#}");
+        assert!(number("writes") > 100.0, "{run:#}");
+        assert!(number("lag_seconds_p50") > 0.0, "{run:#}");
+        assert!(
+            number("lag_seconds_p50") <= number("lag_seconds_p99"),
+            "{run:#}"
+        );
+        assert!(
+            number("lag_seconds_p99") <= number("lag_seconds_max"),
+            "{run:#}"
+        );
+        assert!(number("lag_seconds_max") < 3.0, "{run:#}");
+        if run["mode"] == "capture" {
+            assert_eq!(run["server_mode"], "capture", "{run:#}");
+            assert!(
+                run["server_capture"]["cuts"].as_u64().unwrap() >= 2,
+                "{run:#}"
+            );
+            assert!(
+                run["server_capture"]["writes"].as_u64().unwrap() > 0,
+                "{run:#}"
+            );
+        } else {
+            assert_eq!(run["server_mode"], "scan", "{run:#}");
+            assert!(run["server_capture"].is_null(), "{run:#}");
+        }
+    }
+    assert!(
+        figures["capture_lag_p99_bar_met"].is_boolean(),
+        "{figures:#}"
+    );
+    let table = stdout(&output);
+    assert!(table.contains("64 MiB   rescan"), "{table}");
+    assert!(table.contains("capture lag p99 under 1.5s"), "{table}");
+}

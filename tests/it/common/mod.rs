@@ -1,0 +1,246 @@
+//! Helpers of the end-to-end tests that drive the blockrep binary under test
+//! (`CARGO_BIN_EXE_blockrep`, known only to this package's tests): its
+//! commands as the tests run them, and the admin API as they query it. What
+//! does not need the binary lives in `blockrep_testkit`.
+#![allow(dead_code)]
+
+pub use blockrep_testkit::tools::*;
+pub use blockrep_testkit::{AgentProcess, AgentRig};
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The blockrep binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_blockrep");
+
+/// [`BIN`] as a path.
+pub fn bin() -> PathBuf {
+    PathBuf::from(BIN)
+}
+
+/// Runs `blockrep agent --once` for `source` with the certificates in `tls`.
+pub fn agent_once(
+    disk: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    tls: &Path,
+    extra: &[&str],
+) -> Output {
+    Command::new(BIN)
+        .args(["agent", "--once", "--disk"])
+        .arg(disk)
+        .args(["--to", &addr.to_string(), "--source", source, "--tls-dir"])
+        .arg(tls)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// [`agent_once`] claiming source `claimed` while presenting the certificate
+/// of source `cert_of` from the same directory: a session the server must refuse.
+pub fn agent_once_claiming(
+    disk: &Path,
+    addr: std::net::SocketAddr,
+    claimed: &str,
+    pki: &blockrep_testkit::Pki,
+    cert_of: &str,
+) -> Output {
+    let (cert, key) = (pki.cert(cert_of), pki.key(cert_of));
+    agent_once(
+        disk,
+        addr,
+        claimed,
+        pki.path(),
+        &[
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Sum of `key=N` over the agent's epoch lines.
+pub fn sum_field(output: &Output, key: &str) -> u64 {
+    stdout(output)
+        .lines()
+        .filter(|l| l.starts_with("epoch "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|field| field.strip_prefix(&format!("{key}=")))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum()
+}
+
+/// `blockrep export` of `source` to `out`.
+pub fn export(data: &Path, source: &str, out: &Path) -> Output {
+    Command::new(BIN)
+        .args(["export", "--data"])
+        .arg(data)
+        .args(["--source", source, "--out"])
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+/// The `Authorization` header line (with its CRLF) carrying the admin token of
+/// the server whose admin API is at `admin`, as the blockrep CLI sends it.
+pub fn admin_authorization(admin: std::net::SocketAddr) -> String {
+    blockrep_testkit::admin_token_for(admin).map_or_else(String::new, |token| {
+        format!("Authorization: Bearer {token}\r\n")
+    })
+}
+
+/// An admin API request with the server's admin token; returns the status code
+/// and the body.
+pub fn admin_request(
+    admin: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    let body = body.unwrap_or("");
+    let authorization = admin_authorization(admin);
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_owned())
+}
+
+/// The agent's arguments naming its disk, server, source and certificates.
+pub fn agent_args<'a>(
+    disk: &'a str,
+    server: &'a str,
+    source: &'a str,
+    tls: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--disk",
+        disk,
+        "--to",
+        server,
+        "--source",
+        source,
+        "--tls-dir",
+        tls,
+    ]
+}
+
+/// `GET /v1/sources` from the admin API, parsed.
+pub fn admin_sources(admin: std::net::SocketAddr) -> Vec<blockrep_server::SourceView> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    let authorization = admin_authorization(admin);
+    write!(
+        stream,
+        "GET /v1/sources HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{authorization}\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("bad JSON {body:?}: {e}"))
+}
+
+/// The admin API's view of one source, if it knows it.
+pub fn admin_source(
+    admin: std::net::SocketAddr,
+    source: &str,
+) -> Option<blockrep_server::SourceView> {
+    admin_sources(admin)
+        .into_iter()
+        .find(|s| s.source == source)
+}
+
+/// A server that also serves launch volumes over NBD, without automatic
+/// snapshots (so the tests' own snapshots are the only ones).
+pub fn nbd_server(pki: &blockrep_testkit::Pki, data: &Path) -> blockrep_testkit::ServerProcess {
+    blockrep_testkit::ServerProcess::start_with(
+        &bin(),
+        data,
+        pki.path(),
+        &["--nbd-listen", "127.0.0.1:0", "--retention", "off"],
+    )
+}
+
+/// The snapshots the server's admin API lists.
+pub fn snapshots(server: &blockrep_testkit::ServerProcess) -> Vec<blockrep_server::SnapshotView> {
+    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/v1/snapshots", None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// A 4 KiB block `index` stamped with sequence number `seq`: index, seq, then
+/// a repeated hash of both. Unique per write, so a torn or misplaced block is
+/// detectable, yet it compresses well.
+pub fn stamped_block(index: u64, seq: u64) -> Vec<u8> {
+    const BLOCK_BYTES: usize = 4096;
+    let mut block = Vec::with_capacity(BLOCK_BYTES);
+    block.extend_from_slice(&index.to_le_bytes());
+    block.extend_from_slice(&seq.to_le_bytes());
+    let hash = blake3::hash(&[index.to_le_bytes(), seq.to_le_bytes()].concat());
+    while block.len() < BLOCK_BYTES {
+        block.extend_from_slice(hash.as_bytes());
+    }
+    block.truncate(BLOCK_BYTES);
+    block
+}
+
+/// A number from the environment, decimal or `0x` hex (seeds are printed in
+/// hex); `None` when unset. A value that does not parse is a mistake: panic.
+pub fn env_u64(name: &str) -> Option<u64> {
+    let text = std::env::var(name).ok()?;
+    let text = text.trim();
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={text:?}: {e}")))
+}
+
+/// Cuts `source` over with its agent run as `--once --cutover`; returns the
+/// cutover launch's name.
+pub fn cut_over_once(disk: &Path, addr: std::net::SocketAddr, source: &str, tls: &Path) -> String {
+    let output = agent_once(disk, addr, source, tls, &["--cutover"]);
+    assert_success(&output);
+    stdout(&output)
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("launch="))
+        .unwrap_or_else(|| panic!("no launch in {}", stdout(&output)))
+        .to_owned()
+}
+
+/// `blockrep failback --once` of `source`'s disk to `launch`.
+pub fn failback_once(
+    disk: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    launch: &str,
+    tls: &Path,
+    extra: &[&str],
+) -> Output {
+    Command::new(BIN)
+        .args(["failback", "--once", "--disk"])
+        .arg(disk)
+        .args(["--from", &addr.to_string(), "--source", source])
+        .args(["--launch", launch, "--tls-dir"])
+        .arg(tls)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// An [`blockrep_testkit::AgentRig`] of the binary under test: certificates
+/// for `sources`, a work directory and a server started with `server_args`.
+pub fn rig(sources: &[&str], server_args: &[&str]) -> blockrep_testkit::AgentRig {
+    blockrep_testkit::AgentRig::start(&bin(), sources, server_args)
+}

@@ -1,0 +1,349 @@
+//! Disks of awkward shapes replicate exactly, and disks that change shape or
+//! identity between epochs are handled as documented: a resize stops the agent
+//! with an error naming both sizes and writes nothing; a file replaced by
+//! another (a new inode at the same path) is read afresh and the replica
+//! converges to it.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use crate::common::*;
+use blockrep_testkit::wait_exit;
+use blockrep_testkit::{Pki, ServerProcess, random_bytes, write_at};
+
+const KIB: u64 = 1024;
+
+/// A CA with certificates for `sources`, a server and a scratch directory.
+struct Env {
+    pki: Pki,
+    work: tempfile::TempDir,
+    server: ServerProcess,
+}
+
+impl Env {
+    fn new(sources: &[&str]) -> Self {
+        let pki = Pki::new(sources);
+        let work = tempfile::tempdir().unwrap();
+        let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
+        Self { pki, work, server }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.work.path().join("data")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    fn once(&self, disk: &Path, source: &str, chunk_size: u64) -> Output {
+        agent_once(
+            disk,
+            self.server.addr,
+            source,
+            self.pki.path(),
+            &["--chunk-size", &chunk_size.to_string()],
+        )
+    }
+
+    fn head(&self, source: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.data().join("sources").join(source).join("head")).ok()
+    }
+
+    /// Exports `source` and checks it equals `disk`, byte for byte.
+    fn assert_replica_equals(&self, source: &str, disk: &Path) {
+        let out = self.path(&format!("{source}.export"));
+        assert_success(&export(&self.data(), source, &out));
+        assert!(
+            files_equal(&out, disk),
+            "export of {source} differs from {}",
+            disk.display()
+        );
+    }
+
+    fn agent(&self, disk: &Path, source: &str) -> AgentProcess {
+        AgentProcess::spawn(
+            &bin(),
+            &[
+                "--disk",
+                disk.to_str().unwrap(),
+                "--to",
+                &self.server.addr.to_string(),
+                "--source",
+                source,
+                "--tls-dir",
+                self.pki.path().to_str().unwrap(),
+                // Long enough that a resize made right after an epoch line lands
+                // between two scans, not inside one.
+                "--interval",
+                "700ms",
+            ],
+        )
+    }
+}
+
+/// Compares two files in 1 MiB blocks (the large sparse disk does not fit a
+/// comfortable test allocation twice).
+fn files_equal(a: &Path, b: &Path) -> bool {
+    let (mut a, mut b) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    if a.metadata().unwrap().len() != b.metadata().unwrap().len() {
+        return false;
+    }
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = read_full(&mut a, &mut x);
+        let m = read_full(&mut b, &mut y);
+        if n != m || x[..n] != y[..m] {
+            return false;
+        }
+        if n == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]).unwrap() {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    filled
+}
+
+#[test]
+fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero() {
+    let mut cases = Vec::new();
+    for chunk in [64 * KIB, 4 * KIB] {
+        for size in [1, chunk - 1, chunk, chunk + 1] {
+            cases.push((format!("c{}k-{size}", chunk / KIB), chunk, size));
+        }
+    }
+    let names: Vec<&str> = cases.iter().map(|(name, ..)| name.as_str()).collect();
+    let env = Env::new(&names);
+    for (seed, (source, chunk, size)) in cases.iter().enumerate() {
+        let disk = env.path(&format!("{source}.raw"));
+        std::fs::write(&disk, random_bytes(*size as usize, seed as u64 + 1)).unwrap();
+        let first = env.once(&disk, source, *chunk);
+        assert_success(&first);
+        let chunks = size.div_ceil(*chunk);
+        assert_eq!(
+            sum_field(&first, "chunks_sent"),
+            chunks,
+            "{source}: {}",
+            stdout(&first)
+        );
+        env.assert_replica_equals(source, &disk);
+
+        // Zero the first chunk and (when there is one) the last, short or not;
+        // each becomes zero on the replica and travels as a zero chunk.
+        write_at(&disk, 0, &vec![0u8; (*size).min(*chunk) as usize]);
+        let mut zeroed = 1;
+        if chunks > 1 {
+            let last_start = (chunks - 1) * chunk;
+            write_at(&disk, last_start, &vec![0u8; (size - last_start) as usize]);
+            zeroed += 1;
+        }
+        let second = env.once(&disk, source, *chunk);
+        assert_success(&second);
+        assert_eq!(
+            sum_field(&second, "zero_chunks_sent"),
+            zeroed,
+            "{source}: {}",
+            stdout(&second)
+        );
+        assert_eq!(sum_field(&second, "chunks_sent"), 0, "{}", stdout(&second));
+        env.assert_replica_equals(source, &disk);
+        assert_eq!(
+            disk_root(&env.path(&format!("{source}.export")), *chunk as u32),
+            disk_root(&disk, *chunk as u32)
+        );
+    }
+}
+
+#[test]
+fn empty_disk_replicates_and_exports_as_an_empty_file() {
+    let env = Env::new(&["empty"]);
+    let disk = env.path("empty.raw");
+    std::fs::write(&disk, b"").unwrap();
+    let first = env.once(&disk, "empty", 64 * KIB);
+    assert_success(&first);
+    assert!(env.head("empty").is_some(), "no head for the empty disk");
+    env.assert_replica_equals("empty", &disk);
+    let second = env.once(&disk, "empty", 64 * KIB);
+    assert_success(&second);
+    assert!(
+        stdout(&second).contains("replica already equals disk"),
+        "{}",
+        stdout(&second)
+    );
+}
+
+#[test]
+fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
+    let env = Env::new(&["sparse"]);
+    let disk = env.path("sparse.raw");
+    let size = (1u64 << 30) + 4095;
+    std::fs::File::create(&disk).unwrap().set_len(size).unwrap();
+    // A few non-zero chunks: the first, one in the middle, one across a page
+    // boundary of the index (chunk 1024), and the short last chunk.
+    let chunk = 64 * KIB;
+    let written = [0, 512 << 20, 1024 * chunk - 10, size - 4095];
+    for (i, offset) in written.iter().enumerate() {
+        let len = (size - offset).min(chunk) as usize;
+        write_at(&disk, *offset, &random_bytes(len, 40 + i as u64));
+    }
+    let first = env.once(&disk, "sparse", chunk);
+    assert_success(&first);
+    // The write at chunk 1024 - 10 bytes spans two chunks.
+    assert_eq!(sum_field(&first, "chunks_sent"), 5, "{}", stdout(&first));
+    env.assert_replica_equals("sparse", &disk);
+    let allocated = std::os::unix::fs::MetadataExt::blocks(
+        &std::fs::metadata(env.path("sparse.export")).unwrap(),
+    ) * 512;
+    assert!(allocated < 16 << 20, "export not sparse: {allocated} bytes");
+
+    // Zero the short last chunk and change the middle one.
+    write_at(&disk, size - 4095, &vec![0u8; 4095]);
+    write_at(&disk, 512 << 20, b"changed");
+    let second = env.once(&disk, "sparse", chunk);
+    assert_success(&second);
+    assert_eq!(
+        sum_field(&second, "zero_chunks_sent"),
+        1,
+        "{}",
+        stdout(&second)
+    );
+    // The changed chunk had data: its one changed 4 KiB block goes as a patch.
+    assert_eq!(sum_field(&second, "chunks_sent"), 0, "{}", stdout(&second));
+    assert_eq!(sum_field(&second, "patches_sent"), 1, "{}", stdout(&second));
+    env.assert_replica_equals("sparse", &disk);
+}
+
+/// `agent --once` against a replica of another size: refused with both sizes
+/// named, and the head untouched.
+fn assert_resize_refused_once(env: &Env, source: &str, disk: &Path, old: u64, new: u64) {
+    let head = env.head(source).unwrap();
+    let output = env.once(disk, source, 64 * KIB);
+    assert!(!output.status.success(), "resized disk was accepted");
+    let text = stderr(&output);
+    assert!(
+        text.contains(&old.to_string()) && text.contains(&new.to_string()),
+        "error does not name both sizes ({old}, {new}): {text}"
+    );
+    assert!(text.contains("new source id"), "{text}");
+    assert_eq!(env.head(source).unwrap(), head, "head changed");
+}
+
+#[test]
+fn resized_disk_is_refused_with_both_sizes_and_nothing_written() {
+    let env = Env::new(&["grow", "shrink"]);
+    let size = 1u64 << 20;
+    for (source, new) in [("grow", size + 4096), ("shrink", size - 65_536)] {
+        let disk = env.path(&format!("{source}.raw"));
+        std::fs::write(&disk, random_bytes(size as usize, 7)).unwrap();
+        assert_success(&env.once(&disk, source, 64 * KIB));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .unwrap()
+            .set_len(new)
+            .unwrap();
+        assert_resize_refused_once(&env, source, &disk, size, new);
+        // The replica still holds the disk as it was before the resize.
+        let before = env.path(&format!("{source}.before"));
+        std::fs::write(&before, random_bytes(size as usize, 7)).unwrap();
+        env.assert_replica_equals(source, &before);
+    }
+    assert!(
+        env.server.wait_for_log("geometry", Duration::from_secs(5)),
+        "{}",
+        env.server.log()
+    );
+}
+
+#[test]
+fn continuous_agent_stops_on_a_resize_instead_of_spinning() {
+    let env = Env::new(&["grow", "shrink"]);
+    let size = 1u64 << 20;
+    for (source, new) in [("grow", size + 65_536 + 1), ("shrink", size / 2)] {
+        let disk = env.path(&format!("{source}.raw"));
+        std::fs::write(&disk, random_bytes(size as usize, 9)).unwrap();
+        let mut agent = env.agent(&disk, source);
+        assert!(
+            wait_until(Duration::from_secs(20), || !agent.epochs().is_empty()),
+            "no first epoch: {}",
+            agent.stderr.lock().unwrap()
+        );
+        let head = env.head(source).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .unwrap()
+            .set_len(new)
+            .unwrap();
+        let status = wait_exit(&mut agent, Duration::from_secs(15));
+        let text = agent.stderr.lock().unwrap().clone();
+        assert!(!status.success(), "agent exited 0 after a resize: {text}");
+        assert!(
+            text.contains(&size.to_string()) && text.contains(&new.to_string()),
+            "error does not name both sizes ({size}, {new}): {text}"
+        );
+        assert!(
+            !text.contains("reconnecting"),
+            "agent retried a resize: {text}"
+        );
+        assert_eq!(env.head(source).unwrap(), head, "head changed");
+    }
+}
+
+#[test]
+fn disk_file_replaced_by_another_file_is_read_afresh() {
+    let env = Env::new(&["swap"]);
+    let size = 2usize << 20;
+    let disk = env.path("swap.raw");
+    std::fs::write(&disk, random_bytes(size, 11)).unwrap();
+    let mut agent = env.agent(&disk, "swap");
+    let first_root = disk_root(&disk, 64 * KIB as u32);
+    assert!(
+        wait_until(Duration::from_secs(20), || agent
+            .epochs()
+            .iter()
+            .any(|(_, root)| *root == first_root)),
+        "no first epoch: {}",
+        agent.stderr.lock().unwrap()
+    );
+    // A new file (new inode, same size) renamed over the disk's path, as an
+    // image restored from backup or rewritten by a tool would be.
+    let mut replacement = random_bytes(size, 12);
+    replacement[..4096].fill(0);
+    let staged = env.path("swap.raw.new");
+    std::fs::write(&staged, &replacement).unwrap();
+    let old_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&disk).unwrap());
+    std::fs::rename(&staged, &disk).unwrap();
+    assert_ne!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&disk).unwrap()),
+        old_inode
+    );
+    let new_root = disk_root(&disk, 64 * KIB as u32);
+    assert!(
+        wait_until(Duration::from_secs(20), || agent
+            .epochs()
+            .iter()
+            .any(|(_, root)| *root == new_root)),
+        "replica did not converge to the new file: {:#?}\n{}",
+        agent.lines(),
+        agent.stderr.lock().unwrap()
+    );
+    agent.signal("TERM");
+    assert!(agent.child.wait().unwrap().success());
+    env.assert_replica_equals("swap", &disk);
+}

@@ -1,0 +1,412 @@
+//! Every way a peer can be wrong gets a clear error, writes nothing to any replica,
+//! and leaves the server serving other sources.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::*;
+use blockrep_core::{ChunkId, SourceId};
+use blockrep_proto::{Codec, ErrorCode, FRAME_LEN_MAX, Message, PROTOCOL_VERSION};
+use blockrep_testkit::{Pki, RawClient, ServerProcess, mixed_image, random_bytes};
+use bytes::Bytes;
+
+struct Fixture {
+    pki: Pki,
+    work: tempfile::TempDir,
+    server: ServerProcess,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let pki = Pki::new(&["good", "a", "victim"]);
+        let work = tempfile::tempdir().unwrap();
+        let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
+        let fixture = Self { pki, work, server };
+        // A replica that must stay untouched by every rejected attempt.
+        let victim = fixture.work.path().join("victim.raw");
+        std::fs::write(&victim, mixed_image(3 << 20, 3)).unwrap();
+        assert_success(&agent_once(
+            &victim,
+            fixture.server.addr,
+            "victim",
+            fixture.pki.path(),
+            &[],
+        ));
+        fixture
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.work.path().join("data")
+    }
+
+    fn head_bytes(&self, source: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.data().join("sources").join(source).join("head")).ok()
+    }
+
+    /// After a rejection: the server still replicates another source, the victim's
+    /// replica is unchanged, and `rejected` has no replica at all.
+    fn assert_unharmed(&self, rejected: &str) {
+        let victim_head = self.head_bytes("victim").unwrap();
+        let disk = self.work.path().join("good.raw");
+        std::fs::write(&disk, random_bytes(1 << 20, rand_seed())).unwrap();
+        assert_success(&agent_once(
+            &disk,
+            self.server.addr,
+            "good",
+            self.pki.path(),
+            &[],
+        ));
+        let out = self.work.path().join("good.export");
+        assert_success(&export(&self.data(), "good", &out));
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
+        assert_eq!(
+            self.head_bytes("victim").unwrap(),
+            victim_head,
+            "victim replica changed"
+        );
+        let victim_out = self.work.path().join("victim.export");
+        assert_success(&export(&self.data(), "victim", &victim_out));
+        assert_eq!(
+            std::fs::read(&victim_out).unwrap(),
+            std::fs::read(self.work.path().join("victim.raw")).unwrap()
+        );
+        if !rejected.is_empty() {
+            assert!(
+                self.head_bytes(rejected).is_none(),
+                "a replica was written for {rejected}"
+            );
+        }
+    }
+
+    async fn client(&self, name: &str) -> RawClient {
+        RawClient::connect_as(self.server.addr, &self.pki, name).await
+    }
+}
+
+fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn hello(source: &str, version: u16) -> Message {
+    Message::Hello {
+        version_min: version,
+        version_max: version,
+        source: SourceId::new(source).unwrap(),
+        disk_size_bytes: 1 << 20,
+        chunk_size_bytes: 65_536,
+    }
+}
+
+/// The session must end with an `Error` frame of `code`.
+async fn expect_error(client: &mut RawClient, code: ErrorCode) -> String {
+    loop {
+        match client.recv().await {
+            Ok(Some(Message::Error { code: got, message })) => {
+                assert_eq!(got, code, "error message: {message}");
+                return message;
+            }
+            Ok(Some(Message::Welcome { .. })) => continue,
+            other => panic!("expected an Error frame with {code:?}, got {other:?}"),
+        }
+    }
+}
+
+/// The TLS session must fail before any message arrives.
+async fn expect_tls_failure(result: std::io::Result<RawClient>) {
+    let Ok(mut client) = result else { return };
+    // TLS 1.3: the client's handshake completes before the server checks its
+    // certificate, so the rejection arrives as an alert on the first read.
+    let _ = client.send(&hello("good", PROTOCOL_VERSION)).await;
+    match client.recv().await {
+        Err(_) | Ok(None) => {}
+        Ok(Some(message)) => panic!("server answered a rejected certificate with {message:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificate_from_another_ca_is_rejected() {
+    let f = Fixture::new();
+    let foreign = Pki::new(&["good"]);
+    expect_tls_failure(
+        RawClient::connect(
+            f.server.addr,
+            &f.pki.cert("ca"),
+            Some((&foreign.cert("good"), &foreign.key("good"))),
+        )
+        .await,
+    )
+    .await;
+    // The real agent with the foreign certificate fails with a clear message.
+    let disk = f.work.path().join("d.raw");
+    std::fs::write(&disk, random_bytes(1 << 20, 1)).unwrap();
+    let output = Command::new(BIN)
+        .args(["agent", "--once", "--disk"])
+        .arg(&disk)
+        .args([
+            "--to",
+            &f.server.addr.to_string(),
+            "--source",
+            "good",
+            "--ca",
+        ])
+        .arg(f.pki.cert("ca"))
+        .arg("--cert")
+        .arg(foreign.cert("good"))
+        .arg("--key")
+        .arg(foreign.key("good"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("certificate"),
+        "unclear error: {}",
+        stderr(&output)
+    );
+    assert!(
+        f.server
+            .wait_for_log("TLS handshake rejected", std::time::Duration::from_secs(5))
+    );
+    f.assert_unharmed("");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_client_certificate_is_rejected() {
+    let f = Fixture::new();
+    expect_tls_failure(RawClient::connect(f.server.addr, &f.pki.cert("ca"), None).await).await;
+    assert!(
+        f.server
+            .wait_for_log("TLS handshake rejected", std::time::Duration::from_secs(5)),
+        "{}",
+        f.server.log()
+    );
+    f.assert_unharmed("");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificate_for_one_source_cannot_write_another() {
+    let f = Fixture::new();
+    let mut client = f.client("a").await;
+    client
+        .send(&hello("victim", PROTOCOL_VERSION))
+        .await
+        .unwrap();
+    let message = expect_error(&mut client, ErrorCode::SourceMismatch).await;
+    assert!(message.contains("certificate"), "{message}");
+    // The same through the agent binary: --source b with the certificate of a.
+    let disk = f.work.path().join("d.raw");
+    std::fs::write(&disk, random_bytes(1 << 20, 2)).unwrap();
+    let output = Command::new(BIN)
+        .args(["agent", "--once", "--disk"])
+        .arg(&disk)
+        .args(["--to", &f.server.addr.to_string(), "--source", "b", "--ca"])
+        .arg(f.pki.cert("ca"))
+        .arg("--cert")
+        .arg(f.pki.cert("a"))
+        .arg("--key")
+        .arg(f.pki.key("a"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("does not match certificate"),
+        "{}",
+        stderr(&output)
+    );
+    f.assert_unharmed("b");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn source_ids_with_path_tricks_are_rejected_everywhere() {
+    let f = Fixture::new();
+    let long = "a".repeat(65);
+    for bad in ["a/b", "..", "../victim", "a\0b", long.as_str()] {
+        // The CLI refuses them before doing anything (a NUL cannot even be passed
+        // as an argument; the id type's unit tests cover it).
+        if !bad.contains('\0') {
+            let output = Command::new(BIN)
+                .args(["cert", "issue", "--dir"])
+                .arg(f.pki.path())
+                .args(["--source", bad])
+                .output()
+                .unwrap();
+            assert!(!output.status.success(), "cert issue accepted {bad:?}");
+            assert!(
+                stderr(&output).contains("invalid source id"),
+                "{}",
+                stderr(&output)
+            );
+            let output = agent_once(
+                Path::new("/nonexistent"),
+                f.server.addr,
+                bad,
+                f.pki.path(),
+                &[],
+            );
+            assert!(
+                stderr(&output).contains("invalid source id"),
+                "{}",
+                stderr(&output)
+            );
+        }
+        // A certificate carrying such an id (signed by the real CA) is refused by
+        // the server, which never builds a path from it.
+        f.pki
+            .issue_raw_uri("tricky", &format!("urn:blockrep:source:{bad}"));
+        let mut client = f.client("tricky").await;
+        client.send(&hello("good", PROTOCOL_VERSION)).await.unwrap();
+        let message = expect_error(&mut client, ErrorCode::Unauthorized).await;
+        assert!(message.contains("invalid source id"), "{message}");
+    }
+    let sources: Vec<_> = std::fs::read_dir(f.data().join("sources"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(sources, vec![std::ffi::OsString::from("victim")]);
+    assert!(!f.work.path().join("victim").exists());
+    f.assert_unharmed("");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn frame_longer_than_the_limit_is_rejected() {
+    let f = Fixture::new();
+    let mut client = f.client("a").await;
+    let mut frame = (FRAME_LEN_MAX + 1).to_le_bytes().to_vec();
+    frame.push(5);
+    client.send_raw(&frame).await.unwrap();
+    let message = expect_error(&mut client, ErrorCode::BadFrame).await;
+    assert!(message.contains("frame length"), "{message}");
+    // Also mid-session, after a valid Hello.
+    let mut client = f.client("a").await;
+    client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    client.send_raw(&u32::MAX.to_le_bytes()).await.unwrap();
+    expect_error(&mut client, ErrorCode::BadFrame).await;
+    f.assert_unharmed("a");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunk_that_does_not_hash_to_its_id_is_rejected() {
+    let f = Fixture::new();
+    let mut client = f.client("a").await;
+    client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    let data = Bytes::from(random_bytes(65_536, 3));
+    let wrong_id = ChunkId::from(blake3::hash(b"something else"));
+    client
+        .send(&Message::Chunk {
+            index: 0,
+            id: wrong_id,
+            codec: Codec::Raw,
+            raw_len: 65_536,
+            data,
+        })
+        .await
+        .unwrap();
+    client
+        .send(&Message::Commit {
+            epoch: 1,
+            root: ChunkId([1; 32]),
+            scan_started_unix_ms: 0,
+            complete: true,
+            last: false,
+            consistency: blockrep_core::Consistency::Live,
+        })
+        .await
+        .unwrap();
+    let message = expect_error(&mut client, ErrorCode::BadChunk).await;
+    assert!(message.contains("does not hash to its id"), "{message}");
+    // A zstd bomb: a tiny frame that decompresses far beyond the chunk size.
+    let mut client = f.client("a").await;
+    client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    let bomb = zstd_bomb();
+    let id = ChunkId::from(blake3::hash(&vec![7u8; 65_536]));
+    client
+        .send(&Message::Chunk {
+            index: 1,
+            id,
+            codec: Codec::Zstd,
+            raw_len: 65_536,
+            data: Bytes::from(bomb),
+        })
+        .await
+        .unwrap();
+    let message = expect_error(&mut client, ErrorCode::BadChunk).await;
+    assert!(message.contains("decompress"), "{message}");
+    f.assert_unharmed("a");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_frames_and_zero_chunks_with_an_id_are_rejected() {
+    let f = Fixture::new();
+    // A Commit whose scan start was damaged before it was sealed into TLS:
+    // well-formed, and once accepted as is; now its checksum refuses it.
+    let mut client = f.client("a").await;
+    client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    let mut frame = bytes::BytesMut::new();
+    blockrep_proto::encode(
+        &Message::Commit {
+            epoch: 1,
+            root: ChunkId([1; 32]),
+            scan_started_unix_ms: 1_795_000_000_000,
+            complete: true,
+            last: false,
+            consistency: blockrep_core::Consistency::Live,
+        },
+        &mut frame,
+    );
+    let scan_start_byte = frame.len() - 4;
+    frame[scan_start_byte] ^= 0x20;
+    client.send_raw(&frame).await.unwrap();
+    let message = expect_error(&mut client, ErrorCode::BadFrame).await;
+    assert!(message.contains("checksum"), "{message}");
+    // A zero chunk carries the zero id; any other id is refused.
+    let mut client = f.client("a").await;
+    client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    client
+        .send(&Message::Chunk {
+            index: 0,
+            id: ChunkId([9; 32]),
+            codec: Codec::Zero,
+            raw_len: 65_536,
+            data: Bytes::new(),
+        })
+        .await
+        .unwrap();
+    let message = expect_error(&mut client, ErrorCode::BadChunk).await;
+    assert!(message.contains("zero id"), "{message}");
+    f.assert_unharmed("a");
+}
+
+/// A few KiB that claim to be a chunk but decompress to 64 MiB.
+fn zstd_bomb() -> Vec<u8> {
+    zstd::bulk::compress(&vec![7u8; 64 << 20], 3).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsupported_protocol_version_is_rejected() {
+    let f = Fixture::new();
+    let mut client = f.client("a").await;
+    client.send(&hello("a", 99)).await.unwrap();
+    let message = expect_error(&mut client, ErrorCode::UnsupportedVersion).await;
+    assert!(message.contains("99"), "{message}");
+    f.assert_unharmed("a");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_concurrent_session_for_a_source_is_refused() {
+    let f = Fixture::new();
+    let mut first = f.client("a").await;
+    first.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    assert!(matches!(
+        first.recv().await.unwrap(),
+        Some(Message::Welcome { .. })
+    ));
+    let mut second = f.client("a").await;
+    second.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
+    let message = expect_error(&mut second, ErrorCode::Busy).await;
+    assert!(message.contains("another session"), "{message}");
+    drop(first);
+    f.assert_unharmed("a");
+}
