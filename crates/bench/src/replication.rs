@@ -124,7 +124,12 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     let reference = crate::delta::prepare(&agent, &tls, &disk, &workdir).await?;
 
     let blocks_changed = churn_blocks(&disk, args.change_percent / 100.0, args.seed)?;
+    // The change is on the disk, not in flight, before any delta is timed.
+    std::fs::File::open(&disk)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("cannot sync {}", disk.display()))?;
     eprintln!("delta sync after {blocks_changed} random 4 KiB writes...");
+    crate::delta::warm_up(&reference).await?;
     let started = Instant::now();
     let delta = blockrep_agent::run_once(&agent, |_| {}).await?.epochs;
     let delta_wall = started.elapsed();
