@@ -22,6 +22,8 @@ wanted[rsync]=rsync
 # file that a loop device attaches: tests/it/capture_fs.rs runs ext4 over it.
 wanted[nbdfuse]=libnbd-bin
 wanted[fusermount3]=fuse3
+# python3 runs scripts/check-rooms.py below.
+wanted[python3]=python3
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")
@@ -37,6 +39,8 @@ fi
 # With this set, a test that needs an external client fails instead of skipping.
 export BLOCKREP_REQUIRE_TOOLS=1
 
+# No two rooms (top-level modules) of a crate import each other round a loop.
+python3 scripts/check-rooms.py crates/*/src src
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
