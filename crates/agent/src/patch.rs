@@ -18,7 +18,7 @@
 //! In capture mode the agent knows which blocks were written since the head
 //! (the cut's sealed blocks), so it asks for nothing: [`BaseFetch::known`]
 //! names each chunk's base at once, and the patch carries exactly the written
-//! blocks ([`plan_written`]). The server still rebuilds the chunk and checks
+//! blocks ([`plan_ranges`]). The server still rebuilds the chunk and checks
 //! it against its id, so a dirty set that missed a write cannot store a wrong
 //! chunk: the patch is refused and the next session sends whole chunks.
 
@@ -312,38 +312,24 @@ pub(crate) struct Plan {
 /// are small enough to be worth a patch.
 pub(crate) fn plan(base: &Base, values: &[BlockValue], data: &[u8]) -> Option<Plan> {
     let raw_len = u32::try_from(data.len()).ok()?;
-    let ranges = changed_blocks(&base.values, values, raw_len)?;
+    plan_ranges(changed_blocks(&base.values, values, raw_len)?, data)
+}
+
+/// A patch of `ranges` of `data` (byte ranges of the chunk, in order): the
+/// blocks that differ from the base, or in capture mode the blocks the cut
+/// says were written since the head. None when they are empty (the chunk
+/// changed back to its base: the whole chunk, or the duplicate check, handles
+/// it) or not small enough to be worth a patch.
+pub(crate) fn plan_ranges(ranges: Vec<(u32, u32)>, data: &[u8]) -> Option<Plan> {
     let changed: u64 = ranges.iter().map(|&(_, len)| u64::from(len)).sum();
-    // Nothing differs: the chunk changed back to its base since the scan. A
-    // patch must carry something; the whole chunk (or the duplicate check)
-    // handles it.
     if changed == 0 || changed * 100 >= data.len() as u64 * PATCH_SHARE_MAX_PERCENT {
         return None;
     }
     let mut payload = Vec::with_capacity(changed as usize);
     for &(offset, len) in &ranges {
-        payload.extend_from_slice(&data[offset as usize..(offset + len) as usize]);
+        payload.extend_from_slice(data.get(offset as usize..(offset + len) as usize)?);
     }
     Some(Plan { ranges, payload })
-}
-
-/// Capture mode: a patch of the blocks written since the head, `written`
-/// (byte ranges of the chunk, as the cut names them), when they are small
-/// enough to be worth one.
-pub(crate) fn plan_written(written: Vec<(u32, u32)>, data: &[u8]) -> Option<Plan> {
-    let changed: u64 = written.iter().map(|&(_, len)| u64::from(len)).sum();
-    if changed == 0 || changed * 100 >= data.len() as u64 * PATCH_SHARE_MAX_PERCENT {
-        return None;
-    }
-    let mut payload = Vec::with_capacity(changed as usize);
-    for &(offset, len) in &written {
-        let range = data.get(offset as usize..offset as usize + len as usize)?;
-        payload.extend_from_slice(range);
-    }
-    Some(Plan {
-        ranges: written,
-        payload,
-    })
 }
 
 /// Whether a session error was the server refusing a patch (or the block
@@ -390,6 +376,21 @@ mod tests {
         assert!(waiting.join().unwrap());
         let off = BaseFetch::new(&head, &[1, 3, 4], false);
         assert!(off.batches.is_empty() && off.bases().get(1).is_none());
+    }
+
+    #[test]
+    fn a_patch_of_ranges_carries_their_bytes_when_small_and_inside_the_chunk() {
+        let data: Vec<u8> = (0..16 * 4096u32).map(|i| (i / 4096) as u8).collect();
+        let plan = plan_ranges(vec![(4096, 4096), (3 * 4096, 8192)], &data).unwrap();
+        assert_eq!(plan.ranges, [(4096, 4096), (3 * 4096, 8192)]);
+        assert_eq!(plan.payload.len(), 3 * 4096);
+        assert!(plan.payload[..4096].iter().all(|&b| b == 1));
+        assert!(plan.payload[4096..8192].iter().all(|&b| b == 3));
+        assert!(plan.payload[8192..].iter().all(|&b| b == 4));
+        // Nothing to carry, 75% of the chunk or more, or past its end: none.
+        assert!(plan_ranges(Vec::new(), &data).is_none());
+        assert!(plan_ranges(vec![(0, 12 * 4096)], &data).is_none());
+        assert!(plan_ranges(vec![(15 * 4096, 8192)], &data).is_none());
     }
 
     #[test]

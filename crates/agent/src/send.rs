@@ -219,7 +219,7 @@ impl ChunkEncoder {
             (out, 0)
         } else if let Some(base) = &base
             && let Some(patch::Plan { ranges, payload }) = match (written, &values) {
-                (Some(written), _) => patch::plan_written(written, &frame[CHUNK_HEADER_LEN..]),
+                (Some(written), _) => patch::plan_ranges(written, &frame[CHUNK_HEADER_LEN..]),
                 (None, Some(values)) => patch::plan(base, values, &frame[CHUNK_HEADER_LEN..]),
                 (None, None) => None,
             }
