@@ -86,6 +86,22 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
             < number(&["delta_compare", "whole_chunks", "bytes_on_wire"]),
         "{figures:#}"
     );
+    // And again with the agents capped at 1 Gbit/s: patches, then whole chunks.
+    assert_eq!(
+        number(&["delta_compare", "link_bytes_per_second"]),
+        125_000_000.0
+    );
+    assert!(number(&["delta_compare", "link_patches", "patches_sent"]) > 0.0);
+    assert!(
+        number(&["delta_compare", "link_patches", "bytes_on_wire"])
+            < number(&["delta_compare", "link_whole_chunks", "bytes_on_wire"]),
+        "{figures:#}"
+    );
+    // The lag figures leave out the samples before the phase's first commit.
+    assert!(
+        number(&["continuous", "lag_samples"]) <= number(&["continuous", "samples"]),
+        "{figures:#}"
+    );
     if have_tool("rsync") {
         assert!(number(&["delta_compare", "rsync_4k", "bytes_on_wire"]) > 0.0);
     }
@@ -240,6 +256,14 @@ fn bench_capture_reports_the_lag_of_capture_and_rescan_on_each_disk() {
             "{run:#}"
         );
         assert!(number("lag_seconds_max") < 3.0, "{run:#}");
+        // An epoch's time from cut to commit is its cut plus its transfer.
+        assert!(number("epoch_seconds_p50") > 0.0, "{run:#}");
+        assert!(
+            number("epoch_seconds_p50") <= number("epoch_seconds_max"),
+            "{run:#}"
+        );
+        assert!(number("cut_seconds_p50") >= 0.0, "{run:#}");
+        assert!(number("transfer_seconds_p50") > 0.0, "{run:#}");
         if run["mode"] == "capture" {
             assert_eq!(run["server_mode"], "capture", "{run:#}");
             assert!(
