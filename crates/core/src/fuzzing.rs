@@ -1,5 +1,5 @@
 //! Checks shared by the cargo-fuzz targets (`fuzz/`) and the corpus replay
-//! test (`tests/fuzz_corpus.rs`). Not part of the API: panics are the point.
+//! test (`tests/it/fuzz_corpus.rs`). Not part of the API: panics are the point.
 
 use crate::{CHUNKS_PER_PAGE, Page, Root};
 

@@ -1,5 +1,5 @@
 //! Checks shared by the cargo-fuzz targets (`fuzz/`) and the corpus replay
-//! test (`tests/fuzz_corpus.rs`), so that a crasher found by the fuzzer fails
+//! test (`tests/it/fuzz_corpus.rs`), so that a crasher found by the fuzzer fails
 //! `cargo test` on stable too. Not part of the API: panics are the point.
 
 use bytes::BytesMut;

@@ -1,6 +1,6 @@
 //! A driver for the real session state machine, shared by the cargo-fuzz target
 //! (`fuzz/fuzz_targets/session.rs`) and the corpus replay test
-//! (`tests/fuzz_corpus.rs`). Not part of the API: panics are the point.
+//! (`tests/it/fuzz_corpus.rs`). Not part of the API: panics are the point.
 //!
 //! The bytes an agent would send after the TLS handshake are fed to a
 //! [`crate::session`] over an in-memory stream, against a fresh store, with the
@@ -31,10 +31,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::ServerConfig;
-use crate::connection::Connection;
-use crate::session::Session;
-use crate::shared::Shared;
-use crate::status::SourceTable;
+use crate::in_memory::InMemoryServer;
 
 /// The source the driven session's (imaginary) certificate names.
 pub const FUZZ_SOURCE: &str = "fuzz";
@@ -62,23 +59,12 @@ pub fn drive_session(data_dir: &Path, agent_bytes: &[u8]) -> Vec<Message> {
     config.retention = None;
     // Claims of huge disks are refused rather than allocated: 2^20 chunks.
     config.session_memory_max_bytes = 33 << 20;
-    let shared = Arc::new(Shared::new(
-        Arc::clone(&store),
-        config,
-        SourceTable::default(),
-        None,
-    ));
+    let server = InMemoryServer::new(Arc::clone(&store), config);
     let source = SourceId::new(FUZZ_SOURCE).expect("valid id");
     let agent_bytes = blockrep_proto::fuzzing::reseal(agent_bytes);
     let replies = runtime.block_on(async {
-        let (mut agent, server) = tokio::io::duplex(1 << 20);
-        let session = Session::new(
-            shared,
-            Connection::new(server),
-            source.clone(),
-            SocketAddr::from(([127, 0, 0, 1], 1)),
-        );
-        let session = tokio::spawn(session.run());
+        let (mut agent, stream) = tokio::io::duplex(1 << 20);
+        let session = tokio::spawn(server.serve(stream, source.clone()));
         let (mut reader, mut writer) = tokio::io::split(&mut agent);
         let feed = async {
             // The session may stop reading early (after an error); that is fine.

@@ -1,6 +1,6 @@
 //! The capture export under a hostile NBD client, for the cargo-fuzz target
 //! `capture_export` (`fuzz/`) and the corpus replay test
-//! (`tests/fuzz_corpus.rs`). Not part of the API: panics are the point.
+//! (`tests/it/fuzz_corpus.rs`). Not part of the API: panics are the point.
 //!
 //! Input: one flags byte, then the bytes a client sends, fed to
 //! [`blockrep_nbd::NbdServer::serve_connection`]. Every few writes (1 to 8,
