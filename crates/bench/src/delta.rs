@@ -109,15 +109,19 @@ async fn synced_source(
 /// whole-chunk delta first: the patched one then took 0.22 s of transfer
 /// instead of 0.43 s). Every measured row comes after it, so none pays that.
 pub(crate) async fn warm_up(reference: &Reference) -> Result<()> {
-    delta(&reference.warm_up, "warm-up").await.map(drop)
+    delta(&reference.warm_up, "warm-up delta").await.map(drop)
 }
 
-/// One delta of `config`'s source, with its wall time.
-async fn delta(config: &AgentConfig, what: &str) -> Result<(Vec<EpochReport>, Duration)> {
+/// One sync of `config`'s source (`what` names it in an error), with its
+/// wall time.
+pub(crate) async fn delta(
+    config: &AgentConfig,
+    what: &str,
+) -> Result<(Vec<EpochReport>, Duration)> {
     let started = Instant::now();
     let epochs = blockrep_agent::run_once(config, |_| {})
         .await
-        .with_context(|| format!("{what} delta"))?
+        .with_context(|| format!("the {what}"))?
         .epochs;
     Ok((epochs, started.elapsed()))
 }
@@ -151,11 +155,11 @@ pub(crate) async fn measure(
     patched_wall: Duration,
 ) -> Result<Value> {
     let changed_bytes = blocks_changed * 4096;
-    let (whole, whole_wall) = delta(&reference.whole, "whole-chunk").await?;
+    let (whole, whole_wall) = delta(&reference.whole, "whole-chunk delta").await?;
     let (link_patches, link_patches_wall) =
-        delta(&reference.link_patches, "patched (1 Gbit/s)").await?;
+        delta(&reference.link_patches, "patched delta at 1 Gbit/s").await?;
     let (link_whole, link_whole_wall) =
-        delta(&reference.link_whole, "whole-chunk (1 Gbit/s)").await?;
+        delta(&reference.link_whole, "whole-chunk delta at 1 Gbit/s").await?;
     let rsync = rsync_4k(disk, &reference.basis, changed_bytes);
     let _ = fs::remove_file(&reference.basis);
     Ok(json!({

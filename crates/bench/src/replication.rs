@@ -113,9 +113,7 @@ pub(crate) async fn run(args: Options) -> Result<()> {
 
     eprintln!("initial sync...");
     let (cpu_agent_0, cpu_server_0) = (cpu_seconds(&self_pid), cpu_seconds(&server_pid));
-    let started = Instant::now();
-    let initial = blockrep_agent::run_once(&agent, |_| {}).await?.epochs;
-    let initial_wall = started.elapsed();
+    let (initial, initial_wall) = crate::delta::delta(&agent, "initial sync").await?;
     let (cpu_agent, cpu_server) = (
         cpu_seconds(&self_pid) - cpu_agent_0,
         cpu_seconds(&server_pid) - cpu_server_0,
@@ -130,9 +128,7 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         .with_context(|| format!("cannot sync {}", disk.display()))?;
     eprintln!("delta sync after {blocks_changed} random 4 KiB writes...");
     crate::delta::warm_up(&reference).await?;
-    let started = Instant::now();
-    let delta = blockrep_agent::run_once(&agent, |_| {}).await?.epochs;
-    let delta_wall = started.elapsed();
+    let (delta, delta_wall) = crate::delta::delta(&agent, "patched delta").await?;
     let delta_bytes: u64 = delta.iter().map(|r| r.bytes_sent).sum();
     let delta_chunks: u64 = delta.iter().map(|r| r.chunks_sent).sum();
     let delta_scan: Duration = delta.iter().map(|r| r.scan_duration).sum();
