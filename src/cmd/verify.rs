@@ -33,8 +33,12 @@ pub(crate) fn verify(args: VerifyArgs) -> Result<()> {
                 .iter()
                 .map(|c| format!("chunk {} (byte {})", c.index, c.offset_bytes))
                 .collect();
+            let volume = affected
+                .volume
+                .as_ref()
+                .map_or_else(String::new, |v| format!(" volume {v}"));
             println!(
-                "  affects {} (root {}): {}",
+                "  affects {}{volume} (root {}): {}",
                 affected.referrer,
                 affected.root,
                 offsets.join(", ")

@@ -27,6 +27,7 @@ pub mod fuzzing;
 mod geometry;
 mod id;
 mod index;
+mod machine;
 mod patch;
 pub mod rng;
 mod scan;
@@ -42,6 +43,7 @@ pub use geometry::{
 };
 pub use id::ChunkId;
 pub use index::{Page, Root, RootId};
+pub use machine::{MachineRoot, SINGLE_VOLUME_NAME, VOLUME_NAME_MAX_LEN, VOLUMES_MAX, VolumeName};
 pub use patch::{
     BLOCK_VALUE_LEN, BlockValue, PATCH_BLOCK_BYTES, apply_patch, changed_blocks,
     hash_with_block_values, parse_block_values, patch_block_count,

@@ -17,15 +17,7 @@ pub struct SourceId(String);
 impl SourceId {
     /// Validates `id`.
     pub fn new(id: &str) -> Result<Self, Error> {
-        let bytes = id.as_bytes();
-        let valid_first = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-        let valid_rest = |b: u8| valid_first(b) || matches!(b, b'.' | b'_' | b'-');
-        let ok = !bytes.is_empty()
-            && bytes.len() <= SOURCE_ID_MAX_LEN
-            && valid_first(bytes[0])
-            && bytes[1..].iter().all(|&b| valid_rest(b))
-            && !id.contains("..");
-        if ok {
+        if valid_name(id, SOURCE_ID_MAX_LEN) {
             Ok(Self(id.to_owned()))
         } else {
             Err(Error::new(
@@ -55,6 +47,20 @@ impl std::str::FromStr for SourceId {
     fn from_str(s: &str) -> Result<Self, Error> {
         Self::new(s)
     }
+}
+
+/// Whether `name` matches `[a-z0-9][a-z0-9._-]*` without `..` and is at
+/// most `max_len` bytes: the rule of every name that becomes a path component
+/// (source ids, volume names).
+pub(crate) fn valid_name(name: &str, max_len: usize) -> bool {
+    let bytes = name.as_bytes();
+    let valid_first = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let valid_rest = |b: u8| valid_first(b) || matches!(b, b'.' | b'_' | b'-');
+    !bytes.is_empty()
+        && bytes.len() <= max_len
+        && valid_first(bytes[0])
+        && bytes[1..].iter().all(|&b| valid_rest(b))
+        && !name.contains("..")
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind};
 use crate::fsutil::publish_atomic;
 use crate::head::Head;
 use crate::mutex::lock;
-use crate::store::{CommitStats, Store};
+use crate::store::{CommitStats, CommitTree, Store};
 
 /// How much a label claims: `live` < `crash-consistent` < `quiesced`.
 fn strength(consistency: Consistency) -> u8 {
@@ -45,11 +45,14 @@ impl Store {
         } else {
             Consistency::Live
         };
+        let tree = CommitTree {
+            volumes: vec![(root, pages)],
+            machine: None,
+        };
         self.commit_inner(
             source,
             epoch,
-            root,
-            pages,
+            tree,
             scan_started_unix_ms,
             complete,
             consistency,

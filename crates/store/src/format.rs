@@ -25,7 +25,7 @@ use crate::error::{Error, ErrorKind};
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 4 | magic `BRB1` |
-/// | 4 | 1 | kind: 1 chunk, 2 index page, 3 root |
+/// | 4 | 1 | kind: 1 chunk, 2 index page, 3 root (a disk root `BRROOT`, or a machine root `BRMACH`: the stored bytes' magic tells which) |
 /// | 5 | 1 | codec: 1 raw, 2 zstd |
 /// | 6 | 2 | reserved, zero |
 /// | 8 | 4 | stored length |
@@ -73,7 +73,7 @@ pub(crate) const HEAD_LEN_V1: usize = 76;
 /// |---|---|---|
 /// | 0 | 8 | magic `BRHEAD` + version `0x00 0x02` |
 /// | 8 | 8 | epoch |
-/// | 16 | 32 | root id |
+/// | 16 | 32 | root id: a disk root (one volume) or a machine root (see `blockrep_core::MachineRoot`) |
 /// | 48 | 8 | scan start of the committed epoch, Unix ms |
 /// | 56 | 8 | commit time, Unix ms |
 /// | 64 | 8 | scan start of the last complete epoch, Unix ms; 0 = none yet |

@@ -114,7 +114,7 @@ use crate::blobs::{GcOptions, GcReport, GcStage};
 use crate::catalog::list_names;
 use crate::error::{Error, ErrorKind};
 use crate::mutex::lock;
-use crate::store::Store;
+use crate::store::{Store, StoredRoot};
 
 impl Store {
     /// Collects garbage: marks every blob reachable from a head, snapshot or
@@ -177,21 +177,45 @@ impl Store {
         }
         roots.sort_unstable();
         roots.dedup();
-        let mut roots_marked = 0;
+        let unreadable = |root_id: &ChunkId, e: Error| {
+            Error::new(
+                e.kind(),
+                format!(
+                    "gc: referenced root {root_id} cannot be read, nothing collected (run verify): {e}"
+                ),
+            )
+        };
+        // A machine root names the disk roots of its volumes: each is marked
+        // as a referenced root of its own.
+        let mut disk_roots = Vec::with_capacity(roots.len());
         for root_id in &roots {
+            match self
+                .read_stored_root(root_id)
+                .map_err(|e| unreadable(root_id, e))?
+            {
+                StoredRoot::Disk(root) => disk_roots.push((*root_id, root)),
+                StoredRoot::Machine(machine) => {
+                    live.insert(*root_id);
+                    for (_, volume_root) in machine.volumes() {
+                        if roots.binary_search(volume_root).is_err() && live.insert(*volume_root) {
+                            let root = self
+                                .read_root(volume_root)
+                                .map_err(|e| unreadable(volume_root, e))?;
+                            disk_roots.push((*volume_root, root));
+                        }
+                    }
+                }
+            }
+        }
+        let mut roots_marked = 0;
+        for (root_id, root) in &disk_roots {
             live.insert(*root_id);
-            let root = self.read_root(root_id).map_err(|e| {
-                Error::new(
-                    e.kind(),
-                    format!("gc: referenced root {root_id} cannot be read, nothing collected (run verify): {e}"),
-                )
-            })?;
             roots_marked += 1;
             for (page_index, page_id) in root.page_ids().iter().enumerate() {
                 if page_id.is_zero() || !live.insert(*page_id) {
                     continue;
                 }
-                let page = self.read_page(&root, page_index).map_err(|e| {
+                let page = self.read_page(root, page_index).map_err(|e| {
                     Error::new(
                         e.kind(),
                         format!("gc: page {page_id} of root {root_id} cannot be read, nothing collected (run verify): {e}"),

@@ -119,6 +119,7 @@ mod guard;
 mod head;
 mod launch;
 mod lifecycle;
+mod machine;
 mod mutex;
 mod retention;
 #[cfg(any(test, feature = "sim"))]
@@ -139,9 +140,10 @@ pub use error::{Error, ErrorKind};
 pub use head::Head;
 pub use launch::{LAUNCH_PAGES_CACHED_MAX, LaunchInfo, LaunchKind, LaunchVolume};
 pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
+pub use machine::VolumeCommit;
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
 pub use snapshot::{Snapshot, SnapshotKind};
-pub use store::{CommitStats, ExportStats, Store};
+pub use store::{CommitStats, ExportStats, Store, StoredRoot};
 pub use verify::{
     AFFECTED_CHUNKS_LISTED_MAX, Affected, BlobPlace, ChunkPlace, Damage, DamagedBlob, Referrer,
     VerifyReport,

@@ -289,8 +289,15 @@ impl Store {
         if !self.blobs.fence().is_tracking() {
             return;
         }
-        if let Ok(root) = self.read_root(root_id) {
-            self.blobs.fence().note_all(root.page_ids());
+        // A machine root: each volume's disk root and its pages.
+        let Ok(volumes) = self.volume_roots(root_id) else {
+            return;
+        };
+        for (_, disk_root) in volumes {
+            self.blobs.fence().note(&disk_root);
+            if let Ok(root) = self.read_root(&disk_root) {
+                self.blobs.fence().note_all(root.page_ids());
+            }
         }
     }
 

@@ -9,7 +9,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Consistency, Geometry, Page, Root, SourceId};
+use blockrep_core::{
+    CHUNKS_PER_PAGE, ChunkId, Consistency, Geometry, MachineRoot, Page, Root, SINGLE_VOLUME_NAME,
+    SourceId, VolumeName,
+};
 
 use crate::blobs::{BlobInfo, BlobKind, Blobs, LocalPacks, StoredCodec};
 use crate::catalog::Catalog;
@@ -38,6 +41,33 @@ pub struct ExportStats {
     pub disk_size_bytes: u64,
     /// Chunks written (non-zero chunks).
     pub chunks_written: u64,
+}
+
+/// A stored root record: the disk root of one volume, or a machine root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredRoot {
+    /// A disk root: the whole of a single-disk source's recovery point.
+    Disk(Root),
+    /// A machine root, naming each volume's disk root.
+    Machine(MachineRoot),
+}
+
+/// What a commit publishes: the disk roots it stores, each with the pages
+/// the store may lack, and, for a machine, the machine root the head names.
+pub(crate) struct CommitTree<'a> {
+    pub(crate) volumes: Vec<(&'a Root, &'a [Page])>,
+    /// `None`: the head names the one volume's disk root directly.
+    pub(crate) machine: Option<&'a MachineRoot>,
+}
+
+impl CommitTree<'_> {
+    /// The id the head will name.
+    fn head_root(&self) -> ChunkId {
+        match self.machine {
+            Some(machine) => machine.id(),
+            None => self.volumes[0].0.id(),
+        }
+    }
 }
 
 /// A replica store in one data directory. Cheap to share behind an `Arc`; every
@@ -276,10 +306,107 @@ impl Store {
         Ok(out)
     }
 
-    /// Reads and decodes a root.
+    /// Reads and decodes a disk root (a machine root is refused: see
+    /// [`Store::read_machine`]).
     pub fn read_root(&self, id: &ChunkId) -> Result<Root, Error> {
         let bytes = self.read_blob(id)?;
+        if MachineRoot::is_encoding(&bytes) {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("root {id} is a machine root: name one of its volumes"),
+            ));
+        }
         Root::decode(&bytes).map_err(|e| Error::new(ErrorKind::Corrupt, format!("root {id}: {e}")))
+    }
+
+    /// Reads a root record, whichever kind it is.
+    pub fn read_stored_root(&self, id: &ChunkId) -> Result<StoredRoot, Error> {
+        let bytes = self.read_blob(id)?;
+        if MachineRoot::is_encoding(&bytes) {
+            MachineRoot::decode(&bytes)
+                .map(StoredRoot::Machine)
+                .map_err(|e| Error::new(ErrorKind::Corrupt, format!("root {id}: {e}")))
+        } else {
+            Root::decode(&bytes)
+                .map(StoredRoot::Disk)
+                .map_err(|e| Error::new(ErrorKind::Corrupt, format!("root {id}: {e}")))
+        }
+    }
+
+    /// The recovery point `id` names, as a machine: a machine root as it is,
+    /// a disk root as a machine of one volume called
+    /// [`SINGLE_VOLUME_NAME`] whose root is `id` itself.
+    pub fn read_machine(&self, id: &ChunkId) -> Result<MachineRoot, Error> {
+        match self.read_stored_root(id)? {
+            StoredRoot::Machine(machine) => Ok(machine),
+            StoredRoot::Disk(_) => Ok(single_volume(*id)),
+        }
+    }
+
+    /// Each volume's name and disk root in the recovery point `id` names
+    /// (see [`Store::read_machine`]), sorted by name.
+    pub fn volume_roots(&self, id: &ChunkId) -> Result<Vec<(VolumeName, ChunkId)>, Error> {
+        Ok(self.read_machine(id)?.volumes().to_vec())
+    }
+
+    /// The disk root of volume `volume` of the recovery point `id`; with no
+    /// name, of its only volume. Fails with `NotFound` for a volume the
+    /// machine lacks and `Invalid` when no name is given and it has several,
+    /// naming the volumes it has.
+    pub fn volume_root(&self, id: &ChunkId, volume: Option<&str>) -> Result<ChunkId, Error> {
+        let machine = self.read_machine(id)?;
+        let names = || {
+            machine
+                .volumes()
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match volume {
+            Some(name) => machine.volume(name).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("no volume {name:?}: the volumes are {}", names()),
+                )
+            }),
+            None => match machine.volumes() {
+                [(_, root)] => Ok(*root),
+                _ => Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "{} volumes ({}): name the one to use",
+                        machine.volumes().len(),
+                        names()
+                    ),
+                )),
+            },
+        }
+    }
+
+    /// [`Store::export`] of one volume of the source's head: with no name, of
+    /// its only volume.
+    pub fn export_volume(
+        &self,
+        source: &SourceId,
+        volume: Option<&str>,
+        out: &Path,
+    ) -> Result<ExportStats, Error> {
+        let head = self.head(source)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Missing,
+                format!("source {source} has no committed replica"),
+            )
+        })?;
+        let root = self
+            .volume_root(&head.root, volume)
+            .map_err(|e| Error::new(e.kind(), format!("source {source}: {e}")))?;
+        let (disk_size_bytes, chunks_written) = self.export_root(&root, out)?;
+        Ok(ExportStats {
+            head,
+            disk_size_bytes,
+            chunks_written,
+        })
     }
 
     /// Reads page `page_index` of `root` (an all-zero page is not stored).
@@ -364,8 +491,7 @@ impl Store {
         &self,
         source: &SourceId,
         epoch: u64,
-        root: &Root,
-        pages: &[Page],
+        tree: CommitTree<'_>,
         scan_started_unix_ms: u64,
         complete: bool,
         consistency: Consistency,
@@ -384,36 +510,52 @@ impl Store {
                 ),
             ));
         }
-        let root_id = root.id();
+        let head_root = tree.head_root();
         // The GC fence, held until the head is published: a collection can
         // neither list references nor drop blobs between the check below and
         // the publication (see `gc.rs`).
         let _fence = self.blobs.fence().read_fence();
-        self.blobs.fence().note(&root_id);
-        self.blobs.fence().note_all(root.page_ids());
-        for page in pages {
-            self.blobs.fence().note_all(page.ids());
-        }
-        let mut pages_stored = 0;
-        for page in pages {
-            if let Some((bytes, id)) = page.encode_with_id()
-                && self.blobs.put_index_blob(BlobKind::Page, id, &bytes)?
-            {
-                pages_stored += 1;
+        self.blobs.fence().note(&head_root);
+        for (root, pages) in &tree.volumes {
+            self.blobs.fence().note(&root.id());
+            self.blobs.fence().note_all(root.page_ids());
+            for page in *pages {
+                self.blobs.fence().note_all(page.ids());
             }
         }
-        self.blobs.require_present("commit", root.page_ids())?;
-        for page in pages {
-            self.blobs.require_present("commit", page.ids())?;
+        let mut pages_stored = 0;
+        for (_, pages) in &tree.volumes {
+            for page in *pages {
+                if let Some((bytes, id)) = page.encode_with_id()
+                    && self.blobs.put_index_blob(BlobKind::Page, id, &bytes)?
+                {
+                    pages_stored += 1;
+                }
+            }
         }
-        self.check_pages_not_given(root, pages, previous_head.as_ref())?;
-        self.blobs
-            .put_index_blob(BlobKind::Root, root_id, &root.encode())?;
+        let mut previous_pages: Option<HashSet<ChunkId>> = None;
+        for (root, pages) in &tree.volumes {
+            self.blobs.require_present("commit", root.page_ids())?;
+            for page in *pages {
+                self.blobs.require_present("commit", page.ids())?;
+            }
+            self.check_pages_not_given(root, pages, previous_head.as_ref(), &mut previous_pages)?;
+        }
+        for (root, _) in &tree.volumes {
+            self.blobs
+                .put_index_blob(BlobKind::Root, root.id(), &root.encode())?;
+        }
+        if let Some(machine) = tree.machine {
+            // A machine root is stored as a root record too: its magic, not
+            // the record's kind, tells it from a disk root (see `format.rs`).
+            self.blobs
+                .put_index_blob(BlobKind::Root, head_root, &machine.encode())?;
+        }
         // Blobs first, durably; only then the head that names them.
         self.sync()?;
         let head = Head {
             epoch,
-            root: root_id,
+            root: head_root,
             scan_started_unix_ms,
             committed_unix_ms: now_unix_ms,
             synced_scan_started_unix_ms: if complete {
@@ -430,30 +572,34 @@ impl Store {
     }
 
     /// Pages the new root names that were neither given nor are pages of the
-    /// previous head were taken from some older root, whose chunks a collection
-    /// may have dropped: read them, keep their chunks alive and check that
-    /// every one is stored. (A server gives every page that differs from the
-    /// head, so this finds nothing to do.)
+    /// previous head (of any of its volumes) were taken from some older root,
+    /// whose chunks a collection may have dropped: read them, keep their chunks
+    /// alive and check that every one is stored. (A server gives every page
+    /// that differs from the head, so this finds nothing to do.) The previous
+    /// head's pages are read once per commit, into `previous_pages`, and only
+    /// when needed.
     fn check_pages_not_given(
         &self,
         root: &Root,
         pages: &[Page],
         previous_head: Option<&Head>,
+        previous_pages: &mut Option<HashSet<ChunkId>>,
     ) -> Result<(), Error> {
         let given: HashSet<ChunkId> = pages.iter().map(Page::id).collect();
         let unknown = |id: &ChunkId| !id.is_zero() && !given.contains(id);
         if !root.page_ids().iter().any(unknown) {
             return Ok(());
         }
-        let previous: HashSet<ChunkId> = match previous_head {
-            Some(head) => self
-                .read_root(&head.root)?
-                .page_ids()
-                .iter()
-                .copied()
-                .collect(),
-            None => HashSet::new(),
-        };
+        if previous_pages.is_none() {
+            let mut set = HashSet::new();
+            if let Some(head) = previous_head {
+                for (_, disk_root) in self.volume_roots(&head.root)? {
+                    set.extend(self.read_root(&disk_root)?.page_ids().iter().copied());
+                }
+            }
+            *previous_pages = Some(set);
+        }
+        let previous = previous_pages.as_ref().expect("filled above");
         for (page_index, id) in root.page_ids().iter().enumerate() {
             if unknown(id) && !previous.contains(id) {
                 let page = self.read_page(root, page_index)?;
@@ -466,20 +612,11 @@ impl Store {
 
     /// Writes the committed replica of `source` to `out` as a sparse raw image:
     /// zero chunks are left as holes. The image is fsynced before returning;
-    /// it is all or nothing and mode 0600, as [`Store::export_root`] says.
+    /// it is all or nothing and mode 0600, as [`Store::export_root`] says. A
+    /// machine of several volumes is exported a volume at a time
+    /// ([`Store::export_volume`]).
     pub fn export(&self, source: &SourceId, out: &Path) -> Result<ExportStats, Error> {
-        let head = self.head(source)?.ok_or_else(|| {
-            Error::new(
-                ErrorKind::Missing,
-                format!("source {source} has no committed replica"),
-            )
-        })?;
-        let (disk_size_bytes, chunks_written) = self.export_root(&head.root, out)?;
-        Ok(ExportStats {
-            head,
-            disk_size_bytes,
-            chunks_written,
-        })
+        self.export_volume(source, None, out)
     }
 
     /// Writes the disk that `root_id` describes (a head, a snapshot, a launch) to
@@ -524,6 +661,12 @@ impl Store {
         }
         Ok(chunks_written)
     }
+}
+
+/// The machine a disk root stands for: one volume of the default name.
+fn single_volume(root: ChunkId) -> MachineRoot {
+    let name = VolumeName::new(SINGLE_VOLUME_NAME).expect("a valid name");
+    MachineRoot::new(vec![(name, root)]).expect("one volume is a valid machine")
 }
 
 /// Where [`Store::export_chunks`] puts each chunk: byte offset on the disk, bytes.

@@ -13,10 +13,12 @@
 //! something is damaged are the roots walked again (pages only) to find who is
 //! affected.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, SourceId};
+use blockrep_core::{
+    CHUNKS_PER_PAGE, ChunkId, Geometry, MachineRoot, Page, Root, SourceId, VolumeName,
+};
 
 use crate::blobs::{BlobKind, Fault, pack_file_name};
 use crate::error::{Error, ErrorKind};
@@ -156,6 +158,9 @@ pub struct ChunkPlace {
 pub struct Affected {
     /// Who refers to the root.
     pub referrer: Referrer,
+    /// The volume of the referrer's machine the root is; `None` for the
+    /// root the referrer names itself (a disk root, or a machine root).
+    pub volume: Option<VolumeName>,
     /// The root.
     pub root: ChunkId,
     /// For a damaged index page: which pages of the root it is (each covers
@@ -247,12 +252,52 @@ impl Store {
         let mut lengths_seen: HashSet<(ChunkId, u32, Option<u32>)> = HashSet::new();
         // Every chunk with the lengths its positions need: usually one.
         let mut chunks: HashMap<ChunkId, Vec<u32>> = HashMap::new();
-        for (_, root_id) in &referrers {
+        // Depth first, so that each referrer's roots (a machine's volumes
+        // right after the machine) are walked together; `walked` keeps every
+        // disk and machine root with who refers to it, for attribution.
+        let mut queue: VecDeque<Walked> = referrers
+            .into_iter()
+            .map(|(referrer, root)| (referrer, None, root))
+            .collect();
+        let mut walked: Vec<Walked> = Vec::new();
+        let mut machines: HashMap<ChunkId, Vec<(VolumeName, ChunkId)>> = HashMap::new();
+        while let Some((referrer, volume, root_id)) = queue.pop_front() {
+            walked.push((referrer.clone(), volume, root_id));
+            let root_id = &root_id;
+            if let Some(volumes) = machines.get(root_id) {
+                for (name, volume_root) in volumes.iter().rev() {
+                    queue.push_front((referrer.clone(), Some(name.clone()), *volume_root));
+                }
+                continue;
+            }
             if !seen_roots.insert(*root_id) {
                 continue;
             }
             report.roots_checked += 1;
             let root = match self.check_blob(root_id, BlobKind::Root, &mut report) {
+                Ok(raw) if MachineRoot::is_encoding(&raw) => {
+                    match MachineRoot::decode(&raw) {
+                        Ok(machine) => {
+                            let volumes = machine.volumes().to_vec();
+                            for (name, volume_root) in volumes.iter().rev() {
+                                queue.push_front((
+                                    referrer.clone(),
+                                    Some(name.clone()),
+                                    *volume_root,
+                                ));
+                            }
+                            machines.insert(*root_id, volumes);
+                        }
+                        Err(e) => {
+                            let place = self.place_of(root_id);
+                            damaged.insert(
+                                (*root_id, BlobKind::Root),
+                                found(BlobKind::Root, place, undecodable(e)),
+                            );
+                        }
+                    }
+                    continue;
+                }
                 Ok(raw) => match Root::decode(&raw) {
                     Ok(root) => root,
                     Err(e) => {
@@ -332,7 +377,7 @@ impl Store {
             }
         }
         if !damaged.is_empty() {
-            report.damaged = self.attribute(&referrers, damaged);
+            report.damaged = self.attribute(&walked, damaged);
         }
         Ok(report)
     }
@@ -442,16 +487,19 @@ impl Store {
     }
 
     /// Finds, for each damaged blob, the selected roots it breaks and where.
-    fn attribute(&self, referrers: &[(Referrer, ChunkId)], damaged: FoundMap) -> Vec<DamagedBlob> {
+    /// A machine root is in `walked` before its volumes; reading it as a disk
+    /// root fails, so only its own damage is attributed through it.
+    fn attribute(&self, walked: &[Walked], damaged: FoundMap) -> Vec<DamagedBlob> {
         let mut affected: HashMap<(ChunkId, BlobKind), Vec<Affected>> = HashMap::new();
-        for (referrer, root_id) in referrers {
+        for (referrer, volume, root_id) in walked {
+            let referrer = &(referrer.clone(), volume.clone());
             let key = (*root_id, BlobKind::Root);
             if damaged.contains_key(&key) {
                 entry_for(&mut affected, key, referrer, root_id);
                 continue;
             }
-            // Checked intact a moment ago; if it cannot be read now, there is
-            // nothing more to attribute through it.
+            // Checked intact a moment ago; if it cannot be read now (or it is
+            // a machine root), there is nothing more to attribute through it.
             let Ok(root) = self.read_root(root_id) else {
                 continue;
             };
@@ -509,18 +557,26 @@ impl Store {
     }
 }
 
+/// A root walked by [`Store::verify`]: who refers to it, the volume it is
+/// of that referrer's machine, and its id.
+type Walked = (Referrer, Option<VolumeName>, ChunkId);
+
 /// The entry of `referrer` in the list of roots that blob `id` affects, added
 /// if needed. Roots are walked one referrer at a time, so its entry is the last.
 fn entry_for<'a>(
     affected: &'a mut HashMap<(ChunkId, BlobKind), Vec<Affected>>,
     key: (ChunkId, BlobKind),
-    referrer: &Referrer,
+    (referrer, volume): &(Referrer, Option<VolumeName>),
     root: &ChunkId,
 ) -> &'a mut Affected {
     let list = affected.entry(key).or_default();
-    if list.last().is_none_or(|last| last.referrer != *referrer) {
+    if list
+        .last()
+        .is_none_or(|last| last.referrer != *referrer || last.volume != *volume)
+    {
         list.push(Affected {
             referrer: referrer.clone(),
+            volume: volume.clone(),
             root: *root,
             pages: Vec::new(),
             chunks: Vec::new(),

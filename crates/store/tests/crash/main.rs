@@ -1,5 +1,6 @@
 //! Power-loss crash tests: the store on a simulated disk (`blockrep_store::sim`) loses
-//! power at seeded crash points across commits, snapshots, expiry, launches,
+//! power at seeded crash points across commits (of one disk and of machines of
+//! several volumes), snapshots, expiry, launches,
 //! garbage collection, compaction and lifecycle records (cutover, failback,
 //! reset); after each crash the disk is rebooted and the store must open,
 //! verify clean, hold each head at the old or the new commit and each
@@ -28,9 +29,11 @@ use blockrep_store::{
 };
 
 mod check;
+mod machine;
 mod run;
 
 use check::*;
+use machine::*;
 use run::*;
 
 const CHUNK_BYTES: u32 = 4096;
@@ -66,6 +69,12 @@ enum Step {
         source: SourceId,
         epoch: u64,
         disk: Vec<u8>,
+    },
+    /// An epoch of the machine source: every volume in one commit.
+    CommitMachine {
+        source: SourceId,
+        epoch: u64,
+        volumes: Volumes,
     },
     CreateSnapshot {
         source: SourceId,
@@ -110,6 +119,7 @@ enum Step {
 enum Area {
     Open,
     Commit,
+    MachineCommit,
     Snapshot,
     Launch,
     Lifecycle,
@@ -122,6 +132,7 @@ impl fmt::Display for Area {
         f.write_str(match self {
             Area::Open => "open",
             Area::Commit => "commit",
+            Area::MachineCommit => "machine commit",
             Area::Snapshot => "snapshot",
             Area::Launch => "launch",
             Area::Lifecycle => "lifecycle",
@@ -135,6 +146,14 @@ impl Step {
     fn describe(&self) -> String {
         match self {
             Step::Commit { source, epoch, .. } => format!("commit {source} epoch {epoch}"),
+            Step::CommitMachine {
+                source,
+                epoch,
+                volumes,
+            } => format!(
+                "commit machine {source} epoch {epoch} ({} volumes)",
+                volumes.len()
+            ),
             Step::CreateSnapshot {
                 source,
                 name,
@@ -179,6 +198,8 @@ struct Model {
     disks: HashMap<ChunkId, Vec<u8>>,
     /// Lifecycle records by source; a source not listed has none.
     lifecycles: BTreeMap<SourceId, Lifecycle>,
+    /// The machine source's committed machine.
+    machines: BTreeMap<SourceId, MachineReplica>,
 }
 
 fn root_of(disk: &[u8]) -> (Root, Vec<blockrep_core::Page>) {
@@ -264,9 +285,22 @@ fn script(seed: u64) -> Vec<Step> {
     // The script's view of each source's lifecycle record: a source with one
     // is fenced, and the operator resets it before it replicates again.
     let mut lifecycles: BTreeMap<SourceId, Lifecycle> = BTreeMap::new();
+    let mut machine: Option<(u64, Volumes)> = None;
     for _ in 0..count {
         now_ms += 60_000;
-        let step = match rng.below(12) {
+        let step = match rng.below(14) {
+            12 | 13 => {
+                let (epoch, volumes) = match machine.take() {
+                    None => (1, first_volumes(&mut rng)),
+                    Some((epoch, volumes)) => (epoch + 1, next_volumes(&mut rng, &volumes)),
+                };
+                machine = Some((epoch, volumes.clone()));
+                Step::CommitMachine {
+                    source: app(),
+                    epoch,
+                    volumes,
+                }
+            }
             0..=2 => {
                 let source = if rng.below(3) == 0 { db() } else { web() };
                 if lifecycles.contains_key(&source) {
@@ -466,6 +500,7 @@ fn crash_states_keep_the_store_consistent() {
     // Every area must have been reached, or the test explores less than it says.
     for area in [
         Area::Commit,
+        Area::MachineCommit,
         Area::Snapshot,
         Area::Lifecycle,
         Area::Gc,

@@ -109,6 +109,21 @@ pub(crate) fn run_step(
                 },
             );
         }
+        Step::CommitMachine {
+            source,
+            epoch,
+            volumes,
+        } => {
+            let root = commit_machine_as_agent(store, source, *epoch, volumes)?;
+            model.machines.insert(
+                source.clone(),
+                MachineReplica {
+                    epoch: *epoch,
+                    root,
+                    volumes: volumes.clone(),
+                },
+            );
+        }
         Step::CreateSnapshot {
             source,
             name,
@@ -341,6 +356,7 @@ impl Planner {
                 let index = after - 1;
                 let area = match &steps[index] {
                     Step::Commit { .. } => Area::Commit,
+                    Step::CommitMachine { .. } => Area::MachineCommit,
                     Step::CreateSnapshot { .. }
                     | Step::DeleteSnapshot { .. }
                     | Step::Expire { .. } => Area::Snapshot,
