@@ -279,10 +279,17 @@ async fn list_launches(
 ) -> Result<Response, ApiError> {
     let source = filter.source.as_deref().map(parse_source).transpose()?;
     let nbd = shared.nbd_addr();
-    let list = blocking(&shared, move |store| store.list_launches(source.as_ref())).await?;
+    let list = blocking(&shared, move |store| {
+        store
+            .list_launches(source.as_ref())?
+            .into_iter()
+            .map(|l| Ok((store.launch_volumes(&l)?, l)))
+            .collect::<Result<Vec<_>, blockrep_store::Error>>()
+    })
+    .await?;
     Ok(Json(
         list.iter()
-            .map(|l| LaunchView::new(l, nbd))
+            .map(|(volumes, l)| LaunchView::new(l, volumes, nbd))
             .collect::<Vec<_>>(),
     )
     .into_response())
@@ -307,17 +314,27 @@ async fn create_launch(
     let nbd = shared.nbd_addr();
     let (snapshot, name) = (body.snapshot.clone(), body.name.clone());
     let allow_live = body.allow_live;
-    let launch = blocking(&shared, move |store| {
-        crate::launch_gate::create(store, &source, &snapshot, &name, kind, allow_live)
+    let (launch, volumes) = blocking(&shared, move |store| {
+        let created =
+            crate::launch_gate::create(store, &source, &snapshot, &name, kind, allow_live)?;
+        Ok(match created {
+            Ok(launch) => Ok((store.launch_volumes(&launch)?, launch)),
+            Err(why) => Err(why),
+        })
     })
     .await?
+    .map(|(volumes, launch)| (launch, volumes))
     .map_err(|why| ApiError::from(error(StatusCode::CONFLICT, why)))?;
     info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot,
         consistency = %launch.consistency, "launch created");
     if launch.consistency == Consistency::Live {
         warn!(launch = %launch.name, "launch made from a live snapshot (allow_live): its file system may be torn");
     }
-    Ok((StatusCode::CREATED, Json(LaunchView::new(&launch, nbd))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(LaunchView::new(&launch, &volumes, nbd)),
+    )
+        .into_response())
 }
 
 async fn delete_launch(

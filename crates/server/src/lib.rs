@@ -63,7 +63,7 @@ pub use nbd_export::{
     NBD_CONNECTIONS_MAX_DEFAULT, NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT, NBD_IDLE_TIMEOUT_DEFAULT,
 };
 pub use status::{CutoverView, SourceState, SourceView, StateThresholds};
-pub use views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
+pub use views::{CreateLaunch, CreateSnapshot, LaunchView, LaunchVolumeView, SnapshotView};
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]

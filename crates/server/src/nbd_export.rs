@@ -158,8 +158,14 @@ impl LaunchRegistry {
 }
 
 impl Registry for LaunchRegistry {
-    fn lookup(&self, client: &Client, name: &str) -> Option<Arc<dyn Export>> {
+    fn lookup(&self, client: &Client, export: &str) -> Option<Arc<dyn Export>> {
         let viewer = self.viewer(client);
+        // `LAUNCH/VOLUME` names one volume of a machine's launch; `LAUNCH`
+        // alone, a launch of one volume.
+        let (name, volume) = match export.split_once('/') {
+            Some((name, volume)) => (name, Some(volume)),
+            None => (export, None),
+        };
         // Decided on the launch's record before opening it, so a refused
         // client costs no volume; checked again on the volume opened, in case
         // the name was deleted and made anew for another source in between.
@@ -181,14 +187,14 @@ impl Registry for LaunchRegistry {
             );
             return None;
         }
-        match self.store.open_launch(name) {
+        match self.store.open_launch_volume(name, volume) {
             Ok(volume) if viewer.may_open(&volume.info()) => {
                 let watch = self.watch(client);
                 Some(Arc::new(LaunchExport { volume, watch }))
             }
             Ok(_) => None,
             Err(e) => {
-                warn!(launch = name, error = %e, "NBD export not available");
+                warn!(launch = name, export, error = %e, "NBD export not available");
                 None
             }
         }
@@ -205,7 +211,7 @@ impl Registry for LaunchRegistry {
             Ok(launches) => launches
                 .into_iter()
                 .filter(|l| viewer.may_open(l))
-                .map(|l| {
+                .flat_map(|l| {
                     let kind = match l.kind {
                         LaunchKind::Test => "test",
                         LaunchKind::Cutover => "cutover",
@@ -214,7 +220,19 @@ impl Registry for LaunchRegistry {
                         "{kind} launch of {} from snapshot {} (epoch {})",
                         l.source, l.snapshot, l.base_epoch
                     );
-                    (l.name, text)
+                    // A launch of one volume is listed by its name; each
+                    // volume of a machine's as `LAUNCH/VOLUME`.
+                    let volumes = self.store.launch_volumes(&l).unwrap_or_else(|e| {
+                        warn!(launch = l.name, error = %e, "cannot list the launch's volumes");
+                        Vec::new()
+                    });
+                    match volumes.as_slice() {
+                        [_] => vec![(l.name, text)],
+                        _ => volumes
+                            .iter()
+                            .map(|v| (format!("{}/{v}", l.name), format!("{text}, volume {v}")))
+                            .collect(),
+                    }
                 })
                 .collect(),
             Err(e) => {

@@ -1,5 +1,6 @@
 //! JSON shapes of the admin API's snapshots and launches.
 
+use blockrep_core::VolumeName;
 use blockrep_store::{LaunchInfo, LaunchKind, Snapshot, SnapshotKind};
 use serde::{Deserialize, Serialize};
 
@@ -61,11 +62,38 @@ pub struct LaunchView {
     /// when it requires TLS (the client then presents the launch's source
     /// certificate or the admin certificate).
     pub nbd_uri: Option<String>,
+    /// The launch's volumes, by name: one (`disk`) for a single-disk
+    /// source, each of a machine's disks otherwise. A launch of several
+    /// volumes is served as one export per volume, `LAUNCH/VOLUME`, and has
+    /// no `nbd_uri` of its own.
+    pub volumes: Vec<LaunchVolumeView>,
+}
+
+/// One volume of a launch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchVolumeView {
+    pub name: String,
+    /// NBD URI of the volume's export (`LAUNCH/VOLUME`), when the NBD
+    /// listener is enabled.
+    pub nbd_uri: Option<String>,
 }
 
 impl LaunchView {
-    pub(crate) fn new(info: &LaunchInfo, nbd: Option<crate::nbd_export::NbdEndpoint>) -> Self {
+    /// The view of launch `info`, whose volumes are `volumes`.
+    pub(crate) fn new(
+        info: &LaunchInfo,
+        volumes: &[VolumeName],
+        nbd: Option<crate::nbd_export::NbdEndpoint>,
+    ) -> Self {
+        let single = volumes.len() == 1;
         Self {
+            volumes: volumes
+                .iter()
+                .map(|v| LaunchVolumeView {
+                    name: v.to_string(),
+                    nbd_uri: nbd.map(|endpoint| endpoint.uri(&format!("{}/{v}", info.name))),
+                })
+                .collect(),
             name: info.name.clone(),
             source: info.source.to_string(),
             snapshot: info.snapshot.clone(),
@@ -81,7 +109,9 @@ impl LaunchView {
             created_unix_ms: info.created_unix_ms,
             flushed_unix_ms: info.flushed_unix_ms,
             consistency: info.consistency.as_str().to_owned(),
-            nbd_uri: nbd.map(|endpoint| endpoint.uri(&info.name)),
+            nbd_uri: nbd
+                .filter(|_| single)
+                .map(|endpoint| endpoint.uri(&info.name)),
         }
     }
 }

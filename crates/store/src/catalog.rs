@@ -24,7 +24,14 @@ pub(crate) struct Catalog {
     /// through two volumes (their flushes would overwrite each other's head).
     /// A volume holds its store, so the store names them without their type
     /// (`launch.rs` downcasts): the catalog sits below launches.
+    /// Keyed by launch name, or `LAUNCH/VOLUME` for a volume of a machine's
+    /// launch (a `/` no launch name holds).
     pub(crate) open_launches: Mutex<HashMap<String, Weak<dyn Any + Send + Sync>>>,
+    /// Serializes the read-modify-write of a machine launch's head by the
+    /// flushes of its volumes (each volume replaces its own root in the
+    /// launch's machine root). Taken with no other store lock held but the
+    /// GC fence's read side.
+    pub(crate) launch_heads: Mutex<()>,
 }
 
 /// Validates a snapshot or launch name: the same rule as source ids,

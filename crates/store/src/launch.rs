@@ -25,7 +25,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
-use blockrep_core::{ChunkId, Consistency, SourceId};
+use blockrep_core::{ChunkId, Consistency, SourceId, VolumeName};
 
 use crate::catalog::{list_names, validate_name};
 use crate::error::{Error, ErrorKind};
@@ -36,7 +36,7 @@ use crate::format::{
 };
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::mutex::lock;
-use crate::store::Store;
+use crate::store::{Store, StoredRoot};
 use crate::vfs::Vfs;
 
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
@@ -185,8 +185,11 @@ impl Store {
                 format!("a launch named {launch_name} already exists"),
             ));
         }
-        // The base must be readable now, not at the first read of the volume.
-        self.read_root(&snapshot.root)?;
+        // The base must be readable now, not at the first read of the volume:
+        // every volume's root, for a machine.
+        for (_, root) in self.volume_roots(&snapshot.root)? {
+            self.read_root(&root)?;
+        }
         let created_unix_ms = now_unix_ms;
         let info = LaunchInfo {
             name: launch_name.to_owned(),
@@ -260,9 +263,12 @@ impl Store {
         self.check_writable()?;
         validate_name("launch", name)?;
         let _guard = lock(&self.catalog.lock);
+        let volume_prefix = format!("{name}/");
         let open = lock(&self.catalog.open_launches)
-            .get(name)
-            .is_some_and(|volume| volume.strong_count() > 0);
+            .iter()
+            .any(|(key, volume)| {
+                (key == name || key.starts_with(&volume_prefix)) && volume.strong_count() > 0
+            });
         if open {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -290,21 +296,81 @@ impl Store {
     /// read-only). A launch already open in this
     /// process is shared: every caller gets the same volume, so writes are never
     /// split between two volumes that would overwrite each other's flushes.
+    /// A launch of a machine of several volumes is opened a volume at a time
+    /// ([`Store::open_launch_volume`]).
     pub fn open_launch(self: &Arc<Self>, name: &str) -> Result<Arc<LaunchVolume>, Error> {
+        self.open_launch_volume(name, None)
+    }
+
+    /// Opens volume `volume` of launch `name` (with no name, its only volume),
+    /// shared as [`Store::open_launch`] says. A launch of a single-disk
+    /// source has one volume, [`blockrep_core::SINGLE_VOLUME_NAME`]. Fails
+    /// with `NotFound` for a launch or volume that does not exist and
+    /// `Invalid` when no volume is named and the launch has several.
+    pub fn open_launch_volume(
+        self: &Arc<Self>,
+        name: &str,
+        volume: Option<&str>,
+    ) -> Result<Arc<LaunchVolume>, Error> {
         validate_name("launch", name)?;
         let _guard = lock(&self.catalog.lock);
-        let mut open = lock(&self.catalog.open_launches);
-        if let Some(volume) = open.get(name).and_then(upgrade) {
-            return Ok(volume);
-        }
         let info = self
             .launch(name)?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no launch named {name}")))?;
-        let root = self.read_root(&info.root)?;
-        let volume = Arc::new(LaunchVolume::new(Arc::clone(self), info, root));
+        let volume_name = match self.read_stored_root(&info.root)? {
+            // A single disk: its volume is opened under the launch's name.
+            StoredRoot::Disk(_) => {
+                self.volume_root(&info.root, volume)
+                    .map_err(|e| Error::new(e.kind(), format!("launch {name}: {e}")))?;
+                None
+            }
+            StoredRoot::Machine(machine) => {
+                // Checks the name (or that there is one volume) with the
+                // errors every caller gets.
+                self.volume_root(&info.root, volume)
+                    .map_err(|e| Error::new(e.kind(), format!("launch {name}: {e}")))?;
+                let chosen = match volume {
+                    Some(volume) => machine.volumes().iter().find(|(n, _)| n.as_str() == volume),
+                    None => machine.volumes().first(),
+                };
+                chosen.map(|(n, _)| n.clone())
+            }
+        };
+        let key = match &volume_name {
+            Some(volume) => format!("{name}/{volume}"),
+            None => name.to_owned(),
+        };
+        let mut open = lock(&self.catalog.open_launches);
+        if let Some(volume) = open.get(&key).and_then(upgrade) {
+            return Ok(volume);
+        }
+        let root_id = match &volume_name {
+            Some(volume) => self.volume_root(&info.root, Some(volume.as_str()))?,
+            None => info.root,
+        };
+        let root = self.read_root(&root_id)?;
+        let volume = Arc::new(LaunchVolume::new(
+            Arc::clone(self),
+            info,
+            root,
+            volume_name,
+            key.clone(),
+        ));
         let erased: Arc<dyn Any + Send + Sync> = volume.clone();
-        open.insert(name.to_owned(), Arc::downgrade(&erased));
+        open.insert(key, Arc::downgrade(&erased));
         Ok(volume)
+    }
+
+    /// The volumes of a launch, sorted by name: one,
+    /// [`blockrep_core::SINGLE_VOLUME_NAME`], for a single-disk source's
+    /// launch. Each is served over NBD as `LAUNCH/VOLUME` (a single disk's
+    /// as `LAUNCH` too).
+    pub fn launch_volumes(&self, info: &LaunchInfo) -> Result<Vec<VolumeName>, Error> {
+        Ok(self
+            .volume_roots(&info.root)?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
     }
 }
 

@@ -7,7 +7,9 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Page, Root, hash_chunk};
+use blockrep_core::{
+    CHUNKS_PER_PAGE, ChunkId, Geometry, MachineRoot, Page, Root, VolumeName, hash_chunk,
+};
 
 use crate::blobs::{BlobKind, StoredCodec};
 use crate::error::{Error, ErrorKind};
@@ -39,6 +41,11 @@ pub const LAUNCH_PAGES_CACHED_MAX: usize = 256;
 pub struct LaunchVolume {
     store: Arc<Store>,
     geometry: Geometry,
+    /// The volume's name in the launch's machine root; `None` when the launch
+    /// is of a single disk (its head names the disk root itself).
+    volume: Option<VolumeName>,
+    /// Its key among the catalog's open launches.
+    key: String,
     state: Mutex<VolumeState>,
 }
 
@@ -242,17 +249,31 @@ impl LaunchVolume {
     /// Nothing to do when nothing changed.
     pub fn flush(&self, now_unix_ms: u64) -> io::Result<()> {
         let mut state = self.lock_state();
-        state.flush(&self.store, self.geometry, now_unix_ms)?;
+        state.flush(
+            &self.store,
+            self.geometry,
+            self.volume.as_ref(),
+            now_unix_ms,
+        )?;
         Ok(())
     }
 }
 
 impl LaunchVolume {
-    /// A volume of launch `info`, whose flushed state is `root`.
-    pub(super) fn new(store: Arc<Store>, info: LaunchInfo, root: Root) -> Self {
+    /// Volume `volume` (`None`: the single disk) of launch `info`, whose
+    /// flushed state is `root`, open in the catalog under `key`.
+    pub(super) fn new(
+        store: Arc<Store>,
+        info: LaunchInfo,
+        root: Root,
+        volume: Option<VolumeName>,
+        key: String,
+    ) -> Self {
         Self {
             store,
             geometry: root.geometry(),
+            volume,
+            key,
             state: Mutex::new(VolumeState {
                 info,
                 root,
@@ -271,19 +292,14 @@ impl LaunchVolume {
 
 impl Drop for LaunchVolume {
     fn drop(&mut self) {
-        let state = self
-            .state
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let name = &state.info.name;
         let mut open = lock(&self.store.catalog.open_launches);
         // The launch may have been opened again since this volume's last handle
         // went; only a dead entry is ours to remove.
         if open
-            .get(name)
+            .get(&self.key)
             .is_some_and(|volume| volume.strong_count() == 0)
         {
-            open.remove(name);
+            open.remove(&self.key);
         }
     }
 }
@@ -446,7 +462,13 @@ impl VolumeState {
         Ok(())
     }
 
-    fn flush(&mut self, store: &Store, geometry: Geometry, now_unix_ms: u64) -> Result<(), Error> {
+    fn flush(
+        &mut self,
+        store: &Store,
+        geometry: Geometry,
+        volume: Option<&VolumeName>,
+        now_unix_ms: u64,
+    ) -> Result<(), Error> {
         if self.dirty_pages.is_empty() {
             return Ok(());
         }
@@ -483,19 +505,26 @@ impl VolumeState {
             }
             store.blobs.require_present("launch flush", page.ids())?;
         }
-        if root_id != self.info.root {
+        if root_id != self.root.id() {
             store
                 .blobs
                 .put_index_blob(BlobKind::Root, root_id, &root.encode())?;
-            // Blobs first, durably; only then the head that names them.
-            store.sync()?;
-            let mut info = self.info.clone();
-            info.root = root_id;
-            info.generation += 1;
-            info.flushed_unix_ms = now_unix_ms;
-            let path = store.launches_dir().join(&info.name).join("head");
-            publish_atomic(store.vfs(), &path, &info.encode_head())?;
-            self.info = info;
+            match volume {
+                None => {
+                    // Blobs first, durably; only then the head that names them.
+                    store.sync()?;
+                    let mut info = self.info.clone();
+                    info.root = root_id;
+                    info.generation += 1;
+                    info.flushed_unix_ms = now_unix_ms;
+                    publish_launch_head(store, &info)?;
+                    self.info = info;
+                }
+                Some(volume) => {
+                    self.info =
+                        flush_machine_head(store, &self.info.name, volume, root_id, now_unix_ms)?;
+                }
+            }
         }
         self.root = root;
         self.dirty_pages.clear();
@@ -503,6 +532,56 @@ impl VolumeState {
         self.drop_clean_pages_over(self.clean_pages_max);
         Ok(())
     }
+}
+
+/// Publishes a launch's head (generation, root, flush time).
+fn publish_launch_head(store: &Store, info: &LaunchInfo) -> Result<(), Error> {
+    let path = store.launches_dir().join(&info.name).join("head");
+    publish_atomic(store.vfs(), &path, &info.encode_head())
+}
+
+/// Moves the head of machine launch `name` to a machine root in which
+/// `volume`'s root is `root_id` (its pages and root already stored), leaving
+/// the other volumes as the head names them now: volumes of one launch flush
+/// independently, as a machine's disks do, so the head is read again under
+/// the lock rather than taken from this volume's last flush. Returns the
+/// launch as published.
+fn flush_machine_head(
+    store: &Store,
+    name: &str,
+    volume: &VolumeName,
+    root_id: ChunkId,
+    now_unix_ms: u64,
+) -> Result<LaunchInfo, Error> {
+    let _guard = lock(&store.catalog.launch_heads);
+    let mut info = store
+        .launch(name)?
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("launch {name} is gone")))?;
+    let mut volumes = store.volume_roots(&info.root)?;
+    let slot = volumes
+        .iter_mut()
+        .find(|(n, _)| n == volume)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("launch {name} lost volume {volume}"),
+            )
+        })?;
+    slot.1 = root_id;
+    let machine = MachineRoot::new(volumes)
+        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("launch {name}: {e}")))?;
+    let machine_id = machine.id();
+    store.blobs.fence().note(&machine_id);
+    store
+        .blobs
+        .put_index_blob(BlobKind::Root, machine_id, &machine.encode())?;
+    // Blobs first, durably; only then the head that names them.
+    store.sync()?;
+    info.root = machine_id;
+    info.generation += 1;
+    info.flushed_unix_ms = now_unix_ms;
+    publish_launch_head(store, &info)?;
+    Ok(info)
 }
 
 /// Page index and position in the page of a chunk.

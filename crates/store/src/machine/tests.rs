@@ -301,3 +301,114 @@ fn verify_names_the_volume_a_damaged_chunk_breaks() {
     );
     assert_eq!(affected.chunks[0].index, index as u64);
 }
+
+/// Reads a whole launch volume.
+fn read_volume(volume: &crate::LaunchVolume) -> Vec<u8> {
+    let mut out = vec![0u8; volume.size_bytes() as usize];
+    volume.read(0, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_machine_launch_opens_each_volume_and_flushes_them_independently() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut disks = three_disks(&mut Rng::new(6));
+    {
+        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        commit_machine_disks(&store, 1, &disks).unwrap();
+        store.create_snapshot(&web(), Some("s1"), None, 30).unwrap();
+        let info = store
+            .create_launch(&web(), "s1", "drill", crate::LaunchKind::Test, 40)
+            .unwrap();
+        let names: Vec<String> = store
+            .launch_volumes(&info)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["boot", "data", "log"]);
+        // Several volumes: one must be named; an unknown one is refused.
+        let err = store.open_launch("drill").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        let err = store.open_launch_volume("drill", Some("swap")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+        let boot = store.open_launch_volume("drill", Some("boot")).unwrap();
+        let log = store.open_launch_volume("drill", Some("log")).unwrap();
+        // The same volume is shared, another is not.
+        assert!(std::sync::Arc::ptr_eq(
+            &boot,
+            &store.open_launch_volume("drill", Some("boot")).unwrap()
+        ));
+        for (volume, (_, _, disk)) in [(&boot, &disks[0]), (&log, &disks[2])] {
+            assert!(read_volume(volume) == *disk);
+        }
+        // Writes to two volumes, flushed one after the other: each flush
+        // keeps the other's.
+        boot.write(5000, b"boot was written").unwrap();
+        disks[0].2[5000..5016].copy_from_slice(b"boot was written");
+        log.write(3 * u64::from(CHUNK) + 7, &[0xee; 9000]).unwrap();
+        let at = 3 * CHUNK as usize + 7;
+        disks[2].2[at..at + 9000].fill(0xee);
+        boot.flush(50).unwrap();
+        log.flush(60).unwrap();
+        // A volume open keeps the launch from being deleted.
+        let err = store.delete_launch("drill").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+        let info = store.launch("drill").unwrap().unwrap();
+        assert_eq!(info.generation, 2);
+        assert_eq!(info.flushed_unix_ms, 60);
+        // The snapshot and the head are untouched.
+        let head = store.head(&web()).unwrap().unwrap();
+        assert_eq!(info.base_root, head.root);
+        assert_ne!(info.root, head.root);
+    }
+    // After a reopen and a collection, the launch reads as flushed.
+    let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+    let options = GcOptions {
+        live_share_min: 1.0,
+        dry_run: false,
+    };
+    store.gc(&options).unwrap();
+    let info = store.launch("drill").unwrap().unwrap();
+    assert_machine_is(&store, &info.root, &disks);
+    for (n, _, disk) in &disks {
+        let volume = store.open_launch_volume("drill", Some(n.as_str())).unwrap();
+        assert!(read_volume(&volume) == *disk, "volume {n} differs");
+    }
+    let report = store.verify(None, None).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    // Every volume closed: the launch deletes.
+    store.delete_launch("drill").unwrap();
+    assert!(store.launch("drill").unwrap().is_none());
+}
+
+#[test]
+fn a_single_disk_launch_is_also_its_volume_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+    let geometry = Geometry::new(10 * u64::from(CHUNK), CHUNK).unwrap();
+    let mut disk = vec![0u8; geometry.disk_size_bytes() as usize];
+    churn(&mut Rng::new(7), &mut disk, geometry, 80);
+    commit_disk(&store, &web(), &disk, geometry, 1);
+    store.create_snapshot(&web(), Some("s1"), None, 30).unwrap();
+    let info = store
+        .create_launch(&web(), "s1", "one", crate::LaunchKind::Test, 40)
+        .unwrap();
+    assert_eq!(store.launch_volumes(&info).unwrap(), [name("disk")]);
+    let volume = store.open_launch_volume("one", Some("disk")).unwrap();
+    assert!(std::sync::Arc::ptr_eq(
+        &volume,
+        &store.open_launch("one").unwrap()
+    ));
+    let err = store.open_launch_volume("one", Some("data")).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    volume.write(0, b"x").unwrap();
+    volume.flush(50).unwrap();
+    // Still a disk root: a single disk's launch never becomes a machine.
+    let info = store.launch("one").unwrap().unwrap();
+    assert!(matches!(
+        store.read_stored_root(&info.root).unwrap(),
+        StoredRoot::Disk(_)
+    ));
+}
