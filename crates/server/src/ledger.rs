@@ -626,26 +626,20 @@ mod tests {
             .sources
             .update_known(&id("new"), |record| record.chunks_received_total += 5)
             .unwrap();
-        let records = ledger.sources.records();
         let stats = ledger.stats();
-        assert_eq!(
-            stats.epochs_committed_total,
-            records
-                .iter()
-                .map(|(_, r)| r.epochs_committed_total)
-                .sum::<u64>()
-        );
-        assert_eq!(
-            stats.chunks_received_total,
-            records
-                .iter()
-                .map(|(_, r)| r.chunks_received_total)
-                .sum::<u64>()
-        );
-        assert_eq!(
-            (stats.epochs_committed_total, stats.chunks_received_total),
-            (8, 57)
-        );
+        let totals = (stats.epochs_committed_total, stats.chunks_received_total);
+        let summed = ledger
+            .sources
+            .records()
+            .iter()
+            .fold((0, 0), |(epochs, chunks), (_, r)| {
+                (
+                    epochs + r.epochs_committed_total,
+                    chunks + r.chunks_received_total,
+                )
+            });
+        assert_eq!(totals, summed);
+        assert_eq!(totals, (8, 57));
     }
 
     #[test]
