@@ -27,7 +27,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::api_error::error;
-use crate::breaches::{AlertEvent, Transition};
+use crate::breaches::{BreachEvent, Transition};
 use crate::shared::Shared;
 
 /// Hook runs queued at most; further events are logged and dropped rather than
@@ -54,9 +54,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     loop {
         ticker.tick().await;
         let records = shared.ledger.sources.records();
-        let transitions = shared
-            .alerts
-            .evaluate(&records, shared.thresholds(), now_unix_ms());
+        let breaches = &shared.rpo_breaches;
+        let transitions = breaches.evaluate(&records, shared.thresholds(), now_unix_ms());
         for transition in transitions {
             let Transition {
                 source,
@@ -65,10 +64,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 ..
             } = &transition;
             match transition.event {
-                AlertEvent::Breach => {
+                BreachEvent::Breach => {
                     warn!(source = %source, lag_seconds, rpo_target_seconds, "RPO target breached");
                 }
-                AlertEvent::Recovered => {
+                BreachEvent::Recovered => {
                     info!(source = %source, lag_seconds, rpo_target_seconds, "RPO target met again");
                 }
             }

@@ -11,19 +11,19 @@ use crate::status::{SourceRecord, StateThresholds};
 
 /// What happened to a source's lag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AlertEvent {
+pub(crate) enum BreachEvent {
     /// The lag crossed above the RPO target.
     Breach,
     /// The lag is back at or below the target.
     Recovered,
 }
 
-impl AlertEvent {
+impl BreachEvent {
     /// The event's name, as the hook sees it in `BLOCKREP_EVENT`.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            AlertEvent::Breach => "breach",
-            AlertEvent::Recovered => "recovered",
+            BreachEvent::Breach => "breach",
+            BreachEvent::Recovered => "recovered",
         }
     }
 }
@@ -32,24 +32,27 @@ impl AlertEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Transition {
     pub source: SourceId,
-    pub event: AlertEvent,
+    pub event: BreachEvent,
     pub lag_seconds: f64,
     pub rpo_target_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-struct AlertState {
+struct BreachState {
     in_breach: bool,
     breaches_total: u64,
 }
 
-/// Breach state of every source.
+/// Which sources are past their RPO target now, and how many times each has
+/// crossed above it since the server started. The RPO target is the only
+/// threshold watched here: `lagging` and `stalled` are read off the records
+/// when asked for, with no state of their own.
 #[derive(Debug, Default)]
-pub(crate) struct Alerts {
-    states: Mutex<BTreeMap<SourceId, AlertState>>,
+pub(crate) struct RpoBreaches {
+    states: Mutex<BTreeMap<SourceId, BreachState>>,
 }
 
-impl Alerts {
+impl RpoBreaches {
     /// Breaches counted per source since the server started.
     pub(crate) fn breaches_total(&self) -> BTreeMap<SourceId, u64> {
         let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
@@ -85,9 +88,9 @@ impl Alerts {
             state.in_breach = breached;
             let event = if breached {
                 state.breaches_total += 1;
-                AlertEvent::Breach
+                BreachEvent::Breach
             } else {
-                AlertEvent::Recovered
+                BreachEvent::Recovered
             };
             transitions.push(Transition {
                 source: source.clone(),
@@ -122,51 +125,51 @@ mod tests {
 
     #[test]
     fn each_crossing_is_reported_once() {
-        let alerts = Alerts::default();
+        let breaches = RpoBreaches::default();
         let source = SourceId::new("web").unwrap();
         let now = 1_000_000;
         let records = vec![(source.clone(), record(now - 5_000))];
-        assert!(alerts.evaluate(&records, thresholds(), now).is_empty());
+        assert!(breaches.evaluate(&records, thresholds(), now).is_empty());
         // Lag grows past the target with no commit: one breach, then quiet.
         let later = now + 6_000;
-        let transitions = alerts.evaluate(&records, thresholds(), later);
+        let transitions = breaches.evaluate(&records, thresholds(), later);
         assert_eq!(transitions.len(), 1);
-        assert_eq!(transitions[0].event, AlertEvent::Breach);
+        assert_eq!(transitions[0].event, BreachEvent::Breach);
         assert_eq!(transitions[0].lag_seconds, 11.0);
         assert_eq!(transitions[0].rpo_target_seconds, 10.0);
         assert!(
-            alerts
+            breaches
                 .evaluate(&records, thresholds(), later + 500)
                 .is_empty()
         );
         assert!(
-            alerts
+            breaches
                 .evaluate(&records, thresholds(), later + 60_000)
                 .is_empty()
         );
         // A fresh commit: one recovery.
         let records = vec![(source.clone(), record(later + 60_000))];
-        let transitions = alerts.evaluate(&records, thresholds(), later + 61_000);
+        let transitions = breaches.evaluate(&records, thresholds(), later + 61_000);
         assert_eq!(transitions.len(), 1);
-        assert_eq!(transitions[0].event, AlertEvent::Recovered);
+        assert_eq!(transitions[0].event, BreachEvent::Recovered);
         assert!(
-            alerts
+            breaches
                 .evaluate(&records, thresholds(), later + 61_500)
                 .is_empty()
         );
-        assert_eq!(alerts.breaches_total()[&source], 1);
+        assert_eq!(breaches.breaches_total()[&source], 1);
     }
 
     #[test]
     fn initial_sync_never_breaches_and_overrides_apply() {
-        let alerts = Alerts::default();
+        let breaches = RpoBreaches::default();
         let now = 10_000_000;
         let syncing = (SourceId::new("new").unwrap(), record(0));
         let mut relaxed = record(now - 20_000);
         relaxed.rpo_target_override = Some(Duration::from_secs(3600));
         let relaxed = (SourceId::new("relaxed").unwrap(), relaxed);
         assert!(
-            alerts
+            breaches
                 .evaluate(&[syncing, relaxed], thresholds(), now)
                 .is_empty()
         );

@@ -4,15 +4,17 @@
 //!
 //! Per-source events (epochs committed, chunks and bytes received,
 //! deduplication, failback traffic) are counted in the source's record in
-//! [`Ledger::sources`], beside the source's state; server-wide totals of them
-//! are sums over those records. Events that belong to no source yet (a
-//! connection, a handshake, a rejection before `Hello`, an admin request) and
-//! the hot-path counters that must not take the records' lock per chunk are
-//! counted here. Totals by kind (handshake failures, rejections) are sums of
-//! their per-reason counters.
+//! [`Ledger::sources`], beside the source's state. The server-wide totals of
+//! them that [`ServerStats`] reports are kept by that table beside the
+//! records, changed under the same lock by the same update that bumps a
+//! record, so reading them is O(1) and they always equal the sum over the
+//! records. Events that belong to no source yet (a connection, a handshake, a
+//! rejection before `Hello`, an admin request) and the hot-path counters that
+//! must not take the records' lock per chunk are counted here. Totals by kind
+//! (handshake failures, rejections) are sums of their per-reason counters.
 //!
-//! Counters only ever grow within a process: records are never removed and
-//! are only ever added to.
+//! Counters only ever grow within a process and count events since it
+//! started: records are never removed and are only ever added to.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -377,29 +379,25 @@ impl Ledger {
             .fetch_add(chunks, Ordering::Relaxed);
     }
 
-    /// The server-wide counters now.
+    /// The server-wide counters now; O(1), however many sources there are
+    /// (no record is copied).
     pub(crate) fn stats(&self) -> ServerStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let per_address = self.connections_refused_per_address();
-        let (mut epochs, mut chunks) = (0, 0);
-        for (_, record) in self.sources.records() {
-            epochs += record.epochs_committed_total;
-            chunks += record.chunks_received_total;
-        }
+        let totals = self.sources.totals();
         ServerStats {
             connections_total: load(&self.connections_total),
             connections_refused_total: load(&self.connections_refused_at_limit) + per_address,
             connections_refused_per_address_total: per_address,
             handshake_failures_total: self.handshake_failures.iter().map(load).sum(),
             sessions_rejected_total: self.sessions_rejected().values().sum(),
-            epochs_committed_total: epochs,
-            chunks_received_total: chunks,
+            epochs_committed_total: totals.epochs_committed_total,
+            chunks_received_total: totals.chunks_received_total,
             chunk_bytes_arrived_total: load(&self.chunk_bytes_arrived),
         }
     }
 
-    /// Connections refused for their address's share (without copying the
-    /// per-source records, as [`Ledger::stats`] does).
+    /// Connections refused for their address's share.
     pub(crate) fn connections_refused_per_address(&self) -> u64 {
         self.connections_refused_per_address.load(Ordering::Relaxed)
     }
@@ -587,6 +585,61 @@ mod tests {
         drop(open);
         assert_eq!(ledger.connections_open(), 0);
         assert_eq!(ledger.sessions_rejected()["busy"], 1);
+    }
+
+    #[test]
+    fn source_totals_equal_the_sum_over_sources_after_any_mix_of_events() {
+        let ledger = Ledger::new(SourceTable::default());
+        let id = |name| blockrep_core::SourceId::new(name).unwrap();
+        // A source found in the store at start, with counts.
+        ledger.sources.insert(
+            id("found"),
+            SourceRecord {
+                epochs_committed_total: 4,
+                chunks_received_total: 40,
+                ..SourceRecord::default()
+            },
+        );
+        // Commits of a known and a new source, as the session counts them.
+        for (name, epochs, chunks) in [
+            ("found", 1, 7),
+            ("new", 1, 3),
+            ("new", 0, 2),
+            ("found", 2, 0),
+        ] {
+            ledger.sources.update(&id(name), |record| {
+                record.epochs_committed_total += epochs;
+                record.chunks_received_total += chunks;
+            });
+        }
+        // Changes that count nothing: state only, and an unknown source.
+        ledger
+            .sources
+            .update(&id("found"), |record| record.connected = true);
+        assert!(
+            ledger
+                .sources
+                .update_known(&id("ghost"), |record| record.epochs_committed_total += 9)
+                .is_none()
+        );
+        ledger
+            .sources
+            .update_known(&id("new"), |record| record.chunks_received_total += 5)
+            .unwrap();
+        let stats = ledger.stats();
+        let totals = (stats.epochs_committed_total, stats.chunks_received_total);
+        let summed = ledger
+            .sources
+            .records()
+            .iter()
+            .fold((0, 0), |(epochs, chunks), (_, r)| {
+                (
+                    epochs + r.epochs_committed_total,
+                    chunks + r.chunks_received_total,
+                )
+            });
+        assert_eq!(totals, summed);
+        assert_eq!(totals, (8, 57));
     }
 
     #[test]

@@ -4,10 +4,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use blockrep_core::SourceId;
 use blockrep_core::clock::now_unix_ms;
 use blockrep_pki::{Identity, identity_from_cert, tenant_from_cert};
 use blockrep_proto::ErrorCode;
 use blockrep_store::Store;
+use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -15,6 +17,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::connection::Connection;
 use crate::ledger::HandshakeFailure;
+use crate::revocation::Registration;
 use crate::session::{Session, reject};
 use crate::shared::Shared;
 use crate::status::{SourceRecord, SourceTable};
@@ -335,50 +338,19 @@ async fn handle_connection(
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|certs| certs.first())
-        .ok_or_else(|| "no client certificate".to_owned());
-    let identity = certificate
-        .clone()
-        .and_then(|cert| identity_from_cert(cert).map_err(|e| e.to_string()));
-    let serial = certificate
-        .clone()
-        .and_then(|cert| blockrep_pki::cert_serial(cert).map_err(|e| e.to_string()));
-    let tenant = certificate.and_then(|cert| tenant_from_cert(cert).map_err(|e| e.to_string()));
+        .and_then(|certs| certs.first());
+    let admitted = admit(&shared, certificate);
     let mut connection = Connection::new(tls);
     // A peer that stops reading (a dead path) must not hold a session, and
     // with it the source's slot, forever.
     connection.write_timeout = Some(shared.config.idle_timeout);
-    let (source, tenant) = match (identity, tenant) {
-        (Ok(Identity::Source(source)), Ok(tenant)) => (source, tenant),
-        (Ok(Identity::Admin), _) => {
-            reject(
-                &shared,
-                &mut connection,
-                peer,
-                ErrorCode::Unauthorized,
-                "the admin certificate cannot replicate a source".into(),
-            )
-            .await;
-            return;
-        }
-        (Err(reason), _) | (_, Err(reason)) => {
-            reject(
-                &shared,
-                &mut connection,
-                peer,
-                ErrorCode::Unauthorized,
-                reason,
-            )
-            .await;
-            return;
-        }
-    };
-    // Watched from here on: a reloaded revocation list that names this
-    // certificate ends the session.
-    let registration = match (&shared.revocation, serial) {
-        (Some(revocation), Ok(serial)) => Some(revocation.register(serial)),
-        (None, _) => None,
-        (Some(_), Err(reason)) => {
+    let Admitted {
+        source,
+        tenant,
+        registration,
+    } = match admitted {
+        Ok(admitted) => admitted,
+        Err(reason) => {
             reject(
                 &shared,
                 &mut connection,
@@ -399,4 +371,40 @@ async fn handle_connection(
         .run()
         .instrument(span)
         .await;
+}
+
+/// A client certificate that may replicate: the source it names, its tenant,
+/// and the watch that ends the session if the certificate is revoked.
+struct Admitted {
+    source: SourceId,
+    tenant: Option<SourceId>,
+    registration: Option<Registration>,
+}
+
+/// Reads who the client certificate says the peer is; `Err` says why it may
+/// not replicate (sent to the agent as `Unauthorized`). The certificate is
+/// watched for revocation from here on, once it is known to name a source.
+fn admit(shared: &Shared, certificate: Option<&CertificateDer<'_>>) -> Result<Admitted, String> {
+    let certificate = certificate.ok_or_else(|| "no client certificate".to_owned())?;
+    let identity = identity_from_cert(certificate).map_err(|e| e.to_string());
+    let tenant = tenant_from_cert(certificate).map_err(|e| e.to_string());
+    let (source, tenant) = match (identity, tenant) {
+        (Ok(Identity::Source(source)), Ok(tenant)) => (source, tenant),
+        (Ok(Identity::Admin), _) => {
+            return Err("the admin certificate cannot replicate a source".into());
+        }
+        (Err(reason), _) | (_, Err(reason)) => return Err(reason),
+    };
+    let registration = match &shared.revocation {
+        Some(revocation) => {
+            let serial = blockrep_pki::cert_serial(certificate).map_err(|e| e.to_string())?;
+            Some(revocation.register(serial))
+        }
+        None => None,
+    };
+    Ok(Admitted {
+        source,
+        tenant,
+        registration,
+    })
 }

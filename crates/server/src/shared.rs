@@ -14,7 +14,7 @@ use blockrep_store::Store;
 
 use crate::ServerConfig;
 use crate::block_values::BlockValues;
-use crate::breaches::Alerts;
+use crate::breaches::RpoBreaches;
 use crate::budget::IdsBudget;
 use crate::health::Health;
 use crate::ledger::Ledger;
@@ -30,7 +30,7 @@ pub(crate) struct Shared {
     /// Store probe and listener state for `/health`.
     pub health: Health,
     /// RPO breach state per source.
-    pub alerts: Alerts,
+    pub rpo_breaches: RpoBreaches,
     /// Bound address of the NBD listener.
     pub(crate) nbd_addr: Option<SocketAddr>,
     /// Sources with a session in progress: one session per source at a time.
@@ -95,7 +95,7 @@ impl Shared {
             config,
             ledger: Ledger::new(sources),
             health: Health::default(),
-            alerts: Alerts::default(),
+            rpo_breaches: RpoBreaches::default(),
             nbd_addr,
             active_sources: Mutex::new(HashMap::new()),
             ids_budget,

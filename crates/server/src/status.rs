@@ -276,23 +276,97 @@ impl SourceRecord {
     }
 }
 
-/// Every source's record, behind one lock (held only to copy or update fields).
+/// The server-wide totals of the per-source counters that [`ServerStats`]
+/// reports, kept beside the records so that reading them copies no record.
+///
+/// [`ServerStats`]: crate::ServerStats
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SourceTotals {
+    /// Epochs committed, all sources.
+    pub epochs_committed_total: u64,
+    /// Data chunks received and verified, all sources.
+    pub chunks_received_total: u64,
+}
+
+impl SourceTotals {
+    /// The counters of one record, as the totals count them.
+    fn of(record: &SourceRecord) -> Self {
+        Self {
+            epochs_committed_total: record.epochs_committed_total,
+            chunks_received_total: record.chunks_received_total,
+        }
+    }
+
+    /// Adds what a record's counters grew by, from `before` to `after`.
+    /// Counters only ever grow; a record that went backwards (a bug) would
+    /// make a total fall, which a Prometheus counter must not do, so only
+    /// growth counts.
+    fn add_growth(&mut self, before: Self, after: Self) {
+        debug_assert!(
+            after.epochs_committed_total >= before.epochs_committed_total
+                && after.chunks_received_total >= before.chunks_received_total,
+            "per-source counters only grow: {before:?} -> {after:?}"
+        );
+        self.epochs_committed_total += after
+            .epochs_committed_total
+            .saturating_sub(before.epochs_committed_total);
+        self.chunks_received_total += after
+            .chunks_received_total
+            .saturating_sub(before.chunks_received_total);
+    }
+}
+
+/// Every source's record, behind one lock (held only to copy or update fields),
+/// and the server-wide totals of their counters.
+///
+/// The totals change under the same lock as the records, by every change to a
+/// record (`update`, `update_known`, `insert`): whoever bumps a source's
+/// counter bumps the total with it, so the two cannot disagree. Records are
+/// never removed, so each total is the sum over the records; were one ever
+/// dropped, its counts would stay in the totals, which count events since the
+/// server started and only grow.
 #[derive(Debug, Default)]
 pub(crate) struct SourceTable {
-    records: Mutex<BTreeMap<SourceId, SourceRecord>>,
+    inner: Mutex<Records>,
+}
+
+/// What [`SourceTable`]'s lock guards.
+#[derive(Debug, Default)]
+struct Records {
+    by_source: BTreeMap<SourceId, SourceRecord>,
+    totals: SourceTotals,
+}
+
+impl Records {
+    /// Runs `f` on a record and counts what its counters grew by.
+    fn change<T>(
+        totals: &mut SourceTotals,
+        record: &mut SourceRecord,
+        f: impl FnOnce(&mut SourceRecord) -> T,
+    ) -> T {
+        let before = SourceTotals::of(record);
+        let result = f(record);
+        totals.add_growth(before, SourceTotals::of(record));
+        result
+    }
 }
 
 impl SourceTable {
-    pub(crate) fn update<T>(&self, source: &SourceId, f: impl FnOnce(&mut SourceRecord) -> T) -> T {
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        f(records.entry(source.clone()).or_default())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Updates a source's record, creating it if the source is new.
+    pub(crate) fn update<T>(&self, source: &SourceId, f: impl FnOnce(&mut SourceRecord) -> T) -> T {
+        let mut inner = self.lock();
+        let Records { by_source, totals } = &mut *inner;
+        Records::change(totals, by_source.entry(source.clone()).or_default(), f)
+    }
+
+    /// Sets a source's record (a source found in the store at start); its
+    /// counters count in the totals as if it had been updated to them.
     pub(crate) fn insert(&self, source: SourceId, record: SourceRecord) {
-        self.records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(source, record);
+        self.update(&source, |old| *old = record);
     }
 
     /// Updates a source only if it is known; `None` otherwise.
@@ -301,24 +375,34 @@ impl SourceTable {
         source: &SourceId,
         f: impl FnOnce(&mut SourceRecord) -> T,
     ) -> Option<T> {
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        records.get_mut(source).map(f)
+        let mut inner = self.lock();
+        let Records { by_source, totals } = &mut *inner;
+        by_source
+            .get_mut(source)
+            .map(|record| Records::change(totals, record, f))
+    }
+
+    /// The totals of the per-source counters, all sources, without copying
+    /// any record.
+    pub(crate) fn totals(&self) -> SourceTotals {
+        self.lock().totals
     }
 
     /// A copy of every record (for metrics and alerts, which must not hold the
     /// lock while they format or run hooks).
     pub(crate) fn records(&self) -> Vec<(SourceId, SourceRecord)> {
-        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        records
+        self.lock()
+            .by_source
             .iter()
             .map(|(source, record)| (source.clone(), record.clone()))
             .collect()
     }
 
+    /// Every source as the admin API shows it.
     pub(crate) fn views(&self, thresholds: StateThresholds) -> Vec<SourceView> {
         let now = now_unix_ms();
-        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        records
+        self.lock()
+            .by_source
             .iter()
             .map(|(source, record)| record.view(source, thresholds, now))
             .collect()

@@ -128,7 +128,7 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
         now_unix_ms: now_unix_ms(),
         thresholds: Some(shared.thresholds()),
         sources: ledger.sources.records(),
-        rpo_breaches_total: shared.alerts.breaches_total(),
+        rpo_breaches_total: shared.rpo_breaches.breaches_total(),
         snapshots,
         launches,
         store_space,

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use blockrep_core::{ChunkId, Geometry, Root};
-use blockrep_proto::{Codec, ErrorCode, Message};
+use blockrep_proto::{ErrorCode, Message};
 use blockrep_store::{Downtime, Lifecycle, LifecycleStage};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -248,15 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<(u64, u64), Outcome> {
         let mut wanted = Vec::with_capacity(indices.len());
         for &index in indices {
-            let id = *target_ids.get(index as usize).ok_or_else(|| {
-                Reject::new(
-                    ErrorCode::BadFrame,
-                    format!("chunk {index} is beyond the end of the disk"),
-                )
-            })?;
-            let raw_len = geometry
-                .chunk_len(index)
-                .expect("index checked against the ids");
+            let (id, raw_len) = failback_patches::target_chunk(geometry, target_ids, index)?;
             wanted.push((index, id, raw_len));
         }
         let store = Arc::clone(&self.shared.store);
@@ -264,23 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             wanted
                 .into_iter()
                 .map(|(index, id, raw_len)| {
-                    if id.is_zero() {
-                        return Ok(Message::Chunk {
-                            index,
-                            id,
-                            codec: Codec::Zero,
-                            raw_len,
-                            data: Bytes::new(),
-                        });
-                    }
-                    let data = failback_patches::read_target_chunk(&store, index, id, raw_len)?;
-                    Ok(Message::Chunk {
-                        index,
-                        id,
-                        codec: Codec::Raw,
-                        raw_len,
-                        data: Bytes::from(data),
-                    })
+                    failback_patches::whole_chunk(&store, index, id, raw_len)
                 })
                 .collect()
         })

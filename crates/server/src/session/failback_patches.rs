@@ -41,15 +41,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for batch in entries.chunks(self.chunks_per_batch(geometry)) {
             let mut wanted = Vec::with_capacity(batch.len());
             for (index, base, values) in batch {
-                let id = *target_ids.get(*index as usize).ok_or_else(|| {
-                    Reject::new(
-                        ErrorCode::BadFrame,
-                        format!("chunk {index} is beyond the end of the disk"),
-                    )
-                })?;
-                let raw_len = geometry
-                    .chunk_len(*index)
-                    .expect("index checked against the ids");
+                let (id, raw_len) = target_chunk(geometry, target_ids, *index)?;
                 wanted.push((*index, id, raw_len, *base, values.clone()));
             }
             let store = Arc::clone(&self.shared.store);
@@ -94,20 +86,16 @@ fn answer(
     base: ChunkId,
     values: &[u8],
 ) -> Result<Message, Reject> {
-    if id.is_zero() {
-        return Ok(Message::Chunk {
-            index,
-            id,
-            codec: Codec::Zero,
-            raw_len,
-            data: Bytes::new(),
-        });
-    }
-    let base_values = parse_block_values(values).filter(|_| !base.is_zero());
+    // No patch against a zero base, of a zero target, or from values that do
+    // not parse.
+    let Some(base_values) = parse_block_values(values).filter(|_| !base.is_zero() && !id.is_zero())
+    else {
+        return whole_chunk(store, index, id, raw_len);
+    };
     // A chunk that may go as a patch is read with its block values: one pass
     // of blake3 checks it and gives them.
-    let (data, target_values) = read_target(store, index, id, raw_len, base_values.is_some())?;
-    if let (Some(base_values), Some(target_values)) = (base_values, target_values)
+    let (data, target_values) = read_target(store, index, id, raw_len, true)?;
+    if let Some(target_values) = target_values
         && let Some(ranges) = changed_blocks(&base_values, &target_values, raw_len)
     {
         let changed: u64 = ranges.iter().map(|&(_, len)| u64::from(len)).sum();
@@ -127,28 +115,64 @@ fn answer(
             });
         }
     }
-    Ok(Message::Chunk {
+    Ok(raw_chunk(index, id, raw_len, data))
+}
+
+/// The id and length of the target's chunk `index`, which the agent named:
+/// an index beyond the disk is the agent's error.
+pub(super) fn target_chunk(
+    geometry: Geometry,
+    target_ids: &[ChunkId],
+    index: u64,
+) -> Result<(ChunkId, u32), Reject> {
+    let id = *target_ids.get(index as usize).ok_or_else(|| {
+        Reject::new(
+            ErrorCode::BadFrame,
+            format!("chunk {index} is beyond the end of the disk"),
+        )
+    })?;
+    let raw_len = geometry
+        .chunk_len(index)
+        .expect("index checked against the ids");
+    Ok((id, raw_len))
+}
+
+/// The answer to a `Want` of chunk `index` (and to a `WantPatched` that gets
+/// no patch): the target chunk `id` of `raw_len` bytes whole; an all-zero
+/// chunk goes as `Codec::Zero`, without data.
+pub(super) fn whole_chunk(
+    store: &Store,
+    index: u64,
+    id: ChunkId,
+    raw_len: u32,
+) -> Result<Message, Reject> {
+    if id.is_zero() {
+        return Ok(Message::Chunk {
+            index,
+            id,
+            codec: Codec::Zero,
+            raw_len,
+            data: Bytes::new(),
+        });
+    }
+    let (data, _) = read_target(store, index, id, raw_len, false)?;
+    Ok(raw_chunk(index, id, raw_len, data))
+}
+
+/// A `Chunk` carrying `data` uncompressed.
+fn raw_chunk(index: u64, id: ChunkId, raw_len: u32, data: Vec<u8>) -> Message {
+    Message::Chunk {
         index,
         id,
         codec: Codec::Raw,
         raw_len,
         data: Bytes::from(data),
-    })
+    }
 }
 
-/// Reads the target's chunk `index`: only a chunk of the length its position
-/// needs is ever sent, never a page, a root or another length.
-pub(super) fn read_target_chunk(
-    store: &Store,
-    index: u64,
-    id: ChunkId,
-    raw_len: u32,
-) -> Result<Vec<u8>, Reject> {
-    read_target(store, index, id, raw_len, false).map(|(data, _)| data)
-}
-
-/// [`read_target_chunk`], and with `with_values` the chunk's block values,
-/// computed by the hash that checks it.
+/// Reads the target's chunk `index`, and with `with_values` its block values,
+/// computed by the hash that checks it: only a chunk of the length its
+/// position needs is ever sent, never a page, a root or another length.
 fn read_target(
     store: &Store,
     index: u64,
