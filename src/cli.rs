@@ -361,10 +361,16 @@ pub(crate) struct ExportArgs {
     /// collects them (servers run with `--gc-interval off` keep them all).
     #[arg(long, value_name = "HEX")]
     pub(crate) root: Option<String>,
+    /// Export only this volume of a machine (a source of several disks).
+    /// Without it, a machine of several volumes is exported whole into the
+    /// directory --out, one image per volume (VOLUME.raw).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) volume: Option<String>,
     /// Output image, written mode 0600 under a temporary name beside it and
     /// renamed into place: a failed export leaves no file, and an existing
     /// file is replaced only by a complete image (a symbolic link or device
-    /// there is refused).
+    /// there is refused). For a machine of several volumes and no --volume, a
+    /// directory (created if missing).
     #[arg(long)]
     pub(crate) out: PathBuf,
 }

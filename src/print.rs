@@ -138,6 +138,17 @@ pub(crate) fn launches(launches: &[LaunchView]) {
             l.generation,
             l.nbd_uri.as_deref().unwrap_or("-")
         );
+        // A machine's launch: one export per volume, each on a line of its own.
+        if l.volumes.len() > 1 {
+            for v in &l.volumes {
+                println!(
+                    "{:<20} volume {:<57} {}",
+                    "",
+                    v.name,
+                    v.nbd_uri.as_deref().unwrap_or("-")
+                );
+            }
+        }
     }
 }
 

@@ -31,6 +31,7 @@ mod hostile;
 mod kill_loop;
 mod launch;
 mod lifecycle;
+mod machine;
 mod malicious_server;
 mod nbd_access;
 mod net_faults;
