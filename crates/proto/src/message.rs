@@ -3,10 +3,8 @@
 
 use std::fmt;
 
-use blockrep_core::{ChunkId, Consistency, SourceId};
+use blockrep_core::{ChunkId, Consistency, SourceId, wire_enum};
 use bytes::Bytes;
-
-use crate::wire_enum::wire_enum;
 
 /// The protocol version this build speaks. Version 2 added the checksum to
 /// every frame header; the frame layout changed with it, so version 1 peers

@@ -1,7 +1,9 @@
 //! Wire enums declared once, from a table: each variant with its value on the
-//! wire and its text. One invocation of [`wire_enum!`] gives the enum, its
-//! conversion to and from the wire integer, and `Display`, so the value table
-//! and the decoding match can no longer disagree (after rustls' `enum_builder!`).
+//! wire and its text. One invocation of [`wire_enum!`](crate::wire_enum) gives
+//! the enum, its conversion to and from the wire integer, and `Display`, so the
+//! value table and the decoding match can no longer disagree (after rustls'
+//! `enum_builder!`). Both wire formats use it: the replication protocol's
+//! (`blockrep-proto`) and NBD's (`blockrep-nbd`).
 
 /// Declares a wire enum from a table of `Variant = value => "text"` rows.
 ///
@@ -17,6 +19,24 @@
 ///   `Name::from_wire(u16) -> Name`.
 ///
 /// Both give `Name::to_wire(self)` and `Display` (the row's text).
+///
+/// ```
+/// blockrep_core::wire_enum! {
+///     /// A command, two bytes on the wire.
+///     pub enum Command: u16, unknown Other => "command {}" {
+///         /// Read some bytes.
+///         Read = 0 => "read",
+///         /// Write some bytes.
+///         Write = 1 => "write",
+///     }
+/// }
+///
+/// assert_eq!(Command::from_wire(1), Command::Write);
+/// assert_eq!(Command::from_wire(9), Command::Other(9));
+/// assert_eq!(Command::Other(9).to_wire(), 9);
+/// assert_eq!(Command::Other(9).to_string(), "command 9");
+/// ```
+#[macro_export]
 macro_rules! wire_enum {
     (
         $(#[$meta:meta])*
@@ -122,14 +142,12 @@ macro_rules! wire_enum {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 match self {
                     $( Self::$variant => f.write_str($text), )+
-                    Self::$unknown(value) => write!(f, $utext, value),
+                    Self::$unknown(value) => ::std::write!(f, $utext, value),
                 }
             }
         }
     };
 }
-
-pub(crate) use wire_enum;
 
 #[cfg(test)]
 mod tests {
