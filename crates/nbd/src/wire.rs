@@ -148,7 +148,7 @@ pub enum WireError {
 blockrep_core::wire_enum! {
     /// An option a client can send during the handshake (a u32 on the wire).
     /// An unknown option is kept, so that it can be refused politely.
-    pub enum OptionType: u32, unknown Other => "NBD option {}" {
+    pub enum OptionType: u32, unknown Other => "NBD option {}", named from_u32 / to_u32 {
         /// Pick an export and enter transmission; cannot fail politely.
         ExportName = 1 => "NBD_OPT_EXPORT_NAME",
         /// The client is leaving.
@@ -166,23 +166,10 @@ blockrep_core::wire_enum! {
     }
 }
 
-impl OptionType {
-    /// The option for a number off the wire; unknown numbers become
-    /// [`OptionType::Other`] (the same as [`OptionType::from_wire`]).
-    pub fn from_u32(value: u32) -> Self {
-        Self::from_wire(value)
-    }
-
-    /// The option's number on the wire (the same as [`OptionType::to_wire`]).
-    pub fn to_u32(self) -> u32 {
-        self.to_wire()
-    }
-}
-
 blockrep_core::wire_enum! {
     /// A transmission-phase command (a u16 on the wire). An unknown command is
     /// kept, and answered with `EINVAL`.
-    pub enum Command: u16, unknown Other => "NBD command {}" {
+    pub enum Command: u16, unknown Other => "NBD command {}", named from_u16 / to_u16 {
         /// Read `length` bytes.
         Read = 0 => "NBD_CMD_READ",
         /// Followed by `length` bytes of payload.
@@ -198,24 +185,11 @@ blockrep_core::wire_enum! {
     }
 }
 
-impl Command {
-    /// The command for a number off the wire; unknown numbers become
-    /// [`Command::Other`] (the same as [`Command::from_wire`]).
-    pub fn from_u16(value: u16) -> Self {
-        Self::from_wire(value)
-    }
-
-    /// The command's number on the wire (the same as [`Command::to_wire`]).
-    pub fn to_u16(self) -> u16 {
-        self.to_wire()
-    }
-}
-
 blockrep_core::wire_enum! {
     /// Error values carried in a simple reply (a u32 on the wire). The
     /// protocol fixes these numbers; they match Linux errno values but are not
     /// the local system's errno.
-    pub enum ErrorCode: u32 {
+    pub enum ErrorCode: u32, named from_u32 / to_u32 {
         /// Write to a read-only export.
         Perm = 1 => "EPERM",
         /// The backing store failed.
@@ -230,11 +204,6 @@ blockrep_core::wire_enum! {
 }
 
 impl ErrorCode {
-    /// The error's number on the wire (the same as [`ErrorCode::to_wire`]).
-    pub fn to_u32(self) -> u32 {
-        self.to_wire()
-    }
-
     /// The error to send for a failed export operation.
     pub fn from_io(error: &std::io::Error) -> Self {
         use std::io::ErrorKind;
