@@ -15,11 +15,12 @@
 //!   `From<Error> for std::io::Error`), which the orphan rule forbids on
 //!   another crate's generic type even when the kind is local.
 //!
-//! `blockrep-proto`'s `ProtoError` keeps a shape of its own on purpose: it
-//! reports bytes a peer sent, so there is never an I/O error beneath it, and
-//! it is `Clone` and `Eq` (decoding results are compared), which a type that
-//! may hold a `std::io::Error` cannot be. The agent's and the server's errors
-//! are enums whose variants carry different data (addresses, protocol error
+//! `blockrep-proto`'s `ProtoError` keeps a shape of its own on purpose: proto
+//! does no I/O, so its errors report bytes a peer sent and never have an I/O
+//! error beneath them. This shape would give it an `Io` kind and an `io`
+//! constructor that mean nothing there, and would cost it `Clone` and `Eq`
+//! (a `std::io::Error` is neither). The agent's and the server's errors are
+//! enums whose variants carry different data (addresses, protocol error
 //! codes): not this shape either.
 
 /// Declares a crate's error type around its own kind enum.
