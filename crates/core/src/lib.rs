@@ -32,6 +32,7 @@ mod patch;
 pub mod rng;
 mod scan;
 mod source;
+mod wire_enum;
 
 pub use consistency::Consistency;
 pub use diff::{changed_chunks, changed_pages};

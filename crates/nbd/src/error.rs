@@ -1,7 +1,5 @@
 //! Why a connection ended early.
 
-use std::fmt;
-
 use crate::wire::WireError;
 
 /// What kind of failure ended a connection.
@@ -25,63 +23,18 @@ pub enum ErrorKind {
     Shutdown,
 }
 
-/// A connection-level failure: the kind, a message for logs, and the
-/// underlying I/O error where there is one.
-#[derive(Debug)]
-pub struct Error {
-    kind: ErrorKind,
-    message: String,
-    source: Option<std::io::Error>,
+blockrep_core::error_type! {
+    /// A connection-level failure: the kind, a message for logs, and the
+    /// underlying I/O error where there is one.
+    pub struct Error: ErrorKind, io = Io;
 }
 
 impl Error {
-    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    pub(crate) fn io(context: &str, source: std::io::Error) -> Self {
-        Self {
-            kind: ErrorKind::Io,
-            message: context.to_owned(),
-            source: Some(source),
-        }
-    }
-
     pub(crate) fn tls(source: std::io::Error) -> Self {
-        Self {
-            kind: ErrorKind::Tls,
-            message: "TLS handshake failed".to_owned(),
-            source: Some(source),
-        }
+        Self::with_source(ErrorKind::Tls, "TLS handshake failed", source)
     }
 
     pub(crate) fn wire(context: &str, source: WireError) -> Self {
         Self::new(ErrorKind::PeerMisbehaved, format!("{context}: {source}"))
-    }
-
-    /// What kind of failure this is.
-    pub fn kind(&self) -> ErrorKind {
-        self.kind
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.message),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|source| source as &(dyn std::error::Error + 'static))
     }
 }

@@ -145,132 +145,65 @@ pub enum WireError {
     TooManyInfoRequests(usize),
 }
 
-/// An option a client can send during the handshake.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum OptionType {
-    /// `NBD_OPT_EXPORT_NAME` (1): pick an export and enter transmission; cannot fail politely.
-    ExportName,
-    /// `NBD_OPT_ABORT` (2): the client is leaving.
-    Abort,
-    /// `NBD_OPT_LIST` (3): list exports.
-    List,
-    /// `NBD_OPT_STARTTLS` (5): upgrade the connection to TLS.
-    StartTls,
-    /// `NBD_OPT_INFO` (6): describe an export.
-    Info,
-    /// `NBD_OPT_GO` (7): describe an export and enter transmission.
-    Go,
-    /// `NBD_OPT_STRUCTURED_REPLY` (8): structured replies (refused by this server).
-    StructuredReply,
-    /// Any other option number.
-    Other(u32),
-}
-
-impl OptionType {
-    /// The option for a number off the wire; unknown numbers become [`OptionType::Other`].
-    pub fn from_u32(value: u32) -> Self {
-        match value {
-            1 => Self::ExportName,
-            2 => Self::Abort,
-            3 => Self::List,
-            5 => Self::StartTls,
-            6 => Self::Info,
-            7 => Self::Go,
-            8 => Self::StructuredReply,
-            other => Self::Other(other),
-        }
-    }
-
-    /// The option's number on the wire.
-    pub fn to_u32(self) -> u32 {
-        match self {
-            Self::ExportName => 1,
-            Self::Abort => 2,
-            Self::List => 3,
-            Self::StartTls => 5,
-            Self::Info => 6,
-            Self::Go => 7,
-            Self::StructuredReply => 8,
-            Self::Other(other) => other,
-        }
+blockrep_core::wire_enum! {
+    /// An option a client can send during the handshake (a u32 on the wire).
+    /// An unknown option is kept, so that it can be refused politely.
+    pub enum OptionType: u32, unknown Other => "NBD option {}", named from_u32 / to_u32 {
+        /// Pick an export and enter transmission; cannot fail politely.
+        ExportName = 1 => "NBD_OPT_EXPORT_NAME",
+        /// The client is leaving.
+        Abort = 2 => "NBD_OPT_ABORT",
+        /// List exports.
+        List = 3 => "NBD_OPT_LIST",
+        /// Upgrade the connection to TLS.
+        StartTls = 5 => "NBD_OPT_STARTTLS",
+        /// Describe an export.
+        Info = 6 => "NBD_OPT_INFO",
+        /// Describe an export and enter transmission.
+        Go = 7 => "NBD_OPT_GO",
+        /// Structured replies (refused by this server).
+        StructuredReply = 8 => "NBD_OPT_STRUCTURED_REPLY",
     }
 }
 
-/// A transmission-phase command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Command {
-    /// `NBD_CMD_READ` (0).
-    Read,
-    /// `NBD_CMD_WRITE` (1): followed by `length` bytes of payload.
-    Write,
-    /// `NBD_CMD_DISC` (2): the client is leaving; no reply.
-    Disc,
-    /// `NBD_CMD_FLUSH` (3).
-    Flush,
-    /// `NBD_CMD_TRIM` (4).
-    Trim,
-    /// `NBD_CMD_WRITE_ZEROES` (6).
-    WriteZeroes,
-    /// Any other command number; answered with `EINVAL`.
-    Other(u16),
-}
-
-impl Command {
-    /// The command for a number off the wire; unknown numbers become [`Command::Other`].
-    pub fn from_u16(value: u16) -> Self {
-        match value {
-            0 => Self::Read,
-            1 => Self::Write,
-            2 => Self::Disc,
-            3 => Self::Flush,
-            4 => Self::Trim,
-            6 => Self::WriteZeroes,
-            other => Self::Other(other),
-        }
-    }
-
-    /// The command's number on the wire.
-    pub fn to_u16(self) -> u16 {
-        match self {
-            Self::Read => 0,
-            Self::Write => 1,
-            Self::Disc => 2,
-            Self::Flush => 3,
-            Self::Trim => 4,
-            Self::WriteZeroes => 6,
-            Self::Other(other) => other,
-        }
+blockrep_core::wire_enum! {
+    /// A transmission-phase command (a u16 on the wire). An unknown command is
+    /// kept, and answered with `EINVAL`.
+    pub enum Command: u16, unknown Other => "NBD command {}", named from_u16 / to_u16 {
+        /// Read `length` bytes.
+        Read = 0 => "NBD_CMD_READ",
+        /// Followed by `length` bytes of payload.
+        Write = 1 => "NBD_CMD_WRITE",
+        /// The client is leaving; no reply.
+        Disc = 2 => "NBD_CMD_DISC",
+        /// Make every completed write durable.
+        Flush = 3 => "NBD_CMD_FLUSH",
+        /// The range's data is no longer needed.
+        Trim = 4 => "NBD_CMD_TRIM",
+        /// Write zeroes over the range, with no payload.
+        WriteZeroes = 6 => "NBD_CMD_WRITE_ZEROES",
     }
 }
 
-/// Error values carried in a simple reply. The protocol fixes these numbers;
-/// they match Linux errno values but are not the local system's errno.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    /// `EPERM` (1): write to a read-only export.
-    Perm,
-    /// `EIO` (5): the backing store failed.
-    Io,
-    /// `EINVAL` (22): bad offset, length, flags or command.
-    Inval,
-    /// `ENOSPC` (28): write beyond the end of the export, or the store is full.
-    NoSpc,
-    /// `ESHUTDOWN` (108): the server is shutting down.
-    Shutdown,
+blockrep_core::wire_enum! {
+    /// Error values carried in a simple reply (a u32 on the wire). The
+    /// protocol fixes these numbers; they match Linux errno values but are not
+    /// the local system's errno.
+    pub enum ErrorCode: u32, named from_u32 / to_u32 {
+        /// Write to a read-only export.
+        Perm = 1 => "EPERM",
+        /// The backing store failed.
+        Io = 5 => "EIO",
+        /// Bad offset, length, flags or command.
+        Inval = 22 => "EINVAL",
+        /// Write beyond the end of the export, or the store is full.
+        NoSpc = 28 => "ENOSPC",
+        /// The server is shutting down.
+        Shutdown = 108 => "ESHUTDOWN",
+    }
 }
 
 impl ErrorCode {
-    /// The error's number on the wire.
-    pub fn to_u32(self) -> u32 {
-        match self {
-            Self::Perm => 1,
-            Self::Io => 5,
-            Self::Inval => 22,
-            Self::NoSpc => 28,
-            Self::Shutdown => 108,
-        }
-    }
-
     /// The error to send for a failed export operation.
     pub fn from_io(error: &std::io::Error) -> Self {
         use std::io::ErrorKind;

@@ -37,7 +37,6 @@ mod frame;
 pub mod fuzzing;
 mod message;
 mod patch;
-mod wire_enum;
 
 pub use codec::{CHUNK_HEADER_LEN, chunk_header, decode, encode, encode_chunk_header};
 pub use frame::FRAME_HEADER_LEN;

@@ -3,10 +3,8 @@
 
 use std::fmt;
 
-use blockrep_core::{ChunkId, Consistency, SourceId};
+use blockrep_core::{ChunkId, Consistency, SourceId, wire_enum};
 use bytes::Bytes;
-
-use crate::wire_enum::wire_enum;
 
 /// The protocol version this build speaks. Version 2 added the checksum to
 /// every frame header; the frame layout changed with it, so version 1 peers
@@ -55,7 +53,7 @@ wire_enum! {
 wire_enum! {
     /// Why a peer ended a session, as sent in [`Message::Error`] (a u16 on the wire).
     #[non_exhaustive]
-    pub enum ErrorCode: u16, unknown Unknown => "error code {}" {
+    pub enum ErrorCode: u16, unknown Unknown => "error code {}", named from_u16 / to_u16 {
         /// No protocol version in common.
         UnsupportedVersion = 1 => "unsupported protocol version",
         /// The source id claimed does not match the certificate.
@@ -82,19 +80,6 @@ wire_enum! {
         Fenced = 12 => "source fenced after cutover",
         /// The request names something that does not exist (e.g. a launch).
         NotFound = 13 => "not found",
-    }
-}
-
-impl ErrorCode {
-    /// Wire value (the same as [`ErrorCode::to_wire`]).
-    pub fn to_u16(self) -> u16 {
-        self.to_wire()
-    }
-
-    /// From the wire value; unknown values are kept, not rejected, so that a newer
-    /// peer's reason is still reported (the same as [`ErrorCode::from_wire`]).
-    pub fn from_u16(value: u16) -> Self {
-        Self::from_wire(value)
     }
 }
 

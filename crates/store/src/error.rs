@@ -1,4 +1,5 @@
-use std::fmt;
+//! Errors of the store: the shape every blockrep crate shares
+//! (`blockrep_core::error_type!`) around the store's own kinds.
 
 /// What went wrong in the store, by cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,50 +23,17 @@ pub enum ErrorKind {
     Busy,
 }
 
-/// Error type of `blockrep-store`.
-#[derive(Debug)]
-pub struct Error {
-    kind: ErrorKind,
-    message: String,
-    source: Option<std::io::Error>,
+blockrep_core::error_type! {
+    /// Error type of `blockrep-store`.
+    pub struct Error: ErrorKind, io = Io;
 }
 
 impl Error {
-    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    pub(crate) fn io(message: impl Into<String>, source: std::io::Error) -> Self {
-        Self {
-            kind: ErrorKind::Io,
-            message: message.into(),
-            source: Some(source),
-        }
-    }
-
     /// Whether this is an I/O error for a file that does not exist.
     pub(crate) fn is_not_found(&self) -> bool {
         self.source
             .as_ref()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-    }
-
-    /// The cause of this error.
-    pub fn kind(&self) -> ErrorKind {
-        self.kind
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {}", self.message, source),
-            None => f.write_str(&self.message),
-        }
     }
 }
 
@@ -88,13 +56,5 @@ impl From<Error> for std::io::Error {
             ErrorKind::EpochMismatch => Io::Other,
         };
         std::io::Error::new(kind, error)
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }

@@ -39,6 +39,53 @@ fn request_header_layout_matches_the_protocol() {
     );
 }
 
+/// The numbers of the NBD protocol (`doc/proto.md` of the reference
+/// implementation): a wrong row in a wire table would pass every round trip.
+#[test]
+fn wire_enum_values_are_the_protocols() {
+    let options = [
+        (OptionType::ExportName, 1),
+        (OptionType::Abort, 2),
+        (OptionType::List, 3),
+        (OptionType::StartTls, 5),
+        (OptionType::Info, 6),
+        (OptionType::Go, 7),
+        (OptionType::StructuredReply, 8),
+    ];
+    for (option, value) in options {
+        assert_eq!(option.to_u32(), value);
+        assert_eq!(OptionType::from_u32(value), option);
+    }
+    assert_eq!(OptionType::from_u32(4), OptionType::Other(4));
+    assert_eq!(OptionType::from_u32(9), OptionType::Other(9));
+
+    let commands = [
+        (Command::Read, 0),
+        (Command::Write, 1),
+        (Command::Disc, 2),
+        (Command::Flush, 3),
+        (Command::Trim, 4),
+        (Command::WriteZeroes, 6),
+    ];
+    for (command, value) in commands {
+        assert_eq!(command.to_u16(), value);
+        assert_eq!(Command::from_u16(value), command);
+    }
+    assert_eq!(Command::from_u16(5), Command::Other(5));
+    assert_eq!(Command::from_u16(7), Command::Other(7));
+
+    let errors = [
+        (ErrorCode::Perm, 1),
+        (ErrorCode::Io, 5),
+        (ErrorCode::Inval, 22),
+        (ErrorCode::NoSpc, 28),
+        (ErrorCode::Shutdown, 108),
+    ];
+    for (code, value) in errors {
+        assert_eq!(code.to_u32(), value);
+    }
+}
+
 #[test]
 fn bad_request_magic_is_an_error() {
     let mut bytes = encode_request(&request(Command::Read, 0, 0, 512));

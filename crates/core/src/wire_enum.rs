@@ -1,7 +1,9 @@
 //! Wire enums declared once, from a table: each variant with its value on the
-//! wire and its text. One invocation of [`wire_enum!`] gives the enum, its
-//! conversion to and from the wire integer, and `Display`, so the value table
-//! and the decoding match can no longer disagree (after rustls' `enum_builder!`).
+//! wire and its text. One invocation of [`wire_enum!`](crate::wire_enum) gives
+//! the enum, its conversion to and from the wire integer, and `Display`, so the
+//! value table and the decoding match can no longer disagree (after rustls'
+//! `enum_builder!`). Both wire formats use it: the replication protocol's
+//! (`blockrep-proto`) and NBD's (`blockrep-nbd`).
 
 /// Declares a wire enum from a table of `Variant = value => "text"` rows.
 ///
@@ -16,11 +18,44 @@
 ///   value can still be reported. The enum gets `From<u16>` both ways and
 ///   `Name::from_wire(u16) -> Name`.
 ///
-/// Both give `Name::to_wire(self)` and `Display` (the row's text).
+/// Both give `Name::to_wire(self)` and `Display` (the row's text). Either
+/// header may end in `, named from_u16 / to_u16`: two more names for
+/// `from_wire` and `to_wire`, for a format whose callers name the
+/// conversions after the field's width.
+///
+/// ```
+/// blockrep_core::wire_enum! {
+///     /// A command, two bytes on the wire.
+///     pub enum Command: u16, unknown Other => "command {}" {
+///         /// Read some bytes.
+///         Read = 0 => "read",
+///         /// Write some bytes.
+///         Write = 1 => "write",
+///     }
+/// }
+///
+/// assert_eq!(Command::from_wire(1), Command::Write);
+/// assert_eq!(Command::from_wire(9), Command::Other(9));
+/// assert_eq!(Command::Other(9).to_wire(), 9);
+/// assert_eq!(Command::Other(9).to_string(), "command 9");
+///
+/// blockrep_core::wire_enum! {
+///     /// A status byte, refused when unknown.
+///     pub enum Status: u8, named from_u8 / to_u8 {
+///         /// It worked.
+///         Done = 1 => "done",
+///     }
+/// }
+///
+/// assert_eq!(Status::from_u8(1), Some(Status::Done));
+/// assert_eq!(Status::from_u8(2), None);
+/// assert_eq!(Status::Done.to_u8(), 1);
+/// ```
+#[macro_export]
 macro_rules! wire_enum {
     (
         $(#[$meta:meta])*
-        $vis:vis enum $name:ident: $repr:ident {
+        $vis:vis enum $name:ident: $repr:ident $(, named $from:ident / $to:ident)? {
             $( $(#[$vmeta:meta])* $variant:ident = $value:literal => $text:literal, )+
         }
     ) => {
@@ -68,6 +103,20 @@ macro_rules! wire_enum {
             }
         }
 
+        $(
+            impl $name {
+                /// The same as [`Self::from_wire`].
+                $vis const fn $from(value: $repr) -> Option<Self> {
+                    Self::from_wire(value)
+                }
+
+                /// The same as [`Self::to_wire`].
+                $vis const fn $to(self) -> $repr {
+                    self.to_wire()
+                }
+            }
+        )?
+
         impl ::std::fmt::Display for $name {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
@@ -76,7 +125,8 @@ macro_rules! wire_enum {
     };
     (
         $(#[$meta:meta])*
-        $vis:vis enum $name:ident: $repr:ident, unknown $unknown:ident => $utext:literal {
+        $vis:vis enum $name:ident: $repr:ident, unknown $unknown:ident => $utext:literal
+            $(, named $from:ident / $to:ident)? {
             $( $(#[$vmeta:meta])* $variant:ident = $value:literal => $text:literal, )+
         }
     ) => {
@@ -118,18 +168,30 @@ macro_rules! wire_enum {
             }
         }
 
+        $(
+            impl $name {
+                /// The same as [`Self::from_wire`]: an unknown value is kept.
+                $vis const fn $from(value: $repr) -> Self {
+                    Self::from_wire(value)
+                }
+
+                /// The same as [`Self::to_wire`].
+                $vis const fn $to(self) -> $repr {
+                    self.to_wire()
+                }
+            }
+        )?
+
         impl ::std::fmt::Display for $name {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 match self {
                     $( Self::$variant => f.write_str($text), )+
-                    Self::$unknown(value) => write!(f, $utext, value),
+                    Self::$unknown(value) => ::std::write!(f, $utext, value),
                 }
             }
         }
     };
 }
-
-pub(crate) use wire_enum;
 
 #[cfg(test)]
 mod tests {
@@ -143,7 +205,7 @@ mod tests {
 
     wire_enum! {
         /// An open test enum.
-        pub(crate) enum Open: u16, unknown Other => "other {}" {
+        pub(crate) enum Open: u16, unknown Other => "other {}", named from_u16 / to_u16 {
             A = 1 => "a",
             B = 300 => "b",
         }
@@ -168,5 +230,7 @@ mod tests {
         assert_eq!(Open::from(2), Open::Other(2));
         assert_eq!(Open::Other(2).to_string(), "other 2");
         assert_eq!(Open::A.to_string(), "a");
+        assert_eq!(Open::from_u16(300), Open::B);
+        assert_eq!(Open::Other(2).to_u16(), 2);
     }
 }
