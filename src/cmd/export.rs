@@ -38,7 +38,7 @@ pub(crate) fn export(args: ExportArgs) -> Result<()> {
     if let Some(volume) = &args.volume {
         let root = store
             .volume_root(&root_id, Some(volume))
-            .with_context(|| format!("{what}"))?;
+            .with_context(|| what.clone())?;
         return export_one(&store, &format!("{what} volume {volume}"), &root, &args.out);
     }
     match volumes.as_slice() {
