@@ -235,3 +235,34 @@ fn export_writes_one_volume_or_every_volume_of_a_machine() {
         "the file was touched"
     );
 }
+
+#[test]
+fn a_one_disk_agent_cannot_continue_a_machine_and_leaves_it_whole() {
+    let pki = Pki::new(&["web"]);
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let disks = three_disks();
+    commit_machine(&data, "web", &disks);
+    let head_before = Store::open_read_only(&data)
+        .unwrap()
+        .head(&SourceId::new("web").unwrap())
+        .unwrap()
+        .unwrap();
+    let server = nbd_server(&pki, &data);
+    let disk = work.path().join("boot.raw");
+    std::fs::write(&disk, &disks[0].1).unwrap();
+    let output = agent_once(&disk, server.addr, "web", pki.path(), &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a one-disk epoch was accepted");
+    assert!(
+        stderr.contains("machine of 3 volumes (boot, data, log)"),
+        "{stderr}"
+    );
+    drop(server);
+    let head_after = Store::open_read_only(&data)
+        .unwrap()
+        .head(&SourceId::new("web").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(head_after, head_before);
+}

@@ -15,6 +15,7 @@ use std::time::Instant;
 use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{CHUNKS_PER_PAGE, Geometry, SourceId};
 use blockrep_proto::{ErrorCode, Message, PROGRESS_INTERVAL, PROTOCOL_VERSION, negotiate_version};
+use blockrep_store::StoredRoot;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
@@ -309,19 +310,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let source = self.source.clone();
         let loaded = tokio::task::spawn_blocking(move || -> Result<_, blockrep_store::Error> {
             let Some(head) = store.head(&source)? else {
-                return Ok(None);
+                return Ok(Ok(None));
             };
-            let root = store.read_root(&head.root)?;
+            let root = match store.read_stored_root(&head.root)? {
+                StoredRoot::Disk(root) => root,
+                StoredRoot::Machine(machine) => return Ok(Err(machine)),
+            };
             let ids = if root.geometry() == geometry {
                 store.chunk_ids(&root)?
             } else {
                 Vec::new()
             };
-            Ok(Some((head, root, ids)))
+            Ok(Ok(Some((head, root, ids))))
         })
         .await
         .map_err(internal)?
         .map_err(internal)?;
+        // A machine's replica cannot be continued one disk at a time: its
+        // recovery points hold every volume at one instant.
+        let loaded = loaded.map_err(|machine| {
+            let names: Vec<&str> = machine.volumes().iter().map(|(n, _)| n.as_str()).collect();
+            Reject::new(
+                ErrorCode::GeometryMismatch,
+                format!(
+                    "source {} is a machine of {} volumes ({}); this agent sends one disk",
+                    self.source,
+                    names.len(),
+                    names.join(", ")
+                ),
+            )
+        })?;
         let nonce = new_nonce()?;
         match loaded {
             None => Ok(Replica::empty(

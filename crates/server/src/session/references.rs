@@ -198,12 +198,17 @@ fn load_tenant_ids(
     for peer in store.tenant_peers(source, tenant)? {
         // One peer whose head cannot be read (damaged, or collected since it
         // was listed) costs its deduplication, not every peer's session.
-        match store.head(&peer).and_then(|head| match head {
-            Some(head) => store.read_root(&head.root).map(Some),
-            None => Ok(None),
-        }) {
-            Ok(Some(root)) => roots.push((peer, root)),
-            Ok(None) => {}
+        // Every volume of a peer that is a machine.
+        let volumes = store.head(&peer).and_then(|head| match head {
+            Some(head) => store
+                .volume_roots(&head.root)?
+                .iter()
+                .map(|(_, root)| store.read_root(root))
+                .collect(),
+            None => Ok(Vec::new()),
+        });
+        match volumes {
+            Ok(volumes) => roots.extend(volumes.into_iter().map(|root| (peer.clone(), root))),
             Err(e) => warn!(source = %source, peer = %peer, error = %e,
                             "skipping a tenant peer whose head cannot be read"),
         }
@@ -211,7 +216,10 @@ fn load_tenant_ids(
     if roots.is_empty() {
         return Ok(TenantLoad::Alone);
     }
-    let peers = roots.len();
+    // Peers, not volumes: a machine's volumes come one after another.
+    let mut named: Vec<&SourceId> = roots.iter().map(|(peer, _)| peer).collect();
+    named.dedup();
+    let peers = named.len();
     let chunks: u64 = roots.iter().map(|(_, r)| r.geometry().chunk_count()).sum();
     let bytes = chunks.saturating_mul(32);
     let Some(reservation) = reserve(bytes) else {
