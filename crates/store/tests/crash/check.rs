@@ -49,6 +49,7 @@ pub(crate) fn check_rebooted(
     check_machines(&store, model, in_flight)?;
     check_snapshots(&store, model, in_flight)?;
     check_launches(&store, model, in_flight)?;
+    check_machine_launches(&store, model, in_flight)?;
     check_lifecycles(&store, model, in_flight)?;
     // An agent whose commit was cut short resends it after reconnecting: the
     // chunks the store says it lacks, then the commit.
@@ -270,7 +271,8 @@ pub(crate) fn check_snapshots(
             Some(Step::CreateSnapshot { source, name, .. }) => {
                 key.0 == *source
                     && key.1 == *name
-                    && model.heads.get(source).is_some_and(|h| h.root == *root)
+                    && (model.heads.get(source).is_some_and(|h| h.root == *root)
+                        || model.machines.get(source).is_some_and(|m| m.root == *root))
             }
             _ => false,
         };
@@ -293,6 +295,9 @@ pub(crate) fn check_launches(
         .list_launches(None)
         .map_err(|e| format!("list launches: {e}"))?;
     for info in &found {
+        if info.source == app() {
+            continue; // a machine's launch: `check_machine_launches`
+        }
         let expected = model.launches.get(&info.name);
         let in_flight_launch =
             matches!(in_flight, Some(Step::Launch { name, .. }) if *name == info.name);

@@ -230,3 +230,82 @@ pub(crate) fn commit_after_crash(
         .map_err(|e| format!("the next machine commit after the crash fails: {e}"))?;
     check_volumes(store, &root, &next).map_err(|e| format!("{source} after the crash: {e}"))
 }
+
+/// The states a launch of a machine passes through: its base volumes, then,
+/// for each volume `writes` touches (in the order it first does), the
+/// volumes after that volume's writes are flushed, with that volume's name.
+pub(crate) fn machine_launch_states(
+    base: &Volumes,
+    writes: &[(VolumeName, u64, Vec<u8>)],
+) -> Vec<(Option<VolumeName>, Volumes)> {
+    let mut states = vec![(None, base.clone())];
+    let mut order: Vec<&VolumeName> = Vec::new();
+    for (volume, ..) in writes {
+        if !order.contains(&volume) {
+            order.push(volume);
+        }
+    }
+    let mut current = base.clone();
+    for volume in order {
+        let (_, _, disk) = current
+            .iter_mut()
+            .find(|(name, ..)| name == volume)
+            .expect("writes name volumes of the machine");
+        for (_, offset, data) in writes.iter().filter(|(v, ..)| v == volume) {
+            disk[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+        }
+        states.push((Some(volume.clone()), current.clone()));
+    }
+    states
+}
+
+/// Each machine launch is at its acknowledged state, or, for the launch
+/// being made, at one of the states it passes through, every volume as that
+/// state has it; none is torn, none unacknowledged.
+pub(crate) fn check_machine_launches(
+    store: &Store,
+    model: &Model,
+    in_flight: Option<&Step>,
+) -> Result<(), String> {
+    let making = match in_flight {
+        Some(Step::LaunchMachine {
+            snapshot,
+            name,
+            writes,
+        }) => Some((snapshot, name, writes)),
+        _ => None,
+    };
+    for info in store
+        .list_launches(Some(&app()))
+        .map_err(|e| format!("list launches: {e}"))?
+    {
+        let volumes = match (model.machine_launches.get(&info.name), making) {
+            (_, Some((_, name, writes))) if *name == info.name => {
+                let base = model
+                    .machine_volumes
+                    .get(&info.base_root)
+                    .ok_or_else(|| format!("launch {} has an unknown base", info.name))?;
+                machine_launch_states(base, writes)
+                    .into_iter()
+                    .map(|(_, volumes)| volumes)
+                    .find(|volumes| machine_root_of(volumes) == info.root)
+                    .ok_or_else(|| {
+                        format!(
+                            "launch {} names a machine it never passed through",
+                            info.name
+                        )
+                    })?
+            }
+            (Some(root), _) if *root == info.root => model.machine_volumes[root].clone(),
+            _ => return Err(format!("launch {} is not what was acknowledged", info.name)),
+        };
+        check_volumes(store, &info.root, &volumes)
+            .map_err(|e| format!("launch {}: {e}", info.name))?;
+    }
+    for name in model.machine_launches.keys() {
+        if store.launch(name).ok().flatten().is_none() {
+            return Err(format!("acknowledged launch {name} is gone"));
+        }
+    }
+    Ok(())
+}

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockrep_core::{ChunkId, Consistency, Geometry, Root, SourceId, scan_buffer};
+use blockrep_core::{ChunkId, Consistency, Geometry, Root, SourceId, VolumeName, scan_buffer};
 
 use blockrep_core::rng::SplitMix64;
 use blockrep_store::sim::SimFs;
@@ -96,6 +96,14 @@ enum Step {
         /// Writes made before the flush: offset and bytes.
         writes: Vec<(u64, Vec<u8>)>,
     },
+    /// A launch of the machine source's snapshot, then writes to some of
+    /// its volumes, each volume flushed in turn.
+    LaunchMachine {
+        snapshot: String,
+        name: String,
+        /// Volume, offset and bytes, grouped by volume in flush order.
+        writes: Vec<(VolumeName, u64, Vec<u8>)>,
+    },
     Gc {
         live_share_min: f64,
     },
@@ -163,6 +171,9 @@ impl Step {
             Step::DeleteSnapshot { source, name } => format!("delete snapshot {source}/{name}"),
             Step::Expire { now_ms } => format!("expire at +{} ms", now_ms - T0_MS),
             Step::Launch { snapshot, name, .. } => format!("launch {name} from {snapshot}"),
+            Step::LaunchMachine { snapshot, name, .. } => {
+                format!("launch machine {name} from {snapshot}")
+            }
             Step::Gc { live_share_min } => format!("gc live share min {live_share_min}"),
             Step::SetLifecycle { source, record } => {
                 format!("lifecycle {source} {:?}", record.stage)
@@ -200,6 +211,10 @@ struct Model {
     lifecycles: BTreeMap<SourceId, Lifecycle>,
     /// The machine source's committed machine.
     machines: BTreeMap<SourceId, MachineReplica>,
+    /// Volumes of every machine root ever committed or flushed.
+    machine_volumes: HashMap<ChunkId, Volumes>,
+    /// Machine launch name -> its machine root after its last acknowledged flush.
+    machine_launches: BTreeMap<String, ChunkId>,
 }
 
 fn root_of(disk: &[u8]) -> (Root, Vec<blockrep_core::Page>) {
@@ -286,6 +301,7 @@ fn script(seed: u64) -> Vec<Step> {
     // is fenced, and the operator resets it before it replicates again.
     let mut lifecycles: BTreeMap<SourceId, Lifecycle> = BTreeMap::new();
     let mut machine: Option<(u64, Volumes)> = None;
+    let mut machine_launched = false;
     for _ in 0..count {
         now_ms += 60_000;
         let step = match rng.below(14) {
@@ -295,10 +311,46 @@ fn script(seed: u64) -> Vec<Step> {
                     Some((epoch, volumes)) => (epoch + 1, next_volumes(&mut rng, &volumes)),
                 };
                 machine = Some((epoch, volumes.clone()));
-                Step::CommitMachine {
-                    source: app(),
-                    epoch,
-                    volumes,
+                if !machine_launched && rng.below(2) == 0 {
+                    // Then a snapshot of it, and a launch with writes.
+                    machine_launched = true;
+                    steps.push(Step::CommitMachine {
+                        source: app(),
+                        epoch,
+                        volumes: volumes.clone(),
+                    });
+                    let snapshot = format!("m{epoch}");
+                    steps.push(Step::CreateSnapshot {
+                        source: app(),
+                        name: snapshot.clone(),
+                        ttl_ms: None,
+                        now_ms,
+                    });
+                    let mut writes = Vec::new();
+                    for (name, geometry, _) in &volumes {
+                        if rng.below(3) == 0 {
+                            continue;
+                        }
+                        for _ in 0..1 + rng.below(2) {
+                            let size = geometry.disk_size_bytes();
+                            let len = 1 + rng.below(2 * u64::from(CHUNK_BYTES));
+                            let offset = rng.below(size - len);
+                            let mut data = vec![0u8; len as usize];
+                            fill(&mut rng, &mut data);
+                            writes.push((name.clone(), offset, data));
+                        }
+                    }
+                    Step::LaunchMachine {
+                        snapshot,
+                        name: "mdrill".to_owned(),
+                        writes,
+                    }
+                } else {
+                    Step::CommitMachine {
+                        source: app(),
+                        epoch,
+                        volumes,
+                    }
                 }
             }
             0..=2 => {

@@ -115,6 +115,7 @@ pub(crate) fn run_step(
             volumes,
         } => {
             let root = commit_machine_as_agent(store, source, *epoch, volumes)?;
+            model.machine_volumes.insert(root, volumes.clone());
             model.machines.insert(
                 source.clone(),
                 MachineReplica {
@@ -187,6 +188,40 @@ pub(crate) fn run_step(
             let root = root_of(&disk).0.id();
             model.disks.insert(root, disk.clone());
             model.launches.insert(name.clone(), (root, disk));
+        }
+        Step::LaunchMachine {
+            snapshot,
+            name,
+            writes,
+        } => {
+            let info = store.create_launch(
+                &app(),
+                snapshot,
+                name,
+                LaunchKind::Test,
+                blockrep_core::clock::now_unix_ms(),
+            )?;
+            let base = model
+                .machine_volumes
+                .get(&info.base_root)
+                .cloned()
+                .expect("snapshots name committed machines");
+            model.machine_launches.insert(name.clone(), info.base_root);
+            for (volume, volumes) in machine_launch_states(&base, writes).into_iter().skip(1) {
+                let volume = volume.expect("every state after the base flushed a volume");
+                let handle = store.open_launch_volume(name, Some(volume.as_str()))?;
+                for (_, offset, data) in writes.iter().filter(|(v, ..)| *v == volume) {
+                    handle.write(*offset, data).map_err(|e| {
+                        Failure::Volume(format!("launch {name}/{volume}: write"), e)
+                    })?;
+                }
+                handle
+                    .flush(blockrep_core::clock::now_unix_ms())
+                    .map_err(|e| Failure::Volume(format!("launch {name}/{volume}: flush"), e))?;
+                let root = machine_root_of(&volumes);
+                model.machine_volumes.insert(root, volumes);
+                model.machine_launches.insert(name.clone(), root);
+            }
         }
         Step::Gc { live_share_min } => {
             let report = store.gc(&GcOptions {
@@ -360,7 +395,7 @@ impl Planner {
                     Step::CreateSnapshot { .. }
                     | Step::DeleteSnapshot { .. }
                     | Step::Expire { .. } => Area::Snapshot,
-                    Step::Launch { .. } => Area::Launch,
+                    Step::Launch { .. } | Step::LaunchMachine { .. } => Area::Launch,
                     Step::SetLifecycle { .. } | Step::ClearLifecycle { .. } => Area::Lifecycle,
                     Step::Gc { .. } if compacted[index] => Area::Compaction,
                     Step::Gc { .. } => Area::Gc,
