@@ -83,6 +83,34 @@ impl AgentProcess {
             .sum()
     }
 
+    /// Waits until the agent has printed at least `count` epoch lines; fails
+    /// the test with its output if `timeout` passes first.
+    pub fn wait_for_epochs(&self, count: usize, timeout: Duration) {
+        assert!(
+            crate::tools::wait_until(timeout, || self.epochs().len() >= count),
+            "fewer than {count} epochs after {timeout:?}: {:?}\nstderr: {}",
+            self.lines(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// SIGTERM, then its exit status (see [`wait_exit`]: at most 30 s).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        wait_exit(self, Duration::from_secs(30))
+    }
+
+    /// [`AgentProcess::stop`], failing the test with the agent's stderr unless
+    /// it exited with status 0, as it must after SIGTERM.
+    pub fn stop_cleanly(&mut self) {
+        let status = self.stop();
+        assert!(
+            status.success(),
+            "agent exit {status}: {}",
+            self.stderr.lock().unwrap()
+        );
+    }
+
     /// Sends `signal` (a name such as `TERM`) with kill(1).
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")

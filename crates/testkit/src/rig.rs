@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use crate::{AgentProcess, Pki, ServerProcess};
 
@@ -74,6 +75,42 @@ impl AgentRig {
         ];
         args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         args
+    }
+
+    /// Runs `blockrep agent --once` for `source` on `disk` with `extra`
+    /// arguments, to the end.
+    pub fn agent_once(&self, disk: &Path, source: &str, extra: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(["agent", "--once"])
+            .args(self.agent_args(disk, source, extra))
+            .output()
+            .unwrap()
+    }
+
+    /// `blockrep export` of `source`'s head from the server's data; its bytes.
+    /// Fails the test with the command's output if the export fails.
+    pub fn export(&self, source: &str) -> Vec<u8> {
+        let out = self.path(&format!("{source}.export"));
+        crate::tools::assert_success(
+            &Command::new(&self.bin)
+                .args(["export", "--data"])
+                .arg(self.data())
+                .args(["--source", source, "--out"])
+                .arg(&out)
+                .output()
+                .unwrap(),
+        );
+        std::fs::read(out).unwrap()
+    }
+
+    /// Fails the test unless `source`'s replica, exported, is `disk` byte for
+    /// byte.
+    pub fn assert_replica_is(&self, source: &str, disk: &Path) {
+        assert!(
+            self.export(source) == std::fs::read(disk).unwrap(),
+            "the replica of {source} differs from {}",
+            disk.display()
+        );
     }
 
     /// Starts `blockrep agent` for `source` on `disk` with `extra` arguments.

@@ -84,6 +84,13 @@ pub fn qemu_img_identical(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi
         && String::from_utf8_lossy(&output.stdout).contains("Images are identical")
 }
 
+/// A loopback address on which nothing listens (a port bound, then freed):
+/// a server that cannot be reached.
+pub fn closed_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

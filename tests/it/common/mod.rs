@@ -172,6 +172,12 @@ pub fn nbd_server(pki: &blockrep_testkit::Pki, data: &Path) -> blockrep_testkit:
     )
 }
 
+/// An [`AgentRig`] whose server also serves launch volumes over NBD, as
+/// [`nbd_server`] starts one.
+pub fn nbd_rig(sources: &[&str]) -> AgentRig {
+    rig(sources, &["--nbd-listen", "127.0.0.1:0", "--retention", "off"])
+}
+
 /// The snapshots the server's admin API lists.
 pub fn snapshots(server: &blockrep_testkit::ServerProcess) -> Vec<blockrep_server::SnapshotView> {
     let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/v1/snapshots", None);
