@@ -12,7 +12,6 @@
 //! | `POST /v1/sources/ghost-1/reset` | 404 | no `ghost-1` in the API or on disk |
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
@@ -42,31 +41,36 @@ fn server_command(admin_listen: &str, data: &Path, tls: &Path, extra: &[&str]) -
     command
 }
 
-/// A server whose source `b` has one committed epoch.
+/// A server whose source `b` has one committed epoch, and the `Authorization`
+/// header that carries its admin token.
 struct Fixture {
-    pki: Pki,
-    work: tempfile::TempDir,
-    server: ServerProcess,
+    rig: AgentRig,
+    auth: String,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = AgentRig;
+
+    fn deref(&self) -> &AgentRig {
+        &self.rig
+    }
 }
 
 impl Fixture {
-    fn new() -> Self {
-        let pki = Pki::new(&["b"]);
-        let work = tempfile::tempdir().unwrap();
-        let disk = work.path().join("disk.raw");
-        std::fs::write(&disk, mixed_image(2 * MIB, 7)).unwrap();
-        let server = ServerProcess::start_with(
-            &bin(),
-            &work.path().join("data"),
-            pki.path(),
-            &["--retention", "off"],
-        );
-        assert_success(&agent_once(&disk, server.addr, "b", pki.path(), &[]));
-        Self { pki, work, server }
-    }
-
-    fn admin(&self) -> SocketAddr {
-        self.server.admin_addr.unwrap()
+    /// The fixture, or `None` (the test skips) where curl is missing.
+    fn new() -> Option<Self> {
+        if !have_curl() {
+            return None;
+        }
+        let rig = rig(&["b"], &["--retention", "off"]);
+        let disk = rig.disk("disk.raw", &mixed_image(2 * MIB, 7));
+        assert_success(&rig.agent_once(&disk, "b", &[]));
+        let mut fixture = Self {
+            rig,
+            auth: String::new(),
+        };
+        fixture.auth = bearer(&fixture.token());
+        Some(fixture)
     }
 
     fn token(&self) -> String {
@@ -113,10 +117,7 @@ fn have_curl() -> bool {
 
 #[test]
 fn a_foreign_origin_cannot_start_a_cutover() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
+    let Some(f) = Fixture::new() else { return };
     let url = f.url("/v1/sources/b/cutover");
     // What a page on another site sends: a simple form POST, no token.
     let (code, body) = curl(&[
@@ -130,13 +131,12 @@ fn a_foreign_origin_cannot_start_a_cutover() {
     ]);
     assert_eq!(code, 403, "{body}");
     // Even with everything else right, a foreign origin is refused.
-    let auth = bearer(&f.token());
     for origin in ["http://evil.example", "null", "http://127.0.0.1:1"] {
         let (code, body) = curl(&[
             "-X",
             "POST",
             "-H",
-            &auth,
+            &f.auth,
             "-H",
             "Content-Type: application/json",
             "-H",
@@ -149,7 +149,7 @@ fn a_foreign_origin_cannot_start_a_cutover() {
         "-X",
         "POST",
         "-H",
-        &auth,
+        &f.auth,
         "-H",
         "Content-Type: application/json",
         "-H",
@@ -172,7 +172,7 @@ fn a_foreign_origin_cannot_start_a_cutover() {
         "-X",
         "POST",
         "-H",
-        &auth,
+        &f.auth,
         "-H",
         "Content-Type: application/json",
         "-H",
@@ -185,14 +185,10 @@ fn a_foreign_origin_cannot_start_a_cutover() {
 
 #[test]
 fn a_rebinding_host_is_refused_before_anything_runs() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let auth = bearer(&f.token());
+    let Some(f) = Fixture::new() else { return };
     let port = f.admin().port();
     let evil = format!("Host: evil.example:{port}");
-    let (code, body) = curl(&["-H", &evil, "-H", &auth, &f.url("/v1/sources")]);
+    let (code, body) = curl(&["-H", &evil, "-H", &f.auth, &f.url("/v1/sources")]);
     assert_eq!(code, 421, "{body}");
     assert!(!body.contains("\"b\""), "{body}");
     let (code, body) = curl(&[
@@ -201,7 +197,7 @@ fn a_rebinding_host_is_refused_before_anything_runs() {
         "-H",
         &evil,
         "-H",
-        &auth,
+        &f.auth,
         "-H",
         "Content-Type: application/json",
         &f.url("/v1/sources/b/cutover"),
@@ -220,7 +216,7 @@ fn a_rebinding_host_is_refused_before_anything_runs() {
             "-H",
             &format!("Host: {host}"),
             "-H",
-            &auth,
+            &f.auth,
             &f.url("/v1/sources"),
         ]);
         assert_eq!(code, 200, "{host}: {body}");
@@ -232,18 +228,15 @@ fn a_rebinding_host_is_refused_before_anything_runs() {
         &["--retention", "off", "--admin-host", "Replica.Example"],
     );
     let url = format!("http://{}/v1/sources", named.admin_addr.unwrap());
-    let (code, body) = curl(&["-H", "Host: replica.example:7444", "-H", &auth, &url]);
+    let (code, body) = curl(&["-H", "Host: replica.example:7444", "-H", &f.auth, &url]);
     assert_eq!(code, 200, "{body}");
-    let (code, _) = curl(&["-H", "Host: other.example", "-H", &auth, &url]);
+    let (code, _) = curl(&["-H", "Host: other.example", "-H", &f.auth, &url]);
     assert_eq!(code, 421);
 }
 
 #[test]
 fn state_changes_and_lists_need_the_admin_token() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
+    let Some(f) = Fixture::new() else { return };
     let url = f.url("/v1/sources/b/cutover");
     let json = "Content-Type: application/json";
     let (code, body) = curl(&["-X", "POST", "-H", json, &url]);
@@ -297,26 +290,21 @@ fn state_changes_and_lists_need_the_admin_token() {
         "{metrics}"
     );
     // With the token it works.
-    let auth = bearer(&f.token());
-    let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth, &url]);
+    let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &f.auth, &url]);
     assert_eq!(code, 202, "{body}");
     assert!(f.cutover_requested());
 }
 
 #[test]
 fn a_form_encoded_state_change_is_refused() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let auth = bearer(&f.token());
+    let Some(f) = Fixture::new() else { return };
     // curl -d sends application/x-www-form-urlencoded, as an HTML form does.
-    let (code, body) = curl(&["-H", &auth, "-d", "go=1", &f.url("/v1/sources/b/cutover")]);
+    let (code, body) = curl(&["-H", &f.auth, "-d", "go=1", &f.url("/v1/sources/b/cutover")]);
     assert_eq!(code, 415, "{body}");
     assert!(!f.cutover_requested(), "a form POST started a cutover");
     let (code, body) = curl(&[
         "-H",
-        &auth,
+        &f.auth,
         "-H",
         "Content-Type: text/plain",
         "-d",
@@ -330,11 +318,11 @@ fn a_form_encoded_state_change_is_refused() {
             .join("data/sources/b/snapshots/plain")
             .exists()
     );
-    let (code, body) = curl(&["-X", "POST", "-H", &auth, &f.url("/v1/gc")]);
+    let (code, body) = curl(&["-X", "POST", "-H", &f.auth, &f.url("/v1/gc")]);
     assert_eq!(code, 415, "{body}");
     let (code, body) = curl(&[
         "-H",
-        &auth,
+        &f.auth,
         "-H",
         "Content-Type: application/json; charset=utf-8",
         "-d",
@@ -346,16 +334,12 @@ fn a_form_encoded_state_change_is_refused() {
 
 #[test]
 fn unknown_sources_are_404_and_never_created() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let auth = bearer(&f.token());
+    let Some(f) = Fixture::new() else { return };
     let json = "Content-Type: application/json";
     for n in 1..=3 {
         for action in ["reset", "cutover", "failback/complete"] {
             let url = f.url(&format!("/v1/sources/ghost-{n}/{action}"));
-            let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth, &url]);
+            let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &f.auth, &url]);
             assert_eq!(code, 404, "{action}: {body}");
         }
     }
@@ -376,7 +360,7 @@ fn unknown_sources_are_404_and_never_created() {
         "-H",
         json,
         "-H",
-        &auth,
+        &f.auth,
         &f.url("/v1/sources/b/reset"),
     ]);
     assert_eq!(code, 200, "{body}");
@@ -384,10 +368,7 @@ fn unknown_sources_are_404_and_never_created() {
 
 #[test]
 fn metrics_and_health_are_open_read_only() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
+    let Some(f) = Fixture::new() else { return };
     let (code, body) = curl(&[&f.url("/metrics")]);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("blockrep_connections_total"), "{body}");

@@ -107,22 +107,21 @@ impl Rig {
     /// there.
     fn start_agent(&self) -> AgentProcess {
         let _ = std::fs::remove_file(&self.socket);
-        let (disk, server, tls) = (
-            self.disk.to_str().unwrap(),
-            self.server.addr.to_string(),
-            self.pki.path().to_str().unwrap(),
-        );
         let serve = format!("unix:{}", self.socket.display());
-        let mut args = agent_args(disk, &server, SOURCE, tls);
-        args.extend([
-            "--serve",
-            &serve,
-            "--interval",
-            "1s",
-            "--ack-log",
-            self.ack_log.to_str().unwrap(),
-        ]);
-        let mut agent = AgentProcess::spawn(&bin(), &args);
+        let mut agent = spawn_agent(
+            &self.disk,
+            self.server.addr,
+            SOURCE,
+            self.pki.path(),
+            &[
+                "--serve",
+                &serve,
+                "--interval",
+                "1s",
+                "--ack-log",
+                self.ack_log.to_str().unwrap(),
+            ],
+        );
         let ready = wait_until(Duration::from_secs(30), || {
             self.socket.exists() || agent.child.try_wait().unwrap().is_some()
         });
@@ -239,49 +238,16 @@ fn collect_points(
     wanted: usize,
 ) -> Vec<Point> {
     let admin = rig.admin();
-    let fresh = |acks: &[blockrep_testkit::ack_log::Ack]| {
-        acks.iter()
-            .filter(|a| a.complete && a.scan_started_unix_ms >= after_unix_ms)
-            .count()
+    let points = AckedPoints {
+        admin,
+        source: SOURCE,
+        ack_log: &rig.ack_log,
+        prefix,
+        timeout: POINTS_TIMEOUT,
     };
-    let mut taken: Vec<(String, String)> = Vec::new();
-    let mut acks_seen = 0;
-    let enough = wait_until(POINTS_TIMEOUT, || {
-        let complete = fresh(&read_acks(&rig.ack_log));
-        if complete > acks_seen {
-            acks_seen = complete;
-            let name = format!("{prefix}{}", taken.len());
-            let body = format!(r#"{{"source":"{SOURCE}","name":"{name}"}}"#);
-            let (code, body) = admin_request(admin, "POST", "/v1/snapshots", Some(&body));
-            assert_eq!(code, 201, "snapshot create: {body}");
-            let view: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let root = view["root"].as_str().unwrap().to_owned();
-            if taken.iter().any(|(_, r)| *r == root) {
-                // Same root as a point already taken: this name is free again.
-                let (code, body) = admin_request(
-                    admin,
-                    "DELETE",
-                    &format!("/v1/snapshots/{SOURCE}/{name}"),
-                    None,
-                );
-                assert!(code < 300, "snapshot delete: {body}");
-            } else {
-                taken.push((name, root));
-            }
-        }
-        taken.len() >= wanted || agent.child.try_wait().unwrap().is_some()
-    });
-    assert!(
-        enough && taken.len() >= wanted,
-        "{} points (wanted {wanted}) when the agent ended or {POINTS_TIMEOUT:?} passed; agent stdout: {:#?}\nstderr: {}",
-        taken.len(),
-        agent.lines(),
-        agent.stderr.lock().unwrap()
-    );
+    let taken = points.take(agent, wanted, |a| a.scan_started_unix_ms >= after_unix_ms);
     let acks = read_acks(&rig.ack_log);
-    let (code, body) = admin_request(admin, "GET", "/v1/snapshots", None);
-    assert_eq!(code, 200, "{body}");
-    let snapshots: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let snapshots = snapshots_json(admin);
     taken
         .into_iter()
         .map(|(name, root)| {
@@ -416,13 +382,7 @@ fn ext4_over_nbdfuse_points_are_clean_and_hold_every_durable_write() {
     let points = collect_points(&rig, &mut agent, "p", started, 5);
     let log = writer.stop();
     workload.detach(true);
-    agent.signal("TERM");
-    let status = blockrep_testkit::wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "agent exit {status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.stop_cleanly();
 
     let written = [Written {
         dir: "a",
@@ -511,13 +471,7 @@ fn ext4_over_nbdfuse_survives_an_agent_sigkill() {
     let after = collect_points(&rig, &mut agent, "b", started, 3);
     let log_b = writer.stop();
     workload.detach(true);
-    agent.signal("TERM");
-    let status = blockrep_testkit::wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "agent exit {status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.stop_cleanly();
 
     for point in &before {
         check_point(

@@ -5,38 +5,34 @@
 //! converges to it.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
 use crate::common::*;
 use blockrep_testkit::wait_exit;
-use blockrep_testkit::{Pki, ServerProcess, random_bytes, write_at};
+use blockrep_testkit::{random_bytes, write_at};
 
 const KIB: u64 = 1024;
 
 /// A CA with certificates for `sources`, a server and a scratch directory.
 struct Env {
-    pki: Pki,
-    work: tempfile::TempDir,
-    server: ServerProcess,
+    rig: AgentRig,
+}
+
+impl std::ops::Deref for Env {
+    type Target = AgentRig;
+
+    fn deref(&self) -> &AgentRig {
+        &self.rig
+    }
 }
 
 impl Env {
     fn new(sources: &[&str]) -> Self {
-        let pki = Pki::new(sources);
-        let work = tempfile::tempdir().unwrap();
-        let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
-        Self { pki, work, server }
-    }
-
-    fn data(&self) -> PathBuf {
-        self.work.path().join("data")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.work.path().join(name)
+        Self {
+            rig: rig(sources, &[]),
+        }
     }
 
     fn once(&self, disk: &Path, source: &str, chunk_size: u64) -> Output {
@@ -53,70 +49,17 @@ impl Env {
         std::fs::read(self.data().join("sources").join(source).join("head")).ok()
     }
 
-    /// Exports `source` and checks it equals `disk`, byte for byte.
-    fn assert_replica_equals(&self, source: &str, disk: &Path) {
-        let out = self.path(&format!("{source}.export"));
-        assert_success(&export(&self.data(), source, &out));
-        assert!(
-            files_equal(&out, disk),
-            "export of {source} differs from {}",
-            disk.display()
-        );
-    }
-
     fn agent(&self, disk: &Path, source: &str) -> AgentProcess {
-        AgentProcess::spawn(
-            &bin(),
-            &[
-                "--disk",
-                disk.to_str().unwrap(),
-                "--to",
-                &self.server.addr.to_string(),
-                "--source",
-                source,
-                "--tls-dir",
-                self.pki.path().to_str().unwrap(),
-                // Long enough that a resize made right after an epoch line lands
-                // between two scans, not inside one.
-                "--interval",
-                "700ms",
-            ],
+        // Long enough that a resize made right after an epoch line lands
+        // between two scans, not inside one.
+        spawn_agent(
+            disk,
+            self.server.addr,
+            source,
+            self.pki.path(),
+            &["--interval", "700ms"],
         )
     }
-}
-
-/// Compares two files in 1 MiB blocks (the large sparse disk does not fit a
-/// comfortable test allocation twice).
-fn files_equal(a: &Path, b: &Path) -> bool {
-    let (mut a, mut b) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
-    if a.metadata().unwrap().len() != b.metadata().unwrap().len() {
-        return false;
-    }
-    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let n = read_full(&mut a, &mut x);
-        let m = read_full(&mut b, &mut y);
-        if n != m || x[..n] != y[..m] {
-            return false;
-        }
-        if n == 0 {
-            return true;
-        }
-    }
-}
-
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> usize {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]).unwrap() {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    filled
 }
 
 #[test]
@@ -141,7 +84,7 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
             "{source}: {}",
             stdout(&first)
         );
-        env.assert_replica_equals(source, &disk);
+        env.assert_replica_is(source, &disk);
 
         // Zero the first chunk and (when there is one) the last, short or not;
         // each becomes zero on the replica and travels as a zero chunk.
@@ -161,7 +104,7 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
             stdout(&second)
         );
         assert_eq!(sum_field(&second, "chunks_sent"), 0, "{}", stdout(&second));
-        env.assert_replica_equals(source, &disk);
+        env.assert_replica_is(source, &disk);
         assert_eq!(
             disk_root(&env.path(&format!("{source}.export")), *chunk as u32),
             disk_root(&disk, *chunk as u32)
@@ -177,7 +120,7 @@ fn empty_disk_replicates_and_exports_as_an_empty_file() {
     let first = env.once(&disk, "empty", 64 * KIB);
     assert_success(&first);
     assert!(env.head("empty").is_some(), "no head for the empty disk");
-    env.assert_replica_equals("empty", &disk);
+    env.assert_replica_is("empty", &disk);
     let second = env.once(&disk, "empty", 64 * KIB);
     assert_success(&second);
     assert!(
@@ -205,7 +148,7 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
     assert_success(&first);
     // The write at chunk 1024 - 10 bytes spans two chunks.
     assert_eq!(sum_field(&first, "chunks_sent"), 5, "{}", stdout(&first));
-    env.assert_replica_equals("sparse", &disk);
+    env.assert_replica_is("sparse", &disk);
     let allocated = std::os::unix::fs::MetadataExt::blocks(
         &std::fs::metadata(env.path("sparse.export")).unwrap(),
     ) * 512;
@@ -225,7 +168,7 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
     // The changed chunk had data: its one changed 4 KiB block goes as a patch.
     assert_eq!(sum_field(&second, "chunks_sent"), 0, "{}", stdout(&second));
     assert_eq!(sum_field(&second, "patches_sent"), 1, "{}", stdout(&second));
-    env.assert_replica_equals("sparse", &disk);
+    env.assert_replica_is("sparse", &disk);
 }
 
 /// `agent --once` against a replica of another size: refused with both sizes
@@ -261,7 +204,7 @@ fn resized_disk_is_refused_with_both_sizes_and_nothing_written() {
         // The replica still holds the disk as it was before the resize.
         let before = env.path(&format!("{source}.before"));
         std::fs::write(&before, random_bytes(size as usize, 7)).unwrap();
-        env.assert_replica_equals(source, &before);
+        env.assert_replica_is(source, &before);
     }
     assert!(
         env.server.wait_for_log("geometry", Duration::from_secs(5)),
@@ -345,5 +288,5 @@ fn disk_file_replaced_by_another_file_is_read_afresh() {
     );
     agent.signal("TERM");
     assert!(agent.child.wait().unwrap().success());
-    env.assert_replica_equals("swap", &disk);
+    env.assert_replica_is("swap", &disk);
 }

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use crate::common::*;
 use blockrep_testkit::loopfs::{FsKind, LoopMount, loop_fs_ready};
+use blockrep_testkit::random_bytes;
 use blockrep_testkit::scripts::{read_lines, write_script};
 use blockrep_testkit::wait_exit;
-use blockrep_testkit::random_bytes;
 
 const MIB: usize = 1 << 20;
 const CHUNK: u32 = 65_536;

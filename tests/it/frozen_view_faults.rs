@@ -44,24 +44,23 @@ fn sigterm_while_the_snapshot_command_runs_still_thaws_before_the_agent_exits() 
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(MIB, 1)).unwrap();
     // The view is made before any connection: no server is needed.
-    let addr = closed_addr().to_string();
     let order = work.path().join("order.log");
     let quiesce = format!("echo quiesce >> {}", order.display());
     let thaw = format!("echo thaw >> {}", order.display());
-    let (d, tls) = (
-        disk.to_str().unwrap(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        &disk,
+        closed_addr(),
+        "frozen",
+        pki.path(),
+        &[
+            "--snapshot-cmd",
+            "sleep 60; echo /nonexistent",
+            "--quiesce-cmd",
+            &quiesce,
+            "--thaw-cmd",
+            &thaw,
+        ],
     );
-    let mut args = agent_args(d, &addr, "frozen", &tls);
-    args.extend([
-        "--snapshot-cmd",
-        "sleep 60; echo /nonexistent",
-        "--quiesce-cmd",
-        &quiesce,
-        "--thaw-cmd",
-        &thaw,
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
     assert!(
         wait_until(Duration::from_secs(30), || !read_lines(&order).is_empty()),
         "the quiesce command did not run: {}",

@@ -9,24 +9,14 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use blockrep_core::{ChunkId, SourceId};
-use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION};
+use blockrep_core::ChunkId;
+use blockrep_proto::{Codec, ErrorCode, Message};
+use blockrep_testkit::raw::*;
 use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes, write_at};
 use bytes::Bytes;
 
-const CHUNK: u32 = 65_536;
-/// 16 chunks of 64 KiB and a short 17th.
-const DISK: u64 = 16 * CHUNK as u64 + 1000;
-
-fn hello(source: &str) -> Message {
-    Message::Hello {
-        version_min: PROTOCOL_VERSION,
-        version_max: PROTOCOL_VERSION,
-        source: SourceId::new(source).unwrap(),
-        disk_size_bytes: DISK,
-        chunk_size_bytes: CHUNK,
-    }
-}
+const CHUNK: u32 = SMALL_CHUNK_BYTES;
+const DISK: u64 = SMALL_DISK_BYTES;
 
 async fn client(server: &ServerProcess, pki: &Pki, name: &str) -> RawClient {
     RawClient::connect_as(server.addr, pki, name).await
@@ -46,21 +36,16 @@ async fn expect_error(client: &mut RawClient, code: ErrorCode) -> String {
     }
 }
 
-fn head(work: &tempfile::TempDir, source: &str) -> Option<Vec<u8>> {
-    std::fs::read(work.path().join("data/sources").join(source).join("head")).ok()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["a", "victim"], &[]);
+    let rig = rig(&["a", "victim"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     // A committed replica of `a`'s geometry, so that refusals are tested on a
     // source with a head as well as on one without.
     let victim = work.path().join("victim.raw");
     std::fs::write(&victim, random_bytes(DISK as usize, 1)).unwrap();
     assert_success(&agent_once(&victim, server.addr, "victim", pki.path(), &[]));
-    let victim_head = head(&work, "victim").unwrap();
+    let victim_head = rig.head("victim").unwrap();
 
     let data = random_bytes(CHUNK as usize, 2);
     let id = ChunkId::from(blake3::hash(&data));
@@ -120,7 +105,7 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
     for source in ["a", "victim"] {
         for (what, message, code, text) in &cases {
             let mut client = client(&server, &pki, source).await;
-            client.send(&hello(source)).await.unwrap();
+            client.send(&small_hello(source)).await.unwrap();
             // Refused as soon as it arrives: no Commit is needed (one sent
             // after the refusal could reset the connection before the Error
             // is read).
@@ -143,12 +128,8 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
             assert!(got.contains(text), "{what}: {got}");
         }
     }
-    assert!(head(&work, "a").is_none(), "a replica was written for a");
-    assert_eq!(
-        head(&work, "victim").unwrap(),
-        victim_head,
-        "victim changed"
-    );
+    assert!(rig.head("a").is_none(), "a replica was written for a");
+    assert_eq!(rig.head("victim").unwrap(), victim_head, "victim changed");
     // The victim's replica still equals its disk.
     let out = work.path().join("victim.export");
     assert_success(&export(&work.path().join("data"), "victim", &out));
@@ -157,9 +138,8 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn certificate_naming_two_identities_is_refused() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["a", "b"], &[]);
+    let rig = rig(&["a", "b"], &[]);
+    let (pki, server) = (&rig.pki, &rig.server);
     let pairs: [(&str, &[&str]); 2] = [
         (
             "two-sources",
@@ -174,7 +154,7 @@ async fn certificate_naming_two_identities_is_refused() {
         pki.issue_with(stem, uris, |_| {});
         for claimed in ["a", "b"] {
             let mut client = client(&server, &pki, stem).await;
-            client.send(&hello(claimed)).await.unwrap();
+            client.send(&small_hello(claimed)).await.unwrap();
             let message = expect_error(&mut client, ErrorCode::Unauthorized).await;
             assert!(message.contains("more than one identity"), "{message}");
         }
@@ -184,7 +164,7 @@ async fn certificate_naming_two_identities_is_refused() {
         "{}",
         server.log()
     );
-    assert!(head(&work, "a").is_none() && head(&work, "b").is_none());
+    assert!(rig.head("a").is_none() && rig.head("b").is_none());
 }
 
 /// The soft limit on open files of this process.
@@ -243,20 +223,12 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
     let admin = server.admin_addr.unwrap();
     let disk = work.path().join("live.raw");
     std::fs::write(&disk, random_bytes(4 << 20, 1)).unwrap();
-    let agent = AgentProcess::spawn(
-        &bin(),
-        &[
-            "--disk",
-            disk.to_str().unwrap(),
-            "--to",
-            &server.addr.to_string(),
-            "--source",
-            "live",
-            "--tls-dir",
-            pki.path().to_str().unwrap(),
-            "--interval",
-            "200ms",
-        ],
+    let agent = spawn_agent(
+        &disk,
+        server.addr,
+        "live",
+        pki.path(),
+        &["--interval", "200ms"],
     );
     let first = disk_root(&disk, CHUNK);
     assert!(
@@ -402,21 +374,9 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
 /// `--session-memory-max` first.
 #[tokio::test(flavor = "multi_thread")]
 async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
-    let pki = Pki::new(&["huge", "a", "b"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
-        &["--session-memory-max", "8MiB"],
-    );
-    let claim = |source: &str, disk_size_bytes: u64| Message::Hello {
-        version_min: PROTOCOL_VERSION,
-        version_max: PROTOCOL_VERSION,
-        source: SourceId::new(source).unwrap(),
-        disk_size_bytes,
-        chunk_size_bytes: 4096,
-    };
+    let rig = rig(&["huge", "a", "b"], &["--session-memory-max", "8MiB"]);
+    let (pki, server) = (&rig.pki, &rig.server);
+    let claim = |source: &str, disk_size_bytes: u64| hello(source, disk_size_bytes, 4096);
     // 1 TiB at 4 KiB chunks: 40 GiB of ids could never fit.
     let mut huge = client(&server, &pki, "huge").await;
     huge.send(&claim("huge", 1 << 40)).await.unwrap();
@@ -435,7 +395,7 @@ async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
     assert!(message.contains("retry later"), "{message}");
     // When the first session ends, its share is free again.
     drop(first);
-    let disk = work.path().join("b.raw");
+    let disk = rig.path("b.raw");
     std::fs::write(&disk, random_bytes(160 << 20, 1)).unwrap();
     assert!(wait_until(Duration::from_secs(10), || {
         agent_once(
@@ -450,5 +410,5 @@ async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
     }));
     let peak = peak_rss_bytes(server.pid());
     assert!(peak < 200 << 20, "server peak RSS {} MiB", peak >> 20);
-    assert!(head(&work, "huge").is_none() && head(&work, "a").is_none());
+    assert!(rig.head("huge").is_none() && rig.head("a").is_none());
 }

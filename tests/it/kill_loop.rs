@@ -117,22 +117,20 @@ impl Rig {
     }
 
     fn start_agent(&self) -> AgentProcess {
-        let (disk, tls, log) = (self.disk(), self.pki.path(), self.ack_log());
-        let mut args = agent_args(
-            disk.to_str().unwrap(),
-            &self.listen,
+        spawn_agent(
+            &self.disk(),
+            self.listen.parse().unwrap(),
             SOURCE,
-            tls.to_str().unwrap(),
-        );
-        args.extend([
-            "--interval",
-            INTERVAL,
-            "--compress",
-            "zstd",
-            "--ack-log",
-            log.to_str().unwrap(),
-        ]);
-        AgentProcess::spawn(&bin(), &args)
+            self.pki.path(),
+            &[
+                "--interval",
+                INTERVAL,
+                "--compress",
+                "zstd",
+                "--ack-log",
+                self.ack_log().to_str().unwrap(),
+            ],
+        )
     }
 
     /// `blockrep export --root` of `root` into the scratch file; `Err` with the

@@ -5,34 +5,9 @@
 use std::time::Duration;
 
 use crate::common::*;
-use blockrep_server::{LaunchView, SnapshotView};
 use blockrep_testkit::{Pki, ServerProcess, mixed_image, random_bytes};
 
 const MIB: usize = 1 << 20;
-
-fn create_snapshot(server: &ServerProcess, source: &str, name: &str) -> SnapshotView {
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/snapshots",
-        Some(&format!(r#"{{"source":"{source}","name":"{name}"}}"#)),
-    );
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn create_launch(server: &ServerProcess, source: &str, snapshot: &str, name: &str) -> LaunchView {
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/launches",
-        Some(&format!(
-            r#"{{"source":"{source}","snapshot":"{snapshot}","name":"{name}","allow_live":true}}"#
-        )),
-    );
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
 
 #[test]
 fn launch_volume_is_served_to_real_nbd_clients() {
@@ -213,25 +188,12 @@ fn snapshot_under_a_writer_is_one_committed_epoch() {
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 8 * MIB]).unwrap();
     let server = nbd_server(&pki, &data);
-    let (d, s, t) = (
-        disk.to_str().unwrap().to_owned(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
-    );
-    let agent = AgentProcess::spawn(
-        &bin(),
-        &[
-            "--disk",
-            &d,
-            "--to",
-            &s,
-            "--source",
-            "app",
-            "--tls-dir",
-            &t,
-            "--interval",
-            "50ms",
-        ],
+    let agent = spawn_agent(
+        &disk,
+        server.addr,
+        "app",
+        pki.path(),
+        &["--interval", "50ms"],
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {

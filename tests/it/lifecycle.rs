@@ -103,27 +103,12 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
         stop = stop_file.display(),
         stopped = stopped_file.display()
     );
-    let (d, s, t) = (
-        disk.to_str().unwrap().to_owned(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
-    );
-    let mut agent = AgentProcess::spawn(
-        &bin(),
-        &[
-            "--disk",
-            &d,
-            "--to",
-            &s,
-            "--source",
-            "app",
-            "--tls-dir",
-            &t,
-            "--interval",
-            "100ms",
-            "--pre-cutover-cmd",
-            &hook,
-        ],
+    let mut agent = spawn_agent(
+        &disk,
+        server.addr,
+        "app",
+        pki.path(),
+        &["--interval", "100ms", "--pre-cutover-cmd", &hook],
     );
     assert!(
         wait_until(Duration::from_secs(30), || agent.epochs().len() >= 3),

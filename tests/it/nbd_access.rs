@@ -15,34 +15,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use blockrep_server::{LaunchView, SnapshotView};
 use blockrep_testkit::{Pki, ServerProcess, mixed_image, random_bytes};
 
 const DISK_BYTES: usize = 4 << 20;
-
-fn create_snapshot(server: &ServerProcess, source: &str, name: &str) -> SnapshotView {
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/snapshots",
-        Some(&format!(r#"{{"source":"{source}","name":"{name}"}}"#)),
-    );
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn create_launch(server: &ServerProcess, source: &str, snapshot: &str, name: &str) -> LaunchView {
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/launches",
-        Some(&format!(
-            r#"{{"source":"{source}","snapshot":"{snapshot}","name":"{name}","allow_live":true}}"#
-        )),
-    );
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
 
 /// Replicates `disk` as `source` and makes the launch `launch` of it.
 fn launch_of(server: &ServerProcess, pki: &Pki, disk: &Path, source: &str, launch: &str) {

@@ -232,7 +232,6 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
         .enable_all()
         .build()
         .unwrap();
-    let tls = pki.path().to_str().unwrap().to_owned();
     let commit_every = COMMIT_EVERY.to_string();
     let window = COMMIT_EVERY + CHUNK + blockrep_proto::CHUNK_HEADER_LEN as u64;
     let mut table = Vec::new();
@@ -262,20 +261,23 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
         let proxy = runtime
             .block_on(FaultProxy::start(server.addr, fault.config.clone()))
             .unwrap();
-        let to = proxy.addr().to_string();
-        let mut args = agent_args(disk.to_str().unwrap(), &to, source, &tls);
-        args.extend([
-            "--compress",
-            "none",
-            "--interval",
-            "200ms",
-            "--commit-every",
-            &commit_every,
-            "--io-timeout",
-            AGENT_IO_TIMEOUT,
-        ]);
         let started = Instant::now();
-        let mut agent = AgentProcess::spawn(&bin(), &args);
+        let mut agent = spawn_agent(
+            &disk,
+            proxy.addr(),
+            source,
+            pki.path(),
+            &[
+                "--compress",
+                "none",
+                "--interval",
+                "200ms",
+                "--commit-every",
+                &commit_every,
+                "--io-timeout",
+                AGENT_IO_TIMEOUT,
+            ],
+        );
         let converged = wait_until(Duration::from_secs(60), || {
             admin_source(admin, source).and_then(|v| v.root).as_deref() == Some(expected.as_str())
         });

@@ -115,14 +115,13 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
 
     // A throttled continuous agent: idle at first, then a 3 MiB write is a
     // backlog that drains at 1 MiB/s.
-    let (d, s, t) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        &disk,
+        server.addr,
+        "web",
+        pki.path(),
+        &["--max-rate", "1MiB/s", "--interval", "200ms"],
     );
-    let mut args = agent_args(d, &s, "web", &t);
-    args.extend(["--max-rate", "1MiB/s", "--interval", "200ms"]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
     let connected = r#"blockrep_source_connected{source="web"}"#;
     let pending = r#"blockrep_bytes_pending_replication{source="web"}"#;
     let pending_chunks = r#"blockrep_operations_pending_replication{source="web"}"#;
@@ -423,14 +422,13 @@ fn rpo_breach_hook_runs_once_per_crossing_even_without_an_agent() {
     // has no recovery point yet, so it never breaches.
     let big = work.path().join("syncing.raw");
     std::fs::write(&big, random_bytes(16 * MIB, 21)).unwrap();
-    let (b, s, t) = (
-        big.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let _syncing = spawn_agent(
+        &big,
+        server.addr,
+        "syncing",
+        pki.path(),
+        &["--max-rate", "256KiB/s"],
     );
-    let mut args = agent_args(b, &s, "syncing", &t);
-    args.extend(["--max-rate", "256KiB/s"]);
-    let _syncing = AgentProcess::spawn(&bin(), &args);
     assert!(wait_until(Duration::from_secs(10), || admin_source(
         admin, "syncing"
     )

@@ -95,64 +95,31 @@ fn replicate_under_writer(kind: FsKind, image_bytes: u64, mode: &str, wanted: us
     );
 
     let ack_log = work.path().join("acks.log");
-    let (disk, server_addr, tls) = (
-        fs.image().to_str().unwrap().to_owned(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        &fs.image(),
+        server.addr,
+        SOURCE,
+        pki.path(),
+        &[
+            "--interval",
+            "500ms",
+            "--snapshot",
+            mode,
+            "--ack-log",
+            ack_log.to_str().unwrap(),
+        ],
     );
-    let mut args = agent_args(&disk, &server_addr, SOURCE, &tls);
-    args.extend([
-        "--interval",
-        "500ms",
-        "--snapshot",
-        mode,
-        "--ack-log",
-        ack_log.to_str().unwrap(),
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
 
     // Snapshot the head each time a new complete commit is acknowledged.
-    let mut roots = Vec::new();
-    let mut acks_seen = 0;
-    let enough = wait_until(POINTS_TIMEOUT, || {
-        let complete = read_acks(&ack_log).iter().filter(|a| a.complete).count();
-        if complete > acks_seen {
-            acks_seen = complete;
-            let body = format!(r#"{{"source":"{SOURCE}","name":"p{}"}}"#, roots.len());
-            let (code, body) = admin_request(admin, "POST", "/v1/snapshots", Some(&body));
-            assert_eq!(code, 201, "snapshot create: {body}");
-            let view: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let root = view["root"].as_str().unwrap().to_owned();
-            if !roots.contains(&root) {
-                roots.push(root);
-            } else {
-                // Same root as the last point: this name is free again.
-                let name = view["name"].as_str().unwrap().to_owned();
-                let (code, body) = admin_request(
-                    admin,
-                    "DELETE",
-                    &format!("/v1/snapshots/{SOURCE}/{name}"),
-                    None,
-                );
-                assert!(code < 300, "snapshot delete: {body}");
-            }
-        }
-        roots.len() >= wanted || agent.child.try_wait().unwrap().is_some()
-    });
-    assert!(
-        enough && roots.len() >= wanted,
-        "{} points (wanted {wanted}) when the agent ended or {POINTS_TIMEOUT:?} passed; agent stdout: {:#?}\nstderr: {}",
-        roots.len(),
-        agent.lines(),
-        agent.stderr.lock().unwrap()
-    );
-    agent.signal("TERM");
-    let status = agent.child.wait().unwrap();
-    assert!(
-        status.success(),
-        "agent exit {status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    let points = AckedPoints {
+        admin,
+        source: SOURCE,
+        ack_log: &ack_log,
+        prefix: "p",
+        timeout: POINTS_TIMEOUT,
+    };
+    points.take(&mut agent, wanted, |_| true);
+    agent.stop_cleanly();
     let log = writer.stop();
     // A frozen view lives only as long as its epoch: none is left behind.
     let outer = fs.image().parent().unwrap();
@@ -166,9 +133,7 @@ fn replicate_under_writer(kind: FsKind, image_bytes: u64, mode: &str, wanted: us
     fs.unmount();
 
     let acks = read_acks(&ack_log);
-    let (code, body) = admin_request(admin, "GET", "/v1/snapshots", None);
-    assert_eq!(code, 200, "{body}");
-    let snapshots: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let snapshots = snapshots_json(admin);
     let points = snapshots
         .iter()
         .map(|s| {

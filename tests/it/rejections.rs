@@ -8,36 +8,30 @@ use std::process::Command;
 use crate::common::*;
 use blockrep_core::{ChunkId, SourceId};
 use blockrep_proto::{Codec, ErrorCode, FRAME_LEN_MAX, Message, PROTOCOL_VERSION};
-use blockrep_testkit::{Pki, RawClient, ServerProcess, mixed_image, random_bytes};
+use blockrep_testkit::{Pki, RawClient, mixed_image, random_bytes};
 use bytes::Bytes;
 
+/// A server with certificates for `good`, `a` and `victim`, whose `victim`
+/// has a replica.
 struct Fixture {
-    pki: Pki,
-    work: tempfile::TempDir,
-    server: ServerProcess,
+    rig: AgentRig,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = AgentRig;
+
+    fn deref(&self) -> &AgentRig {
+        &self.rig
+    }
 }
 
 impl Fixture {
     fn new() -> Self {
-        let pki = Pki::new(&["good", "a", "victim"]);
-        let work = tempfile::tempdir().unwrap();
-        let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
-        let fixture = Self { pki, work, server };
+        let rig = rig(&["good", "a", "victim"], &[]);
         // A replica that must stay untouched by every rejected attempt.
-        let victim = fixture.work.path().join("victim.raw");
-        std::fs::write(&victim, mixed_image(3 << 20, 3)).unwrap();
-        assert_success(&agent_once(
-            &victim,
-            fixture.server.addr,
-            "victim",
-            fixture.pki.path(),
-            &[],
-        ));
-        fixture
-    }
-
-    fn data(&self) -> std::path::PathBuf {
-        self.work.path().join("data")
+        let victim = rig.disk("victim.raw", &mixed_image(3 << 20, 3));
+        assert_success(&rig.agent_once(&victim, "victim", &[]));
+        Self { rig }
     }
 
     fn head_bytes(&self, source: &str) -> Option<Vec<u8>> {
@@ -48,29 +42,15 @@ impl Fixture {
     /// replica is unchanged, and `rejected` has no replica at all.
     fn assert_unharmed(&self, rejected: &str) {
         let victim_head = self.head_bytes("victim").unwrap();
-        let disk = self.work.path().join("good.raw");
-        std::fs::write(&disk, random_bytes(1 << 20, rand_seed())).unwrap();
-        assert_success(&agent_once(
-            &disk,
-            self.server.addr,
-            "good",
-            self.pki.path(),
-            &[],
-        ));
-        let out = self.work.path().join("good.export");
-        assert_success(&export(&self.data(), "good", &out));
-        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
+        let disk = self.disk("good.raw", &random_bytes(1 << 20, rand_seed()));
+        assert_success(&self.agent_once(&disk, "good", &[]));
+        self.assert_replica_is("good", &disk);
         assert_eq!(
             self.head_bytes("victim").unwrap(),
             victim_head,
             "victim replica changed"
         );
-        let victim_out = self.work.path().join("victim.export");
-        assert_success(&export(&self.data(), "victim", &victim_out));
-        assert_eq!(
-            std::fs::read(&victim_out).unwrap(),
-            std::fs::read(self.work.path().join("victim.raw")).unwrap()
-        );
+        self.assert_replica_is("victim", &self.path("victim.raw"));
         if !rejected.is_empty() {
             assert!(
                 self.head_bytes(rejected).is_none(),

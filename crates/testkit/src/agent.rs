@@ -2,6 +2,7 @@
 //! as it runs, its epoch lines parsed, signals sent to it, and waiting for it
 //! to exit. Killed when dropped, so a failed test leaves no agent behind.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -47,6 +48,31 @@ impl AgentProcess {
             stdout,
             stderr,
         }
+    }
+
+    /// Starts `bin agent` on `disk` for `source`, to the server at `to` with
+    /// the certificates in `tls`, then `extra` arguments.
+    pub fn start(
+        bin: &Path,
+        disk: &Path,
+        to: SocketAddr,
+        source: &str,
+        tls: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = vec![
+            "--disk".to_owned(),
+            disk.to_str().unwrap().to_owned(),
+            "--to".to_owned(),
+            to.to_string(),
+            "--source".to_owned(),
+            source.to_owned(),
+            "--tls-dir".to_owned(),
+            tls.to_str().unwrap().to_owned(),
+        ];
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn(bin, &args)
     }
 
     /// Every stdout line printed so far.

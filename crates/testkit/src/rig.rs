@@ -26,7 +26,12 @@ impl AgentRig {
     /// Certificates for `sources` and `bin server` on 127.0.0.1:0 with
     /// `server_args` beyond the listen addresses, data and certificates.
     pub fn start(bin: &Path, sources: &[&str], server_args: &[&str]) -> Self {
-        let pki = Pki::new(sources);
+        Self::start_with_pki(bin, Pki::new(sources), server_args)
+    }
+
+    /// [`AgentRig::start`] with certificates made beforehand (in a tenant,
+    /// revoked, an admin's...).
+    pub fn start_with_pki(bin: &Path, pki: Pki, server_args: &[&str]) -> Self {
         let work = tempfile::tempdir().unwrap();
         let server =
             ServerProcess::start_with(bin, &work.path().join("data"), pki.path(), server_args);
@@ -53,6 +58,12 @@ impl AgentRig {
         let path = self.path(name);
         std::fs::write(&path, bytes).unwrap();
         path
+    }
+
+    /// The bytes of `source`'s head file in the server's data; `None` while
+    /// it has no replica.
+    pub fn head(&self, source: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.data().join("sources").join(source).join("head")).ok()
     }
 
     /// The admin API's address.
@@ -87,9 +98,10 @@ impl AgentRig {
             .unwrap()
     }
 
-    /// `blockrep export` of `source`'s head from the server's data; its bytes.
-    /// Fails the test with the command's output if the export fails.
-    pub fn export(&self, source: &str) -> Vec<u8> {
+    /// `blockrep export` of `source`'s head from the server's data to
+    /// `{source}.export` in the work directory; that file. Fails the test with
+    /// the command's output if the export fails.
+    pub fn export(&self, source: &str) -> PathBuf {
         let out = self.path(&format!("{source}.export"));
         crate::tools::assert_success(
             &Command::new(&self.bin)
@@ -100,14 +112,14 @@ impl AgentRig {
                 .output()
                 .unwrap(),
         );
-        std::fs::read(out).unwrap()
+        out
     }
 
     /// Fails the test unless `source`'s replica, exported, is `disk` byte for
     /// byte.
     pub fn assert_replica_is(&self, source: &str, disk: &Path) {
         assert!(
-            self.export(source) == std::fs::read(disk).unwrap(),
+            crate::tools::files_equal(&self.export(source), disk),
             "the replica of {source} differs from {}",
             disk.display()
         );
@@ -115,8 +127,13 @@ impl AgentRig {
 
     /// Starts `blockrep agent` for `source` on `disk` with `extra` arguments.
     pub fn spawn_agent(&self, disk: &Path, source: &str, extra: &[&str]) -> AgentProcess {
-        let args = self.agent_args(disk, source, extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        AgentProcess::spawn(&self.bin, &args)
+        AgentProcess::start(
+            &self.bin,
+            disk,
+            self.server.addr,
+            source,
+            self.pki.path(),
+            extra,
+        )
     }
 }
