@@ -22,6 +22,18 @@ use bytes::Bytes;
 const CHUNK: u32 = SMALL_CHUNK_BYTES;
 const DISK: u64 = SMALL_DISK_BYTES;
 
+/// Offers `ids`; the bits of the server's `Have`.
+async fn have(client: &mut RawClient, ids: &[ChunkId]) -> Bytes {
+    client
+        .send(&Message::Offer { ids: ids.to_vec() })
+        .await
+        .unwrap();
+    let Message::Have { bits } = next(client).await.unwrap() else {
+        panic!("expected Have");
+    };
+    bits
+}
+
 fn chunks_of(disk: &[u8]) -> Vec<&[u8]> {
     let geometry = small_geometry();
     (0..geometry.chunk_count())
@@ -202,7 +214,6 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
     }
     let rig = rig_with(pki, &[]);
     let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
-    let data = rig.data();
     let disk = random_bytes(DISK as usize, 11);
     let (d1, d2) = (work.path().join("t1.raw"), work.path().join("t2.raw"));
     std::fs::write(&d1, &disk).unwrap();
@@ -229,33 +240,19 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
         "t2 sent {sent_second} bytes, t1 {sent_first}: nothing saved"
     );
     println!("bytes saved by tenant dedup: {}", sent_first - sent_second);
-    let out = work.path().join("t2.export");
-    assert_success(&export(&data, "t2", &out));
-    assert_eq!(std::fs::read(&out).unwrap(), disk);
+    rig.assert_replica_is("t2", &d2);
 
     // Another tenant learns nothing of acme's chunks.
     let ids = ids_of(&disk);
     let (mut client, _) = small_session(&server, &pki, "other").await;
-    client
-        .send(&Message::Offer { ids: ids.clone() })
-        .await
-        .unwrap();
-    let Message::Have { bits } = next(&mut client).await.unwrap() else {
-        panic!("expected Have");
-    };
+    let bits = have(&mut client, &ids).await;
     assert!(bits.iter().all(|b| *b == 0), "{bits:?}");
     drop(client);
 
     // t3 of acme: Have admits the tenant's chunks...
     let chunks = chunks_of(&disk);
     let (mut client, Welcome { nonce, .. }) = small_session(&server, &pki, "t3").await;
-    client
-        .send(&Message::Offer { ids: ids.clone() })
-        .await
-        .unwrap();
-    let Message::Have { bits } = next(&mut client).await.unwrap() else {
-        panic!("expected Have");
-    };
+    let bits = have(&mut client, &ids).await;
     assert_eq!(bits[0] & 1, 1, "{bits:?}");
     // ...but a reference with a wrong proof is refused...
     let mut wrong = ref_proof(&nonce, chunks[0]);
@@ -363,9 +360,7 @@ async fn resending_a_chunk_within_one_epoch_is_cut_off() {
     expect_bad_chunk(answer, "chunk 0 again", "sent twice in one epoch");
     assert!(rig.head("attacker").is_none());
     assert_success(&honest_agent.join().unwrap());
-    let out = work.path().join("honest.export");
-    assert_success(&export(&work.path().join("data"), "honest", &out));
-    assert_eq!(std::fs::read(out).unwrap(), std::fs::read(&honest).unwrap());
+    rig.assert_replica_is("honest", &honest);
 }
 
 /// With the default limits, one source's `Hello` could reserve 8 of the 9

@@ -15,51 +15,16 @@ use blockrep_testkit::{random_bytes, write_at};
 
 const KIB: u64 = 1024;
 
-/// A CA with certificates for `sources`, a server and a scratch directory.
-struct Env {
-    rig: AgentRig,
+/// `agent --once` of `disk` as `source` at `chunk_size`.
+fn once(env: &AgentRig, disk: &Path, source: &str, chunk_size: u64) -> Output {
+    env.agent_once(disk, source, &["--chunk-size", &chunk_size.to_string()])
 }
 
-impl std::ops::Deref for Env {
-    type Target = AgentRig;
-
-    fn deref(&self) -> &AgentRig {
-        &self.rig
-    }
-}
-
-impl Env {
-    fn new(sources: &[&str]) -> Self {
-        Self {
-            rig: rig(sources, &[]),
-        }
-    }
-
-    fn once(&self, disk: &Path, source: &str, chunk_size: u64) -> Output {
-        agent_once(
-            disk,
-            self.server.addr,
-            source,
-            self.pki.path(),
-            &["--chunk-size", &chunk_size.to_string()],
-        )
-    }
-
-    fn head(&self, source: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.data().join("sources").join(source).join("head")).ok()
-    }
-
-    fn agent(&self, disk: &Path, source: &str) -> AgentProcess {
-        // Long enough that a resize made right after an epoch line lands
-        // between two scans, not inside one.
-        spawn_agent(
-            disk,
-            self.server.addr,
-            source,
-            self.pki.path(),
-            &["--interval", "700ms"],
-        )
-    }
+/// A continuous agent of `disk` as `source`.
+fn agent(env: &AgentRig, disk: &Path, source: &str) -> AgentProcess {
+    // Long enough that a resize made right after an epoch line lands
+    // between two scans, not inside one.
+    env.spawn_agent(disk, source, &["--interval", "700ms"])
 }
 
 #[test]
@@ -71,11 +36,11 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
         }
     }
     let names: Vec<&str> = cases.iter().map(|(name, ..)| name.as_str()).collect();
-    let env = Env::new(&names);
+    let env = rig(&names, &[]);
     for (seed, (source, chunk, size)) in cases.iter().enumerate() {
         let disk = env.path(&format!("{source}.raw"));
         std::fs::write(&disk, random_bytes(*size as usize, seed as u64 + 1)).unwrap();
-        let first = env.once(&disk, source, *chunk);
+        let first = once(&env, &disk, source, *chunk);
         assert_success(&first);
         let chunks = size.div_ceil(*chunk);
         assert_eq!(
@@ -95,7 +60,7 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
             write_at(&disk, last_start, &vec![0u8; (size - last_start) as usize]);
             zeroed += 1;
         }
-        let second = env.once(&disk, source, *chunk);
+        let second = once(&env, &disk, source, *chunk);
         assert_success(&second);
         assert_eq!(
             sum_field(&second, "zero_chunks_sent"),
@@ -114,14 +79,14 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
 
 #[test]
 fn empty_disk_replicates_and_exports_as_an_empty_file() {
-    let env = Env::new(&["empty"]);
+    let env = rig(&["empty"], &[]);
     let disk = env.path("empty.raw");
     std::fs::write(&disk, b"").unwrap();
-    let first = env.once(&disk, "empty", 64 * KIB);
+    let first = once(&env, &disk, "empty", 64 * KIB);
     assert_success(&first);
     assert!(env.head("empty").is_some(), "no head for the empty disk");
     env.assert_replica_is("empty", &disk);
-    let second = env.once(&disk, "empty", 64 * KIB);
+    let second = once(&env, &disk, "empty", 64 * KIB);
     assert_success(&second);
     assert!(
         stdout(&second).contains("replica already equals disk"),
@@ -132,7 +97,7 @@ fn empty_disk_replicates_and_exports_as_an_empty_file() {
 
 #[test]
 fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
-    let env = Env::new(&["sparse"]);
+    let env = rig(&["sparse"], &[]);
     let disk = env.path("sparse.raw");
     let size = (1u64 << 30) + 4095;
     std::fs::File::create(&disk).unwrap().set_len(size).unwrap();
@@ -144,7 +109,7 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
         let len = (size - offset).min(chunk) as usize;
         write_at(&disk, *offset, &random_bytes(len, 40 + i as u64));
     }
-    let first = env.once(&disk, "sparse", chunk);
+    let first = once(&env, &disk, "sparse", chunk);
     assert_success(&first);
     // The write at chunk 1024 - 10 bytes spans two chunks.
     assert_eq!(sum_field(&first, "chunks_sent"), 5, "{}", stdout(&first));
@@ -157,7 +122,7 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
     // Zero the short last chunk and change the middle one.
     write_at(&disk, size - 4095, &vec![0u8; 4095]);
     write_at(&disk, 512 << 20, b"changed");
-    let second = env.once(&disk, "sparse", chunk);
+    let second = once(&env, &disk, "sparse", chunk);
     assert_success(&second);
     assert_eq!(
         sum_field(&second, "zero_chunks_sent"),
@@ -173,9 +138,9 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
 
 /// `agent --once` against a replica of another size: refused with both sizes
 /// named, and the head untouched.
-fn assert_resize_refused_once(env: &Env, source: &str, disk: &Path, old: u64, new: u64) {
+fn assert_resize_refused_once(env: &AgentRig, source: &str, disk: &Path, old: u64, new: u64) {
     let head = env.head(source).unwrap();
-    let output = env.once(disk, source, 64 * KIB);
+    let output = once(&env, disk, source, 64 * KIB);
     assert!(!output.status.success(), "resized disk was accepted");
     let text = stderr(&output);
     assert!(
@@ -188,12 +153,12 @@ fn assert_resize_refused_once(env: &Env, source: &str, disk: &Path, old: u64, ne
 
 #[test]
 fn resized_disk_is_refused_with_both_sizes_and_nothing_written() {
-    let env = Env::new(&["grow", "shrink"]);
+    let env = rig(&["grow", "shrink"], &[]);
     let size = 1u64 << 20;
     for (source, new) in [("grow", size + 4096), ("shrink", size - 65_536)] {
         let disk = env.path(&format!("{source}.raw"));
         std::fs::write(&disk, random_bytes(size as usize, 7)).unwrap();
-        assert_success(&env.once(&disk, source, 64 * KIB));
+        assert_success(&once(&env, &disk, source, 64 * KIB));
         std::fs::OpenOptions::new()
             .write(true)
             .open(&disk)
@@ -215,12 +180,12 @@ fn resized_disk_is_refused_with_both_sizes_and_nothing_written() {
 
 #[test]
 fn continuous_agent_stops_on_a_resize_instead_of_spinning() {
-    let env = Env::new(&["grow", "shrink"]);
+    let env = rig(&["grow", "shrink"], &[]);
     let size = 1u64 << 20;
     for (source, new) in [("grow", size + 65_536 + 1), ("shrink", size / 2)] {
         let disk = env.path(&format!("{source}.raw"));
         std::fs::write(&disk, random_bytes(size as usize, 9)).unwrap();
-        let mut agent = env.agent(&disk, source);
+        let mut agent = agent(&env, &disk, source);
         assert!(
             wait_until(Duration::from_secs(20), || !agent.epochs().is_empty()),
             "no first epoch: {}",
@@ -250,11 +215,11 @@ fn continuous_agent_stops_on_a_resize_instead_of_spinning() {
 
 #[test]
 fn disk_file_replaced_by_another_file_is_read_afresh() {
-    let env = Env::new(&["swap"]);
+    let env = rig(&["swap"], &[]);
     let size = 2usize << 20;
     let disk = env.path("swap.raw");
     std::fs::write(&disk, random_bytes(size, 11)).unwrap();
-    let mut agent = env.agent(&disk, "swap");
+    let mut agent = agent(&env, &disk, "swap");
     let first_root = disk_root(&disk, 64 * KIB as u32);
     assert!(
         wait_until(Duration::from_secs(20), || agent

@@ -18,6 +18,22 @@ use bytes::Bytes;
 const CHUNK: u32 = SMALL_CHUNK_BYTES;
 const DISK: u64 = SMALL_DISK_BYTES;
 
+/// The block values `source` is given for `ids` (`GetBlockValues`), in a
+/// session of its own.
+async fn block_values(
+    server: &ServerProcess,
+    pki: &Pki,
+    source: &str,
+    ids: Vec<ChunkId>,
+) -> Vec<Bytes> {
+    let (mut client, _) = small_session(server, pki, source).await;
+    client.send(&Message::GetBlockValues { ids }).await.unwrap();
+    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
+        panic!("no BlockValues for {source}; log: {}", server.log());
+    };
+    values
+}
+
 fn chunk_of(disk: &[u8], index: usize) -> &[u8] {
     let start = index * CHUNK as usize;
     &disk[start..(start + CHUNK as usize).min(disk.len())]
@@ -100,16 +116,7 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
     // and an id nobody stored get an empty entry, the same answer.
     let b_chunk_id = ChunkId::from(blake3::hash(chunk_of(&disk_b, 3)));
     let unknown = ChunkId::from(blake3::hash(b"never stored"));
-    let (mut client, _) = small_session(&server, &pki, "a").await;
-    client
-        .send(&Message::GetBlockValues {
-            ids: vec![base_id, b_chunk_id, unknown],
-        })
-        .await
-        .unwrap();
-    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
-        panic!("no BlockValues; log: {}", server.log());
-    };
+    let values = block_values(&server, &pki, "a", vec![base_id, b_chunk_id, unknown]).await;
     assert_eq!(values.len(), 3);
     assert_eq!(&values[0][..], &base_values.concat()[..]);
     assert!(
@@ -117,28 +124,11 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
         "another tenant's chunk got block values"
     );
     assert!(values[2].is_empty());
-    drop(client);
-    let (mut client, _) = small_session(&server, &pki, "b").await;
-    client
-        .send(&Message::GetBlockValues { ids: vec![base_id] })
-        .await
-        .unwrap();
-    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
-        panic!("no BlockValues; log: {}", server.log());
-    };
+    let values = block_values(&server, &pki, "b", vec![base_id]).await;
     assert_eq!(values, vec![Bytes::new()], "b got the values of a's chunk");
-    drop(client);
     // A patch reads its base without a proof: not even a tenant peer's.
-    let (mut client, _) = small_session(&server, &pki, "c").await;
-    client
-        .send(&Message::GetBlockValues { ids: vec![base_id] })
-        .await
-        .unwrap();
-    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
-        panic!("no BlockValues; log: {}", server.log());
-    };
+    let values = block_values(&server, &pki, "c", vec![base_id]).await;
     assert_eq!(values, vec![Bytes::new()], "c got the values of a's chunk");
-    drop(client);
 
     let blobs_before = blob_count(&data);
     let wrong_id = ChunkId::from(blake3::hash(b"some other chunk"));
