@@ -135,19 +135,24 @@ struct Fixture {
     socket: PathBuf,
 }
 
-fn fixture(source: &str, disk_bytes: usize) -> Fixture {
+/// The fixture, or `None` (the test skips) where the NBD clients are
+/// missing.
+fn fixture(source: &str, disk_bytes: usize) -> Option<Fixture> {
+    if !have_clients() {
+        return None;
+    }
     let pki = Pki::new(&[source]);
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(disk_bytes, 7)).unwrap();
     let socket = work.path().join("disk.sock");
-    Fixture {
+    Some(Fixture {
         source: source.to_owned(),
         pki,
         work,
         disk,
         socket,
-    }
+    })
 }
 
 impl Fixture {
@@ -182,10 +187,9 @@ impl Fixture {
 
 #[test]
 fn qemu_writes_through_the_export_reach_the_replica_byte_for_byte_at_every_flushed_cut() {
-    if !have_clients() {
+    let Some(f) = fixture("vm", 16 * MIB) else {
         return;
-    }
-    let f = fixture("vm", 16 * MIB);
+    };
     let data = f.data();
     let server = f.server();
     let admin = server.admin_addr.unwrap();
@@ -253,10 +257,9 @@ fn qemu_writes_through_the_export_reach_the_replica_byte_for_byte_at_every_flush
 
 #[test]
 fn the_socket_is_private_and_tcp_must_be_loopback_without_tls() {
-    if !have_clients() {
+    let Some(f) = fixture("db", 4 * MIB) else {
         return;
-    }
-    let f = fixture("db", 4 * MIB);
+    };
     let server = f.server();
     // A stale socket left by a killed agent is replaced.
     drop(std::os::unix::net::UnixListener::bind(&f.socket).unwrap());
@@ -313,10 +316,9 @@ fn the_socket_is_private_and_tcp_must_be_loopback_without_tls() {
 
 #[test]
 fn a_clean_restart_sends_only_what_was_written_and_a_killed_agent_rescans_once_and_converges() {
-    if !have_clients() {
+    let Some(f) = fixture("app", 32 * MIB) else {
         return;
-    }
-    let f = fixture("app", 32 * MIB);
+    };
     let server = f.server();
     let admin = server.admin_addr.unwrap();
     let uri = f.uri();
@@ -371,10 +373,9 @@ fn write_pattern_direct(disk: &Path, offset: u64, pattern: u8) {
 
 #[test]
 fn cutover_in_capture_mode_stops_writes_and_the_launch_equals_the_disk() {
-    if !have_clients() {
+    let Some(f) = fixture("erp", 8 * MIB) else {
         return;
-    }
-    let f = fixture("erp", 8 * MIB);
+    };
     let server = nbd_server(&f.pki, &f.data());
     let admin = server.admin_addr.unwrap();
     let uri = f.uri();
@@ -442,10 +443,9 @@ fn cutover_in_capture_mode_stops_writes_and_the_launch_equals_the_disk() {
 
 #[test]
 fn writes_keep_succeeding_while_the_server_is_down_and_replicate_once_it_is_up() {
-    if !have_clients() {
+    let Some(f) = fixture("edge", 8 * MIB) else {
         return;
-    }
-    let f = fixture("edge", 8 * MIB);
+    };
     let listen = closed_addr();
     let uri = f.uri();
     // No server yet: the agent serves the disk anyway and keeps retrying.

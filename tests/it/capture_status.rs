@@ -42,12 +42,6 @@ fn status_json(server: &ServerProcess, pki: &Pki, source: &str) -> serde_json::V
         .clone()
 }
 
-fn metrics(server: &ServerProcess) -> String {
-    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/metrics", None);
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
 fn geometry() -> Geometry {
     Geometry::new(DISK, CHUNK).unwrap()
 }
@@ -124,14 +118,8 @@ fn disconnected(server: &ServerProcess, source: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_session() {
-    let pki = Pki::new(&["db", "web"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
-        &["--retention", "off"],
-    );
+    let rig = rig(&["db", "web"], &["--retention", "off"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     // A source replicated by scanning, for contrast.
     let disk = work.path().join("web.raw");
     std::fs::write(&disk, random_bytes(DISK as usize, 9)).unwrap();

@@ -63,12 +63,6 @@ fn label_in(list: &serde_json::Value, key: &str, value: &str) -> String {
         .to_owned()
 }
 
-fn metrics(server: &ServerProcess) -> String {
-    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/metrics", None);
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
 #[test]
 fn a_live_read_is_labelled_live_everywhere_and_launches_only_when_allowed() {
     let pki = Pki::new(&["web"]);

@@ -57,15 +57,7 @@ fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
     drop(file);
     agent.signal("CONT");
     let expected = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_source(admin, "web")
-            .unwrap()
-            .root
-            .as_deref()
-            == Some(expected.as_str())),
-        "replica did not converge: {:?}",
-        admin_source(admin, "web")
-    );
+    wait_for_head_root(admin, "web", &expected, Duration::from_secs(30));
     // The server shows the root before the agent has printed the epoch that
     // sent it: wait for that line before counting bytes.
     assert!(wait_until(Duration::from_secs(10), || agent
@@ -95,13 +87,12 @@ fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
 
 #[test]
 fn killed_agent_resumes_the_initial_sync_without_starting_over() {
-    let pki = Pki::new(&["big"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["big"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     let image = random_bytes(256 * MIB, 2);
     std::fs::write(&disk, &image).unwrap();
     let data = work.path().join("data");
-    let server = ServerProcess::start(&bin(), &data, pki.path());
     let admin = server.admin_addr.unwrap();
     let mut agent = spawn_agent(
         &disk,
@@ -244,14 +235,7 @@ fn killed_server_is_rejoined_and_no_acknowledged_epoch_is_lost_or_torn() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let last_seq = writer.join().unwrap();
     let expected = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_source(admin, "db")
-            .unwrap()
-            .root
-            .as_deref()
-            == Some(expected.as_str())),
-        "replica did not converge"
-    );
+    wait_for_head_root(admin, "db", &expected, Duration::from_secs(30));
     assert_success(&export(&data, "db", &out));
     let replica = std::fs::read(&out).unwrap();
     assert!(check_stamps(&replica) < last_seq);
@@ -326,13 +310,12 @@ fn max_rate_throttles_the_transfer() {
 
 #[test]
 fn rate_changes_on_sighup_without_restarting() {
-    let pki = Pki::new(&["tuned"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["tuned"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(48 * MIB, 6)).unwrap();
     let settings = work.path().join("agent.conf");
     std::fs::write(&settings, "# throttled at first\nmax-rate = 2MiB/s\n").unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let admin = server.admin_addr.unwrap();
     let mut agent = spawn_agent(
         &disk,
@@ -357,15 +340,11 @@ fn rate_changes_on_sighup_without_restarting() {
 
 #[test]
 fn sources_turn_stalled_without_an_agent_and_lagging_behind_the_rpo() {
-    let pki = Pki::new(&["quiet", "behind"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let server = ServerProcess::start_with(
-        &bin(),
-        &data,
-        pki.path(),
+    let rig = rig(
+        &["quiet", "behind"],
         &["--stall-after", "1s", "--rpo-target", "1s"],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let admin = server.admin_addr.unwrap();
     let quiet = work.path().join("quiet.raw");
     std::fs::write(&quiet, random_bytes(MIB, 7)).unwrap();

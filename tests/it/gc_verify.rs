@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
-use blockrep_testkit::{Pki, ServerProcess, random_bytes};
+use blockrep_testkit::random_bytes;
 
 const MIB: usize = 1 << 20;
 
@@ -30,14 +30,8 @@ fn export_snapshot(data: &Path, source: &str, snapshot: &str, out: &Path) {
 
 #[test]
 fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
-    let pki = Pki::new(&["web"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let disk = work.path().join("disk.raw");
-    let server = ServerProcess::start_with(
-        &bin(),
-        &data,
-        pki.path(),
+    let rig = rig(
+        &["web"],
         &[
             "--retention",
             "1s:2s",
@@ -49,6 +43,9 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
             "off",
         ],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let data = work.path().join("data");
+    let disk = work.path().join("disk.raw");
     let images: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(8 * MIB, 100 + i)).collect();
     std::fs::write(&disk, &images[0]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
@@ -165,13 +162,13 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
 
 #[test]
 fn verify_names_the_snapshot_a_damaged_chunk_affects() {
-    let pki = Pki::new(&["db"]);
-    let work = tempfile::tempdir().unwrap();
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["db"], &["--retention", "off"]);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     let first = random_bytes(4 * MIB, 7);
     std::fs::write(&disk, &first).unwrap();
-    let server = ServerProcess::start_with(&bin(), &data, pki.path(), &["--retention", "off"]);
     assert_success(&agent_once(&disk, server.addr, "db", pki.path(), &[]));
     let (code, body) = admin_request(
         server.admin_addr.unwrap(),

@@ -202,12 +202,8 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
     const STALLED: usize = 50;
     const SILENT_TLS: usize = 20;
     let idle_target = 10_000.min(open_files_limit().saturating_sub(1_000));
-    let pki = Pki::new(&["live", "late"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
+    let rig = rig(
+        &["live", "late"],
         &[
             "--connections-max",
             &CONNECTIONS_MAX.to_string(),
@@ -218,6 +214,7 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
             "3s",
         ],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let admin = server.admin_addr.unwrap();
     let disk = work.path().join("live.raw");
     std::fs::write(&disk, random_bytes(4 << 20, 1)).unwrap();

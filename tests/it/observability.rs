@@ -63,16 +63,10 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
         eprintln!("skipped: promtool not installed (scripts/test.sh installs it)");
         return;
     }
-    let pki = Pki::new(&["web", "other"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["web", "other"], &["--rpo-target", "1h"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(8 * MIB, 11)).unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
-        &["--rpo-target", "1h"],
-    );
     let admin = server.admin_addr.unwrap();
     let (_, empty) = scrape(admin);
     assert_eq!(sample(&empty, "blockrep_availability"), Some(1.0));
@@ -158,14 +152,7 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
     );
 
     let expected = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_source(admin, "web")
-            .unwrap()
-            .root
-            .as_deref()
-            == Some(expected.as_str())),
-        "replica did not converge"
-    );
+    wait_for_head_root(admin, "web", &expected, Duration::from_secs(30));
     let (text, committed) = scrape(admin);
     promtool_check_metrics(&text);
     assert_monotonic(&during, &committed);
@@ -537,16 +524,13 @@ fn rpo_breach_hook_runs_once_per_crossing_even_without_an_agent() {
 
 #[test]
 fn json_logs_parse_line_by_line_and_session_lines_name_their_source() {
-    let pki = Pki::new(&["web", "other"]);
-    let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(2 * MIB, 31)).unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
+    let rig = rig(
+        &["web", "other"],
         &["--log-format", "json", "--retention", "off"],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let disk = work.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(2 * MIB, 31)).unwrap();
     let admin = server.admin_addr.unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     write_at(&disk, 0, &random_bytes(CHUNK as usize, 32));

@@ -107,10 +107,6 @@ fn metric(text: &str, series: &str) -> f64 {
         .map_or(0.0, |value| value.trim().parse().unwrap())
 }
 
-fn metrics(server: &ServerProcess) -> String {
-    admin_request(server.admin_addr.unwrap(), "GET", "/metrics", None).1
-}
-
 /// The head file of `source`, if any.
 fn head(work: &Path, source: &str) -> Option<Vec<u8>> {
     std::fs::read(work.join("data/sources").join(source).join("head")).ok()

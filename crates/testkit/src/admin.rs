@@ -172,3 +172,23 @@ pub fn create_launch(
     assert_eq!(code, 201, "{body}");
     serde_json::from_str(&body).unwrap()
 }
+
+/// `GET /metrics`, which must answer 200: the exposition text.
+pub fn metrics(server: &ServerProcess) -> String {
+    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/metrics", None);
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// Waits until the admin API shows `root` as `source`'s head; fails the test
+/// with the source's view if `timeout` passes first.
+pub fn wait_for_head_root(admin: SocketAddr, source: &str, root: &str, timeout: Duration) {
+    assert!(
+        crate::tools::wait_until(timeout, || admin_source(admin, source)
+            .and_then(|view| view.root)
+            .as_deref()
+            == Some(root)),
+        "the replica of {source} did not converge to {root} within {timeout:?}: {:?}",
+        admin_source(admin, source)
+    );
+}
