@@ -82,6 +82,17 @@ impl Capturing {
         self.agent.stderr.lock().unwrap().clone()
     }
 
+    /// Waits until the agent says it serves the disk.
+    fn wait_serving(&self) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self
+                .stderr()
+                .contains("serving the disk over NBD")),
+            "{}",
+            self.stderr()
+        );
+    }
+
     /// Waits for the agent to exit by itself; its status.
     fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let mut status = None;
@@ -264,13 +275,7 @@ fn the_socket_is_private_and_tcp_must_be_loopback_without_tls() {
     // A stale socket left by a killed agent is replaced.
     drop(std::os::unix::net::UnixListener::bind(&f.socket).unwrap());
     let agent = f.capture_on(server.addr, &format!("unix:{}", f.socket.display()));
-    assert!(
-        wait_until(Duration::from_secs(30), || agent
-            .stderr()
-            .contains("serving the disk over NBD")),
-        "{}",
-        agent.stderr()
-    );
+    agent.wait_serving();
     let metadata = std::fs::metadata(&f.socket).unwrap();
     assert!(metadata.file_type().is_socket());
     assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
@@ -295,13 +300,7 @@ fn the_socket_is_private_and_tcp_must_be_loopback_without_tls() {
     // A loopback TCP address serves the disk: nbdinfo and qemu-img see it.
     let local = closed_addr().to_string();
     let agent = f.capture_on(server.addr, &local);
-    assert!(
-        wait_until(Duration::from_secs(30), || agent
-            .stderr()
-            .contains("serving the disk over NBD")),
-        "{}",
-        agent.stderr()
-    );
+    agent.wait_serving();
     let size = run_tool("nbdinfo", &["--size", &format!("nbd://{local}/db")]);
     assert_eq!(size.trim(), (4 * MIB).to_string());
     let info = run_tool("qemu-img", &["info", &format!("nbd://{local}/db")]);

@@ -12,6 +12,7 @@ use crate::common::*;
 use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{ChunkId, Consistency, Geometry, Root};
 use blockrep_proto::{Codec, Message};
+use blockrep_testkit::raw::expect_committed;
 use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes};
 use bytes::Bytes;
 
@@ -87,16 +88,7 @@ async fn epoch(client: &mut RawClient, epoch: u64, ids: &mut [ChunkId], report: 
         })
         .await
         .unwrap();
-    loop {
-        match client.recv().await.unwrap() {
-            Some(Message::Committed { epoch: got, .. }) => {
-                assert_eq!(got, epoch);
-                return;
-            }
-            Some(Message::Progress { .. }) => continue,
-            other => panic!("expected Committed, got {other:?}"),
-        }
-    }
+    expect_committed(client, epoch).await;
 }
 
 fn capture(cuts: u64, writes: u64) -> Message {

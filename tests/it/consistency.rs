@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use crate::common::*;
 use blockrep_core::{ChunkId, Consistency, Geometry, Root, SourceId};
 use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION};
+use blockrep_testkit::raw::expect_committed;
 use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes};
 use bytes::Bytes;
 
@@ -200,20 +201,6 @@ async fn send_chunk(client: &mut RawClient, index: u64, data: &[u8]) -> ChunkId 
         .await
         .unwrap();
     id
-}
-
-/// The server's answer to a Commit must be `Committed` of `epoch`.
-async fn expect_committed(client: &mut RawClient, epoch: u64) {
-    loop {
-        match client.recv().await.unwrap() {
-            Some(Message::Committed { epoch: got, .. }) => {
-                assert_eq!(got, epoch);
-                return;
-            }
-            Some(Message::Progress { .. }) => continue,
-            other => panic!("expected Committed, got {other:?}"),
-        }
-    }
 }
 
 async fn connect(server: &ServerProcess, pki: &Pki) -> RawClient {

@@ -476,16 +476,6 @@ async fn failback_streams_what_a_want_asks_for() {
     );
 }
 
-fn peak_rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 /// A replica committed before these checks may name another blob than a
 /// chunk where a chunk belongs (here: source `b`'s root, as `a`'s chunk 0).
 /// Failback sent whatever the store returned for the id; it now sends only

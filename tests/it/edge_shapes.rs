@@ -221,14 +221,7 @@ fn disk_file_replaced_by_another_file_is_read_afresh() {
     std::fs::write(&disk, random_bytes(size, 11)).unwrap();
     let mut agent = agent(&env, &disk, "swap");
     let first_root = disk_root(&disk, 64 * KIB as u32);
-    assert!(
-        wait_until(Duration::from_secs(20), || agent
-            .epochs()
-            .iter()
-            .any(|(_, root)| *root == first_root)),
-        "no first epoch: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.wait_for_root(&first_root, Duration::from_secs(20), "no first epoch");
     // A new file (new inode, same size) renamed over the disk's path, as an
     // image restored from backup or rewritten by a tool would be.
     let mut replacement = random_bytes(size, 12);
@@ -242,14 +235,10 @@ fn disk_file_replaced_by_another_file_is_read_afresh() {
         old_inode
     );
     let new_root = disk_root(&disk, 64 * KIB as u32);
-    assert!(
-        wait_until(Duration::from_secs(20), || agent
-            .epochs()
-            .iter()
-            .any(|(_, root)| *root == new_root)),
-        "replica did not converge to the new file: {:#?}\n{}",
-        agent.lines(),
-        agent.stderr.lock().unwrap()
+    agent.wait_for_root(
+        &new_root,
+        Duration::from_secs(20),
+        "replica did not converge to the new file",
     );
     agent.signal("TERM");
     assert!(agent.child.wait().unwrap().success());

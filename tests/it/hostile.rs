@@ -175,17 +175,6 @@ fn open_files_limit() -> usize {
         .unwrap_or(1024)
 }
 
-/// `VmHWM` (peak resident memory) of a process, in bytes.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
@@ -226,13 +215,7 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
         &["--interval", "200ms"],
     );
     let first = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(20), || agent
-            .epochs()
-            .iter()
-            .any(|(_, r)| *r == first)),
-        "no first epoch"
-    );
+    agent.wait_for_root(&first, Duration::from_secs(20), "no first epoch");
 
     let flood_started = Instant::now();
     // Handshakes that start and stall: a TLS record header promising a
@@ -288,13 +271,10 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
     // Meanwhile the agent replicates a change over its session.
     write_at(&disk, 1 << 20, &random_bytes(CHUNK as usize, 2));
     let changed = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(15), || agent
-            .epochs()
-            .iter()
-            .any(|(_, r)| *r == changed)),
-        "the agent stopped replicating under the flood: {:#?}",
-        agent.lines()
+    agent.wait_for_root(
+        &changed,
+        Duration::from_secs(15),
+        "the agent stopped replicating under the flood",
     );
     // Every connection of the flood is handled, within the limit or refused
     // at once, and the limit holds at every sample meanwhile. (Connections

@@ -57,6 +57,29 @@ fn run_output(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
+/// qemu-io on `export` at `nbd` over TLS with the certificates in `certs`,
+/// running `command`; its output whether it succeeded or not.
+fn qemu_io_tls(nbd: SocketAddr, certs: &Path, export: &str, command: &str) -> Output {
+    run_output(
+        "qemu-io",
+        &[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                certs.display()
+            ),
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=inet,server.host={},server.port={},export={export},tls-creds=tls0",
+                nbd.ip(),
+                nbd.port()
+            ),
+            "-c",
+            command,
+        ],
+    )
+}
+
 fn all_output(output: &Output) -> String {
     format!("{}{}", stdout(output), stderr(output))
 }
@@ -204,24 +227,7 @@ fn a_source_certificate_cannot_write_another_sources_launch() {
         "a's nbdcopy into b's launch succeeded"
     );
     let nbd = f.server.nbd_addr.unwrap();
-    let qemu = run_output(
-        "qemu-io",
-        &[
-            "--object",
-            &format!(
-                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-                f.certs_a.display()
-            ),
-            "--image-opts",
-            &format!(
-                "driver=nbd,server.type=inet,server.host={},server.port={},export=bravo,tls-creds=tls0",
-                nbd.ip(),
-                nbd.port()
-            ),
-            "-c",
-            "write -P 0xaa 0 65536",
-        ],
-    );
+    let qemu = qemu_io_tls(nbd, &f.certs_a, "bravo", "write -P 0xaa 0 65536");
     let text = all_output(&qemu);
     assert!(
         !qemu.status.success() || !text.contains("wrote"),
@@ -243,24 +249,7 @@ fn a_source_certificate_cannot_write_another_sources_launch() {
     );
 
     // a's own launch takes a's writes (the same qemu-io, its own export).
-    let own = run_output(
-        "qemu-io",
-        &[
-            "--object",
-            &format!(
-                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-                f.certs_a.display()
-            ),
-            "--image-opts",
-            &format!(
-                "driver=nbd,server.type=inet,server.host={},server.port={},export=alpha,tls-creds=tls0",
-                nbd.ip(),
-                nbd.port()
-            ),
-            "-c",
-            "write -P 0xaa 0 65536",
-        ],
-    );
+    let own = qemu_io_tls(nbd, &f.certs_a, "alpha", "write -P 0xaa 0 65536");
     let own_text = all_output(&own);
     assert!(
         own.status.success() && own_text.contains("wrote 65536"),

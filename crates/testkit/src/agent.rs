@@ -120,6 +120,18 @@ impl AgentProcess {
         );
     }
 
+    /// Waits until the agent has printed an epoch line with `root`; fails the
+    /// test, saying `what` was awaited, with the agent's output if `timeout`
+    /// passes first.
+    pub fn wait_for_root(&self, root: &str, timeout: Duration, what: &str) {
+        assert!(
+            crate::tools::wait_until(timeout, || self.epochs().iter().any(|(_, r)| r == root)),
+            "{what}: no epoch with root {root} after {timeout:?}: {:#?}\nstderr: {}",
+            self.lines(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
     /// SIGTERM, then its exit status (see [`wait_exit`]: at most 30 s).
     pub fn stop(&mut self) -> std::process::ExitStatus {
         self.signal("TERM");

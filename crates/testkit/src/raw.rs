@@ -70,3 +70,12 @@ pub async fn small_session(
         other => panic!("no Welcome for {source}: {other:?}; log: {}", server.log()),
     }
 }
+
+/// The server's answer to a `Commit` must be `Committed` of `epoch` (after
+/// any `Progress` beats).
+pub async fn expect_committed(client: &mut RawClient, epoch: u64) {
+    match next(client).await {
+        Some(Message::Committed { epoch: got, .. }) => assert_eq!(got, epoch),
+        other => panic!("expected Committed of epoch {epoch}, got {other:?}"),
+    }
+}

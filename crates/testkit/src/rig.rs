@@ -103,15 +103,12 @@ impl AgentRig {
     /// the command's output if the export fails.
     pub fn export(&self, source: &str) -> PathBuf {
         let out = self.path(&format!("{source}.export"));
-        crate::tools::assert_success(
-            &Command::new(&self.bin)
-                .args(["export", "--data"])
-                .arg(self.data())
-                .args(["--source", source, "--out"])
-                .arg(&out)
-                .output()
-                .unwrap(),
-        );
+        crate::tools::assert_success(&crate::tools::export_with(
+            &self.bin,
+            &self.data(),
+            source,
+            &out,
+        ));
         out
     }
 

@@ -28,6 +28,18 @@ pub fn assert_success(output: &Output) {
     );
 }
 
+/// `bin export` (`bin`: a blockrep binary) of `source`'s head from the data
+/// directory `data` to `out`.
+pub fn export_with(bin: &Path, data: &Path, source: &str, out: &Path) -> Output {
+    Command::new(bin)
+        .args(["export", "--data"])
+        .arg(data)
+        .args(["--source", source, "--out"])
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 /// Whether external clients must be present: CI and the test script set
 /// `BLOCKREP_REQUIRE_TOOLS`, so that a test that needs one fails instead of
 /// skipping.
@@ -174,4 +186,15 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> usize {
         }
     }
     filled
+}
+
+/// `VmHWM` (peak resident memory) of a process, in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
 }

@@ -86,13 +86,7 @@ pub fn sum_field(output: &Output, key: &str) -> u64 {
 
 /// `blockrep export` of `source` to `out`.
 pub fn export(data: &Path, source: &str, out: &Path) -> Output {
-    Command::new(BIN)
-        .args(["export", "--data"])
-        .arg(data)
-        .args(["--source", source, "--out"])
-        .arg(out)
-        .output()
-        .unwrap()
+    export_with(&bin(), data, source, out)
 }
 
 /// The agent's arguments naming its disk, server, source and certificates.
