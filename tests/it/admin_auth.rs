@@ -84,6 +84,20 @@ fn post_json(f: &AgentRig, header: &str, url: &str) -> (u16, String) {
     ])
 }
 
+/// `POST /v1/snapshots` of `body` as `content_type` with the admin token, by
+/// curl.
+fn post_snapshot(f: &AgentRig, content_type: &str, body: &str) -> (u16, String) {
+    curl(&[
+        "-H",
+        &auth(f),
+        "-H",
+        content_type,
+        "-d",
+        body,
+        &admin_url(f, "/v1/snapshots"),
+    ])
+}
+
 /// Whether the server has been asked to cut `b` over.
 fn cutover_requested(f: &AgentRig) -> bool {
     admin_source(f.admin(), "b").unwrap().cutover_requested
@@ -277,15 +291,11 @@ fn a_form_encoded_state_change_is_refused() {
     ]);
     assert_eq!(code, 415, "{body}");
     assert!(!cutover_requested(&f), "a form POST started a cutover");
-    let (code, body) = curl(&[
-        "-H",
-        &auth(&f),
-        "-H",
+    let (code, body) = post_snapshot(
+        &f,
         "Content-Type: text/plain",
-        "-d",
         r#"{"source":"b","name":"plain"}"#,
-        &admin_url(&f, "/v1/snapshots"),
-    ]);
+    );
     assert_eq!(code, 415, "{body}");
     assert!(
         !f.work
@@ -295,15 +305,11 @@ fn a_form_encoded_state_change_is_refused() {
     );
     let (code, body) = curl(&["-X", "POST", "-H", &auth(&f), &admin_url(&f, "/v1/gc")]);
     assert_eq!(code, 415, "{body}");
-    let (code, body) = curl(&[
-        "-H",
-        &auth(&f),
-        "-H",
+    let (code, body) = post_snapshot(
+        &f,
         "Content-Type: application/json; charset=utf-8",
-        "-d",
         r#"{"source":"b","name":"json"}"#,
-        &admin_url(&f, "/v1/snapshots"),
-    ]);
+    );
     assert_eq!(code, 201, "{body}");
 }
 

@@ -49,13 +49,7 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
     let images: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(8 * MIB, 100 + i)).collect();
     std::fs::write(&disk, &images[0]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/snapshots",
-        Some(r#"{"source":"web","name":"keep"}"#),
-    );
-    assert_eq!(code, 201, "{body}");
+    create_snapshot(&server, "web", "keep");
     // Epoch 2 is held only by automatic snapshots, which expire after 2 s.
     std::fs::write(&disk, &images[1]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
@@ -170,13 +164,7 @@ fn verify_names_the_snapshot_a_damaged_chunk_affects() {
     let first = random_bytes(4 * MIB, 7);
     std::fs::write(&disk, &first).unwrap();
     assert_success(&agent_once(&disk, server.addr, "db", pki.path(), &[]));
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/snapshots",
-        Some(r#"{"source":"db","name":"before"}"#),
-    );
-    assert_eq!(code, 201, "{body}");
+    create_snapshot(&server, "db", "before");
     let mut second = first.clone();
     second[..MIB].copy_from_slice(&random_bytes(MIB, 8));
     std::fs::write(&disk, &second).unwrap();

@@ -321,6 +321,24 @@ impl Checks {
         }
     }
 
+    /// Waits for the first acknowledgement after the restart of `previous`
+    /// was ready, checks it, and exports every root acknowledged since.
+    fn after_recovery(
+        &mut self,
+        previous: &Pending,
+        agent: &mut AgentProcess,
+        server: &ServerProcess,
+        rig: &Rig,
+        store: &blockrep_store::Store,
+        rng: &mut SplitMix64,
+    ) {
+        let recovered = wait_for_ack(&rig.ack_log(), agent, server, |a| {
+            a.unix_ms > previous.ready_unix_ms
+        });
+        self.recovered(previous, &recovered);
+        self.exports(rig, store, rng, previous.kill, &recovered);
+    }
+
     /// Every root acknowledged since the last check, exported with the store
     /// library and re-hashed; then through the CLI, `newest` and one older root
     /// at random.
@@ -418,11 +436,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
             }
         } else {
             if let Some(previous) = pending.take() {
-                let recovered = wait_for_ack(&log, &mut agent, &server, |a| {
-                    a.unix_ms > previous.ready_unix_ms
-                });
-                checks.recovered(&previous, &recovered);
-                checks.exports(&rig, &store, &mut rng, previous.kill, &recovered);
+                checks.after_recovery(&previous, &mut agent, &server, &rig, &store, &mut rng);
                 assert!(
                     checks.failures.is_empty(),
                     "seed {seed:#x}: acknowledged commits lost:\n{}",
@@ -505,11 +519,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         });
     }
     if let Some(previous) = pending.take() {
-        let recovered = wait_for_ack(&log, &mut agent, &server, |a| {
-            a.unix_ms > previous.ready_unix_ms
-        });
-        checks.recovered(&previous, &recovered);
-        checks.exports(&rig, &store, &mut rng, previous.kill, &recovered);
+        checks.after_recovery(&previous, &mut agent, &server, &rig, &store, &mut rng);
     }
     assert!(
         checks.failures.is_empty(),

@@ -513,12 +513,11 @@ fn a_revoked_certificate_loses_its_open_nbd_connection() {
     let pki = Pki::new(&["a", "spare"]);
     // A list in force from the start (it revokes a certificate nobody uses).
     blockrep_pki::revoke_cert(pki.path(), &pki.cert("spare")).unwrap();
-    let work = tempfile::tempdir().unwrap();
     let crl = pki.path().join("crl.pem");
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
+    let AgentRig {
+        pki, work, server, ..
+    } = rig_with(
+        pki,
         &[
             "--nbd-listen",
             "127.0.0.1:0",
