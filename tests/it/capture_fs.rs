@@ -27,23 +27,17 @@ use std::time::Duration;
 use crate::common::*;
 use blockrep_testkit::ack_log::read_acks;
 use blockrep_testkit::fs_writer::{DurableLog, Verified, Writer, now_unix_ms, verify};
-use blockrep_testkit::loopfs::{FsKind, LoopMount, check_and_mount, loop_fs_ready};
+use blockrep_testkit::loopfs::{
+    EXT4_LOOP_TOOLS, FsKind, LoopMount, check_and_mount, loop_fs_ready,
+};
 use blockrep_testkit::nbdfuse::NbdFuse;
 use blockrep_testkit::{Pki, ServerProcess};
 
 const MIB: u64 = 1 << 20;
 const SOURCE: &str = "fs";
 const DISK_BYTES: u64 = 64 * MIB;
-/// Everything the tests run: the loop devices, ext4's tools, nbdfuse.
-const TOOLS: [&str; 7] = [
-    "losetup",
-    "mount",
-    "umount",
-    "mkfs.ext4",
-    "e2fsck",
-    "nbdfuse",
-    "fusermount3",
-];
+/// What the tests run beyond an ext4 on a loop device.
+const FUSE_TOOLS: [&str; 2] = ["nbdfuse", "fusermount3"];
 /// How long the points may take to appear (debug builds on a busy machine).
 const POINTS_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the workload's I/O may take to fail once the agent is killed.
@@ -51,7 +45,7 @@ const IO_FAILS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether the test can run: root, the tools, and the FUSE device.
 fn capture_fs_ready(test: &str) -> bool {
-    if !loop_fs_ready(test, &TOOLS) {
+    if !loop_fs_ready(test, &[&EXT4_LOOP_TOOLS[..], &FUSE_TOOLS].concat()) {
         return false;
     }
     if !Path::new("/dev/fuse").exists() {

@@ -5,7 +5,6 @@
 //! commits without reporting puts the source back in mode `scan`.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::common::*;
@@ -19,16 +18,6 @@ use bytes::Bytes;
 const CHUNK: u32 = 65_536;
 /// Four chunks of 64 KiB.
 const DISK: u64 = 4 * CHUNK as u64;
-
-fn cli(server: &ServerProcess, pki: &Pki, args: &[&str]) -> Output {
-    let admin = server.admin_addr.unwrap().to_string();
-    Command::new(BIN)
-        .args(args)
-        .args(["--admin", &admin, "--admin-token"])
-        .arg(pki.path().join("admin.token"))
-        .output()
-        .unwrap()
-}
 
 /// `status --json`, the element of `source`.
 fn status_json(server: &ServerProcess, pki: &Pki, source: &str) -> serde_json::Value {

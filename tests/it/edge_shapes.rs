@@ -15,6 +15,16 @@ use blockrep_testkit::{random_bytes, write_at};
 
 const KIB: u64 = 1024;
 
+/// Truncates or extends the file at `disk` to `len` bytes.
+fn resize(disk: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 /// `agent --once` of `disk` as `source` at `chunk_size`.
 fn once(env: &AgentRig, disk: &Path, source: &str, chunk_size: u64) -> Output {
     env.agent_once(disk, source, &["--chunk-size", &chunk_size.to_string()])
@@ -159,12 +169,7 @@ fn resized_disk_is_refused_with_both_sizes_and_nothing_written() {
         let disk = env.path(&format!("{source}.raw"));
         std::fs::write(&disk, random_bytes(size as usize, 7)).unwrap();
         assert_success(&once(&env, &disk, source, 64 * KIB));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&disk)
-            .unwrap()
-            .set_len(new)
-            .unwrap();
+        resize(&disk, new);
         assert_resize_refused_once(&env, source, &disk, size, new);
         // The replica still holds the disk as it was before the resize.
         let before = env.path(&format!("{source}.before"));
@@ -192,12 +197,7 @@ fn continuous_agent_stops_on_a_resize_instead_of_spinning() {
             agent.stderr.lock().unwrap()
         );
         let head = env.head(source).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&disk)
-            .unwrap()
-            .set_len(new)
-            .unwrap();
+        resize(&disk, new);
         let status = wait_exit(&mut agent, Duration::from_secs(15));
         let text = agent.stderr.lock().unwrap().clone();
         assert!(!status.success(), "agent exited 0 after a resize: {text}");

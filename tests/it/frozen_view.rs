@@ -231,6 +231,17 @@ fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
     let s = scripts(work.path());
     let release = s.release.to_str().unwrap();
     let addr = rig.server.addr;
+    // A run of the agent whose views `snapshot` makes and the release script
+    // releases.
+    let once_with_view = |to, snapshot: &str| {
+        agent_once(
+            &disk,
+            to,
+            "db",
+            pki.path(),
+            &["--snapshot-cmd", snapshot, "--release-cmd", release],
+        )
+    };
 
     // A view of the wrong size: a clear error, and the view is released.
     let short = work.path().join("short.sh");
@@ -241,18 +252,7 @@ fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
             work.path().display()
         ),
     );
-    let output = agent_once(
-        &disk,
-        addr,
-        "db",
-        pki.path(),
-        &[
-            "--snapshot-cmd",
-            short.to_str().unwrap(),
-            "--release-cmd",
-            release,
-        ],
-    );
+    let output = once_with_view(addr, short.to_str().unwrap());
     assert!(!output.status.success());
     let error = stderr(&output);
     assert!(
@@ -263,18 +263,7 @@ fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
     assert_eq!(read_lines(&s.release_log), vec![short_view.clone()]);
 
     // The view is made, then the server cannot be reached: released too.
-    let output = agent_once(
-        &disk,
-        closed_addr(),
-        "db",
-        pki.path(),
-        &[
-            "--snapshot-cmd",
-            s.snapshot.to_str().unwrap(),
-            "--release-cmd",
-            release,
-        ],
-    );
+    let output = once_with_view(closed_addr(), s.snapshot.to_str().unwrap());
     assert!(!output.status.success());
     assert!(
         stderr(&output).contains("cannot connect"),

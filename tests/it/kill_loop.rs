@@ -321,6 +321,15 @@ impl Checks {
         }
     }
 
+    /// Fails the test with every failure so far, naming the seed to replay.
+    fn assert_none_lost(&self, seed: u64) {
+        assert!(
+            self.failures.is_empty(),
+            "seed {seed:#x}: acknowledged commits lost:\n{}",
+            self.failures.join("\n")
+        );
+    }
+
     /// Waits for the first acknowledgement after the restart of `previous`
     /// was ready, checks it, and exports every root acknowledged since.
     fn after_recovery(
@@ -437,11 +446,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         } else {
             if let Some(previous) = pending.take() {
                 checks.after_recovery(&previous, &mut agent, &server, &rig, &store, &mut rng);
-                assert!(
-                    checks.failures.is_empty(),
-                    "seed {seed:#x}: acknowledged commits lost:\n{}",
-                    checks.failures.join("\n")
-                );
+                checks.assert_none_lost(seed);
             }
             std::thread::sleep(Duration::from_millis(rng.below(KILL_DELAY_MAX_MS + 1)));
         }
@@ -521,11 +526,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
     if let Some(previous) = pending.take() {
         checks.after_recovery(&previous, &mut agent, &server, &rig, &store, &mut rng);
     }
-    assert!(
-        checks.failures.is_empty(),
-        "seed {seed:#x}: acknowledged commits lost:\n{}",
-        checks.failures.join("\n")
-    );
+    checks.assert_none_lost(seed);
 
     // Stop writing; the replica must then come to equal the disk.
     stop.store(true, Ordering::Relaxed);

@@ -22,21 +22,18 @@ use std::time::Duration;
 use crate::common::*;
 use blockrep_testkit::ack_log::read_acks;
 use blockrep_testkit::fs_writer::{DurableLog, Verified, Writer, verify};
-use blockrep_testkit::loopfs::{FsKind, NestedFs, check_and_mount, loop_fs_ready};
+use blockrep_testkit::loopfs::{EXT4_LOOP_TOOLS, FsKind, NestedFs, check_and_mount, loop_fs_ready};
 use blockrep_testkit::{Pki, ServerProcess};
 
 const MIB: u64 = 1 << 20;
 const SOURCE: &str = "fs";
+/// What the tests run beyond an ext4 on a loop device: XFS's tools.
+const XFS_TOOLS: [&str; 2] = ["mkfs.xfs", "xfs_repair"];
+
 /// Everything the tests run: the loop devices, both file systems' tools.
-const TOOLS: [&str; 7] = [
-    "losetup",
-    "mount",
-    "umount",
-    "mkfs.ext4",
-    "e2fsck",
-    "mkfs.xfs",
-    "xfs_repair",
-];
+fn tools() -> Vec<&'static str> {
+    [&EXT4_LOOP_TOOLS[..], &XFS_TOOLS].concat()
+}
 /// How long the points may take to appear (debug builds on a busy machine).
 const POINTS_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -254,7 +251,7 @@ fn assert_labels(run: &Run, label: &str) {
 
 #[test]
 fn ext4_points_from_auto_views_are_clean_and_hold_every_durable_write() {
-    if !loop_fs_ready("ext4 point-in-time test", &TOOLS) {
+    if !loop_fs_ready("ext4 point-in-time test", &tools()) {
         return;
     }
     let run = replicate_under_writer(FsKind::Ext4, 64 * MIB, "auto", 6);
@@ -267,7 +264,7 @@ fn ext4_points_from_auto_views_are_clean_and_hold_every_durable_write() {
 
 #[test]
 fn xfs_points_from_reflink_views_are_clean_and_hold_every_durable_write() {
-    if !loop_fs_ready("XFS point-in-time test", &TOOLS) {
+    if !loop_fs_ready("XFS point-in-time test", &tools()) {
         return;
     }
     let run = replicate_under_writer(FsKind::Xfs, FsKind::Xfs.min_image_bytes(), "reflink", 3);
@@ -280,7 +277,7 @@ fn xfs_points_from_reflink_views_are_clean_and_hold_every_durable_write() {
 
 #[test]
 fn live_reads_of_a_busy_ext4_are_labelled_live() {
-    if !loop_fs_ready("live-read label test", &TOOLS) {
+    if !loop_fs_ready("live-read label test", &tools()) {
         return;
     }
     let run = replicate_under_writer(FsKind::Ext4, 64 * MIB, "none", 6);

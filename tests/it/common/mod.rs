@@ -128,6 +128,22 @@ pub fn nbd_rig(sources: &[&str]) -> AgentRig {
     )
 }
 
+/// Runs the blockrep CLI (`args`) against the server's admin API, with the
+/// admin token in `pki`.
+pub fn cli(
+    server: &blockrep_testkit::ServerProcess,
+    pki: &blockrep_testkit::Pki,
+    args: &[&str],
+) -> Output {
+    let admin = server.admin_addr.unwrap().to_string();
+    Command::new(BIN)
+        .args(args)
+        .args(["--admin", &admin, "--admin-token"])
+        .arg(pki.path().join("admin.token"))
+        .output()
+        .unwrap()
+}
+
 /// A 4 KiB block `index` stamped with sequence number `seq`: index, seq, then
 /// a repeated hash of both. Unique per write, so a torn or misplaced block is
 /// detectable, yet it compresses well.
