@@ -14,15 +14,13 @@ fn launch_volume_is_served_to_real_nbd_clients() {
     if !(have_tool("nbdinfo") && have_tool("nbdcopy") && have_tool("qemu-img")) {
         return;
     }
-    let pki = Pki::new(&["web"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let rig = nbd_rig(&["web"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     let size = 24 * MIB + 4096 * 3 + 512;
     std::fs::write(&disk, mixed_image(size, 11)).unwrap();
     let at_snapshot = work.path().join("at-snapshot.raw");
     std::fs::copy(&disk, &at_snapshot).unwrap();
-    let server = nbd_server(&pki, &data);
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     let snapshot = create_snapshot(&server, "web", "before-change");
     // The disk moves on; the snapshot does not.
@@ -182,12 +180,10 @@ fn writes_through_nbd_survive_a_restart_and_never_touch_the_replica() {
 
 #[test]
 fn snapshot_under_a_writer_is_one_committed_epoch() {
-    let pki = Pki::new(&["app"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let rig = nbd_rig(&["app"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 8 * MIB]).unwrap();
-    let server = nbd_server(&pki, &data);
     let agent = spawn_agent(
         &disk,
         server.addr,

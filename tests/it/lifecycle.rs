@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use blockrep_server::{LaunchView, SnapshotView, SourceState};
-use blockrep_testkit::{Pki, ServerProcess, mixed_image, random_bytes, write_at};
+use blockrep_testkit::{ServerProcess, mixed_image, random_bytes, write_at};
 
 const MIB: usize = 1 << 20;
 const CHUNK: u64 = 65_536;
@@ -69,12 +69,10 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
     if !(have_tool("qemu-img") && have_tool("qemu-io") && have_tool("nbdcopy")) {
         return;
     }
-    let pki = Pki::new(&["app"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let rig = nbd_rig(&["app"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(16 * MIB + 4096, 31)).unwrap();
-    let server = nbd_server(&pki, &data);
     let admin = server.admin_addr.unwrap();
 
     // Continuous replication under a writer that the pre-cutover command stops.
@@ -256,12 +254,11 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
 
 #[test]
 fn after_cutover_the_old_agent_is_fenced_until_reset() {
-    let pki = Pki::new(&["web"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = nbd_rig(&["web"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(4 * MIB, 41)).unwrap();
-    let server = nbd_server(&pki, &data);
     let admin = server.admin_addr.unwrap();
     let launch = cut_over(&disk, &server, "web", pki.path());
     assert!(launch.starts_with("web-cutover"), "{launch}");
@@ -302,12 +299,11 @@ fn after_cutover_the_old_agent_is_fenced_until_reset() {
 
 #[test]
 fn failback_stops_on_changes_made_to_the_disk_after_cutover() {
-    let pki = Pki::new(&["db"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = nbd_rig(&["db"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(4 * MIB, 51)).unwrap();
-    let server = nbd_server(&pki, &data);
     let launch = cut_over(&disk, &server, "db", pki.path());
     // Someone kept writing to the original disk after cutover.
     write_at(&disk, 3 * CHUNK + 10, b"late write");
@@ -350,13 +346,11 @@ fn interrupted_failback_resumes_with_only_what_still_differs() {
     if !have_tool("nbdcopy") {
         return;
     }
-    let pki = Pki::new(&["big"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let rig = nbd_rig(&["big"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     let size = 96 * MIB;
     std::fs::write(&disk, random_bytes(size, 61)).unwrap();
-    let server = nbd_server(&pki, &data);
     let admin = server.admin_addr.unwrap();
     let launch = cut_over(&disk, &server, "big", pki.path());
     // The launch is rewritten entirely: every chunk differs.

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::common::*;
-use blockrep_testkit::{Pki, mixed_image, random_bytes, write_at};
+use blockrep_testkit::{mixed_image, random_bytes, write_at};
 
 const MIB: usize = 1 << 20;
 const BLOCK: usize = 4096;
@@ -117,10 +117,8 @@ fn pass_field(output: &std::process::Output, key: &str) -> u64 {
 
 #[test]
 fn failback_receives_the_blocks_that_differ_as_patches() {
-    let pki = Pki::new(&["fb", "fb-whole"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let server = nbd_server(&pki, &data);
+    let rig = nbd_rig(&["fb", "fb-whole"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let image = mixed_image(4 * MIB, 31);
     // Three chunks that hold data (a chunk of zeros is sent as "zero", with
     // no bytes either way), one 4 KiB block in each.
