@@ -107,11 +107,11 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
 
     let mut ids = vec![ChunkId::ZERO; 4];
-    let mut client = connect(&server, &pki).await;
+    let mut client = connect(server, pki).await;
     epoch(&mut client, 1, &mut ids, Some(capture(1, 40))).await;
     epoch(&mut client, 2, &mut ids, Some(capture(2, 75))).await;
 
-    let db = status_json(&server, &pki, "db");
+    let db = status_json(server, pki, "db");
     assert_eq!(db["mode"], "capture", "{db}");
     assert_eq!(
         db["capture"],
@@ -121,11 +121,11 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
         }),
         "{db}"
     );
-    let web = status_json(&server, &pki, "web");
+    let web = status_json(server, pki, "web");
     assert_eq!(web["mode"], "scan", "{web}");
     assert!(web["capture"].is_null(), "{web}");
 
-    let table = stdout(&cli(&server, &pki, &["status"]));
+    let table = stdout(&cli(server, pki, &["status"]));
     let db_row = table.lines().find(|l| l.starts_with("db ")).unwrap();
     let web_row = table.lines().find(|l| l.starts_with("web ")).unwrap();
     assert!(table.lines().next().unwrap().contains(" MODE "), "{table}");
@@ -139,7 +139,7 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
     );
     assert!(!table.contains("web: capture"), "{table}");
 
-    let text = metrics(&server);
+    let text = metrics(server);
     if have_tool("promtool") {
         promtool_check_metrics(&text);
     }
@@ -157,17 +157,17 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
 
     // The agent goes away: its last figures stay, with the time since contact.
     drop(client);
-    assert!(disconnected(&server, "db"));
-    let db = status_json(&server, &pki, "db");
+    assert!(disconnected(server, "db"));
+    let db = status_json(server, pki, "db");
     assert_eq!(db["mode"], "capture", "{db}");
     assert_eq!(db["capture"]["cuts"], 2, "{db}");
     assert!(db["seconds_since_contact"].as_f64().is_some(), "{db}");
-    assert!(metrics(&server).contains("blockrep_capture_cuts_total{source=\"db\"} 2\n"));
+    assert!(metrics(server).contains("blockrep_capture_cuts_total{source=\"db\"} 2\n"));
 
     // A restarted agent counts from 0 again; the server's counters go on.
-    let mut client = connect(&server, &pki).await;
+    let mut client = connect(server, pki).await;
     epoch(&mut client, 3, &mut ids, Some(capture(1, 10))).await;
-    let text = metrics(&server);
+    let text = metrics(server);
     assert!(
         text.contains("blockrep_capture_cuts_total{source=\"db\"} 3\n"),
         "{text}"
@@ -176,18 +176,18 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
         text.contains("blockrep_capture_writes_total{source=\"db\"} 85\n"),
         "{text}"
     );
-    assert_eq!(status_json(&server, &pki, "db")["capture"]["cuts"], 1);
+    assert_eq!(status_json(server, pki, "db")["capture"]["cuts"], 1);
     drop(client);
-    assert!(disconnected(&server, "db"));
+    assert!(disconnected(server, "db"));
 
     // A session that commits a complete epoch without a report scans: mode
     // scan, no capture figures, no capture series.
-    let mut client = connect(&server, &pki).await;
+    let mut client = connect(server, pki).await;
     epoch(&mut client, 4, &mut ids, None).await;
-    let db = status_json(&server, &pki, "db");
+    let db = status_json(server, pki, "db");
     assert_eq!(db["mode"], "scan", "{db}");
     assert!(db["capture"].is_null(), "{db}");
-    let text = metrics(&server);
+    let text = metrics(server);
     assert!(
         !text.contains("blockrep_capture_cuts_total{source=\"db\"}"),
         "{text}"

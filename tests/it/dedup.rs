@@ -133,7 +133,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
         ("b's chunk 5", ids[5], chunks[5]),
     ];
     for (what, id, bytes) in cases {
-        let (mut client, Welcome { nonce, .. }) = small_session(&server, &pki, "a").await;
+        let (mut client, Welcome { nonce, .. }) = small_session(server, pki, "a").await;
         let answer = send_then_commit(
             &mut client,
             &reference(0, id, ref_proof(&nonce, bytes)),
@@ -143,7 +143,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
         expect_bad_chunk(answer, what, "which this source does not hold");
     }
     // Without a proof at all.
-    let (mut client, _) = small_session(&server, &pki, "a").await;
+    let (mut client, _) = small_session(server, pki, "a").await;
     let answer = send_then_commit(
         &mut client,
         &reference(0, ids[3], [0; 32]),
@@ -154,7 +154,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
     assert!(rig.head("a").is_none(), "a got a replica of b's data");
 
     // Have: nothing of b's exists, as far as a can tell.
-    let (mut client, _) = small_session(&server, &pki, "a").await;
+    let (mut client, _) = small_session(server, pki, "a").await;
     let mut offered = ids.clone();
     offered.extend([root.id(), page_id]);
     client
@@ -174,7 +174,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
 
     // b itself may reference its own chunks (a moved block): no proof needed,
     // and its Have admits them, but never its page or root as a chunk.
-    let (mut client, _) = small_session(&server, &pki, "b").await;
+    let (mut client, _) = small_session(server, pki, "b").await;
     client.send(&Message::Offer { ids: offered }).await.unwrap();
     let Message::Have { bits } = next(&mut client).await.unwrap() else {
         panic!("expected Have");
@@ -244,14 +244,14 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
 
     // Another tenant learns nothing of acme's chunks.
     let ids = ids_of(&disk);
-    let (mut client, _) = small_session(&server, &pki, "other").await;
+    let (mut client, _) = small_session(server, pki, "other").await;
     let bits = have(&mut client, &ids).await;
     assert!(bits.iter().all(|b| *b == 0), "{bits:?}");
     drop(client);
 
     // t3 of acme: Have admits the tenant's chunks...
     let chunks = chunks_of(&disk);
-    let (mut client, Welcome { nonce, .. }) = small_session(&server, &pki, "t3").await;
+    let (mut client, Welcome { nonce, .. }) = small_session(server, pki, "t3").await;
     let bits = have(&mut client, &ids).await;
     assert_eq!(bits[0] & 1, 1, "{bits:?}");
     // ...but a reference with a wrong proof is refused...
@@ -265,7 +265,7 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
     .await;
     expect_bad_chunk(answer, "wrong proof", "proof of possession does not match");
     // ...as is a proof made under another session's nonce...
-    let (mut client, _) = small_session(&server, &pki, "t3").await;
+    let (mut client, _) = small_session(server, pki, "t3").await;
     let answer = send_then_commit(
         &mut client,
         &reference(0, ids[0], ref_proof(&nonce, chunks[0])),
@@ -279,7 +279,7 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
     );
     assert!(rig.head("t3").is_none());
     // ...and the right one commits.
-    let (mut client, Welcome { nonce, .. }) = small_session(&server, &pki, "t3").await;
+    let (mut client, Welcome { nonce, .. }) = small_session(server, pki, "t3").await;
     let answer = send_then_commit(
         &mut client,
         &reference(0, ids[0], ref_proof(&nonce, chunks[0])),
@@ -327,7 +327,7 @@ async fn resending_a_chunk_within_one_epoch_is_cut_off() {
         let (honest, addr, tls) = (honest.clone(), server.addr, pki.path().to_owned());
         std::thread::spawn(move || agent_once(&honest, addr, "honest", &tls, &[]))
     };
-    let (mut client, _) = small_session(&server, &pki, "attacker").await;
+    let (mut client, _) = small_session(server, pki, "attacker").await;
     let mut last = ChunkId::ZERO;
     let mut answer = None;
     for round in 0..64u64 {
@@ -372,7 +372,7 @@ async fn one_hello_cannot_reserve_most_of_the_session_memory() {
     let rig = rig(&["greedy", "honest"], &[]);
     let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     // 2^25 chunks of 4 KiB (128 GiB): 5 GiB of ids, under the total of 9 GiB.
-    let mut client = RawClient::connect_as(server.addr, &pki, "greedy").await;
+    let mut client = RawClient::connect_as(server.addr, pki, "greedy").await;
     client.hello("greedy", 4096 << 25, 4096).await;
     match next(&mut client).await {
         Some(Message::Error {
@@ -425,7 +425,7 @@ async fn failback_streams_what_a_want_asks_for() {
     // The agent's session may still be ending on the server (Busy): retry.
     let mut answers = Vec::new();
     let mut client = loop {
-        let mut client = RawClient::connect_as(server.addr, &pki, "fb").await;
+        let mut client = RawClient::connect_as(server.addr, pki, "fb").await;
         client
             .hello("fb", u64::from(BIG_CHUNK) * CHUNKS, BIG_CHUNK)
             .await;

@@ -150,7 +150,7 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
 /// named, and the head untouched.
 fn assert_resize_refused_once(env: &AgentRig, source: &str, disk: &Path, old: u64, new: u64) {
     let head = env.head(source).unwrap();
-    let output = once(&env, disk, source, 64 * KIB);
+    let output = once(env, disk, source, 64 * KIB);
     assert!(!output.status.success(), "resized disk was accepted");
     let text = stderr(&output);
     assert!(

@@ -49,27 +49,27 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
     let images: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(8 * MIB, 100 + i)).collect();
     std::fs::write(&disk, &images[0]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
-    create_snapshot(&server, "web", "keep");
+    create_snapshot(server, "web", "keep");
     // Epoch 2 is held only by automatic snapshots, which expire after 2 s.
     std::fs::write(&disk, &images[1]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     assert!(
-        wait_until(Duration::from_secs(10), || snapshots(&server)
+        wait_until(Duration::from_secs(10), || snapshots(server)
             .iter()
             .any(|s| s.kind == "auto" && s.epoch == 2)),
         "no automatic snapshot of epoch 2: {:?}",
-        snapshots(&server)
+        snapshots(server)
     );
     std::fs::write(&disk, &images[2]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     assert!(
-        wait_until(Duration::from_secs(10), || !snapshots(&server)
+        wait_until(Duration::from_secs(10), || !snapshots(server)
             .iter()
             .any(|s| s.epoch == 2)),
         "automatic snapshots of epoch 2 did not expire"
     );
     assert!(
-        snapshots(&server).iter().any(|s| s.name == "keep"),
+        snapshots(server).iter().any(|s| s.name == "keep"),
         "a manual snapshot without TTL expired"
     );
 
@@ -116,7 +116,7 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
         std::fs::read(&out).unwrap() == images[0],
         "snapshot keep damaged by GC"
     );
-    for snapshot in snapshots(&server) {
+    for snapshot in snapshots(server) {
         let output = export_snapshot_command(&data, "web", &snapshot.name, &out);
         // Retention keeps running (a snapshot a second, each kept 2 s): an
         // automatic one listed a moment ago may have expired since. It must
@@ -126,7 +126,7 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
             && stderr(&output).contains("has no snapshot")
         {
             assert!(
-                !snapshots(&server).iter().any(|s| s.name == snapshot.name),
+                !snapshots(server).iter().any(|s| s.name == snapshot.name),
                 "export of {} failed while it is listed: {}",
                 snapshot.name,
                 stderr(&output)

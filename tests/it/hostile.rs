@@ -104,7 +104,7 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
     ];
     for source in ["a", "victim"] {
         for (what, message, code, text) in &cases {
-            let mut client = client(&server, &pki, source).await;
+            let mut client = client(server, pki, source).await;
             client.send(&small_hello(source)).await.unwrap();
             // Refused as soon as it arrives: no Commit is needed (one sent
             // after the refusal could reset the connection before the Error
@@ -151,7 +151,7 @@ async fn certificate_naming_two_identities_is_refused() {
     for (stem, uris) in pairs {
         pki.issue_with(stem, uris, |_| {});
         for claimed in ["a", "b"] {
-            let mut client = client(&server, &pki, stem).await;
+            let mut client = client(server, pki, stem).await;
             client.send(&small_hello(claimed)).await.unwrap();
             let message = expect_error(&mut client, ErrorCode::Unauthorized).await;
             assert!(message.contains("more than one identity"), "{message}");
@@ -230,7 +230,7 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
     // Finished handshakes (valid certificate) that never send Hello.
     let mut silent = Vec::new();
     for _ in 0..SILENT_TLS {
-        silent.push(client(&server, &pki, "late").await);
+        silent.push(client(server, pki, "late").await);
     }
     // Idle connections that send nothing at all, in batches that fit the
     // kernel's accept queue (beyond it, connects complete before the server
@@ -353,18 +353,18 @@ async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
     let (pki, server) = (&rig.pki, &rig.server);
     let claim = |source: &str, disk_size_bytes: u64| hello(source, disk_size_bytes, 4096);
     // 1 TiB at 4 KiB chunks: 40 GiB of ids could never fit.
-    let mut huge = client(&server, &pki, "huge").await;
+    let mut huge = client(server, pki, "huge").await;
     huge.send(&claim("huge", 1 << 40)).await.unwrap();
     let message = expect_error(&mut huge, ErrorCode::GeometryMismatch).await;
     assert!(message.contains("--session-memory-max"), "{message}");
     // 160 MiB at 4 KiB chunks (6.25 MiB of ids) fits once, not twice.
-    let mut first = client(&server, &pki, "a").await;
+    let mut first = client(server, pki, "a").await;
     first.send(&claim("a", 160 << 20)).await.unwrap();
     assert!(matches!(
         first.recv().await.unwrap(),
         Some(Message::Welcome { .. })
     ));
-    let mut second = client(&server, &pki, "b").await;
+    let mut second = client(server, pki, "b").await;
     second.send(&claim("b", 160 << 20)).await.unwrap();
     let message = expect_error(&mut second, ErrorCode::Busy).await;
     assert!(message.contains("retry later"), "{message}");

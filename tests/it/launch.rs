@@ -22,11 +22,11 @@ fn launch_volume_is_served_to_real_nbd_clients() {
     let at_snapshot = work.path().join("at-snapshot.raw");
     std::fs::copy(&disk, &at_snapshot).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
-    let snapshot = create_snapshot(&server, "web", "before-change");
+    let snapshot = create_snapshot(server, "web", "before-change");
     // The disk moves on; the snapshot does not.
     std::fs::write(&disk, random_bytes(size, 12)).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
-    let launch = create_launch(&server, "web", &snapshot.name, "test-1");
+    let launch = create_launch(server, "web", &snapshot.name, "test-1");
     let uri = launch.nbd_uri.clone().unwrap();
     assert_eq!(uri, format!("nbd://{}/test-1", server.nbd_addr.unwrap()));
 
@@ -210,7 +210,7 @@ fn snapshot_under_a_writer_is_one_committed_epoch() {
     assert!(wait_until(Duration::from_secs(30), || agent.epochs().len() >= 3));
     let mut taken = Vec::new();
     for i in 0..5 {
-        taken.push(create_snapshot(&server, "app", &format!("live-{i}")));
+        taken.push(create_snapshot(server, "app", &format!("live-{i}")));
         std::thread::sleep(Duration::from_millis(120));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -115,13 +115,13 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
 
     // A test launch: its NBD content is exactly the snapshot's.
     let snapshot: SnapshotView = serde_json::from_str(&post(
-        &server,
+        server,
         "/v1/snapshots",
         r#"{"source":"app","name":"drill"}"#,
     ))
     .unwrap();
     let test_launch: LaunchView = serde_json::from_str(&post(
-        &server,
+        server,
         "/v1/launches",
         r#"{"source":"app","snapshot":"drill","name":"drill-1","allow_live":true}"#,
     ))
@@ -213,7 +213,7 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
     // Failback brings the original disk to the cutover volume, sending only what changed.
     let output = failback_cmd(
         &disk,
-        &server,
+        server,
         "app",
         &record.launch,
         pki.path(),
@@ -260,7 +260,7 @@ fn after_cutover_the_old_agent_is_fenced_until_reset() {
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(4 * MIB, 41)).unwrap();
     let admin = server.admin_addr.unwrap();
-    let launch = cut_over(&disk, &server, "web", pki.path());
+    let launch = cut_over(&disk, server, "web", pki.path());
     assert!(launch.starts_with("web-cutover"), "{launch}");
     let head = admin_source(admin, "web").unwrap().root;
 
@@ -304,12 +304,12 @@ fn failback_stops_on_changes_made_to_the_disk_after_cutover() {
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(4 * MIB, 51)).unwrap();
-    let launch = cut_over(&disk, &server, "db", pki.path());
+    let launch = cut_over(&disk, server, "db", pki.path());
     // Someone kept writing to the original disk after cutover.
     write_at(&disk, 3 * CHUNK + 10, b"late write");
     write_at(&disk, 40 * CHUNK, &random_bytes(2 * CHUNK as usize, 9));
     let before = std::fs::read(&disk).unwrap();
-    let output = failback_cmd(&disk, &server, "db", &launch, pki.path(), &["--once"]);
+    let output = failback_cmd(&disk, server, "db", &launch, pki.path(), &["--once"]);
     assert!(!output.status.success());
     let message = stderr(&output);
     assert!(
@@ -325,7 +325,7 @@ fn failback_stops_on_changes_made_to_the_disk_after_cutover() {
 
     let output = failback_cmd(
         &disk,
-        &server,
+        server,
         "db",
         &launch,
         pki.path(),
@@ -352,7 +352,7 @@ fn interrupted_failback_resumes_with_only_what_still_differs() {
     let size = 96 * MIB;
     std::fs::write(&disk, random_bytes(size, 61)).unwrap();
     let admin = server.admin_addr.unwrap();
-    let launch = cut_over(&disk, &server, "big", pki.path());
+    let launch = cut_over(&disk, server, "big", pki.path());
     // The launch is rewritten entirely: every chunk differs.
     let new_content = work.path().join("new.raw");
     std::fs::write(&new_content, random_bytes(size, 62)).unwrap();
@@ -394,7 +394,7 @@ fn interrupted_failback_resumes_with_only_what_still_differs() {
         SourceState::FailedBack
     );
 
-    let output = failback_cmd(&disk, &server, "big", &launch, pki.path(), &["--once"]);
+    let output = failback_cmd(&disk, server, "big", &launch, pki.path(), &["--once"]);
     assert_success(&output);
     let total = sent();
     assert!(

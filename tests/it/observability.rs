@@ -207,7 +207,7 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let _ = std::io::Read::read(&mut plain, &mut [0u8; 64]);
-    let wrong = agent_once_claiming(&disk, server.addr, "other", &pki, "web");
+    let wrong = agent_once_claiming(&disk, server.addr, "other", pki, "web");
     assert!(!wrong.status.success());
     let certificate = r#"blockrep_handshake_failures_total{reason="certificate"}"#;
     let protocol = r#"blockrep_handshake_failures_total{reason="protocol"}"#;
@@ -536,7 +536,7 @@ fn json_logs_parse_line_by_line_and_session_lines_name_their_source() {
     write_at(&disk, 0, &random_bytes(CHUNK as usize, 32));
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     // A session refused: the certificate says web, the agent claims other.
-    let wrong = agent_once_claiming(&disk, server.addr, "other", &pki, "web");
+    let wrong = agent_once_claiming(&disk, server.addr, "other", pki, "web");
     assert!(!wrong.status.success());
     for (method, path, body) in [
         (

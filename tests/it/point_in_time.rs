@@ -93,7 +93,7 @@ fn replicate_under_writer(kind: FsKind, image_bytes: u64, mode: &str, wanted: us
 
     let ack_log = work.path().join("acks.log");
     let mut agent = spawn_agent(
-        &fs.image(),
+        fs.image(),
         server.addr,
         SOURCE,
         pki.path(),
