@@ -45,14 +45,10 @@ impl Fixture {
             .unwrap();
         assert_success(&output);
         assert!(stdout(&output).contains("revoked"), "{}", stdout(&output));
-        let work = tempfile::tempdir().unwrap();
         let crl = pki.path().join("crl.pem");
-        let server = ServerProcess::start_with(
-            &bin(),
-            &work.path().join("data"),
-            pki.path(),
-            &["--admin-tls", "--crl", crl.to_str().unwrap()],
-        );
+        let AgentRig {
+            pki, work, server, ..
+        } = rig_with(pki, &["--admin-tls", "--crl", crl.to_str().unwrap()]);
         Self { pki, work, server }
     }
 

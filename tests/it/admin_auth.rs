@@ -12,7 +12,6 @@
 //! | `POST /v1/sources/ghost-1/reset` | 404 | no `ghost-1` in the API or on disk |
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
@@ -42,48 +41,66 @@ fn server_command(admin_listen: &str, data: &Path, tls: &Path, extra: &[&str]) -
     command
 }
 
-/// A server whose source `b` has one committed epoch.
-struct Fixture {
-    pki: Pki,
-    work: tempfile::TempDir,
-    server: ServerProcess,
+/// A server whose source `b` has one committed epoch; `None` (the test
+/// skips) where curl is missing.
+fn fixture() -> Option<AgentRig> {
+    if !have_curl() {
+        return None;
+    }
+    let rig = rig(&["b"], &["--retention", "off"]);
+    let disk = rig.disk("disk.raw", &mixed_image(2 * MIB, 7));
+    assert_success(&rig.agent_once(&disk, "b", &[]));
+    Some(rig)
 }
 
-impl Fixture {
-    fn new() -> Self {
-        let pki = Pki::new(&["b"]);
-        let work = tempfile::tempdir().unwrap();
-        let disk = work.path().join("disk.raw");
-        std::fs::write(&disk, mixed_image(2 * MIB, 7)).unwrap();
-        let server = ServerProcess::start_with(
-            &bin(),
-            &work.path().join("data"),
-            pki.path(),
-            &["--retention", "off"],
-        );
-        assert_success(&agent_once(&disk, server.addr, "b", pki.path(), &[]));
-        Self { pki, work, server }
-    }
+fn token(f: &AgentRig) -> String {
+    std::fs::read_to_string(f.pki.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
 
-    fn admin(&self) -> SocketAddr {
-        self.server.admin_addr.unwrap()
-    }
+/// The `Authorization` header that carries the server's admin token.
+fn auth(f: &AgentRig) -> String {
+    bearer(&token(f))
+}
 
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.pki.path().join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
+fn admin_url(f: &AgentRig, path: &str) -> String {
+    format!("http://{}{path}", f.admin())
+}
 
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin())
-    }
+/// A JSON `POST` of `url` with the admin token and `header`, by curl.
+fn post_json(f: &AgentRig, header: &str, url: &str) -> (u16, String) {
+    curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &auth(f),
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        header,
+        url,
+    ])
+}
 
-    /// Whether the server has been asked to cut `b` over.
-    fn cutover_requested(&self) -> bool {
-        admin_source(self.admin(), "b").unwrap().cutover_requested
-    }
+/// `POST /v1/snapshots` of `body` as `content_type` with the admin token, by
+/// curl.
+fn post_snapshot(f: &AgentRig, content_type: &str, body: &str) -> (u16, String) {
+    curl(&[
+        "-H",
+        &auth(f),
+        "-H",
+        content_type,
+        "-d",
+        body,
+        &admin_url(f, "/v1/snapshots"),
+    ])
+}
+
+/// Whether the server has been asked to cut `b` over.
+fn cutover_requested(f: &AgentRig) -> bool {
+    admin_source(f.admin(), "b").unwrap().cutover_requested
 }
 
 /// Runs curl with `args`; returns the HTTP status and the body.
@@ -113,11 +130,8 @@ fn have_curl() -> bool {
 
 #[test]
 fn a_foreign_origin_cannot_start_a_cutover() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let url = f.url("/v1/sources/b/cutover");
+    let Some(f) = fixture() else { return };
+    let url = admin_url(&f, "/v1/sources/b/cutover");
     // What a page on another site sends: a simple form POST, no token.
     let (code, body) = curl(&[
         "-X",
@@ -130,69 +144,34 @@ fn a_foreign_origin_cannot_start_a_cutover() {
     ]);
     assert_eq!(code, 403, "{body}");
     // Even with everything else right, a foreign origin is refused.
-    let auth = bearer(&f.token());
     for origin in ["http://evil.example", "null", "http://127.0.0.1:1"] {
-        let (code, body) = curl(&[
-            "-X",
-            "POST",
-            "-H",
-            &auth,
-            "-H",
-            "Content-Type: application/json",
-            "-H",
-            &format!("Origin: {origin}"),
-            &url,
-        ]);
+        let (code, body) = post_json(&f, &format!("Origin: {origin}"), &url);
         assert_eq!(code, 403, "{origin}: {body}");
     }
-    let (code, body) = curl(&[
-        "-X",
-        "POST",
-        "-H",
-        &auth,
-        "-H",
-        "Content-Type: application/json",
-        "-H",
-        "Sec-Fetch-Site: cross-site",
-        &url,
-    ]);
+    let (code, body) = post_json(&f, "Sec-Fetch-Site: cross-site", &url);
     assert_eq!(code, 403, "{body}");
     assert!(
-        !f.cutover_requested(),
+        !cutover_requested(&f),
         "a refused request started a cutover"
     );
-    let (_, metrics) = curl(&[&f.url("/metrics")]);
+    let (_, metrics) = curl(&[&admin_url(&f, "/metrics")]);
     assert!(
         metrics.contains(r#"blockrep_admin_requests_refused_total{reason="foreign_origin"} 5"#),
         "{metrics}"
     );
     // The same request from the API's own origin goes through.
     let own = format!("Origin: http://{}", f.admin());
-    let (code, body) = curl(&[
-        "-X",
-        "POST",
-        "-H",
-        &auth,
-        "-H",
-        "Content-Type: application/json",
-        "-H",
-        &own,
-        &url,
-    ]);
+    let (code, body) = post_json(&f, &own, &url);
     assert_eq!(code, 202, "{body}");
-    assert!(f.cutover_requested());
+    assert!(cutover_requested(&f));
 }
 
 #[test]
 fn a_rebinding_host_is_refused_before_anything_runs() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let auth = bearer(&f.token());
+    let Some(f) = fixture() else { return };
     let port = f.admin().port();
     let evil = format!("Host: evil.example:{port}");
-    let (code, body) = curl(&["-H", &evil, "-H", &auth, &f.url("/v1/sources")]);
+    let (code, body) = curl(&["-H", &evil, "-H", &auth(&f), &admin_url(&f, "/v1/sources")]);
     assert_eq!(code, 421, "{body}");
     assert!(!body.contains("\"b\""), "{body}");
     let (code, body) = curl(&[
@@ -201,18 +180,18 @@ fn a_rebinding_host_is_refused_before_anything_runs() {
         "-H",
         &evil,
         "-H",
-        &auth,
+        &auth(&f),
         "-H",
         "Content-Type: application/json",
-        &f.url("/v1/sources/b/cutover"),
+        &admin_url(&f, "/v1/sources/b/cutover"),
     ]);
     assert_eq!(code, 421, "{body}");
     assert!(
-        !f.cutover_requested(),
+        !cutover_requested(&f),
         "a rebinding request started a cutover"
     );
     // The open endpoints are not open to a rebinding page either.
-    let (code, _) = curl(&["-H", &evil, &f.url("/metrics")]);
+    let (code, _) = curl(&["-H", &evil, &admin_url(&f, "/metrics")]);
     assert_eq!(code, 421);
     // The names the API answers to: its address, localhost, --admin-host.
     for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
@@ -220,8 +199,8 @@ fn a_rebinding_host_is_refused_before_anything_runs() {
             "-H",
             &format!("Host: {host}"),
             "-H",
-            &auth,
-            &f.url("/v1/sources"),
+            &auth(&f),
+            &admin_url(&f, "/v1/sources"),
         ]);
         assert_eq!(code, 200, "{host}: {body}");
     }
@@ -232,19 +211,16 @@ fn a_rebinding_host_is_refused_before_anything_runs() {
         &["--retention", "off", "--admin-host", "Replica.Example"],
     );
     let url = format!("http://{}/v1/sources", named.admin_addr.unwrap());
-    let (code, body) = curl(&["-H", "Host: replica.example:7444", "-H", &auth, &url]);
+    let (code, body) = curl(&["-H", "Host: replica.example:7444", "-H", &auth(&f), &url]);
     assert_eq!(code, 200, "{body}");
-    let (code, _) = curl(&["-H", "Host: other.example", "-H", &auth, &url]);
+    let (code, _) = curl(&["-H", "Host: other.example", "-H", &auth(&f), &url]);
     assert_eq!(code, 421);
 }
 
 #[test]
 fn state_changes_and_lists_need_the_admin_token() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let url = f.url("/v1/sources/b/cutover");
+    let Some(f) = fixture() else { return };
+    let url = admin_url(&f, "/v1/sources/b/cutover");
     let json = "Content-Type: application/json";
     let (code, body) = curl(&["-X", "POST", "-H", json, &url]);
     assert_eq!(code, 401, "{body}");
@@ -263,7 +239,7 @@ fn state_changes_and_lists_need_the_admin_token() {
     ]);
     assert_eq!(code, 401);
     assert!(
-        !f.cutover_requested(),
+        !cutover_requested(&f),
         "a request without the token started a cutover"
     );
     // Lists show root ids: they need the token too.
@@ -273,7 +249,7 @@ fn state_changes_and_lists_need_the_admin_token() {
         "/v1/snapshots",
         "/v1/launches",
     ] {
-        let (code, body) = curl(&[&f.url(path)]);
+        let (code, body) = curl(&[&admin_url(&f, path)]);
         assert_eq!(code, 401, "{path}: {body}");
         assert!(!body.contains("root"), "{path}: {body}");
     }
@@ -284,45 +260,42 @@ fn state_changes_and_lists_need_the_admin_token() {
         json,
         "-H",
         "Authorization: bearer not-the-token",
-        &f.url("/v1/snapshots"),
+        &admin_url(&f, "/v1/snapshots"),
         "-d",
         r#"{"source":"b","name":"nope"}"#,
     ]);
     assert_eq!(code, 401, "{body}");
     assert!(!f.work.path().join("data/sources/b/snapshots/nope").exists());
-    let (_, metrics) = curl(&[&f.url("/metrics")]);
+    let (_, metrics) = curl(&[&admin_url(&f, "/metrics")]);
     assert!(
         metrics.contains(r#"blockrep_admin_requests_refused_total{reason="wrong_token"} 2"#)
             && metrics.contains(r#"blockrep_admin_requests_refused_total{reason="no_token"} 6"#),
         "{metrics}"
     );
     // With the token it works.
-    let auth = bearer(&f.token());
-    let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth, &url]);
+    let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth(&f), &url]);
     assert_eq!(code, 202, "{body}");
-    assert!(f.cutover_requested());
+    assert!(cutover_requested(&f));
 }
 
 #[test]
 fn a_form_encoded_state_change_is_refused() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let auth = bearer(&f.token());
+    let Some(f) = fixture() else { return };
     // curl -d sends application/x-www-form-urlencoded, as an HTML form does.
-    let (code, body) = curl(&["-H", &auth, "-d", "go=1", &f.url("/v1/sources/b/cutover")]);
-    assert_eq!(code, 415, "{body}");
-    assert!(!f.cutover_requested(), "a form POST started a cutover");
     let (code, body) = curl(&[
         "-H",
-        &auth,
-        "-H",
-        "Content-Type: text/plain",
+        &auth(&f),
         "-d",
-        r#"{"source":"b","name":"plain"}"#,
-        &f.url("/v1/snapshots"),
+        "go=1",
+        &admin_url(&f, "/v1/sources/b/cutover"),
     ]);
+    assert_eq!(code, 415, "{body}");
+    assert!(!cutover_requested(&f), "a form POST started a cutover");
+    let (code, body) = post_snapshot(
+        &f,
+        "Content-Type: text/plain",
+        r#"{"source":"b","name":"plain"}"#,
+    );
     assert_eq!(code, 415, "{body}");
     assert!(
         !f.work
@@ -330,32 +303,24 @@ fn a_form_encoded_state_change_is_refused() {
             .join("data/sources/b/snapshots/plain")
             .exists()
     );
-    let (code, body) = curl(&["-X", "POST", "-H", &auth, &f.url("/v1/gc")]);
+    let (code, body) = curl(&["-X", "POST", "-H", &auth(&f), &admin_url(&f, "/v1/gc")]);
     assert_eq!(code, 415, "{body}");
-    let (code, body) = curl(&[
-        "-H",
-        &auth,
-        "-H",
+    let (code, body) = post_snapshot(
+        &f,
         "Content-Type: application/json; charset=utf-8",
-        "-d",
         r#"{"source":"b","name":"json"}"#,
-        &f.url("/v1/snapshots"),
-    ]);
+    );
     assert_eq!(code, 201, "{body}");
 }
 
 #[test]
 fn unknown_sources_are_404_and_never_created() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let auth = bearer(&f.token());
+    let Some(f) = fixture() else { return };
     let json = "Content-Type: application/json";
     for n in 1..=3 {
         for action in ["reset", "cutover", "failback/complete"] {
-            let url = f.url(&format!("/v1/sources/ghost-{n}/{action}"));
-            let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth, &url]);
+            let url = admin_url(&f, &format!("/v1/sources/ghost-{n}/{action}"));
+            let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth(&f), &url]);
             assert_eq!(code, 404, "{action}: {body}");
         }
     }
@@ -376,22 +341,19 @@ fn unknown_sources_are_404_and_never_created() {
         "-H",
         json,
         "-H",
-        &auth,
-        &f.url("/v1/sources/b/reset"),
+        &auth(&f),
+        &admin_url(&f, "/v1/sources/b/reset"),
     ]);
     assert_eq!(code, 200, "{body}");
 }
 
 #[test]
 fn metrics_and_health_are_open_read_only() {
-    if !have_curl() {
-        return;
-    }
-    let f = Fixture::new();
-    let (code, body) = curl(&[&f.url("/metrics")]);
+    let Some(f) = fixture() else { return };
+    let (code, body) = curl(&[&admin_url(&f, "/metrics")]);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("blockrep_connections_total"), "{body}");
-    let (code, body) = curl(&[&f.url("/health")]);
+    let (code, body) = curl(&[&admin_url(&f, "/health")]);
     assert_eq!(code, 200, "{body}");
     // Open for reading only: anything else there needs the token.
     let (code, _) = curl(&[
@@ -399,7 +361,7 @@ fn metrics_and_health_are_open_read_only() {
         "POST",
         "-H",
         "Content-Type: application/json",
-        &f.url("/metrics"),
+        &admin_url(&f, "/metrics"),
     ]);
     assert_eq!(code, 401);
 }

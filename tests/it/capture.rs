@@ -57,25 +57,40 @@ struct Capturing {
     agent: AgentProcess,
 }
 
-fn start_capture(disk: &Path, server: &str, source: &str, tls: &Path, serve: &str) -> Capturing {
-    let (d, t) = (disk.to_str().unwrap(), tls.to_str().unwrap());
-    let mut args = agent_args(d, server, source, t);
-    args.extend([
+fn start_capture(
+    disk: &Path,
+    server: std::net::SocketAddr,
+    source: &str,
+    tls: &Path,
+    serve: &str,
+) -> Capturing {
+    let extra = [
         "--serve",
         serve,
         "--interval",
         "200ms",
         "--chunk-size",
         "64KiB",
-    ]);
+    ];
     Capturing {
-        agent: AgentProcess::spawn(&bin(), &args),
+        agent: spawn_agent(disk, server, source, tls, &extra),
     }
 }
 
 impl Capturing {
     fn stderr(&self) -> String {
         self.agent.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the agent says it serves the disk.
+    fn wait_serving(&self) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self
+                .stderr()
+                .contains("serving the disk over NBD")),
+            "{}",
+            self.stderr()
+        );
     }
 
     /// Waits for the agent to exit by itself; its status.
@@ -121,55 +136,76 @@ fn wait_converged(admin: std::net::SocketAddr, source: &str, disk: &Path, agent:
     );
 }
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// A source's certificates, its disk and the socket its export is served on,
+/// in a work directory that also holds the server's data; no server yet.
 struct Fixture {
+    source: String,
     pki: Pki,
     work: tempfile::TempDir,
     disk: PathBuf,
     socket: PathBuf,
 }
 
-fn fixture(source: &str, disk_bytes: usize) -> Fixture {
+/// The fixture, or `None` (the test skips) where the NBD clients are
+/// missing.
+fn fixture(source: &str, disk_bytes: usize) -> Option<Fixture> {
+    if !have_clients() {
+        return None;
+    }
     let pki = Pki::new(&[source]);
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(disk_bytes, 7)).unwrap();
     let socket = work.path().join("disk.sock");
-    Fixture {
+    Some(Fixture {
+        source: source.to_owned(),
         pki,
         work,
         disk,
         socket,
+    })
+}
+
+impl Fixture {
+    /// The server's data directory.
+    fn data(&self) -> PathBuf {
+        self.work.path().join("data")
+    }
+
+    /// A server keeping its data in the work directory.
+    fn server(&self) -> ServerProcess {
+        ServerProcess::start(&bin(), &self.data(), self.pki.path())
+    }
+
+    /// The `nbd+unix` URI of the source's export.
+    fn uri(&self) -> String {
+        unix_uri(&self.source, &self.socket)
+    }
+
+    /// A capture-mode agent of the source to `to`, serving its disk on `serve`.
+    fn capture_on(&self, to: std::net::SocketAddr, serve: &str) -> Capturing {
+        start_capture(&self.disk, to, &self.source, self.pki.path(), serve)
+    }
+
+    /// A capture-mode agent serving the disk on the fixture's socket, once
+    /// that socket accepts connections.
+    fn capture(&self, to: std::net::SocketAddr) -> Capturing {
+        let agent = self.capture_on(to, &format!("unix:{}", self.socket.display()));
+        wait_for_socket(&self.socket, &agent);
+        agent
     }
 }
 
 #[test]
 fn qemu_writes_through_the_export_reach_the_replica_byte_for_byte_at_every_flushed_cut() {
-    if !have_clients() {
+    let Some(f) = fixture("vm", 16 * MIB) else {
         return;
-    }
-    let f = fixture("vm", 16 * MIB);
-    let data = f.work.path().join("data");
-    let server = ServerProcess::start(&bin(), &data, f.pki.path());
+    };
+    let data = f.data();
+    let server = f.server();
     let admin = server.admin_addr.unwrap();
-    let serve = format!("unix:{}", f.socket.display());
-    let agent = start_capture(
-        &f.disk,
-        &server.addr.to_string(),
-        "vm",
-        f.pki.path(),
-        &serve,
-    );
-    wait_for_socket(&f.socket, &agent);
-    let uri = unix_uri("vm", &f.socket);
+    let agent = f.capture(server.addr);
+    let uri = f.uri();
     wait_converged(admin, "vm", &f.disk, &agent);
     // Rounds of patterns, each flushed: the cut that follows holds them all.
     for (round, (offset, len)) in [
@@ -232,28 +268,14 @@ fn qemu_writes_through_the_export_reach_the_replica_byte_for_byte_at_every_flush
 
 #[test]
 fn the_socket_is_private_and_tcp_must_be_loopback_without_tls() {
-    if !have_clients() {
+    let Some(f) = fixture("db", 4 * MIB) else {
         return;
-    }
-    let f = fixture("db", 4 * MIB);
-    let server = ServerProcess::start(&bin(), &f.work.path().join("data"), f.pki.path());
-    let serve = format!("unix:{}", f.socket.display());
+    };
+    let server = f.server();
     // A stale socket left by a killed agent is replaced.
     drop(std::os::unix::net::UnixListener::bind(&f.socket).unwrap());
-    let agent = start_capture(
-        &f.disk,
-        &server.addr.to_string(),
-        "db",
-        f.pki.path(),
-        &serve,
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || agent
-            .stderr()
-            .contains("serving the disk over NBD")),
-        "{}",
-        agent.stderr()
-    );
+    let agent = f.capture_on(server.addr, &format!("unix:{}", f.socket.display()));
+    agent.wait_serving();
     let metadata = std::fs::metadata(&f.socket).unwrap();
     assert!(metadata.file_type().is_socket());
     assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
@@ -262,8 +284,7 @@ fn the_socket_is_private_and_tcp_must_be_loopback_without_tls() {
     // Not loopback, no TLS: refused before anything is served.
     let (d, t) = (f.disk.to_str().unwrap(), f.pki.path().to_str().unwrap());
     let addr = server.addr.to_string();
-    let port = free_port();
-    let open = format!("0.0.0.0:{port}");
+    let open = format!("0.0.0.0:{}", closed_addr().port());
     let mut args = vec!["agent"];
     args.extend(agent_args(d, &addr, "db", t));
     args.extend(["--serve", open.as_str()]);
@@ -277,16 +298,9 @@ fn the_socket_is_private_and_tcp_must_be_loopback_without_tls() {
     );
 
     // A loopback TCP address serves the disk: nbdinfo and qemu-img see it.
-    let port = free_port();
-    let local = format!("127.0.0.1:{port}");
-    let agent = start_capture(&f.disk, &addr, "db", f.pki.path(), &local);
-    assert!(
-        wait_until(Duration::from_secs(30), || agent
-            .stderr()
-            .contains("serving the disk over NBD")),
-        "{}",
-        agent.stderr()
-    );
+    let local = closed_addr().to_string();
+    let agent = f.capture_on(server.addr, &local);
+    agent.wait_serving();
     let size = run_tool("nbdinfo", &["--size", &format!("nbd://{local}/db")]);
     assert_eq!(size.trim(), (4 * MIB).to_string());
     let info = run_tool("qemu-img", &["info", &format!("nbd://{local}/db")]);
@@ -301,18 +315,14 @@ fn the_socket_is_private_and_tcp_must_be_loopback_without_tls() {
 
 #[test]
 fn a_clean_restart_sends_only_what_was_written_and_a_killed_agent_rescans_once_and_converges() {
-    if !have_clients() {
+    let Some(f) = fixture("app", 32 * MIB) else {
         return;
-    }
-    let f = fixture("app", 32 * MIB);
-    let server = ServerProcess::start(&bin(), &f.work.path().join("data"), f.pki.path());
+    };
+    let server = f.server();
     let admin = server.admin_addr.unwrap();
-    let addr = server.addr.to_string();
-    let serve = format!("unix:{}", f.socket.display());
-    let uri = unix_uri("app", &f.socket);
+    let uri = f.uri();
 
-    let mut agent = start_capture(&f.disk, &addr, "app", f.pki.path(), &serve);
-    wait_for_socket(&f.socket, &agent);
+    let mut agent = f.capture(server.addr);
     wait_converged(admin, "app", &f.disk, &agent);
     write_pattern(&uri, 5 * MIB as u64, 8192, 0x11);
     wait_converged(admin, "app", &f.disk, &agent);
@@ -327,8 +337,7 @@ fn a_clean_restart_sends_only_what_was_written_and_a_killed_agent_rescans_once_a
     );
     assert!(!f.socket.exists(), "the socket outlived the agent");
 
-    let mut agent = start_capture(&f.disk, &addr, "app", f.pki.path(), &serve);
-    wait_for_socket(&f.socket, &agent);
+    let mut agent = f.capture(server.addr);
     write_pattern(&uri, 20 * MIB as u64, 4096, 0x13);
     wait_converged(admin, "app", &f.disk, &agent);
     assert!(
@@ -345,8 +354,7 @@ fn a_clean_restart_sends_only_what_was_written_and_a_killed_agent_rescans_once_a
     agent.agent.signal("KILL");
     agent.wait(Duration::from_secs(10));
     write_pattern_direct(&f.disk, 11 * MIB as u64, 0x14);
-    let agent = start_capture(&f.disk, &addr, "app", f.pki.path(), &serve);
-    wait_for_socket(&f.socket, &agent);
+    let agent = f.capture(server.addr);
     write_pattern(&uri, 30 * MIB as u64, 4096, 0x15);
     wait_converged(admin, "app", &f.disk, &agent);
     assert!(
@@ -364,22 +372,13 @@ fn write_pattern_direct(disk: &Path, offset: u64, pattern: u8) {
 
 #[test]
 fn cutover_in_capture_mode_stops_writes_and_the_launch_equals_the_disk() {
-    if !have_clients() {
+    let Some(f) = fixture("erp", 8 * MIB) else {
         return;
-    }
-    let f = fixture("erp", 8 * MIB);
-    let server = nbd_server(&f.pki, &f.work.path().join("data"));
+    };
+    let server = nbd_server(&f.pki, &f.data());
     let admin = server.admin_addr.unwrap();
-    let serve = format!("unix:{}", f.socket.display());
-    let uri = unix_uri("erp", &f.socket);
-    let mut agent = start_capture(
-        &f.disk,
-        &server.addr.to_string(),
-        "erp",
-        f.pki.path(),
-        &serve,
-    );
-    wait_for_socket(&f.socket, &agent);
+    let uri = f.uri();
+    let mut agent = f.capture(server.addr);
     wait_converged(admin, "erp", &f.disk, &agent);
 
     // A workload that keeps writing until its writes fail.
@@ -443,17 +442,13 @@ fn cutover_in_capture_mode_stops_writes_and_the_launch_equals_the_disk() {
 
 #[test]
 fn writes_keep_succeeding_while_the_server_is_down_and_replicate_once_it_is_up() {
-    if !have_clients() {
+    let Some(f) = fixture("edge", 8 * MIB) else {
         return;
-    }
-    let f = fixture("edge", 8 * MIB);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let serve = format!("unix:{}", f.socket.display());
-    let uri = unix_uri("edge", &f.socket);
+    };
+    let listen = closed_addr();
+    let uri = f.uri();
     // No server yet: the agent serves the disk anyway and keeps retrying.
-    let agent = start_capture(&f.disk, &listen, "edge", f.pki.path(), &serve);
-    wait_for_socket(&f.socket, &agent);
+    let agent = f.capture(listen);
     for round in 0..5u64 {
         write_pattern(&uri, round * MIB as u64, 65_536, 0x60 + round as u8);
         let output = qemu_io(
@@ -477,12 +472,6 @@ fn writes_keep_succeeding_while_the_server_is_down_and_replicate_once_it_is_up()
         "{}",
         agent.stderr()
     );
-    let server = ServerProcess::start_on(
-        &bin(),
-        &listen,
-        &f.work.path().join("data"),
-        f.pki.path(),
-        &[],
-    );
+    let server = ServerProcess::start_on(&bin(), &listen.to_string(), &f.data(), f.pki.path(), &[]);
     wait_converged(server.admin_addr.unwrap(), "edge", &f.disk, &agent);
 }

@@ -27,23 +27,17 @@ use std::time::Duration;
 use crate::common::*;
 use blockrep_testkit::ack_log::read_acks;
 use blockrep_testkit::fs_writer::{DurableLog, Verified, Writer, now_unix_ms, verify};
-use blockrep_testkit::loopfs::{FsKind, LoopMount, check_and_mount, loop_fs_ready};
+use blockrep_testkit::loopfs::{
+    EXT4_LOOP_TOOLS, FsKind, LoopMount, check_and_mount, loop_fs_ready,
+};
 use blockrep_testkit::nbdfuse::NbdFuse;
 use blockrep_testkit::{Pki, ServerProcess};
 
 const MIB: u64 = 1 << 20;
 const SOURCE: &str = "fs";
 const DISK_BYTES: u64 = 64 * MIB;
-/// Everything the tests run: the loop devices, ext4's tools, nbdfuse.
-const TOOLS: [&str; 7] = [
-    "losetup",
-    "mount",
-    "umount",
-    "mkfs.ext4",
-    "e2fsck",
-    "nbdfuse",
-    "fusermount3",
-];
+/// What the tests run beyond an ext4 on a loop device.
+const FUSE_TOOLS: [&str; 2] = ["nbdfuse", "fusermount3"];
 /// How long the points may take to appear (debug builds on a busy machine).
 const POINTS_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the workload's I/O may take to fail once the agent is killed.
@@ -51,7 +45,7 @@ const IO_FAILS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether the test can run: root, the tools, and the FUSE device.
 fn capture_fs_ready(test: &str) -> bool {
-    if !loop_fs_ready(test, &TOOLS) {
+    if !loop_fs_ready(test, &[&EXT4_LOOP_TOOLS[..], &FUSE_TOOLS].concat()) {
         return false;
     }
     if !Path::new("/dev/fuse").exists() {
@@ -107,22 +101,21 @@ impl Rig {
     /// there.
     fn start_agent(&self) -> AgentProcess {
         let _ = std::fs::remove_file(&self.socket);
-        let (disk, server, tls) = (
-            self.disk.to_str().unwrap(),
-            self.server.addr.to_string(),
-            self.pki.path().to_str().unwrap(),
-        );
         let serve = format!("unix:{}", self.socket.display());
-        let mut args = agent_args(disk, &server, SOURCE, tls);
-        args.extend([
-            "--serve",
-            &serve,
-            "--interval",
-            "1s",
-            "--ack-log",
-            self.ack_log.to_str().unwrap(),
-        ]);
-        let mut agent = AgentProcess::spawn(&bin(), &args);
+        let mut agent = spawn_agent(
+            &self.disk,
+            self.server.addr,
+            SOURCE,
+            self.pki.path(),
+            &[
+                "--serve",
+                &serve,
+                "--interval",
+                "1s",
+                "--ack-log",
+                self.ack_log.to_str().unwrap(),
+            ],
+        );
         let ready = wait_until(Duration::from_secs(30), || {
             self.socket.exists() || agent.child.try_wait().unwrap().is_some()
         });
@@ -239,49 +232,16 @@ fn collect_points(
     wanted: usize,
 ) -> Vec<Point> {
     let admin = rig.admin();
-    let fresh = |acks: &[blockrep_testkit::ack_log::Ack]| {
-        acks.iter()
-            .filter(|a| a.complete && a.scan_started_unix_ms >= after_unix_ms)
-            .count()
+    let points = AckedPoints {
+        admin,
+        source: SOURCE,
+        ack_log: &rig.ack_log,
+        prefix,
+        timeout: POINTS_TIMEOUT,
     };
-    let mut taken: Vec<(String, String)> = Vec::new();
-    let mut acks_seen = 0;
-    let enough = wait_until(POINTS_TIMEOUT, || {
-        let complete = fresh(&read_acks(&rig.ack_log));
-        if complete > acks_seen {
-            acks_seen = complete;
-            let name = format!("{prefix}{}", taken.len());
-            let body = format!(r#"{{"source":"{SOURCE}","name":"{name}"}}"#);
-            let (code, body) = admin_request(admin, "POST", "/v1/snapshots", Some(&body));
-            assert_eq!(code, 201, "snapshot create: {body}");
-            let view: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let root = view["root"].as_str().unwrap().to_owned();
-            if taken.iter().any(|(_, r)| *r == root) {
-                // Same root as a point already taken: this name is free again.
-                let (code, body) = admin_request(
-                    admin,
-                    "DELETE",
-                    &format!("/v1/snapshots/{SOURCE}/{name}"),
-                    None,
-                );
-                assert!(code < 300, "snapshot delete: {body}");
-            } else {
-                taken.push((name, root));
-            }
-        }
-        taken.len() >= wanted || agent.child.try_wait().unwrap().is_some()
-    });
-    assert!(
-        enough && taken.len() >= wanted,
-        "{} points (wanted {wanted}) when the agent ended or {POINTS_TIMEOUT:?} passed; agent stdout: {:#?}\nstderr: {}",
-        taken.len(),
-        agent.lines(),
-        agent.stderr.lock().unwrap()
-    );
+    let taken = points.take(agent, wanted, |a| a.scan_started_unix_ms >= after_unix_ms);
     let acks = read_acks(&rig.ack_log);
-    let (code, body) = admin_request(admin, "GET", "/v1/snapshots", None);
-    assert_eq!(code, 200, "{body}");
-    let snapshots: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let snapshots = snapshots_json(admin);
     taken
         .into_iter()
         .map(|(name, root)| {
@@ -416,13 +376,7 @@ fn ext4_over_nbdfuse_points_are_clean_and_hold_every_durable_write() {
     let points = collect_points(&rig, &mut agent, "p", started, 5);
     let log = writer.stop();
     workload.detach(true);
-    agent.signal("TERM");
-    let status = blockrep_testkit::wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "agent exit {status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.stop_cleanly();
 
     let written = [Written {
         dir: "a",
@@ -511,13 +465,7 @@ fn ext4_over_nbdfuse_survives_an_agent_sigkill() {
     let after = collect_points(&rig, &mut agent, "b", started, 3);
     let log_b = writer.stop();
     workload.detach(true);
-    agent.signal("TERM");
-    let status = blockrep_testkit::wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "agent exit {status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.stop_cleanly();
 
     for point in &before {
         check_point(

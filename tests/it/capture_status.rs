@@ -5,29 +5,19 @@
 //! commits without reporting puts the source back in mode `scan`.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::common::*;
 use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{ChunkId, Consistency, Geometry, Root};
 use blockrep_proto::{Codec, Message};
+use blockrep_testkit::raw::expect_committed;
 use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes};
 use bytes::Bytes;
 
 const CHUNK: u32 = 65_536;
 /// Four chunks of 64 KiB.
 const DISK: u64 = 4 * CHUNK as u64;
-
-fn cli(server: &ServerProcess, pki: &Pki, args: &[&str]) -> Output {
-    let admin = server.admin_addr.unwrap().to_string();
-    Command::new(BIN)
-        .args(args)
-        .args(["--admin", &admin, "--admin-token"])
-        .arg(pki.path().join("admin.token"))
-        .output()
-        .unwrap()
-}
 
 /// `status --json`, the element of `source`.
 fn status_json(server: &ServerProcess, pki: &Pki, source: &str) -> serde_json::Value {
@@ -40,12 +30,6 @@ fn status_json(server: &ServerProcess, pki: &Pki, source: &str) -> serde_json::V
         .find(|s| s["source"] == source)
         .unwrap_or_else(|| panic!("no source {source} in {all}"))
         .clone()
-}
-
-fn metrics(server: &ServerProcess) -> String {
-    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/metrics", None);
-    assert_eq!(code, 200, "{body}");
-    body
 }
 
 fn geometry() -> Geometry {
@@ -93,16 +77,7 @@ async fn epoch(client: &mut RawClient, epoch: u64, ids: &mut [ChunkId], report: 
         })
         .await
         .unwrap();
-    loop {
-        match client.recv().await.unwrap() {
-            Some(Message::Committed { epoch: got, .. }) => {
-                assert_eq!(got, epoch);
-                return;
-            }
-            Some(Message::Progress { .. }) => continue,
-            other => panic!("expected Committed, got {other:?}"),
-        }
-    }
+    expect_committed(client, epoch).await;
 }
 
 fn capture(cuts: u64, writes: u64) -> Message {
@@ -124,25 +99,19 @@ fn disconnected(server: &ServerProcess, source: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_session() {
-    let pki = Pki::new(&["db", "web"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
-        &["--retention", "off"],
-    );
+    let rig = rig(&["db", "web"], &["--retention", "off"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     // A source replicated by scanning, for contrast.
     let disk = work.path().join("web.raw");
     std::fs::write(&disk, random_bytes(DISK as usize, 9)).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
 
     let mut ids = vec![ChunkId::ZERO; 4];
-    let mut client = connect(&server, &pki).await;
+    let mut client = connect(server, pki).await;
     epoch(&mut client, 1, &mut ids, Some(capture(1, 40))).await;
     epoch(&mut client, 2, &mut ids, Some(capture(2, 75))).await;
 
-    let db = status_json(&server, &pki, "db");
+    let db = status_json(server, pki, "db");
     assert_eq!(db["mode"], "capture", "{db}");
     assert_eq!(
         db["capture"],
@@ -152,11 +121,11 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
         }),
         "{db}"
     );
-    let web = status_json(&server, &pki, "web");
+    let web = status_json(server, pki, "web");
     assert_eq!(web["mode"], "scan", "{web}");
     assert!(web["capture"].is_null(), "{web}");
 
-    let table = stdout(&cli(&server, &pki, &["status"]));
+    let table = stdout(&cli(server, pki, &["status"]));
     let db_row = table.lines().find(|l| l.starts_with("db ")).unwrap();
     let web_row = table.lines().find(|l| l.starts_with("web ")).unwrap();
     assert!(table.lines().next().unwrap().contains(" MODE "), "{table}");
@@ -170,7 +139,7 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
     );
     assert!(!table.contains("web: capture"), "{table}");
 
-    let text = metrics(&server);
+    let text = metrics(server);
     if have_tool("promtool") {
         promtool_check_metrics(&text);
     }
@@ -188,17 +157,17 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
 
     // The agent goes away: its last figures stay, with the time since contact.
     drop(client);
-    assert!(disconnected(&server, "db"));
-    let db = status_json(&server, &pki, "db");
+    assert!(disconnected(server, "db"));
+    let db = status_json(server, pki, "db");
     assert_eq!(db["mode"], "capture", "{db}");
     assert_eq!(db["capture"]["cuts"], 2, "{db}");
     assert!(db["seconds_since_contact"].as_f64().is_some(), "{db}");
-    assert!(metrics(&server).contains("blockrep_capture_cuts_total{source=\"db\"} 2\n"));
+    assert!(metrics(server).contains("blockrep_capture_cuts_total{source=\"db\"} 2\n"));
 
     // A restarted agent counts from 0 again; the server's counters go on.
-    let mut client = connect(&server, &pki).await;
+    let mut client = connect(server, pki).await;
     epoch(&mut client, 3, &mut ids, Some(capture(1, 10))).await;
-    let text = metrics(&server);
+    let text = metrics(server);
     assert!(
         text.contains("blockrep_capture_cuts_total{source=\"db\"} 3\n"),
         "{text}"
@@ -207,18 +176,18 @@ async fn capture_reports_show_in_status_json_table_and_metrics_and_outlive_the_s
         text.contains("blockrep_capture_writes_total{source=\"db\"} 85\n"),
         "{text}"
     );
-    assert_eq!(status_json(&server, &pki, "db")["capture"]["cuts"], 1);
+    assert_eq!(status_json(server, pki, "db")["capture"]["cuts"], 1);
     drop(client);
-    assert!(disconnected(&server, "db"));
+    assert!(disconnected(server, "db"));
 
     // A session that commits a complete epoch without a report scans: mode
     // scan, no capture figures, no capture series.
-    let mut client = connect(&server, &pki).await;
+    let mut client = connect(server, pki).await;
     epoch(&mut client, 4, &mut ids, None).await;
-    let db = status_json(&server, &pki, "db");
+    let db = status_json(server, pki, "db");
     assert_eq!(db["mode"], "scan", "{db}");
     assert!(db["capture"].is_null(), "{db}");
-    let text = metrics(&server);
+    let text = metrics(server);
     assert!(
         !text.contains("blockrep_capture_cuts_total{source=\"db\"}"),
         "{text}"

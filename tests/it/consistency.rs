@@ -5,11 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use crate::common::*;
-use blockrep_core::{ChunkId, Consistency, Geometry, Root, SourceId};
-use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION};
+use blockrep_core::{ChunkId, Consistency, Geometry, Root};
+use blockrep_proto::{Codec, ErrorCode, Message};
+use blockrep_testkit::raw::{expect_committed, hello};
 use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes};
 use bytes::Bytes;
 
@@ -25,18 +25,6 @@ fn server(pki: &Pki, work: &Path) -> ServerProcess {
         pki.path(),
         &["--retention", "off"],
     )
-}
-
-/// Runs the blockrep CLI against the server's admin API.
-fn cli(server: &ServerProcess, pki: &Pki, args: &[&str]) -> Output {
-    let admin = server.admin_addr.unwrap().to_string();
-    let token = pki.path().join("admin.token");
-    Command::new(BIN)
-        .args(args)
-        .args(["--admin", &admin, "--admin-token"])
-        .arg(token)
-        .output()
-        .unwrap()
 }
 
 /// The CLI's `--json` answer, parsed; the command must succeed.
@@ -61,12 +49,6 @@ fn label_in(list: &serde_json::Value, key: &str, value: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no consistency in {item}"))
         .to_owned()
-}
-
-fn metrics(server: &ServerProcess) -> String {
-    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/metrics", None);
-    assert_eq!(code, 200, "{body}");
-    body
 }
 
 #[test]
@@ -171,16 +153,6 @@ fn geometry() -> Geometry {
     Geometry::new(DISK, CHUNK).unwrap()
 }
 
-fn hello() -> Message {
-    Message::Hello {
-        version_min: PROTOCOL_VERSION,
-        version_max: PROTOCOL_VERSION,
-        source: SourceId::new("db").unwrap(),
-        disk_size_bytes: DISK,
-        chunk_size_bytes: CHUNK,
-    }
-}
-
 fn commit(epoch: u64, ids: &[ChunkId], complete: bool, consistency: Consistency) -> Message {
     Message::Commit {
         epoch,
@@ -190,6 +162,21 @@ fn commit(epoch: u64, ids: &[ChunkId], complete: bool, consistency: Consistency)
         last: false,
         consistency,
     }
+}
+
+/// Commits epoch `epoch` of `ids`; the server must answer `Committed`.
+async fn commit_and_expect(
+    client: &mut RawClient,
+    epoch: u64,
+    ids: &[ChunkId],
+    complete: bool,
+    consistency: Consistency,
+) {
+    client
+        .send(&commit(epoch, ids, complete, consistency))
+        .await
+        .unwrap();
+    expect_committed(client, epoch).await;
 }
 
 /// Sends one chunk of `data` at `index`; returns its id.
@@ -208,23 +195,9 @@ async fn send_chunk(client: &mut RawClient, index: u64, data: &[u8]) -> ChunkId 
     id
 }
 
-/// The server's answer to a Commit must be `Committed` of `epoch`.
-async fn expect_committed(client: &mut RawClient, epoch: u64) {
-    loop {
-        match client.recv().await.unwrap() {
-            Some(Message::Committed { epoch: got, .. }) => {
-                assert_eq!(got, epoch);
-                return;
-            }
-            Some(Message::Progress { .. }) => continue,
-            other => panic!("expected Committed, got {other:?}"),
-        }
-    }
-}
-
 async fn connect(server: &ServerProcess, pki: &Pki) -> RawClient {
     let mut client = RawClient::connect_as(server.addr, pki, "db").await;
-    client.send(&hello()).await.unwrap();
+    client.send(&hello("db", DISK, CHUNK)).await.unwrap();
     match client.recv().await.unwrap() {
         Some(Message::Welcome { .. }) => client,
         other => panic!("expected Welcome, got {other:?}"),
@@ -248,11 +221,7 @@ async fn a_crash_consistent_commit_is_shown_and_launched_without_a_flag() {
     let mut client = connect(&server, &pki).await;
     let mut ids = vec![ChunkId::ZERO; 4];
     ids[0] = send_chunk(&mut client, 0, &random_bytes(CHUNK as usize, 2)).await;
-    client
-        .send(&commit(1, &ids, true, Consistency::CrashConsistent))
-        .await
-        .unwrap();
-    expect_committed(&mut client, 1).await;
+    commit_and_expect(&mut client, 1, &ids, true, Consistency::CrashConsistent).await;
     assert_eq!(head_label(&server).as_deref(), Some("crash-consistent"));
 
     assert_success(&cli(
@@ -290,26 +259,14 @@ async fn a_crash_consistent_commit_is_shown_and_launched_without_a_flag() {
 
     // An intermediate step of epoch 2 mixes the head with part of a scan: live.
     ids[1] = send_chunk(&mut client, 1, &random_bytes(CHUNK as usize, 3)).await;
-    client
-        .send(&commit(2, &ids, false, Consistency::CrashConsistent))
-        .await
-        .unwrap();
-    expect_committed(&mut client, 2).await;
+    commit_and_expect(&mut client, 2, &ids, false, Consistency::CrashConsistent).await;
     assert_eq!(head_label(&server).as_deref(), Some("live"));
     // The complete scan that follows found nothing more to send: the head is
     // that frozen point, and its label rises.
-    client
-        .send(&commit(2, &ids, true, Consistency::Quiesced))
-        .await
-        .unwrap();
-    expect_committed(&mut client, 2).await;
+    commit_and_expect(&mut client, 2, &ids, true, Consistency::Quiesced).await;
     assert_eq!(head_label(&server).as_deref(), Some("quiesced"));
     // A later live scan of the same disk does not lower it.
-    client
-        .send(&commit(2, &ids, true, Consistency::Live))
-        .await
-        .unwrap();
-    expect_committed(&mut client, 2).await;
+    commit_and_expect(&mut client, 2, &ids, true, Consistency::Live).await;
     assert_eq!(head_label(&server).as_deref(), Some("quiesced"));
     drop(client);
 

@@ -20,14 +20,13 @@ fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(64 * MIB, 1)).unwrap();
     let admin = server.admin_addr.unwrap();
-    let (d, s, t) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let agent = spawn_agent(
+        &disk,
+        server.addr,
+        "web",
+        pki.path(),
+        &["--interval", "300ms"],
     );
-    let mut args = agent_args(d, &s, "web", &t);
-    args.extend(["--interval", "300ms"]);
-    let agent = AgentProcess::spawn(&bin(), &args);
     assert!(
         wait_until(Duration::from_secs(60), || agent.epochs().len() == 1),
         "no initial sync"
@@ -58,15 +57,7 @@ fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
     drop(file);
     agent.signal("CONT");
     let expected = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_source(admin, "web")
-            .unwrap()
-            .root
-            .as_deref()
-            == Some(expected.as_str())),
-        "replica did not converge: {:?}",
-        admin_source(admin, "web")
-    );
+    wait_for_head_root(admin, "web", &expected, Duration::from_secs(30));
     // The server shows the root before the agent has printed the epoch that
     // sent it: wait for that line before counting bytes.
     assert!(wait_until(Duration::from_secs(10), || agent
@@ -91,39 +82,31 @@ fn continuous_agent_follows_a_writer_and_sends_only_changed_chunks() {
 
     // SIGTERM: the agent stops cleanly with status 0.
     let mut agent = agent;
-    agent.signal("TERM");
-    let status = agent.child.wait().unwrap();
-    assert!(
-        status.success(),
-        "agent exit {status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.stop_cleanly();
 }
 
 #[test]
 fn killed_agent_resumes_the_initial_sync_without_starting_over() {
-    let pki = Pki::new(&["big"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["big"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     let image = random_bytes(256 * MIB, 2);
     std::fs::write(&disk, &image).unwrap();
     let data = work.path().join("data");
-    let server = ServerProcess::start(&bin(), &data, pki.path());
     let admin = server.admin_addr.unwrap();
-    let (d, s, t) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        &disk,
+        server.addr,
+        "big",
+        pki.path(),
+        &[
+            "--once",
+            "--commit-every",
+            "32MiB",
+            "--max-rate",
+            "200MiB/s",
+        ],
     );
-    let mut args = agent_args(d, &s, "big", &t);
-    args.extend([
-        "--once",
-        "--commit-every",
-        "32MiB",
-        "--max-rate",
-        "200MiB/s",
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
     let received = || admin_source(admin, "big").map_or(0, |v| v.bytes_received_total);
     assert!(
         wait_until(Duration::from_secs(60), || received() >= 96 * MIB as u64),
@@ -190,13 +173,13 @@ fn killed_server_is_rejoined_and_no_acknowledged_epoch_is_lost_or_torn() {
     let data = work.path().join("data");
     let mut server = ServerProcess::start(&bin(), &data, pki.path());
     let listen = server.addr.to_string();
-    let (d, t) = (
-        disk.to_str().unwrap(),
-        pki.path().to_str().unwrap().to_owned(),
+    let agent = spawn_agent(
+        &disk,
+        server.addr,
+        "db",
+        pki.path(),
+        &["--interval", "100ms"],
     );
-    let mut args = agent_args(d, &listen, "db", &t);
-    args.extend(["--interval", "100ms"]);
-    let agent = AgentProcess::spawn(&bin(), &args);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -252,14 +235,7 @@ fn killed_server_is_rejoined_and_no_acknowledged_epoch_is_lost_or_torn() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let last_seq = writer.join().unwrap();
     let expected = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_source(admin, "db")
-            .unwrap()
-            .root
-            .as_deref()
-            == Some(expected.as_str())),
-        "replica did not converge"
-    );
+    wait_for_head_root(admin, "db", &expected, Duration::from_secs(30));
     assert_success(&export(&data, "db", &out));
     let replica = std::fs::read(&out).unwrap();
     assert!(check_stamps(&replica) < last_seq);
@@ -334,23 +310,20 @@ fn max_rate_throttles_the_transfer() {
 
 #[test]
 fn rate_changes_on_sighup_without_restarting() {
-    let pki = Pki::new(&["tuned"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["tuned"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(48 * MIB, 6)).unwrap();
     let settings = work.path().join("agent.conf");
     std::fs::write(&settings, "# throttled at first\nmax-rate = 2MiB/s\n").unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
     let admin = server.admin_addr.unwrap();
-    let (d, s, t, c) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
-        settings.to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        &disk,
+        server.addr,
+        "tuned",
+        pki.path(),
+        &["--once", "--config", settings.to_str().unwrap()],
     );
-    let mut args = agent_args(d, &s, "tuned", &t);
-    args.extend(["--once", "--config", &c]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
     std::thread::sleep(Duration::from_secs(1));
     std::fs::write(&settings, "max-rate = unlimited\n").unwrap();
     agent.signal("HUP");
@@ -367,15 +340,11 @@ fn rate_changes_on_sighup_without_restarting() {
 
 #[test]
 fn sources_turn_stalled_without_an_agent_and_lagging_behind_the_rpo() {
-    let pki = Pki::new(&["quiet", "behind"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let server = ServerProcess::start_with(
-        &bin(),
-        &data,
-        pki.path(),
+    let rig = rig(
+        &["quiet", "behind"],
         &["--stall-after", "1s", "--rpo-target", "1s"],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let admin = server.admin_addr.unwrap();
     let quiet = work.path().join("quiet.raw");
     std::fs::write(&quiet, random_bytes(MIB, 7)).unwrap();
@@ -393,14 +362,13 @@ fn sources_turn_stalled_without_an_agent_and_lagging_behind_the_rpo() {
     std::fs::write(&behind, random_bytes(2 * MIB, 8)).unwrap();
     assert_success(&agent_once(&behind, server.addr, "behind", pki.path(), &[]));
     std::fs::write(&behind, random_bytes(2 * MIB, 9)).unwrap();
-    let (d, s, t) = (
-        behind.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let _agent = spawn_agent(
+        &behind,
+        server.addr,
+        "behind",
+        pki.path(),
+        &["--max-rate", "200KiB/s", "--interval", "200ms"],
     );
-    let mut args = agent_args(d, &s, "behind", &t);
-    args.extend(["--max-rate", "200KiB/s", "--interval", "200ms"]);
-    let _agent = AgentProcess::spawn(&bin(), &args);
     assert!(
         wait_until(Duration::from_secs(10), || admin_source(admin, "behind")
             .unwrap()

@@ -13,51 +13,29 @@
 use std::time::Duration;
 
 use crate::common::*;
-use blockrep_core::{ChunkId, Geometry, Page, Root, SourceId};
-use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION, ref_proof};
+use blockrep_core::{ChunkId, Page, Root, SourceId};
+use blockrep_proto::{Codec, ErrorCode, Message, ref_proof};
+use blockrep_testkit::raw::*;
 use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes};
 use bytes::Bytes;
 
-const CHUNK: u32 = 65_536;
-/// 16 chunks of 64 KiB and a short 17th.
-const DISK: u64 = 16 * CHUNK as u64 + 1000;
+const CHUNK: u32 = SMALL_CHUNK_BYTES;
+const DISK: u64 = SMALL_DISK_BYTES;
 
-fn geometry() -> Geometry {
-    Geometry::new(DISK, CHUNK).unwrap()
-}
-
-fn hello(source: &str) -> Message {
-    Message::Hello {
-        version_min: PROTOCOL_VERSION,
-        version_max: PROTOCOL_VERSION,
-        source: SourceId::new(source).unwrap(),
-        disk_size_bytes: DISK,
-        chunk_size_bytes: CHUNK,
-    }
-}
-
-/// The next message, skipping the server's unprompted `Progress` beats.
-async fn next(client: &mut RawClient) -> Option<Message> {
-    loop {
-        match client.recv().await.unwrap() {
-            Some(Message::Progress { .. }) => continue,
-            other => return other,
-        }
-    }
-}
-
-/// Connects as `name` and says `Hello`; returns the client and the nonce.
-async fn session(server: &ServerProcess, pki: &Pki, name: &str) -> (RawClient, [u8; 32]) {
-    let mut client = RawClient::connect_as(server.addr, pki, name).await;
-    client.send(&hello(name)).await.unwrap();
-    match next(&mut client).await {
-        Some(Message::Welcome { nonce, .. }) => (client, nonce),
-        other => panic!("expected Welcome, got {other:?}; log: {}", server.log()),
-    }
+/// Offers `ids`; the bits of the server's `Have`.
+async fn have(client: &mut RawClient, ids: &[ChunkId]) -> Bytes {
+    client
+        .send(&Message::Offer { ids: ids.to_vec() })
+        .await
+        .unwrap();
+    let Message::Have { bits } = next(client).await.unwrap() else {
+        panic!("expected Have");
+    };
+    bits
 }
 
 fn chunks_of(disk: &[u8]) -> Vec<&[u8]> {
-    let geometry = geometry();
+    let geometry = small_geometry();
     (0..geometry.chunk_count())
         .map(|i| &disk[geometry.chunk_range(i).unwrap()])
         .collect()
@@ -75,18 +53,18 @@ fn reference(index: u64, id: ChunkId, proof: [u8; 32]) -> Message {
         index,
         id,
         codec: Codec::Ref,
-        raw_len: geometry().chunk_len(index).unwrap(),
+        raw_len: small_geometry().chunk_len(index).unwrap(),
         data: Bytes::copy_from_slice(&proof),
     }
 }
 
 /// The commit of a replica whose chunk `index` is `id`, all else zero.
 fn commit_one(index: usize, id: ChunkId) -> Message {
-    let mut ids = vec![ChunkId::ZERO; geometry().chunk_count() as usize];
+    let mut ids = vec![ChunkId::ZERO; small_geometry().chunk_count() as usize];
     ids[index] = id;
     Message::Commit {
         epoch: 1,
-        root: Root::from_chunk_ids(geometry(), &ids).id(),
+        root: Root::from_chunk_ids(small_geometry(), &ids).id(),
         scan_started_unix_ms: 1,
         complete: true,
         last: false,
@@ -108,10 +86,6 @@ async fn send_then_commit(client: &mut RawClient, frame: &Message, commit: &Mess
     }
 }
 
-fn head(work: &tempfile::TempDir, source: &str) -> Option<Vec<u8>> {
-    std::fs::read(work.path().join("data/sources").join(source).join("head")).ok()
-}
-
 fn expect_bad_chunk(answer: Message, what: &str, text: &str) {
     match answer {
         Message::Error {
@@ -130,16 +104,15 @@ fn expect_bad_chunk(answer: Message, what: &str, text: &str) {
 /// answered with no bit set: `a` does not learn that they exist.
 #[tokio::test(flavor = "multi_thread")]
 async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["a", "b"], &[]);
+    let rig = rig(&["a", "b"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let victim = random_bytes(DISK as usize, 7);
     let victim_path = work.path().join("b.raw");
     std::fs::write(&victim_path, &victim).unwrap();
     assert_success(&agent_once(&victim_path, server.addr, "b", pki.path(), &[]));
 
     let ids = ids_of(&victim);
-    let (root, pages) = Root::build(geometry(), &ids);
+    let (root, pages) = Root::build(small_geometry(), &ids);
     assert_eq!(
         root.id().to_hex(),
         disk_root(&victim_path, CHUNK),
@@ -160,7 +133,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
         ("b's chunk 5", ids[5], chunks[5]),
     ];
     for (what, id, bytes) in cases {
-        let (mut client, nonce) = session(&server, &pki, "a").await;
+        let (mut client, Welcome { nonce, .. }) = small_session(server, pki, "a").await;
         let answer = send_then_commit(
             &mut client,
             &reference(0, id, ref_proof(&nonce, bytes)),
@@ -170,7 +143,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
         expect_bad_chunk(answer, what, "which this source does not hold");
     }
     // Without a proof at all.
-    let (mut client, _) = session(&server, &pki, "a").await;
+    let (mut client, _) = small_session(server, pki, "a").await;
     let answer = send_then_commit(
         &mut client,
         &reference(0, ids[3], [0; 32]),
@@ -178,10 +151,10 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
     )
     .await;
     expect_bad_chunk(answer, "b's chunk 3 unproven", "does not hold");
-    assert!(head(&work, "a").is_none(), "a got a replica of b's data");
+    assert!(rig.head("a").is_none(), "a got a replica of b's data");
 
     // Have: nothing of b's exists, as far as a can tell.
-    let (mut client, _) = session(&server, &pki, "a").await;
+    let (mut client, _) = small_session(server, pki, "a").await;
     let mut offered = ids.clone();
     offered.extend([root.id(), page_id]);
     client
@@ -201,7 +174,7 @@ async fn another_sources_root_pages_and_chunks_cannot_be_referenced() {
 
     // b itself may reference its own chunks (a moved block): no proof needed,
     // and its Have admits them, but never its page or root as a chunk.
-    let (mut client, _) = session(&server, &pki, "b").await;
+    let (mut client, _) = small_session(server, pki, "b").await;
     client.send(&Message::Offer { ids: offered }).await.unwrap();
     let Message::Have { bits } = next(&mut client).await.unwrap() else {
         panic!("expected Have");
@@ -239,9 +212,8 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
     for source in ["t1", "t2", "t3"] {
         pki.issue_in_tenant(source, "acme");
     }
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let server = ServerProcess::start(&bin(), &data, pki.path());
+    let rig = rig_with(pki, &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = random_bytes(DISK as usize, 11);
     let (d1, d2) = (work.path().join("t1.raw"), work.path().join("t2.raw"));
     std::fs::write(&d1, &disk).unwrap();
@@ -268,33 +240,19 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
         "t2 sent {sent_second} bytes, t1 {sent_first}: nothing saved"
     );
     println!("bytes saved by tenant dedup: {}", sent_first - sent_second);
-    let out = work.path().join("t2.export");
-    assert_success(&export(&data, "t2", &out));
-    assert_eq!(std::fs::read(&out).unwrap(), disk);
+    rig.assert_replica_is("t2", &d2);
 
     // Another tenant learns nothing of acme's chunks.
     let ids = ids_of(&disk);
-    let (mut client, _) = session(&server, &pki, "other").await;
-    client
-        .send(&Message::Offer { ids: ids.clone() })
-        .await
-        .unwrap();
-    let Message::Have { bits } = next(&mut client).await.unwrap() else {
-        panic!("expected Have");
-    };
+    let (mut client, _) = small_session(server, pki, "other").await;
+    let bits = have(&mut client, &ids).await;
     assert!(bits.iter().all(|b| *b == 0), "{bits:?}");
     drop(client);
 
     // t3 of acme: Have admits the tenant's chunks...
     let chunks = chunks_of(&disk);
-    let (mut client, nonce) = session(&server, &pki, "t3").await;
-    client
-        .send(&Message::Offer { ids: ids.clone() })
-        .await
-        .unwrap();
-    let Message::Have { bits } = next(&mut client).await.unwrap() else {
-        panic!("expected Have");
-    };
+    let (mut client, Welcome { nonce, .. }) = small_session(server, pki, "t3").await;
+    let bits = have(&mut client, &ids).await;
     assert_eq!(bits[0] & 1, 1, "{bits:?}");
     // ...but a reference with a wrong proof is refused...
     let mut wrong = ref_proof(&nonce, chunks[0]);
@@ -307,7 +265,7 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
     .await;
     expect_bad_chunk(answer, "wrong proof", "proof of possession does not match");
     // ...as is a proof made under another session's nonce...
-    let (mut client, _) = session(&server, &pki, "t3").await;
+    let (mut client, _) = small_session(server, pki, "t3").await;
     let answer = send_then_commit(
         &mut client,
         &reference(0, ids[0], ref_proof(&nonce, chunks[0])),
@@ -319,9 +277,9 @@ async fn cross_source_dedup_works_within_a_tenant_with_a_proof() {
         "replayed proof",
         "proof of possession does not match",
     );
-    assert!(head(&work, "t3").is_none());
+    assert!(rig.head("t3").is_none());
     // ...and the right one commits.
-    let (mut client, nonce) = session(&server, &pki, "t3").await;
+    let (mut client, Welcome { nonce, .. }) = small_session(server, pki, "t3").await;
     let answer = send_then_commit(
         &mut client,
         &reference(0, ids[0], ref_proof(&nonce, chunks[0])),
@@ -361,16 +319,15 @@ async fn a_source_cannot_change_tenants() {
 /// another source replicates.
 #[tokio::test(flavor = "multi_thread")]
 async fn resending_a_chunk_within_one_epoch_is_cut_off() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["attacker", "honest"], &[]);
+    let rig = rig(&["attacker", "honest"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let honest = work.path().join("honest.raw");
     std::fs::write(&honest, random_bytes(DISK as usize, 21)).unwrap();
     let honest_agent = {
         let (honest, addr, tls) = (honest.clone(), server.addr, pki.path().to_owned());
         std::thread::spawn(move || agent_once(&honest, addr, "honest", &tls, &[]))
     };
-    let (mut client, _) = session(&server, &pki, "attacker").await;
+    let (mut client, _) = small_session(server, pki, "attacker").await;
     let mut last = ChunkId::ZERO;
     let mut answer = None;
     for round in 0..64u64 {
@@ -401,11 +358,9 @@ async fn resending_a_chunk_within_one_epoch_is_cut_off() {
         None => send_then_commit(&mut client, &commit_one(0, last), &commit_one(0, last)).await,
     };
     expect_bad_chunk(answer, "chunk 0 again", "sent twice in one epoch");
-    assert!(head(&work, "attacker").is_none());
+    assert!(rig.head("attacker").is_none());
     assert_success(&honest_agent.join().unwrap());
-    let out = work.path().join("honest.export");
-    assert_success(&export(&work.path().join("data"), "honest", &out));
-    assert_eq!(std::fs::read(out).unwrap(), std::fs::read(&honest).unwrap());
+    rig.assert_replica_is("honest", &honest);
 }
 
 /// With the default limits, one source's `Hello` could reserve 8 of the 9
@@ -414,11 +369,10 @@ async fn resending_a_chunk_within_one_epoch_is_cut_off() {
 /// and other sources go on replicating.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_hello_cannot_reserve_most_of_the_session_memory() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["greedy", "honest"], &[]);
+    let rig = rig(&["greedy", "honest"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     // 2^25 chunks of 4 KiB (128 GiB): 5 GiB of ids, under the total of 9 GiB.
-    let mut client = RawClient::connect_as(server.addr, &pki, "greedy").await;
+    let mut client = RawClient::connect_as(server.addr, pki, "greedy").await;
     client.hello("greedy", 4096 << 25, 4096).await;
     match next(&mut client).await {
         Some(Message::Error {
@@ -443,9 +397,8 @@ async fn one_hello_cannot_reserve_most_of_the_session_memory() {
 async fn failback_streams_what_a_want_asks_for() {
     const BIG_CHUNK: u32 = 4 << 20;
     const CHUNKS: u64 = 64;
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["fb"], &[]);
+    let rig = rig(&["fb"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     // One 4 MiB block repeated: stored once, cheap to sync, 256 MiB to send.
     let block = random_bytes(BIG_CHUNK as usize, 9);
     let disk_path = work.path().join("fb.raw");
@@ -472,7 +425,7 @@ async fn failback_streams_what_a_want_asks_for() {
     // The agent's session may still be ending on the server (Busy): retry.
     let mut answers = Vec::new();
     let mut client = loop {
-        let mut client = RawClient::connect_as(server.addr, &pki, "fb").await;
+        let mut client = RawClient::connect_as(server.addr, pki, "fb").await;
         client
             .hello("fb", u64::from(BIG_CHUNK) * CHUNKS, BIG_CHUNK)
             .await;
@@ -523,16 +476,6 @@ async fn failback_streams_what_a_want_asks_for() {
     );
 }
 
-fn peak_rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 /// A replica committed before these checks may name another blob than a
 /// chunk where a chunk belongs (here: source `b`'s root, as `a`'s chunk 0).
 /// Failback sent whatever the store returned for the id; it now sends only
@@ -549,13 +492,13 @@ async fn failback_sends_only_chunks_of_the_expected_kind_and_length() {
     assert_success(&agent_once(&victim_path, server.addr, "b", pki.path(), &[]));
     server.kill();
     // What the old server let `a` commit: b's root named as a's chunk 0.
-    let (b_root, _) = Root::build(geometry(), &ids_of(&victim));
+    let (b_root, _) = Root::build(small_geometry(), &ids_of(&victim));
     {
         let store = blockrep_store::Store::open(&data).unwrap();
         let a = SourceId::new("a").unwrap();
-        let mut ids = vec![ChunkId::ZERO; geometry().chunk_count() as usize];
+        let mut ids = vec![ChunkId::ZERO; small_geometry().chunk_count() as usize];
         ids[0] = b_root.id();
-        let (root, pages) = Root::build(geometry(), &ids);
+        let (root, pages) = Root::build(small_geometry(), &ids);
         store
             .commit(&a, 1, &root, &pages, 1, blockrep_core::clock::now_unix_ms())
             .unwrap();
@@ -571,7 +514,7 @@ async fn failback_sends_only_chunks_of_the_expected_kind_and_length() {
             .unwrap();
     }
     let server = ServerProcess::start(&bin(), &data, pki.path());
-    let (mut client, _) = session(&server, &pki, "a").await;
+    let (mut client, _) = small_session(&server, &pki, "a").await;
     client
         .send(&Message::FailbackStart {
             launch: "a-old".into(),

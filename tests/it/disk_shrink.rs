@@ -10,7 +10,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use blockrep_testkit::{Pki, ServerProcess, random_bytes};
+use blockrep_testkit::random_bytes;
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u32 = 65_536;
@@ -25,20 +25,19 @@ const TRUNCATING_FOR: Duration = Duration::from_secs(8);
 
 #[test]
 fn agent_survives_a_disk_truncated_while_it_scans_and_then_replicates_it() {
-    let pki = Pki::new(&["shrink"]);
-    let work = tempfile::tempdir().unwrap();
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["shrink"], &[]);
     let disk = work.path().join("shrink.raw");
     let original = random_bytes(DISK as usize, 21);
     std::fs::write(&disk, &original).unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
-    let (d, s, t) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        &disk,
+        server.addr,
+        "shrink",
+        pki.path(),
+        &["--interval", "10ms"],
     );
-    let mut args = agent_args(d, &s, "shrink", &t);
-    args.extend(["--interval", "10ms"]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
     assert!(
         wait_until(Duration::from_secs(60), || !agent.epochs().is_empty()),
         "no initial sync: {}",

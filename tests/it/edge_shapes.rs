@@ -5,118 +5,36 @@
 //! converges to it.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
 use crate::common::*;
 use blockrep_testkit::wait_exit;
-use blockrep_testkit::{Pki, ServerProcess, random_bytes, write_at};
+use blockrep_testkit::{random_bytes, write_at};
 
 const KIB: u64 = 1024;
 
-/// A CA with certificates for `sources`, a server and a scratch directory.
-struct Env {
-    pki: Pki,
-    work: tempfile::TempDir,
-    server: ServerProcess,
+/// Truncates or extends the file at `disk` to `len` bytes.
+fn resize(disk: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
 }
 
-impl Env {
-    fn new(sources: &[&str]) -> Self {
-        let pki = Pki::new(sources);
-        let work = tempfile::tempdir().unwrap();
-        let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
-        Self { pki, work, server }
-    }
-
-    fn data(&self) -> PathBuf {
-        self.work.path().join("data")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.work.path().join(name)
-    }
-
-    fn once(&self, disk: &Path, source: &str, chunk_size: u64) -> Output {
-        agent_once(
-            disk,
-            self.server.addr,
-            source,
-            self.pki.path(),
-            &["--chunk-size", &chunk_size.to_string()],
-        )
-    }
-
-    fn head(&self, source: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.data().join("sources").join(source).join("head")).ok()
-    }
-
-    /// Exports `source` and checks it equals `disk`, byte for byte.
-    fn assert_replica_equals(&self, source: &str, disk: &Path) {
-        let out = self.path(&format!("{source}.export"));
-        assert_success(&export(&self.data(), source, &out));
-        assert!(
-            files_equal(&out, disk),
-            "export of {source} differs from {}",
-            disk.display()
-        );
-    }
-
-    fn agent(&self, disk: &Path, source: &str) -> AgentProcess {
-        AgentProcess::spawn(
-            &bin(),
-            &[
-                "--disk",
-                disk.to_str().unwrap(),
-                "--to",
-                &self.server.addr.to_string(),
-                "--source",
-                source,
-                "--tls-dir",
-                self.pki.path().to_str().unwrap(),
-                // Long enough that a resize made right after an epoch line lands
-                // between two scans, not inside one.
-                "--interval",
-                "700ms",
-            ],
-        )
-    }
+/// `agent --once` of `disk` as `source` at `chunk_size`.
+fn once(env: &AgentRig, disk: &Path, source: &str, chunk_size: u64) -> Output {
+    env.agent_once(disk, source, &["--chunk-size", &chunk_size.to_string()])
 }
 
-/// Compares two files in 1 MiB blocks (the large sparse disk does not fit a
-/// comfortable test allocation twice).
-fn files_equal(a: &Path, b: &Path) -> bool {
-    let (mut a, mut b) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
-    if a.metadata().unwrap().len() != b.metadata().unwrap().len() {
-        return false;
-    }
-    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let n = read_full(&mut a, &mut x);
-        let m = read_full(&mut b, &mut y);
-        if n != m || x[..n] != y[..m] {
-            return false;
-        }
-        if n == 0 {
-            return true;
-        }
-    }
-}
-
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> usize {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]).unwrap() {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    filled
+/// A continuous agent of `disk` as `source`.
+fn agent(env: &AgentRig, disk: &Path, source: &str) -> AgentProcess {
+    // Long enough that a resize made right after an epoch line lands
+    // between two scans, not inside one.
+    env.spawn_agent(disk, source, &["--interval", "700ms"])
 }
 
 #[test]
@@ -128,11 +46,11 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
         }
     }
     let names: Vec<&str> = cases.iter().map(|(name, ..)| name.as_str()).collect();
-    let env = Env::new(&names);
+    let env = rig(&names, &[]);
     for (seed, (source, chunk, size)) in cases.iter().enumerate() {
         let disk = env.path(&format!("{source}.raw"));
         std::fs::write(&disk, random_bytes(*size as usize, seed as u64 + 1)).unwrap();
-        let first = env.once(&disk, source, *chunk);
+        let first = once(&env, &disk, source, *chunk);
         assert_success(&first);
         let chunks = size.div_ceil(*chunk);
         assert_eq!(
@@ -141,7 +59,7 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
             "{source}: {}",
             stdout(&first)
         );
-        env.assert_replica_equals(source, &disk);
+        env.assert_replica_is(source, &disk);
 
         // Zero the first chunk and (when there is one) the last, short or not;
         // each becomes zero on the replica and travels as a zero chunk.
@@ -152,7 +70,7 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
             write_at(&disk, last_start, &vec![0u8; (size - last_start) as usize]);
             zeroed += 1;
         }
-        let second = env.once(&disk, source, *chunk);
+        let second = once(&env, &disk, source, *chunk);
         assert_success(&second);
         assert_eq!(
             sum_field(&second, "zero_chunks_sent"),
@@ -161,7 +79,7 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
             stdout(&second)
         );
         assert_eq!(sum_field(&second, "chunks_sent"), 0, "{}", stdout(&second));
-        env.assert_replica_equals(source, &disk);
+        env.assert_replica_is(source, &disk);
         assert_eq!(
             disk_root(&env.path(&format!("{source}.export")), *chunk as u32),
             disk_root(&disk, *chunk as u32)
@@ -171,14 +89,14 @@ fn sizes_around_chunk_boundaries_replicate_exactly_and_zeroed_chunks_become_zero
 
 #[test]
 fn empty_disk_replicates_and_exports_as_an_empty_file() {
-    let env = Env::new(&["empty"]);
+    let env = rig(&["empty"], &[]);
     let disk = env.path("empty.raw");
     std::fs::write(&disk, b"").unwrap();
-    let first = env.once(&disk, "empty", 64 * KIB);
+    let first = once(&env, &disk, "empty", 64 * KIB);
     assert_success(&first);
     assert!(env.head("empty").is_some(), "no head for the empty disk");
-    env.assert_replica_equals("empty", &disk);
-    let second = env.once(&disk, "empty", 64 * KIB);
+    env.assert_replica_is("empty", &disk);
+    let second = once(&env, &disk, "empty", 64 * KIB);
     assert_success(&second);
     assert!(
         stdout(&second).contains("replica already equals disk"),
@@ -189,7 +107,7 @@ fn empty_disk_replicates_and_exports_as_an_empty_file() {
 
 #[test]
 fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
-    let env = Env::new(&["sparse"]);
+    let env = rig(&["sparse"], &[]);
     let disk = env.path("sparse.raw");
     let size = (1u64 << 30) + 4095;
     std::fs::File::create(&disk).unwrap().set_len(size).unwrap();
@@ -201,11 +119,11 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
         let len = (size - offset).min(chunk) as usize;
         write_at(&disk, *offset, &random_bytes(len, 40 + i as u64));
     }
-    let first = env.once(&disk, "sparse", chunk);
+    let first = once(&env, &disk, "sparse", chunk);
     assert_success(&first);
     // The write at chunk 1024 - 10 bytes spans two chunks.
     assert_eq!(sum_field(&first, "chunks_sent"), 5, "{}", stdout(&first));
-    env.assert_replica_equals("sparse", &disk);
+    env.assert_replica_is("sparse", &disk);
     let allocated = std::os::unix::fs::MetadataExt::blocks(
         &std::fs::metadata(env.path("sparse.export")).unwrap(),
     ) * 512;
@@ -214,7 +132,7 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
     // Zero the short last chunk and change the middle one.
     write_at(&disk, size - 4095, &vec![0u8; 4095]);
     write_at(&disk, 512 << 20, b"changed");
-    let second = env.once(&disk, "sparse", chunk);
+    let second = once(&env, &disk, "sparse", chunk);
     assert_success(&second);
     assert_eq!(
         sum_field(&second, "zero_chunks_sent"),
@@ -225,14 +143,14 @@ fn sparse_disk_of_one_gib_and_4095_bytes_replicates_exactly() {
     // The changed chunk had data: its one changed 4 KiB block goes as a patch.
     assert_eq!(sum_field(&second, "chunks_sent"), 0, "{}", stdout(&second));
     assert_eq!(sum_field(&second, "patches_sent"), 1, "{}", stdout(&second));
-    env.assert_replica_equals("sparse", &disk);
+    env.assert_replica_is("sparse", &disk);
 }
 
 /// `agent --once` against a replica of another size: refused with both sizes
 /// named, and the head untouched.
-fn assert_resize_refused_once(env: &Env, source: &str, disk: &Path, old: u64, new: u64) {
+fn assert_resize_refused_once(env: &AgentRig, source: &str, disk: &Path, old: u64, new: u64) {
     let head = env.head(source).unwrap();
-    let output = env.once(disk, source, 64 * KIB);
+    let output = once(env, disk, source, 64 * KIB);
     assert!(!output.status.success(), "resized disk was accepted");
     let text = stderr(&output);
     assert!(
@@ -245,23 +163,18 @@ fn assert_resize_refused_once(env: &Env, source: &str, disk: &Path, old: u64, ne
 
 #[test]
 fn resized_disk_is_refused_with_both_sizes_and_nothing_written() {
-    let env = Env::new(&["grow", "shrink"]);
+    let env = rig(&["grow", "shrink"], &[]);
     let size = 1u64 << 20;
     for (source, new) in [("grow", size + 4096), ("shrink", size - 65_536)] {
         let disk = env.path(&format!("{source}.raw"));
         std::fs::write(&disk, random_bytes(size as usize, 7)).unwrap();
-        assert_success(&env.once(&disk, source, 64 * KIB));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&disk)
-            .unwrap()
-            .set_len(new)
-            .unwrap();
+        assert_success(&once(&env, &disk, source, 64 * KIB));
+        resize(&disk, new);
         assert_resize_refused_once(&env, source, &disk, size, new);
         // The replica still holds the disk as it was before the resize.
         let before = env.path(&format!("{source}.before"));
         std::fs::write(&before, random_bytes(size as usize, 7)).unwrap();
-        env.assert_replica_equals(source, &before);
+        env.assert_replica_is(source, &before);
     }
     assert!(
         env.server.wait_for_log("geometry", Duration::from_secs(5)),
@@ -272,24 +185,19 @@ fn resized_disk_is_refused_with_both_sizes_and_nothing_written() {
 
 #[test]
 fn continuous_agent_stops_on_a_resize_instead_of_spinning() {
-    let env = Env::new(&["grow", "shrink"]);
+    let env = rig(&["grow", "shrink"], &[]);
     let size = 1u64 << 20;
     for (source, new) in [("grow", size + 65_536 + 1), ("shrink", size / 2)] {
         let disk = env.path(&format!("{source}.raw"));
         std::fs::write(&disk, random_bytes(size as usize, 9)).unwrap();
-        let mut agent = env.agent(&disk, source);
+        let mut agent = agent(&env, &disk, source);
         assert!(
             wait_until(Duration::from_secs(20), || !agent.epochs().is_empty()),
             "no first epoch: {}",
             agent.stderr.lock().unwrap()
         );
         let head = env.head(source).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&disk)
-            .unwrap()
-            .set_len(new)
-            .unwrap();
+        resize(&disk, new);
         let status = wait_exit(&mut agent, Duration::from_secs(15));
         let text = agent.stderr.lock().unwrap().clone();
         assert!(!status.success(), "agent exited 0 after a resize: {text}");
@@ -307,20 +215,13 @@ fn continuous_agent_stops_on_a_resize_instead_of_spinning() {
 
 #[test]
 fn disk_file_replaced_by_another_file_is_read_afresh() {
-    let env = Env::new(&["swap"]);
+    let env = rig(&["swap"], &[]);
     let size = 2usize << 20;
     let disk = env.path("swap.raw");
     std::fs::write(&disk, random_bytes(size, 11)).unwrap();
-    let mut agent = env.agent(&disk, "swap");
+    let mut agent = agent(&env, &disk, "swap");
     let first_root = disk_root(&disk, 64 * KIB as u32);
-    assert!(
-        wait_until(Duration::from_secs(20), || agent
-            .epochs()
-            .iter()
-            .any(|(_, root)| *root == first_root)),
-        "no first epoch: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.wait_for_root(&first_root, Duration::from_secs(20), "no first epoch");
     // A new file (new inode, same size) renamed over the disk's path, as an
     // image restored from backup or rewritten by a tool would be.
     let mut replacement = random_bytes(size, 12);
@@ -334,16 +235,12 @@ fn disk_file_replaced_by_another_file_is_read_afresh() {
         old_inode
     );
     let new_root = disk_root(&disk, 64 * KIB as u32);
-    assert!(
-        wait_until(Duration::from_secs(20), || agent
-            .epochs()
-            .iter()
-            .any(|(_, root)| *root == new_root)),
-        "replica did not converge to the new file: {:#?}\n{}",
-        agent.lines(),
-        agent.stderr.lock().unwrap()
+    agent.wait_for_root(
+        &new_root,
+        Duration::from_secs(20),
+        "replica did not converge to the new file",
     );
     agent.signal("TERM");
     assert!(agent.child.wait().unwrap().success());
-    env.assert_replica_equals("swap", &disk);
+    env.assert_replica_is("swap", &disk);
 }

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use crate::common::*;
 use blockrep_testkit::loopfs::{FsKind, LoopMount, loop_fs_ready};
+use blockrep_testkit::random_bytes;
 use blockrep_testkit::scripts::{read_lines, write_script};
 use blockrep_testkit::wait_exit;
-use blockrep_testkit::{Pki, ServerProcess, random_bytes};
 
 const MIB: usize = 1 << 20;
 const CHUNK: u32 = 65_536;
@@ -142,40 +142,28 @@ impl Drop for Writer {
 
 #[test]
 fn a_snapshot_command_view_is_what_is_replicated_and_every_view_is_released() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["vm"], &[]);
-    let disk = work.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(8 * MIB, 1)).unwrap();
+    let rig = rig(&["vm"], &[]);
+    let work = &rig.work;
+    let disk = rig.disk("disk.raw", &random_bytes(8 * MIB, 1));
     let s = scripts(work.path());
     let writer = Writer::start(work.path(), &disk);
     let ack_log = work.path().join("acks.log");
-    let (d, addr, tls) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = rig.spawn_agent(
+        &disk,
+        "vm",
+        &[
+            "--interval",
+            "300ms",
+            "--ack-log",
+            ack_log.to_str().unwrap(),
+            "--snapshot-cmd",
+            s.snapshot.to_str().unwrap(),
+            "--release-cmd",
+            s.release.to_str().unwrap(),
+        ],
     );
-    let mut args = agent_args(d, &addr, "vm", &tls);
-    args.extend([
-        "--interval",
-        "300ms",
-        "--snapshot-cmd",
-        s.snapshot.to_str().unwrap(),
-        "--release-cmd",
-        s.release.to_str().unwrap(),
-        "--ack-log",
-        ack_log.to_str().unwrap(),
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
-    assert!(
-        wait_until(Duration::from_secs(60), || agent.epochs().len() >= 3),
-        "fewer than 3 epochs: {:?}\n{}",
-        agent.lines(),
-        agent.stderr.lock().unwrap()
-    );
-    agent.signal("TERM");
-    let status = wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(status.success(), "{status}");
+    agent.wait_for_epochs(3, Duration::from_secs(60));
+    agent.stop_cleanly();
     let writes = writer.stop();
     assert!(writes > 0, "the writer never wrote");
 
@@ -217,7 +205,7 @@ fn a_snapshot_command_view_is_what_is_replicated_and_every_view_is_released() {
     assert_success(
         &Command::new(bin())
             .args(["export", "--data"])
-            .arg(work.path().join("data"))
+            .arg(rig.data())
             .args(["--root", last_root, "--out"])
             .arg(&exported)
             .output()
@@ -237,14 +225,23 @@ fn a_snapshot_command_view_is_what_is_replicated_and_every_view_is_released() {
 
 #[test]
 fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["db"], &[]);
-    let disk = work.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(2 * MIB, 2)).unwrap();
+    let rig = rig(&["db"], &[]);
+    let (work, pki) = (&rig.work, &rig.pki);
+    let disk = rig.disk("disk.raw", &random_bytes(2 * MIB, 2));
     let s = scripts(work.path());
     let release = s.release.to_str().unwrap();
-    let addr = server.addr;
+    let addr = rig.server.addr;
+    // A run of the agent whose views `snapshot` makes and the release script
+    // releases.
+    let once_with_view = |to, snapshot: &str| {
+        agent_once(
+            &disk,
+            to,
+            "db",
+            pki.path(),
+            &["--snapshot-cmd", snapshot, "--release-cmd", release],
+        )
+    };
 
     // A view of the wrong size: a clear error, and the view is released.
     let short = work.path().join("short.sh");
@@ -255,18 +252,7 @@ fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
             work.path().display()
         ),
     );
-    let output = agent_once(
-        &disk,
-        addr,
-        "db",
-        pki.path(),
-        &[
-            "--snapshot-cmd",
-            short.to_str().unwrap(),
-            "--release-cmd",
-            release,
-        ],
-    );
+    let output = once_with_view(addr, short.to_str().unwrap());
     assert!(!output.status.success());
     let error = stderr(&output);
     assert!(
@@ -277,21 +263,7 @@ fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
     assert_eq!(read_lines(&s.release_log), vec![short_view.clone()]);
 
     // The view is made, then the server cannot be reached: released too.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let closed_addr = closed.local_addr().unwrap();
-    drop(closed);
-    let output = agent_once(
-        &disk,
-        closed_addr,
-        "db",
-        pki.path(),
-        &[
-            "--snapshot-cmd",
-            s.snapshot.to_str().unwrap(),
-            "--release-cmd",
-            release,
-        ],
-    );
+    let output = once_with_view(closed_addr(), s.snapshot.to_str().unwrap());
     assert!(!output.status.success());
     assert!(
         stderr(&output).contains("cannot connect"),
@@ -413,28 +385,22 @@ fn the_release_command_runs_after_a_bad_view_and_after_a_failed_epoch() {
 
 #[test]
 fn sigterm_mid_epoch_releases_the_view_before_the_agent_exits() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["slow"], &[]);
-    let disk = work.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(32 * MIB, 3)).unwrap();
-    let s = scripts(work.path());
-    let (d, addr, tls) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
-    );
-    let mut args = agent_args(d, &addr, "slow", &tls);
+    let rig = rig(&["slow"], &[]);
+    let disk = rig.disk("disk.raw", &random_bytes(32 * MIB, 3));
+    let s = scripts(rig.work.path());
     // 32 MiB of random bytes at 4 MiB/s: an epoch of about 8 s.
-    args.extend([
-        "--max-rate",
-        "4MiB/s",
-        "--snapshot-cmd",
-        s.snapshot.to_str().unwrap(),
-        "--release-cmd",
-        s.release.to_str().unwrap(),
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
+    let mut agent = rig.spawn_agent(
+        &disk,
+        "slow",
+        &[
+            "--max-rate",
+            "4MiB/s",
+            "--snapshot-cmd",
+            s.snapshot.to_str().unwrap(),
+            "--release-cmd",
+            s.release.to_str().unwrap(),
+        ],
+    );
     assert!(
         wait_until(Duration::from_secs(30), || read_lines(&s.snapshot_log)
             .len()
@@ -448,20 +414,14 @@ fn sigterm_mid_epoch_releases_the_view_before_the_agent_exits() {
         read_lines(&s.release_log).is_empty(),
         "released while in use"
     );
-    agent.signal("TERM");
-    let status = wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "{status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.stop_cleanly();
     assert!(
         agent.epochs().is_empty(),
         "the epoch finished before SIGTERM"
     );
-    let view = format!("slow {}/view-0.raw", work.path().display());
+    let view = format!("slow {}/view-0.raw", rig.work.path().display());
     assert_eq!(read_lines(&s.release_log), vec![view]);
-    assert!(!work.path().join("view-0.raw").exists());
+    assert!(!rig.path("view-0.raw").exists());
 }
 
 /// Temporary clones (`.<image>.blockrep-view-*`) beside `image`.
@@ -492,22 +452,14 @@ fn reflink_views_on_xfs_are_crash_consistent_and_leave_no_clone_behind() {
         .unwrap();
     FsKind::Xfs.mkfs(&xfs_image);
     let xfs = LoopMount::mount(&xfs_image, &xfs_dir.path().join("mnt"), false, "");
-    let pki = Pki::new(&["xfs", "blk"]);
-    let work = tempfile::tempdir().unwrap();
     let disk = xfs.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(16 * MIB, 4)).unwrap();
     // A clone left by an agent killed before it could remove it.
     let stale = xfs.path().join(".disk.raw.blockrep-view-4194305-0");
     std::fs::write(&stale, b"left behind").unwrap();
-    let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
+    let rig = rig(&["xfs", "blk"], &[]);
 
-    let output = agent_once(
-        &disk,
-        server.addr,
-        "xfs",
-        pki.path(),
-        &["--snapshot", "reflink"],
-    );
+    let output = rig.agent_once(&disk, "xfs", &["--snapshot", "reflink"]);
     assert_success(&output);
     assert_eq!(
         labels(&lines_of(&stdout(&output))),
@@ -518,13 +470,11 @@ fn reflink_views_on_xfs_are_crash_consistent_and_leave_no_clone_behind() {
         "{:?}",
         clones_beside(&disk)
     );
-    let exported = work.path().join("exported.raw");
-    assert_success(&export(&work.path().join("data"), "xfs", &exported));
-    assert!(std::fs::read(&exported).unwrap() == std::fs::read(&disk).unwrap());
+    rig.assert_replica_is("xfs", &disk);
 
     // auto clones too where it can, and says nothing about live reads.
     blockrep_testkit::write_at(&disk, 5 * CHUNK as u64, &random_bytes(4096, 5));
-    let output = agent_once(&disk, server.addr, "xfs", pki.path(), &[]);
+    let output = rig.agent_once(&disk, "xfs", &[]);
     assert_success(&output);
     assert_eq!(
         labels(&lines_of(&stdout(&output))),
@@ -538,13 +488,7 @@ fn reflink_views_on_xfs_are_crash_consistent_and_leave_no_clone_behind() {
     assert!(clones_beside(&disk).is_empty());
 
     // A block device cannot be cloned: reflink mode says what to use instead.
-    let output = agent_once(
-        Path::new(xfs.device()),
-        server.addr,
-        "blk",
-        pki.path(),
-        &["--snapshot", "reflink"],
-    );
+    let output = rig.agent_once(Path::new(xfs.device()), "blk", &["--snapshot", "reflink"]);
     assert!(!output.status.success());
     let error = stderr(&output);
     assert!(
@@ -562,24 +506,12 @@ fn reflink_mode_without_reflink_fails_clearly_and_auto_warns_once_and_reads_live
         eprintln!("skipping: no /dev/shm");
         return;
     }
-    // The work directory holds the server\'s data: it lives as long as the server.
-    let AgentRig {
-        pki,
-        work: _work,
-        server,
-        ..
-    } = rig(&["plain"], &[]);
+    let rig = rig(&["plain"], &[]);
     let shm_dir = tempfile::tempdir_in(shm).unwrap();
     let disk = shm_dir.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(4 * MIB, 6)).unwrap();
 
-    let output = agent_once(
-        &disk,
-        server.addr,
-        "plain",
-        pki.path(),
-        &["--snapshot", "reflink"],
-    );
+    let output = rig.agent_once(&disk, "plain", &["--snapshot", "reflink"]);
     assert!(!output.status.success());
     let error = stderr(&output);
     assert!(
@@ -596,14 +528,7 @@ fn reflink_mode_without_reflink_fails_clearly_and_auto_warns_once_and_reads_live
     );
 
     // auto: one warning at start, then live reads, labelled so, epoch after epoch.
-    let (d, addr, tls) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
-    );
-    let mut args = agent_args(d, &addr, "plain", &tls);
-    args.extend(["--interval", "200ms"]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
+    let mut agent = rig.spawn_agent(&disk, "plain", &["--interval", "200ms"]);
     for n in 0..3u64 {
         assert!(
             wait_until(Duration::from_secs(30), || agent.epochs().len() as u64 > n),
@@ -632,16 +557,13 @@ fn reflink_mode_without_reflink_fails_clearly_and_auto_warns_once_and_reads_live
 
 #[test]
 fn the_cutover_point_is_quiesced_only_after_the_pre_cutover_command() {
-    let pki = Pki::new(&["stopped", "running", "viewed"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = nbd_server(&pki, &work.path().join("data"));
-    let s = scripts(work.path());
+    let rig = nbd_rig(&["stopped", "running", "viewed"]);
+    let s = scripts(rig.work.path());
     let cut_over = |source: &str, extra: &[&str]| {
-        let disk = work.path().join(format!("{source}.raw"));
-        std::fs::write(&disk, random_bytes(MIB, 8)).unwrap();
+        let disk = rig.disk(&format!("{source}.raw"), &random_bytes(MIB, 8));
         let mut args = vec!["--cutover"];
         args.extend(extra);
-        let output = agent_once(&disk, server.addr, source, pki.path(), &args);
+        let output = rig.agent_once(&disk, source, &args);
         assert_success(&output);
         let text = stdout(&output);
         let line = text

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use crate::common::*;
 use blockrep_testkit::scripts::{read_lines, write_script};
-use blockrep_testkit::wait_exit;
 use blockrep_testkit::{Pki, random_bytes};
 
 const MIB: usize = 1 << 20;
@@ -45,39 +44,30 @@ fn sigterm_while_the_snapshot_command_runs_still_thaws_before_the_agent_exits() 
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(MIB, 1)).unwrap();
     // The view is made before any connection: no server is needed.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = closed.local_addr().unwrap().to_string();
-    drop(closed);
     let order = work.path().join("order.log");
     let quiesce = format!("echo quiesce >> {}", order.display());
     let thaw = format!("echo thaw >> {}", order.display());
-    let (d, tls) = (
-        disk.to_str().unwrap(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        &disk,
+        closed_addr(),
+        "frozen",
+        pki.path(),
+        &[
+            "--snapshot-cmd",
+            "sleep 60; echo /nonexistent",
+            "--quiesce-cmd",
+            &quiesce,
+            "--thaw-cmd",
+            &thaw,
+        ],
     );
-    let mut args = agent_args(d, &addr, "frozen", &tls);
-    args.extend([
-        "--snapshot-cmd",
-        "sleep 60; echo /nonexistent",
-        "--quiesce-cmd",
-        &quiesce,
-        "--thaw-cmd",
-        &thaw,
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
     assert!(
         wait_until(Duration::from_secs(30), || !read_lines(&order).is_empty()),
         "the quiesce command did not run: {}",
         agent.stderr.lock().unwrap()
     );
     std::thread::sleep(Duration::from_millis(300));
-    agent.signal("TERM");
-    let status = wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "{status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    agent.stop_cleanly();
     assert_eq!(
         read_lines(&order),
         vec!["quiesce", "thaw"],
@@ -88,30 +78,24 @@ fn sigterm_while_the_snapshot_command_runs_still_thaws_before_the_agent_exits() 
 
 #[test]
 fn sigterm_of_a_once_agent_mid_epoch_releases_its_view() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["once"], &[]);
-    let disk = work.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(32 * MIB, 3)).unwrap();
-    let (snapshot, release) = fixed_name_scripts(work.path());
-    let (d, addr, tls) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
-    );
-    let mut args = agent_args(d, &addr, "once", &tls);
+    let rig = rig(&["once"], &[]);
+    let disk = rig.disk("disk.raw", &random_bytes(32 * MIB, 3));
+    let (snapshot, release) = fixed_name_scripts(rig.work.path());
     // 32 MiB of random bytes at 4 MiB/s: an epoch of about 8 s.
-    args.extend([
-        "--once",
-        "--max-rate",
-        "4MiB/s",
-        "--snapshot-cmd",
-        &snapshot,
-        "--release-cmd",
-        &release,
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
-    let snapshots = work.path().join("snapshots.log");
+    let mut agent = rig.spawn_agent(
+        &disk,
+        "once",
+        &[
+            "--once",
+            "--max-rate",
+            "4MiB/s",
+            "--snapshot-cmd",
+            &snapshot,
+            "--release-cmd",
+            &release,
+        ],
+    );
+    let snapshots = rig.path("snapshots.log");
     assert!(
         wait_until(Duration::from_secs(30), || read_lines(&snapshots).len()
             == 1),
@@ -119,30 +103,24 @@ fn sigterm_of_a_once_agent_mid_epoch_releases_its_view() {
         agent.stderr.lock().unwrap()
     );
     std::thread::sleep(Duration::from_secs(2));
-    let releases = work.path().join("releases.log");
+    let releases = rig.path("releases.log");
     assert!(read_lines(&releases).is_empty(), "released while in use");
-    agent.signal("TERM");
-    let status = wait_exit(&mut agent, Duration::from_secs(30));
+    let status = agent.stop();
     let error = agent.stderr.lock().unwrap().clone();
     assert!(!status.success(), "it did not catch up: {status}");
     assert!(error.contains("stopped by a signal"), "{error}");
     assert_eq!(read_lines(&releases).len(), 1, "{error}");
-    assert!(!work.path().join("fixed.raw").exists());
+    assert!(!rig.path("fixed.raw").exists());
 }
 
 #[test]
 fn a_fixed_name_snapshot_is_released_before_the_cutover_takes_it_again() {
-    let pki = Pki::new(&["fixed"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = nbd_server(&pki, &work.path().join("data"));
-    let disk = work.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(MIB, 4)).unwrap();
-    let (snapshot, release) = fixed_name_scripts(work.path());
-    let output = agent_once(
+    let rig = nbd_rig(&["fixed"]);
+    let disk = rig.disk("disk.raw", &random_bytes(MIB, 4));
+    let (snapshot, release) = fixed_name_scripts(rig.work.path());
+    let output = rig.agent_once(
         &disk,
-        server.addr,
         "fixed",
-        pki.path(),
         &[
             "--cutover",
             "--snapshot-cmd",
@@ -158,22 +136,19 @@ fn a_fixed_name_snapshot_is_released_before_the_cutover_takes_it_again() {
         stdout(&output)
     );
     // The first epoch, the scan that found the replica caught up, the cutover.
-    let made = read_lines(&work.path().join("snapshots.log")).len();
+    let made = read_lines(&rig.path("snapshots.log")).len();
     assert!(made >= 3, "{made} views");
-    assert_eq!(read_lines(&work.path().join("releases.log")).len(), made);
+    assert_eq!(read_lines(&rig.path("releases.log")).len(), made);
 }
 
 #[test]
 fn a_view_that_fails_once_is_retried_and_replication_goes_on() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["flaky"], &[]);
-    let disk = work.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(MIB, 5)).unwrap();
-    let (snapshot, release) = fixed_name_scripts(work.path());
+    let rig = rig(&["flaky"], &[]);
+    let disk = rig.disk("disk.raw", &random_bytes(MIB, 5));
+    let (snapshot, release) = fixed_name_scripts(rig.work.path());
     // Fails the first time (as lvcreate may, out of extents for a moment).
-    let flaky = work.path().join("flaky.sh");
-    let marker = work.path().join("failed-once");
+    let flaky = rig.path("flaky.sh");
+    let marker = rig.path("failed-once");
     write_script(
         &flaky,
         &format!(
@@ -182,21 +157,18 @@ fn a_view_that_fails_once_is_retried_and_replication_goes_on() {
             m = marker.display()
         ),
     );
-    let (d, addr, tls) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = rig.spawn_agent(
+        &disk,
+        "flaky",
+        &[
+            "--interval",
+            "300ms",
+            "--snapshot-cmd",
+            flaky.to_str().unwrap(),
+            "--release-cmd",
+            &release,
+        ],
     );
-    let mut args = agent_args(d, &addr, "flaky", &tls);
-    args.extend([
-        "--interval",
-        "300ms",
-        "--snapshot-cmd",
-        flaky.to_str().unwrap(),
-        "--release-cmd",
-        &release,
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
     assert!(
         wait_until(Duration::from_secs(30), || !agent.epochs().is_empty()),
         "no epoch after a failed view: {:?}\n{}",
@@ -209,7 +181,5 @@ fn a_view_that_fails_once_is_retried_and_replication_goes_on() {
         "{}",
         agent.stderr.lock().unwrap()
     );
-    agent.signal("TERM");
-    let status = wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(status.success(), "{status}");
+    agent.stop_cleanly();
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
-use blockrep_testkit::{Pki, ServerProcess, random_bytes};
+use blockrep_testkit::random_bytes;
 
 const MIB: usize = 1 << 20;
 
@@ -30,14 +30,8 @@ fn export_snapshot(data: &Path, source: &str, snapshot: &str, out: &Path) {
 
 #[test]
 fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
-    let pki = Pki::new(&["web"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let disk = work.path().join("disk.raw");
-    let server = ServerProcess::start_with(
-        &bin(),
-        &data,
-        pki.path(),
+    let rig = rig(
+        &["web"],
         &[
             "--retention",
             "1s:2s",
@@ -49,36 +43,33 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
             "off",
         ],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let data = work.path().join("data");
+    let disk = work.path().join("disk.raw");
     let images: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(8 * MIB, 100 + i)).collect();
     std::fs::write(&disk, &images[0]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/snapshots",
-        Some(r#"{"source":"web","name":"keep"}"#),
-    );
-    assert_eq!(code, 201, "{body}");
+    create_snapshot(server, "web", "keep");
     // Epoch 2 is held only by automatic snapshots, which expire after 2 s.
     std::fs::write(&disk, &images[1]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     assert!(
-        wait_until(Duration::from_secs(10), || snapshots(&server)
+        wait_until(Duration::from_secs(10), || snapshots(server)
             .iter()
             .any(|s| s.kind == "auto" && s.epoch == 2)),
         "no automatic snapshot of epoch 2: {:?}",
-        snapshots(&server)
+        snapshots(server)
     );
     std::fs::write(&disk, &images[2]).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     assert!(
-        wait_until(Duration::from_secs(10), || !snapshots(&server)
+        wait_until(Duration::from_secs(10), || !snapshots(server)
             .iter()
             .any(|s| s.epoch == 2)),
         "automatic snapshots of epoch 2 did not expire"
     );
     assert!(
-        snapshots(&server).iter().any(|s| s.name == "keep"),
+        snapshots(server).iter().any(|s| s.name == "keep"),
         "a manual snapshot without TTL expired"
     );
 
@@ -125,7 +116,7 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
         std::fs::read(&out).unwrap() == images[0],
         "snapshot keep damaged by GC"
     );
-    for snapshot in snapshots(&server) {
+    for snapshot in snapshots(server) {
         let output = export_snapshot_command(&data, "web", &snapshot.name, &out);
         // Retention keeps running (a snapshot a second, each kept 2 s): an
         // automatic one listed a moment ago may have expired since. It must
@@ -135,7 +126,7 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
             && stderr(&output).contains("has no snapshot")
         {
             assert!(
-                !snapshots(&server).iter().any(|s| s.name == snapshot.name),
+                !snapshots(server).iter().any(|s| s.name == snapshot.name),
                 "export of {} failed while it is listed: {}",
                 snapshot.name,
                 stderr(&output)
@@ -165,21 +156,15 @@ fn expired_snapshots_are_collected_and_everything_still_referenced_survives() {
 
 #[test]
 fn verify_names_the_snapshot_a_damaged_chunk_affects() {
-    let pki = Pki::new(&["db"]);
-    let work = tempfile::tempdir().unwrap();
+    let AgentRig {
+        pki, work, server, ..
+    } = rig(&["db"], &["--retention", "off"]);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     let first = random_bytes(4 * MIB, 7);
     std::fs::write(&disk, &first).unwrap();
-    let server = ServerProcess::start_with(&bin(), &data, pki.path(), &["--retention", "off"]);
     assert_success(&agent_once(&disk, server.addr, "db", pki.path(), &[]));
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/snapshots",
-        Some(r#"{"source":"db","name":"before"}"#),
-    );
-    assert_eq!(code, 201, "{body}");
+    create_snapshot(&server, "db", "before");
     let mut second = first.clone();
     second[..MIB].copy_from_slice(&random_bytes(MIB, 8));
     std::fs::write(&disk, &second).unwrap();

@@ -9,24 +9,14 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use blockrep_core::{ChunkId, SourceId};
-use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION};
+use blockrep_core::ChunkId;
+use blockrep_proto::{Codec, ErrorCode, Message};
+use blockrep_testkit::raw::*;
 use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes, write_at};
 use bytes::Bytes;
 
-const CHUNK: u32 = 65_536;
-/// 16 chunks of 64 KiB and a short 17th.
-const DISK: u64 = 16 * CHUNK as u64 + 1000;
-
-fn hello(source: &str) -> Message {
-    Message::Hello {
-        version_min: PROTOCOL_VERSION,
-        version_max: PROTOCOL_VERSION,
-        source: SourceId::new(source).unwrap(),
-        disk_size_bytes: DISK,
-        chunk_size_bytes: CHUNK,
-    }
-}
+const CHUNK: u32 = SMALL_CHUNK_BYTES;
+const DISK: u64 = SMALL_DISK_BYTES;
 
 async fn client(server: &ServerProcess, pki: &Pki, name: &str) -> RawClient {
     RawClient::connect_as(server.addr, pki, name).await
@@ -46,21 +36,16 @@ async fn expect_error(client: &mut RawClient, code: ErrorCode) -> String {
     }
 }
 
-fn head(work: &tempfile::TempDir, source: &str) -> Option<Vec<u8>> {
-    std::fs::read(work.path().join("data/sources").join(source).join("head")).ok()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["a", "victim"], &[]);
+    let rig = rig(&["a", "victim"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     // A committed replica of `a`'s geometry, so that refusals are tested on a
     // source with a head as well as on one without.
     let victim = work.path().join("victim.raw");
     std::fs::write(&victim, random_bytes(DISK as usize, 1)).unwrap();
     assert_success(&agent_once(&victim, server.addr, "victim", pki.path(), &[]));
-    let victim_head = head(&work, "victim").unwrap();
+    let victim_head = rig.head("victim").unwrap();
 
     let data = random_bytes(CHUNK as usize, 2);
     let id = ChunkId::from(blake3::hash(&data));
@@ -119,8 +104,8 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
     ];
     for source in ["a", "victim"] {
         for (what, message, code, text) in &cases {
-            let mut client = client(&server, &pki, source).await;
-            client.send(&hello(source)).await.unwrap();
+            let mut client = client(server, pki, source).await;
+            client.send(&small_hello(source)).await.unwrap();
             // Refused as soon as it arrives: no Commit is needed (one sent
             // after the refusal could reset the connection before the Error
             // is read).
@@ -143,23 +128,16 @@ async fn chunks_and_pages_past_the_end_of_the_disk_are_refused() {
             assert!(got.contains(text), "{what}: {got}");
         }
     }
-    assert!(head(&work, "a").is_none(), "a replica was written for a");
-    assert_eq!(
-        head(&work, "victim").unwrap(),
-        victim_head,
-        "victim changed"
-    );
+    assert!(rig.head("a").is_none(), "a replica was written for a");
+    assert_eq!(rig.head("victim").unwrap(), victim_head, "victim changed");
     // The victim's replica still equals its disk.
-    let out = work.path().join("victim.export");
-    assert_success(&export(&work.path().join("data"), "victim", &out));
-    assert_eq!(std::fs::read(out).unwrap(), std::fs::read(&victim).unwrap());
+    rig.assert_replica_is("victim", &victim);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn certificate_naming_two_identities_is_refused() {
-    let AgentRig {
-        pki, work, server, ..
-    } = rig(&["a", "b"], &[]);
+    let rig = rig(&["a", "b"], &[]);
+    let (pki, server) = (&rig.pki, &rig.server);
     let pairs: [(&str, &[&str]); 2] = [
         (
             "two-sources",
@@ -173,8 +151,8 @@ async fn certificate_naming_two_identities_is_refused() {
     for (stem, uris) in pairs {
         pki.issue_with(stem, uris, |_| {});
         for claimed in ["a", "b"] {
-            let mut client = client(&server, &pki, stem).await;
-            client.send(&hello(claimed)).await.unwrap();
+            let mut client = client(server, pki, stem).await;
+            client.send(&small_hello(claimed)).await.unwrap();
             let message = expect_error(&mut client, ErrorCode::Unauthorized).await;
             assert!(message.contains("more than one identity"), "{message}");
         }
@@ -184,7 +162,7 @@ async fn certificate_naming_two_identities_is_refused() {
         "{}",
         server.log()
     );
-    assert!(head(&work, "a").is_none() && head(&work, "b").is_none());
+    assert!(rig.head("a").is_none() && rig.head("b").is_none());
 }
 
 /// The soft limit on open files of this process.
@@ -195,17 +173,6 @@ fn open_files_limit() -> usize {
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
         .unwrap_or(1024)
-}
-
-/// `VmHWM` (peak resident memory) of a process, in bytes.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
 }
 
 fn metric(text: &str, series: &str) -> f64 {
@@ -224,12 +191,8 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
     const STALLED: usize = 50;
     const SILENT_TLS: usize = 20;
     let idle_target = 10_000.min(open_files_limit().saturating_sub(1_000));
-    let pki = Pki::new(&["live", "late"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
+    let rig = rig(
+        &["live", "late"],
         &[
             "--connections-max",
             &CONNECTIONS_MAX.to_string(),
@@ -240,32 +203,19 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
             "3s",
         ],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let admin = server.admin_addr.unwrap();
     let disk = work.path().join("live.raw");
     std::fs::write(&disk, random_bytes(4 << 20, 1)).unwrap();
-    let agent = AgentProcess::spawn(
-        &bin(),
-        &[
-            "--disk",
-            disk.to_str().unwrap(),
-            "--to",
-            &server.addr.to_string(),
-            "--source",
-            "live",
-            "--tls-dir",
-            pki.path().to_str().unwrap(),
-            "--interval",
-            "200ms",
-        ],
+    let agent = spawn_agent(
+        &disk,
+        server.addr,
+        "live",
+        pki.path(),
+        &["--interval", "200ms"],
     );
     let first = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(20), || agent
-            .epochs()
-            .iter()
-            .any(|(_, r)| *r == first)),
-        "no first epoch"
-    );
+    agent.wait_for_root(&first, Duration::from_secs(20), "no first epoch");
 
     let flood_started = Instant::now();
     // Handshakes that start and stall: a TLS record header promising a
@@ -280,7 +230,7 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
     // Finished handshakes (valid certificate) that never send Hello.
     let mut silent = Vec::new();
     for _ in 0..SILENT_TLS {
-        silent.push(client(&server, &pki, "late").await);
+        silent.push(client(server, pki, "late").await);
     }
     // Idle connections that send nothing at all, in batches that fit the
     // kernel's accept queue (beyond it, connects complete before the server
@@ -321,13 +271,10 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
     // Meanwhile the agent replicates a change over its session.
     write_at(&disk, 1 << 20, &random_bytes(CHUNK as usize, 2));
     let changed = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(15), || agent
-            .epochs()
-            .iter()
-            .any(|(_, r)| *r == changed)),
-        "the agent stopped replicating under the flood: {:#?}",
-        agent.lines()
+    agent.wait_for_root(
+        &changed,
+        Duration::from_secs(15),
+        "the agent stopped replicating under the flood",
     );
     // Every connection of the flood is handled, within the limit or refused
     // at once, and the limit holds at every sample meanwhile. (Connections
@@ -402,40 +349,28 @@ async fn idle_connections_and_stalled_handshakes_do_not_stop_replication() {
 /// `--session-memory-max` first.
 #[tokio::test(flavor = "multi_thread")]
 async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
-    let pki = Pki::new(&["huge", "a", "b"]);
-    let work = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
-        &["--session-memory-max", "8MiB"],
-    );
-    let claim = |source: &str, disk_size_bytes: u64| Message::Hello {
-        version_min: PROTOCOL_VERSION,
-        version_max: PROTOCOL_VERSION,
-        source: SourceId::new(source).unwrap(),
-        disk_size_bytes,
-        chunk_size_bytes: 4096,
-    };
+    let rig = rig(&["huge", "a", "b"], &["--session-memory-max", "8MiB"]);
+    let (pki, server) = (&rig.pki, &rig.server);
+    let claim = |source: &str, disk_size_bytes: u64| hello(source, disk_size_bytes, 4096);
     // 1 TiB at 4 KiB chunks: 40 GiB of ids could never fit.
-    let mut huge = client(&server, &pki, "huge").await;
+    let mut huge = client(server, pki, "huge").await;
     huge.send(&claim("huge", 1 << 40)).await.unwrap();
     let message = expect_error(&mut huge, ErrorCode::GeometryMismatch).await;
     assert!(message.contains("--session-memory-max"), "{message}");
     // 160 MiB at 4 KiB chunks (6.25 MiB of ids) fits once, not twice.
-    let mut first = client(&server, &pki, "a").await;
+    let mut first = client(server, pki, "a").await;
     first.send(&claim("a", 160 << 20)).await.unwrap();
     assert!(matches!(
         first.recv().await.unwrap(),
         Some(Message::Welcome { .. })
     ));
-    let mut second = client(&server, &pki, "b").await;
+    let mut second = client(server, pki, "b").await;
     second.send(&claim("b", 160 << 20)).await.unwrap();
     let message = expect_error(&mut second, ErrorCode::Busy).await;
     assert!(message.contains("retry later"), "{message}");
     // When the first session ends, its share is free again.
     drop(first);
-    let disk = work.path().join("b.raw");
+    let disk = rig.path("b.raw");
     std::fs::write(&disk, random_bytes(160 << 20, 1)).unwrap();
     assert!(wait_until(Duration::from_secs(10), || {
         agent_once(
@@ -450,5 +385,5 @@ async fn hello_claiming_a_disk_beyond_the_memory_budget_is_refused() {
     }));
     let peak = peak_rss_bytes(server.pid());
     assert!(peak < 200 << 20, "server peak RSS {} MiB", peak >> 20);
-    assert!(head(&work, "huge").is_none() && head(&work, "a").is_none());
+    assert!(rig.head("huge").is_none() && rig.head("a").is_none());
 }

@@ -117,22 +117,20 @@ impl Rig {
     }
 
     fn start_agent(&self) -> AgentProcess {
-        let (disk, tls, log) = (self.disk(), self.pki.path(), self.ack_log());
-        let mut args = agent_args(
-            disk.to_str().unwrap(),
-            &self.listen,
+        spawn_agent(
+            &self.disk(),
+            self.listen.parse().unwrap(),
             SOURCE,
-            tls.to_str().unwrap(),
-        );
-        args.extend([
-            "--interval",
-            INTERVAL,
-            "--compress",
-            "zstd",
-            "--ack-log",
-            log.to_str().unwrap(),
-        ]);
-        AgentProcess::spawn(&bin(), &args)
+            self.pki.path(),
+            &[
+                "--interval",
+                INTERVAL,
+                "--compress",
+                "zstd",
+                "--ack-log",
+                self.ack_log().to_str().unwrap(),
+            ],
+        )
     }
 
     /// `blockrep export --root` of `root` into the scratch file; `Err` with the
@@ -323,6 +321,33 @@ impl Checks {
         }
     }
 
+    /// Fails the test with every failure so far, naming the seed to replay.
+    fn assert_none_lost(&self, seed: u64) {
+        assert!(
+            self.failures.is_empty(),
+            "seed {seed:#x}: acknowledged commits lost:\n{}",
+            self.failures.join("\n")
+        );
+    }
+
+    /// Waits for the first acknowledgement after the restart of `previous`
+    /// was ready, checks it, and exports every root acknowledged since.
+    fn after_recovery(
+        &mut self,
+        previous: &Pending,
+        agent: &mut AgentProcess,
+        server: &ServerProcess,
+        rig: &Rig,
+        store: &blockrep_store::Store,
+        rng: &mut SplitMix64,
+    ) {
+        let recovered = wait_for_ack(&rig.ack_log(), agent, server, |a| {
+            a.unix_ms > previous.ready_unix_ms
+        });
+        self.recovered(previous, &recovered);
+        self.exports(rig, store, rng, previous.kill, &recovered);
+    }
+
     /// Every root acknowledged since the last check, exported with the store
     /// library and re-hashed; then through the CLI, `newest` and one older root
     /// at random.
@@ -420,16 +445,8 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
             }
         } else {
             if let Some(previous) = pending.take() {
-                let recovered = wait_for_ack(&log, &mut agent, &server, |a| {
-                    a.unix_ms > previous.ready_unix_ms
-                });
-                checks.recovered(&previous, &recovered);
-                checks.exports(&rig, &store, &mut rng, previous.kill, &recovered);
-                assert!(
-                    checks.failures.is_empty(),
-                    "seed {seed:#x}: acknowledged commits lost:\n{}",
-                    checks.failures.join("\n")
-                );
+                checks.after_recovery(&previous, &mut agent, &server, &rig, &store, &mut rng);
+                checks.assert_none_lost(seed);
             }
             std::thread::sleep(Duration::from_millis(rng.below(KILL_DELAY_MAX_MS + 1)));
         }
@@ -507,17 +524,9 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         });
     }
     if let Some(previous) = pending.take() {
-        let recovered = wait_for_ack(&log, &mut agent, &server, |a| {
-            a.unix_ms > previous.ready_unix_ms
-        });
-        checks.recovered(&previous, &recovered);
-        checks.exports(&rig, &store, &mut rng, previous.kill, &recovered);
+        checks.after_recovery(&previous, &mut agent, &server, &rig, &store, &mut rng);
     }
-    assert!(
-        checks.failures.is_empty(),
-        "seed {seed:#x}: acknowledged commits lost:\n{}",
-        checks.failures.join("\n")
-    );
+    checks.assert_none_lost(seed);
 
     // Stop writing; the replica must then come to equal the disk.
     stop.store(true, Ordering::Relaxed);

@@ -5,55 +5,28 @@
 use std::time::Duration;
 
 use crate::common::*;
-use blockrep_server::{LaunchView, SnapshotView};
 use blockrep_testkit::{Pki, ServerProcess, mixed_image, random_bytes};
 
 const MIB: usize = 1 << 20;
-
-fn create_snapshot(server: &ServerProcess, source: &str, name: &str) -> SnapshotView {
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/snapshots",
-        Some(&format!(r#"{{"source":"{source}","name":"{name}"}}"#)),
-    );
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn create_launch(server: &ServerProcess, source: &str, snapshot: &str, name: &str) -> LaunchView {
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/launches",
-        Some(&format!(
-            r#"{{"source":"{source}","snapshot":"{snapshot}","name":"{name}","allow_live":true}}"#
-        )),
-    );
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
 
 #[test]
 fn launch_volume_is_served_to_real_nbd_clients() {
     if !(have_tool("nbdinfo") && have_tool("nbdcopy") && have_tool("qemu-img")) {
         return;
     }
-    let pki = Pki::new(&["web"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let rig = nbd_rig(&["web"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     let size = 24 * MIB + 4096 * 3 + 512;
     std::fs::write(&disk, mixed_image(size, 11)).unwrap();
     let at_snapshot = work.path().join("at-snapshot.raw");
     std::fs::copy(&disk, &at_snapshot).unwrap();
-    let server = nbd_server(&pki, &data);
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
-    let snapshot = create_snapshot(&server, "web", "before-change");
+    let snapshot = create_snapshot(server, "web", "before-change");
     // The disk moves on; the snapshot does not.
     std::fs::write(&disk, random_bytes(size, 12)).unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
-    let launch = create_launch(&server, "web", &snapshot.name, "test-1");
+    let launch = create_launch(server, "web", &snapshot.name, "test-1");
     let uri = launch.nbd_uri.clone().unwrap();
     assert_eq!(uri, format!("nbd://{}/test-1", server.nbd_addr.unwrap()));
 
@@ -207,31 +180,16 @@ fn writes_through_nbd_survive_a_restart_and_never_touch_the_replica() {
 
 #[test]
 fn snapshot_under_a_writer_is_one_committed_epoch() {
-    let pki = Pki::new(&["app"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let rig = nbd_rig(&["app"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 8 * MIB]).unwrap();
-    let server = nbd_server(&pki, &data);
-    let (d, s, t) = (
-        disk.to_str().unwrap().to_owned(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
-    );
-    let agent = AgentProcess::spawn(
-        &bin(),
-        &[
-            "--disk",
-            &d,
-            "--to",
-            &s,
-            "--source",
-            "app",
-            "--tls-dir",
-            &t,
-            "--interval",
-            "50ms",
-        ],
+    let agent = spawn_agent(
+        &disk,
+        server.addr,
+        "app",
+        pki.path(),
+        &["--interval", "50ms"],
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -252,7 +210,7 @@ fn snapshot_under_a_writer_is_one_committed_epoch() {
     assert!(wait_until(Duration::from_secs(30), || agent.epochs().len() >= 3));
     let mut taken = Vec::new();
     for i in 0..5 {
-        taken.push(create_snapshot(&server, "app", &format!("live-{i}")));
+        taken.push(create_snapshot(server, "app", &format!("live-{i}")));
         std::thread::sleep(Duration::from_millis(120));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

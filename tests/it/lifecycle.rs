@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use blockrep_server::{LaunchView, SnapshotView, SourceState};
-use blockrep_testkit::{Pki, ServerProcess, mixed_image, random_bytes, write_at};
+use blockrep_testkit::{ServerProcess, mixed_image, random_bytes, write_at};
 
 const MIB: usize = 1 << 20;
 const CHUNK: u64 = 65_536;
@@ -69,12 +69,10 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
     if !(have_tool("qemu-img") && have_tool("qemu-io") && have_tool("nbdcopy")) {
         return;
     }
-    let pki = Pki::new(&["app"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let rig = nbd_rig(&["app"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(16 * MIB + 4096, 31)).unwrap();
-    let server = nbd_server(&pki, &data);
     let admin = server.admin_addr.unwrap();
 
     // Continuous replication under a writer that the pre-cutover command stops.
@@ -103,27 +101,12 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
         stop = stop_file.display(),
         stopped = stopped_file.display()
     );
-    let (d, s, t) = (
-        disk.to_str().unwrap().to_owned(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
-    );
-    let mut agent = AgentProcess::spawn(
-        &bin(),
-        &[
-            "--disk",
-            &d,
-            "--to",
-            &s,
-            "--source",
-            "app",
-            "--tls-dir",
-            &t,
-            "--interval",
-            "100ms",
-            "--pre-cutover-cmd",
-            &hook,
-        ],
+    let mut agent = spawn_agent(
+        &disk,
+        server.addr,
+        "app",
+        pki.path(),
+        &["--interval", "100ms", "--pre-cutover-cmd", &hook],
     );
     assert!(
         wait_until(Duration::from_secs(30), || agent.epochs().len() >= 3),
@@ -132,13 +115,13 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
 
     // A test launch: its NBD content is exactly the snapshot's.
     let snapshot: SnapshotView = serde_json::from_str(&post(
-        &server,
+        server,
         "/v1/snapshots",
         r#"{"source":"app","name":"drill"}"#,
     ))
     .unwrap();
     let test_launch: LaunchView = serde_json::from_str(&post(
-        &server,
+        server,
         "/v1/launches",
         r#"{"source":"app","snapshot":"drill","name":"drill-1","allow_live":true}"#,
     ))
@@ -230,7 +213,7 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
     // Failback brings the original disk to the cutover volume, sending only what changed.
     let output = failback_cmd(
         &disk,
-        &server,
+        server,
         "app",
         &record.launch,
         pki.path(),
@@ -271,14 +254,13 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
 
 #[test]
 fn after_cutover_the_old_agent_is_fenced_until_reset() {
-    let pki = Pki::new(&["web"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = nbd_rig(&["web"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(4 * MIB, 41)).unwrap();
-    let server = nbd_server(&pki, &data);
     let admin = server.admin_addr.unwrap();
-    let launch = cut_over(&disk, &server, "web", pki.path());
+    let launch = cut_over(&disk, server, "web", pki.path());
     assert!(launch.starts_with("web-cutover"), "{launch}");
     let head = admin_source(admin, "web").unwrap().root;
 
@@ -317,18 +299,17 @@ fn after_cutover_the_old_agent_is_fenced_until_reset() {
 
 #[test]
 fn failback_stops_on_changes_made_to_the_disk_after_cutover() {
-    let pki = Pki::new(&["db"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = nbd_rig(&["db"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(4 * MIB, 51)).unwrap();
-    let server = nbd_server(&pki, &data);
-    let launch = cut_over(&disk, &server, "db", pki.path());
+    let launch = cut_over(&disk, server, "db", pki.path());
     // Someone kept writing to the original disk after cutover.
     write_at(&disk, 3 * CHUNK + 10, b"late write");
     write_at(&disk, 40 * CHUNK, &random_bytes(2 * CHUNK as usize, 9));
     let before = std::fs::read(&disk).unwrap();
-    let output = failback_cmd(&disk, &server, "db", &launch, pki.path(), &["--once"]);
+    let output = failback_cmd(&disk, server, "db", &launch, pki.path(), &["--once"]);
     assert!(!output.status.success());
     let message = stderr(&output);
     assert!(
@@ -344,7 +325,7 @@ fn failback_stops_on_changes_made_to_the_disk_after_cutover() {
 
     let output = failback_cmd(
         &disk,
-        &server,
+        server,
         "db",
         &launch,
         pki.path(),
@@ -365,15 +346,13 @@ fn interrupted_failback_resumes_with_only_what_still_differs() {
     if !have_tool("nbdcopy") {
         return;
     }
-    let pki = Pki::new(&["big"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let rig = nbd_rig(&["big"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     let size = 96 * MIB;
     std::fs::write(&disk, random_bytes(size, 61)).unwrap();
-    let server = nbd_server(&pki, &data);
     let admin = server.admin_addr.unwrap();
-    let launch = cut_over(&disk, &server, "big", pki.path());
+    let launch = cut_over(&disk, server, "big", pki.path());
     // The launch is rewritten entirely: every chunk differs.
     let new_content = work.path().join("new.raw");
     std::fs::write(&new_content, random_bytes(size, 62)).unwrap();
@@ -415,7 +394,7 @@ fn interrupted_failback_resumes_with_only_what_still_differs() {
         SourceState::FailedBack
     );
 
-    let output = failback_cmd(&disk, &server, "big", &launch, pki.path(), &["--once"]);
+    let output = failback_cmd(&disk, server, "big", &launch, pki.path(), &["--once"]);
     assert_success(&output);
     let total = sent();
     assert!(

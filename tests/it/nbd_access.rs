@@ -15,34 +15,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use blockrep_server::{LaunchView, SnapshotView};
 use blockrep_testkit::{Pki, ServerProcess, mixed_image, random_bytes};
 
 const DISK_BYTES: usize = 4 << 20;
-
-fn create_snapshot(server: &ServerProcess, source: &str, name: &str) -> SnapshotView {
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/snapshots",
-        Some(&format!(r#"{{"source":"{source}","name":"{name}"}}"#)),
-    );
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn create_launch(server: &ServerProcess, source: &str, snapshot: &str, name: &str) -> LaunchView {
-    let (code, body) = admin_request(
-        server.admin_addr.unwrap(),
-        "POST",
-        "/v1/launches",
-        Some(&format!(
-            r#"{{"source":"{source}","snapshot":"{snapshot}","name":"{name}","allow_live":true}}"#
-        )),
-    );
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
 
 /// Replicates `disk` as `source` and makes the launch `launch` of it.
 fn launch_of(server: &ServerProcess, pki: &Pki, disk: &Path, source: &str, launch: &str) {
@@ -80,6 +55,29 @@ fn run_output(program: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// qemu-io on `export` at `nbd` over TLS with the certificates in `certs`,
+/// running `command`; its output whether it succeeded or not.
+fn qemu_io_tls(nbd: SocketAddr, certs: &Path, export: &str, command: &str) -> Output {
+    run_output(
+        "qemu-io",
+        &[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                certs.display()
+            ),
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=inet,server.host={},server.port={},export={export},tls-creds=tls0",
+                nbd.ip(),
+                nbd.port()
+            ),
+            "-c",
+            command,
+        ],
+    )
 }
 
 fn all_output(output: &Output) -> String {
@@ -229,24 +227,7 @@ fn a_source_certificate_cannot_write_another_sources_launch() {
         "a's nbdcopy into b's launch succeeded"
     );
     let nbd = f.server.nbd_addr.unwrap();
-    let qemu = run_output(
-        "qemu-io",
-        &[
-            "--object",
-            &format!(
-                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-                f.certs_a.display()
-            ),
-            "--image-opts",
-            &format!(
-                "driver=nbd,server.type=inet,server.host={},server.port={},export=bravo,tls-creds=tls0",
-                nbd.ip(),
-                nbd.port()
-            ),
-            "-c",
-            "write -P 0xaa 0 65536",
-        ],
-    );
+    let qemu = qemu_io_tls(nbd, &f.certs_a, "bravo", "write -P 0xaa 0 65536");
     let text = all_output(&qemu);
     assert!(
         !qemu.status.success() || !text.contains("wrote"),
@@ -268,24 +249,7 @@ fn a_source_certificate_cannot_write_another_sources_launch() {
     );
 
     // a's own launch takes a's writes (the same qemu-io, its own export).
-    let own = run_output(
-        "qemu-io",
-        &[
-            "--object",
-            &format!(
-                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-                f.certs_a.display()
-            ),
-            "--image-opts",
-            &format!(
-                "driver=nbd,server.type=inet,server.host={},server.port={},export=alpha,tls-creds=tls0",
-                nbd.ip(),
-                nbd.port()
-            ),
-            "-c",
-            "write -P 0xaa 0 65536",
-        ],
-    );
+    let own = qemu_io_tls(nbd, &f.certs_a, "alpha", "write -P 0xaa 0 65536");
     let own_text = all_output(&own);
     assert!(
         own.status.success() && own_text.contains("wrote 65536"),
@@ -549,12 +513,11 @@ fn a_revoked_certificate_loses_its_open_nbd_connection() {
     let pki = Pki::new(&["a", "spare"]);
     // A list in force from the start (it revokes a certificate nobody uses).
     blockrep_pki::revoke_cert(pki.path(), &pki.cert("spare")).unwrap();
-    let work = tempfile::tempdir().unwrap();
     let crl = pki.path().join("crl.pem");
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
+    let AgentRig {
+        pki, work, server, ..
+    } = rig_with(
+        pki,
         &[
             "--nbd-listen",
             "127.0.0.1:0",

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use blockrep_testkit::{
-    BlackHoleFault, DirectionFaults, FaultConfig, FaultProxy, Pki, ResetFault, ServerProcess,
-    Which, random_bytes, write_at,
+    BlackHoleFault, DirectionFaults, FaultConfig, FaultProxy, ResetFault, Which, random_bytes,
+    write_at,
 };
 
 const MIB: u64 = 1 << 20;
@@ -208,13 +208,8 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
     let faults = faults();
     let sources: Vec<String> = (0..faults.len()).map(|i| format!("nf-{i}")).collect();
     let source_refs: Vec<&str> = sources.iter().map(String::as_str).collect();
-    let pki = Pki::new(&source_refs);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let server = ServerProcess::start_with(
-        &bin(),
-        &data,
-        pki.path(),
+    let rig = rig(
+        &source_refs,
         &[
             "--idle-timeout",
             &format!("{}s", SERVER_IDLE_TIMEOUT.as_secs()),
@@ -226,13 +221,14 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
             "off",
         ],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let data = work.path().join("data");
     let admin = server.admin_addr.unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let tls = pki.path().to_str().unwrap().to_owned();
     let commit_every = COMMIT_EVERY.to_string();
     let window = COMMIT_EVERY + CHUNK + blockrep_proto::CHUNK_HEADER_LEN as u64;
     let mut table = Vec::new();
@@ -262,20 +258,23 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
         let proxy = runtime
             .block_on(FaultProxy::start(server.addr, fault.config.clone()))
             .unwrap();
-        let to = proxy.addr().to_string();
-        let mut args = agent_args(disk.to_str().unwrap(), &to, source, &tls);
-        args.extend([
-            "--compress",
-            "none",
-            "--interval",
-            "200ms",
-            "--commit-every",
-            &commit_every,
-            "--io-timeout",
-            AGENT_IO_TIMEOUT,
-        ]);
         let started = Instant::now();
-        let mut agent = AgentProcess::spawn(&bin(), &args);
+        let mut agent = spawn_agent(
+            &disk,
+            proxy.addr(),
+            source,
+            pki.path(),
+            &[
+                "--compress",
+                "none",
+                "--interval",
+                "200ms",
+                "--commit-every",
+                &commit_every,
+                "--io-timeout",
+                AGENT_IO_TIMEOUT,
+            ],
+        );
         let converged = wait_until(Duration::from_secs(60), || {
             admin_source(admin, source).and_then(|v| v.root).as_deref() == Some(expected.as_str())
         });

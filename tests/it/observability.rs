@@ -63,16 +63,10 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
         eprintln!("skipped: promtool not installed (scripts/test.sh installs it)");
         return;
     }
-    let pki = Pki::new(&["web", "other"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["web", "other"], &["--rpo-target", "1h"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(8 * MIB, 11)).unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
-        &["--rpo-target", "1h"],
-    );
     let admin = server.admin_addr.unwrap();
     let (_, empty) = scrape(admin);
     assert_eq!(sample(&empty, "blockrep_availability"), Some(1.0));
@@ -115,14 +109,13 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
 
     // A throttled continuous agent: idle at first, then a 3 MiB write is a
     // backlog that drains at 1 MiB/s.
-    let (d, s, t) = (
-        disk.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        &disk,
+        server.addr,
+        "web",
+        pki.path(),
+        &["--max-rate", "1MiB/s", "--interval", "200ms"],
     );
-    let mut args = agent_args(d, &s, "web", &t);
-    args.extend(["--max-rate", "1MiB/s", "--interval", "200ms"]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
     let connected = r#"blockrep_source_connected{source="web"}"#;
     let pending = r#"blockrep_bytes_pending_replication{source="web"}"#;
     let pending_chunks = r#"blockrep_operations_pending_replication{source="web"}"#;
@@ -159,14 +152,7 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
     );
 
     let expected = disk_root(&disk, CHUNK);
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_source(admin, "web")
-            .unwrap()
-            .root
-            .as_deref()
-            == Some(expected.as_str())),
-        "replica did not converge"
-    );
+    wait_for_head_root(admin, "web", &expected, Duration::from_secs(30));
     let (text, committed) = scrape(admin);
     promtool_check_metrics(&text);
     assert_monotonic(&during, &committed);
@@ -221,7 +207,7 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let _ = std::io::Read::read(&mut plain, &mut [0u8; 64]);
-    let wrong = agent_once_claiming(&disk, server.addr, "other", &pki, "web");
+    let wrong = agent_once_claiming(&disk, server.addr, "other", pki, "web");
     assert!(!wrong.status.success());
     let certificate = r#"blockrep_handshake_failures_total{reason="certificate"}"#;
     let protocol = r#"blockrep_handshake_failures_total{reason="protocol"}"#;
@@ -423,14 +409,13 @@ fn rpo_breach_hook_runs_once_per_crossing_even_without_an_agent() {
     // has no recovery point yet, so it never breaches.
     let big = work.path().join("syncing.raw");
     std::fs::write(&big, random_bytes(16 * MIB, 21)).unwrap();
-    let (b, s, t) = (
-        big.to_str().unwrap(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let _syncing = spawn_agent(
+        &big,
+        server.addr,
+        "syncing",
+        pki.path(),
+        &["--max-rate", "256KiB/s"],
     );
-    let mut args = agent_args(b, &s, "syncing", &t);
-    args.extend(["--max-rate", "256KiB/s"]);
-    let _syncing = AgentProcess::spawn(&bin(), &args);
     assert!(wait_until(Duration::from_secs(10), || admin_source(
         admin, "syncing"
     )
@@ -539,22 +524,19 @@ fn rpo_breach_hook_runs_once_per_crossing_even_without_an_agent() {
 
 #[test]
 fn json_logs_parse_line_by_line_and_session_lines_name_their_source() {
-    let pki = Pki::new(&["web", "other"]);
-    let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(2 * MIB, 31)).unwrap();
-    let server = ServerProcess::start_with(
-        &bin(),
-        &work.path().join("data"),
-        pki.path(),
+    let rig = rig(
+        &["web", "other"],
         &["--log-format", "json", "--retention", "off"],
     );
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
+    let disk = work.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(2 * MIB, 31)).unwrap();
     let admin = server.admin_addr.unwrap();
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     write_at(&disk, 0, &random_bytes(CHUNK as usize, 32));
     assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
     // A session refused: the certificate says web, the agent claims other.
-    let wrong = agent_once_claiming(&disk, server.addr, "other", &pki, "web");
+    let wrong = agent_once_claiming(&disk, server.addr, "other", pki, "web");
     assert!(!wrong.status.success());
     for (method, path, body) in [
         (

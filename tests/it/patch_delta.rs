@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::common::*;
-use blockrep_testkit::{Pki, ServerProcess, mixed_image, random_bytes, write_at};
+use blockrep_testkit::{mixed_image, random_bytes, write_at};
 
 const MIB: usize = 1 << 20;
 const BLOCK: usize = 4096;
@@ -45,12 +45,11 @@ fn assert_export_equals(data: &Path, source: &str, disk: &Path, out: &Path) {
 
 #[test]
 fn a_scattered_delta_travels_as_patches_close_to_the_bytes_changed() {
-    let pki = Pki::new(&["patched", "whole"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["patched", "whole"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(64 * MIB, 7)).unwrap();
-    let server = ServerProcess::start(&bin(), &data, pki.path());
     assert_success(&agent_once(&disk, server.addr, "patched", pki.path(), &[]));
     assert_success(&agent_once(
         &disk,
@@ -118,10 +117,8 @@ fn pass_field(output: &std::process::Output, key: &str) -> u64 {
 
 #[test]
 fn failback_receives_the_blocks_that_differ_as_patches() {
-    let pki = Pki::new(&["fb", "fb-whole"]);
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let server = nbd_server(&pki, &data);
+    let rig = nbd_rig(&["fb", "fb-whole"]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let image = mixed_image(4 * MIB, 31);
     // Three chunks that hold data (a chunk of zeros is sent as "zero", with
     // no bytes either way), one 4 KiB block in each.

@@ -9,39 +9,29 @@
 use std::path::Path;
 
 use crate::common::*;
-use blockrep_core::{
-    ChunkId, Geometry, PATCH_BLOCK_BYTES, Root, SourceId, hash_with_block_values, scan_buffer,
-};
-use blockrep_proto::{Codec, ErrorCode, Message, PROTOCOL_VERSION, patch_frame};
-use blockrep_testkit::{Pki, RawClient, ServerProcess, random_bytes};
+use blockrep_core::{ChunkId, PATCH_BLOCK_BYTES, Root, hash_with_block_values, scan_buffer};
+use blockrep_proto::{Codec, ErrorCode, Message, patch_frame};
+use blockrep_testkit::raw::*;
+use blockrep_testkit::{Pki, ServerProcess, random_bytes};
 use bytes::Bytes;
 
-const CHUNK: u32 = 65_536;
-/// 16 chunks of 64 KiB and a short 17th.
-const DISK: u64 = 16 * CHUNK as u64 + 1000;
+const CHUNK: u32 = SMALL_CHUNK_BYTES;
+const DISK: u64 = SMALL_DISK_BYTES;
 
-fn geometry() -> Geometry {
-    Geometry::new(DISK, CHUNK).unwrap()
-}
-
-fn hello(source: &str) -> Message {
-    Message::Hello {
-        version_min: PROTOCOL_VERSION,
-        version_max: PROTOCOL_VERSION,
-        source: SourceId::new(source).unwrap(),
-        disk_size_bytes: DISK,
-        chunk_size_bytes: CHUNK,
-    }
-}
-
-/// A session of `source` past its `Welcome`; returns the head epoch.
-async fn session(server: &ServerProcess, pki: &Pki, source: &str) -> (RawClient, u64) {
-    let mut client = RawClient::connect_as(server.addr, pki, source).await;
-    client.send(&hello(source)).await.unwrap();
-    match client.recv().await {
-        Ok(Some(Message::Welcome { head_epoch, .. })) => (client, head_epoch),
-        other => panic!("no Welcome for {source}: {other:?}"),
-    }
+/// The block values `source` is given for `ids` (`GetBlockValues`), in a
+/// session of its own.
+async fn block_values(
+    server: &ServerProcess,
+    pki: &Pki,
+    source: &str,
+    ids: Vec<ChunkId>,
+) -> Vec<Bytes> {
+    let (mut client, _) = small_session(server, pki, source).await;
+    client.send(&Message::GetBlockValues { ids }).await.unwrap();
+    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
+        panic!("no BlockValues for {source}; log: {}", server.log());
+    };
+    values
 }
 
 fn chunk_of(disk: &[u8], index: usize) -> &[u8] {
@@ -126,16 +116,7 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
     // and an id nobody stored get an empty entry, the same answer.
     let b_chunk_id = ChunkId::from(blake3::hash(chunk_of(&disk_b, 3)));
     let unknown = ChunkId::from(blake3::hash(b"never stored"));
-    let (mut client, _) = session(&server, &pki, "a").await;
-    client
-        .send(&Message::GetBlockValues {
-            ids: vec![base_id, b_chunk_id, unknown],
-        })
-        .await
-        .unwrap();
-    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
-        panic!("no BlockValues; log: {}", server.log());
-    };
+    let values = block_values(&server, &pki, "a", vec![base_id, b_chunk_id, unknown]).await;
     assert_eq!(values.len(), 3);
     assert_eq!(&values[0][..], &base_values.concat()[..]);
     assert!(
@@ -143,28 +124,11 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
         "another tenant's chunk got block values"
     );
     assert!(values[2].is_empty());
-    drop(client);
-    let (mut client, _) = session(&server, &pki, "b").await;
-    client
-        .send(&Message::GetBlockValues { ids: vec![base_id] })
-        .await
-        .unwrap();
-    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
-        panic!("no BlockValues; log: {}", server.log());
-    };
+    let values = block_values(&server, &pki, "b", vec![base_id]).await;
     assert_eq!(values, vec![Bytes::new()], "b got the values of a's chunk");
-    drop(client);
     // A patch reads its base without a proof: not even a tenant peer's.
-    let (mut client, _) = session(&server, &pki, "c").await;
-    client
-        .send(&Message::GetBlockValues { ids: vec![base_id] })
-        .await
-        .unwrap();
-    let Ok(Some(Message::BlockValues { values })) = client.recv().await else {
-        panic!("no BlockValues; log: {}", server.log());
-    };
+    let values = block_values(&server, &pki, "c", vec![base_id]).await;
     assert_eq!(values, vec![Bytes::new()], "c got the values of a's chunk");
-    drop(client);
 
     let blobs_before = blob_count(&data);
     let wrong_id = ChunkId::from(blake3::hash(b"some other chunk"));
@@ -227,7 +191,7 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
         ),
     ];
     for (what, source, message, reason) in &cases {
-        let (mut client, _) = session(&server, &pki, source).await;
+        let (mut client, _) = small_session(&server, &pki, source).await;
         client.send(message).await.unwrap();
         let got = client.recv().await;
         let Ok(Some(Message::Error { code, message })) = got else {
@@ -260,8 +224,9 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
     assert_eq!(last_ranges, vec![(0, 1000)]);
     let compressed = zstd::bulk::compress(&range_bytes(&last_new, &last_ranges), 1).unwrap();
     expected[16 * CHUNK as usize..].copy_from_slice(&last_new);
-    let root = Root::from_chunk_ids(geometry(), &scan_buffer(&expected, geometry())).id();
-    let (mut client, head_epoch) = session(&server, &pki, "a").await;
+    let root =
+        Root::from_chunk_ids(small_geometry(), &scan_buffer(&expected, small_geometry())).id();
+    let (mut client, Welcome { head_epoch, .. }) = small_session(&server, &pki, "a").await;
     client
         .send(&patch(base_id, new_id, ranges.clone(), patch_data.clone()))
         .await
@@ -310,7 +275,7 @@ async fn patches_are_applied_only_when_valid_and_refused_with_their_reason() {
 
     // The patched chunk is now the source's own: its block values (cached when
     // it was rebuilt) are those of the new bytes.
-    let (mut client, _) = session(&server, &pki, "a").await;
+    let (mut client, _) = small_session(&server, &pki, "a").await;
     client
         .send(&Message::GetBlockValues { ids: vec![new_id] })
         .await

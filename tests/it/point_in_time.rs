@@ -22,21 +22,18 @@ use std::time::Duration;
 use crate::common::*;
 use blockrep_testkit::ack_log::read_acks;
 use blockrep_testkit::fs_writer::{DurableLog, Verified, Writer, verify};
-use blockrep_testkit::loopfs::{FsKind, NestedFs, check_and_mount, loop_fs_ready};
+use blockrep_testkit::loopfs::{EXT4_LOOP_TOOLS, FsKind, NestedFs, check_and_mount, loop_fs_ready};
 use blockrep_testkit::{Pki, ServerProcess};
 
 const MIB: u64 = 1 << 20;
 const SOURCE: &str = "fs";
+/// What the tests run beyond an ext4 on a loop device: XFS's tools.
+const XFS_TOOLS: [&str; 2] = ["mkfs.xfs", "xfs_repair"];
+
 /// Everything the tests run: the loop devices, both file systems' tools.
-const TOOLS: [&str; 7] = [
-    "losetup",
-    "mount",
-    "umount",
-    "mkfs.ext4",
-    "e2fsck",
-    "mkfs.xfs",
-    "xfs_repair",
-];
+fn tools() -> Vec<&'static str> {
+    [&EXT4_LOOP_TOOLS[..], &XFS_TOOLS].concat()
+}
 /// How long the points may take to appear (debug builds on a busy machine).
 const POINTS_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -95,64 +92,31 @@ fn replicate_under_writer(kind: FsKind, image_bytes: u64, mode: &str, wanted: us
     );
 
     let ack_log = work.path().join("acks.log");
-    let (disk, server_addr, tls) = (
-        fs.image().to_str().unwrap().to_owned(),
-        server.addr.to_string(),
-        pki.path().to_str().unwrap().to_owned(),
+    let mut agent = spawn_agent(
+        fs.image(),
+        server.addr,
+        SOURCE,
+        pki.path(),
+        &[
+            "--interval",
+            "500ms",
+            "--snapshot",
+            mode,
+            "--ack-log",
+            ack_log.to_str().unwrap(),
+        ],
     );
-    let mut args = agent_args(&disk, &server_addr, SOURCE, &tls);
-    args.extend([
-        "--interval",
-        "500ms",
-        "--snapshot",
-        mode,
-        "--ack-log",
-        ack_log.to_str().unwrap(),
-    ]);
-    let mut agent = AgentProcess::spawn(&bin(), &args);
 
     // Snapshot the head each time a new complete commit is acknowledged.
-    let mut roots = Vec::new();
-    let mut acks_seen = 0;
-    let enough = wait_until(POINTS_TIMEOUT, || {
-        let complete = read_acks(&ack_log).iter().filter(|a| a.complete).count();
-        if complete > acks_seen {
-            acks_seen = complete;
-            let body = format!(r#"{{"source":"{SOURCE}","name":"p{}"}}"#, roots.len());
-            let (code, body) = admin_request(admin, "POST", "/v1/snapshots", Some(&body));
-            assert_eq!(code, 201, "snapshot create: {body}");
-            let view: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let root = view["root"].as_str().unwrap().to_owned();
-            if !roots.contains(&root) {
-                roots.push(root);
-            } else {
-                // Same root as the last point: this name is free again.
-                let name = view["name"].as_str().unwrap().to_owned();
-                let (code, body) = admin_request(
-                    admin,
-                    "DELETE",
-                    &format!("/v1/snapshots/{SOURCE}/{name}"),
-                    None,
-                );
-                assert!(code < 300, "snapshot delete: {body}");
-            }
-        }
-        roots.len() >= wanted || agent.child.try_wait().unwrap().is_some()
-    });
-    assert!(
-        enough && roots.len() >= wanted,
-        "{} points (wanted {wanted}) when the agent ended or {POINTS_TIMEOUT:?} passed; agent stdout: {:#?}\nstderr: {}",
-        roots.len(),
-        agent.lines(),
-        agent.stderr.lock().unwrap()
-    );
-    agent.signal("TERM");
-    let status = agent.child.wait().unwrap();
-    assert!(
-        status.success(),
-        "agent exit {status}: {}",
-        agent.stderr.lock().unwrap()
-    );
+    let points = AckedPoints {
+        admin,
+        source: SOURCE,
+        ack_log: &ack_log,
+        prefix: "p",
+        timeout: POINTS_TIMEOUT,
+    };
+    points.take(&mut agent, wanted, |_| true);
+    agent.stop_cleanly();
     let log = writer.stop();
     // A frozen view lives only as long as its epoch: none is left behind.
     let outer = fs.image().parent().unwrap();
@@ -166,9 +130,7 @@ fn replicate_under_writer(kind: FsKind, image_bytes: u64, mode: &str, wanted: us
     fs.unmount();
 
     let acks = read_acks(&ack_log);
-    let (code, body) = admin_request(admin, "GET", "/v1/snapshots", None);
-    assert_eq!(code, 200, "{body}");
-    let snapshots: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let snapshots = snapshots_json(admin);
     let points = snapshots
         .iter()
         .map(|s| {
@@ -289,7 +251,7 @@ fn assert_labels(run: &Run, label: &str) {
 
 #[test]
 fn ext4_points_from_auto_views_are_clean_and_hold_every_durable_write() {
-    if !loop_fs_ready("ext4 point-in-time test", &TOOLS) {
+    if !loop_fs_ready("ext4 point-in-time test", &tools()) {
         return;
     }
     let run = replicate_under_writer(FsKind::Ext4, 64 * MIB, "auto", 6);
@@ -302,7 +264,7 @@ fn ext4_points_from_auto_views_are_clean_and_hold_every_durable_write() {
 
 #[test]
 fn xfs_points_from_reflink_views_are_clean_and_hold_every_durable_write() {
-    if !loop_fs_ready("XFS point-in-time test", &TOOLS) {
+    if !loop_fs_ready("XFS point-in-time test", &tools()) {
         return;
     }
     let run = replicate_under_writer(FsKind::Xfs, FsKind::Xfs.min_image_bytes(), "reflink", 3);
@@ -315,7 +277,7 @@ fn xfs_points_from_reflink_views_are_clean_and_hold_every_durable_write() {
 
 #[test]
 fn live_reads_of_a_busy_ext4_are_labelled_live() {
-    if !loop_fs_ready("live-read label test", &TOOLS) {
+    if !loop_fs_ready("live-read label test", &tools()) {
         return;
     }
     let run = replicate_under_writer(FsKind::Ext4, 64 * MIB, "none", 6);

@@ -8,80 +8,42 @@ use std::process::Command;
 use crate::common::*;
 use blockrep_core::{ChunkId, SourceId};
 use blockrep_proto::{Codec, ErrorCode, FRAME_LEN_MAX, Message, PROTOCOL_VERSION};
-use blockrep_testkit::{Pki, RawClient, ServerProcess, mixed_image, random_bytes};
+use blockrep_testkit::{Pki, RawClient, mixed_image, random_bytes};
 use bytes::Bytes;
 
-struct Fixture {
-    pki: Pki,
-    work: tempfile::TempDir,
-    server: ServerProcess,
+/// A server with certificates for `good`, `a` and `victim`, whose `victim`
+/// has a replica.
+fn fixture() -> AgentRig {
+    let rig = rig(&["good", "a", "victim"], &[]);
+    // A replica that must stay untouched by every rejected attempt.
+    let victim = rig.disk("victim.raw", &mixed_image(3 << 20, 3));
+    assert_success(&rig.agent_once(&victim, "victim", &[]));
+    rig
 }
 
-impl Fixture {
-    fn new() -> Self {
-        let pki = Pki::new(&["good", "a", "victim"]);
-        let work = tempfile::tempdir().unwrap();
-        let server = ServerProcess::start(&bin(), &work.path().join("data"), pki.path());
-        let fixture = Self { pki, work, server };
-        // A replica that must stay untouched by every rejected attempt.
-        let victim = fixture.work.path().join("victim.raw");
-        std::fs::write(&victim, mixed_image(3 << 20, 3)).unwrap();
-        assert_success(&agent_once(
-            &victim,
-            fixture.server.addr,
-            "victim",
-            fixture.pki.path(),
-            &[],
-        ));
-        fixture
-    }
-
-    fn data(&self) -> std::path::PathBuf {
-        self.work.path().join("data")
-    }
-
-    fn head_bytes(&self, source: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.data().join("sources").join(source).join("head")).ok()
-    }
-
-    /// After a rejection: the server still replicates another source, the victim's
-    /// replica is unchanged, and `rejected` has no replica at all.
-    fn assert_unharmed(&self, rejected: &str) {
-        let victim_head = self.head_bytes("victim").unwrap();
-        let disk = self.work.path().join("good.raw");
-        std::fs::write(&disk, random_bytes(1 << 20, rand_seed())).unwrap();
-        assert_success(&agent_once(
-            &disk,
-            self.server.addr,
-            "good",
-            self.pki.path(),
-            &[],
-        ));
-        let out = self.work.path().join("good.export");
-        assert_success(&export(&self.data(), "good", &out));
-        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
-        assert_eq!(
-            self.head_bytes("victim").unwrap(),
-            victim_head,
-            "victim replica changed"
+/// After a rejection: the server still replicates another source, the victim's
+/// replica is unchanged, and `rejected` has no replica at all.
+fn assert_unharmed(f: &AgentRig, rejected: &str) {
+    let victim_head = f.head("victim").unwrap();
+    let disk = f.disk("good.raw", &random_bytes(1 << 20, rand_seed()));
+    assert_success(&f.agent_once(&disk, "good", &[]));
+    f.assert_replica_is("good", &disk);
+    assert_eq!(
+        f.head("victim").unwrap(),
+        victim_head,
+        "victim replica changed"
+    );
+    f.assert_replica_is("victim", &f.path("victim.raw"));
+    if !rejected.is_empty() {
+        assert!(
+            f.head(rejected).is_none(),
+            "a replica was written for {rejected}"
         );
-        let victim_out = self.work.path().join("victim.export");
-        assert_success(&export(&self.data(), "victim", &victim_out));
-        assert_eq!(
-            std::fs::read(&victim_out).unwrap(),
-            std::fs::read(self.work.path().join("victim.raw")).unwrap()
-        );
-        if !rejected.is_empty() {
-            assert!(
-                self.head_bytes(rejected).is_none(),
-                "a replica was written for {rejected}"
-            );
-        }
     }
+}
 
-    async fn client(&self, name: &str) -> RawClient {
-        RawClient::connect_as(self.server.addr, &self.pki, name).await
-    }
+async fn connect(f: &AgentRig, name: &str) -> RawClient {
+    RawClient::connect_as(f.server.addr, &f.pki, name).await
 }
 
 fn rand_seed() -> u64 {
@@ -129,7 +91,7 @@ async fn expect_tls_failure(result: std::io::Result<RawClient>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_certificate_from_another_ca_is_rejected() {
-    let f = Fixture::new();
+    let f = fixture();
     let foreign = Pki::new(&["good"]);
     expect_tls_failure(
         RawClient::connect(
@@ -170,12 +132,12 @@ async fn client_certificate_from_another_ca_is_rejected() {
         f.server
             .wait_for_log("TLS handshake rejected", std::time::Duration::from_secs(5))
     );
-    f.assert_unharmed("");
+    assert_unharmed(&f, "");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_client_certificate_is_rejected() {
-    let f = Fixture::new();
+    let f = fixture();
     expect_tls_failure(RawClient::connect(f.server.addr, &f.pki.cert("ca"), None).await).await;
     assert!(
         f.server
@@ -183,13 +145,13 @@ async fn missing_client_certificate_is_rejected() {
         "{}",
         f.server.log()
     );
-    f.assert_unharmed("");
+    assert_unharmed(&f, "");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn certificate_for_one_source_cannot_write_another() {
-    let f = Fixture::new();
-    let mut client = f.client("a").await;
+    let f = fixture();
+    let mut client = connect(&f, "a").await;
     client
         .send(&hello("victim", PROTOCOL_VERSION))
         .await
@@ -216,12 +178,12 @@ async fn certificate_for_one_source_cannot_write_another() {
         "{}",
         stderr(&output)
     );
-    f.assert_unharmed("b");
+    assert_unharmed(&f, "b");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn source_ids_with_path_tricks_are_rejected_everywhere() {
-    let f = Fixture::new();
+    let f = fixture();
     let long = "a".repeat(65);
     for bad in ["a/b", "..", "../victim", "a\0b", long.as_str()] {
         // The CLI refuses them before doing anything (a NUL cannot even be passed
@@ -256,7 +218,7 @@ async fn source_ids_with_path_tricks_are_rejected_everywhere() {
         // the server, which never builds a path from it.
         f.pki
             .issue_raw_uri("tricky", &format!("urn:blockrep:source:{bad}"));
-        let mut client = f.client("tricky").await;
+        let mut client = connect(&f, "tricky").await;
         client.send(&hello("good", PROTOCOL_VERSION)).await.unwrap();
         let message = expect_error(&mut client, ErrorCode::Unauthorized).await;
         assert!(message.contains("invalid source id"), "{message}");
@@ -267,30 +229,30 @@ async fn source_ids_with_path_tricks_are_rejected_everywhere() {
         .collect();
     assert_eq!(sources, vec![std::ffi::OsString::from("victim")]);
     assert!(!f.work.path().join("victim").exists());
-    f.assert_unharmed("");
+    assert_unharmed(&f, "");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn frame_longer_than_the_limit_is_rejected() {
-    let f = Fixture::new();
-    let mut client = f.client("a").await;
+    let f = fixture();
+    let mut client = connect(&f, "a").await;
     let mut frame = (FRAME_LEN_MAX + 1).to_le_bytes().to_vec();
     frame.push(5);
     client.send_raw(&frame).await.unwrap();
     let message = expect_error(&mut client, ErrorCode::BadFrame).await;
     assert!(message.contains("frame length"), "{message}");
     // Also mid-session, after a valid Hello.
-    let mut client = f.client("a").await;
+    let mut client = connect(&f, "a").await;
     client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
     client.send_raw(&u32::MAX.to_le_bytes()).await.unwrap();
     expect_error(&mut client, ErrorCode::BadFrame).await;
-    f.assert_unharmed("a");
+    assert_unharmed(&f, "a");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chunk_that_does_not_hash_to_its_id_is_rejected() {
-    let f = Fixture::new();
-    let mut client = f.client("a").await;
+    let f = fixture();
+    let mut client = connect(&f, "a").await;
     client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
     let data = Bytes::from(random_bytes(65_536, 3));
     let wrong_id = ChunkId::from(blake3::hash(b"something else"));
@@ -318,7 +280,7 @@ async fn chunk_that_does_not_hash_to_its_id_is_rejected() {
     let message = expect_error(&mut client, ErrorCode::BadChunk).await;
     assert!(message.contains("does not hash to its id"), "{message}");
     // A zstd bomb: a tiny frame that decompresses far beyond the chunk size.
-    let mut client = f.client("a").await;
+    let mut client = connect(&f, "a").await;
     client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
     let bomb = zstd_bomb();
     let id = ChunkId::from(blake3::hash(&vec![7u8; 65_536]));
@@ -334,15 +296,15 @@ async fn chunk_that_does_not_hash_to_its_id_is_rejected() {
         .unwrap();
     let message = expect_error(&mut client, ErrorCode::BadChunk).await;
     assert!(message.contains("decompress"), "{message}");
-    f.assert_unharmed("a");
+    assert_unharmed(&f, "a");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_frames_and_zero_chunks_with_an_id_are_rejected() {
-    let f = Fixture::new();
+    let f = fixture();
     // A Commit whose scan start was damaged before it was sealed into TLS:
     // well-formed, and once accepted as is; now its checksum refuses it.
-    let mut client = f.client("a").await;
+    let mut client = connect(&f, "a").await;
     client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
     let mut frame = bytes::BytesMut::new();
     blockrep_proto::encode(
@@ -362,7 +324,7 @@ async fn damaged_frames_and_zero_chunks_with_an_id_are_rejected() {
     let message = expect_error(&mut client, ErrorCode::BadFrame).await;
     assert!(message.contains("checksum"), "{message}");
     // A zero chunk carries the zero id; any other id is refused.
-    let mut client = f.client("a").await;
+    let mut client = connect(&f, "a").await;
     client.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
     client
         .send(&Message::Chunk {
@@ -376,7 +338,7 @@ async fn damaged_frames_and_zero_chunks_with_an_id_are_rejected() {
         .unwrap();
     let message = expect_error(&mut client, ErrorCode::BadChunk).await;
     assert!(message.contains("zero id"), "{message}");
-    f.assert_unharmed("a");
+    assert_unharmed(&f, "a");
 }
 
 /// A few KiB that claim to be a chunk but decompress to 64 MiB.
@@ -386,27 +348,27 @@ fn zstd_bomb() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unsupported_protocol_version_is_rejected() {
-    let f = Fixture::new();
-    let mut client = f.client("a").await;
+    let f = fixture();
+    let mut client = connect(&f, "a").await;
     client.send(&hello("a", 99)).await.unwrap();
     let message = expect_error(&mut client, ErrorCode::UnsupportedVersion).await;
     assert!(message.contains("99"), "{message}");
-    f.assert_unharmed("a");
+    assert_unharmed(&f, "a");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn second_concurrent_session_for_a_source_is_refused() {
-    let f = Fixture::new();
-    let mut first = f.client("a").await;
+    let f = fixture();
+    let mut first = connect(&f, "a").await;
     first.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
     assert!(matches!(
         first.recv().await.unwrap(),
         Some(Message::Welcome { .. })
     ));
-    let mut second = f.client("a").await;
+    let mut second = connect(&f, "a").await;
     second.send(&hello("a", PROTOCOL_VERSION)).await.unwrap();
     let message = expect_error(&mut second, ErrorCode::Busy).await;
     assert!(message.contains("another session"), "{message}");
     drop(first);
-    f.assert_unharmed("a");
+    assert_unharmed(&f, "a");
 }

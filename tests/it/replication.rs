@@ -10,14 +10,13 @@ const MIB: usize = 1 << 20;
 
 #[test]
 fn initial_sync_then_delta_sync_sends_only_changed_chunks() {
-    let pki = Pki::new(&["web-1"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["web-1"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     // 64 MiB plus a tail that is not a multiple of the 64 KiB chunk size.
     let size = 64 * MIB + 12_345;
     std::fs::write(&disk, mixed_image(size, 1)).unwrap();
-    let server = ServerProcess::start(&bin(), &data, pki.path());
 
     let first = agent_once(&disk, server.addr, "web-1", pki.path(), &[]);
     assert_success(&first);
@@ -94,12 +93,11 @@ fn initial_sync_then_delta_sync_sends_only_changed_chunks() {
 
 #[test]
 fn export_reads_only_committed_state_while_the_server_runs() {
-    let pki = Pki::new(&["db"]);
-    let work = tempfile::tempdir().unwrap();
+    let rig = rig(&["db"], &[]);
+    let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let data = work.path().join("data");
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(8 * MIB, 5)).unwrap();
-    let server = ServerProcess::start(&bin(), &data, pki.path());
     let out = work.path().join("export.raw");
     let missing = export(&data, "db", &out);
     assert!(!missing.status.success());

@@ -60,15 +60,13 @@ fn running_agent(
         random_bytes(1 << 20, u64::from(source.as_bytes()[0])),
     )
     .unwrap();
-    let addr = server.addr.to_string();
-    let mut args = agent_args(
-        disk.to_str().unwrap(),
-        &addr,
+    let agent = spawn_agent(
+        &disk,
+        server.addr,
         source,
-        pki.path().to_str().unwrap(),
+        pki.path(),
+        &["--interval", "200ms"],
     );
-    args.extend_from_slice(&["--interval", "200ms"]);
-    let agent = AgentProcess::spawn(&bin(), &args);
     let root = disk_root(&disk, CHUNK);
     assert!(
         wait_until(Duration::from_secs(20), || agent
@@ -107,10 +105,6 @@ fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |value| value.trim().parse().unwrap())
-}
-
-fn metrics(server: &ServerProcess) -> String {
-    admin_request(server.admin_addr.unwrap(), "GET", "/metrics", None).1
 }
 
 /// The head file of `source`, if any.

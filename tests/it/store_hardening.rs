@@ -12,10 +12,9 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
-use crate::common::{BIN, agent_once, assert_success, stderr};
+use crate::common::{BIN, agent_once, assert_success, export_with, stderr};
 use blockrep_core::{ChunkId, Geometry, Root, SourceId, scan_buffer};
 use blockrep_store::{
     BlobKind, Downtime, GcOptions, LaunchKind, LaunchVolume, Lifecycle, LifecycleStage, Store,
@@ -59,16 +58,6 @@ fn loose_modes(dir: &Path) -> Vec<(PathBuf, u32)> {
     }
     loose.sort();
     loose
-}
-
-fn export_with(bin: &Path, data: &Path, source: &str, out: &Path) -> Output {
-    Command::new(bin)
-        .args(["export", "--data"])
-        .arg(data)
-        .args(["--source", source, "--out"])
-        .arg(out)
-        .output()
-        .unwrap()
 }
 
 fn entries(dir: &Path) -> Vec<String> {

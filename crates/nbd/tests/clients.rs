@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use blockrep_nbd::{Limits, NbdServer};
-use common::{MapRegistry, TestServer, file_export, image, pattern, run, run_ok, tool};
+use common::{MapRegistry, TestServer, Tls, file_export, image, pattern, run, run_ok, tool};
 
 /// An odd size (not a power of two, not a multiple of 64 KiB) so that the
 /// clients' tail handling is exercised.
@@ -249,37 +249,14 @@ fn nbdinfo_over_required_tls_with_certificates() {
     let Some(nbdinfo) = tool("nbdinfo") else {
         return;
     };
-    let pki = tempfile::tempdir().unwrap();
-    blockrep_pki::init_ca(pki.path(), &["localhost".into(), "127.0.0.1".into()], false).unwrap();
-    let (client_cert, client_key) = blockrep_pki::issue_admin(pki.path()).unwrap();
-    let config = blockrep_pki::server_config(
-        &pki.path().join("ca.crt"),
-        &pki.path().join("server.crt"),
-        &pki.path().join("server.key"),
-    )
-    .unwrap();
-    // libnbd looks for fixed file names in its certificate directory.
-    let libnbd_dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        pki.path().join("ca.crt"),
-        libnbd_dir.path().join("ca-cert.pem"),
-    )
-    .unwrap();
-    std::fs::copy(&client_cert, libnbd_dir.path().join("client-cert.pem")).unwrap();
-    std::fs::copy(&client_key, libnbd_dir.path().join("client-key.pem")).unwrap();
-
+    let tls = Tls::new();
     let (_dir, path) = image(&pattern(DISK_BYTES, 12));
     let registry = MapRegistry::default().with("disk", "", file_export(&path, true));
-    let server =
-        NbdServer::new(Arc::new(registry), Limits::default()).with_tls(Arc::new(config), true);
+    let server = NbdServer::new(Arc::new(registry), Limits::default())
+        .with_tls(Arc::clone(&tls.config), true);
     let server = TestServer::start(server);
 
-    let uri = format!(
-        "nbds://{}/disk?tls-certificates={}",
-        server.addr,
-        libnbd_dir.path().display()
-    );
-    let details = run_ok(&nbdinfo, &[&uri]);
+    let details = run_ok(&nbdinfo, &[&tls.uri(server.addr, "disk")]);
     assert!(
         details.contains(&format!("export-size: {DISK_BYTES}")),
         "{details}"
@@ -328,24 +305,18 @@ fn the_registry_decides_with_the_certificate_each_client_verified() {
     let Some(nbdinfo) = tool("nbdinfo") else {
         return;
     };
-    let pki = tempfile::tempdir().unwrap();
-    blockrep_pki::init_ca(pki.path(), &["localhost".into(), "127.0.0.1".into()], false).unwrap();
-    let (client_cert, client_key) = blockrep_pki::issue_admin(pki.path()).unwrap();
-    let config = blockrep_pki::server_config(
-        &pki.path().join("ca.crt"),
-        &pki.path().join("server.crt"),
-        &pki.path().join("server.key"),
-    )
-    .unwrap();
+    let tls = Tls::new();
     let (_dir, path) = image(&pattern(DISK_BYTES, 13));
     let registry = Arc::new(OwnerRegistry {
-        owner: blockrep_pki::read_certs(&client_cert).unwrap().remove(0),
+        owner: blockrep_pki::read_certs(&tls.client_cert)
+            .unwrap()
+            .remove(0),
         export: file_export(&path, true),
         seen: std::sync::Mutex::new(Vec::new()),
     });
     // Offered, not required: a plain client reaches the registry too, without certificates.
     let server = NbdServer::new(Arc::clone(&registry) as _, Limits::default())
-        .with_tls(Arc::new(config), false);
+        .with_tls(Arc::clone(&tls.config), false);
     let server = TestServer::start(server);
 
     let plain = run(&nbdinfo, &["--list", &format!("nbd://{}", server.addr)]);
@@ -359,20 +330,7 @@ fn the_registry_decides_with_the_certificate_each_client_verified() {
         "a plain client opened the export"
     );
 
-    let libnbd_dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        pki.path().join("ca.crt"),
-        libnbd_dir.path().join("ca-cert.pem"),
-    )
-    .unwrap();
-    std::fs::copy(&client_cert, libnbd_dir.path().join("client-cert.pem")).unwrap();
-    std::fs::copy(&client_key, libnbd_dir.path().join("client-key.pem")).unwrap();
-    let uri = format!(
-        "nbds://{}/disk?tls-certificates={}",
-        server.addr,
-        libnbd_dir.path().display()
-    );
-    let details = run_ok(&nbdinfo, &[&uri]);
+    let details = run_ok(&nbdinfo, &[&tls.uri(server.addr, "disk")]);
     assert!(
         details.contains(&format!("export-size: {DISK_BYTES}")),
         "{details}"

@@ -74,9 +74,9 @@ fn server(limits: Limits) -> TestServer {
     TestServer::with_registry(MapRegistry::default().with("disk", "", export), limits)
 }
 
-/// Sends the gated read then the releasing one in one go; both must succeed,
-/// whichever is answered first: they ran at the same time.
-fn assert_gated_pair_runs_side_by_side(client: &mut RawClient) {
+/// The gated read (handle 100) then the releasing one (handle 101), as one
+/// batch of bytes.
+fn gated_pair() -> Vec<u8> {
     let mut batch =
         blockrep_nbd::wire::encode_request(&request(Command::Read, 100, GATED_OFFSET, 4096))
             .to_vec();
@@ -86,7 +86,13 @@ fn assert_gated_pair_runs_side_by_side(client: &mut RawClient) {
         RELEASE_OFFSET,
         4096,
     )));
-    client.send(&batch);
+    batch
+}
+
+/// Sends the gated read then the releasing one in one go; both must succeed,
+/// whichever is answered first: they ran at the same time.
+fn assert_gated_pair_runs_side_by_side(client: &mut RawClient) {
+    client.send(&gated_pair());
     let mut replies = Vec::new();
     for _ in 0..2 {
         let reply = client.read_reply();
@@ -139,16 +145,7 @@ fn small_reads_of_a_fast_export_run_inline_one_after_another() {
     // export must be detected.
     let server = server(Limits::default());
     let (mut client, _, _) = RawClient::go(server.addr, "disk");
-    let mut batch =
-        blockrep_nbd::wire::encode_request(&request(Command::Read, 100, GATED_OFFSET, 4096))
-            .to_vec();
-    batch.extend_from_slice(&blockrep_nbd::wire::encode_request(&request(
-        Command::Read,
-        101,
-        RELEASE_OFFSET,
-        4096,
-    )));
-    client.send(&batch);
+    client.send(&gated_pair());
     let (error, handle) = client.read_reply();
     assert_eq!(handle, 100, "the read after the gated one ran first");
     assert_ne!(error, 0, "the gated read was released");

@@ -95,13 +95,7 @@ fn unknown_and_unsupported_options_get_err_unsup_and_negotiation_goes_on() {
         let (reply, _) = client.read_option_reply(option);
         assert_eq!(reply, wire::REPLY_ERR_UNSUP, "{option:?}");
     }
-    client.send_option(
-        OptionType::Go,
-        &wire::encode_info_request(&InfoRequest {
-            name: "disk".into(),
-            info_types: vec![],
-        }),
-    );
+    client.send_go("disk");
     let (reply, data) = client.read_option_reply(OptionType::Go);
     assert_eq!(reply, wire::REPLY_INFO);
     assert_eq!(&data[..2], &[0, 0], "NBD_INFO_EXPORT comes first");
@@ -155,13 +149,7 @@ fn info_reports_export_name_and_block_size_then_acks() {
         ]
     );
     // INFO does not end negotiation: GO still works on the same connection.
-    client.send_option(
-        OptionType::Go,
-        &wire::encode_info_request(&InfoRequest {
-            name: "disk".into(),
-            info_types: vec![],
-        }),
-    );
+    client.send_go("disk");
     let (reply, _) = client.read_option_reply(OptionType::Go);
     assert_eq!(reply, wire::REPLY_INFO);
 }

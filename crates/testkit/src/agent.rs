@@ -2,6 +2,7 @@
 //! as it runs, its epoch lines parsed, signals sent to it, and waiting for it
 //! to exit. Killed when dropped, so a failed test leaves no agent behind.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -49,6 +50,31 @@ impl AgentProcess {
         }
     }
 
+    /// Starts `bin agent` on `disk` for `source`, to the server at `to` with
+    /// the certificates in `tls`, then `extra` arguments.
+    pub fn start(
+        bin: &Path,
+        disk: &Path,
+        to: SocketAddr,
+        source: &str,
+        tls: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = vec![
+            "--disk".to_owned(),
+            disk.to_str().unwrap().to_owned(),
+            "--to".to_owned(),
+            to.to_string(),
+            "--source".to_owned(),
+            source.to_owned(),
+            "--tls-dir".to_owned(),
+            tls.to_str().unwrap().to_owned(),
+        ];
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn(bin, &args)
+    }
+
     /// Every stdout line printed so far.
     pub fn lines(&self) -> Vec<String> {
         self.stdout.lock().unwrap().clone()
@@ -81,6 +107,46 @@ impl AgentProcess {
                     .map(|n| n.parse::<u64>().unwrap())
             })
             .sum()
+    }
+
+    /// Waits until the agent has printed at least `count` epoch lines; fails
+    /// the test with its output if `timeout` passes first.
+    pub fn wait_for_epochs(&self, count: usize, timeout: Duration) {
+        assert!(
+            crate::tools::wait_until(timeout, || self.epochs().len() >= count),
+            "fewer than {count} epochs after {timeout:?}: {:?}\nstderr: {}",
+            self.lines(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Waits until the agent has printed an epoch line with `root`; fails the
+    /// test, saying `what` was awaited, with the agent's output if `timeout`
+    /// passes first.
+    pub fn wait_for_root(&self, root: &str, timeout: Duration, what: &str) {
+        assert!(
+            crate::tools::wait_until(timeout, || self.epochs().iter().any(|(_, r)| r == root)),
+            "{what}: no epoch with root {root} after {timeout:?}: {:#?}\nstderr: {}",
+            self.lines(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// SIGTERM, then its exit status (see [`wait_exit`]: at most 30 s).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        wait_exit(self, Duration::from_secs(30))
+    }
+
+    /// [`AgentProcess::stop`], failing the test with the agent's stderr unless
+    /// it exited with status 0, as it must after SIGTERM.
+    pub fn stop_cleanly(&mut self) {
+        let status = self.stop();
+        assert!(
+            status.success(),
+            "agent exit {status}: {}",
+            self.stderr.lock().unwrap()
+        );
     }
 
     /// Sends `signal` (a name such as `TERM`) with kill(1).

@@ -4,7 +4,9 @@
 //! proxy that injects network faults ([`proxy`]).
 //!
 //! The rooms beside it: [`rig`] (a server with its certificates and work
-//! directory, the start of most end-to-end tests), [`agent`] (a running agent process), [`tools`]
+//! directory, the start of most end-to-end tests), [`agent`] (a running agent
+//! process), [`admin`] (the admin API's requests, and recovery points taken
+//! through it), [`raw`] (protocol sessions opened by hand), [`tools`]
 //! (external programs and waiting), [`scripts`] (operator hooks and their
 //! logs), [`ack_log`] (the agent's acknowledgement log read back),
 //! [`fs_writer`] (a file-system workload that records what it made durable),
@@ -14,11 +16,13 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 pub mod ack_log;
+pub mod admin;
 pub mod agent;
 pub mod fs_writer;
 pub mod loopfs;
 pub mod nbdfuse;
 pub mod proxy;
+pub mod raw;
 pub mod rig;
 pub mod scripts;
 pub mod tools;
@@ -412,15 +416,9 @@ impl RawClient {
     /// Sends the `Hello` of this protocol version for `source` and a disk of
     /// that geometry.
     pub async fn hello(&mut self, source: &str, disk_size_bytes: u64, chunk_size_bytes: u32) {
-        self.send(&Message::Hello {
-            version_min: blockrep_proto::PROTOCOL_VERSION,
-            version_max: blockrep_proto::PROTOCOL_VERSION,
-            source: SourceId::new(source).unwrap(),
-            disk_size_bytes,
-            chunk_size_bytes,
-        })
-        .await
-        .unwrap();
+        self.send(&raw::hello(source, disk_size_bytes, chunk_size_bytes))
+            .await
+            .unwrap();
     }
 
     pub async fn send(&mut self, message: &Message) -> std::io::Result<()> {

@@ -18,6 +18,10 @@ pub fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// What an ext4 on a loop device needs: the loop devices, mounting, and
+/// ext4's own tools.
+pub const EXT4_LOOP_TOOLS: [&str; 5] = ["losetup", "mount", "umount", "mkfs.ext4", "e2fsck"];
+
 /// Whether a loop-device test can run: root, and every tool in `tools`
 /// installed. With BLOCKREP_REQUIRE_TOOLS set (CI, which runs as root) a
 /// missing piece fails the test; otherwise the test is skipped with a message.

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use crate::{AgentProcess, Pki, ServerProcess};
 
@@ -25,7 +26,12 @@ impl AgentRig {
     /// Certificates for `sources` and `bin server` on 127.0.0.1:0 with
     /// `server_args` beyond the listen addresses, data and certificates.
     pub fn start(bin: &Path, sources: &[&str], server_args: &[&str]) -> Self {
-        let pki = Pki::new(sources);
+        Self::start_with_pki(bin, Pki::new(sources), server_args)
+    }
+
+    /// [`AgentRig::start`] with certificates made beforehand (in a tenant,
+    /// revoked, an admin's...).
+    pub fn start_with_pki(bin: &Path, pki: Pki, server_args: &[&str]) -> Self {
         let work = tempfile::tempdir().unwrap();
         let server =
             ServerProcess::start_with(bin, &work.path().join("data"), pki.path(), server_args);
@@ -54,6 +60,12 @@ impl AgentRig {
         path
     }
 
+    /// The bytes of `source`'s head file in the server's data; `None` while
+    /// it has no replica.
+    pub fn head(&self, source: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.data().join("sources").join(source).join("head")).ok()
+    }
+
     /// The admin API's address.
     pub fn admin(&self) -> SocketAddr {
         self.server.admin_addr.unwrap()
@@ -76,10 +88,49 @@ impl AgentRig {
         args
     }
 
+    /// Runs `blockrep agent --once` for `source` on `disk` with `extra`
+    /// arguments, to the end.
+    pub fn agent_once(&self, disk: &Path, source: &str, extra: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(["agent", "--once"])
+            .args(self.agent_args(disk, source, extra))
+            .output()
+            .unwrap()
+    }
+
+    /// `blockrep export` of `source`'s head from the server's data to
+    /// `{source}.export` in the work directory; that file. Fails the test with
+    /// the command's output if the export fails.
+    pub fn export(&self, source: &str) -> PathBuf {
+        let out = self.path(&format!("{source}.export"));
+        crate::tools::assert_success(&crate::tools::export_with(
+            &self.bin,
+            &self.data(),
+            source,
+            &out,
+        ));
+        out
+    }
+
+    /// Fails the test unless `source`'s replica, exported, is `disk` byte for
+    /// byte.
+    pub fn assert_replica_is(&self, source: &str, disk: &Path) {
+        assert!(
+            crate::tools::files_equal(&self.export(source), disk),
+            "the replica of {source} differs from {}",
+            disk.display()
+        );
+    }
+
     /// Starts `blockrep agent` for `source` on `disk` with `extra` arguments.
     pub fn spawn_agent(&self, disk: &Path, source: &str, extra: &[&str]) -> AgentProcess {
-        let args = self.agent_args(disk, source, extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        AgentProcess::spawn(&self.bin, &args)
+        AgentProcess::start(
+            &self.bin,
+            disk,
+            self.server.addr,
+            source,
+            self.pki.path(),
+            extra,
+        )
     }
 }

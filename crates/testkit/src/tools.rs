@@ -2,6 +2,7 @@
 //! checks, whether a client is installed (and whether it must be), and
 //! waiting for a condition.
 
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -25,6 +26,18 @@ pub fn assert_success(output: &Output) {
         stdout(output),
         stderr(output)
     );
+}
+
+/// `bin export` (`bin`: a blockrep binary) of `source`'s head from the data
+/// directory `data` to `out`.
+pub fn export_with(bin: &Path, data: &Path, source: &str, out: &Path) -> Output {
+    Command::new(bin)
+        .args(["export", "--data"])
+        .arg(data)
+        .args(["--source", source, "--out"])
+        .arg(out)
+        .output()
+        .unwrap()
 }
 
 /// Whether external clients must be present: CI and the test script set
@@ -84,6 +97,13 @@ pub fn qemu_img_identical(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi
         && String::from_utf8_lossy(&output.stdout).contains("Images are identical")
 }
 
+/// A loopback address on which nothing listens (a port bound, then freed):
+/// a server that cannot be reached.
+pub fn closed_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -132,4 +152,49 @@ pub fn promtool_check_metrics(text: &str) {
         stdout(&output),
         stderr(&output)
     );
+}
+
+/// Whether two files hold the same bytes, compared in 1 MiB blocks (a large
+/// sparse disk does not fit a comfortable test allocation twice).
+pub fn files_equal(a: &Path, b: &Path) -> bool {
+    let (mut a, mut b) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    if a.metadata().unwrap().len() != b.metadata().unwrap().len() {
+        return false;
+    }
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = read_full(&mut a, &mut x);
+        let m = read_full(&mut b, &mut y);
+        if n != m || x[..n] != y[..m] {
+            return false;
+        }
+        if n == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]).unwrap() {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    filled
+}
+
+/// `VmHWM` (peak resident memory) of a process, in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
 }

@@ -4,6 +4,7 @@
 //! does not need the binary lives in `blockrep_testkit`.
 #![allow(dead_code)]
 
+pub use blockrep_testkit::admin::*;
 pub use blockrep_testkit::tools::*;
 pub use blockrep_testkit::{AgentProcess, AgentRig};
 
@@ -34,6 +35,18 @@ pub fn agent_once(
         .args(extra)
         .output()
         .unwrap()
+}
+
+/// Starts `blockrep agent` for `source` with the certificates in `tls`;
+/// continuous unless `extra` says `--once`.
+pub fn spawn_agent(
+    disk: &Path,
+    addr: std::net::SocketAddr,
+    source: &str,
+    tls: &Path,
+    extra: &[&str],
+) -> AgentProcess {
+    AgentProcess::start(&bin(), disk, addr, source, tls, extra)
 }
 
 /// [`agent_once`] claiming source `claimed` while presenting the certificate
@@ -73,46 +86,7 @@ pub fn sum_field(output: &Output, key: &str) -> u64 {
 
 /// `blockrep export` of `source` to `out`.
 pub fn export(data: &Path, source: &str, out: &Path) -> Output {
-    Command::new(BIN)
-        .args(["export", "--data"])
-        .arg(data)
-        .args(["--source", source, "--out"])
-        .arg(out)
-        .output()
-        .unwrap()
-}
-
-/// The `Authorization` header line (with its CRLF) carrying the admin token of
-/// the server whose admin API is at `admin`, as the blockrep CLI sends it.
-pub fn admin_authorization(admin: std::net::SocketAddr) -> String {
-    blockrep_testkit::admin_token_for(admin).map_or_else(String::new, |token| {
-        format!("Authorization: Bearer {token}\r\n")
-    })
-}
-
-/// An admin API request with the server's admin token; returns the status code
-/// and the body.
-pub fn admin_request(
-    admin: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(admin).unwrap();
-    let body = body.unwrap_or("");
-    let authorization = admin_authorization(admin);
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_owned())
+    export_with(&bin(), data, source, out)
 }
 
 /// The agent's arguments naming its disk, server, source and certificates.
@@ -134,33 +108,6 @@ pub fn agent_args<'a>(
     ]
 }
 
-/// `GET /v1/sources` from the admin API, parsed.
-pub fn admin_sources(admin: std::net::SocketAddr) -> Vec<blockrep_server::SourceView> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(admin).unwrap();
-    let authorization = admin_authorization(admin);
-    write!(
-        stream,
-        "GET /v1/sources HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{authorization}\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("bad JSON {body:?}: {e}"))
-}
-
-/// The admin API's view of one source, if it knows it.
-pub fn admin_source(
-    admin: std::net::SocketAddr,
-    source: &str,
-) -> Option<blockrep_server::SourceView> {
-    admin_sources(admin)
-        .into_iter()
-        .find(|s| s.source == source)
-}
-
 /// A server that also serves launch volumes over NBD, without automatic
 /// snapshots (so the tests' own snapshots are the only ones).
 pub fn nbd_server(pki: &blockrep_testkit::Pki, data: &Path) -> blockrep_testkit::ServerProcess {
@@ -172,11 +119,29 @@ pub fn nbd_server(pki: &blockrep_testkit::Pki, data: &Path) -> blockrep_testkit:
     )
 }
 
-/// The snapshots the server's admin API lists.
-pub fn snapshots(server: &blockrep_testkit::ServerProcess) -> Vec<blockrep_server::SnapshotView> {
-    let (code, body) = admin_request(server.admin_addr.unwrap(), "GET", "/v1/snapshots", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+/// An [`AgentRig`] whose server also serves launch volumes over NBD, as
+/// [`nbd_server`] starts one.
+pub fn nbd_rig(sources: &[&str]) -> AgentRig {
+    rig(
+        sources,
+        &["--nbd-listen", "127.0.0.1:0", "--retention", "off"],
+    )
+}
+
+/// Runs the blockrep CLI (`args`) against the server's admin API, with the
+/// admin token in `pki`.
+pub fn cli(
+    server: &blockrep_testkit::ServerProcess,
+    pki: &blockrep_testkit::Pki,
+    args: &[&str],
+) -> Output {
+    let admin = server.admin_addr.unwrap().to_string();
+    Command::new(BIN)
+        .args(args)
+        .args(["--admin", &admin, "--admin-token"])
+        .arg(pki.path().join("admin.token"))
+        .output()
+        .unwrap()
 }
 
 /// A 4 KiB block `index` stamped with sequence number `seq`: index, seq, then
@@ -243,4 +208,9 @@ pub fn failback_once(
 /// for `sources`, a work directory and a server started with `server_args`.
 pub fn rig(sources: &[&str], server_args: &[&str]) -> blockrep_testkit::AgentRig {
     blockrep_testkit::AgentRig::start(&bin(), sources, server_args)
+}
+
+/// [`rig`] with certificates made beforehand.
+pub fn rig_with(pki: blockrep_testkit::Pki, server_args: &[&str]) -> blockrep_testkit::AgentRig {
+    blockrep_testkit::AgentRig::start_with_pki(&bin(), pki, server_args)
 }

@@ -14,6 +14,56 @@ use std::time::{Duration, Instant};
 use blockrep_nbd::wire::{self, ClientFlags, InfoRequest, OptionHeader, OptionType, Request};
 use blockrep_nbd::{Client, Export, FileExport, Limits, NbdServer, Registry};
 
+/// A CA and a server certificate for localhost, an admin certificate for the
+/// client, the server's TLS configuration, and the client's certificates in a
+/// directory laid out as libnbd wants it.
+pub struct Tls {
+    pub pki: tempfile::TempDir,
+    pub config: Arc<rustls::ServerConfig>,
+    /// The client's certificate (the admin's).
+    pub client_cert: PathBuf,
+    /// `ca-cert.pem`, `client-cert.pem`, `client-key.pem`.
+    pub libnbd_dir: tempfile::TempDir,
+}
+
+impl Tls {
+    pub fn new() -> Self {
+        let pki = tempfile::tempdir().unwrap();
+        blockrep_pki::init_ca(pki.path(), &["localhost".into(), "127.0.0.1".into()], false)
+            .unwrap();
+        let (client_cert, client_key) = blockrep_pki::issue_admin(pki.path()).unwrap();
+        let config = blockrep_pki::server_config(
+            &pki.path().join("ca.crt"),
+            &pki.path().join("server.crt"),
+            &pki.path().join("server.key"),
+        )
+        .unwrap();
+        // libnbd looks for fixed file names in its certificate directory.
+        let libnbd_dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            pki.path().join("ca.crt"),
+            libnbd_dir.path().join("ca-cert.pem"),
+        )
+        .unwrap();
+        std::fs::copy(&client_cert, libnbd_dir.path().join("client-cert.pem")).unwrap();
+        std::fs::copy(&client_key, libnbd_dir.path().join("client-key.pem")).unwrap();
+        Self {
+            pki,
+            config: Arc::new(config),
+            client_cert,
+            libnbd_dir,
+        }
+    }
+
+    /// The `nbds://` URI of `name` at `addr`, with the client's certificates.
+    pub fn uri(&self, addr: SocketAddr, name: &str) -> String {
+        format!(
+            "nbds://{addr}/{name}?tls-certificates={}",
+            self.libnbd_dir.path().display()
+        )
+    }
+}
+
 /// The crate's [`FileExport`] of the file at `path`, shared.
 pub fn file_export(path: &Path, read_only: bool) -> Arc<FileExport> {
     Arc::new(FileExport::open(path, read_only).unwrap())
@@ -285,6 +335,17 @@ impl RawClient {
     }
 
     /// Reads one option reply, checking it answers `option`.
+    /// Sends `NBD_OPT_GO` for `name`, asking for no particular information.
+    pub fn send_go(&mut self, name: &str) {
+        self.send_option(
+            OptionType::Go,
+            &wire::encode_info_request(&InfoRequest {
+                name: name.into(),
+                info_types: vec![],
+            }),
+        );
+    }
+
     pub fn read_option_reply(&mut self, option: OptionType) -> (u32, Vec<u8>) {
         let header: [u8; wire::OPTION_REPLY_HEADER_LEN] = self
             .read_vec(wire::OPTION_REPLY_HEADER_LEN)
