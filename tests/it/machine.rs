@@ -8,7 +8,6 @@ use std::path::Path;
 
 use crate::common::*;
 use blockrep_core::{Geometry, Root, SourceId, VolumeName, scan_buffer};
-use blockrep_server::{LaunchView, SnapshotView};
 use blockrep_store::{BlobKind, Store, StoredCodec, VolumeCommit};
 use blockrep_testkit::{Pki, mixed_image, random_bytes};
 
@@ -67,16 +66,6 @@ fn commit_machine(data: &Path, source: &str, disks: &[(&str, Vec<u8>)]) {
         .unwrap();
 }
 
-fn post<T: serde::de::DeserializeOwned>(
-    server: &blockrep_testkit::ServerProcess,
-    path: &str,
-    body: &str,
-) -> T {
-    let (code, body) = admin_request(server.admin_addr.unwrap(), "POST", path, Some(body));
-    assert_eq!(code, 201, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 #[test]
 fn a_machines_launch_serves_each_volume_over_nbd() {
     if !(have_tool("nbdinfo") && have_tool("nbdcopy") && have_tool("qemu-io")) {
@@ -88,15 +77,9 @@ fn a_machines_launch_serves_each_volume_over_nbd() {
     let mut disks = three_disks();
     commit_machine(&data, "web", &disks);
     let server = nbd_server(&pki, &data);
-    let snapshot: SnapshotView = post(&server, "/v1/snapshots", r#"{"source":"web","name":"s1"}"#);
-    let launch: LaunchView = post(
-        &server,
-        "/v1/launches",
-        &format!(
-            r#"{{"source":"web","snapshot":"{}","name":"drill"}}"#,
-            snapshot.name
-        ),
-    );
+    let snapshot = create_snapshot(&server, "web", "s1");
+    assert_eq!(snapshot.consistency, "crash-consistent");
+    let launch = create_launch(&server, "web", &snapshot.name, "drill");
     // One export per volume, and none for the launch as a whole.
     assert_eq!(launch.nbd_uri, None);
     let names: Vec<&str> = launch.volumes.iter().map(|v| v.name.as_str()).collect();
@@ -149,17 +132,9 @@ fn a_machines_launch_serves_each_volume_over_nbd() {
         );
     }
     // The CLI lists each volume's export under the launch.
-    let table = run_tool(
-        &bin().to_string_lossy(),
-        &[
-            "launch",
-            "list",
-            "--admin",
-            &server.admin_addr.unwrap().to_string(),
-            "--admin-token",
-            pki.path().join("admin.token").to_str().unwrap(),
-        ],
-    );
+    let output = cli(&server, &pki, &["launch", "list"]);
+    assert_success(&output);
+    let table = String::from_utf8_lossy(&output.stdout);
     for volume in &launch.volumes {
         let uri = volume.nbd_uri.as_deref().unwrap();
         assert!(table.contains(uri), "{uri} not in {table}");
