@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use crate::common::*;
-use blockrep_core::{Geometry, Root, SourceId, VolumeName, scan_buffer};
-use blockrep_store::{BlobKind, Store, StoredCodec, VolumeCommit};
+use blockrep_core::SourceId;
+use blockrep_store::Store;
 use blockrep_testkit::{Pki, mixed_image, random_bytes};
 
 const MIB: usize = 1 << 20;
@@ -30,40 +30,8 @@ fn three_disks() -> Vec<(&'static str, Vec<u8>)> {
 /// Commits the disks as epoch 1 of `source`, one machine, as a server does.
 fn commit_machine(data: &Path, source: &str, disks: &[(&str, Vec<u8>)]) {
     let store = Store::open(data).unwrap();
-    let built: Vec<_> = disks
-        .iter()
-        .map(|(name, disk)| {
-            let geometry = Geometry::new(disk.len() as u64, CHUNK).unwrap();
-            let ids = scan_buffer(disk, geometry);
-            for (index, id) in ids.iter().enumerate() {
-                if !id.is_zero() {
-                    let range = geometry.chunk_range(index as u64).unwrap();
-                    let len = range.len() as u32;
-                    store
-                        .insert(BlobKind::Chunk, *id, StoredCodec::Raw, len, &disk[range])
-                        .unwrap();
-                }
-            }
-            let (root, pages) = Root::build(geometry, &ids);
-            (VolumeName::new(name).unwrap(), root, pages)
-        })
-        .collect();
-    let volumes: Vec<VolumeCommit<'_>> = built
-        .iter()
-        .map(|(name, root, pages)| VolumeCommit { name, root, pages })
-        .collect();
     let source = SourceId::new(source).unwrap();
-    store
-        .commit_machine(
-            &source,
-            1,
-            &volumes,
-            1,
-            true,
-            blockrep_core::Consistency::CrashConsistent,
-            2,
-        )
-        .unwrap();
+    blockrep_testkit::store::commit_machine(&store, &source, 1, CHUNK, disks);
 }
 
 #[test]

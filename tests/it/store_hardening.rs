@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::common::{BIN, agent_once, assert_success, export_with, stderr};
-use blockrep_core::{ChunkId, Geometry, Root, SourceId, scan_buffer};
+use blockrep_core::{ChunkId, Geometry, SourceId};
 use blockrep_store::{
     BlobKind, Downtime, GcOptions, LaunchKind, LaunchVolume, Lifecycle, LifecycleStage, Store,
-    StoredCodec,
 };
 use blockrep_testkit::{Pki, ServerProcess};
 
@@ -169,17 +168,7 @@ fn web() -> SourceId {
 
 /// Stores every non-zero chunk of `disk` and commits it as `epoch`.
 fn commit(store: &Store, disk: &[u8], geometry: Geometry, epoch: u64) -> ChunkId {
-    let ids = scan_buffer(disk, geometry);
-    for (index, id) in ids.iter().enumerate() {
-        if !id.is_zero() {
-            let range = geometry.chunk_range(index as u64).unwrap();
-            let len = range.len() as u32;
-            store
-                .insert(BlobKind::Chunk, *id, StoredCodec::Raw, len, &disk[range])
-                .unwrap();
-        }
-    }
-    let (root, pages) = Root::build(geometry, &ids);
+    let (root, pages) = blockrep_testkit::store::store_disk(store, disk, geometry);
     store
         .commit(
             &web(),

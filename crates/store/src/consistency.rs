@@ -40,11 +40,6 @@ impl Store {
         consistency: Consistency,
         now_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
-        let consistency = if complete {
-            consistency
-        } else {
-            Consistency::Live
-        };
         let tree = CommitTree {
             volumes: vec![(root, pages)],
             machine: None,

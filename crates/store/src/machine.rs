@@ -54,11 +54,6 @@ impl Store {
             volumes: volumes.iter().map(|v| (v.root, v.pages)).collect(),
             machine: Some(&machine),
         };
-        let consistency = if complete {
-            consistency
-        } else {
-            Consistency::Live
-        };
         self.commit_inner(
             source,
             epoch,

@@ -257,6 +257,36 @@ impl Store {
         self.blobs.put(kind, id, codec, raw_len, stored)
     }
 
+    /// Stores every non-zero chunk of the disk image `disk` (raw, as
+    /// [`Store::insert`] does) and returns its root and index pages, ready
+    /// for a commit: a disk seeded from an image the caller holds.
+    pub fn insert_image(
+        &self,
+        disk: &[u8],
+        geometry: Geometry,
+    ) -> Result<(Root, Vec<Page>), Error> {
+        if disk.len() as u64 != geometry.disk_size_bytes() {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "an image of {} bytes for a geometry of {}",
+                    disk.len(),
+                    geometry.disk_size_bytes()
+                ),
+            ));
+        }
+        let ids = blockrep_core::scan_buffer(disk, geometry);
+        for (index, id) in ids.iter().enumerate() {
+            if let Some(range) = geometry.chunk_range(index as u64)
+                && !id.is_zero()
+            {
+                let len = range.len() as u32;
+                self.insert(BlobKind::Chunk, *id, StoredCodec::Raw, len, &disk[range])?;
+            }
+        }
+        Ok(Root::build(geometry, &ids))
+    }
+
     /// Whether an fsync has failed since the store was opened: commits are then
     /// refused until it is reopened (see [`Store::sync`]).
     pub fn sync_failed(&self) -> bool {
@@ -553,6 +583,13 @@ impl Store {
         }
         // Blobs first, durably; only then the head that names them.
         self.sync()?;
+        // An incomplete epoch (an intermediate step of a large sync) mixes
+        // the previous head with part of a scan: it claims nothing.
+        let consistency = if complete {
+            consistency
+        } else {
+            Consistency::Live
+        };
         let head = Head {
             epoch,
             root: head_root,

@@ -4,9 +4,9 @@
 use std::fs;
 use std::path::Path;
 
-use blockrep_core::{ChunkId, Geometry, Root, SourceId, scan_buffer};
+use blockrep_core::{ChunkId, Geometry, Page, Root, SourceId};
 
-use crate::{BlobKind, Head, Store, StoredCodec};
+use crate::{Head, Store};
 
 pub(crate) fn source() -> SourceId {
     SourceId::new("src-1").unwrap()
@@ -20,22 +20,7 @@ pub(crate) fn commit_disk(
     geometry: Geometry,
     epoch: u64,
 ) -> Head {
-    let ids = scan_buffer(disk, geometry);
-    for (index, id) in ids.iter().enumerate() {
-        if !id.is_zero() {
-            let range = geometry.chunk_range(index as u64).unwrap();
-            store
-                .insert(
-                    BlobKind::Chunk,
-                    *id,
-                    StoredCodec::Raw,
-                    range.len() as u32,
-                    &disk[range],
-                )
-                .unwrap();
-        }
-    }
-    let (root, pages) = Root::build(geometry, &ids);
+    let (root, pages) = store_disk(store, disk, geometry);
     store
         .commit(
             source,
@@ -47,6 +32,11 @@ pub(crate) fn commit_disk(
         )
         .unwrap()
         .head
+}
+
+/// Stores every non-zero chunk of `disk` (raw) and builds its root and pages.
+pub(crate) fn store_disk(store: &Store, disk: &[u8], geometry: Geometry) -> (Root, Vec<Page>) {
+    store.insert_image(disk, geometry).unwrap()
 }
 
 /// A disk with a zero chunk in every three 4 KiB blocks and patterned bytes elsewhere.

@@ -10,8 +10,9 @@
 //! (external programs and waiting), [`scripts`] (operator hooks and their
 //! logs), [`ack_log`] (the agent's acknowledgement log read back),
 //! [`fs_writer`] (a file-system workload that records what it made durable),
-//! [`loopfs`] (kernel file systems on loop devices) and [`nbdfuse`] (an NBD
-//! export as a file).
+//! [`loopfs`] (kernel file systems on loop devices), [`nbdfuse`] (an NBD
+//! export as a file) and [`store`] (disks and machines written into a store
+//! before a server runs).
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -25,6 +26,7 @@ pub mod proxy;
 pub mod raw;
 pub mod rig;
 pub mod scripts;
+pub mod store;
 pub mod tools;
 /// The seeded generator lives in `blockrep_core::rng`; re-exported for tests.
 pub use blockrep_core::rng;

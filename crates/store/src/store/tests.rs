@@ -370,3 +370,18 @@ fn read_only_store_sees_later_commits() {
             .is_err()
     );
 }
+
+#[test]
+fn an_image_of_another_size_than_its_geometry_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let geometry = Geometry::new(3 * 4096, 4096).unwrap();
+    let err = store.insert_image(&[1; 4096], geometry).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert_eq!(store.blob_count(), 0);
+    let (root, pages) = store.insert_image(&[1; 3 * 4096], geometry).unwrap();
+    // Three equal chunks: one blob.
+    assert_eq!(store.blob_count(), 1);
+    assert_eq!(root.geometry(), geometry);
+    assert_eq!(pages.len(), 1);
+}
