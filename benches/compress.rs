@@ -16,18 +16,8 @@ const CHUNK_BYTES: usize = 64 << 10;
 /// cached chunk over and over.
 const CHUNKS: usize = 16;
 
-/// splitmix64, seeded, so every run compresses the same bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+/// Seeded, so every run compresses the same bytes.
+use blockrep_core::rng::SplitMix64 as Rng;
 
 const WORDS: [&str; 16] = [
     "block", "replica", "epoch", "kernel", "inode", "journal", "the", "of", "disk", "write",
@@ -70,7 +60,7 @@ fn random(rng: &mut Rng, len: usize) -> Vec<u8> {
 }
 
 fn chunks(kind: &str) -> Vec<Vec<u8>> {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     (0..CHUNKS)
         .map(|n| match kind {
             "text" => text(&mut rng, CHUNK_BYTES),

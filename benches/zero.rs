@@ -19,15 +19,9 @@ const DISK_BYTES: usize = 256 << 20;
 const DATA_SHARE_PERCENT: u64 = 10;
 const EXTENT_BYTES: usize = 1 << 20;
 
-/// xorshift64: non-zero, incompressible-looking bytes, so data chunks really hash.
+/// Incompressible-looking bytes, so data chunks really hash.
 fn fill_random(out: &mut [u8], seed: u64) {
-    let mut state = seed | 1;
-    for word in out.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-    }
+    blockrep_core::rng::SplitMix64::new(seed).fill(out);
 }
 
 /// A zeroed buffer whose pages are really backed by memory. `vec![0; n]` maps

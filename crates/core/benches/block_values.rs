@@ -10,17 +10,9 @@ use std::hint::black_box;
 use blockrep_core::hash_with_block_values;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-/// xorshift64: non-zero, incompressible-looking bytes, so every block really hashes.
+/// Incompressible-looking bytes, so every block really hashes.
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let mut state = seed | 1;
-    for word in out.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-    }
-    out
+    blockrep_core::rng::bytes(len, seed)
 }
 
 fn block_values(c: &mut Criterion) {

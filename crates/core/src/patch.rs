@@ -242,17 +242,9 @@ pub fn apply_patch(
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random bytes (xorshift), so a failure reproduces.
+    /// Deterministic pseudo-random bytes, so a failure reproduces.
     fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect()
+        crate::rng::bytes(len, seed)
     }
 
     #[test]

@@ -41,6 +41,14 @@ impl SplitMix64 {
         self.below(len as u64) as usize
     }
 
+    /// Fills `out` with random bytes (eight from each draw).
+    pub fn fill(&mut self, out: &mut [u8]) {
+        for piece in out.chunks_mut(8) {
+            let bytes = self.next_u64().to_le_bytes();
+            piece.copy_from_slice(&bytes[..piece.len()]);
+        }
+    }
+
     /// Uniform in `low..=high`; `low` when the range is empty.
     pub fn between(&mut self, low: u64, high: u64) -> u64 {
         if high <= low {
@@ -48,6 +56,14 @@ impl SplitMix64 {
         }
         low + self.next_u64() % (high - low + 1)
     }
+}
+
+/// `len` random bytes of sequence `seed`: incompressible, different at every
+/// offset, the same for the same seed.
+pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    SplitMix64::new(seed).fill(&mut out);
+    out
 }
 
 #[cfg(test)]

@@ -62,31 +62,8 @@ pub(crate) fn pack_bytes(data_dir: &Path) -> u64 {
         .sum()
 }
 
-/// The seeded generator of the tests: blockrep_core's splitmix64, with the
-/// byte fill the tests need.
-pub(crate) struct Rng(blockrep_core::rng::SplitMix64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(blockrep_core::rng::SplitMix64::new(seed))
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
-    }
-
-    /// A number in `0..bound`.
-    pub(crate) fn below(&mut self, bound: u64) -> u64 {
-        self.0.below(bound)
-    }
-
-    pub(crate) fn fill(&mut self, out: &mut [u8]) {
-        for piece in out.chunks_mut(8) {
-            let bytes = self.next_u64().to_le_bytes();
-            piece.copy_from_slice(&bytes[..piece.len()]);
-        }
-    }
-}
+/// The seeded generator of the tests.
+pub(crate) use blockrep_core::rng::SplitMix64 as Rng;
 
 /// Rewrites about `share_percent` of the chunks of `disk` with fresh random
 /// bytes (and some with zeroes).

@@ -34,14 +34,6 @@ fn read_chunk(cut: &Cut, geometry: Geometry, index: u64) -> std::io::Result<Vec<
     Ok(buf)
 }
 
-/// xorshift64: reproducible randomness without a dependency.
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 #[test]
 fn a_cut_reads_the_disk_as_of_its_instant_while_writers_overwrite_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,15 +46,15 @@ fn a_cut_reads_the_disk_as_of_its_instant_while_writers_overwrite_it() {
         .map(|seed| {
             let (export, stop) = (Arc::clone(&export), Arc::clone(&stop));
             std::thread::spawn(move || {
-                let mut state = seed + 1;
+                let mut rng = blockrep_core::rng::SplitMix64::new(seed + 1);
                 let mut data = vec![0u8; 20_000];
                 while !stop.load(Ordering::Relaxed) {
-                    let len = 1 + next(&mut state) % 20_000;
-                    let offset = next(&mut state) % (512 * BLOCK - len);
-                    if next(&mut state).is_multiple_of(5) {
+                    let len = 1 + rng.next_u64() % 20_000;
+                    let offset = rng.next_u64() % (512 * BLOCK - len);
+                    if rng.next_u64().is_multiple_of(5) {
                         export.write_zeroes(offset, len).unwrap();
                     } else {
-                        data.fill(next(&mut state) as u8);
+                        data.fill(rng.next_u64() as u8);
                         export.write(offset, &data[..len as usize]).unwrap();
                     }
                 }

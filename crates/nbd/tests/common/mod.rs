@@ -240,19 +240,10 @@ pub fn run_ok(program: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Deterministic bytes that differ at every offset (xorshift), so that a
-/// misplaced block cannot compare equal by accident.
+/// Deterministic bytes that differ at every offset, so that a misplaced
+/// block cannot compare equal by accident.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    blockrep_core::rng::bytes(len, seed)
 }
 
 /// A temp dir with `name` holding `bytes`.

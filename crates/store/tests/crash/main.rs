@@ -336,7 +336,7 @@ fn script(seed: u64) -> Vec<Step> {
                             let len = 1 + rng.below(2 * u64::from(CHUNK_BYTES));
                             let offset = rng.below(size - len);
                             let mut data = vec![0u8; len as usize];
-                            fill(&mut rng, &mut data);
+                            rng.fill(&mut data);
                             writes.push((name.clone(), offset, data));
                         }
                     }
@@ -408,7 +408,7 @@ fn script(seed: u64) -> Vec<Step> {
                         let len = 1 + rng.below(2 * u64::from(CHUNK_BYTES));
                         let offset = rng.below(DISK_BYTES - len);
                         let mut data = vec![0u8; len as usize];
-                        fill(&mut rng, &mut data);
+                        rng.fill(&mut data);
                         (offset, data)
                     })
                     .collect();
@@ -565,14 +565,6 @@ fn crash_states_keep_the_store_consistent() {
     }
 }
 
-/// Fills `out` with bytes of `rng`.
-fn fill(rng: &mut SplitMix64, out: &mut [u8]) {
-    for piece in out.chunks_mut(8) {
-        let bytes = rng.next_u64().to_le_bytes();
-        piece.copy_from_slice(&bytes[..piece.len()]);
-    }
-}
-
 /// Rewrites about `share_percent` of the chunks of `disk` with fresh random
 /// bytes (and some with zeroes).
 fn churn(rng: &mut SplitMix64, disk: &mut [u8], geometry: Geometry, share_percent: u64) {
@@ -586,7 +578,7 @@ fn churn(rng: &mut SplitMix64, disk: &mut [u8], geometry: Geometry, share_percen
         if rng.below(8) == 0 {
             disk[range].fill(0);
         } else {
-            fill(rng, &mut disk[range]);
+            rng.fill(&mut disk[range]);
         }
     }
 }
