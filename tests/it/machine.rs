@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::common::*;
-use blockrep_core::SourceId;
+use blockrep_core::{Geometry, MachineRoot, Root, SourceId, VolumeName, scan_buffer};
 use blockrep_store::Store;
 use blockrep_testkit::{Pki, mixed_image, random_bytes};
 
@@ -208,4 +208,221 @@ fn a_one_disk_agent_cannot_continue_a_machine_and_leaves_it_whole() {
         .unwrap()
         .unwrap();
     assert_eq!(head_after, head_before);
+}
+
+/// A machine's session opened by hand: `MachineHello` for `disks`, then the
+/// `MachineWelcome` and one `VolumeHead` per volume; the client, the head
+/// epoch and each volume's head root (empty: none).
+async fn machine_session(
+    server: &blockrep_testkit::ServerProcess,
+    pki: &Pki,
+    disks: &[(&str, Vec<u8>)],
+) -> (blockrep_testkit::RawClient, u64, Vec<bytes::Bytes>) {
+    use blockrep_proto::Message;
+    use blockrep_testkit::raw::next;
+    let mut client = open_machine_session(server, pki, disks).await;
+    let head_epoch = match next(&mut client).await {
+        Some(Message::MachineWelcome { head_epoch, .. }) => head_epoch,
+        other => panic!("no MachineWelcome: {other:?}; log: {}", server.log()),
+    };
+    let mut roots = Vec::new();
+    for expected in 0..disks.len() as u16 {
+        match next(&mut client).await {
+            Some(Message::VolumeHead { index, root }) if index == expected => roots.push(root),
+            other => panic!("no VolumeHead {expected}: {other:?}"),
+        }
+    }
+    (client, head_epoch, roots)
+}
+
+/// Sends one machine epoch by hand: after each volume's `SelectVolume`, the
+/// chunks that differ from `before` (every non-zero chunk without it), then
+/// the `Commit` of the machine root. Returns that root.
+async fn send_machine_epoch(
+    client: &mut blockrep_testkit::RawClient,
+    epoch: u64,
+    disks: &[(&str, Vec<u8>)],
+    before: Option<&[(&str, Vec<u8>)]>,
+) -> blockrep_core::ChunkId {
+    use blockrep_proto::{Codec, Message};
+    let mut roots = Vec::new();
+    for (volume, (name, disk)) in disks.iter().enumerate() {
+        client
+            .send(&Message::SelectVolume {
+                index: volume as u16,
+            })
+            .await
+            .unwrap();
+        let geometry = Geometry::new(disk.len() as u64, CHUNK).unwrap();
+        let ids = scan_buffer(disk, geometry);
+        let old = before.map(|b| scan_buffer(&b[volume].1, geometry));
+        for (index, id) in ids.iter().enumerate() {
+            let changed = old.as_ref().map_or(!id.is_zero(), |old| old[index] != *id);
+            if !changed {
+                continue;
+            }
+            let range = geometry.chunk_range(index as u64).unwrap();
+            let (codec, data) = if id.is_zero() {
+                (Codec::Zero, bytes::Bytes::new())
+            } else {
+                (
+                    Codec::Raw,
+                    bytes::Bytes::copy_from_slice(&disk[range.clone()]),
+                )
+            };
+            client
+                .send(&Message::Chunk {
+                    index: index as u64,
+                    id: *id,
+                    codec,
+                    raw_len: range.len() as u32,
+                    data,
+                })
+                .await
+                .unwrap();
+        }
+        roots.push((
+            VolumeName::new(name).unwrap(),
+            Root::from_chunk_ids(geometry, &ids).id(),
+        ));
+    }
+    let machine = MachineRoot::new(roots).unwrap().id();
+    client
+        .send(&Message::Commit {
+            epoch,
+            root: machine,
+            scan_started_unix_ms: 1,
+            complete: true,
+            last: false,
+            consistency: blockrep_core::Consistency::Live,
+        })
+        .await
+        .unwrap();
+    machine
+}
+
+/// The `Committed` (past `Progress` beats) of `epoch`, naming `root`.
+async fn expect_machine_committed(
+    client: &mut blockrep_testkit::RawClient,
+    epoch: u64,
+    root: blockrep_core::ChunkId,
+) {
+    match blockrep_testkit::raw::next(client).await {
+        Some(blockrep_proto::Message::Committed {
+            epoch: got,
+            root: got_root,
+            ..
+        }) => assert_eq!((got, got_root), (epoch, root)),
+        other => panic!("expected Committed of epoch {epoch}, got {other:?}"),
+    }
+}
+
+/// The `Error` the server ends a session with.
+async fn expect_refusal(client: &mut blockrep_testkit::RawClient) -> String {
+    match blockrep_testkit::raw::next(client).await {
+        Some(blockrep_proto::Message::Error { message, .. }) => message,
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_session_commits_every_volume_at_once_and_goes_on_from_its_head() {
+    let rig = nbd_rig(&["web"]);
+    let mut disks = three_disks();
+    let (mut client, head_epoch, roots) = machine_session(&rig.server, &rig.pki, &disks).await;
+    assert_eq!(head_epoch, 0);
+    assert!(roots.iter().all(bytes::Bytes::is_empty));
+    let first = send_machine_epoch(&mut client, 1, &disks, None).await;
+    expect_machine_committed(&mut client, 1, first).await;
+
+    // The next epoch changes two volumes; `boot` is left alone.
+    let before = disks.clone();
+    disks[1].1[100_000..100_100].fill(7);
+    disks[2].1[..8192].fill(9);
+    disks[2].1[MIB..MIB + 5000].fill(0);
+    let second = send_machine_epoch(&mut client, 2, &disks, Some(&before)).await;
+    expect_machine_committed(&mut client, 2, second).await;
+    // An epoch that changed nothing is acknowledged as the head again.
+    let again = send_machine_epoch(&mut client, 2, &disks, Some(&disks)).await;
+    assert_eq!(again, second);
+    expect_machine_committed(&mut client, 2, second).await;
+    // A commit whose root the chunks do not give is refused, nothing committed.
+    client
+        .send(&blockrep_proto::Message::Commit {
+            epoch: 3,
+            root: first,
+            scan_started_unix_ms: 1,
+            complete: true,
+            last: false,
+            consistency: blockrep_core::Consistency::Live,
+        })
+        .await
+        .unwrap();
+    let refused = expect_refusal(&mut client).await;
+    assert!(refused.contains("machine root"), "{refused}");
+    drop(client);
+
+    // A new session starts from the head: every volume's root.
+    let (client, head_epoch, roots) = machine_session(&rig.server, &rig.pki, &disks).await;
+    assert_eq!(head_epoch, 2);
+    for ((name, disk), root) in disks.iter().zip(&roots) {
+        let geometry = Geometry::new(disk.len() as u64, CHUNK).unwrap();
+        let expected = Root::from_chunk_ids(geometry, &scan_buffer(disk, geometry));
+        assert_eq!(Root::decode(root).unwrap(), expected, "volume {name}");
+    }
+    drop(client);
+    // Without a volume the head has: refused, naming it.
+    let mut client = open_machine_session(&rig.server, &rig.pki, &disks[..2]).await;
+    let refused = expect_refusal(&mut client).await;
+    assert!(
+        refused.contains("volume log") && refused.contains("refused"),
+        "{refused}"
+    );
+    // A volume of another size: refused with both sizes.
+    let mut grown = disks.clone();
+    grown[0].1.extend_from_slice(&[0; 4096]);
+    let mut client = open_machine_session(&rig.server, &rig.pki, &grown).await;
+    let refused = expect_refusal(&mut client).await;
+    let (old, new) = (disks[0].1.len(), grown[0].1.len());
+    assert!(
+        refused.contains(&old.to_string()) && refused.contains(&new.to_string()),
+        "{refused}"
+    );
+
+    // The replica is the machine: every volume exports as its disk.
+    let store = Store::open_read_only(&rig.data()).unwrap();
+    let web = SourceId::new("web").unwrap();
+    assert_eq!(store.head(&web).unwrap().unwrap().root, second);
+    for (name, disk) in &disks {
+        let out = rig.path(&format!("{name}.raw"));
+        store.export_volume(&web, Some(name), &out).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == *disk,
+            "volume {name} differs"
+        );
+    }
+}
+
+/// Connects as source `web` and says the `MachineHello` of `disks`.
+async fn open_machine_session(
+    server: &blockrep_testkit::ServerProcess,
+    pki: &Pki,
+    disks: &[(&str, Vec<u8>)],
+) -> blockrep_testkit::RawClient {
+    use blockrep_proto::{Message, PROTOCOL_VERSION};
+    let mut client = blockrep_testkit::RawClient::connect_as(server.addr, pki, "web").await;
+    client
+        .send(&Message::MachineHello {
+            version_min: PROTOCOL_VERSION,
+            version_max: PROTOCOL_VERSION,
+            source: SourceId::new("web").unwrap(),
+            chunk_size_bytes: CHUNK,
+            volumes: disks
+                .iter()
+                .map(|(name, disk)| (VolumeName::new(name).unwrap(), disk.len() as u64))
+                .collect(),
+        })
+        .await
+        .unwrap();
+    client
 }

@@ -2,7 +2,9 @@
 //! takes one from the front of a buffer; the body of every message but the
 //! patch messages (`crate::patch`) is written and read here.
 
-use blockrep_core::{CHUNK_SIZE_MAX_BYTES, ChunkId, Consistency, SourceId};
+use blockrep_core::{
+    CHUNK_SIZE_MAX_BYTES, ChunkId, Consistency, SourceId, VOLUMES_MAX, VolumeName,
+};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::frame::{
@@ -87,6 +89,38 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             out.put_u64_le(*chunks_pending);
             out.put_u64_le(*bytes_pending);
         }
+        Message::MachineHello {
+            version_min,
+            version_max,
+            source,
+            chunk_size_bytes,
+            volumes,
+        } => {
+            out.put_u16_le(*version_min);
+            out.put_u16_le(*version_max);
+            put_short_string(out, source.as_str());
+            out.put_u32_le(*chunk_size_bytes);
+            out.put_u16_le(volumes.len() as u16);
+            for (name, size) in volumes {
+                put_short_string(out, name.as_str());
+                out.put_u64_le(*size);
+            }
+        }
+        Message::MachineWelcome {
+            version,
+            nonce,
+            head_epoch,
+        } => {
+            out.put_u16_le(*version);
+            out.put_slice(nonce);
+            out.put_u64_le(*head_epoch);
+        }
+        Message::VolumeHead { index, root } => {
+            out.put_u16_le(*index);
+            out.put_u32_le(root.len() as u32);
+            out.put_slice(root);
+        }
+        Message::SelectVolume { index } => out.put_u16_le(*index),
         Message::Capture {
             dirty_bytes,
             preserved_bytes,
@@ -449,6 +483,47 @@ fn decode_body(type_byte: u8, body: &mut Bytes) -> Result<Message, ProtoError> {
             scan_started_unix_ms: r.u64("scan start")?,
             chunks_pending: r.u64("chunk count")?,
             bytes_pending: r.u64("byte count")?,
+        },
+        MessageType::MachineHello => {
+            let version_min = r.u16("version")?;
+            let version_max = r.u16("version")?;
+            let source = r.short_string("source id")?;
+            let source = SourceId::new(&source).map_err(|e| malformed(e.to_string()))?;
+            let chunk_size_bytes = r.u32("chunk size")?;
+            let count = usize::from(r.u16("volume count")?);
+            if count > VOLUMES_MAX {
+                return Err(ProtoError::new(
+                    ProtoErrorKind::LimitExceeded,
+                    format!("{count} volumes, at most {VOLUMES_MAX}"),
+                ));
+            }
+            let mut volumes = Vec::with_capacity(count);
+            for _ in 0..count {
+                let name = r.short_string("volume name")?;
+                let name = VolumeName::new(&name).map_err(|e| malformed(e.to_string()))?;
+                volumes.push((name, r.u64("volume size")?));
+            }
+            Message::MachineHello {
+                version_min,
+                version_max,
+                source,
+                chunk_size_bytes,
+                volumes,
+            }
+        }
+        MessageType::MachineWelcome => Message::MachineWelcome {
+            version: r.u16("version")?,
+            nonce: r.id("nonce")?.0,
+            head_epoch: r.u64("epoch")?,
+        },
+        MessageType::VolumeHead => {
+            let index = r.u16("volume index")?;
+            let len = r.u32("root length")? as usize;
+            let root = r.bytes(len, FRAME_LEN_MAX as usize, "volume root")?;
+            Message::VolumeHead { index, root }
+        }
+        MessageType::SelectVolume => Message::SelectVolume {
+            index: r.u16("volume index")?,
         },
         MessageType::Capture => Message::Capture {
             dirty_bytes: r.u64("dirty bytes")?,

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use blockrep_core::{ChunkId, Consistency, SourceId, wire_enum};
+use blockrep_core::{ChunkId, Consistency, SourceId, VolumeName, wire_enum};
 use bytes::Bytes;
 
 /// The protocol version this build speaks. Version 2 added the checksum to
@@ -137,6 +137,14 @@ wire_enum! {
         WantPatched = 24 => "WantPatched",
         /// [`Message::Capture`].
         Capture = 25 => "Capture",
+        /// [`Message::MachineHello`].
+        MachineHello = 26 => "MachineHello",
+        /// [`Message::MachineWelcome`].
+        MachineWelcome = 27 => "MachineWelcome",
+        /// [`Message::VolumeHead`].
+        VolumeHead = 28 => "VolumeHead",
+        /// [`Message::SelectVolume`].
+        SelectVolume = 29 => "SelectVolume",
     }
 }
 
@@ -322,6 +330,35 @@ pub enum Message {
         /// 99th percentile write latency the workload saw, in microseconds.
         write_p99_us: u64,
     },
+    /// Agent -> server, instead of `Hello`, from an agent that replicates a
+    /// machine of several disks: versions, source, the chunk size all
+    /// volumes share, and each volume's name and size, in the order the
+    /// session's `VolumeHead` and `SelectVolume` index them. At most
+    /// [`blockrep_core::VOLUMES_MAX`] volumes.
+    MachineHello {
+        version_min: u16,
+        version_max: u16,
+        source: SourceId,
+        chunk_size_bytes: u32,
+        volumes: Vec<(VolumeName, u64)>,
+    },
+    /// Server -> agent, the answer to `MachineHello`: chosen version, the
+    /// session's nonce and the machine's head epoch; one `VolumeHead` per
+    /// volume follows.
+    MachineWelcome {
+        version: u16,
+        nonce: [u8; NONCE_LEN],
+        head_epoch: u64,
+    },
+    /// Server -> agent, after `MachineWelcome`: the encoded
+    /// [`blockrep_core::Root`] volume `index` has in the head; empty for a
+    /// volume the head does not have yet (its first sync).
+    VolumeHead { index: u16, root: Bytes },
+    /// Agent -> server (machine session): the frames that follow, until the
+    /// next `SelectVolume`, are about volume `index` (`GetPages`, `Offer`,
+    /// `Chunk`, `Patch`, `GetBlockValues`). A machine's `Commit` names the
+    /// [`blockrep_core::MachineRoot`] of all volumes.
+    SelectVolume { index: u16 },
     /// Either way: the session ends for this reason.
     Error { code: ErrorCode, message: String },
 }
@@ -364,6 +401,10 @@ impl Message {
             Message::Patch { .. } => MessageType::Patch,
             Message::WantPatched { .. } => MessageType::WantPatched,
             Message::Capture { .. } => MessageType::Capture,
+            Message::MachineHello { .. } => MessageType::MachineHello,
+            Message::MachineWelcome { .. } => MessageType::MachineWelcome,
+            Message::VolumeHead { .. } => MessageType::VolumeHead,
+            Message::SelectVolume { .. } => MessageType::SelectVolume,
         }
     }
 

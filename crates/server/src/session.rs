@@ -25,6 +25,7 @@ mod epoch;
 mod failback;
 mod failback_patches;
 mod labels;
+mod machine;
 pub(crate) mod patches;
 mod references;
 mod replica;
@@ -87,6 +88,10 @@ pub(crate) struct Session<S> {
     revocation: Option<crate::revocation::Registration>,
     /// The agent has sent a `Capture` report in this session (capture mode).
     capture_reported: bool,
+    /// A machine's session: the root its head names (`None` before the
+    /// first commit), to tell an epoch that changed nothing from one that
+    /// added a volume.
+    machine_head: Option<blockrep_core::ChunkId>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -105,6 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             active: None,
             revocation: None,
             capture_reported: false,
+            machine_head: None,
         }
     }
 
@@ -237,36 +243,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn serve_inner(&mut self) -> Result<std::convert::Infallible, Outcome> {
         let hello = self.read(self.shared.config.handshake_timeout).await?;
-        let Message::Hello {
-            version_min,
-            version_max,
-            source,
-            disk_size_bytes,
-            chunk_size_bytes,
-        } = hello
-        else {
-            return Err(Reject::new(
-                ErrorCode::UnexpectedMessage,
-                format!("expected Hello, got {}", hello.name()),
-            )
-            .into());
+        let (version_min, version_max, source, disk_size_bytes, chunk_size_bytes) = match hello {
+            Message::Hello {
+                version_min,
+                version_max,
+                source,
+                disk_size_bytes,
+                chunk_size_bytes,
+            } => (
+                version_min,
+                version_max,
+                source,
+                disk_size_bytes,
+                chunk_size_bytes,
+            ),
+            Message::MachineHello {
+                version_min,
+                version_max,
+                source,
+                chunk_size_bytes,
+                volumes,
+            } => {
+                let version = self.check_hello(version_min, version_max, &source)?;
+                return self.serve_machine(version, chunk_size_bytes, volumes).await;
+            }
+            other => {
+                return Err(Reject::new(
+                    ErrorCode::UnexpectedMessage,
+                    format!("expected Hello, got {}", other.name()),
+                )
+                .into());
+            }
         };
-        let version = negotiate_version(version_min, version_max).ok_or_else(|| {
-            Reject::new(
-                ErrorCode::UnsupportedVersion,
-                format!("agent speaks protocol versions {version_min}..={version_max}, server speaks {PROTOCOL_VERSION}"),
-            )
-        })?;
-        if source != self.source {
-            return Err(Reject::new(
-                ErrorCode::SourceMismatch,
-                format!(
-                    "agent claims source {source:?} but its certificate is for {:?}",
-                    self.source.as_str()
-                ),
-            )
-            .into());
-        }
+        let version = self.check_hello(version_min, version_max, &source)?;
         let geometry = Geometry::new(disk_size_bytes, chunk_size_bytes)
             .map_err(|e| Reject::new(ErrorCode::BadFrame, format!("invalid geometry: {e}")))?;
         let _ids = self.shared.ids_budget.reserve_ids(geometry)?;
@@ -301,8 +310,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         info!(source = %self.source, peer = %self.peer, head_epoch = replica.head_epoch,
               disk_size_bytes, chunk_size_bytes, "session started");
         loop {
-            self.epoch(&mut replica).await?;
+            self.epoch(std::slice::from_mut(&mut replica), None).await?;
         }
+    }
+
+    /// The version both sides speak, and that the source the agent claims is
+    /// its certificate's.
+    fn check_hello(
+        &self,
+        version_min: u16,
+        version_max: u16,
+        source: &SourceId,
+    ) -> Result<u16, Reject> {
+        let version = negotiate_version(version_min, version_max).ok_or_else(|| {
+            Reject::new(
+                ErrorCode::UnsupportedVersion,
+                format!("agent speaks protocol versions {version_min}..={version_max}, server speaks {PROTOCOL_VERSION}"),
+            )
+        })?;
+        if *source != self.source {
+            return Err(Reject::new(
+                ErrorCode::SourceMismatch,
+                format!(
+                    "agent claims source {source:?} but its certificate is for {:?}",
+                    self.source.as_str()
+                ),
+            ));
+        }
+        Ok(version)
     }
 
     async fn load_replica(&self, geometry: Geometry) -> Result<Replica, Outcome> {

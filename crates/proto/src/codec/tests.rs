@@ -103,6 +103,33 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                 write_p50_us: e,
                 write_p99_us: f,
             }),
+        (
+            any::<u16>(),
+            "[a-z0-9][a-z0-9._-]{0,20}",
+            any::<u32>(),
+            proptest::collection::vec(("[a-z0-9][a-z0-9_-]{0,12}", any::<u64>()), 0..5)
+        )
+            .prop_filter_map("valid names", |(v, s, c, volumes)| {
+                Some(Message::MachineHello {
+                    version_min: v,
+                    version_max: v,
+                    source: SourceId::new(&s).ok()?,
+                    chunk_size_bytes: c,
+                    volumes: volumes
+                        .into_iter()
+                        .map(|(n, size)| Some((VolumeName::new(&n).ok()?, size)))
+                        .collect::<Option<_>>()?,
+                })
+            }),
+        (any::<u16>(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(v, n, e)| {
+            Message::MachineWelcome {
+                version: v,
+                nonce: n,
+                head_epoch: e,
+            }
+        }),
+        (any::<u16>(), bytes(200)).prop_map(|(index, root)| Message::VolumeHead { index, root }),
+        any::<u16>().prop_map(|index| Message::SelectVolume { index }),
         proptest::collection::vec(id_strategy(), 0..20).prop_map(|ids| Message::Offer { ids }),
         bytes(40).prop_map(|bits| Message::Have { bits }),
         (
@@ -454,4 +481,24 @@ fn checksum_mismatch_has_its_own_kind() {
         decode(&mut buf).unwrap_err().kind(),
         ProtoErrorKind::Checksum
     );
+}
+
+#[test]
+fn a_machine_hello_of_too_many_volumes_is_refused() {
+    let volumes = (0..=blockrep_core::VOLUMES_MAX)
+        .map(|i| (VolumeName::new(&format!("v{i}")).unwrap(), 4096))
+        .collect();
+    let mut out = BytesMut::new();
+    encode(
+        &Message::MachineHello {
+            version_min: crate::PROTOCOL_VERSION,
+            version_max: crate::PROTOCOL_VERSION,
+            source: SourceId::new("web").unwrap(),
+            chunk_size_bytes: 4096,
+            volumes,
+        },
+        &mut out,
+    );
+    let err = decode(&mut out).unwrap_err();
+    assert_eq!(err.kind(), ProtoErrorKind::LimitExceeded, "{err}");
 }

@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use blockrep_core::clock::now_unix_ms;
-use blockrep_core::{ChunkId, Consistency};
+use blockrep_core::{ChunkId, Consistency, VolumeName};
 use blockrep_proto::{Codec, ErrorCode, Message};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
 use super::labels::commit_label;
+use super::machine::MachineCommit;
 use super::patches;
 use super::{End, Outcome, Reject, Replica, Session, internal};
 use crate::capture::{CaptureRecord, CaptureView};
@@ -39,8 +40,16 @@ pub(super) struct EpochCounters {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// Serves one epoch, up to and including its `Committed`.
-    pub(super) async fn epoch(&mut self, replica: &mut Replica) -> Result<(), Outcome> {
+    /// Serves one epoch, up to and including its `Committed`. A single
+    /// disk's session has one replica and no volume names; a machine's has
+    /// one replica per volume, named by `machine`, and `SelectVolume` says
+    /// which one the frames that follow are about.
+    pub(super) async fn epoch(
+        &mut self,
+        replicas: &mut [Replica],
+        machine: Option<&[VolumeName]>,
+    ) -> Result<(), Outcome> {
+        let mut current = 0;
         let mut verifier: Option<Verifier> = None;
         let mut counters = EpochCounters {
             bytes_at_start: self.connection.bytes_read,
@@ -56,7 +65,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 },
                 None => self.read(idle).await?,
             };
+            if let Message::SelectVolume { index } = message {
+                current = select_volume(replicas, machine, index)?;
+                self.touch();
+                continue;
+            }
+            let replica = &mut replicas[current];
             if let Message::FailbackStart { launch } = message {
+                if machine.is_some() {
+                    return Err(Reject::new(
+                        ErrorCode::UnexpectedMessage,
+                        "failback of a machine is not supported yet: fail back each disk's launch volume as a source of its own",
+                    )
+                    .into());
+                }
                 if !replica.dirty_pages.is_empty() {
                     return Err(Reject::new(
                         ErrorCode::UnexpectedMessage,
@@ -162,6 +184,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     last,
                     consistency,
                 } => {
+                    if let Some(names) = machine {
+                        if last {
+                            return Err(Reject::new(
+                                ErrorCode::UnexpectedMessage,
+                                "cutover of a machine is not supported yet",
+                            )
+                            .into());
+                        }
+                        let result = self
+                            .commit_machine(
+                                replicas,
+                                names,
+                                verifier,
+                                counters,
+                                MachineCommit {
+                                    epoch,
+                                    agent_root: root,
+                                    scan_started_unix_ms,
+                                    complete,
+                                    consistency,
+                                },
+                            )
+                            .await;
+                        self.touch();
+                        return result;
+                    }
                     if last {
                         self.shared
                             .ledger
@@ -463,10 +511,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// The replica `SelectVolume { index }` names, refused outside a machine
+/// session and for an index past its volumes.
+fn select_volume(
+    replicas: &[Replica],
+    machine: Option<&[VolumeName]>,
+    index: u16,
+) -> Result<usize, Reject> {
+    if machine.is_none() {
+        return Err(Reject::new(
+            ErrorCode::UnexpectedMessage,
+            "SelectVolume in a session of one disk",
+        ));
+    }
+    let index = usize::from(index);
+    if index >= replicas.len() {
+        return Err(Reject::new(
+            ErrorCode::BadFrame,
+            format!(
+                "SelectVolume {index}: the machine has {} volumes",
+                replicas.len()
+            ),
+        ));
+    }
+    Ok(index)
+}
+
 /// Whether a `Commit` of `epoch` is an unchanged epoch (acknowledged without a
 /// write: nothing is dirty and it names the head's epoch again), or a new one
 /// (the epoch after the head's). Any other epoch is refused.
-fn commit_is_unchanged(replica: &Replica, epoch: u64) -> Result<bool, Reject> {
+pub(super) fn commit_is_unchanged(replica: &Replica, epoch: u64) -> Result<bool, Reject> {
     let head_epoch = replica.head_epoch;
     let unchanged = replica.dirty_pages.is_empty() && head_epoch > 0 && epoch == head_epoch;
     if !unchanged && epoch != head_epoch + 1 {

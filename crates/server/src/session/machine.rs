@@ -1,0 +1,342 @@
+//! A machine's session: an agent of several disks opens with `MachineHello`,
+//! the server answers `MachineWelcome` and one `VolumeHead` per volume, and
+//! every epoch sends each volume's frames after a `SelectVolume`, then one
+//! `Commit` naming the machine root of all volumes, which the store commits
+//! at once (every volume or none).
+//!
+//! A volume the head has and the agent does not is refused (removing a disk
+//! from a machine is not done silently); a volume the agent has and the head
+//! does not starts empty, so only it is synced in full; a volume whose size
+//! changed is refused with both sizes. A single-disk head continues as a
+//! machine whose volume is called `disk`. Cutover and failback of machines
+//! are refused for now.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use blockrep_core::clock::now_unix_ms;
+use blockrep_core::{ChunkId, Consistency, Geometry, MachineRoot, Root, VolumeName};
+use blockrep_proto::{ErrorCode, Message, PROGRESS_INTERVAL};
+use blockrep_store::VolumeCommit;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::info;
+
+use super::epoch::{EpochCounters, commit_is_unchanged};
+use super::labels::commit_label;
+use super::references::{References, new_nonce};
+use super::replica::Replica;
+use super::{End, Outcome, Reject, Session, internal};
+use crate::verify::Verifier;
+
+/// What a machine's `Commit` says.
+pub(super) struct MachineCommit {
+    pub epoch: u64,
+    pub agent_root: ChunkId,
+    pub scan_started_unix_ms: u64,
+    pub complete: bool,
+    pub consistency: Consistency,
+}
+
+/// A volume of the head as the session starts: its root and chunk ids.
+type VolumeHead = Option<(Root, Vec<ChunkId>)>;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Serves a machine's session after its `MachineHello` (version and
+    /// source already checked).
+    pub(super) async fn serve_machine(
+        &mut self,
+        version: u16,
+        chunk_size_bytes: u32,
+        volumes: Vec<(VolumeName, u64)>,
+    ) -> Result<Infallible, Outcome> {
+        let mut geometries = Vec::with_capacity(volumes.len());
+        for (name, size) in &volumes {
+            let geometry = Geometry::new(*size, chunk_size_bytes).map_err(|e| {
+                Reject::new(
+                    ErrorCode::BadFrame,
+                    format!("volume {name}: invalid geometry: {e}"),
+                )
+            })?;
+            geometries.push(geometry);
+        }
+        let names: Vec<VolumeName> = volumes.iter().map(|(name, _)| name.clone()).collect();
+        // Names unique, between 1 and the limit: what a machine root allows.
+        MachineRoot::new(names.iter().map(|n| (n.clone(), ChunkId::ZERO)).collect())
+            .map_err(|e| Reject::new(ErrorCode::BadFrame, e.to_string()))?;
+        let _ids = geometries
+            .iter()
+            .map(|g| self.shared.ids_budget.reserve_ids(*g))
+            .collect::<Result<Vec<_>, _>>()?;
+        let slot = self.claim_slot().await?;
+        self.active = Some(Arc::clone(&slot.session));
+        let _slot = slot;
+        self.check_tenant().await?;
+        let (head_epoch, head_root, heads) = self.load_machine(&names, &geometries).await?;
+        self.machine_head = head_root;
+        let nonce = new_nonce()?;
+        let mut replicas = Vec::with_capacity(heads.len());
+        let mut head_roots = Vec::with_capacity(heads.len());
+        for (geometry, head) in geometries.iter().zip(heads) {
+            let replica = match head {
+                Some((root, ids)) => {
+                    head_roots.push(Bytes::from(root.encode()));
+                    let references = References::new(nonce, *geometry, &ids);
+                    let page_ids = root.page_ids().to_vec();
+                    Replica::from_head(*geometry, head_epoch, ids, page_ids, references)
+                }
+                None => {
+                    head_roots.push(Bytes::new());
+                    let mut replica =
+                        Replica::empty(*geometry, References::new(nonce, *geometry, &[]));
+                    replica.head_epoch = head_epoch;
+                    replica
+                }
+            };
+            replicas.push(replica);
+        }
+        self.connection.queue(&Message::MachineWelcome {
+            version,
+            nonce,
+            head_epoch,
+        });
+        for (index, root) in head_roots.into_iter().enumerate() {
+            // At most VOLUMES_MAX volumes, checked above: the index fits.
+            let index = index as u16;
+            self.connection.queue(&Message::VolumeHead { index, root });
+        }
+        self.connection
+            .flush()
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+        self.connection.progress_every = Some(PROGRESS_INTERVAL);
+        let now = now_unix_ms();
+        let disk_size_bytes = geometries.iter().map(|g| g.disk_size_bytes()).sum();
+        self.shared.ledger.sources.update(&self.source, |record| {
+            record.connected = true;
+            record.last_contact_unix_ms = now;
+            record.disk_size_bytes = disk_size_bytes;
+            record.chunk_size_bytes = chunk_size_bytes;
+        });
+        info!(source = %self.source, peer = %self.peer, head_epoch, volumes = names.len(),
+              disk_size_bytes, chunk_size_bytes, "machine session started");
+        loop {
+            self.epoch(&mut replicas, Some(&names)).await?;
+        }
+    }
+
+    /// The head's epoch and root, and each of the agent's volumes as the head
+    /// has it (`None`: new). Refuses a head volume the agent lacks and a
+    /// volume whose size changed.
+    async fn load_machine(
+        &self,
+        names: &[VolumeName],
+        geometries: &[Geometry],
+    ) -> Result<(u64, Option<ChunkId>, Vec<VolumeHead>), Outcome> {
+        let store = Arc::clone(&self.shared.store);
+        let source = self.source.clone();
+        let wanted: Vec<(VolumeName, Geometry)> = names
+            .iter()
+            .cloned()
+            .zip(geometries.iter().copied())
+            .collect();
+        let loading = tokio::task::spawn_blocking(move || {
+            let Some(head) = store.head(&source)? else {
+                return Ok(Ok((0, None, vec![None; wanted.len()])));
+            };
+            // A single disk's head reads as a machine of one volume, `disk`.
+            let volumes = store.volume_roots(&head.root)?;
+            let listed = || {
+                wanted
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if let Some((gone, _)) = volumes
+                .iter()
+                .find(|(n, _)| !wanted.iter().any(|(w, _)| w == n))
+            {
+                return Ok(Err(Reject::new(
+                    ErrorCode::GeometryMismatch,
+                    format!(
+                        "volume {gone} of source {source} is not among the agent's disks ({}): \
+                         removing a volume from a machine is refused",
+                        listed()
+                    ),
+                )));
+            }
+            let mut out = Vec::with_capacity(wanted.len());
+            for (name, geometry) in &wanted {
+                let Some((_, root_id)) = volumes.iter().find(|(n, _)| n == name) else {
+                    out.push(None);
+                    continue;
+                };
+                let root = store.read_root(root_id)?;
+                if root.geometry() != *geometry {
+                    return Ok(Err(Reject::new(
+                        ErrorCode::GeometryMismatch,
+                        format!(
+                            "volume {name} has {} bytes in {}-byte chunks in the replica, the disk has {} bytes in {}-byte chunks; \
+                             a resized disk or a new chunk size needs a new source id",
+                            root.geometry().disk_size_bytes(),
+                            root.geometry().chunk_size_bytes(),
+                            geometry.disk_size_bytes(),
+                            geometry.chunk_size_bytes(),
+                        ),
+                    )));
+                }
+                let ids = store.chunk_ids(&root)?;
+                out.push(Some((root, ids)));
+            }
+            Ok::<_, blockrep_store::Error>(Ok((head.epoch, Some(head.root), out)))
+        });
+        let loaded = loading.await.map_err(internal)?.map_err(internal)?;
+        Ok(loaded?)
+    }
+
+    /// Commits a machine's epoch: every volume's chunks checked, every root
+    /// rebuilt, the machine root compared with the agent's, then all volumes
+    /// committed at once and `Committed` sent.
+    pub(super) async fn commit_machine(
+        &mut self,
+        replicas: &mut [Replica],
+        names: &[VolumeName],
+        verifier: Option<Verifier>,
+        counters: EpochCounters,
+        commit: MachineCommit,
+    ) -> Result<(), Outcome> {
+        let started = Instant::now();
+        let verified = match verifier {
+            Some(verifier) => self.connection.working(verifier.finish()).await?,
+            None => Default::default(),
+        };
+        let mut unchanged = true;
+        for replica in replicas.iter() {
+            self.check_epoch_chunks(&replica.references, &replica.ids)
+                .await?;
+            unchanged &= commit_is_unchanged(replica, commit.epoch)?;
+        }
+        let built: Vec<_> = replicas.iter().map(Replica::build_root).collect();
+        let machine = MachineRoot::new(
+            names
+                .iter()
+                .zip(&built)
+                .map(|(name, (root, _))| (name.clone(), root.id()))
+                .collect(),
+        )
+        .map_err(internal)?;
+        let root_id = machine.id();
+        if root_id != commit.agent_root {
+            return Err(Reject::new(
+                ErrorCode::RootMismatch,
+                format!(
+                    "agent expects machine root {}, the received chunks give {root_id}; nothing committed",
+                    commit.agent_root
+                ),
+            )
+            .into());
+        }
+        // Nothing dirty and the same volumes: the head is still current.
+        unchanged &= self.machine_head == Some(root_id);
+        let label = if unchanged {
+            self.confirm_head(commit.epoch, root_id, commit.complete, commit.consistency)
+                .await?
+        } else {
+            let store = Arc::clone(&self.shared.store);
+            let source = self.source.clone();
+            let names = names.to_vec();
+            let (epoch, scan_started, complete, consistency) = (
+                commit.epoch,
+                commit.scan_started_unix_ms,
+                commit.complete,
+                commit.consistency,
+            );
+            let roots: Vec<_> = built
+                .iter()
+                .map(|(root, pages)| (root.clone(), pages.clone()))
+                .collect();
+            let committing = tokio::task::spawn_blocking(move || {
+                let volumes: Vec<VolumeCommit<'_>> = names
+                    .iter()
+                    .zip(&roots)
+                    .map(|(name, (root, pages))| VolumeCommit { name, root, pages })
+                    .collect();
+                store.commit_machine(
+                    &source,
+                    epoch,
+                    &volumes,
+                    scan_started,
+                    complete,
+                    consistency,
+                    now_unix_ms(),
+                )
+            });
+            self.connection
+                .working(committing)
+                .await
+                .map_err(internal)?
+                .map_err(|e| match e.kind() {
+                    blockrep_store::ErrorKind::EpochMismatch => {
+                        Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
+                    }
+                    _ => internal(format!("commit failed, nothing committed: {e}")),
+                })?;
+            for (replica, (root, _)) in replicas.iter_mut().zip(&built) {
+                replica.committed(commit.epoch, root.page_ids().to_vec());
+            }
+            self.machine_head = Some(root_id);
+            Some(commit_label(commit.complete, commit.consistency))
+        };
+        for replica in replicas.iter_mut() {
+            replica.references.committed(&replica.ids);
+        }
+        let bytes_received = self.connection.bytes_read - counters.bytes_at_start;
+        let head_epoch = replicas.first().map_or(0, |r| r.head_epoch);
+        let now = now_unix_ms();
+        self.shared.ledger.sources.update(&self.source, |record| {
+            record.epoch = head_epoch;
+            record.root = Some(root_id.to_hex());
+            if label.is_some() {
+                record.consistency = label;
+            }
+            if commit.complete {
+                record.synced_scan_started_unix_ms = commit.scan_started_unix_ms.max(1);
+                record.bytes_pending = 0;
+                record.chunks_pending = 0;
+            }
+            if !unchanged {
+                record.last_commit_unix_ms = now;
+                record.epochs_committed_total += 1;
+            }
+            record.bytes_received_total += bytes_received;
+            record.chunks_received_total += counters.chunks_received;
+            record.chunks_deduplicated_total +=
+                counters.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
+            record.bytes_deduplicated_total += counters.ref_bytes;
+        });
+        if !unchanged {
+            info!(source = %self.source, epoch = commit.epoch, root = %root_id,
+                  volumes = names.len(), complete = commit.complete,
+                  consistency = %commit_label(commit.complete, commit.consistency),
+                  chunks_received = counters.chunks_received, bytes_received,
+                  commit_ms = started.elapsed().as_millis() as u64,
+                  "machine epoch committed");
+            self.shared
+                .ledger
+                .epoch_committed(started.elapsed(), bytes_received);
+        }
+        self.connection
+            .send(&Message::Committed {
+                epoch: head_epoch,
+                root: root_id,
+                chunks_received: counters.chunks_received,
+                bytes_received,
+                chunks_stored: counters.chunks_new,
+                cutover_requested: false,
+            })
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))
+    }
+}
