@@ -12,9 +12,12 @@ use crate::units;
 
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
-    /// Source disk: a raw image file or a block device.
-    #[arg(long)]
-    pub(crate) disk: PathBuf,
+    /// Source disk: a raw image file or a block device. Repeat it for a
+    /// machine of several disks, replicated as one source with one recovery
+    /// point for all of them; `NAME=PATH` names a disk's volume (by default
+    /// the file name: `/dev/sdb` is `sdb`).
+    #[arg(long, required = true, value_name = "[NAME=]PATH")]
+    pub(crate) disk: Vec<String>,
     /// Replication server, host:port.
     #[arg(long)]
     pub(crate) to: String,

@@ -4,10 +4,11 @@
 
 mod serve;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use blockrep_agent::{AgentConfig, Compression};
+use blockrep_core::VolumeName;
 
 use super::{source_id, stop_on_signal};
 use crate::cli::{AgentArgs, CompressArg, SnapshotArg, ViewArgs};
@@ -69,14 +70,20 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     let (ca_path, cert_path, key_path) = args.tls.resolve(&source)?;
     let chunk_size_bytes = u32::try_from(args.chunk_size).context("chunk size too large")?;
     blockrep_core::Geometry::new(0, chunk_size_bytes)?;
-    let mut config = AgentConfig::new(
-        args.disk.clone(),
-        args.to.clone(),
-        source,
-        ca_path,
-        cert_path,
-        key_path,
-    );
+    let (disk, volumes) = disks(&args.disk)?;
+    if !volumes.is_empty() {
+        if args.capture.serve.is_some() {
+            bail!(
+                "write capture (--serve) replicates one disk; a machine of several disks \
+                 replicates by scanning them"
+            );
+        }
+        if args.cutover {
+            bail!("the cutover of a machine of several disks is not supported yet");
+        }
+    }
+    let mut config = AgentConfig::new(disk, args.to.clone(), source, ca_path, cert_path, key_path);
+    config.volumes = volumes;
     config.chunk_size_bytes = chunk_size_bytes;
     config.compression = match args.compress {
         CompressArg::Auto => Compression::Auto,
@@ -102,6 +109,48 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
         apply_agent_settings(path, &config)?;
     }
     Ok(config)
+}
+
+/// The disk of a single-disk agent, or a machine's volumes: one `--disk
+/// PATH` is a single disk (as before machines); several, or one given as
+/// `NAME=PATH`, are a machine's volumes, named by `NAME` or else by the
+/// path's file name. The first path stands for the disk in messages.
+fn disks(values: &[String]) -> Result<(PathBuf, Vec<(VolumeName, PathBuf)>)> {
+    let parsed: Vec<(Option<VolumeName>, PathBuf)> = values
+        .iter()
+        .map(|value| match value.split_once('=') {
+            Some((name, path)) if VolumeName::new(name).is_ok() && !path.is_empty() => {
+                (VolumeName::new(name).ok(), PathBuf::from(path))
+            }
+            _ => (None, PathBuf::from(value)),
+        })
+        .collect();
+    let first = parsed
+        .first()
+        .map(|(_, path)| path.clone())
+        .context("--disk is required")?;
+    if let [(None, path)] = parsed.as_slice() {
+        return Ok((path.clone(), Vec::new()));
+    }
+    let mut volumes: Vec<(VolumeName, PathBuf)> = Vec::with_capacity(parsed.len());
+    for (name, path) in parsed {
+        let name = match name {
+            Some(name) => name,
+            None => VolumeName::from_path(&path)?,
+        };
+        if volumes.iter().any(|(other, _)| *other == name) {
+            bail!("two disks are called {name}: name them apart with --disk NAME=PATH");
+        }
+        volumes.push((name, path));
+    }
+    if volumes.len() > blockrep_core::VOLUMES_MAX {
+        bail!(
+            "{} disks: a machine has at most {}",
+            volumes.len(),
+            blockrep_core::VOLUMES_MAX
+        );
+    }
+    Ok((first, volumes))
 }
 
 /// Applies the settings of the agent's settings file that may change while

@@ -426,3 +426,107 @@ async fn open_machine_session(
         .unwrap();
     client
 }
+
+/// `blockrep agent --once` of a machine: each disk as `--disk NAME=PATH`.
+fn machine_agent_once(rig: &blockrep_testkit::AgentRig, disks: &[(&str, Vec<u8>)]) -> String {
+    let args: Vec<String> = disks
+        .iter()
+        .map(|(name, disk)| {
+            let path = rig.disk(&format!("{name}.img"), disk);
+            format!("{name}={}", path.display())
+        })
+        .collect();
+    let mut extra = Vec::new();
+    for arg in &args[1..] {
+        extra.extend(["--disk", arg.as_str()]);
+    }
+    let output = rig.agent_once(Path::new(&args[0]), "web", &extra);
+    assert_success(&output);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn an_agent_of_three_disks_replicates_them_as_one_machine() {
+    let rig = nbd_rig(&["web"]);
+    let mut disks = three_disks();
+    let stdout = machine_agent_once(&rig, &disks);
+    assert!(stdout.contains("replica equals disk: epoch 1"), "{stdout}");
+    let head = Store::open_read_only(&rig.data())
+        .unwrap()
+        .head(&SourceId::new("web").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(head.consistency, blockrep_core::Consistency::Live);
+
+    // Two disks change; the next run sends only their changed chunks.
+    disks[0].1[3 * MIB..3 * MIB + 70_000].fill(3);
+    disks[2].1[..4096].fill(4);
+    let stdout = machine_agent_once(&rig, &disks);
+    assert!(stdout.contains("replica equals disk: epoch 2"), "{stdout}");
+    let sent: u64 = stdout
+        .lines()
+        .filter_map(|line| line.split("chunks_sent=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        (1..=4).contains(&sent),
+        "{sent} chunks sent for 3 changed: {stdout}"
+    );
+    // Nothing changed: no epoch.
+    let stdout = machine_agent_once(&rig, &disks);
+    assert!(stdout.contains("replica already equals disk"), "{stdout}");
+
+    // Every volume of the replica, its snapshot and its launch is its disk.
+    let out = rig.path("export");
+    let export = std::process::Command::new(bin())
+        .args([
+            "export",
+            "--data",
+            rig.data().to_str().unwrap(),
+            "--source",
+            "web",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_success(&export);
+    let snapshot = create_snapshot(&rig.server, "web", "two");
+    let launch = create_launch(&rig.server, "web", &snapshot.name, "web-drill");
+    for ((name, disk), volume) in disks.iter().zip(&launch.volumes) {
+        assert!(
+            std::fs::read(out.join(format!("{name}.raw"))).unwrap() == *disk,
+            "export of {name} differs"
+        );
+        if have_tool("nbdcopy") {
+            let copy = rig.path(&format!("{name}.launch"));
+            run_tool(
+                "nbdcopy",
+                &[volume.nbd_uri.as_deref().unwrap(), copy.to_str().unwrap()],
+            );
+            assert!(
+                std::fs::read(&copy).unwrap() == *disk,
+                "launch of {name} differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_machine_agent_refuses_what_it_cannot_do_yet_and_names_apart_its_disks() {
+    let rig = nbd_rig(&["web"]);
+    let a = rig.disk("a.img", &[1; 8192]);
+    let b = rig.disk("b.img", &[2; 8192]);
+    let run = |extra: &[&str]| {
+        let output = rig.agent_once(&a, "web", extra);
+        assert!(!output.status.success(), "{extra:?} was accepted");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let b_arg = format!("a.img={}", b.display());
+    let stderr = run(&["--disk", &b_arg]);
+    assert!(stderr.contains("two disks are called a.img"), "{stderr}");
+    let b_arg = b.to_str().unwrap();
+    let stderr = run(&["--disk", b_arg, "--cutover"]);
+    assert!(stderr.contains("cutover of a machine"), "{stderr}");
+    assert!(rig.head("web").is_none(), "something was committed");
+}

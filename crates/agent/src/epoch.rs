@@ -30,6 +30,14 @@ pub(crate) struct CutoverReady {
     pub launch_ms: u64,
 }
 
+/// One volume's head as the agent knows it, while another volume is the
+/// session's current one.
+pub(crate) struct VolumeHead {
+    pub geometry: Geometry,
+    pub head_ids: Option<Vec<ChunkId>>,
+    pub head_root: Option<Root>,
+}
+
 /// A connected session over a transport `S` (TLS in production) that knows
 /// the server's committed head.
 pub(crate) struct Session<S = TlsTransport> {
@@ -57,6 +65,13 @@ pub(crate) struct Session<S = TlsTransport> {
     /// Roots of the intermediate commits this session made: a head the
     /// capture can still continue from incrementally.
     pub(crate) step_roots: Vec<ChunkId>,
+    /// A volume of a machine (`crate::machine`): an epoch sends the volume's
+    /// changes but leaves its commit to the machine, in `deferred`, and makes
+    /// no intermediate commits.
+    volume_of_machine: bool,
+    /// The chunk ids an epoch of a machine's volume ends with, for the
+    /// machine's one commit.
+    deferred: Option<Vec<ChunkId>>,
 }
 
 impl Session<TlsTransport> {
@@ -147,7 +162,72 @@ impl<S: Transport> Session<S> {
             patches: config.patches,
             capture: config.capture.clone(),
             step_roots: Vec::new(),
+            volume_of_machine: false,
+            deferred: None,
         })
+    }
+
+    /// A session of a machine's volumes on a connection past its
+    /// `MachineWelcome`: `geometry` and `head_root` are the first volume's;
+    /// the machine swaps in the others' ([`Session::swap_volume`]).
+    pub(crate) fn for_machine(
+        connection: Connection<S>,
+        config: &AgentConfig,
+        nonce: [u8; blockrep_proto::NONCE_LEN],
+        head_epoch: u64,
+        geometry: Geometry,
+        head_root: Option<Root>,
+    ) -> Self {
+        let head_ids = head_root
+            .is_none()
+            .then(|| vec![ChunkId::ZERO; geometry.chunk_count() as usize]);
+        Self {
+            final_epoch: false,
+            cutover_requested: false,
+            cutover_ready: None,
+            connection,
+            geometry,
+            head_epoch,
+            head_ids,
+            head_root,
+            nonce,
+            ack_log: config.ack_log.clone(),
+            // Patches ask the server for block values of the selected
+            // volume's chunks; kept for single disks until machines do too.
+            patches: false,
+            capture: None,
+            step_roots: Vec::new(),
+            volume_of_machine: true,
+            deferred: None,
+        }
+    }
+
+    /// Swaps the volume this session works on with the one in `volume`
+    /// (geometry, head root and the head's ids where known).
+    pub(crate) fn swap_volume(&mut self, volume: &mut VolumeHead) {
+        std::mem::swap(&mut self.geometry, &mut volume.geometry);
+        std::mem::swap(&mut self.head_ids, &mut volume.head_ids);
+        std::mem::swap(&mut self.head_root, &mut volume.head_root);
+    }
+
+    /// The ids the last epoch of a machine's volume ended with.
+    pub(crate) fn take_deferred(&mut self) -> Option<Vec<ChunkId>> {
+        self.deferred.take()
+    }
+
+    /// The connection, for the machine's own frames.
+    pub(crate) fn connection(&mut self) -> &mut Connection<S> {
+        &mut self.connection
+    }
+
+    /// After a machine's commit: the head epoch of every volume.
+    pub(crate) fn set_head_epoch(&mut self, epoch: u64) {
+        self.head_epoch = epoch;
+    }
+
+    /// The head epoch.
+    pub(crate) fn head_epoch(&self) -> u64 {
+        self.head_epoch
     }
 
     /// A `Chunk` frame that refers to a chunk of this source's own: one its
@@ -435,6 +515,11 @@ impl<S: Transport> Session<S> {
         if changed.is_empty() && self.head_root.is_some() {
             // Idle: the server acknowledges without writing; the epoch stays.
             let view = self.head_ids.clone().unwrap_or_default();
+            if self.volume_of_machine {
+                self.deferred = Some(view);
+                report.transfer_duration = transfer_started.elapsed();
+                return Ok(Some(report));
+            }
             let (root, ..) = self
                 .commit(
                     self.head_epoch,
@@ -571,7 +656,7 @@ impl<S: Transport> Session<S> {
             // The final epoch of a cutover commits once: the application is down.
             let step_due =
                 step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval;
-            if step_due && !self.final_epoch {
+            if step_due && !self.final_epoch && !self.volume_of_machine {
                 // An intermediate commit of a large epoch: a crash loses one step.
                 // It mixes the head with part of the scan, so it is never more
                 // than live, whatever view the scan read.
@@ -602,6 +687,11 @@ impl<S: Transport> Session<S> {
         // not be preserved while the epoch was sent.
         let consistency = scan.disk.consistency_now(scan.consistency);
         report.consistency = consistency;
+        if self.volume_of_machine {
+            self.deferred = Some(view);
+            report.transfer_duration = transfer_started.elapsed();
+            return Ok(Some(report));
+        }
         let (root, received, new, bytes) = self
             .commit(
                 self.head_epoch + 1,
@@ -629,7 +719,7 @@ fn diff_error(error: blockrep_core::Error) -> Error {
 
 /// Explains a TLS alert received before `Welcome`: the server's verdict on
 /// this agent's certificate, in words an operator can act on.
-fn certificate_rejected(alert: rustls::AlertDescription) -> String {
+pub(crate) fn certificate_rejected(alert: rustls::AlertDescription) -> String {
     use rustls::AlertDescription as A;
     let why = match alert {
         A::CertificateExpired => "the certificate has expired (or is not valid yet)",

@@ -27,6 +27,7 @@ mod failback;
 mod failback_patch;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod machine;
 mod pages;
 mod patch;
 mod rate;
@@ -70,6 +71,9 @@ pub enum Compression {
 pub struct AgentConfig {
     /// The source disk: a raw image file or a block device.
     pub disk: PathBuf,
+    /// A machine's disks by volume name, replicated as one source with one
+    /// recovery point for all; empty for a single disk (`disk`).
+    pub volumes: Vec<(blockrep_core::VolumeName, PathBuf)>,
     /// `host:port` of the replication server.
     pub server: String,
     /// This source's id; must match the id in the certificate.
@@ -140,6 +144,7 @@ impl AgentConfig {
     ) -> Self {
         Self {
             disk,
+            volumes: Vec::new(),
             server,
             source,
             ca_path,

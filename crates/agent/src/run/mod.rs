@@ -13,6 +13,7 @@ use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
 mod capture;
 mod cutover;
+mod machine;
 
 use cutover::cutover;
 
@@ -70,6 +71,9 @@ async fn once(
 ) -> Result<RunOutcome, Error> {
     if let Some(capture) = &config.capture {
         return capture::once(config, capture, on_epoch).await;
+    }
+    if !config.volumes.is_empty() {
+        return machine::once(config, on_epoch).await;
     }
     let mut outcome = RunOutcome::default();
     let first = scan(config, config.chunk_size_bytes).await?;
@@ -150,6 +154,11 @@ pub async fn run(
 ) -> Result<Option<CutoverReport>, Error> {
     if let Some(capture) = &config.capture {
         return capture::run(config, capture, shutdown, on_epoch).await;
+    }
+    if !config.volumes.is_empty() {
+        return machine::continuous(config, shutdown, on_epoch)
+            .await
+            .map(|()| None);
     }
     let mut backoff = Duration::from_millis(250);
     let mut chunk_size = config.chunk_size_bytes;

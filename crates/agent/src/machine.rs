@@ -1,0 +1,298 @@
+//! A machine of several disks, replicated in one session with one recovery
+//! point for all of them: `MachineHello` names every volume, each epoch sends
+//! each volume's changes after a `SelectVolume`, and one `Commit` names the
+//! machine root, which the server commits whole or not at all.
+//!
+//! The volumes' scans are taken one after the other, not at one instant, so
+//! a machine's recovery points are labelled `live` whatever each disk's view
+//! was: never called consistent across disks. Write capture, cutover and
+//! failback are single-disk only for now (refused for machines), and a
+//! machine's epoch is committed once, without intermediate steps.
+
+use std::time::{Duration, Instant};
+
+use blockrep_core::{ChunkId, Consistency, Geometry, MachineRoot, Root, VolumeName};
+use blockrep_proto::{Message, PROTOCOL_VERSION};
+
+use crate::connection::{Connection, TlsTransport, Transport};
+use crate::epoch::{Session, VolumeHead, certificate_rejected};
+use crate::view::Scan;
+use crate::{AgentConfig, EpochReport, Error};
+
+/// A session replicating a machine's volumes.
+pub(crate) struct MachineSession<S = TlsTransport> {
+    /// Works on the current volume; the others wait in `volumes`.
+    session: Session<S>,
+    names: Vec<VolumeName>,
+    /// Every volume's head, but the current one's slot, whose state is in
+    /// `session` (the slot holds whatever was swapped out last).
+    volumes: Vec<VolumeHead>,
+    current: usize,
+    /// The machine root of the head, once every volume has one.
+    head: Option<ChunkId>,
+}
+
+impl MachineSession<TlsTransport> {
+    /// Connects and says `MachineHello` for the scanned volumes.
+    pub(crate) async fn open(
+        config: &AgentConfig,
+        names: &[VolumeName],
+        scans: &[Scan],
+    ) -> Result<Self, Error> {
+        Self::start(Connection::connect(config).await?, config, names, scans).await
+    }
+}
+
+impl<S: Transport> MachineSession<S> {
+    /// Says `MachineHello` on an established connection and learns every
+    /// volume's head from the `MachineWelcome` and its `VolumeHead`s.
+    pub(crate) async fn start(
+        mut connection: Connection<S>,
+        config: &AgentConfig,
+        names: &[VolumeName],
+        scans: &[Scan],
+    ) -> Result<Self, Error> {
+        let geometries: Vec<Geometry> = scans.iter().map(|s| s.geometry).collect();
+        let hello = Message::MachineHello {
+            version_min: PROTOCOL_VERSION,
+            version_max: PROTOCOL_VERSION,
+            source: config.source.clone(),
+            chunk_size_bytes: geometries[0].chunk_size_bytes(),
+            volumes: names
+                .iter()
+                .zip(&geometries)
+                .map(|(name, g)| (name.clone(), g.disk_size_bytes()))
+                .collect(),
+        };
+        let welcome = async {
+            connection.send(&hello).await?;
+            connection.flush().await?;
+            connection.recv().await
+        };
+        let (head_epoch, nonce) = match welcome.await {
+            Ok(Message::MachineWelcome {
+                version,
+                nonce,
+                head_epoch,
+            }) if version == PROTOCOL_VERSION => (head_epoch, nonce),
+            Ok(other) => {
+                return Err(Error::Protocol(format!(
+                    "expected MachineWelcome of version {PROTOCOL_VERSION}, got {}",
+                    other.name()
+                )));
+            }
+            Err(Error::Alert(alert)) => {
+                return Err(Error::CertificateRejected(certificate_rejected(alert)));
+            }
+            Err(e) => return Err(e),
+        };
+        let mut volumes = Vec::with_capacity(names.len());
+        for (expected, (name, geometry)) in names.iter().zip(&geometries).enumerate() {
+            let root = match connection.recv().await? {
+                Message::VolumeHead { index, root } if usize::from(index) == expected => root,
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "expected VolumeHead {expected}, got {}",
+                        other.name()
+                    )));
+                }
+            };
+            let head_root = if root.is_empty() {
+                None
+            } else {
+                let root = Root::decode(&root)
+                    .map_err(|e| Error::Protocol(format!("head root of volume {name}: {e}")))?;
+                if root.geometry() != *geometry {
+                    return Err(Error::Protocol(format!(
+                        "server sent a head of {} bytes for volume {name} of {} bytes",
+                        root.geometry().disk_size_bytes(),
+                        geometry.disk_size_bytes()
+                    )));
+                }
+                Some(root)
+            };
+            let head_ids = head_root
+                .is_none()
+                .then(|| vec![ChunkId::ZERO; geometry.chunk_count() as usize]);
+            volumes.push(VolumeHead {
+                geometry: *geometry,
+                head_ids,
+                head_root,
+            });
+        }
+        let head = machine_root_of(
+            names,
+            volumes.iter().map(|v| v.head_root.as_ref().map(Root::id)),
+        );
+        // The first volume starts as the session's own.
+        let first = &mut volumes[0];
+        let session = Session::for_machine(
+            connection,
+            config,
+            nonce,
+            head_epoch,
+            first.geometry,
+            first.head_root.take(),
+        );
+        first.head_ids = None;
+        Ok(Self {
+            session,
+            names: names.to_vec(),
+            volumes,
+            current: 0,
+            head,
+        })
+    }
+
+    /// The machine root of the head, when every volume has one.
+    pub(crate) fn head_root_id(&self) -> Option<ChunkId> {
+        self.head
+    }
+
+    /// Makes volume `index` the session's current one, on both sides.
+    async fn select(&mut self, index: usize) -> Result<(), Error> {
+        if index != self.current {
+            self.session.swap_volume(&mut self.volumes[self.current]);
+            self.session.swap_volume(&mut self.volumes[index]);
+            self.current = index;
+        }
+        // At most VOLUMES_MAX volumes: the index fits.
+        let index = index as u16;
+        self.session
+            .connection()
+            .send(&Message::SelectVolume { index })
+            .await?;
+        Ok(())
+    }
+
+    /// Sends every volume's changes and commits them as one recovery point.
+    pub(crate) async fn epoch(
+        &mut self,
+        config: &AgentConfig,
+        scans: Vec<Scan>,
+    ) -> Result<EpochReport, Error> {
+        let started = Instant::now();
+        let scan_started_unix_ms = scans.iter().map(|s| s.started_unix_ms).min().unwrap_or(0);
+        let mut total = EpochReport {
+            epoch: 0,
+            root: ChunkId::ZERO,
+            chunks_sent: 0,
+            zero_chunks_sent: 0,
+            ref_chunks_sent: 0,
+            bytes_sent: 0,
+            raw_bytes_sent: 0,
+            patches_sent: 0,
+            patch_bytes_sent: 0,
+            block_values_bytes_received: 0,
+            server_chunks_received: 0,
+            server_chunks_stored: 0,
+            scan_duration: Duration::ZERO,
+            transfer_duration: Duration::ZERO,
+            consistency: Consistency::Live,
+        };
+        let mut views = Vec::with_capacity(scans.len());
+        for (index, scan) in scans.into_iter().enumerate() {
+            let geometry = scan.geometry;
+            self.select(index).await?;
+            let report = self
+                .session
+                .epoch(config, scan, true)
+                .await?
+                .ok_or_else(|| Error::Protocol("a machine's volume epoch gave no report".into()))?;
+            let view = self
+                .session
+                .take_deferred()
+                .ok_or_else(|| Error::Protocol("a machine's volume epoch left no ids".into()))?;
+            total.chunks_sent += report.chunks_sent;
+            total.zero_chunks_sent += report.zero_chunks_sent;
+            total.ref_chunks_sent += report.ref_chunks_sent;
+            total.bytes_sent += report.bytes_sent;
+            total.raw_bytes_sent += report.raw_bytes_sent;
+            total.scan_duration += report.scan_duration;
+            views.push((geometry, view));
+        }
+        let roots: Vec<Root> = views
+            .iter()
+            .map(|(g, ids)| Root::build(*g, ids).0)
+            .collect();
+        let machine = MachineRoot::new(
+            self.names
+                .iter()
+                .cloned()
+                .zip(roots.iter().map(Root::id))
+                .collect(),
+        )
+        .map_err(|e| Error::Protocol(e.to_string()))?;
+        let root_id = machine.id();
+        let epoch = self.session.head_epoch() + 1;
+        let connection = self.session.connection();
+        total.bytes_sent += connection
+            .send(&Message::Commit {
+                epoch,
+                root: root_id,
+                scan_started_unix_ms,
+                complete: true,
+                last: false,
+                consistency: Consistency::Live,
+            })
+            .await?;
+        connection.flush().await?;
+        match connection.recv().await? {
+            Message::Committed {
+                epoch: got,
+                root,
+                chunks_received,
+                chunks_stored,
+                ..
+            } if got == epoch && root == root_id => {
+                total.server_chunks_received = chunks_received;
+                total.server_chunks_stored = chunks_stored;
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "expected Committed of epoch {epoch} root {root_id}, got {}",
+                    other.name()
+                )));
+            }
+        }
+        if let Some(log) = &config.ack_log {
+            log.record(epoch, &root_id, true, scan_started_unix_ms);
+        }
+        // Every volume's head is now what was sent.
+        for (index, ((geometry, view), root)) in views.into_iter().zip(roots).enumerate() {
+            let mut head = VolumeHead {
+                geometry,
+                head_ids: Some(view),
+                head_root: Some(root),
+            };
+            if index == self.current {
+                // Into the session; what comes out is the old head, dropped.
+                self.session.swap_volume(&mut head);
+            } else {
+                self.volumes[index] = head;
+            }
+        }
+        self.session.set_head_epoch(epoch);
+        self.head = Some(root_id);
+        total.epoch = epoch;
+        total.root = root_id;
+        total.transfer_duration = started.elapsed().saturating_sub(total.scan_duration);
+        Ok(total)
+    }
+
+    /// Closes the session cleanly.
+    pub(crate) async fn close(self) {
+        self.session.close().await;
+    }
+}
+
+/// The machine root of `names` with these roots, when every volume has one.
+pub(crate) fn machine_root_of(
+    names: &[VolumeName],
+    roots: impl Iterator<Item = Option<ChunkId>>,
+) -> Option<ChunkId> {
+    let roots: Option<Vec<ChunkId>> = roots.collect();
+    MachineRoot::new(names.iter().cloned().zip(roots?).collect())
+        .ok()
+        .map(|m| m.id())
+}
