@@ -5,6 +5,7 @@
 //! writes one volume or all of them.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::common::*;
 use blockrep_core::{Geometry, MachineRoot, Root, SourceId, VolumeName, scan_buffer};
@@ -529,4 +530,62 @@ fn a_machine_agent_refuses_what_it_cannot_do_yet_and_names_apart_its_disks() {
     let stderr = run(&["--disk", b_arg, "--cutover"]);
     assert!(stderr.contains("cutover of a machine"), "{stderr}");
     assert!(rig.head("web").is_none(), "something was committed");
+}
+
+/// The machine root of `disks` in chunks of [`CHUNK`].
+fn machine_root(disks: &[(&str, Vec<u8>)]) -> blockrep_core::ChunkId {
+    let roots = disks
+        .iter()
+        .map(|(name, disk)| {
+            let geometry = Geometry::new(disk.len() as u64, CHUNK).unwrap();
+            let root = Root::from_chunk_ids(geometry, &scan_buffer(disk, geometry));
+            (VolumeName::new(name).unwrap(), root.id())
+        })
+        .collect();
+    MachineRoot::new(roots).unwrap().id()
+}
+
+#[test]
+fn a_continuous_machine_agent_follows_a_change_to_one_disk() {
+    let rig = nbd_rig(&["web"]);
+    let mut disks = three_disks();
+    let args: Vec<String> = disks
+        .iter()
+        .map(|(name, disk)| {
+            let path = rig.disk(&format!("{name}.img"), disk);
+            format!("{name}={}", path.display())
+        })
+        .collect();
+    let mut agent = rig.spawn_agent(
+        Path::new(&args[0]),
+        "web",
+        &[
+            "--disk",
+            &args[1],
+            "--disk",
+            &args[2],
+            "--interval",
+            "200ms",
+        ],
+    );
+    let first = machine_root(&disks).to_hex();
+    agent.wait_for_root(&first, Duration::from_secs(60), "the first machine epoch");
+    // One disk changes under the running agent.
+    let data = rig.path("data.img");
+    blockrep_testkit::write_at(&data, 1_000_000, &[0xab; 5000]);
+    disks[1].1[1_000_000..1_005_000].fill(0xab);
+    let second = machine_root(&disks).to_hex();
+    agent.wait_for_root(&second, Duration::from_secs(60), "the change to data");
+    agent.stop_cleanly();
+    let store = Store::open_read_only(&rig.data()).unwrap();
+    let web = SourceId::new("web").unwrap();
+    assert_eq!(store.head(&web).unwrap().unwrap().root.to_hex(), second);
+    for (name, disk) in &disks {
+        let out = rig.path(&format!("{name}.raw"));
+        store.export_volume(&web, Some(name), &out).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == *disk,
+            "volume {name} differs"
+        );
+    }
 }
