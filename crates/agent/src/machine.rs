@@ -3,9 +3,10 @@
 //! each volume's changes after a `SelectVolume`, and one `Commit` names the
 //! machine root, which the server commits whole or not at all.
 //!
-//! The volumes' scans are taken one after the other, not at one instant, so
-//! a machine's recovery points are labelled `live` whatever each disk's view
-//! was: never called consistent across disks. Write capture, cutover and
+//! The volumes' views are of one instant only when taken inside one run of
+//! the quiesce command (`view::scan_together`): a machine's recovery point
+//! is then `quiesced`, else `live` whatever each disk's view was, never
+//! called consistent across disks. Write capture, cutover and
 //! failback are single-disk only for now (refused for machines), and a
 //! machine's epoch is committed once, without intermediate steps.
 
@@ -165,11 +166,14 @@ impl<S: Transport> MachineSession<S> {
         Ok(())
     }
 
-    /// Sends every volume's changes and commits them as one recovery point.
+    /// Sends every volume's changes and commits them as one recovery point
+    /// labelled `consistency` (what the set of views may claim, see
+    /// `view::scan_together`).
     pub(crate) async fn epoch(
         &mut self,
         config: &AgentConfig,
         scans: Vec<Scan>,
+        consistency: Consistency,
     ) -> Result<EpochReport, Error> {
         let started = Instant::now();
         let scan_started_unix_ms = scans.iter().map(|s| s.started_unix_ms).min().unwrap_or(0);
@@ -188,7 +192,7 @@ impl<S: Transport> MachineSession<S> {
             server_chunks_stored: 0,
             scan_duration: Duration::ZERO,
             transfer_duration: Duration::ZERO,
-            consistency: Consistency::Live,
+            consistency,
         };
         let mut views = Vec::with_capacity(scans.len());
         for (index, scan) in scans.into_iter().enumerate() {
@@ -233,7 +237,7 @@ impl<S: Transport> MachineSession<S> {
                 scan_started_unix_ms,
                 complete: true,
                 last: false,
-                consistency: Consistency::Live,
+                consistency,
             })
             .await?;
         connection.flush().await?;

@@ -5,23 +5,29 @@ use std::convert::Infallible;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use blockrep_core::{ChunkId, Root, VolumeName};
+use blockrep_core::{ChunkId, Consistency, Root, VolumeName};
 use tokio::sync::watch;
 use tracing::warn;
 
 use super::{ONCE_EPOCHS_MAX, RunOutcome, backoff_ceiling};
 use crate::machine::{MachineSession, machine_root_of};
-use crate::view::{Scan, scan};
+use crate::view::{Scan, scan_together};
 use crate::{AgentConfig, EpochReport, Error};
 
-/// Scans every volume of the machine (one after the other).
-async fn scan_all(config: &AgentConfig) -> Result<Vec<Scan>, Error> {
-    let mut scans = Vec::with_capacity(config.volumes.len());
-    for (_, path) in &config.volumes {
-        scans.push(scan(&volume_config(config, path), config.chunk_size_bytes).await?);
-    }
-    Ok(scans)
+/// Scans every volume of the machine, the views taken at one instant where
+/// a quiesce command allows it (see `view::scan_together`), and what the
+/// set may claim.
+async fn scan_all(config: &AgentConfig) -> Result<Machine, Error> {
+    let configs: Vec<AgentConfig> = config
+        .volumes
+        .iter()
+        .map(|(_, path)| volume_config(config, path))
+        .collect();
+    scan_together(&configs, config.chunk_size_bytes).await
 }
+
+/// A machine's scans and the label their set may claim.
+type Machine = (Vec<Scan>, Consistency);
 
 /// The configuration of one volume: the machine's, with that volume's disk.
 fn volume_config(config: &AgentConfig, path: &Path) -> AgentConfig {
@@ -48,11 +54,12 @@ pub(crate) async fn once(
 ) -> Result<RunOutcome, Error> {
     let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
     let mut outcome = RunOutcome::default();
-    let mut next = Some(scan_all(config).await?);
-    let mut session = MachineSession::open(config, &names, next.as_deref().unwrap_or(&[])).await?;
+    let first = scan_all(config).await?;
+    let mut session = MachineSession::open(config, &names, &first.0).await?;
+    let mut next = Some(first);
     for _ in 0..ONCE_EPOCHS_MAX {
-        let scans = match next.take() {
-            Some(scans) => scans,
+        let (scans, label) = match next.take() {
+            Some(machine) => machine,
             None => scan_all(config).await?,
         };
         if session.head_root_id().is_some() && session.head_root_id() == scans_root(&names, &scans)
@@ -60,7 +67,7 @@ pub(crate) async fn once(
             session.close().await;
             return Ok(outcome);
         }
-        let report = session.epoch(config, scans).await?;
+        let report = session.epoch(config, scans, label).await?;
         on_epoch(&report);
         outcome.epochs.push(report);
     }
@@ -113,18 +120,18 @@ async fn sessions(
     backoff: &mut Duration,
 ) -> Result<Infallible, Error> {
     let first = scan_all(config).await?;
-    let mut session = MachineSession::open(config, names, &first).await?;
+    let mut session = MachineSession::open(config, names, &first.0).await?;
     let mut next = Some(first);
     loop {
         let scan_start = Instant::now();
-        let scans = match next.take() {
-            Some(scans) => scans,
+        let (scans, label) = match next.take() {
+            Some(machine) => machine,
             None => scan_all(config).await?,
         };
         let caught_up =
             session.head_root_id().is_some() && session.head_root_id() == scans_root(names, &scans);
         if !caught_up {
-            on_epoch(&session.epoch(config, scans).await?);
+            on_epoch(&session.epoch(config, scans, label).await?);
         }
         *backoff = Duration::from_millis(250);
         tokio::time::sleep_until((scan_start + config.interval).into()).await;

@@ -236,9 +236,15 @@ fn without_stalling_the_runtime<T>(work: impl FnOnce() -> T) -> T {
 
 /// Takes this epoch's view of the disk as `config.view` says and scans it.
 pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
-    let options = &config.view;
     let started = Instant::now();
-    let taken = match &options.mode {
+    let taken = take_view(config).await?;
+    scan_taken(config, taken, chunk_size_bytes, started).await
+}
+
+/// A view of the disk as `config.view` says, or `None` to read it live.
+async fn take_view(config: &AgentConfig) -> Result<Option<(View, u64, Consistency)>, Error> {
+    let options = &config.view;
+    Ok(match &options.mode {
         SnapshotMode::None => {
             if !options.learned.live_only.swap(true, Ordering::Relaxed) {
                 info!(
@@ -254,7 +260,16 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
             snapshot_cmd,
             release_cmd,
         } => Some(command_view(config, snapshot_cmd, release_cmd.as_deref()).await?),
-    };
+    })
+}
+
+/// Scans a view taken by [`take_view`] (the live disk for `None`).
+async fn scan_taken(
+    config: &AgentConfig,
+    taken: Option<(View, u64, Consistency)>,
+    chunk_size_bytes: u32,
+    started: Instant,
+) -> Result<Scan, Error> {
     let Some((view, started_unix_ms, consistency)) = taken else {
         return scan_live(config, chunk_size_bytes).await;
     };
@@ -269,6 +284,62 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
     })
     .await
     .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))?
+}
+
+/// Views of several disks (`configs`, one per disk, with the same view
+/// options) taken at one instant, then scanned, and what the set of them
+/// may claim. Views of several files or devices are not of one instant by
+/// themselves: only inside one run of the quiesce command, which must stop
+/// every write to all of the disks (each file system frozen, or the
+/// workload paused), are they one point in time; each view is then made
+/// without a quiesce of its own and the set is `quiesced`. Without a quiesce
+/// command, when it fails, or when a disk has to be read live, the views are
+/// taken one after the other and the set is `live`: never called consistent.
+pub(crate) async fn scan_together(
+    configs: &[AgentConfig],
+    chunk_size_bytes: u32,
+) -> Result<(Vec<Scan>, Consistency), Error> {
+    let Some(options) = configs.first().map(|c| &c.view) else {
+        return Ok((Vec::new(), Consistency::Live));
+    };
+    let started = Instant::now();
+    let unquiesced: Vec<AgentConfig> = configs
+        .iter()
+        .map(|config| {
+            let mut config = config.clone();
+            config.view.quiesce_cmd = None;
+            config.view.thaw_cmd = None;
+            config
+        })
+        .collect();
+    let one_instant = options.quiesce_cmd.is_some() && options.mode != SnapshotMode::None;
+    let (taken, quiesced) = if one_instant {
+        let (taken, quiesced) = with_quiesce(options, || async {
+            let mut taken = Vec::with_capacity(unquiesced.len());
+            for config in &unquiesced {
+                taken.push(take_view(config).await?);
+            }
+            Ok::<_, Error>(taken)
+        })
+        .await;
+        (taken?, quiesced)
+    } else {
+        let mut taken = Vec::with_capacity(configs.len());
+        for config in &unquiesced {
+            taken.push(take_view(config).await?);
+        }
+        (taken, false)
+    };
+    let label = if quiesced && taken.iter().all(Option::is_some) {
+        Consistency::Quiesced
+    } else {
+        Consistency::Live
+    };
+    let mut scans = Vec::with_capacity(taken.len());
+    for (config, view) in configs.iter().zip(taken) {
+        scans.push(scan_taken(config, view, chunk_size_bytes, started).await?);
+    }
+    Ok((scans, label))
 }
 
 /// A reflink view, or `None` where `auto` has to read live.

@@ -1,0 +1,168 @@
+//! Recovery points of a machine are one instant of all its disks: a writer
+//! appends numbered records alternately to two disks (record n to disk n mod
+//! 2, each write complete before the next starts) while the agent replicates
+//! them with reflink views taken inside one quiesce (the writer stopped);
+//! in every acknowledged recovery point the records form a prefix 0..k with
+//! no gap on either disk.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::*;
+use blockrep_testkit::ack_log::read_acks;
+use blockrep_testkit::loopfs::{FsKind, LoopMount, loop_fs_ready};
+
+const MIB: usize = 1 << 20;
+const RECORD: usize = 512;
+
+/// The writer: record n (n + 1, so that no record is zeros, repeated over
+/// its 512 bytes) at slot n / 2 of disk n mod 2, written and complete
+/// before record n + 1 starts.
+const WRITER: &str = r#"
+import os, sys, time
+a = os.open(sys.argv[1], os.O_WRONLY)
+b = os.open(sys.argv[2], os.O_WRONLY)
+n = 0
+limit = int(sys.argv[3])
+while n < limit:
+    record = (n + 1).to_bytes(8, "little") * 64
+    os.pwrite(a if n % 2 == 0 else b, record, (n // 2) * 512)
+    n += 1
+    if n % 16 == 0:
+        time.sleep(0.005)
+"#;
+
+/// How many records of `disk` (its index) are in place from the first slot:
+/// slot i of disk d holds record 2i + d, stored as 2i + d + 1.
+fn records_from_start(image: &[u8], disk: u64) -> u64 {
+    let mut count = 0;
+    for slot in image.chunks_exact(RECORD) {
+        let n = u64::from_le_bytes(slot[..8].try_into().unwrap());
+        if n != 2 * count + disk + 1 || slot[..8].repeat(64) != slot {
+            break;
+        }
+        count += 1;
+    }
+    count
+}
+
+/// Whether any record lies past the first `in_place` slots: a hole in the
+/// disk's sequence.
+fn records_after_gap(image: &[u8], in_place: u64) -> bool {
+    image
+        .chunks_exact(RECORD)
+        .skip(in_place as usize)
+        .any(|slot| slot.iter().any(|&b| b != 0))
+}
+
+#[test]
+fn every_machine_point_holds_a_prefix_of_records_written_alternately_to_two_disks() {
+    if !(loop_fs_ready("machine views on XFS", &["mkfs.xfs", "losetup", "mount"])
+        && have_tool("python3"))
+    {
+        return;
+    }
+    let xfs_dir = tempfile::tempdir().unwrap();
+    let xfs_image = xfs_dir.path().join("xfs.img");
+    std::fs::File::create(&xfs_image)
+        .unwrap()
+        .set_len(FsKind::Xfs.min_image_bytes())
+        .unwrap();
+    FsKind::Xfs.mkfs(&xfs_image);
+    let xfs = LoopMount::mount(&xfs_image, &xfs_dir.path().join("mnt"), false, "");
+    let disks = [xfs.path().join("a.raw"), xfs.path().join("b.raw")];
+    for disk in &disks {
+        std::fs::write(disk, vec![0u8; 4 * MIB]).unwrap();
+    }
+    let rig = rig(&["web"], &["--gc-interval", "off"]);
+    let script = rig.path("writer.py");
+    std::fs::write(&script, WRITER).unwrap();
+    // 8,192 records per disk fill 4 MiB: the writer runs until then, about
+    // five seconds at its pace.
+    let mut writer = std::process::Command::new("python3")
+        .arg(&script)
+        .args(&disks)
+        .arg("16384")
+        .spawn()
+        .unwrap();
+    let pid = writer.id();
+    // Stopped before the views are made, and only once it is stopped (a
+    // signal is delivered when the process next runs): no write after.
+    let quiesce = format!(
+        "kill -STOP {pid}; until grep -qE '^State:.*(T|Z)' /proc/{pid}/status 2>/dev/null \
+         || [ ! -e /proc/{pid} ]; do sleep 0.001; done"
+    );
+    let thaw = format!("kill -CONT {pid}");
+    let ack_log = rig.path("acks.log");
+    let a = format!("a={}", disks[0].display());
+    let b = format!("b={}", disks[1].display());
+    let mut agent = rig.spawn_agent(
+        Path::new(&a),
+        "web",
+        &[
+            "--disk",
+            &b,
+            "--snapshot",
+            "reflink",
+            "--quiesce-cmd",
+            &quiesce,
+            "--thaw-cmd",
+            &thaw,
+            "--interval",
+            "50ms",
+            "--ack-log",
+            ack_log.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(120), || read_acks(&ack_log).len() >= 8),
+        "fewer than 8 machine points: {:?}",
+        agent.lines()
+    );
+    let status = writer.wait().unwrap();
+    assert!(status.success());
+    agent.stop_cleanly();
+    assert!(
+        agent
+            .lines()
+            .iter()
+            .any(|l| l.contains("consistency=quiesced")),
+        "no quiesced point: {:?}",
+        agent.lines()
+    );
+
+    let acks = read_acks(&ack_log);
+    let mut checked = 0;
+    for ack in &acks {
+        let out = rig.path(&format!("point-{}", ack.epoch));
+        let export = std::process::Command::new(bin())
+            .args([
+                "export",
+                "--data",
+                rig.data().to_str().unwrap(),
+                "--root",
+                &ack.root,
+                "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_success(&export);
+        let a = std::fs::read(out.join("a.raw")).unwrap();
+        let b = std::fs::read(out.join("b.raw")).unwrap();
+        let (in_a, in_b) = (records_from_start(&a, 0), records_from_start(&b, 1));
+        assert!(
+            !records_after_gap(&a, in_a) && !records_after_gap(&b, in_b),
+            "epoch {}: a record after a gap ({in_a} on a, {in_b} on b)",
+            ack.epoch
+        );
+        // Record 2i (on a) is written before 2i + 1 (on b), before 2i + 2.
+        assert!(
+            in_a == in_b || in_a == in_b + 1,
+            "epoch {}: {in_a} records on a and {in_b} on b are no prefix of one sequence",
+            ack.epoch
+        );
+        checked += 1;
+    }
+    assert!(checked >= 8, "{checked} points checked");
+}
