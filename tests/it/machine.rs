@@ -589,3 +589,70 @@ fn a_continuous_machine_agent_follows_a_change_to_one_disk() {
         );
     }
 }
+
+#[test]
+fn a_server_killed_during_machine_epochs_keeps_every_machine_whole() {
+    let mut rig = rig(&["web"], &["--gc-interval", "off"]);
+    let mut disks = three_disks();
+    let web = SourceId::new("web").unwrap();
+    machine_agent_once(&rig, &disks);
+    // Every machine the agent was asked to commit, by machine root.
+    let mut states = vec![(machine_root(&disks), disks.clone())];
+    let mut rng = blockrep_testkit::SplitMix64::new(16);
+    // SIGKILLs swept from 10 to 129 ms after the agent starts, which on an
+    // idle machine lands before its commit, during it (about 70 ms: start,
+    // scan, send, commit) and after it.
+    for round in 1..=12 {
+        // Most of every disk rewritten: an epoch long enough to be killed in.
+        for (_, disk) in &mut disks {
+            let len = disk.len() * 3 / 4;
+            let at = rng.below((disk.len() - len) as u64) as usize;
+            disk[at..at + len].copy_from_slice(&random_bytes(len, rng.next_u64()));
+        }
+        states.push((machine_root(&disks), disks.clone()));
+        let args: Vec<String> = disks
+            .iter()
+            .map(|(name, disk)| {
+                let path = rig.disk(&format!("{name}.img"), disk);
+                format!("{name}={}", path.display())
+            })
+            .collect();
+        let mut agent = rig.spawn_agent(
+            Path::new(&args[0]),
+            "web",
+            &["--disk", &args[1], "--disk", &args[2], "--once"],
+        );
+        std::thread::sleep(Duration::from_millis(10 * round + rng.below(10)));
+        rig.server.kill();
+        blockrep_testkit::wait_exit(&mut agent, Duration::from_secs(60));
+        let listen = rig.server.addr.to_string();
+        rig.server = blockrep_testkit::ServerProcess::start_on(
+            &rig.bin,
+            &listen,
+            &rig.data(),
+            rig.pki.path(),
+            &["--gc-interval", "off"],
+        );
+        // The head is one of the machines asked for, every volume whole.
+        let store = Store::open_read_only(&rig.data()).unwrap();
+        let head = store.head(&web).unwrap().unwrap();
+        let (_, expected) = states
+            .iter()
+            .find(|(root, _)| *root == head.root)
+            .unwrap_or_else(|| panic!("round {round}: the head {} is no machine sent", head.root));
+        for (name, disk) in expected {
+            let out = rig.path(&format!("{name}.check"));
+            store.export_volume(&web, Some(name), &out).unwrap();
+            assert!(
+                std::fs::read(&out).unwrap() == *disk,
+                "round {round}: {name} is torn"
+            );
+        }
+        // And it converges once the server stays up.
+        machine_agent_once(&rig, &disks);
+    }
+    let store = Store::open_read_only(&rig.data()).unwrap();
+    assert_eq!(store.head(&web).unwrap().unwrap().root, states[12].0);
+    let report = store.verify(None, None).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
