@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::common::*;
-use blockrep_testkit::loopfs::{FsKind, LoopMount, loop_fs_ready};
+use blockrep_testkit::loopfs::{loop_fs_ready, scratch_xfs};
 use blockrep_testkit::random_bytes;
 use blockrep_testkit::scripts::{read_lines, write_script};
 use blockrep_testkit::wait_exit;
@@ -445,13 +445,7 @@ fn reflink_views_on_xfs_are_crash_consistent_and_leave_no_clone_behind() {
     // An XFS (which clones files) on a loop device; declared after its
     // directory, so it is unmounted and detached first, also on a panic.
     let xfs_dir = tempfile::tempdir().unwrap();
-    let xfs_image = xfs_dir.path().join("xfs.img");
-    std::fs::File::create(&xfs_image)
-        .unwrap()
-        .set_len(FsKind::Xfs.min_image_bytes())
-        .unwrap();
-    FsKind::Xfs.mkfs(&xfs_image);
-    let xfs = LoopMount::mount(&xfs_image, &xfs_dir.path().join("mnt"), false, "");
+    let xfs = scratch_xfs(xfs_dir.path());
     let disk = xfs.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(16 * MIB, 4)).unwrap();
     // A clone left by an agent killed before it could remove it.

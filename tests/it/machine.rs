@@ -90,15 +90,7 @@ fn a_machines_launch_serves_each_volume_over_nbd() {
     assert!(qemu.contains("wrote 65536"), "{qemu}");
     disks[2].1[2 * MIB..2 * MIB + 65536].fill(0x5a);
     for (volume, (name, disk)) in launch.volumes.iter().zip(&disks) {
-        let copy = work.path().join(format!("{name}.after"));
-        run_tool(
-            "nbdcopy",
-            &[volume.nbd_uri.as_deref().unwrap(), copy.to_str().unwrap()],
-        );
-        assert!(
-            std::fs::read(&copy).unwrap() == *disk,
-            "volume {name} after the write"
-        );
+        assert_export_is(volume, &work.path().join(format!("{name}.after")), disk);
     }
     // The CLI lists each volume's export under the launch.
     let output = cli(&server, &pki, &["launch", "list"]);
@@ -428,20 +420,43 @@ async fn open_machine_session(
     client
 }
 
-/// `blockrep agent --once` of a machine: each disk as `--disk NAME=PATH`.
-fn machine_agent_once(rig: &blockrep_testkit::AgentRig, disks: &[(&str, Vec<u8>)]) -> String {
-    let args: Vec<String> = disks
-        .iter()
-        .map(|(name, disk)| {
-            let path = rig.disk(&format!("{name}.img"), disk);
-            format!("{name}={}", path.display())
-        })
+/// Writes each disk to `NAME.img` in the rig's work directory: the
+/// agent's arguments for them, `--disk NAME=PATH` each, and the first
+/// disk's value (which the rig puts first).
+fn machine_disk_args(
+    rig: &blockrep_testkit::AgentRig,
+    disks: &[(&str, Vec<u8>)],
+) -> (String, Vec<String>) {
+    let mut values = disks.iter().map(|(name, disk)| {
+        let path = rig.disk(&format!("{name}.img"), disk);
+        format!("{name}={}", path.display())
+    });
+    let first = values.next().unwrap();
+    let rest = values
+        .flat_map(|value| ["--disk".to_owned(), value])
         .collect();
-    let mut extra = Vec::new();
-    for arg in &args[1..] {
-        extra.extend(["--disk", arg.as_str()]);
-    }
-    let output = rig.agent_once(Path::new(&args[0]), "web", &extra);
+    (first, rest)
+}
+
+/// Starts `blockrep agent` for source `web` on every disk of `disks`, with
+/// `extra` arguments.
+fn spawn_machine_agent(
+    rig: &blockrep_testkit::AgentRig,
+    disks: &[(&str, Vec<u8>)],
+    extra: &[&str],
+) -> blockrep_testkit::AgentProcess {
+    let (first, mut rest) = machine_disk_args(rig, disks);
+    rest.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    rig.spawn_agent(Path::new(&first), "web", &rest)
+}
+
+/// `blockrep agent --once` of a machine, which must succeed; its standard
+/// output.
+fn machine_agent_once(rig: &blockrep_testkit::AgentRig, disks: &[(&str, Vec<u8>)]) -> String {
+    let (first, rest) = machine_disk_args(rig, disks);
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let output = rig.agent_once(Path::new(&first), "web", &rest);
     assert_success(&output);
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -500,15 +515,7 @@ fn an_agent_of_three_disks_replicates_them_as_one_machine() {
             "export of {name} differs"
         );
         if have_tool("nbdcopy") {
-            let copy = rig.path(&format!("{name}.launch"));
-            run_tool(
-                "nbdcopy",
-                &[volume.nbd_uri.as_deref().unwrap(), copy.to_str().unwrap()],
-            );
-            assert!(
-                std::fs::read(&copy).unwrap() == *disk,
-                "launch of {name} differs"
-            );
+            assert_export_is(volume, &rig.path(&format!("{name}.launch")), disk);
         }
     }
 }
@@ -549,25 +556,7 @@ fn machine_root(disks: &[(&str, Vec<u8>)]) -> blockrep_core::ChunkId {
 fn a_continuous_machine_agent_follows_a_change_to_one_disk() {
     let rig = nbd_rig(&["web"]);
     let mut disks = three_disks();
-    let args: Vec<String> = disks
-        .iter()
-        .map(|(name, disk)| {
-            let path = rig.disk(&format!("{name}.img"), disk);
-            format!("{name}={}", path.display())
-        })
-        .collect();
-    let mut agent = rig.spawn_agent(
-        Path::new(&args[0]),
-        "web",
-        &[
-            "--disk",
-            &args[1],
-            "--disk",
-            &args[2],
-            "--interval",
-            "200ms",
-        ],
-    );
+    let mut agent = spawn_machine_agent(&rig, &disks, &["--interval", "200ms"]);
     let first = machine_root(&disks).to_hex();
     agent.wait_for_root(&first, Duration::from_secs(60), "the first machine epoch");
     // One disk changes under the running agent.
@@ -610,18 +599,7 @@ fn a_server_killed_during_machine_epochs_keeps_every_machine_whole() {
             disk[at..at + len].copy_from_slice(&random_bytes(len, rng.next_u64()));
         }
         states.push((machine_root(&disks), disks.clone()));
-        let args: Vec<String> = disks
-            .iter()
-            .map(|(name, disk)| {
-                let path = rig.disk(&format!("{name}.img"), disk);
-                format!("{name}={}", path.display())
-            })
-            .collect();
-        let mut agent = rig.spawn_agent(
-            Path::new(&args[0]),
-            "web",
-            &["--disk", &args[1], "--disk", &args[2], "--once"],
-        );
+        let mut agent = spawn_machine_agent(&rig, &disks, &["--once"]);
         std::thread::sleep(Duration::from_millis(10 * round + rng.below(10)));
         rig.server.kill();
         blockrep_testkit::wait_exit(&mut agent, Duration::from_secs(60));
@@ -655,4 +633,16 @@ fn a_server_killed_during_machine_epochs_keeps_every_machine_whole() {
     assert_eq!(store.head(&web).unwrap().unwrap().root, states[12].0);
     let report = store.verify(None, None).unwrap();
     assert!(report.is_clean(), "{report:?}");
+}
+
+/// Copies a launch volume's NBD export to `copy` with nbdcopy; it must equal
+/// `disk`.
+fn assert_export_is(volume: &blockrep_server::LaunchVolumeView, copy: &Path, disk: &[u8]) {
+    let uri = volume.nbd_uri.as_deref().unwrap();
+    run_tool("nbdcopy", &[uri, copy.to_str().unwrap()]);
+    assert!(
+        std::fs::read(copy).unwrap() == disk,
+        "volume {} read through {uri} differs from its disk",
+        volume.name
+    );
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use blockrep_testkit::ack_log::read_acks;
-use blockrep_testkit::loopfs::{FsKind, LoopMount, loop_fs_ready};
+use blockrep_testkit::loopfs::{loop_fs_ready, scratch_xfs};
 
 const MIB: usize = 1 << 20;
 const RECORD: usize = 512;
@@ -63,13 +63,7 @@ fn every_machine_point_holds_a_prefix_of_records_written_alternately_to_two_disk
         return;
     }
     let xfs_dir = tempfile::tempdir().unwrap();
-    let xfs_image = xfs_dir.path().join("xfs.img");
-    std::fs::File::create(&xfs_image)
-        .unwrap()
-        .set_len(FsKind::Xfs.min_image_bytes())
-        .unwrap();
-    FsKind::Xfs.mkfs(&xfs_image);
-    let xfs = LoopMount::mount(&xfs_image, &xfs_dir.path().join("mnt"), false, "");
+    let xfs = scratch_xfs(xfs_dir.path());
     let disks = [xfs.path().join("a.raw"), xfs.path().join("b.raw")];
     for disk in &disks {
         std::fs::write(disk, vec![0u8; 4 * MIB]).unwrap();

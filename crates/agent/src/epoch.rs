@@ -1,7 +1,7 @@
 //! One session with the server: connect, learn the head, then run epochs.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use blockrep_core::{ChunkId, Consistency, Geometry, Root, changed_chunks, changed_pages};
 use std::collections::HashSet;
@@ -145,32 +145,14 @@ impl<S: Transport> Session<S> {
             }
             Some(root)
         };
-        let head_ids = head_root
-            .is_none()
-            .then(|| vec![ChunkId::ZERO; geometry.chunk_count() as usize]);
-        Ok(Self {
-            final_epoch: false,
-            cutover_requested: false,
-            cutover_ready: None,
-            connection,
-            geometry,
-            head_epoch,
-            head_ids,
-            head_root,
-            nonce,
-            ack_log: config.ack_log.clone(),
-            patches: config.patches,
-            capture: config.capture.clone(),
-            step_roots: Vec::new(),
-            volume_of_machine: false,
-            deferred: None,
-        })
+        Ok(Self::assemble(
+            connection, config, nonce, head_epoch, geometry, head_root,
+        ))
     }
 
-    /// A session of a machine's volumes on a connection past its
-    /// `MachineWelcome`: `geometry` and `head_root` are the first volume's;
-    /// the machine swaps in the others' ([`Session::swap_volume`]).
-    pub(crate) fn for_machine(
+    /// A session on a connection past its welcome, for one disk of
+    /// `geometry` whose head root (if any) is `head_root`.
+    fn assemble(
         connection: Connection<S>,
         config: &AgentConfig,
         nonce: [u8; blockrep_proto::NONCE_LEN],
@@ -192,14 +174,33 @@ impl<S: Transport> Session<S> {
             head_root,
             nonce,
             ack_log: config.ack_log.clone(),
-            // Patches ask the server for block values of the selected
-            // volume's chunks; kept for single disks until machines do too.
-            patches: false,
-            capture: None,
+            patches: config.patches,
+            capture: config.capture.clone(),
             step_roots: Vec::new(),
-            volume_of_machine: true,
+            volume_of_machine: false,
             deferred: None,
         }
+    }
+
+    /// A session of a machine's volumes on a connection past its
+    /// `MachineWelcome`: `geometry` and `head_root` are the first volume's;
+    /// the machine swaps in the others' ([`Session::swap_volume`]).
+    pub(crate) fn for_machine(
+        connection: Connection<S>,
+        config: &AgentConfig,
+        nonce: [u8; blockrep_proto::NONCE_LEN],
+        head_epoch: u64,
+        geometry: Geometry,
+        head_root: Option<Root>,
+    ) -> Self {
+        let mut session =
+            Self::assemble(connection, config, nonce, head_epoch, geometry, head_root);
+        // Patches ask the server for block values of the selected volume's
+        // chunks; kept for single disks until machines do too.
+        session.patches = false;
+        session.capture = None;
+        session.volume_of_machine = true;
+        session
     }
 
     /// Swaps the volume this session works on with the one in `volume`
@@ -495,23 +496,7 @@ impl<S: Transport> Session<S> {
                 bytes_pending,
             })
             .await?;
-        let mut report = EpochReport {
-            epoch: self.head_epoch,
-            root: ChunkId::ZERO,
-            chunks_sent: 0,
-            zero_chunks_sent: 0,
-            ref_chunks_sent: 0,
-            bytes_sent: 0,
-            raw_bytes_sent: 0,
-            patches_sent: 0,
-            patch_bytes_sent: 0,
-            block_values_bytes_received: 0,
-            server_chunks_received: 0,
-            server_chunks_stored: 0,
-            scan_duration: scan.duration,
-            transfer_duration: Duration::ZERO,
-            consistency: scan.consistency,
-        };
+        let mut report = EpochReport::nothing_yet(self.head_epoch, scan.duration, scan.consistency);
         if changed.is_empty() && self.head_root.is_some() {
             // Idle: the server acknowledges without writing; the epoch stays.
             let view = self.head_ids.clone().unwrap_or_default();

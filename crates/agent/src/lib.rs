@@ -240,3 +240,31 @@ pub struct EpochReport {
     /// How the scanned view was taken: what the committed root holds.
     pub consistency: blockrep_core::Consistency,
 }
+
+impl EpochReport {
+    /// A report of nothing sent yet, for the epoch after `epoch`, whose
+    /// views claim `consistency`.
+    pub(crate) fn nothing_yet(
+        epoch: u64,
+        scan_duration: Duration,
+        consistency: blockrep_core::Consistency,
+    ) -> Self {
+        Self {
+            epoch,
+            root: ChunkId::ZERO,
+            chunks_sent: 0,
+            zero_chunks_sent: 0,
+            ref_chunks_sent: 0,
+            bytes_sent: 0,
+            raw_bytes_sent: 0,
+            patches_sent: 0,
+            patch_bytes_sent: 0,
+            block_values_bytes_received: 0,
+            server_chunks_received: 0,
+            server_chunks_stored: 0,
+            scan_duration,
+            transfer_duration: Duration::ZERO,
+            consistency,
+        }
+    }
+}

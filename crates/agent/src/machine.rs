@@ -177,23 +177,7 @@ impl<S: Transport> MachineSession<S> {
     ) -> Result<EpochReport, Error> {
         let started = Instant::now();
         let scan_started_unix_ms = scans.iter().map(|s| s.started_unix_ms).min().unwrap_or(0);
-        let mut total = EpochReport {
-            epoch: 0,
-            root: ChunkId::ZERO,
-            chunks_sent: 0,
-            zero_chunks_sent: 0,
-            ref_chunks_sent: 0,
-            bytes_sent: 0,
-            raw_bytes_sent: 0,
-            patches_sent: 0,
-            patch_bytes_sent: 0,
-            block_values_bytes_received: 0,
-            server_chunks_received: 0,
-            server_chunks_stored: 0,
-            scan_duration: Duration::ZERO,
-            transfer_duration: Duration::ZERO,
-            consistency,
-        };
+        let mut total = EpochReport::nothing_yet(0, Duration::ZERO, consistency);
         let mut views = Vec::with_capacity(scans.len());
         for (index, scan) in scans.into_iter().enumerate() {
             let geometry = scan.geometry;

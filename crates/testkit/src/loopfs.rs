@@ -176,6 +176,19 @@ impl Drop for LoopMount {
     }
 }
 
+/// An empty XFS (which clones files with `FICLONE`, as reflink views need)
+/// of the smallest size, in an image file in `dir`, on a loop device and
+/// mounted at `dir/mnt`. Keep `dir` alive longer than the mount.
+pub fn scratch_xfs(dir: &Path) -> LoopMount {
+    let image = dir.join("xfs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(FsKind::Xfs.min_image_bytes())
+        .unwrap();
+    FsKind::Xfs.mkfs(&image);
+    LoopMount::mount(&image, &dir.join("mnt"), false, "")
+}
+
 /// An outer XFS file system (reflink enabled) on a loop device, holding a
 /// source image that itself carries an inner file system of `inner` kind,
 /// attached with its own loop device and mounted. The outer file system can

@@ -419,12 +419,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .working(committing)
                 .await
                 .map_err(internal)?
-                .map_err(|e| match e.kind() {
-                    blockrep_store::ErrorKind::EpochMismatch => {
-                        Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
-                    }
-                    _ => internal(format!("commit failed, nothing committed: {e}")),
-                })?;
+                .map_err(commit_failed)?;
             pages_stored = stats.pages_stored;
             replica.committed(epoch, committed_page_ids);
         }
@@ -508,6 +503,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))
+    }
+}
+
+/// Why a commit of the store failed, as the session ends on it: another
+/// writer moved the head (`EpochMismatch`), or anything else, internal.
+pub(super) fn commit_failed(e: blockrep_store::Error) -> Outcome {
+    match e.kind() {
+        blockrep_store::ErrorKind::EpochMismatch => {
+            Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
+        }
+        _ => internal(format!("commit failed, nothing committed: {e}")),
     }
 }
 

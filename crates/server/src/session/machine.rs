@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
-use super::epoch::{EpochCounters, commit_is_unchanged};
+use super::epoch::{EpochCounters, commit_failed, commit_is_unchanged};
 use super::labels::commit_label;
 use super::references::{References, new_nonce};
 use super::replica::Replica;
@@ -277,12 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .working(committing)
                 .await
                 .map_err(internal)?
-                .map_err(|e| match e.kind() {
-                    blockrep_store::ErrorKind::EpochMismatch => {
-                        Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
-                    }
-                    _ => internal(format!("commit failed, nothing committed: {e}")),
-                })?;
+                .map_err(commit_failed)?;
             for (replica, (root, _)) in replicas.iter_mut().zip(&built) {
                 replica.committed(commit.epoch, root.page_ids().to_vec());
             }
