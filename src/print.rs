@@ -85,6 +85,19 @@ pub(crate) fn sources(sources: &[SourceView]) {
     if sources.is_empty() {
         println!("(no sources yet)");
     }
+    for s in sources.iter().filter(|s| !s.volumes.is_empty()) {
+        let volumes: Vec<String> = s
+            .volumes
+            .iter()
+            .map(|v| format!("{} {}", v.name, human_bytes(v.disk_size_bytes)))
+            .collect();
+        println!(
+            "{}: machine of {} volumes: {}",
+            s.source,
+            volumes.len(),
+            volumes.join(", ")
+        );
+    }
     for s in sources {
         if let Some(c) = &s.capture {
             println!(

@@ -473,6 +473,32 @@ fn an_agent_of_three_disks_replicates_them_as_one_machine() {
         .unwrap()
         .unwrap();
     assert_eq!(head.consistency, blockrep_core::Consistency::Live);
+    // Status, the API and the metrics show each volume with its size.
+    let view = admin_source(rig.admin(), "web").unwrap();
+    let volumes: Vec<(String, u64)> = view
+        .volumes
+        .iter()
+        .map(|v| (v.name.clone(), v.disk_size_bytes))
+        .collect();
+    let sizes: Vec<(String, u64)> = disks
+        .iter()
+        .map(|(name, disk)| ((*name).to_owned(), disk.len() as u64))
+        .collect();
+    assert_eq!(volumes, sizes);
+    assert_eq!(
+        view.disk_size_bytes,
+        sizes.iter().map(|(_, s)| s).sum::<u64>()
+    );
+    let exposition = metrics(&rig.server);
+    for (name, size) in &sizes {
+        let sample =
+            format!("blockrep_volume_size_bytes{{source=\"web\",volume=\"{name}\"}} {size}");
+        assert!(exposition.contains(&sample), "{sample} not in the metrics");
+    }
+    let status = cli(&rig.server, &rig.pki, &["status"]);
+    assert_success(&status);
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(table.contains("web: machine of 3 volumes: boot"), "{table}");
 
     // Two disks change; the next run sends only their changed chunks.
     disks[0].1[3 * MIB..3 * MIB + 70_000].fill(3);

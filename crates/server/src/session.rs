@@ -306,6 +306,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             record.last_contact_unix_ms = now;
             record.disk_size_bytes = disk_size_bytes;
             record.chunk_size_bytes = chunk_size_bytes;
+            record.volumes.clear();
         });
         info!(source = %self.source, peer = %self.peer, head_epoch = replica.head_epoch,
               disk_size_bytes, chunk_size_bytes, "session started");

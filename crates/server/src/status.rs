@@ -62,6 +62,13 @@ impl SourceState {
     }
 }
 
+/// One volume of a machine, as the admin API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeView {
+    pub name: String,
+    pub disk_size_bytes: u64,
+}
+
 /// A source as the admin API reports it (`GET /v1/sources`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceView {
@@ -74,8 +81,13 @@ pub struct SourceView {
     /// `live`; `None` before the first commit.
     #[serde(default)]
     pub consistency: Option<String>,
+    /// The sum of a machine's volumes.
     pub disk_size_bytes: u64,
     pub chunk_size_bytes: u32,
+    /// A machine's volumes, by name with their sizes; empty for a source of
+    /// one disk.
+    #[serde(default)]
+    pub volumes: Vec<VolumeView>,
     /// Now minus the scan start of the last complete commit (the RPO now);
     /// `None` during the initial sync.
     pub lag_seconds: Option<f64>,
@@ -152,6 +164,9 @@ pub(crate) struct SourceRecord {
     pub consistency: Option<Consistency>,
     pub disk_size_bytes: u64,
     pub chunk_size_bytes: u32,
+    /// A machine's volumes (name, size in bytes), as its agent last said;
+    /// empty for a single disk.
+    pub volumes: Vec<(String, u64)>,
     pub synced_scan_started_unix_ms: u64,
     pub last_commit_unix_ms: u64,
     pub max_replication_time_ms: u64,
@@ -252,6 +267,14 @@ impl SourceRecord {
             consistency: self.consistency.map(|c| c.as_str().to_owned()),
             disk_size_bytes: self.disk_size_bytes,
             chunk_size_bytes: self.chunk_size_bytes,
+            volumes: self
+                .volumes
+                .iter()
+                .map(|(name, size)| VolumeView {
+                    name: name.clone(),
+                    disk_size_bytes: *size,
+                })
+                .collect(),
             lag_seconds: self.lag_ms(now).map(|ms| ms as f64 / 1000.0),
             rpo_target_seconds: self.rpo_target(thresholds).as_secs_f64(),
             max_replication_time_seconds: self.max_replication_time_ms as f64 / 1000.0,

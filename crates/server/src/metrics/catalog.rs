@@ -426,6 +426,17 @@ pub(crate) fn render(scrape: &Scrape) -> String {
         each(&|r| Value::Int(r.epochs_committed_total)),
     );
     x.family(
+        "blockrep_volume_size_bytes",
+        "gauge",
+        "Size of each volume of a machine (a source of several disks), as its agent last said.",
+    );
+    for (source, record) in sources {
+        for (volume, size) in &record.volumes {
+            let labels = [("source", source.as_str()), ("volume", volume.as_str())];
+            x.sample("blockrep_volume_size_bytes", &labels, Value::Int(*size));
+        }
+    }
+    x.family(
         "blockrep_source_state",
         "gauge",
         "Replication state of the source: 1 for the current state, 0 for the others.",

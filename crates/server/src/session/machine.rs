@@ -118,6 +118,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             record.last_contact_unix_ms = now;
             record.disk_size_bytes = disk_size_bytes;
             record.chunk_size_bytes = chunk_size_bytes;
+            record.volumes = names
+                .iter()
+                .zip(&geometries)
+                .map(|(name, g)| (name.to_string(), g.disk_size_bytes()))
+                .collect();
         });
         info!(source = %self.source, peer = %self.peer, head_epoch, volumes = names.len(),
               disk_size_bytes, chunk_size_bytes, "machine session started");
