@@ -18,6 +18,11 @@ pub(crate) struct AgentArgs {
     /// the file name: `/dev/sdb` is `sdb`).
     #[arg(long, required = true, value_name = "[NAME=]PATH")]
     pub(crate) disk: Vec<String>,
+    /// Let the replica of a machine drop the volumes it has and the --disk
+    /// list no longer names (without it the server refuses the session,
+    /// naming the missing volume). Their data stays in older snapshots.
+    #[arg(long)]
+    pub(crate) allow_volume_removal: bool,
     /// Replication server, host:port.
     #[arg(long)]
     pub(crate) to: String,

@@ -84,6 +84,7 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     }
     let mut config = AgentConfig::new(disk, args.to.clone(), source, ca_path, cert_path, key_path);
     config.volumes = volumes;
+    config.allow_volume_removal = args.allow_volume_removal;
     config.chunk_size_bytes = chunk_size_bytes;
     config.compression = match args.compress {
         CompressArg::Auto => Compression::Auto,

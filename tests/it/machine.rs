@@ -414,6 +414,7 @@ async fn open_machine_session(
                 .iter()
                 .map(|(name, disk)| (VolumeName::new(name).unwrap(), disk.len() as u64))
                 .collect(),
+            allow_volume_removal: false,
         })
         .await
         .unwrap();
@@ -671,4 +672,37 @@ fn assert_export_is(volume: &blockrep_server::LaunchVolumeView, copy: &Path, dis
         "volume {} read through {uri} differs from its disk",
         volume.name
     );
+}
+
+#[test]
+fn a_disk_leaves_a_machine_only_when_its_removal_is_allowed() {
+    let rig = nbd_rig(&["web"]);
+    let disks = three_disks();
+    machine_agent_once(&rig, &disks);
+    let before = create_snapshot(&rig.server, "web", "three");
+    let (first, rest) = machine_disk_args(&rig, &disks[..2]);
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let refused = rig.agent_once(Path::new(&first), "web", &rest);
+    assert!(!refused.status.success(), "a volume was dropped silently");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("volume log") && stderr.contains("--allow-volume-removal"),
+        "{stderr}"
+    );
+    let mut allowed = rest.clone();
+    allowed.push("--allow-volume-removal");
+    assert_success(&rig.agent_once(Path::new(&first), "web", &allowed));
+    let store = Store::open_read_only(&rig.data()).unwrap();
+    let web = SourceId::new("web").unwrap();
+    let head = store.head(&web).unwrap().unwrap();
+    let names: Vec<String> = store
+        .volume_roots(&head.root)
+        .unwrap()
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    assert_eq!(names, ["boot", "data"]);
+    // The snapshot taken before still holds all three.
+    let snapshot = store.snapshot(&web, &before.name).unwrap().unwrap();
+    assert_eq!(store.volume_roots(&snapshot.root).unwrap().len(), 3);
 }

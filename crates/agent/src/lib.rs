@@ -74,6 +74,9 @@ pub struct AgentConfig {
     /// A machine's disks by volume name, replicated as one source with one
     /// recovery point for all; empty for a single disk (`disk`).
     pub volumes: Vec<(blockrep_core::VolumeName, PathBuf)>,
+    /// A machine's volumes that the replica has and `volumes` lacks may be
+    /// dropped from it (else the server refuses the session).
+    pub allow_volume_removal: bool,
     /// `host:port` of the replication server.
     pub server: String,
     /// This source's id; must match the id in the certificate.
@@ -145,6 +148,7 @@ impl AgentConfig {
         Self {
             disk,
             volumes: Vec::new(),
+            allow_volume_removal: false,
             server,
             source,
             ca_path,

@@ -64,18 +64,22 @@ impl<S: Transport> MachineSession<S> {
                 .zip(&geometries)
                 .map(|(name, g)| (name.clone(), g.disk_size_bytes()))
                 .collect(),
+            allow_volume_removal: config.allow_volume_removal,
         };
         let welcome = async {
             connection.send(&hello).await?;
             connection.flush().await?;
             connection.recv().await
         };
-        let (head_epoch, nonce) = match welcome.await {
+        let (head_epoch, nonce, head) = match welcome.await {
             Ok(Message::MachineWelcome {
                 version,
                 nonce,
                 head_epoch,
-            }) if version == PROTOCOL_VERSION => (head_epoch, nonce),
+                head_root,
+            }) if version == PROTOCOL_VERSION => {
+                (head_epoch, nonce, Some(head_root).filter(|r| !r.is_zero()))
+            }
             Ok(other) => {
                 return Err(Error::Protocol(format!(
                     "expected MachineWelcome of version {PROTOCOL_VERSION}, got {}",
@@ -121,10 +125,6 @@ impl<S: Transport> MachineSession<S> {
                 head_root,
             });
         }
-        let head = machine_root_of(
-            names,
-            volumes.iter().map(|v| v.head_root.as_ref().map(Root::id)),
-        );
         // The first volume starts as the session's own.
         let first = &mut volumes[0];
         let session = Session::for_machine(

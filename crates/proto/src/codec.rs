@@ -95,6 +95,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             source,
             chunk_size_bytes,
             volumes,
+            allow_volume_removal,
         } => {
             out.put_u16_le(*version_min);
             out.put_u16_le(*version_max);
@@ -105,15 +106,18 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
                 put_short_string(out, name.as_str());
                 out.put_u64_le(*size);
             }
+            out.put_u8(u8::from(*allow_volume_removal));
         }
         Message::MachineWelcome {
             version,
             nonce,
             head_epoch,
+            head_root,
         } => {
             out.put_u16_le(*version);
             out.put_slice(nonce);
             out.put_u64_le(*head_epoch);
+            out.put_slice(head_root.as_bytes());
         }
         Message::VolumeHead { index, root } => {
             out.put_u16_le(*index);
@@ -509,12 +513,14 @@ fn decode_body(type_byte: u8, body: &mut Bytes) -> Result<Message, ProtoError> {
                 source,
                 chunk_size_bytes,
                 volumes,
+                allow_volume_removal: r.flag("volume removal flag")?,
             }
         }
         MessageType::MachineWelcome => Message::MachineWelcome {
             version: r.u16("version")?,
             nonce: r.id("nonce")?.0,
             head_epoch: r.u64("epoch")?,
+            head_root: r.id("head root")?,
         },
         MessageType::VolumeHead => {
             let index = r.u16("volume index")?;

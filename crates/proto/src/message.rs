@@ -341,14 +341,22 @@ pub enum Message {
         source: SourceId,
         chunk_size_bytes: u32,
         volumes: Vec<(VolumeName, u64)>,
+        /// The operator allows volumes the head has and `volumes` lacks to
+        /// be dropped from the machine (`--allow-volume-removal`); without
+        /// it such a session is refused. One byte on the wire, 0 or 1.
+        allow_volume_removal: bool,
     },
     /// Server -> agent, the answer to `MachineHello`: chosen version, the
-    /// session's nonce and the machine's head epoch; one `VolumeHead` per
-    /// volume follows.
+    /// session's nonce, the machine's head epoch and root; one `VolumeHead`
+    /// per volume follows.
     MachineWelcome {
         version: u16,
         nonce: [u8; NONCE_LEN],
         head_epoch: u64,
+        /// The root the head names (a machine root, or a single disk's
+        /// root); the zero id without a head. An agent whose volumes make
+        /// this root has nothing to commit.
+        head_root: ChunkId,
     },
     /// Server -> agent, after `MachineWelcome`: the encoded
     /// [`blockrep_core::Root`] volume `index` has in the head; empty for a

@@ -263,9 +263,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 source,
                 chunk_size_bytes,
                 volumes,
+                allow_volume_removal,
             } => {
                 let version = self.check_hello(version_min, version_max, &source)?;
-                return self.serve_machine(version, chunk_size_bytes, volumes).await;
+                return self
+                    .serve_machine(version, chunk_size_bytes, volumes, allow_volume_removal)
+                    .await;
             }
             other => {
                 return Err(Reject::new(

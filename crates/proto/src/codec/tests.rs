@@ -107,9 +107,10 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             any::<u16>(),
             "[a-z0-9][a-z0-9._-]{0,20}",
             any::<u32>(),
-            proptest::collection::vec(("[a-z0-9][a-z0-9_-]{0,12}", any::<u64>()), 0..5)
+            proptest::collection::vec(("[a-z0-9][a-z0-9_-]{0,12}", any::<u64>()), 0..5),
+            any::<bool>()
         )
-            .prop_filter_map("valid names", |(v, s, c, volumes)| {
+            .prop_filter_map("valid names", |(v, s, c, volumes, removal)| {
                 Some(Message::MachineHello {
                     version_min: v,
                     version_max: v,
@@ -119,15 +120,17 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                         .into_iter()
                         .map(|(n, size)| Some((VolumeName::new(&n).ok()?, size)))
                         .collect::<Option<_>>()?,
+                    allow_volume_removal: removal,
                 })
             }),
-        (any::<u16>(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(v, n, e)| {
-            Message::MachineWelcome {
+        (any::<u16>(), any::<[u8; 32]>(), any::<u64>(), id_strategy()).prop_map(
+            |(v, n, e, head_root)| Message::MachineWelcome {
                 version: v,
                 nonce: n,
                 head_epoch: e,
+                head_root,
             }
-        }),
+        ),
         (any::<u16>(), bytes(200)).prop_map(|(index, root)| Message::VolumeHead { index, root }),
         any::<u16>().prop_map(|index| Message::SelectVolume { index }),
         proptest::collection::vec(id_strategy(), 0..20).prop_map(|ids| Message::Offer { ids }),
@@ -496,6 +499,7 @@ fn a_machine_hello_of_too_many_volumes_is_refused() {
             source: SourceId::new("web").unwrap(),
             chunk_size_bytes: 4096,
             volumes,
+            allow_volume_removal: false,
         },
         &mut out,
     );

@@ -4,8 +4,9 @@
 //! `Commit` naming the machine root of all volumes, which the store commits
 //! at once (every volume or none).
 //!
-//! A volume the head has and the agent does not is refused (removing a disk
-//! from a machine is not done silently); a volume the agent has and the head
+//! A volume the head has and the agent does not is refused unless the agent
+//! allows its removal (`--allow-volume-removal`; a disk is never dropped
+//! silently); a volume the agent has and the head
 //! does not starts empty, so only it is synced in full; a volume whose size
 //! changed is refused with both sizes. A single-disk head continues as a
 //! machine whose volume is called `disk`. Cutover and failback of machines
@@ -50,6 +51,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         version: u16,
         chunk_size_bytes: u32,
         volumes: Vec<(VolumeName, u64)>,
+        allow_volume_removal: bool,
     ) -> Result<Infallible, Outcome> {
         let mut geometries = Vec::with_capacity(volumes.len());
         for (name, size) in &volumes {
@@ -73,7 +75,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.active = Some(Arc::clone(&slot.session));
         let _slot = slot;
         self.check_tenant().await?;
-        let (head_epoch, head_root, heads) = self.load_machine(&names, &geometries).await?;
+        let (head_epoch, head_root, heads) = self
+            .load_machine(&names, &geometries, allow_volume_removal)
+            .await?;
         self.machine_head = head_root;
         let nonce = new_nonce()?;
         let mut replicas = Vec::with_capacity(heads.len());
@@ -100,6 +104,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             version,
             nonce,
             head_epoch,
+            head_root: head_root.unwrap_or(ChunkId::ZERO),
         });
         for (index, root) in head_roots.into_iter().enumerate() {
             // At most VOLUMES_MAX volumes, checked above: the index fits.
@@ -138,6 +143,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &self,
         names: &[VolumeName],
         geometries: &[Geometry],
+        allow_volume_removal: bool,
     ) -> Result<(u64, Option<ChunkId>, Vec<VolumeHead>), Outcome> {
         let store = Arc::clone(&self.shared.store);
         let source = self.source.clone();
@@ -159,15 +165,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            if let Some((gone, _)) = volumes
+            let gone = volumes
                 .iter()
-                .find(|(n, _)| !wanted.iter().any(|(w, _)| w == n))
-            {
+                .find(|(n, _)| !wanted.iter().any(|(w, _)| w == n));
+            if let Some((gone, _)) = gone.filter(|_| !allow_volume_removal) {
                 return Ok(Err(Reject::new(
                     ErrorCode::GeometryMismatch,
                     format!(
                         "volume {gone} of source {source} is not among the agent's disks ({}): \
-                         removing a volume from a machine is refused",
+                         removing a volume from a machine is refused without --allow-volume-removal",
                         listed()
                     ),
                 )));
