@@ -280,17 +280,7 @@ async fn send_machine_epoch(
         ));
     }
     let machine = MachineRoot::new(roots).unwrap().id();
-    client
-        .send(&Message::Commit {
-            epoch,
-            root: machine,
-            scan_started_unix_ms: 1,
-            complete: true,
-            last: false,
-            consistency: blockrep_core::Consistency::Live,
-        })
-        .await
-        .unwrap();
+    client.send(&complete_commit(epoch, machine)).await.unwrap();
     machine
 }
 
@@ -340,17 +330,7 @@ async fn a_machine_session_commits_every_volume_at_once_and_goes_on_from_its_hea
     assert_eq!(again, second);
     expect_machine_committed(&mut client, 2, second).await;
     // A commit whose root the chunks do not give is refused, nothing committed.
-    client
-        .send(&blockrep_proto::Message::Commit {
-            epoch: 3,
-            root: first,
-            scan_started_unix_ms: 1,
-            complete: true,
-            last: false,
-            consistency: blockrep_core::Consistency::Live,
-        })
-        .await
-        .unwrap();
+    client.send(&complete_commit(3, first)).await.unwrap();
     let refused = expect_refusal(&mut client).await;
     assert!(refused.contains("machine root"), "{refused}");
     drop(client);
@@ -705,4 +685,16 @@ fn a_disk_leaves_a_machine_only_when_its_removal_is_allowed() {
     // The snapshot taken before still holds all three.
     let snapshot = store.snapshot(&web, &before.name).unwrap().unwrap();
     assert_eq!(store.volume_roots(&snapshot.root).unwrap().len(), 3);
+}
+
+/// A complete, live `Commit` of `epoch` naming `root`.
+fn complete_commit(epoch: u64, root: blockrep_core::ChunkId) -> blockrep_proto::Message {
+    blockrep_proto::Message::Commit {
+        epoch,
+        root,
+        scan_started_unix_ms: 1,
+        complete: true,
+        last: false,
+        consistency: blockrep_core::Consistency::Live,
+    }
 }

@@ -39,6 +39,23 @@ pub(super) struct EpochCounters {
     pub chunks_new: u64,
 }
 
+impl EpochCounters {
+    /// Adds this epoch's traffic to the source's running totals (the
+    /// ledger's totals follow from them).
+    pub(super) fn add_totals(
+        &self,
+        record: &mut crate::status::SourceRecord,
+        bytes_received: u64,
+        verified: &crate::verify::VerifyStats,
+    ) {
+        record.bytes_received_total += bytes_received;
+        record.chunks_received_total += self.chunks_received;
+        record.chunks_deduplicated_total +=
+            self.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
+        record.bytes_deduplicated_total += self.ref_bytes;
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Serves one epoch, up to and including its `Committed`. A single
     /// disk's session has one replica and no volume names; a machine's has
@@ -456,11 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 record.throughput_bytes_per_second =
                     bytes_received as f64 / elapsed.as_secs_f64().max(1e-3);
             }
-            record.bytes_received_total += bytes_received;
-            record.chunks_received_total += counters.chunks_received;
-            record.chunks_deduplicated_total +=
-                counters.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
-            record.bytes_deduplicated_total += counters.ref_bytes;
+            counters.add_totals(record, bytes_received, &verified);
         });
         // The source's record above counts the epoch and its chunks; the
         // ledger adds the server-wide histograms.

@@ -316,11 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 record.last_commit_unix_ms = now;
                 record.epochs_committed_total += 1;
             }
-            record.bytes_received_total += bytes_received;
-            record.chunks_received_total += counters.chunks_received;
-            record.chunks_deduplicated_total +=
-                counters.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
-            record.bytes_deduplicated_total += counters.ref_bytes;
+            counters.add_totals(record, bytes_received, &verified);
         });
         if !unchanged {
             info!(source = %self.source, epoch = commit.epoch, root = %root_id,
