@@ -42,7 +42,7 @@ impl Store {
     ) -> Result<CommitStats, Error> {
         let tree = CommitTree {
             volumes: vec![(root, pages)],
-            machine: None,
+            names: None,
         };
         self.commit_inner(
             source,

@@ -9,9 +9,9 @@
 //! the head: a crash leaves the previous machine whole or the new one whole,
 //! never some volumes of each.
 
-use blockrep_core::{Consistency, MachineRoot, Page, Root, SourceId, VolumeName};
+use blockrep_core::{Consistency, Page, Root, SourceId, VolumeName};
 
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::store::{CommitStats, CommitTree, Store};
 
 /// One volume of a machine commit: its name, its new disk root and the index
@@ -43,16 +43,9 @@ impl Store {
         consistency: Consistency,
         now_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
-        let machine = MachineRoot::new(
-            volumes
-                .iter()
-                .map(|v| (v.name.clone(), v.root.id()))
-                .collect(),
-        )
-        .map_err(|e| Error::new(ErrorKind::Invalid, format!("source {source}: {e}")))?;
         let tree = CommitTree {
             volumes: volumes.iter().map(|v| (v.root, v.pages)).collect(),
-            machine: Some(&machine),
+            names: Some(volumes.iter().map(|v| v.name.clone()).collect()),
         };
         self.commit_inner(
             source,

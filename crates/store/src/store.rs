@@ -53,21 +53,12 @@ pub enum StoredRoot {
 }
 
 /// What a commit publishes: the disk roots it stores, each with the pages
-/// the store may lack, and, for a machine, the machine root the head names.
+/// the store may lack, and, for a machine, each volume's name (in the order
+/// of `volumes`), from which the machine root the head names is built.
 pub(crate) struct CommitTree<'a> {
     pub(crate) volumes: Vec<(&'a Root, &'a [Page])>,
     /// `None`: the head names the one volume's disk root directly.
-    pub(crate) machine: Option<&'a MachineRoot>,
-}
-
-impl CommitTree<'_> {
-    /// The id the head will name.
-    fn head_root(&self) -> ChunkId {
-        match self.machine {
-            Some(machine) => machine.id(),
-            None => self.volumes[0].0.id(),
-        }
-    }
+    pub(crate) names: Option<Vec<VolumeName>>,
 }
 
 /// A replica store in one data directory. Cheap to share behind an `Arc`; every
@@ -540,14 +531,40 @@ impl Store {
                 ),
             ));
         }
-        let head_root = tree.head_root();
+        // Each root encoded and hashed once: the id names it in the fence,
+        // the machine root and its record, the bytes are the record.
+        let encoded: Vec<(ChunkId, Vec<u8>)> = tree
+            .volumes
+            .iter()
+            .map(|(root, _)| {
+                let bytes = root.encode();
+                (ChunkId::from(blake3::hash(&bytes)), bytes)
+            })
+            .collect();
+        let machine = match tree.names {
+            Some(names) => Some(
+                MachineRoot::new(
+                    names
+                        .into_iter()
+                        .zip(encoded.iter().map(|(id, _)| *id))
+                        .collect(),
+                )
+                .map_err(|e| Error::new(ErrorKind::Invalid, format!("source {source}: {e}")))?,
+            ),
+            None => None,
+        };
+        let machine_bytes = machine.as_ref().map(MachineRoot::encode);
+        let head_root = match &machine_bytes {
+            Some(bytes) => ChunkId::from(blake3::hash(bytes)),
+            None => encoded[0].0,
+        };
         // The GC fence, held until the head is published: a collection can
         // neither list references nor drop blobs between the check below and
         // the publication (see `gc.rs`).
         let _fence = self.blobs.fence().read_fence();
         self.blobs.fence().note(&head_root);
-        for (root, pages) in &tree.volumes {
-            self.blobs.fence().note(&root.id());
+        for ((root, pages), (id, _)) in tree.volumes.iter().zip(&encoded) {
+            self.blobs.fence().note(id);
             self.blobs.fence().note_all(root.page_ids());
             for page in *pages {
                 self.blobs.fence().note_all(page.ids());
@@ -571,15 +588,14 @@ impl Store {
             }
             self.check_pages_not_given(root, pages, previous_head.as_ref(), &mut previous_pages)?;
         }
-        for (root, _) in &tree.volumes {
-            self.blobs
-                .put_index_blob(BlobKind::Root, root.id(), &root.encode())?;
+        for (id, bytes) in &encoded {
+            self.blobs.put_index_blob(BlobKind::Root, *id, bytes)?;
         }
-        if let Some(machine) = tree.machine {
+        if let Some(bytes) = &machine_bytes {
             // A machine root is stored as a root record too: its magic, not
             // the record's kind, tells it from a disk root (see `format.rs`).
             self.blobs
-                .put_index_blob(BlobKind::Root, head_root, &machine.encode())?;
+                .put_index_blob(BlobKind::Root, head_root, bytes)?;
         }
         // Blobs first, durably; only then the head that names them.
         self.sync()?;

@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use blockrep_core::{ChunkId, Geometry, scan_buffer};
 
 use super::*;
+use crate::error::ErrorKind;
 use crate::testutil::{Rng, churn, commit_disk, root_disk, store_disk};
 use crate::{GcOptions, StoredRoot};
 
