@@ -36,7 +36,7 @@ use crate::format::{
 };
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
 use crate::mutex::lock;
-use crate::store::{Store, StoredRoot};
+use crate::store::{Store, StoredRoot, choose_volume, single_volume};
 use crate::vfs::Vfs;
 
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
@@ -187,8 +187,10 @@ impl Store {
         }
         // The base must be readable now, not at the first read of the volume:
         // every volume's root, for a machine.
-        for (_, root) in self.volume_roots(&snapshot.root)? {
-            self.read_root(&root)?;
+        if let StoredRoot::Machine(machine) = self.read_stored_root(&snapshot.root)? {
+            for (_, root) in machine.volumes() {
+                self.read_root(root)?;
+            }
         }
         let created_unix_ms = now_unix_ms;
         let info = LaunchInfo {
@@ -317,23 +319,18 @@ impl Store {
         let info = self
             .launch(name)?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no launch named {name}")))?;
-        let volume_name = match self.read_stored_root(&info.root)? {
-            // A single disk: its volume is opened under the launch's name.
-            StoredRoot::Disk(_) => {
-                self.volume_root(&info.root, volume)
-                    .map_err(|e| Error::new(e.kind(), format!("launch {name}: {e}")))?;
-                None
+        let in_launch = |e: Error| Error::new(e.kind(), format!("launch {name}: {e}"));
+        // One read of the launch's root: a single disk's is the volume's
+        // root itself (its one volume `disk`, opened under the launch's
+        // name); a machine's names the volume's root.
+        let (volume_name, root_id, decoded) = match self.read_stored_root(&info.root)? {
+            StoredRoot::Disk(root) => {
+                choose_volume(&single_volume(info.root), volume).map_err(in_launch)?;
+                (None, info.root, Some(root))
             }
             StoredRoot::Machine(machine) => {
-                // Checks the name (or that there is one volume) with the
-                // errors every caller gets.
-                self.volume_root(&info.root, volume)
-                    .map_err(|e| Error::new(e.kind(), format!("launch {name}: {e}")))?;
-                let chosen = match volume {
-                    Some(volume) => machine.volumes().iter().find(|(n, _)| n.as_str() == volume),
-                    None => machine.volumes().first(),
-                };
-                chosen.map(|(n, _)| n.clone())
+                let (chosen, root_id) = choose_volume(&machine, volume).map_err(in_launch)?;
+                (Some(chosen.clone()), *root_id, None)
             }
         };
         let key = match &volume_name {
@@ -344,11 +341,10 @@ impl Store {
         if let Some(volume) = open.get(&key).and_then(upgrade) {
             return Ok(volume);
         }
-        let root_id = match &volume_name {
-            Some(volume) => self.volume_root(&info.root, Some(volume.as_str()))?,
-            None => info.root,
+        let root = match decoded {
+            Some(root) => root,
+            None => self.read_root(&root_id)?,
         };
-        let root = self.read_root(&root_id)?;
         let volume = Arc::new(LaunchVolume::new(
             Arc::clone(self),
             info,

@@ -375,34 +375,7 @@ impl Store {
     /// machine lacks and `Invalid` when no name is given and it has several,
     /// naming the volumes it has.
     pub fn volume_root(&self, id: &ChunkId, volume: Option<&str>) -> Result<ChunkId, Error> {
-        let machine = self.read_machine(id)?;
-        let names = || {
-            machine
-                .volumes()
-                .iter()
-                .map(|(n, _)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        match volume {
-            Some(name) => machine.volume(name).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no volume {name:?}: the volumes are {}", names()),
-                )
-            }),
-            None => match machine.volumes() {
-                [(_, root)] => Ok(*root),
-                _ => Err(Error::new(
-                    ErrorKind::Invalid,
-                    format!(
-                        "{} volumes ({}): name the one to use",
-                        machine.volumes().len(),
-                        names()
-                    ),
-                )),
-            },
-        }
+        choose_volume(&self.read_machine(id)?, volume).map(|(_, root)| *root)
     }
 
     /// [`Store::export`] of one volume of the source's head: with no name, of
@@ -716,8 +689,47 @@ impl Store {
     }
 }
 
+/// Volume `volume` of `machine` (with no name, its only one): `NotFound`
+/// for a volume it lacks and `Invalid` when no name is given and it has
+/// several, naming the volumes it has.
+pub(crate) fn choose_volume<'a>(
+    machine: &'a MachineRoot,
+    volume: Option<&str>,
+) -> Result<&'a (VolumeName, ChunkId), Error> {
+    let names = || {
+        machine
+            .volumes()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (volume, machine.volumes()) {
+        (Some(name), volumes) => {
+            volumes
+                .iter()
+                .find(|(n, _)| n.as_str() == name)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("no volume {name:?}: the volumes are {}", names()),
+                    )
+                })
+        }
+        (None, [only]) => Ok(only),
+        (None, volumes) => Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "{} volumes ({}): name the one to use",
+                volumes.len(),
+                names()
+            ),
+        )),
+    }
+}
+
 /// The machine a disk root stands for: one volume of the default name.
-fn single_volume(root: ChunkId) -> MachineRoot {
+pub(crate) fn single_volume(root: ChunkId) -> MachineRoot {
     let name = VolumeName::new(SINGLE_VOLUME_NAME).expect("a valid name");
     MachineRoot::new(vec![(name, root)]).expect("one volume is a valid machine")
 }
