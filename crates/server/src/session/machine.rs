@@ -264,17 +264,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 commit.complete,
                 commit.consistency,
             );
-            let roots: Vec<_> = built
-                .iter()
-                .map(|(root, pages)| (root.clone(), pages.clone()))
-                .collect();
+            // The roots and pages go to the blocking task and come back
+            // with its result: no copy of the pages.
             let committing = tokio::task::spawn_blocking(move || {
                 let volumes: Vec<VolumeCommit<'_>> = names
                     .iter()
-                    .zip(&roots)
+                    .zip(&built)
                     .map(|(name, (root, pages))| VolumeCommit { name, root, pages })
                     .collect();
-                store.commit_machine(
+                let result = store.commit_machine(
                     &source,
                     epoch,
                     &volumes,
@@ -282,13 +280,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     complete,
                     consistency,
                     now_unix_ms(),
-                )
+                );
+                (result, built)
             });
-            self.connection
+            let (result, built) = self
+                .connection
                 .working(committing)
                 .await
-                .map_err(internal)?
-                .map_err(commit_failed)?;
+                .map_err(internal)?;
+            result.map_err(commit_failed)?;
             for (replica, (root, _)) in replicas.iter_mut().zip(&built) {
                 replica.committed(commit.epoch, root.page_ids().to_vec());
             }
