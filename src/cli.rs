@@ -287,8 +287,12 @@ pub(crate) struct FailbackArgs {
     #[command(subcommand)]
     pub(crate) command: Option<FailbackCommand>,
     /// The original disk to bring back (raw image file or block device).
-    #[arg(long)]
-    pub(crate) disk: Option<PathBuf>,
+    /// Repeat it for each disk of a machine, as given to the agent
+    /// (`NAME=PATH`): each takes the content of the launch's volume of its
+    /// name, and changes since cutover on any of them are reported together
+    /// before anything is written.
+    #[arg(long, value_name = "[NAME=]PATH")]
+    pub(crate) disk: Vec<String>,
     /// Replication server, host:port.
     #[arg(long)]
     pub(crate) from: Option<String>,

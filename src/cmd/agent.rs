@@ -71,16 +71,11 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     let chunk_size_bytes = u32::try_from(args.chunk_size).context("chunk size too large")?;
     blockrep_core::Geometry::new(0, chunk_size_bytes)?;
     let (disk, volumes) = disks(&args.disk)?;
-    if !volumes.is_empty() {
-        if args.capture.serve.is_some() {
-            bail!(
-                "write capture (--serve) replicates one disk; a machine of several disks \
-                 replicates by scanning them"
-            );
-        }
-        if args.cutover {
-            bail!("the cutover of a machine of several disks is not supported yet");
-        }
+    if !volumes.is_empty() && args.capture.serve.is_some() {
+        bail!(
+            "write capture (--serve) replicates one disk; a machine of several disks \
+             replicates by scanning them"
+        );
     }
     let mut config = AgentConfig::new(disk, args.to.clone(), source, ca_path, cert_path, key_path);
     config.volumes = volumes;
@@ -116,7 +111,7 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
 /// PATH` is a single disk (as before machines); several, or one given as
 /// `NAME=PATH`, are a machine's volumes, named by `NAME` or else by the
 /// path's file name. The first path stands for the disk in messages.
-fn disks(values: &[String]) -> Result<(PathBuf, Vec<(VolumeName, PathBuf)>)> {
+pub(crate) fn disks(values: &[String]) -> Result<(PathBuf, Vec<(VolumeName, PathBuf)>)> {
     let parsed: Vec<(Option<VolumeName>, PathBuf)> = values
         .iter()
         .map(|value| match value.split_once('=') {

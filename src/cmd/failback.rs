@@ -22,12 +22,13 @@ pub(crate) async fn failback(args: FailbackArgs) -> Result<()> {
             .clone()
             .with_context(|| format!("failback needs {flag}"))
     };
-    let disk = args.disk.clone().context("failback needs --disk")?;
+    let (disk, volumes) = super::agent::disks(&args.disk)?;
     let server = need(&args.from, "--from HOST:PORT")?;
     let source = source_id(&need(&args.source, "--source")?)?;
     let launch = need(&args.launch, "--launch")?;
     let (ca_path, cert_path, key_path) = args.tls.resolve(&source)?;
     let mut config = AgentConfig::new(disk, server, source, ca_path, cert_path, key_path);
+    config.volumes = volumes;
     config.chunk_size_bytes = u32::try_from(args.chunk_size).context("chunk size too large")?;
     config.interval = args.interval;
     config.patches = !args.no_patches;
@@ -45,9 +46,16 @@ pub(crate) async fn failback(args: FailbackArgs) -> Result<()> {
     })
     .await?;
     if passes.last().is_some_and(|p| p.finalized) {
+        let disks = match config.volumes.as_slice() {
+            [] => config.disk.display().to_string(),
+            volumes => volumes
+                .iter()
+                .map(|(name, path)| format!("{} ({name})", path.display()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         println!(
-            "failback complete: {} equals launch {}",
-            config.disk.display(),
+            "failback complete: {disks} equals launch {}",
             options.launch
         );
     }

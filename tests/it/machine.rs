@@ -12,12 +12,12 @@ use blockrep_core::{Geometry, MachineRoot, Root, SourceId, VolumeName, scan_buff
 use blockrep_store::Store;
 use blockrep_testkit::{Pki, mixed_image, random_bytes};
 
-const MIB: usize = 1 << 20;
+pub(crate) const MIB: usize = 1 << 20;
 const CHUNK: u32 = 64 * 1024;
 
 /// The three disks: `boot` (mixed data, a chunk multiple), `data` (random,
 /// not a chunk multiple), `log` (sparse: two short runs of data).
-fn three_disks() -> Vec<(&'static str, Vec<u8>)> {
+pub(crate) fn three_disks() -> Vec<(&'static str, Vec<u8>)> {
     let mut log = vec![0u8; 6 * MIB];
     log[MIB..MIB + 5000].copy_from_slice(&random_bytes(5000, 3));
     log[5 * MIB + 77..5 * MIB + 4173].copy_from_slice(&random_bytes(4096, 4));
@@ -404,7 +404,7 @@ async fn open_machine_session(
 /// Writes each disk to `NAME.img` in the rig's work directory: the
 /// agent's arguments for them, `--disk NAME=PATH` each, and the first
 /// disk's value (which the rig puts first).
-fn machine_disk_args(
+pub(crate) fn machine_disk_args(
     rig: &blockrep_testkit::AgentRig,
     disks: &[(&str, Vec<u8>)],
 ) -> (String, Vec<String>) {
@@ -434,7 +434,10 @@ fn spawn_machine_agent(
 
 /// `blockrep agent --once` of a machine, which must succeed; its standard
 /// output.
-fn machine_agent_once(rig: &blockrep_testkit::AgentRig, disks: &[(&str, Vec<u8>)]) -> String {
+pub(crate) fn machine_agent_once(
+    rig: &blockrep_testkit::AgentRig,
+    disks: &[(&str, Vec<u8>)],
+) -> String {
     let (first, rest) = machine_disk_args(rig, disks);
     let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
     let output = rig.agent_once(Path::new(&first), "web", &rest);
@@ -541,8 +544,16 @@ fn a_machine_agent_refuses_what_it_cannot_do_yet_and_names_apart_its_disks() {
     let stderr = run(&["--disk", &b_arg]);
     assert!(stderr.contains("two disks are called a.img"), "{stderr}");
     let b_arg = b.to_str().unwrap();
-    let stderr = run(&["--disk", b_arg, "--cutover"]);
-    assert!(stderr.contains("cutover of a machine"), "{stderr}");
+    let stderr = run(&[
+        "--disk",
+        b_arg,
+        "--serve",
+        "unix:/nonexistent/blockrep.sock",
+    ]);
+    assert!(
+        stderr.contains("write capture (--serve) replicates one disk"),
+        "{stderr}"
+    );
     assert!(rig.head("web").is_none(), "something was committed");
 }
 
@@ -644,7 +655,11 @@ fn a_server_killed_during_machine_epochs_keeps_every_machine_whole() {
 
 /// Copies a launch volume's NBD export to `copy` with nbdcopy; it must equal
 /// `disk`.
-fn assert_export_is(volume: &blockrep_server::LaunchVolumeView, copy: &Path, disk: &[u8]) {
+pub(crate) fn assert_export_is(
+    volume: &blockrep_server::LaunchVolumeView,
+    copy: &Path,
+    disk: &[u8],
+) {
     let uri = volume.nbd_uri.as_deref().unwrap();
     run_tool("nbdcopy", &[uri, copy.to_str().unwrap()]);
     assert!(

@@ -32,6 +32,7 @@ mod kill_loop;
 mod launch;
 mod lifecycle;
 mod machine;
+mod machine_cutover;
 mod machine_order;
 mod malicious_server;
 mod nbd_access;

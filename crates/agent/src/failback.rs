@@ -1,17 +1,19 @@
-//! Failback: bring the original disk back to a launch volume's content, sending
-//! only the chunks that differ, and (without `once`) keep doing so as the launch
-//! changes, until finalized.
+//! Failback: bring the original disk (or every disk of a machine, each from
+//! the launch's volume of its name) back to a launch volume's content,
+//! sending only the chunks that differ, and (without `once`) keep doing so as
+//! the launch changes, until finalized.
 //!
 //! Before anything is written, chunks that changed on the disk since cutover (they
 //! differ from the cutover root *and* from the target) are reported; failback
-//! refuses to overwrite them unless told to. A chunk that already equals the
+//! refuses to overwrite them unless told to; a machine's disks are all
+//! checked first and reported together. A chunk that already equals the
 //! target needs no write and is no conflict, which is also what makes an
 //! interrupted failback resume with only what still differs.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
-use blockrep_core::{ChunkId, Geometry, Root, changed_pages, hash_chunk};
+use blockrep_core::{ChunkId, Geometry, Root, VolumeName, changed_pages, hash_chunk};
 use blockrep_proto::{Codec, Message};
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -20,6 +22,7 @@ use tracing::{info, warn};
 use crate::connection::{Connection, Transport};
 use crate::epoch::Session;
 use crate::failback_patch;
+use crate::machine::{MachineSession, machine_root_of, volume_config};
 use crate::pages::{PagesOf, fetch_pages};
 use crate::view::{Scan, scan_live};
 use crate::{AgentConfig, Error};
@@ -69,16 +72,55 @@ fn ranges(geometry: Geometry, indices: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Fails the disk back. Returns the passes made.
+/// Fails the disk, or every disk of a machine, back. Returns the passes made.
 pub async fn failback(
     config: &AgentConfig,
     options: &FailbackOptions,
     shutdown: watch::Receiver<bool>,
     on_pass: impl FnMut(&FailbackPass),
 ) -> Result<Vec<FailbackPass>, Error> {
+    if !config.volumes.is_empty() {
+        return failback_machine(config, options, shutdown, on_pass).await;
+    }
     let first = scan_live(config, config.chunk_size_bytes).await?;
     let session = Session::open(config, first.geometry).await?;
     failback_session(config, options, shutdown, on_pass, session, first).await
+}
+
+/// [`failback`] of a machine: every volume's disk from the launch's volume
+/// of its name, planned together (one conflict report for all of them,
+/// before anything is written) and finished together.
+async fn failback_machine(
+    config: &AgentConfig,
+    options: &FailbackOptions,
+    shutdown: watch::Receiver<bool>,
+    on_pass: impl FnMut(&FailbackPass),
+) -> Result<Vec<FailbackPass>, Error> {
+    let disks: Vec<Disk> = config
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(index, (name, path))| Disk {
+            config: volume_config(config, path),
+            // At most VOLUMES_MAX volumes: the index fits.
+            volume: Some((index as u16, name.clone())),
+        })
+        .collect();
+    let mut scans = Vec::with_capacity(disks.len());
+    for disk in &disks {
+        scans.push(scan_live(&disk.config, config.chunk_size_bytes).await?);
+    }
+    let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
+    let session = MachineSession::open(config, &names, &scans).await?;
+    failback_disks(
+        options,
+        shutdown,
+        on_pass,
+        session.into_connection(),
+        disks,
+        scans,
+    )
+    .await
 }
 
 /// [`failback`] on an open session (of any transport), starting from `first`,
@@ -87,32 +129,68 @@ pub(crate) async fn failback_session(
     config: &AgentConfig,
     options: &FailbackOptions,
     shutdown: watch::Receiver<bool>,
-    mut on_pass: impl FnMut(&FailbackPass),
+    on_pass: impl FnMut(&FailbackPass),
     session: Session<impl Transport>,
     first: Scan,
 ) -> Result<Vec<FailbackPass>, Error> {
-    let geometry = first.geometry;
-    let mut connection = session.into_connection();
+    let disk = Disk {
+        config: config.clone(),
+        volume: None,
+    };
+    failback_disks(
+        options,
+        shutdown,
+        on_pass,
+        session.into_connection(),
+        vec![disk],
+        vec![first],
+    )
+    .await
+}
+
+/// A disk failback writes: its configuration (its path) and, in a machine,
+/// its volume's index and name.
+struct Disk {
+    config: AgentConfig,
+    volume: Option<(u16, VolumeName)>,
+}
+
+/// Failback passes over `disks`, the first from `first` (their scans), until
+/// a finishing pass verified every disk.
+async fn failback_disks(
+    options: &FailbackOptions,
+    shutdown: watch::Receiver<bool>,
+    mut on_pass: impl FnMut(&FailbackPass),
+    mut connection: Connection<impl Transport>,
+    disks: Vec<Disk>,
+    first: Vec<Scan>,
+) -> Result<Vec<FailbackPass>, Error> {
     let mut passes = Vec::new();
-    let mut base_override: Option<Vec<ChunkId>> = None;
-    let mut next_scan = Some(first);
+    let mut base_override: Vec<Option<Vec<ChunkId>>> = vec![None; disks.len()];
+    let mut next_scans = Some(first);
     let mut finalize = options.once;
     let mut mismatches = 0;
     loop {
-        let disk = match next_scan.take() {
-            Some(scan) => scan,
-            None => scan_live(config, geometry.chunk_size_bytes()).await?,
+        let scans = match next_scans.take() {
+            Some(scans) => scans,
+            None => {
+                let mut scans = Vec::with_capacity(disks.len());
+                for disk in &disks {
+                    scans.push(scan_live(&disk.config, disk.config.chunk_size_bytes).await?);
+                }
+                scans
+            }
         };
-        let (pass, target_ids, matches, finalize_requested) = pass(
-            config,
+        let done = pass(
             options,
             &mut connection,
-            disk,
-            base_override.as_deref(),
+            &disks,
+            scans,
+            &base_override,
             finalize,
         )
         .await?;
-        if !matches {
+        if !done.matches {
             mismatches += 1;
             if mismatches >= MISMATCHED_PASSES_MAX {
                 return Err(Error::Protocol(
@@ -122,36 +200,165 @@ pub(crate) async fn failback_session(
             warn!("disk differs from the target after the pass; another pass");
             continue;
         }
-        on_pass(&pass);
-        let finalized = pass.finalized;
-        passes.push(pass);
+        on_pass(&done.pass);
+        let finalized = done.pass.finalized;
+        passes.push(done.pass);
         if finalized {
             connection.close().await;
             return Ok(passes);
         }
         // Later passes judge disk changes against what failback itself wrote.
-        base_override = Some(target_ids);
-        if finalize_requested || *shutdown.borrow() {
+        base_override = done.target_ids.into_iter().map(Some).collect();
+        if done.finalize_requested || *shutdown.borrow() {
             finalize = true;
             continue;
         }
         let mut stop = shutdown.clone();
+        let interval = disks[0].config.interval;
         tokio::select! {
-            () = tokio::time::sleep(config.interval) => {}
+            () = tokio::time::sleep(interval) => {}
             _ = stop.wait_for(|s| *s) => finalize = true,
         }
     }
 }
 
-/// One failback pass: plan, conflict check, transfer, fsync, verify.
+/// What one pass over every disk did.
+struct PassDone {
+    pass: FailbackPass,
+    /// Each disk's target chunk ids.
+    target_ids: Vec<Vec<ChunkId>>,
+    /// Every disk's rescan matched its target.
+    matches: bool,
+    /// An operator asked for the final pass.
+    finalize_requested: bool,
+}
+
+/// One volume's plan: the target, and which chunks differ from it.
+struct Plan {
+    target: Root,
+    target_ids: Vec<ChunkId>,
+    needed: Vec<u64>,
+    /// Chunks changed on the disk since cutover that differ from the target.
+    conflicts: Vec<u64>,
+}
+
+/// Tells the server which volume the next messages are about (machines only).
+async fn select(connection: &mut Connection<impl Transport>, disk: &Disk) -> Result<(), Error> {
+    if let Some((index, _)) = &disk.volume {
+        connection
+            .send(&Message::SelectVolume { index: *index })
+            .await?;
+    }
+    Ok(())
+}
+
+/// One failback pass over every disk: each disk planned, one conflict check
+/// over all of them before anything is written, then each disk's transfer,
+/// fsync and verification.
 async fn pass(
+    options: &FailbackOptions,
+    connection: &mut Connection<impl Transport>,
+    disks: &[Disk],
+    scans: Vec<Scan>,
+    base_override: &[Option<Vec<ChunkId>>],
+    finalize: bool,
+) -> Result<PassDone, Error> {
+    let mut plans = Vec::with_capacity(disks.len());
+    for ((disk, scan), base) in disks.iter().zip(&scans).zip(base_override) {
+        select(connection, disk).await?;
+        plans.push(plan(&disk.config, options, connection, scan, base.as_deref()).await?);
+    }
+    let reports: Vec<String> = disks
+        .iter()
+        .zip(&plans)
+        .filter(|(_, plan)| !plan.conflicts.is_empty())
+        .map(|(disk, plan)| conflict_report(&disk.config, plan))
+        .collect();
+    if !reports.is_empty() {
+        let report = reports.join("; ");
+        if !options.overwrite_source_changes {
+            return Err(Error::Conflict(format!(
+                "failback stopped before writing anything: {report}; pass --overwrite-source-changes to replace them with the launch's content"
+            )));
+        }
+        warn!(%report, "overwriting changes made to the disk since cutover");
+    }
+    let mut done = PassDone {
+        pass: FailbackPass {
+            target_root: ChunkId::ZERO,
+            chunks_written: 0,
+            bytes_received: 0,
+            source_changes_overwritten: 0,
+            finalized: false,
+        },
+        target_ids: Vec::with_capacity(disks.len()),
+        matches: true,
+        finalize_requested: false,
+    };
+    let mut roots = Vec::with_capacity(disks.len());
+    for ((disk, scan), plan) in disks.iter().zip(scans).zip(plans) {
+        select(connection, disk).await?;
+        let config = &disk.config;
+        let geometry = scan.geometry;
+        let (chunks_written, bytes_received) = transfer(
+            config,
+            connection,
+            geometry,
+            &plan.target_ids,
+            &scan.ids,
+            &plan.needed,
+        )
+        .await?;
+        drop(scan);
+        let after = scan_live(config, geometry.chunk_size_bytes()).await?;
+        let root = Root::from_chunk_ids(geometry, &after.ids).id();
+        connection
+            .send(&Message::FailbackDone { root, finalize })
+            .await?;
+        connection.flush().await?;
+        let Message::FailbackAck {
+            matches,
+            finalize_requested,
+        } = connection.recv().await?
+        else {
+            return Err(Error::Protocol("expected FailbackAck".into()));
+        };
+        let matches = matches && root == plan.target.id();
+        if matches {
+            info!(launch = %options.launch, disk = %config.disk.display(), chunks_written, bytes_received, finalized = finalize, "failback pass verified");
+        }
+        done.pass.chunks_written += chunks_written;
+        done.pass.bytes_received += bytes_received;
+        done.pass.source_changes_overwritten += plan.conflicts.len() as u64;
+        done.matches &= matches;
+        done.finalize_requested |= finalize_requested;
+        roots.push(plan.target.id());
+        done.target_ids.push(plan.target_ids);
+    }
+    // A machine's target is the machine root of its volumes' targets.
+    done.pass.target_root = match disks {
+        [Disk { volume: None, .. }] => roots[0],
+        _ => {
+            let names: Vec<VolumeName> = disks
+                .iter()
+                .filter_map(|d| d.volume.as_ref().map(|(_, n)| n.clone()))
+                .collect();
+            machine_root_of(&names, roots.into_iter().map(Some)).unwrap_or(ChunkId::ZERO)
+        }
+    };
+    done.pass.finalized = finalize && done.matches;
+    Ok(done)
+}
+
+/// Plans one disk's pass: asks for the launch's plan, and finds the chunks
+/// that differ from the target and those changed on the disk since cutover.
+async fn plan(
     config: &AgentConfig,
     options: &FailbackOptions,
     connection: &mut Connection<impl Transport>,
-    disk: Scan,
+    disk: &Scan,
     base_override: Option<&[ChunkId]>,
-    finalize: bool,
-) -> Result<(FailbackPass, Vec<ChunkId>, bool, bool), Error> {
+) -> Result<Plan, Error> {
     let geometry = disk.geometry;
     connection
         .send(&Message::FailbackStart {
@@ -200,9 +407,14 @@ async fn pass(
         PagesOf::FailbackTarget,
     )
     .await?;
+    let fetched_base;
     let base_ids = match base_override {
-        Some(ids) => ids.to_vec(),
-        None => fetch_ids(connection, &base, &own, &disk.ids, PagesOf::FailbackBase).await?,
+        Some(ids) => ids,
+        None => {
+            fetched_base =
+                fetch_ids(connection, &base, &own, &disk.ids, PagesOf::FailbackBase).await?;
+            &fetched_base
+        }
     };
     let mut needed = Vec::new();
     let mut conflicts = Vec::new();
@@ -214,66 +426,33 @@ async fn pass(
             }
         }
     }
-    if !conflicts.is_empty() {
-        let spans = ranges(geometry, &conflicts);
-        let listed: Vec<String> = spans
-            .iter()
-            .take(20)
-            .map(|(a, b)| format!("{a}..{b}"))
-            .collect();
-        let more = if spans.len() > 20 {
-            format!(" and {} more ranges", spans.len() - 20)
-        } else {
-            String::new()
-        };
-        let report = format!(
-            "{} chunks of {} changed since cutover (bytes {}{more})",
-            conflicts.len(),
-            config.disk.display(),
-            listed.join(", ")
-        );
-        if !options.overwrite_source_changes {
-            return Err(Error::Conflict(format!(
-                "failback stopped before writing anything: {report}; pass --overwrite-source-changes to replace them with the launch's content"
-            )));
-        }
-        warn!(%report, "overwriting changes made to the disk since cutover");
-    }
-    let (chunks_written, bytes_received) = transfer(
-        config,
-        connection,
-        geometry,
-        &target_ids,
-        &disk.ids,
-        &needed,
+    Ok(Plan {
+        target,
+        target_ids,
+        needed,
+        conflicts,
+    })
+}
+
+/// The conflicts of one disk's plan, for the report: how many chunks, where.
+fn conflict_report(config: &AgentConfig, plan: &Plan) -> String {
+    let spans = ranges(plan.target.geometry(), &plan.conflicts);
+    let listed: Vec<String> = spans
+        .iter()
+        .take(20)
+        .map(|(a, b)| format!("{a}..{b}"))
+        .collect();
+    let more = if spans.len() > 20 {
+        format!(" and {} more ranges", spans.len() - 20)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} chunks of {} changed since cutover (bytes {}{more})",
+        plan.conflicts.len(),
+        config.disk.display(),
+        listed.join(", ")
     )
-    .await?;
-    drop(disk);
-    let after = scan_live(config, geometry.chunk_size_bytes()).await?;
-    let root = Root::from_chunk_ids(geometry, &after.ids).id();
-    connection
-        .send(&Message::FailbackDone { root, finalize })
-        .await?;
-    connection.flush().await?;
-    let Message::FailbackAck {
-        matches,
-        finalize_requested,
-    } = connection.recv().await?
-    else {
-        return Err(Error::Protocol("expected FailbackAck".into()));
-    };
-    let matches = matches && root == target.id();
-    if matches {
-        info!(launch = %options.launch, chunks_written, bytes_received, finalized = finalize, "failback pass verified");
-    }
-    let pass = FailbackPass {
-        target_root: target.id(),
-        chunks_written,
-        bytes_received,
-        source_changes_overwritten: conflicts.len() as u64,
-        finalized: finalize && matches,
-    };
-    Ok((pass, target_ids, matches, finalize_requested))
 }
 
 /// The chunk ids of `root`: the disk's own where the page ids agree, the server's

@@ -6,17 +6,19 @@
 //! The volumes' views are of one instant only when taken inside one run of
 //! the quiesce command (`view::scan_together`): a machine's recovery point
 //! is then `quiesced`, else `live` whatever each disk's view was, never
-//! called consistent across disks. Write capture, cutover and
-//! failback are single-disk only for now (refused for machines), and a
+//! called consistent across disks. The cutover's final epoch is one such
+//! point of every volume, answered with one cutover launch of them all.
+//! Write capture is single-disk only for now (refused for machines), and a
 //! machine's epoch is committed once, without intermediate steps.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blockrep_core::{ChunkId, Consistency, Geometry, MachineRoot, Root, VolumeName};
 use blockrep_proto::{Message, PROTOCOL_VERSION};
 
 use crate::connection::{Connection, TlsTransport, Transport};
-use crate::epoch::{Session, VolumeHead, certificate_rejected};
+use crate::epoch::{CutoverReady, Session, VolumeHead, certificate_rejected};
 use crate::view::Scan;
 use crate::{AgentConfig, EpochReport, Error};
 
@@ -175,6 +177,28 @@ impl<S: Transport> MachineSession<S> {
         scans: Vec<Scan>,
         consistency: Consistency,
     ) -> Result<EpochReport, Error> {
+        self.commit_epoch(config, scans, consistency, false).await
+    }
+
+    /// The cutover's final epoch: every volume's changes committed as one
+    /// point, which the server answers with the cutover launch of every
+    /// volume (`cutover_ready`).
+    pub(crate) async fn final_epoch(
+        &mut self,
+        config: &AgentConfig,
+        scans: Vec<Scan>,
+        consistency: Consistency,
+    ) -> Result<EpochReport, Error> {
+        self.commit_epoch(config, scans, consistency, true).await
+    }
+
+    async fn commit_epoch(
+        &mut self,
+        config: &AgentConfig,
+        scans: Vec<Scan>,
+        consistency: Consistency,
+        last: bool,
+    ) -> Result<EpochReport, Error> {
         let started = Instant::now();
         let scan_started_unix_ms = scans.iter().map(|s| s.started_unix_ms).min().unwrap_or(0);
         let mut total = EpochReport::nothing_yet(0, Duration::ZERO, consistency);
@@ -220,7 +244,7 @@ impl<S: Transport> MachineSession<S> {
                 root: root_id,
                 scan_started_unix_ms,
                 complete: true,
-                last: false,
+                last,
                 consistency,
             })
             .await?;
@@ -231,10 +255,27 @@ impl<S: Transport> MachineSession<S> {
                 root,
                 chunks_received,
                 chunks_stored,
+                cutover_requested,
                 ..
-            } if got == epoch && root == root_id => {
+            } if !last && got == epoch && root == root_id => {
                 total.server_chunks_received = chunks_received;
                 total.server_chunks_stored = chunks_stored;
+                self.session.cutover_requested |= cutover_requested;
+            }
+            Message::CutoverReady {
+                epoch: got,
+                root,
+                snapshot,
+                launch,
+                commit_ms,
+                launch_ms,
+            } if last && got == epoch && root == root_id => {
+                self.session.cutover_ready = Some(CutoverReady {
+                    snapshot,
+                    launch,
+                    commit_ms,
+                    launch_ms,
+                });
             }
             other => {
                 return Err(Error::Protocol(format!(
@@ -268,10 +309,34 @@ impl<S: Transport> MachineSession<S> {
         Ok(total)
     }
 
+    /// Whether the server asked for the cutover (`blockrep cutover`).
+    pub(crate) fn cutover_requested(&self) -> bool {
+        self.session.cutover_requested
+    }
+
+    /// The single-disk session underneath, for what a machine does as one
+    /// disk would (the cutover's report, its `CutoverReady`).
+    pub(crate) fn session(&mut self) -> &mut Session<S> {
+        &mut self.session
+    }
+
     /// Closes the session cleanly.
     pub(crate) async fn close(self) {
         self.session.close().await;
     }
+
+    /// The connection, for a session that leaves the replication protocol
+    /// (failback) after `MachineWelcome`.
+    pub(crate) fn into_connection(self) -> Connection<S> {
+        self.session.into_connection()
+    }
+}
+
+/// The configuration of one volume: the machine's, with that volume's disk.
+pub(crate) fn volume_config(config: &AgentConfig, path: &Path) -> AgentConfig {
+    let mut config = config.clone();
+    config.disk = path.to_owned();
+    config
 }
 
 /// The machine root of `names` with these roots, when every volume has one.

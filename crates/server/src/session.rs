@@ -92,6 +92,8 @@ pub(crate) struct Session<S> {
     /// first commit), to tell an epoch that changed nothing from one that
     /// added a volume.
     machine_head: Option<blockrep_core::ChunkId>,
+    /// Timings of the final (cutover) epoch, for its downtime breakdown.
+    cutover_times: cutover::CutoverTimes,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -111,6 +113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             revocation: None,
             capture_reported: false,
             machine_head: None,
+            cutover_times: cutover::CutoverTimes::default(),
         }
     }
 

@@ -1,18 +1,17 @@
-//! A machine of several disks (see `crate::machine`): `--once`, and
-//! continuous replication.
+//! A machine of several disks (see `crate::machine`): `--once`, continuous
+//! replication, and the cutover of every disk at one point.
 
-use std::convert::Infallible;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blockrep_core::{ChunkId, Consistency, Root, VolumeName};
 use tokio::sync::watch;
 use tracing::warn;
 
+use super::cutover::{FinalEpoch, finish, stop_workload};
 use super::{ONCE_EPOCHS_MAX, RunOutcome, backoff_ceiling};
-use crate::machine::{MachineSession, machine_root_of};
+use crate::machine::{MachineSession, machine_root_of, volume_config};
 use crate::view::{Scan, scan_together};
-use crate::{AgentConfig, EpochReport, Error};
+use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
 /// Scans every volume of the machine, the views taken at one instant where
 /// a quiesce command allows it (see `view::scan_together`), and what the
@@ -28,13 +27,6 @@ async fn scan_all(config: &AgentConfig) -> Result<Machine, Error> {
 
 /// A machine's scans and the label their set may claim.
 type Machine = (Vec<Scan>, Consistency);
-
-/// The configuration of one volume: the machine's, with that volume's disk.
-fn volume_config(config: &AgentConfig, path: &Path) -> AgentConfig {
-    let mut config = config.clone();
-    config.disk = path.to_owned();
-    config
-}
 
 /// The machine root a set of scans gives.
 fn scans_root(names: &[VolumeName], scans: &[Scan]) -> Option<ChunkId> {
@@ -64,6 +56,11 @@ pub(crate) async fn once(
         };
         if session.head_root_id().is_some() && session.head_root_id() == scans_root(&names, &scans)
         {
+            // Released before the cutover takes its own views.
+            drop(scans);
+            if config.cutover || session.cutover_requested() {
+                outcome.cutover = Some(cutover(config, &mut session, Instant::now()).await?);
+            }
             session.close().await;
             return Ok(outcome);
         }
@@ -76,27 +73,53 @@ pub(crate) async fn once(
     )))
 }
 
+/// The cutover of a machine: the pre-cutover command stops the workload,
+/// the final views of every volume are taken together and committed as one
+/// last point, and the server answers with one cutover launch serving
+/// every volume.
+async fn cutover(
+    config: &AgentConfig,
+    session: &mut MachineSession,
+    requested_at: Instant,
+) -> Result<CutoverReport, Error> {
+    let stopped = stop_workload(config, requested_at).await?;
+    let (scans, mut label) = scan_all(config).await?;
+    // The workload is stopped: every volume holds one quiesced state.
+    if config.pre_cutover_cmd.is_some() {
+        label = Consistency::Quiesced;
+    }
+    let transfer_started = Instant::now();
+    let report = session.final_epoch(config, scans, label).await?;
+    let final_epoch = FinalEpoch {
+        scan: report.scan_duration,
+        report,
+        transfer_started,
+    };
+    finish(config, session.session(), stopped, final_epoch).await
+}
+
 /// Continuous replication of a machine: an epoch every `interval` (one
 /// recovery point of every volume), reconnecting with capped exponential
-/// back-off after a retryable failure, until `shutdown` turns true.
+/// back-off after a retryable failure, until `shutdown` turns true or a
+/// cutover (asked for by the operator, or by `config.cutover`) completes.
 pub(crate) async fn continuous(
     config: &AgentConfig,
     mut shutdown: watch::Receiver<bool>,
     mut on_epoch: impl FnMut(&EpochReport),
-) -> Result<(), Error> {
+) -> Result<Option<CutoverReport>, Error> {
     let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
     let mut backoff = Duration::from_millis(250);
     loop {
         if *shutdown.borrow() {
-            return Ok(());
+            return Ok(None);
         }
         let attempt = sessions(config, &names, &mut on_epoch, &mut backoff);
         let error: Error = tokio::select! {
             result = attempt => match result {
-                Ok(never) => match never {},
+                Ok(cutover) => return Ok(Some(cutover)),
                 Err(error) => error,
             },
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         };
         if !error.is_retryable() {
             return Err(error);
@@ -104,21 +127,21 @@ pub(crate) async fn continuous(
         warn!(%error, retry_in_ms = backoff.as_millis() as u64, "machine replication interrupted; reconnecting");
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         }
         backoff = (backoff * 2).min(backoff_ceiling(config, &error, false));
     }
 }
 
-/// One session of continuous replication, until it fails: an epoch every
-/// `interval` unless the replica already equals the scans. A committed epoch
-/// resets `backoff`.
+/// One session of continuous replication, until it fails or cuts over: an
+/// epoch every `interval` unless the replica already equals the scans. A
+/// committed epoch resets `backoff`.
 async fn sessions(
     config: &AgentConfig,
     names: &[VolumeName],
     on_epoch: &mut impl FnMut(&EpochReport),
     backoff: &mut Duration,
-) -> Result<Infallible, Error> {
+) -> Result<CutoverReport, Error> {
     let first = scan_all(config).await?;
     let mut session = MachineSession::open(config, names, &first.0).await?;
     let mut next = Some(first);
@@ -130,10 +153,17 @@ async fn sessions(
         };
         let caught_up =
             session.head_root_id().is_some() && session.head_root_id() == scans_root(names, &scans);
-        if !caught_up {
+        if caught_up {
+            drop(scans);
+        } else {
             on_epoch(&session.epoch(config, scans, label).await?);
         }
         *backoff = Duration::from_millis(250);
+        if session.cutover_requested() || config.cutover {
+            let report = cutover(config, &mut session, Instant::now()).await?;
+            session.close().await;
+            return Ok(report);
+        }
         tokio::time::sleep_until((scan_start + config.interval).into()).await;
     }
 }

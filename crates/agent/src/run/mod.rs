@@ -156,9 +156,7 @@ pub async fn run(
         return capture::run(config, capture, shutdown, on_epoch).await;
     }
     if !config.volumes.is_empty() {
-        return machine::continuous(config, shutdown, on_epoch)
-            .await
-            .map(|()| None);
+        return machine::continuous(config, shutdown, on_epoch).await;
     }
     let mut backoff = Duration::from_millis(250);
     let mut chunk_size = config.chunk_size_bytes;

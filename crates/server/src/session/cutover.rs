@@ -8,14 +8,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use blockrep_core::SourceId;
 use blockrep_core::clock::now_unix_ms;
+use blockrep_core::{ChunkId, SourceId};
 use blockrep_proto::{ErrorCode, Message};
 use blockrep_store::{Downtime, LaunchKind, Lifecycle, LifecycleStage, SnapshotKind};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
-use super::{End, Outcome, Reject, Replica, Session, internal};
+use super::epoch::EpochCounters;
+use super::{End, Outcome, Reject, Session, internal};
 
 /// Longest part of a source id a cutover launch's name keeps, so that the
 /// name with its suffix stays a valid launch name.
@@ -41,6 +42,52 @@ fn cutover_launch_name<E>(
     Ok(name)
 }
 
+/// The final epoch as the cutover's downtime breakdown needs it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CutoverTimes {
+    /// When the agent's backlog report arrived: the end of its final scan.
+    pub backlog_unix_ms: u64,
+    pub scan_started_unix_ms: u64,
+    pub transfer_ms: u64,
+    pub commit_ms: u64,
+    /// The final epoch and the root (of the disk, or the machine) it committed.
+    pub epoch: u64,
+    pub root: ChunkId,
+}
+
+impl Default for CutoverTimes {
+    fn default() -> Self {
+        Self {
+            backlog_unix_ms: 0,
+            scan_started_unix_ms: 0,
+            transfer_ms: 0,
+            commit_ms: 0,
+            epoch: 0,
+            root: ChunkId::ZERO,
+        }
+    }
+}
+
+impl CutoverTimes {
+    /// Records the final epoch's commit of `root`, which began at `started`.
+    pub(super) fn final_commit(
+        &mut self,
+        started: Instant,
+        counters: &EpochCounters,
+        scan_started_unix_ms: u64,
+        epoch: u64,
+        root: ChunkId,
+    ) {
+        self.commit_ms = started.elapsed().as_millis() as u64;
+        self.transfer_ms = counters
+            .started
+            .map_or(0, |t| t.elapsed().as_millis() as u64);
+        self.scan_started_unix_ms = scan_started_unix_ms;
+        self.epoch = epoch;
+        self.root = root;
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Refuses replication of a source that has been cut over.
     pub(super) fn check_fence(&self) -> Result<(), Outcome> {
@@ -63,14 +110,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// After the final commit: cutover snapshot, cutover launch, fence, answer.
-    pub(super) async fn finish_cutover(&mut self, replica: &mut Replica) -> Result<(), Outcome> {
+    /// After the final commit (of a disk, or of every volume of a machine):
+    /// cutover snapshot, cutover launch (one export per volume for a
+    /// machine), fence, answer.
+    pub(super) async fn finish_cutover(&mut self) -> Result<(), Outcome> {
         let started = Instant::now();
         let store = Arc::clone(&self.shared.store);
         let source = self.source.clone();
-        let epoch = replica.head_epoch;
-        let (root, _) = replica.build_root();
-        let root_id = root.id();
+        let times = self.cutover_times;
+        let (epoch, root_id) = (times.epoch, times.root);
         let now = now_unix_ms();
         let preparing = tokio::task::spawn_blocking(move || -> Result<_, blockrep_store::Error> {
             let snapshot =
@@ -91,9 +139,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ))
             })?;
         let launch_ms = started.elapsed().as_millis() as u64;
-        let scan_ms = replica
-            .cutover_backlog_unix_ms
-            .saturating_sub(replica.cutover_scan_started_unix_ms);
+        let scan_ms = times
+            .backlog_unix_ms
+            .saturating_sub(times.scan_started_unix_ms);
         let mut lifecycle = Lifecycle {
             stage: LifecycleStage::CutOver,
             epoch,
@@ -103,22 +151,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             cutover_unix_ms: now,
             downtime: Downtime {
                 scan_ms,
-                transfer_ms: replica.cutover_transfer_ms,
-                commit_ms: replica.cutover_commit_ms,
+                transfer_ms: times.transfer_ms,
+                commit_ms: times.commit_ms,
                 launch_ms,
                 ..Downtime::default()
             },
         };
         self.persist_lifecycle(&lifecycle).await?;
         info!(source = %self.source, epoch, root = %root_id, snapshot = %snapshot.name, launch = %launch.name,
-              commit_ms = replica.cutover_commit_ms, launch_ms, "cutover ready; source fenced");
+              commit_ms = times.commit_ms, launch_ms, "cutover ready; source fenced");
         self.connection
             .send(&Message::CutoverReady {
                 epoch,
                 root: root_id,
                 snapshot: snapshot.name,
                 launch: launch.name,
-                commit_ms: replica.cutover_commit_ms,
+                commit_ms: times.commit_ms,
                 launch_ms,
             })
             .await

@@ -89,21 +89,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             let replica = &mut replicas[current];
             if let Message::FailbackStart { launch } = message {
-                if machine.is_some() {
-                    return Err(Reject::new(
-                        ErrorCode::UnexpectedMessage,
-                        "failback of a machine is not supported yet: fail back each disk's launch volume as a source of its own",
-                    )
-                    .into());
-                }
-                if !replica.dirty_pages.is_empty() {
+                if replicas.iter().any(|r| !r.dirty_pages.is_empty()) {
                     return Err(Reject::new(
                         ErrorCode::UnexpectedMessage,
                         "FailbackStart in the middle of an epoch",
                     )
                     .into());
                 }
-                return self.failback(replica, launch).await;
+                self.failback(replicas, machine, current, launch).await?;
+                return Err(Outcome::End(End::Closed));
             }
             self.check_fence()?;
             match message {
@@ -170,7 +164,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     ..
                 } => {
                     counters.started.get_or_insert_with(Instant::now);
-                    replica.cutover_backlog_unix_ms = now_unix_ms();
+                    self.cutover_times.backlog_unix_ms = now_unix_ms();
                     self.shared.ledger.sources.update(&self.source, |record| {
                         record.chunks_pending = chunks_pending;
                         record.bytes_pending = bytes_pending;
@@ -201,16 +195,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     last,
                     consistency,
                 } => {
-                    if let Some(names) = machine {
-                        if last {
-                            return Err(Reject::new(
-                                ErrorCode::UnexpectedMessage,
-                                "cutover of a machine is not supported yet",
-                            )
-                            .into());
-                        }
-                        let result = self
-                            .commit_machine(
+                    let last = last && complete;
+                    if last {
+                        self.shared
+                            .ledger
+                            .sources
+                            .update(&self.source, |r| r.cutting_over = true);
+                    }
+                    let result = match machine {
+                        Some(names) => {
+                            self.commit_machine(
                                 replicas,
                                 names,
                                 verifier,
@@ -220,32 +214,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                     agent_root: root,
                                     scan_started_unix_ms,
                                     complete,
+                                    last,
                                     consistency,
                                 },
                             )
-                            .await;
-                        self.touch();
-                        return result;
-                    }
-                    if last {
-                        self.shared
-                            .ledger
-                            .sources
-                            .update(&self.source, |r| r.cutting_over = true);
-                    }
-                    let result = self
-                        .commit(
-                            replica,
-                            verifier,
-                            counters,
-                            epoch,
-                            root,
-                            scan_started_unix_ms,
-                            complete,
-                            last,
-                            consistency,
-                        )
-                        .await;
+                            .await
+                        }
+                        None => {
+                            self.commit(
+                                replica,
+                                verifier,
+                                counters,
+                                epoch,
+                                root,
+                                scan_started_unix_ms,
+                                complete,
+                                last,
+                                consistency,
+                            )
+                            .await
+                        }
+                    };
                     self.shared
                         .ledger
                         .sources
@@ -253,7 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.touch();
                     result?;
                     if last {
-                        return self.finish_cutover(replica).await;
+                        return self.finish_cutover().await;
                     }
                     return Ok(());
                 }
@@ -493,11 +482,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if last {
             // The cutover snapshot and launch follow; `finish_cutover` answers.
-            replica.cutover_commit_ms = started.elapsed().as_millis() as u64;
-            replica.cutover_transfer_ms = counters
-                .started
-                .map_or(0, |t| t.elapsed().as_millis() as u64);
-            replica.cutover_scan_started_unix_ms = scan_started_unix_ms;
+            self.cutover_times.final_commit(
+                started,
+                &counters,
+                scan_started_unix_ms,
+                replica.head_epoch,
+                root_id,
+            );
             return Ok(());
         }
         let cutover_requested = self
@@ -532,7 +523,7 @@ pub(super) fn commit_failed(e: blockrep_store::Error) -> Outcome {
 
 /// The replica `SelectVolume { index }` names, refused outside a machine
 /// session and for an index past its volumes.
-fn select_volume(
+pub(super) fn select_volume(
     replicas: &[Replica],
     machine: Option<&[VolumeName]>,
     index: u16,

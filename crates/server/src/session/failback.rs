@@ -1,47 +1,171 @@
-//! Failback: the agent's original disk is brought to a launch volume's
-//! content, one pass per `FailbackStart`, until the agent leaves.
+//! Failback: the agent's original disk (or each disk of a machine) is
+//! brought to a launch volume's content, one pass per `FailbackStart`, until
+//! the agent leaves.
 //!
-//! A pass flushes the launch (its durable content is the target), sends the
-//! target's and the base's roots, then answers `GetPages`, `GetBasePages`,
-//! `Want` and `WantPatched` until `FailbackDone`. The source's lifecycle
-//! becomes `failing_back` at the first pass and `failed_back` only when the
-//! agent's rescanned disk matches the target and finishing was asked for;
-//! every lifecycle write goes through only if an operator's reset has not
-//! moved the record meanwhile.
+//! A pass of a volume flushes the launch's volume (its durable content is the
+//! target), sends the target's and the base's roots, then answers
+//! `GetPages`, `GetBasePages`, `Want` and `WantPatched` until `FailbackDone`.
+//! A machine's agent says `SelectVolume` before each volume's messages, and
+//! may plan every volume (`FailbackStart` each) before it writes any: each
+//! volume keeps its pass until its next `FailbackStart`. The source's
+//! lifecycle becomes `failing_back` at the first pass and `failed_back` only
+//! when every volume's rescanned disk matched its target with finishing asked
+//! for; every lifecycle write goes through only if an operator's reset has
+//! not moved the record meanwhile.
 
 use std::sync::Arc;
 
-use blockrep_core::{ChunkId, Geometry, Root};
+use blockrep_core::{ChunkId, Geometry, Root, VolumeName};
 use blockrep_proto::{ErrorCode, Message};
 use blockrep_store::{Downtime, Lifecycle, LifecycleStage};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
+use super::epoch::select_volume;
 use super::failback_patches;
 use super::{End, Outcome, Reject, Replica, Session, internal};
 
+/// One volume's pass, from its `FailbackStart` to the next.
+struct VolumePass {
+    launch: String,
+    target: Root,
+    target_ids: Vec<ChunkId>,
+    base: Root,
+    /// Its `FailbackDone` matched the target, with finishing asked for.
+    finished: bool,
+}
+
+/// A failback session: each volume's current pass, the lifecycle record it
+/// last saw (or wrote), and what it sent.
+struct Failback {
+    passes: Vec<Option<VolumePass>>,
+    seen: Option<Lifecycle>,
+    /// The record this failback writes, from its first pass on.
+    record: Option<Lifecycle>,
+    chunks_sent: u64,
+    bytes_sent: u64,
+}
+
+impl Failback {
+    /// The pass of volume `index`, which must have started.
+    fn pass(&self, index: usize) -> Result<&VolumePass, Reject> {
+        self.passes
+            .get(index)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| {
+                Reject::new(
+                    ErrorCode::UnexpectedMessage,
+                    format!("failback message for volume {index} before its FailbackStart"),
+                )
+            })
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// Failback: brings the agent's disk to a launch volume's content, one pass per
-    /// `FailbackStart`, until the agent leaves.
+    /// Failback: brings the agent's disk, or each disk of a machine (`names`,
+    /// one per replica), to a launch volume's content, starting with volume
+    /// `current`'s pass of `launch`, until the agent leaves.
     pub(super) async fn failback(
         &mut self,
-        replica: &Replica,
+        replicas: &[Replica],
+        names: Option<&[VolumeName]>,
+        mut current: usize,
         launch: String,
     ) -> Result<(), Outcome> {
-        let mut next = Some(launch);
-        while let Some(launch) = next.take() {
-            next = self.failback_pass(replica, launch).await?;
+        let mut state = Failback {
+            passes: replicas.iter().map(|_| None).collect(),
+            seen: None,
+            record: None,
+            chunks_sent: 0,
+            bytes_sent: 0,
+        };
+        let volume = |index: usize| names.map(|names| &names[index]);
+        self.start_pass(
+            &mut state,
+            &replicas[current],
+            volume(current),
+            current,
+            launch,
+        )
+        .await?;
+        loop {
+            match self.read(self.shared.config.idle_timeout).await? {
+                Message::SelectVolume { index } => {
+                    current = select_volume(replicas, names, index)?;
+                }
+                Message::FailbackStart { launch } => {
+                    self.start_pass(
+                        &mut state,
+                        &replicas[current],
+                        volume(current),
+                        current,
+                        launch,
+                    )
+                    .await?;
+                }
+                Message::GetPages { indices } => {
+                    let target = &state.pass(current)?.target;
+                    self.send_root_pages(target, &indices).await?;
+                }
+                Message::GetBasePages { indices } => {
+                    let base = &state.pass(current)?.base;
+                    self.send_root_pages(base, &indices).await?;
+                }
+                Message::Want { indices } => {
+                    let geometry = replicas[current].geometry;
+                    // Read, written out and flushed a few MiB at a time, so a
+                    // Want of the most chunks of the largest size does not
+                    // gather them all in memory first.
+                    for batch in indices.chunks(self.chunks_per_batch(geometry)) {
+                        let target_ids = &state.pass(current)?.target_ids;
+                        let (sent, bytes) = self.send_chunks(geometry, target_ids, batch).await?;
+                        state.chunks_sent += sent;
+                        state.bytes_sent += bytes;
+                        self.shared.ledger.sources.update(&self.source, |r| {
+                            r.failback_chunks_sent_total += sent;
+                            r.failback_bytes_sent_total += bytes;
+                        });
+                    }
+                    self.connection
+                        .flush()
+                        .await
+                        .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
+                }
+                Message::WantPatched { entries } => {
+                    let geometry = replicas[current].geometry;
+                    let target_ids = &state.pass(current)?.target_ids;
+                    let (sent, bytes) = self.send_patched(geometry, target_ids, entries).await?;
+                    state.chunks_sent += sent;
+                    state.bytes_sent += bytes;
+                }
+                Message::FailbackDone { root, finalize } => {
+                    self.volume_done(&mut state, current, root, finalize)
+                        .await?;
+                }
+                other => {
+                    return Err(Reject::new(
+                        ErrorCode::UnexpectedMessage,
+                        format!("unexpected {} during failback", other.name()),
+                    )
+                    .into());
+                }
+            }
+            self.touch();
         }
-        Err(Outcome::End(End::Closed))
     }
 
-    /// One failback pass; returns the launch of the next pass, if the agent asks.
-    pub(super) async fn failback_pass(
+    /// Starts volume `index`'s pass of `launch` (`volume` names it in a
+    /// machine): flushes the launch's volume, checks it fits the disk,
+    /// records `failing_back` and sends the plan.
+    async fn start_pass(
         &mut self,
+        state: &mut Failback,
         replica: &Replica,
+        volume: Option<&VolumeName>,
+        index: usize,
         launch: String,
-    ) -> Result<Option<String>, Outcome> {
+    ) -> Result<(), Outcome> {
         let store = Arc::clone(&self.shared.store);
         let source = self.source.clone();
         let lifecycle = self
@@ -50,6 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .sources
             .update(&self.source, |r| r.lifecycle.clone());
         let name = launch.clone();
+        let volume_name = volume.map(|v| v.as_str().to_owned());
         let cutover_root = lifecycle.as_ref().map(|l| l.root);
         let plan = tokio::task::spawn_blocking(move || -> Result<_, Reject> {
             let store_err =
@@ -63,18 +188,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     format!("launch {name} belongs to source {}", info.source),
                 ));
             }
+            let not_found = |e: blockrep_store::Error| match e.kind() {
+                blockrep_store::ErrorKind::NotFound | blockrep_store::ErrorKind::Invalid => {
+                    Reject::new(ErrorCode::NotFound, e.to_string())
+                }
+                _ => store_err(e),
+            };
             // The target is the launch's durable content: flush writes made over NBD.
-            let volume = store.open_launch(&name).map_err(store_err)?;
-            volume
+            let opened = store
+                .open_launch_volume(&name, volume_name.as_deref())
+                .map_err(not_found)?;
+            opened
                 .flush(blockrep_core::clock::now_unix_ms())
                 .map_err(|e| {
                     Reject::new(ErrorCode::Internal, format!("flushing launch {name}: {e}"))
                 })?;
-            let info = volume.info();
-            let target = store.read_root(&info.root).map_err(store_err)?;
+            let target = opened.flushed_root();
             let target_ids = store.chunk_ids(&target).map_err(store_err)?;
             // Changes to the disk are judged against what it held at cutover.
-            let base_root = cutover_root.unwrap_or(info.base_root);
+            let base_point = cutover_root.unwrap_or(info.base_root);
+            let base_root = store
+                .volume_root(&base_point, volume_name.as_deref())
+                .map_err(not_found)?;
             let base = store.read_root(&base_root).map_err(store_err)?;
             Ok((info, target, target_ids, base))
         })
@@ -82,10 +217,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         .map_err(internal)??;
         let (info, target, target_ids, base) = plan;
         if target.geometry() != replica.geometry || base.geometry() != replica.geometry {
+            let of = volume.map_or(String::new(), |v| format!("volume {v} of "));
             return Err(Reject::new(
                 ErrorCode::GeometryMismatch,
                 format!(
-                    "launch {launch} has {} bytes, the disk has {}",
+                    "{of}launch {launch} has {} bytes, the disk has {}",
                     target.geometry().disk_size_bytes(),
                     replica.geometry.disk_size_bytes()
                 ),
@@ -95,8 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // The record this failback last saw (or wrote): its own writes go
         // through only while the record is still that, so an operator's
         // reset in the middle is not undone.
-        let mut seen = lifecycle.clone();
-        let mut record = lifecycle.unwrap_or(Lifecycle {
+        let mut record = lifecycle.clone().unwrap_or(Lifecycle {
             stage: LifecycleStage::FailingBack,
             epoch: info.base_epoch,
             root: info.base_root,
@@ -105,13 +240,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             cutover_unix_ms: 0,
             downtime: Downtime::default(),
         });
+        state.seen = lifecycle;
         if record.stage != LifecycleStage::FailingBack {
             record.stage = LifecycleStage::FailingBack;
-            self.persist_lifecycle_if(seen.as_ref(), &record).await?;
-            seen = Some(record.clone());
+            self.persist_lifecycle_if(state.seen.as_ref(), &record)
+                .await?;
+            state.seen = Some(record.clone());
             info!(source = %self.source, launch = %launch, "failback started");
         }
-        let target_id = target.id();
+        state.record = Some(record);
         self.connection
             .send(&Message::FailbackPlan {
                 target_root: Bytes::from(target.encode()),
@@ -119,76 +256,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             })
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
-        let (mut chunks_sent, mut bytes_sent) = (0u64, 0u64);
-        loop {
-            match self.read(self.shared.config.idle_timeout).await? {
-                Message::GetPages { indices } => self.send_root_pages(&target, &indices).await?,
-                Message::GetBasePages { indices } => self.send_root_pages(&base, &indices).await?,
-                Message::Want { indices } => {
-                    // Read, written out and flushed a few MiB at a time, so a
-                    // Want of the most chunks of the largest size does not
-                    // gather them all in memory first.
-                    for batch in indices.chunks(self.chunks_per_batch(replica.geometry)) {
-                        let (sent, bytes) = self
-                            .send_chunks(replica.geometry, &target_ids, batch)
-                            .await?;
-                        chunks_sent += sent;
-                        bytes_sent += bytes;
-                        self.shared.ledger.sources.update(&self.source, |r| {
-                            r.failback_chunks_sent_total += sent;
-                            r.failback_bytes_sent_total += bytes;
-                        });
-                    }
-                    self.connection
-                        .flush()
-                        .await
-                        .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
-                }
-                Message::WantPatched { entries } => {
-                    let (sent, bytes) = self
-                        .send_patched(replica.geometry, &target_ids, entries)
-                        .await?;
-                    chunks_sent += sent;
-                    bytes_sent += bytes;
-                }
-                Message::FailbackDone { root, finalize } => {
-                    let matches = root == target_id;
-                    let finalize_requested = self
-                        .shared
-                        .ledger
-                        .sources
-                        .update(&self.source, |r| r.failback_finalize_requested);
-                    if matches && (finalize || finalize_requested) {
-                        record.stage = LifecycleStage::FailedBack;
-                        self.persist_lifecycle_if(seen.as_ref(), &record).await?;
-                        seen = Some(record.clone());
-                        self.shared
-                            .ledger
-                            .sources
-                            .update(&self.source, |r| r.failback_finalize_requested = false);
-                        info!(source = %self.source, launch = %launch, root = %root, chunks_sent, bytes_sent, "failback complete");
-                    } else {
-                        info!(source = %self.source, launch = %launch, matches, chunks_sent, bytes_sent, "failback pass done");
-                    }
-                    self.connection
-                        .send(&Message::FailbackAck {
-                            matches,
-                            finalize_requested,
-                        })
-                        .await
-                        .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
-                }
-                Message::FailbackStart { launch } => return Ok(Some(launch)),
-                other => {
-                    return Err(Reject::new(
-                        ErrorCode::UnexpectedMessage,
-                        format!("unexpected {} during failback", other.name()),
-                    )
-                    .into());
-                }
-            }
-            self.touch();
+        state.passes[index] = Some(VolumePass {
+            launch,
+            target,
+            target_ids,
+            base,
+            finished: false,
+        });
+        Ok(())
+    }
+
+    /// Volume `index`'s `FailbackDone`: the agent's rescan gave `root`. The
+    /// source is `failed_back` once every volume finished (matched, with
+    /// finishing asked for by the agent or an operator).
+    async fn volume_done(
+        &mut self,
+        state: &mut Failback,
+        index: usize,
+        root: ChunkId,
+        finalize: bool,
+    ) -> Result<(), Outcome> {
+        let pass = state.pass(index)?;
+        let matches = root == pass.target.id();
+        let launch = pass.launch.clone();
+        let finalize_requested = self
+            .shared
+            .ledger
+            .sources
+            .update(&self.source, |r| r.failback_finalize_requested);
+        let finished = matches && (finalize || finalize_requested);
+        if let Some(Some(pass)) = state.passes.get_mut(index) {
+            pass.finished = finished;
         }
+        let all_finished = state
+            .passes
+            .iter()
+            .all(|p| p.as_ref().is_some_and(|p| p.finished));
+        let (chunks_sent, bytes_sent) = (state.chunks_sent, state.bytes_sent);
+        match state.record.clone() {
+            Some(mut record) if all_finished => {
+                record.stage = LifecycleStage::FailedBack;
+                self.persist_lifecycle_if(state.seen.as_ref(), &record)
+                    .await?;
+                state.seen = Some(record.clone());
+                state.record = Some(record);
+                self.shared
+                    .ledger
+                    .sources
+                    .update(&self.source, |r| r.failback_finalize_requested = false);
+                info!(source = %self.source, launch = %launch, root = %root, chunks_sent, bytes_sent, "failback complete");
+            }
+            _ => {
+                info!(source = %self.source, launch = %launch, volume = index, matches, chunks_sent, bytes_sent, "failback pass done");
+            }
+        }
+        self.connection
+            .send(&Message::FailbackAck {
+                matches,
+                finalize_requested,
+            })
+            .await
+            .map_err(|e| Outcome::End(End::Lost(e.to_string())))
     }
 
     pub(super) async fn send_root_pages(

@@ -9,8 +9,8 @@
 //! silently); a volume the agent has and the head
 //! does not starts empty, so only it is synced in full; a volume whose size
 //! changed is refused with both sizes. A single-disk head continues as a
-//! machine whose volume is called `disk`. Cutover and failback of machines
-//! are refused for now.
+//! machine whose volume is called `disk`. A `Commit` with `last` cuts the
+//! whole machine over: one cutover launch of every volume.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -37,6 +37,8 @@ pub(super) struct MachineCommit {
     pub agent_root: ChunkId,
     pub scan_started_unix_ms: u64,
     pub complete: bool,
+    /// The final epoch of a cutover: `finish_cutover` answers, not `Committed`.
+    pub last: bool,
     pub consistency: Consistency,
 }
 
@@ -329,6 +331,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .ledger
                 .epoch_committed(started.elapsed(), bytes_received);
         }
+        if commit.last {
+            self.cutover_times.final_commit(
+                started,
+                &counters,
+                commit.scan_started_unix_ms,
+                head_epoch,
+                root_id,
+            );
+            return Ok(());
+        }
+        let cutover_requested = self
+            .shared
+            .ledger
+            .sources
+            .update(&self.source, |r| r.cutover_requested);
         self.connection
             .send(&Message::Committed {
                 epoch: head_epoch,
@@ -336,7 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 chunks_received: counters.chunks_received,
                 bytes_received,
                 chunks_stored: counters.chunks_new,
-                cutover_requested: false,
+                cutover_requested,
             })
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))

@@ -19,11 +19,6 @@ pub(super) struct Replica {
     pub dirty_pages: BTreeSet<usize>,
     /// What the agent may send as references; the chunks sent this epoch.
     pub references: References,
-    /// Timings of a final (cutover) epoch, for its downtime breakdown.
-    pub cutover_backlog_unix_ms: u64,
-    pub cutover_scan_started_unix_ms: u64,
-    pub cutover_transfer_ms: u64,
-    pub cutover_commit_ms: u64,
 }
 
 impl Replica {
@@ -53,10 +48,6 @@ impl Replica {
             page_ids,
             dirty_pages: BTreeSet::new(),
             references,
-            cutover_backlog_unix_ms: 0,
-            cutover_scan_started_unix_ms: 0,
-            cutover_transfer_ms: 0,
-            cutover_commit_ms: 0,
         }
     }
 

@@ -137,6 +137,12 @@ impl LaunchVolume {
         self.lock_state().info.clone()
     }
 
+    /// This volume's root as of its last flush (of a machine's launch, the
+    /// volume's own root, not the machine root `info` names).
+    pub fn flushed_root(&self) -> Root {
+        self.lock_state().root.clone()
+    }
+
     /// What the volume holds in memory, for the garbage collector: the root of
     /// its last flush (where pages not loaded are read from) and the current
     /// chunk ids of every loaded page, unflushed writes included.
