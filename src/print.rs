@@ -89,7 +89,15 @@ pub(crate) fn sources(sources: &[SourceView]) {
         let volumes: Vec<String> = s
             .volumes
             .iter()
-            .map(|v| format!("{} {}", v.name, human_bytes(v.disk_size_bytes)))
+            .map(|v| match v.bytes_pending {
+                0 => format!("{} {}", v.name, human_bytes(v.disk_size_bytes)),
+                pending => format!(
+                    "{} {} ({} pending)",
+                    v.name,
+                    human_bytes(v.disk_size_bytes),
+                    human_bytes(pending)
+                ),
+            })
             .collect();
         println!(
             "{}: machine of {} volumes: {}",

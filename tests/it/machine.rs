@@ -478,7 +478,17 @@ fn an_agent_of_three_disks_replicates_them_as_one_machine() {
         let sample =
             format!("blockrep_volume_size_bytes{{source=\"web\",volume=\"{name}\"}} {size}");
         assert!(exposition.contains(&sample), "{sample} not in the metrics");
+        // Committed: nothing pending, and each volume is as recent as the machine.
+        let sample = format!("blockrep_volume_bytes_pending{{source=\"web\",volume=\"{name}\"}} 0");
+        assert!(exposition.contains(&sample), "{sample} not in the metrics");
     }
+    assert!(
+        view.volumes
+            .iter()
+            .all(|v| v.bytes_pending == 0 && v.lag_seconds.is_some()),
+        "{:?}",
+        view.volumes
+    );
     let status = cli(&rig.server, &rig.pki, &["status"]);
     assert_success(&status);
     let table = String::from_utf8_lossy(&status.stdout);

@@ -63,10 +63,30 @@ impl SourceState {
 }
 
 /// One volume of a machine, as the admin API reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VolumeView {
     pub name: String,
     pub disk_size_bytes: u64,
+    /// The machine's lag: every volume is in each of its recovery points,
+    /// so no volume's point is older or newer than the machine's.
+    #[serde(default)]
+    pub lag_seconds: Option<f64>,
+    /// What the agent found to send for this volume in the epoch under way
+    /// (0 once it committed).
+    #[serde(default)]
+    pub bytes_pending: u64,
+    #[serde(default)]
+    pub chunks_pending: u64,
+}
+
+/// One volume of a machine in the status table: its size as the agent last
+/// said, and its backlog in the epoch under way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub disk_size_bytes: u64,
+    pub bytes_pending: u64,
+    pub chunks_pending: u64,
 }
 
 /// A source as the admin API reports it (`GET /v1/sources`).
@@ -164,9 +184,8 @@ pub(crate) struct SourceRecord {
     pub consistency: Option<Consistency>,
     pub disk_size_bytes: u64,
     pub chunk_size_bytes: u32,
-    /// A machine's volumes (name, size in bytes), as its agent last said;
-    /// empty for a single disk.
-    pub volumes: Vec<(String, u64)>,
+    /// A machine's volumes, as its agent last said; empty for a single disk.
+    pub volumes: Vec<VolumeRecord>,
     pub synced_scan_started_unix_ms: u64,
     pub last_commit_unix_ms: u64,
     pub max_replication_time_ms: u64,
@@ -223,6 +242,29 @@ impl SourceRecord {
         self.rpo_target_override.unwrap_or(thresholds.rpo_target)
     }
 
+    /// Records the backlog an agent reported: the source's, or in a
+    /// machine that of volume `volume`, the machine's being the sum of its
+    /// volumes'.
+    pub(crate) fn set_backlog(
+        &mut self,
+        volume: Option<usize>,
+        chunks_pending: u64,
+        bytes_pending: u64,
+    ) {
+        match volume.and_then(|index| self.volumes.get_mut(index)) {
+            Some(volume) => {
+                volume.chunks_pending = chunks_pending;
+                volume.bytes_pending = bytes_pending;
+                self.chunks_pending = self.volumes.iter().map(|v| v.chunks_pending).sum();
+                self.bytes_pending = self.volumes.iter().map(|v| v.bytes_pending).sum();
+            }
+            None => {
+                self.chunks_pending = chunks_pending;
+                self.bytes_pending = bytes_pending;
+            }
+        }
+    }
+
     pub(crate) fn lag_ms(&self, now_unix_ms: u64) -> Option<u64> {
         (self.synced_scan_started_unix_ms != 0)
             .then(|| now_unix_ms.saturating_sub(self.synced_scan_started_unix_ms))
@@ -270,9 +312,12 @@ impl SourceRecord {
             volumes: self
                 .volumes
                 .iter()
-                .map(|(name, size)| VolumeView {
-                    name: name.clone(),
-                    disk_size_bytes: *size,
+                .map(|v| VolumeView {
+                    name: v.name.clone(),
+                    disk_size_bytes: v.disk_size_bytes,
+                    lag_seconds: self.lag_ms(now).map(|ms| ms as f64 / 1000.0),
+                    bytes_pending: v.bytes_pending,
+                    chunks_pending: v.chunks_pending,
                 })
                 .collect(),
             lag_seconds: self.lag_ms(now).map(|ms| ms as f64 / 1000.0),
@@ -457,6 +502,41 @@ mod tests {
         assert_eq!(record.state(thresholds(), now), SourceState::Lagging);
         record.last_contact_unix_ms = now - 61_000;
         assert_eq!(record.state(thresholds(), now), SourceState::Stalled);
+    }
+
+    #[test]
+    fn a_machines_backlog_is_the_sum_of_its_volumes_and_each_volume_shows_its_own() {
+        let now = 1_000_000;
+        let volume = |name: &str| VolumeRecord {
+            name: name.into(),
+            disk_size_bytes: 1 << 20,
+            ..VolumeRecord::default()
+        };
+        let mut record = SourceRecord {
+            volumes: vec![volume("boot"), volume("data")],
+            synced_scan_started_unix_ms: now - 2_000,
+            ..SourceRecord::default()
+        };
+        record.set_backlog(Some(0), 3, 3 * 65_536);
+        record.set_backlog(Some(1), 1, 4096);
+        // A volume's report again replaces its own figure, not the sum.
+        record.set_backlog(Some(0), 2, 2 * 65_536);
+        let view = record.view(&SourceId::new("web").unwrap(), thresholds(), now);
+        assert_eq!(
+            (view.chunks_pending, view.bytes_pending),
+            (3, 2 * 65_536 + 4096)
+        );
+        let backlogs: Vec<(u64, u64)> = view
+            .volumes
+            .iter()
+            .map(|v| (v.chunks_pending, v.bytes_pending))
+            .collect();
+        assert_eq!(backlogs, [(2, 2 * 65_536), (1, 4096)]);
+        assert!(view.volumes.iter().all(|v| v.lag_seconds == Some(2.0)));
+        // A single disk's report is the source's.
+        let mut disk = SourceRecord::default();
+        disk.set_backlog(None, 5, 500);
+        assert_eq!((disk.chunks_pending, disk.bytes_pending), (5, 500));
     }
 
     #[test]

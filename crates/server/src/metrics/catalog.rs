@@ -431,9 +431,34 @@ pub(crate) fn render(scrape: &Scrape) -> String {
         "Size of each volume of a machine (a source of several disks), as its agent last said.",
     );
     for (source, record) in sources {
-        for (volume, size) in &record.volumes {
-            let labels = [("source", source.as_str()), ("volume", volume.as_str())];
-            x.sample("blockrep_volume_size_bytes", &labels, Value::Int(*size));
+        for volume in &record.volumes {
+            let labels = [
+                ("source", source.as_str()),
+                ("volume", volume.name.as_str()),
+            ];
+            x.sample(
+                "blockrep_volume_size_bytes",
+                &labels,
+                Value::Int(volume.disk_size_bytes),
+            );
+        }
+    }
+    x.family(
+        "blockrep_volume_bytes_pending",
+        "gauge",
+        "Bytes of a machine's volume found changed and not yet committed in the epoch under way.",
+    );
+    for (source, record) in sources {
+        for volume in &record.volumes {
+            let labels = [
+                ("source", source.as_str()),
+                ("volume", volume.name.as_str()),
+            ];
+            x.sample(
+                "blockrep_volume_bytes_pending",
+                &labels,
+                Value::Int(volume.bytes_pending),
+            );
         }
     }
     x.family(

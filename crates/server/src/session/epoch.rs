@@ -166,8 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     counters.started.get_or_insert_with(Instant::now);
                     self.cutover_times.backlog_unix_ms = now_unix_ms();
                     self.shared.ledger.sources.update(&self.source, |record| {
-                        record.chunks_pending = chunks_pending;
-                        record.bytes_pending = bytes_pending;
+                        record.set_backlog(machine.map(|_| current), chunks_pending, bytes_pending);
                     });
                 }
                 report @ Message::Capture { .. } => {

@@ -29,6 +29,7 @@ use super::labels::commit_label;
 use super::references::{References, new_nonce};
 use super::replica::Replica;
 use super::{End, Outcome, Reject, Session, internal};
+use crate::status::VolumeRecord;
 use crate::verify::Verifier;
 
 /// What a machine's `Commit` says.
@@ -128,7 +129,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             record.volumes = names
                 .iter()
                 .zip(&geometries)
-                .map(|(name, g)| (name.to_string(), g.disk_size_bytes()))
+                .map(|(name, g)| VolumeRecord {
+                    name: name.to_string(),
+                    disk_size_bytes: g.disk_size_bytes(),
+                    ..VolumeRecord::default()
+                })
                 .collect();
         });
         info!(source = %self.source, peer = %self.peer, head_epoch, volumes = names.len(),
@@ -313,6 +318,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 record.synced_scan_started_unix_ms = commit.scan_started_unix_ms.max(1);
                 record.bytes_pending = 0;
                 record.chunks_pending = 0;
+                for volume in &mut record.volumes {
+                    volume.bytes_pending = 0;
+                    volume.chunks_pending = 0;
+                }
             }
             if !unchanged {
                 record.last_commit_unix_ms = now;
