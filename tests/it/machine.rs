@@ -494,20 +494,26 @@ fn an_agent_of_three_disks_replicates_them_as_one_machine() {
     let table = String::from_utf8_lossy(&status.stdout);
     assert!(table.contains("web: machine of 3 volumes: boot"), "{table}");
 
-    // Two disks change; the next run sends only their changed chunks.
+    // Every disk changes; the next run sends only their changed chunks.
     disks[0].1[3 * MIB..3 * MIB + 70_000].fill(3);
     disks[2].1[..4096].fill(4);
+    disks[1].1[100_000..104_096].copy_from_slice(&random_bytes(4096, 9));
     let stdout = machine_agent_once(&rig, &disks);
     assert!(stdout.contains("replica equals disk: epoch 2"), "{stdout}");
-    let sent: u64 = stdout
-        .lines()
-        .filter_map(|line| line.split("chunks_sent=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
+    let count = |key: &str| -> u64 {
+        stdout
+            .lines()
+            .filter_map(|line| line.split(&format!(" {key}=")).nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let (whole, patched) = (count("chunks_sent"), count("patches_sent"));
     assert!(
-        (1..=4).contains(&sent),
-        "{sent} chunks sent for 3 changed: {stdout}"
+        (1..=4).contains(&(whole + patched)),
+        "{whole} chunks and {patched} patches sent for 4 changed: {stdout}"
     );
+    // A random block in a random chunk travels as a patch of that block.
+    assert!(patched >= 1, "{patched} patches: {stdout}");
     // Nothing changed: no epoch.
     let stdout = machine_agent_once(&rig, &disks);
     assert!(stdout.contains("replica already equals disk"), "{stdout}");

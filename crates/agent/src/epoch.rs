@@ -195,9 +195,7 @@ impl<S: Transport> Session<S> {
     ) -> Self {
         let mut session =
             Self::assemble(connection, config, nonce, head_epoch, geometry, head_root);
-        // Patches ask the server for block values of the selected volume's
-        // chunks; kept for single disks until machines do too.
-        session.patches = false;
+        // Write capture is a single disk's; a machine's volumes are scanned.
         session.capture = None;
         session.volume_of_machine = true;
         session

@@ -220,6 +220,8 @@ impl<S: Transport> MachineSession<S> {
             total.ref_chunks_sent += report.ref_chunks_sent;
             total.bytes_sent += report.bytes_sent;
             total.raw_bytes_sent += report.raw_bytes_sent;
+            total.patches_sent += report.patches_sent;
+            total.patch_bytes_sent += report.patch_bytes_sent;
             total.scan_duration += report.scan_duration;
             views.push((geometry, view));
         }
