@@ -71,12 +71,6 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     let chunk_size_bytes = u32::try_from(args.chunk_size).context("chunk size too large")?;
     blockrep_core::Geometry::new(0, chunk_size_bytes)?;
     let (disk, volumes) = disks(&args.disk)?;
-    if !volumes.is_empty() && args.capture.serve.is_some() {
-        bail!(
-            "write capture (--serve) replicates one disk; a machine of several disks \
-             replicates by scanning them"
-        );
-    }
     let mut config = AgentConfig::new(disk, args.to.clone(), source, ca_path, cert_path, key_path);
     config.volumes = volumes;
     config.allow_volume_removal = args.allow_volume_removal;

@@ -547,7 +547,7 @@ fn an_agent_of_three_disks_replicates_them_as_one_machine() {
 }
 
 #[test]
-fn a_machine_agent_refuses_what_it_cannot_do_yet_and_names_apart_its_disks() {
+fn a_machine_agent_refuses_one_capture_state_file_and_names_apart_its_disks() {
     let rig = nbd_rig(&["web"]);
     let a = rig.disk("a.img", &[1; 8192]);
     let b = rig.disk("b.img", &[2; 8192]);
@@ -565,16 +565,18 @@ fn a_machine_agent_refuses_what_it_cannot_do_yet_and_names_apart_its_disks() {
         b_arg,
         "--serve",
         "unix:/nonexistent/blockrep.sock",
+        "--capture-state",
+        "/nonexistent/state",
     ]);
     assert!(
-        stderr.contains("write capture (--serve) replicates one disk"),
+        stderr.contains("a machine keeps each disk's state beside it"),
         "{stderr}"
     );
     assert!(rig.head("web").is_none(), "something was committed");
 }
 
 /// The machine root of `disks` in chunks of [`CHUNK`].
-fn machine_root(disks: &[(&str, Vec<u8>)]) -> blockrep_core::ChunkId {
+pub(crate) fn machine_root(disks: &[(&str, Vec<u8>)]) -> blockrep_core::ChunkId {
     let roots = disks
         .iter()
         .map(|(name, disk)| {
@@ -599,6 +601,12 @@ fn a_continuous_machine_agent_follows_a_change_to_one_disk() {
     disks[1].1[1_000_000..1_005_000].fill(0xab);
     let second = machine_root(&disks).to_hex();
     agent.wait_for_root(&second, Duration::from_secs(60), "the change to data");
+    // Idle, the machine stays current: each interval's epoch confirms the
+    // head, so its lag stays near the interval instead of growing.
+    std::thread::sleep(Duration::from_millis(2500));
+    let view = admin_source(rig.admin(), "web").unwrap();
+    let lag = view.lag_seconds.unwrap();
+    assert!(lag < 2.0, "an idle machine lags {lag} s");
     agent.stop_cleanly();
     let store = Store::open_read_only(&rig.data()).unwrap();
     let web = SourceId::new("web").unwrap();

@@ -3,7 +3,9 @@
 //! 2, each write complete before the next starts) while the agent replicates
 //! them with reflink views taken inside one quiesce (the writer stopped);
 //! in every acknowledged recovery point the records form a prefix 0..k with
-//! no gap on either disk.
+//! no gap on either disk. The same holds in capture mode, the writer going
+//! through the agent's exports (nbdfuse) and every cut taken of both disks
+//! at one instant.
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use std::time::Duration;
 use crate::common::*;
 use blockrep_testkit::ack_log::read_acks;
 use blockrep_testkit::loopfs::{loop_fs_ready, scratch_xfs};
+use blockrep_testkit::nbdfuse::NbdFuse;
 
 const MIB: usize = 1 << 20;
 const RECORD: usize = 512;
@@ -20,8 +23,9 @@ const RECORD: usize = 512;
 /// before record n + 1 starts.
 const WRITER: &str = r#"
 import os, sys, time
-a = os.open(sys.argv[1], os.O_WRONLY)
-b = os.open(sys.argv[2], os.O_WRONLY)
+flags = os.O_WRONLY | (os.O_SYNC if len(sys.argv) > 4 and sys.argv[4] == "sync" else 0)
+a = os.open(sys.argv[1], flags)
+b = os.open(sys.argv[2], flags)
 n = 0
 limit = int(sys.argv[3])
 while n < limit:
@@ -125,7 +129,15 @@ fn every_machine_point_holds_a_prefix_of_records_written_alternately_to_two_disk
         agent.lines()
     );
 
-    let acks = read_acks(&ack_log);
+    let checked = assert_every_point_is_a_prefix(&rig, &ack_log);
+    assert!(checked >= 8, "{checked} points checked");
+}
+
+/// Exports every machine point the agent's acknowledgement log names and
+/// asserts that its records form a prefix 0..k with no gap on either disk;
+/// returns how many points were checked.
+fn assert_every_point_is_a_prefix(rig: &blockrep_testkit::AgentRig, ack_log: &Path) -> usize {
+    let acks = read_acks(ack_log);
     let mut checked = 0;
     for ack in &acks {
         let out = rig.path(&format!("point-{}", ack.epoch));
@@ -158,5 +170,127 @@ fn every_machine_point_holds_a_prefix_of_records_written_alternately_to_two_disk
         );
         checked += 1;
     }
+    checked
+}
+
+/// Whether nbdfuse can mount an export here.
+fn fuse_ready(test: &str) -> bool {
+    let tools = have_tool("nbdfuse") && have_tool("fusermount3") && have_tool("python3");
+    if tools && Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    assert!(
+        !require_external_tools(),
+        "{test} needs nbdfuse, fusermount3, python3 and /dev/fuse (BLOCKREP_REQUIRE_TOOLS is set)"
+    );
+    eprintln!("skipping {test}: no nbdfuse or /dev/fuse");
+    false
+}
+
+#[test]
+fn every_capture_point_of_a_machine_holds_a_prefix_of_records_written_alternately_to_two_disks() {
+    if !fuse_ready("machine capture order") {
+        return;
+    }
+    let rig = rig(&["web"], &["--gc-interval", "off"]);
+    let disks = [rig.path("a.raw"), rig.path("b.raw")];
+    for disk in &disks {
+        std::fs::write(disk, vec![0u8; 4 * MIB]).unwrap();
+    }
+    // The workload reaches each disk through the agent's export of its name
+    // only; the agent cuts both at one instant every 50 ms.
+    let socket = rig.path("web.sock");
+    let ack_log = rig.path("acks.log");
+    let a = format!("a={}", disks[0].display());
+    let b = format!("b={}", disks[1].display());
+    let serve = format!("unix:{}", socket.display());
+    let mut agent = rig.spawn_agent(
+        Path::new(&a),
+        "web",
+        &[
+            "--disk",
+            &b,
+            "--serve",
+            &serve,
+            "--interval",
+            "50ms",
+            "--ack-log",
+            ack_log.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        }),
+        "no socket: {:?}",
+        agent.lines()
+    );
+    let uri = |name: &str| format!("nbd+unix:///{name}?socket={}", socket.display());
+    let fuse_a = NbdFuse::start(&rig.path("fuse-a"), &uri("a"));
+    let fuse_b = NbdFuse::start(&rig.path("fuse-b"), &uri("b"));
+    let script = rig.path("writer.py");
+    std::fs::write(&script, WRITER).unwrap();
+    // Each record written with O_SYNC: complete (on the export, and so in
+    // the capture) before the next starts.
+    let status = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(fuse_a.file())
+        .arg(fuse_b.file())
+        .arg("4096")
+        .arg("sync")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the writer failed");
+    drop((fuse_a, fuse_b));
+    // Converged: the head is both disks as the writer left them.
+    let written: Vec<(&str, Vec<u8>)> = vec![
+        ("a", std::fs::read(&disks[0]).unwrap()),
+        ("b", std::fs::read(&disks[1]).unwrap()),
+    ];
+    let root = crate::machine::machine_root(&written).to_hex();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            admin_source(rig.admin(), "web").and_then(|s| s.root) == Some(root.clone())
+        }),
+        "the replica did not converge: {:?}",
+        agent.lines()
+    );
+    // The operator cuts the machine over: the agent stops writes to both
+    // exports, cuts them a last time and leaves; the cutover launch is the
+    // machine as written.
+    let (code, body) = admin_request(rig.admin(), "POST", "/v1/sources/web/cutover", None);
+    assert_eq!(code, 202, "{body}");
+    let status = blockrep_testkit::wait_exit(&mut agent, Duration::from_secs(60));
+    let lines = agent.lines();
+    assert!(status.success(), "agent: {status}: {lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("cutover complete")),
+        "{lines:?}"
+    );
+    let source = admin_source(rig.admin(), "web").unwrap();
+    assert_eq!(source.state, blockrep_server::SourceState::CutOver);
+    assert_eq!(source.cutover.unwrap().root, root);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("consistency=crash-consistent")),
+        "no crash-consistent point: {lines:?}"
+    );
+    let checked = assert_every_point_is_a_prefix(&rig, &ack_log);
     assert!(checked >= 8, "{checked} points checked");
+    // The last point holds every record: 2,048 on each disk.
+    let last = read_acks(&ack_log).pop().unwrap();
+    let out = rig.path("last");
+    assert_success(
+        &std::process::Command::new(bin())
+            .args(["export", "--data", rig.data().to_str().unwrap()])
+            .args(["--root", &last.root, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap(),
+    );
+    for (name, disk) in [("a", 0), ("b", 1)] {
+        let image = std::fs::read(out.join(format!("{name}.raw"))).unwrap();
+        assert_eq!(records_from_start(&image, disk), 2048, "disk {name}");
+    }
 }

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::connection::{Connection, Transport};
 use crate::epoch::Session;
 use crate::failback_patch;
-use crate::machine::{MachineSession, machine_root_of, volume_config};
+use crate::machine::{MachineSession, geometries, machine_root_of, volume_config};
 use crate::pages::{PagesOf, fetch_pages};
 use crate::view::{Scan, scan_live};
 use crate::{AgentConfig, Error};
@@ -111,7 +111,7 @@ async fn failback_machine(
         scans.push(scan_live(&disk.config, config.chunk_size_bytes).await?);
     }
     let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
-    let session = MachineSession::open(config, &names, &scans).await?;
+    let session = MachineSession::open(config, &names, &geometries(&scans)).await?;
     failback_disks(
         options,
         shutdown,

@@ -133,6 +133,10 @@ pub struct AgentConfig {
     /// capture's export, and each epoch sends a cut of what it wrote instead
     /// of scanning the disk.
     pub capture: Option<Arc<capture::Capture>>,
+    /// Capture mode of a machine: each volume's capture, in the order of
+    /// `volumes` (empty when the machine's disks are scanned). Every epoch
+    /// cuts all of them at one instant.
+    pub volume_captures: Vec<Arc<capture::Capture>>,
 }
 
 impl AgentConfig {
@@ -172,6 +176,7 @@ impl AgentConfig {
             view: ViewOptions::default(),
             patches: true,
             capture: None,
+            volume_captures: Vec::new(),
         }
     }
 }

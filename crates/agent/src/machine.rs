@@ -36,13 +36,19 @@ pub(crate) struct MachineSession<S = TlsTransport> {
 }
 
 impl MachineSession<TlsTransport> {
-    /// Connects and says `MachineHello` for the scanned volumes.
+    /// Connects and says `MachineHello` for volumes `names` of `geometries`.
     pub(crate) async fn open(
         config: &AgentConfig,
         names: &[VolumeName],
-        scans: &[Scan],
+        geometries: &[Geometry],
     ) -> Result<Self, Error> {
-        Self::start(Connection::connect(config).await?, config, names, scans).await
+        Self::start(
+            Connection::connect(config).await?,
+            config,
+            names,
+            geometries,
+        )
+        .await
     }
 }
 
@@ -53,9 +59,8 @@ impl<S: Transport> MachineSession<S> {
         mut connection: Connection<S>,
         config: &AgentConfig,
         names: &[VolumeName],
-        scans: &[Scan],
+        geometries: &[Geometry],
     ) -> Result<Self, Error> {
-        let geometries: Vec<Geometry> = scans.iter().map(|s| s.geometry).collect();
         let hello = Message::MachineHello {
             version_min: PROTOCOL_VERSION,
             version_max: PROTOCOL_VERSION,
@@ -63,7 +68,7 @@ impl<S: Transport> MachineSession<S> {
             chunk_size_bytes: geometries[0].chunk_size_bytes(),
             volumes: names
                 .iter()
-                .zip(&geometries)
+                .zip(geometries)
                 .map(|(name, g)| (name.clone(), g.disk_size_bytes()))
                 .collect(),
             allow_volume_removal: config.allow_volume_removal,
@@ -94,7 +99,7 @@ impl<S: Transport> MachineSession<S> {
             Err(e) => return Err(e),
         };
         let mut volumes = Vec::with_capacity(names.len());
-        for (expected, (name, geometry)) in names.iter().zip(&geometries).enumerate() {
+        for (expected, (name, geometry)) in names.iter().zip(geometries).enumerate() {
             let root = match connection.recv().await? {
                 Message::VolumeHead { index, root } if usize::from(index) == expected => root,
                 other => {
@@ -238,7 +243,12 @@ impl<S: Transport> MachineSession<S> {
         )
         .map_err(|e| Error::Protocol(e.to_string()))?;
         let root_id = machine.id();
-        let epoch = self.session.head_epoch() + 1;
+        // The head again: the server only confirms it (and says whether a
+        // cutover is asked for); anything else is the next epoch.
+        let epoch = match self.head == Some(root_id) {
+            true => self.session.head_epoch(),
+            false => self.session.head_epoch() + 1,
+        };
         let connection = self.session.connection();
         total.bytes_sent += connection
             .send(&Message::Commit {
@@ -311,6 +321,34 @@ impl<S: Transport> MachineSession<S> {
         Ok(total)
     }
 
+    /// The geometry of each volume.
+    pub(crate) fn geometries(&self) -> Vec<Geometry> {
+        (0..self.volumes.len())
+            .map(|i| match i == self.current {
+                true => self.session.geometry(),
+                false => self.volumes[i].geometry,
+            })
+            .collect()
+    }
+
+    /// The root id of each volume in the head (`None`: a volume the head
+    /// does not have yet).
+    pub(crate) fn volume_root_ids(&self) -> Vec<Option<ChunkId>> {
+        (0..self.volumes.len())
+            .map(|i| match i == self.current {
+                true => self.session.head_root_id(),
+                false => self.volumes[i].head_root.as_ref().map(Root::id),
+            })
+            .collect()
+    }
+
+    /// The chunk ids of volume `index` in the head, fetched from the server
+    /// the first time.
+    pub(crate) async fn volume_head_ids(&mut self, index: usize) -> Result<Vec<ChunkId>, Error> {
+        self.select(index).await?;
+        self.session.head_ids().await
+    }
+
     /// Whether the server asked for the cutover (`blockrep cutover`).
     pub(crate) fn cutover_requested(&self) -> bool {
         self.session.cutover_requested
@@ -332,6 +370,11 @@ impl<S: Transport> MachineSession<S> {
     pub(crate) fn into_connection(self) -> Connection<S> {
         self.session.into_connection()
     }
+}
+
+/// The geometry of each scan.
+pub(crate) fn geometries(scans: &[Scan]) -> Vec<Geometry> {
+    scans.iter().map(|s| s.geometry).collect()
 }
 
 /// The configuration of one volume: the machine's, with that volume's disk.

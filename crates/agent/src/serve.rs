@@ -103,23 +103,35 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { what, source }
 }
 
-/// The one export: the source disk, under the source's id (an empty name,
-/// the client's default, opens it too).
-struct OneDisk {
-    name: String,
-    export: Arc<dyn Export>,
+/// The exports: the source disk under the source's id (an empty name, the
+/// client's default, opens it too), or each disk of a machine under its
+/// volume's name (no default: a client names the disk it uses).
+struct Disks {
+    exports: Vec<(String, Arc<dyn Export>)>,
 }
 
-impl Registry for OneDisk {
+impl Registry for Disks {
     fn lookup(&self, _client: &Client, name: &str) -> Option<Arc<dyn Export>> {
-        (name.is_empty() || name == self.name).then(|| Arc::clone(&self.export))
+        if let [(_, only)] = self.exports.as_slice()
+            && name.is_empty()
+        {
+            return Some(Arc::clone(only));
+        }
+        self.exports
+            .iter()
+            .find(|(export, _)| export == name)
+            .map(|(_, export)| Arc::clone(export))
     }
 
     fn list(&self, _client: &Client) -> Vec<(String, String)> {
-        vec![(
-            self.name.clone(),
-            "the source disk, replicated by write capture".into(),
-        )]
+        let what = match self.exports.len() {
+            1 => "the source disk, replicated by write capture",
+            _ => "a disk of the machine, replicated by write capture",
+        };
+        self.exports
+            .iter()
+            .map(|(name, _)| (name.clone(), what.into()))
+            .collect()
     }
 }
 
@@ -133,7 +145,7 @@ pub struct Serving {
     socket: Option<(PathBuf, u64)>,
     /// Where a TCP listener is bound.
     local_addr: Option<SocketAddr>,
-    capture: Arc<Capture>,
+    captures: Vec<Arc<Capture>>,
 }
 
 impl Serving {
@@ -143,10 +155,27 @@ impl Serving {
         name: &str,
         options: ServeOptions,
     ) -> Result<Self, ServeError> {
-        let registry = Arc::new(OneDisk {
-            name: name.to_owned(),
-            export: capture.export(),
+        Self::start_disks(&[(name.to_owned(), Arc::clone(capture))], options).await
+    }
+
+    /// Starts serving each disk's capture as the export of its name (a
+    /// machine's volumes), on one socket or address.
+    pub async fn start_disks(
+        disks: &[(String, Arc<Capture>)],
+        options: ServeOptions,
+    ) -> Result<Self, ServeError> {
+        let registry = Arc::new(Disks {
+            exports: disks
+                .iter()
+                .map(|(name, capture)| (name.clone(), capture.export()))
+                .collect(),
         });
+        let name = disks
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let name = name.as_str();
         let limits = Limits {
             connections_max: options.connections_max.max(1),
             ..Limits::default()
@@ -162,7 +191,7 @@ impl Serving {
             task: None,
             socket: None,
             local_addr: None,
-            capture: Arc::clone(capture),
+            captures: disks.iter().map(|(_, c)| Arc::clone(c)).collect(),
         };
         match &options.addr {
             ServeAddr::Unix(path) => {
@@ -206,10 +235,16 @@ impl Serving {
             let _ = task.await;
         }
         self.remove_socket();
-        let capture = Arc::clone(&self.capture);
+        let captures = self.captures.clone();
         let flushed = tokio::task::spawn_blocking(move || {
-            capture.freeze();
-            capture.export().flush()
+            // Every disk frozen and flushed, even after one failed.
+            let mut flushed = Ok(());
+            for capture in &captures {
+                capture.freeze();
+                let result = capture.export().flush();
+                flushed = flushed.and(result);
+            }
+            flushed
         })
         .await;
         match flushed {

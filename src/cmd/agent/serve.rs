@@ -11,10 +11,10 @@ use blockrep_agent::serve::{ServeAddr, ServeOptions, Serving};
 
 use crate::cli::CaptureArgs;
 
-/// The export of a capture-mode agent.
+/// The exports of a capture-mode agent: its disk, or each of a machine's.
 pub(crate) struct Served {
     serving: Serving,
-    capture: Arc<Capture>,
+    captures: Vec<Arc<Capture>>,
 }
 
 /// In capture mode: opens the capture, starts serving, and hands the capture
@@ -23,18 +23,19 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
     let Some(addr) = args.serve.clone() else {
         return Ok(None);
     };
-    let mut options = CaptureOptions::beside(&config.disk);
-    if let Some(path) = &args.capture_state {
-        options.state_path = path.clone();
+    let machine = !config.volumes.is_empty();
+    if machine && args.capture_state.is_some() {
+        anyhow::bail!(
+            "--capture-state names one disk's state file: a machine keeps each disk's state \
+             beside it (PATH.blockrep-capture)"
+        );
     }
-    options.preserve_memory_bytes = args.preserve_memory;
-    options.preserve_max_bytes = args.preserve_max;
     if matches!(addr, ServeAddr::Unix(_)) && args.serve_tls {
         anyhow::bail!(
             "--serve-tls is for a TCP address: a Unix socket is protected by its permissions (0600)"
         );
     }
-    if options.preserve_max_bytes < CAPTURE_BLOCK_BYTES {
+    if args.preserve_max < CAPTURE_BLOCK_BYTES {
         anyhow::bail!("--preserve-max must be at least {CAPTURE_BLOCK_BYTES} bytes (one block)");
     }
     let tls = if args.serve_tls {
@@ -49,21 +50,47 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
     addr.check(tls.is_some())
         .await
         .context("cannot serve the disk")?;
-    let disk = config.disk.clone();
-    let capture = tokio::task::spawn_blocking(move || Capture::open(&disk, options))
-        .await
-        .context("the capture task failed")?
-        .with_context(|| format!("cannot capture writes to {}", config.disk.display()))?;
+    // A single disk is served under the source's id, a machine's disks
+    // under their volumes' names.
+    let disks: Vec<(String, std::path::PathBuf)> = if machine {
+        config
+            .volumes
+            .iter()
+            .map(|(name, path)| (name.to_string(), path.clone()))
+            .collect()
+    } else {
+        vec![(config.source.to_string(), config.disk.clone())]
+    };
+    let mut captures = Vec::with_capacity(disks.len());
+    for (name, disk) in &disks {
+        let mut options = CaptureOptions::beside(disk);
+        if let Some(path) = &args.capture_state {
+            options.state_path = path.clone();
+        }
+        options.preserve_memory_bytes = args.preserve_memory;
+        options.preserve_max_bytes = args.preserve_max;
+        let path = disk.clone();
+        let capture = tokio::task::spawn_blocking(move || Capture::open(&path, options))
+            .await
+            .context("the capture task failed")?
+            .with_context(|| format!("cannot capture writes to {}", disk.display()))?;
+        captures.push((name.clone(), capture));
+    }
     let options = ServeOptions {
         addr,
         tls,
         connections_max: args.serve_connections_max,
     };
-    let serving = Serving::start(&capture, config.source.as_str(), options)
+    let serving = Serving::start_disks(&captures, options)
         .await
         .context("cannot serve the disk")?;
-    config.capture = Some(Arc::clone(&capture));
-    Ok(Some(Served { serving, capture }))
+    let captures: Vec<Arc<Capture>> = captures.into_iter().map(|(_, c)| c).collect();
+    if machine {
+        config.volume_captures = captures.clone();
+    } else {
+        config.capture = captures.first().cloned();
+    }
+    Ok(Some(Served { serving, captures }))
 }
 
 impl Served {
@@ -72,11 +99,18 @@ impl Served {
     /// was written.
     pub(crate) async fn finish(self) -> Result<()> {
         self.serving.stop().await;
-        let capture = self.capture;
-        tokio::task::spawn_blocking(move || capture.save())
-            .await
-            .context("the capture task failed")?
-            .context("cannot save the capture state (the next start reads the whole disk)")?;
+        for capture in self.captures {
+            let disk = capture.path().to_owned();
+            tokio::task::spawn_blocking(move || capture.save())
+                .await
+                .context("the capture task failed")?
+                .with_context(|| {
+                    format!(
+                        "cannot save the capture state of {} (the next start reads that whole disk)",
+                        disk.display()
+                    )
+                })?;
+        }
         tracing::info!("capture state saved");
         Ok(())
     }

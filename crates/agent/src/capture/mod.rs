@@ -286,10 +286,48 @@ impl Capture {
         self.cut_at(full, || ())
     }
 
+    /// Cuts several disks' captures (a machine's) at one instant: the write
+    /// gates of all of them are held at once, so no write to any of the
+    /// disks is in flight or starts while each is sealed. A write to one disk
+    /// that completed before a write to another began is therefore in every
+    /// cut that holds the later one. The gates are taken in the order given;
+    /// a writer holds only its own disk's gate, so none waits on two. `full`
+    /// says, disk by disk, which cuts take every block.
+    pub fn cut_together(captures: &[Arc<Self>], full: &[bool]) -> Vec<Arc<Cut>> {
+        Self::cut_together_at(captures, full, || ())
+    }
+
+    /// [`Capture::cut_together`], running `at_instant` while every gate is
+    /// held: tests copy the disks there.
+    fn cut_together_at(
+        captures: &[Arc<Self>],
+        full: &[bool],
+        at_instant: impl FnOnce(),
+    ) -> Vec<Arc<Cut>> {
+        let mut gates: Vec<_> = captures.iter().map(|c| c.write_gate()).collect();
+        let cuts = captures
+            .iter()
+            .zip(gates.iter_mut())
+            .enumerate()
+            .map(|(i, (capture, gate))| capture.seal(gate, full.get(i).copied().unwrap_or(true)))
+            .collect();
+        at_instant();
+        drop(gates);
+        cuts
+    }
+
     /// [`Capture::cut`], running `at_instant` at the instant of the cut (no
     /// write in flight, none starting): tests copy the disk there.
     fn cut_at(self: &Arc<Self>, full: bool, at_instant: impl FnOnce()) -> Arc<Cut> {
         let mut gate = self.write_gate();
+        let cut = self.seal(&mut gate, full);
+        at_instant();
+        drop(gate);
+        cut
+    }
+
+    /// Seals the cut under the exclusive write `gate`.
+    fn seal(self: &Arc<Self>, gate: &mut Gate, full: bool) -> Arc<Cut> {
         let mut pending = lock(&self.pending);
         for (sealed, current) in pending.bits.iter_mut().zip(&self.current) {
             *sealed |= current.swap(0, Ordering::Relaxed);
@@ -315,8 +353,6 @@ impl Capture {
         if let Some(previous) = gate.cut.replace(Arc::clone(&shared)) {
             previous.end();
         }
-        at_instant();
-        drop(gate);
         Arc::new(Cut {
             shared,
             capture: Arc::clone(self),

@@ -445,3 +445,62 @@ fn a_disk_written_while_the_capture_was_stopped_is_read_whole() {
     drop(file);
     assert_eq!(open(&path).saved_root(), None);
 }
+
+#[test]
+fn disks_cut_together_hold_a_prefix_of_writes_made_one_after_the_other_across_them() {
+    const RECORDS: u64 = 2048;
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let path = dir.path().join(format!("{name}.img"));
+            std::fs::write(&path, vec![0u8; (RECORDS / 2 * BLOCK) as usize]).unwrap();
+            path
+        })
+        .collect();
+    let captures: Vec<Arc<Capture>> = paths.iter().map(|p| open(p)).collect();
+    let exports: Vec<_> = captures.iter().map(|c| c.export()).collect();
+    let record = |n: u64| {
+        let mut block = vec![0u8; BLOCK as usize];
+        block[..4].copy_from_slice(b"REC!");
+        block[4..12].copy_from_slice(&n.to_le_bytes());
+        block
+    };
+    // Record n goes to disk n % 2, block n / 2, each write complete before
+    // the next starts.
+    let writer = {
+        let exports = exports.clone();
+        std::thread::spawn(move || {
+            for n in 0..RECORDS {
+                exports[(n % 2) as usize]
+                    .write(n / 2 * BLOCK, &record(n))
+                    .unwrap();
+            }
+        })
+    };
+    let mut checked = 0;
+    while !writer.is_finished() || checked == 0 {
+        let cuts = Capture::cut_together(&captures, &[true, true]);
+        let mut present = Vec::with_capacity(RECORDS as usize);
+        for n in 0..RECORDS {
+            let mut block = vec![0u8; BLOCK as usize];
+            cuts[(n % 2) as usize]
+                .read_at(n / 2 * BLOCK, &mut block)
+                .unwrap();
+            present.push(block == record(n));
+        }
+        let held = present.iter().take_while(|p| **p).count();
+        assert!(
+            present[held..].iter().all(|p| !p),
+            "cut {checked}: records 0..{held} and then record {} of disk {}: not one instant",
+            held + present[held..].iter().position(|p| *p).unwrap(),
+            (held + present[held..].iter().position(|p| *p).unwrap()) % 2
+        );
+        for cut in &cuts {
+            cut.committed(ChunkId::ZERO);
+        }
+        checked += 1;
+    }
+    writer.join().unwrap();
+    assert!(checked > 1, "only {checked} cut");
+}

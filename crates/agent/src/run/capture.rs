@@ -30,11 +30,11 @@ use crate::view::{Scan, View};
 use crate::{AgentConfig, CutoverReport, EpochReport, Error, RunOutcome};
 
 /// First wait before reconnecting; doubles up to `--backoff-max`.
-const BACKOFF_START: Duration = Duration::from_millis(250);
+pub(super) const BACKOFF_START: Duration = Duration::from_millis(250);
 
 /// Which roots the capture's dirty set is relative to: the disk equals any
 /// of them plus (at most) the dirty blocks.
-struct Continuity {
+pub(super) struct Continuity {
     /// The last complete commit (or the saved state's root).
     committed: Option<ChunkId>,
     /// Intermediate commits made since: each is `committed` with part of a
@@ -43,7 +43,7 @@ struct Continuity {
 }
 
 impl Continuity {
-    fn new(capture: &Capture) -> Self {
+    pub(super) fn new(capture: &Capture) -> Self {
         Self {
             committed: capture.saved_root(),
             steps: HashSet::new(),
@@ -51,7 +51,7 @@ impl Continuity {
     }
 
     /// Whether the first cut against a head of `head` must be full.
-    fn needs_full_cut(&self, head: Option<ChunkId>) -> bool {
+    pub(super) fn needs_full_cut(&self, head: Option<ChunkId>) -> bool {
         match (self.committed, head) {
             (Some(committed), Some(head)) => head != committed && !self.steps.contains(&head),
             // No known state, or a replica that has lost its head.
@@ -59,7 +59,7 @@ impl Continuity {
         }
     }
 
-    fn committed(&mut self, root: ChunkId) {
+    pub(super) fn committed(&mut self, root: ChunkId) {
         self.committed = Some(root);
         self.steps.clear();
     }
@@ -74,7 +74,7 @@ pub(crate) async fn cut_scan(
     session: &mut Session,
     full: bool,
 ) -> Result<Scan, Error> {
-    let mut ids = session.head_ids().await?;
+    let ids = session.head_ids().await?;
     let geometry = session.geometry();
     let capture = Arc::clone(capture);
     let path = config.disk.clone();
@@ -82,33 +82,47 @@ pub(crate) async fn cut_scan(
         let started = Instant::now();
         let started_unix_ms = now_unix_ms();
         let cut = capture.cut(full);
-        let indices: Vec<u64> = if cut.full() {
-            (0..geometry.chunk_count()).collect()
-        } else {
-            cut.chunks(geometry)
-        };
-        let hashed = hash_cut(&cut, geometry, &indices)?;
-        for (index, id) in indices.iter().zip(hashed) {
-            let slot = &mut ids[*index as usize];
-            if *slot == id {
-                // Unchanged since the head: the epoch will not read it again.
-                cut.release(geometry, *index);
-            }
-            *slot = id;
-        }
-        let consistency = cut.consistency();
-        let disk = DiskImage::open(&path)?;
-        Ok(Scan {
-            disk: Arc::new(View::cut(disk, cut)),
-            geometry,
-            ids,
-            started_unix_ms,
-            duration: started.elapsed(),
-            consistency,
-        })
+        scan_of_cut(cut, geometry, ids, &path, started, started_unix_ms)
     })
     .await
     .map_err(|e| Error::Protocol(format!("cut task failed: {e}")))?
+}
+
+/// The epoch's [`Scan`] of `cut` (taken at `started`) of the disk at `path`:
+/// the chunks it sealed hashed as of the cut over the head's `ids`, and
+/// released at once where they still hash to the head's id. Blocking.
+pub(super) fn scan_of_cut(
+    cut: Arc<Cut>,
+    geometry: Geometry,
+    mut ids: Vec<ChunkId>,
+    path: &std::path::Path,
+    started: Instant,
+    started_unix_ms: u64,
+) -> Result<Scan, Error> {
+    let indices: Vec<u64> = if cut.full() {
+        (0..geometry.chunk_count()).collect()
+    } else {
+        cut.chunks(geometry)
+    };
+    let hashed = hash_cut(&cut, geometry, &indices)?;
+    for (index, id) in indices.iter().zip(hashed) {
+        let slot = &mut ids[*index as usize];
+        if *slot == id {
+            // Unchanged since the head: the epoch will not read it again.
+            cut.release(geometry, *index);
+        }
+        *slot = id;
+    }
+    let consistency = cut.consistency();
+    let disk = DiskImage::open(path)?;
+    Ok(Scan {
+        disk: Arc::new(View::cut(disk, cut)),
+        geometry,
+        ids,
+        started_unix_ms,
+        duration: started.elapsed(),
+        consistency,
+    })
 }
 
 /// Hashes chunks `indices` as of `cut`, on every core.

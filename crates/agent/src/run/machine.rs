@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::cutover::{FinalEpoch, finish, stop_workload};
 use super::{ONCE_EPOCHS_MAX, RunOutcome, backoff_ceiling};
-use crate::machine::{MachineSession, machine_root_of, volume_config};
+use crate::machine::{MachineSession, geometries, machine_root_of, volume_config};
 use crate::view::{Scan, scan_together};
 use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
@@ -29,7 +29,7 @@ async fn scan_all(config: &AgentConfig) -> Result<Machine, Error> {
 type Machine = (Vec<Scan>, Consistency);
 
 /// The machine root a set of scans gives.
-fn scans_root(names: &[VolumeName], scans: &[Scan]) -> Option<ChunkId> {
+pub(super) fn scans_root(names: &[VolumeName], scans: &[Scan]) -> Option<ChunkId> {
     machine_root_of(
         names,
         scans
@@ -47,7 +47,7 @@ pub(crate) async fn once(
     let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
     let mut outcome = RunOutcome::default();
     let first = scan_all(config).await?;
-    let mut session = MachineSession::open(config, &names, &first.0).await?;
+    let mut session = MachineSession::open(config, &names, &geometries(&first.0)).await?;
     let mut next = Some(first);
     for _ in 0..ONCE_EPOCHS_MAX {
         let (scans, label) = match next.take() {
@@ -134,8 +134,9 @@ pub(crate) async fn continuous(
 }
 
 /// One session of continuous replication, until it fails or cuts over: an
-/// epoch every `interval` unless the replica already equals the scans. A
-/// committed epoch resets `backoff`.
+/// epoch every `interval`, one that only confirms the head when the replica
+/// already equals the scans (so the server knows the machine is current and
+/// can ask for the cutover). A committed epoch resets `backoff`.
 async fn sessions(
     config: &AgentConfig,
     names: &[VolumeName],
@@ -143,7 +144,7 @@ async fn sessions(
     backoff: &mut Duration,
 ) -> Result<CutoverReport, Error> {
     let first = scan_all(config).await?;
-    let mut session = MachineSession::open(config, names, &first.0).await?;
+    let mut session = MachineSession::open(config, names, &geometries(&first.0)).await?;
     let mut next = Some(first);
     loop {
         let scan_start = Instant::now();
@@ -151,13 +152,7 @@ async fn sessions(
             Some(machine) => machine,
             None => scan_all(config).await?,
         };
-        let caught_up =
-            session.head_root_id().is_some() && session.head_root_id() == scans_root(names, &scans);
-        if caught_up {
-            drop(scans);
-        } else {
-            on_epoch(&session.epoch(config, scans, label).await?);
-        }
+        on_epoch(&session.epoch(config, scans, label).await?);
         *backoff = Duration::from_millis(250);
         if session.cutover_requested() || config.cutover {
             let report = cutover(config, &mut session, Instant::now()).await?;

@@ -14,6 +14,7 @@ use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 mod capture;
 mod cutover;
 mod machine;
+mod machine_capture;
 
 use cutover::cutover;
 
@@ -71,6 +72,9 @@ async fn once(
 ) -> Result<RunOutcome, Error> {
     if let Some(capture) = &config.capture {
         return capture::once(config, capture, on_epoch).await;
+    }
+    if !config.volume_captures.is_empty() {
+        return machine_capture::once(config, on_epoch).await;
     }
     if !config.volumes.is_empty() {
         return machine::once(config, on_epoch).await;
@@ -154,6 +158,9 @@ pub async fn run(
 ) -> Result<Option<CutoverReport>, Error> {
     if let Some(capture) = &config.capture {
         return capture::run(config, capture, shutdown, on_epoch).await;
+    }
+    if !config.volume_captures.is_empty() {
+        return machine_capture::run(config, shutdown, on_epoch).await;
     }
     if !config.volumes.is_empty() {
         return machine::continuous(config, shutdown, on_epoch).await;
