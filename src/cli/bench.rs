@@ -19,7 +19,13 @@ pub(crate) struct BenchArgs {
     /// of that many disks (one recovery point, one cutover of every disk,
     /// each volume verified against its disk; each disk its own seed).
     /// Not with --capture.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64), conflicts_with = "capture")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=blockrep_core::VOLUMES_MAX as i64),
+        conflicts_with = "capture"
+    )]
     pub(crate) disks: u8,
     /// Chunk size.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
