@@ -11,9 +11,22 @@ use crate::units::{parse_duration, parse_size};
 /// Options of `blockrep bench`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
-    /// Size of the synthetic disk.
+    /// Size of the synthetic disk; with --disks N > 1, of each disk but the
+    /// last, which is half of it plus 4 KiB (not a whole chunk).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub(crate) size: u64,
+    /// Disks of the synthetic source: more than one replicates a machine
+    /// of that many disks (one recovery point, one cutover of every disk,
+    /// each volume verified against its disk; each disk its own seed).
+    /// Not with --capture.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=blockrep_core::VOLUMES_MAX as i64),
+        conflicts_with = "capture"
+    )]
+    pub(crate) disks: u8,
     /// Chunk size.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub(crate) chunk_size: u64,

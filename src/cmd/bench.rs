@@ -11,6 +11,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<()> {
     blockrep_bench::run(blockrep_bench::Options {
         server_exe,
         size: args.size,
+        disks: usize::from(args.disks),
         chunk_size: args.chunk_size,
         churn_rate: args.churn_rate,
         duration: args.duration,

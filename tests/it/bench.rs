@@ -10,20 +10,21 @@ use std::process::Command;
 use crate::common::*;
 
 fn bench(work: &std::path::Path) -> (std::process::Output, std::path::PathBuf) {
+    bench_with(
+        work,
+        &["--size", "32MiB", "--duration", "3s", "--interval", "300ms"],
+    )
+}
+
+/// Runs `blockrep bench` with `args`, its JSON, plot and working directory in `work`.
+fn bench_with(work: &std::path::Path, args: &[&str]) -> (std::process::Output, std::path::PathBuf) {
     let json = work.join("out.json");
     let plot = work.join("out.svg");
     let mut command = Command::new(BIN);
     command
-        .args([
-            "bench",
-            "--size",
-            "32MiB",
-            "--duration",
-            "3s",
-            "--interval",
-            "300ms",
-            "--json",
-        ])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .arg("--plot")
         .arg(&plot)
@@ -39,12 +40,7 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
     assert_success(&output);
     let figures: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let number = |path: &[&str]| -> f64 {
-        path.iter()
-            .fold(&figures, |v, k| &v[*k])
-            .as_f64()
-            .unwrap_or_else(|| panic!("missing {path:?} in {figures:#}"))
-    };
+    let number = |path: &[&str]| figure(&figures, path);
     for path in [
         &["initial_sync", "seconds"][..],
         &["initial_sync", "disk_mib_per_second"],
@@ -130,15 +126,7 @@ fn bench_fails_when_the_replica_is_damaged() {
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let run = work.path().join("run");
     let (data, disk) = (run.join("data"), run.join("disk.raw"));
-    let chunk_size = figures["chunk_size_bytes"].as_u64().unwrap() as u32;
-    damage_a_stored_chunk(&data, &disk, chunk_size as usize);
-    let launch = figures["cutover"]["launch"].as_str().unwrap().to_owned();
-    let root = blockrep_store::Store::open_read_only(&data)
-        .unwrap()
-        .launch(&launch)
-        .unwrap()
-        .unwrap()
-        .root;
+    let (chunk_size, launch, root) = damage_after_bench(&figures, &data, &disk);
     let verification = blockrep_bench::verify_cutover(&blockrep_bench::CutoverVolume {
         data,
         disk,
@@ -152,6 +140,150 @@ fn bench_fails_when_the_replica_is_damaged() {
     assert!(!verification.equal(), "a damaged replica verified equal");
     let error = verification.ensure_equal().unwrap_err().to_string();
     assert!(error.contains("differs"), "{error}");
+}
+
+/// The number at `path` in the bench's figures.
+fn figure(figures: &serde_json::Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(figures, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or_else(|| panic!("missing {path:?} in {figures:#}"))
+}
+
+/// A machine of three small disks (the last 2 MiB + 4 KiB, not a whole chunk).
+fn machine_bench(work: &Path) -> (std::process::Output, serde_json::Value) {
+    let (output, json) = bench_with(
+        work,
+        &[
+            "--disks",
+            "3",
+            "--size",
+            "4MiB",
+            "--duration",
+            "2s",
+            "--interval",
+            "300ms",
+        ],
+    );
+    assert_success(&output);
+    let figures = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (output, figures)
+}
+
+/// `bench --disks 3` replicates a machine of three disks, cuts it over as one,
+/// and verifies every volume of the cutover launch against its disk.
+#[test]
+fn bench_of_three_disks_verifies_every_volume_of_the_machine_cutover() {
+    let work = tempfile::tempdir().unwrap();
+    let (output, figures) = machine_bench(work.path());
+    assert_eq!(figures["disks"], 3, "{figures:#}");
+    let sizes = [4 << 20, 4 << 20, (2 << 20) + 4096];
+    assert_eq!(figures["disk_sizes_bytes"], serde_json::json!(sizes));
+    assert_eq!(figures["disk_size_bytes"], sizes.iter().sum::<u64>());
+    let volumes = figures["volumes"].as_array().unwrap();
+    let names: Vec<&str> = volumes
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["disk0", "disk1", "disk2"], "{figures:#}");
+    for (volume, size) in volumes.iter().zip(sizes) {
+        assert_eq!(volume["size_bytes"], size, "{volume:#}");
+        assert_eq!(volume["roots_equal"], true, "{volume:#}");
+        assert_eq!(volume["bytes_equal"], true, "{volume:#}");
+    }
+    assert_eq!(figures["verified_equal"], true, "{figures:#}");
+    let number = |path: &[&str]| figure(&figures, path);
+    for path in [
+        &["blake3_all_cores_seconds"][..],
+        &["initial_sync", "seconds"],
+        &["initial_sync", "bytes_on_wire"],
+        &["delta_sync", "seconds"],
+        &["delta_sync", "bytes_on_wire"],
+        &["delta_sync", "ratio_to_floor"],
+        &["continuous", "epochs"],
+        &["continuous", "churn_bytes_written"],
+        &["cutover", "downtime_seconds"],
+        &["cutover", "ratio_to_floor"],
+    ] {
+        assert!(number(path) > 0.0, "{path:?} is not positive: {figures:#}");
+    }
+    assert!(
+        number(&["continuous", "lag_seconds_max"]) < 2.0,
+        "{figures:#}"
+    );
+    // The comparison of single-disk send paths is not made for a machine.
+    assert!(figures["delta_compare"].is_null(), "{figures:#}");
+    let table = stdout(&output);
+    assert!(table.contains("3 disks: 4 + 4 + 2 MiB"), "{table}");
+    assert!(table.contains("true (3 of 3)"), "{table}");
+    let svg = std::fs::read_to_string(work.path().join("out.svg")).unwrap();
+    assert!(svg.contains("3 disks"), "bad plot");
+}
+
+/// After a machine's bench, one byte of a chunk of its second disk is
+/// damaged in the store: that volume, and so the machine, verify unequal.
+#[test]
+fn bench_of_a_machine_fails_when_one_volume_is_damaged() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, figures) = machine_bench(work.path());
+    let run = work.path().join("run");
+    let data = run.join("data");
+    let (chunk_size, launch, root) = damage_after_bench(&figures, &data, &run.join("disk1.raw"));
+    let disks = ["disk0", "disk1", "disk2"]
+        .map(|name| {
+            let volume = blockrep_core::VolumeName::new(name).unwrap();
+            (volume, run.join(format!("{name}.raw")))
+        })
+        .to_vec();
+    let (whole, volumes) =
+        blockrep_bench::verify_machine_cutover(&blockrep_bench::CutoverMachine {
+            data,
+            disks,
+            chunk_size_bytes: chunk_size,
+            root,
+            launch,
+            scratch: run.join("cutover-volume.raw"),
+        })
+        .unwrap();
+    assert!(!whole.equal(), "a damaged machine verified equal");
+    assert!(!volumes[1].verification.bytes_equal, "{volumes:?}");
+    let error = whole.ensure_equal().unwrap_err().to_string();
+    assert!(error.contains("differs"), "{error}");
+}
+
+/// `--capture` measures one disk at a time: `--disks` with it is refused.
+#[test]
+fn bench_refuses_disks_with_capture() {
+    let output = Command::new(BIN)
+        .args(["bench", "--capture", "--disks", "2"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let error = stderr(&output);
+    assert!(
+        error.contains("--disks") && error.contains("--capture"),
+        "{error}"
+    );
+}
+
+/// After a bench run whose figures are `figures` and store `data`: damages a
+/// stored chunk of `disk` and returns the chunk size, and the cutover
+/// launch's name and root.
+fn damage_after_bench(
+    figures: &serde_json::Value,
+    data: &Path,
+    disk: &Path,
+) -> (u32, String, blockrep_core::ChunkId) {
+    let chunk_size = figures["chunk_size_bytes"].as_u64().unwrap() as u32;
+    damage_a_stored_chunk(data, disk, chunk_size as usize);
+    let launch = figures["cutover"]["launch"].as_str().unwrap().to_owned();
+    let root = blockrep_store::Store::open_read_only(data)
+        .unwrap()
+        .launch(&launch)
+        .unwrap()
+        .unwrap()
+        .root;
+    (chunk_size, launch, root)
 }
 
 /// Flips one byte of a chunk of the disk stored in the packs (found by

@@ -12,6 +12,10 @@
 //! [`LINK_BYTES_PER_SECOND`] (`--max-rate 1Gbit/s`): a LAN between the source
 //! machine and the replication server, the fastest link such a pair commonly
 //! has.
+//!
+//! A machine of several disks has no comparison rows (`delta_compare` is
+//! null): machine epochs send whole chunks only, and rsync compares one
+//! file. Its delta is still measured after a warm-up delta.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,12 +38,18 @@ const WARM_UP_SOURCE: &str = "bench-warm-up";
 /// The link rows' rate: 1 Gbit/s.
 pub(crate) const LINK_BYTES_PER_SECOND: u64 = 125_000_000;
 
-/// What the reference rows need from before the change.
+/// What the delta needs from before the change: the warm-up source, and
+/// the comparison's sources for a single disk.
 pub(crate) struct Reference {
+    warm_up: AgentConfig,
+    compare: Option<Compare>,
+}
+
+/// The sources and the basis of the comparison rows.
+struct Compare {
     whole: AgentConfig,
     link_patches: AgentConfig,
     link_whole: AgentConfig,
-    warm_up: AgentConfig,
     /// A copy of the disk before the change, for rsync to update.
     basis: PathBuf,
 }
@@ -70,11 +80,22 @@ pub(crate) async fn prepare(
         .and_then(|file| file.sync_all())
         .with_context(|| format!("cannot sync {}", basis.display()))?;
     Ok(Reference {
-        whole,
-        link_patches,
-        link_whole,
         warm_up,
-        basis,
+        compare: Some(Compare {
+            whole,
+            link_patches,
+            link_whole,
+            basis,
+        }),
+    })
+}
+
+/// For a machine (whose `agent` names its disks): only the warm-up source,
+/// synced; call after the initial sync, before the change.
+pub(crate) async fn prepare_machine(agent: &AgentConfig, tls: &Path) -> Result<Reference> {
+    Ok(Reference {
+        warm_up: synced_source(agent, tls, WARM_UP_SOURCE, false).await?,
+        compare: None,
     })
 }
 
@@ -146,7 +167,7 @@ fn row(epochs: &[EpochReport], wall: Duration, changed_bytes: u64) -> Value {
 
 /// After the patched delta (`patched`, taking `patched_wall`) of a change of
 /// `blocks_changed` 4 KiB blocks: the same change as whole chunks and through
-/// rsync. Returns the `delta_compare` figures.
+/// rsync. Returns the `delta_compare` figures (null for a machine).
 pub(crate) async fn measure(
     reference: Reference,
     disk: &Path,
@@ -154,6 +175,9 @@ pub(crate) async fn measure(
     patched: &[EpochReport],
     patched_wall: Duration,
 ) -> Result<Value> {
+    let Some(reference) = reference.compare else {
+        return Ok(Value::Null);
+    };
     let changed_bytes = blocks_changed * 4096;
     let (whole, whole_wall) = delta(&reference.whole, "whole-chunk delta").await?;
     let (link_patches, link_patches_wall) =
@@ -217,6 +241,12 @@ fn rsync_4k(disk: &Path, basis: &Path, changed_bytes: u64) -> Result<Value> {
 /// Lines of the bench's table for the `delta_compare` figures.
 pub(crate) fn table_rows(f: &Value) -> Vec<(&'static str, String)> {
     let d = &f["delta_compare"];
+    if d.is_null() {
+        return vec![(
+            "  patches, whole chunks, rsync compared",
+            "one disk only".into(),
+        )];
+    }
     let cell = |key: &str| -> String {
         let r = &d[key];
         if r.is_null() {

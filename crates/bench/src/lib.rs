@@ -9,11 +9,17 @@
 //! cutover whose volume is verified against the disk byte for byte
 //! ([`verify_cutover`]); a mismatch makes the bench fail.
 //!
+//! With [`Options::disks`] above one it replicates a machine of that many
+//! disks as one source (see `disks.rs` for their sizes and seeds), cuts the
+//! whole machine over, and verifies every volume of the cutover launch
+//! against its disk ([`verify_machine_cutover`]).
+//!
 //! With [`Options::capture`] it measures instead the lag of write capture
 //! against a rescan of the disk every epoch.
 
 mod capture;
 mod delta;
+mod disks;
 mod measure;
 mod plot;
 mod replication;
@@ -25,17 +31,24 @@ mod verify;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
-pub use verify::{CutoverVolume, Verification, verify_cutover};
+pub use verify::{
+    CutoverMachine, CutoverVolume, Verification, VolumeVerification, verify_cutover,
+    verify_machine_cutover,
+};
 
 /// What to measure, and where; `blockrep bench`'s flags.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// The `blockrep` executable whose `server` command is the server under test.
     pub server_exe: PathBuf,
-    /// Size of the synthetic disk in bytes.
+    /// Size of the synthetic disk in bytes; of each disk of a machine but
+    /// the last, which is half of it plus 4 KiB.
     pub size: u64,
+    /// Disks of the synthetic source: 1 replicates a single disk, more a
+    /// machine of that many disks (at most `blockrep_core::VOLUMES_MAX`).
+    pub disks: usize,
     /// Chunk size in bytes.
     pub chunk_size: u64,
     /// Bytes per second of the churn writer during continuous replication.
@@ -68,6 +81,11 @@ pub struct Options {
 /// the disk.
 pub async fn run(options: Options) -> Result<()> {
     if options.capture {
+        ensure!(
+            options.disks == 1,
+            "--capture measures one disk at a time (--capture-sizes): it cannot be combined \
+             with --disks"
+        );
         return capture::run(capture::CaptureBench {
             server_exe: options.server_exe,
             sizes: options.capture_sizes,

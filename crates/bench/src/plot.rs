@@ -7,8 +7,14 @@ use anyhow::Result;
 
 use crate::measure::Sample;
 
-/// Throughput (MiB/s received by the server) and lag over time, cutover shaded.
-pub(crate) fn plot(path: &Path, samples: &[Sample], cutover: Option<(f64, f64)>) -> Result<()> {
+/// Throughput (MiB/s received by the server) and lag over time, cutover
+/// shaded; `disks` (how many and their sizes) is in the throughput's title.
+pub(crate) fn plot(
+    path: &Path,
+    samples: &[Sample],
+    cutover: Option<(f64, f64)>,
+    disks: &str,
+) -> Result<()> {
     use plotters::prelude::*;
     let mut points = Vec::new();
     for pair in samples.windows(2) {
@@ -26,8 +32,9 @@ pub(crate) fn plot(path: &Path, samples: &[Sample], cutover: Option<(f64, f64)>)
     let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (upper, lower) = root.split_vertically(300);
+    let throughput_title = format!("replication throughput (MiB/s), {disks}");
     for (area, title, max, pick) in [
-        (&upper, "replication throughput (MiB/s)", rate_max, 1usize),
+        (&upper, throughput_title.as_str(), rate_max, 1usize),
         (&lower, "replication lag (s)", lag_max, 2usize),
     ] {
         let mut chart = ChartBuilder::on(area)

@@ -1,5 +1,6 @@
 //! The main bench: initial sync, delta sync, continuous replication under
-//! churn, then a cutover whose volume is verified against the disk.
+//! churn, then a cutover whose volume is verified against the disk (for a
+//! machine of several disks: every volume against its disk).
 
 use std::fs;
 use std::sync::Arc;
@@ -11,13 +12,17 @@ use blockrep_agent::{AgentConfig, EpochReport};
 use blockrep_core::{Geometry, SourceId};
 use serde_json::json;
 
+use crate::disks::BenchDisk;
 use crate::measure::{
     Sample, blake3_floor, cpu_seconds, mib, mib_per_s, nonzero_bytes, percentile, rss_bytes,
 };
 use crate::server::ServerChild;
-use crate::synthetic::{churn_blocks, make_synthetic_disk, spawn_churn};
-use crate::verify::{CutoverVolume, Verification, verify_cutover};
-use crate::{Options, plot, table};
+use crate::synthetic::{churn_blocks, spawn_churn};
+use crate::verify::{
+    CutoverMachine, CutoverVolume, Verification, VolumeVerification, verify_cutover,
+    verify_machine_cutover,
+};
+use crate::{Options, disks, plot, table};
 
 fn source_view(body: &str) -> Option<blockrep_server::SourceView> {
     serde_json::from_str(body).ok()
@@ -45,7 +50,15 @@ pub(crate) async fn run(args: Options) -> Result<()> {
             temp.path().to_owned()
         }
     };
-    let disk = workdir.join("disk.raw");
+    let disks = disks::plan(&workdir, args.disks, args.size, args.seed)?;
+    for each in &disks {
+        Geometry::new(each.size_bytes, chunk_size)?;
+    }
+    // A machine of several disks, or the single disk of `--disks 1`.
+    let machine = disks.len() > 1;
+    let disk = disks[0].path.clone();
+    let disk_sizes: Vec<u64> = disks.iter().map(|d| d.size_bytes).collect();
+    let total_size: u64 = disk_sizes.iter().sum();
     let tls = workdir.join("tls");
     let data = workdir.join("data");
     for stale in [&data, &tls] {
@@ -55,14 +68,14 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
-        "blockrep bench: {} MiB synthetic disk, seed {}, {cores} cores",
-        args.size >> 20,
+        "blockrep bench: synthetic {}, seed {}, {cores} cores",
+        disks::describe(&disk_sizes),
         args.seed
     );
-    let layout = make_synthetic_disk(&disk, args.size, args.seed)?;
+    let layout = disks::make(&disks)?;
     let layout_text: Vec<String> = layout
         .iter()
-        .map(|(name, bytes)| format!("{name} {:.0}%", 100.0 * *bytes as f64 / args.size as f64))
+        .map(|(name, bytes)| format!("{name} {:.0}%", 100.0 * *bytes as f64 / total_size as f64))
         .collect();
     eprintln!("  layout: {}", layout_text.join(", "));
     let source = SourceId::new("bench")?;
@@ -72,8 +85,12 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     let server_pid = server.pid();
     let self_pid = std::process::id().to_string();
 
-    let nonzero = nonzero_bytes(&disk, chunk_size as usize)?;
-    let floor = blake3_floor(&disk)?;
+    let mut nonzero = 0;
+    let mut floor = Duration::ZERO;
+    for each in &disks {
+        nonzero += nonzero_bytes(&each.path, chunk_size as usize)?;
+        floor += blake3_floor(&each.path)?;
+    }
 
     let stop_file = workdir.join("churn.stop");
     let stopped_file = workdir.join("churn.stopped");
@@ -87,6 +104,12 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         tls.join("bench.crt"),
         tls.join("bench.key"),
     );
+    if machine {
+        agent.volumes = disks
+            .iter()
+            .map(|d| (d.name.clone(), d.path.clone()))
+            .collect();
+    }
     agent.chunk_size_bytes = chunk_size;
     agent.interval = args.interval;
     agent.pre_cutover_cmd = Some(format!(
@@ -119,13 +142,13 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         cpu_seconds(&server_pid) - cpu_server_0,
     );
     let initial_bytes: u64 = initial.iter().map(|r| r.bytes_sent).sum();
-    let reference = crate::delta::prepare(&agent, &tls, &disk, &workdir).await?;
+    let reference = if machine {
+        crate::delta::prepare_machine(&agent, &tls).await?
+    } else {
+        crate::delta::prepare(&agent, &tls, &disk, &workdir).await?
+    };
 
-    let blocks_changed = churn_blocks(&disk, args.change_percent / 100.0, args.seed)?;
-    // The change is on the disk, not in flight, before any delta is timed.
-    std::fs::File::open(&disk)
-        .and_then(|file| file.sync_all())
-        .with_context(|| format!("cannot sync {}", disk.display()))?;
+    let blocks_changed = change(&disks, args.change_percent / 100.0)?;
     eprintln!("delta sync after {blocks_changed} random 4 KiB writes...");
     crate::delta::warm_up(&reference).await?;
     let (delta, delta_wall) = crate::delta::delta(&agent, "patched delta").await?;
@@ -155,7 +178,7 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         })
     };
     let writer = spawn_churn(
-        disk.clone(),
+        disks.iter().map(|d| d.path.clone()).collect(),
         args.churn_rate,
         args.seed,
         stop_file.clone(),
@@ -227,16 +250,34 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     let (agent_peak, server_peak) = memory_sampler.join().unwrap_or((0, 0));
     server.stop();
 
-    eprintln!("verifying the cutover volume against the disk...");
-    let verification = verify_cutover(&CutoverVolume {
-        data: data.clone(),
-        disk: disk.clone(),
-        source: source.clone(),
-        chunk_size_bytes: chunk_size,
-        root: cutover.root,
-        launch: cutover.launch.clone(),
-        scratch: workdir.join("cutover-volume.raw"),
-    })?;
+    let (verification, volumes) = if machine {
+        eprintln!("verifying every volume of the cutover launch against its disk...");
+        verify_machine_cutover(&CutoverMachine {
+            data: data.clone(),
+            disks: agent.volumes.clone(),
+            chunk_size_bytes: chunk_size,
+            root: cutover.root,
+            launch: cutover.launch.clone(),
+            scratch: workdir.join("cutover-volume.raw"),
+        })?
+    } else {
+        eprintln!("verifying the cutover volume against the disk...");
+        let verification = verify_cutover(&CutoverVolume {
+            data: data.clone(),
+            disk: disk.clone(),
+            source: source.clone(),
+            chunk_size_bytes: chunk_size,
+            root: cutover.root,
+            launch: cutover.launch.clone(),
+            scratch: workdir.join("cutover-volume.raw"),
+        })?;
+        let volume = VolumeVerification {
+            name: disks[0].name.clone(),
+            size_bytes: disks[0].size_bytes,
+            verification,
+        };
+        (verification, vec![volume])
+    };
     let Verification {
         roots_equal,
         bytes_equal,
@@ -266,14 +307,16 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         "version": env!("CARGO_PKG_VERSION"),
         "cores": cores,
         "seed": args.seed,
-        "disk_size_bytes": args.size,
+        "disk_size_bytes": total_size,
+        "disks": disks.len(),
+        "disk_sizes_bytes": disk_sizes,
         "chunk_size_bytes": chunk_size,
         "layout_bytes": layout.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "nonzero_bytes": nonzero,
         "blake3_all_cores_seconds": floor.as_secs_f64(),
         "initial_sync": {
             "seconds": initial_wall.as_secs_f64(),
-            "disk_mib_per_second": mib_per_s(args.size, initial_wall),
+            "disk_mib_per_second": mib_per_s(total_size, initial_wall),
             "nonzero_mib_per_second": mib_per_s(nonzero, initial_wall),
             "bytes_on_wire": initial_bytes,
             "agent_cpu_seconds": cpu_agent,
@@ -324,6 +367,12 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         "verified_equal": verified,
         "roots_equal": roots_equal,
         "bytes_equal": bytes_equal,
+        "volumes": volumes.iter().map(|v| json!({
+            "name": v.name.as_str(),
+            "size_bytes": v.size_bytes,
+            "roots_equal": v.verification.roots_equal,
+            "bytes_equal": v.verification.bytes_equal,
+        })).collect::<Vec<_>>(),
     });
     table::print_table(&figures);
     if let Some(path) = &args.json {
@@ -331,8 +380,27 @@ pub(crate) async fn run(args: Options) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        plot::plot(path, &samples, cutover_window)
-            .with_context(|| format!("cannot draw {}", path.display()))?;
+        plot::plot(
+            path,
+            &samples,
+            cutover_window,
+            &disks::describe(&disk_sizes),
+        )
+        .with_context(|| format!("cannot draw {}", path.display()))?;
     }
     verification.ensure_equal()
+}
+
+/// Rewrites `share` of each disk's 4 KiB blocks (each disk with its own
+/// seed) and syncs them, so the change is on the disks, not in flight,
+/// before any delta is timed. Returns the blocks written.
+fn change(disks: &[BenchDisk], share: f64) -> Result<u64> {
+    let mut blocks_changed = 0;
+    for disk in disks {
+        blocks_changed += churn_blocks(&disk.path, share, disk.seed)?;
+        fs::File::open(&disk.path)
+            .and_then(|file| file.sync_all())
+            .with_context(|| format!("cannot sync {}", disk.path.display()))?;
+    }
+    Ok(blocks_changed)
 }

@@ -134,49 +134,86 @@ pub(crate) fn churn_blocks(path: &Path, share: f64, seed: u64) -> Result<u64> {
 }
 
 /// The churn writer: random 4 KiB writes at `rate` bytes per second, one in eight
-/// of them appending sequentially to the last tenth of the disk, until the stop
-/// file appears (the pre-cutover command); then it fsyncs and says so.
+/// of them appending sequentially to the last tenth of a disk, until the stop
+/// file appears (the pre-cutover command); then it fsyncs every disk and says
+/// so. With several disks the writes go to each in turn (round-robin), each
+/// disk with its own append position; with one, every write goes to it.
 pub(crate) fn spawn_churn(
-    disk: PathBuf,
+    disks: Vec<PathBuf>,
     rate: u64,
     seed: u64,
     stop: PathBuf,
     stopped: PathBuf,
 ) -> std::thread::JoinHandle<Result<u64>> {
     std::thread::spawn(move || {
-        let file = OpenOptions::new().write(true).open(&disk)?;
-        let blocks = file.metadata()?.len() / 4096;
-        let append_start = blocks - blocks / 10;
-        let mut append_next = append_start;
+        let mut targets = disks
+            .iter()
+            .map(|disk| ChurnTarget::open(disk))
+            .collect::<Result<Vec<_>>>()?;
         let mut rng = SplitMix64::new(seed ^ 0x5EED);
         let mut block = [0u8; 4096];
         let started = Instant::now();
         let mut written = 0u64;
+        let mut turn = 0;
         while !stop.exists() {
             let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
             if written + 4096 > due {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
+            let target = &mut targets[turn % disks.len()];
+            turn += 1;
             fill(&mut rng, &mut block);
             let index = if rng.below(8) == 0 {
-                let index = append_next;
-                append_next = if append_next + 1 >= blocks {
-                    append_start
-                } else {
-                    append_next + 1
-                };
-                index
+                target.next_append()
             } else {
-                rng.below(blocks)
+                rng.below(target.blocks)
             };
-            file.write_all_at(&block, index * 4096)?;
+            target.file.write_all_at(&block, index * 4096)?;
             written += 4096;
         }
-        file.sync_all()?;
+        for target in &targets {
+            target.file.sync_all()?;
+        }
         fs::write(&stopped, b"")?;
         Ok(written)
     })
+}
+
+/// One disk of the churn writer and where its sequential appends are.
+struct ChurnTarget {
+    file: fs::File,
+    blocks: u64,
+    append_start: u64,
+    append_next: u64,
+}
+
+impl ChurnTarget {
+    fn open(disk: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(disk)
+            .with_context(|| format!("cannot open {}", disk.display()))?;
+        let blocks = file.metadata()?.len() / 4096;
+        let append_start = blocks - blocks / 10;
+        Ok(Self {
+            file,
+            blocks,
+            append_start,
+            append_next: append_start,
+        })
+    }
+
+    /// The next block of the append region, wrapping to its start.
+    fn next_append(&mut self) -> u64 {
+        let index = self.append_next;
+        self.append_next = if self.append_next + 1 >= self.blocks {
+            self.append_start
+        } else {
+            self.append_next + 1
+        };
+        index
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +238,33 @@ mod tests {
             blake3::hash(&first).to_hex().as_str(),
             "48e12de5eb1bd9a7a06dc4dfb90c3b016cc4c5010e6e69e099d1a5c0b77d0d74"
         );
+    }
+
+    #[test]
+    fn the_churn_writer_writes_to_every_disk_and_fsyncs_them_when_told_to_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("d{i}"))).collect();
+        for disk in &disks {
+            std::fs::File::create(disk)
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+        }
+        let (stop, stopped) = (dir.path().join("stop"), dir.path().join("stopped"));
+        let writer = spawn_churn(disks.clone(), 64 << 20, 3, stop.clone(), stopped.clone());
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(&stop, b"").unwrap();
+        let written = writer.join().unwrap().unwrap();
+        assert!(stopped.exists());
+        assert!(written >= 3 * 4096, "{written}");
+        for disk in &disks {
+            let bytes = std::fs::read(disk).unwrap();
+            assert!(
+                bytes.iter().any(|&b| b != 0),
+                "{} unwritten",
+                disk.display()
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The table `blockrep bench` prints from its figures.
 
-use crate::delta;
+use crate::{delta, disks};
 
 /// Prints the figures as a two-column table.
 pub(crate) fn print_table(f: &serde_json::Value) {
@@ -115,8 +115,42 @@ pub(crate) fn print_table(f: &serde_json::Value) {
     if let Some(at) = rows.iter().position(|(name, _)| name.is_empty()) {
         rows.splice(at..=at, delta::table_rows(f));
     }
+    if f["disks"].as_u64().is_some_and(|disks| disks > 1) {
+        machine_rows(f, &mut rows);
+    }
     println!("blockrep bench: {} cores, seed {}", f["cores"], f["seed"]);
     for (name, value) in rows {
         println!("  {name:<46} {value:>22}");
+    }
+}
+
+/// A machine's rows: its disks first, and how many volumes of the cutover
+/// launch verified equal to their disks.
+fn machine_rows(f: &serde_json::Value, rows: &mut Vec<(&str, String)>) {
+    let sizes: Vec<u64> = f["disk_sizes_bytes"]
+        .as_array()
+        .map_or(Vec::new(), |sizes| {
+            sizes.iter().filter_map(serde_json::Value::as_u64).collect()
+        });
+    rows.insert(0, ("machine of", disks::describe(&sizes)));
+    if let Some(row) = rows
+        .iter_mut()
+        .find(|(name, _)| name.starts_with("blake3 of the disk"))
+    {
+        row.0 = "blake3 of every disk, all cores (s)";
+    }
+    let volumes = f["volumes"].as_array().map_or(&[][..], Vec::as_slice);
+    let equal = volumes
+        .iter()
+        .filter(|v| v["roots_equal"] == true && v["bytes_equal"] == true)
+        .count();
+    if let Some(row) = rows
+        .iter_mut()
+        .find(|(name, _)| *name == "cutover volume verified equal")
+    {
+        *row = (
+            "cutover volumes verified equal",
+            format!("{} ({equal} of {})", f["verified_equal"], volumes.len()),
+        );
     }
 }
