@@ -14,8 +14,9 @@
 //! has.
 //!
 //! A machine of several disks has no comparison rows (`delta_compare` is
-//! null): machine epochs send whole chunks only, and rsync compares one
-//! file. Its delta is still measured after a warm-up delta.
+//! null): rsync compares one file, and the comparison sources are single
+//! disks. Its delta (patches, as a disk's) is still measured after a warm-up
+//! delta.
 
 use std::fs;
 use std::path::{Path, PathBuf};
