@@ -34,6 +34,7 @@ mod lifecycle;
 mod machine;
 mod machine_cutover;
 mod machine_order;
+mod machine_steps;
 mod malicious_server;
 mod nbd_access;
 mod net_faults;

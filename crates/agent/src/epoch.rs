@@ -16,6 +16,7 @@ use tracing::debug;
 const PROGRESS_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
 use crate::connection::{Connection, TlsTransport, Transport};
+use crate::machine_step::MachineStep;
 use crate::pages::{PagesOf, fetch_pages};
 use crate::send::{References, spawn_encoders};
 use crate::view::Scan;
@@ -66,9 +67,13 @@ pub(crate) struct Session<S = TlsTransport> {
     /// capture can still continue from incrementally.
     pub(crate) step_roots: Vec<ChunkId>,
     /// A volume of a machine (`crate::machine`): an epoch sends the volume's
-    /// changes but leaves its commit to the machine, in `deferred`, and makes
-    /// no intermediate commits.
+    /// changes but leaves its complete commit to the machine, in `deferred`;
+    /// its intermediate commits name the machine root `machine_step` gives.
     volume_of_machine: bool,
+    /// In a machine's epoch: the other volumes' roots as the server now
+    /// holds them, for an intermediate commit of the current volume (`None`:
+    /// no intermediate commit, as in a cutover's final epoch).
+    pub(crate) machine_step: Option<MachineStep>,
     /// The chunk ids an epoch of a machine's volume ends with, for the
     /// machine's one commit.
     deferred: Option<Vec<ChunkId>>,
@@ -177,6 +182,7 @@ impl<S: Transport> Session<S> {
             patches: config.patches,
             capture: config.capture.clone(),
             step_roots: Vec::new(),
+            machine_step: None,
             volume_of_machine: false,
             deferred: None,
         }
@@ -378,7 +384,11 @@ impl<S: Transport> Session<S> {
         consistency: Consistency,
     ) -> Result<(ChunkId, u64, u64, u64), Error> {
         let (root, _) = Root::build(self.geometry, view);
-        let root_id = root.id();
+        // A machine's intermediate commit names the machine's root.
+        let root_id = match &self.machine_step {
+            Some(step) => step.root_with(root.id())?,
+            None => root.id(),
+        };
         let last = complete && self.final_epoch;
         let mut bytes = 0;
         if let Some(capture) = self.capture.as_ref().filter(|_| complete) {
@@ -453,6 +463,15 @@ impl<S: Transport> Session<S> {
         }
         if !complete {
             self.step_roots.push(root_id);
+        }
+        if let Some(step) = &self.machine_step {
+            // The server starts its next epoch at the first volume: the
+            // rest of this one's frames are about the current volume.
+            // At most VOLUMES_MAX volumes: the index fits.
+            let index = step.current as u16;
+            self.connection
+                .send(&Message::SelectVolume { index })
+                .await?;
         }
         self.head_epoch = epoch;
         self.head_ids = Some(view.to_vec());
@@ -639,7 +658,8 @@ impl<S: Transport> Session<S> {
             // The final epoch of a cutover commits once: the application is down.
             let step_due =
                 step_bytes >= config.step_bytes || step_started.elapsed() >= config.step_interval;
-            if step_due && !self.final_epoch && !self.volume_of_machine {
+            let may_step = !self.volume_of_machine || self.machine_step.is_some();
+            if step_due && !self.final_epoch && may_step {
                 // An intermediate commit of a large epoch: a crash loses one step.
                 // It mixes the head with part of the scan, so it is never more
                 // than live, whatever view the scan read.

@@ -28,6 +28,7 @@ mod failback_patch;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 mod machine;
+mod machine_step;
 mod pages;
 mod patch;
 mod rate;

@@ -8,8 +8,9 @@
 //! is then `quiesced`, else `live` whatever each disk's view was, never
 //! called consistent across disks. The cutover's final epoch is one such
 //! point of every volume, answered with one cutover launch of them all.
-//! Write capture is single-disk only for now (refused for machines), and a
-//! machine's epoch is committed once, without intermediate steps.
+//! A large epoch is committed in steps, each a machine root of what the
+//! server holds so far (labelled live, never a recovery point to launch as
+//! consistent), so an interrupted initial sync resumes where it stopped.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use blockrep_proto::{Message, PROTOCOL_VERSION};
 
 use crate::connection::{Connection, TlsTransport, Transport};
 use crate::epoch::{CutoverReady, Session, VolumeHead, certificate_rejected};
+use crate::machine_step::MachineStep;
 use crate::view::Scan;
 use crate::{AgentConfig, EpochReport, Error};
 
@@ -208,18 +210,31 @@ impl<S: Transport> MachineSession<S> {
         let scan_started_unix_ms = scans.iter().map(|s| s.started_unix_ms).min().unwrap_or(0);
         let mut total = EpochReport::nothing_yet(0, Duration::ZERO, consistency);
         let mut views = Vec::with_capacity(scans.len());
+        let mut roots: Vec<Root> = Vec::with_capacity(scans.len());
         for (index, scan) in scans.into_iter().enumerate() {
             let geometry = scan.geometry;
             self.select(index).await?;
-            let report = self
-                .session
-                .epoch(config, scan, true)
-                .await?
+            // A large volume's changes are committed in steps, each a
+            // machine root: the volumes sent so far as sent, this one as far
+            // as it got, the rest as in the head. Not in the final epoch of
+            // a cutover, which commits once.
+            self.session.machine_step = match last {
+                true => None,
+                false => Some(self.step_roots(index, &roots)),
+            };
+            let report = self.session.epoch(config, scan, true).await;
+            self.session.machine_step = None;
+            if let Some(step) = self.session.step_roots.drain(..).next_back() {
+                // An intermediate commit moved the machine's head.
+                self.head = Some(step);
+            }
+            let report = report?
                 .ok_or_else(|| Error::Protocol("a machine's volume epoch gave no report".into()))?;
             let view = self
                 .session
                 .take_deferred()
                 .ok_or_else(|| Error::Protocol("a machine's volume epoch left no ids".into()))?;
+            roots.push(Root::build(geometry, &view).0);
             total.chunks_sent += report.chunks_sent;
             total.zero_chunks_sent += report.zero_chunks_sent;
             total.ref_chunks_sent += report.ref_chunks_sent;
@@ -230,10 +245,6 @@ impl<S: Transport> MachineSession<S> {
             total.scan_duration += report.scan_duration;
             views.push((geometry, view));
         }
-        let roots: Vec<Root> = views
-            .iter()
-            .map(|(g, ids)| Root::build(*g, ids).0)
-            .collect();
         let machine = MachineRoot::new(
             self.names
                 .iter()
@@ -347,6 +358,31 @@ impl<S: Transport> MachineSession<S> {
     pub(crate) async fn volume_head_ids(&mut self, index: usize) -> Result<Vec<ChunkId>, Error> {
         self.select(index).await?;
         self.session.head_ids().await
+    }
+
+    /// What an intermediate commit while volume `index` is sent names: the
+    /// `done` volumes (those before it) at their new roots, the later ones
+    /// at their roots in the head (all zeros for a volume the head lacks).
+    fn step_roots(&self, index: usize, done: &[Root]) -> MachineStep {
+        let roots = (0..self.volumes.len())
+            .map(|i| match done.get(i) {
+                Some(root) => root.id(),
+                None if i == index => ChunkId::ZERO, // replaced by the step
+                None => match &self.volumes[i].head_root {
+                    Some(root) => root.id(),
+                    None => {
+                        let geometry = self.volumes[i].geometry;
+                        let zeros = vec![ChunkId::ZERO; geometry.chunk_count() as usize];
+                        Root::from_chunk_ids(geometry, &zeros).id()
+                    }
+                },
+            })
+            .collect();
+        MachineStep {
+            names: self.names.clone(),
+            roots,
+            current: index,
+        }
     }
 
     /// Whether the server asked for the cutover (`blockrep cutover`).
