@@ -72,6 +72,15 @@ fn every_machine_point_holds_a_prefix_of_records_written_alternately_to_two_disk
     for disk in &disks {
         std::fs::write(disk, vec![0u8; 4 * MIB]).unwrap();
     }
+    // Clones of both disks left by an agent killed before it removed them:
+    // each disk's are swept when it is first cloned.
+    let stale = [
+        xfs.path().join(".a.raw.blockrep-view-4194305-0"),
+        xfs.path().join(".b.raw.blockrep-view-4194305-1"),
+    ];
+    for clone in &stale {
+        std::fs::write(clone, b"left behind").unwrap();
+    }
     let rig = rig(&["web"], &["--gc-interval", "off"]);
     let script = rig.path("writer.py");
     std::fs::write(&script, WRITER).unwrap();
@@ -120,6 +129,9 @@ fn every_machine_point_holds_a_prefix_of_records_written_alternately_to_two_disk
     let status = writer.wait().unwrap();
     assert!(status.success());
     agent.stop_cleanly();
+    for clone in &stale {
+        assert!(!clone.exists(), "{} was not swept", clone.display());
+    }
     assert!(
         agent
             .lines()

@@ -413,11 +413,23 @@ pub(crate) fn geometries(scans: &[Scan]) -> Vec<Geometry> {
     scans.iter().map(|s| s.geometry).collect()
 }
 
-/// The configuration of one volume: the machine's, with that volume's disk.
+/// The configuration of one volume: the machine's, with that volume's disk
+/// and view options of its own (what a view learns is about one disk). Made
+/// once per run, so that what it learns lasts.
 pub(crate) fn volume_config(config: &AgentConfig, path: &Path) -> AgentConfig {
     let mut config = config.clone();
     config.disk = path.to_owned();
+    config.view = config.view.for_another_disk();
     config
+}
+
+/// Every volume's configuration (see [`volume_config`]).
+pub(crate) fn volume_configs(config: &AgentConfig) -> Vec<AgentConfig> {
+    config
+        .volumes
+        .iter()
+        .map(|(_, path)| volume_config(config, path))
+        .collect()
 }
 
 /// The machine root of `names` with these roots, when every volume has one.

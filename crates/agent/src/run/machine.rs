@@ -9,20 +9,16 @@ use tracing::warn;
 
 use super::cutover::{FinalEpoch, finish, stop_workload};
 use super::{ONCE_EPOCHS_MAX, RunOutcome, backoff_ceiling};
-use crate::machine::{MachineSession, geometries, machine_root_of, volume_config};
+use crate::machine::{MachineSession, geometries, machine_root_of, volume_configs};
 use crate::view::{Scan, scan_together};
 use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
 /// Scans every volume of the machine, the views taken at one instant where
 /// a quiesce command allows it (see `view::scan_together`), and what the
 /// set may claim.
-async fn scan_all(config: &AgentConfig) -> Result<Machine, Error> {
-    let configs: Vec<AgentConfig> = config
-        .volumes
-        .iter()
-        .map(|(_, path)| volume_config(config, path))
-        .collect();
-    scan_together(&configs, config.chunk_size_bytes).await
+async fn scan_all(volumes: &[AgentConfig]) -> Result<Machine, Error> {
+    let chunk_size_bytes = volumes.first().map_or(0, |c| c.chunk_size_bytes);
+    scan_together(volumes, chunk_size_bytes).await
 }
 
 /// A machine's scans and the label their set may claim.
@@ -46,20 +42,22 @@ pub(crate) async fn once(
 ) -> Result<RunOutcome, Error> {
     let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
     let mut outcome = RunOutcome::default();
-    let first = scan_all(config).await?;
+    let volumes = volume_configs(config);
+    let first = scan_all(&volumes).await?;
     let mut session = MachineSession::open(config, &names, &geometries(&first.0)).await?;
     let mut next = Some(first);
     for _ in 0..ONCE_EPOCHS_MAX {
         let (scans, label) = match next.take() {
             Some(machine) => machine,
-            None => scan_all(config).await?,
+            None => scan_all(&volumes).await?,
         };
         if session.head_root_id().is_some() && session.head_root_id() == scans_root(&names, &scans)
         {
             // Released before the cutover takes its own views.
             drop(scans);
             if config.cutover || session.cutover_requested() {
-                outcome.cutover = Some(cutover(config, &mut session, Instant::now()).await?);
+                outcome.cutover =
+                    Some(cutover(config, &volumes, &mut session, Instant::now()).await?);
             }
             session.close().await;
             return Ok(outcome);
@@ -79,11 +77,12 @@ pub(crate) async fn once(
 /// every volume.
 async fn cutover(
     config: &AgentConfig,
+    volumes: &[AgentConfig],
     session: &mut MachineSession,
     requested_at: Instant,
 ) -> Result<CutoverReport, Error> {
     let stopped = stop_workload(config, requested_at).await?;
-    let (scans, mut label) = scan_all(config).await?;
+    let (scans, mut label) = scan_all(volumes).await?;
     // The workload is stopped: every volume holds one quiesced state.
     if config.pre_cutover_cmd.is_some() {
         label = Consistency::Quiesced;
@@ -108,12 +107,13 @@ pub(crate) async fn continuous(
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<Option<CutoverReport>, Error> {
     let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
+    let volumes = volume_configs(config);
     let mut backoff = Duration::from_millis(250);
     loop {
         if *shutdown.borrow() {
             return Ok(None);
         }
-        let attempt = sessions(config, &names, &mut on_epoch, &mut backoff);
+        let attempt = sessions(config, &volumes, &names, &mut on_epoch, &mut backoff);
         let error: Error = tokio::select! {
             result = attempt => match result {
                 Ok(cutover) => return Ok(Some(cutover)),
@@ -139,23 +139,24 @@ pub(crate) async fn continuous(
 /// can ask for the cutover). A committed epoch resets `backoff`.
 async fn sessions(
     config: &AgentConfig,
+    volumes: &[AgentConfig],
     names: &[VolumeName],
     on_epoch: &mut impl FnMut(&EpochReport),
     backoff: &mut Duration,
 ) -> Result<CutoverReport, Error> {
-    let first = scan_all(config).await?;
+    let first = scan_all(volumes).await?;
     let mut session = MachineSession::open(config, names, &geometries(&first.0)).await?;
     let mut next = Some(first);
     loop {
         let scan_start = Instant::now();
         let (scans, label) = match next.take() {
             Some(machine) => machine,
-            None => scan_all(config).await?,
+            None => scan_all(volumes).await?,
         };
         on_epoch(&session.epoch(config, scans, label).await?);
         *backoff = Duration::from_millis(250);
         if session.cutover_requested() || config.cutover {
-            let report = cutover(config, &mut session, Instant::now()).await?;
+            let report = cutover(config, volumes, &mut session, Instant::now()).await?;
             session.close().await;
             return Ok(report);
         }

@@ -92,6 +92,16 @@ struct Learned {
 }
 
 impl ViewOptions {
+    /// The same options for another disk (a machine's volume), which learns
+    /// its own facts: one disk that can only be read live does not make the
+    /// others live, and each disk's stale clones are swept.
+    pub(crate) fn for_another_disk(&self) -> Self {
+        Self {
+            learned: Arc::default(),
+            ..self.clone()
+        }
+    }
+
     fn timeout(&self) -> Duration {
         self.command_timeout.unwrap_or(VIEW_COMMAND_TIMEOUT_DEFAULT)
     }
