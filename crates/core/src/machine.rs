@@ -222,5 +222,31 @@ fn check_volumes(volumes: &[(VolumeName, RootId)]) -> Result<(), String> {
     Ok(())
 }
 
+impl MachineRoot {
+    /// Whether `names` may be a machine's volumes (1 to [`VOLUMES_MAX`],
+    /// none twice), as [`MachineRoot::new`] checks them: a session's
+    /// volumes are checked before they have roots.
+    pub fn check_names(names: &[VolumeName]) -> Result<(), Error> {
+        if names.is_empty() || names.len() > VOLUMES_MAX {
+            return Err(Error::new(
+                ErrorKind::InvalidEncoding,
+                format!(
+                    "machine root: {} volumes (a machine has 1 to {VOLUMES_MAX})",
+                    names.len()
+                ),
+            ));
+        }
+        let mut sorted: Vec<&VolumeName> = names.iter().collect();
+        sorted.sort();
+        match sorted.windows(2).find(|w| w[0] == w[1]) {
+            Some(w) => Err(Error::new(
+                ErrorKind::InvalidEncoding,
+                format!("machine root: volume {} named twice", w[0]),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -54,6 +54,16 @@ fn refuses_no_volumes_too_many_and_repeats() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("volume a named twice"), "{err}");
+    // The names alone are checked the same way.
+    assert!(MachineRoot::check_names(&[]).is_err());
+    let names: Vec<VolumeName> = (0..=VOLUMES_MAX).map(|i| name(&format!("v{i}"))).collect();
+    let err = MachineRoot::check_names(&names).unwrap_err().to_string();
+    assert!(err.contains("65 volumes"), "{err}");
+    let err = MachineRoot::check_names(&[name("b"), name("a"), name("b")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("volume b named twice"), "{err}");
+    assert!(MachineRoot::check_names(&names[..VOLUMES_MAX]).is_ok());
 }
 
 #[test]

@@ -68,7 +68,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let names: Vec<VolumeName> = volumes.iter().map(|(name, _)| name.clone()).collect();
         // Names unique, between 1 and the limit: what a machine root allows.
-        MachineRoot::new(names.iter().map(|n| (n.clone(), ChunkId::ZERO)).collect())
+        MachineRoot::check_names(&names)
             .map_err(|e| Reject::new(ErrorCode::BadFrame, e.to_string()))?;
         let _ids = geometries
             .iter()
