@@ -267,6 +267,11 @@ fn every_capture_point_of_a_machine_holds_a_prefix_of_records_written_alternatel
         "the replica did not converge: {:?}",
         agent.lines()
     );
+    // Status says the machine is in capture mode, with both disks' writes.
+    let view = admin_source(rig.admin(), "web").unwrap();
+    assert_eq!(view.mode, blockrep_server::SourceMode::Capture);
+    let capture = view.capture.unwrap();
+    assert!(capture.writes >= 4096, "{capture:?}");
     // The operator cuts the machine over: the agent stops writes to both
     // exports, cuts them a last time and leaves; the cutover launch is the
     // machine as written.

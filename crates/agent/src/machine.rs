@@ -261,6 +261,11 @@ impl<S: Transport> MachineSession<S> {
             false => self.session.head_epoch() + 1,
         };
         let connection = self.session.connection();
+        if !config.volume_captures.is_empty() {
+            total.bytes_sent += connection
+                .send(&machine_capture_report(&config.volume_captures))
+                .await?;
+        }
         total.bytes_sent += connection
             .send(&Message::Commit {
                 epoch,
@@ -405,6 +410,21 @@ impl<S: Transport> MachineSession<S> {
     /// (failback) after `MachineWelcome`.
     pub(crate) fn into_connection(self) -> Connection<S> {
         self.session.into_connection()
+    }
+}
+
+/// Write capture's report for a machine: its disks' dirty, preserved and
+/// written figures summed, their cuts (taken together: one count), and the
+/// slowest disk's write latencies.
+fn machine_capture_report(captures: &[std::sync::Arc<crate::capture::Capture>]) -> Message {
+    let stats: Vec<_> = captures.iter().map(|c| c.stats()).collect();
+    Message::Capture {
+        dirty_bytes: stats.iter().map(|s| s.dirty_bytes).sum(),
+        preserved_bytes: stats.iter().map(|s| s.preserved_bytes).sum(),
+        cuts: stats.iter().map(|s| s.cuts).max().unwrap_or(0),
+        writes: stats.iter().map(|s| s.writes).sum(),
+        write_p50_us: stats.iter().map(|s| s.write_p50_us).max().unwrap_or(0),
+        write_p99_us: stats.iter().map(|s| s.write_p99_us).max().unwrap_or(0),
     }
 }
 
