@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::cutover::cutover;
-use super::{ONCE_EPOCHS_MAX, backoff_ceiling, finish_caught_up, kept_changing};
+use super::{ONCE_EPOCHS_MAX, back_off, backoff_ceiling, finish_caught_up, kept_changing};
 use crate::capture::{Capture, Cut};
 use crate::epoch::Session;
 use crate::view::{Scan, View};
@@ -290,19 +290,28 @@ pub(crate) async fn run(
         };
         let retry_whole = !patch_refused && crate::patch::refused_patch(&error);
         patch_refused = retry_whole;
-        if !error.is_retryable() && !retry_whole {
-            return Err(error);
-        }
         // The cut is dropped with the attempt: its blocks stay dirty, and the
         // export goes on serving the workload meanwhile.
-        warn!(%error, retry_in_ms = backoff.as_millis() as u64, "replication interrupted; the cut is dropped and its writes stay pending; reconnecting");
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
+        let retry = error.is_retryable() || retry_whole;
+        let ceiling = backoff_ceiling(config, &error, false);
+        if !back_off(
+            &mut shutdown,
+            &mut backoff,
+            error,
+            retry,
+            ceiling,
+            CUT_DROPPED,
+        )
+        .await?
+        {
+            return Ok(None);
         }
-        backoff = (backoff * 2).min(backoff_ceiling(config, &error, false));
     }
 }
+
+/// What a capture-mode run logs when its session fails.
+pub(super) const CUT_DROPPED: &str =
+    "replication interrupted; the cut is dropped and its writes stay pending; reconnecting";
 
 /// The cutover's final epoch in capture mode: writes are stopped (they fail
 /// from now on), then one last cut; no scan of the disk.

@@ -5,10 +5,9 @@ use std::time::{Duration, Instant};
 
 use blockrep_core::{ChunkId, Consistency, Root, VolumeName};
 use tokio::sync::watch;
-use tracing::warn;
 
 use super::cutover::{FinalEpoch, finish, stop_workload};
-use super::{ONCE_EPOCHS_MAX, RunOutcome, backoff_ceiling};
+use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off, backoff_ceiling};
 use crate::machine::{MachineSession, geometries, machine_root_of, volume_configs};
 use crate::view::{Scan, scan_together};
 use crate::{AgentConfig, CutoverReport, EpochReport, Error};
@@ -121,15 +120,20 @@ pub(crate) async fn continuous(
             },
             _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         };
-        if !error.is_retryable() {
-            return Err(error);
+        let (retry, ceiling) = (error.is_retryable(), backoff_ceiling(config, &error, false));
+        let interrupted = "machine replication interrupted; reconnecting";
+        if !back_off(
+            &mut shutdown,
+            &mut backoff,
+            error,
+            retry,
+            ceiling,
+            interrupted,
+        )
+        .await?
+        {
+            return Ok(None);
         }
-        warn!(%error, retry_in_ms = backoff.as_millis() as u64, "machine replication interrupted; reconnecting");
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
-        }
-        backoff = (backoff * 2).min(backoff_ceiling(config, &error, false));
     }
 }
 

@@ -16,12 +16,12 @@ use std::time::Instant;
 use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{Consistency, Geometry, VolumeName};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::capture::{BACKOFF_START, Continuity, scan_of_cut};
+use super::capture::{BACKOFF_START, CUT_DROPPED, Continuity, scan_of_cut};
 use super::cutover::{FinalEpoch, finish, stop_workload};
 use super::machine::scans_root;
-use super::{ONCE_EPOCHS_MAX, RunOutcome, backoff_ceiling};
+use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off, backoff_ceiling};
 use crate::capture::{Capture, Cut};
 use crate::machine::MachineSession;
 use crate::view::Scan;
@@ -208,15 +208,19 @@ pub(crate) async fn run(
             Ok(report) => return Ok(Some(report)),
             Err(error) => error,
         };
-        if !error.is_retryable() {
-            return Err(error);
+        let (retry, ceiling) = (error.is_retryable(), backoff_ceiling(config, &error, false));
+        if !back_off(
+            &mut shutdown,
+            &mut backoff,
+            error,
+            retry,
+            ceiling,
+            CUT_DROPPED,
+        )
+        .await?
+        {
+            return Ok(None);
         }
-        warn!(%error, retry_in_ms = backoff.as_millis() as u64, "machine replication interrupted; the cut is dropped and its writes stay pending; reconnecting");
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
-        }
-        backoff = (backoff * 2).min(backoff_ceiling(config, &error, false));
     }
 }
 

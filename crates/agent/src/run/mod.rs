@@ -241,20 +241,49 @@ pub async fn run(
         // then refuses those too has a reason that retrying cannot fix.
         let retry_whole = !patch_refused && crate::patch::refused_patch(&error);
         patch_refused = retry_whole;
-        if !error.is_retryable() && !retry_resize && !retry_whole {
-            return Err(error);
-        }
-        warn!(%error, retry_in_ms = backoff.as_millis() as u64, "replication interrupted; reconnecting");
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
-        }
+        let retry = error.is_retryable() || retry_resize || retry_whole;
         // Busy is most often this agent's own previous session, still taking in
         // what the old connection had buffered after the agent gave up on it: it
         // ends within seconds, so retries stay frequent instead of backing off
         // towards --backoff-max as for a server that is down.
         let ceiling = backoff_ceiling(config, &error, disk_unsteady || retry_resize);
-        backoff = (backoff * 2).min(ceiling);
+        let interrupted = "replication interrupted; reconnecting";
+        if !back_off(
+            &mut shutdown,
+            &mut backoff,
+            error,
+            retry,
+            ceiling,
+            interrupted,
+        )
+        .await?
+        {
+            return Ok(None);
+        }
         info!("reconnecting");
     }
+}
+
+/// After a failed attempt of a continuous run: an error not worth retrying
+/// (`retry` false) ends the run; otherwise the back-off is waited, unless
+/// `shutdown` comes first (`Ok(false)`: stop), and then doubled up to
+/// `ceiling` (`Ok(true)`: try again).
+pub(crate) async fn back_off(
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+    error: Error,
+    retry: bool,
+    ceiling: Duration,
+    interrupted: &str,
+) -> Result<bool, Error> {
+    if !retry {
+        return Err(error);
+    }
+    warn!(%error, retry_in_ms = backoff.as_millis() as u64, "{interrupted}");
+    tokio::select! {
+        () = tokio::time::sleep(*backoff) => {}
+        _ = shutdown.wait_for(|stop| *stop) => return Ok(false),
+    }
+    *backoff = (*backoff * 2).min(ceiling);
+    Ok(true)
 }

@@ -28,7 +28,7 @@ use super::exposition::{CONTENT_TYPE_TEXT, Exposition, HistogramCounts, Value};
 use crate::capture::CaptureRecord;
 use crate::ledger::HistogramState;
 use crate::shared::Shared;
-use crate::status::{SourceRecord, SourceState, StateThresholds};
+use crate::status::{SourceRecord, SourceState, StateThresholds, VolumeRecord};
 
 /// How much the store holds on disk. `live_bytes` and `garbage_bytes` are filled
 /// in when a space report that knows them is available (the garbage collector's
@@ -324,6 +324,27 @@ fn per_source(
     x.labelled(name, kind, help, "source", samples);
 }
 
+/// A gauge with one sample per volume of every machine, labelled `source`
+/// and `volume`.
+fn per_volume(
+    x: &mut Exposition,
+    sources: &[(SourceId, SourceRecord)],
+    name: &str,
+    help: &str,
+    value: impl Fn(&VolumeRecord) -> u64,
+) {
+    x.family(name, "gauge", help);
+    for (source, record) in sources {
+        for volume in &record.volumes {
+            let labels = [
+                ("source", source.as_str()),
+                ("volume", volume.name.as_str()),
+            ];
+            x.sample(name, &labels, Value::Int(value(volume)));
+        }
+    }
+}
+
 /// A histogram's figures as the exposition writes them.
 fn histogram_counts(state: &HistogramState) -> HistogramCounts<'_> {
     HistogramCounts {
@@ -425,42 +446,20 @@ pub(crate) fn render(scrape: &Scrape) -> String {
         "Epochs committed for the source.",
         each(&|r| Value::Int(r.epochs_committed_total)),
     );
-    x.family(
+    per_volume(
+        &mut x,
+        sources,
         "blockrep_volume_size_bytes",
-        "gauge",
         "Size of each volume of a machine (a source of several disks), as its agent last said.",
+        |v| v.disk_size_bytes,
     );
-    for (source, record) in sources {
-        for volume in &record.volumes {
-            let labels = [
-                ("source", source.as_str()),
-                ("volume", volume.name.as_str()),
-            ];
-            x.sample(
-                "blockrep_volume_size_bytes",
-                &labels,
-                Value::Int(volume.disk_size_bytes),
-            );
-        }
-    }
-    x.family(
+    per_volume(
+        &mut x,
+        sources,
         "blockrep_volume_bytes_pending",
-        "gauge",
         "Bytes of a machine's volume found changed and not yet committed in the epoch under way.",
+        |v| v.bytes_pending,
     );
-    for (source, record) in sources {
-        for volume in &record.volumes {
-            let labels = [
-                ("source", source.as_str()),
-                ("volume", volume.name.as_str()),
-            ];
-            x.sample(
-                "blockrep_volume_bytes_pending",
-                &labels,
-                Value::Int(volume.bytes_pending),
-            );
-        }
-    }
     x.family(
         "blockrep_source_state",
         "gauge",

@@ -490,6 +490,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             );
             return Ok(());
         }
+        self.send_committed(replica.head_epoch, root_id, &counters, bytes_received)
+            .await
+    }
+
+    /// Answers a commit with `Committed`, which also says whether the
+    /// operator asked for a cutover.
+    pub(super) async fn send_committed(
+        &mut self,
+        epoch: u64,
+        root: ChunkId,
+        counters: &EpochCounters,
+        bytes_received: u64,
+    ) -> Result<(), Outcome> {
         let cutover_requested = self
             .shared
             .ledger
@@ -497,8 +510,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .update(&self.source, |r| r.cutover_requested);
         self.connection
             .send(&Message::Committed {
-                epoch: replica.head_epoch,
-                root: root_id,
+                epoch,
+                root,
                 chunks_received: counters.chunks_received,
                 bytes_received,
                 chunks_stored: counters.chunks_new,

@@ -81,29 +81,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             bytes_sent: 0,
         };
         let volume = |index: usize| names.map(|names| &names[index]);
-        self.start_pass(
-            &mut state,
-            &replicas[current],
-            volume(current),
-            current,
-            launch,
-        )
-        .await?;
+        let mut start = Some(launch);
         loop {
+            if let Some(launch) = start.take() {
+                let replica = &replicas[current];
+                self.start_pass(&mut state, replica, volume(current), current, launch)
+                    .await?;
+            }
             match self.read(self.shared.config.idle_timeout).await? {
                 Message::SelectVolume { index } => {
                     current = select_volume(replicas, names, index)?;
                 }
-                Message::FailbackStart { launch } => {
-                    self.start_pass(
-                        &mut state,
-                        &replicas[current],
-                        volume(current),
-                        current,
-                        launch,
-                    )
-                    .await?;
-                }
+                Message::FailbackStart { launch } => start = Some(launch),
                 Message::GetPages { indices } => {
                     let target = &state.pass(current)?.target;
                     self.send_root_pages(target, &indices).await?;

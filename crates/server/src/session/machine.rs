@@ -350,21 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             );
             return Ok(());
         }
-        let cutover_requested = self
-            .shared
-            .ledger
-            .sources
-            .update(&self.source, |r| r.cutover_requested);
-        self.connection
-            .send(&Message::Committed {
-                epoch: head_epoch,
-                root: root_id,
-                chunks_received: counters.chunks_received,
-                bytes_received,
-                chunks_stored: counters.chunks_new,
-                cutover_requested,
-            })
+        self.send_committed(head_epoch, root_id, &counters, bytes_received)
             .await
-            .map_err(|e| Outcome::End(End::Lost(e.to_string())))
     }
 }
