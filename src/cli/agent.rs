@@ -163,9 +163,11 @@ pub(crate) struct CaptureArgs {
     /// `-drive file=nbd+unix:///SOURCE?socket=PATH` (or
     /// `nbd://127.0.0.1:PORT/SOURCE`), `nbd-client` for /dev/nbdX, or
     /// `nbdfuse` plus a loop device. The export is named by --source (the
-    /// default name opens it too). A Unix socket is made mode 0600; a TCP
-    /// address must be loopback unless --serve-tls. --interval is then the
-    /// time from one cut to the next.
+    /// default name opens it too). With several --disk, each disk is the
+    /// export of its volume's name (`nbd+unix:///NAME?socket=PATH`), and
+    /// every epoch cuts all of them at one instant. A Unix socket is made
+    /// mode 0600; a TCP address must be loopback unless --serve-tls.
+    /// --interval is then the time from one cut to the next.
     #[arg(
         long,
         value_name = "ADDR",
@@ -175,8 +177,9 @@ pub(crate) struct CaptureArgs {
     pub(crate) serve: Option<ServeAddr>,
     /// Where the capture's dirty set is kept between runs: saved on a clean
     /// stop, so a restart sends only what was written (default:
-    /// `.NAME.blockrep-capture` beside the disk). After an unclean stop the
-    /// first epoch reads the whole disk once, consistently.
+    /// `.NAME.blockrep-capture` beside the disk; a machine's disks always
+    /// keep theirs beside them). After an unclean stop the first epoch reads
+    /// the whole disk once, consistently.
     #[arg(long, value_name = "PATH", requires = "serve")]
     pub(crate) capture_state: Option<PathBuf>,
     /// Old contents of blocks overwritten while their epoch is being sent are
