@@ -10,6 +10,11 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use crate::Error;
 
+/// Size of each part of a multipart upload, and the largest object sent
+/// in one PUT: above the 5 MiB most stores require of every part but the
+/// last, and one buffer per upload in flight.
+pub const PART_BYTES: usize = 8 << 20;
+
 /// Where blockrep keeps its objects: `s3://BUCKET/PREFIX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Location {
@@ -152,6 +157,87 @@ impl Bucket {
                 Ok(Some((result.bytes().await?, version)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Uploads the file at `path` as `key`, sealed: the object appears
+    /// whole when the upload completes, or not at all. A file longer than
+    /// [`PART_BYTES`] goes up as a multipart upload of parts of that size,
+    /// read one part at a time (memory stays one part); a failed upload is
+    /// aborted, so its parts do not linger.
+    pub async fn upload_file(&self, key: &str, path: &std::path::Path) -> Result<Version, Error> {
+        use tokio::io::AsyncReadExt;
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.display())))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| Error::Config(format!("cannot stat {}: {e}", path.display())))?
+            .len();
+        let read_error =
+            |e: std::io::Error| Error::Config(format!("cannot read {}: {e}", path.display()));
+        if len <= PART_BYTES as u64 {
+            let mut data = Vec::with_capacity(len as usize);
+            file.read_to_end(&mut data).await.map_err(read_error)?;
+            let options = PutOptions::default();
+            let put = self
+                .store
+                .put_opts(&self.path(key), PutPayload::from(data), options)
+                .await?;
+            return Ok(Version(put.into()));
+        }
+        let mut upload = self.store.put_multipart(&self.path(key)).await?;
+        let sent = async {
+            let mut left = len;
+            while left > 0 {
+                let part_len = left.min(PART_BYTES as u64) as usize;
+                let mut part = vec![0u8; part_len];
+                file.read_exact(&mut part).await.map_err(read_error)?;
+                upload.put_part(PutPayload::from(part)).await?;
+                left -= part_len as u64;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        match sent {
+            Ok(()) => Ok(Version(upload.complete().await?.into())),
+            Err(e) => {
+                // Best effort: a store keeps the parts of an upload never
+                // completed until it is aborted (or its lifecycle rule runs).
+                let _ = upload.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The objects directly under `dir` (keys relative to the bucket's
+    /// prefix) with their sizes.
+    pub async fn list(&self, dir: &str) -> Result<Vec<(String, u64)>, Error> {
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&self.path(dir)))
+            .await?;
+        let strip = match self.prefix.is_empty() {
+            true => String::new(),
+            false => format!("{}/", self.prefix),
+        };
+        Ok(listed
+            .objects
+            .into_iter()
+            .map(|meta| {
+                let key = meta.location.to_string();
+                let key = key.strip_prefix(&strip).unwrap_or(&key).to_owned();
+                (key, meta.size)
+            })
+            .collect())
+    }
+
+    /// Deletes `key`; one that does not exist is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), Error> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

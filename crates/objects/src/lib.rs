@@ -6,7 +6,9 @@
 //!   conditionally where it matters: [`Bucket::put_new`] (`If-None-Match: *`:
 //!   exactly one of several racing writers wins) and [`Bucket::put_if`]
 //!   (`If-Match` on the version read: a writer that lost track of the object
-//!   is refused, never silently overwrites it), plus whole and ranged reads.
+//!   is refused, never silently overwrites it), plus whole and ranged reads,
+//!   sealed uploads of files ([`Bucket::upload_file`], multipart past
+//!   [`PART_BYTES`]), listing and deletion.
 //! - [`Lease`]: one holder at a time for a name (a source), with an expiry
 //!   and a generation that grows with every change of holder, kept in one
 //!   object and changed only by conditional writes.
@@ -17,7 +19,7 @@
 mod bucket;
 mod lease;
 
-pub use bucket::{Bucket, S3Location, S3Service, Version};
+pub use bucket::{Bucket, PART_BYTES, S3Location, S3Service, Version};
 pub use lease::{Lease, LeaseRecord};
 
 /// What a bucket operation failed with.

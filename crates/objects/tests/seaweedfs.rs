@@ -1,11 +1,11 @@
 //! The bucket primitives against a real S3-compatible store, SeaweedFS on
-//! loopback: conditional writes with exactly one winner, ranged reads, and
-//! leases that fence a paused holder out.
+//! loopback: conditional writes with exactly one winner, ranged reads,
+//! sealed multipart uploads, and leases that fence a paused holder out.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 
-use blockrep_objects::{Bucket, Error, Lease, S3Location, S3Service};
+use blockrep_objects::{Bucket, Error, Lease, PART_BYTES, S3Location, S3Service};
 use blockrep_testkit::seaweedfs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFs};
 use bytes::Bytes;
 
@@ -155,5 +155,59 @@ fn a_lease_has_one_holder_and_a_holder_paused_past_its_expiry_is_fenced_out() {
             .await
             .unwrap();
         assert_eq!(other.record().generation, 1);
+    });
+}
+
+#[test]
+fn a_file_uploads_sealed_in_parts_and_reads_back_by_ranges() {
+    let Some(weed) = SeaweedFs::start("sealed uploads") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Two whole parts and a short third, and a file of one small PUT.
+    let big = blockrep_testkit::random_bytes(2 * PART_BYTES + 1234, 7);
+    let small = blockrep_testkit::random_bytes(1000, 8);
+    let (big_path, small_path) = (dir.path().join("big.pack"), dir.path().join("small.pack"));
+    std::fs::write(&big_path, &big).unwrap();
+    std::fs::write(&small_path, &small).unwrap();
+    runtime().block_on(async {
+        let bucket = open_bucket(&weed, "uploads");
+        bucket.upload_file("packs/1", &big_path).await.unwrap();
+        bucket.upload_file("packs/2", &small_path).await.unwrap();
+        let mut listed = bucket.list("packs").await.unwrap();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                ("packs/1".to_owned(), big.len() as u64),
+                ("packs/2".to_owned(), small.len() as u64)
+            ]
+        );
+        let (data, _) = bucket.get("packs/1").await.unwrap().unwrap();
+        assert!(data == big, "the multipart upload differs");
+        // Ranges inside a part, across the parts' seam, and at the end.
+        let seam = PART_BYTES as u64;
+        let end = big.len() as u64;
+        for range in [5..70_000, seam - 100..seam + 100, end - 1234..end] {
+            let got = bucket.get_range("packs/1", range.clone()).await.unwrap();
+            let want = &big[range.start as usize..range.end as usize];
+            assert!(got == want, "range {range:?} differs");
+        }
+        // An upload dropped part way names nothing, or its whole file:
+        // never part of it.
+        let interrupted = tokio::time::timeout(
+            std::time::Duration::from_millis(30),
+            bucket.upload_file("packs/3", &big_path),
+        )
+        .await;
+        if interrupted.is_err() {
+            assert!(bucket.get("packs/3").await.unwrap().is_none());
+        } else {
+            let (data, _) = bucket.get("packs/3").await.unwrap().unwrap();
+            assert!(data == big);
+        }
+        bucket.delete("packs/2").await.unwrap();
+        bucket.delete("packs/2").await.unwrap();
+        assert!(bucket.get("packs/2").await.unwrap().is_none());
     });
 }
