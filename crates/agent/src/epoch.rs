@@ -201,7 +201,8 @@ impl<S: Transport> Session<S> {
     ) -> Self {
         let mut session =
             Self::assemble(connection, config, nonce, head_epoch, geometry, head_root);
-        // Write capture is a single disk's; a machine's volumes are scanned.
+        // A machine in capture mode sends one report for all its disks
+        // before its commit (`crate::machine`), not one per volume.
         session.capture = None;
         session.volume_of_machine = true;
         session

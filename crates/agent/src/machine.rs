@@ -375,11 +375,7 @@ impl<S: Transport> MachineSession<S> {
                 None if i == index => ChunkId::ZERO, // replaced by the step
                 None => match &self.volumes[i].head_root {
                     Some(root) => root.id(),
-                    None => {
-                        let geometry = self.volumes[i].geometry;
-                        let zeros = vec![ChunkId::ZERO; geometry.chunk_count() as usize];
-                        Root::from_chunk_ids(geometry, &zeros).id()
-                    }
+                    None => Root::zero(self.volumes[i].geometry).id(),
                 },
             })
             .collect();

@@ -125,6 +125,15 @@ impl Root {
         (Root { geometry, page_ids }, pages)
     }
 
+    /// The root of a disk of zeros: every page all zero, so every page id
+    /// is [`ChunkId::ZERO`] ([`Page::id`]); nothing to build or hash.
+    pub fn zero(geometry: Geometry) -> Root {
+        Root {
+            geometry,
+            page_ids: vec![ChunkId::ZERO; geometry.page_count() as usize],
+        }
+    }
+
     /// Builds only the root from one id per chunk.
     pub fn from_chunk_ids(geometry: Geometry, chunk_ids: &[ChunkId]) -> Root {
         Self::build(geometry, chunk_ids).0
@@ -224,6 +233,15 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn the_zero_root_is_the_root_built_from_zero_ids() {
+        for size in [4096, 2500 * 4096 - 3, 70_000 * 65_536 + 1] {
+            let geometry = Geometry::new(size, 4096).unwrap();
+            let zeros = vec![ChunkId::ZERO; geometry.chunk_count() as usize];
+            assert_eq!(Root::zero(geometry), Root::from_chunk_ids(geometry, &zeros));
+        }
     }
 
     #[test]
