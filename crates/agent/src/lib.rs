@@ -277,4 +277,19 @@ impl EpochReport {
             consistency,
         }
     }
+
+    /// Adds what one volume of a machine's epoch sent. The volumes' views
+    /// are timed from one start (taken together), so the machine's scan took
+    /// as long as the last of them: the longest, not their sum.
+    pub(crate) fn add_volume(&mut self, volume: &EpochReport) {
+        self.chunks_sent += volume.chunks_sent;
+        self.zero_chunks_sent += volume.zero_chunks_sent;
+        self.ref_chunks_sent += volume.ref_chunks_sent;
+        self.bytes_sent += volume.bytes_sent;
+        self.raw_bytes_sent += volume.raw_bytes_sent;
+        self.patches_sent += volume.patches_sent;
+        self.patch_bytes_sent += volume.patch_bytes_sent;
+        self.block_values_bytes_received += volume.block_values_bytes_received;
+        self.scan_duration = self.scan_duration.max(volume.scan_duration);
+    }
 }

@@ -235,14 +235,7 @@ impl<S: Transport> MachineSession<S> {
                 .take_deferred()
                 .ok_or_else(|| Error::Protocol("a machine's volume epoch left no ids".into()))?;
             roots.push(Root::build(geometry, &view).0);
-            total.chunks_sent += report.chunks_sent;
-            total.zero_chunks_sent += report.zero_chunks_sent;
-            total.ref_chunks_sent += report.ref_chunks_sent;
-            total.bytes_sent += report.bytes_sent;
-            total.raw_bytes_sent += report.raw_bytes_sent;
-            total.patches_sent += report.patches_sent;
-            total.patch_bytes_sent += report.patch_bytes_sent;
-            total.scan_duration += report.scan_duration;
+            total.add_volume(&report);
             views.push((geometry, view));
         }
         let machine = MachineRoot::new(
@@ -333,7 +326,8 @@ impl<S: Transport> MachineSession<S> {
         self.head = Some(root_id);
         total.epoch = epoch;
         total.root = root_id;
-        total.transfer_duration = started.elapsed().saturating_sub(total.scan_duration);
+        // Started after every view was taken and scanned: all of it is transfer.
+        total.transfer_duration = started.elapsed();
         Ok(total)
     }
 
@@ -361,6 +355,14 @@ impl<S: Transport> MachineSession<S> {
     /// The chunk ids of volume `index` in the head, fetched from the server
     /// the first time.
     pub(crate) async fn volume_head_ids(&mut self, index: usize) -> Result<Vec<ChunkId>, Error> {
+        // Known here: no need to select the volume on the server.
+        if let Some(ids) = self.volumes[index]
+            .head_ids
+            .as_ref()
+            .filter(|_| index != self.current)
+        {
+            return Ok(ids.clone());
+        }
         self.select(index).await?;
         self.session.head_ids().await
     }

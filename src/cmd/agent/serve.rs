@@ -99,17 +99,23 @@ impl Served {
     /// was written.
     pub(crate) async fn finish(self) -> Result<()> {
         self.serving.stop().await;
+        // Every disk's state is saved, even after one failed: each that is
+        // not reads its whole disk at the next start.
+        let mut failed = Vec::new();
         for capture in self.captures {
             let disk = capture.path().to_owned();
-            tokio::task::spawn_blocking(move || capture.save())
+            let saved = tokio::task::spawn_blocking(move || capture.save())
                 .await
-                .context("the capture task failed")?
-                .with_context(|| {
-                    format!(
-                        "cannot save the capture state of {} (the next start reads that whole disk)",
-                        disk.display()
-                    )
-                })?;
+                .context("the capture task failed")?;
+            if let Err(error) = saved {
+                failed.push(format!("{}: {error}", disk.display()));
+            }
+        }
+        if !failed.is_empty() {
+            anyhow::bail!(
+                "cannot save the capture state (the next start reads each such disk whole): {}",
+                failed.join("; ")
+            );
         }
         tracing::info!("capture state saved");
         Ok(())

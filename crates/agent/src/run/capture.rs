@@ -23,7 +23,9 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::cutover::cutover;
-use super::{ONCE_EPOCHS_MAX, back_off, backoff_ceiling, finish_caught_up, kept_changing};
+use super::{
+    ONCE_EPOCHS_MAX, back_off, backoff_ceiling, finish_caught_up, kept_changing, retry_whole,
+};
 use crate::capture::{Capture, Cut};
 use crate::epoch::Session;
 use crate::view::{Scan, View};
@@ -288,8 +290,7 @@ pub(crate) async fn run(
             Ok(report) => return Ok(Some(report)),
             Err(error) => error,
         };
-        let retry_whole = !patch_refused && crate::patch::refused_patch(&error);
-        patch_refused = retry_whole;
+        let retry_whole = retry_whole(&mut patch_refused, &error);
         // The cut is dropped with the attempt: its blocks stay dirty, and the
         // export goes on serving the workload meanwhile.
         let retry = error.is_retryable() || retry_whole;

@@ -7,7 +7,7 @@ use blockrep_core::{ChunkId, Consistency, Root, VolumeName};
 use tokio::sync::watch;
 
 use super::cutover::{FinalEpoch, finish, stop_workload};
-use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off, backoff_ceiling};
+use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off, backoff_ceiling, retry_whole};
 use crate::machine::{MachineSession, geometries, machine_root_of, volume_configs};
 use crate::view::{Scan, scan_together};
 use crate::{AgentConfig, CutoverReport, EpochReport, Error};
@@ -108,11 +108,20 @@ pub(crate) async fn continuous(
     let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
     let volumes = volume_configs(config);
     let mut backoff = Duration::from_millis(250);
+    // The last session ended with the server refusing a patch.
+    let mut patch_refused = false;
     loop {
         if *shutdown.borrow() {
             return Ok(None);
         }
-        let attempt = sessions(config, &volumes, &names, &mut on_epoch, &mut backoff);
+        let attempt = sessions(
+            config,
+            &volumes,
+            &names,
+            &mut on_epoch,
+            &mut backoff,
+            patch_refused,
+        );
         let error: Error = tokio::select! {
             result = attempt => match result {
                 Ok(cutover) => return Ok(Some(cutover)),
@@ -120,7 +129,8 @@ pub(crate) async fn continuous(
             },
             _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         };
-        let (retry, ceiling) = (error.is_retryable(), backoff_ceiling(config, &error, false));
+        let retry = error.is_retryable() || retry_whole(&mut patch_refused, &error);
+        let ceiling = backoff_ceiling(config, &error, false);
         let interrupted = "machine replication interrupted; reconnecting";
         if !back_off(
             &mut shutdown,
@@ -147,9 +157,12 @@ async fn sessions(
     names: &[VolumeName],
     on_epoch: &mut impl FnMut(&EpochReport),
     backoff: &mut Duration,
+    patch_refused: bool,
 ) -> Result<CutoverReport, Error> {
     let first = scan_all(volumes).await?;
     let mut session = MachineSession::open(config, names, &geometries(&first.0)).await?;
+    // Whole chunks until an epoch is committed, after a refused patch.
+    session.session().patches &= !patch_refused;
     let mut next = Some(first);
     loop {
         let scan_start = Instant::now();
@@ -158,6 +171,7 @@ async fn sessions(
             None => scan_all(volumes).await?,
         };
         on_epoch(&session.epoch(config, scans, label).await?);
+        session.session().patches = config.patches;
         *backoff = Duration::from_millis(250);
         if session.cutover_requested() || config.cutover {
             let report = cutover(config, volumes, &mut session, Instant::now()).await?;

@@ -21,7 +21,7 @@ use tracing::info;
 use super::capture::{BACKOFF_START, CUT_DROPPED, Continuity, scan_of_cut};
 use super::cutover::{FinalEpoch, finish, stop_workload};
 use super::machine::scans_root;
-use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off, backoff_ceiling};
+use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off, backoff_ceiling, retry_whole};
 use crate::capture::{Capture, Cut};
 use crate::machine::MachineSession;
 use crate::view::Scan;
@@ -176,12 +176,16 @@ pub(crate) async fn run(
 ) -> Result<Option<CutoverReport>, Error> {
     let mut disks = Disks::new(config);
     let mut backoff = BACKOFF_START;
+    // The last session ended with the server refusing a patch.
+    let mut patch_refused = false;
     loop {
         if *shutdown.borrow() {
             return Ok(None);
         }
         let attempt = async {
             let (mut session, mut full) = disks.open(config).await?;
+            // Whole chunks until an epoch is committed, after a refused patch.
+            session.session().patches &= !patch_refused;
             loop {
                 let cut_started = Instant::now();
                 let (scans, cuts, label) = cut_all(&disks, &mut session, &full).await?;
@@ -190,6 +194,7 @@ pub(crate) async fn run(
                 // knows the machine is current, and can ask for the cutover.
                 let report = session.epoch(config, scans, label).await?;
                 on_epoch(&report);
+                session.session().patches = config.patches;
                 disks.committed(&session, &cuts);
                 backoff = BACKOFF_START;
                 if session.cutover_requested() || config.cutover {
@@ -208,7 +213,8 @@ pub(crate) async fn run(
             Ok(report) => return Ok(Some(report)),
             Err(error) => error,
         };
-        let (retry, ceiling) = (error.is_retryable(), backoff_ceiling(config, &error, false));
+        let retry = error.is_retryable() || retry_whole(&mut patch_refused, &error);
+        let ceiling = backoff_ceiling(config, &error, false);
         if !back_off(
             &mut shutdown,
             &mut backoff,

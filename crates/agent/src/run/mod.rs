@@ -239,8 +239,7 @@ pub async fn run(
         let retry_resize = resized && was_unsteady;
         // A refused patch is retried once, with whole chunks: a server that
         // then refuses those too has a reason that retrying cannot fix.
-        let retry_whole = !patch_refused && crate::patch::refused_patch(&error);
-        patch_refused = retry_whole;
+        let retry_whole = retry_whole(&mut patch_refused, &error);
         let retry = error.is_retryable() || retry_resize || retry_whole;
         // Busy is most often this agent's own previous session, still taking in
         // what the old connection had buffered after the agent gave up on it: it
@@ -262,6 +261,17 @@ pub async fn run(
         }
         info!("reconnecting");
     }
+}
+
+/// Whether a failed session is retried with whole chunks: it ended with
+/// the server refusing a patch, and the one before it did not (a server
+/// that then refuses whole chunks too has a reason that retrying cannot
+/// fix). Sets `patch_refused` for the next session, which sends whole
+/// chunks until it has committed an epoch.
+pub(crate) fn retry_whole(patch_refused: &mut bool, error: &Error) -> bool {
+    let retry = !*patch_refused && crate::patch::refused_patch(error);
+    *patch_refused = retry;
+    retry
 }
 
 /// After a failed attempt of a continuous run: an error not worth retrying
