@@ -210,14 +210,26 @@ impl MachineRoot {
 }
 
 fn check_volumes(volumes: &[(VolumeName, RootId)]) -> Result<(), String> {
-    if volumes.is_empty() || volumes.len() > VOLUMES_MAX {
+    check_sorted_names(volumes.iter().map(|(name, _)| name), volumes.len())
+}
+
+/// Between 1 and [`VOLUMES_MAX`] `names` (`count` of them), sorted, none
+/// twice.
+fn check_sorted_names<'a>(
+    names: impl Iterator<Item = &'a VolumeName>,
+    count: usize,
+) -> Result<(), String> {
+    if count == 0 || count > VOLUMES_MAX {
         return Err(format!(
-            "{} volumes (a machine has 1 to {VOLUMES_MAX})",
-            volumes.len()
+            "{count} volumes (a machine has 1 to {VOLUMES_MAX})"
         ));
     }
-    if let Some(w) = volumes.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(format!("volume {} named twice", w[0].0));
+    let mut previous: Option<&VolumeName> = None;
+    for name in names {
+        if previous == Some(name) {
+            return Err(format!("volume {name} named twice"));
+        }
+        previous = Some(name);
     }
     Ok(())
 }
@@ -227,24 +239,10 @@ impl MachineRoot {
     /// none twice), as [`MachineRoot::new`] checks them: a session's
     /// volumes are checked before they have roots.
     pub fn check_names(names: &[VolumeName]) -> Result<(), Error> {
-        if names.is_empty() || names.len() > VOLUMES_MAX {
-            return Err(Error::new(
-                ErrorKind::InvalidEncoding,
-                format!(
-                    "machine root: {} volumes (a machine has 1 to {VOLUMES_MAX})",
-                    names.len()
-                ),
-            ));
-        }
         let mut sorted: Vec<&VolumeName> = names.iter().collect();
         sorted.sort();
-        match sorted.windows(2).find(|w| w[0] == w[1]) {
-            Some(w) => Err(Error::new(
-                ErrorKind::InvalidEncoding,
-                format!("machine root: volume {} named twice", w[0]),
-            )),
-            None => Ok(()),
-        }
+        check_sorted_names(sorted.into_iter(), names.len())
+            .map_err(|what| Error::new(ErrorKind::InvalidEncoding, format!("machine root: {what}")))
     }
 }
 

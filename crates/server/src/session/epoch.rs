@@ -96,8 +96,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     )
                     .into());
                 }
-                self.failback(replicas, machine, current, launch).await?;
-                return Err(Outcome::End(End::Closed));
+                let never = self.failback(replicas, machine, current, launch).await?;
+                match never {}
             }
             self.check_fence()?;
             match message {
@@ -194,7 +194,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     last,
                     consistency,
                 } => {
-                    let last = last && complete;
+                    if last && !complete {
+                        return Err(Reject::new(
+                            ErrorCode::UnexpectedMessage,
+                            "a cutover's final Commit (last) must be complete",
+                        )
+                        .into());
+                    }
                     if last {
                         self.shared
                             .ledger

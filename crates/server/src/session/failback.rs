@@ -13,6 +13,7 @@
 //! for; every lifecycle write goes through only if an operator's reset has
 //! not moved the record meanwhile.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use blockrep_core::{ChunkId, Geometry, Root, VolumeName};
@@ -30,6 +31,8 @@ use super::{End, Outcome, Reject, Replica, Session, internal};
 struct VolumePass {
     launch: String,
     target: Root,
+    /// `target`'s id, hashed once per pass.
+    target_id: ChunkId,
     target_ids: Vec<ChunkId>,
     base: Root,
     /// Its `FailbackDone` matched the target, with finishing asked for.
@@ -72,7 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         names: Option<&[VolumeName]>,
         mut current: usize,
         launch: String,
-    ) -> Result<(), Outcome> {
+    ) -> Result<Infallible, Outcome> {
         let mut state = Failback {
             passes: replicas.iter().map(|_| None).collect(),
             seen: None,
@@ -247,6 +250,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
         state.passes[index] = Some(VolumePass {
             launch,
+            target_id: target.id(),
             target,
             target_ids,
             base,
@@ -266,7 +270,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         finalize: bool,
     ) -> Result<(), Outcome> {
         let pass = state.pass(index)?;
-        let matches = root == pass.target.id();
+        let matches = root == pass.target_id;
         let launch = pass.launch.clone();
         let finalize_requested = self
             .shared
