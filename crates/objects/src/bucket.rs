@@ -127,20 +127,27 @@ impl Bucket {
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<Version, Error> {
+        let create = mode == PutMode::Create;
         let options = PutOptions {
             mode,
             ..PutOptions::default()
         };
-        match self
+        let put = self
             .store
             .put_opts(&self.path(key), PutPayload::from(data), options)
-            .await
-        {
+            .await;
+        // Judged by the write's mode: a create that lost is `Exists`; an
+        // update whose condition failed in any way (412, or the 409 of a
+        // racing write the client reports as exists) is `Conflict`.
+        match put {
             Ok(result) => Ok(Version(result.into())),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::Exists(key.to_owned())),
-            // 412, or 404 for a key that went (stores differ): it changed.
             Err(
-                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) if create => Err(Error::Exists(key.to_owned())),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
             ) => Err(Error::Conflict(key.to_owned())),
             Err(e) => Err(e.into()),
         }
@@ -164,23 +171,21 @@ impl Bucket {
     /// Uploads the file at `path` as `key`, sealed: the object appears
     /// whole when the upload completes, or not at all. A file longer than
     /// [`PART_BYTES`] goes up as a multipart upload of parts of that size,
-    /// read one part at a time (memory stays one part); a failed upload is
-    /// aborted, so its parts do not linger.
+    /// read one part at a time (memory stays one part). An upload that fails
+    /// is aborted, so its parts do not linger; one dropped before it ends (a
+    /// cancelled task) leaves them to the bucket's rule for incomplete
+    /// uploads.
     pub async fn upload_file(&self, key: &str, path: &std::path::Path) -> Result<Version, Error> {
         use tokio::io::AsyncReadExt;
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.display())))?;
-        let len = file
-            .metadata()
-            .await
-            .map_err(|e| Error::Config(format!("cannot stat {}: {e}", path.display())))?
-            .len();
-        let read_error =
-            |e: std::io::Error| Error::Config(format!("cannot read {}: {e}", path.display()));
+        let io = |what: &str| {
+            let what = format!("cannot {what} {}", path.display());
+            move |source| Error::Io { what, source }
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(io("open"))?;
+        let len = file.metadata().await.map_err(io("stat"))?.len();
         if len <= PART_BYTES as u64 {
             let mut data = Vec::with_capacity(len as usize);
-            file.read_to_end(&mut data).await.map_err(read_error)?;
+            file.read_to_end(&mut data).await.map_err(io("read"))?;
             let options = PutOptions::default();
             let put = self
                 .store
@@ -194,7 +199,7 @@ impl Bucket {
             while left > 0 {
                 let part_len = left.min(PART_BYTES as u64) as usize;
                 let mut part = vec![0u8; part_len];
-                file.read_exact(&mut part).await.map_err(read_error)?;
+                file.read_exact(&mut part).await.map_err(io("read"))?;
                 upload.put_part(PutPayload::from(part)).await?;
                 left -= part_len as u64;
             }

@@ -19,6 +19,15 @@ const MAGIC: &str = "blockrep-lease 1";
 /// Attempts [`Lease::take`] makes when others change the lease meanwhile.
 const TAKE_ATTEMPTS: usize = 4;
 
+/// `now_unix_ms + ttl_ms`, refused where it would overflow.
+fn expiry(now_unix_ms: u64, ttl_ms: u64) -> Result<u64, Error> {
+    now_unix_ms.checked_add(ttl_ms).ok_or_else(|| {
+        Error::Config(format!(
+            "a lease of {ttl_ms} ms from {now_unix_ms} overflows"
+        ))
+    })
+}
+
 /// What a lease object says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRecord {
@@ -95,15 +104,17 @@ impl Lease {
             return Err(Error::Config(format!("{holder:?} cannot hold a lease")));
         }
         let key = Self::key(name);
+        let expires_unix_ms = expiry(now_unix_ms, ttl_ms)?;
         for _ in 0..TAKE_ATTEMPTS {
-            let (written, generation) = match bucket.get(&key).await? {
+            let (record, written) = match bucket.get(&key).await? {
                 None => {
                     let record = LeaseRecord {
                         holder: holder.to_owned(),
-                        expires_unix_ms: now_unix_ms + ttl_ms,
+                        expires_unix_ms,
                         generation: 1,
                     };
-                    (bucket.put_new(&key, record.encode()).await, 1)
+                    let written = bucket.put_new(&key, record.encode()).await;
+                    (record, written)
                 }
                 Some((data, version)) => {
                     let current = LeaseRecord::decode(&key, &data)?;
@@ -114,27 +125,30 @@ impl Lease {
                             expires_unix_ms: current.expires_unix_ms,
                         });
                     }
+                    // A generation that could wrap would let an old holder
+                    // back in: refused, as a lease nobody wrote.
+                    let generation =
+                        current
+                            .generation
+                            .checked_add(1)
+                            .ok_or_else(|| Error::Malformed {
+                                key: key.clone(),
+                                why: "the generation cannot grow".into(),
+                            })?;
                     let record = LeaseRecord {
                         holder: holder.to_owned(),
-                        expires_unix_ms: now_unix_ms + ttl_ms,
-                        generation: current.generation + 1,
-                    };
-                    let generation = record.generation;
-                    (
-                        bucket.put_if(&key, record.encode(), &version).await,
+                        expires_unix_ms,
                         generation,
-                    )
+                    };
+                    let written = bucket.put_if(&key, record.encode(), &version).await;
+                    (record, written)
                 }
             };
             match written {
                 Ok(version) => {
                     return Ok(Self {
                         key,
-                        record: LeaseRecord {
-                            holder: holder.to_owned(),
-                            expires_unix_ms: now_unix_ms + ttl_ms,
-                            generation,
-                        },
+                        record,
                         version,
                     });
                 }
@@ -157,7 +171,7 @@ impl Lease {
         now_unix_ms: u64,
     ) -> Result<(), Error> {
         let record = LeaseRecord {
-            expires_unix_ms: now_unix_ms + ttl_ms,
+            expires_unix_ms: expiry(now_unix_ms, ttl_ms)?,
             ..self.record.clone()
         };
         self.version = bucket

@@ -13,8 +13,9 @@
 //!   and a generation that grows with every change of holder, kept in one
 //!   object and changed only by conditional writes.
 //!
-//! Stores answer a conditional write on a missing key differently (AWS
-//! 404, SeaweedFS 412): both are a [`Error::Conflict`] here.
+//! A conditional write is judged by its mode: a create that loses is
+//! [`Error::Exists`]; an update whose condition failed (the object changed
+//! or went: AWS answers 404, SeaweedFS 412) is [`Error::Conflict`].
 
 mod bucket;
 mod lease;
@@ -42,6 +43,12 @@ pub enum Error {
     /// An object that is not what blockrep writes there.
     #[error("{key}: {why}")]
     Malformed { key: String, why: String },
+    /// A local file could not be read.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     /// A bad location or configuration.
     #[error("{0}")]
     Config(String),
