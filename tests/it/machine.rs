@@ -500,14 +500,10 @@ fn an_agent_of_three_disks_replicates_them_as_one_machine() {
     disks[1].1[100_000..104_096].copy_from_slice(&random_bytes(4096, 9));
     let stdout = machine_agent_once(&rig, &disks);
     assert!(stdout.contains("replica equals disk: epoch 2"), "{stdout}");
-    let count = |key: &str| -> u64 {
-        stdout
-            .lines()
-            .filter_map(|line| line.split(&format!(" {key}=")).nth(1))
-            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-            .sum()
-    };
-    let (whole, patched) = (count("chunks_sent"), count("patches_sent"));
+    let (whole, patched) = (
+        epoch_sum(&stdout, "chunks_sent"),
+        epoch_sum(&stdout, "patches_sent"),
+    );
     assert!(
         (1..=4).contains(&(whole + patched)),
         "{whole} chunks and {patched} patches sent for 4 changed: {stdout}"
@@ -573,6 +569,20 @@ fn a_machine_agent_refuses_one_capture_state_file_and_names_apart_its_disks() {
         "{stderr}"
     );
     assert!(rig.head("web").is_none(), "something was committed");
+}
+
+/// The sum of `key=N` over the epoch lines of an agent's standard output;
+/// there must be at least one such line.
+pub(crate) fn epoch_sum(stdout: &str, key: &str) -> u64 {
+    let values: Vec<u64> = stdout
+        .lines()
+        .filter(|line| line.starts_with("epoch "))
+        .flat_map(str::split_whitespace)
+        .filter_map(|field| field.strip_prefix(key)?.strip_prefix('='))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(!values.is_empty(), "no {key}= in the epoch lines: {stdout}");
+    values.iter().sum()
 }
 
 /// The machine root of `disks` in chunks of [`CHUNK`].

@@ -141,16 +141,23 @@ fn every_machine_point_holds_a_prefix_of_records_written_alternately_to_two_disk
         agent.lines()
     );
 
-    let checked = assert_every_point_is_a_prefix(&rig, &ack_log);
+    let checked = assert_every_point_is_a_prefix(&rig, &ack_log, 16384);
     assert!(checked >= 8, "{checked} points checked");
 }
 
 /// Exports every machine point the agent's acknowledgement log names and
-/// asserts that its records form a prefix 0..k with no gap on either disk;
-/// returns how many points were checked.
-fn assert_every_point_is_a_prefix(rig: &blockrep_testkit::AgentRig, ack_log: &Path) -> usize {
+/// asserts that its records form a prefix 0..k with no gap on either disk,
+/// and that at least one point caught the writer part way through its
+/// `records` (else the order was never put to the test); returns how many
+/// points were checked.
+fn assert_every_point_is_a_prefix(
+    rig: &blockrep_testkit::AgentRig,
+    ack_log: &Path,
+    records: u64,
+) -> usize {
     let acks = read_acks(ack_log);
     let mut checked = 0;
+    let mut part_way = 0;
     for ack in &acks {
         let out = rig.path(&format!("point-{}", ack.epoch));
         let export = std::process::Command::new(bin())
@@ -180,8 +187,13 @@ fn assert_every_point_is_a_prefix(rig: &blockrep_testkit::AgentRig, ack_log: &Pa
             "epoch {}: {in_a} records on a and {in_b} on b are no prefix of one sequence",
             ack.epoch
         );
+        part_way += usize::from((1..records).contains(&(in_a + in_b)));
         checked += 1;
     }
+    assert!(
+        part_way > 0,
+        "no point of {checked} caught the writer part way"
+    );
     checked
 }
 
@@ -293,7 +305,7 @@ fn every_capture_point_of_a_machine_holds_a_prefix_of_records_written_alternatel
             .any(|l| l.contains("consistency=crash-consistent")),
         "no crash-consistent point: {lines:?}"
     );
-    let checked = assert_every_point_is_a_prefix(&rig, &ack_log);
+    let checked = assert_every_point_is_a_prefix(&rig, &ack_log, 4096);
     assert!(checked >= 8, "{checked} points checked");
     // The last point holds every record: 2,048 on each disk.
     let last = read_acks(&ack_log).pop().unwrap();

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::machine::{MIB, machine_agent_once, machine_disk_args, machine_root};
+use crate::machine::{MIB, epoch_sum, machine_agent_once, machine_disk_args, machine_root};
 use blockrep_store::Store;
 use blockrep_testkit::ack_log::read_acks;
 use blockrep_testkit::random_bytes;
@@ -67,11 +67,8 @@ fn an_interrupted_machine_sync_resumes_from_its_last_step() {
 
     // The next run sends only what the steps had not committed.
     let stdout = machine_agent_once(&rig, &disks);
-    let sent: u64 = stdout
-        .lines()
-        .filter_map(|line| line.split(" chunks_sent=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
+    let sent = epoch_sum(&stdout, "chunks_sent");
+    assert!(sent > 0, "nothing left to send after ten steps: {stdout}");
     assert!(
         sent < CHUNKS - 40,
         "{sent} of {CHUNKS} chunks sent again after steps of 512 KiB: {stdout}"
