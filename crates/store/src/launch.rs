@@ -316,6 +316,18 @@ impl Store {
     ) -> Result<Arc<LaunchVolume>, Error> {
         validate_name("launch", name)?;
         let _guard = lock(&self.catalog.lock);
+        // Open already (every NBD connection asks): nothing to read. A
+        // machine's volume opened without its name is found after the read.
+        let cached = match volume {
+            Some(volume) => format!("{name}/{volume}"),
+            None => name.to_owned(),
+        };
+        if let Some(open) = lock(&self.catalog.open_launches)
+            .get(&cached)
+            .and_then(upgrade)
+        {
+            return Ok(open);
+        }
         let info = self
             .launch(name)?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no launch named {name}")))?;
