@@ -2,11 +2,16 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
+    UpdateVersion,
+};
 
 use crate::Error;
 
@@ -14,6 +19,14 @@ use crate::Error;
 /// in one PUT: above the 5 MiB most stores require of every part but the
 /// last, and one buffer per upload in flight.
 pub const PART_BYTES: usize = 8 << 20;
+
+/// Retries of one request that failed in a way worth retrying (a 5xx, a
+/// connection refused) before it is reported.
+pub const REQUEST_RETRIES_MAX: usize = 3;
+/// No retry of a request starts later than this after its first attempt.
+pub const REQUEST_RETRY_WINDOW: Duration = Duration::from_secs(10);
+/// Longest one request may take, a part of a multipart upload included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where blockrep keeps its objects: `s3://BUCKET/PREFIX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +86,23 @@ impl Bucket {
     pub fn s3(location: &S3Location, service: &S3Service) -> Result<Self, Error> {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&location.bucket)
+            // Explicit limits: a store that is away fails a request within
+            // seconds (the caller retries the whole step later) instead of
+            // holding a commit for the client's default three minutes.
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(50),
+                    max_backoff: Duration::from_secs(1),
+                    base: 2.0,
+                },
+                max_retries: REQUEST_RETRIES_MAX,
+                retry_timeout: REQUEST_RETRY_WINDOW,
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(REQUEST_TIMEOUT),
+            )
             // If-Match and If-None-Match on PutObject, as S3 and the
             // compatible stores blockrep supports implement them.
             .with_conditional_put(S3ConditionalPut::ETagMatch);
@@ -111,7 +141,13 @@ impl Bucket {
     /// Writes `key` only if it does not exist: of several writers racing,
     /// exactly one succeeds and the others get [`Error::Exists`].
     pub async fn put_new(&self, key: &str, data: Bytes) -> Result<Version, Error> {
-        self.put(key, data, PutMode::Create).await
+        self.put_mode(key, data, PutMode::Create).await
+    }
+
+    /// Writes `key` whatever it holds: for objects whose every writer writes
+    /// the same bytes (a sealed pack's index, uploaded again after a failure).
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<Version, Error> {
+        self.put_mode(key, data, PutMode::Overwrite).await
     }
 
     /// Replaces `key` only if it is still at `version`; [`Error::Conflict`]
@@ -122,11 +158,11 @@ impl Bucket {
         data: Bytes,
         version: &Version,
     ) -> Result<Version, Error> {
-        self.put(key, data, PutMode::Update(version.0.clone()))
+        self.put_mode(key, data, PutMode::Update(version.0.clone()))
             .await
     }
 
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<Version, Error> {
+    async fn put_mode(&self, key: &str, data: Bytes, mode: PutMode) -> Result<Version, Error> {
         let create = mode == PutMode::Create;
         let options = PutOptions {
             mode,
@@ -223,13 +259,37 @@ impl Bucket {
         let listed = self
             .store
             .list_with_delimiter(Some(&self.path(dir)))
-            .await?;
+            .await
+            .map_err(no_such_bucket)?;
         let strip = match self.prefix.is_empty() {
             true => String::new(),
             false => format!("{}/", self.prefix),
         };
         Ok(listed
             .objects
+            .into_iter()
+            .map(|meta| {
+                let key = meta.location.to_string();
+                let key = key.strip_prefix(&strip).unwrap_or(&key).to_owned();
+                (key, meta.size)
+            })
+            .collect())
+    }
+
+    /// Every object whose key starts with `dir/` (keys relative to the
+    /// bucket's prefix, at any depth) with its size.
+    pub async fn list_all(&self, dir: &str) -> Result<Vec<(String, u64)>, Error> {
+        let strip = match self.prefix.is_empty() {
+            true => String::new(),
+            false => format!("{}/", self.prefix),
+        };
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&self.path(dir)))
+            .try_collect()
+            .await
+            .map_err(no_such_bucket)?;
+        Ok(listed
             .into_iter()
             .map(|meta| {
                 let key = meta.location.to_string();
@@ -250,6 +310,19 @@ impl Bucket {
     /// Bytes `range` of `key` (a ranged GET).
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Error> {
         Ok(self.store.get_range(&self.path(key), range).await?)
+    }
+}
+
+/// A missing bucket said plainly: the client reports it as a generic 404.
+fn no_such_bucket(e: object_store::Error) -> Error {
+    if e.to_string().contains("NoSuchBucket") {
+        Error::Config(
+            "the bucket does not exist (blockrep never creates one: create it, \
+             with the access its servers need, first)"
+                .into(),
+        )
+    } else {
+        e.into()
     }
 }
 

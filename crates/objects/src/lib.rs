@@ -13,14 +13,22 @@
 //!   and a generation that grows with every change of holder, kept in one
 //!   object and changed only by conditional writes.
 //!
+//! - [`BlockingBucket`]: the same calls for synchronous code (the replica
+//!   store), each run on a runtime of its own.
+//!
 //! A conditional write is judged by its mode: a create that loses is
 //! [`Error::Exists`]; an update whose condition failed (the object changed
 //! or went: AWS answers 404, SeaweedFS 412) is [`Error::Conflict`].
 
+mod blocking;
 mod bucket;
 mod lease;
 
-pub use bucket::{Bucket, PART_BYTES, S3Location, S3Service, Version};
+pub use blocking::BlockingBucket;
+pub use bucket::{
+    Bucket, PART_BYTES, REQUEST_RETRIES_MAX, REQUEST_RETRY_WINDOW, REQUEST_TIMEOUT, S3Location,
+    S3Service, Version,
+};
 pub use lease::{Lease, LeaseRecord};
 
 /// What a bucket operation failed with.

@@ -108,6 +108,7 @@
 
 mod blob_read;
 mod blobs;
+mod bucket;
 mod catalog;
 mod consistency;
 mod error;
@@ -134,8 +135,9 @@ pub mod vfs;
 
 pub use blobs::{
     BlobInfo, BlobKind, GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport, PACK_SIZE_MAX_BYTES,
-    StoredCodec,
+    StoredCodec, UploadStats,
 };
+pub use bucket::{BUCKET_CACHE_BYTES_DEFAULT, BucketOptions};
 pub use error::{Error, ErrorKind};
 pub use head::Head;
 pub use launch::{LAUNCH_PAGES_CACHED_MAX, LaunchInfo, LaunchKind, LaunchVolume};

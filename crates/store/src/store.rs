@@ -14,7 +14,7 @@ use blockrep_core::{
     SourceId, VolumeName,
 };
 
-use crate::blobs::{BlobInfo, BlobKind, Blobs, LocalPacks, StoredCodec};
+use crate::blobs::{BlobInfo, BlobKind, Blobs, LocalPacks, PackBackend, StoredCodec};
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file};
@@ -69,7 +69,7 @@ pub struct Store {
     /// Every file of the data directory is reached through this (see `vfs.rs`).
     vfs: Arc<dyn Vfs>,
     /// Holds the data directory's exclusive lock while a writable store is open.
-    lock_file: Option<File>,
+    pub(crate) lock_file: Option<File>,
     /// Chunks, pages and roots (see `blobs/`).
     pub(crate) blobs: Blobs,
     /// Serializes commits per source (head read-check-write).
@@ -121,32 +121,7 @@ impl Store {
         let dir = &std::path::absolute(dir)
             .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
         create_dir_durable(&RealFs, dir)?;
-        // One writer per data directory: a second server (or a GC run from the
-        // command line) appending to the same packs would corrupt them.
-        let lock_path = dir.join("lock");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(crate::vfs::FILE_MODE)
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
-        match lock_file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "{} is in use by another blockrep process (a running server?); \
-                         read-only commands (export, verify, gc --dry-run) still work",
-                        dir.display()
-                    ),
-                ));
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(Error::io(format!("cannot lock {}", lock_path.display()), e));
-            }
-        }
+        let lock_file = lock_data_dir(dir)?;
         let mut store = Self::open(dir)?;
         store.lock_file = Some(lock_file);
         Ok(store)
@@ -171,7 +146,17 @@ impl Store {
         sync_failed: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Self, Error> {
         let packs = LocalPacks::new(dir.join("packs"), Arc::clone(&vfs));
-        let blobs = Blobs::open(Box::new(packs), read_only, sync_failed)?;
+        Self::with_packs(dir, vfs, Box::new(packs), read_only, sync_failed)
+    }
+
+    pub(crate) fn with_packs(
+        dir: &Path,
+        vfs: Arc<dyn Vfs>,
+        packs: Box<dyn PackBackend>,
+        read_only: bool,
+        sync_failed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self, Error> {
+        let blobs = Blobs::open(packs, read_only, sync_failed)?;
         Ok(Self {
             dir: dir.to_owned(),
             vfs,
@@ -180,6 +165,12 @@ impl Store {
             commit_locks: Mutex::new(HashMap::new()),
             catalog: Catalog::default(),
         })
+    }
+
+    /// Uploads pending and done, for a store in a bucket (`None` for a
+    /// local store).
+    pub fn upload_stats(&self) -> Option<crate::UploadStats> {
+        self.blobs.upload_stats()
     }
 
     /// The data directory (absolute for a writable store).
@@ -750,3 +741,34 @@ fn check_chunk_len(geometry: Geometry, index: u64, len: usize) -> Result<(), Err
 
 #[cfg(test)]
 mod tests;
+
+/// Takes the exclusive lock of the data directory `dir`: one writer per data
+/// directory, since a second server (or a GC run from the command line)
+/// appending to the same packs would corrupt them.
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<File, Error> {
+    let lock_path = dir.join("lock");
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(crate::vfs::FILE_MODE)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
+    match lock_file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is in use by another blockrep process (a running server?); \
+                     read-only commands (export, verify, gc --dry-run) still work",
+                    dir.display()
+                ),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::io(format!("cannot lock {}", lock_path.display()), e));
+        }
+    }
+    Ok(lock_file)
+}

@@ -19,6 +19,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The access key and secret the instance accepts (an admin identity).
 pub const ACCESS_KEY_ID: &str = "blockrep-test";
 pub const SECRET_ACCESS_KEY: &str = "blockrep-test-secret";
+/// The bucket every instance starts with.
+pub const BUCKET: &str = "blockrep";
 
 /// Every port flag of `weed mini`: each gets a free port.
 const PORT_FLAGS: [&str; 15] = [
@@ -112,6 +114,13 @@ impl SeaweedFs {
             .zip(&ports)
             .find_map(|(flag, port)| (*flag == "s3.port").then_some(*port))
             .unwrap();
+        let port_of = |name: &str| {
+            PORT_FLAGS
+                .iter()
+                .zip(&ports)
+                .find_map(|(flag, port)| (*flag == name).then_some(*port))
+                .unwrap()
+        };
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", weed.display()));
@@ -128,6 +137,21 @@ impl SeaweedFs {
                 panic!("weed mini exited {status}: {}", this.messages());
             }
             if std::fs::read_to_string(&log).is_ok_and(|text| text.contains("S3 Endpoint")) {
+                // The bucket the tests use; S3 (unlike SeaweedFS on a first
+                // write) does not create one, and blockrep never does.
+                // `host:port.grpcPort`: the gRPC ports are not the default
+                // HTTP + 10000.
+                let master = format!(
+                    "127.0.0.1:{}.{}",
+                    port_of("master.port"),
+                    port_of("master.port.grpc")
+                );
+                let filer = format!(
+                    "127.0.0.1:{}.{}",
+                    port_of("filer.port"),
+                    port_of("filer.port.grpc")
+                );
+                this.create_bucket(&weed, BUCKET, &master, &filer);
                 return Some(this);
             }
             assert!(
@@ -137,6 +161,28 @@ impl SeaweedFs {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Creates bucket `name` with `weed shell`, as an operator would.
+    fn create_bucket(&self, weed: &std::path::Path, name: &str, master: &str, filer: &str) {
+        let mut shell = Command::new(weed)
+            .arg("shell")
+            .arg(format!("-master={master}"))
+            .arg(format!("-filer={filer}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        writeln!(shell.stdin.take().unwrap(), "s3.bucket.create -name {name}").unwrap();
+        let output = shell.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            text.contains(&format!("created bucket {name}")),
+            "weed shell could not create bucket {name}: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     /// What `weed mini` printed.

@@ -23,6 +23,19 @@ use crate::vfs::{OpenMode, PendingSync, Vfs, VfsFile};
 use super::pack::{PackScan, pack_file_name, parse_pack_file_name, scan_pack};
 use super::pack_index;
 
+/// What a store in a bucket has not uploaded yet, and how uploads went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Bytes of sealed packs waiting for (or retrying) their upload.
+    pub bytes_pending: u64,
+    /// Objects waiting for their upload (packs, each with its index).
+    pub objects_pending: u64,
+    /// Uploads and record writes that failed since the store opened.
+    pub errors_total: u64,
+    /// Bytes of packs uploaded since the store opened.
+    pub uploaded_bytes_total: u64,
+}
+
 /// A store of numbered packs. Every method may be called from several threads.
 pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
     /// A name for pack `number` in messages (its path for local packs).
@@ -50,15 +63,40 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
     /// Opens the newest pack to go on appending to it; with its length.
     fn open_active(&self, number: u32) -> Result<(Arc<dyn VfsFile>, u64), Error>;
 
-    /// Creates pack `number`, empty, to append to; its name is durable.
-    fn create_active(&self, number: u32) -> Result<Arc<dyn VfsFile>, Error>;
+    /// Creates a pack numbered above `after`, empty, to append to; its name
+    /// is durable. Returns its number.
+    fn create_active(&self, after: u32) -> Result<(u32, Arc<dyn VfsFile>), Error>;
 
     /// Starts flushing appended bytes of the active pack to stable storage.
     fn start_flush(&self, file: Arc<dyn VfsFile>) -> PendingSync;
 
     /// Seals a full active pack: it is never appended to again, and is durable
     /// once the returned sync is joined.
-    fn seal(&self, file: Arc<dyn VfsFile>) -> PendingSync;
+    fn seal(&self, number: u32, file: Arc<dyn VfsFile>) -> PendingSync;
+
+    /// Whether pack `number` is sealed, so never appended to again, though
+    /// it is the newest (a bucket's packs are sealed once written; a local
+    /// directory's newest pack is the one appended to).
+    fn is_sealed(&self, _number: u32) -> bool {
+        false
+    }
+
+    /// Whether a sync must seal the active pack: a pack's blobs are durable
+    /// only once it is sealed (uploaded whole), not when fsynced.
+    fn seals_at_sync(&self) -> bool {
+        false
+    }
+
+    /// Finishes what earlier seals left undone (an upload that failed);
+    /// called by every sync after it joined the seals it started.
+    fn settle(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Uploads pending and done, for a backend that uploads.
+    fn upload_stats(&self) -> Option<UploadStats> {
+        None
+    }
 
     /// The saved scan of sealed pack `number`, if there is a sound one.
     fn load_scan(&self, number: u32) -> Option<PackScan>;
@@ -207,21 +245,22 @@ impl PackBackend for LocalPacks {
         Ok((file, len_bytes))
     }
 
-    fn create_active(&self, number: u32) -> Result<Arc<dyn VfsFile>, Error> {
+    fn create_active(&self, after: u32) -> Result<(u32, Arc<dyn VfsFile>), Error> {
+        let number = after + 1;
         let path = self.path(number);
         let file = self
             .vfs
             .open(&path, OpenMode::CreateNew)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
         sync_dir(self.vfs.as_ref(), self.dir())?;
-        Ok(file)
+        Ok((number, file))
     }
 
     fn start_flush(&self, file: Arc<dyn VfsFile>) -> PendingSync {
         self.vfs.start_sync_data(file)
     }
 
-    fn seal(&self, file: Arc<dyn VfsFile>) -> PendingSync {
+    fn seal(&self, _number: u32, file: Arc<dyn VfsFile>) -> PendingSync {
         // A local pack is sealed where it is: its fsync runs in the background.
         self.vfs.start_sync_data(file)
     }

@@ -10,11 +10,11 @@
 //! ([`Blobs::collect`], in `compact.rs`). Records found damaged stop counting
 //! as stored ([`Blobs::note_damaged`]).
 
-mod backend;
+pub(crate) mod backend;
 mod compact;
 mod fence;
-mod pack;
-mod pack_index;
+pub(crate) mod pack;
+pub(crate) mod pack_index;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -28,6 +28,7 @@ use crate::format::RECORD_HEADER_LEN;
 use crate::mutex::lock;
 use crate::vfs::{PendingSync, VfsFile};
 
+pub use backend::UploadStats;
 pub(crate) use backend::{LocalPacks, PackBackend};
 pub(crate) use compact::GcStage;
 pub use compact::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};
@@ -186,7 +187,7 @@ impl Blobs {
             let is_last = position + 1 == numbers.len();
             // A sealed pack's saved scan, when there is a sound one (see
             // `pack_index.rs`); the newest pack is always scanned.
-            let saved = if is_last {
+            let saved = if is_last && !self.packs.is_sealed(number) {
                 None
             } else {
                 self.packs.load_scan(number)
@@ -414,7 +415,9 @@ impl Blobs {
             let sealed = inner.active.take().expect("checked above");
             // A sealed pack is never written again; its fsync runs in the
             // background, and `sync` waits for it before any commit.
-            inner.background_syncs.push(self.packs.seal(sealed.file));
+            inner
+                .background_syncs
+                .push(self.packs.seal(sealed.number, sealed.file));
         }
         if inner.active.is_none() {
             inner.active = Some(self.open_active(inner.last_pack)?);
@@ -424,7 +427,7 @@ impl Blobs {
     }
 
     fn open_active(&self, last_pack: u32) -> Result<ActivePack, Error> {
-        if last_pack > 0 {
+        if last_pack > 0 && !self.packs.is_sealed(last_pack) {
             let (file, len_bytes) = self.packs.open_active(last_pack)?;
             if len_bytes < self.pack_size_max_bytes() {
                 return Ok(ActivePack {
@@ -434,13 +437,17 @@ impl Blobs {
                 });
             }
         }
-        let number = last_pack + 1;
-        let file = self.packs.create_active(number)?;
+        let (number, file) = self.packs.create_active(last_pack)?;
         Ok(ActivePack {
             number,
             file,
             len_bytes: 0,
         })
+    }
+
+    /// Uploads pending and done, when the packs are in a bucket.
+    pub(crate) fn upload_stats(&self) -> Option<UploadStats> {
+        self.packs.upload_stats()
     }
 
     /// Whether an fsync has failed since the store was opened.
@@ -450,10 +457,18 @@ impl Blobs {
 
     /// Makes every blob put so far durable.
     pub(crate) fn sync(&self) -> Result<(), Error> {
-        let file = lock(&self.inner)
-            .active
-            .as_ref()
-            .map(|a| Arc::clone(&a.file));
+        let file = {
+            let mut inner = lock(&self.inner);
+            if self.packs.seals_at_sync() {
+                // Blobs of such a backend are durable once their pack is
+                // sealed: seal the active one if it holds anything.
+                if let Some(active) = inner.active.take_if(|a| a.len_bytes > 0) {
+                    let sealed = self.packs.seal(active.number, active.file);
+                    inner.background_syncs.push(sealed);
+                }
+            }
+            inner.active.as_ref().map(|a| Arc::clone(&a.file))
+        };
         // fsyncs run outside the index lock: other sessions keep appending
         // meanwhile, and everything appended before this call is covered. The
         // join lock makes a concurrent `sync` that took the pending fsyncs first
@@ -475,8 +490,9 @@ impl Blobs {
         }
         // The guard has recorded a failure already (see `guard.rs`).
         if let Err(e) = result {
-            return Err(Error::io("cannot fsync pack data", e));
+            return Err(Error::io("cannot make pack data durable", e));
         }
+        self.packs.settle()?;
         // With nothing to fsync, an earlier failure must still refuse.
         if self.sync_failed.load(Ordering::SeqCst) {
             return Err(Error::new(

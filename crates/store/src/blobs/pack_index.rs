@@ -49,7 +49,7 @@ pub(crate) fn parse_index_file_name(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-fn encode(scan: &PackScan) -> Vec<u8> {
+pub(crate) fn encode(scan: &PackScan) -> Vec<u8> {
     let mut out = Vec::with_capacity(PREFIX_LEN + scan.records.len() * ENTRY_LEN + 4);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&scan.file_len.to_le_bytes());
@@ -65,7 +65,7 @@ fn encode(scan: &PackScan) -> Vec<u8> {
 }
 
 /// The scan an index holds, if it is sound and describes a pack of `pack_len`.
-fn decode(bytes: &[u8], pack_len: u64) -> Option<PackScan> {
+pub(crate) fn decode(bytes: &[u8], pack_len: u64) -> Option<PackScan> {
     if bytes.len() < PREFIX_LEN + 4 {
         return None;
     }

@@ -1,0 +1,120 @@
+//! The replica store kept in a bucket of a real S3-compatible store
+//! (SeaweedFS on loopback): everything a local store does, with a data
+//! directory that is only a working copy and a cache.
+
+use std::sync::Arc;
+
+use blockrep_core::{Geometry, SourceId};
+use blockrep_objects::{BlockingBucket, Bucket, S3Location, S3Service};
+use blockrep_store::{BucketOptions, GcOptions, LaunchKind, Store};
+use blockrep_testkit::rng::SplitMix64;
+use blockrep_testkit::seaweedfs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFs};
+
+pub(crate) fn blocking_bucket(weed: &SeaweedFs, prefix: &str) -> BlockingBucket {
+    let service = S3Service {
+        endpoint: Some(weed.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        credentials: Some((ACCESS_KEY_ID.into(), SECRET_ACCESS_KEY.into())),
+    };
+    let location = S3Location::parse(&format!("s3://blockrep/{prefix}")).unwrap();
+    BlockingBucket::new(Bucket::s3(&location, &service).unwrap()).unwrap()
+}
+
+const NOW: u64 = 1_700_000_000_000;
+
+#[test]
+fn a_store_in_a_bucket_commits_snapshots_launches_and_reopens_from_the_bucket_alone() {
+    let Some(weed) = SeaweedFs::start("store in a bucket") else {
+        return;
+    };
+    let geometry = Geometry::new(4 << 20, 65_536).unwrap();
+    let mut disk = vec![0u8; 4 << 20];
+    SplitMix64::new(7).fill(&mut disk[..3 << 20]);
+    let source = SourceId::new("web-1").unwrap();
+    let first = tempfile::tempdir().unwrap();
+    // A cache of one byte: every sealed pack is dropped from the data
+    // directory once uploaded, so reads go to the bucket.
+    let options = BucketOptions { cache_bytes: 1 };
+    let root = {
+        let store = Arc::new(
+            Store::open_in_bucket(first.path(), blocking_bucket(&weed, "one"), options).unwrap(),
+        );
+        let (root, pages) = store.insert_image(&disk, geometry).unwrap();
+        store.commit(&source, 1, &root, &pages, 0, NOW).unwrap();
+        let stats = store.upload_stats().unwrap();
+        assert_eq!((stats.bytes_pending, stats.objects_pending), (0, 0));
+        assert!(stats.uploaded_bytes_total >= 3 << 20, "{stats:?}");
+        store
+            .create_snapshot(&source, Some("before"), None, NOW)
+            .unwrap();
+        store
+            .create_launch(&source, "before", "drill", LaunchKind::Test, NOW)
+            .unwrap();
+        let volume = store.open_launch("drill").unwrap();
+        volume.write(10, b"hello").unwrap();
+        volume.flush(NOW + 1).unwrap();
+        root
+    };
+    // No pack stays local beyond the cache's budget.
+    let local_packs: u64 = std::fs::read_dir(first.path().join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        local_packs < 1 << 20,
+        "{local_packs} bytes of packs kept locally"
+    );
+
+    // A second data directory, empty: everything comes from the bucket.
+    let second = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        Store::open_in_bucket(second.path(), blocking_bucket(&weed, "one"), options).unwrap(),
+    );
+    assert_eq!(store.head(&source).unwrap().unwrap().root, root.id());
+    assert_eq!(
+        store.snapshot(&source, "before").unwrap().unwrap().root,
+        root.id()
+    );
+    let out = second.path().join("export.img");
+    store.export(&source, &out).unwrap();
+    assert!(std::fs::read(&out).unwrap() == disk, "export differs");
+    let volume = store.open_launch("drill").unwrap();
+    let mut buf = [0u8; 7];
+    volume.read(9, &mut buf).unwrap();
+    let mut want = [0u8; 7];
+    want.copy_from_slice(&disk[9..16]);
+    want[1..6].copy_from_slice(b"hello");
+    assert_eq!(buf, want);
+    drop(volume);
+    assert!(store.verify(None, None).unwrap().is_clean());
+
+    // A second commit that changes a chunk, then GC of the first once
+    // nothing names it: the bucket loses the dead pack, reads go on.
+    store.delete_launch("drill").unwrap();
+    store.delete_snapshot(&source, "before").unwrap();
+    disk[..65_536].fill(9);
+    let (root2, pages2) = store.insert_image(&disk, geometry).unwrap();
+    store
+        .commit(&source, 2, &root2, &pages2, 0, NOW + 2)
+        .unwrap();
+    let report = store
+        .gc(&GcOptions {
+            live_share_min: 1.0,
+            ..GcOptions::default()
+        })
+        .unwrap();
+    assert!(report.blobs_dead > 0, "{report:?}");
+    assert!(store.verify(None, None).unwrap().is_clean());
+    drop(store);
+    let third = tempfile::tempdir().unwrap();
+    let store =
+        Store::open_in_bucket(third.path(), blocking_bucket(&weed, "one"), options).unwrap();
+    assert!(store.list_launches(None).unwrap().is_empty());
+    let out = third.path().join("export.img");
+    store.export(&source, &out).unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == disk,
+        "export after GC differs"
+    );
+    assert!(store.verify(None, None).unwrap().is_clean());
+}
