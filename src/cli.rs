@@ -4,6 +4,7 @@
 mod agent;
 mod bench;
 mod server;
+mod store;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub(crate) use agent::{AgentArgs, CaptureArgs, CompressArg, SnapshotArg, ViewArgs};
 pub(crate) use bench::BenchArgs;
 pub(crate) use server::ServerArgs;
+pub(crate) use store::StoreArgs;
 
 use crate::units;
 
@@ -350,9 +352,12 @@ pub(crate) struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ExportArgs {
-    /// Data directory of the server's store.
+    /// Data directory of the server's store (with --store: a working copy
+    /// of the bucket, not a running server's).
     #[arg(long)]
     pub(crate) data: PathBuf,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
     /// Source to export.
     #[arg(long, required_unless_present = "root", conflicts_with = "root")]
     pub(crate) source: Option<String>,
@@ -398,9 +403,12 @@ pub(crate) struct GcArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct VerifyArgs {
-    /// Data directory (read only; works while the server runs).
+    /// Data directory (read only; works while the server runs). With
+    /// --store: a working copy of the bucket, not a running server's.
     #[arg(long)]
     pub(crate) data: PathBuf,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
     /// Only this source's head, snapshots and launches.
     #[arg(long)]
     pub(crate) source: Option<String>,

@@ -13,9 +13,12 @@ pub(crate) struct ServerArgs {
     /// Address of the replication listener.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub(crate) listen: SocketAddr,
-    /// Data directory of the replica store (created if missing).
+    /// Data directory of the replica store (created if missing); with
+    /// --store, the store's working copy and cache.
     #[arg(long)]
     pub(crate) data: PathBuf,
+    #[command(flatten)]
+    pub(crate) store: super::StoreArgs,
     /// Directory with ca.crt, server.crt and server.key.
     #[arg(long)]
     pub(crate) tls_dir: PathBuf,

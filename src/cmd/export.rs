@@ -12,7 +12,7 @@ use crate::cli::ExportArgs;
 
 /// Writes the head, the snapshot or the root asked for to `--out`.
 pub(crate) fn export(args: ExportArgs) -> Result<()> {
-    let store = Store::open_read_only(&args.data)?;
+    let store = args.store.open(&args.data)?;
     let (what, root_id) = if let Some(hex) = &args.root {
         (format!("root {hex}"), parse_root(&store, hex)?)
     } else {

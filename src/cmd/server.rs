@@ -11,7 +11,9 @@ use crate::{settings, units};
 
 /// Runs the server until SIGINT or SIGTERM; `admin_token` is the global `--admin-token`.
 pub(crate) async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Result<()> {
+    let bucket = args.store.bucket()?;
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
+    config.bucket = bucket;
     if let Some(path) = admin_token {
         config.admin_token_path = path;
     }

@@ -8,7 +8,7 @@ use crate::print::human_bytes;
 
 /// Verifies the store (or one source or snapshot); fails when anything is damaged.
 pub(crate) fn verify(args: VerifyArgs) -> Result<()> {
-    let store = blockrep_store::Store::open_read_only(&args.data)?;
+    let store = args.store.open(&args.data)?;
     let source = args.source.as_deref().map(source_id).transpose()?;
     let report = store.verify(source.as_ref(), args.snapshot.as_deref())?;
     println!(

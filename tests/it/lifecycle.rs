@@ -69,7 +69,15 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
     if !(have_tool("qemu-img") && have_tool("qemu-io") && have_tool("nbdcopy")) {
         return;
     }
-    let rig = nbd_rig(&["app"]);
+    whole_lifecycle(&nbd_rig(&["app"]));
+}
+
+/// The lifecycle of source `app` on `rig` (a server serving NBD, without
+/// automatic snapshots): continuous replication under a writer, a test
+/// launch read by nbdcopy, an operator's cutover, writes to the cutover
+/// volume through NBD, and a failback that brings the disk to it. Returns
+/// the disk's path (equal to the cutover volume at the end).
+pub(crate) fn whole_lifecycle(rig: &blockrep_testkit::AgentRig) -> std::path::PathBuf {
     let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(16 * MIB + 4096, 31)).unwrap();
@@ -250,6 +258,7 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
         ],
     );
     assert!(table.contains("failed_back"), "{table}");
+    disk
 }
 
 #[test]

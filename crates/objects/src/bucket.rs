@@ -57,6 +57,15 @@ impl S3Location {
     }
 }
 
+impl std::fmt::Display for S3Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.prefix.is_empty() {
+            true => write!(f, "s3://{}", self.bucket),
+            false => write!(f, "s3://{}/{}", self.bucket, self.prefix),
+        }
+    }
+}
+
 /// How to reach an S3 service.
 #[derive(Debug, Clone, Default)]
 pub struct S3Service {
@@ -78,6 +87,8 @@ pub struct Version(UpdateVersion);
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
     prefix: String,
+    /// What it is called in messages: `s3://BUCKET/PREFIX`.
+    name: String,
 }
 
 impl Bucket {
@@ -120,14 +131,23 @@ impl Bucket {
                 .with_secret_access_key(secret);
         }
         let store = builder.build().map_err(|e| Error::Config(e.to_string()))?;
-        Ok(Self::new(Arc::new(store), &location.prefix))
+        let mut bucket = Self::new(Arc::new(store), &location.prefix);
+        bucket.name = location.to_string();
+        Ok(bucket)
+    }
+
+    /// What the bucket is called in messages (`s3://BUCKET/PREFIX`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Objects of `store` under `prefix`.
     pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+        let prefix = prefix.trim_matches('/').to_owned();
         Self {
             store,
-            prefix: prefix.trim_matches('/').to_owned(),
+            name: prefix.clone(),
+            prefix,
         }
     }
 

@@ -61,7 +61,9 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(report.to_json())).into_response()
+    let mut body = report.to_json();
+    body["backend"] = crate::health::backend_json(&shared.store);
+    (status, Json(body)).into_response()
 }
 
 /// An error answer: kept small (a boxed response) so `Result`s stay cheap.

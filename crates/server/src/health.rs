@@ -135,7 +135,7 @@ impl Health {
     /// [`PROBE_INTERVAL`].
     /// The store's data directory is `data_dir`; `store` says whether an
     /// fsync has failed.
-    pub(crate) async fn check(&self, data_dir: &Path, store: &Store) -> HealthReport {
+    pub(crate) async fn check(&self, data_dir: &Path, store: &Arc<Store>) -> HealthReport {
         let probe = {
             let mut last = self.last_probe.lock().await;
             match last.as_ref() {
@@ -162,7 +162,7 @@ impl Health {
         report
     }
 
-    async fn probe(&self, data_dir: &Path, store: &Store) -> StoreProbe {
+    async fn probe(&self, data_dir: &Path, store: &Arc<Store>) -> StoreProbe {
         let checked_unix_ms = now_unix_ms();
         let result = if self.probe_running.swap(true, Ordering::SeqCst) {
             Err(format!(
@@ -172,8 +172,13 @@ impl Health {
         } else {
             let running = Arc::clone(&self.probe_running);
             let dir = data_dir.to_owned();
+            let store = Arc::clone(store);
             let task = tokio::task::spawn_blocking(move || {
-                let result = probe_data_dir(&dir);
+                // The data directory, and a bucket the store is kept in: a
+                // store that is away makes commits fail, so the server is
+                // unavailable until it is back.
+                let result = probe_data_dir(&dir)
+                    .and_then(|()| store.check_backend().map_err(|e| e.to_string()));
                 running.store(false, Ordering::SeqCst);
                 result
             });
@@ -202,6 +207,20 @@ impl Health {
             result,
         }
     }
+}
+
+/// Where the store is kept and, for a bucket, what is waiting to be uploaded.
+pub(crate) fn backend_json(store: &Store) -> serde_json::Value {
+    let mut backend = json!({ "location": store.backend() });
+    if let Some(stats) = store.upload_stats() {
+        backend["upload"] = json!({
+            "bytes_pending": stats.bytes_pending,
+            "operations_pending": stats.objects_pending,
+            "errors_total": stats.errors_total,
+            "uploaded_bytes_total": stats.uploaded_bytes_total,
+        });
+    }
+    backend
 }
 
 /// Writes, fsyncs and removes a small file in `dir`. The payload is a full page

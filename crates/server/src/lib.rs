@@ -156,6 +156,18 @@ pub struct ServerConfig {
     /// for the agent before it writes them out (answers to `GetPages`,
     /// `GetBasePages` and failback's `Want`).
     pub send_buffer_max_bytes: u64,
+    /// Keep the store in this bucket, `data_dir` being its working copy and
+    /// cache; `None` keeps it in `data_dir`.
+    pub bucket: Option<BucketConfig>,
+}
+
+/// A store kept in an S3-compatible bucket.
+#[derive(Debug, Clone)]
+pub struct BucketConfig {
+    pub location: blockrep_objects::S3Location,
+    pub service: blockrep_objects::S3Service,
+    /// Most bytes of sealed packs kept in the data directory.
+    pub cache_bytes: u64,
 }
 
 impl ServerConfig {
@@ -197,6 +209,7 @@ impl ServerConfig {
             // A third of the total: a 1.2 TiB disk at 64 KiB chunks, 80 TiB at 4 MiB.
             session_memory_per_source_max_bytes: 3 << 30,
             send_buffer_max_bytes: 4 << 20,
+            bucket: None,
         }
     }
 }

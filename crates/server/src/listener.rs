@@ -62,8 +62,23 @@ impl Server {
         let data_dir = config.data_dir.clone();
         let policy = config.retention.clone();
         let pack_size_max = config.pack_size_max_bytes;
+        let bucket = match &config.bucket {
+            Some(b) => {
+                let bucket = blockrep_objects::Bucket::s3(&b.location, &b.service)
+                    .and_then(blockrep_objects::BlockingBucket::new)
+                    .map_err(|e| Error::Config(format!("bucket {}: {e}", b.location)))?;
+                Some((bucket, b.cache_bytes))
+            }
+            None => None,
+        };
         let (store, known) = tokio::task::spawn_blocking(move || {
-            let store = Store::open_exclusive(&data_dir)?;
+            let store = match bucket {
+                Some((bucket, cache_bytes)) => {
+                    let options = blockrep_store::BucketOptions { cache_bytes };
+                    Store::open_in_bucket(&data_dir, bucket, options)?
+                }
+                None => Store::open_exclusive(&data_dir)?,
+            };
             if let Some(policy) = policy {
                 store.set_retention_policy(policy);
             }

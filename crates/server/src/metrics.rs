@@ -4,5 +4,6 @@
 
 mod catalog;
 mod exposition;
+mod upload;
 
 pub(crate) use catalog::handler;

@@ -167,6 +167,19 @@ impl Store {
         })
     }
 
+    /// Where the store keeps its packs and records: `local` (the data
+    /// directory) or the bucket's `s3://BUCKET/PREFIX`.
+    pub fn backend(&self) -> String {
+        self.blobs.backend()
+    }
+
+    /// Checks that the store's backend can be reached now (a round trip to
+    /// a bucket; nothing for a local store, whose directory the caller
+    /// probes).
+    pub fn check_backend(&self) -> Result<(), Error> {
+        self.blobs.check_reachable()
+    }
+
     /// Uploads pending and done, for a store in a bucket (`None` for a
     /// local store).
     pub fn upload_stats(&self) -> Option<crate::UploadStats> {

@@ -36,6 +36,7 @@ pub use agent::{AgentProcess, wait_exit};
 pub use proxy::{BlackHoleFault, DirectionFaults, FaultConfig, FaultProxy, ResetFault, Which};
 pub use rig::AgentRig;
 pub use rng::SplitMix64;
+pub use seaweedfs::BucketAccess;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -167,7 +168,14 @@ pub struct StartupKill {
 
 /// `blockrep server` on `listen` (the admin API on 127.0.0.1:0), with stdout
 /// and stderr piped.
-fn server_command(bin: &Path, listen: &str, data: &Path, tls: &Path, extra: &[&str]) -> Command {
+fn server_command(
+    bin: &Path,
+    listen: &str,
+    data: &Path,
+    tls: &Path,
+    extra: &[&str],
+    bucket: Option<&BucketAccess>,
+) -> Command {
     let mut command = Command::new(bin);
     command
         .args([
@@ -181,7 +189,11 @@ fn server_command(bin: &Path, listen: &str, data: &Path, tls: &Path, extra: &[&s
         .arg(data)
         .arg("--tls-dir")
         .arg(tls)
-        .args(extra)
+        .args(extra);
+    if let Some(bucket) = bucket {
+        bucket.apply(&mut command);
+    }
+    command
         .env("RUST_LOG", "info")
         // The token file is the one in `tls` (or in `extra`), whatever the environment says.
         .env_remove("BLOCKREP_ADMIN_TOKEN_FILE")
@@ -202,8 +214,21 @@ impl ServerProcess {
     /// Starts a server on a given replication address (e.g. to restart one where
     /// its agents expect it).
     pub fn start_on(bin: &Path, listen: &str, data: &Path, tls: &Path, extra: &[&str]) -> Self {
+        Self::start_in(bin, listen, data, tls, extra, None)
+    }
+
+    /// [`ServerProcess::start_on`] with the store in a bucket when `bucket`
+    /// says so (`data` its working copy).
+    pub fn start_in(
+        bin: &Path,
+        listen: &str,
+        data: &Path,
+        tls: &Path,
+        extra: &[&str],
+        bucket: Option<&BucketAccess>,
+    ) -> Self {
         let spawned = Instant::now();
-        let mut child = server_command(bin, listen, data, tls, extra)
+        let mut child = server_command(bin, listen, data, tls, extra, bucket)
             .spawn()
             .expect("start blockrep server");
         let log = Arc::new(Mutex::new(String::new()));
@@ -270,7 +295,7 @@ impl ServerProcess {
         extra: &[&str],
         after: Duration,
     ) -> StartupKill {
-        let mut child = server_command(bin, listen, data, tls, extra)
+        let mut child = server_command(bin, listen, data, tls, extra, None)
             .spawn()
             .expect("start blockrep server");
         std::thread::sleep(after);

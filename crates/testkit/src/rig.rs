@@ -20,6 +20,8 @@ pub struct AgentRig {
     pub server: ServerProcess,
     /// Where disks, exports and the server's data live.
     pub work: tempfile::TempDir,
+    /// The bucket the server keeps its store in, if not its data directory.
+    pub bucket: Option<crate::BucketAccess>,
 }
 
 impl AgentRig {
@@ -32,14 +34,33 @@ impl AgentRig {
     /// [`AgentRig::start`] with certificates made beforehand (in a tenant,
     /// revoked, an admin's...).
     pub fn start_with_pki(bin: &Path, pki: Pki, server_args: &[&str]) -> Self {
+        Self::start_in(bin, pki, server_args, None)
+    }
+
+    /// [`AgentRig::start_with_pki`] with the server's store in `bucket` when
+    /// given (its data directory then a working copy); exports read the
+    /// bucket too.
+    pub fn start_in(
+        bin: &Path,
+        pki: Pki,
+        server_args: &[&str],
+        bucket: Option<crate::BucketAccess>,
+    ) -> Self {
         let work = tempfile::tempdir().unwrap();
-        let server =
-            ServerProcess::start_with(bin, &work.path().join("data"), pki.path(), server_args);
+        let server = ServerProcess::start_in(
+            bin,
+            "127.0.0.1:0",
+            &work.path().join("data"),
+            pki.path(),
+            server_args,
+            bucket.as_ref(),
+        );
         Self {
             bin: bin.to_owned(),
             pki,
             server,
             work,
+            bucket,
         }
     }
 
@@ -103,12 +124,22 @@ impl AgentRig {
     /// the command's output if the export fails.
     pub fn export(&self, source: &str) -> PathBuf {
         let out = self.path(&format!("{source}.export"));
-        crate::tools::assert_success(&crate::tools::export_with(
-            &self.bin,
-            &self.data(),
-            source,
-            &out,
-        ));
+        let output = match &self.bucket {
+            None => crate::tools::export_with(&self.bin, &self.data(), source, &out),
+            Some(bucket) => {
+                // A working copy of its own: the server holds its own.
+                let copy = tempfile::tempdir_in(self.work.path()).unwrap();
+                let mut command = Command::new(&self.bin);
+                command.args(["export", "--data"]).arg(copy.path());
+                bucket.apply(&mut command);
+                command
+                    .args(["--source", source, "--out"])
+                    .arg(&out)
+                    .output()
+                    .unwrap()
+            }
+        };
+        crate::tools::assert_success(&output);
         out
     }
 

@@ -41,6 +41,21 @@ const PORT_FLAGS: [&str; 15] = [
     "s3.metricsPort",
 ];
 
+/// The flags and environment that put a blockrep store in a bucket.
+#[derive(Debug, Clone, Default)]
+pub struct BucketAccess {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl BucketAccess {
+    /// Adds the flags and environment to `command`.
+    pub fn apply(&self, command: &mut Command) {
+        command.args(&self.args);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+    }
+}
+
 /// A running `weed mini`, stopped (and its data removed) when dropped.
 #[derive(Debug)]
 pub struct SeaweedFs {
@@ -183,6 +198,25 @@ impl SeaweedFs {
             "weed shell could not create bucket {name}: {text}{}",
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+
+    /// How a blockrep process keeps its store under `prefix` of the test
+    /// bucket: its flags and environment (the credentials).
+    pub fn access(&self, prefix: &str) -> BucketAccess {
+        BucketAccess {
+            args: vec![
+                "--store".into(),
+                format!("s3://{BUCKET}/{prefix}"),
+                "--s3-endpoint".into(),
+                self.endpoint.clone(),
+                "--s3-region".into(),
+                "us-east-1".into(),
+            ],
+            env: vec![
+                ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY_ID.into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), SECRET_ACCESS_KEY.into()),
+            ],
+        }
     }
 
     /// What `weed mini` printed.

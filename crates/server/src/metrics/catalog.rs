@@ -149,6 +149,7 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
     text.push_str(&capture_text(&scrape.sources));
     text.push_str(&revocation_text(&shared));
     text.push_str(&patches_text(&shared));
+    text.push_str(&super::upload::upload_text(&shared.store));
     ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], text).into_response()
 }
 

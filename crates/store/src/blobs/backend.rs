@@ -93,6 +93,16 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
         Ok(())
     }
 
+    /// Where the packs are, for status: `local`, or the bucket's name.
+    fn location(&self) -> String {
+        "local".into()
+    }
+
+    /// Checks that the packs can be reached now (a round trip to a bucket).
+    fn check_reachable(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// Uploads pending and done, for a backend that uploads.
     fn upload_stats(&self) -> Option<UploadStats> {
         None

@@ -445,6 +445,16 @@ impl Blobs {
         })
     }
 
+    /// Where the packs are (`local`, or a bucket's name).
+    pub(crate) fn backend(&self) -> String {
+        self.packs.location()
+    }
+
+    /// Checks that the packs can be reached now.
+    pub(crate) fn check_reachable(&self) -> Result<(), Error> {
+        self.packs.check_reachable()
+    }
+
     /// Uploads pending and done, when the packs are in a bucket.
     pub(crate) fn upload_stats(&self) -> Option<UploadStats> {
         self.packs.upload_stats()

@@ -349,6 +349,21 @@ impl PackBackend for BucketPacks {
         }))
     }
 
+    fn location(&self) -> String {
+        self.shared.remote.bucket.bucket().name().to_owned()
+    }
+
+    fn check_reachable(&self) -> Result<(), Error> {
+        // A key that is never written: the answer (absent) is a round trip.
+        match self.shared.remote.bucket.get("packs/reachable") {
+            Ok(_) => Ok(()),
+            Err(e) => Err(bucket_error(
+                format!("{} cannot be reached", self.location()),
+                e,
+            )),
+        }
+    }
+
     fn seals_at_sync(&self) -> bool {
         true
     }

@@ -1,0 +1,65 @@
+//! Where a store is kept: `--store s3://...` and its service flags, shared by
+//! the server and the commands that open a store.
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::units;
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct StoreArgs {
+    /// Keep the store in an S3-compatible bucket (AWS S3, Ceph RGW, MinIO,
+    /// SeaweedFS) instead of the data directory, which becomes its working
+    /// copy and cache. The bucket must exist. Credentials come from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the other AWS_*
+    /// variables: session token, web identity, instance metadata).
+    #[arg(long, value_name = "s3://BUCKET/PREFIX")]
+    pub(crate) store: Option<String>,
+    /// URL of the S3 service (e.g. http://127.0.0.1:8333 for SeaweedFS);
+    /// default AWS's, for the region.
+    #[arg(long, requires = "store", value_name = "URL")]
+    pub(crate) s3_endpoint: Option<String>,
+    /// Region of the bucket (default AWS_REGION, else us-east-1).
+    #[arg(long, requires = "store")]
+    pub(crate) s3_region: Option<String>,
+    /// Most bytes of sealed packs kept in the data directory as a cache of
+    /// the bucket; older packs are read from the bucket by ranged GETs.
+    #[arg(long, requires = "store", default_value = "4GiB", value_parser = units::parse_size)]
+    pub(crate) cache_max: u64,
+}
+
+impl StoreArgs {
+    /// The bucket asked for, if any.
+    pub(crate) fn bucket(&self) -> Result<Option<blockrep_server::BucketConfig>> {
+        let Some(url) = &self.store else {
+            return Ok(None);
+        };
+        let location = blockrep_objects::S3Location::parse(url).context("--store")?;
+        Ok(Some(blockrep_server::BucketConfig {
+            location,
+            service: blockrep_objects::S3Service {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                credentials: None,
+            },
+            cache_bytes: self.cache_max,
+        }))
+    }
+
+    /// Opens the store: in the bucket, with `data` as its working copy (a
+    /// directory no running server uses), or `data` itself read-only.
+    pub(crate) fn open(&self, data: &std::path::Path) -> Result<blockrep_store::Store> {
+        let Some(bucket) = self.bucket()? else {
+            return Ok(blockrep_store::Store::open_read_only(data)?);
+        };
+        let client = blockrep_objects::Bucket::s3(&bucket.location, &bucket.service)
+            .and_then(blockrep_objects::BlockingBucket::new)
+            .with_context(|| format!("bucket {}", bucket.location))?;
+        let options = blockrep_store::BucketOptions {
+            cache_bytes: bucket.cache_bytes,
+        };
+        Ok(blockrep_store::Store::open_in_bucket(
+            data, client, options,
+        )?)
+    }
+}
