@@ -23,8 +23,10 @@ pub(crate) struct AgentArgs {
     /// naming the missing volume). Their data stays in older snapshots.
     #[arg(long)]
     pub(crate) allow_volume_removal: bool,
-    /// Replication server, host:port.
-    #[arg(long)]
+    /// Replication server, host:port; or several, separated by commas
+    /// (servers sharing one bucket): the agent uses one and moves to the
+    /// next when it is unreachable or says another server has the source.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     pub(crate) to: String,
     /// This source's id (must match its certificate).
     #[arg(long)]

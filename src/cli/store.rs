@@ -26,6 +26,11 @@ pub(crate) struct StoreArgs {
     /// the bucket; older packs are read from the bucket by ranged GETs.
     #[arg(long, requires = "store", default_value = "4GiB", value_parser = units::parse_size)]
     pub(crate) cache_max: u64,
+    /// How long a source's lease lasts unless renewed (servers sharing the
+    /// bucket serve each source one at a time): after a server dies, another
+    /// takes its sources after at most this long.
+    #[arg(long, requires = "store", default_value = "15s", value_parser = units::parse_duration)]
+    pub(crate) lease_ttl: std::time::Duration,
 }
 
 impl StoreArgs {
@@ -43,6 +48,8 @@ impl StoreArgs {
                 credentials: None,
             },
             cache_bytes: self.cache_max,
+            lease_ttl: self.lease_ttl.max(std::time::Duration::from_millis(300)),
+            holder: String::new(),
         }))
     }
 

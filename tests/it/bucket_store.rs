@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use blockrep_core::{Geometry, SourceId};
 use blockrep_objects::{BlockingBucket, Bucket, S3Location, S3Service};
-use blockrep_store::{BucketOptions, GcOptions, LaunchKind, Store};
+use blockrep_store::{BucketOptions, ErrorKind, GcOptions, LaunchKind, Store};
 use blockrep_testkit::rng::SplitMix64;
 use blockrep_testkit::seaweedfs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFs};
 
@@ -21,6 +21,7 @@ pub(crate) fn blocking_bucket(weed: &SeaweedFs, prefix: &str) -> BlockingBucket 
 }
 
 const NOW: u64 = 1_700_000_000_000;
+const TTL_MS: u64 = 10_000;
 
 #[test]
 fn a_store_in_a_bucket_commits_snapshots_launches_and_reopens_from_the_bucket_alone() {
@@ -40,6 +41,12 @@ fn a_store_in_a_bucket_commits_snapshots_launches_and_reopens_from_the_bucket_al
             Store::open_in_bucket(first.path(), blocking_bucket(&weed, "one"), options).unwrap(),
         );
         let (root, pages) = store.insert_image(&disk, geometry).unwrap();
+        // No commit without the source's lease.
+        let refused = store.commit(&source, 1, &root, &pages, 0, NOW).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Leased, "{refused}");
+        store
+            .claim_source(&source, "server-1", TTL_MS, NOW)
+            .unwrap();
         store.commit(&source, 1, &root, &pages, 0, NOW).unwrap();
         let stats = store.upload_stats().unwrap();
         assert_eq!((stats.bytes_pending, stats.objects_pending), (0, 0));
@@ -90,6 +97,10 @@ fn a_store_in_a_bucket_commits_snapshots_launches_and_reopens_from_the_bucket_al
 
     // A second commit that changes a chunk, then GC of the first once
     // nothing names it: the bucket loses the dead pack, reads go on.
+    // The same server, restarted: it takes its lease again.
+    store
+        .claim_source(&source, "server-1", TTL_MS, NOW + 2)
+        .unwrap();
     store.delete_launch("drill").unwrap();
     store.delete_snapshot(&source, "before").unwrap();
     disk[..65_536].fill(9);
@@ -117,4 +128,74 @@ fn a_store_in_a_bucket_commits_snapshots_launches_and_reopens_from_the_bucket_al
         "export after GC differs"
     );
     assert!(store.verify(None, None).unwrap().is_clean());
+}
+
+#[test]
+fn a_server_that_lost_its_lease_can_never_replace_a_newer_head() {
+    let Some(weed) = SeaweedFs::start("lease fencing") else {
+        return;
+    };
+    let geometry = Geometry::new(1 << 20, 65_536).unwrap();
+    let source = SourceId::new("db").unwrap();
+    let options = BucketOptions::default();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open_in_bucket(dir_a.path(), blocking_bucket(&weed, "fence"), options).unwrap();
+    let b = Store::open_in_bucket(dir_b.path(), blocking_bucket(&weed, "fence"), options).unwrap();
+    let image = |seed: u64| {
+        let mut disk = vec![0u8; 1 << 20];
+        SplitMix64::new(seed).fill(&mut disk);
+        disk
+    };
+    const TTL: u64 = 1_000;
+    let lease_a = a.claim_source(&source, "a", TTL, NOW).unwrap().unwrap();
+    let (root1, pages1) = a.insert_image(&image(1), geometry).unwrap();
+    a.commit(&source, 1, &root1, &pages1, 0, NOW).unwrap();
+
+    // B may not take the source while A's lease runs.
+    let held = b.claim_source(&source, "b", TTL, NOW + 500).unwrap_err();
+    assert_eq!(held.kind(), ErrorKind::Leased, "{held}");
+    assert!(held.to_string().contains("leased to a"), "{held}");
+
+    // A is paused past its expiry; B takes over, reads A's head and its
+    // packs from the bucket, and commits on top of it.
+    let lease_b = b
+        .claim_source(&source, "b", TTL, NOW + 1_500)
+        .unwrap()
+        .unwrap();
+    assert!(
+        lease_b.generation > lease_a.generation,
+        "{lease_a:?} {lease_b:?}"
+    );
+    assert_eq!(b.head(&source).unwrap().unwrap().root, root1.id());
+    let (root2, pages2) = b.insert_image(&image(2), geometry).unwrap();
+    b.commit(&source, 2, &root2, &pages2, 0, NOW + 1_600)
+        .unwrap();
+
+    // A resumes believing it still holds the lease (its clock says so):
+    // the bucket refuses its late head, which names what B's does not.
+    let (root_late, pages_late) = a.insert_image(&image(3), geometry).unwrap();
+    let refused = a
+        .commit(&source, 2, &root_late, &pages_late, 0, NOW + 900)
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("another server wrote it"),
+        "{refused}"
+    );
+    // Past its expiry by its own clock, A refuses by itself.
+    let lapsed = a
+        .commit(&source, 2, &root_late, &pages_late, 0, NOW + 1_700)
+        .unwrap_err();
+    assert_eq!(lapsed.kind(), ErrorKind::Leased, "{lapsed}");
+    // A's renewal finds the lease gone.
+    let lost = a.renew_leases(TTL, NOW + 1_800);
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    drop((a, b));
+
+    // What the bucket holds: B's head, readable whole.
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = Store::open_in_bucket(dir_c.path(), blocking_bucket(&weed, "fence"), options).unwrap();
+    assert_eq!(c.head(&source).unwrap().unwrap().root, root2.id());
+    let out = dir_c.path().join("export.img");
+    c.export(&source, &out).unwrap();
+    assert!(std::fs::read(&out).unwrap() == image(2));
 }

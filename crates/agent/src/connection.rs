@@ -13,11 +13,11 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use blockrep_proto::{Message, decode, encode};
+use blockrep_proto::{ErrorCode, Message, decode, encode};
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, WriteHalf};
@@ -121,6 +121,9 @@ pub(crate) struct Connection<S = TlsTransport> {
     /// See [`AgentConfig::io_timeout`].
     io_timeout: Duration,
     liveness: Liveness,
+    /// The agent's choice of server and the one this connection reached: a
+    /// server that says the source is served elsewhere moves the choice on.
+    choice: Option<(Arc<AtomicUsize>, usize)>,
 }
 
 impl<S> Drop for Connection<S> {
@@ -141,9 +144,36 @@ impl Connection<TlsTransport> {
     /// Connects to `config.server` and completes the TLS handshake, each
     /// bounded by the I/O time-out.
     pub(crate) async fn connect(config: &AgentConfig) -> Result<Self, Error> {
+        let servers = config.servers();
+        if servers.is_empty() {
+            return Err(Error::Address(config.server.clone()));
+        }
+        let first = config.server_choice.load(Ordering::Relaxed) % servers.len();
+        let mut failure = None;
+        // Each address in turn from the current choice: a server that is
+        // down (refused, or silent past the time-out) hands over to the next.
+        for step in 0..servers.len() {
+            let index = (first + step) % servers.len();
+            match Self::connect_to(config, servers[index]).await {
+                Ok(mut connection) => {
+                    config.server_choice.store(index, Ordering::Relaxed);
+                    connection.choice = Some((Arc::clone(&config.server_choice), index));
+                    return Ok(connection);
+                }
+                Err(e) if e.is_retryable() && servers.len() > 1 => {
+                    tracing::warn!(server = servers[index], error = %e, "trying the next server");
+                    failure = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(failure.unwrap_or_else(|| Error::Address(config.server.clone())))
+    }
+
+    async fn connect_to(config: &AgentConfig, server: &str) -> Result<Self, Error> {
         let tls =
             blockrep_pki::client_config(&config.ca_path, &config.cert_path, &config.key_path)?;
-        let name = server_name(&config.server)?;
+        let name = server_name(server)?;
         let io_timeout = config.io_timeout;
         let timed_out = |what: &str| {
             std::io::Error::new(
@@ -151,11 +181,11 @@ impl Connection<TlsTransport> {
                 format!("{what} did not finish within {io_timeout:?}"),
             )
         };
-        let tcp = tokio::time::timeout(io_timeout, TcpStream::connect(&config.server))
+        let tcp = tokio::time::timeout(io_timeout, TcpStream::connect(server))
             .await
             .unwrap_or_else(|_| Err(timed_out("connect")))
             .map_err(|source| Error::Connect {
-                addr: config.server.clone(),
+                addr: server.to_owned(),
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
@@ -164,7 +194,7 @@ impl Connection<TlsTransport> {
             .await
             .unwrap_or_else(|_| Err(timed_out("the TLS handshake")))
             .map_err(|source| Error::Handshake {
-                addr: config.server.clone(),
+                addr: server.to_owned(),
                 source,
             })?;
         Ok(Connection::new(stream, config))
@@ -237,6 +267,7 @@ impl<S: Transport> Connection<S> {
             reader_task,
             io_timeout,
             liveness,
+            choice: None,
         }
     }
 
@@ -320,12 +351,28 @@ impl<S: Transport> Connection<S> {
         let _ = Self::until_stalled(io_timeout, &liveness, closing).await;
     }
 
+    /// The server's refusal; one saying that another server serves the
+    /// source moves the agent's choice to the next address.
+    fn refused(&self, code: ErrorCode, message: String) -> Error {
+        if code == ErrorCode::ServedElsewhere
+            && let Some((choice, index)) = &self.choice
+        {
+            let _ = choice.compare_exchange(
+                *index,
+                index.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        Error::Refused { code, message }
+    }
+
     /// A write failed: the server probably said why before closing.
     async fn explain(&mut self, e: std::io::Error) -> Error {
         let wait = std::time::Duration::from_millis(500);
         while let Ok(Some(next)) = tokio::time::timeout(wait, self.incoming.recv()).await {
             match next {
-                Ok(Message::Error { code, message }) => return Error::Refused { code, message },
+                Ok(Message::Error { code, message }) => return self.refused(code, message),
                 Ok(_) => continue,
                 Err(error) => return error,
             }
@@ -346,7 +393,7 @@ impl<S: Transport> Connection<S> {
             )));
         };
         match next {
-            Some(Ok(Message::Error { code, message })) => Err(Error::Refused { code, message }),
+            Some(Ok(Message::Error { code, message })) => Err(self.refused(code, message)),
             Some(Ok(message)) => Ok(message),
             Some(Err(e)) => Err(e),
             None => Err(Error::Lost("connection closed".into())),

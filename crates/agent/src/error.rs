@@ -107,6 +107,7 @@ impl Error {
             Error::Refused { code, .. } => matches!(
                 code,
                 ErrorCode::Busy
+                    | ErrorCode::ServedElsewhere
                     | ErrorCode::Internal
                     | ErrorCode::EpochMismatch
                     | ErrorCode::RootMismatch

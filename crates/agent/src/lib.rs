@@ -78,8 +78,14 @@ pub struct AgentConfig {
     /// A machine's volumes that the replica has and `volumes` lacks may be
     /// dropped from it (else the server refuses the session).
     pub allow_volume_removal: bool,
-    /// `host:port` of the replication server.
+    /// `host:port` of the replication server, or several separated by
+    /// commas: servers sharing one bucket, tried in turn (see
+    /// [`AgentConfig::server_choice`]).
     pub server: String,
+    /// Index in [`AgentConfig::servers`] of the server to try first: the
+    /// one last reached, moved on when it is unreachable or says that
+    /// another server serves the source.
+    pub server_choice: Arc<std::sync::atomic::AtomicUsize>,
     /// This source's id; must match the id in the certificate.
     pub source: SourceId,
     /// CA certificate that the server's certificate must chain to.
@@ -141,6 +147,15 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The addresses of [`AgentConfig::server`], in order.
+    pub fn servers(&self) -> Vec<&str> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
     /// A configuration with defaults for everything but the essentials.
     pub fn new(
         disk: PathBuf,
@@ -155,6 +170,7 @@ impl AgentConfig {
             volumes: Vec::new(),
             allow_volume_removal: false,
             server,
+            server_choice: Arc::default(),
             source,
             ca_path,
             cert_path,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
-use crate::{Bucket, Error, Version};
+use crate::{Bucket, Error, Lease, Version};
 
 /// Worker threads of the runtime requests run on: requests wait on the
 /// network, not the CPU.
@@ -109,6 +109,32 @@ impl BlockingBucket {
     pub fn list_all(&self, dir: &str) -> Result<Vec<(String, u64)>, Error> {
         let dir = dir.to_owned();
         self.run(|b| async move { b.list_all(&dir).await })
+    }
+
+    /// See [`Lease::take`].
+    pub fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_unix_ms: u64,
+    ) -> Result<Lease, Error> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(|b| async move { Lease::take(&b, &name, &holder, ttl_ms, now_unix_ms).await })
+    }
+
+    /// See [`Lease::renew`]: the lease renewed, or the error that lost it.
+    pub fn renew_lease(&self, lease: Lease, ttl_ms: u64, now_unix_ms: u64) -> Result<Lease, Error> {
+        self.run(|b| async move {
+            let mut lease = lease;
+            lease.renew(&b, ttl_ms, now_unix_ms).await?;
+            Ok(lease)
+        })
+    }
+
+    /// See [`Lease::release`].
+    pub fn release_lease(&self, lease: Lease) -> Result<(), Error> {
+        self.run(|b| async move { lease.release(&b).await })
     }
 
     /// See [`Bucket::delete`].

@@ -80,6 +80,9 @@ wire_enum! {
         Fenced = 12 => "source fenced after cutover",
         /// The request names something that does not exist (e.g. a launch).
         NotFound = 13 => "not found",
+        /// Another replication server sharing the store holds the source's
+        /// lease: the agent tries its next server.
+        ServedElsewhere = 14 => "source served by another server",
     }
 }
 

@@ -36,6 +36,7 @@ mod health;
 #[doc(hidden)]
 pub mod in_memory;
 mod launch_gate;
+mod leases;
 mod ledger;
 mod lifecycle;
 mod listener;
@@ -168,6 +169,11 @@ pub struct BucketConfig {
     pub service: blockrep_objects::S3Service,
     /// Most bytes of sealed packs kept in the data directory.
     pub cache_bytes: u64,
+    /// How long a source's lease lasts unless renewed: after a server stops
+    /// (or is cut off), another takes its sources after at most this long.
+    pub lease_ttl: Duration,
+    /// This server's name in leases; empty: its replication address.
+    pub holder: String,
 }
 
 impl ServerConfig {

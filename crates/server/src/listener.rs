@@ -128,6 +128,16 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
+        let mut config = config;
+        if let Some(bucket) = &mut config.bucket
+            && bucket.holder.is_empty()
+        {
+            // The address agents reach it by: what an operator reads in a
+            // lease to know which server has a source.
+            bucket.holder = listener
+                .local_addr()
+                .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+        }
         let admin_listener = match config.admin_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -244,6 +254,7 @@ impl Server {
         let _stop_retention = AbortOnDrop(retention);
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);
+        let _stop_leases = AbortOnDrop(tokio::spawn(crate::leases::run(Arc::clone(&self.shared))));
         let _stop_revocation = self.shared.revocation.as_ref().map(|revocation| {
             AbortOnDrop(tokio::spawn(crate::revocation::run(
                 Arc::clone(revocation),
@@ -294,6 +305,7 @@ impl Server {
         }
         self.shared.health.set_accepting(false);
         info!("replication listener stopped");
+        crate::leases::release(&self.shared).await;
     }
 }
 

@@ -206,7 +206,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut asked = false;
         loop {
             let held = match self.shared.claim_source(&self.source) {
-                Ok(slot) => return Ok(slot),
+                Ok(slot) => {
+                    // One server at a time among those sharing a bucket.
+                    crate::leases::claim(&self.shared, &self.source).await?;
+                    return Ok(slot);
+                }
                 Err(held) => held,
             };
             if !asked {

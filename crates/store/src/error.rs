@@ -21,6 +21,9 @@ pub enum ErrorKind {
     NotFound,
     /// The launch is open and cannot be deleted now.
     Busy,
+    /// The source is served by another server sharing the bucket (it holds
+    /// the source's lease), or this server's lease lapsed.
+    Leased,
 }
 
 blockrep_core::error_type! {
@@ -34,6 +37,22 @@ impl Error {
         self.source
             .as_ref()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+impl Error {
+    /// A write the bucket refused because another server wrote the record
+    /// since this one read it (see `bucket/records.rs`), as `Leased`.
+    pub(crate) fn lease_refusal(self) -> Self {
+        let refused = self
+            .source
+            .as_ref()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+        if refused {
+            Self::new(ErrorKind::Leased, self.to_string())
+        } else {
+            self
+        }
     }
 }
 
@@ -52,7 +71,7 @@ impl From<Error> for std::io::Error {
             ErrorKind::Invalid => Io::InvalidInput,
             ErrorKind::AlreadyExists => Io::AlreadyExists,
             ErrorKind::NotFound => Io::NotFound,
-            ErrorKind::Busy => Io::ResourceBusy,
+            ErrorKind::Busy | ErrorKind::Leased => Io::ResourceBusy,
             ErrorKind::EpochMismatch => Io::Other,
         };
         std::io::Error::new(kind, error)

@@ -122,6 +122,7 @@ mod launch;
 mod lifecycle;
 mod machine;
 mod mutex;
+mod remote;
 mod retention;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -137,6 +138,7 @@ pub use blobs::{
     BlobInfo, BlobKind, GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport, PACK_SIZE_MAX_BYTES,
     StoredCodec, UploadStats,
 };
+pub use blockrep_objects::LeaseRecord;
 pub use bucket::{BUCKET_CACHE_BYTES_DEFAULT, BucketOptions};
 pub use error::{Error, ErrorKind};
 pub use head::Head;

@@ -21,6 +21,7 @@ use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file};
 use crate::guard::{FsyncGuard, sync_tree};
 use crate::head::{HEAD_LEN, Head};
 use crate::mutex::lock;
+use crate::remote::Remote;
 use crate::vfs::{RealFs, Vfs};
 
 /// What a commit wrote.
@@ -76,6 +77,8 @@ pub struct Store {
     commit_locks: Mutex<HashMap<SourceId, Arc<Mutex<()>>>>,
     /// Snapshot and launch bookkeeping (see `catalog.rs`).
     pub(crate) catalog: Catalog,
+    /// The bucket, for a store kept in one (see `bucket/`).
+    pub(crate) remote: Option<Arc<Remote>>,
 }
 
 impl Store {
@@ -164,6 +167,7 @@ impl Store {
             blobs,
             commit_locks: Mutex::new(HashMap::new()),
             catalog: Catalog::default(),
+            remote: None,
         })
     }
 
@@ -178,6 +182,15 @@ impl Store {
     /// probes).
     pub fn check_backend(&self) -> Result<(), Error> {
         self.blobs.check_reachable()
+    }
+
+    /// In a bucket, fails unless this server holds `source`'s lease past
+    /// `now_unix_ms`; a local store has no leases.
+    fn check_lease(&self, source: &SourceId, now_unix_ms: u64) -> Result<(), Error> {
+        match &self.remote {
+            Some(remote) => remote.check_lease(source, now_unix_ms),
+            None => Ok(()),
+        }
     }
 
     /// Uploads pending and done, for a store in a bucket (`None` for a
@@ -496,6 +509,7 @@ impl Store {
         now_unix_ms: u64,
     ) -> Result<CommitStats, Error> {
         self.check_writable()?;
+        self.check_lease(source, now_unix_ms)?;
         let source_lock = self.commit_lock(source);
         let _guard = lock(&source_lock);
         let previous_head = self.head(source)?;
@@ -597,7 +611,10 @@ impl Store {
         };
         let dir = self.source_dir(source);
         create_dir_durable(self.vfs(), &dir)?;
-        publish_atomic(self.vfs(), &dir.join("head"), &head.encode())?;
+        // Again: the uploads of a sync can take long enough for a lease to lapse.
+        self.check_lease(source, now_unix_ms)?;
+        publish_atomic(self.vfs(), &dir.join("head"), &head.encode())
+            .map_err(Error::lease_refusal)?;
         Ok(CommitStats { head, pages_stored })
     }
 

@@ -535,6 +535,10 @@ pub(super) fn commit_failed(e: blockrep_store::Error) -> Outcome {
         blockrep_store::ErrorKind::EpochMismatch => {
             Outcome::Reject(Reject::new(ErrorCode::EpochMismatch, e.to_string()))
         }
+        blockrep_store::ErrorKind::Leased => Outcome::Reject(Reject::new(
+            ErrorCode::ServedElsewhere,
+            format!("nothing committed: {e}"),
+        )),
         _ => internal(format!("commit failed, nothing committed: {e}")),
     }
 }

@@ -93,6 +93,12 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
         Ok(())
     }
 
+    /// Learns of packs published by others since the backend was opened;
+    /// returns their numbers, ascending.
+    fn refresh(&self) -> Result<Vec<u32>, Error> {
+        Ok(Vec::new())
+    }
+
     /// Where the packs are, for status: `local`, or the bucket's name.
     fn location(&self) -> String {
         "local".into()

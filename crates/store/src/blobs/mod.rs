@@ -213,30 +213,7 @@ impl Blobs {
                     Err(e) => return Err(e),
                 },
             };
-            for record in &scan.records {
-                let location = Location {
-                    pack: number,
-                    offset: record.offset,
-                    header: record.header,
-                    crc_ok: record.crc_ok,
-                };
-                // The same id twice means a compaction copied it and stopped
-                // before deleting the old pack. The newer copy is kept, so that
-                // the next collection finds the old pack dead and deletes it
-                // without copying again; but never a damaged copy over a sound
-                // one: a copy not yet fsynced when the power went may be torn
-                // while the old record still holds.
-                match inner.index.entry(record.header.id) {
-                    Entry::Occupied(mut known) => {
-                        if location.crc_ok || !known.get().crc_ok {
-                            known.insert(location);
-                        }
-                    }
-                    Entry::Vacant(slot) => {
-                        slot.insert(location);
-                    }
-                }
-            }
+            index_scan(&mut inner, number, &scan);
             if scan.valid_len < scan.file_len && is_last && !self.read_only {
                 // Only the last pack is ever appended to, so only it can have a torn
                 // tail; nothing past `valid_len` was ever part of a commit.
@@ -250,6 +227,21 @@ impl Blobs {
         // index first, but a crash may land the two removals in either order).
         if !self.read_only && self.packs.remove_orphan_scans(&numbers)? {
             self.packs.sync_listing()?;
+        }
+        Ok(())
+    }
+
+    /// Adds to the index the packs that appeared in the backend since it
+    /// was built (packs another server sharing the bucket published).
+    pub(crate) fn refresh(&self) -> Result<(), Error> {
+        for number in self.packs.refresh()? {
+            let scan = match self.packs.load_scan(number) {
+                Some(scan) => scan,
+                None => self.packs.scan(number)?,
+            };
+            let mut inner = lock(&self.inner);
+            index_scan(&mut inner, number, &scan);
+            inner.last_pack = inner.last_pack.max(number);
         }
         Ok(())
     }
@@ -693,6 +685,34 @@ impl Blobs {
 }
 
 /// Decodes a blob's stored bytes (at most its raw length).
+/// Adds the records of pack `number` to the index.
+fn index_scan(inner: &mut Inner, number: u32, scan: &pack::PackScan) {
+    for record in &scan.records {
+        let location = Location {
+            pack: number,
+            offset: record.offset,
+            header: record.header,
+            crc_ok: record.crc_ok,
+        };
+        // The same id twice means a compaction copied it and stopped
+        // before deleting the old pack. The newer copy is kept, so that
+        // the next collection finds the old pack dead and deletes it
+        // without copying again; but never a damaged copy over a sound
+        // one: a copy not yet fsynced when the power went may be torn
+        // while the old record still holds.
+        match inner.index.entry(record.header.id) {
+            Entry::Occupied(mut known) => {
+                if location.crc_ok || !known.get().crc_ok {
+                    known.insert(location);
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(location);
+            }
+        }
+    }
+}
+
 pub(crate) fn decode_raw(header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, String> {
     match header.codec {
         StoredCodec::Raw => Ok(stored),

@@ -25,21 +25,18 @@
 //! - **Opening** replaces the data directory's records with the bucket's and
 //!   drops local packs the bucket does not have (blobs no record can name).
 
+mod lease;
 mod packs;
 mod records;
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use blockrep_objects::{BlockingBucket, Version};
-
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::fsutil::create_dir_durable;
 use crate::guard::FsyncGuard;
-use crate::mutex::lock;
+pub(crate) use crate::remote::{Remote, bucket_error, bucket_io_error};
 use crate::store::{Store, lock_data_dir};
 use crate::vfs::{RealFs, Vfs};
+use std::path::Path;
+use std::sync::Arc;
 
 pub(crate) use packs::BucketPacks;
 pub(crate) use records::BucketRecords;
@@ -62,122 +59,6 @@ impl Default for BucketOptions {
             cache_bytes: BUCKET_CACHE_BYTES_DEFAULT,
         }
     }
-}
-
-/// The bucket and what this store knows of its objects.
-#[derive(Debug)]
-pub(crate) struct Remote {
-    pub(crate) bucket: BlockingBucket,
-    /// The version last read or written of each record object, the
-    /// condition of its next write.
-    versions: std::sync::Mutex<std::collections::HashMap<String, Version>>,
-    errors_total: AtomicU64,
-    uploaded_bytes_total: AtomicU64,
-    /// Makes every record object's bytes differ from the last (see
-    /// [`Remote::envelope`]).
-    writes: AtomicU64,
-    nonce_base: u64,
-}
-
-/// First bytes of every record object: its format.
-const ENVELOPE_MAGIC: [u8; 4] = *b"BRO1";
-/// Magic and a write nonce before the record's own bytes.
-const ENVELOPE_LEN: usize = 12;
-
-impl Remote {
-    pub(crate) fn new(bucket: BlockingBucket) -> Self {
-        let seed = format!(
-            "{}:{:?}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
-        );
-        let hash = blake3::hash(seed.as_bytes());
-        let mut base = [0u8; 8];
-        base.copy_from_slice(&hash.as_bytes()[..8]);
-        Self {
-            bucket,
-            versions: Default::default(),
-            errors_total: AtomicU64::new(0),
-            uploaded_bytes_total: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-            nonce_base: u64::from_le_bytes(base),
-        }
-    }
-
-    /// A record's object: the magic, a nonce unique to this write, then the
-    /// record. The nonce makes a rewrite of the same record a new object
-    /// version (stores derive ETags from the bytes), so that a conditional
-    /// write by a server that read the old version fails.
-    fn envelope(&self, record: &[u8]) -> Vec<u8> {
-        let nonce = self
-            .nonce_base
-            .wrapping_add(self.writes.fetch_add(1, Ordering::Relaxed));
-        let mut out = Vec::with_capacity(ENVELOPE_LEN + record.len());
-        out.extend_from_slice(&ENVELOPE_MAGIC);
-        out.extend_from_slice(&nonce.to_le_bytes());
-        out.extend_from_slice(record);
-        out
-    }
-
-    /// The record inside an object written by [`Remote::envelope`].
-    fn open_envelope<'a>(key: &str, object: &'a [u8]) -> Result<&'a [u8], Error> {
-        match object.get(..4) {
-            Some(magic) if magic == ENVELOPE_MAGIC && object.len() >= ENVELOPE_LEN => {
-                Ok(&object[ENVELOPE_LEN..])
-            }
-            _ => Err(Error::new(
-                ErrorKind::Corrupt,
-                format!("{key} in the bucket is not a blockrep record"),
-            )),
-        }
-    }
-
-    pub(crate) fn version(&self, key: &str) -> Option<Version> {
-        lock(&self.versions).get(key).cloned()
-    }
-
-    pub(crate) fn set_version(&self, key: &str, version: Option<Version>) {
-        let mut versions = lock(&self.versions);
-        match version {
-            Some(version) => versions.insert(key.to_owned(), version),
-            None => versions.remove(key),
-        };
-    }
-
-    /// Counts a failed upload or record write.
-    pub(crate) fn note_error(&self) {
-        self.errors_total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn note_uploaded(&self, bytes: u64) {
-        self.uploaded_bytes_total
-            .fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    pub(crate) fn errors_total(&self) -> u64 {
-        self.errors_total.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn uploaded_bytes_total(&self) -> u64 {
-        self.uploaded_bytes_total.load(Ordering::Relaxed)
-    }
-}
-
-/// An error of the bucket as a store error saying what was being done.
-pub(crate) fn bucket_error(what: impl std::fmt::Display, e: blockrep_objects::Error) -> Error {
-    let kind = match e {
-        blockrep_objects::Error::Malformed { .. } => ErrorKind::Corrupt,
-        _ => ErrorKind::Io,
-    };
-    Error::new(kind, format!("{what}: {e}"))
-}
-
-/// The same as an `io::Error`, for the file-system seam.
-pub(crate) fn bucket_io_error(
-    what: impl std::fmt::Display,
-    e: blockrep_objects::Error,
-) -> std::io::Error {
-    std::io::Error::other(format!("{what}: {e}"))
 }
 
 impl Store {
@@ -209,11 +90,12 @@ impl Store {
         let packs = BucketPacks::open(
             dir.join("packs"),
             Arc::clone(&vfs),
-            remote,
+            Arc::clone(&remote),
             options.cache_bytes,
         )?;
         let mut store = Store::with_packs(dir, vfs, Box::new(packs), false, sync_failed)?;
         store.lock_file = Some(lock_file);
+        store.remote = Some(remote);
         Ok(store)
     }
 }

@@ -66,6 +66,27 @@ impl fmt::Debug for BucketPacks {
     }
 }
 
+/// The published packs of the bucket (a pack and its index, not empty):
+/// their lengths by number.
+fn list_published(remote: &SharedRemote) -> Result<BTreeMap<u32, u64>, Error> {
+    let listed = remote
+        .bucket
+        .list("packs")
+        .map_err(|e| bucket_error("cannot list packs/ in the bucket", e))?;
+    let mut lengths = BTreeMap::new();
+    let mut indexed = BTreeSet::new();
+    for (key, len) in &listed {
+        let name = key.strip_prefix("packs/").unwrap_or(key);
+        if let Some(number) = parse_pack_file_name(name) {
+            lengths.insert(number, *len);
+        } else if let Some(number) = pack_index::parse_index_file_name(name) {
+            indexed.insert(number);
+        }
+    }
+    lengths.retain(|number, len| indexed.contains(number) && *len > 0);
+    Ok(lengths)
+}
+
 impl BucketPacks {
     /// The bucket's packs, with `dir` (which exists) of `vfs` as the local
     /// copy. A local pack the bucket does not have published is left over
@@ -77,26 +98,10 @@ impl BucketPacks {
         remote: SharedRemote,
         cache_bytes: u64,
     ) -> Result<Self, Error> {
-        let listed = remote
-            .bucket
-            .list("packs")
-            .map_err(|e| bucket_error("cannot list packs/ in the bucket", e))?;
-        let mut lengths = BTreeMap::new();
-        let mut indexed = BTreeSet::new();
-        for (key, len) in &listed {
-            let name = key.strip_prefix("packs/").unwrap_or(key);
-            if let Some(number) = parse_pack_file_name(name) {
-                lengths.insert(number, *len);
-            } else if let Some(number) = pack_index::parse_index_file_name(name) {
-                indexed.insert(number);
-            }
-        }
-        let mut state = PackState::default();
-        for (&number, &len) in &lengths {
-            if indexed.contains(&number) && len > 0 {
-                state.published.insert(number, len);
-            }
-        }
+        let mut state = PackState {
+            published: list_published(&remote)?,
+            ..PackState::default()
+        };
         let local = LocalPacks::new(dir.clone(), vfs);
         for number in local.list()? {
             match state.published.get(&number) {
@@ -347,6 +352,19 @@ impl PackBackend for BucketPacks {
             file.sync_data()?;
             shared.upload(number).map_err(std::io::Error::from)
         }))
+    }
+
+    fn refresh(&self) -> Result<Vec<u32>, Error> {
+        let listed = list_published(&self.shared.remote)?;
+        let mut state = lock(&self.shared.state);
+        let mut added = Vec::new();
+        for (number, len) in listed {
+            if !state.published.contains_key(&number) && !state.claimed.contains(&number) {
+                state.published.insert(number, len);
+                added.push(number);
+            }
+        }
+        Ok(added)
     }
 
     fn location(&self) -> String {

@@ -134,7 +134,17 @@ impl BucketRecords {
     pub(crate) fn restore(&self) -> Result<usize, Error> {
         let mut restored = 0;
         for dir in RECORD_DIRS {
-            let local = self.root.join(dir);
+            restored += self.restore_under(dir)?;
+        }
+        Ok(restored)
+    }
+
+    /// [`BucketRecords::restore`] of the records under `dir` (a record
+    /// directory or one below, such as a source's).
+    pub(crate) fn restore_under(&self, dir: &str) -> Result<usize, Error> {
+        let mut restored = 0;
+        {
+            let local = self.local_path(dir)?;
             match self.inner.remove_dir_all(&local) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(Error::io(format!("cannot clear {}", local.display()), e));
@@ -142,6 +152,7 @@ impl BucketRecords {
                 _ => {}
             }
             create_dir_durable(self.inner.as_ref(), &local)?;
+            self.remote.forget_versions_under(dir);
             let listed = self
                 .remote
                 .bucket
@@ -173,6 +184,16 @@ impl BucketRecords {
             }
         }
         Ok(restored)
+    }
+
+    /// Writes the record at `key` to the bucket again, unchanged: a new
+    /// version of it, so that a server still holding the old version can no
+    /// longer replace it.
+    pub(crate) fn republish(&self, key: &str) -> io::Result<()> {
+        let path = self
+            .local_path(key)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.publish_tree(&path, key)
     }
 
     /// Where the record `key` lives in the data directory; a key with any

@@ -1,0 +1,88 @@
+//! Sources of a store kept in a bucket shared by several servers: a session
+//! starts only once this server holds the source's lease, and the leases
+//! held are renewed while the server runs (see the store's `bucket/lease.rs`
+//! for what taking one involves).
+
+use std::sync::Arc;
+
+use blockrep_core::SourceId;
+use blockrep_core::clock::now_unix_ms;
+use blockrep_proto::ErrorCode;
+use tracing::{info, warn};
+
+use crate::reject::Reject;
+use crate::shared::Shared;
+
+/// Makes this server the one serving `source`; a refusal tells the agent
+/// to try its next server when another one holds the source.
+pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(), Reject> {
+    let Some(bucket) = &shared.config.bucket else {
+        return Ok(());
+    };
+    let (store, source, holder) = (
+        Arc::clone(&shared.store),
+        source.clone(),
+        bucket.holder.clone(),
+    );
+    let ttl_ms = bucket.lease_ttl.as_millis() as u64;
+    let claimed = tokio::task::spawn_blocking(move || {
+        store.claim_source(&source, &holder, ttl_ms, now_unix_ms())
+    })
+    .await
+    .map_err(|e| Reject::new(ErrorCode::Internal, format!("lease task failed: {e}")))?;
+    match claimed {
+        Ok(Some(lease)) => {
+            info!(
+                generation = lease.generation,
+                expires_unix_ms = lease.expires_unix_ms,
+                "serving the source under its lease"
+            );
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) if e.kind() == blockrep_store::ErrorKind::Leased => {
+            Err(Reject::new(ErrorCode::ServedElsewhere, e.to_string()))
+        }
+        Err(e) => Err(Reject::new(
+            ErrorCode::Internal,
+            format!("cannot take the source's lease: {e}"),
+        )),
+    }
+}
+
+/// Renews the leases this server holds, three times per lease time, until
+/// aborted. A lease that is lost is logged: the next session of that source
+/// here finds it held elsewhere, and a late commit is refused.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let Some(bucket) = &shared.config.bucket else {
+        return;
+    };
+    let ttl = bucket.lease_ttl;
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = Arc::clone(&shared.store);
+        let ttl_ms = ttl.as_millis() as u64;
+        let lost = tokio::task::spawn_blocking(move || store.renew_leases(ttl_ms, now_unix_ms()))
+            .await
+            .unwrap_or_default();
+        for (source, why) in lost {
+            warn!(%source, error = %why, "lease lost: another server serves the source now");
+        }
+    }
+}
+
+/// Gives up this server's leases at a clean stop, so that the servers
+/// sharing the bucket may take its sources at once.
+pub(crate) async fn release(shared: &Arc<Shared>) {
+    if shared.config.bucket.is_none() {
+        return;
+    }
+    let store = Arc::clone(&shared.store);
+    match tokio::task::spawn_blocking(move || store.release_leases()).await {
+        Ok(Ok(())) => info!("leases released"),
+        Ok(Err(e)) => warn!(error = %e, "cannot release the leases; they expire by themselves"),
+        Err(e) => warn!(error = %e, "lease release task failed"),
+    }
+}
