@@ -15,6 +15,7 @@ mod common;
 mod access;
 mod admin_auth;
 mod bench;
+mod bucket_failover;
 mod bucket_server;
 mod bucket_store;
 mod capture;

@@ -130,10 +130,12 @@ pub(crate) fn kept_changing(config: &AgentConfig) -> Error {
 /// server answers `Busy` (most often this agent's own previous session
 /// draining) or while the disk is unsteady, else `--backoff-max`.
 pub(crate) fn backoff_ceiling(config: &AgentConfig, error: &Error, unsteady: bool) -> Duration {
+    // A busy source, or one another server serves for now (its lease runs
+    // out within seconds when that server is gone): both clear up soon.
     let busy = matches!(
         error,
         Error::Refused {
-            code: blockrep_proto::ErrorCode::Busy,
+            code: blockrep_proto::ErrorCode::Busy | blockrep_proto::ErrorCode::ServedElsewhere,
             ..
         }
     );

@@ -1,0 +1,246 @@
+//! Two replication servers sharing one bucket (SeaweedFS on loopback): an
+//! agent given both fails over when its server dies or stalls, and goes on
+//! from the same head; a server that lost the source's lease never writes
+//! its head again.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::common::*;
+use blockrep_testkit::ack_log::read_acks;
+use blockrep_testkit::seaweedfs::SeaweedFs;
+use blockrep_testkit::{AgentProcess, BucketAccess, Pki, ServerProcess, random_bytes};
+
+const MIB: usize = 1 << 20;
+const SERVER_ARGS: [&str; 4] = ["--lease-ttl", "2s", "--retention", "off"];
+
+struct Pair {
+    pki: Pki,
+    work: tempfile::TempDir,
+    access: BucketAccess,
+    a: ServerProcess,
+    b: ServerProcess,
+}
+
+fn pair(weed: &SeaweedFs, prefix: &str) -> Pair {
+    let pki = Pki::new(&["web"]);
+    let work = tempfile::tempdir().unwrap();
+    let access = weed.access(prefix);
+    let start = |name: &str| {
+        ServerProcess::start_in(
+            &bin(),
+            "127.0.0.1:0",
+            &work.path().join(name),
+            pki.path(),
+            &SERVER_ARGS,
+            Some(&access),
+        )
+    };
+    let (a, b) = (start("a"), start("b"));
+    Pair {
+        pki,
+        work,
+        access,
+        a,
+        b,
+    }
+}
+
+/// A thread writing a 4 KiB block of `disk` every few milliseconds until
+/// the flag is set.
+fn writer(disk: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        let mut seq = 1u64;
+        while !stop.load(Ordering::SeqCst) {
+            let block = random_bytes(4096, seq);
+            std::os::unix::fs::FileExt::write_all_at(&file, &block, (seq * 97 % 2048) * 4096)
+                .unwrap();
+            seq += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        file.sync_all().unwrap();
+    })
+}
+
+fn agent(pair: &Pair, disk: &Path, ack: &Path) -> AgentProcess {
+    let to = format!("{},{}", pair.a.addr, pair.b.addr);
+    AgentProcess::spawn(
+        &bin(),
+        &[
+            "--disk",
+            disk.to_str().unwrap(),
+            "--to",
+            &to,
+            "--source",
+            "web",
+            "--tls-dir",
+            pair.pki.path().to_str().unwrap(),
+            "--interval",
+            "200ms",
+            "--io-timeout",
+            "2s",
+            "--ack-log",
+            ack.to_str().unwrap(),
+        ],
+    )
+}
+
+fn wait_for_acks(ack: &Path, count: usize, agent: &AgentProcess, what: &str) {
+    assert!(
+        wait_until(Duration::from_secs(60), || read_acks(ack).len() >= count),
+        "{what}: fewer than {count} acknowledged epochs: {:?}\nstderr: {}",
+        read_acks(ack),
+        agent.stderr.lock().unwrap()
+    );
+}
+
+/// `blockrep export --root` of `root` from the bucket, in a working copy
+/// of its own.
+fn export_root(pair: &Pair, root: &str) -> PathBuf {
+    let copy = tempfile::tempdir_in(pair.work.path()).unwrap().keep();
+    let out = copy.join("root.img");
+    let mut command = std::process::Command::new(BIN);
+    command.args(["export", "--data"]).arg(copy.join("data"));
+    pair.access.apply(&mut command);
+    let output = command
+        .args(["--root", root, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_success(&output);
+    out
+}
+
+/// Epochs never go back and never skip: each acknowledged point follows
+/// the one before it, whichever server acknowledged it.
+fn assert_one_history(ack: &Path) {
+    let acks = read_acks(ack);
+    for pair in acks.windows(2) {
+        assert!(
+            pair[1].epoch == pair[0].epoch || pair[1].epoch == pair[0].epoch + 1,
+            "acknowledged epochs jump: {pair:?}"
+        );
+    }
+}
+
+#[test]
+fn an_agent_fails_over_to_the_second_server_and_goes_on_from_the_same_head() {
+    let Some(weed) = SeaweedFs::start("failover") else {
+        return;
+    };
+    let mut pair = pair(&weed, "failover");
+    let disk = pair.work.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(8 * MIB, 1)).unwrap();
+    let ack = pair.work.path().join("ack.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(disk.clone(), Arc::clone(&stop));
+    let mut agent = agent(&pair, &disk, &ack);
+    wait_for_acks(&ack, 3, &agent, "replicating to A");
+    assert!(
+        admin_source(pair.a.admin_addr.unwrap(), "web").is_some(),
+        "A does not serve the source"
+    );
+
+    pair.a.kill();
+    let by_a = read_acks(&ack);
+    let last_by_a = by_a.last().unwrap().clone();
+    wait_for_acks(&ack, by_a.len() + 3, &agent, "after A was killed");
+    let admin_b = pair.b.admin_addr.unwrap();
+    let view = admin_source(admin_b, "web").unwrap();
+    assert!(view.epoch > last_by_a.epoch, "{view:?} {last_by_a:?}");
+
+    // The writer stops; B catches up with the disk.
+    stop.store(true, Ordering::SeqCst);
+    writing.join().unwrap();
+    let final_root = disk_root(&disk, 65_536);
+    agent.wait_for_root(&final_root, Duration::from_secs(60), "B catches up");
+    agent.stop_cleanly();
+    assert_one_history(&ack);
+
+    // Every root acknowledged, by A or by B, is in the bucket whole.
+    assert_eq!(
+        disk_root(&export_root(&pair, &last_by_a.root), 65_536),
+        last_by_a.root
+    );
+    assert!(
+        std::fs::read(export_root(&pair, &final_root)).unwrap() == std::fs::read(&disk).unwrap(),
+        "the last root served by B differs from the disk"
+    );
+}
+
+#[test]
+fn a_server_paused_past_its_lease_never_writes_the_head_again() {
+    let Some(weed) = SeaweedFs::start("paused server") else {
+        return;
+    };
+    let pair = pair(&weed, "paused");
+    let disk = pair.work.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(8 * MIB, 2)).unwrap();
+    let ack = pair.work.path().join("ack.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(disk.clone(), Arc::clone(&stop));
+    let mut agent = agent(&pair, &disk, &ack);
+    wait_for_acks(&ack, 3, &agent, "replicating to A");
+
+    // A stalls (SIGSTOP) in the middle of replication; the agent gives up
+    // on it and B takes the source once A's lease has run out.
+    let signal = |what: &str| {
+        let status = std::process::Command::new("kill")
+            .args([what, &pair.a.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let by_a = read_acks(&ack).len();
+    wait_for_acks(&ack, by_a + 3, &agent, "after A was paused");
+    stop.store(true, Ordering::SeqCst);
+    writing.join().unwrap();
+    let final_root = disk_root(&disk, 65_536);
+    agent.wait_for_root(&final_root, Duration::from_secs(60), "B catches up");
+    agent.stop_cleanly();
+    let head_by_b = admin_source(pair.b.admin_addr.unwrap(), "web").unwrap();
+    assert_eq!(head_by_b.root, Some(final_root));
+
+    // A resumes, long past its lease: whatever it was doing, it writes no
+    // head; it finds its lease lost and sends the agent to the other server.
+    signal("-CONT");
+    assert!(
+        pair.a
+            .wait_for_log("lease lost", Duration::from_secs(10)),
+        "A did not notice: {}",
+        pair.a.log()
+    );
+    let refused = std::process::Command::new(BIN)
+        .args(["agent", "--once", "--disk"])
+        .arg(&disk)
+        .args(["--to", &pair.a.addr.to_string(), "--source", "web", "--tls-dir"])
+        .arg(pair.pki.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("served by another server"),
+        "{}",
+        stderr(&refused)
+    );
+    // The bucket's head is still B's last one.
+    let fresh = tempfile::tempdir().unwrap();
+    let check = ServerProcess::start_in(
+        &bin(),
+        "127.0.0.1:0",
+        &fresh.path().join("data"),
+        pair.pki.path(),
+        &SERVER_ARGS,
+        Some(&pair.access),
+    );
+    assert_eq!(
+        admin_source(check.admin_addr.unwrap(), "web").unwrap().root,
+        head_by_b.root
+    );
+    assert_one_history(&ack);
+}
