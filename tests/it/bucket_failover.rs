@@ -210,15 +210,20 @@ fn a_server_paused_past_its_lease_never_writes_the_head_again() {
     // head; it finds its lease lost and sends the agent to the other server.
     signal("-CONT");
     assert!(
-        pair.a
-            .wait_for_log("lease lost", Duration::from_secs(10)),
+        pair.a.wait_for_log("lease lost", Duration::from_secs(10)),
         "A did not notice: {}",
         pair.a.log()
     );
     let refused = std::process::Command::new(BIN)
         .args(["agent", "--once", "--disk"])
         .arg(&disk)
-        .args(["--to", &pair.a.addr.to_string(), "--source", "web", "--tls-dir"])
+        .args([
+            "--to",
+            &pair.a.addr.to_string(),
+            "--source",
+            "web",
+            "--tls-dir",
+        ])
         .arg(pair.pki.path())
         .output()
         .unwrap();

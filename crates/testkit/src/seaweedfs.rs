@@ -63,6 +63,43 @@ pub struct SeaweedFs {
     /// The S3 endpoint, `http://127.0.0.1:PORT`.
     pub endpoint: String,
     dir: tempfile::TempDir,
+    weed: PathBuf,
+    ports: Vec<u16>,
+    /// Times it has announced its S3 endpoint (one per run).
+    runs: usize,
+}
+
+/// `weed mini` on `ports` with its data in `dir/data`; its messages are
+/// appended to `dir/weed.log` and `dir/weed.err` (a restart's after the
+/// first run's).
+fn spawn(weed: &std::path::Path, dir: &std::path::Path, ports: &[u16]) -> Child {
+    let append = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))
+            .unwrap()
+    };
+    let mut command = Command::new(weed);
+    command
+        .arg("mini")
+        .args([
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+        ])
+        .arg(format!("-dir={}", dir.join("data").display()))
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+        .stdin(Stdio::null())
+        .stdout(append("weed.log"))
+        .stderr(append("weed.err"));
+    for (flag, port) in PORT_FLAGS.iter().zip(ports) {
+        command.arg(format!("-{flag}={port}"));
+    }
+    command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", weed.display()))
 }
 
 /// The `weed` binary: `BLOCKREP_WEED`, else `weed` on the `PATH`.
@@ -104,31 +141,8 @@ impl SeaweedFs {
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let ports = free_ports(PORT_FLAGS.len());
-        let log = dir.path().join("weed.log");
-        let mut command = Command::new(&weed);
-        command
-            .arg("mini")
-            .args([
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                "-master.telemetry=false",
-            ])
-            .arg(format!("-dir={}", dir.path().join("data").display()))
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("weed.err")).unwrap());
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        for (flag, port) in PORT_FLAGS.iter().zip(&ports) {
-            command.arg(format!("-{flag}={port}"));
-        }
-        let s3_port = PORT_FLAGS
-            .iter()
-            .zip(&ports)
-            .find_map(|(flag, port)| (*flag == "s3.port").then_some(*port))
-            .unwrap();
+        let ports = free_ports(PORT_FLAGS.len());
         let port_of = |name: &str| {
             PORT_FLAGS
                 .iter()
@@ -136,51 +150,83 @@ impl SeaweedFs {
                 .find_map(|(flag, port)| (*flag == name).then_some(*port))
                 .unwrap()
         };
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", weed.display()));
+        let child = spawn(&weed, dir.path(), &ports);
         let mut this = Self {
             child,
-            endpoint: format!("http://127.0.0.1:{s3_port}"),
+            endpoint: format!("http://127.0.0.1:{}", port_of("s3.port")),
             dir,
+            weed,
+            ports: ports.clone(),
+            runs: 0,
         };
-        // Ready once it says so: the S3 port may accept before the filer
-        // behind it serves.
+        this.wait_ready();
+        // The bucket the tests use; S3 (unlike SeaweedFS on a first write)
+        // does not create one, and blockrep never does. `host:port.grpcPort`:
+        // the gRPC ports are not the default HTTP + 10000.
+        let master = format!(
+            "127.0.0.1:{}.{}",
+            port_of("master.port"),
+            port_of("master.port.grpc")
+        );
+        let filer = format!(
+            "127.0.0.1:{}.{}",
+            port_of("filer.port"),
+            port_of("filer.port.grpc")
+        );
+        this.create_bucket(BUCKET, &master, &filer);
+        Some(this)
+    }
+
+    /// Waits until the instance says it serves S3: the S3 port may accept
+    /// before the filer behind it serves.
+    fn wait_ready(&mut self) {
+        let log = self.dir.path().join("weed.log");
+        // A restart appends to the log: wait for one more announcement.
+        let runs = self.runs;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = this.child.try_wait().unwrap() {
-                panic!("weed mini exited {status}: {}", this.messages());
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("weed mini exited {status}: {}", self.messages());
             }
-            if std::fs::read_to_string(&log).is_ok_and(|text| text.contains("S3 Endpoint")) {
-                // The bucket the tests use; S3 (unlike SeaweedFS on a first
-                // write) does not create one, and blockrep never does.
-                // `host:port.grpcPort`: the gRPC ports are not the default
-                // HTTP + 10000.
-                let master = format!(
-                    "127.0.0.1:{}.{}",
-                    port_of("master.port"),
-                    port_of("master.port.grpc")
-                );
-                let filer = format!(
-                    "127.0.0.1:{}.{}",
-                    port_of("filer.port"),
-                    port_of("filer.port.grpc")
-                );
-                this.create_bucket(&weed, BUCKET, &master, &filer);
-                return Some(this);
+            let announced =
+                std::fs::read_to_string(&log).map_or(0, |text| text.matches("S3 Endpoint").count());
+            if announced > runs {
+                self.runs = announced;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "weed mini not ready after {READY_TIMEOUT:?}: {}",
-                this.messages()
+                self.messages()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    /// Stops the instance as an operator would (SIGTERM) and waits for it:
+    /// its endpoint refuses connections until [`SeaweedFs::restart`].
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the stopped instance again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.child = spawn(&self.weed, self.dir.path(), &self.ports);
+        self.wait_ready();
+    }
+
     /// Creates bucket `name` with `weed shell`, as an operator would.
-    fn create_bucket(&self, weed: &std::path::Path, name: &str, master: &str, filer: &str) {
-        let mut shell = Command::new(weed)
+    fn create_bucket(&self, name: &str, master: &str, filer: &str) {
+        let mut shell = Command::new(&self.weed)
             .arg("shell")
             .arg(format!("-master={master}"))
             .arg(format!("-filer={filer}"))
