@@ -66,4 +66,8 @@ pub(crate) struct BenchArgs {
     /// Measured time of each `--capture` run, after its initial sync.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub(crate) capture_duration: Duration,
+    /// Keep the server's store in a bucket (its flags as `server`'s): the
+    /// figures are then those of replication into the bucket.
+    #[command(flatten)]
+    pub(crate) store: super::StoreArgs,
 }

@@ -53,6 +53,27 @@ impl StoreArgs {
         }))
     }
 
+    /// The same flags, for a `blockrep server` started by this process.
+    pub(crate) fn server_args(&self) -> Vec<String> {
+        let Some(store) = &self.store else {
+            return Vec::new();
+        };
+        let mut args = vec!["--store".to_owned(), store.clone()];
+        if let Some(endpoint) = &self.s3_endpoint {
+            args.extend(["--s3-endpoint".to_owned(), endpoint.clone()]);
+        }
+        if let Some(region) = &self.s3_region {
+            args.extend(["--s3-region".to_owned(), region.clone()]);
+        }
+        args.extend([
+            "--cache-max".to_owned(),
+            self.cache_max.to_string(),
+            "--lease-ttl".to_owned(),
+            format!("{}ms", self.lease_ttl.as_millis()),
+        ]);
+        args
+    }
+
     /// Opens the store: in the bucket, with `data` as its working copy (a
     /// directory no running server uses), or `data` itself read-only.
     pub(crate) fn open(&self, data: &std::path::Path) -> Result<blockrep_store::Store> {

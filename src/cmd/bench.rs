@@ -24,6 +24,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<()> {
         capture: args.capture,
         capture_sizes: args.capture_sizes,
         capture_duration: args.capture_duration,
+        server_args: args.store.server_args(),
     })
     .await
 }

@@ -117,6 +117,19 @@ fn export_root(pair: &Pair, root: &str) -> PathBuf {
 
 /// Epochs never go back and never skip: each acknowledged point follows
 /// the one before it, whichever server acknowledged it.
+fn gc(pki: &Pki, server: &ServerProcess) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args([
+            "gc",
+            "--admin",
+            &server.admin_addr.unwrap().to_string(),
+            "--admin-token",
+        ])
+        .arg(pki.path().join("admin.token"))
+        .output()
+        .unwrap()
+}
+
 fn assert_one_history(ack: &Path) {
     let acks = read_acks(ack);
     for pair in acks.windows(2) {
@@ -170,6 +183,8 @@ fn an_agent_fails_over_to_the_second_server_and_goes_on_from_the_same_head() {
         std::fs::read(export_root(&pair, &final_root)).unwrap() == std::fs::read(&disk).unwrap(),
         "the last root served by B differs from the disk"
     );
+    // A is gone (its presence expired): B is alone and may collect.
+    assert_success(&gc(&pair.pki, &pair.b));
 }
 
 #[test]
@@ -232,6 +247,14 @@ fn a_server_paused_past_its_lease_never_writes_the_head_again() {
         stderr(&refused).contains("served by another server"),
         "{}",
         stderr(&refused)
+    );
+    // Both servers are present: neither collects garbage.
+    let refused = gc(&pair.pki, &pair.b);
+    assert!(!refused.status.success());
+    let text = format!("{}{}", stdout(&refused), stderr(&refused));
+    assert!(
+        text.contains(&format!("server {} shares", pair.a.addr)),
+        "{text}"
     );
     // The bucket's head is still B's last one.
     let fresh = tempfile::tempdir().unwrap();

@@ -108,12 +108,16 @@ fn a_store_in_a_bucket_commits_snapshots_launches_and_reopens_from_the_bucket_al
     store
         .commit(&source, 2, &root2, &pages2, 0, NOW + 2)
         .unwrap();
-    let report = store
-        .gc(&GcOptions {
-            live_share_min: 1.0,
-            ..GcOptions::default()
-        })
-        .unwrap();
+    let gc_options = GcOptions {
+        live_share_min: 1.0,
+        ..GcOptions::default()
+    };
+    // Only under the bucket's collection lease.
+    let refused = store.gc(&gc_options).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
+    store.claim_gc("server-1", TTL_MS, NOW + 2).unwrap();
+    let report = store.gc(&gc_options).unwrap();
+    store.release_gc();
     assert!(report.blobs_dead > 0, "{report:?}");
     assert!(store.verify(None, None).unwrap().is_clean());
     drop(store);
@@ -189,6 +193,20 @@ fn a_server_that_lost_its_lease_can_never_replace_a_newer_head() {
     // A's renewal finds the lease gone.
     let lost = a.renew_leases(TTL, NOW + 1_800);
     assert_eq!(lost.len(), 1, "{lost:?}");
+
+    // A collection runs only while one server uses the bucket: not while A
+    // is present, and no session starts elsewhere while it runs.
+    b.claim_presence("b", TTL, NOW + 1_800).unwrap();
+    a.claim_presence("a", TTL, NOW + 1_800).unwrap();
+    let refused = b.claim_gc("b", TTL, NOW + 1_900).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
+    assert!(refused.to_string().contains("server a shares"), "{refused}");
+    b.claim_gc("b", TTL, NOW + 3_000).unwrap();
+    let waiting = a.claim_source(&source, "a", TTL, NOW + 3_100).unwrap_err();
+    assert_eq!(waiting.kind(), ErrorKind::Busy, "{waiting}");
+    assert!(waiting.to_string().contains("collecting"), "{waiting}");
+    b.gc(&GcOptions::default()).unwrap();
+    b.release_gc();
     drop((a, b));
 
     // What the bucket holds: B's head, readable whole.

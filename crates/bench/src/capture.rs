@@ -352,7 +352,7 @@ pub(crate) async fn run(bench: CaptureBench) -> Result<()> {
         }
     }
     blockrep_pki::init_ca(&tls, &["localhost".into(), "127.0.0.1".into()], true)?;
-    let mut server = ServerChild::start(&bench.server_exe, &data, &tls)?;
+    let mut server = ServerChild::start(&bench.server_exe, &data, &tls, &[])?;
     let mut runs = Vec::new();
     for &size in &bench.sizes {
         for mode in [Mode::Capture, Mode::Rescan] {

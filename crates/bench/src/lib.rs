@@ -74,6 +74,9 @@ pub struct Options {
     pub capture_sizes: Vec<u64>,
     /// Measured time of each `capture` run, after its initial sync.
     pub capture_duration: Duration,
+    /// More flags of the server under test (e.g. `--store s3://...`: the
+    /// store kept in a bucket).
+    pub server_args: Vec<String>,
 }
 
 /// Runs the bench: prints its table on stdout (progress on stderr), writes

@@ -81,7 +81,7 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     let source = SourceId::new("bench")?;
     blockrep_pki::init_ca(&tls, &["localhost".into(), "127.0.0.1".into()], true)?;
     blockrep_pki::issue_source(&tls, &source)?;
-    let mut server = ServerChild::start(&args.server_exe, &data, &tls)?;
+    let mut server = ServerChild::start(&args.server_exe, &data, &tls, &args.server_args)?;
     let server_pid = server.pid();
     let self_pid = std::process::id().to_string();
 

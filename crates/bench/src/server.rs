@@ -23,7 +23,7 @@ pub(crate) struct ServerChild {
 impl ServerChild {
     /// Starts `exe server` on the store in `data` with the certificates in
     /// `tls`, and waits for its first line, which names its addresses.
-    pub(crate) fn start(exe: &Path, data: &Path, tls: &Path) -> Result<Self> {
+    pub(crate) fn start(exe: &Path, data: &Path, tls: &Path, extra: &[String]) -> Result<Self> {
         let token_path = tls.join(blockrep_pki::ADMIN_TOKEN_FILE_NAME);
         let token = blockrep_admin_client::read_token(&token_path)?;
         let mut child = Command::new(exe)
@@ -43,6 +43,7 @@ impl ServerChild {
             // This server's own token, whatever the caller's environment names.
             .arg("--admin-token")
             .arg(&token_path)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

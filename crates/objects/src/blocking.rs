@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
-use crate::{Bucket, Error, Lease, Version};
+use crate::{Bucket, Error, Lease, LeaseRecord, Version};
 
 /// Worker threads of the runtime requests run on: requests wait on the
 /// network, not the CPU.
@@ -135,6 +135,22 @@ impl BlockingBucket {
     /// See [`Lease::release`].
     pub fn release_lease(&self, lease: Lease) -> Result<(), Error> {
         self.run(|b| async move { lease.release(&b).await })
+    }
+
+    /// The leases under `leases/DIR/` (unreadable ones skipped).
+    pub fn read_leases(&self, dir: &str) -> Result<Vec<LeaseRecord>, Error> {
+        let dir = format!("leases/{dir}");
+        self.run(|b| async move {
+            let mut records = Vec::new();
+            for (key, _) in b.list(&dir).await? {
+                if let Some((data, _)) = b.get(&key).await?
+                    && let Ok(record) = LeaseRecord::decode(&key, &data)
+                {
+                    records.push(record);
+                }
+            }
+            Ok(records)
+        })
     }
 
     /// See [`Bucket::delete`].

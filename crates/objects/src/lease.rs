@@ -45,7 +45,8 @@ impl LeaseRecord {
         ))
     }
 
-    fn decode(key: &str, data: &[u8]) -> Result<Self, Error> {
+    /// The lease that `data`, read from `key`, records.
+    pub fn decode(key: &str, data: &[u8]) -> Result<Self, Error> {
         let malformed = |why: &str| Error::Malformed {
             key: key.to_owned(),
             why: why.to_owned(),

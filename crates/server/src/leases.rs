@@ -43,6 +43,9 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
         Err(e) if e.kind() == blockrep_store::ErrorKind::Leased => {
             Err(Reject::new(ErrorCode::ServedElsewhere, e.to_string()))
         }
+        Err(e) if e.kind() == blockrep_store::ErrorKind::Busy => {
+            Err(Reject::new(ErrorCode::Busy, e.to_string()))
+        }
         Err(e) => Err(Reject::new(
             ErrorCode::Internal,
             format!("cannot take the source's lease: {e}"),
@@ -71,6 +74,37 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             warn!(%source, error = %why, "lease lost: another server serves the source now");
         }
     }
+}
+
+/// Runs `store.gc` as the one collection on a shared bucket: under the
+/// collection lease, and only while no other server is present (see
+/// `Store::claim_gc`). A local store just collects.
+pub(crate) fn collect(
+    shared: &Shared,
+    options: &blockrep_store::GcOptions,
+) -> Result<blockrep_store::GcReport, blockrep_store::Error> {
+    let store = &shared.store;
+    let Some(bucket) = shared.config.bucket.as_ref().filter(|_| !options.dry_run) else {
+        return store.gc(options);
+    };
+    let ttl_ms = bucket.lease_ttl.as_millis() as u64;
+    store.claim_gc(&bucket.holder, ttl_ms, now_unix_ms())?;
+    let report = store.gc(options);
+    store.release_gc();
+    report
+}
+
+/// Announces this server among those sharing the bucket (before it serves
+/// anything: a collection elsewhere must see it).
+pub(crate) fn announce(
+    store: &blockrep_store::Store,
+    bucket: &crate::BucketConfig,
+) -> Result<(), blockrep_store::Error> {
+    store.claim_presence(
+        &bucket.holder,
+        bucket.lease_ttl.as_millis() as u64,
+        now_unix_ms(),
+    )
 }
 
 /// Gives up this server's leases at a clean stop, so that the servers

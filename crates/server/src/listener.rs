@@ -92,7 +92,7 @@ impl Server {
                     known.push((source, head, lifecycle));
                 }
             }
-            Ok::<_, blockrep_store::Error>((store, known))
+            Ok::<_, blockrep_store::Error>((Arc::new(store), known))
         })
         .await
         .expect("store open task does not panic")?;
@@ -167,7 +167,13 @@ impl Server {
             }
             None => None,
         };
-        let mut shared = Shared::new(Arc::new(store), config, sources, nbd_addr);
+        if let Some(bucket) = &config.bucket {
+            let (store, bucket) = (Arc::clone(&store), bucket.clone());
+            tokio::task::spawn_blocking(move || crate::leases::announce(&store, &bucket))
+                .await
+                .expect("announce task does not panic")?;
+        }
+        let mut shared = Shared::new(store, config, sources, nbd_addr);
         shared.revocation = Some(revocation);
         Ok(Server {
             listener,

@@ -31,8 +31,8 @@ pub(crate) async fn run_gc(shared: Arc<Shared>) {
 
 /// One collection on the blocking pool; counted and logged.
 async fn collect(shared: &Arc<Shared>, options: GcOptions) -> Result<GcReport, String> {
-    let store = Arc::clone(&shared.store);
-    let report = tokio::task::spawn_blocking(move || store.gc(&options))
+    let collecting = Arc::clone(shared);
+    let report = tokio::task::spawn_blocking(move || crate::leases::collect(&collecting, &options))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;

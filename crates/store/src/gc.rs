@@ -128,6 +128,9 @@ impl Store {
     /// read-only store, and with the read error when a referenced root or page
     /// cannot be read (nothing is removed then: what is live is unknown).
     pub fn gc(&self, options: &GcOptions) -> Result<GcReport, Error> {
+        if !options.dry_run {
+            self.check_gc_allowed()?;
+        }
         self.gc_with_hook(options, &mut |_| true)
     }
 

@@ -19,8 +19,9 @@ pub(crate) struct Remote {
     /// The version last read or written of each record object, the
     /// condition of its next write.
     versions: std::sync::Mutex<std::collections::HashMap<String, Version>>,
-    /// The leases this store holds, by source.
-    leases: std::sync::Mutex<std::collections::HashMap<SourceId, Lease>>,
+    /// The leases this store holds, by name: a source's id, or
+    /// [`PRESENCE_PREFIX`] + holder, or [`GC_LEASE`].
+    leases: std::sync::Mutex<std::collections::HashMap<String, Lease>>,
     errors_total: AtomicU64,
     uploaded_bytes_total: AtomicU64,
     /// Makes every record object's bytes differ from the last (see
@@ -28,6 +29,12 @@ pub(crate) struct Remote {
     writes: AtomicU64,
     nonce_base: u64,
 }
+
+/// Lease names of the servers sharing a bucket (`leases/servers/HOLDER`):
+/// no source id holds a `/`, so none collides with a source's lease.
+pub(crate) const PRESENCE_PREFIX: &str = "servers/";
+/// The lease of the one collection that may run on a bucket at a time.
+pub(crate) const GC_LEASE: &str = "gc/collector";
 
 /// First bytes of every record object: its format.
 const ENVELOPE_MAGIC: [u8; 4] = *b"BRO1";
@@ -102,27 +109,32 @@ impl Remote {
         lock(&self.versions).retain(|key, _| !key.starts_with(&prefix));
     }
 
-    /// The lease this store holds on `source`, if any (perhaps expired).
-    pub(crate) fn lease(&self, source: &SourceId) -> Option<LeaseRecord> {
-        lock(&self.leases).get(source).map(|l| l.record().clone())
+    /// The lease named `name` this store holds, if any (perhaps expired).
+    pub(crate) fn lease_named(&self, name: &str) -> Option<LeaseRecord> {
+        lock(&self.leases).get(name).map(|l| l.record().clone())
     }
 
-    /// Every lease this store holds.
-    pub(crate) fn leases(&self) -> Vec<(SourceId, LeaseRecord)> {
+    /// The lease this store holds on `source`, if any (perhaps expired).
+    pub(crate) fn lease(&self, source: &SourceId) -> Option<LeaseRecord> {
+        self.lease_named(source.as_str())
+    }
+
+    /// Every lease this store holds, by name.
+    pub(crate) fn leases(&self) -> Vec<(String, LeaseRecord)> {
         let mut all: Vec<_> = lock(&self.leases)
             .iter()
-            .map(|(source, lease)| (source.clone(), lease.record().clone()))
+            .map(|(name, lease)| (name.clone(), lease.record().clone()))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
 
-    pub(crate) fn keep_lease(&self, source: &SourceId, lease: Lease) {
-        lock(&self.leases).insert(source.clone(), lease);
+    pub(crate) fn keep_lease(&self, name: &str, lease: Lease) {
+        lock(&self.leases).insert(name.to_owned(), lease);
     }
 
-    pub(crate) fn drop_lease(&self, source: &SourceId) -> Option<Lease> {
-        lock(&self.leases).remove(source)
+    pub(crate) fn drop_lease(&self, name: &str) -> Option<Lease> {
+        lock(&self.leases).remove(name)
     }
 
     /// Fails unless this store holds `source`'s lease until after

@@ -18,6 +18,7 @@ use blockrep_objects::LeaseRecord;
 
 use super::{BucketRecords, bucket_error};
 use crate::error::{Error, ErrorKind};
+use crate::remote::{GC_LEASE, PRESENCE_PREFIX};
 use crate::store::Store;
 use crate::vfs::RealFs;
 
@@ -46,7 +47,24 @@ impl Store {
         {
             return Ok(Some(record));
         }
-        remote.drop_lease(source);
+        remote.drop_lease(source.as_str());
+        // No session starts beside another server's collection: its sweep
+        // does not see this server's open epochs.
+        let collecting = remote
+            .bucket
+            .read_leases(GC_LEASE.split('/').next().unwrap_or_default())
+            .map_err(|e| bucket_error("cannot read the collection lease", e))?
+            .into_iter()
+            .find(|l| l.holder != holder && l.expires_unix_ms > now_unix_ms);
+        if let Some(gc) = collecting {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "server {} is collecting garbage in this bucket (lease until {} unix ms)",
+                    gc.holder, gc.expires_unix_ms
+                ),
+            ));
+        }
         let lease = remote
             .bucket
             .take_lease(source.as_str(), holder, ttl_ms, now_unix_ms)
@@ -81,31 +99,123 @@ impl Store {
             }
         }
         let record = lease.record().clone();
-        remote.keep_lease(source, lease);
+        remote.keep_lease(source.as_str(), lease);
         Ok(Some(record))
     }
 
-    /// Renews every lease this server holds until `now_unix_ms + ttl_ms`.
-    /// Returns the sources whose lease is lost (another server took it, or
-    /// the bucket refused), with why; they are no longer held.
-    pub fn renew_leases(&self, ttl_ms: u64, now_unix_ms: u64) -> Vec<(SourceId, Error)> {
+    /// Renews every lease this server holds (its sources' and its presence)
+    /// until `now_unix_ms + ttl_ms`. Returns the leases lost (another server
+    /// took them, or the bucket refused), by name, with why; they are no
+    /// longer held.
+    pub fn renew_leases(&self, ttl_ms: u64, now_unix_ms: u64) -> Vec<(String, Error)> {
         let Some(remote) = &self.remote else {
             return Vec::new();
         };
         let mut lost = Vec::new();
-        for (source, _) in remote.leases() {
-            let Some(lease) = remote.drop_lease(&source) else {
+        for (name, _) in remote.leases() {
+            let Some(lease) = remote.drop_lease(&name) else {
                 continue;
             };
             match remote.bucket.renew_lease(lease, ttl_ms, now_unix_ms) {
-                Ok(lease) => remote.keep_lease(&source, lease),
+                Ok(lease) => remote.keep_lease(&name, lease),
                 Err(e) => {
-                    let why = bucket_error(format!("the lease of {source} is lost"), e);
-                    lost.push((source, why));
+                    let why = bucket_error(format!("the lease {name} is lost"), e);
+                    lost.push((name, why));
                 }
             }
         }
         lost
+    }
+
+    /// Announces this server (`holder`) among those sharing the bucket, until
+    /// `now_unix_ms + ttl_ms` (renewed by [`Store::renew_leases`]): a
+    /// collection runs only while no other server is present. Nothing for a
+    /// local store.
+    pub fn claim_presence(&self, holder: &str, ttl_ms: u64, now_unix_ms: u64) -> Result<(), Error> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let name = format!("{PRESENCE_PREFIX}{holder}");
+        let lease = remote
+            .bucket
+            .take_lease(&name, holder, ttl_ms, now_unix_ms)
+            .map_err(|e| bucket_error(format!("cannot announce {holder} in the bucket"), e))?;
+        remote.keep_lease(&name, lease);
+        Ok(())
+    }
+
+    /// Takes the bucket's collection lease for `holder`, when no other
+    /// server is present: a collection removes what no record of *this*
+    /// server's view names, and another server's open epochs and launches
+    /// are not in that view (their fence is in their memory), so it must not
+    /// run beside them. Fails with `Busy`, naming a server present, or the
+    /// holder of the collection lease. Nothing for a local store.
+    pub fn claim_gc(&self, holder: &str, ttl_ms: u64, now_unix_ms: u64) -> Result<(), Error> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let lease = remote
+            .bucket
+            .take_lease(GC_LEASE, holder, ttl_ms, now_unix_ms)
+            .map_err(|e| match e {
+                blockrep_objects::Error::Held { .. } => Error::new(
+                    ErrorKind::Busy,
+                    format!("another collection runs on this bucket: {e}"),
+                ),
+                e => bucket_error("cannot take the collection lease", e),
+            })?;
+        remote.keep_lease(GC_LEASE, lease);
+        let present = remote
+            .bucket
+            .read_leases(PRESENCE_PREFIX.trim_end_matches('/'))
+            .map_err(|e| bucket_error("cannot list the servers of the bucket", e));
+        let other = present.map(|leases| {
+            leases
+                .into_iter()
+                .find(|l| l.holder != holder && l.expires_unix_ms > now_unix_ms)
+        });
+        match other {
+            Ok(None) => Ok(()),
+            Ok(Some(other)) => {
+                self.release_gc();
+                Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "server {} shares this bucket (present until {} unix ms): garbage \
+                         is collected only while one server uses the bucket, since another \
+                         server's open epochs and launches are not fenced here",
+                        other.holder, other.expires_unix_ms
+                    ),
+                ))
+            }
+            Err(e) => {
+                self.release_gc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives up the collection lease, if held.
+    pub fn release_gc(&self) {
+        if let Some(remote) = &self.remote
+            && let Some(lease) = remote.drop_lease(GC_LEASE)
+        {
+            // An unreleased lease only delays the next collection until it expires.
+            let _ = remote.bucket.release_lease(lease);
+        }
+    }
+
+    /// Fails unless this store may collect now: always for a local store,
+    /// for a bucket only under the collection lease ([`Store::claim_gc`]).
+    pub(crate) fn check_gc_allowed(&self) -> Result<(), Error> {
+        match &self.remote {
+            Some(remote) if remote.lease_named(GC_LEASE).is_none() => Err(Error::new(
+                ErrorKind::Busy,
+                "a store in a bucket collects garbage only under the bucket's collection \
+                 lease (claim_gc)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Gives up every lease this server holds (a clean stop), so that another
@@ -124,11 +234,16 @@ impl Store {
         Ok(())
     }
 
-    /// The leases this server holds, by source.
+    /// The sources' leases this server holds, by source.
     pub fn leases(&self) -> Vec<(SourceId, LeaseRecord)> {
-        self.remote
-            .as_ref()
-            .map_or_else(Vec::new, |remote| remote.leases())
+        let Some(remote) = &self.remote else {
+            return Vec::new();
+        };
+        remote
+            .leases()
+            .into_iter()
+            .filter_map(|(name, record)| Some((SourceId::new(&name).ok()?, record)))
+            .collect()
     }
 }
 
