@@ -153,10 +153,10 @@ fn an_agent_fails_over_to_the_second_server_and_goes_on_from_the_same_head() {
     let writing = writer(disk.clone(), Arc::clone(&stop));
     let mut agent = agent(&pair, &disk, &ack);
     wait_for_acks(&ack, 3, &agent, "replicating to A");
-    assert!(
-        admin_source(pair.a.admin_addr.unwrap(), "web").is_some(),
-        "A does not serve the source"
-    );
+    let lease = admin_source(pair.a.admin_addr.unwrap(), "web")
+        .and_then(|view| view.lease)
+        .expect("A holds no lease of the source");
+    assert_eq!(lease.holder, pair.a.addr.to_string());
 
     pair.a.kill();
     let by_a = read_acks(&ack);
@@ -165,6 +165,9 @@ fn an_agent_fails_over_to_the_second_server_and_goes_on_from_the_same_head() {
     let admin_b = pair.b.admin_addr.unwrap();
     let view = admin_source(admin_b, "web").unwrap();
     assert!(view.epoch > last_by_a.epoch, "{view:?} {last_by_a:?}");
+    let taken = view.lease.clone().expect("B holds no lease of the source");
+    assert_eq!(taken.holder, pair.b.addr.to_string());
+    assert!(taken.generation > lease.generation, "{taken:?} {lease:?}");
 
     // The writer stops; B catches up with the disk.
     stop.store(true, Ordering::SeqCst);

@@ -113,14 +113,28 @@ async fn not_found() -> Response {
 }
 
 async fn list_sources(State(shared): State<Arc<Shared>>) -> Response {
-    Json(shared.ledger.sources.views(shared.thresholds())).into_response()
+    Json(source_views(&shared)).into_response()
+}
+
+/// Every source's view, with the leases this server holds.
+fn source_views(shared: &Shared) -> Vec<crate::SourceView> {
+    let mut views = shared.ledger.sources.views(shared.thresholds());
+    let leases = shared.store.leases();
+    for view in &mut views {
+        view.lease = leases
+            .iter()
+            .find(|(source, _)| source.as_str() == view.source)
+            .map(|(_, lease)| crate::status::LeaseView {
+                holder: lease.holder.clone(),
+                expires_unix_ms: lease.expires_unix_ms,
+                generation: lease.generation,
+            });
+    }
+    views
 }
 
 async fn get_source(State(shared): State<Arc<Shared>>, Path(source): Path<String>) -> Response {
-    shared
-        .ledger
-        .sources
-        .views(shared.thresholds())
+    source_views(&shared)
         .into_iter()
         .find(|view| view.source == source)
         .map_or_else(

@@ -136,6 +136,20 @@ pub struct SourceView {
     /// The agent's last write-capture report; `None` in scan mode.
     #[serde(default)]
     pub capture: Option<CaptureView>,
+    /// With the store in a shared bucket: this server's lease of the source,
+    /// while it holds one (`None` otherwise, or for a local store).
+    #[serde(default)]
+    pub lease: Option<LeaseView>,
+}
+
+/// A source's lease held by this server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseView {
+    /// The server holding it (its replication address unless named).
+    pub holder: String,
+    pub expires_unix_ms: u64,
+    /// Grows with every change of holder.
+    pub generation: u64,
 }
 
 /// A finished cutover: what was launched and how long the downtime was.
@@ -340,6 +354,7 @@ impl SourceRecord {
             failback_bytes_sent_total: self.failback_bytes_sent_total,
             mode: SourceMode::of(self.capture.as_ref()),
             capture: self.capture.map(|c| c.last),
+            lease: None,
         }
     }
 }
