@@ -66,7 +66,16 @@ bench local
 echo "bench on s3://blockrep/bench at $endpoint..." >&2
 bench bucket --store s3://blockrep/bench --s3-endpoint "$endpoint" --s3-region us-east-1
 
-python3 - "$work/local.json" "$work/bucket.json" <<'PY'
+# The store's own pace: SeaweedFS taking the same number of bytes in one
+# HTTP upload to its filer, the path every S3 write takes inside it.
+size_bytes=$(python3 -c "import json; print(json.load(open('$work/local.json'))['disk_size_bytes'])")
+head -c "$size_bytes" /dev/urandom >"$work/floor.bin"
+floor_start=$(date +%s.%N)
+curl -s -o /dev/null -F file=@"$work/floor.bin" "http://127.0.0.1:${ports[4]}/buckets/blockrep/floor/"
+floor_end=$(date +%s.%N)
+rm -f "$work/floor.bin"
+
+python3 - "$work/local.json" "$work/bucket.json" "$size_bytes" "$floor_start" "$floor_end" <<'PY'
 import json, sys
 local, bucket = (json.load(open(p)) for p in sys.argv[1:3])
 def row(name, key):
@@ -78,6 +87,10 @@ print(row("disk MiB/s", "disk_mib_per_second"))
 print(row("server CPU s", "server_cpu_seconds"))
 ratio = bucket["initial_sync"]["disk_mib_per_second"] / local["initial_sync"]["disk_mib_per_second"]
 print(f"bucket / local throughput: {ratio:.2f}x")
+size, start, end = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+floor = size / (end - start) / 1048576
+print(f"SeaweedFS ingest of {size >> 20} MiB in one upload: {floor:.1f} MiB/s; "
+      f"bucket sync / that: {bucket['initial_sync']['disk_mib_per_second'] / floor:.2f}x")
 for name, data in (("local", local), ("bucket", bucket)):
     print(f"{name}: delta {data['delta_sync']['seconds']:.2f} s, cutover downtime "
           f"{data['cutover']['downtime_seconds']:.3f} s")

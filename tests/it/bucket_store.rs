@@ -217,3 +217,44 @@ fn a_server_that_lost_its_lease_can_never_replace_a_newer_head() {
     c.export(&source, &out).unwrap();
     assert!(std::fs::read(&out).unwrap() == image(2));
 }
+
+#[test]
+fn a_data_directory_is_either_a_local_store_or_one_bucket_s_working_copy() {
+    let Some(weed) = SeaweedFs::start("working copy") else {
+        return;
+    };
+    let options = BucketOptions::default();
+    // A local store is never emptied by opening it as a bucket's copy.
+    let local = tempfile::tempdir().unwrap();
+    let source = SourceId::new("keep").unwrap();
+    {
+        let store = Store::open(local.path()).unwrap();
+        let geometry = Geometry::new(65_536, 65_536).unwrap();
+        let (root, pages) = store.insert_image(&[5u8; 65_536], geometry).unwrap();
+        store.commit(&source, 1, &root, &pages, 0, NOW).unwrap();
+    }
+    let refused =
+        Store::open_in_bucket(local.path(), blocking_bucket(&weed, "copy"), options).unwrap_err();
+    assert!(
+        refused.to_string().contains("holds a local store"),
+        "{refused}"
+    );
+    assert!(
+        Store::open(local.path())
+            .unwrap()
+            .head(&source)
+            .unwrap()
+            .is_some()
+    );
+
+    // A working copy is not opened as a local store, nor for another bucket.
+    let copy = tempfile::tempdir().unwrap();
+    drop(Store::open_in_bucket(copy.path(), blocking_bucket(&weed, "copy"), options).unwrap());
+    let refused = Store::open(copy.path()).unwrap_err();
+    assert!(refused.to_string().contains("working copy of"), "{refused}");
+    assert!(Store::open_read_only(copy.path()).is_err());
+    let other =
+        Store::open_in_bucket(copy.path(), blocking_bucket(&weed, "other"), options).unwrap_err();
+    assert!(other.to_string().contains("not of"), "{other}");
+    drop(Store::open_in_bucket(copy.path(), blocking_bucket(&weed, "copy"), options).unwrap());
+}

@@ -63,7 +63,7 @@ impl Verification {
 /// so a damaged chunk fails the export and makes the bytes unequal.
 pub fn verify_cutover(volume: &CutoverVolume) -> Result<Verification> {
     let disk_root = disk_root(&volume.disk, volume.chunk_size_bytes)?;
-    let store = blockrep_store::Store::open_read_only(&volume.data)?;
+    let store = blockrep_store::Store::open_cached_read_only(&volume.data)?;
     let launch = store
         .launch(&volume.launch)?
         .with_context(|| format!("cutover launch {} missing", volume.launch))?;
@@ -114,7 +114,7 @@ pub struct VolumeVerification {
 pub fn verify_machine_cutover(
     machine: &CutoverMachine,
 ) -> Result<(Verification, Vec<VolumeVerification>)> {
-    let store = blockrep_store::Store::open_read_only(&machine.data)?;
+    let store = blockrep_store::Store::open_cached_read_only(&machine.data)?;
     let launch = store
         .launch(&machine.launch)?
         .with_context(|| format!("cutover launch {} missing", machine.launch))?;

@@ -63,9 +63,7 @@ pub use maintenance::report_json as gc_report_json;
 pub use nbd_export::{
     NBD_CONNECTIONS_MAX_DEFAULT, NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT, NBD_IDLE_TIMEOUT_DEFAULT,
 };
-pub use status::{
-    CutoverView, LeaseView, SourceState, SourceView, StateThresholds, VolumeView,
-};
+pub use status::{CutoverView, LeaseView, SourceState, SourceView, StateThresholds, VolumeView};
 pub use views::{CreateLaunch, CreateSnapshot, LaunchView, LaunchVolumeView, SnapshotView};
 
 /// Everything the server needs to run.

@@ -1,5 +1,7 @@
 //! Durable file operations, over the store's [`Vfs`].
 
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind};
@@ -81,5 +83,54 @@ pub(crate) fn read_small_file(
             ErrorKind::Corrupt,
             format!("{} is longer than any valid record", path.display()),
         )),
+    }
+}
+
+/// Takes the exclusive lock of the data directory `dir`: one writer per data
+/// directory, since a second server (or a GC run from the command line)
+/// appending to the same packs would corrupt them.
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<File, Error> {
+    let lock_path = dir.join("lock");
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(crate::vfs::FILE_MODE)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
+    match lock_file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is in use by another blockrep process (a running server?); \
+                     read-only commands (export, verify, gc --dry-run) still work",
+                    dir.display()
+                ),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::io(format!("cannot lock {}", lock_path.display()), e));
+        }
+    }
+    Ok(lock_file)
+}
+
+/// A bucket's working copy is not a store of its own: opened as one, it
+/// would diverge from the bucket it caches.
+pub(crate) fn refuse_working_copy(vfs: &dyn Vfs, dir: &Path) -> Result<(), Error> {
+    let marker = dir.join("bucket");
+    match read_small_file(vfs, &marker, 4096) {
+        Ok(Some(name)) => Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "{} is the working copy of {}: open it with --store {}",
+                dir.display(),
+                String::from_utf8_lossy(&name).trim(),
+                String::from_utf8_lossy(&name).trim()
+            ),
+        )),
+        _ => Ok(()),
     }
 }

@@ -4,8 +4,7 @@
 //! their own modules.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +16,9 @@ use blockrep_core::{
 use crate::blobs::{BlobInfo, BlobKind, Blobs, LocalPacks, PackBackend, StoredCodec};
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file};
+use crate::fsutil::{
+    create_dir_durable, lock_data_dir, publish_atomic, read_small_file, refuse_working_copy,
+};
 use crate::guard::{FsyncGuard, sync_tree};
 use crate::head::{HEAD_LEN, Head};
 use crate::mutex::lock;
@@ -100,6 +101,7 @@ impl Store {
     /// [`Store::open`] on another file system: `dir` is an absolute path in
     /// `vfs`. The crash tests open stores on a simulated disk this way.
     pub fn open_with_vfs(dir: &Path, vfs: Arc<dyn Vfs>) -> Result<Self, Error> {
+        refuse_working_copy(vfs.as_ref(), dir)?;
         let guard = FsyncGuard::new(vfs);
         let sync_failed = guard.flag();
         let vfs: Arc<dyn Vfs> = Arc::new(guard);
@@ -139,6 +141,16 @@ impl Store {
                 format!("{} is not a blockrep data directory", dir.display()),
             ));
         }
+        refuse_working_copy(&RealFs, dir)?;
+        Self::open_inner(dir, Arc::new(RealFs), true, Arc::default())
+    }
+
+    /// [`Store::open_read_only`] of what a bucket's working copy holds,
+    /// records and cached packs alone: for the bench, whose cache holds
+    /// everything it replicated. A blob of a pack dropped from the cache
+    /// reads as missing.
+    #[doc(hidden)]
+    pub fn open_cached_read_only(dir: &Path) -> Result<Self, Error> {
         Self::open_inner(dir, Arc::new(RealFs), true, Arc::default())
     }
 
@@ -771,34 +783,3 @@ fn check_chunk_len(geometry: Geometry, index: u64, len: usize) -> Result<(), Err
 
 #[cfg(test)]
 mod tests;
-
-/// Takes the exclusive lock of the data directory `dir`: one writer per data
-/// directory, since a second server (or a GC run from the command line)
-/// appending to the same packs would corrupt them.
-pub(crate) fn lock_data_dir(dir: &Path) -> Result<File, Error> {
-    let lock_path = dir.join("lock");
-    let lock_file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(crate::vfs::FILE_MODE)
-        .open(&lock_path)
-        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
-    match lock_file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "{} is in use by another blockrep process (a running server?); \
-                     read-only commands (export, verify, gc --dry-run) still work",
-                    dir.display()
-                ),
-            ));
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(Error::io(format!("cannot lock {}", lock_path.display()), e));
-        }
-    }
-    Ok(lock_file)
-}

@@ -29,17 +29,21 @@ mod lease;
 mod packs;
 mod records;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::fsutil::create_dir_durable;
+use crate::fsutil::lock_data_dir;
 use crate::guard::FsyncGuard;
 pub(crate) use crate::remote::{Remote, bucket_error, bucket_io_error};
-use crate::store::{Store, lock_data_dir};
+use crate::store::Store;
 use crate::vfs::{RealFs, Vfs};
 use std::path::Path;
 use std::sync::Arc;
 
 pub(crate) use packs::BucketPacks;
 pub(crate) use records::BucketRecords;
+
+/// Size at which a pack of a store in a bucket is sealed and uploaded.
+pub const BUCKET_PACK_SIZE_MAX_BYTES: u64 = 64 << 20;
 
 /// Default of [`BucketOptions::cache_bytes`].
 pub const BUCKET_CACHE_BYTES_DEFAULT: u64 = 4 << 30;
@@ -61,6 +65,47 @@ impl Default for BucketOptions {
     }
 }
 
+/// Name of the file that makes a data directory the working copy of a bucket.
+pub(crate) const WORKING_COPY_FILE: &str = "bucket";
+
+/// Makes `dir` the working copy of the bucket `name`, or checks that it is:
+/// opening replaces a working copy's records with the bucket's, so a data
+/// directory that holds a local store (or another bucket's copy) is refused
+/// rather than emptied.
+fn claim_working_copy(dir: &Path, name: &str) -> Result<(), Error> {
+    let marker = dir.join(WORKING_COPY_FILE);
+    match std::fs::read_to_string(&marker) {
+        Ok(text) if text.trim() == name => return Ok(()),
+        Ok(text) => {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{} is the working copy of {}, not of {name}: give each bucket a data \
+                     directory of its own",
+                    dir.display(),
+                    text.trim()
+                ),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("cannot read {}", marker.display()), e)),
+    }
+    let holds_a_store = ["packs", "sources", "launches"]
+        .iter()
+        .any(|sub| std::fs::read_dir(dir.join(sub)).is_ok_and(|mut d| d.next().is_some()));
+    if holds_a_store {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "{} holds a local store: a bucket's working copy must be a new directory \
+                 (the local store is left as it is)",
+                dir.display()
+            ),
+        ));
+    }
+    crate::fsutil::publish_atomic(&RealFs, &marker, format!("{name}\n").as_bytes())
+}
+
 impl Store {
     /// Opens the store kept in `bucket` (see `bucket/`), with `dir` as its
     /// local working copy and cache, locked like [`Store::open_exclusive`].
@@ -74,6 +119,7 @@ impl Store {
             .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
         create_dir_durable(&RealFs, dir)?;
         let lock_file = lock_data_dir(dir)?;
+        claim_working_copy(dir, bucket.bucket().name())?;
         crate::vfs::restrict_data_dir(dir).map_err(|e| {
             Error::io(
                 format!("cannot restrict {} to its owner (mode 0700)", dir.display()),
@@ -96,6 +142,10 @@ impl Store {
         let mut store = Store::with_packs(dir, vfs, Box::new(packs), false, sync_failed)?;
         store.lock_file = Some(lock_file);
         store.remote = Some(remote);
+        // Smaller packs than a local store's: a pack is uploaded when it is
+        // sealed, so its upload overlaps the rest of a sync, and what a
+        // commit waits for (the last pack) stays short.
+        store.set_pack_size_max_bytes(BUCKET_PACK_SIZE_MAX_BYTES);
         Ok(store)
     }
 }
