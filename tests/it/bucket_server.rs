@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::common::*;
 use blockrep_testkit::seaweedfs::SeaweedFs;
@@ -62,8 +63,10 @@ fn the_whole_lifecycle_runs_on_a_store_in_a_bucket_and_the_bucket_alone_holds_it
     assert!(head.is_some());
 
     // A second server on an empty data directory: the same head, the same
-    // disk, served from the bucket alone.
+    // disk, served from the bucket alone. It serves the source's launches
+    // only once it may hold the source: not while the first server does.
     let root = admin_source(admin, "app").unwrap().root;
+    let cutover_name = admin_source(admin, "app").unwrap().cutover.unwrap().launch;
     let empty = tempfile::tempdir().unwrap();
     let second = ServerProcess::start_in(
         &bin(),
@@ -75,11 +78,24 @@ fn the_whole_lifecycle_runs_on_a_store_in_a_bucket_and_the_bucket_alone_holds_it
     );
     let view = admin_source(second.admin_addr.unwrap(), "app").unwrap();
     assert_eq!(view.root, root);
-    let cutover_launch = format!(
-        "nbd://{}/{}",
-        second.nbd_addr.unwrap(),
-        view.cutover.unwrap().launch
+    let cutover_launch = format!("nbd://{}/{cutover_name}", second.nbd_addr.unwrap());
+    let refused = std::process::Command::new("nbdinfo")
+        .args(["--size", &cutover_launch])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "served beside the source's server"
     );
+    assert!(
+        second.wait_for_log("served by another server", Duration::from_secs(5)),
+        "{}",
+        second.log()
+    );
+    // The first server stops cleanly, releasing the source: the second
+    // serves the launch now.
+    let mut rig = rig;
+    rig.server.stop();
     assert!(
         qemu_img_identical(&cutover_launch, &disk),
         "the cutover volume served from the bucket differs from the failed-back disk"

@@ -71,6 +71,7 @@ pub(crate) fn spawn(
         store,
         require_identity: config.nbd_tls,
         revocation,
+        bucket: config.bucket.clone(),
     });
     let limits = blockrep_nbd::Limits {
         idle_timeout: config.nbd_idle_timeout,
@@ -98,6 +99,10 @@ pub(crate) struct LaunchRegistry {
     /// connection of a certificate revoked later loses its export (every
     /// request fails) at once, not when it closes.
     pub revocation: Option<Arc<Revocation>>,
+    /// With the store in a shared bucket: a launch is served only by the
+    /// server that holds (or can take) its source's lease, so that one
+    /// server at a time writes the source's records.
+    pub bucket: Option<crate::BucketConfig>,
 }
 
 /// Who a client is, as far as launches are concerned.
@@ -186,6 +191,18 @@ impl Registry for LaunchRegistry {
                 "NBD export refused: the client may not open this source's launch"
             );
             return None;
+        }
+        if let Some(bucket) = &self.bucket {
+            let ttl_ms = bucket.lease_ttl.as_millis() as u64;
+            let now = blockrep_core::clock::now_unix_ms();
+            if let Err(e) = self
+                .store
+                .claim_source(&info.source, &bucket.holder, ttl_ms, now)
+            {
+                warn!(launch = name, owner = %info.source, error = %e,
+                      "NBD export refused: its source is served by another server");
+                return None;
+            }
         }
         match self.store.open_launch_volume(name, volume) {
             Ok(volume) if viewer.may_open(&volume.info()) => {

@@ -337,6 +337,22 @@ impl ServerProcess {
     }
 
     /// SIGKILL, as a crash would.
+    /// Stops the server as an operator would (SIGTERM) and waits for it to
+    /// exit: a clean stop, which releases what it holds.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                self.kill();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
