@@ -4,7 +4,7 @@ use super::*;
 use crate::blobs::pack_file_name;
 use crate::format::RECORD_HEADER_LEN;
 use blockrep_core::scan_buffer;
-use std::fs;
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
