@@ -275,3 +275,24 @@ fn a_server_paused_past_its_lease_never_writes_the_head_again() {
     );
     assert_one_history(&ack);
 }
+
+#[test]
+fn a_cutover_made_through_one_server_fences_the_source_on_the_other() {
+    let Some(weed) = SeaweedFs::start("cutover across servers") else {
+        return;
+    };
+    let mut pair = pair(&weed, "cutover");
+    let disk = pair.work.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(4 * MIB, 5)).unwrap();
+    // B started before the source existed: all it knows comes from the bucket.
+    let launch = cut_over_once(&disk, pair.a.addr, "web", pair.pki.path());
+    assert!(launch.starts_with("web-cutover"), "{launch}");
+    pair.a.stop();
+
+    blockrep_testkit::write_at(&disk, 0, &random_bytes(8192, 6));
+    let refused = agent_once(&disk, pair.b.addr, "web", pair.pki.path(), &[]);
+    assert!(!refused.status.success(), "B replicated a source cut over");
+    assert!(stderr(&refused).contains("fenced"), "{}", stderr(&refused));
+    let view = admin_source(pair.b.admin_addr.unwrap(), "web").unwrap();
+    assert_eq!(view.cutover.map(|c| c.launch), Some(launch));
+}

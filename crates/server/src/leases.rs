@@ -19,27 +19,47 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
     let Some(bucket) = &shared.config.bucket else {
         return Ok(());
     };
-    let (store, source, holder) = (
+    let (store, claiming, holder) = (
         Arc::clone(&shared.store),
         source.clone(),
         bucket.holder.clone(),
     );
     let ttl_ms = bucket.lease_ttl.as_millis() as u64;
     let claimed = tokio::task::spawn_blocking(move || {
-        store.claim_source(&source, &holder, ttl_ms, now_unix_ms())
+        let lease = store.claim_source(&claiming, &holder, ttl_ms, now_unix_ms())?;
+        // What the source's records say now: another server may have
+        // committed, cut it over or reset it since this one started.
+        let head = store.head(&claiming)?;
+        let lifecycle = store.lifecycle(&claiming)?;
+        Ok::<_, blockrep_store::Error>((lease, head, lifecycle))
     })
     .await
     .map_err(|e| Reject::new(ErrorCode::Internal, format!("lease task failed: {e}")))?;
     match claimed {
-        Ok(Some(lease)) => {
+        Ok((Some(lease), head, lifecycle)) => {
             info!(
                 generation = lease.generation,
                 expires_unix_ms = lease.expires_unix_ms,
                 "serving the source under its lease"
             );
+            let now = now_unix_ms();
+            shared.ledger.sources.update(source, |record| {
+                if let Some(head) = &head
+                    && head.epoch != record.epoch
+                {
+                    let fresh = crate::status::SourceRecord::from_head(head, now);
+                    record.epoch = fresh.epoch;
+                    record.root = fresh.root;
+                    record.consistency = fresh.consistency;
+                    record.synced_scan_started_unix_ms = fresh.synced_scan_started_unix_ms;
+                    record.last_commit_unix_ms = fresh.last_commit_unix_ms;
+                }
+                // The cutover fence follows the bucket's record.
+                record.lifecycle = lifecycle;
+            });
             Ok(())
         }
-        Ok(None) => Ok(()),
+        Ok((None, _, _)) => Ok(()),
         Err(e) if e.kind() == blockrep_store::ErrorKind::Leased => {
             Err(Reject::new(ErrorCode::ServedElsewhere, e.to_string()))
         }
