@@ -49,23 +49,6 @@ fn pair(weed: &SeaweedFs, prefix: &str) -> Pair {
     }
 }
 
-/// A thread writing a 4 KiB block of `disk` every few milliseconds until
-/// the flag is set.
-fn writer(disk: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        let mut seq = 1u64;
-        while !stop.load(Ordering::SeqCst) {
-            let block = random_bytes(4096, seq);
-            std::os::unix::fs::FileExt::write_all_at(&file, &block, (seq * 97 % 2048) * 4096)
-                .unwrap();
-            seq += 1;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        file.sync_all().unwrap();
-    })
-}
-
 fn agent(pair: &Pair, disk: &Path, ack: &Path) -> AgentProcess {
     let to = format!("{},{}", pair.a.addr, pair.b.addr);
     AgentProcess::spawn(
@@ -98,25 +81,10 @@ fn wait_for_acks(ack: &Path, count: usize, agent: &AgentProcess, what: &str) {
     );
 }
 
-/// `blockrep export --root` of `root` from the bucket, in a working copy
-/// of its own.
 fn export_root(pair: &Pair, root: &str) -> PathBuf {
-    let copy = tempfile::tempdir_in(pair.work.path()).unwrap().keep();
-    let out = copy.join("root.img");
-    let mut command = std::process::Command::new(BIN);
-    command.args(["export", "--data"]).arg(copy.join("data"));
-    pair.access.apply(&mut command);
-    let output = command
-        .args(["--root", root, "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_success(&output);
-    out
+    export_root_from_bucket(pair.work.path(), &pair.access, root)
 }
 
-/// Epochs never go back and never skip: each acknowledged point follows
-/// the one before it, whichever server acknowledged it.
 fn gc(pki: &Pki, server: &ServerProcess) -> std::process::Output {
     std::process::Command::new(BIN)
         .args([
@@ -150,7 +118,7 @@ fn an_agent_fails_over_to_the_second_server_and_goes_on_from_the_same_head() {
     std::fs::write(&disk, random_bytes(8 * MIB, 1)).unwrap();
     let ack = pair.work.path().join("ack.log");
     let stop = Arc::new(AtomicBool::new(false));
-    let writing = writer(disk.clone(), Arc::clone(&stop));
+    let writing = churn(disk.clone(), 2048, Arc::clone(&stop));
     let mut agent = agent(&pair, &disk, &ack);
     wait_for_acks(&ack, 3, &agent, "replicating to A");
     let lease = admin_source(pair.a.admin_addr.unwrap(), "web")
@@ -200,7 +168,7 @@ fn a_server_paused_past_its_lease_never_writes_the_head_again() {
     std::fs::write(&disk, random_bytes(8 * MIB, 2)).unwrap();
     let ack = pair.work.path().join("ack.log");
     let stop = Arc::new(AtomicBool::new(false));
-    let writing = writer(disk.clone(), Arc::clone(&stop));
+    let writing = churn(disk.clone(), 2048, Arc::clone(&stop));
     let mut agent = agent(&pair, &disk, &ack);
     wait_for_acks(&ack, 3, &agent, "replicating to A");
 

@@ -4,7 +4,6 @@
 //! half-uploaded is named, and the server recovers by itself.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use crate::common::*;
 use blockrep_testkit::ack_log::read_acks;
 use blockrep_testkit::seaweedfs::SeaweedFs;
-use blockrep_testkit::{AgentProcess, BucketAccess, Pki, ServerProcess, random_bytes};
+use blockrep_testkit::{AgentProcess, Pki, ServerProcess, random_bytes};
 
 const MIB: usize = 1 << 20;
 /// Small packs, so that packs seal and upload in the middle of a sync.
@@ -27,21 +26,6 @@ const SERVER_ARGS: [&str; 6] = [
 
 fn health(server: &ServerProcess) -> (u16, String) {
     admin_request(server.admin_addr.unwrap(), "GET", "/health", None)
-}
-
-fn export_root(work: &Path, access: &BucketAccess, root: &str) -> PathBuf {
-    let copy = tempfile::tempdir_in(work).unwrap().keep();
-    let out = copy.join("root.img");
-    let mut command = std::process::Command::new(BIN);
-    command.args(["export", "--data"]).arg(copy.join("data"));
-    access.apply(&mut command);
-    let output = command
-        .args(["--root", root, "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_success(&output);
-    out
 }
 
 #[test]
@@ -68,21 +52,7 @@ fn nothing_acknowledged_is_lost_through_a_bucket_outage_and_a_kill_during_upload
     std::fs::write(&disk, random_bytes(16 * MIB, 3)).unwrap();
     let ack = work.path().join("ack.log");
     let stop = Arc::new(AtomicBool::new(false));
-    let writing = {
-        let (disk, stop) = (disk.clone(), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-            let mut seq = 1u64;
-            while !stop.load(Ordering::SeqCst) {
-                let block = random_bytes(4096, seq);
-                std::os::unix::fs::FileExt::write_all_at(&file, &block, (seq * 53 % 4096) * 4096)
-                    .unwrap();
-                seq += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            file.sync_all().unwrap();
-        })
-    };
+    let writing = churn(disk.clone(), 4096, Arc::clone(&stop));
     let mut agent = AgentProcess::spawn(
         &bin(),
         &[
@@ -185,16 +155,16 @@ fn nothing_acknowledged_is_lost_through_a_bucket_outage_and_a_kill_during_upload
     access.apply(&mut verify);
     assert_success(&verify.output().unwrap());
     for acked in [before_outage.last().unwrap(), before_kill.last().unwrap()] {
-        let image = export_root(work.path(), &access, &acked.root);
+        let image = export_root_from_bucket(work.path(), &access, &acked.root);
         assert_eq!(disk_root(&image, 65_536), acked.root);
     }
     assert!(
-        std::fs::read(export_root(work.path(), &access, &final_root)).unwrap()
+        std::fs::read(export_root_from_bucket(work.path(), &access, &final_root)).unwrap()
             == std::fs::read(&disk).unwrap()
     );
     let db_root = disk_root(&big, 65_536);
     assert!(
-        std::fs::read(export_root(work.path(), &access, &db_root)).unwrap()
+        std::fs::read(export_root_from_bucket(work.path(), &access, &db_root)).unwrap()
             == std::fs::read(&big).unwrap()
     );
 }

@@ -288,42 +288,35 @@ impl Bucket {
             .list_with_delimiter(Some(&self.path(dir)))
             .await
             .map_err(no_such_bucket)?;
-        let strip = match self.prefix.is_empty() {
-            true => String::new(),
-            false => format!("{}/", self.prefix),
-        };
-        Ok(listed
-            .objects
-            .into_iter()
-            .map(|meta| {
-                let key = meta.location.to_string();
-                let key = key.strip_prefix(&strip).unwrap_or(&key).to_owned();
-                (key, meta.size)
-            })
-            .collect())
+        Ok(self.relative(listed.objects))
     }
 
     /// Every object whose key starts with `dir/` (keys relative to the
     /// bucket's prefix, at any depth) with its size.
     pub async fn list_all(&self, dir: &str) -> Result<Vec<(String, u64)>, Error> {
-        let strip = match self.prefix.is_empty() {
-            true => String::new(),
-            false => format!("{}/", self.prefix),
-        };
         let listed: Vec<_> = self
             .store
             .list(Some(&self.path(dir)))
             .try_collect()
             .await
             .map_err(no_such_bucket)?;
-        Ok(listed
+        Ok(self.relative(listed))
+    }
+
+    /// Listed objects as keys relative to the prefix, with their sizes.
+    fn relative(&self, listed: Vec<object_store::ObjectMeta>) -> Vec<(String, u64)> {
+        let strip = match self.prefix.is_empty() {
+            true => String::new(),
+            false => format!("{}/", self.prefix),
+        };
+        listed
             .into_iter()
             .map(|meta| {
                 let key = meta.location.to_string();
                 let key = key.strip_prefix(&strip).unwrap_or(&key).to_owned();
                 (key, meta.size)
             })
-            .collect())
+            .collect()
     }
 
     /// Deletes `key`; one that does not exist is not an error.

@@ -214,3 +214,46 @@ pub fn rig(sources: &[&str], server_args: &[&str]) -> blockrep_testkit::AgentRig
 pub fn rig_with(pki: blockrep_testkit::Pki, server_args: &[&str]) -> blockrep_testkit::AgentRig {
     blockrep_testkit::AgentRig::start_with_pki(&bin(), pki, server_args)
 }
+
+/// A thread writing a random 4 KiB block of `disk` (among its first
+/// `blocks`) every 5 ms until `stop` is set, then fsyncing it: a live
+/// workload under replication.
+pub fn churn(
+    disk: std::path::PathBuf,
+    blocks: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        let mut seq = 1u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let block = blockrep_testkit::random_bytes(4096, seq);
+            std::os::unix::fs::FileExt::write_all_at(&file, &block, (seq * 97 % blocks) * 4096)
+                .unwrap();
+            seq += 1;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        file.sync_all().unwrap();
+    })
+}
+
+/// `blockrep export --root ROOT` from the bucket `access` names, in a
+/// working copy of its own under `work`; the image.
+pub fn export_root_from_bucket(
+    work: &Path,
+    access: &blockrep_testkit::BucketAccess,
+    root: &str,
+) -> std::path::PathBuf {
+    let copy = tempfile::tempdir_in(work).unwrap().keep();
+    let out = copy.join("root.img");
+    let mut command = Command::new(BIN);
+    command.args(["export", "--data"]).arg(copy.join("data"));
+    access.apply(&mut command);
+    let output = command
+        .args(["--root", root, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_success(&output);
+    out
+}
