@@ -200,6 +200,17 @@ fn a_server_paused_past_its_lease_never_writes_the_head_again() {
         "A did not notice: {}",
         pair.a.log()
     );
+    // Its status names the server that has the source now.
+    let b_addr = pair.b.addr.to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            admin_source(pair.a.admin_addr.unwrap(), "web")
+                .and_then(|view| view.lease)
+                .is_some_and(|lease| lease.holder == b_addr)
+        }),
+        "{:?}",
+        admin_source(pair.a.admin_addr.unwrap(), "web")
+    );
     let refused = std::process::Command::new(BIN)
         .args(["agent", "--once", "--disk"])
         .arg(&disk)

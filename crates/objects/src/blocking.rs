@@ -137,16 +137,21 @@ impl BlockingBucket {
         self.run(|b| async move { lease.release(&b).await })
     }
 
-    /// The leases under `leases/DIR/` (unreadable ones skipped).
-    pub fn read_leases(&self, dir: &str) -> Result<Vec<LeaseRecord>, Error> {
-        let dir = format!("leases/{dir}");
+    /// The leases directly under `leases/DIR/` (`leases/` itself for an
+    /// empty `dir`), by name relative to it; unreadable ones are skipped.
+    pub fn read_leases(&self, dir: &str) -> Result<Vec<(String, LeaseRecord)>, Error> {
+        let dir = match dir {
+            "" => "leases".to_owned(),
+            dir => format!("leases/{dir}"),
+        };
         self.run(|b| async move {
             let mut records = Vec::new();
             for (key, _) in b.list(&dir).await? {
                 if let Some((data, _)) = b.get(&key).await?
                     && let Ok(record) = LeaseRecord::decode(&key, &data)
                 {
-                    records.push(record);
+                    let name = key.rsplit('/').next().unwrap_or(&key).to_owned();
+                    records.push((name, record));
                 }
             }
             Ok(records)

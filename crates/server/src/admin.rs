@@ -119,7 +119,16 @@ async fn list_sources(State(shared): State<Arc<Shared>>) -> Response {
 /// Every source's view, with the leases this server holds.
 fn source_views(shared: &Shared) -> Vec<crate::SourceView> {
     let mut views = shared.ledger.sources.views(shared.thresholds());
-    let leases = shared.store.leases();
+    // This server's own leases first (current), then the bucket's as last read.
+    let mut leases = shared.store.leases();
+    leases.extend(
+        shared
+            .bucket_leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned(),
+    );
     for view in &mut views {
         view.lease = leases
             .iter()

@@ -87,11 +87,25 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         tick.tick().await;
         let store = Arc::clone(&shared.store);
         let ttl_ms = ttl.as_millis() as u64;
-        let lost = tokio::task::spawn_blocking(move || store.renew_leases(ttl_ms, now_unix_ms()))
-            .await
-            .unwrap_or_default();
+        let renewed = tokio::task::spawn_blocking(move || {
+            let lost = store.renew_leases(ttl_ms, now_unix_ms());
+            (lost, store.bucket_leases())
+        })
+        .await;
+        let Ok((lost, read)) = renewed else {
+            continue;
+        };
         for (source, why) in lost {
             warn!(%source, error = %why, "lease lost: another server serves the source now");
+        }
+        match read {
+            Ok(leases) => {
+                *shared
+                    .bucket_leases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = leases;
+            }
+            Err(e) => warn!(error = %e, "cannot read the sources' leases"),
         }
     }
 }

@@ -44,6 +44,11 @@ pub(crate) struct Shared {
     pub revocation: Option<Arc<crate::revocation::Revocation>>,
     /// Block values of recently checked chunks, the bases of patches.
     pub block_values: BlockValues,
+    /// With the store in a shared bucket: every source's lease as last read
+    /// from the bucket (by the lease task, every third of a lease time), so
+    /// status names the server of sources this one does not serve.
+    pub bucket_leases:
+        std::sync::Mutex<Vec<(blockrep_core::SourceId, blockrep_store::LeaseRecord)>>,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -102,6 +107,7 @@ impl Shared {
             lifecycle_lock: tokio::sync::Mutex::new(()),
             revocation: None,
             block_values: BlockValues::default(),
+            bucket_leases: std::sync::Mutex::default(),
         }
     }
 

@@ -136,13 +136,14 @@ pub struct SourceView {
     /// The agent's last write-capture report; `None` in scan mode.
     #[serde(default)]
     pub capture: Option<CaptureView>,
-    /// With the store in a shared bucket: this server's lease of the source,
-    /// while it holds one (`None` otherwise, or for a local store).
+    /// With the store in a shared bucket: the source's lease, this server's
+    /// while it holds it, else as last read from the bucket (every third of
+    /// a lease time; it may have expired since). `None` for a local store.
     #[serde(default)]
     pub lease: Option<LeaseView>,
 }
 
-/// A source's lease held by this server.
+/// Who holds a source's lease.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseView {
     /// The server holding it (its replication address unless named).

@@ -55,6 +55,7 @@ impl Store {
             .read_leases(GC_LEASE.split('/').next().unwrap_or_default())
             .map_err(|e| bucket_error("cannot read the collection lease", e))?
             .into_iter()
+            .map(|(_, lease)| lease)
             .find(|l| l.holder != holder && l.expires_unix_ms > now_unix_ms);
         if let Some(gc) = collecting {
             return Err(Error::new(
@@ -172,6 +173,7 @@ impl Store {
         let other = present.map(|leases| {
             leases
                 .into_iter()
+                .map(|(_, lease)| lease)
                 .find(|l| l.holder != holder && l.expires_unix_ms > now_unix_ms)
         });
         match other {
@@ -232,6 +234,21 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Every source's lease in the bucket as it reads now, whoever holds
+    /// it (one GET per source); empty for a local store.
+    pub fn bucket_leases(&self) -> Result<Vec<(SourceId, LeaseRecord)>, Error> {
+        let Some(remote) = &self.remote else {
+            return Ok(Vec::new());
+        };
+        Ok(remote
+            .bucket
+            .read_leases("")
+            .map_err(|e| bucket_error("cannot read the leases of the bucket", e))?
+            .into_iter()
+            .filter_map(|(name, lease)| Some((SourceId::new(&name).ok()?, lease)))
+            .collect())
     }
 
     /// The sources' leases this server holds, by source.
