@@ -10,7 +10,7 @@ use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
-    UpdateVersion,
+    UpdateVersion, WriteMultipart,
 };
 
 use crate::Error;
@@ -19,6 +19,9 @@ use crate::Error;
 /// in one PUT: above the 5 MiB most stores require of every part but the
 /// last, and one buffer per upload in flight.
 pub const PART_BYTES: usize = 8 << 20;
+
+/// Parts of one multipart upload sent at once (memory: this many parts).
+pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// Retries of one request that failed in a way worth retrying (a 5xx, a
 /// connection refused) before it is reported.
@@ -234,7 +237,7 @@ impl Bucket {
     /// Uploads the file at `path` as `key`, sealed: the object appears
     /// whole when the upload completes, or not at all. A file longer than
     /// [`PART_BYTES`] goes up as a multipart upload of parts of that size,
-    /// read one part at a time (memory stays one part). An upload that fails
+    /// [`PARTS_IN_FLIGHT`] at a time (memory stays that many parts). An upload that fails
     /// is aborted, so its parts do not linger; one dropped before it ends (a
     /// cancelled task) leaves them to the bucket's rule for incomplete
     /// uploads.
@@ -256,25 +259,29 @@ impl Bucket {
                 .await?;
             return Ok(Version(put.into()));
         }
-        let mut upload = self.store.put_multipart(&self.path(key)).await?;
+        let upload = self.store.put_multipart(&self.path(key)).await?;
+        let mut parts = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         let sent = async {
             let mut left = len;
             while left > 0 {
+                // Several parts in flight: one stream to an object store is
+                // slower than the store.
+                parts.wait_for_capacity(PARTS_IN_FLIGHT).await?;
                 let part_len = left.min(PART_BYTES as u64) as usize;
                 let mut part = vec![0u8; part_len];
                 file.read_exact(&mut part).await.map_err(io("read"))?;
-                upload.put_part(PutPayload::from(part)).await?;
+                parts.put(Bytes::from(part));
                 left -= part_len as u64;
             }
             Ok::<_, Error>(())
         }
         .await;
         match sent {
-            Ok(()) => Ok(Version(upload.complete().await?.into())),
+            Ok(()) => Ok(Version(parts.finish().await?.into())),
             Err(e) => {
                 // Best effort: a store keeps the parts of an upload never
                 // completed until it is aborted (or its lifecycle rule runs).
-                let _ = upload.abort().await;
+                let _ = parts.abort().await;
                 Err(e)
             }
         }

@@ -26,8 +26,8 @@ mod lease;
 
 pub use blocking::BlockingBucket;
 pub use bucket::{
-    Bucket, PART_BYTES, REQUEST_RETRIES_MAX, REQUEST_RETRY_WINDOW, REQUEST_TIMEOUT, S3Location,
-    S3Service, Version,
+    Bucket, PART_BYTES, PARTS_IN_FLIGHT, REQUEST_RETRIES_MAX, REQUEST_RETRY_WINDOW,
+    REQUEST_TIMEOUT, S3Location, S3Service, Version,
 };
 pub use lease::{Lease, LeaseRecord};
 
