@@ -116,8 +116,17 @@ fn a_store_in_a_bucket_commits_snapshots_launches_and_reopens_from_the_bucket_al
     let refused = store.gc(&gc_options).unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
     store.claim_gc("server-1", TTL_MS, NOW + 2).unwrap();
+    // A claim left by a server that died before writing its pack.
+    let bucket = blocking_bucket(&weed, "one");
+    bucket
+        .put_new("packs/00099999.pack", bytes::Bytes::new())
+        .unwrap();
     let report = store.gc(&gc_options).unwrap();
     store.release_gc();
+    assert!(
+        bucket.get("packs/00099999.pack").unwrap().is_none(),
+        "orphaned claim kept"
+    );
     assert!(report.blobs_dead > 0, "{report:?}");
     assert!(store.verify(None, None).unwrap().is_clean());
     drop(store);

@@ -130,6 +130,8 @@ impl Store {
     pub fn gc(&self, options: &GcOptions) -> Result<GcReport, Error> {
         if !options.dry_run {
             self.check_gc_allowed()?;
+            // In a bucket, alone: claims of packs whose writer died first.
+            self.blobs.remove_unpublished()?;
         }
         self.gc_with_hook(options, &mut |_| true)
     }

@@ -93,6 +93,13 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
         Ok(())
     }
 
+    /// Removes packs that were claimed but never published (their writer
+    /// stopped first). Only while nobody else may be writing one: a
+    /// collection on a bucket runs when its server is alone. Returns how many.
+    fn remove_unpublished(&self) -> Result<u64, Error> {
+        Ok(0)
+    }
+
     /// Learns of packs published by others since the backend was opened;
     /// returns their numbers, ascending.
     fn refresh(&self) -> Result<Vec<u32>, Error> {

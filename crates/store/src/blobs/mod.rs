@@ -231,6 +231,11 @@ impl Blobs {
         Ok(())
     }
 
+    /// See [`PackBackend::remove_unpublished`].
+    pub(crate) fn remove_unpublished(&self) -> Result<u64, Error> {
+        self.packs.remove_unpublished()
+    }
+
     /// Adds to the index the packs that appeared in the backend since it
     /// was built (packs another server sharing the bucket published).
     pub(crate) fn refresh(&self) -> Result<(), Error> {

@@ -354,6 +354,30 @@ impl PackBackend for BucketPacks {
         }))
     }
 
+    fn remove_unpublished(&self) -> Result<u64, Error> {
+        let bucket = &self.shared.remote.bucket;
+        let listed = bucket
+            .list("packs")
+            .map_err(|e| bucket_error("cannot list packs/ in the bucket", e))?;
+        let published = list_published(&self.shared.remote)?;
+        let claimed = lock(&self.shared.state).claimed.clone();
+        let mut removed = 0;
+        for (key, _) in listed {
+            let name = key.strip_prefix("packs/").unwrap_or(&key);
+            let Some(number) = parse_pack_file_name(name) else {
+                continue;
+            };
+            if published.contains_key(&number) || claimed.contains(&number) {
+                continue;
+            }
+            bucket
+                .delete(&key)
+                .map_err(|e| bucket_error(format!("cannot delete {key}"), e))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     fn refresh(&self) -> Result<Vec<u32>, Error> {
         let listed = list_published(&self.shared.remote)?;
         let mut state = lock(&self.shared.state);
