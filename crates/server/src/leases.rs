@@ -95,8 +95,17 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         let Ok((lost, read)) = renewed else {
             continue;
         };
-        for (source, why) in lost {
-            warn!(%source, error = %why, "lease lost: another server serves the source now");
+        for (name, why) in &lost {
+            warn!(lease = %name, error = %why, "lease lost: another server took it");
+        }
+        if lost.iter().any(|(name, _)| name.starts_with("servers/")) {
+            // This server's announcement lapsed and was taken over (a long
+            // pause): announce it again, so no collection runs beside it.
+            let (store, bucket) = (Arc::clone(&shared.store), bucket.clone());
+            let again = tokio::task::spawn_blocking(move || announce(&store, &bucket)).await;
+            if let Ok(Err(e)) = again {
+                warn!(error = %e, "cannot announce this server in the bucket again");
+            }
         }
         match read {
             Ok(leases) => {

@@ -129,6 +129,11 @@ impl Remote {
         all
     }
 
+    /// A copy of the lease named `name`, to renew.
+    pub(crate) fn held(&self, name: &str) -> Option<Lease> {
+        lock(&self.leases).get(name).cloned()
+    }
+
     pub(crate) fn keep_lease(&self, name: &str, lease: Lease) {
         lock(&self.leases).insert(name.to_owned(), lease);
     }

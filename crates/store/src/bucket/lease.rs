@@ -114,14 +114,28 @@ impl Store {
         };
         let mut lost = Vec::new();
         for (name, _) in remote.leases() {
-            let Some(lease) = remote.drop_lease(&name) else {
+            // Renewed from a copy: the lease stays held (and its expiry
+            // checked) while the request runs.
+            let Some(lease) = remote.held(&name) else {
                 continue;
             };
             match remote.bucket.renew_lease(lease, ttl_ms, now_unix_ms) {
                 Ok(lease) => remote.keep_lease(&name, lease),
-                Err(e) => {
+                // Taken by another: lost for good.
+                Err(
+                    e @ (blockrep_objects::Error::Conflict(_)
+                    | blockrep_objects::Error::Exists(_)
+                    | blockrep_objects::Error::Held { .. }),
+                ) => {
+                    remote.drop_lease(&name);
                     let why = bucket_error(format!("the lease {name} is lost"), e);
                     lost.push((name, why));
+                }
+                // The bucket did not answer: kept, to be renewed at the next
+                // tick; it lapses by its own expiry if the bucket stays away.
+                Err(e) => {
+                    let why = bucket_error(format!("cannot renew the lease {name}"), e);
+                    eprintln!("blockrep-store: {why}");
                 }
             }
         }

@@ -43,6 +43,8 @@ struct PackState {
     sealed: BTreeMap<u32, u64>,
     /// Sealed packs whose upload failed, retried by the next sync.
     failed: BTreeSet<u32>,
+    /// Packs being uploaded now: one upload per pack at a time.
+    uploading: BTreeSet<u32>,
 }
 
 struct Shared {
@@ -91,7 +93,7 @@ impl BucketPacks {
     /// The bucket's packs, with `dir` (which exists) of `vfs` as the local
     /// copy. A local pack the bucket does not have published is left over
     /// from a run that stopped before uploading it: no record names its
-    /// blobs, so it is deleted, with its claim.
+    /// blobs, so its local copy is deleted.
     pub(crate) fn open(
         dir: PathBuf,
         vfs: Arc<dyn Vfs>,
@@ -108,14 +110,10 @@ impl BucketPacks {
                 Some(&len) if local.len(number)? == len => {
                     state.cached.insert(number, len);
                 }
-                Some(_) => local.remove(number)?,
-                None => {
-                    local.remove(number)?;
-                    remote
-                        .bucket
-                        .delete(&pack_key(number))
-                        .map_err(|e| bucket_error("cannot delete an unpublished pack", e))?;
-                }
+                // Its claim in the bucket stays: the number may be another
+                // server's by now (a collection removes orphaned claims
+                // while its server is alone).
+                Some(_) | None => local.remove(number)?,
             }
         }
         local.sync_listing()?;
@@ -142,8 +140,23 @@ impl Shared {
     /// Uploads sealed pack `number`, then its index: the index is what
     /// publishes it.
     fn upload(&self, number: u32) -> Result<(), Error> {
+        {
+            let mut state = lock(&self.state);
+            if !state.sealed.contains_key(&number) {
+                // Uploaded meanwhile by another sync's retry.
+                state.failed.remove(&number);
+                return Ok(());
+            }
+            if !state.uploading.insert(number) {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("pack {number} is being uploaded by another sync; try again"),
+                ));
+            }
+        }
         let outcome = self.try_upload(number);
         let mut state = lock(&self.state);
+        state.uploading.remove(&number);
         match &outcome {
             Ok(len) => {
                 state.failed.remove(&number);
@@ -331,8 +344,15 @@ impl PackBackend for BucketPacks {
                 Err(e) => return Err(bucket_error(format!("cannot claim pack {number}"), e)),
             }
             lock(&self.shared.state).claimed.insert(number);
-            let (_, file) = self.shared.local.create_active(number - 1)?;
-            return Ok((number, file));
+            match self.shared.local.create_active(number - 1) {
+                Ok((_, file)) => return Ok((number, file)),
+                Err(e) => {
+                    // Nothing was written under the claim: give it back.
+                    lock(&self.shared.state).claimed.remove(&number);
+                    let _ = bucket.delete(&pack_key(number));
+                    return Err(e);
+                }
+            }
         }
         Err(Error::new(
             ErrorKind::Io,
