@@ -23,9 +23,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::cutover::cutover;
-use super::{
-    ONCE_EPOCHS_MAX, back_off, backoff_ceiling, finish_caught_up, kept_changing, retry_whole,
-};
+use super::{ONCE_EPOCHS_MAX, back_off_after, finish_caught_up, kept_changing};
 use crate::capture::{Capture, Cut};
 use crate::epoch::Session;
 use crate::view::{Scan, View};
@@ -290,21 +288,17 @@ pub(crate) async fn run(
             Ok(report) => return Ok(Some(report)),
             Err(error) => error,
         };
-        let retry_whole = retry_whole(&mut patch_refused, &error);
         // The cut is dropped with the attempt: its blocks stay dirty, and the
         // export goes on serving the workload meanwhile.
-        let retry = error.is_retryable() || retry_whole;
-        let ceiling = backoff_ceiling(config, &error, false);
-        if !back_off(
+        let go_on = back_off_after(
+            config,
             &mut shutdown,
             &mut backoff,
+            &mut patch_refused,
             error,
-            retry,
-            ceiling,
             CUT_DROPPED,
-        )
-        .await?
-        {
+        );
+        if !go_on.await? {
             return Ok(None);
         }
     }

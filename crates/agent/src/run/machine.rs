@@ -7,7 +7,7 @@ use blockrep_core::{ChunkId, Consistency, Root, VolumeName};
 use tokio::sync::watch;
 
 use super::cutover::{FinalEpoch, finish, stop_workload};
-use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off, backoff_ceiling, retry_whole};
+use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off_after};
 use crate::machine::{MachineSession, geometries, machine_root_of, volume_configs};
 use crate::view::{Scan, scan_together};
 use crate::{AgentConfig, CutoverReport, EpochReport, Error};
@@ -129,19 +129,15 @@ pub(crate) async fn continuous(
             },
             _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
         };
-        let retry = error.is_retryable() || retry_whole(&mut patch_refused, &error);
-        let ceiling = backoff_ceiling(config, &error, false);
-        let interrupted = "machine replication interrupted; reconnecting";
-        if !back_off(
+        let go_on = back_off_after(
+            config,
             &mut shutdown,
             &mut backoff,
+            &mut patch_refused,
             error,
-            retry,
-            ceiling,
-            interrupted,
-        )
-        .await?
-        {
+            "machine replication interrupted; reconnecting",
+        );
+        if !go_on.await? {
             return Ok(None);
         }
     }

@@ -21,7 +21,7 @@ use tracing::info;
 use super::capture::{BACKOFF_START, CUT_DROPPED, Continuity, scan_of_cut};
 use super::cutover::{FinalEpoch, finish, stop_workload};
 use super::machine::scans_root;
-use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off, backoff_ceiling, retry_whole};
+use super::{ONCE_EPOCHS_MAX, RunOutcome, back_off_after};
 use crate::capture::{Capture, Cut};
 use crate::machine::MachineSession;
 use crate::view::Scan;
@@ -213,18 +213,15 @@ pub(crate) async fn run(
             Ok(report) => return Ok(Some(report)),
             Err(error) => error,
         };
-        let retry = error.is_retryable() || retry_whole(&mut patch_refused, &error);
-        let ceiling = backoff_ceiling(config, &error, false);
-        if !back_off(
+        let go_on = back_off_after(
+            config,
             &mut shutdown,
             &mut backoff,
+            &mut patch_refused,
             error,
-            retry,
-            ceiling,
             CUT_DROPPED,
-        )
-        .await?
-        {
+        );
+        if !go_on.await? {
             return Ok(None);
         }
     }

@@ -276,6 +276,22 @@ pub(crate) fn retry_whole(patch_refused: &mut bool, error: &Error) -> bool {
     retry
 }
 
+/// [`back_off`] after a failed attempt of a run with no disk-size changes to
+/// weigh (a capture run, a machine's): retried when the error is, or once
+/// with whole chunks after a refused patch ([`retry_whole`]).
+pub(crate) async fn back_off_after(
+    config: &AgentConfig,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+    patch_refused: &mut bool,
+    error: Error,
+    interrupted: &str,
+) -> Result<bool, Error> {
+    let retry = error.is_retryable() || retry_whole(patch_refused, &error);
+    let ceiling = backoff_ceiling(config, &error, false);
+    back_off(shutdown, backoff, error, retry, ceiling, interrupted).await
+}
+
 /// After a failed attempt of a continuous run: an error not worth retrying
 /// (`retry` false) ends the run; otherwise the back-off is waited, unless
 /// `shutdown` comes first (`Ok(false)`: stop), and then doubled up to
