@@ -68,9 +68,12 @@ impl fmt::Debug for BucketPacks {
     }
 }
 
-/// The published packs of the bucket (a pack and its index, not empty):
-/// their lengths by number.
-fn list_published(remote: &SharedRemote) -> Result<BTreeMap<u32, u64>, Error> {
+/// Pack lengths by number.
+type Lengths = BTreeMap<u32, u64>;
+
+/// The packs in the bucket, by number, with their lengths: all of them, and
+/// those published (a pack and its index, not empty).
+fn list_packs(remote: &SharedRemote) -> Result<(Lengths, Lengths), Error> {
     let listed = remote
         .bucket
         .list("packs")
@@ -85,8 +88,14 @@ fn list_published(remote: &SharedRemote) -> Result<BTreeMap<u32, u64>, Error> {
             indexed.insert(number);
         }
     }
-    lengths.retain(|number, len| indexed.contains(number) && *len > 0);
-    Ok(lengths)
+    let mut published = lengths.clone();
+    published.retain(|number, len| indexed.contains(number) && *len > 0);
+    Ok((lengths, published))
+}
+
+/// The published packs of the bucket: their lengths by number.
+fn list_published(remote: &SharedRemote) -> Result<Lengths, Error> {
+    Ok(list_packs(remote)?.1)
 }
 
 impl BucketPacks {
@@ -376,20 +385,14 @@ impl PackBackend for BucketPacks {
 
     fn remove_unpublished(&self) -> Result<u64, Error> {
         let bucket = &self.shared.remote.bucket;
-        let listed = bucket
-            .list("packs")
-            .map_err(|e| bucket_error("cannot list packs/ in the bucket", e))?;
-        let published = list_published(&self.shared.remote)?;
+        let (all, published) = list_packs(&self.shared.remote)?;
         let claimed = lock(&self.shared.state).claimed.clone();
         let mut removed = 0;
-        for (key, _) in listed {
-            let name = key.strip_prefix("packs/").unwrap_or(&key);
-            let Some(number) = parse_pack_file_name(name) else {
-                continue;
-            };
+        for number in all.into_keys() {
             if published.contains_key(&number) || claimed.contains(&number) {
                 continue;
             }
+            let key = pack_key(number);
             bucket
                 .delete(&key)
                 .map_err(|e| bucket_error(format!("cannot delete {key}"), e))?;
