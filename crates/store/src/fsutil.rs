@@ -134,3 +134,21 @@ pub(crate) fn refuse_working_copy(vfs: &dyn Vfs, dir: &Path) -> Result<(), Error
         _ => Ok(()),
     }
 }
+
+/// `dir` made absolute and created (with its parents) if missing.
+pub(crate) fn make_data_dir(dir: &Path) -> Result<std::path::PathBuf, Error> {
+    let dir = std::path::absolute(dir)
+        .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
+    create_dir_durable(&crate::vfs::RealFs, &dir)?;
+    Ok(dir)
+}
+
+/// [`crate::vfs::restrict_data_dir`], with the error saying what failed.
+pub(crate) fn restrict_data_dir(dir: &Path) -> Result<(), Error> {
+    crate::vfs::restrict_data_dir(dir).map_err(|e| {
+        Error::io(
+            format!("cannot restrict {} to its owner (mode 0700)", dir.display()),
+            e,
+        )
+    })
+}

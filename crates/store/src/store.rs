@@ -17,7 +17,8 @@ use crate::blobs::{BlobInfo, BlobKind, Blobs, LocalPacks, PackBackend, StoredCod
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{
-    create_dir_durable, lock_data_dir, publish_atomic, read_small_file, refuse_working_copy,
+    create_dir_durable, lock_data_dir, make_data_dir, publish_atomic, read_small_file,
+    refuse_working_copy, restrict_data_dir,
 };
 use crate::guard::{FsyncGuard, sync_tree};
 use crate::head::{HEAD_LEN, Head};
@@ -86,15 +87,8 @@ impl Store {
     /// Opens (creating if needed) the store in `dir` for writing. A torn tail of the
     /// last pack, left by a crash, is cut off.
     pub fn open(dir: &Path) -> Result<Self, Error> {
-        let dir = &std::path::absolute(dir)
-            .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
-        create_dir_durable(&RealFs, dir)?;
-        crate::vfs::restrict_data_dir(dir).map_err(|e| {
-            Error::io(
-                format!("cannot restrict {} to its owner (mode 0700)", dir.display()),
-                e,
-            )
-        })?;
+        let dir = &make_data_dir(dir)?;
+        restrict_data_dir(dir)?;
         Self::open_with_vfs(dir, Arc::new(RealFs))
     }
 
@@ -123,9 +117,7 @@ impl Store {
     /// long as the store is open: the server and offline commands that write
     /// use this, so that two processes never append to the same packs.
     pub fn open_exclusive(dir: &Path) -> Result<Self, Error> {
-        let dir = &std::path::absolute(dir)
-            .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
-        create_dir_durable(&RealFs, dir)?;
+        let dir = &make_data_dir(dir)?;
         let lock_file = lock_data_dir(dir)?;
         let mut store = Self::open(dir)?;
         store.lock_file = Some(lock_file);

@@ -31,7 +31,7 @@ mod records;
 
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::create_dir_durable;
-use crate::fsutil::lock_data_dir;
+use crate::fsutil::{lock_data_dir, make_data_dir, restrict_data_dir};
 use crate::guard::FsyncGuard;
 pub(crate) use crate::remote::{Remote, bucket_error, bucket_io_error};
 use crate::store::Store;
@@ -115,17 +115,10 @@ impl Store {
         bucket: blockrep_objects::BlockingBucket,
         options: BucketOptions,
     ) -> Result<Self, Error> {
-        let dir = &std::path::absolute(dir)
-            .map_err(|e| Error::io(format!("cannot resolve {}", dir.display()), e))?;
-        create_dir_durable(&RealFs, dir)?;
+        let dir = &make_data_dir(dir)?;
         let lock_file = lock_data_dir(dir)?;
         claim_working_copy(dir, bucket.bucket().name())?;
-        crate::vfs::restrict_data_dir(dir).map_err(|e| {
-            Error::io(
-                format!("cannot restrict {} to its owner (mode 0700)", dir.display()),
-                e,
-            )
-        })?;
+        restrict_data_dir(dir)?;
         let remote = Arc::new(Remote::new(bucket));
         let records = BucketRecords::new(Arc::new(RealFs), dir.clone(), Arc::clone(&remote));
         records.restore()?;
