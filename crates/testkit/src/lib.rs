@@ -340,17 +340,7 @@ impl ServerProcess {
     /// Stops the server as an operator would (SIGTERM) and waits for it to
     /// exit: a clean stop, which releases what it holds.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                self.kill();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(&mut self.child, Duration::from_secs(30));
     }
 
     pub fn kill(&mut self) {
@@ -490,5 +480,22 @@ impl RawClient {
                 return Ok(None);
             }
         }
+    }
+}
+
+/// SIGTERM to `child`, then waits for it to exit; SIGKILL if it has not
+/// within `grace`.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -206,16 +206,7 @@ impl SeaweedFs {
     /// Stops the instance as an operator would (SIGTERM) and waits for it:
     /// its endpoint refuses connections until [`SeaweedFs::restart`].
     pub fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::terminate(&mut self.child, READY_TIMEOUT);
     }
 
     /// Starts the stopped instance again on the same ports and data.
