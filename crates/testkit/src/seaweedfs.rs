@@ -117,6 +117,18 @@ fn weed() -> Option<PathBuf> {
     ))
 }
 
+/// Starts of `weed mini` tried when one loses a port to another process.
+const START_ATTEMPTS: u32 = 3;
+
+/// The port given to flag `name` among `ports` (in [`PORT_FLAGS`] order).
+fn port_in(ports: &[u16], name: &str) -> u16 {
+    PORT_FLAGS
+        .iter()
+        .zip(ports)
+        .find_map(|(flag, port)| (*flag == name).then_some(*port))
+        .unwrap()
+}
+
 /// Free loopback ports, all held until every one is chosen.
 fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..count)
@@ -140,26 +152,33 @@ impl SeaweedFs {
             eprintln!("skipping {test}: no weed");
             return None;
         };
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        let ports = free_ports(PORT_FLAGS.len());
-        let port_of = |name: &str| {
-            PORT_FLAGS
-                .iter()
-                .zip(&ports)
-                .find_map(|(flag, port)| (*flag == name).then_some(*port))
-                .unwrap()
+        // The free ports are released before `weed` binds them: another
+        // process may take one meanwhile. Such a start is tried again on
+        // other ports.
+        let mut attempt = 0;
+        let (this, ports) = loop {
+            attempt += 1;
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("data")).unwrap();
+            let ports = free_ports(PORT_FLAGS.len());
+            let child = spawn(&weed, dir.path(), &ports);
+            let mut this = Self {
+                child,
+                endpoint: format!("http://127.0.0.1:{}", port_in(&ports, "s3.port")),
+                dir,
+                weed: weed.clone(),
+                ports: ports.clone(),
+                runs: 0,
+            };
+            match this.try_wait_ready() {
+                Ok(()) => break (this, ports),
+                Err(why) if attempt < START_ATTEMPTS && why.contains("Port allocation failed") => {
+                    eprintln!("weed mini lost a port, starting again: {why}");
+                }
+                Err(why) => panic!("{why}"),
+            }
         };
-        let child = spawn(&weed, dir.path(), &ports);
-        let mut this = Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{}", port_of("s3.port")),
-            dir,
-            weed,
-            ports: ports.clone(),
-            runs: 0,
-        };
-        this.wait_ready();
+        let port_of = |name: &str| port_in(&ports, name);
         // The bucket the tests use; S3 (unlike SeaweedFS on a first write)
         // does not create one, and blockrep never does. `host:port.grpcPort`:
         // the gRPC ports are not the default HTTP + 10000.
@@ -180,19 +199,25 @@ impl SeaweedFs {
     /// Waits until the instance says it serves S3: the S3 port may accept
     /// before the filer behind it serves.
     fn wait_ready(&mut self) {
+        if let Err(why) = self.try_wait_ready() {
+            panic!("{why}");
+        }
+    }
+
+    fn try_wait_ready(&mut self) -> Result<(), String> {
         let log = self.dir.path().join("weed.log");
         // A restart appends to the log: wait for one more announcement.
         let runs = self.runs;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("weed mini exited {status}: {}", self.messages());
+                return Err(format!("weed mini exited {status}: {}", self.messages()));
             }
             let announced =
                 std::fs::read_to_string(&log).map_or(0, |text| text.matches("S3 Endpoint").count());
             if announced > runs {
                 self.runs = announced;
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
