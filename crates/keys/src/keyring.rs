@@ -32,18 +32,23 @@ impl Keyring {
         Self::default()
     }
 
-    /// Every key of `dir`, unwrapped with `kek`. A key the KEK cannot unwrap
-    /// (another KEK's, or a key service that fails) is an error naming the
-    /// source: nothing of it could be read.
-    pub fn load(dir: &KeyDir, kek: &Kek) -> Result<Self, Error> {
-        let ring = Self::new();
+    /// Adds every key of `dir`, unwrapped with `kek`; how many. A key the
+    /// KEK cannot unwrap (another KEK's, or a key service that fails) is an
+    /// error naming the source, and adds nothing of that source.
+    pub fn extend_from(&self, dir: &KeyDir, kek: &Kek) -> Result<usize, Error> {
+        let mut added = 0;
         for source in dir.sources()? {
+            let mut sealers = Vec::new();
             for record in dir.records(&source)? {
                 let key = record.unwrap_with(kek)?;
-                ring.add(&source, record.serial, Arc::new(key.sealer()?));
+                sealers.push((record.serial, Arc::new(key.sealer()?)));
+            }
+            for (serial, sealer) in sealers {
+                self.add(&source, serial, sealer);
+                added += 1;
             }
         }
-        Ok(ring)
+        Ok(added)
     }
 
     /// Adds a key of `source`; the one of the highest serial seals new data.

@@ -4,7 +4,6 @@
 
 use blockrep_core::{BlockValue, ChunkId, hash_with_block_values};
 
-use crate::blobs::decode_raw;
 use crate::error::{Error, ErrorKind};
 use crate::store::Store;
 
@@ -15,29 +14,29 @@ impl Store {
     /// calls [`Store::read_blob`] when that check fails, to tell damage from
     /// a bad patch. A blob that does not decode, or decodes to another length
     /// than its record says, is still refused as corrupt.
+    ///
+    /// A sealed blob is authenticated when opened, so what this returns of
+    /// one is what was sealed.
     pub fn read_blob_unverified(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
+        Ok(self.read_decoded(id)?.raw)
+    }
+
+    fn read_decoded(&self, id: &ChunkId) -> Result<crate::blobs::seal::Decoded, Error> {
         let (location, stored) = self.blobs.get_stored(id)?;
         let header = location.header;
-        let raw = decode_raw(header, stored)
-            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("blob {id}: {e}")))
-            .and_then(|raw| {
-                if raw.len() == header.raw_len as usize {
-                    Ok(raw)
-                } else {
-                    Err(Error::new(
-                        ErrorKind::Corrupt,
-                        format!(
-                            "blob {id} decodes to {} bytes, not {}",
-                            raw.len(),
-                            header.raw_len
-                        ),
-                    ))
-                }
-            });
-        if raw.is_err() {
+        let decoded = self.blobs.decode(location, stored)?;
+        if decoded.raw.len() != header.raw_len as usize {
             self.blobs.note_damaged(location);
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "blob {id} decodes to {} bytes, not {}",
+                    decoded.raw.len(),
+                    header.raw_len
+                ),
+            ));
         }
-        raw
+        Ok(decoded)
     }
 
     /// Reads a chunk and gives its block values
@@ -45,11 +44,16 @@ impl Store {
     /// single pass of blake3 that yields them (not one pass to check and one
     /// for the values).
     pub fn read_blob_with_values(&self, id: &ChunkId) -> Result<(Vec<u8>, Vec<BlockValue>), Error> {
-        let raw = self.read_blob_unverified(id)?;
+        let decoded = self.read_decoded(id)?;
+        let raw = decoded.raw;
         let (computed, values) = hash_with_block_values(&raw);
+        let stored_id = match &decoded.sealer {
+            Some(sealer) => ChunkId(sealer.stored_id(&computed.0)),
+            None => computed,
+        };
         // An all-zero chunk hashes to the zero id here, and a zero chunk is
         // never stored: it does not match either.
-        if computed != *id {
+        if stored_id != *id {
             if let Ok(location) = self.blobs.location(id) {
                 self.blobs.note_damaged(location);
             }

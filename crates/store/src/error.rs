@@ -24,6 +24,10 @@ pub enum ErrorKind {
     /// The source is served by another server sharing the bucket (it holds
     /// the source's lease), or this server's lease lapsed.
     Leased,
+    /// A blob is sealed under a data key this store does not hold: its
+    /// source was shredded, or the store was opened without its key
+    /// directory.
+    KeyUnavailable,
 }
 
 blockrep_core::error_type! {
@@ -72,6 +76,7 @@ impl From<Error> for std::io::Error {
             ErrorKind::AlreadyExists => Io::AlreadyExists,
             ErrorKind::NotFound => Io::NotFound,
             ErrorKind::Busy | ErrorKind::Leased => Io::ResourceBusy,
+            ErrorKind::KeyUnavailable => Io::PermissionDenied,
             ErrorKind::EpochMismatch => Io::Other,
         };
         std::io::Error::new(kind, error)

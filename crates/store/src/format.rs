@@ -26,13 +26,20 @@ use crate::error::{Error, ErrorKind};
 /// |---|---|---|
 /// | 0 | 4 | magic `BRB1` |
 /// | 4 | 1 | kind: 1 chunk, 2 index page, 3 root (a disk root `BRROOT`, or a machine root `BRMACH`: the stored bytes' magic tells which) |
-/// | 5 | 1 | codec: 1 raw, 2 zstd |
+/// | 5 | 1 | codec: 1 raw, 2 zstd; high bit set: sealed (an encrypted source's blob, see below) |
 /// | 6 | 2 | reserved, zero |
 /// | 8 | 4 | stored length |
 /// | 12 | 4 | raw (decoded) length |
 /// | 16 | 32 | id: blake3 of the decoded bytes |
 /// | 48 | 4 | crc32 of bytes 0..48 and the stored bytes |
 /// | 52 | stored length | stored bytes |
+///
+/// The stored bytes of a sealed record are the 16-byte reference of the data
+/// key that sealed them, then AES-256-GCM's 12-byte nonce, the cipher text of
+/// the raw or zstd bytes and its 16-byte tag, with the associated data kind
+/// (1 byte), codec (1 byte, without the sealed bit), raw length (4 bytes)
+/// and id (32 bytes). The id of a sealed record is not the blake3 of its
+/// bytes but a keyed hash of it under the data key (`blockrep_keys::Sealer::stored_id`).
 pub(crate) const RECORD_MAGIC: [u8; 4] = *b"BRB1";
 /// Length of a pack record's header (everything before the stored bytes).
 pub(crate) const RECORD_HEADER_LEN: usize = 52;

@@ -124,6 +124,7 @@ mod machine;
 mod mutex;
 mod remote;
 mod retention;
+mod sealed;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 mod snapshot;

@@ -81,6 +81,12 @@ pub enum Damage {
     Undecodable(String),
     /// The decoded bytes do not hash to the blob's id.
     HashMismatch,
+    /// A sealed blob fails authentication: a byte changed, or it was moved
+    /// from another place or another source.
+    AuthFailed(String),
+    /// A sealed blob's data key is not held (shredded, or the store was
+    /// opened without its key directory).
+    KeyUnavailable(String),
     /// The blob is intact but stored as another kind than it is referenced as
     /// (e.g. a page id naming a chunk or a root).
     WrongKind {
@@ -105,6 +111,8 @@ impl fmt::Display for Damage {
             Damage::ChecksumMismatch => f.write_str("checksum mismatch"),
             Damage::Undecodable(why) => write!(f, "undecodable: {why}"),
             Damage::HashMismatch => f.write_str("does not hash to its id"),
+            Damage::AuthFailed(why) => write!(f, "fails authentication: {why}"),
+            Damage::KeyUnavailable(why) => write!(f, "sealed under a key not held: {why}"),
             Damage::WrongKind { stored } => {
                 write!(
                     f,
@@ -478,6 +486,12 @@ impl Store {
                 }
                 Fault::HashMismatch(pack, offset) => {
                     found(kind, place(pack, offset), Damage::HashMismatch)
+                }
+                Fault::AuthFailed(pack, offset, e) => {
+                    found(kind, place(pack, offset), Damage::AuthFailed(e))
+                }
+                Fault::NoKey(pack, offset, e) => {
+                    found(kind, place(pack, offset), Damage::KeyUnavailable(e))
                 }
                 Fault::Unreadable(pack, offset, e) => {
                     found(kind, place(pack, offset), Damage::Unreadable(e))

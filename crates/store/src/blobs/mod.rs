@@ -15,6 +15,7 @@ mod compact;
 mod fence;
 pub(crate) mod pack;
 pub(crate) mod pack_index;
+pub(crate) mod seal;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -22,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blockrep_core::ChunkId;
+use blockrep_keys::{Keyring, Sealer};
 
 use crate::error::{Error, ErrorKind};
 use crate::format::RECORD_HEADER_LEN;
@@ -81,6 +83,12 @@ pub(crate) enum Fault {
     Undecodable(u32, u64, String),
     /// The decoded bytes do not hash to the id (or have another length).
     HashMismatch(u32, u64),
+    /// A sealed record fails authentication (a flipped byte, a record moved
+    /// from another place or source).
+    AuthFailed(u32, u64, String),
+    /// A sealed record's data key is not held (shredded, or no key
+    /// directory given).
+    NoKey(u32, u64, String),
     /// The record cannot be read.
     Unreadable(u32, u64, String),
 }
@@ -128,6 +136,8 @@ pub(crate) struct Blobs {
     /// empty because a concurrent `sync` took it must still wait until those
     /// fsyncs are done before it may report the data durable.
     sync_join: Mutex<()>,
+    /// The data keys that open sealed records.
+    keyring: Arc<Keyring>,
 }
 
 impl Blobs {
@@ -147,9 +157,16 @@ impl Blobs {
             fence: GcState::default(),
             pack_size_max_bytes: AtomicU64::new(PACK_SIZE_MAX_BYTES),
             sync_join: Mutex::new(()),
+            keyring: Arc::new(Keyring::new()),
         };
         blobs.load_index()?;
         Ok(blobs)
+    }
+
+    /// The data keys that open sealed records; the store's owner adds the
+    /// keys of its encrypted sources.
+    pub(crate) fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
     }
 
     /// The GC fence and touched set.
@@ -325,6 +342,32 @@ impl Blobs {
         self.put(kind, id, StoredCodec::Raw, len, bytes)
     }
 
+    /// Appends blob `plain_id`, sealed by `sealer` under its stored id,
+    /// unless a sound one is stored; returns the stored id and whether it
+    /// was new.
+    pub(crate) fn put_sealed(
+        &self,
+        sealer: &Sealer,
+        kind: BlobKind,
+        plain_id: &ChunkId,
+        codec: StoredCodec,
+        raw_len: u32,
+        stored: &[u8],
+    ) -> Result<(ChunkId, bool), Error> {
+        self.check_writable()?;
+        let id = ChunkId(sealer.stored_id(&plain_id.0));
+        // Sealing costs a pass over the bytes: skip it for a blob that is
+        // stored already (put checks again under the lock).
+        if lock(&self.inner).index.get(&id).is_some_and(|at| at.crc_ok) {
+            self.fence.note(&id);
+            return Ok((id, false));
+        }
+        let sealed = seal::seal(sealer, kind, codec, raw_len, &id, stored)
+            .map_err(|e| Error::new(ErrorKind::Invalid, format!("cannot seal blob: {e}")))?;
+        let new = self.put_record(kind, id, codec, true, raw_len, &sealed)?;
+        Ok((id, new))
+    }
+
     /// Appends a blob unless a sound one with the same id is stored; whether
     /// it was new (see [`crate::Store::insert`]).
     pub(crate) fn put(
@@ -332,6 +375,18 @@ impl Blobs {
         kind: BlobKind,
         id: ChunkId,
         codec: StoredCodec,
+        raw_len: u32,
+        stored: &[u8],
+    ) -> Result<bool, Error> {
+        self.put_record(kind, id, codec, false, raw_len, stored)
+    }
+
+    fn put_record(
+        &self,
+        kind: BlobKind,
+        id: ChunkId,
+        codec: StoredCodec,
+        sealed: bool,
         raw_len: u32,
         stored: &[u8],
     ) -> Result<bool, Error> {
@@ -346,6 +401,7 @@ impl Blobs {
         let header = RecordHeader {
             kind,
             codec,
+            sealed,
             stored_len: u32::try_from(stored.len())
                 .map_err(|_| Error::new(ErrorKind::Invalid, "blob too large"))?,
             raw_len,
@@ -615,14 +671,35 @@ impl Blobs {
     /// Reads a blob, decodes it and checks that its blake3 equals `id`.
     pub(crate) fn get(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
         let (location, stored) = self.get_stored(id)?;
-        let decoded = decode_stored(id, location.header, stored);
-        if decoded
-            .as_ref()
-            .is_err_and(|e| e.kind() == ErrorKind::Corrupt)
-        {
+        let decoded = self.decode(location, stored)?;
+        if !decoded.matches(&location.header, id) {
             self.note_damaged(location);
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("blob {id} does not hash to its id"),
+            ));
         }
-        decoded
+        Ok(decoded.raw)
+    }
+
+    /// Decodes the stored bytes of the record at `location` (opening them if
+    /// sealed). Damage is noted, so the record stops counting as stored; a
+    /// missing data key is not damage.
+    pub(crate) fn decode(
+        &self,
+        location: Location,
+        stored: Vec<u8>,
+    ) -> Result<seal::Decoded, Error> {
+        let id = location.header.id;
+        seal::decode(&self.keyring, &location.header, stored).map_err(|fault| match fault {
+            seal::DecodeFault::Damaged(why) => {
+                self.note_damaged(location);
+                Error::new(ErrorKind::Corrupt, format!("blob {id}: {why}"))
+            }
+            seal::DecodeFault::NoKey(why) => {
+                Error::new(ErrorKind::KeyUnavailable, format!("blob {id}: {why}"))
+            }
+        })
     }
 
     /// Reads blob `id`'s whole record as `verify` does, checking its kind,
@@ -646,12 +723,22 @@ impl Blobs {
             match self.read_record(location) {
                 Ok((_, stored)) => {
                     let read = stored.len() as u64;
-                    let raw = decode_raw(location.header, stored)
-                        .map_err(|e| Fault::Undecodable(pack, offset, e))?;
-                    if raw.len() != location.header.raw_len as usize || !hashes_to(&raw, id) {
+                    let decoded =
+                        seal::decode(&self.keyring, &location.header, stored).map_err(|fault| {
+                            match fault {
+                                seal::DecodeFault::Damaged(e) if location.header.sealed => {
+                                    Fault::AuthFailed(pack, offset, e)
+                                }
+                                seal::DecodeFault::Damaged(e) => {
+                                    Fault::Undecodable(pack, offset, e)
+                                }
+                                seal::DecodeFault::NoKey(e) => Fault::NoKey(pack, offset, e),
+                            }
+                        })?;
+                    if !decoded.matches(&location.header, id) {
                         return Err(Fault::HashMismatch(pack, offset));
                     }
-                    return Ok((raw, read));
+                    return Ok((decoded.raw, read));
                 }
                 Err(e) if e.kind() == ErrorKind::Corrupt => {
                     return Err(Fault::ChecksumMismatch(pack, offset));
@@ -689,7 +776,6 @@ impl Blobs {
     }
 }
 
-/// Decodes a blob's stored bytes (at most its raw length).
 /// Adds the records of pack `number` to the index.
 fn index_scan(inner: &mut Inner, number: u32, scan: &pack::PackScan) {
     for record in &scan.records {
@@ -716,32 +802,6 @@ fn index_scan(inner: &mut Inner, number: u32, scan: &pack::PackScan) {
             }
         }
     }
-}
-
-pub(crate) fn decode_raw(header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, String> {
-    match header.codec {
-        StoredCodec::Raw => Ok(stored),
-        StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
-            .map_err(|e| format!("zstd: {e}")),
-    }
-}
-
-/// Whether `raw` are the bytes of blob `id`.
-fn hashes_to(raw: &[u8], id: &ChunkId) -> bool {
-    ChunkId::from(blake3::hash(raw)) == *id
-}
-
-/// Decodes a blob's stored bytes and checks that they hash to `id`.
-fn decode_stored(id: &ChunkId, header: RecordHeader, stored: Vec<u8>) -> Result<Vec<u8>, Error> {
-    let raw = decode_raw(header, stored)
-        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("blob {id}: {e}")))?;
-    if raw.len() != header.raw_len as usize || !hashes_to(&raw, id) {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("blob {id} does not hash to its id"),
-        ));
-    }
-    Ok(raw)
 }
 
 fn tracing_cut(pack: &str, valid_len: u64, file_len: u64) {

@@ -57,11 +57,16 @@ impl StoredCodec {
     }
 }
 
+/// The bit of a record's codec byte that marks it sealed.
+const SEALED_BIT: u8 = 0x80;
+
 /// Parsed header of one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RecordHeader {
     pub kind: BlobKind,
     pub codec: StoredCodec,
+    /// Whether the stored bytes are sealed under a data key (`seal.rs`).
+    pub sealed: bool,
     pub stored_len: u32,
     pub raw_len: u32,
     pub id: ChunkId,
@@ -83,7 +88,7 @@ impl RecordHeader {
         let mut out = [0u8; RECORD_HEADER_LEN];
         out[0..4].copy_from_slice(&RECORD_MAGIC);
         out[4] = self.kind as u8;
-        out[5] = self.codec as u8;
+        out[5] = self.codec as u8 | if self.sealed { SEALED_BIT } else { 0 };
         out[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
         out[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
         out[16..48].copy_from_slice(self.id.as_bytes());
@@ -105,7 +110,8 @@ impl RecordHeader {
         id.copy_from_slice(&bytes[16..48]);
         Some(Self {
             kind: BlobKind::from_u8(bytes[4])?,
-            codec: StoredCodec::from_u8(bytes[5])?,
+            codec: StoredCodec::from_u8(bytes[5] & !SEALED_BIT)?,
+            sealed: bytes[5] & SEALED_BIT != 0,
             stored_len,
             raw_len,
             id: ChunkId(id),

@@ -173,6 +173,7 @@ mod tests {
                 let header = RecordHeader {
                     kind: BlobKind::Chunk,
                     codec: StoredCodec::Raw,
+                    sealed: i % 2 == 1,
                     stored_len: 100,
                     raw_len: 100,
                     id: ChunkId([i; 32]),

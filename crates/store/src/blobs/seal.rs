@@ -1,0 +1,112 @@
+//! Sealed records: the blobs of an encrypted source, stored under a keyed id
+//! and encrypted with its data key (see `blockrep_keys`).
+//!
+//! A sealed record's codec byte has its high bit set; its stored bytes are
+//! the 16-byte reference of the data key, then AES-256-GCM's nonce, cipher
+//! text (of the raw or zstd bytes, as the low bits of the codec say) and
+//! tag. The cipher text is bound to the record's kind, codec, raw length and
+//! stored id, so a sealed blob moved to another place, or to another
+//! source, fails authentication. Its stored id is the keyed hash of its
+//! plain id, which is how a sealed blob's content is checked once opened.
+
+use std::sync::Arc;
+
+use blockrep_core::ChunkId;
+use blockrep_keys::{KeyRef, Keyring, Sealer};
+
+use super::pack::{BlobKind, RecordHeader, StoredCodec};
+
+/// Bytes a sealed record's stored bytes hold beyond the sealed ones: the
+/// key reference.
+pub(crate) const KEY_REF_LEN: usize = KeyRef::LEN;
+
+/// Why a record's bytes did not decode.
+#[derive(Debug)]
+pub(crate) enum DecodeFault {
+    /// They are damaged: zstd fails, or a sealed record fails authentication.
+    Damaged(String),
+    /// They are sealed under a data key this store does not hold (shredded,
+    /// or the store was opened without its key directory): not damage.
+    NoKey(String),
+}
+
+/// A record's decoded bytes, and the key that opened them if it was sealed.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    pub(crate) raw: Vec<u8>,
+    pub(crate) sealer: Option<Arc<Sealer>>,
+}
+
+impl Decoded {
+    /// Whether the decoded bytes are those of blob `id`: their blake3, or for
+    /// a sealed blob the keyed hash of it, is `id`, and their length is the
+    /// header's.
+    pub(crate) fn matches(&self, header: &RecordHeader, id: &ChunkId) -> bool {
+        if self.raw.len() != header.raw_len as usize {
+            return false;
+        }
+        let plain = blake3::hash(&self.raw);
+        match &self.sealer {
+            None => ChunkId::from(plain) == *id,
+            Some(sealer) => sealer.stored_id(plain.as_bytes()) == id.0,
+        }
+    }
+}
+
+/// What a sealed record's cipher text is bound to.
+fn aad(kind: BlobKind, codec: StoredCodec, raw_len: u32, id: &ChunkId) -> [u8; 38] {
+    let mut out = [0u8; 38];
+    out[0] = kind as u8;
+    out[1] = codec as u8;
+    out[2..6].copy_from_slice(&raw_len.to_le_bytes());
+    out[6..].copy_from_slice(id.as_bytes());
+    out
+}
+
+/// The stored bytes of a sealed record of blob `stored_id` whose (raw or
+/// zstd) bytes are `stored`.
+pub(crate) fn seal(
+    sealer: &Sealer,
+    kind: BlobKind,
+    codec: StoredCodec,
+    raw_len: u32,
+    stored_id: &ChunkId,
+    stored: &[u8],
+) -> Result<Vec<u8>, blockrep_keys::Error> {
+    let mut out = Vec::with_capacity(KEY_REF_LEN + stored.len() + blockrep_keys::SEAL_OVERHEAD);
+    out.extend_from_slice(&sealer.reference().0);
+    sealer.seal_into(&aad(kind, codec, raw_len, stored_id), stored, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes a record's stored bytes (opening them first if sealed) to at
+/// most its raw length.
+pub(crate) fn decode(
+    keyring: &Keyring,
+    header: &RecordHeader,
+    stored: Vec<u8>,
+) -> Result<Decoded, DecodeFault> {
+    let (stored, sealer) = if header.sealed {
+        if stored.len() < KEY_REF_LEN {
+            return Err(DecodeFault::Damaged("sealed record too short".into()));
+        }
+        let mut reference = [0u8; KEY_REF_LEN];
+        reference.copy_from_slice(&stored[..KEY_REF_LEN]);
+        let sealer = keyring
+            .sealer(&KeyRef(reference))
+            .map_err(|e| DecodeFault::NoKey(e.to_string()))?;
+        let aad = aad(header.kind, header.codec, header.raw_len, &header.id);
+        let opened = sealer
+            .open(&aad, stored[KEY_REF_LEN..].to_vec())
+            .map_err(|e| DecodeFault::Damaged(e.to_string()))?;
+        (opened, Some(sealer))
+    } else {
+        (stored, None)
+    };
+    let raw = match header.codec {
+        StoredCodec::Raw => stored,
+        StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
+            .map_err(|e| DecodeFault::Damaged(format!("zstd: {e}")))?,
+    };
+    Ok(Decoded { raw, sealer })
+}
