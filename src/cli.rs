@@ -3,6 +3,7 @@
 
 mod agent;
 mod bench;
+mod key;
 mod server;
 mod store;
 
@@ -15,6 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub(crate) use agent::{AgentArgs, CaptureArgs, CompressArg, SnapshotArg, ViewArgs};
 pub(crate) use bench::BenchArgs;
+pub(crate) use key::KeyCommand;
 pub(crate) use server::ServerArgs;
 pub(crate) use store::StoreArgs;
 
@@ -86,6 +88,9 @@ pub(crate) enum Command {
     Failback(FailbackArgs),
     /// Measure replication end to end on a synthetic disk (real TLS on loopback).
     Bench(BenchArgs),
+    /// Keys of encryption at rest: make a KEK, list data keys, rotate them.
+    #[command(subcommand)]
+    Key(KeyCommand),
 }
 
 #[derive(Debug, Subcommand)]

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     admin_client::set_token_file(cli.admin_token.clone());
     let result = match cli.command {
         Command::Cert(command) => cmd::cert(command),
+        Command::Key(command) => cmd::key(command),
         Command::Server(args) => {
             runtime().and_then(|rt| rt.block_on(cmd::server(args, cli.admin_token)))
         }

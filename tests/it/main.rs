@@ -32,6 +32,7 @@ mod frozen_view_faults;
 mod fuzz_corpus;
 mod gc_verify;
 mod hostile;
+mod keys;
 mod kill_loop;
 mod launch;
 mod lifecycle;

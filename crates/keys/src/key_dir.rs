@@ -199,7 +199,10 @@ impl KeyDir {
     pub fn sources(&self) -> Result<Vec<SourceId>, Error> {
         let mut out = Vec::new();
         for entry in read_dir(&self.path)? {
-            if let Some(source) = entry.to_str().and_then(|name| SourceId::new(name).ok()) {
+            let is_dir = self.path.join(&entry).is_dir();
+            if let Some(source) = entry.to_str().and_then(|name| SourceId::new(name).ok())
+                && is_dir
+            {
                 out.push(source);
             }
         }
@@ -395,17 +398,12 @@ fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Error> {
 }
 
 /// Writes `bytes` to a temporary file beside `path` (0600), fsyncs it and
-/// renames it over `path` (which must exist when `replace`, and must not
-/// otherwise), then fsyncs the directory.
+/// puts it at `path`: renamed over it when `replace`, else linked there,
+/// which fails if `path` exists (two writers of one serial: one wins, the
+/// other is told). Then fsyncs the directory.
 fn publish(path: &Path, bytes: &[u8], replace: bool) -> Result<(), Error> {
     let io = |what: &str, e| Error::io(format!("cannot {what} {}", path.display()), e);
-    if !replace && path.exists() {
-        return Err(Error::new(
-            ErrorKind::Invalid,
-            format!("{} exists already", path.display()),
-        ));
-    }
-    let tmp = path.with_extension("key.tmp");
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -416,7 +414,14 @@ fn publish(path: &Path, bytes: &[u8], replace: bool) -> Result<(), Error> {
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(|e| io("write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("publish", e))?;
+    let placed = if replace {
+        std::fs::rename(&tmp, path)
+    } else {
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        linked
+    };
+    placed.map_err(|e| io("publish", e))?;
     sync_parent(path)
 }
 
