@@ -48,8 +48,8 @@ impl Store {
         let raw = decoded.raw;
         let (computed, values) = hash_with_block_values(&raw);
         let stored_id = match &decoded.sealer {
-            Some(sealer) => ChunkId(sealer.stored_id(&computed.0)),
-            None => computed,
+            Some(sealer) if !computed.is_zero() => ChunkId(sealer.stored_id(&computed.0)),
+            _ => computed,
         };
         // An all-zero chunk hashes to the zero id here, and a zero chunk is
         // never stored: it does not match either.

@@ -5,31 +5,35 @@
 
 use std::sync::Arc;
 
-use blockrep_core::ChunkId;
+use blockrep_core::{ChunkId, SourceId};
 
 use crate::blobs::{BlobKind, StoredCodec};
 use crate::error::Error;
 use crate::store::Store;
 
 impl Store {
-    /// Appends blob `plain_id` of an encrypted source, sealed by `sealer`
-    /// (its source's current data key) under its stored id (the keyed hash
-    /// of `plain_id`), unless a sound copy is stored. Returns the stored id,
-    /// by which it is read, and whether it was new. As for
-    /// [`Store::insert`], the caller has checked that `plain_id` is the
-    /// blake3 of the decoded bytes, and nothing is durable before
-    /// [`Store::sync`].
+    /// Appends chunk `id` of an encrypted source, sealed by `sealer` (its
+    /// source's current data key), unless a sound copy is stored; whether it
+    /// was new. `id` is the chunk's stored id: `sealer.stored_id` of the
+    /// blake3 of its decoded bytes, which the caller has checked (as for
+    /// [`Store::insert`]). Nothing is durable before [`Store::sync`]. The
+    /// source's pages and roots are sealed by its commits.
     pub fn insert_sealed(
         &self,
         sealer: &blockrep_keys::Sealer,
-        kind: BlobKind,
-        plain_id: &ChunkId,
+        id: ChunkId,
         codec: StoredCodec,
         raw_len: u32,
         stored: &[u8],
-    ) -> Result<(ChunkId, bool), Error> {
+    ) -> Result<bool, Error> {
         self.blobs
-            .put_sealed(sealer, kind, plain_id, codec, raw_len, stored)
+            .put_sealed(sealer, BlobKind::Chunk, id, codec, raw_len, stored)
+    }
+
+    /// The data key that seals `source`'s new blobs, if it is encrypted and
+    /// its keys are held.
+    pub fn sealer_of(&self, source: &SourceId) -> Option<Arc<blockrep_keys::Sealer>> {
+        self.keyring().current(source)
     }
 
     /// The data keys that open this store's sealed blobs. Empty when opened;

@@ -565,11 +565,16 @@ impl Store {
                 self.blobs.fence().note_all(page.ids());
             }
         }
+        // An encrypted source's pages and roots are sealed like its chunks.
+        let sealer = self.sealer_of(source);
+        let sealer = sealer.as_deref();
         let mut pages_stored = 0;
         for (_, pages) in &tree.volumes {
             for page in *pages {
                 if let Some((bytes, id)) = page.encode_with_id()
-                    && self.blobs.put_index_blob(BlobKind::Page, id, &bytes)?
+                    && self
+                        .blobs
+                        .put_index_blob(BlobKind::Page, id, &bytes, sealer)?
                 {
                     pages_stored += 1;
                 }
@@ -584,13 +589,14 @@ impl Store {
             self.check_pages_not_given(root, pages, previous_head.as_ref(), &mut previous_pages)?;
         }
         for (id, bytes) in &encoded {
-            self.blobs.put_index_blob(BlobKind::Root, *id, bytes)?;
+            self.blobs
+                .put_index_blob(BlobKind::Root, *id, bytes, sealer)?;
         }
         if let Some(bytes) = &machine_bytes {
             // A machine root is stored as a root record too: its magic, not
             // the record's kind, tells it from a disk root (see `format.rs`).
             self.blobs
-                .put_index_blob(BlobKind::Root, head_root, bytes)?;
+                .put_index_blob(BlobKind::Root, head_root, bytes, sealer)?;
         }
         // Blobs first, durably; only then the head that names them.
         self.sync()?;

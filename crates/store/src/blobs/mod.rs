@@ -336,36 +336,39 @@ impl Blobs {
         kind: BlobKind,
         id: ChunkId,
         bytes: &[u8],
+        sealer: Option<&Sealer>,
     ) -> Result<bool, Error> {
         let len = u32::try_from(bytes.len())
             .map_err(|_| Error::new(ErrorKind::Invalid, "index blob too large"))?;
-        self.put(kind, id, StoredCodec::Raw, len, bytes)
+        match sealer {
+            Some(sealer) => self.put_sealed(sealer, kind, id, StoredCodec::Raw, len, bytes),
+            None => self.put(kind, id, StoredCodec::Raw, len, bytes),
+        }
     }
 
-    /// Appends blob `plain_id`, sealed by `sealer` under its stored id,
-    /// unless a sound one is stored; returns the stored id and whether it
-    /// was new.
+    /// Appends blob `id` sealed by `sealer` unless a sound one is stored;
+    /// whether it was new. A chunk's `id` is its stored id
+    /// ([`Sealer::stored_id`] of its blake3), a page's or root's the blake3
+    /// of its bytes (which hold stored ids only).
     pub(crate) fn put_sealed(
         &self,
         sealer: &Sealer,
         kind: BlobKind,
-        plain_id: &ChunkId,
+        id: ChunkId,
         codec: StoredCodec,
         raw_len: u32,
         stored: &[u8],
-    ) -> Result<(ChunkId, bool), Error> {
+    ) -> Result<bool, Error> {
         self.check_writable()?;
-        let id = ChunkId(sealer.stored_id(&plain_id.0));
         // Sealing costs a pass over the bytes: skip it for a blob that is
         // stored already (put checks again under the lock).
         if lock(&self.inner).index.get(&id).is_some_and(|at| at.crc_ok) {
             self.fence.note(&id);
-            return Ok((id, false));
+            return Ok(false);
         }
         let sealed = seal::seal(sealer, kind, codec, raw_len, &id, stored)
             .map_err(|e| Error::new(ErrorKind::Invalid, format!("cannot seal blob: {e}")))?;
-        let new = self.put_record(kind, id, codec, true, raw_len, &sealed)?;
-        Ok((id, new))
+        self.put_record(kind, id, codec, true, raw_len, &sealed)
     }
 
     /// Appends a blob unless a sound one with the same id is stored; whether

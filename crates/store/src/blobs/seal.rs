@@ -38,17 +38,20 @@ pub(crate) struct Decoded {
 }
 
 impl Decoded {
-    /// Whether the decoded bytes are those of blob `id`: their blake3, or for
-    /// a sealed blob the keyed hash of it, is `id`, and their length is the
-    /// header's.
+    /// Whether the decoded bytes are those of blob `id`: their blake3 is
+    /// `id`, or for a sealed chunk the keyed hash of their blake3 (a sealed
+    /// page or root holds stored ids only, and is named by its blake3), and
+    /// their length is the header's.
     pub(crate) fn matches(&self, header: &RecordHeader, id: &ChunkId) -> bool {
         if self.raw.len() != header.raw_len as usize {
             return false;
         }
         let plain = blake3::hash(&self.raw);
         match &self.sealer {
-            None => ChunkId::from(plain) == *id,
-            Some(sealer) => sealer.stored_id(plain.as_bytes()) == id.0,
+            Some(sealer) if header.kind == BlobKind::Chunk => {
+                sealer.stored_id(plain.as_bytes()) == id.0
+            }
+            _ => ChunkId::from(plain) == *id,
         }
     }
 }

@@ -70,6 +70,9 @@ pub(super) struct VolumeState {
     cache: VecDeque<(ChunkId, Arc<[u8]>)>,
     /// zstd level 1, as the agent uses; `None` if it could not be set up.
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// The data key of an encrypted source: written chunks get stored ids
+    /// and every blob of the launch is sealed, as the source's are.
+    sealer: Option<Arc<blockrep_keys::Sealer>>,
     /// Chunk blobs read from the store (cache misses), for tests and debugging.
     pub(super) chunk_reads: u64,
 }
@@ -275,6 +278,7 @@ impl LaunchVolume {
         volume: Option<VolumeName>,
         key: String,
     ) -> Self {
+        let sealer = store.sealer_of(&info.source);
         Self {
             store,
             geometry: root.geometry(),
@@ -290,6 +294,7 @@ impl LaunchVolume {
                 dirty_pages: BTreeSet::new(),
                 cache: VecDeque::with_capacity(CACHE_CHUNKS),
                 compressor: zstd::bulk::Compressor::new(1).ok(),
+                sealer,
                 chunk_reads: 0,
             }),
         }
@@ -435,7 +440,10 @@ impl VolumeState {
                         bytes[piece.start_in_chunk..piece.start_in_chunk + piece.len].fill(0);
                     }
                 }
-                let id = hash_chunk(&bytes);
+                let id = match (&self.sealer, hash_chunk(&bytes)) {
+                    (Some(sealer), id) if !id.is_zero() => ChunkId(sealer.stored_id(&id.0)),
+                    (_, id) => id,
+                };
                 if !id.is_zero() {
                     self.store_chunk(store, id, &bytes)?;
                     self.remember(id, bytes.into());
@@ -459,11 +467,13 @@ impl VolumeState {
             .as_mut()
             .and_then(|compressor| compressor.compress(bytes).ok())
             .filter(|compressed| compressed.len() < bytes.len() - bytes.len() / 8);
-        match compressed {
-            Some(compressed) => {
-                store.insert(BlobKind::Chunk, id, StoredCodec::Zstd, raw_len, &compressed)?
-            }
-            None => store.insert(BlobKind::Chunk, id, StoredCodec::Raw, raw_len, bytes)?,
+        let (codec, stored) = match &compressed {
+            Some(compressed) => (StoredCodec::Zstd, compressed.as_slice()),
+            None => (StoredCodec::Raw, bytes),
+        };
+        match &self.sealer {
+            Some(sealer) => store.insert_sealed(sealer, id, codec, raw_len, stored)?,
+            None => store.insert(BlobKind::Chunk, id, codec, raw_len, stored)?,
         };
         Ok(())
     }
@@ -507,16 +517,21 @@ impl VolumeState {
         }
         for (page, encoded) in &dirty {
             if let Some((bytes, id)) = encoded {
-                store.blobs.put_index_blob(BlobKind::Page, *id, bytes)?;
+                store
+                    .blobs
+                    .put_index_blob(BlobKind::Page, *id, bytes, self.sealer.as_deref())?;
             }
             store.blobs.require_present("launch flush", page.ids())?;
         }
         // Same geometry, so the roots differ exactly when their page ids do:
         // no need to hash the old root at every flush.
         if root.page_ids() != self.root.page_ids() {
-            store
-                .blobs
-                .put_index_blob(BlobKind::Root, root_id, &root.encode())?;
+            store.blobs.put_index_blob(
+                BlobKind::Root,
+                root_id,
+                &root.encode(),
+                self.sealer.as_deref(),
+            )?;
             match volume {
                 None => {
                     // Blobs first, durably; only then the head that names them.
@@ -580,9 +595,13 @@ fn flush_machine_head(
         .map_err(|e| Error::new(ErrorKind::Corrupt, format!("launch {name}: {e}")))?;
     let machine_id = machine.id();
     store.blobs.fence().note(&machine_id);
-    store
-        .blobs
-        .put_index_blob(BlobKind::Root, machine_id, &machine.encode())?;
+    let sealer = store.sealer_of(&info.source);
+    store.blobs.put_index_blob(
+        BlobKind::Root,
+        machine_id,
+        &machine.encode(),
+        sealer.as_deref(),
+    )?;
     // Blobs first, durably; only then the head that names them.
     store.sync()?;
     info.root = machine_id;

@@ -1,13 +1,13 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use blockrep_core::SourceId;
+use blockrep_core::{Geometry, Root, SourceId, hash_chunk};
 use blockrep_keys::{Kek, KeyDir, Keyring, Sealer, init_kek_file};
 
 use super::*;
-use crate::ErrorKind;
 use crate::blobs::{Fault, pack_file_name};
 use crate::format::{RECORD_CRC_AT, RECORD_HEADER_LEN};
+use crate::{ErrorKind, GcOptions, LaunchKind};
 
 /// A chunk of 64 KiB that holds `marker` many times, varied so that zstd
 /// does not make it trivial.
@@ -57,6 +57,23 @@ fn current(store: &Store, source: &SourceId) -> Arc<Sealer> {
     store.keyring().current(source).unwrap()
 }
 
+/// Stores `chunk` of the source `sealer` seals (zstd-compressed when
+/// `compress`): its stored id and whether it was new.
+fn put(store: &Store, sealer: &Sealer, chunk: &[u8], compress: bool) -> (ChunkId, bool) {
+    let id = ChunkId(sealer.stored_id(blake3::hash(chunk).as_bytes()));
+    let compressed;
+    let (codec, stored) = if compress {
+        compressed = zstd::bulk::compress(chunk, 1).unwrap();
+        (StoredCodec::Zstd, compressed.as_slice())
+    } else {
+        (StoredCodec::Raw, chunk)
+    };
+    let new = store
+        .insert_sealed(sealer, id, codec, chunk.len() as u32, stored)
+        .unwrap();
+    (id, new)
+}
+
 /// Every byte of the data directory's files, one buffer per file.
 fn every_file(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -95,28 +112,9 @@ fn sealed_blobs_show_nothing_of_their_content_and_read_back() {
         ChunkId::from(blake3::hash(&raw_chunk)),
         ChunkId::from(blake3::hash(&zstd_chunk)),
     );
-    let (raw_stored, new) = store
-        .insert_sealed(
-            &sealer,
-            BlobKind::Chunk,
-            &raw_id,
-            StoredCodec::Raw,
-            65_536,
-            &raw_chunk,
-        )
-        .unwrap();
+    let (raw_stored, new) = put(&store, &sealer, &raw_chunk, false);
     assert!(new);
-    let compressed = zstd::bulk::compress(&zstd_chunk, 1).unwrap();
-    let (zstd_stored, _) = store
-        .insert_sealed(
-            &sealer,
-            BlobKind::Chunk,
-            &zstd_id,
-            StoredCodec::Zstd,
-            65_536,
-            &compressed,
-        )
-        .unwrap();
+    let (zstd_stored, _) = put(&store, &sealer, &zstd_chunk, true);
     assert_eq!(raw_stored.0, sealer.stored_id(&raw_id.0));
     assert_ne!(raw_stored, raw_id);
     store.sync().unwrap();
@@ -136,28 +134,10 @@ fn sealed_blobs_show_nothing_of_their_content_and_read_back() {
     assert!(store.blobs.check(&raw_stored, BlobKind::Chunk).is_ok());
 
     // Equal chunks dedup within the source, never across sources.
-    let (again, new) = store
-        .insert_sealed(
-            &sealer,
-            BlobKind::Chunk,
-            &raw_id,
-            StoredCodec::Raw,
-            65_536,
-            &raw_chunk,
-        )
-        .unwrap();
+    let (again, new) = put(&store, &sealer, &raw_chunk, false);
     assert_eq!((again, new), (raw_stored, false));
     let db_sealer = current(&store, &db);
-    let (db_stored, new) = store
-        .insert_sealed(
-            &db_sealer,
-            BlobKind::Chunk,
-            &raw_id,
-            StoredCodec::Raw,
-            65_536,
-            &raw_chunk,
-        )
-        .unwrap();
+    let (db_stored, new) = put(&store, &db_sealer, &raw_chunk, false);
     assert!(new);
     assert_ne!(db_stored, raw_stored);
     store.sync().unwrap();
@@ -215,19 +195,7 @@ fn a_flipped_or_swapped_sealed_blob_is_refused_and_reported() {
     let store = Store::open(dir.path()).unwrap();
     keys.load_into(&store);
     let (web_sealer, db_sealer) = (current(&store, &web), current(&store, &db));
-    let put = |sealer: &Sealer, chunk: &[u8]| {
-        store
-            .insert_sealed(
-                sealer,
-                BlobKind::Chunk,
-                &ChunkId::from(blake3::hash(chunk)),
-                StoredCodec::Raw,
-                65_536,
-                chunk,
-            )
-            .unwrap()
-            .0
-    };
+    let put = |sealer: &Sealer, chunk: &[u8]| put(&store, sealer, chunk, false).0;
     let flipped = put(&web_sealer, &marked_chunk("flip", 0));
     let victim = put(&web_sealer, &marked_chunk("victim", 0));
     let intruder = put(&db_sealer, &marked_chunk("intruder", 0));
@@ -278,26 +246,8 @@ fn a_shredded_source_cannot_be_read_from_an_earlier_copy() {
     keys.load_into(&store);
     let web_chunk = marked_chunk("web data", 3);
     let db_chunk = marked_chunk("db data", 4);
-    let (web_id, _) = store
-        .insert_sealed(
-            &current(&store, &web),
-            BlobKind::Chunk,
-            &ChunkId::from(blake3::hash(&web_chunk)),
-            StoredCodec::Raw,
-            65_536,
-            &web_chunk,
-        )
-        .unwrap();
-    let (db_id, _) = store
-        .insert_sealed(
-            &current(&store, &db),
-            BlobKind::Chunk,
-            &ChunkId::from(blake3::hash(&db_chunk)),
-            StoredCodec::Raw,
-            65_536,
-            &db_chunk,
-        )
-        .unwrap();
+    let (web_id, _) = put(&store, &current(&store, &web), &web_chunk, false);
+    let (db_id, _) = put(&store, &current(&store, &db), &db_chunk, false);
     store.sync().unwrap();
     drop(store);
 
@@ -324,4 +274,106 @@ fn a_shredded_source_cannot_be_read_from_an_earlier_copy() {
     assert_eq!(error.kind(), ErrorKind::KeyUnavailable);
     assert!(error.to_string().contains("shredded"), "{error}");
     assert_eq!(store.read_blob(&db_id).unwrap(), db_chunk);
+}
+
+/// The stored ids of `disk`'s chunks under `sealer` (zero chunks keep the
+/// zero id: they are never stored), each non-zero chunk stored sealed.
+fn store_disk(store: &Store, sealer: &Sealer, disk: &[u8], geometry: Geometry) -> Vec<ChunkId> {
+    let mut ids = Vec::new();
+    for index in 0..geometry.chunk_count() {
+        let range = geometry.chunk_range(index).unwrap();
+        let chunk = &disk[range];
+        if hash_chunk(chunk).is_zero() {
+            ids.push(ChunkId::ZERO);
+        } else {
+            ids.push(put(store, sealer, chunk, index % 2 == 0).0);
+        }
+    }
+    ids
+}
+
+#[test]
+fn an_encrypted_source_commits_exports_launches_and_verifies_sealed() {
+    let web = SourceId::new("web-1").unwrap();
+    let keys = Keys::new(&[&web]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    keys.load_into(&store);
+    let sealer = current(&store, &web);
+
+    // Eight chunks: marked ones, a zero one, a duplicate, a short last one.
+    let geometry = Geometry::new(7 * 65_536 + 10_000, 65_536).unwrap();
+    let mut disk = Vec::new();
+    for i in 0..8u32 {
+        let chunk = match i {
+            3 => vec![0u8; 65_536],
+            5 => marked_chunk("MARKER-chunk-1", 1),
+            _ => marked_chunk(&format!("MARKER-chunk-{i}"), i),
+        };
+        disk.extend_from_slice(&chunk);
+    }
+    disk.truncate(geometry.disk_size_bytes() as usize);
+    let ids = store_disk(&store, &sealer, &disk, geometry);
+    assert_eq!(ids[1], ids[5]);
+    let (root, pages) = Root::build(geometry, &ids);
+    store.commit(&web, 1, &root, &pages, 0, 1_000).unwrap();
+
+    // Exported byte for byte; verify reads everything through the seals.
+    let image = dir.path().join("export.raw");
+    store.export(&web, &image).unwrap();
+    assert_eq!(std::fs::read(&image).unwrap(), disk);
+    std::fs::remove_file(&image).unwrap();
+    let report = store.verify(None, None).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+
+    // A launch writes through the seals too.
+    store
+        .create_snapshot(&web, Some("before"), None, 2_000)
+        .unwrap();
+    store
+        .create_launch(&web, "before", "drill", LaunchKind::Test, 2_000)
+        .unwrap();
+    let volume = store.open_launch("drill").unwrap();
+    volume
+        .write(70_000, b"MARKER-written-by-the-launch")
+        .unwrap();
+    volume.flush(3_000).unwrap();
+    let mut back = vec![0u8; 28];
+    volume.read(70_000, &mut back).unwrap();
+    assert_eq!(&back, b"MARKER-written-by-the-launch");
+    drop(volume);
+    store.sync().unwrap();
+
+    // No file of the data directory holds a marker, or a chunk's plain id.
+    let plain_ids: Vec<ChunkId> = (0..geometry.chunk_count())
+        .map(|i| hash_chunk(&disk[geometry.chunk_range(i).unwrap()]))
+        .filter(|id| !id.is_zero())
+        .collect();
+    for (name, bytes) in every_file(dir.path()) {
+        assert!(!contains(&bytes, b"MARKER"), "{name} holds a marker");
+        for id in &plain_ids {
+            assert!(!contains(&bytes, &id.0), "{name} holds plain id {id}");
+        }
+    }
+
+    // A new epoch, a collection, and everything still verifies and exports.
+    disk[..65_536].copy_from_slice(&marked_chunk("MARKER-epoch-2", 9));
+    let ids = store_disk(&store, &sealer, &disk, geometry);
+    let (root, pages) = Root::build(geometry, &ids);
+    store.commit(&web, 2, &root, &pages, 0, 4_000).unwrap();
+    store.delete_launch("drill").unwrap();
+    store.delete_snapshot(&web, "before").unwrap();
+    let collected = store.gc(&GcOptions::default()).unwrap();
+    assert!(collected.blobs_dead > 0, "{collected:?}");
+    assert!(store.verify(None, None).unwrap().is_clean());
+    store.export(&web, &image).unwrap();
+    assert_eq!(std::fs::read(&image).unwrap(), disk);
+    std::fs::remove_file(&image).unwrap();
+    drop(store);
+
+    // Without its keys the store cannot export it, and says why.
+    let store = Store::open(dir.path()).unwrap();
+    let error = store.export(&web, &image).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::KeyUnavailable, "{error}");
+    assert!(!image.exists());
 }

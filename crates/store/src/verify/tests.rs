@@ -237,13 +237,13 @@ fn publish_unchecked_head(store: &Store, source: &SourceId, root: &Root, pages: 
         if let Some((bytes, id)) = page.encode_with_id() {
             store
                 .blobs
-                .put_index_blob(BlobKind::Page, id, &bytes)
+                .put_index_blob(BlobKind::Page, id, &bytes, None)
                 .unwrap();
         }
     }
     store
         .blobs
-        .put_index_blob(BlobKind::Root, root.id(), &root.encode())
+        .put_index_blob(BlobKind::Root, root.id(), &root.encode(), None)
         .unwrap();
     publish_unchecked_head_id(store, source, root.id());
 }
