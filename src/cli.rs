@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub(crate) use agent::{AgentArgs, CaptureArgs, CompressArg, SnapshotArg, ViewArgs};
 pub(crate) use bench::BenchArgs;
-pub(crate) use key::KeyCommand;
+pub(crate) use key::{EncryptionArgs, KeyCommand, KeyDirArgs};
 pub(crate) use server::ServerArgs;
 pub(crate) use store::StoreArgs;
 
@@ -363,6 +363,8 @@ pub(crate) struct ExportArgs {
     pub(crate) data: PathBuf,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+    #[command(flatten)]
+    pub(crate) keys: KeyDirArgs,
     /// Source to export.
     #[arg(long, required_unless_present = "root", conflicts_with = "root")]
     pub(crate) source: Option<String>,
@@ -414,6 +416,8 @@ pub(crate) struct VerifyArgs {
     pub(crate) data: PathBuf,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+    #[command(flatten)]
+    pub(crate) keys: KeyDirArgs,
     /// Only this source's head, snapshots and launches.
     #[arg(long)]
     pub(crate) source: Option<String>,

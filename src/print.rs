@@ -107,6 +107,14 @@ pub(crate) fn sources(sources: &[SourceView]) {
         );
     }
     for s in sources {
+        if let Some(e) = &s.encryption {
+            println!(
+                "{}: encrypted at rest, data key {} wrapped by KEK {}",
+                s.source, e.key, e.kek_id
+            );
+        }
+    }
+    for s in sources {
         if let Some(c) = &s.capture {
             println!(
                 "{}: capture {} dirty, {} preserved, {} cuts, {} writes, write latency p50 {}us p99 {}us",

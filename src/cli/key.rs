@@ -104,3 +104,76 @@ fn load_kek(
         _ => bail!("name the key-encryption key with {flags}"),
     }
 }
+
+/// Encryption at rest, for the server.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct EncryptionArgs {
+    /// Encrypt every new source at rest: it gets a data key, wrapped by the
+    /// KEK in --key-dir, and its chunks, pages and roots are sealed with
+    /// AES-256-GCM under keyed ids. Sources already stored in clear stay
+    /// clear.
+    #[arg(long, requires = "key_dir")]
+    pub(crate) encrypt_at_rest: bool,
+    #[command(flatten)]
+    pub(crate) keys: KeyDirArgs,
+}
+
+/// The key directory and its KEK: what opens encrypted sources.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct KeyDirArgs {
+    /// The key directory: every encrypted source's data keys, wrapped by
+    /// the KEK. Keep it apart from --data (and back it up apart): a copy of
+    /// the data without it is unreadable, and deleting a source's keys
+    /// shreds it. Needed to read any encrypted source.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) key_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) kek: KekArgs,
+}
+
+impl KeyDirArgs {
+    /// The key directory and KEK named, if any.
+    fn named(&self) -> Result<Option<(PathBuf, blockrep_server::KekConfig)>> {
+        let Some(key_dir) = &self.key_dir else {
+            if self.kek.kek_file.is_some() || self.kek.kek_cmd.is_some() {
+                bail!("a KEK without --key-dir: name the key directory it wraps");
+            }
+            return Ok(None);
+        };
+        let kek = match (&self.kek.kek_file, &self.kek.kek_cmd) {
+            (Some(path), None) => blockrep_server::KekConfig::File(path.clone()),
+            (None, Some(command)) => blockrep_server::KekConfig::Command(command.clone()),
+            _ => bail!("--key-dir needs its KEK: --kek-file or --kek-cmd"),
+        };
+        Ok(Some((key_dir.clone(), kek)))
+    }
+
+    /// Adds the keys of the key directory to `store`'s keyring, so that its
+    /// encrypted sources read (nothing without --key-dir).
+    pub(crate) fn load_into(&self, store: &blockrep_store::Store) -> Result<()> {
+        let Some((key_dir, _)) = self.named()? else {
+            return Ok(());
+        };
+        if !key_dir.is_dir() {
+            bail!("no key directory at {}", key_dir.display());
+        }
+        let kek = self.kek.kek()?;
+        let dir = blockrep_keys::KeyDir::open(&key_dir)?;
+        store.keyring().extend_from(&dir, &kek)?;
+        Ok(())
+    }
+}
+
+impl EncryptionArgs {
+    /// The configuration these flags ask for: `None` without --key-dir.
+    pub(crate) fn config(&self) -> Result<Option<blockrep_server::EncryptionConfig>> {
+        Ok(self
+            .keys
+            .named()?
+            .map(|(key_dir, kek)| blockrep_server::EncryptionConfig {
+                key_dir,
+                kek,
+                encrypt_new_sources: self.encrypt_at_rest,
+            }))
+    }
+}

@@ -19,6 +19,8 @@ pub(crate) struct ServerArgs {
     pub(crate) data: PathBuf,
     #[command(flatten)]
     pub(crate) store: super::StoreArgs,
+    #[command(flatten)]
+    pub(crate) encryption: super::EncryptionArgs,
     /// Directory with ca.crt, server.crt and server.key.
     #[arg(long)]
     pub(crate) tls_dir: PathBuf,

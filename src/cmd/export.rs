@@ -13,6 +13,7 @@ use crate::cli::ExportArgs;
 /// Writes the head, the snapshot or the root asked for to `--out`.
 pub(crate) fn export(args: ExportArgs) -> Result<()> {
     let store = args.store.open(&args.data)?;
+    args.keys.load_into(&store)?;
     let (what, root_id) = if let Some(hex) = &args.root {
         (format!("root {hex}"), parse_root(&store, hex)?)
     } else {

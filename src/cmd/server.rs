@@ -14,6 +14,7 @@ pub(crate) async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Re
     let bucket = args.store.bucket()?;
     let mut config = blockrep_server::ServerConfig::new(args.listen, args.data, args.tls_dir);
     config.bucket = bucket;
+    config.encryption = args.encryption.config()?;
     if let Some(path) = admin_token {
         config.admin_token_path = path;
     }

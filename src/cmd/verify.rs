@@ -9,6 +9,7 @@ use crate::print::human_bytes;
 /// Verifies the store (or one source or snapshot); fails when anything is damaged.
 pub(crate) fn verify(args: VerifyArgs) -> Result<()> {
     let store = args.store.open(&args.data)?;
+    args.keys.load_into(&store)?;
     let source = args.source.as_deref().map(source_id).transpose()?;
     let report = store.verify(source.as_ref(), args.snapshot.as_deref())?;
     println!(

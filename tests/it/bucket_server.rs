@@ -22,7 +22,7 @@ fn the_whole_lifecycle_runs_on_a_store_in_a_bucket_and_the_bucket_alone_holds_it
     };
     let access = weed.access("lifecycle");
     let rig = AgentRig::start_in(&bin(), Pki::new(&["app"]), &NBD_ARGS, Some(access.clone()));
-    let disk = crate::lifecycle::whole_lifecycle(&rig);
+    let disk = crate::lifecycle::whole_lifecycle(&rig, &|| blockrep_core::IdSpace::PLAIN);
     let admin = rig.server.admin_addr.unwrap();
     let token = rig.pki.path().join("admin.token");
 

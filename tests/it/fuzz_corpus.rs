@@ -333,6 +333,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                 nonce: [5; 32],
                 head_epoch: 3,
                 head_root: Bytes::from_static(b"root"),
+                id_key: None,
             },
         ),
         (

@@ -69,15 +69,20 @@ fn whole_lifecycle_sync_test_launch_cutover_nbd_writes_failback() {
     if !(have_tool("qemu-img") && have_tool("qemu-io") && have_tool("nbdcopy")) {
         return;
     }
-    whole_lifecycle(&nbd_rig(&["app"]));
+    whole_lifecycle(&nbd_rig(&["app"]), &|| blockrep_core::IdSpace::PLAIN);
 }
 
 /// The lifecycle of source `app` on `rig` (a server serving NBD, without
 /// automatic snapshots): continuous replication under a writer, a test
 /// launch read by nbdcopy, an operator's cutover, writes to the cutover
 /// volume through NBD, and a failback that brings the disk to it. Returns
-/// the disk's path (equal to the cutover volume at the end).
-pub(crate) fn whole_lifecycle(rig: &blockrep_testkit::AgentRig) -> std::path::PathBuf {
+/// the disk's path (equal to the cutover volume at the end). `space` gives
+/// the source's id space once it replicated (keyed where the server
+/// encrypts it), in which the server's roots are.
+pub(crate) fn whole_lifecycle(
+    rig: &blockrep_testkit::AgentRig,
+    space: &dyn Fn() -> blockrep_core::IdSpace,
+) -> std::path::PathBuf {
     let (pki, work, server) = (&rig.pki, &rig.work, &rig.server);
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, mixed_image(16 * MIB + 4096, 31)).unwrap();
@@ -143,7 +148,7 @@ pub(crate) fn whole_lifecycle(rig: &blockrep_testkit::AgentRig) -> std::path::Pa
         ],
     );
     assert_eq!(
-        disk_root(&drill_copy, CHUNK as u32),
+        disk_root_in(&drill_copy, CHUNK as u32, space()),
         snapshot.root,
         "test launch differs from its snapshot"
     );

@@ -27,6 +27,7 @@ mod continuous;
 mod dedup;
 mod disk_shrink;
 mod edge_shapes;
+mod encryption;
 mod frozen_view;
 mod frozen_view_faults;
 mod fuzz_corpus;

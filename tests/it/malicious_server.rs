@@ -130,6 +130,7 @@ fn welcome(head_epoch: u64, head_root: Vec<u8>) -> Message {
         head_epoch,
         head_root: Bytes::from(head_root),
         nonce: [7; blockrep_proto::NONCE_LEN],
+        id_key: None,
     }
 }
 
@@ -355,6 +356,7 @@ fn agent_and_failback_refuse_a_welcome_that_does_not_fit() {
                 head_epoch: 0,
                 head_root: Bytes::new(),
                 nonce: [7; blockrep_proto::NONCE_LEN],
+                id_key: None,
             },
             "protocol version",
         ),

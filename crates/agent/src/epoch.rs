@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use blockrep_core::{ChunkId, Consistency, Geometry, Root, changed_chunks, changed_pages};
+use blockrep_core::{ChunkId, Consistency, Geometry, IdSpace, Root, changed_chunks, changed_pages};
 use std::collections::HashSet;
 
 use blockrep_proto::{
@@ -77,6 +77,9 @@ pub(crate) struct Session<S = TlsTransport> {
     /// The chunk ids an epoch of a machine's volume ends with, for the
     /// machine's one commit.
     deferred: Option<Vec<ChunkId>>,
+    /// Where the source's chunk ids live: keyed for a source the server
+    /// encrypts at rest (its `Welcome` gives the key), plain otherwise.
+    space: IdSpace,
 }
 
 impl Session<TlsTransport> {
@@ -106,19 +109,20 @@ impl<S: Transport> Session<S> {
             connection.flush().await?;
             connection.recv().await
         };
-        let (head_epoch, head_root, nonce) = match welcome.await {
+        let (head_epoch, head_root, nonce, id_key) = match welcome.await {
             Ok(Message::Welcome {
                 version,
                 head_epoch,
                 head_root,
                 nonce,
+                id_key,
             }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(Error::Protocol(format!(
                         "server chose protocol version {version}, this agent speaks only {PROTOCOL_VERSION}"
                     )));
                 }
-                (head_epoch, head_root, nonce)
+                (head_epoch, head_root, nonce, id_key)
             }
             Ok(other) => {
                 return Err(Error::Protocol(format!(
@@ -150,8 +154,9 @@ impl<S: Transport> Session<S> {
             }
             Some(root)
         };
+        let space = id_key.map_or(IdSpace::PLAIN, IdSpace::keyed);
         Ok(Self::assemble(
-            connection, config, nonce, head_epoch, geometry, head_root,
+            connection, config, nonce, head_epoch, geometry, head_root, space,
         ))
     }
 
@@ -164,6 +169,7 @@ impl<S: Transport> Session<S> {
         head_epoch: u64,
         geometry: Geometry,
         head_root: Option<Root>,
+        space: IdSpace,
     ) -> Self {
         let head_ids = head_root
             .is_none()
@@ -185,6 +191,7 @@ impl<S: Transport> Session<S> {
             machine_step: None,
             volume_of_machine: false,
             deferred: None,
+            space,
         }
     }
 
@@ -198,9 +205,11 @@ impl<S: Transport> Session<S> {
         head_epoch: u64,
         geometry: Geometry,
         head_root: Option<Root>,
+        space: IdSpace,
     ) -> Self {
-        let mut session =
-            Self::assemble(connection, config, nonce, head_epoch, geometry, head_root);
+        let mut session = Self::assemble(
+            connection, config, nonce, head_epoch, geometry, head_root, space,
+        );
         // A machine in capture mode sends one report for all its disks
         // before its commit (`crate::machine`), not one per volume.
         session.capture = None;
@@ -281,6 +290,11 @@ impl<S: Transport> Session<S> {
 
     pub(crate) fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    /// Where the source's chunk ids live.
+    pub(crate) fn space(&self) -> IdSpace {
+        self.space
     }
 
     /// The server's committed root id, if any.
@@ -489,6 +503,7 @@ impl<S: Transport> Session<S> {
         scan: Scan,
         commit_unchanged: bool,
     ) -> Result<Option<EpochReport>, Error> {
+        let scan = scan.into_space(self.space)?;
         if scan.geometry != self.geometry {
             return Err(Error::DiskChanged(format!(
                 "{} is now {} bytes, the replica has {}: a resized disk needs a new source id",
@@ -594,6 +609,7 @@ impl<S: Transport> Session<S> {
         let references = References {
             held: Arc::new(held),
             nonce: self.nonce,
+            space: self.space,
         };
         debug!(
             changed = changed.len(),

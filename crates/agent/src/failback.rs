@@ -13,7 +13,7 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
-use blockrep_core::{ChunkId, Geometry, Root, VolumeName, changed_pages, hash_chunk};
+use blockrep_core::{ChunkId, Geometry, IdSpace, Root, VolumeName, changed_pages};
 use blockrep_proto::{Codec, Message};
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -104,6 +104,7 @@ async fn failback_machine(
             config: volume_config(config, path),
             // At most VOLUMES_MAX volumes: the index fits.
             volume: Some((index as u16, name.clone())),
+            space: IdSpace::PLAIN,
         })
         .collect();
     let mut scans = Vec::with_capacity(disks.len());
@@ -112,6 +113,11 @@ async fn failback_machine(
     }
     let names: Vec<VolumeName> = config.volumes.iter().map(|(n, _)| n.clone()).collect();
     let session = MachineSession::open(config, &names, &geometries(&scans)).await?;
+    let space = session.space();
+    let disks = disks
+        .into_iter()
+        .map(|disk| Disk { space, ..disk })
+        .collect();
     failback_disks(
         options,
         shutdown,
@@ -136,6 +142,7 @@ pub(crate) async fn failback_session(
     let disk = Disk {
         config: config.clone(),
         volume: None,
+        space: session.space(),
     };
     failback_disks(
         options,
@@ -153,6 +160,8 @@ pub(crate) async fn failback_session(
 struct Disk {
     config: AgentConfig,
     volume: Option<(u16, VolumeName)>,
+    /// Where the source's chunk ids live (the session's).
+    space: IdSpace,
 }
 
 /// Failback passes over `disks`, the first from `first` (their scans), until
@@ -181,6 +190,11 @@ async fn failback_disks(
                 scans
             }
         };
+        let scans = disks
+            .iter()
+            .zip(scans)
+            .map(|(disk, scan)| scan.into_space(disk.space))
+            .collect::<Result<Vec<_>, _>>()?;
         let done = pass(
             options,
             &mut connection,
@@ -307,10 +321,13 @@ async fn pass(
             &plan.target_ids,
             &scan.ids,
             &plan.needed,
+            disk.space,
         )
         .await?;
         drop(scan);
-        let after = scan_live(config, geometry.chunk_size_bytes()).await?;
+        let after = scan_live(config, geometry.chunk_size_bytes())
+            .await?
+            .into_space(disk.space)?;
         let root = Root::from_chunk_ids(geometry, &after.ids).id();
         connection
             .send(&Message::FailbackDone { root, finalize })
@@ -481,6 +498,7 @@ async fn transfer(
     target_ids: &[ChunkId],
     own_ids: &[ChunkId],
     needed: &[u64],
+    space: IdSpace,
 ) -> Result<(u64, u64), Error> {
     let path = config.disk.clone();
     let reader = std::fs::File::open(&path)
@@ -500,11 +518,15 @@ async fn transfer(
     // Keep one request ahead, so the server always has work while we write.
     let patches = config.patches;
     if let Some(first) = batches.first() {
-        failback_patch::want(connection, &reader, geometry, own_ids, first, patches).await?;
+        failback_patch::want(
+            connection, &reader, geometry, own_ids, first, patches, space,
+        )
+        .await?;
     }
     for (position, batch) in batches.iter().enumerate() {
         if let Some(next) = batches.get(position + 1) {
-            failback_patch::want(connection, &reader, geometry, own_ids, next, patches).await?;
+            failback_patch::want(connection, &reader, geometry, own_ids, next, patches, space)
+                .await?;
         }
         connection.flush().await?;
         for &expected in *batch {
@@ -542,9 +564,12 @@ async fn transfer(
                     let (raw, received) = failback_patch::apply(
                         &reader,
                         geometry,
-                        expected,
-                        want,
-                        own,
+                        failback_patch::Expected {
+                            index: expected,
+                            want,
+                            own,
+                            space,
+                        },
                         patch,
                         &mut decompressor,
                     )?;
@@ -577,7 +602,7 @@ async fn transfer(
                         )));
                     }
                 };
-            if raw.len() != raw_len as usize || hash_chunk(&raw) != id {
+            if raw.len() != raw_len as usize || space.hash_chunk(&raw) != id {
                 return Err(Error::Protocol(format!(
                     "chunk {index} does not hash to its id"
                 )));

@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use blockrep_core::{ChunkId, Geometry, apply_patch, hash_chunk, hash_with_block_values};
+use blockrep_core::{ChunkId, Geometry, IdSpace, apply_patch, hash_with_block_values};
 use blockrep_proto::{Codec, Message};
 use bytes::Bytes;
 
@@ -40,6 +40,7 @@ pub(crate) async fn want(
     own_ids: &[ChunkId],
     batch: &[u64],
     patches: bool,
+    space: IdSpace,
 ) -> Result<(), Error> {
     let has_base = |index: &u64| own_ids.get(*index as usize).is_some_and(|id| !id.is_zero());
     if !patches || !batch.iter().any(has_base) {
@@ -62,6 +63,7 @@ pub(crate) async fn want(
         }
         let chunk = read_chunk(disk, geometry, index)?;
         let (id, values) = hash_with_block_values(&chunk);
+        let id = space.map(id);
         // The disk changed since the scan: no patch against it (the whole
         // chunk comes, and the pass's verification scan sees the rest).
         if id != own {
@@ -74,6 +76,16 @@ pub(crate) async fn want(
         .send(&Message::WantPatched { entries })
         .await
         .map(drop)
+}
+
+/// What a patch must make: chunk `index` with id `want` (in the session's id
+/// `space`), from the disk's chunk `own`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expected {
+    pub index: u64,
+    pub want: ChunkId,
+    pub own: ChunkId,
+    pub space: IdSpace,
 }
 
 /// Reads chunk `index` of the disk.
@@ -94,12 +106,16 @@ fn read_chunk(disk: &File, geometry: Geometry, index: u64) -> Result<Vec<u8>, Er
 pub(crate) fn apply(
     disk: &File,
     geometry: Geometry,
-    expected: u64,
-    want: ChunkId,
-    own: ChunkId,
+    expected: Expected,
     patch: ReceivedPatch,
     decompressor: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<(Bytes, u64), Error> {
+    let Expected {
+        index: expected,
+        want,
+        own,
+        space,
+    } = expected;
     let ReceivedPatch {
         index,
         base,
@@ -140,7 +156,7 @@ pub(crate) fn apply(
     let base_bytes = read_chunk(disk, geometry, index)?;
     let patched = apply_patch(&base_bytes, raw_len, &ranges, &payload)
         .map_err(|e| Error::Protocol(format!("patch for chunk {index} cannot be applied: {e}")))?;
-    let result = hash_chunk(&patched);
+    let result = space.hash_chunk(&patched);
     if result != want {
         return Err(Error::Protocol(format!(
             "patch for chunk {index} produced {result}, expected {want}; nothing written"

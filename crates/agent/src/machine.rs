@@ -80,15 +80,19 @@ impl<S: Transport> MachineSession<S> {
             connection.flush().await?;
             connection.recv().await
         };
-        let (head_epoch, nonce, head) = match welcome.await {
+        let (head_epoch, nonce, head, space) = match welcome.await {
             Ok(Message::MachineWelcome {
                 version,
                 nonce,
                 head_epoch,
                 head_root,
-            }) if version == PROTOCOL_VERSION => {
-                (head_epoch, nonce, Some(head_root).filter(|r| !r.is_zero()))
-            }
+                id_key,
+            }) if version == PROTOCOL_VERSION => (
+                head_epoch,
+                nonce,
+                Some(head_root).filter(|r| !r.is_zero()),
+                id_key.map_or(blockrep_core::IdSpace::PLAIN, blockrep_core::IdSpace::keyed),
+            ),
             Ok(other) => {
                 return Err(Error::Protocol(format!(
                     "expected MachineWelcome of version {PROTOCOL_VERSION}, got {}",
@@ -143,6 +147,7 @@ impl<S: Transport> MachineSession<S> {
             head_epoch,
             first.geometry,
             first.head_root.take(),
+            space,
         );
         first.head_ids = None;
         Ok(Self {
@@ -152,6 +157,11 @@ impl<S: Transport> MachineSession<S> {
             current: 0,
             head,
         })
+    }
+
+    /// Where the source's chunk ids live (see [`Session::space`]).
+    pub(crate) fn space(&self) -> blockrep_core::IdSpace {
+        self.session.space()
     }
 
     /// The machine root of the head, when every volume has one.

@@ -39,6 +39,8 @@ pub(crate) struct Encoded {
 pub(crate) struct References {
     pub held: Arc<HashSet<ChunkId>>,
     pub nonce: [u8; NONCE_LEN],
+    /// The space chunk ids are named in (the session's).
+    pub space: blockrep_core::IdSpace,
 }
 
 /// Starts the workers for `changed` chunks; frames arrive on the returned channel,
@@ -202,6 +204,7 @@ impl ChunkEncoder {
             }
             None => (hash_chunk(&frame[CHUNK_HEADER_LEN..]), None),
         };
+        let id = self.references.space.map(id);
         let mut reference = false;
         let mut patched = false;
         let (frame, raw_sent) = if id.is_zero() {

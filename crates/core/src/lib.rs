@@ -26,6 +26,7 @@ mod error;
 pub mod fuzzing;
 mod geometry;
 mod id;
+mod id_space;
 mod index;
 mod machine;
 mod patch;
@@ -43,6 +44,7 @@ pub use geometry::{
     DISK_SIZE_MAX_BYTES, Geometry, PAGE_COUNT_MAX,
 };
 pub use id::ChunkId;
+pub use id_space::{ID_KEY_LEN, IdSpace};
 pub use index::{Page, Root, RootId};
 pub use machine::{MachineRoot, SINGLE_VOLUME_NAME, VOLUME_NAME_MAX_LEN, VOLUMES_MAX, VolumeName};
 pub use patch::{

@@ -147,6 +147,12 @@ impl Sealer {
         *blake3::keyed_hash(&self.id_key, plain_id).as_bytes()
     }
 
+    /// The id space of this key: what the source's agent is given, so that
+    /// both ends name the source's chunks by their stored ids.
+    pub fn id_space(&self) -> blockrep_core::IdSpace {
+        blockrep_core::IdSpace::keyed(*self.id_key)
+    }
+
     /// A MAC of `bytes` under this key, for records that are kept in clear
     /// but must not be swapped or rolled back unnoticed.
     pub fn mac(&self, bytes: &[u8]) -> [u8; 32] {
@@ -253,6 +259,8 @@ mod tests {
         assert_ne!(a, plain_id);
         let other = DataKey::generate().unwrap().sealer().unwrap();
         assert_ne!(a, other.stored_id(&plain_id));
+        let space = key.sealer().unwrap().id_space();
+        assert_eq!(space.map(blockrep_core::ChunkId(plain_id)).0, a);
         // The reference names the key and round-trips as text.
         let reference = key.reference();
         assert_eq!(KeyRef::parse(&reference.to_string()), Some(reference));

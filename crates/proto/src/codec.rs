@@ -43,12 +43,14 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             nonce,
             head_epoch,
             head_root,
+            id_key,
         } => {
             out.put_u16_le(*version);
             out.put_slice(nonce);
             out.put_u64_le(*head_epoch);
             out.put_u32_le(head_root.len() as u32);
             out.put_slice(head_root);
+            put_id_key(out, id_key.as_ref());
         }
         Message::GetPages { indices } => put_page_indices(out, indices),
         Message::Page { index, ids } => {
@@ -113,11 +115,13 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
             nonce,
             head_epoch,
             head_root,
+            id_key,
         } => {
             out.put_u16_le(*version);
             out.put_slice(nonce);
             out.put_u64_le(*head_epoch);
             out.put_slice(head_root.as_bytes());
+            put_id_key(out, id_key.as_ref());
         }
         Message::VolumeHead { index, root } => {
             out.put_u16_le(*index);
@@ -311,6 +315,13 @@ fn put_page_indices(out: &mut BytesMut, indices: &[u32]) {
     }
 }
 
+fn put_id_key(out: &mut BytesMut, key: Option<&[u8; 32]>) {
+    out.put_u8(u8::from(key.is_some()));
+    if let Some(key) = key {
+        out.put_slice(key);
+    }
+}
+
 fn put_short_string(out: &mut BytesMut, text: &str) {
     let text = truncate_utf8(text, u8::MAX as usize);
     out.put_u8(text.len() as u8);
@@ -411,6 +422,7 @@ fn decode_body(type_byte: u8, body: &mut Bytes) -> Result<Message, ProtoError> {
                 nonce,
                 head_epoch,
                 head_root,
+                id_key: r.id_key()?,
             }
         }
         MessageType::GetPages => Message::GetPages {
@@ -521,6 +533,7 @@ fn decode_body(type_byte: u8, body: &mut Bytes) -> Result<Message, ProtoError> {
             nonce: r.id("nonce")?.0,
             head_epoch: r.u64("epoch")?,
             head_root: r.id("head root")?,
+            id_key: r.id_key()?,
         },
         MessageType::VolumeHead => {
             let index = r.u16("volume index")?;

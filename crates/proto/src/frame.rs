@@ -96,6 +96,14 @@ impl Reader<'_> {
             other => Err(malformed(format!("{what} {other} is not 0 or 1"))),
         }
     }
+    /// An optional id key: a flag, then the key when set.
+    pub(crate) fn id_key(&mut self) -> Result<Option<[u8; 32]>, ProtoError> {
+        Ok(if self.flag("id key flag")? {
+            Some(self.id("id key")?.0)
+        } else {
+            None
+        })
+    }
     pub(crate) fn short_string(&mut self, what: &str) -> Result<String, ProtoError> {
         let len = self.u8(what)? as usize;
         let raw = self.bytes(len, u8::MAX as usize, what)?;

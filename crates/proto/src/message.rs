@@ -12,7 +12,7 @@ use bytes::Bytes;
 /// the session nonce to `Welcome` and the proof of possession to `Ref` chunks.
 /// Version 4 added the consistency label to `Commit` and sub-chunk patches
 /// (`GetBlockValues`, `BlockValues`, `Patch`).
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Bytes of the per-session nonce in [`Message::Welcome`].
 pub const NONCE_LEN: usize = 32;
@@ -175,6 +175,10 @@ pub enum Message {
         head_epoch: u64,
         /// Encoded [`blockrep_core::Root`] of the head; empty when there is none.
         head_root: Bytes,
+        /// For a source encrypted at rest, the key of its id space
+        /// ([`blockrep_core::IdSpace`]): the agent names chunks by their
+        /// stored ids. `None` for a source stored in clear.
+        id_key: Option<[u8; blockrep_core::ID_KEY_LEN]>,
     },
     /// Agent -> server: send these index pages of the head.
     GetPages { indices: Vec<u32> },
@@ -360,6 +364,8 @@ pub enum Message {
         /// root); the zero id without a head. An agent whose volumes make
         /// this root has nothing to commit.
         head_root: ChunkId,
+        /// As in [`Message::Welcome`].
+        id_key: Option<[u8; blockrep_core::ID_KEY_LEN]>,
     },
     /// Server -> agent, after `MachineWelcome`: the encoded
     /// [`blockrep_core::Root`] volume `index` has in the head; empty for a

@@ -130,6 +130,14 @@ fn source_views(shared: &Shared) -> Vec<crate::SourceView> {
             .cloned(),
     );
     for view in &mut views {
+        if let (Some(keys), Ok(source)) = (&shared.keys, SourceId::new(&view.source))
+            && let Some(sealer) = shared.store.sealer_of(&source)
+        {
+            view.encryption = Some(crate::status::EncryptionView {
+                key: sealer.reference().to_string(),
+                kek_id: keys.kek_id().to_owned(),
+            });
+        }
         view.lease = leases
             .iter()
             .find(|(source, _)| source.as_str() == view.source)

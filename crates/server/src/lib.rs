@@ -30,6 +30,7 @@ mod breaches;
 mod budget;
 mod capture;
 mod connection;
+mod encryption;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
@@ -57,13 +58,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use capture::{CaptureView, SourceMode};
+pub use encryption::{EncryptionConfig, KekConfig};
 pub use ledger::ServerStats;
 pub use listener::Server;
 pub use maintenance::report_json as gc_report_json;
 pub use nbd_export::{
     NBD_CONNECTIONS_MAX_DEFAULT, NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT, NBD_IDLE_TIMEOUT_DEFAULT,
 };
-pub use status::{CutoverView, LeaseView, SourceState, SourceView, StateThresholds, VolumeView};
+pub use status::{
+    CutoverView, EncryptionView, LeaseView, SourceState, SourceView, StateThresholds, VolumeView,
+};
 pub use views::{CreateLaunch, CreateSnapshot, LaunchView, LaunchVolumeView, SnapshotView};
 
 /// Everything the server needs to run.
@@ -160,6 +164,9 @@ pub struct ServerConfig {
     /// Keep the store in this bucket, `data_dir` being its working copy and
     /// cache; `None` keeps it in `data_dir`.
     pub bucket: Option<BucketConfig>,
+    /// Encryption at rest: the KEK and key directory; `None` stores in
+    /// clear (and cannot read an encrypted source).
+    pub encryption: Option<EncryptionConfig>,
 }
 
 /// A store kept in an S3-compatible bucket.
@@ -216,6 +223,7 @@ impl ServerConfig {
             session_memory_per_source_max_bytes: 3 << 30,
             send_buffer_max_bytes: 4 << 20,
             bucket: None,
+            encryption: None,
         }
     }
 }

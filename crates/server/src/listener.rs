@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::connection::Connection;
+use crate::encryption::ServerKeys;
 use crate::ledger::HandshakeFailure;
 use crate::revocation::Registration;
 use crate::session::{Session, reject};
@@ -71,7 +72,15 @@ impl Server {
             }
             None => None,
         };
-        let (store, known) = tokio::task::spawn_blocking(move || {
+        let encryption = config.encryption.clone();
+        if encryption.is_some() && config.bucket.is_some() {
+            return Err(Error::Config(
+                "encryption at rest is not yet available for a store in a bucket: the key \
+                 directory would have to be shared by every server of the bucket"
+                    .into(),
+            ));
+        }
+        let (store, known, keys) = tokio::task::spawn_blocking(move || {
             let store = match bucket {
                 Some((bucket, cache_bytes)) => {
                     let options = blockrep_store::BucketOptions { cache_bytes };
@@ -85,6 +94,13 @@ impl Server {
             if let Some(bytes) = pack_size_max {
                 store.set_pack_size_max_bytes(bytes);
             }
+            // Before anything reads the store: an encrypted source's
+            // blobs open only with its keys, and a KEK that cannot be
+            // reached refuses the start.
+            let keys = match &encryption {
+                Some(encryption) => Some(ServerKeys::load(encryption, &store)?),
+                None => None,
+            };
             let mut known = Vec::new();
             for source in store.sources()? {
                 if let Some(head) = store.head(&source)? {
@@ -92,7 +108,7 @@ impl Server {
                     known.push((source, head, lifecycle));
                 }
             }
-            Ok::<_, blockrep_store::Error>((Arc::new(store), known))
+            Ok::<_, Error>((Arc::new(store), known, keys))
         })
         .await
         .expect("store open task does not panic")?;
@@ -174,6 +190,7 @@ impl Server {
                 .expect("announce task does not panic")?;
         }
         let mut shared = Shared::new(store, config, sources, nbd_addr);
+        shared.keys = keys;
         shared.revocation = Some(revocation);
         Ok(Server {
             listener,

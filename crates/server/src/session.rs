@@ -94,6 +94,9 @@ pub(crate) struct Session<S> {
     machine_head: Option<blockrep_core::ChunkId>,
     /// Timings of the final (cutover) epoch, for its downtime breakdown.
     cutover_times: cutover::CutoverTimes,
+    /// The data key of a source encrypted at rest: its chunks are checked
+    /// against stored ids and sealed, and its agent is given the id space.
+    sealer: Option<Arc<blockrep_keys::Sealer>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -114,7 +117,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             capture_reported: false,
             machine_head: None,
             cutover_times: cutover::CutoverTimes::default(),
+            sealer: None,
         }
+    }
+
+    /// Finds (or, for a new source on a server that encrypts new sources,
+    /// makes) the source's data key, before its replica is read.
+    async fn open_keys(&mut self) -> Result<(), Outcome> {
+        let (shared, source) = (Arc::clone(&self.shared), self.source.clone());
+        let sealer = tokio::task::spawn_blocking(move || {
+            crate::encryption::sealer_for(&shared.store, shared.keys.as_ref(), &source)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        self.sealer = sealer;
+        Ok(())
+    }
+
+    /// The key of the source's id space, for its `Welcome`.
+    fn id_key(&self) -> Option<[u8; blockrep_core::ID_KEY_LEN]> {
+        self.sealer
+            .as_ref()
+            .and_then(|s| s.id_space().key().copied())
     }
 
     /// Ends the session, with `Unauthorized`, at its next wait for a frame
@@ -293,6 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.active = Some(Arc::clone(&slot.session));
         let _slot = slot;
         self.check_tenant().await?;
+        self.open_keys().await?;
         let mut replica = self.load_replica(geometry).await?;
         let head_root = if replica.head_epoch == 0 {
             Bytes::new()
@@ -305,6 +331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 nonce: replica.references.nonce(),
                 head_epoch: replica.head_epoch,
                 head_root,
+                id_key: self.id_key(),
             })
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;

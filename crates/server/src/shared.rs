@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     /// status names the server of sources this one does not serve.
     pub bucket_leases:
         std::sync::Mutex<Vec<(blockrep_core::SourceId, blockrep_store::LeaseRecord)>>,
+    /// The KEK and key directory of encryption at rest, if configured.
+    pub keys: Option<crate::encryption::ServerKeys>,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -108,6 +110,7 @@ impl Shared {
             revocation: None,
             block_values: BlockValues::default(),
             bucket_leases: std::sync::Mutex::default(),
+            keys: None,
         }
     }
 

@@ -141,6 +141,20 @@ pub struct SourceView {
     /// a lease time; it may have expired since). `None` for a local store.
     #[serde(default)]
     pub lease: Option<LeaseView>,
+    /// For a source encrypted at rest: the data key sealing its new data and
+    /// the KEK wrapping it. `None` for a source stored in clear (or one
+    /// whose keys this server was not given).
+    #[serde(default)]
+    pub encryption: Option<EncryptionView>,
+}
+
+/// How a source is encrypted at rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EncryptionView {
+    /// The reference of the data key that seals its new data.
+    pub key: String,
+    /// The id of the KEK that wraps its data keys.
+    pub kek_id: String,
 }
 
 /// Who holds a source's lease.
@@ -356,6 +370,7 @@ impl SourceRecord {
             mode: SourceMode::of(self.capture.as_ref()),
             capture: self.capture.map(|c| c.last),
             lease: None,
+            encryption: None,
         }
     }
 }

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use blockrep_core::{BlockValue, ChunkId, apply_patch, hash_with_block_values};
+use blockrep_core::{BlockValue, ChunkId, IdSpace, apply_patch, hash_with_block_values};
+use blockrep_keys::Sealer;
 use blockrep_proto::{Codec, ErrorCode};
 use blockrep_store::{BlobKind, Store, StoredCodec};
 use bytes::Bytes;
@@ -69,7 +70,13 @@ pub(crate) struct Verifier {
 }
 
 impl Verifier {
-    pub(crate) fn spawn(store: Arc<Store>, on_values: OnValues) -> Self {
+    /// Verifier threads storing into `store`; an encrypted source's chunks
+    /// (`sealer` given) are checked against their stored ids and sealed.
+    pub(crate) fn spawn(
+        store: Arc<Store>,
+        sealer: Option<Arc<Sealer>>,
+        on_values: OnValues,
+    ) -> Self {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, VERIFY_THREADS_MAX);
@@ -80,9 +87,10 @@ impl Verifier {
             let (tx, rx) = mpsc::channel::<Job>((VERIFY_QUEUE_LEN / threads).max(1));
             let (store, on_values, error_tx) =
                 (Arc::clone(&store), Arc::clone(&on_values), error_tx.clone());
+            let sealer = sealer.clone();
             queues.push(tx);
             handles.push(tokio::task::spawn_blocking(move || {
-                let result = run(&store, &on_values, rx);
+                let result = run(&store, sealer.as_deref(), &on_values, rx);
                 if let Err(reject) = &result {
                     let told = Reject::new(reject.code, reject.message.clone());
                     let _ = error_tx.blocking_send(told);
@@ -185,6 +193,7 @@ impl Verifier {
 /// until the queue closes, or the first refusal.
 fn run(
     store: &Store,
+    sealer: Option<&Sealer>,
     on_values: &OnValues,
     mut rx: mpsc::Receiver<Job>,
 ) -> Result<VerifyStats, Reject> {
@@ -192,15 +201,16 @@ fn run(
     let mut decompressor = zstd::bulk::Decompressor::new()
         .map_err(|e| Reject::new(ErrorCode::Internal, format!("zstd: {e}")))?;
     let mut scratch = Vec::new();
+    let space = sealer.map_or(IdSpace::PLAIN, Sealer::id_space);
     while let Some(job) = rx.blocking_recv() {
         let (codec, data, values) = match &job.patch {
             Some(patch) => {
                 let (rebuilt, values) =
-                    rebuild(store, &job, patch, &mut decompressor, &mut scratch)?;
+                    rebuild(store, space, &job, patch, &mut decompressor, &mut scratch)?;
                 (StoredCodec::Raw, Bytes::from(rebuilt), values)
             }
             None => {
-                let values = verify(&job, &mut decompressor, &mut scratch)?;
+                let values = verify(space, &job, &mut decompressor, &mut scratch)?;
                 let codec = match job.codec {
                     Codec::Zstd => StoredCodec::Zstd,
                     _ => StoredCodec::Raw,
@@ -209,9 +219,11 @@ fn run(
             }
         };
         on_values(job.id, Bytes::from(values.concat()));
-        let stored = store
-            .insert(BlobKind::Chunk, job.id, codec, job.raw_len, &data)
-            .map_err(|e| Reject::new(ErrorCode::Internal, format!("store: {e}")))?;
+        let stored = match sealer {
+            Some(sealer) => store.insert_sealed(sealer, job.id, codec, job.raw_len, &data),
+            None => store.insert(BlobKind::Chunk, job.id, codec, job.raw_len, &data),
+        }
+        .map_err(|e| Reject::new(ErrorCode::Internal, format!("store: {e}")))?;
         stats.chunks_verified += 1;
         if stored {
             stats.chunks_stored += 1;
@@ -222,6 +234,7 @@ fn run(
 }
 
 fn verify(
+    space: IdSpace,
     job: &Job,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     scratch: &mut Vec<u8>,
@@ -255,6 +268,8 @@ fn verify(
         )));
     }
     let (actual, values) = hash_with_block_values(raw);
+    // An encrypted source's chunks travel under their stored ids.
+    let actual = space.map(actual);
     if actual.is_zero() {
         return Err(bad("is all zero but was not sent as a zero chunk".into()));
     }
@@ -271,6 +286,7 @@ fn verify(
 /// the ranges' length, so a zstd bomb fails), applied to its base, hashed.
 fn rebuild(
     store: &Store,
+    space: IdSpace,
     job: &Job,
     patch: &PatchOf,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
@@ -310,6 +326,7 @@ fn rebuild(
     let rebuilt =
         apply_patch(&base, job.raw_len, &patch.ranges, data).map_err(|e| bad(e.to_string()))?;
     let (computed, values) = hash_with_block_values(&rebuilt);
+    let computed = space.map(computed);
     if computed != job.id {
         if let Err(e) = store.read_blob(&patch.base) {
             return Err(Reject::new(
@@ -362,7 +379,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let (on_values, seen) = counting();
-        let mut verifier = Verifier::spawn(Arc::clone(&store), on_values);
+        let mut verifier = Verifier::spawn(Arc::clone(&store), None, on_values);
         let jobs: Vec<Job> = (0..200u64)
             .map(|n| chunk(n, vec![(n % 250) as u8 + 1; 8192 + n as usize]))
             .collect();
@@ -388,7 +405,7 @@ mod tests {
             .insert(BlobKind::Chunk, base_id, StoredCodec::Raw, 16_384, &base)
             .unwrap();
         let (on_values, _) = counting();
-        let mut verifier = Verifier::spawn(Arc::clone(&store), on_values);
+        let mut verifier = Verifier::spawn(Arc::clone(&store), None, on_values);
         for n in 0..3u64 {
             verifier
                 .submit(chunk(n, vec![n as u8 + 1; 4096]))

@@ -118,9 +118,16 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
 
 /// Root id (hex) of a disk image file at the given chunk size, as the agent computes it.
 pub fn disk_root(path: &Path, chunk_size: u32) -> String {
+    disk_root_in(path, chunk_size, blockrep_core::IdSpace::PLAIN)
+}
+
+/// [`disk_root`] with chunk ids in `space`: the root a server that encrypts
+/// the source at rest (whose id space it is) holds for the disk.
+pub fn disk_root_in(path: &Path, chunk_size: u32, space: blockrep_core::IdSpace) -> String {
     let disk = blockrep_core::DiskImage::open(path).unwrap();
     let geometry = blockrep_core::Geometry::new(disk.size_bytes(), chunk_size).unwrap();
-    let ids = disk.scan(geometry).unwrap();
+    let mut ids = disk.scan(geometry).unwrap();
+    space.map_all(&mut ids);
     blockrep_core::Root::from_chunk_ids(geometry, &ids)
         .id()
         .to_hex()

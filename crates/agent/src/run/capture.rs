@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use blockrep_core::clock::now_unix_ms;
-use blockrep_core::{ChunkId, DiskImage, Geometry, hash_chunk};
+use blockrep_core::{ChunkId, DiskImage, Geometry, IdSpace, hash_chunk};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -76,25 +76,28 @@ pub(crate) async fn cut_scan(
 ) -> Result<Scan, Error> {
     let ids = session.head_ids().await?;
     let geometry = session.geometry();
+    let space = session.space();
     let capture = Arc::clone(capture);
     let path = config.disk.clone();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let started_unix_ms = now_unix_ms();
         let cut = capture.cut(full);
-        scan_of_cut(cut, geometry, ids, &path, started, started_unix_ms)
+        scan_of_cut(cut, geometry, ids, space, &path, started, started_unix_ms)
     })
     .await
     .map_err(|e| Error::Protocol(format!("cut task failed: {e}")))?
 }
 
 /// The epoch's [`Scan`] of `cut` (taken at `started`) of the disk at `path`:
-/// the chunks it sealed hashed as of the cut over the head's `ids`, and
-/// released at once where they still hash to the head's id. Blocking.
+/// the chunks it sealed hashed as of the cut over the head's `ids` (in the
+/// session's id `space`), and released at once where they still hash to the
+/// head's id. Blocking.
 pub(super) fn scan_of_cut(
     cut: Arc<Cut>,
     geometry: Geometry,
     mut ids: Vec<ChunkId>,
+    space: IdSpace,
     path: &std::path::Path,
     started: Instant,
     started_unix_ms: u64,
@@ -104,7 +107,8 @@ pub(super) fn scan_of_cut(
     } else {
         cut.chunks(geometry)
     };
-    let hashed = hash_cut(&cut, geometry, &indices)?;
+    let mut hashed = hash_cut(&cut, geometry, &indices)?;
+    space.map_all(&mut hashed);
     for (index, id) in indices.iter().zip(hashed) {
         let slot = &mut ids[*index as usize];
         if *slot == id {
@@ -122,6 +126,7 @@ pub(super) fn scan_of_cut(
         started_unix_ms,
         duration: started.elapsed(),
         consistency,
+        space,
     })
 }
 

@@ -24,12 +24,16 @@ async fn scan_all(volumes: &[AgentConfig]) -> Result<Machine, Error> {
 type Machine = (Vec<Scan>, Consistency);
 
 /// The machine root a set of scans gives.
-pub(super) fn scans_root(names: &[VolumeName], scans: &[Scan]) -> Option<ChunkId> {
+pub(super) fn scans_root(
+    names: &[VolumeName],
+    scans: &[Scan],
+    space: blockrep_core::IdSpace,
+) -> Option<ChunkId> {
     machine_root_of(
         names,
         scans
             .iter()
-            .map(|s| Some(Root::from_chunk_ids(s.geometry, &s.ids).id())),
+            .map(|s| Some(Root::from_chunk_ids(s.geometry, &s.ids_in(space)).id())),
     )
 }
 
@@ -50,7 +54,8 @@ pub(crate) async fn once(
             Some(machine) => machine,
             None => scan_all(&volumes).await?,
         };
-        if session.head_root_id().is_some() && session.head_root_id() == scans_root(&names, &scans)
+        if session.head_root_id().is_some()
+            && session.head_root_id() == scans_root(&names, &scans, session.space())
         {
             // Released before the cutover takes its own views.
             drop(scans);

@@ -96,6 +96,7 @@ async fn cut_all(
         heads.push(session.volume_head_ids(index).await?);
     }
     let geometries = session.geometries();
+    let space = session.space();
     let captures = disks.captures.to_vec();
     let full = full.to_vec();
     tokio::task::spawn_blocking(move || {
@@ -110,6 +111,7 @@ async fn cut_all(
                 Arc::clone(cut),
                 geometry,
                 ids,
+                space,
                 capture.path(),
                 started,
                 started_unix_ms,
@@ -130,7 +132,8 @@ async fn cut_all(
 
 /// Whether the machine's head already equals `scans`.
 fn caught_up(disks: &Disks<'_>, session: &MachineSession, scans: &[Scan]) -> bool {
-    session.head_root_id().is_some() && session.head_root_id() == scans_root(&disks.names, scans)
+    session.head_root_id().is_some()
+        && session.head_root_id() == scans_root(&disks.names, scans, session.space())
 }
 
 /// `--once` of a machine in capture mode: cut, send and commit until a cut

@@ -88,7 +88,9 @@ async fn once(
             Some(scan) => scan,
             None => scan(config, session.geometry().chunk_size_bytes()).await?,
         };
-        let root = blockrep_core::Root::from_chunk_ids(current.geometry, &current.ids).id();
+        let ids = current.ids_in(session.space());
+        let root = blockrep_core::Root::from_chunk_ids(current.geometry, &ids).id();
+        drop(ids);
         let caught_up = session.head_root_id() == Some(root);
         if caught_up {
             // This scan's view is done with: released before the cutover makes

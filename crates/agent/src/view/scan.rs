@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockrep_core::clock::now_unix_ms;
-use blockrep_core::{ChunkId, Consistency, DiskImage, Geometry};
+use blockrep_core::{ChunkId, Consistency, DiskImage, Geometry, IdSpace};
 
 use super::View;
 use crate::{AgentConfig, Error};
@@ -22,6 +22,38 @@ pub(crate) struct Scan {
     pub duration: Duration,
     /// How the scanned view was taken: what the committed root may claim.
     pub consistency: Consistency,
+    /// The space `ids` are in: plain from a scan, the session's from a
+    /// capture cut (built over the head's ids).
+    pub space: IdSpace,
+}
+
+impl Scan {
+    /// Maps the ids into `space` (a source encrypted at rest names its
+    /// chunks by stored ids) unless they are there already.
+    pub(crate) fn into_space(mut self, space: IdSpace) -> Result<Self, Error> {
+        if self.space == space {
+            return Ok(self);
+        }
+        if self.space.is_keyed() {
+            return Err(Error::Protocol(
+                "a scan of one id space given to a session of another".into(),
+            ));
+        }
+        space.map_all(&mut self.ids);
+        self.space = space;
+        Ok(self)
+    }
+
+    /// The ids in `space` (copied and mapped when the scan is plain).
+    pub(crate) fn ids_in(&self, space: IdSpace) -> std::borrow::Cow<'_, [ChunkId]> {
+        if self.space == space {
+            std::borrow::Cow::Borrowed(&self.ids)
+        } else {
+            let mut ids = self.ids.clone();
+            space.map_all(&mut ids);
+            std::borrow::Cow::Owned(ids)
+        }
+    }
 }
 
 /// Opens the disk afresh (a replaced file or a resized disk is seen) and scans it
@@ -74,5 +106,6 @@ pub(crate) fn scan_view(
         started_unix_ms,
         duration: started.elapsed(),
         consistency,
+        space: IdSpace::PLAIN,
     })
 }

@@ -27,14 +27,20 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                     chunk_size_bytes: c,
                 })
             }),
-        (any::<u16>(), any::<[u8; 32]>(), any::<u64>(), bytes(300)).prop_map(|(v, n, e, r)| {
-            Message::Welcome {
+        (
+            any::<u16>(),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            bytes(300),
+            any::<Option<[u8; 32]>>()
+        )
+            .prop_map(|(v, n, e, r, id_key)| Message::Welcome {
                 version: v,
                 nonce: n,
                 head_epoch: e,
                 head_root: r,
-            }
-        }),
+                id_key,
+            }),
         proptest::collection::vec(any::<u32>(), 0..50)
             .prop_map(|indices| Message::GetPages { indices }),
         (
@@ -123,14 +129,20 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                     allow_volume_removal: removal,
                 })
             }),
-        (any::<u16>(), any::<[u8; 32]>(), any::<u64>(), id_strategy()).prop_map(
-            |(v, n, e, head_root)| Message::MachineWelcome {
+        (
+            any::<u16>(),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            id_strategy(),
+            any::<Option<[u8; 32]>>()
+        )
+            .prop_map(|(v, n, e, head_root, id_key)| Message::MachineWelcome {
                 version: v,
                 nonce: n,
                 head_epoch: e,
                 head_root,
-            }
-        ),
+                id_key,
+            }),
         (any::<u16>(), bytes(200)).prop_map(|(index, root)| Message::VolumeHead { index, root }),
         any::<u16>().prop_map(|index| Message::SelectVolume { index }),
         proptest::collection::vec(id_strategy(), 0..20).prop_map(|ids| Message::Offer { ids }),

@@ -78,6 +78,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.active = Some(Arc::clone(&slot.session));
         let _slot = slot;
         self.check_tenant().await?;
+        self.open_keys().await?;
         let (head_epoch, head_root, heads) = self
             .load_machine(&names, &geometries, allow_volume_removal)
             .await?;
@@ -108,6 +109,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             nonce,
             head_epoch,
             head_root: head_root.unwrap_or(ChunkId::ZERO),
+            id_key: self.id_key(),
         });
         for (index, root) in head_roots.into_iter().enumerate() {
             // At most VOLUMES_MAX volumes, checked above: the index fits.

@@ -171,7 +171,11 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
         // The verifier rebuilds and checks the chunk, queued behind the chunks
         // before it: a refused patch ends the session as a bad chunk does.
         let verifier = verifier.get_or_insert_with(|| {
-            Verifier::spawn(Arc::clone(&self.shared.store), values_sink(&self.shared))
+            Verifier::spawn(
+                Arc::clone(&self.shared.store),
+                self.sealer.clone(),
+                values_sink(&self.shared),
+            )
         });
         verifier
             .submit(Job {

@@ -15,6 +15,9 @@ use blockrep_core::ChunkId;
 use blockrep_keys::{KeyRef, Keyring, Sealer};
 
 use super::pack::{BlobKind, RecordHeader, StoredCodec};
+use super::{Blobs, Location};
+use crate::error::{Error, ErrorKind};
+use crate::mutex::lock;
 
 /// Bytes a sealed record's stored bytes hold beyond the sealed ones: the
 /// key reference.
@@ -53,6 +56,49 @@ impl Decoded {
             }
             _ => ChunkId::from(plain) == *id,
         }
+    }
+}
+
+impl Blobs {
+    /// Appends blob `id` sealed by `sealer` unless a sound one is stored;
+    /// whether it was new. A chunk's `id` is its stored id
+    /// ([`Sealer::stored_id`] of its blake3), a page's or root's the blake3
+    /// of its bytes (which hold stored ids only).
+    pub(crate) fn put_sealed(
+        &self,
+        sealer: &Sealer,
+        kind: BlobKind,
+        id: ChunkId,
+        codec: StoredCodec,
+        raw_len: u32,
+        stored: &[u8],
+    ) -> Result<bool, Error> {
+        self.check_writable()?;
+        // Sealing costs a pass over the bytes: skip it for a blob that is
+        // stored already (put checks again under the lock).
+        if lock(&self.inner).index.get(&id).is_some_and(|at| at.crc_ok) {
+            self.fence.note(&id);
+            return Ok(false);
+        }
+        let sealed = seal(sealer, kind, codec, raw_len, &id, stored)
+            .map_err(|e| Error::new(ErrorKind::Invalid, format!("cannot seal blob: {e}")))?;
+        self.put_record(kind, id, codec, true, raw_len, &sealed)
+    }
+
+    /// Decodes the stored bytes of the record at `location` (opening them if
+    /// sealed). Damage is noted, so the record stops counting as stored; a
+    /// missing data key is not damage.
+    pub(crate) fn decode(&self, location: Location, stored: Vec<u8>) -> Result<Decoded, Error> {
+        let id = location.header.id;
+        decode(&self.keyring, &location.header, stored).map_err(|fault| match fault {
+            DecodeFault::Damaged(why) => {
+                self.note_damaged(location);
+                Error::new(ErrorKind::Corrupt, format!("blob {id}: {why}"))
+            }
+            DecodeFault::NoKey(why) => {
+                Error::new(ErrorKind::KeyUnavailable, format!("blob {id}: {why}"))
+            }
+        })
     }
 }
 

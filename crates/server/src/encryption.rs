@@ -1,0 +1,106 @@
+//! Encryption at rest on the server: the KEK and key directory it was
+//! started with, the keys of every encrypted source unwrapped at start, and
+//! a data key made for each new source when `--encrypt-at-rest` asks for it.
+//! A source's chunks, pages and roots are then sealed by the store, and its
+//! agent is given the source's id space so that both ends name chunks by
+//! their stored ids (see `blockrep_core::IdSpace`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blockrep_core::SourceId;
+use blockrep_core::clock::now_unix_ms;
+use blockrep_keys::{Kek, KeyDir, Sealer};
+use blockrep_store::Store;
+
+use crate::Error;
+
+/// Where the key-encryption key is.
+#[derive(Debug, Clone)]
+pub enum KekConfig {
+    /// A KEK file (`blockrep key init`).
+    File(PathBuf),
+    /// A key service's command (contract in `blockrep_keys::kek_cmd`).
+    Command(String),
+}
+
+/// Encryption at rest, as configured.
+#[derive(Debug, Clone)]
+pub struct EncryptionConfig {
+    /// The key directory: every source's data keys, wrapped; kept apart
+    /// from the data directory.
+    pub key_dir: PathBuf,
+    /// The KEK that wraps them.
+    pub kek: KekConfig,
+    /// Give every new source a data key (`--encrypt-at-rest`). Without it
+    /// the keys of sources already encrypted are still loaded, so they
+    /// stay readable and replicate as before.
+    pub encrypt_new_sources: bool,
+}
+
+/// The keys a running server holds.
+#[derive(Debug)]
+pub(crate) struct ServerKeys {
+    dir: KeyDir,
+    kek: Kek,
+    encrypt_new_sources: bool,
+}
+
+impl ServerKeys {
+    /// Reaches the KEK (a key service that fails refuses the start) and
+    /// adds every data key of the key directory to the store's keyring.
+    pub(crate) fn load(config: &EncryptionConfig, store: &Store) -> Result<Self, Error> {
+        let refused = |e: blockrep_keys::Error| Error::Config(format!("encryption at rest: {e}"));
+        let kek = match &config.kek {
+            KekConfig::File(path) => Kek::from_file(path),
+            KekConfig::Command(command) => Kek::from_command(command),
+        }
+        .map_err(refused)?;
+        let dir = KeyDir::open(&config.key_dir).map_err(refused)?;
+        store.keyring().extend_from(&dir, &kek).map_err(refused)?;
+        Ok(Self {
+            dir,
+            kek,
+            encrypt_new_sources: config.encrypt_new_sources,
+        })
+    }
+
+    /// The KEK's id, for status.
+    pub(crate) fn kek_id(&self) -> &str {
+        self.kek.id()
+    }
+}
+
+/// The data key sealing `source`'s blobs: the one it has, or, for a source
+/// with nothing stored yet on a server that encrypts new sources, a new one
+/// made durable in the key directory before anything is sealed with it. A
+/// source already stored in clear stays clear. Blocking (the key service's
+/// command, fsyncs).
+pub(crate) fn sealer_for(
+    store: &Store,
+    keys: Option<&ServerKeys>,
+    source: &SourceId,
+) -> Result<Option<Arc<Sealer>>, String> {
+    if let Some(sealer) = store.sealer_of(source) {
+        return Ok(Some(sealer));
+    }
+    let Some(keys) = keys.filter(|k| k.encrypt_new_sources) else {
+        return Ok(None);
+    };
+    if store.head(source).map_err(|e| e.to_string())?.is_some() {
+        return Ok(None);
+    }
+    let (record, key) = keys
+        .dir
+        .create(source, &keys.kek, now_unix_ms())
+        .map_err(|e| format!("cannot make a data key for source {source}: {e}"))?;
+    let sealer = Arc::new(
+        key.sealer()
+            .map_err(|e| format!("data key of source {source}: {e}"))?,
+    );
+    store
+        .keyring()
+        .add(source, record.serial, Arc::clone(&sealer));
+    tracing::info!(%source, key = %record.reference, kek = keys.kek.id(), "new source encrypted at rest");
+    Ok(Some(sealer))
+}

@@ -1,0 +1,207 @@
+//! A server that encrypts its sources at rest: the whole lifecycle runs as
+//! in clear (sync, continuous, test launch, cutover, NBD writes, failback),
+//! while no file of its data directory holds the disk's text or a chunk's
+//! plain id; `verify` and `export` need the key directory and its KEK; a
+//! KEK that cannot be reached refuses the server's start.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::*;
+use blockrep_core::{Geometry, SourceId, scan_buffer};
+use blockrep_keys::{Kek, KeyDir};
+use blockrep_testkit::{AgentRig, Pki, mixed_image};
+
+const MIB: usize = 1 << 20;
+
+/// Every file under `dir`, with its bytes.
+fn every_file(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn an_encrypted_source_runs_the_whole_lifecycle_and_its_store_shows_nothing() {
+    if !(have_tool("qemu-img") && have_tool("qemu-io") && have_tool("nbdcopy")) {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let kek_file = keys.path().join("kek");
+    blockrep_keys::init_kek_file(&kek_file).unwrap();
+    let key_dir = keys.path().join("keys");
+    let (kek_path, key_dir_path) = (kek_file.to_str().unwrap(), key_dir.to_str().unwrap());
+    let args = [
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--retention",
+        "off",
+        "--encrypt-at-rest",
+        "--key-dir",
+        key_dir_path,
+        "--kek-file",
+        kek_path,
+    ];
+    let mut rig = AgentRig::start_in(&bin(), Pki::new(&["app"]), &args, None);
+    // The server's roots are in the source's id space: the test, holding
+    // the KEK, unwraps the source's data key to compute them.
+    let kek = Kek::from_file(&kek_file).unwrap();
+    let records = || {
+        KeyDir::open(&key_dir)
+            .unwrap()
+            .records(&SourceId::new("app").unwrap())
+            .unwrap()
+    };
+    let space = || {
+        let key = records()[0].unwrap_with(&kek).unwrap();
+        key.sealer().unwrap().id_space()
+    };
+    let disk = crate::lifecycle::whole_lifecycle(&rig, &space);
+
+    // The source got one data key, wrapped under the KEK.
+    let records = records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].kek_id, kek.id());
+
+    // The cutover volume is read through the seals, as NBD serves it.
+    let admin = rig.server.admin_addr.unwrap();
+    let (_, launches) = admin_request(admin, "GET", "/v1/launches", None);
+    let launches: serde_json::Value = serde_json::from_str(&launches).unwrap();
+    let cutover = launches
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "cutover")
+        .unwrap()
+        .clone();
+    let uri = cutover["nbd_uri"].as_str().unwrap();
+    // Status names the source's data key and the KEK.
+    let view = admin_source(admin, "app").unwrap();
+    let encryption = view.encryption.unwrap();
+    assert_eq!(
+        (encryption.key, encryption.kek_id.as_str()),
+        (records[0].reference.to_string(), kek.id())
+    );
+    let status = cli(&rig.server, &rig.pki, &["status"]);
+    assert!(
+        stdout(&status).contains(&format!(
+            "app: encrypted at rest, data key {}",
+            records[0].reference
+        )),
+        "{}",
+        stdout(&status)
+    );
+    assert!(qemu_img_identical(uri, &disk), "the cutover volume differs");
+    rig.server.stop();
+
+    // No file of the data directory holds the disk's text, or the plain id
+    // of any chunk of the disk the agent first sent.
+    let data = rig.work.path().join("data");
+    let first = mixed_image(16 * MIB + 4096, 31);
+    let geometry = Geometry::new(first.len() as u64, 65_536).unwrap();
+    let plain_ids: Vec<_> = scan_buffer(&first, geometry)
+        .into_iter()
+        .filter(|id| !id.is_zero())
+        .collect();
+    assert!(plain_ids.len() > 100);
+    let files = every_file(&data);
+    assert!(files.iter().any(|(name, _)| name.ends_with(".pack")));
+    for (name, bytes) in &files {
+        assert!(
+            !contains(bytes, b"the quick brown fox"),
+            "{name} holds the disk's text"
+        );
+        for id in &plain_ids {
+            assert!(!contains(bytes, &id.0), "{name} holds the plain id {id}");
+        }
+    }
+
+    // verify and export read it with the keys, and refuse without them.
+    let with_keys = |command: &mut Command| {
+        command.args(["--key-dir", key_dir_path, "--kek-file", kek_path]);
+    };
+    let mut verify = Command::new(BIN);
+    verify.args(["verify", "--data"]).arg(&data);
+    let without = verify.output().unwrap();
+    assert!(
+        !without.status.success(),
+        "verify read sealed blobs without their keys"
+    );
+    with_keys(&mut verify);
+    let verified = verify.output().unwrap();
+    assert_success(&verified);
+    assert!(
+        stdout(&verified).contains("checked"),
+        "{}",
+        stdout(&verified)
+    );
+
+    let out = rig.work.path().join("cutover.raw");
+    let root = cutover["root"].as_str().unwrap();
+    let mut export = Command::new(BIN);
+    export
+        .args(["export", "--data"])
+        .arg(&data)
+        .args(["--root", root, "--out"])
+        .arg(&out);
+    let refused = export.output().unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("key"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!out.exists());
+    with_keys(&mut export);
+    assert_success(&export.output().unwrap());
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
+
+    // A server whose key service fails does not start, and says why.
+    let mut server = Command::new(BIN)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--tls-dir")
+        .arg(rig.pki.path())
+        .args(["--key-dir", key_dir_path])
+        .args(["--kek-cmd", "echo 'kms unreachable' >&2; exit 3"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = server.kill();
+            panic!("the server started with a KEK command that fails");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(!status.success());
+    assert!(log.contains("kms unreachable"), "{log}");
+}
