@@ -228,7 +228,7 @@ pub fn init_kek_file(path: &Path) -> Result<String, Error> {
     file.write_all(key.as_ref())
         .and_then(|()| file.sync_all())
         .map_err(|e| Error::io(format!("cannot write the KEK file {}", path.display()), e))?;
-    crate::key_dir::sync_parent(path)?;
+    crate::fsutil::sync_parent(path)?;
     Ok(Kek::from_key_bytes(path, key.as_ref())?.id().to_owned())
 }
 

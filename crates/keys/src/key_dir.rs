@@ -37,6 +37,7 @@ use blockrep_core::SourceId;
 
 use crate::data_key::{DataKey, KeyRef};
 use crate::error::{Error, ErrorKind};
+use crate::fsutil::{sync_dir, sync_parent};
 use crate::kek::{Kek, KekKind};
 use crate::kek_cmd::{KEK_ID_MAX_LEN, WRAPPED_MAX_LEN};
 
@@ -423,21 +424,6 @@ fn publish(path: &Path, bytes: &[u8], replace: bool) -> Result<(), Error> {
     };
     placed.map_err(|e| io("publish", e))?;
     sync_parent(path)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), Error> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(format!("cannot fsync {}", dir.display()), e))
-}
-
-/// Fsyncs the directory holding `path`.
-pub(crate) fn sync_parent(path: &Path) -> Result<(), Error> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    sync_dir(parent)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 
 mod data_key;
 mod error;
+mod fsutil;
 mod kek;
 pub mod kek_cmd;
 mod key_dir;
