@@ -70,4 +70,8 @@ pub(crate) struct BenchArgs {
     /// figures are then those of replication into the bucket.
     #[command(flatten)]
     pub(crate) store: super::StoreArgs,
+    /// Encrypt the source at rest, as `server --encrypt-at-rest` does, with
+    /// a KEK file and key directory made in the work directory.
+    #[arg(long)]
+    pub(crate) encrypt_at_rest: bool,
 }

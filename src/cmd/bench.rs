@@ -25,6 +25,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<()> {
         capture_sizes: args.capture_sizes,
         capture_duration: args.capture_duration,
         server_args: args.store.server_args(),
+        encrypt_at_rest: args.encrypt_at_rest,
     })
     .await
 }

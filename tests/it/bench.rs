@@ -117,6 +117,40 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
 
 /// After a bench run, one byte of a chunk the cutover volume uses is damaged
 /// in the store: the bench's verification of the cutover volume must fail.
+/// The bench of a source encrypted at rest: its whole run (sync, delta with
+/// patches, churn, cutover) goes through the seals, and the cutover volume,
+/// read back with the keys, is the disk (the bench fails otherwise).
+#[test]
+fn bench_encrypted_at_rest_verifies_its_sealed_cutover_volume() {
+    let work = tempfile::tempdir().unwrap();
+    let (output, json) = bench_with(
+        work.path(),
+        &[
+            "--size",
+            "32MiB",
+            "--duration",
+            "2s",
+            "--interval",
+            "300ms",
+            "--encrypt-at-rest",
+        ],
+    );
+    assert_success(&output);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("encrypted at rest"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(figure(&figures, &["initial_sync", "disk_mib_per_second"]) > 0.0);
+    let keys = blockrep_keys::KeyDir::open(&work.path().join("run/keys/keys")).unwrap();
+    let records = keys
+        .records(&blockrep_core::SourceId::new("bench").unwrap())
+        .unwrap();
+    assert_eq!(records.len(), 1);
+}
+
 #[test]
 fn bench_fails_when_the_replica_is_damaged() {
     let work = tempfile::tempdir().unwrap();
@@ -129,6 +163,7 @@ fn bench_fails_when_the_replica_is_damaged() {
     let (chunk_size, launch, root) = damage_after_bench(&figures, &data, &disk);
     let verification = blockrep_bench::verify_cutover(&blockrep_bench::CutoverVolume {
         data,
+        keys: None,
         disk,
         source: blockrep_core::SourceId::new("bench").unwrap(),
         chunk_size_bytes: chunk_size,
@@ -238,6 +273,8 @@ fn bench_of_a_machine_fails_when_one_volume_is_damaged() {
     let (whole, volumes) =
         blockrep_bench::verify_machine_cutover(&blockrep_bench::CutoverMachine {
             data,
+            keys: None,
+            source: blockrep_core::SourceId::new("bench").unwrap(),
             disks,
             chunk_size_bytes: chunk_size,
             root,

@@ -77,6 +77,9 @@ pub struct Options {
     /// More flags of the server under test (e.g. `--store s3://...`: the
     /// store kept in a bucket).
     pub server_args: Vec<String>,
+    /// Encrypt the source at rest (`server --encrypt-at-rest`, with a KEK
+    /// file and key directory made in the work directory).
+    pub encrypt_at_rest: bool,
 }
 
 /// Runs the bench: prints its table on stdout (progress on stderr), writes

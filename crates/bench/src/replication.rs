@@ -61,7 +61,8 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     let total_size: u64 = disk_sizes.iter().sum();
     let tls = workdir.join("tls");
     let data = workdir.join("data");
-    for stale in [&data, &tls] {
+    let keys_dir = workdir.join("keys");
+    for stale in [&data, &tls, &keys_dir] {
         if stale.exists() {
             fs::remove_dir_all(stale)?;
         }
@@ -81,7 +82,24 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     let source = SourceId::new("bench")?;
     blockrep_pki::init_ca(&tls, &["localhost".into(), "127.0.0.1".into()], true)?;
     blockrep_pki::issue_source(&tls, &source)?;
-    let mut server = ServerChild::start(&args.server_exe, &data, &tls, &args.server_args)?;
+    let mut server_args = args.server_args.clone();
+    let keys = if args.encrypt_at_rest {
+        let keys = crate::verify::Keys {
+            key_dir: keys_dir.join("keys"),
+            kek_file: keys_dir.join("kek"),
+        };
+        fs::create_dir_all(&keys_dir)?;
+        blockrep_keys::init_kek_file(&keys.kek_file)?;
+        server_args.extend(["--encrypt-at-rest".to_owned(), "--key-dir".to_owned()]);
+        server_args.push(keys.key_dir.display().to_string());
+        server_args.push("--kek-file".to_owned());
+        server_args.push(keys.kek_file.display().to_string());
+        eprintln!("  encrypted at rest");
+        Some(keys)
+    } else {
+        None
+    };
+    let mut server = ServerChild::start(&args.server_exe, &data, &tls, &server_args)?;
     let server_pid = server.pid();
     let self_pid = std::process::id().to_string();
 
@@ -254,6 +272,8 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         eprintln!("verifying every volume of the cutover launch against its disk...");
         verify_machine_cutover(&CutoverMachine {
             data: data.clone(),
+            keys: keys.clone(),
+            source: source.clone(),
             disks: agent.volumes.clone(),
             chunk_size_bytes: chunk_size,
             root: cutover.root,
@@ -264,6 +284,7 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         eprintln!("verifying the cutover volume against the disk...");
         let verification = verify_cutover(&CutoverVolume {
             data: data.clone(),
+            keys: keys.clone(),
             disk: disk.clone(),
             source: source.clone(),
             chunk_size_bytes: chunk_size,

@@ -7,13 +7,43 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use blockrep_core::{ChunkId, DiskImage, Geometry, MachineRoot, Root, SourceId, VolumeName};
+use blockrep_core::{
+    ChunkId, DiskImage, Geometry, IdSpace, MachineRoot, Root, SourceId, VolumeName,
+};
+
+/// The key directory and KEK file of a server that encrypts at rest.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub key_dir: PathBuf,
+    pub kek_file: PathBuf,
+}
+
+/// The store in `data`, opened read only, with the keys that open its
+/// encrypted sources; and the id space of `source` in it.
+fn open_store(
+    data: &Path,
+    keys: Option<&Keys>,
+    source: &SourceId,
+) -> Result<(blockrep_store::Store, IdSpace)> {
+    let store = blockrep_store::Store::open_cached_read_only(data)?;
+    if let Some(keys) = keys {
+        let kek = blockrep_keys::Kek::from_file(&keys.kek_file)?;
+        let dir = blockrep_keys::KeyDir::open(&keys.key_dir)?;
+        store.keyring().extend_from(&dir, &kek)?;
+    }
+    let space = store
+        .sealer_of(source)
+        .map_or(IdSpace::PLAIN, |s| s.id_space());
+    Ok((store, space))
+}
 
 /// A cutover's volume, and the disk it must equal.
 #[derive(Debug, Clone)]
 pub struct CutoverVolume {
     /// The server's data directory (opened read only: the server may be stopped).
     pub data: PathBuf,
+    /// Its keys, if it encrypts at rest.
+    pub keys: Option<Keys>,
     /// The source disk.
     pub disk: PathBuf,
     /// The source that was cut over.
@@ -62,8 +92,8 @@ impl Verification {
 /// disk byte for byte. Every blob the export reads is checked against its id,
 /// so a damaged chunk fails the export and makes the bytes unequal.
 pub fn verify_cutover(volume: &CutoverVolume) -> Result<Verification> {
-    let disk_root = disk_root(&volume.disk, volume.chunk_size_bytes)?;
-    let store = blockrep_store::Store::open_cached_read_only(&volume.data)?;
+    let (store, space) = open_store(&volume.data, volume.keys.as_ref(), &volume.source)?;
+    let disk_root = disk_root(&volume.disk, volume.chunk_size_bytes, space)?;
     let launch = store
         .launch(&volume.launch)?
         .with_context(|| format!("cutover launch {} missing", volume.launch))?;
@@ -81,6 +111,10 @@ pub fn verify_cutover(volume: &CutoverVolume) -> Result<Verification> {
 pub struct CutoverMachine {
     /// The server's data directory (opened read only: the server may be stopped).
     pub data: PathBuf,
+    /// Its keys, if it encrypts at rest.
+    pub keys: Option<Keys>,
+    /// The source that was cut over.
+    pub source: SourceId,
     /// Each volume's name and the source disk it must equal.
     pub disks: Vec<(VolumeName, PathBuf)>,
     /// The replica's chunk size.
@@ -114,7 +148,7 @@ pub struct VolumeVerification {
 pub fn verify_machine_cutover(
     machine: &CutoverMachine,
 ) -> Result<(Verification, Vec<VolumeVerification>)> {
-    let store = blockrep_store::Store::open_cached_read_only(&machine.data)?;
+    let (store, space) = open_store(&machine.data, machine.keys.as_ref(), &machine.source)?;
     let launch = store
         .launch(&machine.launch)?
         .with_context(|| format!("cutover launch {} missing", machine.launch))?;
@@ -122,7 +156,7 @@ pub fn verify_machine_cutover(
     let mut volumes = Vec::with_capacity(machine.disks.len());
     let mut disk_roots = Vec::with_capacity(machine.disks.len());
     for (name, disk) in &machine.disks {
-        let disk_root = disk_root(disk, machine.chunk_size_bytes)?;
+        let disk_root = disk_root(disk, machine.chunk_size_bytes, space)?;
         disk_roots.push((name.clone(), disk_root));
         let volume_root = launch_volumes
             .iter()
@@ -163,10 +197,12 @@ pub fn verify_machine_cutover(
 }
 
 /// The root of a disk as a fresh scan finds it.
-fn disk_root(disk: &Path, chunk_size_bytes: u32) -> Result<ChunkId> {
+fn disk_root(disk: &Path, chunk_size_bytes: u32, space: IdSpace) -> Result<ChunkId> {
     let image = DiskImage::open(disk)?;
     let geometry = Geometry::new(image.size_bytes(), chunk_size_bytes)?;
-    Ok(Root::from_chunk_ids(geometry, &image.scan(geometry)?).id())
+    let mut ids = image.scan(geometry)?;
+    space.map_all(&mut ids);
+    Ok(Root::from_chunk_ids(geometry, &ids).id())
 }
 
 /// Whether the export to `scratch` succeeded and is `disk` byte for byte;
