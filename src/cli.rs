@@ -5,6 +5,7 @@ mod agent;
 mod bench;
 mod key;
 mod server;
+mod source;
 mod store;
 
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ pub(crate) use agent::{AgentArgs, CaptureArgs, CompressArg, SnapshotArg, ViewArg
 pub(crate) use bench::BenchArgs;
 pub(crate) use key::{EncryptionArgs, KeyCommand, KeyDirArgs};
 pub(crate) use server::ServerArgs;
+pub(crate) use source::{SourceCommand, SourceDeleteArgs};
 pub(crate) use store::StoreArgs;
 
 use crate::units;
@@ -91,6 +93,9 @@ pub(crate) enum Command {
     /// Keys of encryption at rest: make a KEK, list data keys, rotate them.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Sources of a stopped server's store: delete one (and shred its keys).
+    #[command(subcommand)]
+    Source(SourceCommand),
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,6 +12,7 @@ mod key;
 mod launch;
 mod server;
 mod snapshot;
+mod source;
 mod status;
 mod verify;
 
@@ -26,6 +27,7 @@ pub(crate) use key::key;
 pub(crate) use launch::launch;
 pub(crate) use server::server;
 pub(crate) use snapshot::snapshot;
+pub(crate) use source::source;
 pub(crate) use status::status;
 pub(crate) use verify::verify;
 

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Cert(command) => cmd::cert(command),
         Command::Key(command) => cmd::key(command),
+        Command::Source(command) => cmd::source(command),
         Command::Server(args) => {
             runtime().and_then(|rt| rt.block_on(cmd::server(args, cli.admin_token)))
         }

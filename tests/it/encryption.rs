@@ -11,7 +11,7 @@ use std::process::Command;
 use crate::common::*;
 use blockrep_core::{Geometry, SourceId, scan_buffer};
 use blockrep_keys::{Kek, KeyDir};
-use blockrep_testkit::{AgentRig, Pki, mixed_image};
+use blockrep_testkit::{AgentRig, Pki, ServerProcess, mixed_image};
 
 const MIB: usize = 1 << 20;
 
@@ -171,6 +171,49 @@ fn an_encrypted_source_runs_the_whole_lifecycle_and_its_store_shows_nothing() {
     assert_success(&export.output().unwrap());
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
 
+    // The KEK moves to a key service and the old KEK file is deleted: a
+    // server given the service serves everything as before.
+    let kms = crate::keys::service(keys.path(), "kms", "test-kms/key-2");
+    let rotated = Command::new(BIN)
+        .args([
+            "key",
+            "rotate",
+            "--kek",
+            "--key-dir",
+            key_dir_path,
+            "--kek-file",
+            kek_path,
+        ])
+        .args(["--new-kek-cmd", &kms])
+        .output()
+        .unwrap();
+    assert_success(&rotated);
+    std::fs::remove_file(&kek_file).unwrap();
+    let mut server = ServerProcess::start_with(
+        &bin(),
+        &data,
+        rig.pki.path(),
+        &[
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--retention",
+            "off",
+            "--key-dir",
+            key_dir_path,
+            "--kek-cmd",
+            &kms,
+        ],
+    );
+    let name = cutover["name"].as_str().unwrap();
+    let uri = format!("nbd://{}/{name}", server.nbd_addr.unwrap());
+    assert!(
+        qemu_img_identical(&uri, &disk),
+        "the cutover volume differs after re-wrap"
+    );
+    let view = admin_source(server.admin_addr.unwrap(), "app").unwrap();
+    assert_eq!(view.encryption.unwrap().kek_id, "test-kms/key-2");
+    server.stop();
+
     // A server whose key service fails does not start, and says why.
     let mut server = Command::new(BIN)
         .args([
@@ -204,4 +247,70 @@ fn an_encrypted_source_runs_the_whole_lifecycle_and_its_store_shows_nothing() {
     std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut log).unwrap();
     assert!(!status.success());
     assert!(log.contains("kms unreachable"), "{log}");
+
+    // Shredding: a copy of the data directory taken before it holds nothing
+    // readable of the source, even with the KEK (the key service) at hand.
+    let copy = rig.work.path().join("data-copy");
+    assert_success(
+        &Command::new("cp")
+            .arg("-a")
+            .arg(&data)
+            .arg(&copy)
+            .output()
+            .unwrap(),
+    );
+    let shred = Command::new(BIN)
+        .args([
+            "source",
+            "delete",
+            "app",
+            "--shred",
+            "--key-dir",
+            key_dir_path,
+            "--data",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_success(&shred);
+    assert!(
+        stdout(&shred).contains("destroyed 1 data keys"),
+        "{}",
+        stdout(&shred)
+    );
+    assert!(
+        KeyDir::open(&key_dir)
+            .unwrap()
+            .records(&SourceId::new("app").unwrap())
+            .unwrap()
+            .is_empty()
+    );
+    let from_copy = Command::new(BIN)
+        .args(["export", "--data"])
+        .arg(&copy)
+        .args(["--root", root, "--out"])
+        .arg(rig.work.path().join("from-copy.raw"))
+        .args(["--key-dir", key_dir_path, "--kek-cmd", &kms])
+        .output()
+        .unwrap();
+    assert!(!from_copy.status.success());
+    let error = String::from_utf8_lossy(&from_copy.stderr);
+    assert!(error.contains("shredded"), "{error}");
+    assert!(!rig.work.path().join("from-copy.raw").exists());
+    // Shredding a source stored in clear (or gone) is refused.
+    let again = Command::new(BIN)
+        .args([
+            "source",
+            "delete",
+            "app",
+            "--shred",
+            "--key-dir",
+            key_dir_path,
+            "--data",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no data keys"));
 }

@@ -28,7 +28,7 @@ fn text(output: &Output) -> String {
 /// reversed (no secrecy: the test checks blockrep's side of the contract),
 /// and refuses to unwrap for another context, as KMS does with an
 /// encryption context.
-fn service(dir: &Path, name: &str, id: &str) -> String {
+pub(crate) fn service(dir: &Path, name: &str, id: &str) -> String {
     let path = dir.join(name);
     std::fs::write(
         &path,

@@ -111,6 +111,7 @@ mod blobs;
 mod bucket;
 mod catalog;
 mod consistency;
+mod delete;
 mod error;
 mod export;
 mod format;
@@ -141,6 +142,7 @@ pub use blobs::{
 };
 pub use blockrep_objects::LeaseRecord;
 pub use bucket::{BUCKET_CACHE_BYTES_DEFAULT, BucketOptions};
+pub use delete::SourceDeleted;
 pub use error::{Error, ErrorKind};
 pub use head::Head;
 pub use launch::{LAUNCH_PAGES_CACHED_MAX, LaunchInfo, LaunchKind, LaunchVolume};
