@@ -165,17 +165,18 @@ impl Sealer {
     /// stored id and kind, so they cannot be moved to another place):
     /// appends nonce, cipher text and tag to `out`.
     pub fn seal_into(&self, aad: &[u8], plain: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+        // One copy of the plain text, encrypted where it lies: the nonce is
+        // written in front of it and the tag after.
         let start = out.len();
         out.reserve(plain.len() + SEAL_OVERHEAD);
         out.extend_from_slice(&[0u8; NONCE_LEN]);
         out.extend_from_slice(plain);
-        let mut body = out.split_off(start + NONCE_LEN);
-        let nonce = self
+        let (nonce, tag) = self
             .aead
-            .seal_in_place_append_tag(Aad::from(aad), &mut body)
+            .seal_in_place_separate_tag(Aad::from(aad), &mut out[start + NONCE_LEN..])
             .map_err(|_| Error::new(ErrorKind::Invalid, "AES-256-GCM cannot seal this"))?;
         out[start..start + NONCE_LEN].copy_from_slice(nonce.as_ref());
-        out.append(&mut body);
+        out.extend_from_slice(tag.as_ref());
         Ok(())
     }
 
@@ -189,7 +190,19 @@ impl Sealer {
     /// Opens what [`Sealer::seal`] made with the same `aad`; refuses (and
     /// returns nothing) when a byte changed, the bytes were sealed under
     /// another key, or for another place.
-    pub fn open(&self, aad: &[u8], mut sealed: Vec<u8>) -> Result<Vec<u8>, Error> {
+    pub fn open(&self, aad: &[u8], sealed: Vec<u8>) -> Result<Vec<u8>, Error> {
+        self.open_from(aad, sealed, 0)
+    }
+
+    /// [`Sealer::open`] of the sealed bytes that start at `start` of
+    /// `sealed` (what precedes them is dropped), without copying them out
+    /// first.
+    pub fn open_from(
+        &self,
+        aad: &[u8],
+        mut sealed: Vec<u8>,
+        start: usize,
+    ) -> Result<Vec<u8>, Error> {
         let refused = || {
             Error::new(
                 ErrorKind::Auth,
@@ -200,17 +213,18 @@ impl Sealer {
                 ),
             )
         };
-        if sealed.len() < SEAL_OVERHEAD {
+        if sealed.len() < start.saturating_add(SEAL_OVERHEAD) {
             return Err(refused());
         }
-        let nonce =
-            Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).map_err(|_| refused())?;
+        let nonce = Nonce::try_assume_unique_for_key(&sealed[start..start + NONCE_LEN])
+            .map_err(|_| refused())?;
+        let body = start + NONCE_LEN;
         let plain_len = self
             .aead
-            .open_in_place(nonce, Aad::from(aad), &mut sealed[NONCE_LEN..])
+            .open_in_place(nonce, Aad::from(aad), &mut sealed[body..])
             .map_err(|_| refused())?
             .len();
-        sealed.copy_within(NONCE_LEN..NONCE_LEN + plain_len, 0);
+        sealed.copy_within(body..body + plain_len, 0);
         sealed.truncate(plain_len);
         Ok(sealed)
     }
@@ -229,6 +243,10 @@ mod tests {
         assert_eq!(sealed.len(), plain.len() + SEAL_OVERHEAD);
         assert!(!sealed.windows(9).any(|w| w == b"the quick"));
         assert_eq!(sealer.open(b"place-1", sealed.clone()).unwrap(), plain);
+        let mut prefixed = b"key-ref".to_vec();
+        prefixed.extend_from_slice(&sealed);
+        assert_eq!(sealer.open_from(b"place-1", prefixed, 7).unwrap(), plain);
+        assert!(sealer.open_from(b"place-1", sealed.clone(), 1).is_err());
 
         // Another place, another key, a flipped byte, a cut: all refused.
         let error = sealer.open(b"place-2", sealed.clone()).unwrap_err();

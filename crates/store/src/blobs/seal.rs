@@ -146,7 +146,7 @@ pub(crate) fn decode(
             .map_err(|e| DecodeFault::NoKey(e.to_string()))?;
         let aad = aad(header.kind, header.codec, header.raw_len, &header.id);
         let opened = sealer
-            .open(&aad, stored[KEY_REF_LEN..].to_vec())
+            .open_from(&aad, stored, KEY_REF_LEN)
             .map_err(|e| DecodeFault::Damaged(e.to_string()))?;
         (opened, Some(sealer))
     } else {
