@@ -31,9 +31,7 @@ fn open_store(
         let dir = blockrep_keys::KeyDir::open(&keys.key_dir)?;
         store.keyring().extend_from(&dir, &kek)?;
     }
-    let space = store
-        .sealer_of(source)
-        .map_or(IdSpace::PLAIN, |s| s.id_space());
+    let space = store.id_space_of(source);
     Ok((store, space))
 }
 

@@ -1,11 +1,15 @@
 //! The unwrapped data keys a running store uses: every key of every
-//! encrypted source, by reference (to open what they sealed), and each
-//! source's newest (to seal new data).
+//! encrypted source, by reference (to open what they sealed), each source's
+//! newest (to seal new data), and each source's id space: that of its first
+//! key, for its whole life, so that a new data key (`key rotate --source`)
+//! changes how new blobs are sealed but never what any chunk is called.
+//! Heads, snapshots and launches made before a rotation keep naming the
+//! chunks their source still has.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use blockrep_core::SourceId;
+use blockrep_core::{IdSpace, SourceId};
 
 use crate::data_key::{KeyRef, Sealer};
 use crate::error::{Error, ErrorKind};
@@ -14,8 +18,11 @@ use crate::key_dir::KeyDir;
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_ref: HashMap<KeyRef, Arc<Sealer>>,
+    /// Every key, with the id space of its source.
+    by_ref: HashMap<KeyRef, (Arc<Sealer>, IdSpace)>,
     current: HashMap<SourceId, (u32, Arc<Sealer>)>,
+    /// Each source's id space and the serial of the key it comes from.
+    spaces: HashMap<SourceId, (u32, IdSpace)>,
 }
 
 /// Unwrapped data keys, shared by everything that reads or writes sealed
@@ -51,10 +58,23 @@ impl Keyring {
         Ok(added)
     }
 
-    /// Adds a key of `source`; the one of the highest serial seals new data.
+    /// Adds a key of `source`; the one of the highest serial seals new data,
+    /// the one of the lowest names the source's chunks. Keys are added in
+    /// serial order (`extend_from` does), so the space never changes under
+    /// a key already added.
     pub fn add(&self, source: &SourceId, serial: u32, sealer: Arc<Sealer>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        inner.by_ref.insert(sealer.reference(), Arc::clone(&sealer));
+        let space = match inner.spaces.get(source) {
+            Some((first, space)) if *first <= serial => *space,
+            _ => {
+                let space = sealer.id_space();
+                inner.spaces.insert(source.clone(), (serial, space));
+                space
+            }
+        };
+        inner
+            .by_ref
+            .insert(sealer.reference(), (Arc::clone(&sealer), space));
         let newer = inner
             .current
             .get(source)
@@ -67,6 +87,12 @@ impl Keyring {
     /// The key named `reference`; an error saying it is unknown (never made
     /// here, or shredded) otherwise.
     pub fn sealer(&self, reference: &KeyRef) -> Result<Arc<Sealer>, Error> {
+        self.opener(reference).map(|(sealer, _)| sealer)
+    }
+
+    /// The key named `reference` and the id space of its source (what a
+    /// chunk it sealed is checked against), as [`Keyring::sealer`].
+    pub fn opener(&self, reference: &KeyRef) -> Result<(Arc<Sealer>, IdSpace), Error> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner.by_ref.get(reference).cloned().ok_or_else(|| {
             Error::new(
@@ -83,6 +109,13 @@ impl Keyring {
     pub fn current(&self, source: &SourceId) -> Option<Arc<Sealer>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner.current.get(source).map(|(_, s)| Arc::clone(s))
+    }
+
+    /// The id space of `source`'s chunks, if it is encrypted: the one its
+    /// agent is given and its chunks are checked against.
+    pub fn id_space(&self, source: &SourceId) -> Option<IdSpace> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.spaces.get(source).map(|(_, space)| *space)
     }
 
     /// Whether `source` has keys here.

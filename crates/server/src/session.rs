@@ -135,11 +135,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
+    /// The source's data key and id space, for its verifier.
+    fn sealing(&self) -> Option<(Arc<blockrep_keys::Sealer>, blockrep_core::IdSpace)> {
+        let sealer = self.sealer.clone()?;
+        Some((sealer, self.shared.store.id_space_of(&self.source)))
+    }
+
     /// The key of the source's id space, for its `Welcome`.
     fn id_key(&self) -> Option<[u8; blockrep_core::ID_KEY_LEN]> {
-        self.sealer
-            .as_ref()
-            .and_then(|s| s.id_space().key().copied())
+        self.sealer.as_ref()?;
+        self.shared.store.id_space_of(&self.source).key().copied()
     }
 
     /// Ends the session, with `Unauthorized`, at its next wait for a frame

@@ -71,10 +71,11 @@ pub(crate) struct Verifier {
 
 impl Verifier {
     /// Verifier threads storing into `store`; an encrypted source's chunks
-    /// (`sealer` given) are checked against their stored ids and sealed.
+    /// (`sealing` given: its current data key and its id space) are checked
+    /// against their stored ids and sealed.
     pub(crate) fn spawn(
         store: Arc<Store>,
-        sealer: Option<Arc<Sealer>>,
+        sealing: Option<(Arc<Sealer>, IdSpace)>,
         on_values: OnValues,
     ) -> Self {
         let threads = std::thread::available_parallelism()
@@ -87,10 +88,10 @@ impl Verifier {
             let (tx, rx) = mpsc::channel::<Job>((VERIFY_QUEUE_LEN / threads).max(1));
             let (store, on_values, error_tx) =
                 (Arc::clone(&store), Arc::clone(&on_values), error_tx.clone());
-            let sealer = sealer.clone();
+            let sealing = sealing.clone();
             queues.push(tx);
             handles.push(tokio::task::spawn_blocking(move || {
-                let result = run(&store, sealer.as_deref(), &on_values, rx);
+                let result = run(&store, sealing.as_ref(), &on_values, rx);
                 if let Err(reject) = &result {
                     let told = Reject::new(reject.code, reject.message.clone());
                     let _ = error_tx.blocking_send(told);
@@ -193,7 +194,7 @@ impl Verifier {
 /// until the queue closes, or the first refusal.
 fn run(
     store: &Store,
-    sealer: Option<&Sealer>,
+    sealing: Option<&(Arc<Sealer>, IdSpace)>,
     on_values: &OnValues,
     mut rx: mpsc::Receiver<Job>,
 ) -> Result<VerifyStats, Reject> {
@@ -201,7 +202,8 @@ fn run(
     let mut decompressor = zstd::bulk::Decompressor::new()
         .map_err(|e| Reject::new(ErrorCode::Internal, format!("zstd: {e}")))?;
     let mut scratch = Vec::new();
-    let space = sealer.map_or(IdSpace::PLAIN, Sealer::id_space);
+    let space = sealing.map_or(IdSpace::PLAIN, |(_, space)| *space);
+    let sealer = sealing.map(|(sealer, _)| sealer.as_ref());
     while let Some(job) = rx.blocking_recv() {
         let (codec, data, values) = match &job.patch {
             Some(patch) => {

@@ -47,10 +47,7 @@ impl Store {
         let decoded = self.read_decoded(id)?;
         let raw = decoded.raw;
         let (computed, values) = hash_with_block_values(&raw);
-        let stored_id = match &decoded.sealer {
-            Some(sealer) if !computed.is_zero() => ChunkId(sealer.stored_id(&computed.0)),
-            _ => computed,
-        };
+        let stored_id = decoded.space.map_or(computed, |space| space.map(computed));
         // An all-zero chunk hashes to the zero id here, and a zero chunk is
         // never stored: it does not match either.
         if stored_id != *id {

@@ -39,7 +39,10 @@ use crate::error::{Error, ErrorKind};
 /// the raw or zstd bytes and its 16-byte tag, with the associated data kind
 /// (1 byte), codec (1 byte, without the sealed bit), raw length (4 bytes)
 /// and id (32 bytes). The id of a sealed record is not the blake3 of its
-/// bytes but a keyed hash of it under the data key (`blockrep_keys::Sealer::stored_id`).
+/// bytes but a keyed hash of it under the source's id key (`blockrep_core::IdSpace`).
+/// An encrypted source's pages are sealed too (named by the blake3 of their
+/// bytes, which hold stored ids only); its roots are not sealed: they hold
+/// the geometry and page ids only, and a blank disk's root is every source's.
 pub(crate) const RECORD_MAGIC: [u8; 4] = *b"BRB1";
 /// Length of a pack record's header (everything before the stored bytes).
 pub(crate) const RECORD_HEADER_LEN: usize = 52;

@@ -14,8 +14,9 @@ use crate::store::Store;
 impl Store {
     /// Appends chunk `id` of an encrypted source, sealed by `sealer` (its
     /// source's current data key), unless a sound copy is stored; whether it
-    /// was new. `id` is the chunk's stored id: `sealer.stored_id` of the
-    /// blake3 of its decoded bytes, which the caller has checked (as for
+    /// was new. `id` is the chunk's stored id: the blake3 of its decoded
+    /// bytes mapped into the source's id space ([`Store::id_space_of`]),
+    /// which the caller has checked (as for
     /// [`Store::insert`]). Nothing is durable before [`Store::sync`]. The
     /// source's pages and roots are sealed by its commits.
     pub fn insert_sealed(
@@ -34,6 +35,15 @@ impl Store {
     /// its keys are held.
     pub fn sealer_of(&self, source: &SourceId) -> Option<Arc<blockrep_keys::Sealer>> {
         self.keyring().current(source)
+    }
+
+    /// The id space `source`'s chunks are named in: keyed (by its first
+    /// data key, for its whole life) if it is encrypted and its keys are
+    /// held, plain otherwise.
+    pub fn id_space_of(&self, source: &SourceId) -> blockrep_core::IdSpace {
+        self.keyring()
+            .id_space(source)
+            .unwrap_or(blockrep_core::IdSpace::PLAIN)
     }
 
     /// The data keys that open this store's sealed blobs. Empty when opened;

@@ -565,7 +565,10 @@ impl Store {
                 self.blobs.fence().note_all(page.ids());
             }
         }
-        // An encrypted source's pages and roots are sealed like its chunks.
+        // An encrypted source's pages are sealed like its chunks. Its roots
+        // are not: they hold only the geometry and page ids (hashes of pages
+        // of stored ids), and the root of a blank disk is every source's,
+        // which no one source's key may hold hostage.
         let sealer = self.sealer_of(source);
         let sealer = sealer.as_deref();
         let mut pages_stored = 0;
@@ -590,13 +593,13 @@ impl Store {
         }
         for (id, bytes) in &encoded {
             self.blobs
-                .put_index_blob(BlobKind::Root, *id, bytes, sealer)?;
+                .put_index_blob(BlobKind::Root, *id, bytes, None)?;
         }
         if let Some(bytes) = &machine_bytes {
             // A machine root is stored as a root record too: its magic, not
             // the record's kind, tells it from a disk root (see `format.rs`).
             self.blobs
-                .put_index_blob(BlobKind::Root, head_root, bytes, sealer)?;
+                .put_index_blob(BlobKind::Root, head_root, bytes, None)?;
         }
         // Blobs first, durably; only then the head that names them.
         self.sync()?;

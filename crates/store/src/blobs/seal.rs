@@ -9,9 +9,7 @@
 //! source, fails authentication. Its stored id is the keyed hash of its
 //! plain id, which is how a sealed blob's content is checked once opened.
 
-use std::sync::Arc;
-
-use blockrep_core::ChunkId;
+use blockrep_core::{ChunkId, IdSpace};
 use blockrep_keys::{KeyRef, Keyring, Sealer};
 
 use super::pack::{BlobKind, RecordHeader, StoredCodec};
@@ -37,7 +35,8 @@ pub(crate) enum DecodeFault {
 #[derive(Debug)]
 pub(crate) struct Decoded {
     pub(crate) raw: Vec<u8>,
-    pub(crate) sealer: Option<Arc<Sealer>>,
+    /// For a sealed record: the id space of the source whose key sealed it.
+    pub(crate) space: Option<IdSpace>,
 }
 
 impl Decoded {
@@ -50,10 +49,8 @@ impl Decoded {
             return false;
         }
         let plain = blake3::hash(&self.raw);
-        match &self.sealer {
-            Some(sealer) if header.kind == BlobKind::Chunk => {
-                sealer.stored_id(plain.as_bytes()) == id.0
-            }
+        match &self.space {
+            Some(space) if header.kind == BlobKind::Chunk => space.map(ChunkId::from(plain)) == *id,
             _ => ChunkId::from(plain) == *id,
         }
     }
@@ -135,20 +132,20 @@ pub(crate) fn decode(
     header: &RecordHeader,
     stored: Vec<u8>,
 ) -> Result<Decoded, DecodeFault> {
-    let (stored, sealer) = if header.sealed {
+    let (stored, space) = if header.sealed {
         if stored.len() < KEY_REF_LEN {
             return Err(DecodeFault::Damaged("sealed record too short".into()));
         }
         let mut reference = [0u8; KEY_REF_LEN];
         reference.copy_from_slice(&stored[..KEY_REF_LEN]);
-        let sealer = keyring
-            .sealer(&KeyRef(reference))
+        let (sealer, space) = keyring
+            .opener(&KeyRef(reference))
             .map_err(|e| DecodeFault::NoKey(e.to_string()))?;
         let aad = aad(header.kind, header.codec, header.raw_len, &header.id);
         let opened = sealer
             .open_from(&aad, stored, KEY_REF_LEN)
             .map_err(|e| DecodeFault::Damaged(e.to_string()))?;
-        (opened, Some(sealer))
+        (opened, Some(space))
     } else {
         (stored, None)
     };
@@ -157,5 +154,5 @@ pub(crate) fn decode(
         StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
             .map_err(|e| DecodeFault::Damaged(format!("zstd: {e}")))?,
     };
-    Ok(Decoded { raw, sealer })
+    Ok(Decoded { raw, space })
 }

@@ -7,9 +7,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use blockrep_core::{
-    CHUNKS_PER_PAGE, ChunkId, Geometry, MachineRoot, Page, Root, VolumeName, hash_chunk,
-};
+use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, MachineRoot, Page, Root, VolumeName};
 
 use crate::blobs::{BlobKind, StoredCodec};
 use crate::error::{Error, ErrorKind};
@@ -73,6 +71,8 @@ pub(super) struct VolumeState {
     /// The data key of an encrypted source: written chunks get stored ids
     /// and every blob of the launch is sealed, as the source's are.
     sealer: Option<Arc<blockrep_keys::Sealer>>,
+    /// The source's id space: written chunks are named in it.
+    space: blockrep_core::IdSpace,
     /// Chunk blobs read from the store (cache misses), for tests and debugging.
     pub(super) chunk_reads: u64,
 }
@@ -279,6 +279,7 @@ impl LaunchVolume {
         key: String,
     ) -> Self {
         let sealer = store.sealer_of(&info.source);
+        let space = store.id_space_of(&info.source);
         Self {
             store,
             geometry: root.geometry(),
@@ -295,6 +296,7 @@ impl LaunchVolume {
                 cache: VecDeque::with_capacity(CACHE_CHUNKS),
                 compressor: zstd::bulk::Compressor::new(1).ok(),
                 sealer,
+                space,
                 chunk_reads: 0,
             }),
         }
@@ -440,10 +442,7 @@ impl VolumeState {
                         bytes[piece.start_in_chunk..piece.start_in_chunk + piece.len].fill(0);
                     }
                 }
-                let id = match (&self.sealer, hash_chunk(&bytes)) {
-                    (Some(sealer), id) if !id.is_zero() => ChunkId(sealer.stored_id(&id.0)),
-                    (_, id) => id,
-                };
+                let id = self.space.hash_chunk(&bytes);
                 if !id.is_zero() {
                     self.store_chunk(store, id, &bytes)?;
                     self.remember(id, bytes.into());
@@ -526,12 +525,10 @@ impl VolumeState {
         // Same geometry, so the roots differ exactly when their page ids do:
         // no need to hash the old root at every flush.
         if root.page_ids() != self.root.page_ids() {
-            store.blobs.put_index_blob(
-                BlobKind::Root,
-                root_id,
-                &root.encode(),
-                self.sealer.as_deref(),
-            )?;
+            // Roots stay in clear, as the store's commits keep them.
+            store
+                .blobs
+                .put_index_blob(BlobKind::Root, root_id, &root.encode(), None)?;
             match volume {
                 None => {
                     // Blobs first, durably; only then the head that names them.
@@ -595,13 +592,9 @@ fn flush_machine_head(
         .map_err(|e| Error::new(ErrorKind::Corrupt, format!("launch {name}: {e}")))?;
     let machine_id = machine.id();
     store.blobs.fence().note(&machine_id);
-    let sealer = store.sealer_of(&info.source);
-    store.blobs.put_index_blob(
-        BlobKind::Root,
-        machine_id,
-        &machine.encode(),
-        sealer.as_deref(),
-    )?;
+    store
+        .blobs
+        .put_index_blob(BlobKind::Root, machine_id, &machine.encode(), None)?;
     // Blobs first, durably; only then the head that names them.
     store.sync()?;
     info.root = machine_id;

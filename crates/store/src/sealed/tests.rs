@@ -60,7 +60,18 @@ fn current(store: &Store, source: &SourceId) -> Arc<Sealer> {
 /// Stores `chunk` of the source `sealer` seals (zstd-compressed when
 /// `compress`): its stored id and whether it was new.
 fn put(store: &Store, sealer: &Sealer, chunk: &[u8], compress: bool) -> (ChunkId, bool) {
-    let id = ChunkId(sealer.stored_id(blake3::hash(chunk).as_bytes()));
+    put_in(store, sealer, sealer.id_space(), chunk, compress)
+}
+
+/// [`put`] with the chunk named in `space` (its source's).
+fn put_in(
+    store: &Store,
+    sealer: &Sealer,
+    space: blockrep_core::IdSpace,
+    chunk: &[u8],
+    compress: bool,
+) -> (ChunkId, bool) {
+    let id = space.hash_chunk(chunk);
     let compressed;
     let (codec, stored) = if compress {
         compressed = zstd::bulk::compress(chunk, 1).unwrap();
@@ -279,6 +290,17 @@ fn a_shredded_source_cannot_be_read_from_an_earlier_copy() {
 /// The stored ids of `disk`'s chunks under `sealer` (zero chunks keep the
 /// zero id: they are never stored), each non-zero chunk stored sealed.
 fn store_disk(store: &Store, sealer: &Sealer, disk: &[u8], geometry: Geometry) -> Vec<ChunkId> {
+    store_disk_in(store, sealer, sealer.id_space(), disk, geometry)
+}
+
+/// [`store_disk`] with chunks named in `space`.
+fn store_disk_in(
+    store: &Store,
+    sealer: &Sealer,
+    space: blockrep_core::IdSpace,
+    disk: &[u8],
+    geometry: Geometry,
+) -> Vec<ChunkId> {
     let mut ids = Vec::new();
     for index in 0..geometry.chunk_count() {
         let range = geometry.chunk_range(index).unwrap();
@@ -286,7 +308,7 @@ fn store_disk(store: &Store, sealer: &Sealer, disk: &[u8], geometry: Geometry) -
         if hash_chunk(chunk).is_zero() {
             ids.push(ChunkId::ZERO);
         } else {
-            ids.push(put(store, sealer, chunk, index % 2 == 0).0);
+            ids.push(put_in(store, sealer, space, chunk, index % 2 == 0).0);
         }
     }
     ids
@@ -376,4 +398,79 @@ fn an_encrypted_source_commits_exports_launches_and_verifies_sealed() {
     let error = store.export(&web, &image).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::KeyUnavailable, "{error}");
     assert!(!image.exists());
+}
+
+/// A new data key seals new blobs, but the source's chunks keep their ids:
+/// what the old key sealed is shared by the new epoch, and every point,
+/// before the new key and after, exports and verifies.
+#[test]
+fn a_new_data_key_keeps_the_source_s_ids_and_its_older_points() {
+    let web = SourceId::new("web-1").unwrap();
+    let keys = Keys::new(&[&web]);
+    let dir = tempfile::tempdir().unwrap();
+    let geometry = Geometry::new(4 * 65_536, 65_536).unwrap();
+    let first: Vec<u8> = (0..4u32)
+        .flat_map(|i| marked_chunk(&format!("first-{i}"), i))
+        .collect();
+    let store = Store::open(dir.path()).unwrap();
+    keys.load_into(&store);
+    let space = store.id_space_of(&web);
+    let ids = store_disk_in(&store, &current(&store, &web), space, &first, geometry);
+    let (root, pages) = Root::build(geometry, &ids);
+    store.commit(&web, 1, &root, &pages, 0, 1).unwrap();
+    let first_root = root.id();
+    drop(store);
+
+    // The source's second key; a store that holds both.
+    let (record, _) = keys.key_dir.create(&web, &keys.kek, 2).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    keys.load_into(&store);
+    let sealer = current(&store, &web);
+    assert_eq!(sealer.reference(), record.reference);
+    assert_eq!(
+        store.id_space_of(&web),
+        space,
+        "the id space moved with the key"
+    );
+    let mut second = first.clone();
+    second[..65_536].copy_from_slice(&marked_chunk("second-0", 9));
+    let blobs_before = store.blob_count();
+    let ids = store_disk_in(&store, &sealer, space, &second, geometry);
+    // Only the changed chunk is new: the other three are the old key's.
+    assert_eq!(store.blob_count(), blobs_before + 1);
+    let (root, pages) = Root::build(geometry, &ids);
+    store.commit(&web, 2, &root, &pages, 0, 3).unwrap();
+
+    let out = dir.path().join("out.raw");
+    store.export(&web, &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), second);
+    std::fs::remove_file(&out).unwrap();
+    store.export_root(&first_root, &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), first);
+    assert!(store.verify(None, None).unwrap().is_clean());
+}
+
+/// The root of a blank disk is the same for every source: it is kept in
+/// clear, so shredding one encrypted source leaves another's blank disk
+/// readable.
+#[test]
+fn a_blank_disk_s_root_depends_on_no_source_s_key() {
+    let (a, b) = (SourceId::new("a").unwrap(), SourceId::new("b").unwrap());
+    let keys = Keys::new(&[&a, &b]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    keys.load_into(&store);
+    let geometry = Geometry::new(2 * 65_536, 65_536).unwrap();
+    let ids = vec![ChunkId::ZERO; 2];
+    let (root, pages) = Root::build(geometry, &ids);
+    store.commit(&a, 1, &root, &pages, 0, 1).unwrap();
+    store.commit(&b, 1, &root, &pages, 0, 1).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    keys.key_dir.shred(&a).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    keys.load_into(&store);
+    let out = dir.path().join("b.raw");
+    store.export(&b, &out).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), vec![0u8; 2 * 65_536]);
 }
