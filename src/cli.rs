@@ -402,6 +402,10 @@ pub(crate) struct GcArgs {
     /// --dry-run, which only reads).
     #[arg(long, conflicts_with = "admin")]
     pub(crate) data: Option<PathBuf>,
+    /// With --data, the keys of its encrypted sources (a collection must
+    /// read every source's pages to know what they still reference).
+    #[command(flatten)]
+    pub(crate) keys: KeyDirArgs,
     /// A running server's admin API: collect there, while it replicates.
     #[arg(long)]
     pub(crate) admin: Option<String>,

@@ -19,6 +19,7 @@ pub(crate) async fn gc(args: GcArgs) -> Result<()> {
             } else {
                 blockrep_store::Store::open_exclusive(data)?
             };
+            args.keys.load_into(&store)?;
             blockrep_server::gc_report_json(&store.gc(&options)?)
         }
         (None, admin) => {

@@ -37,7 +37,16 @@ fn delete(args: &SourceDeleteArgs) -> Result<()> {
             args.data.display()
         )
     })?;
-    let deleted = store.delete_source(&source)?;
+    let deleted = match store.delete_source(&source) {
+        Ok(deleted) => deleted,
+        // An earlier run deleted it and stopped before its keys were
+        // destroyed: this one finishes the shred.
+        Err(e) if e.kind() == blockrep_store::ErrorKind::NotFound && args.shred => {
+            println!("source {source} was deleted already; destroying its keys");
+            blockrep_store::SourceDeleted::default()
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!(
         "deleted source {source}: {} snapshots, {} launches{}",
         deleted.snapshots,

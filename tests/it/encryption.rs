@@ -259,25 +259,48 @@ fn an_encrypted_source_runs_the_whole_lifecycle_and_its_store_shows_nothing() {
             .output()
             .unwrap(),
     );
-    let shred = Command::new(BIN)
-        .args([
-            "source",
-            "delete",
-            "app",
-            "--shred",
-            "--key-dir",
-            key_dir_path,
-            "--data",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
+    // Deleted first without --shred (its keys stay, and it says so), then
+    // shredded: the second run finishes what the first left.
+    let delete = |extra: &[&str]| {
+        Command::new(BIN)
+            .args([
+                "source",
+                "delete",
+                "app",
+                "--key-dir",
+                key_dir_path,
+                "--data",
+            ])
+            .arg(&data)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let deleted = delete(&[]);
+    assert_success(&deleted);
+    assert!(
+        stdout(&deleted).contains("its 1 data keys remain"),
+        "{}",
+        stdout(&deleted)
+    );
+    let shred = delete(&["--shred"]);
     assert_success(&shred);
+    assert!(
+        stdout(&shred).contains("deleted already"),
+        "{}",
+        stdout(&shred)
+    );
     assert!(
         stdout(&shred).contains("destroyed 1 data keys"),
         "{}",
         stdout(&shred)
     );
+    let gc = Command::new(BIN)
+        .args(["gc", "--key-dir", key_dir_path, "--kek-cmd", &kms, "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_success(&gc);
     assert!(
         KeyDir::open(&key_dir)
             .unwrap()
@@ -298,19 +321,7 @@ fn an_encrypted_source_runs_the_whole_lifecycle_and_its_store_shows_nothing() {
     assert!(error.contains("shredded"), "{error}");
     assert!(!rig.work.path().join("from-copy.raw").exists());
     // Shredding a source stored in clear (or gone) is refused.
-    let again = Command::new(BIN)
-        .args([
-            "source",
-            "delete",
-            "app",
-            "--shred",
-            "--key-dir",
-            key_dir_path,
-            "--data",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let again = delete(&["--shred"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("no data keys"));
 }

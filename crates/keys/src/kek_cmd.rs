@@ -128,7 +128,11 @@ impl KekCommand {
     }
 
     /// Runs the command for `op`, feeding `input`; its standard output, at
-    /// most `out_max` bytes (more is a failure).
+    /// most `out_max` bytes before the line's end (more is a failure).
+    /// Everything is bounded by the time-out: the input is written, and both
+    /// outputs read, by threads the caller never waits on past it, and the
+    /// command's process group is killed once its leader ends (or at the
+    /// time-out), so a child left holding a pipe cannot hang the caller.
     fn run(
         &self,
         op: &str,
@@ -150,7 +154,7 @@ impl KekCommand {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // Its own process group, so a time-out kills what it started too.
+            // Its own process group, so what it started is killed with it.
             .process_group(0);
         if let Some(context) = context {
             command.env("BLOCKREP_KEK_CONTEXT", context);
@@ -158,37 +162,54 @@ impl KekCommand {
         let mut child = command
             .spawn()
             .map_err(|e| failed(format!("cannot start /bin/sh: {e}")))?;
+        let group = rustix::process::Pid::from_child(&child);
         let mut stdin = child.stdin.take().expect("piped");
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
-        // Read both outputs in threads so neither pipe fills and blocks the
-        // command; the limits bound what is kept.
-        let out_reader = std::thread::spawn(move || {
-            let mut out = Vec::new();
-            let read = (&mut stdout).take(out_max as u64 + 1).read_to_end(&mut out);
+        // The answer may end in "\r\n": two bytes past the longest line.
+        let keep = out_max as u64 + 2;
+        let (out_tx, out_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = Zeroizing::new(Vec::with_capacity(keep as usize + 1));
+            let read = (&mut stdout).take(keep + 1).read_to_end(&mut out);
             // Drain the rest so the command is not stopped by a full pipe.
             let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-            read.map(|_| out)
+            let _ = out_tx.send(read.map(|_| out));
         });
-        let err_reader = std::thread::spawn(move || {
-            let mut err = Vec::new();
-            let _ = stderr.read_to_end(&mut err);
-            err
+        let (err_tx, err_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Only the tail is kept, whatever the command writes.
+            let mut tail = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
+            let _ = err_tx.send(tail);
         });
-        // The input is small (under a pipe's buffer); a command that exits
-        // without reading it is fine.
-        let _ = stdin.write_all(input);
-        drop(stdin);
+        let input = Zeroizing::new(input.to_vec());
+        std::thread::spawn(move || {
+            // A command that exits without reading its input is fine.
+            let _ = stdin.write_all(&input);
+        });
 
         let deadline = Instant::now() + self.timeout;
+        let kill = || {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        };
         let status = loop {
             match child.try_wait() {
-                Ok(Some(status)) => break Ok(status),
+                Ok(Some(status)) => {
+                    kill();
+                    break Ok(status);
+                }
                 Ok(None) if Instant::now() >= deadline => {
-                    let _ = rustix::process::kill_process_group(
-                        rustix::process::Pid::from_child(&child),
-                        rustix::process::Signal::KILL,
-                    );
+                    kill();
                     let _ = child.wait();
                     break Err(failed(format!(
                         "no answer within {:?}; killed",
@@ -196,11 +217,19 @@ impl KekCommand {
                     )));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => break Err(failed(format!("cannot wait for it: {e}"))),
+                Err(e) => {
+                    kill();
+                    break Err(failed(format!("cannot wait for it: {e}")));
+                }
             }
         };
-        let out = out_reader.join().unwrap_or_else(|_| Ok(Vec::new()));
-        let err = err_reader.join().unwrap_or_default();
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(200))
+        };
+        let out = out_rx.recv_timeout(left());
+        let err = err_rx.recv_timeout(left()).unwrap_or_default();
         let status = status?;
         let tail = String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_TAIL)..])
             .trim()
@@ -215,11 +244,15 @@ impl KekCommand {
                 }
             )));
         }
-        let out = out.map_err(|e| failed(format!("cannot read its output: {e}")))?;
-        if out.len() > out_max {
+        let out = match out {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(failed(format!("cannot read its output: {e}"))),
+            Err(_) => return Err(failed("its output did not end".into())),
+        };
+        if out.len() as u64 > keep {
             return Err(failed(format!("its answer is longer than {out_max} bytes")));
         }
-        Ok(out)
+        Ok(out.to_vec())
     }
 }
 
@@ -227,6 +260,7 @@ impl KekCommand {
 /// spaces, 1 to `max` characters long.
 fn printable_line(bytes: &[u8], max: usize) -> Option<String> {
     let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     let ok = !line.is_empty() && line.len() <= max && line.iter().all(|b| b.is_ascii_graphic());
     ok.then(|| String::from_utf8_lossy(line).into_owned())
 }
@@ -284,6 +318,17 @@ mod tests {
             .unwrap_err();
         assert!(error.to_string().contains("killed"), "{error}");
         assert!(started.elapsed() < Duration::from_secs(10));
+
+        // A service that answers and leaves a child holding its output is
+        // done when it exits (the child is killed), not when the child is.
+        let started = Instant::now();
+        let kek = KekCommand::with_timeout("sleep 30 & echo k-1", Duration::from_secs(20)).unwrap();
+        assert_eq!(kek.id(), "k-1");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // The longest id the contract allows, ended by "\r\n".
+        let long = "i".repeat(KEK_ID_MAX_LEN);
+        let kek = KekCommand::new(&format!("printf '{long}\\r\\n'")).unwrap();
+        assert_eq!(kek.id(), long);
 
         // A service that answers its id but garbles unwrap.
         let kek = KekCommand::new(

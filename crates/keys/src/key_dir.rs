@@ -172,6 +172,7 @@ pub struct KeyDir {
 impl KeyDir {
     /// Opens the key directory at `path`, making it (mode 0700) if missing.
     pub fn open(path: &Path) -> Result<Self, Error> {
+        let created = !path.is_dir();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -182,6 +183,10 @@ impl KeyDir {
                     e,
                 )
             })?;
+        if created {
+            // Its entry in the parent is durable before any key is written in it.
+            sync_parent(path)?;
+        }
         Ok(Self {
             path: path.to_owned(),
         })

@@ -73,9 +73,14 @@ impl Blobs {
         self.check_writable()?;
         // Sealing costs a pass over the bytes: skip it for a blob that is
         // stored already (put checks again under the lock).
-        if lock(&self.inner).index.get(&id).is_some_and(|at| at.crc_ok) {
-            self.fence.note(&id);
-            return Ok(false);
+        {
+            // Noted under the index lock, as `put` does: a collection's sweep
+            // cannot drop the blob between the lookup and the note.
+            let inner = lock(&self.inner);
+            if inner.index.get(&id).is_some_and(|at| at.crc_ok) {
+                self.fence.note(&id);
+                return Ok(false);
+            }
         }
         let sealed = seal(sealer, kind, codec, raw_len, &id, stored)
             .map_err(|e| Error::new(ErrorKind::Invalid, format!("cannot seal blob: {e}")))?;
