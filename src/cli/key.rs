@@ -160,6 +160,21 @@ impl KeyDirArgs {
         let kek = self.kek.kek()?;
         let dir = blockrep_keys::KeyDir::open(&key_dir)?;
         store.keyring().extend_from(&dir, &kek)?;
+        store.keyring().witness_in(dir);
+        Ok(())
+    }
+
+    /// Checks `source`'s head against the witness in the key directory
+    /// (nothing to check without one): a head rolled back or replaced is an
+    /// error naming both.
+    pub(crate) fn check_head(
+        store: &blockrep_store::Store,
+        source: &blockrep_core::SourceId,
+    ) -> Result<()> {
+        let head = store.head(source)?;
+        store
+            .keyring()
+            .check_head(source, head.map(|h| (h.epoch, h.root.0)))?;
         Ok(())
     }
 }

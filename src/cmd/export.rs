@@ -27,6 +27,7 @@ pub(crate) fn export(args: ExportArgs) -> Result<()> {
                 snapshot.root,
             )
         } else {
+            crate::cli::KeyDirArgs::check_head(&store, &source)?;
             let head = store
                 .head(&source)?
                 .with_context(|| format!("source {source} has no committed replica"))?;

@@ -12,6 +12,18 @@ pub(crate) fn verify(args: VerifyArgs) -> Result<()> {
     args.keys.load_into(&store)?;
     let source = args.source.as_deref().map(source_id).transpose()?;
     let report = store.verify(source.as_ref(), args.snapshot.as_deref())?;
+    // Heads against their witnesses in the key directory: a head rolled
+    // back or replaced reads as sound blobs, so only the witness tells.
+    let mut rolled_back = Vec::new();
+    let sources = match &source {
+        Some(source) => vec![source.clone()],
+        None => store.sources()?,
+    };
+    for source in &sources {
+        if let Err(e) = crate::cli::KeyDirArgs::check_head(&store, source) {
+            rolled_back.push(format!("{e:#}"));
+        }
+    }
     println!(
         "checked {} roots, {} pages, {} chunks ({} read)",
         report.roots_checked,
@@ -46,10 +58,19 @@ pub(crate) fn verify(args: VerifyArgs) -> Result<()> {
             );
         }
     }
-    if report.is_clean() {
-        println!("no damage found");
-        Ok(())
-    } else {
-        bail!("{} damaged blobs", report.damaged.len())
+    for error in &rolled_back {
+        println!("ROLLED BACK {error}");
+    }
+    match (report.is_clean(), rolled_back.len()) {
+        (true, 0) => {
+            println!("no damage found");
+            Ok(())
+        }
+        (true, heads) => bail!("{heads} heads rolled back or replaced"),
+        (false, 0) => bail!("{} damaged blobs", report.damaged.len()),
+        (false, heads) => bail!(
+            "{} damaged blobs, {heads} heads rolled back or replaced",
+            report.damaged.len()
+        ),
     }
 }

@@ -325,3 +325,77 @@ fn an_encrypted_source_runs_the_whole_lifecycle_and_its_store_shows_nothing() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("no data keys"));
 }
+
+/// A head of an encrypted source rolled back behind the server's back (an
+/// older head record put in place while it was stopped) reads as sound
+/// blobs; the witness in the key directory tells: `verify` names it,
+/// `export` and the server refuse it.
+#[test]
+fn a_rolled_back_head_of_an_encrypted_source_is_refused() {
+    let keys = tempfile::tempdir().unwrap();
+    let kek_file = keys.path().join("kek");
+    blockrep_keys::init_kek_file(&kek_file).unwrap();
+    let key_dir = keys.path().join("keys");
+    let (kek_path, key_dir_path) = (kek_file.to_str().unwrap(), key_dir.to_str().unwrap());
+    let key_args = ["--key-dir", key_dir_path, "--kek-file", kek_path];
+    let mut server_args = vec!["--encrypt-at-rest"];
+    server_args.extend(key_args);
+    let mut rig = AgentRig::start_in(&bin(), Pki::new(&["app"]), &server_args, None);
+    let disk = rig.work.path().join("disk.raw");
+    std::fs::write(&disk, mixed_image(4 * MIB, 5)).unwrap();
+    assert_success(&agent_once(
+        &disk,
+        rig.server.addr,
+        "app",
+        rig.pki.path(),
+        &[],
+    ));
+    let data = rig.work.path().join("data");
+    let head_path = data.join("sources/app/head");
+    let old_head = std::fs::read(&head_path).unwrap();
+    blockrep_testkit::write_at(&disk, 0, &blockrep_testkit::random_bytes(65_536, 9));
+    assert_success(&agent_once(
+        &disk,
+        rig.server.addr,
+        "app",
+        rig.pki.path(),
+        &[],
+    ));
+    rig.server.stop();
+
+    // Clean before the rollback; then the older head is put back.
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--data")
+            .arg(&data)
+            .args(key_args)
+            .output()
+            .unwrap()
+    };
+    assert_success(&run(&["verify"]));
+    std::fs::write(&head_path, &old_head).unwrap();
+    let verify = run(&["verify"]);
+    assert!(!verify.status.success());
+    assert!(
+        stdout(&verify).contains("ROLLED BACK") && stdout(&verify).contains("epoch 2"),
+        "{}",
+        stdout(&verify)
+    );
+    let out = rig.work.path().join("out.raw");
+    let export = run(&["export", "--source", "app", "--out", out.to_str().unwrap()]);
+    assert!(!export.status.success());
+    assert!(String::from_utf8_lossy(&export.stderr).contains("rolled back"));
+    assert!(!out.exists());
+
+    // A server given the keys refuses the source's session.
+    let server = ServerProcess::start_with(&bin(), &data, rig.pki.path(), &key_args);
+    let refused = agent_once(&disk, server.addr, "app", rig.pki.path(), &[]);
+    assert!(!refused.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(said.contains("rolled back"), "{said}");
+}

@@ -328,9 +328,10 @@ impl KeyDir {
         Ok(report)
     }
 
-    /// Destroys every data key of `source`: each record is overwritten with
-    /// zeros and fsynced, then removed, and the removal made durable. How
-    /// many keys it destroyed (0: the source had none).
+    /// Destroys every data key of `source` (and its head witness): each
+    /// file is overwritten with zeros and fsynced, then removed, and the
+    /// removal made durable. How many keys it destroyed (0: the source had
+    /// none).
     pub fn shred(&self, source: &SourceId) -> Result<usize, Error> {
         let dir = self.source_dir(source);
         if !dir.exists() {
@@ -338,6 +339,8 @@ impl KeyDir {
         }
         let mut destroyed = 0;
         for name in read_dir(&dir)? {
+            // Every file goes (the head witness too); the keys are counted.
+            let is_key = name.to_str().is_some_and(|n| n.ends_with(".key"));
             let path = dir.join(name);
             let len = std::fs::metadata(&path)
                 .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
@@ -352,7 +355,7 @@ impl KeyDir {
             overwrite.map_err(|e| Error::io(format!("cannot overwrite {}", path.display()), e))?;
             std::fs::remove_file(&path)
                 .map_err(|e| Error::io(format!("cannot remove {}", path.display()), e))?;
-            destroyed += 1;
+            destroyed += usize::from(is_key);
         }
         sync_dir(&dir)?;
         std::fs::remove_dir(&dir)
@@ -386,7 +389,7 @@ fn read_dir(dir: &Path) -> Result<Vec<std::ffi::OsString>, Error> {
     Ok(names)
 }
 
-fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Error> {
+pub(crate) fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Error> {
     use std::io::Read;
     let file = std::fs::File::open(path)
         .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
@@ -407,7 +410,7 @@ fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Error> {
 /// puts it at `path`: renamed over it when `replace`, else linked there,
 /// which fails if `path` exists (two writers of one serial: one wins, the
 /// other is told). Then fsyncs the directory.
-fn publish(path: &Path, bytes: &[u8], replace: bool) -> Result<(), Error> {
+pub(crate) fn publish(path: &Path, bytes: &[u8], replace: bool) -> Result<(), Error> {
     let io = |what: &str, e| Error::io(format!("cannot {what} {}", path.display()), e);
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()

@@ -7,7 +7,7 @@
 //! chunks their source still has.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use blockrep_core::{IdSpace, SourceId};
 
@@ -31,6 +31,8 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Keyring {
     inner: RwLock<Inner>,
+    /// Where the heads of encrypted sources are witnessed, if anywhere.
+    witnesses: OnceLock<KeyDir>,
 }
 
 impl Keyring {
@@ -116,6 +118,39 @@ impl Keyring {
     pub fn id_space(&self, source: &SourceId) -> Option<IdSpace> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner.spaces.get(source).map(|(_, space)| *space)
+    }
+
+    /// Witnesses every head of an encrypted source committed from now on in
+    /// `dir` (see `witness.rs`). Set once.
+    pub fn witness_in(&self, dir: KeyDir) {
+        let _ = self.witnesses.set(dir);
+    }
+
+    /// Records `source`'s new head as its witness, if the source is
+    /// encrypted and heads are witnessed here (else nothing to do).
+    pub fn witness_head(
+        &self,
+        source: &SourceId,
+        epoch: u64,
+        root: &[u8; 32],
+    ) -> Result<(), Error> {
+        match (self.witnesses.get(), self.current(source)) {
+            (Some(dir), Some(sealer)) => dir.record_head(source, &sealer, epoch, root),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks `source`'s head against its witness, if heads are witnessed
+    /// here (see [`KeyDir::check_head`]).
+    pub fn check_head(
+        &self,
+        source: &SourceId,
+        head: Option<(u64, [u8; 32])>,
+    ) -> Result<(), Error> {
+        match self.witnesses.get() {
+            Some(dir) => dir.check_head(source, self, head),
+            None => Ok(()),
+        }
     }
 
     /// Whether `source` has keys here.

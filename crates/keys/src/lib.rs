@@ -23,6 +23,7 @@ mod kek;
 pub mod kek_cmd;
 mod key_dir;
 mod keyring;
+mod witness;
 
 pub use data_key::{
     DATA_KEY_LEN, DataKey, KeyRef, SEAL_OVERHEAD, SEALS_PER_KEY_MAX, Sealer, TAG_LEN,

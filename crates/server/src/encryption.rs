@@ -58,6 +58,8 @@ impl ServerKeys {
         .map_err(refused)?;
         let dir = KeyDir::open(&config.key_dir).map_err(refused)?;
         store.keyring().extend_from(&dir, &kek).map_err(refused)?;
+        // From now on every head of an encrypted source is witnessed there.
+        store.keyring().witness_in(dir.clone());
         Ok(Self {
             dir,
             kek,
@@ -82,6 +84,13 @@ pub(crate) fn sealer_for(
     source: &SourceId,
 ) -> Result<Option<Arc<Sealer>>, String> {
     if let Some(sealer) = store.sealer_of(source) {
+        // A head rolled back (or replaced) behind the server's back is not
+        // served: it no longer matches the witness in the key directory.
+        let head = store.head(source).map_err(|e| e.to_string())?;
+        store
+            .keyring()
+            .check_head(source, head.map(|h| (h.epoch, h.root.0)))
+            .map_err(|e| e.to_string())?;
         return Ok(Some(sealer));
     }
     let Some(keys) = keys.filter(|k| k.encrypt_new_sources) else {

@@ -628,6 +628,12 @@ impl Store {
         self.check_lease(source, now_unix_ms)?;
         publish_atomic(self.vfs(), &dir.join("head"), &head.encode())
             .map_err(Error::lease_refusal)?;
+        // Witnessed outside the data directory once durable (encrypted
+        // sources): a witness that lags its head is no alarm, so a failure
+        // here costs only the rollback check of this one head.
+        if let Err(e) = self.keyring().witness_head(source, epoch, &head.root.0) {
+            eprintln!("blockrep-store: cannot witness the head of {source}: {e}");
+        }
         Ok(CommitStats { head, pages_stored })
     }
 
