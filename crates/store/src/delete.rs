@@ -7,7 +7,7 @@
 use blockrep_core::SourceId;
 
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::sync_dir;
+use crate::fsutil::remove_dir_durable;
 use crate::store::Store;
 
 /// What [`Store::delete_source`] removed.
@@ -44,27 +44,10 @@ impl Store {
             deleted.launches.push(launch.name);
         }
         if self.vfs().is_dir(&dir) {
-            let parent = dir
-                .parent()
-                .expect("a source directory has a parent")
-                .to_owned();
-            let doomed = parent.join(format!(".{source}.deleting"));
-            let vfs = self.vfs();
-            remove_leftover(vfs, &doomed)?;
-            vfs.rename(&dir, &doomed)
-                .map_err(|e| Error::io(format!("cannot rename {}", dir.display()), e))?;
-            sync_dir(vfs, &parent)?;
-            remove_leftover(vfs, &doomed)?;
+            let parent = dir.parent().expect("a source directory has a parent");
+            remove_dir_durable(self.vfs(), parent, source.as_str())?;
         }
         Ok(deleted)
-    }
-}
-
-fn remove_leftover(vfs: &dyn crate::vfs::Vfs, dir: &std::path::Path) -> Result<(), Error> {
-    match vfs.remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("cannot remove {}", dir.display()), e)),
     }
 }
 
@@ -72,10 +55,11 @@ fn remove_leftover(vfs: &dyn crate::vfs::Vfs, dir: &std::path::Path) -> Result<(
 mod tests {
     use std::sync::Arc;
 
-    use blockrep_core::{Geometry, Root, scan_buffer};
+    use blockrep_core::Geometry;
 
     use super::*;
-    use crate::{BlobKind, GcOptions, LaunchKind, StoredCodec};
+    use crate::testutil::commit_disk;
+    use crate::{GcOptions, LaunchKind};
 
     #[test]
     fn a_source_goes_with_its_launches_and_snapshots_and_nothing_else() {
@@ -84,19 +68,7 @@ mod tests {
         let geometry = Geometry::new(8192, 4096).unwrap();
         for (name, byte) in [("web-1", 1u8), ("db-1", 2)] {
             let source = SourceId::new(name).unwrap();
-            let disk = vec![byte; 8192];
-            let ids = scan_buffer(&disk, geometry);
-            store
-                .insert(
-                    BlobKind::Chunk,
-                    ids[0],
-                    StoredCodec::Raw,
-                    4096,
-                    &disk[..4096],
-                )
-                .unwrap();
-            let (root, pages) = Root::build(geometry, &ids);
-            store.commit(&source, 1, &root, &pages, 0, 1).unwrap();
+            commit_disk(&store, &source, &vec![byte; 8192], geometry, 1);
             store.create_snapshot(&source, Some("s"), None, 2).unwrap();
             store
                 .create_launch(&source, "s", &format!("{name}-drill"), LaunchKind::Test, 3)

@@ -152,3 +152,25 @@ pub(crate) fn restrict_data_dir(dir: &Path) -> Result<(), Error> {
         )
     })
 }
+
+/// Removes a directory left by an interrupted create or delete, if any.
+pub(crate) fn remove_leftover(vfs: &dyn Vfs, dir: &Path) -> Result<(), Error> {
+    match vfs.remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot remove {}", dir.display()), e)),
+    }
+}
+
+/// Deletes directory `name` of `parent` as one step a crash either did or
+/// did not make: renamed to a hidden `.NAME.deleting` (a leftover of an
+/// earlier try removed first), the rename made durable, then removed.
+pub(crate) fn remove_dir_durable(vfs: &dyn Vfs, parent: &Path, name: &str) -> Result<(), Error> {
+    let path = parent.join(name);
+    let doomed = parent.join(format!(".{name}.deleting"));
+    remove_leftover(vfs, &doomed)?;
+    vfs.rename(&path, &doomed)
+        .map_err(|e| Error::io(format!("cannot rename {}", path.display()), e))?;
+    sync_dir(vfs, parent)?;
+    remove_leftover(vfs, &doomed)
+}

@@ -21,7 +21,6 @@
 mod volume;
 
 use std::any::Any;
-use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
@@ -34,10 +33,12 @@ use crate::format::{
     LAUNCH_META_MAGIC as META_MAGIC, NAME_FIELD_LEN, check_record, get_name, id_at,
     label_from_byte, put_name, seal_with_crc, u64_at,
 };
-use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
+use crate::fsutil::{
+    create_dir_durable, publish_atomic, read_small_file, remove_dir_durable, remove_leftover,
+    sync_dir,
+};
 use crate::mutex::lock;
 use crate::store::{Store, StoredRoot, choose_volume, single_volume};
-use crate::vfs::Vfs;
 
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
 
@@ -283,15 +284,7 @@ impl Store {
                 format!("no launch named {name}"),
             ));
         }
-        let launches = self.launches_dir();
-        let path = launches.join(name);
-        let doomed = launches.join(format!(".{name}.deleting"));
-        let vfs = self.vfs();
-        remove_leftover(vfs, &doomed)?;
-        vfs.rename(&path, &doomed)
-            .map_err(|e| Error::io(format!("cannot rename {}", path.display()), e))?;
-        sync_dir(vfs, &launches)?;
-        remove_leftover(vfs, &doomed)
+        remove_dir_durable(self.vfs(), &self.launches_dir(), name)
     }
 
     /// Opens a launch for reading and writing (reading only, on a store opened
@@ -379,15 +372,6 @@ impl Store {
             .into_iter()
             .map(|(name, _)| name)
             .collect())
-    }
-}
-
-/// Removes a directory left by an interrupted create or delete, if any.
-fn remove_leftover(vfs: &dyn Vfs, dir: &std::path::Path) -> Result<(), Error> {
-    match vfs.remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("cannot remove {}", dir.display()), e)),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Tests of `launch.rs`.
 
+use std::io;
+
 use super::*;
 use crate::testutil::{commit_disk, pack_bytes, sample_disk, source};
 use blockrep_core::Geometry;
