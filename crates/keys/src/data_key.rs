@@ -140,15 +140,9 @@ impl Sealer {
         self.reference
     }
 
-    /// The id under which a blob whose plain id is `plain_id` is stored: a
-    /// keyed blake3 hash, so the stored id says nothing of the content to
-    /// whoever lacks the key, while equal blobs of this key still share one.
-    pub fn stored_id(&self, plain_id: &[u8; 32]) -> [u8; 32] {
-        *blake3::keyed_hash(&self.id_key, plain_id).as_bytes()
-    }
-
-    /// The id space of this key: what the source's agent is given, so that
-    /// both ends name the source's chunks by their stored ids.
+    /// The id space of this key: a chunk's stored id is the keyed blake3
+    /// of its blake3 (see `blockrep_core::IdSpace`). A source's chunks are
+    /// named in the space of its first key (`Keyring::id_space`).
     pub fn id_space(&self) -> blockrep_core::IdSpace {
         blockrep_core::IdSpace::keyed(*self.id_key)
     }
@@ -180,23 +174,10 @@ impl Sealer {
         Ok(())
     }
 
-    /// Seals `plain` bound to `aad` (see [`Sealer::seal_into`]).
-    pub fn seal(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, Error> {
-        let mut out = Vec::new();
-        self.seal_into(aad, plain, &mut out)?;
-        Ok(out)
-    }
-
-    /// Opens what [`Sealer::seal`] made with the same `aad`; refuses (and
+    /// Opens what [`Sealer::seal_into`] made with the same `aad`; refuses (and
     /// returns nothing) when a byte changed, the bytes were sealed under
-    /// another key, or for another place.
-    pub fn open(&self, aad: &[u8], sealed: Vec<u8>) -> Result<Vec<u8>, Error> {
-        self.open_from(aad, sealed, 0)
-    }
-
-    /// [`Sealer::open`] of the sealed bytes that start at `start` of
-    /// `sealed` (what precedes them is dropped), without copying them out
-    /// first.
+    /// another key, or for another place. The sealed bytes start at `start` of `sealed` (what precedes them,
+    /// a record's key reference, is dropped): they are opened where they lie.
     pub fn open_from(
         &self,
         aad: &[u8],
@@ -234,37 +215,56 @@ impl Sealer {
 mod tests {
     use super::*;
 
+    fn seal(sealer: &Sealer, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        sealer.seal_into(aad, plain, &mut out).unwrap();
+        out
+    }
+
     #[test]
     fn sealed_bytes_open_only_with_their_key_and_place() {
         let key = DataKey::generate().unwrap();
         let sealer = key.sealer().unwrap();
         let plain = b"the quick brown fox".repeat(100);
-        let sealed = sealer.seal(b"place-1", &plain).unwrap();
+        let sealed = seal(&sealer, b"place-1", &plain);
         assert_eq!(sealed.len(), plain.len() + SEAL_OVERHEAD);
         assert!(!sealed.windows(9).any(|w| w == b"the quick"));
-        assert_eq!(sealer.open(b"place-1", sealed.clone()).unwrap(), plain);
+        assert_eq!(
+            sealer.open_from(b"place-1", sealed.clone(), 0).unwrap(),
+            plain
+        );
         let mut prefixed = b"key-ref".to_vec();
         prefixed.extend_from_slice(&sealed);
         assert_eq!(sealer.open_from(b"place-1", prefixed, 7).unwrap(), plain);
         assert!(sealer.open_from(b"place-1", sealed.clone(), 1).is_err());
 
         // Another place, another key, a flipped byte, a cut: all refused.
-        let error = sealer.open(b"place-2", sealed.clone()).unwrap_err();
+        let error = sealer.open_from(b"place-2", sealed.clone(), 0).unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Auth);
         let other = DataKey::generate().unwrap().sealer().unwrap();
         assert_eq!(
-            other.open(b"place-1", sealed.clone()).unwrap_err().kind(),
+            other
+                .open_from(b"place-1", sealed.clone(), 0)
+                .unwrap_err()
+                .kind(),
             ErrorKind::Auth
         );
         for at in [0, NONCE_LEN, sealed.len() / 2, sealed.len() - 1] {
             let mut flipped = sealed.clone();
             flipped[at] ^= 1;
-            assert!(sealer.open(b"place-1", flipped).is_err(), "byte {at}");
+            assert!(
+                sealer.open_from(b"place-1", flipped, 0).is_err(),
+                "byte {at}"
+            );
         }
-        assert!(sealer.open(b"place-1", sealed[..10].to_vec()).is_err());
+        assert!(
+            sealer
+                .open_from(b"place-1", sealed[..10].to_vec(), 0)
+                .is_err()
+        );
 
         // Two seals of the same bytes never share a nonce.
-        let again = sealer.seal(b"place-1", &plain).unwrap();
+        let again = seal(&sealer, b"place-1", &plain);
         assert_ne!(again[..NONCE_LEN], sealed[..NONCE_LEN]);
     }
 
@@ -272,11 +272,12 @@ mod tests {
     fn stored_ids_are_keyed_and_stable() {
         let key = DataKey::generate().unwrap();
         let plain_id = *blake3::hash(b"chunk").as_bytes();
-        let a = key.sealer().unwrap().stored_id(&plain_id);
-        assert_eq!(a, key.sealer().unwrap().stored_id(&plain_id));
+        let stored = |sealer: &Sealer| sealer.id_space().map(blockrep_core::ChunkId(plain_id)).0;
+        let a = stored(&key.sealer().unwrap());
+        assert_eq!(a, stored(&key.sealer().unwrap()));
         assert_ne!(a, plain_id);
         let other = DataKey::generate().unwrap().sealer().unwrap();
-        assert_ne!(a, other.stored_id(&plain_id));
+        assert_ne!(a, stored(&other));
         let space = key.sealer().unwrap().id_space();
         assert_eq!(space.map(blockrep_core::ChunkId(plain_id)).0, a);
         // The reference names the key and round-trips as text.

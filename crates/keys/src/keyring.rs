@@ -152,9 +152,4 @@ impl Keyring {
             None => Ok(()),
         }
     }
-
-    /// Whether `source` has keys here.
-    pub fn is_encrypted(&self, source: &SourceId) -> bool {
-        self.current(source).is_some()
-    }
 }

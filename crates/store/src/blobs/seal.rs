@@ -59,7 +59,7 @@ impl Decoded {
 impl Blobs {
     /// Appends blob `id` sealed by `sealer` unless a sound one is stored;
     /// whether it was new. A chunk's `id` is its stored id
-    /// ([`Sealer::stored_id`] of its blake3), a page's or root's the blake3
+    /// (its blake3 mapped into its source's id space), a page's or root's the blake3
     /// of its bytes (which hold stored ids only).
     pub(crate) fn put_sealed(
         &self,

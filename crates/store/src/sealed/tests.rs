@@ -126,7 +126,7 @@ fn sealed_blobs_show_nothing_of_their_content_and_read_back() {
     let (raw_stored, new) = put(&store, &sealer, &raw_chunk, false);
     assert!(new);
     let (zstd_stored, _) = put(&store, &sealer, &zstd_chunk, true);
-    assert_eq!(raw_stored.0, sealer.stored_id(&raw_id.0));
+    assert_eq!(raw_stored, sealer.id_space().map(raw_id));
     assert_ne!(raw_stored, raw_id);
     store.sync().unwrap();
 
