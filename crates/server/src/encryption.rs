@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use blockrep_core::SourceId;
 use blockrep_core::clock::now_unix_ms;
+use blockrep_core::{IdSpace, SourceId};
 use blockrep_keys::{Kek, KeyDir, Sealer};
 use blockrep_store::Store;
 
@@ -73,16 +73,19 @@ impl ServerKeys {
     }
 }
 
-/// The data key sealing `source`'s blobs: the one it has, or, for a source
+/// An encrypted source's current data key and id space.
+pub(crate) type Sealing = (Arc<Sealer>, IdSpace);
+
+/// The data key sealing `source`'s blobs, with its id space: the one it has, or, for a source
 /// with nothing stored yet on a server that encrypts new sources, a new one
 /// made durable in the key directory before anything is sealed with it. A
 /// source already stored in clear stays clear. Blocking (the key service's
 /// command, fsyncs).
-pub(crate) fn sealer_for(
+pub(crate) fn sealing_for(
     store: &Store,
     keys: Option<&ServerKeys>,
     source: &SourceId,
-) -> Result<Option<Arc<Sealer>>, String> {
+) -> Result<Option<Sealing>, String> {
     if let Some(sealer) = store.sealer_of(source) {
         // A head rolled back (or replaced) behind the server's back is not
         // served: it no longer matches the witness in the key directory.
@@ -91,7 +94,7 @@ pub(crate) fn sealer_for(
             .keyring()
             .check_head(source, head.map(|h| (h.epoch, h.root.0)))
             .map_err(|e| e.to_string())?;
-        return Ok(Some(sealer));
+        return Ok(Some((sealer, store.id_space_of(source))));
     }
     let Some(keys) = keys.filter(|k| k.encrypt_new_sources) else {
         return Ok(None);
@@ -111,5 +114,5 @@ pub(crate) fn sealer_for(
         .keyring()
         .add(source, record.serial, Arc::clone(&sealer));
     tracing::info!(%source, key = %record.reference, kek = keys.kek.id(), "new source encrypted at rest");
-    Ok(Some(sealer))
+    Ok(Some((sealer, store.id_space_of(source))))
 }

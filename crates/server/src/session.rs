@@ -94,9 +94,10 @@ pub(crate) struct Session<S> {
     machine_head: Option<blockrep_core::ChunkId>,
     /// Timings of the final (cutover) epoch, for its downtime breakdown.
     cutover_times: cutover::CutoverTimes,
-    /// The data key of a source encrypted at rest: its chunks are checked
-    /// against stored ids and sealed, and its agent is given the id space.
-    sealer: Option<Arc<blockrep_keys::Sealer>>,
+    /// A source encrypted at rest: its current data key and its id space.
+    /// Its chunks are checked against stored ids and sealed, and its agent
+    /// is given the id space.
+    sealing: Option<crate::encryption::Sealing>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -117,7 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             capture_reported: false,
             machine_head: None,
             cutover_times: cutover::CutoverTimes::default(),
-            sealer: None,
+            sealing: None,
         }
     }
 
@@ -125,26 +126,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// makes) the source's data key, before its replica is read.
     async fn open_keys(&mut self) -> Result<(), Outcome> {
         let (shared, source) = (Arc::clone(&self.shared), self.source.clone());
-        let sealer = tokio::task::spawn_blocking(move || {
-            crate::encryption::sealer_for(&shared.store, shared.keys.as_ref(), &source)
+        self.sealing = tokio::task::spawn_blocking(move || {
+            crate::encryption::sealing_for(&shared.store, shared.keys.as_ref(), &source)
         })
         .await
         .map_err(internal)?
         .map_err(internal)?;
-        self.sealer = sealer;
         Ok(())
-    }
-
-    /// The source's data key and id space, for its verifier.
-    fn sealing(&self) -> Option<(Arc<blockrep_keys::Sealer>, blockrep_core::IdSpace)> {
-        let sealer = self.sealer.clone()?;
-        Some((sealer, self.shared.store.id_space_of(&self.source)))
     }
 
     /// The key of the source's id space, for its `Welcome`.
     fn id_key(&self) -> Option<[u8; blockrep_core::ID_KEY_LEN]> {
-        self.sealer.as_ref()?;
-        self.shared.store.id_space_of(&self.source).key().copied()
+        self.sealing.as_ref()?.1.key().copied()
     }
 
     /// Ends the session, with `Unauthorized`, at its next wait for a frame

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use blockrep_core::{BlockValue, ChunkId, IdSpace, apply_patch, hash_with_block_values};
-use blockrep_keys::Sealer;
 use blockrep_proto::{Codec, ErrorCode};
 use blockrep_store::{BlobKind, Store, StoredCodec};
 use bytes::Bytes;
@@ -75,7 +74,7 @@ impl Verifier {
     /// against their stored ids and sealed.
     pub(crate) fn spawn(
         store: Arc<Store>,
-        sealing: Option<(Arc<Sealer>, IdSpace)>,
+        sealing: Option<crate::encryption::Sealing>,
         on_values: OnValues,
     ) -> Self {
         let threads = std::thread::available_parallelism()
@@ -194,7 +193,7 @@ impl Verifier {
 /// until the queue closes, or the first refusal.
 fn run(
     store: &Store,
-    sealing: Option<&(Arc<Sealer>, IdSpace)>,
+    sealing: Option<&crate::encryption::Sealing>,
     on_values: &OnValues,
     mut rx: mpsc::Receiver<Job>,
 ) -> Result<VerifyStats, Reject> {

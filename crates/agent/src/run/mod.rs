@@ -84,13 +84,13 @@ async fn once(
     let mut session = Session::open(config, first.geometry).await?;
     let mut next = Some(first);
     for _ in 0..ONCE_EPOCHS_MAX {
+        // Named in the session's id space once, for the root and the epoch.
         let current = match next.take() {
             Some(scan) => scan,
             None => scan(config, session.geometry().chunk_size_bytes()).await?,
-        };
-        let ids = current.ids_in(session.space());
-        let root = blockrep_core::Root::from_chunk_ids(current.geometry, &ids).id();
-        drop(ids);
+        }
+        .into_space(session.space())?;
+        let root = blockrep_core::Root::from_chunk_ids(current.geometry, &current.ids).id();
         let caught_up = session.head_root_id() == Some(root);
         if caught_up {
             // This scan's view is done with: released before the cutover makes

@@ -315,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let verifier = verifier.get_or_insert_with(|| {
                     Verifier::spawn(
                         Arc::clone(&self.shared.store),
-                        self.sealing(),
+                        self.sealing.clone(),
                         patches::values_sink(&self.shared),
                     )
                 });

@@ -173,7 +173,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
         let verifier = verifier.get_or_insert_with(|| {
             Verifier::spawn(
                 Arc::clone(&self.shared.store),
-                self.sealing(),
+                self.sealing.clone(),
                 values_sink(&self.shared),
             )
         });
