@@ -9,6 +9,8 @@
 //! source, fails authentication. Its stored id is the keyed hash of its
 //! plain id, which is how a sealed blob's content is checked once opened.
 
+use std::cell::RefCell;
+
 use blockrep_core::{ChunkId, IdSpace};
 use blockrep_keys::{KeyRef, Keyring, Sealer};
 
@@ -20,6 +22,16 @@ use crate::mutex::lock;
 /// Bytes a sealed record's stored bytes hold beyond the sealed ones: the
 /// key reference.
 pub(crate) const KEY_REF_LEN: usize = KeyRef::LEN;
+
+/// Most bytes of sealing buffer a thread keeps between blobs (a few chunks'
+/// worth; a larger blob's buffer is let go after it).
+const SEALED_KEPT_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// A sealed record's stored bytes, built in a buffer each thread
+    /// reuses: sealing allocates nothing per blob on the insert path.
+    static SEALED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Why a record's bytes did not decode.
 #[derive(Debug)]
@@ -82,9 +94,18 @@ impl Blobs {
                 return Ok(false);
             }
         }
-        let sealed = seal(sealer, kind, codec, raw_len, &id, stored)
-            .map_err(|e| Error::new(ErrorKind::Invalid, format!("cannot seal blob: {e}")))?;
-        self.put_record(kind, id, codec, true, raw_len, &sealed)
+        SEALED.with_borrow_mut(|sealed| {
+            sealed.clear();
+            sealed.extend_from_slice(&sealer.reference().0);
+            sealer
+                .seal_into(&aad(kind, codec, raw_len, &id), stored, sealed)
+                .map_err(|e| Error::new(ErrorKind::Invalid, format!("cannot seal blob: {e}")))?;
+            let put = self.put_record(kind, id, codec, true, raw_len, sealed);
+            if sealed.capacity() > SEALED_KEPT_BYTES {
+                *sealed = Vec::new();
+            }
+            put
+        })
     }
 
     /// Decodes the stored bytes of the record at `location` (opening them if
@@ -112,22 +133,6 @@ fn aad(kind: BlobKind, codec: StoredCodec, raw_len: u32, id: &ChunkId) -> [u8; 3
     out[2..6].copy_from_slice(&raw_len.to_le_bytes());
     out[6..].copy_from_slice(id.as_bytes());
     out
-}
-
-/// The stored bytes of a sealed record of blob `stored_id` whose (raw or
-/// zstd) bytes are `stored`.
-pub(crate) fn seal(
-    sealer: &Sealer,
-    kind: BlobKind,
-    codec: StoredCodec,
-    raw_len: u32,
-    stored_id: &ChunkId,
-    stored: &[u8],
-) -> Result<Vec<u8>, blockrep_keys::Error> {
-    let mut out = Vec::with_capacity(KEY_REF_LEN + stored.len() + blockrep_keys::SEAL_OVERHEAD);
-    out.extend_from_slice(&sealer.reference().0);
-    sealer.seal_into(&aad(kind, codec, raw_len, stored_id), stored, &mut out)?;
-    Ok(out)
 }
 
 /// Decodes a record's stored bytes (opening them first if sealed) to at
