@@ -215,36 +215,17 @@ fn an_encrypted_source_runs_the_whole_lifecycle_and_its_store_shows_nothing() {
     server.stop();
 
     // A server whose key service fails does not start, and says why.
-    let mut server = Command::new(BIN)
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data")
-        .arg(&data)
-        .arg("--tls-dir")
-        .arg(rig.pki.path())
-        .args(["--key-dir", key_dir_path])
-        .args(["--kek-cmd", "echo 'kms unreachable' >&2; exit 3"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = server.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > std::time::Duration::from_secs(30) {
-            let _ = server.kill();
-            panic!("the server started with a KEK command that fails");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut log).unwrap();
+    let (status, log) = blockrep_testkit::refused_start(
+        &bin(),
+        &data,
+        rig.pki.path(),
+        &[
+            "--key-dir",
+            key_dir_path,
+            "--kek-cmd",
+            "echo 'kms unreachable' >&2; exit 3",
+        ],
+    );
     assert!(!status.success());
     assert!(log.contains("kms unreachable"), "{log}");
 

@@ -166,6 +166,36 @@ pub struct StartupKill {
     pub log: String,
 }
 
+/// Runs `blockrep server` (on loopback, the admin API too) that must refuse
+/// to start: its exit status and stderr. Fails the test, killing it, if it
+/// is still running after 30 s.
+pub fn refused_start(
+    bin: &Path,
+    data: &Path,
+    tls: &Path,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String) {
+    let mut child = server_command(bin, "127.0.0.1:0", data, tls, extra, None)
+        .spawn()
+        .expect("start blockrep server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server started where it had to refuse");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    (status, stderr)
+}
+
 /// `blockrep server` on `listen` (the admin API on 127.0.0.1:0), with stdout
 /// and stderr piped.
 fn server_command(
