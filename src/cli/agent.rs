@@ -153,6 +153,16 @@ pub(crate) enum CompressArg {
     None,
 }
 
+impl From<CompressArg> for blockrep_agent::Compression {
+    fn from(arg: CompressArg) -> Self {
+        match arg {
+            CompressArg::Auto => Self::Auto,
+            CompressArg::Zstd => Self::Zstd,
+            CompressArg::None => Self::None,
+        }
+    }
+}
+
 /// Write capture: the agent serves the disk to its workload and replicates
 /// what is written, without scanning the disk.
 #[derive(Debug, Args)]

@@ -74,4 +74,9 @@ pub(crate) struct BenchArgs {
     /// a KEK file and key directory made in the work directory.
     #[arg(long)]
     pub(crate) encrypt_at_rest: bool,
+    /// The agent's compression, as `agent --compress`: `auto` decides from
+    /// measurements while sending; `zstd` or `none` fix it, so that two runs
+    /// (e.g. clear and encrypted) compare the same work.
+    #[arg(long, value_enum, default_value_t = super::CompressArg::Auto)]
+    pub(crate) compress: super::CompressArg,
 }

@@ -7,11 +7,11 @@ mod serve;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use blockrep_agent::{AgentConfig, Compression};
+use blockrep_agent::AgentConfig;
 use blockrep_core::VolumeName;
 
 use super::{source_id, stop_on_signal};
-use crate::cli::{AgentArgs, CompressArg, SnapshotArg, ViewArgs};
+use crate::cli::{AgentArgs, SnapshotArg, ViewArgs};
 use crate::print::{self, describe};
 use crate::settings;
 
@@ -75,11 +75,7 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     config.volumes = volumes;
     config.allow_volume_removal = args.allow_volume_removal;
     config.chunk_size_bytes = chunk_size_bytes;
-    config.compression = match args.compress {
-        CompressArg::Auto => Compression::Auto,
-        CompressArg::Zstd => Compression::Zstd,
-        CompressArg::None => Compression::None,
-    };
+    config.compression = args.compress.into();
     config.interval = args.interval;
     config.rate_limiter.set_rate(args.max_rate);
     config.step_bytes = args.commit_every.max(1);

@@ -26,6 +26,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<()> {
         capture_duration: args.capture_duration,
         server_args: args.store.server_args(),
         encrypt_at_rest: args.encrypt_at_rest,
+        compression: args.compress.into(),
     })
     .await
 }

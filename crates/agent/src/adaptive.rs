@@ -9,7 +9,15 @@
 //! clearly below 1. Both sides are measured as data goes by: workers time their
 //! compression (and keep sampling one chunk in [`SAMPLE_EVERY`] while it is
 //! off), the writer times its writes.
+//!
+//! A disk is a mix of regions (zeros, text, random bytes) and each window of
+//! [`DECIDE_EVERY_BYTES`] sees only one or two of them, so a choice made from
+//! one window alone flips every few windows. The controller therefore smooths
+//! its estimates over windows (an exponential moving average), changes its
+//! choice only when the other one wins by a margin ([`HYSTERESIS`]), and keeps
+//! a choice for at least [`MIN_WINDOWS_BETWEEN_CHANGES`] windows.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -18,6 +26,65 @@ use std::time::Duration;
 pub(crate) const SAMPLE_EVERY: u64 = 16;
 /// Raw bytes sent between two decisions.
 const DECIDE_EVERY_BYTES: u64 = 16 << 20;
+/// Weight of the newest window in the smoothed estimates.
+const SMOOTHING: f64 = 0.3;
+/// How much better the other choice must look before the controller takes
+/// it: compression is turned on when it would beat the link by this share,
+/// and off when it falls behind the link by this share.
+const HYSTERESIS: f64 = 0.15;
+/// Windows a choice is kept at least, whatever the estimates say.
+const MIN_WINDOWS_BETWEEN_CHANGES: u32 = 4;
+/// Below this ratio compression is worth turning on; above
+/// [`RATIO_OFF`], worth turning off (the gap is the ratio's hysteresis).
+const RATIO_ON: f64 = 0.85;
+const RATIO_OFF: f64 = 0.95;
+
+/// The smoothed estimates behind the choice.
+#[derive(Debug, Default, Clone, Copy)]
+struct Estimates {
+    /// Raw bytes per second the workers compress, all together.
+    compress_rate: f64,
+    /// Wire bytes per second the link carries.
+    link_rate: f64,
+    /// Compressed size over raw size.
+    ratio: f64,
+    /// Windows measured so far (0: no estimate yet).
+    windows: u64,
+    /// Windows since the choice last changed.
+    since_change: u32,
+}
+
+impl Estimates {
+    fn update(&mut self, compress_rate: f64, link_rate: f64, ratio: f64) {
+        let blend = |old: f64, new: f64| {
+            if self.windows == 0 {
+                new
+            } else {
+                old + SMOOTHING * (new - old)
+            }
+        };
+        self.compress_rate = blend(self.compress_rate, compress_rate);
+        self.link_rate = blend(self.link_rate, link_rate);
+        self.ratio = blend(self.ratio, ratio);
+        self.windows += 1;
+        self.since_change = self.since_change.saturating_add(1);
+    }
+
+    /// The choice the estimates make, given the current one: compression
+    /// pays while the workers (with a 20% margin for the rest of the
+    /// pipeline) outrun the link and the data shrinks clearly.
+    fn choose(&self, enabled: bool) -> bool {
+        if self.since_change < MIN_WINDOWS_BETWEEN_CHANGES && self.windows > 1 {
+            return enabled;
+        }
+        let workers = self.compress_rate * 0.8;
+        if enabled {
+            !(self.ratio > RATIO_OFF || workers < self.link_rate * (1.0 - HYSTERESIS))
+        } else {
+            self.ratio < RATIO_ON && workers > self.link_rate * (1.0 + HYSTERESIS)
+        }
+    }
+}
 
 /// Shared between the workers and the writer of every epoch of an agent.
 #[derive(Debug)]
@@ -30,6 +97,8 @@ pub struct AdaptiveCompression {
     write_bytes: AtomicU64,
     raw_since_decision: AtomicU64,
     chunks_seen: AtomicU64,
+    estimates: Mutex<Estimates>,
+    changes: AtomicU64,
 }
 
 impl Default for AdaptiveCompression {
@@ -44,6 +113,8 @@ impl Default for AdaptiveCompression {
             write_bytes: AtomicU64::new(0),
             raw_since_decision: AtomicU64::new(0),
             chunks_seen: AtomicU64::new(0),
+            estimates: Mutex::new(Estimates::default()),
+            changes: AtomicU64::new(0),
         }
     }
 }
@@ -52,6 +123,11 @@ impl AdaptiveCompression {
     /// Whether chunks are being compressed now.
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// How many times the choice has changed since the agent started.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     /// Whether a worker should compress this chunk: always while enabled, one in
@@ -102,14 +178,24 @@ impl AdaptiveCompression {
         let compress_rate = c_in as f64 / (c_ns as f64 / 1e9) * workers as f64;
         let link_rate = w_bytes as f64 / (w_ns as f64 / 1e9);
         let ratio = c_out as f64 / c_in as f64;
-        let pays = ratio < 0.9 && compress_rate * 0.8 > link_rate;
-        let was = self.enabled.swap(pays, Ordering::Relaxed);
+        // A poisoned lock only means another writer panicked mid-update: the
+        // estimates are plain numbers, still usable.
+        let mut estimates = self
+            .estimates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        estimates.update(compress_rate, link_rate, ratio);
+        let was = self.enabled.load(Ordering::Relaxed);
+        let pays = estimates.choose(was);
         if was != pays {
-            tracing::info!(
+            self.enabled.store(pays, Ordering::Relaxed);
+            self.changes.fetch_add(1, Ordering::Relaxed);
+            estimates.since_change = 0;
+            tracing::debug!(
                 compress = pays,
-                compress_mib_per_s = compress_rate / 1048576.0,
-                link_mib_per_s = link_rate / 1048576.0,
-                ratio,
+                compress_mib_per_s = estimates.compress_rate / 1048576.0,
+                link_mib_per_s = estimates.link_rate / 1048576.0,
+                ratio = estimates.ratio,
                 "compression choice changed"
             );
         }
@@ -137,16 +223,55 @@ mod tests {
         );
     }
 
+    /// `windows` decision windows of the same measurements.
+    fn feed_for(
+        state: &AdaptiveCompression,
+        windows: usize,
+        compress_mib_s: f64,
+        ratio: f64,
+        link_mib_s: f64,
+    ) {
+        for _ in 0..windows {
+            feed(state, compress_mib_s, ratio, link_mib_s);
+        }
+    }
+
     #[test]
     fn compression_turns_off_on_a_fast_link_and_on_on_a_slow_one() {
         let state = AdaptiveCompression::default();
         assert!(state.enabled());
-        feed(&state, 450.0, 0.3, 1100.0); // loopback
+        feed_for(&state, 8, 450.0, 0.3, 1100.0); // loopback
         assert!(!state.enabled());
-        feed(&state, 450.0, 0.3, 100.0); // a WAN link
+        feed_for(&state, 8, 450.0, 0.3, 100.0); // a WAN link
         assert!(state.enabled());
-        feed(&state, 2000.0, 0.99, 100.0); // incompressible data
+        feed_for(&state, 8, 2000.0, 0.99, 100.0); // incompressible data
         assert!(!state.enabled());
+        assert_eq!(state.changes(), 3);
+    }
+
+    /// Windows alternating between data that compresses fast and data that
+    /// does not, around a link of about the same speed: a controller deciding
+    /// from each window alone flips at every one; this one settles.
+    #[test]
+    fn a_mixed_disk_does_not_make_the_choice_oscillate() {
+        let state = AdaptiveCompression::default();
+        for _ in 0..40 {
+            feed(&state, 1400.0, 0.3, 700.0); // text: compression wins
+            feed(&state, 500.0, 0.5, 700.0); // mixed: the link wins
+        }
+        assert!(state.changes() <= 2, "{} changes", state.changes());
+    }
+
+    /// One odd window does not turn compression off, nor does a change
+    /// come before the choice has been kept for its minimum.
+    #[test]
+    fn one_odd_window_changes_nothing() {
+        let state = AdaptiveCompression::default();
+        feed_for(&state, 6, 450.0, 0.3, 100.0);
+        assert!(state.enabled());
+        feed(&state, 450.0, 0.3, 900.0); // twice what the workers manage
+        assert!(state.enabled());
+        assert_eq!(state.changes(), 0);
     }
 
     #[test]

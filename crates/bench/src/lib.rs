@@ -80,6 +80,8 @@ pub struct Options {
     /// Encrypt the source at rest (`server --encrypt-at-rest`, with a KEK
     /// file and key directory made in the work directory).
     pub encrypt_at_rest: bool,
+    /// The agent's compression (`Auto` decides while sending).
+    pub compression: blockrep_agent::Compression,
 }
 
 /// Runs the bench: prints its table on stdout (progress on stderr), writes

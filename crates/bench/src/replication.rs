@@ -130,6 +130,7 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     }
     agent.chunk_size_bytes = chunk_size;
     agent.interval = args.interval;
+    agent.compression = args.compression;
     agent.pre_cutover_cmd = Some(format!(
         "touch '{}'; while [ ! -e '{}' ]; do sleep 0.005; done",
         stop_file.display(),
@@ -342,6 +343,8 @@ pub(crate) async fn run(args: Options) -> Result<()> {
             "bytes_on_wire": initial_bytes,
             "agent_cpu_seconds": cpu_agent,
             "server_cpu_seconds": cpu_server,
+            "compression": format!("{:?}", args.compression).to_lowercase(),
+            "compression_choice_changes": agent.adaptive.changes(),
         },
         "delta_sync": {
             "blocks_changed": blocks_changed,
