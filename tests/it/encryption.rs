@@ -331,6 +331,11 @@ fn a_rolled_back_head_of_an_encrypted_source_is_refused() {
         rig.pki.path(),
         &[],
     ));
+    assert_success(&cli(
+        &rig.server,
+        &rig.pki,
+        &["snapshot", "create", "--source", "app", "--name", "s1"],
+    ));
     let data = rig.work.path().join("data");
     let head_path = data.join("sources/app/head");
     let old_head = std::fs::read(&head_path).unwrap();
@@ -368,6 +373,40 @@ fn a_rolled_back_head_of_an_encrypted_source_is_refused() {
     assert!(!export.status.success());
     assert!(String::from_utf8_lossy(&export.stderr).contains("rolled back"));
     assert!(!out.exists());
+
+    // A snapshot record altered (its MAC no longer vouches for it) is
+    // named by verify and not exported; one stripped of its MAC as well.
+    let snapshot_path = data.join("sources/app/snapshots/s1");
+    let snapshot = std::fs::read(&snapshot_path).unwrap();
+    let mut altered = snapshot.clone();
+    *altered.last_mut().unwrap() ^= 1;
+    let stripped = snapshot[..snapshot.len() - 56].to_vec();
+    for (bytes, why) in [
+        (&altered, "fails authentication"),
+        (&stripped, "not authenticated"),
+    ] {
+        std::fs::write(&snapshot_path, bytes).unwrap();
+        let verify = run(&["verify"]);
+        assert!(!verify.status.success());
+        let said = String::from_utf8_lossy(&verify.stderr);
+        assert!(
+            said.contains("snapshot record s1") && said.contains(why),
+            "{said}"
+        );
+        let export = run(&[
+            "export",
+            "--source",
+            "app",
+            "--snapshot",
+            "s1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!export.status.success());
+        assert!(String::from_utf8_lossy(&export.stderr).contains(why));
+        assert!(!out.exists());
+    }
+    std::fs::write(&snapshot_path, &snapshot).unwrap();
 
     // A server given the keys refuses the source's session.
     let server = ServerProcess::start_with(&bin(), &data, rig.pki.path(), &key_args);

@@ -412,7 +412,15 @@ pub(crate) fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Error> {
 /// other is told). Then fsyncs the directory.
 pub(crate) fn publish(path: &Path, bytes: &[u8], replace: bool) -> Result<(), Error> {
     let io = |what: &str, e| Error::io(format!("cannot {what} {}", path.display()), e);
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    // Unique per process and call: two launches' witnesses published at
+    // once must not share a temporary file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file_name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp.{}.{n}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -7,7 +7,8 @@
 //! chunks their source still has.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use blockrep_core::{IdSpace, SourceId};
 
@@ -33,7 +34,16 @@ pub struct Keyring {
     inner: RwLock<Inner>,
     /// Where the heads of encrypted sources are witnessed, if anywhere.
     witnesses: OnceLock<KeyDir>,
+    /// Where keys made after the keyring was filled are read from (by
+    /// another server sharing the key directory, or `key rotate --source`),
+    /// with the KEK that unwraps them.
+    loader: OnceLock<(KeyDir, Arc<Kek>)>,
+    /// When the whole key directory was last read again.
+    refreshed: Mutex<Option<Instant>>,
 }
+
+/// The key directory is read again on a missed key at most this often.
+const REFRESH_INTERVAL_MIN: Duration = Duration::from_secs(1);
 
 impl Keyring {
     /// An empty keyring (a store with no encrypted source).
@@ -55,6 +65,56 @@ impl Keyring {
             for (serial, sealer) in sealers {
                 self.add(&source, serial, sealer);
                 added += 1;
+            }
+        }
+        Ok(added)
+    }
+
+    /// Reads keys made from now on from `dir` when one is missed (see
+    /// [`Keyring::refresh`]). Set once.
+    pub fn load_new_keys_from(&self, dir: KeyDir, kek: Arc<Kek>) {
+        let _ = self.loader.set((dir, kek));
+    }
+
+    /// Adds the keys of the key directory that are not here yet: made by
+    /// another server sharing it, or by `key rotate --source`. At most once
+    /// per [`REFRESH_INTERVAL_MIN`] (a store reads it on every key it
+    /// misses); whether a key was added. Nothing to do without a directory
+    /// to read from.
+    pub fn refresh(&self) -> Result<bool, Error> {
+        let Some((dir, _)) = self.loader.get() else {
+            return Ok(false);
+        };
+        {
+            let mut refreshed = self.refreshed.lock().unwrap_or_else(|e| e.into_inner());
+            if refreshed.is_some_and(|at| at.elapsed() < REFRESH_INTERVAL_MIN) {
+                return Ok(false);
+            }
+            *refreshed = Some(Instant::now());
+        }
+        let mut added = false;
+        for source in dir.sources()? {
+            added |= self.refresh_source(&source)?;
+        }
+        Ok(added)
+    }
+
+    /// Adds `source`'s keys of the key directory that are not here yet,
+    /// now; whether one was added.
+    pub fn refresh_source(&self, source: &SourceId) -> Result<bool, Error> {
+        let Some((dir, kek)) = self.loader.get() else {
+            return Ok(false);
+        };
+        let mut added = false;
+        for record in dir.records(source)? {
+            let known = {
+                let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+                inner.by_ref.contains_key(&record.reference)
+            };
+            if !known {
+                let key = record.unwrap_with(kek)?;
+                self.add(source, record.serial, Arc::new(key.sealer()?));
+                added = true;
             }
         }
         Ok(added)
@@ -95,22 +155,58 @@ impl Keyring {
     /// The key named `reference` and the id space of its source (what a
     /// chunk it sealed is checked against), as [`Keyring::sealer`].
     pub fn opener(&self, reference: &KeyRef) -> Result<(Arc<Sealer>, IdSpace), Error> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner.by_ref.get(reference).cloned().ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "data key {reference} is not in the key directory: it was shredded, \
-                     or the store is opened without its keys"
-                ),
-            )
-        })
+        let find = || {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            inner.by_ref.get(reference).cloned()
+        };
+        if let Some(found) = find() {
+            return Ok(found);
+        }
+        // Perhaps made since (by another server sharing the directory).
+        let refreshed = self.refresh();
+        if let Some(found) = find() {
+            return Ok(found);
+        }
+        let why = match refreshed {
+            Err(e) => format!(" (reading the key directory again failed: {e})"),
+            Ok(_) => String::new(),
+        };
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "data key {reference} is not in the key directory: it was shredded, or the \
+                 store is opened without its keys{why}"
+            ),
+        ))
     }
 
     /// The key that seals `source`'s new data, if the source is encrypted.
     pub fn current(&self, source: &SourceId) -> Option<Arc<Sealer>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner.current.get(source).map(|(_, s)| Arc::clone(s))
+    }
+
+    /// Whether `source` is encrypted here (its keys are held): its
+    /// snapshot and launch records must then be authenticated.
+    pub fn is_encrypted(&self, source: &SourceId) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.current.contains_key(source)
+    }
+
+    /// The key named `reference`, if it is one of `source`'s (what
+    /// authenticates a record of that source); an error saying which
+    /// otherwise.
+    pub fn source_key(&self, source: &SourceId, reference: &KeyRef) -> Result<Arc<Sealer>, Error> {
+        let (sealer, space) = self.opener(reference)?;
+        // A source's keys all share its id space (that of its first key),
+        // and no two sources share one.
+        if self.id_space(source) != Some(space) {
+            return Err(Error::new(
+                ErrorKind::Auth,
+                format!("data key {reference} is not a key of source {source}"),
+            ));
+        }
+        Ok(sealer)
     }
 
     /// The id space of `source`'s chunks, if it is encrypted: the one its
@@ -137,6 +233,46 @@ impl Keyring {
         match (self.witnesses.get(), self.current(source)) {
             (Some(dir), Some(sealer)) => dir.record_head(source, &sealer, epoch, root),
             _ => Ok(()),
+        }
+    }
+
+    /// Records the head of `source`'s launch `name` as its witness, as
+    /// [`Keyring::witness_head`] does.
+    pub fn witness_launch(
+        &self,
+        source: &SourceId,
+        name: &str,
+        generation: u64,
+        root: &[u8; 32],
+    ) -> Result<(), Error> {
+        match (self.witnesses.get(), self.current(source)) {
+            (Some(dir), Some(sealer)) => {
+                dir.record_launch_head(source, name, &sealer, generation, root)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the head of `source`'s launch `name` against its witness, if
+    /// heads are witnessed here.
+    pub fn check_launch(
+        &self,
+        source: &SourceId,
+        name: &str,
+        head: (u64, [u8; 32]),
+    ) -> Result<(), Error> {
+        match self.witnesses.get() {
+            Some(dir) => dir.check_launch_head(source, name, self, head),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets the witness of `source`'s deleted launch `name`, if heads
+    /// are witnessed here.
+    pub fn forget_launch(&self, source: &SourceId, name: &str) -> Result<(), Error> {
+        match self.witnesses.get() {
+            Some(dir) => dir.forget_launch_head(source, name),
+            None => Ok(()),
         }
     }
 

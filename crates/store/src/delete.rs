@@ -6,6 +6,7 @@
 
 use blockrep_core::SourceId;
 
+use crate::catalog::list_names;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::remove_dir_durable;
 use crate::store::Store;
@@ -27,14 +28,16 @@ impl Store {
     pub fn delete_source(&self, source: &SourceId) -> Result<SourceDeleted, Error> {
         self.check_writable()?;
         let dir = self.source_dir(source);
-        let launches = self.list_launches(Some(source))?;
+        // Read without their MACs: a source whose keys are gone, or whose
+        // records were tampered with, can still be deleted.
+        let launches = self.read_launches(Some(source), false)?;
         if !self.vfs().is_dir(&dir) && launches.is_empty() {
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!("no source {source} in this store"),
             ));
         }
-        let snapshots = self.list_snapshots(Some(source))?.len();
+        let snapshots = list_names(self.vfs(), &self.snapshots_dir(source))?.len();
         let mut deleted = SourceDeleted {
             launches: Vec::new(),
             snapshots,

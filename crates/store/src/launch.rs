@@ -21,11 +21,12 @@
 mod volume;
 
 use std::any::Any;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use blockrep_core::{ChunkId, Consistency, SourceId, VolumeName};
 
+use crate::authentic::{AUTH_TRAILER_LEN, RecordPlace, key_error};
 use crate::catalog::{list_names, validate_name};
 use crate::error::{Error, ErrorKind};
 use crate::format::{
@@ -109,6 +110,15 @@ impl LaunchInfo {
         seal_with_crc(&mut out);
         debug_assert_eq!(out.len(), META_LEN);
         out
+    }
+
+    /// Where this launch's `kind` record is, for its authentication.
+    fn place(&self, kind: &'static str) -> RecordPlace<'_> {
+        RecordPlace {
+            kind,
+            source: &self.source,
+            name: &self.name,
+        }
     }
 
     fn encode_head(&self) -> Vec<u8> {
@@ -213,8 +223,9 @@ impl Store {
         let building = launches.join(format!(".{launch_name}.tmp"));
         remove_leftover(vfs, &building)?;
         create_dir_durable(vfs, &building)?;
-        publish_atomic(vfs, &building.join("meta"), &info.encode_meta())?;
-        publish_atomic(vfs, &building.join("head"), &info.encode_head())?;
+        let meta = self.authenticated(info.place("launch meta"), info.encode_meta());
+        publish_atomic(vfs, &building.join("meta"), &meta)?;
+        self.publish_launch_head(&building, &info)?;
         let path = launches.join(launch_name);
         vfs.rename(&building, &path)
             .map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))?;
@@ -224,34 +235,91 @@ impl Store {
 
     /// The launch `name`, if it exists.
     pub fn launch(&self, name: &str) -> Result<Option<LaunchInfo>, Error> {
+        self.read_launch(name, true)
+    }
+
+    /// The launch `name`, if it exists; checked against its MAC and witness
+    /// when `authentic` (everything but deleting it: a launch whose records
+    /// cannot be vouched for, or whose keys are gone, can still be deleted).
+    pub(crate) fn read_launch(
+        &self,
+        name: &str,
+        authentic: bool,
+    ) -> Result<Option<LaunchInfo>, Error> {
         validate_name("launch", name)?;
         let dir = self.launches_dir().join(name);
-        let Some(meta) = read_small_file(self.vfs(), &dir.join("meta"), META_LEN)? else {
+        let vfs = self.vfs();
+        let Some(meta) = read_small_file(vfs, &dir.join("meta"), META_LEN + AUTH_TRAILER_LEN)?
+        else {
             return Ok(None);
         };
-        let head = read_small_file(self.vfs(), &dir.join("head"), HEAD_LEN)?.ok_or_else(|| {
-            Error::new(
-                ErrorKind::Corrupt,
-                format!("launch {name} has a meta file but no head"),
-            )
-        })?;
-        let info = LaunchInfo::decode(&meta, &head)
-            .map_err(|e| Error::new(e.kind(), format!("launch {name}: {e}")))?;
+        let head = read_small_file(vfs, &dir.join("head"), HEAD_LEN + AUTH_TRAILER_LEN)?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!("launch {name} has a meta file but no head"),
+                )
+            })?;
+        let in_launch = |e: Error| Error::new(e.kind(), format!("launch {name}: {e}"));
+        // The records name their source, whose key authenticates them: read
+        // them (checksums only) first, then check that they are authentic.
+        let record = |bytes: &[u8], len: usize| bytes.get(..len).unwrap_or(bytes).to_vec();
+        let info = LaunchInfo::decode(&record(&meta, META_LEN), &record(&head, HEAD_LEN))
+            .map_err(in_launch)?;
         if info.name != name {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!("{} records another launch", dir.display()),
             ));
         }
+        if !authentic {
+            return Ok(Some(info));
+        }
+        self.authentic(info.place("launch meta"), &meta, META_LEN)
+            .and_then(|_| self.authentic(info.place("launch head"), &head, HEAD_LEN))
+            .map_err(in_launch)?;
+        self.keyring()
+            .check_launch(&info.source, name, (info.generation, info.root.0))
+            .map_err(|e| in_launch(key_error(e)))?;
         Ok(Some(info))
+    }
+
+    /// Publishes `info`'s head (generation, root, flush time) into the
+    /// launch directory `dir`, then witnesses it in the key directory if its
+    /// source is encrypted (the head first: a witness that lags its head is
+    /// no alarm, one ahead of it would be).
+    pub(crate) fn publish_launch_head(&self, dir: &Path, info: &LaunchInfo) -> Result<(), Error> {
+        let head = self.authenticated(info.place("launch head"), info.encode_head());
+        publish_atomic(self.vfs(), &dir.join("head"), &head)?;
+        // As for a source's head: a failure here costs only the rollback
+        // check of this one head.
+        if let Err(e) =
+            self.keyring()
+                .witness_launch(&info.source, &info.name, info.generation, &info.root.0)
+        {
+            eprintln!(
+                "blockrep-store: cannot witness the head of launch {}: {e}",
+                info.name
+            );
+        }
+        Ok(())
     }
 
     /// Launches of one source, or all of them, ordered by name.
     pub fn list_launches(&self, source: Option<&SourceId>) -> Result<Vec<LaunchInfo>, Error> {
+        self.read_launches(source, true)
+    }
+
+    /// [`Store::list_launches`], each read as [`Store::read_launch`] says.
+    pub(crate) fn read_launches(
+        &self,
+        source: Option<&SourceId>,
+        authentic: bool,
+    ) -> Result<Vec<LaunchInfo>, Error> {
         let mut out = Vec::new();
         for name in list_names(self.vfs(), &self.launches_dir())? {
             // Deleted between listing and reading: not an error.
-            if let Some(info) = self.launch(&name)?
+            if let Some(info) = self.read_launch(&name, authentic)?
                 && source.is_none_or(|s| *s == info.source)
             {
                 out.push(info);
@@ -278,13 +346,19 @@ impl Store {
                 format!("launch {name} is open; close it before deleting it"),
             ));
         }
-        if self.launch(name)?.is_none() {
+        let Some(info) = self.read_launch(name, false)? else {
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!("no launch named {name}"),
             ));
+        };
+        remove_dir_durable(self.vfs(), &self.launches_dir(), name)?;
+        // A witness left behind would only be replaced by the next launch
+        // of this name; forgetting it is tidiness, not safety.
+        if let Err(e) = self.keyring().forget_launch(&info.source, name) {
+            eprintln!("blockrep-store: launch {name}: cannot remove its head's witness: {e}");
         }
-        remove_dir_durable(self.vfs(), &self.launches_dir(), name)
+        Ok(())
     }
 
     /// Opens a launch for reading and writing (reading only, on a store opened

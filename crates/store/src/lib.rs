@@ -106,6 +106,7 @@
 //!   only after its live records were copied and made durable elsewhere.
 #![deny(unsafe_code)]
 
+mod authentic;
 mod blob_read;
 mod blobs;
 mod bucket;

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use blockrep_core::{ChunkId, Consistency, SourceId};
 
+use crate::authentic::{AUTH_TRAILER_LEN, RecordPlace};
 use crate::catalog::{list_names, validate_name};
 use crate::error::{Error, ErrorKind};
 use crate::format::{
@@ -143,7 +144,7 @@ impl Snapshot {
 }
 
 impl Store {
-    fn snapshots_dir(&self, source: &SourceId) -> PathBuf {
+    pub(crate) fn snapshots_dir(&self, source: &SourceId) -> PathBuf {
         self.source_dir(source).join("snapshots")
     }
 
@@ -274,7 +275,13 @@ impl Store {
             consistency: head.consistency,
         };
         create_dir_durable(self.vfs(), &dir)?;
-        publish_atomic(self.vfs(), &dir.join(&snapshot.name), &snapshot.encode())?;
+        let place = RecordPlace {
+            kind: "snapshot",
+            source,
+            name: &snapshot.name,
+        };
+        let record = self.authenticated(place, snapshot.encode());
+        publish_atomic(self.vfs(), &dir.join(&snapshot.name), &record)?;
         Ok(snapshot)
     }
 
@@ -322,10 +329,18 @@ impl Store {
     pub fn snapshot(&self, source: &SourceId, name: &str) -> Result<Option<Snapshot>, Error> {
         validate_name("snapshot", name)?;
         let path = self.snapshots_dir(source).join(name);
-        let Some(bytes) = read_small_file(self.vfs(), &path, SNAPSHOT_LEN)? else {
+        let Some(bytes) = read_small_file(self.vfs(), &path, SNAPSHOT_LEN + AUTH_TRAILER_LEN)?
+        else {
             return Ok(None);
         };
-        let snapshot = Snapshot::decode(&bytes)
+        let place = RecordPlace {
+            kind: "snapshot",
+            source,
+            name,
+        };
+        let snapshot = self
+            .authentic(place, &bytes, SNAPSHOT_LEN)
+            .and_then(Snapshot::decode)
             .map_err(|e| Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         if snapshot.name != name || snapshot.source != *source {
             return Err(Error::new(

@@ -11,7 +11,6 @@ use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, MachineRoot, Page, Root,
 
 use crate::blobs::{BlobKind, StoredCodec};
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::publish_atomic;
 use crate::mutex::lock;
 use crate::store::Store;
 
@@ -556,8 +555,7 @@ impl VolumeState {
 
 /// Publishes a launch's head (generation, root, flush time).
 fn publish_launch_head(store: &Store, info: &LaunchInfo) -> Result<(), Error> {
-    let path = store.launches_dir().join(&info.name).join("head");
-    publish_atomic(store.vfs(), &path, &info.encode_head())
+    store.publish_launch_head(&store.launches_dir().join(&info.name), info)
 }
 
 /// Moves the head of machine launch `name` to a machine root in which

@@ -474,3 +474,110 @@ fn a_blank_disk_s_root_depends_on_no_source_s_key() {
     store.export(&b, &out).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), vec![0u8; 2 * 65_536]);
 }
+
+/// Two marked chunks committed as `source`'s epoch 1.
+fn commit_marked(store: &Store, source: &SourceId, marker: &str) {
+    let sealer = current(store, source);
+    let geometry = Geometry::new(2 * 65_536, 65_536).unwrap();
+    let mut disk = marked_chunk(marker, 1);
+    disk.extend_from_slice(&marked_chunk(marker, 2));
+    let ids = store_disk(store, &sealer, &disk, geometry);
+    let (root, pages) = Root::build(geometry, &ids);
+    store.commit(source, 1, &root, &pages, 0, 1_000).unwrap();
+}
+
+/// Snapshot and launch records of an encrypted source carry a MAC: one
+/// altered, put in another source's or launch's place, or stripped of its
+/// MAC is refused, and so is an older launch head put back (its witness).
+#[test]
+fn snapshot_and_launch_records_are_authenticated() {
+    use crate::authentic::AUTH_TRAILER_LEN;
+    use crate::format::{LAUNCH_HEAD_LEN, SNAPSHOT_LEN};
+
+    let (web, db) = (SourceId::new("web").unwrap(), SourceId::new("db").unwrap());
+    let keys = Keys::new(&[&web, &db]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    keys.load_into(&store);
+    store.keyring().witness_in(keys.key_dir.clone());
+    for source in [&web, &db] {
+        commit_marked(&store, source, "MARKER");
+        store
+            .create_snapshot(source, Some("s1"), None, 2_000)
+            .unwrap();
+    }
+    let snapshot_file = |source: &SourceId| {
+        dir.path()
+            .join("sources")
+            .join(source.as_str())
+            .join("snapshots/s1")
+    };
+    let original = std::fs::read(snapshot_file(&web)).unwrap();
+    assert_eq!(original.len(), SNAPSHOT_LEN + AUTH_TRAILER_LEN);
+    let refused = |what: &str, bytes: &[u8], expect: &str| {
+        std::fs::write(snapshot_file(&web), bytes).unwrap();
+        let error = store.snapshot(&web, "s1").unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Corrupt, "{what}: {error}");
+        assert!(error.to_string().contains(expect), "{what}: {error}");
+        assert!(store.list_snapshots(None).is_err(), "{what}");
+    };
+    let mut flipped = original.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    refused("flipped MAC", &flipped, "fails authentication");
+    let db_record = std::fs::read(snapshot_file(&db)).unwrap();
+    refused("db's record", &db_record, "is not a key of source web");
+    refused("stripped", &original[..SNAPSHOT_LEN], "not authenticated");
+    std::fs::write(snapshot_file(&web), &original).unwrap();
+    assert_eq!(store.snapshot(&web, "s1").unwrap().unwrap().source, web);
+
+    // A launch written twice: its first head put back is a rollback; the
+    // head of another launch in its place does not authenticate.
+    for name in ["drill", "other"] {
+        store
+            .create_launch(&web, "s1", name, LaunchKind::Test, 2_000)
+            .unwrap();
+    }
+    let head_file = |name: &str| dir.path().join("launches").join(name).join("head");
+    let volume = store.open_launch("drill").unwrap();
+    volume.write(0, b"MARKER-first").unwrap();
+    volume.flush(3_000).unwrap();
+    let first = std::fs::read(head_file("drill")).unwrap();
+    assert_eq!(first.len(), LAUNCH_HEAD_LEN + AUTH_TRAILER_LEN);
+    volume.write(0, b"MARKER-again").unwrap();
+    volume.flush(4_000).unwrap();
+    drop(volume);
+    let second = std::fs::read(head_file("drill")).unwrap();
+    std::fs::write(head_file("drill"), &first).unwrap();
+    let error = store.launch("drill").unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    assert!(error.to_string().contains("rolled back"), "{error}");
+    assert!(store.open_launch("drill").is_err());
+    std::fs::write(
+        head_file("drill"),
+        std::fs::read(head_file("other")).unwrap(),
+    )
+    .unwrap();
+    let error = store.launch("drill").unwrap_err();
+    assert!(
+        error.to_string().contains("fails authentication"),
+        "{error}"
+    );
+    std::fs::write(head_file("drill"), &second).unwrap();
+    assert_eq!(store.launch("drill").unwrap().unwrap().generation, 2);
+
+    // A deleted launch's witness goes with it: a new launch of its name
+    // starts again at generation 0.
+    store.delete_launch("drill").unwrap();
+    store
+        .create_launch(&web, "s1", "drill", LaunchKind::Test, 5_000)
+        .unwrap();
+    assert_eq!(store.launch("drill").unwrap().unwrap().generation, 0);
+    drop(store);
+
+    // Without the keys, the records cannot be vouched for: not served.
+    let store = Store::open(dir.path()).unwrap();
+    let error = store.snapshot(&web, "s1").unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::KeyUnavailable, "{error}");
+    let error = store.launch("drill").unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::KeyUnavailable, "{error}");
+}
