@@ -42,7 +42,7 @@ pub struct EncryptionConfig {
 #[derive(Debug)]
 pub(crate) struct ServerKeys {
     dir: KeyDir,
-    kek: Kek,
+    kek: Arc<Kek>,
     encrypt_new_sources: bool,
 }
 
@@ -56,10 +56,16 @@ impl ServerKeys {
             KekConfig::Command(command) => Kek::from_command(command),
         }
         .map_err(refused)?;
+        let kek = Arc::new(kek);
         let dir = KeyDir::open(&config.key_dir).map_err(refused)?;
         store.keyring().extend_from(&dir, &kek).map_err(refused)?;
-        // From now on every head of an encrypted source is witnessed there.
+        // From now on every head of an encrypted source is witnessed there,
+        // and keys made there by others (servers sharing the directory,
+        // `key rotate --source`) are read when missed.
         store.keyring().witness_in(dir.clone());
+        store
+            .keyring()
+            .load_new_keys_from(dir.clone(), Arc::clone(&kek));
         Ok(Self {
             dir,
             kek,
@@ -86,6 +92,12 @@ pub(crate) fn sealing_for(
     keys: Option<&ServerKeys>,
     source: &SourceId,
 ) -> Result<Option<Sealing>, String> {
+    // A key made since the start: by another server sharing the key
+    // directory (and the bucket), or a rotation by `key rotate --source`.
+    store
+        .keyring()
+        .refresh_source(source)
+        .map_err(|e| format!("cannot read the data keys of source {source}: {e}"))?;
     if let Some(sealer) = store.sealer_of(source) {
         // A head rolled back (or replaced) behind the server's back is not
         // served: it no longer matches the witness in the key directory.
@@ -114,5 +126,15 @@ pub(crate) fn sealing_for(
         .keyring()
         .add(source, record.serial, Arc::clone(&sealer));
     tracing::info!(%source, key = %record.reference, kek = keys.kek.id(), "new source encrypted at rest");
+    if record.serial > 1 {
+        // Another server made this source's first key between the look
+        // above and this one: its keys are read in, and the source's id
+        // space is that of its first key, whoever made it.
+        store
+            .keyring()
+            .refresh_source(source)
+            .map_err(|e| format!("cannot read the data keys of source {source}: {e}"))?;
+    }
+    let sealer = store.sealer_of(source).unwrap_or(sealer);
     Ok(Some((sealer, store.id_space_of(source))))
 }

@@ -72,14 +72,10 @@ impl Server {
             }
             None => None,
         };
+        // With a bucket, every server sharing it is given the same key
+        // directory (shared storage): keys one server makes are read by the
+        // others when they miss them.
         let encryption = config.encryption.clone();
-        if encryption.is_some() && config.bucket.is_some() {
-            return Err(Error::Config(
-                "encryption at rest is not yet available for a store in a bucket: the key \
-                 directory would have to be shared by every server of the bucket"
-                    .into(),
-            ));
-        }
         let (store, known, keys) = tokio::task::spawn_blocking(move || {
             let store = match bucket {
                 Some((bucket, cache_bytes)) => {
