@@ -16,7 +16,7 @@ use blockrep_testkit::{AgentRig, Pki, ServerProcess, mixed_image};
 const MIB: usize = 1 << 20;
 
 /// Every file under `dir`, with its bytes.
-fn every_file(dir: &Path) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn every_file(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(dir) = stack.pop() {
@@ -32,7 +32,7 @@ fn every_file(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 

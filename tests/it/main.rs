@@ -28,6 +28,7 @@ mod dedup;
 mod disk_shrink;
 mod edge_shapes;
 mod encryption;
+mod encryption_bucket;
 mod frozen_view;
 mod frozen_view_faults;
 mod fuzz_corpus;

@@ -8,7 +8,7 @@
 //! and telemetry stays off: nothing leaves the machine.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,12 @@ fn free_ports(count: usize) -> Vec<u16> {
 }
 
 impl SeaweedFs {
+    /// Where it keeps everything it stores (its volumes, filer and logs):
+    /// the bytes a bucket's objects end up in on disk.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Starts an instance for `test`, or `None` (the test skips) when no
     /// `weed` is installed and `BLOCKREP_REQUIRE_TOOLS` is not set.
     pub fn start(test: &str) -> Option<Self> {
