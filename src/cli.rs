@@ -19,7 +19,7 @@ pub(crate) use agent::{AgentArgs, CaptureArgs, CompressArg, SnapshotArg, ViewArg
 pub(crate) use bench::BenchArgs;
 pub(crate) use key::{EncryptionArgs, KeyCommand, KeyDirArgs};
 pub(crate) use server::ServerArgs;
-pub(crate) use source::{SourceCommand, SourceDeleteArgs};
+pub(crate) use source::{SourceCommand, SourceDeleteArgs, SourceEncryptArgs};
 pub(crate) use store::StoreArgs;
 
 use crate::units;

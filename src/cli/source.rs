@@ -12,6 +12,30 @@ pub(crate) enum SourceCommand {
     /// nothing of it can be read again, from this store or from any copy of
     /// it, even with the KEK.
     Delete(SourceDeleteArgs),
+    /// Convert a source stored in clear to encrypted at rest, in the store
+    /// of a stopped server: it gets a data key in --key-dir, and every tree
+    /// it names (head, snapshots, launches) is written again with its
+    /// chunks and pages sealed under keyed ids; its head moves one epoch on.
+    /// Then a collection removes the clear copies (compacting every pack
+    /// that holds a dead blob), except blobs other clear sources of its
+    /// tenant share. Until it finishes the source cannot be read; a run
+    /// that stopped half way is finished by running it again.
+    Encrypt(SourceEncryptArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SourceEncryptArgs {
+    /// The source's id.
+    pub(crate) id: String,
+    /// The store's data directory (the server must be stopped).
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    #[command(flatten)]
+    pub(crate) keys: super::KeyDirArgs,
+    /// Leave the clear copies for the next `blockrep gc` (which compacts
+    /// only packs below its --live-share-min, so some may stay a while).
+    #[arg(long)]
+    pub(crate) keep_clear_copies: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,14 +1,16 @@
 //! `blockrep source delete`: a source deleted from a stopped server's
-//! store, and with --shred its data keys destroyed.
+//! store, and with --shred its data keys destroyed; `blockrep source
+//! encrypt`: a source stored in clear converted to encrypted at rest.
 
 use anyhow::{Context, Result, bail};
 use blockrep_keys::KeyDir;
 
-use crate::cli::{SourceCommand, SourceDeleteArgs};
+use crate::cli::{SourceCommand, SourceDeleteArgs, SourceEncryptArgs};
 
 pub(crate) fn source(command: SourceCommand) -> Result<()> {
     match command {
         SourceCommand::Delete(args) => delete(&args),
+        SourceCommand::Encrypt(args) => encrypt(&args),
     }
 }
 
@@ -71,5 +73,63 @@ fn delete(args: &SourceDeleteArgs) -> Result<()> {
         _ => {}
     }
     println!("run `blockrep gc` to reclaim its space");
+    Ok(())
+}
+
+fn encrypt(args: &SourceEncryptArgs) -> Result<()> {
+    let source = super::source_id(&args.id)?;
+    let Some(key_dir) = &args.keys.key_dir else {
+        bail!("name the key directory the source's data key goes to: --key-dir");
+    };
+    let kek = args.keys.kek.kek()?;
+    let store = blockrep_store::Store::open_exclusive(&args.data).with_context(|| {
+        format!(
+            "cannot open the store in {} for writing (stop its server first)",
+            args.data.display()
+        )
+    })?;
+    if store.head(&source)?.is_none() {
+        bail!(
+            "no source {source} with a committed head in {}",
+            args.data.display()
+        );
+    }
+    let keys = KeyDir::open(key_dir)?;
+    let now = blockrep_core::clock::now_unix_ms();
+    if keys.records(&source)?.is_empty() {
+        let (record, _) = keys
+            .create(&source, &kek, now)
+            .with_context(|| format!("cannot make a data key for source {source}"))?;
+        println!(
+            "made data key {} of source {source}, wrapped by KEK {}",
+            record.reference,
+            kek.id()
+        );
+    } else {
+        println!("source {source} has its data keys already: finishing its conversion");
+    }
+    store.keyring().extend_from(&keys, &kek)?;
+    store.keyring().witness_in(keys);
+    let converted = store.encrypt_source(&source, now)?;
+    println!(
+        "sealed {} chunks; converted {} snapshots, {} launches{}",
+        converted.chunks_sealed,
+        converted.snapshots,
+        converted.launches,
+        if converted.head { " and the head" } else { "" }
+    );
+    if args.keep_clear_copies {
+        println!("its clear copies stay until `blockrep gc` reclaims them");
+        return Ok(());
+    }
+    let options = blockrep_store::GcOptions {
+        live_share_min: 1.0,
+        ..blockrep_store::GcOptions::default()
+    };
+    let collected = store.gc(&options)?;
+    println!(
+        "removed the clear copies: {} blobs, {} bytes freed ({} packs compacted)",
+        collected.blobs_removed, collected.bytes_freed, collected.packs_compacted
+    );
     Ok(())
 }

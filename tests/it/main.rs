@@ -29,6 +29,7 @@ mod disk_shrink;
 mod edge_shapes;
 mod encryption;
 mod encryption_bucket;
+mod encryption_convert;
 mod frozen_view;
 mod frozen_view_faults;
 mod fuzz_corpus;

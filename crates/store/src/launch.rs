@@ -164,7 +164,7 @@ impl LaunchInfo {
 }
 
 impl Store {
-    fn launches_dir(&self) -> PathBuf {
+    pub(crate) fn launches_dir(&self) -> PathBuf {
         self.data_dir().join("launches")
     }
 
@@ -223,8 +223,7 @@ impl Store {
         let building = launches.join(format!(".{launch_name}.tmp"));
         remove_leftover(vfs, &building)?;
         create_dir_durable(vfs, &building)?;
-        let meta = self.authenticated(info.place("launch meta"), info.encode_meta());
-        publish_atomic(vfs, &building.join("meta"), &meta)?;
+        self.publish_launch_meta(&building, &info)?;
         self.publish_launch_head(&building, &info)?;
         let path = launches.join(launch_name);
         vfs.rename(&building, &path)
@@ -282,6 +281,12 @@ impl Store {
             .check_launch(&info.source, name, (info.generation, info.root.0))
             .map_err(|e| in_launch(key_error(e)))?;
         Ok(Some(info))
+    }
+
+    /// Publishes `info`'s meta record into the launch directory `dir`.
+    pub(crate) fn publish_launch_meta(&self, dir: &Path, info: &LaunchInfo) -> Result<(), Error> {
+        let meta = self.authenticated(info.place("launch meta"), info.encode_meta());
+        publish_atomic(self.vfs(), &dir.join("meta"), &meta)
     }
 
     /// Publishes `info`'s head (generation, root, flush time) into the

@@ -112,6 +112,7 @@ mod blobs;
 mod bucket;
 mod catalog;
 mod consistency;
+mod convert;
 mod delete;
 mod error;
 mod export;
@@ -143,6 +144,7 @@ pub use blobs::{
 };
 pub use blockrep_objects::LeaseRecord;
 pub use bucket::{BUCKET_CACHE_BYTES_DEFAULT, BucketOptions};
+pub use convert::SourceEncrypted;
 pub use delete::SourceDeleted;
 pub use error::{Error, ErrorKind};
 pub use head::Head;

@@ -190,7 +190,7 @@ impl Store {
 
     /// In a bucket, fails unless this server holds `source`'s lease past
     /// `now_unix_ms`; a local store has no leases.
-    fn check_lease(&self, source: &SourceId, now_unix_ms: u64) -> Result<(), Error> {
+    pub(crate) fn check_lease(&self, source: &SourceId, now_unix_ms: u64) -> Result<(), Error> {
         match &self.remote {
             Some(remote) => remote.check_lease(source, now_unix_ms),
             None => Ok(()),

@@ -105,6 +105,8 @@ struct Inner {
     index: HashMap<ChunkId, Location>,
     active: Option<ActivePack>,
     last_pack: u32,
+    /// The next blob goes to a new pack, not to the last one reopened.
+    start_new_pack: bool,
     /// Bytes appended since the last background flush was started.
     unflushed_bytes: u64,
     /// fsyncs running in the background (sealed packs, early flushes of the
@@ -451,14 +453,15 @@ impl Blobs {
                 .push(self.packs.seal(sealed.number, sealed.file));
         }
         if inner.active.is_none() {
-            inner.active = Some(self.open_active(inner.last_pack)?);
+            let reopen = !std::mem::take(&mut inner.start_new_pack);
+            inner.active = Some(self.open_active(inner.last_pack, reopen)?);
             inner.last_pack = inner.active.as_ref().expect("just set").number;
         }
         Ok(inner.active.as_mut().expect("just set"))
     }
 
-    fn open_active(&self, last_pack: u32) -> Result<ActivePack, Error> {
-        if last_pack > 0 && !self.packs.is_sealed(last_pack) {
+    fn open_active(&self, last_pack: u32, reopen: bool) -> Result<ActivePack, Error> {
+        if reopen && last_pack > 0 && !self.packs.is_sealed(last_pack) {
             let (file, len_bytes) = self.packs.open_active(last_pack)?;
             if len_bytes < self.pack_size_max_bytes() {
                 return Ok(ActivePack {
@@ -494,6 +497,18 @@ impl Blobs {
     /// Whether an fsync has failed since the store was opened.
     pub(crate) fn sync_failed(&self) -> bool {
         self.sync_failed.load(Ordering::SeqCst)
+    }
+
+    /// Seals the active pack (or the last one, not reopened yet), so that
+    /// a collection may compact it: blobs put from now on go to a new pack.
+    pub(crate) fn seal_active_pack(&self) {
+        let mut inner = lock(&self.inner);
+        if let Some(active) = inner.active.take_if(|a| a.len_bytes > 0) {
+            let sealed = self.packs.seal(active.number, active.file);
+            inner.background_syncs.push(sealed);
+        }
+        // An empty active pack stays the one appended to.
+        inner.start_new_pack = inner.active.is_none() && inner.last_pack > 0;
     }
 
     /// Makes every blob put so far durable.
