@@ -93,6 +93,8 @@ fn a_clear_source_is_converted_and_goes_on_replicating_encrypted() {
         left.is_empty(),
         "still in clear after the conversion: {left:?}\n{said}"
     );
+    // The seals made are counted in the key directory (reserved ahead).
+    assert!(key_dir.join("app/00000001.seals").exists());
     // Again: nothing left to do.
     let again = encrypt();
     assert_success(&again);
@@ -126,11 +128,33 @@ fn a_clear_source_is_converted_and_goes_on_replicating_encrypted() {
     // A server with the keys takes the source on, sealed: the agent's next
     // pass commits a change on top of the converted head.
     let server = ServerProcess::start_with(&bin(), &data, rig.pki.path(), &key_args);
-    write_at(&disk, MIB as u64, &random_bytes(128 * 1024, 18));
+    write_at(&disk, MIB as u64, &random_bytes(128 * 1024, 1018));
     assert_success(&agent_once(&disk, server.addr, "app", rig.pki.path(), &[]));
     let view = admin_source(server.admin_addr.unwrap(), "app").unwrap();
     assert!(view.encryption.is_some(), "{view:?}");
     assert_eq!(view.epoch, 3, "{view:?}");
+
+    // A data key started while the server runs seals from the source's next
+    // session on, without a restart.
+    let mut rotate = Command::new(BIN);
+    rotate
+        .args(["key", "rotate", "--source", "app"])
+        .args(key_args);
+    assert_success(&rotate.output().unwrap());
+    let records = blockrep_keys::KeyDir::open(&key_dir)
+        .unwrap()
+        .records(&blockrep_core::SourceId::new("app").unwrap())
+        .unwrap();
+    assert_eq!(records.len(), 2);
+    write_at(&disk, 2 * MIB as u64, &random_bytes(64 * 1024, 1019));
+    assert_success(&agent_once(&disk, server.addr, "app", rig.pki.path(), &[]));
+    let view = admin_source(server.admin_addr.unwrap(), "app").unwrap();
+    assert_eq!(view.epoch, 4, "{view:?}");
+    assert_eq!(
+        view.encryption.unwrap().key,
+        records[1].reference.to_string()
+    );
+    assert!(key_dir.join("app/00000002.seals").exists());
     drop(server);
     let head = rig.work.path().join("head.raw");
     assert_success(&run(

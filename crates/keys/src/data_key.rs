@@ -7,10 +7,12 @@
 //! them, and the MAC key of records (heads, snapshots, launches).
 
 use std::fmt;
+use std::path::PathBuf;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, NONCE_LEN, Nonce, RandomizedNonceKey};
 use zeroize::Zeroizing;
 
+use crate::budget::{RESERVE_STEP, SealBudget};
 use crate::error::{Error, ErrorKind};
 
 /// Length of a data key (AES-256).
@@ -20,9 +22,10 @@ pub const TAG_LEN: usize = 16;
 /// Bytes sealing adds to a plain text: the nonce before it, the tag after.
 pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 /// Seals one data key may make: nonces are random 96-bit values, and NIST SP
-/// 800-38D bounds their use to 2^32 messages per key. A source rotates its
-/// data key (`blockrep key rotate --source`) long before: at 64 KiB per
-/// chunk this is 256 TiB of new data.
+/// 800-38D bounds their use to 2^32 messages per key. Seals are counted
+/// durably in the key directory (see `budget.rs`) and refused past it; a
+/// server starts a source's next key once a quarter is left. At 64 KiB per
+/// chunk this is 256 TiB of new data per key.
 pub const SEALS_PER_KEY_MAX: u64 = 1 << 32;
 
 const SEAL_CONTEXT: &str = "blockrep 2026-12 blob seal key v1";
@@ -84,6 +87,7 @@ impl DataKey {
             aead,
             id_key: Zeroizing::new(blake3::derive_key(ID_CONTEXT, self.bytes())),
             mac_key: Zeroizing::new(blake3::derive_key(MAC_CONTEXT, self.bytes())),
+            budget: SealBudget::default(),
         })
     }
 }
@@ -126,6 +130,8 @@ pub struct Sealer {
     aead: RandomizedNonceKey,
     id_key: Zeroizing<[u8; 32]>,
     mac_key: Zeroizing<[u8; 32]>,
+    /// Seals made and allowed under this key.
+    budget: SealBudget,
 }
 
 impl fmt::Debug for Sealer {
@@ -138,6 +144,21 @@ impl Sealer {
     /// The name of the data key this sealer uses.
     pub fn reference(&self) -> KeyRef {
         self.reference
+    }
+
+    /// This sealer with its seals counted in `file` (the key directory's
+    /// `NNNNNNNN.seals` beside the key's record), from what it reserved.
+    pub fn counted_in(self, file: PathBuf) -> Result<Self, Error> {
+        Ok(Self {
+            budget: SealBudget::load(file, SEALS_PER_KEY_MAX, RESERVE_STEP)?,
+            ..self
+        })
+    }
+
+    /// Seals this key may still make ([`SEALS_PER_KEY_MAX`] less those made
+    /// or reserved, by this process or earlier ones).
+    pub fn seals_left(&self) -> u64 {
+        self.budget.left()
     }
 
     /// The id space of this key: a chunk's stored id is the keyed blake3
@@ -159,6 +180,7 @@ impl Sealer {
     /// stored id and kind, so they cannot be moved to another place):
     /// appends nonce, cipher text and tag to `out`.
     pub fn seal_into(&self, aad: &[u8], plain: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+        self.budget.take()?;
         // One copy of the plain text, encrypted where it lies: the nonce is
         // written in front of it and the tag after.
         let start = out.len();

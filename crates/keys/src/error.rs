@@ -22,6 +22,9 @@ pub enum ErrorKind {
     NotFound,
     /// Invalid input from the caller.
     Invalid,
+    /// A data key has sealed as many times as it may
+    /// ([`crate::SEALS_PER_KEY_MAX`]): the source needs its next key.
+    Exhausted,
 }
 
 blockrep_core::error_type! {

@@ -60,7 +60,8 @@ impl Keyring {
             let mut sealers = Vec::new();
             for record in dir.records(&source)? {
                 let key = record.unwrap_with(kek)?;
-                sealers.push((record.serial, Arc::new(key.sealer()?)));
+                let counted = dir.seal_count_path(&source, record.serial);
+                sealers.push((record.serial, Arc::new(key.sealer()?.counted_in(counted)?)));
             }
             for (serial, sealer) in sealers {
                 self.add(&source, serial, sealer);
@@ -113,7 +114,9 @@ impl Keyring {
             };
             if !known {
                 let key = record.unwrap_with(kek)?;
-                self.add(source, record.serial, Arc::new(key.sealer()?));
+                let counted = dir.seal_count_path(source, record.serial);
+                let sealer = key.sealer()?.counted_in(counted)?;
+                self.add(source, record.serial, Arc::new(sealer));
                 added = true;
             }
         }

@@ -16,6 +16,7 @@
 //! with them every byte sealed under them.
 #![deny(unsafe_code)]
 
+mod budget;
 mod data_key;
 mod error;
 mod fsutil;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{IdSpace, SourceId};
-use blockrep_keys::{Kek, KeyDir, Sealer};
+use blockrep_keys::{Kek, KeyDir, SEALS_PER_KEY_MAX, Sealer};
 use blockrep_store::Store;
 
 use crate::Error;
@@ -106,6 +106,15 @@ pub(crate) fn sealing_for(
             .keyring()
             .check_head(source, head.map(|h| (h.epoch, h.root.0)))
             .map_err(|e| e.to_string())?;
+        // A key with a quarter of its seals left is replaced before it
+        // runs out (SEALS_PER_KEY_MAX: random nonces).
+        if let Some(keys) = keys
+            && sealer.seals_left() < SEALS_PER_KEY_MAX / 4
+        {
+            let sealer = new_key(store, keys, source)?;
+            tracing::info!(%source, key = %sealer.reference(), "data key rotated: the previous one had sealed three quarters of what it may");
+            return Ok(Some((sealer, store.id_space_of(source))));
+        }
         return Ok(Some((sealer, store.id_space_of(source))));
     }
     let Some(keys) = keys.filter(|k| k.encrypt_new_sources) else {
@@ -114,27 +123,38 @@ pub(crate) fn sealing_for(
     if store.head(source).map_err(|e| e.to_string())?.is_some() {
         return Ok(None);
     }
+    let sealer = new_key(store, keys, source)?;
+    tracing::info!(%source, key = %sealer.reference(), kek = keys.kek.id(), "new source encrypted at rest");
+    Ok(Some((sealer, store.id_space_of(source))))
+}
+
+/// Makes `source`'s next data key (its first, for a new source), durable
+/// in the key directory with its seals counted there, and adds it to the
+/// keyring; the key that seals the source's new data from now on.
+fn new_key(store: &Store, keys: &ServerKeys, source: &SourceId) -> Result<Arc<Sealer>, String> {
     let (record, key) = keys
         .dir
         .create(source, &keys.kek, now_unix_ms())
         .map_err(|e| format!("cannot make a data key for source {source}: {e}"))?;
-    let sealer = Arc::new(
-        key.sealer()
-            .map_err(|e| format!("data key of source {source}: {e}"))?,
-    );
+    let counted = keys.dir.seal_count_path(source, record.serial);
+    let sealer = key
+        .sealer()
+        .and_then(|sealer| sealer.counted_in(counted))
+        .map_err(|e| format!("data key of source {source}: {e}"))?;
+    store.keyring().add(source, record.serial, Arc::new(sealer));
+    if record.serial == 1 {
+        return store
+            .sealer_of(source)
+            .ok_or_else(|| format!("source {source}: its new data key is not held"));
+    }
+    // Another server may have made the source's first keys between the
+    // look at the start of the session and this one: they are read in (the
+    // source's id space is that of its first key, whoever made it).
     store
         .keyring()
-        .add(source, record.serial, Arc::clone(&sealer));
-    tracing::info!(%source, key = %record.reference, kek = keys.kek.id(), "new source encrypted at rest");
-    if record.serial > 1 {
-        // Another server made this source's first key between the look
-        // above and this one: its keys are read in, and the source's id
-        // space is that of its first key, whoever made it.
-        store
-            .keyring()
-            .refresh_source(source)
-            .map_err(|e| format!("cannot read the data keys of source {source}: {e}"))?;
-    }
-    let sealer = store.sealer_of(source).unwrap_or(sealer);
-    Ok(Some((sealer, store.id_space_of(source))))
+        .refresh_source(source)
+        .map_err(|e| format!("cannot read the data keys of source {source}: {e}"))?;
+    store
+        .sealer_of(source)
+        .ok_or_else(|| format!("source {source}: its new data key is not held"))
 }
