@@ -1,4 +1,4 @@
-//! Seals counted against [`SEALS_PER_KEY_MAX`]: with random 96-bit nonces a
+//! Seals counted against `SEALS_PER_KEY_MAX`: with random 96-bit nonces a
 //! data key may seal at most that many times, across every process that
 //! ever used it, so the count must outlive a process.
 //!
@@ -18,7 +18,6 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::data_key::SEALS_PER_KEY_MAX;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{publish, read_bounded};
 
@@ -124,12 +123,6 @@ impl SealBudget {
         }
         self.reserved.store(ceiling, Ordering::Release);
         Ok(())
-    }
-}
-
-impl Default for SealBudget {
-    fn default() -> Self {
-        Self::in_memory(SEALS_PER_KEY_MAX)
     }
 }
 

@@ -87,7 +87,7 @@ impl DataKey {
             aead,
             id_key: Zeroizing::new(blake3::derive_key(ID_CONTEXT, self.bytes())),
             mac_key: Zeroizing::new(blake3::derive_key(MAC_CONTEXT, self.bytes())),
-            budget: SealBudget::default(),
+            budget: SealBudget::in_memory(SEALS_PER_KEY_MAX),
         })
     }
 }
