@@ -109,3 +109,20 @@ pub(crate) fn pack_files(data_dir: &Path) -> std::collections::BTreeMap<String, 
         })
         .collect()
 }
+
+/// Every byte of the data directory's files, one buffer per file.
+pub(crate) fn every_file(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}

@@ -4,6 +4,7 @@ use blockrep_core::{Consistency, Geometry, VolumeName};
 use blockrep_keys::{Kek, KeyDir, init_kek_file};
 
 use super::*;
+use crate::testutil::every_file;
 use crate::{GcOptions, LaunchKind, VolumeCommit};
 
 const CHUNK: usize = 65_536;
@@ -21,22 +22,6 @@ fn disk(marker: &str) -> Vec<u8> {
             out.extend_from_slice(format!("{marker}-{i}-{} ", out.len()).as_bytes());
         }
         out.truncate(start + CHUNK);
-    }
-    out
-}
-
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-            }
-        }
     }
     out
 }
@@ -160,7 +145,7 @@ fn a_clear_source_is_converted_whole_and_nothing_of_it_stays_in_clear() {
     let collected = store.gc(&every_pack).unwrap();
     assert!(collected.blobs_dead >= 10, "{collected:?}");
     assert!(store.verify(None, None).unwrap().is_clean());
-    for (name, bytes) in files(&data) {
+    for (name, bytes) in every_file(&data) {
         assert!(
             !bytes.windows(6).any(|w| w == b"MARKER"),
             "{name} holds a marker"

@@ -7,6 +7,7 @@ use blockrep_keys::{Kek, KeyDir, Keyring, Sealer, init_kek_file};
 use super::*;
 use crate::blobs::{Fault, pack_file_name};
 use crate::format::{RECORD_CRC_AT, RECORD_HEADER_LEN};
+use crate::testutil::every_file;
 use crate::{ErrorKind, GcOptions, LaunchKind};
 
 /// A chunk of 64 KiB that holds `marker` many times, varied so that zstd
@@ -83,23 +84,6 @@ fn put_in(
         .insert_sealed(sealer, id, codec, chunk.len() as u32, stored)
         .unwrap();
     (id, new)
-}
-
-/// Every byte of the data directory's files, one buffer per file.
-fn every_file(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    out
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
