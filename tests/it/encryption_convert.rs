@@ -95,14 +95,12 @@ fn a_clear_source_is_converted_and_goes_on_replicating_encrypted() {
     );
     // The seals made are counted in the key directory (reserved ahead).
     assert!(key_dir.join("app/00000001.seals").exists());
-    // Again: nothing left to do.
+    // Again: refused, the conversion finished (a clear record now would be
+    // one put there, not one left to convert).
     let again = encrypt();
-    assert_success(&again);
-    assert!(
-        stdout(&again).contains("converted 0 snapshots, 0 launches\n"),
-        "{}",
-        stdout(&again)
-    );
+    assert!(!again.status.success());
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("encrypted already"), "{said}");
 
     // Verify and export read it with the keys only.
     let run = |args: &[&str], keys: bool| {

@@ -131,9 +131,18 @@ impl Keyring {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let space = match inner.spaces.get(source) {
             Some((first, space)) if *first <= serial => *space,
-            _ => {
+            previous => {
+                // A key older than those held (another server made it while
+                // this one made a later one): the source's space is its, and
+                // so is that of every key of the source already held.
+                let old = previous.map(|(_, space)| *space);
                 let space = sealer.id_space();
                 inner.spaces.insert(source.clone(), (serial, space));
+                if let Some(old) = old {
+                    for (_, held) in inner.by_ref.values_mut().filter(|(_, s)| *s == old) {
+                        *held = space;
+                    }
+                }
                 space
             }
         };
@@ -267,6 +276,23 @@ impl Keyring {
         match self.witnesses.get() {
             Some(dir) => dir.check_launch_head(source, name, self, head),
             None => Ok(()),
+        }
+    }
+
+    /// Whether `source`'s head is witnessed here (it committed, or finished
+    /// its conversion, encrypted).
+    pub fn has_head_witness(&self, source: &SourceId) -> bool {
+        self.witnesses
+            .get()
+            .is_some_and(|dir| dir.path().join(source.as_str()).join("head").exists())
+    }
+
+    /// The source under which launch `name`'s head is witnessed, if any
+    /// (a launch's record must name that source).
+    pub fn launch_witnessed_by(&self, name: &str) -> Result<Option<SourceId>, Error> {
+        match self.witnesses.get() {
+            Some(dir) => dir.launch_witnessed_by(name),
+            None => Ok(None),
         }
     }
 

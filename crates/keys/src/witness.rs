@@ -108,6 +108,17 @@ impl KeyDir {
         self.record(source, Witnessed::Launch(name), sealer, generation, root)
     }
 
+    /// The source whose key directory witnesses launch `name`'s head, if
+    /// any.
+    pub fn launch_witnessed_by(&self, name: &str) -> Result<Option<SourceId>, Error> {
+        for source in self.sources()? {
+            if self.witness_path(&source, Witnessed::Launch(name)).exists() {
+                return Ok(Some(source));
+            }
+        }
+        Ok(None)
+    }
+
     /// Forgets the witness of `source`'s launch `name` (deleted); nothing
     /// to do when there is none.
     pub fn forget_launch_head(&self, source: &SourceId, name: &str) -> Result<(), Error> {

@@ -59,6 +59,22 @@ impl Store {
                 format!("source {source} has no data key to seal it with"),
             )
         })?;
+        // A finished conversion (its head witnessed and converted) is not
+        // run again: a clear record found then was put there, and is not to
+        // be signed. The head is checked against its witness first.
+        let head = self.head(source)?;
+        self.keyring()
+            .check_head(source, head.map(|h| (h.epoch, h.root.0)))
+            .map_err(crate::authentic::key_error)?;
+        if self.keyring().has_head_witness(source) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "source {source} is encrypted already (its head is witnessed): a record \
+                     of it in clear was put there, not left by a conversion"
+                ),
+            ));
+        }
         // The clear blobs end in sealed packs, which a collection compacts
         // (it never compacts the active one).
         self.blobs.seal_active_pack();

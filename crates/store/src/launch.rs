@@ -277,6 +277,22 @@ impl Store {
         self.authentic(info.place("launch meta"), &meta, META_LEN)
             .and_then(|_| self.authentic(info.place("launch head"), &head, HEAD_LEN))
             .map_err(in_launch)?;
+        // A launch witnessed under one source whose records name another
+        // (a clear one, whose records need no MAC) was replaced.
+        let witnessed_by = self
+            .keyring()
+            .launch_witnessed_by(name)
+            .map_err(|e| in_launch(key_error(e)))?;
+        if let Some(owner) = witnessed_by.filter(|owner| *owner != info.source) {
+            return Err(in_launch(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "its records name source {}, but its head is witnessed under source \
+                     {owner}: they were replaced",
+                    info.source
+                ),
+            )));
+        }
         self.keyring()
             .check_launch(&info.source, name, (info.generation, info.root.0))
             .map_err(|e| in_launch(key_error(e)))?;

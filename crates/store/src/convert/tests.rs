@@ -109,10 +109,9 @@ fn a_clear_source_is_converted_whole_and_nothing_of_it_stays_in_clear() {
         (1, 1, true)
     );
     assert!(report.chunks_sealed >= 5, "{report:?}");
-    assert_eq!(
-        store.encrypt_source(&web, 5_000).unwrap(),
-        SourceEncrypted::default()
-    );
+    // Finished: run again it refuses (a clear record now would be forged).
+    let again = store.encrypt_source(&web, 5_000).unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::AlreadyExists, "{again}");
     assert!(store.encrypt_source(&db, 4_000).unwrap().head);
 
     // Everything reads as before, through the seals, one epoch on.
