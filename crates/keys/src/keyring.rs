@@ -318,3 +318,29 @@ impl Keyring {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data_key::DataKey;
+
+    /// A source's older key read after a newer one (two servers made them
+    /// at once): the source's space, and that of every key of it, is the
+    /// older key's.
+    #[test]
+    fn an_older_key_read_later_gives_every_key_of_the_source_its_space() {
+        let ring = Keyring::new();
+        let web = SourceId::new("web").unwrap();
+        let first = Arc::new(DataKey::generate().unwrap().sealer().unwrap());
+        let second = Arc::new(DataKey::generate().unwrap().sealer().unwrap());
+        ring.add(&web, 2, Arc::clone(&second));
+        assert_eq!(ring.id_space(&web), Some(second.id_space()));
+        ring.add(&web, 1, Arc::clone(&first));
+        assert_eq!(ring.id_space(&web), Some(first.id_space()));
+        for key in [&first, &second] {
+            assert_eq!(ring.opener(&key.reference()).unwrap().1, first.id_space());
+            ring.source_key(&web, &key.reference()).unwrap();
+        }
+        assert_eq!(ring.current(&web).unwrap().reference(), second.reference());
+    }
+}
