@@ -11,7 +11,8 @@
 //! without one is refused, as is a trailer under a key of another source.
 //! A launch head, the only one of these records that changes, is also
 //! witnessed in the key directory (`blockrep_keys` `witness.rs`), so an
-//! older head put back is refused too.
+//! older head put back is refused too, as is a source's head
+//! ([`Store::publish_head`]).
 //!
 //! Trailer (`AUTH_MAGIC` version 1, 56 bytes): magic (8) | key reference (16)
 //! | MAC (32) of `blockrep/record/v1`, kind, source and name (each preceded
@@ -21,6 +22,8 @@ use blockrep_core::SourceId;
 use blockrep_keys::KeyRef;
 
 use crate::error::{Error, ErrorKind};
+use crate::fsutil::publish_atomic;
+use crate::head::Head;
 use crate::store::Store;
 
 const AUTH_MAGIC: [u8; 8] = *b"BRAUTH\x00\x01";
@@ -54,6 +57,22 @@ impl RecordPlace<'_> {
 }
 
 impl Store {
+    /// Publishes `head` as `source`'s head (its directory exists), then
+    /// witnesses it outside the data directory (encrypted sources): a
+    /// witness that lags its head is no alarm, so a failure there costs only
+    /// the rollback check of this one head.
+    pub(crate) fn publish_head(&self, source: &SourceId, head: &Head) -> Result<(), Error> {
+        let path = self.source_dir(source).join("head");
+        publish_atomic(self.vfs(), &path, &head.encode())?;
+        if let Err(e) = self
+            .keyring()
+            .witness_head(source, head.epoch, &head.root.0)
+        {
+            eprintln!("blockrep-store: cannot witness the head of {source}: {e}");
+        }
+        Ok(())
+    }
+
     /// `record` as it is written for `place`: followed by its trailer when
     /// the source is encrypted, unchanged otherwise.
     pub(crate) fn authenticated(&self, place: RecordPlace<'_>, mut record: Vec<u8>) -> Vec<u8> {

@@ -146,11 +146,7 @@ impl Store {
                 committed_unix_ms: now_unix_ms,
                 ..head
             };
-            let path = self.source_dir(source).join("head");
-            publish_atomic(self.vfs(), &path, &head.encode())?;
-            if let Err(e) = self.keyring().witness_head(source, head.epoch, &root.0) {
-                eprintln!("blockrep-store: cannot witness the head of {source}: {e}");
-            }
+            self.publish_head(source, &head)?;
             converter.report.head = true;
         }
         self.sync()?;

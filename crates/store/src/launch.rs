@@ -262,8 +262,10 @@ impl Store {
         let in_launch = |e: Error| Error::new(e.kind(), format!("launch {name}: {e}"));
         // The records name their source, whose key authenticates them: read
         // them (checksums only) first, then check that they are authentic.
-        let record = |bytes: &[u8], len: usize| bytes.get(..len).unwrap_or(bytes).to_vec();
-        let info = LaunchInfo::decode(&record(&meta, META_LEN), &record(&head, HEAD_LEN))
+        fn record(bytes: &[u8], len: usize) -> &[u8] {
+            bytes.get(..len).unwrap_or(bytes)
+        }
+        let info = LaunchInfo::decode(record(&meta, META_LEN), record(&head, HEAD_LEN))
             .map_err(in_launch)?;
         if info.name != name {
             return Err(Error::new(
@@ -278,11 +280,16 @@ impl Store {
             .and_then(|_| self.authentic(info.place("launch head"), &head, HEAD_LEN))
             .map_err(in_launch)?;
         // A launch witnessed under one source whose records name another
-        // (a clear one, whose records need no MAC) was replaced.
-        let witnessed_by = self
-            .keyring()
-            .launch_witnessed_by(name)
-            .map_err(|e| in_launch(key_error(e)))?;
+        // (a clear one, whose records need no MAC) was replaced. Records of
+        // an encrypted source are bound to it by their MAC already, so only
+        // a clear launch looks through the key directory.
+        let witnessed_by = if self.keyring().is_encrypted(&info.source) {
+            None
+        } else {
+            self.keyring()
+                .launch_witnessed_by(name)
+                .map_err(|e| in_launch(key_error(e)))?
+        };
         if let Some(owner) = witnessed_by.filter(|owner| *owner != info.source) {
             return Err(in_launch(Error::new(
                 ErrorKind::Corrupt,
@@ -374,8 +381,9 @@ impl Store {
             ));
         };
         remove_dir_durable(self.vfs(), &self.launches_dir(), name)?;
-        // A witness left behind would only be replaced by the next launch
-        // of this name; forgetting it is tidiness, not safety.
+        // A witness left behind would make a later clear launch of this name
+        // read as replaced (an encrypted one replaces it): a failure here is
+        // reported, and the witness file is then to be removed by hand.
         if let Err(e) = self.keyring().forget_launch(&info.source, name) {
             eprintln!("blockrep-store: launch {name}: cannot remove its head's witness: {e}");
         }

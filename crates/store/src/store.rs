@@ -17,8 +17,8 @@ use crate::blobs::{BlobInfo, BlobKind, Blobs, LocalPacks, PackBackend, StoredCod
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{
-    create_dir_durable, lock_data_dir, make_data_dir, publish_atomic, read_small_file,
-    refuse_working_copy, restrict_data_dir,
+    create_dir_durable, lock_data_dir, make_data_dir, read_small_file, refuse_working_copy,
+    restrict_data_dir,
 };
 use crate::guard::{FsyncGuard, sync_tree};
 use crate::head::{HEAD_LEN, Head};
@@ -626,14 +626,8 @@ impl Store {
         create_dir_durable(self.vfs(), &dir)?;
         // Again: the uploads of a sync can take long enough for a lease to lapse.
         self.check_lease(source, now_unix_ms)?;
-        publish_atomic(self.vfs(), &dir.join("head"), &head.encode())
+        self.publish_head(source, &head)
             .map_err(Error::lease_refusal)?;
-        // Witnessed outside the data directory once durable (encrypted
-        // sources): a witness that lags its head is no alarm, so a failure
-        // here costs only the rollback check of this one head.
-        if let Err(e) = self.keyring().witness_head(source, epoch, &head.root.0) {
-            eprintln!("blockrep-store: cannot witness the head of {source}: {e}");
-        }
         Ok(CommitStats { head, pages_stored })
     }
 
