@@ -139,8 +139,8 @@ mod verify;
 pub mod vfs;
 
 pub use blobs::{
-    BlobInfo, BlobKind, GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport, PACK_SIZE_MAX_BYTES,
-    StoredCodec, UploadStats,
+    BlobInfo, BlobKind, GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport, INDEX_MEMORY_DEFAULT_BYTES,
+    PACK_SIZE_MAX_BYTES, StoredCodec, UploadStats,
 };
 pub use blockrep_objects::LeaseRecord;
 pub use bucket::{BUCKET_CACHE_BYTES_DEFAULT, BucketOptions};

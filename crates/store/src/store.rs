@@ -13,7 +13,7 @@ use blockrep_core::{
     SourceId, VolumeName,
 };
 
-use crate::blobs::{BlobInfo, BlobKind, Blobs, LocalPacks, PackBackend, StoredCodec};
+use crate::blobs::{BlobInfo, BlobKind, Blobs, IndexOptions, LocalPacks, PackBackend, StoredCodec};
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{
@@ -25,6 +25,9 @@ use crate::head::{HEAD_LEN, Head};
 use crate::mutex::lock;
 use crate::remote::Remote;
 use crate::vfs::{RealFs, Vfs};
+
+/// The blob index's runs, in the data directory (see `blobs/index/`).
+const INDEX_DIR: &str = "index";
 
 /// What a commit wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,97 +87,6 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir` for writing. A torn tail of the
-    /// last pack, left by a crash, is cut off.
-    pub fn open(dir: &Path) -> Result<Self, Error> {
-        let dir = &make_data_dir(dir)?;
-        restrict_data_dir(dir)?;
-        Self::open_with_vfs(dir, Arc::new(RealFs))
-    }
-
-    /// [`Store::open`] on another file system: `dir` is an absolute path in
-    /// `vfs`. The crash tests open stores on a simulated disk this way.
-    pub fn open_with_vfs(dir: &Path, vfs: Arc<dyn Vfs>) -> Result<Self, Error> {
-        refuse_working_copy(vfs.as_ref(), dir)?;
-        let guard = FsyncGuard::new(vfs);
-        let sync_failed = guard.flag();
-        let vfs: Arc<dyn Vfs> = Arc::new(guard);
-        create_dir_durable(vfs.as_ref(), &dir.join("packs"))?;
-        create_dir_durable(vfs.as_ref(), &dir.join("sources"))?;
-        // What this open is about to trust (pack records it indexes, heads,
-        // names) may be in the page cache only, if the last process saw an
-        // fsync fail: make it durable before anything new builds on it.
-        sync_tree(vfs.as_ref(), dir).map_err(|e| {
-            Error::io(
-                format!("cannot make the contents of {} durable", dir.display()),
-                e,
-            )
-        })?;
-        Self::open_inner(dir, vfs, false, sync_failed)
-    }
-
-    /// [`Store::open`], holding an exclusive lock on the data directory for as
-    /// long as the store is open: the server and offline commands that write
-    /// use this, so that two processes never append to the same packs.
-    pub fn open_exclusive(dir: &Path) -> Result<Self, Error> {
-        let dir = &make_data_dir(dir)?;
-        let lock_file = lock_data_dir(dir)?;
-        let mut store = Self::open(dir)?;
-        store.lock_file = Some(lock_file);
-        Ok(store)
-    }
-
-    /// Opens an existing store without changing anything, e.g. to export while the
-    /// server runs. Only committed state is read.
-    pub fn open_read_only(dir: &Path) -> Result<Self, Error> {
-        if !dir.join("packs").is_dir() {
-            return Err(Error::new(
-                ErrorKind::Missing,
-                format!("{} is not a blockrep data directory", dir.display()),
-            ));
-        }
-        refuse_working_copy(&RealFs, dir)?;
-        Self::open_inner(dir, Arc::new(RealFs), true, Arc::default())
-    }
-
-    /// [`Store::open_read_only`] of what a bucket's working copy holds,
-    /// records and cached packs alone: for the bench, whose cache holds
-    /// everything it replicated. A blob of a pack dropped from the cache
-    /// reads as missing.
-    #[doc(hidden)]
-    pub fn open_cached_read_only(dir: &Path) -> Result<Self, Error> {
-        Self::open_inner(dir, Arc::new(RealFs), true, Arc::default())
-    }
-
-    fn open_inner(
-        dir: &Path,
-        vfs: Arc<dyn Vfs>,
-        read_only: bool,
-        sync_failed: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<Self, Error> {
-        let packs = LocalPacks::new(dir.join("packs"), Arc::clone(&vfs));
-        Self::with_packs(dir, vfs, Box::new(packs), read_only, sync_failed)
-    }
-
-    pub(crate) fn with_packs(
-        dir: &Path,
-        vfs: Arc<dyn Vfs>,
-        packs: Box<dyn PackBackend>,
-        read_only: bool,
-        sync_failed: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<Self, Error> {
-        let blobs = Blobs::open(packs, read_only, sync_failed)?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            vfs,
-            lock_file: None,
-            blobs,
-            commit_locks: Mutex::new(HashMap::new()),
-            catalog: Catalog::default(),
-            remote: None,
-        })
-    }
-
     /// Where the store keeps its packs and records: `local` (the data
     /// directory) or the bucket's `s3://BUCKET/PREFIX`.
     pub fn backend(&self) -> String {
@@ -229,6 +141,20 @@ impl Store {
     #[doc(hidden)]
     pub fn set_pack_size_max_bytes(&self, bytes: u64) {
         self.blobs.set_pack_size_max_bytes(bytes);
+    }
+
+    /// Sets the memory the blob index keeps for its newest entries before a
+    /// sync moves them to sorted runs on disk (`DATA/index`); default
+    /// [`crate::INDEX_MEMORY_DEFAULT_BYTES`]. A store on a simulated disk or
+    /// in a bucket keeps its whole index in memory.
+    pub fn set_index_memory_max_bytes(&self, bytes: usize) {
+        self.blobs.set_index_memory_max_bytes(bytes);
+    }
+
+    /// Bytes of memory the blob index's runs keep (filters and block
+    /// summaries), and entries in its in-memory table.
+    pub fn index_memory(&self) -> (usize, usize) {
+        self.blobs.index_memory()
     }
 
     /// Whether the store holds a sound blob with this id. While a garbage
@@ -782,5 +708,9 @@ fn check_chunk_len(geometry: Geometry, index: u64, len: usize) -> Result<(), Err
     }
 }
 
+mod open;
+
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tests;

@@ -168,6 +168,7 @@ impl Blobs {
         // records go.
         self.sync()?;
         self.delete_packs(&candidates, &mut report, hook)?;
+        self.checkpoint_index()?;
         *lock(&self.fence.last_report) = Some(report.clone());
         Ok(report)
     }
@@ -191,12 +192,8 @@ impl Blobs {
     }
 
     /// Every index entry, for the collector's accounting.
-    fn index_entries(&self) -> Vec<(ChunkId, Location)> {
-        lock(&self.inner)
-            .index
-            .iter()
-            .map(|(id, location)| (*id, *location))
-            .collect()
+    fn index_entries(&self) -> Result<Vec<(ChunkId, Location)>, Error> {
+        lock(&self.inner).index.entries()
     }
 
     /// Number of the newest pack: the active one, or the one that will be reused
@@ -257,7 +254,7 @@ impl Blobs {
             packs.insert(number, pack);
         }
         let bytes_total: u64 = packs.values().map(|pack| pack.file_bytes).sum();
-        for (id, location) in self.index_entries() {
+        for (id, location) in self.index_entries()? {
             let live = marked.contains(&id) || touched.contains(&id);
             if live {
                 report.blobs_live += 1;
@@ -377,6 +374,9 @@ impl Blobs {
         report.packs_kept_damaged = candidates.iter().filter(|c| c.damaged).count() as u64;
         let mut deleted_bytes = 0u64;
         for candidate in candidates.iter().filter(|c| !c.damaged) {
+            // Its entries were moved or removed; the index's runs stop
+            // covering it.
+            lock(&self.inner).index.forget_pack(candidate.number);
             let outcome = self.packs.remove(candidate.number);
             if outcome.is_ok() {
                 deleted_bytes += candidate.file_bytes;

@@ -13,12 +13,12 @@
 pub(crate) mod backend;
 mod compact;
 mod fence;
+mod index;
+mod load;
 pub(crate) mod pack;
 pub(crate) mod pack_index;
 pub(crate) mod seal;
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +35,9 @@ pub(crate) use backend::{LocalPacks, PackBackend};
 pub(crate) use compact::GcStage;
 pub use compact::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};
 pub(crate) use fence::GcState;
+use index::BlobIndex;
+pub use index::INDEX_MEMORY_DEFAULT_BYTES;
+pub(crate) use index::IndexOptions;
 pub use pack::{BlobKind, PACK_SIZE_MAX_BYTES, StoredCodec};
 pub(crate) use pack::{RecordHeader, pack_file_name, parse_pack_file_name};
 pub(crate) use pack_index::parse_index_file_name;
@@ -102,7 +105,7 @@ struct ActivePack {
 
 #[derive(Debug, Default)]
 struct Inner {
-    index: HashMap<ChunkId, Location>,
+    index: BlobIndex,
     active: Option<ActivePack>,
     last_pack: u32,
     /// The next blob goes to a new pack, not to the last one reopened.
@@ -140,6 +143,8 @@ pub(crate) struct Blobs {
     sync_join: Mutex<()>,
     /// The data keys that open sealed records.
     keyring: Arc<Keyring>,
+    /// Where the index keeps what exceeds its memory budget.
+    index_options: Mutex<IndexOptions>,
 }
 
 impl Blobs {
@@ -150,6 +155,7 @@ impl Blobs {
         packs: Box<dyn PackBackend>,
         read_only: bool,
         sync_failed: Arc<AtomicBool>,
+        index_options: IndexOptions,
     ) -> Result<Self, Error> {
         let blobs = Self {
             packs,
@@ -160,6 +166,7 @@ impl Blobs {
             pack_size_max_bytes: AtomicU64::new(PACK_SIZE_MAX_BYTES),
             sync_join: Mutex::new(()),
             keyring: Arc::new(Keyring::new()),
+            index_options: Mutex::new(index_options),
         };
         blobs.load_index()?;
         Ok(blobs)
@@ -181,6 +188,20 @@ impl Blobs {
         self.read_only
     }
 
+    /// Sets the memory the blob index keeps before it moves entries to
+    /// runs on disk (see [`crate::Store::set_index_memory_max_bytes`]).
+    pub(crate) fn set_index_memory_max_bytes(&self, bytes: usize) {
+        let entries = (bytes / index::MEM_BYTES_PER_ENTRY).max(1);
+        lock(&self.index_options).mem_max_entries = entries;
+        lock(&self.inner).index.set_mem_max_entries(entries);
+    }
+
+    /// Bytes of memory the index's runs keep, and entries in its table.
+    pub(crate) fn index_memory(&self) -> (usize, usize) {
+        let inner = lock(&self.inner);
+        (inner.index.runs_memory_bytes(), inner.index.mem_len())
+    }
+
     /// Makes packs seal at `bytes` (see [`crate::Store::set_pack_size_max_bytes`]).
     pub(crate) fn set_pack_size_max_bytes(&self, bytes: u64) {
         self.pack_size_max_bytes
@@ -196,97 +217,16 @@ impl Blobs {
         self.packs.list()
     }
 
-    /// Builds the blob index from the packs, cutting torn tails when writable.
-    /// A read-only store calls it again to see what a running server added.
-    pub(crate) fn load_index(&self) -> Result<(), Error> {
-        let numbers = self.packs.list()?;
-        let mut inner = lock(&self.inner);
-        inner.index.clear();
-        for (position, &number) in numbers.iter().enumerate() {
-            let is_last = position + 1 == numbers.len();
-            // A sealed pack's saved scan, when there is a sound one (see
-            // `pack_index.rs`); the newest pack is always scanned.
-            let saved = if is_last && !self.packs.is_sealed(number) {
-                None
-            } else {
-                self.packs.load_scan(number)
-            };
-            let scan = match saved {
-                Some(scan) => scan,
-                None => match self.packs.scan(number) {
-                    Ok(scan) => {
-                        if !self.read_only {
-                            // What this open indexes must be durable: an fsync
-                            // that failed before it may have left writes to the
-                            // pack pending. Only then is its scan saved.
-                            self.packs.make_durable(number)?;
-                            if !is_last {
-                                self.save_scan(number, &scan);
-                            }
-                        }
-                        scan
-                    }
-                    // Deleted by a collection since the listing (a read-only store
-                    // looking at a running server): its blobs are elsewhere now.
-                    Err(e) if e.is_not_found() => continue,
-                    Err(e) => return Err(e),
-                },
-            };
-            index_scan(&mut inner, number, &scan);
-            if scan.valid_len < scan.file_len && is_last && !self.read_only {
-                // Only the last pack is ever appended to, so only it can have a torn
-                // tail; nothing past `valid_len` was ever part of a commit.
-                tracing_cut(&self.packs.describe(number), scan.valid_len, scan.file_len);
-                self.packs.truncate(number, scan.valid_len)?;
-            }
-            inner.last_pack = number;
-        }
-        drop(inner);
-        // Saved pack indexes whose pack is gone (a collection deletes the
-        // index first, but a crash may land the two removals in either order).
-        if !self.read_only && self.packs.remove_orphan_scans(&numbers)? {
-            self.packs.sync_listing()?;
-        }
-        Ok(())
-    }
-
     /// See [`PackBackend::remove_unpublished`].
     pub(crate) fn remove_unpublished(&self) -> Result<u64, Error> {
         self.packs.remove_unpublished()
     }
 
-    /// Adds to the index the packs that appeared in the backend since it
-    /// was built (packs another server sharing the bucket published).
-    pub(crate) fn refresh(&self) -> Result<(), Error> {
-        for number in self.packs.refresh()? {
-            let scan = match self.packs.load_scan(number) {
-                Some(scan) => scan,
-                None => self.packs.scan(number)?,
-            };
-            let mut inner = lock(&self.inner);
-            index_scan(&mut inner, number, &scan);
-            inner.last_pack = inner.last_pack.max(number);
-        }
-        Ok(())
-    }
-
-    /// Saves the scan of sealed pack `number`. Failing to (a full disk) costs
-    /// only a scan at the next open.
-    fn save_scan(&self, number: u32, scan: &pack::PackScan) {
-        if let Err(e) = self.packs.save_scan(number, scan) {
-            // Rare, and worth a line (see `tracing_cut`).
-            eprintln!(
-                "blockrep-store: cannot save the index of pack {number} ({e}); \
-                 it will be scanned again at the next open"
-            );
-        }
-    }
-
     /// Whether a sound blob with this id is stored (see
     /// [`crate::Store::contains`]); a hit is recorded as touched.
     pub(crate) fn contains(&self, id: &ChunkId) -> bool {
-        let inner = lock(&self.inner);
-        let found = inner.index.get(id).is_some_and(|at| at.crc_ok);
+        let (_inner, at) = self.indexed(id);
+        let found = at.is_some_and(|at| at.crc_ok);
         if found {
             // Under the index lock, so a collector deciding to drop `id` (also
             // under it) sees the hit.
@@ -298,8 +238,8 @@ impl Blobs {
     /// Kind and decoded length of a sound stored blob (see
     /// [`crate::Store::blob_info`]); a hit is recorded as touched.
     pub(crate) fn info(&self, id: &ChunkId) -> Option<BlobInfo> {
-        let inner = lock(&self.inner);
-        let at = inner.index.get(id).filter(|at| at.crc_ok)?;
+        let (_inner, at) = self.indexed(id);
+        let at = at.filter(|at| at.crc_ok)?;
         let info = BlobInfo {
             kind: at.header.kind,
             raw_len: at.header.raw_len,
@@ -314,9 +254,8 @@ impl Blobs {
         what: &str,
         ids: impl IntoIterator<Item = &'a ChunkId>,
     ) -> Result<(), Error> {
-        let inner = lock(&self.inner);
         for id in ids {
-            if !id.is_zero() && !inner.index.contains_key(id) {
+            if !id.is_zero() && self.indexed(id).1.is_none() {
                 return Err(Error::new(
                     ErrorKind::Missing,
                     format!("{what} names {id}, which is not stored"),
@@ -371,11 +310,11 @@ impl Blobs {
         stored: &[u8],
     ) -> Result<bool, Error> {
         self.check_writable()?;
-        let mut inner = lock(&self.inner);
+        let (mut inner, at) = self.indexed(&id);
         // Found or stored, the caller is about to reference it: a running
         // collection must keep it.
         self.fence.note(&id);
-        if inner.index.get(&id).is_some_and(|at| at.crc_ok) {
+        if at.is_some_and(|at| at.crc_ok) {
             return Ok(false);
         }
         let header = RecordHeader {
@@ -523,8 +462,12 @@ impl Blobs {
                     inner.background_syncs.push(sealed);
                 }
             }
-            inner.active.as_ref().map(|a| Arc::clone(&a.file))
+            // What this sync makes durable, if the index is to move entries
+            // to a run after it (see `index/`).
+            let durable = inner.index.flush_due();
+            (inner.active.as_ref().map(|a| Arc::clone(&a.file)), durable)
         };
+        let (file, durable) = file;
         // fsyncs run outside the index lock: other sessions keep appending
         // meanwhile, and everything appended before this call is covered. The
         // join lock makes a concurrent `sync` that took the pending fsyncs first
@@ -556,6 +499,9 @@ impl Blobs {
                 "an earlier fsync failed; reopen the store (restart the server) to recover",
             ));
         }
+        if let Some(durable) = durable {
+            self.flush_index(&mut lock(&self.inner), Some(durable));
+        }
         Ok(())
     }
 
@@ -568,16 +514,36 @@ impl Blobs {
         }
     }
 
+    /// The index lock and where blob `id` is. When a run of the index fails
+    /// a read, the index is rebuilt from the packs, in memory for the rest of
+    /// the process (its manifest is gone, so the next open rebuilds its runs),
+    /// and the lookup made again.
+    fn indexed(&self, id: &ChunkId) -> (std::sync::MutexGuard<'_, Inner>, Option<Location>) {
+        let inner = lock(&self.inner);
+        let found = inner.index.get(id);
+        if found.is_some() || !inner.index.is_damaged() {
+            return (inner, found);
+        }
+        drop(inner);
+        lock(&self.index_options).dir = None;
+        if let Err(e) = self.load_index() {
+            eprintln!("blockrep-store: cannot rebuild the blob index: {e}");
+        }
+        let inner = lock(&self.inner);
+        let found = inner.index.get(id);
+        (inner, found)
+    }
+
     /// Where the index says blob `id` is; a read-only store reloads its index
     /// once when it does not know the id.
     pub(crate) fn location(&self, id: &ChunkId) -> Result<Location, Error> {
-        if let Some(location) = lock(&self.inner).index.get(id).copied() {
+        if let Some(location) = self.indexed(id).1 {
             return Ok(location);
         }
         if self.read_only {
             // A read-only store may lag behind a running server: look again.
             self.load_index()?;
-            if let Some(location) = lock(&self.inner).index.get(id).copied() {
+            if let Some(location) = lock(&self.inner).index.get(id) {
                 return Ok(location);
             }
         }
@@ -679,7 +645,7 @@ impl Blobs {
     /// crc32, decoding and hash; returns the decoded bytes and the stored
     /// bytes read.
     pub(crate) fn check(&self, id: &ChunkId, kind: BlobKind) -> Result<(Vec<u8>, u64), Fault> {
-        let Some(mut location) = lock(&self.inner).index.get(id).copied() else {
+        let Some(mut location) = self.indexed(id).1 else {
             return Err(Fault::Missing);
         };
         if location.header.kind != kind {
@@ -736,52 +702,25 @@ impl Blobs {
     /// after a crash only delays that): the record is damaged whatever
     /// happens here, and a read must not fail the store's fsyncs.
     pub(crate) fn note_damaged(&self, location: Location) {
-        let newly = match lock(&self.inner).index.get_mut(&location.header.id) {
-            Some(at) if at.is_at(&location) && at.crc_ok => {
-                at.crc_ok = false;
-                true
+        let newly = {
+            let mut inner = lock(&self.inner);
+            match inner.index.get(&location.header.id) {
+                Some(at) if at.is_at(&location) && at.crc_ok => {
+                    let damaged = Location {
+                        crc_ok: false,
+                        ..at
+                    };
+                    inner.index.insert(location.header.id, damaged);
+                    // Until a run records the damage, an open reads the
+                    // pack again instead of trusting the runs about it.
+                    inner.index.uncover(location.pack);
+                    true
+                }
+                _ => false,
             }
-            _ => false,
         };
         if newly && !self.read_only {
             let _ = self.packs.forget_scan(location.pack);
         }
     }
-}
-
-/// Adds the records of pack `number` to the index.
-fn index_scan(inner: &mut Inner, number: u32, scan: &pack::PackScan) {
-    for record in &scan.records {
-        let location = Location {
-            pack: number,
-            offset: record.offset,
-            header: record.header,
-            crc_ok: record.crc_ok,
-        };
-        // The same id twice means a compaction copied it and stopped
-        // before deleting the old pack. The newer copy is kept, so that
-        // the next collection finds the old pack dead and deletes it
-        // without copying again; but never a damaged copy over a sound
-        // one: a copy not yet fsynced when the power went may be torn
-        // while the old record still holds.
-        match inner.index.entry(record.header.id) {
-            Entry::Occupied(mut known) => {
-                if location.crc_ok || !known.get().crc_ok {
-                    known.insert(location);
-                }
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(location);
-            }
-        }
-    }
-}
-
-fn tracing_cut(pack: &str, valid_len: u64, file_len: u64) {
-    // The store has no logging dependency; recovery is rare and worth one line.
-    eprintln!(
-        "blockrep-store: dropping torn tail of {pack}: {} bytes after offset {}",
-        file_len - valid_len,
-        valid_len
-    );
 }

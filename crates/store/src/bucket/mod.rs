@@ -29,6 +29,7 @@ mod lease;
 mod packs;
 mod records;
 
+use crate::blobs::IndexOptions;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::create_dir_durable;
 use crate::fsutil::{lock_data_dir, make_data_dir, restrict_data_dir};
@@ -132,7 +133,14 @@ impl Store {
             Arc::clone(&remote),
             options.cache_bytes,
         )?;
-        let mut store = Store::with_packs(dir, vfs, Box::new(packs), false, sync_failed)?;
+        let mut store = Store::with_packs(
+            dir,
+            vfs,
+            Box::new(packs),
+            false,
+            sync_failed,
+            IndexOptions::default(),
+        )?;
         store.lock_file = Some(lock_file);
         store.remote = Some(remote);
         // Smaller packs than a local store's: a pack is uploaded when it is

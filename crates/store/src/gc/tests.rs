@@ -85,14 +85,24 @@ struct Scenario {
     volume: Option<(Arc<LaunchVolume>, Vec<u8>)>,
     /// Chunks that were committed once and that nothing references now.
     dead: Vec<ChunkId>,
+    /// The blob index's memory budget, when a test makes it tiny.
+    index_bytes: Option<usize>,
 }
 
 const PACK_BYTES: u64 = 48 * 1024;
 
 fn scenario(seed: u64) -> Scenario {
+    scenario_with(seed, None)
+}
+
+/// [`scenario`] with the blob index's memory budget set to `index_bytes`.
+fn scenario_with(seed: u64, index_bytes: Option<usize>) -> Scenario {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     store.set_pack_size_max_bytes(PACK_BYTES);
+    if let Some(bytes) = index_bytes {
+        store.set_index_memory_max_bytes(bytes);
+    }
     let geometry = Geometry::new(40 * u64::from(CHUNK) + 1000, CHUNK).unwrap();
     let mut rng = Rng::new(seed);
     let mut disk = vec![0u8; geometry.disk_size_bytes() as usize];
@@ -182,6 +192,7 @@ fn scenario(seed: u64) -> Scenario {
         launches,
         volume: Some((volume, model)),
         dead,
+        index_bytes,
     }
 }
 
@@ -220,6 +231,9 @@ impl Scenario {
         self.volume = None;
         let store = Arc::new(Store::open(self.dir.path()).unwrap());
         store.set_pack_size_max_bytes(PACK_BYTES);
+        if let Some(bytes) = self.index_bytes {
+            store.set_index_memory_max_bytes(bytes);
+        }
         self.store = Arc::clone(&store);
         store
     }
@@ -231,7 +245,23 @@ fn pack_count(dir: &Path) -> usize {
 
 #[test]
 fn gc_frees_only_unreferenced_data() {
-    let mut s = scenario(1);
+    gc_frees_only_unreferenced_data_of(scenario(1));
+}
+
+/// The same with the blob index in runs on disk (a budget of 8 entries):
+/// moved and removed entries, packs deleted under a manifest that covers
+/// them, and a reopen that trusts the runs.
+#[test]
+fn gc_frees_only_unreferenced_data_with_the_index_on_disk() {
+    let s = scenario_with(1, Some(8 * 128));
+    assert!(
+        s.dir.path().join("index/manifest").exists(),
+        "the index has runs"
+    );
+    gc_frees_only_unreferenced_data_of(s);
+}
+
+fn gc_frees_only_unreferenced_data_of(mut s: Scenario) {
     let store = Arc::clone(&s.store);
     let blobs_before = store.blob_count();
     let bytes_before = pack_bytes(s.dir.path());
@@ -304,6 +334,7 @@ fn a_read_only_reader_keeps_reading_across_a_collection() {
         launches: s.launches.clone(),
         volume: None,
         dead: Vec::new(),
+        index_bytes: None,
     };
     unchanged.check(&reader);
 }
