@@ -108,6 +108,13 @@ pub(crate) struct ServerArgs {
     /// Pack size limit in bytes (for tests of compaction; default 256 MiB).
     #[arg(long, hide = true, value_parser = units::parse_size)]
     pub(crate) pack_size_max: Option<u64>,
+    /// Memory the blob index keeps for its newest entries (about 128 bytes
+    /// each); the rest lives in sorted runs in DATA/index, with about 1.4
+    /// bytes per stored blob in memory, so the server's memory does not grow
+    /// with what it stores. A store in a bucket keeps its whole index in
+    /// memory.
+    #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = units::parse_size)]
+    pub(crate) index_memory: u64,
     /// A source with no agent contact for this long is `stalled`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     pub(crate) stall_after: Duration,

@@ -40,6 +40,7 @@ pub(crate) async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Re
         text => Some(units::parse_duration(text).map_err(anyhow::Error::msg)?),
     };
     config.pack_size_max_bytes = args.pack_size_max;
+    config.index_memory_bytes = usize::try_from(args.index_memory).unwrap_or(usize::MAX);
     config.nbd_listen = args.nbd_listen;
     config.nbd_tls = args.nbd_tls;
     config.nbd_idle_timeout = args.nbd_idle_timeout;

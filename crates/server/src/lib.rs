@@ -126,6 +126,9 @@ pub struct ServerConfig {
     pub gc_interval: Option<Duration>,
     /// Pack size limit (tests use small packs so that compaction happens).
     pub pack_size_max_bytes: Option<u64>,
+    /// Memory the blob index keeps for its newest entries; the rest lives
+    /// in sorted runs in the data directory (a local store).
+    pub index_memory_bytes: usize,
     /// How often every source's lag is compared with its RPO target.
     pub alert_interval: Duration,
     /// Shell command run (`sh -c`) once when a source breaches its RPO target and
@@ -210,6 +213,7 @@ impl ServerConfig {
             nbd_connections_per_address_max: NBD_CONNECTIONS_PER_ADDRESS_MAX_DEFAULT,
             gc_interval: Some(Duration::from_secs(600)),
             pack_size_max_bytes: None,
+            index_memory_bytes: blockrep_store::INDEX_MEMORY_DEFAULT_BYTES,
             alert_interval: Duration::from_millis(500),
             on_rpo_breach: None,
             crl_path: None,

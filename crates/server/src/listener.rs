@@ -63,6 +63,7 @@ impl Server {
         let data_dir = config.data_dir.clone();
         let policy = config.retention.clone();
         let pack_size_max = config.pack_size_max_bytes;
+        let index_memory = config.index_memory_bytes;
         let bucket = match &config.bucket {
             Some(b) => {
                 let bucket = blockrep_objects::Bucket::s3(&b.location, &b.service)
@@ -82,7 +83,7 @@ impl Server {
                     let options = blockrep_store::BucketOptions { cache_bytes };
                     Store::open_in_bucket(&data_dir, bucket, options)?
                 }
-                None => Store::open_exclusive(&data_dir)?,
+                None => Store::open_exclusive_with_index_memory(&data_dir, index_memory)?,
             };
             if let Some(policy) = policy {
                 store.set_retention_policy(policy);

@@ -54,6 +54,13 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
     /// `scan_pack`). `NotFound` when the pack is gone.
     fn scan(&self, number: u32) -> Result<PackScan, Error>;
 
+    /// [`PackBackend::scan`] of the records at or past `from`, a record
+    /// boundary (what the blob index's runs do not cover); the records
+    /// below may be listed too.
+    fn scan_from(&self, number: u32, _from: u64) -> Result<PackScan, Error> {
+        self.scan(number)
+    }
+
     /// Makes what pack `number` holds durable (what an open is about to index).
     fn make_durable(&self, number: u32) -> Result<(), Error>;
 
@@ -235,6 +242,10 @@ impl PackBackend for LocalPacks {
 
     fn scan(&self, number: u32) -> Result<PackScan, Error> {
         scan_pack(self.vfs.as_ref(), &self.path(number))
+    }
+
+    fn scan_from(&self, number: u32, from: u64) -> Result<PackScan, Error> {
+        super::pack::scan_pack_from(self.vfs.as_ref(), &self.path(number), from)
     }
 
     fn make_durable(&self, number: u32) -> Result<(), Error> {

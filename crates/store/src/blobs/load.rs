@@ -47,14 +47,15 @@ impl Blobs {
             };
             let scan = match saved {
                 Some(scan) => scan,
-                None => match self.packs.scan(number) {
+                None => match self.packs.scan_from(number, from) {
                     Ok(scan) => {
                         if !self.read_only {
                             // What this open indexes must be durable: an fsync
                             // that failed before it may have left writes to the
                             // pack pending. Only then is its scan saved.
                             self.packs.make_durable(number)?;
-                            if !is_last {
+                            // A scan of part of the pack is no scan to save.
+                            if !is_last && from == 0 {
                                 self.save_scan(number, &scan);
                             }
                         }
@@ -232,12 +233,15 @@ fn index_scan(inner: &mut Inner, number: u32, scan: &pack::PackScan, from: u64) 
         // one: a copy not yet fsynced when the power went may be torn
         // while the old record still holds. The same record read again
         // (its pack's saved scan dropped) takes what the read found.
-        let replace = match inner.index.get(&record.header.id) {
+        let known = inner.index.get(&record.header.id);
+        let replace = match known {
             None => true,
             Some(known) => location.is_at(&known) || location.crc_ok || !known.crc_ok,
         };
         if replace {
-            inner.index.insert(record.header.id, location);
+            inner
+                .index
+                .insert_known(record.header.id, location, known.is_some());
         }
     }
     inner.index.note_pack(number, scan.valid_len);

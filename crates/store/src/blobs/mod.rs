@@ -331,7 +331,7 @@ impl Blobs {
         let header = RecordHeader::decode(&header_bytes)
             .ok_or_else(|| Error::new(ErrorKind::Invalid, "blob exceeds the record limits"))?;
         let location = self.append_locked(&mut inner, &header_bytes, header, stored)?;
-        inner.index.insert(id, location);
+        inner.index.insert_known(id, location, at.is_some());
         Ok(true)
     }
 

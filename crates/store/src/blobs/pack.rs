@@ -160,6 +160,12 @@ pub(crate) struct PackScan {
 /// - `valid_len` is the end of the last record whose checksum holds; records
 ///   after it are the torn tail and are left out.
 pub(crate) fn scan_pack(vfs: &dyn Vfs, path: &Path) -> Result<PackScan, Error> {
+    scan_pack_from(vfs, path, 0)
+}
+
+/// [`scan_pack`] of the records at or past `from`, a record boundary below
+/// which the caller knows the pack (the blob index's runs cover it).
+pub(crate) fn scan_pack_from(vfs: &dyn Vfs, path: &Path, from: u64) -> Result<PackScan, Error> {
     let file = vfs
         .open(path, OpenMode::Read)
         .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
@@ -169,8 +175,8 @@ pub(crate) fn scan_pack(vfs: &dyn Vfs, path: &Path) -> Result<PackScan, Error> {
         .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
     let io = |e| Error::io(format!("cannot read {}", path.display()), e);
     let mut records = Vec::new();
-    let mut offset = 0u64;
-    let mut valid_len = 0u64;
+    let mut offset = from;
+    let mut valid_len = from.min(file_len);
     let mut data = Vec::new();
     while offset + RECORD_HEADER_LEN as u64 <= file_len {
         match read_record(file, offset, file_len, &mut data).map_err(io)? {

@@ -50,6 +50,16 @@ pub(crate) struct IndexOptions {
     pub(crate) mem_max_entries: usize,
 }
 
+impl IndexOptions {
+    /// Runs in `dir`, the table holding about `memory_bytes` of entries.
+    pub(crate) fn on_disk(dir: PathBuf, memory_bytes: usize) -> Self {
+        Self {
+            dir: Some(dir),
+            mem_max_entries: (memory_bytes / MEM_BYTES_PER_ENTRY).max(1),
+        }
+    }
+}
+
 impl Default for IndexOptions {
     fn default() -> Self {
         Self {
@@ -156,7 +166,14 @@ impl BlobIndex {
 
     /// Points `id` at `location`.
     pub(crate) fn insert(&mut self, id: ChunkId, location: Location) {
-        if self.get(&id).is_none() {
+        let known = self.get(&id).is_some();
+        self.insert_known(id, location, known);
+    }
+
+    /// [`BlobIndex::insert`] when the caller has just looked `id` up
+    /// (`known`: whether it had a location), saving a second lookup.
+    pub(crate) fn insert_known(&mut self, id: ChunkId, location: Location, known: bool) {
+        if !known {
             self.live += 1;
         }
         let end = location.offset + location.record_len_bytes();
