@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# blockrep next to rsync on the same synthetic disk and the same seeded change,
+# blockrep next to rsync on the same disk (synthetic, dense or a real file system) and the same seeded change,
 # in one run, with one pass of b3sum over the disk as the floor of a rescan.
 #
-# Usage: scripts/compare.sh [SIZE]    SIZE like 1GiB (default), 256MiB, 2GiB
+# Usage: scripts/compare.sh [--disk-kind synthetic|dense|fs] [SIZE]
+#   SIZE like 1GiB (default), 256MiB, 2GiB. The disk (as `blockrep bench
+#   --disk-kind`): `synthetic` (default) the seeded mix of holes, text, records,
+#   random bytes and duplicated extents; `dense` the same without holes; `fs`
+#   an ext4 file system filled to 70% from this machine's files under /usr
+#   (mke2fs -d), as real disks are.
 # Environment: SEED (default 1) picks the disk and the change; CHANGE_PERCENT
 # (default 1) is the share of 4 KiB blocks rewritten; TMPDIR is where the work
 # directory goes (default /var/tmp: it needs about 5x SIZE of disk, not RAM).
@@ -14,6 +19,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+disk_kind=synthetic
+if [[ ${1:-} == --disk-kind ]]; then
+    disk_kind=${2:?--disk-kind needs synthetic, dense or fs}
+    shift 2
+fi
+case $disk_kind in
+    synthetic | dense | fs) ;;
+    *) echo "unknown --disk-kind $disk_kind: use synthetic, dense or fs" >&2; exit 2 ;;
+esac
 size_arg=${1:-1GiB}
 seed=${SEED:-1}
 change_percent=${CHANGE_PERCENT:-1}
@@ -65,11 +79,47 @@ mib() { awk -v a="$1" 'BEGIN { printf "%.1f", a / 1048576 }'; }
 # The disk: 1 MiB extents, each a hole, text-like, structured records, random,
 # or a copy of an earlier extent, in the shares `blockrep bench` uses (its
 # generator is internal to the binary, so this is a seeded equivalent).
-echo "making a $size_arg synthetic disk (seed $seed)..." >&2
-python3 - "$disk" "$size_bytes" "$seed" <<'EOF'
+echo "making a $size_arg $disk_kind disk (seed $seed)..." >&2
+if [[ $disk_kind == fs ]]; then
+    # Files of /usr in path order, hard-linked (or copied) into a staging
+    # directory until their blocks fill 70% of the disk, then mke2fs -d.
+    python3 - "$work/files" "$size_bytes" <<'EOF'
+import os, shutil, sys
+staging, size = sys.argv[1], int(sys.argv[2])
+budget, used, BLOCK = size * 70 // 100, 0, 4096
+for root, dirs, files in os.walk("/usr"):
+    dirs.sort()
+    for name in sorted(files):
+        src = os.path.join(root, name)
+        if os.path.islink(src) or not os.path.isfile(src):
+            continue
+        length = os.path.getsize(src)
+        if length > budget // 8:
+            continue
+        dst = os.path.join(staging, os.path.relpath(src, "/usr"))
+        parent = os.path.dirname(dst)
+        takes = -(-length // BLOCK) * BLOCK + (0 if os.path.isdir(parent) else BLOCK)
+        if used + takes > budget:
+            continue
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            try:
+                shutil.copyfile(src, dst)
+            except OSError:
+                continue
+        used += takes
+EOF
+    truncate -s "$size_bytes" "$disk"
+    mke2fs -q -F -t ext4 -b 4096 -E root_owner=0:0 -d "$work/files" "$disk"
+    rm -rf "$work/files"
+    sync "$disk"
+else
+python3 - "$disk" "$size_bytes" "$seed" "$disk_kind" <<'EOF'
 import os, random, struct, sys
 
-path, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, size, seed, dense = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "dense"
 EXTENT = 1 << 20
 LAYOUT = [("zero", 30), ("text", 25), ("structured", 15), ("random", 20), ("duplicate", 10)]
 WORDS = [w.encode() for w in "block replica epoch kernel inode journal the of disk write "
@@ -92,7 +142,8 @@ with open(path, "w+b") as f:
     offset = 0
     while offset < size:
         n = min(EXTENT, size - offset)
-        kind = kind_of(rng.randrange(100))
+        # A dense disk rolls past the zero band (the layout's first).
+        kind = kind_of(30 + rng.randrange(70) if dense else rng.randrange(100))
         if kind == "zero":
             offset += n  # a hole
             continue
@@ -120,6 +171,7 @@ with open(path, "w+b") as f:
         offset += n
     os.fsync(fd)
 EOF
+fi
 
 # The change: CHANGE_PERCENT of the 4 KiB blocks rewritten with random bytes at
 # random positions (seeded, so every tool sees the same change).
@@ -245,7 +297,7 @@ cmp "$disk" "$work/rsync/a.raw" || verified=FAILED
 cmp "$disk" "$work/rsync/b.raw" || verified=FAILED
 
 row() { printf '  %-46s %9s %12s\n' "$@"; }
-echo "compare: $size_arg disk ($(mib "$size_bytes") MiB), seed $seed, $blocks_changed of $((size_bytes / 4096)) 4 KiB blocks changed, $(nproc) cores"
+echo "compare: $size_arg $disk_kind disk ($(mib "$size_bytes") MiB), seed $seed, $blocks_changed of $((size_bytes / 4096)) 4 KiB blocks changed, $(nproc) cores"
 row "" "seconds" "wire MiB"
 row "blockrep full (mTLS, verified, fsync)" "$blockrep_full" "$(mib "$blockrep_full_bytes")"
 row "rsync full (--inplace, daemon, no fsync)" "$rsync_full" "$(mib "$rsync_full_bytes")"

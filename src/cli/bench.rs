@@ -8,6 +8,27 @@ use clap::Args;
 
 use crate::units::{parse_duration, parse_size};
 
+/// `--disk-kind`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum DiskKindArg {
+    /// The seeded synthetic mix.
+    Synthetic,
+    /// The synthetic mix without holes.
+    Dense,
+    /// ext4 filled from /usr.
+    Fs,
+}
+
+impl From<DiskKindArg> for blockrep_bench::DiskKind {
+    fn from(arg: DiskKindArg) -> Self {
+        match arg {
+            DiskKindArg::Synthetic => Self::Synthetic,
+            DiskKindArg::Dense => Self::Dense,
+            DiskKindArg::Fs => Self::Fs,
+        }
+    }
+}
+
 /// Options of `blockrep bench`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
@@ -27,6 +48,12 @@ pub(crate) struct BenchArgs {
         conflicts_with = "capture"
     )]
     pub(crate) disks: u8,
+    /// What the disks hold: `synthetic` (a seeded mix of holes, text,
+    /// records, random bytes and duplicated extents), `dense` (the same
+    /// without holes) or `fs` (an ext4 file system filled to 70% from this
+    /// machine's files under /usr with mke2fs -d, as real disks are).
+    #[arg(long, value_enum, default_value_t = DiskKindArg::Synthetic, conflicts_with = "capture")]
+    pub(crate) disk_kind: DiskKindArg,
     /// Chunk size.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub(crate) chunk_size: u64,

@@ -12,6 +12,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<()> {
         server_exe,
         size: args.size,
         disks: usize::from(args.disks),
+        disk_kind: args.disk_kind.into(),
         chunk_size: args.chunk_size,
         churn_rate: args.churn_rate,
         duration: args.duration,

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, ensure};
 use blockrep_core::{VOLUMES_MAX, VolumeName};
 
+use crate::DiskKind;
+use crate::fsdisk::make_fs_disk;
 use crate::synthetic::make_synthetic_disk;
 
 /// The smallest disk the bench makes.
@@ -66,9 +68,9 @@ fn disk_seed(seed: u64, index: usize) -> u64 {
     seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Writes every disk; returns the bytes of each kind of content, summed over
-/// the disks, in the layout's order.
-pub(crate) fn make(disks: &[BenchDisk]) -> Result<Vec<(&'static str, u64)>> {
+/// Writes every disk as `kind`; returns the bytes of each kind of content,
+/// summed over the disks, in the layout's order.
+pub(crate) fn make(disks: &[BenchDisk], kind: DiskKind) -> Result<Vec<(&'static str, u64)>> {
     let mut total: Vec<(&'static str, u64)> = Vec::new();
     for disk in disks {
         ensure!(
@@ -77,7 +79,16 @@ pub(crate) fn make(disks: &[BenchDisk]) -> Result<Vec<(&'static str, u64)>> {
             disk.name,
             disk.size_bytes
         );
-        let layout = make_synthetic_disk(&disk.path, disk.size_bytes, disk.seed)?;
+        let layout = match kind {
+            DiskKind::Synthetic => {
+                make_synthetic_disk(&disk.path, disk.size_bytes, disk.seed, false)?
+            }
+            DiskKind::Dense => make_synthetic_disk(&disk.path, disk.size_bytes, disk.seed, true)?,
+            DiskKind::Fs => {
+                let staging = disk.path.with_extension("files");
+                make_fs_disk(&disk.path, disk.size_bytes, &staging)?
+            }
+        };
         if total.is_empty() {
             total = layout;
         } else {
@@ -139,9 +150,15 @@ mod tests {
     #[test]
     fn a_machine_of_disks_too_small_is_refused_and_the_layout_sums_every_disk() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(make(&plan(dir.path(), 2, 1 << 20, 1).unwrap()).is_err());
+        assert!(
+            make(
+                &plan(dir.path(), 2, 1 << 20, 1).unwrap(),
+                DiskKind::Synthetic
+            )
+            .is_err()
+        );
         let disks = plan(dir.path(), 2, 4 << 20, 1).unwrap();
-        let layout = make(&disks).unwrap();
+        let layout = make(&disks, DiskKind::Synthetic).unwrap();
         let total: u64 = layout.iter().map(|(_, bytes)| bytes).sum();
         assert_eq!(total, (4 << 20) + (2 << 20) + 4096);
         let contents: Vec<Vec<u8>> = disks

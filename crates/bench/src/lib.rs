@@ -20,6 +20,7 @@
 mod capture;
 mod delta;
 mod disks;
+mod fsdisk;
 mod measure;
 mod plot;
 mod replication;
@@ -38,6 +39,30 @@ pub use verify::{
     verify_machine_cutover,
 };
 
+/// What the bench's disks hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// The seeded synthetic mix: holes, text, structured records, random
+    /// bytes and duplicated extents.
+    Synthetic,
+    /// The synthetic mix without holes: every byte is data.
+    Dense,
+    /// An ext4 file system filled from this machine's files under `/usr`
+    /// (`mke2fs -d`), as real disks are.
+    Fs,
+}
+
+impl DiskKind {
+    /// Its name in the table and the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Synthetic => "synthetic",
+            Self::Dense => "dense",
+            Self::Fs => "fs",
+        }
+    }
+}
+
 /// What to measure, and where; `blockrep bench`'s flags.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -49,6 +74,8 @@ pub struct Options {
     /// Disks of the synthetic source: 1 replicates a single disk, more a
     /// machine of that many disks (at most `blockrep_core::VOLUMES_MAX`).
     pub disks: usize,
+    /// What the disks hold.
+    pub disk_kind: DiskKind,
     /// Chunk size in bytes.
     pub chunk_size: u64,
     /// Bytes per second of the churn writer during continuous replication.

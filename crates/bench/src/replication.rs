@@ -69,11 +69,12 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
-        "blockrep bench: synthetic {}, seed {}, {cores} cores",
+        "blockrep bench: {} {}, seed {}, {cores} cores",
+        args.disk_kind.name(),
         disks::describe(&disk_sizes),
         args.seed
     );
-    let layout = disks::make(&disks)?;
+    let layout = disks::make(&disks, args.disk_kind)?;
     let layout_text: Vec<String> = layout
         .iter()
         .map(|(name, bytes)| format!("{name} {:.0}%", 100.0 * *bytes as f64 / total_size as f64))
@@ -333,6 +334,7 @@ pub(crate) async fn run(args: Options) -> Result<()> {
         "disks": disks.len(),
         "disk_sizes_bytes": disk_sizes,
         "chunk_size_bytes": chunk_size,
+        "disk_kind": args.disk_kind.name(),
         "layout_bytes": layout.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "nonzero_bytes": nonzero,
         "blake3_all_cores_seconds": floor.as_secs_f64(),

@@ -34,12 +34,14 @@ const WORDS: [&str; 16] = [
 ];
 
 /// Writes a seeded, filesystem-like disk image of 1 MiB extents, each zero,
-/// text-like, structured records, random, or a copy of an earlier extent.
+/// text-like, structured records, random, or a copy of an earlier extent;
+/// with `dense`, no extent is zero (the other kinds keep their proportions).
 /// Returns the bytes of each kind written.
 pub(crate) fn make_synthetic_disk(
     path: &Path,
     size: u64,
     seed: u64,
+    dense: bool,
 ) -> Result<Vec<(&'static str, u64)>> {
     const EXTENT: usize = 1 << 20;
     let mut rng = SplitMix64::new(seed);
@@ -57,7 +59,12 @@ pub(crate) fn make_synthetic_disk(
     let mut offset = 0u64;
     while offset < size {
         let len = (size - offset).min(EXTENT as u64) as usize;
-        let roll = rng.below(100);
+        // The zero kind is the layout's first band: a dense disk rolls past it.
+        let roll = if dense {
+            LAYOUT[0].1 + rng.below(100 - LAYOUT[0].1)
+        } else {
+            rng.below(100)
+        };
         let mut acc = 0;
         let mut kind = LAYOUT
             .iter()
@@ -221,11 +228,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_dense_disk_has_no_zero_extent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dense");
+        let layout = make_synthetic_disk(&path, 16 << 20, 1, true).unwrap();
+        assert_eq!(layout[0], ("zero", 0));
+        let bytes = std::fs::read(&path).unwrap();
+        for (n, extent) in bytes.chunks(1 << 20).enumerate() {
+            assert!(extent.iter().any(|&b| b != 0), "extent {n} is zero");
+        }
+    }
+
+    #[test]
     fn a_seed_repeats_its_disk_and_the_kinds_add_up_to_the_size() {
         let dir = tempfile::tempdir().unwrap();
         let disk = |name: &str, seed: u64| {
             let path = dir.path().join(name);
-            let layout = make_synthetic_disk(&path, 8 << 20, seed).unwrap();
+            let layout = make_synthetic_disk(&path, 8 << 20, seed, false).unwrap();
             assert_eq!(layout.iter().map(|(_, bytes)| bytes).sum::<u64>(), 8 << 20);
             std::fs::read(&path).unwrap()
         };

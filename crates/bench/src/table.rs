@@ -118,7 +118,12 @@ pub(crate) fn print_table(f: &serde_json::Value) {
     if f["disks"].as_u64().is_some_and(|disks| disks > 1) {
         machine_rows(f, &mut rows);
     }
-    println!("blockrep bench: {} cores, seed {}", f["cores"], f["seed"]);
+    println!(
+        "blockrep bench: {} cores, seed {}, {} disk",
+        f["cores"],
+        f["seed"],
+        f["disk_kind"].as_str().unwrap_or("synthetic")
+    );
     for (name, value) in rows {
         println!("  {name:<46} {value:>22}");
     }
