@@ -206,7 +206,8 @@ pub(crate) fn epoch(report: &EpochReport) {
     println!(
         "epoch {} committed root={} chunks_sent={} zero_chunks_sent={} ref_chunks_sent={} bytes_sent={} \
          raw_bytes_sent={} patches_sent={} patch_bytes_sent={} block_values_bytes_received={} \
-         server_chunks_received={} server_chunks_stored={} scan_ms={} transfer_ms={} consistency={}",
+         server_chunks_received={} server_chunks_stored={} scan_ms={} transfer_ms={} consistency={} \
+         compressed_chunks_sent={} compression={} compression_changes={}",
         report.epoch,
         report.root,
         report.chunks_sent,
@@ -222,6 +223,9 @@ pub(crate) fn epoch(report: &EpochReport) {
         report.scan_duration.as_millis(),
         report.transfer_duration.as_millis(),
         report.consistency.as_str(),
+        report.compressed_chunks_sent,
+        if report.compressing { "on" } else { "off" },
+        report.compression_changes,
     );
 }
 

@@ -22,6 +22,7 @@ mod bucket_store;
 mod capture;
 mod capture_fs;
 mod capture_status;
+mod compression;
 mod consistency;
 mod continuous;
 mod dedup;

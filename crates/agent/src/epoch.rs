@@ -646,11 +646,13 @@ impl<S: Transport> Session<S> {
                 self.reference(encoded.index, &encoded.id)
             } else if encoded.patch {
                 report.patches_sent += 1;
+                report.compressed_chunks_sent += u64::from(encoded.compressed);
                 report.patch_bytes_sent += encoded.frame.len() as u64;
                 report.raw_bytes_sent += encoded.raw_len;
                 encoded.frame
             } else {
                 report.chunks_sent += 1;
+                report.compressed_chunks_sent += u64::from(encoded.compressed);
                 report.raw_bytes_sent += encoded.raw_len;
                 encoded.frame
             };
@@ -727,6 +729,7 @@ impl<S: Transport> Session<S> {
         report.server_chunks_received = stored.0 + received;
         report.server_chunks_stored = stored.1 + new;
         report.transfer_duration = transfer_started.elapsed();
+        report.note_compression(config);
         Ok(Some(report))
     }
 }

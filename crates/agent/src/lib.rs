@@ -252,6 +252,13 @@ pub struct EpochReport {
     pub patches_sent: u64,
     /// Frame bytes of those patches (part of `bytes_sent`).
     pub patch_bytes_sent: u64,
+    /// Data chunks and patches sent zstd-compressed.
+    pub compressed_chunks_sent: u64,
+    /// Whether the agent compressed when the epoch ended (`--compress
+    /// auto`: the controller's choice then).
+    pub compressing: bool,
+    /// Times the controller changed its choice since the agent started.
+    pub compression_changes: u64,
     /// Bytes of the bases' block values the server sent for the patches (the
     /// downstream cost of patching; requests count in `bytes_sent`).
     pub block_values_bytes_received: u64,
@@ -285,6 +292,9 @@ impl EpochReport {
             raw_bytes_sent: 0,
             patches_sent: 0,
             patch_bytes_sent: 0,
+            compressed_chunks_sent: 0,
+            compressing: false,
+            compression_changes: 0,
             block_values_bytes_received: 0,
             server_chunks_received: 0,
             server_chunks_stored: 0,
@@ -292,6 +302,16 @@ impl EpochReport {
             transfer_duration: Duration::ZERO,
             consistency,
         }
+    }
+
+    /// Records the compression choice as the epoch ends.
+    pub(crate) fn note_compression(&mut self, config: &AgentConfig) {
+        self.compressing = match config.compression {
+            Compression::Auto => config.adaptive.enabled(),
+            Compression::Zstd => true,
+            Compression::None => false,
+        };
+        self.compression_changes = config.adaptive.changes();
     }
 
     /// Adds what one volume of a machine's epoch sent. The volumes' views
@@ -305,6 +325,7 @@ impl EpochReport {
         self.raw_bytes_sent += volume.raw_bytes_sent;
         self.patches_sent += volume.patches_sent;
         self.patch_bytes_sent += volume.patch_bytes_sent;
+        self.compressed_chunks_sent += volume.compressed_chunks_sent;
         self.block_values_bytes_received += volume.block_values_bytes_received;
         self.scan_duration = self.scan_duration.max(volume.scan_duration);
     }

@@ -338,6 +338,7 @@ impl<S: Transport> MachineSession<S> {
         total.root = root_id;
         // Started after every view was taken and scanned: all of it is transfer.
         total.transfer_duration = started.elapsed();
+        total.note_compression(config);
         Ok(total)
     }
 

@@ -31,6 +31,8 @@ pub(crate) struct Encoded {
     pub reference: bool,
     /// The frame is a patch against the chunk the replica holds at `index`.
     pub patch: bool,
+    /// The frame's data is zstd-compressed.
+    pub compressed: bool,
 }
 
 /// Chunks the server admitted to holding (its `Have`), and the session's
@@ -207,6 +209,7 @@ impl ChunkEncoder {
         let id = self.references.space.map(id);
         let mut reference = false;
         let mut patched = false;
+        let mut compressed_data = false;
         let (frame, raw_sent) = if id.is_zero() {
             let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, &[]);
             (BytesMut::from(&header[..]), 0)
@@ -232,7 +235,10 @@ impl ChunkEncoder {
             // A patch's bytes are few: whether they compress says little about
             // the chunks that follow, so a failure does not pause compression.
             let (codec, data) = match self.try_compress(&payload, Attempt::Patch) {
-                Some(compressed) => (Codec::Zstd, compressed.freeze().slice(CHUNK_HEADER_LEN..)),
+                Some(compressed) => {
+                    compressed_data = true;
+                    (Codec::Zstd, compressed.freeze().slice(CHUNK_HEADER_LEN..))
+                }
                 None => (Codec::Raw, Bytes::from(payload)),
             };
             let out = patch_frame(index, &base.id, &id, codec, raw_len as u32, &ranges, &data);
@@ -244,6 +250,7 @@ impl ChunkEncoder {
             let data = &compressed[CHUNK_HEADER_LEN..];
             let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data);
             compressed[..CHUNK_HEADER_LEN].copy_from_slice(&header);
+            compressed_data = true;
             (compressed, raw_len as u64)
         } else {
             let data = &frame[CHUNK_HEADER_LEN..];
@@ -258,6 +265,7 @@ impl ChunkEncoder {
             raw_len: raw_sent,
             reference,
             patch: patched,
+            compressed: compressed_data,
         })
     }
 
