@@ -4,10 +4,11 @@
 //! comes from the store's mark (`gc.rs`, which also documents the protocol).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
 use blockrep_core::ChunkId;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::mutex::lock;
 
 use super::{Blobs, Location, pack_file_name};
@@ -133,6 +134,7 @@ impl Blobs {
             // Pick up what a running server committed since the open.
             self.load_index()?;
         }
+        let rebuilds = self.index_rebuilds.load(Ordering::SeqCst);
         let tracking = (!options.dry_run).then(|| self.fence.start_tracking());
         let (marked, roots_marked) = mark()?;
         let (mut report, mut candidates) = self.plan(&marked, options)?;
@@ -167,6 +169,17 @@ impl Blobs {
         // The copies made under the fence must be durable before their old
         // records go.
         self.sync()?;
+        // An index rebuilt (or found damaged) meanwhile may have answered
+        // "gone" for a live blob: keep every pack.
+        if self.index_rebuilds.load(Ordering::SeqCst) != rebuilds
+            || lock(&self.inner).index.is_damaged()
+        {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "the blob index failed a read during the collection; no pack was deleted \
+                 (the next collection starts again)",
+            ));
+        }
         self.delete_packs(&candidates, &mut report, hook)?;
         self.checkpoint_index()?;
         *lock(&self.fence.last_report) = Some(report.clone());
@@ -187,7 +200,7 @@ impl Blobs {
             return Ok(Relocation::Gone);
         }
         let location = self.append_locked(&mut inner, &header_bytes, from.header, &stored)?;
-        inner.index.insert(*id, location);
+        inner.index.relocate(*id, location, from);
         Ok(Relocation::Moved)
     }
 

@@ -34,7 +34,14 @@ impl Blobs {
             position += 1;
             // Records below `from` are in the runs.
             let from = covered.get(&number).copied().unwrap_or(0);
-            if from > 0 && !is_last && self.packs.len(number)? == from {
+            let len = match self.packs.len(number) {
+                Ok(len) => len,
+                // Deleted by a collection since the listing (a read-only
+                // store looking at a running server).
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            if from > 0 && !is_last && len == from {
                 inner.index.note_pack(number, from);
                 continue;
             }

@@ -145,6 +145,9 @@ pub(crate) struct Blobs {
     keyring: Arc<Keyring>,
     /// Where the index keeps what exceeds its memory budget.
     index_options: Mutex<IndexOptions>,
+    /// Times the index was rebuilt from the packs after a run failed a read:
+    /// a collection that sees it change deletes nothing.
+    index_rebuilds: AtomicU64,
 }
 
 impl Blobs {
@@ -167,6 +170,7 @@ impl Blobs {
             sync_join: Mutex::new(()),
             keyring: Arc::new(Keyring::new()),
             index_options: Mutex::new(index_options),
+            index_rebuilds: AtomicU64::new(0),
         };
         blobs.load_index()?;
         Ok(blobs)
@@ -526,6 +530,7 @@ impl Blobs {
         }
         drop(inner);
         lock(&self.index_options).dir = None;
+        self.index_rebuilds.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = self.load_index() {
             eprintln!("blockrep-store: cannot rebuild the blob index: {e}");
         }
@@ -713,7 +718,7 @@ impl Blobs {
                     inner.index.insert(location.header.id, damaged);
                     // Until a run records the damage, an open reads the
                     // pack again instead of trusting the runs about it.
-                    inner.index.uncover(location.pack);
+                    inner.index.uncover(location.pack, location.offset);
                     true
                 }
                 _ => false,

@@ -22,8 +22,10 @@
 
 mod manifest;
 mod run;
+#[cfg(test)]
+mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -92,6 +94,13 @@ pub(crate) struct BlobIndex {
     damaged: AtomicBool,
     /// Writing a run failed: the index stays in memory until the next open.
     write_stopped: bool,
+    /// For ids a collection copied whose copy is not durable yet: the place
+    /// it copied them from, which a flush writes while the copy is not
+    /// durable.
+    fallback: HashMap<ChunkId, Location>,
+    /// Packs deleted since the last manifest: the next one stops covering
+    /// them.
+    forgotten: BTreeSet<u32>,
 }
 
 impl BlobIndex {
@@ -107,7 +116,13 @@ impl BlobIndex {
         let Some(dir) = index.options.dir.clone() else {
             return index;
         };
-        match load(&dir) {
+        // A reader may find a run the writer's merge just removed: it reads
+        // the newer manifest once more.
+        let loaded = match load(&dir) {
+            Err(e) if read_only && e.is_not_found() => load(&dir),
+            other => other,
+        };
+        match loaded {
             Ok(Some((manifest, runs))) => {
                 index.next_generation = manifest.next_generation;
                 index.runs_live = manifest.live;
@@ -122,6 +137,11 @@ impl BlobIndex {
                     index.discard_files();
                 }
             }
+        }
+        // Generations are never reused, even after a manifest was lost: a
+        // reader holding an old manifest must not open a new run by its name.
+        if let Some(highest) = highest_generation(&dir) {
+            index.next_generation = index.next_generation.max(highest + 1);
         }
         if !read_only {
             index.remove_strays();
@@ -158,10 +178,22 @@ impl BlobIndex {
             match run.get(id) {
                 Ok(Some(value)) => return value,
                 Ok(None) => {}
-                Err(e) => self.note_run_damage(&e),
+                Err(e) => {
+                    // Not an older run's word instead: the damaged one may
+                    // hold the newer place or the removal.
+                    self.note_run_damage(&e);
+                    return None;
+                }
             }
         }
         None
+    }
+
+    /// Points `id` at `location`, a copy of the record at `from` that a
+    /// collection made and that is not durable yet.
+    pub(crate) fn relocate(&mut self, id: ChunkId, location: Location, from: Location) {
+        self.insert_known(id, location, true);
+        self.fallback.insert(id, from);
     }
 
     /// Points `id` at `location`.
@@ -176,6 +208,7 @@ impl BlobIndex {
         if !known {
             self.live += 1;
         }
+        self.fallback.remove(&id);
         let end = location.offset + location.record_len_bytes();
         let len = self.pack_lens.entry(location.pack).or_default();
         *len = (*len).max(end);
@@ -185,8 +218,9 @@ impl BlobIndex {
     /// Removes `id`.
     pub(crate) fn remove(&mut self, id: &ChunkId) {
         if self.get(id).is_some() {
-            self.live -= 1;
+            self.live = self.live.saturating_sub(1);
         }
+        self.fallback.remove(id);
         if self.runs.is_empty() {
             self.mem.remove(id);
         } else {
@@ -214,6 +248,7 @@ impl BlobIndex {
     /// moved or removed first).
     pub(crate) fn forget_pack(&mut self, number: u32) {
         self.pack_lens.remove(&number);
+        self.forgotten.insert(number);
     }
 
     /// The packs indexed and their lengths, when a flush is due: what the
@@ -227,7 +262,7 @@ impl BlobIndex {
     /// manifest should be brought up to date (see
     /// [`super::Blobs::checkpoint_index`]).
     pub(crate) fn checkpoint_due(&self) -> Option<BTreeMap<u32, u64>> {
-        (self.can_write() && !self.covered.is_empty()).then(|| self.pack_lens.clone())
+        (self.can_write() && !self.runs.is_empty()).then(|| self.pack_lens.clone())
     }
 
     fn can_write(&self) -> bool {
@@ -237,17 +272,22 @@ impl BlobIndex {
             && !self.damaged.load(Ordering::Relaxed)
     }
 
-    /// Stops the runs covering pack `number` (a record in it was found
-    /// damaged, which the runs do not know): an open reads it again. The
-    /// next flush, which writes the damage to a run, covers it again.
-    pub(crate) fn uncover(&mut self, number: u32) {
-        if !self.can_write() || self.covered.remove(&number).is_none() {
+    /// Stops the runs covering pack `number` from `offset` on (a record
+    /// there was found damaged, which the runs do not know): an open reads
+    /// the pack again from there. The next flush, which writes the damage to
+    /// a run, covers it again.
+    pub(crate) fn uncover(&mut self, number: u32, offset: u64) {
+        if !self.can_write() {
             return;
         }
-        let (Some(dir), Some(manifest)) = (self.options.dir.clone(), self.manifest()) else {
+        match self.covered.get_mut(&number) {
+            Some(len) if *len > offset => *len = offset,
+            _ => return,
+        }
+        let Some(dir) = self.options.dir.clone() else {
             return;
         };
-        if let Err(e) = manifest.publish(&dir) {
+        if let Err(e) = self.manifest().publish(&dir) {
             eprintln!(
                 "blockrep-store: cannot write the blob index's manifest ({e}); \
                  the index is rebuilt from the packs at the next open"
@@ -257,14 +297,14 @@ impl BlobIndex {
         }
     }
 
-    /// The manifest as the index stands, when it has runs.
-    fn manifest(&self) -> Option<Manifest> {
-        Some(Manifest {
+    /// The manifest as the index stands.
+    fn manifest(&self) -> Manifest {
+        Manifest {
             next_generation: self.next_generation,
             live: self.runs_live,
             runs: self.runs.iter().map(|run| run.generation).collect(),
             coverage: self.covered.clone(),
-        })
+        }
     }
 
     /// Whether a run failed a read since the index was opened.
@@ -287,7 +327,7 @@ impl BlobIndex {
         let mut all: HashMap<ChunkId, Value> = HashMap::with_capacity(self.live);
         for run in self.runs.iter().rev() {
             for entry in run.iter() {
-                let (id, value) = entry?;
+                let (id, value) = entry.inspect_err(|e| self.note_run_damage(e))?;
                 all.insert(id, value);
             }
         }
@@ -306,6 +346,12 @@ impl BlobIndex {
     /// Moves the table's entries that `durable` covers (pack -> length made
     /// durable) to a new run, merges runs, and publishes the manifest. Does
     /// nothing for an index kept in memory.
+    ///
+    /// What the runs hold must stay true after a crash that loses everything
+    /// not yet durable. So an id the table keeps (its place is not durable
+    /// yet) still gets an entry when the runs would otherwise be wrong about
+    /// it: the durable place a collection copied it from, or a removal when
+    /// the runs name a pack that is gone.
     pub(crate) fn flush(&mut self, durable: &BTreeMap<u32, u64>) -> Result<(), Error> {
         if !self.can_write() {
             return Ok(());
@@ -319,22 +365,39 @@ impl BlobIndex {
             .filter(|(pack, _)| self.pack_lens.contains_key(pack))
             .map(|(pack, len)| (*pack, *len))
             .collect();
-        let covers = |value: &Value| match value {
-            None => true,
-            Some(at) => coverage
-                .get(&at.pack)
-                .is_some_and(|&len| at.offset + at.record_len_bytes() <= len),
+        let mut covered = self.covered.clone();
+        covered.retain(|pack, _| !self.forgotten.contains(pack));
+        for (pack, len) in &coverage {
+            let known = covered.entry(*pack).or_default();
+            *known = (*known).max(*len);
+        }
+        let within = |map: &BTreeMap<u32, u64>, at: &Location| {
+            map.get(&at.pack)
+                .is_some_and(|&len| at.offset + at.record_len_bytes() <= len)
         };
-        let mut moving: Vec<(ChunkId, Value)> = self
-            .mem
-            .iter()
-            .filter(|(_, value)| covers(value))
-            .map(|(id, value)| (*id, *value))
-            .collect();
-        moving.sort_unstable_by_key(|entry| entry.0);
+        let mut written: Vec<(ChunkId, Value)> = Vec::new();
+        let mut moved: Vec<ChunkId> = Vec::new();
+        for (id, value) in &self.mem {
+            match value {
+                Some(at) if !within(&coverage, at) => {
+                    if let Some(old) = self.fallback.get(id).filter(|old| within(&coverage, old)) {
+                        written.push((*id, Some(*old)));
+                    } else if let Some(Some(named)) = self.runs_get(id)
+                        && !within(&covered, &named)
+                    {
+                        written.push((*id, None));
+                    }
+                }
+                _ => {
+                    written.push((*id, *value));
+                    moved.push(*id);
+                }
+            }
+        }
+        written.sort_unstable_by_key(|entry| entry.0);
         let mut runs_live = self.runs_live;
-        for (id, value) in &moving {
-            let was = self.runs_get(id).is_some();
+        for (id, value) in &written {
+            let was = matches!(self.runs_get(id), Some(Some(_)));
             match (was, value.is_some()) {
                 (false, true) => runs_live += 1,
                 (true, false) => runs_live = runs_live.saturating_sub(1),
@@ -342,10 +405,10 @@ impl BlobIndex {
             }
         }
         let mut retired = Vec::new();
-        if !moving.is_empty() {
+        if !written.is_empty() {
             let generation = self.take_generation();
-            let count = moving.len() as u64;
-            let run = Run::write(&dir, generation, count, moving.iter().copied())?;
+            let count = written.len() as u64;
+            let run = Run::write(&dir, generation, count, written.iter().copied())?;
             self.runs.insert(0, run);
         }
         while self.runs.len() >= 2 && self.runs[0].len() * 2 >= self.runs[1].len() {
@@ -353,27 +416,15 @@ impl BlobIndex {
             retired.extend(self.runs.drain(0..2));
             self.runs.insert(0, merged);
         }
-        let mut covered = self.covered.clone();
-        covered.retain(|pack, _| self.pack_lens.contains_key(pack));
-        for (pack, len) in coverage {
-            let known = covered.entry(pack).or_default();
-            *known = (*known).max(len);
-        }
-        let manifest = Manifest {
-            next_generation: self.next_generation,
-            live: runs_live,
-            runs: self.runs.iter().map(|run| run.generation).collect(),
-            coverage: covered,
-        };
-        manifest.publish(&dir)?;
-        // Only now are the moved entries the runs' to keep.
-        for (id, value) in &moving {
-            if self.mem.get(id) == Some(value) {
-                self.mem.remove(id);
-            }
-        }
+        self.covered = covered;
         self.runs_live = runs_live;
-        self.covered = manifest.coverage;
+        self.manifest().publish(&dir)?;
+        // Only now are the moved entries the runs' to keep.
+        for id in &moved {
+            self.mem.remove(id);
+            self.fallback.remove(id);
+        }
+        self.forgotten.clear();
         for run in retired {
             // A reader that opened it keeps reading it; a file left behind
             // is removed by the next writable open.
@@ -497,6 +548,15 @@ impl BlobIndex {
             }
         }
     }
+}
+
+/// The highest generation of a run file in `dir`.
+fn highest_generation(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| run::parse_run_file_name(entry.file_name().to_str()?))
+        .max()
 }
 
 /// The manifest in `dir` and its runs, opened.
