@@ -71,6 +71,14 @@ fn the_index_moves_to_runs_and_an_open_reads_only_what_they_do_not_cover() {
         "{} runs",
         files.len()
     );
+    for file in files
+        .iter()
+        .chain([&dir.path().join(INDEX_DIR).join("manifest")])
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
     let store = Store::open(dir.path()).unwrap();
     let (runs_memory, table) = store.index_memory();
     // Everything synced was in the runs: the open put nothing in the table

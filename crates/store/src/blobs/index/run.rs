@@ -20,7 +20,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use blockrep_core::ChunkId;
@@ -150,11 +150,13 @@ impl Run {
         let fail = |what: &str, e: std::io::Error| {
             Error::io(format!("cannot {what} index run {}", tmp.display()), e)
         };
+        // Owner-only, as every file of the data directory.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(crate::vfs::FILE_MODE)
             .open(&tmp)
             .map_err(|e| fail("create", e))?;
         let bits = (count_max.max(1) * FILTER_BITS_PER_ENTRY).div_ceil(64) * 64;
