@@ -4,6 +4,7 @@
 
 use crate::common::*;
 use blockrep_testkit::AgentRig;
+use blockrep_testkit::admin::{admin_source, metrics};
 
 const MIB: usize = 1 << 20;
 
@@ -67,6 +68,10 @@ fn the_compression_controller_settles_on_a_slow_and_a_fast_link() {
         compressed, chunks,
         "every chunk compressed on the slow link"
     );
+    // The server sees the same choice, in its API and its metrics.
+    let view = admin_source(server.admin_addr.unwrap(), "slow").unwrap();
+    assert_eq!(view.compressed_chunk_share, Some(1.0));
+    assert_eq!(view.chunks_compressed_total, chunks);
 
     let fast = agent_once(&disk, server.addr, "fast", pki.path(), &[]);
     assert_success(&fast);
@@ -83,4 +88,13 @@ fn the_compression_controller_settles_on_a_slow_and_a_fast_link() {
     assert_success(&fixed);
     assert_eq!(field(&fixed, "compression"), "off");
     assert_eq!(field(&fixed, "compressed_chunks_sent"), "0");
+    let text = metrics(&server);
+    assert!(
+        text.contains("blockrep_compressed_chunk_share{source=\"slow\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("blockrep_compressed_chunk_share{source=\"fixed\"} 0\n"),
+        "{text}"
+    );
 }

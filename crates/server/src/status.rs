@@ -121,6 +121,13 @@ pub struct SourceView {
     pub chunks_deduplicated_total: u64,
     pub bytes_deduplicated_total: u64,
     pub epochs_committed_total: u64,
+    /// Chunks received zstd-compressed since the server started.
+    #[serde(default)]
+    pub chunks_compressed_total: u64,
+    /// Share of the last epoch's data chunks that came compressed: the
+    /// agent's compression choice as the server sees it.
+    #[serde(default)]
+    pub compressed_chunk_share: Option<f64>,
     pub seconds_since_contact: Option<f64>,
     pub last_commit_unix_ms: u64,
     /// Whether the operator asked for a cutover that the agent has not run yet.
@@ -226,6 +233,12 @@ pub(crate) struct SourceRecord {
     pub chunks_deduplicated_total: u64,
     pub bytes_deduplicated_total: u64,
     pub epochs_committed_total: u64,
+    /// Chunks received compressed since the server started.
+    pub chunks_compressed_total: u64,
+    /// Share of the last epoch's data chunks that came compressed: the
+    /// agent's compression choice as the server sees it (`None` before an
+    /// epoch with data).
+    pub compressed_chunk_share: Option<f64>,
     /// Cutover, failback: the persisted record (fences replication).
     pub lifecycle: Option<Lifecycle>,
     /// The operator asked for a cutover; told to the agent at its next commit.
@@ -359,6 +372,8 @@ impl SourceRecord {
             chunks_received_total: self.chunks_received_total,
             chunks_deduplicated_total: self.chunks_deduplicated_total,
             bytes_deduplicated_total: self.bytes_deduplicated_total,
+            chunks_compressed_total: self.chunks_compressed_total,
+            compressed_chunk_share: self.compressed_chunk_share,
             epochs_committed_total: self.epochs_committed_total,
             seconds_since_contact: (self.last_contact_unix_ms != 0)
                 .then(|| now.saturating_sub(self.last_contact_unix_ms) as f64 / 1000.0),

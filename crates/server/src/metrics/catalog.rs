@@ -442,6 +442,23 @@ pub(crate) fn render(scrape: &Scrape) -> String {
     );
     per_source(
         &mut x,
+        "blockrep_chunks_compressed_total",
+        "counter",
+        "Chunks received zstd-compressed since the server started.",
+        each(&|r| Value::Int(r.chunks_compressed_total)),
+    );
+    per_source(
+        &mut x,
+        "blockrep_compressed_chunk_share",
+        "gauge",
+        "Share of the last epoch's data chunks that came compressed (the agent's choice).",
+        scrape.sources.iter().filter_map(|(source, r)| {
+            r.compressed_chunk_share
+                .map(|share| (source.to_string(), Value::Float(share)))
+        }),
+    );
+    per_source(
+        &mut x,
         "blockrep_epochs_committed_total",
         "counter",
         "Epochs committed for the source.",

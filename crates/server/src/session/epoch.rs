@@ -27,6 +27,9 @@ use crate::verify::{Job, Verifier};
 /// Counters of the epoch in progress.
 #[derive(Default)]
 pub(super) struct EpochCounters {
+    /// Chunks and patches whose data came zstd-compressed: the agent's
+    /// compression choice, as the server sees it.
+    pub chunks_compressed: u64,
     pub chunks_received: u64,
     pub zero_chunks: u64,
     pub ref_chunks: u64,
@@ -53,6 +56,11 @@ impl EpochCounters {
         record.chunks_deduplicated_total +=
             self.ref_chunks + (verified.chunks_verified - verified.chunks_stored);
         record.bytes_deduplicated_total += self.ref_bytes;
+        record.chunks_compressed_total += self.chunks_compressed;
+        if self.chunks_received > 0 {
+            record.compressed_chunk_share =
+                Some(self.chunks_compressed as f64 / self.chunks_received as f64);
+        }
     }
 }
 
@@ -333,6 +341,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // broken connection makes the agent send again shows up.
                 self.shared.ledger.chunk_arrived(data_len);
                 counters.chunks_received += 1;
+                counters.chunks_compressed += u64::from(codec == Codec::Zstd);
                 if !replica.references.is_own(&id) {
                     counters.chunks_new += 1;
                 }

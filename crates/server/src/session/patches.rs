@@ -168,6 +168,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
         let data_len = patch.data.len() as u64;
         let raw_len = patch.raw_len;
         let id = patch.id;
+        let compressed = patch.codec == Codec::Zstd;
         // The verifier rebuilds and checks the chunk, queued behind the chunks
         // before it: a refused patch ends the session as a bad chunk does.
         let verifier = verifier.get_or_insert_with(|| {
@@ -194,6 +195,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
             .ledger
             .patch_received(data_len, u64::from(raw_len));
         counters.chunks_received += 1;
+        counters.chunks_compressed += u64::from(compressed);
         if !replica.references.is_own(&id) {
             counters.chunks_new += 1;
         }
