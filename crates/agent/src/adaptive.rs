@@ -15,7 +15,11 @@
 //! one window alone flips every few windows. The controller therefore smooths
 //! its estimates over windows (an exponential moving average), changes its
 //! choice only when the other one wins by a margin ([`HYSTERESIS`]), and keeps
-//! a choice for at least [`MIN_WINDOWS_BETWEEN_CHANGES`] windows.
+//! a choice for at least [`MIN_WINDOWS_BETWEEN_CHANGES`] windows and, after
+//! its first change (the starting choice is a guess), for at least
+//! [`MIN_SEND_TIME_BETWEEN_CHANGES`] of sending: on a fast link windows pass
+//! in milliseconds, and a count of windows alone let the choice change
+//! several times a second on a disk of mixed regions.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +38,9 @@ const SMOOTHING: f64 = 0.3;
 const HYSTERESIS: f64 = 0.15;
 /// Windows a choice is kept at least, whatever the estimates say.
 const MIN_WINDOWS_BETWEEN_CHANGES: u32 = 4;
+/// Time spent sending that a choice is kept at least after the first
+/// change: at most about six changes a minute under a steady load.
+const MIN_SEND_TIME_BETWEEN_CHANGES: Duration = Duration::from_secs(10);
 /// Below this ratio compression is worth turning on; above
 /// [`RATIO_OFF`], worth turning off (the gap is the ratio's hysteresis).
 const RATIO_ON: f64 = 0.85;
@@ -52,10 +59,15 @@ struct Estimates {
     windows: u64,
     /// Windows since the choice last changed.
     since_change: u32,
+    /// Time spent sending since the choice last changed.
+    sent_since_change: Duration,
+    /// Whether the choice has changed at all (the first change, away from
+    /// the starting guess, waits only for the windows).
+    changed: bool,
 }
 
 impl Estimates {
-    fn update(&mut self, compress_rate: f64, link_rate: f64, ratio: f64) {
+    fn update(&mut self, compress_rate: f64, link_rate: f64, ratio: f64, sending: Duration) {
         let blend = |old: f64, new: f64| {
             if self.windows == 0 {
                 new
@@ -68,6 +80,7 @@ impl Estimates {
         self.ratio = blend(self.ratio, ratio);
         self.windows += 1;
         self.since_change = self.since_change.saturating_add(1);
+        self.sent_since_change += sending;
     }
 
     /// The choice the estimates make, given the current one: compression
@@ -75,6 +88,9 @@ impl Estimates {
     /// pipeline) outrun the link and the data shrinks clearly.
     fn choose(&self, enabled: bool) -> bool {
         if self.since_change < MIN_WINDOWS_BETWEEN_CHANGES && self.windows > 1 {
+            return enabled;
+        }
+        if self.changed && self.sent_since_change < MIN_SEND_TIME_BETWEEN_CHANGES {
             return enabled;
         }
         let workers = self.compress_rate * 0.8;
@@ -184,13 +200,15 @@ impl AdaptiveCompression {
             .estimates
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        estimates.update(compress_rate, link_rate, ratio);
+        estimates.update(compress_rate, link_rate, ratio, Duration::from_nanos(w_ns));
         let was = self.enabled.load(Ordering::Relaxed);
         let pays = estimates.choose(was);
         if was != pays {
             self.enabled.store(pays, Ordering::Relaxed);
             self.changes.fetch_add(1, Ordering::Relaxed);
             estimates.since_change = 0;
+            estimates.sent_since_change = Duration::ZERO;
+            estimates.changed = true;
             tracing::debug!(
                 compress = pays,
                 compress_mib_per_s = estimates.compress_rate / 1048576.0,
@@ -242,11 +260,33 @@ mod tests {
         assert!(state.enabled());
         feed_for(&state, 8, 450.0, 0.3, 1100.0); // loopback
         assert!(!state.enabled());
-        feed_for(&state, 8, 450.0, 0.3, 100.0); // a WAN link
+        // After the first change a choice holds for 10 s of sending: 32 MiB
+        // windows at 100 MiB/s take 0.32 s each.
+        feed_for(&state, 24, 450.0, 0.3, 100.0); // a WAN link
+        assert!(!state.enabled(), "changed again within 10 s of sending");
+        feed_for(&state, 16, 450.0, 0.3, 100.0);
         assert!(state.enabled());
-        feed_for(&state, 8, 2000.0, 0.99, 100.0); // incompressible data
+        feed_for(&state, 40, 2000.0, 0.99, 100.0); // incompressible data
         assert!(!state.enabled());
         assert_eq!(state.changes(), 3);
+    }
+
+    /// A fast link's windows pass in milliseconds: however the estimates
+    /// swing, the choice changes at most once a 10 s of sending. Here a
+    /// minute of sending at 1 GiB/s, the measurements flipping every 5
+    /// windows (160 MiB).
+    #[test]
+    fn on_a_fast_link_the_choice_changes_a_few_times_a_minute_at_most() {
+        let state = AdaptiveCompression::default();
+        for _ in 0..(60 * 32 / 10) {
+            feed_for(&state, 5, 450.0, 0.3, 1024.0); // the link wins
+            feed_for(&state, 5, 4000.0, 0.3, 1024.0); // compression wins
+        }
+        assert!(
+            (2..=7).contains(&state.changes()),
+            "{} changes",
+            state.changes()
+        );
     }
 
     /// Windows alternating between data that compresses fast and data that
