@@ -27,11 +27,8 @@ impl Blobs {
             inner.index.reset();
         }
         let covered = inner.index.covered().clone();
-        let mut position = 0;
-        while position < numbers.len() {
-            let number = numbers[position];
+        for (position, &number) in numbers.iter().enumerate() {
             let is_last = position + 1 == numbers.len();
-            position += 1;
             // Records below `from` are in the runs.
             let from = covered.get(&number).copied().unwrap_or(0);
             let len = match self.packs.len(number) {
@@ -45,57 +42,20 @@ impl Blobs {
                 inner.index.note_pack(number, from);
                 continue;
             }
-            // A sealed pack's saved scan, when there is a sound one (see
-            // `pack_index.rs`); the newest pack is always scanned.
-            let saved = if is_last && !self.packs.is_sealed(number) {
-                None
-            } else {
-                self.packs.load_scan(number)
-            };
-            let scan = match saved {
-                Some(scan) => scan,
-                None => match self.packs.scan_from(number, from) {
-                    Ok(scan) => {
-                        if !self.read_only {
-                            // What this open indexes must be durable: an fsync
-                            // that failed before it may have left writes to the
-                            // pack pending. Only then is its scan saved.
-                            self.packs.make_durable(number)?;
-                            // A scan of part of the pack is no scan to save.
-                            if !is_last && from == 0 {
-                                self.save_scan(number, &scan);
-                            }
-                        }
-                        scan
-                    }
-                    // Deleted by a collection since the listing (a read-only store
-                    // looking at a running server): its blobs are elsewhere now.
-                    Err(e) if e.is_not_found() => continue,
-                    Err(e) => return Err(e),
-                },
-            };
-            if scan.valid_len < from {
-                // The runs name records the pack no longer holds: start over
-                // without them.
-                eprintln!(
-                    "blockrep-store: the blob index on disk names records past the end of \
-                     {}; it is rebuilt from the packs",
-                    self.packs.describe(number)
-                );
-                inner.index.reset();
-                return self.load_rest(inner, &numbers);
+            match self.index_pack(&mut inner, number, is_last, from)? {
+                Indexed::Done | Indexed::Gone => {}
+                Indexed::PastEnd => {
+                    // The runs name records the pack no longer holds: start
+                    // over without them.
+                    eprintln!(
+                        "blockrep-store: the blob index on disk names records past the end of \
+                         {}; it is rebuilt from the packs",
+                        self.packs.describe(number)
+                    );
+                    inner.index.reset();
+                    return self.load_rest(inner, &numbers);
+                }
             }
-            index_scan(&mut inner, number, &scan, from);
-            if scan.valid_len < scan.file_len && is_last && !self.read_only {
-                // Only the last pack is ever appended to, so only it can have a torn
-                // tail; nothing past `valid_len` was ever part of a commit.
-                tracing_cut(&self.packs.describe(number), scan.valid_len, scan.file_len);
-                self.packs.truncate(number, scan.valid_len)?;
-            }
-            inner.last_pack = number;
-            // Everything indexed so far is durable (saved scans are of
-            // durable packs; the rest was made durable above).
-            self.flush_index(&mut inner, None);
         }
         if let Some(&last) = numbers.last() {
             inner.last_pack = last;
@@ -123,31 +83,66 @@ impl Blobs {
     ) -> Result<(), Error> {
         for (position, &number) in numbers.iter().enumerate() {
             let is_last = position + 1 == numbers.len();
-            let saved = if is_last && !self.packs.is_sealed(number) {
-                None
-            } else {
-                self.packs.load_scan(number)
-            };
-            let scan = match saved {
-                Some(scan) => scan,
-                None => match self.packs.scan(number) {
-                    Ok(scan) => scan,
-                    Err(e) if e.is_not_found() => continue,
-                    Err(e) => return Err(e),
-                },
-            };
-            if !self.read_only {
-                self.packs.make_durable(number)?;
-            }
-            index_scan(&mut inner, number, &scan, 0);
-            if scan.valid_len < scan.file_len && is_last && !self.read_only {
-                tracing_cut(&self.packs.describe(number), scan.valid_len, scan.file_len);
-                self.packs.truncate(number, scan.valid_len)?;
-            }
-            inner.last_pack = number;
-            self.flush_index(&mut inner, None);
+            self.index_pack(&mut inner, number, is_last, 0)?;
         }
         Ok(())
+    }
+
+    /// Indexes the records of pack `number` at or past `from` (below it the
+    /// runs hold them), from its saved scan or its records; cuts the torn
+    /// tail of the last pack when writable; moves entries to a run when the
+    /// table is over budget.
+    fn index_pack(
+        &self,
+        inner: &mut Inner,
+        number: u32,
+        is_last: bool,
+        from: u64,
+    ) -> Result<Indexed, Error> {
+        // A sealed pack's saved scan, when there is a sound one (see
+        // `pack_index.rs`); the newest pack is always scanned.
+        let saved = if is_last && !self.packs.is_sealed(number) {
+            None
+        } else {
+            self.packs.load_scan(number)
+        };
+        let scan = match saved {
+            Some(scan) => scan,
+            None => match self.packs.scan_from(number, from) {
+                Ok(scan) => {
+                    if !self.read_only {
+                        // What this open indexes must be durable: an fsync
+                        // that failed before it may have left writes to the
+                        // pack pending. Only then is its scan saved.
+                        self.packs.make_durable(number)?;
+                        // A scan of part of the pack is no scan to save.
+                        if !is_last && from == 0 {
+                            self.save_scan(number, &scan);
+                        }
+                    }
+                    scan
+                }
+                // Deleted by a collection since the listing (a read-only store
+                // looking at a running server): its blobs are elsewhere now.
+                Err(e) if e.is_not_found() => return Ok(Indexed::Gone),
+                Err(e) => return Err(e),
+            },
+        };
+        if scan.valid_len < from {
+            return Ok(Indexed::PastEnd);
+        }
+        index_scan(inner, number, &scan, from);
+        if scan.valid_len < scan.file_len && is_last && !self.read_only {
+            // Only the last pack is ever appended to, so only it can have a torn
+            // tail; nothing past `valid_len` was ever part of a commit.
+            tracing_cut(&self.packs.describe(number), scan.valid_len, scan.file_len);
+            self.packs.truncate(number, scan.valid_len)?;
+        }
+        inner.last_pack = number;
+        // Everything indexed so far is durable (saved scans are of durable
+        // packs; the rest was made durable above).
+        self.flush_index(inner, None);
+        Ok(Indexed::Done)
     }
 
     /// Whether what the runs cover is still there: every pack they name
@@ -222,6 +217,15 @@ impl Blobs {
             );
         }
     }
+}
+
+/// What [`Blobs::index_pack`] did.
+enum Indexed {
+    Done,
+    /// The pack was deleted since the listing.
+    Gone,
+    /// The pack ends before what the runs cover of it.
+    PastEnd,
 }
 
 /// Adds the records of pack `number` at or past offset `from` to the index.
