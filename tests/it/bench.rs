@@ -117,24 +117,20 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
 
 /// After a bench run, one byte of a chunk the cutover volume uses is damaged
 /// in the store: the bench's verification of the cutover volume must fail.
+/// A 32 MiB bench with 2 s of churn, plus `extra`.
+fn short_bench(work: &Path, extra: &[&str]) -> (std::process::Output, PathBuf) {
+    let mut args = vec!["--size", "32MiB", "--duration", "2s", "--interval", "300ms"];
+    args.extend_from_slice(extra);
+    bench_with(work, &args)
+}
+
 /// The bench of a source encrypted at rest: its whole run (sync, delta with
 /// patches, churn, cutover) goes through the seals, and the cutover volume,
 /// read back with the keys, is the disk (the bench fails otherwise).
 #[test]
 fn bench_encrypted_at_rest_verifies_its_sealed_cutover_volume() {
     let work = tempfile::tempdir().unwrap();
-    let (output, json) = bench_with(
-        work.path(),
-        &[
-            "--size",
-            "32MiB",
-            "--duration",
-            "2s",
-            "--interval",
-            "300ms",
-            "--encrypt-at-rest",
-        ],
-    );
+    let (output, json) = short_bench(work.path(), &["--encrypt-at-rest"]);
     assert_success(&output);
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("encrypted at rest"),
@@ -159,19 +155,7 @@ fn bench_on_a_file_system_disk_verifies_its_cutover_volume() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let (output, json) = bench_with(
-        work.path(),
-        &[
-            "--size",
-            "32MiB",
-            "--duration",
-            "2s",
-            "--interval",
-            "300ms",
-            "--disk-kind",
-            "fs",
-        ],
-    );
+    let (output, json) = short_bench(work.path(), &["--disk-kind", "fs"]);
     assert_success(&output);
     let figures: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
