@@ -23,7 +23,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// While compression is off, one chunk in this many is still compressed (and
 /// discarded) to keep the estimates current.
@@ -38,9 +38,12 @@ const SMOOTHING: f64 = 0.3;
 const HYSTERESIS: f64 = 0.15;
 /// Windows a choice is kept at least, whatever the estimates say.
 const MIN_WINDOWS_BETWEEN_CHANGES: u32 = 4;
-/// Time spent sending that a choice is kept at least after the first
-/// change: at most about six changes a minute under a steady load.
+/// Time spent sending (in writes, or a window's wall time when longer,
+/// see [`WINDOW_WALL_TIME_MAX`]) that a choice is kept at least after the
+/// first change: at most about six changes a minute under a steady load.
 const MIN_SEND_TIME_BETWEEN_CHANGES: Duration = Duration::from_secs(10);
+/// The most wall time one window counts as sending.
+const WINDOW_WALL_TIME_MAX: Duration = Duration::from_secs(2);
 /// Below this ratio compression is worth turning on; above
 /// [`RATIO_OFF`], worth turning off (the gap is the ratio's hysteresis).
 const RATIO_ON: f64 = 0.85;
@@ -64,6 +67,8 @@ struct Estimates {
     /// Whether the choice has changed at all (the first change, away from
     /// the starting guess, waits only for the windows).
     changed: bool,
+    /// When the last window ended.
+    last_window: Option<Instant>,
 }
 
 impl Estimates {
@@ -200,7 +205,18 @@ impl AdaptiveCompression {
             .estimates
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        estimates.update(compress_rate, link_rate, ratio, Duration::from_nanos(w_ns));
+        // The window's sending time: time in writes, or the wall time since
+        // the last window when longer (compression, not the link, may be
+        // what the sender waits for), at most a few seconds so that an idle
+        // gap between epochs does not count.
+        let now = Instant::now();
+        let wall = estimates
+            .last_window
+            .map_or(Duration::ZERO, |last| now.duration_since(last))
+            .min(WINDOW_WALL_TIME_MAX);
+        estimates.last_window = Some(now);
+        let sending = Duration::from_nanos(w_ns).max(wall);
+        estimates.update(compress_rate, link_rate, ratio, sending);
         let was = self.enabled.load(Ordering::Relaxed);
         let pays = estimates.choose(was);
         if was != pays {

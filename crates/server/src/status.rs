@@ -124,8 +124,8 @@ pub struct SourceView {
     /// Chunks received zstd-compressed since the server started.
     #[serde(default)]
     pub chunks_compressed_total: u64,
-    /// Share of the last epoch's data chunks that came compressed: the
-    /// agent's compression choice as the server sees it.
+    /// Share of the data chunks of the last epoch that had any that came
+    /// compressed: the agent's compression choice as the server sees it.
     #[serde(default)]
     pub compressed_chunk_share: Option<f64>,
     pub seconds_since_contact: Option<f64>,

@@ -451,7 +451,7 @@ pub(crate) fn render(scrape: &Scrape) -> String {
         &mut x,
         "blockrep_compressed_chunk_share",
         "gauge",
-        "Share of the last epoch's data chunks that came compressed (the agent's choice).",
+        "Share of the data chunks of the last epoch with data that came compressed.",
         scrape.sources.iter().filter_map(|(source, r)| {
             r.compressed_chunk_share
                 .map(|share| (source.to_string(), Value::Float(share)))

@@ -169,18 +169,7 @@ impl Blobs {
         // The copies made under the fence must be durable before their old
         // records go.
         self.sync()?;
-        // An index rebuilt (or found damaged) meanwhile may have answered
-        // "gone" for a live blob: keep every pack.
-        if self.index_rebuilds.load(Ordering::SeqCst) != rebuilds
-            || lock(&self.inner).index.is_damaged()
-        {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                "the blob index failed a read during the collection; no pack was deleted \
-                 (the next collection starts again)",
-            ));
-        }
-        self.delete_packs(&candidates, &mut report, hook)?;
+        self.delete_packs(&candidates, &mut report, hook, rebuilds)?;
         self.checkpoint_index()?;
         *lock(&self.fence.last_report) = Some(report.clone());
         Ok(report)
@@ -380,6 +369,7 @@ impl Blobs {
         candidates: &[Candidate],
         report: &mut GcReport,
         hook: &mut dyn FnMut(GcStage) -> bool,
+        rebuilds: u64,
     ) -> Result<(), Error> {
         report.packs_compacted = 0;
         report.bytes_freed = 0;
@@ -387,9 +377,27 @@ impl Blobs {
         report.packs_kept_damaged = candidates.iter().filter(|c| c.damaged).count() as u64;
         let mut deleted_bytes = 0u64;
         for candidate in candidates.iter().filter(|c| !c.damaged) {
-            // Its entries were moved or removed; the index's runs stop
-            // covering it.
-            lock(&self.inner).index.forget_pack(candidate.number);
+            {
+                let mut inner = lock(&self.inner);
+                // An index rebuilt (or found damaged) since the collection
+                // began may have answered "gone" for a live blob, or taken
+                // back the dead entries the sweep removed: keep the packs.
+                // Checked under the lock a rebuild takes, so a rebuild after
+                // this point leaves the pack out (`deleting`).
+                if self.index_rebuilds.load(Ordering::SeqCst) != rebuilds
+                    || inner.index.is_damaged()
+                {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        "the blob index failed a read during the collection; the packs \
+                         left were not deleted (the next collection starts again)",
+                    ));
+                }
+                // Its entries were moved or removed; the index's runs stop
+                // covering it.
+                inner.index.forget_pack(candidate.number);
+                lock(&self.deleting).insert(candidate.number);
+            }
             let outcome = self.packs.remove(candidate.number);
             if outcome.is_ok() {
                 deleted_bytes += candidate.file_bytes;

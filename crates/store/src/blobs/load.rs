@@ -15,7 +15,11 @@ impl Blobs {
     /// when writable. A read-only store calls it again to see what a running
     /// server added.
     pub(crate) fn load_index(&self) -> Result<(), Error> {
-        let numbers = self.packs.list()?;
+        let mut numbers = self.packs.list()?;
+        {
+            let deleting = lock(&self.deleting);
+            numbers.retain(|number| !deleting.contains(number));
+        }
         let options = lock(&self.index_options).clone();
         let mut inner = lock(&self.inner);
         inner.index = BlobIndex::open(options, self.read_only);

@@ -148,6 +148,9 @@ pub(crate) struct Blobs {
     /// Times the index was rebuilt from the packs after a run failed a read:
     /// a collection that sees it change deletes nothing.
     index_rebuilds: AtomicU64,
+    /// Packs a collection is deleting (or deleted): a rebuild of the index
+    /// leaves them out, as the collection already took their entries out.
+    deleting: Mutex<std::collections::BTreeSet<u32>>,
 }
 
 impl Blobs {
@@ -171,6 +174,7 @@ impl Blobs {
             keyring: Arc::new(Keyring::new()),
             index_options: Mutex::new(index_options),
             index_rebuilds: AtomicU64::new(0),
+            deleting: Mutex::default(),
         };
         blobs.load_index()?;
         Ok(blobs)

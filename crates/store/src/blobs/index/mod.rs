@@ -116,6 +116,10 @@ impl BlobIndex {
         let Some(dir) = index.options.dir.clone() else {
             return index;
         };
+        // Generations are never reused, even after a manifest was lost (its
+        // runs are removed below): a reader holding an old manifest must not
+        // open a new run by its name.
+        let highest = highest_generation(&dir);
         // A reader may find a run the writer's merge just removed: it reads
         // the newer manifest once more.
         let loaded = match load(&dir) {
@@ -138,9 +142,7 @@ impl BlobIndex {
                 }
             }
         }
-        // Generations are never reused, even after a manifest was lost: a
-        // reader holding an old manifest must not open a new run by its name.
-        if let Some(highest) = highest_generation(&dir) {
+        if let Some(highest) = highest {
             index.next_generation = index.next_generation.max(highest + 1);
         }
         if !read_only {
@@ -367,6 +369,10 @@ impl BlobIndex {
             .collect();
         let mut covered = self.covered.clone();
         covered.retain(|pack, _| !self.forgotten.contains(pack));
+        // What the runs were true for before this flush: a place they name
+        // outside it (a deleted pack, a record found damaged since) must not
+        // outlive a crash.
+        let was_covered = covered.clone();
         for (pack, len) in &coverage {
             let known = covered.entry(*pack).or_default();
             *known = (*known).max(*len);
@@ -383,7 +389,7 @@ impl BlobIndex {
                     if let Some(old) = self.fallback.get(id).filter(|old| within(&coverage, old)) {
                         written.push((*id, Some(*old)));
                     } else if let Some(Some(named)) = self.runs_get(id)
-                        && !within(&covered, &named)
+                        && !within(&was_covered, &named)
                     {
                         written.push((*id, None));
                     }
@@ -416,6 +422,11 @@ impl BlobIndex {
             retired.extend(self.runs.drain(0..2));
             self.runs.insert(0, merged);
         }
+        if self.is_damaged() {
+            // A run failed a read during this flush: the manifest is gone
+            // and the next open rebuilds; none is published naming it.
+            return Ok(());
+        }
         self.covered = covered;
         self.runs_live = runs_live;
         self.manifest().publish(&dir)?;
@@ -445,7 +456,10 @@ impl BlobIndex {
             match run.get(id) {
                 Ok(Some(value)) => return Some(value),
                 Ok(None) => {}
-                Err(e) => self.note_run_damage(&e),
+                Err(e) => {
+                    self.note_run_damage(&e);
+                    return None;
+                }
             }
         }
         None

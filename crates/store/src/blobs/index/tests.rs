@@ -127,3 +127,38 @@ fn damage_lowers_coverage_to_the_damaged_record() {
     index.uncover(1, 200);
     assert_eq!(open(dir.path()).covered().get(&1), Some(&200));
 }
+
+/// Y's record in pack 1 was found damaged, and Y was stored again in pack 2,
+/// not durably yet, when a flush ran: after a crash the runs must not call
+/// the damaged record sound (the store would take Y as held and drop the
+/// agent's next copy).
+#[test]
+fn a_damaged_record_stored_again_is_not_sound_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let y = id(7);
+    let mut index = open(dir.path());
+    let first = at(y, 1, 0);
+    index.insert(y, first);
+    index.note_pack(1, first.record_len_bytes());
+    index
+        .flush(&durable(&[(1, first.record_len_bytes())]))
+        .unwrap();
+    let damaged = Location {
+        crc_ok: false,
+        ..first
+    };
+    index.insert(y, damaged);
+    index.uncover(1, 0);
+    let again = at(y, 2, 0);
+    index.insert(y, again);
+    index.note_pack(2, again.record_len_bytes());
+    index
+        .flush(&durable(&[(1, first.record_len_bytes()), (2, 0)]))
+        .unwrap();
+    let after_crash = open(dir.path());
+    assert!(
+        after_crash.get(&y).is_none_or(|at| !at.crc_ok),
+        "{:?}",
+        after_crash.get(&y)
+    );
+}
