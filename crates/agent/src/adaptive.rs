@@ -174,16 +174,21 @@ impl AdaptiveCompression {
     /// The writer wrote `wire` bytes of a frame carrying `raw` chunk bytes in
     /// `took`; every [`DECIDE_EVERY_BYTES`] the decision is revisited.
     pub(crate) fn record_write(&self, wire: usize, raw: u64, took: Duration, workers: usize) {
+        self.record_write_at(wire, raw, took, workers, Instant::now());
+    }
+
+    /// [`AdaptiveCompression::record_write`] at `now`.
+    fn record_write_at(&self, wire: usize, raw: u64, took: Duration, workers: usize, now: Instant) {
         self.write_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         self.write_bytes.fetch_add(wire as u64, Ordering::Relaxed);
         if self.raw_since_decision.fetch_add(raw, Ordering::Relaxed) + raw >= DECIDE_EVERY_BYTES {
             self.raw_since_decision.store(0, Ordering::Relaxed);
-            self.decide(workers);
+            self.decide(workers, now);
         }
     }
 
-    fn decide(&self, workers: usize) {
+    fn decide(&self, workers: usize, now: Instant) {
         let (c_ns, c_in, c_out) = (
             self.compress_nanos.swap(0, Ordering::Relaxed),
             self.compress_in_bytes.swap(0, Ordering::Relaxed),
@@ -209,7 +214,6 @@ impl AdaptiveCompression {
         // the last window when longer (compression, not the link, may be
         // what the sender waits for), at most a few seconds so that an idle
         // gap between epochs does not count.
-        let now = Instant::now();
         let wall = estimates
             .last_window
             .map_or(Duration::ZERO, |last| now.duration_since(last))
@@ -303,6 +307,33 @@ mod tests {
             "{} changes",
             state.changes()
         );
+    }
+
+    /// A choice that makes the sender wait for compression spends little
+    /// time in writes: its hold ends after 10 s of the windows' wall time,
+    /// not after 10 s of writes (here 30 ms a window: 333 windows).
+    #[test]
+    fn a_hold_counts_wall_time_when_writes_are_short() {
+        let state = AdaptiveCompression::default();
+        feed_for(&state, 8, 450.0, 0.3, 1100.0); // loopback: off
+        feed_for(&state, 40, 450.0, 0.3, 100.0); // WAN, 12.8 s of writes: on
+        assert!(state.enabled());
+        assert_eq!(state.changes(), 2);
+        let mut now = Instant::now();
+        for _ in 0..15 {
+            now += Duration::from_secs(1);
+            let mib = 1048576.0;
+            let input = 64 << 20;
+            state.record_compression(
+                input,
+                (input as f64 * 0.3) as usize,
+                Duration::from_secs_f64(input as f64 / (450.0 * mib)),
+            );
+            let wire = 32 << 20;
+            let took = Duration::from_secs_f64(wire as f64 / (1100.0 * mib));
+            state.record_write_at(wire, DECIDE_EVERY_BYTES, took, 1, now);
+        }
+        assert!(!state.enabled(), "the hold outlived 15 s of wall time");
     }
 
     /// Windows alternating between data that compresses fast and data that
