@@ -20,9 +20,9 @@ impl Blobs {
             let deleting = lock(&self.deleting);
             numbers.retain(|number| !deleting.contains(number));
         }
-        let options = lock(&self.index_options).clone();
         let mut inner = lock(&self.inner);
-        inner.index = BlobIndex::open(options, self.read_only);
+        // The options the index was given, or changed to since.
+        inner.index = BlobIndex::open(inner.index.options().clone(), self.read_only);
         if !self.coverage_holds(inner.index.covered(), &numbers) {
             eprintln!(
                 "blockrep-store: the blob index on disk names packs that changed; \

@@ -143,8 +143,6 @@ pub(crate) struct Blobs {
     sync_join: Mutex<()>,
     /// The data keys that open sealed records.
     keyring: Arc<Keyring>,
-    /// Where the index keeps what exceeds its memory budget.
-    index_options: Mutex<IndexOptions>,
     /// Times the index was rebuilt from the packs after a run failed a read:
     /// a collection that sees it change deletes nothing.
     index_rebuilds: AtomicU64,
@@ -166,13 +164,15 @@ impl Blobs {
         let blobs = Self {
             packs,
             read_only,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                index: BlobIndex::unopened(index_options),
+                ..Inner::default()
+            }),
             sync_failed,
             fence: GcState::default(),
             pack_size_max_bytes: AtomicU64::new(PACK_SIZE_MAX_BYTES),
             sync_join: Mutex::new(()),
             keyring: Arc::new(Keyring::new()),
-            index_options: Mutex::new(index_options),
             index_rebuilds: AtomicU64::new(0),
             deleting: Mutex::default(),
         };
@@ -200,7 +200,6 @@ impl Blobs {
     /// runs on disk (see [`crate::Store::set_index_memory_max_bytes`]).
     pub(crate) fn set_index_memory_max_bytes(&self, bytes: usize) {
         let entries = (bytes / index::MEM_BYTES_PER_ENTRY).max(1);
-        lock(&self.index_options).mem_max_entries = entries;
         lock(&self.inner).index.set_mem_max_entries(entries);
     }
 
@@ -532,8 +531,9 @@ impl Blobs {
         if found.is_some() || !inner.index.is_damaged() {
             return (inner, found);
         }
+        let mut inner = inner;
+        inner.index.keep_in_memory();
         drop(inner);
-        lock(&self.index_options).dir = None;
         self.index_rebuilds.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = self.load_index() {
             eprintln!("blockrep-store: cannot rebuild the blob index: {e}");

@@ -104,6 +104,26 @@ pub(crate) struct BlobIndex {
 }
 
 impl BlobIndex {
+    /// An empty index kept by `options`, before [`BlobIndex::open`] reads
+    /// what is there.
+    pub(crate) fn unopened(options: IndexOptions) -> Self {
+        Self {
+            options,
+            ..Self::default()
+        }
+    }
+
+    /// Where and how the index keeps its entries.
+    pub(crate) fn options(&self) -> &IndexOptions {
+        &self.options
+    }
+
+    /// Keeps the index in memory from now on (for its rebuild too): a run
+    /// failed a read.
+    pub(crate) fn keep_in_memory(&mut self) {
+        self.options.dir = None;
+    }
+
     /// The index as `options.dir` keeps it. Any doubt about what is there
     /// (a damaged manifest or run) gives an empty index, which the caller
     /// fills from the packs, and a writable open removes what was there.
@@ -173,22 +193,10 @@ impl BlobIndex {
 
     /// Where blob `id` is, if the index knows it.
     pub(crate) fn get(&self, id: &ChunkId) -> Option<Location> {
-        if let Some(value) = self.mem.get(id) {
-            return *value;
+        match self.mem.get(id) {
+            Some(value) => *value,
+            None => self.runs_get(id).flatten(),
         }
-        for run in &self.runs {
-            match run.get(id) {
-                Ok(Some(value)) => return value,
-                Ok(None) => {}
-                Err(e) => {
-                    // Not an older run's word instead: the damaged one may
-                    // hold the newer place or the removal.
-                    self.note_run_damage(&e);
-                    return None;
-                }
-            }
-        }
-        None
     }
 
     /// Points `id` at `location`, a copy of the record at `from` that a
@@ -450,13 +458,16 @@ impl BlobIndex {
         generation
     }
 
-    /// The runs' value for `id` (the table not consulted).
+    /// The runs' value for `id` (the table not consulted); nothing when a
+    /// run fails the read.
     fn runs_get(&self, id: &ChunkId) -> Option<Value> {
         for run in &self.runs {
             match run.get(id) {
                 Ok(Some(value)) => return Some(value),
                 Ok(None) => {}
                 Err(e) => {
+                    // Not an older run's word instead: the damaged one may
+                    // hold the newer place or the removal.
                     self.note_run_damage(&e);
                     return None;
                 }
