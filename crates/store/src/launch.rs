@@ -19,6 +19,7 @@
 //! `format.rs` (`LAUNCH_META_MAGIC`, `LAUNCH_HEAD_MAGIC`).
 
 mod volume;
+mod workflow;
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,10 @@ use crate::mutex::lock;
 use crate::store::{Store, StoredRoot, choose_volume, single_volume};
 
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
+pub use workflow::{
+    CHECK_OUTPUT_TAIL_MAX_BYTES, CHECK_TEXT_MAX_BYTES, LAUNCH_CHECKS_MAX, LaunchCheck,
+    LaunchWorkflow,
+};
 
 /// What a launch is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,6 +186,28 @@ impl Store {
         kind: LaunchKind,
         now_unix_ms: u64,
     ) -> Result<LaunchInfo, Error> {
+        let workflow = LaunchWorkflow::default();
+        self.create_launch_with(
+            source,
+            snapshot_name,
+            launch_name,
+            kind,
+            now_unix_ms,
+            &workflow,
+        )
+    }
+
+    /// [`Store::create_launch`] with a workflow record (expiry, checks,
+    /// following), which exists from the moment the launch does.
+    pub fn create_launch_with(
+        &self,
+        source: &SourceId,
+        snapshot_name: &str,
+        launch_name: &str,
+        kind: LaunchKind,
+        now_unix_ms: u64,
+        workflow: &LaunchWorkflow,
+    ) -> Result<LaunchInfo, Error> {
         self.check_writable()?;
         validate_name("launch", launch_name)?;
         let _guard = lock(&self.catalog.lock);
@@ -225,6 +252,9 @@ impl Store {
         create_dir_durable(vfs, &building)?;
         self.publish_launch_meta(&building, &info)?;
         self.publish_launch_head(&building, &info)?;
+        if !workflow.is_default() {
+            self.publish_launch_workflow(&building, workflow)?;
+        }
         let path = launches.join(launch_name);
         vfs.rename(&building, &path)
             .map_err(|e| Error::io(format!("cannot rename to {}", path.display()), e))?;

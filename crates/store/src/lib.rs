@@ -124,6 +124,7 @@ mod head;
 mod launch;
 mod lifecycle;
 mod machine;
+mod migration;
 mod mutex;
 mod remote;
 mod retention;
@@ -135,6 +136,7 @@ mod store;
 mod tenant;
 #[cfg(test)]
 mod testutil;
+mod textrec;
 mod verify;
 pub mod vfs;
 
@@ -148,9 +150,16 @@ pub use convert::SourceEncrypted;
 pub use delete::SourceDeleted;
 pub use error::{Error, ErrorKind};
 pub use head::Head;
-pub use launch::{LAUNCH_PAGES_CACHED_MAX, LaunchInfo, LaunchKind, LaunchVolume};
+pub use launch::{
+    CHECK_OUTPUT_TAIL_MAX_BYTES, CHECK_TEXT_MAX_BYTES, LAUNCH_CHECKS_MAX, LAUNCH_PAGES_CACHED_MAX,
+    LaunchCheck, LaunchInfo, LaunchKind, LaunchVolume, LaunchWorkflow,
+};
 pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
 pub use machine::VolumeCommit;
+pub use migration::{
+    MIGRATION_BY_MAX_BYTES, MIGRATION_EVENTS_KEPT, MIGRATION_NOTE_MAX_BYTES, MigrationChange,
+    MigrationEvent, MigrationState,
+};
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
 pub use snapshot::{Snapshot, SnapshotKind};
 pub use store::{CommitStats, ExportStats, Store, StoredRoot};

@@ -126,3 +126,10 @@ pub(crate) fn every_file(dir: &Path) -> Vec<(String, Vec<u8>)> {
     }
     out
 }
+
+/// A store in a fresh temporary directory (kept while the guard lives).
+pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = Store::open(dir.path()).expect("open store");
+    (dir, store)
+}
