@@ -204,6 +204,13 @@ pub trait Export: Send + Sync + 'static {
     fn multi_conn_safe(&self) -> bool {
         false
     }
+    /// A signal that the export is going away (a drill that expired): once
+    /// it reads `true`, each connection stops taking requests, answers those
+    /// in flight and closes, as at server shutdown. `None`: never closed
+    /// from the export's side.
+    fn closing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// Looks exports up by name (the replication server's launch volumes), and

@@ -48,6 +48,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (read_half, write_half) = tokio::io::split(stream);
+    let export_closing = export.closing();
     let (replies, queue) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(write_half, queue, limits.idle_timeout));
     let mut reader = Reader {
@@ -63,6 +64,7 @@ where
         pace: Pace::new(limits.inline_request_bytes_max),
         replies,
         stop,
+        closing: export_closing,
     };
     let read_result = reader.run().await;
     // The writer ends once every sender is gone: ours here, and the clones
@@ -84,6 +86,8 @@ struct Reader<S> {
     pace: Pace,
     replies: mpsc::UnboundedSender<Reply>,
     stop: watch::Receiver<bool>,
+    /// The export's own close signal ([`Export::closing`]).
+    closing: Option<watch::Receiver<bool>>,
 }
 
 /// Why the reader stopped waiting for a request.
@@ -127,6 +131,7 @@ impl<S: AsyncRead + Unpin> Reader<S> {
         let mut header = [0; wire::REQUEST_LEN];
         let read = tokio::select! {
             () = stopped(&mut self.stop) => return Ok(Next::Closed),
+            () = export_closed(&mut self.closing) => return Ok(Next::Closed),
             () = self.replies.closed() => return Ok(Next::Closed),
             read = tokio::time::timeout(self.idle_timeout, read_header(&mut self.stream, &mut header)) => read,
         };
@@ -244,6 +249,17 @@ async fn read_header<R: AsyncRead + Unpin>(
     }
     stream.read_exact(&mut header[first..]).await?;
     Ok(true)
+}
+
+/// Returns once the export says it is closing; never for one that cannot.
+async fn export_closed(closing: &mut Option<watch::Receiver<bool>>) {
+    match closing {
+        // An error means the sender is gone: the export closed with it.
+        Some(closing) => {
+            let _ = closing.wait_for(|closed| *closed).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
