@@ -77,6 +77,22 @@ fn server_name(addr: &str) -> Result<rustls::pki_types::ServerName<'static>> {
         .with_context(|| format!("{host:?} is not a valid server name"))
 }
 
+/// The operator's name the server records in a source's migration history
+/// beside the admin identity: `BLOCKREP_OPERATOR`, else the login name; only
+/// names of letters, digits and `._@-` (at most 64) are sent.
+fn operator() -> Option<String> {
+    ["BLOCKREP_OPERATOR", "USER", "LOGNAME"]
+        .iter()
+        .filter_map(|var| std::env::var(var).ok())
+        .find(|name| !name.is_empty())
+        .filter(|name| {
+            name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
+        })
+}
+
 async fn exchange(
     mut stream: impl AsyncRead + AsyncWrite + Unpin,
     addr: &str,
@@ -89,9 +105,12 @@ async fn exchange(
     let authorization = token.map_or_else(String::new, |t| {
         format!("Authorization: Bearer {}\r\n", t.as_str())
     });
+    let operator = operator().map_or_else(String::new, |name| {
+        format!("X-Blockrep-Operator: {name}\r\n")
+    });
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n\
-         {authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+         {authorization}{operator}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;

@@ -75,6 +75,11 @@ impl ServerChild {
         blockrep_admin_client::request(&self.admin, method, path, None, &self.identity).await
     }
 
+    /// `POST path` with a JSON `body`.
+    pub(crate) async fn admin_post(&self, path: &str, body: &str) -> Result<(u16, String)> {
+        blockrep_admin_client::request(&self.admin, "POST", path, Some(body), &self.identity).await
+    }
+
     pub(crate) fn pid(&self) -> String {
         self.child.id().to_string()
     }

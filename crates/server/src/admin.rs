@@ -30,6 +30,26 @@ pub(crate) fn router(shared: Arc<Shared>, guard: Arc<crate::admin_guard::AdminGu
         .route("/v1/sources/{source}/cutover", post(request_cutover))
         .route("/v1/sources/{source}/reset", post(reset_source))
         .route(
+            "/v1/sources/{source}/mark-ready",
+            post(crate::workflow_api::mark_ready),
+        )
+        .route(
+            "/v1/sources/{source}/finalize",
+            post(crate::workflow_api::finalize),
+        )
+        .route(
+            "/v1/sources/{source}/archive",
+            post(crate::workflow_api::archive),
+        )
+        .route(
+            "/v1/sources/{source}/history",
+            get(crate::workflow_api::history),
+        )
+        .route(
+            "/v1/launches/{name}/checks",
+            post(crate::workflow_api::record_check),
+        )
+        .route(
             "/v1/sources/{source}/failback/complete",
             post(complete_failback),
         )
@@ -67,7 +87,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 /// An error answer: kept small (a boxed response) so `Result`s stay cheap.
-struct ApiError(Box<Response>);
+pub(crate) struct ApiError(Box<Response>);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -81,7 +101,7 @@ impl From<Response> for ApiError {
     }
 }
 
-fn store_error(e: &blockrep_store::Error) -> Response {
+pub(crate) fn store_error(e: &blockrep_store::Error) -> Response {
     let status = match e.kind() {
         ErrorKind::NotFound | ErrorKind::Missing => StatusCode::NOT_FOUND,
         ErrorKind::AlreadyExists | ErrorKind::Busy => StatusCode::CONFLICT,
@@ -91,12 +111,12 @@ fn store_error(e: &blockrep_store::Error) -> Response {
     error(status, e.to_string())
 }
 
-fn parse_source(text: &str) -> Result<SourceId, ApiError> {
+pub(crate) fn parse_source(text: &str) -> Result<SourceId, ApiError> {
     SourceId::new(text).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()).into())
 }
 
 /// Runs blocking store work off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     shared: &Arc<Shared>,
     work: impl FnOnce(&Arc<Store>) -> Result<T, blockrep_store::Error> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -112,12 +132,26 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
-async fn list_sources(State(shared): State<Arc<Shared>>) -> Response {
-    Json(source_views(&shared)).into_response()
+#[derive(Debug, Deserialize)]
+struct SourceListing {
+    /// Also archived sources (hidden by default).
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_sources(
+    State(shared): State<Arc<Shared>>,
+    Query(listing): Query<SourceListing>,
+) -> Response {
+    let mut views = source_views(&shared);
+    if !listing.all {
+        views.retain(|view| view.migration_recorded != "archived");
+    }
+    Json(views).into_response()
 }
 
 /// Every source's view, with the leases this server holds.
-fn source_views(shared: &Shared) -> Vec<crate::SourceView> {
+pub(crate) fn source_views(shared: &Shared) -> Vec<crate::SourceView> {
     let mut views = shared.ledger.sources.views(shared.thresholds());
     // This server's own leases first (current), then the bucket's as last read.
     let mut leases = shared.store.leases();
@@ -160,12 +194,16 @@ async fn get_source(State(shared): State<Arc<Shared>>, Path(source): Path<String
         )
 }
 
-/// Asks the source's agent to cut over at its next commit.
+/// Asks the source's agent to cut over at its next commit: a step of the
+/// migration workflow (gated on a passed test unless `force`).
 async fn request_cutover(
     State(shared): State<Arc<Shared>>,
     Path(source): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
+    let force = crate::workflow_api::force_of(&body)?;
     let known = blocking(&shared, {
         let source = source.clone();
         move |store| store.head(&source)
@@ -179,12 +217,10 @@ async fn request_cutover(
         )
         .into());
     }
-    let fenced = shared.ledger.sources.update_known(&source, |r| {
-        if r.lifecycle.is_none() {
-            r.cutover_requested = true;
-        }
-        r.lifecycle.is_some()
-    });
+    let fenced = shared
+        .ledger
+        .sources
+        .update_known(&source, |r| r.lifecycle.is_some());
     let Some(fenced) = fenced else {
         return Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into());
     };
@@ -195,6 +231,20 @@ async fn request_cutover(
         )
         .into());
     }
+    let by = crate::workflow_api::who(&shared, &headers);
+    crate::workflow_api::step(
+        &shared,
+        &source,
+        crate::migration::Step::CutoverRequested,
+        &by,
+        force,
+    )
+    .await?;
+    shared.ledger.sources.update_known(&source, |r| {
+        if r.lifecycle.is_none() {
+            r.cutover_requested = true;
+        }
+    });
     info!(source = %source, "cutover requested; the agent runs it at its next commit");
     Ok((
         StatusCode::ACCEPTED,
@@ -207,8 +257,21 @@ async fn request_cutover(
 async fn reset_source(
     State(shared): State<Arc<Shared>>,
     Path(source): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
+    // A finalized source's replication is released for good.
+    let state = crate::migration::current(&shared, &source);
+    if matches!(
+        state,
+        blockrep_store::MigrationState::Finalized | blockrep_store::MigrationState::Archived
+    ) {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!("source {source} is {state}: its replication was released; it cannot resume"),
+        )
+        .into());
+    }
     // Serialized with the lifecycle writes of sessions (cutover, failback).
     match crate::lifecycle::reset(&shared, &source).await {
         Ok(crate::lifecycle::Reset::Done) => {}
@@ -220,6 +283,8 @@ async fn reset_source(
             return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e).into());
         }
     }
+    let by = crate::workflow_api::who(&shared, &headers);
+    crate::workflow_api::step(&shared, &source, crate::migration::Step::Reset, &by, false).await?;
     info!(source = %source, "source reset: replication allowed again");
     Ok(Json(json!({ "source": source.as_str(), "reset": true })).into_response())
 }
@@ -316,13 +381,19 @@ async fn list_launches(
         store
             .list_launches(source.as_ref())?
             .into_iter()
-            .map(|l| Ok((store.launch_volumes(&l)?, l)))
+            .filter_map(|l| match store.launch_workflow(&l.name) {
+                Ok(workflow) => Some(Ok((store.launch_volumes(&l), workflow, l))),
+                // Deleted since the listing (an expired drill).
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => Some(Err(e)),
+            })
+            .map(|found| found.and_then(|(volumes, workflow, l)| Ok((volumes?, workflow, l))))
             .collect::<Result<Vec<_>, blockrep_store::Error>>()
     })
     .await?;
     Ok(Json(
         list.iter()
-            .map(|(volumes, l)| LaunchView::new(l, volumes, nbd))
+            .map(|(volumes, workflow, l)| LaunchView::new(l, volumes, workflow, nbd))
             .collect::<Vec<_>>(),
     )
     .into_response())
@@ -330,6 +401,7 @@ async fn list_launches(
 
 async fn create_launch(
     State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
     Json(body): Json<CreateLaunch>,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&body.source)?;
@@ -344,12 +416,14 @@ async fn create_launch(
             .into());
         }
     };
+    let workflow = crate::workflow_api::launch_workflow(&shared, &body, kind)?;
     let nbd = shared.nbd_addr();
     let (snapshot, name) = (body.snapshot.clone(), body.name.clone());
     let allow_live = body.allow_live;
+    let made = workflow.clone();
     let (launch, volumes) = blocking(&shared, move |store| {
         let created =
-            crate::launch_gate::create(store, &source, &snapshot, &name, kind, allow_live)?;
+            crate::launch_gate::create(store, &source, &snapshot, &name, kind, allow_live, &made)?;
         Ok(match created {
             Ok(launch) => Ok((store.launch_volumes(&launch)?, launch)),
             Err(why) => Err(why),
@@ -358,6 +432,15 @@ async fn create_launch(
     .await?
     .map(|(volumes, launch)| (launch, volumes))
     .map_err(|why| ApiError::from(error(StatusCode::CONFLICT, why)))?;
+    if kind == LaunchKind::Test {
+        let by = crate::workflow_api::who(&shared, &headers);
+        let step = crate::migration::Step::TestLaunched {
+            launch: launch.name.clone(),
+        };
+        if let Err(e) = crate::migration::apply(&shared, &launch.source, step, &by, false).await {
+            warn!(launch = %launch.name, error = %e, "cannot record the migration step");
+        }
+    }
     info!(source = %launch.source, launch = %launch.name, snapshot = %launch.snapshot,
         consistency = %launch.consistency, "launch created");
     if launch.consistency == Consistency::Live {
@@ -365,7 +448,7 @@ async fn create_launch(
     }
     Ok((
         StatusCode::CREATED,
-        Json(LaunchView::new(&launch, &volumes, nbd)),
+        Json(LaunchView::new(&launch, &volumes, &workflow, nbd)),
     )
         .into_response())
 }

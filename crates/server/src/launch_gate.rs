@@ -44,16 +44,18 @@ pub(crate) fn create(
     name: &str,
     kind: LaunchKind,
     allow_live: bool,
+    workflow: &blockrep_store::LaunchWorkflow,
 ) -> Result<Result<LaunchInfo, String>, Error> {
     if let Some(why) = refusal(store, source, snapshot, allow_live)? {
         return Ok(Err(why));
     }
-    let launch = store.create_launch(
+    let launch = store.create_launch_with(
         source,
         snapshot,
         name,
         kind,
         blockrep_core::clock::now_unix_ms(),
+        workflow,
     )?;
     if launch.consistency == Consistency::Live && !allow_live {
         store.delete_launch(&launch.name)?;

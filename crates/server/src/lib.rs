@@ -30,6 +30,7 @@ mod breaches;
 mod budget;
 mod capture;
 mod connection;
+mod drills;
 mod encryption;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -43,6 +44,7 @@ mod lifecycle;
 mod listener;
 mod maintenance;
 mod metrics;
+mod migration;
 mod nbd_export;
 mod reject;
 mod retention;
@@ -52,6 +54,7 @@ mod shared;
 mod status;
 mod verify;
 mod views;
+mod workflow_api;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,7 +71,10 @@ pub use nbd_export::{
 pub use status::{
     CutoverView, EncryptionView, LeaseView, SourceState, SourceView, StateThresholds, VolumeView,
 };
-pub use views::{CreateLaunch, CreateSnapshot, LaunchView, LaunchVolumeView, SnapshotView};
+pub use views::{
+    CheckView, CreateLaunch, CreateSnapshot, LaunchView, LaunchVolumeView, SnapshotView,
+};
+pub use workflow_api::{EventView, OPERATOR_HEADER};
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
@@ -170,6 +176,9 @@ pub struct ServerConfig {
     /// Encryption at rest: the KEK and key directory; `None` stores in
     /// clear (and cannot read an encrypted source).
     pub encryption: Option<EncryptionConfig>,
+    /// How long a test launch made without a TTL of its own lives (`None`:
+    /// until deleted).
+    pub test_launch_ttl: Option<Duration>,
 }
 
 /// A store kept in an S3-compatible bucket.
@@ -228,6 +237,7 @@ impl ServerConfig {
             send_buffer_max_bytes: 4 << 20,
             bucket: None,
             encryption: None,
+            test_launch_ttl: None,
         }
     }
 }

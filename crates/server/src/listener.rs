@@ -102,7 +102,8 @@ impl Server {
             for source in store.sources()? {
                 if let Some(head) = store.head(&source)? {
                     let lifecycle = store.lifecycle(&source)?;
-                    known.push((source, head, lifecycle));
+                    let migration = store.migration_history(&source)?.last().cloned();
+                    known.push((source, head, lifecycle, migration));
                 }
             }
             Ok::<_, Error>((Arc::new(store), known, keys))
@@ -111,8 +112,21 @@ impl Server {
         .expect("store open task does not panic")?;
         let sources = SourceTable::default();
         let now = now_unix_ms();
-        for (source, head, lifecycle) in known {
+        for (source, head, lifecycle, migration) in known {
             let mut record = SourceRecord::from_head(&head, now);
+            record.migration = Some(match &migration {
+                Some(last) => last.to,
+                None => blockrep_store::MigrationState::implied(
+                    head.synced_scan_started_unix_ms != 0,
+                    lifecycle.is_some(),
+                ),
+            });
+            record.migration_since_unix_ms = migration.map_or(0, |last| last.unix_ms);
+            // A cutover requested before a restart is still requested: the
+            // agent is told at its next commit.
+            record.cutover_requested = record.migration
+                == Some(blockrep_store::MigrationState::CuttingOver)
+                && lifecycle.is_none();
             record.lifecycle = lifecycle;
             sources.insert(source, record);
         }
@@ -261,6 +275,7 @@ impl Server {
                 &self.shared.config,
                 &self.tls,
                 self.shared.revocation.clone(),
+                Arc::clone(&self.shared.closers),
                 async {
                     let _ = nbd_stopped.await;
                 },
@@ -272,6 +287,7 @@ impl Server {
             &self.shared,
         ))));
         let _stop_retention = AbortOnDrop(retention);
+        let _stop_expiry = AbortOnDrop(tokio::spawn(crate::drills::run(Arc::clone(&self.shared))));
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);
         let _stop_leases = AbortOnDrop(tokio::spawn(crate::leases::run(Arc::clone(&self.shared))));

@@ -5,5 +5,6 @@
 mod catalog;
 mod exposition;
 mod upload;
+mod workflow;
 
 pub(crate) use catalog::handler;

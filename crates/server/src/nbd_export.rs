@@ -65,10 +65,12 @@ pub(crate) fn spawn(
     config: &ServerConfig,
     tls: &Arc<rustls::ServerConfig>,
     revocation: Option<Arc<Revocation>>,
+    closers: Arc<crate::drills::Closers>,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) {
     let registry = Arc::new(LaunchRegistry {
         store,
+        closers,
         require_identity: config.nbd_tls,
         revocation,
         bucket: config.bucket.clone(),
@@ -92,6 +94,8 @@ pub(crate) fn spawn(
 #[derive(Debug)]
 pub(crate) struct LaunchRegistry {
     pub store: Arc<Store>,
+    /// Launches being closed (expired drills, finalize) do not open.
+    pub closers: Arc<crate::drills::Closers>,
     /// Whether clients are told apart by certificate (`nbd_tls`); without
     /// TLS the listener is on loopback and every launch is open to it.
     pub require_identity: bool,
@@ -204,10 +208,18 @@ impl Registry for LaunchRegistry {
                 return None;
             }
         }
+        let Some(closing) = self.closers.watch(name) else {
+            warn!(launch = name, peer = ?client.addr(), "NBD export refused: the launch is being deleted");
+            return None;
+        };
         match self.store.open_launch_volume(name, volume) {
             Ok(volume) if viewer.may_open(&volume.info()) => {
                 let watch = self.watch(client);
-                Some(Arc::new(LaunchExport { volume, watch }))
+                Some(Arc::new(LaunchExport {
+                    volume,
+                    watch,
+                    closing,
+                }))
             }
             Ok(_) => None,
             Err(e) => {
@@ -282,6 +294,8 @@ struct LaunchExport {
     volume: Arc<LaunchVolume>,
     /// The connection's certificate, watched for revocation (TLS only).
     watch: Option<Registration>,
+    /// Turns true when the launch is to be deleted (an expired drill).
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl LaunchExport {
@@ -335,6 +349,10 @@ impl Export for LaunchExport {
     /// lock, so a flush on any connection covers writes completed on all of them.
     fn multi_conn_safe(&self) -> bool {
         true
+    }
+
+    fn closing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.closing.clone())
     }
 }
 

@@ -51,6 +51,12 @@ pub(crate) struct Shared {
         std::sync::Mutex<Vec<(blockrep_core::SourceId, blockrep_store::LeaseRecord)>>,
     /// The KEK and key directory of encryption at rest, if configured.
     pub keys: Option<crate::encryption::ServerKeys>,
+    /// Serializes migration steps (`migration.rs`).
+    pub migration_lock: tokio::sync::Mutex<()>,
+    /// Counters of the migration workflow and its launches.
+    pub workflow: crate::drills::WorkflowCounters,
+    /// The close signals of launches served over NBD.
+    pub closers: Arc<crate::drills::Closers>,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -111,6 +117,9 @@ impl Shared {
             block_values: BlockValues::default(),
             bucket_leases: std::sync::Mutex::default(),
             keys: None,
+            migration_lock: tokio::sync::Mutex::new(()),
+            workflow: crate::drills::WorkflowCounters::default(),
+            closers: Arc::default(),
         }
     }
 

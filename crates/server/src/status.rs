@@ -143,6 +143,19 @@ pub struct SourceView {
     /// The agent's last write-capture report; `None` in scan mode.
     #[serde(default)]
     pub capture: Option<CaptureView>,
+    /// Where the source stands in the migration workflow (`not_ready`,
+    /// `ready_for_test`, `testing`, `ready_for_cutover`, `cutting_over`,
+    /// `cut_over`, `finalized`, `archived`), or `disconnected` while the
+    /// agent of a source not yet cut over has been silent past the stall
+    /// threshold.
+    #[serde(default)]
+    pub migration_state: String,
+    /// The recorded state (what `disconnected` stands in front of).
+    #[serde(default)]
+    pub migration_recorded: String,
+    /// When the recorded state was entered, Unix ms (0: never recorded).
+    #[serde(default)]
+    pub migration_since_unix_ms: u64,
     /// With the store in a shared bucket: the source's lease, this server's
     /// while it holds it, else as last read from the bucket (every third of
     /// a lease time; it may have expired since). `None` for a local store.
@@ -254,6 +267,10 @@ pub(crate) struct SourceRecord {
     pub rpo_target_override: Option<Duration>,
     /// Write capture's reports (`None`: the source is scanned).
     pub capture: Option<CaptureRecord>,
+    /// The migration state as last recorded (`None`: no step yet, so
+    /// `not_ready`), and since when.
+    pub migration: Option<blockrep_store::MigrationState>,
+    pub migration_since_unix_ms: u64,
 }
 
 /// Thresholds that decide a source's state.
@@ -336,6 +353,36 @@ impl SourceRecord {
         }
     }
 
+    /// The recorded migration state (`not_ready` before any step).
+    pub(crate) fn migration_recorded(&self) -> blockrep_store::MigrationState {
+        self.migration
+            .unwrap_or(blockrep_store::MigrationState::NotReady)
+    }
+
+    /// The migration state shown: the recorded one, or `disconnected` for a
+    /// source not yet cut over whose agent is silent past the threshold.
+    pub(crate) fn migration_shown(
+        &self,
+        thresholds: StateThresholds,
+        now_unix_ms: u64,
+    ) -> &'static str {
+        use blockrep_store::MigrationState::*;
+        let recorded = self.migration_recorded();
+        let before_cutover = matches!(
+            recorded,
+            NotReady | ReadyForTest | Testing | ReadyForCutover | CuttingOver
+        );
+        let silent_ms = now_unix_ms.saturating_sub(self.last_contact_unix_ms);
+        if before_cutover
+            && !self.connected
+            && silent_ms > thresholds.stall_after.as_millis() as u64
+        {
+            "disconnected"
+        } else {
+            recorded.as_str()
+        }
+    }
+
     pub(crate) fn view(
         &self,
         source: &SourceId,
@@ -384,6 +431,9 @@ impl SourceRecord {
             failback_bytes_sent_total: self.failback_bytes_sent_total,
             mode: SourceMode::of(self.capture.as_ref()),
             capture: self.capture.map(|c| c.last),
+            migration_state: self.migration_shown(thresholds, now).to_owned(),
+            migration_recorded: self.migration_recorded().as_str().to_owned(),
+            migration_since_unix_ms: self.migration_since_unix_ms,
             lease: None,
             encryption: None,
         }

@@ -1,7 +1,7 @@
 //! JSON shapes of the admin API's snapshots and launches.
 
 use blockrep_core::VolumeName;
-use blockrep_store::{LaunchInfo, LaunchKind, Snapshot, SnapshotKind};
+use blockrep_store::{LaunchCheck, LaunchInfo, LaunchKind, LaunchWorkflow, Snapshot, SnapshotKind};
 use serde::{Deserialize, Serialize};
 
 /// A snapshot as the admin API reports it.
@@ -67,6 +67,52 @@ pub struct LaunchView {
     /// volumes is served as one export per volume, `LAUNCH/VOLUME`, and has
     /// no `nbd_uri` of its own.
     pub volumes: Vec<LaunchVolumeView>,
+    /// When the launch expires and is deleted, Unix ms (`None`: never).
+    #[serde(default)]
+    pub expires_unix_ms: Option<u64>,
+    /// Whether its checks must pass before the source may be marked ready
+    /// or cut over.
+    #[serde(default)]
+    pub must_succeed: bool,
+    /// Checks announced at creation whose results are awaited.
+    #[serde(default)]
+    pub expected_checks: Vec<String>,
+    /// Results of the checks run on it, newest run of each.
+    #[serde(default)]
+    pub checks: Vec<CheckView>,
+}
+
+/// A launch check's result, as shown, and as a check runner reports it to
+/// `POST /v1/launches/NAME/checks` (where `finished_unix_ms` is the
+/// server's time of the report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckView {
+    /// `fs`, `boot`, or the command's own name.
+    pub name: String,
+    pub command: String,
+    pub passed: bool,
+    /// `None` when it was killed or timed out.
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub finished_unix_ms: u64,
+    /// The end of its output (at most 4 KiB are kept).
+    #[serde(default)]
+    pub output_tail: String,
+}
+
+impl From<&LaunchCheck> for CheckView {
+    fn from(c: &LaunchCheck) -> Self {
+        Self {
+            name: c.name.clone(),
+            command: c.command.clone(),
+            passed: c.passed,
+            exit_code: c.exit_code,
+            duration_ms: c.duration_ms,
+            finished_unix_ms: c.finished_unix_ms,
+            output_tail: c.output_tail.clone(),
+        }
+    }
 }
 
 /// One volume of a launch.
@@ -83,10 +129,15 @@ impl LaunchView {
     pub(crate) fn new(
         info: &LaunchInfo,
         volumes: &[VolumeName],
+        workflow: &LaunchWorkflow,
         nbd: Option<crate::nbd_export::NbdEndpoint>,
     ) -> Self {
         let single = volumes.len() == 1;
         Self {
+            expires_unix_ms: workflow.expires_unix_ms,
+            must_succeed: workflow.must_succeed,
+            expected_checks: workflow.expected_checks.clone(),
+            checks: workflow.checks.iter().map(CheckView::from).collect(),
             volumes: volumes
                 .iter()
                 .map(|v| LaunchVolumeView {
@@ -136,4 +187,14 @@ pub struct CreateLaunch {
     /// without it such a launch is refused.
     #[serde(default)]
     pub allow_live: bool,
+    /// Seconds until the launch expires and is deleted (a drill); a test
+    /// launch without it gets the server's `--test-launch-ttl`, if set.
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+    /// Checks whose results will be reported (`fs`, `boot`, a command's name).
+    #[serde(default)]
+    pub checks: Vec<String>,
+    /// The checks must pass before the source may be marked ready or cut over.
+    #[serde(default)]
+    pub must_succeed: bool,
 }

@@ -96,6 +96,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .ledger
             .sources
             .update(&self.source, |r| r.lifecycle.clone());
+        let state = crate::migration::current(&self.shared, &self.source);
+        if matches!(
+            state,
+            blockrep_store::MigrationState::Finalized | blockrep_store::MigrationState::Archived
+        ) {
+            return Err(Reject::new(
+                ErrorCode::Fenced,
+                format!(
+                    "source {} is {state}: its migration is finished and its replication \
+                     released; stop this agent",
+                    self.source
+                ),
+            )
+            .into());
+        }
         match fenced {
             None => Ok(()),
             Some(lifecycle) => Err(Reject::new(
@@ -195,7 +210,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn persist_lifecycle(&self, lifecycle: &Lifecycle) -> Result<(), Outcome> {
         crate::lifecycle::write(&self.shared, &self.source, lifecycle)
             .await
-            .map_err(internal)
+            .map_err(internal)?;
+        if lifecycle.stage == blockrep_store::LifecycleStage::CutOver {
+            let step = crate::migration::Step::CutoverDone {
+                epoch: lifecycle.epoch,
+                launch: lifecycle.launch.clone(),
+            };
+            // Off the downtime's path: the fence above is what stops
+            // replication; the history records it a moment later.
+            let (shared, source) = (Arc::clone(&self.shared), self.source.clone());
+            tokio::spawn(async move {
+                crate::migration::apply_by_server(&shared, &source, step).await;
+            });
+        }
+        Ok(())
     }
 }
 

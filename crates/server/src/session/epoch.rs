@@ -479,6 +479,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             counters.add_totals(record, bytes_received, &verified);
         });
+        if complete {
+            crate::migration::complete_pass_committed(&self.shared, &self.source);
+        }
         // The source's record above counts the epoch and its chunks; the
         // ledger adds the server-wide histograms.
         if !unchanged {

@@ -331,6 +331,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             counters.add_totals(record, bytes_received, &verified);
         });
+        if commit.complete {
+            crate::migration::complete_pass_committed(&self.shared, &self.source);
+        }
         if !unchanged {
             info!(source = %self.source, epoch = commit.epoch, root = %root_id,
                   volumes = names.len(), complete = commit.complete,

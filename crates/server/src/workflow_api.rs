@@ -1,0 +1,391 @@
+//! The admin API of the migration workflow: a source's steps (mark-ready,
+//! finalize, archive), its history, launch workflow settings at creation,
+//! and launch check reports.
+//!
+//! Checks run where the operator runs them (`blockrep launch create
+//! --check ...`), with the operator's tools and privileges, and report
+//! here: the server never runs a command it was sent, so the admin API is
+//! no way to execute code on the replication server. What the server owns
+//! is the record and the gate.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use blockrep_core::SourceId;
+use blockrep_core::clock::now_unix_ms;
+use blockrep_store::{LaunchCheck, LaunchKind, LaunchWorkflow, MigrationEvent, MigrationState};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::admin::{ApiError, blocking, parse_source};
+use crate::api_error::error;
+use crate::migration::{Refused, Step};
+use crate::shared::Shared;
+use crate::views::{CheckView, CreateLaunch};
+
+/// The header an admin client may name its operator with (`alice`), kept in
+/// the history beside the identity that authenticated the request.
+pub const OPERATOR_HEADER: &str = "x-blockrep-operator";
+
+/// Longest operator name kept.
+const OPERATOR_MAX_BYTES: usize = 64;
+
+/// Who asked, as the history records it: the admin identity that
+/// authenticated the request, and the operator name the client gave.
+pub(crate) fn who(shared: &Shared, headers: &HeaderMap) -> String {
+    let identity = if shared.config.admin_tls {
+        "admin certificate"
+    } else {
+        "admin token"
+    };
+    let operator = headers
+        .get(OPERATOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|name| {
+            !name.is_empty()
+                && name.len() <= OPERATOR_MAX_BYTES
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
+        });
+    match operator {
+        Some(name) => format!("{name} ({identity})"),
+        None => identity.to_owned(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StepBody {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `force` from an optional JSON body (`{"force": true}`).
+pub(crate) fn force_of(body: &[u8]) -> Result<bool, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(false);
+    }
+    serde_json::from_slice::<StepBody>(body)
+        .map(|b| b.force)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")).into())
+}
+
+/// Applies an operator's step: 409 naming the state when refused.
+pub(crate) async fn step(
+    shared: &Arc<Shared>,
+    source: &SourceId,
+    step: Step,
+    by: &str,
+    force: bool,
+) -> Result<Option<MigrationEvent>, ApiError> {
+    crate::migration::apply(shared, source, step, by, force)
+        .await
+        .map_err(|e| match e {
+            Refused::Rule(why) => error(StatusCode::CONFLICT, why).into(),
+            Refused::Store(why) => error(StatusCode::INTERNAL_SERVER_ERROR, why).into(),
+        })
+}
+
+/// A known source, or 404.
+fn known(shared: &Shared, source: &str) -> Result<SourceId, ApiError> {
+    let id = parse_source(source)?;
+    match shared.ledger.sources.update_known(&id, |_| ()) {
+        Some(()) => Ok(id),
+        None => Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into()),
+    }
+}
+
+/// The answer to a step: the source's state and the event (if it moved).
+fn stepped(source: &SourceId, shared: &Shared, event: Option<MigrationEvent>) -> Response {
+    Json(json!({
+        "source": source.as_str(),
+        "migration_state": crate::migration::current(shared, source).as_str(),
+        "event": event.as_ref().map(EventView::from),
+    }))
+    .into_response()
+}
+
+/// `POST /v1/sources/{source}/mark-ready` (`{"force": true}` optional).
+pub(crate) async fn mark_ready(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let source = known(&shared, &source)?;
+    let force = force_of(&body)?;
+    let event = step(
+        &shared,
+        &source,
+        Step::MarkReady,
+        &who(&shared, &headers),
+        force,
+    )
+    .await?;
+    Ok(stepped(&source, &shared, event))
+}
+
+/// `POST /v1/sources/{source}/finalize`: releases the source's snapshots
+/// and test launches (their NBD exports closed first), keeps its cutover
+/// launch, and records `finalized`; the agent is refused from then on,
+/// told to stop.
+pub(crate) async fn finalize(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let source = known(&shared, &source)?;
+    let state = crate::migration::current(&shared, &source);
+    // Checked before anything is released; `apply` checks again.
+    if let crate::migration::Decision::Refuse(why) =
+        crate::migration::decide(&source, state, &Step::Finalize, &[], false)
+    {
+        return Err(error(StatusCode::CONFLICT, why).into());
+    }
+    let failing_back = shared
+        .ledger
+        .sources
+        .update_known(&source, |r| {
+            r.lifecycle
+                .as_ref()
+                .is_some_and(|l| l.stage == blockrep_store::LifecycleStage::FailingBack)
+        })
+        .unwrap_or(false);
+    if failing_back {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!("source {source} is failing back: complete the failback before finalizing"),
+        )
+        .into());
+    }
+    let id = source.clone();
+    let (snapshots, launches) = blocking(&shared, move |store| {
+        let launches: Vec<String> = store
+            .list_launches(Some(&id))?
+            .into_iter()
+            .filter(|l| l.kind != LaunchKind::Cutover)
+            .map(|l| l.name)
+            .collect();
+        let mut snapshots = 0;
+        for snapshot in store.list_snapshots(Some(&id))? {
+            match store.delete_snapshot(&id, &snapshot.name) {
+                Ok(_) => snapshots += 1,
+                Err(e) if e.kind() == blockrep_store::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((snapshots, launches))
+    })
+    .await?;
+    for launch in &launches {
+        crate::drills::release(&shared, launch).await.map_err(|e| {
+            ApiError::from(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot release launch {launch}: {e}"),
+            ))
+        })?;
+    }
+    let event = step(
+        &shared,
+        &source,
+        Step::Finalize,
+        &who(&shared, &headers),
+        false,
+    )
+    .await?;
+    info!(source = %source, snapshots, launches = launches.len(), "source finalized");
+    let mut answer = stepped(&source, &shared, event);
+    *answer.body_mut() = axum::body::Body::from(
+        json!({
+            "source": source.as_str(),
+            "migration_state": MigrationState::Finalized.as_str(),
+            "snapshots_released": snapshots,
+            "launches_released": launches,
+        })
+        .to_string(),
+    );
+    Ok(answer)
+}
+
+/// `POST /v1/sources/{source}/archive`.
+pub(crate) async fn archive(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let source = known(&shared, &source)?;
+    let event = step(
+        &shared,
+        &source,
+        Step::Archive,
+        &who(&shared, &headers),
+        false,
+    )
+    .await?;
+    Ok(stepped(&source, &shared, event))
+}
+
+/// One transition, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventView {
+    pub seq: u64,
+    pub unix_ms: u64,
+    pub from: String,
+    pub to: String,
+    pub forced: bool,
+    pub by: String,
+    pub note: String,
+}
+
+impl From<&MigrationEvent> for EventView {
+    fn from(e: &MigrationEvent) -> Self {
+        Self {
+            seq: e.seq,
+            unix_ms: e.unix_ms,
+            from: e.from.as_str().to_owned(),
+            to: e.to.as_str().to_owned(),
+            forced: e.forced,
+            by: e.by.clone(),
+            note: e.note.clone(),
+        }
+    }
+}
+
+/// `GET /v1/sources/{source}/history`: every recorded transition, oldest first.
+pub(crate) async fn history(
+    State(shared): State<Arc<Shared>>,
+    Path(source): Path<String>,
+) -> Result<Response, ApiError> {
+    let source = known(&shared, &source)?;
+    let events = blocking(&shared, move |store| store.migration_history(&source)).await?;
+    Ok(Json(events.iter().map(EventView::from).collect::<Vec<_>>()).into_response())
+}
+
+/// The workflow record of a launch about to be made from `body`.
+pub(crate) fn launch_workflow(
+    shared: &Shared,
+    body: &CreateLaunch,
+    kind: LaunchKind,
+) -> Result<LaunchWorkflow, ApiError> {
+    let ttl = match body.ttl_seconds {
+        Some(seconds) => Some(
+            Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ApiError::from(error(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid ttl_seconds {seconds}: give a positive number"),
+                    ))
+                })?,
+        ),
+        None if kind == LaunchKind::Test => shared.config.test_launch_ttl,
+        None => None,
+    };
+    if ttl.is_some() && kind == LaunchKind::Cutover {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "a cutover launch never expires: it is the migrated workload's disk",
+        )
+        .into());
+    }
+    if body.checks.len() > blockrep_store::LAUNCH_CHECKS_MAX {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "at most {} checks per launch",
+                blockrep_store::LAUNCH_CHECKS_MAX
+            ),
+        )
+        .into());
+    }
+    let ttl_ms = ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    Ok(LaunchWorkflow {
+        expires_unix_ms: ttl_ms.map(|ms| now_unix_ms().saturating_add(ms)),
+        must_succeed: body.must_succeed,
+        expected_checks: body.checks.clone(),
+        follow: false,
+        checks: Vec::new(),
+    })
+}
+
+/// `POST /v1/launches/{name}/checks`: a check's result. When every check of
+/// a test launch has passed, the source moves to `ready_for_cutover`.
+pub(crate) async fn record_check(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Json(report): Json<CheckView>,
+) -> Result<Response, ApiError> {
+    let check = LaunchCheck {
+        name: report.name,
+        command: report.command,
+        passed: report.passed,
+        exit_code: report.exit_code,
+        duration_ms: report.duration_ms,
+        finished_unix_ms: now_unix_ms(),
+        output_tail: report.output_tail,
+    };
+    let launch = name.clone();
+    let recorded = check.clone();
+    let (info, workflow) = blocking(&shared, move |store| {
+        let Some(info) = store.launch(&launch)? else {
+            return Ok(None);
+        };
+        let workflow = store.update_launch_workflow(&launch, |w| w.record(recorded))?;
+        Ok(Some((info, workflow)))
+    })
+    .await?
+    .ok_or_else(|| {
+        ApiError::from(error(
+            StatusCode::NOT_FOUND,
+            format!("no launch named {name}"),
+        ))
+    })?;
+    shared
+        .workflow
+        .checks_recorded
+        .fetch_add(1, Ordering::Relaxed);
+    if check.passed {
+        info!(launch = %name, check = %check.name, duration_ms = check.duration_ms, "launch check passed");
+    } else {
+        shared
+            .workflow
+            .checks_failed
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(launch = %name, check = %check.name, exit_code = ?check.exit_code,
+              must_succeed = workflow.must_succeed, "launch check failed");
+    }
+    let awaited = workflow
+        .expected_checks
+        .iter()
+        .all(|expected| workflow.checks.iter().any(|c| &c.name == expected));
+    if info.kind == LaunchKind::Test && awaited && workflow.checks_passed() {
+        let step = Step::ChecksPassed {
+            launch: name.clone(),
+        };
+        if let Err(e) =
+            crate::migration::apply(&shared, &info.source, step, &who(&shared, &headers), false)
+                .await
+        {
+            warn!(launch = %name, error = %e, "cannot record the migration step");
+        }
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "launch": name,
+            "check": CheckView::from(&check),
+            "checks_passed": workflow.checks_passed(),
+            "blocking": workflow.blocking_checks(),
+            "migration_state": crate::migration::current(&shared, &info.source).as_str(),
+        })),
+    )
+        .into_response())
+}
