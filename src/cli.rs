@@ -19,7 +19,7 @@ pub(crate) use agent::{AgentArgs, CaptureArgs, CompressArg, SnapshotArg, ViewArg
 pub(crate) use bench::BenchArgs;
 pub(crate) use key::{EncryptionArgs, KeyCommand, KeyDirArgs};
 pub(crate) use server::ServerArgs;
-pub(crate) use source::{SourceCommand, SourceDeleteArgs, SourceEncryptArgs};
+pub(crate) use source::{SourceCommand, SourceDeleteArgs, SourceEncryptArgs, SourceStepArgs};
 pub(crate) use store::StoreArgs;
 
 use crate::units;
@@ -248,6 +248,13 @@ pub(crate) enum LaunchCommand {
         /// changed: its file system may be torn). Refused without it.
         #[arg(long)]
         allow_live: bool,
+        /// Delete the launch after this long (a drill: `30m`, `2h`); its NBD
+        /// clients are disconnected first. Default: the server's
+        /// --test-launch-ttl for a test launch, else never.
+        #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        checks: Box<LaunchCheckArgs>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -267,6 +274,75 @@ pub(crate) enum LaunchCommand {
     },
 }
 
+/// Checks run on a launch once it is served (post-launch actions). They run
+/// here, where this command runs, with its tools and privileges, and report
+/// to the server, which keeps each result with the launch; when every check
+/// of a test launch passes, its source becomes `ready_for_cutover`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct LaunchCheckArgs {
+    /// Run CMD (with `sh -c`) with the launch in its environment:
+    /// BLOCKREP_NBD_URL (the export; the first volume's for a machine),
+    /// BLOCKREP_NBD_URLS (`VOLUME URL` lines), BLOCKREP_LAUNCH,
+    /// BLOCKREP_SOURCE. Exit status 0 passes. Repeatable.
+    #[arg(long = "check", value_name = "CMD")]
+    pub(crate) commands: Vec<String>,
+    /// Check the launch's file systems read through NBD, changing nothing:
+    /// `e2fsck -fn` (ext2/3/4) or `xfs_repair -n` (XFS), on the whole disk
+    /// or each partition.
+    #[arg(long)]
+    pub(crate) check_fs: bool,
+    /// Boot the launch in QEMU (KVM when it can, else TCG) from its NBD
+    /// export, with --boot-kernel and --boot-initrd, and pass when a line of
+    /// the serial console contains --boot-expect.
+    #[arg(long, requires = "boot_expect")]
+    pub(crate) check_boot: bool,
+    /// The kernel --check-boot boots (default: BLOCKREP_DRILL_KERNEL, else
+    /// /var/lib/blockrep/drill/vmlinuz, as `scripts/drill-kernel.sh` makes it).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) boot_kernel: Option<PathBuf>,
+    /// The initrd --check-boot boots (default: BLOCKREP_DRILL_INITRD, else
+    /// /var/lib/blockrep/drill/initrd.img).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) boot_initrd: Option<PathBuf>,
+    /// Text a serial console line must contain for the boot to pass.
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) boot_expect: Option<String>,
+    /// Kernel command line of --check-boot.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        default_value = "console=ttyS0 root=/dev/vda ro panic=-1"
+    )]
+    pub(crate) boot_append: String,
+    /// How long a boot may take to print --boot-expect.
+    #[arg(long, default_value = "5m", value_parser = units::parse_duration)]
+    pub(crate) boot_timeout: Duration,
+    /// How long any other check may run before it is killed (and fails).
+    #[arg(long, default_value = "10m", value_parser = units::parse_duration)]
+    pub(crate) check_timeout: Duration,
+    /// The checks must pass: until they do, the source cannot be marked
+    /// ready or cut over without --force.
+    #[arg(long)]
+    pub(crate) must_succeed: bool,
+}
+
+impl LaunchCheckArgs {
+    /// The names the checks report under, in the order they run.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if self.check_fs {
+            names.push("fs".to_owned());
+        }
+        if self.check_boot {
+            names.push("boot".to_owned());
+        }
+        for index in 0..self.commands.len() {
+            names.push(format!("cmd{}", index + 1));
+        }
+        names
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum LaunchKindArg {
     /// A test launch (a drill).
@@ -280,9 +356,15 @@ pub(crate) struct CutoverArgs {
     /// Source to cut over.
     #[arg(long)]
     pub(crate) source: String,
-    /// Lift the fence of a cut-over source so that it may replicate again.
+    /// Lift the fence of a cut-over source so that it may replicate again
+    /// (its migration goes back to `ready_for_cutover`).
     #[arg(long)]
     pub(crate) reset: bool,
+    /// Cut over a source that has not passed its test (`ready_for_test` or
+    /// `testing`), or whose must-succeed launch checks fail; recorded in
+    /// its history as forced.
+    #[arg(long, conflicts_with = "reset")]
+    pub(crate) force: bool,
     /// Return once the request is accepted instead of waiting for the cutover.
     #[arg(long)]
     pub(crate) no_wait: bool,
@@ -358,6 +440,9 @@ pub(crate) struct StatusArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Also archived sources (hidden by default).
+    #[arg(long)]
+    pub(crate) all: bool,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@
 mod agent;
 mod bench;
 mod cert;
+mod checks;
 mod cutover;
 mod export;
 mod failback;
@@ -36,6 +37,15 @@ use blockrep_core::SourceId;
 
 use crate::admin_client;
 use crate::cli::AdminArgs;
+
+/// Runs an admin request from a command that is otherwise synchronous.
+fn runtime_block_on(work: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(work)
+}
 
 fn source_id(text: &str) -> Result<SourceId> {
     SourceId::new(text).map_err(Into::into)

@@ -63,14 +63,25 @@ pub(crate) fn unix_ms_text(unix_ms: u64) -> String {
 /// source in capture mode.
 pub(crate) fn sources(sources: &[SourceView]) {
     println!(
-        "{:<20} {:<13} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "SOURCE", "STATE", "MODE", "EPOCH", "CONSISTENCY", "LAG", "RPO", "PENDING", "RATE", "AGENT"
+        "{:<20} {:<13} {:<17} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "SOURCE",
+        "STATE",
+        "MIGRATION",
+        "MODE",
+        "EPOCH",
+        "CONSISTENCY",
+        "LAG",
+        "RPO",
+        "PENDING",
+        "RATE",
+        "AGENT"
     );
     for s in sources {
         println!(
-            "{:<20} {:<13} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+            "{:<20} {:<13} {:<17} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
             s.source,
             s.state.as_str(),
+            s.migration_state,
             s.mode.as_str(),
             s.epoch,
             s.consistency.as_deref().unwrap_or("-"),
@@ -167,6 +178,30 @@ pub(crate) fn launches(launches: &[LaunchView]) {
             l.generation,
             l.nbd_uri.as_deref().unwrap_or("-")
         );
+        if let Some(expires) = l.expires_unix_ms {
+            println!("{:<20} expires {}", "", unix_ms_text(expires));
+        }
+        for c in &l.checks {
+            println!(
+                "{:<20} check {} {} in {:.1}s{}",
+                "",
+                c.name,
+                if c.passed { "passed" } else { "FAILED" },
+                c.duration_ms as f64 / 1000.0,
+                if l.must_succeed {
+                    " (must succeed)"
+                } else {
+                    ""
+                }
+            );
+        }
+        for name in l
+            .expected_checks
+            .iter()
+            .filter(|name| !l.checks.iter().any(|c| &c.name == *name))
+        {
+            println!("{:<20} check {name} not run yet", "");
+        }
         // A machine's launch: one export per volume, each on a line of its own.
         if l.volumes.len() > 1 {
             for v in &l.volumes {
@@ -252,6 +287,29 @@ pub(crate) fn cutover(report: &CutoverReport) {
         report.chunks_sent,
         report.bytes_sent
     );
+}
+
+/// A source's migration history, oldest first.
+pub(crate) fn history(events: &[blockrep_server::EventView]) {
+    println!(
+        "{:>4} {:<24} {:<18} {:<18} {:<6} {:<28} NOTE",
+        "SEQ", "TIME (UTC)", "FROM", "TO", "FORCED", "BY"
+    );
+    for e in events {
+        println!(
+            "{:>4} {:<24} {:<18} {:<18} {:<6} {:<28} {}",
+            e.seq,
+            unix_ms_text(e.unix_ms),
+            e.from,
+            e.to,
+            if e.forced { "yes" } else { "" },
+            e.by,
+            e.note
+        );
+    }
+    if events.is_empty() {
+        println!("(no steps recorded yet)");
+    }
 }
 
 #[cfg(test)]

@@ -147,6 +147,11 @@ pub(crate) struct ServerArgs {
     /// How often automatic snapshots and expiry are considered.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
     pub(crate) retention_tick: Duration,
+    /// How long a test launch lives when it is made without --ttl (a drill
+    /// left behind is deleted then, its NBD clients disconnected); by
+    /// default test launches live until deleted.
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
+    pub(crate) test_launch_ttl: Option<Duration>,
     /// Settings file (`key = value` lines); known key: `retention`. Command-line
     /// flags win over it.
     #[arg(long)]

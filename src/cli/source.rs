@@ -21,6 +21,47 @@ pub(crate) enum SourceCommand {
     /// tenant share. Until it finishes the source cannot be read; a run
     /// that stopped half way is finished by running it again.
     Encrypt(SourceEncryptArgs),
+    /// Confirm a source's test: `testing` -> `ready_for_cutover` (admin
+    /// API). Refused from another state, or while a launch's must-succeed
+    /// check fails, unless --force (recorded in its history).
+    MarkReady(SourceStepArgs),
+    /// Finish a cut-over source's migration (admin API): its snapshots and
+    /// test launches are released (their NBD clients disconnected), its
+    /// agent is told to stop, its cutover launch is kept. Refused before
+    /// the cutover.
+    Finalize(SourceStepArgs),
+    /// Hide a finalized source from default listings (`status --all`
+    /// shows it) (admin API).
+    Archive(SourceStepArgs),
+    /// Every migration step of a source: when, from and to which state,
+    /// who asked, forced or not, and why (admin API).
+    History(SourceStepArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SourceStepArgs {
+    /// The source's id.
+    #[arg(value_name = "ID", required_unless_present = "source")]
+    pub(crate) id: Option<String>,
+    /// The source's id (the same as ID).
+    #[arg(long, value_name = "ID", conflicts_with = "id")]
+    pub(crate) source: Option<String>,
+    /// Pass the gate of this step (mark-ready without a test, or with a
+    /// failing must-succeed check); recorded in the history as forced.
+    #[arg(long)]
+    pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) admin: super::AdminArgs,
+}
+
+impl SourceStepArgs {
+    /// The source named, positionally or with --source.
+    pub(crate) fn source_id(&self) -> &str {
+        self.id
+            .as_deref()
+            .or(self.source.as_deref())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Args)]

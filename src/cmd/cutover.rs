@@ -24,7 +24,7 @@ pub(crate) async fn cutover(args: CutoverArgs) -> Result<()> {
         admin,
         "POST",
         &format!("/v1/sources/{}/cutover", args.source),
-        None,
+        Some(serde_json::json!({ "force": args.force })),
     )
     .await?;
     if args.no_wait {

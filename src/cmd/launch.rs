@@ -4,7 +4,7 @@ use anyhow::Result;
 use blockrep_server::LaunchView;
 
 use super::{admin_call, list_path, parse_answer};
-use crate::cli::{LaunchCommand, LaunchKindArg};
+use crate::cli::{LaunchCheckArgs, LaunchCommand, LaunchKindArg};
 use crate::print;
 
 /// Creates, lists or deletes launch volumes.
@@ -16,13 +16,21 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
             name,
             kind,
             allow_live,
+            ttl,
+            checks,
             admin,
         } => {
             let kind = match kind {
                 LaunchKindArg::Test => "test",
                 LaunchKindArg::Cutover => "cutover",
             };
-            let body = serde_json::json!({ "source": source, "snapshot": snapshot, "name": name, "kind": kind, "allow_live": allow_live });
+            let body = serde_json::json!({
+                "source": source, "snapshot": snapshot, "name": name, "kind": kind,
+                "allow_live": allow_live,
+                "ttl_seconds": ttl.map(|t| t.as_secs_f64()),
+                "checks": checks.names(),
+                "must_succeed": checks.must_succeed,
+            });
             let text = admin_call(&admin.admin, "POST", "/v1/launches", Some(body)).await?;
             let v: LaunchView = parse_answer(&text)?;
             if admin.json {
@@ -36,6 +44,9 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
                     "launch {} of {} from snapshot {} ({}): {served}",
                     v.name, v.source, v.snapshot, v.consistency
                 );
+                if let Some(expires) = v.expires_unix_ms {
+                    println!("expires {}", print::unix_ms_text(expires));
+                }
             }
             if v.consistency == "live" {
                 // On stderr, so that --json output stays one JSON document.
@@ -45,7 +56,7 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
                     v.name, v.snapshot
                 );
             }
-            Ok(())
+            run_checks(&admin.admin, &v, &checks, admin.json).await
         }
         LaunchCommand::List { source, admin } => {
             let path = list_path("/v1/launches", source);
@@ -64,4 +75,60 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
                 .await
         }
     }
+}
+
+/// Runs the launch's checks and reports each to the server; fails when one
+/// failed (the launch stays: its record shows what failed).
+async fn run_checks(
+    admin: &str,
+    launch: &LaunchView,
+    args: &LaunchCheckArgs,
+    json: bool,
+) -> Result<()> {
+    if args.names().is_empty() {
+        return Ok(());
+    }
+    let urls: Vec<(String, String)> = match &launch.nbd_uri {
+        Some(url) => vec![("disk".to_owned(), url.clone())],
+        None => launch
+            .volumes
+            .iter()
+            .filter_map(|v| Some((v.name.clone(), v.nbd_uri.clone()?)))
+            .collect(),
+    };
+    let target = super::checks::Target {
+        launch: launch.name.clone(),
+        source: launch.source.clone(),
+        urls,
+    };
+    let (args, run_on) = (args.clone(), target.clone());
+    let results =
+        tokio::task::spawn_blocking(move || super::checks::run_all(&args, &run_on)).await?;
+    let mut failed = Vec::new();
+    for check in results {
+        let path = format!("/v1/launches/{}/checks", launch.name);
+        let answer = admin_call(admin, "POST", &path, Some(serde_json::to_value(&check)?)).await?;
+        if json {
+            println!("{answer}");
+        } else {
+            println!(
+                "check {} {} in {:.1}s",
+                check.name,
+                if check.passed { "passed" } else { "FAILED" },
+                check.duration_ms as f64 / 1000.0
+            );
+        }
+        if !check.passed {
+            eprintln!("check {} output (end):\n{}", check.name, check.output_tail);
+            failed.push(check.name);
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "launch {} failed its checks: {}",
+            launch.name,
+            failed.join(", ")
+        );
+    }
+    Ok(())
 }

@@ -47,6 +47,7 @@ pub(crate) async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Re
     config.nbd_connections_max = args.nbd_connections_max;
     config.nbd_connections_per_address_max = args.nbd_connections_per_address;
     config.retention_tick = args.retention_tick;
+    config.test_launch_ttl = args.test_launch_ttl;
     let mut retention = None;
     if let Some(path) = &args.config {
         retention = server_settings(path)?;

@@ -11,7 +11,47 @@ pub(crate) fn source(command: SourceCommand) -> Result<()> {
     match command {
         SourceCommand::Delete(args) => delete(&args),
         SourceCommand::Encrypt(args) => encrypt(&args),
+        SourceCommand::MarkReady(args) => step("mark-ready", &args),
+        SourceCommand::Finalize(args) => step("finalize", &args),
+        SourceCommand::Archive(args) => step("archive", &args),
+        SourceCommand::History(args) => history(&args),
     }
+}
+
+/// A migration step through the admin API.
+fn step(action: &str, args: &crate::cli::SourceStepArgs) -> Result<()> {
+    let source = super::source_id(args.source_id())?;
+    let path = format!("/v1/sources/{source}/{action}");
+    let body = serde_json::json!({ "force": args.force });
+    super::runtime_block_on(
+        args.admin
+            .show("POST", &path, Some(body), |v: serde_json::Value| {
+                let state = v["migration_state"].as_str().unwrap_or("?");
+                match v.get("launches_released") {
+                    Some(launches) => println!(
+                        "source {source} finalized: {} snapshots and launches {launches} released; \
+                 its agent is told to stop",
+                        v["snapshots_released"]
+                    ),
+                    None if v["event"].is_null() => {
+                        println!("source {source} is {state} (unchanged)")
+                    }
+                    None => println!("source {source} is now {state}"),
+                }
+            }),
+    )
+}
+
+/// The migration history through the admin API.
+fn history(args: &crate::cli::SourceStepArgs) -> Result<()> {
+    let source = super::source_id(args.source_id())?;
+    let path = format!("/v1/sources/{source}/history");
+    super::runtime_block_on(args.admin.show(
+        "GET",
+        &path,
+        None,
+        |events: Vec<blockrep_server::EventView>| crate::print::history(&events),
+    ))
 }
 
 fn delete(args: &SourceDeleteArgs) -> Result<()> {

@@ -9,7 +9,12 @@ use crate::print;
 
 /// Prints the sources table (or the API's JSON with `--json`).
 pub(crate) async fn status(args: StatusArgs) -> Result<()> {
-    let (code, body) = admin_client::request(&args.admin, "GET", "/v1/sources", None).await?;
+    let path = if args.all {
+        "/v1/sources?all=true"
+    } else {
+        "/v1/sources"
+    };
+    let (code, body) = admin_client::request(&args.admin, "GET", path, None).await?;
     if code != 200 {
         bail!("admin API answered {code}: {body}");
     }

@@ -80,6 +80,9 @@ fn post_json(f: &AgentRig, header: &str, url: &str) -> (u16, String) {
         "Content-Type: application/json",
         "-H",
         header,
+        // A forced cutover: these sources never ran a test launch.
+        "-d",
+        r#"{"force":true}"#,
         url,
     ])
 }
@@ -273,7 +276,8 @@ fn state_changes_and_lists_need_the_admin_token() {
         "{metrics}"
     );
     // With the token it works.
-    let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth(&f), &url]);
+    let force = r#"{"force":true}"#;
+    let (code, body) = curl(&["-X", "POST", "-H", json, "-H", &auth(&f), "-d", force, &url]);
     assert_eq!(code, 202, "{body}");
     assert!(cutover_requested(&f));
 }

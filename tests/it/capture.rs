@@ -414,7 +414,8 @@ fn cutover_in_capture_mode_stops_writes_and_the_launch_equals_the_disk() {
     assert!(wait_until(Duration::from_secs(30), || written
         .load(Ordering::Relaxed)
         >= 5));
-    let (code, body) = admin_request(admin, "POST", "/v1/sources/erp/cutover", None);
+    let force = Some(r#"{"force":true}"#);
+    let (code, body) = admin_request(admin, "POST", "/v1/sources/erp/cutover", force);
     assert!(code == 200 || code == 202, "{code} {body}");
     assert!(
         agent.wait(Duration::from_secs(60)).success(),

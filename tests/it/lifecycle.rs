@@ -153,7 +153,27 @@ pub(crate) fn whole_lifecycle(
         "test launch differs from its snapshot"
     );
 
-    // The operator cuts over; the agent stops the writer, syncs, and exits.
+    // The operator confirms the test; then cuts over; the agent stops the
+    // writer, syncs, and exits.
+    let ready = std::process::Command::new(BIN)
+        .args([
+            "source",
+            "mark-ready",
+            "--source",
+            "app",
+            "--admin",
+            &admin.to_string(),
+            "--admin-token",
+            pki.path().join("admin.token").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_success(&ready);
+    assert!(
+        stdout(&ready).contains("ready_for_cutover"),
+        "{}",
+        stdout(&ready)
+    );
     let cutover = std::process::Command::new(BIN)
         .args([
             "cutover",

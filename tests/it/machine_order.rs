@@ -287,7 +287,9 @@ fn every_capture_point_of_a_machine_holds_a_prefix_of_records_written_alternatel
     // The operator cuts the machine over: the agent stops writes to both
     // exports, cuts them a last time and leaves; the cutover launch is the
     // machine as written.
-    let (code, body) = admin_request(rig.admin(), "POST", "/v1/sources/web/cutover", None);
+    // Forced: the workflow's test step is not what this test is about.
+    let force = Some(r#"{"force":true}"#);
+    let (code, body) = admin_request(rig.admin(), "POST", "/v1/sources/web/cutover", force);
     assert_eq!(code, 202, "{body}");
     let status = blockrep_testkit::wait_exit(&mut agent, Duration::from_secs(60));
     let lines = agent.lines();

@@ -56,3 +56,4 @@ mod replication;
 mod revocation;
 mod store_hardening;
 mod stream_corruption;
+mod workflow;

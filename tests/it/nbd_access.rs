@@ -376,7 +376,7 @@ fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
 }
 
 /// Reads the greeting; `false` if the server closed the connection instead.
-fn greeted(stream: &mut TcpStream) -> bool {
+pub(crate) fn greeted(stream: &mut TcpStream) -> bool {
     let mut greeting = [0; blockrep_nbd::wire::GREETING_LEN];
     match stream.read_exact(&mut greeting) {
         Ok(()) => {
@@ -390,7 +390,7 @@ fn greeted(stream: &mut TcpStream) -> bool {
 }
 
 /// From a greeted connection into transmission on `export`.
-fn enter_transmission(stream: &mut TcpStream, export: &str) {
+pub(crate) fn enter_transmission(stream: &mut TcpStream, export: &str) {
     use blockrep_nbd::wire;
     let flags = wire::CLIENT_FLAG_FIXED_NEWSTYLE | wire::CLIENT_FLAG_NO_ZEROES;
     let mut out = flags.to_be_bytes().to_vec();

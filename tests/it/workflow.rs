@@ -1,0 +1,396 @@
+//! The migration workflow end to end with the real server and CLI: every
+//! state a source passes through, the refusals of steps out of order, the
+//! record of who asked, each state surviving a server restart; drills that
+//! expire with an NBD client attached; launch checks that gate mark-ready.
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::common::*;
+use crate::nbd_access::{enter_transmission, greeted};
+use blockrep_server::{EventView, LaunchView};
+use blockrep_testkit::{AgentRig, ServerProcess, mixed_image};
+
+const SERVER_ARGS: [&str; 4] = ["--nbd-listen", "127.0.0.1:0", "--retention", "off"];
+
+/// The CLI against the rig's server, as operator `alice`.
+fn operator(rig: &AgentRig, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .args(["--admin", &rig.admin().to_string(), "--admin-token"])
+        .arg(rig.pki.path().join("admin.token"))
+        .env("BLOCKREP_OPERATOR", "alice")
+        .output()
+        .unwrap()
+}
+
+/// A step through the CLI that must be refused, naming `named`.
+fn refused(rig: &AgentRig, args: &[&str], named: &str) {
+    let output = operator(rig, args);
+    assert!(!output.status.success(), "{args:?} was not refused");
+    let text = stderr(&output);
+    assert!(
+        text.contains(named) && text.contains("409"),
+        "{args:?}: {text}"
+    );
+}
+
+/// The source's migration state as the API shows it.
+fn state(rig: &AgentRig, source: &str) -> String {
+    let (code, body) = admin_request(rig.admin(), "GET", &format!("/v1/sources/{source}"), None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str::<blockrep_server::SourceView>(&body)
+        .unwrap()
+        .migration_state
+}
+
+/// Waits until the source shows `expected` (the server's own steps are
+/// recorded a moment after what they record).
+fn wait_state(rig: &AgentRig, source: &str, expected: &str) {
+    let reached = wait_until(Duration::from_secs(20), || state(rig, source) == expected);
+    assert!(
+        reached,
+        "{source} is {}, not {expected}",
+        state(rig, source)
+    );
+}
+
+/// Restarts the server on the same data; the state must be what it was.
+fn restart(rig: &mut AgentRig, source: &str, expected: &str) {
+    rig.server.stop();
+    rig.server = ServerProcess::start_with(
+        &bin(),
+        &rig.work.path().join("data"),
+        rig.pki.path(),
+        &SERVER_ARGS,
+    );
+    assert_eq!(state(rig, source), expected, "after a restart");
+}
+
+fn history(rig: &AgentRig, source: &str) -> Vec<EventView> {
+    let path = format!("/v1/sources/{source}/history");
+    let (code, body) = admin_request(rig.admin(), "GET", &path, None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn every_step_is_gated_recorded_and_survives_restarts() {
+    if !(have_tool("qemu-img") && have_tool("nbdcopy")) {
+        return;
+    }
+    let mut rig = nbd_rig(&["web", "db"]);
+    let tls = rig.pki.path().to_owned();
+    let disk = rig.work.path().join("web.raw");
+    std::fs::write(&disk, mixed_image(4 << 20, 7)).unwrap();
+    let (code, _) = admin_request(rig.admin(), "GET", "/v1/sources/web/history", None);
+    assert_eq!(code, 404, "a source never seen has no history");
+
+    // The initial sync commits: ready for testing.
+    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
+    wait_state(&rig, "web", "ready_for_test");
+    refused(
+        &rig,
+        &["source", "mark-ready", "--source", "web"],
+        "ready_for_test",
+    );
+    refused(
+        &rig,
+        &["cutover", "--source", "web", "--no-wait"],
+        "--force",
+    );
+    refused(&rig, &["source", "finalize", "web"], "cut_over");
+    refused(&rig, &["source", "archive", "web"], "finalized");
+    restart(&mut rig, "web", "ready_for_test");
+
+    // A test launch: testing.
+    let snapshot = create_snapshot(&rig.server, "web", "drill-base");
+    assert_success(&operator(
+        &rig,
+        &[
+            "launch",
+            "create",
+            "--source",
+            "web",
+            "--snapshot",
+            &snapshot.name,
+            "--name",
+            "web-t1",
+            "--allow-live",
+        ],
+    ));
+    wait_state(&rig, "web", "testing");
+    restart(&mut rig, "web", "testing");
+
+    // The operator confirms the test.
+    let ready = operator(&rig, &["source", "mark-ready", "--source", "web"]);
+    assert_success(&ready);
+    assert!(
+        stdout(&ready).contains("ready_for_cutover"),
+        "{}",
+        stdout(&ready)
+    );
+    restart(&mut rig, "web", "ready_for_cutover");
+
+    // The cutover request is durable: a restart keeps it, and the agent
+    // run after it cuts over.
+    assert_success(&operator(
+        &rig,
+        &["cutover", "--source", "web", "--no-wait"],
+    ));
+    assert_eq!(state(&rig, "web"), "cutting_over");
+    restart(&mut rig, "web", "cutting_over");
+    assert!(admin_source(rig.admin(), "web").unwrap().cutover_requested);
+    // The workload changed the disk since: the agent's next commit hears
+    // of the request.
+    std::fs::write(&disk, mixed_image(4 << 20, 8)).unwrap();
+    let agent = agent_once(&disk, rig.server.addr, "web", &tls, &[]);
+    assert_success(&agent);
+    assert!(stdout(&agent).contains("cutover"), "{}", stdout(&agent));
+    wait_state(&rig, "web", "cut_over");
+    restart(&mut rig, "web", "cut_over");
+
+    // Finalize: snapshots and the test launch released, the cutover launch kept.
+    let finalized = operator(&rig, &["source", "finalize", "web"]);
+    assert_success(&finalized);
+    assert_eq!(state(&rig, "web"), "finalized");
+    let (_, body) = admin_request(rig.admin(), "GET", "/v1/launches?source=web", None);
+    let launches: Vec<LaunchView> = serde_json::from_str(&body).unwrap();
+    let kinds: Vec<&str> = launches.iter().map(|l| l.kind.as_str()).collect();
+    assert_eq!(kinds, ["cutover"], "{body}");
+    let (_, body) = admin_request(rig.admin(), "GET", "/v1/snapshots?source=web", None);
+    assert_eq!(body.trim(), "[]", "snapshots left after finalize");
+    // The agent is told to stop at its next change.
+    std::fs::write(&disk, mixed_image(4 << 20, 9)).unwrap();
+    let told = agent_once(&disk, rig.server.addr, "web", &tls, &[]);
+    assert!(!told.status.success());
+    assert!(
+        stderr(&told).contains("stop this agent"),
+        "{}",
+        stderr(&told)
+    );
+    refused(
+        &rig,
+        &["cutover", "--source", "web", "--reset"],
+        "finalized",
+    );
+    restart(&mut rig, "web", "finalized");
+
+    // Archived: hidden from the default listing, shown with --all.
+    assert_success(&operator(&rig, &["source", "archive", "web"]));
+    restart(&mut rig, "web", "archived");
+    let listed = operator(&rig, &["status"]);
+    assert!(!stdout(&listed).contains("web "), "{}", stdout(&listed));
+    let all = operator(&rig, &["status", "--all"]);
+    assert!(stdout(&all).contains("archived"), "{}", stdout(&all));
+
+    // Every step, in order, with who asked.
+    let steps: Vec<(String, String)> = history(&rig, "web")
+        .iter()
+        .map(|e| (e.to.clone(), e.by.clone()))
+        .collect();
+    let expected = [
+        ("ready_for_test", "server"),
+        ("testing", "alice (admin token)"),
+        ("ready_for_cutover", "alice (admin token)"),
+        ("cutting_over", "alice (admin token)"),
+        ("cut_over", "server"),
+        ("finalized", "alice (admin token)"),
+        ("archived", "alice (admin token)"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(steps, expected);
+    let text = stdout(&operator(&rig, &["source", "history", "web"]));
+    assert!(
+        text.contains("finalized") && text.contains("alice"),
+        "{text}"
+    );
+
+    // A forced cutover without a test is allowed and recorded as forced.
+    let db = rig.work.path().join("db.raw");
+    std::fs::write(&db, mixed_image(2 << 20, 9)).unwrap();
+    assert_success(&agent_once(&db, rig.server.addr, "db", &tls, &[]));
+    wait_state(&rig, "db", "ready_for_test");
+    assert_success(&operator(
+        &rig,
+        &["cutover", "--source", "db", "--no-wait", "--force"],
+    ));
+    let last = history(&rig, "db").pop().unwrap();
+    assert_eq!(
+        (last.to.as_str(), last.forced),
+        ("cutting_over", true),
+        "{last:?}"
+    );
+    assert!(last.note.contains("forced"), "{last:?}");
+}
+
+/// Whether the server closed `stream` cleanly (end of stream, not a reset).
+fn closed_cleanly(stream: &mut TcpStream) -> bool {
+    use std::io::Read;
+    let mut byte = [0; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return true,
+            Ok(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("the connection was not closed cleanly: {e}"),
+        }
+    }
+}
+
+#[test]
+fn an_expired_drill_disconnects_its_client_and_leaves_garbage() {
+    if !(have_tool("qemu-io") && have_tool("nbdcopy")) {
+        return;
+    }
+    let rig = nbd_rig(&["web"]);
+    let tls = rig.pki.path().to_owned();
+    let disk = rig.work.path().join("web.raw");
+    std::fs::write(&disk, mixed_image(4 << 20, 3)).unwrap();
+    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
+    let snapshot = create_snapshot(&rig.server, "web", "base");
+    let made = operator(
+        &rig,
+        &[
+            "launch",
+            "create",
+            "--source",
+            "web",
+            "--snapshot",
+            &snapshot.name,
+            "--name",
+            "drill",
+            "--ttl",
+            "3s",
+            "--allow-live",
+            "--json",
+        ],
+    );
+    assert_success(&made);
+    let launch: LaunchView = serde_json::from_str(stdout(&made).lines().next().unwrap()).unwrap();
+    let expires = launch.expires_unix_ms.unwrap();
+    assert!(expires > launch.created_unix_ms && expires <= launch.created_unix_ms + 4_000);
+    // The drill writes blocks of its own.
+    let uri = launch.nbd_uri.clone().unwrap();
+    let written = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "flush", &uri])
+        .output()
+        .unwrap();
+    assert_success(&written);
+    // A client stays attached until the expiry.
+    let mut client = TcpStream::connect(rig.server.nbd_addr.unwrap()).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert!(greeted(&mut client));
+    enter_transmission(&mut client, "drill");
+    assert!(
+        closed_cleanly(&mut client),
+        "the client was not disconnected"
+    );
+    let gone = wait_until(Duration::from_secs(20), || {
+        let (_, body) = admin_request(rig.admin(), "GET", "/v1/launches", None);
+        body.trim() == "[]"
+    });
+    assert!(gone, "the expired launch is still listed");
+    assert!(
+        rig.server
+            .wait_for_log("test launch expired", Duration::from_secs(5))
+    );
+    let (_, metrics) = admin_request(rig.admin(), "GET", "/metrics", None);
+    assert!(
+        metrics.contains("blockrep_launches_expired_total 1"),
+        "{metrics}"
+    );
+    // Its blocks are garbage now.
+    let (code, report) = admin_request(rig.admin(), "POST", "/v1/gc?dry_run=true", None);
+    assert_eq!(code, 200, "{report}");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert!(report["blobs_dead"].as_u64().unwrap() > 0, "{report}");
+}
+
+#[test]
+fn launch_checks_are_recorded_and_gate_the_cutover() {
+    if !have_tool("nbdinfo") {
+        return;
+    }
+    let rig = nbd_rig(&["web"]);
+    let tls = rig.pki.path().to_owned();
+    let disk = rig.work.path().join("web.raw");
+    std::fs::write(&disk, mixed_image(4 << 20, 5)).unwrap();
+    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
+    wait_state(&rig, "web", "ready_for_test");
+    let snapshot = create_snapshot(&rig.server, "web", "base");
+    let create = |name: &str, check: &str| {
+        operator(
+            &rig,
+            &[
+                "launch",
+                "create",
+                "--source",
+                "web",
+                "--snapshot",
+                &snapshot.name,
+                "--name",
+                name,
+                "--allow-live",
+                "--must-succeed",
+                "--check",
+                check,
+            ],
+        )
+    };
+    // A check that reads the launch through its URL passes, and the test
+    // launch's passing checks make the source ready for cutover.
+    let size = (4u64 << 20).to_string();
+    let good = create(
+        "good",
+        &format!("test \"$(nbdinfo --size \"$BLOCKREP_NBD_URL\")\" = {size}"),
+    );
+    assert_success(&good);
+    assert!(
+        stdout(&good).contains("check cmd1 passed"),
+        "{}",
+        stdout(&good)
+    );
+    wait_state(&rig, "web", "ready_for_cutover");
+    // A failing must-succeed check fails the command and blocks the cutover.
+    let bad = create("bad", "echo the service did not answer; exit 3");
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("did not answer"), "{}", stderr(&bad));
+    refused(
+        &rig,
+        &["cutover", "--source", "web", "--no-wait"],
+        "launch bad: cmd1 failed",
+    );
+    let (_, body) = admin_request(rig.admin(), "GET", "/v1/launches?source=web", None);
+    let launches: Vec<LaunchView> = serde_json::from_str(&body).unwrap();
+    let bad = launches.iter().find(|l| l.name == "bad").unwrap();
+    let check = &bad.checks[0];
+    assert_eq!(
+        (check.passed, check.exit_code),
+        (false, Some(3)),
+        "{check:?}"
+    );
+    assert!(check.output_tail.contains("did not answer"), "{check:?}");
+    // Deleting the failed drill lifts its gate.
+    let (code, body) = admin_request(rig.admin(), "DELETE", "/v1/launches/bad", None);
+    assert_eq!(code, 200, "{body}");
+    assert_success(&operator(
+        &rig,
+        &["cutover", "--source", "web", "--no-wait"],
+    ));
+    assert_eq!(state(&rig, "web"), "cutting_over");
+    let (_, metrics) = admin_request(rig.admin(), "GET", "/metrics", None);
+    assert!(
+        metrics.contains("blockrep_launch_checks_failed_total 1")
+            && metrics.contains(
+                "blockrep_source_migration_state{source=\"web\",state=\"cutting_over\"} 1"
+            ),
+        "{metrics}"
+    );
+}
