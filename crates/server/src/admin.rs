@@ -11,12 +11,12 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use blockrep_core::clock::now_unix_ms;
 use blockrep_core::{Consistency, SourceId};
-use blockrep_store::{ErrorKind, LaunchKind, Store};
+use blockrep_store::{ErrorKind, LaunchKind};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::api_error::error;
+use crate::api_error::{ApiError, blocking, error, parse_source, store_error};
 use crate::shared::Shared;
 use crate::views::{CreateLaunch, CreateSnapshot, LaunchView, SnapshotView};
 
@@ -84,48 +84,6 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
     let mut body = report.to_json();
     body["backend"] = crate::health::backend_json(&shared.store);
     (status, Json(body)).into_response()
-}
-
-/// An error answer: kept small (a boxed response) so `Result`s stay cheap.
-pub(crate) struct ApiError(Box<Response>);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        *self.0
-    }
-}
-
-impl From<Response> for ApiError {
-    fn from(response: Response) -> Self {
-        ApiError(Box::new(response))
-    }
-}
-
-pub(crate) fn store_error(e: &blockrep_store::Error) -> Response {
-    let status = match e.kind() {
-        ErrorKind::NotFound | ErrorKind::Missing => StatusCode::NOT_FOUND,
-        ErrorKind::AlreadyExists | ErrorKind::Busy => StatusCode::CONFLICT,
-        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    error(status, e.to_string())
-}
-
-pub(crate) fn parse_source(text: &str) -> Result<SourceId, ApiError> {
-    SourceId::new(text).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()).into())
-}
-
-/// Runs blocking store work off the async workers.
-pub(crate) async fn blocking<T: Send + 'static>(
-    shared: &Arc<Shared>,
-    work: impl FnOnce(&Arc<Store>) -> Result<T, blockrep_store::Error> + Send + 'static,
-) -> Result<T, ApiError> {
-    let store = Arc::clone(&shared.store);
-    match tokio::task::spawn_blocking(move || work(&store)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(store_error(&e).into()),
-        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into()),
-    }
 }
 
 async fn not_found() -> Response {

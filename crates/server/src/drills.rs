@@ -3,18 +3,15 @@
 //! what it has in flight and closes, as at server shutdown), then the launch
 //! is deleted, and its blocks are garbage for the next collection.
 //!
-//! [`Closers`] holds one close signal per launch that has been served; the
-//! NBD registry refuses a launch being closed, so no client attaches between
-//! the close and the deletion.
+//! The close signals are in `closers.rs`: the NBD registry refuses a launch
+//! being closed, so no client attaches between the close and the deletion.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use blockrep_core::clock::now_unix_ms;
 use blockrep_store::ErrorKind;
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::shared::Shared;
@@ -24,56 +21,6 @@ pub(crate) const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
 /// How long a release waits for the NBD connections of a launch to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
-
-/// Counters of the workflow, for metrics.
-#[derive(Debug, Default)]
-pub(crate) struct WorkflowCounters {
-    /// Migration steps recorded.
-    pub transitions: AtomicU64,
-    /// Test launches deleted at their expiry.
-    pub launches_expired: AtomicU64,
-    /// Launch check results recorded.
-    pub checks_recorded: AtomicU64,
-    /// Launch check results recorded that failed.
-    pub checks_failed: AtomicU64,
-}
-
-/// The close signal of every launch served over NBD, by launch name.
-#[derive(Debug, Default)]
-pub(crate) struct Closers {
-    by_launch: Mutex<HashMap<String, watch::Sender<bool>>>,
-}
-
-impl Closers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<bool>>> {
-        self.by_launch.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The close signal an export of `launch` watches; `None` while the
-    /// launch is being closed (the export must not open).
-    pub(crate) fn watch(&self, launch: &str) -> Option<watch::Receiver<bool>> {
-        let mut by_launch = self.lock();
-        let sender = by_launch
-            .entry(launch.to_owned())
-            .or_insert_with(|| watch::channel(false).0);
-        (!*sender.borrow()).then(|| sender.subscribe())
-    }
-
-    /// Tells every export of `launch` to close, and refuses new ones.
-    fn close(&self, launch: &str) {
-        let mut by_launch = self.lock();
-        let sender = by_launch
-            .entry(launch.to_owned())
-            .or_insert_with(|| watch::channel(false).0);
-        sender.send_replace(true);
-    }
-
-    /// Forgets `launch` (deleted, or its release gave up): a launch made
-    /// again under the name starts open.
-    fn forget(&self, launch: &str) {
-        self.lock().remove(launch);
-    }
-}
 
 /// Closes the NBD exports of `launch` and deletes it; waits up to
 /// [`CLOSE_WAIT`] for its connections to finish. `Ok(false)` when it was
@@ -158,22 +105,4 @@ fn expired_launches(
         }
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_closing_launch_refuses_new_exports_until_forgotten() {
-        let closers = Closers::default();
-        let mut first = closers.watch("t1").unwrap();
-        assert!(!*first.borrow_and_update());
-        closers.close("t1");
-        assert!(*first.borrow_and_update());
-        assert!(closers.watch("t1").is_none());
-        assert!(closers.watch("t2").is_some());
-        closers.forget("t1");
-        assert!(!*closers.watch("t1").unwrap().borrow());
-    }
 }

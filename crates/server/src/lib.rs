@@ -29,6 +29,7 @@ mod block_values;
 mod breaches;
 mod budget;
 mod capture;
+mod closers;
 mod connection;
 mod drills;
 mod encryption;

@@ -65,7 +65,7 @@ pub(crate) fn spawn(
     config: &ServerConfig,
     tls: &Arc<rustls::ServerConfig>,
     revocation: Option<Arc<Revocation>>,
-    closers: Arc<crate::drills::Closers>,
+    closers: Arc<crate::closers::Closers>,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) {
     let registry = Arc::new(LaunchRegistry {
@@ -95,7 +95,7 @@ pub(crate) fn spawn(
 pub(crate) struct LaunchRegistry {
     pub store: Arc<Store>,
     /// Launches being closed (expired drills, finalize) do not open.
-    pub closers: Arc<crate::drills::Closers>,
+    pub closers: Arc<crate::closers::Closers>,
     /// Whether clients are told apart by certificate (`nbd_tls`); without
     /// TLS the listener is on loopback and every launch is open to it.
     pub require_identity: bool,

@@ -54,9 +54,9 @@ pub(crate) struct Shared {
     /// Serializes migration steps (`migration.rs`).
     pub migration_lock: tokio::sync::Mutex<()>,
     /// Counters of the migration workflow and its launches.
-    pub workflow: crate::drills::WorkflowCounters,
+    pub workflow: crate::closers::WorkflowCounters,
     /// The close signals of launches served over NBD.
-    pub closers: Arc<crate::drills::Closers>,
+    pub closers: Arc<crate::closers::Closers>,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -118,7 +118,7 @@ impl Shared {
             bucket_leases: std::sync::Mutex::default(),
             keys: None,
             migration_lock: tokio::sync::Mutex::new(()),
-            workflow: crate::drills::WorkflowCounters::default(),
+            workflow: crate::closers::WorkflowCounters::default(),
             closers: Arc::default(),
         }
     }

@@ -23,8 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::admin::{ApiError, blocking, parse_source};
-use crate::api_error::error;
+use crate::api_error::{ApiError, blocking, error, parse_source};
 use crate::migration::{Refused, Step};
 use crate::shared::Shared;
 use crate::views::{CheckView, CreateLaunch};
