@@ -253,6 +253,12 @@ pub(crate) enum LaunchCommand {
         /// --test-launch-ttl for a test launch, else never.
         #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
         ttl: Option<Duration>,
+        /// A standby (`--kind standby`) that moves to every new committed
+        /// point of its source while it is unwritten and no client has it
+        /// open, so a failover to it needs no copy; its first write stops
+        /// the following, and it keeps its data.
+        #[arg(long)]
+        follow: bool,
         #[command(flatten)]
         checks: Box<LaunchCheckArgs>,
         #[command(flatten)]
@@ -347,6 +353,8 @@ impl LaunchCheckArgs {
 pub(crate) enum LaunchKindArg {
     /// A test launch (a drill).
     Test,
+    /// A warm standby for disaster recovery (see --follow).
+    Standby,
     /// The cutover launch.
     Cutover,
 }

@@ -17,12 +17,14 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
             kind,
             allow_live,
             ttl,
+            follow,
             checks,
             admin,
         } => {
             let kind = match kind {
                 LaunchKindArg::Test => "test",
                 LaunchKindArg::Cutover => "cutover",
+                LaunchKindArg::Standby => "standby",
             };
             let body = serde_json::json!({
                 "source": source, "snapshot": snapshot, "name": name, "kind": kind,
@@ -30,6 +32,7 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
                 "ttl_seconds": ttl.map(|t| t.as_secs_f64()),
                 "checks": checks.names(),
                 "must_succeed": checks.must_succeed,
+                "follow": follow,
             });
             let text = admin_call(&admin.admin, "POST", "/v1/launches", Some(body)).await?;
             let v: LaunchView = parse_answer(&text)?;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::common::*;
 use crate::nbd_access::{enter_transmission, greeted};
 use blockrep_server::{EventView, LaunchView};
+use blockrep_testkit::admin::admin_source;
 use blockrep_testkit::{AgentRig, ServerProcess, mixed_image};
 
 const SERVER_ARGS: [&str; 4] = ["--nbd-listen", "127.0.0.1:0", "--retention", "off"];
@@ -392,5 +393,105 @@ fn launch_checks_are_recorded_and_gate_the_cutover() {
                 "blockrep_source_migration_state{source=\"web\",state=\"cutting_over\"} 1"
             ),
         "{metrics}"
+    );
+}
+
+/// The launch `name` as the API lists it.
+fn launch_view(rig: &AgentRig, name: &str) -> LaunchView {
+    let (_, body) = admin_request(rig.admin(), "GET", "/v1/launches", None);
+    let launches: Vec<LaunchView> = serde_json::from_str(&body).unwrap();
+    launches.into_iter().find(|l| l.name == name).unwrap()
+}
+
+/// The bytes of the export at `uri`, read by nbdcopy.
+fn read_export(rig: &AgentRig, uri: &str, file: &str) -> Vec<u8> {
+    let out = rig.work.path().join(file);
+    let copied = std::process::Command::new("nbdcopy")
+        .args([uri, out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_success(&copied);
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn a_warm_standby_follows_until_it_is_written() {
+    if !(have_tool("qemu-io") && have_tool("nbdcopy")) {
+        return;
+    }
+    let rig = nbd_rig(&["web"]);
+    let tls = rig.pki.path().to_owned();
+    let disk = rig.work.path().join("web.raw");
+    std::fs::write(&disk, mixed_image(4 << 20, 11)).unwrap();
+    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
+    let snapshot = create_snapshot(&rig.server, "web", "base");
+    let made = operator(
+        &rig,
+        &[
+            "launch",
+            "create",
+            "--source",
+            "web",
+            "--snapshot",
+            &snapshot.name,
+            "--name",
+            "standby",
+            "--kind",
+            "standby",
+            "--follow",
+            "--allow-live",
+        ],
+    );
+    assert_success(&made);
+    let uri = launch_view(&rig, "standby").nbd_uri.unwrap();
+    // Three more commits: the standby reads as the newest each time.
+    for seed in 12..15 {
+        std::fs::write(&disk, mixed_image(4 << 20, seed)).unwrap();
+        assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
+        let epoch = admin_source(rig.admin(), "web").unwrap().epoch;
+        let moved = wait_until(Duration::from_secs(20), || {
+            launch_view(&rig, "standby").followed_epoch == Some(epoch)
+        });
+        assert!(moved, "the standby did not follow epoch {epoch}");
+        let head = rig.work.path().join(format!("head-{seed}.raw"));
+        assert_success(&export(&rig.work.path().join("data"), "web", &head));
+        assert!(
+            read_export(&rig, &uri, "standby.raw") == std::fs::read(&head).unwrap(),
+            "the standby differs from the head at epoch {epoch}"
+        );
+    }
+    // A failover writes it: from then on it keeps its own data.
+    let before = read_export(&rig, &uri, "before-write.raw");
+    let written = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 64k",
+            "-c",
+            "flush",
+            &uri,
+        ])
+        .output()
+        .unwrap();
+    assert_success(&written);
+    std::fs::write(&disk, mixed_image(4 << 20, 20)).unwrap();
+    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
+    let stopped = wait_until(Duration::from_secs(20), || {
+        !launch_view(&rig, "standby").following
+    });
+    assert!(stopped, "the written standby still follows");
+    assert!(
+        rig.server
+            .wait_for_log("it stops following", Duration::from_secs(5))
+    );
+    let after = read_export(&rig, &uri, "after-write.raw");
+    assert!(
+        after[..65_536].iter().all(|&b| b == 0x77),
+        "the write is gone"
+    );
+    assert!(
+        after[65_536..] == before[65_536..],
+        "the written standby moved"
     );
 }

@@ -366,10 +366,11 @@ async fn create_launch(
     let kind = match body.kind.as_deref() {
         None | Some("test") => LaunchKind::Test,
         Some("cutover") => LaunchKind::Cutover,
+        Some("standby") => LaunchKind::Standby,
         Some(other) => {
             return Err(error(
                 StatusCode::BAD_REQUEST,
-                format!("unknown launch kind {other:?}: use test or cutover"),
+                format!("unknown launch kind {other:?}: use test, cutover or standby"),
             )
             .into());
         }
@@ -390,6 +391,9 @@ async fn create_launch(
     .await?
     .map(|(volumes, launch)| (launch, volumes))
     .map_err(|why| ApiError::from(error(StatusCode::CONFLICT, why)))?;
+    if workflow.follow {
+        shared.followed.insert(launch.source.clone());
+    }
     if kind == LaunchKind::Test {
         let by = crate::workflow_api::who(&shared, &headers);
         let step = crate::migration::Step::TestLaunched {

@@ -1,7 +1,8 @@
-//! The close signal of every launch served over NBD, and the workflow's
-//! counters: state the NBD registry, the expiry task and the admin API share.
+//! The close signal of every launch served over NBD, the sources that have
+//! warm standbys to move, and the workflow's counters: state the NBD
+//! registry, the sessions, the expiry task and the admin API share.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
@@ -18,6 +19,8 @@ pub(crate) struct WorkflowCounters {
     pub checks_recorded: AtomicU64,
     /// Launch check results recorded that failed.
     pub checks_failed: AtomicU64,
+    /// Standby launches moved to a new committed point.
+    pub standby_moves: AtomicU64,
 }
 
 /// The close signal of every launch served over NBD, by launch name.
@@ -54,6 +57,33 @@ impl Closers {
     /// again under the name starts open.
     pub(crate) fn forget(&self, launch: &str) {
         self.lock().remove(launch);
+    }
+}
+
+/// Sources with standby launches that follow them: their commits move
+/// those launches (`drills::follow`). Filled at start and when a following
+/// standby is made; a source is dropped once none of its launches follows.
+#[derive(Debug, Default)]
+pub(crate) struct Followed {
+    sources: Mutex<BTreeSet<blockrep_core::SourceId>>,
+}
+
+impl Followed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<blockrep_core::SourceId>> {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the source has standbys to move.
+    pub(crate) fn contains(&self, source: &blockrep_core::SourceId) -> bool {
+        self.lock().contains(source)
+    }
+
+    pub(crate) fn insert(&self, source: blockrep_core::SourceId) {
+        self.lock().insert(source);
+    }
+
+    pub(crate) fn remove(&self, source: &blockrep_core::SourceId) {
+        self.lock().remove(source);
     }
 }
 

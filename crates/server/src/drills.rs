@@ -1,5 +1,6 @@
-//! Launches that go away: drills that expire, and launches released by
-//! `finalize`. Their NBD exports are closed first (each connection answers
+//! Launches that go away, and launches that follow: drills that expire,
+//! launches released by `finalize`, warm standbys moved to each new
+//! committed point of their source. Their NBD exports are closed first (each connection answers
 //! what it has in flight and closes, as at server shutdown), then the launch
 //! is deleted, and its blocks are garbage for the next collection.
 //!
@@ -102,6 +103,104 @@ fn expired_launches(
             && expires <= now_unix_ms
         {
             out.push((launch.name, launch.source.to_string(), expires));
+        }
+    }
+    Ok(out)
+}
+
+/// After a commit of a complete pass of `source` at `epoch`: moves its
+/// following standbys to `root` (off the session's path). A standby found
+/// written stops following, and says so.
+pub(crate) fn source_committed(
+    shared: &Arc<Shared>,
+    source: &blockrep_core::SourceId,
+    epoch: u64,
+    root: blockrep_core::ChunkId,
+) {
+    if !shared.followed.contains(source) {
+        return;
+    }
+    let (shared, source) = (Arc::clone(shared), source.clone());
+    tokio::spawn(async move {
+        let store = Arc::clone(&shared.store);
+        let id = source.clone();
+        let moved = tokio::task::spawn_blocking(move || follow(&store, &id, epoch, root)).await;
+        match moved {
+            Ok(Ok(outcome)) => {
+                for (launch, rebased) in &outcome.launches {
+                    match rebased {
+                        blockrep_store::Rebased::Moved => {
+                            shared
+                                .workflow
+                                .standby_moves
+                                .fetch_add(1, Ordering::Relaxed);
+                            info!(launch = %launch, source = %source, epoch, root = %root,
+                                  "standby launch moved to the newest committed point");
+                        }
+                        blockrep_store::Rebased::Written => {
+                            warn!(launch = %launch, source = %source,
+                                  "standby launch was written: it stops following and keeps its data");
+                        }
+                        _ => {}
+                    }
+                }
+                if !outcome.any_following {
+                    shared.followed.remove(&source);
+                }
+            }
+            Ok(Err(e)) => warn!(source = %source, error = %e, "cannot move standby launches"),
+            Err(e) => warn!(source = %source, error = %e, "standby task failed"),
+        }
+    });
+}
+
+/// What one pass over a source's standbys did.
+struct FollowPass {
+    launches: Vec<(String, blockrep_store::Rebased)>,
+    /// Whether any launch of the source still follows.
+    any_following: bool,
+}
+
+fn follow(
+    store: &blockrep_store::Store,
+    source: &blockrep_core::SourceId,
+    epoch: u64,
+    root: blockrep_core::ChunkId,
+) -> Result<FollowPass, blockrep_store::Error> {
+    use blockrep_store::{LaunchKind, Rebased};
+    let mut pass = FollowPass {
+        launches: Vec::new(),
+        any_following: false,
+    };
+    let now = now_unix_ms();
+    for launch in store.list_launches(Some(source))? {
+        if launch.kind != LaunchKind::Standby {
+            continue;
+        }
+        match store.follow_standby(&launch.name, root, epoch, now) {
+            Ok(rebased) => {
+                pass.any_following |=
+                    matches!(rebased, Rebased::Moved | Rebased::Unchanged | Rebased::Open);
+                pass.launches.push((launch.name, rebased));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(pass)
+}
+
+/// The sources with a following standby, for the start of the server.
+pub(crate) fn followed_sources(
+    store: &blockrep_store::Store,
+) -> Result<Vec<blockrep_core::SourceId>, blockrep_store::Error> {
+    let mut out = Vec::new();
+    for launch in store.list_launches(None)? {
+        if launch.kind == blockrep_store::LaunchKind::Standby
+            && store.launch_workflow(&launch.name)?.follow
+            && !out.contains(&launch.source)
+        {
+            out.push(launch.source);
         }
     }
     Ok(out)

@@ -77,7 +77,7 @@ impl Server {
         // directory (shared storage): keys one server makes are read by the
         // others when they miss them.
         let encryption = config.encryption.clone();
-        let (store, known, keys) = tokio::task::spawn_blocking(move || {
+        let (store, known, keys, followed) = tokio::task::spawn_blocking(move || {
             let store = match bucket {
                 Some((bucket, cache_bytes)) => {
                     let options = blockrep_store::BucketOptions { cache_bytes };
@@ -106,7 +106,8 @@ impl Server {
                     known.push((source, head, lifecycle, migration));
                 }
             }
-            Ok::<_, Error>((Arc::new(store), known, keys))
+            let followed = crate::drills::followed_sources(&store)?;
+            Ok::<_, Error>((Arc::new(store), known, keys, followed))
         })
         .await
         .expect("store open task does not panic")?;
@@ -202,6 +203,9 @@ impl Server {
         }
         let mut shared = Shared::new(store, config, sources, nbd_addr);
         shared.keys = keys;
+        for source in followed {
+            shared.followed.insert(source);
+        }
         shared.revocation = Some(revocation);
         Ok(Server {
             listener,

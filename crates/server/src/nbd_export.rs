@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use blockrep_nbd::{Client, Export, Registry};
 use blockrep_pki::{Identity, identity_from_cert};
-use blockrep_store::{LaunchInfo, LaunchKind, LaunchVolume, Store};
+use blockrep_store::{LaunchInfo, LaunchVolume, Store};
 use tracing::{debug, warn};
 
 use crate::revocation::{Registration, Revocation};
@@ -241,10 +241,7 @@ impl Registry for LaunchRegistry {
                 .into_iter()
                 .filter(|l| viewer.may_open(l))
                 .flat_map(|l| {
-                    let kind = match l.kind {
-                        LaunchKind::Test => "test",
-                        LaunchKind::Cutover => "cutover",
-                    };
+                    let kind = l.kind.as_str();
                     let text = format!(
                         "{kind} launch of {} from snapshot {} (epoch {})",
                         l.source, l.snapshot, l.base_epoch

@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     pub workflow: crate::closers::WorkflowCounters,
     /// The close signals of launches served over NBD.
     pub closers: Arc<crate::closers::Closers>,
+    /// Sources whose commits move standby launches.
+    pub followed: crate::closers::Followed,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -120,6 +122,7 @@ impl Shared {
             migration_lock: tokio::sync::Mutex::new(()),
             workflow: crate::closers::WorkflowCounters::default(),
             closers: Arc::default(),
+            followed: crate::closers::Followed::default(),
         }
     }
 

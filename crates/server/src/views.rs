@@ -1,7 +1,7 @@
 //! JSON shapes of the admin API's snapshots and launches.
 
 use blockrep_core::VolumeName;
-use blockrep_store::{LaunchCheck, LaunchInfo, LaunchKind, LaunchWorkflow, Snapshot, SnapshotKind};
+use blockrep_store::{LaunchCheck, LaunchInfo, LaunchWorkflow, Snapshot, SnapshotKind};
 use serde::{Deserialize, Serialize};
 
 /// A snapshot as the admin API reports it.
@@ -46,7 +46,7 @@ pub struct LaunchView {
     pub name: String,
     pub source: String,
     pub snapshot: String,
-    /// `test` or `cutover`.
+    /// `test`, `cutover` or `standby`.
     pub kind: String,
     pub base_root: String,
     pub base_epoch: u64,
@@ -80,6 +80,13 @@ pub struct LaunchView {
     /// Results of the checks run on it, newest run of each.
     #[serde(default)]
     pub checks: Vec<CheckView>,
+    /// A standby that still follows its source's newest committed point
+    /// (it stops at its first write).
+    #[serde(default)]
+    pub following: bool,
+    /// The source's epoch a standby was last moved to.
+    #[serde(default)]
+    pub followed_epoch: Option<u64>,
 }
 
 /// A launch check's result, as shown, and as a check runner reports it to
@@ -138,6 +145,8 @@ impl LaunchView {
             must_succeed: workflow.must_succeed,
             expected_checks: workflow.expected_checks.clone(),
             checks: workflow.checks.iter().map(CheckView::from).collect(),
+            following: workflow.follow,
+            followed_epoch: workflow.followed.map(|(_, epoch)| epoch),
             volumes: volumes
                 .iter()
                 .map(|v| LaunchVolumeView {
@@ -148,11 +157,7 @@ impl LaunchView {
             name: info.name.clone(),
             source: info.source.to_string(),
             snapshot: info.snapshot.clone(),
-            kind: match info.kind {
-                LaunchKind::Test => "test",
-                LaunchKind::Cutover => "cutover",
-            }
-            .to_owned(),
+            kind: info.kind.as_str().to_owned(),
             base_root: info.base_root.to_hex(),
             base_epoch: info.base_epoch,
             root: info.root.to_hex(),
@@ -181,7 +186,7 @@ pub struct CreateLaunch {
     pub source: String,
     pub snapshot: String,
     pub name: String,
-    /// `test` (default) or `cutover`.
+    /// `test` (default), `cutover` or `standby`.
     pub kind: Option<String>,
     /// Launch from a `live` snapshot (which may hold a torn file system);
     /// without it such a launch is refused.
@@ -197,4 +202,8 @@ pub struct CreateLaunch {
     /// The checks must pass before the source may be marked ready or cut over.
     #[serde(default)]
     pub must_succeed: bool,
+    /// A standby that follows its source's newest committed point until it
+    /// is written (`kind` must be `standby`).
+    #[serde(default)]
+    pub follow: bool,
 }

@@ -304,13 +304,22 @@ pub(crate) fn launch_workflow(
         )
         .into());
     }
+    if body.follow && kind != LaunchKind::Standby {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "only a standby launch follows its source (kind standby)",
+        )
+        .into());
+    }
     let ttl_ms = ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
     Ok(LaunchWorkflow {
         expires_unix_ms: ttl_ms.map(|ms| now_unix_ms().saturating_add(ms)),
         must_succeed: body.must_succeed,
         expected_checks: body.checks.clone(),
-        follow: false,
+        follow: body.follow,
         checks: Vec::new(),
+        followed: None,
+        following_to: None,
     })
 }
 

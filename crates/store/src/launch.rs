@@ -18,6 +18,7 @@
 //! creation and by every flush that changed something. Their layouts are in
 //! `format.rs` (`LAUNCH_META_MAGIC`, `LAUNCH_HEAD_MAGIC`).
 
+mod standby;
 mod volume;
 mod workflow;
 
@@ -42,6 +43,7 @@ use crate::fsutil::{
 use crate::mutex::lock;
 use crate::store::{Store, StoredRoot, choose_volume, single_volume};
 
+pub use standby::Rebased;
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
 pub use workflow::{
     CHECK_OUTPUT_TAIL_MAX_BYTES, CHECK_TEXT_MAX_BYTES, LAUNCH_CHECKS_MAX, LaunchCheck,
@@ -56,13 +58,26 @@ pub enum LaunchKind {
     Test = 1,
     /// The cutover launch: the volume the workload moves to.
     Cutover = 2,
+    /// A warm standby: follows its source's newest committed point while
+    /// it is unwritten, so a failover to it needs no copy.
+    Standby = 3,
 }
 
 impl LaunchKind {
+    /// The kind's name, as the API and NBD listings spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaunchKind::Test => "test",
+            LaunchKind::Cutover => "cutover",
+            LaunchKind::Standby => "standby",
+        }
+    }
+
     fn from_u8(value: u8) -> Option<Self> {
         Some(match value {
             1 => LaunchKind::Test,
             2 => LaunchKind::Cutover,
+            3 => LaunchKind::Standby,
             _ => return None,
         })
     }

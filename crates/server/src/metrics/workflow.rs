@@ -47,6 +47,11 @@ pub(super) fn workflow_text(shared: &Shared) -> String {
             &counters.launches_expired,
         ),
         (
+            "blockrep_standby_moves_total",
+            "Standby launches moved to a new committed point of their source.",
+            &counters.standby_moves,
+        ),
+        (
             "blockrep_launch_checks_total",
             "Launch check results reported.",
             &counters.checks_recorded,

@@ -8,6 +8,8 @@
 //! reports; a launch without the file has the default workflow (no expiry,
 //! no checks). Deleting the launch deletes it.
 
+use blockrep_core::ChunkId;
+
 use crate::catalog::validate_name;
 use crate::error::{Error, ErrorKind};
 use crate::fsutil::{publish_atomic, read_small_file};
@@ -61,6 +63,13 @@ pub struct LaunchWorkflow {
     pub follow: bool,
     /// Results, one per check name (the newest run of each).
     pub checks: Vec<LaunchCheck>,
+    /// A standby's last move: the root it was moved to, and its source's
+    /// epoch then.
+    pub followed: Option<(ChunkId, u64)>,
+    /// A standby's move under way: the root it is being moved to (written
+    /// before the head, so a crash between leaves the head at a root the
+    /// record names, and the launch is not taken for written).
+    pub following_to: Option<ChunkId>,
 }
 
 impl LaunchWorkflow {
@@ -133,6 +142,12 @@ impl LaunchWorkflow {
         for name in &self.expected_checks {
             lines.push(format!("expect {}", textrec::escape(name)));
         }
+        if let Some((root, epoch)) = &self.followed {
+            lines.push(format!("followed {} {epoch}", root.to_hex()));
+        }
+        if let Some(root) = &self.following_to {
+            lines.push(format!("following_to {}", root.to_hex()));
+        }
         for c in &self.checks {
             lines.push(format!(
                 "check {} {} {} {} {} {} {}",
@@ -165,6 +180,13 @@ impl LaunchWorkflow {
                 ["expires", ms] => out.expires_unix_ms = Some(ms.parse().map_err(|_| bad(line))?),
                 ["must_succeed", v] => out.must_succeed = flag(v).ok_or_else(|| bad(line))?,
                 ["follow", v] => out.follow = flag(v).ok_or_else(|| bad(line))?,
+                ["followed", root, epoch] => {
+                    let root = parse_id(root).ok_or_else(|| bad(line))?;
+                    out.followed = Some((root, epoch.parse().map_err(|_| bad(line))?));
+                }
+                ["following_to", root] => {
+                    out.following_to = Some(parse_id(root).ok_or_else(|| bad(line))?);
+                }
                 ["expect", name] => out
                     .expected_checks
                     .push(textrec::unescape(name).ok_or_else(|| bad(line))?),
@@ -199,6 +221,18 @@ impl LaunchWorkflow {
         }
         Ok(out)
     }
+}
+
+/// A chunk id from its 64 hex digits.
+fn parse_id(hex: &str) -> Option<ChunkId> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    for (at, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * at..2 * at + 2)?, 16).ok()?;
+    }
+    Some(ChunkId(id))
 }
 
 /// The last `max_bytes` of `text`, at a character boundary.
@@ -280,8 +314,10 @@ mod tests {
             expires_unix_ms: Some(5_000),
             must_succeed: true,
             expected_checks: vec!["fs".into(), "boot".into()],
-            follow: false,
+            follow: true,
             checks: Vec::new(),
+            followed: Some((ChunkId([0xab; 32]), 7)),
+            following_to: Some(ChunkId([0x01; 32])),
         };
         assert!(!w.checks_passed());
         assert_eq!(

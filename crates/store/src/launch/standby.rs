@@ -1,0 +1,195 @@
+//! Warm standbys: launches that follow their source's newest committed point
+//! while nobody has written them, so a failover to one needs no copy.
+//!
+//! A move rewrites the launch's head only (its meta keeps the snapshot it
+//! was made from): the head's root becomes the source's head root, and its
+//! generation grows, as every flush's does. The workflow record names the
+//! root of the last move (`followed`), and the root of a move under way
+//! (`following_to`, written before the head): a head at either is the
+//! server's doing, a head anywhere else was written by a client, and the
+//! launch stops following for good (it keeps its data). A launch is moved
+//! only while no volume of it is open, so its content never changes under a
+//! reader.
+
+use blockrep_core::ChunkId;
+
+use crate::catalog::validate_name;
+use crate::error::{Error, ErrorKind};
+use crate::mutex::lock;
+use crate::store::Store;
+
+use super::{LaunchKind, LaunchWorkflow};
+
+/// What [`Store::follow_standby`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebased {
+    /// The launch now shows the new root.
+    Moved,
+    /// It showed that root already.
+    Unchanged,
+    /// A client wrote it: it stopped following (now and for good).
+    Written,
+    /// A volume of it is open: left as it is until it closes.
+    Open,
+    /// It does not follow (written earlier, or not a standby).
+    NotFollowing,
+}
+
+impl Store {
+    /// Moves standby launch `name` to `root` (its source's head at `epoch`)
+    /// if it is unwritten and closed; stops its following if it was
+    /// written. `NotFound` when it does not exist.
+    pub fn follow_standby(
+        &self,
+        name: &str,
+        root: ChunkId,
+        epoch: u64,
+        now_unix_ms: u64,
+    ) -> Result<Rebased, Error> {
+        self.check_writable()?;
+        validate_name("launch", name)?;
+        let _guard = lock(&self.catalog.lock);
+        let prefix = format!("{name}/");
+        let open = lock(&self.catalog.open_launches)
+            .iter()
+            .any(|(key, volume)| {
+                (key == name || key.starts_with(&prefix)) && volume.strong_count() > 0
+            });
+        let info = self
+            .launch(name)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no launch named {name}")))?;
+        let mut workflow = self.launch_workflow(name)?;
+        if info.kind != LaunchKind::Standby || !workflow.follow {
+            return Ok(Rebased::NotFollowing);
+        }
+        let followed = workflow.followed.map_or(info.base_root, |(root, _)| root);
+        if info.root != followed && Some(info.root) != workflow.following_to {
+            workflow.follow = false;
+            workflow.following_to = None;
+            self.write_workflow(name, &workflow)?;
+            return Ok(Rebased::Written);
+        }
+        if info.root == root {
+            return Ok(Rebased::Unchanged);
+        }
+        if open {
+            return Ok(Rebased::Open);
+        }
+        workflow.following_to = Some(root);
+        self.write_workflow(name, &workflow)?;
+        let moved = super::LaunchInfo {
+            root,
+            generation: info.generation + 1,
+            flushed_unix_ms: now_unix_ms,
+            ..info
+        };
+        self.publish_launch_head(&self.launches_dir().join(name), &moved)?;
+        workflow.followed = Some((root, epoch));
+        workflow.following_to = None;
+        self.write_workflow(name, &workflow)?;
+        Ok(Rebased::Moved)
+    }
+
+    fn write_workflow(&self, name: &str, workflow: &LaunchWorkflow) -> Result<(), Error> {
+        self.publish_launch_workflow(&self.launches_dir().join(name), workflow)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testutil::{commit_disk, sample_disk, source};
+    use blockrep_core::Geometry;
+
+    const LEN: u64 = 8 * 4096;
+
+    #[test]
+    fn a_standby_moves_while_unwritten_and_closed_and_stops_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let geometry = Geometry::new(LEN, 4096).unwrap();
+        commit_disk(
+            &store,
+            &source(),
+            &sample_disk(LEN as usize, 1),
+            geometry,
+            1,
+        );
+        store
+            .create_snapshot(&source(), Some("base"), None, 1)
+            .unwrap();
+        let follow = LaunchWorkflow {
+            follow: true,
+            ..LaunchWorkflow::default()
+        };
+        store
+            .create_launch_with(&source(), "base", "sb", LaunchKind::Standby, 1, &follow)
+            .unwrap();
+        let second = commit_disk(
+            &store,
+            &source(),
+            &sample_disk(LEN as usize, 2),
+            geometry,
+            2,
+        );
+        assert_eq!(
+            store.follow_standby("sb", second.root, 2, 5).unwrap(),
+            Rebased::Moved
+        );
+        assert_eq!(store.launch("sb").unwrap().unwrap().root, second.root);
+        assert_eq!(
+            store.launch_workflow("sb").unwrap().followed,
+            Some((second.root, 2))
+        );
+        assert_eq!(
+            store.follow_standby("sb", second.root, 2, 6).unwrap(),
+            Rebased::Unchanged
+        );
+        // A crash between the record of a move and its head: the head is at
+        // the root the record names as under way, not taken for written.
+        let third = commit_disk(
+            &store,
+            &source(),
+            &sample_disk(LEN as usize, 3),
+            geometry,
+            3,
+        );
+        let mut pending = store.launch_workflow("sb").unwrap();
+        pending.following_to = Some(second.root);
+        pending.followed = Some((ChunkId([9; 32]), 1));
+        store.write_workflow("sb", &pending).unwrap();
+        assert_eq!(
+            store.follow_standby("sb", third.root, 3, 7).unwrap(),
+            Rebased::Moved
+        );
+        // Open: left alone.
+        let volume = store.open_launch("sb").unwrap();
+        let fourth = commit_disk(
+            &store,
+            &source(),
+            &sample_disk(LEN as usize, 4),
+            geometry,
+            4,
+        );
+        assert_eq!(
+            store.follow_standby("sb", fourth.root, 4, 8).unwrap(),
+            Rebased::Open
+        );
+        // Written: it stops following for good and keeps its data.
+        volume.write(0, &[0x77; 4096]).unwrap();
+        volume.flush(9).unwrap();
+        drop(volume);
+        assert_eq!(
+            store.follow_standby("sb", fourth.root, 4, 10).unwrap(),
+            Rebased::Written
+        );
+        assert!(!store.launch_workflow("sb").unwrap().follow);
+        assert_ne!(store.launch("sb").unwrap().unwrap().root, fourth.root);
+        assert_eq!(
+            store.follow_standby("sb", fourth.root, 4, 11).unwrap(),
+            Rebased::NotFollowing
+        );
+    }
+}
