@@ -24,6 +24,10 @@ wanted[nbdfuse]=libnbd-bin
 wanted[fusermount3]=fuse3
 # python3 runs scripts/check-rooms.py below.
 wanted[python3]=python3
+# scripts/drill-kernel.sh packs its initramfs with cpio and unpacks the
+# xz-compressed kernel into the vmlinux that boots fastest under emulation.
+wanted[cpio]=cpio
+wanted[xz]=xz-utils
 missing=()
 for tool in "${!wanted[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")
@@ -36,6 +40,45 @@ if ((${#missing[@]})); then
     [[ $(id -u) -ne 0 ]] && sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# qemu-system-x86_64 boots launch volumes for `launch create --check-boot`
+# (with the kernel and initramfs of scripts/drill-kernel.sh). On bookworm it
+# comes from bookworm-backports: bookworm's own qemu-system-x86 (7.2) cannot be
+# installed beside the backports qemu-utils (10.0) that machines may carry.
+# The suite is added from the machine's own Debian mirror and stays in place;
+# the archive marks backports NotAutomatic, so apt takes nothing else from it
+# unless asked (-t below, for this one install). Recommends are left out: -kernel
+# boot needs only the BIOS and option ROMs that are hard dependencies.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    echo "installing: qemu-system-x86"
+    sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    target=()
+    if [[ $codename == bookworm ]]; then
+        backports=/etc/apt/sources.list.d/bookworm-backports.sources
+        if [[ ! -e $backports ]]; then
+            # The lists name the mirror that the machine's sources use.
+            $sudo apt-get update -qq
+            mirror=$(apt-get indextargets --format '$(REPO_URI)' 'Release: bookworm' 'Created-By: Packages' | head -n1)
+            if [[ -z $mirror ]]; then
+                echo "no bookworm Debian mirror in the apt sources to add bookworm-backports from" >&2
+                exit 1
+            fi
+            keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+            {
+                echo "Types: deb"
+                echo "URIs: $mirror"
+                echo "Suites: bookworm-backports"
+                echo "Components: main"
+                [[ -f $keyring ]] && echo "Signed-By: $keyring"
+            } | $sudo tee "$backports" >/dev/null
+        fi
+        target=(-t bookworm-backports)
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${target[@]}" qemu-system-x86
 fi
 
 # SeaweedFS, the S3-compatible store the object-store tests start on loopback
