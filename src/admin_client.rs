@@ -26,6 +26,11 @@ static TOKEN_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
 /// tls` run here, and the directory of the packaged systemd units.
 pub const DEFAULT_TOKEN_FILES: [&str; 2] = ["tls/admin.token", "/etc/blockrep/tls/admin.token"];
 
+/// The admin certificate directory given on the command line, if any.
+pub fn tls_dir() -> Option<PathBuf> {
+    TLS_DIR.get().cloned().flatten()
+}
+
 /// Makes every later request use mutual TLS with the admin certificate in `dir`.
 pub fn set_tls_dir(dir: Option<PathBuf>) {
     let _ = TLS_DIR.set(dir);

@@ -317,12 +317,17 @@ pub(crate) struct LaunchCheckArgs {
     #[arg(
         long,
         value_name = "ARGS",
-        default_value = "console=ttyS0 root=/dev/vda ro panic=-1"
+        default_value = "console=ttyS0 root=/dev/vda ro panic=-1 quiet"
     )]
     pub(crate) boot_append: String,
     /// How long a boot may take to print --boot-expect.
     #[arg(long, default_value = "5m", value_parser = units::parse_duration)]
     pub(crate) boot_timeout: Duration,
+    /// The accelerator of --check-boot: `auto` tries KVM where /dev/kvm
+    /// exists and boots again under TCG when KVM prints nothing for 15 s
+    /// (a KVM that opens but cannot run the kernel); `kvm` or `tcg` only.
+    #[arg(long, value_enum, default_value_t = BootAccel::Auto)]
+    pub(crate) boot_accel: BootAccel,
     /// How long any other check may run before it is killed (and fails).
     #[arg(long, default_value = "10m", value_parser = units::parse_duration)]
     pub(crate) check_timeout: Duration,
@@ -347,6 +352,14 @@ impl LaunchCheckArgs {
         }
         names
     }
+}
+
+/// The accelerator a boot check runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BootAccel {
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

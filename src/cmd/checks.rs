@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use blockrep_server::CheckView;
 
-use crate::cli::LaunchCheckArgs;
+use crate::cli::{BootAccel, LaunchCheckArgs};
 
 /// Most output kept from a check (the end of it).
 const OUTPUT_TAIL_BYTES: usize = 4096;
@@ -29,6 +29,54 @@ pub(crate) struct Target {
     /// Each volume's name and NBD URI, the first being the launch's own for
     /// a single disk.
     pub urls: Vec<(String, String)>,
+    /// For `nbds://` exports: a directory with `ca-cert.pem`,
+    /// `client-cert.pem` and `client-key.pem`, as libnbd and QEMU want them.
+    pub certs: Option<PathBuf>,
+}
+
+/// The admin certificate in a directory of its own, named as libnbd and QEMU
+/// want it (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`, mode 0600);
+/// removed when dropped.
+#[derive(Debug)]
+pub(crate) struct CertDir {
+    dir: PathBuf,
+}
+
+impl CertDir {
+    /// Copies `tls_dir`'s `ca.crt`, `admin.crt` and `admin.key`.
+    pub(crate) fn new(tls_dir: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = std::env::temp_dir().join(format!("blockrep-check-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let this = Self { dir };
+        for (from, to) in [
+            ("ca.crt", "ca-cert.pem"),
+            ("admin.crt", "client-cert.pem"),
+            ("admin.key", "client-key.pem"),
+        ] {
+            let bytes = std::fs::read(tls_dir.join(from)).map_err(|e| {
+                anyhow::anyhow!("cannot read {}: {e}", tls_dir.join(from).display())
+            })?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(this.dir.join(to))?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+        }
+        Ok(this)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for CertDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Runs every check `args` asks for, in order, and returns their results.
@@ -42,11 +90,7 @@ pub(crate) fn run_all(args: &LaunchCheckArgs, target: &Target) -> Vec<CheckView>
         ));
     }
     if args.check_boot {
-        let kernel = drill_file(
-            args.boot_kernel.as_ref(),
-            "BLOCKREP_DRILL_KERNEL",
-            "vmlinuz",
-        );
+        let kernel = drill_kernel(args.boot_kernel.as_ref());
         let initrd = drill_file(
             args.boot_initrd.as_ref(),
             "BLOCKREP_DRILL_INITRD",
@@ -59,16 +103,15 @@ pub(crate) fn run_all(args: &LaunchCheckArgs, target: &Target) -> Vec<CheckView>
             initrd.display(),
             args.boot_append
         );
-        out.push(timed("boot", &command, || {
-            check_boot(
-                target,
-                &kernel,
-                &initrd,
-                &args.boot_append,
-                &expect,
-                args.boot_timeout,
-            )
-        }));
+        let boot = BootArgs {
+            kernel: &kernel,
+            initrd: &initrd,
+            append: &args.boot_append,
+            expect: &expect,
+            timeout: args.boot_timeout,
+            accel: args.boot_accel,
+        };
+        out.push(timed("boot", &command, || check_boot(target, &boot)));
     }
     for (index, command) in args.commands.iter().enumerate() {
         let name = format!("cmd{}", index + 1);
@@ -208,6 +251,17 @@ fn collect_output(child: &mut Child) -> std::thread::JoinHandle<String> {
     })
 }
 
+/// The drill kernel: the flag's, the variable's, else the default
+/// directory's uncompressed `vmlinux` (booted through PVH, twice as fast
+/// under TCG) when there is one, else its `vmlinuz`.
+fn drill_kernel(flag: Option<&PathBuf>) -> PathBuf {
+    let vmlinux = Path::new(DRILL_DIR).join("vmlinux");
+    if flag.is_none() && std::env::var_os("BLOCKREP_DRILL_KERNEL").is_none() && vmlinux.is_file() {
+        return vmlinux;
+    }
+    drill_file(flag, "BLOCKREP_DRILL_KERNEL", "vmlinuz")
+}
+
 /// A drill kernel or initrd: the flag's, the variable's, else the default.
 fn drill_file(flag: Option<&PathBuf>, variable: &str, name: &str) -> PathBuf {
     flag.cloned()
@@ -215,33 +269,176 @@ fn drill_file(flag: Option<&PathBuf>, variable: &str, name: &str) -> PathBuf {
         .unwrap_or_else(|| Path::new(DRILL_DIR).join(name))
 }
 
-/// The QEMU drive of an NBD URI: `nbd://HOST:PORT/EXPORT` as QEMU's own
-/// NBD client options (it reads the export, like any NBD client).
-fn qemu_drive(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("nbd://")
-        .ok_or_else(|| format!("--check-boot reads plain nbd:// exports; the launch is {url}"))?;
+/// QEMU's drive of an NBD URI (`nbd://HOST:PORT/EXPORT`, or `nbds://` with
+/// the certificate directory of `tls_dir`): QEMU's own NBD client reads the
+/// export, and `snapshot=on` keeps the guest's writes (a journal replayed at
+/// mount) in a temporary overlay, never in the launch.
+fn qemu_drive(url: &str, tls_dir: Option<&Path>) -> Result<(Vec<String>, String), String> {
+    let (tls, rest) = match (url.strip_prefix("nbd://"), url.strip_prefix("nbds://")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        _ => return Err(format!("not an NBD URI: {url}")),
+    };
+    let rest = rest.split('?').next().unwrap_or(rest);
     let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
     let (host, port) = authority
         .rsplit_once(':')
         .ok_or_else(|| format!("no port in {url}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    Ok(format!(
-        "driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},\
-         node-name=launch,read-only=on,cache.direct=off"
-    ))
+    let mut objects = Vec::new();
+    let mut drive = format!(
+        "driver=nbd,host={host},port={port},export={export},if=virtio,snapshot=on,cache=unsafe"
+    );
+    if tls {
+        let dir = tls_dir.ok_or_else(|| {
+            format!(
+                "{url} needs TLS: give --admin-tls-dir, whose admin certificate opens every launch"
+            )
+        })?;
+        objects.push(format!(
+            "tls-creds-x509,id=launch-tls,dir={},endpoint=client",
+            dir.display()
+        ));
+        drive.push_str(",tls-creds=launch-tls");
+    }
+    Ok((objects, drive))
 }
 
-/// Boots the launch's first volume and waits for `expect` on the console.
-fn check_boot(
-    target: &Target,
+/// How a boot ended.
+enum Boot {
+    /// A console line contained the expected text.
+    Expected,
+    /// The console went silent for `quiet_max` before printing anything
+    /// (KVM that opens but cannot run this kernel).
+    Silent,
+    /// QEMU exited, the drill kernel reported a failure, or time ran out.
+    Failed(Option<i32>),
+}
+
+/// One QEMU run with `accel`; the console goes to `console`.
+#[allow(clippy::too_many_arguments)]
+fn boot_once(
+    accel: &str,
     kernel: &Path,
     initrd: &Path,
     append: &str,
+    drive: &(Vec<String>, String),
     expect: &str,
     timeout: Duration,
-) -> Found {
-    for file in [kernel, initrd] {
+    quiet_max: Option<Duration>,
+    console: &mut String,
+) -> Boot {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-machine", &format!("accel={accel}"), "-m", "256"])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", append]);
+    for object in &drive.0 {
+        qemu.args(["-object", object]);
+    }
+    qemu.args(["-drive", &drive.1])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match qemu.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            console.push_str(&format!("cannot run qemu-system-x86_64: {e}\n"));
+            return Boot::Failed(None);
+        }
+    };
+    let output = collect_lines(&mut child);
+    let started = Instant::now();
+    let mut printed = false;
+    let outcome = loop {
+        match output.recv_timeout(Duration::from_millis(100)) {
+            Ok((from_console, line)) => {
+                let line = line.trim_end_matches('\r').to_owned();
+                console.push_str(&line);
+                console.push('\n');
+                // QEMU's own errors are not the guest speaking; a KVM that
+                // cannot run the guest says so there.
+                if !from_console && line.contains("KVM internal error") && quiet_max.is_some() {
+                    break Boot::Silent;
+                }
+                printed |= from_console && !line.trim().is_empty();
+                if line.contains(expect) {
+                    break Boot::Expected;
+                }
+                // The drill kernel's own failure line: no need to wait.
+                if line.contains("blockrep-drill:") {
+                    break Boot::Failed(None);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Boot::Failed(child.wait().ok().and_then(|s| s.code()));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if quiet_max.is_some_and(|quiet| !printed && started.elapsed() >= quiet) {
+            break Boot::Silent;
+        }
+        if started.elapsed() >= timeout {
+            console.push_str(&format!(
+                "(no console line contained {expect:?} within {timeout:?})\n"
+            ));
+            break Boot::Failed(None);
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
+}
+
+/// Every line QEMU prints, as it prints it: `true` for the guest's console
+/// (stdout), `false` for QEMU's own messages (stderr).
+fn collect_lines(child: &mut Child) -> std::sync::mpsc::Receiver<(bool, String)> {
+    let (lines, received) = std::sync::mpsc::channel::<(bool, String)>();
+    let pipes: Vec<(bool, Box<dyn Read + Send>)> = [
+        child
+            .stdout
+            .take()
+            .map(|s| (true, Box::new(s) as Box<dyn Read + Send>)),
+        child
+            .stderr
+            .take()
+            .map(|s| (false, Box::new(s) as Box<dyn Read + Send>)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for (from_console, pipe) in pipes {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if lines.send((from_console, line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    received
+}
+
+/// How long a KVM boot may print nothing before it is taken for a KVM that
+/// cannot run the kernel, and the boot is tried again under TCG.
+const KVM_QUIET_MAX: Duration = Duration::from_secs(15);
+
+/// Boots the launch's first volume and waits for `expect` on the console.
+fn check_boot(target: &Target, boot: &BootArgs<'_>) -> Found {
+    for file in [boot.kernel, boot.initrd] {
         if !file.is_file() {
             return failed(format!(
                 "no drill kernel file {} (make one with scripts/drill-kernel.sh {DRILL_DIR}, or \
@@ -253,97 +450,74 @@ fn check_boot(
     let Some((_, url)) = target.urls.first() else {
         return failed("the launch has no NBD export (is the server's NBD listener on?)");
     };
-    let drive = match qemu_drive(url) {
+    let drive = match qemu_drive(url, target.certs.as_deref()) {
         Ok(drive) => drive,
         Err(why) => return failed(why),
     };
-    let accel = if Path::new("/dev/kvm").exists() {
-        "kvm:tcg"
-    } else {
-        "tcg"
+    let mut console = String::new();
+    let kvm = match boot.accel {
+        BootAccel::Tcg => false,
+        BootAccel::Kvm => true,
+        BootAccel::Auto => Path::new("/dev/kvm").exists(),
     };
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-machine",
-        &format!("accel={accel}"),
-        "-m",
-        "256",
-        "-nographic",
-    ])
-    .args([
-        "-no-reboot",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-display",
-        "none",
-    ])
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", append])
-    .args(["-blockdev", &drive])
-    .args(["-device", "virtio-blk-pci,drive=launch"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = match qemu.spawn() {
-        Ok(child) => child,
-        Err(e) => return failed(format!("cannot run qemu-system-x86_64: {e}")),
-    };
-    let stdout = child.stdout.take();
-    let (lines, seen) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut console = String::new();
-        if let Some(stdout) = stdout {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                console.push_str(&line);
-                console.push('\n');
-                let _ = lines.send(line);
-            }
-        }
-        console
-    });
-    let deadline = Instant::now() + timeout;
-    let mut found = false;
-    loop {
-        match seen.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) if line.contains(expect) => {
-                found = true;
-                break;
-            }
-            Ok(_) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if Instant::now() >= deadline {
-            break;
+    let quiet_max = (boot.accel == BootAccel::Auto).then_some(KVM_QUIET_MAX);
+    let mut outcome = Boot::Silent;
+    if kvm {
+        outcome = boot_once(
+            "kvm",
+            boot.kernel,
+            boot.initrd,
+            boot.append,
+            &drive,
+            boot.expect,
+            boot.timeout,
+            quiet_max,
+            &mut console,
+        );
+        if matches!(outcome, Boot::Silent) {
+            console.push_str("(KVM cannot run this kernel here: booting again under TCG)\n");
         }
     }
-    // Give a guest that powers off a moment to do so; then stop it.
-    let exit_by = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < exit_by && matches!(child.try_wait(), Ok(None)) {
-        std::thread::sleep(Duration::from_millis(50));
+    if matches!(outcome, Boot::Silent) && boot.accel != BootAccel::Kvm {
+        outcome = boot_once(
+            "tcg",
+            boot.kernel,
+            boot.initrd,
+            boot.append,
+            &drive,
+            boot.expect,
+            boot.timeout,
+            None,
+            &mut console,
+        );
     }
-    let _ = child.kill();
-    let status = child.wait().ok();
-    let mut console = reader.join().unwrap_or_default();
-    if let Some(mut stderr) = child.stderr.take() {
-        let _ = stderr.read_to_string(&mut console);
+    match outcome {
+        Boot::Expected => Found {
+            passed: true,
+            exit_code: Some(0),
+            output: console,
+        },
+        Boot::Silent => Found {
+            passed: false,
+            exit_code: None,
+            output: console,
+        },
+        Boot::Failed(code) => Found {
+            passed: false,
+            exit_code: code,
+            output: console,
+        },
     }
-    if !found {
-        console.push_str(&format!(
-            "\n(no console line contained {expect:?} within {timeout:?})\n"
-        ));
-    }
-    Found {
-        passed: found,
-        exit_code: status.and_then(|s| s.code()),
-        output: console,
-    }
+}
+
+/// What `--check-boot` boots and waits for.
+struct BootArgs<'a> {
+    kernel: &'a Path,
+    initrd: &'a Path,
+    append: &'a str,
+    expect: &'a str,
+    timeout: Duration,
+    accel: BootAccel,
 }
 
 /// Checks every file system of every volume, through nbdfuse.

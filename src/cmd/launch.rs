@@ -99,10 +99,29 @@ async fn run_checks(
             .filter_map(|v| Some((v.name.clone(), v.nbd_uri.clone()?)))
             .collect(),
     };
+    // An `nbds://` export opens for the admin certificate: checks read it
+    // with a copy named as libnbd and QEMU want it.
+    let certs = match urls.iter().any(|(_, url)| url.starts_with("nbds://")) {
+        true => crate::admin_client::tls_dir()
+            .map(|dir| super::checks::CertDir::new(&dir))
+            .transpose()?,
+        false => None,
+    };
+    let urls = urls
+        .into_iter()
+        .map(|(volume, url)| match (&certs, url.starts_with("nbds://")) {
+            (Some(certs), true) => {
+                let with = format!("{url}?tls-certificates={}", certs.path().display());
+                (volume, with)
+            }
+            _ => (volume, url),
+        })
+        .collect();
     let target = super::checks::Target {
         launch: launch.name.clone(),
         source: launch.source.clone(),
         urls,
+        certs: certs.as_ref().map(|c| c.path().to_owned()),
     };
     let (args, run_on) = (args.clone(), target.clone());
     let results =

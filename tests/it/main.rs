@@ -27,6 +27,7 @@ mod consistency;
 mod continuous;
 mod dedup;
 mod disk_shrink;
+mod drill_boot;
 mod edge_shapes;
 mod encryption;
 mod encryption_bucket;
