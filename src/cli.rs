@@ -311,7 +311,7 @@ pub(crate) struct LaunchCheckArgs {
     #[arg(long, value_name = "PATH")]
     pub(crate) boot_initrd: Option<PathBuf>,
     /// Text a serial console line must contain for the boot to pass.
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub(crate) boot_expect: Option<String>,
     /// Kernel command line of --check-boot.
     #[arg(

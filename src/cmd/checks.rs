@@ -35,47 +35,33 @@ pub(crate) struct Target {
 }
 
 /// The admin certificate in a directory of its own, named as libnbd and QEMU
-/// want it (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`, mode 0600);
-/// removed when dropped.
+/// want it (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`): a private
+/// temporary directory (mode 0700), removed when dropped.
 #[derive(Debug)]
 pub(crate) struct CertDir {
-    dir: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl CertDir {
     /// Copies `tls_dir`'s `ca.crt`, `admin.crt` and `admin.key`.
     pub(crate) fn new(tls_dir: &Path) -> anyhow::Result<Self> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let dir = std::env::temp_dir().join(format!("blockrep-check-certs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let this = Self { dir };
+        let dir = tempfile::Builder::new()
+            .prefix("blockrep-check-certs-")
+            .tempdir()?;
         for (from, to) in [
             ("ca.crt", "ca-cert.pem"),
             ("admin.crt", "client-cert.pem"),
             ("admin.key", "client-key.pem"),
         ] {
-            let bytes = std::fs::read(tls_dir.join(from)).map_err(|e| {
-                anyhow::anyhow!("cannot read {}: {e}", tls_dir.join(from).display())
-            })?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(this.dir.join(to))?;
-            std::io::Write::write_all(&mut file, &bytes)?;
+            let from = tls_dir.join(from);
+            std::fs::copy(&from, dir.path().join(to))
+                .map_err(|e| anyhow::anyhow!("cannot copy {}: {e}", from.display()))?;
         }
-        Ok(this)
+        Ok(Self { dir })
     }
 
     pub(crate) fn path(&self) -> &Path {
-        &self.dir
-    }
-}
-
-impl Drop for CertDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.dir.path()
     }
 }
 
@@ -179,9 +165,14 @@ fn environment(command: &mut Command, target: &Target) {
         .env("BLOCKREP_NBD_URLS", urls.join("\n"));
 }
 
-/// Runs `command` to its end or `timeout` (then kills it), output merged.
+/// Runs `command` to its end or `timeout`, output merged. It runs in a
+/// process group of its own, killed whole when it ends or times out: what a
+/// check leaves running in the background would otherwise hold its output
+/// open, and the check with it.
 fn run(mut command: Command, timeout: Duration) -> Found {
+    use std::os::unix::process::CommandExt;
     let spawned = command
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -192,31 +183,46 @@ fn run(mut command: Command, timeout: Duration) -> Found {
     };
     let output = collect_output(&mut child);
     let deadline = Instant::now() + timeout;
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(status)) => {
-                let output = output.join().unwrap_or_default();
-                return Found {
-                    passed: status.success(),
-                    exit_code: status.code(),
-                    output,
-                };
-            }
+            Ok(Some(status)) => break Some(status),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let mut output = output.join().unwrap_or_default();
-                output.push_str(&format!("\n(killed after {timeout:?})\n"));
-                return Found {
-                    passed: false,
-                    exit_code: None,
-                    output,
-                };
+            Ok(None) => break None,
+            Err(e) => {
+                kill_group(&mut child);
+                return failed(format!("cannot wait for {command:?}: {e}"));
             }
-            Err(e) => return failed(format!("cannot wait for {command:?}: {e}")),
+        }
+    };
+    kill_group(&mut child);
+    let mut output = output.join().unwrap_or_default();
+    match status {
+        Some(status) => Found {
+            passed: status.success(),
+            exit_code: status.code(),
+            output,
+        },
+        None => {
+            output.push_str(&format!("\n(killed after {timeout:?})\n"));
+            Found {
+                passed: false,
+                exit_code: None,
+                output,
+            }
         }
     }
+}
+
+/// Kills the process group `child` leads (the check and whatever it
+/// started) and reaps `child`.
+fn kill_group(child: &mut Child) {
+    let group = format!("-{}", child.id());
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Reads a child's stdout and stderr to their ends on threads of their own
@@ -372,11 +378,13 @@ fn boot_once(
                     break Boot::Silent;
                 }
                 printed |= from_console && !line.trim().is_empty();
-                if line.contains(expect) {
+                // Only the guest's console counts: QEMU's own messages
+                // may quote the drive or the command line.
+                if from_console && line.contains(expect) {
                     break Boot::Expected;
                 }
                 // The drill kernel's own failure line: no need to wait.
-                if line.contains("blockrep-drill:") {
+                if from_console && line.contains("blockrep-drill:") {
                     break Boot::Failed(None);
                 }
             }
@@ -536,34 +544,50 @@ fn check_fs(target: &Target, timeout: Duration) -> Found {
     }
 }
 
-/// A FUSE file over the export, unmounted when dropped.
+/// A FUSE file over the export, unmounted when dropped. Its mount point
+/// and pid file are in a private temporary directory (mode 0700, a name no
+/// one can guess), so no other user can stand in for the export.
 struct Fuse {
-    dir: PathBuf,
+    dir: tempfile::TempDir,
     child: Child,
+}
+
+impl Fuse {
+    fn mount_point(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
 }
 
 impl Drop for Fuse {
     fn drop(&mut self) {
         let _ = Command::new("fusermount3")
             .arg("-u")
-            .arg(&self.dir)
+            .arg(self.mount_point())
+            .stderr(Stdio::null())
             .status();
+        // nbdfuse exits once unmounted; one that does not is killed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
 fn mount(url: &str) -> Result<Fuse, String> {
-    static MOUNTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = MOUNTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("blockrep-check-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make a mount point: {e}"))?;
-    let pidfile = dir.with_extension("pid");
+    let dir = tempfile::Builder::new()
+        .prefix("blockrep-check-")
+        .tempdir()
+        .map_err(|e| format!("cannot make a mount point: {e}"))?;
+    let mount_point = dir.path().join("mnt");
+    let pidfile = dir.path().join("nbdfuse.pid");
+    std::fs::create_dir(&mount_point).map_err(|e| format!("cannot make a mount point: {e}"))?;
     let child = Command::new("nbdfuse")
         .arg("--readonly")
         .arg("--pidfile")
         .arg(&pidfile)
-        .arg(&dir)
+        .arg(&mount_point)
         .arg(url)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -581,7 +605,6 @@ fn mount(url: &str) -> Result<Fuse, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = std::fs::remove_file(&pidfile);
     Ok(fuse)
 }
 
@@ -590,7 +613,7 @@ fn check_volume_fs(url: &str, timeout: Duration) -> Found {
         Ok(fuse) => fuse,
         Err(why) => return failed(why),
     };
-    let file = fuse.dir.join("nbd");
+    let file = fuse.mount_point().join("nbd");
     let mut output = String::new();
     let mut checked = 0;
     let mut passed = true;

@@ -21,6 +21,9 @@ pub(crate) fn source(command: SourceCommand) -> Result<()> {
 /// A migration step through the admin API.
 fn step(action: &str, args: &crate::cli::SourceStepArgs) -> Result<()> {
     let source = super::source_id(args.source_id())?;
+    if args.force && action != "mark-ready" {
+        bail!("{action} has no gate to force: it is refused only where it cannot be done");
+    }
     let path = format!("/v1/sources/{source}/{action}");
     let body = serde_json::json!({ "force": args.force });
     super::runtime_block_on(
@@ -45,6 +48,9 @@ fn step(action: &str, args: &crate::cli::SourceStepArgs) -> Result<()> {
 /// The migration history through the admin API.
 fn history(args: &crate::cli::SourceStepArgs) -> Result<()> {
     let source = super::source_id(args.source_id())?;
+    if args.force {
+        bail!("history changes nothing: --force does not apply");
+    }
     let path = format!("/v1/sources/{source}/history");
     super::runtime_block_on(args.admin.show(
         "GET",

@@ -63,6 +63,8 @@ fn launch_with_boot_check(
     expect: &str,
     accel: &str,
 ) -> std::process::Output {
+    // The file systems too, read through nbdfuse, where FUSE is there.
+    let fs = have_tool("nbdfuse") && Path::new("/dev/fuse").exists();
     let tls = rig.pki.path();
     assert_success(&agent_once(disk, rig.server.addr, source, tls, &[]));
     let snapshot = create_snapshot(&rig.server, source, &format!("{name}-base"));
@@ -100,6 +102,7 @@ fn launch_with_boot_check(
             "--boot-timeout",
             "3m",
         ])
+        .args(if fs { &["--check-fs"][..] } else { &[] })
         .args(["--admin", &rig.admin().to_string(), "--admin-token"])
         .arg(rig.pki.path().join("admin.token"))
         .output()
@@ -139,13 +142,25 @@ fn a_launch_boots_in_qemu_and_a_damaged_copy_fails_its_check() {
         "{}",
         stdout(&booted)
     );
+    let fs = have_tool("nbdfuse") && Path::new("/dev/fuse").exists();
+    if fs {
+        assert!(
+            stdout(&booted).contains("check fs passed"),
+            "{}",
+            stdout(&booted)
+        );
+    }
     let ready = wait_until(Duration::from_secs(10), || {
         migration_state(&rig, "vm") == "ready_for_cutover"
     });
     assert!(ready, "vm is {}", migration_state(&rig, "vm"));
     let (_, body) = admin_request(rig.admin(), "GET", "/v1/launches?source=vm", None);
     let launches: Vec<LaunchView> = serde_json::from_str(&body).unwrap();
-    let check = &launches[0].checks[0];
+    let check = launches[0]
+        .checks
+        .iter()
+        .find(|c| c.name == "boot")
+        .unwrap();
     assert!(
         check.passed && check.output_tail.contains(&expect),
         "{check:?}"
@@ -172,6 +187,18 @@ fn a_launch_boots_in_qemu_and_a_damaged_copy_fails_its_check() {
         "{}",
         stderr(&failed)
     );
+    if fs {
+        assert!(
+            stdout(&failed).contains("check fs FAILED"),
+            "{}",
+            stdout(&failed)
+        );
+        assert!(
+            stderr(&failed).contains("no ext2/3/4 or XFS"),
+            "{}",
+            stderr(&failed)
+        );
+    }
     let (code, body) = admin_request(
         rig.admin(),
         "POST",

@@ -378,14 +378,27 @@ fn launch_checks_are_recorded_and_gate_the_cutover() {
         "{check:?}"
     );
     assert!(check.output_tail.contains("did not answer"), "{check:?}");
-    // Deleting the failed drill lifts its gate.
+    // Deleting the failed drill does not lift its gate: the failure stands
+    // until a later test passes (or a step is forced).
     let (code, body) = admin_request(rig.admin(), "DELETE", "/v1/launches/bad", None);
     assert_eq!(code, 200, "{body}");
+    refused(
+        &rig,
+        &["cutover", "--source", "web", "--no-wait"],
+        "launch bad (deleted): cmd1 failed",
+    );
+    assert_success(&create("good-again", "true"));
     assert_success(&operator(
         &rig,
         &["cutover", "--source", "web", "--no-wait"],
     ));
     assert_eq!(state(&rig, "web"), "cutting_over");
+    // A retried request changes nothing.
+    assert_success(&operator(
+        &rig,
+        &["cutover", "--source", "web", "--no-wait"],
+    ));
+    assert_eq!(history(&rig, "web").last().unwrap().to, "cutting_over");
     let (_, metrics) = admin_request(rig.admin(), "GET", "/metrics", None);
     assert!(
         metrics.contains("blockrep_launch_checks_failed_total 1")
@@ -494,4 +507,40 @@ fn a_warm_standby_follows_until_it_is_written() {
         after[65_536..] == before[65_536..],
         "the written standby moved"
     );
+}
+
+#[test]
+fn a_silent_agent_shows_its_source_disconnected_until_it_is_back() {
+    let rig = rig(&["web"], &["--retention", "off", "--stall-after", "1s"]);
+    let tls = rig.pki.path().to_owned();
+    let disk = rig.work.path().join("web.raw");
+    std::fs::write(&disk, mixed_image(1 << 20, 4)).unwrap();
+    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
+    let gone = wait_until(Duration::from_secs(10), || {
+        state(&rig, "web") == "disconnected"
+    });
+    assert!(gone, "web is {}", state(&rig, "web"));
+    let (_, body) = admin_request(rig.admin(), "GET", "/v1/sources/web", None);
+    let view: blockrep_server::SourceView = serde_json::from_str(&body).unwrap();
+    assert_eq!(view.migration_recorded, "ready_for_test");
+    let (_, metrics) = admin_request(rig.admin(), "GET", "/metrics", None);
+    assert!(
+        metrics
+            .contains("blockrep_source_migration_state{source=\"web\",state=\"disconnected\"} 1"),
+        "{metrics}"
+    );
+    // The agent is back: the recorded state shows again.
+    let mut agent = blockrep_testkit::AgentProcess::start(
+        &bin(),
+        &disk,
+        rig.server.addr,
+        "web",
+        &tls,
+        &["--interval", "200ms"],
+    );
+    let back = wait_until(Duration::from_secs(10), || {
+        state(&rig, "web") == "ready_for_test"
+    });
+    agent.stop();
+    assert!(back, "web is {}", state(&rig, "web"));
 }

@@ -218,6 +218,8 @@ async fn reset_source(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
+    // Under the workflow's lock: a finalize cannot slip in between.
+    let serial = shared.migration_lock.lock().await;
     // A finalized source's replication is released for good.
     let state = crate::migration::current(&shared, &source);
     if matches!(
@@ -242,7 +244,17 @@ async fn reset_source(
         }
     }
     let by = crate::workflow_api::who(&shared, &headers);
-    crate::workflow_api::step(&shared, &source, crate::migration::Step::Reset, &by, false).await?;
+    crate::migration::apply_locked(
+        &shared,
+        &serial,
+        &source,
+        crate::migration::Step::Reset,
+        &by,
+        false,
+    )
+    .await
+    .map_err(crate::workflow_api::refused)?;
+    drop(serial);
     info!(source = %source, "source reset: replication allowed again");
     Ok(Json(json!({ "source": source.as_str(), "reset": true })).into_response())
 }

@@ -2,7 +2,7 @@
 //! warm standbys to move, and the workflow's counters: state the NBD
 //! registry, the sessions, the expiry task and the admin API share.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
@@ -61,29 +61,35 @@ impl Closers {
 }
 
 /// Sources with standby launches that follow them: their commits move
-/// those launches (`drills::follow`). Filled at start and when a following
-/// standby is made; a source is dropped once none of its launches follows.
+/// those launches (`drills::source_committed`). Filled at start and when a
+/// following standby is made; a source is dropped once a pass finds none of
+/// its launches following, unless a standby was made meanwhile (each
+/// insertion bumps the source's generation).
 #[derive(Debug, Default)]
 pub(crate) struct Followed {
-    sources: Mutex<BTreeSet<blockrep_core::SourceId>>,
+    sources: Mutex<BTreeMap<blockrep_core::SourceId, u64>>,
 }
 
 impl Followed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<blockrep_core::SourceId>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<blockrep_core::SourceId, u64>> {
         self.sources.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the source has standbys to move.
-    pub(crate) fn contains(&self, source: &blockrep_core::SourceId) -> bool {
-        self.lock().contains(source)
+    /// The source's generation, if it has standbys to move.
+    pub(crate) fn generation(&self, source: &blockrep_core::SourceId) -> Option<u64> {
+        self.lock().get(source).copied()
     }
 
     pub(crate) fn insert(&self, source: blockrep_core::SourceId) {
-        self.lock().insert(source);
+        *self.lock().entry(source).or_default() += 1;
     }
 
-    pub(crate) fn remove(&self, source: &blockrep_core::SourceId) {
-        self.lock().remove(source);
+    /// Drops the source unless a standby was made since `generation`.
+    pub(crate) fn remove_if_unchanged(&self, source: &blockrep_core::SourceId, generation: u64) {
+        let mut sources = self.lock();
+        if sources.get(source) == Some(&generation) {
+            sources.remove(source);
+        }
     }
 }
 

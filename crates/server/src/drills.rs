@@ -97,7 +97,11 @@ fn expired_launches(
         let expires = match store.launch_workflow(&launch.name) {
             Ok(workflow) => workflow.expires_unix_ms,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+            // One damaged record must not stop every other launch's expiry.
+            Err(e) => {
+                warn!(launch = %launch.name, error = %e, "cannot read the launch's workflow record");
+                continue;
+            }
         };
         if let Some(expires) = expires
             && expires <= now_unix_ms
@@ -108,23 +112,19 @@ fn expired_launches(
     Ok(out)
 }
 
-/// After a commit of a complete pass of `source` at `epoch`: moves its
-/// following standbys to `root` (off the session's path). A standby found
-/// written stops following, and says so.
-pub(crate) fn source_committed(
-    shared: &Arc<Shared>,
-    source: &blockrep_core::SourceId,
-    epoch: u64,
-    root: blockrep_core::ChunkId,
-) {
-    if !shared.followed.contains(source) {
+/// After a commit of a complete pass of `source`: moves its following
+/// standbys to its head (off the session's path; the store reads the head
+/// itself, so a late task never moves one back). A standby found written
+/// stops following, and says so.
+pub(crate) fn source_committed(shared: &Arc<Shared>, source: &blockrep_core::SourceId) {
+    let Some(generation) = shared.followed.generation(source) else {
         return;
-    }
+    };
     let (shared, source) = (Arc::clone(shared), source.clone());
     tokio::spawn(async move {
         let store = Arc::clone(&shared.store);
         let id = source.clone();
-        let moved = tokio::task::spawn_blocking(move || follow(&store, &id, epoch, root)).await;
+        let moved = tokio::task::spawn_blocking(move || follow(&store, &id)).await;
         match moved {
             Ok(Ok(outcome)) => {
                 for (launch, rebased) in &outcome.launches {
@@ -134,7 +134,7 @@ pub(crate) fn source_committed(
                                 .workflow
                                 .standby_moves
                                 .fetch_add(1, Ordering::Relaxed);
-                            info!(launch = %launch, source = %source, epoch, root = %root,
+                            info!(launch = %launch, source = %source,
                                   "standby launch moved to the newest committed point");
                         }
                         blockrep_store::Rebased::Written => {
@@ -145,7 +145,7 @@ pub(crate) fn source_committed(
                     }
                 }
                 if !outcome.any_following {
-                    shared.followed.remove(&source);
+                    shared.followed.remove_if_unchanged(&source, generation);
                 }
             }
             Ok(Err(e)) => warn!(source = %source, error = %e, "cannot move standby launches"),
@@ -164,8 +164,6 @@ struct FollowPass {
 fn follow(
     store: &blockrep_store::Store,
     source: &blockrep_core::SourceId,
-    epoch: u64,
-    root: blockrep_core::ChunkId,
 ) -> Result<FollowPass, blockrep_store::Error> {
     use blockrep_store::{LaunchKind, Rebased};
     let mut pass = FollowPass {
@@ -177,14 +175,18 @@ fn follow(
         if launch.kind != LaunchKind::Standby {
             continue;
         }
-        match store.follow_standby(&launch.name, root, epoch, now) {
+        match store.follow_standby(&launch.name, now) {
             Ok(rebased) => {
                 pass.any_following |=
                     matches!(rebased, Rebased::Moved | Rebased::Unchanged | Rebased::Open);
                 pass.launches.push((launch.name, rebased));
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            // One launch's damaged record must not stop the others.
+            Err(e) => {
+                warn!(launch = %launch.name, error = %e, "cannot move the standby launch");
+                pass.any_following = true;
+            }
         }
     }
     Ok(pass)
@@ -196,10 +198,19 @@ pub(crate) fn followed_sources(
 ) -> Result<Vec<blockrep_core::SourceId>, blockrep_store::Error> {
     let mut out = Vec::new();
     for launch in store.list_launches(None)? {
-        if launch.kind == blockrep_store::LaunchKind::Standby
-            && store.launch_workflow(&launch.name)?.follow
-            && !out.contains(&launch.source)
-        {
+        if launch.kind != blockrep_store::LaunchKind::Standby || out.contains(&launch.source) {
+            continue;
+        }
+        // A record that cannot be read is taken as following: the pass
+        // after a commit says what is wrong with it, and the server starts.
+        let follows = store.launch_workflow(&launch.name).map_or_else(
+            |e| {
+                warn!(launch = %launch.name, error = %e, "cannot read the standby's workflow record");
+                true
+            },
+            |w| w.follow,
+        );
+        if follows {
             out.push(launch.source);
         }
     }

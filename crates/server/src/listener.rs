@@ -292,6 +292,7 @@ impl Server {
         ))));
         let _stop_retention = AbortOnDrop(retention);
         let _stop_expiry = AbortOnDrop(tokio::spawn(crate::drills::run(Arc::clone(&self.shared))));
+        tokio::spawn(crate::migration::reconcile(Arc::clone(&self.shared)));
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);
         let _stop_leases = AbortOnDrop(tokio::spawn(crate::leases::run(Arc::clone(&self.shared))));

@@ -138,7 +138,9 @@ pub(crate) fn decide(
                 "source {source} is {from}: a cutover needs a passed test (mark-ready)"
             )),
         ),
-        (Step::CutoverDone { .. }, CutOver) => Decision::Stay,
+        (Step::CutoverDone { .. }, CutOver | Finalized | Archived) => Decision::Stay,
+        // A retried request changes nothing.
+        (Step::CutoverRequested, CuttingOver) => Decision::Stay,
         (Step::CutoverDone { .. }, CuttingOver) => Decision::Move {
             to: CutOver,
             forced: false,
@@ -205,6 +207,10 @@ pub(crate) fn current(shared: &Shared, source: &SourceId) -> MigrationState {
         .unwrap_or(MigrationState::NotReady)
 }
 
+/// The lock that serializes steps, held by a caller that must decide and
+/// act between its check and its step (finalize, reset).
+pub(crate) type Serial<'a> = tokio::sync::MutexGuard<'a, ()>;
+
 /// Decides `step` on the source's current state and records the move, if
 /// any; `None` when the step changes nothing. `blocking` is consulted only
 /// for the gated steps (mark-ready, cutover).
@@ -215,11 +221,43 @@ pub(crate) async fn apply(
     by: &str,
     force: bool,
 ) -> Result<Option<MigrationEvent>, Refused> {
-    let _serial = shared.migration_lock.lock().await;
-    let from = current(shared, source);
-    let blocking = match step {
-        Step::MarkReady | Step::CutoverRequested => blocking_checks(shared, source).await?,
-        _ => Vec::new(),
+    let serial = shared.migration_lock.lock().await;
+    apply_locked(shared, &serial, source, step, by, force).await
+}
+
+/// [`apply`] under the lock the caller holds.
+pub(crate) async fn apply_locked(
+    shared: &Arc<Shared>,
+    _serial: &Serial<'_>,
+    source: &SourceId,
+    step: Step,
+    by: &str,
+    force: bool,
+) -> Result<Option<MigrationEvent>, Refused> {
+    let mut from = current(shared, source);
+    // A complete pass committed whose step the server has not recorded yet
+    // (it is recorded off the session's path): recorded first, so that a
+    // test launch made right after the first commit counts.
+    if from == MigrationState::NotReady
+        && step != Step::InitialSyncCommitted
+        && complete_pass(shared, source)
+    {
+        let note = Step::InitialSyncCommitted.note();
+        record(
+            shared,
+            source,
+            (from, MigrationState::ReadyForTest),
+            false,
+            SERVER,
+            note,
+        )
+        .await?;
+        from = MigrationState::ReadyForTest;
+    }
+    let gated = matches!(step, Step::MarkReady | Step::CutoverRequested);
+    let blocking = match gated {
+        true => blocking_checks(shared, source).await?,
+        false => Vec::new(),
     };
     let (to, forced) = match decide(source, from, &step, &blocking, force) {
         Decision::Stay => return Ok(None),
@@ -236,6 +274,32 @@ pub(crate) async fn apply(
         });
         note.push(')');
     }
+    let event = record(shared, source, (from, to), forced, by, note).await?;
+    // Forced past failed checks: they are answered for now.
+    if forced && gated && !blocking.is_empty() {
+        clear_failed_checks(shared, source).await;
+    }
+    Ok(Some(event))
+}
+
+/// Whether a complete pass of the source has committed.
+fn complete_pass(shared: &Shared, source: &SourceId) -> bool {
+    shared
+        .ledger
+        .sources
+        .update_known(source, |r| r.synced_scan_started_unix_ms != 0)
+        .unwrap_or(false)
+}
+
+/// Durably records one transition and mirrors it in the status table.
+async fn record(
+    shared: &Arc<Shared>,
+    source: &SourceId,
+    (from, to): (MigrationState, MigrationState),
+    forced: bool,
+    by: &str,
+    note: String,
+) -> Result<MigrationEvent, Refused> {
     let change = MigrationChange {
         from,
         to,
@@ -260,7 +324,19 @@ pub(crate) async fn apply(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     info!(source = %source, from = %event.from, to = %event.to, forced = event.forced,
           by = %event.by, note = %event.note, "migration state changed");
-    Ok(Some(event))
+    Ok(event)
+}
+
+/// Forgets the source's failed must-succeed checks (a forced step past
+/// them, or a test launch whose checks all passed since).
+pub(crate) async fn clear_failed_checks(shared: &Arc<Shared>, source: &SourceId) {
+    let store = Arc::clone(&shared.store);
+    let id = source.clone();
+    match tokio::task::spawn_blocking(move || store.set_failed_checks(&id, &[])).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(source = %source, error = %e, "cannot clear the failed checks"),
+        Err(e) => warn!(source = %source, error = %e, "cannot clear the failed checks"),
+    }
 }
 
 /// Records a step the server makes on its own, logging (not failing on) a
@@ -273,6 +349,30 @@ pub(crate) async fn apply_by_server(shared: &Arc<Shared>, source: &SourceId, ste
 
 /// Who the server's own steps are by.
 pub(crate) const SERVER: &str = "server";
+
+/// At start: brings the record in line with the lifecycle fence where a
+/// crash fell between the two (a cutover's final commit recorded only in
+/// the fence, or a reset that lifted the fence before its step was
+/// recorded).
+pub(crate) async fn reconcile(shared: Arc<Shared>) {
+    use MigrationState::*;
+    for (source, record) in shared.ledger.sources.records() {
+        let state = record.migration_recorded();
+        let step = match (&record.lifecycle, state) {
+            (Some(fence), NotReady | ReadyForTest | Testing | ReadyForCutover | CuttingOver) => {
+                Step::CutoverDone {
+                    epoch: fence.epoch,
+                    launch: fence.launch.clone(),
+                }
+            }
+            (None, CutOver) => Step::Reset,
+            _ => continue,
+        };
+        warn!(source = %source, state = %state, step = ?step,
+              "the migration record lags the cutover fence: recording the step");
+        apply_by_server(&shared, &source, step).await;
+    }
+}
 
 /// After a commit of a complete pass: the first one makes the source ready
 /// for testing. Cheap when it is not the first (the mirror says so).
@@ -293,15 +393,30 @@ async fn blocking_checks(shared: &Arc<Shared>, source: &SourceId) -> Result<Vec<
     let id = source.clone();
     tokio::task::spawn_blocking(move || -> Result<Vec<String>, blockrep_store::Error> {
         let mut out = Vec::new();
-        for launch in store.list_launches(Some(&id))? {
+        let launches = store.list_launches(Some(&id))?;
+        for launch in &launches {
             let workflow = match store.launch_workflow(&launch.name) {
                 Ok(workflow) => workflow,
                 // Deleted since the listing.
                 Err(e) if e.kind() == blockrep_store::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+                // A record that cannot be read cannot say its checks passed.
+                Err(e) => {
+                    out.push(format!(
+                        "launch {}: its record cannot be read ({e})",
+                        launch.name
+                    ));
+                    continue;
+                }
             };
             for check in workflow.blocking_checks() {
                 out.push(format!("launch {}: {check}", launch.name));
+            }
+        }
+        // Failures of launches deleted since (by hand, or at their expiry)
+        // still stand until a later test passes or a step is forced.
+        for (launch, check) in store.failed_checks(&id)? {
+            if !launches.iter().any(|l| l.name == launch) {
+                out.push(format!("launch {launch} (deleted): {check} failed"));
             }
         }
         Ok(out)

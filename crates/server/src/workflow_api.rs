@@ -85,10 +85,24 @@ pub(crate) async fn step(
 ) -> Result<Option<MigrationEvent>, ApiError> {
     crate::migration::apply(shared, source, step, by, force)
         .await
-        .map_err(|e| match e {
-            Refused::Rule(why) => error(StatusCode::CONFLICT, why).into(),
-            Refused::Store(why) => error(StatusCode::INTERNAL_SERVER_ERROR, why).into(),
-        })
+        .map_err(refused)
+}
+
+/// A refused step as the API answers it: 409 naming the state, or 500.
+pub(crate) fn refused(e: Refused) -> ApiError {
+    match e {
+        Refused::Rule(why) => error(StatusCode::CONFLICT, why).into(),
+        Refused::Store(why) => error(StatusCode::INTERNAL_SERVER_ERROR, why).into(),
+    }
+}
+
+/// Whether `name` may name a check: letters, digits and `._-`, at most 64
+/// bytes (it is a key of the launch's record and shown in every listing).
+fn valid_check_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// A known source, or 404.
@@ -131,35 +145,40 @@ pub(crate) async fn mark_ready(
 }
 
 /// `POST /v1/sources/{source}/finalize`: releases the source's snapshots
-/// and test launches (their NBD exports closed first), keeps its cutover
-/// launch, and records `finalized`; the agent is refused from then on,
-/// told to stop.
+/// and test launches (their NBD exports closed first), keeps its cutover and
+/// standby launches (a standby may hold a failover's data), and records
+/// `finalized`; the agent is refused from then on, told to stop. The whole
+/// step holds the workflow's lock, so a reset cannot slip in between its
+/// check and its record.
 pub(crate) async fn finalize(
     State(shared): State<Arc<Shared>>,
     Path(source): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let source = known(&shared, &source)?;
+    let serial = shared.migration_lock.lock().await;
     let state = crate::migration::current(&shared, &source);
-    // Checked before anything is released; `apply` checks again.
     if let crate::migration::Decision::Refuse(why) =
         crate::migration::decide(&source, state, &Step::Finalize, &[], false)
     {
         return Err(error(StatusCode::CONFLICT, why).into());
     }
-    let failing_back = shared
+    let stage = shared
         .ledger
         .sources
-        .update_known(&source, |r| {
-            r.lifecycle
-                .as_ref()
-                .is_some_and(|l| l.stage == blockrep_store::LifecycleStage::FailingBack)
-        })
-        .unwrap_or(false);
-    if failing_back {
+        .update_known(&source, |r| r.lifecycle.as_ref().map(|l| l.stage))
+        .flatten();
+    let refusal = match stage {
+        None => Some("it has no cutover fence (was it reset?)"),
+        Some(blockrep_store::LifecycleStage::FailingBack) => {
+            Some("it is failing back: complete the failback first")
+        }
+        Some(_) => None,
+    };
+    if let Some(why) = refusal {
         return Err(error(
             StatusCode::CONFLICT,
-            format!("source {source} is failing back: complete the failback before finalizing"),
+            format!("source {source} cannot be finalized: {why}"),
         )
         .into());
     }
@@ -168,7 +187,7 @@ pub(crate) async fn finalize(
         let launches: Vec<String> = store
             .list_launches(Some(&id))?
             .into_iter()
-            .filter(|l| l.kind != LaunchKind::Cutover)
+            .filter(|l| l.kind == LaunchKind::Test)
             .map(|l| l.name)
             .collect();
         let mut snapshots = 0;
@@ -190,26 +209,19 @@ pub(crate) async fn finalize(
             ))
         })?;
     }
-    let event = step(
-        &shared,
-        &source,
-        Step::Finalize,
-        &who(&shared, &headers),
-        false,
-    )
-    .await?;
+    let by = who(&shared, &headers);
+    crate::migration::apply_locked(&shared, &serial, &source, Step::Finalize, &by, false)
+        .await
+        .map_err(refused)?;
+    drop(serial);
     info!(source = %source, snapshots, launches = launches.len(), "source finalized");
-    let mut answer = stepped(&source, &shared, event);
-    *answer.body_mut() = axum::body::Body::from(
-        json!({
-            "source": source.as_str(),
-            "migration_state": MigrationState::Finalized.as_str(),
-            "snapshots_released": snapshots,
-            "launches_released": launches,
-        })
-        .to_string(),
-    );
-    Ok(answer)
+    Ok(Json(json!({
+        "source": source.as_str(),
+        "migration_state": MigrationState::Finalized.as_str(),
+        "snapshots_released": snapshots,
+        "launches_released": launches,
+    }))
+    .into_response())
 }
 
 /// `POST /v1/sources/{source}/archive`.
@@ -294,6 +306,19 @@ pub(crate) fn launch_workflow(
         )
         .into());
     }
+    if let Some(bad) = body.checks.iter().find(|name| !valid_check_name(name)) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid check name {bad:?}: letters, digits and ._- only, at most 64 bytes"),
+        )
+        .into());
+    }
+    let mut names = body.checks.clone();
+    names.sort();
+    names.dedup();
+    if names.len() != body.checks.len() {
+        return Err(error(StatusCode::BAD_REQUEST, "a check is named twice").into());
+    }
     if body.checks.len() > blockrep_store::LAUNCH_CHECKS_MAX {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -331,6 +356,16 @@ pub(crate) async fn record_check(
     headers: HeaderMap,
     Json(report): Json<CheckView>,
 ) -> Result<Response, ApiError> {
+    if !valid_check_name(&report.name) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid check name {:?}: letters, digits and ._- only, at most 64 bytes",
+                report.name
+            ),
+        )
+        .into());
+    }
     let check = LaunchCheck {
         name: report.name,
         command: report.command,
@@ -346,7 +381,20 @@ pub(crate) async fn record_check(
         let Some(info) = store.launch(&launch)? else {
             return Ok(None);
         };
+        let (name, passed) = (recorded.name.clone(), recorded.passed);
         let workflow = store.update_launch_workflow(&launch, |w| w.record(recorded))?;
+        // A failed must-succeed check gates the source even once its launch
+        // is gone; a pass of the same check answers it.
+        let mut failed = store.failed_checks(&info.source)?;
+        let entry = (launch.clone(), name);
+        let known = failed.contains(&entry);
+        if workflow.must_succeed && !passed && !known {
+            failed.push(entry);
+            store.set_failed_checks(&info.source, &failed)?;
+        } else if passed && known {
+            failed.retain(|f| *f != entry);
+            store.set_failed_checks(&info.source, &failed)?;
+        }
         Ok(Some((info, workflow)))
     })
     .await?
@@ -375,6 +423,8 @@ pub(crate) async fn record_check(
         .iter()
         .all(|expected| workflow.checks.iter().any(|c| &c.name == expected));
     if info.kind == LaunchKind::Test && awaited && workflow.checks_passed() {
+        // A test that passes answers earlier failures.
+        crate::migration::clear_failed_checks(&shared, &info.source).await;
         let step = Step::ChecksPassed {
             launch: name.clone(),
         };

@@ -265,6 +265,72 @@ impl Store {
     }
 }
 
+/// Most failed must-succeed checks a source keeps.
+pub const FAILED_CHECKS_MAX: usize = 256;
+
+const FAILED_MAGIC: &str = "blockrep failed-checks v1";
+
+impl Store {
+    /// The must-succeed checks of the source's launches that failed and have
+    /// not been cleared (by a later passing test launch, or a forced step),
+    /// as (launch, check); they gate the workflow even once their launch is
+    /// gone. File `DATA/sources/ID/failed-checks`.
+    pub fn failed_checks(&self, source: &SourceId) -> Result<Vec<(String, String)>, Error> {
+        let path = self.source_dir(source).join("failed-checks");
+        let max = 64 + FAILED_CHECKS_MAX * (16 + 3 * 2 * 1024);
+        let Some(bytes) = read_small_file(self.vfs(), &path, max)? else {
+            return Ok(Vec::new());
+        };
+        let what = format!("failed checks of {source}");
+        let mut out = Vec::new();
+        for line in textrec::open(&what, FAILED_MAGIC, &bytes)? {
+            let parsed = match line.split(' ').collect::<Vec<_>>().as_slice() {
+                ["failed", launch, check] => {
+                    textrec::unescape(launch).zip(textrec::unescape(check))
+                }
+                _ => None,
+            };
+            out.push(parsed.ok_or_else(|| {
+                Error::new(ErrorKind::Corrupt, format!("{what}: bad line {line:?}"))
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Durably replaces the source's failed checks (none: the file goes).
+    pub fn set_failed_checks(
+        &self,
+        source: &SourceId,
+        failed: &[(String, String)],
+    ) -> Result<(), Error> {
+        self.check_writable()?;
+        let dir = self.source_dir(source);
+        let path = dir.join("failed-checks");
+        if failed.is_empty() {
+            return match self.vfs().remove_file(&path) {
+                Ok(()) => crate::fsutil::sync_dir(self.vfs(), &dir),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io(format!("cannot remove {}", path.display()), e)),
+            };
+        }
+        let lines: Vec<String> = failed
+            .iter()
+            .rev()
+            .take(FAILED_CHECKS_MAX)
+            .rev()
+            .map(|(launch, check)| {
+                format!(
+                    "failed {} {}",
+                    textrec::escape(&textrec::truncate(launch, 1024)),
+                    textrec::escape(&textrec::truncate(check, 1024))
+                )
+            })
+            .collect();
+        create_dir_durable(self.vfs(), &dir)?;
+        publish_atomic(self.vfs(), &path, &textrec::seal(FAILED_MAGIC, &lines))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +384,22 @@ mod tests {
             store.migration_history(&source).unwrap_err().kind(),
             ErrorKind::Corrupt
         );
+    }
+
+    #[test]
+    fn failed_checks_are_kept_until_cleared() {
+        let (_dir, store) = temp_store();
+        let source = SourceId::new("web").unwrap();
+        assert!(store.failed_checks(&source).unwrap().is_empty());
+        let failed = vec![
+            ("drill 1".to_owned(), "boot".to_owned()),
+            ("d2".into(), "cmd1".into()),
+        ];
+        store.set_failed_checks(&source, &failed).unwrap();
+        assert_eq!(store.failed_checks(&source).unwrap(), failed);
+        store.set_failed_checks(&source, &[]).unwrap();
+        assert!(store.failed_checks(&source).unwrap().is_empty());
+        store.set_failed_checks(&source, &[]).unwrap();
     }
 
     #[test]

@@ -291,7 +291,7 @@ impl Store {
     /// collection that started marking before the snapshot was published. A
     /// root that cannot be read is left to `verify` to report: the snapshot
     /// still records what the head names.
-    fn note_snapshot_root(&self, root_id: &ChunkId) {
+    pub(crate) fn note_snapshot_root(&self, root_id: &ChunkId) {
         self.blobs.fence().note(root_id);
         if !self.blobs.fence().is_tracking() {
             return;

@@ -481,7 +481,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         if complete {
             crate::migration::complete_pass_committed(&self.shared, &self.source);
-            crate::drills::source_committed(&self.shared, &self.source, epoch, root_id);
+            crate::drills::source_committed(&self.shared, &self.source);
         }
         // The source's record above counts the epoch and its chunks; the
         // ledger adds the server-wide histograms.

@@ -333,7 +333,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         if commit.complete {
             crate::migration::complete_pass_committed(&self.shared, &self.source);
-            crate::drills::source_committed(&self.shared, &self.source, commit.epoch, root_id);
+            crate::drills::source_committed(&self.shared, &self.source);
         }
         if !unchanged {
             info!(source = %self.source, epoch = commit.epoch, root = %root_id,

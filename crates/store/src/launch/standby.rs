@@ -11,8 +11,6 @@
 //! only while no volume of it is open, so its content never changes under a
 //! reader.
 
-use blockrep_core::ChunkId;
-
 use crate::catalog::validate_name;
 use crate::error::{Error, ErrorKind};
 use crate::mutex::lock;
@@ -36,19 +34,20 @@ pub enum Rebased {
 }
 
 impl Store {
-    /// Moves standby launch `name` to `root` (its source's head at `epoch`)
-    /// if it is unwritten and closed; stops its following if it was
-    /// written. `NotFound` when it does not exist.
-    pub fn follow_standby(
-        &self,
-        name: &str,
-        root: ChunkId,
-        epoch: u64,
-        now_unix_ms: u64,
-    ) -> Result<Rebased, Error> {
+    /// Moves standby launch `name` to its source's head, if the head holds
+    /// a complete pass newer than the launch's last move and the launch is
+    /// unwritten and closed; stops its following if it was written.
+    /// `NotFound` when it does not exist.
+    ///
+    /// The head is read here, under the GC fence held until the launch's
+    /// head is published (as a snapshot does): a collection lists the roots
+    /// either before (and then a commit after it noted what it names) or
+    /// after the move. A move never goes back to an older epoch.
+    pub fn follow_standby(&self, name: &str, now_unix_ms: u64) -> Result<Rebased, Error> {
         self.check_writable()?;
         validate_name("launch", name)?;
         let _guard = lock(&self.catalog.lock);
+        let _fence = self.blobs.fence().read_fence();
         let prefix = format!("{name}/");
         let open = lock(&self.catalog.open_launches)
             .iter()
@@ -69,12 +68,21 @@ impl Store {
             self.write_workflow(name, &workflow)?;
             return Ok(Rebased::Written);
         }
-        if info.root == root {
+        let Some(head) = self.head(&info.source)? else {
+            return Ok(Rebased::Unchanged);
+        };
+        let (root, epoch) = (head.root, head.epoch);
+        let newer = workflow
+            .followed
+            .is_none_or(|(_, followed)| epoch > followed)
+            && epoch > info.base_epoch;
+        if info.root == root || !head.initial_sync_done() || !newer {
             return Ok(Rebased::Unchanged);
         }
         if open {
             return Ok(Rebased::Open);
         }
+        self.note_snapshot_root(&root);
         workflow.following_to = Some(root);
         self.write_workflow(name, &workflow)?;
         let moved = super::LaunchInfo {
@@ -134,19 +142,13 @@ mod tests {
             geometry,
             2,
         );
-        assert_eq!(
-            store.follow_standby("sb", second.root, 2, 5).unwrap(),
-            Rebased::Moved
-        );
+        assert_eq!(store.follow_standby("sb", 5).unwrap(), Rebased::Moved);
         assert_eq!(store.launch("sb").unwrap().unwrap().root, second.root);
         assert_eq!(
             store.launch_workflow("sb").unwrap().followed,
             Some((second.root, 2))
         );
-        assert_eq!(
-            store.follow_standby("sb", second.root, 2, 6).unwrap(),
-            Rebased::Unchanged
-        );
+        assert_eq!(store.follow_standby("sb", 6).unwrap(), Rebased::Unchanged);
         // A crash between the record of a move and its head: the head is at
         // the root the record names as under way, not taken for written.
         let third = commit_disk(
@@ -158,12 +160,10 @@ mod tests {
         );
         let mut pending = store.launch_workflow("sb").unwrap();
         pending.following_to = Some(second.root);
-        pending.followed = Some((ChunkId([9; 32]), 1));
+        pending.followed = Some((blockrep_core::ChunkId([9; 32]), 1));
         store.write_workflow("sb", &pending).unwrap();
-        assert_eq!(
-            store.follow_standby("sb", third.root, 3, 7).unwrap(),
-            Rebased::Moved
-        );
+        assert_eq!(store.follow_standby("sb", 7).unwrap(), Rebased::Moved);
+        assert_eq!(store.launch("sb").unwrap().unwrap().root, third.root);
         // Open: left alone.
         let volume = store.open_launch("sb").unwrap();
         let fourth = commit_disk(
@@ -173,22 +173,16 @@ mod tests {
             geometry,
             4,
         );
-        assert_eq!(
-            store.follow_standby("sb", fourth.root, 4, 8).unwrap(),
-            Rebased::Open
-        );
+        assert_eq!(store.follow_standby("sb", 8).unwrap(), Rebased::Open);
         // Written: it stops following for good and keeps its data.
         volume.write(0, &[0x77; 4096]).unwrap();
         volume.flush(9).unwrap();
         drop(volume);
-        assert_eq!(
-            store.follow_standby("sb", fourth.root, 4, 10).unwrap(),
-            Rebased::Written
-        );
+        assert_eq!(store.follow_standby("sb", 10).unwrap(), Rebased::Written);
         assert!(!store.launch_workflow("sb").unwrap().follow);
         assert_ne!(store.launch("sb").unwrap().unwrap().root, fourth.root);
         assert_eq!(
-            store.follow_standby("sb", fourth.root, 4, 11).unwrap(),
+            store.follow_standby("sb", 11).unwrap(),
             Rebased::NotFollowing
         );
     }
