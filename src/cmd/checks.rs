@@ -322,18 +322,21 @@ enum Boot {
 }
 
 /// One QEMU run with `accel`; the console goes to `console`.
-#[allow(clippy::too_many_arguments)]
 fn boot_once(
     accel: &str,
-    kernel: &Path,
-    initrd: &Path,
-    append: &str,
+    boot: &BootArgs<'_>,
     drive: &(Vec<String>, String),
-    expect: &str,
-    timeout: Duration,
     quiet_max: Option<Duration>,
     console: &mut String,
 ) -> Boot {
+    let BootArgs {
+        kernel,
+        initrd,
+        append,
+        expect,
+        timeout,
+        ..
+    } = *boot;
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-machine", &format!("accel={accel}"), "-m", "256"])
         .args([
@@ -463,41 +466,29 @@ fn check_boot(target: &Target, boot: &BootArgs<'_>) -> Found {
         Err(why) => return failed(why),
     };
     let mut console = String::new();
+    let mut console_note = None;
     let kvm = match boot.accel {
         BootAccel::Tcg => false,
         BootAccel::Kvm => true,
         BootAccel::Auto => Path::new("/dev/kvm").exists(),
     };
     let quiet_max = (boot.accel == BootAccel::Auto).then_some(KVM_QUIET_MAX);
+    let mut run = |accel: &str, quiet_max: Option<Duration>| {
+        boot_once(accel, boot, &drive, quiet_max, &mut console)
+    };
     let mut outcome = Boot::Silent;
     if kvm {
-        outcome = boot_once(
-            "kvm",
-            boot.kernel,
-            boot.initrd,
-            boot.append,
-            &drive,
-            boot.expect,
-            boot.timeout,
-            quiet_max,
-            &mut console,
-        );
-        if matches!(outcome, Boot::Silent) {
-            console.push_str("(KVM cannot run this kernel here: booting again under TCG)\n");
-        }
+        outcome = run("kvm", quiet_max);
     }
     if matches!(outcome, Boot::Silent) && boot.accel != BootAccel::Kvm {
-        outcome = boot_once(
-            "tcg",
-            boot.kernel,
-            boot.initrd,
-            boot.append,
-            &drive,
-            boot.expect,
-            boot.timeout,
-            None,
-            &mut console,
-        );
+        if kvm {
+            console_note = Some("(KVM cannot run this kernel here: booted again under TCG)");
+        }
+        outcome = run("tcg", None);
+    }
+    if let Some(note) = console_note {
+        console.push_str(note);
+        console.push('\n');
     }
     match outcome {
         Boot::Expected => Found {

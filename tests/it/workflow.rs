@@ -76,6 +76,42 @@ fn history(rig: &AgentRig, source: &str) -> Vec<EventView> {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Writes `web`'s disk from `seed`, replicates it and snapshots it as
+/// `base`; returns the disk and the snapshot's name.
+fn synced_web(rig: &AgentRig, seed: u64) -> (std::path::PathBuf, String) {
+    let disk = rig.work.path().join("web.raw");
+    std::fs::write(&disk, mixed_image(4 << 20, seed)).unwrap();
+    assert_success(&agent_once(
+        &disk,
+        rig.server.addr,
+        "web",
+        rig.pki.path(),
+        &[],
+    ));
+    (disk, create_snapshot(&rig.server, "web", "base").name)
+}
+
+/// `launch create` of `web`'s `snapshot` as `name`, with `extra` flags.
+fn launch_web(rig: &AgentRig, snapshot: &str, name: &str, extra: &[&str]) -> std::process::Output {
+    let create = [
+        "launch",
+        "create",
+        "--source",
+        "web",
+        "--snapshot",
+        snapshot,
+        "--name",
+        name,
+    ];
+    let args: Vec<&str> = create
+        .iter()
+        .chain(["--allow-live"].iter())
+        .chain(extra)
+        .copied()
+        .collect();
+    operator(rig, &args)
+}
+
 #[test]
 fn every_step_is_gated_recorded_and_survives_restarts() {
     if !(have_tool("qemu-img") && have_tool("nbdcopy")) {
@@ -227,6 +263,21 @@ fn every_step_is_gated_recorded_and_survives_restarts() {
         "{last:?}"
     );
     assert!(last.note.contains("forced"), "{last:?}");
+    // Cut over, then reset: back to ready for cutover, replicating again.
+    std::fs::write(&db, blockrep_testkit::random_bytes(2 << 20, 10)).unwrap();
+    let agent = agent_once(&db, rig.server.addr, "db", &tls, &[]);
+    assert_success(&agent);
+    assert!(stdout(&agent).contains("cutover"), "{}", stdout(&agent));
+    wait_state(&rig, "db", "cut_over");
+    assert_success(&operator(&rig, &["cutover", "--source", "db", "--reset"]));
+    assert_eq!(state(&rig, "db"), "ready_for_cutover");
+    let last = history(&rig, "db").pop().unwrap();
+    assert_eq!(
+        (last.from.as_str(), last.to.as_str()),
+        ("cut_over", "ready_for_cutover")
+    );
+    std::fs::write(&db, blockrep_testkit::random_bytes(2 << 20, 11)).unwrap();
+    assert_success(&agent_once(&db, rig.server.addr, "db", &tls, &[]));
 }
 
 /// Whether the server closed `stream` cleanly (end of stream, not a reset).
@@ -249,28 +300,8 @@ fn an_expired_drill_disconnects_its_client_and_leaves_garbage() {
         return;
     }
     let rig = nbd_rig(&["web"]);
-    let tls = rig.pki.path().to_owned();
-    let disk = rig.work.path().join("web.raw");
-    std::fs::write(&disk, mixed_image(4 << 20, 3)).unwrap();
-    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
-    let snapshot = create_snapshot(&rig.server, "web", "base");
-    let made = operator(
-        &rig,
-        &[
-            "launch",
-            "create",
-            "--source",
-            "web",
-            "--snapshot",
-            &snapshot.name,
-            "--name",
-            "drill",
-            "--ttl",
-            "3s",
-            "--allow-live",
-            "--json",
-        ],
-    );
+    let (_, snapshot) = synced_web(&rig, 3);
+    let made = launch_web(&rig, &snapshot, "drill", &["--ttl", "3s", "--json"]);
     assert_success(&made);
     let launch: LaunchView = serde_json::from_str(stdout(&made).lines().next().unwrap()).unwrap();
     let expires = launch.expires_unix_ms.unwrap();
@@ -320,30 +351,10 @@ fn launch_checks_are_recorded_and_gate_the_cutover() {
         return;
     }
     let rig = nbd_rig(&["web"]);
-    let tls = rig.pki.path().to_owned();
-    let disk = rig.work.path().join("web.raw");
-    std::fs::write(&disk, mixed_image(4 << 20, 5)).unwrap();
-    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
+    let (_, snapshot) = synced_web(&rig, 5);
     wait_state(&rig, "web", "ready_for_test");
-    let snapshot = create_snapshot(&rig.server, "web", "base");
     let create = |name: &str, check: &str| {
-        operator(
-            &rig,
-            &[
-                "launch",
-                "create",
-                "--source",
-                "web",
-                "--snapshot",
-                &snapshot.name,
-                "--name",
-                name,
-                "--allow-live",
-                "--must-succeed",
-                "--check",
-                check,
-            ],
-        )
+        launch_web(&rig, &snapshot, name, &["--must-succeed", "--check", check])
     };
     // A check that reads the launch through its URL passes, and the test
     // launch's passing checks make the source ready for cutover.
@@ -434,26 +445,12 @@ fn a_warm_standby_follows_until_it_is_written() {
     }
     let rig = nbd_rig(&["web"]);
     let tls = rig.pki.path().to_owned();
-    let disk = rig.work.path().join("web.raw");
-    std::fs::write(&disk, mixed_image(4 << 20, 11)).unwrap();
-    assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
-    let snapshot = create_snapshot(&rig.server, "web", "base");
-    let made = operator(
+    let (disk, snapshot) = synced_web(&rig, 11);
+    let made = launch_web(
         &rig,
-        &[
-            "launch",
-            "create",
-            "--source",
-            "web",
-            "--snapshot",
-            &snapshot.name,
-            "--name",
-            "standby",
-            "--kind",
-            "standby",
-            "--follow",
-            "--allow-live",
-        ],
+        &snapshot,
+        "standby",
+        &["--kind", "standby", "--follow"],
     );
     assert_success(&made);
     let uri = launch_view(&rig, "standby").nbd_uri.unwrap();

@@ -31,12 +31,13 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
         // committed, cut it over or reset it since this one started.
         let head = store.head(&claiming)?;
         let lifecycle = store.lifecycle(&claiming)?;
-        Ok::<_, blockrep_store::Error>((lease, head, lifecycle))
+        let migration = store.migration_history(&claiming)?.last().cloned();
+        Ok::<_, blockrep_store::Error>((lease, head, (lifecycle, migration)))
     })
     .await
     .map_err(|e| Reject::new(ErrorCode::Internal, format!("lease task failed: {e}")))?;
     match claimed {
-        Ok((Some(lease), head, lifecycle)) => {
+        Ok((Some(lease), head, (lifecycle, migration))) => {
             info!(
                 generation = lease.generation,
                 expires_unix_ms = lease.expires_unix_ms,
@@ -54,8 +55,13 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
                     record.synced_scan_started_unix_ms = fresh.synced_scan_started_unix_ms;
                     record.last_commit_unix_ms = fresh.last_commit_unix_ms;
                 }
-                // The cutover fence follows the bucket's record.
+                // The cutover fence follows the bucket's record, and so
+                // does the migration workflow's state.
                 record.lifecycle = lifecycle;
+                if let Some(last) = migration {
+                    record.migration = Some(last.to);
+                    record.migration_since_unix_ms = last.unix_ms;
+                }
             });
             Ok(())
         }

@@ -178,7 +178,12 @@ impl SeaweedFs {
             };
             match this.try_wait_ready() {
                 Ok(()) => break (this, ports),
-                Err(why) if attempt < START_ATTEMPTS && why.contains("Port allocation failed") => {
+                // Said either way, depending on which of its servers lost it.
+                Err(why)
+                    if attempt < START_ATTEMPTS
+                        && (why.contains("Port allocation failed")
+                            || why.contains("address already in use")) =>
+                {
                     eprintln!("weed mini lost a port, starting again: {why}");
                 }
                 Err(why) => panic!("{why}"),
