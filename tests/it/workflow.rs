@@ -120,11 +120,29 @@ fn every_step_is_gated_recorded_and_survives_restarts() {
     let mut rig = nbd_rig(&["web", "db"]);
     let tls = rig.pki.path().to_owned();
     let disk = rig.work.path().join("web.raw");
-    std::fs::write(&disk, mixed_image(4 << 20, 7)).unwrap();
     let (code, _) = admin_request(rig.admin(), "GET", "/v1/sources/web/history", None);
     assert_eq!(code, 404, "a source never seen has no history");
 
+    // The initial sync under way: a step is committed, not a whole pass.
+    std::fs::write(&disk, blockrep_testkit::random_bytes(4 << 20, 7)).unwrap();
+    let throttled = ["--max-rate", "256KiB/s", "--commit-every", "128KiB"];
+    let mut agent = blockrep_testkit::AgentProcess::start(
+        &bin(),
+        &disk,
+        rig.server.addr,
+        "web",
+        &tls,
+        &throttled,
+    );
+    let stepped = wait_until(Duration::from_secs(20), || {
+        admin_source(rig.admin(), "web").is_some_and(|v| v.epoch >= 1)
+    });
+    agent.stop();
+    assert!(stepped, "no step of the initial sync committed");
+    assert_eq!(state(&rig, "web"), "not_ready");
+    restart(&mut rig, "web", "not_ready");
     // The initial sync commits: ready for testing.
+    std::fs::write(&disk, mixed_image(4 << 20, 7)).unwrap();
     assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
     wait_state(&rig, "web", "ready_for_test");
     refused(
