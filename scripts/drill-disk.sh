@@ -44,32 +44,9 @@ trap 'rm -rf "$work"' EXIT
 cache=${BLOCKREP_DRILL_CACHE:-$work/debs}
 mkdir -p "$cache"
 
-# apt's download sandbox user cannot write into a root-owned private temporary
-# directory; as root, download as root rather than print a notice each time.
-apt_opts=()
-[[ $(id -u) -eq 0 ]] && apt_opts=(-o APT::Sandbox::User=root)
-
-version=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: *//p')
-if [[ -z $version || $version == "(none)" ]]; then
-    # A machine whose package lists were never fetched knows no candidate.
-    sudo=""
-    [[ $(id -u) -ne 0 ]] && sudo="sudo"
-    $sudo apt-get update -qq
-    version=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: *//p')
-fi
-[[ -n $version && $version != "(none)" ]] || {
-    echo "drill-disk: no candidate for busybox-static" >&2
-    exit 1
-}
-# .deb file names encode the epoch's colon as %3a.
-deb="$cache/busybox-static_${version//:/%3a}_amd64.deb"
-if [[ ! -s $deb ]]; then
-    (cd "$cache" && apt-get download -qq "${apt_opts[@]}" "busybox-static=$version") >&2
-fi
-[[ -s $deb ]] || {
-    echo "drill-disk: apt-get download busybox-static=$version left no $deb" >&2
-    exit 1
-}
+# shellcheck source=scripts/drill-debs.sh
+. "$(dirname "$0")/drill-debs.sh"
+deb=$(fetch_deb busybox-static "$cache")
 dpkg-deb -x "$deb" "$work/busybox"
 busybox=$(find "$work/busybox" -path '*bin/busybox' -type f | head -n1)
 [[ -n $busybox ]] || {

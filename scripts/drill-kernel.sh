@@ -51,12 +51,8 @@ trap 'rm -rf "$work"' EXIT
 cache=${BLOCKREP_DRILL_CACHE:-$work/debs}
 mkdir -p "$cache" "$out"
 
-sudo=""
-[[ $(id -u) -ne 0 ]] && sudo="sudo"
-# apt's download sandbox user cannot write into a root-owned private temporary
-# directory; as root, download as root rather than print a notice each time.
-apt_opts=()
-[[ $(id -u) -eq 0 ]] && apt_opts=(-o APT::Sandbox::User=root)
+# shellcheck source=scripts/drill-debs.sh
+. "$(dirname "$0")/drill-debs.sh"
 
 # The package linux-image-amd64 depends on, e.g. linux-image-6.1.0-57-amd64.
 kernel_package() {
@@ -65,8 +61,7 @@ kernel_package() {
 }
 kpkg=$(kernel_package)
 if [[ -z $kpkg ]]; then
-    # A machine whose package lists were never fetched knows no candidate.
-    $sudo apt-get update -qq
+    drill_apt_update
     kpkg=$(kernel_package)
 fi
 if [[ -z $kpkg ]]; then
@@ -74,28 +69,8 @@ if [[ -z $kpkg ]]; then
     exit 1
 fi
 
-# Fetches PACKAGE's candidate .deb into the cache (once) and prints its path.
-fetch_deb() {
-    local pkg=$1 version deb
-    version=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: *//p')
-    [[ -n $version && $version != "(none)" ]] || {
-        echo "drill-kernel: no candidate for $pkg" >&2
-        return 1
-    }
-    # .deb file names encode the epoch's colon as %3a.
-    deb="$cache/${pkg}_${version//:/%3a}_amd64.deb"
-    if [[ ! -s $deb ]]; then
-        (cd "$cache" && apt-get download -qq "${apt_opts[@]}" "$pkg=$version") >&2
-    fi
-    [[ -s $deb ]] || {
-        echo "drill-kernel: apt-get download $pkg=$version left no $deb" >&2
-        return 1
-    }
-    echo "$deb"
-}
-
-kdeb=$(fetch_deb "$kpkg")
-bdeb=$(fetch_deb busybox-static)
+kdeb=$(fetch_deb "$kpkg" "$cache")
+bdeb=$(fetch_deb busybox-static "$cache")
 dpkg-deb -x "$kdeb" "$work/kernel"
 dpkg-deb -x "$bdeb" "$work/busybox"
 

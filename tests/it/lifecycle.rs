@@ -155,19 +155,7 @@ pub(crate) fn whole_lifecycle(
 
     // The operator confirms the test; then cuts over; the agent stops the
     // writer, syncs, and exits.
-    let ready = std::process::Command::new(BIN)
-        .args([
-            "source",
-            "mark-ready",
-            "--source",
-            "app",
-            "--admin",
-            &admin.to_string(),
-            "--admin-token",
-            pki.path().join("admin.token").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let ready = cli(server, pki, &["source", "mark-ready", "--source", "app"]);
     assert_success(&ready);
     assert!(
         stdout(&ready).contains("ready_for_cutover"),
