@@ -168,7 +168,9 @@ fn environment(command: &mut Command, target: &Target) {
 /// Runs `command` to its end or `timeout`, output merged. It runs in a
 /// process group of its own, killed whole when it ends or times out: what a
 /// check leaves running in the background would otherwise hold its output
-/// open, and the check with it.
+/// open, and the check with it. The group is killed while its leader is
+/// still unreaped (a zombie keeps its pid), so the kill can never reach a
+/// process that was given the pid since.
 fn run(mut command: Command, timeout: Duration) -> Found {
     use std::os::unix::process::CommandExt;
     let spawned = command
@@ -183,51 +185,51 @@ fn run(mut command: Command, timeout: Duration) -> Found {
     };
     let output = collect_output(&mut child);
     let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => break None,
-            Err(e) => {
-                kill_group(&mut child);
-                return failed(format!("cannot wait for {command:?}: {e}"));
-            }
+    let mut timed_out = false;
+    while !exited(&child) {
+        if Instant::now() >= deadline {
+            timed_out = true;
+            break;
         }
-    };
-    kill_group(&mut child);
-    let mut output = output.join().unwrap_or_default();
-    match status {
-        Some(status) => Found {
-            passed: status.success(),
-            exit_code: status.code(),
-            output,
-        },
-        None => {
-            output.push_str(&format!("\n(killed after {timeout:?})\n"));
-            Found {
-                passed: false,
-                exit_code: None,
-                output,
-            }
-        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Kills the process group `child` leads (the check and whatever it
-/// started) and reaps `child`.
-fn kill_group(child: &mut Child) {
     let group = format!("-{}", child.id());
     let _ = Command::new("kill")
         .args(["-KILL", "--", &group])
         .stderr(Stdio::null())
         .status();
-    let _ = child.kill();
-    let _ = child.wait();
+    let status = child.wait().ok();
+    // A process that left the group (setsid) may hold the output open:
+    // what came until then is the output.
+    let mut output = output
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| "(the output was still held open; cut here)\n".to_owned());
+    if timed_out {
+        output.push_str(&format!("\n(killed after {timeout:?})\n"));
+    }
+    Found {
+        passed: !timed_out && status.is_some_and(|s| s.success()),
+        exit_code: status.filter(|_| !timed_out).and_then(|s| s.code()),
+        output,
+    }
+}
+
+/// Whether `child` has exited, without reaping it: its state in
+/// `/proc/PID/stat` is `Z` (or the entry is gone).
+fn exited(child: &Child) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", child.id())) else {
+        return true;
+    };
+    // `PID (COMM) STATE ...`: COMM may hold spaces and parentheses.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_none_or(|state| state == "Z" || state == "X")
 }
 
 /// Reads a child's stdout and stderr to their ends on threads of their own
-/// (so neither pipe fills and stalls it); joined, they give both, merged.
-fn collect_output(child: &mut Child) -> std::thread::JoinHandle<String> {
+/// (so neither pipe fills and stalls it); the receiver gets both, merged,
+/// once both ended.
+fn collect_output(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let readers: Vec<_> = [
         child
             .stdout
@@ -248,13 +250,16 @@ fn collect_output(child: &mut Child) -> std::thread::JoinHandle<String> {
         })
     })
     .collect();
+    let (done, received) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        readers
+        let merged = readers
             .into_iter()
             .map(|r| r.join().unwrap_or_default())
             .collect::<Vec<_>>()
-            .join("")
-    })
+            .join("");
+        let _ = done.send(merged);
+    });
+    received
 }
 
 /// The drill kernel: the flag's, the variable's, else the default

@@ -294,8 +294,11 @@ fn every_step_is_gated_recorded_and_survives_restarts() {
         (last.from.as_str(), last.to.as_str()),
         ("cut_over", "ready_for_cutover")
     );
+    let epoch = admin_source(rig.admin(), "db").unwrap().epoch;
     std::fs::write(&db, blockrep_testkit::random_bytes(2 << 20, 11)).unwrap();
     assert_success(&agent_once(&db, rig.server.addr, "db", &tls, &[]));
+    assert!(admin_source(rig.admin(), "db").unwrap().epoch > epoch);
+    assert_eq!(state(&rig, "db"), "ready_for_cutover");
 }
 
 /// Whether the server closed `stream` cleanly (end of stream, not a reset).
@@ -423,11 +426,13 @@ fn launch_checks_are_recorded_and_gate_the_cutover() {
     ));
     assert_eq!(state(&rig, "web"), "cutting_over");
     // A retried request changes nothing.
+    let steps = history(&rig, "web").len();
     assert_success(&operator(
         &rig,
         &["cutover", "--source", "web", "--no-wait"],
     ));
-    assert_eq!(history(&rig, "web").last().unwrap().to, "cutting_over");
+    assert_eq!(history(&rig, "web").len(), steps);
+    assert_eq!(state(&rig, "web"), "cutting_over");
     let (_, metrics) = admin_request(rig.admin(), "GET", "/metrics", None);
     assert!(
         metrics.contains("blockrep_launch_checks_failed_total 1")
@@ -435,6 +440,29 @@ fn launch_checks_are_recorded_and_gate_the_cutover() {
                 "blockrep_source_migration_state{source=\"web\",state=\"cutting_over\"} 1"
             ),
         "{metrics}"
+    );
+    // A check is killed at its time-out with all it started, and one that
+    // leaves a process behind does not hold the run.
+    let started = std::time::Instant::now();
+    let slow = launch_web(
+        &rig,
+        &snapshot,
+        "slow",
+        &["--check", "sleep 60", "--check-timeout", "1s"],
+    );
+    assert!(!slow.status.success());
+    assert!(stderr(&slow).contains("killed after"), "{}", stderr(&slow));
+    let left = launch_web(
+        &rig,
+        &snapshot,
+        "left",
+        &["--check", "sleep 60 & echo started"],
+    );
+    assert_success(&left);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
     );
 }
 

@@ -67,28 +67,33 @@ impl Closers {
 /// insertion bumps the source's generation).
 #[derive(Debug, Default)]
 pub(crate) struct Followed {
-    sources: Mutex<BTreeMap<blockrep_core::SourceId, u64>>,
+    sources: Mutex<(u64, BTreeMap<blockrep_core::SourceId, u64>)>,
 }
 
 impl Followed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<blockrep_core::SourceId, u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, BTreeMap<blockrep_core::SourceId, u64>)> {
         self.sources.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The source's generation, if it has standbys to move.
     pub(crate) fn generation(&self, source: &blockrep_core::SourceId) -> Option<u64> {
-        self.lock().get(source).copied()
+        self.lock().1.get(source).copied()
     }
 
+    /// Adds the source under a generation no insertion ever had before (one
+    /// counter for all, never reset), so an older pass cannot remove it.
     pub(crate) fn insert(&self, source: blockrep_core::SourceId) {
-        *self.lock().entry(source).or_default() += 1;
+        let mut guard = self.lock();
+        let (next, sources) = &mut *guard;
+        *next += 1;
+        sources.insert(source, *next);
     }
 
     /// Drops the source unless a standby was made since `generation`.
     pub(crate) fn remove_if_unchanged(&self, source: &blockrep_core::SourceId, generation: u64) {
-        let mut sources = self.lock();
-        if sources.get(source) == Some(&generation) {
-            sources.remove(source);
+        let mut guard = self.lock();
+        if guard.1.get(source) == Some(&generation) {
+            guard.1.remove(source);
         }
     }
 }

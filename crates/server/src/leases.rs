@@ -44,6 +44,8 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
                 "serving the source under its lease"
             );
             let now = now_unix_ms();
+            // Not under a step being recorded here.
+            let _serial = shared.migration_lock.lock().await;
             shared.ledger.sources.update(source, |record| {
                 if let Some(head) = &head
                     && head.epoch != record.epoch
@@ -61,6 +63,11 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
                 if let Some(last) = migration {
                     record.migration = Some(last.to);
                     record.migration_since_unix_ms = last.unix_ms;
+                    // A cutover requested through another server is still
+                    // requested; one it reset is not.
+                    record.cutover_requested = last.to
+                        == blockrep_store::MigrationState::CuttingOver
+                        && record.lifecycle.is_none();
                 }
             });
             Ok(())

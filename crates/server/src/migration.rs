@@ -254,6 +254,22 @@ pub(crate) async fn apply_locked(
         .await?;
         from = MigrationState::ReadyForTest;
     }
+    // A cutover is recorded only while the fence it records stands: a
+    // reset made since (its step came first) must not be undone by it.
+    if let Step::CutoverDone { epoch, launch } = &step {
+        let standing = shared
+            .ledger
+            .sources
+            .update_known(source, |r| {
+                r.lifecycle
+                    .as_ref()
+                    .is_some_and(|l| l.epoch == *epoch && l.launch == *launch)
+            })
+            .unwrap_or(false);
+        if !standing {
+            return Ok(None);
+        }
+    }
     let gated = matches!(step, Step::MarkReady | Step::CutoverRequested);
     let blocking = match gated {
         true => blocking_checks(shared, source).await?,
@@ -332,7 +348,7 @@ async fn record(
 pub(crate) async fn clear_failed_checks(shared: &Arc<Shared>, source: &SourceId) {
     let store = Arc::clone(&shared.store);
     let id = source.clone();
-    match tokio::task::spawn_blocking(move || store.set_failed_checks(&id, &[])).await {
+    match tokio::task::spawn_blocking(move || store.update_failed_checks(&id, Vec::clear)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(source = %source, error = %e, "cannot clear the failed checks"),
         Err(e) => warn!(source = %source, error = %e, "cannot clear the failed checks"),
@@ -356,6 +372,11 @@ pub(crate) const SERVER: &str = "server";
 /// recorded).
 pub(crate) async fn reconcile(shared: Arc<Shared>) {
     use MigrationState::*;
+    // In a shared bucket another server may hold a source and be between
+    // the two writes right now: its records are its own to mend.
+    if shared.config.bucket.is_some() {
+        return;
+    }
     for (source, record) in shared.ledger.sources.records() {
         let state = record.migration_recorded();
         let step = match (&record.lifecycle, state) {
@@ -414,9 +435,15 @@ async fn blocking_checks(shared: &Arc<Shared>, source: &SourceId) -> Result<Vec<
         }
         // Failures of launches deleted since (by hand, or at their expiry)
         // still stand until a later test passes or a step is forced.
-        for (launch, check) in store.failed_checks(&id)? {
-            if !launches.iter().any(|l| l.name == launch) {
-                out.push(format!("launch {launch} (deleted): {check} failed"));
+        for failed in store.failed_checks(&id)? {
+            let same = |l: &&blockrep_store::LaunchInfo| {
+                l.name == failed.launch && l.created_unix_ms == failed.launch_created_unix_ms
+            };
+            if !launches.iter().any(|l| same(&l)) {
+                out.push(format!(
+                    "launch {} (deleted): {} failed",
+                    failed.launch, failed.check
+                ));
             }
         }
         Ok(out)

@@ -157,6 +157,9 @@ pub(crate) async fn finalize(
 ) -> Result<Response, ApiError> {
     let source = known(&shared, &source)?;
     let serial = shared.migration_lock.lock().await;
+    // And the lifecycle's, in the order a reset takes them: a failback
+    // cannot start between the check of the fence below and the record.
+    let _fence = shared.lifecycle_lock.lock().await;
     let state = crate::migration::current(&shared, &source);
     if let crate::migration::Decision::Refuse(why) =
         crate::migration::decide(&source, state, &Step::Finalize, &[], false)
@@ -385,16 +388,20 @@ pub(crate) async fn record_check(
         let workflow = store.update_launch_workflow(&launch, |w| w.record(recorded))?;
         // A failed must-succeed check gates the source even once its launch
         // is gone; a pass of the same check answers it.
-        let mut failed = store.failed_checks(&info.source)?;
-        let entry = (launch.clone(), name);
-        let known = failed.contains(&entry);
-        if workflow.must_succeed && !passed && !known {
-            failed.push(entry);
-            store.set_failed_checks(&info.source, &failed)?;
-        } else if passed && known {
-            failed.retain(|f| *f != entry);
-            store.set_failed_checks(&info.source, &failed)?;
-        }
+        let entry = blockrep_store::FailedCheck {
+            launch: launch.clone(),
+            launch_created_unix_ms: info.created_unix_ms,
+            check: name,
+        };
+        let must_succeed = workflow.must_succeed;
+        store.update_failed_checks(&info.source, |failed| {
+            let known = failed.contains(&entry);
+            if must_succeed && !passed && !known {
+                failed.push(entry);
+            } else if passed {
+                failed.retain(|f| *f != entry);
+            }
+        })?;
         Ok(Some((info, workflow)))
     })
     .await?

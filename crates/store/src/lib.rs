@@ -157,8 +157,8 @@ pub use launch::{
 pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
 pub use machine::VolumeCommit;
 pub use migration::{
-    FAILED_CHECKS_MAX, MIGRATION_BY_MAX_BYTES, MIGRATION_EVENTS_KEPT, MIGRATION_NOTE_MAX_BYTES,
-    MigrationChange, MigrationEvent, MigrationState,
+    FAILED_CHECKS_MAX, FailedCheck, MIGRATION_BY_MAX_BYTES, MIGRATION_EVENTS_KEPT,
+    MIGRATION_NOTE_MAX_BYTES, MigrationChange, MigrationEvent, MigrationState,
 };
 pub use retention::{RETENTION_TIERS_MAX, RetentionPolicy, RetentionTier};
 pub use snapshot::{Snapshot, SnapshotKind};

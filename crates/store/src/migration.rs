@@ -265,19 +265,30 @@ impl Store {
     }
 }
 
-/// Most failed must-succeed checks a source keeps.
+/// Most failed must-succeed checks a source keeps; past it, new failures
+/// are not added (those kept still gate the source).
 pub const FAILED_CHECKS_MAX: usize = 256;
 
-const FAILED_MAGIC: &str = "blockrep failed-checks v1";
+const FAILED_MAGIC: &str = "blockrep failed-checks v2";
+
+/// A must-succeed check that failed: the launch (by name and creation
+/// time, so a launch made again under the name is another one) and the
+/// check's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedCheck {
+    pub launch: String,
+    pub launch_created_unix_ms: u64,
+    pub check: String,
+}
 
 impl Store {
     /// The must-succeed checks of the source's launches that failed and have
-    /// not been cleared (by a later passing test launch, or a forced step),
-    /// as (launch, check); they gate the workflow even once their launch is
-    /// gone. File `DATA/sources/ID/failed-checks`.
-    pub fn failed_checks(&self, source: &SourceId) -> Result<Vec<(String, String)>, Error> {
+    /// not been cleared (by a later passing test launch, or a forced step);
+    /// they gate the workflow even once their launch is gone. File
+    /// `DATA/sources/ID/failed-checks`.
+    pub fn failed_checks(&self, source: &SourceId) -> Result<Vec<FailedCheck>, Error> {
         let path = self.source_dir(source).join("failed-checks");
-        let max = 64 + FAILED_CHECKS_MAX * (16 + 3 * 2 * 1024);
+        let max = 64 + FAILED_CHECKS_MAX * (40 + 3 * 2 * 1024);
         let Some(bytes) = read_small_file(self.vfs(), &path, max)? else {
             return Ok(Vec::new());
         };
@@ -285,9 +296,13 @@ impl Store {
         let mut out = Vec::new();
         for line in textrec::open(&what, FAILED_MAGIC, &bytes)? {
             let parsed = match line.split(' ').collect::<Vec<_>>().as_slice() {
-                ["failed", launch, check] => {
-                    textrec::unescape(launch).zip(textrec::unescape(check))
-                }
+                ["failed", launch, created, check] => (|| {
+                    Some(FailedCheck {
+                        launch: textrec::unescape(launch)?,
+                        launch_created_unix_ms: created.parse().ok()?,
+                        check: textrec::unescape(check)?,
+                    })
+                })(),
                 _ => None,
             };
             out.push(parsed.ok_or_else(|| {
@@ -297,13 +312,23 @@ impl Store {
         Ok(out)
     }
 
-    /// Durably replaces the source's failed checks (none: the file goes).
-    pub fn set_failed_checks(
+    /// Changes the source's failed checks with `change`, durably, under the
+    /// catalog lock (reports of several checks may arrive at once); none
+    /// left removes the file.
+    pub fn update_failed_checks(
         &self,
         source: &SourceId,
-        failed: &[(String, String)],
+        change: impl FnOnce(&mut Vec<FailedCheck>),
     ) -> Result<(), Error> {
         self.check_writable()?;
+        let _guard = crate::mutex::lock(&self.catalog.lock);
+        let mut failed = self.failed_checks(source)?;
+        let before = failed.clone();
+        change(&mut failed);
+        failed.truncate(FAILED_CHECKS_MAX.max(before.len()));
+        if failed == before {
+            return Ok(());
+        }
         let dir = self.source_dir(source);
         let path = dir.join("failed-checks");
         if failed.is_empty() {
@@ -315,14 +340,12 @@ impl Store {
         }
         let lines: Vec<String> = failed
             .iter()
-            .rev()
-            .take(FAILED_CHECKS_MAX)
-            .rev()
-            .map(|(launch, check)| {
+            .map(|f| {
                 format!(
-                    "failed {} {}",
-                    textrec::escape(&textrec::truncate(launch, 1024)),
-                    textrec::escape(&textrec::truncate(check, 1024))
+                    "failed {} {} {}",
+                    textrec::escape(&textrec::truncate(&f.launch, 1024)),
+                    f.launch_created_unix_ms,
+                    textrec::escape(&textrec::truncate(&f.check, 1024))
                 )
             })
             .collect();
@@ -391,15 +414,33 @@ mod tests {
         let (_dir, store) = temp_store();
         let source = SourceId::new("web").unwrap();
         assert!(store.failed_checks(&source).unwrap().is_empty());
-        let failed = vec![
-            ("drill 1".to_owned(), "boot".to_owned()),
-            ("d2".into(), "cmd1".into()),
-        ];
-        store.set_failed_checks(&source, &failed).unwrap();
-        assert_eq!(store.failed_checks(&source).unwrap(), failed);
-        store.set_failed_checks(&source, &[]).unwrap();
+        let failed = FailedCheck {
+            launch: "drill 1".into(),
+            launch_created_unix_ms: 7,
+            check: "boot".into(),
+        };
+        store
+            .update_failed_checks(&source, |f| f.push(failed.clone()))
+            .unwrap();
+        assert_eq!(store.failed_checks(&source).unwrap(), vec![failed]);
+        // Full: new failures are not added, the kept ones stay.
+        store
+            .update_failed_checks(&source, |f| {
+                for n in 0..FAILED_CHECKS_MAX + 5 {
+                    f.push(FailedCheck {
+                        launch: format!("d{n}"),
+                        launch_created_unix_ms: 1,
+                        check: "cmd1".into(),
+                    });
+                }
+            })
+            .unwrap();
+        let kept = store.failed_checks(&source).unwrap();
+        assert_eq!(kept.len(), FAILED_CHECKS_MAX);
+        assert_eq!(kept[0].launch, "drill 1");
+        store.update_failed_checks(&source, Vec::clear).unwrap();
         assert!(store.failed_checks(&source).unwrap().is_empty());
-        store.set_failed_checks(&source, &[]).unwrap();
+        store.update_failed_checks(&source, Vec::clear).unwrap();
     }
 
     #[test]

@@ -194,11 +194,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             total_ms,
         }) = self.read(self.shared.config.handshake_timeout).await
         {
+            let written = lifecycle.clone();
             lifecycle.downtime.hook_ms = hook_ms;
             lifecycle.downtime.scan_ms = scan_ms;
             lifecycle.downtime.transfer_ms = transfer_ms;
             lifecycle.downtime.total_ms = total_ms;
-            self.persist_lifecycle(&lifecycle).await?;
+            // Only onto the record written above: an operator's reset made
+            // since (the agent may have left already) is not undone.
+            crate::lifecycle::write_if(&self.shared, &self.source, Some(&written), &lifecycle)
+                .await
+                .map_err(internal)?;
             info!(source = %self.source, hook_ms, scan_ms, transfer_ms, commit_ms = lifecycle.downtime.commit_ms,
                   launch_ms, downtime_ms = total_ms, "cutover downtime");
         }

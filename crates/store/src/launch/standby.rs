@@ -76,7 +76,11 @@ impl Store {
             .followed
             .is_none_or(|(_, followed)| epoch > followed)
             && epoch > info.base_epoch;
-        if info.root == root || !head.initial_sync_done() || !newer {
+        // Only a head that is itself a complete pass: an intermediate step
+        // of a large epoch mixes the last pass with part of a scan.
+        let complete = head.initial_sync_done()
+            && head.synced_scan_started_unix_ms == head.scan_started_unix_ms;
+        if info.root == root || !complete || !newer {
             return Ok(Rebased::Unchanged);
         }
         if open {
