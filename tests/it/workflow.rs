@@ -531,6 +531,8 @@ fn a_warm_standby_follows_until_it_is_written() {
         .output()
         .unwrap();
     assert_success(&written);
+    // From the moment its write is flushed, it says it no longer follows.
+    assert!(!launch_view(&rig, "standby").following);
     std::fs::write(&disk, mixed_image(4 << 20, 20)).unwrap();
     assert_success(&agent_once(&disk, rig.server.addr, "web", &tls, &[]));
     let stopped = wait_until(Duration::from_secs(20), || {

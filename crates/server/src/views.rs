@@ -145,7 +145,7 @@ impl LaunchView {
             must_succeed: workflow.must_succeed,
             expected_checks: workflow.expected_checks.clone(),
             checks: workflow.checks.iter().map(CheckView::from).collect(),
-            following: workflow.follow,
+            following: workflow.follow && unwritten(info, workflow),
             followed_epoch: workflow.followed.map(|(_, epoch)| epoch),
             volumes: volumes
                 .iter()
@@ -170,6 +170,14 @@ impl LaunchView {
                 .map(|endpoint| endpoint.uri(&info.name)),
         }
     }
+}
+
+/// Whether a standby's head is still where the server last put it: a flush
+/// of a client's writes moved it, and from that moment it no longer follows
+/// (its record says so at the source's next commit).
+fn unwritten(info: &LaunchInfo, workflow: &LaunchWorkflow) -> bool {
+    let followed = workflow.followed.map_or(info.base_root, |(root, _)| root);
+    info.root == followed || Some(info.root) == workflow.following_to
 }
 
 /// Body of `POST /v1/snapshots`.
