@@ -56,7 +56,10 @@ fn the_compression_controller_settles_on_a_slow_and_a_fast_link() {
         server.addr,
         "slow",
         pki.path(),
-        &["--max-rate", "32MiB/s"],
+        // Far below zstd's pace even on a machine busy with other tests
+        // (a 2-core runner booting a VM beside it measured zstd under
+        // 32 MiB/s once): compression must win by a wide margin here.
+        &["--max-rate", "8MiB/s"],
     );
     assert_success(&slow);
     assert_eq!(field(&slow, "compression"), "on", "{}", stdout(&slow));
