@@ -93,7 +93,9 @@ pub(crate) enum Command {
     /// Keys of encryption at rest: make a KEK, list data keys, rotate them.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Sources of a stopped server's store: delete one (and shred its keys).
+    /// Sources: their migration workflow (mark-ready, finalize, archive,
+    /// history; admin API), and, in a stopped server's store, deletion (and
+    /// shredding of keys) and conversion to encryption at rest.
     #[command(subcommand)]
     Source(SourceCommand),
 }
@@ -233,6 +235,7 @@ pub(crate) enum SnapshotCommand {
 pub(crate) enum LaunchCommand {
     /// Make a writable launch volume from a snapshot; it is served over NBD under its name.
     Create {
+        /// Source whose snapshot is launched.
         #[arg(long)]
         source: String,
         /// Snapshot to launch from.
@@ -303,7 +306,8 @@ pub(crate) struct LaunchCheckArgs {
     #[arg(long, requires = "boot_expect")]
     pub(crate) check_boot: bool,
     /// The kernel --check-boot boots (default: BLOCKREP_DRILL_KERNEL, else
-    /// /var/lib/blockrep/drill/vmlinuz, as `scripts/drill-kernel.sh` makes it).
+    /// /var/lib/blockrep/drill/vmlinux, or vmlinuz where there is no
+    /// vmlinux, as `scripts/drill-kernel.sh` makes them).
     #[arg(long, value_name = "PATH")]
     pub(crate) boot_kernel: Option<PathBuf>,
     /// The initrd --check-boot boots (default: BLOCKREP_DRILL_INITRD, else
