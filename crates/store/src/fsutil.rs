@@ -162,6 +162,24 @@ pub(crate) fn remove_leftover(vfs: &dyn Vfs, dir: &Path) -> Result<(), Error> {
     }
 }
 
+/// Removes file `name` of `dir` durably: returns only once the directory no
+/// longer names it after a power loss, also when the file is already gone
+/// (an earlier attempt may have removed it and then failed to fsync the
+/// directory, and the file would come back). A missing `dir` is nothing to do.
+pub(crate) fn remove_file_durable(vfs: &dyn Vfs, dir: &Path, name: &str) -> Result<(), Error> {
+    let path = dir.join(name);
+    match vfs.remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !vfs.is_dir(dir) {
+                return Ok(());
+            }
+        }
+        Err(e) => return Err(Error::io(format!("cannot remove {}", path.display()), e)),
+    }
+    sync_dir(vfs, dir)
+}
+
 /// Deletes directory `name` of `parent` as one step a crash either did or
 /// did not make: renamed to a hidden `.NAME.deleting` (a leftover of an
 /// earlier try removed first), the rename made durable, then removed.

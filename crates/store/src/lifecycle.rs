@@ -8,7 +8,7 @@
 use blockrep_core::{ChunkId, SourceId};
 
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, sync_dir};
+use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, remove_file_durable};
 use crate::store::Store;
 
 use crate::format::{
@@ -165,22 +165,7 @@ impl Store {
     /// fsync the directory, and the record would come back at a power loss.
     pub fn clear_lifecycle(&self, source: &SourceId) -> Result<(), Error> {
         self.check_writable()?;
-        let dir = self.source_dir(source);
-        match self.vfs().remove_file(&dir.join("lifecycle")) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if !self.vfs().is_dir(&dir) {
-                    return Ok(());
-                }
-            }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("cannot remove the lifecycle record of {source}"),
-                    e,
-                ));
-            }
-        }
-        sync_dir(self.vfs(), &dir)
+        remove_file_durable(self.vfs(), &self.source_dir(source), "lifecycle")
     }
 }
 

@@ -332,11 +332,7 @@ impl Store {
         let dir = self.source_dir(source);
         let path = dir.join("failed-checks");
         if failed.is_empty() {
-            return match self.vfs().remove_file(&path) {
-                Ok(()) => crate::fsutil::sync_dir(self.vfs(), &dir),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::io(format!("cannot remove {}", path.display()), e)),
-            };
+            return crate::fsutil::remove_file_durable(self.vfs(), &dir, "failed-checks");
         }
         let lines: Vec<String> = failed
             .iter()
