@@ -15,9 +15,6 @@ use blockrep_server::CheckView;
 
 use crate::cli::{BootAccel, LaunchCheckArgs};
 
-/// Most output kept from a check (the end of it).
-const OUTPUT_TAIL_BYTES: usize = 4096;
-
 /// Where `scripts/drill-kernel.sh` puts the default drill kernel.
 const DRILL_DIR: &str = "/var/lib/blockrep/drill";
 
@@ -128,7 +125,8 @@ fn timed(name: &str, command: &str, check: impl FnOnce() -> Found) -> CheckView 
         exit_code: found.exit_code,
         duration_ms: started.elapsed().as_millis() as u64,
         finished_unix_ms: 0,
-        output_tail: tail(&found.output),
+        // Cut as the launch keeps it, so a check's report stays small.
+        output_tail: blockrep_store::check_output_tail(&found.output),
     }
 }
 
@@ -138,14 +136,6 @@ fn failed(why: impl Into<String>) -> Found {
         exit_code: None,
         output: why.into(),
     }
-}
-
-fn tail(text: &str) -> String {
-    let mut start = text.len().saturating_sub(OUTPUT_TAIL_BYTES);
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    text[start..].to_owned()
 }
 
 /// The launch in a check's environment.
@@ -226,37 +216,18 @@ fn exited(child: &Child) -> bool {
         .is_none_or(|state| state == "Z" || state == "X")
 }
 
-/// Reads a child's stdout and stderr to their ends on threads of their own
-/// (so neither pipe fills and stalls it); the receiver gets both, merged,
-/// once both ended.
+/// A child's stdout and stderr, read to their ends (so neither pipe fills
+/// and stalls it) and merged line by line; the receiver gets them once both
+/// ended.
 fn collect_output(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
-    let readers: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|mut pipe| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-    })
-    .collect();
+    let lines = collect_lines(child);
     let (done, received) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let merged = readers
-            .into_iter()
-            .map(|r| r.join().unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("");
+        let mut merged = String::new();
+        for (_, line) in lines {
+            merged.push_str(&line);
+            merged.push('\n');
+        }
         let _ = done.send(merged);
     });
     received
@@ -437,9 +408,15 @@ fn collect_lines(child: &mut Child) -> std::sync::mpsc::Receiver<(bool, String)>
         let lines = lines.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                if lines.send((from_console, line)).is_err() {
+            // Bytes, not `lines()`: output that is not UTF-8 must not stop
+            // the reading (the pipe would fill and stall the child).
+            let mut pipe = std::io::BufReader::new(pipe);
+            let mut line = Vec::new();
+            while matches!(pipe.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches('\n').to_owned();
+                line.clear();
+                if lines.send((from_console, text)).is_err() {
                     break;
                 }
             }

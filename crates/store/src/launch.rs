@@ -47,7 +47,7 @@ pub use standby::Rebased;
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
 pub use workflow::{
     CHECK_OUTPUT_TAIL_MAX_BYTES, CHECK_TEXT_MAX_BYTES, LAUNCH_CHECKS_MAX, LaunchCheck,
-    LaunchWorkflow,
+    LaunchWorkflow, check_output_tail,
 };
 
 /// What a launch is for.

@@ -112,7 +112,7 @@ impl LaunchWorkflow {
         let check = LaunchCheck {
             name: textrec::truncate(&check.name, CHECK_TEXT_MAX_BYTES),
             command: textrec::truncate(&check.command, CHECK_TEXT_MAX_BYTES),
-            output_tail: tail(&check.output_tail, CHECK_OUTPUT_TAIL_MAX_BYTES),
+            output_tail: check_output_tail(&check.output_tail),
             ..check
         };
         if let Some(old) = self.checks.iter_mut().find(|c| c.name == check.name) {
@@ -223,24 +223,15 @@ impl LaunchWorkflow {
     }
 }
 
-/// A chunk id from its 64 hex digits.
+/// A chunk id from its 64 hex digits ([`ChunkId::to_hex`]'s form).
 fn parse_id(hex: &str) -> Option<ChunkId> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut id = [0u8; 32];
-    for (at, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * at..2 * at + 2)?, 16).ok()?;
-    }
-    Some(ChunkId(id))
+    blake3::Hash::from_hex(hex).ok().map(ChunkId::from)
 }
 
-/// The last `max_bytes` of `text`, at a character boundary.
-fn tail(text: &str, max_bytes: usize) -> String {
-    if text.len() <= max_bytes {
-        return text.to_owned();
-    }
-    let mut start = text.len() - max_bytes;
+/// The end of a check's output that a launch keeps: its last
+/// [`CHECK_OUTPUT_TAIL_MAX_BYTES`], at a character boundary.
+pub fn check_output_tail(text: &str) -> String {
+    let mut start = text.len().saturating_sub(CHECK_OUTPUT_TAIL_MAX_BYTES);
     while !text.is_char_boundary(start) {
         start += 1;
     }
