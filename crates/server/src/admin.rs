@@ -220,17 +220,14 @@ async fn reset_source(
     let source = parse_source(&source)?;
     // Under the workflow's lock: a finalize cannot slip in between.
     let serial = shared.migration_lock.lock().await;
-    // A finalized source's replication is released for good.
+    // Decided before the fence is touched (a finalized source's replication
+    // is released for good); recorded after it is lifted.
     let state = crate::migration::current(&shared, &source);
-    if matches!(
-        state,
-        blockrep_store::MigrationState::Finalized | blockrep_store::MigrationState::Archived
-    ) {
-        return Err(error(
-            StatusCode::CONFLICT,
-            format!("source {source} is {state}: its replication was released; it cannot resume"),
-        )
-        .into());
+    let step = crate::migration::Step::Reset;
+    if let crate::migration::Decision::Refuse(why) =
+        crate::migration::decide(&source, state, &step, &[], false)
+    {
+        return Err(error(StatusCode::CONFLICT, why).into());
     }
     // Serialized with the lifecycle writes of sessions (cutover, failback).
     match crate::lifecycle::reset(&shared, &source).await {
@@ -244,16 +241,9 @@ async fn reset_source(
         }
     }
     let by = crate::workflow_api::who(&shared, &headers);
-    crate::migration::apply_locked(
-        &shared,
-        &serial,
-        &source,
-        crate::migration::Step::Reset,
-        &by,
-        false,
-    )
-    .await
-    .map_err(crate::workflow_api::refused)?;
+    crate::migration::apply_locked(&shared, &serial, &source, step, &by, false)
+        .await
+        .map_err(crate::workflow_api::refused)?;
     drop(serial);
     info!(source = %source, "source reset: replication allowed again");
     Ok(Json(json!({ "source": source.as_str(), "reset": true })).into_response())

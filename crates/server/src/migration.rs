@@ -202,8 +202,7 @@ pub(crate) fn current(shared: &Shared, source: &SourceId) -> MigrationState {
     shared
         .ledger
         .sources
-        .update_known(source, |r| r.migration)
-        .flatten()
+        .update_known(source, |r| r.migration_recorded())
         .unwrap_or(MigrationState::NotReady)
 }
 

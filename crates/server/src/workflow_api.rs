@@ -131,17 +131,21 @@ pub(crate) async fn mark_ready(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let source = known(&shared, &source)?;
     let force = force_of(&body)?;
-    let event = step(
-        &shared,
-        &source,
-        Step::MarkReady,
-        &who(&shared, &headers),
-        force,
-    )
-    .await?;
-    Ok(stepped(&source, &shared, event))
+    operator_step(&shared, &source, &headers, Step::MarkReady, force).await
+}
+
+/// An operator's step on a known source, answered with its state and event.
+async fn operator_step(
+    shared: &Arc<Shared>,
+    source: &str,
+    headers: &HeaderMap,
+    operator: Step,
+    force: bool,
+) -> Result<Response, ApiError> {
+    let source = known(shared, source)?;
+    let event = step(shared, &source, operator, &who(shared, headers), force).await?;
+    Ok(stepped(&source, shared, event))
 }
 
 /// `POST /v1/sources/{source}/finalize`: releases the source's snapshots
@@ -233,16 +237,7 @@ pub(crate) async fn archive(
     Path(source): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let source = known(&shared, &source)?;
-    let event = step(
-        &shared,
-        &source,
-        Step::Archive,
-        &who(&shared, &headers),
-        false,
-    )
-    .await?;
-    Ok(stepped(&source, &shared, event))
+    operator_step(&shared, &source, &headers, Step::Archive, false).await
 }
 
 /// One transition, as the API shows it.
