@@ -589,3 +589,28 @@ fn a_silent_agent_shows_its_source_disconnected_until_it_is_back() {
     agent.stop();
     assert!(back, "web is {}", state(&rig, "web"));
 }
+
+#[test]
+fn the_servers_default_ttl_expires_a_test_launch_made_without_one() {
+    let rig = rig(
+        &["web"],
+        &[
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--retention",
+            "off",
+            "--test-launch-ttl",
+            "2s",
+        ],
+    );
+    let (_, snapshot) = synced_web(&rig, 6);
+    assert_success(&launch_web(&rig, &snapshot, "drill", &[]));
+    let drill = launch_view(&rig, "drill");
+    let expires = drill.expires_unix_ms.expect("the server's TTL applies");
+    assert!(expires > drill.created_unix_ms && expires <= drill.created_unix_ms + 3_000);
+    let gone = wait_until(Duration::from_secs(20), || {
+        let (_, body) = admin_request(rig.admin(), "GET", "/v1/launches", None);
+        body.trim() == "[]"
+    });
+    assert!(gone, "the test launch outlived the server's TTL");
+}
