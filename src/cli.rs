@@ -281,6 +281,17 @@ pub(crate) enum LaunchCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Fold what clients wrote to a launch into the store now, and move its
+    /// head there (the server also does this in the background, every
+    /// --launch-fold-interval). Writes are durable at each flush either way;
+    /// a fold makes them part of the launch's root, for tools that read the
+    /// store without a server.
+    Fold {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 /// Checks run on a launch once it is served (post-launch actions). They run

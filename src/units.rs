@@ -30,6 +30,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// `off` (`None`), or a duration as [`parse_duration`] reads it.
+pub(crate) fn parse_off_or_duration(text: &str) -> Result<Option<std::time::Duration>, String> {
+    match text {
+        "off" => Ok(None),
+        text => parse_duration(text).map(Some),
+    }
+}
+
 /// Parses a duration: a number with `ms`, `s`, `m`, `h` or `d` (default seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

@@ -115,6 +115,17 @@ pub(crate) struct ServerArgs {
     /// memory.
     #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = units::parse_size)]
     pub(crate) index_memory: u64,
+    /// Memory for decoded chunks that launch volumes read from the replica
+    /// (shared by every launch; 0 turns the cache off). A random reader of a
+    /// launch decodes each chunk once while it stays in the cache.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = units::parse_size)]
+    pub(crate) launch_cache: u64,
+    /// How often what clients wrote to launch volumes is folded into the
+    /// store in the background (`off`: only when a root is needed: failback,
+    /// finalize, a standby's follow, `blockrep launch fold`). A flush makes
+    /// writes durable either way.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_off_or_duration)]
+    pub(crate) launch_fold_interval: Option<Duration>,
     /// A source with no agent contact for this long is `stalled`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     pub(crate) stall_after: Duration,

@@ -69,6 +69,18 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
                 })
                 .await
         }
+        LaunchCommand::Fold { name, admin } => {
+            let path = format!("/v1/launches/{name}/fold");
+            admin
+                .show("POST", &path, None, |v: serde_json::Value| {
+                    println!(
+                        "folded launch {name}: generation {} root {}",
+                        v["generation"],
+                        v["root"].as_str().unwrap_or("?")
+                    )
+                })
+                .await
+        }
         LaunchCommand::Delete { name, admin } => {
             let path = format!("/v1/launches/{name}");
             admin

@@ -48,6 +48,8 @@ pub(crate) async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Re
     config.nbd_connections_per_address_max = args.nbd_connections_per_address;
     config.retention_tick = args.retention_tick;
     config.test_launch_ttl = args.test_launch_ttl;
+    config.launch_cache_bytes = args.launch_cache;
+    config.launch_fold_interval = args.launch_fold_interval;
     let mut retention = None;
     if let Some(path) = &args.config {
         retention = server_settings(path)?;

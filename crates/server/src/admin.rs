@@ -62,6 +62,7 @@ pub(crate) fn router(shared: Arc<Shared>, guard: Arc<crate::admin_guard::AdminGu
         .route("/v1/snapshots/{source}/{name}", delete(delete_snapshot))
         .route("/v1/launches", get(list_launches).post(create_launch))
         .route("/v1/launches/{name}", delete(delete_launch))
+        .route("/v1/launches/{name}/fold", post(fold_launch))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             (Arc::clone(&shared), guard),
@@ -415,6 +416,26 @@ async fn create_launch(
         Json(LaunchView::new(&launch, &volumes, &workflow, nbd)),
     )
         .into_response())
+}
+
+/// `POST /v1/launches/NAME/fold`: what clients wrote goes into the store
+/// and the launch's head.
+async fn fold_launch(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let target = name.clone();
+    let info = blocking(&shared, move |store| {
+        store.fold_launch(&target, now_unix_ms())
+    })
+    .await?;
+    info!(launch = %name, generation = info.generation, "launch folded");
+    Ok(Json(json!({
+        "launch": name,
+        "generation": info.generation,
+        "root": info.root.to_string(),
+    }))
+    .into_response())
 }
 
 async fn delete_launch(

@@ -53,6 +53,13 @@ impl Closers {
         sender.send_replace(true);
     }
 
+    /// Whether `launch` is being closed (to be deleted).
+    pub(crate) fn is_closing(&self, launch: &str) -> bool {
+        self.lock()
+            .get(launch)
+            .is_some_and(|sender| *sender.borrow())
+    }
+
     /// Forgets `launch` (deleted, or its release gave up): a launch made
     /// again under the name starts open.
     pub(crate) fn forget(&self, launch: &str) {

@@ -33,6 +33,7 @@ mod closers;
 mod connection;
 mod drills;
 mod encryption;
+mod folding;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
@@ -180,6 +181,12 @@ pub struct ServerConfig {
     /// How long a test launch made without a TTL of its own lives (`None`:
     /// until deleted).
     pub test_launch_ttl: Option<Duration>,
+    /// Memory budget of the decoded chunk cache that every launch volume
+    /// reads its unwritten blocks through (0: none).
+    pub launch_cache_bytes: u64,
+    /// How often what clients wrote to launch volumes is folded into the
+    /// store in the background (`None`: only when a root is needed).
+    pub launch_fold_interval: Option<Duration>,
 }
 
 /// A store kept in an S3-compatible bucket.
@@ -239,6 +246,8 @@ impl ServerConfig {
             bucket: None,
             encryption: None,
             test_launch_ttl: None,
+            launch_cache_bytes: blockrep_store::CHUNK_CACHE_BYTES_DEFAULT,
+            launch_fold_interval: Some(crate::folding::FOLD_INTERVAL_DEFAULT),
         }
     }
 }

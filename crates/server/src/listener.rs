@@ -64,6 +64,7 @@ impl Server {
         let policy = config.retention.clone();
         let pack_size_max = config.pack_size_max_bytes;
         let index_memory = config.index_memory_bytes;
+        let launch_cache = config.launch_cache_bytes;
         let bucket = match &config.bucket {
             Some(b) => {
                 let bucket = blockrep_objects::Bucket::s3(&b.location, &b.service)
@@ -91,6 +92,7 @@ impl Server {
             if let Some(bytes) = pack_size_max {
                 store.set_pack_size_max_bytes(bytes);
             }
+            store.set_chunk_cache_bytes(launch_cache);
             // Before anything reads the store: an encrypted source's
             // blobs open only with its keys, and a KEK that cannot be
             // reached refuses the start.
@@ -292,6 +294,8 @@ impl Server {
         ))));
         let _stop_retention = AbortOnDrop(retention);
         let _stop_expiry = AbortOnDrop(tokio::spawn(crate::drills::run(Arc::clone(&self.shared))));
+        let _stop_folding =
+            AbortOnDrop(tokio::spawn(crate::folding::run(Arc::clone(&self.shared))));
         tokio::spawn(crate::migration::reconcile(Arc::clone(&self.shared)));
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);

@@ -339,7 +339,7 @@ impl Export for LaunchExport {
 
     fn flush(&self) -> io::Result<()> {
         self.check()?;
-        self.volume.flush(blockrep_core::clock::now_unix_ms())
+        self.volume.sync(blockrep_core::clock::now_unix_ms())
     }
 
     /// One volume object serves every connection to the same launch, behind one

@@ -191,8 +191,14 @@ pub(crate) async fn finalize(
     }
     let id = source.clone();
     let (snapshots, launches) = blocking(&shared, move |store| {
-        let launches: Vec<String> = store
-            .list_launches(Some(&id))?
+        let all = store.list_launches(Some(&id))?;
+        // The launches kept (the cutover launch, standbys) hold the
+        // source's disk from now on: what clients wrote to them goes into
+        // the store, so their heads name it.
+        for kept in all.iter().filter(|l| l.kind != LaunchKind::Test) {
+            store.fold_launch(&kept.name, blockrep_core::clock::now_unix_ms())?;
+        }
+        let launches: Vec<String> = all
             .into_iter()
             .filter(|l| l.kind == LaunchKind::Test)
             .map(|l| l.name)

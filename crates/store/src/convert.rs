@@ -75,6 +75,11 @@ impl Store {
                 ),
             ));
         }
+        // A launch's writes not yet folded are in clear in its overlay, and
+        // would stay so.
+        for info in self.read_launches(Some(source), false)? {
+            self.require_folded(&info.name)?;
+        }
         // The clear blobs end in sealed packs, which a collection compacts
         // (it never compacts the active one).
         self.blobs.seal_active_pack();

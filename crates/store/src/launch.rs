@@ -1,12 +1,23 @@
 //! Launch volumes: writable copy-on-write views of a snapshot.
 //!
-//! A launch starts as its base snapshot's root. Writes never touch that root, the
-//! snapshot or the source's head: a written chunk is patched in memory, hashed,
-//! and stored as a new blob, and only the launch's own list of chunk ids changes.
-//! [`LaunchVolume::flush`] stores the changed index pages and a new root, makes
-//! every blob durable, and only then moves the launch's head to that root. After
-//! a crash or restart the launch shows exactly its last flushed state. Launch
-//! names are global (not per source).
+//! A launch starts as its base snapshot's root. Writes never touch that root,
+//! the snapshot or the source's head. They go to the volume's overlay
+//! (`launch/overlay.rs`): 4 KiB blocks in a sparse file of this server, with
+//! no hashing and no store insert, durable at every flush
+//! ([`LaunchVolume::sync`], an NBD flush or FUA). Blocks not written are
+//! read from the launch's root through the store's decoded chunk cache
+//! (`chunk_cache.rs`).
+//!
+//! A fold ([`LaunchVolume::fold`], `launch/fold.rs`) moves the overlay into
+//! the content-addressed store: the written chunks are hashed and stored, the
+//! changed index pages and a new root too, every blob is made durable, and
+//! only then does the launch's head move to that root; the folded blocks
+//! leave the overlay after that. The server folds in the background and
+//! whenever a root is needed (failback, finalize, a standby's follow). After a
+//! crash or restart a launch shows its head with its overlay over it: every
+//! write a flush acknowledged. In a bucket, and for an encrypted source, a
+//! flush also folds (the overlay is this server's, and it holds plaintext).
+//! Launch names are global (not per source).
 //!
 //! # Files
 //!
@@ -15,9 +26,13 @@
 //! not at all; deletion renames it to `.NAME.deleting` before removing it.
 //!
 //! `meta` is written once at creation; `head` is published atomically at
-//! creation and by every flush that changed something. Their layouts are in
+//! creation and by every fold that changed something. A volume's overlay is
+//! in `DATA/overlays/` (see `launch/overlay.rs`), outside the launch's
+//! directory: it is this server's, never the bucket's. The layouts of `meta` and `head` are in
 //! `format.rs` (`LAUNCH_META_MAGIC`, `LAUNCH_HEAD_MAGIC`).
 
+mod fold;
+mod overlay;
 mod standby;
 mod volume;
 mod workflow;
@@ -43,6 +58,7 @@ use crate::fsutil::{
 use crate::mutex::lock;
 use crate::store::{Store, StoredRoot, choose_volume, single_volume};
 
+pub use overlay::OVERLAY_BLOCK_BYTES;
 pub use standby::Rebased;
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
 pub use workflow::{
@@ -426,6 +442,16 @@ impl Store {
             ));
         };
         remove_dir_durable(self.vfs(), &self.launches_dir(), name)?;
+        // What its volumes wrote since their last fold goes with it.
+        for (launch, volume) in self.launches_with_overlays()? {
+            if launch == name {
+                overlay::remove(&overlay::Overlay::dir_of(
+                    self.data_dir(),
+                    &launch,
+                    volume.as_deref(),
+                ))?;
+            }
+        }
         // A witness left behind would make a later clear launch of this name
         // read as replaced (an encrypted one replaces it): a failure here is
         // reported, and the witness file is then to be removed by hand.
@@ -504,7 +530,7 @@ impl Store {
             root,
             volume_name,
             key.clone(),
-        ));
+        )?);
         let erased: Arc<dyn Any + Send + Sync> = volume.clone();
         open.insert(key, Arc::downgrade(&erased));
         Ok(volume)
@@ -530,6 +556,78 @@ fn upgrade(entry: &Weak<dyn Any + Send + Sync>) -> Option<Arc<LaunchVolume>> {
 }
 
 impl Store {
+    /// Launches (and volumes, for a machine's) with an overlay on this
+    /// server: written since their last fold, or folded and not yet emptied.
+    pub fn launches_with_overlays(&self) -> Result<Vec<(String, Option<String>)>, Error> {
+        let dir = self.data_dir().join("overlays");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+            let Some(leaf) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            match leaf.split_once('@') {
+                Some((name, volume)) => out.push((name.to_owned(), Some(volume.to_owned()))),
+                None => out.push((leaf, None)),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Fails with `Invalid` when a volume of launch `name` holds writes not
+    /// yet folded into the store (for work that must see the whole launch in
+    /// the store with no server running); removes its empty overlays.
+    pub(crate) fn require_folded(&self, name: &str) -> Result<(), Error> {
+        for (launch, volume) in self.launches_with_overlays()? {
+            if launch != name {
+                continue;
+            }
+            let dir = overlay::Overlay::dir_of(self.data_dir(), &launch, volume.as_deref());
+            if overlay::mapped_blocks_in(&dir)? > 0 {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "launch {name} holds writes not yet folded into the store: start the \
+                         server (it folds them at start) or run `blockrep launch fold {name}`, \
+                         then try again"
+                    ),
+                ));
+            }
+            overlay::remove(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Folds every overlay of launch `name` into the store, so that its head
+    /// names everything written to it (see [`LaunchVolume::fold`]). Nothing
+    /// to do for a launch without one. Returns the launch as folded;
+    /// `NotFound` when it does not exist.
+    pub fn fold_launch(
+        self: &Arc<Self>,
+        name: &str,
+        now_unix_ms: u64,
+    ) -> Result<LaunchInfo, Error> {
+        validate_name("launch", name)?;
+        for (launch, volume) in self.launches_with_overlays()? {
+            if launch != name {
+                continue;
+            }
+            let opened = self.open_launch_volume(&launch, volume.as_deref())?;
+            opened
+                .fold(now_unix_ms)
+                .map_err(|e| Error::io(format!("cannot fold launch {name}"), e))?;
+        }
+        self.launch(name)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no launch named {name}")))
+    }
+
     /// Launch volumes open in this process.
     pub(crate) fn open_launch_volumes(&self) -> Vec<Arc<LaunchVolume>> {
         lock(&self.catalog.open_launches)

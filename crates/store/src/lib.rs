@@ -111,6 +111,7 @@ mod blob_read;
 mod blobs;
 mod bucket;
 mod catalog;
+mod chunk_cache;
 mod consistency;
 mod convert;
 mod delete;
@@ -146,13 +147,15 @@ pub use blobs::{
 };
 pub use blockrep_objects::LeaseRecord;
 pub use bucket::{BUCKET_CACHE_BYTES_DEFAULT, BucketOptions};
+pub use chunk_cache::{CHUNK_CACHE_BYTES_DEFAULT, ChunkCacheStats};
 pub use convert::SourceEncrypted;
 pub use delete::SourceDeleted;
 pub use error::{Error, ErrorKind};
 pub use head::Head;
 pub use launch::{
     CHECK_OUTPUT_TAIL_MAX_BYTES, CHECK_TEXT_MAX_BYTES, LAUNCH_CHECKS_MAX, LAUNCH_PAGES_CACHED_MAX,
-    LaunchCheck, LaunchInfo, LaunchKind, LaunchVolume, LaunchWorkflow, Rebased, check_output_tail,
+    LaunchCheck, LaunchInfo, LaunchKind, LaunchVolume, LaunchWorkflow, OVERLAY_BLOCK_BYTES,
+    Rebased, check_output_tail,
 };
 pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
 pub use machine::VolumeCommit;

@@ -84,6 +84,8 @@ pub struct Store {
     pub(crate) catalog: Catalog,
     /// The bucket, for a store kept in one (see `bucket/`).
     pub(crate) remote: Option<Arc<Remote>>,
+    /// Decoded chunks read by launch volumes (see `chunk_cache.rs`).
+    pub(crate) chunk_cache: crate::chunk_cache::ChunkCache,
 }
 
 impl Store {

@@ -62,7 +62,12 @@ impl Store {
             return Ok(Rebased::NotFollowing);
         }
         let followed = workflow.followed.map_or(info.base_root, |(root, _)| root);
-        if info.root != followed && Some(info.root) != workflow.following_to {
+        // A client's write makes an overlay before anything reaches the head.
+        let overlaid = self
+            .launches_with_overlays()?
+            .iter()
+            .any(|(launch, _)| launch == name);
+        if overlaid || (info.root != followed && Some(info.root) != workflow.following_to) {
             workflow.follow = false;
             workflow.following_to = None;
             self.write_workflow(name, &workflow)?;

@@ -1,78 +1,96 @@
-//! An open launch volume: reads and writes by byte range over a launch's
-//! chunk ids, with index pages and decoded chunks cached in memory, and the
-//! flush that stores what changed and moves the launch's head (see
-//! `launch.rs` for the guarantees).
+//! An open launch volume: reads and writes by byte range. Writes go to the
+//! volume's overlay (`overlay.rs`) at 4 KiB granularity; reads come from the
+//! overlay where written, else from the volume's root through the store's
+//! decoded chunk cache (`chunk_cache.rs`). A fold (`fold.rs`) moves the
+//! overlay into the store and the launch's head (see `launch.rs` for the
+//! guarantees).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, MachineRoot, Page, Root, VolumeName};
+use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Root, VolumeName};
 
-use crate::blobs::{BlobKind, StoredCodec};
 use crate::error::{Error, ErrorKind};
 use crate::mutex::lock;
 use crate::store::Store;
 
 use super::LaunchInfo;
+use super::overlay::{BlockState, OVERLAY_BLOCK_BYTES as BLOCK, Overlay, OverlayIo};
 
-/// Decoded chunks a volume keeps, so reading a chunk in small pieces decodes it
-/// once, and a partial write that follows a read needs no second decode.
-const CACHE_CHUNKS: usize = 4;
 /// Index pages without unflushed changes that an open launch volume keeps in
 /// memory (least recently used beyond that are dropped and read again from the
 /// flushed root when needed). A page holds 1024 chunk ids, 32 KiB, so this is
 /// 8 MiB per open volume and covers 16 GiB of disk at 64 KiB chunks: a client
 /// that reads a whole volume cannot make the server hold its whole index.
-/// Pages with unflushed writes are kept until the flush, since they exist
-/// nowhere else; they grow with what a client writes between flushes (32 bytes
-/// per written chunk, a 32 KiB page at most per 1024 chunks).
+/// Pages changed by a fold are kept until it publishes them.
 pub const LAUNCH_PAGES_CACHED_MAX: usize = 256;
+/// Chunks decoded ahead of a sequential reader.
+const READAHEAD_CHUNKS: u64 = 16;
 
-/// A launch opened for I/O. Every method takes `&self`; one mutex serializes the
-/// volume's operations. Offsets and lengths are in bytes and need no alignment.
+/// A launch opened for I/O. Every method takes `&self`; one mutex serializes
+/// the volume's reads and writes, held for one request at a time (a fold
+/// takes it for one chunk at a time). Offsets and lengths are in bytes and
+/// need no alignment.
 ///
 /// Writes are visible to reads at once and become durable with
-/// [`LaunchVolume::flush`]; a volume dropped without a flush loses its unflushed
-/// writes, exactly as a crash would.
+/// [`LaunchVolume::sync`] (an NBD flush); a volume dropped without one may
+/// lose its unsynced writes, exactly as a disk may at a crash.
 pub struct LaunchVolume {
-    store: Arc<Store>,
-    geometry: Geometry,
+    pub(super) store: Arc<Store>,
+    pub(super) geometry: Geometry,
     /// The volume's name in the launch's machine root; `None` when the launch
     /// is of a single disk (its head names the disk root itself).
-    volume: Option<VolumeName>,
+    pub(super) volume: Option<VolumeName>,
     /// Its key among the catalog's open launches.
     key: String,
-    state: Mutex<VolumeState>,
+    /// Where its overlay lives (created at the first write).
+    overlay_dir: PathBuf,
+    /// Whether a sync also folds: in a bucket (the overlay is local to this
+    /// server, and another may serve the source next) and for an encrypted
+    /// source (the overlay holds plaintext, so it is kept only until the
+    /// next flush).
+    pub(super) fold_on_sync: bool,
+    pub(super) state: Mutex<VolumeState>,
+    /// Held for a whole fold, so that folds do not interleave.
+    pub(super) fold_lock: Mutex<()>,
 }
 
 pub(super) struct VolumeState {
-    /// The launch as of the last flush.
-    info: LaunchInfo,
-    /// The root of the last flush: where unloaded pages are read from.
-    root: Root,
-    /// Index pages in memory (by page index), with any unflushed changes: the
-    /// dirty ones, and at most `clean_pages_max` clean ones.
-    pages: HashMap<usize, Vec<ChunkId>>,
+    /// The launch as of the last fold.
+    pub(super) info: LaunchInfo,
+    /// The root of the last fold: where unloaded pages are read from.
+    pub(super) root: Root,
+    /// Index pages in memory (by page index), with any changes of a fold
+    /// not yet published: the dirty ones, and at most `clean_pages_max`
+    /// clean ones.
+    pub(super) pages: HashMap<usize, Vec<ChunkId>>,
     /// When each page in `pages` was last used (a tick of `use_clock`), to
     /// drop the least recently used clean page first.
     page_used: HashMap<usize, u64>,
     /// Counts page uses.
     use_clock: u64,
     /// Clean pages kept; [`LAUNCH_PAGES_CACHED_MAX`] unless a test lowers it.
-    clean_pages_max: usize,
-    /// Pages whose ids changed since the last flush.
-    dirty_pages: BTreeSet<usize>,
-    /// The last decoded chunks, most recent first; keyed by id, so never stale.
-    cache: VecDeque<(ChunkId, Arc<[u8]>)>,
-    /// zstd level 1, as the agent uses; `None` if it could not be set up.
-    compressor: Option<zstd::bulk::Compressor<'static>>,
-    /// The data key of an encrypted source: written chunks get stored ids
+    pub(super) clean_pages_max: usize,
+    /// Pages whose ids a fold changed and has not published yet.
+    pub(super) dirty_pages: BTreeSet<usize>,
+    /// What clients wrote since the last fold; `None` until the first write.
+    pub(super) overlay: Option<Overlay>,
+    /// Writes so far, to number them.
+    pub(super) writes: u64,
+    /// The number of the last write to each chunk written since it was last
+    /// folded, so that a fold tells a chunk written while it was folded.
+    pub(super) chunk_writes: HashMap<u64, u64>,
+    /// Where the last read ended, to see a sequential reader.
+    last_read_end: u64,
+    /// The data key of an encrypted source: folded chunks get stored ids
     /// and every blob of the launch is sealed, as the source's are.
-    sealer: Option<Arc<blockrep_keys::Sealer>>,
-    /// The source's id space: written chunks are named in it.
-    space: blockrep_core::IdSpace,
-    /// Chunk blobs read from the store (cache misses), for tests and debugging.
+    pub(super) sealer: Option<Arc<blockrep_keys::Sealer>>,
+    /// The source's id space: folded chunks are named in it.
+    pub(super) space: blockrep_core::IdSpace,
+    /// Chunk blobs this volume read from the store (cache misses), for
+    /// tests and debugging.
     pub(super) chunk_reads: u64,
 }
 
@@ -88,40 +106,6 @@ impl std::fmt::Debug for LaunchVolume {
     }
 }
 
-/// The part of one chunk that a byte range covers.
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    chunk_index: u64,
-    start_in_chunk: usize,
-    len: usize,
-    /// Offset of the piece from the start of the range.
-    start_in_range: u64,
-}
-
-/// Splits `offset..offset + len` (already checked against the disk size) at chunk
-/// boundaries.
-fn pieces(geometry: Geometry, offset: u64, len: u64) -> impl Iterator<Item = Piece> {
-    let chunk_size = u64::from(geometry.chunk_size_bytes());
-    let end = offset + len;
-    let mut position = offset;
-    std::iter::from_fn(move || {
-        if position >= end {
-            return None;
-        }
-        let start_in_chunk = position % chunk_size;
-        let piece_len = (chunk_size - start_in_chunk).min(end - position);
-        let piece = Piece {
-            chunk_index: position / chunk_size,
-            // Both below the chunk size, a u32.
-            start_in_chunk: start_in_chunk as usize,
-            len: piece_len as usize,
-            start_in_range: position - offset,
-        };
-        position += piece_len;
-        Some(piece)
-    })
-}
-
 /// What a write puts in a range.
 #[derive(Clone, Copy)]
 enum Fill<'a> {
@@ -134,30 +118,38 @@ impl LaunchVolume {
         lock(&self.state)
     }
 
-    /// The launch as of its last flush.
+    /// The launch as of its last fold.
     pub fn info(&self) -> LaunchInfo {
         self.lock_state().info.clone()
     }
 
-    /// This volume's root as of its last flush (of a machine's launch, the
+    /// This volume's root as of its last fold (of a machine's launch, the
     /// volume's own root, not the machine root `info` names).
     pub fn flushed_root(&self) -> Root {
         self.lock_state().root.clone()
     }
 
     /// What the volume holds in memory, for the garbage collector: the root of
-    /// its last flush (where pages not loaded are read from) and the current
-    /// chunk ids of every loaded page, unflushed writes included.
+    /// its last fold (where pages not loaded are read from) and the current
+    /// chunk ids of every loaded page, a running fold's included.
     pub(crate) fn ids_in_memory(&self) -> (ChunkId, Vec<ChunkId>) {
         let state = self.lock_state();
         let ids = state.pages.values().flatten().copied().collect();
         (state.root.id(), ids)
     }
 
-    /// Index pages held in memory now: those with unflushed writes, and at
-    /// most [`LAUNCH_PAGES_CACHED_MAX`] others.
+    /// Index pages held in memory now: those a fold changed, and at most
+    /// [`LAUNCH_PAGES_CACHED_MAX`] others.
     pub fn pages_in_memory(&self) -> usize {
         self.lock_state().pages.len()
+    }
+
+    /// Bytes written since the last fold (4 KiB blocks of the overlay).
+    pub fn overlay_bytes(&self) -> u64 {
+        self.lock_state()
+            .overlay
+            .as_ref()
+            .map_or(0, |overlay| overlay.mapped_blocks() * BLOCK)
     }
 
     /// Lowers (or raises) the number of clean index pages kept, so that tests
@@ -195,35 +187,61 @@ impl LaunchVolume {
     }
 
     /// Reads `buf.len()` bytes at `offset_bytes`. A range past the end is an
-    /// `InvalidInput` error.
+    /// `InvalidInput` error. The volume's lock is held only to plan the read;
+    /// the bytes are copied without it, so reads and writes of a volume run
+    /// side by side.
     pub fn read(&self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check_range(offset_bytes, buf.len() as u64)?;
-        let mut state = self.lock_state();
-        for piece in pieces(self.geometry, offset_bytes, buf.len() as u64) {
-            let start = piece.start_in_range as usize;
-            let out = &mut buf[start..start + piece.len];
-            let id = state.chunk_id(&self.store, piece.chunk_index)?;
-            if id.is_zero() {
-                out.fill(0);
-            } else {
-                let bytes = state.chunk_bytes(&self.store, self.geometry, piece.chunk_index, id)?;
-                out.copy_from_slice(&bytes[piece.start_in_chunk..piece.start_in_chunk + piece.len]);
-            }
+        if buf.is_empty() {
+            return Ok(());
         }
+        let end = offset_bytes + buf.len() as u64;
+        let (parts, io, ahead) = {
+            let mut state = self.lock_state();
+            let parts = state.plan(&self.store, self.geometry, offset_bytes, end)?;
+            let io = match state.overlay.as_mut() {
+                Some(overlay) if parts.iter().any(|part| part.kind == PartKind::Data) => {
+                    let first = offset_bytes / BLOCK;
+                    Some(overlay.io(first, (end - 1) / BLOCK - first + 1))
+                }
+                _ => None,
+            };
+            let sequential = state.last_read_end == offset_bytes;
+            state.last_read_end = end;
+            let ahead = if sequential {
+                state.chunks_ahead(&self.store, self.geometry, end)?
+            } else {
+                Vec::new()
+            };
+            (parts, io, ahead)
+        };
+        // Asked first, so the readahead thread decodes while this read copies.
+        self.store.read_ahead(ahead);
+        let filled = fill(
+            &self.store,
+            &parts,
+            io.as_ref().map(|(io, _)| io),
+            offset_bytes,
+            buf,
+        );
+        let mut state = self.lock_state();
+        if let (Some((_, token)), Some(overlay)) = (io, state.overlay.as_mut()) {
+            overlay.io_done(token);
+        }
+        state.chunk_reads += filled?;
         Ok(())
     }
 
-    /// Writes `data` at `offset_bytes`, copy-on-write per chunk. A range past the
-    /// end is an `InvalidInput` error and writes nothing. If the store fails part
-    /// way through a write of several chunks, some of them may have been written,
-    /// as on a disk.
+    /// Writes `data` at `offset_bytes`. A range past the end is an
+    /// `InvalidInput` error and writes nothing. If a write of several blocks
+    /// fails part way, some of them may have been written, as on a disk.
     pub fn write(&self, offset_bytes: u64, data: &[u8]) -> io::Result<()> {
         self.check_range(offset_bytes, data.len() as u64)?;
         self.apply(offset_bytes, data.len() as u64, Fill::Bytes(data))
     }
 
-    /// Writes `len_bytes` zero bytes at `offset_bytes`. Whole chunks become the
-    /// reserved zero id and cost no storage.
+    /// Writes `len_bytes` zero bytes at `offset_bytes`. Whole blocks cost only
+    /// their place in the map.
     pub fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
         self.check_range(offset_bytes, len_bytes)?;
         self.apply(offset_bytes, len_bytes, Fill::Zeroes)
@@ -237,53 +255,148 @@ impl LaunchVolume {
 
     fn apply(&self, offset_bytes: u64, len_bytes: u64, fill: Fill<'_>) -> io::Result<()> {
         self.store.check_writable()?;
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        let size = self.size_bytes();
+        let end = offset_bytes + len_bytes;
+        // The whole blocks of a write of bytes are written without the lock.
+        let whole_start = offset_bytes.div_ceil(BLOCK) * BLOCK;
+        let whole_end = if end == size { end } else { end - end % BLOCK };
+        let unlocked = match fill {
+            Fill::Bytes(data) if whole_start < whole_end => Some((
+                whole_start,
+                whole_end,
+                &data[(whole_start - offset_bytes) as usize..(whole_end - offset_bytes) as usize],
+            )),
+            _ => None,
+        };
         let mut state = self.lock_state();
-        for piece in pieces(self.geometry, offset_bytes, len_bytes) {
-            let piece_fill = match fill {
-                Fill::Bytes(data) => {
-                    let start = piece.start_in_range as usize;
-                    Fill::Bytes(&data[start..start + piece.len])
+        if state.overlay.is_none() {
+            state.overlay = Some(Overlay::create(&self.overlay_dir, size)?);
+        }
+        // Numbered before and after: a fold that read the chunks meanwhile
+        // keeps their overlay blocks.
+        state.note_write(self.geometry, offset_bytes, end);
+        let mut position = offset_bytes;
+        while position < end {
+            if let Some((start, stop, _)) = unlocked
+                && position == start
+            {
+                position = stop;
+                continue;
+            }
+            let block = position / BLOCK;
+            let block_start = block * BLOCK;
+            let block_end = (block_start + BLOCK).min(size);
+            if position == block_start && end >= block_end {
+                // Zeroes over whole blocks: the map alone.
+                let run_end = if end == size { end } else { end - end % BLOCK };
+                let overlay = state.overlay.as_mut().expect("created above");
+                overlay.zero_blocks(block, (run_end - block_start).div_ceil(BLOCK))?;
+                position = run_end;
+            } else {
+                // Part of a block: its current bytes, patched.
+                let mut bytes = vec![0u8; (block_end - block_start) as usize];
+                state.read_range(&self.store, self.geometry, block_start, &mut bytes)?;
+                let piece_end = end.min(block_end);
+                let patch = &mut bytes
+                    [(position - block_start) as usize..(piece_end - block_start) as usize];
+                match fill {
+                    Fill::Bytes(data) => patch.copy_from_slice(
+                        &data[(position - offset_bytes) as usize
+                            ..(piece_end - offset_bytes) as usize],
+                    ),
+                    Fill::Zeroes => patch.fill(0),
                 }
-                Fill::Zeroes => Fill::Zeroes,
-            };
-            state.write_piece(&self.store, self.geometry, piece, piece_fill)?;
+                state
+                    .overlay
+                    .as_mut()
+                    .expect("created above")
+                    .write_blocks(block, &bytes)?;
+                position = piece_end;
+            }
+        }
+        let Some((start, stop, data)) = unlocked else {
+            return Ok(());
+        };
+        let first = start / BLOCK;
+        let count = (stop - start).div_ceil(BLOCK);
+        let (io, token) = state
+            .overlay
+            .as_mut()
+            .expect("created above")
+            .io(first, count);
+        drop(state);
+        let written = io.write_blocks(first, data);
+        let mut state = self.lock_state();
+        let overlay = state.overlay.as_mut().expect("created above");
+        overlay.io_done(token);
+        written?;
+        overlay.wrote_blocks(first, count)?;
+        state.note_write(self.geometry, offset_bytes, end);
+        Ok(())
+    }
+
+    /// Makes every write so far durable, as a disk's flush does: in the
+    /// overlay, or, where a sync folds ([`LaunchVolume::fold`] says when),
+    /// in the store and the launch's head.
+    pub fn sync(&self, now_unix_ms: u64) -> io::Result<()> {
+        if self.fold_on_sync {
+            self.fold(now_unix_ms)?;
+        }
+        let mut state = self.lock_state();
+        if let Some(overlay) = state.overlay.as_mut() {
+            overlay.sync()?;
         }
         Ok(())
     }
 
-    /// Makes every write so far durable: stores the changed index pages and the new
-    /// root, syncs the store, then publishes the launch's head, with
-    /// `now_unix_ms` as its flush time (the store never reads the clock).
-    /// Nothing to do when nothing changed.
+    /// Makes every write so far durable in the store and moves the launch's
+    /// head to it: folds the overlay ([`LaunchVolume::fold`]), with
+    /// `now_unix_ms` as the flush time (the store never reads the clock).
     pub fn flush(&self, now_unix_ms: u64) -> io::Result<()> {
-        let mut state = self.lock_state();
-        state.flush(
-            &self.store,
-            self.geometry,
-            self.volume.as_ref(),
-            now_unix_ms,
-        )?;
+        self.fold(now_unix_ms)?;
         Ok(())
     }
 }
 
 impl LaunchVolume {
     /// Volume `volume` (`None`: the single disk) of launch `info`, whose
-    /// flushed state is `root`, open in the catalog under `key`.
+    /// folded state is `root`, open in the catalog under `key`. Loads the
+    /// volume's overlay; in a bucket, drops it instead (every write it held
+    /// that a flush acknowledged was folded into the bucket).
     pub(super) fn new(
         store: Arc<Store>,
         info: LaunchInfo,
         root: Root,
         volume: Option<VolumeName>,
         key: String,
-    ) -> Self {
+    ) -> Result<Self, Error> {
         let sealer = store.sealer_of(&info.source);
         let space = store.id_space_of(&info.source);
-        Self {
+        let overlay_dir = Overlay::dir_of(
+            store.data_dir(),
+            &info.name,
+            volume.as_ref().map(VolumeName::as_str),
+        );
+        let in_bucket = store.remote.is_some();
+        let size = root.geometry().disk_size_bytes();
+        let overlay = if in_bucket {
+            if !store.is_read_only() {
+                super::overlay::remove(&overlay_dir)?;
+            }
+            None
+        } else {
+            Overlay::open(&overlay_dir, size)?
+        };
+        Ok(Self {
+            fold_on_sync: in_bucket || sealer.is_some(),
             store,
             geometry: root.geometry(),
             volume,
             key,
+            overlay_dir,
             state: Mutex::new(VolumeState {
                 info,
                 root,
@@ -292,13 +405,16 @@ impl LaunchVolume {
                 use_clock: 0,
                 clean_pages_max: LAUNCH_PAGES_CACHED_MAX,
                 dirty_pages: BTreeSet::new(),
-                cache: VecDeque::with_capacity(CACHE_CHUNKS),
-                compressor: zstd::bulk::Compressor::new(1).ok(),
+                overlay,
+                writes: 0,
+                chunk_writes: HashMap::new(),
+                last_read_end: u64::MAX,
                 sealer,
                 space,
                 chunk_reads: 0,
             }),
-        }
+            fold_lock: Mutex::new(()),
+        })
     }
 }
 
@@ -316,10 +432,246 @@ impl Drop for LaunchVolume {
     }
 }
 
+/// Where a part of a read comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Data,
+    Zero,
+    Base {
+        id: ChunkId,
+        len: u32,
+        chunk_index: u64,
+        start_in_chunk: usize,
+    },
+}
+
+/// A part of a read: byte offsets in the volume, and its source.
+struct Part {
+    start: u64,
+    end: u64,
+    kind: PartKind,
+}
+
+/// Copies `parts` into `out` (which starts at byte `offset`), without the
+/// volume's lock: chunks through the store's cache (each one's id is its
+/// content's hash, so it cannot have changed), overlay blocks through `io`
+/// (which keeps them from being punched). Returns the chunks read from the
+/// store.
+fn fill(
+    store: &Store,
+    parts: &[Part],
+    io: Option<&OverlayIo>,
+    offset: u64,
+    out: &mut [u8],
+) -> Result<u64, Error> {
+    let mut reads = 0;
+    for part in parts {
+        let dst = &mut out[(part.start - offset) as usize..(part.end - offset) as usize];
+        match part.kind {
+            PartKind::Zero => dst.fill(0),
+            PartKind::Data => io
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::Invalid, "a read of overlay blocks without it")
+                })?
+                .read_at(dst, part.start)?,
+            PartKind::Base {
+                id,
+                len,
+                chunk_index,
+                start_in_chunk,
+            } => {
+                let (bytes, read) = store
+                    .cached_chunk(&id, len)
+                    .map_err(|e| Error::new(e.kind(), format!("chunk {chunk_index}: {e}")))?;
+                reads += u64::from(read);
+                dst.copy_from_slice(&bytes[start_in_chunk..start_in_chunk + dst.len()]);
+            }
+        }
+    }
+    Ok(reads)
+}
+
+/// A run of blocks of one state inside a read.
+struct Run {
+    state: BlockState,
+    /// Byte offsets in the volume.
+    start: u64,
+    end: u64,
+}
+
 impl VolumeState {
+    /// Fills `out` from `offset` (checked against the size): the overlay
+    /// where written, else the root's chunks.
+    pub(super) fn read_range(
+        &mut self,
+        store: &Store,
+        geometry: Geometry,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), Error> {
+        let chunk_size = u64::from(geometry.chunk_size_bytes());
+        let end = offset + out.len() as u64;
+        let mut position = offset;
+        while position < end {
+            let chunk_index = position / chunk_size;
+            let piece_end = ((chunk_index + 1) * chunk_size).min(end);
+            let runs = self.runs(position, piece_end);
+            for run in runs {
+                let dst = &mut out[(run.start - offset) as usize..(run.end - offset) as usize];
+                match run.state {
+                    BlockState::Data => self
+                        .overlay
+                        .as_ref()
+                        .expect("only an overlay maps blocks")
+                        .read_at(dst, run.start)?,
+                    BlockState::Zero => dst.fill(0),
+                    BlockState::Base => {
+                        let start_in_chunk = (run.start - chunk_index * chunk_size) as usize;
+                        self.read_base(store, geometry, chunk_index, start_in_chunk, dst)?;
+                    }
+                }
+            }
+            position = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Numbers a write of `start..end` in every chunk it touches.
+    fn note_write(&mut self, geometry: Geometry, start: u64, end: u64) {
+        self.writes += 1;
+        let write = self.writes;
+        let chunk_size = u64::from(geometry.chunk_size_bytes());
+        for chunk in start / chunk_size..=(end - 1) / chunk_size {
+            self.chunk_writes.insert(chunk, write);
+        }
+    }
+
+    /// Where each part of `start..end` is read from now.
+    fn plan(
+        &mut self,
+        store: &Store,
+        geometry: Geometry,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Part>, Error> {
+        let chunk_size = u64::from(geometry.chunk_size_bytes());
+        let mut parts = Vec::new();
+        let mut position = start;
+        while position < end {
+            let chunk_index = position / chunk_size;
+            let piece_end = ((chunk_index + 1) * chunk_size).min(end);
+            for run in self.runs(position, piece_end) {
+                let kind = match run.state {
+                    BlockState::Data => PartKind::Data,
+                    BlockState::Zero => PartKind::Zero,
+                    BlockState::Base => {
+                        let id = self.chunk_id(store, chunk_index)?;
+                        if id.is_zero() {
+                            PartKind::Zero
+                        } else {
+                            let len = geometry.chunk_len(chunk_index).ok_or_else(|| {
+                                Error::new(ErrorKind::Invalid, "read past the last chunk")
+                            })?;
+                            PartKind::Base {
+                                id,
+                                len,
+                                chunk_index,
+                                start_in_chunk: (run.start - chunk_index * chunk_size) as usize,
+                            }
+                        }
+                    }
+                };
+                parts.push(Part {
+                    start: run.start,
+                    end: run.end,
+                    kind,
+                });
+            }
+            position = piece_end;
+        }
+        Ok(parts)
+    }
+
+    /// `start..end` (inside one chunk) cut into runs of one block state.
+    fn runs(&self, start: u64, end: u64) -> Vec<Run> {
+        let Some(overlay) = self.overlay.as_ref().filter(|overlay| {
+            overlay.any_mapped(start / BLOCK, (end - 1) / BLOCK - start / BLOCK + 1)
+        }) else {
+            return vec![Run {
+                state: BlockState::Base,
+                start,
+                end,
+            }];
+        };
+        let mut runs: Vec<Run> = Vec::new();
+        let mut position = start;
+        while position < end {
+            let block = position / BLOCK;
+            let block_end = ((block + 1) * BLOCK).min(end);
+            let state = overlay.state(block);
+            match runs.last_mut() {
+                Some(last) if last.state == state => last.end = block_end,
+                _ => runs.push(Run {
+                    state,
+                    start: position,
+                    end: block_end,
+                }),
+            }
+            position = block_end;
+        }
+        runs
+    }
+
+    /// Fills `out` from chunk `chunk_index` of the root, from `start_in_chunk`.
+    fn read_base(
+        &mut self,
+        store: &Store,
+        geometry: Geometry,
+        chunk_index: u64,
+        start_in_chunk: usize,
+        out: &mut [u8],
+    ) -> Result<(), Error> {
+        let id = self.chunk_id(store, chunk_index)?;
+        if id.is_zero() {
+            out.fill(0);
+            return Ok(());
+        }
+        let bytes = self.chunk_bytes(store, geometry, chunk_index, id)?;
+        out.copy_from_slice(&bytes[start_in_chunk..start_in_chunk + out.len()]);
+        Ok(())
+    }
+
+    /// The chunks after byte `from` that a sequential reader will want from
+    /// the store: not written over whole, not zero.
+    fn chunks_ahead(
+        &mut self,
+        store: &Store,
+        geometry: Geometry,
+        from: u64,
+    ) -> Result<Vec<(ChunkId, u32)>, Error> {
+        let chunk_size = u64::from(geometry.chunk_size_bytes());
+        let first = from.div_ceil(chunk_size);
+        let last = (first + READAHEAD_CHUNKS).min(geometry.chunk_count());
+        let mut out = Vec::new();
+        for chunk_index in first..last {
+            let Some(len) = geometry.chunk_len(chunk_index) else {
+                break;
+            };
+            let id = self.chunk_id(store, chunk_index)?;
+            if !id.is_zero() {
+                out.push((id, len));
+            }
+        }
+        Ok(out)
+    }
+
     /// The current ids of page `page_index`, loading them when they are not in
     /// memory (first use, or dropped since as a clean page).
-    fn page_mut(&mut self, store: &Store, page_index: usize) -> Result<&mut Vec<ChunkId>, Error> {
+    pub(super) fn page_mut(
+        &mut self,
+        store: &Store,
+        page_index: usize,
+    ) -> Result<&mut Vec<ChunkId>, Error> {
         if !self.pages.contains_key(&page_index) {
             let ids = store.read_page(&self.root, page_index)?.ids().to_vec();
             // Room for the page about to come in, which is clean.
@@ -335,9 +687,9 @@ impl VolumeState {
     }
 
     /// Drops least recently used clean pages until at most `limit` are left.
-    /// A clean page equals the flushed root's, which is durable and which the
+    /// A clean page equals the folded root's, which is durable and which the
     /// garbage collector marks from, so dropping one loses nothing.
-    fn drop_clean_pages_over(&mut self, limit: usize) {
+    pub(super) fn drop_clean_pages_over(&mut self, limit: usize) {
         while self.pages.len().saturating_sub(self.dirty_pages.len()) > limit {
             let oldest = self
                 .page_used
@@ -353,12 +705,17 @@ impl VolumeState {
         }
     }
 
-    fn chunk_id(&mut self, store: &Store, chunk_index: u64) -> Result<ChunkId, Error> {
+    pub(super) fn chunk_id(&mut self, store: &Store, chunk_index: u64) -> Result<ChunkId, Error> {
         let (page_index, position) = page_position(chunk_index);
         Ok(self.page_mut(store, page_index)?[position])
     }
 
-    fn set_chunk_id(&mut self, store: &Store, chunk_index: u64, id: ChunkId) -> Result<(), Error> {
+    pub(super) fn set_chunk_id(
+        &mut self,
+        store: &Store,
+        chunk_index: u64,
+        id: ChunkId,
+    ) -> Result<(), Error> {
         let (page_index, position) = page_position(chunk_index);
         let page = self.page_mut(store, page_index)?;
         if page[position] != id {
@@ -368,8 +725,9 @@ impl VolumeState {
         Ok(())
     }
 
-    /// The decoded bytes of non-zero chunk `id` at `chunk_index`, from the cache or
-    /// the store (which checks the hash); the length must match the geometry.
+    /// The decoded bytes of non-zero chunk `id` at `chunk_index`, from the
+    /// store's cache or the store (which checks the hash); the length must
+    /// match the geometry.
     fn chunk_bytes(
         &mut self,
         store: &Store,
@@ -377,233 +735,21 @@ impl VolumeState {
         chunk_index: u64,
         id: ChunkId,
     ) -> Result<Arc<[u8]>, Error> {
-        if let Some(position) = self.cache.iter().position(|(cached, _)| *cached == id) {
-            let entry = self.cache.remove(position).expect("position is in range");
-            let bytes = Arc::clone(&entry.1);
-            self.cache.push_front(entry);
-            return Ok(bytes);
+        let len = geometry
+            .chunk_len(chunk_index)
+            .ok_or_else(|| Error::new(ErrorKind::Invalid, "read past the last chunk"))?;
+        let (bytes, read) = store
+            .cached_chunk(&id, len)
+            .map_err(|e| Error::new(e.kind(), format!("chunk {chunk_index}: {e}")))?;
+        if read {
+            self.chunk_reads += 1;
         }
-        let bytes: Arc<[u8]> = store.read_blob(&id)?.into();
-        self.chunk_reads += 1;
-        if geometry.chunk_len(chunk_index) != Some(bytes.len() as u32) {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "chunk {chunk_index} ({id}) has {} bytes, the geometry says otherwise",
-                    bytes.len()
-                ),
-            ));
-        }
-        self.remember(id, Arc::clone(&bytes));
         Ok(bytes)
     }
-
-    fn remember(&mut self, id: ChunkId, bytes: Arc<[u8]>) {
-        self.cache.retain(|(cached, _)| *cached != id);
-        if self.cache.len() == CACHE_CHUNKS {
-            self.cache.pop_back();
-        }
-        self.cache.push_front((id, bytes));
-    }
-
-    /// Copy-on-write of one piece: the chunk's new content gets its own id and
-    /// blob; the old blob (perhaps the base's) is left alone.
-    fn write_piece(
-        &mut self,
-        store: &Store,
-        geometry: Geometry,
-        piece: Piece,
-        fill: Fill<'_>,
-    ) -> Result<(), Error> {
-        let chunk_len = geometry
-            .chunk_len(piece.chunk_index)
-            .ok_or_else(|| Error::new(ErrorKind::Invalid, "write past the last chunk"))?
-            as usize;
-        let whole = piece.start_in_chunk == 0 && piece.len == chunk_len;
-        let current = self.chunk_id(store, piece.chunk_index)?;
-        let new_id = match fill {
-            Fill::Zeroes if whole || current.is_zero() => ChunkId::ZERO,
-            _ => {
-                let mut bytes = if whole {
-                    Vec::new()
-                } else if current.is_zero() {
-                    vec![0u8; chunk_len]
-                } else {
-                    self.chunk_bytes(store, geometry, piece.chunk_index, current)?
-                        .to_vec()
-                };
-                match fill {
-                    Fill::Bytes(data) if whole => bytes = data.to_vec(),
-                    Fill::Bytes(data) => bytes
-                        [piece.start_in_chunk..piece.start_in_chunk + piece.len]
-                        .copy_from_slice(data),
-                    Fill::Zeroes => {
-                        bytes[piece.start_in_chunk..piece.start_in_chunk + piece.len].fill(0);
-                    }
-                }
-                let id = self.space.hash_chunk(&bytes);
-                if !id.is_zero() {
-                    self.store_chunk(store, id, &bytes)?;
-                    self.remember(id, bytes.into());
-                }
-                id
-            }
-        };
-        self.set_chunk_id(store, piece.chunk_index, new_id)
-    }
-
-    /// Stores a chunk blob unless the store has it, zstd-compressed when that
-    /// saves more than an eighth (as the agent does).
-    fn store_chunk(&mut self, store: &Store, id: ChunkId, bytes: &[u8]) -> Result<(), Error> {
-        if store.contains(&id) {
-            return Ok(());
-        }
-        let raw_len = u32::try_from(bytes.len())
-            .map_err(|_| Error::new(ErrorKind::Invalid, "chunk too large"))?;
-        let compressed = self
-            .compressor
-            .as_mut()
-            .and_then(|compressor| compressor.compress(bytes).ok())
-            .filter(|compressed| compressed.len() < bytes.len() - bytes.len() / 8);
-        let (codec, stored) = match &compressed {
-            Some(compressed) => (StoredCodec::Zstd, compressed.as_slice()),
-            None => (StoredCodec::Raw, bytes),
-        };
-        match &self.sealer {
-            Some(sealer) => store.insert_sealed(sealer, id, codec, raw_len, stored)?,
-            None => store.insert(BlobKind::Chunk, id, codec, raw_len, stored)?,
-        };
-        Ok(())
-    }
-
-    fn flush(
-        &mut self,
-        store: &Store,
-        geometry: Geometry,
-        volume: Option<&VolumeName>,
-        now_unix_ms: u64,
-    ) -> Result<(), Error> {
-        if self.dirty_pages.is_empty() {
-            return Ok(());
-        }
-        let mut page_ids = self.root.page_ids().to_vec();
-        let mut dirty = Vec::with_capacity(self.dirty_pages.len());
-        for &page_index in &self.dirty_pages {
-            let ids = self.pages.get(&page_index).ok_or_else(|| {
-                Error::new(ErrorKind::Invalid, "a dirty index page is not loaded")
-            })?;
-            let page = Page::new(ids.clone());
-            // Encoded and hashed once: the id goes into the root, the bytes
-            // into the store.
-            let encoded = page.encode_with_id();
-            page_ids[page_index] = encoded.as_ref().map_or(ChunkId::ZERO, |(_, id)| *id);
-            dirty.push((page, encoded));
-        }
-        let root = Root::from_page_ids(geometry, page_ids)
-            .map_err(|e| Error::new(ErrorKind::Invalid, format!("launch root: {e}")))?;
-        let root_id = root.id();
-        // The GC fence, held until the head is published; the ids the new root
-        // adds are recorded for a running collection and checked to be stored
-        // (see `gc.rs`). Pages not dirty are those of the flushed root.
-        let _fence = store.blobs.fence().read_fence();
-        store.blobs.fence().note(&root_id);
-        for (page, encoded) in &dirty {
-            if let Some((_, id)) = encoded {
-                store.blobs.fence().note(id);
-            }
-            store.blobs.fence().note_all(page.ids());
-        }
-        for (page, encoded) in &dirty {
-            if let Some((bytes, id)) = encoded {
-                store
-                    .blobs
-                    .put_index_blob(BlobKind::Page, *id, bytes, self.sealer.as_deref())?;
-            }
-            store.blobs.require_present("launch flush", page.ids())?;
-        }
-        // Same geometry, so the roots differ exactly when their page ids do:
-        // no need to hash the old root at every flush.
-        if root.page_ids() != self.root.page_ids() {
-            // Roots stay in clear, as the store's commits keep them.
-            store
-                .blobs
-                .put_index_blob(BlobKind::Root, root_id, &root.encode(), None)?;
-            match volume {
-                None => {
-                    // Blobs first, durably; only then the head that names them.
-                    store.sync()?;
-                    let mut info = self.info.clone();
-                    info.root = root_id;
-                    info.generation += 1;
-                    info.flushed_unix_ms = now_unix_ms;
-                    publish_launch_head(store, &info)?;
-                    self.info = info;
-                }
-                Some(volume) => {
-                    self.info =
-                        flush_machine_head(store, &self.info.name, volume, root_id, now_unix_ms)?;
-                }
-            }
-        }
-        self.root = root;
-        self.dirty_pages.clear();
-        // The pages just flushed are clean now, and count against the bound.
-        self.drop_clean_pages_over(self.clean_pages_max);
-        Ok(())
-    }
-}
-
-/// Publishes a launch's head (generation, root, flush time).
-fn publish_launch_head(store: &Store, info: &LaunchInfo) -> Result<(), Error> {
-    store.publish_launch_head(&store.launches_dir().join(&info.name), info)
-}
-
-/// Moves the head of machine launch `name` to a machine root in which
-/// `volume`'s root is `root_id` (its pages and root already stored), leaving
-/// the other volumes as the head names them now: volumes of one launch flush
-/// independently, as a machine's disks do, so the head is read again under
-/// the lock rather than taken from this volume's last flush. Returns the
-/// launch as published.
-fn flush_machine_head(
-    store: &Store,
-    name: &str,
-    volume: &VolumeName,
-    root_id: ChunkId,
-    now_unix_ms: u64,
-) -> Result<LaunchInfo, Error> {
-    let _guard = lock(&store.catalog.launch_heads);
-    let mut info = store
-        .launch(name)?
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("launch {name} is gone")))?;
-    let mut volumes = store.volume_roots(&info.root)?;
-    let slot = volumes
-        .iter_mut()
-        .find(|(n, _)| n == volume)
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Corrupt,
-                format!("launch {name} lost volume {volume}"),
-            )
-        })?;
-    slot.1 = root_id;
-    let machine = MachineRoot::new(volumes)
-        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("launch {name}: {e}")))?;
-    let machine_id = machine.id();
-    store.blobs.fence().note(&machine_id);
-    store
-        .blobs
-        .put_index_blob(BlobKind::Root, machine_id, &machine.encode(), None)?;
-    // Blobs first, durably; only then the head that names them.
-    store.sync()?;
-    info.root = machine_id;
-    info.generation += 1;
-    info.flushed_unix_ms = now_unix_ms;
-    publish_launch_head(store, &info)?;
-    Ok(info)
 }
 
 /// Page index and position in the page of a chunk.
-fn page_position(chunk_index: u64) -> (usize, usize) {
+pub(super) fn page_position(chunk_index: u64) -> (usize, usize) {
     // Chunk indices are below the geometry's chunk count, which fits in memory.
     let chunk_index = chunk_index as usize;
     (chunk_index / CHUNKS_PER_PAGE, chunk_index % CHUNKS_PER_PAGE)

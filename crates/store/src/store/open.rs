@@ -132,6 +132,7 @@ impl Store {
             blobs,
             commit_locks: Mutex::new(HashMap::new()),
             catalog: Catalog::default(),
+            chunk_cache: Default::default(),
             remote: None,
         })
     }

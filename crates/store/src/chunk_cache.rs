@@ -1,0 +1,226 @@
+//! The decoded chunk cache shared by every open launch volume of a store,
+//! with a memory budget, and the readahead that fills it ahead of a
+//! sequential reader.
+//!
+//! A launch reads the blocks it has not written from its base replica,
+//! chunk by chunk: each chunk is read from a pack, decompressed, and its hash
+//! checked. The cache keeps decoded chunks by id, so a random reader decodes
+//! each chunk once, and launches of one source (whose chunks mostly share
+//! ids) share their entries. A hit returns bytes whose id the reader's own
+//! root names, and an id is the hash of its content, so sharing entries
+//! between launches lets no launch read anything it could not read from the
+//! store itself.
+//!
+//! The cache is `quick_cache` (S3-FIFO: a scan by one reader does not
+//! evict what others use), weighted by bytes. Readahead hands the chunks
+//! after a sequential read to one background thread, which decodes them into
+//! the cache while the reader is busy with the current ones.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+
+use blockrep_core::ChunkId;
+
+use crate::error::{Error, ErrorKind};
+use crate::mutex::lock;
+use crate::store::Store;
+
+/// Default memory budget of the decoded chunk cache (`--launch-cache-mib`).
+pub const CHUNK_CACHE_BYTES_DEFAULT: u64 = 256 << 20;
+/// Bytes charged per entry beyond its data (id, handle, table slot).
+const ENTRY_OVERHEAD_BYTES: u64 = 96;
+/// Readahead batches waiting for the thread at most; more are dropped (the
+/// reader then decodes for itself).
+const READAHEAD_QUEUE_MAX: usize = 16;
+
+#[derive(Clone)]
+struct ByLength;
+
+impl quick_cache::Weighter<ChunkId, Arc<[u8]>> for ByLength {
+    fn weight(&self, _id: &ChunkId, bytes: &Arc<[u8]>) -> u64 {
+        bytes.len() as u64 + ENTRY_OVERHEAD_BYTES
+    }
+}
+
+type Cache = quick_cache::sync::Cache<ChunkId, Arc<[u8]>, ByLength>;
+
+/// What the cache holds and how it served, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkCacheStats {
+    /// The memory budget in bytes.
+    pub budget_bytes: u64,
+    /// Bytes held now (entries and their overhead).
+    pub used_bytes: u64,
+    /// Reads served from the cache.
+    pub hits: u64,
+    /// Reads that decoded a chunk from the store.
+    pub misses: u64,
+    /// Chunks decoded ahead of a sequential reader.
+    pub readahead_chunks: u64,
+}
+
+/// See the module documentation.
+pub(crate) struct ChunkCache {
+    cache: RwLock<Arc<Cache>>,
+    budget_bytes: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    readahead_chunks: AtomicU64,
+    readahead: OnceLock<Mutex<SyncSender<Readahead>>>,
+}
+
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkCache")
+            .field("budget_bytes", &self.budget_bytes.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ChunkCache {
+    fn default() -> Self {
+        Self {
+            cache: RwLock::new(Arc::new(new_cache(CHUNK_CACHE_BYTES_DEFAULT))),
+            budget_bytes: AtomicU64::new(CHUNK_CACHE_BYTES_DEFAULT),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            readahead_chunks: AtomicU64::new(0),
+            readahead: OnceLock::new(),
+        }
+    }
+}
+
+fn new_cache(budget_bytes: u64) -> Cache {
+    // Entries are mostly whole chunks of 64 KiB.
+    let items = (budget_bytes / (64 << 10)).max(16) as usize;
+    Cache::with_weighter(items, budget_bytes, ByLength)
+}
+
+/// Chunks to decode ahead of a reader: (id, decoded length).
+struct Readahead {
+    store: Weak<Store>,
+    chunks: Vec<(ChunkId, u32)>,
+}
+
+impl ChunkCache {
+    fn current(&self) -> Arc<Cache> {
+        Arc::clone(&self.cache.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<Arc<[u8]>> {
+        self.current().get(id)
+    }
+
+    fn insert(&self, id: ChunkId, bytes: Arc<[u8]>) {
+        self.current().insert(id, bytes);
+    }
+
+    fn send(&self, batch: Readahead) {
+        let sender = self.readahead.get_or_init(|| {
+            let (sender, receiver) = sync_channel(READAHEAD_QUEUE_MAX);
+            // A thread per store, ending when the store (and so the sender)
+            // goes; a readahead that cannot start leaves readers to decode.
+            let _ = std::thread::Builder::new()
+                .name("blockrep-readahead".into())
+                .spawn(move || run_readahead(receiver));
+            Mutex::new(sender)
+        });
+        match lock(sender).try_send(batch) {
+            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+fn run_readahead(receiver: Receiver<Readahead>) {
+    while let Ok(batch) = receiver.recv() {
+        let Some(store) = batch.store.upgrade() else {
+            continue;
+        };
+        for (id, len) in batch.chunks {
+            if store.chunk_cache.get(&id).is_some() {
+                continue;
+            }
+            // A chunk that cannot be read is reported to the reader that
+            // asks for it; readahead only warms the cache.
+            if store.decode_chunk(&id, len).is_ok() {
+                store
+                    .chunk_cache
+                    .readahead_chunks
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Sets the decoded chunk cache's memory budget (0: no cache). Entries
+    /// held are dropped.
+    pub fn set_chunk_cache_bytes(&self, budget_bytes: u64) {
+        let cache = Arc::new(new_cache(budget_bytes));
+        *self
+            .chunk_cache
+            .cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = cache;
+        self.chunk_cache
+            .budget_bytes
+            .store(budget_bytes, Ordering::Relaxed);
+    }
+
+    /// The decoded chunk cache's budget, use and counters.
+    pub fn chunk_cache_stats(&self) -> ChunkCacheStats {
+        let cache = &self.chunk_cache;
+        ChunkCacheStats {
+            budget_bytes: cache.budget_bytes.load(Ordering::Relaxed),
+            used_bytes: cache.current().weight(),
+            hits: cache.hits.load(Ordering::Relaxed),
+            misses: cache.misses.load(Ordering::Relaxed),
+            readahead_chunks: cache.readahead_chunks.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The decoded bytes of non-zero chunk `id`, which must be `len` bytes
+    /// long: from the cache, or read from the store (hash checked) and
+    /// kept. The flag says whether the store was read.
+    pub(crate) fn cached_chunk(&self, id: &ChunkId, len: u32) -> Result<(Arc<[u8]>, bool), Error> {
+        if let Some(bytes) = self.chunk_cache.get(id) {
+            self.chunk_cache.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((bytes, false));
+        }
+        self.chunk_cache.misses.fetch_add(1, Ordering::Relaxed);
+        Ok((self.decode_chunk(id, len)?, true))
+    }
+
+    /// Reads, checks and caches chunk `id`.
+    fn decode_chunk(&self, id: &ChunkId, len: u32) -> Result<Arc<[u8]>, Error> {
+        let bytes: Arc<[u8]> = self.read_blob(id)?.into();
+        if bytes.len() != len as usize {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "chunk {id} has {} bytes where its place holds {len}",
+                    bytes.len()
+                ),
+            ));
+        }
+        self.chunk_cache.insert(*id, Arc::clone(&bytes));
+        Ok(bytes)
+    }
+
+    /// Keeps chunk `id` (just stored with these bytes) in the cache.
+    pub(crate) fn cache_chunk(&self, id: ChunkId, bytes: Arc<[u8]>) {
+        self.chunk_cache.insert(id, bytes);
+    }
+
+    /// Asks the readahead thread to decode `chunks` into the cache.
+    pub(crate) fn read_ahead(self: &Arc<Self>, chunks: Vec<(ChunkId, u32)>) {
+        if chunks.is_empty() || self.chunk_cache.budget_bytes.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        self.chunk_cache.send(Readahead {
+            store: Arc::downgrade(self),
+            chunks,
+        });
+    }
+}

@@ -1,0 +1,811 @@
+//! A launch volume's write overlay: what clients wrote since the last fold,
+//! at 4 KiB granularity, durable at every flush, with no hashing and no store
+//! insert on the write path.
+//!
+//! # Why a sparse file and a map journal
+//!
+//! The overlay is a sparse file the size of the volume, where block `b` lives
+//! at byte `b * 4096`, plus a map that says, per block, whether the file holds
+//! it (`Data`), it reads as zeroes (`Zero`), or it is still the base's (the
+//! replica, through the chunk cache). A log with an index was the other
+//! choice; it was not taken because:
+//! - a write lands where a disk's would: a sequential writer makes sequential
+//!   I/O in the file, a rewrite of a block takes no new space, and reads of
+//!   written data are plain `pread`s at the same offset, with no index to
+//!   keep in memory (the map costs two bits per block: 64 KiB per GiB);
+//! - space is bounded by the volume's size with no compaction of the data.
+//!
+//! # Durability
+//!
+//! A write goes to the file (the page cache), then its change of the map is
+//! appended to `map` as a record with a crc32 (the page cache too), then
+//! the map in memory changes. A flush makes the file's data durable
+//! (`fdatasync`), then appends a *sync marker* naming the machine's boot
+//! (`/proc/sys/kernel/random/boot_id`) and syncs `map`.
+//!
+//! On open, `map` is replayed: every whole record up to the last marker;
+//! the records after it only if that marker was written in this boot. Within
+//! one boot the page cache outlives the process, so a server killed (SIGKILL,
+//! a panic) loses no completed write, flushed or not, exactly as a process
+//! writing a file would not. After a power loss (another boot) the records
+//! past the last marker are cut off: their data may never have reached the
+//! disk, and a block is `Data` only if a flush made its data durable before
+//! the marker that covers it. Either way every write acknowledged by a flush
+//! or FUA is there, and no block reads as a hole where a write was never
+//! made durable. A block rewritten after its last flush may show the new or
+//! the old data, as a disk's would. A torn or damaged record ends the
+//! replay there.
+//!
+//! A fold (`fold.rs`) moves blocks into the store and *unmaps* them; the
+//! unmap is queued like a write and reaches `map` with the next record. Only
+//! then is the block's space given back (`punch`), so a crash never finds a
+//! block mapped to a hole that was punched.
+//!
+//! # Files
+//!
+//! `DATA/overlays/LAUNCH` (or `LAUNCH@VOLUME` for a volume of a machine's
+//! launch) holds `data` and `map`. `map` starts with a header (magic,
+//! version, block count, crc32), then records: magic, count, that many
+//! operations (kind u8, first block u64, block count u64), crc32 of all of
+//! it; or a sync marker: magic, boot id (16 bytes), crc32. When `map` has grown past [`MAP_COMPACT_BYTES`] it is rewritten as
+//! one record per run of the current map, atomically.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind};
+
+/// Bytes per overlay block: the granularity of writes and of the map.
+pub const OVERLAY_BLOCK_BYTES: u64 = 4096;
+/// `map` is rewritten whole when it grows past this (and past twice what a
+/// rewrite would take).
+const MAP_COMPACT_BYTES: u64 = 4 << 20;
+const HEADER_MAGIC: [u8; 4] = *b"BROV";
+const RECORD_MAGIC: [u8; 4] = *b"BROJ";
+const MARKER_MAGIC: [u8; 4] = *b"BROS";
+const MARKER_LEN: u64 = 4 + 16 + 4;
+const VERSION: u32 = 1;
+const HEADER_LEN: u64 = 4 + 4 + 8 + 4;
+const OP_LEN: usize = 1 + 8 + 8;
+/// Operations in one record at most, so a record's length is bounded and a
+/// corrupt count cannot make recovery allocate without limit.
+const OPS_PER_RECORD_MAX: usize = 1 << 16;
+
+/// What a block of the volume reads as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockState {
+    /// The base: the volume's root as of the last fold.
+    Base,
+    /// The overlay file's bytes at the block's offset.
+    Data,
+    /// Zeroes.
+    Zero,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Data = 1,
+    Zero = 2,
+    Unmap = 3,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    kind: OpKind,
+    first: u64,
+    count: u64,
+}
+
+/// Two bits per block, as two bitsets.
+#[derive(Debug, Clone)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(blocks: u64) -> Self {
+        Bits(vec![0; blocks.div_ceil(64) as usize])
+    }
+    fn get(&self, block: u64) -> bool {
+        self.0[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+    /// The masks of the words that blocks `first..first + count` fall in.
+    fn masks(first: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
+        let end = first + count;
+        let mut block = first;
+        std::iter::from_fn(move || {
+            if block >= end {
+                return None;
+            }
+            let bit = block % 64;
+            let n = (64 - bit).min(end - block);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let word = (block / 64) as usize;
+            block += n;
+            Some((word, mask))
+        })
+    }
+    fn set_range(&mut self, first: u64, count: u64, value: bool) {
+        for (word, mask) in Self::masks(first, count) {
+            if value {
+                self.0[word] |= mask;
+            } else {
+                self.0[word] &= !mask;
+            }
+        }
+    }
+    fn any_in(&self, first: u64, count: u64) -> bool {
+        Self::masks(first, count).any(|(word, mask)| self.0[word] & mask != 0)
+    }
+    fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// An open overlay. Not synchronized: its volume's lock covers it.
+#[derive(Debug)]
+pub(crate) struct Overlay {
+    dir: PathBuf,
+    /// Shared with reads and writes done outside the volume's lock.
+    data: Arc<File>,
+    map: File,
+    map_len: u64,
+    blocks: u64,
+    size_bytes: u64,
+    data_bits: Bits,
+    zero_bits: Bits,
+    /// Whether `map` has records past its last sync marker.
+    unsynced: bool,
+    /// Blocks unmapped by records past the last sync marker.
+    unsynced_unmaps: Vec<(u64, u64)>,
+    /// `map`'s length at which compaction is considered next.
+    next_compaction_check: u64,
+    /// This boot's id; `None` where the system does not tell it (records
+    /// past the last marker are then never replayed).
+    boot: Option<[u8; 16]>,
+    /// Whether the data file was written since its last sync.
+    data_dirty: bool,
+    /// Blocks unmapped (their map change recorded durably) whose space is
+    /// still to be given back.
+    to_punch: Vec<(u64, u64)>,
+    /// Block ranges being read or written outside the volume's lock, by
+    /// token: never punched meanwhile.
+    busy: Vec<(u64, u64, u64)>,
+    /// The last token handed out.
+    last_token: u64,
+}
+
+fn io_error(what: &str, path: &Path, e: io::Error) -> Error {
+    Error::io(format!("overlay {what} {}", path.display()), e)
+}
+
+impl Overlay {
+    /// Where the overlay of launch `name` (volume `volume`, for a machine's
+    /// launch) lives.
+    pub(crate) fn dir_of(data_dir: &Path, name: &str, volume: Option<&str>) -> PathBuf {
+        let leaf = match volume {
+            Some(volume) => format!("{name}@{volume}"),
+            None => name.to_owned(),
+        };
+        data_dir.join("overlays").join(leaf)
+    }
+
+    /// Opens the overlay in `dir` for a volume of `size_bytes`, replaying its
+    /// map; `None` when there is none. A map of another size is `Corrupt`.
+    pub(crate) fn open(dir: &Path, size_bytes: u64) -> Result<Option<Self>, Error> {
+        let map_path = dir.join("map");
+        let map = match OpenOptions::new().read(true).write(true).open(&map_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("cannot open", &map_path, e)),
+        };
+        let data_path = dir.join("data");
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(|e| io_error("cannot open", &data_path, e))?;
+        let mut overlay = Self::with_files(dir, data, map, size_bytes);
+        overlay.replay()?;
+        Ok(Some(overlay))
+    }
+
+    /// Creates an empty overlay in `dir` (which must not hold one), durably.
+    pub(crate) fn create(dir: &Path, size_bytes: u64) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error("cannot create", dir, e))?;
+        let data_path = dir.join("data");
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&data_path)
+            .map_err(|e| io_error("cannot create", &data_path, e))?;
+        data.set_len(size_bytes)
+            .map_err(|e| io_error("cannot size", &data_path, e))?;
+        let tmp = dir.join("map.tmp");
+        let map = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io_error("cannot create", &tmp, e))?;
+        let mut overlay = Self::with_files(dir, data, map, size_bytes);
+        let mut header = overlay.header();
+        header.extend_from_slice(&overlay.marker());
+        overlay.write_map_at(&header, 0)?;
+        overlay.map_len = header.len() as u64;
+        overlay
+            .map
+            .sync_all()
+            .map_err(|e| io_error("cannot sync", &tmp, e))?;
+        overlay
+            .data
+            .sync_all()
+            .map_err(|e| io_error("cannot sync", &data_path, e))?;
+        std::fs::rename(&tmp, dir.join("map")).map_err(|e| io_error("cannot publish", &tmp, e))?;
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(overlay)
+    }
+
+    fn with_files(dir: &Path, data: File, map: File, size_bytes: u64) -> Self {
+        let blocks = size_bytes.div_ceil(OVERLAY_BLOCK_BYTES);
+        Self {
+            dir: dir.to_owned(),
+            data: Arc::new(data),
+            map,
+            map_len: 0,
+            blocks,
+            size_bytes,
+            data_bits: Bits::new(blocks),
+            zero_bits: Bits::new(blocks),
+            unsynced: false,
+            unsynced_unmaps: Vec::new(),
+            next_compaction_check: MAP_COMPACT_BYTES,
+            boot: boot_id(),
+            data_dirty: false,
+            to_punch: Vec::new(),
+            busy: Vec::new(),
+            last_token: 0,
+        }
+    }
+
+    fn marker(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MARKER_LEN as usize);
+        out.extend_from_slice(&MARKER_MAGIC);
+        out.extend_from_slice(&self.boot.unwrap_or([0; 16]));
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn header(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN as usize);
+        out.extend_from_slice(&HEADER_MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.blocks.to_le_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Number of blocks (the last one may be short).
+    pub(crate) fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// What block `block` reads as.
+    pub(crate) fn state(&self, block: u64) -> BlockState {
+        if self.data_bits.get(block) {
+            BlockState::Data
+        } else if self.zero_bits.get(block) {
+            BlockState::Zero
+        } else {
+            BlockState::Base
+        }
+    }
+
+    /// Whether any of `count` blocks from `first` is mapped (not the base's).
+    pub(crate) fn any_mapped(&self, first: u64, count: u64) -> bool {
+        self.data_bits.any_in(first, count) || self.zero_bits.any_in(first, count)
+    }
+
+    /// Blocks mapped now (data or zero).
+    pub(crate) fn mapped_blocks(&self) -> u64 {
+        self.data_bits.count() + self.zero_bits.count()
+    }
+
+    /// Reads `buf.len()` bytes of the file at byte `offset` (blocks in
+    /// state `Data`).
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.data
+            .read_exact_at(buf, offset)
+            .map_err(|e| io_error("cannot read", &self.dir, e))
+    }
+
+    /// Writes whole blocks from `first` (the last of the volume may be
+    /// short): `data` is their bytes, ending at a block end or the volume's.
+    pub(crate) fn write_blocks(&mut self, first: u64, data: &[u8]) -> Result<(), Error> {
+        let count = (data.len() as u64).div_ceil(OVERLAY_BLOCK_BYTES);
+        write_data(&self.data, &self.dir, first, data)?;
+        self.wrote_blocks(first, count)
+    }
+
+    /// Marks `count` blocks from `first` as `Data`: their bytes are in the
+    /// file (written with [`Overlay::io`] outside the volume's lock).
+    pub(crate) fn wrote_blocks(&mut self, first: u64, count: u64) -> Result<(), Error> {
+        self.data_dirty = true;
+        self.log(OpKind::Data, first, count)?;
+        self.data_bits.set_range(first, count, true);
+        self.zero_bits.set_range(first, count, false);
+        Ok(())
+    }
+
+    /// Starts I/O on `count` blocks from `first` outside the volume's lock:
+    /// they are not punched until [`Overlay::io_done`] with the token.
+    pub(crate) fn io(&mut self, first: u64, count: u64) -> (OverlayIo, u64) {
+        self.last_token += 1;
+        self.busy.push((first, first + count, self.last_token));
+        (
+            OverlayIo {
+                data: Arc::clone(&self.data),
+                dir: self.dir.clone(),
+            },
+            self.last_token,
+        )
+    }
+
+    /// Ends the I/O of `token`.
+    pub(crate) fn io_done(&mut self, token: u64) {
+        self.busy.retain(|(_, _, t)| *t != token);
+    }
+
+    /// Makes `count` blocks from `first` read as zeroes, touching no data.
+    pub(crate) fn zero_blocks(&mut self, first: u64, count: u64) -> Result<(), Error> {
+        self.log(OpKind::Zero, first, count)?;
+        self.zero_bits.set_range(first, count, true);
+        self.data_bits.set_range(first, count, false);
+        Ok(())
+    }
+
+    /// Gives `count` blocks from `first` back to the base (a fold stored
+    /// them). Their space is punched once the change is durable.
+    pub(crate) fn unmap(&mut self, first: u64, count: u64) -> Result<(), Error> {
+        if !self.any_mapped(first, count) {
+            return Ok(());
+        }
+        self.log(OpKind::Unmap, first, count)?;
+        self.data_bits.set_range(first, count, false);
+        self.zero_bits.set_range(first, count, false);
+        Ok(())
+    }
+
+    /// Appends one change to `map` (not synced).
+    fn log(&mut self, kind: OpKind, first: u64, count: u64) -> Result<(), Error> {
+        if self.map_len >= self.next_compaction_check {
+            // A sync now (always allowed: a disk may persist at any time)
+            // keeps `map` bounded when the client never flushes.
+            self.sync()?;
+            self.next_compaction_check = self.map_len.max(MAP_COMPACT_BYTES) * 2;
+        }
+        let record = encode_record(&[Op { kind, first, count }]);
+        self.write_map_at(&record, self.map_len)?;
+        self.map_len += record.len() as u64;
+        self.unsynced = true;
+        if kind == OpKind::Unmap {
+            self.unsynced_unmaps.push((first, count));
+        }
+        Ok(())
+    }
+
+    /// Makes every write so far durable: the data first, then the map
+    /// changes that name it. Then gives back the space of blocks whose
+    /// unmap is now durable and that were not written again.
+    pub(crate) fn sync(&mut self) -> Result<(), Error> {
+        if self.data_dirty {
+            self.data
+                .sync_data()
+                .map_err(|e| io_error("cannot sync", &self.dir, e))?;
+            self.data_dirty = false;
+        }
+        if self.unsynced {
+            let marker = self.marker();
+            self.write_map_at(&marker, self.map_len)?;
+            self.map
+                .sync_data()
+                .map_err(|e| io_error("cannot sync", &self.dir, e))?;
+            self.map_len += marker.len() as u64;
+            self.unsynced = false;
+            let unmapped = std::mem::take(&mut self.unsynced_unmaps);
+            self.to_punch.extend(unmapped);
+        }
+        self.punch()?;
+        if self.map_len > MAP_COMPACT_BYTES && self.map_len > 2 * self.compacted_len() {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    fn write_map_at(&self, bytes: &[u8], at: u64) -> Result<(), Error> {
+        self.map
+            .write_all_at(bytes, at)
+            .map_err(|e| io_error("cannot write the map of", &self.dir, e))
+    }
+
+    /// Punches the blocks whose unmap is durable and that are still unmapped.
+    fn punch(&mut self) -> Result<(), Error> {
+        let mut kept = Vec::new();
+        for (first, count) in std::mem::take(&mut self.to_punch) {
+            if self
+                .busy
+                .iter()
+                .any(|(start, end, _)| *start < first + count && first < *end)
+            {
+                // Read or written outside the lock now: the next sync.
+                kept.push((first, count));
+                continue;
+            }
+            let mut block = first;
+            while block < first + count {
+                if self.state(block) != BlockState::Base {
+                    block += 1;
+                    continue;
+                }
+                let run_start = block;
+                while block < first + count && self.state(block) == BlockState::Base {
+                    block += 1;
+                }
+                let offset = run_start * OVERLAY_BLOCK_BYTES;
+                let len = (block * OVERLAY_BLOCK_BYTES).min(self.size_bytes) - offset;
+                // Giving space back is an economy: a file system that cannot
+                // punch keeps the stale bytes, which no read reaches.
+                let _ = rustix::fs::fallocate(
+                    &*self.data,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    offset,
+                    len,
+                );
+            }
+        }
+        self.to_punch = kept;
+        Ok(())
+    }
+
+    /// The current map as operations: one per run of data or zero blocks.
+    fn runs(&self) -> Vec<Op> {
+        let mut ops = Vec::new();
+        let mut block = 0;
+        while block < self.blocks {
+            let state = self.state(block);
+            let start = block;
+            while block < self.blocks && self.state(block) == state {
+                block += 1;
+            }
+            let kind = match state {
+                BlockState::Base => continue,
+                BlockState::Data => OpKind::Data,
+                BlockState::Zero => OpKind::Zero,
+            };
+            ops.push(Op {
+                kind,
+                first: start,
+                count: block - start,
+            });
+        }
+        ops
+    }
+
+    fn compacted_len(&self) -> u64 {
+        let runs = self.runs().len() as u64;
+        HEADER_LEN
+            + runs * OP_LEN as u64
+            + runs.div_ceil(OPS_PER_RECORD_MAX as u64) * 12
+            + MARKER_LEN
+    }
+
+    /// Rewrites `map` as the current runs and a marker, atomically (called
+    /// right after a sync, so the map in memory is the durable one).
+    fn compact(&mut self) -> Result<(), Error> {
+        let tmp = self.dir.join("map.tmp");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io_error("cannot create", &tmp, e))?;
+        let mut bytes = self.header();
+        for batch in self.runs().chunks(OPS_PER_RECORD_MAX) {
+            bytes.extend_from_slice(&encode_record(batch));
+        }
+        bytes.extend_from_slice(&self.marker());
+        file.write_all_at(&bytes, 0)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_error("cannot write", &tmp, e))?;
+        std::fs::rename(&tmp, self.dir.join("map"))
+            .map_err(|e| io_error("cannot publish", &tmp, e))?;
+        sync_dir(&self.dir)?;
+        self.map = file;
+        self.map_len = bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Rebuilds the map from `map`: the header, then every whole record in
+    /// order; a record that is torn or fails its crc ends the map there
+    /// (the file is cut, so the next record follows the last good one).
+    fn replay(&mut self) -> Result<(), Error> {
+        let path = self.dir.join("map");
+        let len = self
+            .map
+            .metadata()
+            .map_err(|e| io_error("cannot stat", &path, e))?
+            .len();
+        let mut header = [0u8; HEADER_LEN as usize];
+        if len < HEADER_LEN {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("overlay map {} has no header", path.display()),
+            ));
+        }
+        self.map
+            .read_exact_at(&mut header, 0)
+            .map_err(|e| io_error("cannot read", &path, e))?;
+        if header.as_slice() != self.header().as_slice() {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "overlay map {} does not belong to a volume of {} bytes (or is damaged)",
+                    path.display(),
+                    self.size_bytes
+                ),
+            ));
+        }
+        let mut at = HEADER_LEN;
+        // The end of the last marker, and the boot it was written in.
+        let mut synced_end = at;
+        let mut marker_boot = None;
+        let mut tail = Vec::new();
+        while let Some((record, record_len)) = self.read_record(at, len)? {
+            at += record_len;
+            match record {
+                Record::Ops(ops) => tail.extend(ops),
+                Record::Marker(boot) => {
+                    for op in tail.drain(..) {
+                        self.apply_replayed(op)?;
+                    }
+                    synced_end = at;
+                    marker_boot = Some(boot);
+                }
+            }
+        }
+        let same_boot = self.boot.is_some() && marker_boot == self.boot;
+        if same_boot && !tail.is_empty() {
+            // Written in this boot by a process that is gone: the page
+            // cache holds their data. Made durable now, so that a power
+            // loss cannot take back what this server serves from here on.
+            for op in tail {
+                self.apply_replayed(op)?;
+            }
+            self.map_len = at;
+            self.cut(&path, at)?;
+            self.data_dirty = true;
+            self.unsynced = true;
+            return self.sync();
+        }
+        self.map_len = synced_end;
+        self.cut(&path, synced_end)
+    }
+
+    /// Cuts `map` at `at` if it is longer (a torn or damaged tail).
+    fn cut(&self, path: &Path, at: u64) -> Result<(), Error> {
+        let len = self
+            .map
+            .metadata()
+            .map_err(|e| io_error("cannot stat", path, e))?
+            .len();
+        if at < len {
+            self.map
+                .set_len(at)
+                .and_then(|()| self.map.sync_all())
+                .map_err(|e| io_error("cannot cut the torn tail of", path, e))?;
+        }
+        Ok(())
+    }
+
+    fn read_record(&self, at: u64, len: u64) -> Result<Option<(Record, u64)>, Error> {
+        if len - at < 8 + 4 {
+            return Ok(None);
+        }
+        let mut head = [0u8; 8];
+        self.map
+            .read_exact_at(&mut head, at)
+            .map_err(|e| io_error("cannot read the map of", &self.dir, e))?;
+        if head[..4] == MARKER_MAGIC {
+            if len - at < MARKER_LEN {
+                return Ok(None);
+            }
+            let mut marker = [0u8; MARKER_LEN as usize];
+            self.map
+                .read_exact_at(&mut marker, at)
+                .map_err(|e| io_error("cannot read the map of", &self.dir, e))?;
+            let (body, crc) = marker.split_at(marker.len() - 4);
+            if crc32fast::hash(body).to_le_bytes() != crc {
+                return Ok(None);
+            }
+            let boot = body[4..20].try_into().expect("16 bytes");
+            return Ok(Some((Record::Marker(boot), MARKER_LEN)));
+        }
+        let count = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+        if head[..4] != RECORD_MAGIC || count > OPS_PER_RECORD_MAX {
+            return Ok(None);
+        }
+        let record_len = (8 + count * OP_LEN + 4) as u64;
+        if len - at < record_len {
+            return Ok(None);
+        }
+        let mut record = vec![0u8; record_len as usize];
+        self.map
+            .read_exact_at(&mut record, at)
+            .map_err(|e| io_error("cannot read the map of", &self.dir, e))?;
+        let (body, crc) = record.split_at(record.len() - 4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Ok(None);
+        }
+        let mut ops = Vec::with_capacity(count);
+        for op in body[8..].chunks_exact(OP_LEN) {
+            let kind = match op[0] {
+                1 => OpKind::Data,
+                2 => OpKind::Zero,
+                3 => OpKind::Unmap,
+                _ => return Ok(None),
+            };
+            let first = u64::from_le_bytes(op[1..9].try_into().expect("8 bytes"));
+            let count = u64::from_le_bytes(op[9..17].try_into().expect("8 bytes"));
+            ops.push(Op { kind, first, count });
+        }
+        Ok(Some((Record::Ops(ops), record_len)))
+    }
+
+    fn apply_replayed(&mut self, op: Op) -> Result<(), Error> {
+        match op.first.checked_add(op.count) {
+            Some(end) if end <= self.blocks => {}
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "overlay map {} names blocks {}+{} of a volume of {} blocks",
+                        self.dir.display(),
+                        op.first,
+                        op.count,
+                        self.blocks
+                    ),
+                ));
+            }
+        }
+        let (data, zero) = match op.kind {
+            OpKind::Data => (true, false),
+            OpKind::Zero => (false, true),
+            OpKind::Unmap => (false, false),
+        };
+        self.data_bits.set_range(op.first, op.count, data);
+        self.zero_bits.set_range(op.first, op.count, zero);
+        Ok(())
+    }
+}
+
+/// The overlay's file, for reads and writes outside the volume's lock.
+pub(crate) struct OverlayIo {
+    data: Arc<File>,
+    dir: PathBuf,
+}
+
+impl OverlayIo {
+    /// Reads `buf.len()` bytes at byte `offset`.
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.data
+            .read_exact_at(buf, offset)
+            .map_err(|e| io_error("cannot read", &self.dir, e))
+    }
+
+    /// Writes whole blocks from `first`, as [`Overlay::write_blocks`] does,
+    /// leaving the map to [`Overlay::wrote_blocks`].
+    pub(crate) fn write_blocks(&self, first: u64, data: &[u8]) -> Result<(), Error> {
+        write_data(&self.data, &self.dir, first, data)
+    }
+}
+
+fn write_data(file: &File, dir: &Path, first: u64, data: &[u8]) -> Result<(), Error> {
+    file.write_all_at(data, first * OVERLAY_BLOCK_BYTES)
+        .map_err(|e| io_error("cannot write", dir, e))
+}
+
+/// A record of `map`.
+enum Record {
+    Ops(Vec<Op>),
+    /// A sync marker, with the boot it was written in.
+    Marker([u8; 16]),
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The boot id overlays opened on this thread see: a test's "reboot".
+    pub(crate) static TEST_BOOT: std::cell::Cell<Option<[u8; 16]>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// This boot's id, from the kernel; `None` where it cannot be read.
+fn boot_id() -> Option<[u8; 16]> {
+    #[cfg(test)]
+    if let Some(boot) = TEST_BOOT.with(std::cell::Cell::get) {
+        return Some(boot);
+    }
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    let value = u128::from_str_radix(&hex, 16).ok()?;
+    Some(value.to_le_bytes())
+}
+
+fn encode_record(ops: &[Op]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + ops.len() * OP_LEN + 4);
+    out.extend_from_slice(&RECORD_MAGIC);
+    out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+    for op in ops {
+        out.push(op.kind as u8);
+        out.extend_from_slice(&op.first.to_le_bytes());
+        out.extend_from_slice(&op.count.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("cannot sync directory", dir, e))
+}
+
+/// Blocks mapped by the overlay in `dir` (0 when there is none), read
+/// without knowing its volume's size.
+pub(crate) fn mapped_blocks_in(dir: &Path) -> Result<u64, Error> {
+    let map_path = dir.join("map");
+    let mut header = [0u8; HEADER_LEN as usize];
+    match File::open(&map_path) {
+        Ok(file) => file
+            .read_exact_at(&mut header, 0)
+            .map_err(|e| io_error("cannot read", &map_path, e))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_error("cannot open", &map_path, e)),
+    }
+    let blocks = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let size = blocks.saturating_mul(OVERLAY_BLOCK_BYTES);
+    Ok(Overlay::open(dir, size)?.map_or(0, |overlay| overlay.mapped_blocks()))
+}
+
+/// Removes the overlay in `dir`, if any (its launch was deleted, or a
+/// bucket store's overlay holds nothing acknowledged).
+pub(crate) fn remove(dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("cannot remove", dir, e)),
+    }
+}
+
+#[cfg(test)]
+#[path = "overlay_tests.rs"]
+pub(crate) mod tests;
