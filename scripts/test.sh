@@ -22,6 +22,9 @@ wanted[rsync]=rsync
 # file that a loop device attaches: tests/it/capture_fs.rs runs ext4 over it.
 wanted[nbdfuse]=libnbd-bin
 wanted[fusermount3]=fuse3
+# fio (its NBD engine, on libnbd) writes launch volumes with verification
+# while tests/it/launch_overlay.rs kills the server.
+wanted[fio]=fio
 # python3 runs scripts/check-rooms.py below.
 wanted[python3]=python3
 # scripts/drill-kernel.sh packs its initramfs with cpio and unpacks the

@@ -30,11 +30,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// A duration that may be turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OffOrDuration(pub Option<Duration>);
+
 /// `off` (`None`), or a duration as [`parse_duration`] reads it.
-pub(crate) fn parse_off_or_duration(text: &str) -> Result<Option<std::time::Duration>, String> {
+pub(crate) fn parse_off_or_duration(text: &str) -> Result<OffOrDuration, String> {
     match text {
-        "off" => Ok(None),
-        text => parse_duration(text).map(Some),
+        "off" => Ok(OffOrDuration(None)),
+        text => parse_duration(text).map(|d| OffOrDuration(Some(d))),
     }
 }
 

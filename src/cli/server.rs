@@ -125,7 +125,7 @@ pub(crate) struct ServerArgs {
     /// finalize, a standby's follow, `blockrep launch fold`). A flush makes
     /// writes durable either way.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_off_or_duration)]
-    pub(crate) launch_fold_interval: Option<Duration>,
+    pub(crate) launch_fold_interval: units::OffOrDuration,
     /// A source with no agent contact for this long is `stalled`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     pub(crate) stall_after: Duration,

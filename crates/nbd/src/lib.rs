@@ -145,6 +145,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod buffers;
 mod client;
 mod error;
 mod file;

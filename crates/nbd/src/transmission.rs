@@ -20,6 +20,7 @@ use tokio::io::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
+use crate::buffers::Buffers;
 use crate::error::{Error, ErrorKind};
 use crate::pace::Pace;
 use crate::wire::{self, Command, ErrorCode, ExportLimits, Refusal, Request, SimpleReply};
@@ -50,7 +51,13 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let export_closing = export.closing();
     let (replies, queue) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_replies(write_half, queue, limits.idle_timeout));
+    let buffers = Arc::new(Buffers::default());
+    let writer = tokio::spawn(write_replies(
+        write_half,
+        queue,
+        limits.idle_timeout,
+        Arc::clone(&buffers),
+    ));
     let mut reader = Reader {
         stream: BufReader::with_capacity(READ_BUFFER_BYTES, read_half),
         export_limits: ExportLimits {
@@ -65,6 +72,7 @@ where
         replies,
         stop,
         closing: export_closing,
+        buffers,
     };
     let read_result = reader.run().await;
     // The writer ends once every sender is gone: ours here, and the clones
@@ -88,6 +96,8 @@ struct Reader<S> {
     stop: watch::Receiver<bool>,
     /// The export's own close signal ([`Export::closing`]).
     closing: Option<watch::Receiver<bool>>,
+    /// Payload and reply buffers, reused.
+    buffers: Arc<Buffers>,
 }
 
 /// Why the reader stopped waiting for a request.
@@ -157,7 +167,7 @@ impl<S: AsyncRead + Unpin> Reader<S> {
         // Reserved before allocating: check_request capped `length`.
         let permit = self.reserve(buffer_bytes).await?;
         let payload = if request.command == Command::Write {
-            let mut payload = vec![0; request.length as usize];
+            let mut payload = self.buffers.take(request.length as usize);
             self.read_payload(&mut payload).await?;
             payload
         } else {
@@ -165,7 +175,8 @@ impl<S: AsyncRead + Unpin> Reader<S> {
         };
         if self.pace.inline(&request, Instant::now()) {
             let started = Instant::now();
-            let bytes = execute_guarded(self.export.as_ref(), &request, &payload);
+            let bytes = execute_guarded(self.export.as_ref(), &request, &payload, &self.buffers);
+            self.buffers.give(payload);
             let now = Instant::now();
             self.pace.ran_inline(now - started, now);
             self.send(bytes, permit);
@@ -179,8 +190,10 @@ impl<S: AsyncRead + Unpin> Reader<S> {
         }
         let export = Arc::clone(&self.export);
         let replies = self.replies.clone();
+        let buffers = Arc::clone(&self.buffers);
         tokio::task::spawn_blocking(move || {
-            let bytes = execute_guarded(export.as_ref(), &request, &payload);
+            let bytes = execute_guarded(export.as_ref(), &request, &payload, &buffers);
+            buffers.give(payload);
             // A closed channel means the connection is going away.
             let _ = replies.send(Reply {
                 bytes,
@@ -269,13 +282,20 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// [`execute`], answering `EIO` if the export panics: that is a bug on our
 /// side of the wire, and the client still gets an answer rather than a hang.
-fn execute_guarded(export: &dyn Export, request: &Request, payload: &[u8]) -> Vec<u8> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| execute(export, request, payload)))
-        .unwrap_or_else(|_| error_reply(request.handle, ErrorCode::Io))
+fn execute_guarded(
+    export: &dyn Export,
+    request: &Request,
+    payload: &[u8],
+    buffers: &Buffers,
+) -> Vec<u8> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        execute(export, request, payload, buffers)
+    }))
+    .unwrap_or_else(|_| error_reply(request.handle, ErrorCode::Io))
 }
 
 /// Runs one checked request against the export and builds its reply.
-fn execute(export: &dyn Export, request: &Request, payload: &[u8]) -> Vec<u8> {
+fn execute(export: &dyn Export, request: &Request, payload: &[u8], buffers: &Buffers) -> Vec<u8> {
     let fua = request.flags & wire::COMMAND_FLAG_FUA != 0;
     let offset = request.offset;
     let length = u64::from(request.length);
@@ -283,7 +303,7 @@ fn execute(export: &dyn Export, request: &Request, payload: &[u8]) -> Vec<u8> {
         result.and_then(|()| if fua { export.flush() } else { Ok(()) })
     };
     let result = match request.command {
-        Command::Read => return read_reply(export, request),
+        Command::Read => return read_reply(export, request, buffers),
         Command::Write => then_flush(export.write(offset, payload)),
         Command::WriteZeroes => then_flush(export.write_zeroes(offset, length)),
         Command::Trim => then_flush(export.trim(offset, length)),
@@ -304,8 +324,9 @@ fn execute(export: &dyn Export, request: &Request, payload: &[u8]) -> Vec<u8> {
 
 /// A read reply is the header followed by the data, built in one buffer so
 /// that it leaves in one write.
-fn read_reply(export: &dyn Export, request: &Request) -> Vec<u8> {
-    let mut bytes = vec![0; wire::SIMPLE_REPLY_LEN + request.length as usize];
+fn read_reply(export: &dyn Export, request: &Request, buffers: &Buffers) -> Vec<u8> {
+    // The export fills every byte of a read it answers.
+    let mut bytes = buffers.take(wire::SIMPLE_REPLY_LEN + request.length as usize);
     match export.read(request.offset, &mut bytes[wire::SIMPLE_REPLY_LEN..]) {
         Ok(()) => {
             bytes[..wire::SIMPLE_REPLY_LEN].copy_from_slice(&wire::encode_simple_reply(
@@ -341,11 +362,14 @@ async fn write_replies<S: AsyncWrite>(
     stream: WriteHalf<S>,
     mut queue: mpsc::UnboundedReceiver<Reply>,
     idle_timeout: Duration,
+    buffers: Arc<Buffers>,
 ) -> Result<(), Error> {
     let mut stream = BufWriter::with_capacity(WRITE_BUFFER_BYTES, stream);
     while let Some(reply) = queue.recv().await {
         with_timeout(idle_timeout, stream.write_all(&reply.bytes)).await?;
-        drop(reply);
+        let Reply { bytes, _permit } = reply;
+        buffers.give(bytes);
+        drop(_permit);
         if queue.is_empty() {
             with_timeout(idle_timeout, stream.flush()).await?;
         }

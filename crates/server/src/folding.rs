@@ -1,6 +1,7 @@
 //! Background folding: what clients wrote to launch volumes (their overlays)
 //! is moved into the store every [`ServerConfig::launch_fold_interval`], so
-//! that a launch's head stays close to its volume and its overlay small.
+//! that a launch's head stays close to its volume and its overlay small,
+//! once the volume has been idle for [`FOLD_IDLE`].
 //! Roots needed at once (failback, finalize, a standby's follow) fold on
 //! their own; this only keeps the work spread out.
 //!
@@ -16,6 +17,11 @@ use crate::shared::Shared;
 
 /// Default of [`crate::ServerConfig::launch_fold_interval`].
 pub const FOLD_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
+/// A volume is folded in the background only once it has served no request
+/// for this long: a fold hashes, compresses and stores what was written, and
+/// on a busy volume it would take the CPU and disk the workload is using.
+/// (A volume written without pause is folded when a root is needed.)
+pub const FOLD_IDLE: Duration = Duration::from_secs(10);
 
 /// Folds every launch with an overlay, each interval, forever (the task is
 /// aborted when the server stops).
@@ -44,11 +50,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     Err(e) => return Err(format!("launch {launch}: {e}")),
                 };
                 let bytes = opened.overlay_bytes();
-                if bytes == 0 {
+                if bytes == 0 || opened.idle_for() < FOLD_IDLE {
                     continue;
                 }
+                // Stops, publishing what it folded, once clients are back.
+                let idle = || opened.idle_for() >= FOLD_IDLE;
                 opened
-                    .fold(now_unix_ms())
+                    .fold_while(now_unix_ms(), &idle)
                     .map_err(|e| format!("launch {launch}: {e}"))?;
                 folded += bytes;
             }

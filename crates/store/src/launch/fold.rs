@@ -34,6 +34,13 @@ impl LaunchVolume {
     /// (with `now_unix_ms` as its flush time) once they are durable. Returns
     /// the volume's root. Nothing is stored when nothing was written.
     pub fn fold(&self, now_unix_ms: u64) -> io::Result<Root> {
+        self.fold_while(now_unix_ms, &|| true)
+    }
+
+    /// [`LaunchVolume::fold`] for as long as `go_on` says, asked before each
+    /// chunk: what was folded by then is published, the rest waits for the
+    /// next fold. A background fold stops so when clients come back.
+    pub fn fold_while(&self, now_unix_ms: u64, go_on: &dyn Fn() -> bool) -> io::Result<Root> {
         self.store.check_writable()?;
         let _fold = lock(&self.fold_lock);
         let chunk_size = u64::from(self.geometry.chunk_size_bytes());
@@ -57,6 +64,9 @@ impl LaunchVolume {
         let mut compressor = zstd::bulk::Compressor::new(1).ok();
         let mut folded = Vec::with_capacity(chunks.len());
         for chunk_index in chunks {
+            if !go_on() {
+                break;
+            }
             let len = self
                 .geometry
                 .chunk_len(chunk_index)
@@ -108,11 +118,9 @@ impl LaunchVolume {
                 overlay.unmap(first, per_chunk.min(overlay.blocks() - first))?;
             }
         }
-        // Records the unmaps and gives their space back: an encrypted
-        // source's plaintext stays in the overlay no longer than this.
-        if let Some(overlay) = state.overlay.as_mut() {
-            overlay.sync()?;
-        }
+        // The unmaps reach the map's durable part (and the blocks' space is
+        // given back) at the next sync: a sync here would wait, under the
+        // volume's lock, for every byte written since the last one.
         Ok(state.root.clone())
     }
 

@@ -60,9 +60,13 @@ use crate::error::{Error, ErrorKind};
 
 /// Bytes per overlay block: the granularity of writes and of the map.
 pub const OVERLAY_BLOCK_BYTES: u64 = 4096;
-/// `map` is rewritten whole when it grows past this (and past twice what a
-/// rewrite would take).
+/// `map` is rewritten whole at a sync when it has grown past this (and past
+/// twice what a rewrite would take).
 const MAP_COMPACT_BYTES: u64 = 4 << 20;
+/// A write makes a sync of its own (to rewrite `map`) only past this: a
+/// client that never flushes must not grow `map` without bound, but a sync
+/// of the data in the write path stalls that write, so it stays rare.
+const MAP_FORCED_COMPACT_BYTES: u64 = 64 << 20;
 const HEADER_MAGIC: [u8; 4] = *b"BROV";
 const RECORD_MAGIC: [u8; 4] = *b"BROJ";
 const MARKER_MAGIC: [u8; 4] = *b"BROS";
@@ -270,7 +274,7 @@ impl Overlay {
             zero_bits: Bits::new(blocks),
             unsynced: false,
             unsynced_unmaps: Vec::new(),
-            next_compaction_check: MAP_COMPACT_BYTES,
+            next_compaction_check: MAP_FORCED_COMPACT_BYTES,
             boot: boot_id(),
             data_dirty: false,
             to_punch: Vec::new(),
@@ -395,7 +399,7 @@ impl Overlay {
             // A sync now (always allowed: a disk may persist at any time)
             // keeps `map` bounded when the client never flushes.
             self.sync()?;
-            self.next_compaction_check = self.map_len.max(MAP_COMPACT_BYTES) * 2;
+            self.next_compaction_check = self.map_len.max(MAP_FORCED_COMPACT_BYTES) * 2;
         }
         let record = encode_record(&[Op { kind, first, count }]);
         self.write_map_at(&record, self.map_len)?;

@@ -55,6 +55,8 @@ pub struct LaunchVolume {
     pub(super) state: Mutex<VolumeState>,
     /// Held for a whole fold, so that folds do not interleave.
     pub(super) fold_lock: Mutex<()>,
+    /// When the volume last served a read or a write (`None`: never).
+    last_io: Mutex<Option<std::time::Instant>>,
 }
 
 pub(super) struct VolumeState {
@@ -144,6 +146,16 @@ impl LaunchVolume {
         self.lock_state().pages.len()
     }
 
+    /// How long since the volume last served a read or a write
+    /// (`Duration::MAX` for one that never has).
+    pub fn idle_for(&self) -> std::time::Duration {
+        lock(&self.last_io).map_or(std::time::Duration::MAX, |at| at.elapsed())
+    }
+
+    fn note_io(&self) {
+        *lock(&self.last_io) = Some(std::time::Instant::now());
+    }
+
     /// Bytes written since the last fold (4 KiB blocks of the overlay).
     pub fn overlay_bytes(&self) -> u64 {
         self.lock_state()
@@ -195,6 +207,7 @@ impl LaunchVolume {
         if buf.is_empty() {
             return Ok(());
         }
+        self.note_io();
         let end = offset_bytes + buf.len() as u64;
         let (parts, io, ahead) = {
             let mut state = self.lock_state();
@@ -258,6 +271,7 @@ impl LaunchVolume {
         if len_bytes == 0 {
             return Ok(());
         }
+        self.note_io();
         let size = self.size_bytes();
         let end = offset_bytes + len_bytes;
         // The whole blocks of a write of bytes are written without the lock.
@@ -357,6 +371,12 @@ impl LaunchVolume {
     /// `now_unix_ms` as the flush time (the store never reads the clock).
     pub fn flush(&self, now_unix_ms: u64) -> io::Result<()> {
         self.fold(now_unix_ms)?;
+        // Records the unmaps and gives their space back: an encrypted
+        // source's plaintext stays in the overlay no longer than this.
+        let mut state = self.lock_state();
+        if let Some(overlay) = state.overlay.as_mut() {
+            overlay.sync()?;
+        }
         Ok(())
     }
 }
@@ -414,6 +434,7 @@ impl LaunchVolume {
                 chunk_reads: 0,
             }),
             fold_lock: Mutex::new(()),
+            last_io: Mutex::new(None),
         })
     }
 }

@@ -1,0 +1,243 @@
+//! Launch volumes under a real workload: fio's NBD engine writing while the
+//! server is SIGKILLed, and what a fold puts in the store read back byte for
+//! byte by `blockrep export`.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+use blockrep_testkit::{Pki, ServerProcess, random_bytes};
+
+const MIB: usize = 1 << 20;
+
+/// fio's options for the job both runs share: the same offsets and data.
+fn fio_job(uri: &str) -> Vec<String> {
+    [
+        "--name=overlay",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=16M",
+        "--iodepth=16",
+        "--randseed=3",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn fio_writes_survive_a_server_killed_while_it_writes() {
+    if !have_tool("fio") {
+        return;
+    }
+    let pki = Pki::new(&["db"]);
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let disk = work.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(16 * MIB, 41)).unwrap();
+    let mut server = nbd_server(&pki, &data);
+    assert_success(&agent_once(&disk, server.addr, "db", pki.path(), &[]));
+    create_snapshot(&server, "db", "snap");
+    let launch = create_launch(&server, "db", "snap", "db-1");
+    let uri = launch.nbd_uri.unwrap();
+
+    // Writes with a flush every 8, far more than it can finish: the kill
+    // lands in the middle. fio saves how far its writes got.
+    let mut fio = Command::new("fio")
+        .args(fio_job(&uri))
+        .args([
+            "--fsync=8",
+            "--do_verify=0",
+            "--verify_state_save=1",
+            "--number_ios=10000000",
+        ])
+        .current_dir(work.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    server.kill();
+    let status = fio.wait().unwrap();
+    assert!(!status.success(), "fio lost its server: it must fail");
+    let state = work.path().join("overlay-local-0-verify.state");
+    assert!(state.exists(), "fio saved how far it wrote");
+
+    let server = nbd_server(&pki, &data);
+    let uri = format!("nbd://{}/db-1", server.nbd_addr.unwrap());
+    // fio reads back every block its saved state says it wrote, checking
+    // each one's crc32c and offset header.
+    let verify = Command::new("fio")
+        .args(fio_job(&uri))
+        .args([
+            "--verify_only",
+            "--verify_state_load=1",
+            "--do_verify=1",
+            "--number_ios=10000000",
+        ])
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "fio's verification failed after the restart:\n{report}\n{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(report.contains("overlay"), "{report}");
+}
+
+#[test]
+fn a_folded_launch_exports_what_was_written_byte_for_byte() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let pki = Pki::new(&["web"]);
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let disk = work.path().join("disk.raw");
+    let size = 8 * MIB + 3000;
+    std::fs::write(&disk, random_bytes(size, 42)).unwrap();
+    // The same writes go to a raw copy through qemu-io's own file driver.
+    let expected = work.path().join("expected.raw");
+    std::fs::copy(&disk, &expected).unwrap();
+    let server = nbd_server(&pki, &data);
+    assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
+    create_snapshot(&server, "web", "snap");
+    let launch = create_launch(&server, "web", "snap", "web-1");
+    let uri = launch.nbd_uri.unwrap();
+    let writes = [
+        "write -P 0x11 0 4096",
+        "write -P 0x22 5000 70000",
+        "write -z 131072 262144",
+        "write -P 0x33 1048575 3",
+        "write -P 0x44 4194304 1048576",
+        "write -z 6000000 5000",
+        // The short last block.
+        "write -P 0x55 8391600 2008",
+    ];
+    for target in [uri.as_str(), expected.to_str().unwrap()] {
+        let mut args = vec!["-f", "raw"];
+        for write in &writes {
+            args.extend(["-c", write]);
+        }
+        args.extend(["-c", "flush", target]);
+        run_tool("qemu-io", &args);
+    }
+    let copy = work.path().join("copy.raw");
+    run_tool("nbdcopy", &[&uri, copy.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&expected).unwrap(),
+        "the launch read over NBD differs from the raw copy given the same writes"
+    );
+
+    // Fold: the writes go into the store, and the launch's head names them.
+    let folded = cli(&server, &pki, &["launch", "fold", "--name", "web-1"]);
+    assert_success(&folded);
+    let line = String::from_utf8_lossy(&folded.stdout).to_string();
+    let root = line
+        .split_whitespace()
+        .skip_while(|w| *w != "root")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no root in {line:?}"))
+        .to_owned();
+    assert!(line.contains("generation 1"), "{line}");
+    let exported = work.path().join("exported.raw");
+    let export = Command::new(bin())
+        .args(["export", "--data"])
+        .arg(&data)
+        .args(["--root", &root, "--out"])
+        .arg(&exported)
+        .output()
+        .unwrap();
+    assert_success(&export);
+    assert!(
+        std::fs::read(&exported).unwrap() == std::fs::read(&expected).unwrap(),
+        "the folded root differs from the raw copy given the same writes"
+    );
+    drop(server);
+    let verify = Command::new(bin())
+        .args(["verify", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_success(&verify);
+}
+
+#[test]
+fn a_server_restarted_folds_what_a_killed_one_left_in_overlays() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let pki = Pki::new(&["app"]);
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let disk = work.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(4 * MIB, 43)).unwrap();
+    let mut server = ServerProcess::start_with(
+        &bin(),
+        &data,
+        pki.path(),
+        &[
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--retention",
+            "off",
+            "--launch-fold-interval",
+            "off",
+        ],
+    );
+    assert_success(&agent_once(&disk, server.addr, "app", pki.path(), &[]));
+    create_snapshot(&server, "app", "snap");
+    let launch = create_launch(&server, "app", "snap", "app-1");
+    let base_root = launch.root.clone();
+    let uri = launch.nbd_uri.unwrap();
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x66 65536 65536",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    server.kill();
+    // Folding at start is the default: the head moves off the base.
+    let server = nbd_server(&pki, &data);
+    let admin = server.admin_addr.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            launch_root(admin, "app-1").is_some_and(|root| root != base_root)
+        }),
+        "the launch's head never moved: {:?}",
+        launch_root(admin, "app-1")
+    );
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x66 65536 65536",
+            &format!("nbd://{}/app-1", server.nbd_addr.unwrap()),
+        ],
+    );
+}
+
+/// The root a launch's head names, from `GET /v1/launches`.
+fn launch_root(admin: std::net::SocketAddr, name: &str) -> Option<String> {
+    let (code, body) = admin_request(admin, "GET", "/v1/launches", None);
+    assert_eq!(code, 200, "{body}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    list.iter()
+        .find(|l| l["name"] == name)
+        .and_then(|l| l["root"].as_str().map(str::to_owned))
+}
