@@ -84,7 +84,8 @@ workloads=(randwrite-4k randread-4k seqread-1m seqwrite-1m)
 run() { # side workload -> appends IOPS or MiB/s to $work/side.workload
     local out
     # shellcheck disable=SC2086 # the options are split into words on purpose
-    out=$(fio --name="$2" "${common[@]}" --uri="${uri[$1]}" ${opts[$2]} 2>"$work/fio.err") || {
+    # In the work directory: fio leaves its verify state files where it runs.
+    out=$(cd "$work" && fio --name="$2" "${common[@]}" --uri="${uri[$1]}" ${opts[$2]} 2>"$work/fio.err") || {
         echo "fio $2 on $1 failed:" >&2
         cat "$work/fio.err" >&2
         echo "$out" >&2

@@ -185,7 +185,9 @@ pub trait Export: Send + Sync + 'static {
     fn size_bytes(&self) -> u64;
     /// Whether writes, zeroes and trims are refused with `EPERM`.
     fn read_only(&self) -> bool;
-    /// Fills `buf` from `offset`.
+    /// Fills all of `buf` from `offset`. `buf` may hold bytes of an earlier
+    /// request of the same connection (buffers are reused): an export that
+    /// returns `Ok` must have overwritten every byte.
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     /// Writes `data` at `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;

@@ -338,8 +338,14 @@ async fn list_launches(
 ) -> Result<Response, ApiError> {
     let source = filter.source.as_deref().map(parse_source).transpose()?;
     let nbd = shared.nbd_addr();
-    let list = blocking(&shared, move |store| {
-        store
+    let (list, overlaid) = blocking(&shared, move |store| {
+        // Launches a client wrote to since their last fold.
+        let overlaid: std::collections::HashSet<String> = store
+            .launches_with_overlays()?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        let list = store
             .list_launches(source.as_ref())?
             .into_iter()
             .filter_map(|l| match store.launch_workflow(&l.name) {
@@ -349,12 +355,15 @@ async fn list_launches(
                 Err(e) => Some(Err(e)),
             })
             .map(|found| found.and_then(|(volumes, workflow, l)| Ok((volumes?, workflow, l))))
-            .collect::<Result<Vec<_>, blockrep_store::Error>>()
+            .collect::<Result<Vec<_>, blockrep_store::Error>>()?;
+        Ok((list, overlaid))
     })
     .await?;
     Ok(Json(
         list.iter()
-            .map(|(volumes, workflow, l)| LaunchView::new(l, volumes, workflow, nbd))
+            .map(|(volumes, workflow, l)| {
+                LaunchView::new(l, volumes, workflow, nbd, overlaid.contains(&l.name))
+            })
             .collect::<Vec<_>>(),
     )
     .into_response())
@@ -413,7 +422,7 @@ async fn create_launch(
     }
     Ok((
         StatusCode::CREATED,
-        Json(LaunchView::new(&launch, &volumes, &workflow, nbd)),
+        Json(LaunchView::new(&launch, &volumes, &workflow, nbd, false)),
     )
         .into_response())
 }

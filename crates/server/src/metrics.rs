@@ -4,6 +4,7 @@
 
 mod catalog;
 mod exposition;
+mod launches;
 mod upload;
 mod workflow;
 

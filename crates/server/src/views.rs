@@ -132,12 +132,14 @@ pub struct LaunchVolumeView {
 }
 
 impl LaunchView {
-    /// The view of launch `info`, whose volumes are `volumes`.
+    /// The view of launch `info`, whose volumes are `volumes`; `overlaid`:
+    /// a client wrote to it since its last fold.
     pub(crate) fn new(
         info: &LaunchInfo,
         volumes: &[VolumeName],
         workflow: &LaunchWorkflow,
         nbd: Option<crate::nbd_export::NbdEndpoint>,
+        overlaid: bool,
     ) -> Self {
         let single = volumes.len() == 1;
         Self {
@@ -145,7 +147,7 @@ impl LaunchView {
             must_succeed: workflow.must_succeed,
             expected_checks: workflow.expected_checks.clone(),
             checks: workflow.checks.iter().map(CheckView::from).collect(),
-            following: workflow.follow && unwritten(info, workflow),
+            following: workflow.follow && !overlaid && unwritten(info, workflow),
             followed_epoch: workflow.followed.map(|(_, epoch)| epoch),
             volumes: volumes
                 .iter()
@@ -172,9 +174,10 @@ impl LaunchView {
     }
 }
 
-/// Whether a standby's head is still where the server last put it: a flush
-/// of a client's writes moved it, and from that moment it no longer follows
-/// (its record says so at the source's next commit).
+/// Whether a standby's head is still where the server last put it: a fold
+/// of a client's writes moved it, and from then on (from the first write,
+/// which makes an overlay) it no longer follows (its record says so at the
+/// source's next commit).
 fn unwritten(info: &LaunchInfo, workflow: &LaunchWorkflow) -> bool {
     let followed = workflow.followed.map_or(info.base_root, |(root, _)| root);
     info.root == followed || Some(info.root) == workflow.following_to

@@ -18,13 +18,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use blockrep_core::ChunkId;
 
-use crate::error::{Error, ErrorKind};
 use crate::mutex::lock;
-use crate::store::Store;
 
 /// Default memory budget of the decoded chunk cache (`--launch-cache-mib`).
 pub const CHUNK_CACHE_BYTES_DEFAULT: u64 = 256 << 20;
@@ -63,10 +61,10 @@ pub struct ChunkCacheStats {
 /// See the module documentation.
 pub(crate) struct ChunkCache {
     cache: RwLock<Arc<Cache>>,
-    budget_bytes: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    readahead_chunks: AtomicU64,
+    pub(crate) budget_bytes: AtomicU64,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) readahead_chunks: AtomicU64,
     readahead: OnceLock<Mutex<SyncSender<Readahead>>>,
 }
 
@@ -91,32 +89,30 @@ impl Default for ChunkCache {
     }
 }
 
+/// A cache of `budget_bytes`.
 fn new_cache(budget_bytes: u64) -> Cache {
     // Entries are mostly whole chunks of 64 KiB.
     let items = (budget_bytes / (64 << 10)).max(16) as usize;
     Cache::with_weighter(items, budget_bytes, ByLength)
 }
 
-/// Chunks to decode ahead of a reader: (id, decoded length).
-struct Readahead {
-    store: Weak<Store>,
-    chunks: Vec<(ChunkId, u32)>,
-}
+/// Decoding to do ahead of a reader, on the readahead thread.
+pub(crate) type Readahead = Box<dyn FnOnce() + Send>;
 
 impl ChunkCache {
     fn current(&self) -> Arc<Cache> {
         Arc::clone(&self.cache.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn get(&self, id: &ChunkId) -> Option<Arc<[u8]>> {
+    pub(crate) fn get(&self, id: &ChunkId) -> Option<Arc<[u8]>> {
         self.current().get(id)
     }
 
-    fn insert(&self, id: ChunkId, bytes: Arc<[u8]>) {
+    pub(crate) fn insert(&self, id: ChunkId, bytes: Arc<[u8]>) {
         self.current().insert(id, bytes);
     }
 
-    fn send(&self, batch: Readahead) {
+    pub(crate) fn send(&self, batch: Readahead) {
         let sender = self.readahead.get_or_init(|| {
             let (sender, receiver) = sync_channel(READAHEAD_QUEUE_MAX);
             // A thread per store, ending when the store (and so the sender)
@@ -133,94 +129,21 @@ impl ChunkCache {
 }
 
 fn run_readahead(receiver: Receiver<Readahead>) {
-    while let Ok(batch) = receiver.recv() {
-        let Some(store) = batch.store.upgrade() else {
-            continue;
-        };
-        for (id, len) in batch.chunks {
-            if store.chunk_cache.get(&id).is_some() {
-                continue;
-            }
-            // A chunk that cannot be read is reported to the reader that
-            // asks for it; readahead only warms the cache.
-            if store.decode_chunk(&id, len).is_ok() {
-                store
-                    .chunk_cache
-                    .readahead_chunks
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
+    while let Ok(work) = receiver.recv() {
+        work();
     }
 }
 
-impl Store {
-    /// Sets the decoded chunk cache's memory budget (0: no cache). Entries
-    /// held are dropped.
-    pub fn set_chunk_cache_bytes(&self, budget_bytes: u64) {
-        let cache = Arc::new(new_cache(budget_bytes));
-        *self
-            .chunk_cache
-            .cache
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = cache;
-        self.chunk_cache
-            .budget_bytes
-            .store(budget_bytes, Ordering::Relaxed);
+impl ChunkCache {
+    /// Replaces the cache with one of `budget_bytes` (entries held are
+    /// dropped).
+    /// Bytes held now.
+    pub(crate) fn used_bytes(&self) -> u64 {
+        self.current().weight()
     }
 
-    /// The decoded chunk cache's budget, use and counters.
-    pub fn chunk_cache_stats(&self) -> ChunkCacheStats {
-        let cache = &self.chunk_cache;
-        ChunkCacheStats {
-            budget_bytes: cache.budget_bytes.load(Ordering::Relaxed),
-            used_bytes: cache.current().weight(),
-            hits: cache.hits.load(Ordering::Relaxed),
-            misses: cache.misses.load(Ordering::Relaxed),
-            readahead_chunks: cache.readahead_chunks.load(Ordering::Relaxed),
-        }
-    }
-
-    /// The decoded bytes of non-zero chunk `id`, which must be `len` bytes
-    /// long: from the cache, or read from the store (hash checked) and
-    /// kept. The flag says whether the store was read.
-    pub(crate) fn cached_chunk(&self, id: &ChunkId, len: u32) -> Result<(Arc<[u8]>, bool), Error> {
-        if let Some(bytes) = self.chunk_cache.get(id) {
-            self.chunk_cache.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok((bytes, false));
-        }
-        self.chunk_cache.misses.fetch_add(1, Ordering::Relaxed);
-        Ok((self.decode_chunk(id, len)?, true))
-    }
-
-    /// Reads, checks and caches chunk `id`.
-    fn decode_chunk(&self, id: &ChunkId, len: u32) -> Result<Arc<[u8]>, Error> {
-        let bytes: Arc<[u8]> = self.read_blob(id)?.into();
-        if bytes.len() != len as usize {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "chunk {id} has {} bytes where its place holds {len}",
-                    bytes.len()
-                ),
-            ));
-        }
-        self.chunk_cache.insert(*id, Arc::clone(&bytes));
-        Ok(bytes)
-    }
-
-    /// Keeps chunk `id` (just stored with these bytes) in the cache.
-    pub(crate) fn cache_chunk(&self, id: ChunkId, bytes: Arc<[u8]>) {
-        self.chunk_cache.insert(id, bytes);
-    }
-
-    /// Asks the readahead thread to decode `chunks` into the cache.
-    pub(crate) fn read_ahead(self: &Arc<Self>, chunks: Vec<(ChunkId, u32)>) {
-        if chunks.is_empty() || self.chunk_cache.budget_bytes.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        self.chunk_cache.send(Readahead {
-            store: Arc::downgrade(self),
-            chunks,
-        });
+    pub(crate) fn set_budget(&self, budget_bytes: u64) {
+        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new_cache(budget_bytes));
+        self.budget_bytes.store(budget_bytes, Ordering::Relaxed);
     }
 }

@@ -280,6 +280,9 @@ impl Store {
         create_dir_durable(vfs, &launches)?;
         let building = launches.join(format!(".{launch_name}.tmp"));
         remove_leftover(vfs, &building)?;
+        // A launch of this name deleted by a run that stopped before its
+        // overlays went must not lend them to this one.
+        self.remove_overlays(launch_name)?;
         create_dir_durable(vfs, &building)?;
         self.publish_launch_meta(&building, &info)?;
         self.publish_launch_head(&building, &info)?;
@@ -441,17 +444,11 @@ impl Store {
                 format!("no launch named {name}"),
             ));
         };
+        // What its volumes wrote since their last fold goes with it, first:
+        // a stop in between leaves a launch without its overlays (being
+        // deleted anyway), never overlays without their launch.
+        self.remove_overlays(name)?;
         remove_dir_durable(self.vfs(), &self.launches_dir(), name)?;
-        // What its volumes wrote since their last fold goes with it.
-        for (launch, volume) in self.launches_with_overlays()? {
-            if launch == name {
-                overlay::remove(&overlay::Overlay::dir_of(
-                    self.data_dir(),
-                    &launch,
-                    volume.as_deref(),
-                ))?;
-            }
-        }
         // A witness left behind would make a later clear launch of this name
         // read as replaced (an encrypted one replaces it): a failure here is
         // reported, and the witness file is then to be removed by hand.
@@ -581,6 +578,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Removes every overlay of launch `name`.
+    fn remove_overlays(&self, name: &str) -> Result<(), Error> {
+        for (launch, volume) in self.launches_with_overlays()? {
+            if launch == name {
+                overlay::remove(&overlay::Overlay::dir_of(
+                    self.data_dir(),
+                    &launch,
+                    volume.as_deref(),
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Fails with `Invalid` when a volume of launch `name` holds writes not
     /// yet folded into the store (for work that must see the whole launch in
     /// the store with no server running); removes its empty overlays.
@@ -626,6 +637,15 @@ impl Store {
         }
         self.launch(name)?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no launch named {name}")))
+    }
+
+    /// Bytes written to the launch volumes open in this process and not
+    /// folded yet.
+    pub fn launch_overlay_bytes(&self) -> u64 {
+        self.open_launch_volumes()
+            .iter()
+            .map(|volume| volume.overlay_bytes())
+            .sum()
     }
 
     /// Launch volumes open in this process.

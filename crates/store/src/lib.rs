@@ -112,6 +112,7 @@ mod blobs;
 mod bucket;
 mod catalog;
 mod chunk_cache;
+mod chunk_reads;
 mod consistency;
 mod convert;
 mod delete;

@@ -151,6 +151,7 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
     text.push_str(&patches_text(&shared));
     text.push_str(&super::upload::upload_text(&shared.store));
     text.push_str(&super::workflow::workflow_text(&shared));
+    text.push_str(&super::launches::launches_text(&shared.store));
     ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], text).into_response()
 }
 

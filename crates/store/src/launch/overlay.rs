@@ -58,6 +58,17 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind};
 
+mod bits;
+mod records;
+
+use bits::Bits;
+#[cfg(test)]
+pub(crate) use records::TEST_BOOT;
+use records::{
+    HEADER_LEN, HEADER_MAGIC, MARKER_LEN, MARKER_MAGIC, OP_LEN, OPS_PER_RECORD_MAX, Op, OpKind,
+    Record, VERSION, boot_id, encode_record,
+};
+
 /// Bytes per overlay block: the granularity of writes and of the map.
 pub const OVERLAY_BLOCK_BYTES: u64 = 4096;
 /// `map` is rewritten whole at a sync when it has grown past this (and past
@@ -67,17 +78,6 @@ const MAP_COMPACT_BYTES: u64 = 4 << 20;
 /// client that never flushes must not grow `map` without bound, but a sync
 /// of the data in the write path stalls that write, so it stays rare.
 const MAP_FORCED_COMPACT_BYTES: u64 = 64 << 20;
-const HEADER_MAGIC: [u8; 4] = *b"BROV";
-const RECORD_MAGIC: [u8; 4] = *b"BROJ";
-const MARKER_MAGIC: [u8; 4] = *b"BROS";
-const MARKER_LEN: u64 = 4 + 16 + 4;
-const VERSION: u32 = 1;
-const HEADER_LEN: u64 = 4 + 4 + 8 + 4;
-const OP_LEN: usize = 1 + 8 + 8;
-/// Operations in one record at most, so a record's length is bounded and a
-/// corrupt count cannot make recovery allocate without limit.
-const OPS_PER_RECORD_MAX: usize = 1 << 16;
-
 /// What a block of the volume reads as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BlockState {
@@ -87,68 +87,6 @@ pub(crate) enum BlockState {
     Data,
     /// Zeroes.
     Zero,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OpKind {
-    Data = 1,
-    Zero = 2,
-    Unmap = 3,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Op {
-    kind: OpKind,
-    first: u64,
-    count: u64,
-}
-
-/// Two bits per block, as two bitsets.
-#[derive(Debug, Clone)]
-struct Bits(Vec<u64>);
-
-impl Bits {
-    fn new(blocks: u64) -> Self {
-        Bits(vec![0; blocks.div_ceil(64) as usize])
-    }
-    fn get(&self, block: u64) -> bool {
-        self.0[(block / 64) as usize] & (1 << (block % 64)) != 0
-    }
-    /// The masks of the words that blocks `first..first + count` fall in.
-    fn masks(first: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
-        let end = first + count;
-        let mut block = first;
-        std::iter::from_fn(move || {
-            if block >= end {
-                return None;
-            }
-            let bit = block % 64;
-            let n = (64 - bit).min(end - block);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            let word = (block / 64) as usize;
-            block += n;
-            Some((word, mask))
-        })
-    }
-    fn set_range(&mut self, first: u64, count: u64, value: bool) {
-        for (word, mask) in Self::masks(first, count) {
-            if value {
-                self.0[word] |= mask;
-            } else {
-                self.0[word] &= !mask;
-            }
-        }
-    }
-    fn any_in(&self, first: u64, count: u64) -> bool {
-        Self::masks(first, count).any(|(word, mask)| self.0[word] & mask != 0)
-    }
-    fn count(&self) -> u64 {
-        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
 }
 
 /// An open overlay. Not synchronized: its volume's lock covers it.
@@ -182,6 +120,10 @@ pub(crate) struct Overlay {
     busy: Vec<(u64, u64, u64)>,
     /// The last token handed out.
     last_token: u64,
+    /// A sync failed: see [`Overlay::check_usable`].
+    failed: bool,
+    /// `map`'s length past which a sync considers rewriting it.
+    next_sync_compaction_check: u64,
 }
 
 fn io_error(what: &str, path: &Path, e: io::Error) -> Error {
@@ -221,7 +163,12 @@ impl Overlay {
 
     /// Creates an empty overlay in `dir` (which must not hold one), durably.
     pub(crate) fn create(dir: &Path, size_bytes: u64) -> Result<Self, Error> {
+        let overlays = dir.parent().filter(|parent| !parent.exists());
         std::fs::create_dir_all(dir).map_err(|e| io_error("cannot create", dir, e))?;
+        if let Some(data_dir) = overlays.and_then(Path::parent) {
+            // `overlays/` itself is new: its entry in the data directory too.
+            sync_dir(data_dir)?;
+        }
         let data_path = dir.join("data");
         let data = OpenOptions::new()
             .read(true)
@@ -280,6 +227,8 @@ impl Overlay {
             to_punch: Vec::new(),
             busy: Vec::new(),
             last_token: 0,
+            failed: false,
+            next_sync_compaction_check: MAP_COMPACT_BYTES,
         }
     }
 
@@ -351,7 +300,7 @@ impl Overlay {
         self.log(OpKind::Data, first, count)?;
         self.data_bits.set_range(first, count, true);
         self.zero_bits.set_range(first, count, false);
-        Ok(())
+        self.bound_map()
     }
 
     /// Starts I/O on `count` blocks from `first` outside the volume's lock:
@@ -378,7 +327,7 @@ impl Overlay {
         self.log(OpKind::Zero, first, count)?;
         self.zero_bits.set_range(first, count, true);
         self.data_bits.set_range(first, count, false);
-        Ok(())
+        self.bound_map()
     }
 
     /// Gives `count` blocks from `first` back to the base (a fold stored
@@ -390,17 +339,25 @@ impl Overlay {
         self.log(OpKind::Unmap, first, count)?;
         self.data_bits.set_range(first, count, false);
         self.zero_bits.set_range(first, count, false);
+        self.bound_map()
+    }
+
+    /// Syncs (always allowed: a disk may persist at any time) when `map`
+    /// has grown past its bound, so that it is rewritten even for a client
+    /// that never flushes. Called once a change is complete in the file,
+    /// `map` and memory, never between: a sync punches blocks that read as
+    /// the base.
+    fn bound_map(&mut self) -> Result<(), Error> {
+        if self.map_len >= self.next_compaction_check {
+            self.sync()?;
+            self.next_compaction_check = self.map_len.max(MAP_FORCED_COMPACT_BYTES) * 2;
+        }
         Ok(())
     }
 
     /// Appends one change to `map` (not synced).
     fn log(&mut self, kind: OpKind, first: u64, count: u64) -> Result<(), Error> {
-        if self.map_len >= self.next_compaction_check {
-            // A sync now (always allowed: a disk may persist at any time)
-            // keeps `map` bounded when the client never flushes.
-            self.sync()?;
-            self.next_compaction_check = self.map_len.max(MAP_FORCED_COMPACT_BYTES) * 2;
-        }
+        self.check_usable()?;
         let record = encode_record(&[Op { kind, first, count }]);
         self.write_map_at(&record, self.map_len)?;
         self.map_len += record.len() as u64;
@@ -415,26 +372,55 @@ impl Overlay {
     /// changes that name it. Then gives back the space of blocks whose
     /// unmap is now durable and that were not written again.
     pub(crate) fn sync(&mut self) -> Result<(), Error> {
+        self.check_usable()?;
         if self.data_dirty {
-            self.data
-                .sync_data()
-                .map_err(|e| io_error("cannot sync", &self.dir, e))?;
+            if let Err(e) = self.data.sync_data() {
+                // The kernel may have dropped the pages it could not write:
+                // a later sync that succeeds would not mean they are on disk.
+                self.failed = true;
+                return Err(io_error("cannot sync", &self.dir, e));
+            }
             self.data_dirty = false;
         }
         if self.unsynced {
             let marker = self.marker();
             self.write_map_at(&marker, self.map_len)?;
-            self.map
-                .sync_data()
-                .map_err(|e| io_error("cannot sync", &self.dir, e))?;
+            if let Err(e) = self.map.sync_data() {
+                self.failed = true;
+                return Err(io_error("cannot sync", &self.dir, e));
+            }
             self.map_len += marker.len() as u64;
             self.unsynced = false;
             let unmapped = std::mem::take(&mut self.unsynced_unmaps);
             self.to_punch.extend(unmapped);
         }
         self.punch()?;
-        if self.map_len > MAP_COMPACT_BYTES && self.map_len > 2 * self.compacted_len() {
-            self.compact()?;
+        if self.map_len > self.next_sync_compaction_check {
+            // Counting the runs walks the whole map: only now and then.
+            let compacted = self.compacted_len();
+            if self.map_len > 2 * compacted {
+                self.compact()?;
+            }
+            self.next_sync_compaction_check =
+                self.map_len.max(2 * compacted).max(MAP_COMPACT_BYTES) + MAP_COMPACT_BYTES / 4;
+        }
+        Ok(())
+    }
+
+    /// Fails once a sync of the overlay failed: from then on nothing it
+    /// holds can be promised durable, so the volume serves no more writes
+    /// or flushes (reads go on); reopening it (a server restart) replays
+    /// what is durable.
+    fn check_usable(&self) -> Result<(), Error> {
+        if self.failed {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "overlay {} failed to sync earlier: writes and flushes are refused until \
+                     the server restarts",
+                    self.dir.display()
+                ),
+            ));
         }
         Ok(())
     }
@@ -537,10 +523,10 @@ impl Overlay {
             .map_err(|e| io_error("cannot write", &tmp, e))?;
         std::fs::rename(&tmp, self.dir.join("map"))
             .map_err(|e| io_error("cannot publish", &tmp, e))?;
-        sync_dir(&self.dir)?;
+        // The new file is `map` from the rename on, whatever follows.
         self.map = file;
         self.map_len = bytes.len() as u64;
-        Ok(())
+        sync_dir(&self.dir)
     }
 
     /// Rebuilds the map from `map`: the header, then every whole record in
@@ -578,7 +564,8 @@ impl Overlay {
         let mut synced_end = at;
         let mut marker_boot = None;
         let mut tail = Vec::new();
-        while let Some((record, record_len)) = self.read_record(at, len)? {
+        while let Some((record, record_len)) = records::read_record(&self.map, &self.dir, at, len)?
+        {
             at += record_len;
             match record {
                 Record::Ops(ops) => tail.extend(ops),
@@ -606,7 +593,14 @@ impl Overlay {
             return self.sync();
         }
         self.map_len = synced_end;
-        self.cut(&path, synced_end)
+        self.cut(&path, synced_end)?;
+        if marker_boot != self.boot {
+            // Records from here on are this boot's: a marker of it first, so
+            // that a kill before the next sync loses none of them.
+            self.unsynced = true;
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Cuts `map` at `at` if it is longer (a torn or damaged tail).
@@ -623,60 +617,6 @@ impl Overlay {
                 .map_err(|e| io_error("cannot cut the torn tail of", path, e))?;
         }
         Ok(())
-    }
-
-    fn read_record(&self, at: u64, len: u64) -> Result<Option<(Record, u64)>, Error> {
-        if len - at < 8 + 4 {
-            return Ok(None);
-        }
-        let mut head = [0u8; 8];
-        self.map
-            .read_exact_at(&mut head, at)
-            .map_err(|e| io_error("cannot read the map of", &self.dir, e))?;
-        if head[..4] == MARKER_MAGIC {
-            if len - at < MARKER_LEN {
-                return Ok(None);
-            }
-            let mut marker = [0u8; MARKER_LEN as usize];
-            self.map
-                .read_exact_at(&mut marker, at)
-                .map_err(|e| io_error("cannot read the map of", &self.dir, e))?;
-            let (body, crc) = marker.split_at(marker.len() - 4);
-            if crc32fast::hash(body).to_le_bytes() != crc {
-                return Ok(None);
-            }
-            let boot = body[4..20].try_into().expect("16 bytes");
-            return Ok(Some((Record::Marker(boot), MARKER_LEN)));
-        }
-        let count = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
-        if head[..4] != RECORD_MAGIC || count > OPS_PER_RECORD_MAX {
-            return Ok(None);
-        }
-        let record_len = (8 + count * OP_LEN + 4) as u64;
-        if len - at < record_len {
-            return Ok(None);
-        }
-        let mut record = vec![0u8; record_len as usize];
-        self.map
-            .read_exact_at(&mut record, at)
-            .map_err(|e| io_error("cannot read the map of", &self.dir, e))?;
-        let (body, crc) = record.split_at(record.len() - 4);
-        if crc32fast::hash(body).to_le_bytes() != crc {
-            return Ok(None);
-        }
-        let mut ops = Vec::with_capacity(count);
-        for op in body[8..].chunks_exact(OP_LEN) {
-            let kind = match op[0] {
-                1 => OpKind::Data,
-                2 => OpKind::Zero,
-                3 => OpKind::Unmap,
-                _ => return Ok(None),
-            };
-            let first = u64::from_le_bytes(op[1..9].try_into().expect("8 bytes"));
-            let count = u64::from_le_bytes(op[9..17].try_into().expect("8 bytes"));
-            ops.push(Op { kind, first, count });
-        }
-        Ok(Some((Record::Ops(ops), record_len)))
     }
 
     fn apply_replayed(&mut self, op: Op) -> Result<(), Error> {
@@ -698,7 +638,11 @@ impl Overlay {
         let (data, zero) = match op.kind {
             OpKind::Data => (true, false),
             OpKind::Zero => (false, true),
-            OpKind::Unmap => (false, false),
+            OpKind::Unmap => {
+                // Its space may not have been given back before the stop.
+                self.to_punch.push((op.first, op.count));
+                (false, false)
+            }
         };
         self.data_bits.set_range(op.first, op.count, data);
         self.zero_bits.set_range(op.first, op.count, zero);
@@ -730,46 +674,6 @@ impl OverlayIo {
 fn write_data(file: &File, dir: &Path, first: u64, data: &[u8]) -> Result<(), Error> {
     file.write_all_at(data, first * OVERLAY_BLOCK_BYTES)
         .map_err(|e| io_error("cannot write", dir, e))
-}
-
-/// A record of `map`.
-enum Record {
-    Ops(Vec<Op>),
-    /// A sync marker, with the boot it was written in.
-    Marker([u8; 16]),
-}
-
-#[cfg(test)]
-thread_local! {
-    /// The boot id overlays opened on this thread see: a test's "reboot".
-    pub(crate) static TEST_BOOT: std::cell::Cell<Option<[u8; 16]>> =
-        const { std::cell::Cell::new(None) };
-}
-
-/// This boot's id, from the kernel; `None` where it cannot be read.
-fn boot_id() -> Option<[u8; 16]> {
-    #[cfg(test)]
-    if let Some(boot) = TEST_BOOT.with(std::cell::Cell::get) {
-        return Some(boot);
-    }
-    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
-    let value = u128::from_str_radix(&hex, 16).ok()?;
-    Some(value.to_le_bytes())
-}
-
-fn encode_record(ops: &[Op]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + ops.len() * OP_LEN + 4);
-    out.extend_from_slice(&RECORD_MAGIC);
-    out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
-    for op in ops {
-        out.push(op.kind as u8);
-        out.extend_from_slice(&op.first.to_le_bytes());
-        out.extend_from_slice(&op.count.to_le_bytes());
-    }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {

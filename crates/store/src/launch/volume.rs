@@ -345,9 +345,11 @@ impl LaunchVolume {
         let written = io.write_blocks(first, data);
         let mut state = self.lock_state();
         let overlay = state.overlay.as_mut().expect("created above");
+        // Marked written before the blocks stop being busy, so that no sync
+        // between the two punches them.
+        let marked = written.and_then(|()| overlay.wrote_blocks(first, count));
         overlay.io_done(token);
-        written?;
-        overlay.wrote_blocks(first, count)?;
+        marked?;
         state.note_write(self.geometry, offset_bytes, end);
         Ok(())
     }

@@ -1,0 +1,132 @@
+//! The byte layout of the overlay's `map`: header, operation records and
+//! sync markers (see `overlay.rs`), and the boot id markers carry.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::io_error;
+use crate::error::Error;
+
+pub(super) const HEADER_MAGIC: [u8; 4] = *b"BROV";
+pub(super) const RECORD_MAGIC: [u8; 4] = *b"BROJ";
+pub(super) const MARKER_MAGIC: [u8; 4] = *b"BROS";
+pub(super) const MARKER_LEN: u64 = 4 + 16 + 4;
+pub(super) const VERSION: u32 = 1;
+pub(super) const HEADER_LEN: u64 = 4 + 4 + 8 + 4;
+pub(super) const OP_LEN: usize = 1 + 8 + 8;
+/// Operations in one record at most, so a record's length is bounded and a
+/// corrupt count cannot make recovery allocate without limit.
+pub(super) const OPS_PER_RECORD_MAX: usize = 1 << 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OpKind {
+    Data = 1,
+    Zero = 2,
+    Unmap = 3,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Op {
+    pub(super) kind: OpKind,
+    pub(super) first: u64,
+    pub(super) count: u64,
+}
+
+/// A record of `map`.
+pub(super) enum Record {
+    Ops(Vec<Op>),
+    /// A sync marker, with the boot it was written in.
+    Marker([u8; 16]),
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The boot id overlays opened on this thread see: a test's "reboot".
+    pub(crate) static TEST_BOOT: std::cell::Cell<Option<[u8; 16]>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// This boot's id, from the kernel; `None` where it cannot be read.
+pub(super) fn boot_id() -> Option<[u8; 16]> {
+    #[cfg(test)]
+    if let Some(boot) = TEST_BOOT.with(std::cell::Cell::get) {
+        return Some(boot);
+    }
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    let value = u128::from_str_radix(&hex, 16).ok()?;
+    Some(value.to_le_bytes())
+}
+
+pub(super) fn encode_record(ops: &[Op]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + ops.len() * OP_LEN + 4);
+    out.extend_from_slice(&RECORD_MAGIC);
+    out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+    for op in ops {
+        out.push(op.kind as u8);
+        out.extend_from_slice(&op.first.to_le_bytes());
+        out.extend_from_slice(&op.count.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The record of `map` at byte `at` of `len`, and its length; `None` at
+/// the end, or where the record is torn or damaged.
+pub(super) fn read_record(
+    map: &File,
+    dir: &Path,
+    at: u64,
+    len: u64,
+) -> Result<Option<(Record, u64)>, Error> {
+    if len - at < 8 + 4 {
+        return Ok(None);
+    }
+    let mut head = [0u8; 8];
+    map.read_exact_at(&mut head, at)
+        .map_err(|e| io_error("cannot read the map of", dir, e))?;
+    if head[..4] == MARKER_MAGIC {
+        if len - at < MARKER_LEN {
+            return Ok(None);
+        }
+        let mut marker = [0u8; MARKER_LEN as usize];
+        map.read_exact_at(&mut marker, at)
+            .map_err(|e| io_error("cannot read the map of", dir, e))?;
+        let (body, crc) = marker.split_at(marker.len() - 4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Ok(None);
+        }
+        let boot = body[4..20].try_into().expect("16 bytes");
+        return Ok(Some((Record::Marker(boot), MARKER_LEN)));
+    }
+    let count = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+    if head[..4] != RECORD_MAGIC || count > OPS_PER_RECORD_MAX {
+        return Ok(None);
+    }
+    let record_len = (8 + count * OP_LEN + 4) as u64;
+    if len - at < record_len {
+        return Ok(None);
+    }
+    let mut record = vec![0u8; record_len as usize];
+    map.read_exact_at(&mut record, at)
+        .map_err(|e| io_error("cannot read the map of", dir, e))?;
+    let (body, crc) = record.split_at(record.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Ok(None);
+    }
+    let mut ops = Vec::with_capacity(count);
+    for op in body[8..].chunks_exact(OP_LEN) {
+        let kind = match op[0] {
+            1 => OpKind::Data,
+            2 => OpKind::Zero,
+            3 => OpKind::Unmap,
+            _ => return Ok(None),
+        };
+        let first = u64::from_le_bytes(op[1..9].try_into().expect("8 bytes"));
+        let count = u64::from_le_bytes(op[9..17].try_into().expect("8 bytes"));
+        ops.push(Op { kind, first, count });
+    }
+    Ok(Some((Record::Ops(ops), record_len)))
+}
