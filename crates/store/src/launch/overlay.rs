@@ -52,7 +52,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -164,29 +164,22 @@ impl Overlay {
     /// Creates an empty overlay in `dir` (which must not hold one), durably.
     pub(crate) fn create(dir: &Path, size_bytes: u64) -> Result<Self, Error> {
         let overlays = dir.parent().filter(|parent| !parent.exists());
-        std::fs::create_dir_all(dir).map_err(|e| io_error("cannot create", dir, e))?;
+        // Owner-only whatever the umask, as every file of the data directory.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io_error("cannot create", dir, e))?;
         if let Some(data_dir) = overlays.and_then(Path::parent) {
             // `overlays/` itself is new: its entry in the data directory too.
             sync_dir(data_dir)?;
         }
         let data_path = dir.join("data");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&data_path)
-            .map_err(|e| io_error("cannot create", &data_path, e))?;
+        let data = create_file(&data_path)?;
         data.set_len(size_bytes)
             .map_err(|e| io_error("cannot size", &data_path, e))?;
         let tmp = dir.join("map.tmp");
-        let map = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| io_error("cannot create", &tmp, e))?;
+        let map = create_file(&tmp)?;
         let mut overlay = Self::with_files(dir, data, map, size_bytes);
         let mut header = overlay.header();
         header.extend_from_slice(&overlay.marker());
@@ -506,13 +499,7 @@ impl Overlay {
     /// right after a sync, so the map in memory is the durable one).
     fn compact(&mut self) -> Result<(), Error> {
         let tmp = self.dir.join("map.tmp");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| io_error("cannot create", &tmp, e))?;
+        let file = create_file(&tmp)?;
         let mut bytes = self.header();
         for batch in self.runs().chunks(OPS_PER_RECORD_MAX) {
             bytes.extend_from_slice(&encode_record(batch));
@@ -674,6 +661,18 @@ impl OverlayIo {
 fn write_data(file: &File, dir: &Path, first: u64, data: &[u8]) -> Result<(), Error> {
     file.write_all_at(data, first * OVERLAY_BLOCK_BYTES)
         .map_err(|e| io_error("cannot write", dir, e))
+}
+
+/// Creates (or empties) a file for reading and writing, owner-only.
+fn create_file(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_error("cannot create", path, e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
