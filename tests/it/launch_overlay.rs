@@ -24,6 +24,8 @@ fn fio_job(uri: &str) -> Vec<String> {
         "--randseed=3",
         "--verify=crc32c",
         "--verify_fatal=1",
+        // Jobs as threads: a kill of fio kills them all.
+        "--thread",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -48,9 +50,18 @@ fn fio_writes_survive_a_server_killed_while_it_writes() {
 
     // Writes with a flush every 8, throttled so that the kill lands among
     // them (4096 writes take about 8 s).
-    let fio = Command::new("fio")
+    // fio's NBD engine spins on a connection that is gone, deaf to SIGINT
+    // and SIGTERM: it is killed at a deadline, and what it had issued is
+    // read from the status it prints every second.
+    let fio = Command::new("timeout")
+        .args(["-s", "KILL", "12", "fio"])
         .args(fio_job(&uri))
-        .args(["--fsync=8", "--do_verify=0", "--rate_iops=500"])
+        .args([
+            "--fsync=8",
+            "--do_verify=0",
+            "--rate_iops=500",
+            "--status-interval=1",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -58,23 +69,20 @@ fn fio_writes_survive_a_server_killed_while_it_writes() {
     std::thread::sleep(Duration::from_secs(3));
     server.kill();
     let output = fio.wait_with_output().unwrap();
-    assert!(
-        !output.status.success(),
-        "fio lost its server: it must fail"
-    );
     let report = String::from_utf8_lossy(&output.stdout).to_string();
-    // "issued rwts: total=0,WRITES,0,SYNCS": writes sent, some of them
-    // still in flight (16 at most) when the server died.
+    // The last "issued rwts: total=0,WRITES,0,SYNCS" fio printed: writes
+    // sent by then, some of them still in flight (16 at most).
     let issued: u64 = report
-        .split("issued rwts: total=")
-        .nth(1)
+        .rsplit("issued rwts: total=")
+        .next()
+        .filter(|_| report.contains("issued rwts: total="))
         .and_then(|rest| rest.split(',').nth(1))
         .and_then(|writes| writes.parse().ok())
         .unwrap_or_else(|| panic!("no issued writes in fio's report:\n{report}"));
     // Every write before the last flush fio saw acknowledged: all but the
     // 16 in flight and the 8 since the flush before them.
     let flushed = issued.saturating_sub(16 + 8) / 8 * 8;
-    assert!(flushed >= 400, "too few writes before the kill: {report}");
+    assert!(flushed >= 300, "too few writes before the kill: {report}");
 
     let server = nbd_server(&pki, &data);
     let uri = format!("nbd://{}/db-1", server.nbd_addr.unwrap());
