@@ -92,7 +92,7 @@ pub(crate) enum BlockState {
 /// An open overlay. Not synchronized: its volume's lock covers it.
 #[derive(Debug)]
 pub(crate) struct Overlay {
-    dir: PathBuf,
+    dir: Arc<Path>,
     /// Shared with reads and writes done outside the volume's lock.
     data: Arc<File>,
     map: File,
@@ -204,7 +204,7 @@ impl Overlay {
     fn with_files(dir: &Path, data: File, map: File, size_bytes: u64) -> Self {
         let blocks = size_bytes.div_ceil(OVERLAY_BLOCK_BYTES);
         Self {
-            dir: dir.to_owned(),
+            dir: Arc::from(dir),
             data: Arc::new(data),
             map,
             map_len: 0,
@@ -270,14 +270,6 @@ impl Overlay {
         self.data_bits.count() + self.zero_bits.count()
     }
 
-    /// Reads `buf.len()` bytes of the file at byte `offset` (blocks in
-    /// state `Data`).
-    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        self.data
-            .read_exact_at(buf, offset)
-            .map_err(|e| io_error("cannot read", &self.dir, e))
-    }
-
     /// Writes whole blocks from `first` (the last of the volume may be
     /// short): `data` is their bytes, ending at a block end or the volume's.
     pub(crate) fn write_blocks(&mut self, first: u64, data: &[u8]) -> Result<(), Error> {
@@ -301,13 +293,16 @@ impl Overlay {
     pub(crate) fn io(&mut self, first: u64, count: u64) -> (OverlayIo, u64) {
         self.last_token += 1;
         self.busy.push((first, first + count, self.last_token));
-        (
-            OverlayIo {
-                data: Arc::clone(&self.data),
-                dir: self.dir.clone(),
-            },
-            self.last_token,
-        )
+        (self.reader(), self.last_token)
+    }
+
+    /// The file, for reads under the volume's lock (no punch can happen
+    /// then, so nothing is marked busy).
+    pub(crate) fn reader(&self) -> OverlayIo {
+        OverlayIo {
+            data: Arc::clone(&self.data),
+            dir: Arc::clone(&self.dir),
+        }
     }
 
     /// Ends the I/O of `token`.
@@ -640,7 +635,7 @@ impl Overlay {
 /// The overlay's file, for reads and writes outside the volume's lock.
 pub(crate) struct OverlayIo {
     data: Arc<File>,
-    dir: PathBuf,
+    dir: Arc<Path>,
 }
 
 impl OverlayIo {

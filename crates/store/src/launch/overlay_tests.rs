@@ -26,6 +26,7 @@ fn block(fill: u8) -> Vec<u8> {
 fn read_block(overlay: &Overlay, block: u64) -> Vec<u8> {
     let mut out = vec![0u8; OVERLAY_BLOCK_BYTES as usize];
     overlay
+        .reader()
         .read_at(&mut out, block * OVERLAY_BLOCK_BYTES)
         .unwrap();
     out

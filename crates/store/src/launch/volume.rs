@@ -523,8 +523,8 @@ struct Run {
 }
 
 impl VolumeState {
-    /// Fills `out` from `offset` (checked against the size): the overlay
-    /// where written, else the root's chunks.
+    /// Fills `out` from `offset` (checked against the size), under the
+    /// volume's lock: the overlay where written, else the root's chunks.
     pub(super) fn read_range(
         &mut self,
         store: &Store,
@@ -532,30 +532,11 @@ impl VolumeState {
         offset: u64,
         out: &mut [u8],
     ) -> Result<(), Error> {
-        let chunk_size = u64::from(geometry.chunk_size_bytes());
         let end = offset + out.len() as u64;
-        let mut position = offset;
-        while position < end {
-            let chunk_index = position / chunk_size;
-            let piece_end = ((chunk_index + 1) * chunk_size).min(end);
-            let runs = self.runs(position, piece_end);
-            for run in runs {
-                let dst = &mut out[(run.start - offset) as usize..(run.end - offset) as usize];
-                match run.state {
-                    BlockState::Data => self
-                        .overlay
-                        .as_ref()
-                        .expect("only an overlay maps blocks")
-                        .read_at(dst, run.start)?,
-                    BlockState::Zero => dst.fill(0),
-                    BlockState::Base => {
-                        let start_in_chunk = (run.start - chunk_index * chunk_size) as usize;
-                        self.read_base(store, geometry, chunk_index, start_in_chunk, dst)?;
-                    }
-                }
-            }
-            position = piece_end;
-        }
+        let parts = self.plan(store, geometry, offset, end)?;
+        // Held under the lock, so no punch can happen meanwhile.
+        let io = self.overlay.as_ref().map(Overlay::reader);
+        self.chunk_reads += fill(store, &parts, io.as_ref(), offset, out)?;
         Ok(())
     }
 
@@ -645,25 +626,6 @@ impl VolumeState {
         runs
     }
 
-    /// Fills `out` from chunk `chunk_index` of the root, from `start_in_chunk`.
-    fn read_base(
-        &mut self,
-        store: &Store,
-        geometry: Geometry,
-        chunk_index: u64,
-        start_in_chunk: usize,
-        out: &mut [u8],
-    ) -> Result<(), Error> {
-        let id = self.chunk_id(store, chunk_index)?;
-        if id.is_zero() {
-            out.fill(0);
-            return Ok(());
-        }
-        let bytes = self.chunk_bytes(store, geometry, chunk_index, id)?;
-        out.copy_from_slice(&bytes[start_in_chunk..start_in_chunk + out.len()]);
-        Ok(())
-    }
-
     /// The chunks after byte `from` that a sequential reader will want from
     /// the store: not written over whole, not zero.
     fn chunks_ahead(
@@ -746,28 +708,6 @@ impl VolumeState {
             self.dirty_pages.insert(page_index);
         }
         Ok(())
-    }
-
-    /// The decoded bytes of non-zero chunk `id` at `chunk_index`, from the
-    /// store's cache or the store (which checks the hash); the length must
-    /// match the geometry.
-    fn chunk_bytes(
-        &mut self,
-        store: &Store,
-        geometry: Geometry,
-        chunk_index: u64,
-        id: ChunkId,
-    ) -> Result<Arc<[u8]>, Error> {
-        let len = geometry
-            .chunk_len(chunk_index)
-            .ok_or_else(|| Error::new(ErrorKind::Invalid, "read past the last chunk"))?;
-        let (bytes, read) = store
-            .cached_chunk(&id, len)
-            .map_err(|e| Error::new(e.kind(), format!("chunk {chunk_index}: {e}")))?;
-        if read {
-            self.chunk_reads += 1;
-        }
-        Ok(bytes)
     }
 }
 
