@@ -85,17 +85,22 @@ impl LaunchVolume {
             };
             // Hashed and compressed without the volume's lock.
             let id = space.hash_chunk(&bytes);
-            let stored = if id.is_zero() {
+            let compressed = if id.is_zero() {
                 None
             } else {
-                Some(encode(&mut compressor, &bytes))
+                compress(&mut compressor, &bytes)
             };
             {
                 let mut state = self.lock_state();
                 // Stored under the lock, so that a collection either finds
                 // the id in the volume's pages or saw the insert.
-                if let Some((codec, stored)) = &stored {
-                    store_chunk(&self.store, sealer.as_deref(), id, *codec, len, stored)?;
+                if !id.is_zero() {
+                    // Incompressible bytes are stored from the chunk itself.
+                    let (codec, stored) = match &compressed {
+                        Some(compressed) => (StoredCodec::Zstd, compressed.as_slice()),
+                        None => (StoredCodec::Raw, bytes.as_slice()),
+                    };
+                    store_chunk(&self.store, sealer.as_deref(), id, codec, len, stored)?;
                 }
                 state.set_chunk_id(&self.store, chunk_index, id)?;
             }
@@ -213,20 +218,16 @@ impl LaunchVolume {
     }
 }
 
-/// zstd level 1 when that saves more than an eighth (as the agent does),
-/// else the bytes as they are.
-fn encode(
+/// zstd level 1 when that saves more than an eighth (as the agent does);
+/// `None`: the bytes are stored as they are.
+fn compress(
     compressor: &mut Option<zstd::bulk::Compressor<'static>>,
     bytes: &[u8],
-) -> (StoredCodec, Vec<u8>) {
-    let compressed = compressor
+) -> Option<Vec<u8>> {
+    compressor
         .as_mut()
         .and_then(|compressor| compressor.compress(bytes).ok())
-        .filter(|compressed| compressed.len() < bytes.len() - bytes.len() / 8);
-    match compressed {
-        Some(compressed) => (StoredCodec::Zstd, compressed),
-        None => (StoredCodec::Raw, bytes.to_vec()),
-    }
+        .filter(|compressed| compressed.len() < bytes.len() - bytes.len() / 8)
 }
 
 /// Stores a chunk blob unless the store has it.
