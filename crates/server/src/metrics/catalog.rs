@@ -306,8 +306,7 @@ fn patches_text(shared: &Shared) -> String {
         ),
     ];
     for (name, help, value) in families {
-        x.family(name, "counter", help);
-        x.sample(name, &[], Value::Int(value));
+        x.scalar(name, "counter", help, Value::Int(value));
     }
     x.finish()
 }

@@ -34,6 +34,12 @@ impl Exposition {
     }
 
     /// One sample line; label values are escaped.
+    /// A family of one unlabelled sample.
+    pub(crate) fn scalar(&mut self, name: &str, kind: &str, help: &str, value: Value) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
     pub(crate) fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: Value) {
         self.out.push_str(name);
         if !labels.is_empty() {

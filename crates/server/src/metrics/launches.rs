@@ -28,8 +28,7 @@ pub(super) fn launches_text(store: &Store) -> String {
         ),
     ];
     for (name, help, value) in gauges {
-        x.family(name, "gauge", help);
-        x.sample(name, &[], Value::Int(value));
+        x.scalar(name, "gauge", help, Value::Int(value));
     }
     let counters = [
         (
@@ -49,8 +48,7 @@ pub(super) fn launches_text(store: &Store) -> String {
         ),
     ];
     for (name, help, value) in counters {
-        x.family(name, "counter", help);
-        x.sample(name, &[], Value::Int(value));
+        x.scalar(name, "counter", help, Value::Int(value));
     }
     x.finish()
 }

@@ -63,8 +63,12 @@ pub(super) fn workflow_text(shared: &Shared) -> String {
         ),
     ];
     for (name, help, counter) in families {
-        x.family(name, "counter", help);
-        x.sample(name, &[], Value::Int(counter.load(Ordering::Relaxed)));
+        x.scalar(
+            name,
+            "counter",
+            help,
+            Value::Int(counter.load(Ordering::Relaxed)),
+        );
     }
     x.finish()
 }
