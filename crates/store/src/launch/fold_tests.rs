@@ -248,3 +248,43 @@ fn a_fold_after_a_reboot_stays_folded_when_the_server_is_killed() {
     volume.read(0, &mut head).unwrap();
     assert_eq!(head, [7; 8192]);
 }
+
+#[test]
+fn the_chunk_cache_keeps_to_its_budget_and_reads_ahead_of_a_sequential_reader() {
+    let (_dir, store, disk) = fixture();
+    // Room for two chunks and their overhead, not three.
+    store.set_chunk_cache_bytes(2 * CHUNK + 1024);
+    let volume = store.open_launch("l").unwrap();
+    let mut all = vec![0u8; DISK_LEN as usize];
+    for offset in (0..DISK_LEN).step_by(4096) {
+        let end = (offset + 4096).min(DISK_LEN);
+        volume
+            .read(offset, &mut all[offset as usize..end as usize])
+            .unwrap();
+    }
+    assert_eq!(all, disk);
+    let stats = store.chunk_cache_stats();
+    assert!(stats.used_bytes <= stats.budget_bytes, "{stats:?}");
+    assert!(
+        wait(|| store.chunk_cache_stats().readahead_chunks > 0),
+        "a sequential reader had chunks decoded ahead: {:?}",
+        store.chunk_cache_stats()
+    );
+    // No cache at all: every read decodes, and reads still come back right.
+    store.set_chunk_cache_bytes(0);
+    let misses = store.chunk_cache_stats().misses;
+    let mut piece = [0u8; 100];
+    volume.read(CHUNK + 7, &mut piece).unwrap();
+    volume.read(CHUNK + 7, &mut piece).unwrap();
+    assert_eq!(piece[..], disk[CHUNK as usize + 7..CHUNK as usize + 107]);
+    assert_eq!(store.chunk_cache_stats().misses, misses + 2);
+}
+
+fn wait(condition: impl Fn() -> bool) -> bool {
+    (0..200).any(|_| {
+        condition() || {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            false
+        }
+    })
+}
