@@ -60,6 +60,8 @@ pub(crate) enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+// One value per process, parsed once: boxing the large variants buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Command {
     /// Make the private CA and certificates for servers, sources and the admin.
     #[command(subcommand)]
@@ -289,6 +291,29 @@ pub(crate) enum LaunchCommand {
     Fold {
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Copy a launch volume whole to a file or block device on the server
+    /// while it stays served and written (a background copy, plus every
+    /// read of a part not copied yet); once complete, the volume is served
+    /// from that file and no read touches the store. A stopped server
+    /// resumes the copy where it was. The launch keeps folding into the
+    /// store, so failback and finalize work as before. Waits for the copy,
+    /// showing its progress, unless --no-wait.
+    Materialize {
+        #[arg(long)]
+        name: String,
+        /// Absolute path on the server: a new file (created owner-only), or
+        /// a block device at least the volume's size.
+        #[arg(long, value_name = "PATH")]
+        to: String,
+        /// The volume of a machine's launch.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Return once the copy has started.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },

@@ -202,6 +202,9 @@ pub(crate) fn launches(launches: &[LaunchView]) {
         {
             println!("{:<20} check {name} not run yet", "");
         }
+        for m in &l.materialize {
+            println!("{:<20} {}", "", materialize_text(m));
+        }
         // A machine's launch: one export per volume, each on a line of its own.
         if l.volumes.len() > 1 {
             for v in &l.volumes {
@@ -214,6 +217,26 @@ pub(crate) fn launches(launches: &[LaunchView]) {
             }
         }
     }
+}
+
+/// A materialization's progress, on one line.
+pub(crate) fn materialize_text(m: &blockrep_server::MaterializeView) -> String {
+    let volume = m
+        .volume
+        .as_deref()
+        .map_or_else(String::new, |v| format!("volume {v} "));
+    if m.done {
+        return format!("{volume}materialized to {}: served from it", m.target);
+    }
+    let percent = match m.size_bytes {
+        0 => 100.0,
+        size => m.copied_bytes as f64 * 100.0 / size as f64,
+    };
+    format!(
+        "{volume}materializing to {}: {percent:.1}% copied, {} still remote",
+        m.target,
+        human_bytes(m.remote_bytes)
+    )
 }
 
 /// One committed epoch of the agent: a log event, and a `key=value` line on

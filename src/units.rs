@@ -42,6 +42,18 @@ pub(crate) fn parse_off_or_duration(text: &str) -> Result<OffOrDuration, String>
     }
 }
 
+/// A byte size that may be turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OffOrSize(pub Option<u64>);
+
+/// `off` (`None`), or a size as [`parse_size`] reads it.
+pub(crate) fn parse_off_or_size(text: &str) -> Result<OffOrSize, String> {
+    match text {
+        "off" => Ok(OffOrSize(None)),
+        text => parse_size(text).map(|n| OffOrSize(Some(n))),
+    }
+}
+
 /// Parses a duration: a number with `ms`, `s`, `m`, `h` or `d` (default seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

@@ -126,6 +126,11 @@ pub(crate) struct ServerArgs {
     /// writes durable either way.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_off_or_duration)]
     pub(crate) launch_fold_interval: units::OffOrDuration,
+    /// Most bytes a second that each `blockrep launch materialize` copies
+    /// in the background (e.g. 100MiB; `off`: as fast as the disks go).
+    /// Reads of chunks not copied yet copy them too, at no extra cost.
+    #[arg(long, value_name = "SIZE", default_value = "off", value_parser = units::parse_off_or_size)]
+    pub(crate) launch_materialize_rate: units::OffOrSize,
     /// A source with no agent contact for this long is `stalled`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     pub(crate) stall_after: Duration,

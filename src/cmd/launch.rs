@@ -81,6 +81,13 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
                 })
                 .await
         }
+        LaunchCommand::Materialize {
+            name,
+            to,
+            volume,
+            no_wait,
+            admin,
+        } => materialize(&name, &to, volume, no_wait, &admin).await,
         LaunchCommand::Delete { name, admin } => {
             let path = format!("/v1/launches/{name}");
             admin
@@ -90,6 +97,58 @@ pub(crate) async fn launch(command: LaunchCommand) -> Result<()> {
                 .await
         }
     }
+}
+
+/// Starts a materialization and, unless `no_wait`, follows it to the end.
+async fn materialize(
+    name: &str,
+    to: &str,
+    volume: Option<String>,
+    no_wait: bool,
+    admin: &crate::cli::AdminArgs,
+) -> Result<()> {
+    let path = format!("/v1/launches/{name}/materialize");
+    let body = serde_json::json!({ "to": to, "volume": volume });
+    let text = admin_call(&admin.admin, "POST", &path, Some(body)).await?;
+    let mut view: blockrep_server::MaterializeView = parse_answer(&text)?;
+    if admin.json && no_wait {
+        println!("{text}");
+        return Ok(());
+    }
+    let bar = (!admin.json).then(|| {
+        let bar = indicatif::ProgressBar::new(view.size_bytes);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("launch {name}"));
+        bar
+    });
+    while !view.done && !no_wait {
+        if let Some(bar) = &bar {
+            bar.set_position(view.copied_bytes);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let text = admin_call(&admin.admin, "GET", "/v1/launches", None).await?;
+        let launches: Vec<LaunchView> = parse_answer(&text)?;
+        view = launches
+            .into_iter()
+            .filter(|l| l.name == name)
+            .flat_map(|l| l.materialize)
+            .find(|m| m.volume == view.volume)
+            .ok_or_else(|| anyhow::anyhow!("launch {name} is no longer being materialized"))?;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if admin.json {
+        println!("{}", serde_json::to_string(&view)?);
+    } else {
+        println!("launch {name}: {}", print::materialize_text(&view));
+    }
+    Ok(())
 }
 
 /// Runs the launch's checks and reports each to the server; fails when one

@@ -40,6 +40,7 @@ mod hostile;
 mod keys;
 mod kill_loop;
 mod launch;
+mod launch_materialize;
 mod launch_overlay;
 mod lifecycle;
 mod machine;

@@ -63,6 +63,7 @@ pub(crate) fn router(shared: Arc<Shared>, guard: Arc<crate::admin_guard::AdminGu
         .route("/v1/launches", get(list_launches).post(create_launch))
         .route("/v1/launches/{name}", delete(delete_launch))
         .route("/v1/launches/{name}/fold", post(fold_launch))
+        .route("/v1/launches/{name}/materialize", post(materialize))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             (Arc::clone(&shared), guard),
@@ -338,13 +339,14 @@ async fn list_launches(
 ) -> Result<Response, ApiError> {
     let source = filter.source.as_deref().map(parse_source).transpose()?;
     let nbd = shared.nbd_addr();
-    let (list, overlaid) = blocking(&shared, move |store| {
+    let (list, overlaid, materializing) = blocking(&shared, move |store| {
         // Launches a client wrote to since their last fold.
         let overlaid: std::collections::HashSet<String> = store
             .launches_with_overlays()?
             .into_iter()
             .map(|(name, _)| name)
             .collect();
+        let materializing = store.launch_materializations()?;
         let list = store
             .list_launches(source.as_ref())?
             .into_iter()
@@ -356,13 +358,20 @@ async fn list_launches(
             })
             .map(|found| found.and_then(|(volumes, workflow, l)| Ok((volumes?, workflow, l))))
             .collect::<Result<Vec<_>, blockrep_store::Error>>()?;
-        Ok((list, overlaid))
+        Ok((list, overlaid, materializing))
     })
     .await?;
     Ok(Json(
         list.iter()
             .map(|(volumes, workflow, l)| {
-                LaunchView::new(l, volumes, workflow, nbd, overlaid.contains(&l.name))
+                let mut view =
+                    LaunchView::new(l, volumes, workflow, nbd, overlaid.contains(&l.name));
+                view.materialize = materializing
+                    .iter()
+                    .filter(|m| m.launch == l.name)
+                    .map(Into::into)
+                    .collect();
+                view
             })
             .collect::<Vec<_>>(),
     )
@@ -452,7 +461,58 @@ async fn delete_launch(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let target = name.clone();
+    // A copier holds its volume open.
+    shared.copiers.stop(&name).await;
     blocking(&shared, move |store| store.delete_launch(&target)).await?;
     info!(launch = %name, "launch deleted");
     Ok(Json(json!({ "deleted": name })).into_response())
+}
+
+/// The body of `POST /v1/launches/NAME/materialize`.
+#[derive(Debug, Deserialize)]
+struct MaterializeBody {
+    /// An absolute path on the server: a new file, or a block device at
+    /// least the volume's size.
+    to: String,
+    /// The volume of a machine's launch (none: its only volume).
+    #[serde(default)]
+    volume: Option<String>,
+}
+
+/// `POST /v1/launches/NAME/materialize`: starts copying the volume to the
+/// target (asking again for the same target reports its progress).
+async fn materialize(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    Json(body): Json<MaterializeBody>,
+) -> Result<Response, ApiError> {
+    let target = std::path::PathBuf::from(&body.to);
+    let (launch, asked) = (name.clone(), body.volume.clone());
+    let (volume, progress) = blocking(&shared, move |store| {
+        store.materialize_launch(
+            &launch,
+            asked.as_deref(),
+            &target,
+            blockrep_core::clock::now_unix_ms(),
+        )
+    })
+    .await?;
+    let volume_name = volume.volume_name().map(str::to_owned);
+    if !progress.done {
+        shared.copiers.start(
+            &shared.closers,
+            shared.config.launch_materialize_rate,
+            &name,
+            volume_name.as_deref(),
+            volume,
+        );
+    }
+    info!(launch = %name, volume = ?volume_name, target = %body.to,
+        copied_bytes = progress.copied_bytes, "launch materialization started");
+    let view = crate::views::MaterializeView::from(&blockrep_store::Materialization {
+        launch: name,
+        volume: volume_name,
+        progress,
+    });
+    Ok(Json(view).into_response())
 }

@@ -45,6 +45,7 @@ mod ledger;
 mod lifecycle;
 mod listener;
 mod maintenance;
+mod materializing;
 mod metrics;
 mod migration;
 mod nbd_export;
@@ -74,7 +75,8 @@ pub use status::{
     CutoverView, EncryptionView, LeaseView, SourceState, SourceView, StateThresholds, VolumeView,
 };
 pub use views::{
-    CheckView, CreateLaunch, CreateSnapshot, LaunchView, LaunchVolumeView, SnapshotView,
+    CheckView, CreateLaunch, CreateSnapshot, LaunchView, LaunchVolumeView, MaterializeView,
+    SnapshotView,
 };
 pub use workflow_api::{EventView, OPERATOR_HEADER};
 
@@ -187,6 +189,9 @@ pub struct ServerConfig {
     /// How often what clients wrote to launch volumes is folded into the
     /// store in the background (`None`: only when a root is needed).
     pub launch_fold_interval: Option<Duration>,
+    /// Most bytes a second each launch materialization copies in the
+    /// background (`None`: as fast as the disks go).
+    pub launch_materialize_rate: Option<u64>,
 }
 
 /// A store kept in an S3-compatible bucket.
@@ -248,6 +253,7 @@ impl ServerConfig {
             test_launch_ttl: None,
             launch_cache_bytes: blockrep_store::CHUNK_CACHE_BYTES_DEFAULT,
             launch_fold_interval: Some(crate::folding::FOLD_INTERVAL_DEFAULT),
+            launch_materialize_rate: None,
         }
     }
 }

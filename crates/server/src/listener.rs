@@ -33,6 +33,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Stops the materializations' copiers when dropped (when `run` returns).
+struct StopCopiers(Arc<crate::materializing::Copiers>);
+
+impl Drop for StopCopiers {
+    fn drop(&mut self) {
+        self.0.stop_all();
+    }
+}
+
 /// A bound replication server.
 pub struct Server {
     listener: TcpListener,
@@ -296,6 +305,18 @@ impl Server {
         let _stop_expiry = AbortOnDrop(tokio::spawn(crate::drills::run(Arc::clone(&self.shared))));
         let _stop_folding =
             AbortOnDrop(tokio::spawn(crate::folding::run(Arc::clone(&self.shared))));
+        let _stop_copiers = StopCopiers(Arc::clone(&self.shared.copiers));
+        {
+            let shared = Arc::clone(&self.shared);
+            tokio::task::spawn_blocking(move || {
+                crate::materializing::resume(
+                    &shared.store,
+                    &shared.copiers,
+                    &shared.closers,
+                    shared.config.launch_materialize_rate,
+                )
+            });
+        }
         tokio::spawn(crate::migration::reconcile(Arc::clone(&self.shared)));
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);

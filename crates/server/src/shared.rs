@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     pub closers: Arc<crate::closers::Closers>,
     /// Sources whose commits move standby launches.
     pub followed: crate::closers::Followed,
+    /// The background copiers of launch materializations.
+    pub copiers: Arc<crate::materializing::Copiers>,
 }
 
 /// A session in progress, as a new connection of the same source sees it.
@@ -123,6 +125,7 @@ impl Shared {
             workflow: crate::closers::WorkflowCounters::default(),
             closers: Arc::default(),
             followed: crate::closers::Followed::default(),
+            copiers: Arc::default(),
         }
     }
 

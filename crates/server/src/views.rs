@@ -87,6 +87,39 @@ pub struct LaunchView {
     /// The source's epoch a standby was last moved to.
     #[serde(default)]
     pub followed_epoch: Option<u64>,
+    /// Its volumes' materializations (`blockrep launch materialize`).
+    #[serde(default)]
+    pub materialize: Vec<MaterializeView>,
+}
+
+/// A launch volume's materialization: its copy to a local file or block
+/// device, from which it is served once complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaterializeView {
+    /// The volume of a machine's launch; `None` for a single disk's.
+    pub volume: Option<String>,
+    /// The file or block device on the server.
+    pub target: String,
+    pub size_bytes: u64,
+    /// Bytes the target holds.
+    pub copied_bytes: u64,
+    /// Bytes still read from the store.
+    pub remote_bytes: u64,
+    /// Whether the copy is complete and the volume served from the target.
+    pub done: bool,
+}
+
+impl From<&blockrep_store::Materialization> for MaterializeView {
+    fn from(m: &blockrep_store::Materialization) -> Self {
+        Self {
+            volume: m.volume.clone(),
+            target: m.progress.target.display().to_string(),
+            size_bytes: m.progress.size_bytes,
+            copied_bytes: m.progress.copied_bytes,
+            remote_bytes: m.progress.remote_bytes,
+            done: m.progress.done,
+        }
+    }
 }
 
 /// A launch check's result, as shown, and as a check runner reports it to
@@ -149,6 +182,7 @@ impl LaunchView {
             checks: workflow.checks.iter().map(CheckView::from).collect(),
             following: workflow.follow && !overlaid && unwritten(info, workflow),
             followed_epoch: workflow.followed.map(|(_, epoch)| epoch),
+            materialize: Vec::new(),
             volumes: volumes
                 .iter()
                 .map(|v| LaunchVolumeView {

@@ -32,7 +32,9 @@
 //! `format.rs` (`LAUNCH_META_MAGIC`, `LAUNCH_HEAD_MAGIC`).
 
 mod fold;
+mod materialize;
 mod overlay;
+mod pages;
 mod standby;
 mod volume;
 mod workflow;
@@ -58,6 +60,7 @@ use crate::fsutil::{
 use crate::mutex::lock;
 use crate::store::{Store, StoredRoot, choose_volume, single_volume};
 
+pub use materialize::{Materialization, MaterializeProgress, MaterializeStep};
 pub use overlay::OVERLAY_BLOCK_BYTES;
 pub use standby::Rebased;
 pub use volume::{LAUNCH_PAGES_CACHED_MAX, LaunchVolume};
@@ -610,6 +613,10 @@ impl Store {
                          then try again"
                     ),
                 ));
+            }
+            if overlay::read_target(&dir)?.is_some() {
+                // A materialization: its target is this server's to serve from.
+                continue;
             }
             overlay::remove(&dir)?;
         }

@@ -155,8 +155,8 @@ pub use error::{Error, ErrorKind};
 pub use head::Head;
 pub use launch::{
     CHECK_OUTPUT_TAIL_MAX_BYTES, CHECK_TEXT_MAX_BYTES, LAUNCH_CHECKS_MAX, LAUNCH_PAGES_CACHED_MAX,
-    LaunchCheck, LaunchInfo, LaunchKind, LaunchVolume, LaunchWorkflow, OVERLAY_BLOCK_BYTES,
-    Rebased, check_output_tail,
+    LaunchCheck, LaunchInfo, LaunchKind, LaunchVolume, LaunchWorkflow, Materialization,
+    MaterializeProgress, MaterializeStep, OVERLAY_BLOCK_BYTES, Rebased, check_output_tail,
 };
 pub use lifecycle::{Downtime, Lifecycle, LifecycleStage};
 pub use machine::VolumeCommit;

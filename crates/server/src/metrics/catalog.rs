@@ -151,7 +151,13 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
     text.push_str(&patches_text(&shared));
     text.push_str(&super::upload::upload_text(&shared.store));
     text.push_str(&super::workflow::workflow_text(&shared));
-    text.push_str(&super::launches::launches_text(&shared.store));
+    text.push_str(&super::launches::launches_text(
+        &shared.store,
+        shared
+            .copiers
+            .copied_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+    ));
     ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], text).into_response()
 }
 

@@ -110,6 +110,19 @@ impl LaunchVolume {
             folded.push((chunk_index, write));
             std::thread::yield_now();
         }
+        if !folded.is_empty() {
+            // A materialization's target serves folded blocks once they read
+            // as the base: durable before the root that names them.
+            let target = self
+                .lock_state()
+                .overlay
+                .as_ref()
+                .filter(|overlay| overlay.is_materialized())
+                .map(super::overlay::Overlay::reader);
+            if let Some(target) = target {
+                target.sync_data()?;
+            }
+        }
         self.publish(now_unix_ms)?;
         let mut state = self.lock_state();
         let per_chunk = chunk_size / BLOCK;

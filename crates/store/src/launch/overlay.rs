@@ -58,8 +58,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind};
 
-mod bits;
+pub(super) mod bits;
 mod records;
+mod target;
 
 use bits::Bits;
 #[cfg(test)]
@@ -67,6 +68,9 @@ pub(crate) use records::TEST_BOOT;
 use records::{
     HEADER_LEN, HEADER_MAGIC, MARKER_LEN, MARKER_MAGIC, OP_LEN, OPS_PER_RECORD_MAX, Op, OpKind,
     Record, VERSION, boot_id, encode_record,
+};
+pub(super) use target::{
+    punch_or_zero, read_cut, read_target, remove_cut, write_cut, write_target,
 };
 
 /// Bytes per overlay block: the granularity of writes and of the map.
@@ -122,6 +126,10 @@ pub(crate) struct Overlay {
     last_token: u64,
     /// A sync failed: see [`Overlay::check_usable`].
     failed: bool,
+    /// The data file is a materialization's target (`materialize.rs`): a
+    /// whole copy of the volume, so nothing in it is ever punched, and
+    /// blocks made zero are zeroed in it at once.
+    keep_data: bool,
     /// `map`'s length past which a sync considers rewriting it.
     next_sync_compaction_check: u64,
 }
@@ -150,13 +158,20 @@ impl Overlay {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("cannot open", &map_path, e)),
         };
-        let data_path = dir.join("data");
+        let target = read_target(dir)?;
+        let data_path = target.clone().unwrap_or_else(|| dir.join("data"));
         let data = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&data_path)
             .map_err(|e| io_error("cannot open", &data_path, e))?;
+        if target.is_some() {
+            // Left by a stop between the switch to the target and the
+            // removal of the old file: nothing reads it any more.
+            let _ = std::fs::remove_file(dir.join("data"));
+        }
         let mut overlay = Self::with_files(dir, data, map, size_bytes);
+        overlay.keep_data = target.is_some();
         overlay.replay()?;
         Ok(Some(overlay))
     }
@@ -221,6 +236,7 @@ impl Overlay {
             busy: Vec::new(),
             last_token: 0,
             failed: false,
+            keep_data: false,
             next_sync_compaction_check: MAP_COMPACT_BYTES,
         }
     }
@@ -305,13 +321,54 @@ impl Overlay {
         }
     }
 
+    /// Whether any of `count` blocks from `first` is read or written outside
+    /// the volume's lock now.
+    pub(crate) fn is_busy(&self, first: u64, count: u64) -> bool {
+        self.busy
+            .iter()
+            .any(|(start, end, _)| *start < first + count && first < *end)
+    }
+
+    /// Whether the data file is a materialization's target.
+    pub(crate) fn is_materialized(&self) -> bool {
+        self.keep_data
+    }
+
+    /// Runs of mapped blocks: `(first, count, is_data)` (else zero).
+    pub(crate) fn mapped_runs(&self) -> Vec<(u64, u64, bool)> {
+        self.runs()
+            .into_iter()
+            .map(|op| (op.first, op.count, op.kind == OpKind::Data))
+            .collect()
+    }
+
+    /// Makes `file` (a materialization's target, which holds every mapped
+    /// block's bytes at its offset) the data file from now on. Nothing may
+    /// be busy. The old file is the caller's to remove.
+    pub(crate) fn switch_data(&mut self, file: File) {
+        self.data = Arc::new(file);
+        self.keep_data = true;
+        self.data_dirty = true;
+        self.to_punch.clear();
+    }
+
     /// Ends the I/O of `token`.
     pub(crate) fn io_done(&mut self, token: u64) {
         self.busy.retain(|(_, _, t)| *t != token);
     }
 
-    /// Makes `count` blocks from `first` read as zeroes, touching no data.
+    /// Makes `count` blocks from `first` read as zeroes, touching no data
+    /// (but a materialization's target, which must read as the volume once
+    /// the blocks are folded).
     pub(crate) fn zero_blocks(&mut self, first: u64, count: u64) -> Result<(), Error> {
+        self.check_usable()?;
+        if self.keep_data {
+            let offset = first * OVERLAY_BLOCK_BYTES;
+            let len = ((first + count) * OVERLAY_BLOCK_BYTES).min(self.size_bytes) - offset;
+            punch_or_zero(&self.data, offset, len)
+                .map_err(|e| io_error("cannot zero blocks of", &self.dir, e))?;
+            self.data_dirty = true;
+        }
         self.log(OpKind::Zero, first, count)?;
         self.zero_bits.set_range(first, count, true);
         self.data_bits.set_range(first, count, false);
@@ -421,13 +478,14 @@ impl Overlay {
 
     /// Punches the blocks whose unmap is durable and that are still unmapped.
     fn punch(&mut self) -> Result<(), Error> {
+        if self.keep_data {
+            // A materialization's target holds the whole volume.
+            self.to_punch.clear();
+            return Ok(());
+        }
         let mut kept = Vec::new();
         for (first, count) in std::mem::take(&mut self.to_punch) {
-            if self
-                .busy
-                .iter()
-                .any(|(start, end, _)| *start < first + count && first < *end)
-            {
+            if self.is_busy(first, count) {
                 // Read or written outside the lock now: the next sync.
                 kept.push((first, count));
                 continue;
@@ -574,6 +632,10 @@ impl Overlay {
             self.unsynced = true;
             return self.sync();
         }
+        if self.keep_data && !tail.is_empty() {
+            let ranges: Vec<_> = tail.iter().map(|op| (op.first, op.count)).collect();
+            write_cut(&self.dir, &ranges)?;
+        }
         self.map_len = synced_end;
         self.cut(&path, synced_end)?;
         if marker_boot != self.boot {
@@ -646,6 +708,20 @@ impl OverlayIo {
             .map_err(|e| io_error("cannot read", &self.dir, e))
     }
 
+    /// Makes the file's data durable (a materialization's target, before a
+    /// fold publishes what it read from it, or before copied chunks are
+    /// recorded).
+    pub(crate) fn sync_data(&self) -> Result<(), Error> {
+        self.data
+            .sync_data()
+            .map_err(|e| io_error("cannot sync", &self.dir, e))
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes in the file.
+    pub(crate) fn zero(&self, offset: u64, len: u64) -> Result<(), Error> {
+        punch_or_zero(&self.data, offset, len).map_err(|e| io_error("cannot zero", &self.dir, e))
+    }
+
     /// Writes whole blocks from `first`, as [`Overlay::write_blocks`] does,
     /// leaving the map to [`Overlay::wrote_blocks`].
     pub(crate) fn write_blocks(&self, first: u64, data: &[u8]) -> Result<(), Error> {
@@ -659,7 +735,7 @@ fn write_data(file: &File, dir: &Path, first: u64, data: &[u8]) -> Result<(), Er
 }
 
 /// Creates (or empties) a file for reading and writing, owner-only.
-fn create_file(path: &Path) -> Result<File, Error> {
+pub(super) fn create_file(path: &Path) -> Result<File, Error> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -670,7 +746,7 @@ fn create_file(path: &Path) -> Result<File, Error> {
         .map_err(|e| io_error("cannot create", path, e))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), Error> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_error("cannot sync directory", dir, e))

@@ -10,13 +10,14 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use blockrep_core::{CHUNKS_PER_PAGE, ChunkId, Geometry, Root, VolumeName};
+use blockrep_core::{ChunkId, Geometry, Root, VolumeName};
 
 use crate::error::{Error, ErrorKind};
 use crate::mutex::lock;
 use crate::store::Store;
 
 use super::LaunchInfo;
+use super::materialize::{self, Copied, Fetched, Journal};
 use super::overlay::{BlockState, OVERLAY_BLOCK_BYTES as BLOCK, Overlay, OverlayIo};
 
 /// Index pages without unflushed changes that an open launch volume keeps in
@@ -46,7 +47,7 @@ pub struct LaunchVolume {
     /// Its key among the catalog's open launches.
     key: String,
     /// Where its overlay lives (created at the first write).
-    overlay_dir: PathBuf,
+    pub(super) overlay_dir: PathBuf,
     /// Whether a sync also folds: in a bucket (the overlay is local to this
     /// server, and another may serve the source next) and for an encrypted
     /// source (the overlay holds plaintext, so it is kept only until the
@@ -57,6 +58,9 @@ pub struct LaunchVolume {
     pub(super) fold_lock: Mutex<()>,
     /// When the volume last served a read or a write (`None`: never).
     last_io: Mutex<Option<std::time::Instant>>,
+    /// The journal of its materialization's copied chunks, if it has one
+    /// (`materialize.rs`); taken before the state's lock, never after.
+    pub(super) journal: Mutex<Option<Journal>>,
 }
 
 pub(super) struct VolumeState {
@@ -70,9 +74,9 @@ pub(super) struct VolumeState {
     pub(super) pages: HashMap<usize, Vec<ChunkId>>,
     /// When each page in `pages` was last used (a tick of `use_clock`), to
     /// drop the least recently used clean page first.
-    page_used: HashMap<usize, u64>,
+    pub(super) page_used: HashMap<usize, u64>,
     /// Counts page uses.
-    use_clock: u64,
+    pub(super) use_clock: u64,
     /// Clean pages kept; [`LAUNCH_PAGES_CACHED_MAX`] unless a test lowers it.
     pub(super) clean_pages_max: usize,
     /// Pages whose ids a fold changed and has not published yet.
@@ -94,6 +98,9 @@ pub(super) struct VolumeState {
     /// Chunk blobs this volume read from the store (cache misses), for
     /// tests and debugging.
     pub(super) chunk_reads: u64,
+    /// The chunks its materialization copied, if it has one: those read
+    /// from the target.
+    pub(super) copied: Option<Copied>,
 }
 
 impl std::fmt::Debug for LaunchVolume {
@@ -118,6 +125,11 @@ enum Fill<'a> {
 impl LaunchVolume {
     pub(super) fn lock_state(&self) -> MutexGuard<'_, VolumeState> {
         lock(&self.state)
+    }
+
+    /// The volume's name in its machine's launch (`None`: a single disk's).
+    pub fn volume_name(&self) -> Option<&str> {
+        self.volume.as_ref().map(VolumeName::as_str)
     }
 
     /// The launch as of its last fold.
@@ -209,9 +221,12 @@ impl LaunchVolume {
         }
         self.note_io();
         let end = offset_bytes + buf.len() as u64;
-        let (parts, io, ahead) = {
+        let (parts, io, ahead, copying) = {
             let mut state = self.lock_state();
             let parts = state.plan(&self.store, self.geometry, offset_bytes, end)?;
+            // Chunks fetched from the store are copied into a
+            // materialization's target (copy-on-read).
+            let copying = state.copied.is_some();
             let io = match state.overlay.as_mut() {
                 Some(overlay) if parts.iter().any(|part| part.kind == PartKind::Data) => {
                     let first = offset_bytes / BLOCK;
@@ -226,22 +241,25 @@ impl LaunchVolume {
             } else {
                 Vec::new()
             };
-            (parts, io, ahead)
+            (parts, io, ahead, copying)
         };
         // Asked first, so the readahead thread decodes while this read copies.
         self.store.read_ahead(ahead);
+        let mut fetched = Vec::new();
         let filled = fill(
             &self.store,
             &parts,
             io.as_ref().map(|(io, _)| io),
             offset_bytes,
             buf,
+            copying.then_some(&mut fetched),
         );
         let mut state = self.lock_state();
         if let (Some((_, token)), Some(overlay)) = (io, state.overlay.as_mut()) {
             overlay.io_done(token);
         }
         state.chunk_reads += filled?;
+        self.copy_on_read(&mut state, &fetched);
         Ok(())
     }
 
@@ -412,6 +430,11 @@ impl LaunchVolume {
         } else {
             Overlay::open(&overlay_dir, size)?
         };
+        let chunk_size = u64::from(root.geometry().chunk_size_bytes());
+        let (copied, journal) = match overlay.as_ref().filter(|o| o.is_materialized()) {
+            Some(_) => materialize::load(&overlay_dir, size, chunk_size)?.unzip(),
+            None => (None, None),
+        };
         Ok(Self {
             fold_on_sync: in_bucket || sealer.is_some(),
             store,
@@ -434,9 +457,11 @@ impl LaunchVolume {
                 sealer,
                 space,
                 chunk_reads: 0,
+                copied,
             }),
             fold_lock: Mutex::new(()),
             last_io: Mutex::new(None),
+            journal: Mutex::new(journal),
         })
     }
 }
@@ -479,13 +504,14 @@ struct Part {
 /// volume's lock: chunks through the store's cache (each one's id is its
 /// content's hash, so it cannot have changed), overlay blocks through `io`
 /// (which keeps them from being punched). Returns the chunks read from the
-/// store.
+/// store; each chunk used goes to `fetched` if given.
 fn fill(
     store: &Store,
     parts: &[Part],
     io: Option<&OverlayIo>,
     offset: u64,
     out: &mut [u8],
+    mut fetched: Option<&mut Vec<Fetched>>,
 ) -> Result<u64, Error> {
     let mut reads = 0;
     for part in parts {
@@ -508,6 +534,13 @@ fn fill(
                     .map_err(|e| Error::new(e.kind(), format!("chunk {chunk_index}: {e}")))?;
                 reads += u64::from(read);
                 dst.copy_from_slice(&bytes[start_in_chunk..start_in_chunk + dst.len()]);
+                if let Some(fetched) = fetched.as_mut()
+                    && fetched
+                        .last()
+                        .is_none_or(|(last, _, _)| *last != chunk_index)
+                {
+                    fetched.push((chunk_index, id, bytes));
+                }
             }
         }
     }
@@ -515,11 +548,11 @@ fn fill(
 }
 
 /// A run of blocks of one state inside a read.
-struct Run {
-    state: BlockState,
+pub(super) struct Run {
+    pub(super) state: BlockState,
     /// Byte offsets in the volume.
-    start: u64,
-    end: u64,
+    pub(super) start: u64,
+    pub(super) end: u64,
 }
 
 impl VolumeState {
@@ -536,7 +569,7 @@ impl VolumeState {
         let parts = self.plan(store, geometry, offset, end)?;
         // Held under the lock, so no punch can happen meanwhile.
         let io = self.overlay.as_ref().map(Overlay::reader);
-        self.chunk_reads += fill(store, &parts, io.as_ref(), offset, out)?;
+        self.chunk_reads += fill(store, &parts, io.as_ref(), offset, out, None)?;
         Ok(())
     }
 
@@ -564,10 +597,16 @@ impl VolumeState {
         while position < end {
             let chunk_index = position / chunk_size;
             let piece_end = ((chunk_index + 1) * chunk_size).min(end);
+            let copied = self
+                .copied
+                .as_ref()
+                .is_some_and(|copied| copied.has(chunk_index));
             for run in self.runs(position, piece_end) {
                 let kind = match run.state {
                     BlockState::Data => PartKind::Data,
                     BlockState::Zero => PartKind::Zero,
+                    // In a materialization's target, which holds the base.
+                    BlockState::Base if copied => PartKind::Data,
                     BlockState::Base => {
                         let id = self.chunk_id(store, chunk_index)?;
                         if id.is_zero() {
@@ -597,7 +636,7 @@ impl VolumeState {
     }
 
     /// `start..end` (inside one chunk) cut into runs of one block state.
-    fn runs(&self, start: u64, end: u64) -> Vec<Run> {
+    pub(super) fn runs(&self, start: u64, end: u64) -> Vec<Run> {
         let Some(overlay) = self.overlay.as_ref().filter(|overlay| {
             overlay.any_mapped(start / BLOCK, (end - 1) / BLOCK - start / BLOCK + 1)
         }) else {
@@ -642,6 +681,9 @@ impl VolumeState {
             let Some(len) = geometry.chunk_len(chunk_index) else {
                 break;
             };
+            if self.copied.as_ref().is_some_and(|c| c.has(chunk_index)) {
+                continue;
+            }
             let id = self.chunk_id(store, chunk_index)?;
             if !id.is_zero() {
                 out.push((id, len));
@@ -649,71 +691,4 @@ impl VolumeState {
         }
         Ok(out)
     }
-
-    /// The current ids of page `page_index`, loading them when they are not in
-    /// memory (first use, or dropped since as a clean page).
-    pub(super) fn page_mut(
-        &mut self,
-        store: &Store,
-        page_index: usize,
-    ) -> Result<&mut Vec<ChunkId>, Error> {
-        if !self.pages.contains_key(&page_index) {
-            let ids = store.read_page(&self.root, page_index)?.ids().to_vec();
-            // Room for the page about to come in, which is clean.
-            self.drop_clean_pages_over(self.clean_pages_max.saturating_sub(1));
-            self.pages.insert(page_index, ids);
-        }
-        self.use_clock += 1;
-        self.page_used.insert(page_index, self.use_clock);
-        Ok(self
-            .pages
-            .get_mut(&page_index)
-            .expect("the page was loaded above"))
-    }
-
-    /// Drops least recently used clean pages until at most `limit` are left.
-    /// A clean page equals the folded root's, which is durable and which the
-    /// garbage collector marks from, so dropping one loses nothing.
-    pub(super) fn drop_clean_pages_over(&mut self, limit: usize) {
-        while self.pages.len().saturating_sub(self.dirty_pages.len()) > limit {
-            let oldest = self
-                .page_used
-                .iter()
-                .filter(|(page_index, _)| !self.dirty_pages.contains(page_index))
-                .min_by_key(|(_, used)| **used)
-                .map(|(page_index, _)| *page_index);
-            let Some(page_index) = oldest else {
-                return;
-            };
-            self.pages.remove(&page_index);
-            self.page_used.remove(&page_index);
-        }
-    }
-
-    pub(super) fn chunk_id(&mut self, store: &Store, chunk_index: u64) -> Result<ChunkId, Error> {
-        let (page_index, position) = page_position(chunk_index);
-        Ok(self.page_mut(store, page_index)?[position])
-    }
-
-    pub(super) fn set_chunk_id(
-        &mut self,
-        store: &Store,
-        chunk_index: u64,
-        id: ChunkId,
-    ) -> Result<(), Error> {
-        let (page_index, position) = page_position(chunk_index);
-        let page = self.page_mut(store, page_index)?;
-        if page[position] != id {
-            page[position] = id;
-            self.dirty_pages.insert(page_index);
-        }
-        Ok(())
-    }
-}
-
-/// Page index and position in the page of a chunk.
-pub(super) fn page_position(chunk_index: u64) -> (usize, usize) {
-    // Chunk indices are below the geometry's chunk count, which fits in memory.
-    let chunk_index = chunk_index as usize;
-    (chunk_index / CHUNKS_PER_PAGE, chunk_index % CHUNKS_PER_PAGE)
 }

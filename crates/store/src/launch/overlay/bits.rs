@@ -2,17 +2,17 @@
 
 /// Two bits per block, as two bitsets.
 #[derive(Debug, Clone)]
-pub(super) struct Bits(Vec<u64>);
+pub(crate) struct Bits(Vec<u64>);
 
 impl Bits {
-    pub(super) fn new(blocks: u64) -> Self {
+    pub(crate) fn new(blocks: u64) -> Self {
         Bits(vec![0; blocks.div_ceil(64) as usize])
     }
-    pub(super) fn get(&self, block: u64) -> bool {
+    pub(crate) fn get(&self, block: u64) -> bool {
         self.0[(block / 64) as usize] & (1 << (block % 64)) != 0
     }
     /// The masks of the words that blocks `first..first + count` fall in.
-    pub(super) fn masks(first: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
+    pub(crate) fn masks(first: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
         let end = first + count;
         let mut block = first;
         std::iter::from_fn(move || {
@@ -31,7 +31,7 @@ impl Bits {
             Some((word, mask))
         })
     }
-    pub(super) fn set_range(&mut self, first: u64, count: u64, value: bool) {
+    pub(crate) fn set_range(&mut self, first: u64, count: u64, value: bool) {
         for (word, mask) in Self::masks(first, count) {
             if value {
                 self.0[word] |= mask;
@@ -40,10 +40,10 @@ impl Bits {
             }
         }
     }
-    pub(super) fn any_in(&self, first: u64, count: u64) -> bool {
+    pub(crate) fn any_in(&self, first: u64, count: u64) -> bool {
         Self::masks(first, count).any(|(word, mask)| self.0[word] & mask != 0)
     }
-    pub(super) fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.0.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 }

@@ -1,0 +1,765 @@
+//! Live materialization: a launch volume copied whole to a local file or
+//! block device while it stays served and written, as PBS's live restore
+//! and QEMU's block-stream do. Once the copy is complete the volume is
+//! served from that file: no read touches the store any more.
+//!
+//! # How
+//!
+//! The *target* becomes the overlay's data file (`overlay.rs`): at the start
+//! the volume is folded, the blocks still mapped are copied into the target,
+//! and `target` in the overlay's directory names it. From then on writes go
+//! to the target as they went to the overlay's sparse file, and the map
+//! journal keeps telling which blocks clients wrote; nothing in the target
+//! is ever punched, and blocks written as zeroes are zeroed in it at once.
+//!
+//! What clients did not write is copied a chunk at a time, by a background
+//! copier ([`LaunchVolume::materialize_step`]) and by every read of a chunk
+//! not copied yet (copy-on-read): the chunk's bytes are fetched without the
+//! volume's lock, then, under it, written over the chunk's blocks that still
+//! read as the base, if the chunk's id is still the one fetched and no write
+//! to it is in flight (else it is copied later). A copied chunk reads from
+//! the target. A fold changes no block's bytes, so it never undoes a copy:
+//! what it folds is in the target already, and in a materialized volume a
+//! fold makes the target durable before the new root is published.
+//!
+//! # The journal
+//!
+//! `copied` in the overlay's directory: a header (magic, volume size, chunk
+//! size, crc32), then records of copied chunks (magic, first chunk, count,
+//! crc32). Chunks are recorded only after the target's data is synced, so a
+//! chunk the journal names is on disk in the target; a stop loses at most
+//! the copies since the last record, which are made again. A torn or
+//! damaged record ends the journal there.
+//!
+//! After a power loss the overlay's map loses its records past the last
+//! flush, and a block they named reads as the base again while the target
+//! may hold the unflushed bytes: the overlay lists those blocks (`cut`)
+//! before it cuts the map, and their chunks are recorded to be copied
+//! again (a record of the same shape with another magic) before the volume
+//! serves.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockrep_core::ChunkId;
+
+use crate::error::{Error, ErrorKind};
+use crate::mutex::lock;
+use crate::store::Store;
+
+use super::overlay::bits::Bits;
+use super::overlay::{
+    BlockState, OVERLAY_BLOCK_BYTES as BLOCK, Overlay, create_file, punch_or_zero, read_cut,
+    read_target, remove_cut, sync_dir, write_target,
+};
+use super::volume::{LaunchVolume, VolumeState};
+
+const JOURNAL_MAGIC: [u8; 8] = *b"BRMATJ01";
+const HEADER_LEN: usize = 28;
+const RECORD_MAGIC: [u8; 4] = *b"MCPY";
+/// A record of chunks to copy again (see [`load`]).
+const AGAIN_MAGIC: [u8; 4] = *b"MAGN";
+const RECORD_LEN: usize = 24;
+/// How long a start waits for reads and writes running outside the
+/// volume's lock to end before it switches the data file.
+const SWITCH_WAIT: Duration = Duration::from_secs(10);
+
+/// How far a materialization is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaterializeProgress {
+    /// The file or block device the volume is copied to.
+    pub target: PathBuf,
+    /// The volume's size.
+    pub size_bytes: u64,
+    /// Bytes of the volume the target holds (whole chunks copied).
+    pub copied_bytes: u64,
+    /// Bytes still read from the store: `size_bytes - copied_bytes`.
+    pub remote_bytes: u64,
+    /// Whether the copy is complete: the volume is served from the target.
+    pub done: bool,
+}
+
+/// What one [`LaunchVolume::materialize_step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaterializeStep {
+    /// Bytes it copied.
+    pub copied_bytes: u64,
+    /// Whether the copy is complete now.
+    pub done: bool,
+}
+
+/// A materialization of a launch volume, as listed by
+/// [`Store::launch_materializations`].
+#[derive(Debug, Clone)]
+pub struct Materialization {
+    pub launch: String,
+    /// The volume of a machine's launch; `None` for a single disk's.
+    pub volume: Option<String>,
+    pub progress: MaterializeProgress,
+}
+
+/// The chunks a materialization has copied, in memory.
+#[derive(Debug)]
+pub(super) struct Copied {
+    target: PathBuf,
+    size_bytes: u64,
+    chunk_size: u64,
+    chunks: u64,
+    bits: Bits,
+    count: u64,
+    /// Copied since the journal last recorded.
+    unrecorded: Vec<u64>,
+    /// Where the background copier goes on.
+    cursor: u64,
+}
+
+impl Copied {
+    fn new(target: PathBuf, size_bytes: u64, chunk_size: u64) -> Self {
+        let chunks = size_bytes.div_ceil(chunk_size);
+        Self {
+            target,
+            size_bytes,
+            chunk_size,
+            chunks,
+            bits: Bits::new(chunks),
+            count: 0,
+            unrecorded: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Whether chunk `chunk` is in the target.
+    pub(super) fn has(&self, chunk: u64) -> bool {
+        chunk < self.chunks && self.bits.get(chunk)
+    }
+
+    pub(super) fn done(&self) -> bool {
+        self.count == self.chunks
+    }
+
+    fn mark(&mut self, chunk: u64) {
+        if !self.bits.get(chunk) {
+            self.bits.set_range(chunk, 1, true);
+            self.count += 1;
+        }
+    }
+
+    fn unmark(&mut self, chunk: u64) {
+        if self.bits.get(chunk) {
+            self.bits.set_range(chunk, 1, false);
+            self.count -= 1;
+        }
+    }
+
+    fn progress(&self) -> MaterializeProgress {
+        let mut copied = self.count * self.chunk_size;
+        if self.chunks > 0 && self.bits.get(self.chunks - 1) {
+            // The last chunk may be short.
+            copied -= self.chunks * self.chunk_size - self.size_bytes;
+        }
+        MaterializeProgress {
+            target: self.target.clone(),
+            size_bytes: self.size_bytes,
+            copied_bytes: copied,
+            remote_bytes: self.size_bytes - copied,
+            done: self.done(),
+        }
+    }
+
+    /// The next chunk not copied from the cursor on (wrapping), if any.
+    fn next_missing(&self) -> Option<u64> {
+        if self.done() {
+            return None;
+        }
+        (self.cursor..self.chunks)
+            .chain(0..self.cursor)
+            .find(|&chunk| !self.bits.get(chunk))
+    }
+}
+
+/// The journal of copied chunks (`copied` in the overlay's directory).
+#[derive(Debug)]
+pub(super) struct Journal {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+fn header(size_bytes: u64, chunk_size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.extend_from_slice(&JOURNAL_MAGIC);
+    out.extend_from_slice(&size_bytes.to_le_bytes());
+    out.extend_from_slice(&chunk_size.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&out).to_le_bytes());
+    out
+}
+
+fn record(magic: [u8; 4], first: u64, count: u64) -> [u8; RECORD_LEN] {
+    let mut out = [0u8; RECORD_LEN];
+    out[..4].copy_from_slice(&magic);
+    out[4..12].copy_from_slice(&first.to_le_bytes());
+    out[12..20].copy_from_slice(&count.to_le_bytes());
+    let crc = crc32fast::hash(&out[..20]);
+    out[20..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn journal_error(what: &str, path: &Path, e: io::Error) -> Error {
+    Error::io(
+        format!("materialization journal: {what} {}", path.display()),
+        e,
+    )
+}
+
+impl Journal {
+    /// Creates an empty journal in `dir`, durably (before the target is
+    /// named: a named target always has its journal).
+    fn create(dir: &Path, size_bytes: u64, chunk_size: u64) -> Result<Self, Error> {
+        let tmp = dir.join("copied.tmp");
+        let file = create_file(&tmp)?;
+        let bytes = header(size_bytes, chunk_size);
+        file.write_all_at(&bytes, 0)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| journal_error("cannot write", &tmp, e))?;
+        let path = dir.join("copied");
+        std::fs::rename(&tmp, &path).map_err(|e| journal_error("cannot publish", &tmp, e))?;
+        sync_dir(dir)?;
+        Ok(Self {
+            file,
+            path,
+            len: HEADER_LEN as u64,
+        })
+    }
+
+    /// Opens the journal in `dir` and replays it into `copied`; a torn or
+    /// damaged tail is cut off.
+    fn open(dir: &Path, copied: &mut Copied) -> Result<Self, Error> {
+        let path = dir.join("copied");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| journal_error("cannot open", &path, e))?;
+        let bytes = std::fs::read(&path).map_err(|e| journal_error("cannot read", &path, e))?;
+        if bytes.get(..HEADER_LEN) != Some(&header(copied.size_bytes, copied.chunk_size)[..]) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{} does not belong to a volume of {} bytes in chunks of {} (or is damaged)",
+                    path.display(),
+                    copied.size_bytes,
+                    copied.chunk_size
+                ),
+            ));
+        }
+        let mut at = HEADER_LEN;
+        while let Some(rec) = bytes.get(at..at + RECORD_LEN) {
+            let crc = u32::from_le_bytes(rec[20..].try_into().expect("4 bytes"));
+            let again = rec[..4] == AGAIN_MAGIC;
+            if (rec[..4] != RECORD_MAGIC && !again) || crc32fast::hash(&rec[..20]) != crc {
+                break;
+            }
+            let first = u64::from_le_bytes(rec[4..12].try_into().expect("8 bytes"));
+            let count = u64::from_le_bytes(rec[12..20].try_into().expect("8 bytes"));
+            if first
+                .checked_add(count)
+                .is_none_or(|end| end > copied.chunks)
+            {
+                break;
+            }
+            for chunk in first..first + count {
+                match again {
+                    false => copied.mark(chunk),
+                    true => copied.unmark(chunk),
+                }
+            }
+            at += RECORD_LEN;
+        }
+        if at < bytes.len() {
+            file.set_len(at as u64)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| journal_error("cannot cut the torn tail of", &path, e))?;
+        }
+        Ok(Self {
+            file,
+            path,
+            len: at as u64,
+        })
+    }
+
+    /// Records `chunks` (whose bytes the target holds durably) as copied.
+    fn record(&mut self, chunks: &mut [u64]) -> Result<(), Error> {
+        self.append(RECORD_MAGIC, chunks)
+    }
+
+    /// Appends records of `magic` for `chunks`, durably.
+    fn append(&mut self, magic: [u8; 4], chunks: &mut [u64]) -> Result<(), Error> {
+        chunks.sort_unstable();
+        let mut bytes = Vec::new();
+        let mut index = 0;
+        while index < chunks.len() {
+            let first = chunks[index];
+            let mut end = first + 1;
+            index += 1;
+            while index < chunks.len() && chunks[index] <= end {
+                end = end.max(chunks[index] + 1);
+                index += 1;
+            }
+            bytes.extend_from_slice(&record(magic, first, end - first));
+        }
+        self.file
+            .write_all_at(&bytes, self.len)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| journal_error("cannot append to", &self.path, e))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Loads the materialization of the overlay in `dir` (whose data file is
+/// its target) for a volume of `size_bytes` in chunks of `chunk_size`.
+pub(super) fn load(
+    dir: &Path,
+    size_bytes: u64,
+    chunk_size: u64,
+) -> Result<Option<(Copied, Journal)>, Error> {
+    let Some(target) = read_target(dir)? else {
+        return Ok(None);
+    };
+    let mut copied = Copied::new(target, size_bytes, chunk_size);
+    let mut journal = Journal::open(dir, &mut copied)?;
+    let cut = read_cut(dir)?;
+    if !cut.is_empty() {
+        let per_chunk = chunk_size / BLOCK;
+        let mut again: Vec<u64> = cut
+            .iter()
+            .filter(|(_, count)| *count > 0)
+            .flat_map(|(first, count)| {
+                let last = (first.saturating_add(count - 1) / per_chunk)
+                    .min(copied.chunks.saturating_sub(1));
+                first / per_chunk..=last
+            })
+            .collect();
+        again.sort_unstable();
+        again.dedup();
+        journal.append(AGAIN_MAGIC, &mut again)?;
+        for chunk in again {
+            copied.unmark(chunk);
+        }
+        remove_cut(dir)?;
+    }
+    Ok(Some((copied, journal)))
+}
+
+/// Opens (or creates) `target` for a volume of `size_bytes`: a new file,
+/// sized and owner-only, or a block device at least that large.
+fn open_target(target: &Path, size_bytes: u64) -> Result<File, Error> {
+    let invalid = |why: String| Error::new(ErrorKind::Invalid, why);
+    if !target.is_absolute() {
+        return Err(invalid(format!(
+            "materialize needs an absolute path on the server, not {}",
+            target.display()
+        )));
+    }
+    let fail = |what: &str, e: io::Error| Error::io(format!("{what} {}", target.display()), e);
+    match std::fs::metadata(target) {
+        Ok(meta) if meta.file_type().is_block_device() => {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(target)
+                .map_err(|e| fail("cannot open", e))?;
+            let device_bytes = file
+                .seek(io::SeekFrom::End(0))
+                .map_err(|e| fail("cannot size", e))?;
+            if device_bytes < size_bytes {
+                return Err(invalid(format!(
+                    "{} holds {device_bytes} bytes, less than the volume's {size_bytes}",
+                    target.display()
+                )));
+            }
+            Ok(file)
+        }
+        Ok(_) => Err(invalid(format!(
+            "{} exists: materialize writes a new file (or a block device); remove it or \
+             choose another path",
+            target.display()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(target)
+                .map_err(|e| fail("cannot create", e))?;
+            file.set_len(size_bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| fail("cannot size", e))?;
+            if let Some(parent) = target.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(file)
+        }
+        Err(e) => Err(fail("cannot stat", e)),
+    }
+}
+
+impl LaunchVolume {
+    /// Starts copying this volume to `target` (see the module's docs): a new
+    /// file, or a block device of at least the volume's size, on this
+    /// server. Folds first, with `now_unix_ms` as the flush time. Asking
+    /// again for the same target returns its progress; another target is
+    /// `Invalid` while one is set. The copy itself is done by
+    /// [`LaunchVolume::materialize_step`] and by reads.
+    pub fn materialize_to(
+        &self,
+        target: &Path,
+        now_unix_ms: u64,
+    ) -> Result<MaterializeProgress, Error> {
+        self.store.check_writable()?;
+        if self.store.remote.is_some() {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                "a launch of a server whose store is in a bucket cannot be materialized: its \
+                 volume moves with the source's lease to other servers",
+            ));
+        }
+        if let Some(progress) = self.same_target(target)? {
+            return Ok(progress);
+        }
+        let size = self.size_bytes();
+        let file = open_target(target, size)?;
+        // What is folded need not be copied under the lock below.
+        self.fold(now_unix_ms)
+            .map_err(|e| Error::io("cannot fold before materializing", e))?;
+        let deadline = Instant::now() + SWITCH_WAIT;
+        loop {
+            let mut state = self.lock_state();
+            if let Some(progress) = self.same_target_locked(&state, target)? {
+                return Ok(progress);
+            }
+            let busy = state
+                .overlay
+                .as_ref()
+                .is_some_and(|overlay| overlay.is_busy(0, overlay.blocks()));
+            if busy {
+                drop(state);
+                if Instant::now() > deadline {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        "the volume's I/O did not pause long enough to start materializing",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            return self.switch_to(&mut state, target, file);
+        }
+    }
+
+    /// The progress of a materialization to `target` already set; `Invalid`
+    /// when one to another target is.
+    fn same_target(&self, target: &Path) -> Result<Option<MaterializeProgress>, Error> {
+        let state = self.lock_state();
+        self.same_target_locked(&state, target)
+    }
+
+    fn same_target_locked(
+        &self,
+        state: &VolumeState,
+        target: &Path,
+    ) -> Result<Option<MaterializeProgress>, Error> {
+        match &state.copied {
+            None => Ok(None),
+            Some(copied) if copied.target == target => Ok(Some(copied.progress())),
+            Some(copied) => Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "this volume is being materialized to {} already",
+                    copied.target.display()
+                ),
+            )),
+        }
+    }
+
+    /// Under the volume's lock, with nothing in flight: moves the mapped
+    /// blocks into `file`, names it as the target and makes it the data file.
+    fn switch_to(
+        &self,
+        state: &mut VolumeState,
+        target: &Path,
+        file: File,
+    ) -> Result<MaterializeProgress, Error> {
+        let size = self.size_bytes();
+        if state.overlay.is_none() {
+            state.overlay = Some(Overlay::create(&self.overlay_dir, size)?);
+        }
+        let overlay = state.overlay.as_mut().expect("created above");
+        let old = overlay.reader();
+        let fail = |what: &str, e: io::Error| Error::io(format!("{what} {}", target.display()), e);
+        let mut buf = vec![0u8; 1 << 20];
+        for (first, count, is_data) in overlay.mapped_runs() {
+            let start = first * BLOCK;
+            let end = ((first + count) * BLOCK).min(size);
+            if !is_data {
+                punch_or_zero(&file, start, end - start).map_err(|e| fail("cannot zero", e))?;
+                continue;
+            }
+            let mut at = start;
+            while at < end {
+                let n = (end - at).min(buf.len() as u64) as usize;
+                old.read_at(&mut buf[..n], at)?;
+                file.write_all_at(&buf[..n], at)
+                    .map_err(|e| fail("cannot write", e))?;
+                at += n as u64;
+            }
+        }
+        file.sync_data().map_err(|e| fail("cannot sync", e))?;
+        let chunk_size = u64::from(self.geometry.chunk_size_bytes());
+        let journal = Journal::create(&self.overlay_dir, size, chunk_size)?;
+        write_target(&self.overlay_dir, target)?;
+        overlay.switch_data(file);
+        // The old data file is read no more (an open of the overlay removes
+        // it too, after a stop right here).
+        let _ = std::fs::remove_file(self.overlay_dir.join("data"));
+        let copied = Copied::new(target.to_owned(), size, chunk_size);
+        let progress = copied.progress();
+        state.copied = Some(copied);
+        *lock(&self.journal) = Some(journal);
+        Ok(progress)
+    }
+
+    /// How far this volume's materialization is; `None` when it has none.
+    pub fn materialize_progress(&self) -> Option<MaterializeProgress> {
+        self.lock_state().copied.as_ref().map(Copied::progress)
+    }
+
+    /// Copies up to `max_chunks` chunks not copied yet into the target (a
+    /// chunk being written is left for a later step), then records them.
+    /// A volume not being materialized does nothing and reports done.
+    pub fn materialize_step(&self, max_chunks: u64) -> Result<MaterializeStep, Error> {
+        let mut copied_bytes = 0;
+        for _ in 0..max_chunks {
+            let (chunk, id, len) = {
+                let mut state = self.lock_state();
+                let Some(chunk) = state.copied.as_ref().and_then(Copied::next_missing) else {
+                    break;
+                };
+                if let Some(copied) = state.copied.as_mut() {
+                    copied.cursor = (chunk + 1) % copied.chunks;
+                }
+                let len = self
+                    .geometry
+                    .chunk_len(chunk)
+                    .ok_or_else(|| Error::new(ErrorKind::Invalid, "copy past the last chunk"))?;
+                (chunk, state.chunk_id(&self.store, chunk)?, len)
+            };
+            // Fetched without the lock; a chunk the cache holds is not read.
+            let bytes = match id.is_zero() {
+                true => None,
+                false => Some(self.store.chunk_for_copy(&id, len)?),
+            };
+            let mut state = self.lock_state();
+            if state.copy_chunk(&self.store, self.geometry, chunk, id, bytes.as_deref())? {
+                copied_bytes += u64::from(len);
+            }
+        }
+        self.record_copied()?;
+        let done = self.lock_state().copied.as_ref().is_none_or(Copied::done);
+        Ok(MaterializeStep { copied_bytes, done })
+    }
+
+    /// Copies chunks a read fetched from the store into the target; one
+    /// that cannot be copied now is left to the copier.
+    pub(super) fn copy_on_read(&self, state: &mut VolumeState, fetched: &[Fetched]) {
+        for (chunk, id, bytes) in fetched {
+            let _ = state.copy_chunk(&self.store, self.geometry, *chunk, *id, Some(bytes));
+        }
+    }
+
+    /// Makes the target durable and records the chunks copied into it.
+    fn record_copied(&self) -> Result<(), Error> {
+        let mut journal = lock(&self.journal);
+        let (mut chunks, io) = {
+            let mut state = self.lock_state();
+            let Some(copied) = state.copied.as_mut() else {
+                return Ok(());
+            };
+            let chunks = std::mem::take(&mut copied.unrecorded);
+            (chunks, state.overlay.as_ref().map(Overlay::reader))
+        };
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let recorded = match (io, journal.as_mut()) {
+            (Some(io), Some(journal)) => io.sync_data().and_then(|()| journal.record(&mut chunks)),
+            _ => Err(Error::new(
+                ErrorKind::Invalid,
+                "a materialization without its target or journal",
+            )),
+        };
+        if recorded.is_err() {
+            // Recorded at the next step's try.
+            if let Some(copied) = self.lock_state().copied.as_mut() {
+                copied.unrecorded.extend(chunks);
+            }
+        }
+        recorded
+    }
+}
+
+/// A chunk a read fetched from the store: index, id and decoded bytes.
+pub(super) type Fetched = (u64, ChunkId, Arc<[u8]>);
+
+impl VolumeState {
+    /// Copies chunk `chunk` (id `id`, bytes `bytes`; `None`: zero) into the
+    /// target where it still reads as the base. `false` when it cannot now:
+    /// its id changed (a fold), or a write to it is in flight.
+    fn copy_chunk(
+        &mut self,
+        store: &Store,
+        geometry: blockrep_core::Geometry,
+        chunk: u64,
+        id: ChunkId,
+        bytes: Option<&[u8]>,
+    ) -> Result<bool, Error> {
+        match &self.copied {
+            None => return Ok(false),
+            Some(copied) if copied.has(chunk) => return Ok(true),
+            Some(_) => {}
+        }
+        if self.chunk_id(store, chunk)? != id {
+            return Ok(false);
+        }
+        let chunk_size = u64::from(geometry.chunk_size_bytes());
+        let start = chunk * chunk_size;
+        let end = start + u64::from(geometry.chunk_len(chunk).unwrap_or(0));
+        let Some(overlay) = self.overlay.as_ref() else {
+            return Ok(false);
+        };
+        if overlay.is_busy(start / BLOCK, (end - start).div_ceil(BLOCK)) {
+            return Ok(false);
+        }
+        let io = overlay.reader();
+        for run in self.runs(start, end) {
+            if run.state != BlockState::Base {
+                continue;
+            }
+            match bytes {
+                None => io.zero(run.start, run.end - run.start)?,
+                Some(bytes) => io.write_blocks(
+                    run.start / BLOCK,
+                    &bytes[(run.start - start) as usize..(run.end - start) as usize],
+                )?,
+            }
+        }
+        if let Some(copied) = self.copied.as_mut() {
+            copied.mark(chunk);
+            copied.unrecorded.push(chunk);
+        }
+        Ok(true)
+    }
+}
+
+impl Store {
+    /// Opens volume `volume` of launch `name` and starts materializing it to
+    /// `target` ([`LaunchVolume::materialize_to`]). Returns the volume, for
+    /// the caller to drive its copy with [`LaunchVolume::materialize_step`].
+    pub fn materialize_launch(
+        self: &Arc<Self>,
+        name: &str,
+        volume: Option<&str>,
+        target: &Path,
+        now_unix_ms: u64,
+    ) -> Result<(Arc<LaunchVolume>, MaterializeProgress), Error> {
+        let opened = self.open_launch_volume(name, volume)?;
+        let progress = opened
+            .materialize_to(target, now_unix_ms)
+            .map_err(|e| Error::new(e.kind(), format!("launch {name}: {e}")))?;
+        Ok((opened, progress))
+    }
+
+    /// Every materialization on this server: live from an open volume, else
+    /// read from its journal.
+    pub fn launch_materializations(&self) -> Result<Vec<Materialization>, Error> {
+        let open = self.open_launch_volumes();
+        let mut out = Vec::new();
+        for (launch, volume) in self.launches_with_overlays()? {
+            let dir = Overlay::dir_of(self.data_dir(), &launch, volume.as_deref());
+            let live = open.iter().find(|opened| {
+                opened.info().name == launch
+                    && opened.volume.as_ref().map(|v| v.as_str()) == volume.as_deref()
+            });
+            let progress = match live {
+                Some(opened) => opened.materialize_progress(),
+                None => read_progress(&dir)?,
+            };
+            if let Some(progress) = progress {
+                out.push(Materialization {
+                    launch,
+                    volume,
+                    progress,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A chunk's bytes for a copy: from the cache when it holds them (not
+    /// counted as a client's hit), else read and checked, and not cached (a
+    /// copy reads each chunk once).
+    pub(crate) fn chunk_for_copy(&self, id: &ChunkId, len: u32) -> Result<Arc<[u8]>, Error> {
+        if let Some(bytes) = self.chunk_cache.get(id) {
+            return Ok(bytes);
+        }
+        let bytes: Arc<[u8]> = self.read_blob(id)?.into();
+        if bytes.len() != len as usize {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "chunk {id} has {} bytes where its place holds {len}",
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// The progress recorded in overlay directory `dir` (of a volume not open).
+fn read_progress(dir: &Path) -> Result<Option<MaterializeProgress>, Error> {
+    let Some(target) = read_target(dir)? else {
+        return Ok(None);
+    };
+    let path = dir.join("copied");
+    let bytes = std::fs::read(&path).map_err(|e| journal_error("cannot read", &path, e))?;
+    let field = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let (Some(size_bytes), Some(chunk_size)) = (field(8), field(16)) else {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{} has no header", path.display()),
+        ));
+    };
+    if chunk_size == 0 || bytes.get(..HEADER_LEN) != Some(&header(size_bytes, chunk_size)[..]) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{} has a damaged header", path.display()),
+        ));
+    }
+    let mut copied = Copied::new(target, size_bytes, chunk_size);
+    Journal::open(dir, &mut copied)?;
+    Ok(Some(copied.progress()))
+}
+
+#[cfg(test)]
+#[path = "materialize_tests.rs"]
+mod tests;

@@ -1,0 +1,122 @@
+//! Where a materialized overlay keeps its data: `target` in the overlay's
+//! directory names the file (or block device) that a materialization copies
+//! the volume to and that serves as the overlay's data file from then on.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, ErrorKind};
+
+use super::{create_file, io_error, sync_dir};
+
+/// The target named in overlay directory `dir`; `None` when the overlay
+/// is not materialized.
+pub(crate) fn read_target(dir: &Path) -> Result<Option<PathBuf>, Error> {
+    let path = dir.join("target");
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("cannot read", &path, e)),
+    };
+    // A path and a newline; written whole by a rename, so never torn.
+    let Some(name) = bytes
+        .strip_suffix(b"\n")
+        .filter(|name| name.starts_with(b"/"))
+    else {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{} does not name an absolute path", path.display()),
+        ));
+    };
+    Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(name))))
+}
+
+/// Names `target` in overlay directory `dir`, durably and atomically.
+pub(crate) fn write_target(dir: &Path, target: &Path) -> Result<(), Error> {
+    let tmp = dir.join("target.tmp");
+    let file = create_file(&tmp)?;
+    let mut bytes = target.as_os_str().as_bytes().to_vec();
+    bytes.push(b'\n');
+    file.write_all_at(&bytes, 0)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error("cannot write", &tmp, e))?;
+    std::fs::rename(&tmp, dir.join("target")).map_err(|e| io_error("cannot publish", &tmp, e))?;
+    sync_dir(dir)
+}
+
+/// Makes `len` bytes at `offset` of `file` read as zeroes: a hole where the
+/// file system (or device) can punch one, else written zeroes.
+pub(crate) fn punch_or_zero(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let punched = rustix::fs::fallocate(
+        file,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    );
+    if punched.is_ok() {
+        return Ok(());
+    }
+    const STEP: u64 = 1 << 20;
+    let zeroes = vec![0u8; STEP.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = STEP.min(len - done);
+        file.write_all_at(&zeroes[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Records, before a replay cuts them off, the blocks that the records past
+/// the last sync marker named (after a power loss): in a materialized
+/// overlay the target may hold their unflushed bytes where the volume now
+/// reads the base, so their chunks are copied again (`materialize.rs`).
+pub(crate) fn write_cut(dir: &Path, ranges: &[(u64, u64)]) -> Result<(), Error> {
+    let mut text = String::new();
+    for (first, count) in ranges {
+        text.push_str(&format!("{first} {count}\n"));
+    }
+    let tmp = dir.join("cut.tmp");
+    let file = create_file(&tmp)?;
+    file.write_all_at(text.as_bytes(), 0)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error("cannot write", &tmp, e))?;
+    std::fs::rename(&tmp, dir.join("cut")).map_err(|e| io_error("cannot publish", &tmp, e))?;
+    sync_dir(dir)
+}
+
+/// The block ranges [`write_cut`] recorded in `dir` (none when it did not).
+pub(crate) fn read_cut(dir: &Path) -> Result<Vec<(u64, u64)>, Error> {
+    let path = dir.join("cut");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("cannot read", &path, e)),
+    };
+    text.lines()
+        .map(|line| {
+            let parsed = line
+                .split_once(' ')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+            parsed.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!("{}: cannot read {line:?}", path.display()),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Removes what [`write_cut`] recorded, once its chunks are marked to copy
+/// again durably.
+pub(crate) fn remove_cut(dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(dir.join("cut")) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("cannot remove the cut list of", dir, e)),
+    }
+}
