@@ -202,9 +202,15 @@ pub(crate) struct AdminArgs {
 pub(crate) enum SnapshotCommand {
     /// Snapshot a source's current committed replica (O(1): no data is copied).
     Create {
-        /// Source to snapshot.
+        /// Source to snapshot (its newest committed point).
+        #[arg(long, required_unless_present = "launch")]
+        source: Option<String>,
+        /// Snapshot this launch instead: what clients wrote to it, all its
+        /// volumes at one instant (writes wait for the moment it takes),
+        /// kept as a snapshot of its source that can be launched, exported
+        /// and failed back from.
         #[arg(long)]
-        source: String,
+        launch: Option<String>,
         /// Name (default: generated from the epoch and time).
         #[arg(long)]
         name: Option<String>,

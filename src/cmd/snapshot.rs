@@ -12,11 +12,15 @@ pub(crate) async fn snapshot(command: SnapshotCommand) -> Result<()> {
     match command {
         SnapshotCommand::Create {
             source,
+            launch,
             name,
             ttl,
             admin,
         } => {
-            let body = serde_json::json!({ "source": source, "name": name, "ttl_seconds": ttl.map(|t| t.as_secs_f64()) });
+            let body = serde_json::json!({
+                "source": source.unwrap_or_default(), "launch": launch, "name": name,
+                "ttl_seconds": ttl.map(|t| t.as_secs_f64()),
+            });
             admin
                 .show("POST", "/v1/snapshots", Some(body), |v: SnapshotView| {
                     println!(

@@ -304,7 +304,6 @@ async fn create_snapshot(
     State(shared): State<Arc<Shared>>,
     Json(body): Json<CreateSnapshot>,
 ) -> Result<Response, ApiError> {
-    let source = parse_source(&body.source)?;
     let ttl = match body.ttl_seconds {
         None => None,
         Some(seconds) => Some(Duration::try_from_secs_f64(seconds).map_err(|_| {
@@ -315,10 +314,31 @@ async fn create_snapshot(
         })?),
     };
     let name = body.name.clone();
-    let snapshot = blocking(&shared, move |store| {
-        store.create_snapshot(&source, name.as_deref(), ttl, now_unix_ms())
-    })
-    .await?;
+    let snapshot = match body.launch.clone() {
+        Some(launch) => {
+            // The source may be left out: the launch's.
+            let source = (!body.source.is_empty())
+                .then(|| parse_source(&body.source))
+                .transpose()?;
+            blocking(&shared, move |store| {
+                store.snapshot_launch(
+                    &launch,
+                    source.as_ref(),
+                    name.as_deref(),
+                    ttl,
+                    now_unix_ms(),
+                )
+            })
+            .await?
+        }
+        None => {
+            let source = parse_source(&body.source)?;
+            blocking(&shared, move |store| {
+                store.create_snapshot(&source, name.as_deref(), ttl, now_unix_ms())
+            })
+            .await?
+        }
+    };
     info!(source = %snapshot.source, snapshot = %snapshot.name, epoch = snapshot.epoch, root = %snapshot.root, "snapshot created");
     Ok((StatusCode::CREATED, Json(SnapshotView::from(&snapshot))).into_response())
 }

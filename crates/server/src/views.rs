@@ -29,6 +29,7 @@ impl From<&Snapshot> for SnapshotView {
                 SnapshotKind::Manual => "manual",
                 SnapshotKind::Auto => "auto",
                 SnapshotKind::Cutover => "cutover",
+                SnapshotKind::Launch => "launch",
             }
             .to_owned(),
             epoch: s.epoch,
@@ -220,7 +221,13 @@ fn unwritten(info: &LaunchInfo, workflow: &LaunchWorkflow) -> bool {
 /// Body of `POST /v1/snapshots`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateSnapshot {
+    /// The source (with `launch`, it may be left out: the launch's).
+    #[serde(default)]
     pub source: String,
+    /// Snapshot this launch (what clients wrote to it, frozen at one
+    /// instant) instead of the source's head.
+    #[serde(default)]
+    pub launch: Option<String>,
     pub name: Option<String>,
     pub ttl_seconds: Option<f64>,
 }

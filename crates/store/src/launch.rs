@@ -32,6 +32,7 @@
 //! `format.rs` (`LAUNCH_META_MAGIC`, `LAUNCH_HEAD_MAGIC`).
 
 mod fold;
+mod freeze;
 mod materialize;
 mod overlay;
 mod pages;

@@ -50,6 +50,9 @@ pub enum SnapshotKind {
     Auto = 2,
     /// Taken at cutover; expires only by its TTL.
     Cutover = 3,
+    /// Taken of a launch volume (what clients wrote to it, frozen at one
+    /// instant: [`Store::snapshot_launch`]); expires only by its TTL.
+    Launch = 4,
 }
 
 impl SnapshotKind {
@@ -58,6 +61,7 @@ impl SnapshotKind {
             1 => SnapshotKind::Manual,
             2 => SnapshotKind::Auto,
             3 => SnapshotKind::Cutover,
+            4 => SnapshotKind::Launch,
             _ => return None,
         })
     }
@@ -68,8 +72,18 @@ impl SnapshotKind {
             SnapshotKind::Manual => "s",
             SnapshotKind::Auto => "auto",
             SnapshotKind::Cutover => "cutover",
+            SnapshotKind::Launch => "launch",
         }
     }
+}
+
+/// What a snapshot names: a root, the epoch it came from and its
+/// consistency (a source's head's, or a launch's).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SnapshotOf {
+    pub(crate) epoch: u64,
+    pub(crate) root: ChunkId,
+    pub(crate) consistency: Consistency,
 }
 
 /// A named reference to a committed root of one source.
@@ -176,7 +190,7 @@ impl Store {
     ) -> Result<Snapshot, Error> {
         self.check_writable()?;
         let _guard = lock(&self.catalog.lock);
-        self.create_snapshot_locked(source, kind, name, ttl, now_unix_ms)
+        self.create_snapshot_locked(source, kind, name, ttl, now_unix_ms, None)
     }
 
     /// Takes an automatic snapshot of `source` if the retention policy says one is
@@ -198,7 +212,7 @@ impl Store {
         if !policy.auto_snapshot_due(&auto_created, now_unix_ms) {
             return Ok(None);
         }
-        self.create_snapshot_locked(source, SnapshotKind::Auto, None, None, now_unix_ms)
+        self.create_snapshot_locked(source, SnapshotKind::Auto, None, None, now_unix_ms, None)
             .map(Some)
     }
 
@@ -210,6 +224,7 @@ impl Store {
         name: Option<&str>,
         ttl: Option<Duration>,
         now_unix_ms: u64,
+        of: Option<SnapshotOf>,
     ) -> Result<Snapshot, Error> {
         if let Some(name) = name {
             validate_name("snapshot", name)?;
@@ -232,12 +247,22 @@ impl Store {
         // it, a commit moving the head and a collection in between would sweep
         // the blobs of the root this snapshot is about to name.
         let _fence = self.blobs.fence().read_fence();
-        let head = self.head(source)?.ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("source {source} has no committed head to snapshot"),
-            )
-        })?;
+        let head = match of {
+            Some(of) => of,
+            None => self
+                .head(source)?
+                .map(|head| SnapshotOf {
+                    epoch: head.epoch,
+                    root: head.root,
+                    consistency: head.consistency,
+                })
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("source {source} has no committed head to snapshot"),
+                    )
+                })?,
+        };
         self.note_snapshot_root(&head.root);
         #[cfg(test)]
         tests::pause_point();
@@ -283,6 +308,22 @@ impl Store {
         let record = self.authenticated(place, snapshot.encode());
         publish_atomic(self.vfs(), &dir.join(&snapshot.name), &record)?;
         Ok(snapshot)
+    }
+
+    /// [`Store::create_snapshot_of_kind`] of a root other than the source's
+    /// head (a launch's), under the catalog's lock.
+    pub(crate) fn create_snapshot_of_root(
+        &self,
+        source: &SourceId,
+        kind: SnapshotKind,
+        name: Option<&str>,
+        ttl: Option<Duration>,
+        now_unix_ms: u64,
+        of: SnapshotOf,
+    ) -> Result<Snapshot, Error> {
+        self.check_writable()?;
+        let _guard = lock(&self.catalog.lock);
+        self.create_snapshot_locked(source, kind, name, ttl, now_unix_ms, Some(of))
     }
 
     /// Records the root a snapshot is about to name, and its pages, for a

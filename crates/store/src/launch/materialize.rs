@@ -762,4 +762,4 @@ fn read_progress(dir: &Path) -> Result<Option<MaterializeProgress>, Error> {
 
 #[cfg(test)]
 #[path = "materialize_tests.rs"]
-mod tests;
+pub(super) mod tests;

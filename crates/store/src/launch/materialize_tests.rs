@@ -14,9 +14,9 @@ use crate::testutil::{commit_disk, root_disk, sample_disk, source};
 
 const CHUNK: u64 = 16 << 10;
 /// Twelve whole chunks, and a last one that ends inside a 4 KiB block.
-const DISK_LEN: u64 = 12 * CHUNK + 5000;
+pub(in crate::launch) const DISK_LEN: u64 = 12 * CHUNK + 5000;
 
-fn fixture() -> (tempfile::TempDir, Arc<Store>, Vec<u8>) {
+pub(in crate::launch) fn fixture() -> (tempfile::TempDir, Arc<Store>, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("data")).unwrap());
     let geometry = Geometry::new(DISK_LEN, CHUNK as u32).unwrap();

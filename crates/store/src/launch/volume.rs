@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use blockrep_core::{ChunkId, Geometry, Root, VolumeName};
 
@@ -61,6 +61,10 @@ pub struct LaunchVolume {
     /// The journal of its materialization's copied chunks, if it has one
     /// (`materialize.rs`); taken before the state's lock, never after.
     pub(super) journal: Mutex<Option<Journal>>,
+    /// Held shared by every write for its whole length, and exclusively
+    /// by a freeze (a snapshot of the launch), which so sees no write in
+    /// flight and lets none start. Taken before the state's lock.
+    pub(super) io_gate: RwLock<()>,
 }
 
 pub(super) struct VolumeState {
@@ -290,6 +294,7 @@ impl LaunchVolume {
             return Ok(());
         }
         self.note_io();
+        let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
         let size = self.size_bytes();
         let end = offset_bytes + len_bytes;
         // The whole blocks of a write of bytes are written without the lock.
@@ -462,6 +467,7 @@ impl LaunchVolume {
             fold_lock: Mutex::new(()),
             last_io: Mutex::new(None),
             journal: Mutex::new(journal),
+            io_gate: RwLock::new(()),
         })
     }
 }
