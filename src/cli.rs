@@ -310,8 +310,9 @@ pub(crate) enum LaunchCommand {
     Materialize {
         #[arg(long)]
         name: String,
-        /// Absolute path on the server: a new file (created owner-only), or
-        /// a block device at least the volume's size.
+        /// A new file in the server's --launch-materialize-dir (a name, or a
+        /// path under it; created owner-only), or a link there to a block
+        /// device at least the volume's size.
         #[arg(long, value_name = "PATH")]
         to: String,
         /// The volume of a machine's launch.

@@ -131,6 +131,11 @@ pub(crate) struct ServerArgs {
     /// Reads of chunks not copied yet copy them too, at no extra cost.
     #[arg(long, value_name = "SIZE", default_value = "off", value_parser = units::parse_off_or_size)]
     pub(crate) launch_materialize_rate: units::OffOrSize,
+    /// The only directory `blockrep launch materialize` writes in (default
+    /// DATA/materialized): a target is a new file in it. To materialize to
+    /// a block device, link the device there (ln -s /dev/vdb DIR/vdb).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) launch_materialize_dir: Option<std::path::PathBuf>,
     /// A source with no agent contact for this long is `stalled`.
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
     pub(crate) stall_after: Duration,

@@ -51,6 +51,7 @@ pub(crate) async fn server(args: ServerArgs, admin_token: Option<PathBuf>) -> Re
     config.launch_cache_bytes = args.launch_cache;
     config.launch_fold_interval = args.launch_fold_interval.0;
     config.launch_materialize_rate = args.launch_materialize_rate.0;
+    config.launch_materialize_dir = args.launch_materialize_dir;
     let mut retention = None;
     if let Some(path) = &args.config {
         retention = server_settings(path)?;

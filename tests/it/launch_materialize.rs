@@ -98,7 +98,24 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let target = work.path().join("db-1.raw");
+    // Outside the server's materialize directory: refused, nothing made.
+    let outside = work.path().join("outside.raw");
+    for to in [outside.to_str().unwrap(), "../outside.raw"] {
+        let refused = cli(
+            &server,
+            &pki,
+            &["launch", "materialize", "--name", "db-1", "--to", to],
+        );
+        assert!(!refused.status.success());
+        let text = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            text.contains("--launch-materialize-dir") || text.contains("`..`"),
+            "{text}"
+        );
+    }
+    assert!(!outside.exists() && !data.join("outside.raw").exists());
+    assert!(progress(admin, "db-1").is_none());
+    let target = data.join("materialized/db-1.raw");
     let started = cli(
         &server,
         &pki,
@@ -108,7 +125,7 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
             "--name",
             "db-1",
             "--to",
-            target.to_str().unwrap(),
+            "db-1.raw",
             "--no-wait",
         ],
     );
@@ -133,7 +150,7 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
             "--name",
             "db-1",
             "--to",
-            target.to_str().unwrap(),
+            "db-1.raw",
         ],
     );
     assert_success(&waited);
@@ -206,12 +223,12 @@ fn a_materialization_killed_midway_resumes_where_it_stopped() {
     assert_success(&agent_once(&disk, first.addr, "web", pki.path(), &[]));
     create_snapshot(&first, "web", "snap");
     create_launch(&first, "web", "snap", "web-1");
-    let target = work.path().join("web-1.raw");
+    let target = data.join("materialized/web-1.raw");
     let (code, body) = admin_request(
         admin,
         "POST",
         "/v1/launches/web-1/materialize",
-        Some(&format!(r#"{{"to":"{}"}}"#, target.display())),
+        Some(r#"{"to":"web-1.raw"}"#),
     );
     assert_eq!(code, 200, "{body}");
     let mut seen = 0;

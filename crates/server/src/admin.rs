@@ -506,7 +506,12 @@ async fn materialize(
     Path(name): Path<String>,
     Json(body): Json<MaterializeBody>,
 ) -> Result<Response, ApiError> {
-    let target = std::path::PathBuf::from(&body.to);
+    let dir = match &shared.config.launch_materialize_dir {
+        Some(dir) => dir.clone(),
+        None => shared.config.data_dir.join("materialized"),
+    };
+    let target = crate::materializing::confine(&dir, &body.to)
+        .map_err(|why| ApiError::from(error(StatusCode::BAD_REQUEST, why)))?;
     let (launch, asked) = (name.clone(), body.volume.clone());
     let (volume, progress) = blocking(&shared, move |store| {
         store.materialize_launch(

@@ -192,6 +192,9 @@ pub struct ServerConfig {
     /// Most bytes a second each launch materialization copies in the
     /// background (`None`: as fast as the disks go).
     pub launch_materialize_rate: Option<u64>,
+    /// The directory launch materializations are written in (`None`:
+    /// `DATA/materialized`); see `materializing::confine`.
+    pub launch_materialize_dir: Option<PathBuf>,
 }
 
 /// A store kept in an S3-compatible bucket.
@@ -254,6 +257,7 @@ impl ServerConfig {
             launch_cache_bytes: blockrep_store::CHUNK_CACHE_BYTES_DEFAULT,
             launch_fold_interval: Some(crate::folding::FOLD_INTERVAL_DEFAULT),
             launch_materialize_rate: None,
+            launch_materialize_dir: None,
         }
     }
 }

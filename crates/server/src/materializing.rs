@@ -6,6 +6,8 @@
 //! start. A launch being released or deleted stops its copiers first.
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -173,4 +175,51 @@ pub(crate) fn resume(
             Err(e) => warn!(launch = %m.launch, error = %e, "cannot resume a materialization"),
         }
     }
+}
+
+/// Where a materialization asked for as `to` may go: inside `dir` (the
+/// server's `--launch-materialize-dir`), as a name in it or a path under it,
+/// never through `..`. Without the rule the admin API could create a file of
+/// a launch's bytes (which a source chooses) anywhere the server can write.
+/// A block device is allowed through a link the operator put in `dir`.
+/// Creates `dir` (owner-only) if it is missing.
+pub(crate) fn confine(dir: &Path, to: &str) -> Result<PathBuf, String> {
+    let asked = Path::new(to);
+    if asked
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!("materialize target {to:?} may not contain `..`"));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+    let path = match asked.is_absolute() {
+        true => asked.to_owned(),
+        false => root.join(asked),
+    };
+    let outside = || {
+        format!(
+            "materialize target {to} is outside {} (the server's --launch-materialize-dir): \
+             give a file name in it; for a block device, link it there first \
+             (ln -s /dev/DEVICE {}/NAME)",
+            root.display(),
+            root.display()
+        )
+    };
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(outside());
+    };
+    let parent = parent
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?;
+    if !parent.starts_with(&root) {
+        return Err(outside());
+    }
+    Ok(parent.join(name))
 }
