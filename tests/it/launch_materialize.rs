@@ -90,6 +90,8 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
         .nbd_uri
         .unwrap();
     let fio = Command::new("timeout")
+        // fio leaves its verify state files where it runs.
+        .current_dir(work.path())
         .args(["-s", "KILL", "60", "fio"])
         .args(fio_job(&uri))
         .args(["--do_verify=0", "--rate_iops=1000"])
@@ -167,6 +169,8 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
     let hits = metric(admin, "blockrep_launch_cache_hits_total");
     let misses = metric(admin, "blockrep_launch_cache_misses_total");
     let verify = Command::new("timeout")
+        // fio leaves its verify state files where it runs.
+        .current_dir(work.path())
         .args(["-s", "KILL", "60", "fio"])
         .args(fio_job(&uri))
         .args(["--verify_only", "--do_verify=1"])

@@ -54,6 +54,8 @@ fn fio_writes_survive_a_server_killed_while_it_writes() {
     // and SIGTERM: it is killed at a deadline, and what it had issued is
     // read from the status it prints every second.
     let fio = Command::new("timeout")
+        // fio leaves its verify state files where it runs.
+        .current_dir(work.path())
         .args(["-s", "KILL", "12", "fio"])
         .args(fio_job(&uri))
         .args([
@@ -89,6 +91,8 @@ fn fio_writes_survive_a_server_killed_while_it_writes() {
     // The same job (same seed, so the same offsets and data) reads back the
     // first `flushed` writes and checks each block's crc32c and header.
     let verify = Command::new("fio")
+        // fio leaves its verify state files where it runs.
+        .current_dir(work.path())
         .args(fio_job(&uri))
         .args([
             "--verify_only",

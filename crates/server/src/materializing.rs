@@ -69,11 +69,16 @@ impl Copiers {
             .spawn({
                 let key = key.clone();
                 move || {
+                    // Gone from the running ones however the copy ends (a
+                    // panic included), after the volume is let go.
+                    let _running = Running {
+                        copiers: Arc::clone(&copiers),
+                        key: key.clone(),
+                    };
                     copy(&copiers, &volume, rate, &key, &|| {
                         stop.load(Ordering::Relaxed) || closers.is_closing(&launch)
                     });
                     drop(volume);
-                    copiers.lock().remove(&key);
                 }
             });
         if let Err(e) = spawned {
@@ -101,6 +106,18 @@ impl Copiers {
         for stop in self.lock().values() {
             stop.store(true, Ordering::Relaxed);
         }
+    }
+}
+
+/// Removes a copier from the running ones when dropped.
+struct Running {
+    copiers: Arc<Copiers>,
+    key: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.copiers.lock().remove(&self.key);
     }
 }
 

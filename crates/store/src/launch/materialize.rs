@@ -53,17 +53,15 @@ use crate::store::Store;
 
 use super::overlay::bits::Bits;
 use super::overlay::{
-    BlockState, OVERLAY_BLOCK_BYTES as BLOCK, Overlay, create_file, punch_or_zero, read_cut,
-    read_target, remove_cut, sync_dir, write_target,
+    BlockState, OVERLAY_BLOCK_BYTES as BLOCK, Overlay, punch_or_zero, sync_dir, write_target,
 };
 use super::volume::{LaunchVolume, VolumeState};
 
-const JOURNAL_MAGIC: [u8; 8] = *b"BRMATJ01";
-const HEADER_LEN: usize = 28;
-const RECORD_MAGIC: [u8; 4] = *b"MCPY";
-/// A record of chunks to copy again (see [`load`]).
-const AGAIN_MAGIC: [u8; 4] = *b"MAGN";
-const RECORD_LEN: usize = 24;
+mod journal;
+
+use journal::read_progress;
+pub(super) use journal::{Journal, load};
+
 /// How long a start waits for reads and writes running outside the
 /// volume's lock to end before it switches the data file.
 const SWITCH_WAIT: Duration = Duration::from_secs(10);
@@ -181,183 +179,11 @@ impl Copied {
     }
 }
 
-/// The journal of copied chunks (`copied` in the overlay's directory).
-#[derive(Debug)]
-pub(super) struct Journal {
-    file: File,
-    path: PathBuf,
-    len: u64,
-}
-
-fn header(size_bytes: u64, chunk_size: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN);
-    out.extend_from_slice(&JOURNAL_MAGIC);
-    out.extend_from_slice(&size_bytes.to_le_bytes());
-    out.extend_from_slice(&chunk_size.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&out).to_le_bytes());
-    out
-}
-
-fn record(magic: [u8; 4], first: u64, count: u64) -> [u8; RECORD_LEN] {
-    let mut out = [0u8; RECORD_LEN];
-    out[..4].copy_from_slice(&magic);
-    out[4..12].copy_from_slice(&first.to_le_bytes());
-    out[12..20].copy_from_slice(&count.to_le_bytes());
-    let crc = crc32fast::hash(&out[..20]);
-    out[20..].copy_from_slice(&crc.to_le_bytes());
-    out
-}
-
-fn journal_error(what: &str, path: &Path, e: io::Error) -> Error {
-    Error::io(
-        format!("materialization journal: {what} {}", path.display()),
-        e,
-    )
-}
-
-impl Journal {
-    /// Creates an empty journal in `dir`, durably (before the target is
-    /// named: a named target always has its journal).
-    fn create(dir: &Path, size_bytes: u64, chunk_size: u64) -> Result<Self, Error> {
-        let tmp = dir.join("copied.tmp");
-        let file = create_file(&tmp)?;
-        let bytes = header(size_bytes, chunk_size);
-        file.write_all_at(&bytes, 0)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| journal_error("cannot write", &tmp, e))?;
-        let path = dir.join("copied");
-        std::fs::rename(&tmp, &path).map_err(|e| journal_error("cannot publish", &tmp, e))?;
-        sync_dir(dir)?;
-        Ok(Self {
-            file,
-            path,
-            len: HEADER_LEN as u64,
-        })
-    }
-
-    /// Opens the journal in `dir` and replays it into `copied`; a torn or
-    /// damaged tail is cut off.
-    fn open(dir: &Path, copied: &mut Copied) -> Result<Self, Error> {
-        let path = dir.join("copied");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| journal_error("cannot open", &path, e))?;
-        let bytes = std::fs::read(&path).map_err(|e| journal_error("cannot read", &path, e))?;
-        if bytes.get(..HEADER_LEN) != Some(&header(copied.size_bytes, copied.chunk_size)[..]) {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "{} does not belong to a volume of {} bytes in chunks of {} (or is damaged)",
-                    path.display(),
-                    copied.size_bytes,
-                    copied.chunk_size
-                ),
-            ));
-        }
-        let mut at = HEADER_LEN;
-        while let Some(rec) = bytes.get(at..at + RECORD_LEN) {
-            let crc = u32::from_le_bytes(rec[20..].try_into().expect("4 bytes"));
-            let again = rec[..4] == AGAIN_MAGIC;
-            if (rec[..4] != RECORD_MAGIC && !again) || crc32fast::hash(&rec[..20]) != crc {
-                break;
-            }
-            let first = u64::from_le_bytes(rec[4..12].try_into().expect("8 bytes"));
-            let count = u64::from_le_bytes(rec[12..20].try_into().expect("8 bytes"));
-            if first
-                .checked_add(count)
-                .is_none_or(|end| end > copied.chunks)
-            {
-                break;
-            }
-            for chunk in first..first + count {
-                match again {
-                    false => copied.mark(chunk),
-                    true => copied.unmark(chunk),
-                }
-            }
-            at += RECORD_LEN;
-        }
-        if at < bytes.len() {
-            file.set_len(at as u64)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| journal_error("cannot cut the torn tail of", &path, e))?;
-        }
-        Ok(Self {
-            file,
-            path,
-            len: at as u64,
-        })
-    }
-
-    /// Records `chunks` (whose bytes the target holds durably) as copied.
-    fn record(&mut self, chunks: &mut [u64]) -> Result<(), Error> {
-        self.append(RECORD_MAGIC, chunks)
-    }
-
-    /// Appends records of `magic` for `chunks`, durably.
-    fn append(&mut self, magic: [u8; 4], chunks: &mut [u64]) -> Result<(), Error> {
-        chunks.sort_unstable();
-        let mut bytes = Vec::new();
-        let mut index = 0;
-        while index < chunks.len() {
-            let first = chunks[index];
-            let mut end = first + 1;
-            index += 1;
-            while index < chunks.len() && chunks[index] <= end {
-                end = end.max(chunks[index] + 1);
-                index += 1;
-            }
-            bytes.extend_from_slice(&record(magic, first, end - first));
-        }
-        self.file
-            .write_all_at(&bytes, self.len)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| journal_error("cannot append to", &self.path, e))?;
-        self.len += bytes.len() as u64;
-        Ok(())
-    }
-}
-
-/// Loads the materialization of the overlay in `dir` (whose data file is
-/// its target) for a volume of `size_bytes` in chunks of `chunk_size`.
-pub(super) fn load(
-    dir: &Path,
-    size_bytes: u64,
-    chunk_size: u64,
-) -> Result<Option<(Copied, Journal)>, Error> {
-    let Some(target) = read_target(dir)? else {
-        return Ok(None);
-    };
-    let mut copied = Copied::new(target, size_bytes, chunk_size);
-    let mut journal = Journal::open(dir, &mut copied)?;
-    let cut = read_cut(dir)?;
-    if !cut.is_empty() {
-        let per_chunk = chunk_size / BLOCK;
-        let mut again: Vec<u64> = cut
-            .iter()
-            .filter(|(_, count)| *count > 0)
-            .flat_map(|(first, count)| {
-                let last = (first.saturating_add(count - 1) / per_chunk)
-                    .min(copied.chunks.saturating_sub(1));
-                first / per_chunk..=last
-            })
-            .collect();
-        again.sort_unstable();
-        again.dedup();
-        journal.append(AGAIN_MAGIC, &mut again)?;
-        for chunk in again {
-            copied.unmark(chunk);
-        }
-        remove_cut(dir)?;
-    }
-    Ok(Some((copied, journal)))
-}
-
 /// Opens (or creates) `target` for a volume of `size_bytes`: a new file,
-/// sized and owner-only, or a block device at least that large.
-fn open_target(target: &Path, size_bytes: u64) -> Result<File, Error> {
+/// sized and owner-only, or a block device at least that large, opened
+/// exclusively (not mounted, not another materialization's). The flag says
+/// whether the file was created here.
+fn open_target(target: &Path, size_bytes: u64) -> Result<(File, bool), Error> {
     let invalid = |why: String| Error::new(ErrorKind::Invalid, why);
     if !target.is_absolute() {
         return Err(invalid(format!(
@@ -371,8 +197,9 @@ fn open_target(target: &Path, size_bytes: u64) -> Result<File, Error> {
             let mut file = OpenOptions::new()
                 .read(true)
                 .write(true)
+                .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
                 .open(target)
-                .map_err(|e| fail("cannot open", e))?;
+                .map_err(|e| fail("cannot open (exclusively)", e))?;
             let device_bytes = file
                 .seek(io::SeekFrom::End(0))
                 .map_err(|e| fail("cannot size", e))?;
@@ -382,7 +209,7 @@ fn open_target(target: &Path, size_bytes: u64) -> Result<File, Error> {
                     target.display()
                 )));
             }
-            Ok(file)
+            Ok((file, false))
         }
         Ok(_) => Err(invalid(format!(
             "{} exists: materialize writes a new file (or a block device); remove it or \
@@ -403,7 +230,7 @@ fn open_target(target: &Path, size_bytes: u64) -> Result<File, Error> {
             if let Some(parent) = target.parent() {
                 sync_dir(parent)?;
             }
-            Ok(file)
+            Ok((file, true))
         }
         Err(e) => Err(fail("cannot stat", e)),
     }
@@ -429,16 +256,38 @@ impl LaunchVolume {
                  volume moves with the source's lease to other servers",
             ));
         }
+        if self.lock_state().sealer.is_some() {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                "a launch of an encrypted source cannot be materialized: the file would hold \
+                 its data in clear",
+            ));
+        }
         if let Some(progress) = self.same_target(target)? {
             return Ok(progress);
         }
-        let size = self.size_bytes();
-        let file = open_target(target, size)?;
+        let (file, created) = open_target(target, self.size_bytes())?;
+        let started = self.start(target, file, now_unix_ms);
+        if started.is_err() && created {
+            // A retry must not find it "existing".
+            let _ = std::fs::remove_file(target);
+        }
+        started
+    }
+
+    fn start(
+        &self,
+        target: &Path,
+        file: File,
+        now_unix_ms: u64,
+    ) -> Result<MaterializeProgress, Error> {
         // What is folded need not be copied under the lock below.
         self.fold(now_unix_ms)
             .map_err(|e| Error::io("cannot fold before materializing", e))?;
         let deadline = Instant::now() + SWITCH_WAIT;
         loop {
+            // The journal's lock first, as the copier takes them.
+            let mut journal = lock(&self.journal);
             let mut state = self.lock_state();
             if let Some(progress) = self.same_target_locked(&state, target)? {
                 return Ok(progress);
@@ -449,6 +298,7 @@ impl LaunchVolume {
                 .is_some_and(|overlay| overlay.is_busy(0, overlay.blocks()));
             if busy {
                 drop(state);
+                drop(journal);
                 if Instant::now() > deadline {
                     return Err(Error::new(
                         ErrorKind::Busy,
@@ -458,7 +308,7 @@ impl LaunchVolume {
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
-            return self.switch_to(&mut state, target, file);
+            return self.switch_to(&mut state, &mut journal, target, file);
         }
     }
 
@@ -492,6 +342,7 @@ impl LaunchVolume {
     fn switch_to(
         &self,
         state: &mut VolumeState,
+        journal_slot: &mut Option<Journal>,
         target: &Path,
         file: File,
     ) -> Result<MaterializeProgress, Error> {
@@ -500,6 +351,9 @@ impl LaunchVolume {
             state.overlay = Some(Overlay::create(&self.overlay_dir, size)?);
         }
         let overlay = state.overlay.as_mut().expect("created above");
+        // The fold's unmaps made durable first: after a power loss the map
+        // must not name as written a block that is not copied below.
+        overlay.sync()?;
         let old = overlay.reader();
         let fail = |what: &str, e: io::Error| Error::io(format!("{what} {}", target.display()), e);
         let mut buf = vec![0u8; 1 << 20];
@@ -521,7 +375,7 @@ impl LaunchVolume {
         }
         file.sync_data().map_err(|e| fail("cannot sync", e))?;
         let chunk_size = u64::from(self.geometry.chunk_size_bytes());
-        let journal = Journal::create(&self.overlay_dir, size, chunk_size)?;
+        let new_journal = Journal::create(&self.overlay_dir, size, chunk_size)?;
         write_target(&self.overlay_dir, target)?;
         overlay.switch_data(file);
         // The old data file is read no more (an open of the overlay removes
@@ -530,7 +384,7 @@ impl LaunchVolume {
         let copied = Copied::new(target.to_owned(), size, chunk_size);
         let progress = copied.progress();
         state.copied = Some(copied);
-        *lock(&self.journal) = Some(journal);
+        *journal_slot = Some(new_journal);
         Ok(progress)
     }
 
@@ -617,6 +471,44 @@ impl LaunchVolume {
 pub(super) type Fetched = (u64, ChunkId, Arc<[u8]>);
 
 impl VolumeState {
+    /// Marks the blocks of `start..end` (bytes) that lie in copied chunks as
+    /// written before a write changes them in the target, where they read
+    /// as the base until then: a stop between the bytes and their map
+    /// record must not leave the target differing from the root with no
+    /// record of it. (In a chunk not copied the bytes go first, as in any
+    /// overlay: the chunk is copied from the root later, and no copy runs
+    /// while the write is in flight.) Nothing to do when not materializing.
+    pub(super) fn mark_copied_written(
+        &mut self,
+        geometry: blockrep_core::Geometry,
+        start: u64,
+        end: u64,
+    ) -> Result<(), Error> {
+        let Some(copied) = self.copied.as_ref() else {
+            return Ok(());
+        };
+        let chunk_size = u64::from(geometry.chunk_size_bytes());
+        let size = geometry.disk_size_bytes();
+        let ranges: Vec<(u64, u64)> = (start / chunk_size..=(end - 1) / chunk_size)
+            .filter(|chunk| copied.has(*chunk))
+            .filter_map(|chunk| {
+                let first = (chunk * chunk_size).max(start) / BLOCK;
+                let last = ((chunk + 1) * chunk_size)
+                    .min(end)
+                    .min(size)
+                    .div_ceil(BLOCK);
+                (first < last).then_some((first, last - first))
+            })
+            .collect();
+        let Some(overlay) = self.overlay.as_mut() else {
+            return Ok(());
+        };
+        for (first, count) in ranges {
+            overlay.wrote_blocks(first, count)?;
+        }
+        Ok(())
+    }
+
     /// Copies chunk `chunk` (id `id`, bytes `bytes`; `None`: zero) into the
     /// target where it still reads as the base. `false` when it cannot now:
     /// its id changed (a fold), or a write to it is in flight.
@@ -644,6 +536,12 @@ impl VolumeState {
         };
         if overlay.is_busy(start / BLOCK, (end - start).div_ceil(BLOCK)) {
             return Ok(false);
+        }
+        if bytes.is_some_and(|bytes| bytes.len() as u64 != end - start) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("chunk {id} does not have the length of chunk {chunk}'s place"),
+            ));
         }
         let io = overlay.reader();
         for run in self.runs(start, end) {
@@ -714,10 +612,10 @@ impl Store {
     /// counted as a client's hit), else read and checked, and not cached (a
     /// copy reads each chunk once).
     pub(crate) fn chunk_for_copy(&self, id: &ChunkId, len: u32) -> Result<Arc<[u8]>, Error> {
-        if let Some(bytes) = self.chunk_cache.get(id) {
-            return Ok(bytes);
-        }
-        let bytes: Arc<[u8]> = self.read_blob(id)?.into();
+        let bytes: Arc<[u8]> = match self.chunk_cache.get(id) {
+            Some(bytes) => bytes,
+            None => self.read_blob(id)?.into(),
+        };
         if bytes.len() != len as usize {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -729,35 +627,6 @@ impl Store {
         }
         Ok(bytes)
     }
-}
-
-/// The progress recorded in overlay directory `dir` (of a volume not open).
-fn read_progress(dir: &Path) -> Result<Option<MaterializeProgress>, Error> {
-    let Some(target) = read_target(dir)? else {
-        return Ok(None);
-    };
-    let path = dir.join("copied");
-    let bytes = std::fs::read(&path).map_err(|e| journal_error("cannot read", &path, e))?;
-    let field = |at: usize| {
-        bytes
-            .get(at..at + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    };
-    let (Some(size_bytes), Some(chunk_size)) = (field(8), field(16)) else {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("{} has no header", path.display()),
-        ));
-    };
-    if chunk_size == 0 || bytes.get(..HEADER_LEN) != Some(&header(size_bytes, chunk_size)[..]) {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("{} has a damaged header", path.display()),
-        ));
-    }
-    let mut copied = Copied::new(target, size_bytes, chunk_size);
-    Journal::open(dir, &mut copied)?;
-    Ok(Some(copied.progress()))
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ use records::{
     Record, VERSION, boot_id, encode_record,
 };
 pub(super) use target::{
-    punch_or_zero, read_cut, read_target, remove_cut, write_cut, write_target,
+    open_target_again, punch_or_zero, read_cut, read_target, remove_cut, write_cut, write_target,
 };
 
 /// Bytes per overlay block: the granularity of writes and of the map.
@@ -160,11 +160,14 @@ impl Overlay {
         };
         let target = read_target(dir)?;
         let data_path = target.clone().unwrap_or_else(|| dir.join("data"));
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&data_path)
-            .map_err(|e| io_error("cannot open", &data_path, e))?;
+        let data = match &target {
+            Some(target) => open_target_again(target, size_bytes)?,
+            None => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&data_path)
+                .map_err(|e| io_error("cannot open", &data_path, e))?,
+        };
         if target.is_some() {
             // Left by a stop between the switch to the target and the
             // removal of the old file: nothing reads it any more.

@@ -315,6 +315,7 @@ impl LaunchVolume {
         // Numbered before and after: a fold that read the chunks meanwhile
         // keeps their overlay blocks.
         state.note_write(self.geometry, offset_bytes, end);
+        state.mark_copied_written(self.geometry, offset_bytes, end)?;
         let mut position = offset_bytes;
         while position < end {
             if let Some((start, stop, _)) = unlocked

@@ -4,8 +4,9 @@
 
 use std::fs::File;
 use std::io;
+use std::io::Seek;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind};
@@ -32,6 +33,38 @@ pub(crate) fn read_target(dir: &Path) -> Result<Option<PathBuf>, Error> {
         ));
     };
     Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(name))))
+}
+
+/// Opens a materialization's target again (a block device exclusively, as
+/// at the start), checking that it still holds the volume: a link to a
+/// device that now names a smaller one is refused.
+pub(crate) fn open_target_again(target: &Path, size_bytes: u64) -> Result<File, Error> {
+    let device = std::fs::metadata(target)
+        .map_err(|e| io_error("cannot stat the materialization target", target, e))?
+        .file_type()
+        .is_block_device();
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true);
+    if device {
+        options.custom_flags(rustix::fs::OFlags::EXCL.bits() as i32);
+    }
+    let mut file = options
+        .open(target)
+        .map_err(|e| io_error("cannot open the materialization target", target, e))?;
+    let len = file
+        .seek(io::SeekFrom::End(0))
+        .map_err(|e| io_error("cannot size the materialization target", target, e))?;
+    if len < size_bytes {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "materialization target {} holds {len} bytes, less than the volume's \
+                 {size_bytes}: not the file or device it was",
+                target.display()
+            ),
+        ));
+    }
+    Ok(file)
 }
 
 /// Names `target` in overlay directory `dir`, durably and atomically.
