@@ -133,4 +133,17 @@ t0=$(date +%s.%N)
 folded=$($bin launch fold --admin "$admin" --name vol)
 t=$(echo "$(date +%s.%N) - $t0" | bc -l)
 printf 'fold of the %s MiB overlay left after the last round: %.2f s (%s)\n' "${overlay_mib:-0}" "$t" "$folded"
+
+# Live materialization: the whole volume copied to a local file (it waits
+# for the end), against nbdcopy of qemu-nbd's export to a file, the same
+# bytes over the same loopback.
+t0=$(date +%s.%N)
+$bin launch materialize --admin "$admin" --name vol --to vol.raw >/dev/null
+t=$(echo "$(date +%s.%N) - $t0" | bc -l)
+t0=$(date +%s.%N)
+nbdcopy "${uri[qemu]}" "$work/nbdcopy.raw"
+sync -f "$work/nbdcopy.raw"
+tq=$(echo "$(date +%s.%N) - $t0" | bc -l)
+printf 'materialize %s MiB: %.2f s (%.0f MiB/s); nbdcopy from qemu-nbd: %.2f s; ratio %.2fx\n' \
+    "$size_mib" "$t" "$(echo "$size_mib / $t" | bc -l)" "$tq" "$(echo "$tq / $t" | bc -l)"
 exit "$status"

@@ -130,7 +130,7 @@ async fn materialize(
         if let Some(bar) = &bar {
             bar.set_position(view.copied_bytes);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let text = admin_call(&admin.admin, "GET", "/v1/launches", None).await?;
         let launches: Vec<LaunchView> = parse_answer(&text)?;
         view = launches

@@ -18,9 +18,9 @@ use tracing::{info, warn};
 use crate::closers::Closers;
 
 /// Chunks a copier copies between two records of its progress (each record
-/// syncs the target): 16 MiB at 64 KiB chunks; less under a rate, so that
+/// syncs the target): 64 MiB at 64 KiB chunks; less under a rate, so that
 /// the pace is even (a quarter of a second's worth).
-const STEP_CHUNKS_MAX: u64 = 256;
+const STEP_CHUNKS_MAX: u64 = 1024;
 /// How long a copier waits after a step that copied nothing (every chunk
 /// left was being written) or failed.
 const IDLE_PAUSE: Duration = Duration::from_millis(20);

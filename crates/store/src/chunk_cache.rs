@@ -3,8 +3,9 @@
 //! sequential reader.
 //!
 //! A launch reads the blocks it has not written from its base replica,
-//! chunk by chunk: each chunk is read from a pack, decompressed, and its hash
-//! checked. The cache keeps decoded chunks by id, so a random reader decodes
+//! chunk by chunk: each chunk is read from a pack, decompressed, and checked
+//! (its hash the first time this process reads it, its record's crc32 after:
+//! `blobs/remembered.rs`). The cache keeps decoded chunks by id, so a random reader decodes
 //! each chunk once, and launches of one source (whose chunks mostly share
 //! ids) share their entries. A hit returns bytes whose id the reader's own
 //! root names, and an id is the hash of its content, so sharing entries
@@ -24,6 +25,10 @@ use blockrep_core::ChunkId;
 
 use crate::mutex::lock;
 
+/// A decoded chunk as the cache holds it: the `Vec` the read decoded into,
+/// shared as it is (an `Arc<[u8]>` would copy it once more).
+pub(crate) type ChunkBytes = Arc<Vec<u8>>;
+
 /// Default memory budget of the decoded chunk cache (`--launch-cache-mib`).
 pub const CHUNK_CACHE_BYTES_DEFAULT: u64 = 256 << 20;
 /// Bytes charged per entry beyond its data (id, handle, table slot).
@@ -35,13 +40,13 @@ const READAHEAD_QUEUE_MAX: usize = 16;
 #[derive(Clone)]
 struct ByLength;
 
-impl quick_cache::Weighter<ChunkId, Arc<[u8]>> for ByLength {
-    fn weight(&self, _id: &ChunkId, bytes: &Arc<[u8]>) -> u64 {
+impl quick_cache::Weighter<ChunkId, ChunkBytes> for ByLength {
+    fn weight(&self, _id: &ChunkId, bytes: &ChunkBytes) -> u64 {
         bytes.len() as u64 + ENTRY_OVERHEAD_BYTES
     }
 }
 
-type Cache = quick_cache::sync::Cache<ChunkId, Arc<[u8]>, ByLength>;
+type Cache = quick_cache::sync::Cache<ChunkId, ChunkBytes, ByLength>;
 
 /// What the cache holds and how it served, for status and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -104,11 +109,11 @@ impl ChunkCache {
         Arc::clone(&self.cache.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    pub(crate) fn get(&self, id: &ChunkId) -> Option<Arc<[u8]>> {
+    pub(crate) fn get(&self, id: &ChunkId) -> Option<ChunkBytes> {
         self.current().get(id)
     }
 
-    pub(crate) fn insert(&self, id: ChunkId, bytes: Arc<[u8]>) {
+    pub(crate) fn insert(&self, id: ChunkId, bytes: ChunkBytes) {
         self.current().insert(id, bytes);
     }
 

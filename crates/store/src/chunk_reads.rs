@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use blockrep_core::ChunkId;
 
-use crate::chunk_cache::ChunkCacheStats;
+use crate::chunk_cache::{ChunkBytes, ChunkCacheStats};
 use crate::error::{Error, ErrorKind};
 use crate::store::Store;
 
@@ -33,7 +33,7 @@ impl Store {
     /// The decoded bytes of non-zero chunk `id`, which must be `len` bytes
     /// long: from the cache, or read from the store (hash checked) and
     /// kept. The flag says whether the store was read.
-    pub(crate) fn cached_chunk(&self, id: &ChunkId, len: u32) -> Result<(Arc<[u8]>, bool), Error> {
+    pub(crate) fn cached_chunk(&self, id: &ChunkId, len: u32) -> Result<(ChunkBytes, bool), Error> {
         if let Some(bytes) = self.chunk_cache.get(id) {
             self.chunk_cache.hits.fetch_add(1, Ordering::Relaxed);
             return Ok((bytes, false));
@@ -43,8 +43,8 @@ impl Store {
     }
 
     /// Reads, checks and caches chunk `id`.
-    fn decode_chunk(&self, id: &ChunkId, len: u32) -> Result<Arc<[u8]>, Error> {
-        let bytes: Arc<[u8]> = self.read_blob(id)?.into();
+    fn decode_chunk(&self, id: &ChunkId, len: u32) -> Result<ChunkBytes, Error> {
+        let bytes: ChunkBytes = Arc::new(self.blobs.get_remembered(id)?);
         if bytes.len() != len as usize {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -59,7 +59,7 @@ impl Store {
     }
 
     /// Keeps chunk `id` (just stored with these bytes) in the cache.
-    pub(crate) fn cache_chunk(&self, id: ChunkId, bytes: Arc<[u8]>) {
+    pub(crate) fn cache_chunk(&self, id: ChunkId, bytes: ChunkBytes) {
         self.chunk_cache.insert(id, bytes);
     }
 

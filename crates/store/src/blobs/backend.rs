@@ -49,6 +49,12 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
 
     /// Reads `buf.len()` bytes of pack `number` at `offset`.
     fn read_at(&self, number: u32, offset: u64, buf: &mut [u8]) -> Result<(), Error>;
+    /// Reads `len` bytes at `offset` of pack `number` into a new buffer.
+    fn read_vec_at(&self, number: u32, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
+        let mut buf = vec![0u8; len];
+        self.read_at(number, offset, &mut buf)?;
+        Ok(buf)
+    }
 
     /// Every record of pack `number` and where its valid content ends (see
     /// `scan_pack`). `NotFound` when the pack is gone.
@@ -224,6 +230,18 @@ impl PackBackend for LocalPacks {
         self.vfs
             .file_len(&path)
             .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))
+    }
+
+    fn read_vec_at(&self, number: u32, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
+        self.reader(number)?.read_vec_at(len, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot read at offset {offset} of pack {}",
+                    pack_file_name(number)
+                ),
+                e,
+            )
+        })
     }
 
     fn read_at(&self, number: u32, offset: u64, buf: &mut [u8]) -> Result<(), Error> {

@@ -17,6 +17,7 @@ mod index;
 mod load;
 pub(crate) mod pack;
 pub(crate) mod pack_index;
+mod remembered;
 pub(crate) mod seal;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -149,6 +150,8 @@ pub(crate) struct Blobs {
     /// Packs a collection is deleting (or deleted): a rebuild of the index
     /// leaves them out, as the collection already took their entries out.
     deleting: Mutex<std::collections::BTreeSet<u32>>,
+    /// Chunks whose hash launch reads checked (`remembered.rs`).
+    verified: remembered::VerifiedIds,
 }
 
 impl Blobs {
@@ -175,6 +178,7 @@ impl Blobs {
             keyring: Arc::new(Keyring::new()),
             index_rebuilds: AtomicU64::new(0),
             deleting: Mutex::default(),
+            verified: remembered::VerifiedIds::default(),
         };
         blobs.load_index()?;
         Ok(blobs)
@@ -616,14 +620,13 @@ impl Blobs {
     pub(crate) fn get_stored(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
         let mut location = self.location(id)?;
         for _ in 0..3 {
-            let mut stored = vec![0u8; location.header.stored_len as usize];
-            let read = self.packs.read_at(
+            let read = self.packs.read_vec_at(
                 location.pack,
                 location.offset + RECORD_HEADER_LEN as u64,
-                &mut stored,
+                location.header.stored_len as usize,
             );
             match read {
-                Ok(()) => return Ok((location, stored)),
+                Ok(stored) => return Ok((location, stored)),
                 Err(e) => match self.moved_since(id, &location)? {
                     Some(now) => location = now,
                     None => return Err(e),

@@ -105,7 +105,7 @@ impl LaunchVolume {
                 state.set_chunk_id(&self.store, chunk_index, id)?;
             }
             if !id.is_zero() {
-                self.store.cache_chunk(id, bytes.into());
+                self.store.cache_chunk(id, std::sync::Arc::new(bytes));
             }
             folded.push((chunk_index, write));
             std::thread::yield_now();

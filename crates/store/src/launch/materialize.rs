@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use blockrep_core::ChunkId;
 
+use crate::chunk_cache::ChunkBytes;
 use crate::error::{Error, ErrorKind};
 use crate::mutex::lock;
 use crate::store::Store;
@@ -419,7 +420,13 @@ impl LaunchVolume {
                 false => Some(self.store.chunk_for_copy(&id, len)?),
             };
             let mut state = self.lock_state();
-            if state.copy_chunk(&self.store, self.geometry, chunk, id, bytes.as_deref())? {
+            if state.copy_chunk(
+                &self.store,
+                self.geometry,
+                chunk,
+                id,
+                bytes.as_deref().map(Vec::as_slice),
+            )? {
                 copied_bytes += u64::from(len);
             }
         }
@@ -468,7 +475,7 @@ impl LaunchVolume {
 }
 
 /// A chunk a read fetched from the store: index, id and decoded bytes.
-pub(super) type Fetched = (u64, ChunkId, Arc<[u8]>);
+pub(super) type Fetched = (u64, ChunkId, ChunkBytes);
 
 impl VolumeState {
     /// Marks the blocks of `start..end` (bytes) that lie in copied chunks as
@@ -611,10 +618,10 @@ impl Store {
     /// A chunk's bytes for a copy: from the cache when it holds them (not
     /// counted as a client's hit), else read and checked, and not cached (a
     /// copy reads each chunk once).
-    pub(crate) fn chunk_for_copy(&self, id: &ChunkId, len: u32) -> Result<Arc<[u8]>, Error> {
-        let bytes: Arc<[u8]> = match self.chunk_cache.get(id) {
+    pub(crate) fn chunk_for_copy(&self, id: &ChunkId, len: u32) -> Result<ChunkBytes, Error> {
+        let bytes: ChunkBytes = match self.chunk_cache.get(id) {
             Some(bytes) => bytes,
-            None => self.read_blob(id)?.into(),
+            None => Arc::new(self.blobs.get_remembered(id)?),
         };
         if bytes.len() != len as usize {
             return Err(Error::new(

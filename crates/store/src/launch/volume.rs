@@ -28,7 +28,11 @@ use super::overlay::{BlockState, OVERLAY_BLOCK_BYTES as BLOCK, Overlay, OverlayI
 /// Pages changed by a fold are kept until it publishes them.
 pub const LAUNCH_PAGES_CACHED_MAX: usize = 256;
 /// Chunks decoded ahead of a sequential reader.
-const READAHEAD_CHUNKS: u64 = 16;
+const READAHEAD_CHUNKS: u64 = 32;
+/// A read that starts this close to where the last one ended counts as
+/// sequential: a client with many requests in flight (a queue depth of 16,
+/// served by several threads) has them arrive out of order.
+const SEQUENTIAL_SLACK_BYTES: u64 = 16 << 20;
 
 /// A launch opened for I/O. Every method takes `&self`; one mutex serializes
 /// the volume's reads and writes, held for one request at a time (a fold
@@ -94,6 +98,9 @@ pub(super) struct VolumeState {
     pub(super) chunk_writes: HashMap<u64, u64>,
     /// Where the last read ended, to see a sequential reader.
     last_read_end: u64,
+    /// Where the readahead asked for so far ends, so that reads arriving
+    /// out of order do not ask for the same chunks again.
+    ahead_end: u64,
     /// The data key of an encrypted source: folded chunks get stored ids
     /// and every blob of the launch is sealed, as the source's are.
     pub(super) sealer: Option<Arc<blockrep_keys::Sealer>>,
@@ -238,11 +245,12 @@ impl LaunchVolume {
                 }
                 _ => None,
             };
-            let sequential = state.last_read_end == offset_bytes;
+            let sequential = offset_bytes.abs_diff(state.last_read_end) <= SEQUENTIAL_SLACK_BYTES;
             state.last_read_end = end;
             let ahead = if sequential {
                 state.chunks_ahead(&self.store, self.geometry, end)?
             } else {
+                state.ahead_end = 0;
                 Vec::new()
             };
             (parts, io, ahead, copying)
@@ -460,6 +468,7 @@ impl LaunchVolume {
                 writes: 0,
                 chunk_writes: HashMap::new(),
                 last_read_end: u64::MAX,
+                ahead_end: 0,
                 sealer,
                 space,
                 chunk_reads: 0,
@@ -673,7 +682,8 @@ impl VolumeState {
     }
 
     /// The chunks after byte `from` that a sequential reader will want from
-    /// the store: not written over whole, not zero.
+    /// the store and that no readahead asked for yet: not copied to a
+    /// materialization's target, not zero.
     fn chunks_ahead(
         &mut self,
         store: &Store,
@@ -681,8 +691,18 @@ impl VolumeState {
         from: u64,
     ) -> Result<Vec<(ChunkId, u32)>, Error> {
         let chunk_size = u64::from(geometry.chunk_size_bytes());
-        let first = from.div_ceil(chunk_size);
-        let last = (first + READAHEAD_CHUNKS).min(geometry.chunk_count());
+        let window = from.div_ceil(chunk_size);
+        let last = (window + READAHEAD_CHUNKS).min(geometry.chunk_count());
+        let asked = self.ahead_end / chunk_size;
+        let first = if asked > last + READAHEAD_CHUNKS {
+            // The reader went back: what was asked for is far ahead.
+            self.ahead_end = last * chunk_size;
+            window
+        } else {
+            // Asked for already up to `asked`.
+            self.ahead_end = asked.max(last) * chunk_size;
+            asked.clamp(window, last)
+        };
         let mut out = Vec::new();
         for chunk_index in first..last {
             let Some(len) = geometry.chunk_len(chunk_index) else {
