@@ -20,7 +20,8 @@
 # the first round. blockrep serves its launch over its NBD listener (no TLS,
 # loopback), with the default chunk cache and background folding.
 #
-# Environment: SERVER_ARGS (more flags for `blockrep server`), ROUNDS (3), RUNTIME (seconds per timed job, 10), MIN_RATIO
+# Environment: SERVER_ARGS (more flags for `blockrep server`), ROUNDS (3), RUNTIME (seconds per timed job, 10),
+# WORKLOADS (some of the four names, space-separated; default all), MIN_RATIO
 # (unset: report only; e.g. 0.8: exit 1 when a 4 KiB ratio is below it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,7 +80,7 @@ declare -A opts=(
 )
 declare -A unit=([randwrite-4k]=iops [randread-4k]=iops [seqread-1m]=bw [seqwrite-1m]=bw)
 declare -A dir=([randwrite-4k]=write [randread-4k]=read [seqread-1m]=read [seqwrite-1m]=write)
-workloads=(randwrite-4k randread-4k seqread-1m seqwrite-1m)
+read -r -a workloads <<<"${WORKLOADS:-randwrite-4k randread-4k seqread-1m seqwrite-1m}"
 
 run() { # side workload -> appends IOPS or MiB/s to $work/side.workload
     local out

@@ -18,10 +18,14 @@ use crate::shared::Shared;
 /// Default of [`crate::ServerConfig::launch_fold_interval`].
 pub const FOLD_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
 /// A volume is folded in the background only once it has served no request
-/// for this long: a fold hashes, compresses and stores what was written, and
-/// on a busy volume it would take the CPU and disk the workload is using.
-/// (A volume written without pause is folded when a root is needed.)
-pub const FOLD_IDLE: Duration = Duration::from_secs(10);
+/// for this long: a fold hashes, compresses and stores what was written,
+/// and on a busy volume it would take the CPU and disk the workload is
+/// using; after it, the folded blocks are read through the chunk cache and
+/// their space in the overlay is given back, so a workload that pauses and
+/// goes on pays for the fold again in its next reads and writes. A minute
+/// lets bursts with pauses between them run on the overlay. (A volume
+/// written without such a pause is folded when a root is needed.)
+pub const FOLD_IDLE: Duration = Duration::from_secs(60);
 
 /// Folds every launch with an overlay, each interval, forever (the task is
 /// aborted when the server stops).

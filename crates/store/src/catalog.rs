@@ -32,6 +32,10 @@ pub(crate) struct Catalog {
     /// launch's machine root). Taken with no other store lock held but the
     /// GC fence's read side.
     pub(crate) launch_heads: Mutex<()>,
+    /// When each launch volume closed in this process last served a request
+    /// (same keys), so that one opened again (every NBD connection opens it)
+    /// is not taken as idle since forever.
+    pub(crate) launch_last_io: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Validates a snapshot or launch name: the same rule as source ids,

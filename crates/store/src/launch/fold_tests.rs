@@ -288,3 +288,16 @@ fn wait(condition: impl Fn() -> bool) -> bool {
         }
     })
 }
+
+#[test]
+fn a_volume_opened_again_remembers_when_it_last_served() {
+    let (_dir, store, _model) = fixture();
+    let volume = store.open_launch("l").unwrap();
+    assert_eq!(volume.idle_for(), std::time::Duration::MAX, "never served");
+    volume.write(0, &[1; 4096]).unwrap();
+    drop(volume);
+    // Every NBD connection opens the volume again: the background fold
+    // must not take it as idle since forever.
+    let volume = store.open_launch("l").unwrap();
+    assert!(volume.idle_for() < std::time::Duration::from_secs(60));
+}

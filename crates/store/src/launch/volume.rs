@@ -444,6 +444,7 @@ impl LaunchVolume {
         } else {
             Overlay::open(&overlay_dir, size)?
         };
+        let last_io = lock(&store.catalog.launch_last_io).get(&key).copied();
         let chunk_size = u64::from(root.geometry().chunk_size_bytes());
         let (copied, journal) = match overlay.as_ref().filter(|o| o.is_materialized()) {
             Some(_) => materialize::load(&overlay_dir, size, chunk_size)?.unzip(),
@@ -475,7 +476,7 @@ impl LaunchVolume {
                 copied,
             }),
             fold_lock: Mutex::new(()),
-            last_io: Mutex::new(None),
+            last_io: Mutex::new(last_io),
             journal: Mutex::new(journal),
             io_gate: RwLock::new(()),
         })
@@ -484,6 +485,9 @@ impl LaunchVolume {
 
 impl Drop for LaunchVolume {
     fn drop(&mut self) {
+        if let Some(at) = *lock(&self.last_io) {
+            lock(&self.store.catalog.launch_last_io).insert(self.key.clone(), at);
+        }
         let mut open = lock(&self.store.catalog.open_launches);
         // The launch may have been opened again since this volume's last handle
         // went; only a dead entry is ours to remove.
