@@ -50,27 +50,6 @@ fn metric(admin: SocketAddr, name: &str) -> u64 {
         .unwrap()
 }
 
-/// fio's random 4 KiB writes with crc32c headers; the same options read
-/// them back with `--verify_only`.
-fn fio_job(uri: &str) -> Vec<String> {
-    [
-        "--name=materialize",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=24M",
-        "--iodepth=16",
-        "--randseed=5",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--thread",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 #[test]
 fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
     if !have_tool("fio") || !have_tool("nbdcopy") {
@@ -93,7 +72,7 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
         // fio leaves its verify state files where it runs.
         .current_dir(work.path())
         .args(["-s", "KILL", "60", "fio"])
-        .args(fio_job(&uri))
+        .args(fio_randwrite_job("materialize", &uri, "24M", 5))
         .args(["--do_verify=0", "--rate_iops=1000"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -172,7 +151,7 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
         // fio leaves its verify state files where it runs.
         .current_dir(work.path())
         .args(["-s", "KILL", "60", "fio"])
-        .args(fio_job(&uri))
+        .args(fio_randwrite_job("materialize", &uri, "24M", 5))
         .args(["--verify_only", "--do_verify=1"])
         .output()
         .unwrap();

@@ -11,27 +11,6 @@ use blockrep_testkit::{Pki, ServerProcess, random_bytes};
 
 const MIB: usize = 1 << 20;
 
-/// fio's options for the job both runs share: the same offsets and data.
-fn fio_job(uri: &str) -> Vec<String> {
-    [
-        "--name=overlay",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=16M",
-        "--iodepth=16",
-        "--randseed=3",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        // Jobs as threads: a kill of fio kills them all.
-        "--thread",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 #[test]
 fn fio_writes_survive_a_server_killed_while_it_writes() {
     if !have_tool("fio") {
@@ -57,7 +36,7 @@ fn fio_writes_survive_a_server_killed_while_it_writes() {
         // fio leaves its verify state files where it runs.
         .current_dir(work.path())
         .args(["-s", "KILL", "12", "fio"])
-        .args(fio_job(&uri))
+        .args(fio_randwrite_job("overlay", &uri, "16M", 3))
         .args([
             "--fsync=8",
             "--do_verify=0",
@@ -93,7 +72,7 @@ fn fio_writes_survive_a_server_killed_while_it_writes() {
     let verify = Command::new("fio")
         // fio leaves its verify state files where it runs.
         .current_dir(work.path())
-        .args(fio_job(&uri))
+        .args(fio_randwrite_job("overlay", &uri, "16M", 3))
         .args([
             "--verify_only",
             "--do_verify=1",

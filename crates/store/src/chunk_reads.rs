@@ -44,18 +44,20 @@ impl Store {
 
     /// Reads, checks and caches chunk `id`.
     fn decode_chunk(&self, id: &ChunkId, len: u32) -> Result<ChunkBytes, Error> {
-        let bytes: ChunkBytes = Arc::new(self.blobs.get_remembered(id)?);
-        if bytes.len() != len as usize {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "chunk {id} has {} bytes where its place holds {len}",
-                    bytes.len()
-                ),
-            ));
-        }
+        let bytes = of_len(id, len, Arc::new(self.blobs.get_remembered(id)?))?;
         self.chunk_cache.insert(*id, Arc::clone(&bytes));
         Ok(bytes)
+    }
+
+    /// A chunk's bytes for a materialization's copy: from the cache when it
+    /// holds them (not counted as a client's hit), else read and checked,
+    /// and not cached (a copy reads each chunk once).
+    pub(crate) fn chunk_for_copy(&self, id: &ChunkId, len: u32) -> Result<ChunkBytes, Error> {
+        let bytes = match self.chunk_cache.get(id) {
+            Some(bytes) => bytes,
+            None => Arc::new(self.blobs.get_remembered(id)?),
+        };
+        of_len(id, len, bytes)
     }
 
     /// Keeps chunk `id` (just stored with these bytes) in the cache.
@@ -88,4 +90,18 @@ impl Store {
             }
         }));
     }
+}
+
+/// `bytes` if chunk `id` has the `len` bytes its place holds, else `Corrupt`.
+fn of_len(id: &ChunkId, len: u32, bytes: ChunkBytes) -> Result<ChunkBytes, Error> {
+    if bytes.len() != len as usize {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "chunk {id} has {} bytes where its place holds {len}",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes)
 }

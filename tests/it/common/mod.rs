@@ -257,3 +257,24 @@ pub fn export_root_from_bucket(
     assert_success(&output);
     out
 }
+
+/// fio's options (its NBD engine) for 4 KiB random writes with crc32c
+/// headers over the first `size` of `uri`, queue depth 16, seeded: the same
+/// options with `--verify_only` read back the same writes. Jobs as threads,
+/// so that a kill of fio kills them all.
+pub fn fio_randwrite_job(name: &str, uri: &str, size: &str, seed: u32) -> Vec<String> {
+    [
+        format!("--name={name}"),
+        "--ioengine=nbd".to_owned(),
+        format!("--uri={uri}"),
+        "--rw=randwrite".to_owned(),
+        "--bs=4k".to_owned(),
+        format!("--size={size}"),
+        "--iodepth=16".to_owned(),
+        format!("--randseed={seed}"),
+        "--verify=crc32c".to_owned(),
+        "--verify_fatal=1".to_owned(),
+        "--thread".to_owned(),
+    ]
+    .into()
+}

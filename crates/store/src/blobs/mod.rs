@@ -589,13 +589,17 @@ impl Blobs {
 
     /// Reads the header and stored bytes of the record at `location`, checking
     /// that the header is the one indexed and that the crc32 matches.
+    /// The header and the stored bytes are read apart, so that the stored
+    /// bytes are not copied out of a buffer holding both.
     fn read_record(&self, location: Location) -> Result<([u8; RECORD_HEADER_LEN], Vec<u8>), Error> {
-        let mut record = vec![0u8; location.record_len_bytes() as usize];
-        self.packs
-            .read_at(location.pack, location.offset, &mut record)?;
-        let stored = record.split_off(RECORD_HEADER_LEN);
         let mut header_bytes = [0u8; RECORD_HEADER_LEN];
-        header_bytes.copy_from_slice(&record);
+        self.packs
+            .read_at(location.pack, location.offset, &mut header_bytes)?;
+        let stored = self.packs.read_vec_at(
+            location.pack,
+            location.offset + RECORD_HEADER_LEN as u64,
+            location.header.stored_len as usize,
+        )?;
         let header = location.header;
         if RecordHeader::decode(&header_bytes) != Some(header)
             || !header.crc_matches(&header_bytes, &stored)

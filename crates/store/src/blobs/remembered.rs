@@ -15,10 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use blockrep_core::ChunkId;
 
 use crate::error::{Error, ErrorKind};
-use crate::format::RECORD_HEADER_LEN;
 
-use super::pack::RecordHeader;
-use super::{Blobs, Location, pack_file_name};
+use super::{Blobs, Location};
 
 /// Entries of the table of checked ids: 2 MiB.
 const VERIFIED_SLOTS: usize = 1 << 18;
@@ -91,35 +89,9 @@ impl Blobs {
     fn get_stored_crc_checked(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
         let mut location = self.location(id)?;
         for _ in 0..3 {
-            let mut header_bytes = [0u8; RECORD_HEADER_LEN];
-            let read = self
-                .packs
-                .read_at(location.pack, location.offset, &mut header_bytes)
-                .and_then(|()| {
-                    self.packs.read_vec_at(
-                        location.pack,
-                        location.offset + RECORD_HEADER_LEN as u64,
-                        location.header.stored_len as usize,
-                    )
-                });
-            match read {
-                Ok(stored) => {
-                    let header = location.header;
-                    if RecordHeader::decode(&header_bytes) != Some(header)
-                        || !header.crc_matches(&header_bytes, &stored)
-                    {
-                        self.note_damaged(location);
-                        return Err(Error::new(
-                            ErrorKind::Corrupt,
-                            format!(
-                                "blob {id} at offset {} of pack {} fails its checksum",
-                                location.offset,
-                                pack_file_name(location.pack)
-                            ),
-                        ));
-                    }
-                    return Ok((location, stored));
-                }
+            match self.read_record(location) {
+                Ok((_, stored)) => return Ok((location, stored)),
+                Err(e) if e.kind() == ErrorKind::Corrupt => return Err(e),
                 Err(e) => match self.moved_since(id, &location)? {
                     Some(now) => location = now,
                     None => return Err(e),

@@ -614,26 +614,6 @@ impl Store {
         }
         Ok(out)
     }
-
-    /// A chunk's bytes for a copy: from the cache when it holds them (not
-    /// counted as a client's hit), else read and checked, and not cached (a
-    /// copy reads each chunk once).
-    pub(crate) fn chunk_for_copy(&self, id: &ChunkId, len: u32) -> Result<ChunkBytes, Error> {
-        let bytes: ChunkBytes = match self.chunk_cache.get(id) {
-            Some(bytes) => bytes,
-            None => Arc::new(self.blobs.get_remembered(id)?),
-        };
-        if bytes.len() != len as usize {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "chunk {id} has {} bytes where its place holds {len}",
-                    bytes.len()
-                ),
-            ));
-        }
-        Ok(bytes)
-    }
 }
 
 #[cfg(test)]
