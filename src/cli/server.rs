@@ -121,7 +121,8 @@ pub(crate) struct ServerArgs {
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = units::parse_size)]
     pub(crate) launch_cache: u64,
     /// How often what clients wrote to launch volumes is folded into the
-    /// store in the background (`off`: only when a root is needed: failback,
+    /// store in the background, for volumes that served no request for a
+    /// minute (`off`: only when a root is needed: failback,
     /// finalize, a standby's follow, `blockrep launch fold`). A flush makes
     /// writes durable either way.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_off_or_duration)]
