@@ -79,14 +79,16 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    // `blockrep launch materialize --name db-1 --to TO` and more flags.
+    let materialize = |to: &str, more: &[&str]| {
+        let mut args = vec!["launch", "materialize", "--name", "db-1", "--to", to];
+        args.extend_from_slice(more);
+        cli(&server, &pki, &args)
+    };
     // Outside the server's materialize directory: refused, nothing made.
     let outside = work.path().join("outside.raw");
     for to in [outside.to_str().unwrap(), "../outside.raw"] {
-        let refused = cli(
-            &server,
-            &pki,
-            &["launch", "materialize", "--name", "db-1", "--to", to],
-        );
+        let refused = materialize(to, &[]);
         assert!(!refused.status.success());
         let text = String::from_utf8_lossy(&refused.stderr);
         assert!(
@@ -97,19 +99,7 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
     assert!(!outside.exists() && !data.join("outside.raw").exists());
     assert!(progress(admin, "db-1").is_none());
     let target = data.join("materialized/db-1.raw");
-    let started = cli(
-        &server,
-        &pki,
-        &[
-            "launch",
-            "materialize",
-            "--name",
-            "db-1",
-            "--to",
-            "db-1.raw",
-            "--no-wait",
-        ],
-    );
+    let started = materialize("db-1.raw", &["--no-wait"]);
     assert_success(&started);
     let text = String::from_utf8_lossy(&started.stdout);
     assert!(text.contains("materializing to"), "{text}");
@@ -122,18 +112,7 @@ fn a_launch_materialized_while_fio_writes_is_served_from_its_file() {
         String::from_utf8_lossy(&output.stderr)
     );
     // Waits for the end, showing progress.
-    let waited = cli(
-        &server,
-        &pki,
-        &[
-            "launch",
-            "materialize",
-            "--name",
-            "db-1",
-            "--to",
-            "db-1.raw",
-        ],
-    );
+    let waited = materialize("db-1.raw", &[]);
     assert_success(&waited);
     let text = String::from_utf8_lossy(&waited.stdout);
     assert!(text.contains("materialized to"), "{text}");

@@ -622,14 +622,25 @@ impl Blobs {
     /// move the blob and delete its old pack between the index lookup and the
     /// read; then the read is retried at the new place.
     pub(crate) fn get_stored(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
-        let mut location = self.location(id)?;
-        for _ in 0..3 {
-            let read = self.packs.read_vec_at(
+        self.read_moving(id, |location| {
+            self.packs.read_vec_at(
                 location.pack,
                 location.offset + RECORD_HEADER_LEN as u64,
                 location.header.stored_len as usize,
-            );
-            match read {
+            )
+        })
+    }
+
+    /// `read` of blob `id` at its place, retried at the new place (up to
+    /// three times) when a collection moved it meanwhile.
+    fn read_moving(
+        &self,
+        id: &ChunkId,
+        read: impl Fn(Location) -> Result<Vec<u8>, Error>,
+    ) -> Result<(Location, Vec<u8>), Error> {
+        let mut location = self.location(id)?;
+        for _ in 0..3 {
+            match read(location) {
                 Ok(stored) => return Ok((location, stored)),
                 Err(e) => match self.moved_since(id, &location)? {
                     Some(now) => location = now,

@@ -87,21 +87,9 @@ impl Blobs {
     /// [`Blobs::get_stored`] with the record's header read as well and its
     /// crc32 checked.
     fn get_stored_crc_checked(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
-        let mut location = self.location(id)?;
-        for _ in 0..3 {
-            match self.read_record(location) {
-                Ok((_, stored)) => return Ok((location, stored)),
-                Err(e) if e.kind() == ErrorKind::Corrupt => return Err(e),
-                Err(e) => match self.moved_since(id, &location)? {
-                    Some(now) => location = now,
-                    None => return Err(e),
-                },
-            }
-        }
-        Err(Error::new(
-            ErrorKind::Io,
-            format!("blob {id} kept moving while being read"),
-        ))
+        self.read_moving(id, |location| {
+            self.read_record(location).map(|(_, stored)| stored)
+        })
     }
 }
 

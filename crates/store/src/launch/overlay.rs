@@ -749,10 +749,10 @@ pub(super) fn create_file(path: &Path) -> Result<File, Error> {
         .map_err(|e| io_error("cannot create", path, e))
 }
 
+/// Syncs directory `dir` (overlays live on the real file system, beside the
+/// store's files).
 pub(super) fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("cannot sync directory", dir, e))
+    crate::fsutil::sync_dir(&crate::vfs::RealFs, dir)
 }
 
 /// Blocks mapped by the overlay in `dir` (0 when there is none), read

@@ -7,10 +7,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind};
+use crate::format::seal_with_crc;
+use crate::fsutil::publish_atomic;
+use crate::vfs::RealFs;
 
-use super::super::overlay::{
-    OVERLAY_BLOCK_BYTES as BLOCK, create_file, read_cut, read_target, remove_cut, sync_dir,
-};
+use super::super::overlay::{OVERLAY_BLOCK_BYTES as BLOCK, read_cut, read_target, remove_cut};
 use super::{Copied, MaterializeProgress};
 
 const JOURNAL_MAGIC: [u8; 8] = *b"BRMATJ01";
@@ -33,18 +34,18 @@ fn header(size_bytes: u64, chunk_size: u64) -> Vec<u8> {
     out.extend_from_slice(&JOURNAL_MAGIC);
     out.extend_from_slice(&size_bytes.to_le_bytes());
     out.extend_from_slice(&chunk_size.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&out).to_le_bytes());
+    seal_with_crc(&mut out);
     out
 }
 
-fn record(magic: [u8; 4], first: u64, count: u64) -> [u8; RECORD_LEN] {
-    let mut out = [0u8; RECORD_LEN];
-    out[..4].copy_from_slice(&magic);
-    out[4..12].copy_from_slice(&first.to_le_bytes());
-    out[12..20].copy_from_slice(&count.to_le_bytes());
-    let crc = crc32fast::hash(&out[..20]);
-    out[20..].copy_from_slice(&crc.to_le_bytes());
-    out
+/// Appends a record of `magic` for chunks `first..first + count` to `out`.
+fn record(out: &mut Vec<u8>, magic: [u8; 4], first: u64, count: u64) {
+    let mut rec = Vec::with_capacity(RECORD_LEN);
+    rec.extend_from_slice(&magic);
+    rec.extend_from_slice(&first.to_le_bytes());
+    rec.extend_from_slice(&count.to_le_bytes());
+    seal_with_crc(&mut rec);
+    out.extend_from_slice(&rec);
 }
 
 fn journal_error(what: &str, path: &Path, e: io::Error) -> Error {
@@ -58,15 +59,13 @@ impl Journal {
     /// Creates an empty journal in `dir`, durably (before the target is
     /// named: a named target always has its journal).
     pub(super) fn create(dir: &Path, size_bytes: u64, chunk_size: u64) -> Result<Self, Error> {
-        let tmp = dir.join("copied.tmp");
-        let file = create_file(&tmp)?;
-        let bytes = header(size_bytes, chunk_size);
-        file.write_all_at(&bytes, 0)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| journal_error("cannot write", &tmp, e))?;
         let path = dir.join("copied");
-        std::fs::rename(&tmp, &path).map_err(|e| journal_error("cannot publish", &tmp, e))?;
-        sync_dir(dir)?;
+        publish_atomic(&RealFs, &path, &header(size_bytes, chunk_size))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| journal_error("cannot open", &path, e))?;
         Ok(Self {
             file,
             path,
@@ -157,7 +156,7 @@ impl Journal {
                 end = end.max(chunks[index] + 1);
                 index += 1;
             }
-            bytes.extend_from_slice(&record(magic, first, end - first));
+            record(&mut bytes, magic, first, end - first);
         }
         self.file
             .write_all_at(&bytes, self.len)

@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind};
 
-use super::{create_file, io_error, sync_dir};
+use crate::fsutil::publish_atomic;
+use crate::vfs::RealFs;
+
+use super::{io_error, sync_dir};
 
 /// The target named in overlay directory `dir`; `None` when the overlay
 /// is not materialized.
@@ -69,15 +72,9 @@ pub(crate) fn open_target_again(target: &Path, size_bytes: u64) -> Result<File, 
 
 /// Names `target` in overlay directory `dir`, durably and atomically.
 pub(crate) fn write_target(dir: &Path, target: &Path) -> Result<(), Error> {
-    let tmp = dir.join("target.tmp");
-    let file = create_file(&tmp)?;
     let mut bytes = target.as_os_str().as_bytes().to_vec();
     bytes.push(b'\n');
-    file.write_all_at(&bytes, 0)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io_error("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, dir.join("target")).map_err(|e| io_error("cannot publish", &tmp, e))?;
-    sync_dir(dir)
+    publish_atomic(&RealFs, &dir.join("target"), &bytes)
 }
 
 /// Makes `len` bytes at `offset` of `file` read as zeroes: a hole where the
@@ -112,13 +109,7 @@ pub(crate) fn write_cut(dir: &Path, ranges: &[(u64, u64)]) -> Result<(), Error> 
     for (first, count) in ranges {
         text.push_str(&format!("{first} {count}\n"));
     }
-    let tmp = dir.join("cut.tmp");
-    let file = create_file(&tmp)?;
-    file.write_all_at(text.as_bytes(), 0)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io_error("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, dir.join("cut")).map_err(|e| io_error("cannot publish", &tmp, e))?;
-    sync_dir(dir)
+    publish_atomic(&RealFs, &dir.join("cut"), text.as_bytes())
 }
 
 /// The block ranges [`write_cut`] recorded in `dir` (none when it did not).
