@@ -14,10 +14,15 @@ const CHUNK: u64 = 16 << 10;
 const DISK_LEN: u64 = 5 * CHUNK + 5000;
 
 fn fixture() -> (tempfile::TempDir, Arc<Store>, Vec<u8>) {
+    fixture_of(DISK_LEN)
+}
+
+/// A store holding a disk of `len` bytes, its snapshot `s` and launch `l`.
+fn fixture_of(len: u64) -> (tempfile::TempDir, Arc<Store>, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
-    let geometry = Geometry::new(DISK_LEN, CHUNK as u32).unwrap();
-    let disk = sample_disk(DISK_LEN as usize, 5);
+    let geometry = Geometry::new(len, CHUNK as u32).unwrap();
+    let disk = sample_disk(len as usize, 5);
     commit_disk(&store, &source(), &disk, geometry, 1);
     store
         .create_snapshot(&source(), Some("s"), None, 1)
@@ -278,6 +283,40 @@ fn the_chunk_cache_keeps_to_its_budget_and_reads_ahead_of_a_sequential_reader() 
     volume.read(CHUNK + 7, &mut piece).unwrap();
     assert_eq!(piece[..], disk[CHUNK as usize + 7..CHUNK as usize + 107]);
     assert_eq!(store.chunk_cache_stats().misses, misses + 2);
+}
+
+#[test]
+fn no_readahead_for_what_the_overlay_holds_nor_for_reads_far_apart() {
+    const LEN: u64 = 256 * CHUNK;
+    let (_dir, store, disk) = fixture_of(LEN);
+    let volume = store.open_launch("l").unwrap();
+    // The first half written over: a sequential reader of it reads nothing
+    // from the store, and asks nothing ahead, up to the half's last window.
+    let half = LEN / 2;
+    volume.write(0, &vec![9; half as usize]).unwrap();
+    let mut piece = vec![0u8; 4096];
+    for offset in (0..half - 64 * CHUNK).step_by(4096) {
+        volume.read(offset, &mut piece).unwrap();
+        assert_eq!(piece, [9; 4096]);
+    }
+    // 4 KiB reads a quarter of a MiB apart are random, not sequential.
+    for offset in [half, half + (16 << 16), half + (8 << 16), half + (24 << 16)] {
+        volume.read(offset, &mut piece).unwrap();
+        assert_eq!(piece[..], disk[offset as usize..offset as usize + 4096]);
+    }
+    // The readahead thread decodes within microseconds of being asked.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        store.chunk_cache_stats().readahead_chunks,
+        0,
+        "{:?}",
+        store.chunk_cache_stats()
+    );
+    // Reads one after another are sequential, and read ahead.
+    for offset in (LEN - 8 * CHUNK..LEN - 4 * CHUNK).step_by(4096) {
+        volume.read(offset, &mut piece).unwrap();
+    }
+    assert!(wait(|| store.chunk_cache_stats().readahead_chunks > 0));
 }
 
 fn wait(condition: impl Fn() -> bool) -> bool {

@@ -59,10 +59,13 @@ use std::sync::Arc;
 use crate::error::{Error, ErrorKind};
 
 pub(super) mod bits;
+mod file_io;
 mod records;
 mod target;
 
 use bits::Bits;
+pub(crate) use file_io::OverlayIo;
+use file_io::write_data;
 #[cfg(test)]
 pub(crate) use records::TEST_BOOT;
 use records::{
@@ -282,6 +285,12 @@ impl Overlay {
     /// Whether any of `count` blocks from `first` is mapped (not the base's).
     pub(crate) fn any_mapped(&self, first: u64, count: u64) -> bool {
         self.data_bits.any_in(first, count) || self.zero_bits.any_in(first, count)
+    }
+
+    /// Whether all of `count` blocks from `first` are mapped: nothing of
+    /// them is read from the base.
+    pub(crate) fn all_mapped(&self, first: u64, count: u64) -> bool {
+        self.data_bits.all_in_either(&self.zero_bits, first, count)
     }
 
     /// Blocks mapped now (data or zero).
@@ -607,8 +616,13 @@ impl Overlay {
         let mut synced_end = at;
         let mut marker_boot = None;
         let mut tail = Vec::new();
-        while let Some((record, record_len)) = records::read_record(&self.map, &self.dir, at, len)?
-        {
+        let map = self
+            .map
+            .try_clone()
+            .map_err(|e| io_error("cannot open", &path, e))?;
+        let dir = self.dir.clone();
+        let mut reader = records::MapReader::new(&map, &dir, len);
+        while let Some((record, record_len)) = reader.record(at)? {
             at += record_len;
             match record {
                 Record::Ops(ops) => tail.extend(ops),
@@ -695,46 +709,6 @@ impl Overlay {
         self.zero_bits.set_range(op.first, op.count, zero);
         Ok(())
     }
-}
-
-/// The overlay's file, for reads and writes outside the volume's lock.
-pub(crate) struct OverlayIo {
-    data: Arc<File>,
-    dir: Arc<Path>,
-}
-
-impl OverlayIo {
-    /// Reads `buf.len()` bytes at byte `offset`.
-    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        self.data
-            .read_exact_at(buf, offset)
-            .map_err(|e| io_error("cannot read", &self.dir, e))
-    }
-
-    /// Makes the file's data durable (a materialization's target, before a
-    /// fold publishes what it read from it, or before copied chunks are
-    /// recorded).
-    pub(crate) fn sync_data(&self) -> Result<(), Error> {
-        self.data
-            .sync_data()
-            .map_err(|e| io_error("cannot sync", &self.dir, e))
-    }
-
-    /// Makes `len` bytes at `offset` read as zeroes in the file.
-    pub(crate) fn zero(&self, offset: u64, len: u64) -> Result<(), Error> {
-        punch_or_zero(&self.data, offset, len).map_err(|e| io_error("cannot zero", &self.dir, e))
-    }
-
-    /// Writes whole blocks from `first`, as [`Overlay::write_blocks`] does,
-    /// leaving the map to [`Overlay::wrote_blocks`].
-    pub(crate) fn write_blocks(&self, first: u64, data: &[u8]) -> Result<(), Error> {
-        write_data(&self.data, &self.dir, first, data)
-    }
-}
-
-fn write_data(file: &File, dir: &Path, first: u64, data: &[u8]) -> Result<(), Error> {
-    file.write_all_at(data, first * OVERLAY_BLOCK_BYTES)
-        .map_err(|e| io_error("cannot write", dir, e))
 }
 
 /// Creates (or empties) a file for reading and writing, owner-only.

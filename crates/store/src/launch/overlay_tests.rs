@@ -205,3 +205,46 @@ fn a_long_map_is_compacted_to_its_runs() {
 fn before_compaction_grew(syncs: u64, record_bytes: u64) -> bool {
     syncs * record_bytes > MAP_COMPACT_BYTES / 2
 }
+
+#[test]
+fn a_map_longer_than_a_read_window_replays_whole() {
+    // One record per write, 29 bytes each: 40,000 of them are past the
+    // reader's first 1 MiB window.
+    const WRITES: u64 = 40_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o");
+    let size = 2 * WRITES * OVERLAY_BLOCK_BYTES;
+    let mut overlay = Overlay::create(&path, size).unwrap();
+    for n in 0..WRITES {
+        overlay.wrote_blocks(2 * n, 1).unwrap();
+        if n == WRITES / 2 {
+            overlay.sync().unwrap();
+        }
+    }
+    drop(overlay);
+    // The last record torn.
+    let map = path.join("map");
+    let len = std::fs::metadata(&map).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&map)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for file in ["data", "map"] {
+        std::fs::copy(path.join(file), copy.join(file)).unwrap();
+    }
+    let same_boot = Overlay::open(&copy, size).unwrap().unwrap();
+    assert_eq!(same_boot.mapped_blocks(), WRITES - 1);
+    assert_eq!(same_boot.state(2 * (WRITES - 2)), BlockState::Data);
+    assert_eq!(same_boot.state(2 * (WRITES - 1)), BlockState::Base);
+    assert_eq!(same_boot.state(1), BlockState::Base);
+    drop(same_boot);
+    let _reboot = Reboot::new();
+    let overlay = Overlay::open(&path, size).unwrap().unwrap();
+    assert_eq!(overlay.mapped_blocks(), WRITES / 2 + 1);
+    assert_eq!(overlay.state(WRITES), BlockState::Data);
+    assert_eq!(overlay.state(WRITES + 2), BlockState::Base);
+}

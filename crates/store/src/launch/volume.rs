@@ -29,10 +29,15 @@ use super::overlay::{BlockState, OVERLAY_BLOCK_BYTES as BLOCK, Overlay, OverlayI
 pub const LAUNCH_PAGES_CACHED_MAX: usize = 256;
 /// Chunks decoded ahead of a sequential reader.
 const READAHEAD_CHUNKS: u64 = 32;
-/// A read that starts this close to where the last one ended counts as
-/// sequential: a client with many requests in flight (a queue depth of 16,
-/// served by several threads) has them arrive out of order.
-const SEQUENTIAL_SLACK_BYTES: u64 = 16 << 20;
+/// A read that starts within this many of its own lengths of where the last
+/// one ended counts as sequential: a client with many requests in flight (a
+/// queue depth of 16, served by several threads) has them arrive out of
+/// order. Measured in the read's length, so that random 4 KiB reads do not
+/// pass for sequential whenever two land within a few MiB of each other
+/// (each would start a readahead of [`READAHEAD_CHUNKS`] chunks).
+const SEQUENTIAL_SLACK_READS: u64 = 16;
+/// The most slack, whatever the reads' length.
+const SEQUENTIAL_SLACK_BYTES_MAX: u64 = 16 << 20;
 
 /// A launch opened for I/O. Every method takes `&self`; one mutex serializes
 /// the volume's reads and writes, held for one request at a time (a fold
@@ -245,7 +250,8 @@ impl LaunchVolume {
                 }
                 _ => None,
             };
-            let sequential = offset_bytes.abs_diff(state.last_read_end) <= SEQUENTIAL_SLACK_BYTES;
+            let slack = (buf.len() as u64 * SEQUENTIAL_SLACK_READS).min(SEQUENTIAL_SLACK_BYTES_MAX);
+            let sequential = offset_bytes.abs_diff(state.last_read_end) <= slack;
             state.last_read_end = end;
             let ahead = if sequential {
                 state.chunks_ahead(&self.store, self.geometry, end)?
@@ -687,7 +693,7 @@ impl VolumeState {
 
     /// The chunks after byte `from` that a sequential reader will want from
     /// the store and that no readahead asked for yet: not copied to a
-    /// materialization's target, not zero.
+    /// materialization's target, not written over in the overlay, not zero.
     fn chunks_ahead(
         &mut self,
         store: &Store,
@@ -713,6 +719,15 @@ impl VolumeState {
                 break;
             };
             if self.copied.as_ref().is_some_and(|c| c.has(chunk_index)) {
+                continue;
+            }
+            let first_block = chunk_index * chunk_size / BLOCK;
+            let blocks = u64::from(len).div_ceil(BLOCK);
+            if self
+                .overlay
+                .as_ref()
+                .is_some_and(|overlay| overlay.all_mapped(first_block, blocks))
+            {
                 continue;
             }
             let id = self.chunk_id(store, chunk_index)?;

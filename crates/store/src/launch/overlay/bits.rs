@@ -43,6 +43,11 @@ impl Bits {
     pub(crate) fn any_in(&self, first: u64, count: u64) -> bool {
         Self::masks(first, count).any(|(word, mask)| self.0[word] & mask != 0)
     }
+    /// Whether every one of `count` blocks from `first` is set in `self`
+    /// or in `other` (a bitset of the same length).
+    pub(crate) fn all_in_either(&self, other: &Bits, first: u64, count: u64) -> bool {
+        Self::masks(first, count).all(|(word, mask)| (self.0[word] | other.0[word]) & mask == mask)
+    }
     pub(crate) fn count(&self) -> u64 {
         self.0.iter().map(|w| u64::from(w.count_ones())).sum()
     }

@@ -73,60 +73,94 @@ pub(super) fn encode_record(ops: &[Op]) -> Vec<u8> {
     out
 }
 
-/// The record of `map` at byte `at` of `len`, and its length; `None` at
-/// the end, or where the record is torn or damaged.
-pub(super) fn read_record(
-    map: &File,
-    dir: &Path,
-    at: u64,
+/// Reads `map` in windows of [`WINDOW`] bytes: a replay asks for every
+/// record in order, and one read per window instead of two per record keeps
+/// opening a volume whose map holds tens of thousands of records to a few
+/// milliseconds (every NBD connection opens its volume).
+pub(super) struct MapReader<'a> {
+    map: &'a File,
+    dir: &'a Path,
     len: u64,
-) -> Result<Option<(Record, u64)>, Error> {
-    if len - at < 8 + 4 {
-        return Ok(None);
+    window: Vec<u8>,
+    window_at: u64,
+}
+
+/// Bytes read from `map` at once; a record longer than this (up to
+/// [`OPS_PER_RECORD_MAX`] operations) is read whole.
+const WINDOW: usize = 1 << 20;
+
+impl<'a> MapReader<'a> {
+    /// A reader of the first `len` bytes of `map`.
+    pub(super) fn new(map: &'a File, dir: &'a Path, len: u64) -> Self {
+        MapReader {
+            map,
+            dir,
+            len,
+            window: Vec::new(),
+            window_at: 0,
+        }
     }
-    let mut head = [0u8; 8];
-    map.read_exact_at(&mut head, at)
-        .map_err(|e| io_error("cannot read the map of", dir, e))?;
-    if head[..4] == MARKER_MAGIC {
-        if len - at < MARKER_LEN {
+
+    /// The `n` bytes at `at`, which the caller has checked lie within `len`.
+    fn bytes(&mut self, at: u64, n: usize) -> Result<&[u8], Error> {
+        let end = self.window_at + self.window.len() as u64;
+        if at < self.window_at || at + n as u64 > end {
+            let want = (self.len - at).min(WINDOW.max(n) as u64) as usize;
+            self.window.resize(want, 0);
+            self.map
+                .read_exact_at(&mut self.window, at)
+                .map_err(|e| io_error("cannot read the map of", self.dir, e))?;
+            self.window_at = at;
+        }
+        let from = (at - self.window_at) as usize;
+        Ok(&self.window[from..from + n])
+    }
+
+    /// The record at byte `at`, and its length; `None` at the end, or where
+    /// the record is torn or damaged.
+    pub(super) fn record(&mut self, at: u64) -> Result<Option<(Record, u64)>, Error> {
+        let len = self.len;
+        if len - at < 8 + 4 {
             return Ok(None);
         }
-        let mut marker = [0u8; MARKER_LEN as usize];
-        map.read_exact_at(&mut marker, at)
-            .map_err(|e| io_error("cannot read the map of", dir, e))?;
-        let (body, crc) = marker.split_at(marker.len() - 4);
+        let head: [u8; 8] = self.bytes(at, 8)?.try_into().expect("8 bytes");
+        if head[..4] == MARKER_MAGIC {
+            if len - at < MARKER_LEN {
+                return Ok(None);
+            }
+            let marker = self.bytes(at, MARKER_LEN as usize)?;
+            let (body, crc) = marker.split_at(marker.len() - 4);
+            if crc32fast::hash(body).to_le_bytes() != crc {
+                return Ok(None);
+            }
+            let boot = body[4..20].try_into().expect("16 bytes");
+            return Ok(Some((Record::Marker(boot), MARKER_LEN)));
+        }
+        let count = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+        if head[..4] != RECORD_MAGIC || count > OPS_PER_RECORD_MAX {
+            return Ok(None);
+        }
+        let record_len = (8 + count * OP_LEN + 4) as u64;
+        if len - at < record_len {
+            return Ok(None);
+        }
+        let record = self.bytes(at, record_len as usize)?;
+        let (body, crc) = record.split_at(record.len() - 4);
         if crc32fast::hash(body).to_le_bytes() != crc {
             return Ok(None);
         }
-        let boot = body[4..20].try_into().expect("16 bytes");
-        return Ok(Some((Record::Marker(boot), MARKER_LEN)));
+        let mut ops = Vec::with_capacity(count);
+        for op in body[8..].chunks_exact(OP_LEN) {
+            let kind = match op[0] {
+                1 => OpKind::Data,
+                2 => OpKind::Zero,
+                3 => OpKind::Unmap,
+                _ => return Ok(None),
+            };
+            let first = u64::from_le_bytes(op[1..9].try_into().expect("8 bytes"));
+            let count = u64::from_le_bytes(op[9..17].try_into().expect("8 bytes"));
+            ops.push(Op { kind, first, count });
+        }
+        Ok(Some((Record::Ops(ops), record_len)))
     }
-    let count = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
-    if head[..4] != RECORD_MAGIC || count > OPS_PER_RECORD_MAX {
-        return Ok(None);
-    }
-    let record_len = (8 + count * OP_LEN + 4) as u64;
-    if len - at < record_len {
-        return Ok(None);
-    }
-    let mut record = vec![0u8; record_len as usize];
-    map.read_exact_at(&mut record, at)
-        .map_err(|e| io_error("cannot read the map of", dir, e))?;
-    let (body, crc) = record.split_at(record.len() - 4);
-    if crc32fast::hash(body).to_le_bytes() != crc {
-        return Ok(None);
-    }
-    let mut ops = Vec::with_capacity(count);
-    for op in body[8..].chunks_exact(OP_LEN) {
-        let kind = match op[0] {
-            1 => OpKind::Data,
-            2 => OpKind::Zero,
-            3 => OpKind::Unmap,
-            _ => return Ok(None),
-        };
-        let first = u64::from_le_bytes(op[1..9].try_into().expect("8 bytes"));
-        let count = u64::from_le_bytes(op[9..17].try_into().expect("8 bytes"));
-        ops.push(Op { kind, first, count });
-    }
-    Ok(Some((Record::Ops(ops), record_len)))
 }

@@ -1,0 +1,50 @@
+//! The overlay's data file, read and written outside the volume's lock:
+//! the map is the volume's to change, under its lock, around these calls.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{OVERLAY_BLOCK_BYTES, io_error, punch_or_zero};
+use crate::error::Error;
+
+/// The overlay's file, for reads and writes outside the volume's lock.
+pub(crate) struct OverlayIo {
+    pub(super) data: Arc<File>,
+    pub(super) dir: Arc<Path>,
+}
+
+impl OverlayIo {
+    /// Reads `buf.len()` bytes at byte `offset`.
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.data
+            .read_exact_at(buf, offset)
+            .map_err(|e| io_error("cannot read", &self.dir, e))
+    }
+
+    /// Makes the file's data durable (a materialization's target, before a
+    /// fold publishes what it read from it, or before copied chunks are
+    /// recorded).
+    pub(crate) fn sync_data(&self) -> Result<(), Error> {
+        self.data
+            .sync_data()
+            .map_err(|e| io_error("cannot sync", &self.dir, e))
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes in the file.
+    pub(crate) fn zero(&self, offset: u64, len: u64) -> Result<(), Error> {
+        punch_or_zero(&self.data, offset, len).map_err(|e| io_error("cannot zero", &self.dir, e))
+    }
+
+    /// Writes whole blocks from `first`, as [`Overlay::write_blocks`] does,
+    /// leaving the map to [`Overlay::wrote_blocks`].
+    pub(crate) fn write_blocks(&self, first: u64, data: &[u8]) -> Result<(), Error> {
+        write_data(&self.data, &self.dir, first, data)
+    }
+}
+
+pub(super) fn write_data(file: &File, dir: &Path, first: u64, data: &[u8]) -> Result<(), Error> {
+    file.write_all_at(data, first * OVERLAY_BLOCK_BYTES)
+        .map_err(|e| io_error("cannot write", dir, e))
+}
