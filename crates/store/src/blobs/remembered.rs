@@ -84,6 +84,19 @@ impl Blobs {
         Ok(decoded.raw)
     }
 
+    /// Remembers `id` as checked: its record was just written by this
+    /// process from bytes it hashed to `id` itself, and the record's crc32
+    /// covers what was written, so a first read need not hash it again.
+    pub(crate) fn note_checked(&self, id: &ChunkId) {
+        self.verified.insert(id);
+    }
+
+    /// Whether `id` is remembered as checked.
+    #[cfg(test)]
+    pub(crate) fn checked(&self, id: &ChunkId) -> bool {
+        self.verified.contains(id)
+    }
+
     /// [`Blobs::get_stored`] with the record's header read as well and its
     /// crc32 checked.
     fn get_stored_crc_checked(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {

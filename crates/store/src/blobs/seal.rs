@@ -161,8 +161,27 @@ pub(crate) fn decode(
     };
     let raw = match header.codec {
         StoredCodec::Raw => stored,
-        StoredCodec::Zstd => zstd::bulk::decompress(&stored, header.raw_len as usize)
+        StoredCodec::Zstd => decompress(&stored, header.raw_len as usize)
             .map_err(|e| DecodeFault::Damaged(format!("zstd: {e}")))?,
     };
     Ok(Decoded { raw, space })
+}
+
+/// `stored` decompressed into at most `capacity` bytes, by this thread's
+/// own decompression context: making one per blob (over 100 KiB, zeroed)
+/// cost as much as decompressing a 64 KiB chunk.
+fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut()
+            .expect("made above")
+            .decompress(stored, capacity)
+    })
 }

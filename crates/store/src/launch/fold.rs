@@ -85,7 +85,9 @@ impl LaunchVolume {
             };
             // Hashed and compressed without the volume's lock.
             let id = space.hash_chunk(&bytes);
-            let compressed = if id.is_zero() {
+            // A chunk the store holds already (written twice, or as it was)
+            // is not compressed for nothing.
+            let compressed = if id.is_zero() || self.store.contains(&id) {
                 None
             } else {
                 compress(&mut compressor, &bytes)
@@ -255,10 +257,15 @@ fn store_chunk(
     if store.contains(&id) {
         return Ok(());
     }
-    match sealer {
+    let stored_now = match sealer {
         Some(sealer) => store.insert_sealed(sealer, id, codec, raw_len, stored)?,
         None => store.insert(BlobKind::Chunk, id, codec, raw_len, stored)?,
     };
+    if stored_now {
+        // Hashed here from the bytes just stored: launch reads (and a
+        // materialization's copy) of the folded chunk check its crc32.
+        store.blobs.note_checked(&id);
+    }
     Ok(())
 }
 

@@ -91,6 +91,10 @@ fn a_fold_moves_the_head_empties_the_overlay_and_changes_no_byte() {
     );
     // The written chunk, a page and a root.
     assert_eq!(store.blob_count(), before + 3);
+    assert!(
+        store.blobs.checked(&ids[0]),
+        "a chunk the fold hashed and stored is read by its crc32"
+    );
     assert_eq!(read_all(&store), model);
     assert!(store.verify(None, None).unwrap().is_clean());
     // A second fold with nothing written does nothing.
