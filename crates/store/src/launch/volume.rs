@@ -618,7 +618,7 @@ impl VolumeState {
         end: u64,
     ) -> Result<Vec<Part>, Error> {
         let chunk_size = u64::from(geometry.chunk_size_bytes());
-        let mut parts = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         let mut position = start;
         while position < end {
             let chunk_index = position / chunk_size;
@@ -650,11 +650,23 @@ impl VolumeState {
                         }
                     }
                 };
-                parts.push(Part {
-                    start: run.start,
-                    end: run.end,
-                    kind,
-                });
+                match parts.last_mut() {
+                    // Overlay blocks (or zeroes) across a chunk's end are one
+                    // part: one read of the file for a sequential reader's
+                    // whole request, not one per chunk.
+                    Some(last)
+                        if last.end == run.start
+                            && kind == last.kind
+                            && matches!(kind, PartKind::Data | PartKind::Zero) =>
+                    {
+                        last.end = run.end;
+                    }
+                    _ => parts.push(Part {
+                        start: run.start,
+                        end: run.end,
+                        kind,
+                    }),
+                }
             }
             position = piece_end;
         }
