@@ -259,7 +259,7 @@ fn a_fold_after_a_reboot_stays_folded_when_the_server_is_killed() {
 }
 
 #[test]
-fn the_chunk_cache_keeps_to_its_budget_and_reads_ahead_of_a_sequential_reader() {
+fn the_chunk_cache_keeps_to_its_budget() {
     let (_dir, store, disk) = fixture();
     // Room for two chunks and their overhead, not three.
     store.set_chunk_cache_bytes(2 * CHUNK + 1024);
@@ -274,11 +274,6 @@ fn the_chunk_cache_keeps_to_its_budget_and_reads_ahead_of_a_sequential_reader() 
     assert_eq!(all, disk);
     let stats = store.chunk_cache_stats();
     assert!(stats.used_bytes <= stats.budget_bytes, "{stats:?}");
-    assert!(
-        wait(|| store.chunk_cache_stats().readahead_chunks > 0),
-        "a sequential reader had chunks decoded ahead: {:?}",
-        store.chunk_cache_stats()
-    );
     // No cache at all: every read decodes, and reads still come back right.
     store.set_chunk_cache_bytes(0);
     let misses = store.chunk_cache_stats().misses;
@@ -316,11 +311,19 @@ fn no_readahead_for_what_the_overlay_holds_nor_for_reads_far_apart() {
         "{:?}",
         store.chunk_cache_stats()
     );
-    // Reads one after another are sequential, and read ahead.
+    // Reads one after another are sequential, and have chunks past the 16
+    // reads they may have in flight (4 chunks here) decoded ahead: of the
+    // last 4, which this reader never reaches.
     for offset in (LEN - 8 * CHUNK..LEN - 4 * CHUNK).step_by(4096) {
         volume.read(offset, &mut piece).unwrap();
     }
     assert!(wait(|| store.chunk_cache_stats().readahead_chunks > 0));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        store.chunk_cache_stats().readahead_chunks <= 4,
+        "{:?}",
+        store.chunk_cache_stats()
+    );
 }
 
 fn wait(condition: impl Fn() -> bool) -> bool {

@@ -254,7 +254,11 @@ impl LaunchVolume {
             let sequential = offset_bytes.abs_diff(state.last_read_end) <= slack;
             state.last_read_end = end;
             let ahead = if sequential {
-                state.chunks_ahead(&self.store, self.geometry, end)?
+                // Past the requests a client has in flight (the slack): those
+                // are being read now, each decoding its own chunks, and a
+                // readahead of them would decode them a second time.
+                let from = (end + slack).min(self.size_bytes());
+                state.chunks_ahead(&self.store, self.geometry, from)?
             } else {
                 state.ahead_end = 0;
                 Vec::new()
