@@ -137,10 +137,14 @@ printf 'fold of the %s MiB overlay left after the last round: %.2f s (%s)\n' "${
 
 # Live materialization: the whole volume copied to a local file (it waits
 # for the end), against nbdcopy of qemu-nbd's export to a file, the same
-# bytes over the same loopback.
+# bytes over the same loopback. Each starts on a clean page cache (`sync`):
+# both make their copy durable, and neither should pay for the writeback
+# of what the rounds above left dirty (qemu-nbd's writes are never flushed).
+sync
 t0=$(date +%s.%N)
 $bin launch materialize --admin "$admin" --name vol --to vol.raw >/dev/null
 t=$(echo "$(date +%s.%N) - $t0" | bc -l)
+sync
 t0=$(date +%s.%N)
 nbdcopy "${uri[qemu]}" "$work/nbdcopy.raw"
 sync -f "$work/nbdcopy.raw"
