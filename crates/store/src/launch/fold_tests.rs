@@ -71,6 +71,50 @@ fn synced_writes_survive_a_power_loss_without_a_fold() {
 }
 
 #[test]
+fn reads_and_writes_go_on_while_a_flush_waits_for_the_disk() {
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+    let (dir, store, mut model) = fixture();
+    let volume = store.open_launch("l").unwrap();
+    volume.write(0, &[1; 4096]).unwrap();
+    model[..4096].fill(1);
+    let (paused_tx, paused) = channel();
+    let (resume, resume_rx) = channel();
+    *volume.sync_pause.lock().unwrap() = Some((paused_tx, resume_rx));
+    let flusher = {
+        let volume = Arc::clone(&volume);
+        std::thread::spawn(move || volume.sync(3))
+    };
+    paused
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the flush syncs the data written so far without the volume's lock");
+    // While the flush waits for the disk, a read and a write are served.
+    let (done_tx, done) = channel();
+    let io = {
+        let volume = Arc::clone(&volume);
+        std::thread::spawn(move || {
+            let mut back = [0u8; 4096];
+            volume.read(0, &mut back).unwrap();
+            volume.write(8192, &[2; 4096]).unwrap();
+            done_tx.send(back).unwrap();
+        })
+    };
+    let back = done.recv_timeout(Duration::from_secs(10));
+    resume.send(()).unwrap();
+    assert_eq!(back.expect("served during the flush"), [1; 4096]);
+    io.join().unwrap();
+    model[8192..12288].fill(2);
+    flusher.join().unwrap().unwrap();
+    drop(volume);
+    drop(store);
+    // The write made during the flush is covered by it as well: the flush
+    // finished after it.
+    let _reboot = crate::launch::overlay::tests::Reboot::new();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    assert_eq!(read_all(&store), model);
+}
+
+#[test]
 fn a_fold_moves_the_head_empties_the_overlay_and_changes_no_byte() {
     let (dir, store, mut model) = fixture();
     let volume = store.open_launch("l").unwrap();

@@ -59,11 +59,13 @@ use std::sync::Arc;
 use crate::error::{Error, ErrorKind};
 
 pub(super) mod bits;
+mod dir;
 mod file_io;
 mod records;
 mod target;
 
 use bits::Bits;
+pub(crate) use dir::{mapped_blocks_in, remove};
 pub(crate) use file_io::OverlayIo;
 use file_io::write_data;
 #[cfg(test)]
@@ -119,6 +121,9 @@ pub(crate) struct Overlay {
     boot: Option<[u8; 16]>,
     /// Whether the data file was written since its last sync.
     data_dirty: bool,
+    /// Data writes so far (blocks written or zeroed), to tell whether any
+    /// came during a sync made without the volume's lock.
+    data_writes: u64,
     /// Blocks unmapped (their map change recorded durably) whose space is
     /// still to be given back.
     to_punch: Vec<(u64, u64)>,
@@ -238,6 +243,7 @@ impl Overlay {
             next_compaction_check: MAP_FORCED_COMPACT_BYTES,
             boot: boot_id(),
             data_dirty: false,
+            data_writes: 0,
             to_punch: Vec::new(),
             busy: Vec::new(),
             last_token: 0,
@@ -309,7 +315,7 @@ impl Overlay {
     /// Marks `count` blocks from `first` as `Data`: their bytes are in the
     /// file (written with [`Overlay::io`] outside the volume's lock).
     pub(crate) fn wrote_blocks(&mut self, first: u64, count: u64) -> Result<(), Error> {
-        self.data_dirty = true;
+        self.note_data_written();
         self.log(OpKind::Data, first, count)?;
         self.data_bits.set_range(first, count, true);
         self.zero_bits.set_range(first, count, false);
@@ -360,7 +366,7 @@ impl Overlay {
     pub(crate) fn switch_data(&mut self, file: File) {
         self.data = Arc::new(file);
         self.keep_data = true;
-        self.data_dirty = true;
+        self.note_data_written();
         self.to_punch.clear();
     }
 
@@ -379,7 +385,7 @@ impl Overlay {
             let len = ((first + count) * OVERLAY_BLOCK_BYTES).min(self.size_bytes) - offset;
             punch_or_zero(&self.data, offset, len)
                 .map_err(|e| io_error("cannot zero blocks of", &self.dir, e))?;
-            self.data_dirty = true;
+            self.note_data_written();
         }
         self.log(OpKind::Zero, first, count)?;
         self.zero_bits.set_range(first, count, true);
@@ -423,6 +429,41 @@ impl Overlay {
             self.unsynced_unmaps.push((first, count));
         }
         Ok(())
+    }
+
+    fn note_data_written(&mut self) {
+        self.data_dirty = true;
+        self.data_writes += 1;
+    }
+
+    /// The data file, to sync without the volume's lock before
+    /// [`Overlay::sync`], and the count of data writes it covers, if
+    /// anything was written since the last sync. It stays dirty until
+    /// [`Overlay::data_synced`]: a sync under the lock meanwhile (a fold's)
+    /// syncs the data itself before its marker.
+    pub(crate) fn take_dirty_data(&mut self) -> Result<Option<(Arc<File>, u64)>, Error> {
+        self.check_usable()?;
+        if !self.data_dirty {
+            return Ok(None);
+        }
+        Ok(Some((Arc::clone(&self.data), self.data_writes)))
+    }
+
+    /// The file [`Overlay::take_dirty_data`] gave, with `writes` data
+    /// writes, is synced: clean, unless written since (then
+    /// [`Overlay::sync`] syncs only what was written meanwhile) or no longer
+    /// this overlay's data (a materialization's start changed it).
+    pub(crate) fn data_synced(&mut self, file: &Arc<File>, writes: u64) {
+        if Arc::ptr_eq(&self.data, file) && self.data_writes == writes {
+            self.data_dirty = false;
+        }
+    }
+
+    /// A sync of the file [`Overlay::take_dirty_data`] gave failed: as a
+    /// failed [`Overlay::sync`], nothing more is promised durable.
+    pub(crate) fn data_sync_failed(&mut self, e: io::Error) -> Error {
+        self.failed = true;
+        io_error("cannot sync", &self.dir, e)
     }
 
     /// Makes every write so far durable: the data first, then the map
@@ -657,7 +698,7 @@ impl Overlay {
             }
             self.map_len = at;
             self.cut(&path, at)?;
-            self.data_dirty = true;
+            self.note_data_written();
             self.unsynced = true;
             return self.sync();
         }
@@ -739,38 +780,6 @@ pub(super) fn create_file(path: &Path) -> Result<File, Error> {
 /// store's files).
 pub(super) fn sync_dir(dir: &Path) -> Result<(), Error> {
     crate::fsutil::sync_dir(&crate::vfs::RealFs, dir)
-}
-
-/// Blocks mapped by the overlay in `dir` (0 when there is none), read
-/// without knowing its volume's size.
-pub(crate) fn mapped_blocks_in(dir: &Path) -> Result<u64, Error> {
-    let map_path = dir.join("map");
-    let mut header = [0u8; HEADER_LEN as usize];
-    match File::open(&map_path) {
-        Ok(file) => file
-            .read_exact_at(&mut header, 0)
-            .map_err(|e| io_error("cannot read", &map_path, e))?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io_error("cannot open", &map_path, e)),
-    }
-    let blocks = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-    let size = blocks.saturating_mul(OVERLAY_BLOCK_BYTES);
-    Ok(Overlay::open(dir, size)?.map_or(0, |overlay| overlay.mapped_blocks()))
-}
-
-/// Removes the overlay in `dir`, if any (its launch was deleted, or a
-/// bucket store's overlay holds nothing acknowledged).
-pub(crate) fn remove(dir: &Path) -> Result<(), Error> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error("cannot remove", dir, e)),
-    }
 }
 
 #[cfg(test)]

@@ -248,3 +248,31 @@ fn a_map_longer_than_a_read_window_replays_whole() {
     assert_eq!(overlay.state(WRITES), BlockState::Data);
     assert_eq!(overlay.state(WRITES + 2), BlockState::Base);
 }
+
+#[test]
+fn data_synced_outside_the_lock_is_clean_only_if_not_written_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o");
+    let mut overlay = Overlay::create(&path, SIZE).unwrap();
+    assert!(
+        overlay.take_dirty_data().unwrap().is_none(),
+        "nothing written"
+    );
+    overlay.write_blocks(1, &block(1)).unwrap();
+    let (file, writes) = overlay.take_dirty_data().unwrap().unwrap();
+    assert!(overlay.data_dirty, "dirty until synced");
+    // Written while the data synced: still dirty, for the sync under the
+    // lock to sync again.
+    overlay.write_blocks(2, &block(2)).unwrap();
+    overlay.data_synced(&file, writes);
+    assert!(overlay.data_dirty);
+    let (file, writes) = overlay.take_dirty_data().unwrap().unwrap();
+    overlay.data_synced(&file, writes);
+    assert!(!overlay.data_dirty);
+    // A file that is no longer the overlay's data proves nothing.
+    overlay.write_blocks(3, &block(3)).unwrap();
+    let (_, writes) = overlay.take_dirty_data().unwrap().unwrap();
+    let other = Arc::new(File::open(path.join("map")).unwrap());
+    overlay.data_synced(&other, writes);
+    assert!(overlay.data_dirty);
+}

@@ -30,11 +30,9 @@ pub const LAUNCH_PAGES_CACHED_MAX: usize = 256;
 /// Chunks decoded ahead of a sequential reader.
 const READAHEAD_CHUNKS: u64 = 32;
 /// A read that starts within this many of its own lengths of where the last
-/// one ended counts as sequential: a client with many requests in flight (a
-/// queue depth of 16, served by several threads) has them arrive out of
-/// order. Measured in the read's length, so that random 4 KiB reads do not
-/// pass for sequential whenever two land within a few MiB of each other
-/// (each would start a readahead of [`READAHEAD_CHUNKS`] chunks).
+/// one ended counts as sequential: a client's requests in flight (qd16)
+/// arrive out of order. In lengths, so that two random 4 KiB reads a few
+/// MiB apart do not start a readahead of [`READAHEAD_CHUNKS`] chunks.
 const SEQUENTIAL_SLACK_READS: u64 = 16;
 /// The most slack, whatever the reads' length.
 const SEQUENTIAL_SLACK_BYTES_MAX: u64 = 16 << 20;
@@ -74,7 +72,16 @@ pub struct LaunchVolume {
     /// by a freeze (a snapshot of the launch), which so sees no write in
     /// flight and lets none start. Taken before the state's lock.
     pub(super) io_gate: RwLock<()>,
+    /// Held by a flush ([`LaunchVolume::sync`]) for its whole length.
+    flushing: Mutex<()>,
+    /// A test's pause in a flush, between taking the data and syncing it:
+    /// the flush says it paused, then waits to be resumed.
+    #[cfg(test)]
+    pub(super) sync_pause: Mutex<Option<SyncPause>>,
 }
+
+#[cfg(test)]
+pub(super) type SyncPause = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
 
 pub(super) struct VolumeState {
     /// The launch as of the last fold.
@@ -399,12 +406,45 @@ impl LaunchVolume {
     /// Makes every write so far durable, as a disk's flush does: in the
     /// overlay, or, where a sync folds ([`LaunchVolume::fold`] says when),
     /// in the store and the launch's head.
+    ///
+    /// Reads and writes go on while it waits for the disk: the data written
+    /// so far is synced without the volume's lock, and only what was written
+    /// meanwhile and the map's records are synced under it. Flushes of the
+    /// volume run one at a time.
     pub fn sync(&self, now_unix_ms: u64) -> io::Result<()> {
         if self.fold_on_sync {
             self.fold(now_unix_ms)?;
         }
+        let _flushing = lock(&self.flushing);
+        let data = match self.lock_state().overlay.as_mut() {
+            Some(overlay) => overlay.take_dirty_data()?,
+            None => None,
+        };
+        let synced = match data {
+            Some((data, writes)) => {
+                #[cfg(test)]
+                if let Some((paused, resume)) = lock(&self.sync_pause).as_ref() {
+                    let _ = paused.send(());
+                    let _ = resume.recv();
+                }
+                // Every write acknowledged before this flush wrote its bytes
+                // before the data was taken; its record is covered by the
+                // marker the sync below writes.
+                if let Err(e) = data.sync_data() {
+                    return Err(match self.lock_state().overlay.as_mut() {
+                        Some(overlay) => overlay.data_sync_failed(e).into(),
+                        None => e,
+                    });
+                }
+                Some((data, writes))
+            }
+            None => None,
+        };
         let mut state = self.lock_state();
         if let Some(overlay) = state.overlay.as_mut() {
+            if let Some((data, writes)) = synced {
+                overlay.data_synced(&data, writes);
+            }
             overlay.sync()?;
         }
         Ok(())
@@ -489,6 +529,9 @@ impl LaunchVolume {
             last_io: Mutex::new(last_io),
             journal: Mutex::new(journal),
             io_gate: RwLock::new(()),
+            flushing: Mutex::new(()),
+            #[cfg(test)]
+            sync_pause: Mutex::new(None),
         })
     }
 }

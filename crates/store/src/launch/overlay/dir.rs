@@ -1,0 +1,43 @@
+//! An overlay's directory as a whole, without its volume: how much it
+//! maps, and removing it.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::records::HEADER_LEN;
+use super::{OVERLAY_BLOCK_BYTES, Overlay, io_error, sync_dir};
+use crate::error::Error;
+
+/// Blocks mapped by the overlay in `dir` (0 when there is none), read
+/// without knowing its volume's size.
+pub(crate) fn mapped_blocks_in(dir: &Path) -> Result<u64, Error> {
+    let map_path = dir.join("map");
+    let mut header = [0u8; HEADER_LEN as usize];
+    match File::open(&map_path) {
+        Ok(file) => file
+            .read_exact_at(&mut header, 0)
+            .map_err(|e| io_error("cannot read", &map_path, e))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_error("cannot open", &map_path, e)),
+    }
+    let blocks = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let size = blocks.saturating_mul(OVERLAY_BLOCK_BYTES);
+    Ok(Overlay::open(dir, size)?.map_or(0, |overlay| overlay.mapped_blocks()))
+}
+
+/// Removes the overlay in `dir`, if any (its launch was deleted, or a
+/// bucket store's overlay holds nothing acknowledged).
+pub(crate) fn remove(dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("cannot remove", dir, e)),
+    }
+}
