@@ -66,6 +66,7 @@ mod target;
 
 use bits::Bits;
 pub(crate) use dir::{mapped_blocks_in, remove};
+use file_io::DataSync;
 pub(crate) use file_io::OverlayIo;
 use file_io::write_data;
 #[cfg(test)]
@@ -104,6 +105,8 @@ pub(crate) struct Overlay {
     dir: Arc<Path>,
     /// Shared with reads and writes done outside the volume's lock.
     data: Arc<File>,
+    /// Through which every sync of `data` goes (see [`DataSync`]).
+    data_sync: Arc<DataSync>,
     map: File,
     map_len: u64,
     blocks: u64,
@@ -232,6 +235,7 @@ impl Overlay {
         Self {
             dir: Arc::from(dir),
             data: Arc::new(data),
+            data_sync: Arc::default(),
             map,
             map_len: 0,
             blocks,
@@ -336,6 +340,7 @@ impl Overlay {
         OverlayIo {
             data: Arc::clone(&self.data),
             dir: Arc::clone(&self.dir),
+            data_sync: Arc::clone(&self.data_sync),
         }
     }
 
@@ -441,29 +446,29 @@ impl Overlay {
     /// anything was written since the last sync. It stays dirty until
     /// [`Overlay::data_synced`]: a sync under the lock meanwhile (a fold's)
     /// syncs the data itself before its marker.
-    pub(crate) fn take_dirty_data(&mut self) -> Result<Option<(Arc<File>, u64)>, Error> {
+    pub(crate) fn take_dirty_data(&mut self) -> Result<Option<(OverlayIo, u64)>, Error> {
         self.check_usable()?;
         if !self.data_dirty {
             return Ok(None);
         }
-        Ok(Some((Arc::clone(&self.data), self.data_writes)))
+        Ok(Some((self.reader(), self.data_writes)))
     }
 
     /// The file [`Overlay::take_dirty_data`] gave, with `writes` data
     /// writes, is synced: clean, unless written since (then
     /// [`Overlay::sync`] syncs only what was written meanwhile) or no longer
     /// this overlay's data (a materialization's start changed it).
-    pub(crate) fn data_synced(&mut self, file: &Arc<File>, writes: u64) {
-        if Arc::ptr_eq(&self.data, file) && self.data_writes == writes {
+    pub(crate) fn data_synced(&mut self, io: &OverlayIo, writes: u64) {
+        if Arc::ptr_eq(&self.data, &io.data) && self.data_writes == writes {
             self.data_dirty = false;
         }
     }
 
     /// A sync of the file [`Overlay::take_dirty_data`] gave failed: as a
     /// failed [`Overlay::sync`], nothing more is promised durable.
-    pub(crate) fn data_sync_failed(&mut self, e: io::Error) -> Error {
+    pub(crate) fn data_sync_failed(&mut self, e: Error) -> Error {
         self.failed = true;
-        io_error("cannot sync", &self.dir, e)
+        e
     }
 
     /// Makes every write so far durable: the data first, then the map
@@ -472,7 +477,7 @@ impl Overlay {
     pub(crate) fn sync(&mut self) -> Result<(), Error> {
         self.check_usable()?;
         if self.data_dirty {
-            if let Err(e) = self.data.sync_data() {
+            if let Err(e) = self.data_sync.sync(&self.data) {
                 // The kernel may have dropped the pages it could not write:
                 // a later sync that succeeds would not mean they are on disk.
                 self.failed = true;

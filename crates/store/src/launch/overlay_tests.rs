@@ -271,8 +271,28 @@ fn data_synced_outside_the_lock_is_clean_only_if_not_written_since() {
     assert!(!overlay.data_dirty);
     // A file that is no longer the overlay's data proves nothing.
     overlay.write_blocks(3, &block(3)).unwrap();
-    let (_, writes) = overlay.take_dirty_data().unwrap().unwrap();
-    let other = Arc::new(File::open(path.join("map")).unwrap());
-    overlay.data_synced(&other, writes);
+    let (mut io, writes) = overlay.take_dirty_data().unwrap().unwrap();
+    io.data = Arc::new(File::open(path.join("map")).unwrap());
+    overlay.data_synced(&io, writes);
     assert!(overlay.data_dirty);
+}
+
+#[test]
+fn a_failed_data_sync_fails_every_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o");
+    let overlay = Overlay::create(&path, SIZE).unwrap();
+    let io = overlay.reader();
+    // As a failed write-back sets it (the kernel tells one fdatasync only):
+    // every sync after it fails, through whichever handle.
+    io.data_sync
+        .failed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(io.sync_data().is_err());
+    let mut overlay = overlay;
+    overlay.write_blocks(1, &block(1)).unwrap();
+    assert!(
+        overlay.sync().is_err(),
+        "no marker over data that may be lost"
+    );
 }

@@ -432,9 +432,10 @@ impl LaunchVolume {
                 // marker the sync below writes.
                 if let Err(e) = data.sync_data() {
                     return Err(match self.lock_state().overlay.as_mut() {
-                        Some(overlay) => overlay.data_sync_failed(e).into(),
+                        Some(overlay) => overlay.data_sync_failed(e),
                         None => e,
-                    });
+                    }
+                    .into());
                 }
                 Some((data, writes))
             }

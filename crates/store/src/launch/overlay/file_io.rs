@@ -2,9 +2,11 @@
 //! the map is the volume's to change, under its lock, around these calls.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{OVERLAY_BLOCK_BYTES, io_error, punch_or_zero};
 use crate::error::Error;
@@ -13,6 +15,35 @@ use crate::error::Error;
 pub(crate) struct OverlayIo {
     pub(super) data: Arc<File>,
     pub(super) dir: Arc<Path>,
+    pub(super) data_sync: Arc<DataSync>,
+}
+
+/// Every sync of an overlay's data file goes through this, one at a time,
+/// with or without the volume's lock: the kernel reports a failed
+/// write-back to one `fdatasync` of the open file only, and the others
+/// must know of it before any of them writes a sync marker over pages
+/// that may be lost.
+#[derive(Debug, Default)]
+pub(crate) struct DataSync {
+    one_at_a_time: Mutex<()>,
+    pub(super) failed: AtomicBool,
+}
+
+impl DataSync {
+    /// `fdatasync` of `file`, unless one failed before.
+    pub(super) fn sync(&self, file: &File) -> io::Result<()> {
+        let _one = self
+            .one_at_a_time
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "an earlier sync of the overlay's data failed",
+            ));
+        }
+        file.sync_data()
+            .inspect_err(|_| self.failed.store(true, Ordering::SeqCst))
+    }
 }
 
 impl OverlayIo {
@@ -27,8 +58,8 @@ impl OverlayIo {
     /// fold publishes what it read from it, or before copied chunks are
     /// recorded).
     pub(crate) fn sync_data(&self) -> Result<(), Error> {
-        self.data
-            .sync_data()
+        self.data_sync
+            .sync(&self.data)
             .map_err(|e| io_error("cannot sync", &self.dir, e))
     }
 
