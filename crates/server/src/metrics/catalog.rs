@@ -641,34 +641,22 @@ pub(crate) fn render(scrape: &Scrape) -> String {
             Value::Int(*count),
         );
     }
-    x.family(
+    x.scalar(
         "blockrep_chunks_received_total",
         "counter",
         "Data chunks received and verified, all sources.",
-    );
-    x.sample(
-        "blockrep_chunks_received_total",
-        &[],
         Value::Int(scrape.chunks_received_total),
     );
-    x.family(
+    x.scalar(
         "blockrep_chunk_bytes_arrived_total",
         "counter",
         "Chunk data bytes (as sent) received in Chunk frames, all sources, counted on arrival, including epochs that never commit.",
-    );
-    x.sample(
-        "blockrep_chunk_bytes_arrived_total",
-        &[],
         Value::Int(scrape.chunk_bytes_arrived_total),
     );
-    x.family(
+    x.scalar(
         "blockrep_gc_runs_total",
         "counter",
         "Garbage collector runs.",
-    );
-    x.sample(
-        "blockrep_gc_runs_total",
-        &[],
         Value::Int(scrape.gc_runs_total),
     );
     if let Some(state) = &scrape.epoch_commit_duration {
