@@ -582,8 +582,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes every overlay of launch `name`.
+    /// Removes every overlay of launch `name`, and when its volumes last
+    /// served (a launch of the name made later starts afresh, and the map
+    /// does not grow with every launch the server ever served).
     fn remove_overlays(&self, name: &str) -> Result<(), Error> {
+        let volume_prefix = format!("{name}/");
+        lock(&self.catalog.launch_last_io)
+            .retain(|key, _| key != name && !key.starts_with(&volume_prefix));
         for (launch, volume) in self.launches_with_overlays()? {
             if launch == name {
                 overlay::remove(&overlay::Overlay::dir_of(

@@ -390,4 +390,14 @@ fn a_volume_opened_again_remembers_when_it_last_served() {
     // must not take it as idle since forever.
     let volume = store.open_launch("l").unwrap();
     assert!(volume.idle_for() < std::time::Duration::from_secs(60));
+    drop(volume);
+    // Deleted, the launch is forgotten: one made again of its name never
+    // served.
+    store.delete_launch("l").unwrap();
+    assert!(store.catalog.launch_last_io.lock().unwrap().is_empty());
+    store
+        .create_launch(&source(), "s", "l", LaunchKind::Test, 2)
+        .unwrap();
+    let volume = store.open_launch("l").unwrap();
+    assert_eq!(volume.idle_for(), std::time::Duration::MAX);
 }
