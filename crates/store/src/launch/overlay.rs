@@ -122,11 +122,12 @@ pub(crate) struct Overlay {
     /// This boot's id; `None` where the system does not tell it (records
     /// past the last marker are then never replayed).
     boot: Option<[u8; 16]>,
-    /// Whether the data file was written since its last sync.
-    data_dirty: bool,
-    /// Data writes so far (blocks written or zeroed), to tell whether any
-    /// came during a sync made without the volume's lock.
+    /// Data writes so far (blocks written or zeroed), and how many of them
+    /// the data file's last sync covers: it is dirty while they differ,
+    /// and a sync made without the volume's lock covers only those before
+    /// it took the file.
     data_writes: u64,
+    synced_writes: u64,
     /// Blocks unmapped (their map change recorded durably) whose space is
     /// still to be given back.
     to_punch: Vec<(u64, u64)>,
@@ -246,8 +247,8 @@ impl Overlay {
             unsynced_unmaps: Vec::new(),
             next_compaction_check: MAP_FORCED_COMPACT_BYTES,
             boot: boot_id(),
-            data_dirty: false,
             data_writes: 0,
+            synced_writes: 0,
             to_punch: Vec::new(),
             busy: Vec::new(),
             last_token: 0,
@@ -437,8 +438,12 @@ impl Overlay {
     }
 
     fn note_data_written(&mut self) {
-        self.data_dirty = true;
         self.data_writes += 1;
+    }
+
+    /// Whether the data file was written since its last sync.
+    fn data_dirty(&self) -> bool {
+        self.data_writes != self.synced_writes
     }
 
     /// The data file, to sync without the volume's lock before
@@ -448,7 +453,7 @@ impl Overlay {
     /// syncs the data itself before its marker.
     pub(crate) fn take_dirty_data(&mut self) -> Result<Option<(OverlayIo, u64)>, Error> {
         self.check_usable()?;
-        if !self.data_dirty {
+        if !self.data_dirty() {
             return Ok(None);
         }
         Ok(Some((self.reader(), self.data_writes)))
@@ -459,8 +464,8 @@ impl Overlay {
     /// [`Overlay::sync`] syncs only what was written meanwhile) or no longer
     /// this overlay's data (a materialization's start changed it).
     pub(crate) fn data_synced(&mut self, io: &OverlayIo, writes: u64) {
-        if Arc::ptr_eq(&self.data, &io.data) && self.data_writes == writes {
-            self.data_dirty = false;
+        if Arc::ptr_eq(&self.data, &io.data) {
+            self.synced_writes = self.synced_writes.max(writes);
         }
     }
 
@@ -476,14 +481,14 @@ impl Overlay {
     /// unmap is now durable and that were not written again.
     pub(crate) fn sync(&mut self) -> Result<(), Error> {
         self.check_usable()?;
-        if self.data_dirty {
+        if self.data_dirty() {
             if let Err(e) = self.data_sync.sync(&self.data) {
                 // The kernel may have dropped the pages it could not write:
                 // a later sync that succeeds would not mean they are on disk.
                 self.failed = true;
                 return Err(io_error("cannot sync", &self.dir, e));
             }
-            self.data_dirty = false;
+            self.synced_writes = self.data_writes;
         }
         if self.unsynced {
             let marker = self.marker();

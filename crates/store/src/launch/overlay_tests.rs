@@ -260,21 +260,21 @@ fn data_synced_outside_the_lock_is_clean_only_if_not_written_since() {
     );
     overlay.write_blocks(1, &block(1)).unwrap();
     let (file, writes) = overlay.take_dirty_data().unwrap().unwrap();
-    assert!(overlay.data_dirty, "dirty until synced");
+    assert!(overlay.data_dirty(), "dirty until synced");
     // Written while the data synced: still dirty, for the sync under the
     // lock to sync again.
     overlay.write_blocks(2, &block(2)).unwrap();
     overlay.data_synced(&file, writes);
-    assert!(overlay.data_dirty);
+    assert!(overlay.data_dirty());
     let (file, writes) = overlay.take_dirty_data().unwrap().unwrap();
     overlay.data_synced(&file, writes);
-    assert!(!overlay.data_dirty);
+    assert!(!overlay.data_dirty());
     // A file that is no longer the overlay's data proves nothing.
     overlay.write_blocks(3, &block(3)).unwrap();
     let (mut io, writes) = overlay.take_dirty_data().unwrap().unwrap();
     io.data = Arc::new(File::open(path.join("map")).unwrap());
     overlay.data_synced(&io, writes);
-    assert!(overlay.data_dirty);
+    assert!(overlay.data_dirty());
 }
 
 #[test]

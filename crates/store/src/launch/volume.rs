@@ -420,31 +420,27 @@ impl LaunchVolume {
             Some(overlay) => overlay.take_dirty_data()?,
             None => None,
         };
-        let synced = match data {
-            Some((data, writes)) => {
-                #[cfg(test)]
-                if let Some((paused, resume)) = lock(&self.sync_pause).as_ref() {
-                    let _ = paused.send(());
-                    let _ = resume.recv();
-                }
-                // Every write acknowledged before this flush wrote its bytes
-                // before the data was taken; its record is covered by the
-                // marker the sync below writes.
-                if let Err(e) = data.sync_data() {
-                    return Err(match self.lock_state().overlay.as_mut() {
-                        Some(overlay) => overlay.data_sync_failed(e),
-                        None => e,
-                    }
-                    .into());
-                }
-                Some((data, writes))
+        if let Some((data, _)) = &data {
+            #[cfg(test)]
+            if let Some((paused, resume)) = lock(&self.sync_pause).as_ref() {
+                let _ = paused.send(());
+                let _ = resume.recv();
             }
-            None => None,
-        };
+            // Every write acknowledged before this flush wrote its bytes
+            // before the data was taken; its record is covered by the
+            // marker the sync below writes.
+            if let Err(e) = data.sync_data() {
+                return Err(match self.lock_state().overlay.as_mut() {
+                    Some(overlay) => overlay.data_sync_failed(e),
+                    None => e,
+                }
+                .into());
+            }
+        }
         let mut state = self.lock_state();
         if let Some(overlay) = state.overlay.as_mut() {
-            if let Some((data, writes)) = synced {
-                overlay.data_synced(&data, writes);
+            if let Some((data, writes)) = &data {
+                overlay.data_synced(data, *writes);
             }
             overlay.sync()?;
         }
