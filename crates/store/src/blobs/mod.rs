@@ -604,18 +604,23 @@ impl Blobs {
         if RecordHeader::decode(&header_bytes) != Some(header)
             || !header.crc_matches(&header_bytes, &stored)
         {
-            self.note_damaged(location);
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "blob {} at offset {} of pack {} fails its checksum",
-                    header.id,
-                    location.offset,
-                    pack_file_name(location.pack)
-                ),
-            ));
+            return Err(self.fails_checksum(location));
         }
         Ok((header_bytes, stored))
+    }
+
+    /// Notes the record at `location` damaged; the error that says so.
+    fn fails_checksum(&self, location: Location) -> Error {
+        self.note_damaged(location);
+        Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "blob {} at offset {} of pack {} fails its checksum",
+                location.header.id,
+                location.offset,
+                pack_file_name(location.pack)
+            ),
+        )
     }
 
     /// The stored bytes of blob `id` and where they were read. A collection may

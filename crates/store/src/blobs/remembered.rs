@@ -97,12 +97,18 @@ impl Blobs {
         self.verified.contains(id)
     }
 
-    /// [`Blobs::get_stored`] with the record's header read as well and its
-    /// crc32 checked.
+    /// [`Blobs::get_stored`] with its record's crc32 checked against the
+    /// header as indexed (read from the pack when it was scanned or
+    /// written): one read of the stored bytes, none of the header.
     fn get_stored_crc_checked(&self, id: &ChunkId) -> Result<(Location, Vec<u8>), Error> {
-        self.read_moving(id, |location| {
-            self.read_record(location).map(|(_, stored)| stored)
-        })
+        let (location, stored) = self.get_stored(id)?;
+        if !location
+            .header
+            .crc_matches(&location.header.to_bytes(), &stored)
+        {
+            return Err(self.fails_checksum(location));
+        }
+        Ok((location, stored))
     }
 }
 
