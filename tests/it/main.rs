@@ -16,6 +16,7 @@ mod access;
 mod admin_auth;
 mod bench;
 mod bucket_failover;
+mod bucket_gc;
 mod bucket_outage;
 mod bucket_server;
 mod bucket_store;

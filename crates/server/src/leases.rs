@@ -4,6 +4,7 @@
 //! for what taking one involves).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use blockrep_core::SourceId;
 use blockrep_core::clock::now_unix_ms;
@@ -115,7 +116,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             // This server's announcement lapsed and was taken over (a long
             // pause): announce it again, so no collection runs beside it.
             let (store, bucket) = (Arc::clone(&shared.store), bucket.clone());
-            let again = tokio::task::spawn_blocking(move || announce(&store, &bucket)).await;
+            // A collection may have run without this server meanwhile: its
+            // packs are read again before anything is served.
+            let again = tokio::task::spawn_blocking(move || {
+                store.reload_packs()?;
+                announce(&store, &bucket)
+            })
+            .await;
             if let Ok(Err(e)) = again {
                 warn!(error = %e, "cannot announce this server in the bucket again");
             }
@@ -132,8 +139,51 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// How often a server of a bucket looks for another server's collection
+/// round to take part in.
+const ROUND_POLL: Duration = Duration::from_millis(500);
+
+/// Takes part in the collection rounds other servers of the bucket run
+/// (`Store::take_part_in_round`), one at a time, until aborted. While this
+/// server holds its fence for a round, its commits and launch flushes wait.
+pub(crate) async fn take_part(shared: Arc<Shared>) {
+    let Some(bucket) = &shared.config.bucket else {
+        return;
+    };
+    let mut last = None;
+    let mut tick = tokio::time::interval(ROUND_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = Arc::clone(&shared.store);
+        let Ok(Ok(Some(round))) = tokio::task::spawn_blocking(move || store.gc_round()).await
+        else {
+            continue;
+        };
+        if round.holder == bucket.holder
+            || round.phase != blockrep_store::RoundPhase::Track
+            || last == Some(round.generation)
+        {
+            continue;
+        }
+        last = Some(round.generation);
+        info!(generation = round.generation, collector = %round.holder, "taking part in a collection");
+        let (store, holder) = (Arc::clone(&shared.store), bucket.holder.clone());
+        let poll = ROUND_POLL / 5;
+        let ended = tokio::task::spawn_blocking(move || {
+            store.take_part_in_round(&holder, &round, now_unix_ms(), poll)
+        })
+        .await;
+        match ended {
+            Ok(Ok(end)) => info!(?end, "collection round ended"),
+            Ok(Err(e)) => warn!(error = %e, "could not take part in a collection"),
+            Err(e) => warn!(error = %e, "collection round task failed"),
+        }
+    }
+}
+
 /// Runs `store.gc` as the one collection on a shared bucket: under the
-/// collection lease, and only while no other server is present (see
+/// collection lease, with the other servers present taking part (see
 /// `Store::claim_gc`). A local store just collects.
 pub(crate) fn collect(
     shared: &Shared,

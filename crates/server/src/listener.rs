@@ -321,6 +321,9 @@ impl Server {
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);
         let _stop_leases = AbortOnDrop(tokio::spawn(crate::leases::run(Arc::clone(&self.shared))));
+        let _stop_rounds = AbortOnDrop(tokio::spawn(crate::leases::take_part(Arc::clone(
+            &self.shared,
+        ))));
         let _stop_revocation = self.shared.revocation.as_ref().map(|revocation| {
             AbortOnDrop(tokio::spawn(crate::revocation::run(
                 Arc::clone(revocation),

@@ -128,12 +128,18 @@ impl Store {
     /// read-only store, and with the read error when a referenced root or page
     /// cannot be read (nothing is removed then: what is live is unknown).
     pub fn gc(&self, options: &GcOptions) -> Result<GcReport, Error> {
-        if !options.dry_run {
-            self.check_gc_allowed()?;
-            // In a bucket, alone: claims of packs whose writer died first.
+        if options.dry_run {
+            return self.gc_with_hook(options, &mut |_| true);
+        }
+        self.check_gc_allowed()?;
+        // In a bucket, alone: claims of packs whose writer died first. Beside
+        // other servers a claim may be the pack one of them is writing.
+        if !self.collects_beside_others() {
             self.blobs.remove_unpublished()?;
         }
-        self.gc_with_hook(options, &mut |_| true)
+        let report = self.gc_with_hook(options, &mut |_| true);
+        self.close_round(report.is_ok());
+        report
     }
 
     /// The report of the last collection or dry run in this process, if any:
@@ -161,16 +167,26 @@ impl Store {
         if !options.dry_run {
             self.check_writable()?;
         }
-        self.blobs.collect(options, || self.mark(), hook)
+        let peers = crate::bucket::RoundPeers(self);
+        self.blobs.collect(options, || self.mark(), &peers, hook)
     }
 
     /// The live set: ids reachable from the referenced roots and the open launch
     /// volumes. Returns it with the number of roots walked.
     fn mark(&self) -> Result<(HashSet<ChunkId>, u64), Error> {
+        // Beside other servers of a bucket: they join first, so that their
+        // commits from here on are touched (`bucket/round.rs`).
+        self.open_round()?;
         let mut roots = {
             let _fence = self.blobs.fence().write_fence();
             self.referenced_roots()?
         };
+        if self.collects_beside_others() {
+            // Their records, which this data directory may not hold yet. Not
+            // under the fence: this store's own commits are in its records or
+            // touched, theirs were published before they joined or touched.
+            roots.extend(self.bucket_roots()?);
+        }
         let mut live = HashSet::new();
         // Not under the fence: a flush holds its volume's lock while it waits
         // for the fence. Whatever a volume writes after this read was inserted

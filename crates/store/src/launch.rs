@@ -172,7 +172,7 @@ impl LaunchInfo {
         out
     }
 
-    fn decode(meta: &[u8], head: &[u8]) -> Result<Self, Error> {
+    pub(crate) fn decode(meta: &[u8], head: &[u8]) -> Result<Self, Error> {
         check_record("launch meta file", meta, &META_MAGIC, META_LEN)?;
         check_record("launch head file", head, &HEAD_MAGIC, HEAD_LEN)?;
         let corrupt =

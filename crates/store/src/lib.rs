@@ -147,7 +147,9 @@ pub use blobs::{
     PACK_SIZE_MAX_BYTES, StoredCodec, UploadStats,
 };
 pub use blockrep_objects::LeaseRecord;
-pub use bucket::{BUCKET_CACHE_BYTES_DEFAULT, BucketOptions};
+pub use bucket::{
+    BUCKET_CACHE_BYTES_DEFAULT, BucketOptions, Round, RoundEnd, RoundPart, RoundPhase,
+};
 pub use chunk_cache::{CHUNK_CACHE_BYTES_DEFAULT, ChunkCacheStats};
 pub use convert::SourceEncrypted;
 pub use delete::SourceDeleted;

@@ -28,6 +28,26 @@ pub(crate) struct Remote {
     /// [`Remote::envelope`]).
     writes: AtomicU64,
     nonce_base: u64,
+    /// The collection this store runs beside other servers, from its claim
+    /// of the collection lease to the end of its round (`bucket/round.rs`).
+    pub(crate) round: std::sync::Mutex<Option<Collecting>>,
+}
+
+/// A collection under this store's collection lease, and the servers that
+/// take part in it.
+#[derive(Debug, Clone)]
+pub(crate) struct Collecting {
+    /// Generation of the collection lease: the round's number.
+    pub(crate) generation: u64,
+    /// This server.
+    pub(crate) holder: String,
+    /// The other servers present, then those that joined.
+    pub(crate) peers: Vec<String>,
+    /// Lease time of the servers' presence, which bounds every wait.
+    pub(crate) ttl_ms: u64,
+    /// The clock the lease was taken with, and when.
+    pub(crate) claimed_unix_ms: u64,
+    pub(crate) claimed_at: std::time::Instant,
 }
 
 /// Lease names of the servers sharing a bucket (`leases/servers/HOLDER`):
@@ -59,6 +79,7 @@ impl Remote {
             uploaded_bytes_total: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             nonce_base: u64::from_le_bytes(base),
+            round: Default::default(),
         }
     }
 

@@ -36,6 +36,16 @@ pub struct UploadStats {
     pub uploaded_bytes_total: u64,
 }
 
+/// What [`PackBackend::refresh`] found.
+#[derive(Debug, Default)]
+pub(crate) struct Refreshed {
+    /// Packs published since the last look.
+    pub(crate) added: Vec<u32>,
+    /// Packs gone from the bucket since: their records are no longer
+    /// stored.
+    pub(crate) gone: Vec<u32>,
+}
+
 /// A store of numbered packs. Every method may be called from several threads.
 pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
     /// A name for pack `number` in messages (its path for local packs).
@@ -113,10 +123,11 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
         Ok(0)
     }
 
-    /// Learns of packs published by others since the backend was opened;
-    /// returns their numbers, ascending.
-    fn refresh(&self) -> Result<Vec<u32>, Error> {
-        Ok(Vec::new())
+    /// Learns of packs published by others since the backend was opened,
+    /// and of packs deleted by another server's collection: returns the
+    /// numbers of each, ascending.
+    fn refresh(&self) -> Result<Refreshed, Error> {
+        Ok(Refreshed::default())
     }
 
     /// Where the packs are, for status: `local`, or the bucket's name.

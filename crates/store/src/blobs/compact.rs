@@ -96,6 +96,17 @@ struct Candidate {
     damaged: bool,
 }
 
+/// What a collection needs of the other servers sharing a bucket
+/// (`bucket/round.rs`); nothing on one server.
+pub(crate) trait Peers {
+    /// The ids they touched. From this call until the collection ends they
+    /// hold their fences.
+    fn touched(&self) -> Result<Vec<ChunkId>, Error>;
+    /// Fails once they may let their fences go (the collection lease is
+    /// about to lapse): nothing more may be removed then.
+    fn still_fenced(&self) -> Result<(), Error>;
+}
+
 /// What [`Blobs::sweep_entries`] found.
 #[derive(Debug)]
 enum Sweep {
@@ -121,12 +132,14 @@ impl Blobs {
     /// the touched set runs from before the mark until the sweep, live
     /// records of the chosen packs are copied to the active pack, the dead
     /// entries dropped under the fence, and the evacuated packs deleted
-    /// (see `gc.rs` for the protocol). `hook` is called at each [`GcStage`]
+    /// (see `gc.rs` for the protocol), with `peers` (the servers sharing a
+    /// bucket) fenced from the sweep on. `hook` is called at each [`GcStage`]
     /// and the collection stops there, as a crash would, when it returns false.
     pub(crate) fn collect(
         &self,
         options: &GcOptions,
         mark: impl FnOnce() -> Result<(HashSet<ChunkId>, u64), Error>,
+        peers: &dyn Peers,
         hook: &mut dyn FnMut(GcStage) -> bool,
     ) -> Result<GcReport, Error> {
         let _run = lock(&self.fence.run);
@@ -161,6 +174,11 @@ impl Blobs {
         if !hook(GcStage::Copied) {
             return Ok(report);
         }
+        // What other servers sharing a bucket touched (they hold their
+        // fences from now until the collection ends): kept like this
+        // store's own touches.
+        self.fence.note_all(&peers.touched()?);
+        peers.still_fenced()?;
         report.blobs_removed = self.sweep(&mut candidates, &marked, &mut report)?;
         drop(tracking);
         if !hook(GcStage::Swept) {
@@ -169,7 +187,7 @@ impl Blobs {
         // The copies made under the fence must be durable before their old
         // records go.
         self.sync()?;
-        self.delete_packs(&candidates, &mut report, hook, rebuilds)?;
+        self.delete_packs(&candidates, &mut report, peers, hook, rebuilds)?;
         self.checkpoint_index()?;
         *lock(&self.fence.last_report) = Some(report.clone());
         Ok(report)
@@ -191,6 +209,28 @@ impl Blobs {
         let location = self.append_locked(&mut inner, &header_bytes, from.header, &stored)?;
         inner.index.relocate(*id, location, from);
         Ok(Relocation::Moved)
+    }
+
+    /// Puts back the entries of pack `number` that the index lacks (a sweep
+    /// dropped them, and the pack stays).
+    fn restore_entries(&self, number: u32) -> Result<(), Error> {
+        let scan = match self.packs.load_scan(number) {
+            Some(scan) => scan,
+            None => self.packs.scan(number)?,
+        };
+        let mut inner = lock(&self.inner);
+        for record in &scan.records {
+            if inner.index.get(&record.header.id).is_none() {
+                let location = Location {
+                    pack: number,
+                    offset: record.offset,
+                    header: record.header,
+                    crc_ok: record.crc_ok,
+                };
+                inner.index.insert_known(record.header.id, location, false);
+            }
+        }
+        Ok(())
     }
 
     /// Every index entry, for the collector's accounting.
@@ -368,6 +408,7 @@ impl Blobs {
         &self,
         candidates: &[Candidate],
         report: &mut GcReport,
+        peers: &dyn Peers,
         hook: &mut dyn FnMut(GcStage) -> bool,
         rebuilds: u64,
     ) -> Result<(), Error> {
@@ -376,7 +417,17 @@ impl Blobs {
         report.packs_kept_damaged = 0;
         report.packs_kept_damaged = candidates.iter().filter(|c| c.damaged).count() as u64;
         let mut deleted_bytes = 0u64;
-        for candidate in candidates.iter().filter(|c| !c.damaged) {
+        let evacuated: Vec<&Candidate> = candidates.iter().filter(|c| !c.damaged).collect();
+        for (at, candidate) in evacuated.iter().enumerate() {
+            if let Err(e) = peers.still_fenced() {
+                // The other servers may name what the sweep dropped from
+                // this index once they let their fences go: what is left
+                // of it comes back, and stays until a round decides again.
+                for left in &evacuated[at..] {
+                    self.restore_entries(left.number)?;
+                }
+                return Err(e);
+            }
             {
                 let mut inner = lock(&self.inner);
                 // An index rebuilt (or found damaged) since the collection

@@ -196,9 +196,11 @@ impl Blobs {
     }
 
     /// Adds to the index the packs that appeared in the backend since it
-    /// was built (packs another server sharing the bucket published).
+    /// was built (packs another server sharing the bucket published), and
+    /// drops the entries of packs deleted there (by its collection).
     pub(crate) fn refresh(&self) -> Result<(), Error> {
-        for number in self.packs.refresh()? {
+        let found = self.packs.refresh()?;
+        for number in found.added {
             let scan = match self.packs.load_scan(number) {
                 Some(scan) => scan,
                 None => self.packs.scan(number)?,
@@ -206,6 +208,24 @@ impl Blobs {
             let mut inner = lock(&self.inner);
             index_scan(&mut inner, number, &scan, 0);
             inner.last_pack = inner.last_pack.max(number);
+        }
+        if !found.gone.is_empty() {
+            // After the packs added: the collector's copies of live records
+            // replaced their entries, so what still points into a deleted
+            // pack was dead and removed.
+            let gone: std::collections::HashSet<u32> = found.gone.iter().copied().collect();
+            let mut inner = lock(&self.inner);
+            for (id, _) in inner
+                .index
+                .entries()?
+                .into_iter()
+                .filter(|(_, at)| gone.contains(&at.pack))
+            {
+                inner.index.remove(&id);
+            }
+            for number in found.gone {
+                inner.index.forget_pack(number);
+            }
         }
         Ok(())
     }

@@ -33,9 +33,9 @@ use crate::vfs::{PendingSync, VfsFile};
 
 pub use backend::UploadStats;
 pub(crate) use backend::{LocalPacks, PackBackend};
-pub(crate) use compact::GcStage;
 pub use compact::{GC_LIVE_SHARE_MIN_DEFAULT, GcOptions, GcReport};
-pub(crate) use fence::GcState;
+pub(crate) use compact::{GcStage, Peers};
+pub(crate) use fence::{GcState, Tracking};
 use index::BlobIndex;
 pub use index::INDEX_MEMORY_DEFAULT_BYTES;
 pub(crate) use index::IndexOptions;

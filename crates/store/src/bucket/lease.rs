@@ -119,6 +119,22 @@ impl Store {
             let Some(lease) = remote.held(&name) else {
                 continue;
             };
+            if lease.record().expires_unix_ms <= now_unix_ms {
+                // Lapsed while this server was paused or cut off: though
+                // nobody took it, a collection may have run without this
+                // server, so its view of the packs is stale. Given up; the
+                // next claim reads the bucket again.
+                remote.drop_lease(&name);
+                let why = Error::new(
+                    ErrorKind::Leased,
+                    format!(
+                        "the lease {name} lapsed at {} unix ms before it was renewed",
+                        lease.record().expires_unix_ms
+                    ),
+                );
+                lost.push((name, why));
+                continue;
+            }
             match remote.bucket.renew_lease(lease, ttl_ms, now_unix_ms) {
                 Ok(lease) => remote.keep_lease(&name, lease),
                 // Taken by another: lost for good.
@@ -144,8 +160,8 @@ impl Store {
 
     /// Announces this server (`holder`) among those sharing the bucket, until
     /// `now_unix_ms + ttl_ms` (renewed by [`Store::renew_leases`]): a
-    /// collection runs only while no other server is present. Nothing for a
-    /// local store.
+    /// collection waits for every server present to take part in its round
+    /// (`round.rs`). Nothing for a local store.
     pub fn claim_presence(&self, holder: &str, ttl_ms: u64, now_unix_ms: u64) -> Result<(), Error> {
         let Some(remote) = &self.remote else {
             return Ok(());
@@ -159,16 +175,29 @@ impl Store {
         Ok(())
     }
 
-    /// Takes the bucket's collection lease for `holder`, when no other
-    /// server is present: a collection removes what no record of *this*
-    /// server's view names, and another server's open epochs and launches
-    /// are not in that view (their fence is in their memory), so it must not
-    /// run beside them. Fails with `Busy`, naming a server present, or the
-    /// holder of the collection lease. Nothing for a local store.
-    pub fn claim_gc(&self, holder: &str, ttl_ms: u64, now_unix_ms: u64) -> Result<(), Error> {
+    /// Takes the bucket's collection lease for `holder` and notes the other
+    /// servers present, which the collection then brings in (`round.rs`):
+    /// their open epochs and launches are fenced in their own memory.
+    /// Returns those servers. Fails with `Busy` when another collection
+    /// holds the lease. Nothing for a local store.
+    pub fn claim_gc(
+        &self,
+        holder: &str,
+        ttl_ms: u64,
+        now_unix_ms: u64,
+    ) -> Result<Vec<String>, Error> {
         let Some(remote) = &self.remote else {
-            return Ok(());
+            return Ok(Vec::new());
         };
+        // Taking it again would start a new round under the one running:
+        // its servers would take the old round for ended and drop their
+        // fences.
+        if remote.lease_named(GC_LEASE).is_some() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                "a collection of this server runs on this bucket already",
+            ));
+        }
         let lease = remote
             .bucket
             .take_lease(GC_LEASE, holder, ttl_ms, now_unix_ms)
@@ -179,40 +208,42 @@ impl Store {
                 ),
                 e => bucket_error("cannot take the collection lease", e),
             })?;
+        let generation = lease.record().generation;
         remote.keep_lease(GC_LEASE, lease);
         let present = remote
             .bucket
             .read_leases(PRESENCE_PREFIX.trim_end_matches('/'))
             .map_err(|e| bucket_error("cannot list the servers of the bucket", e));
-        let other = present.map(|leases| {
-            leases
-                .into_iter()
-                .map(|(_, lease)| lease)
-                .find(|l| l.holder != holder && l.expires_unix_ms > now_unix_ms)
-        });
-        match other {
-            Ok(None) => Ok(()),
-            Ok(Some(other)) => {
-                self.release_gc();
-                Err(Error::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "server {} shares this bucket (present until {} unix ms): garbage \
-                         is collected only while one server uses the bucket, since another \
-                         server's open epochs and launches are not fenced here",
-                        other.holder, other.expires_unix_ms
-                    ),
-                ))
-            }
+        let present = match present {
+            Ok(present) => present,
             Err(e) => {
                 self.release_gc();
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        let mut peers: Vec<String> = present
+            .into_iter()
+            .map(|(_, lease)| lease)
+            .filter(|l| l.holder != holder && l.expires_unix_ms > now_unix_ms)
+            .map(|l| l.holder)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        *crate::mutex::lock(&remote.round) = Some(crate::remote::Collecting {
+            generation,
+            holder: holder.to_owned(),
+            peers: peers.clone(),
+            ttl_ms,
+            claimed_unix_ms: now_unix_ms,
+            claimed_at: std::time::Instant::now(),
+        });
+        Ok(peers)
     }
 
     /// Gives up the collection lease, if held.
     pub fn release_gc(&self) {
+        // A round not ended by its collection ends here, as aborted.
+        self.close_round(false);
         if let Some(remote) = &self.remote
             && let Some(lease) = remote.drop_lease(GC_LEASE)
         {
@@ -232,6 +263,12 @@ impl Store {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// Reads the bucket's listing of packs again: packs other servers
+    /// published, and packs a collection deleted (whose entries go).
+    pub fn reload_packs(&self) -> Result<(), Error> {
+        self.blobs.refresh()
     }
 
     /// Gives up every lease this server holds (a clean stop), so that another

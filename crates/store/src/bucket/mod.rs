@@ -28,6 +28,8 @@
 mod lease;
 mod packs;
 mod records;
+mod round;
+mod take_part;
 
 use crate::blobs::IndexOptions;
 use crate::error::{Error, ErrorKind};
@@ -42,6 +44,9 @@ use std::sync::Arc;
 
 pub(crate) use packs::BucketPacks;
 pub(crate) use records::BucketRecords;
+pub(crate) use round::RoundPeers;
+pub use round::{Round, RoundPhase};
+pub use take_part::{RoundEnd, RoundPart};
 
 /// Size at which a pack of a store in a bucket is sealed and uploaded.
 pub const BUCKET_PACK_SIZE_MAX_BYTES: u64 = 64 << 20;

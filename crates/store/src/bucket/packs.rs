@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::{SharedRemote, bucket_error};
 use crate::blobs::UploadStats;
-use crate::blobs::backend::{LocalPacks, PackBackend};
+use crate::blobs::backend::{LocalPacks, PackBackend, Refreshed};
 use crate::blobs::pack::{PackScan, pack_file_name, parse_pack_file_name, scan_pack};
 use crate::blobs::pack_index;
 use crate::error::{Error, ErrorKind};
@@ -401,17 +401,39 @@ impl PackBackend for BucketPacks {
         Ok(removed)
     }
 
-    fn refresh(&self) -> Result<Vec<u32>, Error> {
+    fn refresh(&self) -> Result<Refreshed, Error> {
         let listed = list_published(&self.shared.remote)?;
         let mut state = lock(&self.shared.state);
-        let mut added = Vec::new();
-        for (number, len) in listed {
+        let mut found = Refreshed::default();
+        for (&number, &len) in &listed {
             if !state.published.contains_key(&number) && !state.claimed.contains(&number) {
                 state.published.insert(number, len);
-                added.push(number);
+                found.added.push(number);
             }
         }
-        Ok(added)
+        // Deleted by another server's collection (its index goes first, so
+        // a pack being deleted is gone already).
+        found.gone = state
+            .published
+            .keys()
+            .filter(|number| !listed.contains_key(number))
+            .copied()
+            .collect();
+        let mut uncache = Vec::new();
+        for number in &found.gone {
+            state.published.remove(number);
+            if state.cached.remove(number).is_some() {
+                uncache.push(*number);
+            }
+        }
+        drop(state);
+        for number in uncache {
+            // A copy left behind costs disk space only: nothing reads it.
+            if let Err(e) = self.shared.local.remove(number) {
+                tracing_evict(number, &e);
+            }
+        }
+        Ok(found)
     }
 
     fn location(&self) -> String {

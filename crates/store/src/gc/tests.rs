@@ -714,3 +714,50 @@ fn a_crash_at_any_step_of_compaction_loses_nothing() {
         s.check(&store);
     }
 }
+
+/// Servers beside the collection whose fences hold for `checks` more checks.
+struct Lapsing(std::sync::atomic::AtomicU32);
+
+impl crate::blobs::Peers for Lapsing {
+    fn touched(&self) -> Result<Vec<ChunkId>, Error> {
+        Ok(Vec::new())
+    }
+
+    fn still_fenced(&self) -> Result<(), Error> {
+        match self.0.fetch_sub(1, Ordering::SeqCst) {
+            0 => Err(Error::new(ErrorKind::Busy, "lapsed")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[test]
+fn a_collection_whose_peers_may_go_on_deletes_nothing_more_and_restores_what_it_dropped() {
+    let (dir, store, geometry, mut rng, disk1) = small_store();
+    let (disk2, dead, _) = dead_chunk(&store, geometry, &mut rng, &disk1);
+    let packs = pack_count(dir.path());
+    let all = GcOptions {
+        live_share_min: 1.0,
+        dry_run: false,
+    };
+    // Fenced at the sweep, lapsed at the first deletion.
+    let peers = Lapsing(std::sync::atomic::AtomicU32::new(1));
+    let err = store
+        .blobs
+        .collect(&all, || store.mark(), &peers, &mut |_| true)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    // The copies were added, nothing was deleted, and the entries the sweep
+    // dropped are back: another server may still name them.
+    assert!(pack_count(dir.path()) >= packs);
+    assert!(store.contains(&dead));
+    let mut ids = scan_buffer(&disk2, geometry);
+    ids[0] = dead;
+    commit_ids(&store, &web(), geometry, &ids, 3).unwrap();
+    assert!(store.verify(None, None).unwrap().is_clean());
+    // The next collection decides again: the chunk is live now.
+    commit(&store, &web(), &disk2, geometry, 4);
+    store.gc(&all).unwrap();
+    assert!(!store.contains(&dead));
+    assert_eq!(export(&store, dir.path()), disk2);
+}

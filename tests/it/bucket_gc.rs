@@ -1,0 +1,189 @@
+//! A collection on a bucket shared by several servers (SeaweedFS on
+//! loopback): the other servers take part in its round, so what they
+//! touched is kept, what they learned of before it and name after it is
+//! refused rather than left dangling, and one that does not answer stops
+//! the collection before anything is removed.
+
+use blockrep_core::{Geometry, SourceId};
+use blockrep_store::{BucketOptions, ErrorKind, GcOptions, RoundEnd, RoundPhase, Store};
+use blockrep_testkit::random_bytes;
+use blockrep_testkit::seaweedfs::SeaweedFs;
+use std::time::{Duration, Instant};
+
+use crate::bucket_store::blocking_bucket;
+
+const NOW: u64 = 1_700_000_000_000;
+const TTL: u64 = 60_000;
+const CHUNK: usize = 65_536;
+const DISK: usize = 16 * CHUNK;
+const POLL: Duration = Duration::from_millis(20);
+
+fn open(weed: &SeaweedFs, dir: &tempfile::TempDir, prefix: &str) -> Store {
+    Store::open_in_bucket(
+        dir.path(),
+        blocking_bucket(weed, prefix),
+        BucketOptions::default(),
+    )
+    .unwrap()
+}
+
+/// A disk whose first chunk is `first` and the rest random from `seed`.
+fn disk_with(first: &[u8], seed: u64) -> Vec<u8> {
+    let mut disk = random_bytes(DISK, seed);
+    disk[..CHUNK].copy_from_slice(first);
+    disk
+}
+
+fn exported(store: &Store, source: &SourceId, dir: &tempfile::TempDir) -> Vec<u8> {
+    let out = dir.path().join(format!("{source}.img"));
+    store.export(source, &out).unwrap();
+    std::fs::read(&out).unwrap()
+}
+
+/// Server A collects; server B has a session that learned of a dead chunk
+/// before the round and one that touches another dead chunk during it.
+#[test]
+fn a_collection_keeps_what_another_server_touched_and_refuses_what_it_only_knew() {
+    let Some(weed) = SeaweedFs::start("collection round") else {
+        return;
+    };
+    let geometry = Geometry::new(DISK as u64, CHUNK as u32).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (open(&weed, &dir_a, "round"), open(&weed, &dir_b, "round"));
+    let (src_a, src_b) = (
+        SourceId::new("a-src").unwrap(),
+        SourceId::new("b-src").unwrap(),
+    );
+    a.claim_presence("a", TTL, NOW).unwrap();
+    b.claim_presence("b", TTL, NOW).unwrap();
+    a.claim_source(&src_a, "a", TTL, NOW).unwrap();
+    b.claim_source(&src_b, "b", TTL, NOW).unwrap();
+
+    // A's first image is replaced whole by its second: its pack is dead.
+    let old = random_bytes(DISK, 1);
+    let (root, pages) = a.insert_image(&old, geometry).unwrap();
+    a.commit(&src_a, 1, &root, &pages, 0, NOW).unwrap();
+    let new = random_bytes(DISK, 2);
+    let (root, pages) = a.insert_image(&new, geometry).unwrap();
+    a.commit(&src_a, 2, &root, &pages, 0, NOW).unwrap();
+
+    // B learns of A's packs, and a session of B finds the old image's
+    // second chunk stored before any collection runs.
+    b.reload_packs().unwrap();
+    let knew = disk_with(&old[CHUNK..2 * CHUNK], 4);
+    let (root_knew, pages_knew) = b.insert_image(&knew, geometry).unwrap();
+
+    let touched = disk_with(&old[..CHUNK], 3);
+    let report = std::thread::scope(|scope| {
+        let collecting = scope.spawn(|| {
+            let peers = a.claim_gc("a", TTL, NOW + 10).unwrap();
+            assert_eq!(peers, ["b"]);
+            let report = a.gc(&GcOptions::default());
+            a.release_gc();
+            report
+        });
+        // B sees the round and joins it; a session of B then stores an
+        // image holding the old image's first chunk: found, so touched.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let round = loop {
+            if let Some(round) = b.gc_round().unwrap()
+                && round.phase == RoundPhase::Track
+            {
+                break round;
+            }
+            assert!(Instant::now() < deadline, "no round appeared");
+            std::thread::sleep(POLL);
+        };
+        assert_eq!(round.holder, "a");
+        let mut part = b.join_round("b", &round, NOW + 20).unwrap();
+        let stored = b.insert_image(&touched, geometry).unwrap();
+        assert_eq!(part.wait_past(RoundPhase::Track, POLL), None);
+        part.send_touched().unwrap();
+        assert_eq!(
+            part.wait_past(RoundPhase::Sweep, POLL),
+            Some(RoundEnd::Done)
+        );
+        part.finish();
+        (collecting.join().unwrap().unwrap(), stored)
+    });
+    let (report, (root_touched, pages_touched)) = report;
+    assert!(report.packs_compacted >= 1, "{report:?}");
+    assert!(report.blobs_removed >= 14, "{report:?}");
+    assert!(report.blobs_copied >= 1, "{report:?}");
+
+    // What B touched during the round was kept: its commit names it and
+    // reads back whole, on B and on a third server.
+    b.commit(&src_b, 1, &root_touched, &pages_touched, 0, NOW + 30)
+        .unwrap();
+    assert!(exported(&b, &src_b, &dir_b) == touched);
+    // What B only knew of was removed, and B knows it: the commit fails
+    // rather than publish a head naming a chunk the bucket lacks.
+    let refused = b
+        .commit(&src_b, 2, &root_knew, &pages_knew, 0, NOW + 40)
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Missing, "{refused}");
+    assert!(exported(&a, &src_a, &dir_a) == new);
+
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = open(&weed, &dir_c, "round");
+    assert!(exported(&c, &src_a, &dir_c) == new);
+    assert!(exported(&c, &src_b, &dir_c) == touched);
+    assert!(c.verify(None, None).unwrap().is_clean());
+}
+
+#[test]
+fn a_server_present_that_does_not_take_part_stops_the_collection_before_it_removes_anything() {
+    let Some(weed) = SeaweedFs::start("silent server") else {
+        return;
+    };
+    let geometry = Geometry::new(DISK as u64, CHUNK as u32).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (open(&weed, &dir_a, "silent"), open(&weed, &dir_b, "silent"));
+    let source = SourceId::new("a-src").unwrap();
+    a.claim_presence("a", TTL, NOW).unwrap();
+    b.claim_presence("b", TTL, NOW).unwrap();
+    a.claim_source(&source, "a", TTL, NOW).unwrap();
+    for seed in [1, 2] {
+        let (root, pages) = a.insert_image(&random_bytes(DISK, seed), geometry).unwrap();
+        a.commit(&source, seed, &root, &pages, 0, NOW).unwrap();
+    }
+    let dry = GcOptions {
+        dry_run: true,
+        ..GcOptions::default()
+    };
+    let before = a.gc(&dry).unwrap();
+    assert!(before.packs_compacted >= 1, "{before:?}");
+
+    // B is present and never looks at the bucket: the collection waits
+    // for it as long as a presence lasts (the collector's one second plus
+    // the slack), then stops.
+    assert_eq!(a.claim_gc("a", 1_000, NOW + 10).unwrap(), ["b"]);
+    let refused = a.gc(&GcOptions::default()).unwrap_err();
+    a.release_gc();
+    assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
+    assert!(
+        refused.to_string().contains("did not take part"),
+        "{refused}"
+    );
+    let round = b.gc_round().unwrap().unwrap();
+    assert_eq!(round.phase, RoundPhase::Aborted);
+    // A round that ended cannot be joined.
+    assert_eq!(
+        b.join_round("b", &round, NOW + 20).unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
+    let after = a.gc(&dry).unwrap();
+    assert_eq!(after.packs_total, before.packs_total, "{after:?}");
+    assert!(after.packs_compacted >= 1, "{after:?}");
+
+    // Once B's presence has lapsed, A collects alone.
+    drop(b);
+    assert!(a.claim_gc("a", 1_000, NOW + TTL + 10).unwrap().is_empty());
+    let report = a.gc(&GcOptions::default()).unwrap();
+    a.release_gc();
+    assert!(report.packs_compacted >= 1, "{report:?}");
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = open(&weed, &dir_c, "silent");
+    assert!(exported(&c, &source, &dir_c) == random_bytes(DISK, 2));
+    assert!(c.verify(None, None).unwrap().is_clean());
+}
