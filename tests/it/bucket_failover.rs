@@ -291,6 +291,23 @@ fn one_server_collects_garbage_while_the_other_replicates() {
     let mut agent = agent(&pair, &disk, &ack);
     wait_for_acks(&ack, 3, &agent, "replicating to A");
 
+    // A snapshot is taken by the server that serves the source: B's copy
+    // of the head may be old, so B refuses and names the holder.
+    let snapshot = |server: &ServerProcess, name: &str| {
+        std::process::Command::new(BIN)
+            .args(["snapshot", "create", "--source", "web", "--name", name])
+            .args(["--admin", &server.admin_addr.unwrap().to_string()])
+            .arg("--admin-token")
+            .arg(pair.pki.path().join("admin.token"))
+            .output()
+            .unwrap()
+    };
+    let refused = snapshot(&pair.b, "by-b");
+    assert!(!refused.status.success());
+    let text = stderr(&refused);
+    assert!(text.contains(&pair.a.addr.to_string()), "{text}");
+    let kept = blockrep_testkit::admin::create_snapshot(&pair.a, "web", "by-a");
+
     // B collects, again and again, while the writer overwrites the disk and
     // A commits epoch after epoch: A takes part in every round.
     let mut freed_any = false;
@@ -318,6 +335,11 @@ fn one_server_collects_garbage_while_the_other_replicates() {
     assert!(
         std::fs::read(export_root(&pair, &final_root)).unwrap() == std::fs::read(&disk).unwrap(),
         "the last root differs from the disk"
+    );
+    // The snapshot outlived the collections whole.
+    assert_eq!(
+        disk_root(&export_root(&pair, &kept.root), 65_536),
+        kept.root
     );
     // A last collection, the writer stopped, frees what the overwrites left.
     let last = gc(&pair.pki, &pair.b);

@@ -84,16 +84,7 @@ fn a_collection_keeps_what_another_server_touched_and_refuses_what_it_only_knew(
         });
         // B sees the round and joins it; a session of B then stores an
         // image holding the old image's first chunk: found, so touched.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let round = loop {
-            if let Some(round) = b.gc_round().unwrap()
-                && round.phase == RoundPhase::Track
-            {
-                break round;
-            }
-            assert!(Instant::now() < deadline, "no round appeared");
-            std::thread::sleep(POLL);
-        };
+        let round = round_seen(&b);
         assert_eq!(round.holder, "a");
         let mut part = b.join_round("b", &round, NOW + 20).unwrap();
         let stored = b.insert_image(&touched, geometry).unwrap();
@@ -103,7 +94,7 @@ fn a_collection_keeps_what_another_server_touched_and_refuses_what_it_only_knew(
             part.wait_past(RoundPhase::Sweep, POLL),
             Some(RoundEnd::Done)
         );
-        part.finish();
+        assert_eq!(part.finish(RoundEnd::Done), RoundEnd::Done);
         (collecting.join().unwrap().unwrap(), stored)
     });
     let (report, (root_touched, pages_touched)) = report;
@@ -129,6 +120,73 @@ fn a_collection_keeps_what_another_server_touched_and_refuses_what_it_only_knew(
     assert!(exported(&c, &src_a, &dir_c) == new);
     assert!(exported(&c, &src_b, &dir_c) == touched);
     assert!(c.verify(None, None).unwrap().is_clean());
+}
+
+/// Waits until `b` sees a round in its first phase.
+fn round_seen(b: &Store) -> blockrep_store::Round {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(round) = b.gc_round().unwrap()
+            && round.phase == RoundPhase::Track
+        {
+            return round;
+        }
+        assert!(Instant::now() < deadline, "no round appeared");
+        std::thread::sleep(POLL);
+    }
+}
+
+#[test]
+fn a_server_that_cannot_tell_how_a_round_ended_publishes_nothing_until_it_can() {
+    let Some(weed) = SeaweedFs::start("unsettled round") else {
+        return;
+    };
+    let geometry = Geometry::new(DISK as u64, CHUNK as u32).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        open(&weed, &dir_a, "unsettled"),
+        open(&weed, &dir_b, "unsettled"),
+    );
+    let source = SourceId::new("b-src").unwrap();
+    a.claim_presence("a", TTL, NOW).unwrap();
+    b.claim_presence("b", TTL, NOW).unwrap();
+    b.claim_source(&source, "b", TTL, NOW).unwrap();
+    let disk = random_bytes(DISK, 5);
+    let (root, pages) = b.insert_image(&disk, geometry).unwrap();
+
+    std::thread::scope(|scope| {
+        // A short collection lease: the round waits two of them (plus the
+        // slack) for B's ids, then stops.
+        let collecting = scope.spawn(|| {
+            assert_eq!(a.claim_gc("a", 1_000, NOW + 10).unwrap(), ["b"]);
+            let outcome = a.gc(&GcOptions::default());
+            a.release_gc();
+            outcome
+        });
+        let round = round_seen(&b);
+        // B joins, then loses its part before it knows the end (as when the
+        // bucket stops answering): it refuses to publish.
+        drop(b.join_round("b", &round, NOW + 20).unwrap());
+        let refused = b
+            .commit(&source, 1, &root, &pages, 0, NOW + 30)
+            .unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
+        assert!(
+            refused
+                .to_string()
+                .contains("read the bucket's packs again")
+        );
+        assert!(
+            !b.settle_round(NOW + 40).unwrap(),
+            "the round is still running"
+        );
+        let stopped = collecting.join().unwrap().unwrap_err();
+        assert_eq!(stopped.kind(), ErrorKind::Busy, "{stopped}");
+    });
+    // The round ended (aborted): B reads the packs again and goes on.
+    assert!(b.settle_round(NOW + 50).unwrap());
+    b.commit(&source, 1, &root, &pages, 0, NOW + 60).unwrap();
+    assert!(exported(&b, &source, &dir_b) == disk);
 }
 
 #[test]
@@ -176,9 +234,16 @@ fn a_server_present_that_does_not_take_part_stops_the_collection_before_it_remov
     assert_eq!(after.packs_total, before.packs_total, "{after:?}");
     assert!(after.packs_compacted >= 1, "{after:?}");
 
-    // Once B's presence has lapsed, A collects alone.
+    // Once B's presence has lapsed a lease time ago (A's, here one second:
+    // B could still hold a source's lease until then), A collects alone.
     drop(b);
-    assert!(a.claim_gc("a", 1_000, NOW + TTL + 10).unwrap().is_empty());
+    assert_eq!(a.claim_gc("a", 1_000, NOW + TTL + 500).unwrap(), ["b"]);
+    a.release_gc();
+    assert!(
+        a.claim_gc("a", 1_000, NOW + TTL + 1_000)
+            .unwrap()
+            .is_empty()
+    );
     let report = a.gc(&GcOptions::default()).unwrap();
     a.release_gc();
     assert!(report.packs_compacted >= 1, "{report:?}");

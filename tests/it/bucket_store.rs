@@ -215,8 +215,12 @@ fn a_server_that_lost_its_lease_can_never_replace_a_newer_head() {
     assert_eq!(waiting.kind(), ErrorKind::Busy, "{waiting}");
     assert!(waiting.to_string().contains("collecting"), "{waiting}");
     b.release_gc();
-    // Once A's presence lapsed, B collects alone.
-    assert!(b.claim_gc("b", TTL, NOW + 1_800 + TTL).unwrap().is_empty());
+    // Once A's presence lapsed a lease time ago, B collects alone.
+    assert!(
+        b.claim_gc("b", TTL, NOW + 1_800 + 2 * TTL)
+            .unwrap()
+            .is_empty()
+    );
     b.gc(&GcOptions::default()).unwrap();
     b.release_gc();
     drop((a, b));

@@ -333,7 +333,18 @@ async fn create_snapshot(
         }
         None => {
             let source = parse_source(&body.source)?;
+            // In a bucket, only the server serving the source snapshots its
+            // head: taking the lease reads the head as the bucket has it, where
+            // this server's copy may be old.
+            let lease = shared
+                .config
+                .bucket
+                .as_ref()
+                .map(|b| (b.holder.clone(), b.lease_ttl.as_millis() as u64));
             blocking(&shared, move |store| {
+                if let Some((holder, ttl_ms)) = &lease {
+                    store.claim_source(&source, holder, *ttl_ms, now_unix_ms())?;
+                }
                 store.create_snapshot(&source, name.as_deref(), ttl, now_unix_ms())
             })
             .await?

@@ -36,7 +36,8 @@ impl From<Response> for ApiError {
 pub(crate) fn store_error(e: &blockrep_store::Error) -> Response {
     let status = match e.kind() {
         ErrorKind::NotFound | ErrorKind::Missing => StatusCode::NOT_FOUND,
-        ErrorKind::AlreadyExists | ErrorKind::Busy => StatusCode::CONFLICT,
+        // Leased: the source is served by another server of the bucket.
+        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Leased => StatusCode::CONFLICT,
         ErrorKind::Invalid => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };

@@ -112,9 +112,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         for (name, why) in &lost {
             warn!(lease = %name, error = %why, "lease lost: another server took it");
         }
-        if lost.iter().any(|(name, _)| name.starts_with("servers/")) {
-            // This server's announcement lapsed and was taken over (a long
-            // pause): announce it again, so no collection runs beside it.
+        if !shared.store.is_announced(&bucket.holder) {
+            // This server's announcement lapsed (a long pause) or could not
+            // be made again: announce it, so that collections wait for it.
             let (store, bucket) = (Arc::clone(&shared.store), bucket.clone());
             // A collection may have run without this server meanwhile: its
             // packs are read again before anything is served.
@@ -156,8 +156,17 @@ pub(crate) async fn take_part(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let store = Arc::clone(&shared.store);
-        let Ok(Ok(Some(round))) = tokio::task::spawn_blocking(move || store.gc_round()).await
-        else {
+        let seen = tokio::task::spawn_blocking(move || {
+            // A round whose end could not be read: publishing waits for it.
+            match store.settle_round(now_unix_ms()) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            store.gc_round()
+        })
+        .await;
+        let Ok(Ok(Some(round))) = seen else {
             continue;
         };
         if round.holder == bucket.holder

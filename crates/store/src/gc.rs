@@ -181,12 +181,15 @@ impl Store {
             let _fence = self.blobs.fence().write_fence();
             self.referenced_roots()?
         };
-        if self.collects_beside_others() {
-            // Their records, which this data directory may not hold yet. Not
-            // under the fence: this store's own commits are in its records or
-            // touched, theirs were published before they joined or touched.
-            roots.extend(self.bucket_roots()?);
-        }
+        // In a bucket: every server's records, which this data directory may
+        // not hold yet (a server that stopped published heads this one never
+        // read). Not under the fence: this store's own commits are in its
+        // records or touched, the others' were published before they joined
+        // or are touched.
+        roots.extend(self.bucket_roots()?);
+        // A record is published only once the packs it names are: read after
+        // the records, the listing holds every pack they name.
+        self.blobs.refresh()?;
         let mut live = HashSet::new();
         // Not under the fence: a flush holds its volume's lock while it waits
         // for the fence. Whatever a volume writes after this read was inserted

@@ -31,6 +31,10 @@ pub(crate) struct Remote {
     /// The collection this store runs beside other servers, from its claim
     /// of the collection lease to the end of its round (`bucket/round.rs`).
     pub(crate) round: std::sync::Mutex<Option<Collecting>>,
+    /// The generation of another server's round whose end this store could
+    /// not confirm: it publishes nothing until it has
+    /// (`bucket/take_part.rs`).
+    pub(crate) unsettled_round: std::sync::Mutex<Option<u64>>,
 }
 
 /// A collection under this store's collection lease, and the servers that
@@ -80,6 +84,7 @@ impl Remote {
             writes: AtomicU64::new(0),
             nonce_base: u64::from_le_bytes(base),
             round: Default::default(),
+            unsettled_round: Default::default(),
         }
     }
 

@@ -246,7 +246,7 @@ impl Store {
         // while the collection ran) or after the snapshot is published. Without
         // it, a commit moving the head and a collection in between would sweep
         // the blobs of the root this snapshot is about to name.
-        let _fence = self.blobs.fence().read_fence();
+        let _fence = self.blobs.publishing_fence()?;
         let head = match of {
             Some(of) => of,
             None => self

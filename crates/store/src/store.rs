@@ -484,7 +484,7 @@ impl Store {
         // The GC fence, held until the head is published: a collection can
         // neither list references nor drop blobs between the check below and
         // the publication (see `gc.rs`).
-        let _fence = self.blobs.fence().read_fence();
+        let _fence = self.blobs.publishing_fence()?;
         self.blobs.fence().note(&head_root);
         for ((root, pages), (id, _)) in tree.volumes.iter().zip(&encoded) {
             self.blobs.fence().note(id);

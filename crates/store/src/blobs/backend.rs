@@ -44,6 +44,9 @@ pub(crate) struct Refreshed {
     /// Packs gone from the bucket since: their records are no longer
     /// stored.
     pub(crate) gone: Vec<u32>,
+    /// What the backend forgot of the gone packs (number, length, whether
+    /// cached), put back by [`PackBackend::undo_refresh`].
+    pub(crate) forgotten: Vec<(u32, u64, bool)>,
 }
 
 /// A store of numbered packs. Every method may be called from several threads.
@@ -129,6 +132,14 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
     fn refresh(&self) -> Result<Refreshed, Error> {
         Ok(Refreshed::default())
     }
+
+    /// Forgets what `refresh` found, when the index could not take it in:
+    /// the next refresh finds it again.
+    fn undo_refresh(&self, _found: &Refreshed) {}
+
+    /// Drops the local copies of the packs `refresh` found gone, once the
+    /// index no longer names them.
+    fn settle_refresh(&self, _found: &Refreshed) {}
 
     /// Where the packs are, for status: `local`, or the bucket's name.
     fn location(&self) -> String {

@@ -179,15 +179,29 @@ impl Blobs {
         // store's own touches.
         self.fence.note_all(&peers.touched()?);
         peers.still_fenced()?;
-        report.blobs_removed = self.sweep(&mut candidates, &marked, &mut report)?;
+        let swept = self.sweep(&mut candidates, &marked, &mut report);
         drop(tracking);
-        if !hook(GcStage::Swept) {
-            return Ok(report);
+        let finished = match swept {
+            Ok(removed) => {
+                report.blobs_removed = removed;
+                if !hook(GcStage::Swept) {
+                    return Ok(report);
+                }
+                // The copies made under the fence must be durable before
+                // their old records go.
+                self.sync().and_then(|()| {
+                    self.delete_packs(&candidates, &mut report, peers, hook, rebuilds)
+                })
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = finished {
+            // Other servers sharing a bucket still index what the sweep
+            // dropped here, and may name it: what stays of the candidates
+            // comes back into this index, until a collection decides again.
+            self.restore_candidates(&candidates);
+            return Err(e);
         }
-        // The copies made under the fence must be durable before their old
-        // records go.
-        self.sync()?;
-        self.delete_packs(&candidates, &mut report, peers, hook, rebuilds)?;
         self.checkpoint_index()?;
         *lock(&self.fence.last_report) = Some(report.clone());
         Ok(report)
@@ -211,6 +225,27 @@ impl Blobs {
         Ok(Relocation::Moved)
     }
 
+    /// After a collection failed past its sweep: puts back the entries of
+    /// every candidate pack still there. Best effort; a failure is logged.
+    fn restore_candidates(&self, candidates: &[Candidate]) {
+        let present: HashSet<u32> = match self.pack_numbers() {
+            Ok(numbers) => numbers.into_iter().collect(),
+            Err(e) => {
+                eprintln!("blockrep-store: cannot list the packs to restore their entries: {e}");
+                return;
+            }
+        };
+        for candidate in candidates.iter().filter(|c| present.contains(&c.number)) {
+            lock(&self.deleting).remove(&candidate.number);
+            if let Err(e) = self.restore_entries(candidate.number) {
+                eprintln!(
+                    "blockrep-store: cannot restore the entries of pack {}: {e}",
+                    pack_file_name(candidate.number)
+                );
+            }
+        }
+    }
+
     /// Puts back the entries of pack `number` that the index lacks (a sweep
     /// dropped them, and the pack stays).
     fn restore_entries(&self, number: u32) -> Result<(), Error> {
@@ -230,6 +265,7 @@ impl Blobs {
                 inner.index.insert_known(record.header.id, location, false);
             }
         }
+        inner.index.note_pack(number, scan.valid_len);
         Ok(())
     }
 
@@ -418,16 +454,10 @@ impl Blobs {
         report.packs_kept_damaged = candidates.iter().filter(|c| c.damaged).count() as u64;
         let mut deleted_bytes = 0u64;
         let evacuated: Vec<&Candidate> = candidates.iter().filter(|c| !c.damaged).collect();
-        for (at, candidate) in evacuated.iter().enumerate() {
-            if let Err(e) = peers.still_fenced() {
-                // The other servers may name what the sweep dropped from
-                // this index once they let their fences go: what is left
-                // of it comes back, and stays until a round decides again.
-                for left in &evacuated[at..] {
-                    self.restore_entries(left.number)?;
-                }
-                return Err(e);
-            }
+        for candidate in evacuated {
+            // The other servers may name what the sweep dropped once they
+            // let their fences go: nothing more is deleted then.
+            peers.still_fenced()?;
             {
                 let mut inner = lock(&self.inner);
                 // An index rebuilt (or found damaged) since the collection

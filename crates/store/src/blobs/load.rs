@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use super::backend::Refreshed;
 use super::index::BlobIndex;
 use super::{Blobs, Inner, Location, pack};
 use crate::error::Error;
@@ -199,8 +200,23 @@ impl Blobs {
     /// was built (packs another server sharing the bucket published), and
     /// drops the entries of packs deleted there (by its collection).
     pub(crate) fn refresh(&self) -> Result<(), Error> {
+        let _one = lock(&self.refreshing);
         let found = self.packs.refresh()?;
-        for number in found.added {
+        match self.index_refreshed(&found) {
+            Ok(()) => {
+                self.packs.settle_refresh(&found);
+                Ok(())
+            }
+            Err(e) => {
+                self.packs.undo_refresh(&found);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes what [`Blobs::refresh`] found into the index.
+    fn index_refreshed(&self, found: &Refreshed) -> Result<(), Error> {
+        for &number in &found.added {
             let scan = match self.packs.load_scan(number) {
                 Some(scan) => scan,
                 None => self.packs.scan(number)?,
@@ -223,7 +239,7 @@ impl Blobs {
             {
                 inner.index.remove(&id);
             }
-            for number in found.gone {
+            for &number in &found.gone {
                 inner.index.forget_pack(number);
             }
         }
@@ -268,10 +284,19 @@ fn index_scan(inner: &mut Inner, number: u32, scan: &pack::PackScan, from: u64) 
         // one: a copy not yet fsynced when the power went may be torn
         // while the old record still holds. The same record read again
         // (its pack's saved scan dropped) takes what the read found.
+        // Among sound copies the one in the higher-numbered pack wins, in
+        // whatever order the packs were learned: servers sharing a bucket
+        // learn each other's packs late, and must agree on which copy an id
+        // is at, or a collection that deletes the other copy's pack would
+        // take the id from a server whose index pointed there.
         let known = inner.index.get(&record.header.id);
         let replace = match known {
             None => true,
-            Some(known) => location.is_at(&known) || location.crc_ok || !known.crc_ok,
+            Some(known) => {
+                location.is_at(&known)
+                    || (location.crc_ok && (!known.crc_ok || location.pack >= known.pack))
+                    || (!known.crc_ok && location.pack >= known.pack)
+            }
         };
         if replace {
             inner

@@ -152,6 +152,14 @@ pub(crate) struct Blobs {
     deleting: Mutex<std::collections::BTreeSet<u32>>,
     /// Chunks whose hash launch reads checked (`remembered.rs`).
     verified: remembered::VerifiedIds,
+    /// One [`Blobs::refresh`] at a time: one that finds nothing new while
+    /// another is still indexing what it found must not report the index
+    /// current.
+    refreshing: Mutex<()>,
+    /// Set while this store cannot tell whether another server's collection
+    /// deleted packs its index still names (`bucket/take_part.rs`): commits
+    /// and flushes are refused until a refresh after the round's end.
+    pub(crate) unsettled: AtomicBool,
 }
 
 impl Blobs {
@@ -179,9 +187,27 @@ impl Blobs {
             index_rebuilds: AtomicU64::new(0),
             deleting: Mutex::default(),
             verified: remembered::VerifiedIds::default(),
+            refreshing: Mutex::new(()),
+            unsettled: AtomicBool::new(false),
         };
         blobs.load_index()?;
         Ok(blobs)
+    }
+
+    /// The GC fence for reading, for a step that publishes a record naming
+    /// blobs (see `gc.rs`). Fails with `Busy` while another server's
+    /// collection may have deleted packs this index still names (see
+    /// [`Blobs::unsettled`]).
+    pub(crate) fn publishing_fence(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, Error> {
+        let fence = self.fence.read_fence();
+        if self.unsettled.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                "this server has not yet read the bucket's packs again since another \
+                 server's collection; nothing is published until it has (try again)",
+            ));
+        }
+        Ok(fence)
     }
 
     /// The data keys that open sealed records; the store's owner adds the

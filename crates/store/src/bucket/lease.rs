@@ -192,7 +192,7 @@ impl Store {
         // Taking it again would start a new round under the one running:
         // its servers would take the old round for ended and drop their
         // fences.
-        if remote.lease_named(GC_LEASE).is_some() {
+        if remote.lease_named(GC_LEASE).is_some() || crate::mutex::lock(&remote.round).is_some() {
             return Err(Error::new(
                 ErrorKind::Busy,
                 "a collection of this server runs on this bucket already",
@@ -221,10 +221,15 @@ impl Store {
                 return Err(e);
             }
         };
+        // A server whose presence lapsed less than a lease time ago may
+        // still hold a source's lease taken just before: it is waited for
+        // too (`round.rs`). One that stopped cleanly released it (expiry 0).
         let mut peers: Vec<String> = present
             .into_iter()
             .map(|(_, lease)| lease)
-            .filter(|l| l.holder != holder && l.expires_unix_ms > now_unix_ms)
+            .filter(|l| {
+                l.holder != holder && l.expires_unix_ms.saturating_add(ttl_ms) > now_unix_ms
+            })
             .map(|l| l.holder)
             .collect();
         peers.sort();
@@ -263,6 +268,16 @@ impl Store {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// Whether this server (`holder`) holds its presence in the bucket (true
+    /// for a local store).
+    pub fn is_announced(&self, holder: &str) -> bool {
+        self.remote.as_ref().is_none_or(|remote| {
+            remote
+                .lease_named(&format!("{PRESENCE_PREFIX}{holder}"))
+                .is_some()
+        })
     }
 
     /// Reads the bucket's listing of packs again: packs other servers

@@ -419,21 +419,34 @@ impl PackBackend for BucketPacks {
             .filter(|number| !listed.contains_key(number))
             .copied()
             .collect();
-        let mut uncache = Vec::new();
-        for number in &found.gone {
+        for &number in &found.gone {
+            let len = state.published.remove(&number).unwrap_or(0);
+            let cached = state.cached.remove(&number).is_some();
+            found.forgotten.push((number, len, cached));
+        }
+        Ok(found)
+    }
+
+    fn undo_refresh(&self, found: &Refreshed) {
+        let mut state = lock(&self.shared.state);
+        for number in &found.added {
             state.published.remove(number);
-            if state.cached.remove(number).is_some() {
-                uncache.push(*number);
+        }
+        for &(number, len, cached) in &found.forgotten {
+            state.published.insert(number, len);
+            if cached {
+                state.cached.insert(number, len);
             }
         }
-        drop(state);
-        for number in uncache {
+    }
+
+    fn settle_refresh(&self, found: &Refreshed) {
+        for &(number, _, cached) in &found.forgotten {
             // A copy left behind costs disk space only: nothing reads it.
-            if let Err(e) = self.shared.local.remove(number) {
+            if cached && let Err(e) = self.shared.local.remove(number) {
                 tracing_evict(number, &e);
             }
         }
-        Ok(found)
     }
 
     fn location(&self) -> String {

@@ -353,7 +353,10 @@ impl Store {
         collecting: &Collecting,
         answer: Answer,
     ) -> Result<Vec<String>, Error> {
-        let deadline = Instant::now() + Duration::from_millis(collecting.ttl_ms) + ROUND_SLACK;
+        // A peer that stopped renewing may act for one lease time past its
+        // presence (a source's lease taken just before), which itself runs
+        // for one lease time at most.
+        let deadline = Instant::now() + Duration::from_millis(collecting.ttl_ms) * 2 + ROUND_SLACK;
         let mut waiting: Vec<String> = collecting.peers.clone();
         let mut answered = Vec::new();
         loop {
@@ -361,7 +364,13 @@ impl Store {
             for peer in waiting {
                 if self.answered(remote, collecting, &peer, answer)? {
                     answered.push(peer);
-                } else if !is_present(remote, &peer, collecting.now_unix_ms())? {
+                } else if !may_act(
+                    remote,
+                    &peer,
+                    collecting.now_unix_ms(),
+                    answer,
+                    collecting.ttl_ms,
+                )? {
                     if answer == Answer::Touched {
                         return Err(Error::new(
                             ErrorKind::Busy,
@@ -505,7 +514,8 @@ impl Peers for RoundPeers<'_> {
         let margin = collecting.ttl_ms / 4;
         match remote.lease_named(GC_LEASE) {
             Some(lease)
-                if lease.expires_unix_ms > collecting.now_unix_ms().saturating_add(margin) =>
+                if lease.generation == collecting.generation
+                    && lease.expires_unix_ms > collecting.now_unix_ms().saturating_add(margin) =>
             {
                 Ok(())
             }
@@ -518,15 +528,29 @@ impl Peers for RoundPeers<'_> {
     }
 }
 
-/// Whether `peer`'s presence lease is held and unexpired at `now_unix_ms`.
-fn is_present(remote: &Remote, peer: &str, now_unix_ms: u64) -> Result<bool, Error> {
+/// Whether `peer` may still take part in the round at `now_unix_ms`. To
+/// join, a server counts while its presence holds and for one lease time
+/// (`ttl_ms`) after it lapsed: a source's lease it took just before may run
+/// that much longer, and with it its commits. Once it joined, it must stay
+/// present until it has sent its ids.
+fn may_act(
+    remote: &Remote,
+    peer: &str,
+    now_unix_ms: u64,
+    answer: Answer,
+    ttl_ms: u64,
+) -> Result<bool, Error> {
+    let grace = match answer {
+        Answer::Joined => ttl_ms,
+        Answer::Touched => 0,
+    };
     let present = remote
         .bucket
         .read_leases(PRESENCE_PREFIX.trim_end_matches('/'))
         .map_err(|e| bucket_error("cannot list the servers of the bucket", e))?;
-    Ok(present
-        .iter()
-        .any(|(_, lease)| lease.holder == peer && lease.expires_unix_ms > now_unix_ms))
+    Ok(present.iter().any(|(_, lease)| {
+        lease.holder == peer && lease.expires_unix_ms.saturating_add(grace) > now_unix_ms
+    }))
 }
 
 /// The collection lease as the bucket holds it now, if any.

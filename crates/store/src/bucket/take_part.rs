@@ -30,7 +30,18 @@ pub enum RoundEnd {
     /// The collection lease lapsed or passed to another round: the collector
     /// died or was cut off.
     CollectorGone,
+    /// The bucket stopped answering before the round's end could be read:
+    /// this server publishes nothing until [`Store::settle_round`] has read
+    /// it and the packs.
+    Unsettled,
 }
+
+/// How long a server taking part waits for a bucket that does not answer,
+/// in collection lease times, before it lets its fence go and refuses to
+/// publish instead (`RoundEnd::Unsettled`).
+const SILENT_BUCKET_LEASES: u32 = 2;
+/// Reloads of the packs tried at the end of a round before the same.
+const RELOAD_ATTEMPTS: u32 = 5;
 
 /// This server's part in a round, from [`Store::join_round`] until
 /// [`RoundPart::finish`] (or its drop, which finishes too).
@@ -39,8 +50,9 @@ pub struct RoundPart<'a> {
     remote: &'a Remote,
     holder: String,
     round: Round,
-    /// The collection lease's expiry as last read, on this server's clock.
-    lease_expires_unix_ms: u64,
+    /// The collection lease's time as read at the join (its expiry then,
+    /// less the time), which bounds the wait for a silent bucket.
+    lease_ms: u64,
     started_unix_ms: u64,
     started_at: Instant,
     // Field order is drop order: the fence is released before the touched
@@ -113,7 +125,7 @@ impl Store {
             remote,
             holder: holder.to_owned(),
             round: round.clone(),
-            lease_expires_unix_ms: 0,
+            lease_ms: 0,
             started_unix_ms: now_unix_ms,
             started_at: Instant::now(),
             fence: None,
@@ -121,9 +133,18 @@ impl Store {
             _run: run,
             finished: false,
         };
-        match part.collector_lease_holds()? {
-            true => {}
-            false => {
+        // Until this server's answer is sent, the collector cannot count it
+        // in: a failure here leaves nothing to settle.
+        part.finished = true;
+        match collection_lease(remote)? {
+            Some(lease)
+                if lease.generation == round.generation
+                    && lease.holder == round.holder
+                    && lease.expires_unix_ms > now_unix_ms =>
+            {
+                part.lease_ms = lease.expires_unix_ms - now_unix_ms;
+            }
+            _ => {
                 return Err(Error::new(
                     ErrorKind::Busy,
                     format!("round {} has no collector any more", round.generation),
@@ -134,6 +155,7 @@ impl Store {
             .bucket
             .put(&joined_key(holder), encode_joined(round.generation))
             .map_err(|e| bucket_error("cannot join the collection round", e))?;
+        part.finished = false;
         Ok(part)
     }
 
@@ -149,17 +171,51 @@ impl Store {
         poll: Duration,
     ) -> Result<RoundEnd, Error> {
         let mut part = self.join_round(holder, round, now_unix_ms)?;
-        if let Some(end) = part.wait_past(RoundPhase::Track, poll) {
-            part.finish();
-            return Ok(end);
-        }
-        let sent = part.send_touched();
-        let end = match &sent {
-            Ok(()) => part.wait_past(RoundPhase::Sweep, poll),
-            Err(_) => None,
+        let end = match part.wait_past(RoundPhase::Track, poll) {
+            Some(end) => end,
+            None => {
+                // The fence is held whether or not the answer arrived: a
+                // write the bucket took but did not confirm still counts
+                // for the collector, which then deletes.
+                if let Err(e) = part.send_touched() {
+                    eprintln!("blockrep-store: {e}; waiting for the round to end");
+                }
+                part.wait_past(RoundPhase::Sweep, poll)
+                    .unwrap_or(RoundEnd::Aborted)
+            }
         };
-        part.finish();
-        sent.map(|()| end.unwrap_or(RoundEnd::Aborted))
+        Ok(part.finish(end))
+    }
+
+    /// After a round that ended [`RoundEnd::Unsettled`]: once the bucket
+    /// shows that round ended (or its collector gone), reads the packs again
+    /// and lets this store publish again. Returns whether it may (also when
+    /// nothing was unsettled).
+    pub fn settle_round(&self, now_unix_ms: u64) -> Result<bool, Error> {
+        let Some(remote) = self.remote.as_deref() else {
+            return Ok(true);
+        };
+        let Some(generation) = *lock(&remote.unsettled_round) else {
+            return Ok(true);
+        };
+        let ended = match self.gc_round()? {
+            Some(now) if now.generation == generation => {
+                matches!(now.phase, RoundPhase::Done | RoundPhase::Aborted)
+            }
+            _ => true,
+        };
+        let lapsed = collection_lease(remote)?.is_none_or(|lease| {
+            lease.generation != generation || lease.expires_unix_ms <= now_unix_ms
+        });
+        if !(ended || lapsed) {
+            return Ok(false);
+        }
+        self.blobs.refresh()?;
+        *lock(&remote.unsettled_round) = None;
+        self.blobs
+            .unsettled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(true)
     }
 }
 
@@ -170,42 +226,43 @@ impl RoundPart<'_> {
             .saturating_add(self.started_at.elapsed().as_millis() as u64)
     }
 
-    /// Whether the collection lease of this round is still held: read from
-    /// the bucket, or, when the bucket does not answer, judged by the expiry
-    /// last read.
-    fn collector_lease_holds(&mut self) -> Result<bool, Error> {
+    /// Whether the collection lease of this round, as the bucket holds it
+    /// now, has lapsed (on this server's clock) or passed to another round.
+    fn collector_gone(&self) -> Result<bool, Error> {
         let now = self.now_unix_ms();
-        match collection_lease(self.remote) {
-            Ok(Some(lease))
-                if lease.generation == self.round.generation
-                    && lease.holder == self.round.holder =>
-            {
-                self.lease_expires_unix_ms = lease.expires_unix_ms;
-                Ok(lease.expires_unix_ms > now)
-            }
-            Ok(_) => Ok(false),
-            Err(e) if self.lease_expires_unix_ms == 0 => Err(e),
-            Err(_) => Ok(self.lease_expires_unix_ms > now),
-        }
+        Ok(collection_lease(self.remote)?.is_none_or(|lease| {
+            lease.generation != self.round.generation
+                || lease.holder != self.round.holder
+                || lease.expires_unix_ms <= now
+        }))
     }
 
     /// Waits while the round stays in `phase`: `None` once it moved on to the
-    /// next phase, or how it ended. A bucket that does not answer is asked
-    /// again until the collection lease lapses.
+    /// next phase, or how it ended. Only what the bucket answered counts: a
+    /// bucket that does not answer is asked again, for at most
+    /// [`SILENT_BUCKET_LEASES`] lease times since its last answer, and then
+    /// the round ends [`RoundEnd::Unsettled`].
     pub fn wait_past(&mut self, phase: RoundPhase, poll: Duration) -> Option<RoundEnd> {
+        let silence_max = Duration::from_millis(self.lease_ms) * SILENT_BUCKET_LEASES;
+        let mut answered = Instant::now();
         loop {
-            match self.store.gc_round() {
-                Ok(Some(round)) if round.generation == self.round.generation => match round.phase {
-                    RoundPhase::Done => return Some(RoundEnd::Done),
-                    RoundPhase::Aborted => return Some(RoundEnd::Aborted),
-                    now if now != phase => return None,
-                    _ => {}
-                },
+            let seen = self.store.gc_round().and_then(|round| {
+                let gone = self.collector_gone()?;
+                Ok((round, gone))
+            });
+            match seen {
+                Ok((Some(round), gone)) if round.generation == self.round.generation => {
+                    match round.phase {
+                        RoundPhase::Done => return Some(RoundEnd::Done),
+                        RoundPhase::Aborted => return Some(RoundEnd::Aborted),
+                        _ if gone => return Some(RoundEnd::CollectorGone),
+                        now if now != phase => return None,
+                        _ => answered = Instant::now(),
+                    }
+                }
                 Ok(_) => return Some(RoundEnd::CollectorGone),
+                Err(_) if answered.elapsed() > silence_max => return Some(RoundEnd::Unsettled),
                 Err(_) => {}
-            }
-            if !self.collector_lease_holds().unwrap_or(false) {
-                return Some(RoundEnd::CollectorGone);
             }
             std::thread::sleep(poll);
         }
@@ -237,39 +294,58 @@ impl RoundPart<'_> {
             .map_err(|e| bucket_error("cannot send what this server touched", e))
     }
 
-    /// Step 6: reloads the bucket's packs (dropping the entries of packs
-    /// deleted, learning the collector's copies), then releases the fence
-    /// and ends the touched set. A bucket that does not answer is asked
-    /// again until it does: this server's commits wait meanwhile, so none
-    /// can name a blob the collection removed.
-    pub fn finish(mut self) {
-        self.finish_now();
+    /// Step 6, once the round ended as `end`: reloads the bucket's packs
+    /// (dropping the entries of packs deleted, learning the collector's
+    /// copies), then releases the fence and ends the touched set. When the
+    /// round's end is unknown or the packs cannot be read, this store
+    /// refuses to publish until [`Store::settle_round`] succeeds. Returns
+    /// how the round ended here.
+    pub fn finish(mut self, end: RoundEnd) -> RoundEnd {
+        self.finish_now(end)
     }
 
-    fn finish_now(&mut self) {
+    fn finish_now(&mut self, end: RoundEnd) -> RoundEnd {
         if self.finished {
-            return;
+            return end;
         }
         self.finished = true;
-        let mut delay = Duration::from_millis(100);
-        while let Err(e) = self.store.blobs.refresh() {
-            eprintln!(
-                "blockrep-store: cannot reload the packs after collection round {}: {e}; \
-                 trying again",
-                self.round.generation
-            );
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(5));
+        let mut end = end;
+        if end != RoundEnd::Unsettled {
+            let mut delay = Duration::from_millis(100);
+            let mut attempt = 1;
+            while let Err(e) = self.store.blobs.refresh() {
+                eprintln!(
+                    "blockrep-store: cannot reload the packs after collection round {}: {e}",
+                    self.round.generation
+                );
+                if attempt == RELOAD_ATTEMPTS {
+                    end = RoundEnd::Unsettled;
+                    break;
+                }
+                attempt += 1;
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+        if end == RoundEnd::Unsettled {
+            // Before the fence goes: no commit slips in between.
+            self.store
+                .blobs
+                .unsettled
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            *lock(&self.remote.unsettled_round) = Some(self.round.generation);
         }
         self.fence = None;
         self.tracking = None;
         // The answers are the collector's to delete; one left behind
         // belongs to an old round and is ignored.
+        end
     }
 }
 
 impl Drop for RoundPart<'_> {
+    /// A part dropped before its end is known: its round is unsettled.
     fn drop(&mut self) {
-        self.finish_now();
+        self.finish_now(RoundEnd::Unsettled);
     }
 }

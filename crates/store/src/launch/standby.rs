@@ -47,7 +47,7 @@ impl Store {
         self.check_writable()?;
         validate_name("launch", name)?;
         let _guard = lock(&self.catalog.lock);
-        let _fence = self.blobs.fence().read_fence();
+        let _fence = self.blobs.publishing_fence()?;
         let prefix = format!("{name}/");
         let open = lock(&self.catalog.open_launches)
             .iter()
