@@ -252,3 +252,68 @@ fn a_server_present_that_does_not_take_part_stops_the_collection_before_it_remov
     assert!(exported(&c, &source, &dir_c) == random_bytes(DISK, 2));
     assert!(c.verify(None, None).unwrap().is_clean());
 }
+
+#[test]
+fn a_server_whose_announcement_lapsed_publishes_nothing_until_it_rejoined_and_rounds_ended() {
+    let Some(weed) = SeaweedFs::start("rejoin") else {
+        return;
+    };
+    let geometry = Geometry::new(DISK as u64, CHUNK as u32).unwrap();
+    let (dir_b, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (b, c) = (open(&weed, &dir_b, "rejoin"), open(&weed, &dir_c, "rejoin"));
+    let source = SourceId::new("b-src").unwrap();
+    b.claim_presence("b", 1_000, NOW).unwrap();
+    b.claim_source(&source, "b", TTL, NOW).unwrap();
+    let disk = random_bytes(DISK, 6);
+    let (root, pages) = b.insert_image(&disk, geometry).unwrap();
+
+    // B was paused past its announcement (its source's lease is still
+    // good): before its renewal runs, it sees the announcement expired...
+    let refused = b
+        .commit(&source, 1, &root, &pages, 0, NOW + 1_500)
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
+    assert!(refused.to_string().contains("announcement"), "{refused}");
+    // ...and the renewal gives it up: B publishes nothing.
+    let lost = b.renew_leases(TTL, NOW + 2_000);
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(!b.is_announced("b"));
+    let refused = b
+        .commit(&source, 1, &root, &pages, 0, NOW + 2_100)
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
+    assert!(refused.to_string().contains("packs again"), "{refused}");
+    // Announced again, not yet rejoined: still nothing.
+    b.claim_presence("b", TTL, NOW + 3_000).unwrap();
+    let refused = b
+        .commit(&source, 1, &root, &pages, 0, NOW + 3_100)
+        .unwrap_err();
+    assert!(refused.to_string().contains("packs again"), "{refused}");
+
+    c.claim_presence("c", TTL, NOW + 3_000).unwrap();
+    std::thread::scope(|scope| {
+        let collecting = scope.spawn(|| {
+            assert_eq!(c.claim_gc("c", 1_000, NOW + 3_100).unwrap(), ["b"]);
+            let outcome = c.gc(&GcOptions::default());
+            c.release_gc();
+            outcome
+        });
+        // B rejoins while C's round is open: it waits for that round too.
+        round_seen(&b);
+        b.rejoin("b", NOW + 3_200).unwrap();
+        let refused = b
+            .commit(&source, 1, &root, &pages, 0, NOW + 3_300)
+            .unwrap_err();
+        assert!(refused.to_string().contains("packs again"), "{refused}");
+        assert!(!b.settle_round(NOW + 3_400).unwrap());
+        // B never joined: the round stops, and B goes on.
+        let stopped = collecting.join().unwrap().unwrap_err();
+        assert!(
+            stopped.to_string().contains("did not take part"),
+            "{stopped}"
+        );
+    });
+    assert!(b.settle_round(NOW + 3_500).unwrap());
+    b.commit(&source, 1, &root, &pages, 0, NOW + 3_600).unwrap();
+    assert!(exported(&b, &source, &dir_b) == disk);
+}

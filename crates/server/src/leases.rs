@@ -116,11 +116,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             // This server's announcement lapsed (a long pause) or could not
             // be made again: announce it, so that collections wait for it.
             let (store, bucket) = (Arc::clone(&shared.store), bucket.clone());
-            // A collection may have run without this server meanwhile: its
-            // packs are read again before anything is served.
+            // A collection may have run without this server meanwhile: it
+            // publishes nothing until it has read the packs again, and
+            // until any round that did not count it in has ended.
             let again = tokio::task::spawn_blocking(move || {
-                store.reload_packs()?;
-                announce(&store, &bucket)
+                announce(&store, &bucket)?;
+                store.rejoin(&bucket.holder, now_unix_ms())
             })
             .await;
             if let Ok(Err(e)) = again {
@@ -151,6 +152,7 @@ pub(crate) async fn take_part(shared: Arc<Shared>) {
         return;
     };
     let mut last = None;
+    let mut warned: Option<std::time::Instant> = None;
     let mut tick = tokio::time::interval(ROUND_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -158,15 +160,21 @@ pub(crate) async fn take_part(shared: Arc<Shared>) {
         let store = Arc::clone(&shared.store);
         let seen = tokio::task::spawn_blocking(move || {
             // A round whose end could not be read: publishing waits for it.
-            match store.settle_round(now_unix_ms()) {
-                Ok(true) => {}
-                Ok(false) => return Ok(None),
-                Err(e) => return Err(e),
-            }
-            store.gc_round()
+            // New rounds are joined meanwhile.
+            let settled = store.settle_round(now_unix_ms());
+            (settled, store.gc_round())
         })
         .await;
-        let Ok(Ok(Some(round))) = seen else {
+        let Ok((settled, round)) = seen else {
+            continue;
+        };
+        if let Err(e) = settled
+            && warned.is_none_or(|at| at.elapsed() > Duration::from_secs(30))
+        {
+            warn!(error = %e, "cannot settle a collection round; nothing is published until it is");
+            warned = Some(std::time::Instant::now());
+        }
+        let Ok(Some(round)) = round else {
             continue;
         };
         if round.holder == bucket.holder
@@ -204,9 +212,16 @@ pub(crate) fn collect(
     };
     let ttl_ms = bucket.lease_ttl.as_millis() as u64;
     store.claim_gc(&bucket.holder, ttl_ms, now_unix_ms())?;
-    let report = store.gc(options);
-    store.release_gc();
-    report
+    /// Releases the collection lease however the collection ends (a panic
+    /// included), so that the servers taking part let their fences go.
+    struct Release<'a>(&'a blockrep_store::Store);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.release_gc();
+        }
+    }
+    let _release = Release(store);
+    store.gc(options)
 }
 
 /// Announces this server among those sharing the bucket (before it serves

@@ -33,7 +33,21 @@ fn tick(shared: &Shared) {
                 return;
             }
         };
+        // In a bucket, each server snapshots the sources it serves.
+        let served: Option<Vec<_>> = shared.config.bucket.as_ref().map(|_| {
+            store
+                .leases()
+                .into_iter()
+                .map(|(source, _)| source)
+                .collect()
+        });
         for source in sources {
+            if served
+                .as_ref()
+                .is_some_and(|served| !served.contains(&source))
+            {
+                continue;
+            }
             match store.create_auto_snapshot_if_due(&source, now) {
                 Ok(Some(snapshot)) => {
                     info!(source = %source, snapshot = %snapshot.name, epoch = snapshot.epoch, "automatic snapshot taken");

@@ -31,10 +31,33 @@ pub(crate) struct Remote {
     /// The collection this store runs beside other servers, from its claim
     /// of the collection lease to the end of its round (`bucket/round.rs`).
     pub(crate) round: std::sync::Mutex<Option<Collecting>>,
+    /// Why this store may not publish now (`bucket/take_part.rs`), and as
+    /// whom it announced itself.
+    pub(crate) unsettled: std::sync::Mutex<Unsettled>,
+    /// One claim of a source's lease at a time: two at once (a session and
+    /// an admin request) would both take it, and keep one of the versions.
+    pub(crate) claiming: std::sync::Mutex<()>,
+}
+
+/// What keeps a store in a bucket from publishing, mirrored in the blob
+/// layer's flag that publishing checks.
+#[derive(Debug, Default)]
+pub(crate) struct Unsettled {
     /// The generation of another server's round whose end this store could
-    /// not confirm: it publishes nothing until it has
-    /// (`bucket/take_part.rs`).
-    pub(crate) unsettled_round: std::sync::Mutex<Option<u64>>,
+    /// not confirm, or that ran without it.
+    pub(crate) round: Option<u64>,
+    /// Its announcement lapsed: it must announce itself again and read the
+    /// packs (`Store::rejoin`).
+    pub(crate) rejoin: bool,
+    /// The name it announced itself as, once it did.
+    pub(crate) announced_as: Option<String>,
+}
+
+impl Unsettled {
+    /// Whether publishing must wait.
+    pub(crate) fn blocks(&self) -> bool {
+        self.round.is_some() || self.rejoin
+    }
 }
 
 /// A collection under this store's collection lease, and the servers that
@@ -84,7 +107,8 @@ impl Remote {
             writes: AtomicU64::new(0),
             nonce_base: u64::from_le_bytes(base),
             round: Default::default(),
-            unsettled_round: Default::default(),
+            unsettled: Default::default(),
+            claiming: Default::default(),
         }
     }
 
@@ -186,6 +210,29 @@ impl Remote {
             None => Err(Error::new(
                 ErrorKind::Leased,
                 format!("this server holds no lease of {source}"),
+            )),
+        }
+    }
+
+    /// Fails when this store announced itself in the bucket and that
+    /// announcement is not held now (`now_unix_ms`): a collection may run
+    /// without it, so it publishes nothing until it announced itself again
+    /// and read the packs. A store that never announced itself (a tool) is
+    /// not held to it.
+    pub(crate) fn check_presence(&self, now_unix_ms: u64) -> Result<(), Error> {
+        let Some(holder) = lock(&self.unsettled).announced_as.clone() else {
+            return Ok(());
+        };
+        let name = format!("{PRESENCE_PREFIX}{holder}");
+        match self.lease_named(&name) {
+            Some(lease) if lease.expires_unix_ms > now_unix_ms => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "this server's announcement {name} is not held (it was paused or cut off \
+                     from the bucket): nothing is published until it has announced itself \
+                     again"
+                ),
             )),
         }
     }

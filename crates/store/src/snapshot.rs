@@ -246,7 +246,7 @@ impl Store {
         // while the collection ran) or after the snapshot is published. Without
         // it, a commit moving the head and a collection in between would sweep
         // the blobs of the root this snapshot is about to name.
-        let _fence = self.blobs.publishing_fence()?;
+        let _fence = self.publishing_fence(now_unix_ms)?;
         let head = match of {
             Some(of) => of,
             None => self
@@ -264,6 +264,13 @@ impl Store {
                 })?,
         };
         self.note_snapshot_root(&head.root);
+        if self.remote.is_some() {
+            // In a bucket, another server may serve the source and this
+            // copy of its head be old: only the lease holder snapshots it.
+            self.check_lease(source, now_unix_ms)?;
+        }
+        // A root a collection removed (an old head read here) is never named.
+        self.blobs.require_present("the snapshot", [&head.root])?;
         #[cfg(test)]
         tests::pause_point();
         let dir = self.snapshots_dir(source);

@@ -102,6 +102,21 @@ impl Store {
         self.blobs.check_reachable()
     }
 
+    /// The GC fence for reading, for a step that publishes a record naming
+    /// blobs (see `gc.rs`), once this store may publish: not while another
+    /// server's round is unsettled here (`Blobs::publishing_fence`), nor
+    /// while its announcement in a bucket has lapsed at `now_unix_ms`.
+    pub(crate) fn publishing_fence(
+        &self,
+        now_unix_ms: u64,
+    ) -> Result<std::sync::RwLockReadGuard<'_, ()>, Error> {
+        let fence = self.blobs.publishing_fence()?;
+        if let Some(remote) = &self.remote {
+            remote.check_presence(now_unix_ms)?;
+        }
+        Ok(fence)
+    }
+
     /// In a bucket, fails unless this server holds `source`'s lease past
     /// `now_unix_ms`; a local store has no leases.
     pub(crate) fn check_lease(&self, source: &SourceId, now_unix_ms: u64) -> Result<(), Error> {
@@ -484,7 +499,7 @@ impl Store {
         // The GC fence, held until the head is published: a collection can
         // neither list references nor drop blobs between the check below and
         // the publication (see `gc.rs`).
-        let _fence = self.blobs.publishing_fence()?;
+        let _fence = self.publishing_fence(now_unix_ms)?;
         self.blobs.fence().note(&head_root);
         for ((root, pages), (id, _)) in tree.volumes.iter().zip(&encoded) {
             self.blobs.fence().note(id);

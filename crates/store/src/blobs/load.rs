@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use blockrep_core::ChunkId;
+
 use super::backend::Refreshed;
 use super::index::BlobIndex;
 use super::{Blobs, Inner, Location, pack};
@@ -214,34 +216,49 @@ impl Blobs {
         }
     }
 
-    /// Takes what [`Blobs::refresh`] found into the index.
+    /// Takes what [`Blobs::refresh`] found into the index: everything that
+    /// can fail first (the scans, the listing of entries), then the changes,
+    /// in one step that cannot, so that a failure leaves the index as it was.
     fn index_refreshed(&self, found: &Refreshed) -> Result<(), Error> {
+        let mut scans = Vec::with_capacity(found.added.len());
         for &number in &found.added {
             let scan = match self.packs.load_scan(number) {
                 Some(scan) => scan,
                 None => self.packs.scan(number)?,
             };
-            let mut inner = lock(&self.inner);
-            index_scan(&mut inner, number, &scan, 0);
-            inner.last_pack = inner.last_pack.max(number);
+            scans.push((number, scan));
         }
-        if !found.gone.is_empty() {
-            // After the packs added: the collector's copies of live records
-            // replaced their entries, so what still points into a deleted
-            // pack was dead and removed.
-            let gone: std::collections::HashSet<u32> = found.gone.iter().copied().collect();
-            let mut inner = lock(&self.inner);
-            for (id, _) in inner
+        let mut inner = lock(&self.inner);
+        let gone: std::collections::HashSet<u32> = found.gone.iter().copied().collect();
+        let in_gone: Vec<ChunkId> = if gone.is_empty() {
+            Vec::new()
+        } else {
+            inner
                 .index
                 .entries()?
                 .into_iter()
                 .filter(|(_, at)| gone.contains(&at.pack))
+                .map(|(id, _)| id)
+                .collect()
+        };
+        for (number, scan) in &scans {
+            index_scan(&mut inner, *number, scan, 0);
+            inner.last_pack = inner.last_pack.max(*number);
+        }
+        // After the packs added: the collector's copies of live records
+        // replaced their entries, so what still points into a deleted pack
+        // was dead and removed.
+        for id in in_gone {
+            if inner
+                .index
+                .get(&id)
+                .is_some_and(|at| gone.contains(&at.pack))
             {
                 inner.index.remove(&id);
             }
-            for &number in &found.gone {
-                inner.index.forget_pack(number);
-            }
+        }
+        for &number in &found.gone {
+            inner.index.forget_pack(number);
         }
         Ok(())
     }

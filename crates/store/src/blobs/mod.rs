@@ -203,8 +203,9 @@ impl Blobs {
         if self.unsettled.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Busy,
-                "this server has not yet read the bucket's packs again since another \
-                 server's collection; nothing is published until it has (try again)",
+                "this server has not yet read the bucket's packs again (after another \
+                 server's collection, or after its own announcement lapsed): nothing is \
+                 published until it has (try again)",
             ));
         }
         Ok(fence)

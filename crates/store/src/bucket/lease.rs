@@ -42,6 +42,7 @@ impl Store {
         let Some(remote) = &self.remote else {
             return Ok(None);
         };
+        let _one = crate::mutex::lock(&remote.claiming);
         if let Some(record) = remote.lease(source)
             && record.expires_unix_ms > now_unix_ms
         {
@@ -123,7 +124,12 @@ impl Store {
                 // Lapsed while this server was paused or cut off: though
                 // nobody took it, a collection may have run without this
                 // server, so its view of the packs is stale. Given up; the
-                // next claim reads the bucket again.
+                // next claim reads the bucket again, and without its
+                // announcement this server publishes nothing until
+                // `rejoin` has.
+                if name.starts_with(PRESENCE_PREFIX) {
+                    self.unsettle(|unsettled| unsettled.rejoin = true);
+                }
                 remote.drop_lease(&name);
                 let why = Error::new(
                     ErrorKind::Leased,
@@ -167,11 +173,19 @@ impl Store {
             return Ok(());
         };
         let name = format!("{PRESENCE_PREFIX}{holder}");
+        // Announced again (after a lapse): nothing is published until
+        // `rejoin` has read the packs and the rounds.
+        self.unsettle(|unsettled| {
+            if unsettled.announced_as.is_some() {
+                unsettled.rejoin = true;
+            }
+        });
         let lease = remote
             .bucket
             .take_lease(&name, holder, ttl_ms, now_unix_ms)
             .map_err(|e| bucket_error(format!("cannot announce {holder} in the bucket"), e))?;
         remote.keep_lease(&name, lease);
+        self.unsettle(|unsettled| unsettled.announced_as = Some(holder.to_owned()));
         Ok(())
     }
 
@@ -284,6 +298,36 @@ impl Store {
     /// published, and packs a collection deleted (whose entries go).
     pub fn reload_packs(&self) -> Result<(), Error> {
         self.blobs.refresh()
+    }
+
+    /// After this server (`holder`) announced itself again (its announcement
+    /// had lapsed): reads the bucket's packs again, and lets it publish
+    /// unless another server's round is open, which did not count it in:
+    /// then publishing waits until that round ended
+    /// ([`Store::settle_round`]).
+    pub fn rejoin(&self, holder: &str, now_unix_ms: u64) -> Result<(), Error> {
+        if self.remote.is_none() {
+            return Ok(());
+        }
+        self.blobs.refresh()?;
+        let open = self.gc_round()?.filter(|round| {
+            round.holder != holder
+                && matches!(
+                    round.phase,
+                    super::RoundPhase::Track | super::RoundPhase::Sweep
+                )
+        });
+        self.unsettle(|unsettled| {
+            unsettled.rejoin = false;
+            if let Some(round) = &open {
+                unsettled.round = Some(round.generation);
+            }
+        });
+        if open.is_some() {
+            // Lets it publish at once if that round ended meanwhile.
+            self.settle_round(now_unix_ms)?;
+        }
+        Ok(())
     }
 
     /// Gives up every lease this server holds (a clean stop), so that another

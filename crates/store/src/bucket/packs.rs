@@ -45,6 +45,9 @@ struct PackState {
     failed: BTreeSet<u32>,
     /// Packs being uploaded now: one upload per pack at a time.
     uploading: BTreeSet<u32>,
+    /// Packs this store's collection is deleting: a refresh meanwhile must
+    /// not take them in again.
+    removing: BTreeSet<u32>,
 }
 
 struct Shared {
@@ -406,7 +409,10 @@ impl PackBackend for BucketPacks {
         let mut state = lock(&self.shared.state);
         let mut found = Refreshed::default();
         for (&number, &len) in &listed {
-            if !state.published.contains_key(&number) && !state.claimed.contains(&number) {
+            if !state.published.contains_key(&number)
+                && !state.claimed.contains(&number)
+                && !state.removing.contains(&number)
+            {
                 state.published.insert(number, len);
                 found.added.push(number);
             }
@@ -515,16 +521,25 @@ impl PackBackend for BucketPacks {
 
     fn remove(&self, number: u32) -> Result<(), Error> {
         let bucket = &self.shared.remote.bucket;
+        // No longer published here from the start: a removal cut short must
+        // not leave this store counting on a pack whose index may be gone.
+        // A refresh finds it again if its index stayed.
+        {
+            let mut state = lock(&self.shared.state);
+            state.published.remove(&number);
+            state.removing.insert(number);
+        }
         // The index first: without it the pack is no longer published, so a
         // removal cut short leaves an unpublished object, never a published
         // pack that lacks records.
         for key in [index_key(number), pack_key(number)] {
-            bucket
-                .delete(&key)
-                .map_err(|e| bucket_error(format!("cannot delete {key}"), e))?;
+            if let Err(e) = bucket.delete(&key) {
+                lock(&self.shared.state).removing.remove(&number);
+                return Err(bucket_error(format!("cannot delete {key}"), e));
+            }
         }
         let mut state = lock(&self.shared.state);
-        state.published.remove(&number);
+        state.removing.remove(&number);
         let was_local = state.cached.remove(&number).is_some() || state.claimed.remove(&number);
         drop(state);
         if was_local {

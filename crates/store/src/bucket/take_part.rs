@@ -17,7 +17,7 @@ use super::round::{
 use crate::blobs::Tracking;
 use crate::error::{Error, ErrorKind};
 use crate::mutex::lock;
-use crate::remote::Remote;
+use crate::remote::{Remote, Unsettled};
 use crate::store::Store;
 
 /// How a round ended for a server taking part.
@@ -187,15 +187,16 @@ impl Store {
         Ok(part.finish(end))
     }
 
-    /// After a round that ended [`RoundEnd::Unsettled`]: once the bucket
-    /// shows that round ended (or its collector gone), reads the packs again
-    /// and lets this store publish again. Returns whether it may (also when
-    /// nothing was unsettled).
+    /// After a round that ended [`RoundEnd::Unsettled`] (or ran without
+    /// this server): once the bucket shows that round ended (or its
+    /// collector gone), reads the packs again and lets this store publish,
+    /// unless it must still announce itself again ([`Store::rejoin`]).
+    /// Returns whether no round is left unsettled.
     pub fn settle_round(&self, now_unix_ms: u64) -> Result<bool, Error> {
         let Some(remote) = self.remote.as_deref() else {
             return Ok(true);
         };
-        let Some(generation) = *lock(&remote.unsettled_round) else {
+        let Some(generation) = lock(&remote.unsettled).round else {
             return Ok(true);
         };
         let ended = match self.gc_round()? {
@@ -211,11 +212,25 @@ impl Store {
             return Ok(false);
         }
         self.blobs.refresh()?;
-        *lock(&remote.unsettled_round) = None;
+        self.unsettle(|unsettled| {
+            if unsettled.round == Some(generation) {
+                unsettled.round = None;
+            }
+        });
+        Ok(true)
+    }
+
+    /// Changes why this store may not publish, and the flag publishing
+    /// checks with it.
+    pub(crate) fn unsettle(&self, change: impl FnOnce(&mut Unsettled)) {
+        let Some(remote) = self.remote.as_deref() else {
+            return;
+        };
+        let mut unsettled = lock(&remote.unsettled);
+        change(&mut unsettled);
         self.blobs
             .unsettled
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        Ok(true)
+            .store(unsettled.blocks(), std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -327,13 +342,15 @@ impl RoundPart<'_> {
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+        let generation = self.round.generation;
         if end == RoundEnd::Unsettled {
             // Before the fence goes: no commit slips in between.
             self.store
-                .blobs
-                .unsettled
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            *lock(&self.remote.unsettled_round) = Some(self.round.generation);
+                .unsettle(|unsettled| unsettled.round = Some(generation));
+        } else {
+            // An older round left unsettled ended before this one began
+            // (one collection lease at a time), and the packs are read.
+            self.store.unsettle(|unsettled| unsettled.round = None);
         }
         self.fence = None;
         self.tracking = None;

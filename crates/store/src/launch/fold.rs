@@ -184,7 +184,7 @@ impl LaunchVolume {
             // root adds are recorded for a running collection and checked to
             // be stored (see `gc.rs`). Pages not dirty are those of the
             // folded root.
-            let _fence = store.blobs.publishing_fence()?;
+            let _fence = store.publishing_fence(now_unix_ms)?;
             store.blobs.fence().note(&root_id);
             for (page, encoded) in &dirty {
                 if let Some((_, id)) = encoded {

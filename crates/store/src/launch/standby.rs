@@ -47,7 +47,7 @@ impl Store {
         self.check_writable()?;
         validate_name("launch", name)?;
         let _guard = lock(&self.catalog.lock);
-        let _fence = self.blobs.publishing_fence()?;
+        let _fence = self.publishing_fence(now_unix_ms)?;
         let prefix = format!("{name}/");
         let open = lock(&self.catalog.open_launches)
             .iter()
@@ -91,7 +91,13 @@ impl Store {
         if open {
             return Ok(Rebased::Open);
         }
+        // In a bucket, only the server serving the source moves its standby
+        // launches: another one's copy of the head may be old.
+        if self.remote.is_some() && self.check_lease(&info.source, now_unix_ms).is_err() {
+            return Ok(Rebased::Unchanged);
+        }
         self.note_snapshot_root(&root);
+        self.blobs.require_present("the standby launch", [&root])?;
         workflow.following_to = Some(root);
         self.write_workflow(name, &workflow)?;
         let moved = super::LaunchInfo {
