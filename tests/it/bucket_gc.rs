@@ -27,6 +27,20 @@ fn open(weed: &SeaweedFs, dir: &tempfile::TempDir, prefix: &str) -> Store {
     .unwrap()
 }
 
+/// Two servers' stores on the bucket prefix `prefix`, each with its own
+/// working copy.
+fn two_stores(weed: &SeaweedFs, prefix: &str) -> [(tempfile::TempDir, Store); 2] {
+    [(); 2].map(|()| {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(weed, &dir, prefix);
+        (dir, store)
+    })
+}
+
+fn geometry() -> Geometry {
+    Geometry::new(DISK as u64, CHUNK as u32).unwrap()
+}
+
 /// A disk whose first chunk is `first` and the rest random from `seed`.
 fn disk_with(first: &[u8], seed: u64) -> Vec<u8> {
     let mut disk = random_bytes(DISK, seed);
@@ -47,9 +61,8 @@ fn a_collection_keeps_what_another_server_touched_and_refuses_what_it_only_knew(
     let Some(weed) = SeaweedFs::start("collection round") else {
         return;
     };
-    let geometry = Geometry::new(DISK as u64, CHUNK as u32).unwrap();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = (open(&weed, &dir_a, "round"), open(&weed, &dir_b, "round"));
+    let geometry = geometry();
+    let [(dir_a, a), (dir_b, b)] = two_stores(&weed, "round");
     let (src_a, src_b) = (
         SourceId::new("a-src").unwrap(),
         SourceId::new("b-src").unwrap(),
@@ -141,12 +154,8 @@ fn a_server_that_cannot_tell_how_a_round_ended_publishes_nothing_until_it_can() 
     let Some(weed) = SeaweedFs::start("unsettled round") else {
         return;
     };
-    let geometry = Geometry::new(DISK as u64, CHUNK as u32).unwrap();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = (
-        open(&weed, &dir_a, "unsettled"),
-        open(&weed, &dir_b, "unsettled"),
-    );
+    let geometry = geometry();
+    let [(_dir_a, a), (dir_b, b)] = two_stores(&weed, "unsettled");
     let source = SourceId::new("b-src").unwrap();
     a.claim_presence("a", TTL, NOW).unwrap();
     b.claim_presence("b", TTL, NOW).unwrap();
@@ -194,9 +203,8 @@ fn a_server_present_that_does_not_take_part_stops_the_collection_before_it_remov
     let Some(weed) = SeaweedFs::start("silent server") else {
         return;
     };
-    let geometry = Geometry::new(DISK as u64, CHUNK as u32).unwrap();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = (open(&weed, &dir_a, "silent"), open(&weed, &dir_b, "silent"));
+    let geometry = geometry();
+    let [(_dir_a, a), (_dir_b, b)] = two_stores(&weed, "silent");
     let source = SourceId::new("a-src").unwrap();
     a.claim_presence("a", TTL, NOW).unwrap();
     b.claim_presence("b", TTL, NOW).unwrap();
@@ -258,9 +266,8 @@ fn a_server_whose_announcement_lapsed_publishes_nothing_until_it_rejoined_and_ro
     let Some(weed) = SeaweedFs::start("rejoin") else {
         return;
     };
-    let geometry = Geometry::new(DISK as u64, CHUNK as u32).unwrap();
-    let (dir_b, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (b, c) = (open(&weed, &dir_b, "rejoin"), open(&weed, &dir_c, "rejoin"));
+    let geometry = geometry();
+    let [(dir_b, b), (_dir_c, c)] = two_stores(&weed, "rejoin");
     let source = SourceId::new("b-src").unwrap();
     b.claim_presence("b", 1_000, NOW).unwrap();
     b.claim_source(&source, "b", TTL, NOW).unwrap();

@@ -192,7 +192,11 @@ pub(crate) async fn take_part(shared: Arc<Shared>) {
         })
         .await;
         match ended {
-            Ok(Ok(end)) => info!(?end, "collection round ended"),
+            Ok(Ok((end, fenced))) => info!(
+                ?end,
+                fenced_ms = fenced.as_millis() as u64,
+                "collection round ended (commits here waited while fenced)"
+            ),
             Ok(Err(e)) => warn!(error = %e, "could not take part in a collection"),
             Err(e) => warn!(error = %e, "collection round task failed"),
         }

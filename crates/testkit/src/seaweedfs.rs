@@ -253,6 +253,21 @@ impl SeaweedFs {
 
     /// Creates bucket `name` with `weed shell`, as an operator would.
     fn create_bucket(&self, name: &str, master: &str, filer: &str) {
+        // The S3 endpoint is announced before the filer's gRPC port always
+        // accepts: a refused connection is tried again, for a while.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match self.try_create_bucket(name, master, filer) {
+                Ok(()) => return,
+                Err(why) if why.contains("connection refused") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(why) => panic!("weed shell could not create bucket {name}: {why}"),
+            }
+        }
+    }
+
+    fn try_create_bucket(&self, name: &str, master: &str, filer: &str) -> Result<(), String> {
         let mut shell = Command::new(&self.weed)
             .arg("shell")
             .arg(format!("-master={master}"))
@@ -266,11 +281,11 @@ impl SeaweedFs {
         writeln!(shell.stdin.take().unwrap(), "s3.bucket.create -name {name}").unwrap();
         let output = shell.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            text.contains(&format!("created bucket {name}")),
-            "weed shell could not create bucket {name}: {text}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        if text.contains(&format!("created bucket {name}")) {
+            Ok(())
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&output.stderr)))
+        }
     }
 
     /// How a blockrep process keeps its store under `prefix` of the test

@@ -162,18 +162,21 @@ impl Store {
     /// Takes part in `round` from start to end (`join_round`, then each
     /// step as the collector reaches it), looking at the bucket every
     /// `poll`. Blocks until the round ends; commits and launch flushes of
-    /// this store wait from the sweep to the end.
+    /// this store wait from the sweep to the end. Returns how the round
+    /// ended here, and how long this store held its fence.
     pub fn take_part_in_round(
         &self,
         holder: &str,
         round: &Round,
         now_unix_ms: u64,
         poll: Duration,
-    ) -> Result<RoundEnd, Error> {
+    ) -> Result<(RoundEnd, Duration), Error> {
         let mut part = self.join_round(holder, round, now_unix_ms)?;
+        let mut fenced_at = None;
         let end = match part.wait_past(RoundPhase::Track, poll) {
             Some(end) => end,
             None => {
+                fenced_at = Some(Instant::now());
                 // The fence is held whether or not the answer arrived: a
                 // write the bucket took but did not confirm still counts
                 // for the collector, which then deletes.
@@ -184,7 +187,8 @@ impl Store {
                     .unwrap_or(RoundEnd::Aborted)
             }
         };
-        Ok(part.finish(end))
+        let end = part.finish(end);
+        Ok((end, fenced_at.map_or(Duration::ZERO, |at| at.elapsed())))
     }
 
     /// After a round that ended [`RoundEnd::Unsettled`] (or ran without
