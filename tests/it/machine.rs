@@ -213,8 +213,8 @@ async fn machine_session(
 ) -> (blockrep_testkit::RawClient, u64, Vec<bytes::Bytes>) {
     use blockrep_proto::Message;
     use blockrep_testkit::raw::next;
-    let mut client = open_machine_session(server, pki, disks).await;
-    let head_epoch = match next(&mut client).await {
+    let (mut client, first) = open_machine_session_when_free(server, pki, disks).await;
+    let head_epoch = match first {
         Some(Message::MachineWelcome { head_epoch, .. }) => head_epoch,
         other => panic!("no MachineWelcome: {other:?}; log: {}", server.log()),
     };
@@ -345,8 +345,10 @@ async fn a_machine_session_commits_every_volume_at_once_and_goes_on_from_its_hea
     }
     drop(client);
     // Without a volume the head has: refused, naming it.
-    let mut client = open_machine_session(&rig.server, &rig.pki, &disks[..2]).await;
-    let refused = expect_refusal(&mut client).await;
+    let refused = match open_machine_session_when_free(&rig.server, &rig.pki, &disks[..2]).await {
+        (_, Some(blockrep_proto::Message::Error { message, .. })) => message,
+        (_, other) => panic!("expected an Error, got {other:?}"),
+    };
     assert!(
         refused.contains("volume log") && refused.contains("refused"),
         "{refused}"
@@ -377,6 +379,27 @@ async fn a_machine_session_commits_every_volume_at_once_and_goes_on_from_its_hea
 }
 
 /// Connects as source `web` and says the `MachineHello` of `disks`.
+/// [`open_machine_session`] once the server let the last session of the
+/// source go (a dropped connection ends its session a moment later):
+/// the client, with the server's first message.
+async fn open_machine_session_when_free(
+    server: &blockrep_testkit::ServerProcess,
+    pki: &Pki,
+    disks: &[(&str, Vec<u8>)],
+) -> (blockrep_testkit::RawClient, Option<blockrep_proto::Message>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut client = open_machine_session(server, pki, disks).await;
+        let first = blockrep_testkit::raw::next(&mut client).await;
+        let busy = matches!(&first, Some(blockrep_proto::Message::Error { message, .. })
+            if message.contains("another session for this source is active"));
+        if !busy || std::time::Instant::now() >= deadline {
+            return (client, first);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn open_machine_session(
     server: &blockrep_testkit::ServerProcess,
     pki: &Pki,
