@@ -183,7 +183,9 @@ impl Store {
                 if let Err(e) = part.send_touched() {
                     eprintln!("blockrep-store: {e}; waiting for the round to end");
                 }
-                part.wait_past(RoundPhase::Sweep, poll)
+                // Four times as often while fenced: this store's commits
+                // wait for the end, which comes soon after the sweep.
+                part.wait_past(RoundPhase::Sweep, poll / 4)
                     .unwrap_or(RoundEnd::Aborted)
             }
         };
@@ -274,7 +276,20 @@ impl RoundPart<'_> {
                     match round.phase {
                         RoundPhase::Done => return Some(RoundEnd::Done),
                         RoundPhase::Aborted => return Some(RoundEnd::Aborted),
-                        _ if gone => return Some(RoundEnd::CollectorGone),
+                        // The collector writes its end before it lets the
+                        // lease go: read the round once more for it.
+                        _ if gone => {
+                            return Some(match self.store.gc_round() {
+                                Ok(Some(again)) if again.generation == self.round.generation => {
+                                    match again.phase {
+                                        RoundPhase::Done => RoundEnd::Done,
+                                        RoundPhase::Aborted => RoundEnd::Aborted,
+                                        _ => RoundEnd::CollectorGone,
+                                    }
+                                }
+                                _ => RoundEnd::CollectorGone,
+                            });
+                        }
                         now if now != phase => return None,
                         _ => answered = Instant::now(),
                     }
