@@ -324,3 +324,38 @@ fn a_server_whose_announcement_lapsed_publishes_nothing_until_it_rejoined_and_ro
     b.commit(&source, 1, &root, &pages, 0, NOW + 3_600).unwrap();
     assert!(exported(&b, &source, &dir_b) == disk);
 }
+
+#[test]
+fn a_read_of_a_chunk_another_server_s_collection_moved_finds_it_again() {
+    let Some(weed) = SeaweedFs::start("moved chunk") else {
+        return;
+    };
+    let geometry = geometry();
+    let [(_dir_a, a), (_dir_b, b)] = two_stores(&weed, "moved");
+    let source = SourceId::new("a-src").unwrap();
+    a.claim_presence("a", TTL, NOW).unwrap();
+    a.claim_source(&source, "a", TTL, NOW).unwrap();
+    // The second image keeps only the first chunk of the first: the first
+    // pack is mostly dead, and its one live chunk will move.
+    let first = random_bytes(DISK, 7);
+    let second = disk_with(&first[..CHUNK], 8);
+    for (epoch, disk) in [(1, &first), (2, &second)] {
+        let (root, pages) = a.insert_image(disk, geometry).unwrap();
+        a.commit(&source, epoch, &root, &pages, 0, NOW).unwrap();
+    }
+    let kept = blockrep_core::scan_buffer(&first, geometry)[0];
+    // B reads it where A stored it. B never announced itself, so A's
+    // collection does not wait for it, as for a server in the moment
+    // before it reads the listing again.
+    b.reload_packs().unwrap();
+    assert!(b.read_blob_unverified(&kept).unwrap() == first[..CHUNK]);
+    assert!(a.claim_gc("a", TTL, NOW + 10).unwrap().is_empty());
+    let report = a.gc(&GcOptions::default()).unwrap();
+    a.release_gc();
+    assert!(
+        report.packs_compacted >= 1 && report.blobs_copied >= 1,
+        "{report:?}"
+    );
+    // Its pack is gone; B's read finds the chunk where it moved.
+    assert!(b.read_blob_unverified(&kept).unwrap() == first[..CHUNK]);
+}

@@ -133,6 +133,13 @@ pub(crate) trait PackBackend: fmt::Debug + Send + Sync {
         Ok(Refreshed::default())
     }
 
+    /// Whether other stores change these packs (a bucket shared by several
+    /// servers): a read that fails where the index points is worth a
+    /// refresh.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// Forgets what `refresh` found, when the index could not take it in:
     /// the next refresh finds it again.
     fn undo_refresh(&self, _found: &Refreshed) {}

@@ -611,6 +611,13 @@ impl Blobs {
             self.load_index()?;
             now = self.location(id)?;
         }
+        // In a shared bucket, another server's collection may have moved it
+        // and deleted the pack since this index last read the listing. A
+        // refresh that fails leaves the read's own error to be reported.
+        if now.is_at(failed) && !self.read_only && self.packs.is_shared() && self.refresh().is_ok()
+        {
+            now = self.location(id)?;
+        }
         Ok((!now.is_at(failed)).then_some(now))
     }
 

@@ -433,6 +433,10 @@ impl PackBackend for BucketPacks {
         Ok(found)
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn undo_refresh(&self, found: &Refreshed) {
         let mut state = lock(&self.shared.state);
         for number in &found.added {
