@@ -99,12 +99,21 @@
 //! reads every root and index page once, but no chunk. Copying is not rate
 //! limited: it competes with replication for disk bandwidth.
 //!
+//! # Beside other servers of a bucket
+//!
+//! Their sessions and launches are fenced in their own memory, so a
+//! collection there runs as a round they take part in (`bucket/round.rs`):
+//! they join before the mark, send what they touched and hold their fences
+//! from the sweep to the end, and read the pack listing again before they
+//! let them go. The mark also lists the roots of every record in the bucket.
+//!
 //! # Where the code is
 //!
 //! This module marks: it lists the referenced roots under the fence and walks
 //! them. The rest is the blob layer's: the fence and the touched set
 //! (`blobs/fence.rs`), and the plan, copy, fenced sweep and delete
-//! (`Blobs::collect`, `blobs/compact.rs`).
+//! (`Blobs::collect`, `blobs/compact.rs`); the round is `bucket/round.rs`
+//! and `bucket/take_part.rs`.
 
 use std::collections::{BTreeSet, HashSet};
 
