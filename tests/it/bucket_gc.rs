@@ -185,6 +185,8 @@ fn a_server_that_cannot_tell_how_a_round_ended_publishes_nothing_until_it_can() 
                 .to_string()
                 .contains("read the bucket's packs again")
         );
+        let blocked = b.publishing_blocked().expect("B waits for the round");
+        assert!(blocked.contains("collection round"), "{blocked}");
         assert!(
             !b.settle_round(NOW + 40).unwrap(),
             "the round is still running"
@@ -194,6 +196,7 @@ fn a_server_that_cannot_tell_how_a_round_ended_publishes_nothing_until_it_can() 
     });
     // The round ended (aborted): B reads the packs again and goes on.
     assert!(b.settle_round(NOW + 50).unwrap());
+    assert_eq!(b.publishing_blocked(), None);
     b.commit(&source, 1, &root, &pages, 0, NOW + 60).unwrap();
     assert!(exported(&b, &source, &dir_b) == disk);
 }
@@ -285,6 +288,8 @@ fn a_server_whose_announcement_lapsed_publishes_nothing_until_it_rejoined_and_ro
     let lost = b.renew_leases(TTL, NOW + 2_000);
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert!(!b.is_announced("b"));
+    let blocked = b.publishing_blocked().expect("B must announce itself");
+    assert!(blocked.contains("announce"), "{blocked}");
     let refused = b
         .commit(&source, 1, &root, &pages, 0, NOW + 2_100)
         .unwrap_err();

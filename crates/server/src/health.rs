@@ -219,6 +219,13 @@ pub(crate) fn backend_json(store: &Store) -> serde_json::Value {
             "errors_total": stats.errors_total,
             "uploaded_bytes_total": stats.uploaded_bytes_total,
         });
+        // Commits and flushes are refused while another server's collection
+        // round is unsettled here, or while this server must announce
+        // itself again.
+        backend["publishing"] = match store.publishing_blocked() {
+            None => json!("ok"),
+            Some(why) => json!(why),
+        };
     }
     backend
 }

@@ -226,6 +226,21 @@ impl Store {
         Ok(true)
     }
 
+    /// Why this store may not publish now, if it may not: it waits for
+    /// another server's collection round to end, or to announce itself in
+    /// the bucket again. `None` for a local store.
+    pub fn publishing_blocked(&self) -> Option<String> {
+        let remote = self.remote.as_deref()?;
+        let unsettled = lock(&remote.unsettled);
+        match (unsettled.round, unsettled.rejoin) {
+            (Some(generation), _) => Some(format!(
+                "waiting for collection round {generation} of another server to end"
+            )),
+            (None, true) => Some("waiting to announce itself in the bucket again".into()),
+            (None, false) => None,
+        }
+    }
+
     /// Changes why this store may not publish, and the flag publishing
     /// checks with it.
     pub(crate) fn unsettle(&self, change: impl FnOnce(&mut Unsettled)) {
