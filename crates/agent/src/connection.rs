@@ -400,3 +400,37 @@ impl<S: Transport> Connection<S> {
         }
     }
 }
+
+/// Explains a TLS alert received before `Welcome`: the server's verdict on
+/// this agent's certificate, in words an operator can act on.
+pub(crate) fn certificate_rejected(alert: rustls::AlertDescription) -> String {
+    use rustls::AlertDescription as A;
+    let why = match alert {
+        A::CertificateExpired => "the certificate has expired (or is not valid yet)",
+        A::CertificateRevoked => "the certificate has been revoked",
+        A::UnknownCA | A::DecryptError => {
+            "the certificate was not issued by the server's CA (check --ca and --cert)"
+        }
+        A::CertificateRequired => "no client certificate was presented",
+        A::UnsupportedCertificate => {
+            "the certificate is not a client certificate (a server certificate used as a client?)"
+        }
+        _ => "the certificate was not accepted",
+    };
+    format!(
+        "the server refused this agent's certificate: {why} (TLS alert {alert:?}); \
+         issue a new one with `blockrep cert issue --source <id>` if needed"
+    )
+}
+
+/// Whether the certificate at `path` names a tenant; yes when it cannot be
+/// read (the connection that read it has already been made), so that the
+/// epoch offers what it sends rather than guess.
+pub(crate) fn names_tenant(path: &std::path::Path) -> bool {
+    let Ok(certs) = blockrep_pki::read_certs(path) else {
+        return true;
+    };
+    certs
+        .first()
+        .is_none_or(|leaf| !matches!(blockrep_pki::tenant_from_cert(leaf), Ok(None)))
+}

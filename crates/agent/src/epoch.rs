@@ -15,7 +15,7 @@ use tracing::debug;
 /// Epochs with less than this to send show no progress bar.
 const PROGRESS_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
-use crate::connection::{Connection, TlsTransport, Transport};
+use crate::connection::{Connection, TlsTransport, Transport, certificate_rejected, names_tenant};
 use crate::machine_step::MachineStep;
 use crate::pages::{PagesOf, fetch_pages};
 use crate::send::{References, spawn_encoders};
@@ -297,6 +297,19 @@ impl<S: Transport> Session<S> {
         self.space
     }
 
+    /// Whether this session's next epoch may hash chunks as it sends them,
+    /// without a scan first: a first sync (no head to compare with) of one
+    /// disk read by a scan, whose source has no tenant (whose other sources'
+    /// chunks an `Offer` of the scan's ids would find).
+    fn streams(&self, config: &AgentConfig) -> bool {
+        self.head_root.is_none()
+            && self.capture.is_none()
+            && !self.volume_of_machine
+            && self.machine_step.is_none()
+            && !self.final_epoch
+            && !names_tenant(&config.cert_path)
+    }
+
     /// The server's committed root id, if any.
     pub(crate) fn head_root_id(&self) -> Option<ChunkId> {
         self.head_root.as_ref().map(Root::id)
@@ -503,6 +516,14 @@ impl<S: Transport> Session<S> {
         scan: Scan,
         commit_unchanged: bool,
     ) -> Result<Option<EpochReport>, Error> {
+        // A first sync hashes each chunk as it sends it; any other epoch
+        // compares the scan's ids with the head's first.
+        let streaming = scan.pending && self.streams(config);
+        let scan = if streaming {
+            scan
+        } else {
+            scan.hashed().await?
+        };
         let scan = scan.into_space(self.space)?;
         if scan.geometry != self.geometry {
             return Err(Error::DiskChanged(format!(
@@ -513,7 +534,11 @@ impl<S: Transport> Session<S> {
             )));
         }
         let transfer_started = Instant::now();
-        let changed = self.changed(&scan).await?;
+        let changed = if streaming {
+            (0..self.geometry.chunk_count()).collect()
+        } else {
+            self.changed(&scan).await?
+        };
         if changed.is_empty() && !commit_unchanged && self.head_root.is_some() {
             return Ok(None);
         }
@@ -554,10 +579,13 @@ impl<S: Transport> Session<S> {
 
         // Chunks the server admits to holding for this source (or its tenant)
         // travel as references.
+        // Streaming, nothing is offered: the source has no head, and no
+        // tenant whose other sources' chunks it could reference.
         let offered: Vec<ChunkId> = {
             let mut seen = HashSet::new();
             changed
                 .iter()
+                .filter(|_| !streaming)
                 .map(|&i| scan.ids[i as usize])
                 .filter(|id| !id.is_zero() && seen.insert(*id))
                 .collect()
@@ -583,6 +611,10 @@ impl<S: Transport> Session<S> {
             .collect();
         let mut to_encode = Vec::with_capacity(changed.len());
         for &index in &changed {
+            if streaming {
+                to_encode.push(index);
+                continue;
+            }
             let id = scan.ids[index as usize];
             if id.is_zero() || !own.contains(&id) {
                 to_encode.push(index);
@@ -633,6 +665,15 @@ impl<S: Transport> Session<S> {
         let mut stored = (0u64, 0u64);
         while let Some(encoded) = fetch.next_frame(&mut self.connection, &mut frames).await? {
             let encoded = encoded?;
+            if streaming && encoded.id.is_zero() {
+                // Zero where the replica is zero too: nothing to send.
+                if let Some(bar) = &progress {
+                    bar.inc(u64::from(
+                        self.geometry.chunk_len(encoded.index).unwrap_or(0),
+                    ));
+                }
+                continue;
+            }
             view[encoded.index as usize] = encoded.id;
             let frame = if encoded.id.is_zero() {
                 report.zero_chunks_sent += 1;
@@ -738,28 +779,6 @@ impl<S: Transport> Session<S> {
 /// head's geometry is the server's word, so a mismatch is its protocol error.
 fn diff_error(error: blockrep_core::Error) -> Error {
     Error::Protocol(format!("the server's head does not fit the disk: {error}"))
-}
-
-/// Explains a TLS alert received before `Welcome`: the server's verdict on
-/// this agent's certificate, in words an operator can act on.
-pub(crate) fn certificate_rejected(alert: rustls::AlertDescription) -> String {
-    use rustls::AlertDescription as A;
-    let why = match alert {
-        A::CertificateExpired => "the certificate has expired (or is not valid yet)",
-        A::CertificateRevoked => "the certificate has been revoked",
-        A::UnknownCA | A::DecryptError => {
-            "the certificate was not issued by the server's CA (check --ca and --cert)"
-        }
-        A::CertificateRequired => "no client certificate was presented",
-        A::UnsupportedCertificate => {
-            "the certificate is not a client certificate (a server certificate used as a client?)"
-        }
-        _ => "the certificate was not accepted",
-    };
-    format!(
-        "the server refused this agent's certificate: {why} (TLS alert {alert:?}); \
-         issue a new one with `blockrep cert issue --source <id>` if needed"
-    )
 }
 
 fn progress_bar(config: &AgentConfig, bytes: u64) -> Option<indicatif::ProgressBar> {

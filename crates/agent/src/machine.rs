@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use blockrep_core::{ChunkId, Consistency, Geometry, MachineRoot, Root, VolumeName};
 use blockrep_proto::{Message, PROTOCOL_VERSION};
 
+use crate::connection::certificate_rejected;
 use crate::connection::{Connection, TlsTransport, Transport};
-use crate::epoch::{CutoverReady, Session, VolumeHead, certificate_rejected};
+use crate::epoch::{CutoverReady, Session, VolumeHead};
 use crate::machine_step::MachineStep;
 use crate::view::Scan;
 use crate::{AgentConfig, EpochReport, Error};

@@ -48,6 +48,13 @@ pub(crate) fn print_table(f: &serde_json::Value) {
             ),
         ),
         (
+            "  CPU agent + server per GiB of non-zero data (s)",
+            format!(
+                "{:.2}",
+                num(&["initial_sync", "cpu_seconds_per_nonzero_gib"])
+            ),
+        ),
+        (
             "delta sync (s), 4 KiB blocks changed",
             format!(
                 "{:.3}, {}",

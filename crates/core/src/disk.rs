@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, ErrorKind};
 use crate::geometry::Geometry;
@@ -30,12 +31,14 @@ const SCAN_READ_BYTES: usize = 256 * 1024;
 ///
 /// Other processes may write the disk while we read it (that is the point of
 /// continuous replication). Its bytes are only ever hashed or copied, never
-/// trusted: whatever is sent is hashed again from the copy that is sent.
+/// trusted: whatever is sent is hashed from the copy that is sent.
 #[derive(Debug)]
 pub struct DiskImage {
     path: PathBuf,
     file: File,
     size_bytes: u64,
+    /// Bytes read through this image so far: what a sync cost the disk.
+    bytes_read: AtomicU64,
 }
 
 impl DiskImage {
@@ -50,7 +53,14 @@ impl DiskImage {
             path: path.to_owned(),
             file,
             size_bytes,
+            bytes_read: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes read through this image since it was opened (scans and
+    /// chunk reads alike).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 
     /// Size of the disk in bytes at open time.
@@ -122,7 +132,10 @@ impl DiskImage {
             let at = offset + filled as u64;
             match self.file.read_at(&mut buf[filled..], at) {
                 Ok(0) => return Err(self.shrank()),
-                Ok(read) => filled += read,
+                Ok(read) => {
+                    filled += read;
+                    self.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     return Err(Error::io(
@@ -154,7 +167,10 @@ impl DiskImage {
     /// Reads `buf.len()` bytes at `offset` with pread. A disk that shrank below
     /// `offset + buf.len()` fails with [`std::io::ErrorKind::UnexpectedEof`].
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.file.read_exact_at(buf, offset)?;
+        self.bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Current size of the underlying file or device, to detect a resize since open.

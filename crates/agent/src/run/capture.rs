@@ -127,6 +127,7 @@ pub(super) fn scan_of_cut(
         duration: started.elapsed(),
         consistency,
         space,
+        pending: false,
     })
 }
 

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::epoch::Session;
-use crate::view::scan;
+use crate::view::{scan, take};
 use crate::{AgentConfig, CutoverReport, EpochReport, Error};
 
 mod capture;
@@ -80,7 +80,9 @@ async fn once(
         return machine::once(config, on_epoch).await;
     }
     let mut outcome = RunOutcome::default();
-    let first = scan(config, config.chunk_size_bytes).await?;
+    // Hashed by the first epoch: as it sends on a first sync, before it
+    // compares with the head otherwise.
+    let first = take(config, config.chunk_size_bytes).await?;
     let mut session = Session::open(config, first.geometry).await?;
     let mut next = Some(first);
     for _ in 0..ONCE_EPOCHS_MAX {
@@ -90,8 +92,10 @@ async fn once(
             None => scan(config, session.geometry().chunk_size_bytes()).await?,
         }
         .into_space(session.space())?;
-        let root = blockrep_core::Root::from_chunk_ids(current.geometry, &current.ids).id();
-        let caught_up = session.head_root_id() == Some(root);
+        // A pending scan (the first) is compared with the head by its epoch.
+        let caught_up = !current.pending
+            && session.head_root_id()
+                == Some(blockrep_core::Root::from_chunk_ids(current.geometry, &current.ids).id());
         if caught_up {
             // This scan's view is done with: released before the cutover makes
             // its own, as a fixed-name snapshot (one LVM or ZFS name) needs.
@@ -181,7 +185,7 @@ pub async fn run(
             return Ok(None);
         }
         let attempt = async {
-            let first = scan(config, chunk_size).await?;
+            let first = take(config, chunk_size).await?;
             let mut session = Session::open(config, first.geometry).await?;
             session.patches &= !patch_refused;
             chunk_size = session.geometry().chunk_size_bytes();

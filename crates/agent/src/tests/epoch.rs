@@ -1,6 +1,13 @@
 //! Epochs: the first commits the whole disk, later ones only what changed.
 
-use super::{Rig, ended};
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use blockrep_core::SourceId;
+
+use super::{CHUNK, Rig, ended};
+use crate::view::{Hash, scan_live_as};
 
 /// Chunks of the test disk.
 const CHUNKS: u64 = 24;
@@ -87,4 +94,86 @@ async fn later_epochs_send_only_the_changed_chunks() {
     );
     assert_eq!(report.server_chunks_received, 1);
     assert_eq!(rig.head(), Some((3, root)));
+}
+
+/// A disk of `CHUNKS` chunks whose chunks 5 to 7 are zero and whose chunk 10
+/// repeats chunk 0, with an agent certificate for its source (in `tenant`,
+/// if given): what decides whether a first sync may skip its scan.
+fn first_sync_rig(seed: u64, tenant: Option<&str>) -> Rig {
+    let mut rig = Rig::new(CHUNKS, seed);
+    let zeros = vec![0u8; 3 * CHUNK as usize];
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&rig.disk)
+        .unwrap();
+    file.write_all_at(&zeros, 5 * u64::from(CHUNK)).unwrap();
+    let mut first = vec![0u8; CHUNK as usize];
+    file.read_exact_at(&mut first, 0).unwrap();
+    file.write_all_at(&first, 10 * u64::from(CHUNK)).unwrap();
+    let tls = rig.disk.with_file_name("tls");
+    blockrep_pki::init_ca(&tls, &[], false).expect("make a CA");
+    let tenant = tenant.map(|t| SourceId::new(t).expect("a tenant id"));
+    let (cert, key) = blockrep_pki::issue_source_in_tenant(&tls, &rig.source, tenant.as_ref())
+        .expect("issue the agent's certificate");
+    rig.config.cert_path = cert;
+    rig.config.key_path = key;
+    rig
+}
+
+/// The first sync of a source without a tenant hashes each chunk as it sends
+/// it: the disk is read once (not scanned, then read again), zeros are not
+/// sent, a repeated chunk travels as a reference, and the head is the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_reads_the_disk_once() {
+    let rig = first_sync_rig(4, None);
+    let scan = scan_live_as(&rig.config, CHUNK, Hash::Later)
+        .await
+        .expect("take the disk");
+    assert!(scan.pending && scan.ids.is_empty(), "nothing hashed yet");
+    let disk = Arc::clone(&scan.disk);
+    let (mut session, served) = rig.connect(scan.geometry).await;
+    let report = session
+        .epoch(&rig.config, scan, false)
+        .await
+        .expect("the epoch commits")
+        .expect("a disk with data is sent");
+    session.close().await;
+    ended(served).await;
+
+    let size = CHUNKS * u64::from(CHUNK);
+    assert_eq!(disk.bytes_read(), size, "every byte read once");
+    let root = Rig::root_of(&rig.scan().await);
+    assert_eq!((report.epoch, report.root), (1, root));
+    assert_eq!(rig.head(), Some((1, root)));
+    assert_eq!(report.chunks_sent, CHUNKS - 4, "{report:?}");
+    assert_eq!(report.ref_chunks_sent, 1, "the repeat: {report:?}");
+    assert_eq!(report.zero_chunks_sent, 0, "zeros stay home: {report:?}");
+    assert!(rig.store().verify(None, None).unwrap().is_clean());
+}
+
+/// A source of a tenant scans first: its `Offer` may find the chunks the
+/// tenant's other sources hold, so what it sends is read a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_in_a_tenant_scans_and_offers_first() {
+    let rig = first_sync_rig(5, Some("acme"));
+    let scan = scan_live_as(&rig.config, CHUNK, Hash::Later)
+        .await
+        .expect("take the disk");
+    let disk = Arc::clone(&scan.disk);
+    let (mut session, served) = rig.connect(scan.geometry).await;
+    let report = session
+        .epoch(&rig.config, scan, false)
+        .await
+        .expect("the epoch commits")
+        .expect("a disk with data is sent");
+    session.close().await;
+    ended(served).await;
+
+    let size = CHUNKS * u64::from(CHUNK);
+    let nonzero = (CHUNKS - 3) * u64::from(CHUNK);
+    assert_eq!(disk.bytes_read(), size + nonzero, "scanned, then read");
+    let root = Rig::root_of(&rig.scan().await);
+    assert_eq!(rig.head(), Some((1, root)));
+    assert_eq!(report.chunks_sent, CHUNKS - 4, "{report:?}");
 }

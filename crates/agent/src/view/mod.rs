@@ -39,7 +39,7 @@ use command::{run, run_blocking};
 mod command;
 mod scan;
 
-pub(crate) use scan::{Scan, scan_live, scan_view};
+pub(crate) use scan::{Hash, Scan, scan_live, scan_live_as, scan_view};
 
 /// Default longest run of each view command (snapshot, release, quiesce, thaw).
 pub const VIEW_COMMAND_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5 * 60);
@@ -248,7 +248,16 @@ fn without_stalling_the_runtime<T>(work: impl FnOnce() -> T) -> T {
 pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
     let started = Instant::now();
     let taken = take_view(config).await?;
-    scan_taken(config, taken, chunk_size_bytes, started).await
+    scan_taken(config, taken, chunk_size_bytes, started, Hash::Now).await
+}
+
+/// Takes this epoch's view of the disk as [`scan`] does, without hashing it:
+/// a [`Scan::pending`] that a first sync hashes as it sends, and any other
+/// epoch hashes first ([`Scan::hashed`]).
+pub(crate) async fn take(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
+    let started = Instant::now();
+    let taken = take_view(config).await?;
+    scan_taken(config, taken, chunk_size_bytes, started, Hash::Later).await
 }
 
 /// A view of the disk as `config.view` says, or `None` to read it live.
@@ -279,9 +288,10 @@ async fn scan_taken(
     taken: Option<(View, u64, Consistency)>,
     chunk_size_bytes: u32,
     started: Instant,
+    hash: Hash,
 ) -> Result<Scan, Error> {
     let Some((view, started_unix_ms, consistency)) = taken else {
-        return scan_live(config, chunk_size_bytes).await;
+        return scan_live_as(config, chunk_size_bytes, hash).await;
     };
     tokio::task::spawn_blocking(move || {
         scan_view(
@@ -290,6 +300,7 @@ async fn scan_taken(
             started,
             started_unix_ms,
             consistency,
+            hash,
         )
     })
     .await
@@ -347,7 +358,7 @@ pub(crate) async fn scan_together(
     };
     let mut scans = Vec::with_capacity(taken.len());
     for (config, view) in configs.iter().zip(taken) {
-        scans.push(scan_taken(config, view, chunk_size_bytes, started).await?);
+        scans.push(scan_taken(config, view, chunk_size_bytes, started, Hash::Now).await?);
     }
     Ok((scans, label))
 }

@@ -25,6 +25,10 @@ pub(crate) struct Scan {
     /// The space `ids` are in: plain from a scan, the session's from a
     /// capture cut (built over the head's ids).
     pub space: IdSpace,
+    /// The view is taken but not hashed yet: `ids` is empty. A first sync
+    /// hashes each chunk as it sends it (one read, one hash), so only it
+    /// takes such a scan ([`Scan::hashed`] completes one for the others).
+    pub pending: bool,
 }
 
 impl Scan {
@@ -44,6 +48,30 @@ impl Scan {
         Ok(self)
     }
 
+    /// This scan with every chunk's id: hashed now if it was taken pending.
+    pub(crate) async fn hashed(self) -> Result<Self, Error> {
+        if !self.pending {
+            return Ok(self);
+        }
+        let started = Instant::now();
+        let Scan {
+            disk,
+            geometry,
+            started_unix_ms,
+            duration,
+            consistency,
+            space,
+            ..
+        } = self;
+        let mut scan = tokio::task::spawn_blocking(move || {
+            hash_view(disk, geometry, started_unix_ms, duration, consistency)
+        })
+        .await
+        .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))??;
+        scan.duration += started.elapsed();
+        scan.into_space(space)
+    }
+
     /// The ids in `space` (copied and mapped when the scan is plain).
     pub(crate) fn ids_in(&self, space: IdSpace) -> std::borrow::Cow<'_, [ChunkId]> {
         if self.space == space {
@@ -60,6 +88,24 @@ impl Scan {
 /// live: no frozen view (failback, `--snapshot none`, or a disk that cannot
 /// give one).
 pub(crate) async fn scan_live(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
+    scan_live_as(config, chunk_size_bytes, Hash::Now).await
+}
+
+/// Whether a scan hashes the view at once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hash {
+    /// Every chunk's id before the scan returns.
+    Now,
+    /// Later: the view only, [`Scan::pending`].
+    Later,
+}
+
+/// [`scan_live`], hashing as `hash` says.
+pub(crate) async fn scan_live_as(
+    config: &AgentConfig,
+    chunk_size_bytes: u32,
+    hash: Hash,
+) -> Result<Scan, Error> {
     let path = config.disk.clone();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
@@ -71,22 +117,57 @@ pub(crate) async fn scan_live(config: &AgentConfig, chunk_size_bytes: u32) -> Re
             started,
             started_unix_ms,
             Consistency::Live,
+            hash,
         )
     })
     .await
     .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))?
 }
 
-/// Scans `disk`, a view taken at `started_unix_ms` (blocking).
+/// Takes `disk`, a view taken at `started_unix_ms`, as a scan: hashed
+/// now or [`Scan::pending`], as `hash` says (blocking).
 pub(crate) fn scan_view(
     disk: View,
     chunk_size_bytes: u32,
     started: Instant,
     started_unix_ms: u64,
     consistency: Consistency,
+    hash: Hash,
 ) -> Result<Scan, Error> {
-    let path = disk.path().to_owned();
     let geometry = Geometry::new(disk.size_bytes(), chunk_size_bytes)?;
+    let disk = Arc::new(disk);
+    if hash == Hash::Later {
+        return Ok(Scan {
+            disk,
+            geometry,
+            ids: Vec::new(),
+            started_unix_ms,
+            duration: started.elapsed(),
+            consistency,
+            space: IdSpace::PLAIN,
+            pending: true,
+        });
+    }
+    hash_view(
+        disk,
+        geometry,
+        started_unix_ms,
+        started.elapsed(),
+        consistency,
+    )
+}
+
+/// Hashes every chunk of `disk` (blocking): the rest of a scan whose view
+/// was taken `before` ago.
+fn hash_view(
+    disk: Arc<View>,
+    geometry: Geometry,
+    started_unix_ms: u64,
+    before: Duration,
+    consistency: Consistency,
+) -> Result<Scan, Error> {
+    let started = Instant::now();
+    let path = disk.path().to_owned();
     let ids = disk.scan(geometry).map_err(|e| match e.kind() {
         blockrep_core::ErrorKind::DiskShrank => Error::DiskUnsteady(e.to_string()),
         _ => Error::Disk(e),
@@ -100,12 +181,13 @@ pub(crate) fn scan_view(
         )));
     }
     Ok(Scan {
-        disk: Arc::new(disk),
+        disk,
         geometry,
         ids,
         started_unix_ms,
-        duration: started.elapsed(),
+        duration: before + started.elapsed(),
         consistency,
         space: IdSpace::PLAIN,
+        pending: false,
     })
 }
