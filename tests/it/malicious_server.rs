@@ -383,6 +383,15 @@ fn agent_and_failback_refuse_a_welcome_that_does_not_fit() {
     }
 }
 
+/// Whether the agent's certificate names a tenant: the first sync of a
+/// source of a tenant offers what it scanned, one without a tenant hashes
+/// chunks as it sends them and offers nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tenant {
+    None,
+    Acme,
+}
+
 #[test]
 fn agent_refuses_answers_that_do_not_fit_its_requests() {
     let data = random_bytes(CHUNK as usize, 3);
@@ -392,7 +401,7 @@ fn agent_refuses_answers_that_do_not_fit_its_requests() {
     let mut disk_bytes = vec![0u8; DISK as usize];
     disk_bytes[..CHUNK as usize].copy_from_slice(&data);
     disk_bytes[CHUNK as usize] = 1;
-    let cases: Vec<(&str, Vec<Step>, &str)> = vec![
+    let cases: Vec<(&str, Vec<Step>, &str, Tenant)> = vec![
         (
             "head page of the wrong length",
             vec![
@@ -405,6 +414,7 @@ fn agent_refuses_answers_that_do_not_fit_its_requests() {
                 }),
             ],
             "page 0",
+            Tenant::None,
         ),
         (
             "head page index not asked for",
@@ -418,6 +428,7 @@ fn agent_refuses_answers_that_do_not_fit_its_requests() {
                 }),
             ],
             "asked for page 0, got 4294967295",
+            Tenant::None,
         ),
         (
             "Have of another length than its Offer",
@@ -430,6 +441,7 @@ fn agent_refuses_answers_that_do_not_fit_its_requests() {
                 }),
             ],
             "Have does not match its Offer",
+            Tenant::Acme,
         ),
         (
             "Committed with another root",
@@ -451,10 +463,32 @@ fn agent_refuses_answers_that_do_not_fit_its_requests() {
                 }),
             ],
             "server committed epoch 1 root",
+            Tenant::Acme,
+        ),
+        (
+            "Committed with another root, a first sync sent as hashed",
+            vec![
+                Step::Expect("Hello"),
+                Step::Send(welcome(0, Vec::new())),
+                Step::SkipUntil("Commit"),
+                Step::Send(Message::Committed {
+                    epoch: 1,
+                    root: ChunkId([9; 32]),
+                    chunks_received: 0,
+                    bytes_received: 0,
+                    chunks_stored: 0,
+                    cutover_requested: false,
+                }),
+            ],
+            "server committed epoch 1 root",
+            Tenant::None,
         ),
     ];
-    for (case, steps, expected) in cases {
+    for (case, steps, expected, tenant) in cases {
         let pki = Pki::new(&["a"]);
+        if tenant == Tenant::Acme {
+            pki.issue_in_tenant("a", "acme");
+        }
         let work = tempfile::tempdir().unwrap();
         let disk = work.path().join("a.raw");
         std::fs::write(&disk, &disk_bytes).unwrap();
