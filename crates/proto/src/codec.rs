@@ -339,11 +339,16 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// The least a buffer grows by when a frame does not fit in it: see
+/// [`decode`].
+const DECODE_GROWTH_MIN: usize = 1024 * 1024;
+
 /// Decodes one frame from the front of `buf`.
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more and call
 /// again). The frame length is checked before waiting for or reserving its body, so a
-/// peer cannot make us buffer more than [`FRAME_LEN_MAX`] bytes; the checksum is
+/// peer cannot make us buffer more than [`FRAME_LEN_MAX`] bytes (and at most a
+/// megabyte of room besides); the checksum is
 /// checked before any field is read, so a frame damaged before it was sealed into
 /// TLS is refused whole, whatever field the damage hit.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
@@ -359,7 +364,14 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
     }
     let frame_len = 4 + body_len as usize;
     if buf.len() < frame_len {
-        buf.reserve(frame_len - buf.len());
+        let missing = frame_len - buf.len();
+        if buf.capacity() - buf.len() < missing {
+            // The buffer's earlier frames are usually still held (a chunk
+            // queued for its verifier), so it cannot grow in place: growing
+            // copies this partial frame into a new allocation. Growing by a
+            // megabyte or more does that once per many frames, not per frame.
+            buf.reserve(missing.max(DECODE_GROWTH_MIN));
+        }
         return Ok(None);
     }
     let sent = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);

@@ -518,3 +518,54 @@ fn a_machine_hello_of_too_many_volumes_is_refused() {
     let err = decode(&mut out).unwrap_err();
     assert_eq!(err.kind(), ProtoErrorKind::LimitExceeded, "{err}");
 }
+
+/// Frames of 64 KiB arriving in 16 KiB reads, each decoded frame kept (as a
+/// server keeps a chunk queued for its verifier): the buffer cannot grow in
+/// place, and a growth copies the partial frame it holds. It grows by a
+/// megabyte at least, so it moves once per many frames, not once per frame.
+#[test]
+fn a_buffer_whose_frames_are_held_moves_once_per_many_frames() {
+    const FRAMES: usize = 64;
+    let data = Bytes::from(vec![7u8; 64 * 1024]);
+    let mut wire = BytesMut::new();
+    for index in 0..FRAMES as u64 {
+        let message = Message::Chunk {
+            index,
+            id: ChunkId([1; 32]),
+            codec: Codec::Raw,
+            raw_len: data.len() as u32,
+            data: data.clone(),
+        };
+        encode(&message, &mut wire);
+    }
+    let wire = wire.freeze();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let (mut held, mut moves) = (Vec::new(), 0);
+    for piece in wire.chunks(16 * 1024) {
+        // As a socket read fills the spare capacity (tokio's `read_buf`
+        // reserves 64 bytes when there is none).
+        let mut piece = piece;
+        while !piece.is_empty() {
+            if buf.capacity() == buf.len() {
+                buf.reserve(64);
+            }
+            let take = piece.len().min(buf.capacity() - buf.len());
+            buf.extend_from_slice(&piece[..take]);
+            piece = &piece[take..];
+            loop {
+                let before = buf.as_ptr();
+                let had = buf.len();
+                let decoded = decode(&mut buf).unwrap();
+                if decoded.is_none() && had > 0 && buf.as_ptr() != before {
+                    moves += 1;
+                }
+                match decoded {
+                    Some(message) => held.push(message),
+                    None => break,
+                }
+            }
+        }
+    }
+    assert_eq!(held.len(), FRAMES);
+    assert!(moves <= FRAMES / 8, "{moves} moves for {FRAMES} frames");
+}
