@@ -28,9 +28,12 @@ use tokio_rustls::client::TlsStream;
 
 use crate::{AgentConfig, Error};
 
-/// Bytes buffered before a write reaches the stream: several frames per TLS
-/// record batch.
-const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Bytes buffered before a write reaches the stream: small frames (a
+/// reference, a zero chunk, a compressed chunk) gather into one TLS write.
+/// A frame at least this large (a whole 64 KiB chunk with its header) goes
+/// to the stream as it is, after what is buffered: copying it into the buffer
+/// first cost the agent a copy of every byte it sent.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The production transport: mutual TLS over TCP.
 pub(crate) type TlsTransport = TlsStream<TcpStream>;
