@@ -383,6 +383,18 @@ fn agent_and_failback_refuse_a_welcome_that_does_not_fit() {
     }
 }
 
+/// A `Committed` of epoch 1 naming a root the agent did not send.
+fn committed_elsewhere() -> Message {
+    Message::Committed {
+        epoch: 1,
+        root: ChunkId([9; 32]),
+        chunks_received: 0,
+        bytes_received: 0,
+        chunks_stored: 0,
+        cutover_requested: false,
+    }
+}
+
 /// Whether the agent's certificate names a tenant: the first sync of a
 /// source of a tenant offers what it scanned, one without a tenant hashes
 /// chunks as it sends them and offers nothing.
@@ -453,14 +465,7 @@ fn agent_refuses_answers_that_do_not_fit_its_requests() {
                     bits: Bytes::from(vec![0]),
                 }),
                 Step::SkipUntil("Commit"),
-                Step::Send(Message::Committed {
-                    epoch: 1,
-                    root: ChunkId([9; 32]),
-                    chunks_received: 0,
-                    bytes_received: 0,
-                    chunks_stored: 0,
-                    cutover_requested: false,
-                }),
+                Step::Send(committed_elsewhere()),
             ],
             "server committed epoch 1 root",
             Tenant::Acme,
@@ -471,14 +476,7 @@ fn agent_refuses_answers_that_do_not_fit_its_requests() {
                 Step::Expect("Hello"),
                 Step::Send(welcome(0, Vec::new())),
                 Step::SkipUntil("Commit"),
-                Step::Send(Message::Committed {
-                    epoch: 1,
-                    root: ChunkId([9; 32]),
-                    chunks_received: 0,
-                    bytes_received: 0,
-                    chunks_stored: 0,
-                    cutover_requested: false,
-                }),
+                Step::Send(committed_elsewhere()),
             ],
             "server committed epoch 1 root",
             Tenant::None,

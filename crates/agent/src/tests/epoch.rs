@@ -121,12 +121,9 @@ fn first_sync_rig(seed: u64, tenant: Option<&str>) -> Rig {
     rig
 }
 
-/// The first sync of a source without a tenant hashes each chunk as it sends
-/// it: the disk is read once (not scanned, then read again), zeros are not
-/// sent, a repeated chunk travels as a reference, and the head is the disk.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_first_sync_reads_the_disk_once() {
-    let rig = first_sync_rig(4, None);
+/// A first sync of the rig's disk taken as it starts (not hashed yet), in
+/// one session: its report, and the view it read (which counts its reads).
+async fn first_sync(rig: &Rig) -> (crate::EpochReport, Arc<crate::view::View>) {
     let scan = scan_live_as(&rig.config, CHUNK, Hash::Later)
         .await
         .expect("take the disk");
@@ -140,6 +137,16 @@ async fn a_first_sync_reads_the_disk_once() {
         .expect("a disk with data is sent");
     session.close().await;
     ended(served).await;
+    (report, disk)
+}
+
+/// The first sync of a source without a tenant hashes each chunk as it sends
+/// it: the disk is read once (not scanned, then read again), zeros are not
+/// sent, a repeated chunk travels as a reference, and the head is the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_reads_the_disk_once() {
+    let rig = first_sync_rig(4, None);
+    let (report, disk) = first_sync(&rig).await;
 
     let size = CHUNKS * u64::from(CHUNK);
     assert_eq!(disk.bytes_read(), size, "every byte read once");
@@ -157,18 +164,7 @@ async fn a_first_sync_reads_the_disk_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_sync_in_a_tenant_scans_and_offers_first() {
     let rig = first_sync_rig(5, Some("acme"));
-    let scan = scan_live_as(&rig.config, CHUNK, Hash::Later)
-        .await
-        .expect("take the disk");
-    let disk = Arc::clone(&scan.disk);
-    let (mut session, served) = rig.connect(scan.geometry).await;
-    let report = session
-        .epoch(&rig.config, scan, false)
-        .await
-        .expect("the epoch commits")
-        .expect("a disk with data is sent");
-    session.close().await;
-    ended(served).await;
+    let (report, disk) = first_sync(&rig).await;
 
     let size = CHUNKS * u64::from(CHUNK);
     let nonzero = (CHUNKS - 3) * u64::from(CHUNK);
