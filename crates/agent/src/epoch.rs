@@ -12,12 +12,10 @@ use blockrep_proto::{
 use bytes::Bytes;
 use tracing::debug;
 
-/// Epochs with less than this to send show no progress bar.
-const PROGRESS_MIN_BYTES: u64 = 64 * 1024 * 1024;
-
 use crate::connection::{Connection, TlsTransport, Transport, certificate_rejected, names_tenant};
 use crate::machine_step::MachineStep;
 use crate::pages::{PagesOf, fetch_pages};
+use crate::progress::progress_bar;
 use crate::send::{References, spawn_encoders};
 use crate::view::Scan;
 use crate::{AgentConfig, EpochReport, Error};
@@ -628,6 +626,7 @@ impl<S: Transport> Session<S> {
             view[index as usize] = id;
         }
         let changed = to_encode;
+        let changed_count = changed.len() as u64;
         // The bases' values are asked for now and read while frames go out.
         // A capture cut knows what was written since the head: its patches
         // need no block values.
@@ -663,14 +662,17 @@ impl<S: Transport> Session<S> {
         let mut step_bytes = 0u64;
         let mut step_started = Instant::now();
         let mut stored = (0u64, 0u64);
+        // What is left to read: a streamed first sync tells the server again
+        // at each step (its first `Backlog` had to count every chunk).
+        let mut left = (changed_count, bytes_pending);
         while let Some(encoded) = fetch.next_frame(&mut self.connection, &mut frames).await? {
             let encoded = encoded?;
+            let chunk_len = u64::from(self.geometry.chunk_len(encoded.index).unwrap_or(0));
+            left = (left.0.saturating_sub(1), left.1.saturating_sub(chunk_len));
             if streaming && encoded.id.is_zero() {
                 // Zero where the replica is zero too: nothing to send.
                 if let Some(bar) = &progress {
-                    bar.inc(u64::from(
-                        self.geometry.chunk_len(encoded.index).unwrap_or(0),
-                    ));
+                    bar.inc(chunk_len);
                 }
                 continue;
             }
@@ -711,9 +713,7 @@ impl<S: Transport> Session<S> {
                 workers,
             );
             if let Some(bar) = &progress {
-                bar.inc(u64::from(
-                    self.geometry.chunk_len(encoded.index).unwrap_or(0),
-                ));
+                bar.inc(chunk_len);
             }
             // The final epoch of a cutover commits once: the application is down.
             let step_due =
@@ -736,6 +736,15 @@ impl<S: Transport> Session<S> {
                 report.bytes_sent += bytes;
                 stored.0 += received;
                 stored.1 += new;
+                if streaming {
+                    let (chunks_pending, bytes_pending) = left;
+                    let backlog = Message::Backlog {
+                        scan_started_unix_ms: scan.started_unix_ms,
+                        chunks_pending,
+                        bytes_pending,
+                    };
+                    report.bytes_sent += self.connection.send(&backlog).await?;
+                }
                 step_bytes = 0;
                 step_started = Instant::now();
             }
@@ -779,20 +788,4 @@ impl<S: Transport> Session<S> {
 /// head's geometry is the server's word, so a mismatch is its protocol error.
 fn diff_error(error: blockrep_core::Error) -> Error {
     Error::Protocol(format!("the server's head does not fit the disk: {error}"))
-}
-
-fn progress_bar(config: &AgentConfig, bytes: u64) -> Option<indicatif::ProgressBar> {
-    if !config.progress || bytes < PROGRESS_MIN_BYTES {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(bytes);
-    let style = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-    )
-    .map(|s| s.progress_chars("=> "));
-    if let Ok(style) = style {
-        bar.set_style(style);
-    }
-    bar.set_message(format!("replicating {}", config.source));
-    Some(bar)
 }

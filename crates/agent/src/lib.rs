@@ -31,6 +31,7 @@ mod machine;
 mod machine_step;
 mod pages;
 mod patch;
+mod progress;
 mod rate;
 mod run;
 mod send;

@@ -18,6 +18,10 @@ pub(crate) enum ReadError {
     Proto(#[from] ProtoError),
 }
 
+/// Room a session's read buffer starts with, and keeps between bursts of
+/// chunks: decoding grows it by a megabyte at a time while chunks arrive.
+const READ_BUF_BYTES: usize = 256 * 1024;
+
 #[derive(Debug)]
 pub(crate) struct Connection<S> {
     stream: S,
@@ -43,7 +47,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub(crate) fn new(stream: S) -> Self {
         Self {
             stream,
-            read_buf: BytesMut::with_capacity(256 * 1024),
+            read_buf: BytesMut::with_capacity(READ_BUF_BYTES),
             write_buf: BytesMut::with_capacity(64 * 1024),
             bytes_read: 0,
             bytes_written: 0,
@@ -61,6 +65,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let before = self.read_buf.len();
             if let Some(message) = decode(&mut self.read_buf)? {
                 self.bytes_read += (before - self.read_buf.len()) as u64;
+                // A commit or a question ends a burst of chunks: an idle
+                // session (of hundreds connected) keeps no grown buffer. Its
+                // capacity says only what is left past the frames split off,
+                // not what it holds, so an empty one is replaced whatever it
+                // says (such messages are few: one per step, offer or commit).
+                let burst_over = !matches!(message, Message::Chunk { .. } | Message::Patch { .. });
+                if burst_over && self.read_buf.is_empty() {
+                    self.read_buf = BytesMut::with_capacity(READ_BUF_BYTES);
+                }
                 return Ok(message);
             }
             if self.read_buf.capacity() - self.read_buf.len() < FRAME_HEADER_LEN {
@@ -308,5 +321,47 @@ mod tests {
             beats >= 3 && beats as u64 <= arriving.as_secs(),
             "{beats} beats for a frame that took {arriving:?} to arrive, then silence"
         );
+    }
+
+    /// A burst of chunks grows the read buffer; the `Backlog` (or commit)
+    /// after it gives the room back, so an idle session keeps its first
+    /// buffer only.
+    #[tokio::test]
+    async fn the_read_buffer_shrinks_back_after_a_burst_of_chunks() {
+        let (mut agent, server) = tokio::io::duplex(64 * 1024);
+        let mut connection = Connection::new(server);
+        let data = bytes::Bytes::from(vec![5u8; 64 * 1024]);
+        let mut wire = BytesMut::new();
+        for index in 0..32 {
+            let chunk = Message::Chunk {
+                index,
+                id: ChunkId([2; 32]),
+                codec: blockrep_proto::Codec::Raw,
+                raw_len: data.len() as u32,
+                data: data.clone(),
+            };
+            encode(&chunk, &mut wire);
+        }
+        let backlog = Message::Backlog {
+            scan_started_unix_ms: 1,
+            chunks_pending: 0,
+            bytes_pending: 0,
+        };
+        encode(&backlog, &mut wire);
+        let writer = tokio::spawn(async move { agent.write_all(&wire).await });
+        let mut held = Vec::new();
+        let mut grown = 0;
+        for _ in 0..32 {
+            let message = connection.read_message().await.unwrap();
+            assert!(matches!(message, Message::Chunk { .. }));
+            held.push(message);
+            grown = grown.max(connection.read_buf.capacity());
+        }
+        assert!(grown > READ_BUF_BYTES, "chunks held grow the buffer");
+        assert_eq!(connection.read_message().await.unwrap(), backlog);
+        // A fresh buffer of the first size, not what is left past the frames
+        // split off the grown one (whose storage they still share).
+        assert_eq!(connection.read_buf.capacity(), READ_BUF_BYTES);
+        writer.await.unwrap().unwrap();
     }
 }

@@ -180,13 +180,22 @@ pub async fn run(
     // The last attempt ended with the server refusing a patch: the next
     // session sends whole chunks until it has committed an epoch.
     let mut patch_refused = false;
+    // A session of this run found a head: the replica is no first sync, so
+    // a reconnect scans before it connects, as the server waits for no
+    // whole-disk hash then (its `--idle-timeout`).
+    let mut head_seen = false;
     loop {
         if *shutdown.borrow() {
             return Ok(None);
         }
         let attempt = async {
-            let first = take(config, chunk_size).await?;
+            let first = if head_seen {
+                scan(config, chunk_size).await?
+            } else {
+                take(config, chunk_size).await?
+            };
             let mut session = Session::open(config, first.geometry).await?;
+            head_seen |= session.head_root_id().is_some();
             session.patches &= !patch_refused;
             chunk_size = session.geometry().chunk_size_bytes();
             let mut current = Some(first);
@@ -211,6 +220,7 @@ pub async fn run(
                 if let Some(report) = session.epoch(config, this, true).await? {
                     on_epoch(&report);
                 }
+                head_seen = true;
                 session.patches = config.patches;
                 resize_seen = false;
                 backoff = Duration::from_millis(250);
