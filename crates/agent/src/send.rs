@@ -162,6 +162,20 @@ impl ChunkEncoder {
             .chunk_range(index)
             .expect("changed chunks lie on the disk");
         let raw_len = range.len();
+        if disk.is_hole(range.start as u64, range.end as u64) {
+            // A hole of a sparse image: zeros, neither read nor hashed.
+            let id = self.references.space.map(ChunkId::ZERO);
+            let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, &[]);
+            return Ok(Encoded {
+                index,
+                id,
+                frame: Bytes::copy_from_slice(&header),
+                raw_len: 0,
+                reference: false,
+                patch: false,
+                compressed: false,
+            });
+        }
         // Read once, straight into the frame behind room for its header; then hash
         // that copy, so the id always matches the bytes that travel. pread rather
         // than the scan's mapping: scattered reads through a mapping leave whole

@@ -113,6 +113,10 @@ impl DiskImage {
                     let first = first_chunk + step * (read_len / chunk_size);
                     let start = geometry.chunk_offset(first as u64);
                     let end = (start + (ids.len() * chunk_size) as u64).min(self.size_bytes);
+                    if self.is_hole(start, end) {
+                        ids.fill(ChunkId::ZERO); // unread: a hole reads as zeros
+                        continue;
+                    }
                     let bytes = &mut buffer[..(end - start) as usize];
                     self.read_scan(start, bytes)?;
                     for (slot, data) in ids.iter_mut().zip(bytes.chunks(chunk_size)) {
@@ -173,6 +177,22 @@ impl DiskImage {
         Ok(())
     }
 
+    /// Whether bytes `start..end` of the disk lie wholly in a hole of a
+    /// sparse file: they read as zeros, and need not be read. `false` where
+    /// that cannot be told (a block device, a file system without
+    /// `SEEK_DATA`), and past the file's end (a disk that shrank is found by
+    /// the read that fails), so that the caller reads.
+    pub fn is_hole(&self, start: u64, end: u64) -> bool {
+        // Positional reads never use the file offset this moves.
+        match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(start)) {
+            Ok(next_data) => next_data >= end,
+            // No data from `start` to the end of the file: a hole if the
+            // file still reaches `end`.
+            Err(rustix::io::Errno::NXIO) => self.current_size_bytes().is_ok_and(|size| size >= end),
+            Err(_) => false,
+        }
+    }
+
     /// Current size of the underlying file or device, to detect a resize since open.
     pub fn current_size_bytes(&self) -> Result<u64, Error> {
         let mut file = &self.file;
@@ -190,6 +210,38 @@ mod tests {
         (0..len as u64)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect()
+    }
+
+    /// The holes of a sparse image scan as zero chunks without a read: only
+    /// the reads that hold data are made, and the ids equal those of the
+    /// same bytes in memory.
+    #[test]
+    fn a_sparse_image_is_scanned_without_reading_its_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.raw");
+        let len = 8 * 1024 * 1024;
+        let mut data = vec![0u8; len];
+        data[1 << 20..(3 << 19)].copy_from_slice(&pattern(1 << 19));
+        data[(5 << 20) + 100..(5 << 20) + 200].copy_from_slice(&pattern(100));
+        let file = File::create(&path).unwrap();
+        file.set_len(len as u64).unwrap();
+        file.write_all_at(&data[1 << 20..(3 << 19)], 1 << 20)
+            .unwrap();
+        file.write_all_at(&data[(5 << 20) + 100..(5 << 20) + 200], (5 << 20) + 100)
+            .unwrap();
+        drop(file);
+        let geometry = Geometry::new(len as u64, 64 * 1024).unwrap();
+        let disk = DiskImage::open(&path).unwrap();
+        assert!(disk.is_hole(0, 1 << 20));
+        assert!(!disk.is_hole(0, (1 << 20) + 1), "a range reaching data");
+        assert!(!disk.is_hole(len as u64, len as u64 + 4096), "past the end");
+        assert_eq!(
+            disk.scan_with_threads(geometry, 2).unwrap(),
+            scan_buffer_with_threads(&data, geometry, 2)
+        );
+        // Three reads of 256 KiB: two over the first extent, one over the
+        // second (its file-system block lies in the first 256 KiB at 5 MiB).
+        assert_eq!(disk.bytes_read(), 3 * SCAN_READ_BYTES as u64);
     }
 
     #[test]

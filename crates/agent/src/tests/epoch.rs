@@ -173,3 +173,31 @@ async fn a_first_sync_in_a_tenant_scans_and_offers_first() {
     assert_eq!(rig.head(), Some((1, root)));
     assert_eq!(report.chunks_sent, CHUNKS - 4, "{report:?}");
 }
+
+/// A first sync of a sparse disk leaves its holes unread: they are zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_leaves_the_holes_of_a_sparse_disk_unread() {
+    let rig = first_sync_rig(6, None);
+    // Chunks 5 to 7 (zeros) become a hole of the file.
+    let file = OpenOptions::new().write(true).open(&rig.disk).unwrap();
+    rustix::fs::fallocate(
+        &file,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        5 * u64::from(CHUNK),
+        3 * u64::from(CHUNK),
+    )
+    .expect("punch a hole");
+    drop(file);
+    let (report, disk) = first_sync(&rig).await;
+
+    let size = CHUNKS * u64::from(CHUNK);
+    assert_eq!(
+        disk.bytes_read(),
+        size - 3 * u64::from(CHUNK),
+        "holes unread"
+    );
+    let root = Rig::root_of(&rig.scan().await);
+    assert_eq!((report.epoch, report.root), (1, root));
+    assert_eq!(report.chunks_sent, CHUNKS - 4, "{report:?}");
+    assert!(rig.store().verify(None, None).unwrap().is_clean());
+}

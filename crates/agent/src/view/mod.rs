@@ -162,6 +162,12 @@ impl View {
         }
     }
 
+    /// Whether bytes `start..end` lie in a hole of the view's file, and so
+    /// read as zeros unread. Never through a cut: it reads what it preserved.
+    pub(crate) fn is_hole(&self, start: u64, end: u64) -> bool {
+        self.cut.is_none() && self.disk.is_hole(start, end)
+    }
+
     /// In capture mode with a cut that is not full: the blocks of chunk
     /// `index` written since the head, as byte ranges of the chunk. `None`
     /// when they are not known (a scan, or a full cut).
