@@ -7,7 +7,7 @@ use std::sync::Arc;
 use blockrep_core::SourceId;
 
 use super::{CHUNK, Rig, ended};
-use crate::view::{Hash, scan_live_as};
+use crate::view::take_live;
 
 /// Chunks of the test disk.
 const CHUNKS: u64 = 24;
@@ -124,9 +124,7 @@ fn first_sync_rig(seed: u64, tenant: Option<&str>) -> Rig {
 /// A first sync of the rig's disk taken as it starts (not hashed yet), in
 /// one session: its report, and the view it read (which counts its reads).
 async fn first_sync(rig: &Rig) -> (crate::EpochReport, Arc<crate::view::View>) {
-    let scan = scan_live_as(&rig.config, CHUNK, Hash::Later)
-        .await
-        .expect("take the disk");
+    let scan = take_live(&rig.config, CHUNK).await.expect("take the disk");
     assert!(scan.pending && scan.ids.is_empty(), "nothing hashed yet");
     let disk = Arc::clone(&scan.disk);
     let (mut session, served) = rig.connect(scan.geometry).await;

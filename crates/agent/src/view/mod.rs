@@ -39,7 +39,7 @@ use command::{run, run_blocking};
 mod command;
 mod scan;
 
-pub(crate) use scan::{Hash, Scan, scan_live, scan_live_as, scan_view};
+pub(crate) use scan::{Scan, pending_scan, scan_live, take_live};
 
 /// Default longest run of each view command (snapshot, release, quiesce, thaw).
 pub const VIEW_COMMAND_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5 * 60);
@@ -254,7 +254,10 @@ fn without_stalling_the_runtime<T>(work: impl FnOnce() -> T) -> T {
 pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
     let started = Instant::now();
     let taken = take_view(config).await?;
-    scan_taken(config, taken, chunk_size_bytes, started, Hash::Now).await
+    scan_taken(config, taken, chunk_size_bytes, started)
+        .await?
+        .hashed()
+        .await
 }
 
 /// Takes this epoch's view of the disk as [`scan`] does, without hashing it:
@@ -263,7 +266,7 @@ pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<
 pub(crate) async fn take(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
     let started = Instant::now();
     let taken = take_view(config).await?;
-    scan_taken(config, taken, chunk_size_bytes, started, Hash::Later).await
+    scan_taken(config, taken, chunk_size_bytes, started).await
 }
 
 /// A view of the disk as `config.view` says, or `None` to read it live.
@@ -288,29 +291,24 @@ async fn take_view(config: &AgentConfig) -> Result<Option<(View, u64, Consistenc
     })
 }
 
-/// Scans a view taken by [`take_view`] (the live disk for `None`).
+/// A view taken by [`take_view`] (the live disk for `None`) as a scan not
+/// hashed yet.
 async fn scan_taken(
     config: &AgentConfig,
     taken: Option<(View, u64, Consistency)>,
     chunk_size_bytes: u32,
     started: Instant,
-    hash: Hash,
 ) -> Result<Scan, Error> {
-    let Some((view, started_unix_ms, consistency)) = taken else {
-        return scan_live_as(config, chunk_size_bytes, hash).await;
-    };
-    tokio::task::spawn_blocking(move || {
-        scan_view(
+    match taken {
+        None => take_live(config, chunk_size_bytes).await,
+        Some((view, started_unix_ms, consistency)) => pending_scan(
             view,
             chunk_size_bytes,
             started,
             started_unix_ms,
             consistency,
-            hash,
-        )
-    })
-    .await
-    .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))?
+        ),
+    }
 }
 
 /// Views of several disks (`configs`, one per disk, with the same view
@@ -364,7 +362,8 @@ pub(crate) async fn scan_together(
     };
     let mut scans = Vec::with_capacity(taken.len());
     for (config, view) in configs.iter().zip(taken) {
-        scans.push(scan_taken(config, view, chunk_size_bytes, started, Hash::Now).await?);
+        let taken = scan_taken(config, view, chunk_size_bytes, started).await?;
+        scans.push(taken.hashed().await?);
     }
     Ok((scans, label))
 }

@@ -25,9 +25,9 @@ pub(crate) struct Scan {
     /// The space `ids` are in: plain from a scan, the session's from a
     /// capture cut (built over the head's ids).
     pub space: IdSpace,
-    /// The view is taken but not hashed yet: `ids` is empty. A first sync
-    /// hashes each chunk as it sends it (one read, one hash), so only it
-    /// takes such a scan ([`Scan::hashed`] completes one for the others).
+    /// The view is taken but not hashed yet: `ids` is empty. Every scan
+    /// starts so: a first sync hashes each chunk as it sends it (one read,
+    /// one hash), any other epoch completes it with [`Scan::hashed`].
     pub pending: bool,
 }
 
@@ -53,7 +53,6 @@ impl Scan {
         if !self.pending {
             return Ok(self);
         }
-        let started = Instant::now();
         let Scan {
             disk,
             geometry,
@@ -63,12 +62,11 @@ impl Scan {
             space,
             ..
         } = self;
-        let mut scan = tokio::task::spawn_blocking(move || {
+        let scan = tokio::task::spawn_blocking(move || {
             hash_view(disk, geometry, started_unix_ms, duration, consistency)
         })
         .await
         .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))??;
-        scan.duration += started.elapsed();
         scan.into_space(space)
     }
 
@@ -88,73 +86,47 @@ impl Scan {
 /// live: no frozen view (failback, `--snapshot none`, or a disk that cannot
 /// give one).
 pub(crate) async fn scan_live(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
-    scan_live_as(config, chunk_size_bytes, Hash::Now).await
+    take_live(config, chunk_size_bytes).await?.hashed().await
 }
 
-/// Whether a scan hashes the view at once.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Hash {
-    /// Every chunk's id before the scan returns.
-    Now,
-    /// Later: the view only, [`Scan::pending`].
-    Later,
-}
-
-/// [`scan_live`], hashing as `hash` says.
-pub(crate) async fn scan_live_as(
-    config: &AgentConfig,
-    chunk_size_bytes: u32,
-    hash: Hash,
-) -> Result<Scan, Error> {
+/// [`scan_live`] without the hashing: a [`Scan::pending`].
+pub(crate) async fn take_live(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
     let path = config.disk.clone();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let started_unix_ms = now_unix_ms();
         let disk = View::live(DiskImage::open(&path)?);
-        scan_view(
+        pending_scan(
             disk,
             chunk_size_bytes,
             started,
             started_unix_ms,
             Consistency::Live,
-            hash,
         )
     })
     .await
     .map_err(|e| Error::Protocol(format!("scan task failed: {e}")))?
 }
 
-/// Takes `disk`, a view taken at `started_unix_ms`, as a scan: hashed
-/// now or [`Scan::pending`], as `hash` says (blocking).
-pub(crate) fn scan_view(
+/// `disk`, a view taken at `started_unix_ms`, as a scan not hashed yet: a
+/// [`Scan::pending`], which [`Scan::hashed`] completes.
+pub(crate) fn pending_scan(
     disk: View,
     chunk_size_bytes: u32,
     started: Instant,
     started_unix_ms: u64,
     consistency: Consistency,
-    hash: Hash,
 ) -> Result<Scan, Error> {
-    let geometry = Geometry::new(disk.size_bytes(), chunk_size_bytes)?;
-    let disk = Arc::new(disk);
-    if hash == Hash::Later {
-        return Ok(Scan {
-            disk,
-            geometry,
-            ids: Vec::new(),
-            started_unix_ms,
-            duration: started.elapsed(),
-            consistency,
-            space: IdSpace::PLAIN,
-            pending: true,
-        });
-    }
-    hash_view(
-        disk,
-        geometry,
+    Ok(Scan {
+        geometry: Geometry::new(disk.size_bytes(), chunk_size_bytes)?,
+        disk: Arc::new(disk),
+        ids: Vec::new(),
         started_unix_ms,
-        started.elapsed(),
+        duration: started.elapsed(),
         consistency,
-    )
+        space: IdSpace::PLAIN,
+        pending: true,
+    })
 }
 
 /// Hashes every chunk of `disk` (blocking): the rest of a scan whose view
