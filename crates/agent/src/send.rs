@@ -162,40 +162,32 @@ impl ChunkEncoder {
             .chunk_range(index)
             .expect("changed chunks lie on the disk");
         let raw_len = range.len();
-        if disk.is_hole(range.start as u64, range.end as u64) {
-            // A hole of a sparse image: zeros, neither read nor hashed.
-            let id = self.references.space.map(ChunkId::ZERO);
-            let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, &[]);
-            return Ok(Encoded {
-                index,
-                id,
-                frame: Bytes::copy_from_slice(&header),
-                raw_len: 0,
-                reference: false,
-                patch: false,
-                compressed: false,
-            });
-        }
         // Read once, straight into the frame behind room for its header; then hash
         // that copy, so the id always matches the bytes that travel. pread rather
         // than the scan's mapping: scattered reads through a mapping leave whole
         // page-cache folios mapped, so resident memory would grow with the disk.
-        let mut frame = BytesMut::zeroed(CHUNK_HEADER_LEN + raw_len);
-        disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..])
-            .map_err(|e| {
-                let message = format!(
-                    "cannot read chunk {index} (bytes {}..{}) of {}: {e}",
-                    range.start,
-                    range.end,
-                    disk.path().display()
-                );
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    // The disk shrank since the scan: scan again, later.
-                    Error::DiskUnsteady(format!("{message}: the disk shrank since the scan"))
-                } else {
-                    Error::DiskChanged(message)
-                }
-            })?;
+        // A hole of a sparse image reads as zeros: it is neither read nor
+        // hashed, and travels as a zero chunk.
+        let hole = disk.is_hole(range.start as u64, range.end as u64);
+        let mut frame = BytesMut::zeroed(CHUNK_HEADER_LEN + if hole { 0 } else { raw_len });
+        let read = match hole {
+            true => Ok(()),
+            false => disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..]),
+        };
+        read.map_err(|e| {
+            let message = format!(
+                "cannot read chunk {index} (bytes {}..{}) of {}: {e}",
+                range.start,
+                range.end,
+                disk.path().display()
+            );
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                // The disk shrank since the scan: scan again, later.
+                Error::DiskUnsteady(format!("{message}: the disk shrank since the scan"))
+            } else {
+                Error::DiskChanged(message)
+            }
+        })?;
         // Capture mode: the blocks written since the head, asked before the
         // cut lets the chunk go.
         let written = if bases.known() {
@@ -211,7 +203,7 @@ impl ChunkEncoder {
         let base = bases.get(index);
         // A zero chunk travels as such: neither hashed nor planned.
         let (id, values) = match base {
-            _ if is_all_zero(&frame[CHUNK_HEADER_LEN..]) => (ChunkId::ZERO, None),
+            _ if hole || is_all_zero(&frame[CHUNK_HEADER_LEN..]) => (ChunkId::ZERO, None),
             // Known bases need no values: the written blocks are the patch.
             Some(_) if bases.known() => (hash_chunk(&frame[CHUNK_HEADER_LEN..]), None),
             Some(_) => {
