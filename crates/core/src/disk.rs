@@ -39,6 +39,10 @@ pub struct DiskImage {
     size_bytes: u64,
     /// Bytes read through this image so far: what a sync cost the disk.
     bytes_read: AtomicU64,
+    /// The file had a hole when it was opened: only then is asking for
+    /// holes worth a system call per read (a hole punched since is read as
+    /// the zeros it holds).
+    sparse: bool,
 }
 
 impl DiskImage {
@@ -51,6 +55,8 @@ impl DiskImage {
             .map_err(|e| Error::io(format!("cannot size disk {}", path.display()), e))?;
         Ok(Self {
             path: path.to_owned(),
+            sparse: rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(0))
+                .is_ok_and(|hole| hole < size_bytes),
             file,
             size_bytes,
             bytes_read: AtomicU64::new(0),
@@ -180,9 +186,13 @@ impl DiskImage {
     /// Whether bytes `start..end` of the disk lie wholly in a hole of a
     /// sparse file: they read as zeros, and need not be read. `false` where
     /// that cannot be told (a block device, a file system without
-    /// `SEEK_DATA`), and past the file's end (a disk that shrank is found by
-    /// the read that fails), so that the caller reads.
+    /// `SEEK_DATA`), for a file that had no hole when opened, and past the
+    /// file's end (a disk that shrank is found by the read that fails), so
+    /// that the caller reads.
     pub fn is_hole(&self, start: u64, end: u64) -> bool {
+        if !self.sparse {
+            return false;
+        }
         // Positional reads never use the file offset this moves.
         match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(start)) {
             Ok(next_data) => next_data >= end,
