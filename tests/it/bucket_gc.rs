@@ -185,7 +185,9 @@ fn a_server_that_cannot_tell_how_a_round_ended_publishes_nothing_until_it_can() 
                 .to_string()
                 .contains("read the bucket's packs again")
         );
-        let blocked = b.publishing_blocked().expect("B waits for the round");
+        let blocked = b
+            .publishing_blocked(NOW + 30)
+            .expect("B waits for the round");
         assert!(blocked.contains("collection round"), "{blocked}");
         assert!(
             !b.settle_round(NOW + 40).unwrap(),
@@ -196,7 +198,7 @@ fn a_server_that_cannot_tell_how_a_round_ended_publishes_nothing_until_it_can() 
     });
     // The round ended (aborted): B reads the packs again and goes on.
     assert!(b.settle_round(NOW + 50).unwrap());
-    assert_eq!(b.publishing_blocked(), None);
+    assert_eq!(b.publishing_blocked(NOW + 50), None);
     b.commit(&source, 1, &root, &pages, 0, NOW + 60).unwrap();
     assert!(exported(&b, &source, &dir_b) == disk);
 }
@@ -284,11 +286,17 @@ fn a_server_whose_announcement_lapsed_publishes_nothing_until_it_rejoined_and_ro
         .unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
     assert!(refused.to_string().contains("announcement"), "{refused}");
+    let blocked = b
+        .publishing_blocked(NOW + 1_500)
+        .expect("health says so too");
+    assert!(blocked.contains("announcement"), "{blocked}");
     // ...and the renewal gives it up: B publishes nothing.
     let lost = b.renew_leases(TTL, NOW + 2_000);
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert!(!b.is_announced("b"));
-    let blocked = b.publishing_blocked().expect("B must announce itself");
+    let blocked = b
+        .publishing_blocked(NOW + 2_000)
+        .expect("B must announce itself");
     assert!(blocked.contains("announce"), "{blocked}");
     let refused = b
         .commit(&source, 1, &root, &pages, 0, NOW + 2_100)

@@ -222,7 +222,7 @@ pub(crate) fn backend_json(store: &Store) -> serde_json::Value {
         // Commits and flushes are refused while another server's collection
         // round is unsettled here, or while this server must announce
         // itself again.
-        backend["publishing"] = match store.publishing_blocked() {
+        backend["publishing"] = match store.publishing_blocked(now_unix_ms()) {
             None => json!("ok"),
             Some(why) => json!(why),
         };

@@ -226,18 +226,25 @@ impl Store {
         Ok(true)
     }
 
-    /// Why this store may not publish now, if it may not: it waits for
-    /// another server's collection round to end, or to announce itself in
-    /// the bucket again. `None` for a local store.
-    pub fn publishing_blocked(&self) -> Option<String> {
+    /// Why this store may not publish at `now_unix_ms`, if it may not: it
+    /// waits for another server's collection round to end, or to announce
+    /// itself in the bucket again, or its announcement has expired (the
+    /// check every commit makes). `None` for a local store.
+    pub fn publishing_blocked(&self, now_unix_ms: u64) -> Option<String> {
         let remote = self.remote.as_deref()?;
-        let unsettled = lock(&remote.unsettled);
-        match (unsettled.round, unsettled.rejoin) {
+        let (round, rejoin) = {
+            let unsettled = lock(&remote.unsettled);
+            (unsettled.round, unsettled.rejoin)
+        };
+        match (round, rejoin) {
             (Some(generation), _) => Some(format!(
                 "waiting for collection round {generation} of another server to end"
             )),
             (None, true) => Some("waiting to announce itself in the bucket again".into()),
-            (None, false) => None,
+            (None, false) => remote
+                .check_presence(now_unix_ms)
+                .err()
+                .map(|e| e.to_string()),
         }
     }
 
