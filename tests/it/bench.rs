@@ -48,6 +48,7 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
         &["initial_sync", "bytes_on_wire"],
         &["initial_sync", "agent_cpu_seconds"],
         &["initial_sync", "server_cpu_seconds"],
+        &["initial_sync", "cpu_seconds_per_nonzero_gib"],
         &["delta_sync", "seconds"],
         &["delta_sync", "bytes_on_wire"],
         &["delta_compare", "changed_bytes"],
@@ -65,6 +66,15 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
     ] {
         assert!(number(path) > 0.0, "{path:?} is not positive: {figures:#}");
     }
+    // Both ends' CPU over the non-zero GiB, as the table prints it.
+    let cpu = number(&["initial_sync", "agent_cpu_seconds"])
+        + number(&["initial_sync", "server_cpu_seconds"]);
+    let per_gib = cpu / (number(&["nonzero_bytes"]) / 1073741824.0);
+    let printed = number(&["initial_sync", "cpu_seconds_per_nonzero_gib"]);
+    assert!(
+        (printed - per_gib).abs() <= per_gib * 1e-9,
+        "{printed} != {per_gib}"
+    );
     let lag_max = number(&["continuous", "lag_seconds_max"]);
     assert!(
         number(&["continuous", "lag_seconds_p50"]) <= number(&["continuous", "lag_seconds_p99"])
@@ -104,7 +114,8 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
     assert_eq!(figures["verified_equal"], serde_json::Value::Bool(true));
     assert_eq!(figures["seed"], 1);
     assert!(
-        stdout(&output).contains("cutover downtime"),
+        stdout(&output).contains("cutover downtime")
+            && stdout(&output).contains("CPU agent + server per GiB of non-zero data"),
         "{}",
         stdout(&output)
     );
