@@ -130,14 +130,50 @@ fn port_in(ports: &[u16], name: &str) -> u16 {
 }
 
 /// Free loopback ports, all held until every one is chosen.
+///
+/// They are taken below the kernel's ephemeral range: a port of that range
+/// can be handed to any outgoing connection (a test's client, the server's
+/// own S3 requests) while the instance is stopped, and its restart would
+/// then fail to bind it. Below that range only a process that asks for the
+/// port by number can take it.
 fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Ports under 1024 are privileged and the low thousands are where
+    // well-known services sit; a machine whose ephemeral range starts
+    // lower than that leaves nothing to choose, and the kernel chooses.
+    const LOWEST: u16 = 10_000;
+    let span = ephemeral_from.saturating_sub(LOWEST);
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
+    let mut tries = 0;
+    while listeners.len() < count {
+        tries += 1;
+        let port = if span >= 1024 && tries < 10_000 {
+            // A random start per pick: instances started at once by tests
+            // in parallel do not walk the same sequence.
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(tries);
+            LOWEST + (hasher.finish() % u64::from(span)) as u16
+        } else {
+            0
+        };
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(listener);
+        }
+    }
     listeners
         .iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
+}
+
+/// Whether `weed mini` said it lost a port to another process (said either
+/// way, depending on which of its servers lost it).
+fn lost_a_port(why: &str) -> bool {
+    why.contains("Port allocation failed") || why.contains("address already in use")
 }
 
 impl SeaweedFs {
@@ -178,12 +214,7 @@ impl SeaweedFs {
             };
             match this.try_wait_ready() {
                 Ok(()) => break (this, ports),
-                // Said either way, depending on which of its servers lost it.
-                Err(why)
-                    if attempt < START_ATTEMPTS
-                        && (why.contains("Port allocation failed")
-                            || why.contains("address already in use")) =>
-                {
+                Err(why) if attempt < START_ATTEMPTS && lost_a_port(&why) => {
                     eprintln!("weed mini lost a port, starting again: {why}");
                 }
                 Err(why) => panic!("{why}"),
@@ -209,12 +240,6 @@ impl SeaweedFs {
 
     /// Waits until the instance says it serves S3: the S3 port may accept
     /// before the filer behind it serves.
-    fn wait_ready(&mut self) {
-        if let Err(why) = self.try_wait_ready() {
-            panic!("{why}");
-        }
-    }
-
     fn try_wait_ready(&mut self) -> Result<(), String> {
         let log = self.dir.path().join("weed.log");
         // A restart appends to the log: wait for one more announcement.
@@ -245,10 +270,30 @@ impl SeaweedFs {
         crate::terminate(&mut self.child, READY_TIMEOUT);
     }
 
-    /// Starts the stopped instance again on the same ports and data.
+    /// Starts the stopped instance again on its data and its S3 port (the
+    /// endpoint its clients know). Its other ports are chosen afresh on
+    /// every restart, as they are at a start: one may have been taken while
+    /// it was stopped, and nothing outside the instance names them.
     pub fn restart(&mut self) {
-        self.child = spawn(&self.weed, self.dir.path(), &self.ports);
-        self.wait_ready();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let fresh = free_ports(PORT_FLAGS.len());
+            for ((flag, port), new) in PORT_FLAGS.iter().zip(&mut self.ports).zip(fresh) {
+                if *flag != "s3.port" {
+                    *port = new;
+                }
+            }
+            self.child = spawn(&self.weed, self.dir.path(), &self.ports);
+            match self.try_wait_ready() {
+                Ok(()) => return,
+                Err(why) if attempt < START_ATTEMPTS && lost_a_port(&why) => {
+                    eprintln!("weed mini lost a port on restart, starting again: {why}");
+                    crate::terminate(&mut self.child, READY_TIMEOUT);
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
     }
 
     /// Creates bucket `name` with `weed shell`, as an operator would.
