@@ -90,6 +90,10 @@ impl VfsFile for GuardedFile {
         self.inner.write_all_at(buf, offset)
     }
 
+    fn write_all_at_parts(&self, head: &[u8], tail: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_all_at_parts(head, tail, offset)
+    }
+
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }

@@ -209,7 +209,23 @@ impl Store {
         raw_len: u32,
         stored: &[u8],
     ) -> Result<bool, Error> {
-        self.blobs.put(kind, id, codec, raw_len, stored)
+        self.blobs.put(kind, id, codec, raw_len, stored, None)
+    }
+
+    /// [`Store::insert`] of bytes whose crc32 the caller computed already
+    /// (`stored_crc`, IEEE, of exactly `stored`): the record's crc is made
+    /// from it without a second pass over the bytes.
+    pub fn insert_with_crc(
+        &self,
+        kind: BlobKind,
+        id: ChunkId,
+        codec: StoredCodec,
+        raw_len: u32,
+        stored: &[u8],
+        stored_crc: u32,
+    ) -> Result<bool, Error> {
+        self.blobs
+            .put(kind, id, codec, raw_len, stored, Some(stored_crc))
     }
 
     /// Stores every non-zero chunk of the disk image `disk` (raw, as

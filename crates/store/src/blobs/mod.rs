@@ -321,7 +321,7 @@ impl Blobs {
             .map_err(|_| Error::new(ErrorKind::Invalid, "index blob too large"))?;
         match sealer {
             Some(sealer) => self.put_sealed(sealer, kind, id, StoredCodec::Raw, len, bytes),
-            None => self.put(kind, id, StoredCodec::Raw, len, bytes),
+            None => self.put(kind, id, StoredCodec::Raw, len, bytes, None),
         }
     }
 
@@ -334,10 +334,15 @@ impl Blobs {
         codec: StoredCodec,
         raw_len: u32,
         stored: &[u8],
+        stored_crc: Option<u32>,
     ) -> Result<bool, Error> {
-        self.put_record(kind, id, codec, false, raw_len, stored)
+        self.put_record(kind, id, codec, false, raw_len, stored, stored_crc)
     }
 
+    /// Appends a record of `stored` unless `id` is held. `stored_crc` is the
+    /// crc32 of `stored` when the caller has it (see
+    /// [`RecordHeader::encode_with_crc`]).
+    #[allow(clippy::too_many_arguments)]
     fn put_record(
         &self,
         kind: BlobKind,
@@ -346,6 +351,7 @@ impl Blobs {
         sealed: bool,
         raw_len: u32,
         stored: &[u8],
+        stored_crc: Option<u32>,
     ) -> Result<bool, Error> {
         self.check_writable()?;
         let (mut inner, at) = self.indexed(&id);
@@ -365,7 +371,7 @@ impl Blobs {
             id,
             crc: 0,
         };
-        let header_bytes = header.encode_with_crc(stored);
+        let header_bytes = header.encode_with_crc(stored, stored_crc);
         let header = RecordHeader::decode(&header_bytes)
             .ok_or_else(|| Error::new(ErrorKind::Invalid, "blob exceeds the record limits"))?;
         let location = self.append_locked(&mut inner, &header_bytes, header, stored)?;
@@ -387,12 +393,7 @@ impl Blobs {
         let number = active.number;
         active
             .file
-            .write_all_at(header_bytes, offset)
-            .and_then(|()| {
-                active
-                    .file
-                    .write_all_at(stored, offset + RECORD_HEADER_LEN as u64)
-            })
+            .write_all_at_parts(header_bytes, stored, offset)
             .map_err(|e| {
                 Error::io(
                     format!("cannot append to {}", self.packs.describe(number)),

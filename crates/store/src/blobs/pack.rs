@@ -74,11 +74,28 @@ pub(crate) struct RecordHeader {
 }
 
 impl RecordHeader {
-    pub(crate) fn encode_with_crc(&self, data: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+    /// The header's bytes with the crc of the record whose data is `data`.
+    /// `data_crc`, when given, is the crc32 of `data` already computed (a
+    /// chunk's, as its frame arrived): it is combined with the header's
+    /// instead of reading the data again.
+    pub(crate) fn encode_with_crc(
+        &self,
+        data: &[u8],
+        data_crc: Option<u32>,
+    ) -> [u8; RECORD_HEADER_LEN] {
         let mut out = self.to_bytes();
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&out[..RECORD_CRC_AT]);
-        hasher.update(data);
+        match data_crc {
+            Some(crc) => {
+                debug_assert_eq!(crc, crc32fast::hash(data), "a crc of other bytes");
+                hasher.combine(&crc32fast::Hasher::new_with_initial_len(
+                    crc,
+                    data.len() as u64,
+                ));
+            }
+            None => hasher.update(data),
+        }
         out[RECORD_CRC_AT..].copy_from_slice(&hasher.finalize().to_le_bytes());
         out
     }

@@ -100,7 +100,7 @@ impl Blobs {
             sealer
                 .seal_into(&aad(kind, codec, raw_len, &id), stored, sealed)
                 .map_err(|e| Error::new(ErrorKind::Invalid, format!("cannot seal blob: {e}")))?;
-            let put = self.put_record(kind, id, codec, true, raw_len, sealed);
+            let put = self.put_record(kind, id, codec, true, raw_len, sealed, None);
             if sealed.capacity() > SEALED_KEPT_BYTES {
                 *sealed = Vec::new();
             }
