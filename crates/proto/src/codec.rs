@@ -8,8 +8,8 @@ use blockrep_core::{
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::frame::{
-    CHECKSUM_OFFSET, FRAME_HEADER_LEN, FRAME_LEN_MIN, Reader, frame_checksum, frame_checksum_parts,
-    malformed, seal,
+    CHECKSUM_OFFSET, FRAME_HEADER_LEN, FRAME_LEN_MIN, Reader, frame_checksum,
+    frame_checksum_and_tail, frame_checksum_parts, malformed, seal,
 };
 use crate::message::{
     Codec, ErrorCode, Message, MessageType, ProtoError, ProtoErrorKind, REF_PROOF_LEN,
@@ -343,6 +343,22 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
 /// [`decode`].
 const DECODE_GROWTH_MIN: usize = 1024 * 1024;
 
+/// One decoded frame, and what checking it computed that a receiver can
+/// use again.
+#[derive(Debug)]
+pub struct Decoded {
+    pub message: Message,
+    /// For a `Chunk` frame: the crc32 (IEEE) of its data, computed as part
+    /// of the frame's checksum. A store whose records carry a crc32 of the
+    /// same bytes need not compute it again.
+    pub data_crc: Option<u32>,
+}
+
+/// Decodes one frame from the front of `buf` (see [`decode_frame`]).
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
+    Ok(decode_frame(buf)?.map(|decoded| decoded.message))
+}
+
 /// Decodes one frame from the front of `buf`.
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read more and call
@@ -351,7 +367,7 @@ const DECODE_GROWTH_MIN: usize = 1024 * 1024;
 /// megabyte of room besides); the checksum is
 /// checked before any field is read, so a frame damaged before it was sealed into
 /// TLS is refused whole, whatever field the damage hit.
-pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
+pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Decoded>, ProtoError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -375,7 +391,15 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
         return Ok(None);
     }
     let sent = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    let computed = frame_checksum(&buf[..frame_len]);
+    // A chunk's data is checksummed apart and the two crcs combined, so
+    // that the data's own crc comes out of the same single pass.
+    let chunk = buf[FRAME_HEADER_LEN - 1] == MessageType::Chunk as u8;
+    let (computed, data_crc) = if chunk && frame_len >= CHUNK_HEADER_LEN {
+        let (frame, data) = frame_checksum_and_tail(&buf[..frame_len], CHUNK_HEADER_LEN);
+        (frame, Some(data))
+    } else {
+        (frame_checksum(&buf[..frame_len]), None)
+    };
     if sent != computed {
         return Err(ProtoError::new(
             ProtoErrorKind::Checksum,
@@ -396,7 +420,10 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
             message.name()
         )));
     }
-    Ok(Some(message))
+    // A frame of the chunk type that decoded is a chunk whose data is all
+    // that follows its header.
+    let data_crc = data_crc.filter(|_| matches!(message, Message::Chunk { .. }));
+    Ok(Some(Decoded { message, data_crc }))
 }
 
 fn decode_body(type_byte: u8, body: &mut Bytes) -> Result<Message, ProtoError> {

@@ -33,6 +33,20 @@ pub(crate) fn frame_checksum_parts(head: &[u8], tail: &[u8]) -> u32 {
     hasher.finalize()
 }
 
+/// [`frame_checksum`] of a whole `frame`, and the crc32 of its bytes from
+/// `tail_at` on (a chunk's data), each computed once: the frame's checksum
+/// is the head's crc combined with the tail's.
+pub(crate) fn frame_checksum_and_tail(frame: &[u8], tail_at: usize) -> (u32, u32) {
+    let mut tail = crc32fast::Hasher::new();
+    tail.update(&frame[tail_at..]);
+    let tail_crc = tail.clone().finalize();
+    let mut whole = crc32fast::Hasher::new();
+    whole.update(&frame[..CHECKSUM_OFFSET]);
+    whole.update(&frame[CHECKSUM_OFFSET + 4..tail_at]);
+    whole.combine(&tail);
+    (whole.finalize(), tail_crc)
+}
+
 /// Writes the checksum of a whole frame whose length field is set.
 pub(crate) fn seal(frame: &mut [u8]) {
     let checksum = frame_checksum(frame);

@@ -38,7 +38,9 @@ pub mod fuzzing;
 mod message;
 mod patch;
 
-pub use codec::{CHUNK_HEADER_LEN, chunk_header, decode, encode, encode_chunk_header};
+pub use codec::{
+    CHUNK_HEADER_LEN, Decoded, chunk_header, decode, decode_frame, encode, encode_chunk_header,
+};
 pub use frame::FRAME_HEADER_LEN;
 pub use message::{
     Codec, ErrorCode, IO_TIMEOUT_MIN, Message, MessageType, NONCE_LEN, PROGRESS_INTERVAL,

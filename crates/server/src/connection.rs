@@ -1,7 +1,7 @@
 //! A framed connection: owns the stream and its read buffer, speaks in messages.
 
-use blockrep_proto::{FRAME_HEADER_LEN, Message, ProtoError, decode, encode};
-use bytes::BytesMut;
+use blockrep_proto::{Decoded, FRAME_HEADER_LEN, Message, ProtoError, decode_frame, encode};
+use bytes::{Bytes, BytesMut};
 use std::time::Duration;
 // tokio's clock, so that the beats follow paused time in tests.
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -41,6 +41,9 @@ pub(crate) struct Connection<S> {
     /// Set when a write failed or timed out: part of a frame may have gone
     /// out, so nothing more may follow it.
     write_failed: Option<std::io::ErrorKind>,
+    /// The last chunk read: where its data lies, how long it is, and the
+    /// crc32 decoding computed of it (see [`Connection::data_crc`]).
+    last_chunk: Option<(usize, usize, u32)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -55,7 +58,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             progress_every: None,
             last_flush: Instant::now(),
             write_failed: None,
+            last_chunk: None,
         }
+    }
+
+    /// The crc32 of `data`, if it is the data of the last chunk read: it was
+    /// computed with the frame's checksum, and the chunk's record in a pack
+    /// carries a crc of the same bytes. The data is known by where it lies,
+    /// which no other bytes can share while `data` holds them.
+    pub(crate) fn data_crc(&self, data: &Bytes) -> Option<u32> {
+        let (at, len, crc) = self.last_chunk?;
+        (at == data.as_ptr() as usize && len == data.len()).then_some(crc)
     }
 
     /// Reads the next message; `ReadError::Closed` on a clean end of stream
@@ -63,7 +76,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub(crate) async fn read_message(&mut self) -> Result<Message, ReadError> {
         loop {
             let before = self.read_buf.len();
-            if let Some(message) = decode(&mut self.read_buf)? {
+            if let Some(Decoded { message, data_crc }) = decode_frame(&mut self.read_buf)? {
+                self.last_chunk = match (&message, data_crc) {
+                    (Message::Chunk { data, .. }, Some(crc)) => {
+                        Some((data.as_ptr() as usize, data.len(), crc))
+                    }
+                    _ => None,
+                };
                 self.bytes_read += (before - self.read_buf.len()) as u64;
                 // A commit or a question ends a burst of chunks: an idle
                 // session (of hundreds connected) keeps no grown buffer. Its
@@ -321,6 +340,43 @@ mod tests {
             beats >= 3 && beats as u64 <= arriving.as_secs(),
             "{beats} beats for a frame that took {arriving:?} to arrive, then silence"
         );
+    }
+
+    /// The crc of a chunk's data comes with it from decoding, for that very
+    /// data only: equal bytes elsewhere, or a chunk read before the last
+    /// frame, get none (their crc is computed afresh).
+    #[tokio::test]
+    async fn the_crc_of_a_chunks_data_is_known_for_that_data_only() {
+        let (mut agent, server) = tokio::io::duplex(64 * 1024);
+        let mut connection = Connection::new(server);
+        let mut wire = BytesMut::new();
+        for index in 0..2u8 {
+            let chunk = Message::Chunk {
+                index: u64::from(index),
+                id: ChunkId([index; 32]),
+                codec: blockrep_proto::Codec::Raw,
+                raw_len: 5000,
+                data: Bytes::from(vec![index + 1; 5000]),
+            };
+            encode(&chunk, &mut wire);
+        }
+        encode(&Message::GetPages { indices: vec![1] }, &mut wire);
+        agent.write_all(&wire).await.unwrap();
+        let data_of = |message: Message| match message {
+            Message::Chunk { data, .. } => data,
+            other => panic!("{other:?} is not a chunk"),
+        };
+        let first = data_of(connection.read_message().await.unwrap());
+        assert_eq!(connection.data_crc(&first), Some(crc32fast::hash(&first)));
+        assert_eq!(connection.data_crc(&Bytes::from(first.to_vec())), None);
+        let second = data_of(connection.read_message().await.unwrap());
+        assert_eq!(connection.data_crc(&first), None, "not the last chunk");
+        assert_eq!(connection.data_crc(&second), Some(crc32fast::hash(&second)));
+        assert!(matches!(
+            connection.read_message().await.unwrap(),
+            Message::GetPages { .. }
+        ));
+        assert_eq!(connection.data_crc(&second), None, "not the last frame");
     }
 
     /// A burst of chunks grows the read buffer; the `Backlog` (or commit)

@@ -30,6 +30,9 @@ pub(crate) struct Job {
     pub codec: Codec,
     pub raw_len: u32,
     pub data: Bytes,
+    /// The crc32 of `data`, when the frame's checksum gave it: a chunk
+    /// stored as it arrived needs no second pass for its record's crc.
+    pub data_crc: Option<u32>,
     /// For a patch: the chunk it applies to and the byte ranges `data` (once
     /// decoded) replaces. The verifier rebuilds the chunk, so patches flow
     /// through the same queue as chunks instead of one blocking task each.
@@ -220,9 +223,12 @@ fn run(
             }
         };
         on_values(job.id, Bytes::from(values.concat()));
-        let stored = match sealer {
-            Some(sealer) => store.insert_sealed(sealer, job.id, codec, job.raw_len, &data),
-            None => store.insert(BlobKind::Chunk, job.id, codec, job.raw_len, &data),
+        let stored = match (sealer, job.data_crc.filter(|_| job.patch.is_none())) {
+            (Some(sealer), _) => store.insert_sealed(sealer, job.id, codec, job.raw_len, &data),
+            (None, Some(crc)) => {
+                store.insert_with_crc(BlobKind::Chunk, job.id, codec, job.raw_len, &data, crc)
+            }
+            (None, None) => store.insert(BlobKind::Chunk, job.id, codec, job.raw_len, &data),
         }
         .map_err(|e| Reject::new(ErrorCode::Internal, format!("store: {e}")))?;
         stats.chunks_verified += 1;
@@ -362,6 +368,7 @@ mod tests {
             codec: Codec::Raw,
             raw_len: data.len() as u32,
             data: Bytes::from(data),
+            data_crc: None,
             patch: None,
         }
     }
@@ -421,6 +428,7 @@ mod tests {
             codec: Codec::Raw,
             raw_len: 16_384,
             data: Bytes::from(vec![5u8; 4096]),
+            data_crc: None,
             patch: Some(PatchOf {
                 base: base_id,
                 ranges: vec![(4096, 4096)],

@@ -285,6 +285,27 @@ proptest! {
         prop_assert_eq!(decoded, messages);
     }
 
+    /// Every chunk decoded carries the crc32 of its data, from the frame's
+    /// own checksum; no other message carries one.
+    #[test]
+    fn a_decoded_chunk_carries_the_crc_of_its_data(
+        messages in proptest::collection::vec(message_strategy(), 1..8)
+    ) {
+        let mut buf = BytesMut::new();
+        for message in &messages {
+            encode(message, &mut buf);
+        }
+        while let Some(Decoded { message, data_crc }) = decode_frame(&mut buf).unwrap() {
+            match &message {
+                Message::Chunk { data, .. } => {
+                    prop_assert_eq!(data_crc, Some(crc32fast::hash(data)));
+                }
+                _ => prop_assert_eq!(data_crc, None),
+            }
+        }
+        prop_assert!(buf.is_empty());
+    }
+
     #[test]
     fn random_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..2000)) {
         let mut buf = BytesMut::from(&raw[..]);

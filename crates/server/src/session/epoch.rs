@@ -320,6 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Codec::Raw | Codec::Zstd => {
                 let data_len = data.len() as u64;
+                let data_crc = self.connection.data_crc(&data);
                 let verifier = verifier.get_or_insert_with(|| {
                     Verifier::spawn(
                         Arc::clone(&self.shared.store),
@@ -334,6 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         codec,
                         raw_len,
                         data,
+                        data_crc,
                         patch: None,
                     })
                     .await?;

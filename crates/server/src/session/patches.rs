@@ -185,6 +185,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
                 codec: patch.codec,
                 raw_len,
                 data: patch.data,
+                data_crc: None,
                 patch: Some(PatchOf {
                     base: patch.base,
                     ranges: patch.ranges,
