@@ -649,7 +649,7 @@ impl<S: Transport> Session<S> {
         );
         let progress = progress_bar(config, bytes_pending);
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut frames = spawn_encoders(
+        let (mut frames, pool) = spawn_encoders(
             Arc::clone(&scan.disk),
             self.geometry,
             Arc::new(changed),
@@ -712,6 +712,7 @@ impl<S: Transport> Session<S> {
                 write_started.elapsed(),
                 workers,
             );
+            pool.give(frame);
             if let Some(bar) = &progress {
                 bar.inc(chunk_len);
             }

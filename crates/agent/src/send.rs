@@ -2,8 +2,8 @@
 //! ready-to-write frames; the network task writes them in whatever order they come.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use blockrep_core::{ChunkId, Geometry, hash_chunk, hash_with_block_values, is_all_zero};
 use blockrep_proto::{CHUNK_HEADER_LEN, Codec, NONCE_LEN, chunk_header, patch_frame, ref_proof};
@@ -19,6 +19,69 @@ const WINDOW_BYTES: usize = 16 * 1024 * 1024;
 const CHUNKS_PER_CLAIM: usize = 16;
 /// After a chunk that did not compress, skip compression for this many chunks.
 const INCOMPRESSIBLE_SKIP: u32 = 32;
+
+/// Frame buffers kept for reuse at most: enough for the workers to find one
+/// each time the writer has written a frame, never the whole window.
+const POOL_BUFFERS_MAX: usize = 32;
+
+/// Buffers of whole-chunk frames, handed back once written so that the
+/// workers read the next chunks into them: a fresh buffer per chunk costs an
+/// allocation, the zeroing of its 64 KiB and, as the allocator gives memory
+/// back and takes it again, page faults, for every chunk sent.
+pub(crate) struct FramePool {
+    free: Mutex<Vec<BytesMut>>,
+    /// Buffers with less room than this are not kept (references, zero
+    /// chunks).
+    keep_from: usize,
+}
+
+impl FramePool {
+    /// A pool for frames of chunks of `geometry`.
+    pub(crate) fn new(geometry: Geometry) -> Arc<Self> {
+        Arc::new(Self {
+            free: Mutex::new(Vec::new()),
+            keep_from: geometry.chunk_size_bytes() as usize / 2,
+        })
+    }
+
+    /// A buffer of `len` bytes whose contents are whatever it held before:
+    /// the caller overwrites all of them. Only a fresh buffer, or the part of
+    /// a kept one past its last length, is zeroed.
+    fn take(&self, len: usize) -> BytesMut {
+        let kept = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match kept {
+            Some(mut buf) => {
+                if buf.len() >= len {
+                    buf.truncate(len);
+                } else {
+                    buf.resize(len, 0);
+                }
+                buf
+            }
+            None => BytesMut::zeroed(len),
+        }
+    }
+
+    /// Keeps `buf` for a later [`FramePool::take`], if it is a chunk's size
+    /// and the pool is not full.
+    fn give_mut(&self, buf: BytesMut) {
+        // Room, not length: a compressed frame's buffer is a whole chunk's.
+        if buf.capacity() < self.keep_from {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < POOL_BUFFERS_MAX {
+            free.push(buf);
+        }
+    }
+
+    /// Takes back a written frame, if nothing else holds its bytes.
+    pub(crate) fn give(&self, frame: Bytes) {
+        if let Ok(buf) = frame.try_into_mut() {
+            self.give_mut(buf);
+        }
+    }
+}
 
 /// One frame ready to write, and the id of the data it carries (which may differ
 /// from the scan's if the disk changed since).
@@ -46,7 +109,8 @@ pub(crate) struct References {
 }
 
 /// Starts the workers for `changed` chunks; frames arrive on the returned channel,
-/// which closes when every chunk has been encoded.
+/// which closes when every chunk has been encoded. The writer hands each
+/// frame back to the returned pool once written.
 pub(crate) fn spawn_encoders(
     disk: Arc<crate::view::View>,
     geometry: Geometry,
@@ -55,7 +119,8 @@ pub(crate) fn spawn_encoders(
     adaptive: Arc<AdaptiveCompression>,
     references: References,
     bases: Arc<Bases>,
-) -> mpsc::Receiver<Result<Encoded, Error>> {
+) -> (mpsc::Receiver<Result<Encoded, Error>>, Arc<FramePool>) {
+    let pool = FramePool::new(geometry);
     let window = (WINDOW_BYTES / geometry.chunk_size_bytes() as usize).max(4);
     let (tx, rx) = mpsc::channel::<Result<Encoded, Error>>(window);
     let next = Arc::new(AtomicUsize::new(0));
@@ -64,6 +129,7 @@ pub(crate) fn spawn_encoders(
         let adaptive = Arc::clone(&adaptive);
         let references = references.clone();
         let bases = Arc::clone(&bases);
+        let pool = Arc::clone(&pool);
         let (disk, changed, next, tx) = (
             Arc::clone(&disk),
             Arc::clone(&changed),
@@ -71,7 +137,7 @@ pub(crate) fn spawn_encoders(
             tx.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let mut encoder = ChunkEncoder::new(compression, adaptive, references);
+            let mut encoder = ChunkEncoder::new(compression, adaptive, references, pool);
             loop {
                 let start = next.fetch_add(CHUNKS_PER_CLAIM, Ordering::Relaxed);
                 if start >= changed.len() {
@@ -88,7 +154,7 @@ pub(crate) fn spawn_encoders(
             }
         });
     }
-    rx
+    (rx, pool)
 }
 
 /// Why a compression is tried.
@@ -131,6 +197,7 @@ struct ChunkEncoder {
     /// Set for `Compression::Auto`.
     adaptive: Option<Arc<AdaptiveCompression>>,
     references: References,
+    pool: Arc<FramePool>,
 }
 
 impl ChunkEncoder {
@@ -138,6 +205,7 @@ impl ChunkEncoder {
         compression: Compression,
         adaptive: Arc<AdaptiveCompression>,
         references: References,
+        pool: Arc<FramePool>,
     ) -> Self {
         let compressor = match compression {
             Compression::Auto | Compression::Zstd => zstd::bulk::Compressor::new(1).ok(),
@@ -148,6 +216,7 @@ impl ChunkEncoder {
             skip: 0,
             adaptive: (compression == Compression::Auto).then_some(adaptive),
             references,
+            pool,
         }
     }
 
@@ -169,7 +238,10 @@ impl ChunkEncoder {
         // A hole of a sparse image reads as zeros: it is neither read nor
         // hashed, and travels as a zero chunk.
         let hole = disk.is_hole(range.start as u64, range.end as u64);
-        let mut frame = BytesMut::zeroed(CHUNK_HEADER_LEN + if hole { 0 } else { raw_len });
+        let mut frame = match hole {
+            true => BytesMut::zeroed(CHUNK_HEADER_LEN),
+            false => self.pool.take(CHUNK_HEADER_LEN + raw_len),
+        };
         let read = match hole {
             true => Ok(()),
             false => disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..]),
@@ -218,6 +290,7 @@ impl ChunkEncoder {
         let mut compressed_data = false;
         let (frame, raw_sent) = if id.is_zero() {
             let header = chunk_header(index, &id, Codec::Zero, raw_len as u32, &[]);
+            self.pool.give_mut(frame);
             (BytesMut::from(&header[..]), 0)
         } else if self.references.held.contains(&id) {
             // The server holds these bytes: a reference, with the proof that
@@ -227,6 +300,7 @@ impl ChunkEncoder {
             let mut out = BytesMut::with_capacity(CHUNK_HEADER_LEN + proof.len());
             out.extend_from_slice(&header);
             out.extend_from_slice(&proof);
+            self.pool.give_mut(frame);
             reference = true;
             (out, 0)
         } else if let Some(base) = &base
@@ -248,6 +322,7 @@ impl ChunkEncoder {
                 None => (Codec::Raw, Bytes::from(payload)),
             };
             let out = patch_frame(index, &base.id, &id, codec, raw_len as u32, &ranges, &data);
+            self.pool.give_mut(frame);
             (BytesMut::from(out), sent)
         } else if let Some(mut compressed) = self.try_compress(
             &frame[CHUNK_HEADER_LEN..],
@@ -256,6 +331,7 @@ impl ChunkEncoder {
             let data = &compressed[CHUNK_HEADER_LEN..];
             let header = chunk_header(index, &id, Codec::Zstd, raw_len as u32, data);
             compressed[..CHUNK_HEADER_LEN].copy_from_slice(&header);
+            self.pool.give_mut(frame);
             compressed_data = true;
             (compressed, raw_len as u64)
         } else {
@@ -292,7 +368,7 @@ impl ChunkEncoder {
             }
         }
         let limit = data.len() - data.len() / 8 - 1;
-        let mut out = BytesMut::zeroed(CHUNK_HEADER_LEN + limit);
+        let mut out = self.pool.take(CHUNK_HEADER_LEN + limit);
         let started = std::time::Instant::now();
         let result = compressor.compress_to_buffer(data, &mut out[CHUNK_HEADER_LEN..]);
         // A sparse chunk's extreme ratio says nothing about the data's; it is
@@ -304,6 +380,7 @@ impl ChunkEncoder {
             let output = *result.as_ref().unwrap_or(&data.len());
             adaptive.record_compression(data.len(), output, started.elapsed());
             if !adaptive.enabled() {
+                self.pool.give_mut(out);
                 return None; // a sample, taken only to measure
             }
         }
@@ -313,11 +390,62 @@ impl ChunkEncoder {
                 Some(out)
             }
             Err(_) => {
+                self.pool.give_mut(out);
                 if attempt == Attempt::Chunk {
                     self.skip = INCOMPRESSIBLE_SKIP;
                 }
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame handed back once written is the next chunk's buffer: the
+    /// same allocation, not zeroed again (what it held is still there, for
+    /// the read to overwrite). A frame still held elsewhere, or one too
+    /// short to hold a chunk, is not kept.
+    #[test]
+    fn a_written_frame_is_read_into_again() {
+        let geometry = Geometry::new(1 << 20, 65_536).unwrap();
+        let pool = FramePool::new(geometry);
+        let len = CHUNK_HEADER_LEN + 65_536;
+        let mut frame = pool.take(len);
+        frame.fill(0xA5);
+        let frame = frame.freeze();
+        let at = frame.as_ptr();
+        pool.give(frame);
+        let again = pool.take(len);
+        assert_eq!(again.as_ptr(), at, "a fresh allocation");
+        assert!(again.iter().all(|&b| b == 0xA5), "zeroed again");
+        // A shorter frame (a compressed chunk) truncates it; taking the full
+        // length back zeroes only the part past that.
+        let mut shorter = again;
+        shorter.truncate(1000);
+        pool.give_mut(shorter);
+        let grown = pool.take(len);
+        assert_eq!(grown.as_ptr(), at);
+        assert!(grown[..1000].iter().all(|&b| b == 0xA5));
+        assert!(grown[1000..].iter().all(|&b| b == 0));
+
+        let held = grown.freeze();
+        pool.give(held.clone());
+        assert_ne!(pool.take(len).as_ptr(), at, "a frame still held was kept");
+        pool.give(Bytes::from(vec![1u8; CHUNK_HEADER_LEN + 32]));
+        assert!(pool.free.lock().unwrap().is_empty(), "a reference was kept");
+        drop(held);
+    }
+
+    /// The pool keeps a bounded number of buffers, however many come back.
+    #[test]
+    fn the_pool_keeps_at_most_its_bound() {
+        let pool = FramePool::new(Geometry::new(1 << 20, 65_536).unwrap());
+        for _ in 0..POOL_BUFFERS_MAX * 2 {
+            pool.give_mut(BytesMut::zeroed(CHUNK_HEADER_LEN + 65_536));
+        }
+        assert_eq!(pool.free.lock().unwrap().len(), POOL_BUFFERS_MAX);
     }
 }
