@@ -109,7 +109,7 @@ fn packs_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn a_record_from_a_given_crc_is_the_record_made_from_the_bytes() {
     let (given, made) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let blobs: Vec<Vec<u8>> = (0..5u8)
-        .map(|n| sample_disk(4096 + usize::from(n) * 1000, u64::from(n)))
+        .map(|n| sample_disk(4096 + usize::from(n) * 1000, n))
         .collect();
     {
         let (given, made) = (
