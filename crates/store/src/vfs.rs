@@ -301,6 +301,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = File::options()
             .create(true)
+            .truncate(false)
             .read(true)
             .write(true)
             .open(dir.path().join("f"))
