@@ -7,7 +7,7 @@
 //! pipeline runs at `min(W·c, L / r)` raw bytes per second compressed and `L`
 //! uncompressed; compression pays when `W·c > L` (with a margin) and `r` is
 //! clearly below 1. Both sides are measured as data goes by: workers time their
-//! compression (and keep sampling one chunk in [`SAMPLE_EVERY`] while it is
+//! compression (and keep sampling a chunk per [`SAMPLE_EVERY_BYTES`] while it is
 //! off), the writer times its writes.
 //!
 //! A disk is a mix of regions (zeros, text, random bytes) and each window of
@@ -25,11 +25,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// While compression is off, one chunk in this many is still compressed (and
-/// discarded) to keep the estimates current: about four a window of 64 KiB
-/// chunks, which the smoothing over windows makes enough. One in 16 cost a
-/// loopback first sync 6% of the agent's CPU in discarded samples.
-pub(crate) const SAMPLE_EVERY: u64 = 64;
+/// While compression is off, one chunk in every this many bytes is still
+/// compressed (and discarded) to keep the estimates current: four a window
+/// of [`DECIDE_EVERY_BYTES`] whatever the chunk size (one chunk in 64 of
+/// 64 KiB), which the smoothing over windows makes enough. One 64 KiB chunk
+/// in 16 cost a loopback first sync 6% of the agent's CPU in discarded
+/// samples.
+pub(crate) const SAMPLE_EVERY_BYTES: u64 = 4 << 20;
 /// Raw bytes sent between two decisions.
 const DECIDE_EVERY_BYTES: u64 = 16 << 20;
 /// Weight of the newest window in the smoothed estimates.
@@ -119,7 +121,7 @@ pub struct AdaptiveCompression {
     write_nanos: AtomicU64,
     write_bytes: AtomicU64,
     raw_since_decision: AtomicU64,
-    chunks_seen: AtomicU64,
+    bytes_seen: AtomicU64,
     estimates: Mutex<Estimates>,
     changes: AtomicU64,
 }
@@ -135,7 +137,7 @@ impl Default for AdaptiveCompression {
             write_nanos: AtomicU64::new(0),
             write_bytes: AtomicU64::new(0),
             raw_since_decision: AtomicU64::new(0),
-            chunks_seen: AtomicU64::new(0),
+            bytes_seen: AtomicU64::new(0),
             estimates: Mutex::new(Estimates::default()),
             changes: AtomicU64::new(0),
         }
@@ -153,14 +155,16 @@ impl AdaptiveCompression {
         self.changes.load(Ordering::Relaxed)
     }
 
-    /// Whether a worker should compress this chunk: always while enabled, one in
-    /// [`SAMPLE_EVERY`] while not (to measure).
-    pub(crate) fn should_try(&self) -> bool {
-        self.enabled()
-            || self
-                .chunks_seen
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(SAMPLE_EVERY)
+    /// Whether a worker should compress this chunk of `len` bytes: always
+    /// while enabled; while not (to measure), a chunk whose bytes, counted
+    /// from the agent's start, cross a multiple of [`SAMPLE_EVERY_BYTES`].
+    pub(crate) fn should_try(&self, len: usize) -> bool {
+        if self.enabled() {
+            return true;
+        }
+        let len = len as u64;
+        let seen = self.bytes_seen.fetch_add(len, Ordering::Relaxed);
+        seen.div_ceil(SAMPLE_EVERY_BYTES) * SAMPLE_EVERY_BYTES < seen + len
     }
 
     /// A worker compressed `input` bytes into `output` in `took`.
@@ -367,7 +371,11 @@ mod tests {
     fn sampling_continues_while_off() {
         let state = AdaptiveCompression::default();
         state.enabled.store(false, Ordering::Relaxed);
-        let tried = (0..SAMPLE_EVERY * 4).filter(|_| state.should_try()).count();
-        assert_eq!(tried, 4);
+        // Four samples per 16 MiB whatever the chunk size; every chunk when
+        // one chunk is larger than the sampling interval.
+        for (chunk, chunks, samples) in [(65_536, 256, 4), (1 << 20, 16, 4), (16 << 20, 3, 3)] {
+            let tried = (0..chunks).filter(|_| state.should_try(chunk)).count();
+            assert_eq!(tried, samples, "chunks of {chunk}");
+        }
     }
 }

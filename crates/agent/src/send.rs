@@ -21,8 +21,12 @@ const CHUNKS_PER_CLAIM: usize = 16;
 const INCOMPRESSIBLE_SKIP: u32 = 32;
 
 /// Frame buffers kept for reuse at most: enough for the workers to find one
-/// each time the writer has written a frame, never the whole window.
+/// each time the writer has written a frame, never the whole window...
 const POOL_BUFFERS_MAX: usize = 32;
+/// ...and at most this many bytes of them, so that large chunks keep fewer
+/// (but never fewer than [`POOL_BUFFERS_MIN`]).
+const POOL_BYTES_MAX: usize = 8 << 20;
+const POOL_BUFFERS_MIN: usize = 4;
 
 /// Buffers of whole-chunk frames, handed back once written so that the
 /// workers read the next chunks into them: a fresh buffer per chunk costs an
@@ -31,16 +35,20 @@ const POOL_BUFFERS_MAX: usize = 32;
 pub(crate) struct FramePool {
     free: Mutex<Vec<BytesMut>>,
     /// Buffers with less room than this are not kept (references, zero
-    /// chunks).
+    /// chunks), nor handed out for less (a patch's compressed bytes).
     keep_from: usize,
+    /// Buffers kept at most.
+    keep_at_most: usize,
 }
 
 impl FramePool {
     /// A pool for frames of chunks of `geometry`.
     pub(crate) fn new(geometry: Geometry) -> Arc<Self> {
+        let chunk = geometry.chunk_size_bytes() as usize;
         Arc::new(Self {
             free: Mutex::new(Vec::new()),
-            keep_from: geometry.chunk_size_bytes() as usize / 2,
+            keep_from: chunk / 2,
+            keep_at_most: (POOL_BYTES_MAX / chunk.max(1)).clamp(POOL_BUFFERS_MIN, POOL_BUFFERS_MAX),
         })
     }
 
@@ -48,6 +56,11 @@ impl FramePool {
     /// the caller overwrites all of them. Only a fresh buffer, or the part of
     /// a kept one past its last length, is zeroed.
     fn take(&self, len: usize) -> BytesMut {
+        // A small buffer from the pool would be a whole chunk's room lost
+        // with it (a patch's bytes are copied out and dropped).
+        if len < self.keep_from {
+            return BytesMut::zeroed(len);
+        }
         let kept = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
         match kept {
             Some(mut buf) => {
@@ -70,7 +83,7 @@ impl FramePool {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < POOL_BUFFERS_MAX {
+        if free.len() < self.keep_at_most {
             free.push(buf);
         }
     }
@@ -362,7 +375,7 @@ impl ChunkEncoder {
                 return None;
             }
             if let Some(adaptive) = &self.adaptive
-                && !adaptive.should_try()
+                && !adaptive.should_try(data.len())
             {
                 return None;
             }
@@ -431,6 +444,12 @@ mod tests {
         assert!(grown[..1000].iter().all(|&b| b == 0xA5));
         assert!(grown[1000..].iter().all(|&b| b == 0));
 
+        // A small buffer (a patch's compressed bytes) is never a kept one.
+        pool.give_mut(grown);
+        assert_ne!(pool.take(100).as_ptr(), at);
+        let grown = pool.take(len);
+        assert_eq!(grown.as_ptr(), at, "the small take used the kept buffer");
+
         let held = grown.freeze();
         pool.give(held.clone());
         assert_ne!(pool.take(len).as_ptr(), at, "a frame still held was kept");
@@ -439,13 +458,16 @@ mod tests {
         drop(held);
     }
 
-    /// The pool keeps a bounded number of buffers, however many come back.
+    /// The pool keeps a bounded number of buffers, however many come back:
+    /// fewer of larger chunks, never more than its bytes allow but a few.
     #[test]
     fn the_pool_keeps_at_most_its_bound() {
-        let pool = FramePool::new(Geometry::new(1 << 20, 65_536).unwrap());
-        for _ in 0..POOL_BUFFERS_MAX * 2 {
-            pool.give_mut(BytesMut::zeroed(CHUNK_HEADER_LEN + 65_536));
+        for (chunk, bound) in [(65_536usize, POOL_BUFFERS_MAX), (1 << 20, 8), (4 << 20, 4)] {
+            let pool = FramePool::new(Geometry::new(64 << 20, chunk as u32).unwrap());
+            for _ in 0..POOL_BUFFERS_MAX * 2 {
+                pool.give_mut(BytesMut::zeroed(CHUNK_HEADER_LEN + chunk));
+            }
+            assert_eq!(pool.free.lock().unwrap().len(), bound, "chunks of {chunk}");
         }
-        assert_eq!(pool.free.lock().unwrap().len(), POOL_BUFFERS_MAX);
     }
 }

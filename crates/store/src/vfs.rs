@@ -193,24 +193,9 @@ impl VfsFile for File {
     }
 
     fn write_all_at_parts(&self, head: &[u8], tail: &[u8], offset: u64) -> io::Result<()> {
-        let total = head.len() + tail.len();
-        let mut done = 0;
-        // One `pwritev` writes both, short writes aside (a full disk, a
-        // signal): what is left is then written part by part.
-        while done < head.len() {
-            let parts = [io::IoSlice::new(&head[done..]), io::IoSlice::new(tail)];
-            match rustix::io::pwritev(self, &parts, offset + done as u64) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => done += written,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if done < total {
-            let from = done - head.len();
-            FileExt::write_all_at(self, &tail[from..], offset + done as u64)?;
-        }
-        Ok(())
+        write_parts_through(head, tail, offset, |parts, at| {
+            rustix::io::pwritev(self, parts, at).map_err(io::Error::from)
+        })
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -290,6 +275,37 @@ impl Vfs for RealFs {
     }
 }
 
+/// Writes `head` then `tail` at `offset` through `pwritev` (parts, offset ->
+/// bytes written), which writes both at once unless it writes short (a full
+/// disk, a signal): then what is left is asked for again, from where it
+/// stopped, until all is written or it fails.
+fn write_parts_through(
+    head: &[u8],
+    tail: &[u8],
+    offset: u64,
+    mut pwritev: impl FnMut(&[io::IoSlice<'_>], u64) -> io::Result<usize>,
+) -> io::Result<()> {
+    let total = head.len() + tail.len();
+    let mut done = 0;
+    while done < total {
+        let parts = if done < head.len() {
+            [io::IoSlice::new(&head[done..]), io::IoSlice::new(tail)]
+        } else {
+            [
+                io::IoSlice::new(&tail[done - head.len()..]),
+                io::IoSlice::new(&[]),
+            ]
+        };
+        match pwritev(&parts, offset + done as u64) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => done += written,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +334,40 @@ mod tests {
         expected.resize(70_065, 0);
         expected[70_060..70_065].copy_from_slice(&head[..5]);
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), expected);
+    }
+
+    /// Short writes and interruptions anywhere (inside the header, at its
+    /// end, inside the data) are taken up where they stopped.
+    #[test]
+    fn short_and_interrupted_writes_are_taken_up_where_they_stopped() {
+        let head: Vec<u8> = (0..52u8).collect();
+        let tail: Vec<u8> = (0..5000u32).map(|n| (n % 253) as u8).collect();
+        let mut expected = vec![0u8; 7];
+        expected.extend_from_slice(&head);
+        expected.extend_from_slice(&tail);
+        for most in [1usize, 7, 51, 52, 53, 1000, 10_000] {
+            let mut file = vec![0u8; 7];
+            let mut calls = 0;
+            write_parts_through(&head, &tail, 7, |parts, at| {
+                calls += 1;
+                if calls % 3 == 0 {
+                    return Err(io::ErrorKind::Interrupted.into());
+                }
+                let joined: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+                let n = joined.len().min(most);
+                let at = at as usize;
+                if file.len() < at + n {
+                    file.resize(at + n, 0);
+                }
+                file[at..at + n].copy_from_slice(&joined[..n]);
+                Ok(n)
+            })
+            .unwrap();
+            assert_eq!(file, expected, "at most {most} bytes a call");
+        }
+        let stuck = write_parts_through(&head, &tail, 0, |_, _| Ok(0));
+        assert_eq!(stuck.unwrap_err().kind(), io::ErrorKind::WriteZero);
+        let failed = write_parts_through(&head, &tail, 0, |_, _| Err(io::Error::other("full")));
+        assert_eq!(failed.unwrap_err().to_string(), "full");
     }
 }

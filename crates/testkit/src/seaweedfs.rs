@@ -288,8 +288,8 @@ impl SeaweedFs {
             match self.try_wait_ready() {
                 Ok(()) => return,
                 Err(why) if attempt < START_ATTEMPTS && lost_a_port(&why) => {
+                    // It has exited and been waited for: nothing to stop.
                     eprintln!("weed mini lost a port on restart, starting again: {why}");
-                    crate::terminate(&mut self.child, READY_TIMEOUT);
                 }
                 Err(why) => panic!("{why}"),
             }
