@@ -47,7 +47,9 @@ fn nothing_acknowledged_is_lost_through_a_bucket_outage_and_a_kill_during_upload
             Some(&access),
         )
     };
-    let mut server = start("127.0.0.1:0");
+    // Restarted on the same address while the agent reconnects: one below
+    // the ephemeral range, which no connection is given meanwhile.
+    let mut server = start(&fixed_addr().to_string());
     let disk = work.path().join("web.raw");
     std::fs::write(&disk, random_bytes(16 * MIB, 3)).unwrap();
     let ack = work.path().join("ack.log");

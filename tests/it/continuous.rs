@@ -171,8 +171,10 @@ fn killed_server_is_rejoined_and_no_acknowledged_epoch_is_lost_or_torn() {
     let blocks = (32 * MIB / 4096) as u64;
     std::fs::write(&disk, vec![0u8; 32 * MIB]).unwrap();
     let data = work.path().join("data");
-    let mut server = ServerProcess::start(&bin(), &data, pki.path());
-    let listen = server.addr.to_string();
+    // Restarted on the same address while the agent reconnects: one below
+    // the ephemeral range, which no connection is given meanwhile.
+    let listen = fixed_addr().to_string();
+    let mut server = ServerProcess::start_on(&bin(), &listen, &data, pki.path(), &[]);
     let agent = spawn_agent(
         &disk,
         server.addr,

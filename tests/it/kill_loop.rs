@@ -391,7 +391,9 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
     let mut rig = Rig {
         pki: Pki::new(&[SOURCE]),
         work: tempfile::tempdir().unwrap(),
-        listen: "127.0.0.1:0".to_owned(),
+        // Below the ephemeral range: the agent reconnects while the server
+        // is down, and must never be given this port as its own.
+        listen: fixed_addr().to_string(),
     };
     // Every block stamped once: a disk with content, compressible like the writes.
     let image: Vec<u8> = (0..DISK_BYTES / BLOCK_BYTES)

@@ -7,12 +7,11 @@
 //! a free one, so that several instances (tests in parallel) never meet,
 //! and telemetry stays off: nothing leaves the machine.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::tools::require_external_tools;
+use crate::tools::{free_ports, require_external_tools};
 
 /// How long `weed mini` may take to serve S3 (about 1.5 s on an idle machine).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,47 +126,6 @@ fn port_in(ports: &[u16], name: &str) -> u16 {
         .zip(ports)
         .find_map(|(flag, port)| (*flag == name).then_some(*port))
         .unwrap()
-}
-
-/// Free loopback ports, all held until every one is chosen.
-///
-/// They are taken below the kernel's ephemeral range: a port of that range
-/// can be handed to any outgoing connection (a test's client, the server's
-/// own S3 requests) while the instance is stopped, and its restart would
-/// then fail to bind it. Below that range only a process that asks for the
-/// port by number can take it.
-fn free_ports(count: usize) -> Vec<u16> {
-    use std::hash::{BuildHasher, Hasher};
-    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    // Ports under 1024 are privileged and the low thousands are where
-    // well-known services sit; a machine whose ephemeral range starts
-    // lower than that leaves nothing to choose, and the kernel chooses.
-    const LOWEST: u16 = 10_000;
-    let span = ephemeral_from.saturating_sub(LOWEST);
-    let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
-    let mut tries = 0;
-    while listeners.len() < count {
-        tries += 1;
-        let port = if span >= 1024 && tries < 10_000 {
-            // A random start per pick: instances started at once by tests
-            // in parallel do not walk the same sequence.
-            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-            hasher.write_u32(tries);
-            LOWEST + (hasher.finish() % u64::from(span)) as u16
-        } else {
-            0
-        };
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(listener);
-        }
-    }
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 /// Whether `weed mini` said it lost a port to another process (said either

@@ -98,10 +98,59 @@ pub fn qemu_img_identical(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi
 }
 
 /// A loopback address on which nothing listens (a port bound, then freed):
-/// a server that cannot be reached.
+/// a server that cannot be reached, and that a server can be started on
+/// later (see [`fixed_addr`]).
 pub fn closed_addr() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    fixed_addr()
+}
+
+/// A free loopback address below the kernel's ephemeral range (see
+/// [`free_ports`]): for a server that is stopped and started again on the
+/// same address while its agent keeps reconnecting.
+pub fn fixed_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]))
+}
+
+/// Free loopback ports, all held until every one is chosen.
+///
+/// They are taken below the kernel's ephemeral range: a port of that range
+/// can be handed to any outgoing connection (a test's client, a server's
+/// own S3 requests, even an agent reconnecting to that very port, which
+/// then connects to itself) while a server that listened on it is stopped,
+/// and its restart would then fail to bind it. Below that range only a
+/// process that asks for the port by number can take it.
+pub fn free_ports(count: usize) -> Vec<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Ports under 1024 are privileged and the low thousands are where
+    // well-known services sit; a machine whose ephemeral range starts
+    // lower than that leaves nothing to choose, and the kernel chooses.
+    const LOWEST: u16 = 10_000;
+    let span = ephemeral_from.saturating_sub(LOWEST);
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(count);
+    let mut tries = 0;
+    while listeners.len() < count {
+        tries += 1;
+        let port = if span >= 1024 && tries < 10_000 {
+            // A random start per pick: instances started at once by tests
+            // in parallel do not walk the same sequence.
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(tries);
+            LOWEST + (hasher.finish() % u64::from(span)) as u16
+        } else {
+            0
+        };
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(listener);
+        }
+    }
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.
