@@ -576,14 +576,15 @@ impl<S: Transport> Session<S> {
         }
 
         // Chunks the server admits to holding for this source (or its tenant)
-        // travel as references.
-        // Streaming, nothing is offered: the source has no head, and no
-        // tenant whose other sources' chunks it could reference.
-        let offered: Vec<ChunkId> = {
+        // travel as references. Streaming, nothing is offered: the source has
+        // no head, and no tenant whose other sources' chunks it could
+        // reference (and the scan has no ids yet).
+        let offered: Vec<ChunkId> = if streaming {
+            Vec::new()
+        } else {
             let mut seen = HashSet::new();
             changed
                 .iter()
-                .filter(|_| !streaming)
                 .map(|&i| scan.ids[i as usize])
                 .filter(|id| !id.is_zero() && seen.insert(*id))
                 .collect()
@@ -607,25 +608,25 @@ impl<S: Transport> Session<S> {
             .filter(|id| held.contains(id))
             .copied()
             .collect();
-        let mut to_encode = Vec::with_capacity(changed.len());
-        for &index in &changed {
-            if streaming {
-                to_encode.push(index);
-                continue;
+        let changed = if own.is_empty() {
+            changed
+        } else {
+            let mut to_encode = Vec::with_capacity(changed.len());
+            for &index in &changed {
+                let id = scan.ids[index as usize];
+                if id.is_zero() || !own.contains(&id) {
+                    to_encode.push(index);
+                    continue;
+                }
+                let frame = self.reference(index, &id);
+                config.rate_limiter.acquire(frame.len() as u64).await;
+                self.connection.write_raw(&frame).await?;
+                report.bytes_sent += frame.len() as u64;
+                report.ref_chunks_sent += 1;
+                view[index as usize] = id;
             }
-            let id = scan.ids[index as usize];
-            if id.is_zero() || !own.contains(&id) {
-                to_encode.push(index);
-                continue;
-            }
-            let frame = self.reference(index, &id);
-            config.rate_limiter.acquire(frame.len() as u64).await;
-            self.connection.write_raw(&frame).await?;
-            report.bytes_sent += frame.len() as u64;
-            report.ref_chunks_sent += 1;
-            view[index as usize] = id;
-        }
-        let changed = to_encode;
+            to_encode
+        };
         let changed_count = changed.len() as u64;
         // The bases' values are asked for now and read while frames go out.
         // A capture cut knows what was written since the head: its patches
@@ -666,7 +667,7 @@ impl<S: Transport> Session<S> {
         // at each step (its first `Backlog` had to count every chunk).
         let mut left = (changed_count, bytes_pending);
         while let Some(encoded) = fetch.next_frame(&mut self.connection, &mut frames).await? {
-            let encoded = encoded?;
+            let mut encoded = encoded?;
             let chunk_len = u64::from(self.geometry.chunk_len(encoded.index).unwrap_or(0));
             left = (left.0.saturating_sub(1), left.1.saturating_sub(chunk_len));
             if streaming && encoded.id.is_zero() {
@@ -684,8 +685,10 @@ impl<S: Transport> Session<S> {
                 report.ref_chunks_sent += 1;
                 encoded.frame
             } else if !sent_ids.insert(encoded.id) {
-                // A duplicate of a chunk sent earlier in this epoch: a reference does.
+                // A duplicate of a chunk sent earlier in this epoch: a reference
+                // does, and the data's buffer serves the next chunk.
                 report.ref_chunks_sent += 1;
+                pool.give(std::mem::take(&mut encoded.frame));
                 self.reference(encoded.index, &encoded.id)
             } else if encoded.patch {
                 report.patches_sent += 1;

@@ -251,28 +251,27 @@ impl ChunkEncoder {
         // A hole of a sparse image reads as zeros: it is neither read nor
         // hashed, and travels as a zero chunk.
         let hole = disk.is_hole(range.start as u64, range.end as u64);
-        let mut frame = match hole {
-            true => BytesMut::zeroed(CHUNK_HEADER_LEN),
-            false => self.pool.take(CHUNK_HEADER_LEN + raw_len),
+        let mut frame = if hole {
+            BytesMut::zeroed(CHUNK_HEADER_LEN)
+        } else {
+            let mut frame = self.pool.take(CHUNK_HEADER_LEN + raw_len);
+            disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..])
+                .map_err(|e| {
+                    let message = format!(
+                        "cannot read chunk {index} (bytes {}..{}) of {}: {e}",
+                        range.start,
+                        range.end,
+                        disk.path().display()
+                    );
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        // The disk shrank since the scan: scan again, later.
+                        Error::DiskUnsteady(format!("{message}: the disk shrank since the scan"))
+                    } else {
+                        Error::DiskChanged(message)
+                    }
+                })?;
+            frame
         };
-        let read = match hole {
-            true => Ok(()),
-            false => disk.read_at(range.start as u64, &mut frame[CHUNK_HEADER_LEN..]),
-        };
-        read.map_err(|e| {
-            let message = format!(
-                "cannot read chunk {index} (bytes {}..{}) of {}: {e}",
-                range.start,
-                range.end,
-                disk.path().display()
-            );
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                // The disk shrank since the scan: scan again, later.
-                Error::DiskUnsteady(format!("{message}: the disk shrank since the scan"))
-            } else {
-                Error::DiskChanged(message)
-            }
-        })?;
         // Capture mode: the blocks written since the head, asked before the
         // cut lets the chunk go.
         let written = if bases.known() {

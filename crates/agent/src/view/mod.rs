@@ -252,12 +252,7 @@ fn without_stalling_the_runtime<T>(work: impl FnOnce() -> T) -> T {
 
 /// Takes this epoch's view of the disk as `config.view` says and scans it.
 pub(crate) async fn scan(config: &AgentConfig, chunk_size_bytes: u32) -> Result<Scan, Error> {
-    let started = Instant::now();
-    let taken = take_view(config).await?;
-    scan_taken(config, taken, chunk_size_bytes, started)
-        .await?
-        .hashed()
-        .await
+    take(config, chunk_size_bytes).await?.hashed().await
 }
 
 /// Takes this epoch's view of the disk as [`scan`] does, without hashing it:
