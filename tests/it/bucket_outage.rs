@@ -49,7 +49,7 @@ fn nothing_acknowledged_is_lost_through_a_bucket_outage_and_a_kill_during_upload
     };
     // Restarted on the same address while the agent reconnects: one below
     // the ephemeral range, which no connection is given meanwhile.
-    let mut server = start(&fixed_addr().to_string());
+    let mut server = start(&closed_addr().to_string());
     let disk = work.path().join("web.raw");
     std::fs::write(&disk, random_bytes(16 * MIB, 3)).unwrap();
     let ack = work.path().join("ack.log");

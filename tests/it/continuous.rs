@@ -173,7 +173,7 @@ fn killed_server_is_rejoined_and_no_acknowledged_epoch_is_lost_or_torn() {
     let data = work.path().join("data");
     // Restarted on the same address while the agent reconnects: one below
     // the ephemeral range, which no connection is given meanwhile.
-    let listen = fixed_addr().to_string();
+    let listen = closed_addr().to_string();
     let mut server = ServerProcess::start_on(&bin(), &listen, &data, pki.path(), &[]);
     let agent = spawn_agent(
         &disk,

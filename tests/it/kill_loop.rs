@@ -393,7 +393,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
         work: tempfile::tempdir().unwrap(),
         // Below the ephemeral range: the agent reconnects while the server
         // is down, and must never be given this port as its own.
-        listen: fixed_addr().to_string(),
+        listen: closed_addr().to_string(),
     };
     // Every block stamped once: a disk with content, compressible like the writes.
     let image: Vec<u8> = (0..DISK_BYTES / BLOCK_BYTES)

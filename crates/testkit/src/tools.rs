@@ -97,17 +97,11 @@ pub fn qemu_img_identical(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi
         && String::from_utf8_lossy(&output.stdout).contains("Images are identical")
 }
 
-/// A loopback address on which nothing listens (a port bound, then freed):
-/// a server that cannot be reached, and that a server can be started on
-/// later (see [`fixed_addr`]).
+/// A loopback address on which nothing listens (a port bound, then freed),
+/// below the kernel's ephemeral range (see [`free_ports`]): a server that
+/// cannot be reached, or one that is started on it later, stopped and
+/// started again on the same address while its agent keeps reconnecting.
 pub fn closed_addr() -> std::net::SocketAddr {
-    fixed_addr()
-}
-
-/// A free loopback address below the kernel's ephemeral range (see
-/// [`free_ports`]): for a server that is stopped and started again on the
-/// same address while its agent keeps reconnecting.
-pub fn fixed_addr() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]))
 }
 
@@ -120,7 +114,6 @@ pub fn fixed_addr() -> std::net::SocketAddr {
 /// and its restart would then fail to bind it. Below that range only a
 /// process that asks for the port by number can take it.
 pub fn free_ports(count: usize) -> Vec<u16> {
-    use std::hash::{BuildHasher, Hasher};
     let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
@@ -130,16 +123,18 @@ pub fn free_ports(count: usize) -> Vec<u16> {
     // lower than that leaves nothing to choose, and the kernel chooses.
     const LOWEST: u16 = 10_000;
     let span = ephemeral_from.saturating_sub(LOWEST);
+    // Seeded apart per call: tests in parallel do not try the same ports.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 32);
+    let mut rng = crate::SplitMix64::new(seed);
     let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(count);
     let mut tries = 0;
     while listeners.len() < count {
         tries += 1;
         let port = if span >= 1024 && tries < 10_000 {
-            // A random start per pick: instances started at once by tests
-            // in parallel do not walk the same sequence.
-            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-            hasher.write_u32(tries);
-            LOWEST + (hasher.finish() % u64::from(span)) as u16
+            LOWEST + rng.below(u64::from(span)) as u16
         } else {
             0
         };
