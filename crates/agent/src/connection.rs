@@ -446,3 +446,87 @@ pub(crate) fn names_tenant(path: &std::path::Path) -> bool {
         .first()
         .is_none_or(|leaf| !matches!(blockrep_pki::tenant_from_cert(leaf), Ok(None)))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{DuplexStream, ReadBuf};
+
+    use super::*;
+
+    /// A stream that notes the length of every write it is given.
+    struct Noting {
+        inner: DuplexStream,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl AsyncRead for Noting {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Noting {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = &polled {
+                self.writes.lock().unwrap().push(*n);
+            }
+            polled
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A whole-chunk frame goes to the stream (TLS, in production) as it is,
+    /// in a write of its own, after the small frames buffered before it: it
+    /// is not first copied into the write buffer. Small frames still gather.
+    #[tokio::test]
+    async fn a_whole_chunk_frame_is_written_as_it_is_and_small_ones_gather() {
+        let (ours, _peer) = tokio::io::duplex(1 << 20);
+        let writes = Arc::default();
+        let stream = Noting {
+            inner: ours,
+            writes: Arc::clone(&writes),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = AgentConfig::new(
+            dir.path().join("disk.raw"),
+            "in-memory:0".into(),
+            blockrep_core::SourceId::new("web-1").unwrap(),
+            dir.path().join("ca.crt"),
+            dir.path().join("agent.crt"),
+            dir.path().join("agent.key"),
+        );
+        let mut connection = Connection::new(stream, &config);
+        let chunk_frame = vec![7u8; blockrep_proto::CHUNK_HEADER_LEN + 65_536];
+        for _ in 0..3 {
+            connection.write_raw(&[1u8; 100]).await.unwrap();
+        }
+        connection.write_raw(&chunk_frame).await.unwrap();
+        connection.flush().await.unwrap();
+        assert_eq!(
+            *writes.lock().unwrap(),
+            vec![300, chunk_frame.len()],
+            "the small frames in one write, then the chunk's frame alone"
+        );
+    }
+}

@@ -143,6 +143,115 @@ fn a_record_from_a_given_crc_is_the_record_made_from_the_bytes() {
     }
 }
 
+/// The real file system, counting the writes made to pack files: whole
+/// (`write_all_at`) and in two parts (`write_all_at_parts`).
+#[derive(Debug, Default)]
+struct CountingFs {
+    writes: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+}
+
+#[derive(Debug)]
+struct CountingFile {
+    inner: std::sync::Arc<dyn crate::vfs::VfsFile>,
+    writes: Option<std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>>,
+}
+
+impl CountingFile {
+    fn count(&self, which: usize) {
+        if let Some(writes) = &self.writes {
+            writes[which].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl crate::vfs::VfsFile for CountingFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.count(0);
+        self.inner.write_all_at(buf, offset)
+    }
+    fn write_all_at_parts(&self, head: &[u8], tail: &[u8], offset: u64) -> std::io::Result<()> {
+        self.count(1);
+        self.inner.write_all_at_parts(head, tail, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len_bytes: u64) -> std::io::Result<()> {
+        self.inner.set_len(len_bytes)
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.inner.sync_all()
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+impl crate::vfs::Vfs for CountingFs {
+    fn open(
+        &self,
+        path: &Path,
+        mode: crate::vfs::OpenMode,
+    ) -> std::io::Result<std::sync::Arc<dyn crate::vfs::VfsFile>> {
+        let pack = path.extension().is_some_and(|e| e == "pack");
+        Ok(std::sync::Arc::new(CountingFile {
+            inner: crate::vfs::RealFs.open(path, mode)?,
+            writes: pack.then(|| std::sync::Arc::clone(&self.writes)),
+        }))
+    }
+    fn file_len(&self, path: &Path) -> std::io::Result<u64> {
+        crate::vfs::RealFs.file_len(path)
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        crate::vfs::RealFs.is_dir(path)
+    }
+    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+        crate::vfs::RealFs.list_dir(path)
+    }
+    fn create_dir(&self, path: &Path) -> std::io::Result<()> {
+        crate::vfs::RealFs.create_dir(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        crate::vfs::RealFs.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        crate::vfs::RealFs.remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        crate::vfs::RealFs.remove_dir_all(path)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        crate::vfs::RealFs.sync_dir(path)
+    }
+}
+
+/// Each record reaches its pack in one write of its header and its bytes,
+/// not a write of each.
+#[test]
+fn a_record_is_one_write() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let fs = CountingFs::default();
+    let writes = std::sync::Arc::clone(&fs.writes);
+    let store = Store::open_with_vfs(dir.path(), std::sync::Arc::new(fs)).unwrap();
+    let before = (writes[0].load(Relaxed), writes[1].load(Relaxed));
+    for n in 0..7u8 {
+        let data = vec![n + 1; 4096];
+        let id = ChunkId::from(blake3::hash(&data));
+        let new = store.insert(BlobKind::Chunk, id, StoredCodec::Raw, 4096, &data);
+        assert!(new.unwrap(), "blob {n} is new");
+    }
+    let after = (writes[0].load(Relaxed), writes[1].load(Relaxed));
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 7),
+        "(whole writes, two-part writes) to packs for 7 records"
+    );
+}
+
 /// 4 KiB blobs of distinct bytes in packs sealed at 16 KiB, then closed.
 fn store_with_sealed_packs(dir: &Path) -> Vec<ChunkId> {
     let store = Store::open(dir).unwrap();
