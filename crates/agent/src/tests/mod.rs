@@ -6,12 +6,13 @@
 mod epoch;
 mod failback;
 mod resume;
+mod writes;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -168,10 +169,12 @@ async fn ended(served: JoinHandle<()>) {
 }
 
 /// A stream that accepts `budget` bytes from the agent and then fails every
-/// write, as a connection that dies in the middle of an epoch.
+/// write, as a connection that dies in the middle of an epoch; it notes the
+/// length of every write it takes.
 struct CutAfter {
     inner: DuplexStream,
     budget: usize,
+    writes: Arc<Mutex<Vec<usize>>>,
 }
 
 impl AsyncRead for CutAfter {
@@ -197,6 +200,7 @@ impl AsyncWrite for CutAfter {
         let polled = Pin::new(&mut self.inner).poll_write(cx, &buf[..allowed]);
         if let Poll::Ready(Ok(written)) = polled {
             self.budget -= written;
+            self.writes.lock().unwrap().push(written);
         }
         polled
     }

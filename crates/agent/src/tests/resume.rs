@@ -5,6 +5,8 @@
 //! learns it as the head, so the next epoch sends only what differs from it;
 //! anything sent after the last acknowledged step is sent again.
 
+use std::sync::Arc;
+
 use super::{CHUNK, CutAfter, Rig, ended};
 use crate::Error;
 
@@ -24,7 +26,11 @@ async fn an_epoch_cut_mid_transfer_resumes_without_resending_what_was_acknowledg
     // The connection dies after about half the disk's bytes.
     let budget = (CHUNKS / 2 * u64::from(CHUNK)) as usize;
     let (mut session, served) = rig
-        .connect_with(geometry, |inner| CutAfter { inner, budget })
+        .connect_with(geometry, |inner| CutAfter {
+            inner,
+            budget,
+            writes: Arc::default(),
+        })
         .await;
     let cut = session.epoch(&rig.config, scan, false).await;
     assert!(matches!(cut, Err(Error::Lost(_))), "{cut:?}");
