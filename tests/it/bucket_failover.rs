@@ -307,6 +307,15 @@ fn one_server_collects_garbage_while_the_other_replicates() {
     let text = stderr(&refused);
     assert!(text.contains(&pair.a.addr.to_string()), "{text}");
     let kept = blockrep_testkit::admin::create_snapshot(&pair.a, "web", "by-a");
+    // B lists it: the snapshots of a source another server serves are read
+    // from the bucket, not from B's working copy.
+    let listed = blockrep_testkit::admin::snapshots(&pair.b);
+    assert!(
+        listed
+            .iter()
+            .any(|s| s.name == "by-a" && s.root == kept.root),
+        "{listed:?}"
+    );
 
     // B collects, again and again, while the writer overwrites the disk and
     // A commits epoch after epoch: A takes part in every round.

@@ -274,3 +274,61 @@ fn a_data_directory_is_either_a_local_store_or_one_bucket_s_working_copy() {
     assert!(other.to_string().contains("not of"), "{other}");
     drop(Store::open_in_bucket(copy.path(), blocking_bucket(&weed, "copy"), options).unwrap());
 }
+
+#[test]
+fn a_server_lists_the_snapshots_another_server_took_as_the_bucket_holds_them() {
+    let Some(weed) = SeaweedFs::start("snapshots of another server") else {
+        return;
+    };
+    let geometry = Geometry::new(1 << 20, 65_536).unwrap();
+    let source = SourceId::new("db").unwrap();
+    let options = BucketOptions::default();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open_in_bucket(dir_a.path(), blocking_bucket(&weed, "lists"), options).unwrap();
+    let b = Store::open_in_bucket(dir_b.path(), blocking_bucket(&weed, "lists"), options).unwrap();
+    let names = |store: &Store, source: Option<&SourceId>| -> Vec<String> {
+        let listed = store.list_snapshots(source).unwrap();
+        listed.into_iter().map(|s| s.name).collect()
+    };
+    const TTL: u64 = 10_000;
+    a.claim_source(&source, "a", TTL, NOW).unwrap();
+    let mut disk = vec![0u8; 1 << 20];
+    SplitMix64::new(11).fill(&mut disk);
+    let (root, pages) = a.insert_image(&disk, geometry).unwrap();
+    a.commit(&source, 1, &root, &pages, 0, NOW).unwrap();
+    a.create_snapshot(&source, Some("first"), None, NOW)
+        .unwrap();
+    a.create_snapshot(&source, Some("second"), None, NOW + 1)
+        .unwrap();
+
+    // B opened before A took them: its working copy does not have them
+    // until it reads the bucket again.
+    assert!(names(&b, Some(&source)).is_empty());
+    assert_eq!(b.refresh_snapshots(Some(&source), NOW + 2).unwrap(), 2);
+    assert_eq!(names(&b, Some(&source)), ["first", "second"]);
+    // Nothing changed: nothing is read again (the listing's ETags match
+    // the versions B read).
+    assert_eq!(b.refresh_snapshots(None, NOW + 3).unwrap(), 0);
+
+    // A deletes one and takes another: B sees both changes.
+    a.delete_snapshot(&source, "first").unwrap();
+    a.create_snapshot(&source, Some("third"), None, NOW + 4)
+        .unwrap();
+    assert_eq!(b.refresh_snapshots(None, NOW + 5).unwrap(), 2);
+    assert_eq!(names(&b, None), ["second", "third"]);
+    assert_eq!(
+        b.list_snapshots(Some(&source)).unwrap()[1].root,
+        root.id(),
+        "B's record is A's"
+    );
+
+    // A refresh never touches the records of a source this server serves:
+    // a file the bucket lacks stays in A's working copy while A holds the
+    // lease, and goes once the lease lapsed.
+    let stray = dir_a.path().join("sources/db/snapshots/stray");
+    std::fs::write(&stray, b"x").unwrap();
+    assert_eq!(a.refresh_snapshots(None, NOW + 6).unwrap(), 0);
+    assert!(stray.exists());
+    assert_eq!(a.refresh_snapshots(None, NOW + TTL + 1).unwrap(), 1);
+    assert!(!stray.exists());
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
-use crate::{Bucket, Error, Lease, LeaseRecord, Version};
+use crate::{Bucket, Error, Lease, LeaseRecord, Listed, Version};
 
 /// Worker threads of the runtime requests run on: requests wait on the
 /// network, not the CPU.
@@ -109,6 +109,12 @@ impl BlockingBucket {
     pub fn list_all(&self, dir: &str) -> Result<Vec<(String, u64)>, Error> {
         let dir = dir.to_owned();
         self.run(|b| async move { b.list_all(&dir).await })
+    }
+
+    /// See [`Bucket::list_tagged`].
+    pub fn list_tagged(&self, dir: &str) -> Result<Vec<Listed>, Error> {
+        let dir = dir.to_owned();
+        self.run(|b| async move { b.list_tagged(&dir).await })
     }
 
     /// See [`Lease::take`].

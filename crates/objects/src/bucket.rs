@@ -85,6 +85,25 @@ pub struct S3Service {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Version(UpdateVersion);
 
+impl Version {
+    /// The object's ETag, as the store gave it: equal ETags of one key are
+    /// equal contents.
+    pub fn e_tag(&self) -> Option<&str> {
+        self.0.e_tag.as_deref()
+    }
+}
+
+/// An object as a listing names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its key, relative to the bucket's prefix.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its ETag, where the store lists one (compare with [`Version::e_tag`]).
+    pub e_tag: Option<String>,
+}
+
 /// Objects under a prefix of one bucket.
 #[derive(Debug, Clone)]
 pub struct Bucket {
@@ -310,8 +329,28 @@ impl Bucket {
         Ok(self.relative(listed))
     }
 
+    /// [`Bucket::list_all`] with each object's ETag: what a reader needs to
+    /// fetch again only the objects that changed since it last read them.
+    pub async fn list_tagged(&self, dir: &str) -> Result<Vec<Listed>, Error> {
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&self.path(dir)))
+            .try_collect()
+            .await
+            .map_err(no_such_bucket)?;
+        Ok(self.listed(listed))
+    }
+
     /// Listed objects as keys relative to the prefix, with their sizes.
     fn relative(&self, listed: Vec<object_store::ObjectMeta>) -> Vec<(String, u64)> {
+        self.listed(listed)
+            .into_iter()
+            .map(|listed| (listed.key, listed.size))
+            .collect()
+    }
+
+    /// Listed objects with keys relative to the prefix.
+    fn listed(&self, listed: Vec<object_store::ObjectMeta>) -> Vec<Listed> {
         let strip = match self.prefix.is_empty() {
             true => String::new(),
             false => format!("{}/", self.prefix),
@@ -321,7 +360,11 @@ impl Bucket {
             .map(|meta| {
                 let key = meta.location.to_string();
                 let key = key.strip_prefix(&strip).unwrap_or(&key).to_owned();
-                (key, meta.size)
+                Listed {
+                    key,
+                    size: meta.size,
+                    e_tag: meta.e_tag,
+                }
             })
             .collect()
     }

@@ -26,7 +26,7 @@ mod lease;
 
 pub use blocking::BlockingBucket;
 pub use bucket::{
-    Bucket, PART_BYTES, PARTS_IN_FLIGHT, REQUEST_RETRIES_MAX, REQUEST_RETRY_WINDOW,
+    Bucket, Listed, PART_BYTES, PARTS_IN_FLIGHT, REQUEST_RETRIES_MAX, REQUEST_RETRY_WINDOW,
     REQUEST_TIMEOUT, S3Location, S3Service, Version,
 };
 pub use lease::{Lease, LeaseRecord};

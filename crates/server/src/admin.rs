@@ -296,7 +296,13 @@ async fn list_snapshots(
     Query(filter): Query<SourceFilter>,
 ) -> Result<Response, ApiError> {
     let source = filter.source.as_deref().map(parse_source).transpose()?;
-    let list = blocking(&shared, move |store| store.list_snapshots(source.as_ref())).await?;
+    let list = blocking(&shared, move |store| {
+        // Sources another server of the bucket serves: their snapshots as
+        // the bucket holds them, not as this server last read them.
+        store.refresh_snapshots(source.as_ref(), now_unix_ms())?;
+        store.list_snapshots(source.as_ref())
+    })
+    .await?;
     Ok(Json(list.iter().map(SnapshotView::from).collect::<Vec<_>>()).into_response())
 }
 

@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use blockrep_objects::Listed;
 use bytes::Bytes;
 
 use super::{Remote, SharedRemote, bucket_error, bucket_io_error};
@@ -184,6 +185,87 @@ impl BucketRecords {
             }
         }
         Ok(restored)
+    }
+
+    /// Brings the records directly in `dir` (one level, such as a source's
+    /// snapshots) up to the bucket's, given the bucket's `listed` objects of
+    /// that level: a record whose ETag differs from the version this server
+    /// last saw is read again, one this server has that the bucket no longer
+    /// has is removed, and the rest are not read. Each record is replaced
+    /// atomically, so a reader sees the old one or the new one. Returns how
+    /// many records changed.
+    pub(crate) fn refresh_level(&self, dir: &str, listed: &[Listed]) -> Result<usize, Error> {
+        let local_dir = self.local_path(dir)?;
+        let mut changed = 0;
+        let mut names = std::collections::BTreeSet::new();
+        for object in listed {
+            let Some(name) = object
+                .key
+                .strip_prefix(dir)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .filter(|name| !name.contains('/'))
+            else {
+                continue;
+            };
+            let path = self.local_path(&object.key)?;
+            names.insert(name.to_owned());
+            let seen = self.remote.version(&object.key);
+            let unchanged = object.e_tag.is_some()
+                && seen.as_ref().and_then(|v| v.e_tag()) == object.e_tag.as_deref();
+            if unchanged && self.inner.file_len(&path).is_ok() {
+                continue;
+            }
+            if object.size > RECORD_LEN_MAX {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "{} in the bucket is {} bytes, longer than any record",
+                        object.key, object.size
+                    ),
+                ));
+            }
+            let Some((data, version)) = self
+                .remote
+                .bucket
+                .get(&object.key)
+                .map_err(|e| bucket_error(format!("cannot read {}", object.key), e))?
+            else {
+                names.remove(name); // deleted since the listing
+                continue;
+            };
+            let record = Remote::open_envelope(&object.key, &data)?;
+            create_dir_durable(self.inner.as_ref(), &local_dir)?;
+            publish_atomic(self.inner.as_ref(), &path, record)?;
+            self.remote.set_version(&object.key, Some(version));
+            changed += 1;
+        }
+        let local = match self.inner.list_dir(&local_dir) {
+            Ok(local) => local,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io(format!("cannot list {}", local_dir.display()), e)),
+        };
+        for name in local {
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') || names.contains(name) {
+                continue;
+            }
+            let path = local_dir.join(name);
+            if self.inner.is_dir(&path) {
+                continue; // not a record of this level
+            }
+            match self.inner.remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(Error::io(format!("cannot remove {}", path.display()), e));
+                }
+                _ => {}
+            }
+            self.remote.set_version(&format!("{dir}/{name}"), None);
+            changed += 1;
+        }
+        if changed > 0 {
+            crate::fsutil::sync_dir(self.inner.as_ref(), &local_dir)?;
+        }
+        Ok(changed)
     }
 
     /// Writes the record at `key` to the bucket again, unchanged: a new
