@@ -316,6 +316,12 @@ fn one_server_collects_garbage_while_the_other_replicates() {
             .any(|s| s.name == "by-a" && s.root == kept.root),
         "{listed:?}"
     );
+    // And a launch A makes of it.
+    blockrep_testkit::admin::create_launch(&pair.a, "web", "by-a", "drill-a");
+    let b_admin = pair.b.admin_addr.unwrap();
+    let (code, body) = blockrep_testkit::admin::admin_request(b_admin, "GET", "/v1/launches", None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""name":"drill-a""#), "{body}");
 
     // B collects, again and again, while the writer overwrites the disk and
     // A commits epoch after epoch: A takes part in every round.

@@ -322,6 +322,25 @@ fn a_server_lists_the_snapshots_another_server_took_as_the_bucket_holds_them() {
         "B's record is A's"
     );
 
+    // Launches too: one A makes appears on B, and goes when A deletes it.
+    a.create_launch(&source, "second", "drill", LaunchKind::Test, NOW + 8)
+        .unwrap();
+    let launches = |store: &Store| -> Vec<String> {
+        let listed = store.list_launches(None).unwrap();
+        listed.into_iter().map(|l| l.name).collect()
+    };
+    assert!(launches(&b).is_empty());
+    assert!(b.refresh_launches(NOW + 9).unwrap() >= 2);
+    assert_eq!(launches(&b), ["drill"]);
+    // Its root is readable on B: the packs that hold it were read too.
+    let drill = b.list_launches(None).unwrap().remove(0);
+    b.launch_volumes(&drill).unwrap();
+    assert_eq!(b.refresh_launches(NOW + 10).unwrap(), 0);
+    a.delete_launch("drill").unwrap();
+    assert!(b.refresh_launches(NOW + 11).unwrap() >= 2);
+    assert!(launches(&b).is_empty());
+    assert!(!dir_b.path().join("launches/drill").exists());
+
     // A refresh never touches the records of a source this server serves:
     // a file the bucket lacks stays in A's working copy while A holds the
     // lease, and goes once the lease lapsed.

@@ -377,6 +377,9 @@ async fn list_launches(
     let source = filter.source.as_deref().map(parse_source).transpose()?;
     let nbd = shared.nbd_addr();
     let (list, overlaid, materializing) = blocking(&shared, move |store| {
+        // Launches of sources another server of the bucket serves: as the
+        // bucket holds them.
+        store.refresh_launches(now_unix_ms())?;
         // Launches a client wrote to since their last fold.
         let overlaid: std::collections::HashSet<String> = store
             .launches_with_overlays()?

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use blockrep_core::SourceId;
-use blockrep_objects::{LeaseRecord, Listed};
+use blockrep_objects::LeaseRecord;
 
 use super::{BucketRecords, bucket_error};
 use crate::error::{Error, ErrorKind};
@@ -328,76 +328,6 @@ impl Store {
             self.settle_round(now_unix_ms)?;
         }
         Ok(())
-    }
-
-    /// For a store in a bucket: reads again the snapshot records of `source`
-    /// (or of every source) that another server may have written, so that
-    /// a listing here shows what the bucket holds. A source this server
-    /// serves (its lease held at `now_unix_ms`) is skipped: its records here
-    /// are the newest. Only records that changed are read (their ETags
-    /// differ), plus one listing of the bucket. Returns how many records
-    /// changed; 0 for a local store.
-    pub fn refresh_snapshots(
-        &self,
-        source: Option<&SourceId>,
-        now_unix_ms: u64,
-    ) -> Result<usize, Error> {
-        let Some(remote) = &self.remote else {
-            return Ok(0);
-        };
-        // Not beside a claim, which replaces a source's records whole.
-        let _one = crate::mutex::lock(&remote.claiming);
-        let records = BucketRecords::new(
-            Arc::new(RealFs),
-            self.data_dir().to_owned(),
-            Arc::clone(remote),
-        );
-        let prefix = match source {
-            Some(source) => format!("sources/{}", source.as_str()),
-            None => "sources".to_owned(),
-        };
-        let listed = remote
-            .bucket
-            .list_tagged(&prefix)
-            .map_err(|e| bucket_error(format!("cannot list {prefix}/ in the bucket"), e))?;
-        // The bucket's snapshot records, by source; every source the bucket
-        // or this server knows is refreshed (one this server knows alone
-        // was deleted, and its snapshots go too).
-        let mut by_source: std::collections::BTreeMap<SourceId, Vec<Listed>> = Default::default();
-        for object in listed {
-            let mut parts = object.key.split('/');
-            if let (Some("sources"), Some(name), Some("snapshots")) =
-                (parts.next(), parts.next(), parts.next())
-                && let Ok(source) = SourceId::new(name)
-            {
-                by_source.entry(source).or_default().push(object);
-            }
-        }
-        match source {
-            Some(source) => {
-                by_source.entry(source.clone()).or_default();
-            }
-            None => {
-                let sources_dir = self.data_dir().join("sources");
-                for name in crate::catalog::list_names(self.vfs(), &sources_dir)? {
-                    if let Ok(source) = SourceId::new(&name) {
-                        by_source.entry(source).or_default();
-                    }
-                }
-            }
-        }
-        let mut changed = 0;
-        for (source, listed) in by_source {
-            let served = remote
-                .lease(&source)
-                .is_some_and(|lease| lease.expires_unix_ms > now_unix_ms);
-            if served {
-                continue;
-            }
-            let dir = format!("sources/{}/snapshots", source.as_str());
-            changed += records.refresh_level(&dir, &listed)?;
-        }
-        Ok(changed)
     }
 
     /// Gives up every lease this server holds (a clean stop), so that another

@@ -24,10 +24,13 @@
 //!   bucket never holds a record that names a blob it lacks.
 //! - **Opening** replaces the data directory's records with the bucket's and
 //!   drops local packs the bucket does not have (blobs no record can name).
+//! - **Listings** (`refresh.rs`) read again the snapshots and launches of the
+//!   sources another server serves, as far as they changed.
 
 mod lease;
 mod packs;
 mod records;
+mod refresh;
 mod round;
 mod take_part;
 

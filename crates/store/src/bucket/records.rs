@@ -21,6 +21,32 @@ const RECORD_DIRS: [&str; 2] = ["sources", "launches"];
 /// page list is the largest).
 const RECORD_LEN_MAX: u64 = 64 << 20;
 
+/// What [`BucketRecords::refresh_level`] is to change in one directory.
+#[derive(Debug)]
+pub(crate) struct LevelPlan<'a> {
+    dir: String,
+    local_dir: PathBuf,
+    fetch: Vec<&'a Listed>,
+    remove: Vec<String>,
+}
+
+impl LevelPlan<'_> {
+    /// Whether the directory is the bucket's already.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.fetch.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// What [`BucketRecords::apply_level`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// Records read or removed.
+    pub(crate) changed: usize,
+    /// Some record read was a version newer than the listing's: what it
+    /// names may be in packs published after the listing.
+    pub(crate) newer_than_listed: bool,
+}
+
 /// The data directory's file system, publishing records to the bucket.
 #[derive(Debug)]
 pub(crate) struct BucketRecords {
@@ -189,14 +215,24 @@ impl BucketRecords {
 
     /// Brings the records directly in `dir` (one level, such as a source's
     /// snapshots) up to the bucket's, given the bucket's `listed` objects of
-    /// that level: a record whose ETag differs from the version this server
-    /// last saw is read again, one this server has that the bucket no longer
-    /// has is removed, and the rest are not read. Each record is replaced
-    /// atomically, so a reader sees the old one or the new one. Returns how
-    /// many records changed.
+    /// that level: [`BucketRecords::plan_level`], then
+    /// [`BucketRecords::apply_level`]. Returns how many records changed.
     pub(crate) fn refresh_level(&self, dir: &str, listed: &[Listed]) -> Result<usize, Error> {
+        let plan = self.plan_level(dir, listed)?;
+        Ok(self.apply_level(plan)?.changed)
+    }
+
+    /// What [`BucketRecords::refresh_level`] would change: a record whose
+    /// ETag differs from the version this server last saw (or that it does
+    /// not have) is to be read again, one this server has that the bucket
+    /// no longer lists is to go, and the rest are left unread.
+    pub(crate) fn plan_level<'a>(
+        &self,
+        dir: &str,
+        listed: &'a [Listed],
+    ) -> Result<LevelPlan<'a>, Error> {
         let local_dir = self.local_path(dir)?;
-        let mut changed = 0;
+        let mut fetch = Vec::new();
         let mut names = std::collections::BTreeSet::new();
         for object in listed {
             let Some(name) = object
@@ -212,9 +248,40 @@ impl BucketRecords {
             let seen = self.remote.version(&object.key);
             let unchanged = object.e_tag.is_some()
                 && seen.as_ref().and_then(|v| v.e_tag()) == object.e_tag.as_deref();
-            if unchanged && self.inner.file_len(&path).is_ok() {
+            if !unchanged || self.inner.file_len(&path).is_err() {
+                fetch.push(object);
+            }
+        }
+        let local = match self.inner.list_dir(&local_dir) {
+            Ok(local) => local,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io(format!("cannot list {}", local_dir.display()), e)),
+        };
+        let mut remove = Vec::new();
+        for name in local {
+            let Some(name) = name.to_str() else { continue };
+            // Hidden files are temporary, and directories not of this level.
+            if name.starts_with('.')
+                || names.contains(name)
+                || self.inner.is_dir(&local_dir.join(name))
+            {
                 continue;
             }
+            remove.push(name.to_owned());
+        }
+        Ok(LevelPlan {
+            dir: dir.to_owned(),
+            local_dir,
+            fetch,
+            remove,
+        })
+    }
+
+    /// Carries out `plan`: each record read is replaced atomically, so a
+    /// reader sees the old one or the new one.
+    pub(crate) fn apply_level(&self, plan: LevelPlan<'_>) -> Result<Applied, Error> {
+        let mut applied = Applied::default();
+        for object in plan.fetch {
             if object.size > RECORD_LEN_MAX {
                 return Err(Error::new(
                     ErrorKind::Corrupt,
@@ -230,42 +297,47 @@ impl BucketRecords {
                 .get(&object.key)
                 .map_err(|e| bucket_error(format!("cannot read {}", object.key), e))?
             else {
-                names.remove(name); // deleted since the listing
-                continue;
+                continue; // deleted since the listing: the next refresh removes it
             };
+            applied.newer_than_listed |= version.e_tag() != object.e_tag.as_deref();
             let record = Remote::open_envelope(&object.key, &data)?;
-            create_dir_durable(self.inner.as_ref(), &local_dir)?;
-            publish_atomic(self.inner.as_ref(), &path, record)?;
+            create_dir_durable(self.inner.as_ref(), &plan.local_dir)?;
+            publish_atomic(self.inner.as_ref(), &self.local_path(&object.key)?, record)?;
             self.remote.set_version(&object.key, Some(version));
-            changed += 1;
+            applied.changed += 1;
         }
-        let local = match self.inner.list_dir(&local_dir) {
-            Ok(local) => local,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::io(format!("cannot list {}", local_dir.display()), e)),
-        };
-        for name in local {
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') || names.contains(name) {
-                continue;
-            }
-            let path = local_dir.join(name);
-            if self.inner.is_dir(&path) {
-                continue; // not a record of this level
-            }
+        for name in plan.remove {
+            let path = plan.local_dir.join(&name);
             match self.inner.remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(Error::io(format!("cannot remove {}", path.display()), e));
                 }
                 _ => {}
             }
-            self.remote.set_version(&format!("{dir}/{name}"), None);
-            changed += 1;
+            self.remote
+                .set_version(&format!("{}/{name}", plan.dir), None);
+            applied.changed += 1;
         }
-        if changed > 0 {
-            crate::fsutil::sync_dir(self.inner.as_ref(), &local_dir)?;
+        if applied.changed > 0 {
+            crate::fsutil::sync_dir(self.inner.as_ref(), &plan.local_dir)?;
         }
-        Ok(changed)
+        Ok(applied)
+    }
+
+    /// Removes the data directory's copy of `dir`, which the bucket no
+    /// longer has (a launch another server deleted). Not published: the
+    /// bucket is where it went first.
+    pub(crate) fn remove_level(&self, dir: &str) -> Result<(), Error> {
+        let local = self.local_path(dir)?;
+        match self.inner.remove_dir_all(&local) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::io(format!("cannot remove {}", local.display()), e))
+            }
+            _ => match local.parent() {
+                Some(parent) => crate::fsutil::sync_dir(self.inner.as_ref(), parent),
+                None => Ok(()),
+            },
+        }
     }
 
     /// Writes the record at `key` to the bucket again, unchanged: a new

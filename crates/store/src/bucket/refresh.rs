@@ -1,0 +1,187 @@
+//! Records another server of the bucket wrote, read again for a listing.
+//!
+//! A server's working copy has the records of the sources it serves as they
+//! are (it writes them), and those of other sources as it last read them: at
+//! open, or when it last took their lease. Before it lists snapshots or
+//! launches, it reads those again, fetching only the records whose ETag
+//! changed since it last read them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use blockrep_core::SourceId;
+use blockrep_objects::Listed;
+
+use super::{BucketRecords, Remote, bucket_error};
+use crate::error::Error;
+use crate::store::Store;
+use crate::vfs::RealFs;
+
+/// Whether this server serves `source` at `now_unix_ms` (holds its lease).
+fn serves(remote: &Remote, source: &SourceId, now_unix_ms: u64) -> bool {
+    remote
+        .lease(source)
+        .is_some_and(|lease| lease.expires_unix_ms > now_unix_ms)
+}
+
+/// The bucket's `listed` objects directly under `dir/NAME/`, by `NAME`.
+fn by_name(listed: Vec<Listed>, dir: &str) -> BTreeMap<String, Vec<Listed>> {
+    let mut out: BTreeMap<String, Vec<Listed>> = BTreeMap::new();
+    for object in listed {
+        let mut parts = object.key.split('/');
+        if parts.next() == Some(dir)
+            && let Some(name) = parts.next()
+        {
+            out.entry(name.to_owned()).or_default().push(object);
+        }
+    }
+    out
+}
+
+impl Store {
+    /// The records layer over this data directory's own file system, for
+    /// writing what the bucket holds without publishing it again.
+    fn records(&self, remote: &Arc<Remote>) -> BucketRecords {
+        BucketRecords::new(
+            Arc::new(RealFs),
+            self.data_dir().to_owned(),
+            Arc::clone(remote),
+        )
+    }
+
+    /// For a store in a bucket: reads again the snapshot records of `source`
+    /// (or of every source) that another server may have written, so that
+    /// a listing here shows what the bucket holds. A source this server
+    /// serves (its lease held at `now_unix_ms`) is skipped: its records here
+    /// are the newest. Only records that changed are read (their ETags
+    /// differ), plus one listing of the bucket. Returns how many records
+    /// changed; 0 for a local store.
+    pub fn refresh_snapshots(
+        &self,
+        source: Option<&SourceId>,
+        now_unix_ms: u64,
+    ) -> Result<usize, Error> {
+        let Some(remote) = &self.remote else {
+            return Ok(0);
+        };
+        // Not beside a claim, which replaces a source's records whole.
+        let _one = crate::mutex::lock(&remote.claiming);
+        let records = self.records(remote);
+        let prefix = match source {
+            Some(source) => format!("sources/{}", source.as_str()),
+            None => "sources".to_owned(),
+        };
+        let listed = remote
+            .bucket
+            .list_tagged(&prefix)
+            .map_err(|e| bucket_error(format!("cannot list {prefix}/ in the bucket"), e))?;
+        // The bucket's snapshot records, by source; every source the bucket
+        // or this server knows is refreshed (one this server knows alone
+        // was deleted, and its snapshots go too).
+        let mut by_source: std::collections::BTreeMap<SourceId, Vec<Listed>> = Default::default();
+        for object in listed {
+            let mut parts = object.key.split('/');
+            if let (Some("sources"), Some(name), Some("snapshots")) =
+                (parts.next(), parts.next(), parts.next())
+                && let Ok(source) = SourceId::new(name)
+            {
+                by_source.entry(source).or_default().push(object);
+            }
+        }
+        match source {
+            Some(source) => {
+                by_source.entry(source.clone()).or_default();
+            }
+            None => {
+                let sources_dir = self.data_dir().join("sources");
+                for name in crate::catalog::list_names(self.vfs(), &sources_dir)? {
+                    if let Ok(source) = SourceId::new(&name) {
+                        by_source.entry(source).or_default();
+                    }
+                }
+            }
+        }
+        let mut changed = 0;
+        for (source, listed) in by_source {
+            if serves(remote, &source, now_unix_ms) {
+                continue;
+            }
+            let dir = format!("sources/{}/snapshots", source.as_str());
+            changed += records.refresh_level(&dir, &listed)?;
+        }
+        Ok(changed)
+    }
+
+    /// For a store in a bucket: reads again the records of the launches
+    /// another server may have made, changed or deleted, as
+    /// [`Store::refresh_snapshots`] does for snapshots. A launch is skipped
+    /// when this server serves its source or has a volume of it open; a
+    /// launch new to this server is read once the bucket has its head.
+    /// Returns how many records changed; 0 for a local store.
+    pub fn refresh_launches(&self, now_unix_ms: u64) -> Result<usize, Error> {
+        let Some(remote) = &self.remote else {
+            return Ok(0);
+        };
+        let _one = crate::mutex::lock(&remote.claiming);
+        // Not beside this server's own creates, deletes and opens.
+        let _catalog = crate::mutex::lock(&self.catalog.lock);
+        let records = self.records(remote);
+        let listed = remote
+            .bucket
+            .list_tagged("launches")
+            .map_err(|e| bucket_error("cannot list launches/ in the bucket", e))?;
+        let mut launches = by_name(listed, "launches");
+        for name in crate::catalog::list_names(self.vfs(), &self.launches_dir())? {
+            launches.entry(name).or_default();
+        }
+        let open: Vec<String> = crate::mutex::lock(&self.catalog.open_launches)
+            .iter()
+            .filter(|(_, volume)| volume.strong_count() > 0)
+            .map(|(key, _)| key.split('/').next().unwrap_or_default().to_owned())
+            .collect();
+        let mut plans = Vec::new();
+        for (name, listed) in &launches {
+            if open.contains(name) || crate::catalog::validate_name("launch", name).is_err() {
+                continue;
+            }
+            match self.read_launch(name, false) {
+                Ok(Some(info)) if serves(remote, &info.source, now_unix_ms) => continue,
+                Ok(Some(_)) => {}
+                // New here: wait until the bucket has the whole launch.
+                Ok(None) => {
+                    let has = |file: &str| listed.iter().any(|o| o.key.ends_with(file));
+                    if !(has("/meta") && has("/head")) {
+                        continue;
+                    }
+                }
+                // Unreadable here: the bucket's copy replaces it.
+                Err(_) => {}
+            }
+            let plan = records.plan_level(&format!("launches/{name}"), listed)?;
+            if !plan.is_empty() {
+                plans.push((name, listed.is_empty(), plan));
+            }
+        }
+        if plans.is_empty() {
+            return Ok(0);
+        }
+        // A launch names its root's blobs: the packs the bucket listed by
+        // now hold them (records are published after their packs), and are
+        // indexed here before any launch that names them is.
+        self.blobs.refresh()?;
+        let mut changed = 0;
+        let mut newer_than_listed = false;
+        for (name, gone, plan) in plans {
+            let applied = records.apply_level(plan)?;
+            changed += applied.changed;
+            newer_than_listed |= applied.newer_than_listed;
+            if gone {
+                records.remove_level(&format!("launches/{name}"))?;
+            }
+        }
+        if newer_than_listed {
+            self.blobs.refresh()?;
+        }
+        Ok(changed)
+    }
+}
