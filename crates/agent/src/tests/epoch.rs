@@ -2,11 +2,13 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use blockrep_core::SourceId;
+use blockrep_proto::Message;
+use bytes::BytesMut;
 
-use super::{CHUNK, Rig, ended};
+use super::{CHUNK, CutAfter, Rig, ended};
 use crate::view::take_live;
 
 /// Chunks of the test disk.
@@ -155,6 +157,57 @@ async fn a_first_sync_reads_the_disk_once() {
     assert_eq!(report.ref_chunks_sent, 1, "the repeat: {report:?}");
     assert_eq!(report.zero_chunks_sent, 0, "zeros stay home: {report:?}");
     assert!(rig.store().verify(None, None).unwrap().is_clean());
+}
+
+/// A streamed first sync that commits in steps tells the server again after
+/// each step what is left to read: its first `Backlog` counted every chunk,
+/// as nothing was scanned, and the server's backlog (and the source's lag)
+/// would otherwise stay at the whole disk until the epoch ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_first_sync_tells_the_server_what_is_left_after_each_step() {
+    let mut rig = first_sync_rig(7, None);
+    rig.config.step_bytes = 4 * u64::from(CHUNK);
+    let scan = take_live(&rig.config, CHUNK).await.expect("take the disk");
+    assert!(scan.pending, "streamed");
+    let taken = Arc::new(Mutex::new(Vec::new()));
+    let (mut session, served) = rig
+        .connect_with(scan.geometry, |inner| CutAfter {
+            inner,
+            budget: usize::MAX,
+            writes: Arc::default(),
+            taken: Arc::clone(&taken),
+        })
+        .await;
+    session
+        .epoch(&rig.config, scan, false)
+        .await
+        .expect("the epoch commits")
+        .expect("a disk with data is sent");
+    session.close().await;
+    ended(served).await;
+
+    let mut sent = BytesMut::from(&taken.lock().unwrap()[..]);
+    let mut backlogs = Vec::new();
+    while let Some(message) = blockrep_proto::decode(&mut sent).expect("the agent's frames") {
+        if let Message::Backlog {
+            chunks_pending,
+            bytes_pending,
+            ..
+        } = message
+        {
+            backlogs.push((chunks_pending, bytes_pending));
+        }
+    }
+    assert!(sent.is_empty(), "{} bytes left undecoded", sent.len());
+    assert_eq!(backlogs[0], (CHUNKS, CHUNKS * u64::from(CHUNK)));
+    assert!(
+        backlogs.len() >= 3,
+        "a Backlog after each step: {backlogs:?}"
+    );
+    for pair in backlogs.windows(2) {
+        assert!(pair[1].0 < pair[0].0, "what is left shrinks: {backlogs:?}");
+        assert_eq!(pair[1].1, pair[1].0 * u64::from(CHUNK), "{backlogs:?}");
+    }
 }
 
 /// A source of a tenant scans first: its `Offer` may find the chunks the

@@ -170,11 +170,12 @@ async fn ended(served: JoinHandle<()>) {
 
 /// A stream that accepts `budget` bytes from the agent and then fails every
 /// write, as a connection that dies in the middle of an epoch; it notes the
-/// length of every write it takes.
+/// length of every write it takes, and the bytes taken.
 struct CutAfter {
     inner: DuplexStream,
     budget: usize,
     writes: Arc<Mutex<Vec<usize>>>,
+    taken: Arc<Mutex<Vec<u8>>>,
 }
 
 impl AsyncRead for CutAfter {
@@ -201,6 +202,10 @@ impl AsyncWrite for CutAfter {
         if let Poll::Ready(Ok(written)) = polled {
             self.budget -= written;
             self.writes.lock().unwrap().push(written);
+            self.taken
+                .lock()
+                .unwrap()
+                .extend_from_slice(&buf[..written]);
         }
         polled
     }

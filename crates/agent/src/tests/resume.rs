@@ -30,6 +30,7 @@ async fn an_epoch_cut_mid_transfer_resumes_without_resending_what_was_acknowledg
             inner,
             budget,
             writes: Arc::default(),
+            taken: Arc::default(),
         })
         .await;
     let cut = session.epoch(&rig.config, scan, false).await;

@@ -19,6 +19,7 @@ async fn a_whole_chunk_frame_is_written_as_it_is_and_small_ones_gather() {
         inner: ours,
         budget: usize::MAX,
         writes: Arc::clone(&writes),
+        taken: Arc::default(),
     };
     let dir = tempfile::tempdir().unwrap();
     let config = AgentConfig::new(
