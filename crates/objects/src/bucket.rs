@@ -320,13 +320,8 @@ impl Bucket {
     /// Every object whose key starts with `dir/` (keys relative to the
     /// bucket's prefix, at any depth) with its size.
     pub async fn list_all(&self, dir: &str) -> Result<Vec<(String, u64)>, Error> {
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&self.path(dir)))
-            .try_collect()
-            .await
-            .map_err(no_such_bucket)?;
-        Ok(self.relative(listed))
+        let listed = self.list_tagged(dir).await?;
+        Ok(listed.into_iter().map(|l| (l.key, l.size)).collect())
     }
 
     /// [`Bucket::list_all`] with each object's ETag: what a reader needs to

@@ -126,10 +126,18 @@ fn first_sync_rig(seed: u64, tenant: Option<&str>) -> Rig {
 /// A first sync of the rig's disk taken as it starts (not hashed yet), in
 /// one session: its report, and the view it read (which counts its reads).
 async fn first_sync(rig: &Rig) -> (crate::EpochReport, Arc<crate::view::View>) {
+    first_sync_over(rig, |stream| stream).await
+}
+
+/// [`first_sync`] over the stream `wrap` makes of the agent's end.
+async fn first_sync_over<S: crate::connection::Transport>(
+    rig: &Rig,
+    wrap: impl FnOnce(tokio::io::DuplexStream) -> S,
+) -> (crate::EpochReport, Arc<crate::view::View>) {
     let scan = take_live(&rig.config, CHUNK).await.expect("take the disk");
     assert!(scan.pending && scan.ids.is_empty(), "nothing hashed yet");
     let disk = Arc::clone(&scan.disk);
-    let (mut session, served) = rig.connect(scan.geometry).await;
+    let (mut session, served) = rig.connect_with(scan.geometry, wrap).await;
     let report = session
         .epoch(&rig.config, scan, false)
         .await
@@ -167,24 +175,14 @@ async fn a_first_sync_reads_the_disk_once() {
 async fn a_streamed_first_sync_tells_the_server_what_is_left_after_each_step() {
     let mut rig = first_sync_rig(7, None);
     rig.config.step_bytes = 4 * u64::from(CHUNK);
-    let scan = take_live(&rig.config, CHUNK).await.expect("take the disk");
-    assert!(scan.pending, "streamed");
     let taken = Arc::new(Mutex::new(Vec::new()));
-    let (mut session, served) = rig
-        .connect_with(scan.geometry, |inner| CutAfter {
-            inner,
-            budget: usize::MAX,
-            writes: Arc::default(),
-            taken: Arc::clone(&taken),
-        })
-        .await;
-    session
-        .epoch(&rig.config, scan, false)
-        .await
-        .expect("the epoch commits")
-        .expect("a disk with data is sent");
-    session.close().await;
-    ended(served).await;
+    first_sync_over(&rig, |inner| CutAfter {
+        inner,
+        budget: usize::MAX,
+        writes: Arc::default(),
+        taken: Arc::clone(&taken),
+    })
+    .await;
 
     let mut sent = BytesMut::from(&taken.lock().unwrap()[..]);
     let mut backlogs = Vec::new();
