@@ -64,8 +64,10 @@ impl Store {
         let Some(remote) = &self.remote else {
             return Ok(0);
         };
-        // Not beside a claim, which replaces a source's records whole.
+        // Not beside a claim, which replaces a source's records whole, nor
+        // beside this server's own snapshot creates and deletes.
         let _one = crate::mutex::lock(&remote.claiming);
+        let _catalog = crate::mutex::lock(&self.catalog.lock);
         let records = self.records(remote);
         let prefix = match source {
             Some(source) => format!("sources/{}", source.as_str()),
