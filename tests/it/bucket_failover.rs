@@ -366,3 +366,99 @@ fn one_server_collects_garbage_while_the_other_replicates() {
         "the last root differs from the disk after the last collection"
     );
 }
+
+#[test]
+fn a_server_watches_the_rpo_only_of_the_sources_it_serves() {
+    let Some(weed) = SeaweedFs::start("rpo across servers") else {
+        return;
+    };
+    let pki = Pki::new(&["web"]);
+    let work = tempfile::tempdir().unwrap();
+    let access = weed.access("rpo");
+    // An RPO target a server that does not serve the source soon passes.
+    let start = |name: &str| {
+        let hook = format!(
+            "echo \"$BLOCKREP_SOURCE $BLOCKREP_EVENT\" >> {}",
+            work.path().join(format!("{name}.hook")).display()
+        );
+        let mut args = SERVER_ARGS.to_vec();
+        args.extend(["--rpo-target", "1s", "--alert-interval", "100ms"]);
+        args.extend(["--on-rpo-breach", &hook]);
+        ServerProcess::start_in(
+            &bin(),
+            "127.0.0.1:0",
+            &work.path().join(name),
+            pki.path(),
+            &args,
+            Some(&access),
+        )
+    };
+    let mut a = start("a");
+    let disk = work.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(4 * MIB, 3)).unwrap();
+    let ack = work.path().join("ack.log");
+    let mut agent = AgentProcess::spawn(
+        &bin(),
+        &[
+            "--disk",
+            disk.to_str().unwrap(),
+            "--to",
+            &a.addr.to_string(),
+            "--source",
+            "web",
+            "--tls-dir",
+            pki.path().to_str().unwrap(),
+            "--interval",
+            "200ms",
+            "--ack-log",
+            ack.to_str().unwrap(),
+        ],
+    );
+    wait_for_acks(&ack, 2, &agent, "replicating to A");
+
+    // B knows the source from the bucket alone, its head older than the
+    // target within a second: A serves it, so B raises no alarm, reports
+    // no lag for it, and says where it is served.
+    let b = start("b");
+    std::thread::sleep(Duration::from_secs(3));
+    let hooked = std::fs::read_to_string(work.path().join("b.hook")).unwrap_or_default();
+    assert!(hooked.is_empty(), "B alarmed for A's source: {hooked}");
+    let view = admin_source(b.admin_addr.unwrap(), "web").expect("B lists the source");
+    assert_eq!(
+        view.state,
+        blockrep_server::SourceState::ServedElsewhere,
+        "{view:?}"
+    );
+    assert_eq!(view.lag_seconds, None, "{view:?}");
+    assert_eq!(view.lease.unwrap().holder, a.addr.to_string());
+    let metrics = blockrep_testkit::admin::metrics(&b);
+    assert!(
+        !metrics.contains("blockrep_replication_lag_seconds{source=\"web\"}"),
+        "{metrics}"
+    );
+    // A, which serves it, reports its lag.
+    let metrics = blockrep_testkit::admin::metrics(&a);
+    assert!(
+        metrics.contains("blockrep_replication_lag_seconds{source=\"web\"}"),
+        "{metrics}"
+    );
+
+    // Once A is gone and its lease lapsed, the source is B's to watch
+    // (nobody serves it): B reports its lag and alarms.
+    agent.stop_cleanly();
+    a.kill();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(work.path().join("b.hook"))
+                .is_ok_and(|hooked| hooked.contains("web breach"))
+        }),
+        "B never watched the source after A was gone"
+    );
+    let view = admin_source(b.admin_addr.unwrap(), "web").unwrap();
+    assert_ne!(
+        view.state,
+        blockrep_server::SourceState::ServedElsewhere,
+        "{view:?}"
+    );
+    assert!(view.lag_seconds.is_some(), "{view:?}");
+}

@@ -121,9 +121,20 @@ pub(crate) fn source_views(shared: &Shared) -> Vec<crate::SourceView> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .flatten()
             .cloned(),
     );
+    let elsewhere = shared.served_elsewhere(now_unix_ms());
     for view in &mut views {
+        if elsewhere
+            .iter()
+            .any(|source| source.as_str() == view.source)
+        {
+            // Its figures here are as this server last saw them.
+            view.state = crate::status::SourceState::ServedElsewhere;
+            view.lag_seconds = None;
+            view.migration_state = view.migration_recorded.clone();
+        }
         if let (Some(keys), Ok(source)) = (&shared.keys, SourceId::new(&view.source))
             && let Some(sealer) = shared.store.sealer_of(&source)
         {

@@ -53,9 +53,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let records = shared.ledger.sources.records();
+        // A source another server serves is watched there: its lag here
+        // is as this server last saw it.
+        let now = now_unix_ms();
+        let elsewhere = shared.served_elsewhere(now);
+        let mut records = shared.ledger.sources.records();
+        records.retain(|(source, _)| !elsewhere.contains(source));
         let breaches = &shared.rpo_breaches;
-        let transitions = breaches.evaluate(&records, shared.thresholds(), now_unix_ms());
+        breaches.forget(&elsewhere);
+        let transitions = breaches.evaluate(&records, shared.thresholds(), now);
         for transition in transitions {
             let Transition {
                 source,

@@ -62,6 +62,18 @@ impl RpoBreaches {
             .collect()
     }
 
+    /// Stops watching `sources` (another server serves them): a breach open
+    /// here is dropped without an event, so that the source starts afresh
+    /// if this server serves it again. Counts stay.
+    pub(crate) fn forget(&self, sources: &std::collections::HashSet<SourceId>) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        for source in sources {
+            if let Some(state) = states.get_mut(source) {
+                state.in_breach = false;
+            }
+        }
+    }
+
     /// Compares every source's lag with its target and returns the crossings
     /// since the last evaluation.
     pub(crate) fn evaluate(
@@ -158,6 +170,22 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(breaches.breaches_total()[&source], 1);
+    }
+
+    /// A source another server took over is forgotten without an event; if
+    /// this server serves it again, an old lag is a new breach.
+    #[test]
+    fn a_forgotten_breach_is_reported_afresh() {
+        let breaches = RpoBreaches::default();
+        let source = SourceId::new("web").unwrap();
+        let now = 1_000_000;
+        let records = vec![(source.clone(), record(now - 20_000))];
+        assert_eq!(breaches.evaluate(&records, thresholds(), now).len(), 1);
+        breaches.forget(&[source.clone()].into_iter().collect());
+        let transitions = breaches.evaluate(&records, thresholds(), now + 100);
+        assert_eq!(transitions.len(), 1);
+        assert_eq!(transitions[0].event, BreachEvent::Breach);
+        assert_eq!(breaches.breaches_total()[&source], 2);
     }
 
     #[test]

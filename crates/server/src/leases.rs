@@ -133,7 +133,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 *shared
                     .bucket_leases
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = leases;
+                    .unwrap_or_else(|p| p.into_inner()) = Some(leases);
             }
             Err(e) => warn!(error = %e, "cannot read the sources' leases"),
         }

@@ -2,8 +2,8 @@
 //! store, the configuration, the figures of every source, and the source slots
 //! that keep one session per source.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -47,8 +47,9 @@ pub(crate) struct Shared {
     /// With the store in a shared bucket: every source's lease as last read
     /// from the bucket (by the lease task, every third of a lease time), so
     /// status names the server of sources this one does not serve.
+    /// `None` until the lease task read them once.
     pub bucket_leases:
-        std::sync::Mutex<Vec<(blockrep_core::SourceId, blockrep_store::LeaseRecord)>>,
+        std::sync::Mutex<Option<Vec<(blockrep_core::SourceId, blockrep_store::LeaseRecord)>>>,
     /// The KEK and key directory of encryption at rest, if configured.
     pub keys: Option<crate::encryption::ServerKeys>,
     /// Serializes migration steps (`migration.rs`).
@@ -127,6 +128,56 @@ impl Shared {
             followed: crate::closers::Followed::default(),
             copiers: Arc::default(),
         }
+    }
+
+    /// The sources another server of the shared bucket serves now: their
+    /// leases live, held by another server, as this server last read the
+    /// bucket's leases. What this server knows of them is as it last saw
+    /// it, so their RPO is watched, and their lag and state reported, where
+    /// they are served. Empty for a local store. Until the leases were read
+    /// once, every source whose lease this server does not hold counts: a
+    /// server that just started raises no alarm for sources it knows only
+    /// from the bucket.
+    pub(crate) fn served_elsewhere(&self, now_unix_ms: u64) -> HashSet<SourceId> {
+        let Some(bucket) = &self.config.bucket else {
+            return HashSet::new();
+        };
+        let own: HashSet<SourceId> = self
+            .store
+            .leases()
+            .into_iter()
+            .filter(|(_, lease)| lease.expires_unix_ms > now_unix_ms)
+            .map(|(source, _)| source)
+            .collect();
+        let read = self.bucket_leases.lock().unwrap_or_else(|p| p.into_inner());
+        match &*read {
+            None => self
+                .ledger
+                .sources
+                .records()
+                .into_iter()
+                .map(|(source, _)| source)
+                .filter(|source| !own.contains(source))
+                .collect(),
+            Some(leases) => leases
+                .iter()
+                .filter(|(source, lease)| {
+                    lease.holder != bucket.holder
+                        && lease.expires_unix_ms > now_unix_ms
+                        && !own.contains(source)
+                })
+                .map(|(source, _)| source.clone())
+                .collect(),
+        }
+    }
+
+    /// The records of the sources this server watches: all of them but
+    /// those [`Shared::served_elsewhere`].
+    pub(crate) fn watched_records(&self) -> Vec<(SourceId, crate::status::SourceRecord)> {
+        let elsewhere = self.served_elsewhere(now_unix_ms());
+        let mut records = self.ledger.sources.records();
+        records.retain(|(source, _)| !elsewhere.contains(source));
+        records
     }
 
     /// Where the NBD listener serving launch volumes is, and whether it

@@ -32,11 +32,14 @@ pub enum SourceState {
     FailingBack,
     /// The original disk equals the launch volume.
     FailedBack,
+    /// Another server of the shared bucket serves it (holds its lease): its
+    /// lag and state are reported there.
+    ServedElsewhere,
 }
 
 impl SourceState {
     /// Every state, in a fixed order (for metrics with one series per state).
-    pub const ALL: [SourceState; 8] = [
+    pub const ALL: [SourceState; 9] = [
         SourceState::InitialSync,
         SourceState::Healthy,
         SourceState::Lagging,
@@ -45,6 +48,7 @@ impl SourceState {
         SourceState::CutOver,
         SourceState::FailingBack,
         SourceState::FailedBack,
+        SourceState::ServedElsewhere,
     ];
 
     /// The state's name as shown to operators.
@@ -58,6 +62,7 @@ impl SourceState {
             SourceState::CutOver => "cut_over",
             SourceState::FailingBack => "failing_back",
             SourceState::FailedBack => "failed_back",
+            SourceState::ServedElsewhere => "served_elsewhere",
         }
     }
 }

@@ -127,7 +127,7 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>) -> Response {
     let scrape = Scrape {
         now_unix_ms: now_unix_ms(),
         thresholds: Some(shared.thresholds()),
-        sources: ledger.sources.records(),
+        sources: shared.watched_records(),
         rpo_breaches_total: shared.rpo_breaches.breaches_total(),
         snapshots,
         launches,

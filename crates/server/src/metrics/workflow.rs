@@ -24,7 +24,7 @@ pub(super) fn workflow_text(shared: &Shared) -> String {
         .map(|s| s.as_str())
         .chain(["disconnected"])
         .collect();
-    for (source, record) in shared.ledger.sources.records() {
+    for (source, record) in shared.watched_records() {
         let current = record.migration_shown(thresholds, now);
         for state in &states {
             x.sample(
