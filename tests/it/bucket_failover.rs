@@ -368,7 +368,7 @@ fn one_server_collects_garbage_while_the_other_replicates() {
 }
 
 #[test]
-fn a_server_watches_the_rpo_only_of_the_sources_it_serves() {
+fn a_server_alarms_and_expires_only_for_the_sources_it_serves() {
     let Some(weed) = SeaweedFs::start("rpo across servers") else {
         return;
     };
@@ -383,6 +383,7 @@ fn a_server_watches_the_rpo_only_of_the_sources_it_serves() {
         );
         let mut args = SERVER_ARGS.to_vec();
         args.extend(["--rpo-target", "1s", "--alert-interval", "100ms"]);
+        args.extend(["--retention-tick", "200ms"]);
         args.extend(["--on-rpo-breach", &hook]);
         ServerProcess::start_in(
             &bin(),
@@ -442,6 +443,50 @@ fn a_server_watches_the_rpo_only_of_the_sources_it_serves() {
         metrics.contains("blockrep_replication_lag_seconds{source=\"web\"}"),
         "{metrics}"
     );
+
+    // A snapshot of it expires on A, which serves it, not on B, though B
+    // lists it.
+    let (code, body) = blockrep_testkit::admin::admin_request(
+        a.admin_addr.unwrap(),
+        "POST",
+        "/v1/snapshots",
+        Some(r#"{"source":"web","name":"brief","ttl_seconds":1}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let listed = blockrep_testkit::admin::snapshots(&b);
+    assert!(listed.iter().any(|s| s.name == "brief"), "{listed:?}");
+    assert!(
+        wait_until(Duration::from_secs(20), || a
+            .log()
+            .contains("snapshot expired source=web snapshot=brief")),
+        "A never expired it: {}",
+        a.log()
+    );
+    // A drill of it too: A closes its exports and deletes it.
+    blockrep_testkit::admin::create_snapshot(&a, "web", "kept");
+    let (code, body) = blockrep_testkit::admin::admin_request(
+        a.admin_addr.unwrap(),
+        "POST",
+        "/v1/launches",
+        Some(
+            r#"{"source":"web","snapshot":"kept","name":"drill","allow_live":true,"ttl_seconds":1}"#,
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, body) =
+        blockrep_testkit::admin::admin_request(b.admin_addr.unwrap(), "GET", "/v1/launches", None);
+    assert!(code == 200 && body.contains(r#""name":"drill""#), "{body}");
+    assert!(
+        wait_until(Duration::from_secs(20), || a.log().contains(
+            "test launch expired: exports closed, launch deleted launch=drill"
+        )),
+        "A never expired the drill: {}",
+        a.log()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let b_log = b.log();
+    assert!(!b_log.contains("snapshot expired"), "{b_log}");
+    assert!(!b_log.contains("test launch expired"), "{b_log}");
 
     // Once A is gone and its lease lapsed, the source is B's to watch
     // (nobody serves it): B reports its lag and alarms.

@@ -58,7 +58,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         ticker.tick().await;
         let store = Arc::clone(&shared.store);
         let now = now_unix_ms();
-        let expired = tokio::task::spawn_blocking(move || expired_launches(&store, now)).await;
+        // In a bucket, the server of a launch's source expires it: it closes
+        // the exports it serves first.
+        let elsewhere = shared.served_elsewhere(now);
+        let expired =
+            tokio::task::spawn_blocking(move || expired_launches(&store, now, &elsewhere)).await;
         let expired = match expired {
             Ok(Ok(expired)) => expired,
             Ok(Err(e)) => {
@@ -87,13 +91,18 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// Launches whose expiry has passed: name, source, expiry.
+/// Launches whose expiry has passed: name, source, expiry. Those of the
+/// sources in `elsewhere` are left to the server that serves them.
 fn expired_launches(
     store: &blockrep_store::Store,
     now_unix_ms: u64,
+    elsewhere: &std::collections::HashSet<blockrep_core::SourceId>,
 ) -> Result<Vec<(String, String, u64)>, blockrep_store::Error> {
     let mut out = Vec::new();
     for launch in store.list_launches(None)? {
+        if elsewhere.contains(&launch.source) {
+            continue;
+        }
         let expires = match store.launch_workflow(&launch.name) {
             Ok(workflow) => workflow.expires_unix_ms,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,

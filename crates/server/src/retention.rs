@@ -57,7 +57,9 @@ fn tick(shared: &Shared) {
             }
         }
     }
-    match store.expire_snapshots(now) {
+    // In a bucket, each server expires the snapshots of the sources it
+    // serves, or that nobody serves: the others it knows as it last read them.
+    match store.expire_snapshots_except(now, &shared.served_elsewhere(now)) {
         Ok(expired) => {
             for snapshot in expired {
                 info!(source = %snapshot.source, snapshot = %snapshot.name, "snapshot expired");

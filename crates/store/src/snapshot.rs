@@ -452,12 +452,26 @@ impl Store {
     /// expiry time has come, and automatic ones the retention policy no longer
     /// keeps. Returns what was deleted.
     pub fn expire_snapshots(&self, now_unix_ms: u64) -> Result<Vec<Snapshot>, Error> {
+        self.expire_snapshots_except(now_unix_ms, &Default::default())
+    }
+
+    /// [`Store::expire_snapshots`] of every source but those in `except`
+    /// (in a shared bucket, the sources another server serves: it expires
+    /// their snapshots from its own, newer view of them).
+    pub fn expire_snapshots_except(
+        &self,
+        now_unix_ms: u64,
+        except: &std::collections::HashSet<SourceId>,
+    ) -> Result<Vec<Snapshot>, Error> {
         self.check_writable()?;
         let policy = self.retention_policy();
         let _guard = lock(&self.catalog.lock);
         let mut auto_by_source: BTreeMap<SourceId, Vec<Snapshot>> = BTreeMap::new();
         let mut doomed = Vec::new();
         for snapshot in self.list_snapshots(None)? {
+            if except.contains(&snapshot.source) {
+                continue;
+            }
             if snapshot.is_expired_at(now_unix_ms) {
                 doomed.push(snapshot);
             } else if snapshot.kind == SnapshotKind::Auto {
