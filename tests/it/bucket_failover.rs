@@ -368,7 +368,7 @@ fn one_server_collects_garbage_while_the_other_replicates() {
 }
 
 #[test]
-fn a_server_alarms_and_expires_only_for_the_sources_it_serves() {
+fn a_server_leaves_what_another_server_serves_to_that_server() {
     let Some(weed) = SeaweedFs::start("rpo across servers") else {
         return;
     };
@@ -443,6 +443,22 @@ fn a_server_alarms_and_expires_only_for_the_sources_it_serves() {
         metrics.contains("blockrep_replication_lag_seconds{source=\"web\"}"),
         "{metrics}"
     );
+
+    // A workflow step asked of B is refused, naming A: B's records may be
+    // old, and the agent is A's. Asked of A, it is made.
+    let mark_ready = |server: &ServerProcess| {
+        blockrep_testkit::admin::admin_request(
+            server.admin_addr.unwrap(),
+            "POST",
+            "/v1/sources/web/mark-ready",
+            Some(r#"{"force":true}"#),
+        )
+    };
+    let (code, body) = mark_ready(&b);
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains(&a.addr.to_string()), "{body}");
+    let (code, body) = mark_ready(&a);
+    assert_eq!(code, 200, "{body}");
 
     // A snapshot of it expires on A, which serves it, not on B, though B
     // lists it.

@@ -188,6 +188,8 @@ async fn request_cutover(
         )
         .into());
     }
+    // Its lifecycle as the bucket has it, if it is in one.
+    crate::workflow_api::serve_for_step(&shared, &source).await?;
     let fenced = shared
         .ledger
         .sources
@@ -231,6 +233,15 @@ async fn reset_source(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
+    if shared
+        .ledger
+        .sources
+        .update_known(&source, |_| ())
+        .is_none()
+    {
+        return Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into());
+    }
+    crate::workflow_api::serve_for_step(&shared, &source).await?;
     // Under the workflow's lock: a finalize cannot slip in between.
     let serial = shared.migration_lock.lock().await;
     // Decided before the fence is touched (a finalized source's replication

@@ -105,6 +105,28 @@ fn valid_check_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// Before an operator's step on `source`: in a shared bucket, only the
+/// server that serves the source records its steps, from its records as the
+/// bucket has them (taking its lease reads them again). Another server's
+/// copy may be old, and the agent it would tell of a cutover is not
+/// connected to it: it refuses with 409, naming the server that serves it.
+pub(crate) async fn serve_for_step(
+    shared: &Arc<Shared>,
+    source: &SourceId,
+) -> Result<(), ApiError> {
+    crate::leases::claim(shared, source)
+        .await
+        .map_err(|reject| {
+            let status = match reject.code {
+                blockrep_proto::ErrorCode::ServedElsewhere | blockrep_proto::ErrorCode::Busy => {
+                    StatusCode::CONFLICT
+                }
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            ApiError::from(error(status, reject.message))
+        })
+}
+
 /// A known source, or 404.
 fn known(shared: &Shared, source: &str) -> Result<SourceId, ApiError> {
     let id = parse_source(source)?;
@@ -144,6 +166,7 @@ async fn operator_step(
     force: bool,
 ) -> Result<Response, ApiError> {
     let source = known(shared, source)?;
+    serve_for_step(shared, &source).await?;
     let event = step(shared, &source, operator, &who(shared, headers), force).await?;
     Ok(stepped(&source, shared, event))
 }
@@ -160,6 +183,7 @@ pub(crate) async fn finalize(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let source = known(&shared, &source)?;
+    serve_for_step(&shared, &source).await?;
     let serial = shared.migration_lock.lock().await;
     // And the lifecycle's, in the order a reset takes them: a failback
     // cannot start between the check of the fence below and the record.
