@@ -459,6 +459,23 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     assert!(body.contains(&a.addr.to_string()), "{body}");
     let (code, body) = mark_ready(&a);
     assert_eq!(code, 200, "{body}");
+    // So is a launch: A would serve it.
+    blockrep_testkit::admin::create_snapshot(&a, "web", "kept");
+    let launch = |server: &ServerProcess, name: &str| {
+        blockrep_testkit::admin::admin_request(
+            server.admin_addr.unwrap(),
+            "POST",
+            "/v1/launches",
+            Some(&format!(
+                r#"{{"source":"web","snapshot":"kept","name":"{name}","allow_live":true,"ttl_seconds":1}}"#
+            )),
+        )
+    };
+    let listed = blockrep_testkit::admin::snapshots(&b);
+    assert!(listed.iter().any(|s| s.name == "kept"), "{listed:?}");
+    let (code, body) = launch(&b, "by-b");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains(&a.addr.to_string()), "{body}");
 
     // A snapshot of it expires on A, which serves it, not on B, though B
     // lists it.
@@ -479,15 +496,7 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
         a.log()
     );
     // A drill of it too: A closes its exports and deletes it.
-    blockrep_testkit::admin::create_snapshot(&a, "web", "kept");
-    let (code, body) = blockrep_testkit::admin::admin_request(
-        a.admin_addr.unwrap(),
-        "POST",
-        "/v1/launches",
-        Some(
-            r#"{"source":"web","snapshot":"kept","name":"drill","allow_live":true,"ttl_seconds":1}"#,
-        ),
-    );
+    let (code, body) = launch(&a, "drill");
     assert_eq!(code, 201, "{body}");
     let (code, body) =
         blockrep_testkit::admin::admin_request(b.admin_addr.unwrap(), "GET", "/v1/launches", None);

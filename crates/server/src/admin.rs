@@ -459,6 +459,16 @@ async fn create_launch(
         }
     };
     let workflow = crate::workflow_api::launch_workflow(&shared, &body, kind)?;
+    // In a bucket, the server that serves the source makes its launches: it
+    // serves them over NBD and records the workflow's step.
+    if shared
+        .ledger
+        .sources
+        .update_known(&source, |_| ())
+        .is_some()
+    {
+        crate::workflow_api::serve_for_step(&shared, &source).await?;
+    }
     let nbd = shared.nbd_addr();
     let (snapshot, name) = (body.snapshot.clone(), body.name.clone());
     let allow_live = body.allow_live;
