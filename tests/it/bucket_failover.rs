@@ -461,21 +461,48 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     assert_eq!(code, 200, "{body}");
     // So is a launch: A would serve it.
     blockrep_testkit::admin::create_snapshot(&a, "web", "kept");
-    let launch = |server: &ServerProcess, name: &str| {
+    let launch_for = |server: &ServerProcess, name: &str, ttl_seconds: u32| {
         blockrep_testkit::admin::admin_request(
             server.admin_addr.unwrap(),
             "POST",
             "/v1/launches",
             Some(&format!(
-                r#"{{"source":"web","snapshot":"kept","name":"{name}","allow_live":true,"ttl_seconds":1}}"#
+                r#"{{"source":"web","snapshot":"kept","name":"{name}","allow_live":true,"ttl_seconds":{ttl_seconds}}}"#
             )),
         )
     };
+    let launch = |server: &ServerProcess, name: &str| launch_for(server, name, 1);
     let listed = blockrep_testkit::admin::snapshots(&b);
     assert!(listed.iter().any(|s| s.name == "kept"), "{listed:?}");
     let (code, body) = launch(&b, "by-b");
     assert_eq!(code, 409, "{body}");
     assert!(body.contains(&a.addr.to_string()), "{body}");
+    // And what changes A's launches and snapshots: B knows them, A serves
+    // them.
+    let (code, body) = launch_for(&a, "held", 600);
+    assert_eq!(code, 201, "{body}");
+    let b_admin = b.admin_addr.unwrap();
+    let request = |method: &str, path: &str| {
+        blockrep_testkit::admin::admin_request(b_admin, method, path, None)
+    };
+    let (code, body) = request("GET", "/v1/launches");
+    assert!(code == 200 && body.contains(r#""name":"held""#), "{body}");
+    for (method, path) in [
+        ("POST", "/v1/launches/held/fold"),
+        ("DELETE", "/v1/launches/held"),
+        ("DELETE", "/v1/snapshots/web/kept"),
+    ] {
+        let (code, body) = request(method, path);
+        assert_eq!(code, 409, "{method} {path}: {body}");
+        assert!(body.contains(&a.addr.to_string()), "{body}");
+    }
+    let (code, body) = blockrep_testkit::admin::admin_request(
+        a.admin_addr.unwrap(),
+        "DELETE",
+        "/v1/launches/held",
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
 
     // A snapshot of it expires on A, which serves it, not on B, though B
     // lists it.

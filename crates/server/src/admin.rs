@@ -279,6 +279,8 @@ async fn complete_failback(
     Path(source): Path<String>,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
+    // The failback's session is on the server that serves the source.
+    crate::workflow_api::serve_if_known(&shared, &source).await?;
     // `update_known`: asking about a source never seen must not create it.
     let failing_back = shared.ledger.sources.update_known(&source, |r| {
         let active = r
@@ -387,6 +389,8 @@ async fn delete_snapshot(
     Path((source, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let source = parse_source(&source)?;
+    // Like its creation, by the server that serves the source.
+    crate::workflow_api::serve_if_known(&shared, &source).await?;
     let snapshot = blocking(&shared, move |store| store.delete_snapshot(&source, &name)).await?;
     info!(source = %snapshot.source, snapshot = %snapshot.name, "snapshot deleted");
     Ok(Json(SnapshotView::from(&snapshot)).into_response())
@@ -461,14 +465,7 @@ async fn create_launch(
     let workflow = crate::workflow_api::launch_workflow(&shared, &body, kind)?;
     // In a bucket, the server that serves the source makes its launches: it
     // serves them over NBD and records the workflow's step.
-    if shared
-        .ledger
-        .sources
-        .update_known(&source, |_| ())
-        .is_some()
-    {
-        crate::workflow_api::serve_for_step(&shared, &source).await?;
-    }
+    crate::workflow_api::serve_if_known(&shared, &source).await?;
     let nbd = shared.nbd_addr();
     let (snapshot, name) = (body.snapshot.clone(), body.name.clone());
     let allow_live = body.allow_live;
@@ -514,6 +511,7 @@ async fn fold_launch(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    crate::workflow_api::serve_for_launch(&shared, &name).await?;
     let target = name.clone();
     let info = blocking(&shared, move |store| {
         store.fold_launch(&target, now_unix_ms())
@@ -532,6 +530,7 @@ async fn delete_launch(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    crate::workflow_api::serve_for_launch(&shared, &name).await?;
     let target = name.clone();
     // A copier holds its volume open.
     shared.copiers.stop(&name).await;
@@ -558,6 +557,7 @@ async fn materialize(
     Path(name): Path<String>,
     Json(body): Json<MaterializeBody>,
 ) -> Result<Response, ApiError> {
+    crate::workflow_api::serve_for_launch(&shared, &name).await?;
     let dir = match &shared.config.launch_materialize_dir {
         Some(dir) => dir.clone(),
         None => shared.config.data_dir.join("materialized"),

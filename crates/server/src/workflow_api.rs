@@ -127,6 +127,34 @@ pub(crate) async fn serve_for_step(
         })
 }
 
+/// [`serve_for_step`] for a step on the launch `name` (fold, delete,
+/// materialize, a check's report): its source's server makes it, as it
+/// serves the launch's exports. Nothing to claim for a launch unknown here
+/// or a local store.
+pub(crate) async fn serve_for_launch(shared: &Arc<Shared>, name: &str) -> Result<(), ApiError> {
+    if shared.config.bucket.is_none() {
+        return Ok(());
+    }
+    let launch = name.to_owned();
+    let info = blocking(shared, move |store| store.launch(&launch)).await?;
+    match info {
+        Some(info) => serve_for_step(shared, &info.source).await,
+        None => Ok(()),
+    }
+}
+
+/// [`serve_for_step`] for a source this server knows; one it does not is
+/// left to the step's own answer (404).
+pub(crate) async fn serve_if_known(
+    shared: &Arc<Shared>,
+    source: &SourceId,
+) -> Result<(), ApiError> {
+    if shared.ledger.sources.update_known(source, |_| ()).is_some() {
+        serve_for_step(shared, source).await?;
+    }
+    Ok(())
+}
+
 /// A known source, or 404.
 fn known(shared: &Shared, source: &str) -> Result<SourceId, ApiError> {
     let id = parse_source(source)?;
@@ -384,6 +412,7 @@ pub(crate) async fn record_check(
     headers: HeaderMap,
     Json(report): Json<CheckView>,
 ) -> Result<Response, ApiError> {
+    serve_for_launch(&shared, &name).await?;
     if !valid_check_name(&report.name) {
         return Err(error(
             StatusCode::BAD_REQUEST,
