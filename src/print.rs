@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use blockrep_agent::{CutoverReport, EpochReport};
-use blockrep_server::{LaunchView, SnapshotView, SourceView};
+use blockrep_server::{LaunchView, SnapshotView, SourceState, SourceView};
 
 /// The error and its causes on one line, skipping a cause whose text the message
 /// before it already carries (library errors name their cause in their message).
@@ -63,7 +63,7 @@ pub(crate) fn unix_ms_text(unix_ms: u64) -> String {
 /// source in capture mode.
 pub(crate) fn sources(sources: &[SourceView]) {
     println!(
-        "{:<20} {:<13} {:<17} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "{:<20} {:<16} {:<17} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
         "SOURCE",
         "STATE",
         "MIGRATION",
@@ -78,7 +78,7 @@ pub(crate) fn sources(sources: &[SourceView]) {
     );
     for s in sources {
         println!(
-            "{:<20} {:<13} {:<17} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
+            "{:<20} {:<16} {:<17} {:<7} {:>6} {:<16} {:>10} {:>10} {:>12} {:>12} {:>9}",
             s.source,
             s.state.as_str(),
             s.migration_state,
@@ -90,7 +90,12 @@ pub(crate) fn sources(sources: &[SourceView]) {
             format!("{:.0}s", s.rpo_target_seconds),
             human_bytes(s.bytes_pending),
             format!("{}/s", human_bytes(s.throughput_bytes_per_second as u64)),
-            if s.connected { "connected" } else { "away" },
+            match (&s.state, &s.lease) {
+                // In a shared bucket: where its agent is.
+                (SourceState::ServedElsewhere, Some(lease)) => format!("at {}", lease.holder),
+                _ if s.connected => "connected".to_owned(),
+                _ => "away".to_owned(),
+            },
         );
     }
     if sources.is_empty() {

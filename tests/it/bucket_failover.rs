@@ -432,6 +432,22 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     );
     assert_eq!(view.lag_seconds, None, "{view:?}");
     assert_eq!(view.lease.unwrap().holder, a.addr.to_string());
+    let status = std::process::Command::new(BIN)
+        .args(["status", "--admin", &b.admin_addr.unwrap().to_string()])
+        .arg("--admin-token")
+        .arg(pki.path().join("admin.token"))
+        .output()
+        .unwrap();
+    assert_success(&status);
+    let line = stdout(&status)
+        .lines()
+        .find(|line| line.starts_with("web "))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        line.contains("served_elsewhere") && line.contains(&format!("at {}", a.addr)),
+        "{line}"
+    );
     let metrics = blockrep_testkit::admin::metrics(&b);
     assert!(
         !metrics.contains("blockrep_replication_lag_seconds{source=\"web\"}"),
