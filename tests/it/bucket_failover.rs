@@ -51,17 +51,22 @@ fn pair(weed: &SeaweedFs, prefix: &str) -> Pair {
 
 fn agent(pair: &Pair, disk: &Path, ack: &Path) -> AgentProcess {
     let to = format!("{},{}", pair.a.addr, pair.b.addr);
+    agent_to(&to, &pair.pki, disk, ack)
+}
+
+/// A continuous agent of `web` replicating `disk` to the servers `to`.
+fn agent_to(to: &str, pki: &Pki, disk: &Path, ack: &Path) -> AgentProcess {
     AgentProcess::spawn(
         &bin(),
         &[
             "--disk",
             disk.to_str().unwrap(),
             "--to",
-            &to,
+            to,
             "--source",
             "web",
             "--tls-dir",
-            pair.pki.path().to_str().unwrap(),
+            pki.path().to_str().unwrap(),
             "--interval",
             "200ms",
             "--io-timeout",
@@ -398,23 +403,7 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     let disk = work.path().join("disk.raw");
     std::fs::write(&disk, random_bytes(4 * MIB, 3)).unwrap();
     let ack = work.path().join("ack.log");
-    let mut agent = AgentProcess::spawn(
-        &bin(),
-        &[
-            "--disk",
-            disk.to_str().unwrap(),
-            "--to",
-            &a.addr.to_string(),
-            "--source",
-            "web",
-            "--tls-dir",
-            pki.path().to_str().unwrap(),
-            "--interval",
-            "200ms",
-            "--ack-log",
-            ack.to_str().unwrap(),
-        ],
-    );
+    let mut agent = agent_to(&a.addr.to_string(), &pki, &disk, &ack);
     wait_for_acks(&ack, 2, &agent, "replicating to A");
 
     // B knows the source from the bucket alone, its head older than the
