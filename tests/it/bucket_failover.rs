@@ -464,6 +464,26 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     assert!(body.contains(&a.addr.to_string()), "{body}");
     let (code, body) = mark_ready(&a);
     assert_eq!(code, 200, "{body}");
+    // B reports the source as the bucket has it: A's step, A's epochs.
+    let before = read_acks(&ack).len();
+    blockrep_testkit::write_at(&disk, 0, &random_bytes(8192, 4));
+    wait_for_acks(&ack, before + 1, &agent, "after a write");
+    let acked = read_acks(&ack).last().unwrap().epoch;
+    assert!(acked >= 2, "{acked}");
+    let view = admin_source(b.admin_addr.unwrap(), "web").unwrap();
+    assert_eq!(view.migration_state, "ready_for_cutover", "{view:?}");
+    assert!(
+        view.epoch >= acked,
+        "B shows epoch {} of {acked}",
+        view.epoch
+    );
+    let (code, body) = blockrep_testkit::admin::admin_request(
+        b.admin_addr.unwrap(),
+        "GET",
+        "/v1/sources/web/history",
+        None,
+    );
+    assert!(code == 200 && body.contains("ready_for_cutover"), "{body}");
     // So is a launch: A would serve it.
     blockrep_testkit::admin::create_snapshot(&a, "web", "kept");
     let launch_for = |server: &ServerProcess, name: &str, ttl_seconds: u32| {

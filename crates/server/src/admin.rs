@@ -103,6 +103,7 @@ async fn list_sources(
     State(shared): State<Arc<Shared>>,
     Query(listing): Query<SourceListing>,
 ) -> Response {
+    crate::leases::refresh_elsewhere(&shared).await;
     let mut views = source_views(&shared);
     if !listing.all {
         views.retain(|view| view.migration_recorded != "archived");
@@ -156,6 +157,7 @@ pub(crate) fn source_views(shared: &Shared) -> Vec<crate::SourceView> {
 }
 
 async fn get_source(State(shared): State<Arc<Shared>>, Path(source): Path<String>) -> Response {
+    crate::leases::refresh_elsewhere(&shared).await;
     source_views(&shared)
         .into_iter()
         .find(|view| view.source == source)

@@ -44,33 +44,9 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
                 expires_unix_ms = lease.expires_unix_ms,
                 "serving the source under its lease"
             );
-            let now = now_unix_ms();
             // Not under a step being recorded here.
             let _serial = shared.migration_lock.lock().await;
-            shared.ledger.sources.update(source, |record| {
-                if let Some(head) = &head
-                    && head.epoch != record.epoch
-                {
-                    let fresh = crate::status::SourceRecord::from_head(head, now);
-                    record.epoch = fresh.epoch;
-                    record.root = fresh.root;
-                    record.consistency = fresh.consistency;
-                    record.synced_scan_started_unix_ms = fresh.synced_scan_started_unix_ms;
-                    record.last_commit_unix_ms = fresh.last_commit_unix_ms;
-                }
-                // The cutover fence follows the bucket's record, and so
-                // does the migration workflow's state.
-                record.lifecycle = lifecycle;
-                if let Some(last) = migration {
-                    record.migration = Some(last.to);
-                    record.migration_since_unix_ms = last.unix_ms;
-                    // A cutover requested through another server is still
-                    // requested; one it reset is not.
-                    record.cutover_requested = last.to
-                        == blockrep_store::MigrationState::CuttingOver
-                        && record.lifecycle.is_none();
-                }
-            });
+            adopt(shared, source, head.as_ref(), lifecycle, migration);
             Ok(())
         }
         Ok((None, _, _)) => Ok(()),
@@ -84,6 +60,81 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
             ErrorCode::Internal,
             format!("cannot take the source's lease: {e}"),
         )),
+    }
+}
+
+/// Takes what the source's records say now into its figures here: the
+/// head's epoch, root and times (when the epoch moved), the cutover fence and
+/// the migration workflow's state. The caller holds the workflow's lock.
+fn adopt(
+    shared: &Shared,
+    source: &SourceId,
+    head: Option<&blockrep_store::Head>,
+    lifecycle: Option<blockrep_store::Lifecycle>,
+    migration: Option<blockrep_store::MigrationEvent>,
+) {
+    let now = now_unix_ms();
+    shared.ledger.sources.update(source, |record| {
+        if let Some(head) = head
+            && head.epoch != record.epoch
+        {
+            let fresh = crate::status::SourceRecord::from_head(head, now);
+            record.epoch = fresh.epoch;
+            record.root = fresh.root;
+            record.consistency = fresh.consistency;
+            record.synced_scan_started_unix_ms = fresh.synced_scan_started_unix_ms;
+            record.last_commit_unix_ms = fresh.last_commit_unix_ms;
+        }
+        // The cutover fence follows the bucket's record, and so does the
+        // migration workflow's state.
+        record.lifecycle = lifecycle;
+        if let Some(last) = migration {
+            record.migration = Some(last.to);
+            record.migration_since_unix_ms = last.unix_ms;
+            // A cutover requested through another server is still
+            // requested; one it reset is not.
+            record.cutover_requested = last.to == blockrep_store::MigrationState::CuttingOver
+                && record.lifecycle.is_none();
+        }
+    });
+}
+
+/// Before this server reports on sources: those another server serves, as
+/// the bucket has them now (their records read again, as far as they
+/// changed, and taken into their figures here). A bucket that does not
+/// answer leaves them as they were, with a warning: a report must not fail
+/// for it.
+pub(crate) async fn refresh_elsewhere(shared: &Arc<Shared>) {
+    if shared.config.bucket.is_none() {
+        return;
+    }
+    let now = now_unix_ms();
+    let elsewhere: Vec<SourceId> = shared.served_elsewhere(now).into_iter().collect();
+    if elsewhere.is_empty() {
+        return;
+    }
+    let store = Arc::clone(&shared.store);
+    let read = tokio::task::spawn_blocking(move || {
+        store.refresh_sources(&elsewhere, now)?;
+        let mut read = Vec::with_capacity(elsewhere.len());
+        for source in elsewhere {
+            let head = store.head(&source)?;
+            let lifecycle = store.lifecycle(&source)?;
+            let migration = store.migration_history(&source)?.last().cloned();
+            read.push((source, head, lifecycle, migration));
+        }
+        Ok::<_, blockrep_store::Error>(read)
+    })
+    .await;
+    match read {
+        Ok(Ok(read)) => {
+            let _serial = shared.migration_lock.lock().await;
+            for (source, head, lifecycle, migration) in read {
+                adopt(shared, &source, head.as_ref(), lifecycle, migration);
+            }
+        }
+        Ok(Err(e)) => warn!(error = %e, "cannot read the records of sources served elsewhere"),
+        Err(e) => warn!(error = %e, "reading the records of sources served elsewhere failed"),
     }
 }
 

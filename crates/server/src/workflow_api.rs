@@ -330,6 +330,8 @@ pub(crate) async fn history(
     Path(source): Path<String>,
 ) -> Result<Response, ApiError> {
     let source = known(&shared, &source)?;
+    // Of a source another server serves: as the bucket has it.
+    crate::leases::refresh_elsewhere(&shared).await;
     let events = blocking(&shared, move |store| store.migration_history(&source)).await?;
     Ok(Json(events.iter().map(EventView::from).collect::<Vec<_>>()).into_response())
 }

@@ -114,6 +114,36 @@ impl Store {
         Ok(changed)
     }
 
+    /// For a store in a bucket: reads again the records of `sources`
+    /// themselves (head, lifecycle, migration history, tenant, failed
+    /// checks) as the bucket holds them, as [`Store::refresh_snapshots`]
+    /// does for their snapshots; a source this server serves is skipped.
+    /// A head read this way may name blobs of packs this server has not
+    /// read yet: what reads them (a session, a launch, a snapshot) takes
+    /// the source's lease first, which reads the packs. Returns how many
+    /// records changed; 0 for a local store.
+    pub fn refresh_sources(&self, sources: &[SourceId], now_unix_ms: u64) -> Result<usize, Error> {
+        let Some(remote) = &self.remote else {
+            return Ok(0);
+        };
+        // Not beside a claim, which replaces a source's records whole.
+        let _one = crate::mutex::lock(&remote.claiming);
+        let records = self.records(remote);
+        let mut changed = 0;
+        for source in sources {
+            if serves(remote, source, now_unix_ms) {
+                continue;
+            }
+            let dir = format!("sources/{}", source.as_str());
+            let listed = remote
+                .bucket
+                .list_tagged(&dir)
+                .map_err(|e| bucket_error(format!("cannot list {dir}/ in the bucket"), e))?;
+            changed += records.refresh_level(&dir, &listed)?;
+        }
+        Ok(changed)
+    }
+
     /// For a store in a bucket: reads again the records of the launches
     /// another server may have made, changed or deleted, as
     /// [`Store::refresh_snapshots`] does for snapshots. A launch is skipped
