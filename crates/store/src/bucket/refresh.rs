@@ -129,16 +129,25 @@ impl Store {
         // Not beside a claim, which replaces a source's records whole.
         let _one = crate::mutex::lock(&remote.claiming);
         let records = self.records(remote);
+        let wanted: Vec<&SourceId> = sources
+            .iter()
+            .filter(|source| !serves(remote, source, now_unix_ms))
+            .collect();
+        let listed = match wanted.as_slice() {
+            [] => return Ok(0),
+            [one] => format!("sources/{}", one.as_str()),
+            // One listing for them all, however many they are.
+            _ => "sources".to_owned(),
+        };
+        let listed = remote
+            .bucket
+            .list_tagged(&listed)
+            .map_err(|e| bucket_error(format!("cannot list {listed}/ in the bucket"), e))?;
+        let mut by_source = by_name(listed, "sources");
         let mut changed = 0;
-        for source in sources {
-            if serves(remote, source, now_unix_ms) {
-                continue;
-            }
+        for source in wanted {
             let dir = format!("sources/{}", source.as_str());
-            let listed = remote
-                .bucket
-                .list_tagged(&dir)
-                .map_err(|e| bucket_error(format!("cannot list {dir}/ in the bucket"), e))?;
+            let listed = by_source.remove(source.as_str()).unwrap_or_default();
             changed += records.refresh_level(&dir, &listed)?;
         }
         Ok(changed)
