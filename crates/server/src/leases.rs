@@ -129,8 +129,13 @@ pub(crate) async fn refresh_elsewhere(shared: &Arc<Shared>) {
     match read {
         Ok(Ok(read)) => {
             let _serial = shared.migration_lock.lock().await;
+            // A source this server took meanwhile has its own, newer figures
+            // (taken under this lock when it took the lease).
+            let still = shared.served_elsewhere(now_unix_ms());
             for (source, head, lifecycle, migration) in read {
-                adopt(shared, &source, head.as_ref(), lifecycle, migration);
+                if still.contains(&source) {
+                    adopt(shared, &source, head.as_ref(), lifecycle, migration);
+                }
             }
         }
         Ok(Err(e)) => warn!(error = %e, "cannot read the records of sources served elsewhere"),
