@@ -27,18 +27,28 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
     );
     let ttl_ms = bucket.lease_ttl.as_millis() as u64;
     let claimed = tokio::task::spawn_blocking(move || {
-        let lease = store.claim_source(&claiming, &holder, ttl_ms, now_unix_ms())?;
+        let now = now_unix_ms();
+        let held = store
+            .leases()
+            .iter()
+            .any(|(source, lease)| *source == claiming && lease.expires_unix_ms > now);
+        let lease = store.claim_source(&claiming, &holder, ttl_ms, now)?;
+        if held {
+            // Served here all along: its figures here are the newest, and
+            // a session of it may be changing them right now.
+            return Ok((lease, None));
+        }
         // What the source's records say now: another server may have
         // committed, cut it over or reset it since this one started.
         let head = store.head(&claiming)?;
         let lifecycle = store.lifecycle(&claiming)?;
         let migration = store.migration_history(&claiming)?.last().cloned();
-        Ok::<_, blockrep_store::Error>((lease, head, (lifecycle, migration)))
+        Ok::<_, blockrep_store::Error>((lease, Some((head, lifecycle, migration))))
     })
     .await
     .map_err(|e| Reject::new(ErrorCode::Internal, format!("lease task failed: {e}")))?;
     match claimed {
-        Ok((Some(lease), head, (lifecycle, migration))) => {
+        Ok((Some(lease), Some((head, lifecycle, migration)))) => {
             info!(
                 generation = lease.generation,
                 expires_unix_ms = lease.expires_unix_ms,
@@ -49,7 +59,7 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
             adopt(shared, source, head.as_ref(), lifecycle, migration);
             Ok(())
         }
-        Ok((None, _, _)) => Ok(()),
+        Ok(_) => Ok(()),
         Err(e) if e.kind() == blockrep_store::ErrorKind::Leased => {
             Err(Reject::new(ErrorCode::ServedElsewhere, e.to_string()))
         }
