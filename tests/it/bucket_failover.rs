@@ -377,7 +377,7 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     let Some(weed) = SeaweedFs::start("rpo across servers") else {
         return;
     };
-    let pki = Pki::new(&["web"]);
+    let pki = Pki::new(&["web", "db"]);
     let work = tempfile::tempdir().unwrap();
     let access = weed.access("rpo");
     // An RPO target a server that does not serve the source soon passes.
@@ -528,6 +528,17 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
         None,
     );
     assert_eq!(code, 200, "{body}");
+    // Even for a source made after B started, which B knows only from a
+    // listing.
+    let db = work.path().join("db.raw");
+    std::fs::write(&db, random_bytes(MIB, 5)).unwrap();
+    assert_success(&agent_once(&db, a.addr, "db", pki.path(), &[]));
+    blockrep_testkit::admin::create_snapshot(&a, "db", "first");
+    let listed = blockrep_testkit::admin::snapshots(&b);
+    assert!(listed.iter().any(|s| s.source == "db"), "{listed:?}");
+    let (code, body) = request("DELETE", "/v1/snapshots/db/first");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains(&a.addr.to_string()), "{body}");
 
     // A snapshot of it expires on A, which serves it, not on B, though B
     // lists it.

@@ -143,13 +143,17 @@ pub(crate) async fn serve_for_launch(shared: &Arc<Shared>, name: &str) -> Result
     }
 }
 
-/// [`serve_for_step`] for a source this server knows; one it does not is
-/// left to the step's own answer (404).
+/// [`serve_for_step`] for a source this server knows of (its figures, or
+/// any record of it, such as a snapshot a listing read from the bucket);
+/// one it knows nothing of is left to the step's own answer (404), so that
+/// no lease is taken for a source that does not exist.
 pub(crate) async fn serve_if_known(
     shared: &Arc<Shared>,
     source: &SourceId,
 ) -> Result<(), ApiError> {
-    if shared.ledger.sources.update_known(source, |_| ()).is_some() {
+    let known = shared.ledger.sources.update_known(source, |_| ()).is_some()
+        || shared.store.has_records_of(source);
+    if known {
         serve_for_step(shared, source).await?;
     }
     Ok(())

@@ -288,6 +288,12 @@ impl Store {
         }
     }
 
+    /// Whether the data directory holds any record of `source` (a head, a
+    /// snapshot read from a bucket, ...), committed or not.
+    pub fn has_records_of(&self, source: &SourceId) -> bool {
+        self.vfs.is_dir(&self.source_dir(source))
+    }
+
     /// Sources that have a committed head.
     pub fn sources(&self) -> Result<Vec<SourceId>, Error> {
         let dir = self.dir.join("sources");
