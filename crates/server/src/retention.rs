@@ -58,7 +58,16 @@ fn tick(shared: &Shared) {
         }
     }
     // In a bucket, each server expires the snapshots of the sources it
-    // serves, or that nobody serves: the others it knows as it last read them.
+    // serves, or that nobody serves: the others it knows as it last read
+    // them. And it decides from the snapshots as the bucket has them: a copy
+    // that still holds automatic snapshots deleted elsewhere could make the
+    // policy keep one of those and delete a real survivor.
+    if shared.config.bucket.is_some()
+        && let Err(e) = store.refresh_snapshots(None, now)
+    {
+        warn!(error = %e, "snapshot expiry skipped: cannot read the bucket's snapshots");
+        return;
+    }
     match store.expire_snapshots_except(now, &shared.served_elsewhere(now)) {
         Ok(expired) => {
             for snapshot in expired {
