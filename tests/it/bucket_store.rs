@@ -285,7 +285,9 @@ fn a_server_lists_the_snapshots_another_server_took_as_the_bucket_holds_them() {
     let options = BucketOptions::default();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Store::open_in_bucket(dir_a.path(), blocking_bucket(&weed, "lists"), options).unwrap();
-    let b = Store::open_in_bucket(dir_b.path(), blocking_bucket(&weed, "lists"), options).unwrap();
+    let b = Arc::new(
+        Store::open_in_bucket(dir_b.path(), blocking_bucket(&weed, "lists"), options).unwrap(),
+    );
     let names = |store: &Store, source: Option<&SourceId>| -> Vec<String> {
         let listed = store.list_snapshots(source).unwrap();
         listed.into_iter().map(|s| s.name).collect()
@@ -336,10 +338,19 @@ fn a_server_lists_the_snapshots_another_server_took_as_the_bucket_holds_them() {
     let drill = b.list_launches(None).unwrap().remove(0);
     b.launch_volumes(&drill).unwrap();
     assert_eq!(b.refresh_launches(NOW + 10).unwrap(), 0);
+    // What a volume of it wrote on B (unfolded: B's alone) goes with B's
+    // copy when A deletes the launch, as when B deletes one itself.
+    {
+        let volume = b.open_launch("drill").unwrap();
+        volume.write(0, b"written on B").unwrap();
+    }
+    let overlay = dir_b.path().join("overlays/drill");
+    assert!(overlay.exists());
     a.delete_launch("drill").unwrap();
     assert!(b.refresh_launches(NOW + 11).unwrap() >= 2);
     assert!(launches(&b).is_empty());
     assert!(!dir_b.path().join("launches/drill").exists());
+    assert!(!overlay.exists(), "B kept the overlay of a deleted launch");
 
     // A refresh never touches the records of a source this server serves:
     // a file the bucket lacks stays in A's working copy while A holds the

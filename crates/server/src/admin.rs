@@ -324,8 +324,12 @@ async fn list_snapshots(
     let source = filter.source.as_deref().map(parse_source).transpose()?;
     let list = blocking(&shared, move |store| {
         // Sources another server of the bucket serves: their snapshots as
-        // the bucket holds them, not as this server last read them.
-        store.refresh_snapshots(source.as_ref(), now_unix_ms())?;
+        // the bucket holds them, not as this server last read them. A bucket
+        // that does not answer leaves the copy here (nothing can be changed
+        // through it meanwhile: a change takes the source's lease).
+        if let Err(e) = store.refresh_snapshots(source.as_ref(), now_unix_ms()) {
+            warn!(error = %e, "snapshots listed as last read: cannot read the bucket's");
+        }
         store.list_snapshots(source.as_ref())
     })
     .await?;
@@ -406,8 +410,10 @@ async fn list_launches(
     let nbd = shared.nbd_addr();
     let (list, overlaid, materializing) = blocking(&shared, move |store| {
         // Launches of sources another server of the bucket serves: as the
-        // bucket holds them.
-        store.refresh_launches(now_unix_ms())?;
+        // bucket holds them (or as last read, as for snapshots).
+        if let Err(e) = store.refresh_launches(now_unix_ms()) {
+            warn!(error = %e, "launches listed as last read: cannot read the bucket's");
+        }
         // Launches a client wrote to since their last fold.
         let overlaid: std::collections::HashSet<String> = store
             .launches_with_overlays()?

@@ -585,7 +585,7 @@ impl Store {
     /// Removes every overlay of launch `name`, and when its volumes last
     /// served (a launch of the name made later starts afresh, and the map
     /// does not grow with every launch the server ever served).
-    fn remove_overlays(&self, name: &str) -> Result<(), Error> {
+    pub(crate) fn remove_overlays(&self, name: &str) -> Result<(), Error> {
         let volume_prefix = format!("{name}/");
         lock(&self.catalog.launch_last_io)
             .retain(|key, _| key != name && !key.starts_with(&volume_prefix));

@@ -45,6 +45,8 @@ pub(crate) struct Applied {
     /// Some record read was a version newer than the listing's: what it
     /// names may be in packs published after the listing.
     pub(crate) newer_than_listed: bool,
+    /// The keys of the records read.
+    pub(crate) read: Vec<String>,
 }
 
 /// The data directory's file system, publishing records to the bucket.
@@ -304,6 +306,7 @@ impl BucketRecords {
             create_dir_durable(self.inner.as_ref(), &plan.local_dir)?;
             publish_atomic(self.inner.as_ref(), &self.local_path(&object.key)?, record)?;
             self.remote.set_version(&object.key, Some(version));
+            applied.read.push(object.key.clone());
             applied.changed += 1;
         }
         for name in plan.remove {

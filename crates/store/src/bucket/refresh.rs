@@ -185,22 +185,24 @@ impl Store {
             if open.contains(name) || crate::catalog::validate_name("launch", name).is_err() {
                 continue;
             }
-            match self.read_launch(name, false) {
+            let source = match self.read_launch(name, false) {
                 Ok(Some(info)) if serves(remote, &info.source, now_unix_ms) => continue,
-                Ok(Some(_)) => {}
+                Ok(Some(info)) => Some(info.source),
                 // New here: wait until the bucket has the whole launch.
                 Ok(None) => {
                     let has = |file: &str| listed.iter().any(|o| o.key.ends_with(file));
                     if !(has("/meta") && has("/head")) {
                         continue;
                     }
+                    None
                 }
                 // Unreadable here: the bucket's copy replaces it.
-                Err(_) => {}
-            }
+                Err(_) => None,
+            };
             let plan = records.plan_level(&format!("launches/{name}"), listed)?;
             if !plan.is_empty() {
-                plans.push((name, listed.is_empty(), plan));
+                let gone = listed.is_empty().then_some(source);
+                plans.push((name, gone, plan));
             }
         }
         if plans.is_empty() {
@@ -211,17 +213,41 @@ impl Store {
         // indexed here before any launch that names them is.
         self.blobs.refresh()?;
         let mut changed = 0;
-        let mut newer_than_listed = false;
+        let mut newer = Vec::new();
         for (name, gone, plan) in plans {
+            if gone.is_some() {
+                // Deleted elsewhere: what a volume of it wrote here goes
+                // first, as a deletion here does (never overlays without
+                // their launch).
+                self.remove_overlays(name)?;
+            }
             let applied = records.apply_level(plan)?;
             changed += applied.changed;
-            newer_than_listed |= applied.newer_than_listed;
-            if gone {
+            if applied.newer_than_listed {
+                newer.extend(applied.read);
+            }
+            if let Some(source) = gone {
                 records.remove_level(&format!("launches/{name}"))?;
+                // Nor a witness: a launch made again under this name must
+                // not read as replaced.
+                if let Some(source) = source
+                    && let Err(e) = self.keyring().forget_launch(&source, name)
+                {
+                    eprintln!(
+                        "blockrep-store: launch {name}: cannot remove its head's witness: {e}"
+                    );
+                }
             }
         }
-        if newer_than_listed {
-            self.blobs.refresh()?;
+        if !newer.is_empty()
+            && let Err(e) = self.blobs.refresh()
+        {
+            // Read again next time, and the packs with them: a version
+            // this server holds would otherwise look current.
+            for key in newer {
+                remote.set_version(&key, None);
+            }
+            return Err(e);
         }
         Ok(changed)
     }
