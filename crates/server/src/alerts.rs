@@ -5,7 +5,8 @@
 //! On each crossing, exactly once: a breach logs a warning, counts in
 //! `blockrep_rpo_breaches_total` and runs the `--on-rpo-breach` hook with
 //! `BLOCKREP_EVENT=breach`; the recovery logs at info and runs the hook with
-//! `BLOCKREP_EVENT=recovered`. A source in its initial sync has no lag yet and
+//! `BLOCKREP_EVENT=recovered` (or `served_elsewhere`, when another server of a
+//! shared bucket took the source over). A source in its initial sync has no lag yet and
 //! never breaches. Breach state is kept in memory: after a restart a source that
 //! is still past its target breaches again.
 //!
@@ -57,11 +58,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         // is as this server last saw it.
         let now = now_unix_ms();
         let elsewhere = shared.served_elsewhere(now);
-        let mut records = shared.ledger.sources.records();
-        records.retain(|(source, _)| !elsewhere.contains(source));
+        let (moved, records): (Vec<_>, Vec<_>) = shared
+            .ledger
+            .sources
+            .records()
+            .into_iter()
+            .partition(|(source, _)| elsewhere.contains(source));
         let breaches = &shared.rpo_breaches;
-        breaches.forget(&elsewhere);
-        let transitions = breaches.evaluate(&records, shared.thresholds(), now);
+        let mut transitions = breaches.forget(&moved, shared.thresholds(), now);
+        transitions.extend(breaches.evaluate(&records, shared.thresholds(), now));
         for transition in transitions {
             let Transition {
                 source,
@@ -75,6 +80,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 }
                 BreachEvent::Recovered => {
                     info!(source = %source, lag_seconds, rpo_target_seconds, "RPO target met again");
+                }
+                BreachEvent::ServedElsewhere => {
+                    info!(source = %source, lag_seconds, rpo_target_seconds,
+                          "RPO breach closed here: another server serves the source and watches it");
                 }
             }
             if let Some(hook) = &hook {

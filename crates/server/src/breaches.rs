@@ -16,6 +16,10 @@ pub(crate) enum BreachEvent {
     Breach,
     /// The lag is back at or below the target.
     Recovered,
+    /// Another server of the shared bucket serves the source now and
+    /// watches its RPO: a breach raised here is closed here, its lag as this
+    /// server last saw it.
+    ServedElsewhere,
 }
 
 impl BreachEvent {
@@ -24,6 +28,7 @@ impl BreachEvent {
         match self {
             BreachEvent::Breach => "breach",
             BreachEvent::Recovered => "recovered",
+            BreachEvent::ServedElsewhere => "served_elsewhere",
         }
     }
 }
@@ -62,16 +67,32 @@ impl RpoBreaches {
             .collect()
     }
 
-    /// Stops watching `sources` (another server serves them): a breach open
-    /// here is dropped without an event, so that the source starts afresh
-    /// if this server serves it again. Counts stay.
-    pub(crate) fn forget(&self, sources: &std::collections::HashSet<SourceId>) {
+    /// Stops watching the sources of `records` (another server serves
+    /// them): a breach open here is closed with a
+    /// [`BreachEvent::ServedElsewhere`] event, so that whoever the hook told
+    /// of it hears that it is watched elsewhere now, and the source starts
+    /// afresh if this server serves it again. Counts stay.
+    pub(crate) fn forget(
+        &self,
+        records: &[(SourceId, SourceRecord)],
+        thresholds: StateThresholds,
+        now_unix_ms: u64,
+    ) -> Vec<Transition> {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        for source in sources {
-            if let Some(state) = states.get_mut(source) {
-                state.in_breach = false;
+        let mut closed = Vec::new();
+        for (source, record) in records {
+            if let Some(state) = states.get_mut(source)
+                && std::mem::take(&mut state.in_breach)
+            {
+                closed.push(Transition {
+                    source: source.clone(),
+                    event: BreachEvent::ServedElsewhere,
+                    lag_seconds: record.lag_ms(now_unix_ms).unwrap_or(0) as f64 / 1000.0,
+                    rpo_target_seconds: record.rpo_target(thresholds).as_secs_f64(),
+                });
             }
         }
+        closed
     }
 
     /// Compares every source's lag with its target and returns the crossings
@@ -172,8 +193,9 @@ mod tests {
         assert_eq!(breaches.breaches_total()[&source], 1);
     }
 
-    /// A source another server took over is forgotten without an event; if
-    /// this server serves it again, an old lag is a new breach.
+    /// A source another server took over closes its breach here once, with
+    /// its own event; if this server serves it again, an old lag is a new
+    /// breach.
     #[test]
     fn a_forgotten_breach_is_reported_afresh() {
         let breaches = RpoBreaches::default();
@@ -181,7 +203,12 @@ mod tests {
         let now = 1_000_000;
         let records = vec![(source.clone(), record(now - 20_000))];
         assert_eq!(breaches.evaluate(&records, thresholds(), now).len(), 1);
-        breaches.forget(&[source.clone()].into_iter().collect());
+        let closed = breaches.forget(&records, thresholds(), now + 50);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].event, BreachEvent::ServedElsewhere);
+        assert_eq!(closed[0].lag_seconds, 20.05);
+        // Closed once.
+        assert!(breaches.forget(&records, thresholds(), now + 60).is_empty());
         let transitions = breaches.evaluate(&records, thresholds(), now + 100);
         assert_eq!(transitions.len(), 1);
         assert_eq!(transitions[0].event, BreachEvent::Breach);
