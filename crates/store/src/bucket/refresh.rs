@@ -64,10 +64,12 @@ impl Store {
         let Some(remote) = &self.remote else {
             return Ok(0);
         };
-        // Not beside a claim, which replaces a source's records whole, nor
-        // beside this server's own snapshot creates and deletes.
+        // Not beside a claim, which replaces a source's records whole. This
+        // server changes the snapshots only of a source it serves, which a
+        // refresh skips, and it can start serving one only through a claim:
+        // the catalog's lock is not needed, and not held across the
+        // bucket's requests (a cutover's snapshot waits on it).
         let _one = crate::mutex::lock(&remote.claiming);
-        let _catalog = crate::mutex::lock(&self.catalog.lock);
         let records = self.records(remote);
         let prefix = match source {
             Some(source) => format!("sources/{}", source.as_str()),
@@ -163,9 +165,13 @@ impl Store {
         let Some(remote) = &self.remote else {
             return Ok(0);
         };
+        // As for snapshots: this server makes, changes and opens the launches
+        // of a source it serves (skipped here), or takes its lease first,
+        // which waits for this lock; the catalog's is not held across the
+        // bucket's requests. (An expiry of a launch of a source nobody
+        // serves may race with a refresh that read it before: the refresh
+        // after it removes what is left.)
         let _one = crate::mutex::lock(&remote.claiming);
-        // Not beside this server's own creates, deletes and opens.
-        let _catalog = crate::mutex::lock(&self.catalog.lock);
         let records = self.records(remote);
         let listed = remote
             .bucket
