@@ -28,10 +28,7 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
     let ttl_ms = bucket.lease_ttl.as_millis() as u64;
     let claimed = tokio::task::spawn_blocking(move || {
         let now = now_unix_ms();
-        let held = store
-            .leases()
-            .iter()
-            .any(|(source, lease)| *source == claiming && lease.expires_unix_ms > now);
+        let held = store.serves(&claiming, now);
         let lease = store.claim_source(&claiming, &holder, ttl_ms, now)?;
         if held {
             // Served here all along: its figures here are the newest, and

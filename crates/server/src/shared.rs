@@ -142,13 +142,7 @@ impl Shared {
         let Some(bucket) = &self.config.bucket else {
             return HashSet::new();
         };
-        let own: HashSet<SourceId> = self
-            .store
-            .leases()
-            .into_iter()
-            .filter(|(_, lease)| lease.expires_unix_ms > now_unix_ms)
-            .map(|(source, _)| source)
-            .collect();
+        let own = |source: &SourceId| self.store.serves(source, now_unix_ms);
         let read = self.bucket_leases.lock().unwrap_or_else(|p| p.into_inner());
         match &*read {
             None => self
@@ -157,14 +151,14 @@ impl Shared {
                 .records()
                 .into_iter()
                 .map(|(source, _)| source)
-                .filter(|source| !own.contains(source))
+                .filter(|source| !own(source))
                 .collect(),
             Some(leases) => leases
                 .iter()
                 .filter(|(source, lease)| {
                     lease.holder != bucket.holder
                         && lease.expires_unix_ms > now_unix_ms
-                        && !own.contains(source)
+                        && !own(source)
                 })
                 .map(|(source, _)| source.clone())
                 .collect(),

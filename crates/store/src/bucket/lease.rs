@@ -361,6 +361,17 @@ impl Store {
             .collect())
     }
 
+    /// Whether this server serves `source` at `now_unix_ms`: it holds the
+    /// source's lease, not lapsed by its own clock. Always false for a
+    /// local store, which has no leases.
+    pub fn serves(&self, source: &SourceId, now_unix_ms: u64) -> bool {
+        self.remote.as_ref().is_some_and(|remote| {
+            remote
+                .lease(source)
+                .is_some_and(|lease| lease.expires_unix_ms > now_unix_ms)
+        })
+    }
+
     /// The sources' leases this server holds, by source.
     pub fn leases(&self) -> Vec<(SourceId, LeaseRecord)> {
         let Some(remote) = &self.remote else {

@@ -17,13 +17,6 @@ use crate::error::Error;
 use crate::store::Store;
 use crate::vfs::RealFs;
 
-/// Whether this server serves `source` at `now_unix_ms` (holds its lease).
-fn serves(remote: &Remote, source: &SourceId, now_unix_ms: u64) -> bool {
-    remote
-        .lease(source)
-        .is_some_and(|lease| lease.expires_unix_ms > now_unix_ms)
-}
-
 /// The bucket's `listed` objects directly under `dir/NAME/`, by `NAME`.
 fn by_name(listed: Vec<Listed>, dir: &str) -> BTreeMap<String, Vec<Listed>> {
     let mut out: BTreeMap<String, Vec<Listed>> = BTreeMap::new();
@@ -107,7 +100,7 @@ impl Store {
         }
         let mut changed = 0;
         for (source, listed) in by_source {
-            if serves(remote, &source, now_unix_ms) {
+            if self.serves(&source, now_unix_ms) {
                 continue;
             }
             let dir = format!("sources/{}/snapshots", source.as_str());
@@ -133,7 +126,7 @@ impl Store {
         let records = self.records(remote);
         let wanted: Vec<&SourceId> = sources
             .iter()
-            .filter(|source| !serves(remote, source, now_unix_ms))
+            .filter(|source| !self.serves(source, now_unix_ms))
             .collect();
         let listed = match wanted.as_slice() {
             [] => return Ok(0),
@@ -192,7 +185,7 @@ impl Store {
                 continue;
             }
             let source = match self.read_launch(name, false) {
-                Ok(Some(info)) if serves(remote, &info.source, now_unix_ms) => continue,
+                Ok(Some(info)) if self.serves(&info.source, now_unix_ms) => continue,
                 Ok(Some(info)) => Some(info.source),
                 // New here: wait until the bucket has the whole launch.
                 Ok(None) => {
