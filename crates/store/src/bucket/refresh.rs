@@ -54,59 +54,7 @@ impl Store {
         source: Option<&SourceId>,
         now_unix_ms: u64,
     ) -> Result<usize, Error> {
-        let Some(remote) = &self.remote else {
-            return Ok(0);
-        };
-        // Not beside a claim, which replaces a source's records whole. This
-        // server changes the snapshots only of a source it serves, which a
-        // refresh skips, and it can start serving one only through a claim:
-        // the catalog's lock is not needed, and not held across the
-        // bucket's requests (a cutover's snapshot waits on it).
-        let _one = crate::mutex::lock(&remote.claiming);
-        let records = self.records(remote);
-        let prefix = match source {
-            Some(source) => format!("sources/{}", source.as_str()),
-            None => "sources".to_owned(),
-        };
-        let listed = remote
-            .bucket
-            .list_tagged(&prefix)
-            .map_err(|e| bucket_error(format!("cannot list {prefix}/ in the bucket"), e))?;
-        // The bucket's snapshot records, by source; every source the bucket
-        // or this server knows is refreshed (one this server knows alone
-        // was deleted, and its snapshots go too).
-        let mut by_source: std::collections::BTreeMap<SourceId, Vec<Listed>> = Default::default();
-        for object in listed {
-            let mut parts = object.key.split('/');
-            if let (Some("sources"), Some(name), Some("snapshots")) =
-                (parts.next(), parts.next(), parts.next())
-                && let Ok(source) = SourceId::new(name)
-            {
-                by_source.entry(source).or_default().push(object);
-            }
-        }
-        match source {
-            Some(source) => {
-                by_source.entry(source.clone()).or_default();
-            }
-            None => {
-                let sources_dir = self.data_dir().join("sources");
-                for name in crate::catalog::list_names(self.vfs(), &sources_dir)? {
-                    if let Ok(source) = SourceId::new(&name) {
-                        by_source.entry(source).or_default();
-                    }
-                }
-            }
-        }
-        let mut changed = 0;
-        for (source, listed) in by_source {
-            if self.serves(&source, now_unix_ms) {
-                continue;
-            }
-            let dir = format!("sources/{}/snapshots", source.as_str());
-            changed += records.refresh_level(&dir, &listed)?;
-        }
-        Ok(changed)
+        self.refresh_per_source(source.map(std::slice::from_ref), "/snapshots", now_unix_ms)
     }
 
     /// For a store in a bucket: reads again the records of `sources`
@@ -118,30 +66,59 @@ impl Store {
     /// the source's lease first, which reads the packs. Returns how many
     /// records changed; 0 for a local store.
     pub fn refresh_sources(&self, sources: &[SourceId], now_unix_ms: u64) -> Result<usize, Error> {
+        self.refresh_per_source(Some(sources), "", now_unix_ms)
+    }
+
+    /// The records at `sources/ID{level}` of the sources `only` names (or of
+    /// every source the bucket or this server knows: one this server knows
+    /// alone was deleted, and its records there go too), but those this
+    /// server serves, brought up to the bucket's with one listing.
+    fn refresh_per_source(
+        &self,
+        only: Option<&[SourceId]>,
+        level: &str,
+        now_unix_ms: u64,
+    ) -> Result<usize, Error> {
         let Some(remote) = &self.remote else {
             return Ok(0);
         };
-        // Not beside a claim, which replaces a source's records whole.
+        // Not beside a claim, which replaces a source's records whole. This
+        // server changes the records only of a source it serves, which a
+        // refresh skips, and it can start serving one only through a claim:
+        // the catalog's lock is not needed, and not held across the
+        // bucket's requests (a cutover's snapshot waits on it).
         let _one = crate::mutex::lock(&remote.claiming);
-        let records = self.records(remote);
-        let wanted: Vec<&SourceId> = sources
-            .iter()
-            .filter(|source| !self.serves(source, now_unix_ms))
-            .collect();
-        let listed = match wanted.as_slice() {
-            [] => return Ok(0),
-            [one] => format!("sources/{}", one.as_str()),
-            // One listing for them all, however many they are.
+        let prefix = match only {
+            Some([]) => return Ok(0),
+            Some([one]) => format!("sources/{}", one.as_str()),
             _ => "sources".to_owned(),
         };
         let listed = remote
             .bucket
-            .list_tagged(&listed)
-            .map_err(|e| bucket_error(format!("cannot list {listed}/ in the bucket"), e))?;
+            .list_tagged(&prefix)
+            .map_err(|e| bucket_error(format!("cannot list {prefix}/ in the bucket"), e))?;
         let mut by_source = by_name(listed, "sources");
+        let sources: Vec<SourceId> = match only {
+            Some(only) => only.to_vec(),
+            None => {
+                let known =
+                    crate::catalog::list_names(self.vfs(), &self.data_dir().join("sources"))?;
+                let mut names: std::collections::BTreeSet<String> =
+                    by_source.keys().cloned().collect();
+                names.extend(known);
+                names
+                    .iter()
+                    .filter_map(|name| SourceId::new(name).ok())
+                    .collect()
+            }
+        };
+        let records = self.records(remote);
         let mut changed = 0;
-        for source in wanted {
-            let dir = format!("sources/{}", source.as_str());
+        for source in sources {
+            if self.serves(&source, now_unix_ms) {
+                continue;
+            }
+            let dir = format!("sources/{}{level}", source.as_str());
             let listed = by_source.remove(source.as_str()).unwrap_or_default();
             changed += records.refresh_level(&dir, &listed)?;
         }
