@@ -188,28 +188,10 @@ impl BucketRecords {
                 .list_all(dir)
                 .map_err(|e| bucket_error(format!("cannot list {dir}/ in the bucket"), e))?;
             for (key, len) in listed {
-                let path = self.local_path(&key)?;
-                if len > RECORD_LEN_MAX {
-                    return Err(Error::new(
-                        ErrorKind::Corrupt,
-                        format!("{key} in the bucket is {len} bytes, longer than any record"),
-                    ));
+                // None: deleted since the listing.
+                if self.read_record(&key, len)?.is_some() {
+                    restored += 1;
                 }
-                let Some((object, version)) = self
-                    .remote
-                    .bucket
-                    .get(&key)
-                    .map_err(|e| bucket_error(format!("cannot read {key}"), e))?
-                else {
-                    continue; // deleted since the listing
-                };
-                let record = Remote::open_envelope(&key, &object)?;
-                if let Some(parent) = path.parent() {
-                    create_dir_durable(self.inner.as_ref(), parent)?;
-                }
-                publish_atomic(self.inner.as_ref(), &path, record)?;
-                self.remote.set_version(&key, Some(version));
-                restored += 1;
             }
         }
         Ok(restored)
@@ -284,28 +266,11 @@ impl BucketRecords {
     pub(crate) fn apply_level(&self, plan: LevelPlan<'_>) -> Result<Applied, Error> {
         let mut applied = Applied::default();
         for object in plan.fetch {
-            if object.size > RECORD_LEN_MAX {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!(
-                        "{} in the bucket is {} bytes, longer than any record",
-                        object.key, object.size
-                    ),
-                ));
-            }
-            let Some((data, version)) = self
-                .remote
-                .bucket
-                .get(&object.key)
-                .map_err(|e| bucket_error(format!("cannot read {}", object.key), e))?
-            else {
-                continue; // deleted since the listing: the next refresh removes it
+            // Deleted since the listing: the next refresh removes it.
+            let Some(e_tag) = self.read_record(&object.key, object.size)? else {
+                continue;
             };
-            applied.newer_than_listed |= version.e_tag() != object.e_tag.as_deref();
-            let record = Remote::open_envelope(&object.key, &data)?;
-            create_dir_durable(self.inner.as_ref(), &plan.local_dir)?;
-            publish_atomic(self.inner.as_ref(), &self.local_path(&object.key)?, record)?;
-            self.remote.set_version(&object.key, Some(version));
+            applied.newer_than_listed |= e_tag.as_deref() != object.e_tag.as_deref();
             applied.read.push(object.key.clone());
             applied.changed += 1;
         }
@@ -325,6 +290,35 @@ impl BucketRecords {
             crate::fsutil::sync_dir(self.inner.as_ref(), &plan.local_dir)?;
         }
         Ok(applied)
+    }
+
+    /// Reads the record `key` (listed `len` bytes long) from the bucket into
+    /// the data directory, atomically, and notes the version read. Returns
+    /// the version's ETag, or `None` when it was deleted since the listing.
+    fn read_record(&self, key: &str, len: u64) -> Result<Option<Option<String>>, Error> {
+        if len > RECORD_LEN_MAX {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("{key} in the bucket is {len} bytes, longer than any record"),
+            ));
+        }
+        let Some((object, version)) = self
+            .remote
+            .bucket
+            .get(key)
+            .map_err(|e| bucket_error(format!("cannot read {key}"), e))?
+        else {
+            return Ok(None);
+        };
+        let record = Remote::open_envelope(key, &object)?;
+        let path = self.local_path(key)?;
+        if let Some(parent) = path.parent() {
+            create_dir_durable(self.inner.as_ref(), parent)?;
+        }
+        publish_atomic(self.inner.as_ref(), &path, record)?;
+        let e_tag = version.e_tag().map(str::to_owned);
+        self.remote.set_version(key, Some(version));
+        Ok(Some(e_tag))
     }
 
     /// Removes the data directory's copy of `dir`, which the bucket no
