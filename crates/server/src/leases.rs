@@ -37,15 +37,12 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
         }
         // What the source's records say now: another server may have
         // committed, cut it over or reset it since this one started.
-        let head = store.head(&claiming)?;
-        let lifecycle = store.lifecycle(&claiming)?;
-        let migration = store.migration_history(&claiming)?.last().cloned();
-        Ok::<_, blockrep_store::Error>((lease, Some((head, lifecycle, migration))))
+        Ok::<_, blockrep_store::Error>((lease, Some(records_of(&store, &claiming)?)))
     })
     .await
     .map_err(|e| Reject::new(ErrorCode::Internal, format!("lease task failed: {e}")))?;
     match claimed {
-        Ok((Some(lease), Some((head, lifecycle, migration)))) => {
+        Ok((Some(lease), Some(records))) => {
             info!(
                 generation = lease.generation,
                 expires_unix_ms = lease.expires_unix_ms,
@@ -53,7 +50,7 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
             );
             // Not under a step being recorded here.
             let _serial = shared.migration_lock.lock().await;
-            adopt(shared, source, head.as_ref(), lifecycle, migration);
+            adopt(shared, source, records);
             Ok(())
         }
         Ok(_) => Ok(()),
@@ -70,19 +67,33 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
     }
 }
 
+/// What a source's records say of it: its head, cutover fence and last
+/// migration step.
+type SourceRecords = (
+    Option<blockrep_store::Head>,
+    Option<blockrep_store::Lifecycle>,
+    Option<blockrep_store::MigrationEvent>,
+);
+
+/// Reads [`SourceRecords`] of `source` from the store.
+fn records_of(
+    store: &blockrep_store::Store,
+    source: &SourceId,
+) -> Result<SourceRecords, blockrep_store::Error> {
+    Ok((
+        store.head(source)?,
+        store.lifecycle(source)?,
+        store.migration_history(source)?.last().cloned(),
+    ))
+}
+
 /// Takes what the source's records say now into its figures here: the
 /// head's epoch, root and times (when the epoch moved), the cutover fence and
 /// the migration workflow's state. The caller holds the workflow's lock.
-fn adopt(
-    shared: &Shared,
-    source: &SourceId,
-    head: Option<&blockrep_store::Head>,
-    lifecycle: Option<blockrep_store::Lifecycle>,
-    migration: Option<blockrep_store::MigrationEvent>,
-) {
+fn adopt(shared: &Shared, source: &SourceId, (head, lifecycle, migration): SourceRecords) {
     let now = now_unix_ms();
     shared.ledger.sources.update(source, |record| {
-        if let Some(head) = head
+        if let Some(head) = &head
             && head.epoch != record.epoch
         {
             let fresh = crate::status::SourceRecord::from_head(head, now);
@@ -125,10 +136,8 @@ pub(crate) async fn refresh_elsewhere(shared: &Arc<Shared>) {
         store.refresh_sources(&elsewhere, now)?;
         let mut read = Vec::with_capacity(elsewhere.len());
         for source in elsewhere {
-            let head = store.head(&source)?;
-            let lifecycle = store.lifecycle(&source)?;
-            let migration = store.migration_history(&source)?.last().cloned();
-            read.push((source, head, lifecycle, migration));
+            let records = records_of(&store, &source)?;
+            read.push((source, records));
         }
         Ok::<_, blockrep_store::Error>(read)
     })
@@ -139,9 +148,9 @@ pub(crate) async fn refresh_elsewhere(shared: &Arc<Shared>) {
             // A source this server took meanwhile has its own, newer figures
             // (taken under this lock when it took the lease).
             let still = shared.served_elsewhere(now_unix_ms());
-            for (source, head, lifecycle, migration) in read {
+            for (source, records) in read {
                 if still.contains(&source) {
-                    adopt(shared, &source, head.as_ref(), lifecycle, migration);
+                    adopt(shared, &source, records);
                 }
             }
         }
