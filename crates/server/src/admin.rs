@@ -127,10 +127,7 @@ pub(crate) fn source_views(shared: &Shared) -> Vec<crate::SourceView> {
     );
     let elsewhere = shared.served_elsewhere(now_unix_ms());
     for view in &mut views {
-        if elsewhere
-            .iter()
-            .any(|source| source.as_str() == view.source)
-        {
+        if SourceId::new(&view.source).is_ok_and(|source| elsewhere.contains(&source)) {
             // Its figures here are as this server last saw them.
             view.state = crate::status::SourceState::ServedElsewhere;
             view.lag_seconds = None;
@@ -234,15 +231,7 @@ async fn reset_source(
     Path(source): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let source = parse_source(&source)?;
-    if shared
-        .ledger
-        .sources
-        .update_known(&source, |_| ())
-        .is_none()
-    {
-        return Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into());
-    }
+    let source = crate::workflow_api::known(&shared, &source)?;
     crate::workflow_api::serve_for_step(&shared, &source).await?;
     // Under the workflow's lock: a finalize cannot slip in between.
     let serial = shared.migration_lock.lock().await;

@@ -160,7 +160,7 @@ pub(crate) async fn serve_if_known(
 }
 
 /// A known source, or 404.
-fn known(shared: &Shared, source: &str) -> Result<SourceId, ApiError> {
+pub(crate) fn known(shared: &Shared, source: &str) -> Result<SourceId, ApiError> {
     let id = parse_source(source)?;
     match shared.ledger.sources.update_known(&id, |_| ()) {
         Some(()) => Ok(id),
