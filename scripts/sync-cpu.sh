@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The full sync's CPU with each end in a process of its own: `blockrep
+# agent --once` of a disk to a fresh `blockrep server`, RUNS times, CPU of
+# both from /usr/bin/time, and both together per GiB of chunk data sent
+# (the agent's raw_bytes_sent: the disk's non-zero chunks).
+#
+# Usage: scripts/sync-cpu.sh [RUNS] [DISK]
+#   RUNS defaults to 5. Without DISK, a 1 GiB `fs` disk (ext4 filled from
+#   /usr) is made first by `blockrep bench --disk-kind fs`.
+# Environment: TMPDIR for the work directory (default /var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+runs=${1:-5}
+disk=${2:-}
+export TMPDIR=${TMPDIR:-/var/tmp}
+command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (Debian: apt-get install time)" >&2; exit 1; }
+cargo build --release -q
+bin=$PWD/target/release/blockrep
+
+work=$(mktemp -d)
+server_pid=
+cleanup() {
+    [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [[ -z $disk ]]; then
+    echo "making a 1 GiB fs disk (blockrep bench --disk-kind fs)..." >&2
+    "$bin" bench --disk-kind fs --size 1GiB --duration 1s --workdir "$work/bench" >/dev/null 2>"$work/bench.err" ||
+        { cat "$work/bench.err" >&2; exit 1; }
+    disk=$work/bench/disk.raw
+fi
+"$bin" cert init --dir "$work/tls" >/dev/null
+"$bin" cert issue --dir "$work/tls" --source cpu >/dev/null
+cat "$disk" >/dev/null # the page cache warm, as for every run
+
+printf '%-4s %10s %10s %10s %10s %14s\n' run "server s" "agent s" "both s" "wall s" "both s / GiB"
+for run in $(seq "$runs"); do
+    rm -rf "$work/data"
+    /usr/bin/time -o "$work/server.time" -f '%U %S' "$bin" server --listen 127.0.0.1:0 \
+        --admin-listen 127.0.0.1:0 --retention off --data "$work/data" --tls-dir "$work/tls" \
+        >"$work/server.out" 2>"$work/server.err" &
+    server_pid=$!
+    for _ in $(seq 100); do grep -q '^listening on' "$work/server.out" && break; sleep 0.1; done
+    addr=$(awk '/^listening on/ { print $3 }' "$work/server.out")
+    [[ -n $addr ]] || { echo "the server did not start:" >&2; cat "$work/server.err" >&2; exit 1; }
+    sync
+    /usr/bin/time -o "$work/agent.time" -f '%U %S %e' "$bin" agent --once --disk "$disk" \
+        --to "$addr" --source cpu --tls-dir "$work/tls" >"$work/agent.out" 2>"$work/agent.err" ||
+        { cat "$work/agent.err" >&2; exit 1; }
+    # /usr/bin/time waits for the server, which stops cleanly on SIGINT.
+    pkill -INT -P "$server_pid" || true
+    wait "$server_pid" || true
+    server_pid=
+    sent=$(grep -o ' raw_bytes_sent=[0-9]*' "$work/agent.out" | awk -F= '{ s += $2 } END { print s + 0 }')
+    read -r su ss <"$work/server.time"
+    read -r au as aw <"$work/agent.time"
+    awk -v r="$run" -v su="$su" -v ss="$ss" -v au="$au" -v as="$as" -v aw="$aw" -v sent="$sent" 'BEGIN {
+        s = su + ss; a = au + as
+        printf "%-4s %10.2f %10.2f %10.2f %10.2f %14.2f\n", r, s, a, s + a, aw, (s + a) / (sent / 1073741824)
+    }'
+done
