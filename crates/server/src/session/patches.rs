@@ -9,9 +9,12 @@
 //!   whether another source's data exists. Values are computed from the stored
 //!   chunk, whose id is checked on the way (a mismatch is store damage: logged,
 //!   answered empty), and kept in a cache bounded by
-//!   [`crate::block_values::BLOCK_VALUES_CACHE_BYTES_MAX`]. Every chunk the verifier checks, patched or
-//!   whole, enters the cache with the values its hash gave: they are the bases
-//!   of the next epoch's patches.
+//!   [`crate::block_values::BLOCK_VALUES_CACHE_BYTES_MAX`]. Every chunk the
+//!   verifier rebuilds from a patch enters the cache with the values its hash
+//!   gave (one pass gives both): a chunk patched once is the likeliest base of
+//!   the next patch. A whole chunk is checked with the plain hash, 2.4 times
+//!   faster than one that also gives the values; its values are computed here
+//!   when first asked for, which only the chunks an agent changes later are.
 //! - `Patch`: the base must be one of the source's own committed chunks
 //!   (else: `patch base <id> is not a chunk of this source`). The patch is then
 //!   queued for the verifier like a `Chunk`: it reads the base, applies the
@@ -31,8 +34,9 @@ use tracing::warn;
 use super::{End, EpochCounters, Outcome, Reject, Replica, Session, internal};
 use crate::verify::{Job, OnValues, PatchOf, Verifier};
 
-/// Where a session's verifier puts the block values of the chunks it checks:
-/// the cache, so the next epoch's `GetBlockValues` need not read and hash them.
+/// Where a session's verifier puts the block values of the chunks it rebuilds
+/// from patches: the cache, so the next epoch's `GetBlockValues` need not read
+/// and hash them.
 pub(crate) fn values_sink(shared: &Arc<crate::shared::Shared>) -> OnValues {
     let shared = Arc::clone(shared);
     Arc::new(move |id, values| shared.block_values.remember(id, values))
@@ -57,6 +61,47 @@ fn stored_values(store: &Store, id: &ChunkId) -> Bytes {
         }
     }
 }
+
+/// The block values of `missing` (index in the request, id), read and hashed
+/// from the store and cached, spread over the machine's cores: a delta's first
+/// request finds none cached but those of the chunks patched before, since a
+/// whole chunk is verified without them. Blocking.
+fn computed_values(
+    shared: &crate::shared::Shared,
+    missing: &[(usize, ChunkId)],
+) -> Vec<(usize, Bytes)> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, VALUES_THREADS_MAX);
+    let per_thread = missing.len().div_ceil(threads).max(1);
+    let one_part = |part: &[(usize, ChunkId)]| -> Vec<(usize, Bytes)> {
+        part.iter()
+            .map(|&(i, id)| {
+                let found = stored_values(&shared.store, &id);
+                if !found.is_empty() {
+                    shared.block_values.remember(id, found.clone());
+                }
+                (i, found)
+            })
+            .collect()
+    };
+    if missing.len() <= per_thread {
+        return one_part(missing);
+    }
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = missing
+            .chunks(per_thread)
+            .map(|part| scope.spawn(move || one_part(part)))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|part| part.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// Threads that compute the block values of one `GetBlockValues` at most.
+const VALUES_THREADS_MAX: usize = 4;
 
 /// A patch as received.
 pub(super) struct PatchFrame {
@@ -97,18 +142,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Session<S> {
             .collect();
         if !missing.is_empty() {
             let shared = Arc::clone(&self.shared);
-            let computing = tokio::task::spawn_blocking(move || {
-                missing
-                    .into_iter()
-                    .map(|(i, id)| {
-                        let found = stored_values(&shared.store, &id);
-                        if !found.is_empty() {
-                            shared.block_values.remember(id, found.clone());
-                        }
-                        (i, found)
-                    })
-                    .collect::<Vec<_>>()
-            });
+            let computing = tokio::task::spawn_blocking(move || computed_values(&shared, &missing));
             let computed = self.connection.working(computing).await.map_err(internal)?;
             for (i, found) in computed {
                 values[i] = Some(found);
