@@ -49,6 +49,7 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
         &["initial_sync", "agent_cpu_seconds"],
         &["initial_sync", "server_cpu_seconds"],
         &["initial_sync", "cpu_seconds_per_nonzero_gib"],
+        &["initial_sync", "to_commit", "seconds"],
         &["delta_sync", "seconds"],
         &["delta_sync", "bytes_on_wire"],
         &["delta_compare", "changed_bytes"],
@@ -74,6 +75,14 @@ fn bench_reports_every_figure_and_verifies_the_cutover_volume() {
     assert!(
         (printed - per_gib).abs() <= per_gib * 1e-9,
         "{printed} != {per_gib}"
+    );
+    // The full sync to its commit is part of the `--once` run, which then
+    // reads the disk once more: it took no longer and no more CPU.
+    let to_commit = |what: &str| number(&["initial_sync", "to_commit", what]);
+    assert!(to_commit("seconds") <= number(&["initial_sync", "seconds"]));
+    assert!(
+        to_commit("agent_cpu_seconds") + to_commit("server_cpu_seconds") <= cpu,
+        "{figures:#}"
     );
     let lag_max = number(&["continuous", "lag_seconds_max"]);
     assert!(

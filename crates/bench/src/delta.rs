@@ -148,6 +148,42 @@ pub(crate) async fn delta(
     Ok((epochs, started.elapsed()))
 }
 
+/// Where the first epoch of a sync stood when it committed: its wall time
+/// and both processes' CPU seconds since the sync began.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AtCommit {
+    pub wall: Duration,
+    pub agent_cpu: f64,
+    pub server_cpu: f64,
+}
+
+/// The initial sync as [`delta`] runs it (`--once`: after the first commit
+/// the agent reads the disk once more, to see that it did not change), and
+/// where it stood at its first commit, the full sync itself: that second
+/// pass is `--once`'s, and a running agent's next epoch, not the copy's.
+/// CPU is counted from `cpu_before` (agent, server), read just before.
+pub(crate) async fn initial(
+    config: &AgentConfig,
+    pids: (&str, &str),
+    cpu_before: (f64, f64),
+) -> Result<(Vec<EpochReport>, Duration, Option<AtCommit>)> {
+    let started = Instant::now();
+    let mut at_commit = None;
+    let epochs = blockrep_agent::run_once(config, |_| {
+        if at_commit.is_none() {
+            at_commit = Some(AtCommit {
+                wall: started.elapsed(),
+                agent_cpu: crate::measure::cpu_seconds(pids.0) - cpu_before.0,
+                server_cpu: crate::measure::cpu_seconds(pids.1) - cpu_before.1,
+            });
+        }
+    })
+    .await
+    .context("the initial sync")?
+    .epochs;
+    Ok((epochs, started.elapsed(), at_commit))
+}
+
 /// One delta sync, measured.
 fn row(epochs: &[EpochReport], wall: Duration, changed_bytes: u64) -> Value {
     let wire: u64 = epochs.iter().map(|r| r.bytes_sent).sum();

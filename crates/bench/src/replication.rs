@@ -156,7 +156,12 @@ pub(crate) async fn run(args: Options) -> Result<()> {
 
     eprintln!("initial sync...");
     let (cpu_agent_0, cpu_server_0) = (cpu_seconds(&self_pid), cpu_seconds(&server_pid));
-    let (initial, initial_wall) = crate::delta::delta(&agent, "initial sync").await?;
+    let (initial, initial_wall, at_commit) = crate::delta::initial(
+        &agent,
+        (&self_pid, &server_pid),
+        (cpu_agent_0, cpu_server_0),
+    )
+    .await?;
     let (cpu_agent, cpu_server) = (
         cpu_seconds(&self_pid) - cpu_agent_0,
         cpu_seconds(&server_pid) - cpu_server_0,
@@ -328,6 +333,7 @@ pub(crate) async fn run(args: Options) -> Result<()> {
     let last_epoch_bytes = cutover.bytes_sent as f64;
     let cutover_floor = floor.as_secs_f64() + last_epoch_bytes / loopback_rate;
     let delta_floor = floor.as_secs_f64() + delta_bytes as f64 / loopback_rate;
+    let nonzero_gib = nonzero.max(1) as f64 / 1073741824.0;
     let figures = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "cores": cores,
@@ -349,7 +355,15 @@ pub(crate) async fn run(args: Options) -> Result<()> {
             "server_cpu_seconds": cpu_server,
             // Both ends' CPU per GiB of the data there is to move: zeros
             // cost next to nothing, so this is the figure across disk kinds.
-            "cpu_seconds_per_nonzero_gib": (cpu_agent + cpu_server) / (nonzero.max(1) as f64 / 1073741824.0),
+            "cpu_seconds_per_nonzero_gib": (cpu_agent + cpu_server) / nonzero_gib,
+            // The full sync itself, to its first commit: `--once` then reads
+            // the disk once more to see that it did not change.
+            "to_commit": at_commit.map(|at| json!({
+                "seconds": at.wall.as_secs_f64(),
+                "agent_cpu_seconds": at.agent_cpu,
+                "server_cpu_seconds": at.server_cpu,
+                "cpu_seconds_per_nonzero_gib": (at.agent_cpu + at.server_cpu) / nonzero_gib,
+            })),
             "compression": format!("{:?}", args.compression).to_lowercase(),
             "compression_choice_changes": agent.adaptive.changes(),
         },

@@ -55,6 +55,16 @@ pub(crate) fn print_table(f: &serde_json::Value) {
             ),
         ),
         (
+            "  to the commit: s, CPU agent / server, per GiB",
+            format!(
+                "{:.2}, {:.2} / {:.2}, {:.2}",
+                num(&["initial_sync", "to_commit", "seconds"]),
+                num(&["initial_sync", "to_commit", "agent_cpu_seconds"]),
+                num(&["initial_sync", "to_commit", "server_cpu_seconds"]),
+                num(&["initial_sync", "to_commit", "cpu_seconds_per_nonzero_gib"])
+            ),
+        ),
+        (
             "delta sync (s), 4 KiB blocks changed",
             format!(
                 "{:.3}, {}",
