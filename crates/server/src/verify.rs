@@ -378,6 +378,23 @@ mod tests {
         }
     }
 
+    /// A patch of a 16 KiB `base` that writes fives over its second 4 KiB
+    /// block, claiming the chunk it makes is `id`.
+    fn fives_at_4096(index: u64, id: ChunkId, base: ChunkId) -> Job {
+        Job {
+            index,
+            id,
+            codec: Codec::Raw,
+            raw_len: 16_384,
+            data: Bytes::from(vec![5u8; 4096]),
+            data_crc: None,
+            patch: Some(PatchOf {
+                base,
+                ranges: vec![(4096, 4096)],
+            }),
+        }
+    }
+
     fn counting() -> (OnValues, Arc<AtomicU64>) {
         let seen = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&seen);
@@ -432,18 +449,7 @@ mod tests {
         patched[4096..8192].fill(5);
         let patched_id = hash_chunk(&patched);
         verifier
-            .submit(Job {
-                index: 1,
-                id: patched_id,
-                codec: Codec::Raw,
-                raw_len: 16_384,
-                data: Bytes::from(vec![5u8; 4096]),
-                data_crc: None,
-                patch: Some(PatchOf {
-                    base: base_id,
-                    ranges: vec![(4096, 4096)],
-                }),
-            })
+            .submit(fives_at_4096(1, patched_id, base_id))
             .await
             .unwrap();
         verifier.finish().await.unwrap();
@@ -475,19 +481,10 @@ mod tests {
         }
         // A patch that claims an id its bytes do not make.
         let claimed = hash_chunk(&[4u8; 16_384]);
-        let patch = Job {
-            index: 9,
-            id: claimed,
-            codec: Codec::Raw,
-            raw_len: 16_384,
-            data: Bytes::from(vec![5u8; 4096]),
-            data_crc: None,
-            patch: Some(PatchOf {
-                base: base_id,
-                ranges: vec![(4096, 4096)],
-            }),
-        };
-        verifier.submit(patch).await.unwrap();
+        verifier
+            .submit(fives_at_4096(9, claimed, base_id))
+            .await
+            .unwrap();
         // No more jobs come: the other threads sit idle, and the refusal must
         // still reach the session without waiting for the next frame.
         let reject = tokio::time::timeout(Duration::from_secs(30), verifier.failed())
