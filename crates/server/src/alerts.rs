@@ -58,15 +58,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         // is as this server last saw it.
         let now = now_unix_ms();
         let elsewhere = shared.served_elsewhere(now);
-        let (moved, records): (Vec<_>, Vec<_>) = shared
-            .ledger
-            .sources
-            .records()
-            .into_iter()
-            .partition(|(source, _)| elsewhere.contains(source));
+        let records = shared.ledger.sources.records();
         let breaches = &shared.rpo_breaches;
-        let mut transitions = breaches.forget(&moved, shared.thresholds(), now);
-        transitions.extend(breaches.evaluate(&records, shared.thresholds(), now));
+        let transitions = breaches.evaluate(&records, &elsewhere, shared.thresholds(), now);
         for transition in transitions {
             let Transition {
                 source,

@@ -2,7 +2,7 @@
 //! each crossed it. Evaluated against the per-source records on every alert
 //! tick (see `alerts`); a crossing is reported once each way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use blockrep_core::SourceId;
@@ -67,54 +67,42 @@ impl RpoBreaches {
             .collect()
     }
 
-    /// Stops watching the sources of `records` (another server serves
-    /// them): a breach open here is closed with a
-    /// [`BreachEvent::ServedElsewhere`] event, so that whoever the hook told
-    /// of it hears that it is watched elsewhere now, and the source starts
-    /// afresh if this server serves it again. Counts stay.
-    pub(crate) fn forget(
-        &self,
-        records: &[(SourceId, SourceRecord)],
-        thresholds: StateThresholds,
-        now_unix_ms: u64,
-    ) -> Vec<Transition> {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        let mut closed = Vec::new();
-        for (source, record) in records {
-            if let Some(state) = states.get_mut(source)
-                && std::mem::take(&mut state.in_breach)
-            {
-                closed.push(Transition {
-                    source: source.clone(),
-                    event: BreachEvent::ServedElsewhere,
-                    lag_seconds: record.lag_ms(now_unix_ms).unwrap_or(0) as f64 / 1000.0,
-                    rpo_target_seconds: record.rpo_target(thresholds).as_secs_f64(),
-                });
-            }
-        }
-        closed
-    }
-
     /// Compares every source's lag with its target and returns the crossings
-    /// since the last evaluation.
+    /// since the last evaluation. The sources in `elsewhere` are served by
+    /// another server of the shared bucket, which watches them: a breach
+    /// open here for one is closed with a [`BreachEvent::ServedElsewhere`]
+    /// event (its lag as this server last saw it), so that whoever the hook
+    /// told of it hears that it is watched elsewhere now, and the source
+    /// starts afresh if this server serves it again. Counts stay.
     pub(crate) fn evaluate(
         &self,
         records: &[(SourceId, SourceRecord)],
+        elsewhere: &HashSet<SourceId>,
         thresholds: StateThresholds,
         now_unix_ms: u64,
     ) -> Vec<Transition> {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         let mut transitions = Vec::new();
         for (source, record) in records {
+            let watched_here = !elsewhere.contains(source);
             let target = record.rpo_target(thresholds);
             // `None` during the initial sync: no consistent replica, no breach.
-            let Some(lag_ms) = record.lag_ms(now_unix_ms) else {
+            let lag_ms = match record.lag_ms(now_unix_ms) {
+                Some(lag_ms) => lag_ms,
+                None if watched_here => continue,
+                None => 0,
+            };
+            let state = if watched_here {
+                states.entry(source.clone()).or_default()
+            } else if let Some(state) = states.get_mut(source) {
+                state
+            } else {
                 continue;
             };
             // A cut-over source no longer replicates by design: its lag is not a
             // breach (a breach still open at cutover is closed as recovered).
-            let breached = record.lifecycle.is_none() && lag_ms > target.as_millis() as u64;
-            let state = states.entry(source.clone()).or_default();
+            let breached =
+                watched_here && record.lifecycle.is_none() && lag_ms > target.as_millis() as u64;
             if breached == state.in_breach {
                 continue;
             }
@@ -122,8 +110,10 @@ impl RpoBreaches {
             let event = if breached {
                 state.breaches_total += 1;
                 BreachEvent::Breach
-            } else {
+            } else if watched_here {
                 BreachEvent::Recovered
+            } else {
+                BreachEvent::ServedElsewhere
             };
             transitions.push(Transition {
                 source: source.clone(),
@@ -162,32 +152,37 @@ mod tests {
         let source = SourceId::new("web").unwrap();
         let now = 1_000_000;
         let records = vec![(source.clone(), record(now - 5_000))];
-        assert!(breaches.evaluate(&records, thresholds(), now).is_empty());
+        assert!(
+            breaches
+                .evaluate(&records, &HashSet::new(), thresholds(), now)
+                .is_empty()
+        );
         // Lag grows past the target with no commit: one breach, then quiet.
         let later = now + 6_000;
-        let transitions = breaches.evaluate(&records, thresholds(), later);
+        let transitions = breaches.evaluate(&records, &HashSet::new(), thresholds(), later);
         assert_eq!(transitions.len(), 1);
         assert_eq!(transitions[0].event, BreachEvent::Breach);
         assert_eq!(transitions[0].lag_seconds, 11.0);
         assert_eq!(transitions[0].rpo_target_seconds, 10.0);
         assert!(
             breaches
-                .evaluate(&records, thresholds(), later + 500)
+                .evaluate(&records, &HashSet::new(), thresholds(), later + 500)
                 .is_empty()
         );
         assert!(
             breaches
-                .evaluate(&records, thresholds(), later + 60_000)
+                .evaluate(&records, &HashSet::new(), thresholds(), later + 60_000)
                 .is_empty()
         );
         // A fresh commit: one recovery.
         let records = vec![(source.clone(), record(later + 60_000))];
-        let transitions = breaches.evaluate(&records, thresholds(), later + 61_000);
+        let transitions =
+            breaches.evaluate(&records, &HashSet::new(), thresholds(), later + 61_000);
         assert_eq!(transitions.len(), 1);
         assert_eq!(transitions[0].event, BreachEvent::Recovered);
         assert!(
             breaches
-                .evaluate(&records, thresholds(), later + 61_500)
+                .evaluate(&records, &HashSet::new(), thresholds(), later + 61_500)
                 .is_empty()
         );
         assert_eq!(breaches.breaches_total()[&source], 1);
@@ -202,14 +197,24 @@ mod tests {
         let source = SourceId::new("web").unwrap();
         let now = 1_000_000;
         let records = vec![(source.clone(), record(now - 20_000))];
-        assert_eq!(breaches.evaluate(&records, thresholds(), now).len(), 1);
-        let closed = breaches.forget(&records, thresholds(), now + 50);
+        let elsewhere = HashSet::from([source.clone()]);
+        assert_eq!(
+            breaches
+                .evaluate(&records, &HashSet::new(), thresholds(), now)
+                .len(),
+            1
+        );
+        let closed = breaches.evaluate(&records, &elsewhere, thresholds(), now + 50);
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].event, BreachEvent::ServedElsewhere);
         assert_eq!(closed[0].lag_seconds, 20.05);
         // Closed once.
-        assert!(breaches.forget(&records, thresholds(), now + 60).is_empty());
-        let transitions = breaches.evaluate(&records, thresholds(), now + 100);
+        assert!(
+            breaches
+                .evaluate(&records, &elsewhere, thresholds(), now + 60)
+                .is_empty()
+        );
+        let transitions = breaches.evaluate(&records, &HashSet::new(), thresholds(), now + 100);
         assert_eq!(transitions.len(), 1);
         assert_eq!(transitions[0].event, BreachEvent::Breach);
         assert_eq!(breaches.breaches_total()[&source], 2);
@@ -225,7 +230,7 @@ mod tests {
         let relaxed = (SourceId::new("relaxed").unwrap(), relaxed);
         assert!(
             breaches
-                .evaluate(&[syncing, relaxed], thresholds(), now)
+                .evaluate(&[syncing, relaxed], &HashSet::new(), thresholds(), now)
                 .is_empty()
         );
     }
