@@ -448,15 +448,30 @@ impl Store {
                 format!("no launch named {name}"),
             ));
         };
-        // What its volumes wrote since their last fold goes with it, first:
-        // a stop in between leaves a launch without its overlays (being
-        // deleted anyway), never overlays without their launch.
+        self.remove_launch_with(name, Some(&info.source), || {
+            remove_dir_durable(self.vfs(), &self.launches_dir(), name)
+        })
+    }
+
+    /// Removes what this data directory keeps of launch `name`, in the order
+    /// of a deletion: what its volumes wrote since their last fold first (a
+    /// stop in between leaves a launch without its overlays, being deleted
+    /// anyway, never overlays without their launch), then its records
+    /// (`remove_records`), then the witness of its head kept for `source`.
+    pub(crate) fn remove_launch_with(
+        &self,
+        name: &str,
+        source: Option<&SourceId>,
+        remove_records: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<(), Error> {
         self.remove_overlays(name)?;
-        remove_dir_durable(self.vfs(), &self.launches_dir(), name)?;
+        remove_records()?;
         // A witness left behind would make a later clear launch of this name
         // read as replaced (an encrypted one replaces it): a failure here is
         // reported, and the witness file is then to be removed by hand.
-        if let Err(e) = self.keyring().forget_launch(&info.source, name) {
+        if let Some(source) = source
+            && let Err(e) = self.keyring().forget_launch(source, name)
+        {
             eprintln!("blockrep-store: launch {name}: cannot remove its head's witness: {e}");
         }
         Ok(())
@@ -585,7 +600,7 @@ impl Store {
     /// Removes every overlay of launch `name`, and when its volumes last
     /// served (a launch of the name made later starts afresh, and the map
     /// does not grow with every launch the server ever served).
-    pub(crate) fn remove_overlays(&self, name: &str) -> Result<(), Error> {
+    fn remove_overlays(&self, name: &str) -> Result<(), Error> {
         let volume_prefix = format!("{name}/");
         lock(&self.catalog.launch_last_io)
             .retain(|key, _| key != name && !key.starts_with(&volume_prefix));

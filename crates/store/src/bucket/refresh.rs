@@ -191,29 +191,20 @@ impl Store {
         let mut changed = 0;
         let mut newer = Vec::new();
         for (name, gone, plan) in plans {
-            if gone.is_some() {
-                // Deleted elsewhere: what a volume of it wrote here goes
-                // first, as a deletion here does (never overlays without
-                // their launch).
-                self.remove_overlays(name)?;
-            }
-            let applied = records.apply_level(plan)?;
-            changed += applied.changed;
-            if applied.newer_than_listed {
-                newer.extend(applied.read);
-            }
-            if let Some(source) = gone {
-                records.remove_level(&format!("launches/{name}"))?;
-                // Nor a witness: a launch made again under this name must
-                // not read as replaced.
-                if let Some(source) = source
-                    && let Err(e) = self.keyring().forget_launch(&source, name)
-                {
-                    eprintln!(
-                        "blockrep-store: launch {name}: cannot remove its head's witness: {e}"
-                    );
+            let Some(source) = gone else {
+                let applied = records.apply_level(plan)?;
+                changed += applied.changed;
+                if applied.newer_than_listed {
+                    newer.extend(applied.read);
                 }
-            }
+                continue;
+            };
+            // Deleted elsewhere: removed here as a deletion here removes it
+            // (its records not published: the bucket's went first).
+            self.remove_launch_with(name, source.as_ref(), || {
+                changed += records.apply_level(plan)?.changed;
+                records.remove_level(&format!("launches/{name}"))
+            })?;
         }
         if !newer.is_empty()
             && let Err(e) = self.blobs.refresh()
