@@ -151,9 +151,7 @@ pub(crate) async fn serve_if_known(
     shared: &Arc<Shared>,
     source: &SourceId,
 ) -> Result<(), ApiError> {
-    let known = shared.ledger.sources.update_known(source, |_| ()).is_some()
-        || shared.store.has_records_of(source);
-    if known {
+    if in_ledger(shared, source) || shared.store.has_records_of(source) {
         serve_for_step(shared, source).await?;
     }
     Ok(())
@@ -162,10 +160,15 @@ pub(crate) async fn serve_if_known(
 /// A known source, or 404.
 pub(crate) fn known(shared: &Shared, source: &str) -> Result<SourceId, ApiError> {
     let id = parse_source(source)?;
-    match shared.ledger.sources.update_known(&id, |_| ()) {
-        Some(()) => Ok(id),
-        None => Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into()),
+    match in_ledger(shared, &id) {
+        true => Ok(id),
+        false => Err(error(StatusCode::NOT_FOUND, format!("no source {source}")).into()),
     }
+}
+
+/// Whether this server has figures of `source`.
+fn in_ledger(shared: &Shared, source: &SourceId) -> bool {
+    shared.ledger.sources.update_known(source, |_| ()).is_some()
 }
 
 /// The answer to a step: the source's state and the event (if it moved).
