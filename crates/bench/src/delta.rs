@@ -140,8 +140,17 @@ pub(crate) async fn delta(
     config: &AgentConfig,
     what: &str,
 ) -> Result<(Vec<EpochReport>, Duration)> {
+    noting_epochs(config, what, |_| {}).await
+}
+
+/// [`delta`], telling `on_epoch` the time since the start of each commit.
+async fn noting_epochs(
+    config: &AgentConfig,
+    what: &str,
+    mut on_epoch: impl FnMut(Duration),
+) -> Result<(Vec<EpochReport>, Duration)> {
     let started = Instant::now();
-    let epochs = blockrep_agent::run_once(config, |_| {})
+    let epochs = blockrep_agent::run_once(config, |_| on_epoch(started.elapsed()))
         .await
         .with_context(|| format!("the {what}"))?
         .epochs;
@@ -167,21 +176,18 @@ pub(crate) async fn initial(
     pids: (&str, &str),
     cpu_before: (f64, f64),
 ) -> Result<(Vec<EpochReport>, Duration, Option<AtCommit>)> {
-    let started = Instant::now();
     let mut at_commit = None;
-    let epochs = blockrep_agent::run_once(config, |_| {
+    let (epochs, wall) = noting_epochs(config, "initial sync", |wall| {
         if at_commit.is_none() {
             at_commit = Some(AtCommit {
-                wall: started.elapsed(),
+                wall,
                 agent_cpu: crate::measure::cpu_seconds(pids.0) - cpu_before.0,
                 server_cpu: crate::measure::cpu_seconds(pids.1) - cpu_before.1,
             });
         }
     })
-    .await
-    .context("the initial sync")?
-    .epochs;
-    Ok((epochs, started.elapsed(), at_commit))
+    .await?;
+    Ok((epochs, wall, at_commit))
 }
 
 /// One delta sync, measured.
