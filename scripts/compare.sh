@@ -10,7 +10,8 @@
 #   (mke2fs -d), as real disks are.
 # Environment: SEED (default 1) picks the disk and the change; CHANGE_PERCENT
 # (default 1) is the share of 4 KiB blocks rewritten; TMPDIR is where the work
-# directory goes (default /var/tmp: it needs about 5x SIZE of disk, not RAM).
+# directory goes (default /var/tmp: it needs about 5x SIZE of disk, not RAM);
+# BLOCKREP_BIN is a blockrep binary to compare instead of building this tree.
 #
 # Everything runs on 127.0.0.1 with ephemeral ports. blockrep goes through mutual
 # TLS, verifies every chunk and fsyncs before acknowledging; rsync talks to its
@@ -55,9 +56,13 @@ if ! command -v b3sum >/dev/null; then
     echo "installing b3sum..." >&2
     cargo install --locked --quiet b3sum
 fi
-echo "building blockrep (release)..." >&2
-cargo build --release --quiet
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
+if [[ -n ${BLOCKREP_BIN:-} ]]; then
+    bin=$(realpath "$BLOCKREP_BIN")
+else
+    echo "building blockrep (release)..." >&2
+    cargo build --release --quiet
+    bin=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
+fi
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/blockrep-compare.XXXXXX")
 server_pid=

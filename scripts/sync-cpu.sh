@@ -8,7 +8,9 @@
 # Usage: scripts/sync-cpu.sh [RUNS] [DISK]
 #   RUNS defaults to 5. Without DISK, a 1 GiB `fs` disk (ext4 filled from
 #   /usr) is made first by `blockrep bench --disk-kind fs`.
-# Environment: TMPDIR for the work directory (default /var/tmp).
+# Environment: TMPDIR for the work directory (default /var/tmp);
+# BLOCKREP_BIN, a blockrep binary to measure instead of building this tree
+# (to run two builds in alternation, one run each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +18,12 @@ runs=${1:-5}
 disk=${2:-}
 export TMPDIR=${TMPDIR:-/var/tmp}
 command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (Debian: apt-get install time)" >&2; exit 1; }
-cargo build --release -q
-bin=$PWD/target/release/blockrep
+if [[ -n ${BLOCKREP_BIN:-} ]]; then
+    bin=$(realpath "$BLOCKREP_BIN")
+else
+    cargo build --release -q
+    bin=$PWD/target/release/blockrep
+fi
 
 work=$(mktemp -d)
 server_pid=
