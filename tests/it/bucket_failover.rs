@@ -449,6 +449,11 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
         "{metrics}"
     );
 
+    // Refused on B, naming A, which serves the source.
+    let refused_for_a = |(code, body): (u16, String)| {
+        assert_eq!(code, 409, "{body}");
+        assert!(body.contains(&a.addr.to_string()), "{body}");
+    };
     // A workflow step asked of B is refused, naming A: B's records may be
     // old, and the agent is A's. Asked of A, it is made.
     let mark_ready = |server: &ServerProcess| {
@@ -459,9 +464,7 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
             Some(r#"{"force":true}"#),
         )
     };
-    let (code, body) = mark_ready(&b);
-    assert_eq!(code, 409, "{body}");
-    assert!(body.contains(&a.addr.to_string()), "{body}");
+    refused_for_a(mark_ready(&b));
     let (code, body) = mark_ready(&a);
     assert_eq!(code, 200, "{body}");
     // B reports the source as the bucket has it: A's step, A's epochs.
@@ -499,9 +502,7 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     let launch = |server: &ServerProcess, name: &str| launch_for(server, name, 1);
     let listed = blockrep_testkit::admin::snapshots(&b);
     assert!(listed.iter().any(|s| s.name == "kept"), "{listed:?}");
-    let (code, body) = launch(&b, "by-b");
-    assert_eq!(code, 409, "{body}");
-    assert!(body.contains(&a.addr.to_string()), "{body}");
+    refused_for_a(launch(&b, "by-b"));
     // And what changes A's launches and snapshots: B knows them, A serves
     // them.
     let (code, body) = launch_for(&a, "held", 600);
@@ -512,21 +513,18 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     };
     let (code, body) = request("GET", "/v1/launches");
     assert!(code == 200 && body.contains(r#""name":"held""#), "{body}");
+    let on_a = |method: &str, path: &str, body: Option<&str>| {
+        blockrep_testkit::admin::admin_request(a.admin_addr.unwrap(), method, path, body)
+    };
     for (method, path) in [
         ("POST", "/v1/launches/held/fold"),
         ("DELETE", "/v1/launches/held"),
         ("DELETE", "/v1/snapshots/web/kept"),
     ] {
         let (code, body) = request(method, path);
-        assert_eq!(code, 409, "{method} {path}: {body}");
-        assert!(body.contains(&a.addr.to_string()), "{body}");
+        refused_for_a((code, format!("{method} {path}: {body}")));
     }
-    let (code, body) = blockrep_testkit::admin::admin_request(
-        a.admin_addr.unwrap(),
-        "DELETE",
-        "/v1/launches/held",
-        None,
-    );
+    let (code, body) = on_a("DELETE", "/v1/launches/held", None);
     assert_eq!(code, 200, "{body}");
     // Even for a source made after B started, which B knows only from a
     // listing.
@@ -536,14 +534,11 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     blockrep_testkit::admin::create_snapshot(&a, "db", "first");
     let listed = blockrep_testkit::admin::snapshots(&b);
     assert!(listed.iter().any(|s| s.source == "db"), "{listed:?}");
-    let (code, body) = request("DELETE", "/v1/snapshots/db/first");
-    assert_eq!(code, 409, "{body}");
-    assert!(body.contains(&a.addr.to_string()), "{body}");
+    refused_for_a(request("DELETE", "/v1/snapshots/db/first"));
 
     // A snapshot of it expires on A, which serves it, not on B, though B
     // lists it.
-    let (code, body) = blockrep_testkit::admin::admin_request(
-        a.admin_addr.unwrap(),
+    let (code, body) = on_a(
         "POST",
         "/v1/snapshots",
         Some(r#"{"source":"web","name":"brief","ttl_seconds":1}"#),
