@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use blockrep_objects::Listed;
+use blockrep_objects::{Listed, Version};
 use bytes::Bytes;
 
 use super::{Remote, SharedRemote, bucket_error, bucket_io_error};
@@ -267,10 +267,10 @@ impl BucketRecords {
         let mut applied = Applied::default();
         for object in plan.fetch {
             // Deleted since the listing: the next refresh removes it.
-            let Some(e_tag) = self.read_record(&object.key, object.size)? else {
+            let Some(version) = self.read_record(&object.key, object.size)? else {
                 continue;
             };
-            applied.newer_than_listed |= e_tag.as_deref() != object.e_tag.as_deref();
+            applied.newer_than_listed |= version.e_tag() != object.e_tag.as_deref();
             applied.read.push(object.key.clone());
             applied.changed += 1;
         }
@@ -294,8 +294,8 @@ impl BucketRecords {
 
     /// Reads the record `key` (listed `len` bytes long) from the bucket into
     /// the data directory, atomically, and notes the version read. Returns
-    /// the version's ETag, or `None` when it was deleted since the listing.
-    fn read_record(&self, key: &str, len: u64) -> Result<Option<Option<String>>, Error> {
+    /// that version, or `None` when it was deleted since the listing.
+    fn read_record(&self, key: &str, len: u64) -> Result<Option<Version>, Error> {
         if len > RECORD_LEN_MAX {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -316,9 +316,8 @@ impl BucketRecords {
             create_dir_durable(self.inner.as_ref(), parent)?;
         }
         publish_atomic(self.inner.as_ref(), &path, record)?;
-        let e_tag = version.e_tag().map(str::to_owned);
-        self.remote.set_version(key, Some(version));
-        Ok(Some(e_tag))
+        self.remote.set_version(key, Some(version.clone()));
+        Ok(Some(version))
     }
 
     /// Removes the data directory's copy of `dir`, which the bucket no
