@@ -20,6 +20,21 @@ pub(crate) fn blocking_bucket(weed: &SeaweedFs, prefix: &str) -> BlockingBucket 
     BlockingBucket::new(Bucket::s3(&location, &service).unwrap()).unwrap()
 }
 
+/// Two stores, as two servers open them, on the bucket prefix `prefix`,
+/// each in a data directory of its own (kept with it).
+fn two_servers(
+    weed: &SeaweedFs,
+    prefix: &str,
+    options: BucketOptions,
+) -> ((tempfile::TempDir, Store), (tempfile::TempDir, Store)) {
+    let open = || {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_bucket(dir.path(), blocking_bucket(weed, prefix), options);
+        (dir, store.unwrap())
+    };
+    (open(), open())
+}
+
 const NOW: u64 = 1_700_000_000_000;
 const TTL_MS: u64 = 10_000;
 
@@ -151,9 +166,7 @@ fn a_server_that_lost_its_lease_can_never_replace_a_newer_head() {
     let geometry = Geometry::new(1 << 20, 65_536).unwrap();
     let source = SourceId::new("db").unwrap();
     let options = BucketOptions::default();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Store::open_in_bucket(dir_a.path(), blocking_bucket(&weed, "fence"), options).unwrap();
-    let b = Store::open_in_bucket(dir_b.path(), blocking_bucket(&weed, "fence"), options).unwrap();
+    let ((_dir_a, a), (_dir_b, b)) = two_servers(&weed, "fence", options);
     let image = |seed: u64| {
         let mut disk = vec![0u8; 1 << 20];
         SplitMix64::new(seed).fill(&mut disk);
@@ -283,11 +296,8 @@ fn a_server_lists_the_snapshots_another_server_took_as_the_bucket_holds_them() {
     let geometry = Geometry::new(1 << 20, 65_536).unwrap();
     let source = SourceId::new("db").unwrap();
     let options = BucketOptions::default();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Store::open_in_bucket(dir_a.path(), blocking_bucket(&weed, "lists"), options).unwrap();
-    let b = Arc::new(
-        Store::open_in_bucket(dir_b.path(), blocking_bucket(&weed, "lists"), options).unwrap(),
-    );
+    let ((dir_a, a), (dir_b, b)) = two_servers(&weed, "lists", options);
+    let b = Arc::new(b);
     let names = |store: &Store, source: Option<&SourceId>| -> Vec<String> {
         let listed = store.list_snapshots(source).unwrap();
         listed.into_iter().map(|s| s.name).collect()
