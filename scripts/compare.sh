@@ -18,6 +18,8 @@
 # own daemon without encryption and does not fsync. Installs rsync (apt-get) and
 # b3sum (cargo install) when missing, and builds blockrep in release.
 set -euo pipefail
+# A binary given is the caller's path: resolved before moving to the tree.
+given_bin=${BLOCKREP_BIN:+$(realpath "$BLOCKREP_BIN")}
 cd "$(dirname "$0")/.."
 
 disk_kind=synthetic
@@ -56,8 +58,8 @@ if ! command -v b3sum >/dev/null; then
     echo "installing b3sum..." >&2
     cargo install --locked --quiet b3sum
 fi
-if [[ -n ${BLOCKREP_BIN:-} ]]; then
-    bin=$(realpath "$BLOCKREP_BIN")
+if [[ -n $given_bin ]]; then
+    bin=$given_bin
 else
     echo "building blockrep (release)..." >&2
     cargo build --release --quiet

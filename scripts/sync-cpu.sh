@@ -12,14 +12,16 @@
 # BLOCKREP_BIN, a blockrep binary to measure instead of building this tree
 # (to run two builds in alternation, one run each).
 set -euo pipefail
+# Paths given are the caller's: resolved before moving to the tree.
+disk=${2:+$(realpath "$2")}
+given_bin=${BLOCKREP_BIN:+$(realpath "$BLOCKREP_BIN")}
 cd "$(dirname "$0")/.."
 
 runs=${1:-5}
-disk=${2:-}
 export TMPDIR=${TMPDIR:-/var/tmp}
 command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (Debian: apt-get install time)" >&2; exit 1; }
-if [[ -n ${BLOCKREP_BIN:-} ]]; then
-    bin=$(realpath "$BLOCKREP_BIN")
+if [[ -n $given_bin ]]; then
+    bin=$given_bin
 else
     cargo build --release -q
     bin=$PWD/target/release/blockrep
