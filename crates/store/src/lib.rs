@@ -130,6 +130,7 @@ mod migration;
 mod mutex;
 mod remote;
 mod retention;
+mod rpo_target;
 mod sealed;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
