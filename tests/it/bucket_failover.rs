@@ -467,6 +467,21 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
     refused_for_a(mark_ready(&b));
     let (code, body) = mark_ready(&a);
     assert_eq!(code, 200, "{body}");
+    // So is an RPO target, a record of the source: set through A, B
+    // applies it too, as the bucket has it.
+    let rpo_target = |server: &ServerProcess| {
+        blockrep_testkit::admin::admin_request(
+            server.admin_addr.unwrap(),
+            "PUT",
+            "/v1/sources/web/rpo-target",
+            Some(r#"{"seconds": 2}"#),
+        )
+    };
+    refused_for_a(rpo_target(&b));
+    let (code, body) = rpo_target(&a);
+    assert_eq!(code, 200, "{body}");
+    let view = admin_source(b.admin_addr.unwrap(), "web").unwrap();
+    assert_eq!(view.rpo_target_seconds, 2.0, "{view:?}");
     // B reports the source as the bucket has it: A's step, A's epochs.
     let before = read_acks(&ack).len();
     blockrep_testkit::write_at(&disk, 0, &random_bytes(8192, 4));

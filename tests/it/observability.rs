@@ -522,6 +522,52 @@ fn rpo_breach_hook_runs_once_per_crossing_even_without_an_agent() {
     assert_eq!(code, 400);
 }
 
+/// A source's RPO target is one of its records: a restarted server
+/// applies it, and forgets it once it is cleared.
+#[test]
+fn an_rpo_target_outlives_a_restart_until_cleared() {
+    let pki = Pki::new(&["web"]);
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let start = || ServerProcess::start_with(&bin(), &data, pki.path(), &["--rpo-target", "1h"]);
+    let target_of = |server: &ServerProcess| {
+        admin_source(server.admin_addr.unwrap(), "web").map(|view| view.rpo_target_seconds)
+    };
+    let disk = work.path().join("web.raw");
+    std::fs::write(&disk, random_bytes(MIB, 41)).unwrap();
+    let mut server = start();
+    assert_success(&agent_once(&disk, server.addr, "web", pki.path(), &[]));
+    let (code, body) = admin_request(
+        server.admin_addr.unwrap(),
+        "PUT",
+        "/v1/sources/web/rpo-target",
+        Some(r#"{"seconds": 90.5}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(target_of(&server), Some(90.5));
+
+    server.stop();
+    let mut server = start();
+    assert_eq!(target_of(&server), Some(90.5), "{}", server.log());
+    let (_, samples) = scrape(server.admin_addr.unwrap());
+    assert_eq!(
+        sample(&samples, r#"blockrep_rpo_target_seconds{source="web"}"#),
+        Some(90.5)
+    );
+    let (code, body) = admin_request(
+        server.admin_addr.unwrap(),
+        "DELETE",
+        "/v1/sources/web/rpo-target",
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(target_of(&server), Some(3600.0));
+
+    server.stop();
+    let server = start();
+    assert_eq!(target_of(&server), Some(3600.0), "{}", server.log());
+}
+
 #[test]
 fn json_logs_parse_line_by_line_and_session_lines_name_their_source() {
     let rig = rig(

@@ -22,14 +22,14 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use blockrep_core::SourceId;
 use blockrep_core::clock::now_unix_ms;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::api_error::error;
+use crate::api_error::{ApiError, blocking, error};
 use crate::breaches::{BreachEvent, Transition};
 use crate::shared::Shared;
+use crate::workflow_api::{known, serve_for_step};
 
 /// Hook runs queued at most; further events are logged and dropped rather than
 /// piling up behind a hook that hangs.
@@ -185,54 +185,61 @@ pub(crate) struct RpoTarget {
     seconds: f64,
 }
 
-/// `PUT /v1/sources/{source}/rpo-target`: sets the source's RPO target (in
-/// memory). Answers with the source's view.
+/// `PUT /v1/sources/{source}/rpo-target`: sets the source's RPO target,
+/// durably in the store beside its other records (so a restarted server,
+/// and every server of a bucket, applies it). Answers with the source's view.
 pub(crate) async fn set_rpo_target(
     State(shared): State<Arc<Shared>>,
     Path(source): Path<String>,
     Json(body): Json<RpoTarget>,
-) -> Response {
-    if !(body.seconds > 0.0 && body.seconds <= RPO_TARGET_MAX_SECONDS) {
-        return error(
+) -> Result<Response, ApiError> {
+    if !(body.seconds >= 0.001 && body.seconds <= RPO_TARGET_MAX_SECONDS) {
+        return Err(error(
             StatusCode::BAD_REQUEST,
             format!(
-                "seconds must be above 0 and at most {RPO_TARGET_MAX_SECONDS}, got {}",
+                "seconds must be at least 0.001 and at most {RPO_TARGET_MAX_SECONDS}, got {}",
                 body.seconds
             ),
-        );
+        )
+        .into());
     }
     change_rpo_target(
         &shared,
         &source,
         Some(Duration::from_secs_f64(body.seconds)),
     )
+    .await
 }
 
 /// `DELETE /v1/sources/{source}/rpo-target`: back to the server-wide target.
 pub(crate) async fn clear_rpo_target(
     State(shared): State<Arc<Shared>>,
     Path(source): Path<String>,
-) -> Response {
-    change_rpo_target(&shared, &source, None)
+) -> Result<Response, ApiError> {
+    change_rpo_target(&shared, &source, None).await
 }
 
-fn change_rpo_target(shared: &Shared, source: &str, target: Option<Duration>) -> Response {
-    let id = match SourceId::new(source) {
-        Ok(id) => id,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-    };
+/// Records the target of a known source in the store, then applies it here.
+/// The serving server makes the change (`409` naming it elsewhere), under
+/// the workflow's lock, which also orders it with a refresh of the source's
+/// records from the bucket.
+async fn change_rpo_target(
+    shared: &Arc<Shared>,
+    source: &str,
+    target: Option<Duration>,
+) -> Result<Response, ApiError> {
+    let id = known(shared, source)?;
+    serve_for_step(shared, &id).await?;
+    let _serial = shared.migration_lock.lock().await;
+    let stored = id.clone();
+    blocking(shared, move |store| store.set_rpo_target(&stored, target)).await?;
     let thresholds = shared.thresholds();
     let now = now_unix_ms();
-    let view = shared.ledger.sources.update_known(&id, |record| {
+    let view = shared.ledger.sources.update(&id, |record| {
         record.rpo_target_override = target;
         record.view(&id, thresholds, now)
     });
-    match view {
-        Some(view) => {
-            info!(source = %id, rpo_target_seconds = view.rpo_target_seconds,
-                  overridden = target.is_some(), "RPO target set");
-            Json(view).into_response()
-        }
-        None => error(StatusCode::NOT_FOUND, format!("no source {source:?}")),
-    }
+    info!(source = %id, rpo_target_seconds = view.rpo_target_seconds,
+          overridden = target.is_some(), "RPO target set");
+    Ok(Json(view).into_response())
 }

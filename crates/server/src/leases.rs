@@ -67,12 +67,13 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
     }
 }
 
-/// What a source's records say of it: its head, cutover fence and last
-/// migration step.
+/// What a source's records say of it: its head, cutover fence, last
+/// migration step and RPO target.
 type SourceRecords = (
     Option<blockrep_store::Head>,
     Option<blockrep_store::Lifecycle>,
     Option<blockrep_store::MigrationEvent>,
+    Option<std::time::Duration>,
 );
 
 /// Reads [`SourceRecords`] of `source` from the store.
@@ -84,13 +85,19 @@ fn records_of(
         store.head(source)?,
         store.lifecycle(source)?,
         store.migration_history(source)?.last().cloned(),
+        store.rpo_target(source)?,
     ))
 }
 
 /// Takes what the source's records say now into its figures here: the
-/// head's epoch, root and times (when the epoch moved), the cutover fence and
-/// the migration workflow's state. The caller holds the workflow's lock.
-fn adopt(shared: &Shared, source: &SourceId, (head, lifecycle, migration): SourceRecords) {
+/// head's epoch, root and times (when the epoch moved), the cutover fence,
+/// the migration workflow's state and the RPO target. The caller holds the
+/// workflow's lock.
+fn adopt(
+    shared: &Shared,
+    source: &SourceId,
+    (head, lifecycle, migration, rpo_target): SourceRecords,
+) {
     let now = now_unix_ms();
     shared.ledger.sources.update(source, |record| {
         if let Some(head) = &head
@@ -106,6 +113,7 @@ fn adopt(shared: &Shared, source: &SourceId, (head, lifecycle, migration): Sourc
         // The cutover fence follows the bucket's record, and so does the
         // migration workflow's state.
         record.lifecycle = lifecycle;
+        record.rpo_target_override = rpo_target;
         if let Some(last) = migration {
             record.migration = Some(last.to);
             record.migration_since_unix_ms = last.unix_ms;

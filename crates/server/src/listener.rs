@@ -114,7 +114,8 @@ impl Server {
                 if let Some(head) = store.head(&source)? {
                     let lifecycle = store.lifecycle(&source)?;
                     let migration = store.migration_history(&source)?.last().cloned();
-                    known.push((source, head, lifecycle, migration));
+                    let rpo_target = store.rpo_target(&source)?;
+                    known.push((source, head, lifecycle, migration, rpo_target));
                 }
             }
             let followed = crate::drills::followed_sources(&store)?;
@@ -124,8 +125,9 @@ impl Server {
         .expect("store open task does not panic")?;
         let sources = SourceTable::default();
         let now = now_unix_ms();
-        for (source, head, lifecycle, migration) in known {
+        for (source, head, lifecycle, migration, rpo_target) in known {
             let mut record = SourceRecord::from_head(&head, now);
+            record.rpo_target_override = rpo_target;
             record.migration = Some(match &migration {
                 Some(last) => last.to,
                 None => blockrep_store::MigrationState::implied(

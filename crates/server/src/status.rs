@@ -267,8 +267,9 @@ pub(crate) struct SourceRecord {
     pub failback_finalize_requested: bool,
     pub failback_chunks_sent_total: u64,
     pub failback_bytes_sent_total: u64,
-    /// RPO target set for this source through the admin API; kept in memory
-    /// only, so a restarted server is back at the server-wide target.
+    /// RPO target set for this source through the admin API, as its record
+    /// in the store says (read at start and when the source's records are
+    /// taken from the bucket).
     pub rpo_target_override: Option<Duration>,
     /// Write capture's reports (`None`: the source is scanned).
     pub capture: Option<CaptureRecord>,
