@@ -455,31 +455,25 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
         assert!(body.contains(&a.addr.to_string()), "{body}");
     };
     // A workflow step asked of B is refused, naming A: B's records may be
-    // old, and the agent is A's. Asked of A, it is made.
-    let mark_ready = |server: &ServerProcess| {
-        blockrep_testkit::admin::admin_request(
-            server.admin_addr.unwrap(),
-            "POST",
-            "/v1/sources/web/mark-ready",
-            Some(r#"{"force":true}"#),
-        )
-    };
-    refused_for_a(mark_ready(&b));
-    let (code, body) = mark_ready(&a);
-    assert_eq!(code, 200, "{body}");
-    // So is an RPO target, a record of the source: set through A, B
-    // applies it too, as the bucket has it.
-    let rpo_target = |server: &ServerProcess| {
-        blockrep_testkit::admin::admin_request(
-            server.admin_addr.unwrap(),
-            "PUT",
-            "/v1/sources/web/rpo-target",
-            Some(r#"{"seconds": 2}"#),
-        )
-    };
-    refused_for_a(rpo_target(&b));
-    let (code, body) = rpo_target(&a);
-    assert_eq!(code, 200, "{body}");
+    // old, and the agent is A's. Asked of A, it is made. So is an RPO
+    // target, a record of the source: set through A, B applies it too, as
+    // the bucket has it.
+    for (method, path, body) in [
+        ("POST", "/v1/sources/web/mark-ready", r#"{"force":true}"#),
+        ("PUT", "/v1/sources/web/rpo-target", r#"{"seconds": 2}"#),
+    ] {
+        let ask = |server: &ServerProcess| {
+            blockrep_testkit::admin::admin_request(
+                server.admin_addr.unwrap(),
+                method,
+                path,
+                Some(body),
+            )
+        };
+        refused_for_a(ask(&b));
+        let (code, answer) = ask(&a);
+        assert_eq!(code, 200, "{method} {path}: {answer}");
+    }
     let view = admin_source(b.admin_addr.unwrap(), "web").unwrap();
     assert_eq!(view.rpo_target_seconds, 2.0, "{view:?}");
     // B reports the source as the bucket has it: A's step, A's epochs.
