@@ -342,4 +342,17 @@ row "  rsync -B 4096 wire / changed" "" "$(ratio "$rsync_delta_4k_bytes" "$chang
 row "b3sum --num-threads 2 (rescan floor, best of 3)" "$b3sum_best" ""
 row "  blockrep delta / b3sum" "$(ratio "$blockrep_delta" "$b3sum_best")" ""
 echo "  replicas equal to the disk (both blockrep exports, both rsync copies): $verified"
+# A virtual machine whose balloon device reports free pages (virtio feature
+# bit 5) hands freed memory back to its host, and the first write into each
+# such page then faults in the host: writes into the page cache cost several
+# times their usual CPU, for both tools, and by how much varies from run to
+# run (docs/performance.md, "Free page reporting"). An order above the
+# kernel's largest (10) reports nothing.
+order=$(cat /sys/module/page_reporting/parameters/page_reporting_order 2>/dev/null || echo 99)
+for features in /sys/bus/virtio/drivers/virtio_balloon/virtio*/features; do
+    if [[ -r $features && $(cut -c6 "$features") == 1 ]] && ((order <= 10)); then
+        echo "  note: this machine reports free pages to its host; the figures vary with it (docs/performance.md)"
+        break
+    fi
+done
 [[ $verified == ok ]]
