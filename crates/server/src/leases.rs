@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::reject::Reject;
 use crate::shared::Shared;
+use crate::source_records::SourceRecords;
 
 /// Makes this server the one serving `source`; a refusal tells the agent
 /// to try its next server when another one holds the source.
@@ -37,7 +38,7 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
         }
         // What the source's records say now: another server may have
         // committed, cut it over or reset it since this one started.
-        Ok::<_, blockrep_store::Error>((lease, Some(records_of(&store, &claiming)?)))
+        Ok::<_, blockrep_store::Error>((lease, Some(SourceRecords::read(&store, &claiming)?)))
     })
     .await
     .map_err(|e| Reject::new(ErrorCode::Internal, format!("lease task failed: {e}")))?;
@@ -67,62 +68,14 @@ pub(crate) async fn claim(shared: &Arc<Shared>, source: &SourceId) -> Result<(),
     }
 }
 
-/// What a source's records say of it: its head, cutover fence, last
-/// migration step and RPO target.
-type SourceRecords = (
-    Option<blockrep_store::Head>,
-    Option<blockrep_store::Lifecycle>,
-    Option<blockrep_store::MigrationEvent>,
-    Option<std::time::Duration>,
-);
-
-/// Reads [`SourceRecords`] of `source` from the store.
-fn records_of(
-    store: &blockrep_store::Store,
-    source: &SourceId,
-) -> Result<SourceRecords, blockrep_store::Error> {
-    Ok((
-        store.head(source)?,
-        store.lifecycle(source)?,
-        store.migration_history(source)?.last().cloned(),
-        store.rpo_target(source)?,
-    ))
-}
-
-/// Takes what the source's records say now into its figures here: the
-/// head's epoch, root and times (when the epoch moved), the cutover fence,
-/// the migration workflow's state and the RPO target. The caller holds the
-/// workflow's lock.
-fn adopt(
-    shared: &Shared,
-    source: &SourceId,
-    (head, lifecycle, migration, rpo_target): SourceRecords,
-) {
+/// Takes what the source's records say now into its figures here. The
+/// caller holds the workflow's lock.
+fn adopt(shared: &Shared, source: &SourceId, records: SourceRecords) {
     let now = now_unix_ms();
-    shared.ledger.sources.update(source, |record| {
-        if let Some(head) = &head
-            && head.epoch != record.epoch
-        {
-            let fresh = crate::status::SourceRecord::from_head(head, now);
-            record.epoch = fresh.epoch;
-            record.root = fresh.root;
-            record.consistency = fresh.consistency;
-            record.synced_scan_started_unix_ms = fresh.synced_scan_started_unix_ms;
-            record.last_commit_unix_ms = fresh.last_commit_unix_ms;
-        }
-        // The cutover fence follows the bucket's record, and so does the
-        // migration workflow's state.
-        record.lifecycle = lifecycle;
-        record.rpo_target_override = rpo_target;
-        if let Some(last) = migration {
-            record.migration = Some(last.to);
-            record.migration_since_unix_ms = last.unix_ms;
-            // A cutover requested through another server is still
-            // requested; one it reset is not.
-            record.cutover_requested = last.to == blockrep_store::MigrationState::CuttingOver
-                && record.lifecycle.is_none();
-        }
-    });
+    shared
+        .ledger
+        .sources
+        .update(source, |record| records.apply(record, now));
 }
 
 /// Before this server reports on sources: those another server serves, as
@@ -144,7 +97,7 @@ pub(crate) async fn refresh_elsewhere(shared: &Arc<Shared>) {
         store.refresh_sources(&elsewhere, now)?;
         let mut read = Vec::with_capacity(elsewhere.len());
         for source in elsewhere {
-            let records = records_of(&store, &source)?;
+            let records = SourceRecords::read(&store, &source)?;
             read.push((source, records));
         }
         Ok::<_, blockrep_store::Error>(read)

@@ -54,6 +54,7 @@ mod retention;
 mod revocation;
 mod session;
 mod shared;
+mod source_records;
 mod status;
 mod verify;
 mod views;

@@ -21,7 +21,8 @@ use crate::ledger::HandshakeFailure;
 use crate::revocation::Registration;
 use crate::session::{Session, reject};
 use crate::shared::Shared;
-use crate::status::{SourceRecord, SourceTable};
+use crate::source_records::SourceRecords;
+use crate::status::SourceTable;
 use crate::{Error, ServerConfig};
 
 /// Aborts a background task when dropped (when `run` returns).
@@ -109,13 +110,11 @@ impl Server {
                 Some(encryption) => Some(ServerKeys::load(encryption, &store)?),
                 None => None,
             };
+            let now = now_unix_ms();
             let mut known = Vec::new();
             for source in store.sources()? {
-                if let Some(head) = store.head(&source)? {
-                    let lifecycle = store.lifecycle(&source)?;
-                    let migration = store.migration_history(&source)?.last().cloned();
-                    let rpo_target = store.rpo_target(&source)?;
-                    known.push((source, head, lifecycle, migration, rpo_target));
+                if let Some(record) = SourceRecords::read(&store, &source)?.into_record(now) {
+                    known.push((source, record));
                 }
             }
             let followed = crate::drills::followed_sources(&store)?;
@@ -124,24 +123,7 @@ impl Server {
         .await
         .expect("store open task does not panic")?;
         let sources = SourceTable::default();
-        let now = now_unix_ms();
-        for (source, head, lifecycle, migration, rpo_target) in known {
-            let mut record = SourceRecord::from_head(&head, now);
-            record.rpo_target_override = rpo_target;
-            record.migration = Some(match &migration {
-                Some(last) => last.to,
-                None => blockrep_store::MigrationState::implied(
-                    head.synced_scan_started_unix_ms != 0,
-                    lifecycle.is_some(),
-                ),
-            });
-            record.migration_since_unix_ms = migration.map_or(0, |last| last.unix_ms);
-            // A cutover requested before a restart is still requested: the
-            // agent is told at its next commit.
-            record.cutover_requested = record.migration
-                == Some(blockrep_store::MigrationState::CuttingOver)
-                && lifecycle.is_none();
-            record.lifecycle = lifecycle;
+        for (source, record) in known {
             sources.insert(source, record);
         }
         let lists = match &config.crl_path {
