@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use crate::api_error::{ApiError, blocking, error};
 use crate::breaches::{BreachEvent, Transition};
 use crate::shared::Shared;
-use crate::workflow_api::{known, serve_for_step};
+use crate::workflow_api::known_for_step;
 
 /// Hook runs queued at most; further events are logged and dropped rather than
 /// piling up behind a hook that hangs.
@@ -228,8 +228,7 @@ async fn change_rpo_target(
     source: &str,
     target: Option<Duration>,
 ) -> Result<Response, ApiError> {
-    let id = known(shared, source)?;
-    serve_for_step(shared, &id).await?;
+    let id = known_for_step(shared, source).await?;
     let _serial = shared.migration_lock.lock().await;
     let stored = id.clone();
     blocking(shared, move |store| store.set_rpo_target(&stored, target)).await?;

@@ -157,6 +157,18 @@ pub(crate) async fn serve_if_known(
     Ok(())
 }
 
+/// A known source that this server serves for a step: `404` for one it
+/// does not know, `409` naming the server that serves it (see
+/// [`serve_for_step`]).
+pub(crate) async fn known_for_step(
+    shared: &Arc<Shared>,
+    source: &str,
+) -> Result<SourceId, ApiError> {
+    let id = known(shared, source)?;
+    serve_for_step(shared, &id).await?;
+    Ok(id)
+}
+
 /// A known source, or 404.
 pub(crate) fn known(shared: &Shared, source: &str) -> Result<SourceId, ApiError> {
     let id = parse_source(source)?;
@@ -200,8 +212,7 @@ async fn operator_step(
     operator: Step,
     force: bool,
 ) -> Result<Response, ApiError> {
-    let source = known(shared, source)?;
-    serve_for_step(shared, &source).await?;
+    let source = known_for_step(shared, source).await?;
     let event = step(shared, &source, operator, &who(shared, headers), force).await?;
     Ok(stepped(&source, shared, event))
 }
@@ -217,8 +228,7 @@ pub(crate) async fn finalize(
     Path(source): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let source = known(&shared, &source)?;
-    serve_for_step(&shared, &source).await?;
+    let source = known_for_step(&shared, &source).await?;
     let serial = shared.migration_lock.lock().await;
     // And the lifecycle's, in the order a reset takes them: a failback
     // cannot start between the check of the fence below and the record.
