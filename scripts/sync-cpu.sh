@@ -24,7 +24,7 @@ if [[ -n $given_bin ]]; then
     bin=$given_bin
 else
     cargo build --release -q
-    bin=$PWD/target/release/blockrep
+    bin=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
 fi
 
 work=$(mktemp -d)
