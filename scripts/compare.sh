@@ -15,8 +15,12 @@
 #
 # Everything runs on 127.0.0.1 with ephemeral ports. blockrep goes through mutual
 # TLS, verifies every chunk and fsyncs before acknowledging; rsync talks to its
-# own daemon without encryption and does not fsync. Installs rsync (apt-get) and
-# b3sum (cargo install) when missing, and builds blockrep in release.
+# own daemon without encryption and does not fsync. Beside them, the floor of
+# blockrep's full sync: the CPU of its mandatory work (blake3 on both ends,
+# AES-GCM both ways, loopback TCP, page-cache writes), each part measured alone
+# over the bytes of this run, divided by the cores. Installs rsync, iperf3,
+# openssl and time (apt-get) and b3sum (cargo install) when missing, and
+# builds blockrep in release.
 set -euo pipefail
 # A binary given is the caller's path: resolved before moving to the tree.
 given_bin=${BLOCKREP_BIN:+$(realpath "$BLOCKREP_BIN")}
@@ -58,6 +62,14 @@ if ! command -v b3sum >/dev/null; then
     echo "installing b3sum..." >&2
     cargo install --locked --quiet b3sum
 fi
+# The floor's tools (see below), each with its Debian package.
+for tool in iperf3:iperf3 openssl:openssl /usr/bin/time:time; do
+    if ! command -v "${tool%%:*}" >/dev/null; then
+        echo "installing ${tool#*:}..." >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null
+    fi
+done
 if [[ -n $given_bin ]]; then
     bin=$given_bin
 else
@@ -69,7 +81,9 @@ fi
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/blockrep-compare.XXXXXX")
 server_pid=
 rsyncd_pid=
+iperf_pid=
 cleanup() {
+    [[ -n $iperf_pid ]] && kill "$iperf_pid" 2>/dev/null || true
     [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null || true
     [[ -n $rsyncd_pid ]] && kill "$rsyncd_pid" 2>/dev/null || true
     wait 2>/dev/null || true
@@ -312,6 +326,48 @@ for _ in 1 2 3; do
     b3sum_best=$(awk -v a="$s" -v b="${b3sum_best:-$s}" 'BEGIN { print (a < b) ? a : b }')
 done
 
+# The floor of the full sync's work on this machine: the CPU its mandatory
+# parts cost when each is measured alone at its best, over the bytes this run
+# moved, spread over every core with no overhead at all. No tool that hashes
+# every chunk on both ends (blake3, one thread each, as b3sum), encrypts and
+# decrypts them (AES-128-GCM, as `openssl speed`), moves them over loopback TCP
+# (iperf3, both ends) and writes them into the page cache (dd) can finish a
+# full sync faster; fsync, framing and start-up come on top.
+echo "the floor: blake3, AES-GCM, loopback TCP and page-cache writes alone..." >&2
+raw_bytes=$(grep -o ' raw_bytes_sent=[0-9]*' "$work/agent-full.out" | awk -F= '{ s += $2 } END { print s + 0 }')
+cpu_seconds() { awk '{ printf "%.3f", $1 + $2 }' "$1"; }
+/usr/bin/time -o "$work/b3.time" -f '%U %S' b3sum --num-threads 1 "$disk" >/dev/null
+floor_blake3=$(awk -v c="$(cpu_seconds "$work/b3.time")" -v raw="$raw_bytes" -v size="$size_bytes" \
+    'BEGIN { printf "%.3f", 2 * c * raw / size }')
+aes_rate=$(openssl speed -seconds 1 -bytes 16384 -evp aes-128-gcm 2>/dev/null |
+    awk '$1 == "AES-128-GCM" { sub(/k$/, "", $2); print $2 * 1000 }')
+floor_aes=$(awk -v wire="$blockrep_full_bytes" -v rate="$aes_rate" 'BEGIN { printf "%.3f", 2 * wire / rate }')
+iperf_port=$(free_port)
+iperf3 --server --one-off --bind 127.0.0.1 --port "$iperf_port" >/dev/null 2>&1 &
+iperf_pid=$!
+for _ in $(seq 50); do
+    iperf3 --client 127.0.0.1 --port "$iperf_port" --bytes "$blockrep_full_bytes" --length 128K --json \
+        >"$work/iperf.json" 2>/dev/null && break
+    sleep 0.1
+done
+kill "$iperf_pid" 2>/dev/null || true
+wait "$iperf_pid" 2>/dev/null || true
+iperf_pid=
+[[ -s $work/iperf.json ]] || { echo "iperf3 did not measure loopback TCP" >&2; exit 1; }
+floor_tcp=$(python3 -c '
+import json, sys
+end = json.load(open(sys.argv[1]))["end"]
+cpu = end["cpu_utilization_percent"]
+print("%.3f" % ((cpu["host_total"] + cpu["remote_total"]) / 100 * end["sum_sent"]["seconds"]))
+' "$work/iperf.json")
+/usr/bin/time -o "$work/dd.time" -f '%U %S' dd if=/dev/zero of="$work/floor-write" bs=1M \
+    count=$(((blockrep_full_bytes + 1048575) / 1048576)) status=none
+floor_write=$(cpu_seconds "$work/dd.time")
+rm -f "$work/floor-write"
+floor_cpu=$(awk -v a="$floor_blake3" -v b="$floor_aes" -v c="$floor_tcp" -v d="$floor_write" \
+    'BEGIN { printf "%.3f", a + b + c + d }')
+floor=$(awk -v cpu="$floor_cpu" -v cores="$(nproc)" 'BEGIN { printf "%.3f", cpu / cores }')
+
 "$bin" export --data "$work/data" --source cmp --out "$work/export.raw" >/dev/null
 verified=ok
 cmp "$disk" "$work/export.raw" || verified=FAILED
@@ -341,6 +397,11 @@ row "  blockrep / rsync -B 4096" "$(ratio "$blockrep_delta" "$rsync_delta_4k")" 
 row "  rsync -B 4096 wire / changed" "" "$(ratio "$rsync_delta_4k_bytes" "$changed_bytes")"
 row "b3sum --num-threads 2 (rescan floor, best of 3)" "$b3sum_best" ""
 row "  blockrep delta / b3sum" "$(ratio "$blockrep_delta" "$b3sum_best")" ""
+row "floor of the full sync on $(nproc) cores (below)" "$floor" ""
+row "  blockrep to the commit / floor" "$(ratio "$blockrep_commit" "$floor")" ""
+row "  floor / rsync" "$(ratio "$floor" "$rsync_full")" ""
+echo "  the floor: CPU s of blake3 on both ends $floor_blake3, AES-128-GCM both ways $floor_aes,"
+echo "    loopback TCP $floor_tcp, page-cache writes $floor_write; $floor_cpu in all, over $(nproc) cores"
 echo "  replicas equal to the disk (both blockrep exports, both rsync copies): $verified"
 # A virtual machine whose balloon device reports free pages (virtio feature
 # bit 5) hands freed memory back to its host, and the first write into each
