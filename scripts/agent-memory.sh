@@ -4,9 +4,9 @@
 # Usage: scripts/agent-memory.sh [SIZE_GIB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 size_gib=${1:-4}
-cargo build --release --quiet
-bin=$PWD/target/release/blockrep
+bin=$(release_binary)
 work=$(mktemp -d)
 trap 'kill $server_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 head -c "${size_gib}G" /dev/urandom > "$work/disk.raw"
@@ -15,8 +15,8 @@ $bin cert issue --dir "$work/tls" --source mem >/dev/null
 $bin server --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --data "$work/data" --tls-dir "$work/tls" \
     >"$work/server.out" 2>"$work/server.err" &
 server_pid=$!
-for _ in $(seq 100); do grep -q listening "$work/server.out" && break; sleep 0.1; done
-addr=$(awk '/listening on/ {print $3}' "$work/server.out")
+wait_listening "$work/server.out" "$work/server.err"
+addr=$(awk '/^listening on/ {print $3}' "$work/server.out")
 /usr/bin/time -v "$bin" agent --once --disk "$work/disk.raw" --to "$addr" --source mem --tls-dir "$work/tls" \
     >"$work/agent.out" 2>"$work/agent.err"
 peak_kib=$(awk -F: '/Maximum resident set size/ {gsub(/ /, "", $2); print $2}' "$work/agent.err")

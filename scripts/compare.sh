@@ -25,6 +25,7 @@ set -euo pipefail
 # A binary given is the caller's path: resolved before moving to the tree.
 given_bin=${BLOCKREP_BIN:+$(realpath "$BLOCKREP_BIN")}
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 disk_kind=synthetic
 if [[ ${1:-} == --disk-kind ]]; then
@@ -70,13 +71,7 @@ for tool in iperf3:iperf3 openssl:openssl /usr/bin/time:time; do
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null
     fi
 done
-if [[ -n $given_bin ]]; then
-    bin=$given_bin
-else
-    echo "building blockrep (release)..." >&2
-    cargo build --release --quiet
-    bin=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
-fi
+bin=$(release_binary "$given_bin")
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/blockrep-compare.XXXXXX")
 server_pid=
@@ -227,9 +222,8 @@ settle() { sync; }
 "$bin" server --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --retention off \
     --data "$work/data" --tls-dir "$work/tls" >"$work/server.out" 2>"$work/server.err" &
 server_pid=$!
-for _ in $(seq 100); do grep -q '^listening on' "$work/server.out" && break; sleep 0.1; done
+wait_listening "$work/server.out" "$work/server.err"
 addr=$(awk '/^listening on/ { print $3 }' "$work/server.out")
-[[ -n $addr ]] || { echo "blockrep server did not start:" >&2; cat "$work/server.err" >&2; exit 1; }
 
 # agent_sync NAME [SOURCE [ARGS...]]: one `agent --once` run, output kept as NAME.
 agent_sync() {
@@ -332,7 +326,8 @@ done
 # every chunk on both ends (blake3, one thread each, as b3sum), encrypts and
 # decrypts them (AES-128-GCM, as `openssl speed`), moves them over loopback TCP
 # (iperf3, both ends) and writes them into the page cache (dd) can finish a
-# full sync faster; fsync, framing and start-up come on top.
+# full sync faster; fsync, framing and start-up come on top. CPU is counted in
+# 10 ms ticks: the floor means something from a few hundred MiB up.
 echo "the floor: blake3, AES-GCM, loopback TCP and page-cache writes alone..." >&2
 raw_bytes=$(grep -o ' raw_bytes_sent=[0-9]*' "$work/agent-full.out" | awk -F= '{ s += $2 } END { print s + 0 }')
 cpu_seconds() { awk '{ printf "%.3f", $1 + $2 }' "$1"; }

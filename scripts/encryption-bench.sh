@@ -14,14 +14,14 @@
 # TMPDIR for the work directories (default /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 size=${1:-1GiB}
 seed=${SEED:-1}
 pairs=${PAIRS:-4}
 modes=${MODES:-none auto}
 export TMPDIR=${TMPDIR:-/var/tmp}
-cargo build --release -q
-blockrep=target/release/blockrep
+blockrep=$(release_binary)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -25,6 +25,7 @@
 # (unset: report only; e.g. 0.8: exit 1 when a 4 KiB ratio is below it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 size_mib=${1:-512}
 rounds=${ROUNDS:-3}
 runtime=${RUNTIME:-10}
@@ -34,8 +35,7 @@ for tool in fio qemu-nbd nbdcopy nbdinfo; do
         break
     }
 done
-cargo build --release --quiet
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
+bin=$(release_binary)
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/launch-speed.XXXXXX")
 pids=()
 cleanup() {
@@ -51,7 +51,7 @@ $bin cert issue --dir "$work/tls" --source speed >/dev/null
 $bin server --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --nbd-listen 127.0.0.1:0 \
     --retention off --data "$work/data" --tls-dir "$work/tls" ${SERVER_ARGS:-} >"$work/server.out" 2>"$work/server.err" &
 pids+=($!)
-for _ in $(seq 100); do grep -q listening "$work/server.out" && break; sleep 0.1; done
+wait_listening "$work/server.out" "$work/server.err"
 read -r _ _ addr _ admin _ nbd <"$work/server.out"
 
 # A random image: nothing to compress, nothing to dedup.

@@ -5,12 +5,12 @@
 # Usage: scripts/nbd-speed.sh [SIZE_GIB]   (default 1; the large replica is 4x)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 size_gib=${1:-1}
 for tool in nbdcopy qemu-nbd; do
     command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq libnbd-bin qemu-utils; break; }
 done
-cargo build --release --quiet
-bin=$PWD/target/release/blockrep
+bin=$(release_binary)
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -24,7 +24,7 @@ for s in speed small large; do $bin cert issue --dir "$work/tls" --source $s >/d
 $bin server --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --nbd-listen 127.0.0.1:0 --retention off \
     --data "$work/data" --tls-dir "$work/tls" >"$work/server.out" 2>"$work/server.err" &
 pids+=($!)
-for _ in $(seq 100); do grep -q listening "$work/server.out" && break; sleep 0.1; done
+wait_listening "$work/server.out" "$work/server.err"
 read -r _ _ addr _ admin _ nbd < "$work/server.out"
 
 # A mostly-random image with some zero regions, replicated, snapshotted, launched.

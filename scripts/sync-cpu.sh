@@ -16,16 +16,12 @@ set -euo pipefail
 disk=${2:+$(realpath "$2")}
 given_bin=${BLOCKREP_BIN:+$(realpath "$BLOCKREP_BIN")}
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 runs=${1:-5}
 export TMPDIR=${TMPDIR:-/var/tmp}
 command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (Debian: apt-get install time)" >&2; exit 1; }
-if [[ -n $given_bin ]]; then
-    bin=$given_bin
-else
-    cargo build --release -q
-    bin=${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep
-fi
+bin=$(release_binary "$given_bin")
 
 work=$(mktemp -d)
 server_pid=
@@ -57,9 +53,8 @@ for run in $(seq "$runs"); do
         --admin-listen 127.0.0.1:0 --retention off --data "$work/data" --tls-dir "$work/tls" \
         >"$work/server.out" 2>"$work/server.err" &
     server_pid=$!
-    for _ in $(seq 100); do grep -q '^listening on' "$work/server.out" && break; sleep 0.1; done
+    wait_listening "$work/server.out" "$work/server.err"
     addr=$(awk '/^listening on/ { print $3 }' "$work/server.out")
-    [[ -n $addr ]] || { echo "the server did not start:" >&2; cat "$work/server.err" >&2; exit 1; }
     sync
     started=$(now)
     /usr/bin/time -o "$work/agent.time" -f '%U %S %e' "$bin" agent --once --disk "$disk" \
