@@ -135,6 +135,7 @@ mod sealed;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 mod snapshot;
+mod source_record;
 mod store;
 mod tenant;
 #[cfg(test)]

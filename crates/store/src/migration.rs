@@ -16,7 +16,7 @@
 use blockrep_core::SourceId;
 
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file};
+use crate::source_record::SourceRecord;
 use crate::store::Store;
 use crate::textrec;
 
@@ -29,11 +29,14 @@ pub const MIGRATION_BY_MAX_BYTES: usize = 200;
 /// Longest `note` kept, in bytes.
 pub const MIGRATION_NOTE_MAX_BYTES: usize = 500;
 
-const MAGIC: &str = "blockrep migration v1";
-
-/// Largest file a valid history can be (every event at its longest, escaped).
-const FILE_MAX_BYTES: usize =
-    64 + MIGRATION_EVENTS_KEPT * (96 + 12 * (MIGRATION_BY_MAX_BYTES + MIGRATION_NOTE_MAX_BYTES));
+const HISTORY: SourceRecord = SourceRecord {
+    name: "migration",
+    magic: "blockrep migration v1",
+    title: "migration history",
+    // Largest file a valid history can be (every event at its longest, escaped).
+    max_bytes: 64
+        + MIGRATION_EVENTS_KEPT * (96 + 12 * (MIGRATION_BY_MAX_BYTES + MIGRATION_NOTE_MAX_BYTES)),
+};
 
 /// Where a source stands in the migration workflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -168,14 +171,7 @@ pub struct MigrationChange {
     pub unix_ms: u64,
 }
 
-fn encode(events: &[MigrationEvent]) -> Vec<u8> {
-    let lines: Vec<String> = events.iter().map(MigrationEvent::encode).collect();
-    textrec::seal(MAGIC, &lines)
-}
-
-fn decode(source: &SourceId, bytes: &[u8]) -> Result<Vec<MigrationEvent>, Error> {
-    let what = format!("migration history of {source}");
-    let lines = textrec::open(&what, MAGIC, bytes)?;
+fn decode(what: &str, lines: Vec<&str>) -> Result<Vec<MigrationEvent>, Error> {
     let mut events = Vec::with_capacity(lines.len());
     for line in lines {
         let event = MigrationEvent::decode(line)
@@ -201,11 +197,7 @@ impl Store {
     /// The source's migration history, oldest first (at most
     /// [`MIGRATION_EVENTS_KEPT`] events); empty when it has none.
     pub fn migration_history(&self, source: &SourceId) -> Result<Vec<MigrationEvent>, Error> {
-        let path = self.source_dir(source).join("migration");
-        match read_small_file(self.vfs(), &path, FILE_MAX_BYTES)? {
-            Some(bytes) => decode(source, &bytes),
-            None => Ok(Vec::new()),
-        }
+        Ok(HISTORY.read(self, source, decode)?.unwrap_or_default())
     }
 
     /// The source's migration state: its last transition's, else implied by
@@ -258,9 +250,8 @@ impl Store {
         events.push(event.clone());
         let drop = events.len().saturating_sub(MIGRATION_EVENTS_KEPT);
         events.drain(..drop);
-        let dir = self.source_dir(source);
-        create_dir_durable(self.vfs(), &dir)?;
-        publish_atomic(self.vfs(), &dir.join("migration"), &encode(&events))?;
+        let lines: Vec<String> = events.iter().map(MigrationEvent::encode).collect();
+        HISTORY.write(self, source, &lines)?;
         Ok(event)
     }
 }
@@ -269,7 +260,13 @@ impl Store {
 /// are not added (those kept still gate the source).
 pub const FAILED_CHECKS_MAX: usize = 256;
 
-const FAILED_MAGIC: &str = "blockrep failed-checks v2";
+const FAILED: SourceRecord = SourceRecord {
+    name: "failed-checks",
+    magic: "blockrep failed-checks v2",
+    title: "failed checks",
+    // Every check kept at its longest, escaped.
+    max_bytes: 64 + FAILED_CHECKS_MAX * (40 + 3 * 2 * 1024),
+};
 
 /// A must-succeed check that failed: the launch (by name and creation
 /// time, so a launch made again under the name is another one) and the
@@ -287,29 +284,27 @@ impl Store {
     /// they gate the workflow even once their launch is gone. File
     /// `DATA/sources/ID/failed-checks`.
     pub fn failed_checks(&self, source: &SourceId) -> Result<Vec<FailedCheck>, Error> {
-        let path = self.source_dir(source).join("failed-checks");
-        let max = 64 + FAILED_CHECKS_MAX * (40 + 3 * 2 * 1024);
-        let Some(bytes) = read_small_file(self.vfs(), &path, max)? else {
-            return Ok(Vec::new());
-        };
-        let what = format!("failed checks of {source}");
-        let mut out = Vec::new();
-        for line in textrec::open(&what, FAILED_MAGIC, &bytes)? {
-            let parsed = match line.split(' ').collect::<Vec<_>>().as_slice() {
-                ["failed", launch, created, check] => (|| {
-                    Some(FailedCheck {
-                        launch: textrec::unescape(launch)?,
-                        launch_created_unix_ms: created.parse().ok()?,
-                        check: textrec::unescape(check)?,
+        let parse = |what: &str, lines: Vec<&str>| {
+            lines
+                .into_iter()
+                .map(|line| {
+                    let parsed = match line.split(' ').collect::<Vec<_>>().as_slice() {
+                        ["failed", launch, created, check] => (|| {
+                            Some(FailedCheck {
+                                launch: textrec::unescape(launch)?,
+                                launch_created_unix_ms: created.parse().ok()?,
+                                check: textrec::unescape(check)?,
+                            })
+                        })(),
+                        _ => None,
+                    };
+                    parsed.ok_or_else(|| {
+                        Error::new(ErrorKind::Corrupt, format!("{what}: bad line {line:?}"))
                     })
-                })(),
-                _ => None,
-            };
-            out.push(parsed.ok_or_else(|| {
-                Error::new(ErrorKind::Corrupt, format!("{what}: bad line {line:?}"))
-            })?);
-        }
-        Ok(out)
+                })
+                .collect()
+        };
+        Ok(FAILED.read(self, source, parse)?.unwrap_or_default())
     }
 
     /// Changes the source's failed checks with `change`, durably, under the
@@ -329,10 +324,8 @@ impl Store {
         if failed == before {
             return Ok(());
         }
-        let dir = self.source_dir(source);
-        let path = dir.join("failed-checks");
         if failed.is_empty() {
-            return crate::fsutil::remove_file_durable(self.vfs(), &dir, "failed-checks");
+            return FAILED.remove(self, source);
         }
         let lines: Vec<String> = failed
             .iter()
@@ -345,8 +338,7 @@ impl Store {
                 )
             })
             .collect();
-        create_dir_durable(self.vfs(), &dir)?;
-        publish_atomic(self.vfs(), &path, &textrec::seal(FAILED_MAGIC, &lines))
+        FAILED.write(self, source, &lines)
     }
 }
 

@@ -9,33 +9,33 @@ use std::time::Duration;
 use blockrep_core::SourceId;
 
 use crate::error::{Error, ErrorKind};
-use crate::fsutil::{create_dir_durable, publish_atomic, read_small_file, remove_file_durable};
+use crate::source_record::SourceRecord;
 use crate::store::Store;
-use crate::textrec;
 
-const MAGIC: &str = "blockrep rpo-target v1";
-const FILE_NAME: &str = "rpo-target";
-/// Far more than the record's one line: a larger file is damage.
-const FILE_MAX_BYTES: usize = 256;
+const RECORD: SourceRecord = SourceRecord {
+    name: "rpo-target",
+    magic: "blockrep rpo-target v1",
+    title: "RPO target",
+    // Far more than the record's one line: a larger file is damage.
+    max_bytes: 256,
+};
 
 impl Store {
     /// The RPO target set for `source`; `None` when none is (the server's
     /// own applies).
     pub fn rpo_target(&self, source: &SourceId) -> Result<Option<Duration>, Error> {
-        let path = self.source_dir(source).join(FILE_NAME);
-        let Some(bytes) = read_small_file(self.vfs(), &path, FILE_MAX_BYTES)? else {
-            return Ok(None);
-        };
-        let what = format!("RPO target of {source} ({})", path.display());
-        let millis = match textrec::open(&what, MAGIC, &bytes)?.as_slice() {
-            [line] => line
-                .strip_prefix("millis ")
-                .and_then(|n| n.parse::<u64>().ok())
-                .filter(|&n| n > 0),
-            _ => None,
-        }
-        .ok_or_else(|| Error::new(ErrorKind::Corrupt, format!("{what}: bad record")))?;
-        Ok(Some(Duration::from_millis(millis)))
+        RECORD.read(self, source, |what, lines| {
+            let millis = match lines.as_slice() {
+                [line] => line
+                    .strip_prefix("millis ")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .filter(|&n| n > 0),
+                _ => None,
+            };
+            millis
+                .map(Duration::from_millis)
+                .ok_or_else(|| Error::new(ErrorKind::Corrupt, format!("{what}: bad record")))
+        })
     }
 
     /// Durably sets (`Some`) or removes (`None`) the RPO target of
@@ -43,9 +43,8 @@ impl Store {
     /// refused (`Invalid`): it would read back as none.
     pub fn set_rpo_target(&self, source: &SourceId, target: Option<Duration>) -> Result<(), Error> {
         self.check_writable()?;
-        let dir = self.source_dir(source);
         let Some(target) = target else {
-            return remove_file_durable(self.vfs(), &dir, FILE_NAME);
+            return RECORD.remove(self, source);
         };
         let millis = u64::try_from(target.as_millis()).unwrap_or(u64::MAX);
         if millis == 0 {
@@ -54,9 +53,7 @@ impl Store {
                 format!("an RPO target of {target:?} is below a millisecond"),
             ));
         }
-        create_dir_durable(self.vfs(), &dir)?;
-        let record = textrec::seal(MAGIC, &[format!("millis {millis}")]);
-        publish_atomic(self.vfs(), &dir.join(FILE_NAME), &record)
+        RECORD.write(self, source, &[format!("millis {millis}")])
     }
 }
 
@@ -99,7 +96,11 @@ mod tests {
         store
             .set_rpo_target(&id, Some(Duration::from_secs(60)))
             .unwrap();
-        let path = dir.path().join("sources").join(id.as_str()).join(FILE_NAME);
+        let path = dir
+            .path()
+            .join("sources")
+            .join(id.as_str())
+            .join(RECORD.name);
         let good = std::fs::read(&path).unwrap();
         let damaged = String::from_utf8(good).unwrap().replace("60000", "90000");
         std::fs::write(&path, damaged).unwrap();
@@ -107,7 +108,7 @@ mod tests {
             store.rpo_target(&id).unwrap_err().kind(),
             ErrorKind::Corrupt
         );
-        let zero = textrec::seal(MAGIC, &["millis 0".to_owned()]);
+        let zero = crate::textrec::seal(RECORD.magic, &["millis 0".to_owned()]);
         std::fs::write(&path, zero).unwrap();
         assert_eq!(
             store.rpo_target(&id).unwrap_err().kind(),
