@@ -320,8 +320,12 @@ impl SourceRecord {
             Some(volume) => {
                 volume.chunks_pending = chunks_pending;
                 volume.bytes_pending = bytes_pending;
-                self.chunks_pending = self.volumes.iter().map(|v| v.chunks_pending).sum();
-                self.bytes_pending = self.volumes.iter().map(|v| v.bytes_pending).sum();
+                // Saturating: each volume's figure is an agent's word.
+                let total = |of: fn(&VolumeRecord) -> u64| {
+                    self.volumes.iter().map(of).fold(0, u64::saturating_add)
+                };
+                self.chunks_pending = total(|v| v.chunks_pending);
+                self.bytes_pending = total(|v| v.bytes_pending);
             }
             None => {
                 self.chunks_pending = chunks_pending;
@@ -635,6 +639,14 @@ mod tests {
             .collect();
         assert_eq!(backlogs, [(2, 2 * 65_536), (1, 4096)]);
         assert!(view.volumes.iter().all(|v| v.lag_seconds == Some(2.0)));
+        // Volumes whose reports add up past u64 give the largest figure,
+        // not a panic or a wrapped small one.
+        record.set_backlog(Some(0), u64::MAX, u64::MAX);
+        record.set_backlog(Some(1), 7, 7);
+        assert_eq!(
+            (record.chunks_pending, record.bytes_pending),
+            (u64::MAX, u64::MAX)
+        );
         // A single disk's report is the source's.
         let mut disk = SourceRecord::default();
         disk.set_backlog(None, 5, 500);

@@ -173,6 +173,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 } => {
                     counters.started.get_or_insert_with(Instant::now);
                     self.cutover_times.backlog_unix_ms = now_unix_ms();
+                    // The agent's word, held to what its disk can owe: no
+                    // more chunks than it has, no more bytes than its size.
+                    let geometry = replica.geometry;
+                    let chunks_pending = chunks_pending.min(geometry.chunk_count());
+                    let bytes_pending = bytes_pending.min(geometry.disk_size_bytes());
                     self.shared.ledger.sources.update(&self.source, |record| {
                         record.set_backlog(machine.map(|_| current), chunks_pending, bytes_pending);
                     });
