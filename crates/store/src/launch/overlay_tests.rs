@@ -124,6 +124,26 @@ fn a_map_of_another_size_is_refused() {
 }
 
 #[test]
+fn a_damaged_header_is_an_error_even_where_the_size_is_not_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o");
+    let mut overlay = Overlay::create(&path, SIZE).unwrap();
+    overlay.write_blocks(0, &block(7)).unwrap();
+    overlay.sync().unwrap();
+    drop(overlay);
+    assert_eq!(mapped_blocks_in(&path).unwrap(), 1);
+    // A flipped high byte of the block count: it must not size the maps
+    // (2^56 blocks would be an allocation no machine has).
+    let map = path.join("map");
+    let mut bytes = std::fs::read(&map).unwrap();
+    bytes[15] ^= 0x01;
+    std::fs::write(&map, bytes).unwrap();
+    let error = mapped_blocks_in(&path).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    assert!(error.to_string().contains("damaged header"), "{error}");
+}
+
+#[test]
 fn unmapped_blocks_are_punched_only_once_the_unmap_is_durable_and_not_rewritten() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("o");

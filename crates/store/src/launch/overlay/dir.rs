@@ -6,9 +6,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::records::HEADER_LEN;
+use super::records::{HEADER_LEN, header_blocks};
 use super::{OVERLAY_BLOCK_BYTES, Overlay, io_error, sync_dir};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 
 /// Blocks mapped by the overlay in `dir` (0 when there is none), read
 /// without knowing its volume's size.
@@ -22,7 +22,12 @@ pub(crate) fn mapped_blocks_in(dir: &Path) -> Result<u64, Error> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(io_error("cannot open", &map_path, e)),
     }
-    let blocks = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let blocks = header_blocks(&header).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("overlay map {} has a damaged header", map_path.display()),
+        )
+    })?;
     let size = blocks.saturating_mul(OVERLAY_BLOCK_BYTES);
     Ok(Overlay::open(dir, size)?.map_or(0, |overlay| overlay.mapped_blocks()))
 }

@@ -15,6 +15,19 @@ pub(super) const MARKER_LEN: u64 = 4 + 16 + 4;
 pub(super) const VERSION: u32 = 1;
 pub(super) const HEADER_LEN: u64 = 4 + 4 + 8 + 4;
 pub(super) const OP_LEN: usize = 1 + 8 + 8;
+/// The blocks a map header names, when `header` is a whole, undamaged one
+/// (magic, version and crc): a damaged count must not size anything.
+pub(super) fn header_blocks(header: &[u8; HEADER_LEN as usize]) -> Option<u64> {
+    let (body, crc) = header.split_at(HEADER_LEN as usize - 4);
+    let whole = body[..4] == HEADER_MAGIC
+        && body[4..8] == VERSION.to_le_bytes()
+        && crc32fast::hash(body).to_le_bytes() == crc;
+    if !whole {
+        return None;
+    }
+    Some(u64::from_le_bytes(body[8..16].try_into().ok()?))
+}
+
 /// Operations in one record at most, so a record's length is bounded and a
 /// corrupt count cannot make recovery allocate without limit.
 pub(super) const OPS_PER_RECORD_MAX: usize = 1 << 16;
