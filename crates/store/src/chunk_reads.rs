@@ -36,7 +36,9 @@ impl Store {
     pub(crate) fn cached_chunk(&self, id: &ChunkId, len: u32) -> Result<(ChunkBytes, bool), Error> {
         if let Some(bytes) = self.chunk_cache.get(id) {
             self.chunk_cache.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok((bytes, false));
+            // Checked on a hit too: a root that names this chunk at a place
+            // of another length is damage, not a short read.
+            return Ok((of_len(id, len, bytes)?, false));
         }
         self.chunk_cache.misses.fetch_add(1, Ordering::Relaxed);
         Ok((self.decode_chunk(id, len)?, true))
@@ -104,4 +106,23 @@ fn of_len(id: &ChunkId, len: u32, bytes: ChunkBytes) -> Result<ChunkBytes, Error
         ));
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::temp_store;
+
+    #[test]
+    fn a_cached_chunk_of_another_length_than_its_place_is_corrupt() {
+        let (_dir, store) = temp_store();
+        store.set_chunk_cache_bytes(1 << 20);
+        let bytes = vec![7u8; 4096];
+        let id = blockrep_core::hash_chunk(&bytes);
+        store.cache_chunk(id, Arc::new(bytes));
+        let (hit, read) = store.cached_chunk(&id, 4096).unwrap();
+        assert_eq!((hit.len(), read), (4096, false));
+        let error = store.cached_chunk(&id, 65_536).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    }
 }
