@@ -413,6 +413,17 @@ impl<S: Transport> Connection<S> {
     }
 }
 
+/// Refuses a head epoch the server announced that has no next epoch: every
+/// commit of this session names `head_epoch + 1`.
+pub(crate) fn check_head_epoch(head_epoch: u64) -> Result<(), Error> {
+    match head_epoch.checked_add(1) {
+        Some(_) => Ok(()),
+        None => Err(Error::Protocol(format!(
+            "server's head epoch {head_epoch} has no next epoch"
+        ))),
+    }
+}
+
 /// Explains a TLS alert received before `Welcome`: the server's verdict on
 /// this agent's certificate, in words an operator can act on.
 pub(crate) fn certificate_rejected(alert: rustls::AlertDescription) -> String {

@@ -120,6 +120,7 @@ impl<S: Transport> Session<S> {
                         "server chose protocol version {version}, this agent speaks only {PROTOCOL_VERSION}"
                     )));
                 }
+                crate::connection::check_head_epoch(head_epoch)?;
                 (head_epoch, head_root, nonce, id_key)
             }
             Ok(other) => {
@@ -738,8 +739,9 @@ impl<S: Transport> Session<S> {
                     )
                     .await?;
                 report.bytes_sent += bytes;
-                stored.0 += received;
-                stored.1 += new;
+                // The server's counts: summed without trusting their size.
+                stored.0 = stored.0.saturating_add(received);
+                stored.1 = stored.1.saturating_add(new);
                 if streaming {
                     let (chunks_pending, bytes_pending) = left;
                     let backlog = Message::Backlog {
@@ -780,8 +782,8 @@ impl<S: Transport> Session<S> {
         report.bytes_sent += bytes;
         report.epoch = self.head_epoch;
         report.root = root;
-        report.server_chunks_received = stored.0 + received;
-        report.server_chunks_stored = stored.1 + new;
+        report.server_chunks_received = stored.0.saturating_add(received);
+        report.server_chunks_stored = stored.1.saturating_add(new);
         report.transfer_duration = transfer_started.elapsed();
         report.note_compression(config);
         Ok(Some(report))

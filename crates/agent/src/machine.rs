@@ -105,6 +105,7 @@ impl<S: Transport> MachineSession<S> {
             }
             Err(e) => return Err(e),
         };
+        crate::connection::check_head_epoch(head_epoch)?;
         let mut volumes = Vec::with_capacity(names.len());
         for (expected, (name, geometry)) in names.iter().zip(geometries).enumerate() {
             let root = match connection.recv().await? {

@@ -114,7 +114,7 @@ pub(super) async fn finish<S: Transport>(
         .cutover_ready
         .clone()
         .ok_or_else(|| Error::Protocol("no CutoverReady after the final commit".into()))?;
-    let server_ms = Duration::from_millis(ready.commit_ms + ready.launch_ms);
+    let server_ms = Duration::from_millis(ready.commit_ms.saturating_add(ready.launch_ms));
     let cutover = CutoverReport {
         epoch: report.epoch,
         root: report.root,

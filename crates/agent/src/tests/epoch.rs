@@ -250,3 +250,38 @@ async fn a_first_sync_leaves_the_holes_of_a_sparse_disk_unread() {
     assert_eq!(report.chunks_sent, CHUNKS - 4, "{report:?}");
     assert!(rig.store().verify(None, None).unwrap().is_clean());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_epoch_with_no_next_is_refused_at_the_welcome() {
+    let rig = Rig::new(CHUNKS, 3);
+    let scan = rig.scan().await;
+    let geometry = scan.geometry;
+    // A peer that answers any Hello with a head at the last epoch there is,
+    // whose root is otherwise a good one for this disk.
+    let (agent_end, mut peer_end) = tokio::io::duplex(super::PIPE_BYTES);
+    let peer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let welcome = Message::Welcome {
+            version: blockrep_proto::PROTOCOL_VERSION,
+            nonce: [9; blockrep_proto::NONCE_LEN],
+            head_epoch: u64::MAX,
+            head_root: blockrep_core::Root::from_chunk_ids(geometry, &scan.ids)
+                .encode()
+                .into(),
+            id_key: None,
+        };
+        let mut out = BytesMut::new();
+        blockrep_proto::encode(&welcome, &mut out);
+        peer_end.write_all(&out).await.expect("send the Welcome");
+        // Held open until the agent has had its say.
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut peer_end, &mut sink).await;
+    });
+    let connection = crate::connection::Connection::new(agent_end, &rig.config);
+    let refused = crate::epoch::Session::start(connection, &rig.config, geometry).await;
+    let Err(crate::Error::Protocol(why)) = refused else {
+        panic!("a head epoch of u64::MAX was welcomed: {:?}", refused.err());
+    };
+    assert!(why.contains("no next epoch"), "{why}");
+    peer.abort();
+}
