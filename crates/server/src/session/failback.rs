@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use blockrep_core::{ChunkId, Geometry, Root, VolumeName};
-use blockrep_proto::{ErrorCode, Message};
+use blockrep_proto::{ErrorCode, FRAME_HEADER_LEN, FRAME_LEN_MAX, Message};
 use blockrep_store::{Downtime, Lifecycle, LifecycleStage};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -220,6 +220,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             )
             .into());
         }
+        // Before the source's stage changes: a plan that cannot be sent
+        // must not leave it failing back.
+        let plan = failback_plan(&target, &base)?;
         // The record this failback last saw (or wrote): its own writes go
         // through only while the record is still that, so an operator's
         // reset in the middle is not undone.
@@ -242,10 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         state.record = Some(record);
         self.connection
-            .send(&Message::FailbackPlan {
-                target_root: Bytes::from(target.encode()),
-                base_root: Bytes::from(base.encode()),
-            })
+            .send(&plan)
             .await
             .map_err(|e| Outcome::End(End::Lost(e.to_string())))?;
         state.passes[index] = Some(VolumePass {
@@ -414,5 +414,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
              nothing was recorded: start the failback again if it is still wanted",
         )
         .into())
+    }
+}
+
+/// A volume's plan: both roots in one frame. A disk with more index pages
+/// than a frame holds twice is refused with its limit, not sent oversized.
+fn failback_plan(target: &Root, base: &Root) -> Result<Message, Reject> {
+    let (target_root, base_root) = (target.encode(), base.encode());
+    let len = FRAME_HEADER_LEN + 8 + target_root.len() + base_root.len();
+    if len > FRAME_LEN_MAX as usize {
+        return Err(Reject::new(
+            ErrorCode::GeometryMismatch,
+            format!(
+                "a failback sends the disk's two roots in one frame: its {} index pages \
+                 need {len} bytes, over the protocol's limit of {FRAME_LEN_MAX}; a disk \
+                 replicated with a larger chunk size has fewer pages",
+                target.page_ids().len()
+            ),
+        ));
+    }
+    Ok(Message::FailbackPlan {
+        target_root: Bytes::from(target_root),
+        base_root: Bytes::from(base_root),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plan_too_large_for_one_frame_is_refused_with_its_limit() {
+        // 64 KiB chunks: 100,000 pages fit twice in a frame, 140,000 do not.
+        let fits = Geometry::new(100_000 * 1024 * 65_536, 65_536).unwrap();
+        let plan = failback_plan(&Root::zero(fits), &Root::zero(fits)).unwrap();
+        let mut frame = bytes::BytesMut::new();
+        blockrep_proto::encode(&plan, &mut frame);
+        assert!(blockrep_proto::decode(&mut frame).unwrap().is_some());
+        let over = Geometry::new(140_000 * 1024 * 65_536, 65_536).unwrap();
+        let refused = failback_plan(&Root::zero(over), &Root::zero(over)).unwrap_err();
+        assert!(
+            refused.to_string().contains("140000 index pages"),
+            "{refused}"
+        );
     }
 }
