@@ -116,7 +116,9 @@ pub(crate) enum CertCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Issue a client certificate for a source (ID.crt, ID.key) or the admin.
+    /// Issue a client certificate for a source (ID.crt, ID.key) or the admin;
+    /// with --serve-name, the certificate a source's agent serves its disk
+    /// with instead (serve/ID.crt, serve/ID.key).
     Issue {
         /// Directory holding ca.crt and ca.key; the new files go there too.
         #[arg(long)]
@@ -132,6 +134,13 @@ pub(crate) enum CertCommand {
         /// without it a source is its own tenant and shares nothing.
         #[arg(long, conflicts_with = "admin")]
         tenant: Option<String>,
+        /// Issue the certificate the source's agent presents when it serves
+        /// its disk over TLS (`agent --serve-tls`), valid for this DNS name
+        /// or IP address its clients reach it by (repeatable): serve/ID.crt
+        /// and serve/ID.key. It is a server certificate and no identity; the
+        /// source's own ID.crt is left as it is.
+        #[arg(long = "serve-name", value_name = "NAME", conflicts_with_all = ["admin", "tenant"])]
+        serve_names: Vec<String>,
     },
     /// Revoke a client certificate: add it to the CA's revocation list
     /// (DIR/crl.pem), which servers load with --crl. A running server reloads

@@ -204,10 +204,27 @@ pub(crate) struct CaptureArgs {
     #[arg(long, value_name = "SIZE", requires = "serve", default_value = "1GiB", value_parser = units::parse_size)]
     pub(crate) preserve_max: u64,
     /// Require TLS on the --serve TCP address: clients must present a
-    /// certificate issued by this agent's --ca (the agent presents its own
-    /// --cert). Needed to serve on an address that is not loopback.
+    /// certificate issued by this agent's --ca that is this source's own or
+    /// the admin's; another source's certificate sees no export. The agent
+    /// presents --serve-cert. Needed to serve on an address that is not
+    /// loopback.
     #[arg(long, requires = "serve")]
     pub(crate) serve_tls: bool,
+    /// With --serve-tls: refuse client certificates this list revokes (PEM,
+    /// the crl.pem `blockrep cert revoke` writes). Read when the agent
+    /// starts; restart it to apply a newer list.
+    #[arg(long, value_name = "PATH", requires = "serve_tls")]
+    pub(crate) serve_crl: Option<PathBuf>,
+    /// With --serve-tls: the certificate the agent presents to its clients,
+    /// a server certificate for the names they reach this host by (default:
+    /// serve/ID.crt beside the client certificate, as `blockrep cert issue
+    /// --source ID --serve-name HOST` writes it).
+    #[arg(long, value_name = "PATH", requires = "serve_tls")]
+    pub(crate) serve_cert: Option<PathBuf>,
+    /// With --serve-tls: the key of --serve-cert (default: serve/ID.key
+    /// beside the client certificate).
+    #[arg(long, value_name = "PATH", requires = "serve_tls")]
+    pub(crate) serve_key: Option<PathBuf>,
     /// NBD connections served at once; more wait in the listen backlog.
     #[arg(long, value_name = "N", requires = "serve", default_value_t = SERVE_CONNECTIONS_DEFAULT)]
     pub(crate) serve_connections_max: usize,

@@ -25,9 +25,13 @@ pub(crate) fn cert(command: CertCommand) -> Result<()> {
             source,
             admin,
             tenant,
+            serve_names,
         } => {
             let (cert, key) = if admin {
                 blockrep_pki::issue_admin(&dir)?
+            } else if !serve_names.is_empty() {
+                let source = source_id(source.as_deref().unwrap_or_default())?;
+                blockrep_pki::issue_serve(&dir, &source, &serve_names)?
             } else {
                 let source = source_id(source.as_deref().unwrap_or_default())?;
                 let tenant = tenant.as_deref().map(source_id).transpose()?;

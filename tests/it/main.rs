@@ -58,6 +58,7 @@ mod point_in_time;
 mod rejections;
 mod replication;
 mod revocation;
+mod serve_access;
 mod store_hardening;
 mod stream_corruption;
 mod workflow;

@@ -8,8 +8,10 @@
 //! - a Unix socket is created mode 0600 (bound in a private directory and
 //!   renamed into place, so it is never reachable with looser permissions);
 //!   a stale socket left by a killed agent is replaced, a live one is not;
-//! - a TCP address must be loopback, unless TLS is required, and then every
-//!   client must present a certificate issued by the agent's CA.
+//! - a TCP address must be loopback, unless TLS is required, and then a
+//!   client must present a certificate of the agent's CA that is this
+//!   source's own or the admin's: another source's certificate, though the
+//!   same CA issued it, is told there is no such export.
 //!
 //! Serving starts before the agent first connects to the replication server
 //! and never waits on it.
@@ -19,7 +21,9 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use blockrep_core::SourceId;
 use blockrep_nbd::{Client, Export, Limits, NbdServer, Registry};
+use blockrep_pki::Identity;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{info, warn};
@@ -77,6 +81,9 @@ pub struct ServeOptions {
     /// Require TLS with this configuration (it must require client
     /// certificates); needed for a TCP address that is not loopback.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The source whose disks these are: over TLS, only its certificate and
+    /// the admin's open them.
+    pub source: SourceId,
     /// Connections served at once; more wait in the listen backlog.
     pub connections_max: usize,
 }
@@ -108,10 +115,41 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
 /// volume's name (no default: a client names the disk it uses).
 struct Disks {
     exports: Vec<(String, Arc<dyn Export>)>,
+    /// Over TLS: the one source (besides the admin) whose certificate sees
+    /// the exports. `None` where the socket's permissions or loopback are
+    /// the protection.
+    owner: Option<SourceId>,
+}
+
+impl Disks {
+    /// Whether `client` may see the exports at all.
+    fn may_open(&self, client: &Client) -> bool {
+        let Some(owner) = &self.owner else {
+            return true;
+        };
+        let Some(cert) = client.certificates().and_then(<[_]>::first) else {
+            return false;
+        };
+        match blockrep_pki::identity_from_cert(cert) {
+            Ok(Identity::Admin) => true,
+            Ok(Identity::Source(source)) if source == *owner => true,
+            Ok(Identity::Source(source)) => {
+                warn!(peer = ?client.addr(), %source, "another source's certificate asked for this disk");
+                false
+            }
+            Err(error) => {
+                warn!(peer = ?client.addr(), %error, "NBD client certificate has no usable identity");
+                false
+            }
+        }
+    }
 }
 
 impl Registry for Disks {
-    fn lookup(&self, _client: &Client, name: &str) -> Option<Arc<dyn Export>> {
+    fn lookup(&self, client: &Client, name: &str) -> Option<Arc<dyn Export>> {
+        if !self.may_open(client) {
+            return None;
+        }
         if let [(_, only)] = self.exports.as_slice()
             && name.is_empty()
         {
@@ -123,7 +161,10 @@ impl Registry for Disks {
             .map(|(_, export)| Arc::clone(export))
     }
 
-    fn list(&self, _client: &Client) -> Vec<(String, String)> {
+    fn list(&self, client: &Client) -> Vec<(String, String)> {
+        if !self.may_open(client) {
+            return Vec::new();
+        }
         let what = match self.exports.len() {
             1 => "the source disk, replicated by write capture",
             _ => "a disk of the machine, replicated by write capture",
@@ -169,6 +210,7 @@ impl Serving {
                 .iter()
                 .map(|(name, capture)| (name.clone(), capture.export()))
                 .collect(),
+            owner: options.tls.as_ref().map(|_| options.source.clone()),
         });
         let name = disks
             .iter()

@@ -62,11 +62,32 @@ pub fn init_ca(dir: &Path, server_names: &[String], force: bool) -> Result<(), E
     write_file(&dir.join("ca.key"), &ca_key.serialize_pem(), KEY_MODE)?;
 
     let issuer = Issuer::new(ca_params, ca_key);
+    issue_server(&issuer, dir, "server", "blockrep server", server_names)?;
+    // The admin API's bearer token goes with the CA: a new CA gets a new token.
+    let token_path = dir.join(crate::ADMIN_TOKEN_FILE_NAME);
+    if force {
+        crate::AdminToken::replace(&token_path)?;
+    } else {
+        crate::AdminToken::read_or_create(&token_path)?;
+    }
+    Ok(())
+}
+
+/// A server certificate (`STEM.crt`, `STEM.key` in `dir`) valid for
+/// `names` (DNS names or IP addresses): server authentication only, so no
+/// peer takes it for a client's identity.
+fn issue_server(
+    issuer: &Issuer<'_, KeyPair>,
+    dir: &Path,
+    stem: &str,
+    common_name: &str,
+    names: &[String],
+) -> Result<(PathBuf, PathBuf), Error> {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, "blockrep server");
+    name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
-    for server_name in server_names {
+    for server_name in names {
         let san = match server_name.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => SanType::DnsName(server_name.as_str().try_into()?),
@@ -77,17 +98,46 @@ pub fn init_ca(dir: &Path, server_names: &[String], force: bool) -> Result<(), E
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut params);
     let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
-    write_file(&dir.join("server.crt"), &cert.pem(), CERT_MODE)?;
-    write_file(&dir.join("server.key"), &key.serialize_pem(), KEY_MODE)?;
-    // The admin API's bearer token goes with the CA: a new CA gets a new token.
-    let token_path = dir.join(crate::ADMIN_TOKEN_FILE_NAME);
-    if force {
-        crate::AdminToken::replace(&token_path)?;
-    } else {
-        crate::AdminToken::read_or_create(&token_path)?;
+    let cert = params.signed_by(&key, issuer)?;
+    let (cert_path, key_path) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
+    write_file(&cert_path, &cert.pem(), CERT_MODE)?;
+    write_file(&key_path, &key.serialize_pem(), KEY_MODE)?;
+    Ok((cert_path, key_path))
+}
+
+/// Directory (under a TLS directory) of the certificates agents present when
+/// they serve their disks over TLS; a source id cannot name it apart from
+/// the client certificates beside it.
+pub const SERVE_DIR_NAME: &str = "serve";
+
+/// Issues `serve/ID.crt`/`serve/ID.key` in `dir`, signed by the CA there: the
+/// certificate the agent of `source` presents when it serves its disk over
+/// TLS (`agent --serve-tls`), valid for `names`, the DNS names or IP
+/// addresses its clients reach it by. It carries no identity: the replication
+/// server does not take it from a client.
+pub fn issue_serve(
+    dir: &Path,
+    source: &SourceId,
+    names: &[String],
+) -> Result<(PathBuf, PathBuf), Error> {
+    if names.is_empty() {
+        return Err(Error::Invalid(
+            "a serving certificate needs the names its clients reach the agent by".into(),
+        ));
     }
-    Ok(())
+    let issuer = load_issuer(dir)?;
+    let serve_dir = dir.join(SERVE_DIR_NAME);
+    ensure_dir(&serve_dir)?;
+    issue_server(
+        &issuer,
+        &serve_dir,
+        source.as_str(),
+        &format!("blockrep agent of {source}"),
+        names,
+    )
 }
 
 pub(crate) fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
@@ -183,7 +233,10 @@ mod tests {
         let tenant = SourceId::new("acme").unwrap();
         let (cert, _) = issue_source_in_tenant(dir.path(), &source, Some(&tenant)).unwrap();
         let der = &read_certs(&cert).unwrap()[0];
-        assert_eq!(identity_from_cert(der).unwrap(), Identity::Source(source));
+        assert_eq!(
+            identity_from_cert(der).unwrap(),
+            Identity::Source(source.clone())
+        );
         assert_eq!(crate::tenant_from_cert(der).unwrap(), Some(tenant));
     }
 
@@ -194,7 +247,10 @@ mod tests {
         let source = SourceId::new("web-1").unwrap();
         let (cert, key) = issue_source(dir.path(), &source).unwrap();
         let der = &read_certs(&cert).unwrap()[0];
-        assert_eq!(identity_from_cert(der).unwrap(), Identity::Source(source));
+        assert_eq!(
+            identity_from_cert(der).unwrap(),
+            Identity::Source(source.clone())
+        );
         assert_eq!(
             std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
             0o600
@@ -206,6 +262,12 @@ mod tests {
         );
         let server = &read_certs(&dir.path().join("server.crt")).unwrap()[0];
         assert!(identity_from_cert(server).is_err());
+        // An agent's serving certificate names no identity either, and goes
+        // where no source id can collide with it.
+        let (serve, _) = issue_serve(dir.path(), &source, &["10.0.0.5".into()]).unwrap();
+        assert_eq!(serve, dir.path().join("serve").join("web-1.crt"));
+        assert!(identity_from_cert(&read_certs(&serve).unwrap()[0]).is_err());
+        assert!(issue_serve(dir.path(), &source, &[]).is_err());
         assert_eq!(crate::tenant_from_cert(der).unwrap(), None);
         assert!(
             init_ca(dir.path(), &[], false).is_err(),

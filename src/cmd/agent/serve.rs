@@ -39,9 +39,37 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
         anyhow::bail!("--preserve-max must be at least {CAPTURE_BLOCK_BYTES} bytes (one block)");
     }
     let tls = if args.serve_tls {
-        let server =
-            blockrep_pki::server_config(&config.ca_path, &config.cert_path, &config.key_path)
-                .context("cannot set up TLS for --serve")?;
+        let crls = match &args.serve_crl {
+            Some(path) => blockrep_pki::read_crls(path).context("cannot read --serve-crl")?,
+            None => Vec::new(),
+        };
+        // The agent's client certificate names its source and is for
+        // client authentication only: serving needs a server certificate
+        // for the names the workload reaches this host by.
+        let dir = config
+            .cert_path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(blockrep_pki::SERVE_DIR_NAME);
+        let cert = args
+            .serve_cert
+            .clone()
+            .unwrap_or_else(|| dir.join(format!("{}.crt", config.source)));
+        let key = args
+            .serve_key
+            .clone()
+            .unwrap_or_else(|| dir.join(format!("{}.key", config.source)));
+        if !cert.exists() {
+            anyhow::bail!(
+                "--serve-tls: no certificate to serve with at {} (issue one with `blockrep cert \
+                 issue --dir DIR --source {} --serve-name HOST` for the names clients reach \
+                 this host by, or give --serve-cert and --serve-key)",
+                cert.display(),
+                config.source
+            );
+        }
+        let server = blockrep_pki::server_config_with_crls(&config.ca_path, &cert, &key, crls)
+            .context("cannot set up TLS for --serve")?;
         Some(Arc::new(server))
     } else {
         None
@@ -79,6 +107,7 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
     let options = ServeOptions {
         addr,
         tls,
+        source: config.source.clone(),
         connections_max: args.serve_connections_max,
     };
     let serving = Serving::start_disks(&captures, options)
