@@ -1,4 +1,5 @@
-//! Who may open which launch over NBD, and what one client may cost: driven
+//! Who may open which launch over NBD (and fail back from it), and what one
+//! client may cost: driven
 //! as an attacker would, with real clients (nbdinfo, nbdcopy, qemu-io) and the
 //! real server binary.
 //!
@@ -205,6 +206,34 @@ fn a_source_certificate_cannot_read_another_sources_launch() {
             "{who} read other bytes than b's disk"
         );
     }
+}
+
+#[test]
+fn failback_from_another_sources_launch_is_told_it_does_not_exist() {
+    if !have_nbd_clients() {
+        return;
+    }
+    let f = two_sources_over_tls();
+    let before = std::fs::read(&f.disk_b).unwrap();
+    let said = |launch: &str| {
+        let out = failback_once(&f.disk_b, f.server.addr, "a", launch, f.pki.path(), &[]);
+        assert!(!out.status.success(), "a failed back from {launch}");
+        all_output(&out).replace(launch, "NAME")
+    };
+    // b's launch and a name that exists nowhere get the same answer, which
+    // names neither b nor its launch.
+    let refused = said("bravo");
+    assert_eq!(refused, said("nonexistent"));
+    assert!(refused.contains("no launch named"), "{refused}");
+    assert!(
+        !refused.contains("source b") && !refused.contains("belongs"),
+        "{refused}"
+    );
+    assert_eq!(
+        std::fs::read(&f.disk_b).unwrap(),
+        before,
+        "the disk changed"
+    );
 }
 
 #[test]

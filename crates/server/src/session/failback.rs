@@ -175,9 +175,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Reject::new(ErrorCode::NotFound, format!("no launch named {name:?}"))
             })?;
             if info.source != source {
+                // Told as a name that does not exist: the answer must not
+                // let one source find another's launches or their owners.
+                tracing::warn!(%source, launch = %name, owner = %info.source, "failback asked for another source's launch");
                 return Err(Reject::new(
-                    ErrorCode::Unauthorized,
-                    format!("launch {name} belongs to source {}", info.source),
+                    ErrorCode::NotFound,
+                    format!("no launch named {name:?}"),
                 ));
             }
             let not_found = |e: blockrep_store::Error| match e.kind() {
