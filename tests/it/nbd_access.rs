@@ -1,7 +1,6 @@
 //! Who may open which launch over NBD (and fail back from it), and what one
-//! client may cost: driven
-//! as an attacker would, with real clients (nbdinfo, nbdcopy, qemu-io) and the
-//! real server binary.
+//! client may cost: driven as an attacker would, with real clients (nbdinfo,
+//! nbdcopy, qemu-io) and the real server binary.
 //!
 //! With `--nbd-tls` a launch opens only for its own source's certificate and
 //! the admin certificate; another source's certificate is told the launch does
