@@ -370,6 +370,54 @@ fn metrics_and_health_are_open_read_only() {
     assert_eq!(code, 401);
 }
 
+/// This machine's own address on its default route, if it has one that is
+/// not loopback (a UDP connect sends nothing; it only picks the route).
+fn own_non_loopback_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.200:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn the_cli_never_sends_the_token_in_clear_off_loopback() {
+    let Some(ip) = own_non_loopback_ip() else {
+        eprintln!("no non-loopback address on this machine: nothing to refuse");
+        return;
+    };
+    let tls = Pki::new(&[]);
+    let token = std::fs::read_to_string(tls.path().join("admin.token")).unwrap();
+    // Whatever listens there (a mistyped address, or someone waiting for
+    // tokens) records every byte it is sent.
+    let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut bytes = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut bytes);
+        bytes
+    });
+    let out = Command::new(BIN)
+        .args(["status", "--admin", &addr.to_string()])
+        .env("BLOCKREP_ADMIN_TOKEN_FILE", tls.path().join("admin.token"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refusing to send the admin token"),
+        "{}",
+        stderr(&out)
+    );
+    let received = received.join().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&received).contains(token.trim()),
+        "the token crossed the network in clear"
+    );
+}
+
 #[test]
 fn the_cli_finds_the_token_by_itself() {
     let work = tempfile::tempdir().unwrap();

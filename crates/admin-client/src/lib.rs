@@ -62,8 +62,30 @@ pub async fn request(
             // Over TLS the certificate is the identity: no token is sent.
             exchange(stream, addr, method, path, body, None).await
         }
-        Identity::Token(token) => exchange(tcp, addr, method, path, body, token.as_ref()).await,
+        Identity::Token(token) => {
+            if token.is_some() {
+                refuse_token_off_loopback(&tcp, addr)?;
+            }
+            exchange(tcp, addr, method, path, body, token.as_ref()).await
+        }
     }
+}
+
+/// The token travels in clear over plain HTTP, which a server offers only on
+/// loopback (it refuses any other address without --admin-tls): an address
+/// that leads elsewhere, mistyped or not, must not be handed the token.
+fn refuse_token_off_loopback(tcp: &TcpStream, addr: &str) -> Result<()> {
+    let peer = tcp
+        .peer_addr()
+        .with_context(|| format!("cannot read the address of {addr}"))?;
+    if peer.ip().to_canonical().is_loopback() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to send the admin token in clear to {addr} ({peer}): a server's plain admin \
+         API listens on loopback only. Reach it through a tunnel to a local port, or run the \
+         server with --admin-tls and give --admin-tls-dir"
+    )
 }
 
 /// The host part of `host:port`, as the name the server's certificate must carry.

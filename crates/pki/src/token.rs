@@ -24,9 +24,10 @@ const TOKEN_CHARS_MIN: usize = 32;
 /// Longest token accepted from a file (and so the most a client sends).
 const TOKEN_CHARS_MAX: usize = 512;
 /// Permission bits a token file must not have: any access by others (every
-/// local user). Group access is allowed, for a token owned by root and read
-/// by the server's group.
-const TOKEN_FORBIDDEN_MODE_BITS: u32 = 0o007;
+/// local user), and writing by the group. Reading by the group is allowed,
+/// for a token owned by root and read by the server's group; a group that
+/// could write it could put in a token of its own choosing.
+const TOKEN_FORBIDDEN_MODE_BITS: u32 = 0o027;
 
 /// The admin bearer token. Its `Debug` never shows the secret.
 #[derive(Clone)]
@@ -61,7 +62,8 @@ impl AdminToken {
         let mode = metadata.permissions().mode();
         if mode & TOKEN_FORBIDDEN_MODE_BITS != 0 {
             return Err(Error::Invalid(format!(
-                "the admin token {} has mode {:o}: others may read it; `chmod 600` it",
+                "the admin token {} has mode {:o}: others may read it, or its group may \
+                 change it; `chmod 600` it",
                 path.display(),
                 mode & 0o777
             )));
@@ -180,9 +182,11 @@ mod tests {
         AdminToken::read_or_create(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         AdminToken::read(&path).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let error = AdminToken::read(&path).unwrap_err().to_string();
-        assert!(error.contains("chmod 600"), "{error}");
+        for refused in [0o644, 0o660, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(refused)).unwrap();
+            let error = AdminToken::read(&path).unwrap_err().to_string();
+            assert!(error.contains("chmod 600"), "{refused:o}: {error}");
+        }
         std::fs::write(&path, "short\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(AdminToken::read(&path).is_err());
