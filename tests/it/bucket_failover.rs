@@ -533,6 +533,10 @@ fn a_server_leaves_what_another_server_serves_to_that_server() {
         let (code, body) = request(method, path);
         refused_for_a((code, format!("{method} {path}: {body}")));
     }
+    let of_held = Some(r#"{"launch":"held","name":"of-held"}"#);
+    let (code, body) =
+        blockrep_testkit::admin::admin_request(b_admin, "POST", "/v1/snapshots", of_held);
+    refused_for_a((code, format!("a snapshot of launch held: {body}")));
     let (code, body) = on_a("DELETE", "/v1/launches/held", None);
     assert_eq!(code, 200, "{body}");
     // Even for a source made after B started, which B knows only from a

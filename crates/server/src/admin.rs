@@ -345,6 +345,10 @@ async fn create_snapshot(
             let source = (!body.source.is_empty())
                 .then(|| parse_source(&body.source))
                 .transpose()?;
+            // As every other change to a launch: in a bucket, made by the
+            // server that serves its source (409 naming it here), before
+            // the launch is opened and folded.
+            crate::workflow_api::serve_for_launch(&shared, &launch).await?;
             blocking(&shared, move |store| {
                 store.snapshot_launch(
                     &launch,
