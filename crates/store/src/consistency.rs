@@ -68,6 +68,9 @@ impl Store {
         consistency: Consistency,
     ) -> Result<Head, Error> {
         self.check_writable()?;
+        // The head read back may be one whose publication failed to sync:
+        // confirming it would acknowledge what a power loss can take back.
+        self.check_synced()?;
         let source_lock = self.commit_lock(source);
         let _guard = lock(&source_lock);
         let head = self

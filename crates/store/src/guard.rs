@@ -335,6 +335,14 @@ mod tests {
                     retry.is_err(),
                     "commit acknowledged after `{failed}` failed on the same store"
                 );
+                // Nor is the head confirmed as it reads back (an agent whose
+                // disk did not change asks just that), whatever it reads.
+                let confirmed =
+                    store.confirm_head(&source(), 1, &root.id(), blockrep_core::Consistency::Live);
+                assert!(
+                    confirmed.is_err(),
+                    "head confirmed after `{failed}` failed on the same store"
+                );
             } else if store
                 .commit(
                     &source(),

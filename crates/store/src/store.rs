@@ -264,6 +264,12 @@ impl Store {
         self.blobs.sync_failed()
     }
 
+    /// Refuses (`Io`) once an fsync has failed: what the store holds may not
+    /// be on disk, so nothing may be vouched for, even unchanged.
+    pub fn check_synced(&self) -> Result<(), Error> {
+        self.blobs.check_synced()
+    }
+
     /// Makes every blob inserted so far durable.
     pub fn sync(&self) -> Result<(), Error> {
         self.blobs.sync()

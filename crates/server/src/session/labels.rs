@@ -35,6 +35,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         consistency: Consistency,
     ) -> Result<Option<Consistency>, Outcome> {
         if !complete {
+            // Nothing to write, but nothing is acknowledged by a store
+            // whose fsync failed either: the head it holds may not be durable.
+            self.shared
+                .store
+                .check_synced()
+                .map_err(|e| internal(format!("cannot confirm the head: {e}")))?;
             return Ok(None);
         }
         let store = Arc::clone(&self.shared.store);

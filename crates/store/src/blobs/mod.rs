@@ -477,6 +477,19 @@ impl Blobs {
         self.sync_failed.load(Ordering::SeqCst)
     }
 
+    /// Refuses once an fsync has failed (see [`Store::check_synced`]).
+    ///
+    /// [`Store::check_synced`]: crate::Store::check_synced
+    pub(crate) fn check_synced(&self) -> Result<(), Error> {
+        if self.sync_failed() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an earlier fsync failed; reopen the store (restart the server) to recover",
+            ));
+        }
+        Ok(())
+    }
+
     /// Seals the active pack (or the last one, not reopened yet), so that
     /// a collection may compact it: blobs put from now on go to a new pack.
     pub(crate) fn seal_active_pack(&self) {
@@ -532,12 +545,7 @@ impl Blobs {
         }
         self.packs.settle()?;
         // With nothing to fsync, an earlier failure must still refuse.
-        if self.sync_failed.load(Ordering::SeqCst) {
-            return Err(Error::new(
-                ErrorKind::Io,
-                "an earlier fsync failed; reopen the store (restart the server) to recover",
-            ));
-        }
+        self.check_synced()?;
         if let Some(durable) = durable {
             self.flush_index(&mut lock(&self.inner), Some(durable));
         }
