@@ -641,7 +641,10 @@ impl Overlay {
         // The new file is `map` from the rename on, whatever follows.
         self.map = file;
         self.map_len = bytes.len() as u64;
-        sync_dir(&self.dir)
+        // Unsynced, a power loss may keep the old map: later markers lie.
+        let synced = sync_dir(&self.dir);
+        self.failed |= synced.is_err();
+        synced
     }
 
     /// Rebuilds the map from `map`: the header, then every whole record in
