@@ -80,7 +80,7 @@ impl blockrep_nbd::Export for CaptureExport {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.capture.file.sync_data()
+        self.capture.flush_disk()
     }
 
     fn multi_conn_safe(&self) -> bool {

@@ -61,7 +61,7 @@ mod tests;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
@@ -159,6 +159,11 @@ pub struct Capture {
     cuts: AtomicU64,
     writes: AtomicU64,
     latency: Latency,
+    /// A flush of the disk failed: the kernel may have dropped the pages it
+    /// could not write, so a later flush that succeeds would not mean they
+    /// are on disk. Every later flush and write fails, and the clean state
+    /// is not saved (the next run reads the whole disk).
+    flush_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for Capture {
@@ -249,6 +254,7 @@ impl Capture {
             options,
             cuts: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            flush_failed: AtomicBool::new(false),
             latency: Latency::new(),
         }))
     }
@@ -400,6 +406,10 @@ impl Capture {
     pub fn save(&self) -> Result<(), Error> {
         let mut gate = self.write_gate();
         gate.frozen = true;
+        // The state says the disk holds every write it counts: only once the
+        // disk is flushed, and never after a flush failed.
+        self.flush_disk()
+            .map_err(|e| capture_error("not saving the capture state: flushing", &self.path, e))?;
         let pending = lock(&self.pending);
         let bits: Vec<u64> = pending
             .bits
@@ -422,6 +432,19 @@ impl Capture {
         })?;
         drop(gate);
         Ok(())
+    }
+
+    /// `fdatasync` of the disk, unless one failed before (then the error
+    /// again, whatever the kernel would say now).
+    pub(super) fn flush_disk(&self) -> std::io::Result<()> {
+        if self.flush_failed.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "an earlier flush of the disk failed: restart the agent (the next run reads the whole disk)",
+            ));
+        }
+        self.file.sync_data().inspect_err(|_| {
+            self.flush_failed.store(true, Ordering::SeqCst);
+        })
     }
 
     fn read_gate(&self) -> RwLockReadGuard<'_, Gate> {
@@ -453,6 +476,9 @@ impl Capture {
             })?;
         if len == 0 {
             return Ok(());
+        }
+        if self.flush_failed.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("an earlier flush of the disk failed"));
         }
         let gate = self.read_gate();
         if gate.frozen {

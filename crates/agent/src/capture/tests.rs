@@ -271,6 +271,32 @@ fn a_clean_save_restores_the_dirty_set_and_root_an_unclean_stop_does_not() {
 }
 
 #[test]
+fn after_a_failed_flush_nothing_is_called_durable_and_the_state_stays_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk(dir.path(), 32);
+    let capture = open(&path);
+    capture.cut(true).committed(ChunkId([5; 32]));
+    let export = capture.export();
+    export.write(0, &[1; 10]).unwrap();
+    export.flush().unwrap();
+    // As a failed write-back leaves it (the kernel reports it to one
+    // fdatasync only): every later flush fails, whatever fdatasync says.
+    capture.flush_failed.store(true, Ordering::SeqCst);
+    assert!(
+        export.flush().is_err(),
+        "a flush after a failed one succeeded"
+    );
+    assert!(export.write(BLOCK, &[2; 10]).is_err());
+    assert!(
+        capture.save().is_err(),
+        "a clean state saved over lost writes"
+    );
+    drop((export, capture));
+    // Still marked in use: the next run reads the whole disk again.
+    assert_eq!(open(&path).saved_root(), None);
+}
+
+#[test]
 fn a_corrupt_or_foreign_state_file_is_not_trusted() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 32);
