@@ -54,5 +54,21 @@ pub(crate) fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), E
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io)?;
     file.write_all(contents.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)
+    file.sync_all().map_err(io)?;
+    sync_parent(path)
+}
+
+/// Makes the entry of `path` in its directory durable (a new file, or a
+/// rename into place): until then a power loss may take the file back.
+pub(crate) fn sync_parent(path: &Path) -> Result<(), Error> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir)
+        .and_then(|directory| directory.sync_all())
+        .map_err(|source| Error::Io {
+            what: format!("cannot sync the directory {}", dir.display()),
+            source,
+        })
 }

@@ -82,10 +82,9 @@ pub fn revoke_cert(dir: &Path, cert: &Path) -> Result<Revocation, Error> {
         what: format!("cannot replace {}", crl_path.display()),
         source,
     })?;
-    if let Ok(directory) = std::fs::File::open(dir) {
-        // Makes the rename durable; a failure here leaves a valid list either way.
-        let _ = directory.sync_all();
-    }
+    // Only a durable rename revokes: a power loss must not bring back the
+    // list that let the certificate in.
+    crate::files::sync_parent(&crl_path)?;
     Ok(Revocation {
         crl_path,
         serial_hex: hex(&serial),

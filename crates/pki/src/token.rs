@@ -108,6 +108,7 @@ impl AdminToken {
         file.write_all(format!("{}\n", token.0).as_bytes())
             .map_err(io)?;
         file.sync_all().map_err(io)?;
+        crate::files::sync_parent(path)?;
         Ok(token)
     }
 
