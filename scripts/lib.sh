@@ -11,7 +11,8 @@ release_binary() {
         return
     fi
     echo "building blockrep (release)..." >&2
-    cargo build --release --quiet >&2
+    # Inside $(...) set -e is off: a failed build must fail the caller.
+    cargo build --release --quiet >&2 || return 1
     echo "${CARGO_TARGET_DIR:-$PWD/target}/release/blockrep"
 }
 

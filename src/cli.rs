@@ -138,7 +138,8 @@ pub(crate) enum CertCommand {
         /// its disk over TLS (`agent --serve-tls`), valid for this DNS name
         /// or IP address its clients reach it by (repeatable): serve/ID.crt
         /// and serve/ID.key. It is a server certificate and no identity; the
-        /// source's own ID.crt is left as it is.
+        /// source's own ID.crt is left as it is. The replication server's
+        /// names (server.crt) are refused: the agent's host could pose as it.
         #[arg(long = "serve-name", value_name = "NAME", conflicts_with_all = ["admin", "tenant"])]
         serve_names: Vec<String>,
     },

@@ -219,11 +219,11 @@ pub(crate) struct CaptureArgs {
     /// a server certificate for the names they reach this host by (default:
     /// serve/ID.crt beside the client certificate, as `blockrep cert issue
     /// --source ID --serve-name HOST` writes it).
-    #[arg(long, value_name = "PATH", requires = "serve_tls")]
+    #[arg(long, value_name = "PATH", requires_all = ["serve_tls", "serve_key"])]
     pub(crate) serve_cert: Option<PathBuf>,
     /// With --serve-tls: the key of --serve-cert (default: serve/ID.key
     /// beside the client certificate).
-    #[arg(long, value_name = "PATH", requires = "serve_tls")]
+    #[arg(long, value_name = "PATH", requires_all = ["serve_tls", "serve_cert"])]
     pub(crate) serve_key: Option<PathBuf>,
     /// NBD connections served at once; more wait in the listen backlog.
     #[arg(long, value_name = "N", requires = "serve", default_value_t = SERVE_CONNECTIONS_DEFAULT)]

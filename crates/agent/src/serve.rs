@@ -328,7 +328,9 @@ async fn resolve_tcp(address: &str, tls: bool) -> Result<SocketAddr, ServeError>
         return Err(ServeError::Refused(format!(
             "refusing to serve the disk on {open} (from --serve {address}) without TLS: it is not a \
              loopback address, so anyone who reaches it could read and write the disk; use a \
-             loopback address, unix:PATH, or --serve-tls (clients then need a certificate from --ca)"
+             loopback address, unix:PATH, or --serve-tls (the agent then needs a serving \
+             certificate, `cert issue --serve-name`, and clients this source's certificate or \
+             the admin's)"
         )));
     }
     Ok(first)

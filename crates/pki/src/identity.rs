@@ -40,6 +40,37 @@ fn blockrep_uris(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
         .collect())
 }
 
+/// The DNS names and IP addresses a (server) certificate is valid for, as
+/// text (IP addresses in their usual form).
+pub(crate) fn host_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| Error::Invalid(format!("cannot parse certificate: {e}")))?;
+    let Some(san) = parsed
+        .subject_alternative_name()
+        .map_err(|e| Error::Invalid(format!("bad subject alternative names: {e}")))?
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| std::net::IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| std::net::IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
+}
+
 /// Takes the identity from a certificate that rustls has already verified.
 /// Exactly one blockrep identity URI must be present, and a source id must be
 /// valid. A tenant URI (see [`tenant_from_cert`]) is not an identity and may

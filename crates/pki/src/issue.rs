@@ -128,6 +128,32 @@ pub fn issue_serve(
             "a serving certificate needs the names its clients reach the agent by".into(),
         ));
     }
+    // The CA's server certificates all verify the same way: a serving
+    // certificate for one of the replication server's names would let the
+    // agent's host pose as the replication server to every agent.
+    let server_crt = dir.join("server.crt");
+    if server_crt.exists() {
+        let server_names = crate::files::read_certs(&server_crt)?
+            .first()
+            .map(crate::identity::host_names)
+            .transpose()?
+            .unwrap_or_default();
+        let canonical = |name: &str| match name.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => name.to_ascii_lowercase(),
+        };
+        if let Some(taken) = names
+            .iter()
+            .find(|name| server_names.contains(&canonical(name)))
+        {
+            return Err(Error::Invalid(format!(
+                "{taken} is a name of the replication server ({}): a serving certificate \
+                 for it would let this agent's host pose as the server; use the names \
+                 the agent's clients reach its host by",
+                server_crt.display()
+            )));
+        }
+    }
     let issuer = load_issuer(dir)?;
     let serve_dir = dir.join(SERVE_DIR_NAME);
     ensure_dir(&serve_dir)?;
@@ -268,6 +294,14 @@ mod tests {
         assert_eq!(serve, dir.path().join("serve").join("web-1.crt"));
         assert!(identity_from_cert(&read_certs(&serve).unwrap()[0]).is_err());
         assert!(issue_serve(dir.path(), &source, &[]).is_err());
+        // Never one of the replication server's names.
+        for taken in ["127.0.0.1", "LOCALHOST"] {
+            let refused = issue_serve(dir.path(), &source, &[taken.into()]).unwrap_err();
+            assert!(
+                refused.to_string().contains("pose as the server"),
+                "{refused}"
+            );
+        }
         assert_eq!(crate::tenant_from_cert(der).unwrap(), None);
         assert!(
             init_ca(dir.path(), &[], false).is_err(),

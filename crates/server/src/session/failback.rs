@@ -424,7 +424,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// than a frame holds twice is refused with its limit, not sent oversized.
 fn failback_plan(target: &Root, base: &Root) -> Result<Message, Reject> {
     let (target_root, base_root) = (target.encode(), base.encode());
-    let len = FRAME_HEADER_LEN + 8 + target_root.len() + base_root.len();
+    // The frame's length counts what follows its own 4-byte field.
+    let len = FRAME_HEADER_LEN - 4 + 8 + target_root.len() + base_root.len();
     if len > FRAME_LEN_MAX as usize {
         return Err(Reject::new(
             ErrorCode::GeometryMismatch,

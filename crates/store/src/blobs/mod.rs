@@ -477,9 +477,7 @@ impl Blobs {
         self.sync_failed.load(Ordering::SeqCst)
     }
 
-    /// Refuses once an fsync has failed (see [`Store::check_synced`]).
-    ///
-    /// [`Store::check_synced`]: crate::Store::check_synced
+    /// Refuses once an fsync has failed (`Store::check_synced`).
     pub(crate) fn check_synced(&self) -> Result<(), Error> {
         if self.sync_failed() {
             return Err(Error::new(
