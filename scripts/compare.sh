@@ -247,6 +247,8 @@ agent_sync_to_commit() {
         sleep 0.005
     done
     wait "$pid"
+    # An agent that ended between two polls committed by now at the latest.
+    [[ -n $committed_at ]] || committed_at=$(now)
 }
 agent_bytes() { grep -o ' bytes_sent=[0-9]*' "$work/agent-$1.out" | awk -F= '{ s += $2 } END { print s + 0 }'; }
 
