@@ -193,17 +193,12 @@ impl Overlay {
 
     /// Creates an empty overlay in `dir` (which must not hold one), durably.
     pub(crate) fn create(dir: &Path, size_bytes: u64) -> Result<Self, Error> {
-        let overlays = dir.parent().filter(|parent| !parent.exists());
         // Owner-only whatever the umask, as every file of the data directory.
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| io_error("cannot create", dir, e))?;
-        if let Some(data_dir) = overlays.and_then(Path::parent) {
-            // `overlays/` itself is new: its entry in the data directory too.
-            sync_dir(data_dir)?;
-        }
         let data_path = dir.join("data");
         let data = create_file(&data_path)?;
         data.set_len(size_bytes)
@@ -225,8 +220,10 @@ impl Overlay {
             .map_err(|e| io_error("cannot sync", &data_path, e))?;
         std::fs::rename(&tmp, dir.join("map")).map_err(|e| io_error("cannot publish", &tmp, e))?;
         sync_dir(dir)?;
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
+        // The entries of `dir` in `overlays/` and of `overlays/` in the data
+        // directory, every time: a retry after a failed sync finds them made.
+        for ancestor in dir.ancestors().skip(1).take(2) {
+            sync_dir(ancestor)?;
         }
         Ok(overlay)
     }
