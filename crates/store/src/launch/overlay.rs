@@ -59,6 +59,7 @@ use std::sync::Arc;
 use crate::error::{Error, ErrorKind};
 
 pub(super) mod bits;
+mod compact;
 mod dir;
 mod file_io;
 mod records;
@@ -72,8 +73,8 @@ use file_io::write_data;
 #[cfg(test)]
 pub(crate) use records::TEST_BOOT;
 use records::{
-    HEADER_LEN, HEADER_MAGIC, MARKER_LEN, MARKER_MAGIC, OP_LEN, OPS_PER_RECORD_MAX, Op, OpKind,
-    Record, VERSION, boot_id, encode_record,
+    HEADER_LEN, HEADER_MAGIC, MARKER_LEN, MARKER_MAGIC, Op, OpKind, Record, VERSION, boot_id,
+    encode_record,
 };
 pub(super) use target::{
     open_target_again, punch_or_zero, read_cut, read_target, remove_cut, write_cut, write_target,
@@ -469,8 +470,15 @@ impl Overlay {
     /// A sync of the file [`Overlay::take_dirty_data`] gave failed: as a
     /// failed [`Overlay::sync`], nothing more is promised durable.
     pub(crate) fn data_sync_failed(&mut self, e: Error) -> Error {
-        self.failed = true;
+        self.fail();
         e
+    }
+
+    /// A sync failed: nothing more is promised durable, and a restart in
+    /// this boot must not trust the page cache past the last marker.
+    fn fail(&mut self) {
+        self.failed = true;
+        dir::note_sync_failure(&self.dir);
     }
 
     /// Makes every write so far durable: the data first, then the map
@@ -482,7 +490,7 @@ impl Overlay {
             if let Err(e) = self.data_sync.sync(&self.data) {
                 // The kernel may have dropped the pages it could not write:
                 // a later sync that succeeds would not mean they are on disk.
-                self.failed = true;
+                self.fail();
                 return Err(io_error("cannot sync", &self.dir, e));
             }
             self.synced_writes = self.data_writes;
@@ -491,7 +499,7 @@ impl Overlay {
             let marker = self.marker();
             self.write_map_at(&marker, self.map_len)?;
             if let Err(e) = self.map.sync_data() {
-                self.failed = true;
+                self.fail();
                 return Err(io_error("cannot sync", &self.dir, e));
             }
             self.map_len += marker.len() as u64;
@@ -588,62 +596,6 @@ impl Overlay {
         Ok(())
     }
 
-    /// The current map as operations: one per run of data or zero blocks.
-    fn runs(&self) -> Vec<Op> {
-        let mut ops = Vec::new();
-        let mut block = 0;
-        while block < self.blocks {
-            let state = self.state(block);
-            let start = block;
-            while block < self.blocks && self.state(block) == state {
-                block += 1;
-            }
-            let kind = match state {
-                BlockState::Base => continue,
-                BlockState::Data => OpKind::Data,
-                BlockState::Zero => OpKind::Zero,
-            };
-            ops.push(Op {
-                kind,
-                first: start,
-                count: block - start,
-            });
-        }
-        ops
-    }
-
-    fn compacted_len(&self) -> u64 {
-        let runs = self.runs().len() as u64;
-        HEADER_LEN
-            + runs * OP_LEN as u64
-            + runs.div_ceil(OPS_PER_RECORD_MAX as u64) * 12
-            + MARKER_LEN
-    }
-
-    /// Rewrites `map` as the current runs and a marker, atomically (called
-    /// right after a sync, so the map in memory is the durable one).
-    fn compact(&mut self) -> Result<(), Error> {
-        let tmp = self.dir.join("map.tmp");
-        let file = create_file(&tmp)?;
-        let mut bytes = self.header();
-        for batch in self.runs().chunks(OPS_PER_RECORD_MAX) {
-            bytes.extend_from_slice(&encode_record(batch));
-        }
-        bytes.extend_from_slice(&self.marker());
-        file.write_all_at(&bytes, 0)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_error("cannot write", &tmp, e))?;
-        std::fs::rename(&tmp, self.dir.join("map"))
-            .map_err(|e| io_error("cannot publish", &tmp, e))?;
-        // The new file is `map` from the rename on, whatever follows.
-        self.map = file;
-        self.map_len = bytes.len() as u64;
-        // Unsynced, a power loss may keep the old map: later markers lie.
-        let synced = sync_dir(&self.dir);
-        self.failed |= synced.is_err();
-        synced
-    }
-
     /// Rebuilds the map from `map`: the header, then every whole record in
     /// order; a record that is torn or fails its crc ends the map there
     /// (the file is cut, so the next record follows the last good one).
@@ -698,7 +650,9 @@ impl Overlay {
                 }
             }
         }
-        let same_boot = self.boot.is_some() && marker_boot == self.boot;
+        // After a failed sync the page cache is not to be trusted either.
+        let same_boot =
+            self.boot.is_some() && marker_boot == self.boot && !dir::sync_failed_before(&self.dir);
         if same_boot && !tail.is_empty() {
             // Written in this boot by a process that is gone: the page
             // cache holds their data. Made durable now, so that a power
@@ -724,7 +678,8 @@ impl Overlay {
             self.unsynced = true;
             self.sync()?;
         }
-        Ok(())
+        // The map ends at a marker now: nothing left that the note was for.
+        dir::clear_sync_failure(&self.dir)
     }
 
     /// Cuts `map` at `at` if it is longer (a torn or damaged tail).

@@ -316,3 +316,38 @@ fn a_failed_data_sync_fails_every_later_one() {
         "no marker over data that may be lost"
     );
 }
+
+#[test]
+fn after_a_failed_sync_a_restart_in_the_same_boot_keeps_only_what_a_marker_covers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o");
+    let mut overlay = Overlay::create(&path, SIZE).unwrap();
+    overlay.write_blocks(1, &block(1)).unwrap();
+    overlay.sync().unwrap();
+    overlay.write_blocks(2, &block(2)).unwrap();
+    // The data's fdatasync fails (as the kernel reports a failed
+    // write-back): its pages may be gone from the page cache.
+    overlay
+        .reader()
+        .data_sync
+        .failed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(overlay.sync().is_err());
+    drop(overlay);
+    // Reopened in the same boot, the page cache is not trusted past the
+    // last marker: block 2 was never promised and may be lost.
+    let overlay = Overlay::open(&path, SIZE).unwrap().unwrap();
+    assert_eq!(overlay.state(1), BlockState::Data);
+    assert_eq!(overlay.state(2), BlockState::Base);
+    assert_eq!(read_block(&overlay, 1), block(1));
+    assert!(
+        !path.join("sync-failed").exists(),
+        "the note outlived the replay"
+    );
+    // And a later restart trusts the page cache again.
+    let mut overlay = overlay;
+    overlay.write_blocks(3, &block(3)).unwrap();
+    drop(overlay);
+    let overlay = Overlay::open(&path, SIZE).unwrap().unwrap();
+    assert_eq!(overlay.state(3), BlockState::Data);
+}

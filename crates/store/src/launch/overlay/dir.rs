@@ -32,6 +32,40 @@ pub(crate) fn mapped_blocks_in(dir: &Path) -> Result<u64, Error> {
     Ok(Overlay::open(dir, size)?.map_or(0, |overlay| overlay.mapped_blocks()))
 }
 
+/// Left in an overlay's directory by a sync that failed: the kernel may have
+/// dropped pages it could not write, so a restart in the same boot must not
+/// trust records past the last marker as the page cache's.
+const SYNC_FAILED_FILE: &str = "sync-failed";
+
+/// Notes durably, as far as the failing disk still allows, that a sync of
+/// the overlay in `dir` failed. Best effort: if even this cannot be
+/// written, the process still refuses every later write and flush.
+pub(super) fn note_sync_failure(dir: &Path) {
+    let noted = File::create(dir.join(SYNC_FAILED_FILE))
+        .and_then(|file| file.sync_all())
+        .map_err(|e| io_error("cannot note a failed sync in", dir, e))
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = noted {
+        // The store has no logger of its own; the server's stderr is kept.
+        eprintln!("blockrep-store: a failed overlay sync could not be noted: {e}");
+    }
+}
+
+/// Whether a sync of the overlay in `dir` failed since its map last ended
+/// at a marker.
+pub(super) fn sync_failed_before(dir: &Path) -> bool {
+    dir.join(SYNC_FAILED_FILE).exists()
+}
+
+/// Removes the note once the map ends at a marker again.
+pub(super) fn clear_sync_failure(dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(dir.join(SYNC_FAILED_FILE)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("cannot remove the failed-sync note in", dir, e)),
+    }
+}
+
 /// Removes the overlay in `dir`, if any (its launch was deleted, or a
 /// bucket store's overlay holds nothing acknowledged).
 pub(crate) fn remove(dir: &Path) -> Result<(), Error> {
