@@ -211,8 +211,9 @@ pub(crate) struct CaptureArgs {
     #[arg(long, requires = "serve")]
     pub(crate) serve_tls: bool,
     /// With --serve-tls: refuse client certificates this list revokes (PEM,
-    /// the crl.pem `blockrep cert revoke` writes). Read when the agent
-    /// starts; restart it to apply a newer list.
+    /// the crl.pem `blockrep cert revoke` writes). Checked for a change every
+    /// 2 s: a new list applies to every later connection (those open stay
+    /// open); one that does not load leaves the list in force.
     #[arg(long, value_name = "PATH", requires = "serve_tls")]
     pub(crate) serve_crl: Option<PathBuf>,
     /// With --serve-tls: the certificate the agent presents to its clients,

@@ -2,7 +2,8 @@
 //! --serve HOST:PORT --serve-tls`): the source's own certificate and the
 //! admin's read it; another source's certificate from the same CA is told
 //! there is no such export and lists none; a revoked certificate of the
-//! source itself (`--serve-crl`) does not finish its handshake. Driven with
+//! source itself (`--serve-crl`) does not finish its handshake, whether the
+//! list revoked it before the agent started or while it serves. Driven with
 //! nbdinfo and nbdcopy against the real binaries.
 #![allow(clippy::unwrap_used)]
 
@@ -59,6 +60,15 @@ fn only_the_sources_own_and_the_admin_certificate_open_the_served_disk() {
     }
     blockrep_pki::issue_source(pki.path(), &source).unwrap();
     blockrep_pki::revoke_cert(pki.path(), &pki.cert("db-old")).unwrap();
+    // And one of db revoked only while the agent serves.
+    for ext in ["crt", "key"] {
+        std::fs::copy(
+            pki.path().join(format!("db.{ext}")),
+            pki.path().join(format!("db-later.{ext}")),
+        )
+        .unwrap();
+    }
+    blockrep_pki::issue_source(pki.path(), &source).unwrap();
     // The agent serves with a server certificate for the address its clients
     // dial (a loopback address that is not the replication server's, whose
     // names a serving certificate may not take): its own client certificate
@@ -170,6 +180,17 @@ fn only_the_sources_own_and_the_admin_certificate_open_the_served_disk() {
     assert!(
         !out.status.success() && !said.contains("No such file or directory"),
         "a revoked certificate opened the disk, or was refused by name: {said}"
+    );
+    // Revoked while the agent serves: the changed list applies to the next
+    // connection, without a restart.
+    let certs = client_dir(&pki, work.path(), "db-later");
+    let opens = || output_of("nbdinfo", &[&uri(&certs, "db")]).status.success();
+    assert!(opens(), "a valid certificate of db was refused");
+    blockrep_pki::revoke_cert(pki.path(), &pki.cert("db-later")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || !opens()),
+        "a certificate revoked while serving still opens the disk: {}",
+        agent.stderr.lock().unwrap()
     );
     drop(agent);
 

@@ -15,6 +15,8 @@ use crate::cli::CaptureArgs;
 pub(crate) struct Served {
     serving: Serving,
     captures: Vec<Arc<Capture>>,
+    /// Reloads --serve-crl when the file changes.
+    crl_watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// In capture mode: opens the capture, starts serving, and hands the capture
@@ -38,11 +40,8 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
     if args.preserve_max < CAPTURE_BLOCK_BYTES {
         anyhow::bail!("--preserve-max must be at least {CAPTURE_BLOCK_BYTES} bytes (one block)");
     }
+    let mut crl_watch = None;
     let tls = if args.serve_tls {
-        let crls = match &args.serve_crl {
-            Some(path) => blockrep_pki::read_crls(path).context("cannot read --serve-crl")?,
-            None => Vec::new(),
-        };
         // The agent's client certificate names its source and is for
         // client authentication only: serving needs a server certificate
         // for the names the workload reaches this host by.
@@ -68,8 +67,21 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
                 config.source
             );
         }
-        let server = blockrep_pki::server_config_with_crls(&config.ca_path, &cert, &key, crls)
-            .context("cannot set up TLS for --serve")?;
+        let lists = match &args.serve_crl {
+            Some(path) => blockrep_pki::RevocationLists::load(path, &config.ca_path)
+                .context("cannot read --serve-crl")?,
+            None => blockrep_pki::RevocationLists::default(),
+        };
+        let (server, verifier) =
+            blockrep_pki::server_config_reloadable(&config.ca_path, &cert, &key, &lists)
+                .context("cannot set up TLS for --serve")?;
+        if let Some(path) = args.serve_crl.clone() {
+            crl_watch = Some(tokio::spawn(watch_crl(
+                path,
+                config.ca_path.clone(),
+                verifier,
+            )));
+        }
         Some(Arc::new(server))
     } else {
         None
@@ -119,7 +131,48 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
     } else {
         config.capture = captures.first().cloned();
     }
-    Ok(Some(Served { serving, captures }))
+    Ok(Some(Served {
+        serving,
+        captures,
+        crl_watch,
+    }))
+}
+
+/// How often --serve-crl is checked for a change.
+const CRL_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Puts a changed --serve-crl in force for every later handshake (as the
+/// server's --crl): polled for a new length, modification time or inode
+/// (`cert revoke` replaces the file). A list that does not load is logged
+/// and the list in force stays in force.
+async fn watch_crl(
+    path: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    verifier: Arc<blockrep_pki::ReloadableClientVerifier>,
+) {
+    use std::os::unix::fs::MetadataExt as _;
+    let fingerprint = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.len(), m.mtime(), m.mtime_nsec(), m.ino()))
+    };
+    let mut seen = fingerprint(&path);
+    loop {
+        tokio::time::sleep(CRL_POLL_INTERVAL).await;
+        let now = fingerprint(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let loaded = blockrep_pki::RevocationLists::load(&path, &ca)
+            .and_then(|lists| verifier.replace(&lists).map(|()| lists.revoked_count()));
+        match loaded {
+            Ok(revoked) => tracing::info!(path = %path.display(), revoked, "--serve-crl reloaded"),
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "--serve-crl not reloaded; the list in force stays")
+            }
+        }
+    }
 }
 
 impl Served {
@@ -127,6 +180,9 @@ impl Served {
     /// then saves the capture state so that the next start sends only what
     /// was written.
     pub(crate) async fn finish(self) -> Result<()> {
+        if let Some(watch) = &self.crl_watch {
+            watch.abort();
+        }
         self.serving.stop().await;
         // Every disk's state is saved, even after one failed: each that is
         // not reads its whole disk at the next start.
