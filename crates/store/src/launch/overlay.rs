@@ -467,15 +467,17 @@ impl Overlay {
         }
     }
 
-    /// A sync of the file [`Overlay::take_dirty_data`] gave failed: as a
-    /// failed [`Overlay::sync`], nothing more is promised durable.
+    /// A sync of the file [`Overlay::take_dirty_data`] gave failed (noted
+    /// for a restart by the data's sync): as a failed [`Overlay::sync`],
+    /// nothing more is promised durable.
     pub(crate) fn data_sync_failed(&mut self, e: Error) -> Error {
-        self.fail();
+        self.failed = true;
         e
     }
 
-    /// A sync failed: nothing more is promised durable, and a restart in
-    /// this boot must not trust the page cache past the last marker.
+    /// A sync of the map failed: nothing more is promised durable, and a
+    /// restart in this boot must not trust the page cache past the last
+    /// marker.
     fn fail(&mut self) {
         self.failed = true;
         dir::note_sync_failure(&self.dir);
@@ -487,10 +489,11 @@ impl Overlay {
     pub(crate) fn sync(&mut self) -> Result<(), Error> {
         self.check_usable()?;
         if self.data_dirty() {
-            if let Err(e) = self.data_sync.sync(&self.data) {
+            if let Err(e) = self.data_sync.sync(&self.data, &self.dir) {
                 // The kernel may have dropped the pages it could not write:
-                // a later sync that succeeds would not mean they are on disk.
-                self.fail();
+                // a later sync that succeeds would not mean they are on disk
+                // (the data's sync noted it for a restart).
+                self.failed = true;
                 return Err(io_error("cannot sync", &self.dir, e));
             }
             self.synced_writes = self.data_writes;

@@ -327,11 +327,7 @@ fn after_a_failed_sync_a_restart_in_the_same_boot_keeps_only_what_a_marker_cover
     overlay.write_blocks(2, &block(2)).unwrap();
     // The data's fdatasync fails (as the kernel reports a failed
     // write-back): its pages may be gone from the page cache.
-    overlay
-        .reader()
-        .data_sync
-        .failed
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    overlay.reader().data_sync.record_failure(&path);
     assert!(overlay.sync().is_err());
     drop(overlay);
     // Reopened in the same boot, the page cache is not trusted past the

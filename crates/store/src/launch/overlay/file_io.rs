@@ -30,8 +30,10 @@ pub(crate) struct DataSync {
 }
 
 impl DataSync {
-    /// `fdatasync` of `file`, unless one failed before.
-    pub(super) fn sync(&self, file: &File) -> io::Result<()> {
+    /// `fdatasync` of `file` (the data of the overlay in `dir`), unless one
+    /// failed before. A failure is noted in `dir` for a restart
+    /// (`dir::note_sync_failure`), whichever caller heard it.
+    pub(super) fn sync(&self, file: &File, dir: &Path) -> io::Result<()> {
         let _one = self
             .one_at_a_time
             .lock()
@@ -41,8 +43,14 @@ impl DataSync {
                 "an earlier sync of the overlay's data failed",
             ));
         }
-        file.sync_data()
-            .inspect_err(|_| self.failed.store(true, Ordering::SeqCst))
+        file.sync_data().inspect_err(|_| self.record_failure(dir))
+    }
+
+    /// What a failed `fdatasync` leaves: every later sync fails, and the
+    /// overlay in `dir` is noted as failed for a restart in this boot.
+    pub(super) fn record_failure(&self, dir: &Path) {
+        self.failed.store(true, Ordering::SeqCst);
+        super::dir::note_sync_failure(dir);
     }
 }
 
@@ -59,7 +67,7 @@ impl OverlayIo {
     /// recorded).
     pub(crate) fn sync_data(&self) -> Result<(), Error> {
         self.data_sync
-            .sync(&self.data)
+            .sync(&self.data, &self.dir)
             .map_err(|e| io_error("cannot sync", &self.dir, e))
     }
 
