@@ -222,6 +222,29 @@ impl ClientCertVerifier for ReloadableClientVerifier {
     }
 }
 
+/// What a revocation list file looked like when last read; a change of any
+/// field is a change of the file (`cert revoke` replaces it by rename: a new
+/// inode). Servers poll it to reload the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrlFingerprint {
+    len: u64,
+    modified_ns: i128,
+    inode: u64,
+}
+
+impl CrlFingerprint {
+    /// The file at `path` as it is now; `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            len: meta.len(),
+            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            inode: meta.ino(),
+        })
+    }
+}
+
 /// A server configuration as [`crate::server_config_with_crls`] makes, whose
 /// revocation lists can be replaced later through the returned verifier.
 pub fn server_config_reloadable(

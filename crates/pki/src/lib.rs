@@ -23,8 +23,8 @@ mod tls;
 mod token;
 
 pub use crl::{
-    CRL_FILE_MAX_BYTES, ReloadableClientVerifier, RevocationLists, cert_serial, read_list_file,
-    server_config_reloadable,
+    CRL_FILE_MAX_BYTES, CrlFingerprint, ReloadableClientVerifier, RevocationLists, cert_serial,
+    read_list_file, server_config_reloadable,
 };
 pub use files::{read_certs, read_key};
 pub use identity::{

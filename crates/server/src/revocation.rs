@@ -15,34 +15,15 @@
 //! here fails open, and nothing stops the server.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blockrep_pki::{ReloadableClientVerifier, RevocationLists};
+use blockrep_pki::{CrlFingerprint, ReloadableClientVerifier, RevocationLists};
 use tokio::signal::unix::Signal;
 use tokio::sync::watch;
 use tracing::{error, info};
-
-/// What the file looked like when last read; a change of any field is a
-/// change of the file (`cert revoke` replaces it by rename: a new inode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Fingerprint {
-    len: u64,
-    modified_ns: i128,
-    inode: u64,
-}
-
-fn fingerprint(path: &Path) -> Option<Fingerprint> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Fingerprint {
-        len: meta.len(),
-        modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        inode: meta.ino(),
-    })
-}
 
 /// A session's certificate serial and the flag that tells it to end.
 #[derive(Debug)]
@@ -56,7 +37,7 @@ struct State {
     lists: RevocationLists,
     /// The file as last read (whether or not it loaded): a broken file is
     /// reported once per change, not once per poll.
-    seen: Option<Fingerprint>,
+    seen: Option<CrlFingerprint>,
     sessions: HashMap<u64, Watched>,
 }
 
@@ -86,7 +67,7 @@ impl Revocation {
         lists: RevocationLists,
         verifier: Arc<ReloadableClientVerifier>,
     ) -> Self {
-        let seen = path.as_deref().and_then(fingerprint);
+        let seen = path.as_deref().and_then(CrlFingerprint::of);
         Self {
             path,
             ca_path,
@@ -132,7 +113,7 @@ impl Revocation {
         let Some(path) = &self.path else {
             return false;
         };
-        fingerprint(path) != self.state().seen
+        CrlFingerprint::of(path) != self.state().seen
     }
 
     /// Reads the file again; on success the new lists are in force and the
@@ -142,7 +123,7 @@ impl Revocation {
             info!(why, "no --crl list to reload");
             return;
         };
-        let seen = fingerprint(path);
+        let seen = CrlFingerprint::of(path);
         let loaded = RevocationLists::load(path, &self.ca_path)
             .and_then(|lists| self.verifier.replace(&lists).map(|()| lists));
         let mut state = self.state();

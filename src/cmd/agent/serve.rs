@@ -150,16 +150,10 @@ async fn watch_crl(
     ca: std::path::PathBuf,
     verifier: Arc<blockrep_pki::ReloadableClientVerifier>,
 ) {
-    use std::os::unix::fs::MetadataExt as _;
-    let fingerprint = |path: &std::path::Path| {
-        std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.len(), m.mtime(), m.mtime_nsec(), m.ino()))
-    };
-    let mut seen = fingerprint(&path);
+    let mut seen = blockrep_pki::CrlFingerprint::of(&path);
     loop {
         tokio::time::sleep(CRL_POLL_INTERVAL).await;
-        let now = fingerprint(&path);
+        let now = blockrep_pki::CrlFingerprint::of(&path);
         if now == seen {
             continue;
         }
