@@ -62,7 +62,12 @@ pub fn init_ca(dir: &Path, server_names: &[String], force: bool) -> Result<(), E
     write_file(&dir.join("ca.key"), &ca_key.serialize_pem(), KEY_MODE)?;
 
     let issuer = Issuer::new(ca_params, ca_key);
-    issue_server(&issuer, dir, "server", "blockrep server", server_names)?;
+    issue_server(
+        &issuer,
+        cert_and_key(dir, "server"),
+        "blockrep server",
+        server_names,
+    )?;
     // The admin API's bearer token goes with the CA: a new CA gets a new token.
     let token_path = dir.join(crate::ADMIN_TOKEN_FILE_NAME);
     if force {
@@ -73,13 +78,31 @@ pub fn init_ca(dir: &Path, server_names: &[String], force: bool) -> Result<(), E
     Ok(())
 }
 
-/// A server certificate (`STEM.crt`, `STEM.key` in `dir`) valid for
-/// `names` (DNS names or IP addresses): server authentication only, so no
-/// peer takes it for a client's identity.
+/// The certificate and key files of `stem` in `dir`: `STEM.crt`, `STEM.key`.
+fn cert_and_key(dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    )
+}
+
+/// Writes a signed certificate and its key to `paths` (the key owner-only).
+fn write_signed(
+    paths: (PathBuf, PathBuf),
+    cert: &rcgen::Certificate,
+    key: &KeyPair,
+) -> Result<(PathBuf, PathBuf), Error> {
+    write_file(&paths.0, &cert.pem(), CERT_MODE)?;
+    write_file(&paths.1, &key.serialize_pem(), KEY_MODE)?;
+    Ok(paths)
+}
+
+/// A server certificate at `paths` valid for `names` (DNS names or IP
+/// addresses): server authentication only, so no peer takes it for a
+/// client's identity.
 fn issue_server(
     issuer: &Issuer<'_, KeyPair>,
-    dir: &Path,
-    stem: &str,
+    paths: (PathBuf, PathBuf),
     common_name: &str,
     names: &[String],
 ) -> Result<(PathBuf, PathBuf), Error> {
@@ -99,19 +122,16 @@ fn issue_server(
     validity(&mut params);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, issuer)?;
-    let (cert_path, key_path) = (
-        dir.join(format!("{stem}.crt")),
-        dir.join(format!("{stem}.key")),
-    );
-    write_file(&cert_path, &cert.pem(), CERT_MODE)?;
-    write_file(&key_path, &key.serialize_pem(), KEY_MODE)?;
-    Ok((cert_path, key_path))
+    write_signed(paths, &cert, &key)
 }
 
-/// Directory (under a TLS directory) of the certificates agents present when
-/// they serve their disks over TLS; a source id cannot name it apart from
-/// the client certificates beside it.
-pub const SERVE_DIR_NAME: &str = "serve";
+/// The certificate and key the agent of `source` serves its disk with over
+/// TLS, in the TLS directory `dir`: `serve/ID.crt`, `serve/ID.key` (a
+/// directory of their own, which no source id can name apart from the
+/// client certificates beside it).
+pub fn serve_cert_paths(dir: &Path, source: &SourceId) -> (PathBuf, PathBuf) {
+    cert_and_key(&dir.join("serve"), source.as_str())
+}
 
 /// Issues `serve/ID.crt`/`serve/ID.key` in `dir`, signed by the CA there: the
 /// certificate the agent of `source` presents when it serves its disk over
@@ -155,12 +175,13 @@ pub fn issue_serve(
         }
     }
     let issuer = load_issuer(dir)?;
-    let serve_dir = dir.join(SERVE_DIR_NAME);
-    ensure_dir(&serve_dir)?;
+    let paths = serve_cert_paths(dir, source);
+    if let Some(serve_dir) = paths.0.parent() {
+        ensure_dir(serve_dir)?;
+    }
     issue_server(
         &issuer,
-        &serve_dir,
-        source.as_str(),
+        paths,
         &format!("blockrep agent of {source}"),
         names,
     )
@@ -207,11 +228,7 @@ fn issue_client(
     validity(&mut params);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    let cert_path = dir.join(format!("{file_stem}.crt"));
-    let key_path = dir.join(format!("{file_stem}.key"));
-    write_file(&cert_path, &cert.pem(), CERT_MODE)?;
-    write_file(&key_path, &key.serialize_pem(), KEY_MODE)?;
-    Ok((cert_path, key_path))
+    write_signed(cert_and_key(dir, file_stem), &cert, &key)
 }
 
 /// Issues `ID.crt`/`ID.key` in `dir` for source `source`, signed by the CA there.

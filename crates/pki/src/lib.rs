@@ -31,7 +31,7 @@ pub use identity::{
     ADMIN_URI, Identity, SOURCE_URI_PREFIX, TENANT_URI_PREFIX, identity_from_cert, tenant_from_cert,
 };
 pub use issue::{
-    SERVE_DIR_NAME, init_ca, issue_admin, issue_serve, issue_source, issue_source_in_tenant,
+    init_ca, issue_admin, issue_serve, issue_source, issue_source_in_tenant, serve_cert_paths,
 };
 pub use revoke::{CRL_FILE_NAME, Revocation, read_crls, revoke_cert};
 pub use tls::{client_config, server_config, server_config_with_crls};

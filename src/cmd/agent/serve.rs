@@ -45,19 +45,15 @@ pub(crate) async fn start(args: &CaptureArgs, config: &mut AgentConfig) -> Resul
         // The agent's client certificate names its source and is for
         // client authentication only: serving needs a server certificate
         // for the names the workload reaches this host by.
-        let dir = config
+        let tls_dir = config
             .cert_path
             .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join(blockrep_pki::SERVE_DIR_NAME);
-        let cert = args
-            .serve_cert
-            .clone()
-            .unwrap_or_else(|| dir.join(format!("{}.crt", config.source)));
-        let key = args
-            .serve_key
-            .clone()
-            .unwrap_or_else(|| dir.join(format!("{}.key", config.source)));
+            .unwrap_or(std::path::Path::new("."));
+        let (cert, key) = match (&args.serve_cert, &args.serve_key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            // The two go together (the arguments require each other).
+            _ => blockrep_pki::serve_cert_paths(tls_dir, &config.source),
+        };
         if !cert.exists() {
             anyhow::bail!(
                 "--serve-tls: no certificate to serve with at {} (issue one with `blockrep cert \
