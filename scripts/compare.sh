@@ -51,20 +51,14 @@ EOF
 )
 (( size_bytes >= 1048576 )) || { echo "SIZE must be at least 1MiB" >&2; exit 2; }
 
-# Tools. Both are installed only when absent, from the distribution and from
-# crates.io respectively.
-if ! command -v rsync >/dev/null; then
-    echo "installing rsync..." >&2
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null
-fi
+# Tools, each installed only when absent: b3sum from crates.io; rsync and the
+# floor's tools (see below) from the distribution, each with its package.
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
 if ! command -v b3sum >/dev/null; then
     echo "installing b3sum..." >&2
     cargo install --locked --quiet b3sum
 fi
-# The floor's tools (see below), each with its Debian package.
-for tool in iperf3:iperf3 openssl:openssl /usr/bin/time:time; do
+for tool in rsync:rsync iperf3:iperf3 openssl:openssl /usr/bin/time:time; do
     if ! command -v "${tool%%:*}" >/dev/null; then
         echo "installing ${tool#*:}..." >&2
         apt-get update -qq >/dev/null
