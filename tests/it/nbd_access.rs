@@ -26,20 +26,6 @@ fn launch_of(server: &ServerProcess, pki: &Pki, disk: &Path, source: &str, launc
     create_launch(server, source, &snapshot.name, launch);
 }
 
-/// A directory laid out as libnbd and qemu want their certificates
-/// (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`), holding the
-/// certificate `stem` of `pki`; `None` for a directory with the CA only.
-fn client_dir(pki: &Pki, work: &Path, stem: Option<&str>) -> PathBuf {
-    let dir = work.join(format!("certs-{}", stem.unwrap_or("none")));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(pki.cert("ca"), dir.join("ca-cert.pem")).unwrap();
-    if let Some(stem) = stem {
-        std::fs::copy(pki.cert(stem), dir.join("client-cert.pem")).unwrap();
-        std::fs::copy(pki.key(stem), dir.join("client-key.pem")).unwrap();
-    }
-    dir
-}
-
 /// The `nbds://` URI of `export` on `server` with the certificates in `certs`.
 fn tls_uri(server: &ServerProcess, export: &str, certs: &Path) -> String {
     format!(
@@ -47,14 +33,6 @@ fn tls_uri(server: &ServerProcess, export: &str, certs: &Path) -> String {
         server.nbd_addr.unwrap(),
         certs.display()
     )
-}
-
-/// Runs a tool, returning its output whether it succeeded or not.
-fn run_output(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
 /// qemu-io on `export` at `nbd` over TLS with the certificates in `certs`,
@@ -78,10 +56,6 @@ fn qemu_io_tls(nbd: SocketAddr, certs: &Path, export: &str, command: &str) -> Ou
             command,
         ],
     )
-}
-
-fn all_output(output: &Output) -> String {
-    format!("{}{}", stdout(output), stderr(output))
 }
 
 /// Two sources `a` and `b`, each with one launch (`alpha` and `bravo`), served

@@ -7,29 +7,19 @@
 //! nbdinfo and nbdcopy against the real binaries.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
 use blockrep_testkit::{Pki, ServerProcess, random_bytes};
 
-/// A directory as libnbd wants certificates (`ca-cert.pem`,
-/// `client-cert.pem`, `client-key.pem`) holding `stem`'s.
-fn client_dir(pki: &Pki, work: &Path, stem: &str) -> PathBuf {
-    let dir = work.join(format!("certs-{stem}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(pki.cert("ca"), dir.join("ca-cert.pem")).unwrap();
-    std::fs::copy(pki.cert(stem), dir.join("client-cert.pem")).unwrap();
-    std::fs::copy(pki.key(stem), dir.join("client-key.pem")).unwrap();
-    dir
-}
-
-fn output_of(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+/// Copies the certificate of `source` to `stem` and issues the source a new
+/// one: an earlier certificate of the same source, to revoke.
+fn keep_aside_and_reissue(pki: &Pki, source: &blockrep_core::SourceId, stem: &str) {
+    std::fs::copy(pki.cert(source.as_str()), pki.cert(stem)).unwrap();
+    std::fs::copy(pki.key(source.as_str()), pki.key(stem)).unwrap();
+    blockrep_pki::issue_source(pki.path(), source).unwrap();
 }
 
 /// The address in the agent's "serving the disk over NBD address=..." line.
@@ -51,24 +41,10 @@ fn only_the_sources_own_and_the_admin_certificate_open_the_served_disk() {
     // An earlier certificate of db itself, kept aside and then revoked: only
     // the list can refuse it, as it names the right source.
     let source = blockrep_core::SourceId::new("db").unwrap();
-    for ext in ["crt", "key"] {
-        std::fs::copy(
-            pki.path().join(format!("db.{ext}")),
-            pki.path().join(format!("db-old.{ext}")),
-        )
-        .unwrap();
-    }
-    blockrep_pki::issue_source(pki.path(), &source).unwrap();
+    keep_aside_and_reissue(&pki, &source, "db-old");
     blockrep_pki::revoke_cert(pki.path(), &pki.cert("db-old")).unwrap();
     // And one of db revoked only while the agent serves.
-    for ext in ["crt", "key"] {
-        std::fs::copy(
-            pki.path().join(format!("db.{ext}")),
-            pki.path().join(format!("db-later.{ext}")),
-        )
-        .unwrap();
-    }
-    blockrep_pki::issue_source(pki.path(), &source).unwrap();
+    keep_aside_and_reissue(&pki, &source, "db-later");
     // The agent serves with a server certificate for the address its clients
     // dial (a loopback address that is not the replication server's, whose
     // names a serving certificate may not take): its own client certificate
@@ -121,15 +97,15 @@ fn only_the_sources_own_and_the_admin_certificate_open_the_served_disk() {
 
     // The source's own certificate and the admin's read the disk whole.
     for who in ["db", "admin"] {
-        let certs = client_dir(&pki, work.path(), who);
+        let certs = client_dir(&pki, work.path(), Some(who));
         let copy = work.path().join(format!("by-{who}.raw"));
-        let out = output_of("nbdcopy", &[&uri(&certs, "db"), copy.to_str().unwrap()]);
+        let out = run_output("nbdcopy", &[&uri(&certs, "db"), copy.to_str().unwrap()]);
         assert!(out.status.success(), "{who}: {out:?}");
         assert!(
             std::fs::read(&copy).unwrap() == original,
             "{who} read other bytes"
         );
-        let listed = output_of("nbdinfo", &["--list", &uri(&certs, "")]);
+        let listed = run_output("nbdinfo", &["--list", &uri(&certs, "")]);
         assert!(
             String::from_utf8_lossy(&listed.stdout).contains("export=\"db\""),
             "{listed:?}"
@@ -138,27 +114,23 @@ fn only_the_sources_own_and_the_admin_certificate_open_the_served_disk() {
 
     // Another source's certificate, from the same CA: no export by name or
     // by default, none listed, and not a byte of the disk.
-    let certs = client_dir(&pki, work.path(), "other");
+    let certs = client_dir(&pki, work.path(), Some("other"));
     for export in ["db", ""] {
         let stolen = work.path().join("stolen.raw");
-        let out = output_of("nbdcopy", &[&uri(&certs, export), stolen.to_str().unwrap()]);
+        let out = run_output("nbdcopy", &[&uri(&certs, export), stolen.to_str().unwrap()]);
         assert!(
             !out.status.success(),
             "another source copied the disk ({export:?})"
         );
         assert!(std::fs::read(&stolen).unwrap_or_default() != original);
     }
-    let info = output_of("nbdinfo", &[&uri(&certs, "db")]);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&info.stdout),
-        String::from_utf8_lossy(&info.stderr)
-    );
+    let info = run_output("nbdinfo", &[&uri(&certs, "db")]);
+    let said = all_output(&info);
     assert!(
         !info.status.success() && said.contains("No such file or directory"),
         "{said}"
     );
-    let listed = output_of("nbdinfo", &["--list", &uri(&certs, "")]);
+    let listed = run_output("nbdinfo", &["--list", &uri(&certs, "")]);
     assert!(
         !String::from_utf8_lossy(&listed.stdout).contains("export="),
         "{listed:?}"
@@ -174,8 +146,8 @@ fn only_the_sources_own_and_the_admin_certificate_open_the_served_disk() {
 
     // A revoked certificate of the source itself does not finish its
     // handshake: refused by the list, not told the export is missing.
-    let certs = client_dir(&pki, work.path(), "db-old");
-    let out = output_of("nbdinfo", &[&uri(&certs, "db")]);
+    let certs = client_dir(&pki, work.path(), Some("db-old"));
+    let out = run_output("nbdinfo", &[&uri(&certs, "db")]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && !said.contains("No such file or directory"),
@@ -183,8 +155,12 @@ fn only_the_sources_own_and_the_admin_certificate_open_the_served_disk() {
     );
     // Revoked while the agent serves: the changed list applies to the next
     // connection, without a restart.
-    let certs = client_dir(&pki, work.path(), "db-later");
-    let opens = || output_of("nbdinfo", &[&uri(&certs, "db")]).status.success();
+    let certs = client_dir(&pki, work.path(), Some("db-later"));
+    let opens = || {
+        run_output("nbdinfo", &[&uri(&certs, "db")])
+            .status
+            .success()
+    };
     assert!(opens(), "a valid certificate of db was refused");
     blockrep_pki::revoke_cert(pki.path(), &pki.cert("db-later")).unwrap();
     assert!(

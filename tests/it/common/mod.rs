@@ -278,3 +278,30 @@ pub fn fio_randwrite_job(name: &str, uri: &str, size: &str, seed: u32) -> Vec<St
     ]
     .into()
 }
+
+/// A directory laid out as libnbd and qemu want their certificates
+/// (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`), holding the
+/// certificate `stem` of `pki`; `None` for a directory with the CA only.
+pub fn client_dir(pki: &blockrep_testkit::Pki, work: &Path, stem: Option<&str>) -> PathBuf {
+    let dir = work.join(format!("certs-{}", stem.unwrap_or("none")));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(pki.cert("ca"), dir.join("ca-cert.pem")).unwrap();
+    if let Some(stem) = stem {
+        std::fs::copy(pki.cert(stem), dir.join("client-cert.pem")).unwrap();
+        std::fs::copy(pki.key(stem), dir.join("client-key.pem")).unwrap();
+    }
+    dir
+}
+
+/// Runs a tool, returning its output whether it succeeded or not.
+pub fn run_output(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// A tool's standard output and error, in that order.
+pub fn all_output(output: &Output) -> String {
+    format!("{}{}", stdout(output), stderr(output))
+}
