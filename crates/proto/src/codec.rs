@@ -252,6 +252,15 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
     seal(&mut out[start..]);
 }
 
+/// Whether a `FailbackPlan` whose roots encode to `target_len` and
+/// `base_len` bytes fits in one frame: its two roots, each after its
+/// 4-byte length, follow the frame's checksum and type byte, and the frame's
+/// length field counts all of that up to [`FRAME_LEN_MAX`].
+pub fn failback_plan_fits(target_len: usize, base_len: usize) -> bool {
+    let body = (FRAME_HEADER_LEN - 4) + 4 + target_len + 4 + base_len;
+    body <= FRAME_LEN_MAX as usize
+}
+
 /// Bytes of a `Chunk` frame before its data.
 pub const CHUNK_HEADER_LEN: usize = FRAME_HEADER_LEN + 8 + 32 + 1 + 4 + 4;
 

@@ -40,6 +40,7 @@ mod patch;
 
 pub use codec::{
     CHUNK_HEADER_LEN, Decoded, chunk_header, decode, decode_frame, encode, encode_chunk_header,
+    failback_plan_fits,
 };
 pub use frame::FRAME_HEADER_LEN;
 pub use message::{

@@ -590,3 +590,18 @@ fn a_buffer_whose_frames_are_held_moves_once_per_many_frames() {
     assert_eq!(held.len(), FRAMES);
     assert!(moves <= FRAMES / 8, "{moves} moves for {FRAMES} frames");
 }
+
+#[test]
+fn the_largest_failback_plan_that_fits_is_one_frame_and_a_byte_more_does_not_fit() {
+    let roots = FRAME_LEN_MAX as usize - (FRAME_HEADER_LEN - 4) - 8;
+    let (target, base) = (roots / 2, roots - roots / 2);
+    assert!(failback_plan_fits(target, base));
+    assert!(!failback_plan_fits(target, base + 1));
+    let plan = Message::FailbackPlan {
+        target_root: Bytes::from(vec![1; target]),
+        base_root: Bytes::from(vec![2; base]),
+    };
+    let mut frame = BytesMut::new();
+    encode(&plan, &mut frame);
+    assert_eq!(decode(&mut frame).unwrap(), Some(plan));
+}

@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use blockrep_core::{ChunkId, Geometry, Root, VolumeName};
-use blockrep_proto::{ErrorCode, FRAME_HEADER_LEN, FRAME_LEN_MAX, Message};
+use blockrep_proto::{ErrorCode, FRAME_LEN_MAX, Message};
 use blockrep_store::{Downtime, Lifecycle, LifecycleStage};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -424,16 +424,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// than a frame holds twice is refused with its limit, not sent oversized.
 fn failback_plan(target: &Root, base: &Root) -> Result<Message, Reject> {
     let (target_root, base_root) = (target.encode(), base.encode());
-    // The frame's length counts what follows its own 4-byte field.
-    let len = FRAME_HEADER_LEN - 4 + 8 + target_root.len() + base_root.len();
-    if len > FRAME_LEN_MAX as usize {
+    if !blockrep_proto::failback_plan_fits(target_root.len(), base_root.len()) {
         return Err(Reject::new(
             ErrorCode::GeometryMismatch,
             format!(
                 "a failback sends the disk's two roots in one frame: its {} index pages \
-                 need {len} bytes, over the protocol's limit of {FRAME_LEN_MAX}; a disk \
+                 need {} bytes, over the protocol's limit of {FRAME_LEN_MAX}; a disk \
                  replicated with a larger chunk size has fewer pages",
-                target.page_ids().len()
+                target.page_ids().len(),
+                target_root.len() + base_root.len()
             ),
         ));
     }
