@@ -395,3 +395,11 @@ impl PackBackend for LocalPacks {
         sync_dir(self.vfs.as_ref(), self.dir())
     }
 }
+
+#[cfg(test)]
+impl super::Blobs {
+    /// The packs underneath, for tests that drive the backend directly.
+    pub(crate) fn pack_backend(&self) -> &dyn PackBackend {
+        self.packs.as_ref()
+    }
+}

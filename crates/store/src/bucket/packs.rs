@@ -39,6 +39,9 @@ struct PackState {
     /// Packs claimed by this store and not published yet (the one being
     /// written, and sealed ones whose upload is pending or failed).
     claimed: BTreeSet<u32>,
+    /// Numbers this store is claiming in the bucket right now: the claim
+    /// may be there before it is in `claimed`.
+    claiming: BTreeSet<u32>,
     /// Sealed, not yet published: their lengths.
     sealed: BTreeMap<u32, u64>,
     /// Sealed packs whose upload failed, retried by the next sync.
@@ -347,15 +350,27 @@ impl PackBackend for BucketPacks {
     fn create_active(&self, after: u32) -> Result<(u32, Arc<dyn VfsFile>), Error> {
         let bucket = &self.shared.remote.bucket;
         for number in after.saturating_add(1)..after.saturating_add(CLAIM_ATTEMPTS_MAX) {
-            if lock(&self.shared.state).published.contains_key(&number) {
-                continue;
+            {
+                // Marked before the bucket is asked, so that a collection
+                // listing meanwhile never takes the new claim for a dead one.
+                let mut state = lock(&self.shared.state);
+                if state.published.contains_key(&number) || !state.claiming.insert(number) {
+                    continue;
+                }
             }
-            match bucket.put_new(&pack_key(number), Bytes::new()) {
+            let claim = bucket.put_new(&pack_key(number), Bytes::new());
+            {
+                let mut state = lock(&self.shared.state);
+                if claim.is_ok() {
+                    state.claimed.insert(number);
+                }
+                state.claiming.remove(&number);
+            }
+            match claim {
                 Ok(_) => {}
                 Err(blockrep_objects::Error::Exists(_)) => continue,
                 Err(e) => return Err(bucket_error(format!("cannot claim pack {number}"), e)),
             }
-            lock(&self.shared.state).claimed.insert(number);
             match self.shared.local.create_active(number - 1) {
                 Ok((_, file)) => return Ok((number, file)),
                 Err(e) => {
@@ -389,10 +404,18 @@ impl PackBackend for BucketPacks {
     fn remove_unpublished(&self) -> Result<u64, Error> {
         let bucket = &self.shared.remote.bucket;
         let (all, published) = list_packs(&self.shared.remote)?;
-        let claimed = lock(&self.shared.state).claimed.clone();
+        // Read after the listing: a pack of this store's listed without
+        // its index may have been published since (its upload ended), and
+        // it is then no longer claimed, but in `published`. A claim is in
+        // `claiming` before it is made in the bucket (`create_active`).
+        let keep: BTreeSet<u32> = {
+            let state = lock(&self.shared.state);
+            let known = state.published.keys().chain(&state.claimed);
+            known.chain(&state.claiming).copied().collect()
+        };
         let mut removed = 0;
         for number in all.into_keys() {
-            if published.contains_key(&number) || claimed.contains(&number) {
+            if published.contains_key(&number) || keep.contains(&number) {
                 continue;
             }
             let key = pack_key(number);
@@ -405,6 +428,16 @@ impl PackBackend for BucketPacks {
     }
 
     fn refresh(&self) -> Result<Refreshed, Error> {
+        // What this store knew before the listing began: the listing is
+        // compared with that, not with what this store learned while it
+        // ran. A pack of its own whose upload ends meanwhile is missing
+        // from the listing but not gone, and a pack its collection deletes
+        // meanwhile may still be listed but is not new.
+        let (published_before, removing_before) = {
+            let state = lock(&self.shared.state);
+            let published: BTreeSet<u32> = state.published.keys().copied().collect();
+            (published, state.removing.clone())
+        };
         let listed = list_published(&self.shared.remote)?;
         let mut state = lock(&self.shared.state);
         let mut found = Refreshed::default();
@@ -412,6 +445,8 @@ impl PackBackend for BucketPacks {
             if !state.published.contains_key(&number)
                 && !state.claimed.contains(&number)
                 && !state.removing.contains(&number)
+                && !published_before.contains(&number)
+                && !removing_before.contains(&number)
             {
                 state.published.insert(number, len);
                 found.added.push(number);
@@ -422,7 +457,7 @@ impl PackBackend for BucketPacks {
         found.gone = state
             .published
             .keys()
-            .filter(|number| !listed.contains_key(number))
+            .filter(|number| published_before.contains(number) && !listed.contains_key(number))
             .copied()
             .collect();
         for &number in &found.gone {
@@ -558,3 +593,7 @@ impl PackBackend for BucketPacks {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "packs_tests.rs"]
+mod tests;

@@ -1,0 +1,300 @@
+//! A store's own uploads racing its listings of the bucket's packs: an
+//! in-memory object store holds the requests a test names at a gate, so
+//! that the race happens in the one order that used to lose blobs.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use blockrep_core::ChunkId;
+use blockrep_objects::{BlockingBucket, Bucket};
+use futures::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMode,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+use crate::{BlobKind, BucketOptions, Store, StoredCodec};
+
+const CHUNK: usize = 65_536;
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Holds the first request after it is armed until it is released.
+struct Gate {
+    armed: AtomicBool,
+    reached: Mutex<Option<mpsc::Sender<()>>>,
+    open: tokio::sync::Semaphore,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Self {
+            armed: AtomicBool::new(false),
+            reached: Mutex::new(None),
+            open: tokio::sync::Semaphore::new(0),
+        }
+    }
+
+    /// Holds the next request; the receiver hears when one is held.
+    fn arm(&self) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        *self.reached.lock().unwrap() = Some(tx);
+        self.armed.store(true, Ordering::SeqCst);
+        rx
+    }
+
+    fn release(&self) {
+        self.open.add_permits(1);
+    }
+
+    async fn pass(&self) {
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(tx) = self.reached.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        self.open.acquire().await.unwrap().forget();
+    }
+}
+
+/// [`InMemory`], with puts of pack indexes, claims of pack numbers and
+/// listings of `packs/` held at their gates (a claim and a listing once
+/// they have their answer).
+struct Gated {
+    inner: InMemory,
+    index_puts: Gate,
+    claims: Gate,
+    pack_listings: Gate,
+}
+
+impl fmt::Debug for Gated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Gated")
+    }
+}
+
+impl fmt::Display for Gated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Gated")
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Gated {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        if location.as_ref().ends_with(".idx") {
+            self.index_puts.pass().await;
+        }
+        let claim = location.as_ref().ends_with(".pack") && opts.mode == PutMode::Create;
+        let put = self.inner.put_opts(location, payload, opts).await;
+        if claim {
+            self.claims.pass().await;
+        }
+        put
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn delete(&self, location: &Path) -> object_store::Result<()> {
+        self.inner.delete(location).await
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let listed = self.inner.list_with_delimiter(prefix).await;
+        if prefix.is_some_and(|p| p.as_ref().ends_with("packs")) {
+            self.pack_listings.pass().await;
+        }
+        listed
+    }
+
+    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+
+    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+/// A store on the gated bucket whose packs seal at every chunk.
+fn gated_store() -> (Arc<Gated>, tempfile::TempDir, Store) {
+    let gated = Arc::new(Gated {
+        inner: InMemory::new(),
+        index_puts: Gate::new(),
+        claims: Gate::new(),
+        pack_listings: Gate::new(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let objects: Arc<dyn ObjectStore> = Arc::clone(&gated) as Arc<dyn ObjectStore>;
+    let bucket = BlockingBucket::new(Bucket::new(objects, "t")).unwrap();
+    let store = Store::open_in_bucket(dir.path(), bucket, BucketOptions::default()).unwrap();
+    store.set_pack_size_max_bytes(CHUNK as u64);
+    (gated, dir, store)
+}
+
+fn put_chunk(store: &Store, fill: u8) -> ChunkId {
+    let bytes = vec![fill; CHUNK];
+    let id = ChunkId(*blake3::hash(&bytes).as_bytes());
+    assert!(
+        store
+            .insert(BlobKind::Chunk, id, StoredCodec::Raw, CHUNK as u32, &bytes)
+            .unwrap()
+    );
+    id
+}
+
+/// Writes a chunk into a pack and seals it by writing a second one; the
+/// sealed pack's upload is then held before its index is put. Returns the
+/// first chunk's id.
+fn seal_with_index_held(gated: &Gated, store: &Store) -> ChunkId {
+    let held = gated.index_puts.arm();
+    let first = put_chunk(store, 1);
+    put_chunk(store, 2);
+    held.recv_timeout(WAIT)
+        .expect("the sealed pack's index was never put");
+    first
+}
+
+/// Releases the held index put and waits until the upload is done.
+fn finish_upload(gated: &Gated, store: &Store) {
+    gated.index_puts.release();
+    let start = Instant::now();
+    while store.upload_stats().unwrap().objects_pending > 0 {
+        assert!(start.elapsed() < WAIT, "the upload never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_pack_published_while_a_refresh_lists_keeps_its_blobs() {
+    let (gated, _dir, store) = gated_store();
+    let first = seal_with_index_held(&gated, &store);
+    std::thread::scope(|scope| {
+        let listed = gated.pack_listings.arm();
+        let refresh = scope.spawn(|| store.blobs.refresh());
+        listed.recv_timeout(WAIT).expect("the refresh never listed");
+        // The listing has no index of the sealed pack; its upload ends now,
+        // before the refresh compares.
+        finish_upload(&gated, &store);
+        gated.pack_listings.release();
+        refresh.join().unwrap().unwrap();
+    });
+    assert!(
+        store.contains(&first),
+        "the refresh took the store's own new pack for one deleted elsewhere"
+    );
+    // And the next refresh, which lists the pack, leaves it as it is.
+    store.blobs.refresh().unwrap();
+    assert!(store.contains(&first));
+}
+
+#[test]
+fn a_collection_listing_while_a_pack_is_published_leaves_the_pack() {
+    let (gated, _dir, store) = gated_store();
+    seal_with_index_held(&gated, &store);
+    std::thread::scope(|scope| {
+        let listed = gated.pack_listings.arm();
+        let sweep = scope.spawn(|| store.blobs.remove_unpublished());
+        listed
+            .recv_timeout(WAIT)
+            .expect("the collection never listed");
+        finish_upload(&gated, &store);
+        gated.pack_listings.release();
+        assert_eq!(sweep.join().unwrap().unwrap(), 0);
+    });
+    let keys = pack_keys(&gated);
+    let indexes: Vec<&String> = keys.iter().filter(|k| k.ends_with(".idx")).collect();
+    assert!(!indexes.is_empty(), "{keys:?}");
+    for index in indexes {
+        let pack = index.replace(".idx", ".pack");
+        assert!(
+            keys.contains(&pack),
+            "{index} is published, but its pack was deleted: {keys:?}"
+        );
+    }
+}
+
+/// The keys under `t/packs/` of the bucket.
+fn pack_keys(gated: &Gated) -> Vec<String> {
+    let listed = futures::executor::block_on(
+        gated
+            .inner
+            .list_with_delimiter(Some(&Path::from("t/packs"))),
+    )
+    .unwrap();
+    listed
+        .objects
+        .iter()
+        .map(|meta| meta.location.to_string())
+        .collect()
+}
+
+#[test]
+fn a_collection_listing_while_a_pack_number_is_claimed_leaves_the_claim() {
+    let (gated, _dir, store) = gated_store();
+    std::thread::scope(|scope| {
+        let claimed = gated.claims.arm();
+        let writer = scope.spawn(|| put_chunk(&store, 1));
+        claimed
+            .recv_timeout(WAIT)
+            .expect("no pack number was claimed");
+        // The claim is in the bucket; the store has not heard back yet.
+        let removed = store.blobs.remove_unpublished();
+        let keys = pack_keys(&gated);
+        gated.claims.release();
+        writer.join().unwrap();
+        assert_eq!(removed.unwrap(), 0, "the claim was taken for a dead one");
+        assert_eq!(keys.len(), 1, "{keys:?}");
+    });
+}
+
+#[test]
+fn a_pack_this_store_deletes_while_a_refresh_lists_is_not_taken_in_again() {
+    let (gated, _dir, store) = gated_store();
+    put_chunk(&store, 1);
+    put_chunk(&store, 2);
+    store.sync().unwrap();
+    let number = store.blobs.pack_numbers().unwrap()[0];
+    std::thread::scope(|scope| {
+        let listed = gated.pack_listings.arm();
+        let refresh = scope.spawn(|| store.blobs.refresh());
+        listed.recv_timeout(WAIT).expect("the refresh never listed");
+        // The listing still names the pack; it is deleted now, before the
+        // refresh compares.
+        store.blobs.pack_backend().remove(number).unwrap();
+        gated.pack_listings.release();
+        refresh
+            .join()
+            .unwrap()
+            .expect("the refresh took in a pack deleted since its listing");
+    });
+    assert!(!store.blobs.pack_numbers().unwrap().contains(&number));
+}
