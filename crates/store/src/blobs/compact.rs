@@ -318,6 +318,10 @@ impl Blobs {
             dry_run: options.dry_run,
             ..GcReport::default()
         };
+        // The packs and the index read as one: a refresh running meanwhile
+        // lists a pack another server published before it indexes it, and a
+        // pack read in between, without its entries, would look dead.
+        let refreshing = lock(&self.refreshing);
         let mut packs: HashMap<u32, Candidate> = HashMap::new();
         for number in self.pack_numbers()? {
             let file_bytes = self.packs.len(number)?;
@@ -332,7 +336,9 @@ impl Blobs {
             packs.insert(number, pack);
         }
         let bytes_total: u64 = packs.values().map(|pack| pack.file_bytes).sum();
-        for (id, location) in self.index_entries()? {
+        let entries = self.index_entries()?;
+        drop(refreshing);
+        for (id, location) in entries {
             let live = marked.contains(&id) || touched.contains(&id);
             if live {
                 report.blobs_live += 1;

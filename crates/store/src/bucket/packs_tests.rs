@@ -18,7 +18,7 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 
-use crate::{BlobKind, BucketOptions, Store, StoredCodec};
+use crate::{BlobKind, BucketOptions, GcOptions, Store, StoredCodec};
 
 const CHUNK: usize = 65_536;
 const WAIT: Duration = Duration::from_secs(20);
@@ -62,12 +62,13 @@ impl Gate {
     }
 }
 
-/// [`InMemory`], with puts of pack indexes, claims of pack numbers and
-/// listings of `packs/` held at their gates (a claim and a listing once
+/// [`InMemory`], with puts and reads of pack indexes, claims of pack
+/// numbers and listings of `packs/` held at their gates (a claim and a listing once
 /// they have their answer).
 struct Gated {
     inner: InMemory,
     index_puts: Gate,
+    index_gets: Gate,
     claims: Gate,
     pack_listings: Gate,
 }
@@ -116,6 +117,9 @@ impl ObjectStore for Gated {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
+        if location.as_ref().ends_with(".idx") {
+            self.index_gets.pass().await;
+        }
         self.inner.get_opts(location, options).await
     }
 
@@ -144,20 +148,32 @@ impl ObjectStore for Gated {
     }
 }
 
-/// A store on the gated bucket whose packs seal at every chunk.
-fn gated_store() -> (Arc<Gated>, tempfile::TempDir, Store) {
-    let gated = Arc::new(Gated {
+fn gated_bucket() -> Arc<Gated> {
+    Arc::new(Gated {
         inner: InMemory::new(),
         index_puts: Gate::new(),
+        index_gets: Gate::new(),
         claims: Gate::new(),
         pack_listings: Gate::new(),
-    });
+    })
+}
+
+/// A store on a new gated bucket (see [`open_on`]).
+fn gated_store() -> (Arc<Gated>, tempfile::TempDir, Store) {
+    let gated = gated_bucket();
+    let (dir, store) = open_on(&gated);
+    (gated, dir, store)
+}
+
+/// A store on `gated`, as a server opens it, whose packs seal at every
+/// chunk.
+fn open_on(gated: &Arc<Gated>) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let objects: Arc<dyn ObjectStore> = Arc::clone(&gated) as Arc<dyn ObjectStore>;
+    let objects: Arc<dyn ObjectStore> = Arc::clone(gated) as Arc<dyn ObjectStore>;
     let bucket = BlockingBucket::new(Bucket::new(objects, "t")).unwrap();
     let store = Store::open_in_bucket(dir.path(), bucket, BucketOptions::default()).unwrap();
     store.set_pack_size_max_bytes(CHUNK as u64);
-    (gated, dir, store)
+    (dir, store)
 }
 
 fn put_chunk(store: &Store, fill: u8) -> ChunkId {
@@ -297,4 +313,55 @@ fn a_pack_this_store_deletes_while_a_refresh_lists_is_not_taken_in_again() {
             .expect("the refresh took in a pack deleted since its listing");
     });
     assert!(!store.blobs.pack_numbers().unwrap().contains(&number));
+}
+
+#[test]
+fn a_collection_planned_while_a_refresh_reads_another_servers_pack_leaves_it() {
+    let gated = gated_bucket();
+    let (_a_dir, a) = open_on(&gated);
+    let (_b_dir, b) = open_on(&gated);
+    // A writes pack 1; B, claiming after A, writes pack 2 and publishes it;
+    // A's next pack is claimed past B's, so B's is below A's newest.
+    put_chunk(&a, 1);
+    let theirs = put_chunk(&b, 2);
+    b.sync().unwrap();
+    a.sync().unwrap();
+    put_chunk(&a, 3);
+    assert!(b.contains(&theirs) && !a.contains(&theirs));
+    let held = gated.index_gets.arm();
+    let peers = crate::bucket::RoundPeers(&a);
+    let options = GcOptions::default();
+    let report = std::thread::scope(|scope| {
+        let mut refresh = None;
+        let report = a.blobs.collect(
+            &options,
+            || {
+                // Between the mark and the plan, a refresh (a session
+                // taking a source's lease) lists pack 2 and reads its index.
+                refresh = Some(scope.spawn(|| a.blobs.refresh()));
+                held.recv_timeout(WAIT)
+                    .expect("the refresh never read pack 2's index");
+                scope.spawn(|| {
+                    // A plan that waits for the refresh goes on then.
+                    std::thread::sleep(Duration::from_millis(300));
+                    gated.index_gets.release();
+                });
+                // B's head names its chunk.
+                Ok(([theirs].into_iter().collect(), 1))
+            },
+            &peers,
+            &mut |_| true,
+        );
+        let _ = refresh.unwrap().join().unwrap();
+        report
+    });
+    report.unwrap();
+    let keys = pack_keys(&gated);
+    for key in ["t/packs/00000002.pack", "t/packs/00000002.idx"] {
+        assert!(
+            keys.iter().any(|k| k == key),
+            "the collection deleted another server's pack: {keys:?}"
+        );
+    }
+    assert!(a.contains(&theirs));
 }
