@@ -78,8 +78,9 @@ impl LeaseRecord {
     }
 }
 
-/// A lease this process holds, as it last wrote it.
-#[derive(Debug, Clone)]
+/// A lease this process holds, as it last wrote it. Two are equal when
+/// they are the same write of the same lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     key: String,
     record: LeaseRecord,

@@ -304,7 +304,7 @@ impl Server {
         tokio::spawn(crate::migration::reconcile(Arc::clone(&self.shared)));
         let alerts = tokio::spawn(crate::alerts::run(Arc::clone(&self.shared)));
         let _stop_alerts = AbortOnDrop(alerts);
-        let _stop_leases = AbortOnDrop(tokio::spawn(crate::leases::run(Arc::clone(&self.shared))));
+        let stop_leases = AbortOnDrop(tokio::spawn(crate::leases::run(Arc::clone(&self.shared))));
         let _stop_rounds = AbortOnDrop(tokio::spawn(crate::leases::take_part(Arc::clone(
             &self.shared,
         ))));
@@ -358,6 +358,9 @@ impl Server {
         }
         self.shared.health.set_accepting(false);
         info!("replication listener stopped");
+        // No renewal starts after the release (one already running finds
+        // its lease released, and releases what it wrote).
+        drop(stop_leases);
         crate::leases::release(&self.shared).await;
     }
 }

@@ -192,6 +192,22 @@ impl Remote {
         lock(&self.leases).remove(name)
     }
 
+    /// Replaces the lease `name` by `new` (drops it for `None`) only if it
+    /// is still `expected`, the copy a renewal started from: a release or
+    /// a new claim made while the renewal's request ran wins over the
+    /// renewal's outcome. Returns whether it replaced it.
+    pub(crate) fn replace_lease(&self, name: &str, expected: &Lease, new: Option<Lease>) -> bool {
+        let mut leases = lock(&self.leases);
+        if leases.get(name) != Some(expected) {
+            return false;
+        }
+        match new {
+            Some(lease) => leases.insert(name.to_owned(), lease),
+            None => leases.remove(name),
+        };
+        true
+    }
+
     /// Fails unless this store holds `source`'s lease until after
     /// `now_unix_ms`: a server whose lease lapsed (it was paused, or cut off
     /// from the bucket) writes nothing more of the source, even where the

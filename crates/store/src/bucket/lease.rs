@@ -126,11 +126,13 @@ impl Store {
                 // server, so its view of the packs is stale. Given up; the
                 // next claim reads the bucket again, and without its
                 // announcement this server publishes nothing until
-                // `rejoin` has.
+                // `rejoin` has. Unless a claim took it again meanwhile.
+                if !remote.replace_lease(&name, &lease, None) {
+                    continue;
+                }
                 if name.starts_with(PRESENCE_PREFIX) {
                     self.unsettle(|unsettled| unsettled.rejoin = true);
                 }
-                remote.drop_lease(&name);
                 let why = Error::new(
                     ErrorKind::Leased,
                     format!(
@@ -141,17 +143,33 @@ impl Store {
                 lost.push((name, why));
                 continue;
             }
-            match remote.bucket.renew_lease(lease, ttl_ms, now_unix_ms) {
-                Ok(lease) => remote.keep_lease(&name, lease),
-                // Taken by another: lost for good.
+            match remote
+                .bucket
+                .renew_lease(lease.clone(), ttl_ms, now_unix_ms)
+            {
+                Ok(renewed) => {
+                    if !remote.replace_lease(&name, &lease, Some(renewed.clone()))
+                        && remote.held(&name).is_none()
+                    {
+                        // Released while the renewal ran (a collection
+                        // ended, the server stops): that release found
+                        // this renewal's write and was refused, so this
+                        // write is released instead. Best effort: it
+                        // expires by itself.
+                        let _ = remote.bucket.release_lease(renewed);
+                    }
+                }
+                // Taken by another: lost for good, unless this server took
+                // it again meanwhile (the refusal is its own claim's write).
                 Err(
                     e @ (blockrep_objects::Error::Conflict(_)
                     | blockrep_objects::Error::Exists(_)
                     | blockrep_objects::Error::Held { .. }),
                 ) => {
-                    remote.drop_lease(&name);
-                    let why = bucket_error(format!("the lease {name} is lost"), e);
-                    lost.push((name, why));
+                    if remote.replace_lease(&name, &lease, None) {
+                        let why = bucket_error(format!("the lease {name} is lost"), e);
+                        lost.push((name, why));
+                    }
                 }
                 // The bucket did not answer: kept, to be renewed at the next
                 // tick; it lapses by its own expiry if the bucket stays away.
@@ -336,14 +354,19 @@ impl Store {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
+        // Every lease is tried: one that cannot be released (a renewal's
+        // write found it changed) does not keep the others held.
+        let mut first_error = None;
         for (source, _) in remote.leases() {
-            if let Some(lease) = remote.drop_lease(&source) {
-                remote.bucket.release_lease(lease).map_err(|e| {
+            if let Some(lease) = remote.drop_lease(&source)
+                && let Err(e) = remote.bucket.release_lease(lease)
+            {
+                first_error.get_or_insert_with(|| {
                     bucket_error(format!("cannot release the lease of {source}"), e)
-                })?;
+                });
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Every source's lease in the bucket as it reads now, whoever holds
@@ -388,3 +411,7 @@ impl Store {
 fn tracing_retry(source: &SourceId, e: &std::io::Error) {
     eprintln!("blockrep-store: claiming the head of {source} again: {e}");
 }
+
+#[cfg(test)]
+#[path = "lease_tests.rs"]
+mod tests;

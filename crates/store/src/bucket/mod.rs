@@ -27,6 +27,8 @@
 //! - **Listings** (`refresh.rs`) read again the snapshots and launches of the
 //!   sources another server serves, as far as they changed.
 
+#[cfg(test)]
+mod gated;
 mod lease;
 mod packs;
 mod records;

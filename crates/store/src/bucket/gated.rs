@@ -1,0 +1,209 @@
+//! Test support: an in-memory object store whose requests a test holds at
+//! gates, so that a race between a store's threads (or two stores sharing
+//! the bucket) happens in the one order the test names.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use blockrep_core::ChunkId;
+use blockrep_objects::{BlockingBucket, Bucket};
+use futures::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMode,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+use crate::{BlobKind, BucketOptions, Store, StoredCodec};
+
+pub(super) const CHUNK: usize = 65_536;
+pub(super) const WAIT: Duration = Duration::from_secs(20);
+
+/// Holds the first request after it is armed until it is released.
+pub(super) struct Gate {
+    armed: AtomicBool,
+    reached: Mutex<Option<mpsc::Sender<()>>>,
+    open: tokio::sync::Semaphore,
+}
+
+impl Gate {
+    pub(super) fn new() -> Self {
+        Self {
+            armed: AtomicBool::new(false),
+            reached: Mutex::new(None),
+            open: tokio::sync::Semaphore::new(0),
+        }
+    }
+
+    /// Holds the next request; the receiver hears when one is held.
+    pub(super) fn arm(&self) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        *self.reached.lock().unwrap() = Some(tx);
+        self.armed.store(true, Ordering::SeqCst);
+        rx
+    }
+
+    pub(super) fn release(&self) {
+        self.open.add_permits(1);
+    }
+
+    async fn pass(&self) {
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(tx) = self.reached.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        self.open.acquire().await.unwrap().forget();
+    }
+}
+
+/// [`InMemory`], with puts and reads of pack indexes, claims of pack
+/// numbers, writes of leases and listings of `packs/` held at their gates
+/// (a claim, a lease write and a listing once they have their answer).
+pub(super) struct Gated {
+    pub(super) inner: InMemory,
+    pub(super) index_puts: Gate,
+    pub(super) index_gets: Gate,
+    pub(super) claims: Gate,
+    pub(super) lease_puts: Gate,
+    pub(super) pack_listings: Gate,
+}
+
+impl fmt::Debug for Gated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Gated")
+    }
+}
+
+impl fmt::Display for Gated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Gated")
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Gated {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        if location.as_ref().ends_with(".idx") {
+            self.index_puts.pass().await;
+        }
+        let claim = location.as_ref().ends_with(".pack") && opts.mode == PutMode::Create;
+        let lease = location.as_ref().contains("/leases/");
+        let put = self.inner.put_opts(location, payload, opts).await;
+        if claim {
+            self.claims.pass().await;
+        }
+        if lease {
+            self.lease_puts.pass().await;
+        }
+        put
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        if location.as_ref().ends_with(".idx") {
+            self.index_gets.pass().await;
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn delete(&self, location: &Path) -> object_store::Result<()> {
+        self.inner.delete(location).await
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let listed = self.inner.list_with_delimiter(prefix).await;
+        if prefix.is_some_and(|p| p.as_ref().ends_with("packs")) {
+            self.pack_listings.pass().await;
+        }
+        listed
+    }
+
+    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+
+    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+pub(super) fn gated_bucket() -> Arc<Gated> {
+    Arc::new(Gated {
+        inner: InMemory::new(),
+        index_puts: Gate::new(),
+        index_gets: Gate::new(),
+        claims: Gate::new(),
+        lease_puts: Gate::new(),
+        pack_listings: Gate::new(),
+    })
+}
+
+/// A store on a new gated bucket (see [`open_on`]).
+pub(super) fn gated_store() -> (Arc<Gated>, tempfile::TempDir, Store) {
+    let gated = gated_bucket();
+    let (dir, store) = open_on(&gated);
+    (gated, dir, store)
+}
+
+/// A store on `gated`, as a server opens it, whose packs seal at every
+/// chunk.
+pub(super) fn open_on(gated: &Arc<Gated>) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let objects: Arc<dyn ObjectStore> = Arc::clone(gated) as Arc<dyn ObjectStore>;
+    let bucket = BlockingBucket::new(Bucket::new(objects, "t")).unwrap();
+    let store = Store::open_in_bucket(dir.path(), bucket, BucketOptions::default()).unwrap();
+    store.set_pack_size_max_bytes(CHUNK as u64);
+    (dir, store)
+}
+
+pub(super) fn put_chunk(store: &Store, fill: u8) -> ChunkId {
+    let bytes = vec![fill; CHUNK];
+    let id = ChunkId(*blake3::hash(&bytes).as_bytes());
+    assert!(
+        store
+            .insert(BlobKind::Chunk, id, StoredCodec::Raw, CHUNK as u32, &bytes)
+            .unwrap()
+    );
+    id
+}
+
+/// The keys under `t/packs/` of the bucket.
+pub(super) fn pack_keys(gated: &Gated) -> Vec<String> {
+    let listed = futures::executor::block_on(
+        gated
+            .inner
+            .list_with_delimiter(Some(&Path::from("t/packs"))),
+    )
+    .unwrap();
+    listed
+        .objects
+        .iter()
+        .map(|meta| meta.location.to_string())
+        .collect()
+}
