@@ -63,14 +63,16 @@ impl Gate {
 }
 
 /// [`InMemory`], with puts and reads of pack indexes, claims of pack
-/// numbers, writes of leases and listings of `packs/` held at their gates
-/// (a claim, a lease write and a listing once they have their answer).
+/// numbers, writes of leases, reads of the collection round and listings
+/// of `packs/` held at their gates (a claim, a lease write and a listing
+/// once they have their answer).
 pub(super) struct Gated {
     pub(super) inner: InMemory,
     pub(super) index_puts: Gate,
     pub(super) index_gets: Gate,
     pub(super) claims: Gate,
     pub(super) lease_puts: Gate,
+    pub(super) round_gets: Gate,
     pub(super) pack_listings: Gate,
 }
 
@@ -125,6 +127,9 @@ impl ObjectStore for Gated {
         if location.as_ref().ends_with(".idx") {
             self.index_gets.pass().await;
         }
+        if location.as_ref().ends_with("gc/round") {
+            self.round_gets.pass().await;
+        }
         self.inner.get_opts(location, options).await
     }
 
@@ -160,6 +165,7 @@ pub(super) fn gated_bucket() -> Arc<Gated> {
         index_gets: Gate::new(),
         claims: Gate::new(),
         lease_puts: Gate::new(),
+        round_gets: Gate::new(),
         pack_listings: Gate::new(),
     })
 }

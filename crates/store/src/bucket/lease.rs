@@ -85,8 +85,12 @@ impl Store {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.blobs.refresh()?;
+            // The records first, then the packs: a record is published only
+            // once the packs it names are, so a listing made after the
+            // records holds every pack they name (a late commit of the
+            // previous holder included).
             records.restore_under(&dir)?;
+            self.blobs.refresh()?;
             if !self.source_dir(source).join("head").exists() {
                 break;
             }
@@ -327,7 +331,11 @@ impl Store {
         if self.remote.is_none() {
             return Ok(());
         }
-        self.blobs.refresh()?;
+        // The round first, then the packs: a round that did not count this
+        // server in and ends between the two reads has deleted its packs
+        // before the listing, which then drops their entries. Read the
+        // other way, its deletions would be missed while the round reads
+        // as ended, and this server would publish names of deleted blobs.
         let open = self.gc_round()?.filter(|round| {
             round.holder != holder
                 && matches!(
@@ -335,6 +343,7 @@ impl Store {
                     super::RoundPhase::Track | super::RoundPhase::Sweep
                 )
         });
+        self.blobs.refresh()?;
         self.unsettle(|unsettled| {
             unsettled.rejoin = false;
             if let Some(round) = &open {

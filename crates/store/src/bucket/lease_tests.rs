@@ -1,7 +1,8 @@
 //! Renewals racing releases and claims of the same lease, made to happen
 //! in one order at the gates of `gated.rs`.
 
-use super::super::gated::{WAIT, gated_bucket, open_on};
+use super::super::gated::{WAIT, gated_bucket, open_on, put_chunk};
+use crate::GcOptions;
 
 const TTL_MS: u64 = 30_000;
 const NOW: u64 = 1_700_000_000_000;
@@ -66,4 +67,74 @@ fn a_source_lease_taken_again_while_the_old_one_is_renewed_stays_held() {
         "the claim's lease was replaced by the renewal's older write"
     );
     assert!(store.serves(&source, NOW + TTL_MS + 2));
+}
+
+#[test]
+fn a_server_rejoining_while_a_collection_deletes_a_pack_forgets_its_blobs() {
+    let gated = gated_bucket();
+    let (_a_dir, a) = open_on(&gated);
+    // A wrote pack 1, which no record names; the collector C writes pack 2,
+    // so pack 1 is below its newest.
+    let dead = put_chunk(&a, 1);
+    a.sync().unwrap();
+    let (_c_dir, c) = open_on(&gated);
+    put_chunk(&c, 2);
+    c.sync().unwrap();
+    std::thread::scope(|scope| {
+        let read = gated.round_gets.arm();
+        // A's announcement lapsed; it rejoins while C collects without it.
+        let rejoin = scope.spawn(|| a.rejoin("server-a", NOW));
+        read.recv_timeout(WAIT)
+            .expect("the rejoin never read the round");
+        c.claim_gc("server-c", TTL_MS, NOW).unwrap();
+        let report = c.gc(&GcOptions::default());
+        c.release_gc();
+        gated.round_gets.release();
+        rejoin.join().unwrap().unwrap();
+        assert!(report.unwrap().packs_compacted >= 1);
+    });
+    assert!(
+        !a.contains(&dead),
+        "a rejoined server still counts on a blob of a pack the collection deleted"
+    );
+}
+
+#[test]
+fn a_claim_reads_the_packs_of_a_late_commit_of_the_previous_holder() {
+    let gated = gated_bucket();
+    let (_a_dir, a) = open_on(&gated);
+    let (_b_dir, b) = open_on(&gated);
+    let source = blockrep_core::SourceId::new("db").unwrap();
+    let geometry = blockrep_core::Geometry::new(1 << 20, 65_536).unwrap();
+    b.claim_source(&source, "server-b", TTL_MS, NOW).unwrap();
+    let (root, pages) = b.insert_image(&[7u8; 1 << 20], geometry).unwrap();
+    b.commit(&source, 1, &root, &pages, 0, NOW).unwrap();
+    let late = std::thread::scope(|scope| {
+        let listed = gated.pack_listings.arm();
+        // A takes the source, by a clock past B's lease; its claim's first
+        // pack listing is held once it has its answer.
+        let claim = scope.spawn(|| a.claim_source(&source, "server-a", TTL_MS, NOW + TTL_MS + 1));
+        listed
+            .recv_timeout(WAIT)
+            .expect("the claim never listed the packs");
+        // B, by its own clock still within its lease, commits late.
+        let (root, pages) = b.insert_image(&[8u8; 1 << 20], geometry).unwrap();
+        b.commit(&source, 2, &root, &pages, 0, NOW + 1).unwrap();
+        gated.pack_listings.release();
+        claim.join().unwrap().unwrap();
+        root.id()
+    });
+    let head = a
+        .head(&source)
+        .unwrap()
+        .expect("A has no head of the source");
+    assert_eq!(
+        (head.epoch, head.root),
+        (2, late),
+        "A missed the late commit"
+    );
+    assert!(
+        a.contains(&late),
+        "A took a head whose root is in a pack it never read"
+    );
 }
