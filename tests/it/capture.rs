@@ -98,7 +98,7 @@ impl Capturing {
         let mut status = None;
         assert!(
             wait_until(timeout, || {
-                status = self.agent.child.try_wait().unwrap();
+                status = self.agent.try_wait();
                 status.is_some()
             }),
             "the agent did not exit: {}",

@@ -117,7 +117,7 @@ impl Rig {
             ],
         );
         let ready = wait_until(Duration::from_secs(30), || {
-            self.socket.exists() || agent.child.try_wait().unwrap().is_some()
+            self.socket.exists() || agent.try_wait().is_some()
         });
         assert!(
             ready && self.socket.exists(),
@@ -401,7 +401,7 @@ fn ext4_over_nbdfuse_survives_an_agent_sigkill() {
     // Kill the agent under the running writer: its I/O must fail, as the
     // disk is gone from under the file system.
     agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
+    agent.wait();
     let killed_unix_ms = now_unix_ms();
     assert!(
         wait_until(IO_FAILS_TIMEOUT, || writer.finished()),

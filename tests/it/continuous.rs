@@ -113,7 +113,7 @@ fn killed_agent_resumes_the_initial_sync_without_starting_over() {
         "no progress"
     );
     agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
+    agent.wait();
     let view = admin_source(admin, "big").unwrap();
     assert_eq!(view.state, SourceState::InitialSync, "{view:?}");
     assert!(
@@ -375,7 +375,7 @@ fn rate_changes_on_sighup_without_restarting() {
     agent.signal("HUP");
     // At 2 MiB/s this would take 24 s; unthrottled it finishes in a few.
     let started = Instant::now();
-    let status = agent.child.wait().unwrap();
+    let status = agent.wait();
     assert!(status.success(), "{}", agent.stderr.lock().unwrap());
     assert!(
         started.elapsed() < Duration::from_secs(15),

@@ -50,14 +50,14 @@ fn agent_survives_a_disk_truncated_while_it_scans_and_then_replicates_it() {
     let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     let started = Instant::now();
     let mut truncations = 0u32;
-    while started.elapsed() < TRUNCATING_FOR && agent.child.try_wait().unwrap().is_none() {
+    while started.elapsed() < TRUNCATING_FOR && agent.try_wait().is_none() {
         file.set_len(DISK / 2).unwrap();
         std::thread::sleep(SHORT_FOR);
         file.set_len(DISK).unwrap();
         truncations += 1;
         std::thread::sleep(FULL_FOR);
     }
-    let died = agent.child.try_wait().unwrap();
+    let died = agent.try_wait();
     assert!(
         died.is_none(),
         "the agent died after {truncations} truncations: {:?} (signal {:?})\n{}",
@@ -81,7 +81,7 @@ fn agent_survives_a_disk_truncated_while_it_scans_and_then_replicates_it() {
         agent.stderr.lock().unwrap()
     );
     assert!(
-        agent.child.try_wait().unwrap().is_none(),
+        agent.try_wait().is_none(),
         "the agent exited: {}",
         agent.stderr.lock().unwrap()
     );

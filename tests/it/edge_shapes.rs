@@ -241,6 +241,6 @@ fn disk_file_replaced_by_another_file_is_read_afresh() {
         "replica did not converge to the new file",
     );
     agent.signal("TERM");
-    assert!(agent.child.wait().unwrap().success());
+    assert!(agent.wait().success());
     env.assert_replica_is("swap", &disk);
 }

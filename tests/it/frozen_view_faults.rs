@@ -172,7 +172,7 @@ fn a_view_that_fails_once_is_retried_and_replication_goes_on() {
     assert!(
         wait_until(Duration::from_secs(30), || !agent.epochs().is_empty()),
         "no epoch after a failed view: {:?}\n{}",
-        agent.child.try_wait().unwrap(),
+        agent.try_wait(),
         agent.stderr.lock().unwrap()
     );
     assert!(marker.exists());

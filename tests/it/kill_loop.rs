@@ -210,7 +210,7 @@ fn wait_for_ack(
         if let Some(ack) = read_acks(log).into_iter().find(&wanted) {
             return ack;
         }
-        if let Some(status) = agent.child.try_wait().unwrap() {
+        if let Some(status) = agent.try_wait() {
             panic!(
                 "the agent exited ({status}) instead of replicating: {}",
                 agent.stderr.lock().unwrap()
@@ -508,7 +508,7 @@ fn acknowledged_commits_survive_sigkill_of_server_and_agent() {
             }
             Victim::Agent => {
                 let _ = agent.child.kill();
-                let _ = agent.child.wait();
+                let _ = agent.wait();
                 ready_unix_ms = now_unix_ms();
                 agent = rig.start_agent();
             }

@@ -182,7 +182,7 @@ pub(crate) fn whole_lifecycle(
         "{}",
         stdout(&cutover)
     );
-    let status = agent.child.wait().unwrap();
+    let status = agent.wait();
     assert!(status.success(), "agent: {}", agent.stderr.lock().unwrap());
     writer.join().unwrap();
     let agent_out = agent.lines().join("\n");

@@ -49,7 +49,7 @@ fn an_interrupted_machine_sync_resumes_from_its_last_step() {
         agent.lines()
     );
     agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
+    agent.wait();
     let acks = read_acks(&ack_log);
     assert!(acks.iter().all(|a| !a.complete), "{acks:?}");
     let store = Store::open_read_only(&rig.data()).unwrap();

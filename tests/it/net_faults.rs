@@ -296,13 +296,13 @@ fn replica_converges_under_each_network_fault_and_resends_at_most_one_window() {
             assert_eq!(proxy.stats().black_holes(), 1, "{}", fault.name);
         }
         assert!(
-            agent.child.try_wait().unwrap().is_none(),
+            agent.try_wait().is_none(),
             "{}: the agent exited: {}",
             fault.name,
             agent.stderr.lock().unwrap()
         );
         agent.child.kill().unwrap();
-        agent.child.wait().unwrap();
+        agent.wait();
         let agent_log = agent.stderr.lock().unwrap().clone();
         // Chunks sent as references: after a broken connection, those the
         // server had already received (and kept) when the agent offered again.

@@ -177,7 +177,7 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
 
     // Agent gone: the lag keeps growing from the last complete commit's scan.
     agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
+    agent.wait();
     assert!(wait_until(Duration::from_secs(10), || sample(
         &scrape(admin).1,
         connected

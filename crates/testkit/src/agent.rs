@@ -7,12 +7,18 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// How long an exited agent's output may take to reach its readers: a
+/// process it started may hold its pipes open longer.
+const DRAIN_MAX: Duration = Duration::from_secs(5);
+
 /// A running agent process whose stdout lines are collected.
 #[derive(Debug)]
 pub struct AgentProcess {
     pub child: std::process::Child,
     pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Hears from each of the two output readers when its pipe ended.
+    drained: std::sync::mpsc::Receiver<()>,
 }
 
 impl AgentProcess {
@@ -29,11 +35,14 @@ impl AgentProcess {
         let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let (done, drained) = std::sync::mpsc::channel();
         let lines = std::sync::Arc::clone(&stdout);
+        let out_done = done.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(line);
             }
+            let _ = out_done.send(());
         });
         let text = std::sync::Arc::clone(&stderr);
         std::thread::spawn(move || {
@@ -42,11 +51,42 @@ impl AgentProcess {
                 text.push_str(&line);
                 text.push('\n');
             }
+            let _ = done.send(());
         });
         Self {
             child,
             stdout,
             stderr,
+            drained,
+        }
+    }
+
+    /// Waits for the agent to exit; its status, once everything it wrote is
+    /// in `stdout` and `stderr`.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().unwrap();
+        self.drain();
+        status
+    }
+
+    /// The agent's exit status if it has exited, once everything it wrote
+    /// is in `stdout` and `stderr`; `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.try_wait().unwrap()?;
+        self.drain();
+        Some(status)
+    }
+
+    /// After the exit: the readers may still be reading the last lines
+    /// from the pipes, which end once the agent (and whatever it started)
+    /// closed them.
+    fn drain(&self) {
+        let deadline = Instant::now() + DRAIN_MAX;
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.drained.recv_timeout(left).is_err() {
+                return;
+            }
         }
     }
 
@@ -171,7 +211,7 @@ impl Drop for AgentProcess {
 pub fn wait_exit(agent: &mut AgentProcess, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(status) = agent.child.try_wait().unwrap() {
+        if let Some(status) = agent.try_wait() {
             return status;
         }
         assert!(
@@ -180,5 +220,37 @@ pub fn wait_exit(agent: &mut AgentProcess, timeout: Duration) -> std::process::E
             agent.stderr.lock().unwrap()
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A process that fills its stderr pipe with short lines and exits:
+    /// its last lines are still in the pipe when it has exited.
+    #[test]
+    fn an_exited_agents_output_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("agent.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nyes x | head -n 200000 >&2\necho last >&2\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for _ in 0..3 {
+            let mut agent = AgentProcess::spawn(&script, &[]);
+            let status = loop {
+                // Polled as fast as it goes: the exit is seen at once.
+                if let Some(status) = agent.try_wait() {
+                    break status;
+                }
+            };
+            assert!(status.success());
+            let text = agent.stderr.lock().unwrap();
+            assert!(text.ends_with("\nlast\n"), "{} bytes read", text.len());
+        }
     }
 }
