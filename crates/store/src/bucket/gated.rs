@@ -20,7 +20,9 @@ use object_store::{
 
 use crate::{BlobKind, BucketOptions, Store, StoredCodec};
 
+/// The size of every chunk the tests write: one fills a pack.
 pub(super) const CHUNK: usize = 65_536;
+/// The longest wait for a request to reach its gate.
 pub(super) const WAIT: Duration = Duration::from_secs(20);
 
 /// Holds the first request after it is armed until it is released.
@@ -31,6 +33,7 @@ pub(super) struct Gate {
 }
 
 impl Gate {
+    /// A gate that holds nothing until armed.
     pub(super) fn new() -> Self {
         Self {
             armed: AtomicBool::new(false),
@@ -39,18 +42,21 @@ impl Gate {
         }
     }
 
-    /// Holds the next request; the receiver hears when one is held.
-    pub(super) fn arm(&self) -> mpsc::Receiver<()> {
+    /// Holds the next request, until the returned guard is released or
+    /// dropped: a test that fails while a thread is held lets it go, and
+    /// fails instead of waiting forever for it.
+    pub(super) fn arm(&self) -> Armed<'_> {
         let (tx, rx) = mpsc::channel();
         *self.reached.lock().unwrap() = Some(tx);
         self.armed.store(true, Ordering::SeqCst);
-        rx
+        Armed {
+            gate: self,
+            reached: rx,
+        }
     }
 
-    pub(super) fn release(&self) {
-        self.open.add_permits(1);
-    }
-
+    /// Called by each request the gate watches: the first one after the
+    /// gate was armed waits until it is released.
     async fn pass(&self) {
         if !self.armed.swap(false, Ordering::SeqCst) {
             return;
@@ -62,17 +68,46 @@ impl Gate {
     }
 }
 
+/// An armed [`Gate`]: releases the request it holds when dropped.
+pub(super) struct Armed<'a> {
+    gate: &'a Gate,
+    reached: mpsc::Receiver<()>,
+}
+
+impl Armed<'_> {
+    /// Waits until a request is held (at most [`WAIT`]); fails with `what`.
+    pub(super) fn wait(&self, what: &str) {
+        self.reached.recv_timeout(WAIT).expect(what);
+    }
+
+    /// Lets the held request go on.
+    pub(super) fn release(self) {}
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.gate.open.add_permits(1);
+    }
+}
+
 /// [`InMemory`], with puts and reads of pack indexes, claims of pack
 /// numbers, writes of leases, reads of the collection round and listings
 /// of `packs/` held at their gates (a claim, a lease write and a listing
 /// once they have their answer).
 pub(super) struct Gated {
+    /// The objects, for a test to look at directly.
     pub(super) inner: InMemory,
+    /// PUTs of `packs/N.idx` (which publish a pack).
     pub(super) index_puts: Gate,
+    /// GETs of `packs/N.idx` (a refresh reading a new pack).
     pub(super) index_gets: Gate,
+    /// Create-only PUTs of `packs/N.pack` (claims), once answered.
     pub(super) claims: Gate,
+    /// Writes under `leases/`, once answered.
     pub(super) lease_puts: Gate,
+    /// GETs of `gc/round`.
     pub(super) round_gets: Gate,
+    /// Listings of `packs/`, once answered.
     pub(super) pack_listings: Gate,
 }
 
@@ -158,6 +193,7 @@ impl ObjectStore for Gated {
     }
 }
 
+/// A new, empty gated bucket.
 pub(super) fn gated_bucket() -> Arc<Gated> {
     Arc::new(Gated {
         inner: InMemory::new(),
@@ -188,6 +224,7 @@ pub(super) fn open_on(gated: &Arc<Gated>) -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// Stores a chunk of `fill` bytes (new to the store); its id.
 pub(super) fn put_chunk(store: &Store, fill: u8) -> ChunkId {
     let bytes = vec![fill; CHUNK];
     let id = ChunkId(*blake3::hash(&bytes).as_bytes());

@@ -155,11 +155,12 @@ impl Store {
                     if !remote.replace_lease(&name, &lease, Some(renewed.clone()))
                         && remote.held(&name).is_none()
                     {
-                        // Released while the renewal ran (a collection
-                        // ended, the server stops): that release found
-                        // this renewal's write and was refused, so this
-                        // write is released instead. Best effort: it
-                        // expires by itself.
+                        // Released or dropped while the renewal ran (a
+                        // collection ended, the server stops, a claim is
+                        // taking it again): a release found this write
+                        // and was refused, so this write is released
+                        // instead (a claim's take retries on the change).
+                        // Best effort: it expires by itself.
                         let _ = remote.bucket.release_lease(renewed);
                     }
                 }

@@ -1,7 +1,7 @@
 //! Renewals racing releases and claims of the same lease, made to happen
 //! in one order at the gates of `gated.rs`.
 
-use super::super::gated::{WAIT, gated_bucket, open_on, put_chunk};
+use super::super::gated::{gated_bucket, open_on, put_chunk};
 use crate::GcOptions;
 
 const TTL_MS: u64 = 30_000;
@@ -16,13 +16,11 @@ fn a_collection_lease_released_while_it_is_renewed_stays_released() {
     std::thread::scope(|scope| {
         let written = gated.lease_puts.arm();
         let renewal = scope.spawn(|| a.renew_leases(TTL_MS, NOW + 1_000));
-        written
-            .recv_timeout(WAIT)
-            .expect("the renewal never wrote the lease");
+        written.wait("the renewal never wrote the lease");
         // The renewal's write is in the bucket, its answer not yet back:
         // the collection ends now, and its release finds the lease changed.
         a.release_gc();
-        gated.lease_puts.release();
+        written.release();
         assert!(renewal.join().unwrap().is_empty());
     });
     // Neither this server's next collection nor another server's is kept
@@ -50,15 +48,13 @@ fn a_source_lease_taken_again_while_the_old_one_is_renewed_stays_held() {
         let written = gated.lease_puts.arm();
         // Renewed just before its expiry; its answer is held.
         let renewal = scope.spawn(|| store.renew_leases(TTL_MS, late));
-        written
-            .recv_timeout(WAIT)
-            .expect("the renewal never wrote the lease");
+        written.wait("the renewal never wrote the lease");
         // A session's claim, by a clock already past the old expiry, takes
         // the lease again over the renewal's write.
         store
             .claim_source(&source, "server-a", TTL_MS, NOW + TTL_MS + 1)
             .unwrap();
-        gated.lease_puts.release();
+        written.release();
         renewal.join().unwrap();
     });
     let held = store.remote.as_ref().unwrap().lease(&source);
@@ -84,12 +80,11 @@ fn a_server_rejoining_while_a_collection_deletes_a_pack_forgets_its_blobs() {
         let read = gated.round_gets.arm();
         // A's announcement lapsed; it rejoins while C collects without it.
         let rejoin = scope.spawn(|| a.rejoin("server-a", NOW));
-        read.recv_timeout(WAIT)
-            .expect("the rejoin never read the round");
+        read.wait("the rejoin never read the round");
         c.claim_gc("server-c", TTL_MS, NOW).unwrap();
         let report = c.gc(&GcOptions::default());
         c.release_gc();
-        gated.round_gets.release();
+        read.release();
         rejoin.join().unwrap().unwrap();
         assert!(report.unwrap().packs_compacted >= 1);
     });
@@ -114,13 +109,11 @@ fn a_claim_reads_the_packs_of_a_late_commit_of_the_previous_holder() {
         // A takes the source, by a clock past B's lease; its claim's first
         // pack listing is held once it has its answer.
         let claim = scope.spawn(|| a.claim_source(&source, "server-a", TTL_MS, NOW + TTL_MS + 1));
-        listed
-            .recv_timeout(WAIT)
-            .expect("the claim never listed the packs");
+        listed.wait("the claim never listed the packs");
         // B, by its own clock still within its lease, commits late.
         let (root, pages) = b.insert_image(&[8u8; 1 << 20], geometry).unwrap();
         b.commit(&source, 2, &root, &pages, 0, NOW + 1).unwrap();
-        gated.pack_listings.release();
+        listed.release();
         claim.join().unwrap().unwrap();
         root.id()
     });

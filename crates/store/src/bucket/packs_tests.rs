@@ -6,24 +6,25 @@ use std::time::{Duration, Instant};
 
 use blockrep_core::ChunkId;
 
-use super::super::gated::{Gated, WAIT, gated_bucket, gated_store, open_on, pack_keys, put_chunk};
+use super::super::gated::{
+    Armed, Gated, WAIT, gated_bucket, gated_store, open_on, pack_keys, put_chunk,
+};
 use crate::{GcOptions, Store};
 
 /// Writes a chunk into a pack and seals it by writing a second one; the
 /// sealed pack's upload is then held before its index is put. Returns the
-/// first chunk's id.
-fn seal_with_index_held(gated: &Gated, store: &Store) -> ChunkId {
+/// first chunk's id, and the gate that holds the upload.
+fn seal_with_index_held<'a>(gated: &'a Gated, store: &Store) -> (ChunkId, Armed<'a>) {
     let held = gated.index_puts.arm();
     let first = put_chunk(store, 1);
     put_chunk(store, 2);
-    held.recv_timeout(WAIT)
-        .expect("the sealed pack's index was never put");
-    first
+    held.wait("the sealed pack's index was never put");
+    (first, held)
 }
 
 /// Releases the held index put and waits until the upload is done.
-fn finish_upload(gated: &Gated, store: &Store) {
-    gated.index_puts.release();
+fn finish_upload(held: Armed<'_>, store: &Store) {
+    held.release();
     let start = Instant::now();
     while store.upload_stats().unwrap().objects_pending > 0 {
         assert!(start.elapsed() < WAIT, "the upload never ended");
@@ -34,15 +35,15 @@ fn finish_upload(gated: &Gated, store: &Store) {
 #[test]
 fn a_pack_published_while_a_refresh_lists_keeps_its_blobs() {
     let (gated, _dir, store) = gated_store();
-    let first = seal_with_index_held(&gated, &store);
+    let (first, held) = seal_with_index_held(&gated, &store);
     std::thread::scope(|scope| {
         let listed = gated.pack_listings.arm();
         let refresh = scope.spawn(|| store.blobs.refresh());
-        listed.recv_timeout(WAIT).expect("the refresh never listed");
+        listed.wait("the refresh never listed");
         // The listing has no index of the sealed pack; its upload ends now,
         // before the refresh compares.
-        finish_upload(&gated, &store);
-        gated.pack_listings.release();
+        finish_upload(held, &store);
+        listed.release();
         refresh.join().unwrap().unwrap();
     });
     assert!(
@@ -57,15 +58,13 @@ fn a_pack_published_while_a_refresh_lists_keeps_its_blobs() {
 #[test]
 fn a_collection_listing_while_a_pack_is_published_leaves_the_pack() {
     let (gated, _dir, store) = gated_store();
-    seal_with_index_held(&gated, &store);
+    let (_, held) = seal_with_index_held(&gated, &store);
     std::thread::scope(|scope| {
         let listed = gated.pack_listings.arm();
         let sweep = scope.spawn(|| store.blobs.remove_unpublished());
-        listed
-            .recv_timeout(WAIT)
-            .expect("the collection never listed");
-        finish_upload(&gated, &store);
-        gated.pack_listings.release();
+        listed.wait("the collection never listed");
+        finish_upload(held, &store);
+        listed.release();
         assert_eq!(sweep.join().unwrap().unwrap(), 0);
     });
     let keys = pack_keys(&gated);
@@ -86,13 +85,11 @@ fn a_collection_listing_while_a_pack_number_is_claimed_leaves_the_claim() {
     std::thread::scope(|scope| {
         let claimed = gated.claims.arm();
         let writer = scope.spawn(|| put_chunk(&store, 1));
-        claimed
-            .recv_timeout(WAIT)
-            .expect("no pack number was claimed");
+        claimed.wait("no pack number was claimed");
         // The claim is in the bucket; the store has not heard back yet.
         let removed = store.blobs.remove_unpublished();
         let keys = pack_keys(&gated);
-        gated.claims.release();
+        claimed.release();
         writer.join().unwrap();
         assert_eq!(removed.unwrap(), 0, "the claim was taken for a dead one");
         assert_eq!(keys.len(), 1, "{keys:?}");
@@ -109,11 +106,11 @@ fn a_pack_this_store_deletes_while_a_refresh_lists_is_not_taken_in_again() {
     std::thread::scope(|scope| {
         let listed = gated.pack_listings.arm();
         let refresh = scope.spawn(|| store.blobs.refresh());
-        listed.recv_timeout(WAIT).expect("the refresh never listed");
+        listed.wait("the refresh never listed");
         // The listing still names the pack; it is deleted now, before the
         // refresh compares.
         store.blobs.pack_backend().remove(number).unwrap();
-        gated.pack_listings.release();
+        listed.release();
         refresh
             .join()
             .unwrap()
@@ -138,7 +135,8 @@ fn a_collection_planned_while_a_refresh_reads_another_servers_pack_leaves_it() {
     let held = gated.index_gets.arm();
     let peers = crate::bucket::RoundPeers(&a);
     let options = GcOptions::default();
-    let report = std::thread::scope(|scope| {
+    let (collected, planned) = std::sync::mpsc::channel::<()>();
+    let (report, refreshed) = std::thread::scope(|scope| {
         let mut refresh = None;
         let report = a.blobs.collect(
             &options,
@@ -146,12 +144,14 @@ fn a_collection_planned_while_a_refresh_reads_another_servers_pack_leaves_it() {
                 // Between the mark and the plan, a refresh (a session
                 // taking a source's lease) lists pack 2 and reads its index.
                 refresh = Some(scope.spawn(|| a.blobs.refresh()));
-                held.recv_timeout(WAIT)
-                    .expect("the refresh never read pack 2's index");
-                scope.spawn(|| {
-                    // A plan that waits for the refresh goes on then.
-                    std::thread::sleep(Duration::from_millis(300));
-                    gated.index_gets.release();
+                held.wait("the refresh never read pack 2's index");
+                scope.spawn(move || {
+                    // The read stays held until the collection is over, or
+                    // for 2 s if it waits for the refresh (as it must): a
+                    // plan that does not wait runs while pack 2 has no
+                    // entries, whatever the machine's pace.
+                    let _ = planned.recv_timeout(Duration::from_secs(2));
+                    held.release();
                 });
                 // B's head names its chunk.
                 Ok(([theirs].into_iter().collect(), 1))
@@ -159,8 +159,8 @@ fn a_collection_planned_while_a_refresh_reads_another_servers_pack_leaves_it() {
             &peers,
             &mut |_| true,
         );
-        let _ = refresh.unwrap().join().unwrap();
-        report
+        drop(collected);
+        (report, refresh.unwrap().join().unwrap())
     });
     report.unwrap();
     let keys = pack_keys(&gated);
@@ -171,4 +171,5 @@ fn a_collection_planned_while_a_refresh_reads_another_servers_pack_leaves_it() {
         );
     }
     assert!(a.contains(&theirs));
+    refreshed.unwrap();
 }
