@@ -37,6 +37,10 @@ pub(crate) struct Remote {
     /// One claim of a source's lease at a time: two at once (a session and
     /// an admin request) would both take it, and keep one of the versions.
     pub(crate) claiming: std::sync::Mutex<()>,
+    /// Set when the server released its leases at a clean stop: a lease
+    /// that a claim still running takes after that is released at once,
+    /// so that no lease outlives the stop until its expiry.
+    released: std::sync::atomic::AtomicBool,
 }
 
 /// What keeps a store in a bucket from publishing, mirrored in the blob
@@ -109,6 +113,7 @@ impl Remote {
             round: Default::default(),
             unsettled: Default::default(),
             claiming: Default::default(),
+            released: Default::default(),
         }
     }
 
@@ -184,8 +189,23 @@ impl Remote {
         lock(&self.leases).get(name).cloned()
     }
 
+    /// Holds `lease` as `name`'s, unless the leases were released (see
+    /// [`Remote::release_all`]): then it is released in the bucket instead
+    /// (best effort: it expires by itself).
     pub(crate) fn keep_lease(&self, name: &str, lease: Lease) {
-        lock(&self.leases).insert(name.to_owned(), lease);
+        lock(&self.leases).insert(name.to_owned(), lease.clone());
+        // Checked after it is in the map: a release that began before it
+        // was put there sets the flag first, so one of the two releases it.
+        if self.released.load(Ordering::SeqCst) && self.replace_lease(name, &lease, None) {
+            let _ = self.bucket.release_lease(lease);
+        }
+    }
+
+    /// Marks the leases released for good (a clean stop), and takes them
+    /// out of the map: the caller releases them in the bucket.
+    pub(crate) fn release_all(&self) -> Vec<(String, Lease)> {
+        self.released.store(true, Ordering::SeqCst);
+        lock(&self.leases).drain().collect()
     }
 
     pub(crate) fn drop_lease(&self, name: &str) -> Option<Lease> {

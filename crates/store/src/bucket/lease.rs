@@ -359,20 +359,22 @@ impl Store {
     }
 
     /// Gives up every lease this server holds (a clean stop), so that another
-    /// server may take its sources at once rather than after expiry.
+    /// server may take its sources at once rather than after expiry. For
+    /// good: a lease this store takes afterwards (a claim that was still
+    /// running) is released as soon as it is taken.
     pub fn release_leases(&self) -> Result<(), Error> {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
         // Every lease is tried: one that cannot be released (a renewal's
         // write found it changed) does not keep the others held.
+        // A claim still running keeps nothing after this (see
+        // `Remote::keep_lease`).
         let mut first_error = None;
-        for (source, _) in remote.leases() {
-            if let Some(lease) = remote.drop_lease(&source)
-                && let Err(e) = remote.bucket.release_lease(lease)
-            {
+        for (name, lease) in remote.release_all() {
+            if let Err(e) = remote.bucket.release_lease(lease) {
                 first_error.get_or_insert_with(|| {
-                    bucket_error(format!("cannot release the lease of {source}"), e)
+                    bucket_error(format!("cannot release the lease {name}"), e)
                 });
             }
         }

@@ -131,3 +131,34 @@ fn a_claim_reads_the_packs_of_a_late_commit_of_the_previous_holder() {
         "A took a head whose root is in a pack it never read"
     );
 }
+
+#[test]
+fn a_lease_taken_while_the_server_releases_its_leases_is_released_too() {
+    let gated = gated_bucket();
+    let (_dir, store) = open_on(&gated);
+    let source = blockrep_core::SourceId::new("web").unwrap();
+    store
+        .claim_source(&source, "server-a", TTL_MS, NOW)
+        .unwrap();
+    std::thread::scope(|scope| {
+        let written = gated.lease_puts.arm();
+        // The renew loop announces the server again as it stops: its write
+        // is in the bucket, its answer held.
+        let announce = scope.spawn(|| store.claim_presence("server-a", TTL_MS, NOW));
+        written.wait("the announcement never wrote its lease");
+        store.release_leases().unwrap();
+        written.release();
+        announce.join().unwrap().unwrap();
+    });
+    assert!(!store.is_announced("server-a"));
+    let remote = store.remote.as_ref().unwrap();
+    let mut leases = remote.bucket.read_leases("servers").unwrap();
+    leases.extend(remote.bucket.read_leases("").unwrap());
+    assert!(!leases.is_empty());
+    for (name, lease) in leases {
+        assert_eq!(
+            lease.expires_unix_ms, 0,
+            "{name} is still held after the stop"
+        );
+    }
+}
