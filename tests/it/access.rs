@@ -399,7 +399,10 @@ async fn the_admin_api_over_tls_lets_in_only_the_admin_certificate() {
             .is_err()
     );
     f.wait_metric(HANDSHAKE_CERTIFICATE, before, 2.0).await;
-    assert!(f.server.log().contains("admin TLS handshake rejected"));
+    assert!(
+        f.server
+            .wait_for_log("admin TLS handshake rejected", Duration::from_secs(5))
+    );
 
     // The CLI reaches it with --admin-tls-dir and the admin certificate...
     let admin = f.admin().to_string();

@@ -537,8 +537,12 @@ fn a_revoked_certificate_loses_its_open_nbd_connection() {
     launch_of(&server, &pki, &disk, "a", "alpha");
     let certs_a = client_dir(&pki, work.path(), Some("a"));
     let nbd = server.nbd_addr.unwrap();
-    let mut qemu = Command::new("qemu-io")
+    // Line-buffered, so that the first read's result can be seen while
+    // qemu-io still runs.
+    let mut qemu = Command::new("stdbuf")
         .args([
+            "-oL",
+            "qemu-io",
             "--object",
             &format!(
                 "tls-creds-x509,id=tls0,endpoint=client,dir={}",
@@ -557,10 +561,29 @@ fn a_revoked_certificate_loses_its_open_nbd_connection() {
         .spawn()
         .unwrap();
     let mut input = qemu.stdin.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (mut out, seen) = (qemu.stdout.take().unwrap(), std::sync::Arc::clone(&seen));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = out.read(&mut buf) {
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
     input.write_all(b"read 0 4096\n").unwrap();
     input.flush().unwrap();
-    // Give the first read time to complete on the open connection.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The first read completes on the open connection before the revocation.
+    assert!(
+        wait_until(Duration::from_secs(30), || seen
+            .lock()
+            .unwrap()
+            .contains("read 4096/4096 bytes")),
+        "the first read did not complete: {}",
+        seen.lock().unwrap()
+    );
     blockrep_pki::revoke_cert(pki.path(), &pki.cert("a")).unwrap();
     let hup = Command::new("kill")
         .args(["-HUP", &server.pid().to_string()])
@@ -575,7 +598,8 @@ fn a_revoked_certificate_loses_its_open_nbd_connection() {
     input.write_all(b"read 0 4096\nquit\n").unwrap();
     drop(input);
     let output = qemu.wait_with_output().unwrap();
-    let text = all_output(&output);
+    reader.join().unwrap();
+    let text = format!("{}{}", seen.lock().unwrap(), all_output(&output));
     assert_eq!(
         text.matches("read 4096/4096 bytes").count(),
         1,
