@@ -35,14 +35,26 @@ fn a_collection_lease_released_while_it_is_renewed_stays_released() {
         .expect("this server's next collection was refused");
 }
 
-#[test]
-fn a_source_lease_taken_again_while_the_old_one_is_renewed_stays_held() {
+/// A store on a new gated bucket that serves source `web` under its lease,
+/// taken at `NOW`.
+fn serving_web() -> (
+    std::sync::Arc<super::super::gated::Gated>,
+    tempfile::TempDir,
+    crate::Store,
+    blockrep_core::SourceId,
+) {
     let gated = gated_bucket();
-    let (_dir, store) = open_on(&gated);
+    let (dir, store) = open_on(&gated);
     let source = blockrep_core::SourceId::new("web").unwrap();
     store
         .claim_source(&source, "server-a", TTL_MS, NOW)
         .unwrap();
+    (gated, dir, store, source)
+}
+
+#[test]
+fn a_source_lease_taken_again_while_the_old_one_is_renewed_stays_held() {
+    let (gated, _dir, store, source) = serving_web();
     let late = NOW + TTL_MS - 1;
     std::thread::scope(|scope| {
         let written = gated.lease_puts.arm();
@@ -134,12 +146,7 @@ fn a_claim_reads_the_packs_of_a_late_commit_of_the_previous_holder() {
 
 #[test]
 fn a_lease_taken_while_the_server_releases_its_leases_is_released_too() {
-    let gated = gated_bucket();
-    let (_dir, store) = open_on(&gated);
-    let source = blockrep_core::SourceId::new("web").unwrap();
-    store
-        .claim_source(&source, "server-a", TTL_MS, NOW)
-        .unwrap();
+    let (gated, _dir, store, _) = serving_web();
     std::thread::scope(|scope| {
         let written = gated.lease_puts.arm();
         // The renew loop announces the server again as it stops: its write
