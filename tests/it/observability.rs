@@ -188,7 +188,9 @@ fn metrics_pass_promtool_and_follow_backlog_commits_and_lag() {
     let (text, second) = scrape(admin);
     promtool_check_metrics(&text);
     let grown = sample(&second, lag).unwrap() - sample(&first, lag).unwrap();
-    assert!((1.4..3.0).contains(&grown), "lag grew by {grown}s in 1.5s");
+    // At least the time slept; a loaded machine may add to it between the
+    // two scrapes.
+    assert!((1.4..5.0).contains(&grown), "lag grew by {grown}s in 1.5s");
     assert_monotonic(&first, &second);
 
     // Failures are counted by kind: a client without a certificate, a peer
