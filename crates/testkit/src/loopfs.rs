@@ -10,6 +10,9 @@ use std::process::Command;
 
 use crate::tools::{have_tool, require_external_tools, run_tool, stderr, stdout};
 
+/// How long [`LoopMount::unmount`] retries a mount the kernel calls busy.
+const UNMOUNT_BUSY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Whether this process runs as root (`id -u` is 0).
 pub fn is_root() -> bool {
     Command::new("id")
@@ -131,11 +134,33 @@ impl LoopMount {
         &self.device
     }
 
-    /// Unmounts and detaches, failing the test if either fails (a busy mount
-    /// here is a bug in the test: something still has a file open).
+    /// Unmounts and detaches, failing the test if either fails (a mount
+    /// still busy after [`UNMOUNT_BUSY_MAX`] is a bug in the test: something
+    /// still has a file open).
     pub fn unmount(mut self) {
         if self.mounted {
-            run_tool("umount", &[self.mount_point.to_str().unwrap()]);
+            // Busy for a moment is not a leak: a child that another test's
+            // thread is starting holds copies of this process's descriptors
+            // (a file being read in the mount) until it execs.
+            let deadline = std::time::Instant::now() + UNMOUNT_BUSY_MAX;
+            loop {
+                let output = Command::new("umount")
+                    .arg(&self.mount_point)
+                    .output()
+                    .unwrap_or_else(|e| panic!("cannot run umount: {e}"));
+                if output.status.success() {
+                    break;
+                }
+                assert!(
+                    stderr(&output).contains("busy") && std::time::Instant::now() < deadline,
+                    "umount {} failed: {}\nstdout: {}\nstderr: {}",
+                    self.mount_point.display(),
+                    output.status,
+                    stdout(&output),
+                    stderr(&output)
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             self.mounted = false;
         }
         run_tool("losetup", &["--detach", &self.device]);
@@ -328,5 +353,44 @@ pub fn check_and_mount(kind: FsKind, copy: &Path, mount_point: &Path) -> Result<
             }
             Ok(LoopMount::mount(copy, mount_point, true, "ro,nouuid"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file held open for a moment (as by a child another thread is
+    /// starting) makes the mount busy only for that moment.
+    #[test]
+    fn a_mount_busy_for_a_moment_is_unmounted() {
+        if !loop_fs_ready("a mount busy for a moment", &EXT4_LOOP_TOOLS) {
+            return;
+        }
+        let work = tempfile::tempdir().unwrap();
+        let image = work.path().join("fs.img");
+        let file = std::fs::File::create(&image).unwrap();
+        file.set_len(FsKind::Ext4.min_image_bytes()).unwrap();
+        drop(file);
+        FsKind::Ext4.mkfs(&image);
+        let mounted = LoopMount::mount(&image, &work.path().join("mnt"), false, "");
+        let held = mounted.path().join("held");
+        std::fs::write(&held, b"x").unwrap();
+        let mut holder = Command::new("sh")
+            .args([
+                "-c",
+                "exec 3<\"$0\"; echo open; sleep 1",
+                held.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Once the holder says it has the file open (it keeps it for 1 s).
+        let mut open = String::new();
+        let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut out, &mut open).unwrap();
+        assert_eq!(open, "open\n");
+        mounted.unmount();
+        assert!(holder.wait().unwrap().success());
     }
 }
