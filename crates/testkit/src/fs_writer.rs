@@ -166,6 +166,11 @@ impl Writer {
         log.files.len() + log.pages.len()
     }
 
+    /// Files made durable so far.
+    pub fn files(&self) -> usize {
+        self.log.lock().unwrap().files.len()
+    }
+
     /// Stops the writer and returns its record; panics with the writer's error
     /// if it failed.
     pub fn stop(self) -> DurableLog {
