@@ -32,20 +32,34 @@ fn finish_upload(held: Armed<'_>, store: &Store) {
     }
 }
 
+/// Seals a pack whose upload is held before its index is put, runs `list`
+/// (which lists `packs/`) on another thread, and lets the upload end once
+/// the listing has its answer, before `list` goes on with it. Returns the
+/// sealed pack's first chunk and what `list` returned.
+fn list_while_an_upload_ends<T: Send>(
+    gated: &Gated,
+    store: &Store,
+    list: impl FnOnce() -> T + Send,
+) -> (ChunkId, T) {
+    let (first, held) = seal_with_index_held(gated, store);
+    let listed_back = std::thread::scope(|scope| {
+        let listed = gated.pack_listings.arm();
+        let listing = scope.spawn(list);
+        listed.wait("nothing listed the packs");
+        finish_upload(held, store);
+        listed.release();
+        listing.join().unwrap()
+    });
+    (first, listed_back)
+}
+
 #[test]
 fn a_pack_published_while_a_refresh_lists_keeps_its_blobs() {
     let (gated, _dir, store) = gated_store();
-    let (first, held) = seal_with_index_held(&gated, &store);
-    std::thread::scope(|scope| {
-        let listed = gated.pack_listings.arm();
-        let refresh = scope.spawn(|| store.blobs.refresh());
-        listed.wait("the refresh never listed");
-        // The listing has no index of the sealed pack; its upload ends now,
-        // before the refresh compares.
-        finish_upload(held, &store);
-        listed.release();
-        refresh.join().unwrap().unwrap();
-    });
+    // The listing has no index of the sealed pack; its upload ends before
+    // the refresh compares.
+    let (first, refreshed) = list_while_an_upload_ends(&gated, &store, || store.blobs.refresh());
+    refreshed.unwrap();
     assert!(
         store.contains(&first),
         "the refresh took the store's own new pack for one deleted elsewhere"
@@ -58,15 +72,9 @@ fn a_pack_published_while_a_refresh_lists_keeps_its_blobs() {
 #[test]
 fn a_collection_listing_while_a_pack_is_published_leaves_the_pack() {
     let (gated, _dir, store) = gated_store();
-    let (_, held) = seal_with_index_held(&gated, &store);
-    std::thread::scope(|scope| {
-        let listed = gated.pack_listings.arm();
-        let sweep = scope.spawn(|| store.blobs.remove_unpublished());
-        listed.wait("the collection never listed");
-        finish_upload(held, &store);
-        listed.release();
-        assert_eq!(sweep.join().unwrap().unwrap(), 0);
-    });
+    let (_, removed) =
+        list_while_an_upload_ends(&gated, &store, || store.blobs.remove_unpublished());
+    assert_eq!(removed.unwrap(), 0);
     let keys = pack_keys(&gated);
     let indexes: Vec<&String> = keys.iter().filter(|k| k.ends_with(".idx")).collect();
     assert!(!indexes.is_empty(), "{keys:?}");
