@@ -367,9 +367,8 @@ impl Store {
             return Ok(());
         };
         // Every lease is tried: one that cannot be released (a renewal's
-        // write found it changed) does not keep the others held.
-        // A claim still running keeps nothing after this (see
-        // `Remote::keep_lease`).
+        // write changed it) does not keep the others held. A claim still
+        // running releases what it takes (`Remote::keep_lease`).
         let mut first_error = None;
         for (name, lease) in remote.release_all() {
             if let Err(e) = remote.bucket.release_lease(lease) {
